@@ -1,0 +1,115 @@
+"""One settings object for the whole platform.
+
+Everything lives under ``home`` (default ``.roadloop/`` in the working directory) unless a
+``ROADLOOP_*`` environment variable moves it: ``ROADLOOP_HOME``, ``ROADLOOP_MLFLOW_TRACKING_URI``,
+``ROADLOOP_DVC_REMOTE_URL`` (any DVC remote, e.g. ``s3://bucket/roadloop``), and so on.
+Paths left unset are derived from ``home`` so moving ``home`` moves them all.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_DIR.parent
+DEFAULT_TAXONOMY_FILE = PACKAGE_DIR / "config" / "taxonomy.yaml"
+
+
+class Settings(BaseSettings):
+    """Paths, service URLs and defaults. Override any field with ``ROADLOOP_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ROADLOOP_", extra="ignore")
+
+    home: Path = Field(default=Path(".roadloop"), description="Root of all local state.")
+    shared_dir: Path = Field(
+        default=PROJECT_ROOT.parent / "shared",
+        description="Read-only real data: datasets/, videos/, models/.",
+    )
+
+    # Storage locations (derived from home when unset).
+    dagster_home: Path | None = None
+    mlflow_tracking_uri: str | None = None
+    mlflow_artifact_root: Path | None = None
+    dvc_repo: Path | None = None
+    dvc_remote_url: str | None = None
+    frame_store: Path | None = None
+    artifacts_dir: Path | None = None
+
+    # Service ports / URLs on loopback.
+    dagster_port: int = 3000
+    mlflow_port: int = 5000
+    fiftyone_port: int = 5151
+    gateway_port: int = 8700
+    gateway_url: str | None = None
+
+    # Model registry.
+    registered_model_name: str = "roadloop-detector"
+    mlflow_experiment: str = "roadloop"
+
+    # Class taxonomy shared by every source (see roadloop/config/taxonomy.yaml).
+    taxonomy_file: Path = DEFAULT_TAXONOMY_FILE
+
+    # Share of each labelled source's *train* split replayed as camera traffic instead of
+    # entering the seed training set (val/test splits are never replayed).
+    replay_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> "Settings":
+        self.home = self.home.expanduser().absolute()
+        self.shared_dir = self.shared_dir.expanduser().absolute()
+        h = self.home
+        if self.dagster_home is None:
+            self.dagster_home = h / "dagster"
+        if self.mlflow_artifact_root is None:
+            self.mlflow_artifact_root = h / "mlflow" / "artifacts"
+        if self.mlflow_tracking_uri is None:
+            self.mlflow_tracking_uri = f"sqlite:///{h / 'mlflow' / 'mlflow.db'}"
+        if self.dvc_repo is None:
+            self.dvc_repo = h / "dvc"
+        if self.dvc_remote_url is None:
+            self.dvc_remote_url = str(h / "dvc-remote")
+        if self.frame_store is None:
+            self.frame_store = h / "frames"
+        if self.artifacts_dir is None:
+            self.artifacts_dir = h / "artifacts"
+        if self.gateway_url is None:
+            self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
+        return self
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.shared_dir / "datasets"
+
+    @property
+    def videos_dir(self) -> Path:
+        return self.shared_dir / "videos"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.shared_dir / "models"
+
+    def ensure_dirs(self) -> None:
+        """Create the local state folders (idempotent)."""
+        for p in (
+            self.home,
+            self.dagster_home,
+            self.mlflow_artifact_root,
+            self.frame_store,
+            self.artifacts_dir,
+        ):
+            assert p is not None
+            Path(p).mkdir(parents=True, exist_ok=True)
+        if self.mlflow_tracking_uri and self.mlflow_tracking_uri.startswith("sqlite:///"):
+            Path(self.mlflow_tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
+                parents=True, exist_ok=True
+            )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once from the environment."""
+    return Settings()
