@@ -1,0 +1,470 @@
+"""Frame store: where edge frames land before curation.
+
+On-disk layout (the contract with the fleet gateway, which writes the same thing)::
+
+    <root>/<camera_id>/<YYYY-MM-DD>/<frame_id>.jpg    the frame, JPEG
+    <root>/<camera_id>/<YYYY-MM-DD>/<frame_id>.json   its FrameRecord (pydantic JSON)
+
+* ``YYYY-MM-DD`` is the UTC date of ``FrameRecord.captured_at``.
+* ``camera_id`` and ``frame_id`` match ``[A-Za-z0-9_.-]{1,64}`` and do not start with a dot
+  (so ``.``/``..`` and hidden names are impossible); a frame is identified by the pair
+  ``(camera_id, frame_id)``, unique across all date folders of that camera.
+* Write order: the image is written first, the sidecar last, each to a dot-prefixed
+  temporary file in the same folder (``.<name>.tmp-<random>``) followed by ``os.replace``.
+  **A sidecar's presence means the frame is complete.** Readers only look at
+  ``<frame_id>.json`` files whose ``<frame_id>.jpg`` exists; temporary files left behind
+  by a crash and images without a sidecar are ignored (``FrameStore.fsck`` reports them).
+* Writing a frame id that already exists is a no-op, so replays and gateway retries are
+  idempotent.
+* ``FrameRecord.schema_version`` is 1; readers ignore unknown fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, NamedTuple
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator
+
+from roadloop.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$"
+_ID_RE = re.compile(ID_PATTERN)
+FrameId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+SCHEMA_VERSION = 1
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def validate_id(kind: str, value: str, *, where: Path | str = ".") -> str:
+    """Return ``value`` if it is a safe camera/frame id, else raise ``InvalidInputError``."""
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise InvalidInputError(
+            where,
+            f"invalid {kind} {value!r}: must match [A-Za-z0-9_.-]{{1,64}} and not start with '.'",
+        )
+    return value
+
+
+def safe_id(text: str, max_len: int = 64) -> str:
+    """Map arbitrary text onto a valid id (disallowed characters become ``_``)."""
+    out = re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip(".") or "_"
+    if len(out) > max_len:
+        digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
+        out = f"{out[: max_len - 11]}-{digest}"
+    return out
+
+
+# --------------------------------------------------------------------------- quality
+
+
+class FrameQuality(BaseModel):
+    """Cheap per-frame image statistics, computed on the edge or at ingest."""
+
+    brightness: float = Field(ge=0.0, le=255.0, description="Mean luma (grey level), 0-255.")
+    sharpness: float = Field(ge=0.0, description="Variance of the Laplacian of the grey image.")
+    dhash: str = Field(pattern=r"^[0-9a-f]{16}$", description="64-bit difference hash, hex.")
+
+
+def _to_grey(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.size == 0:
+        raise ValueError("image must be a non-empty numpy array")
+    if image.ndim == 2:
+        grey = image
+    elif image.ndim == 3 and image.shape[2] == 3:
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        grey = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        grey = image[:, :, 0]
+    else:
+        raise ValueError(f"unsupported image shape {image.shape}")
+    if grey.dtype != np.uint8:
+        grey = np.clip(grey, 0, 255).astype(np.uint8)
+    return grey
+
+
+def dhash_hex(grey: np.ndarray) -> str:
+    """Difference hash: 9x8 thumbnail, one bit per horizontally adjacent pixel pair."""
+    small = cv2.resize(grey, (9, 8), interpolation=cv2.INTER_AREA).astype(np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    value = 0
+    for bit in bits:
+        value = (value << 1) | int(bit)
+    return f"{value:016x}"
+
+
+def compute_quality(image_bgr: np.ndarray) -> FrameQuality:
+    """Brightness, sharpness and dhash of a BGR (or grey) uint8 image.
+
+    Sharpness is measured at the image's native resolution, so compare it between frames
+    of the same camera rather than across cameras.
+    """
+    grey = _to_grey(image_bgr)
+    brightness = float(grey.mean())
+    sharpness = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    return FrameQuality(brightness=brightness, sharpness=sharpness, dhash=dhash_hex(grey))
+
+
+def dhash_hamming(a: str, b: str) -> int:
+    """Number of differing bits between two 16-hex-digit dhashes."""
+    for h in (a, b):
+        if len(h) != 16:
+            raise ValueError(f"dhash must be 16 hex digits, got {h!r}")
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+# --------------------------------------------------------------------------- records
+
+
+class Detection(BaseModel):
+    """One box predicted on the edge (pixel coordinates of the stored frame)."""
+
+    class_id: int = Field(ge=0)
+    class_name: str
+    confidence: float = Field(ge=0.0, le=1.0)
+    xyxy: tuple[float, float, float, float]
+
+    @field_validator("xyxy")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        x1, y1, x2, y2 = v
+        if x2 < x1 or y2 < y1:
+            raise ValueError(f"xyxy must have x2>=x1 and y2>=y1, got {v}")
+        return v
+
+
+class FrameRecord(BaseModel):
+    """The sidecar of one stored frame: where it came from and why it was kept."""
+
+    frame_id: FrameId
+    camera_id: FrameId
+    captured_at: datetime = Field(description="Capture time, timezone-aware, stored in UTC.")
+    reasons: list[str] = Field(
+        default_factory=list,
+        description='Why the frame was sampled: "base_rate", "low_confidence", "rare_class", '
+        '"crowded", "replay", ...',
+    )
+    importance: float = Field(default=1.0, ge=0.0)
+    source: str = Field(description='e.g. "replay:atl_v2", "video:cctv_street", "agent".')
+    source_ref: str | None = Field(
+        default=None, description="Origin of the pixels (provenance, leakage checks)."
+    )
+    labels_ref: str | None = Field(
+        default=None, description="Ground-truth YOLO label file, when the frame has one."
+    )
+    model_version: str | None = None
+    detections: list[Detection] = Field(default_factory=list)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    quality: FrameQuality | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @field_validator("captured_at")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        if v.tzinfo is None or v.utcoffset() is None:
+            raise ValueError("captured_at must be timezone-aware")
+        return v.astimezone(UTC)
+
+
+class FrameWrite(NamedTuple):
+    """Result of ``FrameStore.write_frame``: the image path and whether it was already there."""
+
+    path: Path
+    already_existed: bool
+
+
+class FsckReport(BaseModel):
+    """What ``FrameStore.fsck`` found. Readers skip everything except ``frames_ok``."""
+
+    frames_ok: int = 0
+    orphan_images: list[Path] = Field(default_factory=list)
+    corrupt_sidecars: list[Path] = Field(default_factory=list)
+    sidecars_without_image: list[Path] = Field(default_factory=list)
+    temp_files: list[Path] = Field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (
+            self.orphan_images
+            or self.corrupt_sidecars
+            or self.sidecars_without_image
+            or self.temp_files
+        )
+
+
+# --------------------------------------------------------------------------- store
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` via a dot-prefixed temp file in the same folder."""
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class FrameStore:
+    """Camera frames on a local (or mounted) file system; see the module docstring."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    # ---- paths
+    def _camera_dir(self, camera_id: str) -> Path:
+        validate_id("camera_id", camera_id, where=self.root)
+        return self.root / camera_id
+
+    def frame_path(self, record: FrameRecord) -> Path:
+        """Where ``record``'s image goes (its sidecar is the same path with ``.json``)."""
+        cam = self._camera_dir(record.camera_id)
+        validate_id("frame_id", record.frame_id, where=cam)
+        day = record.captured_at.astimezone(UTC).strftime("%Y-%m-%d")
+        return cam / day / f"{record.frame_id}.jpg"
+
+    def find_frame(self, camera_id: str, frame_id: str) -> Path | None:
+        """Image path of a complete frame (sidecar + image present), in any date folder."""
+        cam = self._camera_dir(camera_id)
+        validate_id("frame_id", frame_id, where=cam)
+        if not cam.is_dir():
+            return None
+        for sidecar in sorted(cam.glob(f"*/{frame_id}.json")):
+            image = sidecar.with_suffix(".jpg")
+            if image.is_file():
+                return image
+        return None
+
+    # ---- writing
+    def write_frame(self, record: FrameRecord, jpeg_bytes: bytes) -> FrameWrite:
+        """Store one frame atomically; a frame id already in the store is left untouched.
+
+        Raises ``InvalidInputError`` (naming the frame) when the bytes are not a decodable
+        JPEG or its size differs from ``record.width`` x ``record.height``.
+        """
+        target = self.frame_path(record)
+        existing = self.find_frame(record.camera_id, record.frame_id)
+        if existing is not None:
+            logger.debug("frame %s/%s already stored", record.camera_id, record.frame_id)
+            return FrameWrite(existing, True)
+
+        label = f"frame {record.camera_id}/{record.frame_id}"
+        if not isinstance(jpeg_bytes, (bytes, bytearray, memoryview)) or not bytes(
+            jpeg_bytes[:3]
+        ).startswith(_JPEG_MAGIC):
+            raise InvalidInputError(target, f"{label}: payload is not a JPEG")
+        image = cv2.imdecode(np.frombuffer(jpeg_bytes, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise InvalidInputError(target, f"{label}: JPEG does not decode")
+        h, w = image.shape[:2]
+        if (w, h) != (record.width, record.height):
+            raise InvalidInputError(
+                target,
+                f"{label}: JPEG is {w}x{h} but the record says {record.width}x{record.height}",
+            )
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(target, bytes(jpeg_bytes))
+        # Sidecar last: its presence marks the frame complete.
+        _atomic_write(target.with_suffix(".json"), record.model_dump_json(indent=2).encode())
+        return FrameWrite(target, False)
+
+    # ---- reading
+    def cameras(self) -> list[str]:
+        """Camera ids with a folder in the store (sorted)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and _ID_RE.fullmatch(p.name)
+        )
+
+    def _sidecars(self, camera_id: str) -> Iterator[Path]:
+        cam = self._camera_dir(camera_id)
+        if not cam.is_dir():
+            return
+        for day in sorted(cam.iterdir()):
+            if not day.is_dir() or day.name.startswith("."):
+                continue
+            for sidecar in sorted(day.glob("*.json")):
+                if _ID_RE.fullmatch(sidecar.stem):
+                    yield sidecar
+
+    def _load(self, sidecar: Path, camera_id: str) -> FrameRecord | None:
+        """Parse one sidecar; ``None`` (and a warning) when it is unusable."""
+        try:
+            record = FrameRecord.model_validate_json(sidecar.read_bytes())
+        except (OSError, ValidationError, ValueError) as exc:
+            logger.warning("skipping corrupt frame sidecar %s: %s", sidecar, str(exc)[:200])
+            return None
+        if record.camera_id != camera_id or record.frame_id != sidecar.stem:
+            logger.warning(
+                "skipping sidecar %s: it describes %s/%s",
+                sidecar,
+                record.camera_id,
+                record.frame_id,
+            )
+            return None
+        return record
+
+    def iter_frames(
+        self,
+        camera_id: str,
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> Iterator[tuple[FrameRecord, Path]]:
+        """Complete frames of one camera in ``captured_at`` order, optionally ``start <= t < end``.
+
+        Corrupt sidecars and sidecars without an image are skipped with a warning.
+        """
+        items: list[tuple[FrameRecord, Path]] = []
+        for sidecar in self._sidecars(camera_id):
+            image = sidecar.with_suffix(".jpg")
+            if not image.is_file():
+                logger.warning("skipping frame sidecar %s: its image is missing", sidecar)
+                continue
+            record = self._load(sidecar, camera_id)
+            if record is None:
+                continue
+            if start is not None and record.captured_at < start:
+                continue
+            if end is not None and record.captured_at >= end:
+                continue
+            items.append((record, image))
+        items.sort(key=lambda it: (it[0].captured_at, it[0].frame_id))
+        yield from items
+
+    def count(self, camera_id: str) -> int:
+        """Number of complete, readable frames of one camera."""
+        return sum(1 for _ in self.iter_frames(camera_id))
+
+    def fsck(self, camera_id: str | None = None) -> FsckReport:
+        """Report incomplete or unreadable entries (changes nothing)."""
+        report = FsckReport()
+        for cam in [camera_id] if camera_id is not None else self.cameras():
+            cam_dir = self._camera_dir(cam)
+            if not cam_dir.is_dir():
+                continue
+            for day in sorted(p for p in cam_dir.iterdir() if p.is_dir()):
+                for path in sorted(day.iterdir()):
+                    if path.name.startswith("."):
+                        if ".tmp-" in path.name:
+                            report.temp_files.append(path)
+                        continue
+                    if path.suffix == ".jpg" and not path.with_suffix(".json").is_file():
+                        report.orphan_images.append(path)
+                    elif path.suffix == ".json":
+                        if not path.with_suffix(".jpg").is_file():
+                            report.sidecars_without_image.append(path)
+                        elif self._load(path, cam) is None:
+                            report.corrupt_sidecars.append(path)
+                        else:
+                            report.frames_ok += 1
+        return report
+
+
+# --------------------------------------------------------------------------- curation
+
+
+def dedupe_near_duplicates(
+    records: Sequence[FrameRecord],
+    max_hamming: int = 4,
+    window: int | None = None,
+) -> tuple[list[FrameRecord], list[FrameRecord]]:
+    """Split ``records`` into (kept, dropped): near-duplicates of an earlier kept frame drop.
+
+    Per camera, in ``captured_at`` order, a frame is dropped when its dhash is within
+    ``max_hamming`` bits of a kept frame's (the last ``window`` kept frames, or all of them
+    when ``window`` is None). Frames without a quality record are always kept. Both lists
+    come back in time order.
+    """
+    ordered = sorted(records, key=lambda r: (r.captured_at, r.camera_id, r.frame_id))
+    kept_hashes: dict[str, list[int]] = {}
+    kept: list[FrameRecord] = []
+    dropped: list[FrameRecord] = []
+    for rec in ordered:
+        if rec.quality is None:
+            kept.append(rec)
+            continue
+        h = int(rec.quality.dhash, 16)
+        recent = kept_hashes.setdefault(rec.camera_id, [])
+        pool = recent if window is None else recent[-window:]
+        if any((h ^ other).bit_count() <= max_hamming for other in pool):
+            dropped.append(rec)
+        else:
+            kept.append(rec)
+            recent.append(h)
+    return kept, dropped
+
+
+class PartitionSummary(BaseModel):
+    """What one camera partition of sampled frames holds (for asset metadata)."""
+
+    frames: int
+    cameras: list[str]
+    per_reason: dict[str, int]
+    duplicates_dropped: int
+    mean_brightness: float | None
+    mean_sharpness: float | None
+    first_captured_at: datetime | None
+    last_captured_at: datetime | None
+
+    def to_markdown(self) -> str:
+        rows = [
+            "| metric | value |",
+            "|---|---|",
+            f"| frames | {self.frames} |",
+            f"| duplicates dropped | {self.duplicates_dropped} |",
+            f"| cameras | {', '.join(self.cameras) or '-'} |",
+        ]
+        for reason, n in sorted(self.per_reason.items()):
+            rows.append(f"| reason `{reason}` | {n} |")
+        if self.mean_brightness is not None:
+            rows.append(f"| mean brightness | {self.mean_brightness:.1f} |")
+        if self.mean_sharpness is not None:
+            rows.append(f"| mean sharpness | {self.mean_sharpness:.1f} |")
+        if self.first_captured_at is not None:
+            rows.append(f"| first | {self.first_captured_at.isoformat()} |")
+            rows.append(
+                f"| last | {self.last_captured_at.isoformat() if self.last_captured_at else '-'} |"
+            )
+        return "\n".join(rows)
+
+
+def summarize_partition(
+    kept: Sequence[FrameRecord], dropped: Sequence[FrameRecord]
+) -> PartitionSummary:
+    """Counts and means over the kept frames; ``dropped`` only counts as duplicates."""
+    reasons: Counter[str] = Counter()
+    for rec in kept:
+        reasons.update(set(rec.reasons))
+    qualities = [r.quality for r in kept if r.quality is not None]
+    times = [r.captured_at for r in kept]
+    return PartitionSummary(
+        frames=len(kept),
+        cameras=sorted({r.camera_id for r in kept}),
+        per_reason=dict(sorted(reasons.items())),
+        duplicates_dropped=len(dropped),
+        mean_brightness=float(np.mean([q.brightness for q in qualities])) if qualities else None,
+        mean_sharpness=float(np.mean([q.sharpness for q in qualities])) if qualities else None,
+        first_captured_at=min(times) if times else None,
+        last_captured_at=max(times) if times else None,
+    )

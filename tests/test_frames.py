@@ -1,0 +1,324 @@
+"""Frame store: layout, atomicity, id validation, idempotency, quality and dedupe."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from roadloop.errors import InvalidInputError
+from roadloop.frames import (
+    Detection,
+    FrameQuality,
+    FrameRecord,
+    FrameStore,
+    compute_quality,
+    dedupe_near_duplicates,
+    dhash_hamming,
+    safe_id,
+    summarize_partition,
+    validate_id,
+)
+
+T0 = datetime(2026, 3, 1, 23, 59, 50, tzinfo=UTC)
+
+
+def textured(seed: int, w: int = 96, h: int = 64) -> np.ndarray:
+    """A smooth random BGR texture: distinct seeds give distinct dhashes."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def jpeg(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return buf.tobytes()
+
+
+def record(
+    frame_id: str,
+    *,
+    camera_id: str = "cam_a",
+    at: datetime = T0,
+    image: np.ndarray | None = None,
+    reasons: list[str] | None = None,
+) -> FrameRecord:
+    image = textured(0) if image is None else image
+    h, w = image.shape[:2]
+    return FrameRecord(
+        frame_id=frame_id,
+        camera_id=camera_id,
+        captured_at=at,
+        reasons=reasons or ["base_rate"],
+        source="agent",
+        width=w,
+        height=h,
+        quality=compute_quality(image),
+    )
+
+
+def test_layout_and_roundtrip(tmp_path: Path) -> None:
+    store = FrameStore(tmp_path)
+    img = textured(1)
+    rec = record("f1", image=img).model_copy(
+        update={
+            "detections": [
+                Detection(class_id=0, class_name="car", confidence=0.8, xyxy=(1, 2, 30, 40))
+            ],
+            "model_version": "sha256:abc",
+        }
+    )
+    path, existed = store.write_frame(rec, jpeg(img))
+    assert not existed
+    assert path == tmp_path / "cam_a" / "2026-03-01" / "f1.jpg"
+    sidecar = path.with_suffix(".json")
+    assert sidecar.is_file()
+    assert FrameRecord.model_validate_json(sidecar.read_text()) == rec
+    assert store.cameras() == ["cam_a"]
+    [(back, back_path)] = list(store.iter_frames("cam_a"))
+    assert back == rec and back_path == path
+    # No temp files are left behind by a successful write.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f1.jpg", "f1.json"]
+
+
+def test_captured_at_is_utc_and_tz_aware() -> None:
+    local = datetime(2026, 3, 2, 1, 0, tzinfo=timezone(timedelta(hours=2)))
+    rec = record("f1", at=local)
+    assert rec.captured_at == datetime(2026, 3, 1, 23, 0, tzinfo=UTC)
+    assert rec.captured_at.utcoffset() == timedelta(0)
+    with pytest.raises(ValidationError):
+        record("f2", at=datetime(2026, 3, 1, 12, 0))
+
+
+def test_iter_frames_time_order_across_days_and_window(tmp_path: Path) -> None:
+    store = FrameStore(tmp_path)
+    img = textured(2)
+    times = [T0 + timedelta(seconds=30), T0, T0 + timedelta(seconds=5)]  # spans two dates
+    for i, t in enumerate(times):
+        store.write_frame(record(f"f{i}", at=t, image=img), jpeg(img))
+    assert {p.name for p in (tmp_path / "cam_a").iterdir()} == {"2026-03-01", "2026-03-02"}
+    got = [r.frame_id for r, _ in store.iter_frames("cam_a")]
+    assert got == ["f1", "f2", "f0"]
+    window = [
+        r.frame_id
+        for r, _ in store.iter_frames(
+            "cam_a", start=T0 + timedelta(seconds=1), end=T0 + timedelta(seconds=30)
+        )
+    ]
+    assert window == ["f2"]
+    assert store.count("cam_a") == 3
+    assert store.count("no_such_camera") == 0
+
+
+def test_crash_leftovers_are_not_frames(tmp_path: Path) -> None:
+    store = FrameStore(tmp_path)
+    img = textured(3)
+    store.write_frame(record("good", image=img), jpeg(img))
+    day = tmp_path / "cam_a" / "2026-03-01"
+    # What a crash can leave: temp files, and an image whose sidecar never landed.
+    (day / ".half.jpg.tmp-1234abcd").write_bytes(jpeg(img)[:100])
+    (day / ".half.json.tmp-1234abcd").write_text(record("half", image=img).model_dump_json())
+    (day / "orphan.jpg").write_bytes(jpeg(img))
+    assert [r.frame_id for r, _ in store.iter_frames("cam_a")] == ["good"]
+    report = store.fsck()
+    assert report.frames_ok == 1
+    assert report.orphan_images == [day / "orphan.jpg"]
+    assert sorted(p.name for p in report.temp_files) == [
+        ".half.jpg.tmp-1234abcd",
+        ".half.json.tmp-1234abcd",
+    ]
+    assert not report.clean
+
+
+def test_crash_before_sidecar_leaves_no_frame(tmp_path: Path, monkeypatch) -> None:
+    store = FrameStore(tmp_path)
+    img = textured(4)
+    rec = record("f1", image=img)
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def failing_replace(src, dst):
+        calls["n"] += 1
+        if str(dst).endswith(".json"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        store.write_frame(rec, jpeg(img))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert store.count("cam_a") == 0
+    report = store.fsck()
+    assert len(report.orphan_images) == 1 and report.temp_files == []
+    # A retry completes the frame (the orphan is not mistaken for a stored frame).
+    _path, existed = store.write_frame(rec, jpeg(img))
+    assert not existed and store.count("cam_a") == 1
+    assert store.fsck().clean
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "../etc", "a/b", "a\\b", "", "x" * 65, ".hidden", "é"])
+def test_id_validation_rejects_traversal(tmp_path: Path, bad: str) -> None:
+    store = FrameStore(tmp_path)
+    with pytest.raises(InvalidInputError):
+        validate_id("camera_id", bad)
+    with pytest.raises(InvalidInputError):
+        list(store.iter_frames(bad))
+    with pytest.raises(ValidationError):
+        record(bad)
+    with pytest.raises(ValidationError):
+        record("ok", camera_id=bad)
+    # A record that bypassed validation is still refused by the store.
+    img = textured(0)
+    sneaky = record("ok").model_copy(update={"frame_id": bad})
+    with pytest.raises(InvalidInputError):
+        store.write_frame(sneaky, jpeg(img))
+    assert not any(tmp_path.parent.glob("etc*"))
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_valid_ids_and_safe_id() -> None:
+    for ok in ["cam_1", "a", "A.b-c_9", "x" * 64, "-dash"]:
+        assert validate_id("frame_id", ok) == ok
+    for text in ["../../etc/passwd", "a b/c", "...", "ü" * 100]:
+        validate_id("frame_id", safe_id(text))
+    assert safe_id("highway_overpass") == "highway_overpass"
+
+
+def test_corrupt_jpeg_rejected_naming_the_id(tmp_path: Path) -> None:
+    store = FrameStore(tmp_path)
+    img = textured(5)
+    rec = record("broken_frame", image=img)
+    good = jpeg(img)
+    for payload in [good[:3] + b"\x00" * 50, b"not an image", b""]:
+        with pytest.raises(InvalidInputError) as err:
+            store.write_frame(rec, payload)
+        assert "broken_frame" in str(err.value)
+    _ok, png = cv2.imencode(".png", img)
+    with pytest.raises(InvalidInputError, match="broken_frame.*not a JPEG"):
+        store.write_frame(rec, png.tobytes())
+    with pytest.raises(InvalidInputError, match="96x64 but the record says 50x64"):
+        store.write_frame(rec.model_copy(update={"width": 50}), good)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_idempotent_writes(tmp_path: Path) -> None:
+    store = FrameStore(tmp_path)
+    img = textured(6)
+    rec = record("f1", image=img)
+    first = store.write_frame(rec, jpeg(img))
+    sidecar_before = first.path.with_suffix(".json").read_bytes()
+    again = store.write_frame(rec, jpeg(img))
+    assert again.already_existed and again.path == first.path
+    # Same id at another time (another date folder) or with other bytes: still a no-op.
+    other = textured(7)
+    later = record("f1", image=other, at=T0 + timedelta(days=3))
+    third = store.write_frame(later, jpeg(other))
+    assert third.already_existed and third.path == first.path
+    assert first.path.with_suffix(".json").read_bytes() == sidecar_before
+    assert store.count("cam_a") == 1
+    # Same frame id on another camera is a different frame.
+    assert not store.write_frame(record("f1", camera_id="cam_b", image=img), jpeg(img))[1]
+
+
+def test_corrupt_sidecar_is_skipped_and_reported(tmp_path: Path, caplog) -> None:
+    store = FrameStore(tmp_path)
+    img = textured(8)
+    p1, _ = store.write_frame(record("f1", image=img), jpeg(img))
+    p2, _ = store.write_frame(record("f2", image=img, at=T0 + timedelta(seconds=1)), jpeg(img))
+    p3, _ = store.write_frame(record("f3", image=img, at=T0 + timedelta(seconds=2)), jpeg(img))
+    p1.with_suffix(".json").write_text('{"frame_id": "f1", "camera_')  # truncated JSON
+    bad = json.loads(p3.with_suffix(".json").read_text())
+    bad["frame_id"] = "someone_else"  # valid JSON, wrong frame
+    p3.with_suffix(".json").write_text(json.dumps(bad))
+    with caplog.at_level(logging.WARNING, logger="roadloop.frames"):
+        frames = list(store.iter_frames("cam_a"))
+    assert [r.frame_id for r, _ in frames] == ["f2"]
+    assert "f1.json" in caplog.text
+    assert store.count("cam_a") == 1
+    report = store.fsck("cam_a")
+    assert sorted(report.corrupt_sidecars) == [p1.with_suffix(".json"), p3.with_suffix(".json")]
+    assert report.frames_ok == 1
+    # A sidecar whose image vanished is skipped too.
+    p2.unlink()
+    assert store.count("cam_a") == 0
+    assert store.fsck().sidecars_without_image == [p2.with_suffix(".json")]
+
+
+def test_quality_numbers_are_sensible() -> None:
+    bright = textured(9)
+    dark = (bright * 0.25).astype(np.uint8)
+    blurred = cv2.GaussianBlur(bright, (0, 0), sigmaX=3)
+    qb, qd, qs = compute_quality(bright), compute_quality(dark), compute_quality(blurred)
+    assert 0 <= qd.brightness < qb.brightness <= 255
+    assert abs(qb.brightness - cv2.cvtColor(bright, cv2.COLOR_BGR2GRAY).mean()) < 1e-6
+    assert qs.sharpness < qb.sharpness
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    assert compute_quality(flat).sharpness == 0.0
+    assert compute_quality(flat).brightness == pytest.approx(128.0)
+    assert len(qb.dhash) == 16 and int(qb.dhash, 16) >= 0
+    # Grey input works and gives the same hash as its BGR version.
+    grey = cv2.cvtColor(bright, cv2.COLOR_BGR2GRAY)
+    assert compute_quality(grey).dhash == qb.dhash
+    # dhash ignores global brightness scaling (same structure).
+    assert dhash_hamming(qb.dhash, qd.dhash) <= 4
+    assert dhash_hamming(qb.dhash, qb.dhash) == 0
+    assert dhash_hamming("0" * 16, "f" * 16) == 64
+    with pytest.raises(ValueError):
+        dhash_hamming("abc", "0" * 16)
+    with pytest.raises(ValidationError):
+        FrameQuality(brightness=300, sharpness=1, dhash="0" * 16)
+
+
+def test_dedupe_drops_exact_and_near_duplicates() -> None:
+    a = textured(10)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(a.astype(np.int16) + 8 + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)
+    b, c = textured(11), textured(12)
+    assert 1 <= dhash_hamming(compute_quality(a).dhash, compute_quality(noisy).dhash) <= 4
+    assert dhash_hamming(compute_quality(a).dhash, compute_quality(b).dhash) > 4
+    recs = [
+        record("a", image=a, at=T0),
+        record("a_copy", image=a, at=T0 + timedelta(seconds=1)),
+        record("b", image=b, at=T0 + timedelta(seconds=2)),
+        record("a_near", image=noisy, at=T0 + timedelta(seconds=3)),
+        record("c", image=c, at=T0 + timedelta(seconds=4)),
+        record("a_other_cam", camera_id="cam_b", image=a, at=T0 + timedelta(seconds=5)),
+    ]
+    no_quality = record("nq", at=T0 + timedelta(seconds=6)).model_copy(update={"quality": None})
+    # Input order does not matter: first seen in time wins.
+    kept, dropped = dedupe_near_duplicates(list(reversed(recs)) + [no_quality])
+    assert [r.frame_id for r in kept] == ["a", "b", "c", "a_other_cam", "nq"]
+    assert [r.frame_id for r in dropped] == ["a_copy", "a_near"]
+    # max_hamming=0 keeps the near duplicate but still drops the exact copy.
+    _kept0, dropped0 = dedupe_near_duplicates(recs, max_hamming=0)
+    assert [r.frame_id for r in dropped0] == ["a_copy"]
+    assert dedupe_near_duplicates([]) == ([], [])
+
+
+def test_summarize_partition() -> None:
+    a, b = textured(13), textured(14)
+    kept = [
+        record("a", image=a, at=T0, reasons=["base_rate"]),
+        record(
+            "b", image=b, at=T0 + timedelta(minutes=5), reasons=["low_confidence", "rare_class"]
+        ),
+    ]
+    dropped = [record("a2", image=a, at=T0 + timedelta(seconds=1))]
+    s = summarize_partition(kept, dropped)
+    assert s.frames == 2 and s.duplicates_dropped == 1
+    assert s.per_reason == {"base_rate": 1, "low_confidence": 1, "rare_class": 1}
+    assert s.first_captured_at == T0 and s.last_captured_at == T0 + timedelta(minutes=5)
+    expected = np.mean([kept[0].quality.brightness, kept[1].quality.brightness])
+    assert s.mean_brightness == pytest.approx(expected)
+    assert s.cameras == ["cam_a"]
+    assert "| frames | 2 |" in s.to_markdown()
+    empty = summarize_partition([], [])
+    assert empty.frames == 0 and empty.mean_brightness is None and empty.first_captured_at is None
