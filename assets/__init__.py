@@ -1,0 +1,26 @@
+"""Software-defined assets, one module per lifecycle stage."""
+
+from .datasets import curated_dataset, curated_dataset_quarantine_rate, curated_dataset_splits_present, seed_datasets
+from .evaluation import (
+    benchmark_report,
+    candidate_not_worse_than_production,
+    int8_accuracy_drop,
+    p95_latency_within_budget,
+    production_model,
+)
+from .export import onnx_model, quantized_model
+from .ingestion import sampled_edge_frames
+from .partitions import camera_partitions
+from .training import trained_model
+
+LOOP_ASSETS = [curated_dataset, trained_model, onnx_model, quantized_model, benchmark_report, production_model]
+ALL_ASSETS = [seed_datasets, sampled_edge_frames, *LOOP_ASSETS]
+ALL_CHECKS = [
+    curated_dataset_splits_present,
+    curated_dataset_quarantine_rate,
+    candidate_not_worse_than_production,
+    int8_accuracy_drop,
+    p95_latency_within_budget,
+]
+
+__all__ = ["ALL_ASSETS", "ALL_CHECKS", "LOOP_ASSETS", "camera_partitions"]

@@ -1,0 +1,79 @@
+"""Dagster resources, built from the one settings object.
+
+Environments differ by the values given here (``ROADLOOP_*`` variables and the profile),
+never by branches inside assets. Profiles:
+
+- ``default``: the full protocol (10 warm-up + 100 timed latency runs, all slices).
+- ``demo``: the whole loop in about 15 minutes on 2 CPU cores.
+- ``test``: tiny subsets, tiny image sizes, 1 epoch — for the test suite.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from roadloop.settings import Settings, get_settings
+
+from .benchmark import BenchmarkResource
+from .data_sources import LabelledSourcesResource
+from .dvc_store import DvcResource
+from .mlflow_tracking import MlflowResource
+from .storage import ArtifactStoreResource, FrameStoreResource
+from .trainer import TrainerResource
+
+__all__ = [
+    "ArtifactStoreResource",
+    "BenchmarkResource",
+    "DvcResource",
+    "FrameStoreResource",
+    "LabelledSourcesResource",
+    "MlflowResource",
+    "TrainerResource",
+    "build_resources",
+]
+
+PROFILES = ("default", "demo", "test")
+
+
+def build_resources(settings: Settings | None = None, profile: str | None = None) -> dict:
+    settings = settings or get_settings()
+    profile = profile or settings.profile
+    if profile not in PROFILES:
+        raise ValueError(f"unknown ROADLOOP_PROFILE {profile!r}; choose one of {PROFILES}")
+    settings.ensure_dirs()
+
+    trainer = TrainerResource(model=settings.train_model)
+    benchmark = BenchmarkResource()
+    max_frames = None
+    if profile == "demo":
+        trainer = TrainerResource(model=settings.train_model, imgsz=320, epochs=settings.demo_epochs)
+        benchmark = BenchmarkResource(warmup=10, runs=100)
+    elif profile == "test":
+        trainer = TrainerResource(model=settings.train_model, imgsz=96, epochs=1, batch=4)
+        benchmark = BenchmarkResource(
+            warmup=1, runs=3, batch_sizes=[1, 2], slices=["low_light", "blur"],
+            calibration_frames=4, p95_latency_budget_ms=60_000.0,
+        )
+        max_frames = 6
+
+    return {
+        "io_manager": dg.FilesystemIOManager(base_dir=str(settings.dagster_home / "storage")),
+        "frame_store": FrameStoreResource(root=str(settings.frame_store)),
+        "artifacts": ArtifactStoreResource(root=str(settings.artifacts_dir)),
+        "labelled_sources": LabelledSourcesResource(
+            shared_dir=str(settings.shared_dir),
+            taxonomy_file=str(settings.taxonomy_file),
+            replay_fraction=settings.replay_fraction,
+            synthetic_dir=str(settings.home / "synthetic"),
+            max_frames_per_split=max_frames,
+        ),
+        "dvc": DvcResource(repo_dir=str(settings.dvc_repo), remote_url=str(settings.dvc_remote_url)),
+        "mlflow": MlflowResource(
+            tracking_uri=str(settings.mlflow_tracking_uri),
+            experiment=settings.mlflow_experiment,
+            artifact_root=str(settings.mlflow_artifact_root),
+            registered_model_name=settings.registered_model_name,
+        ),
+        "trainer": trainer,
+        "benchmark": benchmark,
+    }

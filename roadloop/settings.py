@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     gateway_port: int = 8700
     gateway_url: str | None = None
 
+    # Which resource values Definitions gets: default | demo | test (see resources/__init__.py).
+    profile: str = "default"
+    # Start weights: the real pretrained name; falls back to ../shared/models, then the YAML.
+    train_model: str = "yolo11n.pt"
+    demo_epochs: int = 5
+
     # Model registry.
     registered_model_name: str = "roadloop-detector"
     mlflow_experiment: str = "roadloop"

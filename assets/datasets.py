@@ -1,0 +1,97 @@
+"""``curated_dataset``: one YOLO dataset in the shared taxonomy, validated and versioned."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from resources import DvcResource, LabelledSourcesResource
+from roadloop.datasets import build_curated_dataset, load_taxonomy, write_data_yaml
+
+from .records import CuratedDatasetVersion
+
+seed_datasets = dg.AssetSpec(
+    "seed_datasets",
+    group_name="datasets",
+    description="Labelled shared datasets (../shared/datasets: atl_v2, manaus_v4), read-only.",
+    kinds={"yolo"},
+)
+
+
+@dg.asset(
+    deps=[seed_datasets],
+    group_name="datasets",
+    kinds={"dvc", "yolo"},
+    description=(
+        "Labelled frames mapped onto one class taxonomy, validated (bad rows quarantined), "
+        "split without leakage and versioned with DVC."
+    ),
+)
+def curated_dataset(
+    context: dg.AssetExecutionContext,
+    labelled_sources: LabelledSourcesResource,
+    dvc: DvcResource,
+) -> dg.Output[CuratedDatasetVersion]:
+    taxonomy = load_taxonomy(labelled_sources.taxonomy_file)
+    sources, synthetic = labelled_sources.sources()
+    if synthetic:
+        context.log.warning("SYNTHETIC fallback data: ../shared/datasets was not found")
+    store = dvc.store()
+    dataset = build_curated_dataset(
+        sources,
+        dvc.curated_dir,
+        taxonomy,
+        replay_fraction=labelled_sources.replay_fraction,
+        max_frames_per_split=labelled_sources.max_frames_per_split,
+    )
+    context.log.info(
+        "curated %s images (%d rows quarantined); pushing to DVC remote %s",
+        dataset.split_counts, dataset.quarantined, dvc.remote_url,
+    )
+    version = store.add_and_push(dvc.curated_dir)
+    data_yaml = write_data_yaml(dataset.path, dvc.curated_dir.parent / "curated.data.yaml")
+
+    class_table = "| split | " + " | ".join(dataset.class_names) + " | images |\n"
+    class_table += "|---|" + "---|" * (len(dataset.class_names) + 1) + "\n"
+    for split, counts in dataset.class_counts.items():
+        cells = " | ".join(str(counts.get(c, 0)) for c in dataset.class_names)
+        class_table += f"| {split} | {cells} | {dataset.split_counts.get(split, 0)} |\n"
+
+    return dg.Output(
+        CuratedDatasetVersion(dataset=dataset, version=version, data_yaml=data_yaml, synthetic=synthetic),
+        metadata={
+            "dvc_md5": version.md5,
+            "dvc_remote": version.remote_url,
+            "dvc_restore": f"roadloop dataset restore {version.md5} <target-dir>",
+            "files": version.nfiles,
+            "split_counts": dg.MetadataValue.json(dataset.split_counts),
+            "class_counts": dg.MetadataValue.md(class_table),
+            "source_counts": dg.MetadataValue.json(dataset.source_counts),
+            "quarantined_rows": dataset.quarantined,
+            "quarantine_reasons": dg.MetadataValue.json(dataset.quarantine_reasons),
+            "skipped_replay_frames": dataset.skipped_replay,
+            "synthetic": synthetic,
+            "path": dg.MetadataValue.path(str(dataset.path)),
+        },
+    )
+
+
+@dg.asset_check(asset=curated_dataset, blocking=True, description="train, val and test all hold frames")
+def curated_dataset_splits_present(curated_dataset: CuratedDatasetVersion) -> dg.AssetCheckResult:
+    counts = curated_dataset.dataset.split_counts
+    missing = [s for s in ("train", "val", "test") if counts.get(s, 0) == 0]
+    return dg.AssetCheckResult(
+        passed=not missing,
+        metadata={"split_counts": dg.MetadataValue.json(counts), "empty_splits": ", ".join(missing) or "none"},
+    )
+
+
+@dg.asset_check(asset=curated_dataset, description="share of label rows quarantined stays small")
+def curated_dataset_quarantine_rate(curated_dataset: CuratedDatasetVersion) -> dg.AssetCheckResult:
+    ds = curated_dataset.dataset
+    boxes = sum(sum(c.values()) for c in ds.class_counts.values())
+    rate = ds.quarantined / max(1, boxes + ds.quarantined)
+    return dg.AssetCheckResult(
+        passed=rate <= 0.05,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"quarantined": ds.quarantined, "kept_boxes": boxes, "rate": rate, "threshold": 0.05},
+    )

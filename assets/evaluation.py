@@ -1,0 +1,200 @@
+"""``benchmark_report`` with its blocking promotion checks, and ``production_model``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from resources import ArtifactStoreResource, BenchmarkResource, MlflowResource
+from roadloop.evaluation import (
+    BenchmarkResults,
+    LatencyConfig,
+    ModelSet,
+    make_robustness_slices,
+    split_by_source,
+)
+from roadloop.evaluation import benchmark as run_benchmark
+from roadloop.gates import (
+    GateOutcome,
+    check_candidate_vs_production,
+    check_int8_drop,
+    check_latency_budget,
+    evaluate_all_gates,
+)
+from roadloop.report import render_report
+from roadloop.tracking import PRODUCTION_ALIAS, Tracker
+
+from .records import (
+    BenchmarkReportFiles,
+    CuratedDatasetVersion,
+    OnnxModelVersion,
+    QuantizedModelVersion,
+    TrainedModelVersion,
+)
+
+PRODUCTION_ARTIFACTS = {"pytorch": "weights/best.pt", "onnx_fp32": "onnx/model.onnx", "onnx_int8": "onnx/model.int8.onnx"}
+
+
+def _production_model_set(tracker: Tracker, name: str, candidate_version: str, cache: Path) -> ModelSet | None:
+    """Fetch the current `production` version's files from MLflow (None if there is none)."""
+    prod = tracker.version_by_alias(name, PRODUCTION_ALIAS)
+    if prod is None or prod.version == candidate_version:
+        return None
+    files: dict[str, Path | None] = {}
+    for fmt, artifact in PRODUCTION_ARTIFACTS.items():
+        try:
+            files[fmt] = tracker.download(prod.run_id, artifact, cache / prod.version)
+        except Exception:  # an older version may lack a format; the report says which
+            files[fmt] = None
+    return ModelSet(version=prod.version, **files)
+
+
+@dg.asset(
+    group_name="evaluation",
+    kinds={"onnx", "pytorch", "html"},
+    description=(
+        "Candidate vs current production on held-out test frames for PyTorch, ONNX fp32 and "
+        "ONNX INT8: mAP, per-class AP, P/R/F1, count MAE, latency percentiles, robustness slices."
+    ),
+)
+def benchmark_report(
+    context: dg.AssetExecutionContext,
+    curated_dataset: CuratedDatasetVersion,
+    trained_model: TrainedModelVersion,
+    onnx_model: OnnxModelVersion,
+    quantized_model: QuantizedModelVersion,
+    benchmark: BenchmarkResource,
+    mlflow: MlflowResource,
+    artifacts: ArtifactStoreResource,
+) -> dg.Output[BenchmarkReportFiles]:
+    tracker = mlflow.tracker()
+    version = trained_model.model_version
+    work = artifacts.path("benchmarks", version)
+    dataset_dir = curated_dataset.dataset.path
+
+    test_sets: dict[str, Path] = {}
+    test_sets.update(split_by_source(dataset_dir, "test", work / "test_sets"))
+    if not benchmark.per_source:
+        test_sets = {"all": test_sets["all"]}
+    test_sets.update(make_robustness_slices(dataset_dir, "test", work / "slices", slices=benchmark.slices))
+
+    models = {
+        "candidate": ModelSet(
+            version=version,
+            pytorch=trained_model.weights,
+            onnx_fp32=onnx_model.info.path,
+            onnx_int8=quantized_model.info.path,
+        )
+    }
+    production = _production_model_set(
+        tracker, trained_model.registered_name, version, artifacts.path("production_cache")
+    )
+    if production is not None:
+        models["production"] = production
+        context.log.info(f"comparing candidate v{version} against production v{production.version}")
+    else:
+        context.log.info("no production model yet: the report covers the candidate alone")
+
+    results = run_benchmark(
+        models,
+        test_sets,
+        imgsz=trained_model.imgsz,
+        latency=LatencyConfig(
+            warmup=benchmark.warmup, runs=benchmark.runs, batch_sizes=benchmark.batch_sizes, threads=benchmark.threads
+        ),
+    )
+    gates = evaluate_all_gates(results, benchmark.gate_config())
+    files = render_report(
+        results,
+        work / "report",
+        title=f"roadloop benchmark — candidate v{version}",
+        context={
+            "dataset_md5": curated_dataset.version.md5,
+            "candidate": version,
+            "production": production.version if production else "none",
+            "gates": "; ".join(f"{g.name}: {'pass' if g.passed else 'FAIL'}" for g in gates),
+        },
+    )
+    for path in (files.html, files.json, files.markdown):
+        tracker.log_artifact(trained_model.run_id, path, "reports")
+    candidate_all = results.get("candidate", "onnx_int8", "all")
+    if candidate_all is not None:
+        tracker.log_metrics(
+            trained_model.run_id,
+            {"bench/int8/map50": candidate_all.map50, "bench/int8/map50_95": candidate_all.map50_95},
+        )
+
+    return dg.Output(
+        BenchmarkReportFiles(
+            candidate_version=version,
+            production_version=production.version if production else None,
+            results_json=files.json,
+            html=files.html,
+            markdown=files.markdown,
+            gates=gates,
+        ),
+        metadata={
+            "candidate_version": version,
+            "production_version": production.version if production else "none",
+            "report": dg.MetadataValue.md(files.markdown.read_text()),
+            "html": dg.MetadataValue.path(str(files.html)),
+            "test_sets": dg.MetadataValue.json(sorted(test_sets)),
+        },
+    )
+
+
+def _check_result(outcome: GateOutcome) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=outcome.passed,
+        description=outcome.description,
+        metadata={k: v for k, v in outcome.measured.items()},
+    )
+
+
+def _results(report: BenchmarkReportFiles) -> BenchmarkResults:
+    return BenchmarkResults.model_validate_json(Path(report.results_json).read_text())
+
+
+@dg.asset_check(asset=benchmark_report, blocking=True, description="candidate is not worse than production beyond tolerance")
+def candidate_not_worse_than_production(benchmark_report: BenchmarkReportFiles, benchmark: BenchmarkResource) -> dg.AssetCheckResult:
+    return _check_result(check_candidate_vs_production(_results(benchmark_report), benchmark.gate_config()))
+
+
+@dg.asset_check(asset=benchmark_report, blocking=True, description="INT8 mAP50-95 drop vs fp32 within budget")
+def int8_accuracy_drop(benchmark_report: BenchmarkReportFiles, benchmark: BenchmarkResource) -> dg.AssetCheckResult:
+    return _check_result(check_int8_drop(_results(benchmark_report), benchmark.gate_config()))
+
+
+@dg.asset_check(asset=benchmark_report, blocking=True, description="P95 latency (INT8, batch 1) within budget")
+def p95_latency_within_budget(benchmark_report: BenchmarkReportFiles, benchmark: BenchmarkResource) -> dg.AssetCheckResult:
+    return _check_result(check_latency_budget(_results(benchmark_report), benchmark.gate_config()))
+
+
+@dg.asset(
+    group_name="evaluation",
+    kinds={"mlflow"},
+    description="Moves the MLflow alias `production` to the candidate — only when every gate passed.",
+)
+def production_model(
+    context: dg.AssetExecutionContext,
+    benchmark_report: BenchmarkReportFiles,
+    trained_model: TrainedModelVersion,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    failed = [g.name for g in benchmark_report.gates if not g.passed]
+    if failed:  # the blocking checks stop this asset first; this guards manual launches too
+        raise dg.Failure(f"not promoting v{trained_model.model_version}: gates failed: {', '.join(failed)}")
+    tracker = mlflow.tracker()
+    previous = tracker.version_by_alias(trained_model.registered_name, PRODUCTION_ALIAS)
+    tracker.set_alias(trained_model.registered_name, PRODUCTION_ALIAS, trained_model.model_version)
+    context.log.info(
+        f"production: v{previous.version if previous else 'none'} -> v{trained_model.model_version}"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "production_version": trained_model.model_version,
+            "previous_production": previous.version if previous else "none",
+            "registered_model": trained_model.registered_name,
+        }
+    )

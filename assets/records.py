@@ -1,0 +1,54 @@
+"""Values assets hand each other (pickled by the IO manager; small, typed, path-based)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from roadloop.datasets import CuratedDataset
+from roadloop.export import OnnxModelInfo
+from roadloop.gates import GateOutcome
+from roadloop.quantize import QuantizedModelInfo
+from roadloop.versioning import DatasetVersion
+
+
+class CuratedDatasetVersion(BaseModel):
+    dataset: CuratedDataset
+    version: DatasetVersion
+    data_yaml: Path
+    synthetic: bool = False
+
+
+class TrainedModelVersion(BaseModel):
+    """A model registered in MLflow; ``model_version`` is the registry version id."""
+
+    registered_name: str
+    model_version: str
+    run_id: str
+    weights: Path
+    imgsz: int
+    class_names: list[str]
+    dataset_md5: str
+    metrics: dict[str, float] = {}
+
+
+class OnnxModelVersion(BaseModel):
+    model_version: str
+    run_id: str
+    info: OnnxModelInfo
+
+
+class QuantizedModelVersion(BaseModel):
+    model_version: str
+    run_id: str
+    info: QuantizedModelInfo
+
+
+class BenchmarkReportFiles(BaseModel):
+    candidate_version: str
+    production_version: str | None
+    results_json: Path
+    html: Path
+    markdown: Path
+    gates: list[GateOutcome]

@@ -1,0 +1,32 @@
+"""Training and export configuration as a resource: environments differ by these values."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from roadloop.training import TrainConfig
+
+
+class TrainerResource(dg.ConfigurableResource):
+    """Ultralytics training settings (model/start weights, image size, epochs, device)."""
+
+    model: str = "yolo11n.pt"
+    imgsz: int = 320
+    epochs: int = 5
+    batch: int = 16
+    device: str = "auto"
+    workers: int = 0
+    seed: int = 0
+    fraction: float = 1.0
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            model=self.model,
+            imgsz=self.imgsz,
+            epochs=self.epochs,
+            batch=self.batch,
+            device=self.device,
+            workers=self.workers,
+            seed=self.seed,
+            fraction=self.fraction,
+        )

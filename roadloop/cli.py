@@ -1,0 +1,166 @@
+"""The ``roadloop`` command line.
+
+Orchestration commands (``demo``, ``serve``) import Dagster lazily: the library itself
+stays framework-free, only these entry points drive the code location.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from roadloop.settings import PROJECT_ROOT, Settings, get_settings
+
+app = typer.Typer(help="roadloop: continuous learning for traffic-camera detection.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Curated dataset versions (DVC).", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+def _export_env(settings: Settings, profile: str | None = None) -> dict[str, str]:
+    """Environment for child processes so they see the same absolute home and profile."""
+    env = dict(os.environ)
+    env["ROADLOOP_HOME"] = str(settings.home)
+    env["ROADLOOP_SHARED_DIR"] = str(settings.shared_dir)
+    env["DAGSTER_HOME"] = str(settings.dagster_home)
+    if profile:
+        env["ROADLOOP_PROFILE"] = profile
+    os.environ.update({k: env[k] for k in ("ROADLOOP_HOME", "ROADLOOP_SHARED_DIR", "DAGSTER_HOME")})
+    if profile:
+        os.environ["ROADLOOP_PROFILE"] = profile
+    get_settings.cache_clear()
+    return env
+
+
+def _write_dagster_yaml(dagster_home: Path) -> None:
+    """Local instance: sqlite storage under the home (production: deploy/dagster/dagster.yaml)."""
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    cfg = dagster_home / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text(
+            "# Local roadloop instance: sqlite storage under this folder.\n"
+            "telemetry:\n  enabled: false\n"
+            "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: QueuedRunCoordinator\n"
+            "  config:\n    max_concurrent_runs: 1\n"
+        )
+
+
+@app.command()
+def settings() -> None:
+    """Print the effective settings (after ROADLOOP_* overrides)."""
+    typer.echo(get_settings().model_dump_json(indent=2))
+
+
+@app.command()
+def demo(
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the Dagster and MLflow UIs afterwards."),
+    profile: str = typer.Option("demo", help="Resource profile: demo | test | default."),
+    frames_per_camera: int = typer.Option(40, help="Frames replayed per camera."),
+) -> None:
+    """Run the whole learning loop on the shared data, then serve the UIs."""
+    settings = get_settings()
+    env = _export_env(settings, profile)
+    settings = get_settings()
+    settings.ensure_dirs()
+    _write_dagster_yaml(settings.dagster_home)
+    started = time.monotonic()
+
+    from roadloop.orchestrate import run_demo_loop  # imports Dagster
+
+    outcome = run_demo_loop(frames_per_camera=frames_per_camera)
+    minutes = (time.monotonic() - started) / 60
+    typer.echo(outcome.summary())
+    typer.echo(f"demo loop finished in {minutes:.1f} min (profile={profile}, home={settings.home})")
+    if not outcome.success:
+        raise typer.Exit(1)
+    if serve:
+        _serve(settings, env)
+
+
+@app.command()
+def serve() -> None:
+    """Start the Dagster UI (with its daemon) and the MLflow UI on the local storage."""
+    settings = get_settings()
+    env = _export_env(settings)
+    settings.ensure_dirs()
+    _write_dagster_yaml(settings.dagster_home)
+    _serve(settings, env)
+
+
+def _serve(settings: Settings, env: dict[str, str]) -> None:
+    bin_dir = Path(sys.executable).parent
+    artifact_root = settings.mlflow_artifact_root
+    procs = [
+        subprocess.Popen(
+            [str(bin_dir / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
+             "-h", "127.0.0.1", "-p", str(settings.dagster_port)],
+            cwd=PROJECT_ROOT, env=env,
+        ),
+        subprocess.Popen(
+            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", str(settings.mlflow_tracking_uri),
+             "--default-artifact-root", Path(str(artifact_root)).as_uri(),
+             "--host", "127.0.0.1", "--port", str(settings.mlflow_port)],
+            cwd=PROJECT_ROOT, env=env,
+        ),
+    ]
+    typer.echo(
+        "\n".join(
+            [
+                "",
+                f"Dagster UI : http://127.0.0.1:{settings.dagster_port}",
+                f"MLflow UI  : http://127.0.0.1:{settings.mlflow_port}",
+                f"FiftyOne   : http://127.0.0.1:{settings.fiftyone_port} (started by `roadloop annotate`)",
+                "Ctrl-C stops them.",
+            ]
+        )
+    )
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@dataset_app.command("restore")
+def dataset_restore(md5: str, target: Path) -> None:
+    """Restore a curated dataset version (its DVC md5, shown in the asset metadata)."""
+    from roadloop.versioning import DvcStore
+
+    settings = get_settings()
+    store = DvcStore(Path(str(settings.dvc_repo)), str(settings.dvc_remote_url))
+    path = store.restore(md5, target)
+    typer.echo(f"restored {md5} into {path}")
+
+
+@app.command()
+def clean(yes: bool = typer.Option(False, "--yes", help="Do not ask.")) -> None:
+    """Delete the local state folder (settings home)."""
+    home = get_settings().home
+    if not yes:
+        typer.confirm(f"delete {home}?", abort=True)
+    shutil.rmtree(home, ignore_errors=True)
+    typer.echo(f"removed {home}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover
+    app(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,40 @@
+from pathlib import Path
+
+import pytest
+
+from roadloop.settings import Settings
+
+
+def test_paths_derive_from_home(tmp_path: Path) -> None:
+    s = Settings(home=tmp_path / "h")
+    assert s.dagster_home == tmp_path / "h" / "dagster"
+    assert s.frame_store == tmp_path / "h" / "frames"
+    assert s.dvc_repo == tmp_path / "h" / "dvc"
+    assert s.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'h' / 'mlflow' / 'mlflow.db'}"
+    assert s.gateway_url == "http://127.0.0.1:8700"
+
+
+def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROADLOOP_HOME", str(tmp_path / "x"))
+    monkeypatch.setenv("ROADLOOP_DVC_REMOTE_URL", "s3://bucket/roadloop")
+    monkeypatch.setenv("ROADLOOP_MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("ROADLOOP_GATEWAY_PORT", "9999")
+    s = Settings()
+    assert s.home == tmp_path / "x"
+    assert s.frame_store == tmp_path / "x" / "frames"
+    assert s.dvc_remote_url == "s3://bucket/roadloop"
+    assert s.mlflow_tracking_uri == "http://mlflow.internal:5000"
+    assert s.gateway_url == "http://127.0.0.1:9999"
+
+
+def test_bad_override_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROADLOOP_REPLAY_FRACTION", "1.7")
+    with pytest.raises(Exception, match="replay_fraction"):
+        Settings()
+
+
+def test_unknown_profile_rejected() -> None:
+    from resources import build_resources
+
+    with pytest.raises(ValueError, match="ROADLOOP_PROFILE"):
+        build_resources(profile="nope")
