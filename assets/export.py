@@ -6,7 +6,7 @@ import dagster as dg
 
 from resources import ArtifactStoreResource, BenchmarkResource, MlflowResource
 from roadloop.export import export_onnx
-from roadloop.quantize import QuantConfig, calibration_images, quantize_int8
+from roadloop.quantize import QuantConfig, list_images, pick_calibration_frames, quantize_int8
 
 from .records import CuratedDatasetVersion, OnnxModelVersion, QuantizedModelVersion, TrainedModelVersion
 
@@ -60,7 +60,9 @@ def quantized_model(
     artifacts: ArtifactStoreResource,
 ) -> dg.Output[QuantizedModelVersion]:
     config = QuantConfig(num_calibration_frames=benchmark.calibration_frames)
-    images = calibration_images(curated_dataset.dataset.path, config.num_calibration_frames)
+    # Calibrate on curated *train* frames only: never on the frames the report evaluates.
+    train_images = list_images(curated_dataset.dataset.path / "images" / "train")
+    images = pick_calibration_frames(train_images, config.num_calibration_frames)
     out = artifacts.path("models", onnx_model.model_version) / "model.int8.onnx"
     info = quantize_int8(onnx_model.info.path, out, images, imgsz=onnx_model.info.imgsz, config=config)
     tracker = mlflow.tracker()

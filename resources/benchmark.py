@@ -16,7 +16,7 @@ class BenchmarkResource(dg.ConfigurableResource):
     slices: list[str] = ["low_light", "fog", "blur", "noise"]
     per_source: bool = True
     threads: int | None = None
-    calibration_frames: int = 64
+    calibration_frames: int = 100
     # Gates (see roadloop.gates.GateConfig).
     max_regression_map50_95: float = 0.01
     max_int8_drop_points: float = 1.5
