@@ -1,6 +1,5 @@
 """``curated_dataset``: one YOLO dataset in the shared taxonomy, validated and versioned."""
 
-from __future__ import annotations
 
 import dagster as dg
 

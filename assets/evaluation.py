@@ -1,6 +1,5 @@
 """``benchmark_report`` with its blocking promotion checks, and ``production_model``."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """``onnx_model`` and ``quantized_model``: fp32 ONNX export and static INT8 quantization."""
 
-from __future__ import annotations
 
 import dagster as dg
 

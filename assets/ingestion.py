@@ -1,6 +1,5 @@
 """``sampled_edge_frames``: the frames cameras sent, one partition per camera."""
 
-from __future__ import annotations
 
 import json
 import os

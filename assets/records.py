@@ -1,6 +1,5 @@
 """Values assets hand each other (pickled by the IO manager; small, typed, path-based)."""
 
-from __future__ import annotations
 
 from pathlib import Path
 

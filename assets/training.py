@@ -1,6 +1,5 @@
 """``trained_model``: Ultralytics training, logged to MLflow and registered as ``candidate``."""
 
-from __future__ import annotations
 
 import shutil
 

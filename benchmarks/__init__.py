@@ -1,0 +1,1 @@
+"""Benchmarks run by hand or in CI; results land in ``benchmarks/results/``."""
