@@ -4,7 +4,6 @@ Stands in for edge agents until they run; it writes the same frame-store layout 
 gateway writes, so ``sampled_edge_frames`` cannot tell the difference.
 """
 
-from __future__ import annotations
 
 from datetime import datetime, timezone
 

@@ -1,6 +1,5 @@
 """New-camera sensor: each camera folder in the frame store becomes a dynamic partition."""
 
-from __future__ import annotations
 
 import json
 
