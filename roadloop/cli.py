@@ -24,6 +24,17 @@ dataset_app = typer.Typer(help="Curated dataset versions (DVC).", no_args_is_hel
 app.add_typer(dataset_app, name="dataset")
 
 
+def _mount_service_clis() -> None:
+    """The fleet gateway's commands (`roadloop gateway serve`, `roadloop fleet token create`)."""
+    from fleet.cli import fleet_app, gateway_app
+
+    app.add_typer(gateway_app, name="gateway")
+    app.add_typer(fleet_app, name="fleet")
+
+
+_mount_service_clis()
+
+
 def _export_env(settings: Settings, profile: str | None = None) -> dict[str, str]:
     """Environment for child processes so they see the same absolute home and profile."""
     env = dict(os.environ)

@@ -1,0 +1,430 @@
+"""Agent pipeline benchmark: decode → infer → NMS → count → quality → sample, frames/s.
+
+Three engines run the *same* agent pipeline on the same frames of the shared videos, with
+the same model (atl_v2 YOLO11n), image size (320) and thresholds (conf 0.25, IoU 0.7):
+
+* ``onnx_fp32``   — ``edge_agent.FramePipeline`` on the exported fp32 ONNX;
+* ``onnx_int8``   — the same on a static INT8 model made here with
+  ``roadloop.quantize.quantize_int8`` from atl_v2 *train* frames;
+* ``ultralytics`` — Ultralytics' PyTorch ``predict`` on the ``.pt`` checkpoint, its boxes
+  then counted/sampled by the agent's own code (platform-only: the agent never imports it).
+
+Decoding is part of every timed frame (``cv2.VideoCapture.read``): each frame is decoded
+once and handed to every engine in rotating order (so background load on a shared machine
+hits them alike), its decode time counted for each. Per-stage times are means per frame;
+fps = frames / summed per-frame wall time.
+
+    python -m benchmarks.agent_pipeline --frames 60 --out benchmarks/results
+
+Writes ``<out>/agent_pipeline.json`` and ``<out>/agent_pipeline.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from edge_agent.agent import FramePipeline, frame_quality
+from edge_agent.counting import DensityTracker, count_per_class
+from edge_agent.inference import Detection, OnnxDetector, file_sha256
+from edge_agent.samplers import FrameSampler, SamplerConfig
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF, IOU, IMGSZ = 0.25, 0.7, 320
+TARGET_INT8_VS_PYTORCH = 3.0
+# overhead_ms: engine time outside its own pre/inference/post timers (Ultralytics' predict
+# machinery and Results objects; for ONNX the few Python calls between the stages).
+STAGES = (
+    "decode_ms",
+    "preprocess_ms",
+    "inference_ms",
+    "postprocess_ms",
+    "overhead_ms",
+    "count_ms",
+    "quality_ms",
+    "sample_ms",
+)
+
+
+@dataclass
+class EngineRun:
+    name: str
+    model: str
+    model_sha256: str
+    frames: int = 0
+    wall_s: float = 0.0
+    stage_sums: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    frame_ms: list[float] = field(default_factory=list)
+    detections: int = 0
+    sampled: int = 0
+
+    def add(self, stages: dict[str, float], n_dets: int, sampled: bool) -> None:
+        total = sum(stages[s] for s in STAGES)
+        self.frames += 1
+        self.wall_s += total / 1e3
+        self.frame_ms.append(total)
+        self.detections += n_dets
+        self.sampled += int(sampled)
+        for s in STAGES:
+            self.stage_sums[s] += stages[s]
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.frames, 1)
+        return {
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "frames": self.frames,
+            "fps": self.frames / self.wall_s if self.wall_s else None,
+            "ms_per_frame_mean": self.wall_s * 1e3 / n,
+            "ms_per_frame_p50": statistics.median(self.frame_ms) if self.frame_ms else None,
+            "ms_per_frame_p95": float(np.percentile(self.frame_ms, 95)) if self.frame_ms else None,
+            "stages_ms_mean": {s: v / n for s, v in self.stage_sums.items()},
+            "detections_per_frame": self.detections / n,
+            "sampled": self.sampled,
+        }
+
+
+class _PostStages:
+    """count → density → quality → sample, as ``FramePipeline`` does after ``detect``."""
+
+    def __init__(self, class_names: list[str]) -> None:
+        self.class_names = class_names
+        self.density = DensityTracker(30.0)
+        self.sampler = FrameSampler(SamplerConfig(hourly_budget=None))
+
+    def __call__(self, image: np.ndarray, dets: list[Detection], now: float) -> tuple[dict, bool]:
+        t0 = time.perf_counter()
+        count_per_class(dets, self.class_names)
+        _, changed = self.density.update(len(dets))
+        t1 = time.perf_counter()
+        b, _ = frame_quality(image)
+        edge = changed or b < 40 or b > 220
+        t2 = time.perf_counter()
+        decision = self.sampler.decide(dets, now=now, edge_case=edge)
+        t3 = time.perf_counter()
+        return {
+            "count_ms": (t1 - t0) * 1e3,
+            "quality_ms": (t2 - t1) * 1e3,
+            "sample_ms": (t3 - t2) * 1e3,
+        }, decision.sampled
+
+
+def _onnx_engine(path: Path, threads: int | None) -> tuple[Callable, list[str]]:
+    det = OnnxDetector(
+        path,
+        conf_threshold=CONF,
+        iou_threshold=IOU,
+        intra_op_threads=threads,
+        providers=["CPUExecutionProvider"],
+    )
+    pipe = FramePipeline(det, capacity=30.0, sampler_config=SamplerConfig(hourly_budget=None))
+    from edge_agent.sources import Frame
+
+    def step(image: np.ndarray, i: int) -> tuple[dict, int, bool]:
+        r = pipe.process(Frame(image, i, float(i), "bench"))
+        t = r.timings_ms
+        stages = {
+            k: t[k]
+            for k in (
+                "preprocess_ms",
+                "inference_ms",
+                "postprocess_ms",
+                "count_ms",
+                "quality_ms",
+                "sample_ms",
+            )
+        }
+        stages["overhead_ms"] = max(
+            t["detect_ms"] - t["preprocess_ms"] - t["inference_ms"] - t["postprocess_ms"], 0.0
+        )
+        return stages, len(r.detections), r.decision.sampled
+
+    return step, det.class_names
+
+
+def _ultralytics_engine(pt: Path, config_dir: Path) -> tuple[Callable, list[str]]:
+    os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
+    try:
+        from roadloop.training import configure_ultralytics
+
+        configure_ultralytics(config_dir)
+    except ImportError:  # pragma: no cover - training module absent
+        pass
+    from ultralytics import YOLO
+
+    model = YOLO(str(pt))
+    names = [model.names[i] for i in sorted(model.names)]
+    post = _PostStages(names)
+
+    def step(image: np.ndarray, i: int) -> tuple[dict, int, bool]:
+        t0 = time.perf_counter()
+        res = model.predict(image, imgsz=IMGSZ, conf=CONF, iou=IOU, device="cpu", verbose=False)[0]
+        boxes = res.boxes
+        xyxy = boxes.xyxy.numpy().tolist()
+        dets = [
+            Detection(int(c), float(s), *b, class_name=names[int(c)])
+            for b, s, c in zip(xyxy, boxes.conf.numpy().tolist(), boxes.cls.numpy().tolist())
+        ]
+        wall = (time.perf_counter() - t0) * 1e3
+        sp = res.speed
+        stages = {
+            "preprocess_ms": sp["preprocess"],
+            "inference_ms": sp["inference"],
+            "postprocess_ms": sp["postprocess"],
+        }
+        stages["overhead_ms"] = max(wall - sum(stages.values()), 0.0)
+        more, sampled = post(image, dets, float(i))
+        stages.update(more)
+        return stages, len(dets), sampled
+
+    return step, names
+
+
+def _make_int8(fp32: Path, train_images: Path, out_dir: Path) -> tuple[Path | None, str]:
+    try:
+        from roadloop.quantize import list_images, quantize_int8
+    except ImportError as exc:
+        return None, f"roadloop.quantize not importable ({exc})"
+    images = list_images(train_images) if train_images.is_dir() else []
+    if not images:
+        return None, f"no atl_v2 train frames at {train_images}"
+    out = out_dir / "atl_v2_yolo11n_320_int8.onnx"
+    t0 = time.perf_counter()
+    info = quantize_int8(fp32, out, images, imgsz=IMGSZ)
+    return out, (
+        f"quantize_int8 (default QuantConfig) from {info.calibration_frames} atl_v2 train frames "
+        f"in {time.perf_counter() - t0:.0f}s; {info.quantized_nodes} Q/DQ nodes, "
+        f"{info.excluded_nodes} nodes kept in float"
+    )
+
+
+def run(
+    *,
+    frames_per_video: int,
+    out_dir: Path,
+    shared: Path,
+    threads: int | None,
+    warmup: int = 5,
+) -> dict[str, Any]:
+    models = shared / "models"
+    fp32, pt = models / "atl_v2_yolo11n_320.onnx", models / "atl_v2_yolo11n_320.pt"
+    videos = sorted((shared / "videos").glob("*.mp4"))
+    if not (fp32.is_file() and pt.is_file() and videos):
+        raise SystemExit(f"shared models/videos missing under {shared}")
+    load_start = round(os.getloadavg()[0], 2)  # other processes share these cores
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
+        tmp_dir = Path(tmp)
+        int8, int8_note = _make_int8(
+            fp32, shared / "datasets" / "atl_v2" / "images" / "train", tmp_dir
+        )
+        engines: dict[str, tuple[Callable, EngineRun]] = {}
+        step, _ = _onnx_engine(fp32, threads)
+        engines["onnx_fp32"] = (step, EngineRun("onnx_fp32", fp32.name, file_sha256(fp32)))
+        if int8 is not None:
+            step, _ = _onnx_engine(int8, threads)
+            engines["onnx_int8"] = (step, EngineRun("onnx_int8", int8.name, file_sha256(int8)))
+        step, _ = _ultralytics_engine(pt, tmp_dir / "ultralytics")
+        engines["ultralytics"] = (step, EngineRun("ultralytics", pt.name, file_sha256(pt)))
+        try:
+            import torch
+
+            torch_threads = torch.get_num_threads()
+        except ImportError:  # pragma: no cover
+            torch_threads = None
+
+        # warm-up on the first video's first frame (not timed)
+        cap = cv2.VideoCapture(str(videos[0]))
+        ok, first = cap.read()
+        cap.release()
+        for step, _ in engines.values():
+            for i in range(warmup):
+                step(first, i)
+
+        names = list(engines)
+        total = len(videos) * frames_per_video
+        k = 0
+        with tqdm(total=total, desc="agent pipeline", unit="frame") as bar:
+            for video in videos:
+                cap = cv2.VideoCapture(str(video))
+                for i in range(frames_per_video):
+                    t0 = time.perf_counter()
+                    ok, image = cap.read()
+                    decode_ms = (time.perf_counter() - t0) * 1e3
+                    if not ok:
+                        break
+                    # every engine gets this frame, in rotating order, so background load
+                    # on a shared machine hits them alike; the one decode counts for each
+                    for name in names[k % len(names) :] + names[: k % len(names)]:
+                        step, rec = engines[name]
+                        stages, n, sampled = step(image, i)
+                        stages["decode_ms"] = decode_ms
+                        rec.add(stages, n, sampled)
+                    k += 1
+                    bar.update(1)
+                cap.release()
+
+    results = {name: rec.summary() for name, (_, rec) in engines.items()}
+    fps = {k: v["fps"] for k, v in results.items()}
+    ratios = {"onnx_fp32_vs_ultralytics": fps["onnx_fp32"] / fps["ultralytics"]}
+    if "onnx_int8" in fps:
+        ratios["onnx_int8_vs_ultralytics"] = fps["onnx_int8"] / fps["ultralytics"]
+        ratios["onnx_int8_vs_onnx_fp32"] = fps["onnx_int8"] / fps["onnx_fp32"]
+    report = {
+        "created_at": datetime.now(UTC).isoformat(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "onnxruntime": ort.__version__,
+            "opencv": cv2.__version__,
+            "ort_intra_op_threads": threads or "default (all cores)",
+            "torch_threads": torch_threads,
+            "load_average_1m_start_end": [load_start, round(os.getloadavg()[0], 2)],
+        },
+        "setup": {
+            "imgsz": IMGSZ,
+            "conf": CONF,
+            "iou": IOU,
+            "videos": [v.name for v in videos],
+            "frames_per_video": frames_per_video,
+            "warmup_frames": warmup,
+            "int8": int8_note,
+            "pipeline": "decode → letterbox → network → NMS → per-class count + density → "
+            "brightness/sharpness → samplers (JPEG encode/upload excluded)",
+        },
+        "engines": results,
+        "ratios": ratios,
+        "target": {
+            "int8_vs_pytorch": TARGET_INT8_VS_PYTORCH,
+            "met": ratios.get("onnx_int8_vs_ultralytics", 0.0) >= TARGET_INT8_VS_PYTORCH,
+        },
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "agent_pipeline.json", json.dumps(report, indent=2))
+    _atomic_write(out_dir / "agent_pipeline.md", _markdown(report))
+    return report
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "# Agent pipeline benchmark",
+        "",
+        (
+            f"{r['created_at']} — {r['machine']['cpu_count']} CPU cores ({r['machine']['platform']}), "
+            f"onnxruntime {r['machine']['onnxruntime']}, ORT threads "
+            f"{r['machine']['ort_intra_op_threads']}, torch threads {r['machine']['torch_threads']}."
+        ),
+        "",
+        (
+            f"Pipeline: {r['setup']['pipeline']}. imgsz {r['setup']['imgsz']}, conf "
+            f"{r['setup']['conf']}, IoU {r['setup']['iou']}; {r['setup']['frames_per_video']} "
+            f"frames from each of {', '.join(r['setup']['videos'])} per engine (engines interleaved "
+            "frame by frame)."
+        ),
+        f"INT8 model: {r['setup']['int8']}.",
+        (
+            "1-minute load average at start/end: "
+            f"{r['machine']['load_average_1m_start_end']} (other work shares these cores: "
+            "compare ratios, not absolute times)."
+        ),
+        "",
+        "| engine | fps | ms/frame mean | p50 | p95 | "
+        + " | ".join(s.replace("_ms", "") for s in STAGES)
+        + " | boxes/frame |",
+        "|---|---|---|---|---|" + "---|" * len(STAGES) + "---|",
+    ]
+    for name, e in r["engines"].items():
+        st = e["stages_ms_mean"]
+        lines.append(
+            f"| {name} | {e['fps']:.1f} | {e['ms_per_frame_mean']:.1f} | {e['ms_per_frame_p50']:.1f} "
+            f"| {e['ms_per_frame_p95']:.1f} | "
+            + " | ".join(f"{st[s]:.2f}" for s in STAGES)
+            + f" | {e['detections_per_frame']:.1f} |"
+        )
+    lines += [
+        "",
+        "Ratios (frames/s): " + ", ".join(f"{k} **{v:.2f}×**" for k, v in r["ratios"].items()),
+        "",
+    ]
+    met = r["target"]["met"]
+    lines.append(
+        f"Target INT8 ≥ {r['target']['int8_vs_pytorch']:.0f}× PyTorch: **{'met' if met else 'missed'}**."
+    )
+    if not met and "onnx_int8" in r["engines"]:
+        e8, pt = r["engines"]["onnx_int8"], r["engines"]["ultralytics"]
+        share = {s: v / e8["ms_per_frame_mean"] for s, v in e8["stages_ms_mean"].items()}
+        top = sorted(share.items(), key=lambda kv: -kv[1])[:3]
+        rest = e8["ms_per_frame_mean"] - e8["stages_ms_mean"]["inference_ms"]
+        need = pt["ms_per_frame_mean"] / TARGET_INT8_VS_PYTORCH - rest
+        lines += [
+            "",
+            f"Without the network, the INT8 pipeline still spends {rest:.1f} ms per frame "
+            f"(decode, letterbox, NMS, quality, sampling); reaching "
+            f"{TARGET_INT8_VS_PYTORCH:.0f}× PyTorch's {pt['ms_per_frame_mean']:.1f} ms would need "
+            f"the INT8 network at {need:.1f} ms"
+            + (
+                " — impossible on this machine."
+                if need <= 0
+                else f" (it takes {e8['stages_ms_mean']['inference_ms']:.1f} ms)."
+            ),
+        ]
+        lines += [
+            "",
+            "Where the INT8 pipeline's time goes: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in top)
+            + ". The gap is mostly the network itself: the INT8 run is "
+            f"{e8['stages_ms_mean']['inference_ms']:.1f} ms vs PyTorch's "
+            f"{pt['stages_ms_mean']['inference_ms']:.1f} ms "
+            f"({pt['stages_ms_mean']['inference_ms'] / max(e8['stages_ms_mean']['inference_ms'], 1e-9):.2f}×, "
+            "the head kept in float for accuracy); the fixed per-frame work (decode, letterbox, "
+            "quality, NMS) does not shrink with quantization and caps the end-to-end ratio.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=60, help="frames per video per engine")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--shared", type=Path, default=None, help="default: settings.shared_dir")
+    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    shared = args.shared
+    if shared is None:
+        from roadloop.settings import get_settings
+
+        shared = get_settings().shared_dir
+    report = run(
+        frames_per_video=args.frames, out_dir=args.out, shared=shared, threads=args.threads
+    )
+    print(_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,635 @@
+"""The edge agent runtime: source → detector → counts/density → samplers → outbox → gateway
+
+Threads: the frame reader (``LatestFrameReader``), the inference loop (the caller's thread,
+``EdgeAgent.run``), an uploader that drains the durable outbox into ``POST /v1/frames``,
+and a heartbeat sender (``POST /v1/heartbeats`` every ``heartbeat_interval_s``; heartbeats
+that fail are kept, at most 20, and resent first).
+
+Edge cases (the ``edge_case`` sampler): a frame whose density state differs from the last
+frame's, or whose image is unusually dark (mean grey < 40), bright (> 220) or blurred
+(variance of the Laplacian below a third of the camera's running mean, after 10 frames).
+
+Stopping: ``request_stop()`` (the CLI calls it on SIGTERM/SIGINT) ends reading; the agent
+then gives the uploader up to ``drain_timeout_s`` to empty the outbox, sends a last
+heartbeat and returns. Whatever is still queued stays in the outbox for the next start.
+At the end of a file source (or ``max_frames``) it does the same.
+
+Fault injection for tests: ``EDGE_AGENT_FAULT_KILL_AFTER_ACKS=N`` makes the process
+SIGKILL itself after the gateway acknowledged its N-th upload and *before* the outbox
+forgets the frame — the "killed mid-upload" case the restart must absorb (409).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+
+from edge_agent.client import (
+    AuthError,
+    EnrollmentError,
+    GatewayClient,
+    GatewayError,
+    GatewayUnavailable,
+)
+from edge_agent.counting import DensityState, DensityTracker, count_per_class
+from edge_agent.heartbeat import TelemetryWindow
+from edge_agent.inference import Detection, OnnxDetector
+from edge_agent.outbox import BackoffPolicy, Outbox
+from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
+from edge_agent.sources import Frame, LatestFrameReader, open_source
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "atl_v2_yolo11n_320.onnx"
+MAX_SUMMARY_IDS = 10_000  # AgentSummary keeps the ids of the most recent sampled frames
+FAULT_KILL_ENV = "EDGE_AGENT_FAULT_KILL_AFTER_ACKS"
+DARK, BRIGHT, BLUR_RATIO, BLUR_WARMUP = 40.0, 220.0, 1 / 3, 10
+
+
+def agent_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("roadloop")
+    except PackageNotFoundError:
+        return "0.1.0"
+
+
+def find_default_model(name: str = DEFAULT_MODEL_NAME) -> Path | None:
+    """``shared/models/<name>`` searched relative to ``$ROADLOOP_SHARED_DIR``, the working
+    directory and this package (``../shared`` beside the repository)."""
+    candidates = []
+    if os.environ.get("ROADLOOP_SHARED_DIR"):
+        candidates.append(Path(os.environ["ROADLOOP_SHARED_DIR"]) / "models" / name)
+    here = Path(__file__).resolve().parent
+    for base in (Path.cwd(), here.parent):
+        candidates += [base / ".." / "shared" / "models" / name, base / "shared" / "models" / name]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    return None
+
+
+# --------------------------------------------------------------------------- per-frame pipeline
+@dataclass
+class FrameResult:
+    """Everything the agent computed for one frame."""
+
+    frame: Frame
+    detections: list[Detection]
+    class_counts: dict[str, int]
+    density: DensityState
+    density_changed: bool
+    occupancy: float
+    brightness: float
+    sharpness: float
+    edge_case: bool
+    decision: SampleDecision
+    timings_ms: dict[str, float]
+
+
+def frame_quality(image: np.ndarray) -> tuple[float, float]:
+    """(mean grey level, variance of the Laplacian) at native resolution."""
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    _, std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_64F))
+    return float(grey.mean()), float(std[0, 0] ** 2)
+
+
+class FramePipeline:
+    """detect → count → density → quality → sample, with a per-stage time breakdown."""
+
+    def __init__(
+        self,
+        detector: OnnxDetector,
+        *,
+        capacity: float = 30.0,
+        sampler_config: SamplerConfig | None = None,
+    ) -> None:
+        self.detector = detector
+        self.density = DensityTracker(capacity)
+        self.sampler = FrameSampler(sampler_config)
+        self._sharp_mean: float | None = None
+        self._frames = 0
+
+    def _is_edge_case(self, brightness: float, sharpness: float, density_changed: bool) -> bool:
+        blurred = (
+            self._frames > BLUR_WARMUP
+            and self._sharp_mean is not None
+            and sharpness < BLUR_RATIO * self._sharp_mean
+        )
+        self._sharp_mean = (
+            sharpness if self._sharp_mean is None else 0.95 * self._sharp_mean + 0.05 * sharpness
+        )
+        density_changed = density_changed and self._frames > 1  # the first frame sets the state
+        return density_changed or brightness < DARK or brightness > BRIGHT or blurred
+
+    def process(self, frame: Frame) -> FrameResult:
+        self._frames += 1
+        t0 = time.perf_counter()
+        dets = self.detector.detect(frame.image)
+        st = self.detector.last_timings
+        t1 = time.perf_counter()
+        counts = count_per_class(dets, self.detector.class_names)
+        state, changed = self.density.update(len(dets))
+        t2 = time.perf_counter()
+        brightness, sharpness = frame_quality(frame.image)
+        edge = self._is_edge_case(brightness, sharpness, changed)
+        t3 = time.perf_counter()
+        decision = self.sampler.decide(dets, now=frame.captured_at, edge_case=edge)
+        t4 = time.perf_counter()
+        timings = {
+            "preprocess_ms": st.preprocess_ms if st else 0.0,
+            "inference_ms": st.inference_ms if st else (t1 - t0) * 1e3,
+            "postprocess_ms": st.postprocess_ms if st else 0.0,
+            "detect_ms": (t1 - t0) * 1e3,
+            "count_ms": (t2 - t1) * 1e3,
+            "quality_ms": (t3 - t2) * 1e3,
+            "sample_ms": (t4 - t3) * 1e3,
+        }
+        return FrameResult(
+            frame,
+            dets,
+            counts,
+            state,
+            changed,
+            self.density.occupancy,
+            brightness,
+            sharpness,
+            edge,
+            decision,
+            timings,
+        )
+
+
+def frame_metadata(
+    result: FrameResult, *, frame_id: str, camera_id: str, model_version: str
+) -> dict[str, Any]:
+    """The ``metadata`` JSON of ``POST /v1/frames`` (docs/fleet-api.md)."""
+    h, w = result.frame.image.shape[:2]
+    return {
+        "frame_id": frame_id,
+        "camera_id": camera_id,
+        "captured_at": result.frame.captured_at_iso,
+        "reasons": list(result.decision.reasons),
+        "importance": round(float(result.decision.importance), 6),
+        "model_version": model_version,
+        "detections": [
+            {
+                "class_id": d.class_id,
+                "class_name": d.class_name,
+                "confidence": round(min(max(d.confidence, 0.0), 1.0), 6),
+                "xyxy": [round(v, 2) for v in d.xyxy],
+            }
+            for d in result.detections
+        ],
+        "width": int(w),
+        "height": int(h),
+        "source_ref": result.frame.source_ref[:500],
+    }
+
+
+# --------------------------------------------------------------------------- the agent
+@dataclass
+class AgentConfig:
+    gateway_url: str
+    camera_id: str
+    source: str
+    model_path: Path
+    state_dir: Path
+    enroll_token: str | None = None
+    max_frames: int | None = None
+    heartbeat_interval_s: float = 30.0
+    realtime: bool = True
+    loop: bool = False
+    conf_threshold: float = 0.25
+    iou_threshold: float = 0.7
+    intra_op_threads: int | None = None
+    capacity: float = 30.0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    outbox_max_bytes: int = 512 * 1024 * 1024
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+    drain_timeout_s: float = 10.0
+    jpeg_quality: int = 90
+    status_interval_s: float | None = None  # None: 1 s on a TTY, 10 s otherwise
+    http_timeout_s: float = 10.0
+
+
+@dataclass
+class AgentSummary:
+    camera_id: str
+    device_id: str
+    model_version: str
+    stopped_by: str  # max_frames | end_of_source | signal | source_error
+    frames_processed: int = 0
+    frames_dropped: int = 0
+    frames_sampled: int = 0
+    uploads_ok: int = 0
+    duplicates_absorbed: int = 0
+    upload_failures: int = 0
+    rejected: int = 0
+    errors: int = 0
+    outbox_depth: int = 0
+    outbox_evicted_total: int = 0
+    heartbeats_sent: int = 0
+    sampled_frame_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EdgeAgent:
+    """One camera's agent; ``run()`` blocks until the source ends, ``max_frames`` or a stop."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        detector: OnnxDetector | None = None,
+        status_stream: TextIO | None = None,
+    ) -> None:
+        self.config = config
+        self._detector = detector
+        self._stop = threading.Event()
+        self._force = threading.Event()
+        self._uploads_stop = threading.Event()
+        self._hb_stop = threading.Event()
+        self._wake_uploader = threading.Event()
+        self._status_stream = status_stream if status_stream is not None else sys.stderr
+        self._is_tty = bool(getattr(self._status_stream, "isatty", lambda: False)())
+        self._pending_heartbeats: collections.deque[str] = collections.deque(maxlen=20)
+        self._hb_lock = threading.Lock()
+        self._acks_this_process = 0
+        self._kill_after = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
+        self._last_upload_at: float | None = None
+        self.summary: AgentSummary | None = None
+
+    # ------------------------------------------------------------------ control
+    def request_stop(self, *, force: bool = False) -> None:
+        """Stop reading frames; ``force`` also skips draining the outbox."""
+        if force:
+            self._force.set()
+        self._stop.set()
+        self._wake_uploader.set()
+
+    # ------------------------------------------------------------------ set-up
+    def _enroll(self, client: GatewayClient) -> None:
+        cfg = self.config
+        hardware = {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+        }
+        backoff = BackoffPolicy(cfg.retry_base_s, cfg.retry_max_s)
+        attempt = 0
+        while True:
+            try:
+                client.ensure_enrolled(cfg.camera_id, cfg.enroll_token, agent_version(), hardware)
+                return
+            except GatewayUnavailable as exc:
+                delay = backoff.delay(attempt)
+                attempt += 1
+                logger.warning("%s; retrying in %.1fs", exc, delay)
+                if self._stop.wait(delay):
+                    raise
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> AgentSummary:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(
+            cfg.state_dir / "outbox",
+            max_bytes=cfg.outbox_max_bytes,
+            backoff=BackoffPolicy(cfg.retry_base_s, cfg.retry_max_s),
+        )
+        self.client = GatewayClient(cfg.gateway_url, cfg.state_dir, timeout_s=cfg.http_timeout_s)
+        try:
+            return self._run()
+        finally:
+            self.client.close()
+            self.outbox.close()
+
+    def _run(self) -> AgentSummary:
+        cfg = self.config
+        detector = self._detector or OnnxDetector(
+            cfg.model_path,
+            conf_threshold=cfg.conf_threshold,
+            iou_threshold=cfg.iou_threshold,
+            intra_op_threads=cfg.intra_op_threads,
+        )
+        self.detector = detector
+        model_version = detector.model_sha256
+        source = open_source(cfg.source, realtime=cfg.realtime, loop=cfg.loop)
+        self._enroll(self.client)
+        device_id = self.client.identity.device_id if self.client.identity else ""
+        self.telemetry = TelemetryWindow(cfg.camera_id, model_version, detector.class_names)
+        pipeline = FramePipeline(detector, capacity=cfg.capacity, sampler_config=cfg.sampler)
+        summary = AgentSummary(cfg.camera_id, device_id, model_version, stopped_by="end_of_source")
+        self.summary = summary
+        logger.info(
+            "camera %s: %s → %s with %s (sha256 %s…), state in %s",
+            cfg.camera_id,
+            source.describe(),
+            cfg.gateway_url,
+            detector.model_path.name,
+            model_version[:12],
+            cfg.state_dir,
+        )
+
+        reader = LatestFrameReader(source).start()
+        uploader = threading.Thread(target=self._upload_loop, name="uploader", daemon=True)
+        heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        uploader.start()
+        heartbeats.start()
+        self._status = _StatusLine(self, cfg.status_interval_s or (1.0 if self._is_tty else 10.0))
+        seen_dropped = 0
+        try:
+            while not self._stop.is_set():
+                frame = reader.get(timeout=0.25)
+                dropped = reader.dropped
+                if dropped > seen_dropped:
+                    self.telemetry.record_dropped(dropped - seen_dropped)
+                    seen_dropped = dropped
+                self._status.maybe_print()
+                if frame is None:
+                    if reader.exhausted:
+                        if reader.error is not None:
+                            summary.stopped_by = "source_error"
+                            self.telemetry.record_error()
+                        break
+                    continue
+                self._process(pipeline, frame, summary, model_version)
+                if cfg.max_frames is not None and summary.frames_processed >= cfg.max_frames:
+                    summary.stopped_by = "max_frames"
+                    break
+            else:
+                summary.stopped_by = "signal"
+        finally:
+            reader.stop()
+            summary.frames_dropped = reader.dropped
+            self._drain()
+            self._uploads_stop.set()
+            self._wake_uploader.set()
+            uploader.join(cfg.http_timeout_s + 5)
+            self._hb_stop.set()
+            heartbeats.join(cfg.http_timeout_s + 5)
+            self._send_heartbeat(final=True)
+            self._status.finish()
+        summary.outbox_depth = self.outbox.depth()
+        summary.outbox_evicted_total = self.outbox.evicted_total
+        summary.errors = self.telemetry.errors_total
+        logger.info(
+            "agent stopped (%s): %s",
+            summary.stopped_by,
+            {k: v for k, v in summary.to_dict().items() if k != "sampled_frame_ids"},
+        )
+        return summary
+
+    def _process(
+        self, pipeline: FramePipeline, frame: Frame, summary: AgentSummary, model_version: str
+    ) -> None:
+        try:
+            result = pipeline.process(frame)
+        except Exception as exc:  # noqa: BLE001 - a bad frame must not stop the camera
+            self.telemetry.record_error()
+            logger.error("frame %s: detector failed: %s", frame.source_ref, exc)
+            return
+        summary.frames_processed += 1
+        t = result.timings_ms
+        self.telemetry.record_frame(
+            latency_ms=t["detect_ms"],
+            inference_ms=t["inference_ms"],
+            class_counts=result.class_counts,
+            confidences=[d.confidence for d in result.detections],
+            brightness=result.brightness,
+            sharpness=result.sharpness,
+            occupancy=result.occupancy,
+            density_state=result.density.label,
+        )
+        if not result.decision.sampled:
+            return
+        frame_id = uuid.uuid4().hex
+        ok, buf = cv2.imencode(
+            ".jpg", frame.image, [int(cv2.IMWRITE_JPEG_QUALITY), self.config.jpeg_quality]
+        )
+        if not ok:
+            self.telemetry.record_error()
+            logger.error("frame %s: JPEG encoding failed", frame.source_ref)
+            return
+        meta = frame_metadata(
+            result, frame_id=frame_id, camera_id=self.config.camera_id, model_version=model_version
+        )
+        try:
+            put = self.outbox.put(frame_id, buf.tobytes(), meta, result.decision.importance)
+        except Exception as exc:  # noqa: BLE001 - a full disk must not stop the camera
+            self.telemetry.record_error()
+            logger.error("frame %s: cannot queue it in the outbox: %s", frame_id, exc)
+            return
+        summary.frames_sampled += 1
+        summary.sampled_frame_ids.append(frame_id)
+        if len(summary.sampled_frame_ids) > MAX_SUMMARY_IDS:  # a 24/7 agent must not grow
+            del summary.sampled_frame_ids[: -MAX_SUMMARY_IDS]
+        self.telemetry.record_sampled()
+        if put.queued:
+            self._wake_uploader.set()
+
+    # ------------------------------------------------------------------ uploads
+    def _upload_loop(self) -> None:
+        backoff = self.outbox.backoff
+        consecutive = 0
+        pause_until = 0.0
+        while not self._uploads_stop.is_set():
+            now = time.time()
+            if now < pause_until:
+                self._wake_uploader.wait(min(pause_until - now, 0.5))
+                self._wake_uploader.clear()
+                continue
+            items = self.outbox.due(now, limit=16)
+            if not items:
+                next_due = self.outbox.next_due_at()
+                wait = 0.5 if next_due is None else min(max(next_due - now, 0.01), 0.5)
+                self._wake_uploader.wait(wait)
+                self._wake_uploader.clear()
+                continue
+            for item in items:
+                if self._uploads_stop.is_set():
+                    break
+                try:
+                    data = item.read_bytes()
+                except OSError as exc:
+                    self.outbox.reject(item.frame_id, f"spool file unreadable: {exc}")
+                    self.telemetry.record_error()
+                    continue
+                outcome = self.client.upload_frame(data, item.metadata)
+                summary = self.summary
+                if outcome.acknowledged:
+                    self._acks_this_process += 1
+                    if self._kill_after and self._acks_this_process >= self._kill_after:
+                        logger.warning(
+                            "fault injection: SIGKILL after %d acks", self._acks_this_process
+                        )
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    dup = outcome.kind == "duplicate"
+                    self.outbox.ack(item.frame_id, duplicate=dup)
+                    self.telemetry.record_upload(True)
+                    self._last_upload_at = time.time()
+                    consecutive = 0
+                    if summary is not None:
+                        summary.uploads_ok += 1
+                        summary.duplicates_absorbed += int(dup)
+                    if dup:
+                        logger.info(
+                            "frame %s was already stored (409): acknowledged", item.frame_id
+                        )
+                elif outcome.kind == "retry":
+                    self.outbox.fail(item.frame_id, outcome.detail, retry_after=outcome.retry_after)
+                    self.telemetry.record_upload(False)
+                    if summary is not None:
+                        summary.upload_failures += 1
+                    # The whole uploader backs off (a dead gateway fails every frame alike);
+                    # the frame itself is rescheduled by the outbox with its own attempt count.
+                    pause = max(backoff.delay(consecutive), outcome.retry_after or 0.0)
+                    consecutive += 1
+                    pause_until = time.time() + pause
+                    logger.warning(
+                        "upload of %s failed (%s %s); %d queued, retrying in %.1fs",
+                        item.frame_id,
+                        outcome.status_code or "network",
+                        outcome.detail[:200],
+                        self.outbox.depth(),
+                        pause_until - time.time(),
+                    )
+                    break
+                else:
+                    self.outbox.reject(item.frame_id, f"{outcome.status_code}: {outcome.detail}")
+                    self.telemetry.record_error()
+                    if summary is not None:
+                        summary.rejected += 1
+
+    def _drain(self) -> None:
+        """Give the uploader ``drain_timeout_s`` to empty the outbox (skipped when forced)."""
+        if self._force.is_set():
+            return
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        depth = self.outbox.depth()
+        if depth:
+            logger.info(
+                "draining %d queued frame(s) (up to %.0fs)", depth, self.config.drain_timeout_s
+            )
+        while depth and time.monotonic() < deadline and not self._force.is_set():
+            self._wake_uploader.set()
+            self._force.wait(0.1)
+            self._status.maybe_print()
+            depth = self.outbox.depth()
+        if depth:
+            logger.warning("%d frame(s) left in the outbox; they are sent on the next start", depth)
+
+    # ------------------------------------------------------------------ heartbeats
+    def _heartbeat_loop(self) -> None:
+        while not self._hb_stop.wait(self.config.heartbeat_interval_s):
+            try:
+                self._send_heartbeat()
+            except Exception as exc:  # noqa: BLE001 - telemetry must never stop the agent
+                logger.error("heartbeat failed: %s", exc)
+
+    def _send_heartbeat(self, final: bool = False) -> None:
+        with self._hb_lock:
+            ident = self.client.identity
+            hb = self.telemetry.build(
+                outbox_depth=self.outbox.depth(),
+                outbox_bytes=self.outbox.total_bytes(),
+                outbox_evicted_total=self.outbox.evicted_total,
+                device_id=ident.device_id if ident else "",
+                agent_version=agent_version(),
+            )
+            self._pending_heartbeats.append(hb.to_json())
+            while self._pending_heartbeats:
+                outcome = self.client.post_heartbeat(self._pending_heartbeats[0])
+                if outcome.acknowledged:
+                    self._pending_heartbeats.popleft()
+                    if self.summary is not None:
+                        self.summary.heartbeats_sent += 1
+                elif outcome.kind == "rejected":
+                    logger.error("heartbeat rejected (%s): %s", outcome.status_code, outcome.detail)
+                    self._pending_heartbeats.popleft()
+                    self.telemetry.record_error()
+                else:
+                    logger.warning(
+                        "heartbeat not delivered (%s); %d kept for later%s",
+                        outcome.detail[:200],
+                        len(self._pending_heartbeats),
+                        " and lost at exit" if final else "",
+                    )
+                    break
+
+
+class _StatusLine:
+    """frames/s, queue depth and last upload on stderr: \\r-refreshed on a TTY, else logged."""
+
+    def __init__(self, agent: EdgeAgent, interval_s: float) -> None:
+        self.agent = agent
+        self.interval = interval_s
+        self._last = time.monotonic()
+        self._last_frames = 0
+        self._printed = False
+
+    def line(self) -> str:
+        a, s = self.agent, self.agent.summary
+        now = time.monotonic()
+        frames = s.frames_processed if s else 0
+        fps = (frames - self._last_frames) / max(now - self._last, 1e-6)
+        self._last, self._last_frames = now, frames
+        last = a._last_upload_at
+        last_txt = "never" if last is None else f"{time.time() - last:.0f}s ago"
+        return (
+            f"[{a.config.camera_id}] {fps:5.1f} fps | frames {frames} | dropped "
+            f"{a.telemetry.dropped_total} | sampled "
+            f"{s.frames_sampled if s else 0} | outbox {a.outbox.depth()} | uploaded "
+            f"{s.uploads_ok if s else 0} (last {last_txt}) | {a.telemetry.density_state}"
+        )
+
+    def maybe_print(self) -> None:
+        if time.monotonic() - self._last < self.interval:
+            return
+        text = self.line()
+        if self.agent._is_tty:
+            self.agent._status_stream.write("\r\x1b[2K" + text)
+            self.agent._status_stream.flush()
+            self._printed = True
+        else:
+            logger.info("%s", text)
+
+    def finish(self) -> None:
+        if self._printed:
+            self.agent._status_stream.write("\n")
+            self.agent._status_stream.flush()
+
+
+__all__ = [
+    "AgentConfig",
+    "AgentSummary",
+    "AuthError",
+    "EdgeAgent",
+    "EnrollmentError",
+    "FramePipeline",
+    "FrameResult",
+    "GatewayError",
+    "agent_version",
+    "find_default_model",
+    "frame_metadata",
+    "frame_quality",
+]

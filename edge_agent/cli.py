@@ -1,0 +1,255 @@
+"""``roadloop-agent`` / ``python -m edge_agent``: run a camera agent or enroll it.
+
+    roadloop-agent run --gateway http://127.0.0.1:8700 --enroll-token TOKEN \\
+        --camera-id cam-1 --source ../shared/videos/cctv_street.mp4 [--max-frames 200]
+    roadloop-agent enroll --gateway URL --enroll-token TOKEN --camera-id cam-1 --state-dir DIR
+
+``run`` prints a status line on stderr and, when it ends, one JSON summary line on stdout.
+SIGTERM/SIGINT stop reading, flush what can be flushed (``--drain-timeout``) and exit 0;
+a second signal exits at once (queued frames stay in the outbox for the next start).
+Exit codes: 0 done/stopped, 1 runtime failure (enrollment refused, source failed), 2 bad
+arguments or input files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from edge_agent.errors import EdgeAgentError
+
+logger = logging.getLogger("edge_agent")
+
+
+def _band(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.25,0.5), got {text!r}") from exc
+    return lo, hi
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="roadloop-agent", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--gateway", required=True, help="gateway base URL, e.g. http://127.0.0.1:8700"
+        )
+        p.add_argument("--camera-id", required=True)
+        p.add_argument(
+            "--enroll-token", default=None, help="one-time token (needed on first start)"
+        )
+        p.add_argument(
+            "--state-dir",
+            type=Path,
+            default=None,
+            help="device identity + outbox (default ./.roadloop-agent/<camera-id>)",
+        )
+
+    run = sub.add_parser("run", help="stream a source through the detector to the gateway")
+    common(run)
+    run.add_argument("--source", required=True, help="video file, image folder or rtsp/http URL")
+    run.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="ONNX model (default: ../shared/models/atl_v2_yolo11n_320.onnx, searched)",
+    )
+    run.add_argument("--max-frames", type=int, default=None)
+    run.add_argument("--heartbeat-interval", type=_positive_float, default=30.0, metavar="S")
+    run.add_argument(
+        "--realtime",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pace files at their fps and drop stale frames (default) or read as fast as possible",
+    )
+    run.add_argument("--loop", action="store_true", help="replay a file source forever")
+    run.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
+    run.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
+    run.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    run.add_argument(
+        "--capacity", type=_positive_float, default=30.0, help="objects in a full view"
+    )
+    run.add_argument("--base-rate", type=float, default=0.01, help="random share sampled")
+    run.add_argument("--low-conf-band", type=_band, default=(0.25, 0.5), metavar="LO,HI")
+    run.add_argument("--rare-classes", default="", help="comma-separated class names")
+    run.add_argument("--crowded-threshold", type=int, default=20)
+    run.add_argument(
+        "--hourly-budget",
+        type=float,
+        default=360.0,
+        help="frames per hour per camera (0 = unlimited)",
+    )
+    run.add_argument("--budget-policy", choices=["importance", "stop"], default="importance")
+    run.add_argument(
+        "--no-condition-samplers",
+        action="store_true",
+        help="only the base-rate sampler (low-confidence/rare/crowded/edge-case off)",
+    )
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--outbox-max-mb", type=_positive_float, default=512.0)
+    run.add_argument("--retry-base", type=_positive_float, default=1.0, metavar="S")
+    run.add_argument("--retry-max-delay", type=_positive_float, default=60.0, metavar="S")
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="at exit, wait this long for the outbox to empty",
+    )
+    run.add_argument("--status-interval", type=_positive_float, default=None, metavar="S")
+
+    enroll = sub.add_parser("enroll", help="enroll the camera and save its identity, then exit")
+    common(enroll)
+    return parser
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return args.state_dir or Path(".roadloop-agent") / args.camera_id
+
+
+def _install_signal_handlers(agent) -> None:
+    count = {"n": 0}
+
+    def handler(signum: int, _frame) -> None:
+        count["n"] += 1
+        name = signal.Signals(signum).name
+        if count["n"] == 1:
+            logger.warning("%s received: stopping (flushing the outbox; again to exit now)", name)
+            agent.request_stop()
+        else:
+            logger.warning("%s received again: exiting without flushing", name)
+            agent.request_stop(force=True)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    from edge_agent.agent import agent_version
+    from edge_agent.client import GatewayClient
+
+    client = GatewayClient(args.gateway, _state_dir(args))
+    try:
+        ident = client.ensure_enrolled(args.camera_id, args.enroll_token, agent_version())
+    finally:
+        client.close()
+    print(
+        json.dumps(
+            {
+                "device_id": ident.device_id,
+                "camera_id": ident.camera_id,
+                "state_dir": str(_state_dir(args)),
+            }
+        )
+    )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edge_agent.agent import AgentConfig, EdgeAgent, find_default_model
+    from edge_agent.client import GatewayUnavailable
+    from edge_agent.samplers import SamplerConfig
+
+    model = args.model or find_default_model()
+    if model is None or not Path(model).is_file():
+        what = (
+            f"{model} not found"
+            if model
+            else "no --model, and ../shared/models/atl_v2_yolo11n_320.onnx not found"
+        )
+        print(f"error: {what}; pass --model PATH", file=sys.stderr)
+        return 2
+    rare = frozenset(c.strip() for c in args.rare_classes.split(",") if c.strip())
+    sampler = SamplerConfig(
+        base_rate=args.base_rate,
+        low_confidence_band=args.low_conf_band,
+        rare_classes=rare,
+        crowded_threshold=args.crowded_threshold,
+        hourly_budget=args.hourly_budget or None,
+        budget_policy=args.budget_policy,
+        seed=args.seed,
+    )
+    if args.no_condition_samplers:
+        sampler.low_confidence_band = (1.0, 1.0)
+        sampler.rare_classes = frozenset()
+        sampler.crowded_threshold = 10**9
+        sampler.edge_cases = False
+    config = AgentConfig(
+        gateway_url=args.gateway,
+        camera_id=args.camera_id,
+        source=args.source,
+        model_path=Path(model),
+        state_dir=_state_dir(args),
+        enroll_token=args.enroll_token,
+        max_frames=args.max_frames,
+        heartbeat_interval_s=args.heartbeat_interval,
+        realtime=args.realtime,
+        loop=args.loop,
+        conf_threshold=args.conf,
+        iou_threshold=args.iou,
+        intra_op_threads=args.threads,
+        capacity=args.capacity,
+        sampler=sampler,
+        outbox_max_bytes=int(args.outbox_max_mb * 1024 * 1024),
+        retry_base_s=args.retry_base,
+        retry_max_s=max(args.retry_max_delay, args.retry_base),
+        drain_timeout_s=args.drain_timeout,
+        status_interval_s=args.status_interval,
+    )
+    agent = EdgeAgent(config)
+    _install_signal_handlers(agent)
+    try:
+        summary = agent.run()
+    except GatewayUnavailable:
+        if agent._stop.is_set():  # stopped by a signal while waiting for the gateway to enroll
+            logger.warning("stopped before the gateway could be reached; nothing was processed")
+            return 0
+        raise
+    print(json.dumps(summary.to_dict()), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    from edge_agent.client import EnrollmentError, GatewayError, GatewayUnavailable
+    from edge_agent.outbox import OutboxError
+    from edge_agent.sources import SourceError
+
+    try:
+        if args.command == "enroll":
+            return _cmd_enroll(args)
+        return _cmd_run(args)
+    except (SourceError, OutboxError, EdgeAgentError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except GatewayUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (EnrollmentError, GatewayError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""HTTP client of the fleet gateway (``docs/fleet-api.md``): enroll, refresh, upload, heartbeat.
+
+The device identity (device id, access and refresh tokens, their expiry) is persisted in
+``<state_dir>/identity.json`` with mode 0600, written atomically (temp file + ``os.replace``),
+so a restarted agent keeps its identity and the one-time enrollment token is needed once.
+The access token is refreshed shortly before it expires (``refresh_margin_s``, at most a tenth
+of its lifetime) and again on a 401; refresh tokens
+rotate, so the new pair is persisted before it is used.
+
+Outcomes the caller acts on (``UploadOutcome.kind``):
+
+* ``stored`` — 201; ``duplicate`` — 409 (already stored: also an acknowledgement);
+* ``retry`` — network error, timeout, 5xx, 429 (``retry_after`` from the header), 401 that
+  a refresh could not fix, 403 (device not active): keep the frame, try later;
+* ``rejected`` — any other 4xx (bad metadata, too large…): retrying cannot help.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.json"
+
+
+class GatewayError(RuntimeError):
+    """A gateway call failed in a way the caller must hear about (message says what to do)."""
+
+
+class EnrollmentError(GatewayError):
+    """Enrollment was refused (bad, used or expired token; wrong camera)."""
+
+
+class AuthError(GatewayError):
+    """The device cannot authenticate any more (refresh token revoked or expired)."""
+
+
+class GatewayUnavailable(GatewayError):
+    """The gateway could not be reached or answered 5xx; try again later."""
+
+
+@dataclass
+class DeviceIdentity:
+    """What enrollment returned, persisted in the state dir (0600)."""
+
+    device_id: str
+    camera_id: str
+    gateway_url: str
+    access_token: str
+    refresh_token: str
+    expires_at: float  # unix time the access token expires
+    scopes: list[str] = field(default_factory=list)
+    enrolled_at: float = field(default_factory=time.time)
+    gateway_public_key: str | None = None
+    ttl_s: float = 3600.0  # lifetime of the access token as issued
+
+    def save(self, state_dir: Path) -> Path:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        target = state_dir / IDENTITY_FILE
+        tmp = state_dir / f".{IDENTITY_FILE}.tmp-{os.getpid()}-{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(asdict(self), fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, state_dir: Path) -> DeviceIdentity | None:
+        path = state_dir / IDENTITY_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            return cls(**known)
+        except (OSError, ValueError, TypeError) as exc:
+            raise GatewayError(
+                f"{path}: unreadable device identity ({exc}); move it away and enroll again"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    kind: str  # stored | duplicate | retry | rejected
+    status_code: int | None = None
+    detail: str = ""
+    retry_after: float | None = None
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.kind in ("stored", "duplicate")
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+        if isinstance(body, dict) and "detail" in body:
+            return str(body["detail"])
+    except ValueError:
+        pass
+    return resp.text[:300]
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+class GatewayClient:
+    """One device's session with the gateway. Thread-safe (token refresh is serialised)."""
+
+    def __init__(
+        self,
+        gateway_url: str,
+        state_dir: Path | str,
+        *,
+        timeout_s: float = 10.0,
+        refresh_margin_s: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.gateway_url = gateway_url.rstrip("/")
+        self.state_dir = Path(state_dir)
+        self.refresh_margin_s = refresh_margin_s
+        self._http = httpx.Client(base_url=self.gateway_url, timeout=timeout_s, transport=transport)
+        self._lock = threading.RLock()
+        self.identity = DeviceIdentity.load(self.state_dir)
+
+    # ------------------------------------------------------------------ enrollment
+    @property
+    def enrolled(self) -> bool:
+        return self.identity is not None
+
+    def enroll(
+        self,
+        enrollment_token: str,
+        camera_id: str,
+        agent_version: str,
+        hardware: dict[str, Any] | None = None,
+    ) -> DeviceIdentity:
+        """Trade the one-time token for a device identity and persist it."""
+        body = {
+            "enrollment_token": enrollment_token,
+            "camera_id": camera_id,
+            "agent_version": agent_version,
+            "hardware": hardware or {},
+        }
+        try:
+            resp = self._http.post("/v1/enroll", json=body)
+        except httpx.HTTPError as exc:
+            raise GatewayUnavailable(f"cannot reach {self.gateway_url} to enroll: {exc}") from exc
+        if resp.status_code >= 500:
+            raise GatewayUnavailable(
+                f"enrollment: gateway answered {resp.status_code}: {_detail(resp)}"
+            )
+        if resp.status_code != 201:
+            raise EnrollmentError(
+                f"enrollment refused by {self.gateway_url} ({resp.status_code}): {_detail(resp)}"
+            )
+        data = resp.json()
+        identity = DeviceIdentity(
+            device_id=str(data["device_id"]),
+            camera_id=camera_id,
+            gateway_url=self.gateway_url,
+            access_token=data["access_token"],
+            refresh_token=data["refresh_token"],
+            expires_at=time.time() + float(data.get("expires_in", 3600)),
+            scopes=list(data.get("scopes") or []),
+            gateway_public_key=data.get("gateway_public_key"),
+            ttl_s=float(data.get("expires_in", 3600)),
+        )
+        with self._lock:
+            identity.save(self.state_dir)
+            self.identity = identity
+        logger.info("enrolled camera %s as device %s", camera_id, identity.device_id)
+        return identity
+
+    def ensure_enrolled(
+        self,
+        camera_id: str,
+        enrollment_token: str | None,
+        agent_version: str,
+        hardware: dict[str, Any] | None = None,
+    ) -> DeviceIdentity:
+        """The saved identity if it matches this camera and gateway, else enroll."""
+        ident = self.identity
+        if ident is not None:
+            if ident.camera_id != camera_id or ident.gateway_url.rstrip("/") != self.gateway_url:
+                raise GatewayError(
+                    f"{self.state_dir / IDENTITY_FILE}: this state dir is enrolled as camera "
+                    f"{ident.camera_id!r} at {ident.gateway_url}; use another --state-dir for "
+                    f"camera {camera_id!r} at {self.gateway_url}"
+                )
+            return ident
+        if not enrollment_token:
+            raise EnrollmentError(
+                f"no device identity in {self.state_dir}; pass --enroll-token (from "
+                "`roadloop fleet token create`) to enroll this camera"
+            )
+        return self.enroll(enrollment_token, camera_id, agent_version, hardware)
+
+    # ------------------------------------------------------------------ tokens
+    def refresh(self) -> None:
+        """Rotate the token pair (persisted before use). Raises ``AuthError`` when refused."""
+        with self._lock:
+            ident = self._require_identity()
+            try:
+                resp = self._http.post(
+                    "/v1/token/refresh", json={"refresh_token": ident.refresh_token}
+                )
+            except httpx.HTTPError as exc:
+                raise GatewayUnavailable(
+                    f"token refresh: cannot reach {self.gateway_url}: {exc}"
+                ) from exc
+            if resp.status_code >= 500:
+                raise GatewayUnavailable(f"token refresh: gateway answered {resp.status_code}")
+            if resp.status_code != 200:
+                raise AuthError(
+                    f"token refresh refused ({resp.status_code}: {_detail(resp)}); the device was "
+                    f"probably revoked — enroll again with a new token and a fresh state dir"
+                )
+            data = resp.json()
+            ident.access_token = data["access_token"]
+            ident.refresh_token = data["refresh_token"]
+            ident.expires_at = time.time() + float(data.get("expires_in", 3600))
+            ident.ttl_s = float(data.get("expires_in", 3600))
+            ident.save(self.state_dir)
+            logger.info("access token refreshed (expires in %ss)", data.get("expires_in"))
+
+    def _require_identity(self) -> DeviceIdentity:
+        if self.identity is None:
+            raise GatewayError("the device is not enrolled")
+        return self.identity
+
+    def _auth_headers(self) -> dict[str, str]:
+        with self._lock:
+            ident = self._require_identity()
+            margin = min(self.refresh_margin_s, 0.1 * ident.ttl_s)
+            if ident.expires_at - time.time() < margin:
+                self.refresh()
+            return {"Authorization": f"Bearer {ident.access_token}"}
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """An authorised request; on 401 refresh once and retry."""
+        token_used = self._require_identity().access_token
+        resp = self._http.request(method, url, headers=self._auth_headers(), **kwargs)
+        if resp.status_code == 401:
+            with self._lock:
+                if self._require_identity().access_token == token_used:
+                    self.refresh()  # nobody else refreshed meanwhile
+            resp = self._http.request(method, url, headers=self._auth_headers(), **kwargs)
+        return resp
+
+    # ------------------------------------------------------------------ calls
+    def upload_frame(self, jpeg: bytes, metadata: dict[str, Any]) -> UploadOutcome:
+        """``POST /v1/frames`` (multipart ``image`` + ``metadata``); never raises on HTTP errors."""
+        files = {
+            "image": (f"{metadata.get('frame_id', 'frame')}.jpg", jpeg, "image/jpeg"),
+            "metadata": (None, json.dumps(metadata), "application/json"),
+        }
+        return self._outcome(lambda: self._send("POST", "/v1/frames", files=files), expect=201)
+
+    def post_heartbeat(self, heartbeat_json: str) -> UploadOutcome:
+        """``POST /v1/heartbeats`` with a ``Heartbeat.to_json()`` body."""
+        return self._outcome(lambda: self._send_json("/v1/heartbeats", heartbeat_json), expect=202)
+
+    def _send_json(self, url: str, body: str) -> httpx.Response:
+        token_used = self._require_identity().access_token
+        headers = {**self._auth_headers(), "Content-Type": "application/json"}
+        resp = self._http.post(url, content=body.encode("utf-8"), headers=headers)
+        if resp.status_code == 401:
+            with self._lock:
+                if self._require_identity().access_token == token_used:
+                    self.refresh()
+            headers = {**self._auth_headers(), "Content-Type": "application/json"}
+            resp = self._http.post(url, content=body.encode("utf-8"), headers=headers)
+        return resp
+
+    def _outcome(self, call, *, expect: int) -> UploadOutcome:
+        try:
+            resp = call()
+        except httpx.HTTPError as exc:
+            return UploadOutcome("retry", None, f"{type(exc).__name__}: {exc}")
+        except GatewayUnavailable as exc:
+            return UploadOutcome("retry", None, str(exc))
+        except AuthError as exc:
+            return UploadOutcome("retry", 401, str(exc))
+        code = resp.status_code
+        if code in (expect, 200, 201, 202):
+            return UploadOutcome("stored", code)
+        if code == 409:
+            return UploadOutcome("duplicate", code, _detail(resp))
+        if code in (401, 403, 408, 425, 429) or code >= 500:
+            return UploadOutcome("retry", code, _detail(resp), _retry_after(resp))
+        return UploadOutcome("rejected", code, _detail(resp))
+
+    def healthz(self) -> bool:
+        try:
+            return self._http.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        self._http.close()

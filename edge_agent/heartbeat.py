@@ -1,0 +1,286 @@
+"""Agent heartbeats: the versioned telemetry record every camera posts to the gateway.
+
+A heartbeat summarises one *window* (``heartbeat_interval_s``, 30 s by default) of the
+agent's work. These fields are the drift features the platform monitors, so the schema is
+versioned: a change that renames, removes or re-means a field bumps
+``HEARTBEAT_SCHEMA_VERSION``; adding a field does not (readers ignore unknown fields).
+
+Schema version 1 (``Heartbeat.to_json()``; times are ISO 8601 UTC strings):
+
+================================  ===========================================================
+field                             meaning
+================================  ===========================================================
+schema_version                    ``1``.
+device_id, camera_id              who sent it (``device_id`` from enrollment).
+agent_version                     edge agent package version.
+model_version                     SHA-256 of the ONNX file that produced the detections.
+sent_at                           when the heartbeat was built (the gateway de-duplicates
+                                  re-sends of one heartbeat on it).
+window_start, window_end          the window the statistics cover; ``window_s`` its length.
+window_s                          window length, seconds.
+frames_processed                  frames run through the detector in the window.
+fps                               ``frames_processed / window_s``.
+latency_p50_ms, latency_p95_ms    detector latency per frame (letterbox + ONNX run + NMS),
+                                  ms; ``null`` when no frame was processed.
+inference_p50_ms                  the ONNX run alone, median, ms (``null`` when no frame).
+errors, errors_total              failures in the window / since start (unreadable frames,
+                                  detector errors, rejected uploads or heartbeats).
+dropped_frames                    frames the reader replaced before inference took them (the
+                                  detector fell behind a live or realtime source).
+dropped_frames_total              the same since the agent started.
+detections                        boxes detected in the window (all classes).
+class_counts                      ``{class_name: boxes}`` in the window, every model class.
+detections_per_frame              mean boxes per processed frame (``null`` when no frame).
+confidence_histogram              ``{"bin_edges": [0.0, 0.1, …, 1.0], "counts": [10 ints]}``:
+                                  box confidences in the window; fixed bins, the last one
+                                  includes 1.0.
+brightness_mean, brightness_std   mean / std over the window's frames of each frame's mean
+                                  grey level (0–255).
+sharpness_mean, sharpness_std     mean / std of each frame's variance of the Laplacian (grey,
+                                  native resolution: compare within one camera).
+density_state                     ``normal | warning | heavy | jam`` at the end of the window.
+occupancy_mean                    mean of detections / capacity over the window's frames.
+frames_sampled                    frames the samplers queued for upload in the window.
+uploads_ok                        frames the gateway acknowledged (201 or 409) in the window.
+upload_failures                   failed upload attempts in the window (retried later).
+outbox_depth, outbox_bytes        frames (and their bytes) waiting in the outbox now.
+outbox_evicted_total              frames evicted from the full outbox since it was created.
+last_upload_at                    time of the last acknowledged upload (``null`` if none).
+================================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+HEARTBEAT_SCHEMA_VERSION = 1
+CONFIDENCE_BIN_EDGES: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
+
+
+def utc_iso(ts: float | None) -> str | None:
+    """Unix time → ISO 8601 UTC string (``None`` stays ``None``)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+@dataclass
+class Heartbeat:
+    """One heartbeat (schema version 1); see the module docstring for every field."""
+
+    camera_id: str
+    model_version: str
+    window_start: str
+    window_end: str
+    window_s: float
+    frames_processed: int
+    fps: float
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    inference_p50_ms: float | None
+    errors: int
+    errors_total: int
+    dropped_frames: int
+    dropped_frames_total: int
+    detections: int
+    class_counts: dict[str, int]
+    detections_per_frame: float | None
+    confidence_histogram: dict[str, list]
+    brightness_mean: float | None
+    brightness_std: float | None
+    sharpness_mean: float | None
+    sharpness_std: float | None
+    density_state: str
+    occupancy_mean: float | None
+    frames_sampled: int
+    uploads_ok: int
+    upload_failures: int
+    outbox_depth: int
+    outbox_bytes: int
+    outbox_evicted_total: int
+    last_upload_at: str | None
+    device_id: str = ""
+    agent_version: str = ""
+    sent_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    schema_version: int = HEARTBEAT_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std())
+
+
+def confidence_histogram(confidences: list[float] | np.ndarray) -> list[int]:
+    """Counts of ``confidences`` in the fixed bins ``CONFIDENCE_BIN_EDGES`` (1.0 in the last)."""
+    counts, _ = np.histogram(np.asarray(confidences, dtype=np.float64), bins=CONFIDENCE_BIN_EDGES)
+    return [int(c) for c in counts]
+
+
+class TelemetryWindow:
+    """Accumulates per-frame statistics between heartbeats (thread-safe).
+
+    The inference loop calls ``record_frame``/``record_error``/…; the heartbeat thread calls
+    ``build`` which returns a ``Heartbeat`` and starts the next window.
+    """
+
+    def __init__(self, camera_id: str, model_version: str, class_names: list[str]) -> None:
+        self.camera_id = camera_id
+        self.model_version = model_version
+        self.class_names = list(class_names)
+        self._lock = threading.Lock()
+        self.errors_total = 0
+        self.dropped_total = 0
+        self.last_upload_at: float | None = None
+        self.density_state = "normal"
+        self._reset(time.time())
+
+    def _reset(self, now: float) -> None:
+        self._start = now
+        self._latency: list[float] = []
+        self._inference: list[float] = []
+        self._brightness: list[float] = []
+        self._sharpness: list[float] = []
+        self._occupancy: list[float] = []
+        self._hist = np.zeros(len(CONFIDENCE_BIN_EDGES) - 1, dtype=np.int64)
+        self._class_counts: dict[str, int] = {n: 0 for n in self.class_names}
+        self._frames = 0
+        self._detections = 0
+        self._errors = 0
+        self._dropped = 0
+        self._sampled = 0
+        self._uploads_ok = 0
+        self._upload_failures = 0
+
+    # ---- recorders
+    def record_frame(
+        self,
+        *,
+        latency_ms: float,
+        inference_ms: float,
+        class_counts: dict[str, int],
+        confidences: list[float],
+        brightness: float,
+        sharpness: float,
+        occupancy: float,
+        density_state: str,
+    ) -> None:
+        with self._lock:
+            self._frames += 1
+            self._latency.append(latency_ms)
+            self._inference.append(inference_ms)
+            self._brightness.append(brightness)
+            self._sharpness.append(sharpness)
+            self._occupancy.append(occupancy)
+            for name, n in class_counts.items():
+                self._class_counts[name] = self._class_counts.get(name, 0) + n
+                self._detections += n
+            if confidences:
+                self._hist += np.asarray(confidence_histogram(confidences), dtype=np.int64)
+            self.density_state = density_state
+
+    def record_error(self, n: int = 1) -> None:
+        with self._lock:
+            self._errors += n
+            self.errors_total += n
+
+    def record_dropped(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            self._dropped += n
+            self.dropped_total += n
+
+    def record_sampled(self) -> None:
+        with self._lock:
+            self._sampled += 1
+
+    def record_upload(self, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self._uploads_ok += 1
+                self.last_upload_at = time.time()
+            else:
+                self._upload_failures += 1
+
+    # ---- heartbeat
+    def build(
+        self,
+        *,
+        outbox_depth: int,
+        outbox_bytes: int,
+        outbox_evicted_total: int,
+        device_id: str = "",
+        agent_version: str = "",
+        now: float | None = None,
+    ) -> Heartbeat:
+        """The heartbeat of the window that ends now; a new window starts."""
+        now = time.time() if now is None else now
+        with self._lock:
+            window_s = max(now - self._start, 1e-9)
+            b_mean, b_std = _mean_std(self._brightness)
+            s_mean, s_std = _mean_std(self._sharpness)
+            hb = Heartbeat(
+                camera_id=self.camera_id,
+                model_version=self.model_version,
+                window_start=utc_iso(self._start) or "",
+                window_end=utc_iso(now) or "",
+                window_s=round(window_s, 3),
+                frames_processed=self._frames,
+                fps=round(self._frames / window_s, 3),
+                latency_p50_ms=_percentile(self._latency, 50),
+                latency_p95_ms=_percentile(self._latency, 95),
+                inference_p50_ms=_percentile(self._inference, 50),
+                errors=self._errors,
+                errors_total=self.errors_total,
+                dropped_frames=self._dropped,
+                dropped_frames_total=self.dropped_total,
+                detections=self._detections,
+                class_counts=dict(self._class_counts),
+                detections_per_frame=(self._detections / self._frames) if self._frames else None,
+                confidence_histogram={
+                    "bin_edges": list(CONFIDENCE_BIN_EDGES),
+                    "counts": [int(c) for c in self._hist],
+                },
+                brightness_mean=b_mean,
+                brightness_std=b_std,
+                sharpness_mean=s_mean,
+                sharpness_std=s_std,
+                density_state=self.density_state,
+                occupancy_mean=_mean_std(self._occupancy)[0],
+                frames_sampled=self._sampled,
+                uploads_ok=self._uploads_ok,
+                upload_failures=self._upload_failures,
+                outbox_depth=int(outbox_depth),
+                outbox_bytes=int(outbox_bytes),
+                outbox_evicted_total=int(outbox_evicted_total),
+                last_upload_at=utc_iso(self.last_upload_at),
+                device_id=device_id,
+                agent_version=agent_version,
+                sent_at=utc_iso(now) or "",
+            )
+            self._reset(now)
+        for key in ("latency_p50_ms", "latency_p95_ms", "inference_p50_ms"):
+            value = getattr(hb, key)
+            if value is not None and not math.isfinite(value):
+                setattr(hb, key, None)
+        return hb

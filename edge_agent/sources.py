@@ -1,0 +1,358 @@
+"""Frame sources (video file, folder of images, RTSP/HTTP stream) and the latest-frame reader.
+
+A source yields ``Frame``s. ``LatestFrameReader`` runs a source on its own thread and hands
+the inference loop one frame at a time:
+
+* ``drop_stale=True`` (live streams, and files in realtime mode): the reader keeps only the
+  newest frame. If inference has not taken the previous one when the next arrives, the old
+  one is *dropped* and counted (``dropped``) — memory stays bounded and the detector always
+  works on the freshest picture.
+* ``drop_stale=False`` (files, as fast as possible): a one-slot hand-off; the reader waits
+  for the consumer, so every frame is processed (reproducible runs and tests).
+
+``open_source`` picks the source from a spec: ``rtsp://``, ``rtsp(s)://``, ``http(s)://``
+URLs are streams; a directory is a folder of images; anything else is a video file.
+File sources can be paced at the video's fps (``realtime=True``) or read as fast as possible.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
+
+
+class SourceError(RuntimeError):
+    """A source cannot be opened or read; the message names it."""
+
+
+@dataclass
+class Frame:
+    """One frame from a source: pixels (BGR uint8) plus where and when they came from."""
+
+    image: np.ndarray
+    index: int  # position in the source (0-based), monotonic
+    captured_at: float  # unix time (s) when the frame was read
+    source_ref: str  # e.g. "video:cctv_street.mp4#123", "image:/x/y.jpg", "stream:rtsp://…"
+
+    @property
+    def captured_at_iso(self) -> str:
+        return datetime.fromtimestamp(self.captured_at, UTC).isoformat()
+
+
+@dataclass
+class SourceStats:
+    frames_read: int = 0
+    read_errors: int = 0
+    reconnects: int = 0
+
+
+class FrameSource:
+    """Base class: ``frames(stop)`` yields frames until exhausted or ``stop`` is set."""
+
+    kind = "source"
+    is_live = False
+
+    def __init__(self) -> None:
+        self.stats = SourceStats()
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class _Pacer:
+    """Sleeps so that frame ``i`` is released at ``start + i / fps`` (realtime mode)."""
+
+    def __init__(self, fps: float | None) -> None:
+        self.period = 1.0 / fps if fps and fps > 0 else 0.0
+        self.start: float | None = None
+
+    def wait(self, i: int, stop: threading.Event) -> None:
+        if not self.period:
+            return
+        if self.start is None:
+            self.start = time.monotonic()
+        delay = self.start + i * self.period - time.monotonic()
+        if delay > 0:
+            stop.wait(delay)
+
+
+class VideoFileSource(FrameSource):
+    kind = "video"
+
+    def __init__(self, path: Path | str, *, realtime: bool = True, loop: bool = False) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SourceError(f"{self.path}: no such video file")
+        cap = cv2.VideoCapture(str(self.path))
+        try:
+            if not cap.isOpened():
+                raise SourceError(f"{self.path}: OpenCV cannot open it as a video")
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            self.frame_count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        finally:
+            cap.release()
+        self.fps = float(fps) if fps and 0 < fps < 1000 else 25.0
+        self.realtime = realtime
+        self.loop = loop
+
+    def describe(self) -> str:
+        return f"video {self.path.name} ({self.fps:.1f} fps, {self.frame_count} frames)"
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        pacer = _Pacer(self.fps if self.realtime else None)
+        index = 0
+        while not stop.is_set():
+            cap = cv2.VideoCapture(str(self.path))
+            if not cap.isOpened():
+                raise SourceError(f"{self.path}: OpenCV cannot open it as a video")
+            pos = 0
+            try:
+                while not stop.is_set():
+                    pacer.wait(index, stop)
+                    ok, image = cap.read()
+                    if not ok or image is None:
+                        break
+                    self.stats.frames_read += 1
+                    yield Frame(image, index, time.time(), f"video:{self.path.name}#{pos}")
+                    index += 1
+                    pos += 1
+            finally:
+                cap.release()
+            if not self.loop or pos == 0:
+                return
+
+
+class ImageFolderSource(FrameSource):
+    """Images of a folder in name order; unreadable files are logged, counted and skipped."""
+
+    kind = "images"
+
+    def __init__(
+        self, folder: Path | str, *, realtime: bool = True, fps: float = 5.0, loop: bool = False
+    ) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise SourceError(f"{self.folder}: not a directory")
+        self.paths = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise SourceError(f"{self.folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.fps = fps
+        self.realtime = realtime
+        self.loop = loop
+
+    def describe(self) -> str:
+        return f"image folder {self.folder} ({len(self.paths)} images)"
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        pacer = _Pacer(self.fps if self.realtime else None)
+        index = 0
+        while not stop.is_set():
+            for path in self.paths:
+                if stop.is_set():
+                    return
+                pacer.wait(index, stop)
+                image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+                if image is None:
+                    self.stats.read_errors += 1
+                    logger.warning("%s: not a readable image, skipped", path)
+                    continue
+                self.stats.frames_read += 1
+                yield Frame(image, index, time.time(), f"image:{path}")
+                index += 1
+            if not self.loop:
+                return
+
+
+class StreamSource(FrameSource):
+    """An RTSP/HTTP stream through OpenCV; reconnects with capped backoff when it drops."""
+
+    kind = "stream"
+    is_live = True
+
+    def __init__(
+        self, url: str, *, reconnect_max_delay_s: float = 30.0, max_reconnects: int | None = None
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self.reconnect_max_delay_s = reconnect_max_delay_s
+        self.max_reconnects = max_reconnects
+
+    def describe(self) -> str:
+        return f"stream {self._redacted()}"
+
+    def _redacted(self) -> str:
+        # Never log credentials embedded in the URL (rtsp://user:pass@host/...).
+        if "@" in self.url and "://" in self.url:
+            scheme, rest = self.url.split("://", 1)
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return self.url
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        index, failures = 0, 0
+        while not stop.is_set():
+            cap = cv2.VideoCapture(self.url)
+            try:
+                while cap.isOpened() and not stop.is_set():
+                    ok, image = cap.read()
+                    if not ok or image is None:
+                        break
+                    failures = 0
+                    self.stats.frames_read += 1
+                    yield Frame(image, index, time.time(), f"stream:{self._redacted()}")
+                    index += 1
+            finally:
+                cap.release()
+            if stop.is_set():
+                return
+            failures += 1
+            self.stats.reconnects += 1
+            if self.max_reconnects is not None and failures > self.max_reconnects:
+                raise SourceError(
+                    f"{self._redacted()}: stream unavailable after {failures - 1} retries"
+                )
+            delay = min(self.reconnect_max_delay_s, 0.5 * 2 ** min(failures, 10))
+            logger.warning(
+                "%s: stream lost or not reachable; reconnecting in %.1fs", self._redacted(), delay
+            )
+            stop.wait(delay)
+
+
+def open_source(
+    spec: str, *, realtime: bool = True, loop: bool = False, image_fps: float = 5.0
+) -> FrameSource:
+    """A source from a CLI spec: a stream URL, a folder of images or a video file."""
+    if spec.lower().startswith(STREAM_SCHEMES):
+        return StreamSource(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ImageFolderSource(path, realtime=realtime, fps=image_fps, loop=loop)
+    return VideoFileSource(path, realtime=realtime, loop=loop)
+
+
+@dataclass
+class _Slot:
+    frame: Frame | None = None
+    ended: bool = False
+    error: BaseException | None = None
+    dropped: int = 0
+    delivered: int = 0
+    produced: int = 0
+
+
+class LatestFrameReader:
+    """Runs ``source`` on a daemon thread; ``get()`` returns the next frame for inference.
+
+    See the module docstring for ``drop_stale``. ``dropped`` counts frames replaced before
+    the consumer took them; every produced frame is either delivered or dropped.
+    """
+
+    def __init__(self, source: FrameSource, *, drop_stale: bool | None = None) -> None:
+        self.source = source
+        if drop_stale is None:
+            drop_stale = source.is_live or bool(getattr(source, "realtime", False))
+        self.drop_stale = drop_stale
+        self._cond = threading.Condition()
+        self._slot = _Slot()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="frame-reader", daemon=True)
+
+    # ---- producer
+    def start(self) -> LatestFrameReader:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for frame in self.source.frames(self._stop):
+                with self._cond:
+                    if not self.drop_stale:
+                        while self._slot.frame is not None and not self._stop.is_set():
+                            self._cond.wait(0.1)
+                        if self._stop.is_set():
+                            break
+                    elif self._slot.frame is not None:
+                        self._slot.dropped += 1
+                    self._slot.frame = frame
+                    self._slot.produced += 1
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the consumer through get()/error
+            logger.error("frame source %s failed: %s", self.source.describe(), exc)
+            with self._cond:
+                self._slot.error = exc
+        finally:
+            with self._cond:
+                self._slot.ended = True
+                self._cond.notify_all()
+
+    # ---- consumer
+    def get(self, timeout: float | None = None) -> Frame | None:
+        """The newest frame not yet delivered; ``None`` on timeout or when the source ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._slot.frame is None:
+                if self._slot.ended or self._stop.is_set():
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            frame, self._slot.frame = self._slot.frame, None
+            self._slot.delivered += 1
+            self._cond.notify_all()
+            return frame
+
+    @property
+    def exhausted(self) -> bool:
+        """The source ended (or was stopped) and the last frame has been taken."""
+        with self._cond:
+            return (self._slot.ended or self._stop.is_set()) and self._slot.frame is None
+
+    @property
+    def ended(self) -> bool:
+        with self._cond:
+            return self._slot.ended
+
+    @property
+    def dropped(self) -> int:
+        with self._cond:
+            return self._slot.dropped
+
+    @property
+    def produced(self) -> int:
+        with self._cond:
+            return self._slot.produced
+
+    @property
+    def delivered(self) -> int:
+        with self._cond:
+            return self._slot.delivered
+
+    @property
+    def error(self) -> BaseException | None:
+        with self._cond:
+            return self._slot.error
+
+    def stop(self, join_timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(join_timeout)
