@@ -1,0 +1,108 @@
+"""The fleet gateway application: ``create_app(settings)`` builds a FastAPI app.
+
+Run it with ``roadloop gateway serve`` / ``python -m fleet serve`` (one uvicorn worker:
+the rate limiter and the group committer live in the process).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from fleet import admin, auth, heartbeats, intake
+from fleet.config import GatewaySettings
+from fleet.ratelimit import BodySizeLimit
+from fleet.runtime import Clock, Gateway, GatewayDep
+from fleet.schemas import ErrorOut, Health
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "1.0.0"
+DESCRIPTION = """
+Edge agents enroll, then upload sampled frames and heartbeats; operators manage devices.
+Contract: `docs/fleet-api.md`. Every error body is `{"detail": "<message>"}`.
+"""
+
+
+def _format_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:8]:
+        loc = [str(p) for p in err.get("loc", ())]
+        where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
+        kind = loc[0] if loc else "request"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            parts.append(f"body is not valid JSON ({ctx.get('error', msg)})")
+        else:
+            parts.append(f"{kind} {where}: {msg}" if where else f"{kind}: {msg}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None = None) -> FastAPI:
+    """Build the gateway. ``clock`` (aware UTC ``datetime`` factory) lets tests move time."""
+    settings = settings or GatewaySettings()
+    gw = Gateway(settings, clock)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, settings.worker_threads)
+        await anyio.to_thread.run_sync(gw.start)
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(gw.stop)
+
+    app = FastAPI(
+        title="roadloop fleet gateway",
+        version=API_VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses={422: {"model": ErrorOut}},
+    )
+    app.state.gateway = gw
+
+    def body_limit(path: str) -> int:
+        return settings.max_request_bytes if path == "/v1/frames" else settings.max_json_bytes
+
+    app.add_middleware(BodySizeLimit, limit_for=body_limit)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": _format_validation(exc)})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            status_code=500,
+            content={"detail": "internal gateway error (logged); retry later"},
+        )
+
+    @app.get("/healthz", response_model=Health, tags=["health"],
+             responses={503: {"model": ErrorOut}})
+    def healthz(gw: GatewayDep) -> Health:
+        """Liveness + database reachability."""
+        try:
+            with gw.db.read() as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:
+            raise HTTPException(503, f"database unreachable: {exc}") from exc
+        if not gw.committer.running:
+            raise HTTPException(503, "database writer is not running")
+        return Health(status="ok")
+
+    app.include_router(auth.router)
+    app.include_router(intake.router)
+    app.include_router(heartbeats.router)
+    app.include_router(admin.router)
+    return app
+

@@ -1,0 +1,452 @@
+"""Credentials: hashed random tokens, enrollment, rotating refresh, scope checks, audit log.
+
+Every token is ``secrets.token_urlsafe(32)`` (256 bits) and only its SHA-256 is stored, so
+a leaked database grants nothing; a plain (unsalted) hash is enough for random secrets of
+that size and keeps lookup a single indexed equality. There are no default credentials:
+the first admin token comes from ``roadloop fleet admin-token create`` on the gateway host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from fleet.config import SCOPES
+from fleet.db import AuditEvent, Device, DeviceStatus, Token, TokenKind
+from fleet.runtime import Gateway, GatewayDep
+from fleet.schemas import EnrollRequest, EnrollResponse, ErrorOut, RefreshRequest, TokenResponse
+
+logger = logging.getLogger(__name__)
+
+DEVICE_SCOPES = ("camera:read", "camera:write")
+ADMIN_SCOPE = "camera:admin"
+
+bearer = HTTPBearer(
+    auto_error=False,
+    description="Access token from POST /v1/enroll or /v1/token/refresh, or an admin token.",
+)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def has_scope(scopes: frozenset[str] | set[str] | list[str], needed: str) -> bool:
+    """``camera:admin`` implies ``camera:read``; nothing else is implied."""
+    return needed in scopes or (needed == "camera:read" and ADMIN_SCOPE in scopes)
+
+
+def check_scopes(scopes: list[str], allowed: tuple[str, ...] = DEVICE_SCOPES) -> list[str]:
+    """Normalised scope list, or ``ValueError`` naming the unknown/forbidden ones."""
+    out = sorted(set(scopes))
+    if not out:
+        raise ValueError("at least one scope is required")
+    bad = [s for s in out if s not in allowed]
+    if bad:
+        hint = "" if all(s in SCOPES for s in bad) else f" (known scopes: {', '.join(SCOPES)})"
+        raise ValueError(f"scope(s) {', '.join(bad)} not allowed here; use {allowed}{hint}")
+    return out
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an admin token, or a device's access token."""
+
+    token_id: int
+    kind: str
+    scopes: frozenset[str]
+    device_id: str | None = None
+    camera_id: str | None = None
+    device_status: str | None = None
+
+    @property
+    def actor(self) -> str:
+        return f"device:{self.device_id}" if self.device_id else f"admin-token:{self.token_id}"
+
+
+# --------------------------------------------------------------------------- audit
+def audit(
+    session: Session,
+    now: datetime,
+    action: str,
+    *,
+    outcome: str = "ok",
+    actor: str | None = None,
+    device_id: str | None = None,
+    token_id: int | None = None,
+    client: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Add one audit event to ``session`` (committed with the action it records)."""
+    session.add(
+        AuditEvent(
+            at=now,
+            action=action,
+            outcome=outcome,
+            actor=actor,
+            device_id=device_id,
+            token_id=token_id,
+            client=client,
+            detail=detail,
+        )
+    )
+
+
+def audit_denied(gw: Gateway, action: str, reason: str, **kw: Any) -> None:
+    """Record a refused auth attempt in its own transaction (the request's is rolled back)."""
+    try:
+        with gw.db.write() as session:
+            audit(session, gw.now(), action, outcome="denied", detail={"reason": reason,
+                  **kw.pop("detail", {})}, **kw)
+            session.commit()
+    except Exception:  # the audit must never turn a 401 into a 500
+        logger.exception("could not write audit event %s (%s)", action, reason)
+    gw.stats.count(f"denied_{action}")
+
+
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+# --------------------------------------------------------------------------- token minting
+def _mint(
+    session: Session,
+    kind: TokenKind,
+    now: datetime,
+    ttl_s: int,
+    scopes: list[str],
+    *,
+    device_id: str | None = None,
+    camera_id: str | None = None,
+    require_verification: bool = False,
+    label: str | None = None,
+    parent_id: int | None = None,
+) -> tuple[str, Token]:
+    token = new_token()
+    row = Token(
+        token_hash=hash_token(token),
+        kind=kind.value,
+        device_id=device_id,
+        scopes=" ".join(scopes),
+        camera_id=camera_id,
+        require_verification=require_verification,
+        label=label,
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl_s),
+        parent_id=parent_id,
+    )
+    session.add(row)
+    session.flush()
+    return token, row
+
+
+def create_enrollment_token(
+    session: Session,
+    now: datetime,
+    *,
+    ttl_s: int,
+    scopes: list[str] | None = None,
+    camera_id: str | None = None,
+    require_verification: bool = False,
+    label: str | None = None,
+    actor: str = "cli",
+) -> tuple[str, Token]:
+    """Mint a one-time enrollment token (caller commits). Raises ``ValueError`` on bad scopes."""
+    scope_list = check_scopes(scopes or ["camera:write"])
+    token, row = _mint(
+        session,
+        TokenKind.enrollment,
+        now,
+        ttl_s,
+        scope_list,
+        camera_id=camera_id,
+        require_verification=require_verification,
+        label=label,
+    )
+    audit(
+        session,
+        now,
+        "enrollment_token_created",
+        actor=actor,
+        token_id=row.id,
+        detail={"scopes": scope_list, "camera_id": camera_id, "ttl_s": ttl_s,
+                "require_verification": require_verification, "label": label},
+    )
+    return token, row
+
+
+def create_admin_token(
+    session: Session, now: datetime, *, ttl_s: int, label: str | None = None, actor: str = "cli"
+) -> tuple[str, Token]:
+    """Mint an operator access token with ``camera:admin`` (caller commits)."""
+    token, row = _mint(session, TokenKind.admin, now, ttl_s, [ADMIN_SCOPE], label=label)
+    audit(session, now, "admin_token_created", actor=actor, token_id=row.id,
+          detail={"ttl_s": ttl_s, "label": label})
+    return token, row
+
+
+def revoke_device(session: Session, device: Device, now: datetime) -> int:
+    """Mark the device revoked and inactive and revoke every token it holds; returns count."""
+    device.revoked_at = device.revoked_at or now
+    device.status = DeviceStatus.inactive.value
+    device.updated_at = now
+    result = session.execute(
+        update(Token)
+        .where(Token.device_id == device.device_id, Token.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    return int(result.rowcount or 0)
+
+
+# --------------------------------------------------------------------------- authentication
+def authenticate(
+    gw: Gateway,
+    token: str | None,
+    scope: str,
+    *,
+    device_only: bool = False,
+    active_device: bool = False,
+    client: str | None = None,
+    path: str = "",
+) -> Principal:
+    """Resolve a bearer token to a ``Principal`` or raise 401/403 (and audit the refusal)."""
+
+    def deny(status: int, reason: str, message: str, **kw: Any) -> HTTPException:
+        audit_denied(gw, "auth_failure", reason, client=client, detail={"path": path}, **kw)
+        headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if status == 401 else None
+        return HTTPException(status_code=status, detail=message, headers=headers)
+
+    if not token:
+        raise deny(401, "missing_token",
+                   "missing bearer token: send 'Authorization: Bearer <access token>' "
+                   "(enroll with POST /v1/enroll to get one)")
+    now = gw.now()
+    with gw.db.read() as session:
+        row = session.execute(
+            select(Token, Device)
+            .outerjoin(Device, Token.device_id == Device.device_id)
+            .where(Token.token_hash == hash_token(token))
+        ).first()
+    if row is None:
+        raise deny(401, "unknown_token", "unknown access token: enroll again or refresh your token")
+    tok, device = row
+    ids = {"token_id": tok.id, "device_id": tok.device_id}
+    if tok.kind not in (TokenKind.access.value, TokenKind.admin.value):
+        raise deny(401, f"wrong_kind:{tok.kind}",
+                   f"this is a {tok.kind} token, not an access token: use the access_token "
+                   "returned by /v1/enroll or /v1/token/refresh", **ids)
+    if device is not None and device.revoked_at is not None:
+        raise deny(401, "device_revoked",
+                   f"device {device.device_id} was revoked: enroll again with a new "
+                   "enrollment token", **ids)
+    if tok.revoked_at is not None:
+        raise deny(401, "token_revoked", "access token was revoked: refresh it or enroll again",
+                   **ids)
+    if tok.expires_at <= now:
+        raise deny(401, "token_expired",
+                   f"access token expired at {tok.expires_at.isoformat()}: get a new one with "
+                   "POST /v1/token/refresh", **ids)
+    scopes = frozenset(tok.scope_list)
+    if not has_scope(scopes, scope):
+        raise deny(403, "missing_scope",
+                   f"token lacks scope {scope} (it has: {', '.join(sorted(scopes))})", **ids)
+    if (device_only or active_device) and device is None:
+        raise deny(403, "not_a_device",
+                   "this route is for enrolled devices: an admin token cannot post frames or "
+                   "heartbeats", **ids)
+    if active_device and device is not None and device.status != DeviceStatus.active.value:
+        raise deny(403, f"device_{device.status}",
+                   f"device {device.device_id} is {device.status}: only active devices may post "
+                   "frames or heartbeats (ask an operator to set it active)", **ids)
+    return Principal(
+        token_id=tok.id,
+        kind=tok.kind,
+        scopes=scopes,
+        device_id=device.device_id if device else None,
+        camera_id=device.camera_id if device else None,
+        device_status=device.status if device else None,
+    )
+
+
+def require_scope(
+    scope: str, *, device_only: bool = False, active_device: bool = False
+) -> Callable[..., Principal]:
+    """Dependency factory: ``Depends(require_scope("camera:write", active_device=True))``."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+
+    def dependency(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        gw: GatewayDep,
+    ) -> Principal:
+        return authenticate(
+            gw,
+            credentials.credentials if credentials else None,
+            scope,
+            device_only=device_only,
+            active_device=active_device,
+            client=_client(request),
+            path=request.url.path,
+        )
+
+    dependency.__name__ = f"require_{scope.replace(':', '_')}"
+    return dependency
+
+
+AdminPrincipal = Annotated[Principal, Depends(require_scope(ADMIN_SCOPE))]
+DevicePrincipal = Annotated[Principal, Depends(require_scope("camera:write", active_device=True))]
+ReaderPrincipal = Annotated[Principal, Depends(require_scope("camera:read"))]
+
+
+# --------------------------------------------------------------------------- routes
+router = APIRouter(tags=["enrollment"])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 409: {"model": ErrorOut},
+    422: {"model": ErrorOut},
+}
+
+
+@router.post("/v1/enroll", status_code=201, response_model=EnrollResponse, responses=_ERRORS)
+def enroll(
+    body: EnrollRequest, request: Request, gw: GatewayDep
+) -> EnrollResponse:
+    """Exchange a one-time enrollment token for a device identity and tokens."""
+    now = gw.now()
+    client = _client(request)
+    s = gw.settings
+    failure: tuple[int, str, str, dict[str, Any]] | None = None
+    with gw.db.write() as session:
+        tok = session.scalar(
+            select(Token).where(
+                Token.token_hash == hash_token(body.enrollment_token),
+                Token.kind == TokenKind.enrollment.value,
+            )
+        )
+        if tok is None:
+            failure = (401, "unknown_token", ("unknown enrollment token: ask an operator for one "
+                       "(roadloop fleet token create)"), {})
+        elif tok.used_at is not None:
+            failure = (401, "token_reused", ("enrollment token was already used: each token "
+                       "enrolls one device; ask an operator for a new one"), {"token_id": tok.id})
+        elif tok.revoked_at is not None:
+            failure = (401, "token_revoked", "enrollment token was revoked", {"token_id": tok.id})
+        elif tok.expires_at <= now:
+            failure = (401, "token_expired", (f"enrollment token expired at "
+                       f"{tok.expires_at.isoformat()}: ask an operator for a new one"),
+                       {"token_id": tok.id})
+        elif tok.camera_id is not None and tok.camera_id != body.camera_id:
+            failure = (403, "camera_mismatch", (f"enrollment token is for camera {tok.camera_id}, "
+                       f"not {body.camera_id}"), {"token_id": tok.id})
+        else:
+            holder = session.scalar(
+                select(Device).where(
+                    Device.camera_id == body.camera_id, Device.revoked_at.is_(None)
+                )
+            )
+            if holder is not None:
+                failure = (409, "camera_taken", (f"camera {body.camera_id} is already enrolled as "
+                           f"device {holder.device_id}: revoke that device first "
+                           f"(POST /v1/devices/{holder.device_id}/revoke)"),
+                           {"token_id": tok.id, "device_id": holder.device_id})
+        if failure is None:
+            assert tok is not None
+            tok.used_at = now
+            status = (DeviceStatus.pending_verification if tok.require_verification
+                      else DeviceStatus.active)
+            device = Device(
+                device_id=f"dev-{secrets.token_hex(8)}",
+                camera_id=body.camera_id,
+                status=status.value,
+                scopes=tok.scopes,
+                agent_version=body.agent_version,
+                hardware=body.hardware,
+                enrolled_at=now,
+                updated_at=now,
+            )
+            session.add(device)
+            session.flush()
+            access, _ = _mint(session, TokenKind.access, now, s.access_token_ttl_s,
+                              tok.scope_list, device_id=device.device_id)
+            refresh, _ = _mint(session, TokenKind.refresh, now, s.refresh_token_ttl_s,
+                               tok.scope_list, device_id=device.device_id)
+            audit(session, now, "enrolled", actor=f"device:{device.device_id}",
+                  device_id=device.device_id, token_id=tok.id, client=client,
+                  detail={"camera_id": body.camera_id, "agent_version": body.agent_version,
+                          "status": status.value})
+            session.commit()
+            gw.stats.count("enrolled")
+            return EnrollResponse(
+                device_id=device.device_id,
+                access_token=access,
+                refresh_token=refresh,
+                expires_in=s.access_token_ttl_s,
+                scopes=tok.scope_list,
+            )
+    code, reason, message, ids = failure
+    audit_denied(gw, "enroll", reason, client=client,
+                 detail={"camera_id": body.camera_id}, **ids)
+    raise HTTPException(status_code=code, detail=message)
+
+
+@router.post("/v1/token/refresh", response_model=TokenResponse, responses=_ERRORS)
+def refresh(
+    body: RefreshRequest, request: Request, gw: GatewayDep
+) -> TokenResponse:
+    """Trade a refresh token for a new access + refresh pair; the old refresh token dies."""
+    now = gw.now()
+    client = _client(request)
+    s = gw.settings
+    failure: tuple[str, str, dict[str, Any]] | None = None
+    with gw.db.write() as session:
+        tok = session.scalar(
+            select(Token).where(
+                Token.token_hash == hash_token(body.refresh_token),
+                Token.kind == TokenKind.refresh.value,
+            )
+        )
+        device = session.get(Device, tok.device_id) if tok is not None and tok.device_id else None
+        if tok is None or device is None:
+            failure = ("unknown_token", "unknown refresh token: enroll again", {})
+        elif device.revoked_at is not None:
+            failure = ("device_revoked", (f"device {device.device_id} was revoked: enroll again "
+                       "with a new enrollment token"),
+                       {"token_id": tok.id, "device_id": device.device_id})
+        elif tok.used_at is not None or tok.revoked_at is not None:
+            failure = ("refresh_reused", ("refresh token was already used or revoked (refresh "
+                       "tokens rotate: keep the one from the last response)"),
+                       {"token_id": tok.id, "device_id": device.device_id})
+        elif tok.expires_at <= now:
+            failure = ("token_expired", (f"refresh token expired at {tok.expires_at.isoformat()}:"
+                       " enroll again"), {"token_id": tok.id, "device_id": device.device_id})
+        if failure is None:
+            assert tok is not None and device is not None
+            tok.used_at = now
+            tok.revoked_at = now
+            access, _ = _mint(session, TokenKind.access, now, s.access_token_ttl_s,
+                              tok.scope_list, device_id=device.device_id, parent_id=tok.id)
+            new_refresh, _ = _mint(session, TokenKind.refresh, now, s.refresh_token_ttl_s,
+                                   tok.scope_list, device_id=device.device_id, parent_id=tok.id)
+            audit(session, now, "token_refreshed", actor=f"device:{device.device_id}",
+                  device_id=device.device_id, token_id=tok.id, client=client)
+            session.commit()
+            return TokenResponse(access_token=access, refresh_token=new_refresh,
+                                 expires_in=s.access_token_ttl_s)
+    reason, message, ids = failure
+    audit_denied(gw, "token_refresh", reason, client=client, **ids)
+    raise HTTPException(status_code=401, detail=message,
+                        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})

@@ -1,0 +1,248 @@
+"""Command line of the fleet gateway.
+
+``gateway_app`` (mounted as ``roadloop gateway``): ``serve``.
+``fleet_app`` (mounted as ``roadloop fleet``): ``token create``, ``admin-token create``,
+``devices list|status|revoke``. The fleet commands work on the gateway's database directly
+(run them on the gateway host); secrets are printed once and stored only hashed.
+``python -m fleet`` offers all of them in one app (``main_app``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+from sqlalchemy import select
+
+from fleet.auth import audit, create_admin_token, create_enrollment_token, revoke_device
+from fleet.config import GatewaySettings
+from fleet.db import Database, Device, DeviceStatus
+
+logger = logging.getLogger(__name__)
+
+HOME_OPT = typer.Option(None, "--home", help="State root (default: ROADLOOP_HOME / .roadloop).")
+DB_OPT = typer.Option(None, "--database-url", help="Override ROADLOOP_GATEWAY_DATABASE_URL.")
+SCOPES_OPT = typer.Option(["camera:write"], "--scopes", "--scope",
+                          help="Scopes the device gets (repeatable).")
+
+gateway_app = typer.Typer(help="Fleet gateway service.", no_args_is_help=True)
+fleet_app = typer.Typer(help="Fleet administration: tokens and devices.", no_args_is_help=True)
+token_app = typer.Typer(help="One-time enrollment tokens.", no_args_is_help=True)
+admin_token_app = typer.Typer(help="Operator (camera:admin) access tokens.", no_args_is_help=True)
+devices_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
+fleet_app.add_typer(token_app, name="token")
+fleet_app.add_typer(admin_token_app, name="admin-token")
+fleet_app.add_typer(devices_app, name="devices")
+
+
+def _settings(home: Path | None, database_url: str | None = None, **extra: object) -> GatewaySettings:
+    kw: dict[str, object] = {k: v for k, v in extra.items() if v is not None}
+    if home is not None:
+        kw["home"] = home
+    if database_url is not None:
+        kw["database_url"] = database_url
+    return GatewaySettings(**kw)  # type: ignore[arg-type]
+
+
+def _database(settings: GatewaySettings) -> Database:
+    assert settings.database_url is not None
+    db = Database(settings.database_url, synchronous=settings.sqlite_synchronous,
+                  busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    db.create_all()
+    return db
+
+
+@gateway_app.callback()
+def _gateway() -> None:
+    """Fleet gateway service."""
+
+
+@gateway_app.command()
+def serve(
+    host: str = typer.Option(None, help="Bind address (default 127.0.0.1)."),
+    port: int = typer.Option(None, help="Port (default 8700 / ROADLOOP_GATEWAY_PORT)."),
+    home: Path | None = HOME_OPT,
+    database_url: str | None = DB_OPT,
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+    access_log: bool = typer.Option(False, "--access-log/--no-access-log"),
+) -> None:
+    """Serve the gateway API (one worker; OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from fleet.app import create_app
+
+    settings = _settings(home, database_url, host=host, port=port)
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    typer.echo(f"fleet gateway on http://{settings.host}:{settings.port} "
+               f"(db {settings.database_url}, frames {settings.frame_store})")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=log_level, access_log=access_log, workers=1)
+
+
+@token_app.callback()
+def _token() -> None:
+    """One-time enrollment tokens."""
+
+
+@token_app.command("create")
+def token_create(
+    scopes: list[str] = SCOPES_OPT,
+    ttl: int | None = typer.Option(None, "--ttl", help="Seconds the token stays usable "
+                                      "(default 86400)."),
+    camera_id: str | None = typer.Option(None, "--camera-id", help="Only this camera may "
+                                            "enroll with it."),
+    require_verification: bool = typer.Option(False, "--require-verification",
+                                              help="Device starts pending_verification."),
+    label: str | None = typer.Option(None, help="Note stored with the token."),
+    home: Path | None = HOME_OPT,
+    database_url: str | None = DB_OPT,
+) -> None:
+    """Print a new one-time enrollment token."""
+    settings = _settings(home, database_url)
+    flat = [s for item in scopes for s in item.replace(",", " ").split()]
+    if camera_id is not None:
+        from roadloop.frames import validate_id
+
+        try:
+            validate_id("camera_id", camera_id)
+        except Exception as exc:
+            raise typer.BadParameter(str(exc), param_hint="--camera-id") from exc
+    db = _database(settings)
+    try:
+        with db.write() as session:
+            try:
+                token, row = create_enrollment_token(
+                    session, datetime.now(UTC), ttl_s=ttl or settings.enrollment_token_ttl_s,
+                    scopes=flat, camera_id=camera_id, require_verification=require_verification,
+                    label=label, actor="cli",
+                )
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--scopes") from exc
+            session.commit()
+    finally:
+        db.dispose()
+    typer.echo(token)
+    typer.echo(f"# one-time enrollment token; scopes {' '.join(row.scope_list)}; expires "
+               f"{row.expires_at.isoformat()}", err=True)
+
+
+@admin_token_app.callback()
+def _admin_token() -> None:
+    """Operator access tokens."""
+
+
+@admin_token_app.command("create")
+def admin_token_create(
+    ttl: int | None = typer.Option(None, "--ttl", help="Seconds (default 30 days)."),
+    label: str | None = typer.Option(None, help="Note stored with the token."),
+    home: Path | None = HOME_OPT,
+    database_url: str | None = DB_OPT,
+) -> None:
+    """Print a new camera:admin access token."""
+    settings = _settings(home, database_url)
+    db = _database(settings)
+    try:
+        with db.write() as session:
+            token, row = create_admin_token(session, datetime.now(UTC),
+                                            ttl_s=ttl or settings.admin_token_ttl_s,
+                                            label=label, actor="cli")
+            session.commit()
+    finally:
+        db.dispose()
+    typer.echo(token)
+    typer.echo(f"# admin token (camera:admin); expires {row.expires_at.isoformat()}", err=True)
+
+
+@devices_app.callback()
+def _devices() -> None:
+    """Enrolled devices."""
+
+
+@devices_app.command("list")
+def devices_list(
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
+    home: Path | None = HOME_OPT,
+    database_url: str | None = DB_OPT,
+) -> None:
+    """List devices."""
+    from fleet.admin import device_out
+
+    db = _database(_settings(home, database_url))
+    try:
+        with db.read() as session:
+            devices = [device_out(d) for d in session.scalars(
+                select(Device).order_by(Device.enrolled_at))]
+    finally:
+        db.dispose()
+    if as_json:
+        for d in devices:
+            typer.echo(d.model_dump_json())
+        return
+    if not devices:
+        typer.echo("no devices enrolled")
+        return
+    typer.echo(f"{'device_id':<22} {'camera_id':<24} {'status':<21} {'last_seen':<26} revoked")
+    for d in devices:
+        seen = d.last_seen_at.isoformat(timespec="seconds") if d.last_seen_at else "-"
+        typer.echo(f"{d.device_id:<22} {d.camera_id:<24} {d.status.value:<21} {seen:<26} "
+                   f"{'yes' if d.revoked_at else 'no'}")
+
+
+def _change_device(device_id: str, home: Path | None, database_url: str | None,
+                   status: DeviceStatus | None, revoke: bool) -> None:
+    db = _database(_settings(home, database_url))
+    try:
+        with db.write() as session:
+            device = session.get(Device, device_id)
+            if device is None:
+                typer.echo(f"no device {device_id} (see: devices list)", err=True)
+                raise typer.Exit(1)
+            now = datetime.now(UTC)
+            if revoke:
+                n = revoke_device(session, device, now)
+                audit(session, now, "device_revoked", actor="cli", device_id=device_id,
+                      detail={"tokens_revoked": n})
+            else:
+                assert status is not None
+                if device.revoked_at is not None:
+                    typer.echo(f"device {device_id} is revoked; enroll the camera again", err=True)
+                    raise typer.Exit(1)
+                old, device.status, device.updated_at = device.status, status.value, now
+                audit(session, now, "device_status_changed", actor="cli", device_id=device_id,
+                      detail={"from": old, "to": status.value})
+            session.commit()
+            typer.echo(json.dumps({"device_id": device_id, "status": device.status,
+                                   "revoked": device.revoked_at is not None}))
+    finally:
+        db.dispose()
+
+
+@devices_app.command("status")
+def devices_status(
+    device_id: str,
+    status: DeviceStatus,
+    home: Path | None = HOME_OPT,
+    database_url: str | None = DB_OPT,
+) -> None:
+    """Set a device's status (active, inactive, maintenance, error, pending_verification)."""
+    _change_device(device_id, home, database_url, status, revoke=False)
+
+
+@devices_app.command("revoke")
+def devices_revoke(
+    device_id: str, home: Path | None = HOME_OPT, database_url: str | None = DB_OPT
+) -> None:
+    """Revoke a device and all its tokens."""
+    _change_device(device_id, home, database_url, None, revoke=True)
+
+
+# `python -m fleet ...`: serve + the admin commands in one app.
+main_app = typer.Typer(help="roadloop fleet gateway.", no_args_is_help=True)
+main_app.command("serve")(serve)
+main_app.add_typer(token_app, name="token")
+main_app.add_typer(admin_token_app, name="admin-token")
+main_app.add_typer(devices_app, name="devices")

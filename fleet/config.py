@@ -1,0 +1,92 @@
+"""Gateway settings: ``ROADLOOP_GATEWAY_*`` environment variables or explicit values.
+
+Paths default to the platform settings (``roadloop.settings``): the database lives at
+``<home>/fleet/fleet.db`` and frames go to the platform's frame store, so the Dagster
+sensor that watches the frame store sees what the gateway writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from roadloop.settings import get_settings
+
+SCOPES: tuple[str, ...] = ("camera:read", "camera:write", "camera:admin")
+
+
+class GatewaySettings(BaseSettings):
+    """Fleet gateway configuration. Override any field with ``ROADLOOP_GATEWAY_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ROADLOOP_GATEWAY_", extra="ignore")
+
+    home: Path | None = Field(
+        default=None, description="State root; default: the platform home (ROADLOOP_HOME)."
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; default sqlite:///<home>/fleet/fleet.db. "
+        "postgresql+psycopg2://... works too.",
+    )
+    frame_store: Path | None = Field(
+        default=None, description="Frame store root; default: the platform's frame store."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=1, le=65535)
+
+    # Request limits.
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024, gt=0, description="Largest frame upload (whole body), bytes."
+    )
+    max_json_bytes: int = Field(
+        default=1024 * 1024, gt=0, description="Largest body of every other route, bytes."
+    )
+    max_image_side: int = Field(default=4096, gt=0, description="Largest JPEG width/height, px.")
+    max_metadata_bytes: int = Field(default=256 * 1024, gt=0)
+
+    # Per-device token bucket over frames + heartbeats.
+    rate_limit_per_s: float = Field(default=50.0, gt=0)
+    rate_limit_burst: int = Field(default=100, gt=0)
+
+    # Token lifetimes, seconds.
+    access_token_ttl_s: int = Field(default=3600, gt=0)
+    refresh_token_ttl_s: int = Field(default=30 * 86400, gt=0)
+    enrollment_token_ttl_s: int = Field(default=86400, gt=0)
+    admin_token_ttl_s: int = Field(default=30 * 86400, gt=0)
+
+    # Durability / concurrency.
+    fsync_directories: bool = Field(
+        default=True,
+        description="fsync a frame's folder after its files are renamed in, so the 201 "
+        "survives power loss, not only a process crash.",
+    )
+    sqlite_synchronous: str = Field(default="FULL", pattern="^(FULL|NORMAL|EXTRA)$")
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    commit_batch_max: int = Field(
+        default=256, ge=1, description="Most rows one group commit writes (see fleet.committer)."
+    )
+    worker_threads: int = Field(default=64, ge=1, description="Threads for blocking work.")
+    reconcile_on_start: bool = True
+
+    @model_validator(mode="after")
+    def _derive(self) -> GatewaySettings:
+        platform = None
+        if self.home is None:
+            platform = get_settings()
+            self.home = platform.home
+        self.home = Path(self.home).expanduser().absolute()
+        if self.frame_store is None:
+            if platform is not None and platform.frame_store is not None:
+                self.frame_store = Path(platform.frame_store)
+            else:
+                self.frame_store = self.home / "frames"
+        self.frame_store = Path(self.frame_store).expanduser().absolute()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.home / 'fleet' / 'fleet.db'}"
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return str(self.database_url).startswith("sqlite")

@@ -1,0 +1,287 @@
+"""Gateway database: SQLAlchemy 2.0 models, engine and sessions.
+
+SQLite (the default) runs in WAL mode with ``synchronous=FULL`` so a committed row survives a
+crash; write transactions start with ``BEGIN IMMEDIATE`` (a ``write`` session) so two writers
+queue on ``busy_timeout`` instead of failing on a lock upgrade. Any other URL (Postgres) gets
+a plain engine. Datetimes are stored as UTC and always come back timezone-aware.
+
+Reserved for the next issue: ``models`` / ``rollouts`` tables (manifest, staged rollouts);
+they will reference ``devices.device_id`` like ``tokens`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+logger = logging.getLogger(__name__)
+
+# Integer on SQLite so the primary key aliases ROWID (autoincrement); BIGINT elsewhere.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware datetimes stored as naive UTC (SQLite has no time zones)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class DeviceStatus(StrEnum):
+    pending_verification = "pending_verification"
+    active = "active"
+    inactive = "inactive"
+    maintenance = "maintenance"
+    error = "error"
+
+
+class TokenKind(StrEnum):
+    enrollment = "enrollment"
+    access = "access"
+    refresh = "refresh"
+    admin = "admin"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Device(Base):
+    """One enrolled edge agent, bound to one camera."""
+
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    camera_id: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(32), default=DeviceStatus.active.value)
+    scopes: Mapped[str] = mapped_column(String(200))  # space-separated
+    agent_version: Mapped[str] = mapped_column(String(100))
+    hardware: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    status_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    @property
+    def scope_list(self) -> list[str]:
+        return self.scopes.split()
+
+
+class Token(Base):
+    """Every credential: enrollment, access, refresh and admin tokens, stored as SHA-256."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    device_id: Mapped[str | None] = mapped_column(
+        ForeignKey("devices.device_id"), nullable=True, index=True
+    )
+    scopes: Mapped[str] = mapped_column(String(200))
+    camera_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    require_verification: Mapped[bool] = mapped_column(Boolean, default=False)
+    label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    parent_id: Mapped[int | None] = mapped_column(BigIntPK, nullable=True)
+
+    @property
+    def scope_list(self) -> list[str]:
+        return self.scopes.split()
+
+
+class FrameRow(Base):
+    """One stored frame; the pixels and sidecar live in the frame store at ``path``."""
+
+    __tablename__ = "frames"
+    __table_args__ = (UniqueConstraint("camera_id", "frame_id", name="uq_frames_camera_frame"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    camera_id: Mapped[str] = mapped_column(String(64))
+    frame_id: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    captured_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    path: Mapped[str] = mapped_column(Text)  # relative to the frame store root
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    importance: Mapped[float] = mapped_column(Float, default=1.0)
+    reasons: Mapped[list[str]] = mapped_column(JSON, default=list)
+    n_detections: Mapped[int] = mapped_column(Integer, default=0)
+    recovered: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class HeartbeatRow(Base):
+    """One heartbeat: the whole payload as JSON plus the numeric fields worth indexing."""
+
+    __tablename__ = "heartbeats"
+    __table_args__ = (
+        Index("ix_heartbeats_camera_sent", "camera_id", "sent_at"),
+        UniqueConstraint("device_id", "sent_at", name="uq_heartbeats_device_sent"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    camera_id: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str] = mapped_column(String(64))
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    schema_version: Mapped[int] = mapped_column(Integer)
+    model_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    fps: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    errors: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    dropped_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    outbox_depth: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class AuditEvent(Base):
+    """Append-only log of every auth and admin action."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # ok | denied
+    actor: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    device_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    token_id: Mapped[int | None] = mapped_column(BigIntPK, nullable=True)
+    client: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class GatewayStateRow(Base):
+    """Small key/value facts the gateway keeps between runs (e.g. the last reconcile)."""
+
+    __tablename__ = "gateway_state"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Database:
+    """Engine plus two session factories: ``read()`` (plain BEGIN) and ``write()``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 30_000,
+        pool_size: int = 16,
+        max_overflow: int = 64,
+    ) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self.engine = _sqlite_engine(url, synchronous, busy_timeout_ms, pool_size, max_overflow)
+            writer = self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+        else:
+            self.engine = create_engine(
+                url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+            )
+            writer = self.engine
+        self.read = sessionmaker(self.engine, expire_on_commit=False)
+        self.write = sessionmaker(writer, expire_on_commit=False)
+
+    def create_all(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def get_state(self, session: Session, key: str) -> str | None:
+        row = session.get(GatewayStateRow, key)
+        return row.value if row is not None else None
+
+    def set_state(self, session: Session, key: str, value: str) -> None:
+        row = session.get(GatewayStateRow, key)
+        if row is None:
+            session.add(GatewayStateRow(key=key, value=value))
+        else:
+            row.value = value
+
+
+def sqlite_path(url: str) -> Path | None:
+    """File behind a ``sqlite:///...`` URL (None for in-memory)."""
+    rest = url.split(":///", 1)[1] if ":///" in url else ""
+    rest = rest.split("?", 1)[0]
+    if not rest or rest == ":memory:":
+        return None
+    return Path(rest)
+
+
+def _sqlite_engine(
+    url: str, synchronous: str, busy_timeout_ms: int, pool_size: int, max_overflow: int
+) -> Engine:
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=60,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # We issue BEGIN ourselves (below): pysqlite's implicit transactions break
+        # SAVEPOINTs and start writers as DEFERRED.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+
+    return engine

@@ -1,0 +1,104 @@
+"""Request limits: a per-device token bucket and a request-body size cap (ASGI middleware)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import HTTPException
+
+
+class TokenBucketLimiter:
+    """Token bucket per key: ``rate`` tokens/s refill up to ``burst``; one request costs one.
+
+    In-process state, which is right for the one-worker gateway; several workers would each
+    grant the full rate (move the buckets to the database or Redis then).
+    """
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str) -> float:
+        """Take one token; return 0.0 when allowed, else the seconds until one is available."""
+        now = self._clock()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._buckets.pop(key, None)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from inside ``receive`` when a streamed body passes the cap (FastAPI re-raises
+    HTTPExceptions from body parsing, so the client gets a 413, not a 400/500)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            status_code=413,
+            detail=f"request body is larger than the {limit}-byte limit; send a smaller image "
+            "(or raise ROADLOOP_GATEWAY_MAX_REQUEST_BYTES on the gateway)",
+        )
+
+
+class BodySizeLimit:
+    """Reject bodies over ``limit_for(path)`` bytes: by Content-Length before reading
+    anything, and by counting when the body is streamed (chunked or lying about its length)."""
+
+    def __init__(self, app: Any, limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope.get("path", ""))
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_json(send, 400, "Content-Length is not an integer")
+                    return
+                if declared > limit:
+                    await _send_json(send, 413, BodyTooLarge(limit).detail, close=True)
+                    return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_json(send: Callable, status: int, detail: str, close: bool = False) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,123 @@
+"""The gateway's process-wide state: database, frame store, limiter, group committer, stats."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from fleet.committer import GroupCommitter
+from fleet.config import GatewaySettings
+from fleet.db import Database
+from fleet.ratelimit import TokenBucketLimiter
+from roadloop.frames import FrameStore
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Stats:
+    """Counters and timing spans (sum, count, max) — cheap enough to leave on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters: dict[str, int] = defaultdict(int)
+        self.spans: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0])
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            with self._lock:
+                s = self.spans[name]
+                s[0] += dt
+                s[1] += 1
+                s[2] = max(s[2], dt)
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "counters": dict(self.counters),
+                "spans_ms": {
+                    k: {
+                        "count": int(v[1]),
+                        "mean_ms": round(v[0] / v[1] * 1000, 3) if v[1] else 0.0,
+                        "max_ms": round(v[2] * 1000, 3),
+                        "total_s": round(v[0], 3),
+                    }
+                    for k, v in self.spans.items()
+                },
+            }
+
+
+class Gateway:
+    """Everything a request handler needs; one per app."""
+
+    def __init__(self, settings: GatewaySettings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or utc_now
+        assert settings.database_url is not None and settings.frame_store is not None
+        self.db = Database(
+            settings.database_url,
+            synchronous=settings.sqlite_synchronous,
+            busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+            max_overflow=settings.worker_threads,
+        )
+        self.store = FrameStore(settings.frame_store)
+        self.limiter = TokenBucketLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        self.committer = GroupCommitter(self.db, settings.commit_batch_max)
+        self.stats = Stats()
+        self._key_locks = [threading.Lock() for _ in range(256)]
+
+    def now(self) -> datetime:
+        return self.clock()
+
+    def key_lock(self, key: str) -> threading.Lock:
+        """Striped lock so two uploads of the same frame id never interleave their writes."""
+        return self._key_locks[hash(key) % len(self._key_locks)]
+
+    def start(self) -> None:
+        """Create tables, repair the frame store after a crash, start the writer thread."""
+        from fleet.intake import reconcile_frame_store
+
+        self.db.create_all()
+        assert self.settings.frame_store is not None
+        self.settings.frame_store.mkdir(parents=True, exist_ok=True)
+        if self.settings.reconcile_on_start:
+            report = reconcile_frame_store(self)
+            logger.info("frame store reconciled: %s", report)
+        self.committer.start()
+        logger.info(
+            "fleet gateway ready: db=%s frames=%s", self.db.url, self.settings.frame_store
+        )
+
+    def stop(self) -> None:
+        self.committer.stop()
+        self.db.dispose()
+
+
+def get_gateway(request: Request) -> Gateway:
+    """FastAPI dependency: the app's ``Gateway``."""
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]

@@ -1,0 +1,177 @@
+"""Request and response bodies of the gateway API (``docs/fleet-api.md``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+from fleet.db import DeviceStatus
+from roadloop.frames import Detection, FrameId, FrameQuality
+
+MAX_DETECTIONS = 2000
+MAX_REASONS = 32
+
+
+class ErrorOut(BaseModel):
+    """Every error body: one message a client can act on."""
+
+    detail: str
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+# --------------------------------------------------------------------------- enrollment
+class EnrollRequest(BaseModel):
+    enrollment_token: str = Field(min_length=1, max_length=200)
+    camera_id: FrameId
+    agent_version: str = Field(min_length=1, max_length=100)
+    hardware: dict[str, Any] | None = None
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    scopes: list[str]
+    gateway_public_key: str | None = None
+
+
+class RefreshRequest(BaseModel):
+    refresh_token: str = Field(min_length=1, max_length=200)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    refresh_token: str
+    expires_in: int
+
+
+class EnrollmentTokenCreate(BaseModel):
+    """Admin: mint a one-time enrollment token (same as ``roadloop fleet token create``)."""
+
+    scopes: list[str] = Field(default_factory=lambda: ["camera:write"])
+    ttl_s: int | None = Field(default=None, gt=0, description="Default: the gateway setting.")
+    camera_id: FrameId | None = Field(
+        default=None, description="Bind the token to this camera; other cameras get 403."
+    )
+    require_verification: bool = Field(
+        default=False, description="Devices start pending_verification until an admin acts."
+    )
+    label: str | None = Field(default=None, max_length=200)
+
+
+class EnrollmentTokenOut(BaseModel):
+    enrollment_token: str
+    expires_at: datetime
+    scopes: list[str]
+    camera_id: str | None
+    require_verification: bool
+
+
+# --------------------------------------------------------------------------- devices / audit
+class DeviceOut(BaseModel):
+    device_id: str
+    camera_id: str
+    status: DeviceStatus
+    scopes: list[str]
+    agent_version: str
+    hardware: dict[str, Any] | None
+    enrolled_at: datetime
+    updated_at: datetime
+    last_seen_at: datetime | None
+    revoked_at: datetime | None
+    status_reason: str | None
+
+
+class DeviceStatusUpdate(BaseModel):
+    status: DeviceStatus
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class AuditEventOut(BaseModel):
+    id: int
+    at: datetime
+    action: str
+    outcome: str
+    actor: str | None
+    device_id: str | None
+    token_id: int | None
+    client: str | None
+    detail: dict[str, Any] | None
+
+
+# --------------------------------------------------------------------------- frames
+class FrameMetadata(BaseModel):
+    """The ``metadata`` form field of ``POST /v1/frames``. Unknown keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    frame_id: FrameId
+    camera_id: FrameId
+    captured_at: AwareDatetime
+    reasons: list[str] = Field(default_factory=list, max_length=MAX_REASONS)
+    importance: float = Field(default=1.0, ge=0.0)
+    model_version: str | None = Field(max_length=200)
+    detections: list[Detection] = Field(default_factory=list, max_length=MAX_DETECTIONS)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    quality: FrameQuality | None = Field(
+        default=None, description="Edge-computed quality; the gateway computes it when absent."
+    )
+    source_ref: str | None = Field(
+        default=None, max_length=500, description="Origin of the pixels, for leakage checks."
+    )
+
+    @field_validator("reasons")
+    @classmethod
+    def _short_reasons(cls, v: list[str]) -> list[str]:
+        for r in v:
+            if not r or len(r) > 64:
+                raise ValueError("each reason must be 1-64 characters")
+        return v
+
+
+class FrameStored(BaseModel):
+    frame_id: str
+    stored: bool = True
+
+
+# --------------------------------------------------------------------------- heartbeats
+class HeartbeatIn(BaseModel):
+    """Gateway-side view of ``edge_agent.heartbeat.Heartbeat``: required keys checked, the
+    rest kept as-is (the agent owns the full, versioned schema)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = Field(ge=1)
+    camera_id: FrameId
+    sent_at: AwareDatetime
+    model_version: str | None = Field(max_length=200)
+
+
+class HeartbeatAccepted(BaseModel):
+    heartbeat_id: int
+    stored: bool = True
+    duplicate: bool = False
+
+
+class HeartbeatOut(BaseModel):
+    id: int
+    camera_id: str
+    device_id: str
+    sent_at: datetime
+    received_at: datetime
+    schema_version: int
+    model_version: str | None
+    fps: float | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    errors: int | None
+    dropped_frames: int | None
+    outbox_depth: int | None
+    payload: dict[str, Any]
