@@ -38,7 +38,12 @@ bearer = HTTPBearer(
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(32)
+    # Never start with "-": a token is pasted into command lines (`--enroll-token TOKEN`),
+    # where a leading dash reads as an option.
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def hash_token(token: str) -> str:

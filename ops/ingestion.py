@@ -17,6 +17,7 @@ from roadloop.settings import get_settings
 class ReplayConfig(dg.Config):
     max_frames_per_camera: int | None = 40
     cameras: list[str] | None = None  # default: every camera whose data exists
+    kinds: list[str] = ["dataset", "video"]  # the demo streams videos through real agents
 
 
 @dg.op(description="Replay shared labelled frames and videos as camera traffic.")
@@ -27,6 +28,7 @@ def replay_shared_cameras(
     cameras = default_replay_cameras(settings)
     if config.cameras:
         cameras = [c for c in cameras if c.camera_id in set(config.cameras)]
+    cameras = [c for c in cameras if c.kind in set(config.kinds)]
     store = frame_store.store()
     start = datetime(2026, 1, 1, 8, 0, tzinfo=timezone.utc)
     written: dict[str, int] = {}

@@ -73,7 +73,8 @@ def settings() -> None:
 def demo(
     serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the Dagster and MLflow UIs afterwards."),
     profile: str = typer.Option("demo", help="Resource profile: demo | test | default."),
-    frames_per_camera: int = typer.Option(40, help="Frames replayed per camera."),
+    frames_per_camera: int = typer.Option(40, help="Frames replayed per labelled-dataset camera."),
+    frames_per_agent: int = typer.Option(150, help="Video frames each demo edge agent processes."),
 ) -> None:
     """Run the whole learning loop on the shared data, then serve the UIs."""
     settings = get_settings()
@@ -85,7 +86,7 @@ def demo(
 
     from roadloop.orchestrate import run_demo_loop  # imports Dagster
 
-    outcome = run_demo_loop(frames_per_camera=frames_per_camera)
+    outcome = run_demo_loop(frames_per_camera=frames_per_camera, frames_per_agent=frames_per_agent)
     minutes = (time.monotonic() - started) / 60
     typer.echo(outcome.summary())
     typer.echo(f"demo loop finished in {minutes:.1f} min (profile={profile}, home={settings.home})")

@@ -6,15 +6,21 @@ the library's logic modules never do.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+from roadloop.localfleet import LocalFleet
 from roadloop.settings import get_settings
 from roadloop.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoopOutcome:
     success: bool
+    agents: dict[str, int] = field(default_factory=dict)
     cameras: dict[str, int] = field(default_factory=dict)
     materialized: list[str] = field(default_factory=list)
     checks: dict[str, bool] = field(default_factory=dict)
@@ -24,6 +30,7 @@ class LoopOutcome:
 
     def summary(self) -> str:
         lines = ["", "roadloop learning loop"]
+        lines.append("  edge agents (exit codes): " + ", ".join(f"{c}={n}" for c, n in sorted(self.agents.items())))
         lines.append("  cameras (frames kept): " + ", ".join(f"{c}={n}" for c, n in sorted(self.cameras.items())))
         lines.append("  materialized: " + ", ".join(self.materialized))
         lines.append(
@@ -34,8 +41,31 @@ class LoopOutcome:
         return "\n".join(lines)
 
 
-def run_demo_loop(frames_per_camera: int = 40) -> LoopOutcome:
-    """Replay cameras → partitions → sampled_edge_frames → the learning loop, on the instance."""
+DEFAULT_AGENT_MODEL = "atl_v2_yolo11n_320.onnx"
+
+
+def stream_videos_through_agents(fleet: LocalFleet, frames_per_agent: int) -> dict[str, int]:
+    """One real edge agent per shared video, uploading through the real gateway."""
+    settings = get_settings()
+    videos = sorted(settings.videos_dir.glob("*.mp4")) if settings.videos_dir.is_dir() else []
+    model = settings.models_dir / DEFAULT_AGENT_MODEL
+    if not videos or not model.exists():
+        log.warning("no shared videos or agent model: skipping the edge agents")
+        return {}
+    for video in videos:
+        fleet.start_agent(
+            video.stem,
+            video,
+            model,
+            # Read as fast as inference allows; sample generously so the demo has frames to learn from.
+            ["--no-realtime", "--max-frames", str(frames_per_agent), "--base-rate", "0.2",
+             "--heartbeat-interval", "5", "--threads", "1"],
+        )
+    return fleet.wait_agents(timeout_s=900)
+
+
+def run_demo_loop(frames_per_camera: int = 40, frames_per_agent: int = 150) -> LoopOutcome:
+    """Agents + replay → partitions → sampled_edge_frames → the learning loop, on the instance."""
     import dagster as dg
 
     from definitions import defs
@@ -44,9 +74,21 @@ def run_demo_loop(frames_per_camera: int = 40) -> LoopOutcome:
     instance = dg.DagsterInstance.get()
     outcome = LoopOutcome(success=True)
 
+    with LocalFleet(home=settings.home, port=settings.gateway_port) as fleet:
+        fleet.start_gateway()
+        outcome.agents = stream_videos_through_agents(fleet, frames_per_agent)
+        outcome.success &= all(code == 0 for code in outcome.agents.values())
+
+    # Labelled datasets have no agent: their replay part is played as camera traffic.
     replay = defs.resolve_job_def("replay_ingestion_job").execute_in_process(
         instance=instance,
-        run_config={"ops": {"replay_shared_cameras": {"config": {"max_frames_per_camera": frames_per_camera}}}},
+        run_config={
+            "ops": {
+                "replay_shared_cameras": {
+                    "config": {"max_frames_per_camera": frames_per_camera, "kinds": ["dataset"]}
+                }
+            }
+        },
     )
     outcome.run_ids.append(replay.run_id)
 

@@ -727,3 +727,10 @@ def test_real_server_survives_sigkill_mid_burst(tmp_path: Path, frame_jpeg: byte
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_tokens_never_start_with_a_dash() -> None:
+    """Tokens go on command lines (`--enroll-token TOKEN`): a leading '-' would read as an option."""
+    from fleet.auth import new_token
+
+    assert not any(new_token().startswith("-") for _ in range(2000))
