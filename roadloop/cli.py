@@ -106,7 +106,13 @@ def serve() -> None:
     _serve(settings, env)
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _serve(settings: Settings, env: dict[str, str]) -> None:
+    # SIGTERM (e.g. from a process manager) stops the UIs as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     bin_dir = Path(sys.executable).parent
     artifact_root = settings.mlflow_artifact_root
     procs = [
@@ -118,7 +124,7 @@ def _serve(settings: Settings, env: dict[str, str]) -> None:
         subprocess.Popen(
             [str(bin_dir / "mlflow"), "server", "--backend-store-uri", str(settings.mlflow_tracking_uri),
              "--default-artifact-root", Path(str(artifact_root)).as_uri(),
-             "--host", "127.0.0.1", "--port", str(settings.mlflow_port)],
+             "--host", "127.0.0.1", "--port", str(settings.mlflow_port), "--workers", "1"],
             cwd=PROJECT_ROOT, env=env,
         ),
     ]
