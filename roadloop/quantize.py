@@ -22,6 +22,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from pydantic import BaseModel, Field
 
+from edge_agent.inference import letterbox as edge_letterbox
 from roadloop.errors import EmptyDatasetError, InvalidInputError
 from roadloop.export import sha256_file, validate_onnx_model
 
@@ -31,16 +32,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def letterbox(image_bgr: np.ndarray, imgsz: int, pad_value: int = 114) -> np.ndarray:
-    """Resize keeping aspect ratio and pad to ``imgsz``² with grey, centred (as Ultralytics)."""
-    h, w = image_bgr.shape[:2]
-    r = min(imgsz / h, imgsz / w)
-    nh, nw = round(h * r), round(w * r)
-    if (nh, nw) != (h, w):
-        image_bgr = cv2.resize(image_bgr, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    top, left = (imgsz - nh) // 2, (imgsz - nw) // 2
-    out = np.full((imgsz, imgsz, 3), pad_value, dtype=np.uint8)
-    out[top : top + nh, left : left + nw] = image_bgr
-    return out
+    """The edge inference core's letterbox, so calibration sees exactly what inference sees."""
+    padded, _, _ = edge_letterbox(image_bgr, imgsz, color=(pad_value, pad_value, pad_value))
+    return padded
 
 
 def preprocess(path: Path, imgsz: int) -> np.ndarray:
