@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import uuid
 from collections import Counter, defaultdict
@@ -47,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tqdm import tqdm
 
 from roadloop.errors import EmptyDatasetError, InvalidInputError, MissingDataError
+from roadloop.fsutil import swap_dir_into_place, write_text_atomic
 from roadloop.settings import Settings, get_settings
 from roadloop.splits import is_replay_frame
 
@@ -451,17 +451,8 @@ def write_data_yaml(dataset_dir: Path, dest: Path) -> Path:
     doc = {"path": str(dataset_dir), **{k: v for k, v in doc.items() if k != "path"}}
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(dest, yaml.safe_dump(doc, sort_keys=False))
+    write_text_atomic(dest, yaml.safe_dump(doc, sort_keys=False))
     return dest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _safe_stem(stem: str) -> str:
@@ -580,7 +571,7 @@ def build_curated_dataset(
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:12]}"
     try:
         result = _write_dataset(tmp, kept, quarantine, reasons, taxonomy, skipped_replay)
-        _swap_into_place(tmp, out_dir)
+        swap_dir_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -670,22 +661,6 @@ def _write_dataset(
     return result
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an older ``out_dir`` is renamed aside, then deleted."""
-    aside: Path | None = None
-    if out_dir.exists():
-        aside = out_dir.parent / f".old-{out_dir.name}-{uuid.uuid4().hex[:12]}"
-        os.replace(out_dir, aside)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, out_dir)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- synthetic
 
 # Per class: (colour BGR, width range, aspect h/w range) in units of the image size.
@@ -773,7 +748,7 @@ def make_synthetic_dataset(
             + yaml.safe_dump(doc, sort_keys=False),
             encoding="utf-8",
         )
-        _swap_into_place(tmp, out_dir)
+        swap_dir_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from roadloop.errors import EmptyDatasetError, InvalidInputError, MissingDataError, RoadloopError
+from roadloop.fsutil import swap_dir_into_place, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -473,31 +474,6 @@ def evaluate_detector(
 # --------------------------------------------------------------------------- test sets
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an older ``final`` is renamed aside, then deleted."""
-    aside: Path | None = None
-    if final.exists() or final.is_symlink():
-        aside = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:12]}"
-        os.replace(final, aside)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, final)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _subset_yaml(names: list[str], split: str, comment: str) -> str:
     # Ultralytics requires train/val keys; they point at the same frames and are never trained on.
     doc = {
@@ -580,7 +556,7 @@ def split_by_source(dataset_dir: Path, split: str, out_root: Path) -> dict[str, 
                 ),
                 encoding="utf-8",
             )
-            _swap_into_place(tmp, out_root / name)
+            swap_dir_into_place(tmp, out_root / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -702,7 +678,7 @@ def make_robustness_slices(
                 ),
                 encoding="utf-8",
             )
-            _swap_into_place(tmp, out_root / kind)
+            swap_dir_into_place(tmp, out_root / kind)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -11,13 +11,12 @@ import base64
 import html
 import io
 import logging
-import os
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from roadloop.evaluation import ALL, FORMAT_LABELS, BenchmarkResults
+from roadloop.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -474,15 +473,6 @@ def render_html(
 # --------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def render_report(
     results: BenchmarkResults,
     out_dir: Path,
@@ -505,9 +495,9 @@ def render_report(
     files = ReportFiles(
         html=out_dir / HTML_NAME, json=out_dir / JSON_NAME, markdown=out_dir / MARKDOWN_NAME
     )
-    _write_atomic(files.json, json_text)
-    _write_atomic(files.markdown, md_text)
-    _write_atomic(files.html, html_text)
+    write_text_atomic(files.json, json_text)
+    write_text_atomic(files.markdown, md_text)
+    write_text_atomic(files.html, html_text)
     logger.info("benchmark report written to %s", out_dir)
     return files
 
