@@ -23,7 +23,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -36,7 +35,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from roadloop.errors import EmptyDatasetError, InvalidInputError, MissingDataError, RoadloopError
-from roadloop.fsutil import swap_dir_into_place, write_text_atomic
+from roadloop.fsutil import swap_dir_into_place
 
 logger = logging.getLogger(__name__)
 
