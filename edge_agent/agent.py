@@ -14,9 +14,17 @@ then gives the uploader up to ``drain_timeout_s`` to empty the outbox, sends a l
 heartbeat and returns. Whatever is still queued stays in the outbox for the next start.
 At the end of a file source (or ``max_frames``) it does the same.
 
+Model updates (``edge_agent.updater``): with a pinned model public key (``model_public_key``
+in the config, else the one enrollment handed out) a fifth thread polls ``GET /v1/manifest``
+every ``update_interval_s`` and downloads, verifies and loads new models off the frame loop.
+The frame loop reads the serving model from a ``ModelSlot`` once per frame, so a swap lands
+between two frames; it feeds each frame's latency to the rollback guard and a sample of
+frames to the shadow candidate. Heartbeats carry the updater's rollout fields.
+
 Fault injection for tests: ``EDGE_AGENT_FAULT_KILL_AFTER_ACKS=N`` makes the process
 SIGKILL itself after the gateway acknowledged its N-th upload and *before* the outbox
 forgets the frame — the "killed mid-upload" case the restart must absorb (409).
+``EDGE_AGENT_FAULT_MODEL_DELAY_MS`` slows chosen models down (see ``edge_agent.updater``).
 """
 
 from __future__ import annotations
@@ -50,6 +58,15 @@ from edge_agent.inference import Detection, OnnxDetector
 from edge_agent.outbox import BackoffPolicy, Outbox
 from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
 from edge_agent.sources import Frame, LatestFrameReader, open_source
+from edge_agent.updater import (
+    GuardLimits,
+    LoadedModel,
+    ManifestVerifier,
+    ModelSlot,
+    ModelUpdater,
+    PublicKeyError,
+    load_public_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +116,7 @@ class FrameResult:
     edge_case: bool
     decision: SampleDecision
     timings_ms: dict[str, float]
+    model: LoadedModel | None = None  # the model that served this frame
 
 
 def frame_quality(image: np.ndarray) -> tuple[float, float]:
@@ -113,16 +131,22 @@ class FramePipeline:
 
     def __init__(
         self,
-        detector: OnnxDetector,
+        detector: OnnxDetector | ModelSlot,
         *,
         capacity: float = 30.0,
         sampler_config: SamplerConfig | None = None,
     ) -> None:
-        self.detector = detector
+        self.slot = detector if isinstance(detector, ModelSlot) else ModelSlot(detector)
+        self.last_model: LoadedModel | None = None
         self.density = DensityTracker(capacity)
         self.sampler = FrameSampler(sampler_config)
         self._sharp_mean: float | None = None
         self._frames = 0
+
+    @property
+    def detector(self) -> OnnxDetector:
+        """The model serving now (it may change between frames)."""
+        return self.slot.detector
 
     def _is_edge_case(self, brightness: float, sharpness: float, density_changed: bool) -> bool:
         blurred = (
@@ -138,11 +162,16 @@ class FramePipeline:
 
     def process(self, frame: Frame) -> FrameResult:
         self._frames += 1
+        model = self.slot.current  # taken once: a swap lands between frames, never inside one
+        self.last_model = model
+        detector = model.detector
         t0 = time.perf_counter()
-        dets = self.detector.detect(frame.image)
-        st = self.detector.last_timings
+        dets = detector.detect(frame.image)
+        if model.delay_s:  # fault injection (EDGE_AGENT_FAULT_MODEL_DELAY_MS)
+            time.sleep(model.delay_s)
+        st = detector.last_timings
         t1 = time.perf_counter()
-        counts = count_per_class(dets, self.detector.class_names)
+        counts = count_per_class(dets, detector.class_names)
         state, changed = self.density.update(len(dets))
         t2 = time.perf_counter()
         brightness, sharpness = frame_quality(frame.image)
@@ -171,6 +200,7 @@ class FramePipeline:
             edge,
             decision,
             timings,
+            model,
         )
 
 
@@ -226,6 +256,13 @@ class AgentConfig:
     jpeg_quality: int = 90
     status_interval_s: float | None = None  # None: 1 s on a TTY, 10 s otherwise
     http_timeout_s: float = 10.0
+    # model updates: key (base64, file or PEM; None: the one pinned at enrollment)
+    model_public_key: str | None = None
+    update_interval_s: float = 60.0  # 0 disables updates
+    latency_budget_ms: float | None = None  # None: 3x the previous model's P95
+    rollback_after: int = 3  # consecutive bad heartbeat windows
+    max_error_rate: float = 0.01
+    shadow_sample_rate: float = 0.2
 
 
 @dataclass
@@ -245,6 +282,8 @@ class AgentSummary:
     outbox_depth: int = 0
     outbox_evicted_total: int = 0
     heartbeats_sent: int = 0
+    final_model_version: str = ""  # sha256 of the model serving at the end
+    update_status: str = "disabled"  # the updater's status at the end (disabled: no key)
     sampled_frame_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,6 +315,7 @@ class EdgeAgent:
         self._kill_after = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
         self._last_upload_at: float | None = None
         self.summary: AgentSummary | None = None
+        self.updater: ModelUpdater | None = None
 
     # ------------------------------------------------------------------ control
     def request_stop(self, *, force: bool = False) -> None:
@@ -307,6 +347,61 @@ class EdgeAgent:
                 if self._stop.wait(delay):
                     raise
 
+    def _make_updater(self, slot: ModelSlot) -> ModelUpdater | None:
+        """The model updater, or None (logged) when updates are off or no key is pinned."""
+        cfg = self.config
+        if cfg.update_interval_s <= 0:
+            logger.info("model updates disabled (update interval 0)")
+            return None
+        ident = self.client.identity
+        key_text = cfg.model_public_key or (ident.model_public_key if ident else None)
+        if not key_text:
+            logger.warning(
+                "model updates disabled: no model public key (pass --model-public-key, or "
+                "enroll with a gateway that hands one out)"
+            )
+            return None
+        try:
+            verifier = ManifestVerifier(load_public_key(key_text))
+        except PublicKeyError as exc:
+            if cfg.model_public_key:
+                raise
+            logger.error(
+                "model updates disabled: the key pinned at enrollment is unusable: %s", exc
+            )
+            return None
+        logger.info(
+            "model updates on: manifest every %gs, key_id %s (%s)",
+            cfg.update_interval_s,
+            verifier.key_id,
+            "--model-public-key" if cfg.model_public_key else "pinned at enrollment",
+        )
+        limits = GuardLimits(
+            latency_budget_ms=cfg.latency_budget_ms,
+            max_error_rate=cfg.max_error_rate,
+            bad_windows=cfg.rollback_after,
+        )
+
+        def factory(path: Path) -> OnnxDetector:
+            return OnnxDetector(
+                path,
+                conf_threshold=cfg.conf_threshold,
+                iou_threshold=cfg.iou_threshold,
+                intra_op_threads=cfg.intra_op_threads,
+            )
+
+        updater = ModelUpdater(
+            self.client,
+            cfg.state_dir,
+            slot,
+            verifier,
+            limits=limits,
+            shadow_sample_rate=cfg.shadow_sample_rate,
+            detector_factory=factory,
+        )
+        updater.restore()
+        return updater
+
     # ------------------------------------------------------------------ run
     def run(self) -> AgentSummary:
         cfg = self.config
@@ -332,12 +427,17 @@ class EdgeAgent:
             intra_op_threads=cfg.intra_op_threads,
         )
         self.detector = detector
-        model_version = detector.model_sha256
+        if cfg.model_public_key:  # a bad explicit key is an input error: fail before anything
+            load_public_key(cfg.model_public_key)
         source = open_source(cfg.source, realtime=cfg.realtime, loop=cfg.loop)
         self._enroll(self.client)
         device_id = self.client.identity.device_id if self.client.identity else ""
+        self.slot = ModelSlot(detector)
+        self.updater = self._make_updater(self.slot)
+        detector = self.slot.detector  # the updater may have restored the last run's model
+        model_version = self.slot.sha256
         self.telemetry = TelemetryWindow(cfg.camera_id, model_version, detector.class_names)
-        pipeline = FramePipeline(detector, capacity=cfg.capacity, sampler_config=cfg.sampler)
+        pipeline = FramePipeline(self.slot, capacity=cfg.capacity, sampler_config=cfg.sampler)
         summary = AgentSummary(cfg.camera_id, device_id, model_version, stopped_by="end_of_source")
         self.summary = summary
         logger.info(
@@ -355,6 +455,8 @@ class EdgeAgent:
         heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         uploader.start()
         heartbeats.start()
+        if self.updater is not None:
+            self.updater.start(cfg.update_interval_s)
         self._status = _StatusLine(self, cfg.status_interval_s or (1.0 if self._is_tty else 10.0))
         seen_dropped = 0
         try:
@@ -372,7 +474,7 @@ class EdgeAgent:
                             self.telemetry.record_error()
                         break
                     continue
-                self._process(pipeline, frame, summary, model_version)
+                self._process(pipeline, frame, summary)
                 if cfg.max_frames is not None and summary.frames_processed >= cfg.max_frames:
                     summary.stopped_by = "max_frames"
                     break
@@ -380,6 +482,8 @@ class EdgeAgent:
                 summary.stopped_by = "signal"
         finally:
             reader.stop()
+            if self.updater is not None:
+                self.updater.stop(cfg.http_timeout_s + 5)
             summary.frames_dropped = reader.dropped
             self._drain()
             self._uploads_stop.set()
@@ -392,6 +496,8 @@ class EdgeAgent:
         summary.outbox_depth = self.outbox.depth()
         summary.outbox_evicted_total = self.outbox.evicted_total
         summary.errors = self.telemetry.errors_total
+        summary.final_model_version = self.slot.sha256
+        summary.update_status = self.updater.status if self.updater is not None else "disabled"
         logger.info(
             "agent stopped (%s): %s",
             summary.stopped_by,
@@ -399,17 +505,20 @@ class EdgeAgent:
         )
         return summary
 
-    def _process(
-        self, pipeline: FramePipeline, frame: Frame, summary: AgentSummary, model_version: str
-    ) -> None:
+    def _process(self, pipeline: FramePipeline, frame: Frame, summary: AgentSummary) -> None:
         try:
             result = pipeline.process(frame)
         except Exception as exc:  # noqa: BLE001 - a bad frame must not stop the camera
             self.telemetry.record_error()
+            if self.updater is not None:
+                self.updater.observe_error(pipeline.last_model)
             logger.error("frame %s: detector failed: %s", frame.source_ref, exc)
             return
         summary.frames_processed += 1
         t = result.timings_ms
+        model_version = result.model.sha256 if result.model else self.slot.sha256
+        if self.updater is not None and result.model is not None:
+            self.updater.observe_frame(result.model, t["detect_ms"], result.detections, frame.image)
         self.telemetry.record_frame(
             latency_ms=t["detect_ms"],
             inference_ms=t["inference_ms"],
@@ -442,7 +551,7 @@ class EdgeAgent:
         summary.frames_sampled += 1
         summary.sampled_frame_ids.append(frame_id)
         if len(summary.sampled_frame_ids) > MAX_SUMMARY_IDS:  # a 24/7 agent must not grow
-            del summary.sampled_frame_ids[: -MAX_SUMMARY_IDS]
+            del summary.sampled_frame_ids[:-MAX_SUMMARY_IDS]
         self.telemetry.record_sampled()
         if put.queued:
             self._wake_uploader.set()
@@ -549,12 +658,20 @@ class EdgeAgent:
     def _send_heartbeat(self, final: bool = False) -> None:
         with self._hb_lock:
             ident = self.client.identity
+            rollout = None
+            if self.updater is not None:
+                try:
+                    rollout = self.updater.heartbeat_fields()  # may roll back a bad model
+                except Exception as exc:  # noqa: BLE001 - telemetry must never stop the agent
+                    logger.error("rollout status unavailable: %s", exc)
             hb = self.telemetry.build(
                 outbox_depth=self.outbox.depth(),
                 outbox_bytes=self.outbox.total_bytes(),
                 outbox_evicted_total=self.outbox.evicted_total,
                 device_id=ident.device_id if ident else "",
                 agent_version=agent_version(),
+                model_version=self.slot.sha256,
+                rollout=rollout,
             )
             self._pending_heartbeats.append(hb.to_json())
             while self._pending_heartbeats:

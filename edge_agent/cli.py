@@ -5,6 +5,10 @@
     roadloop-agent enroll --gateway URL --enroll-token TOKEN --camera-id cam-1 --state-dir DIR
 
 ``run`` prints a status line on stderr and, when it ends, one JSON summary line on stdout.
+Model updates (``docs/fleet-api.md`` "Model rollouts"): the agent polls the signed manifest
+every ``--update-interval`` seconds (0: off) and verifies it with ``--model-public-key``
+(base64, a ``model-signing.pub`` file or a PEM; default: the key pinned at enrollment);
+``--latency-budget-ms`` / ``--rollback-after N`` set when a new model rolls itself back.
 SIGTERM/SIGINT stop reading, flush what can be flushed (``--drain-timeout``) and exit 0;
 a second signal exits at once (queued frames stay in the outbox for the next start).
 Exit codes: 0 done/stopped, 1 runtime failure (enrollment refused, source failed), 2 bad
@@ -112,6 +116,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="at exit, wait this long for the outbox to empty",
     )
     run.add_argument("--status-interval", type=_positive_float, default=None, metavar="S")
+    run.add_argument(
+        "--model-public-key",
+        default=None,
+        metavar="KEY|FILE",
+        help="Ed25519 key that signs model manifests: base64, model-signing.pub or PEM "
+        "(default: the key the gateway handed out at enrollment)",
+    )
+    run.add_argument(
+        "--update-interval",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="poll the model manifest every S seconds (0 = no model updates)",
+    )
+    run.add_argument(
+        "--latency-budget-ms",
+        type=_positive_float,
+        default=None,
+        help="roll a new model back when its detect P95 exceeds this "
+        "(default: 3x the previous model's P95)",
+    )
+    run.add_argument(
+        "--rollback-after",
+        type=int,
+        default=3,
+        metavar="N",
+        help="consecutive bad heartbeat windows before a new model rolls itself back",
+    )
+    run.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.01,
+        help="detector failures per frame above which a heartbeat window is bad",
+    )
+    run.add_argument(
+        "--shadow-rate",
+        type=float,
+        default=0.2,
+        help="share of frames a shadow candidate runs on (0 < r <= 1)",
+    )
 
     enroll = sub.add_parser("enroll", help="enroll the camera and save its identity, then exit")
     common(enroll)
@@ -174,6 +218,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         print(f"error: {what}; pass --model PATH", file=sys.stderr)
         return 2
+    if args.update_interval < 0 or args.rollback_after < 1 or not 0 < args.shadow_rate <= 1:
+        print(
+            "error: --update-interval must be >= 0, --rollback-after >= 1, --shadow-rate in (0, 1]",
+            file=sys.stderr,
+        )
+        return 2
+    if args.model_public_key:
+        from edge_agent.updater import load_public_key
+
+        load_public_key(args.model_public_key)  # PublicKeyError (exit 2) names the problem
     rare = frozenset(c.strip() for c in args.rare_classes.split(",") if c.strip())
     sampler = SamplerConfig(
         base_rate=args.base_rate,
@@ -210,6 +264,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         retry_max_s=max(args.retry_max_delay, args.retry_base),
         drain_timeout_s=args.drain_timeout,
         status_interval_s=args.status_interval,
+        model_public_key=args.model_public_key,
+        update_interval_s=args.update_interval,
+        latency_budget_ms=args.latency_budget_ms,
+        rollback_after=args.rollback_after,
+        max_error_rate=args.max_error_rate,
+        shadow_sample_rate=args.shadow_rate,
     )
     agent = EdgeAgent(config)
     _install_signal_handlers(agent)

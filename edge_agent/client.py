@@ -1,4 +1,6 @@
-"""HTTP client of the fleet gateway (``docs/fleet-api.md``): enroll, refresh, upload, heartbeat.
+"""HTTP client of the fleet gateway (``docs/fleet-api.md``): enroll, refresh, upload, heartbeat,
+and the two model-rollout reads (``get_manifest`` with ``If-None-Match``, ``stream_model`` with
+``Range``) the updater (``edge_agent.updater``) uses.
 
 The device identity (device id, access and refresh tokens, their expiry) is persisted in
 ``<state_dir>/identity.json`` with mode 0600, written atomically (temp file + ``os.replace``),
@@ -17,11 +19,13 @@ Outcomes the caller acts on (``UploadOutcome.kind``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,8 @@ class DeviceIdentity:
     enrolled_at: float = field(default_factory=time.time)
     gateway_public_key: str | None = None
     ttl_s: float = 3600.0  # lifetime of the access token as issued
+    # Ed25519 key that signs model manifests (base64 raw), pinned at enrollment.
+    model_public_key: str | None = None
 
     def save(self, state_dir: Path) -> Path:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +100,19 @@ class DeviceIdentity:
             raise GatewayError(
                 f"{path}: unreadable device identity ({exc}); move it away and enroll again"
             ) from exc
+
+
+@dataclass(frozen=True)
+class ManifestPoll:
+    """One ``GET /v1/manifest``: 200 with a body and an ETag, or 304 (unchanged)."""
+
+    status_code: int
+    etag: str | None = None
+    body: dict[str, Any] | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.status_code == 200
 
 
 @dataclass(frozen=True)
@@ -189,6 +208,7 @@ class GatewayClient:
             scopes=list(data.get("scopes") or []),
             gateway_public_key=data.get("gateway_public_key"),
             ttl_s=float(data.get("expires_in", 3600)),
+            model_public_key=data.get("model_public_key"),
         )
         with self._lock:
             identity.save(self.state_dir)
@@ -261,15 +281,20 @@ class GatewayClient:
                 self.refresh()
             return {"Authorization": f"Bearer {ident.access_token}"}
 
-    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    def _send(
+        self, method: str, url: str, *, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> httpx.Response:
         """An authorised request; on 401 refresh once and retry."""
+        extra = headers or {}
         token_used = self._require_identity().access_token
-        resp = self._http.request(method, url, headers=self._auth_headers(), **kwargs)
+        resp = self._http.request(method, url, headers={**self._auth_headers(), **extra}, **kwargs)
         if resp.status_code == 401:
             with self._lock:
                 if self._require_identity().access_token == token_used:
                     self.refresh()  # nobody else refreshed meanwhile
-            resp = self._http.request(method, url, headers=self._auth_headers(), **kwargs)
+            resp = self._http.request(
+                method, url, headers={**self._auth_headers(), **extra}, **kwargs
+            )
         return resp
 
     # ------------------------------------------------------------------ calls
@@ -314,6 +339,68 @@ class GatewayClient:
         if code in (401, 403, 408, 425, 429) or code >= 500:
             return UploadOutcome("retry", code, _detail(resp), _retry_after(resp))
         return UploadOutcome("rejected", code, _detail(resp))
+
+    # ------------------------------------------------------------------ model rollouts
+    def get_manifest(self, etag: str | None = None) -> ManifestPoll:
+        """``GET /v1/manifest`` (``If-None-Match: etag``). Raises ``GatewayUnavailable`` when the
+        gateway cannot answer now, ``GatewayError`` for any other refusal (message says why)."""
+        headers = {"If-None-Match": etag} if etag else {}
+        try:
+            resp = self._send("GET", "/v1/manifest", headers=headers)
+        except httpx.HTTPError as exc:
+            raise GatewayUnavailable(f"manifest: cannot reach {self.gateway_url}: {exc}") from exc
+        code = resp.status_code
+        if code == 304:
+            return ManifestPoll(304, etag)
+        if code >= 500 or code == 429:
+            raise GatewayUnavailable(f"manifest: gateway answered {code}: {_detail(resp)}")
+        if code == 403:
+            raise GatewayError(
+                f"manifest refused (403: {_detail(resp)}); the device needs scope camera:read "
+                "and status active to receive model updates"
+            )
+        if code != 200:
+            raise GatewayError(f"manifest: gateway answered {code}: {_detail(resp)}")
+        try:
+            body = resp.json()
+        except ValueError as exc:
+            raise GatewayError(f"manifest: the answer is not JSON: {resp.text[:200]!r}") from exc
+        if not isinstance(body, dict):
+            raise GatewayError(f"manifest: expected a JSON object, got {type(body).__name__}")
+        return ManifestPoll(200, resp.headers.get("ETag"), body)
+
+    @contextlib.contextmanager
+    def stream_model(self, sha256: str, offset: int = 0) -> Iterator[httpx.Response]:
+        """``GET /v1/models/{sha256}`` as a streamed response, from byte ``offset`` (``Range``).
+
+        The caller checks the status (206 resumed, 200 whole file) and reads ``iter_bytes()``;
+        network errors surface as ``httpx.HTTPError`` (while reading) or ``GatewayUnavailable``.
+        """
+
+        def open_() -> httpx.Response:
+            headers = self._auth_headers()
+            if offset > 0:
+                headers["Range"] = f"bytes={offset}-"
+            req = self._http.build_request("GET", f"/v1/models/{sha256}", headers=headers)
+            return self._http.send(req, stream=True)
+
+        token_used = self._require_identity().access_token
+        try:
+            resp = open_()
+            if resp.status_code == 401:
+                resp.close()
+                with self._lock:
+                    if self._require_identity().access_token == token_used:
+                        self.refresh()
+                resp = open_()
+        except httpx.HTTPError as exc:
+            raise GatewayUnavailable(
+                f"model download: cannot reach {self.gateway_url}: {exc}"
+            ) from exc
+        try:
+            yield resp
+        finally:
+            resp.close()
 
     def healthz(self) -> bool:
         try:

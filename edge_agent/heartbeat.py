@@ -47,6 +47,26 @@ outbox_depth, outbox_bytes        frames (and their bytes) waiting in the outbox
 outbox_evicted_total              frames evicted from the full outbox since it was created.
 last_upload_at                    time of the last acknowledged upload (``null`` if none).
 ================================  ===========================================================
+
+Optional rollout fields (still schema 1: absent or ``null`` on agents without model updates;
+``edge_agent.updater`` documents the states). ``model_version`` above stays the SHA-256 of the
+model serving at the end of the window — a rollout's manifest carries the same ``sha256``.
+
+================================  ===========================================================
+update_status                     ``idle | downloading | shadow | serving | rolled_back |
+                                  rejected``: the updater's state.
+update_reason                     why it is ``rejected`` / ``rolled_back`` (or why it went
+                                  back to the previous model), else ``null``.
+rollout_id                        the rollout ``update_status`` refers to.
+serving_model_version             the manifest's ``model_version`` label of the serving model
+                                  (``null`` for the model the agent was started with).
+shadow                            while a candidate runs in shadow mode, its window:
+                                  ``{model_version (candidate sha256), manifest_model_version,
+                                  agreement_f1 (matched-box F1 vs the serving model, IoU ≥ 0.5,
+                                  same class; null without frames), frames, frames_total,
+                                  latency_p95_ms, serving_latency_p95_ms, tp, fp, fn, errors,
+                                  skipped, sample_rate}``; else ``null``.
+================================  ===========================================================
 """
 
 from __future__ import annotations
@@ -62,6 +82,9 @@ from typing import Any
 import numpy as np
 
 HEARTBEAT_SCHEMA_VERSION = 1
+_ROLLOUT_FIELDS = frozenset(
+    {"update_status", "update_reason", "rollout_id", "serving_model_version", "shadow"}
+)
 CONFIDENCE_BIN_EDGES: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
 
 
@@ -111,6 +134,12 @@ class Heartbeat:
     agent_version: str = ""
     sent_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     schema_version: int = HEARTBEAT_SCHEMA_VERSION
+    # optional rollout fields (schema 1; see the module docstring)
+    update_status: str | None = None
+    update_reason: str | None = None
+    rollout_id: str | None = None
+    serving_model_version: str | None = None
+    shadow: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -232,10 +261,18 @@ class TelemetryWindow:
         device_id: str = "",
         agent_version: str = "",
         now: float | None = None,
+        model_version: str | None = None,
+        rollout: dict[str, Any] | None = None,
     ) -> Heartbeat:
-        """The heartbeat of the window that ends now; a new window starts."""
+        """The heartbeat of the window that ends now; a new window starts.
+
+        ``model_version`` replaces the one given at construction (the model changed);
+        ``rollout`` supplies the optional rollout fields (``ModelUpdater.heartbeat_fields``).
+        """
         now = time.time() if now is None else now
         with self._lock:
+            if model_version is not None:
+                self.model_version = model_version
             window_s = max(now - self._start, 1e-9)
             b_mean, b_std = _mean_std(self._brightness)
             s_mean, s_std = _mean_std(self._sharpness)
@@ -279,6 +316,9 @@ class TelemetryWindow:
                 sent_at=utc_iso(now) or "",
             )
             self._reset(now)
+        for key, value in (rollout or {}).items():
+            if key in _ROLLOUT_FIELDS:
+                setattr(hb, key, value)
         for key in ("latency_p50_ms", "latency_p95_ms", "inference_p50_ms"):
             value = getattr(hb, key)
             if value is not None and not math.isfinite(value):
