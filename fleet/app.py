@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from fleet import admin, auth, heartbeats, intake
+from fleet import admin, auth, heartbeats, intake, rollouts
 from fleet.config import GatewaySettings
 from fleet.ratelimit import BodySizeLimit
 from fleet.runtime import Clock, Gateway, GatewayDep
@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
 DESCRIPTION = """
-Edge agents enroll, then upload sampled frames and heartbeats; operators manage devices.
+Edge agents enroll, then upload sampled frames and heartbeats and follow staged model
+rollouts (signed manifests); operators manage devices and rollouts.
 Contract: `docs/fleet-api.md`. Every error body is `{"detail": "<message>"}`.
 """
 
@@ -71,6 +72,8 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.state.gateway = gw
 
     def body_limit(path: str) -> int:
+        if path == "/v1/models":
+            return settings.max_model_bytes
         return settings.max_request_bytes if path == "/v1/frames" else settings.max_json_bytes
 
     app.add_middleware(BodySizeLimit, limit_for=body_limit)
@@ -104,5 +107,6 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.include_router(intake.router)
     app.include_router(heartbeats.router)
     app.include_router(admin.router)
+    app.include_router(rollouts.router)
     return app
 

@@ -318,6 +318,12 @@ DevicePrincipal = Annotated[Principal, Depends(require_scope("camera:write", act
 ReaderPrincipal = Annotated[Principal, Depends(require_scope("camera:read"))]
 
 
+def _model_public_key(gw: Gateway) -> str | None:
+    from fleet.rollouts import model_public_key  # rollouts imports this module
+
+    return model_public_key(gw)
+
+
 # --------------------------------------------------------------------------- routes
 router = APIRouter(tags=["enrollment"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -401,6 +407,7 @@ def enroll(
                 refresh_token=refresh,
                 expires_in=s.access_token_ttl_s,
                 scopes=tok.scope_list,
+                model_public_key=_model_public_key(gw),
             )
     code, reason, message, ids = failure
     audit_denied(gw, "enroll", reason, client=client,

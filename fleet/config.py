@@ -70,6 +70,43 @@ class GatewaySettings(BaseSettings):
     worker_threads: int = Field(default=64, ge=1, description="Threads for blocking work.")
     reconcile_on_start: bool = True
 
+    # Model rollouts (docs/fleet-api.md "Model rollouts"; fleet/rollouts.py).
+    model_public_key_file: Path | None = Field(
+        default=None,
+        description="Ed25519 public key (base64, one line) that signs model manifests; "
+        "default <home>/keys/model-signing.pub (read when needed, so a key the platform "
+        "creates after start-up is picked up).",
+    )
+    models_dir: Path | None = Field(
+        default=None, description="Content-addressed model files; default <home>/fleet/models."
+    )
+    max_model_bytes: int = Field(
+        default=512 * 1024 * 1024, gt=0, description="Largest model upload (whole body), bytes."
+    )
+    rollout_hold_seconds: float = Field(
+        default=1800.0, ge=0, description="Default time a stage must stay healthy to advance."
+    )
+    rollout_max_error_rate: float = Field(
+        default=0.01, ge=0, le=1, description="Errors / frames on the new model, per stage."
+    )
+    rollout_p95_latency_budget_ms: float = Field(
+        default=250.0, gt=0, description="P95 detector latency the new model must stay within."
+    )
+    rollout_min_shadow_f1: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Shadow agreement (matched-box F1 vs the serving model) floor.",
+    )
+    rollout_min_cohort_devices: int = Field(
+        default=1, ge=0, description="Smallest cohort of a stage (tiny fleets)."
+    )
+    rollout_min_reporting_fraction: float = Field(
+        default=0.8, gt=0, le=1,
+        description="Share of a stage's cohort that must report on the new model to advance.",
+    )
+    rollout_min_frames: int = Field(
+        default=20, ge=1, description="Frames on the new model a stage needs before it advances."
+    )
+
     @model_validator(mode="after")
     def _derive(self) -> GatewaySettings:
         platform = None
@@ -85,6 +122,12 @@ class GatewaySettings(BaseSettings):
         self.frame_store = Path(self.frame_store).expanduser().absolute()
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.home / 'fleet' / 'fleet.db'}"
+        if self.model_public_key_file is None:
+            self.model_public_key_file = self.home / "keys" / "model-signing.pub"
+        self.model_public_key_file = Path(self.model_public_key_file).expanduser().absolute()
+        if self.models_dir is None:
+            self.models_dir = self.home / "fleet" / "models"
+        self.models_dir = Path(self.models_dir).expanduser().absolute()
         return self
 
     @property

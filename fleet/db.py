@@ -5,8 +5,8 @@ crash; write transactions start with ``BEGIN IMMEDIATE`` (a ``write`` session) s
 queue on ``busy_timeout`` instead of failing on a lock upgrade. Any other URL (Postgres) gets
 a plain engine. Datetimes are stored as UTC and always come back timezone-aware.
 
-Reserved for the next issue: ``models`` / ``rollouts`` tables (manifest, staged rollouts);
-they will reference ``devices.device_id`` like ``tokens`` does.
+``model_manifests`` / ``rollouts`` hold published models and staged rollouts
+(``fleet.rollouts``); cohort membership is computed from device ids, not stored.
 """
 
 from __future__ import annotations
@@ -200,6 +200,58 @@ class GatewayStateRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class RolloutStatus(StrEnum):
+    active = "active"
+    paused = "paused"
+    complete = "complete"
+    rolled_back = "rolled_back"
+    cancelled = "cancelled"  # superseded by a newer rollout before it completed
+
+
+class ModelManifestRow(Base):
+    """A published model: the signed manifest and its content-addressed file."""
+
+    __tablename__ = "model_manifests"
+
+    manifest_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    file_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    model_version: Mapped[str] = mapped_column(String(200), index=True)
+    rollout_id: Mapped[str] = mapped_column(String(100))
+    key_id: Mapped[str] = mapped_column(String(16))
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    path: Mapped[str] = mapped_column(Text)  # relative to the models folder
+    published_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    published_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class RolloutRow(Base):
+    """One staged rollout of a manifest: stages, thresholds, where it is, what happened."""
+
+    __tablename__ = "rollouts"
+
+    rollout_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    manifest_sha256: Mapped[str] = mapped_column(ForeignKey("model_manifests.manifest_sha256"))
+    model_version: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    stages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{name, percent, mode}]
+    stage_index: Mapped[int] = mapped_column(Integer, default=0)
+    stage_started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Cohort = devices with h(device_id) < threshold; only ever grows (see fleet.rollouts).
+    cohort_threshold: Mapped[float] = mapped_column(Float, default=0.0)
+    hold_seconds: Mapped[float] = mapped_column(Float)
+    budgets: Mapped[dict[str, Any]] = mapped_column(JSON)
+    previous_model_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    previous_manifest_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    health: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # per stage name
 
 
 class Database:

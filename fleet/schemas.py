@@ -39,6 +39,9 @@ class EnrollResponse(BaseModel):
     expires_in: int
     scopes: list[str]
     gateway_public_key: str | None = None
+    model_public_key: str | None = Field(
+        default=None, description="Ed25519 key (base64) that signs model manifests; pin it."
+    )
 
 
 class RefreshRequest(BaseModel):

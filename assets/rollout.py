@@ -1,0 +1,74 @@
+"""``model_rollout``: the promoted model's INT8 ONNX, signed and rolled out to the fleet."""
+
+import dagster as dg
+
+from resources import MlflowResource
+from resources.fleet_resource import FleetError, FleetResource, FleetUnavailable, stages_markdown
+from roadloop.tracking import PRODUCTION_ALIAS
+
+from .evaluation import production_model
+from .records import QuantizedModelVersion, TrainedModelVersion
+
+
+@dg.asset(
+    group_name="deployment",
+    kinds={"onnx"},
+    deps=[production_model],
+    description=(
+        "Publishes the new production version to the fleet gateway as an Ed25519-signed manifest "
+        "(INT8 ONNX, SHA-256, size, input size, classes) and starts a staged rollout "
+        "(shadow → canary 5 % → 10 → 25 → 50 → 100). The rollout-health sensor drives it."
+    ),
+)
+def model_rollout(
+    context: dg.AssetExecutionContext,
+    quantized_model: QuantizedModelVersion,
+    trained_model: TrainedModelVersion,
+    fleet: FleetResource,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    version = trained_model.model_version
+    production = mlflow.tracker().version_by_alias(trained_model.registered_name, PRODUCTION_ALIAS)
+    if production is None or production.version != version:
+        raise dg.Failure(
+            f"v{version} is not the production model (production is "
+            f"v{production.version if production else 'none'}): only a promoted model is rolled out"
+        )
+    if quantized_model.model_version != version:
+        raise dg.Failure(f"INT8 model is v{quantized_model.model_version}, expected v{version}")
+    try:
+        published = fleet.publish(
+            model_version=version,
+            onnx_path=quantized_model.info.path,
+            input_size=trained_model.imgsz,
+            class_names=trained_model.class_names,
+            fmt="onnx-int8",
+        )
+        rollout = fleet.create_rollout(published["manifest_sha256"])
+    except FleetUnavailable as exc:
+        raise dg.Failure(f"cannot roll out v{version}: {exc}") from exc
+    except FleetError as exc:
+        raise dg.Failure(f"the fleet gateway refused the rollout of v{version}: {exc}") from exc
+    manifest = published["manifest"]
+    context.log.info(
+        f"rollout {rollout['rollout_id']} of v{version} started at stage {rollout['stage']} "
+        f"({rollout['cohort_size']}/{rollout['devices']} devices)"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "rollout_id": rollout["rollout_id"],
+            "model_version": version,
+            "status": rollout["status"],
+            "stage": rollout["stage"],
+            "percent": float(rollout["percent"]),
+            "cohort_size": int(rollout["cohort_size"]),
+            "devices": int(rollout["devices"]),
+            "stages": dg.MetadataValue.md(stages_markdown(rollout)),
+            "hold_seconds": float(rollout["hold_seconds"]),
+            "manifest_sha256": published["manifest_sha256"],
+            "model_sha256": manifest["sha256"],
+            "key_id": published["key_id"],
+            "gateway": dg.MetadataValue.url(fleet.gateway_url),
+            "previous_model_version": rollout.get("previous_model_version") or "none",
+        }
+    )

@@ -1,0 +1,85 @@
+"""Content-addressed model files of the gateway: ``<models_dir>/<sha256>.onnx``.
+
+A file enters only after its bytes hash to the manifest's SHA-256 and match its size; it is
+written to a temp file in the same folder, fsynced and renamed, so a crash or a bad upload
+never leaves a partial model where agents download from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+
+
+class ModelFileRejected(ValueError):
+    """The uploaded bytes are not the file the manifest describes."""
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_for(self, sha256: str) -> Path:
+        if not SHA256_RE.match(sha256):
+            raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
+        return self.root / f"{sha256}.onnx"
+
+    def has(self, sha256: str) -> bool:
+        try:
+            return self.path_for(sha256).is_file()
+        except ValueError:
+            return False
+
+    def ingest(self, src: BinaryIO, sha256: str, size: int) -> Path:
+        """Copy ``src`` in, checking size and SHA-256; returns the stored path."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.path_for(sha256)
+        tmp = self.root / f".upload-{secrets.token_hex(8)}.tmp"
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with open(tmp, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    n += len(chunk)
+                    if n > size:
+                        raise ModelFileRejected(
+                            f"file is larger than the manifest's size {size} bytes"
+                        )
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if n != size:
+                raise ModelFileRejected(f"file has {n} bytes, the manifest says {size}")
+            digest = h.hexdigest()
+            if digest != sha256:
+                raise ModelFileRejected(
+                    f"file SHA-256 {digest} does not match the manifest's {sha256}"
+                )
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            logger.info("stored model %s (%d bytes)", final.name, n)
+            return final
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

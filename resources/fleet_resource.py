@@ -1,0 +1,186 @@
+"""The fleet gateway as a Dagster resource: publish signed models, start and drive rollouts.
+
+The platform signs (``roadloop.signing``, key under ``<home>/keys``); the gateway checks the
+signature against its configured public key, stores the file and runs the stages. Calls use
+an operator token (``camera:admin``): ``admin_token``, else ``ROADLOOP_FLEET_ADMIN_TOKEN``,
+else the file ``admin_token_file`` (default ``<home>/fleet/admin-token``; create one with
+``roadloop fleet admin-token create > .roadloop/fleet/admin-token``).
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import httpx
+from pydantic import Field
+
+from roadloop.settings import get_settings
+from roadloop.signing import (
+    build_manifest,
+    key_id,
+    load_or_create_signing_key,
+    manifest_sha256,
+    sign_manifest,
+)
+
+ADMIN_TOKEN_ENV = "ROADLOOP_FLEET_ADMIN_TOKEN"
+
+
+class FleetError(RuntimeError):
+    """The gateway answered with an error; the message carries its ``detail``."""
+
+
+class FleetUnavailable(FleetError):
+    """The gateway could not be reached at all."""
+
+
+class FleetResource(dg.ConfigurableResource):
+    """Operator client of the fleet gateway (``docs/fleet-api.md``, "Model rollouts")."""
+
+    gateway_url: str = Field(description="Gateway base URL, e.g. http://127.0.0.1:8700.")
+    admin_token: str | None = Field(
+        default=None, description=f"camera:admin token; default ${ADMIN_TOKEN_ENV} or the file."
+    )
+    admin_token_file: str | None = Field(
+        default=None, description="File holding the admin token; default <home>/fleet/admin-token."
+    )
+    key_dir: str | None = Field(
+        default=None, description="Signing key folder; default <home>/keys (created on first use)."
+    )
+    hold_seconds: float | None = Field(
+        default=None, description="Hold per stage; default: the gateway's (1800 s)."
+    )
+    p95_latency_budget_ms: float | None = Field(
+        default=None, description="Rollout latency budget; default: the gateway's."
+    )
+    timeout_s: float = 60.0
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _token(self) -> str:
+        if self.admin_token:
+            return self.admin_token
+        if os.environ.get(ADMIN_TOKEN_ENV):
+            return os.environ[ADMIN_TOKEN_ENV]
+        path = Path(self.admin_token_file or get_settings().home / "fleet" / "admin-token")
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip().splitlines()[0]
+        raise FleetError(
+            f"no fleet admin token: set {ADMIN_TOKEN_ENV} or write one to {path} "
+            "(roadloop fleet admin-token create)"
+        )
+
+    def _request(self, method: str, path: str, **kw: Any) -> dict[str, Any] | list[Any]:
+        url = self.gateway_url.rstrip("/") + path
+        headers = {"Authorization": f"Bearer {self._token()}"}
+        try:
+            r = httpx.request(method, url, headers=headers, timeout=self.timeout_s, **kw)
+        except httpx.TransportError as exc:
+            raise FleetUnavailable(
+                f"fleet gateway unreachable at {self.gateway_url} ({type(exc).__name__}: {exc}); "
+                "start it with `roadloop gateway serve` or point ROADLOOP_GATEWAY_URL at it"
+            ) from exc
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except (ValueError, AttributeError):
+                detail = r.text
+            raise FleetError(f"{method} {path} -> {r.status_code}: {detail}")
+        return r.json()
+
+    def signing_key_dir(self) -> Path:
+        return Path(self.key_dir) if self.key_dir else get_settings().home / "keys"
+
+    # -- operations -------------------------------------------------------------------------
+    def publish(
+        self,
+        model_version: str,
+        onnx_path: str | Path,
+        input_size: int,
+        class_names: list[str],
+        fmt: str = "onnx-int8",
+        rollout_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Build + sign the manifest and upload file + manifest. Returns ``{manifest,
+        manifest_sha256, key_id, published}``."""
+        key = load_or_create_signing_key(self.signing_key_dir())
+        manifest = sign_manifest(
+            build_manifest(model_version, Path(onnx_path), input_size, class_names, rollout_id,
+                           fmt),
+            key,
+        )
+        with open(onnx_path, "rb") as fh:
+            published = self._request(
+                "POST", "/v1/models",
+                files={"file": (Path(onnx_path).name, fh, "application/octet-stream")},
+                data={"manifest": json.dumps(manifest)},
+            )
+        return {"manifest": manifest, "manifest_sha256": manifest_sha256(manifest),
+                "key_id": key_id(key), "published": published}
+
+    def create_rollout(
+        self,
+        manifest_sha256: str,
+        hold_seconds: float | None = None,
+        stages: list[dict[str, Any]] | None = None,
+        budgets: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"manifest_sha256": manifest_sha256}
+        hold = hold_seconds if hold_seconds is not None else self.hold_seconds
+        if hold is not None:
+            body["hold_seconds"] = hold
+        if stages:
+            body["stages"] = stages
+        merged = dict(budgets or {})
+        if self.p95_latency_budget_ms is not None:
+            merged.setdefault("p95_latency_budget_ms", self.p95_latency_budget_ms)
+        if merged:
+            body["budgets"] = merged
+        return self._request("POST", "/v1/rollouts", json=body)  # type: ignore[return-value]
+
+    def evaluate(self, rollout_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/rollouts/{rollout_id}/evaluate")  # type: ignore[return-value]
+
+    def status(self, rollout_id: str | None = None) -> dict[str, Any] | None:
+        """One rollout, or the newest one when ``rollout_id`` is None (None when there is none)."""
+        if rollout_id:
+            return self._request("GET", f"/v1/rollouts/{rollout_id}")  # type: ignore[return-value]
+        rows = self._request("GET", "/v1/rollouts", params={"limit": 1})
+        return rows[0] if rows else None  # type: ignore[index]
+
+    def active_rollout(self) -> dict[str, Any] | None:
+        """The live (active or paused) rollout, if any."""
+        for status in ("active", "paused"):
+            rows = self._request("GET", "/v1/rollouts", params={"status": status, "limit": 1})
+            if rows:
+                return rows[0]  # type: ignore[index]
+        return None
+
+    def action(self, rollout_id: str, verb: str, reason: str | None = None) -> dict[str, Any]:
+        """``pause`` | ``resume`` | ``advance`` | ``rollback``."""
+        if verb not in ("pause", "resume", "advance", "rollback"):
+            raise ValueError(f"unknown rollout action {verb!r}")
+        kw: dict[str, Any] = {"json": {"reason": reason}} if verb == "rollback" and reason else {}
+        return self._request("POST", f"/v1/rollouts/{rollout_id}/{verb}", **kw)  # type: ignore[return-value]
+
+
+def stages_markdown(rollout: dict[str, Any]) -> str:
+    """Stage table with the health recorded per stage (for the Dagster UI)."""
+    lines = ["| stage | mode | percent | verdict | devices | frames | error rate | P95 ms | shadow F1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    health = rollout.get("health") or {}
+    for i, st in enumerate(rollout.get("stages", [])):
+        h = health.get(st["name"]) or {}
+        mark = " ←" if i == rollout.get("stage_index") and rollout.get("status") in ("active", "paused") else ""
+
+        def fmt(v: Any, spec: str = "") -> str:
+            return "–" if v is None else format(v, spec)
+
+        lines.append(
+            f"| {st['name']}{mark} | {st['mode']} | {st['percent']:g} | {h.get('verdict', '–')} | "
+            f"{fmt(h.get('devices_reporting'))}/{fmt(h.get('cohort_size'))} | {fmt(h.get('frames'))} | "
+            f"{fmt(h.get('error_rate'), '.2%')} | {fmt(h.get('p95_latency_ms'), '.1f')} | "
+            f"{fmt(h.get('shadow_f1'), '.3f')} |"
+        )
+    return "\n".join(lines)
