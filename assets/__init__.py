@@ -11,10 +11,12 @@ from .evaluation import (
 from .export import onnx_model, quantized_model
 from .ingestion import sampled_edge_frames
 from .partitions import camera_partitions
+from .rollout import model_rollout
 from .training import trained_model
 
 LOOP_ASSETS = [curated_dataset, trained_model, onnx_model, quantized_model, benchmark_report, production_model]
-ALL_ASSETS = [seed_datasets, sampled_edge_frames, *LOOP_ASSETS]
+# model_rollout needs the fleet gateway, so it has its own job (model_rollout_job).
+ALL_ASSETS = [seed_datasets, sampled_edge_frames, *LOOP_ASSETS, model_rollout]
 ALL_CHECKS = [
     curated_dataset_splits_present,
     curated_dataset_quarantine_rate,

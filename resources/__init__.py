@@ -17,6 +17,7 @@ from roadloop.settings import Settings, get_settings
 from .benchmark import BenchmarkResource
 from .data_sources import LabelledSourcesResource
 from .dvc_store import DvcResource
+from .fleet_resource import FleetResource
 from .mlflow_tracking import MlflowResource
 from .storage import ArtifactStoreResource, FrameStoreResource
 from .trainer import TrainerResource
@@ -25,6 +26,7 @@ __all__ = [
     "ArtifactStoreResource",
     "BenchmarkResource",
     "DvcResource",
+    "FleetResource",
     "FrameStoreResource",
     "LabelledSourcesResource",
     "MlflowResource",
@@ -73,6 +75,10 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
             experiment=settings.mlflow_experiment,
             artifact_root=str(settings.mlflow_artifact_root),
             registered_model_name=settings.registered_model_name,
+        ),
+        "fleet": FleetResource(
+            gateway_url=str(settings.gateway_url),
+            hold_seconds=5.0 if profile in ("demo", "test") else None,
         ),
         "trainer": trainer,
         "benchmark": benchmark,

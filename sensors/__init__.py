@@ -1,3 +1,4 @@
 from .new_camera import new_camera_sensor, sampled_edge_frames_job
+from .rollout_health import rollout_health_sensor
 
-__all__ = ["new_camera_sensor", "sampled_edge_frames_job"]
+__all__ = ["new_camera_sensor", "rollout_health_sensor", "sampled_edge_frames_job"]

@@ -33,6 +33,9 @@ def test_definitions_load_and_graph() -> None:
     assert {"candidate_not_worse_than_production", "int8_accuracy_drop", "p95_latency_within_budget"} <= blocking
 
     assert defs.resolve_job_def("learning_loop") is not None
+    assert defs.resolve_job_def("model_rollout_job") is not None
+    assert defs.resolve_sensor_def("rollout_health_sensor") is not None
+    assert parents["model_rollout"] >= {"production_model"}
     assert defs.resolve_job_def("replay_ingestion_job") is not None
     schedule = defs.resolve_schedule_def("nightly_benchmark_schedule")
     assert schedule.cron_schedule == "0 2 * * *"
