@@ -1,5 +1,6 @@
 """Software-defined assets, one module per lifecycle stage."""
 
+from .active_learning import ACTIVE_LEARNING_ASSETS
 from .datasets import curated_dataset, curated_dataset_quarantine_rate, curated_dataset_splits_present, seed_datasets
 from .evaluation import (
     benchmark_report,
@@ -16,7 +17,7 @@ from .training import trained_model
 
 LOOP_ASSETS = [curated_dataset, trained_model, onnx_model, quantized_model, benchmark_report, production_model]
 # model_rollout needs the fleet gateway, so it has its own job (model_rollout_job).
-ALL_ASSETS = [seed_datasets, sampled_edge_frames, *LOOP_ASSETS, model_rollout]
+ALL_ASSETS = [seed_datasets, sampled_edge_frames, *LOOP_ASSETS, model_rollout, *ACTIVE_LEARNING_ASSETS]
 ALL_CHECKS = [
     curated_dataset_splits_present,
     curated_dataset_quarantine_rate,

@@ -3,9 +3,11 @@
 
 import dagster as dg
 
-from resources import DvcResource, LabelledSourcesResource
+from resources import ArtifactStoreResource, DvcResource, LabelledSourcesResource
 from roadloop.datasets import build_curated_dataset, load_taxonomy, write_data_yaml
+from roadloop.review import load_review_export
 
+from .active_learning import review_export_dir, reviewed_labels
 from .records import CuratedDatasetVersion
 
 seed_datasets = dg.AssetSpec(
@@ -17,7 +19,9 @@ seed_datasets = dg.AssetSpec(
 
 
 @dg.asset(
-    deps=[seed_datasets],
+    # reviewed_labels is a dependency, not a data input: the last export is read from disk,
+    # so the loop runs before anyone has reviewed anything (an empty export).
+    deps=[seed_datasets, reviewed_labels],
     group_name="datasets",
     kinds={"dvc", "yolo"},
     description=(
@@ -29,18 +33,22 @@ def curated_dataset(
     context: dg.AssetExecutionContext,
     labelled_sources: LabelledSourcesResource,
     dvc: DvcResource,
+    artifacts: ArtifactStoreResource,
 ) -> dg.Output[CuratedDatasetVersion]:
     taxonomy = load_taxonomy(labelled_sources.taxonomy_file)
     sources, synthetic = labelled_sources.sources()
     if synthetic:
         context.log.warning("SYNTHETIC fallback data: ../shared/datasets was not found")
     store = dvc.store()
+    reviewed = load_review_export(review_export_dir(artifacts))
     dataset = build_curated_dataset(
         sources,
         dvc.curated_dir,
         taxonomy,
         replay_fraction=labelled_sources.replay_fraction,
         max_frames_per_split=labelled_sources.max_frames_per_split,
+        extra_frames=reviewed.frames,
+        exclude_images=reviewed.exclude_images,
     )
     context.log.info(
         "curated %s images (%d rows quarantined); pushing to DVC remote %s",
@@ -68,6 +76,10 @@ def curated_dataset(
             "quarantined_rows": dataset.quarantined,
             "quarantine_reasons": dg.MetadataValue.json(dataset.quarantine_reasons),
             "skipped_replay_frames": dataset.skipped_replay,
+            "reviewed_frames": len(reviewed.frames),
+            "excluded_seed_frames": dataset.held_out,
+            "label_issues_awaiting_review": len(reviewed.held_out),
+            "review_export": reviewed.content_hash or "none",
             "synthetic": synthetic,
             "path": dg.MetadataValue.path(str(dataset.path)),
         },

@@ -17,6 +17,7 @@ from roadloop.settings import Settings, get_settings
 from .benchmark import BenchmarkResource
 from .data_sources import LabelledSourcesResource
 from .dvc_store import DvcResource
+from .fiftyone_resource import FiftyOneResource
 from .fleet_resource import FleetResource
 from .mlflow_tracking import MlflowResource
 from .storage import ArtifactStoreResource, FrameStoreResource
@@ -26,6 +27,7 @@ __all__ = [
     "ArtifactStoreResource",
     "BenchmarkResource",
     "DvcResource",
+    "FiftyOneResource",
     "FleetResource",
     "FrameStoreResource",
     "LabelledSourcesResource",
@@ -79,6 +81,11 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
         "fleet": FleetResource(
             gateway_url=str(settings.gateway_url),
             hold_seconds=5.0 if profile in ("demo", "test") else None,
+        ),
+        "fiftyone": FiftyOneResource(
+            database_dir=str(settings.home / "fiftyone"),
+            app_port=settings.fiftyone_port,
+            taxonomy_file=str(settings.taxonomy_file),
         ),
         "trainer": trainer,
         "benchmark": benchmark,

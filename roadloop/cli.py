@@ -35,6 +35,15 @@ def _mount_service_clis() -> None:
 _mount_service_clis()
 
 
+def _mount_annotate() -> None:
+    from roadloop.annotate_cli import annotate
+
+    app.command("annotate", help="Open the FiftyOne App on the review queue (prints its URL).")(annotate)
+
+
+_mount_annotate()
+
+
 def _export_env(settings: Settings, profile: str | None = None) -> dict[str, str]:
     """Environment for child processes so they see the same absolute home and profile."""
     env = dict(os.environ)

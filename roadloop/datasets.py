@@ -417,6 +417,7 @@ class CuratedDataset(BaseModel):
     quarantined: int
     quarantine_reasons: dict[str, int]
     skipped_replay: int
+    held_out: int = 0  # source frames kept out by ``exclude_images`` (label issues under review)
 
     @property
     def data_yaml(self) -> Path:
@@ -483,6 +484,7 @@ def build_curated_dataset(
     extra_frames: Iterable[LabelledFrame] = (),
     progress: bool = True,
     max_frames_per_split: int | None = None,
+    exclude_images: Iterable[Path] = (),
 ) -> CuratedDataset:
     """Validate sources (+ reviewed ``extra_frames``) and write one curated YOLO dataset.
 
@@ -493,10 +495,15 @@ def build_curated_dataset(
     renamed into place; on any error ``out_dir`` is left as it was.
     ``max_frames_per_split`` caps each source's seed frames per split (the first N by file
     name, after the replay filter) for quick demos and tests; extra frames are never capped.
+    ``exclude_images`` are source images kept out of this version (their labels are under
+    re-review after a label-quality flag, or a reviewed copy among ``extra_frames`` replaces
+    them); they are counted in ``held_out``. Extra frames are never excluded.
     """
     out_dir = Path(out_dir).absolute()
     candidates: list[LabelledFrame] = []
     skipped_replay = 0
+    excluded = {Path(p).absolute() for p in exclude_images}
+    held_out = 0
     for spec in sources:
         if spec.name not in taxonomy.sources:
             raise InvalidInputError(
@@ -506,6 +513,9 @@ def build_curated_dataset(
             )
         taken: Counter = Counter()
         for fr in spec.frames():
+            if Path(fr.image).absolute() in excluded:
+                held_out += 1
+                continue
             if is_replay_frame(fr.source, fr.split, Path(fr.image).stem, replay_fraction):
                 skipped_replay += 1
             elif max_frames_per_split is None or taken[fr.split] < max_frames_per_split:
@@ -570,7 +580,7 @@ def build_curated_dataset(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:12]}"
     try:
-        result = _write_dataset(tmp, kept, quarantine, reasons, taxonomy, skipped_replay)
+        result = _write_dataset(tmp, kept, quarantine, reasons, taxonomy, skipped_replay, held_out)
         swap_dir_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -589,6 +599,7 @@ def _write_dataset(
     reasons: Counter,
     taxonomy: Taxonomy,
     skipped_replay: int,
+    held_out: int = 0,
 ) -> CuratedDataset:
     for s in SPLITS:
         (root / "images" / s).mkdir(parents=True, exist_ok=True)
@@ -654,6 +665,7 @@ def _write_dataset(
         quarantined=len(quarantine),
         quarantine_reasons=dict(sorted(reasons.items())),
         skipped_replay=skipped_replay,
+        held_out=held_out,
     )
     (root / "summary.json").write_text(
         result.model_dump_json(exclude={"path"}, indent=2) + "\n", encoding="utf-8"

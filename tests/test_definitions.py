@@ -34,6 +34,10 @@ def test_definitions_load_and_graph() -> None:
 
     assert defs.resolve_job_def("learning_loop") is not None
     assert defs.resolve_job_def("model_rollout_job") is not None
+    assert defs.resolve_job_def("review_import") is not None
+    assert defs.resolve_sensor_def("reviews_finished_sensor") is not None
+    assert {"frame_embeddings", "active_learning_queue", "reviewed_labels", "label_quality"} <= keys
+    assert "reviewed_labels" in parents["curated_dataset"]
     assert defs.resolve_sensor_def("rollout_health_sensor") is not None
     assert parents["model_rollout"] >= {"production_model"}
     assert defs.resolve_job_def("replay_ingestion_job") is not None

@@ -1,0 +1,494 @@
+"""Active learning: embeddings → review queue in FiftyOne → reviewed labels; label quality.
+
+``frame_embeddings`` and ``active_learning_queue`` pick which camera frames annotators see
+first; ``reviewed_labels`` brings their corrected labels back (``curated_dataset`` takes it
+as an input); ``label_quality`` flags curated frames whose labels look wrong and sends them
+to re-review in FiftyOne. The current model is MLflow's ``production`` version, else the
+``candidate``.
+"""
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+from pydantic import BaseModel, ConfigDict, Field
+
+from resources import ArtifactStoreResource, FrameStoreResource, MlflowResource, TrainerResource
+from resources.fiftyone_resource import FiftyOneResource
+from roadloop.active_learning import SCORING_CONF, ALWeights, build_queue, predict_frames
+from roadloop.embeddings import EmbeddingTable, compute_embeddings
+from roadloop.frames import FrameRecord, dedupe_near_duplicates
+from roadloop.label_quality import (
+    LabelQualityReport,
+    find_label_issues,
+    out_of_sample_predictions,
+    write_report,
+)
+from roadloop.replay import NIGHT_MAX_BRIGHTNESS
+from roadloop.review import (
+    LabelIssueItem,
+    ReviewBox,
+    ReviewExport,
+    boxes_from_yolo,
+    items_from_queue,
+)
+from roadloop.settings import get_settings
+from roadloop.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
+from roadloop.training import configure_ultralytics
+
+from .ingestion import sampled_edge_frames
+from .records import CuratedDatasetVersion
+
+GROUP = "active_learning"
+WEIGHTS_ARTIFACT = "weights/best.pt"
+
+
+# --------------------------------------------------------------------------- records
+
+
+class CurrentModel(BaseModel):
+    """The model active learning scores frames with (MLflow production, else candidate)."""
+
+    registered_name: str
+    version: str
+    alias: str
+    weights: Path
+    imgsz: int
+
+
+class CandidateFrame(BaseModel):
+    record: FrameRecord
+    image: Path
+    conditions: list[str] = Field(default_factory=list)
+
+
+class FrameEmbeddings(BaseModel):
+    """Embeddings of the unlabelled camera frames and of the curated train frames."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: CurrentModel
+    candidates: list[CandidateFrame]
+    candidate_table: EmbeddingTable
+    labelled_table: EmbeddingTable
+    class_frequencies: dict[str, float] = Field(default_factory=dict)
+    skipped_reviewed: int = 0
+
+
+class ReviewBatch(BaseModel):
+    batch_id: str
+    dataset_name: str
+    view: str
+    app_url: str
+    queued: int
+    added: int
+    updated: int
+    per_camera: dict[str, int]
+    model_version: str
+
+
+class LabelQualityResult(BaseModel):
+    report_json: Path
+    n_images: int
+    n_flagged: int
+    tagged_in_fiftyone: int
+    added_to_fiftyone: int
+    issue_counts: dict[str, int]
+
+
+# --------------------------------------------------------------------------- configs
+
+
+class ActiveLearningConfig(dg.Config):
+    budget: int = 20
+    strategy: str = "combined"
+    weight_uncertainty: float = 0.4
+    weight_diversity: float = 0.3
+    weight_rarity: float = 0.3
+    per_camera_min_share: float | None = None
+    seed: int = 0
+
+
+class EmbeddingConfig(dg.Config):
+    batch: int = 8
+    max_labelled_frames: int | None = 500  # curated train frames embedded for diversity
+
+
+class LabelQualityConfig(dg.Config):
+    k_folds: int = 3
+    split: str = "train"
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def current_model(tracker: Tracker, name: str, cache: Path) -> CurrentModel:
+    """Fetch the weights of the ``production`` version (else ``candidate``) from MLflow."""
+    for alias in (PRODUCTION_ALIAS, CANDIDATE_ALIAS):
+        version = tracker.version_by_alias(name, alias)
+        if version is None:
+            continue
+        weights = tracker.download(version.run_id, WEIGHTS_ARTIFACT, cache / version.version)
+        return CurrentModel(
+            registered_name=name,
+            version=version.version,
+            alias=alias,
+            weights=weights,
+            imgsz=int(version.tags.get("imgsz", 320)),
+        )
+    raise dg.Failure(
+        f"no `{PRODUCTION_ALIAS}` or `{CANDIDATE_ALIAS}` version of registered model {name!r} "
+        "in MLflow: train a model first (materialize trained_model)"
+    )
+
+
+def review_export_dir(artifacts: ArtifactStoreResource) -> Path:
+    """Where ``reviewed_labels`` keeps the current export (``curated_dataset`` reads it with
+    ``roadloop.review.load_review_export``)."""
+    return artifacts.path("reviewed_labels") / "export"
+
+
+def _conditions(record: FrameRecord) -> list[str]:
+    if record.quality is None:
+        return []
+    return ["night" if record.quality.brightness < NIGHT_MAX_BRIGHTNESS else "day"]
+
+
+# --------------------------------------------------------------------------- assets
+
+
+@dg.asset(
+    deps=[sampled_edge_frames],
+    group_name=GROUP,
+    kinds={"pytorch", "numpy"},
+    description=(
+        "Backbone embeddings (current model: MLflow production, else candidate) of every "
+        "unreviewed camera frame and of the curated train frames; cached per model version."
+    ),
+)
+def frame_embeddings(
+    context: dg.AssetExecutionContext,
+    config: EmbeddingConfig,
+    curated_dataset: CuratedDatasetVersion,
+    frame_store: FrameStoreResource,
+    mlflow: MlflowResource,
+    artifacts: ArtifactStoreResource,
+    fiftyone: FiftyOneResource,
+) -> dg.Output[FrameEmbeddings]:
+    configure_ultralytics(get_settings().home / "ultralytics")
+    model = current_model(
+        mlflow.tracker(), mlflow.registered_model_name, artifacts.path("al_model_cache")
+    )
+    context.log.info(f"scoring with {model.registered_name} v{model.version} ({model.alias})")
+
+    store = frame_store.store()
+    done = fiftyone.store().reviewed_frame_keys()  # reviewed or imported: not candidates again
+    candidates: list[CandidateFrame] = []
+    skipped = 0
+    for camera in store.cameras():
+        frames = list(store.iter_frames(camera))
+        images = {r.frame_id: p for r, p in frames}
+        kept, _ = dedupe_near_duplicates([r for r, _ in frames])
+        for record in kept:
+            if f"{record.camera_id}/{record.frame_id}" in done:
+                skipped += 1
+                continue
+            candidates.append(
+                CandidateFrame(
+                    record=record, image=images[record.frame_id], conditions=_conditions(record)
+                )
+            )
+
+    ds_dir = curated_dataset.dataset.path
+    labelled = sorted((ds_dir / "images" / "train").glob("*"))[: config.max_labelled_frames]
+    cache = artifacts.path("embedding_cache")
+    cand_table = compute_embeddings(
+        model.weights,
+        [c.image for c in candidates],
+        imgsz=model.imgsz,
+        cache_dir=cache,
+        model_version=model.version,
+        batch=config.batch,
+    )
+    lab_table = compute_embeddings(
+        model.weights,
+        labelled,
+        imgsz=model.imgsz,
+        cache_dir=cache,
+        model_version=model.version,
+        batch=config.batch,
+    )
+    freqs = {k: float(v) for k, v in curated_dataset.dataset.class_counts.get("train", {}).items()}
+    return dg.Output(
+        FrameEmbeddings(
+            model=model,
+            candidates=candidates,
+            candidate_table=cand_table,
+            labelled_table=lab_table,
+            class_frequencies=freqs,
+            skipped_reviewed=skipped,
+        ),
+        metadata={
+            "model_version": model.version,
+            "model_alias": model.alias,
+            "candidate_frames": len(candidates),
+            "labelled_frames": len(labelled),
+            "skipped_already_reviewed": skipped,
+            "computed_now": cand_table.computed + lab_table.computed,
+            "dim": cand_table.dim or lab_table.dim,
+        },
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"fiftyone"},
+    description=(
+        "The next review batch (uncertainty + diversity + rarity, per-camera fairness) pushed "
+        "to FiftyOne as a saved view with the model's boxes as pre-annotations."
+    ),
+)
+def active_learning_queue(
+    context: dg.AssetExecutionContext,
+    config: ActiveLearningConfig,
+    frame_embeddings: FrameEmbeddings,
+    fiftyone: FiftyOneResource,
+    artifacts: ArtifactStoreResource,
+) -> dg.Output[ReviewBatch]:
+    configure_ultralytics(get_settings().home / "ultralytics")
+    emb = frame_embeddings
+    model = emb.model
+    predictions = predict_frames(
+        model.weights,
+        [(c.record.frame_id, c.record.camera_id, c.image, c.conditions) for c in emb.candidates],
+        imgsz=model.imgsz,
+        conf=SCORING_CONF,
+        model_version=model.version,
+    )
+    queue = build_queue(
+        predictions,
+        emb.candidate_table.vectors if len(emb.candidate_table) else None,
+        emb.labelled_table.vectors if len(emb.labelled_table) else None,
+        emb.class_frequencies,
+        weights=ALWeights(
+            uncertainty=config.weight_uncertainty,
+            diversity=config.weight_diversity,
+            rarity=config.weight_rarity,
+        ),
+        budget=config.budget,
+        strategy=config.strategy,  # type: ignore[arg-type]
+        per_camera_min_share=config.per_camera_min_share,
+        seed=config.seed,
+    )
+    records = {(c.record.camera_id, c.record.frame_id): c.record for c in emb.candidates}
+    batch_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{context.run_id[:6]}"
+    store = fiftyone.store()
+    pushed = store.push_queue(items_from_queue(queue, records), batch_id)
+    out = artifacts.path("active_learning", batch_id)
+    (out / "queue.json").write_text(queue.model_dump_json(indent=2), encoding="utf-8")
+    url = fiftyone.app_url(view=pushed.view)
+    context.log.info(
+        f"review batch {batch_id}: {len(queue)} frames; open {url} (roadloop annotate)"
+    )
+    return dg.Output(
+        ReviewBatch(
+            batch_id=batch_id,
+            dataset_name=store.dataset_name,
+            view=pushed.view,
+            app_url=url,
+            queued=len(queue),
+            added=pushed.added,
+            updated=pushed.updated,
+            per_camera=queue.per_camera(),
+            model_version=model.version,
+        ),
+        metadata={
+            "batch_id": batch_id,
+            "queued": len(queue),
+            "added_to_fiftyone": pushed.added,
+            "candidates": queue.n_candidates,
+            "per_camera": dg.MetadataValue.json(queue.per_camera()),
+            "total_score_histogram": dg.MetadataValue.json(queue.histogram("total")),
+            "expected_class_mix": dg.MetadataValue.json(queue.expected_class_mix()),
+            "queue": dg.MetadataValue.md(queue.to_markdown()),
+            "fiftyone_view": pushed.view,
+            "app_url": dg.MetadataValue.url(url),
+            "queue_json": dg.MetadataValue.path(str(out / "queue.json")),
+        },
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"fiftyone", "yolo"},
+    description=(
+        "Every sample annotators tagged `reviewed` in FiftyOne, exported as YOLO labels and "
+        "validated like every label; invalid edits go back to the queue with `review_error`."
+    ),
+)
+def reviewed_labels(
+    context: dg.AssetExecutionContext,
+    fiftyone: FiftyOneResource,
+    artifacts: ArtifactStoreResource,
+) -> dg.Output[ReviewExport]:
+    store = fiftyone.store()
+    export = store.export_reviewed(review_export_dir(artifacts))
+    for r in export.rejected:
+        context.log.warning(f"review rejected, back in the queue: {r.error}")
+    # Cumulative export: frames stay in every later export, so a failed curation loses nothing.
+    store.mark_imported(export.new_sample_ids)
+    rejected_md = "| frame | error |\n|---|---|\n" + "".join(
+        f"| {r.frame_key} | {r.error.replace('|', '/')} |\n" for r in export.rejected
+    )
+    return dg.Output(
+        export,
+        metadata={
+            "frames": len(export.frames),
+            "newly_imported": len(export.new_sample_ids),
+            "rejected": len(export.rejected),
+            "rejected_edits": dg.MetadataValue.md(rejected_md if export.rejected else "none"),
+            "held_out_label_issues": len(export.held_out),
+            "excluded_seed_images": len(export.exclude_images),
+            "class_counts": dg.MetadataValue.json(export.class_counts),
+            "content_hash": export.content_hash,
+            "path": dg.MetadataValue.path(str(export.path)),
+        },
+    )
+
+
+def _issue_items(
+    report: LabelQualityReport, dataset_dir: Path, export_dir: Path | None
+) -> list[LabelIssueItem]:
+    """Flagged curated images as FiftyOne items: seed frames point at their original image;
+    frames that came from a review point at their review sample (by frame key)."""
+    manifest = {}
+    path = dataset_dir / "manifest.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            manifest[str((dataset_dir / row["file"]).absolute())] = row
+    review_keys: dict[str, str] = {}
+    if export_dir is not None and (export_dir / "manifest.jsonl").is_file():
+        for line in (export_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            review_keys[Path(row["image"]).name] = row["frame_key"]
+    classes = report.class_names
+    items: list[LabelIssueItem] = []
+    for img in report.images:
+        if not img.flagged:
+            continue
+        curated = Path(img.image).absolute()
+        row = manifest.get(str(curated), {})
+        original = Path(row["original"]) if row.get("original") else curated
+        label = (
+            curated.parent.parent.parent / "labels" / curated.parent.name / f"{curated.stem}.txt"
+        )
+        frame_key = review_keys.get(original.name) if row.get("source") == "reviewed" else None
+        suspect = [
+            ReviewBox(
+                label=f"{i.description}: {i.class_name}",
+                box=_xyxy_to_rel(i.xyxy, original),
+                confidence=i.score,
+            )
+            for i in img.issues
+        ]
+        items.append(
+            LabelIssueItem(
+                image=original,
+                score=max(0.0, min(1.0, 1.0 - img.quality_score)),
+                frame_key=frame_key,
+                labels=boxes_from_yolo(label, classes),
+                suspect=suspect,
+                issue_types=img.issue_types,
+                source_image=None if frame_key else original,
+                split=row.get("split", "train"),
+            )
+        )
+    return items
+
+
+def _xyxy_to_rel(
+    xyxy: tuple[float, float, float, float], image: Path
+) -> tuple[float, float, float, float]:
+    from PIL import Image
+
+    with Image.open(image) as im:
+        w, h = im.size
+    x1, y1, x2, y2 = xyxy
+    x1, x2 = max(0.0, x1 / w), min(1.0, x2 / w)
+    y1, y2 = max(0.0, y1 / h), min(1.0, y2 / h)
+    return (x1, y1, max(0.0, x2 - x1), max(0.0, y2 - y1))
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"cleanlab", "fiftyone"},
+    description=(
+        "cleanlab on K-fold out-of-sample predictions over the curated train split: flagged "
+        "frames get a `label_issue` tag and score in FiftyOne (saved view `label_issues`) and "
+        "are held out of training until re-reviewed."
+    ),
+)
+def label_quality(
+    context: dg.AssetExecutionContext,
+    config: LabelQualityConfig,
+    curated_dataset: CuratedDatasetVersion,
+    trainer: TrainerResource,
+    fiftyone: FiftyOneResource,
+    artifacts: ArtifactStoreResource,
+) -> dg.Output[LabelQualityResult]:
+    configure_ultralytics(get_settings().home / "ultralytics")
+    dataset_dir = Path(curated_dataset.dataset.path)
+    work = artifacts.path("label_quality", curated_dataset.version.md5[:12])
+    oos = out_of_sample_predictions(
+        dataset_dir,
+        k_folds=config.k_folds,
+        train_cfg=trainer.train_config(),
+        split=config.split,
+        work_dir=work / "folds",
+        seed=config.seed,
+    )
+    report = find_label_issues(oos.labels, oos.predictions, oos.class_names)
+    report_json = write_report(report, work / "label_quality.json")
+    review_dir = review_export_dir(artifacts)
+    items = _issue_items(report, dataset_dir, review_dir if review_dir.is_dir() else None)
+    tagged = fiftyone.store().tag_label_issues(items)
+    context.log.info(
+        f"{report.n_flagged}/{len(report.images)} frames flagged; re-review in "
+        f"{fiftyone.app_url(view='label_issues')}"
+    )
+    return dg.Output(
+        LabelQualityResult(
+            report_json=report_json,
+            n_images=len(report.images),
+            n_flagged=report.n_flagged,
+            tagged_in_fiftyone=tagged.tagged,
+            added_to_fiftyone=tagged.added,
+            issue_counts=report.issue_counts,
+        ),
+        metadata={
+            "frames": len(report.images),
+            "flagged": report.n_flagged,
+            "issue_counts": dg.MetadataValue.json(report.issue_counts),
+            "flagged_by_type": dg.MetadataValue.json(report.flagged_by_type),
+            "report": dg.MetadataValue.md(report.to_markdown()),
+            "k_folds": config.k_folds,
+            "dataset_md5": curated_dataset.version.md5,
+            "fiftyone_view": dg.MetadataValue.url(fiftyone.app_url(view="label_issues")),
+            "json": dg.MetadataValue.path(str(report_json)),
+        },
+    )
+
+
+ACTIVE_LEARNING_ASSETS = [frame_embeddings, active_learning_queue, reviewed_labels, label_quality]
+
+__all__ = [
+    "ACTIVE_LEARNING_ASSETS",
+    "active_learning_queue",
+    "frame_embeddings",
+    "label_quality",
+    "review_export_dir",
+    "reviewed_labels",
+]

@@ -1,0 +1,90 @@
+"""``roadloop annotate``: open the review dataset in the FiftyOne App on localhost.
+
+Annotators correct ``ground_truth`` (pre-filled from the model's ``predictions``) in the
+saved view ``review_queue`` (or ``batch_<id>`` / ``label_issues``) and tag each finished
+sample ``reviewed``; the ``reviews_finished_sensor`` imports them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import typer
+
+from roadloop.review import VIEW_QUEUE, ReviewStore, app_url
+from roadloop.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def review_store() -> ReviewStore:
+    """The review store the Dagster resource uses by default (``<home>/fiftyone``)."""
+    settings = get_settings()
+    return ReviewStore(database_dir=settings.home / "fiftyone")
+
+
+def annotate(
+    port: int = typer.Option(None, help="App port (default: settings.fiftyone_port, 5151)."),
+    view: str = typer.Option(
+        VIEW_QUEUE, help="Saved view to open: review_queue, label_issues, batch_<id>."
+    ),
+    address: str = typer.Option("127.0.0.1", help="Interface to serve on (loopback by default)."),
+    simulate: int = typer.Option(
+        0, help="SIMULATION: let the oracle review this many queued frames first (demo only)."
+    ),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Keep serving until Ctrl-C."),
+) -> None:
+    """Launch the FiftyOne App on the active-learning review queue and print its URL."""
+    port = port or get_settings().fiftyone_port
+    store = review_store()
+    dataset = store.dataset()
+    if simulate:
+        from roadloop.oracle import SimulatedAnnotator
+
+        done = store.simulate_reviews(SimulatedAnnotator(store.taxonomy), simulate)
+        typer.echo(f"SIMULATED annotator (oracle) reviewed {len(done)} frames")
+    counts = store.counts()
+    saved = dataset.list_saved_views()
+    if view not in saved:
+        raise typer.BadParameter(
+            f"no saved view {view!r}; choose one of {saved}", param_hint="--view"
+        )
+
+    fo = store.fo()
+    session = fo.launch_app(
+        dataset,
+        view=dataset.load_saved_view(view),
+        port=port,
+        address=address,
+        remote=True,
+        auto=False,
+    )
+    url = app_url(store.dataset_name, port, address=address, view=view)
+    typer.echo(
+        f"FiftyOne App: {url}\n"
+        f"  {counts.get('samples', 0)} samples, {len(store.queue_items())} waiting for review, "
+        f"{counts.get('pending', 0)} reviewed and waiting for import.\n"
+        "  Correct `ground_truth`, then tag finished samples `reviewed`."
+    )
+    if not wait:
+        return
+
+    def _stop(signum, frame):  # SIGTERM (e.g. from a process manager) stops like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        typer.echo("stopping the App")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if hasattr(session, "close"):
+            session.close()
+
+
+if __name__ == "__main__":  # python -m roadloop.annotate_cli
+    typer.run(annotate)

@@ -1,0 +1,431 @@
+"""Active-learning assets and the reviews sensor, materialized with their own Definitions.
+
+No postponed annotations here: Dagster resolves the stub asset's types at definition time.
+"""
+
+import shutil
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import cv2
+import dagster as dg
+import numpy as np
+import pytest
+
+from resources.fiftyone_resource import FiftyOneResource
+from roadloop.review import (
+    TAG_IMPORTED,
+    TAG_LABEL_ISSUE,
+    TAG_REVIEWED,
+    VIEW_QUEUE,
+    ReviewBox,
+    ReviewItem,
+    configure_fiftyone,
+    pending_key,
+)
+
+
+@pytest.fixture(scope="session")
+def fiftyone_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One temporary FiftyOne database (mongod) for the whole session (~10 s cold start)."""
+    fodb = sys.modules.get("fiftyone.core.odm.database")
+    if fodb is not None and fodb._client is not None:  # another test module started it
+        import fiftyone as fo
+
+        return Path(fo.config.database_dir)
+    db = tmp_path_factory.mktemp("fiftyone-db")
+    fo = configure_fiftyone(db)
+    try:
+        fo.list_datasets()
+    except Exception as exc:  # noqa: BLE001 - environment problem, reported clearly
+        pytest.fail(f"FiftyOne's MongoDB could not start in {db}: {exc}")
+    return db
+
+
+@pytest.fixture()
+def fiftyone(fiftyone_db: Path):
+    res = FiftyOneResource(
+        database_dir=str(fiftyone_db), dataset_name=f"test-al-{uuid.uuid4().hex[:8]}"
+    )
+    yield res
+    res.store().delete()
+
+
+# --------------------------------------------------------------------------- sensor
+
+
+def _push_frames(store, tmp_path: Path, n: int) -> list[str]:
+    items = []
+    for i in range(n):
+        path = tmp_path / f"s{i}.jpg"
+        cv2.imwrite(str(path), np.full((48, 64, 3), 20 * i, np.uint8))
+        items.append(
+            ReviewItem(
+                camera_id="cam",
+                frame_id=f"s{i}",
+                image=path,
+                width=64,
+                height=48,
+                al_score=i,
+                predictions=[ReviewBox(label="car", box=(0.1, 0.1, 0.2, 0.2), confidence=0.5)],
+            )
+        )
+    store.push_queue(items, "s")
+    return [sid for sid, _ in store.queue_items()]
+
+
+def _evaluate(sensor, instance, fiftyone: FiftyOneResource, cursor: str | None):
+    ctx = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"fiftyone": fiftyone}
+    )
+    return sensor(ctx)
+
+
+def test_reviews_sensor_fires_only_on_new_reviews_and_is_idempotent(
+    fiftyone, tmp_path: Path
+) -> None:
+    from sensors.reviews import reviews_finished_sensor
+
+    instance = dg.DagsterInstance.ephemeral()
+    store = fiftyone.store()
+    ids = _push_frames(store, tmp_path, 3)
+
+    quiet = _evaluate(reviews_finished_sensor, instance, fiftyone, None)
+    assert isinstance(quiet, dg.SkipReason) and "no reviewed samples" in quiet.skip_message
+
+    store.tag_reviewed(ids[:2])
+    fired = _evaluate(reviews_finished_sensor, instance, fiftyone, None)
+    assert isinstance(fired, dg.SensorResult)
+    key = pending_key(ids[:2])
+    assert [r.run_key for r in fired.run_requests] == [f"reviews-{key}"]
+    assert fired.cursor == key
+
+    # Same reviews, next tick: nothing new is launched.
+    again = _evaluate(reviews_finished_sensor, instance, fiftyone, fired.cursor)
+    assert isinstance(again, dg.SkipReason) and "already launched" in again.skip_message
+
+    # A new review changes the pending set: one new run, with a new run key.
+    store.tag_reviewed(ids[2:])
+    more = _evaluate(reviews_finished_sensor, instance, fiftyone, fired.cursor)
+    assert isinstance(more, dg.SensorResult)
+    assert (
+        more.run_requests[0].run_key
+        == f"reviews-{pending_key(ids)}"
+        != fired.run_requests[0].run_key
+    )
+
+    # Once imported, nothing is pending: the sensor is quiet again.
+    export = store.export_reviewed(tmp_path / "export")
+    store.mark_imported(export.new_sample_ids)
+    done = _evaluate(reviews_finished_sensor, instance, fiftyone, more.cursor)
+    assert isinstance(done, dg.SkipReason) and "no reviewed samples" in done.skip_message
+
+
+def _job_assets() -> list:
+    from assets import ALL_ASSETS
+    from assets.active_learning import ACTIVE_LEARNING_ASSETS
+
+    # Once definitions register them, ALL_ASSETS holds the active-learning assets already.
+    out = list(ALL_ASSETS)
+    return out + [a for a in ACTIVE_LEARNING_ASSETS if all(a is not b for b in out)]
+
+
+def test_definitions_with_active_learning_load(fiftyone) -> None:
+    from assets import ALL_CHECKS
+    from resources import build_resources
+    from sensors.reviews import review_import_job, reviews_finished_sensor
+
+    defs = dg.Definitions(
+        assets=_job_assets(),
+        asset_checks=ALL_CHECKS,
+        jobs=[review_import_job],
+        sensors=[reviews_finished_sensor],
+        resources={**build_resources(profile="test"), "fiftyone": fiftyone},
+    )
+    dg.Definitions.validate_loadable(defs)
+    job = defs.resolve_job_def("review_import")  # the import + a new dataset version
+    assert job.asset_layer.selected_asset_keys == {
+        dg.AssetKey("reviewed_labels"),
+        dg.AssetKey("curated_dataset"),
+    }
+    graph = defs.resolve_asset_graph()
+    for key in ("frame_embeddings", "active_learning_queue", "reviewed_labels", "label_quality"):
+        assert graph.get(dg.AssetKey(key)).group_name == "active_learning"
+
+
+# --------------------------------------------------------------------------- assets on real frames
+
+
+@pytest.fixture()
+def world(shared_dir: Path, tmp_path: Path, fiftyone):
+    """A frame store with replayed atl_v2 frames, MLflow with the shared checkpoint as
+    `candidate`, and a tiny curated dataset standing in for ``curated_dataset``."""
+    from assets.records import CuratedDatasetVersion
+    from resources import ArtifactStoreResource, FrameStoreResource, MlflowResource, TrainerResource
+    from roadloop.datasets import build_curated_dataset, default_sources, load_taxonomy
+    from roadloop.frames import FrameRecord, FrameStore, compute_quality
+    from roadloop.settings import get_settings
+    from roadloop.splits import is_replay_frame
+    from roadloop.tracking import CANDIDATE_ALIAS, Tracker
+    from roadloop.versioning import DatasetVersion
+
+    ckpt = shared_dir / "models" / "atl_v2_yolo11n_320.pt"
+    if not ckpt.is_file():
+        pytest.skip(f"shared checkpoint not found: {ckpt}")
+
+    # Frame store: replay frames of atl_v2 (the oracle can answer them from labels_ref).
+    atl = shared_dir / "datasets" / "atl_v2"
+    replay = [
+        p
+        for p in sorted((atl / "images" / "train").glob("*.jpg"))
+        if is_replay_frame("atl_v2", "train", p.stem, 0.3)
+    ]
+    store = FrameStore(tmp_path / "frames")
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    for i, img_path in enumerate(replay[:6]):
+        data = img_path.read_bytes()
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        h, w = img.shape[:2]
+        store.write_frame(
+            FrameRecord(
+                frame_id=f"r{i}",
+                camera_id="atl_day" if i < 3 else "atl_night",
+                captured_at=t0 + timedelta(seconds=i),
+                reasons=["replay"],
+                source="replay:atl_v2",
+                labels_ref=str(atl / "labels" / "train" / f"{img_path.stem}.txt"),
+                width=w,
+                height=h,
+                quality=compute_quality(img),
+            ),
+            data,
+        )
+
+    # MLflow: the shared checkpoint registered as the candidate (imgsz kept tiny).
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "al-test", tmp_path / "mlartifacts")
+    run_id = tracker.start_run("shared-ckpt")
+    weights = tmp_path / "w" / "best.pt"
+    weights.parent.mkdir()
+    shutil.copy2(ckpt, weights)
+    tracker.log_artifact(run_id, weights, "weights")
+    version = tracker.register_version(
+        "al-detector", run_id, "weights/best.pt", tags={"imgsz": "96"}
+    )
+    tracker.set_alias("al-detector", CANDIDATE_ALIAS, version.version)
+    tracker.end_run(run_id)
+
+    settings = get_settings().model_copy(update={"shared_dir": shared_dir})
+    curated = build_curated_dataset(
+        default_sources(settings),
+        tmp_path / "curated",
+        load_taxonomy(),
+        replay_fraction=0.3,
+        max_frames_per_split=2,
+        progress=False,
+    )
+    cdv = CuratedDatasetVersion(
+        dataset=curated,
+        version=DatasetVersion(
+            md5="0" * 32, nfiles=1, size=1, dvc_file=tmp_path / "x.dvc", remote_url="none"
+        ),
+        data_yaml=curated.path / "data.yaml",
+    )
+
+    @dg.asset(name="curated_dataset")
+    def curated_stub() -> CuratedDatasetVersion:
+        return cdv
+
+    resources = {
+        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+        "frame_store": FrameStoreResource(root=str(tmp_path / "frames")),
+        "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
+        "mlflow": MlflowResource(
+            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+            experiment="al-test",
+            artifact_root=str(tmp_path / "mlartifacts"),
+            registered_model_name="al-detector",
+        ),
+        "trainer": TrainerResource(model=str(ckpt), imgsz=96, epochs=1, batch=4),
+        "fiftyone": fiftyone,
+    }
+    return {
+        "curated_stub": curated_stub,
+        "resources": resources,
+        "tmp": tmp_path,
+        "curated": cdv,
+        "shared": shared_dir,
+    }
+
+
+def _materialize(world, assets: list, selection: list, run_config: dict | None = None):
+    from assets.ingestion import sampled_edge_frames
+
+    result = dg.materialize(
+        [world["curated_stub"], sampled_edge_frames, *assets],
+        selection=dg.AssetSelection.assets(*selection),
+        resources=world["resources"],
+        run_config=run_config or {},
+        raise_on_error=False,
+    )
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    return result
+
+
+def test_queue_review_import_round_trip(world, fiftyone) -> None:
+    import fiftyone as fo
+
+    from assets.active_learning import active_learning_queue, frame_embeddings, reviewed_labels
+    from roadloop.datasets import build_curated_dataset, load_taxonomy
+    from roadloop.oracle import SimulatedAnnotator
+
+    budget = {"ops": {"active_learning_queue": {"config": {"budget": 4}}}}
+    result = _materialize(
+        world,
+        [frame_embeddings, active_learning_queue],
+        ["curated_dataset", frame_embeddings, active_learning_queue],
+        budget,
+    )
+    emb = result.output_for_node("frame_embeddings")
+    assert (
+        emb.model.alias == "candidate" and len(emb.candidates) == 6 and emb.candidate_table.dim > 0
+    )
+    batch = result.output_for_node("active_learning_queue")
+    assert batch.queued == 4 and batch.added == 4
+    assert sum(batch.per_camera.values()) == 4 and set(batch.per_camera) == {"atl_day", "atl_night"}
+    assert batch.app_url.endswith(
+        f"/datasets/{fiftyone.dataset_name}?view={batch.view.replace('_', '-')}"
+    )
+
+    store = fiftyone.store()
+    ds = store.dataset()
+    assert len(ds) == 4 and batch.view in ds.list_saved_views()
+    view = ds.load_saved_view(batch.view)
+    scores = view.values("al_score")
+    assert scores == sorted(scores, reverse=True)
+    taxonomy = set(load_taxonomy().classes)
+    for s in ds:
+        assert s.labels_ref and s.source == "replay:atl_v2" and s.model_version == "1"
+        assert {d.label for d in s.predictions.detections} <= taxonomy
+        assert len(s.ground_truth.detections) == len(s.predictions.detections)
+
+    # Two frames answered by the simulated annotator; one edited badly by "a person".
+    reviewed = store.simulate_reviews(SimulatedAnnotator(), 2)
+    assert len(reviewed) == 2
+    (bad_id, _), *_ = store.queue_items()
+    s = ds[bad_id]
+    s.ground_truth = fo.Detections(
+        detections=[fo.Detection(label="tank", bounding_box=[0.1, 0.1, 0.2, 0.2])]
+    )
+    s.save()
+    store.tag_reviewed([bad_id])
+
+    imported = _materialize(world, [reviewed_labels], [reviewed_labels])
+    export = imported.output_for_node("reviewed_labels")
+    assert sorted(export.new_sample_ids) == sorted(reviewed)
+    assert [r.sample_id for r in export.rejected] == [
+        bad_id
+    ] and "unknown class 'tank'" in export.rejected[0].error
+    meta = imported.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["rejected"].value == 1 and meta["newly_imported"].value == 2
+    assert store.pending_reviews() == []
+    assert bad_id in ds.load_saved_view(VIEW_QUEUE).values("id")
+    assert all(TAG_IMPORTED in ds[i].tags for i in reviewed)
+
+    # What curated_dataset does with it: the reviewed frames enter as extra frames.
+    curated = build_curated_dataset(
+        [],
+        world["tmp"] / "curated2",
+        load_taxonomy(),
+        replay_fraction=0.3,
+        extra_frames=[
+            f.model_copy(update={"split": "val"}) if i == 0 else f
+            for i, f in enumerate(export.frames)
+        ],
+        progress=False,
+    )
+    assert curated.source_counts["reviewed"] == {"train": 1, "val": 1, "test": 0}
+
+    # Next batch: reviewed frames are no longer candidates.
+    again = _materialize(world, [frame_embeddings], ["curated_dataset", frame_embeddings])
+    assert again.output_for_node("frame_embeddings").skipped_reviewed == 2
+
+
+def test_label_quality_tags_flagged_frames_for_re_review(
+    world, fiftyone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import assets.active_learning as al
+    from roadloop.label_quality import (
+        BoxIssue,
+        ImageQuality,
+        LabelQualityReport,
+        dataset_split_frames,
+    )
+
+    dataset_dir = world["curated"].dataset.path
+    frames = dataset_split_frames(dataset_dir, "train")
+    assert len(frames) >= 2
+    seen = {}
+
+    def fake_find(labels, predictions, class_names):
+        imgs = [
+            ImageQuality(
+                image=str(frames[0][0]),
+                quality_score=0.2,
+                flagged=True,
+                n_labels=1,
+                issues=[
+                    BoxIssue(
+                        type="swap",
+                        description="wrong class",
+                        box=0,
+                        class_name="car",
+                        xyxy=(1, 1, 20, 20),
+                        score=0.1,
+                    )
+                ],
+            ),
+            ImageQuality(image=str(frames[1][0]), quality_score=0.9, flagged=False, n_labels=1),
+        ]
+        return LabelQualityReport(
+            class_names=class_names,
+            images=imgs,
+            n_flagged=1,
+            issue_counts={"swap": 1},
+            flagged_by_type={"swap": 1},
+        )
+
+    class FakeOOS:
+        labels, predictions, class_names = [], [], ["car", "truck", "bus", "two_wheeler", "person"]
+
+    # K-fold training and cleanlab are covered by test_label_quality; this is the wiring.
+    monkeypatch.setattr(
+        al, "out_of_sample_predictions", lambda d, **kw: (seen.update(kw), FakeOOS())[1]
+    )
+    monkeypatch.setattr(al, "find_label_issues", fake_find)
+    result = _materialize(
+        world,
+        [al.label_quality],
+        ["curated_dataset", al.label_quality],
+        {"ops": {"label_quality": {"config": {"k_folds": 2}}}},
+    )
+    out = result.output_for_node("label_quality")
+    assert (out.n_flagged, out.tagged_in_fiftyone, out.added_to_fiftyone) == (1, 1, 1)
+    assert seen["k_folds"] == 2 and seen["split"] == "train"
+    assert out.report_json.is_file()
+
+    store = fiftyone.store()
+    ds = store.dataset()
+    issues = ds.load_saved_view("label_issues")
+    assert len(issues) == 1
+    sample = issues.first()
+    assert TAG_LABEL_ISSUE in sample.tags and TAG_REVIEWED not in sample.tags
+    assert sample.label_issue_score == pytest.approx(0.8) and sample.label_issue_types == ["swap"]
+    # Seed frame: shown from its original image, its current labels to correct.
+    original = Path(sample.source_image)
+    assert original.is_file() and original.is_relative_to(world["shared"])
+    assert sample.filepath == str(original)
+    assert sample.suspect_boxes.detections[0].label == "wrong class: car"
+    export = store.export_reviewed(world["tmp"] / "export")
+    assert export.exclude_images == [original]  # held out of the next curated version

@@ -1,0 +1,157 @@
+"""Label quality (cleanlab) on fixed synthetic predictions: no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from roadloop.errors import InvalidInputError
+from roadloop.label_quality import (
+    detections_to_cleanlab,
+    find_label_issues,
+    hold_out_flagged,
+    out_of_sample_predictions,
+    read_yolo_label,
+    write_report,
+)
+
+NAMES = ["car", "truck", "person"]
+# Three well-separated objects per image (pixel xyxy on a 200x200 frame), one per class.
+BOXES = np.array([[10, 10, 60, 50], [80, 20, 150, 90], [120, 130, 140, 190]], float)
+CLASSES = np.array([0, 1, 2])
+
+
+def _clean_set(n: int = 12):
+    labels, preds = [], []
+    for i in range(n):
+        labels.append({"bboxes": BOXES.copy(), "labels": CLASSES.copy(), "image_name": f"img{i}"})
+        preds.append(detections_to_cleanlab(BOXES, CLASSES, np.full(3, 0.99), len(NAMES)))
+    return labels, preds
+
+
+def test_planted_errors_are_flagged_by_type():
+    labels, preds = _clean_set()
+    labels[3]["labels"] = np.array([0, 0, 2])  # truck labelled as car: wrong class
+    labels[5] = {  # person box dropped: missing box
+        "bboxes": BOXES[:2].copy(),
+        "labels": CLASSES[:2].copy(),
+        "image_name": "img5",
+    }
+    shifted = BOXES.copy()
+    shifted[1] += np.array([45, 45, 45, 45])  # truck box moved off the truck: bad localisation
+    labels[7]["bboxes"] = shifted
+
+    report = find_label_issues(labels, preds, NAMES)
+
+    by_name = {i.image: i for i in report.images}
+    assert by_name["img3"].flagged and "swap" in by_name["img3"].issue_types
+    assert by_name["img5"].flagged and "overlooked" in by_name["img5"].issue_types
+    assert by_name["img7"].flagged and "badloc" in by_name["img7"].issue_types
+    clean = [by_name[f"img{i}"] for i in (0, 1, 2, 4, 6, 8, 9, 10, 11)]
+    assert not any(i.flagged for i in clean)
+    # Planted images score lower than every clean one.
+    worst_clean = min(i.quality_score for i in clean)
+    for name in ("img3", "img5", "img7"):
+        assert by_name[name].quality_score < worst_clean
+    assert report.n_flagged == 3
+    assert report.issue_counts["swap"] >= 1 and report.issue_counts["overlooked"] >= 1
+    swap = next(x for x in by_name["img3"].issues if x.type == "swap")
+    assert swap.box == 1 and swap.class_name == "car" and swap.description == "wrong class"
+    assert report.flagged_images()[0] in {"img3", "img5", "img7"}
+    assert "wrong class" in report.to_markdown()
+
+
+def test_hold_out_flagged_until_reviewed(tmp_path: Path):
+    labels, preds = _clean_set(6)
+    labels[2]["labels"] = np.array([0, 0, 2])
+    report = find_label_issues(labels, preds, NAMES)
+    frames = [f"img{i}" for i in range(6)]
+    keep, held = hold_out_flagged(frames, report, key=str)
+    assert held == ["img2"] and len(keep) == 5
+    keep, held = hold_out_flagged(frames, report, key=str, reviewed={"img2"})
+    assert held == [] and len(keep) == 6
+    out = write_report(report, tmp_path / "r" / "quality.json")
+    assert out.is_file() and not list(out.parent.glob(".*tmp"))
+
+
+def test_mismatched_inputs_raise():
+    labels, preds = _clean_set(3)
+    with pytest.raises(ValueError, match="label entries"):
+        find_label_issues(labels, preds[:2], NAMES)
+    bad = [p[:2] for p in preds]
+    with pytest.raises(InvalidInputError, match="class arrays"):
+        find_label_issues(labels, bad, NAMES)
+
+
+def _write_dataset(root: Path, n: int = 6) -> Path:
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+    for i in range(n):
+        img = np.full((100, 200, 3), 90, np.uint8)
+        cv2.imwrite(str(root / "images" / "train" / f"f{i}.jpg"), img)
+        (root / "labels" / "train" / f"f{i}.txt").write_text("1 0.5 0.5 0.2 0.4\n")
+    (root / "data.yaml").write_text(
+        "train: images/train\nval: images/val\nnames:\n  0: car\n  1: truck\n  2: person\n"
+    )
+    return root
+
+
+def test_read_yolo_label_pixels_and_errors(tmp_path: Path):
+    root = _write_dataset(tmp_path / "ds", 1)
+    img = root / "images" / "train" / "f0.jpg"
+    lab = read_yolo_label(img, root / "labels" / "train" / "f0.txt", 3)
+    np.testing.assert_allclose(lab["bboxes"], [[80, 30, 120, 70]])
+    assert lab["labels"].tolist() == [1]
+    assert read_yolo_label(img, tmp_path / "missing.txt", 3)["labels"].size == 0  # background
+    bad = tmp_path / "bad.txt"
+    bad.write_text("7 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(InvalidInputError, match="bad.txt"):
+        read_yolo_label(img, bad, 3)
+
+
+def test_out_of_sample_predictions_never_predict_a_training_frame(tmp_path: Path):
+    root = _write_dataset(tmp_path / "ds", 7)
+    calls = []
+
+    def fake_fit_predict(train, heldout, fold_dir, names):
+        assert not set(train) & set(heldout)
+        calls.append((list(train), list(heldout)))
+        # Predict exactly the labelled truck box.
+        return [
+            detections_to_cleanlab([[80, 30, 120, 70]], [1], [0.9], len(names)) for _ in heldout
+        ]
+
+    oos = out_of_sample_predictions(
+        root, k_folds=3, work_dir=tmp_path / "w", fit_predict=fake_fit_predict
+    )
+    assert len(calls) == 3
+    assert sorted(p for _, h in calls for p in h) == sorted(oos.images)
+    assert len(oos.predictions) == len(oos.labels) == 7
+    assert set(oos.folds) == {0, 1, 2}
+    report = find_label_issues(oos.labels, oos.predictions, oos.class_names)
+    assert report.n_flagged == 0
+    with pytest.raises(ValueError, match="train_cfg"):
+        out_of_sample_predictions(root, k_folds=2, work_dir=tmp_path / "w2")
+
+
+def test_out_of_sample_predictions_with_real_training(tmp_path: Path):
+    """The default K-fold step trains (1 epoch, 64 px, scratch YOLO11n) and predicts."""
+    from roadloop.datasets import build_curated_dataset, load_taxonomy, make_synthetic_dataset
+    from roadloop.training import TrainConfig, configure_ultralytics
+
+    configure_ultralytics(tmp_path / "ultralytics")
+    synth = make_synthetic_dataset(tmp_path / "synth", n_train=6, n_val=2, n_test=0, imgsz=64)
+    ds = build_curated_dataset([synth], tmp_path / "curated", load_taxonomy(), 0.0, progress=False)
+    cfg = TrainConfig(
+        model="yolo11n.yaml", fallback_weights=[], imgsz=64, epochs=1, batch=4, workers=0
+    )
+    oos = out_of_sample_predictions(ds.path, k_folds=2, train_cfg=cfg, work_dir=tmp_path / "kf")
+    assert len(oos.images) == len(oos.predictions) == 6
+    assert all(len(p) == len(oos.class_names) for p in oos.predictions)
+    assert (tmp_path / "kf" / "fold_0" / "run" / "train" / "weights").is_dir()
+    assert not list((ds.path / "labels").glob("*.cache"))  # caches stay in the fold folders
+    find_label_issues(oos.labels, oos.predictions, oos.class_names)  # runs on real output
