@@ -36,6 +36,7 @@ class LocalFleet:
     python: str = sys.executable
     agents: list[AgentProcess] = field(default_factory=list)
     gateway: subprocess.Popen | None = None
+    gateway_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -53,7 +54,7 @@ class LocalFleet:
         out = (logs / "gateway.log").open("ab")
         self.gateway = subprocess.Popen(
             [self.python, "-m", "fleet", "serve", "--port", str(self.port), "--home", str(self.home)],
-            stdout=out, stderr=subprocess.STDOUT, env=self._env(),
+            stdout=out, stderr=subprocess.STDOUT, env={**self._env(), **self.gateway_env},
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -81,6 +82,24 @@ class LocalFleet:
             capture_output=True, text=True, env=self._env(), check=True,
         )
         return result.stdout.strip().splitlines()[-1]
+
+    def write_admin_token(self) -> Path:
+        """An operator token for the platform's FleetResource, at ``<home>/fleet/admin-token``."""
+        path = self.home / "fleet" / "admin-token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(self.admin_token() + "\n")
+            tmp.chmod(0o600)
+            os.replace(tmp, path)
+        return path
+
+    def latest_heartbeat(self, camera_id: str, admin_token: str) -> dict | None:
+        rows = httpx.get(
+            f"{self.url}/v1/cameras/{camera_id}/heartbeats", params={"limit": 1},
+            headers={"Authorization": f"Bearer {admin_token}"}, timeout=10,
+        ).json()
+        return rows[-1]["payload"] if rows else None
 
     def start_agent(self, camera_id: str, source: Path, model: Path, extra_args: list[str] = ()) -> AgentProcess:
         state = self.home / "agents" / camera_id

@@ -7,6 +7,7 @@ the library's logic modules never do.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from roadloop.localfleet import LocalFleet
@@ -27,6 +28,9 @@ class LoopOutcome:
     candidate: str | None = None
     production: str | None = None
     run_ids: list[str] = field(default_factory=list)
+    rollout: dict = field(default_factory=dict)
+    agent_models: dict[str, str] = field(default_factory=dict)
+    review_queue: int = 0
 
     def summary(self) -> str:
         lines = ["", "roadloop learning loop"]
@@ -37,19 +41,42 @@ class LoopOutcome:
             "  checks: " + ", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in sorted(self.checks.items()))
         )
         lines.append(f"  MLflow aliases: candidate=v{self.candidate} production=v{self.production}")
+        if self.rollout:
+            lines.append(
+                f"  rollout {self.rollout.get('rollout_id')}: status={self.rollout.get('status')} "
+                f"stage={self.rollout.get('stage')} ({self.rollout.get('percent')} %) "
+                + "; ".join(self.rollout.get("reasons") or [])
+            )
+            lines.append(
+                "  agents now serving: " + ", ".join(f"{c}={v}" for c, v in sorted(self.agent_models.items()))
+            )
+        lines.append(f"  review queue pushed to FiftyOne: {self.review_queue} frames")
         lines.append(f"  result: {'success' if self.success else 'FAILED'}")
         return "\n".join(lines)
 
 
 DEFAULT_AGENT_MODEL = "atl_v2_yolo11n_320.onnx"
+# A demo fleet is three agents: short holds, and few frames per stage, so the rollout finishes
+# in about a minute. Production keeps the gateway defaults (30 min holds, 20 frames).
+DEMO_GATEWAY_ENV = {
+    "ROADLOOP_GATEWAY_ROLLOUT_MIN_FRAMES": "5",
+    "ROADLOOP_GATEWAY_ROLLOUT_MIN_REPORTING_FRACTION": "1.0",
+}
+
+
+def _videos_and_model() -> tuple[list, object]:
+    settings = get_settings()
+    videos = sorted(settings.videos_dir.glob("*.mp4")) if settings.videos_dir.is_dir() else []
+    model = settings.models_dir / DEFAULT_AGENT_MODEL
+    if not model.exists():
+        return [], model
+    return videos, model
 
 
 def stream_videos_through_agents(fleet: LocalFleet, frames_per_agent: int) -> dict[str, int]:
     """One real edge agent per shared video, uploading through the real gateway."""
-    settings = get_settings()
-    videos = sorted(settings.videos_dir.glob("*.mp4")) if settings.videos_dir.is_dir() else []
-    model = settings.models_dir / DEFAULT_AGENT_MODEL
-    if not videos or not model.exists():
+    videos, model = _videos_and_model()
+    if not videos:
         log.warning("no shared videos or agent model: skipping the edge agents")
         return {}
     for video in videos:
@@ -74,11 +101,29 @@ def run_demo_loop(frames_per_camera: int = 40, frames_per_agent: int = 150) -> L
     instance = dg.DagsterInstance.get()
     outcome = LoopOutcome(success=True)
 
-    with LocalFleet(home=settings.home, port=settings.gateway_port) as fleet:
+    from roadloop.signing import load_or_create_signing_key
+
+    # The platform's signing key exists before the gateway starts: the gateway hands its public
+    # half to agents at enrollment, and they pin it.
+    load_or_create_signing_key(settings.home / "keys")
+    fleet = LocalFleet(home=settings.home, port=settings.gateway_port, gateway_env=DEMO_GATEWAY_ENV)
+    try:
         fleet.start_gateway()
+        fleet.write_admin_token()
         outcome.agents = stream_videos_through_agents(fleet, frames_per_agent)
         outcome.success &= all(code == 0 for code in outcome.agents.values())
+        _run_learning_loop(defs, instance, settings, outcome, frames_per_camera)
+        if outcome.production and outcome.agents:
+            _roll_out_to_agents(defs, instance, fleet, outcome)
+    finally:
+        fleet.stop()
+    if outcome.production:
+        _push_review_queue(defs, instance, outcome)
+    return outcome
 
+
+def _run_learning_loop(defs, instance, settings, outcome: LoopOutcome, frames_per_camera: int) -> None:
+    """Replay labelled cameras → partitions → sampled_edge_frames → the learning loop."""
     # Labelled datasets have no agent: their replay part is played as camera traffic.
     replay = defs.resolve_job_def("replay_ingestion_job").execute_in_process(
         instance=instance,
@@ -122,4 +167,65 @@ def run_demo_loop(frames_per_camera: int = 40, frames_per_agent: int = 150) -> L
     prod = tracker.version_by_alias(settings.registered_model_name, PRODUCTION_ALIAS)
     outcome.candidate = cand.version if cand else None
     outcome.production = prod.version if prod else None
-    return outcome
+
+
+def _roll_out_to_agents(defs, instance, fleet: LocalFleet, outcome: LoopOutcome, timeout_s: float = 300) -> None:
+    """Agents stream again (looping, real time) while the new production model rolls out.
+
+    The rollout is driven through the gateway's evaluate endpoint — the same call the
+    rollout-health sensor makes every 30 s under ``dagster dev``, here every second.
+    """
+    from resources import build_resources
+
+    videos, model = _videos_and_model()
+    for video in videos:
+        fleet.start_agent(
+            video.stem, video, model,
+            ["--loop", "--realtime", "--threads", "1", "--heartbeat-interval", "2",
+             "--update-interval", "1", "--base-rate", "0", "--no-condition-samplers",
+             "--hourly-budget", "1"],
+        )
+    result = defs.resolve_job_def("model_rollout_job").execute_in_process(instance=instance, raise_on_error=False)
+    outcome.run_ids.append(result.run_id)
+    outcome.success &= result.success
+    if not result.success:
+        return
+    md = result.get_asset_materialization_events()[0].materialization.metadata
+    rollout_id = str(md["rollout_id"].value)
+    fleet_resource = build_resources()["fleet"]
+    deadline = time.monotonic() + timeout_s
+    state: dict = {}
+    while time.monotonic() < deadline:
+        state = fleet_resource.evaluate(rollout_id)
+        log.info("rollout %s: %s at %s (%s %%)", rollout_id, state.get("decision"), state.get("stage"), state.get("percent"))
+        if state.get("status") in ("complete", "rolled_back", "cancelled"):
+            break
+        time.sleep(1.0)
+    time.sleep(5)  # one more heartbeat from every agent
+    outcome.rollout = {"rollout_id": rollout_id, **{k: state.get(k) for k in ("status", "stage", "percent")}}
+    outcome.rollout["reasons"] = (state.get("health") or {}).get("reasons") or []
+    token = (fleet.home / "fleet" / "admin-token").read_text().strip()
+    for agent in fleet.agents:
+        beat = fleet.latest_heartbeat(agent.camera_id, token) or {}
+        outcome.agent_models[agent.camera_id] = str(
+            beat.get("serving_model_version") or beat.get("model_version", "?")
+        )[:16]
+    outcome.success &= state.get("status") == "complete"
+
+
+def _push_review_queue(defs, instance, outcome: LoopOutcome) -> None:
+    """Score the camera frames and push the next review batch to FiftyOne for annotators."""
+    import dagster as dg
+
+    from assets import ALL_ASSETS
+
+    selection = dg.AssetSelection.assets("frame_embeddings", "active_learning_queue")
+    job = dg.define_asset_job("demo_review_queue", selection=selection)
+    local = dg.Definitions(assets=ALL_ASSETS, jobs=[job], resources=defs.resources)
+    result = local.resolve_job_def("demo_review_queue").execute_in_process(instance=instance, raise_on_error=False)
+    outcome.run_ids.append(result.run_id)
+    outcome.success &= result.success
+    for event in result.get_asset_materialization_events():
+        if event.asset_key.to_user_string() == "active_learning_queue":
+            md = event.materialization.metadata
+            outcome.review_queue = int(md["queued"].value) if "queued" in md else 0
