@@ -124,44 +124,70 @@ def _serve(settings: Settings, env: dict[str, str]) -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     bin_dir = Path(sys.executable).parent
     artifact_root = settings.mlflow_artifact_root
-    procs = [
-        subprocess.Popen(
-            [str(bin_dir / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
-             "-h", "127.0.0.1", "-p", str(settings.dagster_port)],
-            cwd=PROJECT_ROOT, env=env,
-        ),
-        subprocess.Popen(
-            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", str(settings.mlflow_tracking_uri),
-             "--default-artifact-root", Path(str(artifact_root)).as_uri(),
-             "--host", "127.0.0.1", "--port", str(settings.mlflow_port), "--workers", "1"],
-            cwd=PROJECT_ROOT, env=env,
-        ),
-    ]
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    commands = {
+        "dagster": [str(bin_dir / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
+                    "-h", "127.0.0.1", "-p", str(settings.dagster_port)],
+        "mlflow": [str(bin_dir / "mlflow"), "server", "--backend-store-uri", str(settings.mlflow_tracking_uri),
+                   "--default-artifact-root", Path(str(artifact_root)).as_uri(),
+                   "--host", "127.0.0.1", "--port", str(settings.mlflow_port), "--workers", "1"],
+        "gateway": [sys.executable, "-m", "fleet", "serve", "--port", str(settings.gateway_port),
+                    "--home", str(settings.home)],
+        "fiftyone": [str(bin_dir / "roadloop"), "annotate", "--port", str(settings.fiftyone_port)],
+    }
+    procs = {
+        # Each service leads its own process group, so stopping it stops its children too.
+        name: subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=(logs / f"{name}.log").open("ab"),
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        for name, cmd in commands.items()
+    }
     typer.echo(
         "\n".join(
             [
                 "",
-                f"Dagster UI : http://127.0.0.1:{settings.dagster_port}",
-                f"MLflow UI  : http://127.0.0.1:{settings.mlflow_port}",
-                f"FiftyOne   : http://127.0.0.1:{settings.fiftyone_port} (started by `roadloop annotate`)",
-                "Ctrl-C stops them.",
+                f"Dagster UI   : http://127.0.0.1:{settings.dagster_port}",
+                f"MLflow UI    : http://127.0.0.1:{settings.mlflow_port}",
+                f"FiftyOne App : http://127.0.0.1:{settings.fiftyone_port} (review queue; `roadloop annotate`)",
+                f"Fleet gateway: {settings.gateway_url}/docs",
+                f"logs in {logs}; Ctrl-C stops them.",
             ]
         )
     )
+    reported: set[str] = set()
     try:
-        while all(p.poll() is None for p in procs):
+        while any(p.poll() is None for p in procs.values()):
+            for name, p in procs.items():
+                if p.poll() is not None and name not in reported:
+                    reported.add(name)
+                    typer.echo(f"{name} exited with {p.returncode}; see {logs / (name + '.log')}", err=True)
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop_groups(list(procs.values()))
+
+
+def _stop_groups(procs: list[subprocess.Popen], grace_s: float = 20.0) -> None:
+    """SIGINT each service's process group (Ctrl-C semantics), SIGKILL what outlives the grace."""
+    for p in procs:
+        _signal_group(p, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    time.sleep(1.0)
+    for p in procs:  # children (code servers, daemons, mongod) left in the group
+        _signal_group(p, signal.SIGKILL)
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 @dataset_app.command("restore")
