@@ -69,6 +69,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from .outbox import _fsync_dir
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -546,19 +547,6 @@ class UpdaterState:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _content_range_start(value: str | None) -> int | None:
