@@ -23,6 +23,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from edge_agent.errors import EdgeAgentError
 
@@ -166,7 +167,8 @@ def _state_dir(args: argparse.Namespace) -> Path:
     return args.state_dir or Path(".roadloop-agent") / args.camera_id
 
 
-def _install_signal_handlers(agent) -> None:
+def _install_signal_handlers(agent) -> dict[int, Any]:
+    """SIGTERM/SIGINT stop the agent; returns the handlers they replace, for restoring."""
     count = {"n": 0}
 
     def handler(signum: int, _frame) -> None:
@@ -179,8 +181,10 @@ def _install_signal_handlers(agent) -> None:
             logger.warning("%s received again: exiting without flushing", name)
             agent.request_stop(force=True)
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    return previous
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -272,7 +276,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         shadow_sample_rate=args.shadow_rate,
     )
     agent = EdgeAgent(config)
-    _install_signal_handlers(agent)
+    previous_handlers = _install_signal_handlers(agent)
     try:
         summary = agent.run()
     except GatewayUnavailable:
@@ -280,6 +284,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             logger.warning("stopped before the gateway could be reached; nothing was processed")
             return 0
         raise
+    finally:  # main() may run inside another program (tests, a supervisor): give signals back
+        for sig, prev in previous_handlers.items():
+            signal.signal(sig, prev)
     print(json.dumps(summary.to_dict()), flush=True)
     return 0
 

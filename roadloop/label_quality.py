@@ -23,12 +23,15 @@ Coordinates are pixels, ``xyxy``, as cleanlab expects.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
 
@@ -361,12 +364,57 @@ def _validate(
             raise InvalidInputError(name, "bboxes and labels differ in length")
 
 
+_POOL_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _cleanlab_pools_in_threads() -> Iterator[None]:
+    """Run cleanlab's object-detection worker pools as threads, not forked processes.
+
+    cleanlab 2.9 opens ``multiprocessing.Pool`` (fork) for per-class AP even with one
+    process, and never closes it. Forked from a process that already runs threads (torch,
+    ONNX Runtime, FiftyOne's database client) a worker can inherit a held lock and never
+    start; the pool's finaliser then waits on it forever (seen as a hung test suite and an
+    interpreter that would not exit). The work is small numpy, so threads cost nothing;
+    every pool opened here is closed on the way out.
+    """
+    from cleanlab.object_detection import filter as clf
+    from cleanlab.object_detection import summary as cls_summary
+
+    opened: list[ThreadPool] = []
+
+    def thread_pool(processes: int | None = None, *args: Any, **kwargs: Any) -> ThreadPool:
+        pool = ThreadPool(processes)
+        opened.append(pool)
+        return pool
+
+    with _POOL_PATCH_LOCK:
+        saved = clf.Pool, cls_summary.Pool
+        clf.Pool = cls_summary.Pool = thread_pool
+        try:
+            yield
+        finally:
+            clf.Pool, cls_summary.Pool = saved
+            for pool in opened:
+                pool.terminate()
+                pool.join()
+
+
 def find_label_issues(
     labels: Sequence[CleanlabLabel],
     predictions: Sequence[CleanlabPrediction],
     class_names: Sequence[str],
 ) -> LabelQualityReport:
     """Per-image quality scores, flags and typed box issues (see module docstring)."""
+    with _cleanlab_pools_in_threads():
+        return _find_label_issues(labels, predictions, class_names)
+
+
+def _find_label_issues(
+    labels: Sequence[CleanlabLabel],
+    predictions: Sequence[CleanlabPrediction],
+    class_names: Sequence[str],
+) -> LabelQualityReport:
     from cleanlab.object_detection import filter as clf
     from cleanlab.object_detection import rank as clr
 

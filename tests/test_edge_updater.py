@@ -828,7 +828,11 @@ def test_cli_update_flags_reach_the_agent(monkeypatch, tmp_path: Path, public_b6
     base += ["--model", str(MODEL_320), "--state-dir", str(tmp_path / "s")]
     flags = ["--model-public-key", str(key_file), "--update-interval", "5"]
     flags += ["--latency-budget-ms", "250", "--rollback-after", "2", "--shadow-rate", "0.5"]
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
     assert main(base + flags) == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # the host process gets its handler back
     cfg = seen["config"]
     assert (cfg.model_public_key, cfg.update_interval_s) == (str(key_file), 5.0)
     assert (cfg.latency_budget_ms, cfg.rollback_after, cfg.shadow_sample_rate) == (250.0, 2, 0.5)
