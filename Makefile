@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 # Re-install only when the dependency spec changes.
 STAMP := $(VENV)/.roadloop-installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-12)
 
-.PHONY: install demo demo-headless test bench serve clean-state lint
+.PHONY: install demo demo-headless test bench bench-al serve clean-state lint
 
 install: $(STAMP)
 
@@ -36,8 +36,19 @@ serve: install
 test: install
 	$(PY) -m pytest -q -ra
 
+# Speed and fleet benchmarks (minutes); results under benchmarks/results/.
 bench: install
 	$(PY) -m benchmarks.inference
+	$(PY) -m benchmarks.agent_pipeline
+	$(PY) -m benchmarks.gateway_intake
+	$(PY) -m benchmarks.rollout_propagation
+	ROADLOOP_ROLLBACK_TIMELINE=benchmarks/results/rollback_timeline.json \
+		$(PY) -m pytest -q tests/test_rollout_e2e.py -k slow_canary
+
+# Label-efficiency and label-QA benchmarks (about an hour on 2 cores).
+bench-al: install
+	$(PY) -m benchmarks.label_efficiency
+	$(PY) -m benchmarks.label_qa
 
 lint: install
 	$(VENV)/bin/ruff check .

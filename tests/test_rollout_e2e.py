@@ -11,7 +11,8 @@
    rollout back, and the previous model keeps serving.
 3. A slow model (``EDGE_AGENT_FAULT_MODEL_DELAY_MS``) goes to a canary and is rolled back
    automatically; the timeline publish → rollback → agents back on the previous model is
-   written to ``benchmarks/results/rollback_timeline.json``.
+   written as JSON to ``$ROADLOOP_ROLLBACK_TIMELINE`` when set (``make bench`` points it at
+   ``benchmarks/results/rollback_timeline.json``), else under the test's temp folder.
 
 Skips when the shared video/model are absent.
 """
@@ -49,7 +50,6 @@ SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", REPO.parent / "shared"))
 VIDEO = SHARED / "videos" / "cctv_street.mp4"
 MODEL = SHARED / "models" / "atl_v2_yolo11n_320.onnx"
 MODEL_480 = SHARED / "models" / "atl_v2_yolo11n_480.onnx"
-RESULTS = REPO / "benchmarks" / "results"
 N_AGENTS = 3
 SLOW_DELAY_MS = 2500
 P95_BUDGET_MS = 1200.0
@@ -325,7 +325,7 @@ def test_bad_update_is_refused_and_rolled_back(fleet: Fleet, case: str) -> None:
     })
 
 
-def test_slow_canary_rolls_back_automatically_with_timeline(fleet: Fleet) -> None:
+def test_slow_canary_rolls_back_automatically_with_timeline(fleet: Fleet, tmp_path: Path) -> None:
     if "v2" not in STATE:
         pytest.skip("needs the completed first rollout")
     timeline: list[dict[str, Any]] = [{"at": _now(), "event": "publish_started"}]
@@ -358,7 +358,8 @@ def test_slow_canary_rolls_back_automatically_with_timeline(fleet: Fleet) -> Non
     t0 = datetime.fromisoformat(timeline[0]["at"])
     for e in timeline:
         e["t_s"] = round((datetime.fromisoformat(e["at"]) - t0).total_seconds(), 3)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = Path(os.environ.get("ROADLOOP_ROLLBACK_TIMELINE") or tmp_path / "rollback_timeline.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
     out = {
         "generated_at": _now(),
         "setup": {"agents": N_AGENTS, "hold_seconds": 2, "heartbeat_interval_s": 1,
@@ -368,7 +369,9 @@ def test_slow_canary_rolls_back_automatically_with_timeline(fleet: Fleet) -> Non
         "full_rollout": STATE.get("full_rollout"),
         "rejected_updates": STATE.get("rejections", []),
     }
-    tmp = RESULTS / "rollback_timeline.json.tmp"
+    tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, RESULTS / "rollback_timeline.json")
+    os.replace(tmp, target)
+    assert json.loads(target.read_text())["slow_canary_rollback"]["timeline"][-1]["event"] == (
+        "all_agents_serving_previous_model")
     assert manifest_sha256(pub["manifest"]) == pub["manifest_sha256"]
