@@ -28,12 +28,8 @@ import os
 import platform
 import resource
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,6 +43,7 @@ import numpy as np
 import psutil
 
 from roadloop.frames import FrameStore, compute_quality
+from roadloop.localfleet import GatewayProcess
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -104,12 +101,6 @@ def load_jpegs(n: int, width: int, jpeg_quality: int) -> tuple[list[Jpeg], str]:
 
 
 # ---------------------------------------------------------------------------- server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_seconds(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     total = t.user + t.system
@@ -122,57 +113,15 @@ def _cpu_seconds(proc: psutil.Process) -> float:
     return total
 
 
-class Server:
-    def __init__(self, home: Path, extra_env: dict[str, str]) -> None:
-        self.home = home
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = home / "gateway.log"
-        self.env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            # Throughput test: the per-device limiter (default 50/s) would be the limit.
-            "ROADLOOP_GATEWAY_RATE_LIMIT_PER_S": "1000000",
-            "ROADLOOP_GATEWAY_RATE_LIMIT_BURST": "1000000",
-            **extra_env,
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def admin_token(self) -> str:
-        r = subprocess.run(
-            [sys.executable, "-m", "fleet", "admin-token", "create", "--home", str(self.home)],
-            cwd=REPO, env=self.env, capture_output=True, text=True, check=False,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"admin-token create failed: {r.stderr[-2000:]}")
-        return r.stdout.strip()
-
-    def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleet", "serve", "--port", str(self.port),
-             "--home", str(self.home), "--log-level", "warning"],
-            cwd=REPO, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("gateway did not start in 60 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+def _server(home: Path, extra_env: dict[str, str]) -> GatewayProcess:
+    env = {
+        # Throughput test: the per-device limiter (default 50/s) would be the limit.
+        "ROADLOOP_GATEWAY_RATE_LIMIT_PER_S": "1000000",
+        "ROADLOOP_GATEWAY_RATE_LIMIT_BURST": "1000000",
+        **extra_env,
+    }
+    return GatewayProcess(home, env=env, log_path=home / "gateway.log",
+                          extra_args=["--log-level", "warning"])
 
 
 # ---------------------------------------------------------------------------- agents
@@ -231,14 +180,14 @@ async def _agent(base: str, token: str, camera_id: str, jpegs: list[Jpeg], start
     return res
 
 
-async def _drive(server: Server, admin: str, agents: int, duration: float,
+async def _drive(server: GatewayProcess, admin: str, agents: int, duration: float,
                  jpegs: list[Jpeg]) -> tuple[list[AgentResult], float]:
-    async with httpx.AsyncClient(base_url=server.base, timeout=30) as c:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
         cams = [f"bench-{i:03d}" for i in range(agents)]
         tokens = [await _enroll(c, admin, cam) for cam in cams]
     start = time.perf_counter()
     results = await asyncio.gather(*[
-        _agent(server.base, tok, cam, jpegs, start, duration, i * 7)
+        _agent(server.url, tok, cam, jpegs, start, duration, i * 7)
         for i, (tok, cam) in enumerate(zip(tokens, cams, strict=True))
     ])
     return list(results), time.perf_counter() - start
@@ -254,18 +203,18 @@ def run_variant(name: str, agents: int, duration: float, jpegs: list[Jpeg],
                 workdir: Path) -> dict[str, Any]:
     home = workdir / name
     shutil.rmtree(home, ignore_errors=True)
-    server = Server(home, VARIANTS[name])
+    server = _server(home, VARIANTS[name])
     admin = server.admin_token()
-    server.start()
-    assert server.proc is not None
-    sproc = psutil.Process(server.proc.pid)
+    server.start(timeout_s=60)
+    assert server.process is not None
+    sproc = psutil.Process(server.process.pid)
     cpu0_server = _cpu_seconds(sproc)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     logger.info("variant %s: %d agents for %.0f s", name, agents, duration)
     results, wall = asyncio.run(_drive(server, admin, agents, duration, jpegs))
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu_server = _cpu_seconds(sproc) - cpu0_server
-    stats = httpx.get(f"{server.base}/v1/stats",
+    stats = httpx.get(f"{server.url}/v1/stats",
                       headers={"Authorization": f"Bearer {admin}"}, timeout=10).json()
     server.stop()
 

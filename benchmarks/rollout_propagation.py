@@ -33,11 +33,7 @@ import os
 import platform
 import random
 import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -49,6 +45,7 @@ from typing import Any
 import httpx
 import psutil
 
+from roadloop.localfleet import GatewayProcess
 from roadloop.signing import (
     build_manifest,
     load_or_create_signing_key,
@@ -63,12 +60,6 @@ TARGET_INTERVALS = 2.0
 KEEPALIVE_EXPIRY_S = 4.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_seconds(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return t.user + t.system
@@ -79,47 +70,6 @@ def _pct(values: list[float], q: float) -> float | None:
         return None
     s = sorted(values)
     return round(s[min(len(s) - 1, max(0, round(q / 100 * len(s)) - 1))], 3)
-
-
-class Server:
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def cli(self, *args: str) -> str:
-        r = subprocess.run([sys.executable, "-m", "fleet", *args, "--home", str(self.home)],
-                           cwd=REPO, env=self.env, capture_output=True, text=True, check=True)
-        return r.stdout.strip().splitlines()[-1]
-
-    def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleet", "serve", "--port", str(self.port),
-             "--home", str(self.home), "--log-level", "warning"],
-            cwd=REPO, env=self.env, stdout=(self.home / "gateway.log").open("ab"),
-            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.home / "gateway.log").read_text()[-2000:])
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("gateway did not start in 60 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @dataclass
@@ -228,11 +178,11 @@ async def _update(client: httpx.AsyncClient, stats: Stats, a: SimAgent, manifest
     return ok
 
 
-async def _run(server: Server, admin: str, n: int, poll_s: float, heartbeat_s: float,
+async def _run(server: GatewayProcess, admin: str, n: int, poll_s: float, heartbeat_s: float,
                warmup_s: float, model: Path, key_dir: Path, max_wait_intervals: float,
                connections: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(base_url=server.base, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
         admin_h = {"Authorization": f"Bearer {admin}"}
         sem = asyncio.Semaphore(32)
 
@@ -256,9 +206,9 @@ async def _run(server: Server, admin: str, n: int, poll_s: float, heartbeat_s: f
 
         stats = Stats()
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(_agent(server.base, stats, a, public_key, poll_s,
+        tasks = [asyncio.create_task(_agent(server.url, stats, a, public_key, poll_s,
                                             heartbeat_s, stop)) for a in agents]
-        proc = psutil.Process(server.proc.pid)  # type: ignore[union-attr]
+        proc = psutil.Process(server.process.pid)  # type: ignore[union-attr]
         me = psutil.Process()
         cpu0, t_start = _cpu_seconds(proc), time.perf_counter()
         my_cpu0 = _cpu_seconds(me)
@@ -410,8 +360,9 @@ def main(argv: list[str] | None = None) -> None:
         if model is None:
             model = work / "model.onnx"
             model.write_bytes(os.urandom(args.model_kib * 1024))
-        server = Server(home)
-        server.start()
+        server = GatewayProcess(home, log_path=home / "gateway.log",
+                                extra_args=["--log-level", "warning"])
+        server.start(timeout_s=60)
         try:
             admin = server.cli("admin-token", "create")
             result = asyncio.run(_run(server, admin, args.agents, args.poll_interval,

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -211,7 +210,7 @@ def clean(yes: bool = typer.Option(False, "--yes", help="Do not ask.")) -> None:
     typer.echo(f"removed {home}")
 
 
-def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover
     app(argv)
 
 

@@ -14,7 +14,6 @@ from roadloop.localfleet import LocalFleet
 from roadloop.settings import get_settings
 from roadloop.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
 
-
 log = logging.getLogger(__name__)
 
 

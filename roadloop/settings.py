@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     replay_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _derive_paths(self) -> "Settings":
+    def _derive_paths(self) -> Settings:
         self.home = self.home.expanduser().absolute()
         self.shared_dir = self.shared_dir.expanduser().absolute()
         h = self.home

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -31,6 +30,7 @@ import pytest
 
 from edge_agent.inference import file_sha256
 from edge_agent.outbox import read_journal
+from roadloop.localfleet import GatewayProcess, child_env
 
 pytestmark = pytest.mark.e2e
 
@@ -45,84 +45,11 @@ if not (VIDEO.is_file() and MODEL.is_file()):
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
-    env.update(OMP_NUM_THREADS="1", **extra)
-    return env
+    return child_env(OMP_NUM_THREADS="1", **extra)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Gateway:
-    """``python -m fleet serve`` as a child process; can be stopped and started again."""
-
-    def __init__(self, home: Path, port: int, **env: str) -> None:
-        self.home, self.port, self.env = home, port, env
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = home.parent / f"gateway-{port}.log"
-
-    def start(self) -> Gateway:
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fleet",
-                    "serve",
-                    "--port",
-                    str(self.port),
-                    "--home",
-                    str(self.home),
-                ],
-                cwd=REPO,
-                env=_env(**self.env),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"gateway did not come up: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def cli(self, *args: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "fleet", *args, "--home", str(self.home)],
-            cwd=REPO,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        return out.stdout.strip().splitlines()[-1]
-
-    def enrollment_token(self) -> str:
-        return self.cli("token", "create")
-
-    def admin_token(self) -> str:
-        return self.cli("admin-token", "create")
+class Gateway(GatewayProcess):
+    """The real gateway process, plus what it stored (read from its database and files)."""
 
     # ---- what the gateway stored
     def frame_rows(self, camera_id: str) -> list[str]:
@@ -146,9 +73,7 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gw = Gateway(
-        tmp_path_factory.mktemp("gw") / "home",
-        _free_port(),
-        ROADLOOP_GATEWAY_ACCESS_TOKEN_TTL_S="4",
+        tmp_path_factory.mktemp("gw") / "home", env={"ROADLOOP_GATEWAY_ACCESS_TOKEN_TTL_S": "4"}
     ).start()
     yield gw
     gw.stop()
@@ -280,7 +205,7 @@ def test_enroll_stream_sample_store_and_heartbeat(gateway: Gateway, tmp_path: Pa
 
 # ---------------------------------------------------------------- fault (a): gateway outage
 def test_gateway_outage_then_back_loses_nothing(tmp_path: Path) -> None:
-    gw = Gateway(tmp_path / "gw", _free_port()).start()
+    gw = Gateway(tmp_path / "gw").start()
     state = tmp_path / "agent"
     try:
         enroll = subprocess.run(

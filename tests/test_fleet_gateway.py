@@ -7,9 +7,7 @@ starts ``python -m fleet serve`` as a real process, SIGKILLs it mid-burst and re
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +33,7 @@ from fleet.db import FrameRow, Token
 from fleet.intake import JpegError, check_jpeg, jpeg_dimensions
 from fleet.runtime import Gateway
 from roadloop.frames import FrameRecord, FrameStore
+from roadloop.localfleet import GatewayProcess
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 5, 4, 12, 0, 0, tzinfo=UTC)
@@ -626,41 +625,13 @@ def test_fleet_never_imports_frameworks() -> None:
 
 
 # --------------------------------------------------------------------------- real process
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(home: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet", "serve", "--port", str(port), "--home", str(home)],
-        cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"gateway exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"gateway did not come up:\n{log.read_text()[-3000:]}")
-
-
 @pytest.mark.e2e
 def test_real_server_survives_sigkill_mid_burst(tmp_path: Path, frame_jpeg: bytes) -> None:
-    home, log = tmp_path / "home", tmp_path / "gateway.log"
-    port = _free_port()
-    admin = subprocess.run(
-        [sys.executable, "-m", "fleet", "admin-token", "create", "--home", str(home)],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    proc = _start_server(home, port, log)
-    base = f"http://127.0.0.1:{port}"
+    home = tmp_path / "home"
+    gateway = GatewayProcess(home, log_path=tmp_path / "gateway.log")
+    admin = gateway.admin_token()
+    gateway.start()
+    base = gateway.url
     acked: list[str] = []
     try:
         with httpx.Client(base_url=base, timeout=10) as client:
@@ -696,15 +667,15 @@ def test_real_server_survives_sigkill_mid_burst(tmp_path: Path, frame_jpeg: byte
         while (len(acked) < 21 and any(t.is_alive() for t in senders)
                and time.monotonic() < deadline):
             time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        gateway.process.send_signal(signal.SIGKILL)
+        gateway.process.wait(10)
         stop.set()
         for t in senders:
             t.join(30)
         assert len(acked) >= 2
         print(f"acknowledged before SIGKILL: {len(acked)} of 51")
 
-        proc = _start_server(home, port, log)  # restart on the same state
+        gateway.start()  # restart on the same state and port
         store = FrameStore(home / "frames")
         db = sqlite3.connect(home / "fleet" / "fleet.db")
         stored = {fid for (fid,) in db.execute("SELECT frame_id FROM frames")}
@@ -725,8 +696,7 @@ def test_real_server_survives_sigkill_mid_burst(tmp_path: Path, frame_jpeg: byte
         report = store.fsck()
         assert report.frames_ok == 51 and report.clean, report
     finally:
-        proc.kill()
-        proc.wait(10)
+        gateway.stop()
 
 
 def test_tokens_never_start_with_a_dash() -> None:

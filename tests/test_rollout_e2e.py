@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 import httpx
 import pytest
 
+from roadloop.localfleet import GatewayProcess, child_env
 from roadloop.signing import (
     build_manifest,
     load_or_create_signing_key,
@@ -59,15 +59,7 @@ if not (VIDEO.is_file() and MODEL.is_file() and MODEL_480.is_file()):
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
-    env.update(OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return child_env(OMP_NUM_THREADS="1", **extra)
 
 
 def _now() -> str:
@@ -96,39 +88,20 @@ class Fleet:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.home = root / "home"
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.procs: list[subprocess.Popen] = []
+        self.gateway = GatewayProcess(
+            root / "home", log_path=root / "gateway.log",
+            env={"ROADLOOP_GATEWAY_ROLLOUT_MIN_FRAMES": "3",
+                 "ROADLOOP_GATEWAY_ROLLOUT_MIN_REPORTING_FRACTION": "1.0",
+                 "ROADLOOP_GATEWAY_ROLLOUT_P95_LATENCY_BUDGET_MS": str(P95_BUDGET_MS)})
+        self.home, self.url = self.gateway.home, self.gateway.url
         self.agents: list[subprocess.Popen] = []
         self.admin = ""
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "fleet", *args, "--home", str(self.home)],
-                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
-                             check=True)
-        return out.stdout.strip().splitlines()[-1]
+        return self.gateway.cli(*args)
 
     def start_gateway(self) -> None:
-        log = open(self.root / "gateway.log", "ab")  # noqa: SIM115 - the child keeps it
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fleet", "serve", "--port", str(self.port),
-             "--home", str(self.home)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            env=_env(ROADLOOP_GATEWAY_ROLLOUT_MIN_FRAMES="3",
-                     ROADLOOP_GATEWAY_ROLLOUT_MIN_REPORTING_FRACTION="1.0",
-                     ROADLOOP_GATEWAY_ROLLOUT_P95_LATENCY_BUDGET_MS=str(P95_BUDGET_MS)))
-        self.procs.append(proc)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (self.root / "gateway.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("gateway did not come up")
+        self.gateway.start()
 
     def start_agent(self, i: int, env: dict[str, str]) -> None:
         token = self.cli("token", "create")
@@ -145,15 +118,16 @@ class Fleet:
                                             stderr=subprocess.STDOUT))
 
     def stop(self) -> None:
-        for p in [*self.agents, *self.procs]:
+        for p in self.agents:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in [*self.agents, *self.procs]:
+        for p in self.agents:
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
+        self.gateway.stop()
 
     # ---- admin API
     def call(self, method: str, path: str, **kw: Any) -> Any:
