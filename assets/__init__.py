@@ -1,7 +1,12 @@
 """Software-defined assets, one module per lifecycle stage."""
 
 from .active_learning import ACTIVE_LEARNING_ASSETS
-from .datasets import curated_dataset, curated_dataset_quarantine_rate, curated_dataset_splits_present, seed_datasets
+from .datasets import (
+    curated_dataset,
+    curated_dataset_quarantine_rate,
+    curated_dataset_splits_present,
+    seed_datasets,
+)
 from .evaluation import (
     benchmark_report,
     candidate_not_worse_than_production,

@@ -1,9 +1,10 @@
 """``benchmark_report`` with its blocking promotion checks, and ``production_model``."""
 
-
+import logging
 from pathlib import Path
 
 import dagster as dg
+from mlflow.exceptions import MlflowException
 
 from resources import ArtifactStoreResource, BenchmarkResource, MlflowResource
 from roadloop.evaluation import (
@@ -32,6 +33,8 @@ from .records import (
     TrainedModelVersion,
 )
 
+_log = logging.getLogger(__name__)
+
 PRODUCTION_ARTIFACTS = {"pytorch": "weights/best.pt", "onnx_fp32": "onnx/model.onnx", "onnx_int8": "onnx/model.int8.onnx"}
 
 
@@ -44,7 +47,9 @@ def _production_model_set(tracker: Tracker, name: str, candidate_version: str, c
     for fmt, artifact in PRODUCTION_ARTIFACTS.items():
         try:
             files[fmt] = tracker.download(prod.run_id, artifact, cache / prod.version)
-        except Exception:  # an older version may lack a format; the report says which
+        except (MlflowException, OSError) as exc:  # an older version may lack a format
+            _log.warning("production v%s has no %s artifact (%s); the report says so",
+                        prod.version, fmt, str(exc)[:200])
             files[fmt] = None
     return ModelSet(version=prod.version, **files)
 

@@ -69,7 +69,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-from .outbox import _fsync_dir
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -78,6 +77,8 @@ from edge_agent.client import GatewayClient, GatewayError
 from edge_agent.errors import EdgeAgentError, InvalidModelError
 from edge_agent.inference import OnnxDetector, file_sha256
 from edge_agent.shadow import ShadowRunner
+
+from .outbox import _fsync_dir
 
 logger = logging.getLogger(__name__)
 

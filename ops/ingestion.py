@@ -5,7 +5,7 @@ gateway writes, so ``sampled_edge_frames`` cannot tell the difference.
 """
 
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -17,7 +17,7 @@ from roadloop.settings import get_settings
 class ReplayConfig(dg.Config):
     max_frames_per_camera: int | None = 40
     cameras: list[str] | None = None  # default: every camera whose data exists
-    kinds: list[str] = ["dataset", "video"]  # the demo streams videos through real agents
+    kinds: list[str] = ["dataset", "video"]  # noqa: RUF012 (pydantic copies defaults); the demo streams videos through real agents
 
 
 @dg.op(description="Replay shared labelled frames and videos as camera traffic.")
@@ -30,7 +30,7 @@ def replay_shared_cameras(
         cameras = [c for c in cameras if c.camera_id in set(config.cameras)]
     cameras = [c for c in cameras if c.kind in set(config.kinds)]
     store = frame_store.store()
-    start = datetime(2026, 1, 1, 8, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
     written: dict[str, int] = {}
     for camera in cameras:
         stats = replay_camera(

@@ -12,8 +12,8 @@ class BenchmarkResource(dg.ConfigurableResource):
 
     warmup: int = 10
     runs: int = 100
-    batch_sizes: list[int] = [1, 4, 8]
-    slices: list[str] = ["low_light", "fog", "blur", "noise"]
+    batch_sizes: list[int] = [1, 4, 8]  # noqa: RUF012 (a pydantic field: defaults are copied)
+    slices: list[str] = ["low_light", "fog", "blur", "noise"]  # noqa: RUF012
     per_source: bool = True
     threads: int | None = None
     calibration_frames: int = 100
