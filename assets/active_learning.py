@@ -190,7 +190,7 @@ def frame_embeddings(
     for camera in store.cameras():
         frames = list(store.iter_frames(camera))
         images = {r.frame_id: p for r, p in frames}
-        kept, _ = dedupe_near_duplicates([r for r, _ in frames])
+        kept, _ = dedupe_near_duplicates([r for r, _ in frames], policy=frame_store.dedupe_policy())
         for record in kept:
             if f"{record.camera_id}/{record.frame_id}" in done:
                 skipped += 1

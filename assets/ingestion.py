@@ -30,7 +30,8 @@ def sampled_edge_frames(
     camera_id = context.partition_key
     store = frame_store.store()
     records = [record for record, _ in store.iter_frames(camera_id)]
-    kept, dropped = dedupe_near_duplicates(records)
+    policy = frame_store.dedupe_policy()
+    kept, dropped = dedupe_near_duplicates(records, policy=policy)
     summary = summarize_partition(kept, dropped)
     context.log.info(
         "camera %s: %d frames, %d near-duplicates dropped", camera_id, len(kept), len(dropped)
@@ -52,6 +53,7 @@ def sampled_edge_frames(
             "camera_id": camera_id,
             "frames": len(kept),
             "duplicates_dropped": len(dropped),
+            "dedupe_policy": dg.MetadataValue.json(policy.model_dump()),
             "frames_by_reason": dg.MetadataValue.json(reasons),
             "frames_by_reason_table": dg.MetadataValue.md(
                 "| reason | frames |\n|---|---|\n"

@@ -62,7 +62,12 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
 
     return {
         "io_manager": dg.FilesystemIOManager(base_dir=str(settings.dagster_home / "storage")),
-        "frame_store": FrameStoreResource(root=str(settings.frame_store)),
+        "frame_store": FrameStoreResource(
+            root=str(settings.frame_store),
+            dedupe_max_hamming=settings.dedupe_max_hamming,
+            dedupe_max_age_s=settings.dedupe_max_age_s,
+            dedupe_per_camera_max_hamming=settings.dedupe_per_camera_max_hamming,
+        ),
         "artifacts": ArtifactStoreResource(root=str(settings.artifacts_dir)),
         "labelled_sources": LabelledSourcesResource(
             shared_dir=str(settings.shared_dir),

@@ -15,17 +15,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
-from roadloop.frames import FrameStore
+from roadloop.frames import DedupePolicy, FrameStore
 
 
 class FrameStoreResource(dg.ConfigurableResource):
-    """The frame store that replayed cameras and the fleet gateway write into."""
+    """The frame store that replayed cameras and the fleet gateway write into, and the
+    near-duplicate policy applied when its frames are read (see ``DedupePolicy``)."""
 
     root: str
+    dedupe_max_hamming: int = 4
+    dedupe_max_age_s: float | None = 600.0
+    dedupe_per_camera_max_hamming: dict[str, int] = Field(default_factory=dict)
 
     def store(self) -> FrameStore:
         return FrameStore(Path(self.root))
+
+    def dedupe_policy(self) -> DedupePolicy:
+        return DedupePolicy(
+            max_hamming=self.dedupe_max_hamming,
+            max_age_s=self.dedupe_max_age_s,
+            per_camera_max_hamming=self.dedupe_per_camera_max_hamming,
+        )
 
 
 class ArtifactStoreResource(dg.ConfigurableResource):

@@ -384,20 +384,50 @@ class FrameStore:
 # --------------------------------------------------------------------------- curation
 
 
+class DedupePolicy(BaseModel):
+    """When a sampled frame counts as a near-duplicate of one already kept.
+
+    A traffic camera's view hardly changes: a whole-frame dhash of a static street stays
+    within a few bits while different vehicles pass (``window_street``: 20 of 24 frames
+    sampled every 2 s lie within 4 bits of its first). So a frame is a near-duplicate only
+    when all hold: its dhash is within ``max_hamming`` bits of a kept frame of the same
+    camera, that frame was captured at most ``max_age_s`` earlier (``None``: any time), and
+    both saw the same objects (equal per-class detection counts; frames without detections,
+    e.g. replays, compare equal). ``per_camera_max_hamming`` overrides the bit threshold
+    per camera (0 keeps all but exact copies).
+    """
+
+    max_hamming: int = Field(default=4, ge=0, le=64)
+    max_age_s: float | None = Field(default=600.0, gt=0)
+    same_detections: bool = True
+    per_camera_max_hamming: dict[str, int] = Field(default_factory=dict)
+
+    def threshold(self, camera_id: str) -> int:
+        return self.per_camera_max_hamming.get(camera_id, self.max_hamming)
+
+
+def _detection_signature(rec: FrameRecord) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(Counter(d.class_name for d in rec.detections).items()))
+
+
 def dedupe_near_duplicates(
     records: Sequence[FrameRecord],
     max_hamming: int = 4,
     window: int | None = None,
+    policy: DedupePolicy | None = None,
 ) -> tuple[list[FrameRecord], list[FrameRecord]]:
     """Split ``records`` into (kept, dropped): near-duplicates of an earlier kept frame drop.
 
-    Per camera, in ``captured_at`` order, a frame is dropped when its dhash is within
-    ``max_hamming`` bits of a kept frame's (the last ``window`` kept frames, or all of them
-    when ``window`` is None). Frames without a quality record are always kept. Both lists
-    come back in time order.
+    Per camera, in ``captured_at`` order, a frame is dropped when it is a near-duplicate
+    (see :class:`DedupePolicy`; without one, dhash within ``max_hamming`` bits of any kept
+    frame, detections ignored) of one of the last ``window`` kept frames (all of them when
+    ``window`` is None). Frames without a quality record are always kept. Both lists come
+    back in time order.
     """
+    if policy is None:
+        policy = DedupePolicy(max_hamming=max_hamming, max_age_s=None, same_detections=False)
     ordered = sorted(records, key=lambda r: (r.captured_at, r.camera_id, r.frame_id))
-    kept_hashes: dict[str, list[int]] = {}
+    kept_by_camera: dict[str, list[tuple[int, datetime, tuple]]] = {}
     kept: list[FrameRecord] = []
     dropped: list[FrameRecord] = []
     for rec in ordered:
@@ -405,13 +435,22 @@ def dedupe_near_duplicates(
             kept.append(rec)
             continue
         h = int(rec.quality.dhash, 16)
-        recent = kept_hashes.setdefault(rec.camera_id, [])
+        sig = _detection_signature(rec) if policy.same_detections else ()
+        bits = policy.threshold(rec.camera_id)
+        recent = kept_by_camera.setdefault(rec.camera_id, [])
         pool = recent if window is None else recent[-window:]
-        if any((h ^ other).bit_count() <= max_hamming for other in pool):
+        duplicate = any(
+            (h ^ other_hash).bit_count() <= bits
+            and (policy.max_age_s is None
+                 or (rec.captured_at - other_at).total_seconds() <= policy.max_age_s)
+            and other_sig == sig
+            for other_hash, other_at, other_sig in pool
+        )
+        if duplicate:
             dropped.append(rec)
         else:
             kept.append(rec)
-            recent.append(h)
+            recent.append((h, rec.captured_at, sig))
     return kept, dropped
 
 

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     # Class taxonomy shared by every source (see roadloop/config/taxonomy.yaml).
     taxonomy_file: Path = DEFAULT_TAXONOMY_FILE
 
+    # Near-duplicate sampled frames (roadloop.frames.DedupePolicy): dhash bits, how far back
+    # a kept frame counts, and per-camera bit thresholds, e.g.
+    # ROADLOOP_DEDUPE_PER_CAMERA_MAX_HAMMING='{"window_street": 0}'.
+    dedupe_max_hamming: int = Field(default=4, ge=0, le=64)
+    dedupe_max_age_s: float | None = Field(default=600.0, gt=0)
+    dedupe_per_camera_max_hamming: dict[str, int] = Field(default_factory=dict)
+
     # Share of each labelled source's *train* split replayed as camera traffic instead of
     # entering the seed training set (val/test splits are never replayed).
     replay_fraction: float = Field(default=0.3, ge=0.0, le=1.0)

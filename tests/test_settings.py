@@ -38,3 +38,18 @@ def test_unknown_profile_rejected() -> None:
 
     with pytest.raises(ValueError, match="ROADLOOP_PROFILE"):
         build_resources(profile="nope")
+
+
+def test_dedupe_policy_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-camera dedupe thresholds come in as JSON and reach the frame-store resource."""
+    from resources import build_resources
+
+    monkeypatch.setenv("ROADLOOP_DEDUPE_PER_CAMERA_MAX_HAMMING", '{"window_street": 0}')
+    monkeypatch.setenv("ROADLOOP_DEDUPE_MAX_AGE_S", "120")
+    settings = Settings(home=tmp_path)
+    policy = build_resources(settings, "test")["frame_store"].dedupe_policy()
+    assert policy.threshold("window_street") == 0 and policy.threshold("cam_x") == 4
+    assert policy.max_age_s == 120.0
+    monkeypatch.setenv("ROADLOOP_DEDUPE_MAX_HAMMING", "99")
+    with pytest.raises(ValueError, match="dedupe_max_hamming"):
+        Settings(home=tmp_path)
