@@ -7,7 +7,24 @@ from resources import ArtifactStoreResource, BenchmarkResource, MlflowResource
 from roadloop.export import export_onnx
 from roadloop.quantize import QuantConfig, list_images, pick_calibration_frames, quantize_int8
 
-from .records import CuratedDatasetVersion, OnnxModelVersion, QuantizedModelVersion, TrainedModelVersion
+from .records import (
+    CuratedDatasetVersion,
+    OnnxModelVersion,
+    QuantizedModelVersion,
+    TrainedModelVersion,
+)
+
+
+def _log_onnx(
+    mlflow: MlflowResource,
+    registered_name: str,
+    model: OnnxModelVersion | QuantizedModelVersion,
+    sha_tag: str,
+) -> None:
+    """Log ``model``'s ONNX file to its MLflow run; tag the registered version with its SHA-256."""
+    tracker = mlflow.tracker()
+    tracker.log_artifact(model.run_id, model.info.path, "onnx")
+    tracker.tag_version(registered_name, model.model_version, {sha_tag: model.info.sha256})
 
 
 @dg.asset(
@@ -23,14 +40,13 @@ def onnx_model(
 ) -> dg.Output[OnnxModelVersion]:
     out = artifacts.path("models", trained_model.model_version) / "model.onnx"
     info = export_onnx(trained_model.weights, out, imgsz=trained_model.imgsz, dynamic_batch=True)
-    tracker = mlflow.tracker()
-    tracker.log_artifact(trained_model.run_id, info.path, "onnx")
-    tracker.tag_version(
-        trained_model.registered_name, trained_model.model_version, {"onnx_fp32_sha256": info.sha256}
+    onnx = OnnxModelVersion(
+        model_version=trained_model.model_version, run_id=trained_model.run_id, info=info
     )
+    _log_onnx(mlflow, trained_model.registered_name, onnx, "onnx_fp32_sha256")
     context.log.info(f"exported {info.path} ({info.size_bytes / 1e6:.1f} MB)")
     return dg.Output(
-        OnnxModelVersion(model_version=trained_model.model_version, run_id=trained_model.run_id, info=info),
+        onnx,
         metadata={
             "model_version": trained_model.model_version,
             "sha256": info.sha256,
@@ -64,14 +80,13 @@ def quantized_model(
     images = pick_calibration_frames(train_images, config.num_calibration_frames)
     out = artifacts.path("models", onnx_model.model_version) / "model.int8.onnx"
     info = quantize_int8(onnx_model.info.path, out, images, imgsz=onnx_model.info.imgsz, config=config)
-    tracker = mlflow.tracker()
-    tracker.log_artifact(onnx_model.run_id, info.path, "onnx")
-    tracker.tag_version(
-        mlflow.registered_model_name, onnx_model.model_version, {"onnx_int8_sha256": info.sha256}
+    quantized = QuantizedModelVersion(
+        model_version=onnx_model.model_version, run_id=onnx_model.run_id, info=info
     )
+    _log_onnx(mlflow, mlflow.registered_model_name, quantized, "onnx_int8_sha256")
     context.log.info(f"quantized {len(images)} calibration frames -> {info.path}")
     return dg.Output(
-        QuantizedModelVersion(model_version=onnx_model.model_version, run_id=onnx_model.run_id, info=info),
+        quantized,
         metadata={
             "model_version": onnx_model.model_version,
             "sha256": info.sha256,

@@ -49,8 +49,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
+from roadloop.fsutil import write_text_atomic
+from roadloop.label_quality import symlink_yolo_dataset
 from roadloop.settings import PROJECT_ROOT, get_settings
 from roadloop.training import configure_ultralytics
 
@@ -60,43 +61,15 @@ RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 TARGET_SHARE = 0.6
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not dst.exists():
-        os.symlink(Path(src).absolute(), dst)
-
-
 def _label_of(img: Path) -> Path:
     return img.parent.parent.parent / "labels" / img.parent.name / f"{img.stem}.txt"
 
 
 def _round_dataset(root: Path, train: list[Path], val: list[Path], names: list[str]) -> Path:
-    """A YOLO dataset of symlinks: Ultralytics' caches land here, not in the curated set."""
+    """A fresh YOLO dataset of symlinks: Ultralytics' caches land here, not in the curated set."""
     if root.exists():
         shutil.rmtree(root)
-    for split, imgs in (("train", train), ("val", val)):
-        for img in imgs:
-            _link(img, root / "images" / split / img.name)
-            if _label_of(img).is_file():
-                _link(_label_of(img), root / "labels" / split / f"{img.stem}.txt")
-    doc = {
-        "path": str(root.absolute()),
-        "train": "images/train",
-        "val": "images/val",
-        "names": dict(enumerate(names)),
-    }
-    (root / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return root / "data.yaml"
+    return symlink_yolo_dataset(root, train, val, names)
 
 
 def _box_counts(imgs: list[Path], names: list[str]) -> dict[str, int]:
@@ -275,7 +248,7 @@ def run_one(
             m.map50_95,
             time.perf_counter() - t0,
         )
-        _atomic_write(args.work / "progress.json", json.dumps(record, indent=2))
+        write_text_atomic(args.work / "progress.json", json.dumps(record, indent=2))
 
 
 def summarise(record: dict, args) -> dict:
@@ -486,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         for strategy in args.strategies:
             run_one(strategy, seed, args, curated, adapted, names, conditions, record)
             record["wall_seconds"] = elapsed0 + time.perf_counter() - t0
-            _atomic_write(progress, json.dumps(record, indent=2))
+            write_text_atomic(progress, json.dumps(record, indent=2))
     record["wall_seconds"] = elapsed0 + time.perf_counter() - t0
     summary = summarise(record, args)
     out = {
@@ -505,9 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.out / f"{args.name}.json", json.dumps(out, indent=2))
+    write_text_atomic(args.out / f"{args.name}.json", json.dumps(out, indent=2))
     plot(summary, args.out / f"{args.name}.png")
-    _atomic_write(
+    write_text_atomic(
         args.out / f"{args.name}.md",
         markdown(record, summary).replace("label_efficiency.png", f"{args.name}.png"),
     )

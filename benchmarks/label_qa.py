@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from roadloop.fsutil import write_text_atomic
 from roadloop.settings import PROJECT_ROOT, get_settings
 from roadloop.training import configure_ultralytics
 
@@ -45,16 +44,6 @@ logger = logging.getLogger("label_qa")
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 NOISE_TYPES = ("wrong_class", "dropped_box", "shifted_box")
 MATCHING_ISSUE = {"wrong_class": "swap", "dropped_box": "overlooked", "shifted_box": "badloc"}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -182,32 +171,6 @@ def score(report, truth: list[list[dict]], clean_flagged: set[str]) -> dict:
     return out
 
 
-def predictions_for(model: Path, images: list[Path], nc: int, imgsz: int, device: str):
-    from ultralytics import YOLO
-
-    from roadloop.label_quality import OOS_CONF, detections_to_cleanlab
-
-    yolo = YOLO(str(model), task="detect")
-    preds = []
-    for img in images:
-        r = yolo.predict(
-            str(img),
-            imgsz=imgsz,
-            conf=OOS_CONF,
-            device=device,
-            rect=False,
-            verbose=False,
-            save=False,
-        )[0]
-        b = r.boxes
-        preds.append(
-            detections_to_cleanlab(
-                b.xyxy.cpu().numpy(), b.cls.cpu().numpy(), b.conf.cpu().numpy(), nc
-            )
-        )
-    return preds
-
-
 def _mean(vals):
     vals = [v for v in vals if v is not None]
     return statistics.fmean(vals) if vals else None
@@ -229,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     args.work = args.work.absolute()
     configure_ultralytics(args.work / "ultralytics")
     from roadloop.datasets import SourceSpec, build_curated_dataset, load_taxonomy
-    from roadloop.label_quality import dataset_split_frames, find_label_issues, read_yolo_label
+    from roadloop.label_quality import (
+        dataset_split_frames,
+        find_label_issues,
+        predict_for_cleanlab,
+        read_yolo_label,
+    )
     from roadloop.training import (
         _checkpoint_names,
         adapt_checkpoint_to_taxonomy,
@@ -270,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             len(frames),
             sum(len(lab["labels"]) for lab in labels),
         )
-        preds = predictions_for(
-            adapted, [f[0] for f in frames], len(names), args.imgsz, args.device
+        preds = predict_for_cleanlab(
+            adapted, [f[0] for f in frames], len(names), imgsz=args.imgsz, device=args.device
         )
         present = sorted({int(c) for lab in labels for c in lab["labels"]})
         clean = find_label_issues(labels, preds, names)
@@ -316,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - t0,
         "sets": results,
     }
-    _atomic_write(args.out / "label_qa.json", json.dumps(out, indent=2))
-    _atomic_write(args.out / "label_qa.md", markdown(out))
+    write_text_atomic(args.out / "label_qa.json", json.dumps(out, indent=2), parents=True)
+    write_text_atomic(args.out / "label_qa.md", markdown(out), parents=True)
     logger.info("done in %.0f s", out["wall_seconds"])
     return 0
 

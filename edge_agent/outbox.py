@@ -337,8 +337,9 @@ class Outbox:
             row = self._db.execute("SELECT MIN(next_attempt_at) FROM outbox").fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    def ack(self, frame_id: str, *, duplicate: bool = False, now: float | None = None) -> None:
-        """The gateway stored the frame (201) or already had it (409): forget it."""
+    def _finish(self, frame_id: str, status: str, counter: str, now: float | None) -> None:
+        """Drop ``frame_id`` from the outbox for good: journal ``status``, bump ``counter``,
+        then delete its spool file."""
         now = time.time() if now is None else now
         with self._lock:
             row = self._db.execute(
@@ -346,24 +347,19 @@ class Outbox:
             ).fetchone()
             with self._tx():
                 self._db.execute("DELETE FROM outbox WHERE frame_id = ?", (frame_id,))
-                self._set_journal(frame_id, "duplicate" if duplicate else "acked", now)
-                self._bump("duplicates" if duplicate else "acked")
+                self._set_journal(frame_id, status, now)
+                self._bump(counter)
             if row is not None:
                 (self.spool / row[0]).unlink(missing_ok=True)
 
+    def ack(self, frame_id: str, *, duplicate: bool = False, now: float | None = None) -> None:
+        """The gateway stored the frame (201) or already had it (409): forget it."""
+        status, counter = ("duplicate", "duplicates") if duplicate else ("acked", "acked")
+        self._finish(frame_id, status, counter, now)
+
     def reject(self, frame_id: str, reason: str, *, now: float | None = None) -> None:
         """The gateway refused the frame for good (4xx other than 401/403/409/429)."""
-        now = time.time() if now is None else now
-        with self._lock:
-            row = self._db.execute(
-                "SELECT file FROM outbox WHERE frame_id = ?", (frame_id,)
-            ).fetchone()
-            with self._tx():
-                self._db.execute("DELETE FROM outbox WHERE frame_id = ?", (frame_id,))
-                self._set_journal(frame_id, "rejected", now)
-                self._bump("rejected")
-            if row is not None:
-                (self.spool / row[0]).unlink(missing_ok=True)
+        self._finish(frame_id, "rejected", "rejected", now)
         logger.error("gateway rejected frame %s for good: %s", frame_id, reason)
 
     def fail(

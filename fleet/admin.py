@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import AwareDatetime
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from fleet.auth import (
     AdminPrincipal,
@@ -53,6 +54,14 @@ def _client(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
+def _device_or_404(session: Session, device_id: str) -> Device:
+    """The device row, or an HTTP 404 that says where to find the ids."""
+    device = session.get(Device, device_id)
+    if device is None:
+        raise HTTPException(404, f"no device {device_id} (GET /v1/devices lists them)")
+    return device
+
+
 @router.get("/v1/devices", response_model=list[DeviceOut], responses=_ERRORS)
 def list_devices(
     _: AdminPrincipal,
@@ -81,9 +90,7 @@ def set_device_status(
     """Change a device's status (e.g. verify a pending device by setting it active)."""
     now = gw.now()
     with gw.db.write() as session:
-        device = session.get(Device, device_id)
-        if device is None:
-            raise HTTPException(404, f"no device {device_id} (GET /v1/devices lists them)")
+        device = _device_or_404(session, device_id)
         if device.revoked_at is not None:
             raise HTTPException(
                 409, f"device {device_id} was revoked; a revoked device cannot change status "
@@ -110,9 +117,7 @@ def revoke(
     """Revoke a device and every token it holds (idempotent)."""
     now = gw.now()
     with gw.db.write() as session:
-        device = session.get(Device, device_id)
-        if device is None:
-            raise HTTPException(404, f"no device {device_id} (GET /v1/devices lists them)")
+        device = _device_or_404(session, device_id)
         n = revoke_device(session, device, now)
         audit(session, now, "device_revoked", actor=principal.actor, device_id=device_id,
               token_id=principal.token_id, client=_client(request),

@@ -8,9 +8,14 @@ import uuid
 from pathlib import Path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, then rename it over ``path``."""
+def write_text_atomic(path: Path, text: str, *, parents: bool = False) -> None:
+    """Write ``text`` to a temporary sibling, then rename it over ``path``.
+
+    ``parents=True`` creates missing parent folders first.
+    """
     path = Path(path)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")

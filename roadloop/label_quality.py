@@ -165,24 +165,59 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _fold_dataset(
-    fold_dir: Path, train: list[Path], val: list[Path], class_names: list[str]
+def symlink_yolo_dataset(
+    root: Path, train: list[Path], val: list[Path], class_names: list[str]
 ) -> Path:
-    """A YOLO dataset of symlinks (caches land here, never in the source dataset)."""
+    """A YOLO dataset of symlinks at ``root`` (Ultralytics' caches land here, never in the
+    source dataset); returns its ``data.yaml``."""
     for split, imgs in (("train", train), ("val", val)):
         for img in imgs:
-            _link(img, fold_dir / "images" / split / img.name)
+            _link(img, root / "images" / split / img.name)
             lbl = img.parent.parent.parent / "labels" / img.parent.name / f"{img.stem}.txt"
             if lbl.is_file():
-                _link(lbl, fold_dir / "labels" / split / f"{img.stem}.txt")
+                _link(lbl, root / "labels" / split / f"{img.stem}.txt")
     doc = {
-        "path": str(fold_dir.absolute()),
+        "path": str(root.absolute()),
         "train": "images/train",
         "val": "images/val",
         "names": dict(enumerate(class_names)),
     }
-    (fold_dir / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return fold_dir / "data.yaml"
+    (root / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return root / "data.yaml"
+
+
+def predict_for_cleanlab(
+    weights: Path,
+    images: Sequence[Path],
+    num_classes: int,
+    *,
+    imgsz: int,
+    conf: float = OOS_CONF,
+    device: str = "cpu",
+) -> list[CleanlabPrediction]:
+    """Predict ``images`` with the Ultralytics ``weights`` (square letterbox at ``imgsz``, low
+    ``conf``), one cleanlab prediction per image."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights), task="detect")
+    preds: list[CleanlabPrediction] = []
+    for img in images:
+        r = model.predict(
+            str(img),
+            imgsz=imgsz,
+            conf=conf,
+            device=device,
+            rect=False,
+            verbose=False,
+            save=False,
+        )[0]
+        b = r.boxes
+        preds.append(
+            detections_to_cleanlab(
+                b.xyxy.cpu().numpy(), b.cls.cpu().numpy(), b.conf.cpu().numpy(), num_classes
+            )
+        )
+    return preds
 
 
 def ultralytics_fit_predict(
@@ -194,34 +229,18 @@ def ultralytics_fit_predict(
     def fit_predict(
         train: list[Path], heldout: list[Path], fold_dir: Path, class_names: list[str]
     ) -> list[CleanlabPrediction]:
-        from ultralytics import YOLO
-
         from roadloop.training import train_detector
 
-        data_yaml = _fold_dataset(fold_dir / "data", train, heldout, class_names)
+        data_yaml = symlink_yolo_dataset(fold_dir / "data", train, heldout, class_names)
         result = train_detector(train_cfg, data_yaml, fold_dir / "run")
-        model = YOLO(str(result.best_weights), task="detect")
-        preds: list[CleanlabPrediction] = []
-        for img in heldout:
-            r = model.predict(
-                str(img),
-                imgsz=imgsz or train_cfg.imgsz,
-                conf=conf,
-                device=device,
-                rect=False,
-                verbose=False,
-                save=False,
-            )[0]
-            b = r.boxes
-            preds.append(
-                detections_to_cleanlab(
-                    b.xyxy.cpu().numpy(),
-                    b.cls.cpu().numpy(),
-                    b.conf.cpu().numpy(),
-                    len(class_names),
-                )
-            )
-        return preds
+        return predict_for_cleanlab(
+            result.best_weights,
+            heldout,
+            len(class_names),
+            imgsz=imgsz or train_cfg.imgsz,
+            conf=conf,
+            device=device,
+        )
 
     return fit_predict
 
@@ -589,7 +608,9 @@ __all__ = [
     "find_label_issues",
     "hold_out_flagged",
     "out_of_sample_predictions",
+    "predict_for_cleanlab",
     "read_yolo_label",
+    "symlink_yolo_dataset",
     "ultralytics_fit_predict",
     "write_report",
 ]

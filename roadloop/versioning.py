@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel
 
 from roadloop.errors import InvalidInputError, MissingDataError, RoadloopError
+from roadloop.fsutil import swap_dir_into_place
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +50,6 @@ class DatasetVersion(BaseModel):
     size: int
     dvc_file: Path
     remote_url: str
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Rename ``src`` to ``dest``; an existing ``dest`` is renamed aside, then deleted."""
-    aside: Path | None = None
-    if dest.exists():
-        aside = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:12]}"
-        os.replace(dest, aside)
-    try:
-        os.replace(src, dest)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, dest)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _normalise_md5(md5: str) -> str:
@@ -222,7 +207,7 @@ class DvcStore:
             staged = target_dir.parent / f".tmp-{target_dir.name}-{uuid.uuid4().hex[:12]}"
             shutil.move(str(restored), str(staged))  # a copy when crossing filesystems
             try:
-                _replace_dir(staged, target_dir)
+                swap_dir_into_place(staged, target_dir)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
         finally:

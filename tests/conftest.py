@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,3 +42,22 @@ def roadloop_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     get_settings.cache_clear()
     yield home
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def fiftyone_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One temporary FiftyOne database (mongod) for the whole session (~10 s cold start)."""
+    fodb = sys.modules.get("fiftyone.core.odm.database")
+    if fodb is not None and fodb._client is not None:  # something else in the process started it
+        import fiftyone as fo
+
+        return Path(fo.config.database_dir)
+    from roadloop.review import configure_fiftyone
+
+    db = tmp_path_factory.mktemp("fiftyone-db")
+    fo = configure_fiftyone(db)
+    try:
+        fo.list_datasets()  # starts mongod now, once
+    except Exception as exc:  # noqa: BLE001 - environment problem, reported clearly
+        pytest.fail(f"FiftyOne's MongoDB could not start in {db}: {exc}")
+    return db

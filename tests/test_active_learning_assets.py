@@ -4,7 +4,6 @@ No postponed annotations here: Dagster resolves the stub asset's types at defini
 """
 
 import shutil
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,26 +21,8 @@ from roadloop.review import (
     VIEW_QUEUE,
     ReviewBox,
     ReviewItem,
-    configure_fiftyone,
     pending_key,
 )
-
-
-@pytest.fixture(scope="session")
-def fiftyone_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One temporary FiftyOne database (mongod) for the whole session (~10 s cold start)."""
-    fodb = sys.modules.get("fiftyone.core.odm.database")
-    if fodb is not None and fodb._client is not None:  # another test module started it
-        import fiftyone as fo
-
-        return Path(fo.config.database_dir)
-    db = tmp_path_factory.mktemp("fiftyone-db")
-    fo = configure_fiftyone(db)
-    try:
-        fo.list_datasets()
-    except Exception as exc:  # noqa: BLE001 - environment problem, reported clearly
-        pytest.fail(f"FiftyOne's MongoDB could not start in {db}: {exc}")
-    return db
 
 
 @pytest.fixture()

@@ -333,22 +333,11 @@ needs_shared = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def ultralytics_yolo(tmp_path_factory: pytest.TempPathFactory):
-    os.environ["YOLO_CONFIG_DIR"] = str(tmp_path_factory.mktemp("yolo_cfg"))
-    from ultralytics import YOLO, settings
+    from roadloop.training import configure_ultralytics
 
-    off = (
-        "mlflow",
-        "raytune",
-        "wandb",
-        "tensorboard",
-        "clearml",
-        "comet",
-        "dvc",
-        "neptune",
-        "hub",
-        "sync",
-    )
-    settings.update({k: False for k in off if k in settings})
+    configure_ultralytics(tmp_path_factory.mktemp("yolo_cfg"))  # integrations and sync off
+    from ultralytics import YOLO
+
     return YOLO
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,34 +10,12 @@ import pytest
 import yaml
 
 from roadloop.errors import InvalidInputError, MissingDataError
+from roadloop.training import configure_ultralytics
 
 IMGSZ = 320  # the shared ONNX export is static 1x3x320x320
 ATL_NAMES = ["bike", "bus", "car", "truck"]
 # manaus_v4 ids -> atl ids (biker/cyclist -> bike, car, truck; people has no atl class)
 MANAUS_TO_ATL = {0: 0, 1: 2, 2: 0, 4: 3}
-
-
-def _configure_ultralytics(tmp: Path) -> None:
-    try:
-        from roadloop.training import configure_ultralytics
-    except ImportError:  # training.py not there yet: do the same thing locally
-        os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp))
-        from ultralytics import settings
-
-        off = {
-            "mlflow",
-            "raytune",
-            "wandb",
-            "tensorboard",
-            "clearml",
-            "comet",
-            "dvc",
-            "neptune",
-            "hub",
-        }
-        settings.update({k: False for k in off if k in settings})
-        return
-    configure_ultralytics()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +24,7 @@ def models(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     pt, onnx = d / "atl_v2_yolo11n_320.pt", d / "atl_v2_yolo11n_320.onnx"
     if not (pt.is_file() and onnx.is_file()):
         pytest.skip(f"shared checkpoints not found in {d}")
-    _configure_ultralytics(tmp_path_factory.mktemp("ultralytics"))
+    configure_ultralytics()
     return {"pt": pt, "onnx": onnx}
 
 

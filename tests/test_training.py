@@ -12,6 +12,7 @@ import yaml
 from roadloop.errors import InvalidInputError, MissingDataError
 from roadloop.settings import get_settings
 from roadloop.training import (
+    _INTEGRATIONS,
     TrainConfig,
     adapt_checkpoint_to_taxonomy,
     configure_ultralytics,
@@ -188,17 +189,4 @@ def test_train_one_epoch_from_adapted_checkpoint(atl, ckpt320, tmp_path):
 def test_configure_ultralytics_disables_integrations():
     from ultralytics import settings
 
-    assert not any(
-        settings.get(k)
-        for k in (
-            "mlflow",
-            "raytune",
-            "wandb",
-            "tensorboard",
-            "clearml",
-            "comet",
-            "dvc",
-            "neptune",
-            "hub",
-        )
-    )
+    assert not any(settings.get(k) for k in (*_INTEGRATIONS, "sync"))
