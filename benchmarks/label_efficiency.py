@@ -212,7 +212,7 @@ def run_one(
             epochs=args.epochs,
             batch=args.batch,
             device=args.device,
-            workers=0,
+            workers=args.workers,
             seed=seed,
             extra={"warmup_epochs": 0, "val": False, "amp": False},
         )
@@ -402,6 +402,121 @@ def markdown(record: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _child_argv(argv: list[str], strategy: str, seed: int, work: Path) -> list[str]:
+    """The parent's arguments minus the ones the child gets its own values for."""
+    own = {"--jobs", "--deadline-s", "--seeds", "--strategies", "--work", "--out", "--name"}
+    out: list[str] = []
+    skipping = False
+    for a in argv:
+        if a.startswith("--"):
+            skipping = a.split("=", 1)[0] in own and "=" not in a
+            if a.split("=", 1)[0] in own:
+                continue
+        elif skipping:
+            continue
+        out.append(a)
+    return [*out, "--seeds", str(seed), "--strategies", strategy, "--work", str(work),
+            "--out", str(work / "out"), "--name", "run", "--resume"]
+
+
+def run_parallel(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Every (strategy, seed) in its own process, ``--jobs`` at a time; then one report.
+
+    Each child curates and trains in its own work folder (no shared Ultralytics caches) and
+    saves its progress after every round, so a ``--deadline-s`` cut keeps finished rounds.
+    """
+    import subprocess
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args.work = (args.work or args.out / "work" / args.name).absolute()
+    jobs_dir = args.work / "jobs"
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    pending = [(st, sd) for sd in args.seeds for st in args.strategies]
+    running: list[tuple[subprocess.Popen, Path, str]] = []
+    t0 = time.perf_counter()
+    deadline = None if args.deadline_s is None else t0 + args.deadline_s
+    failed: list[str] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            strategy, seed = pending.pop(0)
+            work = jobs_dir / f"{strategy}-s{seed}"
+            work.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "benchmarks.label_efficiency",
+                   *_child_argv(argv, strategy, seed, work)]
+            log = (work / "child.log").open("ab")
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             cwd=PROJECT_ROOT), work, f"{strategy}/seed{seed}"))
+            logger.info("started %s (%d running, %d waiting)", running[-1][2], len(running),
+                        len(pending))
+        time.sleep(2.0)
+        for proc, work, key in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, work, key))
+                if proc.returncode != 0:
+                    failed.append(key)
+                    logger.error("%s exited %d; see %s", key, proc.returncode,
+                                 work / "child.log")
+                else:
+                    logger.info("%s done", key)
+        if deadline is not None and time.perf_counter() > deadline and (running or pending):
+            logger.warning("deadline: stopping %d run(s), %d never started",
+                           len(running), len(pending))
+            for proc, _, key in running:
+                proc.terminate()
+                failed.append(f"{key} (stopped at the deadline)")
+            for proc, _, _ in running:
+                proc.wait(30)
+            failed += [f"{st}/seed{sd} (not started)" for st, sd in pending]
+            running, pending = [], []
+
+    record: dict = {"runs": {}}
+    for progress in sorted(jobs_dir.glob("*/progress.json")):
+        child = json.loads(progress.read_text())
+        record.setdefault("baseline", child.get("baseline"))
+        record["runs"].update(child.get("runs", {}))
+    if not record["runs"] or record.get("baseline") is None:
+        logger.error("no run finished a round; nothing to report")
+        return 1
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    first = json.loads(next(jobs_dir.glob("*/progress.json")).read_text())["config"]
+    config.update(pool_size=first["pool_size"], test_size=first["test_size"], failed=failed)
+    record["config"] = config
+    record["machine"] = f"{platform.node()} ({os.cpu_count()} CPUs), device {args.device}, " \
+        f"{args.jobs} runs in parallel"
+    record["wall_seconds"] = time.perf_counter() - t0
+    write_report(record, args)
+    return 1 if failed else 0
+
+
+def write_report(record: dict, args: argparse.Namespace) -> None:
+    """``<out>/<name>.{json,md,png}`` from the runs in ``record``."""
+    summary = summarise(record, args)
+    out = {
+        "config": record["config"],
+        "machine": record["machine"],
+        "wall_seconds": record["wall_seconds"],
+        **summary,
+        "runs": {
+            k: {
+                **v,
+                "rounds": [
+                    {kk: vv for kk, vv in r.items() if kk != "weights"} for r in v["rounds"]
+                ],
+            }
+            for k, v in record["runs"].items()
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out / f"{args.name}.json", json.dumps(out, indent=2))
+    plot(summary, args.out / f"{args.name}.png")
+    write_text_atomic(
+        args.out / f"{args.name}.md",
+        markdown(record, summary).replace("label_efficiency.png", f"{args.name}.png"),
+    )
+    logger.info("verdict: %s", summary["verdict"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -420,7 +535,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="label_efficiency")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--workers", type=int, default=0, help="Ultralytics dataloader workers")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run each (strategy, seed) in its own process, this many at a time (a GPU box)",
+    )
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="with --jobs: stop unfinished runs after this long and report the rounds done",
+    )
     args = ap.parse_args(argv)
+    if args.jobs > 1:
+        return run_parallel(args, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.work = (args.work or args.out / "work" / args.name).absolute()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -461,30 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             record["wall_seconds"] = elapsed0 + time.perf_counter() - t0
             write_text_atomic(progress, json.dumps(record, indent=2))
     record["wall_seconds"] = elapsed0 + time.perf_counter() - t0
-    summary = summarise(record, args)
-    out = {
-        "config": record["config"],
-        "machine": record["machine"],
-        "wall_seconds": record["wall_seconds"],
-        **summary,
-        "runs": {
-            k: {
-                **v,
-                "rounds": [
-                    {kk: vv for kk, vv in r.items() if kk != "weights"} for r in v["rounds"]
-                ],
-            }
-            for k, v in record["runs"].items()
-        },
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / f"{args.name}.json", json.dumps(out, indent=2))
-    plot(summary, args.out / f"{args.name}.png")
-    write_text_atomic(
-        args.out / f"{args.name}.md",
-        markdown(record, summary).replace("label_efficiency.png", f"{args.name}.png"),
-    )
-    logger.info("verdict: %s", summary["verdict"])
+    write_report(record, args)
     return 0
 
 
