@@ -43,7 +43,7 @@ bench: install
 	$(PY) -m benchmarks.gateway_intake
 	$(PY) -m benchmarks.rollout_propagation
 	ROADLOOP_ROLLBACK_TIMELINE=benchmarks/results/rollback_timeline.json \
-		$(PY) -m pytest -q tests/test_rollout_e2e.py -k slow_canary
+		$(PY) -m pytest -q tests/test_rollout_e2e.py  # the timeline test needs the rollouts before it
 
 # Label-efficiency and label-QA benchmarks (about an hour on 2 cores).
 bench-al: install
