@@ -83,6 +83,10 @@ def demo(
     profile: str = typer.Option("demo", help="Resource profile: demo | test | default."),
     frames_per_camera: int = typer.Option(40, help="Frames replayed per labelled-dataset camera."),
     frames_per_agent: int = typer.Option(150, help="Video frames each demo edge agent processes."),
+    review_turns: int = typer.Option(
+        0, help="Turns that close the loop after the first: simulated reviews → import → retrain."
+    ),
+    reviews_per_turn: int = typer.Option(20, help="Frames the simulated annotator reviews per turn."),
 ) -> None:
     """Run the whole learning loop on the shared data, then serve the UIs."""
     settings = get_settings()
@@ -94,7 +98,12 @@ def demo(
 
     from roadloop.orchestrate import run_demo_loop  # imports Dagster
 
-    outcome = run_demo_loop(frames_per_camera=frames_per_camera, frames_per_agent=frames_per_agent)
+    outcome = run_demo_loop(
+        frames_per_camera=frames_per_camera,
+        frames_per_agent=frames_per_agent,
+        review_turns=review_turns,
+        reviews_per_turn=reviews_per_turn,
+    )
     minutes = (time.monotonic() - started) / 60
     typer.echo(outcome.summary())
     typer.echo(f"demo loop finished in {minutes:.1f} min (profile={profile}, home={settings.home})")
