@@ -324,15 +324,14 @@ class OnnxDetector:
                     "input height/width are dynamic and the metadata has no 'imgsz'; pass imgsz=",
                 )
             h, w = size
-        if h != w:
-            raise InvalidModelError(
-                self.model_path, f"input is {h}x{w} (HxW); only square inputs are supported"
-            )
-        if imgsz is not None and imgsz != h:
+        if imgsz is not None and imgsz != max(h, w):
             raise InvalidModelError(
                 self.model_path, f"imgsz={imgsz} but the model's input is fixed at {h}x{w}"
             )
-        self.input_size = int(h)
+        # A rectangular input (e.g. 192x320 for 16:9 cameras, what Ultralytics' own predict
+        # uses) spends no compute on padding; ``input_size`` is its long side, as ``imgsz``.
+        self.input_hw: tuple[int, int] = (int(h), int(w))
+        self.input_size = int(max(h, w))
         stride = _literal(meta.get("stride"))
         self.stride = int(stride) if isinstance(stride, int) else 32
 
@@ -373,8 +372,8 @@ class OnnxDetector:
             "loaded %s (sha256 %s…, %dx%d, %s batch, %d classes, providers %s)",
             self.model_path.name,
             self.model_sha256[:12],
-            self.input_size,
-            self.input_size,
+            self.input_hw[0],
+            self.input_hw[1],
             "dynamic" if self.batch_size is None else f"static {self.batch_size}",
             self.num_classes,
             self.session.get_providers(),
@@ -395,6 +394,7 @@ class OnnxDetector:
             "model_path": str(self.model_path),
             "model_sha256": self.model_sha256,
             "input_size": self.input_size,
+            "input_hw": list(self.input_hw),
             "batch": "dynamic" if self.batch_size is None else self.batch_size,
             "input_dtype": np.dtype(self.input_dtype).name,
             "class_names": self.class_names,
@@ -411,7 +411,7 @@ class OnnxDetector:
         padded, metas = [], []
         for frame in frames:
             bgr = _as_bgr(frame)
-            img, ratio, pad = letterbox(bgr, self.input_size)
+            img, ratio, pad = letterbox(bgr, self.input_hw)
             padded.append(img)
             metas.append(LetterboxMeta(orig_shape=bgr.shape[:2], ratio=ratio, pad=pad))
         batch = padded[0][None] if len(padded) == 1 else np.stack(padded)
@@ -533,5 +533,5 @@ class OnnxDetector:
     def __repr__(self) -> str:
         return (
             f"OnnxDetector({os.fspath(self.model_path)!r}, sha256={self.model_sha256[:12]}, "
-            f"imgsz={self.input_size}, classes={self.class_names})"
+            f"input={self.input_hw[0]}x{self.input_hw[1]}, classes={self.class_names})"
         )

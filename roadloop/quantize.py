@@ -31,14 +31,15 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def letterbox(image_bgr: np.ndarray, imgsz: int, pad_value: int = 114) -> np.ndarray:
+def letterbox(image_bgr: np.ndarray, imgsz: int | tuple[int, int], pad_value: int = 114) -> np.ndarray:
     """The edge inference core's letterbox, so calibration sees exactly what inference sees."""
     padded, _, _ = edge_letterbox(image_bgr, imgsz, color=(pad_value, pad_value, pad_value))
     return padded
 
 
-def preprocess(path: Path, imgsz: int) -> np.ndarray:
-    """Image file → 1×3×imgsz×imgsz float32 RGB in [0, 1]; unreadable files raise naming them."""
+def preprocess(path: Path, imgsz: int | tuple[int, int]) -> np.ndarray:
+    """Image file → 1×3×H×W float32 RGB in [0, 1] (``imgsz``: side or (H, W)); unreadable
+    files raise naming them."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise InvalidInputError(path, "cannot decode image")
@@ -49,7 +50,9 @@ def preprocess(path: Path, imgsz: int) -> np.ndarray:
 class CalibrationReader(CalibrationDataReader):
     """Feeds calibration frames to ONNX Runtime one at a time (batch 1)."""
 
-    def __init__(self, image_paths: Sequence[Path], imgsz: int, input_name: str = "images") -> None:
+    def __init__(
+        self, image_paths: Sequence[Path], imgsz: int | tuple[int, int], input_name: str = "images"
+    ) -> None:
         self.image_paths = [Path(p) for p in image_paths]
         self.imgsz = imgsz
         self.input_name = input_name
@@ -175,7 +178,7 @@ def quantize_int8(
     out_path: Path,
     calibration_images: Sequence[Path],
     *,
-    imgsz: int,
+    imgsz: int | tuple[int, int],
     config: QuantConfig | None = None,
 ) -> QuantizedModelInfo:
     """Static INT8 quantization of ``fp32_path`` into ``out_path``.
@@ -184,7 +187,8 @@ def quantize_int8(
     ``config.num_calibration_frames`` of ``calibration_images`` (use *train* frames, never
     the evaluation split), keeps nodes matching ``exclude_node_patterns`` in float, copies
     the fp32 model's metadata (class names, stride, imgsz) and writes atomically. On failure
-    nothing is left at ``out_path``.
+    nothing is left at ``out_path``. ``imgsz`` is the model's input side, or (H, W) for a
+    rectangular input.
     """
     import onnx
     import onnxruntime as ort

@@ -262,14 +262,21 @@ def test_missing_file_is_invalid_model(tmp_path: Path) -> None:
         OnnxDetector(tmp_path / "absent.onnx")
 
 
-def test_wrong_rank_and_non_square_inputs_are_rejected(tmp_path: Path) -> None:
+def test_rectangular_input_letterboxes_to_its_own_shape(tmp_path: Path) -> None:
+    """A 64x96 (HxW) model: frames letterbox to 64x96, boxes map back through it."""
     out = _raw([(8, 8, 4, 4, 0, 0.9)], nc=2)
-    non_square = _constant_output_model(
-        tmp_path / "wide.onnx", out, input_shape=[1, 3, 64, 96], names=NAMES
-    )
-    with pytest.raises(InvalidModelError, match="only square"):
-        OnnxDetector(non_square)
+    wide = _constant_output_model(tmp_path / "wide.onnx", out, input_shape=[1, 3, 64, 96], names=NAMES)
+    det = OnnxDetector(wide)
+    assert det.input_hw == (64, 96) and det.input_size == 96
+    blob, metas = det.preprocess([np.zeros((128, 192, 3), np.uint8)])
+    assert blob.shape == (1, 3, 64, 96) and metas[0].pad == (0, 0)
+    (box,) = det.detect(np.zeros((128, 192, 3), np.uint8))  # exactly 2x the input: no padding
+    assert box.xyxy == pytest.approx((12.0, 12.0, 20.0, 20.0))
+    with pytest.raises(InvalidModelError, match="fixed at 64x96"):
+        OnnxDetector(wide, imgsz=64)
 
+
+def test_wrong_rank_input_is_rejected(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
@@ -395,6 +402,37 @@ def test_parity_with_ultralytics_onnx_predict(ultralytics_yolo) -> None:
     assert total > 0  # the checkpoint finds real cars in these frames
     # Batched through the static batch-1 model gives the same answer as one by one.
     assert det.detect_batch(frames[:3]) == [det.detect(f) for f in frames[:3]]
+
+
+@needs_shared
+def test_rectangular_export_parity_and_int8(ultralytics_yolo, tmp_path: Path) -> None:
+    """A 192x320 export (16:9 cameras, no padding rows): same detections as Ultralytics'
+    predict on that file, and roadloop's INT8 quantizer calibrates it at its own shape."""
+    from roadloop.quantize import quantize_int8
+
+    pt = tmp_path / "model.pt"
+    shutil.copy(PT_320, pt)
+    rect = Path(
+        ultralytics_yolo(str(pt)).export(format="onnx", imgsz=(192, 320), simplify=False,
+                                         verbose=False)
+    )
+    det = OnnxDetector(rect, conf_threshold=CONF, iou_threshold=IOU, intra_op_threads=1)
+    assert det.input_hw == (192, 320) and det.input_size == 320
+    yolo = ultralytics_yolo(str(rect), task="detect")
+    frames = _real_frames()
+    total = 0
+    for frame in frames:
+        theirs = yolo.predict(frame, imgsz=(192, 320), conf=CONF, iou=IOU, verbose=False)[0].boxes
+        mine = det.detect(frame)
+        _assert_same(mine, theirs)
+        total += len(mine)
+    assert total > 0
+
+    calib = sorted((SHARED / "datasets" / "atl_v2" / "images" / "train").glob("*.jpg"))[:8]
+    info = quantize_int8(rect, tmp_path / "rect_int8.onnx", calib, imgsz=(192, 320))
+    q = OnnxDetector(info.path, conf_threshold=CONF, iou_threshold=IOU, intra_op_threads=1)
+    assert q.input_hw == (192, 320)
+    assert sum(len(q.detect(f)) for f in frames) > 0  # still finds the cars
 
 
 @needs_shared
