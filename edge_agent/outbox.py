@@ -261,7 +261,7 @@ class Outbox:
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, target)
-                _fsync_dir(self.spool)
+                fsync_dir(self.spool)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise OutboxError(f"{target}: cannot write the spooled frame ({exc})") from exc
@@ -439,7 +439,8 @@ class _Transaction:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (best effort: a file system that cannot is skipped)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

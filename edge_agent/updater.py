@@ -76,9 +76,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent.client import GatewayClient, GatewayError
 from edge_agent.errors import EdgeAgentError, InvalidModelError
 from edge_agent.inference import OnnxDetector, file_sha256
+from edge_agent.outbox import fsync_dir
 from edge_agent.shadow import ShadowRunner
-
-from .outbox import _fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -906,7 +905,7 @@ class ModelUpdater:
                 rollout_id=rid,
             )
         os.replace(partial, final)  # _pending_sha stays set until the model is recorded
-        _fsync_dir(self.models_dir)
+        fsync_dir(self.models_dir)
         logger.info("model verified: %s (size and sha256 match the signed manifest)", m.short)
         return final
 
@@ -1023,7 +1022,7 @@ class ModelUpdater:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
-            _fsync_dir(self.models_dir)
+            fsync_dir(self.models_dir)
             logger.info("previous model %s kept on disk at %s", model.sha256[:12], target)
             return dataclasses.replace(model, path=target)
         except OSError as exc:
