@@ -208,12 +208,18 @@ def _learning_loop_job(defs, instance, settings, outcome: LoopOutcome, gates_may
     """
     loop = defs.resolve_job_def("learning_loop").execute_in_process(instance=instance, raise_on_error=False)
     outcome.run_ids.append(loop.run_id)
-    outcome.success &= loop.success or gates_may_block
     outcome.materialized = [
         e.materialization.asset_key.to_user_string() for e in loop.get_asset_materialization_events()
     ]
+    outcome.checks = {}
     for evaluation in loop.get_asset_check_evaluations():
         outcome.checks[evaluation.check_name] = evaluation.passed
+    # Blocked by a gate = the report was made and a check failed; anything else is a failure.
+    blocked_by_gate = (
+        gates_may_block and "benchmark_report" in outcome.materialized
+        and not all(outcome.checks.values())
+    )
+    outcome.success &= loop.success or blocked_by_gate
 
     tracker = Tracker(str(settings.mlflow_tracking_uri), settings.mlflow_experiment, settings.mlflow_artifact_root)
     cand = tracker.version_by_alias(settings.registered_model_name, CANDIDATE_ALIAS)
