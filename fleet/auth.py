@@ -342,11 +342,13 @@ def enroll(
     s = gw.settings
     failure: tuple[int, str, str, dict[str, Any]] | None = None
     with gw.db.write() as session:
+        # FOR UPDATE: on Postgres two concurrent enrollments with one token serialise here
+        # (SQLite's BEGIN IMMEDIATE write session already does; SQLite ignores the clause).
         tok = session.scalar(
             select(Token).where(
                 Token.token_hash == hash_token(body.enrollment_token),
                 Token.kind == TokenKind.enrollment.value,
-            )
+            ).with_for_update()
         )
         if tok is None:
             failure = (401, "unknown_token", ("unknown enrollment token: ask an operator for one "
@@ -425,11 +427,11 @@ def refresh(
     s = gw.settings
     failure: tuple[str, str, dict[str, Any]] | None = None
     with gw.db.write() as session:
-        tok = session.scalar(
+        tok = session.scalar(  # FOR UPDATE: one refresh token rotates once (see enroll)
             select(Token).where(
                 Token.token_hash == hash_token(body.refresh_token),
                 Token.kind == TokenKind.refresh.value,
-            )
+            ).with_for_update()
         )
         device = session.get(Device, tok.device_id) if tok is not None and tok.device_id else None
         if tok is None or device is None:

@@ -278,6 +278,37 @@ def test_enrollment_token_is_one_time_and_bound(env: Env) -> None:
     assert ("enroll", "denied") in env.audit_actions()
 
 
+def test_one_token_enrolls_one_device_and_one_refresh_rotates_once(env: Env) -> None:
+    """Eight concurrent uses of one enrollment token, then of one refresh token: one wins."""
+    tok = env.enrollment_token()
+    codes: list[int] = []
+
+    def enroll(i: int) -> None:
+        body = {"enrollment_token": tok, "camera_id": f"cam-{i}", "agent_version": "1"}
+        codes.append(env.client.post("/v1/enroll", json=body).status_code)
+
+    threads = [threading.Thread(target=enroll, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201] + [401] * 7
+
+    dev = env.enroll()
+    refreshed: list[int] = []
+
+    def refresh() -> None:
+        r = env.client.post("/v1/token/refresh", json={"refresh_token": dev["refresh_token"]})
+        refreshed.append(r.status_code)
+
+    threads = [threading.Thread(target=refresh) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(refreshed) == [200] + [401] * 7
+
+
 def test_refresh_rotates_and_expired_access_is_401(env: Env, frame_jpeg: bytes) -> None:
     dev = env.enroll()
     env.clock.advance(3601)

@@ -1,0 +1,135 @@
+"""The fleet gateway on PostgreSQL (its production database), on a real server on loopback.
+
+A throwaway cluster is made with ``initdb`` in a temp folder and started with ``pg_ctl``
+(as ``nobody`` when the tests run as root: PostgreSQL refuses root). Skips when the
+server binaries are not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roadloop.localfleet import free_port
+
+from . import test_fleet_gateway as gateway_tests
+from .test_fleet_gateway import T0, _hb, assert_clear_4xx, bearer, meta, post_frame
+
+# The gateway tests' fixtures, reused here by name.
+frame_jpeg = gateway_tests.frame_jpeg
+make_env = gateway_tests.make_env
+
+INITDB, PG_CTL = shutil.which("initdb"), shutil.which("pg_ctl")
+pytestmark = pytest.mark.skipif(
+    not (INITDB and PG_CTL), reason="PostgreSQL server binaries (initdb, pg_ctl) not installed"
+)
+
+
+def _as_server_user(cmd: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return cmd
+    runuser = shutil.which("runuser")
+    if runuser is None:
+        pytest.skip("running as root without runuser: PostgreSQL will not start as root")
+    return [runuser, "-u", "nobody", "--", *cmd]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_as_server_user(cmd), cwd="/", capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """``host:port`` of a fresh PostgreSQL cluster (trust auth, user ``postgres``)."""
+    # Not under pytest's tmp root: that is private to root, and the server runs as nobody.
+    root = Path(tempfile.mkdtemp(prefix="roadloop-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "nobody")
+    data, port = root / "data", free_port()
+    r = _run([INITDB, "-D", str(data), "-A", "trust", "-U", "postgres"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    r = _run([PG_CTL, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"])
+    assert r.returncode == 0, r.stderr[-2000:] + (root / "log").read_text()[-2000:]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        _run([PG_CTL, "-D", str(data), "-m", "fast", "stop"])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture()
+def pg_env(postgres: str, make_env: Any) -> Any:
+    """A gateway on its own new database of the cluster."""
+    import psycopg2
+
+    name = f"fleet_{time.monotonic_ns()}"
+    conn = psycopg2.connect(f"postgresql://postgres@{postgres}/postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return make_env(database_url=f"postgresql+psycopg2://postgres@{postgres}/{name}")
+
+
+def test_enroll_upload_replay_heartbeat_on_postgres(pg_env: Any, frame_jpeg: bytes) -> None:
+    assert pg_env.gw.db.engine.dialect.name == "postgresql"
+    dev = pg_env.enroll()
+    r = post_frame(pg_env.client, dev["access_token"], meta("f-1"), frame_jpeg)
+    assert r.status_code == 201, r.text
+    assert_clear_4xx(post_frame(pg_env.client, dev["access_token"], meta("f-1"), frame_jpeg),
+                     409, "already stored")
+    for _ in range(2):  # the second is a duplicate of the first
+        hb = pg_env.client.post("/v1/heartbeats", json=_hb("cam-a", T0),
+                                headers=bearer(dev["access_token"]))
+        assert hb.status_code == 202, hb.text
+    assert hb.json()["duplicate"] is True
+    series = pg_env.client.get("/v1/cameras/cam-a/heartbeats", headers=bearer(pg_env.admin))
+    assert len(series.json()) == 1 and series.json()[0]["payload"]["per_class_counts"] == {"car": 4}
+    assert [(row.camera_id, row.frame_id) for row in pg_env.rows()] == [("cam-a", "f-1")]
+
+
+def test_one_token_enrolls_one_device_on_postgres(pg_env: Any) -> None:
+    """Concurrent enrollments with one token: the row lock lets exactly one through."""
+    tok = pg_env.enrollment_token()
+    codes: list[int] = []
+
+    def enroll(i: int) -> None:
+        body = {"enrollment_token": tok, "camera_id": f"cam-{i}", "agent_version": "1"}
+        codes.append(pg_env.client.post("/v1/enroll", json=body).status_code)
+
+    threads = [threading.Thread(target=enroll, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201] + [401] * 7
+
+    dev = pg_env.enroll("cam-z")
+    rotated: list[int] = []
+
+    def refresh() -> None:
+        r = pg_env.client.post("/v1/token/refresh", json={"refresh_token": dev["refresh_token"]})
+        rotated.append(r.status_code)
+
+    threads = [threading.Thread(target=refresh) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(rotated) == [200] + [401] * 7
+
+
+def test_database_url_is_used_not_sqlite(pg_env: Any) -> None:
+    home = Path(pg_env.settings.home)
+    assert not (home / "fleet" / "fleet.db").exists()
