@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fleet.config import SCOPES
@@ -392,7 +393,14 @@ def enroll(
                 updated_at=now,
             )
             session.add(device)
-            session.flush()
+            token_id = tok.id
+            try:
+                session.flush()
+            except IntegrityError:  # another enrollment of this camera won the race
+                session.rollback()  # the token stays unused
+                failure = (409, "camera_taken", (f"camera {body.camera_id} was just enrolled by "
+                           "another device: revoke that device first"), {"token_id": token_id})
+        if failure is None:
             access, _ = _mint(session, TokenKind.access, now, s.access_token_ttl_s,
                               tok.scope_list, device_id=device.device_id)
             refresh, _ = _mint(session, TokenKind.refresh, now, s.refresh_token_ttl_s,

@@ -31,6 +31,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -84,6 +85,17 @@ class Device(Base):
     """One enrolled edge agent, bound to one camera."""
 
     __tablename__ = "devices"
+    # One live (not revoked) device per camera, enforced by the database itself: two
+    # concurrent enrollments of one camera cannot both pass the application's check.
+    __table_args__ = (
+        Index(
+            "uq_devices_live_camera",
+            "camera_id",
+            unique=True,
+            sqlite_where=text("revoked_at IS NULL"),
+            postgresql_where=text("revoked_at IS NULL"),
+        ),
+    )
 
     device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     camera_id: Mapped[str] = mapped_column(String(64), index=True)

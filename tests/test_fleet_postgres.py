@@ -130,6 +130,56 @@ def test_one_token_enrolls_one_device_on_postgres(pg_env: Any) -> None:
     assert sorted(rotated) == [200] + [401] * 7
 
 
+def test_one_camera_one_live_device_on_postgres(pg_env: Any) -> None:
+    """Concurrent enrollments of one camera with different tokens: the unique index decides,
+    and a losing token is not used up."""
+    tokens = [pg_env.enrollment_token() for _ in range(6)]
+    status: dict[str, int] = {}
+
+    def enroll(tok: str) -> None:
+        body = {"enrollment_token": tok, "camera_id": "cam-shared", "agent_version": "1"}
+        status[tok] = pg_env.client.post("/v1/enroll", json=body).status_code
+
+    threads = [threading.Thread(target=enroll, args=(t,)) for t in tokens]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(status.values()) == [201] + [409] * 5
+    devices = pg_env.client.get("/v1/devices", headers=bearer(pg_env.admin)).json()
+    (winner,) = [d for d in devices if d["camera_id"] == "cam-shared"]
+    r = pg_env.client.post(f"/v1/devices/{winner['device_id']}/revoke",
+                           headers=bearer(pg_env.admin))
+    assert r.status_code == 200, r.text
+    loser = next(t for t, code in status.items() if code == 409)
+    body = {"enrollment_token": loser, "camera_id": "cam-shared", "agent_version": "1"}
+    again = pg_env.client.post("/v1/enroll", json=body)
+    assert again.status_code == 201, again.text
+
+
+def test_database_refuses_a_second_live_device_for_a_camera(pg_env: Any) -> None:
+    """The enrollment race above is decided by this index; here it is hit directly."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy.exc import IntegrityError
+
+    from fleet.db import Device
+
+    now = datetime.now(UTC)
+
+    def device(i: int, revoked: bool = False) -> Device:
+        return Device(device_id=f"dev-{i}", camera_id="cam-q", status="active", scopes="camera:write",
+                      agent_version="1", enrolled_at=now, updated_at=now,
+                      revoked_at=now if revoked else None)
+
+    with pg_env.gw.db.write() as session:
+        session.add_all([device(1, revoked=True), device(2)])  # a revoked one does not count
+        session.commit()
+    with pg_env.gw.db.write() as session, pytest.raises(IntegrityError):
+        session.add(device(3))
+        session.flush()
+
+
 def test_database_url_is_used_not_sqlite(pg_env: Any) -> None:
     home = Path(pg_env.settings.home)
     assert not (home / "fleet" / "fleet.db").exists()
