@@ -278,6 +278,10 @@ class Database:
         pool_size: int = 16,
         max_overflow: int = 64,
     ) -> None:
+        if url.startswith(("postgresql://", "postgres://")):
+            # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed;
+            # psycopg2 is (the Dagster Postgres storage needs it too).
+            url = "postgresql+psycopg2://" + url.split("://", 1)[1]
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -61,3 +66,63 @@ def fiftyone_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     except Exception as exc:  # noqa: BLE001 - environment problem, reported clearly
         pytest.fail(f"FiftyOne's MongoDB could not start in {db}: {exc}")
     return db
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+@dataclass(frozen=True)
+class PostgresServer:
+    """A throw-away PostgreSQL cluster on loopback (trust auth, superuser ``postgres``)."""
+
+    host: str
+    port: int
+
+    def new_database(self, prefix: str) -> str:
+        """Create an empty database; returns its SQLAlchemy URL."""
+        import psycopg2
+
+        name = f"{prefix}_{time.monotonic_ns()}"
+        conn = psycopg2.connect(host=self.host, port=self.port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+        return f"postgresql+psycopg2://postgres@{self.host}:{self.port}/{name}"
+
+
+def _as_server_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as ``nobody`` then."""
+    if os.geteuid() != 0:
+        return cmd
+    runuser = shutil.which("runuser")
+    if runuser is None:
+        pytest.skip("running as root without runuser: PostgreSQL will not start as root")
+    return [runuser, "-u", "nobody", "--", *cmd]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """``initdb`` + ``pg_ctl start`` in a temp folder; skips without the server binaries."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
+    from roadloop.localfleet import free_port
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(_as_server_user(cmd), cwd="/", capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    # Not under pytest's tmp root: that is private to root, and the server may run as nobody.
+    root = Path(tempfile.mkdtemp(prefix="roadloop-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "nobody")
+    data, port = root / "data", free_port()
+    r = run([initdb, "-D", str(data), "-A", "trust", "-U", "postgres"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    r = run([pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"])
+    assert r.returncode == 0, r.stderr[-2000:] + (root / "log").read_text()[-2000:]
+    try:
+        yield PostgresServer("127.0.0.1", port)
+    finally:
+        run([pg_ctl, "-D", str(data), "-m", "fast", "stop"])
+        shutil.rmtree(root, ignore_errors=True)

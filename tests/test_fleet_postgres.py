@@ -1,25 +1,13 @@
-"""The fleet gateway on PostgreSQL (its production database), on a real server on loopback.
-
-A throwaway cluster is made with ``initdb`` in a temp folder and started with ``pg_ctl``
-(as ``nobody`` when the tests run as root: PostgreSQL refuses root). Skips when the
-server binaries are not installed.
-"""
+"""The fleet gateway on PostgreSQL (its production database), on a real server on loopback
+(``postgres_server`` in conftest: skips when the server binaries are not installed)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from roadloop.localfleet import free_port
 
 from . import test_fleet_gateway as gateway_tests
 from .test_fleet_gateway import T0, _hb, assert_clear_4xx, bearer, meta, post_frame
@@ -28,58 +16,10 @@ from .test_fleet_gateway import T0, _hb, assert_clear_4xx, bearer, meta, post_fr
 frame_jpeg = gateway_tests.frame_jpeg
 make_env = gateway_tests.make_env
 
-INITDB, PG_CTL = shutil.which("initdb"), shutil.which("pg_ctl")
-pytestmark = pytest.mark.skipif(
-    not (INITDB and PG_CTL), reason="PostgreSQL server binaries (initdb, pg_ctl) not installed"
-)
-
-
-def _as_server_user(cmd: list[str]) -> list[str]:
-    if os.geteuid() != 0:
-        return cmd
-    runuser = shutil.which("runuser")
-    if runuser is None:
-        pytest.skip("running as root without runuser: PostgreSQL will not start as root")
-    return [runuser, "-u", "nobody", "--", *cmd]
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_as_server_user(cmd), cwd="/", capture_output=True, text=True,
-                          timeout=120, check=False)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """``host:port`` of a fresh PostgreSQL cluster (trust auth, user ``postgres``)."""
-    # Not under pytest's tmp root: that is private to root, and the server runs as nobody.
-    root = Path(tempfile.mkdtemp(prefix="roadloop-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "nobody")
-    data, port = root / "data", free_port()
-    r = _run([INITDB, "-D", str(data), "-A", "trust", "-U", "postgres"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    r = _run([PG_CTL, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"])
-    assert r.returncode == 0, r.stderr[-2000:] + (root / "log").read_text()[-2000:]
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        _run([PG_CTL, "-D", str(data), "-m", "fast", "stop"])
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture()
-def pg_env(postgres: str, make_env: Any) -> Any:
+def pg_env(postgres_server: Any, make_env: Any) -> Any:
     """A gateway on its own new database of the cluster."""
-    import psycopg2
-
-    name = f"fleet_{time.monotonic_ns()}"
-    conn = psycopg2.connect(f"postgresql://postgres@{postgres}/postgres")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    return make_env(database_url=f"postgresql+psycopg2://postgres@{postgres}/{name}")
+    return make_env(database_url=postgres_server.new_database("fleet"))
 
 
 def test_enroll_upload_replay_heartbeat_on_postgres(pg_env: Any, frame_jpeg: bytes) -> None:
@@ -178,6 +118,16 @@ def test_database_refuses_a_second_live_device_for_a_camera(pg_env: Any) -> None
     with pg_env.gw.db.write() as session, pytest.raises(IntegrityError):
         session.add(device(3))
         session.flush()
+
+
+def test_bare_postgresql_url_uses_the_installed_driver(postgres_server: Any) -> None:
+    from fleet.db import Database
+
+    url = postgres_server.new_database("bare").replace("postgresql+psycopg2://", "postgresql://")
+    db = Database(url)
+    db.create_all()
+    assert db.engine.dialect.driver == "psycopg2"
+    db.engine.dispose()
 
 
 def test_database_url_is_used_not_sqlite(pg_env: Any) -> None:
