@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "group": {},
     "per-frame": {"ROADLOOP_GATEWAY_COMMIT_BATCH_MAX": "1"},
     "no-dir-fsync": {"ROADLOOP_GATEWAY_FSYNC_DIRECTORIES": "false"},
+    "group-2-workers": {"ROADLOOP_GATEWAY_WORKERS": "2"},
 }
 
 
@@ -314,8 +315,11 @@ def to_markdown(doc: dict[str, Any]) -> str:
             f"{r['cpu_s']['available']} | {gc.get('mean_batch', '-')} |"
         )
     for r in doc["results"]:
-        lines += ["", f"## Server time per stage — `{r['variant']}`", "",
-                  "| stage | calls | mean ms | max ms |", "|---|---|---|---|"]
+        lines += ["", f"## Server time per stage — `{r['variant']}`", ""]
+        if int((r.get("env") or {}).get("ROADLOOP_GATEWAY_WORKERS", "1")) > 1:
+            lines += [("(`GET /v1/stats` answers from the one worker that took the request: "
+                      "its share of the calls.)"), ""]
+        lines += ["| stage | calls | mean ms | max ms |", "|---|---|---|---|"]
         lines += _stage_rows(r["server_stats"])
     if doc.get("findings"):
         lines += ["", "## What limits it", ""] + [f"- {f}" for f in doc["findings"]]
@@ -342,7 +346,8 @@ def measured_findings(results: list[dict[str, Any]], cores: int) -> list[str]:
         )
         little = r["agents"] / (r["latency_ms"]["mean"] / 1000)
         server_cores = r["cpu_s"]["server"] / r["duration_s"]
-        if share < 0.9:
+        workers = int((r.get("env") or {}).get("ROADLOOP_GATEWAY_WORKERS", "1"))
+        if share < 0.9 and workers == 1:
             out.append(
                 f"`{r['variant']}`: the cores were not saturated ({share:.0%} used) but the "
                 f"gateway process averaged {server_cores:.2f} cores: one Python process runs "
@@ -350,6 +355,12 @@ def measured_findings(results: list[dict[str, Any]], cores: int) -> list[str]:
                 f"so {r['agents']} closed-loop agents queue for it — {r['latency_ms']['mean']:.0f} ms "
                 f"mean latency, {little:.0f} frames/s by Little's law. More gateway processes "
                 "(one per core) are the next step; more agents only add latency."
+            )
+        elif workers > 1:
+            out.append(
+                f"`{r['variant']}`: {workers} gateway processes averaged {server_cores:.2f} cores "
+                f"together and the cores were {share:.0%} used "
+                f"({r['latency_ms']['mean']:.0f} ms mean latency)."
             )
     by = {r["variant"]: r for r in results}
     if "group" in by and "per-frame" in by:
@@ -359,6 +370,14 @@ def measured_findings(results: list[dict[str, Any]], cores: int) -> list[str]:
             f"{p['frames_per_s']:.0f} frames/s, P99 {g['latency_ms']['p99']:.0f} vs "
             f"{p['latency_ms']['p99']:.0f} ms; every upload is still answered only after the "
             "commit that holds its row."
+        )
+    if "group" in by and "group-2-workers" in by:
+        one, two = by["group"], by["group-2-workers"]
+        out.append(
+            f"Two worker processes vs one: {two['frames_per_s']:.0f} vs {one['frames_per_s']:.0f} "
+            f"frames/s ({two['frames_per_s'] / max(one['frames_per_s'], 1e-9):.2f}x), P99 "
+            f"{two['latency_ms']['p99']:.0f} vs {one['latency_ms']['p99']:.0f} ms, on "
+            f"{cores} cores shared with the load generator."
         )
     out.append(
         "Where the gateway's CPU goes is the per-stage table above (wall time per stage, "
@@ -374,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--jpeg-quality", type=int, default=85)
     ap.add_argument("--pool", type=int, default=48, help="distinct JPEGs cycled by the agents")
-    ap.add_argument("--variants", default="group,per-frame")
+    ap.add_argument("--variants", default="group,per-frame,group-2-workers")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--findings", type=Path, default=None,

@@ -1,7 +1,8 @@
 """The fleet gateway application: ``create_app(settings)`` builds a FastAPI app.
 
-Run it with ``roadloop gateway serve`` / ``python -m fleet serve`` (one uvicorn worker:
-the rate limiter and the group committer live in the process).
+Run it with ``roadloop gateway serve`` / ``python -m fleet serve``; ``--workers N`` runs N
+processes (each with its own group committer and 1/N of the per-device rate limit; the
+database decides everything that must be unique: frame ids, token use, live devices).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -66,21 +67,44 @@ def serve(
     port: int = typer.Option(None, help="Port (default 8700 / ROADLOOP_GATEWAY_PORT)."),
     home: Path | None = HOME_OPT,
     database_url: str | None = DB_OPT,
+    workers: int = typer.Option(
+        None, help="Worker processes (default 1 / ROADLOOP_GATEWAY_WORKERS); one per core."
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     access_log: bool = typer.Option(False, "--access-log/--no-access-log"),
 ) -> None:
-    """Serve the gateway API (one worker; OpenAPI docs at /docs)."""
+    """Serve the gateway API (OpenAPI docs at /docs)."""
     import uvicorn
 
     from fleet.app import create_app
 
-    settings = _settings(home, database_url, host=host, port=port)
+    settings = _settings(home, database_url, host=host, port=port, workers=workers)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(f"fleet gateway on http://{settings.host}:{settings.port} "
-               f"(db {settings.database_url}, frames {settings.frame_store})")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=log_level, access_log=access_log, workers=1)
+               f"(db {settings.database_url}, frames {settings.frame_store}, "
+               f"{settings.workers} worker{'s' if settings.workers > 1 else ''})")
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                    log_level=log_level, access_log=access_log, workers=1)
+        return
+    # Several processes: prepare tables and repair the frame store once, here, then let
+    # each worker build its app from the same settings (passed through the environment).
+    from fleet.runtime import Gateway
+
+    prep = Gateway(settings)
+    prep.prepare_storage()
+    prep.db.dispose()
+    os.environ.update({
+        "ROADLOOP_GATEWAY_HOME": str(settings.home),
+        "ROADLOOP_GATEWAY_DATABASE_URL": str(settings.database_url),
+        "ROADLOOP_GATEWAY_HOST": settings.host,
+        "ROADLOOP_GATEWAY_PORT": str(settings.port),
+        "ROADLOOP_GATEWAY_WORKERS": str(settings.workers),
+        "ROADLOOP_GATEWAY_RECONCILE_ON_START": "false",
+    })
+    uvicorn.run("fleet.app:create_app", factory=True, host=settings.host, port=settings.port,
+                log_level=log_level, access_log=access_log, workers=settings.workers)
 
 
 @token_app.callback()

@@ -69,6 +69,14 @@ class GatewaySettings(BaseSettings):
     )
     worker_threads: int = Field(default=64, ge=1, description="Threads for blocking work.")
     reconcile_on_start: bool = True
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="uvicorn worker processes (one per core lifts the one-process GIL limit). "
+        "Each worker enforces 1/workers of the per-device rate limit and keeps its own group "
+        "committer; storage is prepared once before they start.",
+    )
 
     # Model rollouts (docs/fleet-api.md "Model rollouts"; fleet/rollouts.py).
     model_public_key_file: Path | None = Field(

@@ -14,8 +14,10 @@ from fastapi import HTTPException
 class TokenBucketLimiter:
     """Token bucket per key: ``rate`` tokens/s refill up to ``burst``; one request costs one.
 
-    In-process state, which is right for the one-worker gateway; several workers would each
-    grant the full rate (move the buckets to the database or Redis then).
+    In-process state: with ``workers`` processes each gets ``rate / workers`` (see
+    ``fleet.runtime``), so a device stays within the configured rate in total; a device
+    whose requests all reach one worker gets that worker's share (buckets in Redis would
+    make it exact).
     """
 
     def __init__(

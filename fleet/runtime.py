@@ -83,7 +83,12 @@ class Gateway:
             max_overflow=settings.worker_threads,
         )
         self.store = FrameStore(settings.frame_store)
-        self.limiter = TokenBucketLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        # With several worker processes each holds its own buckets: give each its share, so a
+        # device never exceeds the configured rate in total.
+        share = max(1, settings.workers)
+        self.limiter = TokenBucketLimiter(
+            settings.rate_limit_per_s / share, max(1, settings.rate_limit_burst // share)
+        )
         self.committer = GroupCommitter(self.db, settings.commit_batch_max)
         self.stats = Stats()
         self._key_locks = [threading.Lock() for _ in range(256)]
@@ -95,8 +100,8 @@ class Gateway:
         """Striped lock so two uploads of the same frame id never interleave their writes."""
         return self._key_locks[hash(key) % len(self._key_locks)]
 
-    def start(self) -> None:
-        """Create tables, repair the frame store after a crash, start the writer thread."""
+    def prepare_storage(self) -> None:
+        """Create tables and repair the frame store after a crash (once, before serving)."""
         from fleet.intake import reconcile_frame_store
 
         self.db.create_all()
@@ -105,6 +110,10 @@ class Gateway:
         if self.settings.reconcile_on_start:
             report = reconcile_frame_store(self)
             logger.info("frame store reconciled: %s", report)
+
+    def start(self) -> None:
+        """Prepare storage, start the writer thread."""
+        self.prepare_storage()
         self.committer.start()
         logger.info(
             "fleet gateway ready: db=%s frames=%s", self.db.url, self.settings.frame_store

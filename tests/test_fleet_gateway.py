@@ -730,6 +730,52 @@ def test_real_server_survives_sigkill_mid_burst(tmp_path: Path, frame_jpeg: byte
         gateway.stop()
 
 
+@pytest.mark.e2e
+def test_two_worker_processes_share_one_store(tmp_path: Path, frame_jpeg: bytes) -> None:
+    """``--workers 2``: two serving processes; a frame stored by one is a 409 at the other."""
+    import psutil
+
+    gateway = GatewayProcess(tmp_path / "home", log_path=tmp_path / "gateway.log",
+                             extra_args=["--workers", "2"])
+    admin = gateway.admin_token()
+    gateway.start()
+    try:
+        server = psutil.Process(gateway.process.pid)
+        deadline = time.monotonic() + 60
+        while len(server.children(recursive=True)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len([p for p in server.children(recursive=True) if "python" in p.name()]) >= 2
+        with httpx.Client(base_url=gateway.url, timeout=30) as client:
+            tok = client.post("/v1/enrollment-tokens", json={}, headers=bearer(admin)).json()
+            dev = client.post("/v1/enroll", json={"enrollment_token": tok["enrollment_token"],
+                                                  "camera_id": "cam-w", "agent_version": "1"})
+            assert dev.status_code == 201, dev.text
+            access = dev.json()["access_token"]
+        codes: list[int] = []
+
+        def send(fids: list[str]) -> None:
+            with httpx.Client(base_url=gateway.url, timeout=30) as c:  # own connection
+                for fid in fids:
+                    codes.append(post_frame(c, access, meta(fid, camera_id="cam-w"),
+                                            frame_jpeg).status_code)
+
+        # Six connections post 10 distinct frames, each three times (replays across workers).
+        ids = [f"w-{i}" for i in range(10)]
+        senders = [threading.Thread(target=send, args=(ids[i % 2::2],)) for i in range(6)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join()
+        assert codes.count(201) == 10 and codes.count(409) == 20, codes
+    finally:
+        gateway.stop()
+    db = sqlite3.connect(tmp_path / "home" / "fleet" / "fleet.db")
+    rows = db.execute("SELECT frame_id FROM frames WHERE camera_id = 'cam-w'").fetchall()
+    db.close()
+    assert sorted(r[0] for r in rows) == sorted(ids)
+    assert FrameStore(tmp_path / "home" / "frames").fsck().frames_ok == 10
+
+
 def test_tokens_never_start_with_a_dash() -> None:
     """Tokens go on command lines (`--enroll-token TOKEN`): a leading '-' would read as an option."""
     from fleet.auth import new_token
