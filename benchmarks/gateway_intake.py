@@ -347,20 +347,14 @@ def measured_findings(results: list[dict[str, Any]], cores: int) -> list[str]:
         little = r["agents"] / (r["latency_ms"]["mean"] / 1000)
         server_cores = r["cpu_s"]["server"] / r["duration_s"]
         workers = int((r.get("env") or {}).get("ROADLOOP_GATEWAY_WORKERS", "1"))
-        if share < 0.9 and workers == 1:
+        if share < 0.9:
             out.append(
-                f"`{r['variant']}`: the cores were not saturated ({share:.0%} used) but the "
-                f"gateway process averaged {server_cores:.2f} cores: one Python process runs "
-                "Python on one thread at a time (the GIL; only fsync, sqlite and cv2 release it), "
-                f"so {r['agents']} closed-loop agents queue for it — {r['latency_ms']['mean']:.0f} ms "
-                f"mean latency, {little:.0f} frames/s by Little's law. More gateway processes "
-                "(one per core) are the next step; more agents only add latency."
-            )
-        elif workers > 1:
-            out.append(
-                f"`{r['variant']}`: {workers} gateway processes averaged {server_cores:.2f} cores "
-                f"together and the cores were {share:.0%} used "
-                f"({r['latency_ms']['mean']:.0f} ms mean latency)."
+                f"`{r['variant']}`: the cores were not saturated ({share:.0%} used); "
+                f"{workers} gateway process{'es' if workers > 1 else ''} averaged "
+                f"{server_cores:.2f} cores. {r['agents']} closed-loop agents at "
+                f"{r['latency_ms']['mean']:.0f} ms mean latency give {little:.0f} frames/s "
+                "(Little's law): the limit is how long each upload waits on the storage path "
+                "(the per-stage table), not CPU."
             )
     by = {r["variant"]: r for r in results}
     if "group" in by and "per-frame" in by:
