@@ -278,8 +278,18 @@ def test_enrollment_token_is_one_time_and_bound(env: Env) -> None:
     assert ("enroll", "denied") in env.audit_actions()
 
 
-def test_one_token_enrolls_one_device_and_one_refresh_rotates_once(env: Env) -> None:
-    """Eight concurrent uses of one enrollment token, then of one refresh token: one wins."""
+def run_concurrently(target: Any, args: list[tuple[Any, ...]]) -> None:
+    """One thread per argument tuple, all started before any is joined."""
+    threads = [threading.Thread(target=target, args=a) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def assert_one_token_one_winner(env: Env, refresh_camera: str = "cam-a") -> None:
+    """Eight concurrent uses of one enrollment token, then of one refresh token: one wins.
+    Shared by the SQLite tests here and the PostgreSQL ones (tests/test_fleet_postgres.py)."""
     tok = env.enrollment_token()
     codes: list[int] = []
 
@@ -287,26 +297,22 @@ def test_one_token_enrolls_one_device_and_one_refresh_rotates_once(env: Env) -> 
         body = {"enrollment_token": tok, "camera_id": f"cam-{i}", "agent_version": "1"}
         codes.append(env.client.post("/v1/enroll", json=body).status_code)
 
-    threads = [threading.Thread(target=enroll, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(enroll, [(i,) for i in range(8)])
     assert sorted(codes) == [201] + [401] * 7
 
-    dev = env.enroll()
+    dev = env.enroll(refresh_camera)
     refreshed: list[int] = []
 
     def refresh() -> None:
         r = env.client.post("/v1/token/refresh", json={"refresh_token": dev["refresh_token"]})
         refreshed.append(r.status_code)
 
-    threads = [threading.Thread(target=refresh) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(refresh, [()] * 8)
     assert sorted(refreshed) == [200] + [401] * 7
+
+
+def test_one_token_enrolls_one_device_and_one_refresh_rotates_once(env: Env) -> None:
+    assert_one_token_one_winner(env)
 
 
 def test_refresh_rotates_and_expired_access_is_401(env: Env, frame_jpeg: bytes) -> None:
@@ -761,11 +767,7 @@ def test_two_worker_processes_share_one_store(tmp_path: Path, frame_jpeg: bytes)
 
         # Six connections post 10 distinct frames, each three times (replays across workers).
         ids = [f"w-{i}" for i in range(10)]
-        senders = [threading.Thread(target=send, args=(ids[i % 2::2],)) for i in range(6)]
-        for t in senders:
-            t.start()
-        for t in senders:
-            t.join()
+        run_concurrently(send, [(ids[i % 2::2],) for i in range(6)])
         assert codes.count(201) == 10 and codes.count(409) == 20, codes
     finally:
         gateway.stop()

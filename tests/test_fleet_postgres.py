@@ -3,14 +3,22 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from . import test_fleet_gateway as gateway_tests
-from .test_fleet_gateway import T0, _hb, assert_clear_4xx, bearer, meta, post_frame
+from .test_fleet_gateway import (
+    T0,
+    _hb,
+    assert_clear_4xx,
+    assert_one_token_one_winner,
+    bearer,
+    meta,
+    post_frame,
+    run_concurrently,
+)
 
 # The gateway tests' fixtures, reused here by name.
 frame_jpeg = gateway_tests.frame_jpeg
@@ -41,33 +49,7 @@ def test_enroll_upload_replay_heartbeat_on_postgres(pg_env: Any, frame_jpeg: byt
 
 def test_one_token_enrolls_one_device_on_postgres(pg_env: Any) -> None:
     """Concurrent enrollments with one token: the row lock lets exactly one through."""
-    tok = pg_env.enrollment_token()
-    codes: list[int] = []
-
-    def enroll(i: int) -> None:
-        body = {"enrollment_token": tok, "camera_id": f"cam-{i}", "agent_version": "1"}
-        codes.append(pg_env.client.post("/v1/enroll", json=body).status_code)
-
-    threads = [threading.Thread(target=enroll, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(codes) == [201] + [401] * 7
-
-    dev = pg_env.enroll("cam-z")
-    rotated: list[int] = []
-
-    def refresh() -> None:
-        r = pg_env.client.post("/v1/token/refresh", json={"refresh_token": dev["refresh_token"]})
-        rotated.append(r.status_code)
-
-    threads = [threading.Thread(target=refresh) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(rotated) == [200] + [401] * 7
+    assert_one_token_one_winner(pg_env, refresh_camera="cam-z")
 
 
 def test_one_camera_one_live_device_on_postgres(pg_env: Any) -> None:
@@ -80,11 +62,7 @@ def test_one_camera_one_live_device_on_postgres(pg_env: Any) -> None:
         body = {"enrollment_token": tok, "camera_id": "cam-shared", "agent_version": "1"}
         status[tok] = pg_env.client.post("/v1/enroll", json=body).status_code
 
-    threads = [threading.Thread(target=enroll, args=(t,)) for t in tokens]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(enroll, [(t,) for t in tokens])
     assert sorted(status.values()) == [201] + [409] * 5
     devices = pg_env.client.get("/v1/devices", headers=bearer(pg_env.admin)).json()
     (winner,) = [d for d in devices if d["camera_id"] == "cam-shared"]
