@@ -290,6 +290,18 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- INT8
+def _train_frames(data_yaml: Path) -> tuple[Path, list[Path]]:
+    """The data YAML's train folder and its images: INT8 calibration frames (never scored)."""
+    doc = yaml.safe_load(data_yaml.read_text())
+    root = Path(doc.get("path") or data_yaml.parent)
+    if not root.is_absolute():
+        root = (data_yaml.parent / root).resolve()
+    train_dir = root / doc["train"]
+    return train_dir, sorted(
+        p for p in train_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"}
+    )
+
+
 def resolve_int8(args: argparse.Namespace, onnx_path: Path, work: Path) -> tuple[Path | None, str]:
     """The INT8 model to benchmark and a note saying where it came from (or why it is absent)."""
     if args.model_int8:
@@ -300,12 +312,7 @@ def resolve_int8(args: argparse.Namespace, onnx_path: Path, work: Path) -> tuple
         from roadloop.quantize import quantize_int8
     except ImportError as exc:
         return None, f"INT8 row left out: roadloop.quantize.quantize_int8 is not available ({exc})"
-    doc = yaml.safe_load(args.data.read_text())
-    root = Path(doc.get("path") or args.data.parent)
-    if not root.is_absolute():
-        root = (args.data.parent / root).resolve()
-    train_dir = root / doc["train"]
-    calib = sorted(p for p in train_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    train_dir, calib = _train_frames(args.data)
     out = work / f"{onnx_path.stem}_int8.onnx"
     logger.info(
         "quantizing %s to INT8 with roadloop.quantize (calibration: %s train frames)",
@@ -348,13 +355,7 @@ def make_rect_models(
     fp32 = Path(yolo_cls(str(pt)).export(format="onnx", imgsz=hw, simplify=True, verbose=False))
     if args.no_int8:
         return fp32, None, "rect INT8 skipped (--no-int8)"
-    doc = yaml.safe_load(args.data.read_text())
-    root = Path(doc.get("path") or args.data.parent)
-    if not root.is_absolute():
-        root = (args.data.parent / root).resolve()
-    calib = sorted(
-        p for p in (root / doc["train"]).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"}
-    )
+    _, calib = _train_frames(args.data)
     int8 = work / f"{fp32.stem}_int8.onnx"
     info = quantize_int8(fp32, int8, calib, imgsz=hw)
     return fp32, int8, (
