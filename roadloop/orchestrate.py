@@ -274,12 +274,11 @@ def _roll_out_to_agents(defs, instance, fleet: LocalFleet, outcome: LoopOutcome,
 
 def _review_turn(defs, instance, settings, outcome: LoopOutcome, turn: int, n_reviews: int) -> None:
     """One more turn: simulated reviews → import + new dataset version → learning loop."""
-    from resources import build_resources
     from roadloop.oracle import SimulatedAnnotator
 
     t0 = time.monotonic()
     with outcome.timed(f"turn{turn}_simulated_review"):
-        store = build_resources()["fiftyone"].store()
+        store = defs.resources["fiftyone"].store()
         reviewed = store.simulate_reviews(SimulatedAnnotator(), n_reviews)
     with outcome.timed(f"turn{turn}_review_import"):
         result = defs.resolve_job_def("review_import").execute_in_process(
