@@ -778,6 +778,15 @@ def test_two_worker_processes_share_one_store(tmp_path: Path, frame_jpeg: bytes)
     assert FrameStore(tmp_path / "home" / "frames").fsck().frames_ok == 10
 
 
+def test_worker_count_is_bounded() -> None:
+    """ROADLOOP_GATEWAY_WORKERS must be 1..64; anything else is a clear settings error."""
+    from pydantic import ValidationError
+
+    for bad in (0, -1, 65):
+        with pytest.raises(ValidationError, match="workers"):
+            GatewaySettings(workers=bad)
+
+
 def test_tokens_never_start_with_a_dash() -> None:
     """Tokens go on command lines (`--enroll-token TOKEN`): a leading '-' would read as an option."""
     from fleet.auth import new_token
