@@ -15,12 +15,10 @@ file is moved aside to ``<name>.corrupt-<n>`` with a warning, never silently del
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,17 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from roadloop.errors import InvalidInputError, MissingDataError
+from roadloop.fsutil import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (the frame's identity for caching)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class EmbeddingTable(BaseModel):
@@ -112,14 +102,10 @@ def _save_cache(path: Path, table: dict[str, np.ndarray], meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted(table)
     vecs = np.stack([table[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, 0))
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.npz")
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to other names
         np.savez(
             tmp, keys=np.array(keys, dtype="U64"), vectors=vecs, meta=np.array(json.dumps(meta))
         )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def backbone_last_layer(model) -> int:
@@ -154,7 +140,7 @@ def compute_embeddings(
     for p in images:
         if not p.is_file():
             raise MissingDataError(f"image not found: {p}", p)
-        shas.append(file_sha256(p))
+        shas.append(sha256_file(p))
 
     model = None
     if layers is None:
@@ -225,5 +211,4 @@ __all__ = [
     "backbone_last_layer",
     "cache_path",
     "compute_embeddings",
-    "file_sha256",
 ]

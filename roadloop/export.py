@@ -11,7 +11,6 @@ arithmetic away with onnxslim. The result has the same operator set as a static 
 from __future__ import annotations
 
 import ast
-import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from roadloop.errors import InvalidInputError, MissingDataError
+from roadloop.fsutil import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +44,6 @@ class OnnxModelInfo(BaseModel):
     @property
     def dynamic_batch(self) -> bool:
         return isinstance(self.input_shape[0], str)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dims(value_info) -> list[int | str]:

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -37,6 +35,7 @@ import numpy as np
 from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator
 
 from roadloop.errors import InvalidInputError
+from roadloop.fsutil import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -209,20 +208,6 @@ class FsckReport(BaseModel):
 # --------------------------------------------------------------------------- store
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` via a dot-prefixed temp file in the same folder."""
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class FrameStore:
     """Camera frames on a local (or mounted) file system; see the module docstring."""
 
@@ -282,9 +267,11 @@ class FrameStore:
             )
 
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, bytes(jpeg_bytes))
+        write_bytes_atomic(target, bytes(jpeg_bytes), durable=True)
         # Sidecar last: its presence marks the frame complete.
-        _atomic_write(target.with_suffix(".json"), record.model_dump_json(indent=2).encode())
+        write_bytes_atomic(
+            target.with_suffix(".json"), record.model_dump_json(indent=2).encode(), durable=True
+        )
         return FrameWrite(target, False)
 
     # ---- reading

@@ -1,27 +1,107 @@
-"""Atomic file-system writes: a failed step leaves no half-written artifact behind."""
+"""Atomic file-system writes and file hashes for the platform side (the gateway included).
+
+A failed step leaves no half-written artifact behind: everything is written to a
+dot-prefixed temporary sibling and renamed over the target, so a reader sees the old file
+or the new one, never a part. (The edge agent has its own copy in ``edge_agent.fsutil``:
+it imports nothing of the platform.)
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_text_atomic(path: Path, text: str, *, parents: bool = False) -> None:
-    """Write ``text`` to a temporary sibling, then rename it over ``path``.
+def temp_sibling(path: Path, suffix: str = "") -> Path:
+    """A unique ``.<name>.tmp-<random><suffix>`` in ``path``'s folder (same file system, so the
+    rename is atomic; the frame store's consistency check recognises the ``.tmp-`` mark)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}{suffix}")
 
-    ``parents=True`` creates missing parent folders first.
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so the renames into it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(
+    path: Path, *, parents: bool = False, suffix: str = "", durable: bool = False
+) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success it is renamed over ``path``.
+
+    For writers that want a path, not bytes (``np.savez``, ``torch.save``, a copy). On an
+    exception the temporary file is removed and ``path`` is untouched. ``durable=True``
+    fsyncs the file before the rename (``fsync_dir`` the folder when the rename itself must
+    survive a power cut).
     """
     path = Path(path)
     if parents:
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_sibling(path, suffix)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(
+    path: Path,
+    data: bytes,
+    *,
+    parents: bool = False,
+    durable: bool = False,
+    mode: int | None = None,
+) -> None:
+    """Write ``data`` to ``path`` atomically.
+
+    ``durable=True`` fsyncs the data before the rename; ``mode`` sets the permissions from the
+    first byte on (a key or token is never readable by others, not even briefly).
+    """
+    path = Path(path)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(tmp, flags, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(
+    path: Path, text: str, *, parents: bool = False, durable: bool = False, mode: int | None = None
+) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically; ``parents=True`` creates missing folders."""
+    write_bytes_atomic(path, text.encode("utf-8"), parents=parents, durable=durable, mode=mode)
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's content, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def swap_dir_into_place(tmp: Path, final: Path) -> None:

@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.pool import ThreadPool
@@ -42,6 +41,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from roadloop.errors import InvalidInputError, MissingDataError
+from roadloop.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -587,13 +587,7 @@ def hold_out_flagged(
 def write_report(report: LabelQualityReport, path: Path) -> Path:
     """Write the report as JSON, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(report.model_dump_json(indent=2), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, report.model_dump_json(indent=2), parents=True)
     return path
 
 

@@ -22,6 +22,8 @@ from typing import Self
 
 import httpx
 
+from roadloop.fsutil import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -178,11 +180,7 @@ class LocalFleet:
         """An operator token for the platform's FleetResource, at ``<home>/fleet/admin-token``."""
         path = self.home / "fleet" / "admin-token"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(self.admin_token() + "\n")
-            tmp.chmod(0o600)
-            os.replace(tmp, path)
+            write_text_atomic(path, self.admin_token() + "\n", parents=True, mode=0o600)
         return path
 
     def latest_heartbeat(self, camera_id: str, admin_token: str) -> dict | None:

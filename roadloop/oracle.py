@@ -12,8 +12,6 @@ need a real annotator, and asking raises :class:`OracleCannotAnswer`.
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import yaml
@@ -22,6 +20,7 @@ from pydantic import BaseModel, Field
 from roadloop.datasets import LabelledFrame, Taxonomy, load_taxonomy
 from roadloop.errors import InvalidInputError, MissingDataError, RoadloopError
 from roadloop.frames import FrameRecord
+from roadloop.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -163,12 +162,7 @@ class SimulatedAnnotator:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / f"{answer.camera_id}__{answer.frame_id}.txt"
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            tmp.write_text(answer.yolo_text(), encoding="utf-8")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(target, answer.yolo_text())
         return target
 
     def labelled_frame(

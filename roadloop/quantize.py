@@ -24,7 +24,8 @@ from pydantic import BaseModel, Field
 
 from edge_agent.inference import letterbox as edge_letterbox
 from roadloop.errors import EmptyDatasetError, InvalidInputError
-from roadloop.export import sha256_file, validate_onnx_model
+from roadloop.export import validate_onnx_model
+from roadloop.fsutil import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from roadloop.errors import InvalidInputError
+from roadloop.fsutil import sha256_file
 from roadloop.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -169,14 +170,6 @@ def manifest_sha256(manifest: dict[str, Any]) -> str:
     """Identity of a signed manifest: SHA-256 of its canonical JSON *with* the signature."""
     data = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def new_rollout_id() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from copy import deepcopy
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from roadloop.errors import InvalidInputError, MissingDataError, RoadloopError
+from roadloop.fsutil import atomic_path
 from roadloop.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -296,15 +296,8 @@ def adapt_checkpoint_to_taxonomy(
             "rows_copied": copied,
         },
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out_path, parents=True) as tmp:
         torch.save(out, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out_path
 
 

@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel
 
 from roadloop.errors import InvalidInputError, MissingDataError, RoadloopError
-from roadloop.fsutil import swap_dir_into_place
+from roadloop.fsutil import atomic_path, swap_dir_into_place
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +132,8 @@ class DvcStore:
         )
         self._dvc("push", str(dvc_file.relative_to(self.repo_dir)))
         kept = self.versions_dir / f"{version.md5}.dvc"
-        tmp = kept.with_name(f".{kept.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(dvc_file, tmp)
-        os.replace(tmp, kept)
+        with atomic_path(kept) as tmp:
+            shutil.copyfile(dvc_file, tmp)
         return version.model_copy(update={"dvc_file": kept})
 
     def _read_dvc_file(self, dvc_file: Path) -> DatasetVersion:

@@ -243,7 +243,8 @@ def _images(folder: Path, n: int) -> list[Path]:
 
 
 def test_embeddings_cache_computes_only_missing_hashes(tiny_model: Path, tmp_path: Path):
-    from roadloop.embeddings import cache_path, compute_embeddings, file_sha256
+    from roadloop.embeddings import cache_path, compute_embeddings
+    from roadloop.fsutil import sha256_file
 
     imgs = _images(tmp_path / "imgs", 4)
     cache = tmp_path / "cache"
@@ -252,7 +253,7 @@ def test_embeddings_cache_computes_only_missing_hashes(tiny_model: Path, tmp_pat
     )
     assert t1.computed == 3 and t1.vectors.shape[0] == 3
     np.testing.assert_allclose(np.linalg.norm(t1.vectors, axis=1), 1.0, atol=1e-5)
-    assert t1.keys == [file_sha256(p) for p in imgs[:3]]
+    assert t1.keys == [sha256_file(p) for p in imgs[:3]]
     t2 = compute_embeddings(
         tiny_model, imgs, imgsz=64, cache_dir=cache, model_version="m1", batch=3
     )

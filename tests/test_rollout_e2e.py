@@ -34,12 +34,12 @@ from typing import Any
 import httpx
 import pytest
 
+from roadloop.fsutil import sha256_file
 from roadloop.localfleet import GatewayProcess, child_env
 from roadloop.signing import (
     build_manifest,
     load_or_create_signing_key,
     manifest_sha256,
-    sha256_file,
     sign_manifest,
 )
 
