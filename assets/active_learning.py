@@ -16,26 +16,26 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from resources import ArtifactStoreResource, FrameStoreResource, MlflowResource, TrainerResource
 from resources.fiftyone_resource import FiftyOneResource
-from roadloop.active_learning import SCORING_CONF, ALWeights, build_queue, predict_frames
-from roadloop.embeddings import EmbeddingTable, compute_embeddings
-from roadloop.frames import FrameRecord, dedupe_near_duplicates
-from roadloop.label_quality import (
+from roadloop.data.frames import FrameRecord, dedupe_near_duplicates
+from roadloop.data.replay import NIGHT_MAX_BRIGHTNESS
+from roadloop.labeling.active_learning import SCORING_CONF, ALWeights, build_queue, predict_frames
+from roadloop.labeling.embeddings import EmbeddingTable, compute_embeddings
+from roadloop.labeling.label_quality import (
     LabelQualityReport,
     find_label_issues,
     out_of_sample_predictions,
     write_report,
 )
-from roadloop.replay import NIGHT_MAX_BRIGHTNESS
-from roadloop.review import (
+from roadloop.labeling.review import (
     LabelIssueItem,
     ReviewBox,
     ReviewExport,
     boxes_from_yolo,
     items_from_queue,
 )
+from roadloop.models.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
+from roadloop.models.training import configure_ultralytics
 from roadloop.settings import get_settings
-from roadloop.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
-from roadloop.training import configure_ultralytics
 
 from .ingestion import sampled_edge_frames
 from .records import CuratedDatasetVersion
@@ -146,7 +146,7 @@ def current_model(tracker: Tracker, name: str, cache: Path) -> CurrentModel:
 
 def review_export_dir(artifacts: ArtifactStoreResource) -> Path:
     """Where ``reviewed_labels`` keeps the current export (``curated_dataset`` reads it with
-    ``roadloop.review.load_review_export``)."""
+    ``roadloop.labeling.review.load_review_export``)."""
     return artifacts.path("reviewed_labels") / "export"
 
 

@@ -7,23 +7,23 @@ import dagster as dg
 from mlflow.exceptions import MlflowException
 
 from resources import ArtifactStoreResource, BenchmarkResource, MlflowResource
-from roadloop.evaluation import (
+from roadloop.evaluation.benchmark import (
     BenchmarkResults,
     LatencyConfig,
     ModelSet,
     make_robustness_slices,
     split_by_source,
 )
-from roadloop.evaluation import benchmark as run_benchmark
-from roadloop.gates import (
+from roadloop.evaluation.benchmark import benchmark as run_benchmark
+from roadloop.evaluation.gates import (
     GateOutcome,
     check_candidate_vs_production,
     check_int8_drop,
     check_latency_budget,
     evaluate_all_gates,
 )
-from roadloop.report import render_report
-from roadloop.tracking import PRODUCTION_ALIAS, Tracker
+from roadloop.evaluation.report import render_report
+from roadloop.models.tracking import PRODUCTION_ALIAS, Tracker
 
 from .records import (
     BenchmarkReportFiles,

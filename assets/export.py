@@ -4,8 +4,13 @@
 import dagster as dg
 
 from resources import ArtifactStoreResource, BenchmarkResource, MlflowResource
-from roadloop.export import export_onnx
-from roadloop.quantize import QuantConfig, list_images, pick_calibration_frames, quantize_int8
+from roadloop.models.export import export_onnx
+from roadloop.models.quantize import (
+    QuantConfig,
+    list_images,
+    pick_calibration_frames,
+    quantize_int8,
+)
 
 from .records import (
     CuratedDatasetVersion,

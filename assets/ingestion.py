@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from resources import ArtifactStoreResource, FrameStoreResource
-from roadloop.frames import dedupe_near_duplicates, summarize_partition
+from roadloop.data.frames import dedupe_near_duplicates, summarize_partition
 
 from .partitions import camera_partitions
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from roadloop.datasets import CuratedDataset
-from roadloop.export import OnnxModelInfo
-from roadloop.gates import GateOutcome
-from roadloop.quantize import QuantizedModelInfo
-from roadloop.versioning import DatasetVersion
+from roadloop.data.datasets import CuratedDataset
+from roadloop.data.versioning import DatasetVersion
+from roadloop.evaluation.gates import GateOutcome
+from roadloop.models.export import OnnxModelInfo
+from roadloop.models.quantize import QuantizedModelInfo
 
 
 class CuratedDatasetVersion(BaseModel):

@@ -4,7 +4,7 @@ import dagster as dg
 
 from resources import MlflowResource
 from resources.fleet_resource import FleetError, FleetResource, FleetUnavailable, stages_markdown
-from roadloop.tracking import PRODUCTION_ALIAS
+from roadloop.models.tracking import PRODUCTION_ALIAS
 
 from .evaluation import production_model
 from .records import QuantizedModelVersion, TrainedModelVersion

@@ -6,9 +6,9 @@ import shutil
 import dagster as dg
 
 from resources import ArtifactStoreResource, MlflowResource, TrainerResource
+from roadloop.models.tracking import CANDIDATE_ALIAS
+from roadloop.models.training import configure_ultralytics, train_detector
 from roadloop.settings import get_settings
-from roadloop.tracking import CANDIDATE_ALIAS
-from roadloop.training import configure_ultralytics, train_detector
 
 from .records import CuratedDatasetVersion, TrainedModelVersion
 

@@ -5,7 +5,7 @@ the same model (atl_v2 YOLO11n), image size (320) and thresholds (conf 0.25, IoU
 
 * ``onnx_fp32``   — ``edge_agent.FramePipeline`` on the exported fp32 ONNX;
 * ``onnx_int8``   — the same on a static INT8 model made here with
-  ``roadloop.quantize.quantize_int8`` from atl_v2 *train* frames;
+  ``roadloop.models.quantize.quantize_int8`` from atl_v2 *train* frames;
 * ``ultralytics`` — Ultralytics' PyTorch ``predict`` on the ``.pt`` checkpoint, its boxes
   then counted/sampled by the agent's own code (platform-only: the agent never imports it).
 
@@ -164,7 +164,7 @@ def _onnx_engine(path: Path, threads: int | None) -> tuple[Callable, list[str]]:
 def _ultralytics_engine(pt: Path, config_dir: Path) -> tuple[Callable, list[str]]:
     os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
     try:
-        from roadloop.training import configure_ultralytics
+        from roadloop.models.training import configure_ultralytics
 
         configure_ultralytics(config_dir)
     except ImportError:  # pragma: no cover - training module absent
@@ -201,9 +201,9 @@ def _ultralytics_engine(pt: Path, config_dir: Path) -> tuple[Callable, list[str]
 
 def _make_int8(fp32: Path, train_images: Path, out_dir: Path) -> tuple[Path | None, str]:
     try:
-        from roadloop.quantize import list_images, quantize_int8
+        from roadloop.models.quantize import list_images, quantize_int8
     except ImportError as exc:
-        return None, f"roadloop.quantize not importable ({exc})"
+        return None, f"roadloop.models.quantize not importable ({exc})"
     images = list_images(train_images) if train_images.is_dir() else []
     if not images:
         return None, f"no atl_v2 train frames at {train_images}"
@@ -226,7 +226,7 @@ def _make_rect(pt: Path, train_images: Path, out_dir: Path) -> tuple[Path | None
     try:
         from ultralytics import YOLO
 
-        from roadloop.quantize import list_images, quantize_int8
+        from roadloop.models.quantize import list_images, quantize_int8
     except ImportError as exc:
         return None, f"rectangular row left out ({exc})"
     local = out_dir / "rect.pt"

@@ -42,8 +42,8 @@ import httpx
 import numpy as np
 import psutil
 
-from roadloop.frames import FrameStore, compute_quality
-from roadloop.localfleet import GatewayProcess
+from launch.localfleet import GatewayProcess
+from roadloop.data.frames import FrameStore, compute_quality
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]

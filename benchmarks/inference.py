@@ -309,20 +309,20 @@ def resolve_int8(args: argparse.Namespace, onnx_path: Path, work: Path) -> tuple
     if args.no_int8:
         return None, "INT8 row skipped (--no-int8)"
     try:
-        from roadloop.quantize import quantize_int8
+        from roadloop.models.quantize import quantize_int8
     except ImportError as exc:
-        return None, f"INT8 row left out: roadloop.quantize.quantize_int8 is not available ({exc})"
+        return None, f"INT8 row left out: roadloop.models.quantize.quantize_int8 is not available ({exc})"
     train_dir, calib = _train_frames(args.data)
     out = work / f"{onnx_path.stem}_int8.onnx"
     logger.info(
-        "quantizing %s to INT8 with roadloop.quantize (calibration: %s train frames)",
+        "quantizing %s to INT8 with roadloop.models.quantize (calibration: %s train frames)",
         onnx_path.name,
         len(calib),
     )
     t0 = time.perf_counter()
     info = quantize_int8(onnx_path, out, calib, imgsz=args.imgsz)
     note = (
-        f"made by roadloop.quantize.quantize_int8 from {onnx_path.name} in {time.perf_counter() - t0:.0f} s, "
+        f"made by roadloop.models.quantize.quantize_int8 from {onnx_path.name} in {time.perf_counter() - t0:.0f} s, "
         f"calibrated on {info.calibration_frames} of {len(calib)} {train_dir.parent.parent.name} train frames, "
         f"{info.excluded_nodes} nodes kept in float, config {info.config.model_dump(exclude={'extra_options'})}"
     )
@@ -348,7 +348,7 @@ def make_rect_models(
     args: argparse.Namespace, yolo_cls, hw: tuple[int, int], work: Path
 ) -> tuple[Path, Path | None, str]:
     """fp32 and INT8 ONNX at a rectangular (H, W) input, from the same checkpoint."""
-    from roadloop.quantize import quantize_int8
+    from roadloop.models.quantize import quantize_int8
 
     pt = work / f"{args.model_pt.stem}_rect.pt"  # export writes beside its checkpoint
     shutil.copy(args.model_pt, pt)
@@ -360,7 +360,7 @@ def make_rect_models(
     info = quantize_int8(fp32, int8, calib, imgsz=hw)
     return fp32, int8, (
         f"{hw[0]}x{hw[1]} exported by Ultralytics from {args.model_pt.name}; INT8 by "
-        f"roadloop.quantize.quantize_int8 ({info.calibration_frames} calibration frames, "
+        f"roadloop.models.quantize.quantize_int8 ({info.calibration_frames} calibration frames, "
         f"{info.excluded_nodes} nodes kept in float)"
     )
 
@@ -511,7 +511,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     work = out_dir / "work"  # git-ignored: INT8 model, val runs, dataset view
     work.mkdir(parents=True, exist_ok=True)
 
-    from roadloop.training import configure_ultralytics
+    from roadloop.models.training import configure_ultralytics
 
     configure_ultralytics(work / "ultralytics")
     import torch
@@ -671,7 +671,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-int8",
         type=Path,
         default=None,
-        help="INT8 ONNX model; default: made with roadloop.quantize from the data's train frames",
+        help="INT8 ONNX model; default: made with roadloop.models.quantize from the data's train frames",
     )
     p.add_argument("--no-int8", action="store_true", help="leave the INT8 row out")
     p.add_argument(

@@ -12,7 +12,7 @@ Setup (all real data, all in the roadloop taxonomy):
   with the *previous* round's model (round 1: the start model) as the scorer; the
   simulated annotator's labels are the ground truth. Then a model is trained on all
   frames labelled so far and scored on test (Ultralytics ``val`` via
-  ``roadloop.evaluation.evaluate_detector``, mAP50 and mAP50-95).
+  ``roadloop.evaluation.benchmark.evaluate_detector``, mAP50 and mAP50-95).
 * **Warm start (decided):** every round fine-tunes *from the adapted start model* on the
   cumulative labelled set, rather than from the previous round's weights. The mAP at n
   labels then depends only on which n frames were picked (what we compare), not on how
@@ -21,7 +21,7 @@ Setup (all real data, all in the roadloop taxonomy):
   would otherwise span the whole run at these sizes).
 * **Strategies** — ``random``, ``uncertainty`` (margin, top-3 mean) and ``combined``
   (0.4 uncertainty + 0.3 k-center diversity on backbone embeddings + 0.3 rarity), all from
-  ``roadloop.active_learning.build_queue``; several seeds (random picks + training seed).
+  ``roadloop.labeling.active_learning.build_queue``; several seeds (random picks + training seed).
 * **Target** — combined reaches random's full-budget mean mAP50 with ≤ 60 % of the labels.
 
 Writes ``benchmarks/results/label_efficiency.{json,md,png}``; work files under
@@ -51,9 +51,9 @@ import cv2
 import numpy as np
 
 from roadloop.fsutil import write_text_atomic
-from roadloop.label_quality import symlink_yolo_dataset
+from roadloop.labeling.label_quality import symlink_yolo_dataset
+from roadloop.models.training import configure_ultralytics
 from roadloop.settings import PROJECT_ROOT, get_settings
-from roadloop.training import configure_ultralytics
 
 logger = logging.getLogger("label_efficiency")
 
@@ -84,7 +84,7 @@ def _box_counts(imgs: list[Path], names: list[str]) -> dict[str, int]:
 
 
 def _condition(img: Path) -> str:
-    from roadloop.replay import NIGHT_MAX_BRIGHTNESS
+    from roadloop.data.replay import NIGHT_MAX_BRIGHTNESS
 
     grey = cv2.imread(str(img), cv2.IMREAD_REDUCED_GRAYSCALE_4)
     return "night" if grey is not None and float(grey.mean()) < NIGHT_MAX_BRIGHTNESS else "day"
@@ -92,8 +92,8 @@ def _condition(img: Path) -> str:
 
 def prepare(work: Path, start_model: Path) -> tuple[Path, Path, list[str]]:
     """Curated manaus_v4 (taxonomy) and the adapted start model."""
-    from roadloop.datasets import SourceSpec, build_curated_dataset, load_taxonomy
-    from roadloop.training import (
+    from roadloop.data.datasets import SourceSpec, build_curated_dataset, load_taxonomy
+    from roadloop.models.training import (
         _checkpoint_names,
         adapt_checkpoint_to_taxonomy,
         load_source_class_map,
@@ -125,8 +125,8 @@ def select(
     conditions: dict[Path, str],
     version: str,
 ) -> list[Path]:
-    from roadloop.active_learning import FramePrediction, build_queue, predict_frames
-    from roadloop.embeddings import compute_embeddings
+    from roadloop.labeling.active_learning import FramePrediction, build_queue, predict_frames
+    from roadloop.labeling.embeddings import compute_embeddings
 
     unl = [p for p in pool if p not in set(labelled)]
     if strategy == "random":
@@ -176,8 +176,8 @@ def run_one(
     conditions: dict[Path, str],
     record: dict,
 ) -> None:
-    from roadloop.evaluation import evaluate_detector
-    from roadloop.training import TrainConfig, train_detector
+    from roadloop.evaluation.benchmark import evaluate_detector
+    from roadloop.models.training import TrainConfig, train_detector
 
     pool = sorted((curated / "images" / "train").iterdir())
     val = sorted((curated / "images" / "val").iterdir())[: args.val_frames]
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     record["config"] = config
     record["machine"] = f"{platform.node()} ({os.cpu_count()} CPUs), device {args.device}"
     if "baseline" not in record:
-        from roadloop.evaluation import evaluate_detector
+        from roadloop.evaluation.benchmark import evaluate_detector
 
         m = evaluate_detector(
             adapted, curated / "data.yaml", imgsz=args.imgsz, split="test", device=args.device

@@ -6,13 +6,13 @@
   class head re-mapped onto the taxonomy. It was trained on ``atl_v2`` *train* only, so it
   never saw an ``atl_v2`` val/test frame nor any ``manaus_v4`` frame (a domain shift: its
   predictions there are weak, which this benchmark shows). No K-fold training is needed;
-  ``roadloop.label_quality.out_of_sample_predictions`` is the path for sets a model did
+  ``roadloop.labeling.label_quality.out_of_sample_predictions`` is the path for sets a model did
   train on. Predictions at ``conf=0.01`` (cleanlab wants the low-confidence boxes), square
   letterbox at the model's own 480 px.
 * **Noise** — 10 % of the label boxes, each given one noise type at random: *wrong class*
   (another taxonomy class), *dropped box*, *shifted box* (moved by 0.6–1.0 of its size, so
   IoU with the true box falls below ~0.25). Three noise seeds.
-* **Scored** — cleanlab flags (``roadloop.label_quality.find_label_issues``):
+* **Scored** — cleanlab flags (``roadloop.labeling.label_quality.find_label_issues``):
   image level — recall of flagged images per noise type, precision of the flags (flagged
   images that carry injected noise), AUROC of the per-image quality score, and how many
   images cleanlab flags on the *clean* copy (original labels, which have errors of their
@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from roadloop.fsutil import write_text_atomic
+from roadloop.models.training import configure_ultralytics
 from roadloop.settings import PROJECT_ROOT, get_settings
-from roadloop.training import configure_ultralytics
 
 logger = logging.getLogger("label_qa")
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -191,14 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.work = args.work.absolute()
     configure_ultralytics(args.work / "ultralytics")
-    from roadloop.datasets import SourceSpec, build_curated_dataset, load_taxonomy
-    from roadloop.label_quality import (
+    from roadloop.data.datasets import SourceSpec, build_curated_dataset, load_taxonomy
+    from roadloop.labeling.label_quality import (
         dataset_split_frames,
         find_label_issues,
         predict_for_cleanlab,
         read_yolo_label,
     )
-    from roadloop.training import (
+    from roadloop.models.training import (
         _checkpoint_names,
         adapt_checkpoint_to_taxonomy,
         load_source_class_map,

@@ -29,15 +29,15 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from roadloop.quantize import (
+from roadloop.models.quantize import (
     DETECT_TAIL_PATTERN,
     QuantConfig,
     list_images,
     preprocess,
     quantize_int8,
 )
+from roadloop.models.training import configure_ultralytics
 from roadloop.settings import PROJECT_ROOT, get_settings
-from roadloop.training import configure_ultralytics
 
 logger = logging.getLogger("quantization_sweep")
 

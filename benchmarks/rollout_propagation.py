@@ -45,8 +45,8 @@ from typing import Any
 import httpx
 import psutil
 
-from roadloop.localfleet import GatewayProcess
-from roadloop.signing import (
+from launch.localfleet import GatewayProcess
+from roadloop.release.signing import (
     build_manifest,
     load_or_create_signing_key,
     load_public_key,

@@ -129,7 +129,7 @@ def token_create(
     settings = _settings(home, database_url)
     flat = [s for item in scopes for s in item.replace(",", " ").split()]
     if camera_id is not None:
-        from roadloop.frames import validate_id
+        from roadloop.data.frames import validate_id
 
         try:
             validate_id("camera_id", camera_id)

@@ -42,8 +42,8 @@ from fleet.committer import CommitFailed
 from fleet.db import Device, FrameRow
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
+from roadloop.data.frames import ID_PATTERN, FrameRecord, compute_quality
 from roadloop.errors import InvalidInputError
-from roadloop.frames import ID_PATTERN, FrameRecord, compute_quality
 
 logger = logging.getLogger(__name__)
 

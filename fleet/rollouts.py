@@ -68,7 +68,12 @@ from fleet.models_store import ModelFileRejected, ModelStore
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut
 from roadloop.errors import InvalidInputError
-from roadloop.signing import SignatureError, load_public_key, manifest_sha256, verify_manifest
+from roadloop.release.signing import (
+    SignatureError,
+    load_public_key,
+    manifest_sha256,
+    verify_manifest,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from fleet.committer import GroupCommitter
 from fleet.config import GatewaySettings
 from fleet.db import Database
 from fleet.ratelimit import TokenBucketLimiter
-from roadloop.frames import FrameStore
+from roadloop.data.frames import FrameStore
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from fleet.db import DeviceStatus
-from roadloop.frames import Detection, FrameId, FrameQuality
+from roadloop.data.frames import Detection, FrameId, FrameQuality
 
 MAX_DETECTIONS = 2000
 MAX_REASONS = 32

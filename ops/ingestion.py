@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from resources import FrameStoreResource
-from roadloop.replay import default_replay_cameras, replay_camera
+from roadloop.data.replay import default_replay_cameras, replay_camera
 from roadloop.settings import get_settings
 
 

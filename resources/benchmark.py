@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from roadloop.gates import GateConfig
+from roadloop.evaluation.gates import GateConfig
 
 
 class BenchmarkResource(dg.ConfigurableResource):
@@ -17,7 +17,7 @@ class BenchmarkResource(dg.ConfigurableResource):
     per_source: bool = True
     threads: int | None = None
     calibration_frames: int = 100
-    # Gates (see roadloop.gates.GateConfig).
+    # Gates (see roadloop.evaluation.gates.GateConfig).
     max_regression_map50_95: float = 0.01
     max_int8_drop_points: float = 1.5
     p95_latency_budget_ms: float = 50.0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from roadloop.datasets import SourceSpec, default_sources, make_synthetic_dataset
+from roadloop.data.datasets import SourceSpec, default_sources, make_synthetic_dataset
 from roadloop.errors import MissingDataError
 from roadloop.settings import get_settings
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from roadloop.versioning import DvcStore
+from roadloop.data.versioning import DvcStore
 
 
 class DvcResource(dg.ConfigurableResource):

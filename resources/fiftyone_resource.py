@@ -4,7 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from roadloop.review import DEFAULT_DATASET, ReviewStore, app_url
+from roadloop.labeling.review import DEFAULT_DATASET, ReviewStore, app_url
 from roadloop.settings import get_settings
 
 
@@ -20,7 +20,7 @@ class FiftyOneResource(dg.ConfigurableResource):
     taxonomy_file: str | None = None
 
     def store(self) -> ReviewStore:
-        from roadloop.datasets import load_taxonomy
+        from roadloop.data.datasets import load_taxonomy
 
         taxonomy = load_taxonomy(Path(self.taxonomy_file)) if self.taxonomy_file else None
         return ReviewStore(

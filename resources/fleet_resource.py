@@ -1,6 +1,6 @@
 """The fleet gateway as a Dagster resource: publish signed models, start and drive rollouts.
 
-The platform signs (``roadloop.signing``, key under ``<home>/keys``); the gateway checks the
+The platform signs (``roadloop.release.signing``, key under ``<home>/keys``); the gateway checks the
 signature against its configured public key, stores the file and runs the stages. Calls use
 an operator token (``camera:admin``): ``admin_token``, else ``ROADLOOP_FLEET_ADMIN_TOKEN``,
 else the file ``admin_token_file`` (default ``<home>/fleet/admin-token``; create one with
@@ -16,14 +16,14 @@ import dagster as dg
 import httpx
 from pydantic import Field
 
-from roadloop.settings import get_settings
-from roadloop.signing import (
+from roadloop.release.signing import (
     build_manifest,
     key_id,
     load_or_create_signing_key,
     manifest_sha256,
     sign_manifest,
 )
+from roadloop.settings import get_settings
 
 ADMIN_TOKEN_ENV = "ROADLOOP_FLEET_ADMIN_TOKEN"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from roadloop.tracking import Tracker
+from roadloop.models.tracking import Tracker
 
 
 class MlflowResource(dg.ConfigurableResource):

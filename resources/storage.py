@@ -1,6 +1,6 @@
 """Where the platform keeps frames, datasets and run artifacts.
 
-Frame store layout (shared contract with the fleet gateway, see ``roadloop.frames``)::
+Frame store layout (shared contract with the fleet gateway, see ``roadloop.data.frames``)::
 
     <frame_store>/<camera_id>/<YYYY-MM-DD>/<frame_id>.jpg   the frame (written first)
     <frame_store>/<camera_id>/<YYYY-MM-DD>/<frame_id>.json  its FrameRecord (written last)
@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from roadloop.frames import DedupePolicy, FrameStore
+from roadloop.data.frames import DedupePolicy, FrameStore
 
 
 class FrameStoreResource(dg.ConfigurableResource):

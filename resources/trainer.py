@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from roadloop.training import TrainConfig
+from roadloop.models.training import TrainConfig
 
 
 class TrainerResource(dg.ConfigurableResource):

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     # Class taxonomy shared by every source (see roadloop/config/taxonomy.yaml).
     taxonomy_file: Path = DEFAULT_TAXONOMY_FILE
 
-    # Near-duplicate sampled frames (roadloop.frames.DedupePolicy): dhash bits, how far back
+    # Near-duplicate sampled frames (roadloop.data.frames.DedupePolicy): dhash bits, how far back
     # a kept frame counts, and per-camera bit thresholds, e.g.
     # ROADLOOP_DEDUPE_PER_CAMERA_MAX_HAMMING='{"window_street": 0}'.
     dedupe_max_hamming: int = Field(default=4, ge=0, le=64)

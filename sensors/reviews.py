@@ -13,7 +13,7 @@ import dagster as dg
 from assets.active_learning import reviewed_labels
 from assets.datasets import curated_dataset
 from resources.fiftyone_resource import FiftyOneResource
-from roadloop.review import FiftyOneUnavailable, pending_key
+from roadloop.labeling.review import FiftyOneUnavailable, pending_key
 
 _IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,

@@ -57,7 +57,7 @@ def fiftyone_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         import fiftyone as fo
 
         return Path(fo.config.database_dir)
-    from roadloop.review import configure_fiftyone
+    from roadloop.labeling.review import configure_fiftyone
 
     db = tmp_path_factory.mktemp("fiftyone-db")
     fo = configure_fiftyone(db)
@@ -105,7 +105,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
-    from roadloop.localfleet import free_port
+    from launch.localfleet import free_port
 
     def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(_as_server_user(cmd), cwd="/", capture_output=True, text=True,

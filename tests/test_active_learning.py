@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from roadloop.active_learning import (
+from roadloop.data.frames import Detection, FrameRecord
+from roadloop.labeling.active_learning import (
     ALWeights,
     FramePrediction,
     build_queue,
@@ -19,7 +20,6 @@ from roadloop.active_learning import (
     rarity_score,
     uncertainty_score,
 )
-from roadloop.frames import Detection, FrameRecord
 
 
 def _det(cls: str, conf: float, cid: int = 0) -> Detection:
@@ -219,7 +219,7 @@ def test_strategies_random_is_seeded_and_errors_are_clear():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A random-init YOLO11n checkpoint (no download, no shared data)."""
-    from roadloop.training import configure_ultralytics
+    from roadloop.models.training import configure_ultralytics
 
     d = tmp_path_factory.mktemp("model")
     configure_ultralytics(d / "ultralytics")
@@ -243,8 +243,8 @@ def _images(folder: Path, n: int) -> list[Path]:
 
 
 def test_embeddings_cache_computes_only_missing_hashes(tiny_model: Path, tmp_path: Path):
-    from roadloop.embeddings import cache_path, compute_embeddings
     from roadloop.fsutil import sha256_file
+    from roadloop.labeling.embeddings import cache_path, compute_embeddings
 
     imgs = _images(tmp_path / "imgs", 4)
     cache = tmp_path / "cache"
@@ -268,8 +268,8 @@ def test_embeddings_cache_computes_only_missing_hashes(tiny_model: Path, tmp_pat
 
 
 def test_embeddings_bad_inputs(tiny_model: Path, tmp_path: Path):
-    from roadloop.embeddings import cache_path, compute_embeddings
     from roadloop.errors import InvalidInputError, MissingDataError
+    from roadloop.labeling.embeddings import cache_path, compute_embeddings
 
     imgs = _images(tmp_path / "imgs", 2)
     cache = tmp_path / "cache"
@@ -322,7 +322,7 @@ def _record(root: Path, labels_ref: Path | None) -> FrameRecord:
 
 
 def test_oracle_maps_ground_truth_to_taxonomy_and_says_it_is_simulated(tmp_path: Path):
-    from roadloop.oracle import OracleCannotAnswer, SimulatedAnnotator
+    from roadloop.labeling.oracle import OracleCannotAnswer, SimulatedAnnotator
 
     root = _fake_source(tmp_path / "manaus_v4")
     oracle = SimulatedAnnotator()
@@ -337,8 +337,8 @@ def test_oracle_maps_ground_truth_to_taxonomy_and_says_it_is_simulated(tmp_path:
 
 
 def test_oracle_labels_enter_curated_dataset(tmp_path: Path):
-    from roadloop.datasets import build_curated_dataset, load_taxonomy, make_synthetic_dataset
-    from roadloop.oracle import SimulatedAnnotator
+    from roadloop.data.datasets import build_curated_dataset, load_taxonomy, make_synthetic_dataset
+    from roadloop.labeling.oracle import SimulatedAnnotator
 
     root = _fake_source(tmp_path / "manaus_v4")
     synth = make_synthetic_dataset(tmp_path / "synth", n_train=3, n_val=2, n_test=0, imgsz=64)

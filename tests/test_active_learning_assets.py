@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from resources.fiftyone_resource import FiftyOneResource
-from roadloop.review import (
+from roadloop.labeling.review import (
     TAG_IMPORTED,
     TAG_LABEL_ISSUE,
     TAG_REVIEWED,
@@ -145,12 +145,12 @@ def world(shared_dir: Path, tmp_path: Path, fiftyone):
     `candidate`, and a tiny curated dataset standing in for ``curated_dataset``."""
     from assets.records import CuratedDatasetVersion
     from resources import ArtifactStoreResource, FrameStoreResource, MlflowResource, TrainerResource
-    from roadloop.datasets import build_curated_dataset, default_sources, load_taxonomy
-    from roadloop.frames import FrameRecord, FrameStore, compute_quality
+    from roadloop.data.datasets import build_curated_dataset, default_sources, load_taxonomy
+    from roadloop.data.frames import FrameRecord, FrameStore, compute_quality
+    from roadloop.data.splits import is_replay_frame
+    from roadloop.data.versioning import DatasetVersion
+    from roadloop.models.tracking import CANDIDATE_ALIAS, Tracker
     from roadloop.settings import get_settings
-    from roadloop.splits import is_replay_frame
-    from roadloop.tracking import CANDIDATE_ALIAS, Tracker
-    from roadloop.versioning import DatasetVersion
 
     ckpt = shared_dir / "models" / "atl_v2_yolo11n_320.pt"
     if not ckpt.is_file():
@@ -258,8 +258,8 @@ def test_queue_review_import_round_trip(world, fiftyone) -> None:
     import fiftyone as fo
 
     from assets.active_learning import active_learning_queue, frame_embeddings, reviewed_labels
-    from roadloop.datasets import build_curated_dataset, load_taxonomy
-    from roadloop.oracle import SimulatedAnnotator
+    from roadloop.data.datasets import build_curated_dataset, load_taxonomy
+    from roadloop.labeling.oracle import SimulatedAnnotator
 
     budget = {"ops": {"active_learning_queue": {"config": {"budget": 4}}}}
     result = _materialize(
@@ -337,7 +337,7 @@ def test_label_quality_tags_flagged_frames_for_re_review(
     world, fiftyone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import assets.active_learning as al
-    from roadloop.label_quality import (
+    from roadloop.labeling.label_quality import (
         BoxIssue,
         ImageQuality,
         LabelQualityReport,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from roadloop import datasets as ds
-from roadloop.datasets import (
+from roadloop.data import datasets as ds
+from roadloop.data.datasets import (
     LabelledFrame,
     SourceSpec,
     Taxonomy,
@@ -22,9 +22,9 @@ from roadloop.datasets import (
     make_synthetic_dataset,
     write_data_yaml,
 )
+from roadloop.data.splits import is_replay_frame
 from roadloop.errors import EmptyDatasetError, InvalidInputError, MissingDataError
 from roadloop.settings import Settings, get_settings
-from roadloop.splits import is_replay_frame
 
 SHARED = get_settings().datasets_dir
 

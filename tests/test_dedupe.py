@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from roadloop.frames import DedupePolicy, Detection, dedupe_near_duplicates
+from roadloop.data.frames import DedupePolicy, Detection, dedupe_near_duplicates
 
 from .test_frames import T0, record, textured
 

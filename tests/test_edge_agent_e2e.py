@@ -30,7 +30,7 @@ import pytest
 
 from edge_agent.inference import file_sha256
 from edge_agent.outbox import read_journal
-from roadloop.localfleet import GatewayProcess, child_env
+from launch.localfleet import GatewayProcess, child_env
 
 pytestmark = pytest.mark.e2e
 

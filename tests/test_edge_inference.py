@@ -340,7 +340,7 @@ needs_shared = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def ultralytics_yolo(tmp_path_factory: pytest.TempPathFactory):
-    from roadloop.training import configure_ultralytics
+    from roadloop.models.training import configure_ultralytics
 
     configure_ultralytics(tmp_path_factory.mktemp("yolo_cfg"))  # integrations and sync off
     from ultralytics import YOLO
@@ -408,7 +408,7 @@ def test_parity_with_ultralytics_onnx_predict(ultralytics_yolo) -> None:
 def test_rectangular_export_parity_and_int8(ultralytics_yolo, tmp_path: Path) -> None:
     """A 192x320 export (16:9 cameras, no padding rows): same detections as Ultralytics'
     predict on that file, and roadloop's INT8 quantizer calibrates it at its own shape."""
-    from roadloop.quantize import quantize_int8
+    from roadloop.models.quantize import quantize_int8
 
     pt = tmp_path / "model.pt"
     shutil.copy(PT_320, pt)

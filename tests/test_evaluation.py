@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from roadloop.errors import InvalidInputError, MissingDataError
-from roadloop.training import configure_ultralytics
+from roadloop.models.training import configure_ultralytics
 
 IMGSZ = 320  # the shared ONNX export is static 1x3x320x320
 ATL_NAMES = ["bike", "bus", "car", "truck"]
@@ -88,7 +88,7 @@ def _label_classes(ds: Path) -> set[int]:
 
 @pytest.mark.parametrize("fmt", ["pt", "onnx"])
 def test_evaluate_detector_pt_and_onnx(models, tiny_dataset: Path, fmt: str) -> None:
-    from roadloop.evaluation import evaluate_detector
+    from roadloop.evaluation.benchmark import evaluate_detector
 
     m = evaluate_detector(models[fmt], tiny_dataset / "data.yaml", imgsz=IMGSZ)
     for v in (
@@ -116,7 +116,7 @@ def test_evaluate_detector_pt_and_onnx(models, tiny_dataset: Path, fmt: str) -> 
 
 
 def test_pt_and_onnx_agree(models, tiny_dataset: Path) -> None:
-    from roadloop.evaluation import evaluate_detector
+    from roadloop.evaluation.benchmark import evaluate_detector
 
     a = evaluate_detector(models["pt"], tiny_dataset / "data.yaml", imgsz=IMGSZ)
     b = evaluate_detector(models["onnx"], tiny_dataset / "data.yaml", imgsz=IMGSZ)
@@ -127,7 +127,7 @@ def test_pt_and_onnx_agree(models, tiny_dataset: Path) -> None:
 @pytest.fixture(scope="module")
 def dynamic_onnx(models, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's ONNX format: dynamic batch, static spatial size (imgsz 160 to stay cheap)."""
-    export = pytest.importorskip("roadloop.export")
+    export = pytest.importorskip("roadloop.models.export")
     out = tmp_path_factory.mktemp("export") / "model_160.onnx"
     export.export_onnx(models["pt"], out, imgsz=160)
     return out
@@ -136,7 +136,7 @@ def dynamic_onnx(models, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_dynamic_batch_onnx(dynamic_onnx: Path, tiny_dataset: Path) -> None:
     """Ultralytics treats a dynamic-batch ONNX as fully dynamic (rectangular letterbox);
     evaluation must still feed it square frames."""
-    from roadloop.evaluation import evaluate_detector, measure_latency
+    from roadloop.evaluation.benchmark import evaluate_detector, measure_latency
 
     m = evaluate_detector(dynamic_onnx, tiny_dataset / "data.yaml", imgsz=160)
     assert m.n_images == 6 and 0 <= m.map50_95 <= m.map50 <= 1
@@ -147,7 +147,7 @@ def test_dynamic_batch_onnx(dynamic_onnx: Path, tiny_dataset: Path) -> None:
 
 
 def test_missing_model_file_names_it(tiny_dataset: Path, tmp_path: Path) -> None:
-    from roadloop.evaluation import evaluate_detector, measure_latency
+    from roadloop.evaluation.benchmark import evaluate_detector, measure_latency
 
     missing = tmp_path / "nope" / "model.pt"
     with pytest.raises(MissingDataError, match=str(missing)) as exc:
@@ -158,7 +158,7 @@ def test_missing_model_file_names_it(tiny_dataset: Path, tmp_path: Path) -> None
 
 
 def test_bad_inputs_are_named(models, tiny_dataset: Path, tmp_path: Path) -> None:
-    from roadloop.evaluation import evaluate_detector
+    from roadloop.evaluation.benchmark import evaluate_detector
 
     with pytest.raises(MissingDataError, match="data.yaml"):
         evaluate_detector(models["pt"], tmp_path / "data.yaml", imgsz=IMGSZ)
@@ -189,7 +189,7 @@ def test_bad_inputs_are_named(models, tiny_dataset: Path, tmp_path: Path) -> Non
 
 
 def test_split_by_source(models, tiny_dataset: Path, tmp_path: Path) -> None:
-    from roadloop.evaluation import evaluate_detector, split_by_source, split_images
+    from roadloop.evaluation.benchmark import evaluate_detector, split_by_source, split_images
 
     out = split_by_source(tiny_dataset, "test", tmp_path / "sources")
     assert set(out) == {"all", "atl_v2", "manaus_v4"}
@@ -213,7 +213,7 @@ def test_split_by_source(models, tiny_dataset: Path, tmp_path: Path) -> None:
 
 def test_split_by_source_errors(tmp_path: Path) -> None:
     from roadloop.errors import EmptyDatasetError
-    from roadloop.evaluation import split_by_source
+    from roadloop.evaluation.benchmark import split_by_source
 
     with pytest.raises(MissingDataError, match="data.yaml"):
         split_by_source(tmp_path, "test", tmp_path / "out")
@@ -226,7 +226,7 @@ def test_split_by_source_errors(tmp_path: Path) -> None:
 def test_robustness_slices(tiny_dataset: Path, tmp_path: Path) -> None:
     import cv2
 
-    from roadloop.evaluation import SLICE_NAMES, make_robustness_slices, read_class_names
+    from roadloop.evaluation.benchmark import SLICE_NAMES, make_robustness_slices, read_class_names
 
     out = make_robustness_slices(tiny_dataset, "test", tmp_path / "slices", seed=0)
     assert list(out) == list(SLICE_NAMES)
@@ -274,7 +274,7 @@ def test_robustness_slices(tiny_dataset: Path, tmp_path: Path) -> None:
 def test_robustness_slice_bad_image_leaves_nothing(tiny_dataset: Path, tmp_path: Path) -> None:
     import shutil
 
-    from roadloop.evaluation import make_robustness_slices
+    from roadloop.evaluation.benchmark import make_robustness_slices
 
     ds = tmp_path / "ds"
     shutil.copytree(tiny_dataset, ds)
@@ -287,7 +287,7 @@ def test_robustness_slice_bad_image_leaves_nothing(tiny_dataset: Path, tmp_path:
 
 
 def test_measure_latency(models) -> None:
-    from roadloop.evaluation import measure_latency
+    from roadloop.evaluation.benchmark import measure_latency
 
     pt = measure_latency(models["pt"], imgsz=IMGSZ, batch_sizes=(1, 2), warmup=1, runs=5, threads=1)
     assert [s.batch for s in pt] == [1, 2]
@@ -303,7 +303,7 @@ def test_measure_latency(models) -> None:
 
 
 def test_benchmark_small(models, tiny_dataset: Path, tmp_path: Path) -> None:
-    from roadloop.evaluation import (
+    from roadloop.evaluation.benchmark import (
         BenchmarkResults,
         LatencyConfig,
         ModelSet,
@@ -342,7 +342,7 @@ def test_benchmark_small(models, tiny_dataset: Path, tmp_path: Path) -> None:
 
 
 def test_benchmark_fails_fast_on_missing_model(models, tiny_dataset: Path, tmp_path: Path) -> None:
-    from roadloop.evaluation import ModelSet, benchmark
+    from roadloop.evaluation.benchmark import ModelSet, benchmark
 
     gone = tmp_path / "int8.onnx"
     cand = ModelSet(version="c", pytorch=models["pt"], onnx_int8=gone)

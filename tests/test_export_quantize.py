@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from roadloop.errors import InvalidInputError, MissingDataError
-from roadloop.export import export_onnx, load_onnx_metadata, validate_onnx_model
-from roadloop.quantize import QuantConfig, list_images, preprocess, quantize_int8
+from roadloop.models.export import export_onnx, load_onnx_metadata, validate_onnx_model
+from roadloop.models.quantize import QuantConfig, list_images, preprocess, quantize_int8
+from roadloop.models.training import configure_ultralytics
 from roadloop.settings import get_settings
-from roadloop.training import configure_ultralytics
 
 IMGSZ = 128
 

@@ -32,8 +32,8 @@ from fleet.config import GatewaySettings
 from fleet.db import FrameRow, Token
 from fleet.intake import JpegError, check_jpeg, jpeg_dimensions
 from fleet.runtime import Gateway
-from roadloop.frames import FrameRecord, FrameStore
-from roadloop.localfleet import GatewayProcess
+from launch.localfleet import GatewayProcess
+from roadloop.data.frames import FrameRecord, FrameStore
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 5, 4, 12, 0, 0, tzinfo=UTC)

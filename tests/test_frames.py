@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from roadloop.errors import InvalidInputError
-from roadloop.frames import (
+from roadloop.data.frames import (
     Detection,
     FrameQuality,
     FrameRecord,
@@ -26,6 +25,7 @@ from roadloop.frames import (
     summarize_partition,
     validate_id,
 )
+from roadloop.errors import InvalidInputError
 
 T0 = datetime(2026, 3, 1, 23, 59, 50, tzinfo=UTC)
 
@@ -238,7 +238,7 @@ def test_corrupt_sidecar_is_skipped_and_reported(tmp_path: Path, caplog) -> None
     bad = json.loads(p3.with_suffix(".json").read_text())
     bad["frame_id"] = "someone_else"  # valid JSON, wrong frame
     p3.with_suffix(".json").write_text(json.dumps(bad))
-    with caplog.at_level(logging.WARNING, logger="roadloop.frames"):
+    with caplog.at_level(logging.WARNING, logger="roadloop.data.frames"):
         frames = list(store.iter_frames("cam_a"))
     assert [r.frame_id for r, _ in frames] == ["f2"]
     assert "f1.json" in caplog.text

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from roadloop.errors import InvalidInputError
-from roadloop.label_quality import (
+from roadloop.labeling.label_quality import (
     detections_to_cleanlab,
     find_label_issues,
     hold_out_flagged,
@@ -161,8 +161,8 @@ def test_out_of_sample_predictions_never_predict_a_training_frame(tmp_path: Path
 
 def test_out_of_sample_predictions_with_real_training(tmp_path: Path):
     """The default K-fold step trains (1 epoch, 64 px, scratch YOLO11n) and predicts."""
-    from roadloop.datasets import build_curated_dataset, load_taxonomy, make_synthetic_dataset
-    from roadloop.training import TrainConfig, configure_ultralytics
+    from roadloop.data.datasets import build_curated_dataset, load_taxonomy, make_synthetic_dataset
+    from roadloop.models.training import TrainConfig, configure_ultralytics
 
     configure_ultralytics(tmp_path / "ultralytics")
     synth = make_synthetic_dataset(tmp_path / "synth", n_train=6, n_val=2, n_test=0, imgsz=64)

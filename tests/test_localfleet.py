@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from roadloop.localfleet import GatewayProcess, GatewayStartError, LocalFleet, free_port
+from launch.localfleet import GatewayProcess, GatewayStartError, LocalFleet, free_port
 
 SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 VIDEO = SHARED / "videos" / "cctv_street.mp4"

@@ -37,9 +37,9 @@ def _materialize(resources: dict, instance: dg.DagsterInstance) -> dg.ExecuteInP
 
 def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_path: Path) -> None:
     from resources import BenchmarkResource, build_resources
+    from roadloop.data.versioning import DvcStore
+    from roadloop.models.tracking import Tracker
     from roadloop.settings import get_settings
-    from roadloop.tracking import Tracker
-    from roadloop.versioning import DvcStore
 
     settings = get_settings()
     resources = build_resources(settings, profile="test")
@@ -81,7 +81,7 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     assert "<img" in report.html.read_text()
     results = json.loads(report.results_json.read_text())
     assert results
-    from roadloop.evaluation import BenchmarkResults
+    from roadloop.evaluation.benchmark import BenchmarkResults
 
     parsed = BenchmarkResults.model_validate_json(report.results_json.read_text())
     for fmt in ("pytorch", "onnx_fp32", "onnx_int8"):

@@ -9,17 +9,17 @@ import cv2
 import numpy as np
 import pytest
 
-from roadloop.errors import InvalidInputError, MissingDataError
-from roadloop.frames import FrameStore
-from roadloop.replay import (
+from roadloop.data.frames import FrameStore
+from roadloop.data.replay import (
     NIGHT_MAX_BRIGHTNESS,
     ReplayCamera,
     dataset_replay_candidates,
     default_replay_cameras,
     replay_camera,
 )
+from roadloop.data.splits import is_replay_frame, is_seed_frame
+from roadloop.errors import InvalidInputError, MissingDataError
 from roadloop.settings import Settings, get_settings
-from roadloop.splits import is_replay_frame, is_seed_frame
 
 START = datetime(2026, 4, 1, 8, 0, tzinfo=UTC)
 FRACTION = 0.3

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from roadloop.evaluation import (
+from roadloop.evaluation.benchmark import (
     FORMATS,
     BenchmarkResults,
     DetectionMetrics,
@@ -19,14 +19,14 @@ from roadloop.evaluation import (
     MetricsRow,
     ModelSet,
 )
-from roadloop.gates import (
+from roadloop.evaluation.gates import (
     GateConfig,
     check_candidate_vs_production,
     check_int8_drop,
     check_latency_budget,
     evaluate_all_gates,
 )
-from roadloop.report import render_report
+from roadloop.evaluation.report import render_report
 
 CLASSES = ["car", "truck", "bus", "two_wheeler", "person"]
 TEST_SETS = ["all", "atl_v2", "manaus_v4", "low_light", "fog", "blur", "noise"]
@@ -186,7 +186,7 @@ def test_report_without_production_or_latency(tmp_path: Path) -> None:
 
 
 def test_report_failure_leaves_old_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from roadloop import report
+    from roadloop.evaluation import report
 
     files = render_report(make_results(), tmp_path, title="v1")
     before = {p: p.read_bytes() for p in (files.html, files.json, files.markdown)}

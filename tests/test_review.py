@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from roadloop.review import (
+from roadloop.labeling.review import (
     TAG_IMPORTED,
     TAG_LABEL_ISSUE,
     TAG_REVIEW_ERROR,
@@ -141,7 +141,7 @@ def test_round_trip_queue_review_import(store: ReviewStore, tmp_path: Path) -> N
 
 
 def test_exported_labels_feed_the_curated_dataset(store: ReviewStore, tmp_path: Path) -> None:
-    from roadloop.datasets import (
+    from roadloop.data.datasets import (
         SourceSpec,
         build_curated_dataset,
         load_taxonomy,
@@ -219,7 +219,7 @@ def test_failed_export_leaves_previous_export_and_tags(
 ) -> None:
     import fiftyone as fo
 
-    from roadloop import review
+    from roadloop.labeling import review
 
     store.push_queue(_frames(tmp_path, 2), "b1")
     ds = store.dataset()
@@ -300,7 +300,7 @@ def test_label_issues_are_tagged_and_held_out_until_re_reviewed(
 
 
 def test_simulated_annotator_reviews_through_fiftyone(store: ReviewStore, tmp_path: Path) -> None:
-    from roadloop.oracle import ANNOTATOR_NAME, SimulatedAnnotator
+    from roadloop.labeling.oracle import ANNOTATOR_NAME, SimulatedAnnotator
 
     src = tmp_path / "src"
     (src / "labels" / "train").mkdir(parents=True)
@@ -331,8 +331,8 @@ def test_simulated_annotator_reviews_through_fiftyone(store: ReviewStore, tmp_pa
 
 
 def test_items_from_active_learning_queue(store: ReviewStore, tmp_path: Path) -> None:
-    from roadloop.active_learning import FramePrediction, build_queue
-    from roadloop.frames import Detection
+    from roadloop.data.frames import Detection
+    from roadloop.labeling.active_learning import FramePrediction, build_queue
 
     items = _frames(tmp_path, 3, w=100, h=50)
     preds = [
@@ -387,7 +387,7 @@ def test_annotate_command_prints_the_url(
     import typer
     from typer.testing import CliRunner
 
-    import roadloop.annotate_cli as cli
+    import launch.annotate as cli
 
     store.push_queue(_frames(tmp_path, 1), "b1")
     launched = {}
@@ -418,7 +418,7 @@ def test_fresh_process_after_mlflow_uses_the_configured_database(tmp_path: Path)
     cv2.imwrite(str(img), np.zeros((20, 30, 3), np.uint8))
     script = (
         "import mlflow, sys\n"
-        "from roadloop.review import ReviewItem, ReviewStore\n"
+        "from roadloop.labeling.review import ReviewItem, ReviewStore\n"
         f"s = ReviewStore('fresh', database_dir={str(db)!r})\n"
         f"s.push_queue([ReviewItem(camera_id='c', frame_id='f', image={str(img)!r}, width=30, height=20)], 'b')\n"
         "import fiftyone as fo\n"

@@ -34,9 +34,9 @@ from typing import Any
 import httpx
 import pytest
 
+from launch.localfleet import GatewayProcess, child_env
 from roadloop.fsutil import sha256_file
-from roadloop.localfleet import GatewayProcess, child_env
-from roadloop.signing import (
+from roadloop.release.signing import (
     build_manifest,
     load_or_create_signing_key,
     manifest_sha256,
@@ -78,7 +78,7 @@ def _variant(src: Path, dst: Path, tag: str) -> Path:
 
 
 def _class_names(path: Path) -> list[str]:
-    from roadloop.export import load_onnx_metadata
+    from roadloop.models.export import load_onnx_metadata
 
     return load_onnx_metadata(path).class_names
 

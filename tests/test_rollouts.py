@@ -33,7 +33,7 @@ from fleet.rollouts import (
     stage_threshold,
 )
 from roadloop.errors import InvalidInputError
-from roadloop.signing import (
+from roadloop.release.signing import (
     KEY_FILE,
     PUBLIC_KEY_FILE,
     SignatureError,
@@ -535,8 +535,8 @@ def test_model_rollout_asset_and_health_sensor(live_gateway: tuple[str, str, Pat
     from assets.rollout import model_rollout
     from resources import MlflowResource
     from resources.fleet_resource import FleetResource
-    from roadloop.quantize import QuantConfig, QuantizedModelInfo
-    from roadloop.tracking import PRODUCTION_ALIAS
+    from roadloop.models.quantize import QuantConfig, QuantizedModelInfo
+    from roadloop.models.tracking import PRODUCTION_ALIAS
     from sensors.rollout_health import rollout_health_sensor
 
     url, admin, keys = live_gateway

@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 from roadloop.errors import InvalidInputError, MissingDataError
-from roadloop.settings import get_settings
-from roadloop.training import (
+from roadloop.models.training import (
     _INTEGRATIONS,
     TrainConfig,
     adapt_checkpoint_to_taxonomy,
@@ -21,6 +20,7 @@ from roadloop.training import (
     resolve_start_weights,
     train_detector,
 )
+from roadloop.settings import get_settings
 
 TAXONOMY = ["car", "truck", "bus", "two_wheeler", "person"]
 ATL_TO_TAXONOMY_ID = {0: 3, 1: 2, 2: 0, 3: 1}  # bike, bus, car, truck → taxonomy ids
@@ -103,7 +103,7 @@ def test_class_map_from_taxonomy():
 def _letterboxed(atl: Path, imgsz: int):
     import torch
 
-    from roadloop.quantize import preprocess
+    from roadloop.models.quantize import preprocess
 
     frame = min((atl / "images" / "val").iterdir())
     return frame, torch.from_numpy(preprocess(frame, imgsz))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from roadloop.datasets import build_curated_dataset, load_taxonomy, make_synthetic_dataset
+from roadloop.data.datasets import build_curated_dataset, load_taxonomy, make_synthetic_dataset
+from roadloop.data.versioning import DvcError, DvcStore
 from roadloop.errors import InvalidInputError, MissingDataError
-from roadloop.versioning import DvcError, DvcStore
 
 
 def tree(root: Path) -> dict[str, str]:

@@ -17,9 +17,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field
 
-from roadloop.datasets import LabelledFrame, Taxonomy, load_taxonomy
+from roadloop.data.datasets import LabelledFrame, Taxonomy, load_taxonomy
+from roadloop.data.frames import FrameRecord
 from roadloop.errors import InvalidInputError, MissingDataError, RoadloopError
-from roadloop.frames import FrameRecord
 from roadloop.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)

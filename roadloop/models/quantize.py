@@ -24,8 +24,8 @@ from pydantic import BaseModel, Field
 
 from edge_agent.inference import letterbox as edge_letterbox
 from roadloop.errors import EmptyDatasetError, InvalidInputError
-from roadloop.export import validate_onnx_model
 from roadloop.fsutil import sha256_file
+from roadloop.models.export import validate_onnx_model
 
 logger = logging.getLogger(__name__)
 

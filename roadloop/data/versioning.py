@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 REMOTE_NAME = "storage"
 VERSIONS_DIR = "versions"
 _SCRATCH_PREFIX = ".restore-"
-_DVCIGNORE = f"# managed by roadloop.versioning\n/{VERSIONS_DIR}/\n*.cache\n"
+_DVCIGNORE = f"# managed by roadloop.data.versioning\n/{VERSIONS_DIR}/\n*.cache\n"
 
 
 class DvcError(RoadloopError):

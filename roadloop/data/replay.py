@@ -1,10 +1,10 @@
 """Camera replay: play the shared datasets and videos as cameras into the frame store.
 
 Until real edge agents stream frames, each replay camera writes frames into the
-:class:`~roadloop.frames.FrameStore` exactly as the fleet gateway will.
+:class:`~roadloop.data.frames.FrameStore` exactly as the fleet gateway will.
 
 * Dataset cameras replay only the *replay* share of a source's ``train`` split
-  (:func:`roadloop.splits.is_replay_frame`): never a ``val``/``test`` frame and never a
+  (:func:`roadloop.data.splits.is_replay_frame`): never a ``val``/``test`` frame and never a
   seed-training frame. Their records carry ``source_ref`` (``<source>/train/<file>``) and
   ``labels_ref`` (the ground-truth YOLO label file) for provenance, leakage checks and the
   simulated annotator.
@@ -33,10 +33,10 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
+from roadloop.data.frames import FrameRecord, FrameStore, compute_quality, safe_id, validate_id
+from roadloop.data.splits import REPLAYABLE_SPLIT, is_replay_frame
 from roadloop.errors import InvalidInputError, MissingDataError
-from roadloop.frames import FrameRecord, FrameStore, compute_quality, safe_id, validate_id
 from roadloop.settings import Settings
-from roadloop.splits import REPLAYABLE_SPLIT, is_replay_frame
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from roadloop.datasets import (
+from roadloop.data.datasets import (
     LabelledFrame,
     Taxonomy,
     _check_frame,
@@ -922,7 +922,7 @@ class ReviewStore:
     def simulate_reviews(self, annotator: Any, n: int) -> list[str]:
         """Let ``annotator`` review the top ``n`` queue samples through the App's path.
 
-        ``annotator`` is a ``roadloop.oracle.SimulatedAnnotator`` (``answer(FrameRecord)``)
+        ``annotator`` is a ``roadloop.labeling.oracle.SimulatedAnnotator`` (``answer(FrameRecord)``)
         or anything with ``annotate(ReviewItem) -> list[ReviewBox] | None``. Sets
         ``ground_truth`` from its answer, records who answered in ``annotated_by`` and tags
         the samples ``reviewed`` — exactly what a person does in the App. Frames it cannot
@@ -953,9 +953,9 @@ class ReviewStore:
         if hasattr(annotator, "answer"):
             from datetime import UTC, datetime
 
+            from roadloop.data.frames import FrameRecord
             from roadloop.errors import MissingDataError
-            from roadloop.frames import FrameRecord
-            from roadloop.oracle import OracleCannotAnswer
+            from roadloop.labeling.oracle import OracleCannotAnswer
 
             if not item.labels_ref or not item.source:
                 return None

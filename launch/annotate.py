@@ -13,7 +13,7 @@ import time
 
 import typer
 
-from roadloop.review import VIEW_QUEUE, ReviewStore, app_url
+from roadloop.labeling.review import VIEW_QUEUE, ReviewStore, app_url
 from roadloop.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def annotate(
     store = review_store()
     dataset = store.dataset()
     if simulate:
-        from roadloop.oracle import SimulatedAnnotator
+        from roadloop.labeling.oracle import SimulatedAnnotator
 
         done = store.simulate_reviews(SimulatedAnnotator(store.taxonomy), simulate)
         typer.echo(f"SIMULATED annotator (oracle) reviewed {len(done)} frames")
@@ -86,5 +86,5 @@ def annotate(
             session.close()
 
 
-if __name__ == "__main__":  # python -m roadloop.annotate_cli
+if __name__ == "__main__":  # python -m launch.annotate
     typer.run(annotate)

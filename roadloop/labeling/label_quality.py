@@ -229,7 +229,7 @@ def ultralytics_fit_predict(
     def fit_predict(
         train: list[Path], heldout: list[Path], fold_dir: Path, class_names: list[str]
     ) -> list[CleanlabPrediction]:
-        from roadloop.training import train_detector
+        from roadloop.models.training import train_detector
 
         data_yaml = symlink_yolo_dataset(fold_dir / "data", train, heldout, class_names)
         result = train_detector(train_cfg, data_yaml, fold_dir / "run")
@@ -262,7 +262,7 @@ def out_of_sample_predictions(
 
     ``fit_predict(train_images, heldout_images, fold_dir, class_names)`` returns the
     held-out frames' predictions in cleanlab format; the default trains with
-    ``train_cfg`` (a ``roadloop.training.TrainConfig``) via :func:`ultralytics_fit_predict`.
+    ``train_cfg`` (a ``roadloop.models.training.TrainConfig``) via :func:`ultralytics_fit_predict`.
     Fold work goes under ``work_dir/fold_<i>``.
     """
     dataset_dir = Path(dataset_dir)

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from roadloop.localfleet import LocalFleet
+from launch.localfleet import LocalFleet
+from roadloop.models.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
 from roadloop.settings import get_settings
-from roadloop.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def run_demo_loop(
     instance = dg.DagsterInstance.get()
     outcome = LoopOutcome(success=True)
 
-    from roadloop.signing import load_or_create_signing_key
+    from roadloop.release.signing import load_or_create_signing_key
 
     # The platform's signing key exists before the gateway starts: the gateway hands its public
     # half to agents at enrollment, and they pin it.
@@ -183,7 +183,7 @@ def _ingest(defs, instance, settings, outcome: LoopOutcome, frames_per_camera: i
     )
     outcome.run_ids.append(replay.run_id)
 
-    from roadloop.frames import FrameStore
+    from roadloop.data.frames import FrameStore
 
     store = FrameStore(settings.frame_store)
     cameras = store.cameras()
@@ -274,7 +274,7 @@ def _roll_out_to_agents(defs, instance, fleet: LocalFleet, outcome: LoopOutcome,
 
 def _review_turn(defs, instance, settings, outcome: LoopOutcome, turn: int, n_reviews: int) -> None:
     """One more turn: simulated reviews → import + new dataset version → learning loop."""
-    from roadloop.oracle import SimulatedAnnotator
+    from roadloop.labeling.oracle import SimulatedAnnotator
 
     t0 = time.monotonic()
     with outcome.timed(f"turn{turn}_simulated_review"):

@@ -201,7 +201,7 @@ def export_onnx(
         raise MissingDataError(f"weights to export not found: {weights}", weights)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    from roadloop.training import configure_ultralytics
+    from roadloop.models.training import configure_ultralytics
 
     configure_ultralytics()
     from ultralytics import YOLO

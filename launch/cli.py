@@ -1,11 +1,13 @@
 """The ``roadloop`` command line.
 
-Orchestration commands (``demo``, ``serve``) import Dagster lazily: the library itself
-stays framework-free, only these entry points drive the code location.
+Orchestration commands (``demo``, ``serve``) import Dagster lazily, and the gateway and
+annotate commands load their modules only when they run: ``roadloop settings`` imports
+neither Dagster nor FastAPI nor FiftyOne.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
@@ -13,34 +15,55 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from roadloop.settings import PROJECT_ROOT, Settings, get_settings
 
-app = typer.Typer(help="roadloop: continuous learning for traffic-camera detection.", no_args_is_help=True)
+
+class _LazyCommands(TyperGroup):
+    """Sub-commands whose modules load only when that command runs (or help lists them):
+    ``roadloop settings`` must not import FastAPI, SQLAlchemy or FiftyOne."""
+
+    lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
+        # name: (module, attribute, help)
+        "gateway": ("fleet.cli", "gateway_app", "Fleet gateway service."),
+        "fleet": ("fleet.cli", "fleet_app", "Fleet administration: tokens and devices."),
+        "annotate": (
+            "launch.annotate",
+            "annotate",
+            "Open the FiftyOne App on the review queue (prints its URL).",
+        ),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        module, attr, help_text = self.lazy[cmd_name]
+        target = getattr(importlib.import_module(module), attr)
+        if isinstance(target, typer.Typer):
+            command = typer.main.get_group(target)
+        else:
+            sub = typer.Typer()
+            sub.command(cmd_name, help=help_text)(target)
+            command = typer.main.get_command(sub)
+        command.name = cmd_name
+        return command
+
+
+app = typer.Typer(
+    cls=_LazyCommands,
+    help="roadloop: continuous learning for traffic-camera detection.",
+    no_args_is_help=True,
+)
 dataset_app = typer.Typer(help="Curated dataset versions (DVC).", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
-
-
-def _mount_service_clis() -> None:
-    """The fleet gateway's commands (`roadloop gateway serve`, `roadloop fleet token create`)."""
-    from fleet.cli import fleet_app, gateway_app
-
-    app.add_typer(gateway_app, name="gateway")
-    app.add_typer(fleet_app, name="fleet")
-
-
-_mount_service_clis()
-
-
-def _mount_annotate() -> None:
-    from roadloop.annotate_cli import annotate
-
-    app.command("annotate", help="Open the FiftyOne App on the review queue (prints its URL).")(annotate)
-
-
-_mount_annotate()
 
 
 def _export_env(settings: Settings, profile: str | None = None) -> dict[str, str]:
@@ -96,7 +119,7 @@ def demo(
     _write_dagster_yaml(settings.dagster_home)
     started = time.monotonic()
 
-    from roadloop.orchestrate import run_demo_loop  # imports Dagster
+    from launch.demo import run_demo_loop  # imports Dagster
 
     outcome = run_demo_loop(
         frames_per_camera=frames_per_camera,
@@ -201,7 +224,7 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
 @dataset_app.command("restore")
 def dataset_restore(md5: str, target: Path) -> None:
     """Restore a curated dataset version (its DVC md5, shown in the asset metadata)."""
-    from roadloop.versioning import DvcStore
+    from roadloop.data.versioning import DvcStore
 
     settings = get_settings()
     store = DvcStore(Path(str(settings.dvc_repo)), str(settings.dvc_remote_url))

@@ -1,0 +1,2 @@
+"""Data: the class taxonomy, curated YOLO datasets, train/replay splits, the frame store,
+camera replay and DVC dataset versions."""
