@@ -7,13 +7,6 @@ import dagster as dg
 from mlflow.exceptions import MlflowException
 
 from resources import ArtifactStoreResource, BenchmarkResource, MlflowResource
-from roadloop.evaluation.benchmark import (
-    BenchmarkResults,
-    LatencyConfig,
-    ModelSet,
-    make_robustness_slices,
-    split_by_source,
-)
 from roadloop.evaluation.benchmark import benchmark as run_benchmark
 from roadloop.evaluation.gates import (
     GateOutcome,
@@ -23,6 +16,8 @@ from roadloop.evaluation.gates import (
     evaluate_all_gates,
 )
 from roadloop.evaluation.report import render_report
+from roadloop.evaluation.results import BenchmarkResults, LatencyConfig, ModelSet
+from roadloop.evaluation.testsets import make_robustness_slices, split_by_source
 from roadloop.models.tracking import PRODUCTION_ALIAS, Tracker
 
 from .records import (

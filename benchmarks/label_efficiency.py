@@ -12,7 +12,7 @@ Setup (all real data, all in the roadloop taxonomy):
   with the *previous* round's model (round 1: the start model) as the scorer; the
   simulated annotator's labels are the ground truth. Then a model is trained on all
   frames labelled so far and scored on test (Ultralytics ``val`` via
-  ``roadloop.evaluation.benchmark.evaluate_detector``, mAP50 and mAP50-95).
+  ``roadloop.evaluation.accuracy.evaluate_detector``, mAP50 and mAP50-95).
 * **Warm start (decided):** every round fine-tunes *from the adapted start model* on the
   cumulative labelled set, rather than from the previous round's weights. The mAP at n
   labels then depends only on which n frames were picked (what we compare), not on how
@@ -176,7 +176,7 @@ def run_one(
     conditions: dict[Path, str],
     record: dict,
 ) -> None:
-    from roadloop.evaluation.benchmark import evaluate_detector
+    from roadloop.evaluation.accuracy import evaluate_detector
     from roadloop.models.training import TrainConfig, train_detector
 
     pool = sorted((curated / "images" / "train").iterdir())
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     record["config"] = config
     record["machine"] = f"{platform.node()} ({os.cpu_count()} CPUs), device {args.device}"
     if "baseline" not in record:
-        from roadloop.evaluation.benchmark import evaluate_detector
+        from roadloop.evaluation.accuracy import evaluate_detector
 
         m = evaluate_detector(
             adapted, curated / "data.yaml", imgsz=args.imgsz, split="test", device=args.device

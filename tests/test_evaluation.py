@@ -88,7 +88,7 @@ def _label_classes(ds: Path) -> set[int]:
 
 @pytest.mark.parametrize("fmt", ["pt", "onnx"])
 def test_evaluate_detector_pt_and_onnx(models, tiny_dataset: Path, fmt: str) -> None:
-    from roadloop.evaluation.benchmark import evaluate_detector
+    from roadloop.evaluation.accuracy import evaluate_detector
 
     m = evaluate_detector(models[fmt], tiny_dataset / "data.yaml", imgsz=IMGSZ)
     for v in (
@@ -116,7 +116,7 @@ def test_evaluate_detector_pt_and_onnx(models, tiny_dataset: Path, fmt: str) -> 
 
 
 def test_pt_and_onnx_agree(models, tiny_dataset: Path) -> None:
-    from roadloop.evaluation.benchmark import evaluate_detector
+    from roadloop.evaluation.accuracy import evaluate_detector
 
     a = evaluate_detector(models["pt"], tiny_dataset / "data.yaml", imgsz=IMGSZ)
     b = evaluate_detector(models["onnx"], tiny_dataset / "data.yaml", imgsz=IMGSZ)
@@ -136,7 +136,8 @@ def dynamic_onnx(models, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_dynamic_batch_onnx(dynamic_onnx: Path, tiny_dataset: Path) -> None:
     """Ultralytics treats a dynamic-batch ONNX as fully dynamic (rectangular letterbox);
     evaluation must still feed it square frames."""
-    from roadloop.evaluation.benchmark import evaluate_detector, measure_latency
+    from roadloop.evaluation.accuracy import evaluate_detector
+    from roadloop.evaluation.latency import measure_latency
 
     m = evaluate_detector(dynamic_onnx, tiny_dataset / "data.yaml", imgsz=160)
     assert m.n_images == 6 and 0 <= m.map50_95 <= m.map50 <= 1
@@ -147,7 +148,8 @@ def test_dynamic_batch_onnx(dynamic_onnx: Path, tiny_dataset: Path) -> None:
 
 
 def test_missing_model_file_names_it(tiny_dataset: Path, tmp_path: Path) -> None:
-    from roadloop.evaluation.benchmark import evaluate_detector, measure_latency
+    from roadloop.evaluation.accuracy import evaluate_detector
+    from roadloop.evaluation.latency import measure_latency
 
     missing = tmp_path / "nope" / "model.pt"
     with pytest.raises(MissingDataError, match=str(missing)) as exc:
@@ -158,7 +160,7 @@ def test_missing_model_file_names_it(tiny_dataset: Path, tmp_path: Path) -> None
 
 
 def test_bad_inputs_are_named(models, tiny_dataset: Path, tmp_path: Path) -> None:
-    from roadloop.evaluation.benchmark import evaluate_detector
+    from roadloop.evaluation.accuracy import evaluate_detector
 
     with pytest.raises(MissingDataError, match="data.yaml"):
         evaluate_detector(models["pt"], tmp_path / "data.yaml", imgsz=IMGSZ)
@@ -189,7 +191,9 @@ def test_bad_inputs_are_named(models, tiny_dataset: Path, tmp_path: Path) -> Non
 
 
 def test_split_by_source(models, tiny_dataset: Path, tmp_path: Path) -> None:
-    from roadloop.evaluation.benchmark import evaluate_detector, split_by_source, split_images
+    from roadloop.evaluation.accuracy import evaluate_detector
+    from roadloop.evaluation.inputs import split_images
+    from roadloop.evaluation.testsets import split_by_source
 
     out = split_by_source(tiny_dataset, "test", tmp_path / "sources")
     assert set(out) == {"all", "atl_v2", "manaus_v4"}
@@ -213,7 +217,7 @@ def test_split_by_source(models, tiny_dataset: Path, tmp_path: Path) -> None:
 
 def test_split_by_source_errors(tmp_path: Path) -> None:
     from roadloop.errors import EmptyDatasetError
-    from roadloop.evaluation.benchmark import split_by_source
+    from roadloop.evaluation.testsets import split_by_source
 
     with pytest.raises(MissingDataError, match="data.yaml"):
         split_by_source(tmp_path, "test", tmp_path / "out")
@@ -226,7 +230,8 @@ def test_split_by_source_errors(tmp_path: Path) -> None:
 def test_robustness_slices(tiny_dataset: Path, tmp_path: Path) -> None:
     import cv2
 
-    from roadloop.evaluation.benchmark import SLICE_NAMES, make_robustness_slices, read_class_names
+    from roadloop.evaluation.inputs import read_class_names
+    from roadloop.evaluation.testsets import SLICE_NAMES, make_robustness_slices
 
     out = make_robustness_slices(tiny_dataset, "test", tmp_path / "slices", seed=0)
     assert list(out) == list(SLICE_NAMES)
@@ -274,7 +279,7 @@ def test_robustness_slices(tiny_dataset: Path, tmp_path: Path) -> None:
 def test_robustness_slice_bad_image_leaves_nothing(tiny_dataset: Path, tmp_path: Path) -> None:
     import shutil
 
-    from roadloop.evaluation.benchmark import make_robustness_slices
+    from roadloop.evaluation.testsets import make_robustness_slices
 
     ds = tmp_path / "ds"
     shutil.copytree(tiny_dataset, ds)
@@ -287,7 +292,7 @@ def test_robustness_slice_bad_image_leaves_nothing(tiny_dataset: Path, tmp_path:
 
 
 def test_measure_latency(models) -> None:
-    from roadloop.evaluation.benchmark import measure_latency
+    from roadloop.evaluation.latency import measure_latency
 
     pt = measure_latency(models["pt"], imgsz=IMGSZ, batch_sizes=(1, 2), warmup=1, runs=5, threads=1)
     assert [s.batch for s in pt] == [1, 2]
@@ -303,14 +308,9 @@ def test_measure_latency(models) -> None:
 
 
 def test_benchmark_small(models, tiny_dataset: Path, tmp_path: Path) -> None:
-    from roadloop.evaluation.benchmark import (
-        BenchmarkResults,
-        LatencyConfig,
-        ModelSet,
-        benchmark,
-        make_robustness_slices,
-        split_by_source,
-    )
+    from roadloop.evaluation.benchmark import benchmark
+    from roadloop.evaluation.results import BenchmarkResults, LatencyConfig, ModelSet
+    from roadloop.evaluation.testsets import make_robustness_slices, split_by_source
 
     sets = split_by_source(tiny_dataset, "test", tmp_path / "sets")
     sets.update(
@@ -342,7 +342,8 @@ def test_benchmark_small(models, tiny_dataset: Path, tmp_path: Path) -> None:
 
 
 def test_benchmark_fails_fast_on_missing_model(models, tiny_dataset: Path, tmp_path: Path) -> None:
-    from roadloop.evaluation.benchmark import ModelSet, benchmark
+    from roadloop.evaluation.benchmark import benchmark
+    from roadloop.evaluation.results import ModelSet
 
     gone = tmp_path / "int8.onnx"
     cand = ModelSet(version="c", pytorch=models["pt"], onnx_int8=gone)

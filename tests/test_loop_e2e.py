@@ -81,7 +81,7 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     assert "<img" in report.html.read_text()
     results = json.loads(report.results_json.read_text())
     assert results
-    from roadloop.evaluation.benchmark import BenchmarkResults
+    from roadloop.evaluation.results import BenchmarkResults
 
     parsed = BenchmarkResults.model_validate_json(report.results_json.read_text())
     for fmt in ("pytorch", "onnx_fp32", "onnx_int8"):

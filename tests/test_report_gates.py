@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from roadloop.evaluation.benchmark import (
+from roadloop.evaluation.gates import (
+    GateConfig,
+    check_candidate_vs_production,
+    check_int8_drop,
+    check_latency_budget,
+    evaluate_all_gates,
+)
+from roadloop.evaluation.report import render_report
+from roadloop.evaluation.results import (
     FORMATS,
     BenchmarkResults,
     DetectionMetrics,
@@ -19,14 +27,6 @@ from roadloop.evaluation.benchmark import (
     MetricsRow,
     ModelSet,
 )
-from roadloop.evaluation.gates import (
-    GateConfig,
-    check_candidate_vs_production,
-    check_int8_drop,
-    check_latency_budget,
-    evaluate_all_gates,
-)
-from roadloop.evaluation.report import render_report
 
 CLASSES = ["car", "truck", "bus", "two_wheeler", "person"]
 TEST_SETS = ["all", "atl_v2", "manaus_v4", "low_light", "fog", "blur", "noise"]

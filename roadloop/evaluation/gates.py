@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from roadloop.evaluation.benchmark import FORMAT_LABELS, BenchmarkResults
+from roadloop.evaluation.results import FORMAT_LABELS, BenchmarkResults
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from roadloop.evaluation.benchmark import ALL, FORMAT_LABELS, BenchmarkResults
+from roadloop.evaluation.results import FORMAT_LABELS, BenchmarkResults
+from roadloop.evaluation.testsets import ALL
 from roadloop.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)
