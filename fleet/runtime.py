@@ -17,6 +17,7 @@ from fleet.committer import GroupCommitter
 from fleet.config import GatewaySettings
 from fleet.db import Database
 from fleet.ratelimit import TokenBucketLimiter
+from fleet.reconcile import reconcile_frame_store
 from roadloop.frames import FrameStore
 
 logger = logging.getLogger(__name__)
@@ -102,13 +103,11 @@ class Gateway:
 
     def prepare_storage(self) -> None:
         """Create tables and repair the frame store after a crash (once, before serving)."""
-        from fleet.intake import reconcile_frame_store
-
         self.db.create_all()
         assert self.settings.frame_store is not None
         self.settings.frame_store.mkdir(parents=True, exist_ok=True)
         if self.settings.reconcile_on_start:
-            report = reconcile_frame_store(self)
+            report = reconcile_frame_store(self.db, self.store, self.now)
             logger.info("frame store reconciled: %s", report)
 
     def start(self) -> None:
