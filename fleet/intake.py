@@ -38,6 +38,7 @@ from starlette.datastructures import UploadFile
 from fleet.auth import DevicePrincipal, Principal
 from fleet.committer import CommitFailed
 from fleet.db import Device, FrameRow
+from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
 from roadloop.errors import InvalidInputError
@@ -224,19 +225,6 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
                                 "retry later — the frame is not acknowledged") from exc
     stats.count("frames_stored")
     return FrameStored(frame_id=meta.frame_id, stored=True)
-
-
-def enforce_rate_limit(gw: Gateway, principal: Principal) -> None:
-    key = principal.device_id or f"token:{principal.token_id}"
-    wait = gw.limiter.acquire(key)
-    if wait > 0:
-        gw.stats.count("rate_limited")
-        retry_after = max(1, int(wait + 0.999))
-        raise HTTPException(
-            429, f"rate limit exceeded for {key}: at most {gw.settings.rate_limit_per_s:g} "
-            f"requests/s (burst {gw.settings.rate_limit_burst}); retry after {retry_after} s",
-            headers={"Retry-After": str(retry_after)},
-        )
 
 
 # --------------------------------------------------------------------------- route

@@ -63,8 +63,8 @@ from fleet.db import (
     RolloutStatus,
     Token,
 )
-from fleet.intake import enforce_rate_limit
 from fleet.models_store import ModelFileRejected, ModelStore
+from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut
 from roadloop.errors import InvalidInputError
