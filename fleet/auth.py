@@ -124,7 +124,8 @@ def audit_denied(gw: Gateway, action: str, reason: str, **kw: Any) -> None:
     gw.stats.count(f"denied_{action}")
 
 
-def _client(request: Request) -> str | None:
+def client_address(request: Request) -> str | None:
+    """The caller's address for the audit log's ``client`` (None when the server has none)."""
     return request.client.host if request.client else None
 
 
@@ -306,7 +307,7 @@ def require_scope(
             scope,
             device_only=device_only,
             active_device=active_device,
-            client=_client(request),
+            client=client_address(request),
             path=request.url.path,
         )
 
@@ -339,7 +340,7 @@ def enroll(
 ) -> EnrollResponse:
     """Exchange a one-time enrollment token for a device identity and tokens."""
     now = gw.now()
-    client = _client(request)
+    client = client_address(request)
     s = gw.settings
     failure: tuple[int, str, str, dict[str, Any]] | None = None
     with gw.db.write() as session:
@@ -431,7 +432,7 @@ def refresh(
 ) -> TokenResponse:
     """Trade a refresh token for a new access + refresh pair; the old refresh token dies."""
     now = gw.now()
-    client = _client(request)
+    client = client_address(request)
     s = gw.settings
     failure: tuple[str, str, dict[str, Any]] | None = None
     with gw.db.write() as session:

@@ -51,6 +51,7 @@ from fleet.auth import (
     audit,
     authenticate,
     bearer,
+    client_address,
     has_scope,
     hash_token,
 )
@@ -525,9 +526,6 @@ def model_public_key(gw: Gateway) -> str | None:
 
 
 # =========================================================================== helpers
-def _client(request: Request) -> str | None:
-    return request.client.host if request.client else None
-
 
 def require_device_or_admin(*, device_only: bool) -> Any:
     """Agents hold ``camera:write`` (and maybe ``camera:read``); either lets a device read its
@@ -550,7 +548,7 @@ def require_device_or_admin(*, device_only: bool) -> Any:
             if scopes and not has_scope(scopes, "camera:read") and "camera:write" in scopes:
                 scope = "camera:write"
         principal = authenticate(gw, token, scope, device_only=device_only,
-                                 client=_client(request), path=request.url.path)
+                                 client=client_address(request), path=request.url.path)
         if token:
             state.remember_principal(token, device_only, principal)
         return principal
@@ -751,7 +749,7 @@ def _record_model(gw: Gateway, principal: Principal, manifest: dict[str, Any],
                 published_by=principal.actor)
             session.add(row)
             audit(session, now, "model_published", actor=principal.actor,
-                  token_id=principal.token_id, client=_client(request),
+                  token_id=principal.token_id, client=client_address(request),
                   detail={"manifest_sha256": msha, "sha256": manifest["sha256"],
                           "model_version": row.model_version, "rollout_id": row.rollout_id,
                           "key_id": row.key_id})
@@ -802,7 +800,7 @@ def create_rollout(
             old.reason = f"superseded by {manifest.rollout_id}"
             _event(old, now, "cancelled", actor=principal.actor, by=manifest.rollout_id)
             audit(session, now, "rollout_cancelled", actor=principal.actor,
-                  token_id=principal.token_id, client=_client(request),
+                  token_id=principal.token_id, client=client_address(request),
                   detail={"rollout_id": old.rollout_id, "superseded_by": manifest.rollout_id})
         previous = session.scalar(select(RolloutRow).where(
             RolloutRow.status == RolloutStatus.complete.value)
@@ -822,7 +820,7 @@ def create_rollout(
         _event(ro, now, "created", actor=principal.actor)
         session.add(ro)
         audit(session, now, "rollout_created", actor=principal.actor, token_id=principal.token_id,
-              client=_client(request),
+              client=client_address(request),
               detail={"rollout_id": ro.rollout_id, "model_version": ro.model_version,
                       "manifest_sha256": ro.manifest_sha256, "hold_seconds": ro.hold_seconds,
                       "stages": [st.name for st in stages], "budgets": ro.budgets})
@@ -877,7 +875,7 @@ def _change(gw: Gateway, rollout_id: str, principal: Principal, request: Request
             audit_action = _advance(session, ro, now, "manual", principal.actor)
         stage = ro.stages[ro.stage_index]
         audit(session, now, audit_action, actor=principal.actor, token_id=principal.token_id,
-              client=_client(request), detail={"rollout_id": rollout_id, "stage": stage["name"],
+              client=client_address(request), detail={"rollout_id": rollout_id, "stage": stage["name"],
                                                "percent": stage["percent"], "status": ro.status})
         session.commit()
         rollout_state(gw).invalidate()
@@ -917,7 +915,7 @@ def rollback_rollout(rollout_id: str, request: Request, principal: AdminPrincipa
         _rollback(ro, now, reason, "manual", principal.actor)
         stage = ro.stages[ro.stage_index]
         audit(session, now, "rollout_rolled_back", actor=principal.actor,
-              token_id=principal.token_id, client=_client(request),
+              token_id=principal.token_id, client=client_address(request),
               detail={"rollout_id": rollout_id, "stage": stage["name"], "reason": reason,
                       "how": "manual"})
         session.commit()
@@ -945,14 +943,14 @@ def evaluate_rollout(rollout_id: str, request: Request, principal: AdminPrincipa
             reason = "; ".join(health.reasons)
             _rollback(ro, now, reason, "automatic", principal.actor)
             audit(session, now, "rollout_rolled_back", actor=principal.actor,
-                  token_id=principal.token_id, client=_client(request),
+                  token_id=principal.token_id, client=client_address(request),
                   detail={"rollout_id": rollout_id, "stage": stage["name"], "reason": reason,
                           "how": "automatic", "health": health.model_dump(mode="json")})
         elif decision == "advance":
             action = _advance(session, ro, now, "automatic", principal.actor, health)
             new = ro.stages[ro.stage_index]
             audit(session, now, action, actor=principal.actor, token_id=principal.token_id,
-                  client=_client(request),
+                  client=client_address(request),
                   detail={"rollout_id": rollout_id, "from": stage["name"], "stage": new["name"],
                           "percent": new["percent"], "how": "automatic",
                           "health": health.model_dump(mode="json") if health else None})
