@@ -320,12 +320,6 @@ DevicePrincipal = Annotated[Principal, Depends(require_scope("camera:write", act
 ReaderPrincipal = Annotated[Principal, Depends(require_scope("camera:read"))]
 
 
-def _model_public_key(gw: Gateway) -> str | None:
-    from fleet.rollouts import model_public_key  # rollouts imports this module
-
-    return model_public_key(gw)
-
-
 # --------------------------------------------------------------------------- routes
 router = APIRouter(tags=["enrollment"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -418,7 +412,7 @@ def enroll(
                 refresh_token=refresh,
                 expires_in=s.access_token_ttl_s,
                 scopes=tok.scope_list,
-                model_public_key=_model_public_key(gw),
+                model_public_key=gw.model_key.get_or_none(),
             )
     code, reason, message, ids = failure
     audit_denied(gw, "enroll", reason, client=client,

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from fleet.app import create_app
 from fleet.auth import create_admin_token
 from fleet.config import GatewaySettings
-from fleet.rollouts import (
+from fleet.rollout_policy import (
     DEFAULT_STAGES,
     Budgets,
     Stage,
