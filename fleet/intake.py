@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -43,6 +41,7 @@ from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
 from roadloop.errors import InvalidInputError
 from roadloop.frames import FrameRecord, compute_quality
+from roadloop.fsutil import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +129,6 @@ def parse_metadata(text: str) -> FrameMetadata:
         raise HTTPException(422, validation_message(exc, "metadata is invalid")) from exc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- storing
 def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: bytes) -> FrameStored:
     """Validate and durably store one upload; raise ``HTTPException`` for every refusal."""
@@ -185,7 +176,7 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
                 written = gw.store.write_frame(record, image)
             if gw.settings.fsync_directories and not written.already_existed:
                 with stats.span("fsync_dir"):
-                    _fsync_dir(written.path.parent)
+                    fsync_dir(written.path.parent)
         except InvalidInputError as exc:
             raise HTTPException(422, f"frame {meta.frame_id}: {exc.reason}") from exc
         except OSError as exc:
