@@ -18,9 +18,12 @@ constraint makes every path idempotent; a replay of an acknowledged frame is a 4
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -38,9 +41,9 @@ from fleet.committer import CommitFailed
 from fleet.db import Device, FrameRow
 from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import Gateway, GatewayDep
-from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
+from fleet.schemas import ErrorOut, FrameMetadata, FrameStored, QualityIn
 from roadloop.errors import InvalidInputError
-from roadloop.frames import FrameRecord, compute_quality
+from roadloop.frames import FrameQuality, FrameRecord, FrameStore, FrameWrite, compute_quality
 from roadloop.fsutil import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -89,9 +92,8 @@ def jpeg_dimensions(data: bytes) -> tuple[int, int]:
 def check_jpeg(data: bytes, width: int, height: int, max_side: int) -> None:
     """Cheap structural checks before any decode: magic, end marker, size limits, size match.
 
-    The full decode happens in ``FrameStore.write_frame`` (it rejects bytes that do not
-    decode), so the gateway never decodes twice; parsing the header first also stops
-    decompression bombs (a tiny file claiming 60000x60000 px) before any allocation.
+    Parsing the header first stops decompression bombs (a tiny file claiming 60000x60000 px)
+    before any allocation; ``decode_jpeg`` then decodes the pixels, once per upload.
     """
     if not data:
         raise JpegError("image is empty")
@@ -104,6 +106,47 @@ def check_jpeg(data: bytes, width: int, height: int, max_side: int) -> None:
         raise JpegError(f"JPEG is {w}x{h}; the gateway accepts at most {max_side} px a side")
     if (w, h) != (width, height):
         raise JpegError(f"JPEG is {w}x{h} but metadata says {width}x{height}")
+
+
+def decode_jpeg(data: bytes, width: int, height: int) -> np.ndarray:
+    """The one decode of an upload: greyscale (all the gateway needs of the pixels — the
+    quality — and cheaper than colour), checked against the metadata's size."""
+    grey = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if grey is None:
+        raise JpegError("JPEG does not decode")
+    h, w = grey.shape[:2]
+    if (w, h) != (width, height):
+        raise JpegError(f"JPEG decodes to {w}x{h} but metadata says {width}x{height}")
+    return grey
+
+
+def frame_quality(sent: QualityIn | None, grey: np.ndarray) -> FrameQuality:
+    """The agent's own values where it sent them; only the missing ones computed from
+    ``grey`` (the agent measured the frame before JPEG encoding, which shifts them a bit)."""
+    values = sent.model_dump(exclude_none=True) if sent is not None else {}
+    if len(values) == len(QualityIn.model_fields):
+        return FrameQuality(**values)
+    return FrameQuality(**{**compute_quality(grey).model_dump(), **values})
+
+
+@functools.cache
+def _takes_decoded_image(write_frame: Callable[..., Any]) -> bool:
+    """Whether a frame store's ``write_frame`` accepts ``image=`` (the decoded array), so it
+    skips its own decode. ``roadloop.frames.FrameStore`` gains the keyword at the merge; until
+    then it decodes the bytes again to validate them."""
+    try:
+        params = inspect.signature(write_frame).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "image" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _store_write(store: FrameStore, record: FrameRecord, data: bytes,
+                 decoded: np.ndarray) -> FrameWrite:
+    """``store.write_frame`` handed the array this upload was already decoded to."""
+    if _takes_decoded_image(type(store).write_frame):
+        return store.write_frame(record, data, image=decoded)
+    return store.write_frame(record, data)
 
 
 def validation_message(exc: ValidationError, prefix: str) -> str:
@@ -148,15 +191,12 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
         try:
             with stats.span("jpeg_check"):
                 check_jpeg(image, meta.width, meta.height, gw.settings.max_image_side)
+            with stats.span("decode"):
+                grey = decode_jpeg(image, meta.width, meta.height)
         except JpegError as exc:
             raise HTTPException(422, f"frame {meta.frame_id}: {exc}") from exc
-        quality = meta.quality
-        if quality is None:
-            with stats.span("quality"):
-                grey = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_GRAYSCALE)
-                if grey is None:
-                    raise HTTPException(422, f"frame {meta.frame_id}: JPEG does not decode")
-                quality = compute_quality(grey)
+        with stats.span("quality"):
+            quality = frame_quality(meta.quality, grey)
         record = FrameRecord(
             frame_id=meta.frame_id,
             camera_id=meta.camera_id,
@@ -173,7 +213,7 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
         )
         try:
             with stats.span("write_frame"):
-                written = gw.store.write_frame(record, image)
+                written = _store_write(gw.store, record, image, grey)
             if gw.settings.fsync_directories and not written.already_existed:
                 with stats.span("fsync_dir"):
                     fsync_dir(written.path.parent)
