@@ -273,8 +273,8 @@ def run_variant(name: str, agents: int, duration: float, jpegs: list[Jpeg],
 # ---------------------------------------------------------------------------- report
 def _stage_rows(stats: dict[str, Any]) -> list[str]:
     spans = stats.get("spans_ms", {})
-    order = ["read_form", "parse_metadata", "precheck", "jpeg_check", "quality", "write_frame",
-             "fsync_dir", "commit_wait"]
+    order = ["read_form", "parse_metadata", "precheck", "jpeg_check", "decode", "quality",
+             "write_frame", "fsync_dir", "commit_wait"]
     rows = []
     for k in order + sorted(set(spans) - set(order)):
         if k in spans:

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from fleet.auth import (
     AdminPrincipal,
     audit,
+    client_address,
     create_enrollment_token,
     revoke_device,
 )
@@ -48,10 +49,6 @@ def device_out(d: Device) -> DeviceOut:
         revoked_at=d.revoked_at,
         status_reason=d.status_reason,
     )
-
-
-def _client(request: Request) -> str | None:
-    return request.client.host if request.client else None
 
 
 def _device_or_404(session: Session, device_id: str) -> Device:
@@ -101,7 +98,7 @@ def set_device_status(
         device.status_reason = body.reason
         device.updated_at = now
         audit(session, now, "device_status_changed", actor=principal.actor, device_id=device_id,
-              token_id=principal.token_id, client=_client(request),
+              token_id=principal.token_id, client=client_address(request),
               detail={"from": old, "to": body.status.value, "reason": body.reason})
         session.commit()
         return device_out(device)
@@ -120,7 +117,7 @@ def revoke(
         device = _device_or_404(session, device_id)
         n = revoke_device(session, device, now)
         audit(session, now, "device_revoked", actor=principal.actor, device_id=device_id,
-              token_id=principal.token_id, client=_client(request),
+              token_id=principal.token_id, client=client_address(request),
               detail={"tokens_revoked": n})
         session.commit()
         gw.limiter.forget(device_id)

@@ -124,7 +124,8 @@ def audit_denied(gw: Gateway, action: str, reason: str, **kw: Any) -> None:
     gw.stats.count(f"denied_{action}")
 
 
-def _client(request: Request) -> str | None:
+def client_address(request: Request) -> str | None:
+    """The caller's address for the audit log's ``client`` (None when the server has none)."""
     return request.client.host if request.client else None
 
 
@@ -306,7 +307,7 @@ def require_scope(
             scope,
             device_only=device_only,
             active_device=active_device,
-            client=_client(request),
+            client=client_address(request),
             path=request.url.path,
         )
 
@@ -317,12 +318,6 @@ def require_scope(
 AdminPrincipal = Annotated[Principal, Depends(require_scope(ADMIN_SCOPE))]
 DevicePrincipal = Annotated[Principal, Depends(require_scope("camera:write", active_device=True))]
 ReaderPrincipal = Annotated[Principal, Depends(require_scope("camera:read"))]
-
-
-def _model_public_key(gw: Gateway) -> str | None:
-    from fleet.rollouts import model_public_key  # rollouts imports this module
-
-    return model_public_key(gw)
 
 
 # --------------------------------------------------------------------------- routes
@@ -339,7 +334,7 @@ def enroll(
 ) -> EnrollResponse:
     """Exchange a one-time enrollment token for a device identity and tokens."""
     now = gw.now()
-    client = _client(request)
+    client = client_address(request)
     s = gw.settings
     failure: tuple[int, str, str, dict[str, Any]] | None = None
     with gw.db.write() as session:
@@ -417,7 +412,7 @@ def enroll(
                 refresh_token=refresh,
                 expires_in=s.access_token_ttl_s,
                 scopes=tok.scope_list,
-                model_public_key=_model_public_key(gw),
+                model_public_key=gw.model_key.get_or_none(),
             )
     code, reason, message, ids = failure
     audit_denied(gw, "enroll", reason, client=client,
@@ -431,7 +426,7 @@ def refresh(
 ) -> TokenResponse:
     """Trade a refresh token for a new access + refresh pair; the old refresh token dies."""
     now = gw.now()
-    client = _client(request)
+    client = client_address(request)
     s = gw.settings
     failure: tuple[str, str, dict[str, Any]] | None = None
     with gw.db.write() as session:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from fleet.auth import DevicePrincipal, ReaderPrincipal
 from fleet.committer import CommitFailed
 from fleet.db import Device, HeartbeatRow
-from fleet.intake import enforce_rate_limit
+from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import GatewayDep
 from fleet.schemas import ErrorOut, HeartbeatAccepted, HeartbeatIn, HeartbeatOut
 

@@ -10,9 +10,9 @@ Durability order for ``POST /v1/frames`` (201 only when all of it is done):
 A crash between 1 and 2 leaves a complete frame without a row. It is neither lost nor
 duplicated: the agent got no 201, so it retries; ``write_frame`` sees the frame already
 there (a no-op) and the row is inserted then. Independently, start-up runs
-``reconcile_frame_store``, which gives such frames their row (``recovered=True``) and deletes
-temp files and images without a sidecar (never acknowledged) — so the frame store and the
-table agree even when the agent never comes back. The unique ``(camera_id, frame_id)``
+``fleet.reconcile.reconcile_frame_store``, which gives such frames their row
+(``recovered=True``) and deletes temp files and images without a sidecar (never
+acknowledged) — so the frame store and the table agree even when the agent never comes back. The unique ``(camera_id, frame_id)``
 constraint makes every path idempotent; a replay of an acknowledged frame is a 409.
 """
 
@@ -21,18 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ValidationError
-from sqlalchemy import select, update
+from pydantic import ValidationError
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
@@ -40,16 +36,15 @@ from starlette.datastructures import UploadFile
 from fleet.auth import DevicePrincipal, Principal
 from fleet.committer import CommitFailed
 from fleet.db import Device, FrameRow
+from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import Gateway, GatewayDep
-from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
-from roadloop.data.frames import ID_PATTERN, FrameRecord, compute_quality
+from fleet.schemas import ErrorOut, FrameMetadata, FrameStored, QualityIn
+from roadloop.data.frames import FrameQuality, FrameRecord, compute_quality
 from roadloop.errors import InvalidInputError
+from roadloop.fsutil import fsync_dir
 
 logger = logging.getLogger(__name__)
 
-RECONCILE_STATE_KEY = "frames_reconciled_at"
-RECONCILE_SLACK = timedelta(minutes=5)
-_ID_RE = re.compile(ID_PATTERN)
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
@@ -94,9 +89,8 @@ def jpeg_dimensions(data: bytes) -> tuple[int, int]:
 def check_jpeg(data: bytes, width: int, height: int, max_side: int) -> None:
     """Cheap structural checks before any decode: magic, end marker, size limits, size match.
 
-    The full decode happens in ``FrameStore.write_frame`` (it rejects bytes that do not
-    decode), so the gateway never decodes twice; parsing the header first also stops
-    decompression bombs (a tiny file claiming 60000x60000 px) before any allocation.
+    Parsing the header first stops decompression bombs (a tiny file claiming 60000x60000 px)
+    before any allocation; ``decode_jpeg`` then decodes the pixels, once per upload.
     """
     if not data:
         raise JpegError("image is empty")
@@ -109,6 +103,27 @@ def check_jpeg(data: bytes, width: int, height: int, max_side: int) -> None:
         raise JpegError(f"JPEG is {w}x{h}; the gateway accepts at most {max_side} px a side")
     if (w, h) != (width, height):
         raise JpegError(f"JPEG is {w}x{h} but metadata says {width}x{height}")
+
+
+def decode_jpeg(data: bytes, width: int, height: int) -> np.ndarray:
+    """The one decode of an upload: greyscale (all the gateway needs of the pixels — the
+    quality — and cheaper than colour), checked against the metadata's size."""
+    grey = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if grey is None:
+        raise JpegError("JPEG does not decode")
+    h, w = grey.shape[:2]
+    if (w, h) != (width, height):
+        raise JpegError(f"JPEG decodes to {w}x{h} but metadata says {width}x{height}")
+    return grey
+
+
+def frame_quality(sent: QualityIn | None, grey: np.ndarray) -> FrameQuality:
+    """The agent's own values where it sent them; only the missing ones computed from
+    ``grey`` (the agent measured the frame before JPEG encoding, which shifts them a bit)."""
+    values = sent.model_dump(exclude_none=True) if sent is not None else {}
+    if len(values) == len(QualityIn.model_fields):
+        return FrameQuality(**values)
+    return FrameQuality(**{**compute_quality(grey).model_dump(), **values})
 
 
 def validation_message(exc: ValidationError, prefix: str) -> str:
@@ -134,14 +149,6 @@ def parse_metadata(text: str) -> FrameMetadata:
         raise HTTPException(422, validation_message(exc, "metadata is invalid")) from exc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- storing
 def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: bytes) -> FrameStored:
     """Validate and durably store one upload; raise ``HTTPException`` for every refusal."""
@@ -161,15 +168,12 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
         try:
             with stats.span("jpeg_check"):
                 check_jpeg(image, meta.width, meta.height, gw.settings.max_image_side)
+            with stats.span("decode"):
+                grey = decode_jpeg(image, meta.width, meta.height)
         except JpegError as exc:
             raise HTTPException(422, f"frame {meta.frame_id}: {exc}") from exc
-        quality = meta.quality
-        if quality is None:
-            with stats.span("quality"):
-                grey = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_GRAYSCALE)
-                if grey is None:
-                    raise HTTPException(422, f"frame {meta.frame_id}: JPEG does not decode")
-                quality = compute_quality(grey)
+        with stats.span("quality"):
+            quality = frame_quality(meta.quality, grey)
         record = FrameRecord(
             frame_id=meta.frame_id,
             camera_id=meta.camera_id,
@@ -186,10 +190,10 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
         )
         try:
             with stats.span("write_frame"):
-                written = gw.store.write_frame(record, image)
+                written = gw.store.write_frame(record, image, image=grey)
             if gw.settings.fsync_directories and not written.already_existed:
                 with stats.span("fsync_dir"):
-                    _fsync_dir(written.path.parent)
+                    fsync_dir(written.path.parent)
         except InvalidInputError as exc:
             raise HTTPException(422, f"frame {meta.frame_id}: {exc.reason}") from exc
         except OSError as exc:
@@ -229,19 +233,6 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
                                 "retry later — the frame is not acknowledged") from exc
     stats.count("frames_stored")
     return FrameStored(frame_id=meta.frame_id, stored=True)
-
-
-def enforce_rate_limit(gw: Gateway, principal: Principal) -> None:
-    key = principal.device_id or f"token:{principal.token_id}"
-    wait = gw.limiter.acquire(key)
-    if wait > 0:
-        gw.stats.count("rate_limited")
-        retry_after = max(1, int(wait + 0.999))
-        raise HTTPException(
-            429, f"rate limit exceeded for {key}: at most {gw.settings.rate_limit_per_s:g} "
-            f"requests/s (burst {gw.settings.rate_limit_burst}); retry after {retry_after} s",
-            headers={"Retry-After": str(retry_after)},
-        )
 
 
 # --------------------------------------------------------------------------- route
@@ -311,113 +302,3 @@ async def post_frame(
     finally:
         await form.close()
     return await run_in_threadpool(store_frame, gw, principal, metadata_text, image_bytes)
-
-
-# --------------------------------------------------------------------------- reconcile
-class ReconcileReport(BaseModel):
-    full_scan: bool
-    scanned_dirs: int = 0
-    recovered_rows: int = 0
-    removed_temp_files: int = 0
-    removed_orphan_images: int = 0
-    unreadable_sidecars: int = 0
-
-
-def reconcile_frame_store(gw: Gateway, *, full: bool = False) -> ReconcileReport:
-    """Make the ``frames`` table agree with the frame store after a crash.
-
-    Looks only at cameras with an enrolled device and, after the first run, only at day
-    folders modified since the previous reconcile (a file landing in a folder bumps its
-    mtime), so start-up stays fast on a large store. Complete frames without a row get
-    one; temp files and images without a sidecar (never acknowledged) are deleted.
-    """
-    started = datetime.now(UTC)  # wall clock: compared with file mtimes
-    with gw.db.read() as session:
-        last = gw.db.get_state(session, RECONCILE_STATE_KEY)
-        devices = session.execute(
-            select(Device.camera_id, Device.device_id, Device.revoked_at)
-            .order_by(Device.enrolled_at)
-        ).all()
-    owner: dict[str, str] = {}
-    for camera_id, device_id, revoked_at in devices:  # prefer the live (or latest) device
-        if revoked_at is None or camera_id not in owner:
-            owner[camera_id] = device_id
-    since = None if (full or last is None) else datetime.fromisoformat(last) - RECONCILE_SLACK
-    report = ReconcileReport(full_scan=since is None)
-    new_rows: list[FrameRow] = []
-    root = gw.store.root
-    for camera_id, device_id in sorted(owner.items()):
-        cam_dir = root / camera_id
-        if not cam_dir.is_dir():
-            continue
-        for day in sorted(cam_dir.iterdir()):
-            if not day.is_dir() or day.name.startswith("."):
-                continue
-            if since is not None and datetime.fromtimestamp(day.stat().st_mtime, UTC) < since:
-                continue
-            report.scanned_dirs += 1
-            new_rows.extend(_reconcile_day(gw, camera_id, device_id, day, report))
-    with gw.db.write() as session:
-        session.add_all(new_rows)
-        gw.db.set_state(session, RECONCILE_STATE_KEY, started.isoformat())
-        session.commit()
-    report.recovered_rows = len(new_rows)
-    if new_rows or report.removed_temp_files or report.removed_orphan_images:
-        logger.warning("reconciled frame store after an unclean stop: %s", report)
-    return report
-
-
-def _reconcile_day(
-    gw: Gateway, camera_id: str, device_id: str, day: Path, report: ReconcileReport
-) -> list[FrameRow]:
-    sidecars: dict[str, Path] = {}
-    images: dict[str, Path] = {}
-    for p in day.iterdir():
-        if p.name.startswith("."):
-            if ".tmp-" in p.name:
-                p.unlink(missing_ok=True)
-                report.removed_temp_files += 1
-            continue
-        if not _ID_RE.fullmatch(p.stem):
-            continue
-        if p.suffix == ".json":
-            sidecars[p.stem] = p
-        elif p.suffix == ".jpg":
-            images[p.stem] = p
-    for stem, image in images.items():
-        if stem not in sidecars:
-            image.unlink(missing_ok=True)
-            report.removed_orphan_images += 1
-    complete = sorted(s for s in sidecars if s in images)
-    known: set[str] = set()
-    with gw.db.read() as session:
-        for i in range(0, len(complete), 500):
-            chunk = complete[i : i + 500]
-            known.update(session.scalars(select(FrameRow.frame_id).where(
-                FrameRow.camera_id == camera_id, FrameRow.frame_id.in_(chunk))))
-    rows = []
-    now = gw.now()
-    for stem in complete:
-        if stem in known:
-            continue
-        try:
-            rec = FrameRecord.model_validate_json(sidecars[stem].read_bytes())
-        except (OSError, ValidationError, ValueError) as exc:
-            logger.warning("reconcile: unreadable sidecar %s: %s", sidecars[stem], exc)
-            report.unreadable_sidecars += 1
-            continue
-        if rec.camera_id != camera_id or rec.frame_id != stem:
-            report.unreadable_sidecars += 1
-            continue
-        image_path = images[stem]
-        data = image_path.read_bytes()
-        src_device = rec.source.split(":", 1)[1] if rec.source.startswith("agent:") else device_id
-        rows.append(FrameRow(
-            camera_id=camera_id, frame_id=stem, device_id=src_device,
-            captured_at=rec.captured_at, received_at=now,
-            path=image_path.relative_to(gw.store.root).as_posix(), width=rec.width,
-            height=rec.height, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-            model_version=rec.model_version, importance=rec.importance, reasons=rec.reasons,
-            n_detections=len(rec.detections), recovered=True,
-        ))
-    return rows

@@ -1,19 +1,19 @@
 """Content-addressed model files of the gateway: ``<models_dir>/<sha256>.onnx``.
 
 A file enters only after its bytes hash to the manifest's SHA-256 and match its size; it is
-written to a temp file in the same folder, fsynced and renamed, so a crash or a bad upload
-never leaves a partial model where agents download from.
+written to a temp file in the same folder, fsynced and renamed (``roadloop.fsutil.atomic_path``),
+so a crash or a bad upload never leaves a partial model where agents download from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import secrets
 from pathlib import Path
 from typing import BinaryIO
+
+from roadloop.fsutil import atomic_path, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,13 @@ class ModelStore:
             return False
 
     def ingest(self, src: BinaryIO, sha256: str, size: int) -> Path:
-        """Copy ``src`` in, checking size and SHA-256; returns the stored path."""
+        """Copy ``src`` in, checking size and SHA-256 (hashed while it is written); returns the
+        stored path. A rejected upload leaves nothing behind."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path_for(sha256)
-        tmp = self.root / f".upload-{secrets.token_hex(8)}.tmp"
         h = hashlib.sha256()
         n = 0
-        try:
+        with atomic_path(final, durable=True) as tmp:
             with open(tmp, "wb") as out:
                 while chunk := src.read(_CHUNK):
                     n += len(chunk)
@@ -57,8 +57,6 @@ class ModelStore:
                         )
                     h.update(chunk)
                     out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
             if n != size:
                 raise ModelFileRejected(f"file has {n} bytes, the manifest says {size}")
             digest = h.hexdigest()
@@ -66,20 +64,6 @@ class ModelStore:
                 raise ModelFileRejected(
                     f"file SHA-256 {digest} does not match the manifest's {sha256}"
                 )
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            logger.info("stored model %s (%d bytes)", final.name, n)
-            return final
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(self.root)
+        logger.info("stored model %s (%d bytes)", final.name, n)
+        return final

@@ -1,4 +1,10 @@
-"""Request limits: a per-device token bucket and a request-body size cap (ASGI middleware)."""
+"""Request limits: a per-device token bucket (``enforce_rate_limit``) and a request-body size
+cap (ASGI middleware).
+
+This module sits below ``fleet.runtime`` (whose ``Gateway`` holds the limiter) and
+``fleet.auth`` (whose ``Principal`` is the caller): ``enforce_rate_limit`` names what it
+needs of them as protocols instead of importing them.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import HTTPException
+
+from fleet.config import GatewaySettings
 
 
 class TokenBucketLimiter:
@@ -46,6 +54,48 @@ class TokenBucketLimiter:
     def forget(self, key: str) -> None:
         with self._lock:
             self._buckets.pop(key, None)
+
+
+class _Counter(Protocol):
+    def count(self, name: str, n: int = 1) -> None: ...
+
+
+class LimitedGateway(Protocol):
+    """What ``enforce_rate_limit`` uses of ``fleet.runtime.Gateway``."""
+
+    @property
+    def settings(self) -> GatewaySettings: ...
+
+    @property
+    def limiter(self) -> TokenBucketLimiter: ...
+
+    @property
+    def stats(self) -> _Counter: ...
+
+
+class Caller(Protocol):
+    """What ``enforce_rate_limit`` uses of ``fleet.auth.Principal``."""
+
+    @property
+    def device_id(self) -> str | None: ...
+
+    @property
+    def token_id(self) -> int: ...
+
+
+def enforce_rate_limit(gw: LimitedGateway, principal: Caller) -> None:
+    """Take one token of the caller's bucket (its device, else its token) or raise 429 with
+    ``Retry-After``. Frames, heartbeats, manifest polls and device downloads share it."""
+    key = principal.device_id or f"token:{principal.token_id}"
+    wait = gw.limiter.acquire(key)
+    if wait > 0:
+        gw.stats.count("rate_limited")
+        retry_after = max(1, int(wait + 0.999))
+        raise HTTPException(
+            429, f"rate limit exceeded for {key}: at most {gw.settings.rate_limit_per_s:g} "
+            f"requests/s (burst {gw.settings.rate_limit_burst}); retry after {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
 
 
 class BodyTooLarge(HTTPException):

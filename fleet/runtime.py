@@ -1,4 +1,5 @@
-"""The gateway's process-wide state: database, frame store, limiter, group committer, stats."""
+"""The gateway's process-wide state: database, frame store, limiter, group committer, stats,
+model store and the request-path caches (``fleet.caches``)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from fleet.caches import AuthCache, ManifestCache, ModelPublicKey
 from fleet.committer import GroupCommitter
 from fleet.config import GatewaySettings
 from fleet.db import Database
+from fleet.models_store import ModelStore
 from fleet.ratelimit import TokenBucketLimiter
+from fleet.reconcile import reconcile_frame_store
 from roadloop.data.frames import FrameStore
 
 logger = logging.getLogger(__name__)
@@ -91,6 +95,11 @@ class Gateway:
         )
         self.committer = GroupCommitter(self.db, settings.commit_batch_max)
         self.stats = Stats()
+        assert settings.models_dir is not None
+        self.models = ModelStore(settings.models_dir)
+        self.model_key = ModelPublicKey(settings.model_public_key_file)
+        self.auth_cache: AuthCache[Any] = AuthCache(self.db)  # principals of fleet.auth
+        self.manifests = ManifestCache(self.db)
         self._key_locks = [threading.Lock() for _ in range(256)]
 
     def now(self) -> datetime:
@@ -102,13 +111,11 @@ class Gateway:
 
     def prepare_storage(self) -> None:
         """Create tables and repair the frame store after a crash (once, before serving)."""
-        from fleet.intake import reconcile_frame_store
-
         self.db.create_all()
         assert self.settings.frame_store is not None
         self.settings.frame_store.mkdir(parents=True, exist_ok=True)
         if self.settings.reconcile_on_start:
-            report = reconcile_frame_store(self)
+            report = reconcile_frame_store(self.db, self.store, self.now)
             logger.info("frame store reconciled: %s", report)
 
     def start(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from fleet.db import DeviceStatus
-from roadloop.data.frames import Detection, FrameId, FrameQuality
+from roadloop.data.frames import Detection, FrameId
 
 MAX_DETECTIONS = 2000
 MAX_REASONS = 32
@@ -109,6 +109,18 @@ class AuditEventOut(BaseModel):
 
 
 # --------------------------------------------------------------------------- frames
+class QualityIn(BaseModel):
+    """Edge-computed ``roadloop.data.frames.FrameQuality`` values of an upload; the gateway keeps
+    what the agent sent and computes only what is missing."""
+
+    brightness: float | None = Field(default=None, ge=0.0, le=255.0,
+                                     description="Mean luma (grey level), 0-255.")
+    sharpness: float | None = Field(default=None, ge=0.0,
+                                    description="Variance of the Laplacian of the grey image.")
+    dhash: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$",
+                              description="64-bit difference hash, hex.")
+
+
 class FrameMetadata(BaseModel):
     """The ``metadata`` form field of ``POST /v1/frames``. Unknown keys are ignored."""
 
@@ -123,8 +135,10 @@ class FrameMetadata(BaseModel):
     detections: list[Detection] = Field(default_factory=list, max_length=MAX_DETECTIONS)
     width: int = Field(gt=0)
     height: int = Field(gt=0)
-    quality: FrameQuality | None = Field(
-        default=None, description="Edge-computed quality; the gateway computes it when absent."
+    quality: QualityIn | None = Field(
+        default=None,
+        description="Edge-computed quality, stored as sent; the gateway computes the values "
+        "that are absent.",
     )
     source_ref: str | None = Field(
         default=None, max_length=500, description="Origin of the pixels, for leakage checks."

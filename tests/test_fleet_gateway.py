@@ -33,7 +33,7 @@ from fleet.db import FrameRow, Token
 from fleet.intake import JpegError, check_jpeg, jpeg_dimensions
 from fleet.runtime import Gateway
 from launch.localfleet import GatewayProcess
-from roadloop.data.frames import FrameRecord, FrameStore
+from roadloop.data.frames import FrameRecord, FrameStore, FrameWrite, compute_quality
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 5, 4, 12, 0, 0, tzinfo=UTC)
@@ -507,6 +507,94 @@ def test_rate_limit_gives_429_with_retry_after(make_env: Any, frame_jpeg: bytes)
     # Another device has its own bucket.
     other = env.enroll("cam-b")["access_token"]
     assert post_frame(env.client, other, meta("f-3", "cam-b"), frame_jpeg).status_code == 201
+
+
+# --------------------------------------------------------------------------- one decode, agent's quality
+AGENT_QUALITY = {"brightness": 12.5, "sharpness": 3.25, "dhash": "0123456789abcdef"}
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every ``cv2.imdecode`` call from now on (the gateway's and the frame store's)."""
+    calls: list[int] = []
+    real = cv2.imdecode
+
+    def counting(buf: np.ndarray, flags: int) -> Any:
+        calls.append(flags)
+        return real(buf, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", counting)
+    return calls
+
+
+class DecodedImageStore(FrameStore):
+    """The real ``FrameStore``, recording the decoded array the gateway hands it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.images: list[np.ndarray] = []
+
+    def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
+                    image: np.ndarray | None = None) -> FrameWrite:
+        assert image is not None, "the gateway must hand over the array it decoded"
+        self.images.append(image)
+        return super().write_frame(record, jpeg_bytes, image=image)
+
+
+@pytest.mark.parametrize("sent", [False, True], ids=["gateway_quality", "agent_quality"])
+def test_gateway_decodes_once_and_hands_the_array_to_the_store(
+    env: Env, frame_jpeg: bytes, monkeypatch: pytest.MonkeyPatch, sent: bool
+) -> None:
+    dev = env.enroll()
+    store = DecodedImageStore(env.settings.frame_store)
+    monkeypatch.setattr(env.gw, "store", store)
+    calls = _count_decodes(monkeypatch)
+    m = meta("f-once", quality=AGENT_QUALITY) if sent else meta("f-once")
+    r = post_frame(env.client, dev["access_token"], m, frame_jpeg)
+    assert r.status_code == 201, r.text
+    assert calls == [cv2.IMREAD_GRAYSCALE]
+    (image,) = store.images
+    expected = cv2.imdecode(np.frombuffer(frame_jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert image.shape == (H, W) and np.array_equal(image, expected)
+    assert store.find_frame("cam-a", "f-once") is not None and len(env.rows()) == 1
+
+
+@pytest.mark.parametrize("sent", [False, True], ids=["gateway_quality", "agent_quality"])
+def test_accepted_upload_decodes_the_jpeg_once(
+    env: Env, frame_jpeg: bytes, monkeypatch: pytest.MonkeyPatch, sent: bool
+) -> None:
+    dev = env.enroll()
+    calls = _count_decodes(monkeypatch)
+    m = meta("f-once", quality=AGENT_QUALITY) if sent else meta("f-once")
+    r = post_frame(env.client, dev["access_token"], m, frame_jpeg)
+    assert r.status_code == 201, r.text
+    assert len(calls) == 1, f"{len(calls)} decodes of one accepted upload"
+
+
+def test_agent_quality_values_are_stored_as_sent(env: Env, frame_jpeg: bytes) -> None:
+    dev = env.enroll()
+    tok = dev["access_token"]
+    partial = {"brightness": 200.0, "sharpness": 7.0}  # what the agent measures itself
+    for frame_id, quality in (("f-all", AGENT_QUALITY), ("f-part", partial), ("f-none", None)):
+        m = meta(frame_id, quality=quality) if quality else meta(frame_id)
+        r = post_frame(env.client, tok, m, frame_jpeg)
+        assert r.status_code == 201, r.text
+    store = FrameStore(env.settings.frame_store)
+
+    def stored(frame_id: str) -> dict[str, Any]:
+        path = store.find_frame("cam-a", frame_id)
+        assert path is not None
+        rec = FrameRecord.model_validate_json(path.with_suffix(".json").read_text())
+        assert rec.quality is not None
+        return rec.quality.model_dump()
+
+    computed = compute_quality(
+        cv2.imdecode(np.frombuffer(frame_jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)).model_dump()
+    assert computed["brightness"] != AGENT_QUALITY["brightness"]
+    assert stored("f-all") == AGENT_QUALITY
+    assert stored("f-part") == {**partial, "dhash": computed["dhash"]}
+    assert stored("f-none") == computed
+    bad = post_frame(env.client, tok, meta("f-bad", quality={"brightness": 300}), frame_jpeg)
+    assert_clear_4xx(bad, 422, "quality.brightness")
 
 
 # --------------------------------------------------------------------------- crash safety

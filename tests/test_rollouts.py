@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from fleet.app import create_app
 from fleet.auth import create_admin_token
 from fleet.config import GatewaySettings
-from fleet.rollouts import (
+from fleet.rollout_policy import (
     DEFAULT_STAGES,
     Budgets,
     Stage,
@@ -320,7 +320,8 @@ def test_publish_checks_signature_hash_size_and_scope(env: Env) -> None:
     r = env.post("/v1/models", files={"file": ("m.onnx", data[::-1])},
                  data={"manifest": json.dumps(manifest)})
     assert r.status_code == 422 and "SHA-256" in r.json()["detail"]
-    assert not list((env.tmp / "home" / "fleet" / "models").glob("*.tmp"))
+    models = env.tmp / "home" / "fleet" / "models"
+    assert sorted(p.name for p in models.iterdir()) == [good.json()["sha256"] + ".onnx"]
     r = env.post("/v1/models", device, files={"file": ("m.onnx", data)},
                  data={"manifest": json.dumps(manifest)})
     assert r.status_code == 403

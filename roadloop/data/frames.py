@@ -239,11 +239,15 @@ class FrameStore:
         return None
 
     # ---- writing
-    def write_frame(self, record: FrameRecord, jpeg_bytes: bytes) -> FrameWrite:
+    def write_frame(
+        self, record: FrameRecord, jpeg_bytes: bytes, *, image: np.ndarray | None = None
+    ) -> FrameWrite:
         """Store one frame atomically; a frame id already in the store is left untouched.
 
         Raises ``InvalidInputError`` (naming the frame) when the bytes are not a decodable
-        JPEG or its size differs from ``record.width`` x ``record.height``.
+        JPEG or its size differs from ``record.width`` x ``record.height``. A caller that has
+        already decoded ``jpeg_bytes`` (the gateway) passes the array as ``image`` (colour or
+        grey: only its height and width are read) and the bytes are not decoded again.
         """
         target = self.frame_path(record)
         existing = self.find_frame(record.camera_id, record.frame_id)
@@ -256,9 +260,10 @@ class FrameStore:
             jpeg_bytes[:3]
         ).startswith(_JPEG_MAGIC):
             raise InvalidInputError(target, f"{label}: payload is not a JPEG")
-        image = cv2.imdecode(np.frombuffer(jpeg_bytes, dtype=np.uint8), cv2.IMREAD_COLOR)
         if image is None:
-            raise InvalidInputError(target, f"{label}: JPEG does not decode")
+            image = cv2.imdecode(np.frombuffer(jpeg_bytes, dtype=np.uint8), cv2.IMREAD_COLOR)
+            if image is None:
+                raise InvalidInputError(target, f"{label}: JPEG does not decode")
         h, w = image.shape[:2]
         if (w, h) != (record.width, record.height):
             raise InvalidInputError(

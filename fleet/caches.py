@@ -1,0 +1,183 @@
+"""Per-gateway caches on the request path: token lookups, the manifest public key, and the
+current rollout's snapshot with its encoded ``GET /v1/manifest`` answers.
+
+``fleet.runtime.Gateway`` holds one of each (``gw.auth_cache``, ``gw.model_key``,
+``gw.manifests``). This module sits below ``fleet.auth`` and ``fleet.rollouts``, which both
+read these caches, and imports neither: the auth cache is keyed by token hash and keeps
+whatever principal its caller hands it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from fastapi import HTTPException
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from fleet.db import Database, ModelManifestRow, RolloutRow, RolloutStatus, Token
+from fleet.rollout_policy import Stage
+from roadloop.errors import InvalidInputError
+from roadloop.release.signing import load_public_key
+
+P = TypeVar("P")
+
+
+class AuthCache(Generic[P]):
+    """Token scopes (they never change) and principals authenticated moments ago.
+
+    Only read-only routes (manifest polls, model downloads) use the principal cache: a
+    revocation or expiry reaches them within ``PRINCIPAL_TTL_S``.
+    """
+
+    PRINCIPAL_TTL_S = 2.0
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.lock = threading.Lock()
+        self._scopes: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._principals: dict[tuple[str, bool], tuple[P, float]] = {}
+
+    def cached_principal(self, token_hash: str, device_only: bool) -> P | None:
+        """A principal authenticated less than ``PRINCIPAL_TTL_S`` ago, else None."""
+        with self.lock:
+            hit = self._principals.get((token_hash, device_only))
+        if hit is None or time.monotonic() - hit[1] > self.PRINCIPAL_TTL_S:
+            return None
+        return hit[0]
+
+    def remember_principal(self, token_hash: str, device_only: bool, principal: P) -> None:
+        with self.lock:
+            self._principals[(token_hash, device_only)] = (principal, time.monotonic())
+            if len(self._principals) > 50_000:
+                cutoff = time.monotonic() - self.PRINCIPAL_TTL_S
+                for k in [k for k, v in self._principals.items() if v[1] < cutoff]:
+                    del self._principals[k]
+
+    def token_scopes(self, token_hash: str) -> frozenset[str] | None:
+        """Scopes of a token, cached; None when unknown."""
+        with self.lock:
+            if token_hash in self._scopes:
+                self._scopes.move_to_end(token_hash)
+                return self._scopes[token_hash]
+        with self.db.read() as session:
+            scopes = session.scalar(select(Token.scopes).where(Token.token_hash == token_hash))
+        if scopes is None:
+            return None
+        value = frozenset(scopes.split())
+        with self.lock:
+            self._scopes[token_hash] = value
+            while len(self._scopes) > 20_000:
+                self._scopes.popitem(last=False)
+        return value
+
+
+class ModelPublicKey:
+    """The configured manifest public key (re-read when the file changes, so a key the
+    platform creates after start-up is picked up)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._pub: tuple[float, str] | None = None
+
+    def get(self) -> str:
+        """The base64 key; 503 when the file is missing or unusable."""
+        path = self.path
+        assert path is not None
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            raise HTTPException(
+                503, f"the gateway has no model public key at {path}: copy the platform's "
+                "model-signing.pub there or set ROADLOOP_GATEWAY_MODEL_PUBLIC_KEY_FILE"
+            ) from None
+        if self._pub is None or self._pub[0] != mtime:
+            try:
+                self._pub = (mtime, load_public_key(path))
+            except InvalidInputError as exc:
+                raise HTTPException(503, f"model public key unusable: {exc}") from exc
+        return self._pub[1]
+
+    def get_or_none(self) -> str | None:
+        """The key to hand out at enrollment (None when not configured)."""
+        try:
+            return self.get()
+        except HTTPException:
+            return None
+
+
+class ManifestCache:
+    """What ``GET /v1/manifest`` needs: the latest rollout that is not cancelled (reloaded on
+    ``invalidate`` or after ``TTL_S``) and the JSON bodies + ETags built from it."""
+
+    TTL_S = 1.0
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.lock = threading.Lock()
+        self.generation = 0
+        self._loaded: tuple[int, float] | None = None
+        self.snapshot: dict[str, Any] = {}
+        self._seq = 0
+        self._bodies: dict[tuple[Any, ...], tuple[bytes, str]] = {}
+
+    def invalidate(self) -> None:
+        with self.lock:
+            self.generation += 1
+
+    def current(self) -> dict[str, Any]:
+        with self.lock:
+            gen = self.generation
+            fresh = self._loaded and time.monotonic() - self._loaded[1] < self.TTL_S
+            if fresh and self._loaded[0] == gen:  # type: ignore[index]
+                return self.snapshot
+        snap = self._load()
+        with self.lock:
+            self._seq += 1
+            snap["seq"] = self._seq
+            self.snapshot = snap
+            self._loaded = (gen, time.monotonic())
+        return snap
+
+    def _load(self) -> dict[str, Any]:
+        with self.db.read() as session:
+            ro = session.scalar(
+                select(RolloutRow).where(RolloutRow.status != RolloutStatus.cancelled.value)
+                .order_by(RolloutRow.created_at.desc()).limit(1))
+            if ro is None:
+                return {"rollout": None}
+            manifest = session.get(ModelManifestRow, ro.manifest_sha256)
+            baseline = None
+            if ro.previous_manifest_sha256:
+                prev = session.get(ModelManifestRow, ro.previous_manifest_sha256)
+                baseline = prev.manifest if prev else None
+            stage = Stage(**ro.stages[ro.stage_index])
+            return {
+                "rollout": ro.rollout_id, "status": ro.status, "stage": stage,
+                "threshold": 1.0 if ro.status == RolloutStatus.complete.value
+                else ro.cohort_threshold,
+                "manifest": manifest.manifest if manifest else None,
+                "previous_model_version": ro.previous_model_version, "baseline": baseline,
+            }
+
+    def encoded(self, snap: dict[str, Any], mode: str, out: BaseModel) -> tuple[bytes, str]:
+        """JSON body + ETag of an answer; cached per snapshot and mode (few distinct bodies)."""
+        key = (snap.get("seq"), mode)
+        with self.lock:
+            hit = self._bodies.get(key)
+        if hit is not None:
+            return hit
+        body = json.dumps(out.model_dump(mode="json"), sort_keys=True,
+                          separators=(",", ":")).encode()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        with self.lock:
+            if len(self._bodies) > 64:
+                self._bodies.clear()
+            self._bodies[key] = (body, etag)
+        return body, etag

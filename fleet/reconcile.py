@@ -1,0 +1,142 @@
+"""Start-up repair of the frame store: make the ``frames`` table agree with the files.
+
+``POST /v1/frames`` writes the image and its sidecar first and commits the row second
+(``fleet.intake``). A crash between the two leaves a complete frame without a row; a crash
+inside the write leaves a temp file or an image without a sidecar (never acknowledged).
+``reconcile_frame_store`` gives the first kind its row (``recovered=True``) and deletes the
+second, so the store and the table agree even when the agent never comes back. It runs once
+before serving (``Gateway.prepare_storage``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
+
+from fleet.db import Database, Device, FrameRow
+from roadloop.data.frames import ID_PATTERN, FrameRecord, FrameStore
+from roadloop.fsutil import sha256_file
+
+logger = logging.getLogger(__name__)
+
+RECONCILE_STATE_KEY = "frames_reconciled_at"
+RECONCILE_SLACK = timedelta(minutes=5)
+_ID_RE = re.compile(ID_PATTERN)
+
+
+class ReconcileReport(BaseModel):
+    full_scan: bool
+    scanned_dirs: int = 0
+    recovered_rows: int = 0
+    removed_temp_files: int = 0
+    removed_orphan_images: int = 0
+    unreadable_sidecars: int = 0
+
+
+def reconcile_frame_store(
+    db: Database, store: FrameStore, clock: Callable[[], datetime], *, full: bool = False
+) -> ReconcileReport:
+    """Make the ``frames`` table agree with the frame store after a crash.
+
+    Looks only at cameras with an enrolled device and, after the first run, only at day
+    folders modified since the previous reconcile (a file landing in a folder bumps its
+    mtime), so start-up stays fast on a large store. Complete frames without a row get
+    one; temp files and images without a sidecar (never acknowledged) are deleted.
+    ``clock`` stamps ``received_at`` of the recovered rows (the gateway's clock).
+    """
+    started = datetime.now(UTC)  # wall clock: compared with file mtimes
+    with db.read() as session:
+        last = db.get_state(session, RECONCILE_STATE_KEY)
+        devices = session.execute(
+            select(Device.camera_id, Device.device_id, Device.revoked_at)
+            .order_by(Device.enrolled_at)
+        ).all()
+    owner: dict[str, str] = {}
+    for camera_id, device_id, revoked_at in devices:  # prefer the live (or latest) device
+        if revoked_at is None or camera_id not in owner:
+            owner[camera_id] = device_id
+    since = None if (full or last is None) else datetime.fromisoformat(last) - RECONCILE_SLACK
+    report = ReconcileReport(full_scan=since is None)
+    new_rows: list[FrameRow] = []
+    for camera_id, device_id in sorted(owner.items()):
+        cam_dir = store.root / camera_id
+        if not cam_dir.is_dir():
+            continue
+        for day in sorted(cam_dir.iterdir()):
+            if not day.is_dir() or day.name.startswith("."):
+                continue
+            if since is not None and datetime.fromtimestamp(day.stat().st_mtime, UTC) < since:
+                continue
+            report.scanned_dirs += 1
+            new_rows.extend(_reconcile_day(db, store, clock, camera_id, device_id, day, report))
+    with db.write() as session:
+        session.add_all(new_rows)
+        db.set_state(session, RECONCILE_STATE_KEY, started.isoformat())
+        session.commit()
+    report.recovered_rows = len(new_rows)
+    if new_rows or report.removed_temp_files or report.removed_orphan_images:
+        logger.warning("reconciled frame store after an unclean stop: %s", report)
+    return report
+
+
+def _reconcile_day(
+    db: Database, store: FrameStore, clock: Callable[[], datetime], camera_id: str,
+    device_id: str, day: Path, report: ReconcileReport,
+) -> list[FrameRow]:
+    sidecars: dict[str, Path] = {}
+    images: dict[str, Path] = {}
+    for p in day.iterdir():
+        if p.name.startswith("."):
+            if ".tmp-" in p.name:
+                p.unlink(missing_ok=True)
+                report.removed_temp_files += 1
+            continue
+        if not _ID_RE.fullmatch(p.stem):
+            continue
+        if p.suffix == ".json":
+            sidecars[p.stem] = p
+        elif p.suffix == ".jpg":
+            images[p.stem] = p
+    for stem, image in images.items():
+        if stem not in sidecars:
+            image.unlink(missing_ok=True)
+            report.removed_orphan_images += 1
+    complete = sorted(s for s in sidecars if s in images)
+    known: set[str] = set()
+    with db.read() as session:
+        for i in range(0, len(complete), 500):
+            chunk = complete[i : i + 500]
+            known.update(session.scalars(select(FrameRow.frame_id).where(
+                FrameRow.camera_id == camera_id, FrameRow.frame_id.in_(chunk))))
+    rows = []
+    now = clock()
+    for stem in complete:
+        if stem in known:
+            continue
+        try:
+            rec = FrameRecord.model_validate_json(sidecars[stem].read_bytes())
+        except (OSError, ValidationError, ValueError) as exc:
+            logger.warning("reconcile: unreadable sidecar %s: %s", sidecars[stem], exc)
+            report.unreadable_sidecars += 1
+            continue
+        if rec.camera_id != camera_id or rec.frame_id != stem:
+            report.unreadable_sidecars += 1
+            continue
+        image_path = images[stem]
+        src_device = rec.source.split(":", 1)[1] if rec.source.startswith("agent:") else device_id
+        rows.append(FrameRow(
+            camera_id=camera_id, frame_id=stem, device_id=src_device,
+            captured_at=rec.captured_at, received_at=now,
+            path=image_path.relative_to(store.root).as_posix(), width=rec.width,
+            height=rec.height, size_bytes=image_path.stat().st_size,
+            sha256=sha256_file(image_path), model_version=rec.model_version,
+            importance=rec.importance, reasons=rec.reasons,
+            n_detections=len(rec.detections), recovered=True,
+        ))
+    return rows

@@ -1,0 +1,102 @@
+"""Request and response bodies of the rollout routes (``docs/fleet-api.md``, "Model rollouts").
+
+The policy's own types (``Stage``, ``Budgets``, ``StageHealth``) live in
+``fleet.rollout_policy``; these models wrap them for the API.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from fleet.rollout_policy import Budgets, Decision, Mode, Stage, StageHealth
+
+
+class BudgetsIn(BaseModel):
+    """Per-rollout overrides of the gateway's default ``Budgets`` (absent = default)."""
+
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    p95_latency_budget_ms: float | None = Field(default=None, gt=0)
+    min_shadow_f1: float | None = Field(default=None, ge=0, le=1)
+    min_reporting_fraction: float | None = Field(default=None, gt=0, le=1)
+    min_frames: int | None = Field(default=None, ge=1)
+    min_cohort_devices: int | None = Field(default=None, ge=0)
+
+
+class ModelPublished(BaseModel):
+    manifest_sha256: str
+    sha256: str
+    size: int
+    model_version: str
+    rollout_id: str
+    key_id: str
+    created: bool
+
+
+class RolloutCreate(BaseModel):
+    manifest_sha256: str | None = Field(default=None, min_length=64, max_length=64)
+    model_version: str | None = Field(default=None, max_length=200)
+    stages: list[Stage] | None = None
+    hold_seconds: float | None = Field(default=None, ge=0)
+    budgets: BudgetsIn | None = None
+
+
+class RollbackRequest(BaseModel):
+    reason: str = Field(default="manual rollback", min_length=1, max_length=1000)
+
+
+class RolloutOut(BaseModel):
+    rollout_id: str
+    status: str
+    model_version: str
+    manifest_sha256: str
+    sha256: str
+    stage: str
+    stage_index: int
+    percent: float
+    mode: str
+    stages: list[Stage]
+    cohort_size: int
+    devices: int
+    hold_seconds: float
+    stage_started_at: datetime
+    hold_remaining_s: float
+    budgets: Budgets
+    previous_model_version: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    reason: str | None
+    history: list[dict[str, Any]]
+    health: dict[str, Any]
+
+
+class EvaluateOut(BaseModel):
+    rollout_id: str
+    decision: Decision
+    status: str
+    stage: str
+    percent: float
+    health: StageHealth | None
+    rollout: RolloutOut
+
+
+class Assignment(BaseModel):
+    mode: Mode
+    rollout_id: str | None = None
+    stage: str | None = None
+    percent: float | None = None
+    status: str | None = None
+
+
+class ManifestOut(BaseModel):
+    assignment: Assignment
+    manifest: dict[str, Any] | None = None
+    previous_model_version: str | None = None
+    baseline: dict[str, Any] | None = Field(
+        default=None,
+        description="Manifest of the last completed rollout before this one (the fleet's "
+        "known-good model), for devices that have no previous model.",
+    )
