@@ -41,9 +41,9 @@ def annotate(
     store = review_store()
     dataset = store.dataset()
     if simulate:
-        from roadloop.labeling.oracle import SimulatedAnnotator
+        from roadloop.labeling.oracle import SimulatedAnnotator, simulate_reviews
 
-        done = store.simulate_reviews(SimulatedAnnotator(store.taxonomy), simulate)
+        done = simulate_reviews(store, SimulatedAnnotator(store.taxonomy), simulate)
         typer.echo(f"SIMULATED annotator (oracle) reviewed {len(done)} frames")
     counts = store.counts()
     saved = dataset.list_saved_views()

@@ -259,7 +259,7 @@ def test_queue_review_import_round_trip(world, fiftyone) -> None:
 
     from assets.active_learning import active_learning_queue, frame_embeddings, reviewed_labels
     from roadloop.data.datasets import build_curated_dataset, load_taxonomy
-    from roadloop.labeling.oracle import SimulatedAnnotator
+    from roadloop.labeling.oracle import SimulatedAnnotator, simulate_reviews
 
     budget = {"ops": {"active_learning_queue": {"config": {"budget": 4}}}}
     result = _materialize(
@@ -292,7 +292,7 @@ def test_queue_review_import_round_trip(world, fiftyone) -> None:
         assert len(s.ground_truth.detections) == len(s.predictions.detections)
 
     # Two frames answered by the simulated annotator; one edited badly by "a person".
-    reviewed = store.simulate_reviews(SimulatedAnnotator(), 2)
+    reviewed = simulate_reviews(store, SimulatedAnnotator(), 2)
     assert len(reviewed) == 2
     (bad_id, _), *_ = store.queue_items()
     s = ds[bad_id]

@@ -300,7 +300,7 @@ def test_label_issues_are_tagged_and_held_out_until_re_reviewed(
 
 
 def test_simulated_annotator_reviews_through_fiftyone(store: ReviewStore, tmp_path: Path) -> None:
-    from roadloop.labeling.oracle import ANNOTATOR_NAME, SimulatedAnnotator
+    from roadloop.labeling.oracle import ANNOTATOR_NAME, SimulatedAnnotator, simulate_reviews
 
     src = tmp_path / "src"
     (src / "labels" / "train").mkdir(parents=True)
@@ -312,7 +312,7 @@ def test_simulated_annotator_reviews_through_fiftyone(store: ReviewStore, tmp_pa
         items[i] = it.model_copy(update={"labels_ref": str(label), "source": "replay:atl_v2"})
     store.push_queue(items, "b1")  # items[2] has no ground truth: a person must review it
 
-    done = store.simulate_reviews(SimulatedAnnotator(), n=5)
+    done = simulate_reviews(store, SimulatedAnnotator(), n=5)
     assert len(done) == 2
     ds = store.dataset()
     assert sorted(store.pending_reviews()) == sorted(done)
