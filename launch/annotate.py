@@ -13,7 +13,8 @@ import time
 
 import typer
 
-from roadloop.labeling.review import VIEW_QUEUE, ReviewStore, app_url
+from roadloop.labeling.review_dataset import VIEW_QUEUE, app_url
+from roadloop.labeling.review_store import ReviewStore
 from roadloop.settings import get_settings
 
 logger = logging.getLogger(__name__)

@@ -14,15 +14,9 @@ import numpy as np
 import pytest
 
 from resources.fiftyone_resource import FiftyOneResource
-from roadloop.labeling.review import (
-    TAG_IMPORTED,
-    TAG_LABEL_ISSUE,
-    TAG_REVIEWED,
-    VIEW_QUEUE,
-    ReviewBox,
-    ReviewItem,
-    pending_key,
-)
+from roadloop.labeling.review_dataset import TAG_IMPORTED, TAG_LABEL_ISSUE, TAG_REVIEWED, VIEW_QUEUE
+from roadloop.labeling.review_items import ReviewBox, ReviewItem
+from roadloop.labeling.review_store import pending_key
 
 
 @pytest.fixture()

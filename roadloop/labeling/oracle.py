@@ -27,10 +27,10 @@ from roadloop.data.datasets import LabelledFrame, Taxonomy, load_taxonomy
 from roadloop.data.frames import FrameRecord
 from roadloop.errors import InvalidInputError, MissingDataError, RoadloopError
 from roadloop.fsutil import write_text_atomic
-from roadloop.labeling.review import ReviewBox, ReviewItem
+from roadloop.labeling.review_items import ReviewBox, ReviewItem
 
 if TYPE_CHECKING:
-    from roadloop.labeling.review import ReviewStore
+    from roadloop.labeling.review_store import ReviewStore
 
 logger = logging.getLogger(__name__)
 
