@@ -26,7 +26,7 @@ from roadloop.labeling.label_quality import (
     out_of_sample_predictions,
     write_report,
 )
-from roadloop.labeling.review import (
+from roadloop.labeling.review_items import (
     LabelIssueItem,
     ReviewBox,
     ReviewExport,

@@ -5,7 +5,7 @@ import dagster as dg
 
 from resources import ArtifactStoreResource, DvcResource, LabelledSourcesResource
 from roadloop.data.datasets import build_curated_dataset, load_taxonomy, write_data_yaml
-from roadloop.labeling.review import load_review_export
+from roadloop.labeling.review_items import load_review_export
 
 from .active_learning import review_export_dir, reviewed_labels
 from .records import CuratedDatasetVersion

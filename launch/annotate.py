@@ -13,7 +13,8 @@ import time
 
 import typer
 
-from roadloop.labeling.review import VIEW_QUEUE, ReviewStore, app_url
+from roadloop.labeling.review_dataset import VIEW_QUEUE, app_url
+from roadloop.labeling.review_store import ReviewStore
 from roadloop.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -41,9 +42,9 @@ def annotate(
     store = review_store()
     dataset = store.dataset()
     if simulate:
-        from roadloop.labeling.oracle import SimulatedAnnotator
+        from roadloop.labeling.oracle import SimulatedAnnotator, simulate_reviews
 
-        done = store.simulate_reviews(SimulatedAnnotator(store.taxonomy), simulate)
+        done = simulate_reviews(store, SimulatedAnnotator(store.taxonomy), simulate)
         typer.echo(f"SIMULATED annotator (oracle) reviewed {len(done)} frames")
     counts = store.counts()
     saved = dataset.list_saved_views()

@@ -274,12 +274,12 @@ def _roll_out_to_agents(defs, instance, fleet: LocalFleet, outcome: LoopOutcome,
 
 def _review_turn(defs, instance, settings, outcome: LoopOutcome, turn: int, n_reviews: int) -> None:
     """One more turn: simulated reviews → import + new dataset version → learning loop."""
-    from roadloop.labeling.oracle import SimulatedAnnotator
+    from roadloop.labeling.oracle import SimulatedAnnotator, simulate_reviews
 
     t0 = time.monotonic()
     with outcome.timed(f"turn{turn}_simulated_review"):
         store = defs.resources["fiftyone"].store()
-        reviewed = store.simulate_reviews(SimulatedAnnotator(), n_reviews)
+        reviewed = simulate_reviews(store, SimulatedAnnotator(), n_reviews)
     with outcome.timed(f"turn{turn}_review_import"):
         result = defs.resolve_job_def("review_import").execute_in_process(
             instance=instance, raise_on_error=False

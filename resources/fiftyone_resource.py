@@ -4,7 +4,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from roadloop.labeling.review import DEFAULT_DATASET, ReviewStore, app_url
+from roadloop.labeling.review_dataset import DEFAULT_DATASET, app_url
+from roadloop.labeling.review_store import ReviewStore
 from roadloop.settings import get_settings
 
 

@@ -13,7 +13,8 @@ import dagster as dg
 from assets.active_learning import reviewed_labels
 from assets.datasets import curated_dataset
 from resources.fiftyone_resource import FiftyOneResource
-from roadloop.labeling.review import FiftyOneUnavailable, pending_key
+from roadloop.labeling.fiftyone_setup import FiftyOneUnavailable
+from roadloop.labeling.review_store import pending_key
 
 _IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,

@@ -57,7 +57,7 @@ def fiftyone_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         import fiftyone as fo
 
         return Path(fo.config.database_dir)
-    from roadloop.labeling.review import configure_fiftyone
+    from roadloop.labeling.fiftyone_setup import configure_fiftyone
 
     db = tmp_path_factory.mktemp("fiftyone-db")
     fo = configure_fiftyone(db)

@@ -14,15 +14,9 @@ import numpy as np
 import pytest
 
 from resources.fiftyone_resource import FiftyOneResource
-from roadloop.labeling.review import (
-    TAG_IMPORTED,
-    TAG_LABEL_ISSUE,
-    TAG_REVIEWED,
-    VIEW_QUEUE,
-    ReviewBox,
-    ReviewItem,
-    pending_key,
-)
+from roadloop.labeling.review_dataset import TAG_IMPORTED, TAG_LABEL_ISSUE, TAG_REVIEWED, VIEW_QUEUE
+from roadloop.labeling.review_items import ReviewBox, ReviewItem
+from roadloop.labeling.review_store import pending_key
 
 
 @pytest.fixture()
@@ -259,7 +253,7 @@ def test_queue_review_import_round_trip(world, fiftyone) -> None:
 
     from assets.active_learning import active_learning_queue, frame_embeddings, reviewed_labels
     from roadloop.data.datasets import build_curated_dataset, load_taxonomy
-    from roadloop.labeling.oracle import SimulatedAnnotator
+    from roadloop.labeling.oracle import SimulatedAnnotator, simulate_reviews
 
     budget = {"ops": {"active_learning_queue": {"config": {"budget": 4}}}}
     result = _materialize(
@@ -292,7 +286,7 @@ def test_queue_review_import_round_trip(world, fiftyone) -> None:
         assert len(s.ground_truth.detections) == len(s.predictions.detections)
 
     # Two frames answered by the simulated annotator; one edited badly by "a person".
-    reviewed = store.simulate_reviews(SimulatedAnnotator(), 2)
+    reviewed = simulate_reviews(store, SimulatedAnnotator(), 2)
     assert len(reviewed) == 2
     (bad_id, _), *_ = store.queue_items()
     s = ds[bad_id]

@@ -10,23 +10,24 @@ import cv2
 import numpy as np
 import pytest
 
-from roadloop.labeling.review import (
+from roadloop.labeling.fiftyone_setup import FiftyOneUnavailable
+from roadloop.labeling.review_dataset import (
     TAG_IMPORTED,
     TAG_LABEL_ISSUE,
     TAG_REVIEW_ERROR,
     TAG_REVIEWED,
     VIEW_LABEL_ISSUES,
     VIEW_QUEUE,
-    FiftyOneUnavailable,
+    app_url,
+)
+from roadloop.labeling.review_items import (
     LabelIssueItem,
     ReviewBox,
     ReviewItem,
-    ReviewStore,
-    app_url,
     items_from_queue,
     load_review_export,
-    pending_key,
 )
+from roadloop.labeling.review_store import ReviewStore, pending_key
 
 
 @pytest.fixture()
@@ -219,7 +220,7 @@ def test_failed_export_leaves_previous_export_and_tags(
 ) -> None:
     import fiftyone as fo
 
-    from roadloop.labeling import review
+    from roadloop.labeling import review_items
 
     store.push_queue(_frames(tmp_path, 2), "b1")
     ds = store.dataset()
@@ -237,7 +238,7 @@ def test_failed_export_leaves_previous_export_and_tags(
     def boom(tmp: Path, dest: Path) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(review, "swap_dir_into_place", boom)
+    monkeypatch.setattr(review_items, "swap_dir_into_place", boom)
     with pytest.raises(OSError, match="disk full"):
         store.export_reviewed(out)
     assert sorted(p.name for p in (out / "labels").iterdir()) == before
@@ -300,7 +301,7 @@ def test_label_issues_are_tagged_and_held_out_until_re_reviewed(
 
 
 def test_simulated_annotator_reviews_through_fiftyone(store: ReviewStore, tmp_path: Path) -> None:
-    from roadloop.labeling.oracle import ANNOTATOR_NAME, SimulatedAnnotator
+    from roadloop.labeling.oracle import ANNOTATOR_NAME, SimulatedAnnotator, simulate_reviews
 
     src = tmp_path / "src"
     (src / "labels" / "train").mkdir(parents=True)
@@ -312,7 +313,7 @@ def test_simulated_annotator_reviews_through_fiftyone(store: ReviewStore, tmp_pa
         items[i] = it.model_copy(update={"labels_ref": str(label), "source": "replay:atl_v2"})
     store.push_queue(items, "b1")  # items[2] has no ground truth: a person must review it
 
-    done = store.simulate_reviews(SimulatedAnnotator(), n=5)
+    done = simulate_reviews(store, SimulatedAnnotator(), n=5)
     assert len(done) == 2
     ds = store.dataset()
     assert sorted(store.pending_reviews()) == sorted(done)
@@ -418,7 +419,8 @@ def test_fresh_process_after_mlflow_uses_the_configured_database(tmp_path: Path)
     cv2.imwrite(str(img), np.zeros((20, 30, 3), np.uint8))
     script = (
         "import mlflow, sys\n"
-        "from roadloop.labeling.review import ReviewItem, ReviewStore\n"
+        "from roadloop.labeling.review_items import ReviewItem\n"
+        "from roadloop.labeling.review_store import ReviewStore\n"
         f"s = ReviewStore('fresh', database_dir={str(db)!r})\n"
         f"s.push_queue([ReviewItem(camera_id='c', frame_id='f', image={str(img)!r}, width=30, height=20)], 'b')\n"
         "import fiftyone as fo\n"

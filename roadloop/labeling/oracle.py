@@ -7,12 +7,18 @@ a frame with those ground-truth boxes, mapped from the source's class ids (its
 ``annotator="oracle-simulation"`` so simulated labels can never pass for human review.
 Frames without ``labels_ref`` (video cameras, real edge frames) cannot be answered: they
 need a real annotator, and asking raises :class:`OracleCannotAnswer`.
+
+:func:`simulate_reviews` is the SIMULATED review of the FiftyOne queue (``roadloop demo``,
+``roadloop annotate --simulate``, tests, benchmarks): the annotator answers the top queue
+frames and the answers go into the review store exactly as a person's edits in the App do.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, Field
@@ -21,6 +27,10 @@ from roadloop.data.datasets import LabelledFrame, Taxonomy, load_taxonomy
 from roadloop.data.frames import FrameRecord
 from roadloop.errors import InvalidInputError, MissingDataError, RoadloopError
 from roadloop.fsutil import write_text_atomic
+from roadloop.labeling.review_items import ReviewBox, ReviewItem
+
+if TYPE_CHECKING:
+    from roadloop.labeling.review_store import ReviewStore
 
 logger = logging.getLogger(__name__)
 
@@ -176,10 +186,80 @@ class SimulatedAnnotator:
         return frame, ans
 
 
+# --------------------------------------------------------------------------- simulated review
+
+
+def simulate_reviews(store: ReviewStore, annotator: Any, n: int) -> list[str]:
+    """SIMULATION: let ``annotator`` review the top ``n`` queue samples through the App's path.
+
+    ``annotator`` is a :class:`SimulatedAnnotator` (``answer(FrameRecord)``) or anything with
+    ``annotate(ReviewItem) -> list[ReviewBox] | None``. Sets ``ground_truth`` from its
+    answer, records who answered in ``annotated_by`` and tags the samples ``reviewed`` —
+    exactly what a person does in the App. Frames it cannot label (no ground truth to
+    simulate from) are skipped and stay in the queue. Returns the reviewed sample ids.
+    """
+    done: list[str] = []
+    skipped = 0
+    for sample_id, item in store.queue_items(limit=None):
+        if len(done) >= n:
+            break
+        answered = _ask(annotator, item)
+        if answered is None:
+            skipped += 1
+            continue
+        boxes, who = answered
+        store.set_ground_truth(sample_id, boxes, annotated_by=who)
+        done.append(sample_id)
+    if done:
+        store.tag_reviewed(done)
+    logger.info(
+        "simulated annotator reviewed %d samples (%d it could not answer)", len(done), skipped
+    )
+    return done
+
+
+def _ask(annotator: Any, item: ReviewItem) -> tuple[list[ReviewBox], str] | None:
+    who = str(getattr(annotator, "name", type(annotator).__name__))
+    if hasattr(annotator, "answer"):
+        if not item.labels_ref or not item.source:
+            return None
+        record = FrameRecord(
+            frame_id=item.frame_id,
+            camera_id=item.camera_id,
+            captured_at=datetime.now(UTC),
+            source=item.source,
+            source_ref=item.source_ref,
+            labels_ref=item.labels_ref,
+            width=item.width,
+            height=item.height,
+        )
+        try:
+            answer = annotator.answer(record)
+        except (OracleCannotAnswer, MissingDataError) as exc:
+            logger.info("oracle cannot answer %s: %s", item.frame_key, exc)
+            return None
+        boxes = [
+            ReviewBox(
+                label=b.class_name,
+                box=(
+                    b.xywhn[0] - b.xywhn[2] / 2,
+                    b.xywhn[1] - b.xywhn[3] / 2,
+                    b.xywhn[2],
+                    b.xywhn[3],
+                ),
+            )
+            for b in answer.boxes
+        ]
+        return boxes, str(getattr(answer, "annotator", who))
+    boxes = annotator.annotate(item)
+    return None if boxes is None else (list(boxes), who)
+
+
 __all__ = [
     "ANNOTATOR_NAME",
     "OracleAnswer",
     "OracleBox",
     "OracleCannotAnswer",
     "SimulatedAnnotator",
+    "simulate_reviews",
 ]
