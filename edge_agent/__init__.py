@@ -6,12 +6,12 @@ torch, ultralytics, dagster or roadloop.
 
 from edge_agent.boxes import nms
 from edge_agent.errors import EdgeAgentError, InvalidModelError
+from edge_agent.fsutil import file_sha256
 from edge_agent.inference import (
     Detection,
     LetterboxMeta,
     OnnxDetector,
     StageTimings,
-    file_sha256,
     letterbox,
 )
 

@@ -57,7 +57,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from collections import deque
@@ -75,8 +74,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.client import GatewayClient, GatewayError
 from edge_agent.errors import EdgeAgentError, InvalidModelError
-from edge_agent.inference import OnnxDetector, file_sha256
-from edge_agent.outbox import fsync_dir
+from edge_agent.fsutil import copy_file_atomic, file_sha256, fsync_dir, write_text_atomic
+from edge_agent.inference import OnnxDetector
 from edge_agent.shadow import ShadowRunner
 
 logger = logging.getLogger(__name__)
@@ -537,16 +536,7 @@ class UpdaterState:
     def save(self, path: Path) -> None:
         self.updated_at = _now_iso()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(dataclasses.asdict(self), fh, indent=2, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
 
 
 def _content_range_start(value: str | None) -> int | None:
@@ -1017,12 +1007,7 @@ class ModelUpdater:
         try:
             if model.path.resolve() == target.resolve() or target.is_file():
                 return dataclasses.replace(model, path=target)
-            tmp = self.models_dir / f".tmp-{model.sha256}-{os.getpid()}"
-            shutil.copyfile(model.path, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            fsync_dir(self.models_dir)
+            copy_file_atomic(model.path, target, sync_dir=True)
             logger.info("previous model %s kept on disk at %s", model.sha256[:12], target)
             return dataclasses.replace(model, path=target)
         except OSError as exc:

@@ -32,8 +32,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.agent import AgentConfig, EdgeAgent, FramePipeline
 from edge_agent.client import DeviceIdentity, GatewayClient
+from edge_agent.fsutil import file_sha256
 from edge_agent.heartbeat import TelemetryWindow
-from edge_agent.inference import Detection, OnnxDetector, file_sha256
+from edge_agent.inference import Detection, OnnxDetector
 from edge_agent.shadow import ShadowRunner, f1_score, match_boxes
 from edge_agent.sources import Frame
 from edge_agent.updater import (
