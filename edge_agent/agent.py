@@ -55,17 +55,15 @@ from edge_agent.client import (
 from edge_agent.counting import DensityState, DensityTracker, count_per_class
 from edge_agent.heartbeat import TelemetryWindow
 from edge_agent.inference import Detection, OnnxDetector
+from edge_agent.manifest import ManifestVerifier, PublicKeyError, load_public_key
 from edge_agent.outbox import BackoffPolicy, Outbox
 from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
 from edge_agent.sources import Frame, LatestFrameReader, open_source
 from edge_agent.updater import (
     GuardLimits,
     LoadedModel,
-    ManifestVerifier,
     ModelSlot,
     ModelUpdater,
-    PublicKeyError,
-    load_public_key,
 )
 
 logger = logging.getLogger(__name__)

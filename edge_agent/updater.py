@@ -49,10 +49,7 @@ longer (in the pipeline and in shadow runs) — a "slow model" without building 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -68,85 +65,26 @@ from typing import Any
 
 import httpx
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.client import GatewayClient, GatewayError
 from edge_agent.errors import EdgeAgentError, InvalidModelError
 from edge_agent.fsutil import copy_file_atomic, file_sha256, fsync_dir, write_text_atomic
 from edge_agent.inference import OnnxDetector
+from edge_agent.manifest import ManifestError, ManifestVerifier, ModelManifest, manifest_digest
 from edge_agent.shadow import ShadowRunner
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
 STATE_FILE = "updater.json"
 MODELS_DIR = "models"
 FAULT_DELAY_ENV = "EDGE_AGENT_FAULT_MODEL_DELAY_MS"
 UPDATE_STATUSES = ("idle", "downloading", "shadow", "serving", "rolled_back", "rejected")
 HASH_MISMATCH_ATTEMPTS = 3
 MAX_REJECTED = 200
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat()
-
-
-# --------------------------------------------------------------------------- signing
-class PublicKeyError(EdgeAgentError, ValueError):
-    """The model public key given to the agent is unusable (message names where it came from)."""
-
-
-def canonical_manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
-    """The bytes a manifest's signature covers: everything but ``signature``, sorted keys,
-    no whitespace, UTF-8 (``docs/fleet-api.md``; ``roadloop/signing.py`` uses the same form)."""
-    body = {k: v for k, v in manifest.items() if k != "signature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8"
-    )
-
-
-def key_id_of(raw_public_key: bytes) -> str:
-    """First 16 hex digits of the SHA-256 of the raw 32-byte public key."""
-    return hashlib.sha256(raw_public_key).hexdigest()[:16]
-
-
-def load_public_key(value: str | Path) -> bytes:
-    """The raw 32-byte Ed25519 key from base64 text, a file holding it (``model-signing.pub``)
-    or a PEM public key (text or file)."""
-    text = str(value).strip()
-    where = "the model public key"
-    try:
-        path = Path(text).expanduser()
-        is_file = len(text) < 4096 and path.is_file()
-    except (OSError, ValueError):
-        is_file = False
-    if is_file:
-        try:
-            text = path.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PublicKeyError(f"{path}: cannot read the model public key ({exc})") from exc
-        where = str(path)
-    if text.startswith("-----BEGIN"):
-        try:
-            key = serialization.load_pem_public_key(text.encode("ascii"))
-        except (ValueError, TypeError) as exc:
-            raise PublicKeyError(f"{where}: not a PEM public key ({exc})") from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise PublicKeyError(f"{where}: not an Ed25519 key ({type(key).__name__})")
-        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise PublicKeyError(
-            f"{where}: expected base64 of a raw Ed25519 key (or a file holding it): {exc}"
-        ) from exc
-    if len(raw) != 32:
-        raise PublicKeyError(f"{where}: an Ed25519 public key is 32 bytes, this is {len(raw)}")
-    return raw
 
 
 class UpdateRejected(EdgeAgentError):
@@ -173,110 +111,6 @@ class UpdateRejected(EdgeAgentError):
 
 class DownloadIncomplete(EdgeAgentError):
     """The download stopped early (network, gateway busy); the next poll resumes it."""
-
-
-@dataclass(frozen=True)
-class ModelManifest:
-    """A verified manifest (see the contract for the fields)."""
-
-    model_version: str
-    sha256: str
-    size: int
-    input_size: int
-    class_names: tuple[str, ...]
-    key_id: str
-    rollout_id: str | None = None
-    file: str = ""
-    format: str = ""
-    created_at: str = ""
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def short(self) -> str:
-        return f"model_version {self.model_version} (sha256 {self.sha256[:12]}…)"
-
-
-def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """A short id of one signed manifest (canonical bytes + signature)."""
-    sig = str(manifest.get("signature", "")).encode("utf-8")
-    return hashlib.sha256(canonical_manifest_bytes(manifest) + b"|" + sig).hexdigest()[:16]
-
-
-class ManifestVerifier:
-    """Checks manifests against one pinned Ed25519 public key."""
-
-    def __init__(self, public_key: bytes | str | Path) -> None:
-        raw = public_key if isinstance(public_key, bytes) else load_public_key(public_key)
-        if len(raw) != 32:
-            raise PublicKeyError(f"an Ed25519 public key is 32 bytes, this is {len(raw)}")
-        self.raw = raw
-        self.key_id = key_id_of(raw)
-        self._key = Ed25519PublicKey.from_public_bytes(raw)
-
-    def verify(self, manifest: Any) -> ModelManifest:
-        """The parsed manifest, or ``UpdateRejected`` saying what is wrong with it."""
-        if not isinstance(manifest, Mapping):
-            raise UpdateRejected(f"manifest is not a JSON object ({type(manifest).__name__})")
-        key = f"manifest:{manifest_digest(manifest)}"
-        rid = manifest.get("rollout_id") if isinstance(manifest.get("rollout_id"), str) else None
-
-        def bad(reason: str) -> UpdateRejected:
-            return UpdateRejected(reason, key=key, rollout_id=rid)
-
-        sig = manifest.get("signature")
-        kid = manifest.get("key_id")
-        if not isinstance(sig, str) or not sig:
-            raise bad("manifest has no signature")
-        if not isinstance(kid, str) or not kid:
-            raise bad("manifest has no key_id")
-        if kid != self.key_id:
-            raise bad(
-                f"manifest signed by another key: key_id {kid} is not the pinned key {self.key_id}"
-            )
-        try:
-            signature = base64.b64decode(sig, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad("manifest signature is not base64") from None
-        try:
-            self._key.verify(signature, canonical_manifest_bytes(manifest))
-        except InvalidSignature:
-            raise bad(
-                f"bad manifest signature: it does not verify against the pinned key {self.key_id}"
-            ) from None
-        return self._parse(manifest, bad)
-
-    @staticmethod
-    def _parse(m: Mapping[str, Any], bad: Callable[[str], UpdateRejected]) -> ModelManifest:
-        if m.get("manifest_version") != MANIFEST_VERSION:
-            raise bad(f"unsupported manifest_version {m.get('manifest_version')!r}")
-        sha = m.get("sha256")
-        if not isinstance(sha, str) or not _HEX64.match(sha):
-            raise bad(f"manifest sha256 {sha!r} is not 64 lowercase hex digits")
-        size, imgsz = m.get("size"), m.get("input_size")
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise bad(f"manifest size {size!r} is not a positive integer")
-        if not isinstance(imgsz, int) or isinstance(imgsz, bool) or imgsz <= 0:
-            raise bad(f"manifest input_size {imgsz!r} is not a positive integer")
-        names = m.get("class_names")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise bad("manifest class_names is not a list of strings")
-        version = m.get("model_version")
-        if not isinstance(version, (str, int)) or isinstance(version, bool) or version == "":
-            raise bad(f"manifest model_version {version!r} is missing")
-        rid = m.get("rollout_id")
-        return ModelManifest(
-            model_version=str(version),
-            sha256=sha,
-            size=size,
-            input_size=imgsz,
-            class_names=tuple(names),
-            key_id=str(m["key_id"]),
-            rollout_id=str(rid) if rid is not None else None,
-            file=str(m.get("file") or ""),
-            format=str(m.get("format") or ""),
-            created_at=str(m.get("created_at") or ""),
-            raw=dict(m),
-        )
 
 
 # --------------------------------------------------------------------------- models and slot
@@ -797,7 +631,7 @@ class ModelUpdater:
         if prior and prior.get("permanent"):
             logger.info("manifest rejected earlier (%s); ignoring it", prior.get("reason"))
             return "skipped"
-        m = self.verifier.verify(manifest)
+        m = self._verify(manifest)
         rid = rid or m.rollout_id
         logger.info(
             "manifest verified: %s, %d bytes, input %d, signed by key_id %s, mode %s",
@@ -835,6 +669,17 @@ class ModelUpdater:
             return "serving"
         self._start_shadow(candidate, m, rid)
         return "shadow"
+
+    def _verify(self, manifest: Any) -> ModelManifest:
+        """``verifier.verify``; a refused manifest is remembered under ``manifest:<digest>``."""
+        try:
+            return self.verifier.verify(manifest)
+        except ManifestError as exc:
+            raise UpdateRejected(
+                exc.reason,
+                key=f"manifest:{exc.digest}" if exc.digest else None,
+                rollout_id=exc.rollout_id,
+            ) from exc
 
     # ------------------------------------------------------------------ obtain a model
     def _obtain(self, m: ModelManifest, rid: str | None) -> LoadedModel:
@@ -1110,7 +955,7 @@ class ModelUpdater:
         downloaded and loaded like any update — for a device with no previous model."""
         if not isinstance(baseline, Mapping):
             return None
-        bm = self.verifier.verify(baseline)
+        bm = self._verify(baseline)
         logger.info("no previous model on this device: falling back to the baseline %s", bm.short)
         return self._obtain(bm, bm.rollout_id)
 
@@ -1255,17 +1100,10 @@ __all__ = [
     "DownloadIncomplete",
     "GuardLimits",
     "LoadedModel",
-    "ManifestVerifier",
-    "ModelManifest",
     "ModelSlot",
     "ModelUpdater",
-    "PublicKeyError",
     "RollbackGuard",
     "UpdateRejected",
     "UpdaterState",
-    "canonical_manifest_bytes",
     "fault_delay_s",
-    "key_id_of",
-    "load_public_key",
-    "manifest_digest",
 ]

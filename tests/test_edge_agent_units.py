@@ -529,6 +529,7 @@ def test_heartbeat_schema_is_versioned_and_documented() -> None:
         "edge_agent.samplers",
         "edge_agent.outbox",
         "edge_agent.fsutil",
+        "edge_agent.manifest",
         "edge_agent.heartbeat",
         "edge_agent.client",
         "edge_agent.updater",

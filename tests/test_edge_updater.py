@@ -35,20 +35,22 @@ from edge_agent.client import DeviceIdentity, GatewayClient
 from edge_agent.fsutil import file_sha256
 from edge_agent.heartbeat import TelemetryWindow
 from edge_agent.inference import Detection, OnnxDetector
+from edge_agent.manifest import (
+    ManifestError,
+    ManifestVerifier,
+    PublicKeyError,
+    canonical_bytes,
+    key_id,
+    load_public_key,
+)
 from edge_agent.shadow import ShadowRunner, f1_score, match_boxes
 from edge_agent.sources import Frame
 from edge_agent.updater import (
     FAULT_DELAY_ENV,
     GuardLimits,
     LoadedModel,
-    ManifestVerifier,
     ModelSlot,
     ModelUpdater,
-    PublicKeyError,
-    UpdateRejected,
-    canonical_manifest_bytes,
-    key_id_of,
-    load_public_key,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,9 +339,9 @@ def _state_json(rig: Rig) -> dict:
 # ---------------------------------------------------------------- signing and verification
 def test_canonical_bytes_and_key_id_follow_the_contract(signing_key, public_b64) -> None:
     m = {"b": 1, "a": "é", "signature": "x", "class_names": ["car"]}
-    assert canonical_manifest_bytes(m) == '{"a":"é","b":1,"class_names":["car"]}'.encode()
+    assert canonical_bytes(m) == '{"a":"é","b":1,"class_names":["car"]}'.encode()
     raw = base64.b64decode(public_b64)
-    assert key_id_of(raw) == hashlib.sha256(raw).hexdigest()[:16]
+    assert key_id(raw) == key_id(public_b64) == hashlib.sha256(raw).hexdigest()[:16]
     v = ManifestVerifier(public_b64)
     signed = manifest_for(b"abc", signing_key)
     parsed = v.verify(signed)
@@ -368,18 +370,18 @@ def test_verifier_refuses_tampering_other_keys_and_bad_fields(signing_key, publi
     v = ManifestVerifier(public_b64)
     other = Ed25519PrivateKey.generate()
     good = manifest_for(b"abc", signing_key)
-    with pytest.raises(UpdateRejected, match="bad manifest signature"):
+    with pytest.raises(ManifestError, match="bad manifest signature"):
         v.verify({**good, "model_version": "8"})  # changed after signing
-    with pytest.raises(UpdateRejected, match="signed by another key"):
+    with pytest.raises(ManifestError, match="signed by another key"):
         v.verify(manifest_for(b"abc", other))  # honest key_id of another key
     forged = sign({k: val for k, val in good.items() if k != "key_id"}, other, key_id=v.key_id)
-    with pytest.raises(UpdateRejected, match="bad manifest signature"):
+    with pytest.raises(ManifestError, match="bad manifest signature"):
         v.verify(forged)  # claims the pinned key, signed by another
-    with pytest.raises(UpdateRejected, match="no signature"):
+    with pytest.raises(ManifestError, match="no signature"):
         v.verify({k: val for k, val in good.items() if k != "signature"})
-    with pytest.raises(UpdateRejected, match="sha256"):
+    with pytest.raises(ManifestError, match="sha256"):
         v.verify(sign({**good, "sha256": "XYZ"}, signing_key))
-    with pytest.raises(UpdateRejected, match="manifest_version"):
+    with pytest.raises(ManifestError, match="manifest_version"):
         v.verify(sign({**good, "manifest_version": 2}, signing_key))
 
 
