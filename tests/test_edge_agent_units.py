@@ -550,3 +550,23 @@ def test_agent_modules_import_no_platform_packages(module: str) -> None:
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_manifest_contract_loads_no_agent_runtime() -> None:
+    """The platform imports ``edge_agent.manifest`` (roadloop.signing, the gateway): that must
+    not pull in ONNX Runtime, OpenCV or the agent runtime; ``edge_agent``'s names stay lazy."""
+    code = (
+        "import sys, edge_agent, edge_agent.manifest\n"
+        "heavy = {'onnxruntime', 'cv2', 'httpx', 'numpy'}\n"
+        "bad = sorted(heavy & {m.split('.')[0] for m in sys.modules})\n"
+        "bad += sorted(m for m in sys.modules if m.startswith('edge_agent.') and m not in "
+        "('edge_agent.manifest', 'edge_agent.errors'))\n"
+        "assert not bad, bad\n"
+        "from edge_agent import OnnxDetector, file_sha256, nms\n"
+        "assert sorted(edge_agent.__all__) == sorted(edge_agent._EXPORTS)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
