@@ -1,4 +1,5 @@
-"""Agent-side model rollouts (``edge_agent.updater`` / ``edge_agent.shadow``), unit level.
+"""Agent-side model rollouts (``edge_agent.updater`` and its parts: ``manifest``,
+``model_store``, ``model_slot``, ``rollback_guard``, ``shadow``), unit level.
 
 A tiny threaded HTTP server plays the gateway (``/v1/manifest`` with ETags, ``/v1/models/<sha>``
 with ``Range``, plus enroll/frames/heartbeats for the whole-agent test). Manifests are signed
@@ -43,15 +44,12 @@ from edge_agent.manifest import (
     key_id,
     load_public_key,
 )
+from edge_agent.model_slot import FAULT_DELAY_ENV, LoadedModel, ModelSlot
+from edge_agent.model_store import UpdaterState
+from edge_agent.rollback_guard import GuardLimits
 from edge_agent.shadow import ShadowRunner, f1_score, match_boxes
 from edge_agent.sources import Frame
-from edge_agent.updater import (
-    FAULT_DELAY_ENV,
-    GuardLimits,
-    LoadedModel,
-    ModelSlot,
-    ModelUpdater,
-)
+from edge_agent.updater import ModelUpdater
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", REPO.parent / "shared"))
@@ -389,7 +387,7 @@ def test_verifier_refuses_tampering_other_keys_and_bad_fields(signing_key, publi
 def test_serve_rollout_downloads_verifies_swaps_and_keeps_previous(
     rig: Rig, models, signing_key, image, caplog
 ) -> None:
-    caplog.set_level("INFO", logger="edge_agent.updater")
+    caplog.set_level("INFO", logger="edge_agent")  # the updater and its model store
     m = _publish(rig, models["candidate"], signing_key)
     assert rig.updater.poll_once() == "serving"
     assert rig.slot.sha256 == m["sha256"] != rig.base_sha
@@ -704,8 +702,6 @@ def test_restart_restores_the_updated_model_or_rolls_back(rig: Rig, models, sign
 
 
 def test_unreadable_state_is_kept_aside(tmp_path: Path) -> None:
-    from edge_agent.updater import UpdaterState
-
     path = tmp_path / "updater.json"
     path.write_text("{not json")
     state = UpdaterState.load(path)
