@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from edge_agent.agent import FramePipeline, frame_quality
 from edge_agent.counting import DensityTracker, count_per_class
-from edge_agent.inference import Detection, OnnxDetector, file_sha256
+from edge_agent.fsutil import file_sha256
+from edge_agent.inference import Detection, OnnxDetector
 from edge_agent.samplers import FrameSampler, SamplerConfig
 
 logger = logging.getLogger(__name__)

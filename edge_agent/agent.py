@@ -24,7 +24,7 @@ frames to the shadow candidate. Heartbeats carry the updater's rollout fields.
 Fault injection for tests: ``EDGE_AGENT_FAULT_KILL_AFTER_ACKS=N`` makes the process
 SIGKILL itself after the gateway acknowledged its N-th upload and *before* the outbox
 forgets the frame — the "killed mid-upload" case the restart must absorb (409).
-``EDGE_AGENT_FAULT_MODEL_DELAY_MS`` slows chosen models down (see ``edge_agent.updater``).
+``EDGE_AGENT_FAULT_MODEL_DELAY_MS`` slows chosen models down (see ``edge_agent.model_slot``).
 """
 
 from __future__ import annotations
@@ -55,18 +55,13 @@ from edge_agent.client import (
 from edge_agent.counting import DensityState, DensityTracker, count_per_class
 from edge_agent.heartbeat import TelemetryWindow
 from edge_agent.inference import Detection, OnnxDetector
+from edge_agent.manifest import ManifestVerifier, PublicKeyError, load_public_key
+from edge_agent.model_slot import LoadedModel, ModelSlot
 from edge_agent.outbox import BackoffPolicy, Outbox
+from edge_agent.rollback_guard import GuardLimits
 from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
 from edge_agent.sources import Frame, LatestFrameReader, open_source
-from edge_agent.updater import (
-    GuardLimits,
-    LoadedModel,
-    ManifestVerifier,
-    ModelSlot,
-    ModelUpdater,
-    PublicKeyError,
-    load_public_key,
-)
+from edge_agent.updater import ModelUpdater
 
 logger = logging.getLogger(__name__)
 

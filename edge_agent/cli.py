@@ -229,7 +229,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         return 2
     if args.model_public_key:
-        from edge_agent.updater import load_public_key
+        from edge_agent.manifest import load_public_key
 
         load_public_key(args.model_public_key)  # PublicKeyError (exit 2) names the problem
     rare = frozenset(c.strip() for c in args.rare_classes.split(",") if c.strip())

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from edge_agent.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +74,7 @@ class DeviceIdentity:
     def save(self, state_dir: Path) -> Path:
         state_dir.mkdir(parents=True, exist_ok=True)
         target = state_dir / IDENTITY_FILE
-        tmp = state_dir / f".{IDENTITY_FILE}.tmp-{os.getpid()}-{threading.get_ident()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(asdict(self), fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_text_atomic(target, json.dumps(asdict(self), indent=2), mode=0o600)
         return target
 
     @classmethod

@@ -16,3 +16,30 @@ class InvalidModelError(EdgeAgentError, ValueError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class UpdateRejected(EdgeAgentError):
+    """A model update was refused (``edge_agent.updater``). ``status`` is ``rejected`` (the
+    manifest or the file failed verification) or ``rolled_back`` (a verified model could not
+    serve); ``key`` is what the refusal is remembered under (a model SHA-256 or
+    ``manifest:<digest>``); ``permanent=False`` allows another try on a later poll."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        status: str = "rejected",
+        key: str | None = None,
+        permanent: bool = True,
+        rollout_id: str | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.key = key
+        self.permanent = permanent
+        self.rollout_id = rollout_id
+
+
+class DownloadIncomplete(EdgeAgentError):
+    """A model download stopped early (network, gateway busy); the next poll resumes it."""

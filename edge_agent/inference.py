@@ -13,7 +13,6 @@ roadloop (a subprocess test checks), so the agent installs with ``pip install .[
 from __future__ import annotations
 
 import ast
-import hashlib
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ import onnxruntime as ort
 
 from edge_agent.boxes import nms
 from edge_agent.errors import InvalidModelError
+from edge_agent.fsutil import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -136,15 +136,6 @@ def letterbox(
     img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=color)
     ratio = (new_unpad[0] / w, new_unpad[1] / h)
     return img, ratio, (left, top)
-
-
-def file_sha256(path: Path | str, chunk_size: int = 1 << 20) -> str:
-    """Content hash of a file: the model's version id."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _default_providers() -> list[str]:

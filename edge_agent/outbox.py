@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import sqlite3
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
+
+from edge_agent.fsutil import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -254,16 +254,9 @@ class Outbox:
                 )
                 return PutResult(queued=False)
             target = self._file_for(frame_id)
-            tmp = self.spool / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-                fsync_dir(self.spool)
+            try:  # a dot-prefixed temp file until renamed: reconcile removes leftovers
+                write_bytes_atomic(target, data, sync_dir=True)
             except OSError as exc:
-                tmp.unlink(missing_ok=True)
                 raise OutboxError(f"{target}: cannot write the spooled frame ({exc})") from exc
             with self._tx():
                 self._db.execute(
@@ -437,20 +430,6 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames in ``path`` durable (best effort: a file system that cannot is skipped)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_journal(root: Path | str) -> dict[str, str]:

@@ -1,22 +1,29 @@
-"""Model updates on the agent: signed manifests, resumable verified downloads, atomic swaps,
-shadow runs and self-rollback (``docs/fleet-api.md``, "Model rollouts").
+"""Model updates on the agent: ``ModelUpdater``, the state machine that takes a rollout from the
+gateway's manifest to a serving (or shadowed, or rolled-back) model (``docs/fleet-api.md``,
+"Model rollouts").
+
+Its parts live beside it: ``edge_agent.manifest`` (the signed manifest and its verification),
+``edge_agent.model_store`` (verified, resumable downloads; ``updater.json``),
+``edge_agent.model_slot`` (the serving model and the swap), ``edge_agent.rollback_guard``
+(when a new model is taken back) and ``edge_agent.shadow`` (shadow runs).
 
 One poll (``ModelUpdater.poll_once``, on the updater thread — never on the frame loop):
 
 1. ``GET /v1/manifest`` with ``If-None-Match`` → 304: nothing to do.
-2. Verify the manifest *before* downloading anything: the ``key_id`` must be the pinned key's,
-   the Ed25519 signature must verify over the canonical bytes (``canonical_manifest_bytes``,
-   the same form ``roadloop/signing.py`` signs), the fields must be well-formed.
-3. Download ``GET /v1/models/<sha256>`` into ``<state>/models/.partial-<sha256>``; a dropped
-   connection keeps what arrived and the next poll resumes with ``Range``. Then size, then
-   SHA-256, then the file becomes ``<state>/models/<sha256>.onnx`` (fsync + rename).
+2. Verify the manifest *before* downloading anything (``ManifestVerifier``): the ``key_id``
+   must be the pinned key's, the Ed25519 signature must verify over the canonical bytes (the
+   same form ``roadloop/release/signing.py`` signs: one implementation, ``edge_agent.manifest``), the
+   fields must be well-formed.
+3. Download the model into the store (``ModelStore.download``): resumable with ``Range``,
+   size then SHA-256 checked against the signed manifest before the file is kept.
 4. Load an ``OnnxDetector`` from it, check its input size and class names against the
    manifest, run one smoke inference.
-5. ``mode: serve`` → ``ModelSlot.swap``: the frame loop picks the model once per frame, so
-   the swap lands between two frames; the old model becomes *previous* (kept loaded and on
-   disk, the baseline ``--model`` is copied into the store for that). ``mode: shadow`` →
-   ``ShadowRunner`` beside the serving model. ``mode: none`` (or a rolled-back rollout)
-   → back to the previous model if the serving one came from that rollout.
+5. ``mode: serve`` → ``ModelSlot.swap``: the swap lands between two frames; the old model
+   becomes *previous* (kept loaded and on disk, the baseline ``--model`` is copied into the
+   store for that) and the ``RollbackGuard`` is armed. ``mode: shadow`` → ``ShadowRunner``
+   beside the serving model. ``mode: none`` (or a rolled-back rollout) → back to the previous
+   model if the serving one came from that rollout (the fleet's signed baseline when this
+   device has none).
 
 Heartbeat fields (``heartbeat_fields``): ``update_status`` is one of
 
@@ -29,529 +36,40 @@ Heartbeat fields (``heartbeat_fields``): ``update_status`` is one of
 
 ``update_reason`` says why, ``rollout_id`` which rollout it concerns. In every case the old
 model keeps serving. A rejected or rolled-back SHA-256 is remembered in
-``<state>/updater.json`` and not retried (a SHA-256 mismatch gets ``HASH_MISMATCH_ATTEMPTS``
-tries first: it may be a corrupt transfer).
-
-Self-rollback (``RollbackGuard``): after a swap, a heartbeat window is *bad* when the new
-model's detect latency P95 exceeds ``latency_budget_ms`` (when unset: ``relative_latency`` ×
-the previous model's recent P95, if it was measured) or its error rate (detector failures /
-frames) exceeds ``max_error_rate``; ``bad_windows`` bad windows in a row swap back.
-
-``<state>/updater.json`` (atomic writes): ``serving`` and ``previous`` (sha256, path,
-model_version, rollout_id, since), ``shadow``, ``rejected`` {key: reason, count, permanent},
-``status``/``reason``/``rollout_id``. The ETag is kept in memory only, so a restarted agent
-re-reads the manifest once and re-applies it idempotently (nothing is downloaded twice).
-
-Fault injection (tests, rollout drills): ``EDGE_AGENT_FAULT_MODEL_DELAY_MS="<sha256 prefix>=
-<ms>[,…]"`` makes every detect of a model whose SHA-256 starts with the prefix take ``ms``
-longer (in the pipeline and in shadow runs) — a "slow model" without building one.
+``<state>/updater.json`` (``UpdaterState``) and not retried (a SHA-256 mismatch gets
+``HASH_MISMATCH_ATTEMPTS`` tries first: it may be a corrupt transfer).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import hashlib
-import json
 import logging
-import os
-import re
-import shutil
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.client import GatewayClient, GatewayError
-from edge_agent.errors import EdgeAgentError, InvalidModelError
-from edge_agent.inference import OnnxDetector, file_sha256
-from edge_agent.outbox import fsync_dir
+from edge_agent.errors import DownloadIncomplete, InvalidModelError, UpdateRejected
+from edge_agent.inference import OnnxDetector
+from edge_agent.manifest import ManifestError, ManifestVerifier, ModelManifest, manifest_digest
+from edge_agent.model_slot import LoadedModel, ModelSlot
+from edge_agent.model_store import (
+    HASH_MISMATCH_ATTEMPTS,
+    MODELS_DIR,
+    STATE_FILE,
+    ModelStore,
+    UpdaterState,
+)
+from edge_agent.rollback_guard import GuardLimits, RollbackGuard
 from edge_agent.shadow import ShadowRunner
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
-STATE_FILE = "updater.json"
-MODELS_DIR = "models"
-FAULT_DELAY_ENV = "EDGE_AGENT_FAULT_MODEL_DELAY_MS"
 UPDATE_STATUSES = ("idle", "downloading", "shadow", "serving", "rolled_back", "rejected")
-HASH_MISMATCH_ATTEMPTS = 3
-MAX_REJECTED = 200
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-# --------------------------------------------------------------------------- signing
-class PublicKeyError(EdgeAgentError, ValueError):
-    """The model public key given to the agent is unusable (message names where it came from)."""
-
-
-def canonical_manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
-    """The bytes a manifest's signature covers: everything but ``signature``, sorted keys,
-    no whitespace, UTF-8 (``docs/fleet-api.md``; ``roadloop/signing.py`` uses the same form)."""
-    body = {k: v for k, v in manifest.items() if k != "signature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8"
-    )
-
-
-def key_id_of(raw_public_key: bytes) -> str:
-    """First 16 hex digits of the SHA-256 of the raw 32-byte public key."""
-    return hashlib.sha256(raw_public_key).hexdigest()[:16]
-
-
-def load_public_key(value: str | Path) -> bytes:
-    """The raw 32-byte Ed25519 key from base64 text, a file holding it (``model-signing.pub``)
-    or a PEM public key (text or file)."""
-    text = str(value).strip()
-    where = "the model public key"
-    try:
-        path = Path(text).expanduser()
-        is_file = len(text) < 4096 and path.is_file()
-    except (OSError, ValueError):
-        is_file = False
-    if is_file:
-        try:
-            text = path.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PublicKeyError(f"{path}: cannot read the model public key ({exc})") from exc
-        where = str(path)
-    if text.startswith("-----BEGIN"):
-        try:
-            key = serialization.load_pem_public_key(text.encode("ascii"))
-        except (ValueError, TypeError) as exc:
-            raise PublicKeyError(f"{where}: not a PEM public key ({exc})") from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise PublicKeyError(f"{where}: not an Ed25519 key ({type(key).__name__})")
-        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise PublicKeyError(
-            f"{where}: expected base64 of a raw Ed25519 key (or a file holding it): {exc}"
-        ) from exc
-    if len(raw) != 32:
-        raise PublicKeyError(f"{where}: an Ed25519 public key is 32 bytes, this is {len(raw)}")
-    return raw
-
-
-class UpdateRejected(EdgeAgentError):
-    """A manifest or model was refused. ``status`` is ``rejected`` or ``rolled_back``;
-    ``key`` is what the refusal is remembered under (a model SHA-256 or ``manifest:<digest>``);
-    ``permanent=False`` allows another try on a later poll."""
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        status: str = "rejected",
-        key: str | None = None,
-        permanent: bool = True,
-        rollout_id: str | None = None,
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.key = key
-        self.permanent = permanent
-        self.rollout_id = rollout_id
-
-
-class DownloadIncomplete(EdgeAgentError):
-    """The download stopped early (network, gateway busy); the next poll resumes it."""
-
-
-@dataclass(frozen=True)
-class ModelManifest:
-    """A verified manifest (see the contract for the fields)."""
-
-    model_version: str
-    sha256: str
-    size: int
-    input_size: int
-    class_names: tuple[str, ...]
-    key_id: str
-    rollout_id: str | None = None
-    file: str = ""
-    format: str = ""
-    created_at: str = ""
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def short(self) -> str:
-        return f"model_version {self.model_version} (sha256 {self.sha256[:12]}…)"
-
-
-def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """A short id of one signed manifest (canonical bytes + signature)."""
-    sig = str(manifest.get("signature", "")).encode("utf-8")
-    return hashlib.sha256(canonical_manifest_bytes(manifest) + b"|" + sig).hexdigest()[:16]
-
-
-class ManifestVerifier:
-    """Checks manifests against one pinned Ed25519 public key."""
-
-    def __init__(self, public_key: bytes | str | Path) -> None:
-        raw = public_key if isinstance(public_key, bytes) else load_public_key(public_key)
-        if len(raw) != 32:
-            raise PublicKeyError(f"an Ed25519 public key is 32 bytes, this is {len(raw)}")
-        self.raw = raw
-        self.key_id = key_id_of(raw)
-        self._key = Ed25519PublicKey.from_public_bytes(raw)
-
-    def verify(self, manifest: Any) -> ModelManifest:
-        """The parsed manifest, or ``UpdateRejected`` saying what is wrong with it."""
-        if not isinstance(manifest, Mapping):
-            raise UpdateRejected(f"manifest is not a JSON object ({type(manifest).__name__})")
-        key = f"manifest:{manifest_digest(manifest)}"
-        rid = manifest.get("rollout_id") if isinstance(manifest.get("rollout_id"), str) else None
-
-        def bad(reason: str) -> UpdateRejected:
-            return UpdateRejected(reason, key=key, rollout_id=rid)
-
-        sig = manifest.get("signature")
-        kid = manifest.get("key_id")
-        if not isinstance(sig, str) or not sig:
-            raise bad("manifest has no signature")
-        if not isinstance(kid, str) or not kid:
-            raise bad("manifest has no key_id")
-        if kid != self.key_id:
-            raise bad(
-                f"manifest signed by another key: key_id {kid} is not the pinned key {self.key_id}"
-            )
-        try:
-            signature = base64.b64decode(sig, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad("manifest signature is not base64") from None
-        try:
-            self._key.verify(signature, canonical_manifest_bytes(manifest))
-        except InvalidSignature:
-            raise bad(
-                f"bad manifest signature: it does not verify against the pinned key {self.key_id}"
-            ) from None
-        return self._parse(manifest, bad)
-
-    @staticmethod
-    def _parse(m: Mapping[str, Any], bad: Callable[[str], UpdateRejected]) -> ModelManifest:
-        if m.get("manifest_version") != MANIFEST_VERSION:
-            raise bad(f"unsupported manifest_version {m.get('manifest_version')!r}")
-        sha = m.get("sha256")
-        if not isinstance(sha, str) or not _HEX64.match(sha):
-            raise bad(f"manifest sha256 {sha!r} is not 64 lowercase hex digits")
-        size, imgsz = m.get("size"), m.get("input_size")
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise bad(f"manifest size {size!r} is not a positive integer")
-        if not isinstance(imgsz, int) or isinstance(imgsz, bool) or imgsz <= 0:
-            raise bad(f"manifest input_size {imgsz!r} is not a positive integer")
-        names = m.get("class_names")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise bad("manifest class_names is not a list of strings")
-        version = m.get("model_version")
-        if not isinstance(version, (str, int)) or isinstance(version, bool) or version == "":
-            raise bad(f"manifest model_version {version!r} is missing")
-        rid = m.get("rollout_id")
-        return ModelManifest(
-            model_version=str(version),
-            sha256=sha,
-            size=size,
-            input_size=imgsz,
-            class_names=tuple(names),
-            key_id=str(m["key_id"]),
-            rollout_id=str(rid) if rid is not None else None,
-            file=str(m.get("file") or ""),
-            format=str(m.get("format") or ""),
-            created_at=str(m.get("created_at") or ""),
-            raw=dict(m),
-        )
-
-
-# --------------------------------------------------------------------------- models and slot
-_delay_cache: tuple[str, list[tuple[str, float]]] | None = None
-
-
-def fault_delay_s(sha256: str) -> float:
-    """Artificial per-detect delay for a model (``EDGE_AGENT_FAULT_MODEL_DELAY_MS``), seconds."""
-    global _delay_cache
-    spec = os.environ.get(FAULT_DELAY_ENV, "")
-    if not spec:
-        return 0.0
-    if _delay_cache is None or _delay_cache[0] != spec:
-        rules = []
-        for part in spec.split(","):
-            prefix, _, ms = part.strip().partition("=")
-            try:
-                rules.append((prefix.strip().lower(), float(ms) / 1e3))
-            except ValueError:
-                logger.warning(
-                    "%s: ignoring %r (expected <sha256 prefix>=<ms>)", FAULT_DELAY_ENV, part
-                )
-        _delay_cache = (spec, rules)
-    for prefix, delay in _delay_cache[1]:
-        if prefix and sha256.startswith(prefix):
-            return delay
-    return 0.0
-
-
-@dataclass(frozen=True, eq=False)
-class LoadedModel:
-    """A detector ready to serve, with where it came from."""
-
-    detector: Any  # OnnxDetector (or anything with detect/last_timings/class_names)
-    sha256: str
-    path: Path
-    model_version: str | None = None  # the manifest's label; None for the --model baseline
-    rollout_id: str | None = None
-    delay_s: float = 0.0  # fault injection (EDGE_AGENT_FAULT_MODEL_DELAY_MS)
-
-    @classmethod
-    def from_detector(
-        cls,
-        detector: Any,
-        *,
-        model_version: str | None = None,
-        rollout_id: str | None = None,
-        path: Path | None = None,
-    ) -> LoadedModel:
-        sha = str(detector.model_sha256)
-        return cls(
-            detector=detector,
-            sha256=sha,
-            path=Path(path or detector.model_path),
-            model_version=model_version,
-            rollout_id=rollout_id,
-            delay_s=fault_delay_s(sha),
-        )
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "sha256": self.sha256,
-            "path": str(self.path),
-            "model_version": self.model_version,
-            "rollout_id": self.rollout_id,
-            "since": _now_iso(),
-        }
-
-
-class ModelSlot:
-    """Holds the serving model. Readers take ``current`` once per frame (a plain reference
-    read, atomic); ``swap`` replaces it under a lock, so a swap always lands between frames
-    and a frame never mixes two models."""
-
-    def __init__(self, model: LoadedModel | Any) -> None:
-        self._current = (
-            model if isinstance(model, LoadedModel) else LoadedModel.from_detector(model)
-        )
-        self._lock = threading.Lock()
-        self.swaps = 0
-
-    @property
-    def current(self) -> LoadedModel:
-        return self._current
-
-    @property
-    def detector(self) -> Any:
-        return self._current.detector
-
-    @property
-    def sha256(self) -> str:
-        return self._current.sha256
-
-    def swap(self, new: LoadedModel) -> LoadedModel:
-        """Serve ``new`` from the next frame on; returns the model it replaced."""
-        with self._lock:
-            old, self._current = self._current, new
-            self.swaps += 1
-        return old
-
-
-# --------------------------------------------------------------------------- rollback guard
-@dataclass
-class GuardLimits:
-    """When a freshly swapped-in model is taken back (see the module docstring)."""
-
-    latency_budget_ms: float | None = None
-    max_error_rate: float = 0.01
-    bad_windows: int = 3
-    relative_latency: float = 3.0  # used when latency_budget_ms is None
-    min_frames: int = 1  # a window with fewer frames (+ errors) gives no verdict
-
-    def __post_init__(self) -> None:
-        if self.bad_windows < 1:
-            raise ValueError(f"bad_windows (--rollback-after) must be >= 1, got {self.bad_windows}")
-        if not 0.0 <= self.max_error_rate <= 1.0:
-            raise ValueError(f"max_error_rate must be in [0, 1], got {self.max_error_rate}")
-        if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
-            raise ValueError(f"latency_budget_ms must be > 0, got {self.latency_budget_ms}")
-
-
-class RollbackGuard:
-    """Counts consecutive bad heartbeat windows of the model it is armed for (thread-safe)."""
-
-    def __init__(self, limits: GuardLimits | None = None) -> None:
-        self.limits = limits or GuardLimits()
-        self._lock = threading.Lock()
-        self._recent: deque[float] = deque(maxlen=200)
-        self._recent_sha: str | None = None
-        self.armed_sha: str | None = None
-        self.baseline_p95: float | None = None
-        self.bad_streak = 0
-        self.last_problem: str | None = None
-        self._reset_window()
-
-    def _reset_window(self) -> None:
-        self._lat: list[float] = []
-        self._frames = 0
-        self._errors = 0
-
-    def record(self, sha256: str, latency_ms: float | None = None, *, error: bool = False) -> None:
-        with self._lock:
-            if latency_ms is not None:
-                if sha256 != self._recent_sha:
-                    self._recent.clear()
-                    self._recent_sha = sha256
-                self._recent.append(latency_ms)
-            if self.armed_sha is None or sha256 != self.armed_sha:
-                return
-            if error:
-                self._errors += 1
-            else:
-                self._frames += 1
-                if latency_ms is not None:
-                    self._lat.append(latency_ms)
-
-    def recent_p95(self, sha256: str, min_frames: int = 10) -> float | None:
-        """P95 of the last (up to 200) latencies of ``sha256``, if it served enough frames."""
-        with self._lock:
-            if self._recent_sha != sha256 or len(self._recent) < min_frames:
-                return None
-            return float(np.percentile(list(self._recent), 95))
-
-    def budget_ms(self) -> float | None:
-        if self.limits.latency_budget_ms is not None:
-            return self.limits.latency_budget_ms
-        if self.baseline_p95 is not None:
-            return self.limits.relative_latency * self.baseline_p95
-        return None
-
-    def arm(self, sha256: str, baseline_p95: float | None = None) -> None:
-        with self._lock:
-            self.armed_sha = sha256
-            self.baseline_p95 = baseline_p95
-            self.bad_streak = 0
-            self.last_problem = None
-            self._reset_window()
-
-    def disarm(self) -> None:
-        with self._lock:
-            self.armed_sha = None
-            self.bad_streak = 0
-            self._reset_window()
-
-    def end_window(self) -> str | None:
-        """Close the window; the reason to roll back when the bad streak reached the limit."""
-        with self._lock:
-            frames, errors, lat = self._frames, self._errors, self._lat
-            self._reset_window()
-            if self.armed_sha is None:
-                return None
-            n = frames + errors
-            if n < self.limits.min_frames:
-                return None  # no verdict: an idle window neither breaks nor resets the streak
-            problems = []
-            budget = self.budget_ms()
-            p95 = float(np.percentile(lat, 95)) if lat else None
-            if budget is not None and p95 is not None and p95 > budget:
-                problems.append(f"latency P95 {p95:.1f} ms > budget {budget:.1f} ms")
-            rate = errors / n
-            if rate > self.limits.max_error_rate:
-                problems.append(
-                    f"error rate {rate:.1%} > {self.limits.max_error_rate:.1%} "
-                    f"({errors} failed of {n} frames)"
-                )
-            if not problems:
-                self.bad_streak = 0
-                return None
-            self.bad_streak += 1
-            self.last_problem = "; ".join(problems)
-            logger.warning(
-                "model %s: bad heartbeat window %d/%d: %s",
-                self.armed_sha[:12],
-                self.bad_streak,
-                self.limits.bad_windows,
-                self.last_problem,
-            )
-            if self.bad_streak >= self.limits.bad_windows:
-                return f"{self.last_problem} for {self.bad_streak} consecutive heartbeat windows"
-            return None
-
-
-# --------------------------------------------------------------------------- persisted state
-@dataclass
-class UpdaterState:
-    serving: dict[str, Any] | None = None
-    previous: dict[str, Any] | None = None
-    shadow: dict[str, Any] | None = None
-    rejected: dict[str, dict[str, Any]] = field(default_factory=dict)
-    status: str = "idle"
-    reason: str | None = None
-    rollout_id: str | None = None
-    updated_at: str = field(default_factory=_now_iso)
-
-    @classmethod
-    def load(cls, path: Path) -> UpdaterState:
-        if not path.is_file():
-            return cls()
-        try:
-            data = json.loads(path.read_text())
-            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-            state = cls(**known)
-            if not isinstance(state.rejected, dict):
-                raise TypeError("'rejected' is not an object")
-            return state
-        except (OSError, ValueError, TypeError) as exc:
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            try:
-                os.replace(path, aside)
-            except OSError:
-                aside = path
-            logger.error(
-                "%s: unreadable updater state (%s); kept as %s, starting fresh", path, exc, aside
-            )
-            return cls()
-
-    def save(self, path: Path) -> None:
-        self.updated_at = _now_iso()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(dataclasses.asdict(self), fh, indent=2, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-
-def _content_range_start(value: str | None) -> int | None:
-    m = re.match(r"^\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*$", value or "")
-    return int(m.group(1)) if m else None
 
 
 # --------------------------------------------------------------------------- the updater
@@ -579,7 +97,7 @@ class ModelUpdater:
             raise ValueError(f"shadow sample rate must be in (0, 1], got {shadow_sample_rate}")
         self.client = client
         self.state_dir = Path(state_dir)
-        self.models_dir = self.state_dir / MODELS_DIR
+        self.store = ModelStore(self.state_dir / MODELS_DIR, client)
         self.state_path = self.state_dir / STATE_FILE
         self.slot = slot
         self.verifier = verifier
@@ -595,7 +113,6 @@ class ModelUpdater:
         self._shadow: ShadowRunner | None = None
         self._shadow_model: LoadedModel | None = None
         self._shadow_rollout: str | None = None
-        self._pending_sha: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -626,7 +143,7 @@ class ModelUpdater:
         the agent started with; a persisted model that no longer loads is rolled back."""
         with self._lock:
             st, base = self.state, self.slot.current
-            self.models_dir.mkdir(parents=True, exist_ok=True)
+            self.store.dir.mkdir(parents=True, exist_ok=True)
             want = st.serving
             if not want or want.get("sha256") == base.sha256:
                 if want and want.get("sha256") == base.sha256:
@@ -680,7 +197,7 @@ class ModelUpdater:
 
     def _load_recorded(self, rec: Mapping[str, Any]) -> LoadedModel:
         sha = str(rec.get("sha256"))
-        path = Path(str(rec.get("path") or self.models_dir / f"{sha}.onnx"))
+        path = Path(str(rec.get("path") or self.store.path_for(sha)))
         det = self._factory(path)
         if det.model_sha256 != sha:
             raise InvalidModelError(path, f"content changed: sha256 {det.model_sha256[:12]}")
@@ -807,7 +324,7 @@ class ModelUpdater:
         if prior and prior.get("permanent"):
             logger.info("manifest rejected earlier (%s); ignoring it", prior.get("reason"))
             return "skipped"
-        m = self.verifier.verify(manifest)
+        m = self._verify(manifest)
         rid = rid or m.rollout_id
         logger.info(
             "manifest verified: %s, %d bytes, input %d, signed by key_id %s, mode %s",
@@ -846,123 +363,33 @@ class ModelUpdater:
         self._start_shadow(candidate, m, rid)
         return "shadow"
 
+    def _verify(self, manifest: Any) -> ModelManifest:
+        """``verifier.verify``; a refused manifest is remembered under ``manifest:<digest>``."""
+        try:
+            return self.verifier.verify(manifest)
+        except ManifestError as exc:
+            raise UpdateRejected(
+                exc.reason,
+                key=f"manifest:{exc.digest}" if exc.digest else None,
+                rollout_id=exc.rollout_id,
+            ) from exc
+
     # ------------------------------------------------------------------ obtain a model
     def _obtain(self, m: ModelManifest, rid: str | None) -> LoadedModel:
         """A loaded, validated model for ``m``: reused if already loaded, else downloaded."""
         for have in (self._shadow_model, self._previous):
             if have is not None and have.sha256 == m.sha256:
                 return dataclasses.replace(have, model_version=m.model_version, rollout_id=rid)
+
+        def downloading() -> None:
+            self._set_status("downloading", None, rid)
+
         try:
-            path = self._download(m, rid)
+            path = self.store.download(m, on_transfer=downloading)
         except UpdateRejected as exc:
             exc.rollout_id = exc.rollout_id or rid
             raise
         return self._load_candidate(path, m, rid)
-
-    def _download(self, m: ModelManifest, rid: str | None) -> Path:
-        self.models_dir.mkdir(parents=True, exist_ok=True)
-        final = self.models_dir / f"{m.sha256}.onnx"
-        if final.is_file():
-            if final.stat().st_size == m.size and file_sha256(final) == m.sha256:
-                logger.info("model %s is already on disk at %s", m.short, final)
-                return final
-            final.unlink()
-        partial = self.models_dir / f".partial-{m.sha256}"
-        self._pending_sha = m.sha256
-        have = partial.stat().st_size if partial.exists() else 0
-        if have > m.size:
-            partial.unlink()
-            have = 0
-        if have < m.size:
-            self._set_status("downloading", None, rid)
-            logger.info(
-                "downloading %s (%d bytes)%s",
-                m.short,
-                m.size,
-                f", resuming at byte {have}" if have else "",
-            )
-            self._transfer(m, partial, have)
-        got = partial.stat().st_size if partial.exists() else 0
-        if got != m.size:  # the gateway ended the response cleanly: its file is shorter
-            partial.unlink(missing_ok=True)
-            self._pending_sha = None
-            raise UpdateRejected(
-                f"size mismatch: the gateway sent {got} bytes, the signed manifest says {m.size}",
-                key=m.sha256,
-                permanent=False,
-                rollout_id=rid,
-            )
-        logger.info("download done: %s, %d bytes", m.short, got)
-        digest = file_sha256(partial)
-        if digest != m.sha256:
-            partial.unlink(missing_ok=True)
-            self._pending_sha = None
-            raise UpdateRejected(
-                f"sha256 mismatch: the downloaded file hashes to {digest[:16]}…, the signed "
-                f"manifest says {m.sha256[:16]}…",
-                key=m.sha256,
-                permanent=False,
-                rollout_id=rid,
-            )
-        os.replace(partial, final)  # _pending_sha stays set until the model is recorded
-        fsync_dir(self.models_dir)
-        logger.info("model verified: %s (size and sha256 match the signed manifest)", m.short)
-        return final
-
-    def _transfer(self, m: ModelManifest, partial: Path, have: int) -> None:
-        try:
-            with self.client.stream_model(m.sha256, offset=have) as resp:
-                code = resp.status_code
-                if code == 206:
-                    start = _content_range_start(resp.headers.get("Content-Range"))
-                    if start != have:
-                        partial.unlink(missing_ok=True)
-                        raise DownloadIncomplete(
-                            f"asked to resume at byte {have}, the gateway sent byte {start}; "
-                            "restarting the download"
-                        )
-                    mode = "ab"
-                elif code == 200:
-                    mode, have = "wb", 0
-                else:
-                    resp.read()
-                    try:
-                        detail = str(resp.json().get("detail"))
-                    except (ValueError, AttributeError):
-                        detail = resp.text[:200]
-                    if code == 416:  # the gateway's file is not longer than what we have
-                        partial.unlink(missing_ok=True)
-                        raise UpdateRejected(
-                            f"size mismatch: the gateway cannot send bytes {have}- of "
-                            f"{m.short} (416), the signed manifest says {m.size} bytes",
-                            key=m.sha256,
-                            permanent=False,
-                        )
-                    raise DownloadIncomplete(f"model download answered {code}: {detail}")
-                written = have
-                with open(partial, mode) as fh:
-                    for chunk in resp.iter_bytes(1 << 16):
-                        if written + len(chunk) > m.size:
-                            break
-                        fh.write(chunk)
-                        written += len(chunk)
-                    else:
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                        return
-                partial.unlink(missing_ok=True)
-                raise UpdateRejected(
-                    f"the gateway sent more than the manifest's {m.size} bytes for {m.short}",
-                    key=m.sha256,
-                    permanent=False,
-                )
-        except httpx.HTTPError as exc:
-            got = partial.stat().st_size if partial.exists() else 0
-            raise DownloadIncomplete(
-                f"connection lost after {got} of {m.size} bytes ({type(exc).__name__}: {exc})"
-            ) from exc
-        except GatewayError as exc:
-            raise DownloadIncomplete(str(exc)) from exc
 
     def _load_candidate(self, path: Path, m: ModelManifest, rid: str | None) -> LoadedModel:
         """Load off the hot path and check the model against its manifest."""
@@ -1011,31 +438,8 @@ class ModelUpdater:
         )
 
     # ------------------------------------------------------------------ state changes
-    def _ensure_in_store(self, model: LoadedModel) -> LoadedModel:
-        """Copy ``model``'s file into the store (``<sha256>.onnx``) so it survives as previous."""
-        target = self.models_dir / f"{model.sha256}.onnx"
-        try:
-            if model.path.resolve() == target.resolve() or target.is_file():
-                return dataclasses.replace(model, path=target)
-            tmp = self.models_dir / f".tmp-{model.sha256}-{os.getpid()}"
-            shutil.copyfile(model.path, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            fsync_dir(self.models_dir)
-            logger.info("previous model %s kept on disk at %s", model.sha256[:12], target)
-            return dataclasses.replace(model, path=target)
-        except OSError as exc:
-            logger.warning(
-                "cannot copy %s into %s (%s); the previous model stays at its own path",
-                model.path,
-                self.models_dir,
-                exc,
-            )
-            return model
-
     def _promote(self, candidate: LoadedModel, m: ModelManifest, rid: str | None) -> None:
-        stored = self._ensure_in_store(self.slot.current)  # file I/O outside the lock
+        stored = self.store.adopt(self.slot.current)  # file I/O outside the lock
         with self._lock:
             old = self.slot.current
             if old.sha256 == stored.sha256:
@@ -1043,7 +447,7 @@ class ModelUpdater:
             baseline = self.guard.recent_p95(old.sha256)
             self.slot.swap(candidate)
             self._previous = old
-            self._pending_sha = None
+            self.store.pending = None
             if self._shadow_model is not None and self._shadow_model.sha256 == candidate.sha256:
                 self._stop_shadow("promoted to serving")
             else:
@@ -1078,7 +482,7 @@ class ModelUpdater:
             )
             self._shadow_model, self._shadow_rollout = candidate, rid
             self.state.shadow = candidate.record()
-            self._pending_sha = None
+            self.store.pending = None
             logger.info(
                 "shadow started: %s beside %s on %.0f%% of frames (rollout %s); its outputs "
                 "are compared, never used",
@@ -1125,15 +529,15 @@ class ModelUpdater:
         downloaded and loaded like any update — for a device with no previous model."""
         if not isinstance(baseline, Mapping):
             return None
-        bm = self.verifier.verify(baseline)
+        bm = self._verify(baseline)
         logger.info("no previous model on this device: falling back to the baseline %s", bm.short)
         return self._obtain(bm, bm.rollout_id)
 
     def _leave_rollout(self, rid: str | None, previous_version: Any, baseline: Any = None) -> str:
         with self._lock:
             shadow_rollout = self._shadow_rollout
-            if self._pending_sha is not None:  # a download for the withdrawn rollout
-                self._pending_sha = None
+            if self.store.pending is not None:  # a download for the withdrawn rollout
+                self.store.pending = None
                 self._prune()
             if self._shadow is not None:
                 self._stop_shadow(f"assignment for rollout {rid}: mode none")
@@ -1199,21 +603,7 @@ class ModelUpdater:
         self, key: str, reason: str, *, permanent: bool, status: str = "rejected"
     ) -> dict[str, Any]:
         with self._lock:
-            entry = self.state.rejected.get(key) or {"count": 0}
-            entry.update(
-                reason=reason,
-                status=status,
-                count=int(entry.get("count", 0)) + 1,
-                at=_now_iso(),
-            )
-            entry["permanent"] = bool(
-                permanent or entry["count"] >= HASH_MISMATCH_ATTEMPTS or entry.get("permanent")
-            )
-            self.state.rejected.pop(key, None)
-            self.state.rejected[key] = entry  # newest last
-            while len(self.state.rejected) > MAX_REJECTED:
-                self.state.rejected.pop(next(iter(self.state.rejected)))
-            return entry
+            return self.state.remember(key, reason, permanent=permanent, status=status)
 
     def _reject(self, exc: UpdateRejected) -> bool:
         """Record a refusal; True when it is final (no retry)."""
@@ -1233,54 +623,17 @@ class ModelUpdater:
         self._set_status(exc.status, exc.reason, exc.rollout_id)
         with self._lock:
             if permanent or exc.status != "rejected":
-                self._pending_sha = None
+                self.store.pending = None
             self._prune()
         return permanent
 
     def _prune(self) -> None:
         """Keep the serving, previous and shadow models (and the download in progress)."""
-        keep = {
+        self.store.prune(
             str(rec["sha256"])
             for rec in (self.state.serving, self.state.previous, self.state.shadow)
             if rec and rec.get("sha256")
-        }
-        if self._pending_sha:
-            keep.add(self._pending_sha)
-        if not self.models_dir.is_dir():
-            return
-        for f in self.models_dir.iterdir():
-            name = f.name
-            if name.endswith(".onnx") and not name.startswith("."):
-                sha = name[: -len(".onnx")]
-            elif name.startswith(".partial-"):
-                sha = name[len(".partial-") :]
-            else:
-                continue
-            if sha not in keep:
-                try:
-                    f.unlink()
-                    logger.info("pruned old model file %s", f)
-                except OSError as exc:
-                    logger.warning("cannot prune %s: %s", f, exc)
+        )
 
 
-__all__ = [
-    "FAULT_DELAY_ENV",
-    "UPDATE_STATUSES",
-    "DownloadIncomplete",
-    "GuardLimits",
-    "LoadedModel",
-    "ManifestVerifier",
-    "ModelManifest",
-    "ModelSlot",
-    "ModelUpdater",
-    "PublicKeyError",
-    "RollbackGuard",
-    "UpdateRejected",
-    "UpdaterState",
-    "canonical_manifest_bytes",
-    "fault_delay_s",
-    "key_id_of",
-    "load_public_key",
-    "manifest_digest",
-]
+__all__ = ["UPDATE_STATUSES", "ModelUpdater"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_agent.inference import file_sha256
+from edge_agent.fsutil import file_sha256
 from edge_agent.outbox import read_journal
 from launch.localfleet import GatewayProcess, child_env
 

@@ -7,6 +7,7 @@ tiny local fake for the outbox retry path, as allowed for retry/backoff unit tes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -26,6 +27,12 @@ import pytest
 
 from edge_agent.client import DeviceIdentity, GatewayClient
 from edge_agent.counting import DensityState, DensityThresholds, DensityTracker, count_per_class
+from edge_agent.fsutil import (
+    copy_file_atomic,
+    file_sha256,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from edge_agent.heartbeat import (
     CONFIDENCE_BIN_EDGES,
     HEARTBEAT_SCHEMA_VERSION,
@@ -377,6 +384,20 @@ def test_identity_file_is_private(tmp_path: Path) -> None:
         DeviceIdentity.load(tmp_path / "state")
 
 
+def test_fsutil_atomic_writes_leave_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    write_bytes_atomic(target, b"old")
+    write_bytes_atomic(target, b"new", mode=0o600, sync_dir=True)
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    write_text_atomic(tmp_path / "t.json", '{"é": 1}')
+    assert (tmp_path / "t.json").read_text(encoding="utf-8") == '{"é": 1}'
+    copy_file_atomic(target, tmp_path / "copy.bin", sync_dir=True)
+    assert file_sha256(tmp_path / "copy.bin") == hashlib.sha256(b"new").hexdigest()
+    with pytest.raises(FileNotFoundError):
+        write_bytes_atomic(tmp_path / "missing" / "x", b"x")  # target folder absent
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.bin", "f.bin", "t.json"]
+
+
 # ---------------------------------------------------------------- sources
 class _BurstSource(FrameSource):
     """Yields ``n`` tiny frames as fast as it can, then signals ``done``."""
@@ -507,9 +528,14 @@ def test_heartbeat_schema_is_versioned_and_documented() -> None:
         "edge_agent.counting",
         "edge_agent.samplers",
         "edge_agent.outbox",
+        "edge_agent.fsutil",
+        "edge_agent.manifest",
         "edge_agent.heartbeat",
         "edge_agent.client",
         "edge_agent.updater",
+        "edge_agent.model_slot",
+        "edge_agent.model_store",
+        "edge_agent.rollback_guard",
         "edge_agent.shadow",
         "edge_agent.__main__",
     ],
@@ -521,6 +547,26 @@ def test_agent_modules_import_no_platform_packages(module: str) -> None:
         "bad = sorted({m.split('.')[0] for m in sys.modules} & "
         "{'torch', 'ultralytics', 'dagster', 'roadloop', 'pydantic', 'fleet'})\n"
         "assert not bad, bad\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_manifest_contract_loads_no_agent_runtime() -> None:
+    """The platform imports ``edge_agent.manifest`` (roadloop.release.signing, the gateway): that must
+    not pull in ONNX Runtime, OpenCV or the agent runtime; ``edge_agent``'s names stay lazy."""
+    code = (
+        "import sys, edge_agent, edge_agent.manifest\n"
+        "heavy = {'onnxruntime', 'cv2', 'httpx', 'numpy'}\n"
+        "bad = sorted(heavy & {m.split('.')[0] for m in sys.modules})\n"
+        "bad += sorted(m for m in sys.modules if m.startswith('edge_agent.') and m not in "
+        "('edge_agent.manifest', 'edge_agent.errors'))\n"
+        "assert not bad, bad\n"
+        "from edge_agent import OnnxDetector, file_sha256, nms\n"
+        "assert sorted(edge_agent.__all__) == sorted(edge_agent._EXPORTS)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
     proc = subprocess.run(

@@ -1,4 +1,5 @@
-"""Agent-side model rollouts (``edge_agent.updater`` / ``edge_agent.shadow``), unit level.
+"""Agent-side model rollouts (``edge_agent.updater`` and its parts: ``manifest``,
+``model_store``, ``model_slot``, ``rollback_guard``, ``shadow``), unit level.
 
 A tiny threaded HTTP server plays the gateway (``/v1/manifest`` with ETags, ``/v1/models/<sha>``
 with ``Range``, plus enroll/frames/heartbeats for the whole-agent test). Manifests are signed
@@ -32,23 +33,23 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.agent import AgentConfig, EdgeAgent, FramePipeline
 from edge_agent.client import DeviceIdentity, GatewayClient
+from edge_agent.fsutil import file_sha256
 from edge_agent.heartbeat import TelemetryWindow
-from edge_agent.inference import Detection, OnnxDetector, file_sha256
-from edge_agent.shadow import ShadowRunner, f1_score, match_boxes
-from edge_agent.sources import Frame
-from edge_agent.updater import (
-    FAULT_DELAY_ENV,
-    GuardLimits,
-    LoadedModel,
+from edge_agent.inference import Detection, OnnxDetector
+from edge_agent.manifest import (
+    ManifestError,
     ManifestVerifier,
-    ModelSlot,
-    ModelUpdater,
     PublicKeyError,
-    UpdateRejected,
-    canonical_manifest_bytes,
-    key_id_of,
+    canonical_bytes,
+    key_id,
     load_public_key,
 )
+from edge_agent.model_slot import FAULT_DELAY_ENV, LoadedModel, ModelSlot
+from edge_agent.model_store import UpdaterState
+from edge_agent.rollback_guard import GuardLimits
+from edge_agent.shadow import ShadowRunner, f1_score, match_boxes
+from edge_agent.sources import Frame
+from edge_agent.updater import ModelUpdater
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", REPO.parent / "shared"))
@@ -336,9 +337,9 @@ def _state_json(rig: Rig) -> dict:
 # ---------------------------------------------------------------- signing and verification
 def test_canonical_bytes_and_key_id_follow_the_contract(signing_key, public_b64) -> None:
     m = {"b": 1, "a": "é", "signature": "x", "class_names": ["car"]}
-    assert canonical_manifest_bytes(m) == '{"a":"é","b":1,"class_names":["car"]}'.encode()
+    assert canonical_bytes(m) == '{"a":"é","b":1,"class_names":["car"]}'.encode()
     raw = base64.b64decode(public_b64)
-    assert key_id_of(raw) == hashlib.sha256(raw).hexdigest()[:16]
+    assert key_id(raw) == key_id(public_b64) == hashlib.sha256(raw).hexdigest()[:16]
     v = ManifestVerifier(public_b64)
     signed = manifest_for(b"abc", signing_key)
     parsed = v.verify(signed)
@@ -367,18 +368,18 @@ def test_verifier_refuses_tampering_other_keys_and_bad_fields(signing_key, publi
     v = ManifestVerifier(public_b64)
     other = Ed25519PrivateKey.generate()
     good = manifest_for(b"abc", signing_key)
-    with pytest.raises(UpdateRejected, match="bad manifest signature"):
+    with pytest.raises(ManifestError, match="bad manifest signature"):
         v.verify({**good, "model_version": "8"})  # changed after signing
-    with pytest.raises(UpdateRejected, match="signed by another key"):
+    with pytest.raises(ManifestError, match="signed by another key"):
         v.verify(manifest_for(b"abc", other))  # honest key_id of another key
     forged = sign({k: val for k, val in good.items() if k != "key_id"}, other, key_id=v.key_id)
-    with pytest.raises(UpdateRejected, match="bad manifest signature"):
+    with pytest.raises(ManifestError, match="bad manifest signature"):
         v.verify(forged)  # claims the pinned key, signed by another
-    with pytest.raises(UpdateRejected, match="no signature"):
+    with pytest.raises(ManifestError, match="no signature"):
         v.verify({k: val for k, val in good.items() if k != "signature"})
-    with pytest.raises(UpdateRejected, match="sha256"):
+    with pytest.raises(ManifestError, match="sha256"):
         v.verify(sign({**good, "sha256": "XYZ"}, signing_key))
-    with pytest.raises(UpdateRejected, match="manifest_version"):
+    with pytest.raises(ManifestError, match="manifest_version"):
         v.verify(sign({**good, "manifest_version": 2}, signing_key))
 
 
@@ -386,7 +387,7 @@ def test_verifier_refuses_tampering_other_keys_and_bad_fields(signing_key, publi
 def test_serve_rollout_downloads_verifies_swaps_and_keeps_previous(
     rig: Rig, models, signing_key, image, caplog
 ) -> None:
-    caplog.set_level("INFO", logger="edge_agent.updater")
+    caplog.set_level("INFO", logger="edge_agent")  # the updater and its model store
     m = _publish(rig, models["candidate"], signing_key)
     assert rig.updater.poll_once() == "serving"
     assert rig.slot.sha256 == m["sha256"] != rig.base_sha
@@ -701,8 +702,6 @@ def test_restart_restores_the_updated_model_or_rolls_back(rig: Rig, models, sign
 
 
 def test_unreadable_state_is_kept_aside(tmp_path: Path) -> None:
-    from edge_agent.updater import UpdaterState
-
     path = tmp_path / "updater.json"
     path.write_text("{not json")
     state = UpdaterState.load(path)

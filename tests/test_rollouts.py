@@ -100,6 +100,34 @@ def test_signing_key_created_once_0600_and_manifest_round_trip(tmp_path: Path) -
         verify_manifest({k: v for k, v in manifest.items() if k != "signature"}, pub)
 
 
+def test_platform_signer_and_edge_verifier_share_one_implementation(tmp_path: Path) -> None:
+    import edge_agent.manifest as edge
+    import roadloop.release.signing as platform
+
+    for name in ("canonical_bytes", "key_id", "manifest_sha256", "verify_manifest",
+                 "raw_public_key", "REQUIRED_FIELDS", "MANIFEST_VERSION", "MANIFEST_FORMATS"):
+        assert getattr(platform, name) is getattr(edge, name), name
+    assert platform.SignatureError is edge.ManifestError
+
+    # Signed by the platform, verified by the agent's verifier with the .pub the gateway hands out.
+    key = load_or_create_signing_key(tmp_path / "keys")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(os.urandom(100))
+    manifest = sign_manifest(build_manifest("9", model, 320, CLASSES, "ro-9"), key)
+    verifier = edge.ManifestVerifier(tmp_path / "keys" / PUBLIC_KEY_FILE)
+    parsed = verifier.verify(manifest)
+    assert (parsed.model_version, parsed.rollout_id, parsed.size) == ("9", "ro-9", 100)
+    assert verifier.key_id == key_id(key) == manifest["key_id"]
+    pub = load_public_key(tmp_path / "keys" / PUBLIC_KEY_FILE)
+    for name, value in (("sha256", "0" * 64), ("class_names", ["car"]), ("size", 101)):
+        tampered = {**manifest, name: value}
+        with pytest.raises(edge.ManifestError, match="does not verify") as exc:
+            verifier.verify(tampered)
+        assert exc.value.rollout_id == "ro-9" and exc.value.digest
+        with pytest.raises(SignatureError, match="does not verify"):
+            verify_manifest(tampered, pub)
+
+
 def test_build_manifest_bad_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="not found"):
         build_manifest("1", tmp_path / "missing.onnx", 320, CLASSES, "ro-x")

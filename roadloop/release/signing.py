@@ -1,22 +1,21 @@
-"""Ed25519 signing of model manifests (``docs/fleet-api.md`` → "Model rollouts").
+"""The platform's side of model-manifest signing (``docs/fleet-api.md`` → "Model rollouts"):
+the signing key, building a manifest for a model file, signing it.
 
 The platform owns one signing key, created on first use at ``<home>/keys/model-signing.key``
 (PKCS8 PEM, mode 0600) with the public key beside it (``model-signing.pub``: the raw 32
 bytes as base64 on one line). The gateway and the agents hold only the public key.
 
-Canonical bytes of a manifest: ``json.dumps(manifest_without_signature, sort_keys=True,
-separators=(",", ":"), ensure_ascii=False).encode("utf-8")``; ``signature`` is the base64
-Ed25519 signature over those bytes and ``key_id`` (signed too) the first 16 hex digits of
-the SHA-256 of the raw public key. ``edge_agent/updater.py`` implements the same form
-independently (the agent cannot import ``roadloop``).
+The manifest format itself — canonical bytes, key id, public-key decoding, identities,
+verification — has one implementation, ``edge_agent.manifest``, shared with the agents (the
+agent imports nothing of the platform, so it lives there); it is re-exported here under the
+platform's names (``canonical_bytes``, ``key_id``, ``manifest_sha256``, ``verify_manifest``,
+``SignatureError``). ``load_public_key`` here reads a ``.pub`` file the platform's way
+(base64 text, ``InvalidInputError`` naming the file).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import hashlib
-import json
 import logging
 import os
 import secrets
@@ -24,10 +23,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge_agent.manifest import (
+    MANIFEST_FORMATS,
+    MANIFEST_VERSION,
+    REQUIRED_FIELDS,
+    PublicKeyError,
+    canonical_bytes,
+    decode_public_key,
+    key_id,
+    manifest_sha256,
+    raw_public_key,
+    verify_manifest,
+)
+from edge_agent.manifest import ManifestError as SignatureError
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import sha256_file
 from roadloop.settings import get_settings
@@ -36,17 +47,6 @@ logger = logging.getLogger(__name__)
 
 KEY_FILE = "model-signing.key"
 PUBLIC_KEY_FILE = "model-signing.pub"
-MANIFEST_VERSION = 1
-MANIFEST_FORMATS = ("onnx-int8", "onnx-fp32")
-REQUIRED_FIELDS = (
-    "manifest_version", "model_version", "rollout_id", "file", "sha256", "size", "input_size",
-    "class_names", "format", "created_at", "key_id",
-)
-_CHUNK = 1 << 20
-
-
-class SignatureError(ValueError):
-    """A manifest is unsigned, malformed, signed by another key, or its signature is wrong."""
 
 
 # --------------------------------------------------------------------------- keys
@@ -77,24 +77,8 @@ def _write_exclusive(path: Path, data: bytes, mode: int) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def raw_public_key(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
-    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
 def public_key_b64(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     return base64.b64encode(raw_public_key(key)).decode("ascii")
-
-
-def key_id(public_key: Ed25519PrivateKey | Ed25519PublicKey | bytes | str) -> str:
-    """First 16 hex digits of SHA-256 of the raw 32-byte public key."""
-    if isinstance(public_key, str):
-        raw = _decode_public_key(public_key)
-    elif isinstance(public_key, bytes):
-        raw = public_key
-    else:
-        raw = raw_public_key(public_key)
-    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def load_or_create_signing_key(key_dir: Path | None = None) -> Ed25519PrivateKey:
@@ -131,18 +115,10 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def _decode_public_key(text: str) -> bytes:
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"public key is not base64 ({exc})") from exc
-    if len(raw) != 32:
-        raise ValueError(f"public key must be 32 raw bytes, got {len(raw)}")
-    return raw
-
-
 def load_public_key(path: Path) -> str:
-    """The base64 public key from a ``.pub`` file (validated)."""
+    """The base64 public key from a ``.pub`` file, validated (``InvalidInputError`` names the
+    file). The agent's ``edge_agent.manifest.load_public_key`` also takes PEM and returns the
+    raw bytes; the gateway keeps and hands out the base64 text."""
     path = Path(path)
     try:
         text = path.read_text(encoding="ascii").strip()
@@ -151,27 +127,13 @@ def load_public_key(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise InvalidInputError(path, "public key file is not base64 text") from exc
     try:
-        _decode_public_key(text)
-    except ValueError as exc:
+        decode_public_key(text)
+    except PublicKeyError as exc:
         raise InvalidInputError(path, str(exc)) from exc
     return text
 
 
 # --------------------------------------------------------------------------- manifests
-def canonical_bytes(manifest: dict[str, Any]) -> bytes:
-    """The bytes that are signed: every field except ``signature``, canonical JSON."""
-    body = {k: v for k, v in manifest.items() if k != "signature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8"
-    )
-
-
-def manifest_sha256(manifest: dict[str, Any]) -> str:
-    """Identity of a signed manifest: SHA-256 of its canonical JSON *with* the signature."""
-    data = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()
-
-
 def new_rollout_id() -> str:
     return f"ro-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(4)}"
 
@@ -216,28 +178,24 @@ def sign_manifest(manifest: dict[str, Any], key: Ed25519PrivateKey) -> dict[str,
     return signed
 
 
-def verify_manifest(manifest: dict[str, Any], public_key: str | bytes) -> None:
-    """Raise ``SignatureError`` unless ``manifest`` is complete and signed by ``public_key``
-    (base64 text or raw bytes)."""
-    if not isinstance(manifest, dict):
-        raise SignatureError("manifest is not a JSON object")
-    missing = [f for f in (*REQUIRED_FIELDS, "signature") if f not in manifest]
-    if missing:
-        raise SignatureError(f"manifest lacks field(s): {', '.join(missing)}")
-    try:
-        raw = _decode_public_key(public_key) if isinstance(public_key, str) else public_key
-        pub = Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError as exc:
-        raise SignatureError(f"public key unusable: {exc}") from exc
-    if manifest["key_id"] != key_id(raw):
-        raise SignatureError(
-            f"manifest signed by key {manifest['key_id']}, not by the trusted key {key_id(raw)}"
-        )
-    try:
-        sig = base64.b64decode(str(manifest["signature"]), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise SignatureError(f"signature is not base64 ({exc})") from exc
-    try:
-        pub.verify(sig, canonical_bytes(manifest))
-    except InvalidSignature:
-        raise SignatureError("signature does not verify: manifest altered or forged") from None
+__all__ = [
+    "KEY_FILE",
+    "MANIFEST_FORMATS",
+    "MANIFEST_VERSION",
+    "PUBLIC_KEY_FILE",
+    "REQUIRED_FIELDS",
+    "SignatureError",
+    "build_manifest",
+    "canonical_bytes",
+    "default_key_dir",
+    "key_id",
+    "load_or_create_signing_key",
+    "load_public_key",
+    "load_signing_key",
+    "manifest_sha256",
+    "new_rollout_id",
+    "public_key_b64",
+    "raw_public_key",
+    "sign_manifest",
+    "verify_manifest",
+]
