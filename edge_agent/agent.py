@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import platform
 import signal
@@ -204,7 +205,7 @@ def frame_metadata(
 ) -> dict[str, Any]:
     """The ``metadata`` JSON of ``POST /v1/frames`` (docs/fleet-api.md)."""
     h, w = result.frame.image.shape[:2]
-    return {
+    meta: dict[str, Any] = {
         "frame_id": frame_id,
         "camera_id": camera_id,
         "captured_at": result.frame.captured_at_iso,
@@ -224,6 +225,12 @@ def frame_metadata(
         "height": int(h),
         "source_ref": result.frame.source_ref[:500],
     }
+    # Measured on the pixels the camera gave, before JPEG encoding: the gateway keeps these
+    # and computes only what is missing (the dhash).
+    quality = {"brightness": result.brightness, "sharpness": result.sharpness}
+    if all(math.isfinite(v) for v in quality.values()):
+        meta["quality"] = {k: round(float(v), 4) for k, v in quality.items()}
+    return meta
 
 
 # --------------------------------------------------------------------------- the agent

@@ -573,3 +573,33 @@ def test_manifest_contract_loads_no_agent_runtime() -> None:
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_frame_metadata_carries_the_agents_own_quality() -> None:
+    """The agent sends the brightness/sharpness it measured before JPEG encoding; the gateway's
+    schema takes them as sent (it computes only the dhash)."""
+    from edge_agent.agent import FrameResult, frame_metadata, frame_quality
+    from edge_agent.counting import DensityState
+    from edge_agent.samplers import SampleDecision
+    from edge_agent.sources import Frame
+    from fleet.schemas import FrameMetadata
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    brightness, sharpness = frame_quality(image)
+    result = FrameResult(
+        frame=Frame(image, 0, 1_700_000_000.0, "test:0"), detections=[], class_counts={},
+        density=DensityState.NORMAL, density_changed=False, occupancy=0.0,
+        brightness=brightness, sharpness=sharpness, edge_case=False,
+        decision=SampleDecision(sampled=True, reasons=("periodic",), importance=0.5),
+        timings_ms={},
+    )
+    meta = frame_metadata(result, frame_id="f-1", camera_id="cam-1", model_version="v1")
+    assert meta["quality"] == {"brightness": round(brightness, 4), "sharpness": round(sharpness, 4)}
+    parsed = FrameMetadata.model_validate(meta)
+    assert parsed.quality is not None and parsed.quality.dhash is None
+    assert parsed.quality.brightness == pytest.approx(brightness, abs=1e-3)
+
+    result.sharpness = float("nan")  # a broken measurement is left to the gateway
+    assert "quality" not in frame_metadata(result, frame_id="f-2", camera_id="cam-1",
+                                           model_version="v1")
