@@ -136,6 +136,139 @@ def test_definitions_with_active_learning_load(fiftyone) -> None:
         assert graph.get(dg.AssetKey(key)).group_name == "active_learning"
 
 
+# --------------------------------------------------------------------------- frame path
+
+
+def _textured(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return cv2.resize(
+        rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), (160, 120),
+        interpolation=cv2.INTER_NEAREST,
+    )
+
+
+def _write_frame(store, camera: str, frame_id: str, seconds: int, img: np.ndarray) -> None:
+    from roadloop.data.frames import FrameRecord, compute_quality
+
+    ok, jpg = cv2.imencode(".jpg", img)
+    assert ok
+    store.write_frame(
+        FrameRecord(
+            frame_id=frame_id,
+            camera_id=camera,
+            captured_at=datetime(2026, 3, 1, 8, 0, tzinfo=UTC) + timedelta(seconds=seconds),
+            reasons=["base_rate"],
+            source="agent",
+            width=160,
+            height=120,
+            quality=compute_quality(img),
+        ),
+        jpg.tobytes(),
+    )
+
+
+def test_frame_embeddings_reads_the_ingested_frame_indexes(
+    tmp_path: Path, fiftyone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Candidates are the frames the sampled_edge_frames partitions kept (near-duplicates
+    dropped there), not a rescan of the frame store; a camera partition that was never
+    materialized is skipped with a warning; an index that vanished is a clear failure."""
+    import logging
+
+    import assets.active_learning as al
+    from assets.ingestion import read_frame_index, sampled_edge_frames
+    from assets.records import CuratedDatasetVersion
+    from resources import ArtifactStoreResource, FrameStoreResource, MlflowResource
+    from roadloop.data.datasets import CuratedDataset
+    from roadloop.data.frames import FrameStore
+    from roadloop.data.versioning import DatasetVersion
+    from roadloop.labeling.embeddings import EmbeddingTable
+
+    store = FrameStore(tmp_path / "frames")
+    _write_frame(store, "cam_a", "f0", 0, _textured(0))
+    _write_frame(store, "cam_a", "f1", 1, _textured(0))  # near-duplicate of f0
+    _write_frame(store, "cam_a", "f2", 2, _textured(2))
+    _write_frame(store, "cam_b", "g0", 0, _textured(3))  # camera whose partition never ran
+    resources = {
+        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+        "frame_store": FrameStoreResource(root=str(tmp_path / "frames")),
+        "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
+        "mlflow": MlflowResource(tracking_uri="sqlite:///unused.db"),
+        "fiftyone": fiftyone,
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    _ingest(instance, resources, ["cam_a"])
+    instance.add_dynamic_partitions("cameras", ["cam_b"])
+    index = tmp_path / "artifacts" / "sampled_edge_frames" / "cam_a.jsonl"
+    assert [f.record.frame_id for f in read_frame_index(index)] == ["f0", "f2"]
+    _write_frame(store, "cam_a", "f3", 3, _textured(4))  # arrives after the partition ran
+
+    # No model or backbone here: the current model and its embeddings are stand-ins.
+    model = al.CurrentModel(
+        registered_name="m", version="1", alias="candidate", weights=tmp_path / "w.pt", imgsz=96
+    )
+    monkeypatch.setattr(MlflowResource, "tracker", lambda self: None)
+    monkeypatch.setattr(al, "current_model", lambda tracker, name, cache: model)
+    embedded: list[list[Path]] = []
+
+    def fake_embeddings(weights, images, **kw):
+        embedded.append(list(images))
+        return EmbeddingTable(
+            model_version="1", imgsz=96, layers=[], keys=[str(p) for p in images],
+            vectors=np.ones((len(images), 4), np.float32), images=list(images),
+        )
+
+    monkeypatch.setattr(al, "compute_embeddings", fake_embeddings)
+    curated = CuratedDatasetVersion(
+        dataset=CuratedDataset(
+            path=tmp_path / "curated", class_names=["car"], split_counts={}, class_counts={},
+            source_counts={}, quarantined=0, quarantine_reasons={}, skipped_replay=0,
+        ),
+        version=DatasetVersion(
+            md5="0" * 32, nfiles=1, size=1, dvc_file=tmp_path / "x.dvc", remote_url="none"
+        ),
+        data_yaml=tmp_path / "curated" / "data.yaml",
+    )
+
+    @dg.asset(name="curated_dataset")
+    def curated_stub() -> CuratedDatasetVersion:
+        return curated
+
+    def run() -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            [curated_stub, sampled_edge_frames, al.frame_embeddings],
+            selection=dg.AssetSelection.assets("curated_dataset", al.frame_embeddings),
+            resources=resources,
+            instance=instance,
+            raise_on_error=False,
+        )
+
+    result = run()
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    emb = result.output_for_node("frame_embeddings")
+    assert [c.record.frame_id for c in emb.candidates] == ["f0", "f2"]
+    assert embedded[0] == [store.find_frame("cam_a", "f0"), store.find_frame("cam_a", "f2")]
+    meta = next(
+        e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey("frame_embeddings")
+    )
+    assert meta["cameras"].value == ["cam_a"] and meta["cameras_not_ingested"].value == ["cam_b"]
+    warnings = [
+        e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING
+    ]
+    assert any("camera cam_b" in w and "never materialized" in w for w in warnings), warnings
+
+    # The partition's index is gone (artifacts wiped): a clear error, not a silent rescan.
+    index.unlink()
+    failed = run()
+    assert not failed.success
+    messages = " ".join(
+        e.step_failure_data.error.message for e in failed.all_events if e.is_step_failure
+    )
+    assert "cam_a" in messages and "materialize that partition again" in messages
+
+
 # --------------------------------------------------------------------------- assets on real frames
 
 
@@ -231,13 +364,30 @@ def world(shared_dir: Path, tmp_path: Path, fiftyone):
         "trainer": TrainerResource(model=str(ckpt), imgsz=96, epochs=1, batch=4),
         "fiftyone": fiftyone,
     }
+    # Both cameras ingested: frame_embeddings reads their sampled_edge_frames indexes.
+    instance = dg.DagsterInstance.ephemeral()
+    _ingest(instance, resources, ["atl_day", "atl_night"])
     return {
         "curated_stub": curated_stub,
         "resources": resources,
+        "instance": instance,
         "tmp": tmp_path,
         "curated": cdv,
         "shared": shared_dir,
     }
+
+
+def _ingest(instance: dg.DagsterInstance, resources: dict, cameras: list[str]) -> None:
+    """Add the camera partitions and materialize sampled_edge_frames for each of them."""
+    from assets.ingestion import sampled_edge_frames
+    from assets.partitions import camera_partitions
+
+    instance.add_dynamic_partitions(camera_partitions.name, cameras)
+    for camera in cameras:
+        result = dg.materialize(
+            [sampled_edge_frames], partition_key=camera, resources=resources, instance=instance
+        )
+        assert result.success
 
 
 def _materialize(world, assets: list, selection: list, run_config: dict | None = None):
@@ -247,6 +397,7 @@ def _materialize(world, assets: list, selection: list, run_config: dict | None =
         [world["curated_stub"], sampled_edge_frames, *assets],
         selection=dg.AssetSelection.assets(*selection),
         resources=world["resources"],
+        instance=world["instance"],
         run_config=run_config or {},
         raise_on_error=False,
     )
