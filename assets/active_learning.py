@@ -1,8 +1,8 @@
 """Active learning: embeddings → review queue in FiftyOne → reviewed labels; label quality.
 
 ``frame_embeddings`` and ``active_learning_queue`` pick which camera frames annotators see
-first; ``reviewed_labels`` brings their corrected labels back (``curated_dataset`` takes it
-as an input); ``label_quality`` flags curated frames whose labels look wrong and sends them
+first; ``reviewed_labels`` brings their corrected labels back as an export in the folder
+``ArtifactStoreResource.review_export_path()`` names (``curated_dataset`` reads it there); ``label_quality`` flags curated frames whose labels look wrong and sends them
 to re-review in FiftyOne. The current model is MLflow's ``production`` version, else the
 ``candidate``.
 """
@@ -142,12 +142,6 @@ def current_model(tracker: Tracker, name: str, cache: Path) -> CurrentModel:
         f"no `{PRODUCTION_ALIAS}` or `{CANDIDATE_ALIAS}` version of registered model {name!r} "
         "in MLflow: train a model first (materialize trained_model)"
     )
-
-
-def review_export_dir(artifacts: ArtifactStoreResource) -> Path:
-    """Where ``reviewed_labels`` keeps the current export (``curated_dataset`` reads it with
-    ``roadloop.labeling.review.load_review_export``)."""
-    return artifacts.path("reviewed_labels") / "export"
 
 
 def _conditions(record: FrameRecord) -> list[str]:
@@ -360,7 +354,7 @@ def reviewed_labels(
     artifacts: ArtifactStoreResource,
 ) -> dg.Output[ReviewExport]:
     store = fiftyone.store()
-    export = store.export_reviewed(review_export_dir(artifacts))
+    export = store.export_reviewed(artifacts.review_export_path())
     for r in export.rejected:
         context.log.warning(f"review rejected, back in the queue: {r.error}")
     # Cumulative export: frames stay in every later export, so a failed curation loses nothing.
@@ -478,7 +472,7 @@ def label_quality(
     )
     report = find_label_issues(oos.labels, oos.predictions, oos.class_names)
     report_json = write_report(report, work / "label_quality.json")
-    review_dir = review_export_dir(artifacts)
+    review_dir = artifacts.review_export_path()
     items = _issue_items(report, dataset_dir, review_dir if review_dir.is_dir() else None)
     tagged = fiftyone.store().tag_label_issues(items)
     context.log.info(
@@ -515,6 +509,5 @@ __all__ = [
     "active_learning_queue",
     "frame_embeddings",
     "label_quality",
-    "review_export_dir",
     "reviewed_labels",
 ]

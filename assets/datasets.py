@@ -7,7 +7,7 @@ from resources import ArtifactStoreResource, DvcResource, LabelledSourcesResourc
 from roadloop.data.datasets import build_curated_dataset, load_taxonomy, write_data_yaml
 from roadloop.labeling.review import load_review_export
 
-from .active_learning import review_export_dir, reviewed_labels
+from .active_learning import reviewed_labels
 from .records import CuratedDatasetVersion
 
 seed_datasets = dg.AssetSpec(
@@ -19,7 +19,8 @@ seed_datasets = dg.AssetSpec(
 
 
 @dg.asset(
-    # reviewed_labels is a dependency, not a data input: the last export is read from disk,
+    # reviewed_labels is a dependency, not a data input: the last export is read from the
+    # folder the artifacts resource names (review_export_dir, where reviewed_labels writes it),
     # so the loop runs before anyone has reviewed anything (an empty export).
     deps=[seed_datasets, reviewed_labels],
     group_name="datasets",
@@ -40,7 +41,7 @@ def curated_dataset(
     if synthetic:
         context.log.warning("SYNTHETIC fallback data: ../shared/datasets was not found")
     store = dvc.store()
-    reviewed = load_review_export(review_export_dir(artifacts))
+    reviewed = load_review_export(artifacts.review_export_path())
     dataset = build_curated_dataset(
         sources,
         dvc.curated_dir,

@@ -136,6 +136,64 @@ def test_definitions_with_active_learning_load(fiftyone) -> None:
         assert graph.get(dg.AssetKey(key)).group_name == "active_learning"
 
 
+# --------------------------------------------------------------------------- review export
+
+
+def test_review_export_location_is_owned_by_the_artifacts_resource(
+    fiftyone, tmp_path: Path
+) -> None:
+    """reviewed_labels writes the export where ArtifactStoreResource.review_export_dir says,
+    and curated_dataset reads it from there (synthetic seed data, a local DVC remote)."""
+    from assets.active_learning import reviewed_labels
+    from assets.datasets import curated_dataset, seed_datasets
+    from resources import ArtifactStoreResource, DvcResource, LabelledSourcesResource
+    from roadloop.labeling.review import load_review_export
+    from roadloop.settings import get_settings
+
+    store = fiftyone.store()
+    ids = _push_frames(store, tmp_path, 2)
+    store.set_ground_truth(ids[1], [ReviewBox(label="car", box=(0.1, 0.2, 0.5, 0.5))])
+    store.tag_reviewed([ids[1]])
+
+    export_dir = tmp_path / "handoff" / "reviews"
+    artifacts = ArtifactStoreResource(
+        root=str(tmp_path / "artifacts"), review_export_dir=str(export_dir)
+    )
+    assert artifacts.review_export_path() == export_dir
+    assert ArtifactStoreResource(root=str(tmp_path / "a2")).review_export_path() == (
+        tmp_path / "a2" / "reviewed_labels" / "export"
+    )
+    result = dg.materialize(
+        [seed_datasets, reviewed_labels, curated_dataset],
+        selection=dg.AssetSelection.assets(reviewed_labels, curated_dataset),
+        resources={
+            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+            "artifacts": artifacts,
+            "fiftyone": fiftyone,
+            "labelled_sources": LabelledSourcesResource(
+                shared_dir=str(tmp_path / "no-shared-data"),
+                taxonomy_file=str(get_settings().taxonomy_file),
+                synthetic_dir=str(tmp_path / "synthetic"),
+                max_frames_per_split=2,
+            ),
+            "dvc": DvcResource(repo_dir=str(tmp_path / "dvc"), remote_url=str(tmp_path / "remote")),
+        },
+        raise_on_error=False,
+    )
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    export = result.output_for_node("reviewed_labels")
+    assert export.path == export_dir and len(export.frames) == 1
+    assert load_review_export(export_dir).content_hash == export.content_hash
+    assert not (tmp_path / "artifacts" / "reviewed_labels" / "export").exists()
+    meta = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }["curated_dataset"]
+    assert meta["reviewed_frames"].value == 1
+    assert meta["review_export"].value == export.content_hash
+    assert result.output_for_node("curated_dataset").dataset.source_counts["reviewed"]
+
+
 # --------------------------------------------------------------------------- frame path
 
 
