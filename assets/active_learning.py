@@ -1,9 +1,10 @@
 """Active learning: embeddings → review queue in FiftyOne → reviewed labels; label quality.
 
 ``frame_embeddings`` and ``active_learning_queue`` pick which camera frames annotators see
-first; ``reviewed_labels`` brings their corrected labels back as an export in the folder
-``ArtifactStoreResource.review_export_path()`` names (``curated_dataset`` reads it there); ``label_quality`` flags curated frames whose labels look wrong and sends them
-to re-review in FiftyOne. The current model is MLflow's ``production`` version, else the
+first (the frames each ``sampled_edge_frames`` partition kept); ``reviewed_labels`` brings
+their corrected labels back as an export in the folder ``ArtifactStoreResource`` names
+(``curated_dataset`` reads it there); ``label_quality`` flags curated frames whose labels look
+wrong and sends them to re-review in FiftyOne. The current model is MLflow's ``production`` version, else the
 ``candidate``.
 """
 
