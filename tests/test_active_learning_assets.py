@@ -115,8 +115,9 @@ def _job_assets() -> list:
 
 def test_definitions_with_active_learning_load(fiftyone) -> None:
     from assets import ALL_CHECKS
+    from jobs import review_import_job
     from resources import build_resources
-    from sensors.reviews import review_import_job, reviews_finished_sensor
+    from sensors.reviews import reviews_finished_sensor
 
     defs = dg.Definitions(
         assets=_job_assets(),
