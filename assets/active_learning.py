@@ -38,10 +38,10 @@ from roadloop.models.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
 from roadloop.models.training import configure_ultralytics
 from roadloop.settings import get_settings
 
+from . import groups
 from .ingestion import IndexedFrame, read_frame_index
 from .records import CuratedDatasetVersion
 
-GROUP = "active_learning"
 WEIGHTS_ARTIFACT = "weights/best.pt"
 
 
@@ -158,7 +158,7 @@ def _conditions(record: FrameRecord) -> list[str]:
     # Every materialized camera partition of sampled_edge_frames, as {camera: index path};
     # a camera whose partition was never materialized is skipped with a warning.
     ins={"sampled_edge_frames": dg.AssetIn(metadata={"allow_missing_partitions": True})},
-    group_name=GROUP,
+    group_name=groups.ACTIVE_LEARNING,
     kinds={"pytorch", "numpy"},
     description=(
         "Backbone embeddings (current model: MLflow production, else candidate) of every "
@@ -264,7 +264,7 @@ def frame_embeddings(
 
 
 @dg.asset(
-    group_name=GROUP,
+    group_name=groups.ACTIVE_LEARNING,
     kinds={"fiftyone"},
     description=(
         "The next review batch (uncertainty + diversity + rarity, per-camera fairness) pushed "
@@ -342,7 +342,7 @@ def active_learning_queue(
 
 
 @dg.asset(
-    group_name=GROUP,
+    group_name=groups.ACTIVE_LEARNING,
     kinds={"fiftyone", "yolo"},
     description=(
         "Every sample annotators tagged `reviewed` in FiftyOne, exported as YOLO labels and "
@@ -444,7 +444,7 @@ def _xyxy_to_rel(
 
 
 @dg.asset(
-    group_name=GROUP,
+    group_name=groups.ACTIVE_LEARNING,
     kinds={"cleanlab", "fiftyone"},
     description=(
         "cleanlab on K-fold out-of-sample predictions over the curated train split: flagged "

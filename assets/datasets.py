@@ -7,12 +7,13 @@ from resources import ArtifactStoreResource, DvcResource, LabelledSourcesResourc
 from roadloop.data.datasets import build_curated_dataset, load_taxonomy, write_data_yaml
 from roadloop.labeling.review import load_review_export
 
+from . import groups
 from .active_learning import reviewed_labels
 from .records import CuratedDatasetVersion
 
 seed_datasets = dg.AssetSpec(
     "seed_datasets",
-    group_name="datasets",
+    group_name=groups.DATASETS,
     description="Labelled shared datasets (../shared/datasets: atl_v2, manaus_v4), read-only.",
     kinds={"yolo"},
 )
@@ -23,7 +24,7 @@ seed_datasets = dg.AssetSpec(
     # folder the artifacts resource names (review_export_dir, where reviewed_labels writes it),
     # so the loop runs before anyone has reviewed anything (an empty export).
     deps=[seed_datasets, reviewed_labels],
-    group_name="datasets",
+    group_name=groups.DATASETS,
     kinds={"dvc", "yolo"},
     description=(
         "Labelled frames mapped onto one class taxonomy, validated (bad rows quarantined), "

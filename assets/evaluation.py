@@ -25,6 +25,7 @@ from roadloop.evaluation.gates import (
 from roadloop.evaluation.report import render_report
 from roadloop.models.tracking import PRODUCTION_ALIAS, Tracker
 
+from . import groups
 from .records import (
     BenchmarkReportFiles,
     CuratedDatasetVersion,
@@ -55,7 +56,7 @@ def _production_model_set(tracker: Tracker, name: str, candidate_version: str, c
 
 
 @dg.asset(
-    group_name="evaluation",
+    group_name=groups.EVALUATION,
     kinds={"onnx", "pytorch", "html"},
     description=(
         "Candidate vs current production on held-out test frames for PyTorch, ONNX fp32 and "
@@ -176,7 +177,7 @@ def p95_latency_within_budget(benchmark_report: BenchmarkReportFiles, benchmark:
 
 
 @dg.asset(
-    group_name="evaluation",
+    group_name=groups.EVALUATION,
     kinds={"mlflow"},
     description="Moves the MLflow alias `production` to the candidate — only when every gate passed.",
 )

@@ -16,6 +16,7 @@ from resources import ArtifactStoreResource, FrameStoreResource
 from roadloop.data.frames import FrameRecord, dedupe_near_duplicates, summarize_partition
 from roadloop.fsutil import write_text_atomic
 
+from . import groups
 from .partitions import camera_partitions
 
 
@@ -34,7 +35,7 @@ def read_frame_index(path: Path) -> list[IndexedFrame]:
 
 @dg.asset(
     partitions_def=camera_partitions,
-    group_name="ingestion",
+    group_name=groups.INGESTION,
     kinds={"python"},
     description=(
         "Frames sampled at the edge (or replayed from shared data) for one camera, with their "

@@ -89,3 +89,28 @@ def test_every_job_comes_from_the_jobs_module_and_is_registered() -> None:
     }
     # rollout_health_sensor launches nothing: it records observations of model_rollout.
     assert not defs.resolve_sensor_def("rollout_health_sensor").targets
+
+
+def test_every_asset_is_in_a_lifecycle_stage_group() -> None:
+    from assets.groups import LIFECYCLE_GROUPS
+    from definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    assert "default" not in set(groups.values())
+    assert set(groups.values()) == set(LIFECYCLE_GROUPS)  # every stage has assets, no others
+    assert groups == {
+        "sampled_edge_frames": "ingestion",
+        "seed_datasets": "datasets",
+        "curated_dataset": "datasets",
+        "trained_model": "models",
+        "onnx_model": "models",
+        "quantized_model": "models",
+        "benchmark_report": "evaluation",
+        "production_model": "evaluation",
+        "frame_embeddings": "active_learning",
+        "active_learning_queue": "active_learning",
+        "reviewed_labels": "active_learning",
+        "label_quality": "active_learning",
+        "model_rollout": "deployment",
+    }
