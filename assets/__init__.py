@@ -21,7 +21,8 @@ from .rollout import model_rollout
 from .training import trained_model
 
 LOOP_ASSETS = [curated_dataset, trained_model, onnx_model, quantized_model, benchmark_report, production_model]
-# model_rollout needs the fleet gateway, so it has its own job (model_rollout_job).
+# The learning loop (jobs.learning_loop_job); model_rollout needs the fleet gateway, so it
+# has its own job (jobs.model_rollout_job).
 ALL_ASSETS = [seed_datasets, sampled_edge_frames, *LOOP_ASSETS, model_rollout, *ACTIVE_LEARNING_ASSETS]
 ALL_CHECKS = [
     curated_dataset_splits_present,

@@ -1,9 +1,10 @@
 """Active learning: embeddings → review queue in FiftyOne → reviewed labels; label quality.
 
 ``frame_embeddings`` and ``active_learning_queue`` pick which camera frames annotators see
-first; ``reviewed_labels`` brings their corrected labels back (``curated_dataset`` takes it
-as an input); ``label_quality`` flags curated frames whose labels look wrong and sends them
-to re-review in FiftyOne. The current model is MLflow's ``production`` version, else the
+first (the frames each ``sampled_edge_frames`` partition kept); ``reviewed_labels`` brings
+their corrected labels back as an export in the folder ``ArtifactStoreResource`` names
+(``curated_dataset`` reads it there); ``label_quality`` flags curated frames whose labels look
+wrong and sends them to re-review in FiftyOne. The current model is MLflow's ``production`` version, else the
 ``candidate``.
 """
 
@@ -14,9 +15,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import BaseModel, ConfigDict, Field
 
-from resources import ArtifactStoreResource, FrameStoreResource, MlflowResource, TrainerResource
+from resources import ArtifactStoreResource, MlflowResource, TrainerResource
 from resources.fiftyone_resource import FiftyOneResource
-from roadloop.data.frames import FrameRecord, dedupe_near_duplicates
+from roadloop.data.frames import FrameRecord
 from roadloop.data.replay import NIGHT_MAX_BRIGHTNESS
 from roadloop.labeling.active_learning import SCORING_CONF, ALWeights, build_queue, predict_frames
 from roadloop.labeling.embeddings import EmbeddingTable, compute_embeddings
@@ -37,10 +38,10 @@ from roadloop.models.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
 from roadloop.models.training import configure_ultralytics
 from roadloop.settings import get_settings
 
-from .ingestion import sampled_edge_frames
+from . import groups
+from .ingestion import IndexedFrame, read_frame_index
 from .records import CuratedDatasetVersion
 
-GROUP = "active_learning"
 WEIGHTS_ARTIFACT = "weights/best.pt"
 
 
@@ -144,12 +145,6 @@ def current_model(tracker: Tracker, name: str, cache: Path) -> CurrentModel:
     )
 
 
-def review_export_dir(artifacts: ArtifactStoreResource) -> Path:
-    """Where ``reviewed_labels`` keeps the current export (``curated_dataset`` reads it with
-    ``roadloop.labeling.review.load_review_export``)."""
-    return artifacts.path("reviewed_labels") / "export"
-
-
 def _conditions(record: FrameRecord) -> list[str]:
     if record.quality is None:
         return []
@@ -160,46 +155,69 @@ def _conditions(record: FrameRecord) -> list[str]:
 
 
 @dg.asset(
-    deps=[sampled_edge_frames],
-    group_name=GROUP,
+    # Every materialized camera partition of sampled_edge_frames, as {camera: index path};
+    # a camera whose partition was never materialized is skipped with a warning.
+    ins={"sampled_edge_frames": dg.AssetIn(metadata={"allow_missing_partitions": True})},
+    group_name=groups.ACTIVE_LEARNING,
     kinds={"pytorch", "numpy"},
     description=(
         "Backbone embeddings (current model: MLflow production, else candidate) of every "
-        "unreviewed camera frame and of the curated train frames; cached per model version."
+        "unreviewed frame in the cameras' frame indexes (sampled_edge_frames, near-duplicates "
+        "already dropped) and of the curated train frames; cached per model version."
     ),
 )
 def frame_embeddings(
     context: dg.AssetExecutionContext,
     config: EmbeddingConfig,
     curated_dataset: CuratedDatasetVersion,
-    frame_store: FrameStoreResource,
+    sampled_edge_frames: dict[str, Path] | None,
     mlflow: MlflowResource,
     artifacts: ArtifactStoreResource,
     fiftyone: FiftyOneResource,
 ) -> dg.Output[FrameEmbeddings]:
+    indexes = sampled_edge_frames or {}  # None when the cameras partition set is empty
+    not_ingested = sorted(
+        set(context.asset_partition_keys_for_input("sampled_edge_frames")) - set(indexes)
+    )
+    for camera in not_ingested:
+        context.log.warning(
+            f"camera {camera}: sampled_edge_frames was never materialized for this partition; "
+            "its frames are not candidates (run sampled_edge_frames_job for it)"
+        )
+    if not indexes:
+        context.log.warning("no camera partition of sampled_edge_frames is materialized")
+    frames: list[IndexedFrame] = []
+    for camera, index in sorted(indexes.items()):
+        if not Path(index).is_file():
+            raise dg.Failure(
+                f"camera {camera}: the frame index {index} that sampled_edge_frames recorded is "
+                "gone; materialize that partition again"
+            )
+        frames.extend(read_frame_index(index))
+
     configure_ultralytics(get_settings().home / "ultralytics")
     model = current_model(
         mlflow.tracker(), mlflow.registered_model_name, artifacts.path("al_model_cache")
     )
     context.log.info(f"scoring with {model.registered_name} v{model.version} ({model.alias})")
 
-    store = frame_store.store()
     done = fiftyone.store().reviewed_frame_keys()  # reviewed or imported: not candidates again
     candidates: list[CandidateFrame] = []
-    skipped = 0
-    for camera in store.cameras():
-        frames = list(store.iter_frames(camera))
-        images = {r.frame_id: p for r, p in frames}
-        kept, _ = dedupe_near_duplicates([r for r, _ in frames], policy=frame_store.dedupe_policy())
-        for record in kept:
-            if f"{record.camera_id}/{record.frame_id}" in done:
-                skipped += 1
-                continue
-            candidates.append(
-                CandidateFrame(
-                    record=record, image=images[record.frame_id], conditions=_conditions(record)
-                )
-            )
+    skipped = gone = 0
+    for frame in frames:
+        record = frame.record
+        if f"{record.camera_id}/{record.frame_id}" in done:
+            skipped += 1
+            continue
+        if not frame.image.is_file():  # removed from the store since the partition ran
+            gone += 1
+            continue
+        candidates.append(
+            CandidateFrame(record=record, image=frame.image, conditions=_conditions(record))
+        )
+
+    if gone:
+        context.log.warning(f"{gone} indexed frames are no longer in the frame store: skipped")
 
     ds_dir = curated_dataset.dataset.path
     labelled = sorted((ds_dir / "images" / "train").glob("*"))[: config.max_labelled_frames]
@@ -236,6 +254,9 @@ def frame_embeddings(
             "candidate_frames": len(candidates),
             "labelled_frames": len(labelled),
             "skipped_already_reviewed": skipped,
+            "cameras": dg.MetadataValue.json(sorted(indexes)),
+            "cameras_not_ingested": dg.MetadataValue.json(not_ingested),
+            "indexed_frames_missing": gone,
             "computed_now": cand_table.computed + lab_table.computed,
             "dim": cand_table.dim or lab_table.dim,
         },
@@ -243,7 +264,7 @@ def frame_embeddings(
 
 
 @dg.asset(
-    group_name=GROUP,
+    group_name=groups.ACTIVE_LEARNING,
     kinds={"fiftyone"},
     description=(
         "The next review batch (uncertainty + diversity + rarity, per-camera fairness) pushed "
@@ -321,7 +342,7 @@ def active_learning_queue(
 
 
 @dg.asset(
-    group_name=GROUP,
+    group_name=groups.ACTIVE_LEARNING,
     kinds={"fiftyone", "yolo"},
     description=(
         "Every sample annotators tagged `reviewed` in FiftyOne, exported as YOLO labels and "
@@ -334,7 +355,7 @@ def reviewed_labels(
     artifacts: ArtifactStoreResource,
 ) -> dg.Output[ReviewExport]:
     store = fiftyone.store()
-    export = store.export_reviewed(review_export_dir(artifacts))
+    export = store.export_reviewed(artifacts.review_export_path())
     for r in export.rejected:
         context.log.warning(f"review rejected, back in the queue: {r.error}")
     # Cumulative export: frames stay in every later export, so a failed curation loses nothing.
@@ -423,7 +444,7 @@ def _xyxy_to_rel(
 
 
 @dg.asset(
-    group_name=GROUP,
+    group_name=groups.ACTIVE_LEARNING,
     kinds={"cleanlab", "fiftyone"},
     description=(
         "cleanlab on K-fold out-of-sample predictions over the curated train split: flagged "
@@ -452,7 +473,7 @@ def label_quality(
     )
     report = find_label_issues(oos.labels, oos.predictions, oos.class_names)
     report_json = write_report(report, work / "label_quality.json")
-    review_dir = review_export_dir(artifacts)
+    review_dir = artifacts.review_export_path()
     items = _issue_items(report, dataset_dir, review_dir if review_dir.is_dir() else None)
     tagged = fiftyone.store().tag_label_issues(items)
     context.log.info(
@@ -489,6 +510,5 @@ __all__ = [
     "active_learning_queue",
     "frame_embeddings",
     "label_quality",
-    "review_export_dir",
     "reviewed_labels",
 ]

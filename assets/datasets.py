@@ -7,22 +7,24 @@ from resources import ArtifactStoreResource, DvcResource, LabelledSourcesResourc
 from roadloop.data.datasets import build_curated_dataset, load_taxonomy, write_data_yaml
 from roadloop.labeling.review_items import load_review_export
 
-from .active_learning import review_export_dir, reviewed_labels
+from . import groups
+from .active_learning import reviewed_labels
 from .records import CuratedDatasetVersion
 
 seed_datasets = dg.AssetSpec(
     "seed_datasets",
-    group_name="datasets",
+    group_name=groups.DATASETS,
     description="Labelled shared datasets (../shared/datasets: atl_v2, manaus_v4), read-only.",
     kinds={"yolo"},
 )
 
 
 @dg.asset(
-    # reviewed_labels is a dependency, not a data input: the last export is read from disk,
+    # reviewed_labels is a dependency, not a data input: the last export is read from the
+    # folder the artifacts resource names (review_export_dir, where reviewed_labels writes it),
     # so the loop runs before anyone has reviewed anything (an empty export).
     deps=[seed_datasets, reviewed_labels],
-    group_name="datasets",
+    group_name=groups.DATASETS,
     kinds={"dvc", "yolo"},
     description=(
         "Labelled frames mapped onto one class taxonomy, validated (bad rows quarantined), "
@@ -40,7 +42,7 @@ def curated_dataset(
     if synthetic:
         context.log.warning("SYNTHETIC fallback data: ../shared/datasets was not found")
     store = dvc.store()
-    reviewed = load_review_export(review_export_dir(artifacts))
+    reviewed = load_review_export(artifacts.review_export_path())
     dataset = build_curated_dataset(
         sources,
         dvc.curated_dir,

@@ -20,6 +20,7 @@ from roadloop.evaluation.results import BenchmarkResults, LatencyConfig, ModelSe
 from roadloop.evaluation.testsets import make_robustness_slices, split_by_source
 from roadloop.models.tracking import PRODUCTION_ALIAS, Tracker
 
+from . import groups
 from .records import (
     BenchmarkReportFiles,
     CuratedDatasetVersion,
@@ -50,7 +51,7 @@ def _production_model_set(tracker: Tracker, name: str, candidate_version: str, c
 
 
 @dg.asset(
-    group_name="evaluation",
+    group_name=groups.EVALUATION,
     kinds={"onnx", "pytorch", "html"},
     description=(
         "Candidate vs current production on held-out test frames for PyTorch, ONNX fp32 and "
@@ -171,7 +172,7 @@ def p95_latency_within_budget(benchmark_report: BenchmarkReportFiles, benchmark:
 
 
 @dg.asset(
-    group_name="evaluation",
+    group_name=groups.EVALUATION,
     kinds={"mlflow"},
     description="Moves the MLflow alias `production` to the candidate — only when every gate passed.",
 )

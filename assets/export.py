@@ -12,6 +12,7 @@ from roadloop.models.quantize import (
     quantize_int8,
 )
 
+from . import groups
 from .records import (
     CuratedDatasetVersion,
     OnnxModelVersion,
@@ -33,7 +34,7 @@ def _log_onnx(
 
 
 @dg.asset(
-    group_name="models",
+    group_name=groups.MODELS,
     kinds={"onnx", "mlflow"},
     description="The candidate exported to ONNX fp32 (dynamic batch), logged to the same MLflow run.",
 )
@@ -64,7 +65,7 @@ def onnx_model(
 
 
 @dg.asset(
-    group_name="models",
+    group_name=groups.MODELS,
     kinds={"onnx", "mlflow"},
     description=(
         "Static INT8 (ONNX Runtime, QDQ) of the fp32 export, calibrated on curated train frames; "

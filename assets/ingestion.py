@@ -1,25 +1,46 @@
-"""``sampled_edge_frames``: the frames cameras sent, one partition per camera."""
+"""``sampled_edge_frames``: the frames cameras sent, one partition per camera.
+
+Near-duplicates are dropped here, once: each partition writes the camera's frame index
+(``<artifacts>/sampled_edge_frames/<camera>.jsonl``, one ``IndexedFrame`` per kept frame) and
+returns its path; downstream stages (``frame_embeddings``) read the index, not the frame store.
+"""
 
 
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
+from pydantic import BaseModel
 
 from resources import ArtifactStoreResource, FrameStoreResource
-from roadloop.data.frames import dedupe_near_duplicates, summarize_partition
+from roadloop.data.frames import FrameRecord, dedupe_near_duplicates, summarize_partition
+from roadloop.fsutil import write_text_atomic
 
+from . import groups
 from .partitions import camera_partitions
+
+
+class IndexedFrame(BaseModel):
+    """One line of a camera's frame index: a kept frame's record and its image in the store."""
+
+    record: FrameRecord
+    image: Path
+
+
+def read_frame_index(path: Path) -> list[IndexedFrame]:
+    """The kept frames a ``sampled_edge_frames`` partition listed, in capture order."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [IndexedFrame.model_validate_json(line) for line in lines if line.strip()]
 
 
 @dg.asset(
     partitions_def=camera_partitions,
-    group_name="ingestion",
+    group_name=groups.INGESTION,
     kinds={"python"},
     description=(
         "Frames sampled at the edge (or replayed from shared data) for one camera, with their "
-        "sampling reasons and image quality; near-duplicates dropped."
+        "sampling reasons and image quality; near-duplicates dropped. The value is the path of "
+        "the camera's frame index (one JSON line per kept frame and its image)."
     ),
 )
 def sampled_edge_frames(
@@ -29,22 +50,23 @@ def sampled_edge_frames(
 ) -> dg.Output[Path]:
     camera_id = context.partition_key
     store = frame_store.store()
-    records = [record for record, _ in store.iter_frames(camera_id)]
+    frames = list(store.iter_frames(camera_id))
+    images = {record.frame_id: image for record, image in frames}
     policy = frame_store.dedupe_policy()
-    kept, dropped = dedupe_near_duplicates(records, policy=policy)
+    kept, dropped = dedupe_near_duplicates([record for record, _ in frames], policy=policy)
     summary = summarize_partition(kept, dropped)
     context.log.info(
         "camera %s: %d frames, %d near-duplicates dropped", camera_id, len(kept), len(dropped)
     )
 
     # The partition's frame index: one JSON line per kept frame (what downstream reads).
-    out_dir = artifacts.path("sampled_edge_frames")
-    index_path = out_dir / f"{camera_id}.jsonl"
-    tmp = index_path.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as fh:
-        for record in kept:
-            fh.write(record.model_dump_json() + "\n")
-    os.replace(tmp, index_path)
+    index_path = artifacts.path("sampled_edge_frames") / f"{camera_id}.jsonl"
+    write_text_atomic(
+        index_path,
+        "".join(
+            IndexedFrame(record=r, image=images[r.frame_id]).model_dump_json() + "\n" for r in kept
+        ),
+    )
 
     reasons = summary.per_reason
     return dg.Output(

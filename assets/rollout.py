@@ -6,12 +6,13 @@ from resources import MlflowResource
 from resources.fleet_resource import FleetError, FleetResource, FleetUnavailable, stages_markdown
 from roadloop.models.tracking import PRODUCTION_ALIAS
 
+from . import groups
 from .evaluation import production_model
 from .records import QuantizedModelVersion, TrainedModelVersion
 
 
 @dg.asset(
-    group_name="deployment",
+    group_name=groups.DEPLOYMENT,
     kinds={"onnx"},
     deps=[production_model],
     description=(

@@ -10,11 +10,12 @@ from roadloop.models.tracking import CANDIDATE_ALIAS
 from roadloop.models.training import configure_ultralytics, train_detector
 from roadloop.settings import get_settings
 
+from . import groups
 from .records import CuratedDatasetVersion, TrainedModelVersion
 
 
 @dg.asset(
-    group_name="models",
+    group_name=groups.MODELS,
     kinds={"pytorch", "mlflow"},
     description="A YOLO detector trained on the curated dataset; registered in MLflow as `candidate`.",
 )

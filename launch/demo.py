@@ -304,14 +304,10 @@ def _review_turn(defs, instance, settings, outcome: LoopOutcome, turn: int, n_re
 
 def _push_review_queue(defs, instance, outcome: LoopOutcome) -> None:
     """Score the camera frames and push the next review batch to FiftyOne for annotators."""
-    import dagster as dg
+    from jobs import review_queue_job
 
-    from assets import ALL_ASSETS
-
-    selection = dg.AssetSelection.assets("frame_embeddings", "active_learning_queue")
-    job = dg.define_asset_job("demo_review_queue", selection=selection)
-    local = dg.Definitions(assets=ALL_ASSETS, jobs=[job], resources=defs.resources)
-    result = local.resolve_job_def("demo_review_queue").execute_in_process(instance=instance, raise_on_error=False)
+    job = defs.resolve_job_def(review_queue_job.name)
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
     outcome.run_ids.append(result.run_id)
     outcome.success &= result.success
     for event in result.get_asset_materialization_events():

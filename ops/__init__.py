@@ -1,3 +1,3 @@
-from .ingestion import ReplayConfig, replay_ingestion_job, replay_shared_cameras
+from .ingestion import ReplayConfig, replay_shared_cameras
 
-__all__ = ["ReplayConfig", "replay_ingestion_job", "replay_shared_cameras"]
+__all__ = ["ReplayConfig", "replay_shared_cameras"]

@@ -1,5 +1,7 @@
 """Replay ingestion: plays the shared datasets and videos as cameras into the frame store.
 
+The op; its job (``replay_ingestion_job``) is in the top-level ``jobs`` module.
+
 Stands in for edge agents until they run; it writes the same frame-store layout the fleet
 gateway writes, so ``sampled_edge_frames`` cannot tell the difference.
 """
@@ -46,8 +48,3 @@ def replay_shared_cameras(
             f"{stats.skipped_invalid} invalid"
         )
     return written
-
-
-@dg.job(description="Play the shared datasets and videos as cameras into the frame store.")
-def replay_ingestion_job() -> None:
-    replay_shared_cameras()

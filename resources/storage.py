@@ -41,11 +41,27 @@ class FrameStoreResource(dg.ConfigurableResource):
 
 
 class ArtifactStoreResource(dg.ConfigurableResource):
-    """Local folder for per-run outputs (weights, ONNX files, reports) before MLflow logs them."""
+    """Local folder for per-run outputs (weights, ONNX files, reports) before MLflow logs them,
+    and the location of the review export that hands annotators' labels from ``reviewed_labels``
+    (writer) to ``curated_dataset`` and ``label_quality`` (readers)."""
 
     root: str
+    review_export_dir: str | None = Field(
+        default=None,
+        description="Where reviewed_labels writes the current review export (a YOLO folder "
+        "plus its record); unset means <root>/reviewed_labels/export.",
+    )
 
     def path(self, *parts: str) -> Path:
         p = Path(self.root).joinpath(*parts)
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+    def review_export_path(self) -> Path:
+        """The review export folder (its parent exists; the folder appears with the first
+        export, and readers take a missing one as an empty export)."""
+        if self.review_export_dir:
+            p = Path(self.review_export_dir)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            return p
+        return self.path("reviewed_labels") / "export"

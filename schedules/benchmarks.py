@@ -2,13 +2,7 @@
 
 import dagster as dg
 
-from assets.evaluation import benchmark_report
-
-nightly_benchmark_job = dg.define_asset_job(
-    "nightly_benchmark_job",
-    selection=dg.AssetSelection.assets(benchmark_report),
-    description="Re-run the benchmark report and its promotion checks.",
-)
+from jobs import nightly_benchmark_job
 
 nightly_benchmark_schedule = dg.ScheduleDefinition(
     name="nightly_benchmark_schedule",

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from ops.ingestion import replay_ingestion_job
+from jobs import replay_ingestion_job
 
 replay_ingestion_schedule = dg.ScheduleDefinition(
     name="replay_ingestion_schedule",

@@ -5,15 +5,9 @@ import json
 
 import dagster as dg
 
-from assets.ingestion import sampled_edge_frames
 from assets.partitions import camera_partitions
+from jobs import sampled_edge_frames_job
 from resources import FrameStoreResource
-
-sampled_edge_frames_job = dg.define_asset_job(
-    "sampled_edge_frames_job",
-    selection=dg.AssetSelection.assets(sampled_edge_frames),
-    partitions_def=camera_partitions,
-)
 
 
 @dg.sensor(

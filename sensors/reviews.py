@@ -10,8 +10,7 @@ pending set.
 
 import dagster as dg
 
-from assets.active_learning import reviewed_labels
-from assets.datasets import curated_dataset
+from jobs import review_import_job
 from resources.fiftyone_resource import FiftyOneResource
 from roadloop.labeling.fiftyone_setup import FiftyOneUnavailable
 from roadloop.labeling.review_store import pending_key
@@ -22,13 +21,6 @@ _IN_FLIGHT = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
-
-review_import_job = dg.define_asset_job(
-    "review_import",
-    selection=dg.AssetSelection.assets(reviewed_labels, curated_dataset),
-    description="Import annotators' reviews from FiftyOne and cut a new curated dataset version.",
-)
-
 
 @dg.sensor(
     job=review_import_job,

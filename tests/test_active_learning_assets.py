@@ -109,8 +109,9 @@ def _job_assets() -> list:
 
 def test_definitions_with_active_learning_load(fiftyone) -> None:
     from assets import ALL_CHECKS
+    from jobs import review_import_job
     from resources import build_resources
-    from sensors.reviews import review_import_job, reviews_finished_sensor
+    from sensors.reviews import reviews_finished_sensor
 
     defs = dg.Definitions(
         assets=_job_assets(),
@@ -128,6 +129,197 @@ def test_definitions_with_active_learning_load(fiftyone) -> None:
     graph = defs.resolve_asset_graph()
     for key in ("frame_embeddings", "active_learning_queue", "reviewed_labels", "label_quality"):
         assert graph.get(dg.AssetKey(key)).group_name == "active_learning"
+
+
+# --------------------------------------------------------------------------- review export
+
+
+def test_review_export_location_is_owned_by_the_artifacts_resource(
+    fiftyone, tmp_path: Path
+) -> None:
+    """reviewed_labels writes the export where ArtifactStoreResource.review_export_dir says,
+    and curated_dataset reads it from there (synthetic seed data, a local DVC remote)."""
+    from assets.active_learning import reviewed_labels
+    from assets.datasets import curated_dataset, seed_datasets
+    from resources import ArtifactStoreResource, DvcResource, LabelledSourcesResource
+    from roadloop.labeling.review import load_review_export
+    from roadloop.settings import get_settings
+
+    store = fiftyone.store()
+    ids = _push_frames(store, tmp_path, 2)
+    store.set_ground_truth(ids[1], [ReviewBox(label="car", box=(0.1, 0.2, 0.5, 0.5))])
+    store.tag_reviewed([ids[1]])
+
+    export_dir = tmp_path / "handoff" / "reviews"
+    artifacts = ArtifactStoreResource(
+        root=str(tmp_path / "artifacts"), review_export_dir=str(export_dir)
+    )
+    assert artifacts.review_export_path() == export_dir
+    assert ArtifactStoreResource(root=str(tmp_path / "a2")).review_export_path() == (
+        tmp_path / "a2" / "reviewed_labels" / "export"
+    )
+    result = dg.materialize(
+        [seed_datasets, reviewed_labels, curated_dataset],
+        selection=dg.AssetSelection.assets(reviewed_labels, curated_dataset),
+        resources={
+            "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+            "artifacts": artifacts,
+            "fiftyone": fiftyone,
+            "labelled_sources": LabelledSourcesResource(
+                shared_dir=str(tmp_path / "no-shared-data"),
+                taxonomy_file=str(get_settings().taxonomy_file),
+                synthetic_dir=str(tmp_path / "synthetic"),
+                max_frames_per_split=2,
+            ),
+            "dvc": DvcResource(repo_dir=str(tmp_path / "dvc"), remote_url=str(tmp_path / "remote")),
+        },
+        raise_on_error=False,
+    )
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    export = result.output_for_node("reviewed_labels")
+    assert export.path == export_dir and len(export.frames) == 1
+    assert load_review_export(export_dir).content_hash == export.content_hash
+    assert not (tmp_path / "artifacts" / "reviewed_labels" / "export").exists()
+    meta = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }["curated_dataset"]
+    assert meta["reviewed_frames"].value == 1
+    assert meta["review_export"].value == export.content_hash
+    assert result.output_for_node("curated_dataset").dataset.source_counts["reviewed"]
+
+
+# --------------------------------------------------------------------------- frame path
+
+
+def _textured(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return cv2.resize(
+        rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), (160, 120),
+        interpolation=cv2.INTER_NEAREST,
+    )
+
+
+def _write_frame(store, camera: str, frame_id: str, seconds: int, img: np.ndarray) -> None:
+    from roadloop.data.frames import FrameRecord, compute_quality
+
+    ok, jpg = cv2.imencode(".jpg", img)
+    assert ok
+    store.write_frame(
+        FrameRecord(
+            frame_id=frame_id,
+            camera_id=camera,
+            captured_at=datetime(2026, 3, 1, 8, 0, tzinfo=UTC) + timedelta(seconds=seconds),
+            reasons=["base_rate"],
+            source="agent",
+            width=160,
+            height=120,
+            quality=compute_quality(img),
+        ),
+        jpg.tobytes(),
+    )
+
+
+def test_frame_embeddings_reads_the_ingested_frame_indexes(
+    tmp_path: Path, fiftyone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Candidates are the frames the sampled_edge_frames partitions kept (near-duplicates
+    dropped there), not a rescan of the frame store; a camera partition that was never
+    materialized is skipped with a warning; an index that vanished is a clear failure."""
+    import logging
+
+    import assets.active_learning as al
+    from assets.ingestion import read_frame_index, sampled_edge_frames
+    from assets.records import CuratedDatasetVersion
+    from resources import ArtifactStoreResource, FrameStoreResource, MlflowResource
+    from roadloop.data.datasets import CuratedDataset
+    from roadloop.data.frames import FrameStore
+    from roadloop.data.versioning import DatasetVersion
+    from roadloop.labeling.embeddings import EmbeddingTable
+
+    store = FrameStore(tmp_path / "frames")
+    _write_frame(store, "cam_a", "f0", 0, _textured(0))
+    _write_frame(store, "cam_a", "f1", 1, _textured(0))  # near-duplicate of f0
+    _write_frame(store, "cam_a", "f2", 2, _textured(2))
+    _write_frame(store, "cam_b", "g0", 0, _textured(3))  # camera whose partition never ran
+    resources = {
+        "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io")),
+        "frame_store": FrameStoreResource(root=str(tmp_path / "frames")),
+        "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts")),
+        "mlflow": MlflowResource(tracking_uri="sqlite:///unused.db"),
+        "fiftyone": fiftyone,
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    _ingest(instance, resources, ["cam_a"])
+    instance.add_dynamic_partitions("cameras", ["cam_b"])
+    index = tmp_path / "artifacts" / "sampled_edge_frames" / "cam_a.jsonl"
+    assert [f.record.frame_id for f in read_frame_index(index)] == ["f0", "f2"]
+    _write_frame(store, "cam_a", "f3", 3, _textured(4))  # arrives after the partition ran
+
+    # No model or backbone here: the current model and its embeddings are stand-ins.
+    model = al.CurrentModel(
+        registered_name="m", version="1", alias="candidate", weights=tmp_path / "w.pt", imgsz=96
+    )
+    monkeypatch.setattr(MlflowResource, "tracker", lambda self: None)
+    monkeypatch.setattr(al, "current_model", lambda tracker, name, cache: model)
+    embedded: list[list[Path]] = []
+
+    def fake_embeddings(weights, images, **kw):
+        embedded.append(list(images))
+        return EmbeddingTable(
+            model_version="1", imgsz=96, layers=[], keys=[str(p) for p in images],
+            vectors=np.ones((len(images), 4), np.float32), images=list(images),
+        )
+
+    monkeypatch.setattr(al, "compute_embeddings", fake_embeddings)
+    curated = CuratedDatasetVersion(
+        dataset=CuratedDataset(
+            path=tmp_path / "curated", class_names=["car"], split_counts={}, class_counts={},
+            source_counts={}, quarantined=0, quarantine_reasons={}, skipped_replay=0,
+        ),
+        version=DatasetVersion(
+            md5="0" * 32, nfiles=1, size=1, dvc_file=tmp_path / "x.dvc", remote_url="none"
+        ),
+        data_yaml=tmp_path / "curated" / "data.yaml",
+    )
+
+    @dg.asset(name="curated_dataset")
+    def curated_stub() -> CuratedDatasetVersion:
+        return curated
+
+    def run() -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            [curated_stub, sampled_edge_frames, al.frame_embeddings],
+            selection=dg.AssetSelection.assets("curated_dataset", al.frame_embeddings),
+            resources=resources,
+            instance=instance,
+            raise_on_error=False,
+        )
+
+    result = run()
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    emb = result.output_for_node("frame_embeddings")
+    assert [c.record.frame_id for c in emb.candidates] == ["f0", "f2"]
+    assert embedded[0] == [store.find_frame("cam_a", "f0"), store.find_frame("cam_a", "f2")]
+    meta = next(
+        e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey("frame_embeddings")
+    )
+    assert meta["cameras"].value == ["cam_a"] and meta["cameras_not_ingested"].value == ["cam_b"]
+    warnings = [
+        e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING
+    ]
+    assert any("camera cam_b" in w and "never materialized" in w for w in warnings), warnings
+
+    # The partition's index is gone (artifacts wiped): a clear error, not a silent rescan.
+    index.unlink()
+    failed = run()
+    assert not failed.success
+    messages = " ".join(
+        e.step_failure_data.error.message for e in failed.all_events if e.is_step_failure
+    )
+    assert "cam_a" in messages and "materialize that partition again" in messages
 
 
 # --------------------------------------------------------------------------- assets on real frames
@@ -225,13 +417,30 @@ def world(shared_dir: Path, tmp_path: Path, fiftyone):
         "trainer": TrainerResource(model=str(ckpt), imgsz=96, epochs=1, batch=4),
         "fiftyone": fiftyone,
     }
+    # Both cameras ingested: frame_embeddings reads their sampled_edge_frames indexes.
+    instance = dg.DagsterInstance.ephemeral()
+    _ingest(instance, resources, ["atl_day", "atl_night"])
     return {
         "curated_stub": curated_stub,
         "resources": resources,
+        "instance": instance,
         "tmp": tmp_path,
         "curated": cdv,
         "shared": shared_dir,
     }
+
+
+def _ingest(instance: dg.DagsterInstance, resources: dict, cameras: list[str]) -> None:
+    """Add the camera partitions and materialize sampled_edge_frames for each of them."""
+    from assets.ingestion import sampled_edge_frames
+    from assets.partitions import camera_partitions
+
+    instance.add_dynamic_partitions(camera_partitions.name, cameras)
+    for camera in cameras:
+        result = dg.materialize(
+            [sampled_edge_frames], partition_key=camera, resources=resources, instance=instance
+        )
+        assert result.success
 
 
 def _materialize(world, assets: list, selection: list, run_config: dict | None = None):
@@ -241,6 +450,7 @@ def _materialize(world, assets: list, selection: list, run_config: dict | None =
         [world["curated_stub"], sampled_edge_frames, *assets],
         selection=dg.AssetSelection.assets(*selection),
         resources=world["resources"],
+        instance=world["instance"],
         run_config=run_config or {},
         raise_on_error=False,
     )

@@ -47,3 +47,70 @@ def test_definitions_load_and_graph() -> None:
 
     partitions = graph.get(dg.AssetKey("sampled_edge_frames")).partitions_def
     assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "cameras"
+
+
+def test_every_job_comes_from_the_jobs_module_and_is_registered() -> None:
+    from dagster._core.definitions.unresolved_asset_job_definition import (
+        UnresolvedAssetJobDefinition,
+    )
+
+    import jobs
+    from definitions import defs
+
+    names = {job.name for job in jobs.ALL_JOBS}
+    assert len(names) == len(jobs.ALL_JOBS)
+    # Every job object the module defines is listed in ALL_JOBS.
+    defined = {
+        value.name
+        for value in vars(jobs).values()
+        if isinstance(value, (dg.JobDefinition, UnresolvedAssetJobDefinition))
+    }
+    assert defined == names
+    assert {job.name for job in defs.jobs} == names
+    for name in names:
+        assert defs.resolve_job_def(name) is not None
+    assert defs.resolve_job_def("review_queue").asset_layer.selected_asset_keys == {
+        dg.AssetKey("frame_embeddings"),
+        dg.AssetKey("active_learning_queue"),
+    }
+
+    # Schedules and sensors launch jobs of the jobs module (the same objects).
+    targets = [(s.name, s.target) for s in defs.schedules]
+    targets += [(s.name, t) for s in defs.sensors for t in s.targets]
+    targeted = {}
+    for name, target in targets:
+        targeted[name] = target.job_name
+        assert any(target.job_def is job for job in jobs.ALL_JOBS), name
+    assert targeted == {
+        "nightly_benchmark_schedule": "nightly_benchmark_job",
+        "replay_ingestion_schedule": "replay_ingestion_job",
+        "new_camera_sensor": "sampled_edge_frames_job",
+        "reviews_finished_sensor": "review_import",
+    }
+    # rollout_health_sensor launches nothing: it records observations of model_rollout.
+    assert not defs.resolve_sensor_def("rollout_health_sensor").targets
+
+
+def test_every_asset_is_in_a_lifecycle_stage_group() -> None:
+    from assets.groups import LIFECYCLE_GROUPS
+    from definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    assert "default" not in set(groups.values())
+    assert set(groups.values()) == set(LIFECYCLE_GROUPS)  # every stage has assets, no others
+    assert groups == {
+        "sampled_edge_frames": "ingestion",
+        "seed_datasets": "datasets",
+        "curated_dataset": "datasets",
+        "trained_model": "models",
+        "onnx_model": "models",
+        "quantized_model": "models",
+        "benchmark_report": "evaluation",
+        "production_model": "evaluation",
+        "frame_embeddings": "active_learning",
+        "active_learning_queue": "active_learning",
+        "reviewed_labels": "active_learning",
+        "label_quality": "active_learning",
+        "model_rollout": "deployment",
+    }

@@ -1,0 +1,91 @@
+"""Every job of the roadloop code location, in one place.
+
+Sensors, schedules, ``definitions`` and the demo (``launch/demo.py``) take their jobs from
+here. A top-level module, beside ``definitions.py``, because the jobs span both layers below
+it: asset jobs over ``assets/`` and the replay op job over ``ops/`` (``assets/`` importing
+``ops/`` would tie the asset graph to op code it does not need).
+"""
+
+import dagster as dg
+
+from assets import LOOP_ASSETS
+from assets.active_learning import active_learning_queue, frame_embeddings, reviewed_labels
+from assets.datasets import curated_dataset
+from assets.evaluation import benchmark_report
+from assets.ingestion import sampled_edge_frames
+from assets.partitions import camera_partitions
+from assets.rollout import model_rollout
+from ops.ingestion import replay_shared_cameras
+
+# --------------------------------------------------------------------------- ingestion
+
+
+@dg.job(description="Play the shared datasets and videos as cameras into the frame store.")
+def replay_ingestion_job() -> None:
+    replay_shared_cameras()
+
+
+sampled_edge_frames_job = dg.define_asset_job(
+    "sampled_edge_frames_job",
+    selection=dg.AssetSelection.assets(sampled_edge_frames),
+    partitions_def=camera_partitions,
+    description="Index one camera's kept frames (near-duplicates dropped); one run per partition.",
+)
+
+# --------------------------------------------------------------------------- learning loop
+
+learning_loop_job = dg.define_asset_job(
+    "learning_loop",
+    selection=dg.AssetSelection.assets(*LOOP_ASSETS),
+    description="Curate → train → export → quantize → benchmark → (gated) promote.",
+)
+
+nightly_benchmark_job = dg.define_asset_job(
+    "nightly_benchmark_job",
+    selection=dg.AssetSelection.assets(benchmark_report),
+    description="Re-run the benchmark report and its promotion checks.",
+)
+
+# --------------------------------------------------------------------------- labeling
+
+review_queue_job = dg.define_asset_job(
+    "review_queue",
+    selection=dg.AssetSelection.assets(frame_embeddings, active_learning_queue),
+    description="Score the cameras' unreviewed frames and push the next review batch to FiftyOne.",
+)
+
+review_import_job = dg.define_asset_job(
+    "review_import",
+    selection=dg.AssetSelection.assets(reviewed_labels, curated_dataset),
+    description="Import annotators' reviews from FiftyOne and cut a new curated dataset version.",
+)
+
+# --------------------------------------------------------------------------- deployment
+
+# model_rollout needs the fleet gateway, so it is not part of learning_loop.
+model_rollout_job = dg.define_asset_job(
+    "model_rollout_job",
+    selection=dg.AssetSelection.assets(model_rollout),
+    description="Publish the production version to the fleet as a signed, staged rollout.",
+)
+
+ALL_JOBS = [
+    replay_ingestion_job,
+    sampled_edge_frames_job,
+    learning_loop_job,
+    nightly_benchmark_job,
+    review_queue_job,
+    review_import_job,
+    model_rollout_job,
+]
+
+__all__ = [
+    "ALL_JOBS",
+    "learning_loop_job",
+    "model_rollout_job",
+    "nightly_benchmark_job",
+    "replay_ingestion_job",
+    "review_import_job",
+    "review_queue_job",
+    "sampled_edge_frames_job",
+]
