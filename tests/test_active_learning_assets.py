@@ -142,7 +142,7 @@ def test_review_export_location_is_owned_by_the_artifacts_resource(
     from assets.active_learning import reviewed_labels
     from assets.datasets import curated_dataset, seed_datasets
     from resources import ArtifactStoreResource, DvcResource, LabelledSourcesResource
-    from roadloop.labeling.review import load_review_export
+    from roadloop.labeling.review_items import load_review_export
     from roadloop.settings import get_settings
 
     store = fiftyone.store()
