@@ -1,7 +1,8 @@
 """Drives the Dagster code location for ``roadloop demo`` (the CLI's bridge to Dagster).
 
-The only module under ``roadloop/`` that imports Dagster, and only when the CLI calls it;
-the library's logic modules never do.
+An entry point: it starts a local fleet (``launch.localfleet``), then materializes the code
+location's jobs in-process. ``launch.cli`` imports it only when ``demo`` runs, so other
+commands do not load Dagster.
 """
 
 from __future__ import annotations
