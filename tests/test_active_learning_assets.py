@@ -24,6 +24,8 @@ from roadloop.labeling.review import (
     pending_key,
 )
 
+from .helpers import require_shared
+
 
 @pytest.fixture()
 def fiftyone(fiftyone_db: Path):
@@ -153,8 +155,7 @@ def world(shared_dir: Path, tmp_path: Path, fiftyone):
     from roadloop.settings import get_settings
 
     ckpt = shared_dir / "models" / "atl_v2_yolo11n_320.pt"
-    if not ckpt.is_file():
-        pytest.skip(f"shared checkpoint not found: {ckpt}")
+    require_shared(ckpt)
 
     # Frame store: replay frames of atl_v2 (the oracle can answer them from labels_ref).
     atl = shared_dir / "datasets" / "atl_v2"

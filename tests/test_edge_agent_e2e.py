@@ -32,16 +32,16 @@ from edge_agent.inference import file_sha256
 from edge_agent.outbox import read_journal
 from launch.localfleet import GatewayProcess, child_env
 
+from .helpers import SHARED_DIR, require_shared
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", REPO.parent / "shared"))
-VIDEO = SHARED / "videos" / "cctv_street.mp4"
-MODEL = SHARED / "models" / "atl_v2_yolo11n_320.onnx"
+VIDEO = SHARED_DIR / "videos" / "cctv_street.mp4"
+MODEL = SHARED_DIR / "models" / "atl_v2_yolo11n_320.onnx"
 OUTAGE_S = float(os.environ.get("EDGE_E2E_OUTAGE_S", "10"))
 
-if not (VIDEO.is_file() and MODEL.is_file()):
-    pytest.skip("shared video/model absent", allow_module_level=True)
+require_shared(VIDEO, MODEL)
 
 
 def _env(**extra: str) -> dict[str, str]:

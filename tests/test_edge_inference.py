@@ -20,12 +20,15 @@ import pytest
 
 from edge_agent import Detection, InvalidModelError, OnnxDetector, letterbox, nms
 
+from .helpers import SHARED_DIR, needs_shared
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", REPO.parent / "shared"))
-ONNX_320 = SHARED / "models" / "atl_v2_yolo11n_320.onnx"
-PT_320 = SHARED / "models" / "atl_v2_yolo11n_320.pt"
-VIDEOS = sorted((SHARED / "videos").glob("*.mp4"))
-ATL_TEST = sorted((SHARED / "datasets" / "atl_v2" / "images" / "test").glob("*.jpg"))
+ONNX_320 = SHARED_DIR / "models" / "atl_v2_yolo11n_320.onnx"
+PT_320 = SHARED_DIR / "models" / "atl_v2_yolo11n_320.pt"
+VIDEOS_DIR = SHARED_DIR / "videos"
+ATL_IMAGES = SHARED_DIR / "datasets" / "atl_v2" / "images"
+VIDEOS = sorted(VIDEOS_DIR.glob("*.mp4"))
+ATL_TEST = sorted((ATL_IMAGES / "test").glob("*.jpg"))
 
 CONF, IOU = 0.25, 0.7  # the same thresholds on both sides of every parity check
 
@@ -332,10 +335,8 @@ def test_import_loads_no_platform_packages() -> None:
 
 
 # ---------------------------------------------------------------- parity with Ultralytics (real data)
-needs_shared = pytest.mark.skipif(
-    not (ONNX_320.is_file() and VIDEOS and ATL_TEST),
-    reason="../shared models/videos/datasets absent",
-)
+# What _real_frames reads, plus the model each parity test runs.
+REAL_FRAMES = (VIDEOS_DIR / "*.mp4", ATL_IMAGES / "test" / "*.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +388,7 @@ def _assert_same(mine: list[Detection], theirs) -> None:
         assert abs(mine[j].confidence - conf[i]) <= 1e-3
 
 
-@needs_shared
+@needs_shared(ONNX_320, *REAL_FRAMES)
 def test_parity_with_ultralytics_onnx_predict(ultralytics_yolo) -> None:
     frames = _real_frames()
     det = OnnxDetector(ONNX_320, conf_threshold=CONF, iou_threshold=IOU, intra_op_threads=1)
@@ -404,7 +405,7 @@ def test_parity_with_ultralytics_onnx_predict(ultralytics_yolo) -> None:
     assert det.detect_batch(frames[:3]) == [det.detect(f) for f in frames[:3]]
 
 
-@needs_shared
+@needs_shared(PT_320, *REAL_FRAMES, ATL_IMAGES / "train" / "*.jpg")
 def test_rectangular_export_parity_and_int8(ultralytics_yolo, tmp_path: Path) -> None:
     """A 192x320 export (16:9 cameras, no padding rows): same detections as Ultralytics'
     predict on that file, and roadloop's INT8 quantizer calibrates it at its own shape."""
@@ -428,14 +429,13 @@ def test_rectangular_export_parity_and_int8(ultralytics_yolo, tmp_path: Path) ->
         total += len(mine)
     assert total > 0
 
-    calib = sorted((SHARED / "datasets" / "atl_v2" / "images" / "train").glob("*.jpg"))[:8]
+    calib = sorted((ATL_IMAGES / "train").glob("*.jpg"))[:8]
     info = quantize_int8(rect, tmp_path / "rect_int8.onnx", calib, imgsz=(192, 320))
     q = OnnxDetector(info.path, conf_threshold=CONF, iou_threshold=IOU, intra_op_threads=1)
     assert q.input_hw == (192, 320)
     assert sum(len(q.detect(f)) for f in frames) > 0  # still finds the cars
 
 
-@needs_shared
 def test_letterbox_matches_ultralytics_pixels(ultralytics_yolo) -> None:
     from ultralytics.data.augment import LetterBox
 
@@ -446,7 +446,7 @@ def test_letterbox_matches_ultralytics_pixels(ultralytics_yolo) -> None:
         assert np.array_equal(mine, theirs), hw
 
 
-@needs_shared
+@needs_shared(PT_320, *REAL_FRAMES)
 def test_dynamic_batch_export_and_int8_qdq_model(ultralytics_yolo, tmp_path: Path) -> None:
     """A dynamic-batch export batches for real; an INT8 QDQ copy loads and runs alike."""
     pt = tmp_path / "model.pt"

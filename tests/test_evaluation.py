@@ -12,6 +12,8 @@ import yaml
 from roadloop.errors import InvalidInputError, MissingDataError
 from roadloop.models.training import configure_ultralytics
 
+from .helpers import require_shared
+
 IMGSZ = 320  # the shared ONNX export is static 1x3x320x320
 ATL_NAMES = ["bike", "bus", "car", "truck"]
 # manaus_v4 ids -> atl ids (biker/cyclist -> bike, car, truck; people has no atl class)
@@ -22,8 +24,7 @@ MANAUS_TO_ATL = {0: 0, 1: 2, 2: 0, 4: 3}
 def models(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = shared_dir / "models"
     pt, onnx = d / "atl_v2_yolo11n_320.pt", d / "atl_v2_yolo11n_320.onnx"
-    if not (pt.is_file() and onnx.is_file()):
-        pytest.skip(f"shared checkpoints not found in {d}")
+    require_shared(pt, onnx)
     configure_ultralytics()
     return {"pt": pt, "onnx": onnx}
 

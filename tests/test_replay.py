@@ -19,18 +19,18 @@ from roadloop.data.replay import (
 )
 from roadloop.data.splits import is_replay_frame, is_seed_frame
 from roadloop.errors import InvalidInputError, MissingDataError
-from roadloop.settings import Settings, get_settings
+from roadloop.settings import Settings
+
+from .helpers import require_shared
 
 START = datetime(2026, 4, 1, 8, 0, tzinfo=UTC)
 FRACTION = 0.3
 
 
 @pytest.fixture(scope="module")
-def shared_settings(tmp_path_factory) -> Settings:
-    shared = get_settings().shared_dir
-    if not (shared / "datasets" / "atl_v2" / "images" / "train").is_dir():
-        pytest.skip(f"shared data not found at {shared}")
-    return Settings(home=tmp_path_factory.mktemp("home"), shared_dir=shared)
+def shared_settings(shared_dir: Path, tmp_path_factory) -> Settings:
+    require_shared(shared_dir / "datasets" / "atl_v2" / "images" / "train")
+    return Settings(home=tmp_path_factory.mktemp("home"), shared_dir=shared_dir)
 
 
 def cams_by_id(settings: Settings) -> dict[str, ReplayCamera]:
@@ -117,8 +117,7 @@ def test_replay_candidates_are_disjoint_from_seed_val_test(
     shared_settings: Settings, source: str
 ) -> None:
     root = shared_settings.datasets_dir / source
-    if not root.is_dir():
-        pytest.skip(f"{source} not in shared data")
+    require_shared(root)
     cams = [c for c in default_replay_cameras(shared_settings) if c.source == source]
     assert cams
     stems = {

@@ -43,19 +43,19 @@ from roadloop.release.signing import (
     sign_manifest,
 )
 
+from .helpers import SHARED_DIR, require_shared
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", REPO.parent / "shared"))
-VIDEO = SHARED / "videos" / "cctv_street.mp4"
-MODEL = SHARED / "models" / "atl_v2_yolo11n_320.onnx"
-MODEL_480 = SHARED / "models" / "atl_v2_yolo11n_480.onnx"
+VIDEO = SHARED_DIR / "videos" / "cctv_street.mp4"
+MODEL = SHARED_DIR / "models" / "atl_v2_yolo11n_320.onnx"
+MODEL_480 = SHARED_DIR / "models" / "atl_v2_yolo11n_480.onnx"
 N_AGENTS = 3
 SLOW_DELAY_MS = 2500
 P95_BUDGET_MS = 1200.0
 
-if not (VIDEO.is_file() and MODEL.is_file() and MODEL_480.is_file()):
-    pytest.skip("shared video/models absent", allow_module_level=True)
+require_shared(VIDEO, MODEL, MODEL_480)
 
 
 def _env(**extra: str) -> dict[str, str]:
