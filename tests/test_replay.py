@@ -187,9 +187,9 @@ def test_replaying_few_dataset_frames(shared_settings: Settings, tmp_path: Path)
 
 
 def test_short_video_replay_is_idempotent(shared_settings: Settings, tmp_path: Path) -> None:
+    require_shared(shared_settings.videos_dir / "cctv_street.mp4")
     cams = cams_by_id(shared_settings)
-    if "cctv_street" not in cams:
-        pytest.skip("cctv_street.mp4 not in shared data")
+    assert "cctv_street" in cams, sorted(cams)  # the video is there: its camera must be too
     cam = cams["cctv_street"]
     store = FrameStore(tmp_path)
     stats = replay_camera(cam, store, start_time=START, max_frames=3, replay_fraction=FRACTION)
