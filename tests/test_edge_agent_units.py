@@ -509,6 +509,7 @@ def test_heartbeat_schema_is_versioned_and_documented() -> None:
         "edge_agent.samplers",
         "edge_agent.outbox",
         "edge_agent.heartbeat",
+        "edge_agent.inference",
         "edge_agent.client",
         "edge_agent.updater",
         "edge_agent.shadow",
