@@ -132,6 +132,13 @@ def _spawn(cmd: list[str], where: Path) -> tuple[subprocess.Popen, Path, Path]:
     return proc, out, err
 
 
+def _summary(agent: subprocess.Popen, out: Path, err: Path) -> tuple[dict, str]:
+    """A spawned agent that has exited 0: its JSON summary (last stdout line) and stderr."""
+    log = err.read_text()
+    assert agent.returncode == 0, log[-3000:]
+    return json.loads(out.read_text().strip().splitlines()[-1]), log
+
+
 def _assert_stored_exactly_once(gw: Gateway, camera: str, frame_ids: set[str]) -> dict[str, dict]:
     rows = gw.frame_rows(camera)
     assert len(rows) == len(set(rows)), "duplicate frame rows in the gateway"
@@ -264,9 +271,7 @@ def test_gateway_outage_then_back_loses_nothing(tmp_path: Path) -> None:
         finally:
             if agent.poll() is None:
                 agent.kill()
-        err = err_path.read_text()
-        assert agent.returncode == 0, err[-3000:]
-        summary = json.loads(out_path.read_text().strip().splitlines()[-1])
+        summary, _ = _summary(agent, out_path, err_path)
         assert summary["upload_failures"] > 0 and summary["outbox_depth"] == 0
         sampled = set(summary["sampled_frame_ids"])
         assert len(sampled) == 20
@@ -355,9 +360,7 @@ def test_sigterm_stops_gracefully(gateway: Gateway, tmp_path: Path) -> None:
     finally:
         if agent.poll() is None:
             agent.kill()
-    err = err_path.read_text()
-    assert agent.returncode == 0, err[-3000:]
-    summary = json.loads(out_path.read_text().strip().splitlines()[-1])
+    summary, err = _summary(agent, out_path, err_path)
     assert summary["stopped_by"] == "signal" and summary["frames_processed"] > 0
     assert "SIGTERM received" in err
 
