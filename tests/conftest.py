@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import SHARED_DIR, require_shared
+
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="roadloop-test-home-"))
 
 
@@ -28,12 +30,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    from roadloop.settings import get_settings
-
-    path = get_settings().shared_dir
-    if not (path / "datasets").is_dir():
-        pytest.skip(f"shared data not found at {path}")
-    return path
+    """The read-only shared data (``tests.helpers.SHARED_DIR``); skips without its datasets."""
+    require_shared(SHARED_DIR / "datasets")
+    return SHARED_DIR
 
 
 @pytest.fixture()

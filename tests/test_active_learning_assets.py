@@ -18,6 +18,8 @@ from roadloop.labeling.review_dataset import TAG_IMPORTED, TAG_LABEL_ISSUE, TAG_
 from roadloop.labeling.review_items import ReviewBox, ReviewItem
 from roadloop.labeling.review_store import pending_key
 
+from .helpers import require_shared
+
 
 @pytest.fixture()
 def fiftyone(fiftyone_db: Path):
@@ -339,8 +341,7 @@ def world(shared_dir: Path, tmp_path: Path, fiftyone):
     from roadloop.settings import get_settings
 
     ckpt = shared_dir / "models" / "atl_v2_yolo11n_320.pt"
-    if not ckpt.is_file():
-        pytest.skip(f"shared checkpoint not found: {ckpt}")
+    require_shared(ckpt)
 
     # Frame store: replay frames of atl_v2 (the oracle can answer them from labels_ref).
     atl = shared_dir / "datasets" / "atl_v2"

@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import yaml
@@ -24,17 +23,12 @@ from roadloop.data.datasets import (
 )
 from roadloop.data.splits import is_replay_frame
 from roadloop.errors import EmptyDatasetError, InvalidInputError, MissingDataError
-from roadloop.settings import Settings, get_settings
+from roadloop.settings import Settings
 
-SHARED = get_settings().datasets_dir
+from .helpers import SHARED_DIR, needs_shared, synthetic_jpeg
 
-
-def jpeg(seed: int = 0, size: int = 64) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-    ok, buf = cv2.imencode(".jpg", img)
-    assert ok
-    return buf.tobytes()
+DATASETS = SHARED_DIR / "datasets"
+needs_real_sources = needs_shared(DATASETS / "atl_v2", DATASETS / "manaus_v4")
 
 
 def make_source(
@@ -83,11 +77,11 @@ def test_taxonomy_maps_both_shared_sources():
     assert tax.target_id("nowhere", "car") is None
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared datasets absent")
+@needs_real_sources
 def test_every_shared_source_class_is_mapped():
     tax = load_taxonomy()
     for name in ("atl_v2", "manaus_v4"):
-        for cls in SourceSpec(name=name, root=SHARED / name).class_names().values():
+        for cls in SourceSpec(name=name, root=DATASETS / name).class_names().values():
             assert tax.target_id(name, cls) is not None, (name, cls)
 
 
@@ -120,7 +114,7 @@ def test_missing_taxonomy_file(tmp_path):
 
 
 def test_bad_frames_and_rows_are_quarantined_and_good_rows_kept(tmp_path):
-    good = jpeg(1)
+    good = synthetic_jpeg(1)
     lines = [
         "0 0.5 0.5 0.2 0.2",  # 1 ok car
         "1 0.3 0.3 0.1 0.1",  # 2 ok lorry -> truck (id 1)
@@ -146,12 +140,13 @@ def test_bad_frames_and_rows_are_quarantined_and_good_rows_kept(tmp_path):
                     b"\xff\xd8\xff\xe0" + b"garbage" * 50 + b"\xff\xd9",
                     "0 0.5 0.5 0.1 0.1",
                 ),
-                ("truncated", jpeg(2)[: len(jpeg(2)) // 2], "0 0.5 0.5 0.1 0.1"),
+                ("truncated", synthetic_jpeg(2)[: len(synthetic_jpeg(2)) // 2],
+                 "0 0.5 0.5 0.1 0.1"),
                 ("empty", b"", None),
-                ("background", jpeg(3), None),
-                ("badlabels", jpeg(4), None),
+                ("background", synthetic_jpeg(3), None),
+                ("badlabels", synthetic_jpeg(4), None),
             ],
-            "val": [("v", jpeg(5), "0 0.5 0.5 0.1 0.1")],
+            "val": [("v", synthetic_jpeg(5), "0 0.5 0.5 0.1 0.1")],
         },
     )
     (src / "labels/train/badlabels.txt").write_bytes(b"\xff\xfe\x00bad utf8")
@@ -200,7 +195,9 @@ def test_bad_frames_and_rows_are_quarantined_and_good_rows_kept(tmp_path):
 
 
 def test_unmapped_source_is_a_clear_error(tmp_path):
-    src = make_source(tmp_path / "other", {0: "car"}, {"train": [("a", jpeg(), "0 .5 .5 .1 .1")]})
+    src = make_source(
+        tmp_path / "other", {0: "car"}, {"train": [("a", synthetic_jpeg(), "0 .5 .5 .1 .1")]}
+    )
     with pytest.raises(InvalidInputError, match="no class map"):
         build_curated_dataset(
             [SourceSpec(name="other", root=src)], tmp_path / "out", CAM_TAX, 0.0, progress=False
@@ -211,7 +208,10 @@ def test_empty_dataset_error_leaves_existing_output_untouched(tmp_path):
     src = make_source(
         tmp_path / "cam",
         CAM_NAMES,
-        {"train": [("t", jpeg(), "0 .5 .5 .1 .1")], "val": [("v", b"not an image", None)]},
+        {
+            "train": [("t", synthetic_jpeg(), "0 .5 .5 .1 .1")],
+            "val": [("v", b"not an image", None)],
+        },
     )
     out = tmp_path / "out"
     out.mkdir()
@@ -282,17 +282,17 @@ def test_max_frames_per_split_caps_each_source_split(tmp_path):
 
 
 def test_duplicate_image_kept_in_highest_priority_split(tmp_path):
-    dup = jpeg(42)
+    dup = synthetic_jpeg(42)
     src = make_source(
         tmp_path / "cam",
         CAM_NAMES,
         {
             "train": [
-                ("a", jpeg(1), None),
+                ("a", synthetic_jpeg(1), None),
                 ("dup_tr", dup, "0 .5 .5 .1 .1"),
-                ("a2", jpeg(1), None),
+                ("a2", synthetic_jpeg(1), None),
             ],
-            "val": [("v", jpeg(2), None), ("dup_va", dup, None)],
+            "val": [("v", synthetic_jpeg(2), None), ("dup_va", dup, None)],
             "test": [("dup_te", dup, None)],
         },
     )
@@ -318,7 +318,7 @@ def test_extra_frames_use_taxonomy_ids_and_skip_replay_filter(tmp_path):
     stem = next(f"f{i}" for i in range(1000) if is_replay_frame("cam7", "train", f"f{i}", 0.5))
     (tmp_path / "ext").mkdir()
     img = tmp_path / "ext" / f"{stem}.jpg"
-    img.write_bytes(jpeg(9))
+    img.write_bytes(synthetic_jpeg(9))
     lbl = tmp_path / "ext" / f"{stem}.txt"
     lbl.write_text("4 0.5 0.5 0.1 0.3\n9 0.5 0.5 0.1 0.1\n")
     bad = tmp_path / "ext" / "bad.jpg"
@@ -396,11 +396,11 @@ def test_output_layout_and_data_yaml_work_with_ultralytics(tmp_path, monkeypatch
 # ----------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared datasets absent")
+@needs_real_sources
 def test_build_on_small_real_subset(tmp_path):
     specs = []
     for name in ("atl_v2", "manaus_v4"):
-        src, dst = SHARED / name, tmp_path / name
+        src, dst = DATASETS / name, tmp_path / name
         for split in ("train", "val", "test"):
             (dst / "images" / split).mkdir(parents=True)
             (dst / "labels" / split).mkdir(parents=True)
@@ -428,9 +428,9 @@ def test_build_on_small_real_subset(tmp_path):
             assert np.allclose([float(v) for v in o[1:]], [float(v) for v in n[1:]], atol=1e-6)
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared datasets absent")
+@needs_real_sources
 def test_full_shared_build_accounts_for_every_frame(tmp_path):
-    specs = default_sources(Settings(shared_dir=SHARED.parent, home=tmp_path / "home"))
+    specs = default_sources(Settings(shared_dir=SHARED_DIR, home=tmp_path / "home"))
     assert [s.name for s in specs] == ["atl_v2", "manaus_v4"]
     res = build_curated_dataset(specs, tmp_path / "out", load_taxonomy(), 0.3, progress=False)
     total = sum(len(s.frames()) for s in specs)

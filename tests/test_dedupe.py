@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,10 +11,10 @@ from pydantic import ValidationError
 
 from roadloop.data.frames import DedupePolicy, Detection, dedupe_near_duplicates
 
-from .test_frames import T0, record, textured
+from .helpers import SHARED_DIR, needs_shared, synthetic_image
+from .test_frames import T0, record
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-WINDOW_STREET = SHARED / "videos" / "window_street.mp4"
+WINDOW_STREET = SHARED_DIR / "videos" / "window_street.mp4"
 
 
 def _car(n: int) -> list[Detection]:
@@ -24,7 +23,7 @@ def _car(n: int) -> list[Detection]:
 
 
 def test_same_view_with_other_vehicles_is_not_a_duplicate() -> None:
-    img = textured(3)
+    img = synthetic_image(3)
     first = record("f1", image=img, at=T0).model_copy(update={"detections": _car(2)})
     same = record("f2", image=img, at=T0 + timedelta(seconds=5)).model_copy(
         update={"detections": _car(2)})
@@ -40,7 +39,7 @@ def test_same_view_with_other_vehicles_is_not_a_duplicate() -> None:
 
 
 def test_only_recent_kept_frames_count() -> None:
-    img = textured(4)
+    img = synthetic_image(4)
     frames = [record(f"f{i}", image=img, at=T0 + timedelta(minutes=4 * i)) for i in range(4)]
     kept, dropped = dedupe_near_duplicates(frames, policy=DedupePolicy(max_age_s=600))
     # t=0 kept; 4 and 8 min are within 10 min of it; 12 min is not: kept again.
@@ -52,7 +51,7 @@ def test_only_recent_kept_frames_count() -> None:
 
 def test_per_camera_threshold_overrides_the_default() -> None:
     rng = np.random.default_rng(0)
-    a = textured(10)
+    a = synthetic_image(10)
     noisy = np.clip(a.astype(np.int16) + 8 + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)
     recs = []
     for cam in ("cam_a", "cam_b"):
@@ -71,7 +70,7 @@ def test_policy_rejects_nonsense() -> None:
         DedupePolicy(max_age_s=0)
 
 
-@pytest.mark.skipif(not WINDOW_STREET.is_file(), reason="shared video absent")
+@needs_shared(WINDOW_STREET)
 def test_static_street_keeps_frames_minutes_apart() -> None:
     """window_street's view barely changes: the age window keeps what a day-long pool drops."""
     cap = cv2.VideoCapture(str(WINDOW_STREET))

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import cv2
-import numpy as np
 import pytest
 import yaml
+
+from .helpers import encode_jpeg, synthetic_image
 
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER_YAML = REPO / "deploy" / "dagster" / "dagster.yaml"
@@ -32,12 +32,6 @@ def test_k8s_run_launcher_section_matches_its_schema(monkeypatch: pytest.MonkeyP
     result = process_config(K8sRunLauncher.config_type(), section["config"])
     assert result.success, [e.message for e in result.errors]
     assert result.value["job_image"] == "registry.example/roadloop:1"
-
-
-def _textured(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return cv2.resize(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), (160, 120),
-                      interpolation=cv2.INTER_NEAREST)
 
 
 def test_postgres_storage_materializes_a_partitioned_asset(
@@ -65,13 +59,11 @@ def test_postgres_storage_materializes_a_partitioned_asset(
     store = FrameStore(tmp_path / "frames")
     t0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
     for i in range(3):
-        img = _textured(i)
-        ok, jpg = cv2.imencode(".jpg", img)
-        assert ok
+        img = synthetic_image(i, (160, 120), pattern="blocks", cells=(16, 12))
         store.write_frame(FrameRecord(
             frame_id=f"f{i}", camera_id="cam-pg", captured_at=t0 + timedelta(minutes=i),
             reasons=["base_rate"], source="agent", width=160, height=120,
-            quality=compute_quality(img)), jpg.tobytes())
+            quality=compute_quality(img)), encode_jpeg(img, quality=95))
 
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"

@@ -32,16 +32,16 @@ from edge_agent.fsutil import file_sha256
 from edge_agent.outbox import read_journal
 from launch.localfleet import GatewayProcess, child_env
 
+from .helpers import SHARED_DIR, require_shared
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", REPO.parent / "shared"))
-VIDEO = SHARED / "videos" / "cctv_street.mp4"
-MODEL = SHARED / "models" / "atl_v2_yolo11n_320.onnx"
+VIDEO = SHARED_DIR / "videos" / "cctv_street.mp4"
+MODEL = SHARED_DIR / "models" / "atl_v2_yolo11n_320.onnx"
 OUTAGE_S = float(os.environ.get("EDGE_E2E_OUTAGE_S", "10"))
 
-if not (VIDEO.is_file() and MODEL.is_file()):
-    pytest.skip("shared video/model absent", allow_module_level=True)
+require_shared(VIDEO, MODEL)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -130,6 +130,13 @@ def _spawn(cmd: list[str], where: Path) -> tuple[subprocess.Popen, Path, Path]:
     with open(out, "wb") as fo, open(err, "wb") as fe:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=fo, stderr=fe)
     return proc, out, err
+
+
+def _summary(agent: subprocess.Popen, out: Path, err: Path) -> tuple[dict, str]:
+    """A spawned agent that has exited 0: its JSON summary (last stdout line) and stderr."""
+    log = err.read_text()
+    assert agent.returncode == 0, log[-3000:]
+    return json.loads(out.read_text().strip().splitlines()[-1]), log
 
 
 def _assert_stored_exactly_once(gw: Gateway, camera: str, frame_ids: set[str]) -> dict[str, dict]:
@@ -264,9 +271,7 @@ def test_gateway_outage_then_back_loses_nothing(tmp_path: Path) -> None:
         finally:
             if agent.poll() is None:
                 agent.kill()
-        err = err_path.read_text()
-        assert agent.returncode == 0, err[-3000:]
-        summary = json.loads(out_path.read_text().strip().splitlines()[-1])
+        summary, _ = _summary(agent, out_path, err_path)
         assert summary["upload_failures"] > 0 and summary["outbox_depth"] == 0
         sampled = set(summary["sampled_frame_ids"])
         assert len(sampled) == 20
@@ -355,9 +360,7 @@ def test_sigterm_stops_gracefully(gateway: Gateway, tmp_path: Path) -> None:
     finally:
         if agent.poll() is None:
             agent.kill()
-    err = err_path.read_text()
-    assert agent.returncode == 0, err[-3000:]
-    summary = json.loads(out_path.read_text().strip().splitlines()[-1])
+    summary, err = _summary(agent, out_path, err_path)
     assert summary["stopped_by"] == "signal" and summary["frames_processed"] > 0
     assert "SIGTERM received" in err
 

@@ -52,9 +52,10 @@ from edge_agent.sources import (
     open_source,
 )
 
+from .helpers import SHARED_DIR, needs_shared
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", REPO.parent / "shared"))
-VIDEO = SHARED / "videos" / "cctv_street.mp4"
+VIDEO = SHARED_DIR / "videos" / "cctv_street.mp4"
 
 
 @dataclass
@@ -433,7 +434,7 @@ def test_lossless_reader_delivers_every_frame_in_order() -> None:
     reader.stop()
 
 
-@pytest.mark.skipif(not VIDEO.is_file(), reason="shared video absent")
+@needs_shared(VIDEO)
 def test_video_source_as_fast_as_possible_and_realtime() -> None:
     src = open_source(str(VIDEO), realtime=False)
     assert isinstance(src, VideoFileSource) and src.fps == pytest.approx(25.0)
@@ -531,6 +532,7 @@ def test_heartbeat_schema_is_versioned_and_documented() -> None:
         "edge_agent.fsutil",
         "edge_agent.manifest",
         "edge_agent.heartbeat",
+        "edge_agent.inference",
         "edge_agent.client",
         "edge_agent.updater",
         "edge_agent.model_slot",

@@ -8,10 +8,7 @@ when ``../shared`` is absent.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -20,12 +17,14 @@ import pytest
 
 from edge_agent import Detection, InvalidModelError, OnnxDetector, letterbox, nms
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", REPO.parent / "shared"))
-ONNX_320 = SHARED / "models" / "atl_v2_yolo11n_320.onnx"
-PT_320 = SHARED / "models" / "atl_v2_yolo11n_320.pt"
-VIDEOS = sorted((SHARED / "videos").glob("*.mp4"))
-ATL_TEST = sorted((SHARED / "datasets" / "atl_v2" / "images" / "test").glob("*.jpg"))
+from .helpers import SHARED_DIR, needs_shared
+
+ONNX_320 = SHARED_DIR / "models" / "atl_v2_yolo11n_320.onnx"
+PT_320 = SHARED_DIR / "models" / "atl_v2_yolo11n_320.pt"
+VIDEOS_DIR = SHARED_DIR / "videos"
+ATL_IMAGES = SHARED_DIR / "datasets" / "atl_v2" / "images"
+VIDEOS = sorted(VIDEOS_DIR.glob("*.mp4"))
+ATL_TEST = sorted((ATL_IMAGES / "test").glob("*.jpg"))
 
 CONF, IOU = 0.25, 0.7  # the same thresholds on both sides of every parity check
 
@@ -183,7 +182,10 @@ def test_detector_suppresses_same_class_keeps_other_class(overlap_model: Path) -
     )
     t = det.last_timings
     assert t is not None and t.batch_size == 1
-    assert min(t.preprocess_ms, t.inference_ms, t.postprocess_ms) >= 0
+    assert det.detect_batch([np.zeros((64, 64, 3), np.uint8)] * 3) == [found] * 3
+    assert det.last_timings is not None and det.last_timings.batch_size == 3
+    assert det.detect_batch([]) == []
+    assert det.last_timings is not None and det.last_timings.batch_size == 0
 
 
 def test_boxes_are_scaled_back_through_the_letterbox_and_clipped(tmp_path: Path) -> None:
@@ -314,28 +316,18 @@ def test_bad_frames_are_rejected(overlap_model: Path) -> None:
         det.detect(np.zeros((10, 10, 3), np.float32))
     with pytest.raises(ValueError, match="empty"):
         det.detect(np.zeros((0, 10, 3), np.uint8))
-    assert det.detect(np.zeros((20, 20), np.uint8)) is not None  # grey frames are converted
+    # Grey frames are converted: the same detections as the BGR frame.
+    grey = det.detect(np.zeros((20, 20), np.uint8))
+    assert [d.class_name for d in grey] == ["car", "truck"]
+    assert grey == det.detect(np.zeros((20, 20, 3), np.uint8))
 
 
-# ---------------------------------------------------------------- no heavy imports
-def test_import_loads_no_platform_packages() -> None:
-    code = (
-        "import edge_agent.inference, sys; "
-        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch','ultralytics','dagster','roadloop','pydantic'}); "
-        "assert not bad, bad"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
+# edge_agent.inference loads no platform package: test_edge_agent_units checks every agent module.
 
 
 # ---------------------------------------------------------------- parity with Ultralytics (real data)
-needs_shared = pytest.mark.skipif(
-    not (ONNX_320.is_file() and VIDEOS and ATL_TEST),
-    reason="../shared models/videos/datasets absent",
-)
+# What _real_frames reads, plus the model each parity test runs.
+REAL_FRAMES = (VIDEOS_DIR / "*.mp4", ATL_IMAGES / "test" / "*.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +379,7 @@ def _assert_same(mine: list[Detection], theirs) -> None:
         assert abs(mine[j].confidence - conf[i]) <= 1e-3
 
 
-@needs_shared
+@needs_shared(ONNX_320, *REAL_FRAMES)
 def test_parity_with_ultralytics_onnx_predict(ultralytics_yolo) -> None:
     frames = _real_frames()
     det = OnnxDetector(ONNX_320, conf_threshold=CONF, iou_threshold=IOU, intra_op_threads=1)
@@ -404,7 +396,7 @@ def test_parity_with_ultralytics_onnx_predict(ultralytics_yolo) -> None:
     assert det.detect_batch(frames[:3]) == [det.detect(f) for f in frames[:3]]
 
 
-@needs_shared
+@needs_shared(PT_320, *REAL_FRAMES, ATL_IMAGES / "train" / "*.jpg")
 def test_rectangular_export_parity_and_int8(ultralytics_yolo, tmp_path: Path) -> None:
     """A 192x320 export (16:9 cameras, no padding rows): same detections as Ultralytics'
     predict on that file, and roadloop's INT8 quantizer calibrates it at its own shape."""
@@ -428,14 +420,13 @@ def test_rectangular_export_parity_and_int8(ultralytics_yolo, tmp_path: Path) ->
         total += len(mine)
     assert total > 0
 
-    calib = sorted((SHARED / "datasets" / "atl_v2" / "images" / "train").glob("*.jpg"))[:8]
+    calib = sorted((ATL_IMAGES / "train").glob("*.jpg"))[:8]
     info = quantize_int8(rect, tmp_path / "rect_int8.onnx", calib, imgsz=(192, 320))
     q = OnnxDetector(info.path, conf_threshold=CONF, iou_threshold=IOU, intra_op_threads=1)
     assert q.input_hw == (192, 320)
     assert sum(len(q.detect(f)) for f in frames) > 0  # still finds the cars
 
 
-@needs_shared
 def test_letterbox_matches_ultralytics_pixels(ultralytics_yolo) -> None:
     from ultralytics.data.augment import LetterBox
 
@@ -446,7 +437,7 @@ def test_letterbox_matches_ultralytics_pixels(ultralytics_yolo) -> None:
         assert np.array_equal(mine, theirs), hw
 
 
-@needs_shared
+@needs_shared(PT_320, *REAL_FRAMES)
 def test_dynamic_batch_export_and_int8_qdq_model(ultralytics_yolo, tmp_path: Path) -> None:
     """A dynamic-batch export batches for real; an INT8 QDQ copy loads and runs alike."""
     pt = tmp_path / "model.pt"
@@ -461,6 +452,7 @@ def test_dynamic_batch_export_and_int8_qdq_model(ultralytics_yolo, tmp_path: Pat
     assert det.dynamic_batch and det.input_size == 160
     batched = det.detect_batch(frames)
     single = [det.detect(f) for f in frames]
+    assert all(single)  # cars in every frame, so the comparison below compares boxes
     for a, b in zip(batched, single):
         assert [d.class_id for d in a] == [d.class_id for d in b]
         assert np.allclose([d.xyxy for d in a], [d.xyxy for d in b], atol=1e-2) if a else not b
@@ -471,6 +463,8 @@ def test_dynamic_batch_export_and_int8_qdq_model(ultralytics_yolo, tmp_path: Pat
         QuantType,
         quantize_static,
     )
+
+    from roadloop.models.quantize import DETECT_TAIL_PATTERN, matching_nodes
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -487,9 +481,13 @@ def test_dynamic_batch_export_and_int8_qdq_model(ultralytics_yolo, tmp_path: Pat
         quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        # The decode tail stays float as in roadloop's quantizer: quantized, its box/score
+        # concat rounds every class score to 0 and the copy detects nothing.
+        nodes_to_exclude=matching_nodes(exported, [DETECT_TAIL_PATTERN]),
     )
     q = OnnxDetector(int8, intra_op_threads=1, class_names=det.class_names)
     assert q.model_sha256 != det.model_sha256 and q.input_size == 160
     out = q.detect_batch(frames)
-    assert len(out) == 3 and all(isinstance(d, Detection) for ds in out for d in ds)
+    assert len(out) == 3 and all(out)  # still finds cars in every frame
+    assert all(isinstance(d, Detection) for ds in out for d in ds)
     assert all(d.model_sha256 == q.model_sha256 for ds in out for d in ds)

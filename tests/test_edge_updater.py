@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import threading
 import time
@@ -51,14 +50,13 @@ from edge_agent.shadow import ShadowRunner, f1_score, match_boxes
 from edge_agent.sources import Frame
 from edge_agent.updater import ModelUpdater
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", REPO.parent / "shared"))
-MODEL_320 = SHARED / "models" / "atl_v2_yolo11n_320.onnx"
-MODEL_480 = SHARED / "models" / "atl_v2_yolo11n_480.onnx"
-IMAGES = SHARED / "datasets" / "atl_v2" / "images" / "test"
+from .helpers import SHARED_DIR, require_shared
 
-if not (MODEL_320.is_file() and MODEL_480.is_file()):
-    pytest.skip("shared models absent", allow_module_level=True)
+MODEL_320 = SHARED_DIR / "models" / "atl_v2_yolo11n_320.onnx"
+MODEL_480 = SHARED_DIR / "models" / "atl_v2_yolo11n_480.onnx"
+IMAGES = SHARED_DIR / "datasets" / "atl_v2" / "images" / "test"
+
+require_shared(MODEL_320, MODEL_480)
 
 CLASSES = ["bike", "bus", "car", "truck"]
 
@@ -138,9 +136,8 @@ def baseline() -> OnnxDetector:
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
+    require_shared(IMAGES / "*.jpg")
     paths = sorted(IMAGES.glob("*.jpg"))
-    if not paths:
-        pytest.skip("shared test images absent")
     img = cv2.imread(str(paths[0]))
     assert img is not None
     return img

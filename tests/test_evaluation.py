@@ -12,6 +12,8 @@ import yaml
 from roadloop.errors import InvalidInputError, MissingDataError
 from roadloop.models.training import configure_ultralytics
 
+from .helpers import require_shared
+
 IMGSZ = 320  # the shared ONNX export is static 1x3x320x320
 ATL_NAMES = ["bike", "bus", "car", "truck"]
 # manaus_v4 ids -> atl ids (biker/cyclist -> bike, car, truck; people has no atl class)
@@ -22,8 +24,7 @@ MANAUS_TO_ATL = {0: 0, 1: 2, 2: 0, 4: 3}
 def models(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = shared_dir / "models"
     pt, onnx = d / "atl_v2_yolo11n_320.pt", d / "atl_v2_yolo11n_320.onnx"
-    if not (pt.is_file() and onnx.is_file()):
-        pytest.skip(f"shared checkpoints not found in {d}")
+    require_shared(pt, onnx)
     configure_ultralytics()
     return {"pt": pt, "onnx": onnx}
 
@@ -102,8 +103,18 @@ def test_evaluate_detector_pt_and_onnx(models, tiny_dataset: Path, fmt: str) -> 
     ):
         assert 0.0 <= v <= 1.0
     assert m.map50_95 <= m.map50
-    assert m.count_mae >= 0 and all(v >= 0 for v in m.per_class_count_mae.values())
-    assert m.n_images == 6 and m.n_instances > 0
+    rows = [
+        line
+        for f in (tiny_dataset / "labels" / "test").glob("*.txt")
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
+    assert m.n_images == 6 and m.n_instances == len(rows) > 0
+    # Count errors are means over the 6 frames of whole-box differences; the all-class
+    # error cannot exceed the per-class errors added up (triangle inequality).
+    for v in (m.count_mae, *m.per_class_count_mae.values()):
+        assert v >= 0 and v * m.n_images == pytest.approx(round(v * m.n_images))
+    assert m.count_mae <= sum(m.per_class_count_mae.values()) + 1e-9
     assert set(m.per_class_count_mae) == set(ATL_NAMES)  # every class has a count error
     present = {ATL_NAMES[c] for c in _label_classes(tiny_dataset)}
     assert set(m.per_class_ap50) == present == set(m.per_class_ap50_95)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -12,7 +11,8 @@ from roadloop.errors import InvalidInputError, MissingDataError
 from roadloop.models.export import export_onnx, load_onnx_metadata, validate_onnx_model
 from roadloop.models.quantize import QuantConfig, list_images, preprocess, quantize_int8
 from roadloop.models.training import configure_ultralytics
-from roadloop.settings import get_settings
+
+from .helpers import SHARED_DIR, require_shared, synthetic_jpeg
 
 IMGSZ = 128
 
@@ -45,16 +45,13 @@ def tiny_onnx(tiny_pt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory) -> list[Path]:
     """Real atl_v2 train frames when available, else synthetic images."""
-    d = get_settings().datasets_dir / "atl_v2" / "images" / "train"
+    d = SHARED_DIR / "datasets" / "atl_v2" / "images" / "train"
     if d.is_dir():
         return list_images(d)[:4]
     out = tmp_path_factory.mktemp("frames")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(4):
-        p = out / f"f{i}.jpg"
-        cv2.imwrite(str(p), rng.integers(0, 255, (90, 160, 3), dtype=np.uint8))
-        paths.append(p)
+    paths = [out / f"f{i}.jpg" for i in range(4)]
+    for i, p in enumerate(paths):
+        p.write_bytes(synthetic_jpeg(i, (160, 90), pattern="noise"))
     return paths
 
 
@@ -110,11 +107,9 @@ def test_quantize_dynamic_export(tiny_onnx, frames, tmp_path):
 
 
 def test_quantized_real_model_tracks_fp32(tmp_path):
-    s = get_settings()
-    fp32 = s.models_dir / "atl_v2_yolo11n_320.onnx"
-    ds = s.datasets_dir / "atl_v2"
-    if not fp32.is_file() or not ds.is_dir():
-        pytest.skip("../shared model/dataset not available")
+    fp32 = SHARED_DIR / "models" / "atl_v2_yolo11n_320.onnx"
+    ds = SHARED_DIR / "datasets" / "atl_v2"
+    require_shared(fp32, ds)
     train = list_images(ds / "images" / "train")
     q = quantize_int8(
         fp32, tmp_path / "int8.onnx", train, imgsz=320, config=QuantConfig(num_calibration_frames=8)

@@ -21,7 +21,6 @@ from typing import Any
 
 import cv2
 import httpx
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -34,6 +33,8 @@ from fleet.intake import JpegError, check_jpeg, jpeg_dimensions
 from fleet.runtime import Gateway
 from launch.localfleet import GatewayProcess
 from roadloop.data.frames import FrameRecord, FrameStore, FrameWrite, compute_quality
+
+from .helpers import SHARED_DIR, encode_jpeg, synthetic_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 5, 4, 12, 0, 0, tzinfo=UTC)
@@ -54,31 +55,17 @@ class Clock:
         self.now += timedelta(seconds=seconds)
 
 
-def _synthetic(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(9, 12, 3), dtype=np.uint8)
-    return cv2.resize(small, (W, H), interpolation=cv2.INTER_CUBIC)
-
-
-def _encode(image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    assert ok
-    return buf.tobytes()
-
-
 @pytest.fixture(scope="module")
 def frame_jpeg() -> bytes:
     """A real frame from the shared videos (160x120), or a synthetic one without them."""
-    from roadloop.settings import get_settings
-
-    videos = sorted(get_settings().videos_dir.glob("*.mp4"))
+    videos = sorted((SHARED_DIR / "videos").glob("*.mp4"))
     if videos:
         cap = cv2.VideoCapture(str(videos[0]))
         ok, frame = cap.read()
         cap.release()
         if ok and frame is not None:
-            return _encode(cv2.resize(frame, (W, H), interpolation=cv2.INTER_AREA))
-    return _encode(_synthetic(0))
+            return encode_jpeg(cv2.resize(frame, (W, H), interpolation=cv2.INTER_AREA), 85)
+    return synthetic_jpeg(0, (W, H), cells=(12, 9), quality=85)
 
 
 def meta(frame_id: str, camera_id: str = "cam-a", **over: Any) -> dict[str, Any]:

@@ -27,20 +27,9 @@ from roadloop.data.frames import (
 )
 from roadloop.errors import InvalidInputError
 
+from .helpers import encode_jpeg, synthetic_image
+
 T0 = datetime(2026, 3, 1, 23, 59, 50, tzinfo=UTC)
-
-
-def textured(seed: int, w: int = 96, h: int = 64) -> np.ndarray:
-    """A smooth random BGR texture: distinct seeds give distinct dhashes."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
-
-
-def jpeg(image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    return buf.tobytes()
 
 
 def record(
@@ -51,7 +40,7 @@ def record(
     image: np.ndarray | None = None,
     reasons: list[str] | None = None,
 ) -> FrameRecord:
-    image = textured(0) if image is None else image
+    image = synthetic_image(0) if image is None else image
     h, w = image.shape[:2]
     return FrameRecord(
         frame_id=frame_id,
@@ -67,7 +56,7 @@ def record(
 
 def test_layout_and_roundtrip(tmp_path: Path) -> None:
     store = FrameStore(tmp_path)
-    img = textured(1)
+    img = synthetic_image(1)
     rec = record("f1", image=img).model_copy(
         update={
             "detections": [
@@ -76,7 +65,7 @@ def test_layout_and_roundtrip(tmp_path: Path) -> None:
             "model_version": "sha256:abc",
         }
     )
-    path, existed = store.write_frame(rec, jpeg(img))
+    path, existed = store.write_frame(rec, encode_jpeg(img))
     assert not existed
     assert path == tmp_path / "cam_a" / "2026-03-01" / "f1.jpg"
     sidecar = path.with_suffix(".json")
@@ -100,10 +89,10 @@ def test_captured_at_is_utc_and_tz_aware() -> None:
 
 def test_iter_frames_time_order_across_days_and_window(tmp_path: Path) -> None:
     store = FrameStore(tmp_path)
-    img = textured(2)
+    img = synthetic_image(2)
     times = [T0 + timedelta(seconds=30), T0, T0 + timedelta(seconds=5)]  # spans two dates
     for i, t in enumerate(times):
-        store.write_frame(record(f"f{i}", at=t, image=img), jpeg(img))
+        store.write_frame(record(f"f{i}", at=t, image=img), encode_jpeg(img))
     assert {p.name for p in (tmp_path / "cam_a").iterdir()} == {"2026-03-01", "2026-03-02"}
     got = [r.frame_id for r, _ in store.iter_frames("cam_a")]
     assert got == ["f1", "f2", "f0"]
@@ -120,13 +109,13 @@ def test_iter_frames_time_order_across_days_and_window(tmp_path: Path) -> None:
 
 def test_crash_leftovers_are_not_frames(tmp_path: Path) -> None:
     store = FrameStore(tmp_path)
-    img = textured(3)
-    store.write_frame(record("good", image=img), jpeg(img))
+    img = synthetic_image(3)
+    store.write_frame(record("good", image=img), encode_jpeg(img))
     day = tmp_path / "cam_a" / "2026-03-01"
     # What a crash can leave: temp files, and an image whose sidecar never landed.
-    (day / ".half.jpg.tmp-1234abcd").write_bytes(jpeg(img)[:100])
+    (day / ".half.jpg.tmp-1234abcd").write_bytes(encode_jpeg(img)[:100])
     (day / ".half.json.tmp-1234abcd").write_text(record("half", image=img).model_dump_json())
-    (day / "orphan.jpg").write_bytes(jpeg(img))
+    (day / "orphan.jpg").write_bytes(encode_jpeg(img))
     assert [r.frame_id for r, _ in store.iter_frames("cam_a")] == ["good"]
     report = store.fsck()
     assert report.frames_ok == 1
@@ -140,7 +129,7 @@ def test_crash_leftovers_are_not_frames(tmp_path: Path) -> None:
 
 def test_crash_before_sidecar_leaves_no_frame(tmp_path: Path, monkeypatch) -> None:
     store = FrameStore(tmp_path)
-    img = textured(4)
+    img = synthetic_image(4)
     rec = record("f1", image=img)
     real_replace = os.replace
     calls = {"n": 0}
@@ -153,13 +142,13 @@ def test_crash_before_sidecar_leaves_no_frame(tmp_path: Path, monkeypatch) -> No
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
-        store.write_frame(rec, jpeg(img))
+        store.write_frame(rec, encode_jpeg(img))
     monkeypatch.setattr(os, "replace", real_replace)
     assert store.count("cam_a") == 0
     report = store.fsck()
     assert len(report.orphan_images) == 1 and report.temp_files == []
     # A retry completes the frame (the orphan is not mistaken for a stored frame).
-    _path, existed = store.write_frame(rec, jpeg(img))
+    _path, existed = store.write_frame(rec, encode_jpeg(img))
     assert not existed and store.count("cam_a") == 1
     assert store.fsck().clean
 
@@ -176,10 +165,10 @@ def test_id_validation_rejects_traversal(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ValidationError):
         record("ok", camera_id=bad)
     # A record that bypassed validation is still refused by the store.
-    img = textured(0)
+    img = synthetic_image(0)
     sneaky = record("ok").model_copy(update={"frame_id": bad})
     with pytest.raises(InvalidInputError):
-        store.write_frame(sneaky, jpeg(img))
+        store.write_frame(sneaky, encode_jpeg(img))
     assert not any(tmp_path.parent.glob("etc*"))
     assert list(tmp_path.rglob("*")) == []
 
@@ -194,9 +183,9 @@ def test_valid_ids_and_safe_id() -> None:
 
 def test_corrupt_jpeg_rejected_naming_the_id(tmp_path: Path) -> None:
     store = FrameStore(tmp_path)
-    img = textured(5)
+    img = synthetic_image(5)
     rec = record("broken_frame", image=img)
-    good = jpeg(img)
+    good = encode_jpeg(img)
     for payload in [good[:3] + b"\x00" * 50, b"not an image", b""]:
         with pytest.raises(InvalidInputError) as err:
             store.write_frame(rec, payload)
@@ -211,29 +200,30 @@ def test_corrupt_jpeg_rejected_naming_the_id(tmp_path: Path) -> None:
 
 def test_idempotent_writes(tmp_path: Path) -> None:
     store = FrameStore(tmp_path)
-    img = textured(6)
+    img = synthetic_image(6)
     rec = record("f1", image=img)
-    first = store.write_frame(rec, jpeg(img))
+    first = store.write_frame(rec, encode_jpeg(img))
     sidecar_before = first.path.with_suffix(".json").read_bytes()
-    again = store.write_frame(rec, jpeg(img))
+    again = store.write_frame(rec, encode_jpeg(img))
     assert again.already_existed and again.path == first.path
     # Same id at another time (another date folder) or with other bytes: still a no-op.
-    other = textured(7)
+    other = synthetic_image(7)
     later = record("f1", image=other, at=T0 + timedelta(days=3))
-    third = store.write_frame(later, jpeg(other))
+    third = store.write_frame(later, encode_jpeg(other))
     assert third.already_existed and third.path == first.path
     assert first.path.with_suffix(".json").read_bytes() == sidecar_before
     assert store.count("cam_a") == 1
     # Same frame id on another camera is a different frame.
-    assert not store.write_frame(record("f1", camera_id="cam_b", image=img), jpeg(img))[1]
+    assert not store.write_frame(record("f1", camera_id="cam_b", image=img), encode_jpeg(img))[1]
 
 
 def test_corrupt_sidecar_is_skipped_and_reported(tmp_path: Path, caplog) -> None:
     store = FrameStore(tmp_path)
-    img = textured(8)
-    p1, _ = store.write_frame(record("f1", image=img), jpeg(img))
-    p2, _ = store.write_frame(record("f2", image=img, at=T0 + timedelta(seconds=1)), jpeg(img))
-    p3, _ = store.write_frame(record("f3", image=img, at=T0 + timedelta(seconds=2)), jpeg(img))
+    img = synthetic_image(8)
+    data = encode_jpeg(img)
+    p1, _ = store.write_frame(record("f1", image=img), data)
+    p2, _ = store.write_frame(record("f2", image=img, at=T0 + timedelta(seconds=1)), data)
+    p3, _ = store.write_frame(record("f3", image=img, at=T0 + timedelta(seconds=2)), data)
     p1.with_suffix(".json").write_text('{"frame_id": "f1", "camera_')  # truncated JSON
     bad = json.loads(p3.with_suffix(".json").read_text())
     bad["frame_id"] = "someone_else"  # valid JSON, wrong frame
@@ -253,7 +243,7 @@ def test_corrupt_sidecar_is_skipped_and_reported(tmp_path: Path, caplog) -> None
 
 
 def test_quality_numbers_are_sensible() -> None:
-    bright = textured(9)
+    bright = synthetic_image(9)
     dark = (bright * 0.25).astype(np.uint8)
     blurred = cv2.GaussianBlur(bright, (0, 0), sigmaX=3)
     qb, qd, qs = compute_quality(bright), compute_quality(dark), compute_quality(blurred)
@@ -263,7 +253,10 @@ def test_quality_numbers_are_sensible() -> None:
     flat = np.full((64, 64, 3), 128, np.uint8)
     assert compute_quality(flat).sharpness == 0.0
     assert compute_quality(flat).brightness == pytest.approx(128.0)
-    assert len(qb.dhash) == 16 and int(qb.dhash, 16) >= 0
+    # One bit per horizontally adjacent pair, set where the right one is brighter.
+    ramp = np.tile(np.linspace(0, 255, 90).astype(np.uint8), (64, 1))  # brighter to the right
+    assert compute_quality(ramp).dhash == "f" * 16
+    assert compute_quality(np.ascontiguousarray(ramp[:, ::-1])).dhash == "0" * 16
     # Grey input works and gives the same hash as its BGR version.
     grey = cv2.cvtColor(bright, cv2.COLOR_BGR2GRAY)
     assert compute_quality(grey).dhash == qb.dhash
@@ -278,10 +271,10 @@ def test_quality_numbers_are_sensible() -> None:
 
 
 def test_dedupe_drops_exact_and_near_duplicates() -> None:
-    a = textured(10)
+    a = synthetic_image(10)
     rng = np.random.default_rng(0)
     noisy = np.clip(a.astype(np.int16) + 8 + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)
-    b, c = textured(11), textured(12)
+    b, c = synthetic_image(11), synthetic_image(12)
     assert 1 <= dhash_hamming(compute_quality(a).dhash, compute_quality(noisy).dhash) <= 4
     assert dhash_hamming(compute_quality(a).dhash, compute_quality(b).dhash) > 4
     recs = [
@@ -304,7 +297,7 @@ def test_dedupe_drops_exact_and_near_duplicates() -> None:
 
 
 def test_summarize_partition() -> None:
-    a, b = textured(13), textured(14)
+    a, b = synthetic_image(13), synthetic_image(14)
     kept = [
         record("a", image=a, at=T0, reasons=["base_rate"]),
         record(

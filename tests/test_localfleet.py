@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
@@ -10,12 +9,13 @@ import pytest
 
 from launch.localfleet import GatewayProcess, GatewayStartError, LocalFleet, free_port
 
-SHARED = Path(os.environ.get("ROADLOOP_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-VIDEO = SHARED / "videos" / "cctv_street.mp4"
-MODEL = SHARED / "models" / "atl_v2_yolo11n_320.onnx"
+from .helpers import SHARED_DIR, needs_shared
+
+VIDEO = SHARED_DIR / "videos" / "cctv_street.mp4"
+MODEL = SHARED_DIR / "models" / "atl_v2_yolo11n_320.onnx"
 
 
-@pytest.mark.skipif(not (VIDEO.is_file() and MODEL.is_file()), reason="shared video/model absent")
+@needs_shared(VIDEO, MODEL)
 def test_local_fleet_runs_an_agent_to_completion(tmp_path: Path) -> None:
     with LocalFleet(tmp_path / "home", free_port()) as fleet:
         fleet.start_gateway()

@@ -19,18 +19,18 @@ from roadloop.data.replay import (
 )
 from roadloop.data.splits import is_replay_frame, is_seed_frame
 from roadloop.errors import InvalidInputError, MissingDataError
-from roadloop.settings import Settings, get_settings
+from roadloop.settings import Settings
+
+from .helpers import require_shared
 
 START = datetime(2026, 4, 1, 8, 0, tzinfo=UTC)
 FRACTION = 0.3
 
 
 @pytest.fixture(scope="module")
-def shared_settings(tmp_path_factory) -> Settings:
-    shared = get_settings().shared_dir
-    if not (shared / "datasets" / "atl_v2" / "images" / "train").is_dir():
-        pytest.skip(f"shared data not found at {shared}")
-    return Settings(home=tmp_path_factory.mktemp("home"), shared_dir=shared)
+def shared_settings(shared_dir: Path, tmp_path_factory) -> Settings:
+    require_shared(shared_dir / "datasets" / "atl_v2" / "images" / "train")
+    return Settings(home=tmp_path_factory.mktemp("home"), shared_dir=shared_dir)
 
 
 def cams_by_id(settings: Settings) -> dict[str, ReplayCamera]:
@@ -117,8 +117,7 @@ def test_replay_candidates_are_disjoint_from_seed_val_test(
     shared_settings: Settings, source: str
 ) -> None:
     root = shared_settings.datasets_dir / source
-    if not root.is_dir():
-        pytest.skip(f"{source} not in shared data")
+    require_shared(root)
     cams = [c for c in default_replay_cameras(shared_settings) if c.source == source]
     assert cams
     stems = {
@@ -188,9 +187,9 @@ def test_replaying_few_dataset_frames(shared_settings: Settings, tmp_path: Path)
 
 
 def test_short_video_replay_is_idempotent(shared_settings: Settings, tmp_path: Path) -> None:
+    require_shared(shared_settings.videos_dir / "cctv_street.mp4")
     cams = cams_by_id(shared_settings)
-    if "cctv_street" not in cams:
-        pytest.skip("cctv_street.mp4 not in shared data")
+    assert "cctv_street" in cams, sorted(cams)  # the video is there: its camera must be too
     cam = cams["cctv_street"]
     store = FrameStore(tmp_path)
     stats = replay_camera(cam, store, start_time=START, max_frames=3, replay_fraction=FRACTION)

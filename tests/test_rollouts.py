@@ -608,10 +608,11 @@ def test_model_rollout_asset_and_health_sensor(live_gateway: tuple[str, str, Pat
     again = rollout_health_sensor(dg.build_sensor_context(resources={"fleet": fleet},
                                                          cursor=out.cursor))
     assert isinstance(again, dg.SkipReason)  # nothing changed: no new observation
+    assert again.skip_message == f"{rid}: hold at shadow"
 
     fleet.action(rid, "rollback", reason="test")
-    assert isinstance(rollout_health_sensor(dg.build_sensor_context(resources={"fleet": fleet})),
-                      dg.SkipReason)
+    idle = rollout_health_sensor(dg.build_sensor_context(resources={"fleet": fleet}))
+    assert isinstance(idle, dg.SkipReason) and idle.skip_message == "no active rollout"
     down = FleetResource(gateway_url="http://127.0.0.1:9", admin_token=admin, key_dir=str(keys))
     with pytest.raises(dg.Failure, match="unreachable"):
         model_rollout(context=dg.build_asset_context(), quantized_model=quant,

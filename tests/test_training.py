@@ -20,7 +20,8 @@ from roadloop.models.training import (
     resolve_start_weights,
     train_detector,
 )
-from roadloop.settings import get_settings
+
+from .helpers import SHARED_DIR, require_shared
 
 TAXONOMY = ["car", "truck", "bus", "two_wheeler", "person"]
 ATL_TO_TAXONOMY_ID = {0: 3, 1: 2, 2: 0, 3: 1}  # bike, bus, car, truck → taxonomy ids
@@ -33,17 +34,15 @@ def _ultralytics(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def atl() -> Path:
-    d = get_settings().datasets_dir / "atl_v2"
-    if not (d / "data.yaml").is_file():
-        pytest.skip("../shared/datasets/atl_v2 not available")
+    d = SHARED_DIR / "datasets" / "atl_v2"
+    require_shared(d / "data.yaml")
     return d
 
 
 @pytest.fixture(scope="module")
 def ckpt320() -> Path:
-    p = get_settings().models_dir / "atl_v2_yolo11n_320.pt"
-    if not p.is_file():
-        pytest.skip("../shared/models/atl_v2_yolo11n_320.pt not available")
+    p = SHARED_DIR / "models" / "atl_v2_yolo11n_320.pt"
+    require_shared(p)
     return p
 
 

@@ -1,0 +1,89 @@
+"""What several test modules need: where the shared data is, and synthetic JPEG frames.
+
+``SHARED_DIR`` is read once, from the settings' ``shared_dir`` field (``ROADLOOP_SHARED_DIR``,
+default ``../shared`` beside the repository): the ``shared_dir`` fixture in ``conftest.py``
+returns it, and module-level ``skipif`` markers use :func:`needs_shared`. Reading the field
+from a fresh ``Settings()`` leaves ``get_settings()``'s cache alone (conftest imports this
+module before it sets the test home).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import pytest
+
+from roadloop.settings import Settings
+
+SHARED_DIR: Path = Settings().shared_dir
+
+
+def missing_shared(*paths: Path) -> str:
+    """The reason to skip: every path of ``paths`` that does not exist, named in full ('' when
+    all exist). A path whose name is a glob (``videos/*.mp4``) must match at least one file."""
+    gone = []
+    for p in paths:
+        found = any(p.parent.glob(p.name)) if any(c in p.name for c in "*?[") else p.exists()
+        if not found:
+            gone.append(str(p))
+    return f"shared data missing: {', '.join(gone)}" if gone else ""
+
+
+def needs_shared(*paths: Path) -> pytest.MarkDecorator:
+    """``skipif`` marker for a test that reads ``paths`` (each under :data:`SHARED_DIR`)."""
+    reason = missing_shared(*paths)
+    return pytest.mark.skipif(bool(reason), reason=reason or "shared data present")
+
+
+def require_shared(*paths: Path) -> None:
+    """Skip the calling test, fixture or module (at import) unless every path exists."""
+    reason = missing_shared(*paths)
+    if reason:
+        pytest.skip(reason, allow_module_level=True)
+
+
+# ------------------------------------------------------------------------ synthetic frames
+Pattern = Literal["smooth", "blocks", "noise"]
+
+
+def synthetic_image(
+    seed: int = 0,
+    size: tuple[int, int] = (96, 64),
+    *,
+    pattern: Pattern = "smooth",
+    cells: tuple[int, int] = (8, 6),
+) -> np.ndarray:
+    """A random BGR frame of ``size`` (width, height), the same for the same arguments.
+
+    ``smooth``: a ``cells`` (columns, rows) grid of random colours scaled up with cubic
+    interpolation, a texture whose dhash differs from seed to seed; ``blocks``: the same grid
+    scaled up as flat blocks; ``noise``: an independent random value per pixel.
+    """
+    w, h = size
+    rng = np.random.default_rng(seed)
+    if pattern == "noise":
+        return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, size=(cells[1], cells[0], 3), dtype=np.uint8)
+    interpolation = cv2.INTER_CUBIC if pattern == "smooth" else cv2.INTER_NEAREST
+    return cv2.resize(small, (w, h), interpolation=interpolation)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok, "cv2.imencode failed"
+    return buf.tobytes()
+
+
+def synthetic_jpeg(
+    seed: int = 0,
+    size: tuple[int, int] = (96, 64),
+    *,
+    pattern: Pattern = "smooth",
+    cells: tuple[int, int] = (8, 6),
+    quality: int = 90,
+) -> bytes:
+    """:func:`synthetic_image` encoded as JPEG."""
+    return encode_jpeg(synthetic_image(seed, size, pattern=pattern, cells=cells), quality)
