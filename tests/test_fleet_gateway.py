@@ -21,6 +21,7 @@ from typing import Any
 
 import cv2
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
