@@ -519,6 +519,15 @@ def test_heartbeat_schema_is_versioned_and_documented() -> None:
 
 
 # ---------------------------------------------------------------- import hygiene
+def _run_in_fresh_interpreter(code: str) -> None:
+    """Run ``code`` in a new Python process (a clean ``sys.modules``); it must exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
 @pytest.mark.parametrize(
     "module",
     [
@@ -550,16 +559,13 @@ def test_agent_modules_import_no_platform_packages(module: str) -> None:
         "{'torch', 'ultralytics', 'dagster', 'roadloop', 'pydantic', 'fleet'})\n"
         "assert not bad, bad\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    _run_in_fresh_interpreter(code)
 
 
 def test_manifest_contract_loads_no_agent_runtime() -> None:
-    """The platform imports ``edge_agent.manifest`` (roadloop.release.signing, the gateway): that must
-    not pull in ONNX Runtime, OpenCV or the agent runtime; ``edge_agent``'s names stay lazy."""
+    """The platform imports ``edge_agent.manifest`` (roadloop.release.signing, the gateway):
+    that must not pull in ONNX Runtime, OpenCV or the agent runtime; ``edge_agent``'s names
+    stay lazy."""
     code = (
         "import sys, edge_agent, edge_agent.manifest\n"
         "heavy = {'onnxruntime', 'cv2', 'httpx', 'numpy'}\n"
@@ -570,11 +576,7 @@ def test_manifest_contract_loads_no_agent_runtime() -> None:
         "from edge_agent import OnnxDetector, file_sha256, nms\n"
         "assert sorted(edge_agent.__all__) == sorted(edge_agent._EXPORTS)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    _run_in_fresh_interpreter(code)
 
 
 def test_frame_metadata_carries_the_agents_own_quality() -> None:
