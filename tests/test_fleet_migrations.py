@@ -225,6 +225,21 @@ def index_names(db: Database) -> dict[str, bool]:
 
 
 # --------------------------------------------------------------------------- upgrades
+def test_revisions_form_one_numbered_line() -> None:
+    """0001 -> 0002 -> ... with file names that say so: two branches adding the same number
+    (a merge of two model changes) fail here, by name, before anything else does."""
+    scripts = list(reversed(list(runner._scripts().walk_revisions())))
+    ids = [s.revision for s in scripts]
+    assert ids == [f"{n:04d}" for n in range(1, len(ids) + 1)], ids
+    assert [s.down_revision for s in scripts] == [None, *ids[:-1]]
+    for script in scripts:
+        assert Path(script.path).name.startswith(f"{script.revision}_"), script.path
+    files = sorted(p.name for p in (runner.MIGRATIONS_DIR / "versions").glob("[0-9]*.py"))
+    assert len(files) == len(ids), files
+    assert migrations.head_revision() == ids[-1]
+
+
+
 def test_old_database_upgrades_with_data_intact_and_one_live_device_per_camera(
     db_url: str, open_dbs: Any
 ) -> None:

@@ -35,6 +35,7 @@ context.configure(
     version_table=VERSION_TABLE,
     include_name=include_name,
     compare_type=True,
+    transactional_ddl=True,  # on SQLite too: the runner's transaction holds every statement
     render_item=render_item,
     # New revisions alter tables in batch mode: a plain ALTER where the database can, a table
     # rebuild on SQLite where it cannot (the runner lets SQLite rebuild referenced tables).
