@@ -1,6 +1,7 @@
 """Command line of the fleet gateway.
 
-``gateway_app`` (mounted as ``roadloop gateway``): ``serve``.
+``gateway_app`` (mounted as ``roadloop gateway``): ``serve``, ``db upgrade|current|check|revision``
+(the database schema, ``fleet.migrations``).
 ``fleet_app`` (mounted as ``roadloop fleet``): ``token create``, ``admin-token create``,
 ``devices list|status|revoke``. The fleet commands work on the gateway's database directly
 (run them on the gateway host); secrets are printed once and stored only hashed.
@@ -18,6 +19,7 @@ from pathlib import Path
 import typer
 from sqlalchemy import select
 
+from fleet import migrations
 from fleet.auth import audit, create_admin_token, create_enrollment_token, revoke_device
 from fleet.config import GatewaySettings
 from fleet.db import Database, Device, DeviceStatus
@@ -34,9 +36,11 @@ fleet_app = typer.Typer(help="Fleet administration: tokens and devices.", no_arg
 token_app = typer.Typer(help="One-time enrollment tokens.", no_args_is_help=True)
 admin_token_app = typer.Typer(help="Operator (camera:admin) access tokens.", no_args_is_help=True)
 devices_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema: Alembic migrations.", no_args_is_help=True)
 fleet_app.add_typer(token_app, name="token")
 fleet_app.add_typer(admin_token_app, name="admin-token")
 fleet_app.add_typer(devices_app, name="devices")
+gateway_app.add_typer(db_app, name="db")
 
 
 def _settings(home: Path | None, database_url: str | None = None, **extra: object) -> GatewaySettings:
@@ -48,12 +52,24 @@ def _settings(home: Path | None, database_url: str | None = None, **extra: objec
     return GatewaySettings(**kw)  # type: ignore[arg-type]
 
 
-def _database(settings: GatewaySettings) -> Database:
+def _database(settings: GatewaySettings, *, upgrade: bool = True) -> Database:
+    """The gateway's database, its schema upgraded to head first (as the gateway does)."""
     assert settings.database_url is not None
     db = Database(settings.database_url, synchronous=settings.sqlite_synchronous,
                   busy_timeout_ms=settings.sqlite_busy_timeout_ms)
-    db.create_all()
+    if upgrade:
+        _upgrade(db)
     return db
+
+
+def _upgrade(db: Database, target: str = "head") -> migrations.MigrationResult:
+    """``migrations.upgrade``; a database it cannot upgrade ends the command with the reason."""
+    try:
+        return migrations.upgrade(db, target)
+    except migrations.MigrationError as exc:
+        db.dispose()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @gateway_app.callback()
@@ -81,6 +97,9 @@ def serve(
     settings = _settings(home, database_url, host=host, port=port, workers=workers)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Schema to head once, here, before any worker starts (each worker's start then finds it
+    # there); a database this code cannot upgrade stops the command with the reason.
+    _database(settings).dispose()
     typer.echo(f"fleet gateway on http://{settings.host}:{settings.port} "
                f"(db {settings.database_url}, frames {settings.frame_store}, "
                f"{settings.workers} worker{'s' if settings.workers > 1 else ''})")
@@ -88,7 +107,7 @@ def serve(
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                     log_level=log_level, access_log=access_log, workers=1)
         return
-    # Several processes: prepare tables and repair the frame store once, here, then let
+    # Several processes: prepare the database and repair the frame store once, here, then let
     # each worker build its app from the same settings (passed through the environment).
     from fleet.runtime import Gateway
 
@@ -264,9 +283,76 @@ def devices_revoke(
     _change_device(device_id, home, database_url, None, revoke=True)
 
 
+@db_app.callback()
+def _db() -> None:
+    """Database schema: Alembic migrations."""
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    to: str = typer.Option("head", "--to", help="Target revision (default: head)."),
+    home: Path | None = HOME_OPT,
+    database_url: str | None = DB_OPT,
+) -> None:
+    """Upgrade the database schema (the gateway also does this each time it starts)."""
+    db = _database(_settings(home, database_url), upgrade=False)
+    try:
+        result = _upgrade(db, to)
+    finally:
+        db.dispose()
+    typer.echo(result.model_dump_json())
+
+
+def _status(home: Path | None, database_url: str | None) -> migrations.SchemaStatus:
+    db = _database(_settings(home, database_url), upgrade=False)
+    try:
+        return migrations.status(db)
+    finally:
+        db.dispose()
+
+
+@db_app.command("current")
+def db_current(home: Path | None = HOME_OPT, database_url: str | None = DB_OPT) -> None:
+    """Print the database's schema revision and the head revision of this code."""
+    st = _status(home, database_url)
+    if st.at_head:
+        typer.echo(f"{st.current} (head)")
+    elif st.current is None and not st.gateway_tables:
+        typer.echo(f"none: empty database (head is {st.head}; the gateway creates it on start)")
+    elif st.current is None:
+        typer.echo(f"none: made by a gateway before migrations; `db upgrade` adopts it "
+                   f"(head is {st.head})")
+    else:
+        typer.echo(f"{st.current}; head is {st.head}: run `db upgrade` (or start the gateway)")
+
+
+@db_app.command("check")
+def db_check(home: Path | None = HOME_OPT, database_url: str | None = DB_OPT) -> None:
+    """Exit 1 unless the database is at head and its schema matches the models."""
+    st = _status(home, database_url)
+    for line in st.differences:
+        typer.echo(f"differs from the models: {line}")
+    if not st.at_head:
+        typer.echo(f"at revision {st.current or 'none'}, head is {st.head}")
+    if st.differences or not st.at_head:
+        raise typer.Exit(1)
+    typer.echo(f"{st.current} (head); schema matches the models")
+
+
+@db_app.command("revision")
+def db_revision(
+    message: str = typer.Option(..., "-m", "--message", help="What the revision changes."),
+    empty: bool = typer.Option(False, "--empty", help="No autogenerated operations."),
+) -> None:
+    """For developers: write fleet/migrations/versions/NNNN_<message>.py from the models."""
+    path = migrations.new_revision(message, autogenerate=not empty)
+    typer.echo(f"wrote {path}: review it, then run tests/test_fleet_migrations.py")
+
+
 # `python -m fleet ...`: serve + the admin commands in one app.
 main_app = typer.Typer(help="roadloop fleet gateway.", no_args_is_help=True)
 main_app.command("serve")(serve)
 main_app.add_typer(token_app, name="token")
 main_app.add_typer(admin_token_app, name="admin-token")
 main_app.add_typer(devices_app, name="devices")
+main_app.add_typer(db_app, name="db")

@@ -7,6 +7,10 @@ a plain engine. Datetimes are stored as UTC and always come back timezone-aware.
 
 ``model_manifests`` / ``rollouts`` hold published models and staged rollouts
 (``fleet.rollouts``); cohort membership is computed from device ids, not stored.
+
+The schema in a database is made and changed only by the Alembic revisions in
+``fleet/migrations`` (never ``create_all``): a change to these models needs a revision, and
+tests/test_fleet_migrations.py fails until the migrated schema matches them again.
 """
 
 from __future__ import annotations
@@ -294,9 +298,6 @@ class Database:
             writer = self.engine
         self.read = sessionmaker(self.engine, expire_on_commit=False)
         self.write = sessionmaker(writer, expire_on_commit=False)
-
-    def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()

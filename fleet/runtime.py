@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from fleet import migrations
 from fleet.caches import AuthCache, ManifestCache, ModelPublicKey
 from fleet.committer import GroupCommitter
 from fleet.config import GatewaySettings
@@ -110,8 +111,9 @@ class Gateway:
         return self._key_locks[hash(key) % len(self._key_locks)]
 
     def prepare_storage(self) -> None:
-        """Create tables and repair the frame store after a crash (once, before serving)."""
-        self.db.create_all()
+        """Upgrade the database schema to head and repair the frame store after a crash (once,
+        before serving; ``fleet.migrations`` serializes concurrent upgrades)."""
+        migrations.upgrade(self.db)
         assert self.settings.frame_store is not None
         self.settings.frame_store.mkdir(parents=True, exist_ok=True)
         if self.settings.reconcile_on_start:

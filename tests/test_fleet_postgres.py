@@ -99,11 +99,12 @@ def test_database_refuses_a_second_live_device_for_a_camera(pg_env: Any) -> None
 
 
 def test_bare_postgresql_url_uses_the_installed_driver(postgres_server: Any) -> None:
+    from fleet import migrations
     from fleet.db import Database
 
     url = postgres_server.new_database("bare").replace("postgresql+psycopg2://", "postgresql://")
     db = Database(url)
-    db.create_all()
+    migrations.upgrade(db)
     assert db.engine.dialect.driver == "psycopg2"
     db.engine.dispose()
 

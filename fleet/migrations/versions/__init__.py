@@ -1,0 +1,1 @@
+"""Alembic revisions of the gateway database, oldest first (``NNNN_what_it_does.py``)."""
