@@ -351,3 +351,41 @@ def test_implausible_rows_already_stored_are_skipped(env: Env) -> None:
     env.clock.advance(5)
     out = env.evaluate(rid)
     assert out["decision"] == "rollback" and out["health"]["heartbeats_ignored"] == 2
+
+
+# =========================================================================== honest agents
+def test_an_honest_agents_heartbeats_pass_the_checks_even_when_everything_fails() -> None:
+    """A model failing on every frame, rejected uploads in an idle window, a crashing shadow
+    candidate: the agent's heartbeats still describe what happened and are accepted, so the
+    failure reaches rollout health instead of a 422."""
+    import numpy as np
+
+    from edge_agent.heartbeat import TelemetryWindow
+    from edge_agent.shadow import ShadowRunner
+
+    class Crashing:
+        def detect(self, image: Any) -> list[Any]:
+            raise RuntimeError("candidate crashed")
+
+    tw = TelemetryWindow("cam-1", "a" * 64, ["car"])
+    tw._start -= 30.0  # a 30 s window
+    for _ in range(5):
+        tw.record_frame_error()
+    tw.record_error(3)  # rejected uploads / heartbeats: not frames
+    shadow = ShadowRunner(Crashing(), model_version="b" * 64, sample_rate=1.0, background=False)
+    for _ in range(4):
+        shadow.offer(np.zeros((8, 8, 3), np.uint8), [])
+    beat = tw.build(outbox_depth=0, outbox_bytes=0, outbox_evicted_total=0,
+                    rollout={"shadow": shadow.take_window()}).to_dict()
+    assert (beat["frames_processed"], beat["errors"], beat["other_errors"]) == (5, 5, 3)
+    assert (beat["shadow"]["frames"], beat["shadow"]["errors"]) == (4, 4)
+    assert beat["shadow"]["agreement_f1"] is None
+    assert heartbeat_problems(beat) == []
+    idle = tw.build(outbox_depth=0, outbox_bytes=0, outbox_evicted_total=0).to_dict()
+    tw.record_error()  # e.g. the previous heartbeat was refused: the next is still plausible
+    assert heartbeat_problems(idle) == []
+    assert heartbeat_problems(
+        tw.build(outbox_depth=0, outbox_bytes=0, outbox_evicted_total=0).to_dict()) == []
+    h = health([("d", {**beat, "model_version": "7", "rollout_id": "ro-1",
+                       "update_status": "serving"}, T0 + timedelta(seconds=30))], {"d"})
+    assert h.verdict == "fail" and h.error_rate == 1.0
