@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 from fleet.config import HEARTBEAT_MAX_FPS, HEARTBEAT_MAX_WINDOW_S
@@ -44,7 +45,7 @@ class _Checker:
         self.problems: list[str] = []
 
     def count(self, block: dict[str, Any], key: str, prefix: str, upper: float,
-              why: str = "") -> int | None:
+              why: Callable[[], str] = str) -> int | None:
         """An optional integer count in ``[0, upper]``; its value when valid, else None."""
         v = block.get(key, _ABSENT)
         if v is _ABSENT or v is None:
@@ -57,7 +58,7 @@ class _Checker:
             self.problems.append(f"{name} must not be negative (got {v})")
             return None
         if v > upper:
-            self.problems.append(f"{name} ({v}) must be at most {math.floor(upper)}{why}")
+            self.problems.append(f"{name} ({v}) must be at most {math.floor(upper)}{why()}")
             return None
         return v
 
@@ -91,6 +92,13 @@ class _Checker:
                                      "percentiles are ordered")
 
 
+def _per_window(window: float | None) -> str:
+    if window is None:
+        return (f" ({HEARTBEAT_MAX_FPS:g} frames/s over the longest window, "
+                f"{HEARTBEAT_MAX_WINDOW_S:g} s, as window_s is absent)")
+    return f" ({HEARTBEAT_MAX_FPS:g} frames/s over a window_s of {window:g} s)"
+
+
 def frames_limit(window_s: float | None) -> float:
     """Most frames a window of ``window_s`` seconds can hold (unknown: the longest window)."""
     w = HEARTBEAT_MAX_WINDOW_S if window_s is None else window_s
@@ -104,10 +112,9 @@ def heartbeat_problems(payload: dict[str, Any]) -> list[str]:
     if "window_s" in payload and payload["window_s"] is not None and window is None:
         window = HEARTBEAT_MAX_WINDOW_S  # already reported; bound the rest generously
     limit = frames_limit(window)
-    why = (f" ({HEARTBEAT_MAX_FPS:g} frames/s over a window_s of {window:g} s)"
-           if window is not None else
-           f" ({HEARTBEAT_MAX_FPS:g} frames/s over the longest window, "
-           f"{HEARTBEAT_MAX_WINDOW_S:g} s, as window_s is absent)")
+    def why() -> str:
+        return _per_window(window)
+
     frames = c.count(payload, "frames_processed", "", limit, why)
     frames_known = frames is not None or payload.get("frames_processed") is None  # absent: 0
     for key in ("errors", "error_count"):
