@@ -511,7 +511,7 @@ class EdgeAgent:
         try:
             result = pipeline.process(frame)
         except Exception as exc:  # noqa: BLE001 - a bad frame must not stop the camera
-            self.telemetry.record_error()
+            self.telemetry.record_frame_error()
             if self.updater is not None:
                 self.updater.observe_error(pipeline.last_model)
             logger.error("frame %s: detector failed: %s", frame.source_ref, exc)

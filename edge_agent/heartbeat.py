@@ -5,12 +5,14 @@ agent's work. These fields are the drift features the platform monitors, so the 
 versioned: a change that renames, removes or re-means a field bumps
 ``HEARTBEAT_SCHEMA_VERSION``; adding a field does not (readers ignore unknown fields).
 
-Schema version 1 (``Heartbeat.to_json()``; times are ISO 8601 UTC strings):
+Schema version 2 (``Heartbeat.to_json()``; times are ISO 8601 UTC strings). Version 2
+narrowed ``errors`` to frames the detector failed on, counted among ``frames_processed`` (the
+gateway refuses ``errors > frames_processed``); the other failures moved to ``other_errors``.
 
 ================================  ===========================================================
 field                             meaning
 ================================  ===========================================================
-schema_version                    ``1``.
+schema_version                    ``2``.
 device_id, camera_id              who sent it (``device_id`` from enrollment).
 agent_version                     edge agent package version.
 model_version                     SHA-256 of the ONNX file that produced the detections.
@@ -18,19 +20,24 @@ sent_at                           when the heartbeat was built (the gateway de-d
                                   re-sends of one heartbeat on it).
 window_start, window_end          the window the statistics cover; ``window_s`` its length.
 window_s                          window length, seconds.
-frames_processed                  frames run through the detector in the window.
+frames_processed                  frames run through the detector in the window, including
+                                  those it failed on (``errors``).
 fps                               ``frames_processed / window_s``.
 latency_p50_ms, latency_p95_ms    detector latency per frame (letterbox + ONNX run + NMS),
                                   ms; ``null`` when no frame was processed.
 inference_p50_ms                  the ONNX run alone, median, ms (``null`` when no frame).
-errors, errors_total              failures in the window / since start (unreadable frames,
-                                  detector errors, rejected uploads or heartbeats).
+errors                            frames the detector failed on in the window
+                                  (``<= frames_processed``).
+other_errors                      other failures in the window: an unreadable source, JPEG
+                                  encoding or outbox failures, rejected uploads or heartbeats.
+errors_total                      ``errors + other_errors`` since the agent started.
 dropped_frames                    frames the reader replaced before inference took them (the
                                   detector fell behind a live or realtime source).
 dropped_frames_total              the same since the agent started.
 detections                        boxes detected in the window (all classes).
 class_counts                      ``{class_name: boxes}`` in the window, every model class.
-detections_per_frame              mean boxes per processed frame (``null`` when no frame).
+detections_per_frame              mean boxes per frame the detector finished (``null`` when
+                                  none).
 confidence_histogram              ``{"bin_edges": [0.0, 0.1, …, 1.0], "counts": [10 ints]}``:
                                   box confidences in the window; fixed bins, the last one
                                   includes 1.0.
@@ -48,7 +55,7 @@ outbox_evicted_total              frames evicted from the full outbox since it w
 last_upload_at                    time of the last acknowledged upload (``null`` if none).
 ================================  ===========================================================
 
-Optional rollout fields (still schema 1: absent or ``null`` on agents without model updates;
+Optional rollout fields (schema 1 and 2: absent or ``null`` on agents without model updates;
 ``edge_agent.updater`` documents the states). ``model_version`` above stays the SHA-256 of the
 model serving at the end of the window — a rollout's manifest carries the same ``sha256``.
 
@@ -63,9 +70,10 @@ serving_model_version             the manifest's ``model_version`` label of the 
 shadow                            while a candidate runs in shadow mode, its window:
                                   ``{model_version (candidate sha256), manifest_model_version,
                                   agreement_f1 (matched-box F1 vs the serving model, IoU ≥ 0.5,
-                                  same class; null without frames), frames, frames_total,
-                                  latency_p95_ms, serving_latency_p95_ms, tp, fp, fn, errors,
-                                  skipped, sample_rate}``; else ``null``.
+                                  same class; null without a finished frame), frames,
+                                  frames_total, latency_p95_ms, serving_latency_p95_ms, tp,
+                                  fp, fn, errors (frames the candidate failed on, counted in
+                                  frames), skipped, sample_rate}``; else ``null``.
 ================================  ===========================================================
 """
 
@@ -81,7 +89,7 @@ from typing import Any
 
 import numpy as np
 
-HEARTBEAT_SCHEMA_VERSION = 1
+HEARTBEAT_SCHEMA_VERSION = 2
 _ROLLOUT_FIELDS = frozenset(
     {"update_status", "update_reason", "rollout_id", "serving_model_version", "shadow"}
 )
@@ -130,6 +138,7 @@ class Heartbeat:
     outbox_bytes: int
     outbox_evicted_total: int
     last_upload_at: str | None
+    other_errors: int = 0
     device_id: str = ""
     agent_version: str = ""
     sent_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
@@ -168,8 +177,8 @@ def confidence_histogram(confidences: list[float] | np.ndarray) -> list[int]:
 class TelemetryWindow:
     """Accumulates per-frame statistics between heartbeats (thread-safe).
 
-    The inference loop calls ``record_frame``/``record_error``/…; the heartbeat thread calls
-    ``build`` which returns a ``Heartbeat`` and starts the next window.
+    The inference loop calls ``record_frame``/``record_frame_error``/``record_error``/…; the
+    heartbeat thread calls ``build`` which returns a ``Heartbeat`` and starts the next window.
     """
 
     def __init__(self, camera_id: str, model_version: str, class_names: list[str]) -> None:
@@ -195,6 +204,7 @@ class TelemetryWindow:
         self._frames = 0
         self._detections = 0
         self._errors = 0
+        self._other_errors = 0
         self._dropped = 0
         self._sampled = 0
         self._uploads_ok = 0
@@ -227,9 +237,17 @@ class TelemetryWindow:
                 self._hist += np.asarray(confidence_histogram(confidences), dtype=np.int64)
             self.density_state = density_state
 
-    def record_error(self, n: int = 1) -> None:
+    def record_frame_error(self) -> None:
+        """The detector failed on a frame: it counts in ``frames_processed`` and ``errors``."""
         with self._lock:
-            self._errors += n
+            self._frames += 1
+            self._errors += 1
+            self.errors_total += 1
+
+    def record_error(self, n: int = 1) -> None:
+        """A failure that is not a frame the detector ran on (``other_errors``)."""
+        with self._lock:
+            self._other_errors += n
             self.errors_total += n
 
     def record_dropped(self, n: int) -> None:
@@ -274,6 +292,7 @@ class TelemetryWindow:
             if model_version is not None:
                 self.model_version = model_version
             window_s = max(now - self._start, 1e-9)
+            finished = self._frames - self._errors
             b_mean, b_std = _mean_std(self._brightness)
             s_mean, s_std = _mean_std(self._sharpness)
             hb = Heartbeat(
@@ -288,12 +307,13 @@ class TelemetryWindow:
                 latency_p95_ms=_percentile(self._latency, 95),
                 inference_p50_ms=_percentile(self._inference, 50),
                 errors=self._errors,
+                other_errors=self._other_errors,
                 errors_total=self.errors_total,
                 dropped_frames=self._dropped,
                 dropped_frames_total=self.dropped_total,
                 detections=self._detections,
                 class_counts=dict(self._class_counts),
-                detections_per_frame=(self._detections / self._frames) if self._frames else None,
+                detections_per_frame=(self._detections / finished) if finished else None,
                 confidence_histogram={
                     "bin_edges": list(CONFIDENCE_BIN_EDGES),
                     "counts": [int(c) for c in self._hist],

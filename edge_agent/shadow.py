@@ -185,8 +185,10 @@ class ShadowRunner:
             if self.delay_s:
                 time.sleep(self.delay_s)
         except Exception as exc:  # noqa: BLE001 - a failing candidate is a finding, not a crash
-            with self._lock:
+            with self._lock:  # a frame the candidate failed on: counted, and as an error
+                self._window.frames += 1
                 self._window.errors += 1
+                self.frames_total += 1
             logger.warning("shadow model %s failed on a frame: %s", self.model_version[:12], exc)
             return
         latency_ms = (self._clock() - t0) * 1e3
@@ -210,7 +212,7 @@ class ShadowRunner:
         return {
             "model_version": self.model_version,
             "manifest_model_version": self.label,
-            "agreement_f1": round(f1_score(w.tp, w.fp, w.fn), 6) if w.frames else None,
+            "agreement_f1": round(f1_score(w.tp, w.fp, w.fn), 6) if w.frames > w.errors else None,
             "frames": w.frames,
             "frames_total": self.frames_total,
             "latency_p95_ms": None if p95 is None else round(p95, 3),

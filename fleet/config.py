@@ -16,6 +16,16 @@ from roadloop.settings import get_settings
 
 SCOPES: tuple[str, ...] = ("camera:read", "camera:write", "camera:admin")
 
+# Physical bounds of one heartbeat (fleet.heartbeat_plausibility): a heartbeat outside them is
+# refused (422), not stored. Generous on purpose: they catch lies and bugs, not slow devices.
+# No camera stream runs faster than ~240 frames/s and no edge detector (a replayed file is
+# bounded by the detector) sustains more than a few hundred inferences/s per device, so
+# 1000 frames/s is a ceiling no honest window reaches.
+HEARTBEAT_MAX_FPS = 1000.0
+# Agents report every 30 s by default; a window longer than an hour is not a health sample.
+# Also bounds latencies: a per-frame latency longer than the longest window is not a measurement.
+HEARTBEAT_MAX_WINDOW_S = 3600.0
+
 
 class GatewaySettings(BaseSettings):
     """Fleet gateway configuration. Override any field with ``ROADLOOP_GATEWAY_<FIELD>``."""

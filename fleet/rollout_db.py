@@ -107,15 +107,16 @@ def roll_back(ro: RolloutRow, now: datetime, reason: str, how: str, actor: str) 
 
 
 def compute_health(session: Session, ro: RolloutRow, now: datetime) -> StageHealth:
-    """``stage_health`` of the current stage from the heartbeat rows since it began."""
+    """``stage_health`` of the current stage from the heartbeat rows since it began, with
+    their receive times (the gateway's clock: what bursts are measured against)."""
     stage = Stage(**ro.stages[ro.stage_index])
     manifest = session.get(ModelManifestRow, ro.manifest_sha256)
     model_ids = {ro.model_version, manifest.file_sha256 if manifest else ""}
     cohort = cohort_members(session, ro.cohort_threshold)
     rows = session.execute(
-        select(HeartbeatRow.device_id, HeartbeatRow.payload)
+        select(HeartbeatRow.device_id, HeartbeatRow.payload, HeartbeatRow.received_at)
         .where(HeartbeatRow.received_at > ro.stage_started_at)
-        .order_by(HeartbeatRow.id)).all()
+        .order_by(HeartbeatRow.received_at, HeartbeatRow.id)).all()
     failures = [
         (d, p) for d, p in session.execute(
             select(HeartbeatRow.device_id, HeartbeatRow.payload)
@@ -131,6 +132,6 @@ def compute_health(session: Session, ro: RolloutRow, now: datetime) -> StageHeal
             unique_failures.append((d, p))
     return stage_health(
         rollout_id=ro.rollout_id, model_ids=model_ids, stage=stage, since=ro.stage_started_at,
-        now=now, cohort=cohort, heartbeats=[(d, p) for d, p in rows],
+        now=now, cohort=cohort, heartbeats=[(d, p, at) for d, p, at in rows],
         failure_reports=unique_failures, budgets=Budgets(**ro.budgets),
     )

@@ -10,9 +10,14 @@ it to the rows, ``fleet.rollouts`` serves it.
   grows, so a device inside 5 % stays inside 10 % … 100 %, whatever enrolls in between.
 * Stages (default ``shadow 5 % → canary 5 → 10 → 25 → 50 → 100``) never decrease and end
   serving 100 %.
-* The rule (``decide``): roll back on failing health (error rate, P95 latency, shadow
-  agreement, a device reporting ``rolled_back``/``rejected``), advance when the hold elapsed
-  and health passes, hold otherwise (too little data).
+* Health (``stage_health``) is judged per device: each cohort device's heartbeats give its
+  own error rate, P95 latency and shadow agreement; a device fails on any budget or by
+  reporting ``rolled_back``/``rejected``; the stage fails when more devices fail than the
+  cohort tolerates (``tolerated_failing_devices``: none below 10 devices, then 10 %).
+  Heartbeats count in gateway time (a burst does not outweigh a device's history) and only
+  when plausible (``fleet.heartbeat_plausibility``).
+* The rule (``decide``): roll back on failing health, advance when the hold elapsed and
+  health passes, hold otherwise (too little data).
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from fleet.config import GatewaySettings
+from fleet.config import HEARTBEAT_MAX_FPS, GatewaySettings
 from fleet.db import RolloutStatus
+from fleet.heartbeat_plausibility import heartbeat_problems
 
 Mode = Literal["serve", "shadow", "none"]
 Decision = Literal["advance", "rollback", "hold", "paused", "complete", "rolled_back", "cancelled"]
@@ -35,6 +42,17 @@ LIVE = (RolloutStatus.active.value, RolloutStatus.paused.value)
 # towards failures at once, but only later heartbeats (with frames) vouch for the new model.
 HEARTBEATS_TO_VOUCH = 2
 FAILED_UPDATE_STATUSES = ("rolled_back", "rejected")
+# Health is judged per device; a cohort absorbs floor(10 %) failing devices (see
+# ``tolerated_failing_devices``).
+FAILING_DEVICE_SHARE = 0.1
+# Per device, in gateway time: a burst of at most HEALTH_BURST heartbeats counts (a retry, a
+# short backlog), then one per HEALTH_REFILL_S; agents send one per window (30 s by default).
+HEALTH_BURST = 3
+HEALTH_REFILL_S = 1.0
+# A heartbeat's frames weigh at most HEARTBEAT_MAX_FPS per second since the device's previous
+# heartbeat, plus this grace for transit jitter (a window cannot outrun the gateway's clock).
+FRAME_GRACE_S = 1.0
+MAX_LISTED_DEVICES = 20
 
 
 def cohort_hash(device_id: str) -> float:
@@ -105,7 +123,12 @@ class Budgets(BaseModel):
 
 
 class StageHealth(BaseModel):
-    """What the heartbeats of a stage's cohort say about the new model."""
+    """What the heartbeats of a stage's cohort say about the new model.
+
+    ``error_rate``, ``p95_latency_ms`` and ``shadow_f1`` are the values the cohort is judged
+    by: the (k+1)-th worst device's, k = ``tolerated_failing_devices`` (None while fewer
+    devices reported one). ``heartbeats``/``frames``/``errors`` are the counted totals.
+    """
 
     stage: str
     mode: str
@@ -123,6 +146,12 @@ class StageHealth(BaseModel):
     shadow_f1: float | None
     verdict: Literal["pass", "fail", "insufficient"]
     reasons: list[str] = []
+    devices_failing: int = 0
+    tolerated_failing_devices: int = 0
+    failing_devices: list[str] = Field(
+        default=[], description=f"Ids of the failing devices (at most {MAX_LISTED_DEVICES}).")
+    heartbeats_ignored: int = Field(
+        default=0, description="Implausible (stored before the checks) or beyond a burst.")
 
 
 def _num(v: Any) -> float | None:
@@ -131,12 +160,128 @@ def _num(v: Any) -> float | None:
     return float(v)
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
+def _weighted_quantile(pairs: list[tuple[float, float]], q: float) -> float | None:
+    """Smallest value whose cumulative weight reaches ``q`` of the total (nearest rank)."""
+    pairs = sorted((v, w) for v, w in pairs if w > 0)
+    total = sum(w for _, w in pairs)
+    if not pairs or total <= 0:
         return None
-    s = sorted(values)
-    idx = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
-    return s[idx]
+    acc = 0.0
+    for v, w in pairs:
+        acc += w
+        if acc >= q * total * (1 - 1e-12):
+            return v
+    return pairs[-1][0]
+
+
+def tolerated_failing_devices(cohort_size: int) -> int:
+    """How many failing devices a cohort of ``cohort_size`` absorbs: ``floor(10 %)``.
+
+    The cohort is judged by its 90th-percentile device (nearest rank), so below 10 devices
+    the worst device decides, 10-19 tolerate one, 20-29 two... Why this rule:
+
+    * Per device, never fleet-wide sums: a device's numbers describe that device only, so
+      one lying device cannot dilute the others' errors or latencies (its own good or absurd
+      numbers make at most one healthy device).
+    * By the cohort's *size*, not by how many devices reported: a device cannot raise the
+      tolerance by reporting (nor lower it by staying silent); it is fixed when the stage
+      begins.
+    * 10 %: edge devices fail for reasons that are not the model (a hot enclosure, a bad
+      link, a camera glitch). One such device in ten must not roll back a healthy model; a
+      model that breaks more than one device in ten is not fit for the fleet. A tiny cohort
+      has no device to spare, so its worst device decides.
+    """
+    return math.floor(cohort_size * FAILING_DEVICE_SHARE)
+
+
+@dataclass
+class _DeviceHealth:
+    """One device's counted heartbeats about the new model in the stage."""
+
+    heartbeats: int = 0
+    frames: float = 0.0
+    errors: float = 0.0
+    vouched_frames: float = 0.0
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (P95, frames)
+    f1: list[tuple[float, float]] = field(default_factory=list)  # (agreement F1, frames)
+    last_at: datetime | None = None
+    tokens: float = HEALTH_BURST
+
+    def admit(self, at: datetime | None, since: datetime, frames: float) -> float | None:
+        """The weight (frames) a heartbeat received at ``at`` counts with; None: a burst.
+
+        Gateway time, which no device controls: a token bucket of ``HEALTH_BURST``
+        heartbeats refilled one per ``HEALTH_REFILL_S``, and at most ``HEARTBEAT_MAX_FPS``
+        frames per second since the device's previous heartbeat (plus ``FRAME_GRACE_S``).
+        Without ``at`` (a caller with no receive times) every heartbeat counts as sent."""
+        if at is None:
+            return frames
+        gap = max(0.0, (at - (self.last_at or since)).total_seconds())
+        self.last_at = at
+        self.tokens = min(float(HEALTH_BURST), self.tokens + gap / HEALTH_REFILL_S)
+        if self.tokens < 1:
+            return None
+        self.tokens -= 1
+        return min(frames, HEARTBEAT_MAX_FPS * (gap + FRAME_GRACE_S))
+
+    def add(self, frames: float, weight: float, errors: float, latency: float | None,
+            f1: float | None) -> None:
+        self.heartbeats += 1
+        self.frames += weight
+        self.errors += (errors * weight / frames) if frames else 0.0
+        if self.heartbeats >= HEARTBEATS_TO_VOUCH and weight > 0:  # an empty window: nothing
+            self.vouched_frames += weight
+        if latency is not None and weight > 0:
+            self.latencies.append((latency, weight))
+        if f1 is not None and weight > 0:
+            self.f1.append((f1, weight))
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.frames if self.frames > 0 else None
+
+    @property
+    def p95_latency_ms(self) -> float | None:
+        """Frame-weighted 95th percentile of the windows' P95s: a burst of windows with few
+        (or clipped) frames cannot hide slow ones that carry the device's real traffic."""
+        return _weighted_quantile(self.latencies, 0.95)
+
+    @property
+    def f1_frames(self) -> float:
+        return sum(w for _, w in self.f1)
+
+    @property
+    def shadow_f1(self) -> float | None:
+        total = self.f1_frames
+        return sum(v * w for v, w in self.f1) / total if total > 0 else None
+
+
+def _sample(p: dict[str, Any], stage: Stage, rollout_id: str, model_ids: set[str]) -> tuple[float, float, float | None, float | None] | None:
+    """``(frames, errors, P95 latency, shadow F1)`` of a heartbeat about the new model."""
+    if stage.mode == "shadow":
+        sh = p.get("shadow")
+        if not isinstance(sh, dict):
+            return None
+        if sh.get("model_version") not in model_ids and p.get("rollout_id") != rollout_id:
+            return None
+        return (_num(sh.get("frames")) or 0.0, _num(sh.get("errors")) or 0.0,
+                _num(sh.get("latency_p95_ms")), _num(sh.get("agreement_f1")))
+    if p.get("update_status") in FAILED_UPDATE_STATUSES:
+        return None
+    on_new = (p.get("model_version") in model_ids
+              or (p.get("rollout_id") == rollout_id
+                  and p.get("update_status") in (None, "serving")))
+    if not on_new:
+        return None
+    lat = _num(p.get("latency_p95_ms"))
+    if lat is None and isinstance(p.get("latency_ms"), dict):
+        lat = _num(p["latency_ms"].get("p95"))
+    return (_num(p.get("frames_processed")) or 0.0, _num(p.get("errors")) or 0.0, lat, None)
+
+
+def _kth(values: list[float], k: int, worst_first: bool) -> float | None:
+    ordered = sorted(values, reverse=worst_first)
+    return ordered[k] if len(ordered) > k else None
 
 
 def stage_health(
@@ -147,99 +292,106 @@ def stage_health(
     since: datetime,
     now: datetime,
     cohort: set[str],
-    heartbeats: list[tuple[str, dict[str, Any]]],
+    heartbeats: list[tuple[str, dict[str, Any]]] | list[tuple[str, dict[str, Any], datetime]],
     failure_reports: list[tuple[str, dict[str, Any]]],
     budgets: Budgets,
 ) -> StageHealth:
-    """Health of one stage from ``(device_id, payload)`` heartbeats received since it began.
+    """Health of one stage from ``(device_id, payload[, received_at])`` heartbeats received
+    since it began, in the order received.
 
     Only heartbeats about the new model count: in a serve stage those whose ``rollout_id``
     is this rollout's (or whose ``model_version`` is the new model's version or SHA-256); in
     the shadow stage the ``shadow`` block. ``failure_reports`` are this rollout's heartbeats
     with ``update_status`` ``rolled_back``/``rejected`` (from any device, any stage).
+
+    Each cohort device is judged on its own heartbeats (``_DeviceHealth``: frame-weighted
+    error rate, P95 and shadow F1; bursts and frames beyond the gateway clock do not count);
+    a device fails on any budget or on its failure report, and the stage fails when more
+    devices fail than ``tolerated_failing_devices(cohort size)``.
     """
-    reasons: list[str] = []
-    for device_id, p in failure_reports:
-        reasons.append(f"device {device_id} reported {p.get('update_status')}: "
-                       f"{p.get('update_reason') or 'no reason given'}")
-    frames = errors = n_hb = vouched_frames = 0
-    latencies: list[float] = []
-    f1_weighted = f1_frames = 0.0
-    seen: dict[str, int] = {}  # heartbeats about the new model per device
-    vouching: set[str] = set()  # devices with a later heartbeat that has frames
-    for device_id, p in heartbeats:
+    devices: dict[str, _DeviceHealth] = {}
+    ignored = 0
+    for item in heartbeats:
+        device_id, p = item[0], item[1]
         if device_id not in cohort:
             continue
-        if stage.mode == "shadow":
-            sh = p.get("shadow")
-            if not isinstance(sh, dict):
-                continue
-            if sh.get("model_version") not in model_ids and p.get("rollout_id") != rollout_id:
-                continue
-            n = int(_num(sh.get("frames")) or 0)
-            err = int(_num(sh.get("errors")) or 0)
-            lat = _num(sh.get("latency_p95_ms"))
-            f1 = _num(sh.get("agreement_f1"))
-            if f1 is not None and n > 0:
-                f1_weighted += f1 * n
-                f1_frames += n
-        else:
-            if p.get("update_status") in FAILED_UPDATE_STATUSES:
-                continue
-            on_new = (p.get("model_version") in model_ids
-                      or (p.get("rollout_id") == rollout_id
-                          and p.get("update_status") in (None, "serving")))
-            if not on_new:
-                continue
-            n = int(_num(p.get("frames_processed")) or 0)
-            err = int(_num(p.get("errors")) or 0)
-            lat = _num(p.get("latency_p95_ms"))
-            if lat is None and isinstance(p.get("latency_ms"), dict):
-                lat = _num(p["latency_ms"].get("p95"))
-        n_hb += 1
-        seen[device_id] = seen.get(device_id, 0) + 1
-        if seen[device_id] >= HEARTBEATS_TO_VOUCH and n > 0:  # an empty window says nothing
-            vouching.add(device_id)
-            vouched_frames += n
-        frames += n
-        errors += err
-        if lat is not None:
-            latencies.append(lat)
-    error_rate = errors / frames if frames else (1.0 if errors else None)
-    p95 = _percentile(latencies, 95)
-    shadow_f1 = f1_weighted / f1_frames if f1_frames else None
-    if error_rate is not None and errors and error_rate > budgets.max_error_rate:
-        reasons.append(f"error rate {error_rate:.2%} > {budgets.max_error_rate:.2%} "
-                       f"({errors} errors / {frames} frames)")
-    if p95 is not None and p95 > budgets.p95_latency_budget_ms:
-        reasons.append(f"P95 latency {p95:.1f} ms > budget {budgets.p95_latency_budget_ms:g} ms")
-    if (stage.mode == "shadow" and shadow_f1 is not None
-            and f1_frames >= budgets.min_frames and shadow_f1 < budgets.min_shadow_f1):
-        reasons.append(f"shadow agreement F1 {shadow_f1:.3f} < floor {budgets.min_shadow_f1:g}")
-    reporting = vouching
+        sample = _sample(p, stage, rollout_id, model_ids)
+        if sample is None:
+            continue
+        if heartbeat_problems(p):  # stored before the route checked plausibility
+            ignored += 1
+            continue
+        frames, errors, lat, f1 = sample
+        dev = devices.setdefault(device_id, _DeviceHealth())
+        weight = dev.admit(item[2] if len(item) > 2 else None, since, frames)  # type: ignore[misc]
+        if weight is None:
+            ignored += 1
+            continue
+        dev.add(frames, weight, errors, lat, f1)
+
+    failing: dict[str, list[str]] = {}
+    for device_id, p in failure_reports:
+        failing.setdefault(device_id, []).append(
+            f"device {device_id} reported {p.get('update_status')}: "
+            f"{p.get('update_reason') or 'no reason given'}")
+    for device_id, dev in sorted(devices.items()):
+        why = []
+        rate, p95, f1 = dev.error_rate, dev.p95_latency_ms, dev.shadow_f1
+        if rate is not None and dev.errors > 0 and rate > budgets.max_error_rate:
+            why.append(f"device {device_id}: error rate {rate:.2%} > "
+                       f"{budgets.max_error_rate:.2%} ({dev.errors:.0f} errors / "
+                       f"{dev.frames:.0f} frames)")
+        if p95 is not None and p95 > budgets.p95_latency_budget_ms:
+            why.append(f"device {device_id}: P95 latency {p95:.1f} ms > budget "
+                       f"{budgets.p95_latency_budget_ms:g} ms")
+        if (stage.mode == "shadow" and f1 is not None and dev.f1_frames >= budgets.min_frames
+                and f1 < budgets.min_shadow_f1):
+            why.append(f"device {device_id}: shadow agreement F1 {f1:.3f} < floor "
+                       f"{budgets.min_shadow_f1:g}")
+        if why:
+            failing.setdefault(device_id, []).extend(why)
+
+    tolerated = tolerated_failing_devices(len(cohort))
+    rates = [r for d in devices.values() if (r := d.error_rate) is not None]
+    p95s = [v for d in devices.values() if (v := d.p95_latency_ms) is not None]
+    f1s = [v for d in devices.values() if (v := d.shadow_f1) is not None]
+    error_rate = _kth(rates, tolerated, worst_first=True)
+    p95 = _kth(p95s, tolerated, worst_first=True)
+    shadow_f1 = _kth(f1s, tolerated, worst_first=False)
+    reporting = [d for d in devices.values() if d.heartbeats >= HEARTBEATS_TO_VOUCH
+                 and d.vouched_frames > 0]
+    vouched_frames = sum(d.vouched_frames for d in devices.values())
     needed = max(1, math.ceil(budgets.min_reporting_fraction * len(cohort))) if cohort else 1
-    if reasons:
+    reasons: list[str] = []
+    if len(failing) > tolerated:
         verdict: Literal["pass", "fail", "insufficient"] = "fail"
+        listed = list(failing.items())[:MAX_LISTED_DEVICES]
+        reasons = [r for _, why in listed for r in why]
+        more = len(failing) - len(listed)
+        reasons.append(f"{len(failing)} of {len(cohort)} cohort devices fail "
+                       f"({tolerated} tolerated)" + (f"; {more} more not listed" if more else ""))
     else:
-        missing = []
         if len(reporting) < needed:
-            missing.append(f"{len(reporting)}/{needed} cohort devices reported "
+            reasons.append(f"{len(reporting)}/{needed} cohort devices reported "
                            f"{HEARTBEATS_TO_VOUCH}+ heartbeats on the new model")
         if vouched_frames < budgets.min_frames:
-            missing.append(f"{vouched_frames}/{budgets.min_frames} frames after each device's "
-                           "first window on the new model")
-        if stage.mode == "shadow" and shadow_f1 is None:
-            missing.append("no shadow agreement reported yet")
-        verdict = "insufficient" if missing else "pass"
-        reasons = missing
+            reasons.append(f"{vouched_frames:.0f}/{budgets.min_frames} frames after each "
+                           "device's first window on the new model")
+        if stage.mode == "shadow" and not f1s:
+            reasons.append("no shadow agreement reported yet")
+        verdict = "insufficient" if reasons else "pass"
     return StageHealth(
         stage=stage.name, mode=stage.mode, percent=stage.percent, since=since, evaluated_at=now,
         cohort_size=len(cohort), devices_reporting=len(reporting), devices_needed=needed,
-        heartbeats=n_hb, frames=frames, errors=errors,
+        heartbeats=sum(d.heartbeats for d in devices.values()),
+        frames=round(sum(d.frames for d in devices.values())),
+        errors=round(sum(d.errors for d in devices.values())),
         error_rate=round(error_rate, 6) if error_rate is not None else None,
         p95_latency_ms=round(p95, 3) if p95 is not None else None,
         shadow_f1=round(shadow_f1, 4) if shadow_f1 is not None else None,
-        verdict=verdict, reasons=reasons,
+        verdict=verdict, reasons=reasons, devices_failing=len(failing),
+        tolerated_failing_devices=tolerated, failing_devices=list(failing)[:MAX_LISTED_DEVICES],
+        heartbeats_ignored=ignored,
     )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fleet.db import DeviceStatus
+from fleet.heartbeat_plausibility import heartbeat_problems
 from roadloop.data.frames import Detection, FrameId
 
 MAX_DETECTIONS = 2000
@@ -161,7 +162,8 @@ class FrameStored(BaseModel):
 # --------------------------------------------------------------------------- heartbeats
 class HeartbeatIn(BaseModel):
     """Gateway-side view of ``edge_agent.heartbeat.Heartbeat``: required keys checked, the
-    rest kept as-is (the agent owns the full, versioned schema)."""
+    rest kept as-is (the agent owns the full, versioned schema) once the numbers health is
+    computed from are plausible (``fleet.heartbeat_plausibility``; else 422 naming them)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -169,6 +171,13 @@ class HeartbeatIn(BaseModel):
     camera_id: FrameId
     sent_at: AwareDatetime
     model_version: str | None = Field(max_length=200)
+
+    @model_validator(mode="after")
+    def _plausible(self) -> HeartbeatIn:
+        problems = heartbeat_problems(self.model_extra or {})
+        if problems:
+            raise ValueError("implausible heartbeat: " + "; ".join(problems[:8]))
+        return self
 
 
 class HeartbeatAccepted(BaseModel):

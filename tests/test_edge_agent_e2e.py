@@ -198,7 +198,7 @@ def test_enroll_stream_sample_store_and_heartbeat(gateway: Gateway, tmp_path: Pa
     )
     assert resp.status_code == 200, resp.text
     beats = [h["payload"] for h in resp.json()]
-    assert beats and all(b["schema_version"] == 1 and b["model_version"] == sha for b in beats)
+    assert beats and all(b["schema_version"] == 2 and b["model_version"] == sha for b in beats)
     assert sum(b["frames_processed"] for b in beats) == n_frames
     assert any(b["class_counts"].get("car", 0) > 0 for b in beats)
     assert all(len(b["confidence_histogram"]["counts"]) == 10 for b in beats)

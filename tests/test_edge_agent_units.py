@@ -496,11 +496,14 @@ def test_heartbeat_schema_is_versioned_and_documented() -> None:
         density_state="warning",
     )
     tw.record_dropped(3)
-    tw.record_error()
+    tw.record_error()  # not a frame (a rejected upload, say)
+    tw.record_frame_error()  # the detector failed on a frame: counted among the frames
     hb = tw.build(outbox_depth=4, outbox_bytes=4000, outbox_evicted_total=1, device_id="d")
     data = json.loads(hb.to_json())
-    assert data["schema_version"] == HEARTBEAT_SCHEMA_VERSION == 1
-    assert data["frames_processed"] == 2 and data["fps"] == pytest.approx(0.2, rel=0.05)
+    assert data["schema_version"] == HEARTBEAT_SCHEMA_VERSION == 2
+    assert data["frames_processed"] == 3 and data["fps"] == pytest.approx(0.3, rel=0.05)
+    assert (data["errors"], data["other_errors"], data["errors_total"]) == (1, 1, 2)
+    assert data["detections_per_frame"] == pytest.approx(2.0)  # over the 2 finished frames
     assert data["latency_p50_ms"] == pytest.approx(25.0)
     assert data["class_counts"] == {"car": 3, "bus": 1} and data["detections"] == 4
     assert data["confidence_histogram"]["bin_edges"] == list(CONFIDENCE_BIN_EDGES)
@@ -509,9 +512,10 @@ def test_heartbeat_schema_is_versioned_and_documented() -> None:
         "brightness_std"
     ] == pytest.approx(10.0)
     assert data["density_state"] == "warning" and data["dropped_frames"] == 3
-    assert (data["outbox_depth"], data["outbox_evicted_total"], data["errors"]) == (4, 1, 1)
+    assert (data["outbox_depth"], data["outbox_evicted_total"]) == (4, 1)
     nxt = tw.build(outbox_depth=0, outbox_bytes=0, outbox_evicted_total=1)  # a fresh window
-    assert nxt.frames_processed == 0 and nxt.latency_p50_ms is None and nxt.errors_total == 1
+    assert nxt.frames_processed == 0 and nxt.latency_p50_ms is None and nxt.errors_total == 2
+    assert nxt.errors == nxt.other_errors == 0
     json.loads(nxt.to_json())  # no NaN in an empty window
     documented = set(re.findall(r"\b[a-z][a-z0-9_]*\b", hb_mod.__doc__))
     assert not [f.name for f in fields(Heartbeat) if f.name not in documented]

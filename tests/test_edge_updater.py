@@ -719,7 +719,7 @@ def test_fault_delay_knob_slows_only_the_named_model(monkeypatch, baseline, mode
 def test_heartbeat_carries_optional_rollout_fields() -> None:
     tw = TelemetryWindow("cam-1", "a" * 64, CLASSES)
     plain = json.loads(tw.build(outbox_depth=0, outbox_bytes=0, outbox_evicted_total=0).to_json())
-    assert plain["update_status"] is None and plain["schema_version"] == 1
+    assert plain["update_status"] is None and plain["schema_version"] == 2
     hb = tw.build(
         outbox_depth=0,
         outbox_bytes=0,
