@@ -78,12 +78,38 @@ def write_bytes_atomic(
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
         fd = os.open(tmp, flags, 0o666 if mode is None else mode)
+        if mode is not None:
+            os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def create_exclusive(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
+    """Create ``path`` with ``data`` unless it exists; True when this call created it.
+
+    The data is written (``mode`` from the start) and fsynced under a temporary name, then
+    hard-linked into place: ``link`` fails when the target exists, so two first runs never
+    overwrite each other's file (a key, say) and nobody sees a half-written one.
+    """
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
     finally:
         tmp.unlink(missing_ok=True)
 

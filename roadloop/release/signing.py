@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +39,7 @@ from edge_agent.manifest import (
 )
 from edge_agent.manifest import ManifestError as SignatureError
 from roadloop.errors import InvalidInputError
-from roadloop.fsutil import sha256_file
+from roadloop.fsutil import create_exclusive, sha256_file, write_bytes_atomic
 from roadloop.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -52,29 +51,6 @@ PUBLIC_KEY_FILE = "model-signing.pub"
 # --------------------------------------------------------------------------- keys
 def default_key_dir() -> Path:
     return get_settings().home / "keys"
-
-
-def _write_exclusive(path: Path, data: bytes, mode: int) -> bool:
-    """Create ``path`` with ``data`` atomically unless it exists; True when this call made it.
-
-    Written to a temp file (``mode`` from the start, fsynced), then hard-linked into place:
-    ``link`` fails when the target exists, so two first runs never overwrite each other's key
-    and nobody ever sees a half-written file.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def public_key_b64(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
@@ -90,15 +66,12 @@ def load_or_create_signing_key(key_dir: Path | None = None) -> Ed25519PrivateKey
         new = Ed25519PrivateKey.generate()
         pem = new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        if _write_exclusive(key_path, pem, 0o600):
+        if create_exclusive(key_path, pem, mode=0o600):
             logger.info("created model signing key %s (key id %s)", key_path, key_id(new))
     key = load_signing_key(key_path)
     expected = (public_key_b64(key) + "\n").encode("ascii")
     if not pub_path.exists() or pub_path.read_bytes() != expected:
-        tmp = pub_path.with_name(f".{pub_path.name}.{secrets.token_hex(6)}.tmp")
-        tmp.write_bytes(expected)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, pub_path)
+        write_bytes_atomic(pub_path, expected, mode=0o644)
     return key
 
 
