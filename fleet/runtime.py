@@ -101,6 +101,8 @@ class Gateway:
         self.auth_cache: AuthCache[Any] = AuthCache(self.db)  # principals of fleet.auth
         self.manifests = ManifestCache(self.db)
         self._key_locks = [threading.Lock() for _ in range(256)]
+        # JPEG decodes running at once (fleet.intake.decode_slot): bounds an upload burst's memory.
+        self.decode_slots = threading.BoundedSemaphore(settings.max_concurrent_decodes or 1)
 
     def now(self) -> datetime:
         return self.clock()
