@@ -29,8 +29,6 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -47,6 +45,7 @@ from fleet.committer import CommitFailed
 from fleet.config import GatewaySettings
 from fleet.db import Device, FrameRow
 from fleet.jpeg import (  # re-exported: the JPEG checks' historical home
+    DecoderBusy,
     JpegError,
     JpegInfo,
     JpegLimits,
@@ -167,37 +166,30 @@ def jpeg_limits(settings: GatewaySettings) -> JpegLimits:
     )
 
 
-@contextmanager
-def decode_slot(gw: Gateway) -> Iterator[None]:
-    """One of ``max_concurrent_decodes`` slots, waited for at most ``decode_wait_s``;
-    503 with ``Retry-After`` when none frees up (the frame is not acknowledged)."""
-    if not gw.decode_slots.acquire(timeout=gw.settings.decode_wait_s):
-        gw.stats.count("decode_busy")
-        retry_after = max(1, math.ceil(gw.settings.decode_wait_s))
-        raise HTTPException(
-            503, f"gateway is busy decoding other frames (all {gw.settings.max_concurrent_decodes}"
-            f" decode slots in use); retry after {retry_after} s — the frame is not acknowledged",
-            headers={"Retry-After": str(retry_after)},
-        )
-    try:
-        yield
-    finally:
-        gw.decode_slots.release()
-
-
 def checked_quality(gw: Gateway, meta: FrameMetadata, image: bytes) -> tuple[JpegInfo, FrameQuality]:
     """Structure and limits from the header (no decode), then one strict, reduced decode in
-    a decode slot; the quality the agent sent, completed from that decode."""
+    one of ``max_concurrent_decodes`` slots (waited for at most ``decode_wait_s``; 503 with
+    ``Retry-After`` after that: the frame is not acknowledged); the quality the agent sent,
+    completed from that decode."""
+    settings = gw.settings
     try:
         with gw.stats.span("jpeg_check"):
-            info = check_jpeg(image, meta.width, meta.height, gw.settings.max_image_side,
-                              jpeg_limits(gw.settings))
+            info = check_jpeg(image, meta.width, meta.height, settings.max_image_side,
+                              jpeg_limits(settings))
         sent = meta.quality.model_dump(exclude_none=True) if meta.quality is not None else {}
-        with decode_slot(gw), gw.stats.span("decode"):
-            quality = measure_quality(image, info, sent, gw.settings.quality_decode_max_pixels)
+        with gw.stats.span("decode"):
+            quality = gw.decoders.run(settings.decode_wait_s, measure_quality, image, info, sent,
+                                      settings.quality_decode_max_pixels)
     except JpegError as exc:
         gw.stats.count("frames_bad_jpeg")
         raise HTTPException(422, f"frame {meta.frame_id}: {exc}") from exc
+    except DecoderBusy as exc:
+        gw.stats.count("decode_busy")
+        retry_after = max(1, math.ceil(settings.decode_wait_s))
+        raise HTTPException(
+            503, f"gateway is busy decoding other frames ({exc}); retry after {retry_after} s "
+            "— the frame is not acknowledged", headers={"Retry-After": str(retry_after)},
+        ) from exc
     return info, quality
 
 

@@ -17,17 +17,24 @@ what the header claims. So the gateway
   is refused instead of being stored as a grey frame. OpenCV prints such warnings and
   returns the picture anyway, so the decode is simplejpeg's (libjpeg-turbo, ``strict=True``).
 
-Memory per decode stays under about 3 bytes per pixel of the claimed image (a progressive
+Memory per decode stays under about 4 bytes per pixel of the claimed image (a progressive
 JPEG's coefficient buffer, or a native-scale decode plus its int16 Laplacian when a client
-sends no sharpness), and the gateway runs at most ``max_concurrent_decodes`` at once
-(``fleet.intake``).
+sends no sharpness). ``DecodePool`` runs at most ``max_concurrent_decodes`` at once, on as
+many dedicated threads: glibc keeps freed memory in the arena of the thread that used it,
+so decoding on whichever of the 64 request threads happened to run the upload would leave
+every arena holding a decode's worth of memory (measured: RSS grew with the number of
+concurrent uploads, not with the number of decode slots).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import simplejpeg
@@ -52,6 +59,7 @@ _SIGNATURES = (
     (b"\x1f\x8b", "gzip data"), (b"RIFF", "a RIFF file"),
 )
 DECODE_SCALES = (1, 2, 4, 8)
+T = TypeVar("T")
 
 
 class JpegError(ValueError):
@@ -219,6 +227,35 @@ def check_jpeg(
 
 
 # --------------------------------------------------------------------------- decoding
+class DecoderBusy(RuntimeError):
+    """Every decode slot stayed taken for the whole wait."""
+
+
+class DecodePool:
+    """At most ``slots`` decodes at once, each run on one of ``slots`` dedicated threads.
+
+    ``run`` waits up to ``wait_s`` for a free slot (``DecoderBusy`` after that), so the
+    number of decodes — and the memory they hold, including what the allocator keeps
+    around afterwards — is bounded whatever the number of concurrent uploads.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.size = slots
+        self.slots = threading.BoundedSemaphore(slots)
+        self._threads = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="jpeg-decode")
+
+    def run(self, wait_s: float, fn: Callable[..., T], *args: object) -> T:
+        if not self.slots.acquire(timeout=wait_s):
+            raise DecoderBusy(f"all {self.size} decode slots in use")
+        try:  # a slot is held, so a thread is free: the executor never queues
+            return self._threads.submit(fn, *args).result()
+        finally:
+            self.slots.release()
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True)
+
+
 def decode_scale(width: int, height: int, max_pixels: int) -> int:
     """The smallest of 1, 2, 4, 8 that decodes ``width`` x ``height`` to at most
     ``max_pixels`` (8 when none does)."""

@@ -374,14 +374,14 @@ def test_full_decode_slots_answer_503_with_retry_after_and_store_nothing(
     make_env: Any, good: bytes
 ) -> None:
     env = make_env(max_concurrent_decodes=1, decode_wait_s=0)
-    assert env.gw.decode_slots.acquire(blocking=False)  # another upload is decoding
+    assert env.gw.decoders.slots.acquire(blocking=False)  # another upload is decoding
     try:
         r = env.post(meta("f-1"), good)
         assert_4xx(r, 503, "decode slots", "not acknowledged")
         assert r.headers["retry-after"] == "1"
         env.assert_nothing_stored()
     finally:
-        env.gw.decode_slots.release()
+        env.gw.decoders.slots.release()
     assert env.post(meta("f-1"), good).status_code == 201
 
 
@@ -389,12 +389,14 @@ def test_no_more_decodes_run_at_once_than_there_are_slots(
     make_env: Any, good: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two slots: two uploads are held inside the decoder; a third is turned away; once they
-    are let go both are stored. Driven by events, not by timing."""
+    are let go both are stored. Decodes run on the pool's own threads (what the allocator
+    keeps after a decode stays in those threads' arenas). Driven by events, not timing."""
     env = make_env(max_concurrent_decodes=2, decode_wait_s=0)
     inside = threading.Semaphore(0)
     let_go = threading.Event()
     running = [0]
     peak = [0]
+    threads_used: set[str] = set()
     lock = threading.Lock()
     real = fleet_jpeg.decode_grey
 
@@ -402,6 +404,7 @@ def test_no_more_decodes_run_at_once_than_there_are_slots(
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
+            threads_used.add(threading.current_thread().name)
         inside.release()
         assert let_go.wait(60), "test did not let the decoder go"
         with lock:
@@ -425,6 +428,7 @@ def test_no_more_decodes_run_at_once_than_there_are_slots(
         t.join(60)
     assert results == {"f-0": 201, "f-1": 201}
     assert peak[0] == 2
+    assert len(threads_used) == 2 and all(n.startswith("jpeg-decode") for n in threads_used)
     assert sorted(r.frame_id for r in env.rows()) == ["f-0", "f-1"]
 
 
