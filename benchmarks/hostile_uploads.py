@@ -18,6 +18,8 @@ Hostile kinds (few-KB bodies unless noted):
 - ``claims_4096x4096``: within the side limit, over the 4096x2160 pixel cap;
 - ``progressive_4096x2160``: a progressive JPEG claiming 4096x2160 (libjpeg allocates a
   whole-image coefficient buffer for progressive JPEGs, even at reduced scale);
+- ``progressive444_4096x2160_noq``: the same, 4:4:4 (the largest coefficient buffer: 6 bytes
+  a pixel) and without quality (a native-scale decode): the costliest decode there is;
 - ``truncated_eoi``: a real 1920x1080 frame cut in half with FFD9 put back (~100 KB);
 - ``zip_appended``: a real 640x360 frame with a ZIP archive after its end marker.
 
@@ -130,6 +132,8 @@ def build_uploads() -> tuple[list[Upload], list[Upload]]:
     q: dict[str, Any] = {"brightness": 100.0, "sharpness": 250.0, "dhash": "0123456789abcdef"}
     tiny = _encode(small)
     tiny_prog = _encode(small, cv2.IMWRITE_JPEG_PROGRESSIVE, 1)
+    tiny_prog444 = _encode(small, cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                           cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444)
     full = _encode(cv2.resize(frames[0], (1920, 1080), interpolation=cv2.INTER_CUBIC))
     mid = _encode(cv2.resize(frames[-1], (640, 360), interpolation=cv2.INTER_AREA))
     hostile = [
@@ -137,6 +141,8 @@ def build_uploads() -> tuple[list[Upload], list[Upload]]:
         Upload("claims_4096x2160_noq", _claim(tiny, 4096, 2160), 4096, 2160, None),
         Upload("claims_4096x4096", _claim(tiny, 4096, 4096), 4096, 4096, q),
         Upload("progressive_4096x2160", _claim(tiny_prog, 4096, 2160), 4096, 2160, q),
+        Upload("progressive444_4096x2160_noq", _claim(tiny_prog444, 4096, 2160), 4096, 2160,
+               None),
         Upload("truncated_eoi", full[: len(full) // 2] + b"\xff\xd9", 1920, 1080, q),
         Upload("zip_appended", mid + _zip(), 640, 360, q),
     ]
@@ -337,10 +343,11 @@ How to read it:
   high-water mark over the process's life (start-up included).
 - New gateway: every hostile kind is refused (422) and nothing is stored; the memory above
   idle stays flat as N grows, because decodes run in `max_concurrent_decodes` slots on as
-  many threads (min(4, cores): 2 here). The largest single decode is the progressive JPEG
-  claiming 4096x2160: libjpeg allocates its whole-image coefficient buffer (4096x2160 4:2:0,
-  ~26 MiB) even for a reduced decode, so the bound is about slots x 35 MiB plus request
-  buffers.
+  many threads (min(4, cores): 2 here). The costliest single decode is a progressive 4:4:4
+  JPEG claiming 4096x2160 sent without quality: libjpeg allocates its whole-image
+  coefficient buffer (6 bytes a pixel, ~51 MiB) even for a reduced decode, plus the native
+  output (~8 MiB) — about 60 MiB a slot, so the bound is about slots x 60 MiB plus request
+  buffers (2 slots here; 4, the default's ceiling, would be ~240 MiB).
 - Old gateway: every header-claims-large JPEG was decoded in full (colour in the frame
   store, plus a float64 Laplacian of the full grey image when no quality was sent),
   answered 201 and stored as a grey frame.

@@ -17,9 +17,10 @@ what the header claims. So the gateway
   is refused instead of being stored as a grey frame. OpenCV prints such warnings and
   returns the picture anyway, so the decode is simplejpeg's (libjpeg-turbo, ``strict=True``).
 
-Memory per decode stays under about 4 bytes per pixel of the claimed image (a progressive
-JPEG's coefficient buffer, or a native-scale decode plus its int16 Laplacian when a client
-sends no sharpness). ``DecodePool`` runs at most ``max_concurrent_decodes`` at once, on as
+Memory per decode stays under about 7 bytes per pixel of the claimed image — at most ~60 MiB
+at the 4096x2160 cap (measured): a progressive JPEG's whole-image coefficient buffer (up to
+6 bytes a pixel for 4:4:4, even at reduced scale) plus a native-scale output when a client
+sends no sharpness (1 byte a pixel, then 2 for its int16 Laplacian). ``DecodePool`` runs at most ``max_concurrent_decodes`` at once, on as
 many dedicated threads: glibc keeps freed memory in the arena of the thread that used it,
 so decoding on whichever of the 64 request threads happened to run the upload would leave
 every arena holding a decode's worth of memory (measured: RSS grew with the number of
