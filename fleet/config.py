@@ -7,6 +7,7 @@ sensor that watches the frame store sees what the gateway writes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -54,7 +55,41 @@ class GatewaySettings(BaseSettings):
         default=1024 * 1024, gt=0, description="Largest body of every other route, bytes."
     )
     max_image_side: int = Field(default=4096, gt=0, description="Largest JPEG width/height, px.")
-    max_metadata_bytes: int = Field(default=256 * 1024, gt=0)
+    max_metadata_bytes: int = Field(
+        default=256 * 1024, gt=0,
+        description="Largest `metadata` part of a frame upload, bytes (text field or file).",
+    )
+
+    # Cost of one frame upload (fleet/jpeg.py): checked from the JPEG header before decoding.
+    max_image_pixels: int = Field(
+        default=4096 * 2160, gt=0,
+        description="Largest JPEG width x height, px. DCI 4K (4096x2160) holds every frame a "
+        "traffic camera sends (1080p, 4K UHD); the per-side limit alone admits 4096x4096.",
+    )
+    max_jpeg_scans: int = Field(
+        default=64, ge=1, le=1000,
+        description="Most scans (SOS segments) in one JPEG; a progressive JPEG has ~10, each "
+        "extra scan costs a pass over the whole image.",
+    )
+    max_jpeg_metadata_bytes: int = Field(
+        default=128 * 1024, ge=0,
+        description="Most bytes of APPn/COM segments (EXIF, ICC, XMP, comments) in one JPEG: "
+        "bounds what other data can ride along in a stored frame.",
+    )
+    quality_decode_max_pixels: int = Field(
+        default=1024 * 576, ge=64 * 64,
+        description="The gateway decodes an upload at 1/1, 1/2, 1/4 or 1/8 scale, the largest "
+        "that gives at most this many pixels (1080p and 4K decode at 1/2 and 1/4).",
+    )
+    max_concurrent_decodes: int | None = Field(
+        default=None, ge=1, le=256,
+        description="JPEG decodes running at once (each holds up to a few tens of MB); "
+        "default min(4, CPU cores).",
+    )
+    decode_wait_s: float = Field(
+        default=2.0, ge=0, le=60,
+        description="How long an upload waits for a free decode slot before 503 + Retry-After.",
+    )
 
     # Per-device token bucket over frames + heartbeats.
     rate_limit_per_s: float = Field(default=50.0, gt=0)
@@ -146,6 +181,8 @@ class GatewaySettings(BaseSettings):
         if self.models_dir is None:
             self.models_dir = self.home / "fleet" / "models"
         self.models_dir = Path(self.models_dir).expanduser().absolute()
+        if self.max_concurrent_decodes is None:
+            self.max_concurrent_decodes = min(4, os.cpu_count() or 1)
         return self
 
     @property

@@ -5,9 +5,16 @@ Durability order for ``POST /v1/frames`` (201 only when all of it is done):
 1. the JPEG and its sidecar go into the frame store (``FrameStore.write_frame``: temp file,
    fsync, rename; sidecar last) and the day folder is fsynced (the renames survive power
    loss);
-2. the ``frames`` row is inserted and committed (group commit, ``fleet.committer``).
+2. the sidecar is read back with the platform's reader (``FrameStore.read_record``); a frame
+   that does not read back as written is removed and refused, so the table never lists a
+   frame the platform's readers skip;
+3. the ``frames`` row is inserted and committed (group commit, ``fleet.committer``).
 
-A crash between 1 and 2 leaves a complete frame without a row. It is neither lost nor
+Before any of that the upload's cost is bounded (``fleet.jpeg``): metadata size and strict
+JSON, the JPEG's structure and claimed size from its header, then one strict reduced decode
+in one of ``max_concurrent_decodes`` slots.
+
+A crash between 1 and 3 leaves a complete frame without a row. It is neither lost nor
 duplicated: the agent got no 201, so it retries; ``write_frame`` sees the frame already
 there (a no-op) and the row is inserted then. Independently, start-up runs
 ``fleet.reconcile.reconcile_frame_store``, which gives such frames their row
@@ -21,10 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from typing import Any
 
-import cv2
-import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
@@ -32,100 +38,34 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet.auth import DevicePrincipal, Principal
 from fleet.committer import CommitFailed
+from fleet.config import GatewaySettings
 from fleet.db import Device, FrameRow
+from fleet.jpeg import (  # re-exported: the JPEG checks' historical home
+    DecoderBusy,
+    JpegError,
+    JpegInfo,
+    JpegLimits,
+    check_jpeg,
+    jpeg_dimensions,
+    measure_quality,
+)
 from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import Gateway, GatewayDep
-from fleet.schemas import ErrorOut, FrameMetadata, FrameStored, QualityIn
-from roadloop.data.frames import FrameQuality, FrameRecord, compute_quality
+from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
+from roadloop.data.frames import FrameQuality, FrameRecord, FrameWrite
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import fsync_dir
 
+__all__ = ["JpegError", "check_jpeg", "jpeg_dimensions", "router", "store_frame"]
+
 logger = logging.getLogger(__name__)
 
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
-
-class JpegError(ValueError):
-    """The upload is not a usable JPEG; the message says what is wrong."""
-
-
-# --------------------------------------------------------------------------- JPEG checks
-def jpeg_dimensions(data: bytes) -> tuple[int, int]:
-    """(width, height) from the JPEG frame header, without decoding any pixels."""
-    if data[:3] != b"\xff\xd8\xff":
-        raise JpegError("image is not a JPEG (it does not start with the FFD8 marker)")
-    i, n = 2, len(data)
-    while i < n:
-        if data[i] != 0xFF:
-            raise JpegError(f"JPEG header is corrupt (no marker at byte {i})")
-        while i < n and data[i] == 0xFF:
-            i += 1
-        if i >= n:
-            break
-        marker = data[i]
-        i += 1
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            continue
-        if marker in (0xD9, 0xDA):
-            raise JpegError("JPEG has no frame header (SOF) before its image data")
-        if i + 2 > n:
-            break
-        seg_len = int.from_bytes(data[i : i + 2], "big")
-        if seg_len < 2:
-            raise JpegError(f"JPEG header is corrupt (segment length {seg_len} at byte {i})")
-        if marker in _SOF_MARKERS:
-            if i + 7 > n:
-                break
-            height = int.from_bytes(data[i + 3 : i + 5], "big")
-            width = int.from_bytes(data[i + 5 : i + 7], "big")
-            return width, height
-        i += seg_len
-    raise JpegError("JPEG is truncated inside its header")
-
-
-def check_jpeg(data: bytes, width: int, height: int, max_side: int) -> None:
-    """Cheap structural checks before any decode: magic, end marker, size limits, size match.
-
-    Parsing the header first stops decompression bombs (a tiny file claiming 60000x60000 px)
-    before any allocation; ``decode_jpeg`` then decodes the pixels, once per upload.
-    """
-    if not data:
-        raise JpegError("image is empty")
-    w, h = jpeg_dimensions(data)
-    if not data[-64:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
-        raise JpegError("JPEG is truncated (no FFD9 end-of-image marker): re-send the whole file")
-    if w <= 0 or h <= 0:
-        raise JpegError(f"JPEG header claims an empty image ({w}x{h})")
-    if w > max_side or h > max_side:
-        raise JpegError(f"JPEG is {w}x{h}; the gateway accepts at most {max_side} px a side")
-    if (w, h) != (width, height):
-        raise JpegError(f"JPEG is {w}x{h} but metadata says {width}x{height}")
-
-
-def decode_jpeg(data: bytes, width: int, height: int) -> np.ndarray:
-    """The one decode of an upload: greyscale (all the gateway needs of the pixels — the
-    quality — and cheaper than colour), checked against the metadata's size."""
-    grey = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if grey is None:
-        raise JpegError("JPEG does not decode")
-    h, w = grey.shape[:2]
-    if (w, h) != (width, height):
-        raise JpegError(f"JPEG decodes to {w}x{h} but metadata says {width}x{height}")
-    return grey
-
-
-def frame_quality(sent: QualityIn | None, grey: np.ndarray) -> FrameQuality:
-    """The agent's own values where it sent them; only the missing ones computed from
-    ``grey`` (the agent measured the frame before JPEG encoding, which shifts them a bit)."""
-    values = sent.model_dump(exclude_none=True) if sent is not None else {}
-    if len(values) == len(QualityIn.model_fields):
-        return FrameQuality(**values)
-    return FrameQuality(**{**compute_quality(grey).model_dump(), **values})
-
-
+# --------------------------------------------------------------------------- metadata
 def validation_message(exc: ValidationError, prefix: str) -> str:
     """One line naming each bad field: ``metadata is invalid: frame_id: Field required``."""
     parts = []
@@ -136,10 +76,25 @@ def validation_message(exc: ValidationError, prefix: str) -> str:
     return f"{prefix}: " + "; ".join(parts) + more
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number (non-finite numbers are refused)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond a 64-bit float (non-finite numbers are refused)")
+    return value
+
+
 def parse_metadata(text: str) -> FrameMetadata:
+    """Strict JSON (no NaN/Infinity anywhere: Python's json takes them by default and a
+    sidecar cannot hold them), then the schema (which refuses non-finite values too)."""
     try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError as exc:
+        raise HTTPException(422, "metadata is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, a non-finite number, a 5000-digit integer
         raise HTTPException(422, f"metadata is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise HTTPException(422, "metadata must be a JSON object")
@@ -149,7 +104,121 @@ def parse_metadata(text: str) -> FrameMetadata:
         raise HTTPException(422, validation_message(exc, "metadata is invalid")) from exc
 
 
+# --------------------------------------------------------------------------- the form
+async def read_upload(request: Request, settings: GatewaySettings) -> tuple[str, bytes]:
+    """(metadata text, JPEG bytes) of a ``POST /v1/frames`` body.
+
+    ``metadata`` is held to ``max_metadata_bytes`` whether it comes as a text field (the
+    parser stops reading at the cap) or as a file part (read no further than the cap);
+    ``image`` must be a file part (a text field is re-encoded by the form parser).
+    """
+    limit = settings.max_metadata_bytes
+    try:
+        form = await request.form(max_files=2, max_fields=4, max_part_size=limit)
+    except StarletteHTTPException as exc:
+        if exc.status_code != 400:  # e.g. the body limit's 413
+            raise
+        if "maximum size" in str(exc.detail):  # a text part over max_part_size
+            raise _metadata_too_large(limit) from exc
+        raise HTTPException(422, f"malformed multipart body: {exc.detail}") from exc
+    try:
+        image = form.get("image")
+        metadata = form.get("metadata")
+        if image is None or metadata is None:
+            missing = [n for n, v in (("image", image), ("metadata", metadata)) if v is None]
+            raise HTTPException(
+                422, f"missing form field(s) {', '.join(missing)}: send multipart/form-data "
+                "with 'image' (JPEG file) and 'metadata' (JSON text)"
+            )
+        if not isinstance(image, UploadFile):
+            raise HTTPException(422, "form field 'image' must be a file part (multipart "
+                                "with a filename), not a text field")
+        if isinstance(metadata, UploadFile):
+            data = await metadata.read(limit + 1)
+            if len(data) > limit:
+                raise _metadata_too_large(limit)
+            try:
+                metadata_text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise HTTPException(422, f"metadata is not UTF-8 text: {exc}") from exc
+        else:
+            metadata_text = metadata
+        image_bytes = await image.read()
+    finally:
+        await form.close()
+    return metadata_text, image_bytes
+
+
+def _metadata_too_large(limit: int) -> HTTPException:
+    return HTTPException(
+        413, f"metadata is larger than the {limit}-byte limit (max_metadata_bytes), "
+        "as a text field or a file part; send 'image' as a file part"
+    )
+
+
+# --------------------------------------------------------------------------- the JPEG
+def jpeg_limits(settings: GatewaySettings) -> JpegLimits:
+    return JpegLimits(
+        max_side=settings.max_image_side,
+        max_pixels=settings.max_image_pixels,
+        max_scans=settings.max_jpeg_scans,
+        max_metadata_bytes=settings.max_jpeg_metadata_bytes,
+    )
+
+
+def checked_quality(gw: Gateway, meta: FrameMetadata, image: bytes) -> tuple[JpegInfo, FrameQuality]:
+    """Structure and limits from the header (no decode), then one strict, reduced decode in
+    one of ``max_concurrent_decodes`` slots (waited for at most ``decode_wait_s``; 503 with
+    ``Retry-After`` after that: the frame is not acknowledged); the quality the agent sent,
+    completed from that decode."""
+    settings = gw.settings
+    try:
+        with gw.stats.span("jpeg_check"):
+            info = check_jpeg(image, meta.width, meta.height, settings.max_image_side,
+                              jpeg_limits(settings))
+        sent = meta.quality.model_dump(exclude_none=True) if meta.quality is not None else {}
+        with gw.stats.span("decode"):
+            quality = gw.decoders.run(settings.decode_wait_s, measure_quality, image, info, sent,
+                                      settings.quality_decode_max_pixels)
+    except JpegError as exc:
+        gw.stats.count("frames_bad_jpeg")
+        raise HTTPException(422, f"frame {meta.frame_id}: {exc}") from exc
+    except DecoderBusy as exc:
+        gw.stats.count("decode_busy")
+        retry_after = max(1, math.ceil(settings.decode_wait_s))
+        raise HTTPException(
+            503, f"gateway is busy decoding other frames ({exc}); retry after {retry_after} s "
+            "— the frame is not acknowledged", headers={"Retry-After": str(retry_after)},
+        ) from exc
+    return info, quality
+
+
 # --------------------------------------------------------------------------- storing
+def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> None:
+    """Read the sidecar back with the platform's reader before anything is acknowledged;
+    a frame this request wrote that does not read back as written is removed (422)."""
+    back = gw.store.read_record(record.camera_id, record.frame_id)
+    if written.already_existed:
+        if back is None:
+            raise HTTPException(
+                422, f"frame {record.frame_id} is already in the frame store but its sidecar "
+                "does not read back (written by an older gateway?); send it as a new frame_id"
+            )
+        return
+    if back == record:
+        return
+    gw.stats.count("frames_unreadable_removed")
+    logger.error("sidecar of %s/%s does not read back as written; removing the frame",
+                 record.camera_id, record.frame_id)
+    gw.store.remove_frame(written.path)
+    if gw.settings.fsync_directories:
+        fsync_dir(written.path.parent)
+    raise HTTPException(
+        422, f"frame {record.frame_id}: its record does not read back from the frame store as "
+        "written; nothing was stored"
+    )
+
+
 def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: bytes) -> FrameStored:
     """Validate and durably store one upload; raise ``HTTPException`` for every refusal."""
     stats = gw.stats
@@ -160,20 +229,8 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
             403, f"metadata camera_id {meta.camera_id} is not this device's camera "
             f"({principal.camera_id}); a device posts frames of its enrolled camera only"
         )
-    key = f"{meta.camera_id}/{meta.frame_id}"
-    # No "already stored?" query first: a replay costs one stat in write_frame (a no-op
-    # for a frame already there) and ends as an IntegrityError -> 409 on insert, so the
-    # common path saves a database round trip.
-    with gw.key_lock(key):
-        try:
-            with stats.span("jpeg_check"):
-                check_jpeg(image, meta.width, meta.height, gw.settings.max_image_side)
-            with stats.span("decode"):
-                grey = decode_jpeg(image, meta.width, meta.height)
-        except JpegError as exc:
-            raise HTTPException(422, f"frame {meta.frame_id}: {exc}") from exc
-        with stats.span("quality"):
-            quality = frame_quality(meta.quality, grey)
+    info, quality = checked_quality(gw, meta, image)
+    try:
         record = FrameRecord(
             frame_id=meta.frame_id,
             camera_id=meta.camera_id,
@@ -188,12 +245,22 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
             height=meta.height,
             quality=quality,
         )
+    except ValidationError as exc:
+        raise HTTPException(422, validation_message(exc, "metadata is invalid")) from exc
+    key = f"{meta.camera_id}/{meta.frame_id}"
+    # No "already stored?" query first: a replay costs one stat in write_frame (a no-op
+    # for a frame already there) and ends as an IntegrityError -> 409 on insert, so the
+    # common path saves a database round trip.
+    with gw.key_lock(key):
         try:
             with stats.span("write_frame"):
-                written = gw.store.write_frame(record, image, image=grey)
+                written = gw.store.write_frame(
+                    record, image, decoded_size=(info.width, info.height))
             if gw.settings.fsync_directories and not written.already_existed:
                 with stats.span("fsync_dir"):
                     fsync_dir(written.path.parent)
+            with stats.span("read_back"):
+                ensure_readable(gw, record, written)
         except InvalidInputError as exc:
             raise HTTPException(422, f"frame {meta.frame_id}: {exc.reason}") from exc
         except OSError as exc:
@@ -210,11 +277,11 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
 
         def insert(session: Session) -> None:
             session.add(FrameRow(
-                camera_id=meta.camera_id, frame_id=meta.frame_id,
+                camera_id=record.camera_id, frame_id=record.frame_id,
                 device_id=principal.device_id, captured_at=record.captured_at, received_at=now,
-                path=rel, width=meta.width, height=meta.height, size_bytes=len(image),
-                sha256=digest, model_version=meta.model_version, importance=meta.importance,
-                reasons=meta.reasons, n_detections=len(meta.detections),
+                path=rel, width=record.width, height=record.height, size_bytes=len(image),
+                sha256=digest, model_version=record.model_version, importance=record.importance,
+                reasons=record.reasons, n_detections=len(record.detections),
             ))
             session.flush()
             session.execute(
@@ -282,23 +349,5 @@ async def post_frame(
     """
     enforce_rate_limit(gw, principal)
     with gw.stats.span("read_form"):
-        form = await request.form(
-            max_files=2, max_fields=4, max_part_size=gw.settings.max_metadata_bytes
-        )
-    try:
-        image = form.get("image")
-        metadata = form.get("metadata")
-        if image is None or metadata is None:
-            missing = [n for n, v in (("image", image), ("metadata", metadata)) if v is None]
-            raise HTTPException(
-                422, f"missing form field(s) {', '.join(missing)}: send multipart/form-data "
-                "with 'image' (JPEG file) and 'metadata' (JSON text)"
-            )
-        if isinstance(metadata, UploadFile):
-            metadata_text = (await metadata.read()).decode("utf-8", errors="replace")
-        else:
-            metadata_text = metadata
-        image_bytes = await image.read() if isinstance(image, UploadFile) else image.encode()
-    finally:
-        await form.close()
+        metadata_text, image_bytes = await read_upload(request, gw.settings)
     return await run_in_threadpool(store_frame, gw, principal, metadata_text, image_bytes)

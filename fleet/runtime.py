@@ -19,6 +19,7 @@ from fleet.caches import AuthCache, ManifestCache, ModelPublicKey
 from fleet.committer import GroupCommitter
 from fleet.config import GatewaySettings
 from fleet.db import Database
+from fleet.jpeg import DecodePool
 from fleet.models_store import ModelStore
 from fleet.ratelimit import TokenBucketLimiter
 from fleet.reconcile import reconcile_frame_store
@@ -102,6 +103,8 @@ class Gateway:
         self.auth_cache: AuthCache[Any] = AuthCache(self.db)  # principals of fleet.auth
         self.manifests = ManifestCache(self.db)
         self._key_locks = [threading.Lock() for _ in range(256)]
+        # JPEG decodes at once, on their own threads (fleet.jpeg): bounds an upload burst's memory.
+        self.decoders = DecodePool(settings.max_concurrent_decodes or 1)
 
     def now(self) -> datetime:
         return self.clock()
@@ -130,6 +133,7 @@ class Gateway:
 
     def stop(self) -> None:
         self.committer.stop()
+        self.decoders.close()
         self.db.dispose()
 
 

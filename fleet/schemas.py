@@ -114,6 +114,8 @@ class QualityIn(BaseModel):
     """Edge-computed ``roadloop.data.frames.FrameQuality`` values of an upload; the gateway keeps
     what the agent sent and computes only what is missing."""
 
+    model_config = ConfigDict(allow_inf_nan=False)
+
     brightness: float | None = Field(default=None, ge=0.0, le=255.0,
                                      description="Mean luma (grey level), 0-255.")
     sharpness: float | None = Field(default=None, ge=0.0,
@@ -123,9 +125,10 @@ class QualityIn(BaseModel):
 
 
 class FrameMetadata(BaseModel):
-    """The ``metadata`` form field of ``POST /v1/frames``. Unknown keys are ignored."""
+    """The ``metadata`` form field of ``POST /v1/frames``. Unknown keys are ignored; NaN and
+    Infinity are refused everywhere (a sidecar cannot hold them: JSON has no such numbers)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     frame_id: FrameId
     camera_id: FrameId

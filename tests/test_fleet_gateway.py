@@ -501,48 +501,56 @@ def test_rate_limit_gives_429_with_retry_after(make_env: Any, frame_jpeg: bytes)
 AGENT_QUALITY = {"brightness": 12.5, "sharpness": 3.25, "dhash": "0123456789abcdef"}
 
 
-def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every ``cv2.imdecode`` call from now on (the gateway's and the frame store's)."""
-    calls: list[int] = []
-    real = cv2.imdecode
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every JPEG decode from now on: ``cv2.imdecode`` (the frame store's) and simplejpeg's
+    (the gateway's strict decode), as the flags or the requested minimum size."""
+    import simplejpeg
 
-    def counting(buf: np.ndarray, flags: int) -> Any:
+    calls: list[Any] = []
+    real_cv2, real_sj = cv2.imdecode, simplejpeg.decode_jpeg
+
+    def counting_cv2(buf: np.ndarray, flags: int) -> Any:
         calls.append(flags)
-        return real(buf, flags)
+        return real_cv2(buf, flags)
 
-    monkeypatch.setattr(cv2, "imdecode", counting)
+    def counting_sj(data: bytes, **kw: Any) -> Any:
+        calls.append((kw.get("min_width"), kw.get("min_height")))
+        return real_sj(data, **kw)
+
+    monkeypatch.setattr(cv2, "imdecode", counting_cv2)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", counting_sj)
     return calls
 
 
-class DecodedImageStore(FrameStore):
-    """The real ``FrameStore``, recording the decoded array the gateway hands it."""
+class DecodedSizeStore(FrameStore):
+    """The real ``FrameStore``, recording what the gateway tells it about the decode."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
-        self.images: list[np.ndarray] = []
+        self.sizes: list[tuple[int, int] | None] = []
 
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
-                    image: np.ndarray | None = None) -> FrameWrite:
-        assert image is not None, "the gateway must hand over the array it decoded"
-        self.images.append(image)
-        return super().write_frame(record, jpeg_bytes, image=image)
+                    image: np.ndarray | None = None,
+                    decoded_size: tuple[int, int] | None = None) -> FrameWrite:
+        assert image is None and decoded_size is not None, \
+            "the gateway hands over the size it verified, so the store does not decode again"
+        self.sizes.append(decoded_size)
+        return super().write_frame(record, jpeg_bytes, decoded_size=decoded_size)
 
 
 @pytest.mark.parametrize("sent", [False, True], ids=["gateway_quality", "agent_quality"])
-def test_gateway_decodes_once_and_hands_the_array_to_the_store(
+def test_gateway_decodes_once_and_hands_the_size_to_the_store(
     env: Env, frame_jpeg: bytes, monkeypatch: pytest.MonkeyPatch, sent: bool
 ) -> None:
     dev = env.enroll()
-    store = DecodedImageStore(env.settings.frame_store)
+    store = DecodedSizeStore(env.settings.frame_store)
     monkeypatch.setattr(env.gw, "store", store)
     calls = _count_decodes(monkeypatch)
     m = meta("f-once", quality=AGENT_QUALITY) if sent else meta("f-once")
     r = post_frame(env.client, dev["access_token"], m, frame_jpeg)
     assert r.status_code == 201, r.text
-    assert calls == [cv2.IMREAD_GRAYSCALE]
-    (image,) = store.images
-    expected = cv2.imdecode(np.frombuffer(frame_jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
-    assert image.shape == (H, W) and np.array_equal(image, expected)
+    assert calls == [(W, H)]  # one decode, at full size: a 160x120 frame needs no reduction
+    assert store.sizes == [(W, H)]
     assert store.find_frame("cam-a", "f-once") is not None and len(env.rows()) == 1
 
 

@@ -17,6 +17,9 @@ On-disk layout (the contract with the fleet gateway, which writes the same thing
 * Writing a frame id that already exists is a no-op, so replays and gateway retries are
   idempotent.
 * ``FrameRecord.schema_version`` is 1; readers ignore unknown fields.
+* Every number in a record is finite: the models refuse NaN and ±Infinity (JSON has no
+  spelling for them, so such a sidecar would not read back), and ``write_frame`` checks
+  that the sidecar it is about to write reads back before writing anything.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from typing import Annotated, NamedTuple
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import write_bytes_atomic
@@ -70,7 +80,15 @@ def safe_id(text: str, max_len: int = 64) -> str:
 
 
 class FrameQuality(BaseModel):
-    """Cheap per-frame image statistics, computed on the edge or at ingest."""
+    """Cheap per-frame image statistics, computed on the edge or at ingest.
+
+    ``brightness`` and ``sharpness`` are measured on the grey frame at its native resolution
+    (an agent measures them before JPEG encoding); ``dhash`` is defined on a 9x8 thumbnail, so
+    the scale it was computed from hardly matters (a 1/2 or 1/4 scaled decode gives the same
+    hash within a bit).
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     brightness: float = Field(ge=0.0, le=255.0, description="Mean luma (grey level), 0-255.")
     sharpness: float = Field(ge=0.0, description="Variance of the Laplacian of the grey image.")
@@ -105,6 +123,16 @@ def dhash_hex(grey: np.ndarray) -> str:
     return f"{value:016x}"
 
 
+def laplacian_variance(grey: np.ndarray) -> float:
+    """Sharpness: variance of the Laplacian (cv2's 3x3 kernel) of a uint8 grey image.
+
+    Computed in int16 — exact, the kernel's output lies within ±1020 — so it takes 2 bytes a
+    pixel where a float64 Laplacian and its variance take 16.
+    """
+    _, std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_16S))
+    return float(std[0, 0]) ** 2
+
+
 def compute_quality(image_bgr: np.ndarray) -> FrameQuality:
     """Brightness, sharpness and dhash of a BGR (or grey) uint8 image.
 
@@ -113,7 +141,7 @@ def compute_quality(image_bgr: np.ndarray) -> FrameQuality:
     """
     grey = _to_grey(image_bgr)
     brightness = float(grey.mean())
-    sharpness = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    sharpness = laplacian_variance(grey)
     return FrameQuality(brightness=brightness, sharpness=sharpness, dhash=dhash_hex(grey))
 
 
@@ -131,6 +159,8 @@ def dhash_hamming(a: str, b: str) -> int:
 class Detection(BaseModel):
     """One box predicted on the edge (pixel coordinates of the stored frame)."""
 
+    model_config = ConfigDict(allow_inf_nan=False)
+
     class_id: int = Field(ge=0)
     class_name: str
     confidence: float = Field(ge=0.0, le=1.0)
@@ -147,6 +177,8 @@ class Detection(BaseModel):
 
 class FrameRecord(BaseModel):
     """The sidecar of one stored frame: where it came from and why it was kept."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     frame_id: FrameId
     camera_id: FrameId
@@ -240,14 +272,21 @@ class FrameStore:
 
     # ---- writing
     def write_frame(
-        self, record: FrameRecord, jpeg_bytes: bytes, *, image: np.ndarray | None = None
+        self,
+        record: FrameRecord,
+        jpeg_bytes: bytes,
+        *,
+        image: np.ndarray | None = None,
+        decoded_size: tuple[int, int] | None = None,
     ) -> FrameWrite:
         """Store one frame atomically; a frame id already in the store is left untouched.
 
         Raises ``InvalidInputError`` (naming the frame) when the bytes are not a decodable
-        JPEG or its size differs from ``record.width`` x ``record.height``. A caller that has
-        already decoded ``jpeg_bytes`` (the gateway) passes the array as ``image`` (colour or
-        grey: only its height and width are read) and the bytes are not decoded again.
+        JPEG, its size differs from ``record.width`` x ``record.height``, or the sidecar would
+        not read back. A caller that has already decoded ``jpeg_bytes`` passes the array as
+        ``image`` (colour or grey: only its height and width are read), or — having decoded it
+        at reduced scale, as the gateway does — the full ``(width, height)`` it verified as
+        ``decoded_size``; the bytes are then not decoded again.
         """
         target = self.frame_path(record)
         existing = self.find_frame(record.camera_id, record.frame_id)
@@ -260,24 +299,37 @@ class FrameStore:
             jpeg_bytes[:3]
         ).startswith(_JPEG_MAGIC):
             raise InvalidInputError(target, f"{label}: payload is not a JPEG")
-        if image is None:
-            image = cv2.imdecode(np.frombuffer(jpeg_bytes, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if decoded_size is not None:
+            w, h = decoded_size
+        else:
             if image is None:
-                raise InvalidInputError(target, f"{label}: JPEG does not decode")
-        h, w = image.shape[:2]
+                image = cv2.imdecode(np.frombuffer(jpeg_bytes, dtype=np.uint8), cv2.IMREAD_COLOR)
+                if image is None:
+                    raise InvalidInputError(target, f"{label}: JPEG does not decode")
+            h, w = image.shape[:2]
         if (w, h) != (record.width, record.height):
             raise InvalidInputError(
                 target,
                 f"{label}: JPEG is {w}x{h} but the record says {record.width}x{record.height}",
             )
+        sidecar = record.model_dump_json(indent=2).encode()
+        try:  # never write a sidecar the readers below would skip
+            FrameRecord.model_validate_json(sidecar)
+        except ValidationError as exc:
+            raise InvalidInputError(
+                target, f"{label}: its record does not read back ({_first_error(exc)})"
+            ) from exc
 
         target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(target, bytes(jpeg_bytes), durable=True)
         # Sidecar last: its presence marks the frame complete.
-        write_bytes_atomic(
-            target.with_suffix(".json"), record.model_dump_json(indent=2).encode(), durable=True
-        )
+        write_bytes_atomic(target.with_suffix(".json"), sidecar, durable=True)
         return FrameWrite(target, False)
+
+    def remove_frame(self, image_path: Path) -> None:
+        """Delete one frame: sidecar first (the frame stops being complete), then the image."""
+        image_path.with_suffix(".json").unlink(missing_ok=True)
+        image_path.unlink(missing_ok=True)
 
     # ---- reading
     def cameras(self) -> list[str]:
@@ -298,6 +350,14 @@ class FrameStore:
             for sidecar in sorted(day.glob("*.json")):
                 if _ID_RE.fullmatch(sidecar.stem):
                     yield sidecar
+
+    def read_record(self, camera_id: str, frame_id: str) -> FrameRecord | None:
+        """The record of one complete frame as every reader here sees it (``iter_frames``,
+        ``fsck``); ``None`` when the frame is absent or its sidecar does not read back."""
+        image = self.find_frame(camera_id, frame_id)
+        if image is None:
+            return None
+        return self._load(image.with_suffix(".json"), camera_id)
 
     def _load(self, sidecar: Path, camera_id: str) -> FrameRecord | None:
         """Parse one sidecar; ``None`` (and a warning) when it is unusable."""
@@ -371,6 +431,12 @@ class FrameStore:
                         else:
                             report.frames_ok += 1
         return report
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+    return f"{loc}: {err.get('msg', 'invalid')}"
 
 
 # --------------------------------------------------------------------------- curation
