@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fleet.bodies import BoundedJSONRoute
 from fleet.config import SCOPES
 from fleet.db import AuditEvent, Device, DeviceStatus, Token, TokenKind
 from fleet.runtime import Gateway, GatewayDep
@@ -321,7 +322,7 @@ ReaderPrincipal = Annotated[Principal, Depends(require_scope("camera:read"))]
 
 
 # --------------------------------------------------------------------------- routes
-router = APIRouter(tags=["enrollment"])
+router = APIRouter(tags=["enrollment"], route_class=BoundedJSONRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 409: {"model": ErrorOut},
     422: {"model": ErrorOut},

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from fleet.auth import DevicePrincipal, Principal
+from fleet.bodies import JsonRejected, loads
 from fleet.committer import CommitFailed
 from fleet.db import Device, FrameRow
 from fleet.ratelimit import enforce_rate_limit
@@ -138,9 +139,11 @@ def validation_message(exc: ValidationError, prefix: str) -> str:
 
 def parse_metadata(text: str) -> FrameMetadata:
     try:
-        raw = json.loads(text)
+        raw = loads(text, "metadata")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HTTPException(422, f"metadata is not valid JSON: {exc}") from exc
+    except JsonRejected as exc:
+        raise HTTPException(422, str(exc)) from exc
     if not isinstance(raw, dict):
         raise HTTPException(422, "metadata must be a JSON object")
     try:

@@ -1,0 +1,126 @@
+"""Request bodies parsed within bounds: JSON nesting refused before the recursive parser runs.
+
+``json.loads`` recurses once per nested array/object, and so do ``json.dumps`` (the JSON
+columns) and pydantic: a 1 MiB body of ``[[[[...`` either blows the recursion limit while
+parsing or, a few hundred levels deep, later while storing. ``nesting_depth`` scans the raw
+bytes first (vectorised, in fixed-size chunks, no recursion) and ``loads`` refuses anything
+deeper than ``fleet.bounds.MAX_JSON_DEPTH``, every number the parser cannot hold (a
+5000-digit integer) and the non-JSON constants ``NaN``/``Infinity`` — each with a message.
+
+Every JSON request body goes through ``loads`` via ``BoundedJSONRoute`` (the ``route_class``
+of the gateway's routers); JSON inside form fields (frame metadata, model manifests) calls
+``loads`` directly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException, Request, Response
+from fastapi.routing import APIRoute
+
+from fleet.bounds import MAX_JSON_DEPTH
+
+_CHUNK = 1 << 15
+_QUOTE, _BACKSLASH = 0x22, 0x5C
+_STEP = np.zeros(256, np.int32)  # +1 for [ and {, -1 for ] and }
+_STEP[[0x5B, 0x7B]] = 1
+_STEP[[0x5D, 0x7D]] = -1
+
+
+class JsonRejected(ValueError):
+    """A JSON text the gateway will not parse; the message says why (for a 422)."""
+
+
+def nesting_depth(raw: bytes, stop_above: int | None = None) -> int:
+    """Deepest array/object nesting of the JSON text ``raw`` (UTF-8), without parsing it.
+
+    Brackets inside strings do not count: a quote opens or closes a string unless an odd run of
+    backslashes precedes it. For every prefix of a valid JSON text this is exactly the
+    parser's own depth, so a text the parser would recurse into deeply is caught here (what
+    is invalid after that prefix, the parser refuses anyway). Stops early once the depth
+    exceeds ``stop_above``.
+    """
+    depth = best = 0
+    in_string = False
+    backslashes = 0  # length of the backslash run that ended the previous chunk
+    for start in range(0, len(raw), _CHUNK):
+        piece = raw[start : start + _CHUNK]
+        b = np.frombuffer(piece, np.uint8)
+        quote = b == _QUOTE
+        if backslashes or _BACKSLASH in piece:
+            idx = np.arange(b.size, dtype=np.int32)
+            last_other = np.maximum.accumulate(np.where(b == _BACKSLASH, np.int32(-1), idx))
+            run = idx - last_other  # backslash run ending at i (0 where b[i] is not one)
+            run[last_other < 0] += backslashes  # a run that began in the previous chunk
+            quote[1:] &= run[:-1] % 2 == 0
+            quote[0] &= backslashes % 2 == 0
+            backslashes = int(run[-1])
+        quotes_before = np.cumsum(quote, dtype=np.int32) - quote
+        step = _STEP[b]
+        step[(quotes_before % 2 == 1) ^ in_string] = 0  # brackets inside strings
+        levels = np.cumsum(step, dtype=np.int32) + depth
+        best = max(best, int(levels.max()))
+        depth = int(levels[-1])
+        in_string ^= bool(int(quote.sum()) % 2)
+        if stop_above is not None and best > stop_above:
+            break
+    return best
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JsonRejected(f"{name} is not a JSON number: send finite numbers only")
+
+
+def loads(raw: bytes | str, what: str = "body") -> Any:
+    """Parse a JSON text within the bounds, or raise ``JsonRejected`` (a bad text raises
+    ``json.JSONDecodeError`` as ``json.loads`` does)."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise JsonRejected(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        data = raw
+    else:
+        text, data = raw, raw.encode("utf-8", "surrogatepass")
+    if nesting_depth(data, stop_above=MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise JsonRejected(f"{what} is nested deeper than {MAX_JSON_DEPTH} arrays/objects")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError:
+        raise
+    except JsonRejected as exc:
+        raise JsonRejected(f"{what}: {exc}") from None
+    except ValueError:  # an integer of more than 4300 digits (Python's conversion limit)
+        raise JsonRejected(f"{what} has a number with more digits than the gateway reads "
+                           "(integers must fit 64 bits)") from None
+    except RecursionError:  # not reached: nesting is bounded above
+        raise JsonRejected(f"{what} is nested too deeply") from None
+
+
+class BoundedJSONRequest(Request):
+    """A request whose ``json()`` is ``loads`` (refusals become a 422 with the message)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = loads(await self.body())
+            except JsonRejected as exc:
+                raise HTTPException(422, f"invalid request: {exc}") from exc
+        return self._json
+
+
+class BoundedJSONRoute(APIRoute):
+    """Route class of the gateway's routers: FastAPI parses JSON bodies with ``loads``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(BoundedJSONRequest(request.scope, request.receive))
+
+        return bounded
+
