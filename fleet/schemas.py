@@ -74,7 +74,10 @@ class TokenResponse(BaseModel):
 class EnrollmentTokenCreate(BaseModel):
     """Admin: mint a one-time enrollment token (same as ``roadloop fleet token create``)."""
 
-    scopes: list[Scope] = Field(default_factory=lambda: ["camera:write"], max_length=MAX_SCOPES)
+    scopes: list[Scope] = Field(
+        default_factory=lambda: ["camera:write"], min_length=1, max_length=MAX_SCOPES,
+        description="At least one; absent means camera:write.",
+    )
     ttl_s: TokenTtl | None = Field(default=None, description="Default: the gateway setting.")
     camera_id: FrameId | None = Field(
         default=None, description="Bind the token to this camera; other cameras get 403."

@@ -1,6 +1,7 @@
 """Every input that used to answer 500 — out-of-range dates, integers beyond 64 (or 32) bits,
-deeply nested JSON, unbounded admin fields — is a 422 with a message and stores nothing; and
-the bounds themselves (``fleet.bounds``, ``fleet.bodies``).
+deeply nested JSON, unbounded admin fields — is a 422 with a message and stores nothing; the
+bounds themselves (``fleet.bounds``, ``fleet.bodies``); refresh-token reuse revokes the token
+family; an empty scope list is refused instead of becoming ``camera:write``.
 
 Gateway tests reuse ``tests/test_fleet_gateway.py``'s environment (``TestClient`` on a real
 SQLite file, a clock moved by hand).
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from fleet import bodies
+from fleet.auth import create_enrollment_token
 from fleet.bounds import (
     CLOCK_SKEW,
     INT32_MAX,
@@ -307,6 +309,64 @@ def test_cli_token_lifetimes_are_bounded(tmp_path: Path) -> None:
 def test_settings_durations_are_bounded(tmp_path: Path, field: str) -> None:
     with pytest.raises(ValidationError, match=field):
         GatewaySettings(home=tmp_path, **{field: 10**12})
+
+
+# =========================================================================== tokens
+def test_replayed_refresh_token_revokes_the_family(env: Env) -> None:
+    dev = env.enroll("cam-a")
+    first = env.client.post("/v1/token/refresh", json={"refresh_token": dev["refresh_token"]})
+    assert first.status_code == 200, first.text
+    rotated = first.json()
+    hb = env.client.post("/v1/heartbeats", json=_hb("cam-a", T0),
+                         headers=bearer(rotated["access_token"]))
+    assert hb.status_code == 202, hb.text
+
+    replay = env.client.post("/v1/token/refresh", json={"refresh_token": dev["refresh_token"]})
+    assert_clear_4xx(replay, 401, "already used", "revoked", "enroll again")
+    # Every token of the family is dead: the rotated pair and the original access token.
+    for token in (rotated["access_token"], dev["access_token"]):
+        r = env.client.post("/v1/heartbeats", json=_hb("cam-a", T0 + timedelta(seconds=1)),
+                            headers=bearer(token))
+        assert_clear_4xx(r, 401, "revoked")
+    again = env.client.post("/v1/token/refresh",
+                            json={"refresh_token": rotated["refresh_token"]})
+    assert_clear_4xx(again, 401, "revoked")
+    devices = env.client.get("/v1/devices", headers=bearer(env.admin)).json()
+    assert [d["revoked_at"] is not None for d in devices] == [True]
+    assert ("token_family_revoked", "denied") in env.audit_actions()
+    # The camera enrolls again with a new enrollment token.
+    assert env.enroll("cam-a")["device_id"] != dev["device_id"]
+
+
+def test_refresh_of_an_untouched_family_keeps_working(env: Env) -> None:
+    """Reuse detection does not fire on an ordinary chain of rotations."""
+    dev = env.enroll("cam-a")
+    refresh = dev["refresh_token"]
+    for _ in range(3):
+        r = env.client.post("/v1/token/refresh", json={"refresh_token": refresh})
+        assert r.status_code == 200, r.text
+        refresh = r.json()["refresh_token"]
+    assert ("token_family_revoked", "denied") not in env.audit_actions()
+
+
+def test_empty_scope_list_is_refused(env: Env, tmp_path: Path) -> None:
+    for scopes in ([], [""]):
+        r = env.client.post("/v1/enrollment-tokens", json={"scopes": scopes},
+                            headers=bearer(env.admin))
+        assert_clear_4xx(r, 422, "scopes")
+    default = env.client.post("/v1/enrollment-tokens", json={}, headers=bearer(env.admin))
+    assert default.status_code == 201 and default.json()["scopes"] == ["camera:write"]
+
+    with env.gw.db.write() as session, pytest.raises(ValueError, match="at least one scope"):
+        create_enrollment_token(session, env.clock(), ttl_s=60, scopes=[])
+
+    from fleet.cli import fleet_app
+
+    runner = CliRunner()
+    for value in ("", ","):
+        r = runner.invoke(fleet_app, ["token", "create", "--home", str(tmp_path / "h"),
+                                      "--scopes", value])
+        assert r.exit_code != 0 and "at least one scope" in r.output, r.output
 
 
 # =========================================================================== the bounds themselves
