@@ -1,4 +1,5 @@
-"""Request bodies parsed within bounds: JSON nesting refused before the recursive parser runs.
+"""Request bodies parsed within bounds: JSON nesting refused before the recursive parser runs,
+malformed multipart refused with a message.
 
 ``json.loads`` recurses once per nested array/object, and so do ``json.dumps`` (the JSON
 columns) and pydantic: a 1 MiB body of ``[[[[...`` either blows the recursion limit while
@@ -9,7 +10,8 @@ deeper than ``fleet.bounds.MAX_JSON_DEPTH``, every number the parser cannot hold
 
 Every JSON request body goes through ``loads`` via ``BoundedJSONRoute`` (the ``route_class``
 of the gateway's routers); JSON inside form fields (frame metadata, model manifests) calls
-``loads`` directly.
+``loads`` directly. Routes that read multipart themselves use ``read_form``: the multipart
+parser's own errors (a malformed part header, say) are not Starlette's and would be a 500.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
+from python_multipart.exceptions import FormParserError
+from starlette.datastructures import FormData
 
 from fleet.bounds import MAX_JSON_DEPTH
 
@@ -124,3 +128,11 @@ class BoundedJSONRoute(APIRoute):
 
         return bounded
 
+
+async def read_form(request: Request, **limits: Any) -> FormData:
+    """``request.form(**limits)``, with a malformed multipart body answered 422."""
+    try:
+        return await request.form(**limits)
+    except FormParserError as exc:
+        raise HTTPException(422, f"request body is not valid multipart/form-data ({exc}): send "
+                            "the parts as multipart/form-data") from exc

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from fleet.auth import DevicePrincipal, Principal
-from fleet.bodies import JsonRejected, loads
+from fleet.bodies import JsonRejected, loads, read_form
 from fleet.committer import CommitFailed
 from fleet.db import Device, FrameRow
 from fleet.ratelimit import enforce_rate_limit
@@ -285,8 +285,8 @@ async def post_frame(
     """
     enforce_rate_limit(gw, principal)
     with gw.stats.span("read_form"):
-        form = await request.form(
-            max_files=2, max_fields=4, max_part_size=gw.settings.max_metadata_bytes
+        form = await read_form(
+            request, max_files=2, max_fields=4, max_part_size=gw.settings.max_metadata_bytes
         )
     try:
         image = form.get("image")

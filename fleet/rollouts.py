@@ -46,7 +46,7 @@ from fleet.auth import (
     has_scope,
     hash_token,
 )
-from fleet.bodies import BoundedJSONRoute, JsonRejected, loads
+from fleet.bodies import BoundedJSONRoute, JsonRejected, loads, read_form
 from fleet.bounds import RolloutId
 from fleet.db import ModelManifestRow, RolloutRow, RolloutStatus
 from fleet.models_store import ModelFileRejected
@@ -149,7 +149,7 @@ async def publish_model(
 ) -> ModelPublished:
     """Publish a model: its file and signed manifest (size, SHA-256, signature checked)."""
     public_key = gw.model_key.get()
-    form = await request.form(max_files=1, max_fields=2, max_part_size=256 * 1024)
+    form = await read_form(request, max_files=1, max_fields=2, max_part_size=256 * 1024)
     try:
         raw_manifest = form.get("manifest")
         upload = form.get("file")

@@ -121,6 +121,16 @@ def test_hostile_frame_metadata_is_422_and_stores_nothing(env: Env, frame_jpeg: 
     assert env.rows() == []
 
 
+def test_malformed_multipart_is_422_not_500(env: Env) -> None:
+    dev = env.enroll()
+    boundary = "b0undary"
+    body = f"--{boundary}\r\nBroken header\r\r\n\r\nx\r\n--{boundary}--\r\n".encode()
+    r = env.client.post("/v1/frames", content=body, headers={
+        **bearer(dev["access_token"]),
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert_clear_4xx(r, 422, "multipart")
+
+
 # =========================================================================== heartbeats
 @pytest.mark.parametrize("sent_at", OUT_OF_RANGE)
 def test_heartbeat_time_out_of_range_is_422(env: Env, sent_at: str) -> None:
