@@ -29,6 +29,7 @@ from fleet.bounds import (
     MAX_HOLD_S,
     MAX_JSON_DEPTH,
     MAX_JSON_NODES,
+    MAX_JSON_STRING,
     MAX_TOKEN_TTL_S,
     check_json_value,
 )
@@ -163,7 +164,7 @@ def test_heartbeat_numbers_beyond_their_columns_are_422(env: Env, field: str,
     (', "x": 1e400', ("finite",)),  # parses to inf
     (', "x": NaN', ("NaN",)),
     (', "x": -Infinity', ("Infinity",)),
-    (', "x": "' + "s" * 5000 + '"', ("longer",)),
+    (', "x": "' + "s" * (MAX_JSON_STRING + 1) + '"', ("longer",)),
     (', "x": [' + ",".join(["0"] * (MAX_JSON_NODES + 1)) + "]", ("values",)),
 ])
 def test_hostile_heartbeat_json_is_422_and_stores_nothing(env: Env, tail: str,
@@ -246,14 +247,18 @@ def rollout_env(make_env: Any, tmp_path: Path) -> tuple[Env, Any]:
     return make_env(model_public_key_file=tmp_path / "keys" / PUBLIC_KEY_FILE), key
 
 
+def tmp_model(env: Env) -> Path:
+    """A model file of random bytes beside the gateway's home."""
+    path = Path(env.settings.home).parent / f"model-{uuid.uuid4().hex[:8]}.onnx"
+    path.write_bytes(os.urandom(1024))
+    return path
+
+
 def publish(env: Env, key: Any, version: str) -> tuple[str, dict[str, Any]]:
     rollout_id = f"ro-{version}-{uuid.uuid4().hex[:6]}"
-    data = os.urandom(1024)
-    path = Path(env.settings.home) / f"{rollout_id}.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    path = tmp_model(env)
     manifest = sign_manifest(build_manifest(version, path, 320, ["car"], rollout_id), key)
-    r = env.client.post("/v1/models", files={"file": ("m.onnx", data)},
+    r = env.client.post("/v1/models", files={"file": ("m.onnx", path.read_bytes())},
                         data={"manifest": json.dumps(manifest)}, headers=bearer(env.admin))
     assert r.status_code == 201, r.text
     return rollout_id, manifest
@@ -319,6 +324,43 @@ def test_cli_token_lifetimes_are_bounded(tmp_path: Path) -> None:
 def test_settings_durations_are_bounded(tmp_path: Path, field: str) -> None:
     with pytest.raises(ValidationError, match=field):
         GatewaySettings(home=tmp_path, **{field: 10**12})
+
+
+# =========================================================================== PostgreSQL
+@pytest.fixture()
+def pg_env(postgres_server: Any, make_env: Any, tmp_path: Path) -> tuple[Env, Any]:
+    """A gateway on its own PostgreSQL database (``postgres_server`` in conftest)."""
+    key = load_or_create_signing_key(tmp_path / "keys")
+    return make_env(database_url=postgres_server.new_database("bounds"),
+                    model_public_key_file=tmp_path / "keys" / PUBLIC_KEY_FILE), key
+
+
+def test_values_fit_postgres_columns(pg_env: tuple[Env, Any], frame_jpeg: bytes) -> None:
+    """INTEGER is 32-bit and VARCHAR(n) is enforced on PostgreSQL: values SQLite would take
+    were a DataError (500) there."""
+    env, key = pg_env
+    dev = env.enroll()
+    token = dev["access_token"]
+    for field in ("errors", "dropped_frames", "outbox_depth"):
+        r = env.client.post("/v1/heartbeats", json={**_hb("cam-a", T0), field: INT32_MAX + 1},
+                            headers=bearer(token))
+        assert_clear_4xx(r, 422, field)
+    ok = env.client.post("/v1/heartbeats", json={**_hb("cam-a", T0), "outbox_depth": INT32_MAX},
+                         headers=bearer(token))
+    assert ok.status_code == 202, ok.text
+    assert [h["outbox_depth"] for h in heartbeats_of(env)] == [INT32_MAX]
+    for captured_at in OVERFLOWING:
+        r = post_frame(env.client, token, meta("f-1", captured_at=captured_at), frame_jpeg)
+        assert_clear_4xx(r, 422, "captured_at")
+    for since in OVERFLOWING:
+        r = env.client.get("/v1/audit", params={"since": since}, headers=bearer(env.admin))
+        assert_clear_4xx(r, 422, "since")
+    # A signed manifest whose rollout id does not fit rollouts.rollout_id (VARCHAR(100)).
+    path = tmp_model(env)
+    manifest = sign_manifest(build_manifest("1", path, 320, ["car"], "ro-" + "x" * 100), key)
+    r = env.client.post("/v1/models", files={"file": ("m.onnx", path.read_bytes())},
+                        data={"manifest": json.dumps(manifest)}, headers=bearer(env.admin))
+    assert_clear_4xx(r, 422, "rollout_id", "100")
 
 
 # =========================================================================== tokens
@@ -434,13 +476,14 @@ def test_loads_within_bounds() -> None:
 
 
 def test_check_json_value_limits() -> None:
-    fine = {"a": [1, 2.5, None, True, "x" * 4096], "b": {"c": -(2**63)}}
+    fine = {"a": [1, 2.5, None, True, "x" * MAX_JSON_STRING], "b": {"c": -(2**63)}}
     assert check_json_value(fine) is fine
     nested: Any = []
     for _ in range(MAX_JSON_DEPTH):
         nested = [nested]
+    too_long = "x" * (MAX_JSON_STRING + 1)
     for bad, words in ((nested, "nested"), ({"a": 2**63}, "64 bits"),
-                       ({"a": float("nan")}, "finite"), ({"a": "x" * 4097}, "longer"),
+                       ({"a": float("nan")}, "finite"), ({"a": too_long}, "longer"),
                        ({"k" * 257: 1}, "key"), ({"a": object()}, "not JSON"),
                        (list(range(MAX_JSON_NODES)), "values")):
         with pytest.raises(ValueError, match=words):
