@@ -135,7 +135,7 @@ class QualityIn(BaseModel):
 
     brightness: float | None = Field(default=None, ge=0.0, le=255.0,
                                      description="Mean luma (grey level), 0-255.")
-    sharpness: float | None = Field(default=None, ge=0.0, le=255.0**2,
+    sharpness: float | None = Field(default=None, ge=0.0, le=1020.0**2,  # Laplacian in ±4·255
                                     description="Variance of the Laplacian of the grey image.")
     dhash: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$",
                               description="64-bit difference hash, hex.")
