@@ -26,7 +26,7 @@ from fastapi.routing import APIRoute
 from python_multipart.exceptions import FormParserError
 from starlette.datastructures import FormData
 
-from fleet.bounds import MAX_JSON_DEPTH
+from fleet.bounds import MAX_JSON_DEPTH, gateway_now
 
 _CHUNK = 1 << 15
 _QUOTE, _BACKSLASH = 0x22, 0x5C
@@ -118,13 +118,19 @@ class BoundedJSONRequest(Request):
 
 
 class BoundedJSONRoute(APIRoute):
-    """Route class of the gateway's routers: FastAPI parses JSON bodies with ``loads``."""
+    """Route class of the gateway's routers: FastAPI parses JSON bodies with ``loads``, and
+    time bounds see the gateway's clock (``fleet.bounds.gateway_now``)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def bounded(request: Request) -> Response:
-            return await handler(BoundedJSONRequest(request.scope, request.receive))
+            gw = getattr(request.app.state, "gateway", None)
+            token = gateway_now.set(gw.now() if gw is not None else None)
+            try:
+                return await handler(BoundedJSONRequest(request.scope, request.receive))
+            finally:
+                gateway_now.reset(token)
 
         return bounded
 

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from fleet.auth import DevicePrincipal, Principal
-from fleet.bodies import JsonRejected, loads, read_form
+from fleet.bodies import BoundedJSONRoute, JsonRejected, loads, read_form
 from fleet.committer import CommitFailed
 from fleet.db import Device, FrameRow
 from fleet.ratelimit import enforce_rate_limit
@@ -239,7 +239,7 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
 
 
 # --------------------------------------------------------------------------- route
-router = APIRouter(tags=["frames"])
+router = APIRouter(tags=["frames"], route_class=BoundedJSONRoute)
 
 _MULTIPART_DOC: dict[str, Any] = {
     "requestBody": {

@@ -99,6 +99,23 @@ def test_frame_capture_time_in_the_future_beyond_the_skew_is_422(env: Env,
     assert [r.frame_id for r in env.rows()] == ["f-soon"]
 
 
+def test_capture_time_bound_follows_the_gateway_clock(env: Env, frame_jpeg: bytes) -> None:
+    """"Now" is the later of the wall clock and the gateway's: a gateway whose clock is ahead
+    (here: set by the test) takes what its devices stamp with that clock."""
+    env.clock.now = datetime.now(UTC) + timedelta(days=30)
+    env.admin = gateway_tests._admin_token(env.gw, env.clock)
+    token = env.enroll()["access_token"]
+    at = env.clock.now.isoformat()
+    frame = post_frame(env.client, token, meta("f-1", captured_at=at), frame_jpeg)
+    assert frame.status_code == 201, frame.text
+    hb = env.client.post("/v1/heartbeats", json=_hb("cam-a", env.clock.now),
+                         headers=bearer(token))
+    assert hb.status_code == 202, hb.text
+    late = env.clock.now + CLOCK_SKEW + timedelta(minutes=1)
+    r = env.client.post("/v1/heartbeats", json=_hb("cam-a", late), headers=bearer(token))
+    assert_clear_4xx(r, 422, "sent_at", "ahead")
+
+
 @pytest.mark.parametrize(("text", "words"), [
     (json.dumps({**meta("f-1"), "extra": json.loads(deep(40))}), ("nested", "32")),
     ('{"frame_id": "f-1", "x": ' + deep(5000) + "}", ("nested",)),
