@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
@@ -390,7 +389,9 @@ def evaluate_rollout(rollout_id: RolloutIdPath, request: Request, principal: Adm
     with gw.db.write() as session:
         ro = _get_rollout(session, rollout_id)
         health = compute_health(session, ro, now) if ro.status in LIVE else None
-        elapsed = (now - ro.stage_started_at) >= timedelta(seconds=ro.hold_seconds)
+        # Seconds compared as floats: no timedelta is built from a stored hold, so even a row
+        # written before holds were bounded cannot overflow here.
+        elapsed = (now - ro.stage_started_at).total_seconds() >= ro.hold_seconds
         decision = decide(ro.status, health, elapsed)
         stage = ro.stages[ro.stage_index]
         if health is not None:

@@ -314,6 +314,22 @@ def test_longest_hold_evaluates(rollout_env: tuple[Env, Any]) -> None:
     assert ev.status_code == 200 and ev.json()["decision"] == "hold", ev.text
 
 
+def test_rollout_stored_before_the_bounds_still_evaluates(rollout_env: tuple[Env, Any]) -> None:
+    """A database written before holds were bounded may hold any hold: /evaluate builds no
+    timedelta from it."""
+    from fleet.db import RolloutRow
+
+    env, key = rollout_env
+    rollout_id, _ = publish(env, key, "1")
+    assert env.client.post("/v1/rollouts", json={"model_version": "1"},
+                           headers=bearer(env.admin)).status_code == 201
+    with env.gw.db.write() as session:
+        session.get(RolloutRow, rollout_id).hold_seconds = 1e20
+        session.commit()
+    ev = env.client.post(f"/v1/rollouts/{rollout_id}/evaluate", headers=bearer(env.admin))
+    assert ev.status_code == 200 and ev.json()["decision"] == "hold", ev.text
+
+
 @pytest.mark.parametrize("text", ['{"a": ' + deep(5000) + "}", '{"a": ' + "9" * 5000 + "}"])
 def test_hostile_model_manifest_is_422(rollout_env: tuple[Env, Any], text: str) -> None:
     env, _ = rollout_env
