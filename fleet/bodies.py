@@ -3,10 +3,12 @@ malformed multipart refused with a message.
 
 ``json.loads`` recurses once per nested array/object, and so do ``json.dumps`` (the JSON
 columns) and pydantic: a 1 MiB body of ``[[[[...`` either blows the recursion limit while
-parsing or, a few hundred levels deep, later while storing. ``nesting_depth`` scans the raw
+parsing or, a few hundred levels deep, later while storing. ``json_shape`` scans the raw
 bytes first (vectorised, in fixed-size chunks, no recursion) and ``loads`` refuses anything
-deeper than ``fleet.bounds.MAX_JSON_DEPTH``, every number the parser cannot hold (a
-5000-digit integer) and the non-JSON constants ``NaN``/``Infinity`` — each with a message.
+deeper than ``fleet.bounds.MAX_JSON_DEPTH`` or with more than ``MAX_JSON_VALUES`` values (a
+1 MiB ``[[],[],...`` costs the parser ~0.3 s; the scan ~8 ms), every number the parser cannot
+hold (a 5000-digit integer) and the non-JSON constants ``NaN``/``Infinity`` — each with a
+message.
 
 Every JSON request body goes through ``loads`` via ``BoundedJSONRoute`` (the ``route_class``
 of the gateway's routers); JSON inside form fields (frame metadata, model manifests) calls
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from fastapi import HTTPException, Request, Response
@@ -26,10 +28,10 @@ from fastapi.routing import APIRoute
 from python_multipart.exceptions import FormParserError
 from starlette.datastructures import FormData
 
-from fleet.bounds import MAX_JSON_DEPTH, gateway_now
+from fleet.bounds import MAX_JSON_DEPTH, MAX_JSON_VALUES, gateway_now
 
 _CHUNK = 1 << 15
-_QUOTE, _BACKSLASH = 0x22, 0x5C
+_QUOTE, _BACKSLASH, _COMMA = 0x22, 0x5C, 0x2C
 _STEP = np.zeros(256, np.int32)  # +1 for [ and {, -1 for ] and }
 _STEP[[0x5B, 0x7B]] = 1
 _STEP[[0x5D, 0x7D]] = -1
@@ -39,16 +41,23 @@ class JsonRejected(ValueError):
     """A JSON text the gateway will not parse; the message says why (for a 422)."""
 
 
-def nesting_depth(raw: bytes, stop_above: int | None = None) -> int:
-    """Deepest array/object nesting of the JSON text ``raw`` (UTF-8), without parsing it.
+class JsonShape(NamedTuple):
+    depth: int  # deepest array/object nesting
+    values: int  # an upper bound on the number of values (1 + structural commas + containers)
 
-    Brackets inside strings do not count: a quote opens or closes a string unless an odd run of
-    backslashes precedes it. For every prefix of a valid JSON text this is exactly the
-    parser's own depth, so a text the parser would recurse into deeply is caught here (what
-    is invalid after that prefix, the parser refuses anyway). Stops early once the depth
-    exceeds ``stop_above``.
+
+def json_shape(raw: bytes, *, max_depth: int | None = None,
+               max_values: int | None = None) -> JsonShape:
+    """Nesting depth and size of the JSON text ``raw`` (UTF-8), without parsing it.
+
+    Brackets and commas inside strings do not count: a quote opens or closes a string unless
+    an odd run of backslashes precedes it. For every prefix of a valid JSON text the depth is
+    exactly the parser's own, so a text the parser would recurse into deeply is caught here
+    (what is invalid after that prefix, the parser refuses anyway). Stops early once the
+    depth exceeds ``max_depth`` or the values ``max_values``.
     """
     depth = best = 0
+    values = 1
     in_string = False
     backslashes = 0  # length of the backslash run that ended the previous chunk
     for start in range(0, len(raw), _CHUNK):
@@ -64,15 +73,23 @@ def nesting_depth(raw: bytes, stop_above: int | None = None) -> int:
             quote[0] &= backslashes % 2 == 0
             backslashes = int(run[-1])
         quotes_before = np.cumsum(quote, dtype=np.int32) - quote
+        inside = (quotes_before % 2 == 1) ^ in_string
         step = _STEP[b]
-        step[(quotes_before % 2 == 1) ^ in_string] = 0  # brackets inside strings
+        step[inside] = 0  # brackets inside strings
         levels = np.cumsum(step, dtype=np.int32) + depth
         best = max(best, int(levels.max()))
         depth = int(levels[-1])
+        values += int(np.count_nonzero(step == 1)) + int(np.count_nonzero((b == _COMMA) & ~inside))
         in_string ^= bool(int(quote.sum()) % 2)
-        if stop_above is not None and best > stop_above:
+        if (max_depth is not None and best > max_depth) or (
+                max_values is not None and values > max_values):
             break
-    return best
+    return JsonShape(best, values)
+
+
+def nesting_depth(raw: bytes, stop_above: int | None = None) -> int:
+    """``json_shape(raw).depth``, stopping once it exceeds ``stop_above``."""
+    return json_shape(raw, max_depth=stop_above).depth
 
 
 def _refuse_constant(name: str) -> Any:
@@ -90,8 +107,11 @@ def loads(raw: bytes | str, what: str = "body") -> Any:
         data = raw
     else:
         text, data = raw, raw.encode("utf-8", "surrogatepass")
-    if nesting_depth(data, stop_above=MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+    shape = json_shape(data, max_depth=MAX_JSON_DEPTH, max_values=MAX_JSON_VALUES)
+    if shape.depth > MAX_JSON_DEPTH:
         raise JsonRejected(f"{what} is nested deeper than {MAX_JSON_DEPTH} arrays/objects")
+    if shape.values > MAX_JSON_VALUES:  # bounds what json.loads spends on one body
+        raise JsonRejected(f"{what} has more than {MAX_JSON_VALUES} values")
     try:
         return json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError:

@@ -51,6 +51,7 @@ MAX_PIXELS_SIDE = 65_535  # the largest a JPEG header can state
 MAX_COORD = 1e6  # box coordinates, pixels (boxes may run a little outside the frame)
 
 MAX_JSON_DEPTH = 32
+MAX_JSON_VALUES = 50_000  # a whole request body (2000 detections of frame metadata: ~20000)
 MAX_JSON_NODES = 20_000
 MAX_JSON_STRING = 4_096
 MAX_JSON_KEY = 256

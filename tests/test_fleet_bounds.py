@@ -30,6 +30,7 @@ from fleet.bounds import (
     MAX_JSON_DEPTH,
     MAX_JSON_NODES,
     MAX_JSON_STRING,
+    MAX_JSON_VALUES,
     MAX_TOKEN_TTL_S,
     check_json_value,
 )
@@ -139,6 +140,16 @@ def test_hostile_frame_metadata_is_422_and_stores_nothing(env: Env, frame_jpeg: 
     assert env.rows() == []
 
 
+def test_largest_frame_metadata_is_within_the_json_bounds(env: Env, frame_jpeg: bytes) -> None:
+    from fleet.schemas import MAX_DETECTIONS
+
+    dev = env.enroll()
+    boxes = [{"class_id": 79, "class_name": "two_wheeler", "confidence": 0.123456,
+              "xyxy": [1.5, 2.5, 30.25, 40.75]}] * MAX_DETECTIONS
+    r = post_frame(env.client, dev["access_token"], meta("f-big", detections=boxes), frame_jpeg)
+    assert r.status_code == 201, r.text
+
+
 def test_malformed_multipart_is_422_not_500(env: Env) -> None:
     dev = env.enroll()
     boundary = "b0undary"
@@ -183,6 +194,7 @@ def test_heartbeat_numbers_beyond_their_columns_are_422(env: Env, field: str,
     (', "x": -Infinity', ("Infinity",)),
     (', "x": "' + "s" * (MAX_JSON_STRING + 1) + '"', ("longer",)),
     (', "x": [' + ",".join(["0"] * (MAX_JSON_NODES + 1)) + "]", ("values",)),
+    (', "x": [' + ",".join(["[]"] * (MAX_JSON_VALUES + 1)) + "]", ("values",)),  # pre-parse
 ])
 def test_hostile_heartbeat_json_is_422_and_stores_nothing(env: Env, tail: str,
                                                           words: tuple[str]) -> None:
@@ -496,6 +508,7 @@ def test_nesting_depth_matches_the_parser_across_chunks(monkeypatch: pytest.Monk
         assert bodies.nesting_depth(text) == _reference_depth(text), text
     assert bodies.nesting_depth(b'["\\\\\\"[[[", [[]]]') == 3  # an escaped quote, then a real one
     assert bodies.nesting_depth(b"[" * 10**6, stop_above=MAX_JSON_DEPTH) > MAX_JSON_DEPTH
+    assert bodies.json_shape(b'[1, 2, {"a": [3, ","]}, "[,"]') == (3, 8)
 
 
 def test_loads_within_bounds() -> None:
