@@ -5,8 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
-from pydantic import AwareDatetime
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -17,6 +16,8 @@ from fleet.auth import (
     create_enrollment_token,
     revoke_device,
 )
+from fleet.bodies import BoundedJSONRoute
+from fleet.bounds import Action, Id, Timestamp
 from fleet.db import AuditEvent, Device, DeviceStatus
 from fleet.runtime import GatewayDep
 from fleet.schemas import (
@@ -28,7 +29,8 @@ from fleet.schemas import (
     ErrorOut,
 )
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], route_class=BoundedJSONRoute)
+DeviceIdPath = Annotated[Id, Path(description="A device id (GET /v1/devices lists them).")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut},
     409: {"model": ErrorOut}, 422: {"model": ErrorOut},
@@ -64,7 +66,7 @@ def list_devices(
     _: AdminPrincipal,
     gw: GatewayDep,
     status: DeviceStatus | None = None,
-    camera_id: str | None = None,
+    camera_id: Id | None = None,
 ) -> list[DeviceOut]:
     """All devices, oldest enrollment first (filter by ``status`` / ``camera_id``)."""
     q = select(Device).order_by(Device.enrolled_at, Device.device_id)
@@ -78,7 +80,7 @@ def list_devices(
 
 @router.post("/v1/devices/{device_id}/status", response_model=DeviceOut, responses=_ERRORS)
 def set_device_status(
-    device_id: str,
+    device_id: DeviceIdPath,
     body: DeviceStatusUpdate,
     request: Request,
     principal: AdminPrincipal,
@@ -106,7 +108,7 @@ def set_device_status(
 
 @router.post("/v1/devices/{device_id}/revoke", response_model=DeviceOut, responses=_ERRORS)
 def revoke(
-    device_id: str,
+    device_id: DeviceIdPath,
     request: Request,
     principal: AdminPrincipal,
     gw: GatewayDep,
@@ -157,9 +159,9 @@ def new_enrollment_token(
 def audit_log(
     _: AdminPrincipal,
     gw: GatewayDep,
-    since: AwareDatetime | None = None,
-    action: str | None = None,
-    device_id: str | None = None,
+    since: Timestamp | None = None,
+    action: Action | None = None,
+    device_id: Id | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditEventOut]:
     """Audit events, newest first."""

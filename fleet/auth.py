@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fleet.bodies import BoundedJSONRoute
 from fleet.config import SCOPES
 from fleet.db import AuditEvent, Device, DeviceStatus, Token, TokenKind
 from fleet.runtime import Gateway, GatewayDep
@@ -172,8 +173,9 @@ def create_enrollment_token(
     label: str | None = None,
     actor: str = "cli",
 ) -> tuple[str, Token]:
-    """Mint a one-time enrollment token (caller commits). Raises ``ValueError`` on bad scopes."""
-    scope_list = check_scopes(scopes or ["camera:write"])
+    """Mint a one-time enrollment token (caller commits). Raises ``ValueError`` on bad scopes;
+    ``scopes=None`` means ``camera:write``, an empty list is refused (never a silent default)."""
+    scope_list = check_scopes(["camera:write"] if scopes is None else scopes)
     token, row = _mint(
         session,
         TokenKind.enrollment,
@@ -321,7 +323,7 @@ ReaderPrincipal = Annotated[Principal, Depends(require_scope("camera:read"))]
 
 
 # --------------------------------------------------------------------------- routes
-router = APIRouter(tags=["enrollment"])
+router = APIRouter(tags=["enrollment"], route_class=BoundedJSONRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 409: {"model": ErrorOut},
     422: {"model": ErrorOut},
@@ -424,11 +426,17 @@ def enroll(
 def refresh(
     body: RefreshRequest, request: Request, gw: GatewayDep
 ) -> TokenResponse:
-    """Trade a refresh token for a new access + refresh pair; the old refresh token dies."""
+    """Trade a refresh token for a new access + refresh pair; the old refresh token dies.
+
+    A rotated refresh token presented again means two parties hold the family (a copied
+    token): the whole family is revoked — the device and every token issued since its
+    enrollment — so neither keeps access; the device enrolls again with a new enrollment
+    token (RFC 9700, refresh token reuse detection)."""
     now = gw.now()
     client = client_address(request)
     s = gw.settings
     failure: tuple[str, str, dict[str, Any]] | None = None
+    family_revoked = False
     with gw.db.write() as session:
         tok = session.scalar(  # FOR UPDATE: one refresh token rotates once (see enroll)
             select(Token).where(
@@ -443,9 +451,21 @@ def refresh(
             failure = ("device_revoked", (f"device {device.device_id} was revoked: enroll again "
                        "with a new enrollment token"),
                        {"token_id": tok.id, "device_id": device.device_id})
-        elif tok.used_at is not None or tok.revoked_at is not None:
-            failure = ("refresh_reused", ("refresh token was already used or revoked (refresh "
-                       "tokens rotate: keep the one from the last response)"),
+        elif tok.used_at is not None:
+            n = revoke_device(session, device, now)
+            audit(session, now, "token_family_revoked", outcome="denied",
+                  actor=f"device:{device.device_id}", device_id=device.device_id,
+                  token_id=tok.id, client=client,
+                  detail={"reason": "refresh_reused", "tokens_revoked": n})
+            session.commit()
+            family_revoked = True
+            failure = ("refresh_reused", (f"refresh token was already used: a rotated refresh "
+                       f"token presented again means it was copied, so device "
+                       f"{device.device_id} and all its tokens are now revoked; enroll again "
+                       "with a new enrollment token"),
+                       {"token_id": tok.id, "device_id": device.device_id})
+        elif tok.revoked_at is not None:
+            failure = ("token_revoked", "refresh token was revoked: enroll again",
                        {"token_id": tok.id, "device_id": device.device_id})
         elif tok.expires_at <= now:
             failure = ("token_expired", (f"refresh token expired at {tok.expires_at.isoformat()}:"
@@ -464,6 +484,8 @@ def refresh(
             return TokenResponse(access_token=access, refresh_token=new_refresh,
                                  expires_in=s.access_token_ttl_s)
     reason, message, ids = failure
+    if family_revoked:
+        gw.limiter.forget(ids["device_id"])
     audit_denied(gw, "token_refresh", reason, client=client, **ids)
     raise HTTPException(status_code=401, detail=message,
                         headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})

@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from fleet import migrations
 from fleet.auth import audit, create_admin_token, create_enrollment_token, revoke_device
+from fleet.bounds import MAX_TOKEN_TTL_S
 from fleet.config import GatewaySettings
 from fleet.db import Database, Device, DeviceStatus
 
@@ -134,8 +135,8 @@ def _token() -> None:
 @token_app.command("create")
 def token_create(
     scopes: list[str] = SCOPES_OPT,
-    ttl: int | None = typer.Option(None, "--ttl", help="Seconds the token stays usable "
-                                      "(default 86400)."),
+    ttl: int | None = typer.Option(None, "--ttl", min=1, max=MAX_TOKEN_TTL_S,
+                                   help="Seconds the token stays usable (default 86400)."),
     camera_id: str | None = typer.Option(None, "--camera-id", help="Only this camera may "
                                             "enroll with it."),
     require_verification: bool = typer.Option(False, "--require-verification",
@@ -180,7 +181,8 @@ def _admin_token() -> None:
 
 @admin_token_app.command("create")
 def admin_token_create(
-    ttl: int | None = typer.Option(None, "--ttl", help="Seconds (default 30 days)."),
+    ttl: int | None = typer.Option(None, "--ttl", min=1, max=MAX_TOKEN_TTL_S,
+                                   help="Seconds (default 30 days)."),
     label: str | None = typer.Option(None, help="Note stored with the token."),
     home: Path | None = HOME_OPT,
     database_url: str | None = DB_OPT,

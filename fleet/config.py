@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fleet.bounds import MAX_DEVICES, MAX_HOLD_S, MAX_LATENCY_MS, MAX_TOKEN_TTL_S
 from roadloop.settings import get_settings
 
 SCOPES: tuple[str, ...] = ("camera:read", "camera:write", "camera:admin")
@@ -96,10 +97,10 @@ class GatewaySettings(BaseSettings):
     rate_limit_burst: int = Field(default=100, gt=0)
 
     # Token lifetimes, seconds.
-    access_token_ttl_s: int = Field(default=3600, gt=0)
-    refresh_token_ttl_s: int = Field(default=30 * 86400, gt=0)
-    enrollment_token_ttl_s: int = Field(default=86400, gt=0)
-    admin_token_ttl_s: int = Field(default=30 * 86400, gt=0)
+    access_token_ttl_s: int = Field(default=3600, gt=0, le=MAX_TOKEN_TTL_S)
+    refresh_token_ttl_s: int = Field(default=30 * 86400, gt=0, le=MAX_TOKEN_TTL_S)
+    enrollment_token_ttl_s: int = Field(default=86400, gt=0, le=MAX_TOKEN_TTL_S)
+    admin_token_ttl_s: int = Field(default=30 * 86400, gt=0, le=MAX_TOKEN_TTL_S)
 
     # Durability / concurrency.
     fsync_directories: bool = Field(
@@ -137,27 +138,30 @@ class GatewaySettings(BaseSettings):
         default=512 * 1024 * 1024, gt=0, description="Largest model upload (whole body), bytes."
     )
     rollout_hold_seconds: float = Field(
-        default=1800.0, ge=0, description="Default time a stage must stay healthy to advance."
+        default=1800.0, ge=0, le=MAX_HOLD_S, allow_inf_nan=False,
+        description="Default time a stage must stay healthy to advance."
     )
     rollout_max_error_rate: float = Field(
         default=0.01, ge=0, le=1, description="Errors / frames on the new model, per stage."
     )
     rollout_p95_latency_budget_ms: float = Field(
-        default=250.0, gt=0, description="P95 detector latency the new model must stay within."
+        default=250.0, gt=0, le=MAX_LATENCY_MS,
+        description="P95 detector latency the new model must stay within."
     )
     rollout_min_shadow_f1: float = Field(
         default=0.5, ge=0, le=1,
         description="Shadow agreement (matched-box F1 vs the serving model) floor.",
     )
     rollout_min_cohort_devices: int = Field(
-        default=1, ge=0, description="Smallest cohort of a stage (tiny fleets)."
+        default=1, ge=0, le=MAX_DEVICES, description="Smallest cohort of a stage (tiny fleets)."
     )
     rollout_min_reporting_fraction: float = Field(
         default=0.8, gt=0, le=1,
         description="Share of a stage's cohort that must report on the new model to advance.",
     )
     rollout_min_frames: int = Field(
-        default=20, ge=1, description="Frames on the new model a stage needs before it advances."
+        default=20, ge=1, le=2**31 - 1,
+        description="Frames on the new model a stage needs before it advances."
     )
 
     @model_validator(mode="after")

@@ -13,37 +13,29 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
-from pydantic import AwareDatetime
+from fastapi import APIRouter, HTTPException, Path, Query
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fleet.auth import DevicePrincipal, ReaderPrincipal
+from fleet.bodies import BoundedJSONRoute
+from fleet.bounds import Id, Timestamp
 from fleet.committer import CommitFailed
 from fleet.db import Device, HeartbeatRow
 from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import GatewayDep
-from fleet.schemas import ErrorOut, HeartbeatAccepted, HeartbeatIn, HeartbeatOut
+from fleet.schemas import (
+    HEARTBEAT_COLUMNS,
+    ErrorOut,
+    HeartbeatAccepted,
+    HeartbeatIn,
+    HeartbeatOut,
+    dotted,
+)
 
-# column -> (payload keys tried in order, type). Nested keys are "a.b".
-NUMERIC_FIELDS: dict[str, tuple[tuple[str, ...], type]] = {
-    "fps": (("fps", "frames_per_s"), float),
-    "latency_p50_ms": (("latency_p50_ms", "latency_ms.p50"), float),
-    "latency_p95_ms": (("latency_p95_ms", "latency_ms.p95"), float),
-    "errors": (("errors", "error_count"), int),
-    "dropped_frames": (("dropped_frames",), int),
-    "outbox_depth": (("outbox_depth",), int),
-}
-
-
-def _lookup(payload: dict[str, Any], dotted: str) -> Any:
-    cur: Any = payload
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
+# column -> (payload keys tried in order, type); HeartbeatIn bounds them to fit the columns.
+NUMERIC_FIELDS = HEARTBEAT_COLUMNS
 
 
 def numeric_columns(payload: dict[str, Any]) -> dict[str, float | int | None]:
@@ -52,7 +44,7 @@ def numeric_columns(payload: dict[str, Any]) -> dict[str, float | int | None]:
     for column, (keys, typ) in NUMERIC_FIELDS.items():
         value = None
         for key in keys:
-            v = _lookup(payload, key)
+            v = dotted(payload, key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 value = typ(v)
                 break
@@ -70,7 +62,7 @@ def heartbeat_out(r: HeartbeatRow) -> HeartbeatOut:
     )
 
 
-router = APIRouter(tags=["heartbeats"])
+router = APIRouter(tags=["heartbeats"], route_class=BoundedJSONRoute)
 
 
 @router.post(
@@ -131,10 +123,10 @@ def post_heartbeat(
     responses={401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 422: {"model": ErrorOut}},
 )
 def list_heartbeats(
-    camera_id: str,
+    camera_id: Annotated[Id, Path()],
     principal: ReaderPrincipal,
     gw: GatewayDep,
-    since: Annotated[AwareDatetime | None, Query(description="Only sent_at >= since.")] = None,
+    since: Annotated[Timestamp | None, Query(description="Only sent_at >= since.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[HeartbeatOut]:
     """Heartbeats of one camera in ``sent_at`` order: the first ``limit`` at or after

@@ -41,6 +41,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet.auth import DevicePrincipal, Principal
+from fleet.bodies import BoundedJSONRoute, JsonRejected, loads, read_form
 from fleet.committer import CommitFailed
 from fleet.config import GatewaySettings
 from fleet.db import Device, FrameRow
@@ -76,26 +77,15 @@ def validation_message(exc: ValidationError, prefix: str) -> str:
     return f"{prefix}: " + "; ".join(parts) + more
 
 
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a JSON number (non-finite numbers are refused)")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is beyond a 64-bit float (non-finite numbers are refused)")
-    return value
-
-
 def parse_metadata(text: str) -> FrameMetadata:
     """Strict JSON (no NaN/Infinity anywhere: Python's json takes them by default and a
     sidecar cannot hold them), then the schema (which refuses non-finite values too)."""
     try:
-        raw = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
-    except RecursionError as exc:
-        raise HTTPException(422, "metadata is not valid JSON: nested too deeply") from exc
-    except ValueError as exc:  # JSONDecodeError, a non-finite number, a 5000-digit integer
+        raw = loads(text, "metadata")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HTTPException(422, f"metadata is not valid JSON: {exc}") from exc
+    except JsonRejected as exc:
+        raise HTTPException(422, str(exc)) from exc
     if not isinstance(raw, dict):
         raise HTTPException(422, "metadata must be a JSON object")
     try:
@@ -114,7 +104,7 @@ async def read_upload(request: Request, settings: GatewaySettings) -> tuple[str,
     """
     limit = settings.max_metadata_bytes
     try:
-        form = await request.form(max_files=2, max_fields=4, max_part_size=limit)
+        form = await read_form(request, max_files=2, max_fields=4, max_part_size=limit)
     except StarletteHTTPException as exc:
         if exc.status_code != 400:  # e.g. the body limit's 413
             raise
@@ -205,8 +195,8 @@ def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> No
                 "does not read back (written by an older gateway?); send it as a new frame_id"
             )
         return
-    if back == record:
-        return
+    if back is not None and back.model_dump(mode="json") == record.model_dump(mode="json"):
+        return  # compared as data: the upload's bounded model types are subclasses
     gw.stats.count("frames_unreadable_removed")
     logger.error("sidecar of %s/%s does not read back as written; removing the frame",
                  record.camera_id, record.frame_id)
@@ -303,7 +293,7 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
 
 
 # --------------------------------------------------------------------------- route
-router = APIRouter(tags=["frames"])
+router = APIRouter(tags=["frames"], route_class=BoundedJSONRoute)
 
 _MULTIPART_DOC: dict[str, Any] = {
     "requestBody": {

@@ -11,18 +11,29 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from fleet.bounds import (
+    MAX_STAGES,
+    DeviceCount,
+    Fraction,
+    HoldSeconds,
+    Ms,
+    Name,
+    PositiveCount,
+    PositiveFraction,
+    Reason,
+)
 from fleet.rollout_policy import Budgets, Decision, Mode, Stage, StageHealth
 
 
 class BudgetsIn(BaseModel):
     """Per-rollout overrides of the gateway's default ``Budgets`` (absent = default)."""
 
-    max_error_rate: float | None = Field(default=None, ge=0, le=1)
-    p95_latency_budget_ms: float | None = Field(default=None, gt=0)
-    min_shadow_f1: float | None = Field(default=None, ge=0, le=1)
-    min_reporting_fraction: float | None = Field(default=None, gt=0, le=1)
-    min_frames: int | None = Field(default=None, ge=1)
-    min_cohort_devices: int | None = Field(default=None, ge=0)
+    max_error_rate: Fraction | None = None
+    p95_latency_budget_ms: Ms | None = None
+    min_shadow_f1: Fraction | None = None
+    min_reporting_fraction: PositiveFraction | None = None
+    min_frames: PositiveCount | None = None
+    min_cohort_devices: DeviceCount | None = None
 
 
 class ModelPublished(BaseModel):
@@ -37,14 +48,14 @@ class ModelPublished(BaseModel):
 
 class RolloutCreate(BaseModel):
     manifest_sha256: str | None = Field(default=None, min_length=64, max_length=64)
-    model_version: str | None = Field(default=None, max_length=200)
-    stages: list[Stage] | None = None
-    hold_seconds: float | None = Field(default=None, ge=0)
+    model_version: Name | None = None
+    stages: list[Stage] | None = Field(default=None, min_length=1, max_length=MAX_STAGES)
+    hold_seconds: HoldSeconds | None = None
     budgets: BudgetsIn | None = None
 
 
 class RollbackRequest(BaseModel):
-    reason: str = Field(default="manual rollback", min_length=1, max_length=1000)
+    reason: Reason = "manual rollback"
 
 
 class RolloutOut(BaseModel):

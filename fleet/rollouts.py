@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials
@@ -46,6 +45,8 @@ from fleet.auth import (
     has_scope,
     hash_token,
 )
+from fleet.bodies import BoundedJSONRoute, JsonRejected, loads, read_form
+from fleet.bounds import RolloutId
 from fleet.db import ModelManifestRow, RolloutRow, RolloutStatus
 from fleet.models_store import ModelFileRejected
 from fleet.ratelimit import enforce_rate_limit
@@ -122,7 +123,8 @@ def _get_rollout(session: Session, rollout_id: str) -> RolloutRow:
     return ro
 
 
-router = APIRouter(tags=["rollouts"])
+router = APIRouter(tags=["rollouts"], route_class=BoundedJSONRoute)
+RolloutIdPath = Annotated[RolloutId, Path(description="GET /v1/rollouts lists them.")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut},
     409: {"model": ErrorOut}, 422: {"model": ErrorOut},
@@ -146,7 +148,7 @@ async def publish_model(
 ) -> ModelPublished:
     """Publish a model: its file and signed manifest (size, SHA-256, signature checked)."""
     public_key = gw.model_key.get()
-    form = await request.form(max_files=1, max_fields=2, max_part_size=256 * 1024)
+    form = await read_form(request, max_files=1, max_fields=2, max_part_size=256 * 1024)
     try:
         raw_manifest = form.get("manifest")
         upload = form.get("file")
@@ -155,16 +157,22 @@ async def publish_model(
         text = (await raw_manifest.read()).decode("utf-8", "replace") \
             if isinstance(raw_manifest, UploadFile) else raw_manifest
         try:
-            manifest = json.loads(text)
+            manifest = loads(text, "manifest")
         except json.JSONDecodeError as exc:
             raise HTTPException(422, f"manifest is not valid JSON ({exc})") from exc
+        except JsonRejected as exc:
+            raise HTTPException(422, str(exc)) from exc
         try:
             verify_manifest(manifest, public_key)
         except SignatureError as exc:
             raise HTTPException(422, f"manifest rejected: {exc}") from exc
         sha, size = str(manifest["sha256"]), manifest["size"]
-        if not isinstance(size, int) or size <= 0:
-            raise HTTPException(422, f"manifest size must be a positive integer, got {size!r}")
+        if not isinstance(size, int) or not 0 < size <= gw.settings.max_model_bytes:
+            raise HTTPException(422, f"manifest size must be a positive integer of at most "
+                                f"{gw.settings.max_model_bytes} bytes, got {size!r}")
+        for name, longest in (("rollout_id", 100), ("model_version", 200), ("key_id", 16)):
+            if len(str(manifest[name])) > longest:
+                raise HTTPException(422, f"manifest {name} is longer than {longest} characters")
         try:
             path = gw.models.path_for(sha)
         except ValueError as exc:
@@ -293,7 +301,7 @@ def list_rollouts(
 
 
 @router.get("/v1/rollouts/{rollout_id}", response_model=RolloutOut, responses=_ERRORS)
-def get_rollout(rollout_id: str, _: AdminPrincipal, gw: GatewayDep) -> RolloutOut:
+def get_rollout(rollout_id: RolloutIdPath, _: AdminPrincipal, gw: GatewayDep) -> RolloutOut:
     """One rollout: stage, percent, cohort size, status, history, health per stage."""
     with gw.db.read() as session:
         return rollout_out(session, _get_rollout(session, rollout_id), gw.now())
@@ -332,27 +340,27 @@ def _change(gw: Gateway, rollout_id: str, principal: Principal, request: Request
 
 
 @router.post("/v1/rollouts/{rollout_id}/pause", response_model=RolloutOut, responses=_ERRORS)
-def pause_rollout(rollout_id: str, request: Request, principal: AdminPrincipal,
+def pause_rollout(rollout_id: RolloutIdPath, request: Request, principal: AdminPrincipal,
                   gw: GatewayDep) -> RolloutOut:
     """Stop advancing (devices keep their current assignment)."""
     return _change(gw, rollout_id, principal, request, "paused")
 
 
 @router.post("/v1/rollouts/{rollout_id}/resume", response_model=RolloutOut, responses=_ERRORS)
-def resume_rollout(rollout_id: str, request: Request, principal: AdminPrincipal,
+def resume_rollout(rollout_id: RolloutIdPath, request: Request, principal: AdminPrincipal,
                    gw: GatewayDep) -> RolloutOut:
     return _change(gw, rollout_id, principal, request, "resumed")
 
 
 @router.post("/v1/rollouts/{rollout_id}/advance", response_model=RolloutOut, responses=_ERRORS)
-def advance_rollout(rollout_id: str, request: Request, principal: AdminPrincipal,
+def advance_rollout(rollout_id: RolloutIdPath, request: Request, principal: AdminPrincipal,
                     gw: GatewayDep) -> RolloutOut:
     """Go to the next stage now (skips the hold and the health rule)."""
     return _change(gw, rollout_id, principal, request, "advanced")
 
 
 @router.post("/v1/rollouts/{rollout_id}/rollback", response_model=RolloutOut, responses=_ERRORS)
-def rollback_rollout(rollout_id: str, request: Request, principal: AdminPrincipal,
+def rollback_rollout(rollout_id: RolloutIdPath, request: Request, principal: AdminPrincipal,
                      gw: GatewayDep, body: RollbackRequest | None = None) -> RolloutOut:
     """Roll the whole rollout back: every device returns to its previous model."""
     reason = (body or RollbackRequest()).reason
@@ -373,7 +381,7 @@ def rollback_rollout(rollout_id: str, request: Request, principal: AdminPrincipa
 
 
 @router.post("/v1/rollouts/{rollout_id}/evaluate", response_model=EvaluateOut, responses=_ERRORS)
-def evaluate_rollout(rollout_id: str, request: Request, principal: AdminPrincipal,
+def evaluate_rollout(rollout_id: RolloutIdPath, request: Request, principal: AdminPrincipal,
                      gw: GatewayDep) -> EvaluateOut:
     """Apply the automatic rule now: rollback on failing health, advance when the hold elapsed
     and health passes, hold otherwise. Terminal rollouts answer their status."""
@@ -381,7 +389,9 @@ def evaluate_rollout(rollout_id: str, request: Request, principal: AdminPrincipa
     with gw.db.write() as session:
         ro = _get_rollout(session, rollout_id)
         health = compute_health(session, ro, now) if ro.status in LIVE else None
-        elapsed = (now - ro.stage_started_at) >= timedelta(seconds=ro.hold_seconds)
+        # Seconds compared as floats: no timedelta is built from a stored hold, so even a row
+        # written before holds were bounded cannot overflow here.
+        elapsed = (now - ro.stage_started_at).total_seconds() >= ro.hold_seconds
         decision = decide(ro.status, health, elapsed)
         stage = ro.stages[ro.stage_index]
         if health is not None:

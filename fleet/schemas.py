@@ -5,8 +5,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fleet.bounds import (
+    FLOAT_MAX,
+    INT32_MAX,
+    MAX_SCOPES,
+    ClassId,
+    ClassName,
+    Coord,
+    EventTime,
+    Fraction,
+    JsonObject,
+    Name,
+    Pixels,
+    SchemaVersion,
+    Scope,
+    TokenTtl,
+    check_json_value,
+)
 from fleet.db import DeviceStatus
 from fleet.heartbeat_plausibility import heartbeat_problems
 from roadloop.data.frames import Detection, FrameId
@@ -30,7 +47,7 @@ class EnrollRequest(BaseModel):
     enrollment_token: str = Field(min_length=1, max_length=200)
     camera_id: FrameId
     agent_version: str = Field(min_length=1, max_length=100)
-    hardware: dict[str, Any] | None = None
+    hardware: JsonObject | None = None
 
 
 class EnrollResponse(BaseModel):
@@ -58,15 +75,18 @@ class TokenResponse(BaseModel):
 class EnrollmentTokenCreate(BaseModel):
     """Admin: mint a one-time enrollment token (same as ``roadloop fleet token create``)."""
 
-    scopes: list[str] = Field(default_factory=lambda: ["camera:write"])
-    ttl_s: int | None = Field(default=None, gt=0, description="Default: the gateway setting.")
+    scopes: list[Scope] = Field(
+        default_factory=lambda: ["camera:write"], min_length=1, max_length=MAX_SCOPES,
+        description="At least one; absent means camera:write.",
+    )
+    ttl_s: TokenTtl | None = Field(default=None, description="Default: the gateway setting.")
     camera_id: FrameId | None = Field(
         default=None, description="Bind the token to this camera; other cameras get 403."
     )
     require_verification: bool = Field(
         default=False, description="Devices start pending_verification until an admin acts."
     )
-    label: str | None = Field(default=None, max_length=200)
+    label: Name | None = None
 
 
 class EnrollmentTokenOut(BaseModel):
@@ -118,10 +138,19 @@ class QualityIn(BaseModel):
 
     brightness: float | None = Field(default=None, ge=0.0, le=255.0,
                                      description="Mean luma (grey level), 0-255.")
-    sharpness: float | None = Field(default=None, ge=0.0,
+    sharpness: float | None = Field(default=None, ge=0.0, le=1020.0**2,  # Laplacian in ±4·255
                                     description="Variance of the Laplacian of the grey image.")
     dhash: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$",
                               description="64-bit difference hash, hex.")
+
+
+class DetectionIn(Detection):
+    """``roadloop.data.frames.Detection`` as an upload may state it: bounded."""
+
+    class_id: ClassId
+    class_name: ClassName
+    confidence: Fraction
+    xyxy: tuple[Coord, Coord, Coord, Coord]
 
 
 class FrameMetadata(BaseModel):
@@ -132,13 +161,13 @@ class FrameMetadata(BaseModel):
 
     frame_id: FrameId
     camera_id: FrameId
-    captured_at: AwareDatetime
+    captured_at: EventTime
     reasons: list[str] = Field(default_factory=list, max_length=MAX_REASONS)
-    importance: float = Field(default=1.0, ge=0.0)
-    model_version: str | None = Field(max_length=200)
-    detections: list[Detection] = Field(default_factory=list, max_length=MAX_DETECTIONS)
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
+    importance: float = Field(default=1.0, ge=0.0, le=1e6)
+    model_version: Name | None
+    detections: list[DetectionIn] = Field(default_factory=list, max_length=MAX_DETECTIONS)
+    width: Pixels
+    height: Pixels
     quality: QualityIn | None = Field(
         default=None,
         description="Edge-computed quality, stored as sent; the gateway computes the values "
@@ -163,6 +192,29 @@ class FrameStored(BaseModel):
 
 
 # --------------------------------------------------------------------------- heartbeats
+# Indexed column -> (payload keys tried in order, type); nested keys are "a.b". The values are
+# copied into the heartbeats table (fleet.heartbeats), so HeartbeatIn bounds them to fit
+# (INTEGER is 32-bit on PostgreSQL).
+HEARTBEAT_COLUMNS: dict[str, tuple[tuple[str, ...], type]] = {
+    "fps": (("fps", "frames_per_s"), float),
+    "latency_p50_ms": (("latency_p50_ms", "latency_ms.p50"), float),
+    "latency_p95_ms": (("latency_p95_ms", "latency_ms.p95"), float),
+    "errors": (("errors", "error_count"), int),
+    "dropped_frames": (("dropped_frames",), int),
+    "outbox_depth": (("outbox_depth",), int),
+}
+
+
+def dotted(payload: dict[str, Any], key: str) -> Any:
+    """``payload["a"]["b"]`` for ``"a.b"``; None where a level is missing or not an object."""
+    cur: Any = payload
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
 class HeartbeatIn(BaseModel):
     """Gateway-side view of ``edge_agent.heartbeat.Heartbeat``: required keys checked, the
     rest kept as-is (the agent owns the full, versioned schema) once the numbers health is
@@ -170,10 +222,27 @@ class HeartbeatIn(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    schema_version: int = Field(ge=1)
+    schema_version: SchemaVersion
     camera_id: FrameId
-    sent_at: AwareDatetime
-    model_version: str | None = Field(max_length=200)
+    sent_at: EventTime
+    model_version: Name | None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_payload(cls, data: Any) -> Any:
+        """The whole payload is kept as JSON: bounded like any free-form JSON, and the numbers
+        copied into the indexed columns (``HEARTBEAT_COLUMNS``) must fit them."""
+        if isinstance(data, dict):
+            check_json_value(data)
+            for keys, typ in HEARTBEAT_COLUMNS.values():
+                limit = INT32_MAX if typ is int else FLOAT_MAX
+                for key in keys:
+                    value = dotted(data, key)
+                    if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                            and abs(value) > limit):
+                        raise ValueError(f"{key} = {value!r} is out of range (at most "
+                                         f"{limit:.0f} in magnitude)")
+        return data
 
     @model_validator(mode="after")
     def _plausible(self) -> HeartbeatIn:
