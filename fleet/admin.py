@@ -162,7 +162,9 @@ def audit_log(
     device_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditEventOut]:
-    """Audit events, newest first."""
+    """Audit events, newest first (refusals counted so far are written first, so the log is
+    never behind: they are aggregated rows with ``detail.count``)."""
+    gw.denials.flush()
     q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
     if since is not None:
         q = q.where(AuditEvent.at >= since)

@@ -112,15 +112,23 @@ def audit(
     )
 
 
-def audit_denied(gw: Gateway, action: str, reason: str, **kw: Any) -> None:
-    """Record a refused auth attempt in its own transaction (the request's is rolled back)."""
-    try:
-        with gw.db.write() as session:
-            audit(session, gw.now(), action, outcome="denied", detail={"reason": reason,
-                  **kw.pop("detail", {})}, **kw)
-            session.commit()
-    except Exception:  # the audit must never turn a 401 into a 500
-        logger.exception("could not write audit event %s (%s)", action, reason)
+def audit_denied(
+    gw: Gateway,
+    action: str,
+    reason: str,
+    *,
+    client: str | None = None,
+    device_id: str | None = None,
+    token_id: int | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Count a refused attempt for the audit log: refusals are aggregated per (client,
+    reason, route, token) and window into one row with a count (``fleet.denials``), so a
+    flood costs no database write per request. ``detail["path"]`` names the route."""
+    extra = dict(detail or {})
+    route = extra.pop("path", None)
+    gw.denials.record(action, reason, client=client, route=route, token_id=token_id,
+                      device_id=device_id, detail=extra)
     gw.stats.count(f"denied_{action}")
 
 

@@ -50,6 +50,13 @@ class GatewaySettings(BaseSettings):
     rate_limit_per_s: float = Field(default=50.0, gt=0)
     rate_limit_burst: int = Field(default=100, gt=0)
 
+    # Refused requests are audited aggregated (fleet.denials).
+    denial_audit_window_s: float = Field(
+        default=60.0, gt=0,
+        description="Denied requests are audited as one row per (client, reason, route) and "
+        "window, with a count (written when the window ends and at shutdown).",
+    )
+
     # Token lifetimes, seconds.
     access_token_ttl_s: int = Field(default=3600, gt=0)
     refresh_token_ttl_s: int = Field(default=30 * 86400, gt=0)

@@ -18,6 +18,7 @@ from fleet.caches import AuthCache, ManifestCache, ModelPublicKey
 from fleet.committer import GroupCommitter
 from fleet.config import GatewaySettings
 from fleet.db import Database
+from fleet.denials import DenialLog
 from fleet.models_store import ModelStore
 from fleet.ratelimit import TokenBucketLimiter
 from fleet.reconcile import reconcile_frame_store
@@ -94,6 +95,7 @@ class Gateway:
             settings.rate_limit_per_s / share, max(1, settings.rate_limit_burst // share)
         )
         self.committer = GroupCommitter(self.db, settings.commit_batch_max)
+        self.denials = DenialLog(self.db, self.now, settings.denial_audit_window_s)
         self.stats = Stats()
         assert settings.models_dir is not None
         self.models = ModelStore(settings.models_dir)
@@ -122,11 +124,13 @@ class Gateway:
         """Prepare storage, start the writer thread."""
         self.prepare_storage()
         self.committer.start()
+        self.denials.start()
         logger.info(
             "fleet gateway ready: db=%s frames=%s", self.db.url, self.settings.frame_store
         )
 
     def stop(self) -> None:
+        self.denials.stop()  # writes the refusals counted since the last window
         self.committer.stop()
         self.db.dispose()
 

@@ -1,0 +1,214 @@
+"""Unauthenticated and hostile traffic: refusals audited as aggregated rows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from fleet.app import create_app
+from fleet.auth import create_admin_token
+from fleet.config import GatewaySettings
+from fleet.db import AuditEvent, Database
+from fleet.denials import OTHER_CLIENTS, DenialLog
+from fleet.runtime import Gateway
+
+T0 = datetime(2026, 5, 4, 12, 0, 0, tzinfo=UTC)
+GENEROUS_S = 15.0  # upper bound for "the server closes it"; the bounds under test are < 1 s
+ATTACKER = ("203.0.113.7", 40000)
+SITE = ("198.51.100.20", 40001)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def heartbeat(camera_id: str, i: int = 0) -> dict[str, Any]:
+    return {"schema_version": 1, "camera_id": camera_id, "model_version": None,
+            "sent_at": (T0 + timedelta(seconds=i)).isoformat()}
+
+
+def admin_token(gw: Gateway) -> str:
+    with gw.db.write() as session:
+        token, _ = create_admin_token(session, gw.now(), ttl_s=86400, actor="test")
+        session.commit()
+    return token
+
+
+def enroll(client: Any, admin: str, camera_id: str) -> dict[str, Any]:
+    tok = client.post("/v1/enrollment-tokens", json={"camera_id": camera_id},
+                      headers=bearer(admin)).json()["enrollment_token"]
+    r = client.post("/v1/enroll", json={"enrollment_token": tok, "camera_id": camera_id,
+                                        "agent_version": "1"})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+class BodyReads:
+    """ASGI wrapper that counts the application's calls to ``receive`` (body reads)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.reads = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting() -> dict:
+            self.reads += 1
+            return await receive()
+
+        await self.app(scope, counting, send)
+
+
+@dataclass
+class InProcess:
+    client: TestClient
+    gw: Gateway
+    admin: str
+    reads: BodyReads
+
+
+@pytest.fixture()
+def make_gateway(tmp_path: Path) -> Iterator[Any]:
+    opened: list[TestClient] = []
+
+    def _make(client_addr: tuple[str, int] = ("testclient", 50000), **overrides: Any
+              ) -> InProcess:
+        app = create_app(GatewaySettings(home=tmp_path / "home", **overrides),
+                         clock=lambda: T0)
+        reads = BodyReads(app)
+        client = TestClient(reads, client=client_addr)
+        client.__enter__()
+        opened.append(client)
+        gw = app.state.gateway
+        return InProcess(client, gw, admin_token(gw), reads)
+
+    yield _make
+    for c in opened:
+        c.__exit__(None, None, None)
+
+
+def _operations(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method in ("get", "post", "put", "patch", "delete"):
+                yield path, method, op
+
+
+def _concrete(path: str) -> str:
+    return path.replace("{", "x-").replace("}", "")
+
+
+# --------------------------------------------------------------------------- denial audit
+def test_a_thousand_refusals_write_a_few_rows_with_their_counts(
+    make_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = make_gateway(address_rate_limit_per_s=1e6, address_rate_limit_burst=1_000_000,
+                     denial_audit_window_s=3600)
+    writes = []
+    real_write = g.gw.db.write
+
+    def counting_write() -> Any:
+        writes.append(1)
+        return real_write()
+
+    monkeypatch.setattr(g.gw.db, "write", counting_write)
+    for i in range(1000):
+        headers = bearer(f"bogus-{i}") if i % 2 else {}
+        r = g.client.post("/v1/heartbeats", json=heartbeat("cam-a"), headers=headers)
+        assert r.status_code == 401
+    assert writes == []  # no transaction, no fsync per refusal
+    assert g.gw.denials.pending() == 1000
+    events = g.client.get("/v1/audit", params={"action": "auth_failure"},
+                          headers=bearer(g.admin)).json()
+    assert len(writes) == 1  # the audit read wrote both rows in one transaction
+    assert sorted((e["detail"]["reason"], e["detail"]["count"]) for e in events) == [
+        ("missing_token", 500), ("unknown_token", 500)]
+    for e in events:
+        assert e["outcome"] == "denied" and e["client"] == "testclient"
+        assert e["detail"]["path"] == "/v1/heartbeats"
+    assert g.gw.stats.counters["denied_auth_failure"] == 1000
+    # Successful security events keep their own rows.
+    enroll(g.client, g.admin, "cam-b")
+    enroll(g.client, g.admin, "cam-c")
+    events = g.client.get("/v1/audit", headers=bearer(g.admin)).json()
+    assert sum(e["action"] == "enrolled" for e in events) == 2
+    assert sum(e["action"] == "enrollment_token_created" for e in events) == 2
+
+
+def test_refusals_are_aggregated_per_client_reason_and_route(make_gateway: Any) -> None:
+    g = make_gateway(address_rate_limit_per_s=1e6, address_rate_limit_burst=1_000_000,
+                     denial_audit_window_s=3600)
+    other = TestClient(g.reads, client=ATTACKER)
+    for _ in range(3):
+        g.client.get("/v1/devices")
+        assert other.get("/v1/nothing-here").status_code == 404  # not a refusal
+        other.post("/v1/devices/dev-1/revoke", headers=bearer("nope"))
+        other.post("/v1/devices/dev-1/revoke", headers=bearer("nope"))
+        g.client.post("/v1/enroll", json={"enrollment_token": "nope", "camera_id": "cam-z",
+                                          "agent_version": "1"})
+    rows = g.client.get("/v1/audit", headers=bearer(g.admin)).json()
+    got = sorted((e["action"], e["client"], e["detail"]["reason"], e["detail"]["path"],
+                  e["detail"]["count"]) for e in rows if e["outcome"] == "denied")
+    assert got == [
+        ("auth_failure", "203.0.113.7", "unknown_token", "/v1/devices/dev-1/revoke", 6),
+        ("auth_failure", "testclient", "missing_token", "/v1/devices", 3),
+        ("enroll", "testclient", "unknown_token", None, 3),
+    ]
+    enroll_row = next(e for e in rows if e["action"] == "enroll")
+    assert enroll_row["detail"]["camera_id"] == "cam-z"
+
+
+def test_denial_log_window_shutdown_and_bounded_keys(tmp_path: Path) -> None:
+    settings = GatewaySettings(home=tmp_path / "h")
+    gw = Gateway(settings)
+    gw.prepare_storage()
+
+    def rows() -> list[AuditEvent]:
+        with gw.db.read() as s:
+            return list(s.scalars(select(AuditEvent).order_by(AuditEvent.id)))
+
+    # Past max_keys, new clients fold into one "(other)" row; counts are kept.
+    log = DenialLog(gw.db, gw.now, window_s=3600, max_keys=3)
+    for i in range(10):
+        log.record("auth_failure", "unknown_token", client=f"10.0.0.{i}", route="/v1/frames")
+    assert log.flush() == 4
+    got = {r.client: r.detail["count"] for r in rows()}
+    assert got == {"10.0.0.0": 1, "10.0.0.1": 1, "10.0.0.2": 1, OTHER_CLIENTS: 7}
+
+    # The window thread writes on its own; stop() writes what is left.
+    log = DenialLog(gw.db, gw.now, window_s=0.05)
+    log.start()
+    log.record("auth_failure", "missing_token", client="10.9.9.9", route="/v1/frames")
+    deadline = time.monotonic() + GENEROUS_S
+    while len(rows()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(rows()) == 5
+    log.record("auth_failure", "missing_token", client="10.9.9.9", route="/v1/frames")
+    log.stop()
+    assert len(rows()) == 6 and log.pending() == 0
+    gw.db.dispose()
+
+
+def test_pending_refusals_are_written_at_shutdown(tmp_path: Path) -> None:
+    settings = GatewaySettings(home=tmp_path / "h")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        for _ in range(7):
+            assert client.get("/v1/devices").status_code == 401
+        assert app.state.gateway.denials.pending() == 7
+    db = Database(settings.database_url)
+    with db.read() as s:
+        (row,) = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "denied"))
+    assert row.detail["count"] == 7 and row.detail["reason"] == "missing_token"
+    db.dispose()
