@@ -17,6 +17,7 @@ from fleet.auth import (
     create_enrollment_token,
     revoke_device,
 )
+from fleet.auth_first import AuthFirstRoute
 from fleet.db import AuditEvent, Device, DeviceStatus
 from fleet.runtime import GatewayDep
 from fleet.schemas import (
@@ -28,7 +29,7 @@ from fleet.schemas import (
     ErrorOut,
 )
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], route_class=AuthFirstRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut},
     409: {"model": ErrorOut}, 422: {"model": ErrorOut},

@@ -50,11 +50,31 @@ class GatewaySettings(BaseSettings):
     rate_limit_per_s: float = Field(default=50.0, gt=0)
     rate_limit_burst: int = Field(default=100, gt=0)
 
-    # Refused requests are audited aggregated (fleet.denials).
+    # Unattributed traffic (docs/fleet-api.md "Hostile traffic"): per client address, checked
+    # before authentication. Only requests no credential vouches for cost a token (denied,
+    # unauthenticated, 404s, health checks); an authenticated request is free here (its
+    # device's bucket prices it), so a site of any size behind one NAT never trips it.
+    address_rate_limit_per_s: float = Field(
+        default=20.0, gt=0,
+        description="Unattributed requests per second one client address may make.",
+    )
+    address_rate_limit_burst: int = Field(
+        default=200, gt=0,
+        description="Burst of unattributed requests per address (a site of cameras whose "
+        "tokens all expired at once: one 401 each before they refresh).",
+    )
+    address_table_size: int = Field(
+        default=65_536, ge=16, description="Addresses tracked (least recently seen dropped)."
+    )
     denial_audit_window_s: float = Field(
         default=60.0, gt=0,
         description="Denied requests are audited as one row per (client, reason, route) and "
         "window, with a count (written when the window ends and at shutdown).",
+    )
+    max_credential_json_bytes: int = Field(
+        default=64 * 1024, gt=0,
+        description="Largest body of /v1/enroll and /v1/token/refresh (read before any "
+        "credential is known).",
     )
 
     # Token lifetimes, seconds.

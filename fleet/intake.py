@@ -34,9 +34,9 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from fleet.auth import DevicePrincipal, Principal
+from fleet.auth_first import AuthFirstRoute
 from fleet.committer import CommitFailed
 from fleet.db import Device, FrameRow
-from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored, QualityIn
 from roadloop.data.frames import FrameQuality, FrameRecord, compute_quality
@@ -236,7 +236,7 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
 
 
 # --------------------------------------------------------------------------- route
-router = APIRouter(tags=["frames"])
+router = APIRouter(tags=["frames"], route_class=AuthFirstRoute)
 
 _MULTIPART_DOC: dict[str, Any] = {
     "requestBody": {
@@ -278,9 +278,9 @@ async def post_frame(
 ) -> FrameStored:
     """Upload one frame (multipart: ``image`` JPEG + ``metadata`` JSON); idempotent by id.
 
-    Authentication and the rate limit are checked before the body is read.
+    Authentication and the rate limit are checked before the body is read
+    (``DevicePrincipal`` on an ``AuthFirstRoute``).
     """
-    enforce_rate_limit(gw, principal)
     with gw.stats.span("read_form"):
         form = await request.form(
             max_files=2, max_fields=4, max_part_size=gw.settings.max_metadata_bytes

@@ -1,7 +1,8 @@
-"""Request limits: a per-device token bucket (``enforce_rate_limit``) and a request-body size
-cap (ASGI middleware).
+"""Request limits: token buckets (per device, ``enforce_rate_limit``; per client address,
+``AddressRateLimit``) and a request-body size cap (``BodySizeLimit``), the last two as ASGI
+middleware that run before any route.
 
-This module sits below ``fleet.runtime`` (whose ``Gateway`` holds the limiter) and
+This module sits below ``fleet.runtime`` (whose ``Gateway`` holds the limiters) and
 ``fleet.auth`` (whose ``Principal`` is the caller): ``enforce_rate_limit`` names what it
 needs of them as protocols instead of importing them.
 """
@@ -11,12 +12,17 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastapi import HTTPException
 
 from fleet.config import GatewaySettings
+
+# Set in a request's ASGI scope once a credential vouched for it (a bearer token accepted,
+# or an enrollment / refresh token exchanged): such a request is free for ``AddressRateLimit``.
+AUTHENTICATED = "fleet.authenticated"
 
 
 class TokenBucketLimiter:
@@ -25,35 +31,69 @@ class TokenBucketLimiter:
     In-process state: with ``workers`` processes each gets ``rate / workers`` (see
     ``fleet.runtime``), so a device stays within the configured rate in total; a device
     whose requests all reach one worker gets that worker's share (buckets in Redis would
-    make it exact).
+    make it exact). ``max_keys`` bounds the table: the least recently seen key is dropped
+    (it starts again with a full bucket — forgetting errs towards letting a client in).
     """
 
     def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+        max_keys: int | None = None,
     ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
         self.rate = float(rate)
         self.burst = float(burst)
+        self.max_keys = max_keys
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+        # key -> [tokens, last refill]; tokens may go below zero after ``charge`` (a debt).
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _bucket(self, key: str, now: float) -> list[float]:
+        """The key's bucket refilled to ``now`` (caller holds the lock)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [self.burst, now]
+            if self.max_keys is not None and len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+            if self.max_keys is not None:
+                self._buckets.move_to_end(key)
+        return bucket
 
     def acquire(self, key: str) -> float:
         """Take one token; return 0.0 when allowed, else the seconds until one is available."""
         now = self._clock()
         with self._lock:
-            tokens, last = self._buckets.get(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
+            bucket = self._bucket(key, now)
+            if bucket[0] >= 1.0:
+                bucket[0] -= 1.0
                 return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+            return (1.0 - bucket[0]) / self.rate
+
+    def wait_time(self, key: str) -> float:
+        """0.0 when the key has a token, else the seconds until it has one (takes nothing)."""
+        now = self._clock()
+        with self._lock:
+            tokens = self._bucket(key, now)[0]
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def charge(self, key: str) -> None:
+        """Take one token after the fact, into debt if need be (at most ``burst`` deep), so
+        requests that were in flight together all pay."""
+        now = self._clock()
+        with self._lock:
+            bucket = self._bucket(key, now)
+            bucket[0] = max(-self.burst, bucket[0] - 1.0)
 
     def forget(self, key: str) -> None:
         with self._lock:
             self._buckets.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class _Counter(Protocol):
@@ -147,10 +187,54 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-async def _send_json(send: Callable, status: int, detail: str, close: bool = False) -> None:
+class AddressRateLimit:
+    """Per-client-address token bucket, checked before anything else (body, token, route).
+
+    Only requests no credential vouched for are charged (``AUTHENTICATED`` unset when the
+    answer is done): refused tokens, unauthenticated routes, 404s, health checks. A client
+    address whose bucket is empty gets 429 with ``Retry-After`` and costs nothing more.
+    The address is the ASGI ``client`` — behind a reverse proxy that uvicorn trusts
+    (``--forwarded-allow-ips``), the one the proxy reports.
+    """
+
+    def __init__(self, app: Any, limiter: TokenBucketLimiter,
+                 on_limited: Callable[[], None] | None = None) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.on_limited = on_limited
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        key = str(client[0]) if client else "-"
+        wait = self.limiter.wait_time(key)
+        if wait > 0:
+            if self.on_limited is not None:
+                self.on_limited()
+            retry_after = max(1, int(wait + 0.999))
+            await _send_json(
+                send, 429,
+                f"too many unauthenticated or refused requests from {key}: at most "
+                f"{self.limiter.rate:g}/s (burst {self.limiter.burst:g}); retry after "
+                f"{retry_after} s",
+                headers=[(b"retry-after", str(retry_after).encode())],
+            )
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if not scope.get(AUTHENTICATED):
+                self.limiter.charge(key)
+
+
+async def _send_json(send: Callable, status: int, detail: str, close: bool = False,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            *(headers or [])]
     if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+        head.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})

@@ -94,6 +94,12 @@ class Gateway:
         self.limiter = TokenBucketLimiter(
             settings.rate_limit_per_s / share, max(1, settings.rate_limit_burst // share)
         )
+        # Unattributed requests per client address (fleet.ratelimit.AddressRateLimit).
+        self.address_limiter = TokenBucketLimiter(
+            settings.address_rate_limit_per_s / share,
+            max(1, settings.address_rate_limit_burst // share),
+            max_keys=settings.address_table_size,
+        )
         self.committer = GroupCommitter(self.db, settings.commit_batch_max)
         self.denials = DenialLog(self.db, self.now, settings.denial_audit_window_s)
         self.stats = Stats()

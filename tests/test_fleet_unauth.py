@@ -1,4 +1,7 @@
-"""Unauthenticated and hostile traffic: refusals audited as aggregated rows."""
+"""Unauthenticated and hostile traffic: authentication before the body, a per-address limit
+before authentication, aggregated denial auditing and an OpenAPI document that
+names every error a route can answer.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ from sqlalchemy import select
 
 from fleet.app import create_app
 from fleet.auth import create_admin_token
+from fleet.auth_first import AuthFirstRoute
 from fleet.config import GatewaySettings
 from fleet.db import AuditEvent, Database
 from fleet.denials import OTHER_CLIENTS, DenialLog
+from fleet.ratelimit import TokenBucketLimiter
 from fleet.runtime import Gateway
 
 T0 = datetime(2026, 5, 4, 12, 0, 0, tzinfo=UTC)
@@ -109,6 +114,139 @@ def _concrete(path: str) -> str:
     return path.replace("{", "x-").replace("}", "")
 
 
+# --------------------------------------------------------------------------- auth before body
+def test_unauthenticated_requests_are_refused_without_reading_the_body(make_gateway: Any) -> None:
+    """Every authenticated operation in the OpenAPI document: no token or a bogus one is a
+    401, a token without the route's scope (a device on an admin route, an admin on a device
+    route) a 403 — and the body is never read, however malformed (a JSON route used to
+    parse it first and answer 422)."""
+    g = make_gateway()
+    device = enroll(g.client, g.admin, "cam-d")["access_token"]
+    doc = g.client.get("/openapi.json").json()
+    refused = {401: 0, 403: 0}
+    for path, method, op in _operations(doc):
+        if not op.get("security"):
+            continue
+        url = _concrete(path)
+        for token in (None, "not-a-token", device, g.admin):
+            g.reads.reads = 0
+            headers = {"Content-Type": "application/json", **(bearer(token) if token else {})}
+            r = g.client.request(method.upper(), url, content=b'{"broken": json,,',
+                                 headers=headers)
+            if token in (None, "not-a-token"):
+                assert r.status_code == 401, (method, path, r.status_code, r.text)
+                assert r.headers["www-authenticate"].startswith("Bearer")
+            if r.status_code in (401, 403):
+                assert g.reads.reads == 0, (method, path, token, "read the body first")
+                refused[r.status_code] += 1
+    assert refused[401] >= 2 * 20 and refused[403] >= 15, refused
+
+
+def test_malformed_json_is_401_without_a_token_and_422_with_one(make_gateway: Any) -> None:
+    g = make_gateway()
+    dev = enroll(g.client, g.admin, "cam-a")["access_token"]
+    bad = b'{"schema_version": 1, "camera_id": '
+    for route in ("/v1/heartbeats", "/v1/enrollment-tokens", "/v1/rollouts"):
+        r = g.client.post(route, content=bad, headers={"Content-Type": "application/json"})
+        assert r.status_code == 401, (route, r.text)
+    r = g.client.post("/v1/heartbeats", content=bad,
+                      headers={**bearer(dev), "Content-Type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
+    r = g.client.post("/v1/rollouts", content=bad,
+                      headers={**bearer(g.admin), "Content-Type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
+    # A well-formed heartbeat with the token still works (the early principal is reused).
+    assert g.client.post("/v1/heartbeats", json=heartbeat("cam-a"),
+                         headers=bearer(dev)).status_code == 202
+
+
+def test_device_rate_limit_is_checked_before_the_body(make_gateway: Any) -> None:
+    g = make_gateway(rate_limit_per_s=0.001, rate_limit_burst=1)
+    dev = enroll(g.client, g.admin, "cam-a")["access_token"]
+    assert g.client.post("/v1/heartbeats", json=heartbeat("cam-a"),
+                         headers=bearer(dev)).status_code == 202
+    g.reads.reads = 0
+    r = g.client.post("/v1/heartbeats", content=b"garbage",
+                      headers={**bearer(dev), "Content-Type": "application/json"})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert g.reads.reads == 0
+
+
+def test_every_router_authenticates_first(make_gateway: Any) -> None:
+    from fleet import admin, auth, heartbeats, intake, rollouts
+
+    for module in (admin, auth, heartbeats, intake, rollouts):
+        for route in module.router.routes:
+            assert isinstance(route, AuthFirstRoute), (module.__name__, route)
+    g = make_gateway()
+    doc = g.client.get("/openapi.json").json()
+    secured = [(p, m) for p, m, op in _operations(doc) if op.get("security")]
+    routes = {(r.path, m.lower()) for mod in (admin, heartbeats, intake, rollouts)
+              for r in mod.router.routes for m in r.methods
+              if isinstance(r, AuthFirstRoute) and r.early_dependencies}
+    assert set(secured) == routes
+
+
+# --------------------------------------------------------------------------- OpenAPI
+def test_openapi_documents_every_error_answer(make_gateway: Any) -> None:
+    """Every operation documents 413/422/429 (the body cap, validation and the per-address
+    limit apply to all); every authenticated one 401 and 403 — all as ErrorOut."""
+    g = make_gateway()
+    doc = g.client.get("/openapi.json").json()
+    authenticated = 0
+    for path, method, op in _operations(doc):
+        codes = {"413", "422", "429"} | ({"401", "403"} if op.get("security") else set())
+        authenticated += bool(op.get("security"))
+        for code in codes:
+            assert code in op["responses"], (method, path, code)
+            schema = op["responses"][code]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (method, path, code)
+    assert authenticated >= 20
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+# --------------------------------------------------------------------------- per-address limit
+def test_address_limit_prices_refusals_not_authenticated_devices(make_gateway: Any) -> None:
+    """Many devices behind one address (a NAT) post freely: authenticated requests cost the
+    address nothing. Refused requests from an address spend its bucket; then that address
+    gets 429 before authentication, and another address is unaffected."""
+    g = make_gateway(client_addr=SITE, address_rate_limit_per_s=0.001,
+                     address_rate_limit_burst=5, rate_limit_per_s=1000, rate_limit_burst=1000)
+    tokens = [enroll(g.client, g.admin, f"cam-{i}")["access_token"] for i in range(4)]
+    for i in range(60):
+        cam = i % 4
+        r = g.client.post("/v1/heartbeats", json=heartbeat(f"cam-{cam}", i),
+                          headers=bearer(tokens[cam]))
+        assert r.status_code == 202, (i, r.text)
+
+    a = TestClient(g.reads, client=ATTACKER)
+    codes = [a.post("/v1/heartbeats", json=heartbeat("cam-0"),
+                    headers=bearer("stolen?")).status_code for _ in range(8)]
+    assert codes == [401] * 5 + [429] * 3
+    r = a.get("/healthz")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert "203.0.113.7" in r.json()["detail"]
+    # The site's devices still post (their address is not the attacker's).
+    assert g.client.post("/v1/heartbeats", json=heartbeat("cam-0", 99),
+                         headers=bearer(tokens[0])).status_code == 202
+    assert g.gw.stats.counters["address_rate_limited"] == 4
+
+
+def test_address_table_is_bounded() -> None:
+    now = [0.0]
+    lim = TokenBucketLimiter(1.0, 2, clock=lambda: now[0], max_keys=3)
+    for key in ("a", "b", "c", "d", "e"):
+        lim.acquire(key)
+        lim.acquire(key)
+    assert len(lim) == 3
+    assert lim.wait_time("e") > 0 and lim.wait_time("a") == 0.0  # "a" was dropped: full again
+    lim.charge("e")
+    lim.charge("e")
+    assert lim.wait_time("e") == pytest.approx(3.0)  # in debt: 2 more than empty
+    now[0] += 3.0
+    assert lim.wait_time("e") == 0.0
+
+
 # --------------------------------------------------------------------------- denial audit
 def test_a_thousand_refusals_write_a_few_rows_with_their_counts(
     make_gateway: Any, monkeypatch: pytest.MonkeyPatch
@@ -146,6 +284,27 @@ def test_a_thousand_refusals_write_a_few_rows_with_their_counts(
     assert sum(e["action"] == "enrollment_token_created" for e in events) == 2
 
 
+def test_made_up_enrollment_and_refresh_tokens_take_no_write_lock(
+    make_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = make_gateway()
+    dev = enroll(g.client, g.admin, "cam-a")
+    writes = []
+    real_write = g.gw.db.write
+    monkeypatch.setattr(g.gw.db, "write", lambda: writes.append(1) or real_write())
+    for i in range(20):
+        r = g.client.post("/v1/enroll", json={"enrollment_token": f"made-up-{i}",
+                                              "camera_id": "cam-b", "agent_version": "1"})
+        assert r.status_code == 401 and "unknown enrollment token" in r.json()["detail"]
+        r = g.client.post("/v1/token/refresh", json={"refresh_token": f"made-up-{i}"})
+        assert r.status_code == 401 and "unknown refresh token" in r.json()["detail"]
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    assert writes == []
+    # A real token still goes through the exchange (and its write).
+    r = g.client.post("/v1/token/refresh", json={"refresh_token": dev["refresh_token"]})
+    assert r.status_code == 200 and len(writes) == 1
+
+
 def test_refusals_are_aggregated_per_client_reason_and_route(make_gateway: Any) -> None:
     g = make_gateway(address_rate_limit_per_s=1e6, address_rate_limit_burst=1_000_000,
                      denial_audit_window_s=3600)
@@ -154,14 +313,14 @@ def test_refusals_are_aggregated_per_client_reason_and_route(make_gateway: Any) 
         g.client.get("/v1/devices")
         assert other.get("/v1/nothing-here").status_code == 404  # not a refusal
         other.post("/v1/devices/dev-1/revoke", headers=bearer("nope"))
-        other.post("/v1/devices/dev-1/revoke", headers=bearer("nope"))
+        other.post("/v1/devices/dev-2/revoke", headers=bearer("nope"))
         g.client.post("/v1/enroll", json={"enrollment_token": "nope", "camera_id": "cam-z",
                                           "agent_version": "1"})
     rows = g.client.get("/v1/audit", headers=bearer(g.admin)).json()
     got = sorted((e["action"], e["client"], e["detail"]["reason"], e["detail"]["path"],
                   e["detail"]["count"]) for e in rows if e["outcome"] == "denied")
     assert got == [
-        ("auth_failure", "203.0.113.7", "unknown_token", "/v1/devices/dev-1/revoke", 6),
+        ("auth_failure", "203.0.113.7", "unknown_token", "/v1/devices/{device_id}/revoke", 6),
         ("auth_failure", "testclient", "missing_token", "/v1/devices", 3),
         ("enroll", "testclient", "unknown_token", None, 3),
     ]
