@@ -77,6 +77,35 @@ class GatewaySettings(BaseSettings):
         "credential is known).",
     )
 
+    # HTTP server bounds (fleet/server.py, fleet/ratelimit.py).
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, description="Largest request line + headers (431 above)."
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="A request's headers must arrive within this, counted from the "
+        "connection or from the request's first byte (408 and close otherwise).",
+    )
+    body_idle_timeout_s: float = Field(
+        default=15.0, gt=0,
+        description="Longest wait for the next chunk of a request body (408 and close); also "
+        "how long an unread body may take to drain after its answer.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0,
+        description="A body must arrive within this plus its length / body_min_rate_bytes_s.",
+    )
+    body_min_rate_bytes_s: int = Field(
+        default=128 * 1024, gt=0, description="Slowest body upload allowed for (1 Mbit/s)."
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, description="Idle keep-alive connections are closed after this."
+    )
+    limit_concurrency: int = Field(
+        default=1024, ge=8,
+        description="Connections + requests in progress per worker before uvicorn answers 503.",
+    )
+
     # Token lifetimes, seconds.
     access_token_ttl_s: int = Field(default=3600, gt=0)
     refresh_token_ttl_s: int = Field(default=30 * 86400, gt=0)

@@ -1,14 +1,17 @@
 """Request limits: token buckets (per device, ``enforce_rate_limit``; per client address,
-``AddressRateLimit``) and a request-body size cap (``BodySizeLimit``), the last two as ASGI
-middleware that run before any route.
+``AddressRateLimit``), a request-body size cap (``BodySizeLimit``) and a body read deadline
+(``BodyReadDeadline``), the last three as ASGI middleware that run before any route.
 
 This module sits below ``fleet.runtime`` (whose ``Gateway`` holds the limiters) and
 ``fleet.auth`` (whose ``Principal`` is the caller): ``enforce_rate_limit`` names what it
-needs of them as protocols instead of importing them.
+needs of them as protocols instead of importing them. The header-size and header-time
+bounds live in the HTTP server itself (``fleet.server``): no ASGI code runs before a
+request's headers are complete.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -227,6 +230,89 @@ class AddressRateLimit:
         finally:
             if not scope.get(AUTHENTICATED):
                 self.limiter.charge(key)
+
+
+class BodyReadTimeout(HTTPException):
+    """Raised from inside ``receive`` when a body stalls or runs past its deadline (answered
+    408 with ``Connection: close``, like ``BodyTooLarge``)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(status_code=408, detail=f"request body {why}; send it again "
+                         "promptly", headers={"Connection": "close"})
+
+
+class BodyReadDeadline:
+    """Bound the time a request body may take once the application reads it: at most
+    ``idle_s`` between two chunks, and all of it within ``base_s + length / min_rate`` of
+    the first read (``length``: Content-Length, else the route's body limit). uvicorn has
+    no such bound; without it a client that sends half a body holds a worker task forever.
+
+    A stall before the answer started is a 408 (connection closed); after it (a handler
+    answering without the body), the application is told the client went away.
+    """
+
+    def __init__(self, app: Any, *, idle_s: float, base_s: float, min_rate: float,
+                 limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.idle_s = idle_s
+        self.base_s = base_s
+        self.min_rate = min_rate
+        self.limit_for = limit_for
+
+    def _expects_body(self, scope: dict) -> int | None:
+        """Bytes the body may take (None: no body is coming)."""
+        length = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    return None  # BodySizeLimit answers 400
+            elif name == b"transfer-encoding":
+                return self.limit_for(scope.get("path", ""))
+        return length or None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = self._expects_body(scope)
+        if length is None:
+            await self.app(scope, receive, send)
+            return
+        budget = self.base_s + length / self.min_rate
+        deadline: float | None = None
+        body_done = False
+        answered = False
+
+        async def bounded_receive() -> dict:
+            nonlocal deadline, body_done
+            if body_done:
+                return await receive()
+            now = asyncio.get_running_loop().time()
+            if deadline is None:
+                deadline = now + budget
+            timeout = min(self.idle_s, deadline - now)
+            try:
+                message = await asyncio.wait_for(receive(), max(timeout, 0.0))
+            except TimeoutError:
+                body_done = True
+                if answered:
+                    return {"type": "http.disconnect"}
+                why = (f"stalled for {self.idle_s:g} s" if timeout == self.idle_s
+                       else f"not complete within {budget:.0f} s")
+                raise BodyReadTimeout(why) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def watching_send(message: dict) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+            await send(message)
+
+        await self.app(scope, bounded_receive, watching_send)
 
 
 async def _send_json(send: Callable, status: int, detail: str, close: bool = False,

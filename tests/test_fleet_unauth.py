@@ -1,20 +1,31 @@
 """Unauthenticated and hostile traffic: authentication before the body, a per-address limit
-before authentication, aggregated denial auditing and an OpenAPI document that
-names every error a route can answer.
+before authentication, aggregated denial auditing, bounded headers and time, and an OpenAPI
+document that names every error a route can answer.
+
+In-process (``TestClient``) where the ASGI app is the subject; a real uvicorn server on
+loopback (in a thread, small bounds) where the HTTP server is: raw sockets send half a
+request and the test asserts the server closes it — with generous upper bounds only.
 """
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from typer.testing import CliRunner
 
 from fleet.app import create_app
 from fleet.auth import create_admin_token
@@ -24,6 +35,8 @@ from fleet.db import AuditEvent, Database
 from fleet.denials import OTHER_CLIENTS, DenialLog
 from fleet.ratelimit import TokenBucketLimiter
 from fleet.runtime import Gateway
+from fleet.server import BoundedHttpToolsProtocol, ServerBounds, uvicorn_options
+from launch.localfleet import free_port
 
 T0 = datetime(2026, 5, 4, 12, 0, 0, tzinfo=UTC)
 GENEROUS_S = 15.0  # upper bound for "the server closes it"; the bounds under test are < 1 s
@@ -371,3 +384,226 @@ def test_pending_refusals_are_written_at_shutdown(tmp_path: Path) -> None:
         (row,) = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "denied"))
     assert row.detail["count"] == 7 and row.detail["reason"] == "missing_token"
     db.dispose()
+
+
+# --------------------------------------------------------------------------- real server bounds
+@dataclass
+class Served:
+    url: str
+    port: int
+    gw: Gateway
+    admin: str
+
+
+@contextmanager
+def _serve(tmp_path: Path, **overrides: Any) -> Iterator[Served]:
+    settings = GatewaySettings(home=tmp_path / "srv", **overrides)
+    app = create_app(settings)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            **uvicorn_options(settings))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    gw = app.state.gateway
+    try:
+        yield Served(f"http://127.0.0.1:{port}", port, gw, admin_token(gw))
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[Served]:
+    with _serve(tmp_path, header_timeout_s=0.5, body_idle_timeout_s=0.5, body_timeout_s=0.5,
+                max_header_bytes=2048, keep_alive_timeout_s=30) as s:
+        yield s
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=GENEROUS_S)
+    s.settimeout(GENEROUS_S)
+    return s
+
+
+def _read_until_closed(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes (socket timeout = test failure)."""
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def _status(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.1 ") else -1
+
+
+def _detail(raw: bytes) -> str:
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])["detail"]
+
+
+def test_half_sent_headers_are_answered_408_and_closed(served: Served) -> None:
+    for partial in (b"", b"POST /v1/heartbeats HTTP/1.1\r\nHost: x\r\n", b"GET /heal"):
+        with _connect(served.port) as s:
+            s.sendall(partial)
+            t0 = time.monotonic()
+            raw = _read_until_closed(s)
+            assert time.monotonic() - t0 < GENEROUS_S
+        assert _status(raw) == 408, raw
+        assert "did not arrive within 0.5 s" in _detail(raw)
+
+
+def test_trickled_headers_do_not_extend_the_deadline(served: Served) -> None:
+    with _connect(served.port) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        raw = b""
+        try:
+            while time.monotonic() - t0 < GENEROUS_S:
+                s.sendall(b"X-Pad: y\r\n")  # one header line every 0.1 s: never complete
+                s.settimeout(0.1)
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    continue
+                raw += chunk
+                if not chunk or raw.endswith(b"}"):
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    assert time.monotonic() - t0 < GENEROUS_S, "a trickling client held the connection"
+    assert raw == b"" or _status(raw) in (408, 431), raw  # b"": reset while still sending
+
+
+def test_many_half_open_connections_are_all_closed(served: Served) -> None:
+    socks = [_connect(served.port) for _ in range(100)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(b"POST /v1/frames HTTP/1.1\r\nHost: x\r\nContent-Le"[: 5 + i % 40])
+        for s in socks:
+            assert _status(_read_until_closed(s)) == 408
+    finally:
+        for s in socks:
+            s.close()
+    assert httpx.get(f"{served.url}/healthz", timeout=GENEROUS_S).status_code == 200
+
+
+def test_oversized_headers_are_431(served: Served) -> None:
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n"
+    with _connect(served.port) as s:  # in one piece
+        s.sendall(big)
+        raw = _read_until_closed(s)
+    assert _status(raw) == 431 and "2048 bytes" in _detail(raw)
+    with _connect(served.port) as s:  # in pieces, never complete
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        raw = b""
+        try:
+            for _ in range(40):
+                s.sendall(b"X-Pad: " + b"b" * 90 + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        raw = _read_until_closed(s)
+    assert _status(raw) == 431, raw
+    # The header bound leaves ordinary requests alone.
+    assert httpx.get(f"{served.url}/healthz", timeout=GENEROUS_S).status_code == 200
+
+
+def test_body_bytes_do_not_count_as_header_bytes(served: Served) -> None:
+    """Requests whose head + body (3 KB) pass the 2 KiB header bound, each in one piece, on
+    one keep-alive connection: answered normally, the connection kept."""
+    body = json.dumps({"enrollment_token": "nope", "camera_id": "cam-1", "agent_version": "1",
+                       "hardware": {"pad": "x" * 3000}}).encode()
+    request = (b"POST /v1/enroll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with _connect(served.port) as s:
+        for _ in range(3):
+            s.sendall(request)
+            raw = b""
+            while b"}" not in raw:
+                chunk = s.recv(65536)
+                assert chunk, f"closed after {raw!r}"
+                raw += chunk
+            assert _status(raw) == 401, raw
+
+
+def test_half_sent_body_is_408_and_closed(served: Served) -> None:
+    with httpx.Client(base_url=served.url, timeout=GENEROUS_S) as c:
+        dev = enroll(c, served.admin, "cam-slow")["access_token"]
+    body = json.dumps(heartbeat("cam-slow")).encode()
+    head = (f"POST /v1/heartbeats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {dev}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with _connect(served.port) as s:
+        s.sendall(head + body[:10])
+        raw = _read_until_closed(s)
+    assert _status(raw) == 408, raw
+    assert "request body" in _detail(raw)
+    assert b"connection: close" in raw.lower()
+
+
+def test_unauthenticated_half_sent_body_is_401_then_closed(served: Served) -> None:
+    head = (b"POST /v1/frames HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n"
+            b"Content-Type: multipart/form-data; boundary=z\r\nContent-Length: 5000000\r\n\r\n")
+    with _connect(served.port) as s:
+        s.sendall(head + b"x" * 1000)
+        raw = _read_until_closed(s)  # 401 at once, closed when the body fails to drain
+    assert _status(raw) == 401, raw
+    assert "unknown access token" in _detail(raw)
+
+
+def test_keep_alive_then_half_sent_next_request_is_closed(served: Served) -> None:
+    with _connect(served.port) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = s.recv(65536)
+        assert _status(first) == 200
+        s.sendall(b"\r\nGET /healthz HTTP/1.1\r\nHo")
+        raw = _read_until_closed(s)
+    assert _status(raw) == 408, raw
+
+
+def test_concurrency_limit_answers_503(tmp_path: Path) -> None:
+    with _serve(tmp_path, limit_concurrency=8, header_timeout_s=60) as served:
+        socks = [_connect(served.port) for _ in range(8)]
+        try:
+            for s in socks:
+                s.sendall(b"GET /healthz HTTP/1.1\r\n")  # held open, headers pending
+            r = httpx.get(f"{served.url}/healthz", timeout=GENEROUS_S)
+            assert r.status_code == 503
+        finally:
+            for s in socks:
+                s.close()
+        deadline = time.monotonic() + GENEROUS_S
+        while httpx.get(f"{served.url}/healthz", timeout=GENEROUS_S).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_serve_runs_uvicorn_with_the_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    from fleet.cli import gateway_app
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    for key in ("HOME", "DATABASE_URL", "HOST", "PORT", "WORKERS", "RECONCILE_ON_START"):
+        # serve sets these for its workers: set-then-delete makes monkeypatch restore them
+        monkeypatch.setenv(f"ROADLOOP_GATEWAY_{key}", "")
+        monkeypatch.delenv(f"ROADLOOP_GATEWAY_{key}")
+    monkeypatch.setenv("ROADLOOP_GATEWAY_HEADER_TIMEOUT_S", "3.5")
+    monkeypatch.setenv("ROADLOOP_GATEWAY_LIMIT_CONCURRENCY", "300")
+    home = str(tmp_path / "h")
+    for workers in ("1", "2"):
+        r = CliRunner().invoke(gateway_app, ["serve", "--home", home, "--workers", workers])
+        assert r.exit_code == 0, r.output
+    one, two = calls
+    assert issubclass(one["http"], BoundedHttpToolsProtocol)
+    assert one["http"].bounds == ServerBounds(16 * 1024, 3.5, 15.0)
+    assert one["limit_concurrency"] == 300 and one["timeout_keep_alive"] == 5.0
+    assert two["http"] == "fleet.server:BoundedHttpToolsProtocol" and two["workers"] == 2
