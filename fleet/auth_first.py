@@ -10,7 +10,7 @@ and runs the dependencies; those return the result already resolved. Bodies stay
 as parameters, so the OpenAPI document describes them as before.
 
 A request a credential vouched for is marked ``AUTHENTICATED`` in its scope (see
-``fleet.ratelimit.AddressRateLimit``): by an early dependency, or by a credential exchange
+``fleet.ratelimit.UnattributedLimit``): by an early dependency, or by a credential exchange
 route (``@credential_exchange``: enroll, refresh) that answered with success.
 """
 

@@ -50,10 +50,11 @@ class GatewaySettings(BaseSettings):
     rate_limit_per_s: float = Field(default=50.0, gt=0)
     rate_limit_burst: int = Field(default=100, gt=0)
 
-    # Unattributed traffic (docs/fleet-api.md "Hostile traffic"): per client address, checked
-    # before authentication. Only requests no credential vouches for cost a token (denied,
+    # Unattributed traffic (docs/fleet-api.md "Hostile traffic"), checked before
+    # authentication: only requests no credential vouches for cost a token (refused,
     # unauthenticated, 404s, health checks); an authenticated request is free here (its
-    # device's bucket prices it), so a site of any size behind one NAT never trips it.
+    # device's bucket prices it), and one bearing a recently authenticated token is not even
+    # checked, so a site of any size behind one NAT — even one shared with a flood — posts on.
     address_rate_limit_per_s: float = Field(
         default=20.0, gt=0,
         description="Unattributed requests per second one client address may make.",
@@ -65,6 +66,16 @@ class GatewaySettings(BaseSettings):
     )
     address_table_size: int = Field(
         default=65_536, ge=16, description="Addresses tracked (least recently seen dropped)."
+    )
+    unattributed_rate_limit_per_s: float = Field(
+        default=100.0, gt=0,
+        description="Unattributed requests per second the whole gateway answers past the "
+        "per-address check: bounds what a flood from many addresses costs.",
+    )
+    unattributed_rate_limit_burst: int = Field(default=200, gt=0)
+    known_tokens_size: int = Field(
+        default=50_000, ge=16,
+        description="Recently authenticated tokens (digests) exempt from the limits above.",
     )
     denial_audit_window_s: float = Field(
         default=60.0, gt=0,

@@ -1,5 +1,5 @@
-"""Request limits: token buckets (per device, ``enforce_rate_limit``; per client address,
-``AddressRateLimit``), a request-body size cap (``BodySizeLimit``) and a body read deadline
+"""Request limits: token buckets (per device, ``enforce_rate_limit``; per client address and
+overall for unattributed requests, ``UnattributedLimit``), a request-body size cap (``BodySizeLimit``) and a body read deadline
 (``BodyReadDeadline``), the last three as ASGI middleware that run before any route.
 
 This module sits below ``fleet.runtime`` (whose ``Gateway`` holds the limiters) and
@@ -12,6 +12,7 @@ request's headers are complete.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import threading
 import time
@@ -24,7 +25,7 @@ from fastapi import HTTPException
 from fleet.config import GatewaySettings
 
 # Set in a request's ASGI scope once a credential vouched for it (a bearer token accepted,
-# or an enrollment / refresh token exchanged): such a request is free for ``AddressRateLimit``.
+# or an enrollment / refresh token exchanged): such a request is free for ``UnattributedLimit``.
 AUTHENTICATED = "fleet.authenticated"
 
 
@@ -190,20 +191,63 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-class AddressRateLimit:
-    """Per-client-address token bucket, checked before anything else (body, token, route).
+class KnownTokens:
+    """Digests of bearer tokens that authenticated recently (bounded LRU). Membership only
+    exempts a request from the unattributed-request limits *before* authentication — it
+    never replaces authentication; a token that fails is dropped."""
 
-    Only requests no credential vouched for are charged (``AUTHENTICATED`` unset when the
-    answer is done): refused tokens, unauthenticated routes, 404s, health checks. A client
-    address whose bucket is empty gets 429 with ``Retry-After`` and costs nothing more.
-    The address is the ASGI ``client`` — behind a reverse proxy that uvicorn trusts
-    (``--forwarded-allow-ips``), the one the proxy reports.
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, digest: bytes) -> bool:
+        with self._lock:
+            return digest in self._seen
+
+    def add(self, digest: bytes) -> None:
+        with self._lock:
+            self._seen[digest] = None
+            self._seen.move_to_end(digest)
+            if len(self._seen) > self.max_size:
+                self._seen.popitem(last=False)
+
+    def discard(self, digest: bytes) -> None:
+        with self._lock:
+            self._seen.pop(digest, None)
+
+
+def _bearer_digest(scope: dict) -> bytes | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return hashlib.sha256(token.strip()).digest()
+            return None
+    return None
+
+
+class UnattributedLimit:
+    """Token buckets over the requests no credential vouched for, checked before anything
+    else (body, token, route): one per client address and one for the whole gateway.
+
+    Charged when the answer is done and ``AUTHENTICATED`` is unset: refused tokens,
+    unauthenticated routes, 404s, health checks. An empty bucket answers 429 with
+    ``Retry-After`` and costs nothing more. A request bearing a token that authenticated
+    recently (``KnownTokens``) skips the check, so devices keep posting while a flood
+    drains the buckets — even a device behind the flood's own address (one NAT). The
+    per-address bucket keeps one address from taking the whole budget; the global one
+    bounds what a flood from any number of addresses can cost. The address is the ASGI
+    ``client`` — behind a reverse proxy that uvicorn trusts (``--forwarded-allow-ips``),
+    the one the proxy reports.
     """
 
-    def __init__(self, app: Any, limiter: TokenBucketLimiter,
-                 on_limited: Callable[[], None] | None = None) -> None:
+    def __init__(self, app: Any, per_address: TokenBucketLimiter, overall: TokenBucketLimiter,
+                 known: KnownTokens, on_limited: Callable[[], None] | None = None) -> None:
         self.app = app
-        self.limiter = limiter
+        self.per_address = per_address
+        self.overall = overall
+        self.known = known
         self.on_limited = on_limited
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -212,24 +256,34 @@ class AddressRateLimit:
             return
         client = scope.get("client")
         key = str(client[0]) if client else "-"
-        wait = self.limiter.wait_time(key)
-        if wait > 0:
-            if self.on_limited is not None:
-                self.on_limited()
-            retry_after = max(1, int(wait + 0.999))
-            await _send_json(
-                send, 429,
-                f"too many unauthenticated or refused requests from {key}: at most "
-                f"{self.limiter.rate:g}/s (burst {self.limiter.burst:g}); retry after "
-                f"{retry_after} s",
-                headers=[(b"retry-after", str(retry_after).encode())],
-            )
-            return
+        digest = _bearer_digest(scope)
+        if digest is None or digest not in self.known:
+            wait = self.per_address.wait_time(key)
+            what = f"from {key}: at most {self.per_address.rate:g}/s per address"
+            if wait <= 0:
+                wait = self.overall.wait_time("*")
+                what = f"in total: at most {self.overall.rate:g}/s for the gateway"
+            if wait > 0:
+                if self.on_limited is not None:
+                    self.on_limited()
+                retry_after = max(1, int(wait + 0.999))
+                await _send_json(
+                    send, 429, f"too many unauthenticated or refused requests {what}; "
+                    f"retry after {retry_after} s",
+                    headers=[(b"retry-after", str(retry_after).encode())],
+                )
+                return
         try:
             await self.app(scope, receive, send)
         finally:
-            if not scope.get(AUTHENTICATED):
-                self.limiter.charge(key)
+            if scope.get(AUTHENTICATED):
+                if digest is not None:
+                    self.known.add(digest)
+            else:
+                if digest is not None:
+                    self.known.discard(digest)
+                self.per_address.charge(key)
+                self.overall.charge("*")
 
 
 class BodyReadTimeout(HTTPException):

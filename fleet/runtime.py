@@ -20,7 +20,7 @@ from fleet.config import GatewaySettings
 from fleet.db import Database
 from fleet.denials import DenialLog
 from fleet.models_store import ModelStore
-from fleet.ratelimit import TokenBucketLimiter
+from fleet.ratelimit import KnownTokens, TokenBucketLimiter
 from fleet.reconcile import reconcile_frame_store
 from roadloop.data.frames import FrameStore
 
@@ -94,12 +94,17 @@ class Gateway:
         self.limiter = TokenBucketLimiter(
             settings.rate_limit_per_s / share, max(1, settings.rate_limit_burst // share)
         )
-        # Unattributed requests per client address (fleet.ratelimit.AddressRateLimit).
+        # Unattributed requests per address and overall (fleet.ratelimit.UnattributedLimit).
         self.address_limiter = TokenBucketLimiter(
             settings.address_rate_limit_per_s / share,
             max(1, settings.address_rate_limit_burst // share),
             max_keys=settings.address_table_size,
         )
+        self.unattributed_limiter = TokenBucketLimiter(
+            settings.unattributed_rate_limit_per_s / share,
+            max(1, settings.unattributed_rate_limit_burst // share),
+        )
+        self.known_tokens = KnownTokens(settings.known_tokens_size)
         self.committer = GroupCommitter(self.db, settings.commit_batch_max)
         self.denials = DenialLog(self.db, self.now, settings.denial_audit_window_s)
         self.stats = Stats()

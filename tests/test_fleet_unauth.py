@@ -222,10 +222,11 @@ def test_openapi_documents_every_error_answer(make_gateway: Any) -> None:
 def test_address_limit_prices_refusals_not_authenticated_devices(make_gateway: Any) -> None:
     """Many devices behind one address (a NAT) post freely: authenticated requests cost the
     address nothing. Refused requests from an address spend its bucket; then that address
-    gets 429 before authentication, and another address is unaffected."""
+    gets 429 before authentication — except for a token that authenticated recently (a
+    device behind the flood's own NAT posts on); another address is unaffected."""
     g = make_gateway(client_addr=SITE, address_rate_limit_per_s=0.001,
                      address_rate_limit_burst=5, rate_limit_per_s=1000, rate_limit_burst=1000)
-    tokens = [enroll(g.client, g.admin, f"cam-{i}")["access_token"] for i in range(4)]
+    tokens = [enroll(g.client, g.admin, f"cam-{i}")["access_token"] for i in range(5)]
     for i in range(60):
         cam = i % 4
         r = g.client.post("/v1/heartbeats", json=heartbeat(f"cam-{cam}", i),
@@ -239,10 +240,41 @@ def test_address_limit_prices_refusals_not_authenticated_devices(make_gateway: A
     r = a.get("/healthz")
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert "203.0.113.7" in r.json()["detail"]
-    # The site's devices still post (their address is not the attacker's).
-    assert g.client.post("/v1/heartbeats", json=heartbeat("cam-0", 99),
-                         headers=bearer(tokens[0])).status_code == 202
-    assert g.gw.stats.counters["address_rate_limited"] == 4
+    # A device behind the attacker's address, its token known: still posts, body and all.
+    g.reads.reads = 0
+    assert a.post("/v1/heartbeats", json=heartbeat("cam-0", 98),
+                  headers=bearer(tokens[0])).status_code == 202
+    assert g.reads.reads > 0
+    # A token never used yet is not known: from that address it waits like the flood.
+    assert a.post("/v1/heartbeats", json=heartbeat("cam-4", 98),
+                  headers=bearer(tokens[4])).status_code == 429
+    # The site's devices still post, the unused token too (their address is not the attacker's).
+    assert g.client.post("/v1/heartbeats", json=heartbeat("cam-4", 99),
+                         headers=bearer(tokens[4])).status_code == 202
+    assert g.gw.stats.counters["unattributed_rate_limited"] == 5
+
+
+def test_overall_budget_bounds_a_flood_from_many_addresses(make_gateway: Any) -> None:
+    """Each address within its own limit, together past the gateway's: the next
+    unattributed request is a 429 from any address; known devices are not affected; a
+    known token that stops authenticating loses its exemption."""
+    g = make_gateway(unattributed_rate_limit_per_s=0.001, unattributed_rate_limit_burst=10)
+    dev = enroll(g.client, g.admin, "cam-a")
+    assert g.client.post("/v1/heartbeats", json=heartbeat("cam-a"),
+                         headers=bearer(dev["access_token"])).status_code == 202
+    for i in range(10):
+        c = TestClient(g.reads, client=(f"192.0.2.{i}", 1000))
+        assert c.get("/v1/devices", headers=bearer(f"bad-{i}")).status_code == 401
+    fresh = TestClient(g.reads, client=("192.0.2.200", 1000))
+    r = fresh.get("/v1/devices")
+    assert r.status_code == 429 and "in total" in r.json()["detail"]
+    assert fresh.post("/v1/heartbeats", json=heartbeat("cam-a", 1),
+                      headers=bearer(dev["access_token"])).status_code == 202
+    g.client.post(f"/v1/devices/{dev['device_id']}/revoke", headers=bearer(g.admin))
+    assert fresh.post("/v1/heartbeats", json=heartbeat("cam-a", 2),
+                      headers=bearer(dev["access_token"])).status_code == 401
+    assert fresh.post("/v1/heartbeats", json=heartbeat("cam-a", 3),
+                      headers=bearer(dev["access_token"])).status_code == 429
 
 
 def test_address_table_is_bounded() -> None:
@@ -265,6 +297,7 @@ def test_a_thousand_refusals_write_a_few_rows_with_their_counts(
     make_gateway: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     g = make_gateway(address_rate_limit_per_s=1e6, address_rate_limit_burst=1_000_000,
+                     unattributed_rate_limit_per_s=1e6, unattributed_rate_limit_burst=1_000_000,
                      denial_audit_window_s=3600)
     writes = []
     real_write = g.gw.db.write
@@ -320,6 +353,7 @@ def test_made_up_enrollment_and_refresh_tokens_take_no_write_lock(
 
 def test_refusals_are_aggregated_per_client_reason_and_route(make_gateway: Any) -> None:
     g = make_gateway(address_rate_limit_per_s=1e6, address_rate_limit_burst=1_000_000,
+                     unattributed_rate_limit_per_s=1e6, unattributed_rate_limit_burst=1_000_000,
                      denial_audit_window_s=3600)
     other = TestClient(g.reads, client=ATTACKER)
     for _ in range(3):
