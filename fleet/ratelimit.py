@@ -217,6 +217,13 @@ class KnownTokens:
             self._seen.pop(digest, None)
 
 
+def _declares_body(scope: dict) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
 def _bearer_digest(scope: dict) -> bytes | None:
     for name, value in scope.get("headers", []):
         if name == b"authorization":
@@ -233,7 +240,8 @@ class UnattributedLimit:
 
     Charged when the answer is done and ``AUTHENTICATED`` is unset: refused tokens,
     unauthenticated routes, 404s, health checks. An empty bucket answers 429 with
-    ``Retry-After`` and costs nothing more. A request bearing a token that authenticated
+    ``Retry-After`` and costs nothing more (a request with a body gets ``Connection: close``
+    rather than the gateway draining a body it will not read). A request bearing a token that authenticated
     recently (``KnownTokens``) skips the check, so devices keep posting while a flood
     drains the buckets — even a device behind the flood's own address (one NAT). The
     per-address bucket keeps one address from taking the whole budget; the global one
@@ -269,7 +277,7 @@ class UnattributedLimit:
                 retry_after = max(1, int(wait + 0.999))
                 await _send_json(
                     send, 429, f"too many unauthenticated or refused requests {what}; "
-                    f"retry after {retry_after} s",
+                    f"retry after {retry_after} s", close=_declares_body(scope),
                     headers=[(b"retry-after", str(retry_after).encode())],
                 )
                 return

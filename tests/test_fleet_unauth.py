@@ -237,8 +237,11 @@ def test_address_limit_prices_refusals_not_authenticated_devices(make_gateway: A
     codes = [a.post("/v1/heartbeats", json=heartbeat("cam-0"),
                     headers=bearer("stolen?")).status_code for _ in range(8)]
     assert codes == [401] * 5 + [429] * 3
+    r = a.post("/v1/heartbeats", json=heartbeat("cam-0"), headers=bearer("stolen?"))
+    assert r.status_code == 429 and r.headers["connection"] == "close"  # no body drained
     r = a.get("/healthz")
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert "connection" not in r.headers  # nothing to drain: the connection stays
     assert "203.0.113.7" in r.json()["detail"]
     # A device behind the attacker's address, its token known: still posts, body and all.
     g.reads.reads = 0
@@ -251,7 +254,7 @@ def test_address_limit_prices_refusals_not_authenticated_devices(make_gateway: A
     # The site's devices still post, the unused token too (their address is not the attacker's).
     assert g.client.post("/v1/heartbeats", json=heartbeat("cam-4", 99),
                          headers=bearer(tokens[4])).status_code == 202
-    assert g.gw.stats.counters["unattributed_rate_limited"] == 5
+    assert g.gw.stats.counters["unattributed_rate_limited"] == 6
 
 
 def test_overall_budget_bounds_a_flood_from_many_addresses(make_gateway: Any) -> None:
