@@ -1,6 +1,7 @@
 """Request limits: token buckets (per device, ``enforce_rate_limit``; per client address and
-overall for unattributed requests, ``UnattributedLimit``), a request-body size cap (``BodySizeLimit``) and a body read deadline
-(``BodyReadDeadline``), the last three as ASGI middleware that run before any route.
+overall for unattributed requests, ``UnattributedLimit``), a request-body size cap
+(``BodySizeLimit``) and a body read deadline (``BodyReadDeadline``), the last three as ASGI
+middleware that run before any route.
 
 This module sits below ``fleet.runtime`` (whose ``Gateway`` holds the limiters) and
 ``fleet.auth`` (whose ``Principal`` is the caller): ``enforce_rate_limit`` names what it
@@ -240,10 +241,10 @@ class UnattributedLimit:
 
     Charged when the answer is done and ``AUTHENTICATED`` is unset: refused tokens,
     unauthenticated routes, 404s, health checks. An empty bucket answers 429 with
-    ``Retry-After`` and costs nothing more (a request with a body gets ``Connection: close``
-    rather than the gateway draining a body it will not read). A request bearing a token that authenticated
-    recently (``KnownTokens``) skips the check, so devices keep posting while a flood
-    drains the buckets — even a device behind the flood's own address (one NAT). The
+    ``Retry-After`` and costs nothing more (a request with a body gets ``Connection:
+    close`` rather than the gateway draining a body it will not read). A request bearing a
+    token that authenticated recently (``KnownTokens``) skips the check, so devices keep
+    posting while a flood drains the buckets — even one behind the flood's address. The
     per-address bucket keeps one address from taking the whole budget; the global one
     bounds what a flood from any number of addresses can cost. The address is the ASGI
     ``client`` — behind a reverse proxy that uvicorn trusts (``--forwarded-allow-ips``),
