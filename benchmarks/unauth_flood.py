@@ -4,7 +4,7 @@ and the share of the gateway's CPU the flood takes.
 Starts ``python -m fleet serve`` (``launch.localfleet.GatewayProcess``, one worker, default
 settings) on 127.0.0.1 and enrolls ``--agents`` devices. Each agent posts real JPEG frames
 (``benchmarks.gateway_intake``'s inputs and enrollment) at a steady ``--rate`` per second.
-Three conditions, ``--duration`` seconds each, repeated ``--rounds`` times interleaved (so
+Four conditions, ``--duration`` seconds each, repeated ``--rounds`` times interleaved (so
 the machine's other load falls on all of them) on the same gateway:
 
 * ``baseline`` — the agents alone;
@@ -13,7 +13,10 @@ the machine's other load falls on all of them) on the same gateway:
   limit's worst case), sending back to back a mix of refused requests: frame uploads with
   a bad token (~45 KB bodies), requests with no token, malformed JSON with a bad token,
   2 MiB bodies with a bad token, enrollments with made-up tokens;
-* ``flood, 1 address`` — the same flood from one address.
+* ``flood, 1 address`` — the same flood from one address;
+* ``flood, K addresses, R req/s`` — the first flood paced at ``--flood-rate`` in total, so
+  both gateways face the same offered flood (back to back, a gateway that refuses faster
+  is sent more, and the generator's own CPU grows with it on these shared cores).
 
 Reported per condition: the agents' frames/s and latency P50/P99 (from the moment the
 frame was due, so a late start counts), flood requests answered per status, the gateway's
@@ -99,12 +102,15 @@ async def _paced_agent(base: str, token: str, camera_id: str, jpegs: list[Jpeg],
                 errors += 1
             seq += 1
             due += interval
-    return {"lat_due": lat_due, "lat_sent": lat_sent, "codes": codes, "errors": errors}
+    return {"lat_due": lat_due, "lat_sent": lat_sent, "codes": codes, "errors": errors,
+            "sent": seq}
 
 
 # ---------------------------------------------------------------------------- flood
 async def _flooder(base: str, address: str, kind_offset: int, deadline: float,
-                   frame: Jpeg) -> dict[str, Any]:
+                   frame: Jpeg, interval: float | None) -> dict[str, Any]:
+    """Refused requests back to back, or one every ``interval`` s (falling behind when
+    answers are slower than that)."""
     codes: dict[str, int] = {}
     errors = 0
     sent = 0
@@ -112,7 +118,11 @@ async def _flooder(base: str, address: str, kind_offset: int, deadline: float,
     transport = httpx.AsyncHTTPTransport(local_address=address, retries=0)
     async with httpx.AsyncClient(base_url=base, timeout=30, transport=transport) as client:
         i = kind_offset
+        next_at = time.monotonic() + (interval or 0.0) * (kind_offset % 7) / 7
         while time.monotonic() < deadline:
+            if interval is not None:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
             kind = FLOOD_KINDS[i % len(FLOOD_KINDS)]
             i += 1
             bad = {"Authorization": f"Bearer {secrets.token_urlsafe(32)}"}
@@ -144,10 +154,11 @@ async def _flooder(base: str, address: str, kind_offset: int, deadline: float,
 
 
 def _flood_process(base: str, addresses: list[str], duration: float, frame: Jpeg,
-                   out: Any) -> None:
+                   rate: float | None, out: Any) -> None:
     async def run() -> list[dict[str, Any]]:
         deadline = time.monotonic() + duration
-        return await asyncio.gather(*[_flooder(base, a, i, deadline, frame)
+        interval = len(addresses) / rate if rate else None
+        return await asyncio.gather(*[_flooder(base, a, i, deadline, frame, interval)
                                       for i, a in enumerate(addresses)])
 
     t0 = time.perf_counter()
@@ -179,7 +190,7 @@ def _denied_rows(home: Path) -> int:
 
 def run_phase(name: str, server: GatewayProcess, admin: str, tokens: list[tuple[str, str]],
               jpegs: list[Jpeg], rate: float, duration: float,
-              flood_addresses: list[str]) -> dict[str, Any]:
+              flood_addresses: list[str], flood_rate: float | None = None) -> dict[str, Any]:
     assert server.process is not None
     sproc = psutil.Process(server.process.pid)
     load_before = _loadavg()
@@ -190,7 +201,8 @@ def run_phase(name: str, server: GatewayProcess, admin: str, tokens: list[tuple[
     flood = None
     if flood_addresses:
         flood = ctx.Process(target=_flood_process,
-                            args=(server.url, flood_addresses, duration, jpegs[0], queue))
+                            args=(server.url, flood_addresses, duration, jpegs[0], flood_rate,
+                                  queue))
         flood.start()
         time.sleep(0.5)  # the flood is running before the agents' window opens
     cpu0 = _cpu_seconds(sproc)
@@ -229,13 +241,14 @@ def run_phase(name: str, server: GatewayProcess, admin: str, tokens: list[tuple[
     for r in results:
         for k, v in r["codes"].items():
             codes[k] = codes.get(k, 0) + v
-    offered = len(tokens) * rate * duration
+    offered = sum(r["sent"] for r in results)
     out = {
         "_lat_due": lat_due,
         "_lat_sent": lat_sent,
         "phase": name,
         "flood_clients": len(flood_addresses),
         "flood_addresses": len(set(flood_addresses)),
+        "flood_rate_offered": flood_rate,
         "duration_s": round(wall, 2),
         "agents": {
             "offered": round(offered), "acknowledged": len(lat_due),
@@ -331,8 +344,12 @@ def run_gateway(label: str, src: Path | None, args: argparse.Namespace, jpegs: l
                             extra_args=["--log-level", "warning"])
     admin = _start(server, src or REPO)
     many = [f"127.0.1.{i + 1}" for i in range(args.flooders)]
-    conditions = {"baseline": [], f"flood, {len(many)} addresses": many,
-                  "flood, 1 address": ["127.0.2.1"] * args.flooders}
+    conditions: dict[str, tuple[list[str], float | None]] = {
+        "baseline": ([], None),
+        f"flood, {len(many)} addresses": (many, None),
+        "flood, 1 address": (["127.0.2.1"] * args.flooders, None),
+        f"flood, {len(many)} addresses, {args.flood_rate:g} req/s": (many, args.flood_rate),
+    }
     phases: dict[str, list[dict[str, Any]]] = {c: [] for c in conditions}
     try:
         async def enroll_all() -> list[tuple[str, str]]:
@@ -342,10 +359,10 @@ def run_gateway(label: str, src: Path | None, args: argparse.Namespace, jpegs: l
 
         tokens = asyncio.run(enroll_all())
         for round_ in range(args.rounds):  # interleaved: the machine's other load hits all
-            for condition, addresses in conditions.items():
+            for condition, (addresses, flood_rate) in conditions.items():
                 phases[condition].append(run_phase(
                     f"{condition} (round {round_ + 1})", server, admin, tokens, jpegs,
-                    args.rate, args.duration, addresses))
+                    args.rate, args.duration, addresses, flood_rate))
     finally:
         server.stop()
     base = phases["baseline"]
@@ -377,7 +394,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "",
         (f"Flood mix, round robin per client: {', '.join(FLOOD_KINDS)} (bad tokens are random "
          "43-character tokens; big bodies 2 MiB); each client sends its next request when "
-         "the previous one is answered. Agents post at a steady rate; latency is from the "
+         "the previous one is answered, except in the paced condition (a fixed total rate, "
+         "the same for both gateways). Agents post at a steady rate; latency is from the "
          "request's start to its 201 (as in `gateway_intake`), and \"from due\" from the "
          "moment the frame was due (waiting behind a slow upload, and the load generator's "
          "own lateness on the busy cores, count)."),
@@ -445,7 +463,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rate", type=float, default=5.0, help="frames/s per agent")
     ap.add_argument("--flooders", type=int, default=32)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of the three conditions")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the four conditions")
+    ap.add_argument("--flood-rate", type=float, default=200.0,
+                    help="req/s of the paced flood condition (the others: back to back)")
     ap.add_argument("--compare-src", type=Path, default=None,
                     help="another checkout whose fleet/ to run the same phases against")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
