@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session
 
 from fleet.auth_first import (
     AuthFirstRoute,
-    bearer,
     bearer_token,
     credential_exchange,
     early_dependency,
@@ -39,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 DEVICE_SCOPES = ("camera:read", "camera:write")
 ADMIN_SCOPE = "camera:admin"
-
-__all__ = ["bearer"]  # re-exported: the scheme every authenticated route declares
 
 
 def new_token() -> str:
