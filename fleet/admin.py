@@ -16,7 +16,7 @@ from fleet.auth import (
     create_enrollment_token,
     revoke_device,
 )
-from fleet.bodies import BoundedJSONRoute
+from fleet.auth_first import AuthFirstRoute
 from fleet.bounds import Action, Id, Timestamp
 from fleet.db import AuditEvent, Device, DeviceStatus
 from fleet.runtime import GatewayDep
@@ -29,8 +29,8 @@ from fleet.schemas import (
     ErrorOut,
 )
 
-router = APIRouter(tags=["admin"], route_class=BoundedJSONRoute)
 DeviceIdPath = Annotated[Id, Path(description="A device id (GET /v1/devices lists them).")]
+router = APIRouter(tags=["admin"], route_class=AuthFirstRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut},
     409: {"model": ErrorOut}, 422: {"model": ErrorOut},
@@ -164,7 +164,9 @@ def audit_log(
     device_id: Id | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditEventOut]:
-    """Audit events, newest first."""
+    """Audit events, newest first (refusals counted so far are written first, so the log is
+    never behind: they are aggregated rows with ``detail.count``)."""
+    gw.denials.flush()
     q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
     if since is not None:
         q = q.where(AuditEvent.at >= since)

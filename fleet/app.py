@@ -3,6 +3,11 @@
 Run it with ``roadloop gateway serve`` / ``python -m fleet serve``; ``--workers N`` runs N
 processes (each with its own group committer and 1/N of the per-device rate limit; the
 database decides everything that must be unique: frame ids, token use, live devices).
+
+What a request meets, outermost first: the HTTP server's header size and time bounds
+(``fleet.server``), the limits on unattributed requests, the body size cap and
+the body read deadline (``fleet.ratelimit``), then its route, which authenticates before
+it reads the body (``fleet.auth_first``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from sqlalchemy import text
 
 from fleet import admin, auth, heartbeats, intake, rollouts
 from fleet.config import GatewaySettings
-from fleet.ratelimit import BodySizeLimit
+from fleet.ratelimit import BodyReadDeadline, BodySizeLimit, UnattributedLimit
 from fleet.runtime import Clock, Gateway, GatewayDep
 from fleet.schemas import ErrorOut, Health
 
@@ -68,16 +73,32 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
         version=API_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
-        responses={422: {"model": ErrorOut}},
+        # Every route: the body cap, the body deadline and the unattributed limits run before
+        # it, and every answer that is not a success is an ErrorOut.
+        responses={
+            408: {"model": ErrorOut, "description": "The body stalled; connection closed."},
+            413: {"model": ErrorOut, "description": "Body over the route's limit."},
+            422: {"model": ErrorOut},
+            429: {"model": ErrorOut, "description": "Rate limited (see Retry-After)."},
+        },
     )
     app.state.gateway = gw
 
     def body_limit(path: str) -> int:
         if path == "/v1/models":
             return settings.max_model_bytes
+        if path in ("/v1/enroll", "/v1/token/refresh"):  # parsed before any credential
+            return settings.max_credential_json_bytes
         return settings.max_request_bytes if path == "/v1/frames" else settings.max_json_bytes
 
+    # Added innermost first: UnattributedLimit sees a request before the other two.
+    app.add_middleware(BodyReadDeadline, idle_s=settings.body_idle_timeout_s,
+                       base_s=settings.body_timeout_s,
+                       min_rate=settings.body_min_rate_bytes_s, limit_for=body_limit)
     app.add_middleware(BodySizeLimit, limit_for=body_limit)
+    app.add_middleware(UnattributedLimit, per_address=gw.address_limiter,
+                       overall=gw.unattributed_limiter, known=gw.known_tokens,
+                       on_limited=lambda: gw.stats.count("unattributed_rate_limited"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -17,14 +17,20 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fleet.bodies import BoundedJSONRoute
+from fleet.auth_first import (
+    AuthFirstRoute,
+    bearer_token,
+    credential_exchange,
+    early_dependency,
+    route_path,
+)
 from fleet.config import SCOPES
 from fleet.db import AuditEvent, Device, DeviceStatus, Token, TokenKind
+from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import EnrollRequest, EnrollResponse, ErrorOut, RefreshRequest, TokenResponse
 
@@ -32,11 +38,6 @@ logger = logging.getLogger(__name__)
 
 DEVICE_SCOPES = ("camera:read", "camera:write")
 ADMIN_SCOPE = "camera:admin"
-
-bearer = HTTPBearer(
-    auto_error=False,
-    description="Access token from POST /v1/enroll or /v1/token/refresh, or an admin token.",
-)
 
 
 def new_token() -> str:
@@ -113,15 +114,23 @@ def audit(
     )
 
 
-def audit_denied(gw: Gateway, action: str, reason: str, **kw: Any) -> None:
-    """Record a refused auth attempt in its own transaction (the request's is rolled back)."""
-    try:
-        with gw.db.write() as session:
-            audit(session, gw.now(), action, outcome="denied", detail={"reason": reason,
-                  **kw.pop("detail", {})}, **kw)
-            session.commit()
-    except Exception:  # the audit must never turn a 401 into a 500
-        logger.exception("could not write audit event %s (%s)", action, reason)
+def audit_denied(
+    gw: Gateway,
+    action: str,
+    reason: str,
+    *,
+    client: str | None = None,
+    device_id: str | None = None,
+    token_id: int | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Count a refused attempt for the audit log: refusals are aggregated per (client,
+    reason, route, token) and window into one row with a count (``fleet.denials``), so a
+    flood costs no database write per request. ``detail["path"]`` names the route."""
+    extra = dict(detail or {})
+    route = extra.pop("path", None)
+    gw.denials.record(action, reason, client=client, route=route, token_id=token_id,
+                      device_id=device_id, detail=extra)
     gw.stats.count(f"denied_{action}")
 
 
@@ -292,38 +301,56 @@ def authenticate(
 
 
 def require_scope(
-    scope: str, *, device_only: bool = False, active_device: bool = False
-) -> Callable[..., Principal]:
-    """Dependency factory: ``Depends(require_scope("camera:write", active_device=True))``."""
+    scope: str, *, device_only: bool = False, active_device: bool = False,
+    rate_limited: bool = False,
+) -> Callable[..., Any]:
+    """Dependency factory: ``Depends(require_scope("camera:write", active_device=True))``.
+
+    An ``early_dependency``: on an ``AuthFirstRoute`` it runs before the body is read, and
+    so does the per-device rate limit when ``rate_limited``."""
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
-    def dependency(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-        gw: GatewayDep,
-    ) -> Principal:
-        return authenticate(
+    def resolve(request: Request, gw: Gateway) -> Principal:
+        principal = authenticate(
             gw,
-            credentials.credentials if credentials else None,
+            bearer_token(request),
             scope,
             device_only=device_only,
             active_device=active_device,
             client=client_address(request),
-            path=request.url.path,
+            path=route_path(request),
         )
+        if rate_limited and principal.device_id is not None:
+            enforce_rate_limit(gw, principal)
+        return principal
 
-    dependency.__name__ = f"require_{scope.replace(':', '_')}"
-    return dependency
+    return early_dependency(resolve, f"require_{scope.replace(':', '_')}")
 
 
 AdminPrincipal = Annotated[Principal, Depends(require_scope(ADMIN_SCOPE))]
-DevicePrincipal = Annotated[Principal, Depends(require_scope("camera:write", active_device=True))]
+# Frames and heartbeats: an active device, within its rate limit (both before the body).
+DevicePrincipal = Annotated[
+    Principal, Depends(require_scope("camera:write", active_device=True, rate_limited=True))
+]
 ReaderPrincipal = Annotated[Principal, Depends(require_scope("camera:read"))]
 
 
+def token_exists(gw: Gateway, token: str, kind: TokenKind) -> bool:
+    """Whether a token of ``kind`` with this hash is stored, from a read: a made-up token is
+    refused without the write lock that the exchange takes (on SQLite, BEGIN IMMEDIATE —
+    the lock every frame commit waits on)."""
+    with gw.db.read() as session:
+        return session.scalar(select(Token.id).where(
+            Token.token_hash == hash_token(token), Token.kind == kind.value)) is not None
+
+
 # --------------------------------------------------------------------------- routes
-router = APIRouter(tags=["enrollment"], route_class=BoundedJSONRoute)
+router = APIRouter(tags=["enrollment"], route_class=AuthFirstRoute)
+UNKNOWN_ENROLLMENT_TOKEN = ("unknown enrollment token: ask an operator for one "
+                            "(roadloop fleet token create)")
+UNKNOWN_REFRESH_TOKEN = "unknown refresh token: enroll again"
+INVALID_TOKEN_HEADERS = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 409: {"model": ErrorOut},
     422: {"model": ErrorOut},
@@ -331,6 +358,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/v1/enroll", status_code=201, response_model=EnrollResponse, responses=_ERRORS)
+@credential_exchange
 def enroll(
     body: EnrollRequest, request: Request, gw: GatewayDep
 ) -> EnrollResponse:
@@ -339,6 +367,10 @@ def enroll(
     client = client_address(request)
     s = gw.settings
     failure: tuple[int, str, str, dict[str, Any]] | None = None
+    if not token_exists(gw, body.enrollment_token, TokenKind.enrollment):
+        audit_denied(gw, "enroll", "unknown_token", client=client,
+                     detail={"camera_id": body.camera_id})
+        raise HTTPException(401, UNKNOWN_ENROLLMENT_TOKEN)
     with gw.db.write() as session:
         # FOR UPDATE: on Postgres two concurrent enrollments with one token serialise here
         # (SQLite's BEGIN IMMEDIATE write session already does; SQLite ignores the clause).
@@ -349,8 +381,7 @@ def enroll(
             ).with_for_update()
         )
         if tok is None:
-            failure = (401, "unknown_token", ("unknown enrollment token: ask an operator for one "
-                       "(roadloop fleet token create)"), {})
+            failure = (401, "unknown_token", UNKNOWN_ENROLLMENT_TOKEN, {})
         elif tok.used_at is not None:
             failure = (401, "token_reused", ("enrollment token was already used: each token "
                        "enrolls one device; ask an operator for a new one"), {"token_id": tok.id})
@@ -423,6 +454,7 @@ def enroll(
 
 
 @router.post("/v1/token/refresh", response_model=TokenResponse, responses=_ERRORS)
+@credential_exchange
 def refresh(
     body: RefreshRequest, request: Request, gw: GatewayDep
 ) -> TokenResponse:
@@ -437,6 +469,9 @@ def refresh(
     s = gw.settings
     failure: tuple[str, str, dict[str, Any]] | None = None
     family_revoked = False
+    if not token_exists(gw, body.refresh_token, TokenKind.refresh):
+        audit_denied(gw, "token_refresh", "unknown_token", client=client)
+        raise HTTPException(401, UNKNOWN_REFRESH_TOKEN, headers=INVALID_TOKEN_HEADERS)
     with gw.db.write() as session:
         tok = session.scalar(  # FOR UPDATE: one refresh token rotates once (see enroll)
             select(Token).where(
@@ -446,7 +481,7 @@ def refresh(
         )
         device = session.get(Device, tok.device_id) if tok is not None and tok.device_id else None
         if tok is None or device is None:
-            failure = ("unknown_token", "unknown refresh token: enroll again", {})
+            failure = ("unknown_token", UNKNOWN_REFRESH_TOKEN, {})
         elif device.revoked_at is not None:
             failure = ("device_revoked", (f"device {device.device_id} was revoked: enroll again "
                        "with a new enrollment token"),

@@ -94,6 +94,7 @@ def serve(
     import uvicorn
 
     from fleet.app import create_app
+    from fleet.server import raise_open_files_limit, uvicorn_options
 
     settings = _settings(home, database_url, host=host, port=port, workers=workers)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
@@ -104,9 +105,11 @@ def serve(
     typer.echo(f"fleet gateway on http://{settings.host}:{settings.port} "
                f"(db {settings.database_url}, frames {settings.frame_store}, "
                f"{settings.workers} worker{'s' if settings.workers > 1 else ''})")
+    raise_open_files_limit(settings.limit_concurrency + 256)
     if settings.workers == 1:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                    log_level=log_level, access_log=access_log, workers=1)
+                    log_level=log_level, access_log=access_log, workers=1,
+                    **uvicorn_options(settings))
         return
     # Several processes: prepare the database and repair the frame store once, here, then let
     # each worker build its app from the same settings (passed through the environment).
@@ -123,8 +126,10 @@ def serve(
         "ROADLOOP_GATEWAY_WORKERS": str(settings.workers),
         "ROADLOOP_GATEWAY_RECONCILE_ON_START": "false",
     })
+    # Each worker imports the bounded protocol and reads its bounds from this environment.
     uvicorn.run("fleet.app:create_app", factory=True, host=settings.host, port=settings.port,
-                log_level=log_level, access_log=access_log, workers=settings.workers)
+                log_level=log_level, access_log=access_log, workers=settings.workers,
+                **uvicorn_options(settings, importable=True))
 
 
 @token_app.callback()

@@ -96,6 +96,75 @@ class GatewaySettings(BaseSettings):
     rate_limit_per_s: float = Field(default=50.0, gt=0)
     rate_limit_burst: int = Field(default=100, gt=0)
 
+    # Unattributed traffic (docs/fleet-api.md "Hostile traffic"), checked before
+    # authentication: only requests no credential vouches for cost a token (refused,
+    # unauthenticated, 404s, health checks); an authenticated request is free here (its
+    # device's bucket prices it), and one bearing a recently authenticated token is not even
+    # checked, so a site of any size behind one NAT — even one shared with a flood — posts on.
+    address_rate_limit_per_s: float = Field(
+        default=20.0, gt=0,
+        description="Unattributed requests per second one client address may make.",
+    )
+    address_rate_limit_burst: int = Field(
+        default=200, gt=0,
+        description="Burst of unattributed requests per address (a site of cameras whose "
+        "tokens all expired at once: one 401 each before they refresh).",
+    )
+    address_table_size: int = Field(
+        default=65_536, ge=16, description="Addresses tracked (least recently seen dropped)."
+    )
+    unattributed_rate_limit_per_s: float = Field(
+        default=50.0, gt=0,
+        description="Unattributed requests per second the whole gateway answers past the "
+        "per-address check: bounds what a flood from many addresses costs (a refused token "
+        "costs ~2 ms of CPU). Honest traffic of this kind is refreshes and their 401s: "
+        "~6/s for 10 000 devices on hourly tokens.",
+    )
+    unattributed_rate_limit_burst: int = Field(default=200, gt=0)
+    known_tokens_size: int = Field(
+        default=50_000, ge=16,
+        description="Recently authenticated tokens (digests) exempt from the limits above.",
+    )
+    denial_audit_window_s: float = Field(
+        default=60.0, gt=0,
+        description="Denied requests are audited as one row per (client, reason, route) and "
+        "window, with a count (written when the window ends and at shutdown).",
+    )
+    max_credential_json_bytes: int = Field(
+        default=64 * 1024, gt=0,
+        description="Largest body of /v1/enroll and /v1/token/refresh (read before any "
+        "credential is known).",
+    )
+
+    # HTTP server bounds (fleet/server.py, fleet/ratelimit.py).
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, description="Largest request line + headers (431 above)."
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="A request's headers must arrive within this, counted from the "
+        "connection or from the request's first byte (408 and close otherwise).",
+    )
+    body_idle_timeout_s: float = Field(
+        default=15.0, gt=0,
+        description="Longest wait for the next chunk of a request body (408 and close); also "
+        "how long an unread body may take to drain after its answer.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0,
+        description="A body must arrive within this plus its length / body_min_rate_bytes_s.",
+    )
+    body_min_rate_bytes_s: int = Field(
+        default=128 * 1024, gt=0, description="Slowest body upload allowed for (1 Mbit/s)."
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, description="Idle keep-alive connections are closed after this."
+    )
+    limit_concurrency: int = Field(
+        default=1024, ge=8,
+        description="Connections + requests in progress per worker before uvicorn answers 503.",
+    )
+
     # Token lifetimes, seconds.
     access_token_ttl_s: int = Field(default=3600, gt=0, le=MAX_TOKEN_TTL_S)
     refresh_token_ttl_s: int = Field(default=30 * 86400, gt=0, le=MAX_TOKEN_TTL_S)

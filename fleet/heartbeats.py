@@ -19,11 +19,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fleet.auth import DevicePrincipal, ReaderPrincipal
-from fleet.bodies import BoundedJSONRoute
+from fleet.auth_first import AuthFirstRoute
 from fleet.bounds import Id, Timestamp
 from fleet.committer import CommitFailed
 from fleet.db import Device, HeartbeatRow
-from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import GatewayDep
 from fleet.schemas import (
     HEARTBEAT_COLUMNS,
@@ -62,7 +61,7 @@ def heartbeat_out(r: HeartbeatRow) -> HeartbeatOut:
     )
 
 
-router = APIRouter(tags=["heartbeats"], route_class=BoundedJSONRoute)
+router = APIRouter(tags=["heartbeats"], route_class=AuthFirstRoute)
 
 
 @router.post(
@@ -77,8 +76,8 @@ def post_heartbeat(
     principal: DevicePrincipal,
     gw: GatewayDep,
 ) -> HeartbeatAccepted:
-    """Store one heartbeat of this device's camera."""
-    enforce_rate_limit(gw, principal)
+    """Store one heartbeat of this device's camera (the token and the device's rate limit are
+    checked before the body is read)."""
     if body.camera_id != principal.camera_id:
         raise HTTPException(
             403, f"heartbeat camera_id {body.camera_id} is not this device's camera "

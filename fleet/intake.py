@@ -41,7 +41,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet.auth import DevicePrincipal, Principal
-from fleet.bodies import BoundedJSONRoute, JsonRejected, loads, read_form
+from fleet.auth_first import AuthFirstRoute
+from fleet.bodies import JsonRejected, loads, read_form
 from fleet.committer import CommitFailed
 from fleet.config import GatewaySettings
 from fleet.db import Device, FrameRow
@@ -54,7 +55,6 @@ from fleet.jpeg import (  # re-exported: the JPEG checks' historical home
     jpeg_dimensions,
     measure_quality,
 )
-from fleet.ratelimit import enforce_rate_limit
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
 from roadloop.data.frames import FrameQuality, FrameRecord, FrameWrite
@@ -293,7 +293,7 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
 
 
 # --------------------------------------------------------------------------- route
-router = APIRouter(tags=["frames"], route_class=BoundedJSONRoute)
+router = APIRouter(tags=["frames"], route_class=AuthFirstRoute)
 
 _MULTIPART_DOC: dict[str, Any] = {
     "requestBody": {
@@ -335,9 +335,9 @@ async def post_frame(
 ) -> FrameStored:
     """Upload one frame (multipart: ``image`` JPEG + ``metadata`` JSON); idempotent by id.
 
-    Authentication and the rate limit are checked before the body is read.
+    Authentication and the rate limit are checked before the body is read
+    (``DevicePrincipal`` on an ``AuthFirstRoute``).
     """
-    enforce_rate_limit(gw, principal)
     with gw.stats.span("read_form"):
         metadata_text, image_bytes = await read_upload(request, gw.settings)
     return await run_in_threadpool(store_frame, gw, principal, metadata_text, image_bytes)

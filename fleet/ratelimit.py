@@ -1,22 +1,33 @@
-"""Request limits: a per-device token bucket (``enforce_rate_limit``) and a request-body size
-cap (ASGI middleware).
+"""Request limits: token buckets (per device, ``enforce_rate_limit``; per client address and
+overall for unattributed requests, ``UnattributedLimit``), a request-body size cap
+(``BodySizeLimit``) and a body read deadline (``BodyReadDeadline``), the last three as ASGI
+middleware that run before any route.
 
-This module sits below ``fleet.runtime`` (whose ``Gateway`` holds the limiter) and
+This module sits below ``fleet.runtime`` (whose ``Gateway`` holds the limiters) and
 ``fleet.auth`` (whose ``Principal`` is the caller): ``enforce_rate_limit`` names what it
-needs of them as protocols instead of importing them.
+needs of them as protocols instead of importing them. The header-size and header-time
+bounds live in the HTTP server itself (``fleet.server``): no ASGI code runs before a
+request's headers are complete.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastapi import HTTPException
 
 from fleet.config import GatewaySettings
+
+# Set in a request's ASGI scope once a credential vouched for it (a bearer token accepted,
+# or an enrollment / refresh token exchanged): such a request is free for ``UnattributedLimit``.
+AUTHENTICATED = "fleet.authenticated"
 
 
 class TokenBucketLimiter:
@@ -25,35 +36,69 @@ class TokenBucketLimiter:
     In-process state: with ``workers`` processes each gets ``rate / workers`` (see
     ``fleet.runtime``), so a device stays within the configured rate in total; a device
     whose requests all reach one worker gets that worker's share (buckets in Redis would
-    make it exact).
+    make it exact). ``max_keys`` bounds the table: the least recently seen key is dropped
+    (it starts again with a full bucket — forgetting errs towards letting a client in).
     """
 
     def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+        max_keys: int | None = None,
     ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
         self.rate = float(rate)
         self.burst = float(burst)
+        self.max_keys = max_keys
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+        # key -> [tokens, last refill]; tokens may go below zero after ``charge`` (a debt).
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _bucket(self, key: str, now: float) -> list[float]:
+        """The key's bucket refilled to ``now`` (caller holds the lock)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [self.burst, now]
+            if self.max_keys is not None and len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+            if self.max_keys is not None:
+                self._buckets.move_to_end(key)
+        return bucket
 
     def acquire(self, key: str) -> float:
         """Take one token; return 0.0 when allowed, else the seconds until one is available."""
         now = self._clock()
         with self._lock:
-            tokens, last = self._buckets.get(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
+            bucket = self._bucket(key, now)
+            if bucket[0] >= 1.0:
+                bucket[0] -= 1.0
                 return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+            return (1.0 - bucket[0]) / self.rate
+
+    def wait_time(self, key: str) -> float:
+        """0.0 when the key has a token, else the seconds until it has one (takes nothing)."""
+        now = self._clock()
+        with self._lock:
+            tokens = self._bucket(key, now)[0]
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def charge(self, key: str) -> None:
+        """Take one token after the fact, into debt if need be (at most ``burst`` deep), so
+        requests that were in flight together all pay."""
+        now = self._clock()
+        with self._lock:
+            bucket = self._bucket(key, now)
+            bucket[0] = max(-self.burst, bucket[0] - 1.0)
 
     def forget(self, key: str) -> None:
         with self._lock:
             self._buckets.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class _Counter(Protocol):
@@ -147,10 +192,198 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-async def _send_json(send: Callable, status: int, detail: str, close: bool = False) -> None:
+class KnownTokens:
+    """Digests of bearer tokens that authenticated recently (bounded LRU). Membership only
+    exempts a request from the unattributed-request limits *before* authentication — it
+    never replaces authentication; a token that fails is dropped."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, digest: bytes) -> bool:
+        with self._lock:
+            return digest in self._seen
+
+    def add(self, digest: bytes) -> None:
+        with self._lock:
+            self._seen[digest] = None
+            self._seen.move_to_end(digest)
+            if len(self._seen) > self.max_size:
+                self._seen.popitem(last=False)
+
+    def discard(self, digest: bytes) -> None:
+        with self._lock:
+            self._seen.pop(digest, None)
+
+
+def _declares_body(scope: dict) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+def _bearer_digest(scope: dict) -> bytes | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return hashlib.sha256(token.strip()).digest()
+            return None
+    return None
+
+
+class UnattributedLimit:
+    """Token buckets over the requests no credential vouched for, checked before anything
+    else (body, token, route): one per client address and one for the whole gateway.
+
+    Charged when the answer is done and ``AUTHENTICATED`` is unset: refused tokens,
+    unauthenticated routes, 404s, health checks. An empty bucket answers 429 with
+    ``Retry-After`` and costs nothing more (a request with a body gets ``Connection:
+    close`` rather than the gateway draining a body it will not read). A request bearing a
+    token that authenticated recently (``KnownTokens``) skips the check, so devices keep
+    posting while a flood drains the buckets — even one behind the flood's address. The
+    per-address bucket keeps one address from taking the whole budget; the global one
+    bounds what a flood from any number of addresses can cost. The address is the ASGI
+    ``client`` — behind a reverse proxy that uvicorn trusts (``--forwarded-allow-ips``),
+    the one the proxy reports.
+    """
+
+    def __init__(self, app: Any, per_address: TokenBucketLimiter, overall: TokenBucketLimiter,
+                 known: KnownTokens, on_limited: Callable[[], None] | None = None) -> None:
+        self.app = app
+        self.per_address = per_address
+        self.overall = overall
+        self.known = known
+        self.on_limited = on_limited
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        key = str(client[0]) if client else "-"
+        digest = _bearer_digest(scope)
+        if digest is None or digest not in self.known:
+            wait = self.per_address.wait_time(key)
+            what = f"from {key}: at most {self.per_address.rate:g}/s per address"
+            if wait <= 0:
+                wait = self.overall.wait_time("*")
+                what = f"in total: at most {self.overall.rate:g}/s for the gateway"
+            if wait > 0:
+                if self.on_limited is not None:
+                    self.on_limited()
+                retry_after = max(1, int(wait + 0.999))
+                await _send_json(
+                    send, 429, f"too many unauthenticated or refused requests {what}; "
+                    f"retry after {retry_after} s", close=_declares_body(scope),
+                    headers=[(b"retry-after", str(retry_after).encode())],
+                )
+                return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope.get(AUTHENTICATED):
+                if digest is not None:
+                    self.known.add(digest)
+            else:
+                if digest is not None:
+                    self.known.discard(digest)
+                self.per_address.charge(key)
+                self.overall.charge("*")
+
+
+class BodyReadTimeout(HTTPException):
+    """Raised from inside ``receive`` when a body stalls or runs past its deadline (answered
+    408 with ``Connection: close``, like ``BodyTooLarge``)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(status_code=408, detail=f"request body {why}; send it again "
+                         "promptly", headers={"Connection": "close"})
+
+
+class BodyReadDeadline:
+    """Bound the time a request body may take once the application reads it: at most
+    ``idle_s`` between two chunks, and all of it within ``base_s + length / min_rate`` of
+    the first read (``length``: Content-Length, else the route's body limit). uvicorn has
+    no such bound; without it a client that sends half a body holds a worker task forever.
+
+    A stall before the answer started is a 408 (connection closed); after it (a handler
+    answering without the body), the application is told the client went away.
+    """
+
+    def __init__(self, app: Any, *, idle_s: float, base_s: float, min_rate: float,
+                 limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.idle_s = idle_s
+        self.base_s = base_s
+        self.min_rate = min_rate
+        self.limit_for = limit_for
+
+    def _expects_body(self, scope: dict) -> int | None:
+        """Bytes the body may take (None: no body is coming)."""
+        length = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    return None  # BodySizeLimit answers 400
+            elif name == b"transfer-encoding":
+                return self.limit_for(scope.get("path", ""))
+        return length or None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = self._expects_body(scope)
+        if length is None:
+            await self.app(scope, receive, send)
+            return
+        budget = self.base_s + length / self.min_rate
+        deadline: float | None = None
+        body_done = False
+        answered = False
+
+        async def bounded_receive() -> dict:
+            nonlocal deadline, body_done
+            if body_done:
+                return await receive()
+            now = asyncio.get_running_loop().time()
+            if deadline is None:
+                deadline = now + budget
+            timeout = min(self.idle_s, deadline - now)
+            try:
+                message = await asyncio.wait_for(receive(), max(timeout, 0.0))
+            except TimeoutError:
+                body_done = True
+                if answered:
+                    return {"type": "http.disconnect"}
+                why = (f"stalled for {self.idle_s:g} s" if timeout == self.idle_s
+                       else f"not complete within {budget:.0f} s")
+                raise BodyReadTimeout(why) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def watching_send(message: dict) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+            await send(message)
+
+        await self.app(scope, bounded_receive, watching_send)
+
+
+async def _send_json(send: Callable, status: int, detail: str, close: bool = False,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            *(headers or [])]
     if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+        head.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})

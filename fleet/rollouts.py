@@ -30,7 +30,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
@@ -40,12 +39,12 @@ from fleet.auth import (
     Principal,
     audit,
     authenticate,
-    bearer,
     client_address,
     has_scope,
     hash_token,
 )
-from fleet.bodies import BoundedJSONRoute, JsonRejected, loads, read_form
+from fleet.auth_first import AuthFirstRoute, bearer_token, early_dependency, route_path
+from fleet.bodies import JsonRejected, loads, read_form
 from fleet.bounds import RolloutId
 from fleet.db import ModelManifestRow, RolloutRow, RolloutStatus
 from fleet.models_store import ModelFileRejected
@@ -84,14 +83,11 @@ logger = logging.getLogger(__name__)
 
 def require_device_or_admin(*, device_only: bool) -> Any:
     """Agents hold ``camera:write`` (and maybe ``camera:read``); either lets a device read its
-    manifest and download models. Admin tokens may download (``device_only=False``)."""
+    manifest and download models. Admin tokens may download (``device_only=False``).
+    Resolved before the body (``early_dependency``), with the per-device rate limit."""
 
-    def dependency(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-        gw: GatewayDep,
-    ) -> Principal:
-        token = credentials.credentials if credentials else None
+    def principal_for(request: Request, gw: Gateway) -> Principal:
+        token = bearer_token(request)
         cache = gw.auth_cache
         token_hash = hash_token(token) if token else ""
         if token:
@@ -104,12 +100,18 @@ def require_device_or_admin(*, device_only: bool) -> Any:
             if scopes and not has_scope(scopes, "camera:read") and "camera:write" in scopes:
                 scope = "camera:write"
         principal = authenticate(gw, token, scope, device_only=device_only,
-                                 client=client_address(request), path=request.url.path)
+                                 client=client_address(request), path=route_path(request))
         if token:
             cache.remember_principal(token_hash, device_only, principal)
         return principal
 
-    return dependency
+    def resolve(request: Request, gw: Gateway) -> Principal:
+        principal = principal_for(request, gw)
+        if principal.device_id is not None:
+            enforce_rate_limit(gw, principal)
+        return principal
+
+    return early_dependency(resolve, "require_device" if device_only else "require_reader")
 
 
 DeviceReader = Annotated[Principal, Depends(require_device_or_admin(device_only=True))]
@@ -123,8 +125,8 @@ def _get_rollout(session: Session, rollout_id: str) -> RolloutRow:
     return ro
 
 
-router = APIRouter(tags=["rollouts"], route_class=BoundedJSONRoute)
 RolloutIdPath = Annotated[RolloutId, Path(description="GET /v1/rollouts lists them.")]
+router = APIRouter(tags=["rollouts"], route_class=AuthFirstRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut},
     409: {"model": ErrorOut}, 422: {"model": ErrorOut},
@@ -427,7 +429,6 @@ def evaluate_rollout(rollout_id: RolloutIdPath, request: Request, principal: Adm
             responses={**_ERRORS, 304: {"description": "unchanged (If-None-Match)"}})
 def get_manifest(request: Request, principal: DeviceReader, gw: GatewayDep) -> Response:
     """This device's assignment: which model to serve or shadow (ETag / If-None-Match)."""
-    enforce_rate_limit(gw, principal)
     snap = gw.manifests.current()
     assert principal.device_id is not None
     if snap.get("rollout") is None:
@@ -457,8 +458,6 @@ def get_manifest(request: Request, principal: DeviceReader, gw: GatewayDep) -> R
                                               416: {"description": "range not satisfiable"}})
 def download_model(sha256: str, principal: ModelReader, gw: GatewayDep) -> FileResponse:
     """A published model file (``Range`` requests answered with 206)."""
-    if principal.device_id is not None:
-        enforce_rate_limit(gw, principal)
     store = gw.models
     if not store.has(sha256):
         raise HTTPException(404, f"no model {sha256} on this gateway")

@@ -19,9 +19,10 @@ from fleet.caches import AuthCache, ManifestCache, ModelPublicKey
 from fleet.committer import GroupCommitter
 from fleet.config import GatewaySettings
 from fleet.db import Database
+from fleet.denials import DenialLog
 from fleet.jpeg import DecodePool
 from fleet.models_store import ModelStore
-from fleet.ratelimit import TokenBucketLimiter
+from fleet.ratelimit import KnownTokens, TokenBucketLimiter
 from fleet.reconcile import reconcile_frame_store
 from roadloop.data.frames import FrameStore
 
@@ -95,7 +96,19 @@ class Gateway:
         self.limiter = TokenBucketLimiter(
             settings.rate_limit_per_s / share, max(1, settings.rate_limit_burst // share)
         )
+        # Unattributed requests per address and overall (fleet.ratelimit.UnattributedLimit).
+        self.address_limiter = TokenBucketLimiter(
+            settings.address_rate_limit_per_s / share,
+            max(1, settings.address_rate_limit_burst // share),
+            max_keys=settings.address_table_size,
+        )
+        self.unattributed_limiter = TokenBucketLimiter(
+            settings.unattributed_rate_limit_per_s / share,
+            max(1, settings.unattributed_rate_limit_burst // share),
+        )
+        self.known_tokens = KnownTokens(settings.known_tokens_size)
         self.committer = GroupCommitter(self.db, settings.commit_batch_max)
+        self.denials = DenialLog(self.db, self.now, settings.denial_audit_window_s)
         self.stats = Stats()
         assert settings.models_dir is not None
         self.models = ModelStore(settings.models_dir)
@@ -127,11 +140,13 @@ class Gateway:
         """Prepare storage, start the writer thread."""
         self.prepare_storage()
         self.committer.start()
+        self.denials.start()
         logger.info(
             "fleet gateway ready: db=%s frames=%s", self.db.url, self.settings.frame_store
         )
 
     def stop(self) -> None:
+        self.denials.stop()  # writes the refusals counted since the last window
         self.committer.stop()
         self.decoders.close()
         self.db.dispose()

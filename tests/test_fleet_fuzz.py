@@ -97,6 +97,10 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
         home=tmp / "home", model_public_key_file=tmp / "keys" / PUBLIC_KEY_FILE,
         rate_limit_per_s=1e6, rate_limit_burst=1_000_000, sqlite_synchronous="NORMAL",
         fsync_directories=False,
+        # Every in-process request comes from one address ("testclient"): without this the
+        # unattributed-request buckets answer 429 before the routes see the fuzzed bodies.
+        address_rate_limit_per_s=1e6, address_rate_limit_burst=1_000_000,
+        unattributed_rate_limit_per_s=1e6, unattributed_rate_limit_burst=1_000_000,
     )
     app = create_app(settings_)
     with TestClient(app, raise_server_exceptions=False) as client:
