@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from launch.localfleet import LocalFleet
+from roadloop.fsutil import sha256_file
 from roadloop.models.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
 from roadloop.settings import get_settings
 
@@ -60,6 +61,8 @@ class LoopOutcome:
                 f"  rollout {self.rollout.get('rollout_id')}: status={self.rollout.get('status')} "
                 f"stage={self.rollout.get('stage')} ({self.rollout.get('percent')} %) "
                 + "; ".join(self.rollout.get("reasons") or [])
+                + ("  (rolled back by its health gate; every agent serves the baseline again)"
+                   if self.rollout.get("gate_held") else "")
             )
             lines.append(
                 "  agents now serving: " + ", ".join(f"{c}={v}" for c, v in sorted(self.agent_models.items()))
@@ -270,7 +273,28 @@ def _roll_out_to_agents(defs, instance, fleet: LocalFleet, outcome: LoopOutcome,
         outcome.agent_models[agent.camera_id] = str(
             beat.get("serving_model_version") or beat.get("model_version", "?")
         )[:16]
-    outcome.success &= state.get("status") == "complete"
+    baseline = sha256_file(model)[:16]  # what the agents served before the rollout
+    outcome.rollout["gate_held"] = rollout_gate_held(
+        state.get("status"), outcome.rollout["reasons"], outcome.agent_models, baseline
+    )
+    outcome.success &= state.get("status") == "complete" or outcome.rollout["gate_held"]
+
+
+def rollout_gate_held(
+    status: str | None, reasons: list[str], agent_models: dict[str, str], baseline: str
+) -> bool:
+    """A rollout the gateway rolled back on its health verdict is the gate working, not a
+    failed demo — but only when it says why and every agent serves the baseline again.
+
+    The shadow cohort is one device chosen by a hash of its random id, so which camera judges
+    the demo's (weak) model changes from run to run; a rollback is a legitimate outcome.
+    """
+    return (
+        status == "rolled_back"
+        and bool(reasons)
+        and bool(agent_models)
+        and all(version == baseline for version in agent_models.values())
+    )
 
 
 def _review_turn(defs, instance, settings, outcome: LoopOutcome, turn: int, n_reviews: int) -> None:
