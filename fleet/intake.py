@@ -46,13 +46,12 @@ from fleet.bodies import JsonRejected, loads, read_form
 from fleet.committer import CommitFailed
 from fleet.config import GatewaySettings
 from fleet.db import Device, FrameRow
-from fleet.jpeg import (  # re-exported: the JPEG checks' historical home
+from fleet.jpeg import (
     DecoderBusy,
     JpegError,
     JpegInfo,
     JpegLimits,
     check_jpeg,
-    jpeg_dimensions,
     measure_quality,
 )
 from fleet.runtime import Gateway, GatewayDep
@@ -61,7 +60,7 @@ from roadloop.data.frames import FrameQuality, FrameRecord, FrameWrite
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import fsync_dir
 
-__all__ = ["JpegError", "check_jpeg", "jpeg_dimensions", "router", "store_frame"]
+__all__ = ["router", "store_frame"]
 
 logger = logging.getLogger(__name__)
 

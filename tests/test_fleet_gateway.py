@@ -30,7 +30,7 @@ from fleet.app import create_app
 from fleet.auth import create_admin_token, hash_token
 from fleet.config import GatewaySettings
 from fleet.db import FrameRow, Token
-from fleet.intake import JpegError, check_jpeg, jpeg_dimensions
+from fleet.jpeg import JpegError, check_jpeg, jpeg_dimensions
 from fleet.runtime import Gateway
 from launch.localfleet import GatewayProcess
 from roadloop.data.frames import FrameRecord, FrameStore, FrameWrite, compute_quality
