@@ -3,7 +3,8 @@
 The gateway checks only the keys it needs (``schema_version``, ``camera_id``, ``sent_at``,
 ``model_version``) and keeps the whole payload, so the agent's schema
 (``edge_agent.heartbeat.Heartbeat``) can grow without a gateway release. The numeric
-columns are filled from top-level keys when present (see ``NUMERIC_FIELDS``).
+columns are filled from the payload's keys when present (``fleet.schemas.HEARTBEAT_COLUMNS``,
+which ``HeartbeatIn`` bounds to fit them).
 A heartbeat re-sent with the same ``sent_at`` by the same device is acknowledged again
 (202, ``duplicate: true``) and stored once.
 """
@@ -33,14 +34,11 @@ from fleet.schemas import (
     dotted,
 )
 
-# column -> (payload keys tried in order, type); HeartbeatIn bounds them to fit the columns.
-NUMERIC_FIELDS = HEARTBEAT_COLUMNS
-
 
 def numeric_columns(payload: dict[str, Any]) -> dict[str, float | int | None]:
     """Indexed numbers from a payload; missing, non-numeric or non-finite values are None."""
     out: dict[str, float | int | None] = {}
-    for column, (keys, typ) in NUMERIC_FIELDS.items():
+    for column, (keys, typ) in HEARTBEAT_COLUMNS.items():
         value = None
         for key in keys:
             v = dotted(payload, key)
