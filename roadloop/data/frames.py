@@ -276,17 +276,15 @@ class FrameStore:
         record: FrameRecord,
         jpeg_bytes: bytes,
         *,
-        image: np.ndarray | None = None,
         decoded_size: tuple[int, int] | None = None,
     ) -> FrameWrite:
         """Store one frame atomically; a frame id already in the store is left untouched.
 
         Raises ``InvalidInputError`` (naming the frame) when the bytes are not a decodable
         JPEG, its size differs from ``record.width`` x ``record.height``, or the sidecar would
-        not read back. A caller that has already decoded ``jpeg_bytes`` passes the array as
-        ``image`` (colour or grey: only its height and width are read), or — having decoded it
-        at reduced scale, as the gateway does — the full ``(width, height)`` it verified as
-        ``decoded_size``; the bytes are then not decoded again.
+        not read back. A caller that has already decoded ``jpeg_bytes`` (the gateway, at reduced
+        scale) passes the full ``(width, height)`` it verified as ``decoded_size``; the bytes
+        are then not decoded again.
         """
         target = self.frame_path(record)
         existing = self.find_frame(record.camera_id, record.frame_id)
@@ -302,10 +300,9 @@ class FrameStore:
         if decoded_size is not None:
             w, h = decoded_size
         else:
+            image = cv2.imdecode(np.frombuffer(jpeg_bytes, dtype=np.uint8), cv2.IMREAD_COLOR)
             if image is None:
-                image = cv2.imdecode(np.frombuffer(jpeg_bytes, dtype=np.uint8), cv2.IMREAD_COLOR)
-                if image is None:
-                    raise InvalidInputError(target, f"{label}: JPEG does not decode")
+                raise InvalidInputError(target, f"{label}: JPEG does not decode")
             h, w = image.shape[:2]
         if (w, h) != (record.width, record.height):
             raise InvalidInputError(
