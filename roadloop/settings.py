@@ -70,6 +70,18 @@ class Settings(BaseSettings):
     # entering the seed training set (val/test splits are never replayed).
     replay_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
 
+    # Drift monitoring (roadloop.monitoring; docs/drift.md). Windows are this many minutes
+    # (a divisor of 60 or a multiple of 60); scores >= minor raise the camera's sampling for
+    # drift_boost_minutes, >= significant also queue reviews and a learning_loop run, at most
+    # once per camera per drift_cooldown_minutes.
+    drift_window_minutes: int = Field(default=15, ge=1, le=1440)
+    drift_minor: float = Field(default=0.1, gt=0, le=1)
+    drift_significant: float = Field(default=0.2, gt=0, le=1)
+    drift_reference_windows: int = Field(default=4, ge=2, le=96)
+    drift_boost_factor: float = Field(default=4.0, ge=1, le=20)
+    drift_boost_minutes: float = Field(default=120.0, gt=0)
+    drift_cooldown_minutes: float = Field(default=360.0, ge=0)
+
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:
         self.home = self.home.expanduser().absolute()
