@@ -9,6 +9,7 @@ else the file ``admin_token_file`` (default ``<home>/fleet/admin-token``; create
 
 import json
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import dagster as dg
 import httpx
 from pydantic import Field
 
+from roadloop.monitoring.windows import heartbeat_time
 from roadloop.release.signing import (
     build_manifest,
     key_id,
@@ -163,6 +165,38 @@ class FleetResource(dg.ConfigurableResource):
             raise ValueError(f"unknown rollout action {verb!r}")
         kw: dict[str, Any] = {"json": {"reason": reason}} if verb == "rollback" and reason else {}
         return self._request("POST", f"/v1/rollouts/{rollout_id}/{verb}", **kw)  # type: ignore[return-value]
+
+
+    def live_cameras(self) -> list[str]:
+        """Cameras with at least one active device (enrolled, not revoked, not in maintenance)."""
+        devices = self._request("GET", "/v1/devices", params={"status": "active"})
+        return sorted({d["camera_id"] for d in devices})  # type: ignore[union-attr]
+
+    def heartbeats(self, camera_id: str, start: datetime, end: datetime,
+                   page: int = 1000) -> list[dict[str, Any]]:
+        """Payloads of the heartbeats a camera sent for ``[start, end)`` (by the heartbeat's
+        ``window_end``, else ``sent_at``), paging through ``GET /v1/cameras/{id}/heartbeats``.
+        A heartbeat is sent after its window closes, so pages run a little past ``end``."""
+        since = start - timedelta(minutes=2)
+        stop_after = end + timedelta(minutes=10)
+        seen: set[int] = set()
+        out: list[dict[str, Any]] = []
+        while True:
+            rows = self._request("GET", f"/v1/cameras/{camera_id}/heartbeats",
+                                 params={"since": since.isoformat(), "limit": page})
+            fresh = [r for r in rows if r["id"] not in seen]  # type: ignore[index]
+            for r in fresh:
+                seen.add(r["id"])
+                ts = heartbeat_time(r["payload"]) if isinstance(r.get("payload"), dict) else None
+                if ts is not None and start <= ts < end:
+                    out.append(r["payload"])
+            if len(rows) < page or not fresh:
+                return out
+            since = datetime.fromisoformat(rows[-1]["sent_at"])  # type: ignore[index]
+            if since.tzinfo is None:
+                since = since.replace(tzinfo=UTC)
+            if since >= stop_after:
+                return out
 
 
 def stages_markdown(rollout: dict[str, Any]) -> str:

@@ -72,6 +72,7 @@ class Reference(BaseModel):
     features: WindowFeatures | None = None
     embeddings: np.ndarray | None = None
     noise_floor: dict[str, float] = Field(default_factory=dict)
+    fps_median: float | None = Field(default=None, description="Median heartbeat fps.")
     source: str = ""
 
     def describe(self) -> dict[str, Any]:
@@ -81,7 +82,8 @@ class Reference(BaseModel):
                 "first_window": self.windows[0] if self.windows else None,
                 "last_window": self.windows[-1] if self.windows else None,
                 "embeddings": 0 if self.embeddings is None else len(self.embeddings),
-                "noise_floor": self.noise_floor, "source": self.source}
+                "noise_floor": self.noise_floor, "fps_median": self.fps_median,
+                "source": self.source}
 
 
 class MetricResult(BaseModel):

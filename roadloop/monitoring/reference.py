@@ -52,6 +52,9 @@ def build_reference(windows: Sequence[WindowData], config: DriftConfig | None = 
         raise ValueError(f"windows hold embeddings of different sizes {sorted(dims)}")
     all_emb = np.concatenate([e for e in emb if len(e)]) if dims else None
     floors = _noise_floors(per_window, emb, cfg)
+    fps = [float(hb["fps"]) for w in windows for hb in w.heartbeats
+           if isinstance(hb, dict) and isinstance(hb.get("fps"), (int, float))
+           and not isinstance(hb.get("fps"), bool) and 0 < hb["fps"] < 1000]
     versions = {w.model_version for w in windows}
     starts = [w.window_start.isoformat() for w in windows]
     payload = {"camera": windows[0].camera_id, "windows": starts, "versions": sorted(map(str, versions)),
@@ -62,7 +65,8 @@ def build_reference(windows: Sequence[WindowData], config: DriftConfig | None = 
         model_version=windows[-1].model_version, kind="camera_windows", windows=starts,
         created_at=datetime.now(UTC), features=pooled,
         embeddings=None if all_emb is None else subsample(all_emb, cfg.max_reference_embeddings),
-        noise_floor=floors, source=source or f"{len(windows)} windows of {windows[0].camera_id}",
+        noise_floor=floors, fps_median=float(np.median(fps)) if fps else None,
+        source=source or f"{len(windows)} windows of {windows[0].camera_id}",
     )
 
 
