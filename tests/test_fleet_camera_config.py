@@ -1,5 +1,6 @@
 """Gateway: a camera's configuration document — versions, optimistic concurrency, ETags,
-history, audit, who may read and write it, and the values it refuses.
+history, audit, who may read and write it, and the values it refuses; and the platform's
+client of it (``FleetResource``: read-modify-write with one retry on a conflict).
 
 ``TestClient`` against a real SQLite file (the fixtures of tests/test_fleet_gateway.py).
 """
@@ -207,3 +208,58 @@ def test_document_model_canonical_form() -> None:
         "factor": 4.0, "until": "2026-05-04T14:00:00Z", "reason": "drift on cam-a"}}}
     assert CameraConfig.model_validate({"sampling": None, "notes": None}).canonical() == {}
     assert document_sha256(doc) == document_sha256(CameraConfig.model_validate(doc).canonical())
+
+
+# --------------------------------------------------------------------------- FleetResource
+@pytest.fixture()
+def fleet(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[Any]]:
+    """``FleetResource`` whose HTTP calls go to the in-process gateway, and a list of
+    callables: each runs just before one PUT reaches the gateway (a writer racing the
+    resource's read-modify-write)."""
+    from resources import fleet_resource
+
+    base = "http://gateway.test"
+    racers: list[Any] = []
+
+    def request(method: str, url: str, **kw: Any) -> Any:
+        kw.pop("timeout", None)
+        if method == "PUT" and racers:
+            racers.pop(0)()
+        return env.client.request(method, url.removeprefix(base), **kw)
+
+    monkeypatch.setattr(fleet_resource.httpx, "request", request)
+    return fleet_resource.FleetResource(gateway_url=base, admin_token=env.admin), racers
+
+
+def test_fleet_resource_boost_merges_and_retries_once_on_a_conflict(
+    env: Env, fleet: tuple[Any, list[Any]]
+) -> None:
+    from resources.fleet_resource import FleetConflict
+
+    fleet, racers = fleet
+    assert fleet.camera_config("cam-a")["version"] == 0
+    base = {"sampling": {"base_rate": 0.05, "hourly_budget": 720.0}, "notes": "cam-a"}
+    assert fleet.put_camera_config("cam-a", base, 0, "rates")["version"] == 1
+    with pytest.raises(FleetConflict, match="version 1"):
+        fleet.put_camera_config("cam-a", {"notes": "stale"}, 0, "stale")
+
+    # Another writer changes the notes between the resource's GET and its PUT: the PUT is a
+    # 409, the resource reads again and merges the boost into the newer document.
+    racers.append(lambda: put(env, {**base, "notes": "changed meanwhile"}, 1))
+    out = fleet.boost_sampling("cam-a", 3.0, UNTIL, "drift on cam-a")
+    assert out["version"] == 3
+    assert out["config"] == {"notes": "changed meanwhile", "sampling": {
+        "base_rate": 0.05, "hourly_budget": 720.0,
+        "boost": {"factor": 3.0, "until": "2026-05-04T14:00:00Z", "reason": "drift on cam-a"}}}
+    history = env.client.get(f"{URL}/history", headers=bearer(env.admin)).json()
+    assert [(h["version"], h["reason"]) for h in history] == [
+        (3, "drift on cam-a"), (2, "test"), (1, "rates")]
+
+    # Conflicting twice: the resource gives up with the gateway's message.
+    racers.extend([lambda: put(env, {"notes": "x"}, None),
+                         lambda: put(env, {"notes": "y"}, None)])
+    with pytest.raises(FleetConflict, match="409"):
+        fleet.boost_sampling("cam-a", 2.0, UNTIL, "again")
+    with pytest.raises(ValueError, match="timezone-aware"):
+        fleet.boost_sampling("cam-a", 2.0, UNTIL.replace(tzinfo=None), "naive")
+    assert env.client.get(URL, headers=bearer(env.admin)).json()["config"] == {"notes": "y"}
