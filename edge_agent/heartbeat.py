@@ -92,6 +92,24 @@ shadow                            while a candidate runs in shadow mode, its win
                                   fp, fn, errors (frames the candidate failed on, counted in
                                   frames), skipped, sample_rate}``; else ``null``.
 ================================  ===========================================================
+
+Camera configuration fields (schema 2, added without a version change; the gateway's
+``/v1/cameras/{camera_id}/config`` document as this agent applied it,
+``edge_agent.camera_config``):
+
+================================  ===========================================================
+config_version                    version of the configuration document in force (``0``:
+                                  none applied).
+config_error                      ``{version, reason}`` of the last document the agent
+                                  rejected (the one before it stays in force); ``null`` once a
+                                  later document applies, or when none was rejected.
+sampling_base_rate                the base rate in force now (the document's, else the
+                                  agent's own; times a boost's factor while it lasts, at
+                                  most 1).
+sampling_hourly_budget            the hourly budget in force now (likewise; ``null``: none).
+sampling_boost_until              end of the boost in force (ISO 8601 UTC), ``null`` when no
+                                  boost is in force (none set, or it ended).
+================================  ===========================================================
 """
 
 from __future__ import annotations
@@ -111,6 +129,8 @@ HEARTBEAT_SCHEMA_VERSION = 2
 _ROLLOUT_FIELDS = frozenset(
     {"update_status", "update_reason", "rollout_id", "serving_model_version", "shadow"}
 )
+_CONFIG_FIELDS = frozenset({"config_version", "config_error", "sampling_base_rate",
+                            "sampling_hourly_budget", "sampling_boost_until"})
 CONFIDENCE_BIN_EDGES: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
 # Per-frame distributions (see the module docstring): mean grey level, log10(1 + variance of
 # the Laplacian), boxes per frame (finer where most frames are, coarser in the crowded tail).
@@ -177,6 +197,12 @@ class Heartbeat:
     rollout_id: str | None = None
     serving_model_version: str | None = None
     shadow: dict[str, Any] | None = None
+    # camera configuration fields (see the module docstring)
+    config_version: int = 0
+    config_error: dict[str, Any] | None = None
+    sampling_base_rate: float | None = None
+    sampling_hourly_budget: float | None = None
+    sampling_boost_until: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -342,11 +368,13 @@ class TelemetryWindow:
         now: float | None = None,
         model_version: str | None = None,
         rollout: dict[str, Any] | None = None,
+        camera_config: dict[str, Any] | None = None,
     ) -> Heartbeat:
         """The heartbeat of the window that ends now; a new window starts.
 
         ``model_version`` replaces the one given at construction (the model changed);
-        ``rollout`` supplies the optional rollout fields (``ModelUpdater.heartbeat_fields``).
+        ``rollout`` supplies the optional rollout fields (``ModelUpdater.heartbeat_fields``),
+        ``camera_config`` the configuration fields (``CameraConfigChannel.heartbeat_fields``).
         """
         now = time.time() if now is None else now
         with self._lock:
@@ -402,6 +430,9 @@ class TelemetryWindow:
             self._reset(now)
         for key, value in (rollout or {}).items():
             if key in _ROLLOUT_FIELDS:
+                setattr(hb, key, value)
+        for key, value in (camera_config or {}).items():
+            if key in _CONFIG_FIELDS:
                 setattr(hb, key, value)
         for key in ("latency_p50_ms", "latency_p95_ms", "inference_p50_ms"):
             value = getattr(hb, key)

@@ -636,6 +636,7 @@ def _run_in_fresh_interpreter(code: str) -> None:
         "edge_agent.model_store",
         "edge_agent.rollback_guard",
         "edge_agent.shadow",
+        "edge_agent.camera_config",
         "edge_agent.__main__",
     ],
 )
