@@ -5,8 +5,9 @@
 distance on the feature scaled to its full range (``unit_wasserstein``, registered below),
 categorical: Jensen–Shannon distance — when the window holds enough samples of it
 (``min_frames`` / ``min_boxes``); below that the feature says "not enough data". For frame
-embeddings evidently's ``EmbeddingsDriftMetric`` trains its domain classifier (reference vs
-window); the score is ``2·AUC − 1`` (0: indistinguishable, 1: fully separable), so evidently's
+embeddings the domain classifier of evidently's ``EmbeddingsDriftMetric`` (its ``model`` drift
+method, run directly: the metric's t-SNE plot is built only for HTML) is trained on reference vs
+window; the score is ``2·AUC − 1`` (0: indistinguishable, 1: fully separable), so evidently's
 own default (AUC 0.55) sits at 0.1. ``low_confidence_share`` is the increase of the share of
 boxes under 0.5 confidence. Every score is on one scale where the design notes apply:
 **≥ 0.1 minor, ≥ 0.2 significant**.
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,8 @@ from roadloop.monitoring.reference import (
     save_reference,
 )
 from roadloop.monitoring.reports import (
+    embedding_drift_score,
     embedding_report,
-    embedding_score,
     heartbeat_metric_names,
     heartbeat_values,
 )
@@ -99,7 +100,7 @@ def evaluate_window(window: WindowData, reference: Reference | None,
         return verdict
     verdict.reference = reference.describe()
     results: list[MetricResult] = []
-    reports: list[tuple[str, Any]] = []
+    reports: list[tuple[str, Callable[[], Any]]] = []  # built when html_dir asks for them
     cur = window.features()
     verdict.skipped_inputs = cur.skipped[:50]
     if features in ("heartbeats", "both"):
@@ -124,7 +125,10 @@ def evaluate_window(window: WindowData, reference: Reference | None,
         verdict.drift_share = len(drifted) / len(hb) if hb else None
     if html_dir is not None and reports:
         html_dir.mkdir(parents=True, exist_ok=True)
-        for name, report in reports:
+        for name, make in reports:
+            report = make()
+            if report is None:
+                continue
             with atomic_path(html_dir / f"{name}.html") as tmp:
                 report.save_html(str(tmp))
     verdict.cpu_s = time.process_time() - t0
@@ -132,7 +136,7 @@ def evaluate_window(window: WindowData, reference: Reference | None,
 
 
 def _heartbeat_results(cur: WindowFeatures, reference: Reference, cfg: DriftConfig,
-                       reports: list[tuple[str, Any]]) -> list[MetricResult]:
+                       reports: list[tuple[str, Callable[[], Any]]]) -> list[MetricResult]:
     ref = reference.features
     names = heartbeat_metric_names()
     if ref is None or ref.heartbeats == 0:
@@ -143,7 +147,7 @@ def _heartbeat_results(cur: WindowFeatures, reference: Reference, cfg: DriftConf
     lines = {n: _thresholds(reference.noise_floor.get(n), cfg) for n in names}
     collected: list[Any] = []
     values = heartbeat_values(ref, cur, names, cfg, {n: lines[n][0] for n in names}, collected)
-    reports += [("heartbeat_drift", r) for r in collected]
+    reports += [("heartbeat_drift", lambda r=r: r) for r in collected]
     out = []
     for n in names:
         test = ("jensenshannon" if n == CLASS_MIX else "share increase"
@@ -172,7 +176,7 @@ def _why_not(cur: WindowFeatures, ref: WindowFeatures, name: str, cfg: DriftConf
 
 
 def _embedding_result(window: WindowData, reference: Reference, cfg: DriftConfig,
-                      reports: list[tuple[str, Any]]) -> MetricResult:
+                      reports: list[tuple[str, Callable[[], Any]]]) -> MetricResult:
     minor, sig = _thresholds(reference.noise_floor.get(EMBEDDINGS), cfg)
     m = MetricResult(name=EMBEDDINGS, family="embeddings", kind="input",
                      test="domain classifier (2·AUC − 1)", verdict="not_enough_data",
@@ -190,9 +194,8 @@ def _embedding_result(window: WindowData, reference: Reference, cfg: DriftConfig
     elif cur.shape[1] != ref.shape[1]:
         m.reason = f"embedding size {cur.shape[1]} differs from the reference's {ref.shape[1]}"
     else:
-        report = embedding_report(ref, cur)
-        reports.append(("embedding_drift", report))
-        value = embedding_score(report)
+        value = embedding_drift_score(ref, cur)
+        reports.append(("embedding_drift", lambda: embedding_report(ref, cur)))
         m.value = round(value, 6)
         m.verdict = _judge(value, minor, sig)
     return m

@@ -22,7 +22,9 @@ means the same for every feature and does not depend on how noisy a camera's ref
 
 Heartbeats are checked field by field: a malformed or absurd histogram (wrong length,
 negative or non-integer counts, edges that differ from the window's others, more frames
-than the heartbeat processed) is left out of that feature with a reason, never guessed.
+than the heartbeat processed, or a per-frame histogram in a heartbeat whose
+``frames_processed`` is missing or absurd, so that bound cannot be checked) is left out of
+that feature with a reason, never guessed.
 """
 
 from __future__ import annotations
@@ -168,8 +170,11 @@ def _histogram(raw: Any, frames: int | None, unit: str) -> tuple[Histogram | Non
                for c in counts):
         return None, "counts must be non-negative integers"
     ca = np.asarray(counts, dtype=np.int64)
-    if unit == "frames" and frames is not None and ca.sum() > frames:
-        return None, f"{int(ca.sum())} frames counted but {frames} processed"
+    if unit == "frames":
+        if frames is None:
+            return None, "frames_processed missing or absurd, so its frame count cannot be checked"
+        if ca.sum() > frames:
+            return None, f"{int(ca.sum())} frames counted but {frames} processed"
     return Histogram(ea, ca), None
 
 

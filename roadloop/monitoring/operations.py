@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 Severity = Literal["ok", "warn", "critical", "not_enough_data"]
 
 
+_MAX_FPS = 1000.0  # beyond any camera: a larger fps (in a heartbeat or a reference) is absurd
+
+
 class OperationsConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -62,17 +65,18 @@ def operational_checks(heartbeats: Sequence[Any], *, reference_fps: float | None
                                  detail="no heartbeat in the window")]
     checks = [OperationalCheck(name="silent", severity="ok", value=len(heartbeats),
                                detail=f"{len(heartbeats)} heartbeats")]
-    fps = _column(heartbeats, "fps", 0, 1000)
-    if not fps or reference_fps is None or reference_fps <= 0:
+    fps = _column(heartbeats, "fps", 0, _MAX_FPS)
+    ref_fps = _num(reference_fps)  # NaN, inf, a bool or a string is no reference either
+    if not fps or ref_fps is None or not 0 < ref_fps <= _MAX_FPS:
         checks.append(OperationalCheck(name="fps_drop", severity="not_enough_data",
                                        detail="no fps in the window" if not fps
-                                       else "no reference fps"))
+                                       else "no usable reference fps"))
     else:
         med = statistics.median(fps)
-        line = cfg.fps_drop_ratio * reference_fps
+        line = cfg.fps_drop_ratio * ref_fps
         checks.append(OperationalCheck(
             name="fps_drop", severity="warn" if med < line else "ok", value=round(med, 3),
-            warn=round(line, 3), detail=f"median fps {med:.2f} vs reference {reference_fps:.2f}"))
+            warn=round(line, 3), detail=f"median fps {med:.2f} vs reference {ref_fps:.2f}"))
     p95 = _column(heartbeats, "latency_p95_ms", 0, 3.6e6)
     if p95:
         worst = max(p95)  # the window's worst heartbeat: a P95 over P95s would hide a bad minute

@@ -1,5 +1,5 @@
-"""evidently, as its users run it: a ``DataDriftTable`` over the heartbeat features and an
-``EmbeddingsDriftMetric`` over frame embeddings; scores on the design notes' 0–1 scale."""
+"""evidently, as its users run it: a ``DataDriftTable`` over the heartbeat features and the drift
+method of an ``EmbeddingsDriftMetric`` over frame embeddings; scores on the design notes' 0–1 scale."""
 
 from __future__ import annotations
 
@@ -97,25 +97,52 @@ def _table_scores(report: Any) -> tuple[dict[str, float], float]:
     return scores, float(result["share_of_drifted_columns"])
 
 
-def embedding_report(ref: np.ndarray, cur: np.ndarray) -> Any:
-    from evidently import ColumnMapping
-    from evidently.metrics import EmbeddingsDriftMetric
-    from evidently.metrics.data_drift.embedding_drift_methods import model
-    from evidently.report import Report
+# evidently's EmbeddingsDriftMetric also fits a t-SNE of both sets on every run, for its plot
+# only: ~30 CPU-s for a 1000-row reference, and sklearn refuses it (ValueError) for 30 rows or
+# fewer (perplexity 30). The score is its drift method's, so that runs directly; the Report
+# is built only when an HTML report is asked for, and only where the t-SNE can run.
+TSNE_MIN_ROWS = 31
 
+
+def _embedding_frames(ref: np.ndarray, cur: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     cols = [f"e{i}" for i in range(ref.shape[1])]
-    report = Report(metrics=[EmbeddingsDriftMetric(
-        "frames", drift_method=model(threshold=0.55, bootstrap=False))])
+    return pd.DataFrame(ref, columns=cols), pd.DataFrame(cur, columns=cols)
+
+
+def _embedding_method() -> Any:
+    from evidently.metrics.data_drift.embedding_drift_methods import model
+
+    return model(threshold=0.55, bootstrap=False)
+
+
+def embedding_drift_score(ref: np.ndarray, cur: np.ndarray) -> float:
+    """evidently's domain-classifier drift method (what ``EmbeddingsDriftMetric`` runs) on
+    reference vs window embeddings, as ``2·AUC − 1``."""
+    ref_df, cur_df = _embedding_frames(ref, cur)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report.run(reference_data=pd.DataFrame(ref, columns=cols),
-                   current_data=pd.DataFrame(cur, columns=cols),
-                   column_mapping=ColumnMapping(embeddings={"frames": cols}))
+        auc, _, _ = _embedding_method()(cur_df, ref_df)
+    return score_from_auc(float(auc))
+
+
+def embedding_report(ref: np.ndarray, cur: np.ndarray) -> Any | None:
+    """evidently's ``EmbeddingsDriftMetric`` report, for HTML; None where too few rows."""
+    from evidently import ColumnMapping
+    from evidently.metrics import EmbeddingsDriftMetric
+    from evidently.report import Report
+
+    if len(ref) + len(cur) < TSNE_MIN_ROWS:
+        return None
+    ref_df, cur_df = _embedding_frames(ref, cur)
+    report = Report(metrics=[EmbeddingsDriftMetric("frames", drift_method=_embedding_method())])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report.run(reference_data=ref_df, current_data=cur_df,
+                   column_mapping=ColumnMapping(embeddings={"frames": list(ref_df.columns)}))
     return report
 
 
-def embedding_score(report: Any) -> float:
-    auc = float(report.as_dict()["metrics"][0]["result"]["drift_score"])
+def score_from_auc(auc: float) -> float:
     return max(0.0, 2.0 * auc - 1.0) if math.isfinite(auc) else 0.0
 
 
