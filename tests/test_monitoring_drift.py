@@ -34,7 +34,13 @@ from roadloop.monitoring.features import (
     expand_classes,
     window_features,
 )
-from roadloop.monitoring.models import DriftConfig, DriftVerdict, Reference, WindowData
+from roadloop.monitoring.models import (
+    EMBEDDINGS,
+    DriftConfig,
+    DriftVerdict,
+    Reference,
+    WindowData,
+)
 
 BRIGHTNESS_EDGES = [float(x) for x in range(0, 257, 16)]
 SHARPNESS_EDGES = [i * 0.25 for i in range(21)]
@@ -395,17 +401,18 @@ def test_a_training_data_reference_judges_embeddings_only(training_reference: Re
 
 
 def test_a_training_reference_at_its_minimum_size_works() -> None:
-    """20 rows (2 × min_embeddings), scored against a 10-row window: too few rows for the
-    t-SNE evidently's EmbeddingsDriftMetric plots, which used to raise here."""
+    """2 × min_embeddings rows, scored against a min_embeddings-row window: too few rows for
+    the t-SNE evidently's EmbeddingsDriftMetric plots, which used to raise here."""
     rng = np.random.default_rng(15)
-    ref = reference_from_embeddings("cam9", embeddings(rng, 20), source="tiny")
+    cfg = DriftConfig(min_embeddings=10)
+    ref = reference_from_embeddings("cam9", embeddings(rng, 20), source="tiny", config=cfg)
     assert "embeddings" in ref.noise_floor
     w = WindowData(camera_id="cam9", window_start=T0, window_end=T0,
                    embeddings=embeddings(rng, 10, direction=4))
-    v = evaluate_window(w, ref, features="embeddings")
+    v = evaluate_window(w, ref, cfg, features="embeddings")
     assert v.verdict in ("ok", "minor", "significant") and v.score is not None
     with pytest.raises(ValueError):
-        reference_from_embeddings("cam9", embeddings(rng, 19), source="too small")
+        reference_from_embeddings("cam9", embeddings(rng, 19), source="too small", config=cfg)
 
 
 def test_build_reference_rejects_an_empty_list_and_mixed_cameras() -> None:
@@ -589,10 +596,10 @@ def test_a_training_reference_round_trips(tmp_path: Path, training_reference: Re
 def test_html_reports_are_written_when_asked(tmp_path: Path) -> None:
     # few embeddings: evidently's embeddings report plots a t-SNE of both sets; one OpenMP
     # thread, as its spinning threads cost 10x the CPU on a busy two-core machine
-    reference = build_reference([window(i, i, n_emb=12) for i in range(3)])
+    reference = build_reference([window(i, i, n_emb=20) for i in range(3)])
     out = tmp_path / "html"
     with threadpool_limits(limits=1):
-        v = evaluate_window(window(70, bright=60.0, n_emb=12), reference, html_dir=out)
+        v = evaluate_window(window(70, bright=60.0, n_emb=20), reference, html_dir=out)
     assert v.alarm and by_name(v)["embeddings"].value is not None
     names = sorted(p.name for p in out.iterdir())
     assert names == ["embedding_drift.html", "heartbeat_drift.html"]
@@ -600,15 +607,56 @@ def test_html_reports_are_written_when_asked(tmp_path: Path) -> None:
         text = (out / name).read_text(encoding="utf-8")
         assert len(text) > 1000 and "<html" in text.lower()
     # without html_dir nothing is written anywhere near
-    evaluate_window(window(70, n_emb=12), reference)
+    evaluate_window(window(70, n_emb=20), reference)
     assert sorted(p.name for p in out.iterdir()) == names
 
 
 def test_html_with_too_few_embeddings_for_a_plot_still_gives_a_verdict(tmp_path: Path) -> None:
     rng = np.random.default_rng(71)
-    ref = reference_from_embeddings("cam9", embeddings(rng, 20), source="tiny")
+    cfg = DriftConfig(min_embeddings=10)
+    ref = reference_from_embeddings("cam9", embeddings(rng, 20), source="tiny", config=cfg)
     w = WindowData(camera_id="cam9", window_start=T0, window_end=T0,
                    embeddings=embeddings(rng, 10))
-    v = evaluate_window(w, ref, html_dir=tmp_path)
+    v = evaluate_window(w, ref, cfg, html_dir=tmp_path)
     assert v.metrics[-1].value is not None
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+# --------------------------------------------------------------------------- small windows
+@pytest.fixture(scope="module")
+def small_emb_reference() -> Reference:
+    return build_reference([window(50 + i, i, n_emb=20) for i in range(4)],
+                           source="test: 4 stable windows, 20 embeddings each")
+
+
+def test_stable_small_embedding_windows_do_not_alarm(small_emb_reference: Reference) -> None:
+    """With 20 embeddings a window, the domain classifier is noisy; the window-size null
+    (random reference subsets of that size) keeps stable windows quiet."""
+    fired = []
+    for seed in range(12):
+        v = evaluate_window(window(200 + seed, 10 + seed, n_emb=20), small_emb_reference,
+                            features="embeddings")
+        emb = by_name(v)[EMBEDDINGS]
+        assert emb.noise_floor is not None and emb.threshold >= 0.1
+        if v.alarm:
+            fired.append((seed, emb.value, emb.threshold))
+    assert not fired
+
+
+def test_a_new_scene_is_still_found_in_a_small_embedding_window(
+    small_emb_reference: Reference,
+) -> None:
+    v = evaluate_window(window(300, 20, n_emb=20, emb_direction=5), small_emb_reference,
+                        features="embeddings")
+    assert v.verdict == "significant", by_name(v)[EMBEDDINGS]
+
+
+def test_more_boxes_than_the_agent_can_report_are_refused() -> None:
+    rng = np.random.default_rng(7)
+    hb = heartbeat(rng, frames=10)
+    hb["confidence_histogram"]["counts"][2] = 10 * 300 + 1  # > max_det boxes in 10 frames
+    hb["class_counts"] = {"car": 10 * 300 + 1}
+    wf = window_features([hb])
+    assert "confidence" not in wf.histograms and not wf.class_counts
+    assert any("confidence_histogram" in s for s in wf.skipped)
+    assert any("class_counts" in s for s in wf.skipped)

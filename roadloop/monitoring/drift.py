@@ -65,6 +65,7 @@ from roadloop.monitoring.reference import (
 )
 from roadloop.monitoring.reports import (
     embedding_drift_score,
+    embedding_null_scores,
     embedding_report,
     heartbeat_metric_names,
     heartbeat_values,
@@ -77,8 +78,13 @@ __all__ = [
 ]
 
 def _thresholds(floor: float | None, cfg: DriftConfig) -> tuple[float, float]:
-    minor = max(cfg.minor, cfg.floor_margin * (floor or 0.0))
-    return minor, max(cfg.significant, minor + (cfg.significant - cfg.minor))
+    """The minor and significant lines over a noise floor. Scores are capped at 1 (fully
+    separable), so where doubling a large floor would pass halfway from the floor to 1, the
+    line sits halfway instead: still well clear of the noise, still reachable by a real shift."""
+    f = floor or 0.0
+    minor = max(cfg.minor, min(cfg.floor_margin * f, f + (1.0 - f) / 2))
+    significant = max(cfg.significant, min(minor + (cfg.significant - cfg.minor), 1.0))
+    return minor, max(significant, minor)
 
 
 def _judge(value: float, minor: float, significant: float) -> Verdict:
@@ -194,6 +200,13 @@ def _embedding_result(window: WindowData, reference: Reference, cfg: DriftConfig
     elif cur.shape[1] != ref.shape[1]:
         m.reason = f"embedding size {cur.shape[1]} differs from the reference's {ref.shape[1]}"
     else:
+        # The classifier's own noise at this window size: the reference's windows scored
+        # against the rest set the floor only from a handful of draws, so random subsets of
+        # the reference of this window's size add more (the larger of the two counts).
+        null = embedding_null_scores(ref, len(cur), cfg.embedding_null_draws)
+        floor = max(reference.noise_floor.get(EMBEDDINGS) or 0.0, max(null, default=0.0))
+        minor, sig = _thresholds(floor, cfg)
+        m.threshold, m.threshold_significant, m.noise_floor = minor, sig, round(floor, 6)
         value = embedding_drift_score(ref, cur)
         reports.append(("embedding_drift", lambda: embedding_report(ref, cur)))
         m.value = round(value, 6)

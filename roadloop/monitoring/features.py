@@ -43,6 +43,8 @@ LOW_CONFIDENCE_BELOW = 0.5
 """Boxes under this confidence count as low-confidence (the agent drops boxes < 0.25)."""
 
 _MAX_COUNT = 10**9  # per bin per heartbeat: far beyond any real window
+MAX_BOXES_PER_FRAME = 300
+"""The agent keeps at most 300 boxes a frame (its NMS ``max_det``): more is not a real count."""
 
 
 @dataclass(frozen=True)
@@ -170,11 +172,12 @@ def _histogram(raw: Any, frames: int | None, unit: str) -> tuple[Histogram | Non
                for c in counts):
         return None, "counts must be non-negative integers"
     ca = np.asarray(counts, dtype=np.int64)
-    if unit == "frames":
-        if frames is None:
-            return None, "frames_processed missing or absurd, so its frame count cannot be checked"
-        if ca.sum() > frames:
-            return None, f"{int(ca.sum())} frames counted but {frames} processed"
+    if frames is None:
+        return None, "frames_processed missing or absurd, so its counts cannot be checked"
+    if unit == "frames" and ca.sum() > frames:
+        return None, f"{int(ca.sum())} frames counted but {frames} processed"
+    if unit == "boxes" and ca.sum() > frames * MAX_BOXES_PER_FRAME:
+        return None, f"{int(ca.sum())} boxes in {frames} frames (> {MAX_BOXES_PER_FRAME} a frame)"
     return Histogram(ea, ca), None
 
 
@@ -213,7 +216,11 @@ def window_features(heartbeats: Iterable[Mapping[str, Any]]) -> WindowFeatures:
                     if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_COUNT}
             if len(good) != len(cc):
                 out.skipped.append(f"#{i}: class_counts: non-integer or negative counts dropped")
-            out.class_counts.update({k: v for k, v in good.items() if v})
+            if frames is None or sum(good.values()) > frames * MAX_BOXES_PER_FRAME:
+                out.skipped.append(f"#{i}: class_counts: more boxes than {MAX_BOXES_PER_FRAME} "
+                                   "a frame, or frames_processed unknown")
+            else:
+                out.class_counts.update({k: v for k, v in good.items() if v})
         elif cc is not None:
             out.skipped.append(f"#{i}: class_counts: not an object")
     return out

@@ -142,6 +142,19 @@ def embedding_report(ref: np.ndarray, cur: np.ndarray) -> Any | None:
     return report
 
 
+def embedding_null_scores(pool: np.ndarray, n: int, draws: int, seed: int = 0) -> list[float]:
+    """Scores of ``draws`` random ``n``-row subsets of the reference against the rest: what the
+    domain classifier gives on no drift at all with a window this size (seeded, repeatable)."""
+    if n < 2 or len(pool) < 2 * n or draws <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(draws):
+        idx = rng.permutation(len(pool))
+        out.append(embedding_drift_score(pool[idx[n:]], pool[idx[:n]]))
+    return out
+
+
 def score_from_auc(auc: float) -> float:
     return max(0.0, 2.0 * auc - 1.0) if math.isfinite(auc) else 0.0
 
