@@ -198,6 +198,9 @@ class CameraDriftMonitor:
                  html_dir: Path | None = None) -> WindowReport:
         window = self.window(camera_id, start)
         reference, status = self.reference_for(window)
+        if html_dir is not None and html_dir.is_dir():
+            for old in html_dir.glob("*.html"):  # an earlier evaluation's: not this verdict's
+                old.unlink(missing_ok=True)
         verdict = evaluate_window(window, reference, self.config, "both", html_dir=html_dir)
         if reference is None:
             verdict.reason = status
