@@ -17,8 +17,7 @@ from roadloop.fsutil import atomic_path, write_text_atomic
 from roadloop.monitoring.features import Histogram, WindowFeatures
 from roadloop.monitoring.models import EMBEDDINGS, DriftConfig, Reference, WindowData
 from roadloop.monitoring.reports import (
-    embedding_report,
-    embedding_score,
+    embedding_drift_score,
     heartbeat_metric_names,
     heartbeat_values,
     subsample,
@@ -115,7 +114,7 @@ def _embedding_floor(groups: list[np.ndarray], cfg: DriftConfig) -> float:
     for i, g in enumerate(groups):
         rest = np.concatenate([x for j, x in enumerate(groups) if j != i])
         rest = subsample(rest, cfg.max_reference_embeddings)
-        worst = max(worst, embedding_score(embedding_report(rest, g)))
+        worst = max(worst, embedding_drift_score(rest, g))
     return worst
 
 
