@@ -307,5 +307,6 @@ def test_silent_window_is_critical_and_not_enough_data(tmp_path: Path) -> None:
     r = mon.evaluate(CAM, w(3), now=NOW)  # no heartbeat at all in window 3
     assert r.heartbeats == 0
     assert {c.name: c.severity for c in r.operations} == {"silent": "critical"}
-    assert r.verdict.verdict == "no_reference"  # no model version to pick a reference by
+    assert r.verdict.verdict == "not_enough_data"
+    assert "no heartbeat" in r.verdict.reason
     assert r.events == []
