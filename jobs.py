@@ -11,9 +11,10 @@ import dagster as dg
 from assets import LOOP_ASSETS
 from assets.active_learning import active_learning_queue, frame_embeddings, reviewed_labels
 from assets.datasets import curated_dataset
+from assets.drift import camera_drift
 from assets.evaluation import benchmark_report
 from assets.ingestion import sampled_edge_frames
-from assets.partitions import camera_partitions
+from assets.partitions import camera_partitions, camera_window_partitions
 from assets.rollout import model_rollout
 from ops.ingestion import replay_shared_cameras
 
@@ -69,6 +70,15 @@ model_rollout_job = dg.define_asset_job(
     description="Publish the production version to the fleet as a signed, staged rollout.",
 )
 
+# --------------------------------------------------------------------------- monitoring
+
+camera_drift_job = dg.define_asset_job(
+    "camera_drift_job",
+    selection=dg.AssetSelection.assets(camera_drift),
+    partitions_def=camera_window_partitions,
+    description="Score one camera window for drift (drift_window_sensor starts one per closed window).",
+)
+
 ALL_JOBS = [
     replay_ingestion_job,
     sampled_edge_frames_job,
@@ -77,10 +87,12 @@ ALL_JOBS = [
     review_queue_job,
     review_import_job,
     model_rollout_job,
+    camera_drift_job,
 ]
 
 __all__ = [
     "ALL_JOBS",
+    "camera_drift_job",
     "learning_loop_job",
     "model_rollout_job",
     "nightly_benchmark_job",

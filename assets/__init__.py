@@ -7,6 +7,7 @@ from .datasets import (
     curated_dataset_splits_present,
     seed_datasets,
 )
+from .drift import DRIFT_ASSETS, DRIFT_CHECK, OPERATIONS_CHECK, camera_drift
 from .evaluation import (
     benchmark_report,
     candidate_not_worse_than_production,
@@ -23,7 +24,8 @@ from .training import trained_model
 LOOP_ASSETS = [curated_dataset, trained_model, onnx_model, quantized_model, benchmark_report, production_model]
 # The learning loop (jobs.learning_loop_job); model_rollout needs the fleet gateway, so it
 # has its own job (jobs.model_rollout_job).
-ALL_ASSETS = [seed_datasets, sampled_edge_frames, *LOOP_ASSETS, model_rollout, *ACTIVE_LEARNING_ASSETS]
+ALL_ASSETS = [seed_datasets, sampled_edge_frames, *LOOP_ASSETS, model_rollout, *ACTIVE_LEARNING_ASSETS,
+              *DRIFT_ASSETS]
 ALL_CHECKS = [
     curated_dataset_splits_present,
     curated_dataset_quarantine_rate,
@@ -32,4 +34,7 @@ ALL_CHECKS = [
     p95_latency_within_budget,
 ]
 
-__all__ = ["ALL_ASSETS", "ALL_CHECKS", "LOOP_ASSETS", "camera_partitions"]
+__all__ = [
+    "ALL_ASSETS", "ALL_CHECKS", "DRIFT_CHECK", "LOOP_ASSETS", "OPERATIONS_CHECK", "camera_drift",
+    "camera_partitions",
+]

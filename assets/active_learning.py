@@ -114,6 +114,9 @@ class ActiveLearningConfig(dg.Config):
 class EmbeddingConfig(dg.Config):
     batch: int = 8
     max_labelled_frames: int | None = 500  # curated train frames embedded for diversity
+    # Only these cameras' frames become candidates (drift_sensor queues a drifting camera's
+    # frames this way); None: every camera.
+    cameras: list[str] | None = None
 
 
 class LabelQualityConfig(dg.Config):
@@ -186,6 +189,12 @@ def frame_embeddings(
         )
     if not indexes:
         context.log.warning("no camera partition of sampled_edge_frames is materialized")
+    if config.cameras is not None:
+        missing = sorted(set(config.cameras) - set(indexes))
+        if missing:
+            context.log.warning(f"cameras {missing} have no frame index: nothing to queue for them")
+        indexes = {c: p for c, p in indexes.items() if c in set(config.cameras)}
+        context.log.info(f"candidates limited to cameras {sorted(indexes)}")
     frames: list[IndexedFrame] = []
     for camera, index in sorted(indexes.items()):
         if not Path(index).is_file():

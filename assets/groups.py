@@ -9,5 +9,6 @@ MODELS = "models"  # trained_model, onnx_model, quantized_model
 EVALUATION = "evaluation"  # benchmark_report, production_model (the gated promotion)
 ACTIVE_LEARNING = "active_learning"  # labeling: embeddings, review queue, reviews, label quality
 DEPLOYMENT = "deployment"  # model_rollout to the fleet
+MONITORING = "monitoring"  # camera_drift: each camera window against its reference
 
-LIFECYCLE_GROUPS = (INGESTION, DATASETS, MODELS, EVALUATION, ACTIVE_LEARNING, DEPLOYMENT)
+LIFECYCLE_GROUPS = (INGESTION, DATASETS, MODELS, EVALUATION, ACTIVE_LEARNING, DEPLOYMENT, MONITORING)

@@ -1,5 +1,23 @@
-"""Partitions that appear at run time: one per camera, added by the new-camera sensor."""
+"""Partitions: one per camera (added at run time by the new-camera sensor) and drift windows."""
+
+from datetime import UTC, datetime, time
 
 import dagster as dg
 
+from roadloop.monitoring.windows import DRIFT_WINDOW_FORMAT, window_cron
+from roadloop.settings import get_settings
+
 camera_partitions = dg.DynamicPartitionsDefinition(name="cameras")
+
+# Drift windows: fixed UTC windows of ROADLOOP_DRIFT_WINDOW_MINUTES (15 by default); the
+# camera_drift asset is partitioned by camera × window (a grid in the Dagster UI).
+_settings = get_settings()
+drift_window_partitions = dg.TimeWindowPartitionsDefinition(
+    cron_schedule=window_cron(_settings.drift_window_minutes),
+    start=datetime.combine(_settings.drift_start, time(), UTC),
+    fmt=DRIFT_WINDOW_FORMAT,
+    timezone="UTC",
+)
+camera_window_partitions = dg.MultiPartitionsDefinition(
+    {"camera": camera_partitions, "window": drift_window_partitions}
+)

@@ -21,6 +21,11 @@ The frame loop reads the serving model from a ``ModelSlot`` once per frame, so a
 between two frames; it feeds each frame's latency to the rollback guard and a sample of
 frames to the shadow candidate. Heartbeats carry the updater's rollout fields.
 
+Camera configuration (``edge_agent.camera_config``): after each heartbeat the heartbeat thread
+asks the gateway for the camera's configuration document (a 304 when unchanged); a new one is
+checked, kept in the state dir and put in force without a restart — the frame loop picks up
+the sampling rates in force before each frame. Heartbeats report the version in force.
+
 Fault injection for tests: ``EDGE_AGENT_FAULT_KILL_AFTER_ACKS=N`` makes the process
 SIGKILL itself after the gateway acknowledged its N-th upload and *before* the outbox
 forgets the frame — the "killed mid-upload" case the restart must absorb (409).
@@ -39,6 +44,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -46,6 +52,7 @@ from typing import Any, TextIO
 import cv2
 import numpy as np
 
+from edge_agent.camera_config import CameraConfigChannel, EffectiveSampling
 from edge_agent.client import (
     AuthError,
     EnrollmentError,
@@ -131,11 +138,16 @@ class FramePipeline:
         *,
         capacity: float = 30.0,
         sampler_config: SamplerConfig | None = None,
+        sampling: Callable[[], EffectiveSampling] | None = None,
     ) -> None:
         self.slot = detector if isinstance(detector, ModelSlot) else ModelSlot(detector)
         self.last_model: LoadedModel | None = None
         self.density = DensityTracker(capacity)
         self.sampler = FrameSampler(sampler_config)
+        # The rates in force (the camera's configuration): read once per frame, applied to
+        # the sampler here, on the frame loop's thread.
+        self._sampling = sampling
+        self._rates: EffectiveSampling | None = None
         self._sharp_mean: float | None = None
         self._frames = 0
 
@@ -156,6 +168,17 @@ class FramePipeline:
         density_changed = density_changed and self._frames > 1  # the first frame sets the state
         return density_changed or brightness < DARK or brightness > BRIGHT or blurred
 
+    def _sync_rates(self, now: float) -> None:
+        if self._sampling is None:
+            return
+        rates = self._sampling()
+        if rates != self._rates:
+            self._rates = rates  # tried once: a refusal is logged, not repeated every frame
+            try:
+                self.sampler.set_rates(rates.base_rate, rates.hourly_budget, now=now)
+            except ValueError as exc:  # the frame is fine; keep sampling at the old rates
+                logger.error("sampling rates %s not applied: %s", rates, exc)
+
     def process(self, frame: Frame) -> FrameResult:
         self._frames += 1
         model = self.slot.current  # taken once: a swap lands between frames, never inside one
@@ -173,6 +196,7 @@ class FramePipeline:
         brightness, sharpness = frame_quality(frame.image)
         edge = self._is_edge_case(brightness, sharpness, changed)
         t3 = time.perf_counter()
+        self._sync_rates(frame.captured_at)
         decision = self.sampler.decide(dets, now=frame.captured_at, edge_case=edge)
         t4 = time.perf_counter()
         timings = {
@@ -318,6 +342,7 @@ class EdgeAgent:
         self._last_upload_at: float | None = None
         self.summary: AgentSummary | None = None
         self.updater: ModelUpdater | None = None
+        self.camera_config: CameraConfigChannel | None = None
 
     # ------------------------------------------------------------------ control
     def request_stop(self, *, force: bool = False) -> None:
@@ -439,7 +464,12 @@ class EdgeAgent:
         detector = self.slot.detector  # the updater may have restored the last run's model
         model_version = self.slot.sha256
         self.telemetry = TelemetryWindow(cfg.camera_id, model_version, detector.class_names)
-        pipeline = FramePipeline(self.slot, capacity=cfg.capacity, sampler_config=cfg.sampler)
+        self.camera_config = CameraConfigChannel(
+            cfg.camera_id, cfg.state_dir, base_rate=cfg.sampler.base_rate,
+            hourly_budget=cfg.sampler.hourly_budget)
+        self.camera_config.load()
+        pipeline = FramePipeline(self.slot, capacity=cfg.capacity, sampler_config=cfg.sampler,
+                                 sampling=self.camera_config.effective_sampling)
         summary = AgentSummary(cfg.camera_id, device_id, model_version, stopped_by="end_of_source")
         self.summary = summary
         logger.info(
@@ -656,6 +686,18 @@ class EdgeAgent:
                 self._send_heartbeat()
             except Exception as exc:  # noqa: BLE001 - telemetry must never stop the agent
                 logger.error("heartbeat failed: %s", exc)
+            self._poll_camera_config()
+
+    def _poll_camera_config(self) -> None:
+        """The camera's configuration, after each heartbeat (a 304 when unchanged)."""
+        if self.camera_config is None:
+            return
+        try:
+            self.camera_config.poll(self.client)
+        except GatewayError as exc:
+            logger.warning("camera configuration not polled: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - configuration must never stop the agent
+            logger.error("camera configuration poll failed: %s", exc)
 
     def _send_heartbeat(self, final: bool = False) -> None:
         with self._hb_lock:
@@ -674,6 +716,8 @@ class EdgeAgent:
                 agent_version=agent_version(),
                 model_version=self.slot.sha256,
                 rollout=rollout,
+                camera_config=(self.camera_config.heartbeat_fields()
+                               if self.camera_config is not None else None),
             )
             self._pending_heartbeats.append(hb.to_json())
             while self._pending_heartbeats:

@@ -1,6 +1,7 @@
 """HTTP client of the fleet gateway (``docs/fleet-api.md``): enroll, refresh, upload, heartbeat,
-and the two model-rollout reads (``get_manifest`` with ``If-None-Match``, ``stream_model`` with
-``Range``) the updater (``edge_agent.updater``) uses.
+the two model-rollout reads (``get_manifest`` with ``If-None-Match``, ``stream_model`` with
+``Range``) the updater (``edge_agent.updater``) uses, and the camera's configuration
+(``get_camera_config`` with ``If-None-Match``, for ``edge_agent.camera_config``).
 
 The device identity (device id, access and refresh tokens, their expiry) is persisted in
 ``<state_dir>/identity.json`` with mode 0600, written atomically (temp file + ``os.replace``),
@@ -28,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -94,7 +96,8 @@ class DeviceIdentity:
 
 @dataclass(frozen=True)
 class ManifestPoll:
-    """One ``GET /v1/manifest``: 200 with a body and an ETag, or 304 (unchanged)."""
+    """One conditional GET (``/v1/manifest``, a camera's config): 200 with a body and an
+    ETag, or 304 (unchanged)."""
 
     status_code: int
     etag: str | None = None
@@ -334,29 +337,40 @@ class GatewayClient:
     def get_manifest(self, etag: str | None = None) -> ManifestPoll:
         """``GET /v1/manifest`` (``If-None-Match: etag``). Raises ``GatewayUnavailable`` when the
         gateway cannot answer now, ``GatewayError`` for any other refusal (message says why)."""
+        return self._conditional_get(
+            "/v1/manifest", etag, "manifest",
+            "the device needs scope camera:read and status active to receive model updates")
+
+    def get_camera_config(self, etag: str | None = None) -> ManifestPoll:
+        """``GET /v1/cameras/{camera_id}/config`` of this device's camera (``If-None-Match:
+        etag``); errors as ``get_manifest``."""
+        camera = quote(self._require_identity().camera_id, safe="")
+        return self._conditional_get(
+            f"/v1/cameras/{camera}/config", etag, "camera config",
+            "a device reads its own camera's configuration only")
+
+    def _conditional_get(self, url: str, etag: str | None, what: str,
+                         forbidden_hint: str) -> ManifestPoll:
         headers = {"If-None-Match": etag} if etag else {}
         try:
-            resp = self._send("GET", "/v1/manifest", headers=headers)
+            resp = self._send("GET", url, headers=headers)
         except httpx.HTTPError as exc:
-            raise GatewayUnavailable(f"manifest: cannot reach {self.gateway_url}: {exc}") from exc
+            raise GatewayUnavailable(f"{what}: cannot reach {self.gateway_url}: {exc}") from exc
         code = resp.status_code
         if code == 304:
             return ManifestPoll(304, etag)
         if code >= 500 or code == 429:
-            raise GatewayUnavailable(f"manifest: gateway answered {code}: {_detail(resp)}")
+            raise GatewayUnavailable(f"{what}: gateway answered {code}: {_detail(resp)}")
         if code == 403:
-            raise GatewayError(
-                f"manifest refused (403: {_detail(resp)}); the device needs scope camera:read "
-                "and status active to receive model updates"
-            )
+            raise GatewayError(f"{what} refused (403: {_detail(resp)}); {forbidden_hint}")
         if code != 200:
-            raise GatewayError(f"manifest: gateway answered {code}: {_detail(resp)}")
+            raise GatewayError(f"{what}: gateway answered {code}: {_detail(resp)}")
         try:
             body = resp.json()
         except ValueError as exc:
-            raise GatewayError(f"manifest: the answer is not JSON: {resp.text[:200]!r}") from exc
+            raise GatewayError(f"{what}: the answer is not JSON: {resp.text[:200]!r}") from exc
         if not isinstance(body, dict):
-            raise GatewayError(f"manifest: expected a JSON object, got {type(body).__name__}")
+            raise GatewayError(f"{what}: expected a JSON object, got {type(body).__name__}")
         return ManifestPoll(200, resp.headers.get("ETag"), body)
 
     @contextlib.contextmanager

@@ -43,3 +43,13 @@ class UpdateRejected(EdgeAgentError):
 
 class DownloadIncomplete(EdgeAgentError):
     """A model download stopped early (network, gateway busy); the next poll resumes it."""
+
+
+class InvalidCameraConfig(EdgeAgentError, ValueError):
+    """A camera configuration document the agent will not apply (``edge_agent.camera_config``):
+    ``version`` is the document's, ``reason`` names the field and what is wrong with it."""
+
+    def __init__(self, version: int | None, reason: str) -> None:
+        self.version = version
+        self.reason = reason
+        super().__init__(f"camera configuration version {version}: {reason}")

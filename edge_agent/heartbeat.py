@@ -45,6 +45,16 @@ brightness_mean, brightness_std   mean / std over the window's frames of each fr
                                   grey level (0–255).
 sharpness_mean, sharpness_std     mean / std of each frame's variance of the Laplacian (grey,
                                   native resolution: compare within one camera).
+brightness_histogram              ``{"bin_edges": [0, 16, …, 256], "counts": [16 ints]}``:
+                                  each finished frame's mean grey level (the value
+                                  ``brightness_mean`` averages).
+sharpness_histogram               ``{"bin_edges": [0.0, 0.25, …, 5.0], "counts": [20 ints]}``:
+                                  each finished frame's ``log10(1 + variance of the
+                                  Laplacian)`` (``sharpness_mean``'s value, log-scaled: it
+                                  spans decades).
+detections_histogram              ``{"bin_edges": [0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25,
+                                  32, 40, 50, 64, 80, 100], "counts": [18 ints]}``: boxes per
+                                  finished frame; bin i holds ``[edge_i, edge_i+1)``.
 density_state                     ``normal | warning | heavy | jam`` at the end of the window.
 occupancy_mean                    mean of detections / capacity over the window's frames.
 frames_sampled                    frames the samplers queued for upload in the window.
@@ -54,6 +64,13 @@ outbox_depth, outbox_bytes        frames (and their bytes) waiting in the outbox
 outbox_evicted_total              frames evicted from the full outbox since it was created.
 last_upload_at                    time of the last acknowledged upload (``null`` if none).
 ================================  ===========================================================
+
+The three frame-level histograms (drift monitoring compares distributions, not just window
+means) have fixed bins (module constants ``*_BIN_EDGES``): the last bin includes its right
+edge, a value beyond it counts in the last bin and one below the first edge in the first; a
+non-finite value is not counted. Their counts sum to the frames the detector finished
+(``frames_processed - errors``) and are all zero in a window without one. Adding them did not
+change the schema version (readers ignore unknown fields).
 
 Optional rollout fields (schema 1 and 2: absent or ``null`` on agents without model updates;
 ``edge_agent.updater`` documents the states). ``model_version`` above stays the SHA-256 of the
@@ -75,10 +92,29 @@ shadow                            while a candidate runs in shadow mode, its win
                                   fp, fn, errors (frames the candidate failed on, counted in
                                   frames), skipped, sample_rate}``; else ``null``.
 ================================  ===========================================================
+
+Camera configuration fields (schema 2, added without a version change; the gateway's
+``/v1/cameras/{camera_id}/config`` document as this agent applied it,
+``edge_agent.camera_config``):
+
+================================  ===========================================================
+config_version                    version of the configuration document in force (``0``:
+                                  none applied).
+config_error                      ``{version, reason}`` of the last document the agent
+                                  rejected (the one before it stays in force); ``null`` once a
+                                  later document applies, or when none was rejected.
+sampling_base_rate                the base rate in force now (the document's, else the
+                                  agent's own; times a boost's factor while it lasts, at
+                                  most 1).
+sampling_hourly_budget            the hourly budget in force now (likewise; ``null``: none).
+sampling_boost_until              end of the boost in force (ISO 8601 UTC), ``null`` when no
+                                  boost is in force (none set, or it ended).
+================================  ===========================================================
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import threading
@@ -93,7 +129,16 @@ HEARTBEAT_SCHEMA_VERSION = 2
 _ROLLOUT_FIELDS = frozenset(
     {"update_status", "update_reason", "rollout_id", "serving_model_version", "shadow"}
 )
+_CONFIG_FIELDS = frozenset({"config_version", "config_error", "sampling_base_rate",
+                            "sampling_hourly_budget", "sampling_boost_until"})
 CONFIDENCE_BIN_EDGES: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
+# Per-frame distributions (see the module docstring): mean grey level, log10(1 + variance of
+# the Laplacian), boxes per frame (finer where most frames are, coarser in the crowded tail).
+BRIGHTNESS_BIN_EDGES: tuple[int, ...] = tuple(range(0, 257, 16))
+SHARPNESS_BIN_EDGES: tuple[float, ...] = tuple(i / 4 for i in range(21))
+DETECTIONS_BIN_EDGES: tuple[int, ...] = (
+    0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 64, 80, 100,
+)
 
 
 def utc_iso(ts: float | None) -> str | None:
@@ -125,6 +170,9 @@ class Heartbeat:
     class_counts: dict[str, int]
     detections_per_frame: float | None
     confidence_histogram: dict[str, list]
+    brightness_histogram: dict[str, list]
+    sharpness_histogram: dict[str, list]
+    detections_histogram: dict[str, list]
     brightness_mean: float | None
     brightness_std: float | None
     sharpness_mean: float | None
@@ -149,6 +197,12 @@ class Heartbeat:
     rollout_id: str | None = None
     serving_model_version: str | None = None
     shadow: dict[str, Any] | None = None
+    # camera configuration fields (see the module docstring)
+    config_version: int = 0
+    config_error: dict[str, Any] | None = None
+    sampling_base_rate: float | None = None
+    sampling_hourly_budget: float | None = None
+    sampling_boost_until: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,9 +216,12 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
+    """Over the finite values only: one broken measurement must not make the heartbeat
+    unsendable (JSON has no NaN)."""
     arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if not arr.size:
+        return None, None
     return float(arr.mean()), float(arr.std())
 
 
@@ -172,6 +229,23 @@ def confidence_histogram(confidences: list[float] | np.ndarray) -> list[int]:
     """Counts of ``confidences`` in the fixed bins ``CONFIDENCE_BIN_EDGES`` (1.0 in the last)."""
     counts, _ = np.histogram(np.asarray(confidences, dtype=np.float64), bins=CONFIDENCE_BIN_EDGES)
     return [int(c) for c in counts]
+
+
+def histogram_bin(value: float, edges: tuple[float, ...]) -> int | None:
+    """The bin of ``value`` among fixed ``edges``: ``[edge_i, edge_i+1)``, the last bin closed;
+    values outside are clipped into the first or last bin; ``None`` for a non-finite value."""
+    if not math.isfinite(value):
+        return None
+    return min(max(bisect.bisect_right(edges, value) - 1, 0), len(edges) - 2)
+
+
+def log_sharpness(laplacian_variance: float) -> float:
+    """``log10(1 + variance of the Laplacian)``: the scale ``sharpness_histogram`` bins on."""
+    return math.log10(1.0 + max(laplacian_variance, 0.0))
+
+
+def _histogram_out(edges: tuple[float, ...], counts: list[int]) -> dict[str, list]:
+    return {"bin_edges": list(edges), "counts": [int(c) for c in counts]}
 
 
 class TelemetryWindow:
@@ -200,6 +274,9 @@ class TelemetryWindow:
         self._sharpness: list[float] = []
         self._occupancy: list[float] = []
         self._hist = np.zeros(len(CONFIDENCE_BIN_EDGES) - 1, dtype=np.int64)
+        self._brightness_hist = [0] * (len(BRIGHTNESS_BIN_EDGES) - 1)
+        self._sharpness_hist = [0] * (len(SHARPNESS_BIN_EDGES) - 1)
+        self._detections_hist = [0] * (len(DETECTIONS_BIN_EDGES) - 1)
         self._class_counts: dict[str, int] = {n: 0 for n in self.class_names}
         self._frames = 0
         self._detections = 0
@@ -230,9 +307,19 @@ class TelemetryWindow:
             self._brightness.append(brightness)
             self._sharpness.append(sharpness)
             self._occupancy.append(occupancy)
+            boxes = 0
             for name, n in class_counts.items():
                 self._class_counts[name] = self._class_counts.get(name, 0) + n
-                self._detections += n
+                boxes += n
+            self._detections += boxes
+            for hist, value, edges in (
+                (self._brightness_hist, brightness, BRIGHTNESS_BIN_EDGES),
+                (self._sharpness_hist, log_sharpness(sharpness), SHARPNESS_BIN_EDGES),
+                (self._detections_hist, boxes, DETECTIONS_BIN_EDGES),
+            ):
+                i = histogram_bin(value, edges)
+                if i is not None:
+                    hist[i] += 1
             if confidences:
                 self._hist += np.asarray(confidence_histogram(confidences), dtype=np.int64)
             self.density_state = density_state
@@ -281,11 +368,13 @@ class TelemetryWindow:
         now: float | None = None,
         model_version: str | None = None,
         rollout: dict[str, Any] | None = None,
+        camera_config: dict[str, Any] | None = None,
     ) -> Heartbeat:
         """The heartbeat of the window that ends now; a new window starts.
 
         ``model_version`` replaces the one given at construction (the model changed);
-        ``rollout`` supplies the optional rollout fields (``ModelUpdater.heartbeat_fields``).
+        ``rollout`` supplies the optional rollout fields (``ModelUpdater.heartbeat_fields``),
+        ``camera_config`` the configuration fields (``CameraConfigChannel.heartbeat_fields``).
         """
         now = time.time() if now is None else now
         with self._lock:
@@ -318,6 +407,9 @@ class TelemetryWindow:
                     "bin_edges": list(CONFIDENCE_BIN_EDGES),
                     "counts": [int(c) for c in self._hist],
                 },
+                brightness_histogram=_histogram_out(BRIGHTNESS_BIN_EDGES, self._brightness_hist),
+                sharpness_histogram=_histogram_out(SHARPNESS_BIN_EDGES, self._sharpness_hist),
+                detections_histogram=_histogram_out(DETECTIONS_BIN_EDGES, self._detections_hist),
                 brightness_mean=b_mean,
                 brightness_std=b_std,
                 sharpness_mean=s_mean,
@@ -338,6 +430,9 @@ class TelemetryWindow:
             self._reset(now)
         for key, value in (rollout or {}).items():
             if key in _ROLLOUT_FIELDS:
+                setattr(hb, key, value)
+        for key, value in (camera_config or {}).items():
+            if key in _CONFIG_FIELDS:
                 setattr(hb, key, value)
         for key in ("latency_p50_ms", "latency_p95_ms", "inference_p50_ms"):
             value = getattr(hb, key)

@@ -25,11 +25,17 @@ When the bucket is empty the policy decides:
   the refill before ordinary frames are taken again, so the long-run rate stays within the
   budget while the rare interesting frame still gets through.
 
+Run-time changes (the camera's configuration, ``edge_agent.camera_config``): ``set_rates``
+changes the base rate and the hourly budget between two frames; the bucket keeps its fill
+fraction (a full bucket stays full, an empty one empty, a debt becomes a proportional debt),
+so the new budget governs from the change on, as if it had always been the budget.
+
 Times are seconds (the frame's capture time), passed in, so tests need no clock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -134,6 +140,25 @@ class FrameSampler:
         self.frames_sampled = 0
         self.refused_by_budget = 0
         self.over_budget = 0
+
+    def set_rates(self, base_rate: float, hourly_budget: float | None, *, now: float) -> None:
+        """Change the base rate and the hourly budget (``None``: no budget) from now on.
+        Call it from the thread that calls ``decide`` (the sampler is not thread-safe);
+        ``ValueError`` (nothing changed) for values ``SamplerConfig`` refuses."""
+        config = dataclasses.replace(self.config, base_rate=base_rate,
+                                     hourly_budget=hourly_budget)
+        if hourly_budget is None:
+            self.bucket = None
+        elif self.bucket is None:
+            self.bucket = TokenBucket(hourly_budget, hourly_budget / 3600.0, now)
+        else:
+            fill = self.bucket.refill(now) / self.bucket.capacity
+            self.bucket.capacity = float(hourly_budget)
+            self.bucket.rate = hourly_budget / 3600.0
+            self.bucket.tokens = fill * hourly_budget
+        self.overdraft = (max(1.0, config.overdraft_fraction * hourly_budget)
+                          if hourly_budget else 0.0)
+        self.config = config
 
     def reasons_for(
         self, detections: Iterable[_HasConfidence], *, edge_case: bool = False, draw: float = 1.0

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from fleet import admin, auth, heartbeats, intake, rollouts
+from fleet import admin, auth, camera_config, heartbeats, intake, rollouts
 from fleet.config import GatewaySettings
 from fleet.ratelimit import BodyReadDeadline, BodySizeLimit, UnattributedLimit
 from fleet.runtime import Clock, Gateway, GatewayDep
@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
 DESCRIPTION = """
-Edge agents enroll, then upload sampled frames and heartbeats and follow staged model
-rollouts (signed manifests); operators manage devices and rollouts.
+Edge agents enroll, then upload sampled frames and heartbeats, follow staged model
+rollouts (signed manifests) and their camera's configuration; operators manage devices,
+rollouts and camera configurations.
 Contract: `docs/fleet-api.md`. Every error body is `{"detail": "<message>"}`.
 """
 
@@ -130,5 +131,6 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.include_router(heartbeats.router)
     app.include_router(admin.router)
     app.include_router(rollouts.router)
+    app.include_router(camera_config.router)
     return app
 

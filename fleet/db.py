@@ -7,6 +7,8 @@ a plain engine. Datetimes are stored as UTC and always come back timezone-aware.
 
 ``model_manifests`` / ``rollouts`` hold published models and staged rollouts
 (``fleet.rollouts``); cohort membership is computed from device ids, not stored.
+``camera_configs`` / ``camera_config_versions`` hold each camera's configuration document and
+its history (``fleet.camera_config``).
 
 The schema in a database is made and changed only by the Alembic revisions in
 ``fleet/migrations`` (never ``create_all``): a change to these models needs a revision, and
@@ -268,6 +270,38 @@ class RolloutRow(Base):
     created_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     health: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # per stage name
+
+
+class CameraConfigRow(Base):
+    """A camera's current configuration document (``fleet.camera_config``); no row means
+    version 0, the empty document."""
+
+    __tablename__ = "camera_configs"
+
+    camera_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    sha256: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class CameraConfigVersionRow(Base):
+    """Append-only history: every version a camera's configuration has had."""
+
+    __tablename__ = "camera_config_versions"
+    __table_args__ = (
+        UniqueConstraint("camera_id", "version", name="uq_camera_config_versions_camera_version"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    camera_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Database:

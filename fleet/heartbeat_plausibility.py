@@ -13,7 +13,10 @@ something a device could have done, or one device could skew what the platform c
 * latency percentiles are finite, ``>= 0``, no longer than the longest window, and ordered
   ``p50 <= p95 <= p99`` (top-level ``latency_p*_ms`` and the nested ``latency_ms`` alike);
 * the ``shadow`` block (a candidate model's window) obeys the same rules, and its
-  ``agreement_f1`` lies in [0, 1].
+  ``agreement_f1`` lies in [0, 1];
+* the per-frame histograms drift monitoring reads (``FRAME_HISTOGRAMS``), when present, are
+  ``{bin_edges: increasing finite numbers, counts: one integer >= 0 per bin}`` whose counts
+  sum to at most ``frames_processed`` (one value per frame; absent means 0).
 
 ``heartbeat_problems`` returns one message per violation, each naming its field: the route
 refuses such a heartbeat with 422 (``fleet.schemas.HeartbeatIn``), and rollout health skips
@@ -33,6 +36,8 @@ from fleet.config import HEARTBEAT_MAX_FPS, HEARTBEAT_MAX_WINDOW_S
 MAX_COUNT = 2**31 - 1
 MAX_LATENCY_MS = HEARTBEAT_MAX_WINDOW_S * 1000.0
 PERCENTILES = ("p50", "p95", "p99")
+# One value per frame the detector finished (edge_agent.heartbeat).
+FRAME_HISTOGRAMS = ("brightness_histogram", "sharpness_histogram", "detections_histogram")
 _ABSENT = object()
 
 
@@ -92,6 +97,34 @@ class _Checker:
                                      "percentiles are ordered")
 
 
+def _histogram(c: _Checker, payload: dict[str, Any], key: str, frames: int | None) -> None:
+    """A per-frame histogram (absent or null is fine): well formed, at most one value per
+    frame of the window."""
+    h = payload.get(key)
+    if h is None:
+        return
+    edges = h.get("bin_edges") if isinstance(h, dict) else None
+    counts = h.get("counts") if isinstance(h, dict) else None
+    if not isinstance(edges, list) or not isinstance(counts, list):
+        c.problems.append(f"{key} must be an object {{bin_edges: [...], counts: [...]}}")
+        return
+    if len(edges) < 2 or len(counts) != len(edges) - 1:
+        c.problems.append(f"{key} must have one count per bin ({len(counts)} counts for "
+                          f"{len(edges)} bin edges)")
+        return
+    if not all(_is_number(e) and math.isfinite(e) for e in edges) or any(
+            a >= b for a, b in itertools.pairwise(edges)):
+        c.problems.append(f"{key}.bin_edges must be finite numbers in increasing order")
+        return
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        c.problems.append(f"{key}.counts must be integer counts >= 0")
+        return
+    total = sum(counts)
+    if frames is not None and total > frames:
+        c.problems.append(f"{key} counts {total} values, more than frames_processed "
+                          f"({frames}): a frame gives one value")
+
+
 def _per_window(window: float | None) -> str:
     if window is None:
         return (f" ({HEARTBEAT_MAX_FPS:g} frames/s over the longest window, "
@@ -135,6 +168,8 @@ def heartbeat_problems(payload: dict[str, Any]) -> list[str]:
         c.latencies(nested, {p: p for p in PERCENTILES}, "latency_ms.")
     elif nested is not None:
         c.problems.append("latency_ms must be an object {p50, p95, p99}")
+    for key in FRAME_HISTOGRAMS:
+        _histogram(c, payload, key, (frames or 0) if frames_known else None)
     shadow = payload.get("shadow")
     if isinstance(shadow, dict):
         s_frames = c.count(shadow, "frames", "shadow.", limit, why)

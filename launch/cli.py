@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
@@ -74,6 +75,13 @@ def _export_env(settings: Settings, profile: str | None = None) -> dict[str, str
     env["DAGSTER_HOME"] = str(settings.dagster_home)
     if profile:
         env["ROADLOOP_PROFILE"] = profile
+    if profile == "demo":  # 1-min drift windows from today, so one turn fits in the demo
+        from launch.drift_turn import DEMO_DRIFT_ENV
+
+        for key, value in {**DEMO_DRIFT_ENV,
+                           "ROADLOOP_DRIFT_START": datetime.now(UTC).date().isoformat()}.items():
+            env.setdefault(key, value)
+            os.environ.setdefault(key, value)
     os.environ.update({k: env[k] for k in ("ROADLOOP_HOME", "ROADLOOP_SHARED_DIR", "DAGSTER_HOME")})
     if profile:
         os.environ["ROADLOOP_PROFILE"] = profile
@@ -110,6 +118,10 @@ def demo(
         0, help="Turns that close the loop after the first: simulated reviews → import → retrain."
     ),
     reviews_per_turn: int = typer.Option(20, help="Frames the simulated annotator reviews per turn."),
+    drift_turn: bool = typer.Option(
+        True, "--drift-turn/--no-drift-turn",
+        help="A camera shifts from day to night and the drift sensors turn the loop by themselves.",
+    ),
 ) -> None:
     """Run the whole learning loop on the shared data, then serve the UIs."""
     settings = get_settings()
@@ -126,6 +138,7 @@ def demo(
         frames_per_agent=frames_per_agent,
         review_turns=review_turns,
         reviews_per_turn=reviews_per_turn,
+        drift_turn=drift_turn,
     )
     minutes = (time.monotonic() - started) / 60
     typer.echo(outcome.summary())

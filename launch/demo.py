@@ -12,7 +12,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
+from launch.drift_turn import DriftTurnOutcome, prepare_streams, run_drift_turn, start_camera
 from launch.localfleet import LocalFleet
 from roadloop.fsutil import sha256_file
 from roadloop.models.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
@@ -37,6 +39,7 @@ class LoopOutcome:
     # wall seconds per demo stage, in order (a stage that failed still has its time)
     timings: dict[str, float] = field(default_factory=dict)
     review_turns: list[dict] = field(default_factory=list)
+    drift: DriftTurnOutcome | None = None
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -67,6 +70,8 @@ class LoopOutcome:
             lines.append(
                 "  agents now serving: " + ", ".join(f"{c}={v}" for c, v in sorted(self.agent_models.items()))
             )
+        if self.drift is not None:
+            lines += self.drift.lines()
         lines.append(f"  review queue pushed to FiftyOne: {self.review_queue} frames")
         for turn in self.review_turns:
             lines.append(
@@ -106,7 +111,7 @@ def stream_videos_through_agents(fleet: LocalFleet, frames_per_agent: int) -> di
     if not videos:
         log.warning("no shared videos or agent model: skipping the edge agents")
         return {}
-    for video in videos:
+    started = [
         fleet.start_agent(
             video.stem,
             video,
@@ -115,7 +120,9 @@ def stream_videos_through_agents(fleet: LocalFleet, frames_per_agent: int) -> di
             ["--no-realtime", "--max-frames", str(frames_per_agent), "--base-rate", "0.2",
              "--heartbeat-interval", "5", "--threads", "1"],
         )
-    return fleet.wait_agents(timeout_s=900)
+        for video in videos
+    ]
+    return fleet.wait_agents(timeout_s=900, agents=started)
 
 
 def run_demo_loop(
@@ -123,6 +130,7 @@ def run_demo_loop(
     frames_per_agent: int = 150,
     review_turns: int = 0,
     reviews_per_turn: int = 20,
+    drift_turn: bool = True,
 ) -> LoopOutcome:
     """Agents + replay → partitions → sampled_edge_frames → the learning loop, on the instance.
 
@@ -145,13 +153,26 @@ def run_demo_loop(
     # half to agents at enrollment, and they pin it.
     load_or_create_signing_key(settings.home / "keys")
     fleet = LocalFleet(home=settings.home, port=settings.gateway_port, gateway_env=DEMO_GATEWAY_ENV)
+    _, agent_model = _videos_and_model()
+    streams = prepare_streams(settings) if drift_turn and agent_model.exists() else None
     try:
         fleet.start_gateway()
         fleet.write_admin_token()
+        if streams is not None:  # its day windows become its drift reference during training
+            day_agent = start_camera(fleet, streams[0], agent_model)
+            day_started = datetime.now(UTC)
         with outcome.timed("edge_agents_stream"):
             outcome.agents = stream_videos_through_agents(fleet, frames_per_agent)
         outcome.success &= all(code == 0 for code in outcome.agents.values())
         _run_learning_loop(defs, instance, settings, outcome, frames_per_camera)
+        if streams is not None and outcome.production:
+            with outcome.timed("drift_turn"):
+                outcome.drift = run_drift_turn(
+                    defs, instance, settings, fleet, day_agent, day_started, streams[1],
+                    agent_model, reviews_per_turn, lambda: _aliases(settings),
+                )
+            outcome.success &= outcome.drift.success
+            outcome.candidate, outcome.production = _aliases(settings)
         if outcome.production and outcome.agents:
             with outcome.timed("rollout_to_agents"):
                 _roll_out_to_agents(defs, instance, fleet, outcome)
@@ -225,11 +246,15 @@ def _learning_loop_job(defs, instance, settings, outcome: LoopOutcome, gates_may
     )
     outcome.success &= loop.success or blocked_by_gate
 
+    outcome.candidate, outcome.production = _aliases(settings)
+
+
+def _aliases(settings) -> tuple[str | None, str | None]:
+    """MLflow's (candidate, production) versions now."""
     tracker = Tracker(str(settings.mlflow_tracking_uri), settings.mlflow_experiment, settings.mlflow_artifact_root)
     cand = tracker.version_by_alias(settings.registered_model_name, CANDIDATE_ALIAS)
     prod = tracker.version_by_alias(settings.registered_model_name, PRODUCTION_ALIAS)
-    outcome.candidate = cand.version if cand else None
-    outcome.production = prod.version if prod else None
+    return (cand.version if cand else None), (prod.version if prod else None)
 
 
 def _roll_out_to_agents(defs, instance, fleet: LocalFleet, outcome: LoopOutcome, timeout_s: float = 300) -> None:

@@ -207,11 +207,14 @@ class LocalFleet:
         log.info("agent %s streaming %s", camera_id, source.name)
         return agent
 
-    def wait_agents(self, timeout_s: float = 600.0) -> dict[str, int]:
-        """Wait for agents that stop by themselves (``--max-frames``); returns exit codes."""
+    def wait_agents(
+        self, timeout_s: float = 600.0, agents: list[AgentProcess] | None = None
+    ) -> dict[str, int]:
+        """Wait for agents that stop by themselves (``--max-frames``): all of them, or only
+        ``agents`` (others, e.g. a looping camera, keep running); returns exit codes."""
         codes: dict[str, int] = {}
         deadline = time.monotonic() + timeout_s
-        for agent in self.agents:
+        for agent in self.agents if agents is None else agents:
             remaining = max(1.0, deadline - time.monotonic())
             try:
                 codes[agent.camera_id] = agent.process.wait(timeout=remaining)

@@ -1,4 +1,5 @@
-"""The fleet gateway as a Dagster resource: publish signed models, start and drive rollouts.
+"""The fleet gateway as a Dagster resource: publish signed models, start and drive rollouts,
+read and change a camera's configuration (e.g. boost its sampling while drift is examined).
 
 The platform signs (``roadloop.release.signing``, key under ``<home>/keys``); the gateway checks the
 signature against its configured public key, stores the file and runs the stages. Calls use
@@ -7,15 +8,19 @@ else the file ``admin_token_file`` (default ``<home>/fleet/admin-token``; create
 ``roadloop fleet admin-token create > .roadloop/fleet/admin-token``).
 """
 
+import copy
 import json
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import dagster as dg
 import httpx
 from pydantic import Field
 
+from roadloop.monitoring.windows import heartbeat_time
 from roadloop.release.signing import (
     build_manifest,
     key_id,
@@ -34,6 +39,10 @@ class FleetError(RuntimeError):
 
 class FleetUnavailable(FleetError):
     """The gateway could not be reached at all."""
+
+
+class FleetConflict(FleetError):
+    """409: the change was based on something that changed meanwhile (a stale version)."""
 
 
 class FleetResource(dg.ConfigurableResource):
@@ -86,7 +95,8 @@ class FleetResource(dg.ConfigurableResource):
                 detail = r.json().get("detail", r.text)
             except (ValueError, AttributeError):
                 detail = r.text
-            raise FleetError(f"{method} {path} -> {r.status_code}: {detail}")
+            kind = FleetConflict if r.status_code == 409 else FleetError
+            raise kind(f"{method} {path} -> {r.status_code}: {detail}")
         return r.json()
 
     def signing_key_dir(self) -> Path:
@@ -163,6 +173,78 @@ class FleetResource(dg.ConfigurableResource):
             raise ValueError(f"unknown rollout action {verb!r}")
         kw: dict[str, Any] = {"json": {"reason": reason}} if verb == "rollback" and reason else {}
         return self._request("POST", f"/v1/rollouts/{rollout_id}/{verb}", **kw)  # type: ignore[return-value]
+
+    # -- camera configuration (docs/fleet-api.md, "Camera configuration") -------------------
+    def camera_config(self, camera_id: str) -> dict[str, Any]:
+        """``{camera_id, version, sha256, config, updated_at, updated_by}``; version 0 and
+        ``config: {}`` when the camera has none."""
+        return self._request("GET", _config_path(camera_id))  # type: ignore[return-value]
+
+    def put_camera_config(
+        self, camera_id: str, config: dict[str, Any], expected_version: int | None, reason: str
+    ) -> dict[str, Any]:
+        """Replace the camera's document; ``expected_version`` is the version it is based on
+        (0: none yet; None: overwrite). ``FleetConflict`` when that version is stale."""
+        body = {"config": config, "expected_version": expected_version, "reason": reason}
+        return self._request("PUT", _config_path(camera_id), json=body)  # type: ignore[return-value]
+
+    def boost_sampling(
+        self, camera_id: str, factor: float, until: datetime, reason: str
+    ) -> dict[str, Any]:
+        """Multiply the camera's sampling (base rate, capped at 1, and hourly budget) by
+        ``factor`` until ``until`` (timezone-aware); the agent returns to its configured rates
+        by itself afterwards. Read-modify-write of ``sampling.boost`` only — every other
+        setting and section is kept — retried once when another writer got there first."""
+        if until.tzinfo is None or until.utcoffset() is None:
+            raise ValueError(f"until must be timezone-aware, got {until.isoformat()}")
+        for attempt in range(2):
+            current = self.camera_config(camera_id)
+            config = copy.deepcopy(current.get("config") or {})
+            sampling = dict(config.get("sampling") or {})
+            sampling["boost"] = {"factor": factor, "until": until.isoformat(), "reason": reason}
+            config["sampling"] = sampling
+            try:
+                return self.put_camera_config(camera_id, config, current["version"], reason)
+            except FleetConflict:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _config_path(camera_id: str) -> str:
+    return f"/v1/cameras/{quote(camera_id, safe='')}/config"
+
+
+    def live_cameras(self) -> list[str]:
+        """Cameras with at least one active device (enrolled, not revoked, not in maintenance)."""
+        devices = self._request("GET", "/v1/devices", params={"status": "active"})
+        return sorted({d["camera_id"] for d in devices})  # type: ignore[union-attr]
+
+    def heartbeats(self, camera_id: str, start: datetime, end: datetime,
+                   page: int = 1000) -> list[dict[str, Any]]:
+        """Payloads of the heartbeats a camera sent for ``[start, end)`` (by the heartbeat's
+        ``window_end``, else ``sent_at``), paging through ``GET /v1/cameras/{id}/heartbeats``.
+        A heartbeat is sent after its window closes, so pages run a little past ``end``."""
+        since = start - timedelta(minutes=2)
+        stop_after = end + timedelta(minutes=10)
+        seen: set[int] = set()
+        out: list[dict[str, Any]] = []
+        while True:
+            rows = self._request("GET", f"/v1/cameras/{camera_id}/heartbeats",
+                                 params={"since": since.isoformat(), "limit": page})
+            fresh = [r for r in rows if r["id"] not in seen]  # type: ignore[index]
+            for r in fresh:
+                seen.add(r["id"])
+                ts = heartbeat_time(r["payload"]) if isinstance(r.get("payload"), dict) else None
+                if ts is not None and start <= ts < end:
+                    out.append(r["payload"])
+            if len(rows) < page or not fresh:
+                return out
+            since = datetime.fromisoformat(rows[-1]["sent_at"])  # type: ignore[index]
+            if since.tzinfo is None:
+                since = since.replace(tzinfo=UTC)
+            if since >= stop_after:
+                return out
 
 
 def stages_markdown(rollout: dict[str, Any]) -> str:

@@ -8,10 +8,11 @@ Paths left unset are derived from ``home`` so moving ``home`` moves them all.
 
 from __future__ import annotations
 
+from datetime import date
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -69,6 +70,27 @@ class Settings(BaseSettings):
     # Share of each labelled source's *train* split replayed as camera traffic instead of
     # entering the seed training set (val/test splits are never replayed).
     replay_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
+
+    # Drift monitoring (roadloop.monitoring; docs/drift.md). Windows are this many minutes
+    # (a divisor of 60 or a multiple of 60); scores >= minor raise the camera's sampling for
+    # drift_boost_minutes, >= significant also queue reviews and a learning_loop run, at most
+    # once per camera per drift_cooldown_minutes.
+    drift_window_minutes: int = Field(default=15, ge=1, le=1440)
+    drift_start: date = Field(default=date(2026, 11, 1), description="First drift window (UTC).")
+    drift_minor: float = Field(default=0.1, gt=0, le=1)
+    drift_significant: float = Field(default=0.2, gt=0, le=1)
+    drift_reference_windows: int = Field(default=4, ge=2, le=96)
+    drift_boost_factor: float = Field(default=4.0, ge=1, le=20)
+    drift_boost_minutes: float = Field(default=120.0, gt=0)
+    drift_cooldown_minutes: float = Field(default=360.0, ge=0)
+    drift_grace_s: float = Field(default=90.0, ge=0, description="Wait after a window closes.")
+
+    @field_validator("drift_window_minutes")
+    @classmethod
+    def _window_tiles_the_day(cls, v: int) -> int:
+        from roadloop.monitoring.windows import check_window_minutes
+
+        return check_window_minutes(v)
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

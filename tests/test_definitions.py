@@ -77,15 +77,17 @@ def test_every_job_comes_from_the_jobs_module_and_is_registered() -> None:
     # Schedules and sensors launch jobs of the jobs module (the same objects).
     targets = [(s.name, s.target) for s in defs.schedules]
     targets += [(s.name, t) for s in defs.sensors for t in s.targets]
-    targeted = {}
+    targeted: dict[str, set[str]] = {}
     for name, target in targets:
-        targeted[name] = target.job_name
+        targeted.setdefault(name, set()).add(target.job_name)
         assert any(target.job_def is job for job in jobs.ALL_JOBS), name
     assert targeted == {
-        "nightly_benchmark_schedule": "nightly_benchmark_job",
-        "replay_ingestion_schedule": "replay_ingestion_job",
-        "new_camera_sensor": "sampled_edge_frames_job",
-        "reviews_finished_sensor": "review_import",
+        "nightly_benchmark_schedule": {"nightly_benchmark_job"},
+        "replay_ingestion_schedule": {"replay_ingestion_job"},
+        "new_camera_sensor": {"sampled_edge_frames_job"},
+        "reviews_finished_sensor": {"review_import"},
+        "drift_window_sensor": {"camera_drift_job"},
+        "drift_sensor": {"review_queue", "learning_loop"},
     }
     # rollout_health_sensor launches nothing: it records observations of model_rollout.
     assert not defs.resolve_sensor_def("rollout_health_sensor").targets
@@ -113,4 +115,5 @@ def test_every_asset_is_in_a_lifecycle_stage_group() -> None:
         "reviewed_labels": "active_learning",
         "label_quality": "active_learning",
         "model_rollout": "deployment",
+        "camera_drift": "monitoring",
     }

@@ -7,7 +7,10 @@
   same code path) → the outbox drains when it is back, every sampled frame stored once;
 * the agent is SIGKILLed between the gateway's 201 and its local ack → the restart re-sends,
   the 409 is absorbed, no duplicate rows and nothing lost;
-* SIGTERM stops the agent gracefully (exit 0, summary printed); bad input exits clearly.
+* SIGTERM stops the agent gracefully (exit 0, summary printed); bad input exits clearly;
+* a camera configuration written while the agent runs (``FleetResource``: rates, then a
+  boost merged in) is in force without a restart: a later heartbeat reports its version and
+  the boosted sampling.
 
 Skips when the shared video/model are absent. Each scenario is bounded (``--max-frames``).
 """
@@ -22,7 +25,8 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -380,3 +384,62 @@ def test_bad_input_exits_with_a_clear_message(gateway: Gateway, tmp_path: Path) 
     assert rc == 2 and "nope.mp4" in err
     rc, _, err = _run_agent(_agent_cmd(gateway.url, "cam-bad", tmp_path / "d"))
     assert rc == 1 and "--enroll-token" in err
+
+
+# ---------------------------------------------------------------- camera configuration
+def test_camera_config_reaches_a_running_agent(gateway: Gateway, tmp_path: Path) -> None:
+    """The platform changes a running camera's sampling through the gateway; the agent picks
+    it up after a heartbeat, puts it in force without a restart and reports it. The deadline
+    is generous: the assertion is on what the heartbeats say, not on how fast."""
+    from resources.fleet_resource import FleetResource
+
+    camera, state = "cam-config", tmp_path / "agent"
+    admin = gateway.admin_token()
+    fleet = FleetResource(gateway_url=gateway.url, admin_token=admin)
+    cmd = _agent_cmd(gateway.url, camera, state, "--realtime", "--loop", "--base-rate", "0.01",
+                     "--hourly-budget", "360", token=gateway.enrollment_token())
+    agent, out_path, err_path = _spawn(cmd, tmp_path)
+
+    def heartbeat_where(ok: Callable[[dict], bool], what: str) -> dict:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            assert agent.poll() is None, err_path.read_text()[-3000:]
+            resp = httpx.get(f"{gateway.url}/v1/cameras/{camera}/heartbeats",
+                             params={"limit": 5}, headers={"Authorization": f"Bearer {admin}"})
+            assert resp.status_code == 200, resp.text
+            found = [h["payload"] for h in resp.json() if ok(h["payload"])]
+            if found:
+                return found[-1]
+            time.sleep(0.5)
+        pytest.fail(f"no heartbeat {what} in time; agent log:\n{err_path.read_text()[-3000:]}")
+
+    try:
+        first = heartbeat_where(lambda b: True, "at all")
+        assert (first["config_version"], first["config_error"]) == (0, None)
+        assert (first["sampling_base_rate"], first["sampling_hourly_budget"]) == (0.01, 360.0)
+
+        rates = fleet.put_camera_config(camera, {"sampling": {"base_rate": 0.05,
+                                                              "hourly_budget": 720},
+                                                 "notes": "e2e"}, 0, "e2e: camera rates")
+        assert rates["version"] == 1
+        until = datetime.now(UTC) + timedelta(hours=1)  # the agent's clock is the wall clock
+        boosted = fleet.boost_sampling(camera, 4.0, until, "e2e: drift")
+        assert boosted["version"] == 2 and boosted["config"]["notes"] == "e2e"
+        assert boosted["config"]["sampling"]["base_rate"] == 0.05  # merged, not replaced
+
+        hb = heartbeat_where(lambda b: b.get("config_version") == 2, "with config version 2")
+        assert hb["config_error"] is None
+        assert hb["sampling_base_rate"] == pytest.approx(0.2)
+        assert hb["sampling_hourly_budget"] == pytest.approx(2880.0)
+        reported = datetime.fromisoformat(hb["sampling_boost_until"])
+        assert abs((reported - until).total_seconds()) < 0.01
+        kept = json.loads((state / "camera_config.json").read_text())
+        assert kept["version"] == 2 and kept["config"] == boosted["config"]
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    summary, log = _summary(agent, out_path, err_path)
+    assert summary["stopped_by"] == "signal"
+    assert "camera configuration version 2 in force" in log

@@ -34,11 +34,15 @@ from edge_agent.fsutil import (
     write_text_atomic,
 )
 from edge_agent.heartbeat import (
+    BRIGHTNESS_BIN_EDGES,
     CONFIDENCE_BIN_EDGES,
+    DETECTIONS_BIN_EDGES,
     HEARTBEAT_SCHEMA_VERSION,
+    SHARPNESS_BIN_EDGES,
     Heartbeat,
     TelemetryWindow,
     confidence_histogram,
+    histogram_bin,
 )
 from edge_agent.outbox import BackoffPolicy, Outbox, read_journal
 from edge_agent.samplers import FrameSampler, SamplerConfig
@@ -522,6 +526,86 @@ def test_heartbeat_schema_is_versioned_and_documented() -> None:
     assert confidence_histogram([0.0, 0.1, 0.999, 1.0]) == [1, 1, 0, 0, 0, 0, 0, 0, 0, 2]
 
 
+def _frame(tw: TelemetryWindow, *, brightness: float, sharpness: float, boxes: int) -> None:
+    tw.record_frame(
+        latency_ms=10.0, inference_ms=8.0, class_counts={"car": boxes, "bus": 0},
+        confidences=[0.9] * boxes, brightness=brightness, sharpness=sharpness, occupancy=0.0,
+        density_state="normal",
+    )
+
+
+def test_heartbeat_histograms_bin_each_frame_with_fixed_edges() -> None:
+    assert BRIGHTNESS_BIN_EDGES == tuple(range(0, 257, 16))
+    assert SHARPNESS_BIN_EDGES[0] == 0.0 and SHARPNESS_BIN_EDGES[-1] == 5.0
+    assert len(SHARPNESS_BIN_EDGES) == 21 and SHARPNESS_BIN_EDGES[1] == 0.25
+    assert DETECTIONS_BIN_EDGES == (0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50,
+                                    64, 80, 100)
+    tw = TelemetryWindow("cam-1", "abc", ["car", "bus"])
+    empty = json.loads(tw.build(outbox_depth=0, outbox_bytes=0, outbox_evicted_total=0).to_json())
+    for key, edges in (("brightness_histogram", BRIGHTNESS_BIN_EDGES),
+                       ("sharpness_histogram", SHARPNESS_BIN_EDGES),
+                       ("detections_histogram", DETECTIONS_BIN_EDGES)):
+        assert empty[key] == {"bin_edges": list(edges), "counts": [0] * (len(edges) - 1)}
+
+    # (brightness, variance of the Laplacian, boxes): edges, the right end, beyond both ends.
+    frames = [(0.0, 0.0, 0), (15.99, 9.0, 1), (16.0, 99.0, 7), (255.0, 1e9, 100),
+              (256.0, 31.0, 250), (-3.0, float("nan"), 12)]
+    for b, s, n in frames:
+        _frame(tw, brightness=b, sharpness=s, boxes=n)
+    tw.record_frame_error()  # a failed frame has no pixels measured: in no histogram
+    data = json.loads(tw.build(outbox_depth=0, outbox_bytes=0, outbox_evicted_total=0).to_json())
+    bright = data["brightness_histogram"]["counts"]
+    assert bright[0] == 3 and bright[1] == 1 and bright[15] == 2 and sum(bright) == 6
+    sharp = data["sharpness_histogram"]["counts"]
+    # log10(1+v): 0 -> bin 0; 1.0 (v=9) -> bin 4; 2.0 -> bin 8; 9.0 -> clipped into bin 19;
+    # log10(32) = 1.505 -> bin 6; NaN is not counted.
+    assert sharp[0] == 1 and sharp[4] == 1 and sharp[8] == 1 and sharp[6] == 1
+    assert sharp[19] == 1 and sum(sharp) == 5
+    boxes = data["detections_histogram"]["counts"]
+    assert len(boxes) == 18
+    # 0 -> [0,1); 1 -> [1,2); 7 -> [6,8); 12 -> [10,13); 100 and 250 -> the last bin [80,100]
+    assert boxes[0] == boxes[1] == boxes[6] == boxes[8] == 1 and boxes[17] == 2
+    assert sum(boxes) == 6 == data["frames_processed"] - data["errors"]
+    assert all(isinstance(c, int) for c in bright + sharp + boxes)
+    assert histogram_bin(float("inf"), BRIGHTNESS_BIN_EDGES) is None
+    assert histogram_bin(79.999, DETECTIONS_BIN_EDGES) == 16  # [64, 80)
+
+
+def test_gateway_accepts_heartbeat_histograms_and_refuses_absurd_ones() -> None:
+    """``HeartbeatIn`` keeps the payload: the new histograms pass its free-form JSON bounds,
+    and one that could not be a histogram of a window (too many values, nested too deep,
+    counts beyond the window's frames) is refused."""
+    from pydantic import ValidationError
+
+    from fleet.schemas import HeartbeatIn
+
+    tw = TelemetryWindow("cam-1", "abc", ["car"])
+    tw._start -= 10.0
+    for i in range(5):
+        _frame(tw, brightness=40.0 * i, sharpness=10.0**i, boxes=i)
+    data = json.loads(tw.build(outbox_depth=0, outbox_bytes=0, outbox_evicted_total=0).to_json())
+    parsed = HeartbeatIn.model_validate(data).model_dump(mode="json")
+    assert parsed["detections_histogram"] == data["detections_histogram"]
+
+    def refused(change: dict, match: str) -> None:
+        with pytest.raises(ValidationError, match=match):
+            HeartbeatIn.model_validate({**data, **change})
+
+    refused({"brightness_histogram": {"bin_edges": [0, 1], "counts": [0] * 30_000}},
+            "more than 20000 JSON values")
+    deep: dict = {"counts": [1]}
+    for _ in range(40):
+        deep = {"x": deep}
+    refused({"sharpness_histogram": deep}, "nested deeper")
+    refused({"detections_histogram": {**data["detections_histogram"],
+                                      "counts": [10**6] + [0] * 17}},
+            "detections_histogram")
+    refused({"brightness_histogram": {**data["brightness_histogram"],
+                                      "counts": [-1] + [0] * 15}}, "brightness_histogram")
+    refused({"sharpness_histogram": {"bin_edges": [0.0, 1.0], "counts": [1, 2]}},
+            "sharpness_histogram")
+
+
 # ---------------------------------------------------------------- import hygiene
 def _run_in_fresh_interpreter(code: str) -> None:
     """Run ``code`` in a new Python process (a clean ``sys.modules``); it must exit 0."""
@@ -552,6 +636,7 @@ def _run_in_fresh_interpreter(code: str) -> None:
         "edge_agent.model_store",
         "edge_agent.rollback_guard",
         "edge_agent.shadow",
+        "edge_agent.camera_config",
         "edge_agent.__main__",
     ],
 )

@@ -33,6 +33,7 @@ from fleet.cli import main_app
 from fleet.db import (
     AuditEvent,
     Base,
+    CameraConfigVersionRow,
     Database,
     Device,
     FrameRow,
@@ -336,6 +337,48 @@ def test_first_release_database_gets_the_rollout_tables(open_dbs: Any, tmp_path:
     with db.read() as s:
         assert s.get(GatewayStateRow, "k") is not None
     assert migrations.status(db).differences == []
+
+
+CAMERA_TABLES = {"camera_configs", "camera_config_versions"}
+
+
+def test_0003_adds_the_camera_config_tables_to_a_0002_database(
+    db_url: str, open_dbs: Any
+) -> None:
+    """A database of revision 0002 with data in it: 0003 adds the two configuration tables
+    and changes nothing else; the database itself refuses a second row for one (camera,
+    version); a downgrade to 0002 drops exactly those tables."""
+    db = open_dbs(db_url)
+    assert migrations.upgrade(db, "0002").after == "0002"
+    fill_old_database(db, UNIQUE_DEVICES)
+    assert not CAMERA_TABLES & set(sa.inspect(db.engine).get_table_names())
+
+    result = migrations.upgrade(db)
+    assert (result.before, result.after) == ("0002", migrations.head_revision())
+    assert CAMERA_TABLES <= set(sa.inspect(db.engine).get_table_names())
+    assert_old_data_intact(db, UNIQUE_DEVICES)
+    assert migrations.status(db).differences == []
+
+    def version_row(doc: dict[str, Any]) -> CameraConfigVersionRow:
+        return CameraConfigVersionRow(camera_id="cam-a", version=1, document=doc,
+                                      sha256="0" * 64, created_at=datetime.now(UTC),
+                                      created_by="test", reason="r")
+
+    with db.write() as s:
+        s.add(version_row({"notes": "first"}))
+        s.commit()
+    with db.write() as s, pytest.raises(IntegrityError):
+        s.add(version_row({"notes": "a racing writer"}))
+        s.flush()
+    with db.read() as s:
+        (row,) = s.scalars(sa.select(CameraConfigVersionRow))
+        assert row.document == {"notes": "first"} and row.created_at.tzinfo is not None
+
+    with runner._locked(db) as conn:
+        command.downgrade(runner.alembic_config(conn), "0002")
+    assert not CAMERA_TABLES & set(sa.inspect(db.engine).get_table_names())
+    assert migrations.status(db).current == "0002"
+    assert_old_data_intact(db, UNIQUE_DEVICES)
 
 
 # --------------------------------------------------------------------------- schema agreement

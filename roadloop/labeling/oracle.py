@@ -16,6 +16,7 @@ frames and the answers go into the review store exactly as a person's edits in t
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,27 @@ def _find_data_yaml(label_file: Path) -> Path:
         if cand.is_file():
             return cand
     raise MissingDataError(f"no data.yaml above label file {label_file}", label_file)
+
+
+def ground_truth_for_image(source_ref: str | None, sources: Iterable[str]) -> tuple[str, str] | None:
+    """``(labels_ref, source)`` of a frame an edge agent read from a labelled dataset's image
+    folder: ``source_ref`` ``image:<path>`` (symlinks resolved) under
+    ``<source>/images/<split>/`` with ``<source>/labels/<split>/<stem>.txt`` beside it, and
+    ``<source>`` a taxonomy source. None for anything else (video, streams, other folders)."""
+    if not source_ref or not source_ref.startswith("image:"):
+        return None
+    try:
+        image = Path(source_ref.removeprefix("image:")).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    split_dir = image.parent
+    if split_dir.parent.name != "images":
+        return None
+    root = split_dir.parent.parent
+    label = root / "labels" / split_dir.name / f"{image.stem}.txt"
+    if root.name not in set(sources) or not label.is_file():
+        return None
+    return str(label), root.name
 
 
 def _source_names(data_yaml: Path) -> dict[int, str]:
@@ -221,15 +243,21 @@ def simulate_reviews(store: ReviewStore, annotator: Any, n: int) -> list[str]:
 def _ask(annotator: Any, item: ReviewItem) -> tuple[list[ReviewBox], str] | None:
     who = str(getattr(annotator, "name", type(annotator).__name__))
     if hasattr(annotator, "answer"):
-        if not item.labels_ref or not item.source:
+        labels_ref, source = item.labels_ref, item.source
+        if not labels_ref and isinstance(getattr(annotator, "taxonomy", None), Taxonomy):
+            # an edge agent that played a labelled dataset's images (the demo's drift camera)
+            found = ground_truth_for_image(item.source_ref, annotator.taxonomy.sources)
+            if found is not None:
+                labels_ref, source = found
+        if not labels_ref or not source:
             return None
         record = FrameRecord(
             frame_id=item.frame_id,
             camera_id=item.camera_id,
             captured_at=datetime.now(UTC),
-            source=item.source,
+            source=source,
             source_ref=item.source_ref,
-            labels_ref=item.labels_ref,
+            labels_ref=labels_ref,
             width=item.width,
             height=item.height,
         )

@@ -1,0 +1,191 @@
+"""Drift sensors: score every closed window, and act on what the scores say.
+
+``drift_window_sensor`` asks for a ``camera_drift`` run per live camera (an active device on
+the gateway) and closed window — closed means its end plus ``drift_grace_s`` (the last
+heartbeat of the window arrives after it) has passed. Run keys are ``camera|window``, so a
+window is scored once.
+
+``drift_sensor`` reads new ``camera_drift`` materializations:
+
+- **minor** (score ≥ 0.1) or worse: raise the camera's sampling through its configuration
+  on the gateway (``drift_boost_factor`` × for ``drift_boost_minutes``); a boost with more than
+  half its time left is not renewed, so a persistent drift writes one config, not one per window.
+- **significant** (≥ 0.2): also queue the camera's frames for review (``review_queue`` run
+  limited to that camera) and mark a ``learning_loop`` run as owed; it starts once the
+  reviews requested after the drift are imported (``curated_dataset`` materialized again):
+  retraining before the drifted frames are labelled would learn nothing new. At most one
+  such response per camera per ``drift_cooldown_minutes``.
+
+Every run it starts carries tags naming the camera, window, metric, score and reference.
+"""
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dagster as dg
+
+from assets.datasets import curated_dataset
+from assets.drift import camera_drift
+from assets.partitions import camera_partitions
+from jobs import camera_drift_job, learning_loop_job, review_queue_job
+from resources.fleet_resource import FleetError, FleetResource
+from roadloop.monitoring.windows import DRIFT_WINDOW_FORMAT, window_start
+from roadloop.settings import get_settings
+
+MAX_WINDOWS_PER_TICK = 8
+TAG = "roadloop/drift_"
+
+
+def closed_windows(now: datetime, after: datetime | None, minutes: int, grace: timedelta,
+                   backfill: int = 2) -> list[datetime]:
+    """Starts of windows closed by ``now`` (end + grace passed), after ``after`` (exclusive);
+    without ``after``, the last ``backfill`` closed windows. Oldest first, capped per tick."""
+    length = timedelta(minutes=minutes)
+    newest = window_start(now - grace, minutes) - length
+    first = after + length if after is not None else newest - (backfill - 1) * length
+    out = []
+    w = first
+    while w <= newest and len(out) < MAX_WINDOWS_PER_TICK:
+        out.append(w)
+        w += length
+    return out
+
+
+@dg.sensor(
+    job=camera_drift_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Starts camera_drift for each live camera and each drift window that closed.",
+)
+def drift_window_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
+    settings = get_settings()
+    now = datetime.now(UTC)
+    after = datetime.fromisoformat(context.cursor) if context.cursor else None
+    windows = closed_windows(now, after, settings.drift_window_minutes,
+                             timedelta(seconds=settings.drift_grace_s))
+    if not windows:
+        return dg.SkipReason("no drift window closed since the last tick")
+    try:
+        live = set(fleet.live_cameras())
+    except FleetError as exc:
+        return dg.SkipReason(f"gateway unavailable, windows wait: {exc}")
+    known = set(context.instance.get_dynamic_partitions(camera_partitions.name))
+    cameras = sorted(live)
+    new = sorted(live - known)
+    requests = [
+        dg.RunRequest(
+            partition_key=dg.MultiPartitionKey({"camera": c, "window": w.strftime(DRIFT_WINDOW_FORMAT)}),
+            run_key=f"{c}|{w.strftime(DRIFT_WINDOW_FORMAT)}",
+            tags={f"{TAG}camera": c, f"{TAG}window": w.strftime(DRIFT_WINDOW_FORMAT)},
+        )
+        for w in windows for c in cameras
+    ]
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[camera_partitions.build_add_request(new)] if new else [],
+        cursor=windows[-1].isoformat(),
+    )
+
+
+def _meta(record: Any) -> dict[str, Any]:
+    mat = record.asset_materialization
+    return {k: v.value for k, v in (mat.metadata or {}).items()} | {
+        "partition": mat.partition, "timestamp": record.timestamp}
+
+
+def drift_tags(m: dict[str, Any]) -> dict[str, str]:
+    return {
+        f"{TAG}camera": str(m.get("camera_id", "")),
+        f"{TAG}window": str(m.get("window_start", "")),
+        f"{TAG}metric": str(m.get("metric", "")),
+        f"{TAG}score": f"{float(m.get('score') or 0):.4f}",
+        f"{TAG}threshold": f"{float(m.get('threshold') or 0):.4f}",
+        f"{TAG}reference": str(m.get("reference_id", "")),
+        f"{TAG}verdict": str(m.get("verdict", "")),
+    }
+
+
+@dg.sensor(
+    jobs=[review_queue_job, learning_loop_job],
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="On drift: raise the camera's sampling (minor), queue its frames for review and "
+    "owe a learning_loop run once those reviews are imported (significant).",
+)
+def drift_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
+    settings = get_settings()
+    now = datetime.now(UTC)
+    state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
+    after = state.get("after")
+    boosted: dict[str, str] = state.get("boosted", {})
+    fired: dict[str, str] = state.get("fired", {})
+    owed: dict[str, dict[str, Any]] = state.get("owed", {})
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=camera_drift.key, after_storage_id=after),
+        limit=200, ascending=True,
+    ).records
+    requests: list[dg.RunRequest] = []
+    notes: list[str] = []
+    boost = timedelta(minutes=settings.drift_boost_minutes)
+    cooldown = timedelta(minutes=settings.drift_cooldown_minutes)
+    for record in records:
+        after = record.storage_id
+        m = _meta(record)
+        camera, verdict = str(m.get("camera_id", "")), m.get("verdict")
+        if verdict not in ("minor", "significant") or not camera:
+            continue
+        tags = drift_tags(m)
+        until = datetime.fromisoformat(boosted[camera]) if camera in boosted else None
+        if until is None or until - now < boost / 2:
+            try:
+                fleet.boost_sampling(
+                    camera, factor=settings.drift_boost_factor, until=now + boost,
+                    reason=f"drift {m.get('metric')} {float(m.get('score') or 0):.3f} in window "
+                    f"{m.get('window_start')}",
+                )
+                boosted[camera] = (now + boost).isoformat()
+                notes.append(f"{camera}: sampling ×{settings.drift_boost_factor:g} until "
+                             f"{boosted[camera]}")
+            except FleetError as exc:  # the next drifting window tries again
+                context.log.warning(f"{camera}: sampling boost failed: {exc}")
+        if verdict != "significant":
+            continue
+        last = datetime.fromisoformat(fired[camera]) if camera in fired else None
+        if last is not None and now - last < cooldown:
+            notes.append(f"{camera}: significant drift, response cooling down until "
+                         f"{(last + cooldown).isoformat()}")
+            continue
+        fired[camera] = now.isoformat()
+        owed[camera] = {"tags": tags, "requested_at": now.timestamp()}
+        requests.append(dg.RunRequest(
+            job_name=review_queue_job.name,
+            run_key=f"drift-queue|{camera}|{m.get('window_start')}",
+            run_config={"ops": {"frame_embeddings": {"config": {"cameras": [camera]}}}},
+            tags=tags,
+        ))
+        notes.append(f"{camera}: significant drift ({m.get('metric')} "
+                     f"{float(m.get('score') or 0):.3f}); review queue requested")
+    if owed:
+        latest = context.instance.get_latest_materialization_event(curated_dataset.key)
+        imported_at = latest.timestamp if latest is not None else 0.0
+        ready = {c: o for c, o in owed.items() if imported_at > o["requested_at"]}
+        if ready:
+            first = min(ready.values(), key=lambda o: o["requested_at"])
+            tags = dict(first["tags"])
+            tags[f"{TAG}cameras"] = ",".join(sorted(ready))
+            requests.append(dg.RunRequest(
+                job_name=learning_loop_job.name,
+                run_key=f"drift-loop|{','.join(sorted(ready))}|{imported_at:.0f}",
+                tags=tags,
+            ))
+            notes.append(f"learning_loop for drift on {sorted(ready)}: reviews imported")
+            owed = {c: o for c, o in owed.items() if c not in ready}
+    for note in notes:
+        context.log.info(note)
+    cursor = json.dumps({"after": after, "boosted": boosted, "fired": fired, "owed": owed},
+                        sort_keys=True)
+    if not requests and cursor == context.cursor:
+        return dg.SkipReason("no new drift" + (f"; owed learning_loop for {sorted(owed)} waits "
+                                              "for their reviews" if owed else ""))
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
