@@ -126,3 +126,20 @@ def test_render_is_deterministic_and_reused(shared: Path, tmp_path: Path) -> Non
     assert c["frames_sha256"] != a["frames_sha256"]
     assert json.loads((tmp_path / "a" / spec.name / "truth.json").read_text())["seed"] == spec.seed
 
+
+def test_score_stream_delay_and_false_alarms() -> None:
+    from benchmarks.drift_detection import score_stream
+
+    # Evaluated windows 4..11, onset in window 8: 4-7 are stable, 8 is delay 0.
+    v = {4: "ok", 5: "minor", 6: "ok", 7: "not_enough_data", 8: "ok", 9: "minor",
+         10: "significant", 11: "ok"}
+    s = score_stream(v, onset_window=8)
+    assert (s["stable_windows"], s["shifted_windows"], s["no_verdict_windows"]) == (4, 4, 1)
+    assert (s["false_alarms_any"], s["false_alarms_significant"], s["minor_false_alarms"]) == (1, 0, 1)
+    assert (s["delay_any"], s["delay_significant"]) == (1, 2)
+    assert not s["missed_any"]
+    stable = score_stream({4: "ok", 5: "significant", 6: "ok"}, onset_window=None)
+    assert stable["stable_windows"] == 3 and stable["false_alarms_significant"] == 1
+    assert stable["delay_any"] is None and not stable["missed_any"]
+    missed = score_stream({4: "ok", 8: "minor"}, onset_window=8)
+    assert missed["delay_any"] == 0 and missed["missed_significant"]
