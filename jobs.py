@@ -10,6 +10,7 @@ import dagster as dg
 
 from assets import LOOP_ASSETS
 from assets.active_learning import active_learning_queue, frame_embeddings, reviewed_labels
+from assets.camera_accuracy import camera_accuracy
 from assets.datasets import curated_dataset
 from assets.drift import camera_drift
 from assets.evaluation import benchmark_report
@@ -79,6 +80,14 @@ camera_drift_job = dg.define_asset_job(
     description="Score one camera window for drift (drift_window_sensor starts one per closed window).",
 )
 
+camera_accuracy_job = dg.define_asset_job(
+    "camera_accuracy_job",
+    selection=dg.AssetSelection.assets(camera_accuracy),
+    partitions_def=camera_partitions,
+    description="Measure the serving model on one camera's reviewed frames (camera_accuracy_sensor "
+    "starts one per reviewed camera after each review import).",
+)
+
 ALL_JOBS = [
     replay_ingestion_job,
     sampled_edge_frames_job,
@@ -88,10 +97,12 @@ ALL_JOBS = [
     review_import_job,
     model_rollout_job,
     camera_drift_job,
+    camera_accuracy_job,
 ]
 
 __all__ = [
     "ALL_JOBS",
+    "camera_accuracy_job",
     "camera_drift_job",
     "learning_loop_job",
     "model_rollout_job",

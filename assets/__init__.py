@@ -1,6 +1,7 @@
 """Software-defined assets, one module per lifecycle stage."""
 
 from .active_learning import ACTIVE_LEARNING_ASSETS
+from .camera_accuracy import ACCURACY_CHECK, CAMERA_ACCURACY_ASSETS, camera_accuracy
 from .datasets import (
     curated_dataset,
     curated_dataset_quarantine_rate,
@@ -25,7 +26,7 @@ LOOP_ASSETS = [curated_dataset, trained_model, onnx_model, quantized_model, benc
 # The learning loop (jobs.learning_loop_job); model_rollout needs the fleet gateway, so it
 # has its own job (jobs.model_rollout_job).
 ALL_ASSETS = [seed_datasets, sampled_edge_frames, *LOOP_ASSETS, model_rollout, *ACTIVE_LEARNING_ASSETS,
-              *DRIFT_ASSETS]
+              *DRIFT_ASSETS, *CAMERA_ACCURACY_ASSETS]
 ALL_CHECKS = [
     curated_dataset_splits_present,
     curated_dataset_quarantine_rate,
@@ -35,6 +36,6 @@ ALL_CHECKS = [
 ]
 
 __all__ = [
-    "ALL_ASSETS", "ALL_CHECKS", "DRIFT_CHECK", "LOOP_ASSETS", "OPERATIONS_CHECK", "camera_drift",
-    "camera_partitions",
+    "ACCURACY_CHECK", "ALL_ASSETS", "ALL_CHECKS", "DRIFT_CHECK", "LOOP_ASSETS", "OPERATIONS_CHECK",
+    "camera_accuracy", "camera_drift", "camera_partitions",
 ]

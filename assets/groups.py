@@ -9,6 +9,6 @@ MODELS = "models"  # trained_model, onnx_model, quantized_model
 EVALUATION = "evaluation"  # benchmark_report, production_model (the gated promotion)
 ACTIVE_LEARNING = "active_learning"  # labeling: embeddings, review queue, reviews, label quality
 DEPLOYMENT = "deployment"  # model_rollout to the fleet
-MONITORING = "monitoring"  # camera_drift: each camera window against its reference
+MONITORING = "monitoring"  # camera_drift (each camera window vs its reference), camera_accuracy
 
 LIFECYCLE_GROUPS = (INGESTION, DATASETS, MODELS, EVALUATION, ACTIVE_LEARNING, DEPLOYMENT, MONITORING)

@@ -16,6 +16,11 @@ window is scored once.
   retraining before the drifted frames are labelled would learn nothing new. At most one
   such response per camera per ``drift_cooldown_minutes``.
 
+It reads ``camera_accuracy`` materializations the same way: the serving model's measured
+mAP50 on a camera's reviewed frames against its benchmark (metric
+``reviewed_accuracy_drop``) is on the same scale, so a minor drop raises sampling and a
+significant one queues the camera's frames and owes a ``learning_loop``, sharing the cooldown.
+
 Every run it starts carries tags naming the camera, window, metric, score and reference.
 """
 
@@ -25,6 +30,7 @@ from typing import Any
 
 import dagster as dg
 
+from assets.camera_accuracy import camera_accuracy
 from assets.datasets import curated_dataset
 from assets.drift import camera_drift
 from assets.partitions import camera_partitions
@@ -103,7 +109,7 @@ def drift_tags(m: dict[str, Any]) -> dict[str, str]:
         f"{TAG}threshold": f"{float(m.get('threshold') or 0):.4f}",
         f"{TAG}reference": str(m.get("reference_id", "")),
         f"{TAG}verdict": str(m.get("verdict", "")),
-    }
+    } | ({f"{TAG}review_export": str(m["review_export_hash"])} if "review_export_hash" in m else {})
 
 
 @dg.sensor(
@@ -118,6 +124,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
     now = datetime.now(UTC)
     state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
     after = state.get("after")
+    accuracy_after = state.get("accuracy_after")  # camera_accuracy has its own storage ids
     boosted: dict[str, str] = state.get("boosted", {})
     fired: dict[str, str] = state.get("fired", {})
     owed: dict[str, dict[str, Any]] = state.get("owed", {})
@@ -125,24 +132,31 @@ def drift_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
         dg.AssetRecordsFilter(asset_key=camera_drift.key, after_storage_id=after),
         limit=200, ascending=True,
     ).records
+    accuracy = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=camera_accuracy.key, after_storage_id=accuracy_after),
+        limit=200, ascending=True,
+    ).records
+    accuracy_after = accuracy[-1].storage_id if accuracy else accuracy_after
     requests: list[dg.RunRequest] = []
     notes: list[str] = []
     boost = timedelta(minutes=settings.drift_boost_minutes)
     cooldown = timedelta(minutes=settings.drift_cooldown_minutes)
-    for record in records:
-        after = record.storage_id
+    for record in [*records, *accuracy]:
+        if record.asset_key == camera_drift.key:
+            after = record.storage_id
         m = _meta(record)
         camera, verdict = str(m.get("camera_id", "")), m.get("verdict")
         if verdict not in ("minor", "significant") or not camera:
             continue
         tags = drift_tags(m)
+        # A drift window, or the review export an accuracy measurement used.
+        where = m.get("window_start") or f"reviews-{m.get('review_export_hash', '')}"
         until = datetime.fromisoformat(boosted[camera]) if camera in boosted else None
         if until is None or until - now < boost / 2:
             try:
                 fleet.boost_sampling(
                     camera, factor=settings.drift_boost_factor, until=now + boost,
-                    reason=f"drift {m.get('metric')} {float(m.get('score') or 0):.3f} in window "
-                    f"{m.get('window_start')}",
+                    reason=f"drift {m.get('metric')} {float(m.get('score') or 0):.3f} in {where}",
                 )
                 boosted[camera] = (now + boost).isoformat()
                 notes.append(f"{camera}: sampling ×{settings.drift_boost_factor:g} until "
@@ -160,7 +174,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
         owed[camera] = {"tags": tags, "requested_at": now.timestamp()}
         requests.append(dg.RunRequest(
             job_name=review_queue_job.name,
-            run_key=f"drift-queue|{camera}|{m.get('window_start')}",
+            run_key=f"drift-queue|{camera}|{where}",
             run_config={"ops": {"frame_embeddings": {"config": {"cameras": [camera]}}}},
             tags=tags,
         ))
@@ -183,8 +197,10 @@ def drift_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
             owed = {c: o for c, o in owed.items() if c not in ready}
     for note in notes:
         context.log.info(note)
-    cursor = json.dumps({"after": after, "boosted": boosted, "fired": fired, "owed": owed},
-                        sort_keys=True)
+    state = {"after": after, "boosted": boosted, "fired": fired, "owed": owed}
+    if accuracy_after is not None:
+        state["accuracy_after"] = accuracy_after
+    cursor = json.dumps(state, sort_keys=True)
     if not requests and cursor == context.cursor:
         return dg.SkipReason("no new drift" + (f"; owed learning_loop for {sorted(owed)} waits "
                                               "for their reviews" if owed else ""))

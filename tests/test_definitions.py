@@ -48,6 +48,12 @@ def test_definitions_load_and_graph() -> None:
     partitions = graph.get(dg.AssetKey("sampled_edge_frames")).partitions_def
     assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "cameras"
 
+    # Measured accuracy per camera, on the reviews and the promoted model, with its check.
+    assert graph.get(dg.AssetKey("camera_accuracy")).partitions_def is partitions
+    assert parents["camera_accuracy"] == {"reviewed_labels", "production_model"}
+    assert checks["camera_accuracy_within_benchmark"].asset_key == dg.AssetKey("camera_accuracy")
+    assert defs.resolve_job_def("camera_accuracy_job").partitions_def is partitions
+
 
 def test_every_job_comes_from_the_jobs_module_and_is_registered() -> None:
     from dagster._core.definitions.unresolved_asset_job_definition import (
@@ -88,6 +94,7 @@ def test_every_job_comes_from_the_jobs_module_and_is_registered() -> None:
         "reviews_finished_sensor": {"review_import"},
         "drift_window_sensor": {"camera_drift_job"},
         "drift_sensor": {"review_queue", "learning_loop"},
+        "camera_accuracy_sensor": {"camera_accuracy_job"},
     }
     # rollout_health_sensor launches nothing: it records observations of model_rollout.
     assert not defs.resolve_sensor_def("rollout_health_sensor").targets
@@ -116,4 +123,5 @@ def test_every_asset_is_in_a_lifecycle_stage_group() -> None:
         "label_quality": "active_learning",
         "model_rollout": "deployment",
         "camera_drift": "monitoring",
+        "camera_accuracy": "monitoring",
     }

@@ -167,6 +167,7 @@ class CameraDriftMonitor:
     def _build(self, window: WindowData) -> Reference | None:
         start = window.window_start - self.lookback_windows * self.length
         history = self.sources.heartbeats(window.camera_id, start, window.window_start)
+        need = max(self.reference_windows, self.config.min_reference_windows)
         chosen: list[WindowData] = []
         for ws, hbs in group_by_window(history, self.window_minutes).items():
             if ws >= window.window_start:
@@ -182,9 +183,9 @@ class CameraDriftMonitor:
             if feats.frames < self.config.min_frames or any(c.severity == "critical" for c in ops):
                 continue  # not a healthy, full window
             chosen.append(candidate)
-            if len(chosen) == self.reference_windows:
+            if len(chosen) == need:
                 break
-        if len(chosen) < max(self.reference_windows, self.config.min_reference_windows):
+        if len(chosen) < need:
             return None
         for w in chosen:
             w.embeddings = self._embed(w.camera_id, w.window_start)
@@ -197,6 +198,9 @@ class CameraDriftMonitor:
                  html_dir: Path | None = None) -> WindowReport:
         window = self.window(camera_id, start)
         reference, status = self.reference_for(window)
+        if html_dir is not None and html_dir.is_dir():
+            for old in html_dir.glob("*.html"):  # an earlier evaluation's: not this verdict's
+                old.unlink(missing_ok=True)
         verdict = evaluate_window(window, reference, self.config, "both", html_dir=html_dir)
         if reference is None:
             verdict.reason = status
