@@ -14,6 +14,7 @@ from typing import Any
 
 import dagster as dg
 import numpy as np
+from mlflow.exceptions import MlflowException
 
 from resources import (
     ArtifactStoreResource,
@@ -171,7 +172,8 @@ def camera_drift(
         configure_ultralytics(settings.home / "ultralytics")
         model = current_model(mlflow.tracker(), mlflow.registered_model_name,
                               artifacts.path("al_model_cache"))
-    except (dg.Failure, RoadloopError, OSError) as exc:  # no model yet: heartbeat metrics only
+    # no model yet, or MLflow unreachable: the heartbeat metrics still judge the window
+    except (dg.Failure, RoadloopError, OSError, MlflowException) as exc:
         context.log.warning(f"frame embeddings skipped: {getattr(exc, 'description', exc)}")
     train_dir = dvc.curated_dir / "images" / "train"
     sources = PlatformDriftSources(fleet, frame_store, artifacts, model,

@@ -158,24 +158,25 @@ def run_demo_loop(
     try:
         fleet.start_gateway()
         fleet.write_admin_token()
-        if streams is not None:  # its day windows become its drift reference during training
-            day_agent = start_camera(fleet, streams[0], agent_model)
-            day_started = datetime.now(UTC)
         with outcome.timed("edge_agents_stream"):
             outcome.agents = stream_videos_through_agents(fleet, frames_per_agent)
         outcome.success &= all(code == 0 for code in outcome.agents.values())
         _run_learning_loop(defs, instance, settings, outcome, frames_per_camera)
+        if outcome.production and outcome.agents:
+            with outcome.timed("rollout_to_agents"):
+                _roll_out_to_agents(defs, instance, fleet, outcome)
+        # After the rollout, so neither the benchmark's latency nor the rollout shares the CPU
+        # with it: the camera joins, takes the fleet's model, and its day windows become its
+        # drift reference.
         if streams is not None and outcome.production:
+            day_agent = start_camera(fleet, streams[0], agent_model)
             with outcome.timed("drift_turn"):
                 outcome.drift = run_drift_turn(
-                    defs, instance, settings, fleet, day_agent, day_started, streams[1],
+                    defs, instance, settings, fleet, day_agent, datetime.now(UTC), streams[1],
                     agent_model, reviews_per_turn, lambda: _aliases(settings),
                 )
             outcome.success &= outcome.drift.success
             outcome.candidate, outcome.production = _aliases(settings)
-        if outcome.production and outcome.agents:
-            with outcome.timed("rollout_to_agents"):
-                _roll_out_to_agents(defs, instance, fleet, outcome)
     finally:
         fleet.stop()
     if outcome.production:

@@ -1,8 +1,8 @@
 """The demo's drift turn: one turn of the loop that no person starts.
 
-A camera (``roadside_atl``) streams the day frames of ATL's camera-replay share through a
-real edge agent while the demo trains its first model; those windows become its drift
-reference. Then the same camera plays night frames. The turn then runs the code location's
+A camera (``roadside_atl``) joins the fleet after the first rollout and streams the day
+frames of ATL's camera-replay share through a real edge agent; once it serves the fleet's
+model, its windows become its drift reference. Then the same camera plays night frames. The turn then runs the code location's
 own sensors (``drift_window_sensor``, ``drift_sensor``) and executes the runs they request,
 as the Dagster daemon would:
 
@@ -145,8 +145,10 @@ def run_drift_turn(defs: Any, instance: Any, settings: Settings, fleet: LocalFle
     length = timedelta(minutes=settings.drift_window_minutes)
     grace = timedelta(seconds=settings.drift_grace_s)
     first = window_start(day_started, settings.drift_window_minutes)
-    # the reference needs its windows after the (partial) first one
-    _wait_until(first + (settings.drift_reference_windows + 2) * length + grace)
+    # the camera first takes the fleet's model; its reference is the windows after that
+    settled = _await_settled(fleet, timeout_s=180)
+    _wait_until(window_start(settled, settings.drift_window_minutes)
+                + (settings.drift_reference_windows + 1) * length + grace)
     _stop_agent(fleet, day_agent)
     shifted = datetime.now(UTC)
     out.shifted_at = shifted.strftime("%H:%M:%S")
@@ -232,6 +234,24 @@ def run_drift_turn(defs: Any, instance: Any, settings: Settings, fleet: LocalFle
     out.success = loop.success or "benchmark_report" in {
         e.materialization.asset_key.to_user_string() for e in loop.get_asset_materialization_events()}
     return out
+
+
+def _await_settled(fleet: LocalFleet, timeout_s: float) -> datetime:
+    """When the camera serves one model for good (its updater no longer downloading or
+    shadowing, the same model in two heartbeats running)."""
+    token = (fleet.home / "fleet" / "admin-token").read_text().strip()
+    deadline = time.monotonic() + timeout_s
+    last: str | None = None
+    while time.monotonic() < deadline:
+        beat = fleet.latest_heartbeat(DRIFT_CAMERA, token) or {}
+        version = beat.get("model_version")
+        if (version and version == last
+                and beat.get("update_status") not in ("downloading", "shadow")):
+            return datetime.now(UTC)
+        last = version
+        time.sleep(2.5)
+    log.warning("drift turn: %s did not settle on one model in %.0f s", DRIFT_CAMERA, timeout_s)
+    return datetime.now(UTC)
 
 
 def _await_boost(fleet: LocalFleet, timeout_s: float) -> dict[str, Any]:

@@ -210,11 +210,6 @@ class FleetResource(dg.ConfigurableResource):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-
-def _config_path(camera_id: str) -> str:
-    return f"/v1/cameras/{quote(camera_id, safe='')}/config"
-
-
     def live_cameras(self) -> list[str]:
         """Cameras with at least one active device (enrolled, not revoked, not in maintenance)."""
         devices = self._request("GET", "/v1/devices", params={"status": "active"})
@@ -245,6 +240,10 @@ def _config_path(camera_id: str) -> str:
                 since = since.replace(tzinfo=UTC)
             if since >= stop_after:
                 return out
+
+
+def _config_path(camera_id: str) -> str:
+    return f"/v1/cameras/{quote(camera_id, safe='')}/config"
 
 
 def stages_markdown(rollout: dict[str, Any]) -> str:

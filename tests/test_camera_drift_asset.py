@@ -196,7 +196,8 @@ def test_silent_camera_is_an_operational_error(world: dict[str, Any]) -> None:
     PAYLOADS["silent"] = history(CAM)  # nothing in the window itself
     result = materialize(world, HeartbeatFleet(probe="silent"))
     meta = metadata_of(result)
-    assert meta["verdict"] == "no_reference" and meta["heartbeats"] == 0
+    assert meta["verdict"] == "not_enough_data" and meta["heartbeats"] == 0
+    assert "no heartbeat" in meta["reason"]
     checks = checks_of(result)
     assert checks[DRIFT_CHECK].passed is True
     ops = checks[OPERATIONS_CHECK]

@@ -240,25 +240,25 @@ def test_night_window_alarms_and_its_events_are_replaced_then_cleared(tmp_path: 
 def test_camera_windows_reference_judges_frame_embeddings(tmp_path: Path) -> None:
     src = MemorySources(embedding_model="embedder-1")
     for i in range(3):
-        src.add_window(CAM, w(i), seed=i, frames_per_window=16)
-    src.add_window(CAM, w(3), seed=3, scene=NIGHT, frames_per_window=16)
-    mon = make_monitor(tmp_path, src, max_frames_per_window=12)
+        src.add_window(CAM, w(i), seed=i, frames_per_window=30)
+    src.add_window(CAM, w(3), seed=3, scene=NIGHT, frames_per_window=30)
+    mon = make_monitor(tmp_path, src, max_frames_per_window=24)
 
     r = mon.evaluate(CAM, w(3), now=NOW)
     ref_id = r.verdict.reference["reference_id"]
     assert index(tmp_path) == {"model-a|embedder-1": ref_id}
     assert (tmp_path / "refs" / CAM / f"{ref_id}.npz").is_file()
-    assert r.verdict.reference["embeddings"] == 3 * 12  # each window spread to 12 frames
-    assert r.frames_embedded == 12
+    assert r.verdict.reference["embeddings"] == 3 * 24  # each window spread to 24 frames
+    assert r.frames_embedded == 24
     emb = next(m for m in r.verdict.metrics if m.name == "embeddings")
-    assert emb.verdict == "significant" and emb.n_current == 12 and emb.n_reference == 36
+    assert emb.verdict == "significant" and emb.n_current == 24 and emb.n_reference == 72
     assert "embeddings" in {e.metric for e in r.events}
 
 
 def test_new_camera_is_judged_against_the_training_embeddings(tmp_path: Path) -> None:
     train = (training_set(100), "curated train split (100 frames)")
     src = MemorySources(embedding_model="embedder-1", training=train)
-    src.add_window("cam-new", w(0), seed=0, frames_per_window=16, scene=NIGHT)
+    src.add_window("cam-new", w(0), seed=0, frames_per_window=24, scene=NIGHT)
     mon = make_monitor(tmp_path, src)
 
     r = mon.evaluate("cam-new", w(0), now=NOW)
@@ -269,7 +269,7 @@ def test_new_camera_is_judged_against_the_training_embeddings(tmp_path: Path) ->
     hb = [m for m in v.metrics if m.family == "heartbeats"]
     assert hb and {m.verdict for m in hb} == {"no_reference"}
     assert all("holds no heartbeats" in m.reason for m in hb)
-    assert v.verdict == "significant" and v.metric == "embeddings" and r.frames_embedded == 16
+    assert v.verdict == "significant" and v.metric == "embeddings" and r.frames_embedded == 24
     assert [e.metric for e in r.events] == ["embeddings"]
     assert r.events[0].reference_id == v.reference["reference_id"]
     assert index(tmp_path, "cam-new") == {}  # a training-data reference is not the camera's
@@ -307,5 +307,6 @@ def test_silent_window_is_critical_and_not_enough_data(tmp_path: Path) -> None:
     r = mon.evaluate(CAM, w(3), now=NOW)  # no heartbeat at all in window 3
     assert r.heartbeats == 0
     assert {c.name: c.severity for c in r.operations} == {"silent": "critical"}
-    assert r.verdict.verdict == "no_reference"  # no model version to pick a reference by
+    assert r.verdict.verdict == "not_enough_data"
+    assert "no heartbeat" in r.verdict.reason
     assert r.events == []

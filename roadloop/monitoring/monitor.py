@@ -202,7 +202,10 @@ class CameraDriftMonitor:
             for old in html_dir.glob("*.html"):  # an earlier evaluation's: not this verdict's
                 old.unlink(missing_ok=True)
         verdict = evaluate_window(window, reference, self.config, "both", html_dir=html_dir)
-        if reference is None:
+        if not window.heartbeats:  # silent: no model version to find its reference by
+            verdict.verdict = "not_enough_data"
+            verdict.reason = "no heartbeat in the window (camera silent?)"
+        elif reference is None:
             verdict.reason = status
         ops = operational_checks(window.heartbeats,
                                  reference_fps=reference.fps_median if reference else None,
