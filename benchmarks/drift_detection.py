@@ -171,7 +171,7 @@ def run_detector(reference: list[Window], windows: list[Window], features: str) 
     ref = build_reference([data(w) for w in reference], config=config)
     describe = getattr(ref, "describe", None)
     ref_info = {"reference_id": str(getattr(ref, "reference_id", "")),
-                "build_cpu_s": time.process_time() - t, "config": repr(config),
+                "build_cpu_s": round(time.process_time() - t, 5), "config": repr(config),
                 "describe": json.loads(json.dumps(describe(), default=str)) if describe else None}
     out = []
     for w in windows:
@@ -189,7 +189,7 @@ def run_detector(reference: list[Window], windows: list[Window], features: str) 
                          "threshold_significant": _num(getattr(m, "threshold_significant", None)),
                          "verdict": str(m.verdict), "n_current": getattr(m, "n_current", None),
                          "reason": getattr(m, "reason", "")} for m in (v.metrics or [])],
-            "cpu_s": cpu,
+            "cpu_s": round(cpu, 5),
         })
     return out, ref_info
 
@@ -385,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "summary": summary,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "drift_detection.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "drift_detection.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "drift_detection.md").write_text(to_markdown(result))
     return result
 
