@@ -169,6 +169,7 @@ def run_demo_loop(
         # with it: the camera joins, takes the fleet's model, and its day windows become its
         # drift reference.
         if streams is not None and outcome.production:
+            fleet.stop_agents()  # the video cameras have shown the rollout; free their CPU
             day_agent = start_camera(fleet, streams[0], agent_model)
             with outcome.timed("drift_turn"):
                 outcome.drift = run_drift_turn(
