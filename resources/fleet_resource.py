@@ -210,10 +210,19 @@ class FleetResource(dg.ConfigurableResource):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def live_cameras(self) -> list[str]:
-        """Cameras with at least one active device (enrolled, not revoked, not in maintenance)."""
+    def live_cameras(self) -> dict[str, datetime | None]:
+        """Cameras with at least one active device (enrolled, not revoked, not in maintenance)
+        and when one of them was last heard from (None: never)."""
         devices = self._request("GET", "/v1/devices", params={"status": "active"})
-        return sorted({d["camera_id"] for d in devices})  # type: ignore[union-attr]
+        seen: dict[str, datetime | None] = {}
+        for d in devices:  # type: ignore[union-attr]
+            raw = d.get("last_seen_at")
+            ts = datetime.fromisoformat(raw) if raw else None
+            if ts is not None and ts.tzinfo is None:
+                ts = ts.replace(tzinfo=UTC)
+            prev = seen.get(d["camera_id"])
+            seen[d["camera_id"]] = max((t for t in (prev, ts) if t is not None), default=None)
+        return dict(sorted(seen.items()))
 
     def heartbeats(self, camera_id: str, start: datetime, end: datetime,
                    page: int = 1000) -> list[dict[str, Any]]:

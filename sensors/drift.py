@@ -3,7 +3,9 @@
 ``drift_window_sensor`` asks for a ``camera_drift`` run per live camera (an active device on
 the gateway) and closed window — closed means its end plus ``drift_grace_s`` (the last
 heartbeat of the window arrives after it) has passed. Run keys are ``camera|window``, so a
-window is scored once.
+window is scored once. A camera not heard from since before the previous window is skipped:
+its first silent window was scored (and its ``operational_health`` check said "silent"), so
+an unplugged camera costs one run, not one per window forever.
 
 ``drift_sensor`` reads new ``camera_drift`` materializations:
 
@@ -73,19 +75,21 @@ def drift_window_sensor(context: dg.SensorEvaluationContext, fleet: FleetResourc
     if not windows:
         return dg.SkipReason("no drift window closed since the last tick")
     try:
-        live = set(fleet.live_cameras())
+        live = fleet.live_cameras()
     except FleetError as exc:
         return dg.SkipReason(f"gateway unavailable, windows wait: {exc}")
     known = set(context.instance.get_dynamic_partitions(camera_partitions.name))
-    cameras = sorted(live)
-    new = sorted(live - known)
+    new = sorted(set(live) - known)
+    length = timedelta(minutes=settings.drift_window_minutes)
     requests = [
         dg.RunRequest(
             partition_key=dg.MultiPartitionKey({"camera": c, "window": w.strftime(DRIFT_WINDOW_FORMAT)}),
             run_key=f"{c}|{w.strftime(DRIFT_WINDOW_FORMAT)}",
             tags={f"{TAG}camera": c, f"{TAG}window": w.strftime(DRIFT_WINDOW_FORMAT)},
         )
-        for w in windows for c in cameras
+        for w in windows for c, seen in live.items()
+        # a camera silent since before the previous window was reported silent once already
+        if seen is not None and seen >= w - length
     ]
     return dg.SensorResult(
         run_requests=requests,

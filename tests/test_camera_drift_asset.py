@@ -224,7 +224,7 @@ def test_against_the_real_gateway(world: dict[str, Any], tmp_path: Path) -> None
                 assert r.status_code == 202, r.text
 
         fleet = FleetResource(gateway_url=gateway.url, admin_token=admin)
-        assert fleet.live_cameras() == [camera]
+        assert list(fleet.live_cameras()) == [camera]
         window = fleet.heartbeats(camera, WINDOW, WINDOW + LENGTH)
         assert [p["window_end"] for p in window] == [
             p["window_end"] for p in in_window(posted, WINDOW, WINDOW + LENGTH)]

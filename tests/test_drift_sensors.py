@@ -30,14 +30,19 @@ class StubFleet(FleetResource):
     gateway_url: str = "http://gateway.invalid"
     probe: str = "fleet"
     cameras: list[str] = Field(default_factory=list)
+    silent: dict[str, str | None] = Field(default_factory=dict)  # camera -> last seen (ISO)
     unreachable: bool = False
     boost_fails: bool = False
 
-    def live_cameras(self) -> list[str]:
+    def live_cameras(self) -> dict[str, datetime | None]:
         CALLS[self.probe].append({"call": "live_cameras"})
         if self.unreachable:
             raise FleetUnavailable("fleet gateway unreachable at http://gateway.invalid")
-        return sorted(self.cameras)
+        heard_now = datetime.max.replace(tzinfo=UTC)  # whatever the test's clock says
+        seen: dict[str, datetime | None] = dict.fromkeys(sorted(self.cameras), heard_now)
+        for camera, last in self.silent.items():
+            seen[camera] = datetime.fromisoformat(last) if last else None
+        return seen
 
     def boost_sampling(self, camera_id: str, *, factor: float, until: datetime,
                        reason: str) -> dict[str, Any]:
@@ -183,6 +188,24 @@ def test_window_sensor_requests_each_live_camera_and_closed_window_once(
     assert sorted(r.run_key for r in nxt.run_requests) == [
         f"cam-a|{key(w_next)}", f"cam-b|{key(w_next)}"]
     assert nxt.dynamic_partitions_requests == []
+
+
+def test_a_silent_camera_is_scored_once_then_left_alone(
+        instance: dg.DagsterInstance, clock: Clock, probe: str) -> None:
+    grace = timedelta(seconds=get_settings().drift_grace_s)
+    minutes = get_settings().drift_window_minutes
+    length = timedelta(minutes=minutes)
+    clock.now = at(5, 20) + grace
+    (w,) = closed_windows(clock.now, at(5, 0) - 2 * length, minutes, grace)[-1:]
+    fleet = StubFleet(probe=probe, cameras=["cam-live"], silent={
+        "cam-just-went-quiet": (w - length / 2).isoformat(),  # heard in the previous window
+        "cam-unplugged": (w - 3 * length).isoformat(),  # its silent window was scored already
+        "cam-never-seen": None,
+    })
+    result = window_tick(instance, fleet, (w - length).isoformat())
+    assert isinstance(result, dg.SensorResult)
+    assert sorted(r.run_key for r in result.run_requests) == [
+        f"cam-just-went-quiet|{key(w)}", f"cam-live|{key(w)}"]
 
 
 def test_window_sensor_waits_while_the_gateway_is_unreachable(
