@@ -49,8 +49,12 @@ CAMERA = "cam-fuzz"
 
 # Who may get a 2xx from which operation (random tokens in enroll/refresh bodies never work).
 PUBLIC = {("GET", "/healthz")}
+# the camera-scoped reads a device may make about its own camera
+OWN_CAMERA_READS = {("GET", "/v1/cameras/{camera_id}/heartbeats"),
+                    ("GET", "/v1/cameras/{camera_id}/config"),
+                    ("GET", "/v1/cameras/{camera_id}/config/history")}
 DEVICE = {("POST", "/v1/frames"), ("POST", "/v1/heartbeats"), ("GET", "/v1/manifest"),
-          ("GET", "/v1/models/{sha256}"), ("GET", "/v1/cameras/{camera_id}/heartbeats")}
+          ("GET", "/v1/models/{sha256}"), *OWN_CAMERA_READS}
 NOBODY = {("POST", "/v1/enroll"), ("POST", "/v1/token/refresh")}
 DEVICE_ONLY = {("POST", "/v1/frames"), ("POST", "/v1/heartbeats"), ("GET", "/v1/manifest")}
 
@@ -163,7 +167,7 @@ def _own_camera(case: Any, key: tuple[str, str]) -> bool:
     """Whether a device's request is about its own camera (only those may succeed)."""
     if case is None:
         return True
-    if key == ("GET", "/v1/cameras/{camera_id}/heartbeats"):
+    if key in OWN_CAMERA_READS:
         return (case.path_parameters or {}).get("camera_id") == CAMERA
     if key == ("POST", "/v1/heartbeats"):
         return isinstance(case.body, dict) and case.body.get("camera_id") == CAMERA
