@@ -146,7 +146,8 @@ class WindowFeatures:
         return float(low / h.total)
 
 
-def _number(v: Any) -> float | None:
+def finite_number(v: Any) -> float | None:
+    """A JSON number that is finite and not a bool, as float; else None."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v) if math.isfinite(v) else None
@@ -162,7 +163,7 @@ def _histogram(raw: Any, frames: int | None, unit: str) -> tuple[Histogram | Non
         return None, "bin_edges/counts are not lists"
     if not 2 <= len(edges) <= 257 or len(counts) != len(edges) - 1:
         return None, f"{len(counts)} counts for {len(edges)} edges"
-    e = [_number(x) for x in edges]
+    e = [finite_number(x) for x in edges]
     if any(x is None for x in e):
         return None, "non-numeric edge"
     ea = np.asarray(e, dtype=np.float64)
@@ -189,7 +190,7 @@ def window_features(heartbeats: Iterable[Mapping[str, Any]]) -> WindowFeatures:
             out.skipped.append(f"#{i}: not an object")
             continue
         out.heartbeats += 1
-        fp = _number(hb.get("frames_processed"))
+        fp = finite_number(hb.get("frames_processed"))
         frames = int(fp) if fp is not None and 0 <= fp <= _MAX_COUNT else None
         if frames is None:
             out.skipped.append(f"#{i}: frames_processed missing or absurd")

@@ -9,12 +9,13 @@ its box is unwell, which retraining does not fix, so they never start the learni
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from roadloop.monitoring.features import finite_number
 
 Severity = Literal["ok", "warn", "critical", "not_enough_data"]
 
@@ -41,16 +42,11 @@ class OperationalCheck(BaseModel):
     detail: str = ""
 
 
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
-def _column(heartbeats: Sequence[Any], key: str, lo: float, hi: float) -> list[float]:
+def numeric_column(heartbeats: Sequence[Any], key: str, lo: float, hi: float) -> list[float]:
+    """The finite numbers in ``[lo, hi]`` the heartbeats carry under ``key``."""
     out = []
     for hb in heartbeats:
-        v = _num(hb.get(key)) if isinstance(hb, Mapping) else None
+        v = finite_number(hb.get(key)) if isinstance(hb, Mapping) else None
         if v is not None and lo <= v <= hi:
             out.append(v)
     return out
@@ -65,8 +61,8 @@ def operational_checks(heartbeats: Sequence[Any], *, reference_fps: float | None
                                  detail="no heartbeat in the window")]
     checks = [OperationalCheck(name="silent", severity="ok", value=len(heartbeats),
                                detail=f"{len(heartbeats)} heartbeats")]
-    fps = _column(heartbeats, "fps", 0, _MAX_FPS)
-    ref_fps = _num(reference_fps)  # NaN, inf, a bool or a string is no reference either
+    fps = numeric_column(heartbeats, "fps", 0, _MAX_FPS)
+    ref_fps = finite_number(reference_fps)  # NaN, inf, a bool or a string is no reference either
     if not fps or ref_fps is None or not 0 < ref_fps <= _MAX_FPS:
         checks.append(OperationalCheck(name="fps_drop", severity="not_enough_data",
                                        detail="no fps in the window" if not fps
@@ -77,7 +73,7 @@ def operational_checks(heartbeats: Sequence[Any], *, reference_fps: float | None
         checks.append(OperationalCheck(
             name="fps_drop", severity="warn" if med < line else "ok", value=round(med, 3),
             warn=round(line, 3), detail=f"median fps {med:.2f} vs reference {ref_fps:.2f}"))
-    p95 = _column(heartbeats, "latency_p95_ms", 0, 3.6e6)
+    p95 = numeric_column(heartbeats, "latency_p95_ms", 0, 3.6e6)
     if p95:
         worst = max(p95)  # the window's worst heartbeat: a P95 over P95s would hide a bad minute
         sev: Severity = ("critical" if worst > cfg.p95_latency_critical_ms else
@@ -93,7 +89,7 @@ def operational_checks(heartbeats: Sequence[Any], *, reference_fps: float | None
     for hb in heartbeats:
         if not isinstance(hb, Mapping):
             continue
-        f, e = _num(hb.get("frames_processed")), _num(hb.get("errors"))
+        f, e = finite_number(hb.get("frames_processed")), finite_number(hb.get("errors"))
         if f is not None and e is not None and 0 <= e <= f <= 1e9:
             frames, errors = frames + f, errors + e
     if frames > 0:

@@ -16,6 +16,7 @@ import numpy as np
 from roadloop.fsutil import atomic_path, write_text_atomic
 from roadloop.monitoring.features import Histogram, WindowFeatures
 from roadloop.monitoring.models import EMBEDDINGS, DriftConfig, Reference, WindowData
+from roadloop.monitoring.operations import numeric_column
 from roadloop.monitoring.reports import (
     embedding_drift_score,
     heartbeat_metric_names,
@@ -51,9 +52,8 @@ def build_reference(windows: Sequence[WindowData], config: DriftConfig | None = 
         raise ValueError(f"windows hold embeddings of different sizes {sorted(dims)}")
     all_emb = np.concatenate([e for e in emb if len(e)]) if dims else None
     floors = _noise_floors(per_window, emb, cfg)
-    fps = [float(hb["fps"]) for w in windows for hb in w.heartbeats
-           if isinstance(hb, dict) and isinstance(hb.get("fps"), (int, float))
-           and not isinstance(hb.get("fps"), bool) and 0 < hb["fps"] < 1000]
+    fps = [v for w in windows for v in numeric_column(w.heartbeats, "fps", 0, 1000)
+           if 0 < v < 1000]
     versions = {w.model_version for w in windows}
     starts = [w.window_start.isoformat() for w in windows]
     payload = {"camera": windows[0].camera_id, "windows": starts, "versions": sorted(map(str, versions)),
