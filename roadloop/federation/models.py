@@ -23,13 +23,16 @@ class FederationConfig(BaseModel):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     min_train_sites: int = Field(2, ge=1)
     min_available_sites: int = Field(2, ge=1)
+    # Site selection (roadloop.federation.selection): floors a site must meet to be drawn.
+    min_site_frames: int = Field(10, ge=0)
+    min_site_quality: float = Field(0.5, ge=0.0, le=1.0)
     # FedProx's proximal weight (mu/2 * ||w - w_global||^2 added to each site's loss).
     proximal_mu: float = Field(0.0, ge=0.0)
     # Byzantine-robust aggregators: the fraction trimmed at each end (trimmed mean) and the
     # number of faulty sites the aggregator is built to tolerate (Krum, Multi-Krum, Bulyan).
     trim_beta: float = Field(0.2, ge=0.0, lt=0.5)
     num_malicious: int = Field(1, ge=0)
-    multikrum_keep: int | None = Field(None, ge=1)
+    multikrum_keep: int = Field(0, ge=0)  # updates Multi-Krum averages; 0: sites - malicious
     # Client-side DP (Flower's fixed clipping wrappers): each site's update is clipped to
     # ``dp_clipping_norm`` and the server adds Gaussian noise of ``dp_noise_multiplier`` x clip.
     dp: bool = False

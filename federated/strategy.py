@@ -1,0 +1,313 @@
+"""Strategies by configuration, behind a wrapper that selects sites and screens their updates.
+
+``build_strategy`` returns Flower's own aggregator (FedAvg, FedProx, FedTrimmedAvg,
+FedMedian, Krum, MultiKrum, Bulyan) wrapped in :class:`SiteScreening`, and that in Flower's
+``DifferentialPrivacyClientSideFixedClipping`` when DP is on. The wrapper:
+
+- chooses which sites train this round (``roadloop.federation.selection``) and lets the
+  inner strategy sample only among their nodes;
+- screens every reply (``roadloop.federation.updates``): an error reply, an undecodable or
+  misshapen array, NaN, an absurd norm or a bad example count is refused and logged, and the
+  inner strategy aggregates the others, each rebuilt as one ArrayRecord + one MetricRecord
+  holding only the example count (one odd reply cannot make Flower's consistency check
+  abandon the round);
+- records what happened per round (:class:`roadloop.federation.models.RoundRecord`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    Bulyan,
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
+
+from federated.records import NUM_EXAMPLES, from_array_record, payload_bytes
+from roadloop.federation.models import FederationConfig, RejectedUpdate, RoundRecord
+from roadloop.federation.selection import SelectionPolicy, SiteRecord, select_sites
+from roadloop.federation.updates import CandidateUpdate, screen_updates
+
+# A child of Flower's logger, so lines land in the run's log (`flwr log`).
+logger = logging.getLogger("flwr").getChild("roadloop")
+
+# Train-reply metrics a site may report besides the example count (kept per site).
+SITE_METRIC_KEYS = ("train-loss", "train-seconds", "proximal-distance")
+
+
+class _SelectedGrid(Grid):
+    """A view of ``grid`` whose nodes are only those chosen for this round."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def set_run(self, run: Any) -> None:  # pragma: no cover - never called on a view
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, *args: Any, **kwargs: Any) -> Iterable[Message]:  # pragma: no cover
+        return self._grid.send_and_receive(*args, **kwargs)
+
+
+class SiteScreening(Strategy):
+    """Site selection and update screening around any Flower strategy (see module doc)."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        cfg: FederationConfig,
+        sites: dict[int, SiteRecord],
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.cfg = cfg
+        self.sites = sites  # node id -> the site's record (from its query reply)
+        self.rounds: dict[int, RoundRecord] = {}
+        self._reference: dict[int, dict[str, np.ndarray]] = {}
+        self._started: dict[int, float] = {}
+        # Set by build_strategy when DP wraps this layer: its noise is calibrated to the
+        # number of sites actually averaged, and every site weighs the same (the mean's
+        # sensitivity to one site is then clip / sites).
+        self.dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None
+        self.max_norm = cfg.max_update_norm
+        if cfg.dp:  # clipped on the site: anything longer did not clip
+            self.max_norm = min(self.max_norm, cfg.dp_clipping_norm * (1 + 1e-6))
+
+    def site_of(self, node_id: int) -> str:
+        rec = self.sites.get(node_id)
+        return rec.site if rec else f"node-{node_id}"
+
+    def summary(self) -> None:
+        logger.info("site screening: max update norm %.4g, ratio %.4g", self.max_norm,
+                    self.cfg.max_norm_ratio)
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._started[server_round] = time.monotonic()
+        by_site = {rec.site: node for node, rec in self.sites.items()}
+        online = set(grid.get_node_ids())
+        records = [
+            rec.model_copy(update={"live": rec.live and node in online})
+            for node, rec in self.sites.items()
+        ]
+        policy = SelectionPolicy(
+            min_frames=self.cfg.min_site_frames,
+            min_quality=self.cfg.min_site_quality,
+            fraction=self.cfg.fraction_train,
+            min_sites=self.cfg.min_train_sites,
+        )
+        selection = select_sites(records, policy, seed=self.cfg.seed * 100_003 + server_round)
+        for site, why in selection.excluded.items():
+            logger.info("round %d: site %s not eligible: %s", server_round, site, why)
+        chosen = [by_site[s] for s in selection.chosen]
+        if len(chosen) < self.cfg.min_train_sites:
+            logger.warning(
+                "round %d: %d eligible sites < min_train_sites %d; round skipped",
+                server_round, len(chosen), self.cfg.min_train_sites,
+            )
+            self.rounds[server_round] = RoundRecord(
+                round=server_round, sites_sampled=[], sites_aggregated=[],
+                failures=[f"only {len(chosen)} eligible sites"],
+            )
+            return []
+        self._reference[server_round] = from_array_record(arrays)
+        messages = list(self.inner.configure_train(
+            server_round, arrays, config, _SelectedGrid(grid, chosen)
+        ))
+        self.rounds[server_round] = RoundRecord(
+            round=server_round,
+            sites_sampled=sorted(self.site_of(m.metadata.dst_node_id) for m in messages),
+            sites_aggregated=[],
+            bytes_to_site=payload_bytes(arrays),
+        )
+        return messages
+
+    def _candidate(self, msg: Message) -> tuple[CandidateUpdate | None, str | None, dict]:
+        """The reply as a candidate update, or why it cannot be one."""
+        site = self.site_of(msg.metadata.src_node_id)
+        content = msg.content
+        if len(content.array_records) != 1:
+            return None, f"{len(content.array_records)} ArrayRecords, expected 1", {}
+        if len(content.metric_records) != 1:
+            return None, f"{len(content.metric_records)} MetricRecords, expected 1", {}
+        try:
+            arrays = from_array_record(next(iter(content.array_records.values())))
+        except ValueError as exc:
+            return None, str(exc), {}
+        metrics = next(iter(content.metric_records.values()))
+        extra = {}
+        for key in SITE_METRIC_KEYS:
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+                extra[key] = float(value)
+        rec = self.sites.get(msg.metadata.src_node_id)
+        return (
+            CandidateUpdate(
+                key=site,
+                arrays=arrays,
+                num_examples=metrics.get(NUM_EXAMPLES),
+                max_examples=rec.frames if rec else None,
+            ),
+            None,
+            extra,
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = self.rounds.setdefault(
+            server_round, RoundRecord(round=server_round, sites_sampled=[], sites_aggregated=[])
+        )
+        reference = self._reference.pop(server_round, None)
+        candidates: list[CandidateUpdate] = []
+        messages: dict[str, Message] = {}
+        site_metrics: dict[str, dict[str, float]] = {}
+        for msg in replies:
+            site = self.site_of(msg.metadata.src_node_id)
+            if msg.has_error():
+                record.failures.append(f"{site}: {msg.error.reason}")
+                logger.warning("round %d: %s failed: %s", server_round, site, msg.error.reason)
+                continue
+            record.bytes_from_site[site] = sum(
+                payload_bytes(r) for r in msg.content.array_records.values()
+            )
+            candidate, reason, extra = self._candidate(msg)
+            if candidate is None:
+                self._reject(record, site, msg, reason or "malformed reply")
+                continue
+            candidates.append(candidate)
+            messages[site] = msg
+            site_metrics[site] = extra
+        if reference is None or not candidates:
+            self._finish(record, server_round)
+            return None, None
+        screened = screen_updates(
+            candidates, reference, max_norm=self.max_norm, max_norm_ratio=self.cfg.max_norm_ratio
+        )
+        for site, reason in screened.rejected.items():
+            if site in messages:
+                self._reject(record, site, messages[site], reason)
+        accepted: list[Message] = []
+        for site in screened.accepted:
+            msg = messages[site]
+            arrays = next(iter(msg.content.array_records.values()))
+            weight = next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES]
+            if self.dp_wrapper is not None:
+                weight = 1
+            msg.content = RecordDict(
+                {"arrays": arrays, "metrics": MetricRecord({NUM_EXAMPLES: int(weight)})}
+            )
+            accepted.append(msg)
+        record.sites_aggregated = sorted(screened.accepted)
+        for site in screened.accepted:
+            for key, value in site_metrics[site].items():
+                record.train_metrics[f"{site}/{key}"] = value
+            record.train_metrics[f"{site}/update-norm"] = screened.norms[site]
+        if not accepted:
+            self._finish(record, server_round)
+            return None, None
+        if self.dp_wrapper is not None:
+            self.dp_wrapper.num_sampled_clients = len(accepted)
+        arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        self._finish(record, server_round)
+        return arrays, metrics
+
+    def _reject(self, record: RoundRecord, site: str, msg: Message, reason: str) -> None:
+        logger.warning("round %d: update from %s refused: %s", record.round, site, reason)
+        record.rejected.append(
+            RejectedUpdate(site=site, node_id=msg.metadata.src_node_id, reason=reason)
+        )
+
+    def _finish(self, record: RoundRecord, server_round: int) -> None:
+        started = self._started.pop(server_round, None)
+        if started is not None:
+            record.seconds = time.monotonic() - started
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        ok = [m for m in replies if not m.has_error()]
+        return self.inner.aggregate_evaluate(server_round, ok) if ok else None
+
+
+def _inner(cfg: FederationConfig) -> Strategy:
+    common: dict[str, Any] = {
+        # Selection happened in SiteScreening: the inner strategy takes every chosen node.
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,  # the ServerApp evaluates the global model centrally
+        "min_train_nodes": cfg.min_train_sites,
+        "min_available_nodes": cfg.min_train_sites,
+    }
+    match cfg.strategy:
+        case "fedavg":
+            return FedAvg(**common)
+        case "fedprox":
+            return FedProx(**common, proximal_mu=cfg.proximal_mu)
+        case "trimmed_mean":
+            return FedTrimmedAvg(**common, beta=cfg.trim_beta)
+        case "median":
+            return FedMedian(**common)
+        case "krum":
+            return Krum(**common, num_malicious_nodes=cfg.num_malicious)
+        case "multikrum":
+            keep = cfg.multikrum_keep or max(1, cfg.min_train_sites - cfg.num_malicious)
+            return MultiKrum(
+                **common, num_malicious_nodes=cfg.num_malicious, num_nodes_to_select=keep
+            )
+        case "bulyan":
+            return Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
+    raise ValueError(f"unknown strategy {cfg.strategy!r}")  # pragma: no cover - Literal
+
+
+def build_strategy(
+    cfg: FederationConfig, sites: dict[int, SiteRecord]
+) -> tuple[Strategy, SiteScreening]:
+    """The strategy to start, and the screening layer whose round records it fills."""
+    screening = SiteScreening(_inner(cfg), cfg, sites)
+    if not cfg.dp:
+        return screening, screening
+    sampled = max(cfg.min_train_sites, round(cfg.fraction_train * len(sites)))
+    dp = DifferentialPrivacyClientSideFixedClipping(
+        screening,
+        noise_multiplier=cfg.dp_noise_multiplier,
+        clipping_norm=cfg.dp_clipping_norm,
+        num_sampled_clients=min(sampled, len(sites)),
+    )
+    screening.dp_wrapper = dp
+    return dp, screening
