@@ -1,32 +1,50 @@
-"""``trained_model``: Ultralytics training, logged to MLflow and registered as ``candidate``."""
+"""``trained_model``: the ``candidate`` detector, logged to MLflow and registered there.
 
+Two sources, one asset (so one export, one set of benchmark gates, one promotion and rollout
+path follows either): ``central`` trains with Ultralytics on the curated dataset;
+``federated`` runs a Flower federation across camera sites whose frames stay on site
+(``assets/federated.py``), evaluated on the curated dataset's held-out split.
+"""
 
 import shutil
+from typing import Literal
 
 import dagster as dg
 
-from resources import ArtifactStoreResource, MlflowResource, TrainerResource
+from resources import ArtifactStoreResource, FederationResource, MlflowResource, TrainerResource
 from roadloop.models.tracking import CANDIDATE_ALIAS
-from roadloop.models.training import configure_ultralytics, train_detector
+from roadloop.models.training import configure_ultralytics, read_data_yaml, train_detector
 from roadloop.settings import get_settings
 
 from . import groups
+from .federated import federate_candidate, rounds_table
 from .records import CuratedDatasetVersion, TrainedModelVersion
+
+
+class TrainedModelConfig(dg.Config):
+    source: Literal["central", "federated"] = "central"
 
 
 @dg.asset(
     group_name=groups.MODELS,
     kinds={"pytorch", "mlflow"},
-    description="A YOLO detector trained on the curated dataset; registered in MLflow as `candidate`.",
+    description=(
+        "The candidate detector: trained on the curated dataset (source central) or federated "
+        "across camera sites with Flower (source federated); registered in MLflow as `candidate`."
+    ),
 )
 def trained_model(
     context: dg.AssetExecutionContext,
+    config: TrainedModelConfig,
     curated_dataset: CuratedDatasetVersion,
     trainer: TrainerResource,
+    federation: FederationResource,
     mlflow: MlflowResource,
     artifacts: ArtifactStoreResource,
 ) -> dg.Output[TrainedModelVersion]:
     configure_ultralytics(get_settings().home / "ultralytics")
+    if config.source == "federated":
+        return _federated(context, curated_dataset, trainer, federation, mlflow, artifacts)
     cfg = trainer.train_config()
     tracker = mlflow.tracker()
     run_id = tracker.start_run(
@@ -81,6 +99,71 @@ def trained_model(
             "device": result.device,
             "dataset_md5": curated_dataset.version.md5,
             **{k: float(v) for k, v in result.final_metrics.items()},
+            "weights": dg.MetadataValue.path(str(weights)),
+        },
+    )
+
+
+def _federated(
+    context: dg.AssetExecutionContext,
+    curated_dataset: CuratedDatasetVersion,
+    trainer: TrainerResource,
+    federation: FederationResource,
+    mlflow: MlflowResource,
+    artifacts: ArtifactStoreResource,
+) -> dg.Output[TrainedModelVersion]:
+    tracker = mlflow.tracker()
+    cfg = federation.federation_config()
+    run_id = tracker.start_run(
+        f"federate-{cfg.strategy}-{curated_dataset.version.md5[:8]}",
+        tags={"roadloop.stage": "train", "roadloop.source": "federated",
+              "roadloop.dataset_md5": curated_dataset.version.md5},
+    )
+    try:
+        result, start_note = federate_candidate(
+            context, curated_dataset, federation, trainer, mlflow, artifacts, run_id
+        )
+    except Exception:
+        tracker.end_run(run_id, status="FAILED")
+        raise
+    last = result.rounds[-1].eval_metrics if result.rounds else {}
+    final = {k: float(v) for k, v in last.items() if k != "num_examples"}
+    tracker.log_metrics(run_id, {f"final/{k}": v for k, v in final.items()})
+    tracker.log_artifact(run_id, result.weights, "weights")
+    version = tracker.register_version(
+        mlflow.registered_model_name,
+        run_id,
+        f"weights/{result.weights.name}",
+        tags={"dataset_md5": curated_dataset.version.md5, "imgsz": str(cfg.imgsz),
+              "source": "federated", "strategy": cfg.strategy},
+    )
+    tracker.set_alias(mlflow.registered_model_name, CANDIDATE_ALIAS, version.version)
+    tracker.end_run(run_id)
+    weights = artifacts.path("models", version.version) / "best.pt"
+    shutil.copy2(result.weights, weights)
+    record = TrainedModelVersion(
+        registered_name=mlflow.registered_model_name,
+        model_version=version.version,
+        run_id=run_id,
+        weights=weights,
+        imgsz=cfg.imgsz,
+        class_names=read_data_yaml(curated_dataset.data_yaml),
+        dataset_md5=curated_dataset.version.md5,
+        metrics=final,
+    )
+    return dg.Output(
+        record,
+        metadata={
+            "model_version": version.version,
+            "alias": CANDIDATE_ALIAS,
+            "source": "federated",
+            "strategy": cfg.strategy,
+            "sites": ", ".join(result.sites),
+            "rounds": dg.MetadataValue.md(rounds_table(result)),
+            "start_weights": start_note,
+            "mlflow_run_id": run_id,
+            "epsilon": result.epsilon if result.epsilon is not None else "no DP",
+            **final,
             "weights": dg.MetadataValue.path(str(weights)),
         },
     )
