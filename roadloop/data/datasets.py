@@ -272,7 +272,7 @@ class QuarantineRecord(BaseModel):
 
 
 @dataclass
-class _CheckedFrame:
+class CheckedFrame:
     frame: LabelledFrame
     sha256: str
     rows: list[tuple[int, float, float, float, float]]
@@ -377,9 +377,11 @@ def _parse_labels(
     return rows, bad, False
 
 
-def _check_frame(
+def check_frame(
     frame: LabelledFrame, taxonomy: Taxonomy, order: int
-) -> tuple[_CheckedFrame | None, list[QuarantineRecord]]:
+) -> tuple[CheckedFrame | None, list[QuarantineRecord]]:
+    """Check one frame: (the frame with its rows in taxonomy ids, or None when the whole frame
+    goes; frame-level quarantine records). Row-level records ride on ``CheckedFrame.quarantine``."""
     def frame_record(reason: str, detail: str) -> QuarantineRecord:
         return QuarantineRecord(
             file=str(frame.image),
@@ -400,7 +402,7 @@ def _check_frame(
     if unreadable:
         return None, bad
     sha = hashlib.sha256(data).hexdigest()
-    return _CheckedFrame(frame, sha, rows, order, bad), []
+    return CheckedFrame(frame, sha, rows, order, bad), []
 
 
 # --------------------------------------------------------------------------- build
@@ -424,7 +426,8 @@ class CuratedDataset(BaseModel):
         return Path(self.path) / "data.yaml"
 
 
-def _dataset_yaml(class_names: Sequence[str], has_test: bool, root: Path | None) -> dict:
+def dataset_yaml_doc(class_names: Sequence[str], has_test: bool, root: Path | None) -> dict:
+    """A YOLO data.yaml mapping (images/{train,val[,test]}); ``path:`` only when ``root`` given."""
     doc: dict = {}
     if root is not None:
         doc["path"] = str(Path(root).absolute())
@@ -456,7 +459,8 @@ def write_data_yaml(dataset_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def _safe_stem(stem: str) -> str:
+def safe_stem(stem: str) -> str:
+    """``stem`` with every character outside [A-Za-z0-9-_.] replaced by ``_``."""
     return "".join(c if (c.isalnum() or c in "-_.") else "_" for c in stem)
 
 
@@ -535,19 +539,19 @@ def build_curated_dataset(
     )
 
     quarantine: list[QuarantineRecord] = []
-    checked: list[_CheckedFrame] = []
+    checked: list[CheckedFrame] = []
     for i, fr in enumerate(tqdm(candidates, desc="validating frames", disable=not progress)):
-        ok, bad = _check_frame(fr, taxonomy, i)
+        ok, bad = check_frame(fr, taxonomy, i)
         quarantine.extend(bad)
         if ok is not None:
             quarantine.extend(ok.quarantine)
             checked.append(ok)
 
     # Leakage: one copy per image content, in the highest-priority split.
-    by_sha: dict[str, list[_CheckedFrame]] = defaultdict(list)
+    by_sha: dict[str, list[CheckedFrame]] = defaultdict(list)
     for cf in checked:
         by_sha[cf.sha256].append(cf)
-    kept: list[_CheckedFrame] = []
+    kept: list[CheckedFrame] = []
     for copies in by_sha.values():
         copies.sort(key=lambda c: (SPLIT_PRIORITY.index(c.frame.split), c.order))
         winner = copies[0]
@@ -594,7 +598,7 @@ def build_curated_dataset(
 
 def _write_dataset(
     root: Path,
-    kept: list[_CheckedFrame],
+    kept: list[CheckedFrame],
     quarantine: list[QuarantineRecord],
     reasons: Counter,
     taxonomy: Taxonomy,
@@ -610,7 +614,7 @@ def _write_dataset(
     source_counts: dict[str, dict[str, int]] = defaultdict(lambda: {s: 0 for s in SPLITS})
     for cf in kept:
         fr = cf.frame
-        stem = f"{_safe_stem(fr.source)}__{_safe_stem(Path(fr.image).stem)}"
+        stem = f"{safe_stem(fr.source)}__{safe_stem(Path(fr.image).stem)}"
         if f"{fr.split}/{stem}" in used:  # two extra frames with one name: keep both
             stem = f"{stem}__{cf.sha256[:8]}"
         used.add(f"{fr.split}/{stem}")
@@ -645,7 +649,7 @@ def _write_dataset(
     (root / "data.yaml").write_text(
         "# roadloop curated dataset; paths are relative to this file's folder.\n"
         + yaml.safe_dump(
-            _dataset_yaml(taxonomy.classes, split_counts["test"] > 0, None), sort_keys=False
+            dataset_yaml_doc(taxonomy.classes, split_counts["test"] > 0, None), sort_keys=False
         ),
         encoding="utf-8",
     )
@@ -770,14 +774,18 @@ def make_synthetic_dataset(
 
 __all__ = [
     "SPLITS",
+    "CheckedFrame",
     "CuratedDataset",
     "LabelledFrame",
     "QuarantineRecord",
     "SourceSpec",
     "Taxonomy",
     "build_curated_dataset",
+    "check_frame",
+    "dataset_yaml_doc",
     "default_sources",
     "load_taxonomy",
     "make_synthetic_dataset",
+    "safe_stem",
     "write_data_yaml",
 ]

@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from roadloop.data.datasets import LabelledFrame, Taxonomy, _check_frame
+from roadloop.data.datasets import LabelledFrame, Taxonomy, check_frame
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import swap_dir_into_place
 
@@ -312,7 +312,7 @@ def write_review_export(
                 source=REVIEWED_SOURCE,
                 split=sample.split or "train",
             )
-            checked, bad = _check_frame(frame, taxonomy, 0)
+            checked, bad = check_frame(frame, taxonomy, 0)
             bad = bad + (checked.quarantine if checked is not None else [])
             if bad:
                 img_out.unlink(missing_ok=True)
