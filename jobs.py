@@ -42,6 +42,14 @@ learning_loop_job = dg.define_asset_job(
     description="Curate → train → export → quantize → benchmark → (gated) promote.",
 )
 
+federated_learning_loop_job = dg.define_asset_job(
+    "federated_learning_loop",
+    selection=dg.AssetSelection.assets(*LOOP_ASSETS) - dg.AssetSelection.assets(curated_dataset),
+    config={"ops": {"trained_model": {"config": {"source": "federated"}}}},
+    description="Federate across camera sites (Flower) → export → quantize → benchmark → "
+    "(gated) promote: the same gates as learning_loop; the curated dataset is the held-out set.",
+)
+
 nightly_benchmark_job = dg.define_asset_job(
     "nightly_benchmark_job",
     selection=dg.AssetSelection.assets(benchmark_report),
@@ -92,6 +100,7 @@ ALL_JOBS = [
     replay_ingestion_job,
     sampled_edge_frames_job,
     learning_loop_job,
+    federated_learning_loop_job,
     nightly_benchmark_job,
     review_queue_job,
     review_import_job,
@@ -104,6 +113,7 @@ __all__ = [
     "ALL_JOBS",
     "camera_accuracy_job",
     "camera_drift_job",
+    "federated_learning_loop_job",
     "learning_loop_job",
     "model_rollout_job",
     "nightly_benchmark_job",

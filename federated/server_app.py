@@ -92,7 +92,6 @@ def sanitize_norm_statistics(arrays: dict[str, np.ndarray]) -> dict[str, np.ndar
 def main(grid: Grid, context: Context) -> None:
     from roadloop.federation.local_training import evaluate_arrays
     from roadloop.federation.weights import load_detection_model, save_checkpoint, state_arrays
-
     from roadloop.models.training import read_data_yaml
 
     run_config = dict(context.run_config)
@@ -113,7 +112,7 @@ def main(grid: Grid, context: Context) -> None:
             f"{len(sites)} sites described themselves, fewer than min_available_sites "
             f"{cfg.min_available_sites}"
         )
-    model = load_detection_model(initial, class_names, work_dir=work_dir)
+    model = load_detection_model(initial, class_names)
     initial_arrays = state_arrays(model)
     strategy, screening = build_strategy(cfg, sites)
     ledger = SitePrivacyLedger(cfg.dp_noise_multiplier, cfg.dp_delta) if cfg.dp else None
@@ -128,7 +127,6 @@ def main(grid: Grid, context: Context) -> None:
             save_checkpoint(
                 arrays, initial, weights, class_names=class_names or [],
                 meta={"federation": cfg.model_dump(), "sites": sorted(r.site for r in sites.values())},
-                work_dir=work_dir,
             )
         result = FederationResult(
             config=cfg,

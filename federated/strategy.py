@@ -45,7 +45,10 @@ from roadloop.federation.updates import CandidateUpdate, screen_updates
 logger = logging.getLogger("flwr").getChild("roadloop")
 
 # Train-reply metrics a site may report besides the example count (kept per site).
-SITE_METRIC_KEYS = ("train-loss", "train-seconds", "proximal-distance")
+SITE_METRIC_KEYS = (
+    "train/box_loss", "train/cls_loss", "train/dfl_loss", "seconds", "optimizer_steps",
+)
+LOSS_PARTS = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
 
 
 class _SelectedGrid(Grid):
@@ -233,6 +236,10 @@ class SiteScreening(Strategy):
         for site in screened.accepted:
             for key, value in site_metrics[site].items():
                 record.train_metrics[f"{site}/{key}"] = value
+            if all(k in site_metrics[site] for k in LOSS_PARTS):
+                record.train_metrics[f"{site}/train-loss"] = sum(
+                    site_metrics[site][k] for k in LOSS_PARTS
+                )
             record.train_metrics[f"{site}/update-norm"] = screened.norms[site]
         if not accepted:
             self._finish(record, server_round)

@@ -17,6 +17,7 @@ from roadloop.settings import Settings, get_settings
 from .benchmark import BenchmarkResource
 from .data_sources import LabelledSourcesResource
 from .dvc_store import DvcResource
+from .federation import FederationResource
 from .fiftyone_resource import FiftyOneResource
 from .fleet_resource import FleetResource
 from .mlflow_tracking import MlflowResource
@@ -27,6 +28,7 @@ __all__ = [
     "ArtifactStoreResource",
     "BenchmarkResource",
     "DvcResource",
+    "FederationResource",
     "FiftyOneResource",
     "FleetResource",
     "FrameStoreResource",
@@ -47,13 +49,16 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
     settings.ensure_dirs()
 
     trainer = TrainerResource(model=settings.train_model)
+    federation = FederationResource(rounds=5)
     benchmark = BenchmarkResource()
     max_frames = None
     if profile == "demo":
         trainer = TrainerResource(model=settings.train_model, imgsz=320, epochs=settings.demo_epochs)
+        federation = FederationResource(rounds=2, imgsz=224)
         benchmark = BenchmarkResource(warmup=10, runs=100)
     elif profile == "test":
         trainer = TrainerResource(model=settings.train_model, imgsz=96, epochs=1, batch=4)
+        federation = FederationResource(rounds=1, imgsz=64, batch=4)
         benchmark = BenchmarkResource(
             warmup=1, runs=3, batch_sizes=[1, 2], slices=["low_light", "blur"],
             calibration_frames=4, p95_latency_budget_ms=60_000.0,
@@ -93,5 +98,6 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
             taxonomy_file=str(settings.taxonomy_file),
         ),
         "trainer": trainer,
+        "federation": federation,
         "benchmark": benchmark,
     }

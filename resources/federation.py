@@ -27,7 +27,7 @@ class FederationResource(dg.ConfigurableResource):
     min_train_sites: int = 2
     sites_dir: str = ""
     manaus_sites: int = 3
-    config_overrides: dict = {}
+    config_overrides: dict = {}  # noqa: RUF012 (a pydantic field: defaults are copied)
 
     def federation_config(self) -> FederationConfig:
         values = {

@@ -1,6 +1,12 @@
 from .benchmarks import nightly_benchmark_schedule
+from .federated import federated_rounds_schedule
 from .ingestion import replay_ingestion_schedule
 
-ALL_SCHEDULES = [nightly_benchmark_schedule, replay_ingestion_schedule]
+ALL_SCHEDULES = [nightly_benchmark_schedule, federated_rounds_schedule, replay_ingestion_schedule]
 
-__all__ = ["ALL_SCHEDULES", "nightly_benchmark_schedule", "replay_ingestion_schedule"]
+__all__ = [
+    "ALL_SCHEDULES",
+    "federated_rounds_schedule",
+    "nightly_benchmark_schedule",
+    "replay_ingestion_schedule",
+]

@@ -89,6 +89,7 @@ def test_every_job_comes_from_the_jobs_module_and_is_registered() -> None:
         assert any(target.job_def is job for job in jobs.ALL_JOBS), name
     assert targeted == {
         "nightly_benchmark_schedule": {"nightly_benchmark_job"},
+        "federated_rounds_schedule": {"federated_learning_loop"},
         "replay_ingestion_schedule": {"replay_ingestion_job"},
         "new_camera_sensor": {"sampled_edge_frames_job"},
         "reviews_finished_sensor": {"review_import"},

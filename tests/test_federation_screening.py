@@ -169,7 +169,8 @@ def test_wrapper_selects_eligible_sites_and_aggregates_only_sound_updates(task_i
     def replies_for(msg, site):
         honest = {k: v + 1.0 for k, v in REF.items()}
         if site == "a":
-            return _reply(msg, honest, {"num-examples": 10, "train-loss": 2.0})
+            return _reply(msg, honest, {"num-examples": 10, "train/box_loss": 1.0,
+                                          "train/cls_loss": 0.5, "train/dfl_loss": 0.5})
         if site == "b":
             return _reply(msg, {k: v + 3.0 for k, v in REF.items()}, {"num-examples": 30})
         if site == "c":  # NaN

@@ -263,3 +263,13 @@ def test_sites_below_min_frames_are_left_out_and_named(tmp_path: Path) -> None:
     assert set(plan.info["dropped_sites"]) == {"atl_night"}
     with pytest.raises(EmptyDatasetError):
         build_site_datasets(src, tmp_path / "none", manaus_sites=2, min_frames=1000)
+
+
+def test_sites_in_reads_a_built_layout_back(shared_dir, tmp_path):
+    from roadloop.federation.sites import build_site_datasets, sites_in
+
+    plan = build_site_datasets(shared_dir / "datasets", tmp_path / "sites")
+    found = sites_in(tmp_path / "sites")
+    assert [(s.name, s.frames, s.quality) for s in found] == sorted(
+        (s.name, s.frames, s.quality) for s in plan.sites
+    )

@@ -87,7 +87,7 @@ def run_federation(
         def run() -> None:
             try:
                 outcome["run"] = federation.run(Path(app_dir), run_config, timeout_s=timeout_s)
-            except BaseException as exc:  # handed to the caller's thread below
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 outcome["error"] = exc
 
         worker = threading.Thread(target=run, name="flwr-run", daemon=True)

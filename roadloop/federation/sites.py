@@ -392,6 +392,34 @@ def centralized_dataset(plan: SitePlan, out_dir: Path) -> Path:
     return out_dir / "data.yaml"
 
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+
+def sites_in(root: Path) -> list[SiteSpec]:
+    """Sites already laid out under ``root``: every ``<site>/data.yaml`` with a train split.
+
+    ``frames`` counts the train images; ``quality`` is read from ``plan.json`` when the
+    layout was written by :func:`build_site_datasets`, else 1.0.
+    """
+    root = Path(root).absolute()
+    quality: dict[str, float] = {}
+    if (root / "plan.json").is_file():
+        plan = SitePlan.model_validate_json((root / "plan.json").read_text(encoding="utf-8"))
+        quality = {spec.name: spec.quality for spec in plan.sites}
+    sites = []
+    for data_yaml in sorted(root.glob("*/data.yaml")):
+        train = data_yaml.parent / "images" / "train"
+        if data_yaml.parent.name == TEST_DIR or not train.is_dir():
+            continue
+        frames = sum(1 for p in train.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        name = data_yaml.parent.name
+        sites.append(SiteSpec(name=name, data_yaml=data_yaml, frames=frames,
+                              quality=quality.get(name, 1.0)))
+    if not sites:
+        raise MissingDataError(f"no site datasets (<site>/data.yaml with images/train) in {root}")
+    return sites
+
+
 __all__ = [
     "DAY_AT_LEAST",
     "NIGHT_BELOW",
@@ -400,5 +428,6 @@ __all__ = [
     "centralized_dataset",
     "group_sources",
     "mean_grey",
+    "sites_in",
     "source_prefix",
 ]
