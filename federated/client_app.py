@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from federated.mods import clip_when_asked, red_team
-from federated.records import NUM_EXAMPLES, from_array_record, to_array_record
+from federated.records import NUM_EXAMPLES, Layout, pack, weights_of
 from roadloop.federation.models import FederationConfig, SiteSpec
 
 # red_team sits outside clipping: a hostile site does not clip its own update.
@@ -63,14 +63,15 @@ def train(msg: Message, context: Context) -> Message:
         "proximal_mu": mu,
         "local_epochs": int(config.get("local-epochs", cfg.local_epochs)),
     })
-    global_arrays = from_array_record(next(iter(msg.content.array_records.values())))
+    layout = Layout.from_config(config)
+    global_arrays = weights_of(next(iter(msg.content.array_records.values())), layout)
     update = train_on_site(
         global_arrays, site, cfg, template_checkpoint=_template(context),
         work_dir=_work_dir(context, site), server_round=int(config.get("server-round", 0)),
     )
     metrics = {NUM_EXAMPLES: int(update.num_examples)}
     metrics.update({k: float(v) for k, v in update.metrics.items()})
-    content = RecordDict({"arrays": to_array_record(update.arrays),
+    content = RecordDict({"arrays": pack(update.arrays, layout),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
@@ -81,7 +82,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     site = site_of(context)
     cfg = FederationConfig.from_run_config(dict(context.run_config))
-    arrays = from_array_record(next(iter(msg.content.array_records.values())))
+    config = next(iter(msg.content.config_records.values()))
+    arrays = weights_of(next(iter(msg.content.array_records.values())), Layout.from_config(config))
     metrics = evaluate_arrays(
         arrays, site.data_yaml, split="val", template_checkpoint=_template(context),
         imgsz=cfg.imgsz, work_dir=_work_dir(context, site) / "eval",

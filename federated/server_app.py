@@ -27,7 +27,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 
-from federated.records import to_array_record
+from federated.records import Layout, pack, weights_of
 from federated.strategy import build_strategy
 from roadloop.federation.models import FederationConfig, FederationResult
 from roadloop.federation.privacy import SitePrivacyLedger
@@ -114,6 +114,7 @@ def main(grid: Grid, context: Context) -> None:
         )
     model = load_detection_model(initial, class_names)
     initial_arrays = state_arrays(model)
+    layout = Layout.of(initial_arrays)
     strategy, screening = build_strategy(cfg, sites)
     ledger = SitePrivacyLedger(cfg.dp_noise_multiplier, cfg.dp_delta) if cfg.dp else None
     evals: dict[int, dict[str, float]] = {}
@@ -148,9 +149,7 @@ def main(grid: Grid, context: Context) -> None:
                         cfg.dp_delta)
         if not eval_yaml:
             return None
-        numpy_arrays = sanitize_norm_statistics(
-            {k: v.numpy() for k, v in arrays.items()}
-        )
+        numpy_arrays = sanitize_norm_statistics(weights_of(arrays, layout))
         metrics = evaluate_arrays(
             numpy_arrays, Path(eval_yaml), split=eval_split, template_checkpoint=initial,
             imgsz=cfg.imgsz, work_dir=work_dir / f"eval-{server_round}",
@@ -164,12 +163,13 @@ def main(grid: Grid, context: Context) -> None:
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=to_array_record(initial_arrays),
+        initial_arrays=pack(initial_arrays, layout),
         num_rounds=cfg.rounds,
         timeout=cfg.round_timeout_s,
-        train_config=ConfigRecord({"local-epochs": cfg.local_epochs}),
+        train_config=ConfigRecord({"local-epochs": cfg.local_epochs, **layout.to_config()}),
+        evaluate_config=ConfigRecord(layout.to_config()),
         evaluate_fn=evaluate,
     )
-    final = sanitize_norm_statistics({k: v.numpy() for k, v in result.arrays.items()})
+    final = sanitize_norm_statistics(weights_of(result.arrays, layout))
     write_result(final)
     logger.info("federation finished: %s", result_path)

@@ -260,3 +260,22 @@ def test_the_flower_app_config_carries_every_federation_setting():
                                            "result-path"}
     assert app["components"] == {"serverapp": "federated.server_app:app",
                                  "clientapp": "federated.client_app:app"}
+
+
+def test_a_model_travels_as_one_vector_and_unpacks_to_its_arrays():
+    from federated.records import WEIGHTS_KEY, Layout, pack, weights_of
+
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32),
+              "s": np.float32(2.0).reshape(())}
+    layout = Layout.of(arrays)
+    record = pack(arrays, layout)
+    assert list(record) == [WEIGHTS_KEY] and layout.size == 11
+    back = weights_of(record, Layout.from_config(layout.to_config()))
+    assert all(np.array_equal(back[k], arrays[k]) for k in arrays)
+    with pytest.raises(ValueError, match="expected"):
+        weights_of(to_array_record(arrays), layout)  # unpacked arrays are not a model vector
+    with pytest.raises(ValueError, match="shape"):
+        weights_of(pack({**arrays, "b": np.ones(4, np.float32)}, Layout.of({"a": arrays["a"]})),
+                   layout)
+    with pytest.raises(ValueError, match="inconsistent"):
+        Layout.from_config({**layout.to_config(), "layout-ndims": [2, 1]})

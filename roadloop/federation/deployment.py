@@ -66,6 +66,10 @@ class RunOutcome(BaseModel):
     log: str  # the run's ServerApp log (``flwr log --show``)
     seconds: float
 
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
 
 def format_config_value(value: ConfigValue) -> str:
     """One value in Flower's ``key=value`` syntax (each value is parsed as TOML)."""
@@ -177,6 +181,8 @@ class LocalFederation:
     bin_dir: Path = field(default_factory=lambda: Path(sys.executable).parent)
     extra_env: Mapping[str, str] = field(default_factory=dict)
     command_timeout_s: float = 120.0
+    # Extra node-config keys per site name (e.g. a red-team ``attack`` for drills).
+    node_overrides: Mapping[str, Mapping[str, ConfigValue]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.work_dir = Path(self.work_dir).resolve()
@@ -185,6 +191,9 @@ class LocalFederation:
             raise InvalidConfigError(f"site names must be unique, got {names}")
         if self.node_auth and not self.tls:
             raise InvalidConfigError("SuperNode authentication needs TLS in Flower 1.42")
+        unknown = sorted(set(self.node_overrides) - set(names))
+        if unknown:
+            raise InvalidConfigError(f"node overrides for unknown sites {unknown}")
         self.logs_dir = self.work_dir / "logs"
         self.port: int | None = None
         self.tls_files: TlsFiles | None = None
@@ -442,6 +451,7 @@ class LocalFederation:
                 "frames": node.site.frames,
                 "quality": float(node.site.quality),
                 "work-dir": str(node.work_dir),
+                **self.node_overrides.get(node.site.name, {}),
             }
         )
         argv = [

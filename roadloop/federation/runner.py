@@ -48,6 +48,7 @@ def run_federation(
     node_overrides: dict[str, dict[str, Any]] | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     timeout_s: float = 6 * 3600,
+    start_timeout_s: float = 180.0,
 ) -> FederationResult:
     """One federation from ``initial_weights`` over ``sites``; see the module doc.
 
@@ -82,7 +83,8 @@ def run_federation(
     with LocalFederation(
         work_dir / "deployment", list(sites), node_overrides=node_overrides or {}
     ) as federation:
-        federation.start()
+        seconds = federation.start(timeout_s=start_timeout_s)
+        logger.info("federation of %d sites online in %.1f s", len(sites), seconds)
 
         def run() -> None:
             try:
