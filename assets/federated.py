@@ -115,6 +115,7 @@ def federate_candidate(
         sites, cfg, app_dir=APP_DIR, initial_weights=start,
         work_dir=artifacts.path("federation", "runs", run_id),
         eval_yaml=curated_dataset.data_yaml, eval_split=split, on_round=on_round,
+        node_overrides={site: {"attack": str(attack)} for site, attack in federation.drills.items()},
     )
     if result.initial_eval:
         tracker.log_metrics(run_id, {f"heldout/{k}": v for k, v in result.initial_eval.items()},

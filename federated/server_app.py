@@ -170,6 +170,13 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_config=ConfigRecord(layout.to_config()),
         evaluate_fn=evaluate,
     )
+    if not list(result.arrays.keys()):  # no round aggregated anything
+        write_result(None)
+        reasons = [
+            f"round {r.round}: {'; '.join(r.failures + [x.reason for x in r.rejected]) or 'none'}"
+            for r in screening.rounds.values()
+        ]
+        raise RuntimeError(f"no round produced a model ({', '.join(reasons)})")
     final = sanitize_norm_statistics(weights_of(result.arrays, layout))
     write_result(final)
     logger.info("federation finished: %s", result_path)

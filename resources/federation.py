@@ -28,6 +28,9 @@ class FederationResource(dg.ConfigurableResource):
     sites_dir: str = ""
     manaus_sites: int = 3
     config_overrides: dict = {}  # noqa: RUF012 (a pydantic field: defaults are copied)
+    # Robustness drills: site -> red-team attack its node plays (federated/mods.py), e.g.
+    # {"manaus_mix1": "sign_flip"}; the screening and the aggregator must hold.
+    drills: dict = {}  # noqa: RUF012
 
     def federation_config(self) -> FederationConfig:
         values = {

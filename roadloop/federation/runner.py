@@ -102,10 +102,15 @@ def run_federation(
     run_outcome = outcome["run"]
     result = read_result(result_path)
     if not run_outcome.ok or result is None or not result.weights.is_file():
+        rounds = "".join(
+            f"\n  round {r.round}: aggregated {r.sites_aggregated}, failures {r.failures}, "
+            f"refused {[(x.site, x.reason) for x in r.rejected]}"
+            for r in (result.rounds if result else [])
+        )
         tail = "\n".join(run_outcome.log.splitlines()[-40:])
         raise FederationFailed(
-            f"federation run {run_outcome.run_id} ended {run_outcome.status}; no complete "
-            f"result at {result_path}.\n{tail}"
+            f"federation run {run_outcome.run_id} ended {run_outcome.status}; no model at "
+            f"{result_path.parent}.{rounds}\n{tail}"
         )
     follow()
     return result
