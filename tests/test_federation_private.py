@@ -102,13 +102,14 @@ def test_groupnorm_variant_has_no_batchnorm_and_validates(base, view) -> None:
     assert 0.0 <= metrics["mAP50"] <= 1.0
 
 
-def test_opacus_per_frame_gradients_equal_each_frame_alone(base, frames) -> None:
+@pytest.mark.parametrize("variant", ["groupnorm", "frozen_bn"])
+def test_opacus_per_frame_gradients_equal_each_frame_alone(base, frames, variant: str) -> None:
     """The batch loss must not couple frames: Opacus' per-frame grads = each frame's own."""
     import torch
     from opacus.grad_sample import GradSampleModule
     from ultralytics.data.dataset import YOLODataset
 
-    model = prepare_variant(base, "frozen_bn")
+    model = prepare_variant(base, variant)
     criterion = model.init_criterion()
     batch = YOLODataset.collate_fn([frames[0], frames[1]])
     wrapped = GradSampleModule(model, loss_reduction="mean")
