@@ -122,6 +122,10 @@ def demo(
         True, "--drift-turn/--no-drift-turn",
         help="A camera shifts from day to night and the drift sensors turn the loop by themselves.",
     ),
+    federated_turn: bool = typer.Option(
+        True, "--federated-turn/--no-federated-turn",
+        help="Camera sites train together with Flower (SuperLink + SuperNodes on loopback).",
+    ),
 ) -> None:
     """Run the whole learning loop on the shared data, then serve the UIs."""
     settings = get_settings()
@@ -139,6 +143,7 @@ def demo(
         review_turns=review_turns,
         reviews_per_turn=reviews_per_turn,
         drift_turn=drift_turn,
+        federated_turn=federated_turn,
     )
     minutes = (time.monotonic() - started) / 60
     typer.echo(outcome.summary())

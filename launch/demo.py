@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from launch.drift_turn import DriftTurnOutcome, prepare_streams, run_drift_turn, start_camera
+from launch.federated_turn import FederatedTurnOutcome, run_federated_turn
 from launch.localfleet import LocalFleet
 from roadloop.fsutil import sha256_file
 from roadloop.models.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
@@ -40,6 +41,7 @@ class LoopOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     review_turns: list[dict] = field(default_factory=list)
     drift: DriftTurnOutcome | None = None
+    federated: FederatedTurnOutcome | None = None
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -72,6 +74,8 @@ class LoopOutcome:
             )
         if self.drift is not None:
             lines += self.drift.lines()
+        if self.federated is not None:
+            lines += self.federated.lines()
         lines.append(f"  review queue pushed to FiftyOne: {self.review_queue} frames")
         for turn in self.review_turns:
             lines.append(
@@ -131,6 +135,7 @@ def run_demo_loop(
     review_turns: int = 0,
     reviews_per_turn: int = 20,
     drift_turn: bool = True,
+    federated_turn: bool = True,
 ) -> LoopOutcome:
     """Agents + replay → partitions → sampled_edge_frames → the learning loop, on the instance.
 
@@ -180,6 +185,12 @@ def run_demo_loop(
             outcome.candidate, outcome.production = _aliases(settings)
     finally:
         fleet.stop()
+    if federated_turn and outcome.production:
+        # After the fleet stops: the sites' training nodes get the CPU to themselves.
+        with outcome.timed("federated_turn"):
+            outcome.federated = run_federated_turn(defs, instance)
+        outcome.success &= outcome.federated.success
+        outcome.candidate, outcome.production = _aliases(settings)
     if outcome.production:
         with outcome.timed("review_queue_push"):
             _push_review_queue(defs, instance, outcome)

@@ -54,7 +54,7 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
     max_frames = None
     if profile == "demo":
         trainer = TrainerResource(model=settings.train_model, imgsz=320, epochs=settings.demo_epochs)
-        federation = FederationResource(rounds=2, imgsz=224)
+        federation = FederationResource(rounds=2, imgsz=320)
         benchmark = BenchmarkResource(warmup=10, runs=100)
     elif profile == "test":
         trainer = TrainerResource(model=settings.train_model, imgsz=96, epochs=1, batch=4)

@@ -30,3 +30,20 @@ def test_summary_says_the_gate_held() -> None:
     outcome.rollout = {"rollout_id": "ro-1", "status": "rolled_back", "stage": "shadow",
                        "percent": 5.0, "reasons": REASONS, "gate_held": True}
     assert "rolled back by its health gate" in outcome.summary()
+
+
+def test_summary_shows_the_federated_turn() -> None:
+    from launch.federated_turn import FederatedTurnOutcome
+
+    outcome = LoopOutcome(success=True)
+    outcome.federated = FederatedTurnOutcome(
+        success=True, candidate="3", promoted=False, sites="atl_day, atl_night",
+        checks={"candidate_not_worse_than_production": False},
+        rounds="| round | sites aggregated |\n| 1 | atl_day, atl_night |",
+    )
+    text = outcome.summary()
+    assert "federated turn: sites atl_day, atl_night; candidate=v3 not promoted" in text
+    assert "candidate_not_worse_than_production=FAIL" in text
+    assert "| 1 | atl_day, atl_night |" in text
+    failed = FederatedTurnOutcome(success=False, error="trained_model did not materialize")
+    assert "FAILED (trained_model did not materialize)" in "\n".join(failed.lines())
