@@ -39,6 +39,15 @@ class Layout:
     def size(self) -> int:
         return sum(prod(shape) for shape in self.shapes)
 
+    def locate(self, index: int) -> str:
+        """The array a flat vector's ``index`` falls in."""
+        at = 0
+        for key, shape in zip(self.keys, self.shapes, strict=True):
+            at += prod(shape)
+            if index < at:
+                return key
+        raise IndexError(index)
+
     def to_config(self) -> dict[str, list[str] | list[int]]:
         return {
             LAYOUT_KEYS: list(self.keys),

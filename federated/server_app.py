@@ -116,6 +116,7 @@ def main(grid: Grid, context: Context) -> None:
     initial_arrays = state_arrays(model)
     layout = Layout.of(initial_arrays)
     strategy, screening = build_strategy(cfg, sites)
+    screening.layout = layout
     ledger = SitePrivacyLedger(cfg.dp_noise_multiplier, cfg.dp_delta) if cfg.dp else None
     evals: dict[int, dict[str, float]] = {}
 

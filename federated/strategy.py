@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from federated.records import NUM_EXAMPLES, from_array_record, payload_bytes
+from federated.records import NUM_EXAMPLES, WEIGHTS_KEY, Layout, from_array_record, payload_bytes
 from roadloop.federation.models import FederationConfig, RejectedUpdate, RoundRecord
 from roadloop.federation.selection import SelectionPolicy, SiteRecord, select_sites
 from roadloop.federation.updates import CandidateUpdate, screen_updates
@@ -101,6 +101,8 @@ class SiteScreening(Strategy):
         # number of sites actually averaged, and every site weighs the same (the mean's
         # sensitivity to one site is then clip / sites).
         self.dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None
+        # The packed model's layout (set by the ServerApp): names the layer a refusal is about.
+        self.layout: Layout | None = None
         self.max_norm = cfg.max_update_norm
         if cfg.dp:  # clipped on the site: anything longer did not clip
             self.max_norm = min(self.max_norm, cfg.dp_clipping_norm * (1 + 1e-6))
@@ -218,9 +220,10 @@ class SiteScreening(Strategy):
         screened = screen_updates(
             candidates, reference, max_norm=self.max_norm, max_norm_ratio=self.cfg.max_norm_ratio
         )
+        by_site = {c.key: c for c in candidates}
         for site, reason in screened.rejected.items():
             if site in messages:
-                self._reject(record, site, messages[site], reason)
+                self._reject(record, site, messages[site], self._where(reason, by_site[site]))
         accepted: list[Message] = []
         for site in screened.accepted:
             msg = messages[site]
@@ -249,6 +252,16 @@ class SiteScreening(Strategy):
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         self._finish(record, server_round)
         return arrays, metrics
+
+    def _where(self, reason: str, candidate: CandidateUpdate) -> str:
+        """Name the first non-finite layer of a packed update refused for NaN/Inf."""
+        flat = candidate.arrays.get(WEIGHTS_KEY)
+        if self.layout is None or "non-finite" not in reason or not isinstance(flat, np.ndarray):
+            return reason
+        bad = np.flatnonzero(~np.isfinite(flat))
+        if bad.size == 0 or flat.shape != (self.layout.size,):
+            return reason
+        return f"{reason} (first in {self.layout.locate(int(bad[0]))})"
 
     def _reject(self, record: RoundRecord, site: str, msg: Message, reason: str) -> None:
         logger.warning("round %d: update from %s refused: %s", record.round, site, reason)

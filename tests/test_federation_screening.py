@@ -279,3 +279,4 @@ def test_a_model_travels_as_one_vector_and_unpacks_to_its_arrays():
                    layout)
     with pytest.raises(ValueError, match="inconsistent"):
         Layout.from_config({**layout.to_config(), "layout-ndims": [2, 1]})
+    assert [layout.locate(i) for i in (0, 5, 6, 9, 10)] == ["a", "a", "b", "b", "s"]
