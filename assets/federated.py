@@ -8,15 +8,23 @@ same export, benchmark gates, promotion and staged rollout follow.
 """
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 
 from assets.active_learning import current_model
 from federated import APP_DIR
-from resources import ArtifactStoreResource, FederationResource, MlflowResource, TrainerResource
+from resources import (
+    ArtifactStoreResource,
+    FederationResource,
+    FleetResource,
+    MlflowResource,
+    TrainerResource,
+)
 from roadloop.federation.models import FederationResult, RoundRecord, SiteSpec
 from roadloop.federation.runner import run_federation
+from roadloop.federation.selection import sites_live_at_gateway
 from roadloop.federation.sites import build_site_datasets, sites_in
 from roadloop.models.tracking import Tracker
 from roadloop.models.training import resolve_start_weights
@@ -45,15 +53,16 @@ def round_metrics(rec: RoundRecord) -> dict[str, float]:
 
 def rounds_table(result: FederationResult) -> str:
     lines = [
-        "| round | sites aggregated | refused | mAP50 held-out | epsilon |",
-        "|---|---|---|---|---|",
-        f"| 0 (start) | | | {result.initial_eval.get('mAP50', float('nan')):.4f} | |",
+        "| round | sites sampled | sites aggregated | refused | mAP50 held-out | epsilon |",
+        "|---|---|---|---|---|---|",
+        f"| 0 (start) | | | | {result.initial_eval.get('mAP50', float('nan')):.4f} | |",
     ]
     for rec in result.rounds:
         refused = "; ".join(f"{r.site}: {r.reason}" for r in rec.rejected) or ""
         eps = f"{rec.epsilon:.2f}" if rec.epsilon is not None else ""
         lines.append(
-            f"| {rec.round} | {', '.join(rec.sites_aggregated)} | {refused} | "
+            f"| {rec.round} | {', '.join(rec.sites_sampled)} | {', '.join(rec.sites_aggregated)} | "
+            f"{refused} | "
             f"{rec.eval_metrics.get('mAP50', float('nan')):.4f} | {eps} |"
         )
     return "\n".join(lines)
@@ -79,11 +88,25 @@ def _sites(federation: FederationResource, artifacts: ArtifactStoreResource) -> 
     return plan.sites
 
 
+def _site_records(federation: FederationResource, fleet: FleetResource, dest: Path) -> Path | None:
+    """The gateway's view of each site (are its cameras heard from), for site selection."""
+    if not federation.site_cameras:
+        return None
+    records = sites_live_at_gateway(
+        {site: list(cams) for site, cams in federation.site_cameras.items()},
+        fleet.live_cameras(), datetime.now(UTC), timedelta(hours=federation.live_within_hours),
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps({k: v.model_dump() for k, v in records.items()}, indent=2))
+    return dest
+
+
 def federate_candidate(
     context: dg.AssetExecutionContext,
     curated_dataset: CuratedDatasetVersion,
     federation: FederationResource,
     trainer: TrainerResource,
+    fleet: FleetResource,
     mlflow: MlflowResource,
     artifacts: ArtifactStoreResource,
     run_id: str,
@@ -111,9 +134,13 @@ def federate_candidate(
             f"mAP50 {rec.eval_metrics.get('mAP50', float('nan')):.4f}{refused}"
         )
 
+    work_dir = artifacts.path("federation", "runs", run_id)
+    records = _site_records(federation, fleet, work_dir / "site_records.json")
+    if records is not None:
+        context.log.info(f"sites at the gateway: {records.read_text()}")
     result = run_federation(
-        sites, cfg, app_dir=APP_DIR, initial_weights=start,
-        work_dir=artifacts.path("federation", "runs", run_id),
+        sites, cfg, app_dir=APP_DIR, initial_weights=start, work_dir=work_dir,
+        site_records=records,
         eval_yaml=curated_dataset.data_yaml, eval_split=split, on_round=on_round,
         node_overrides={site: {"attack": str(attack)} for site, attack in federation.drills.items()},
     )

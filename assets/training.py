@@ -11,7 +11,13 @@ from typing import Literal
 
 import dagster as dg
 
-from resources import ArtifactStoreResource, FederationResource, MlflowResource, TrainerResource
+from resources import (
+    ArtifactStoreResource,
+    FederationResource,
+    FleetResource,
+    MlflowResource,
+    TrainerResource,
+)
 from roadloop.models.tracking import CANDIDATE_ALIAS
 from roadloop.models.training import configure_ultralytics, read_data_yaml, train_detector
 from roadloop.settings import get_settings
@@ -39,12 +45,13 @@ def trained_model(
     curated_dataset: CuratedDatasetVersion,
     trainer: TrainerResource,
     federation: FederationResource,
+    fleet: FleetResource,
     mlflow: MlflowResource,
     artifacts: ArtifactStoreResource,
 ) -> dg.Output[TrainedModelVersion]:
     configure_ultralytics(get_settings().home / "ultralytics")
     if config.source == "federated":
-        return _federated(context, curated_dataset, trainer, federation, mlflow, artifacts)
+        return _federated(context, curated_dataset, trainer, federation, fleet, mlflow, artifacts)
     cfg = trainer.train_config()
     tracker = mlflow.tracker()
     run_id = tracker.start_run(
@@ -109,6 +116,7 @@ def _federated(
     curated_dataset: CuratedDatasetVersion,
     trainer: TrainerResource,
     federation: FederationResource,
+    fleet: FleetResource,
     mlflow: MlflowResource,
     artifacts: ArtifactStoreResource,
 ) -> dg.Output[TrainedModelVersion]:
@@ -121,7 +129,7 @@ def _federated(
     )
     try:
         result, start_note = federate_candidate(
-            context, curated_dataset, federation, trainer, mlflow, artifacts, run_id
+            context, curated_dataset, federation, trainer, fleet, mlflow, artifacts, run_id
         )
     except Exception:
         tracker.end_run(run_id, status="FAILED")

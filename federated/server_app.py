@@ -6,11 +6,14 @@ Run config (``[tool.flwr.app.config]`` in pyproject.toml, overridden by ``flwr r
 --run-config``): the fields of :class:`roadloop.federation.models.FederationConfig` in
 kebab case, plus ``initial-weights`` (checkpoint the federation starts from),
 ``eval-yaml`` / ``eval-split`` (held-out frames the server evaluates on; empty: none) and
-``result-path`` (where ``result.json`` goes; the model is written beside it as ``global.pt``).
+``result-path`` (where ``result.json`` goes; the model is written beside it as ``global.pt``)
+and ``site-records`` (optional JSON of the platform's view of each site: whether the gateway
+hears from its cameras; a site it does not hear from is not drawn).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -31,7 +34,11 @@ from federated.records import Layout, pack, weights_of
 from federated.strategy import build_strategy
 from roadloop.federation.models import FederationConfig, FederationResult
 from roadloop.federation.privacy import SitePrivacyLedger
-from roadloop.federation.selection import SiteRecord
+from roadloop.federation.selection import (
+    PlatformSiteRecord,
+    SiteRecord,
+    merge_platform_records,
+)
 from roadloop.fsutil import atomic_path
 
 logger = logging.getLogger("flwr").getChild("roadloop")
@@ -106,6 +113,16 @@ def main(grid: Grid, context: Context) -> None:
     class_names = read_data_yaml(Path(eval_yaml)) if eval_yaml else None
 
     sites = discover_sites(grid, cfg.min_available_sites, QUERY_TIMEOUT_S)
+    records_path = str(run_config.get("site-records", "") or "")
+    if records_path:  # the platform's view of the sites (the gateway's camera records)
+        known = {
+            site: PlatformSiteRecord.model_validate(rec)
+            for site, rec in json.loads(Path(records_path).read_text(encoding="utf-8")).items()
+        }
+        sites = {node: merge_platform_records(rec, known.get(rec.site)) for node, rec in sites.items()}
+        for rec in sites.values():
+            if not rec.live:
+                logger.info("site %s: the gateway has not heard from its cameras", rec.site)
     logger.info("sites: %s", {rec.site: rec.frames for rec in sites.values()})
     if len(sites) < cfg.min_available_sites:
         raise RuntimeError(

@@ -31,6 +31,10 @@ class FederationResource(dg.ConfigurableResource):
     # Robustness drills: site -> red-team attack its node plays (federated/mods.py), e.g.
     # {"manaus_mix1": "sign_flip"}; the screening and the aggregator must hold.
     drills: dict = {}  # noqa: RUF012
+    # Site -> its cameras at the gateway; a site none of whose cameras the gateway heard from
+    # within `live_within_hours` is not drawn. Empty: liveness is not checked.
+    site_cameras: dict = {}  # noqa: RUF012
+    live_within_hours: float = 24.0
 
     def federation_config(self) -> FederationConfig:
         values = {

@@ -2,13 +2,15 @@
 
 Three camera sites (a few frames each, cut from the shared datasets) run as SuperNodes
 with node authentication beside a SuperLink, all on loopback; one plays a red-team site
-sending NaN weights. The federation's model becomes the MLflow ``candidate`` and goes
+sending NaN weights, and the gateway has not heard from the third's cameras for days (it is
+not drawn). The federation's model becomes the MLflow ``candidate`` and goes
 through export, quantization and the benchmark gates like a centrally trained one.
 """
 
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -41,7 +43,7 @@ def test_federated_candidate_goes_through_the_same_gates(
     roadloop_home: Path, shared_dir: Path, tmp_path: Path
 ) -> None:
     from assets import ALL_CHECKS, LOOP_ASSETS, seed_datasets
-    from resources import FederationResource, build_resources
+    from resources import FederationResource, FleetResource, build_resources
     from roadloop.federation.sites import build_site_datasets
     from roadloop.models.tracking import Tracker
     from roadloop.settings import get_settings
@@ -50,9 +52,18 @@ def test_federated_candidate_goes_through_the_same_gates(
     build_site_datasets(shared_dir / "datasets", tmp_path / "plan")
     sites_dir = _tiny_sites(tmp_path / "plan", tmp_path / "sites")
     resources = build_resources(settings, profile="test")
+    now = datetime.now(UTC)
+
+    class GatewayRecords(FleetResource):  # the gateway's camera records, without a gateway
+        def live_cameras(self) -> dict[str, datetime | None]:
+            return {"cam-day": now, "cam-night": now, "cam-manaus": now - timedelta(days=3)}
+
+    resources["fleet"] = GatewayRecords(gateway_url="http://127.0.0.1:9")
     resources["federation"] = FederationResource(
         rounds=1, imgsz=64, batch=4, min_train_sites=2, sites_dir=str(sites_dir),
-        drills={"manaus_frame": "nan"},
+        drills={"atl_night": "nan"},
+        site_cameras={"atl_day": ["cam-day"], "atl_night": ["cam-night"],
+                      "manaus_frame": ["cam-manaus"]},
         config_overrides={"min_site_frames": 2},  # a few frames per site keep the test short
     )
     instance = dg.DagsterInstance.ephemeral()
@@ -78,8 +89,9 @@ def test_federated_candidate_goes_through_the_same_gates(
     assert trained["source"].value == "federated"
     assert trained["sites"].value == ", ".join(SITES)
     table = trained["rounds"].value
-    assert "| 1 | atl_day, atl_night |" in table  # the NaN site's update was refused
-    assert "manaus_frame: weights: non-finite values (first in model.0.conv.weight)" in table
+    # manaus_frame is not drawn (its cameras are silent); atl_night's NaN update is refused.
+    assert "| 1 | atl_day, atl_night | atl_day |" in table
+    assert "atl_night: weights: non-finite values (first in model.0.conv.weight)" in table
 
     tracker = Tracker(str(settings.mlflow_tracking_uri), settings.mlflow_experiment,
                       settings.mlflow_artifact_root)

@@ -257,7 +257,7 @@ def test_the_flower_app_config_carries_every_federation_setting():
     defaults = FederationConfig().to_run_config()
     assert {k: config[k] for k in defaults} == defaults
     assert set(config) - set(defaults) == {"initial-weights", "eval-yaml", "eval-split",
-                                           "result-path"}
+                                           "result-path", "site-records"}
     assert app["components"] == {"serverapp": "federated.server_app:app",
                                  "clientapp": "federated.client_app:app"}
 
@@ -280,3 +280,24 @@ def test_a_model_travels_as_one_vector_and_unpacks_to_its_arrays():
     with pytest.raises(ValueError, match="inconsistent"):
         Layout.from_config({**layout.to_config(), "layout-ndims": [2, 1]})
     assert [layout.locate(i) for i in (0, 5, 6, 9, 10)] == ["a", "a", "b", "b", "s"]
+
+
+def test_a_site_whose_cameras_the_gateway_does_not_hear_from_is_not_drawn():
+    from datetime import UTC, datetime, timedelta
+
+    from roadloop.federation.selection import merge_platform_records, sites_live_at_gateway
+
+    now = datetime(2026, 11, 27, 12, tzinfo=UTC)
+    seen = {"cam-a": now - timedelta(hours=1), "cam-b": now - timedelta(days=3), "cam-c": None}
+    platform = sites_live_at_gateway(
+        {"north": ["cam-a", "cam-b"], "south": ["cam-b", "cam-c"], "east": ["cam-x"]},
+        seen, now, timedelta(hours=24),
+    )
+    assert {k: v.live for k, v in platform.items()} == {"north": True, "south": False, "east": False}
+    assert platform["south"].last_seen == (now - timedelta(days=3)).isoformat()
+    reported = [SiteRecord(site=s, frames=100) for s in ("north", "south", "west")]
+    merged = [merge_platform_records(r, platform.get(r.site)) for r in reported]
+    policy = SelectionPolicy(min_frames=10, min_quality=0.5, fraction=1.0, min_sites=1)
+    chosen = select_sites(merged, policy, seed=0)
+    assert chosen.chosen == ["north", "west"]  # west: the platform has no record, its report stands
+    assert chosen.excluded == {"south": "not live at the gateway"}

@@ -46,13 +46,15 @@ def run_federation(
     eval_yaml: Path | None = None,
     eval_split: str = "test",
     node_overrides: dict[str, dict[str, Any]] | None = None,
+    site_records: Path | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     timeout_s: float = 6 * 3600,
     start_timeout_s: float = 180.0,
 ) -> FederationResult:
     """One federation from ``initial_weights`` over ``sites``; see the module doc.
 
-    ``node_overrides`` adds node-config keys per site (e.g. a red-team ``attack`` for drills).
+    ``node_overrides`` adds node-config keys per site (e.g. a red-team ``attack`` for drills);
+    ``site_records`` is the platform's view of the sites (``selection.PlatformSiteRecord``).
     """
     from roadloop.federation.deployment import LocalFederation
 
@@ -67,6 +69,7 @@ def run_federation(
         "eval-yaml": str(Path(eval_yaml).absolute()) if eval_yaml else "",
         "eval-split": eval_split,
         "result-path": str(result_path),
+        "site-records": str(Path(site_records).absolute()) if site_records else "",
     }
     outcome: dict[str, Any] = {}
     seen: set[int] = set()

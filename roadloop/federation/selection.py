@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -20,6 +21,42 @@ class SiteRecord(BaseModel):
     frames: int = Field(ge=0)  # locally labelled training frames
     quality: float = Field(1.0, ge=0.0, le=1.0)  # fraction of labels that passed QA
     live: bool = True  # the gateway has heard from the site's cameras recently
+
+
+class PlatformSiteRecord(BaseModel):
+    """What the platform knows of a site: is the gateway hearing from its cameras."""
+
+    live: bool
+    cameras: list[str] = Field(default_factory=list)
+    last_seen: str | None = None  # ISO time the gateway last heard from any of its cameras
+
+
+def sites_live_at_gateway(
+    site_cameras: dict[str, list[str]],
+    last_seen: dict[str, datetime | None],
+    now: datetime,
+    within: timedelta,
+) -> dict[str, PlatformSiteRecord]:
+    """A site is live when the gateway heard from one of its cameras within ``within``."""
+    out: dict[str, PlatformSiteRecord] = {}
+    for site, cameras in site_cameras.items():
+        seen = [t for c in cameras if (t := last_seen.get(c)) is not None]
+        latest = max(seen, default=None)
+        out[site] = PlatformSiteRecord(
+            live=latest is not None and now - latest <= within,
+            cameras=list(cameras),
+            last_seen=latest.isoformat() if latest else None,
+        )
+    return out
+
+
+def merge_platform_records(
+    reported: SiteRecord, platform: PlatformSiteRecord | None
+) -> SiteRecord:
+    """The site's own report, with liveness from the platform where the platform knows it."""
+    if platform is None:
+        return reported
+    return reported.model_copy(update={"live": reported.live and platform.live})
 
 
 class SelectionPolicy(BaseModel):
