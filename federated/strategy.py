@@ -36,7 +36,14 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from federated.records import NUM_EXAMPLES, WEIGHTS_KEY, Layout, from_array_record, payload_bytes
+from federated.records import (
+    NUM_EXAMPLES,
+    WEIGHTS_KEY,
+    Layout,
+    from_array_record,
+    payload_bytes,
+    to_array_record,
+)
 from roadloop.federation.models import FederationConfig, RejectedUpdate, RoundRecord
 from roadloop.federation.selection import SelectionPolicy, SiteRecord, select_sites
 from roadloop.federation.updates import CandidateUpdate, screen_updates
@@ -49,6 +56,7 @@ SITE_METRIC_KEYS = (
     "train/box_loss", "train/cls_loss", "train/dfl_loss", "seconds", "optimizer_steps",
 )
 LOSS_PARTS = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
+DP_CLIP_SLACK = 1.01
 
 
 class _SelectedGrid(Grid):
@@ -104,8 +112,11 @@ class SiteScreening(Strategy):
         # The packed model's layout (set by the ServerApp): names the layer a refusal is about.
         self.layout: Layout | None = None
         self.max_norm = cfg.max_update_norm
-        if cfg.dp:  # clipped on the site: anything longer did not clip
-            self.max_norm = min(self.max_norm, cfg.dp_clipping_norm * (1 + 1e-6))
+        if cfg.dp:
+            # Clipped on the site: an update much longer did not clip and is refused; one a
+            # hair over (float32 rounding of the site's scaling) is re-clipped here, so the
+            # noise's sensitivity bound holds exactly.
+            self.max_norm = min(self.max_norm, cfg.dp_clipping_norm * DP_CLIP_SLACK)
 
     def site_of(self, node_id: int) -> str:
         rec = self.sites.get(node_id)
@@ -228,6 +239,9 @@ class SiteScreening(Strategy):
         for site in screened.accepted:
             msg = messages[site]
             arrays = next(iter(msg.content.array_records.values()))
+            if self.dp_wrapper is not None and screened.norms[site] > self.cfg.dp_clipping_norm:
+                arrays = _reclip(by_site[site].arrays, reference, self.cfg.dp_clipping_norm,
+                                 screened.norms[site])
             weight = next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES]
             if self.dp_wrapper is not None:
                 weight = 1
@@ -284,6 +298,17 @@ class SiteScreening(Strategy):
     ) -> MetricRecord | None:
         ok = [m for m in replies if not m.has_error()]
         return self.inner.aggregate_evaluate(server_round, ok) if ok else None
+
+
+def _reclip(
+    arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray], clip: float, norm: float
+) -> ArrayRecord:
+    """``reference + (arrays - reference) * clip / norm``: the update at exactly the clip."""
+    scale = clip / norm
+    return to_array_record({
+        k: (reference[k] + (np.asarray(v, np.float64) - reference[k]) * scale).astype(v.dtype)
+        for k, v in arrays.items()
+    })
 
 
 def _inner(cfg: FederationConfig) -> Strategy:
