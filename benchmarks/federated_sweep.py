@@ -47,7 +47,7 @@ from pydantic import BaseModel
 from federated import APP_DIR
 from roadloop.federation.local_training import evaluate_arrays, train_on_site
 from roadloop.federation.models import FederationConfig, SiteSpec
-from roadloop.federation.runner import run_federation
+from roadloop.federation.runner import FederationFailed, run_federation
 from roadloop.federation.sites import SitePlan, build_site_datasets, centralized_dataset
 from roadloop.federation.weights import (
     arrays_nbytes,
@@ -293,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - a thin CLI
         earlier = json.loads(json_path.read_text())
         if earlier.get("size") == report["size"]:
             report["runs"] = earlier["runs"]
+            report["load_before"] = earlier.get("load_before", report["load_before"])
+            report["reruns"] = [*earlier.get("reruns", []), {
+                "only": sorted(only), "at": report["generated"],
+                "load_before": [round(x, 2) for x in os.getloadavg()],
+            }]
     report["start_map50"] = _eval(initial, plan, start, size, work / "eval-start")["mAP50"]
 
     def want(name: str) -> bool:
@@ -322,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - a thin CLI
                 log.info("skipping %s on %d sites: %s", name, len(plan.sites), exc)
                 continue
             log.info("federated run %s", name)
-            report["runs"][name] = run_federated(name, plan, start, size, work / name)
+            try:
+                report["runs"][name] = run_federated(name, plan, start, size, work / name)
+            except FederationFailed as exc:  # recorded; the sweep goes on
+                log.error("federated run %s failed: %s", name, exc)
+                report["failed"] = {**report.get("failed", {}), name: str(exc)[:2000]}
             report["load_after"] = [round(x, 2) for x in os.getloadavg()]
             write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
     report["load_after"] = [round(x, 2) for x in os.getloadavg()]
