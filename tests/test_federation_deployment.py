@@ -12,11 +12,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 
-from roadloop.federation.deployment import (
-    InvalidConfigError,
-    LocalFederation,
-    format_run_config,
-)
+from roadloop.federation.deployment import LocalFederation
+from roadloop.federation.flower_config import InvalidConfigError, format_run_config
 from roadloop.federation.models import SiteSpec
 from roadloop.federation.pki import write_node_keys
 

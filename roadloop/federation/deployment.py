@@ -16,7 +16,6 @@ environment (plus ``extra_env``), so ``PYTHONPATH`` decides which ``roadloop`` t
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -36,20 +35,18 @@ import psutil
 from pydantic import BaseModel
 
 from roadloop.errors import RoadloopError
+from roadloop.federation.flower_config import (
+    ConfigValue,
+    InvalidConfigError,
+    format_run_config,
+)
 from roadloop.federation.models import SiteSpec
 from roadloop.federation.pki import NodeKeys, TlsFiles, write_node_keys, write_tls_files
 
-ConfigValue = str | int | float | bool
 RunStatus = Literal["completed", "failed", "stopped"]
 
-_CONFIG_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _STOP_GRACE_S = 10.0
-
-
-class InvalidConfigError(RoadloopError, ValueError):
-    """A config value Flower cannot carry, or a deployment asked for that cannot exist."""
 
 
 class DeploymentError(RoadloopError):
@@ -69,40 +66,6 @@ class RunOutcome(BaseModel):
     @property
     def ok(self) -> bool:
         return self.status == "completed"
-
-
-def format_config_value(value: ConfigValue) -> str:
-    """One value in Flower's ``key=value`` syntax (each value is parsed as TOML)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise InvalidConfigError(f"config value {value!r} is not a finite number")
-        return repr(value)
-    if isinstance(value, str):
-        if _CONTROL_CHARS.search(value):
-            raise InvalidConfigError(f"config value {value!r} holds a newline or control char")
-        # Flower splits on the first closing quote, so a value may not contain its own
-        # quote character: literal strings ('...', no escapes) unless the value holds a
-        # single quote, then a basic string ("...", backslashes escaped).
-        if "'" not in value:
-            return f"'{value}'"
-        if '"' not in value:
-            return '"' + value.replace("\\", "\\\\") + '"'
-        raise InvalidConfigError(f"config value {value!r} holds both quote characters")
-    raise InvalidConfigError(f"config value {value!r} is not a str, int, float or bool")
-
-
-def format_run_config(config: Mapping[str, ConfigValue]) -> str:
-    """Flower's run/node-config string: ``k1=v1 k2="v 2"``, every value TOML-quoted."""
-    parts = []
-    for key, value in config.items():
-        if not _CONFIG_KEY.match(key):
-            raise InvalidConfigError(f"config key {key!r} is not a bare TOML key")
-        parts.append(f"{key}={format_config_value(value)}")
-    return " ".join(parts)
 
 
 # --- processes -------------------------------------------------------------------------
