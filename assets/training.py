@@ -137,11 +137,15 @@ def _federated(
     last = result.rounds[-1].eval_metrics if result.rounds else {}
     final = {k: float(v) for k, v in last.items() if k != "num_examples"}
     tracker.log_metrics(run_id, {f"final/{k}": v for k, v in final.items()})
-    tracker.log_artifact(run_id, result.weights, "weights")
+    # Every registered version keeps its weights at weights/best.pt: the platform's readers
+    # of the registry (active learning, drift, camera accuracy) fetch that path.
+    best = result.weights.with_name("best.pt")
+    shutil.copy2(result.weights, best)
+    tracker.log_artifact(run_id, best, "weights")
     version = tracker.register_version(
         mlflow.registered_model_name,
         run_id,
-        f"weights/{result.weights.name}",
+        f"weights/{best.name}",
         tags={"dataset_md5": curated_dataset.version.md5, "imgsz": str(cfg.imgsz),
               "source": "federated", "strategy": cfg.strategy},
     )

@@ -103,3 +103,8 @@ def test_federated_candidate_goes_through_the_same_gates(
     history = client.get_metric_history(candidate.run_id, "heldout/mAP50")
     assert sorted(m.step for m in history) == [0, 1]  # the start model, then round 1
     assert [m.value for m in client.get_metric_history(candidate.run_id, "sites/rejected")] == [1]
+    # The registry's readers (active learning, drift) fetch the candidate like any other.
+    from assets.active_learning import current_model
+
+    fetched = current_model(tracker, settings.registered_model_name, tmp_path / "cache")
+    assert fetched.version == candidate.version and fetched.weights.is_file()
