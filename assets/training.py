@@ -7,6 +7,7 @@ path follows either): ``central`` trains with Ultralytics on the curated dataset
 """
 
 import shutil
+from pathlib import Path
 from typing import Literal
 
 import dagster as dg
@@ -18,7 +19,7 @@ from resources import (
     MlflowResource,
     TrainerResource,
 )
-from roadloop.models.tracking import CANDIDATE_ALIAS
+from roadloop.models.tracking import CANDIDATE_ALIAS, Tracker
 from roadloop.models.training import configure_ultralytics, read_data_yaml, train_detector
 from roadloop.settings import get_settings
 
@@ -72,33 +73,17 @@ def trained_model(
         tracker.end_run(run_id, status="FAILED")
         raise
     context.log.info(f"start weights: {result.start_weights.kind} ({result.start_weights.note})")
-    tracker.log_metrics(run_id, {f"final/{k}": v for k, v in result.final_metrics.items()})
-    tracker.log_artifact(run_id, result.best_weights, "weights")
-    version = tracker.register_version(
-        mlflow.registered_model_name,
-        run_id,
-        f"weights/{result.best_weights.name}",
+    record = _register_candidate(
+        tracker, mlflow, artifacts, run_id, result.best_weights,
         tags={"dataset_md5": curated_dataset.version.md5, "imgsz": str(cfg.imgsz)},
+        imgsz=cfg.imgsz, class_names=result.class_names,
+        dataset_md5=curated_dataset.version.md5, metrics=result.final_metrics,
     )
-    tracker.set_alias(mlflow.registered_model_name, CANDIDATE_ALIAS, version.version)
-    tracker.end_run(run_id)
-
-    weights = artifacts.path("models", version.version) / "best.pt"
-    shutil.copy2(result.best_weights, weights)
-    record = TrainedModelVersion(
-        registered_name=mlflow.registered_model_name,
-        model_version=version.version,
-        run_id=run_id,
-        weights=weights,
-        imgsz=cfg.imgsz,
-        class_names=result.class_names,
-        dataset_md5=curated_dataset.version.md5,
-        metrics=result.final_metrics,
-    )
+    weights = record.weights
     return dg.Output(
         record,
         metadata={
-            "model_version": version.version,
+            "model_version": record.model_version,
             "alias": CANDIDATE_ALIAS,
             "mlflow_run_id": run_id,
             "start_weights": f"{result.start_weights.kind}: {result.start_weights.path_or_name}",
@@ -108,6 +93,48 @@ def trained_model(
             **{k: float(v) for k, v in result.final_metrics.items()},
             "weights": dg.MetadataValue.path(str(weights)),
         },
+    )
+
+
+def _register_candidate(
+    tracker: Tracker,
+    mlflow: MlflowResource,
+    artifacts: ArtifactStoreResource,
+    run_id: str,
+    weights_file: Path,
+    *,
+    tags: dict[str, str],
+    imgsz: int,
+    class_names: list[str],
+    dataset_md5: str,
+    metrics: dict[str, float],
+) -> TrainedModelVersion:
+    """Log final metrics and weights, register the version as ``candidate``, end the run.
+
+    Every registered version keeps its weights at ``weights/best.pt``: the registry's
+    readers (active learning, drift, camera accuracy) fetch that path.
+    """
+    tracker.log_metrics(run_id, {f"final/{k}": v for k, v in metrics.items()})
+    best = weights_file if weights_file.name == "best.pt" else weights_file.with_name("best.pt")
+    if best != weights_file:
+        shutil.copy2(weights_file, best)
+    tracker.log_artifact(run_id, best, "weights")
+    version = tracker.register_version(
+        mlflow.registered_model_name, run_id, f"weights/{best.name}", tags=tags
+    )
+    tracker.set_alias(mlflow.registered_model_name, CANDIDATE_ALIAS, version.version)
+    tracker.end_run(run_id)
+    weights = artifacts.path("models", version.version) / "best.pt"
+    shutil.copy2(best, weights)
+    return TrainedModelVersion(
+        registered_name=mlflow.registered_model_name,
+        model_version=version.version,
+        run_id=run_id,
+        weights=weights,
+        imgsz=imgsz,
+        class_names=class_names,
+        dataset_md5=dataset_md5,
+        metrics=metrics,
     )
 
 
@@ -136,37 +163,18 @@ def _federated(
         raise
     last = result.rounds[-1].eval_metrics if result.rounds else {}
     final = {k: float(v) for k, v in last.items() if k != "num_examples"}
-    tracker.log_metrics(run_id, {f"final/{k}": v for k, v in final.items()})
-    # Every registered version keeps its weights at weights/best.pt: the platform's readers
-    # of the registry (active learning, drift, camera accuracy) fetch that path.
-    best = result.weights.with_name("best.pt")
-    shutil.copy2(result.weights, best)
-    tracker.log_artifact(run_id, best, "weights")
-    version = tracker.register_version(
-        mlflow.registered_model_name,
-        run_id,
-        f"weights/{best.name}",
+    record = _register_candidate(
+        tracker, mlflow, artifacts, run_id, result.weights,
         tags={"dataset_md5": curated_dataset.version.md5, "imgsz": str(cfg.imgsz),
               "source": "federated", "strategy": cfg.strategy},
+        imgsz=cfg.imgsz, class_names=read_data_yaml(curated_dataset.data_yaml),
+        dataset_md5=curated_dataset.version.md5, metrics=final,
     )
-    tracker.set_alias(mlflow.registered_model_name, CANDIDATE_ALIAS, version.version)
-    tracker.end_run(run_id)
-    weights = artifacts.path("models", version.version) / "best.pt"
-    shutil.copy2(result.weights, weights)
-    record = TrainedModelVersion(
-        registered_name=mlflow.registered_model_name,
-        model_version=version.version,
-        run_id=run_id,
-        weights=weights,
-        imgsz=cfg.imgsz,
-        class_names=read_data_yaml(curated_dataset.data_yaml),
-        dataset_md5=curated_dataset.version.md5,
-        metrics=final,
-    )
+    weights = record.weights
     return dg.Output(
         record,
         metadata={
-            "model_version": version.version,
+            "model_version": record.model_version,
             "alias": CANDIDATE_ALIAS,
             "source": "federated",
             "strategy": cfg.strategy,
