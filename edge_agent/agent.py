@@ -66,9 +66,13 @@ from edge_agent.inference import Detection, OnnxDetector
 from edge_agent.manifest import ManifestVerifier, PublicKeyError, load_public_key
 from edge_agent.model_slot import LoadedModel, ModelSlot
 from edge_agent.outbox import BackoffPolicy, Outbox
+from edge_agent.record_outbox import RecordOutbox
 from edge_agent.rollback_guard import GuardLimits
 from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
 from edge_agent.sources import Frame, LatestFrameReader, open_source
+from edge_agent.traffic.counter import FrameTraffic
+from edge_agent.traffic.geometry import TrafficConfig
+from edge_agent.traffic.stage import REASON_TRAFFIC_EVENT, TrafficStage
 from edge_agent.updater import ModelUpdater
 
 logger = logging.getLogger(__name__)
@@ -120,6 +124,9 @@ class FrameResult:
     decision: SampleDecision
     timings_ms: dict[str, float]
     model: LoadedModel | None = None  # the model that served this frame
+    frame_id: str | None = None  # set when the frame is sampled for upload
+    traffic: FrameTraffic | None = None  # tracks, crossings, zones, events (with a geometry)
+    traffic_records: list[dict[str, Any]] = field(default_factory=list)  # intervals closed
 
 
 def frame_quality(image: np.ndarray) -> tuple[float, float]:
@@ -139,8 +146,13 @@ class FramePipeline:
         capacity: float = 30.0,
         sampler_config: SamplerConfig | None = None,
         sampling: Callable[[], EffectiveSampling] | None = None,
+        traffic: TrafficStage | None = None,
+        geometry: Callable[[], tuple[TrafficConfig | None, int]] | None = None,
     ) -> None:
         self.slot = detector if isinstance(detector, ModelSlot) else ModelSlot(detector)
+        # Tracking and counting (edge_agent.traffic) when the camera has a traffic geometry.
+        self.traffic = traffic
+        self._geometry = geometry
         self.last_model: LoadedModel | None = None
         self.density = DensityTracker(capacity)
         self.sampler = FrameSampler(sampler_config)
@@ -193,11 +205,23 @@ class FramePipeline:
         counts = count_per_class(dets, detector.class_names)
         state, changed = self.density.update(len(dets))
         t2 = time.perf_counter()
+        traffic = None
+        if self.traffic is not None and self._geometry is not None:
+            geometry, version = self._geometry()
+            traffic = self.traffic.process(dets, frame, geometry, version,
+                                           detector.class_names, model.sha256)
+        t_track = time.perf_counter()
         brightness, sharpness = frame_quality(frame.image)
         edge = self._is_edge_case(brightness, sharpness, changed)
         t3 = time.perf_counter()
         self._sync_rates(frame.captured_at)
         decision = self.sampler.decide(dets, now=frame.captured_at, edge_case=edge)
+        if traffic is not None and traffic.events:  # the operator sees what happened
+            decision = SampleDecision(
+                True, (*decision.reasons, REASON_TRAFFIC_EVENT),
+                self.sampler.config.max_importance, over_budget=not decision.sampled)
+        frame_id = uuid.uuid4().hex if decision.sampled else None
+        records = self.traffic.commit(traffic, frame, frame_id) if self.traffic else []
         t4 = time.perf_counter()
         timings = {
             "preprocess_ms": st.preprocess_ms if st else 0.0,
@@ -205,7 +229,8 @@ class FramePipeline:
             "postprocess_ms": st.postprocess_ms if st else 0.0,
             "detect_ms": (t1 - t0) * 1e3,
             "count_ms": (t2 - t1) * 1e3,
-            "quality_ms": (t3 - t2) * 1e3,
+            "track_ms": (t_track - t2) * 1e3,
+            "quality_ms": (t3 - t_track) * 1e3,
             "sample_ms": (t4 - t3) * 1e3,
         }
         return FrameResult(
@@ -221,6 +246,9 @@ class FramePipeline:
             decision,
             timings,
             model,
+            frame_id,
+            traffic,
+            records,
         )
 
 
@@ -289,6 +317,8 @@ class AgentConfig:
     rollback_after: int = 3  # consecutive bad heartbeat windows
     max_error_rate: float = 0.01
     shadow_sample_rate: float = 0.2
+    traffic: bool = True  # track and count when the camera's configuration has a geometry
+    record_outbox_max: int = 50_000  # queued traffic records kept without the gateway
 
 
 @dataclass
@@ -308,6 +338,11 @@ class AgentSummary:
     outbox_depth: int = 0
     outbox_evicted_total: int = 0
     heartbeats_sent: int = 0
+    traffic_crossings: int = 0  # vehicles counted on lines
+    traffic_events: int = 0
+    traffic_records_queued: int = 0
+    traffic_records_sent: int = 0  # acknowledged by the gateway (201, or 409: already stored)
+    traffic_records_left: int = 0  # still queued at exit: sent on the next start
     final_model_version: str = ""  # sha256 of the model serving at the end
     update_status: str = "disabled"  # the updater's status at the end (disabled: no key)
     sampled_frame_ids: list[str] = field(default_factory=list)
@@ -438,12 +473,18 @@ class EdgeAgent:
             max_bytes=cfg.outbox_max_bytes,
             backoff=BackoffPolicy(cfg.retry_base_s, cfg.retry_max_s),
         )
+        self.records = RecordOutbox(
+            cfg.state_dir / "outbox",
+            max_records=cfg.record_outbox_max,
+            backoff=BackoffPolicy(cfg.retry_base_s, cfg.retry_max_s),
+        )
         self.client = GatewayClient(cfg.gateway_url, cfg.state_dir, timeout_s=cfg.http_timeout_s)
         try:
             return self._run()
         finally:
             self.client.close()
             self.outbox.close()
+            self.records.close()
 
     def _run(self) -> AgentSummary:
         cfg = self.config
@@ -468,8 +509,11 @@ class EdgeAgent:
             cfg.camera_id, cfg.state_dir, base_rate=cfg.sampler.base_rate,
             hourly_budget=cfg.sampler.hourly_budget)
         self.camera_config.load()
+        self.traffic = TrafficStage(cfg.camera_id) if cfg.traffic else None
         pipeline = FramePipeline(self.slot, capacity=cfg.capacity, sampler_config=cfg.sampler,
-                                 sampling=self.camera_config.effective_sampling)
+                                 sampling=self.camera_config.effective_sampling,
+                                 traffic=self.traffic,
+                                 geometry=self.camera_config.traffic_geometry)
         summary = AgentSummary(cfg.camera_id, device_id, model_version, stopped_by="end_of_source")
         self.summary = summary
         logger.info(
@@ -517,6 +561,8 @@ class EdgeAgent:
             if self.updater is not None:
                 self.updater.stop(cfg.http_timeout_s + 5)
             summary.frames_dropped = reader.dropped
+            if self.traffic is not None:  # the interval in progress, as a partial record
+                self._queue_records(self.traffic.close())
             self._drain()
             self._uploads_stop.set()
             self._wake_uploader.set()
@@ -526,6 +572,10 @@ class EdgeAgent:
             self._send_heartbeat(final=True)
             self._status.finish()
         summary.outbox_depth = self.outbox.depth()
+        summary.traffic_records_left = self.records.depth()
+        if self.traffic is not None:
+            summary.traffic_crossings = self.traffic.crossings_total
+            summary.traffic_events = self.traffic.events_total
         summary.outbox_evicted_total = self.outbox.evicted_total
         summary.errors = self.telemetry.errors_total
         summary.final_model_version = self.slot.sha256
@@ -547,6 +597,7 @@ class EdgeAgent:
             logger.error("frame %s: detector failed: %s", frame.source_ref, exc)
             return
         summary.frames_processed += 1
+        self._queue_records(result.traffic_records)
         t = result.timings_ms
         model_version = result.model.sha256 if result.model else self.slot.sha256
         if self.updater is not None and result.model is not None:
@@ -561,9 +612,9 @@ class EdgeAgent:
             occupancy=result.occupancy,
             density_state=result.density.label,
         )
-        if not result.decision.sampled:
+        if not result.decision.sampled or result.frame_id is None:
             return
-        frame_id = uuid.uuid4().hex
+        frame_id = result.frame_id
         ok, buf = cv2.imencode(
             ".jpg", frame.image, [int(cv2.IMWRITE_JPEG_QUALITY), self.config.jpeg_quality]
         )
@@ -588,7 +639,42 @@ class EdgeAgent:
         if put.queued:
             self._wake_uploader.set()
 
+    def _queue_records(self, records: list[dict[str, Any]]) -> None:
+        """Traffic interval records into the durable record outbox (before anything is sent)."""
+        for record in records:
+            try:
+                if self.records.put(record["record_id"], record) and self.summary is not None:
+                    self.summary.traffic_records_queued += 1
+            except Exception as exc:  # noqa: BLE001 - a full disk must not stop the camera
+                self.telemetry.record_error()
+                logger.error("traffic record %s not queued: %s", record.get("record_id"), exc)
+        if records:
+            self._wake_uploader.set()
+
     # ------------------------------------------------------------------ uploads
+    def _send_records(self) -> float | None:
+        """Send the due traffic records (small, first); the pause to take when the gateway
+        failed one, else None."""
+        for item in self.records.due(limit=32):
+            if self._uploads_stop.is_set():
+                return None
+            outcome = self.client.post_traffic_interval(item.body)
+            if outcome.acknowledged:
+                self.records.ack(item.record_id, duplicate=outcome.kind == "duplicate")
+                if self.summary is not None:
+                    self.summary.traffic_records_sent += 1
+            elif outcome.kind == "retry":
+                self.records.fail(item.record_id, outcome.detail,
+                                  retry_after=outcome.retry_after)
+                logger.warning("traffic record %s not delivered (%s %s); %d queued",
+                               item.record_id, outcome.status_code or "network",
+                               outcome.detail[:200], self.records.depth())
+                return max(self.records.backoff.delay(item.attempts), outcome.retry_after or 0)
+            else:
+                self.records.reject(item.record_id, f"{outcome.status_code}: {outcome.detail}")
+                self.telemetry.record_error()
+        return None
+
     def _upload_loop(self) -> None:
         backoff = self.outbox.backoff
         consecutive = 0
@@ -599,9 +685,15 @@ class EdgeAgent:
                 self._wake_uploader.wait(min(pause_until - now, 0.5))
                 self._wake_uploader.clear()
                 continue
+            pause = self._send_records()
+            if pause is not None:
+                pause_until = time.time() + pause
+                continue
             items = self.outbox.due(now, limit=16)
             if not items:
-                next_due = self.outbox.next_due_at()
+                next_due = min((t for t in (self.outbox.next_due_at(),
+                                            self.records.next_due_at()) if t is not None),
+                               default=None)
                 wait = 0.5 if next_due is None else min(max(next_due - now, 0.01), 0.5)
                 self._wake_uploader.wait(wait)
                 self._wake_uploader.clear()
@@ -666,7 +758,7 @@ class EdgeAgent:
         if self._force.is_set():
             return
         deadline = time.monotonic() + self.config.drain_timeout_s
-        depth = self.outbox.depth()
+        depth = self.outbox.depth() + self.records.depth()
         if depth:
             logger.info(
                 "draining %d queued frame(s) (up to %.0fs)", depth, self.config.drain_timeout_s
@@ -675,9 +767,10 @@ class EdgeAgent:
             self._wake_uploader.set()
             self._force.wait(0.1)
             self._status.maybe_print()
-            depth = self.outbox.depth()
+            depth = self.outbox.depth() + self.records.depth()
         if depth:
-            logger.warning("%d frame(s) left in the outbox; they are sent on the next start", depth)
+            logger.warning("%d frame(s) and %d traffic record(s) left in the outbox; they are "
+                           "sent on the next start", self.outbox.depth(), self.records.depth())
 
     # ------------------------------------------------------------------ heartbeats
     def _heartbeat_loop(self) -> None:

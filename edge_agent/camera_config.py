@@ -7,10 +7,14 @@ here in plain Python. ``CameraConfigChannel``:
 * ``poll(client)`` — on the heartbeat thread, after each heartbeat:
   ``GET /v1/cameras/{camera_id}/config`` with ``If-None-Match`` (an unchanged config is a 304).
 * ``apply(answer)`` — checks the document. Sections this agent does not know (a newer
-  gateway's, e.g. counting lines) and unknown keys of a known section are ignored, each
+  gateway's) and unknown keys of a known section are ignored, each
   logged once, so an older agent survives a newer document; an invalid value in a known
   section rejects the whole document: the last good one stays in force and heartbeats carry
   ``config_error`` until a later document applies.
+* ``traffic`` (counting lines, zones, homography) is checked by
+  ``edge_agent.traffic.geometry.parse_traffic_section`` — the gateway's own check — so a line
+  outside the image or a degenerate homography is refused here too and the last good
+  geometry keeps counting.
 * The document in force is an immutable ``AppliedConfig``, replaced in one assignment. The
   frame loop asks ``effective_sampling()`` once per frame and resizes its own sampler
   (``FramePipeline``), so the sampler is only ever touched by the frame loop's thread.
@@ -37,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent.errors import InvalidCameraConfig
 from edge_agent.fsutil import write_text_atomic
+from edge_agent.traffic.geometry import TrafficConfig, parse_traffic_section
 
 if TYPE_CHECKING:
     from edge_agent.client import GatewayClient
@@ -48,7 +53,7 @@ MAX_BOOST_FACTOR = 20.0
 MAX_HOURLY_BUDGET = 100_000.0
 MAX_BOOST_REASON = 200
 MAX_NOTES = 1000
-_SECTIONS = {"sampling", "notes"}
+_SECTIONS = {"sampling", "notes", "traffic"}
 _SAMPLING_KEYS = {"base_rate", "hourly_budget", "boost"}
 _BOOST_KEYS = {"factor", "until", "reason"}
 
@@ -75,6 +80,7 @@ class AppliedConfig:
     hourly_budget: float | None = None
     boost: SamplingBoost | None = None
     notes: str | None = None
+    traffic: TrafficConfig | None = None  # lines, zones, homography (edge_agent.traffic)
     document: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -145,6 +151,8 @@ def parse_config(answer: Mapping[str, Any], *, etag: str | None = None,
         notes = doc.get("notes")
         if notes is not None:
             notes = _text(notes, "notes", MAX_NOTES)
+        traffic = (parse_traffic_section(doc["traffic"]) if doc.get("traffic") is not None
+                   else None)
         base_rate = hourly_budget = boost = None
         sampling = doc.get("sampling")
         if sampling is not None:
@@ -169,7 +177,7 @@ def parse_config(answer: Mapping[str, Any], *, etag: str | None = None,
         raise InvalidCameraConfig(version, str(exc)) from None
     return AppliedConfig(version=version, sha256=sha, etag=etag, base_rate=base_rate,
                          hourly_budget=hourly_budget, boost=boost, notes=notes,
-                         document=dict(doc))
+                         traffic=traffic, document=dict(doc))
 
 
 # --------------------------------------------------------------------------- the channel
@@ -221,6 +229,11 @@ class CameraConfigChannel:
                 boost.until_iso,
             )
         return EffectiveSampling(base, budget, None)
+
+    def traffic_geometry(self) -> tuple[TrafficConfig | None, int]:
+        """The traffic geometry in force and its configuration version."""
+        cfg = self._applied
+        return cfg.traffic, cfg.version
 
     def heartbeat_fields(self, now: float | None = None) -> dict[str, Any]:
         """``config_version``, ``config_error`` and the sampling in force (``Heartbeat``)."""

@@ -303,6 +303,12 @@ class GatewayClient:
         """``POST /v1/heartbeats`` with a ``Heartbeat.to_json()`` body."""
         return self._outcome(lambda: self._send_json("/v1/heartbeats", heartbeat_json), expect=202)
 
+    def post_traffic_interval(self, record_json: str) -> UploadOutcome:
+        """``POST /v1/traffic/intervals`` with one interval record (``edge_agent.traffic``):
+        201 stored, 409 already stored (the same ``record_id``) — both acknowledge it."""
+        return self._outcome(
+            lambda: self._send_json("/v1/traffic/intervals", record_json), expect=201)
+
     def _send_json(self, url: str, body: str) -> httpx.Response:
         token_used = self._require_identity().access_token
         headers = {**self._auth_headers(), "Content-Type": "application/json"}

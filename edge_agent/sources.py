@@ -46,6 +46,14 @@ class Frame:
     index: int  # position in the source (0-based), monotonic
     captured_at: float  # unix time (s) when the frame was read
     source_ref: str  # e.g. "video:cctv_street.mp4#123", "image:/x/y.jpg", "stream:rtsp://…"
+    # Seconds on the source's own clock (a file's frame index / fps), so motion measured
+    # between frames (tracking, speeds) is right even when a file is read faster than real
+    # time; None for a live stream, whose clock is ``captured_at``.
+    media_time: float | None = None
+
+    @property
+    def stream_time(self) -> float:
+        return self.captured_at if self.media_time is None else self.media_time
 
     @property
     def captured_at_iso(self) -> str:
@@ -130,7 +138,8 @@ class VideoFileSource(FrameSource):
                     if not ok or image is None:
                         break
                     self.stats.frames_read += 1
-                    yield Frame(image, index, time.time(), f"video:{self.path.name}#{pos}")
+                    yield Frame(image, index, time.time(), f"video:{self.path.name}#{pos}",
+                                index / self.fps)
                     index += 1
                     pos += 1
             finally:
@@ -175,7 +184,7 @@ class ImageFolderSource(FrameSource):
                     logger.warning("%s: not a readable image, skipped", path)
                     continue
                 self.stats.frames_read += 1
-                yield Frame(image, index, time.time(), f"image:{path}")
+                yield Frame(image, index, time.time(), f"image:{path}", index / self.fps)
                 index += 1
             if not self.loop:
                 return

@@ -1,0 +1,316 @@
+"""Per frame: which confirmed tracks crossed a counting line (and which way, how fast),
+entered or left a zone, how full each zone is, and which incidents began.
+
+How a crossing is decided (the failure modes counters meet in the field):
+
+* The counting point is the box's bottom-centre. Its **side** of a line changes only when it
+  is more than a band beyond the line — ``BAND_FRACTION`` of the box height, at least
+  ``MIN_BAND_PX`` — so a box whose bottom edge flickers across the line, or a vehicle that
+  stops on it, does not toggle the side and is not counted again and again.
+* A crossing counts when the side flips and the path between the two firm positions meets
+  the line *segment* (passing beside the line's end is not a crossing); each track counts on a
+  line at most once. Unconfirmed tracks (ID -1) never count; a confirmed track's side starts
+  where it is first seen, so a vehicle first seen beyond a line never counts on it.
+* Speed at a crossing (with a homography): the least-squares slope of the track's ground
+  position over the last ``SPEED_WINDOW_S`` seconds, from at least three observations over
+  ``MIN_SPEED_SPAN_S``; otherwise none (a count without a speed, never a made-up one).
+* A zone is entered when the counting point is a band inside the polygon (or when a new track
+  is first seen inside), left when it is a band outside or when the tracker gives up on the
+  track; dwell is the time between the two. Occupancy is the number of alive confirmed tracks
+  inside; its density state per zone has the hysteresis of ``edge_agent.counting``.
+* Events: a zone in ``jam`` for ``jam_min_s`` (then ``jam_cleared`` with its duration), a
+  vehicle standing (below ``stopped_speed_kmh``) for ``stopped_min_s`` in no heavy or
+  jammed zone — a queue is congestion, not an incident —, and a crossing against a line's
+  ``allowed`` direction.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from edge_agent.counting import DensityState, DensityTracker
+from edge_agent.traffic.geometry import CountingLine, TrafficConfig
+from edge_agent.traffic.tracking import TrackedBox, TrackerSettings, VehicleTracker
+
+BAND_FRACTION = 0.1
+MIN_BAND_PX = 2.0
+SPEED_WINDOW_S = 1.0
+MIN_SPEED_SPAN_S = 0.4
+STOP_WINDOW_S = 2.0
+HISTORY_S = 3.0
+ASSUMED_VEHICLE_HEIGHT_M = 1.5  # only for "standing" without a homography (pixels → m/s)
+
+
+@dataclass(frozen=True)
+class Crossing:
+    line: str
+    direction: str  # the line's in_label or out_label
+    class_name: str
+    track_id: int
+    stream_time: float
+    speed_kmh: float | None
+    pcu: float
+    wrong_way: bool
+
+
+@dataclass(frozen=True)
+class ZoneEntry:
+    zone: str
+    class_name: str
+    track_id: int
+    pcu: float
+
+
+@dataclass(frozen=True)
+class ZoneExit:
+    zone: str
+    track_id: int
+    dwell_s: float
+
+
+@dataclass(frozen=True)
+class ZoneState:
+    zone: str
+    occupancy: int
+    state: DensityState
+
+
+@dataclass(frozen=True)
+class TrafficEvent:
+    kind: str  # jam | jam_cleared | stopped_vehicle | wrong_way
+    stream_time: float
+    detail: str
+    zone: str | None = None
+    line: str | None = None
+    track_id: int | None = None
+    class_name: str | None = None
+    duration_s: float | None = None
+
+
+@dataclass
+class FrameTraffic:
+    tracks: list[TrackedBox]  # every box of the frame; track_id -1: unconfirmed
+    crossings: list[Crossing] = field(default_factory=list)
+    entries: list[ZoneEntry] = field(default_factory=list)
+    exits: list[ZoneExit] = field(default_factory=list)
+    zones: list[ZoneState] = field(default_factory=list)
+    events: list[TrafficEvent] = field(default_factory=list)
+
+    @property
+    def confirmed(self) -> list[TrackedBox]:
+        return [t for t in self.tracks if t.track_id >= 0]
+
+
+@dataclass
+class _Track:
+    track_id: int
+    class_name: str
+    first_seen: float
+    last_seen: float
+    anchor: tuple[float, float]
+    height: float
+    history: deque[tuple[float, float, float]] = field(default_factory=deque)  # t, gx, gy
+    sides: dict[str, int] = field(default_factory=dict)
+    side_points: dict[str, tuple[float, float]] = field(default_factory=dict)
+    counted: set[str] = field(default_factory=set)
+    inside: dict[str, float] = field(default_factory=dict)  # zone -> entry time
+    stopped_since: float | None = None
+    stopped_reported: bool = False
+
+
+def _signed_distance(line: CountingLine, p: tuple[float, float]) -> float:
+    """> 0 on the right of start → end (image axes, y down), in pixels."""
+    (sx, sy), (ex, ey) = line.start, line.end
+    return ((ex - sx) * (p[1] - sy) - (ey - sy) * (p[0] - sx)) / line.length
+
+
+def _meets_segment(line: CountingLine, a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether the path a → b (on both sides of the line) passes through the segment."""
+    da, db = _signed_distance(line, a), _signed_distance(line, b)
+    if da == db:
+        return False
+    t = da / (da - db)
+    px, py = a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])
+    (sx, sy), (ex, ey) = line.start, line.end
+    u = ((px - sx) * (ex - sx) + (py - sy) * (ey - sy)) / (line.length ** 2)
+    return 0.0 <= u <= 1.0
+
+
+def _velocity(samples: list[tuple[float, float, float]]) -> float | None:
+    """Speed (units/s) of a least-squares straight-line fit, or None when too little data."""
+    if len(samples) < 3:
+        return None
+    arr = np.asarray(samples, dtype=np.float64)
+    t = arr[:, 0] - arr[0, 0]
+    if t[-1] - t[0] < MIN_SPEED_SPAN_S:
+        return None
+    vx = np.polyfit(t, arr[:, 1], 1)[0]
+    vy = np.polyfit(t, arr[:, 2], 1)[0]
+    return float(np.hypot(vx, vy))
+
+
+class TrafficCounter:
+    """Tracks, counts, zone states and events of one camera (one geometry)."""
+
+    def __init__(self, config: TrafficConfig, class_names: Sequence[str], *,
+                 tracker: TrackerSettings | None = None) -> None:
+        self.config = config
+        self.tracker = VehicleTracker(class_names, tracker)
+        self._tracks: dict[int, _Track] = {}
+        self._contours = {z.name: np.asarray(z.polygon, dtype=np.float32).reshape(-1, 1, 2)
+                          for z in config.zones}
+        self._density = {z.name: DensityTracker(z.capacity) for z in config.zones}
+        self._jam_since: dict[str, float] = {}
+        self._jam_reported: set[str] = set()
+
+    # ------------------------------------------------------------------ per frame
+    def update(self, detections: Sequence, stream_time: float) -> FrameTraffic:
+        boxes = self.tracker.update(detections, stream_time)
+        out = FrameTraffic(boxes)
+        for box in boxes:
+            if box.track_id >= 0:
+                self._observe(box, stream_time, out)
+        alive = self.tracker.alive_ids()
+        for tid in [t for t in self._tracks if t not in alive]:
+            self._finish(self._tracks.pop(tid), out)
+        self._zone_states(stream_time, out)
+        self._standing(stream_time, {b.track_id for b in boxes if b.track_id >= 0}, out)
+        return out
+
+    def close(self) -> FrameTraffic:
+        """Every live track leaves its zones (the stream ends)."""
+        out = FrameTraffic([])
+        for track in self._tracks.values():
+            self._finish(track, out)
+        self._tracks.clear()
+        return out
+
+    # ------------------------------------------------------------------ tracks
+    def _observe(self, box: TrackedBox, now: float, out: FrameTraffic) -> None:
+        track = self._tracks.get(box.track_id)
+        first = track is None
+        if track is None:
+            track = _Track(box.track_id, box.class_name, now, now, box.anchor, box.height)
+            self._tracks[box.track_id] = track
+        track.class_name, track.last_seen = box.class_name, now
+        track.anchor, track.height = box.anchor, box.height
+        ground = (self.config.homography.to_world(np.asarray([box.anchor]))[0]
+                  if self.config.homography is not None else box.anchor)
+        track.history.append((now, float(ground[0]), float(ground[1])))
+        while track.history and track.history[0][0] < now - HISTORY_S:
+            track.history.popleft()
+        band = max(MIN_BAND_PX, BAND_FRACTION * box.height)
+        for line in self.config.lines:
+            self._line(track, line, band, now, out)
+        for zone in self.config.zones:
+            dist = cv2.pointPolygonTest(self._contours[zone.name], box.anchor, True)
+            if zone.name not in track.inside:
+                if dist >= band or (first and dist >= 0):
+                    track.inside[zone.name] = now
+                    out.entries.append(ZoneEntry(zone.name, track.class_name, track.track_id,
+                                                 self.config.pcu_of(track.class_name)))
+            elif dist <= -band:
+                entered = track.inside.pop(zone.name)
+                out.exits.append(ZoneExit(zone.name, track.track_id, now - entered))
+
+    def _line(self, track: _Track, line: CountingLine, band: float, now: float,
+              out: FrameTraffic) -> None:
+        d = _signed_distance(line, track.anchor)
+        side = 1 if d > band else -1 if d < -band else 0
+        if side == 0:
+            return
+        previous = track.sides.get(line.name)
+        before = track.side_points.get(line.name)
+        track.sides[line.name], track.side_points[line.name] = side, track.anchor
+        if previous is None or previous == side or line.name in track.counted:
+            return
+        if before is None or not _meets_segment(line, before, track.anchor):
+            return
+        track.counted.add(line.name)
+        key = "in" if side > 0 else "out"
+        label = line.in_label if key == "in" else line.out_label
+        speed = None
+        if self.config.homography is not None:
+            recent = [s for s in track.history if s[0] >= now - SPEED_WINDOW_S]
+            mps = _velocity(recent)
+            speed = None if mps is None else round(mps * 3.6, 1)
+        wrong = line.allowed != "both" and key != line.allowed
+        out.crossings.append(Crossing(line.name, label, track.class_name, track.track_id, now,
+                                      speed, self.config.pcu_of(track.class_name), wrong))
+        if wrong:
+            out.events.append(TrafficEvent(
+                "wrong_way", now, f"{track.class_name} #{track.track_id} crossed {line.name} "
+                f"{label}, against its allowed direction", line=line.name,
+                track_id=track.track_id, class_name=track.class_name))
+
+    def _finish(self, track: _Track, out: FrameTraffic) -> None:
+        for zone, entered in track.inside.items():
+            out.exits.append(ZoneExit(zone, track.track_id, track.last_seen - entered))
+        track.inside.clear()
+
+    # ------------------------------------------------------------------ zones and events
+    def _zone_states(self, now: float, out: FrameTraffic) -> None:
+        rules = self.config.events
+        for zone in self.config.zones:
+            occupancy = sum(zone.name in t.inside for t in self._tracks.values())
+            state, _ = self._density[zone.name].update(occupancy)
+            out.zones.append(ZoneState(zone.name, occupancy, state))
+            if state == DensityState.JAM:
+                since = self._jam_since.setdefault(zone.name, now)
+                if now - since >= rules.jam_min_s and zone.name not in self._jam_reported:
+                    self._jam_reported.add(zone.name)
+                    out.events.append(TrafficEvent(
+                        "jam", now, f"zone {zone.name} jammed for {now - since:.0f} s",
+                        zone=zone.name, duration_s=round(now - since, 1)))
+            elif zone.name in self._jam_since:
+                since = self._jam_since.pop(zone.name)
+                if zone.name in self._jam_reported:
+                    self._jam_reported.discard(zone.name)
+                    out.events.append(TrafficEvent(
+                        "jam_cleared", now, f"zone {zone.name} flows again after "
+                        f"{now - since:.0f} s of jam", zone=zone.name,
+                        duration_s=round(now - since, 1)))
+
+    def _standing(self, now: float, visible: set[int], out: FrameTraffic) -> None:
+        rules = self.config.events
+        congested = {z.zone for z in out.zones if z.state >= DensityState.HEAVY}
+        for tid in visible:
+            track = self._tracks.get(tid)
+            if track is None:
+                continue
+            recent = [s for s in track.history if s[0] >= now - STOP_WINDOW_S]
+            per_s = _velocity(recent) if recent and now - recent[0][0] >= 0.9 * STOP_WINDOW_S \
+                else None
+            if per_s is None:
+                continue
+            mps = per_s if self.config.homography is not None else (
+                per_s / max(track.height, 1.0) * ASSUMED_VEHICLE_HEIGHT_M)
+            if mps * 3.6 >= rules.stopped_speed_kmh:
+                track.stopped_since = None
+                continue
+            if track.stopped_since is None:
+                track.stopped_since = recent[0][0]
+            standing = now - track.stopped_since
+            if standing >= rules.stopped_min_s and not track.stopped_reported \
+                    and not (set(track.inside) & congested):
+                track.stopped_reported = True
+                out.events.append(TrafficEvent(
+                    "stopped_vehicle", now, f"{track.class_name} #{tid} standing for "
+                    f"{standing:.0f} s", zone=next(iter(sorted(track.inside)), None),
+                    track_id=tid, class_name=track.class_name, duration_s=round(standing, 1)))
+
+
+__all__ = [
+    "Crossing",
+    "FrameTraffic",
+    "TrafficCounter",
+    "TrafficEvent",
+    "ZoneEntry",
+    "ZoneExit",
+    "ZoneState",
+]

@@ -1,0 +1,116 @@
+"""The agent's traffic stage: the geometry in force → tracker + counter → interval records.
+
+``process`` runs on the frame loop after the detector; ``commit`` folds the frame in once the
+agent knows whether the frame was sampled (an event's frame is forced into the upload so the
+operator sees what happened: ``REASON_TRAFFIC_EVENT``). A new geometry (a new configuration
+version, or a stream of another size) closes the running segment — its partial records are
+returned — and starts a fresh counter, so counts never mix two geometries.
+
+Clock: the counter runs on the stream's clock (``Frame.stream_time``); records and events are
+stamped on the wall clock of that stream time (``origin + stream_time``, the origin taken at
+the first frame), so a video read faster than real time still yields one record per minute of
+video, and a live camera's records follow its capture times.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from edge_agent.traffic.counter import FrameTraffic, TrafficCounter
+from edge_agent.traffic.geometry import TrafficConfig
+from edge_agent.traffic.intervals import IntervalAccumulator
+from edge_agent.traffic.tracking import TrackerSettings
+
+logger = logging.getLogger(__name__)
+
+REASON_TRAFFIC_EVENT = "traffic_event"
+
+
+class _Frame(Protocol):
+    @property
+    def stream_time(self) -> float: ...
+
+    captured_at: float
+    image: Any
+
+
+class TrafficStage:
+    def __init__(self, camera_id: str, *, tracker: TrackerSettings | None = None) -> None:
+        self.camera_id = camera_id
+        self.tracker_settings = tracker
+        self._key: tuple[int, int, int, int] | None = None  # config id, version, w, h
+        self._counter: TrafficCounter | None = None
+        self._intervals: IntervalAccumulator | None = None
+        self._origin: float | None = None
+        self._pending: list[dict[str, Any]] = []
+        self.crossings_total = 0
+        self.events_total = 0
+
+    @property
+    def active(self) -> bool:
+        return self._counter is not None
+
+    def wall_time(self, frame: _Frame) -> float:
+        if self._origin is None:
+            self._origin = frame.captured_at - frame.stream_time
+        return self._origin + frame.stream_time
+
+    def process(self, detections: Sequence, frame: _Frame, geometry: TrafficConfig | None,
+                config_version: int, class_names: Sequence[str], model_version: str
+                ) -> FrameTraffic | None:
+        """Track and count this frame; None when the camera has no traffic geometry."""
+        h, w = frame.image.shape[:2]
+        key = None if geometry is None else (id(geometry), config_version, w, h)
+        if key != self._key:
+            self._pending.extend(self._close_segment())
+            self._key = key
+            if geometry is not None:
+                scaled = geometry.scaled_to(w, h)
+                self._counter = TrafficCounter(scaled, class_names, tracker=self.tracker_settings)
+                self._intervals = IntervalAccumulator(
+                    self.camera_id, interval_s=scaled.interval_s,
+                    zones=[z.name for z in scaled.zones],
+                    segment_started_at=self.wall_time(frame), config_version=config_version,
+                    model_version=model_version)
+                logger.info("traffic counting on: %d line(s), %d zone(s)%s, %ds intervals "
+                            "(configuration version %d)", len(scaled.lines), len(scaled.zones),
+                            ", speeds" if scaled.homography is not None else "",
+                            scaled.interval_s, config_version)
+        if self._counter is None:
+            return None
+        return self._counter.update(detections, frame.stream_time)
+
+    def commit(self, traffic: FrameTraffic | None, frame: _Frame,
+               frame_id: str | None) -> list[dict[str, Any]]:
+        """Fold the frame's traffic into its interval; returns every record closed so far."""
+        records, self._pending = self._pending, []
+        if traffic is not None and self._intervals is not None:
+            self.crossings_total += len(traffic.crossings)
+            self.events_total += len(traffic.events)
+            wall = self.wall_time(frame)
+            records.extend(self._intervals.add(
+                traffic, wall, stream_time_to_wall=wall - frame.stream_time,
+                frame_id=frame_id if traffic.events else None))
+        return records
+
+    def close(self) -> list[dict[str, Any]]:
+        """End of the stream: the running segment's last (partial) record(s)."""
+        records, self._pending = self._pending + self._close_segment(), []
+        self._key = None
+        return records
+
+    def _close_segment(self) -> list[dict[str, Any]]:
+        if self._counter is None or self._intervals is None:
+            self._counter = self._intervals = None
+            return []
+        last = self._counter.close()  # live tracks leave their zones
+        if self._intervals.last_wall_time is not None:
+            self._intervals.add(last, self._intervals.last_wall_time, is_frame=False)
+        records = self._intervals.close()
+        self._counter = self._intervals = None
+        return records
+
+
+__all__ = ["REASON_TRAFFIC_EVENT", "TrafficStage"]
