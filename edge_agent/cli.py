@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--capacity", type=_positive_float, default=30.0, help="objects in a full view"
     )
+    run.add_argument(
+        "--traffic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="track and count vehicles when the camera's configuration has a traffic geometry",
+    )
     run.add_argument("--base-rate", type=float, default=0.01, help="random share sampled")
     run.add_argument("--low-conf-band", type=_band, default=(0.25, 0.5), metavar="LO,HI")
     run.add_argument("--rare-classes", default="", help="comma-separated class names")
@@ -274,6 +280,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         rollback_after=args.rollback_after,
         max_error_rate=args.max_error_rate,
         shadow_sample_rate=args.shadow_rate,
+        traffic=args.traffic,
     )
     agent = EdgeAgent(config)
     previous_handlers = _install_signal_handlers(agent)
