@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import supervision as sv
+from trackers import ByteTrackTracker
 
 
 class _Detection(Protocol):
@@ -77,8 +79,6 @@ class VehicleTracker:
 
     def __init__(self, class_names: Sequence[str], settings: TrackerSettings | None = None
                  ) -> None:
-        from trackers import ByteTrackTracker  # imported here: ~1 s, only where tracking runs
-
         self.settings = s = settings or TrackerSettings()
         self.class_names = list(class_names)
         self._tracker = ByteTrackTracker(
@@ -98,8 +98,6 @@ class VehicleTracker:
         return self.class_names[det.class_id] if ok else str(det.class_id)
 
     def update(self, detections: Sequence[_Detection], stream_time: float) -> list[TrackedBox]:
-        import supervision as sv
-
         names = [self._name(d) for d in detections]
         if detections:
             sv_dets = sv.Detections(
