@@ -33,7 +33,10 @@ Record = Mapping[str, Any]
 def check_bucket(bucket_s: int) -> int:
     """``bucket_s`` itself when it is a whole number of minutes that divides a day."""
     if isinstance(bucket_s, bool) or not isinstance(bucket_s, int | np.integer):
-        raise ValueError(f"bucket_s must be an integer number of seconds, got {bucket_s!r}")  # noqa: TRY004 - one error type for callers
+        # ValueError, not TypeError: callers map one error type to a 422 / a clear message
+        raise ValueError(  # noqa: TRY004
+            f"bucket_s must be an integer number of seconds, got {bucket_s!r}"
+        )
     bucket_s = int(bucket_s)
     if bucket_s <= 0 or bucket_s % 60 or DAY_S % bucket_s:
         raise ValueError(
