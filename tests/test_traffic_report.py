@@ -4,49 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, date, datetime, timedelta
-
-import numpy as np
+from datetime import UTC, datetime, time, timedelta
 
 from roadloop.traffic.report import MARKDOWN_NAME, SUMMARY_NAME, write_daily_report
 
-DAY = date(2026, 11, 27)
-
-
-def synthetic_records(day: date = DAY, minutes: int = 90, seed: int = 0) -> list[dict]:
-    """One camera, one line both ways, one zone; a jam in the middle and one event."""
-    rng = np.random.default_rng(seed)
-    start = datetime(day.year, day.month, day.day, 7, 0, tzinfo=UTC)
-    pcu = {"car": 1.0, "truck": 2.5}
-    out = []
-    for m in range(minutes):
-        t = start + timedelta(minutes=m)
-        lines = []
-        for direction in ("in", "out"):
-            for cls in ("car", "truck"):
-                n = int(rng.integers(0, 6 if cls == "car" else 2))
-                if n:
-                    speeds = [round(float(s), 1) for s in rng.uniform(20, 70, size=n)]
-                    lines.append({"line": "north", "direction": direction, "class_name": cls,
-                                  "count": n, "pcu": n * pcu[cls], "speeds_kmh": speeds})
-        jam = 30 <= m < 35
-        state = "jam" if jam else "normal"
-        zone = {"zone": "lane_1", "entries": {"car": 2}, "exits": 2, "dwell_s": [5.0, 7.0],
-                "occupancy_mean": 6.0 if jam else 1.0, "occupancy_max": 8 if jam else 2,
-                "pcu_in": 2.0, "state": state,
-                "state_s": {s: (60.0 if s == state else 0.0)
-                            for s in ("normal", "warning", "heavy", "jam")}}
-        events = []
-        if m == 32:
-            events.append({"event_id": "cam-1.ev.1.1", "kind": "jam", "at": t.isoformat(),
-                           "zone": "lane_1", "line": None, "track_id": None,
-                           "class_name": None, "duration_s": 120.0, "frame_id": "ab12",
-                           "detail": "zone lane_1 jammed for 120 s"})
-        out.append({"record_id": f"cam-1.{int(t.timestamp())}.1", "camera_id": "cam-1",
-                    "interval_start": t.isoformat(), "interval_s": 60, "covered_s": 60.0,
-                    "frames": 600, "config_version": 1, "model_version": "m",
-                    "lines": lines, "zones": [zone], "events": events})
-    return out
+from .traffic_factories import DAY, synthetic_records
 
 
 def _totals_table(text: str) -> dict[str, list[str]]:
@@ -63,7 +25,7 @@ def test_report_files_and_totals(tmp_path):
         {"line": "north", "direction": "in", "class_name": "car", "count": 3, "pcu": 3.0,
          "speeds_kmh": []}], zones=[], events=[])
     other_day = dict(records[1], record_id="cam-1.tomorrow",
-                     interval_start=(datetime(2026, 11, 28, 1, tzinfo=UTC)).isoformat())
+                     interval_start=(datetime.combine(DAY + timedelta(days=1), time(1), UTC)).isoformat())
     records += [extra, other_day]
     in_day = records[:-1]
     folder = tmp_path / "reports" / DAY.isoformat()
@@ -109,7 +71,7 @@ def test_report_files_and_totals(tmp_path):
 
 def test_a_day_without_records_says_so(tmp_path):
     folder = tmp_path / "empty"
-    report = write_daily_report(synthetic_records(minutes=3), date(2026, 11, 26), folder,
+    report = write_daily_report(synthetic_records(minutes=3), DAY - timedelta(days=1), folder,
                                 cameras=["cam-1"])
     text = (folder / MARKDOWN_NAME).read_text()
     assert "No traffic records for this day" in text
