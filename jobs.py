@@ -15,8 +15,13 @@ from assets.datasets import curated_dataset
 from assets.drift import camera_drift
 from assets.evaluation import benchmark_report
 from assets.ingestion import sampled_edge_frames
-from assets.partitions import camera_partitions, camera_window_partitions
+from assets.partitions import (
+    camera_partitions,
+    camera_window_partitions,
+    traffic_day_partitions,
+)
 from assets.rollout import model_rollout
+from assets.traffic import traffic_counts
 from ops.ingestion import replay_shared_cameras
 
 # --------------------------------------------------------------------------- ingestion
@@ -96,6 +101,15 @@ camera_accuracy_job = dg.define_asset_job(
     "starts one per reviewed camera after each review import).",
 )
 
+# --------------------------------------------------------------------------- traffic
+
+traffic_counts_job = dg.define_asset_job(
+    "traffic_counts_job",
+    selection=dg.AssetSelection.assets(traffic_counts),
+    partitions_def=traffic_day_partitions,
+    description="Write the operator's daily traffic report of one UTC day (traffic_counts).",
+)
+
 ALL_JOBS = [
     replay_ingestion_job,
     sampled_edge_frames_job,
@@ -107,6 +121,7 @@ ALL_JOBS = [
     model_rollout_job,
     camera_drift_job,
     camera_accuracy_job,
+    traffic_counts_job,
 ]
 
 __all__ = [
@@ -121,4 +136,5 @@ __all__ = [
     "review_import_job",
     "review_queue_job",
     "sampled_edge_frames_job",
+    "traffic_counts_job",
 ]

@@ -20,13 +20,14 @@ from .export import onnx_model, quantized_model
 from .ingestion import sampled_edge_frames
 from .partitions import camera_partitions
 from .rollout import model_rollout
+from .traffic import TRAFFIC_ASSETS, traffic_counts
 from .training import trained_model
 
 LOOP_ASSETS = [curated_dataset, trained_model, onnx_model, quantized_model, benchmark_report, production_model]
 # The learning loop (jobs.learning_loop_job); model_rollout needs the fleet gateway, so it
 # has its own job (jobs.model_rollout_job).
 ALL_ASSETS = [seed_datasets, sampled_edge_frames, *LOOP_ASSETS, model_rollout, *ACTIVE_LEARNING_ASSETS,
-              *DRIFT_ASSETS, *CAMERA_ACCURACY_ASSETS]
+              *DRIFT_ASSETS, *CAMERA_ACCURACY_ASSETS, *TRAFFIC_ASSETS]
 ALL_CHECKS = [
     curated_dataset_splits_present,
     curated_dataset_quarantine_rate,
@@ -37,5 +38,5 @@ ALL_CHECKS = [
 
 __all__ = [
     "ACCURACY_CHECK", "ALL_ASSETS", "ALL_CHECKS", "DRIFT_CHECK", "LOOP_ASSETS", "OPERATIONS_CHECK",
-    "camera_accuracy", "camera_drift", "camera_partitions",
+    "camera_accuracy", "camera_drift", "camera_partitions", "traffic_counts",
 ]

@@ -10,5 +10,7 @@ EVALUATION = "evaluation"  # benchmark_report, production_model (the gated promo
 ACTIVE_LEARNING = "active_learning"  # labeling: embeddings, review queue, reviews, label quality
 DEPLOYMENT = "deployment"  # model_rollout to the fleet
 MONITORING = "monitoring"  # camera_drift (each camera window vs its reference), camera_accuracy
+TRAFFIC = "traffic"  # traffic_counts: the operator's daily traffic report from the fleet
 
-LIFECYCLE_GROUPS = (INGESTION, DATASETS, MODELS, EVALUATION, ACTIVE_LEARNING, DEPLOYMENT, MONITORING)
+LIFECYCLE_GROUPS = (INGESTION, DATASETS, MODELS, EVALUATION, ACTIVE_LEARNING, DEPLOYMENT, MONITORING,
+                    TRAFFIC)

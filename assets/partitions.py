@@ -1,4 +1,5 @@
-"""Partitions: one per camera (added at run time by the new-camera sensor) and drift windows."""
+"""Partitions: one per camera (added at run time by the new-camera sensor), drift windows and
+traffic days."""
 
 from datetime import UTC, datetime, time
 
@@ -20,4 +21,9 @@ drift_window_partitions = dg.TimeWindowPartitionsDefinition(
 )
 camera_window_partitions = dg.MultiPartitionsDefinition(
     {"camera": camera_partitions, "window": drift_window_partitions}
+)
+
+# Traffic days: the daily operator report covers one UTC day of every camera.
+traffic_day_partitions = dg.DailyPartitionsDefinition(
+    start_date=_settings.traffic_start.isoformat(), timezone="UTC"
 )

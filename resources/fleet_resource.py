@@ -251,6 +251,34 @@ class FleetResource(dg.ConfigurableResource):
                 return out
 
 
+    # -- traffic analytics (docs/traffic.md) ------------------------------------------------
+    def traffic_intervals(self, camera_id: str | None, since: datetime, until: datetime,
+                          page: int = 1000) -> list[dict[str, Any]]:
+        """The traffic interval records (as the agents posted them, plus ``received_at``)
+        whose ``interval_start`` lies in ``[since, until)``, of one camera or (None) all,
+        in ``(interval_start, record_id)`` order: every page of ``GET /v1/traffic/intervals``,
+        following ``next_cursor``."""
+        for moment in (since, until):
+            if moment.tzinfo is None or moment.utcoffset() is None:
+                raise ValueError(f"since/until must be timezone-aware, got {moment.isoformat()}")
+        params: dict[str, Any] = {"since": since.isoformat(), "until": until.isoformat(),
+                                  "limit": page}
+        if camera_id is not None:
+            params["camera_id"] = camera_id
+        out: list[dict[str, Any]] = []
+        cursors: set[str] = set()
+        while True:
+            body = self._request("GET", "/v1/traffic/intervals", params=params)
+            out.extend(body["items"])  # type: ignore[call-overload]
+            cursor = body.get("next_cursor")  # type: ignore[union-attr]
+            if not cursor:
+                return out
+            if cursor in cursors:  # a gateway that repeats itself must not loop us forever
+                raise FleetError(f"GET /v1/traffic/intervals returned cursor {cursor!r} twice")
+            cursors.add(cursor)
+            params["cursor"] = cursor
+
+
 def _config_path(camera_id: str) -> str:
     return f"/v1/cameras/{quote(camera_id, safe='')}/config"
 

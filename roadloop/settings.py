@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     drift_cooldown_minutes: float = Field(default=360.0, ge=0)
     drift_grace_s: float = Field(default=90.0, ge=0, description="Wait after a window closes.")
 
+    # Traffic analytics (roadloop.traffic; docs/traffic.md): the first day of the daily
+    # traffic_counts partitions (UTC).
+    traffic_start: date = Field(default=date(2026, 11, 1), description="First traffic day (UTC).")
+
     @field_validator("drift_window_minutes")
     @classmethod
     def _window_tiles_the_day(cls, v: int) -> int:

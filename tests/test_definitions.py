@@ -54,6 +54,12 @@ def test_definitions_load_and_graph() -> None:
     assert checks["camera_accuracy_within_benchmark"].asset_key == dg.AssetKey("camera_accuracy")
     assert defs.resolve_job_def("camera_accuracy_job").partitions_def is partitions
 
+    # The daily traffic report: one partition per UTC day, its schedule off by default.
+    days = graph.get(dg.AssetKey("traffic_counts")).partitions_def
+    assert isinstance(days, dg.TimeWindowPartitionsDefinition) and days.cron_schedule == "0 0 * * *"
+    traffic = defs.resolve_schedule_def("traffic_counts_schedule")
+    assert traffic.default_status == dg.DefaultScheduleStatus.STOPPED
+
 
 def test_every_job_comes_from_the_jobs_module_and_is_registered() -> None:
     from dagster._core.definitions.unresolved_asset_job_definition import (
@@ -96,6 +102,7 @@ def test_every_job_comes_from_the_jobs_module_and_is_registered() -> None:
         "drift_window_sensor": {"camera_drift_job"},
         "drift_sensor": {"review_queue", "learning_loop"},
         "camera_accuracy_sensor": {"camera_accuracy_job"},
+        "traffic_counts_schedule": {"traffic_counts_job"},
     }
     # rollout_health_sensor launches nothing: it records observations of model_rollout.
     assert not defs.resolve_sensor_def("rollout_health_sensor").targets
@@ -125,4 +132,5 @@ def test_every_asset_is_in_a_lifecycle_stage_group() -> None:
         "model_rollout": "deployment",
         "camera_drift": "monitoring",
         "camera_accuracy": "monitoring",
+        "traffic_counts": "traffic",
     }

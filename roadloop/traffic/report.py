@@ -1,0 +1,406 @@
+"""The operator's daily traffic report: one UTC day of one or more cameras, as a folder of
+markdown (``report.md``), PNG plots and ``summary.json`` (docs/traffic.md).
+
+The folder is built beside its final place and renamed into it, so a reader sees the old
+report or the new one, never a part. Plots use matplotlib's object API (Agg), never pyplot's
+global state. A day without records gives a report that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from roadloop.fsutil import swap_dir_into_place, temp_sibling
+from roadloop.traffic.rollups import (
+    STATES,
+    LineVolume,
+    Record,
+    ZoneBucket,
+    ZoneTimeline,
+    congestion_timeline,
+    coverage,
+    events,
+    in_window,
+    line_volumes,
+    zone_stats,
+)
+
+MARKDOWN_NAME = "report.md"
+SUMMARY_NAME = "summary.json"
+VOLUMES_PNG = "volumes_15min.png"
+PCU_FLOW_PNG = "pcu_flow_hourly.png"
+SPEEDS_PNG = "speeds.png"
+CONGESTION_PNG = "congestion.png"
+
+STATE_COLOURS = {"normal": "#4caf50", "warning": "#ffc107", "heavy": "#ff7043", "jam": "#c62828"}
+_DASH = "–"
+
+LineKey = tuple[str, str, str]  # camera, line, direction
+
+
+@dataclass(frozen=True)
+class DailyReport:
+    """What was written, and the day's headline figures (for the Dagster metadata)."""
+
+    folder: Path
+    markdown: Path
+    day: date
+    records: int
+    total_vehicles: int
+    total_pcu: float
+    line_totals: dict[str, int]  # "camera/line/direction" -> vehicles
+    events_count: int
+    volume_table_md: str
+    plots: tuple[Path, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.folder), "markdown": str(self.markdown),
+            "day": self.day.isoformat(), "records": self.records,
+            "total_vehicles": self.total_vehicles, "total_pcu": self.total_pcu,
+            "line_totals": self.line_totals, "events_count": self.events_count,
+            "plots": [p.name for p in self.plots],
+        }
+
+
+def day_window(day: date) -> tuple[datetime, datetime]:
+    start = datetime.combine(day, time(), UTC)
+    return start, start + timedelta(days=1)
+
+
+def _label(key: LineKey) -> str:
+    return "/".join(key)
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return _DASH if value is None else f"{value:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def volume_table(day_volumes: list[LineVolume]) -> tuple[str, dict[str, int], int, float]:
+    """The day's vehicles per camera/line/direction and class, with totals: (markdown,
+    per-line totals, vehicles, PCU)."""
+    classes = sorted({v.class_name for v in day_volumes})
+    per: dict[LineKey, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    pcu: dict[LineKey, float] = defaultdict(float)
+    for v in day_volumes:
+        key = (v.camera_id, v.line, v.direction)
+        per[key][v.class_name] += v.count
+        pcu[key] += v.pcu
+    rows = []
+    totals: dict[str, int] = {}
+    for key in sorted(per):
+        total = sum(per[key].values())
+        totals[_label(key)] = total
+        rows.append([*key, *(per[key].get(c, 0) for c in classes), total, f"{pcu[key]:.1f}"])
+    all_vehicles = sum(totals.values())
+    all_pcu = sum(pcu.values())
+    col_totals = [sum(per[k].get(c, 0) for k in per) for c in classes]
+    rows.append(["**total**", "", "", *col_totals, all_vehicles, f"{all_pcu:.1f}"])
+    header = ["camera", "line", "direction", *classes, "vehicles", "PCU"]
+    return _table(header, rows), totals, all_vehicles, all_pcu
+
+
+def _quarter_table(volumes: list[LineVolume]) -> str:
+    keys = sorted({(v.camera_id, v.line, v.direction) for v in volumes})
+    cells: dict[datetime, dict[LineKey, int]] = defaultdict(lambda: defaultdict(int))
+    for v in volumes:
+        cells[v.bucket_start][(v.camera_id, v.line, v.direction)] += v.count
+    rows = [
+        [start.strftime("%H:%M"), *(cells[start].get(k, 0) for k in keys),
+         sum(cells[start].values())]
+        for start in sorted(cells)
+    ]
+    return _table(["start (UTC)", *(_label(k) for k in keys), "all"], rows)
+
+
+def _pooled_speeds(records: list[Record]) -> dict[LineKey, list[float]]:
+    out: dict[LineKey, list[float]] = defaultdict(list)
+    for record in records:
+        for row in record.get("lines") or ():
+            key = (record["camera_id"], row["line"], row["direction"])
+            out[key].extend(float(s) for s in row.get("speeds_kmh") or ())
+    return {k: s for k, s in sorted(out.items()) if s}
+
+
+def _hourly_flow(records: list[Record]) -> dict[LineKey, list[tuple[datetime, float]]]:
+    """PCU per watched hour, per line and direction, for every hour its camera watched."""
+    watched = coverage(records, 3600)
+    pcu: dict[tuple[LineKey, datetime], float] = defaultdict(float)
+    keys: set[LineKey] = set()
+    for v in line_volumes(records, 3600):
+        key = (v.camera_id, v.line, v.direction)
+        keys.add(key)
+        pcu[(key, v.bucket_start)] += v.pcu
+    out: dict[LineKey, list[tuple[datetime, float]]] = {}
+    for key in sorted(keys):
+        hours = sorted(h for (cam, h), s in watched.items() if cam == key[0] and s > 0)
+        out[key] = [(h, pcu.get((key, h), 0.0) * 3600.0 / watched[(key[0], h)]) for h in hours]
+    return out
+
+
+def _zone_table(zones: list[ZoneBucket]) -> str:
+    agg: dict[tuple[str, str], list[ZoneBucket]] = defaultdict(list)
+    for z in zones:
+        agg[(z.camera_id, z.zone)].append(z)
+    rows = []
+    for (cam, name), items in sorted(agg.items()):
+        dwell_n = sum(z.dwell_n for z in items)
+        dwell = (sum((z.dwell_mean_s or 0.0) * z.dwell_n for z in items) / dwell_n
+                 if dwell_n else None)
+        weighted = [(z.occupancy_mean, z.covered_s) for z in items if z.occupancy_mean is not None]
+        weight = sum(w for _, w in weighted)
+        occ = sum(o * w for o, w in weighted) / weight if weight else None
+        minutes = {s: sum(z.state_s.get(s, 0.0) for z in items) / 60.0 for s in STATES}
+        worst = max((z.worst_state for z in items), key=STATES.index)
+        rows.append([cam, name, sum(z.entries_total for z in items), sum(z.exits for z in items),
+                     _f(dwell), _f(occ, 2), _f(max(z.occupancy_max for z in items), 0),
+                     f"{sum(z.pcu_in for z in items):.1f}",
+                     *(f"{minutes[s]:.0f}" for s in STATES), worst])
+    return _table(["camera", "zone", "entries", "exits", "mean dwell s", "mean occupancy",
+                   "max occupancy", "PCU in", *(f"{s} min" for s in STATES), "worst"], rows)
+
+
+def _congestion_rows(timelines: list[ZoneTimeline]) -> list[list[Any]]:
+    return [
+        [t.camera_id, t.zone, s.start.strftime("%H:%M"), s.end.strftime("%H:%M"), s.state,
+         f"{(s.end - s.start).total_seconds() / 60:.0f}"]
+        for t in timelines for s in t.segments if s.state != "normal"
+    ]
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(rows: int, height: float = 2.6, width: float = 11.0) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, max(height * rows, 2.5)), dpi=90, layout="constrained")
+
+
+def _time_axis(ax: Any, start: datetime, end: datetime) -> None:
+    import matplotlib.dates as mdates
+
+    ax.set_xlim(mdates.date2num(start), mdates.date2num(end))
+    ax.xaxis.set_major_locator(mdates.HourLocator(byhour=range(0, 24, 3), tz=UTC))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=UTC))
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _plot_volumes(volumes: list[LineVolume], start: datetime, path: Path, bucket_s: int) -> None:
+    import matplotlib.dates as mdates
+
+    keys = sorted({(v.camera_id, v.line, v.direction) for v in volumes})
+    classes = sorted({v.class_name for v in volumes})
+    colours = {c: f"C{i % 10}" for i, c in enumerate(classes)}
+    fig = _figure(len(keys))
+    axes = np.atleast_1d(fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0])
+    width = bucket_s / 86400.0
+    for ax, key in zip(axes, keys, strict=True):
+        rows = [v for v in volumes if (v.camera_id, v.line, v.direction) == key]
+        x = sorted({v.bucket_start for v in rows})
+        xs = mdates.date2num(x)
+        bottom = np.zeros(len(x))
+        for cls in classes:
+            by_start = {v.bucket_start: v.count for v in rows if v.class_name == cls}
+            heights = np.array([by_start.get(t, 0) for t in x], dtype=float)
+            if heights.any():
+                ax.bar(xs, heights, width=width, bottom=bottom, align="edge",
+                       color=colours[cls], label=cls)
+                bottom += heights
+        ax.set_title(f"{_label(key)}: vehicles per {bucket_s // 60} min", fontsize=9)
+        ax.set_ylabel("vehicles")
+        _time_axis(ax, start, start + timedelta(days=1))
+        ax.legend(fontsize=7, loc="upper left", ncols=min(len(classes), 6))
+    fig.savefig(path, format="png")
+
+
+def _plot_flow(flow: dict[LineKey, list[tuple[datetime, float]]], start: datetime,
+               path: Path) -> None:
+    import matplotlib.dates as mdates
+
+    fig = _figure(1, height=3.2)
+    ax = fig.subplots()
+    for key, points in flow.items():
+        if points:
+            hours = [h + timedelta(minutes=30) for h, _ in points]
+            ax.plot(mdates.date2num(hours), [p for _, p in points], marker="o", ms=3,
+                    label=_label(key))
+    ax.set_title("PCU flow per hour (per watched hour)", fontsize=9)
+    ax.set_ylabel("PCU / h")
+    _time_axis(ax, start, start + timedelta(days=1))
+    ax.legend(fontsize=7)
+    fig.savefig(path, format="png")
+
+
+def _plot_speeds(speeds: dict[LineKey, list[float]], path: Path) -> None:
+    fig = _figure(len(speeds), height=2.4, width=8.0)
+    axes = fig.subplots(len(speeds), 1, squeeze=False)[:, 0]
+    for ax, (key, values) in zip(axes, speeds.items(), strict=True):
+        arr = np.asarray(values)
+        median, p85 = np.percentile(arr, [50, 85])
+        ax.hist(arr, bins=np.arange(0.0, float(arr.max()) + 10.0, 5.0), color="C0", alpha=0.8)
+        ax.axvline(median, color="k", ls="--", label=f"median {median:.1f}")
+        ax.axvline(p85, color="C3", ls="-", label=f"p85 {p85:.1f}")
+        ax.set_title(f"{_label(key)}: speeds (n={arr.size})", fontsize=9)
+        ax.set_xlabel("km/h")
+        ax.legend(fontsize=7)
+    fig.savefig(path, format="png")
+
+
+def _plot_congestion(timelines: list[ZoneTimeline], start: datetime, path: Path) -> None:
+    import matplotlib.dates as mdates
+    from matplotlib.patches import Patch
+
+    fig = _figure(1, height=0.5 * len(timelines) + 1.2)
+    ax = fig.subplots()
+    for i, t in enumerate(timelines):
+        for state in STATES:
+            spans = [(mdates.date2num(s.start), (s.end - s.start).total_seconds() / 86400.0)
+                     for s in t.segments if s.state == state]
+            if spans:
+                ax.broken_barh(spans, (i - 0.4, 0.8), color=STATE_COLOURS[state])
+    ax.set_yticks(range(len(timelines)), [f"{t.camera_id}/{t.zone}" for t in timelines])
+    ax.set_ylim(-0.6, len(timelines) - 0.4)
+    ax.set_title("Congestion per zone (blank: not watched)", fontsize=9)
+    _time_axis(ax, start, start + timedelta(days=1))
+    ax.legend(handles=[Patch(color=STATE_COLOURS[s], label=s) for s in STATES], fontsize=7,
+              loc="upper left", ncols=4)
+    fig.savefig(path, format="png")
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _markdown(day: date, cameras: Sequence[str], records: list[Record], bucket_s: int,
+              volume_md: str, volumes: list[LineVolume], plots: dict[str, Path]) -> str:
+    start, _ = day_window(day)
+    out = [f"# Traffic report {day.isoformat()} (UTC)", ""]
+    out.append(f"Cameras: {', '.join(cameras) if cameras else _DASH}.")
+    if not records:
+        out += ["", ("**No traffic records for this day.** The cameras sent no interval "
+                "records for it (not running, no `traffic` section, or not yet uploaded).")]
+        return "\n".join(out) + "\n"
+    watched = coverage(records, 86400)
+    out.append("Watched: " + ", ".join(
+        f"{cam} {watched.get((cam, start), 0.0) / 3600:.1f} h" for cam in cameras) + ".")
+    out += ["", "## Vehicles per line and class", "", volume_md, ""]
+    if "volumes" in plots:
+        out += [f"![volumes]({plots['volumes'].name})", ""]
+    if volumes:
+        out += [f"## Vehicles per {bucket_s // 60} minutes", "", _quarter_table(volumes), ""]
+    flow = _hourly_flow(records)
+    if flow:
+        out += ["## PCU flow per hour", ""]
+        rows = []
+        for key, points in flow.items():
+            peak = max(points, key=lambda p: p[1]) if points else None
+            rows.append([_label(key), f"{np.mean([p for _, p in points]):.1f}" if points
+                         else _DASH, f"{peak[1]:.1f}" if peak else _DASH,
+                         peak[0].strftime("%H:%M") if peak else _DASH])
+        out += [_table(["line", "mean PCU/h", "peak PCU/h", "peak hour (UTC)"], rows), ""]
+        if "flow" in plots:
+            out += [f"![PCU flow]({plots['flow'].name})", ""]
+    speeds = _pooled_speeds(records)
+    if speeds:
+        out += ["## Speeds", ""]
+        rows = [[_label(k), len(s), *(f"{q:.1f}" for q in np.percentile(s, [50, 85]))]
+                for k, s in speeds.items()]
+        out += [_table(["line", "vehicles with a speed", "median km/h", "p85 km/h"], rows), ""]
+        out += [f"![speeds]({plots['speeds'].name})", ""]
+    zones = zone_stats(records, 86400)
+    if zones:
+        out += ["## Zones", "", _zone_table(zones), ""]
+        congested = _congestion_rows(congestion_timeline(records))
+        out += ["### Congestion (warning or worse)", ""]
+        out += [_table(["camera", "zone", "from", "to", "state", "minutes"], congested)
+                if congested else "None: every zone stayed normal.", ""]
+        out += [f"![congestion]({plots['congestion'].name})", ""]
+    evs = events(records)
+    out += [f"## Events ({len(evs)})", ""]
+    if evs:
+        out.append(_table(
+            ["time (UTC)", "camera", "kind", "zone/line", "duration s", "frame", "detail"],
+            [[e.at.strftime("%H:%M:%S"), e.camera_id, e.kind, e.zone or e.line or _DASH,
+              _f(e.duration_s), e.frame_id or _DASH, (e.detail or "").replace("|", "/")]
+             for e in evs]))
+    else:
+        out.append("None.")
+    return "\n".join(out) + "\n"
+
+
+def write_daily_report(
+    records: Iterable[Record],
+    day: date,
+    folder: Path,
+    *,
+    cameras: Sequence[str] | None = None,
+    bucket_s: int = 900,
+) -> DailyReport:
+    """Write the report of ``day`` (UTC) into ``folder`` (replaced as a whole).
+
+    Records outside the day are ignored; ``cameras`` limits (and names, even when silent)
+    the cameras reported, default: those in the records.
+    """
+    start, end = day_window(day)
+    chosen = list(in_window(records, start, end))
+    if cameras is not None:
+        chosen = [r for r in chosen if r["camera_id"] in set(cameras)]
+    names = sorted(set(cameras) if cameras is not None else {r["camera_id"] for r in chosen})
+    volumes = line_volumes(chosen, bucket_s)
+    volume_md, totals, vehicles, pcu = volume_table(volumes)
+    evs = events(chosen)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(folder)
+    tmp.mkdir()
+    try:
+        plots: dict[str, Path] = {}
+        if volumes:
+            plots["volumes"] = tmp / VOLUMES_PNG
+            _plot_volumes(volumes, start, plots["volumes"], bucket_s)
+            flow = _hourly_flow(chosen)
+            plots["flow"] = tmp / PCU_FLOW_PNG
+            _plot_flow(flow, start, plots["flow"])
+        speeds = _pooled_speeds(chosen)
+        if speeds:
+            plots["speeds"] = tmp / SPEEDS_PNG
+            _plot_speeds(speeds, plots["speeds"])
+        timelines = congestion_timeline(chosen)
+        if timelines:
+            plots["congestion"] = tmp / CONGESTION_PNG
+            _plot_congestion(timelines, start, plots["congestion"])
+        text = _markdown(day, names, chosen, bucket_s, volume_md, volumes, plots)
+        (tmp / MARKDOWN_NAME).write_text(text, encoding="utf-8")
+        report = DailyReport(
+            folder=folder, markdown=folder / MARKDOWN_NAME, day=day, records=len(chosen),
+            total_vehicles=vehicles, total_pcu=round(pcu, 6), line_totals=totals,
+            events_count=len(evs), volume_table_md=volume_md,
+            plots=tuple(folder / p.name for p in plots.values()),
+        )
+        summary = {**report.to_dict(), "cameras": names,
+                   "generated_at": datetime.now(UTC).isoformat()}
+        (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        swap_dir_into_place(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
