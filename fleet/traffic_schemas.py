@@ -12,7 +12,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from fleet.bounds import INT32_MAX, Count, EventTime, Name
 from roadloop.data.frames import FrameId
@@ -37,6 +44,7 @@ Pcu = Annotated[float, Field(ge=0.0, le=MAX_PCU, allow_inf_nan=False)]
 ZoneState = Literal["normal", "warning", "heavy", "jam"]
 EventKind = Literal["jam", "jam_cleared", "stopped_vehicle", "wrong_way"]
 BUCKETS_S = (60, 900, 3600)
+UtcEventTime = Annotated[EventTime, AfterValidator(lambda v: v.astimezone(UTC))]
 
 
 class _Strict(BaseModel):
@@ -90,7 +98,7 @@ class ZoneStatIn(_Strict):
 class TrafficEventIn(_Strict):
     event_id: RecordId
     kind: EventKind
-    at: EventTime
+    at: UtcEventTime
     zone: GeometryName | None = None
     line: GeometryName | None = None
     track_id: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
@@ -106,7 +114,7 @@ class TrafficIntervalIn(_Strict):
     record_id: RecordId = Field(description="'<camera_id>.<interval start, unix s>.<agent run "
                                 "start, unix ms>': unique per camera, interval and agent run.")
     camera_id: FrameId
-    interval_start: EventTime
+    interval_start: UtcEventTime
     interval_s: Annotated[int, Field(ge=1, le=MAX_INTERVAL_S)]
     covered_s: Annotated[float, Field(ge=0.0, le=MAX_INTERVAL_S, allow_inf_nan=False)]
     frames: Count
@@ -124,7 +132,7 @@ class TrafficIntervalIn(_Strict):
         if not self.record_id.startswith(f"{self.camera_id}."):
             raise ValueError(f"record_id {self.record_id!r} must start with the camera_id "
                              f"'{self.camera_id}.'")
-        start = self.interval_start.astimezone(UTC)
+        start = self.interval_start
         if start.microsecond or int(start.timestamp()) % self.interval_s:
             raise ValueError(f"interval_start {start.isoformat()} is not aligned to "
                              f"interval_s {self.interval_s} (unix time divisible by it)")
