@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from fleet import admin, auth, camera_config, heartbeats, intake, rollouts, traffic
+from fleet import admin, auth, camera_config, heartbeats, intake, rollouts, traffic, traffic_preview
 from fleet.config import GatewaySettings
 from fleet.ratelimit import BodyReadDeadline, BodySizeLimit, UnattributedLimit
 from fleet.runtime import Clock, Gateway, GatewayDep
@@ -133,5 +133,6 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.include_router(rollouts.router)
     app.include_router(camera_config.router)
     app.include_router(traffic.router)
+    app.include_router(traffic_preview.router)
     return app
 
