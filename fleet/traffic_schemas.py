@@ -172,3 +172,55 @@ class TrafficIntervalPage(BaseModel):
     items: list[TrafficIntervalOut]
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class LineVolumeOut(BaseModel):
+    """Vehicles of one class crossing one line in one direction during one bucket
+    (``roadloop.traffic.rollups.LineVolume``)."""
+
+    camera_id: str
+    bucket_start: datetime
+    line: str
+    direction: str
+    class_name: str
+    count: int
+    pcu: float
+    speed_median_kmh: float | None
+    speed_p85_kmh: float | None
+    speeds_n: int
+
+
+class ZoneBucketOut(BaseModel):
+    """One zone of one camera during one bucket (``roadloop.traffic.rollups.ZoneBucket``)."""
+
+    camera_id: str
+    bucket_start: datetime
+    zone: str
+    entries: dict[str, int]
+    entries_total: int
+    exits: int
+    dwell_mean_s: float | None
+    dwell_n: int
+    occupancy_mean: float | None
+    occupancy_max: float
+    pcu_in: float
+    pcu_flow_per_h: float | None
+    covered_s: float
+    state_s: dict[str, float]
+    worst_state: str
+
+
+class TrafficEventOut(BaseModel):
+    """One traffic event (``roadloop.traffic.rollups.TrafficEvent``)."""
+
+    event_id: str
+    camera_id: str
+    kind: str
+    at: datetime
+    zone: str | None
+    line: str | None
+    track_id: int | None
+    class_name: str | None
+    duration_s: float | None
+    frame_id: str | None
+    detail: str | None
