@@ -57,7 +57,7 @@ class LineCountIn(_Strict):
     line: GeometryName
     direction: Label
     class_name: Label
-    count: Annotated[int, Field(ge=1, le=INT32_MAX)]
+    count: Count  # rows of 0 are omitted by the agent (sparse), but harmless
     pcu: Pcu
     speeds_kmh: list[Speed] = Field(default_factory=list, max_length=MAX_SAMPLES)
 
