@@ -22,7 +22,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from fleet import admin, auth, camera_config, heartbeats, intake, rollouts
+from fleet import (
+    admin,
+    auth,
+    camera_config,
+    heartbeats,
+    intake,
+    rollouts,
+    traffic,
+    traffic_preview,
+    traffic_queries,
+)
 from fleet.config import GatewaySettings
 from fleet.ratelimit import BodyReadDeadline, BodySizeLimit, UnattributedLimit
 from fleet.runtime import Clock, Gateway, GatewayDep
@@ -132,5 +142,8 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.include_router(admin.router)
     app.include_router(rollouts.router)
     app.include_router(camera_config.router)
+    app.include_router(traffic.router)
+    app.include_router(traffic_queries.router)
+    app.include_router(traffic_preview.router)
     return app
 

@@ -1,10 +1,16 @@
 """A camera's configuration document and the bodies of ``/v1/cameras/{camera_id}/config``.
 
 ``CameraConfig`` is the whole run-time configuration of one camera, one section per concern.
-Today: ``sampling`` (the agent's base rate, hourly budget and a temporary boost) and
-``notes``. Later sections (counting lines, zones) are added as new optional fields; an agent
+Sections: ``sampling`` (the agent's base rate, hourly budget and a temporary boost),
+``traffic`` (counting lines, zones, the homography to metres, PCU weights: the geometry of
+traffic analytics) and ``notes``. Later sections are added as new optional fields; an agent
 that does not know a section ignores it (``edge_agent.camera_config``), so a newer document
-never breaks an older agent. The gateway refuses unknown keys (``extra="forbid"``): a typo
+never breaks an older agent.
+
+``traffic`` is checked by ``edge_agent.traffic.geometry.parse_traffic_section``, the parser
+the agent itself runs: the gateway and the agent must agree on what a valid geometry is, so
+they share one validator (its ``ValueError`` is a 422 naming the field) and the document is
+stored as given. The gateway refuses unknown keys (``extra="forbid"``): a typo
 is a 422, never a setting silently dropped.
 
 Canonical form (what is stored, hashed and handed to agents): ``model_dump(mode="json",
@@ -22,7 +28,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from fleet.bounds import INT32_MAX, Fraction, Reason, Timestamp, gateway_now
+from edge_agent.traffic.geometry import parse_traffic_section
+from fleet.bounds import INT32_MAX, Fraction, Reason, Timestamp, check_json_value, gateway_now
 
 MAX_BOOST_S = 30 * 86400  # a boost is temporary: at most 30 days past the gateway's clock
 MAX_HOURLY_BUDGET = 100_000.0
@@ -70,13 +77,35 @@ class SamplingConfig(BaseModel):
     boost: SamplingBoost | None = None
 
 
+def _traffic_section(section: dict[str, Any]) -> dict[str, Any]:
+    """The section unchanged when the agent's parser accepts it (plain, bounded JSON too)."""
+    check_json_value(section)
+    try:
+        parse_traffic_section(section)
+    except ValueError:
+        raise
+    except Exception as exc:  # whatever the parser trips on is the input's fault
+        raise ValueError(f"traffic section is invalid ({type(exc).__name__}: {exc})"
+                         [:500]) from exc
+    return section
+
+
+TrafficSection = Annotated[
+    dict[str, Any],
+    AfterValidator(_traffic_section),
+    Field(description="Counting lines, zones, homography, PCU weights (docs/traffic.md); "
+          "checked by edge_agent.traffic.geometry.parse_traffic_section."),
+]
+
+
 class CameraConfig(BaseModel):
-    """One camera's configuration document (every section optional; future sections such as
-    counting lines and zones are added beside ``sampling``)."""
+    """One camera's configuration document (every section optional; a new concern is a new
+    section beside ``sampling`` and ``traffic``)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sampling: SamplingConfig | None = None
+    traffic: TrafficSection | None = None
     notes: str | None = Field(default=None, max_length=1000)
 
     def canonical(self) -> dict[str, Any]:

@@ -8,7 +8,10 @@ a plain engine. Datetimes are stored as UTC and always come back timezone-aware.
 ``model_manifests`` / ``rollouts`` hold published models and staged rollouts
 (``fleet.rollouts``); cohort membership is computed from device ids, not stored.
 ``camera_configs`` / ``camera_config_versions`` hold each camera's configuration document and
-its history (``fleet.camera_config``).
+its history (``fleet.camera_config``). ``traffic_intervals`` holds each traffic interval record
+as posted (``fleet.traffic``); its rows are also split into ``traffic_line_counts``,
+``traffic_zone_stats`` and ``traffic_events`` (written in the same transaction), so queries by
+camera, line, zone, class, kind and time are SQL over indexed columns.
 
 The schema in a database is made and changed only by the Alembic revisions in
 ``fleet/migrations`` (never ``create_all``): a change to these models needs a revision, and
@@ -302,6 +305,87 @@ class CameraConfigVersionRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     created_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class TrafficIntervalRow(Base):
+    """One traffic interval record as posted (``fleet.traffic``); ``record_id`` makes a resend
+    a no-op. Records of one camera and interval from several agent runs sum."""
+
+    __tablename__ = "traffic_intervals"
+    __table_args__ = (Index("ix_traffic_intervals_camera_start", "camera_id", "interval_start"),)
+
+    record_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    camera_id: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    interval_start: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    interval_s: Mapped[int] = mapped_column(Integer)
+    covered_s: Mapped[float] = mapped_column(Float)
+    frames: Mapped[int] = mapped_column(Integer)
+    config_version: Mapped[int] = mapped_column(Integer)
+    model_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class TrafficLineCountRow(Base):
+    """One (line, direction, class) row of a record: vehicles, PCU and their speeds."""
+
+    __tablename__ = "traffic_line_counts"
+    __table_args__ = (
+        Index("ix_traffic_line_counts_camera_start", "camera_id", "interval_start"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    record_id: Mapped[str] = mapped_column(
+        ForeignKey("traffic_intervals.record_id"), index=True)
+    camera_id: Mapped[str] = mapped_column(String(64))
+    interval_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    interval_s: Mapped[int] = mapped_column(Integer)
+    line: Mapped[str] = mapped_column(String(64))
+    direction: Mapped[str] = mapped_column(String(64))
+    class_name: Mapped[str] = mapped_column(String(64))
+    count: Mapped[int] = mapped_column(Integer)
+    pcu: Mapped[float] = mapped_column(Float)
+    speeds_kmh: Mapped[list[float]] = mapped_column(JSON)
+
+
+class TrafficZoneStatRow(Base):
+    """One zone's statistics in a record."""
+
+    __tablename__ = "traffic_zone_stats"
+    __table_args__ = (
+        Index("ix_traffic_zone_stats_camera_start", "camera_id", "interval_start"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    record_id: Mapped[str] = mapped_column(
+        ForeignKey("traffic_intervals.record_id"), index=True)
+    camera_id: Mapped[str] = mapped_column(String(64))
+    interval_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    interval_s: Mapped[int] = mapped_column(Integer)
+    covered_s: Mapped[float] = mapped_column(Float)
+    zone: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON)  # the record's zone object
+
+
+class TrafficEventRow(Base):
+    """One traffic event (jam, stopped vehicle, wrong way, ...) of a record."""
+
+    __tablename__ = "traffic_events"
+    __table_args__ = (Index("ix_traffic_events_camera_at", "camera_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    record_id: Mapped[str] = mapped_column(
+        ForeignKey("traffic_intervals.record_id"), index=True)
+    camera_id: Mapped[str] = mapped_column(String(64))
+    interval_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    event_id: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    zone: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    line: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    event: Mapped[dict[str, Any]] = mapped_column(JSON)  # the record's event object
 
 
 class Database:

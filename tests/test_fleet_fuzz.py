@@ -53,10 +53,12 @@ PUBLIC = {("GET", "/healthz")}
 OWN_CAMERA_READS = {("GET", "/v1/cameras/{camera_id}/heartbeats"),
                     ("GET", "/v1/cameras/{camera_id}/config"),
                     ("GET", "/v1/cameras/{camera_id}/config/history")}
-DEVICE = {("POST", "/v1/frames"), ("POST", "/v1/heartbeats"), ("GET", "/v1/manifest"),
-          ("GET", "/v1/models/{sha256}"), *OWN_CAMERA_READS}
+# posts whose JSON body names the camera (a device may post about its own camera only)
+OWN_CAMERA_POSTS = {("POST", "/v1/heartbeats"), ("POST", "/v1/traffic/intervals")}
+DEVICE = {("POST", "/v1/frames"), ("GET", "/v1/manifest"), ("GET", "/v1/models/{sha256}"),
+          *OWN_CAMERA_POSTS, *OWN_CAMERA_READS}
 NOBODY = {("POST", "/v1/enroll"), ("POST", "/v1/token/refresh")}
-DEVICE_ONLY = {("POST", "/v1/frames"), ("POST", "/v1/heartbeats"), ("GET", "/v1/manifest")}
+DEVICE_ONLY = {("POST", "/v1/frames"), ("GET", "/v1/manifest"), *OWN_CAMERA_POSTS}
 
 
 @dataclass
@@ -169,7 +171,7 @@ def _own_camera(case: Any, key: tuple[str, str]) -> bool:
         return True
     if key in OWN_CAMERA_READS:
         return (case.path_parameters or {}).get("camera_id") == CAMERA
-    if key == ("POST", "/v1/heartbeats"):
+    if key in OWN_CAMERA_POSTS:
         return isinstance(case.body, dict) and case.body.get("camera_id") == CAMERA
     return True  # frames: the metadata's camera is checked by the gateway itself (403)
 
@@ -197,7 +199,7 @@ def _fuzz_operation(fz: Fuzzed, operation: Any, identity: str, mode: GenerationM
             for name in list(case.path_parameters or {}):
                 if name in fz.real:
                     case.path_parameters[name] = fz.real[name]
-            if key == ("POST", "/v1/heartbeats") and isinstance(case.body, dict):
+            if key in OWN_CAMERA_POSTS and isinstance(case.body, dict):
                 case.body["camera_id"] = CAMERA
         kwargs = case.as_transport_kwargs(base_url="http://testserver")
         response = fz.client.request(**_httpx_kwargs(kwargs, fz.tokens[identity]))

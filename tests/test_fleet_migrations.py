@@ -42,6 +42,7 @@ from fleet.db import (
     ModelManifestRow,
     RolloutRow,
     Token,
+    TrafficIntervalRow,
 )
 from fleet.migrations import runner
 from launch.localfleet import GatewayProcess, child_env
@@ -378,6 +379,42 @@ def test_0003_adds_the_camera_config_tables_to_a_0002_database(
         command.downgrade(runner.alembic_config(conn), "0002")
     assert not CAMERA_TABLES & set(sa.inspect(db.engine).get_table_names())
     assert migrations.status(db).current == "0002"
+    assert_old_data_intact(db, UNIQUE_DEVICES)
+
+
+TRAFFIC_TABLES = {"traffic_intervals", "traffic_line_counts", "traffic_zone_stats",
+                  "traffic_events"}
+
+
+def test_0004_adds_the_traffic_tables_to_a_0003_database(db_url: str, open_dbs: Any) -> None:
+    """0004 adds the four traffic tables to a 0003 database with data and changes nothing
+    else; a record id is stored once; a downgrade to 0003 drops exactly those tables."""
+    db = open_dbs(db_url)
+    assert migrations.upgrade(db, "0003").after == "0003"
+    fill_old_database(db, UNIQUE_DEVICES)
+    assert not TRAFFIC_TABLES & set(sa.inspect(db.engine).get_table_names())
+    result = migrations.upgrade(db)
+    assert (result.before, result.after) == ("0003", migrations.head_revision())
+    assert TRAFFIC_TABLES <= set(sa.inspect(db.engine).get_table_names())
+    assert_old_data_intact(db, UNIQUE_DEVICES)
+    assert migrations.status(db).differences == []
+
+    def interval() -> TrafficIntervalRow:
+        now = datetime.now(UTC)
+        return TrafficIntervalRow(record_id="cam-a.1.2", camera_id="cam-a", interval_start=now,
+                                  interval_s=60, covered_s=60.0, frames=1, config_version=0,
+                                  received_at=now, document={"record_id": "cam-a.1.2"})
+
+    with db.write() as s:
+        s.add(interval())
+        s.commit()
+    with db.write() as s, pytest.raises(IntegrityError):
+        s.add(interval())
+        s.flush()
+    with runner._locked(db) as conn:
+        command.downgrade(runner.alembic_config(conn), "0003")
+    assert not TRAFFIC_TABLES & set(sa.inspect(db.engine).get_table_names())
+    assert migrations.status(db).current == "0003"
     assert_old_data_intact(db, UNIQUE_DEVICES)
 
 

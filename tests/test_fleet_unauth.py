@@ -186,15 +186,27 @@ def test_device_rate_limit_is_checked_before_the_body(make_gateway: Any) -> None
 
 
 def test_every_router_authenticates_first(make_gateway: Any) -> None:
-    from fleet import admin, auth, camera_config, heartbeats, intake, rollouts
+    from fleet import (
+        admin,
+        auth,
+        camera_config,
+        heartbeats,
+        intake,
+        rollouts,
+        traffic,
+        traffic_preview,
+        traffic_queries,
+    )
 
-    for module in (admin, auth, camera_config, heartbeats, intake, rollouts):
+    routers = (admin, camera_config, heartbeats, intake, rollouts, traffic, traffic_preview,
+               traffic_queries)
+    for module in (auth, *routers):
         for route in module.router.routes:
             assert isinstance(route, AuthFirstRoute), (module.__name__, route)
     g = make_gateway()
     doc = g.client.get("/openapi.json").json()
     secured = [(p, m) for p, m, op in _operations(doc) if op.get("security")]
-    routes = {(r.path, m.lower()) for mod in (admin, camera_config, heartbeats, intake, rollouts)
+    routes = {(r.path, m.lower()) for mod in routers
               for r in mod.router.routes for m in r.methods
               if isinstance(r, AuthFirstRoute) and r.early_dependencies}
     assert set(secured) == routes
