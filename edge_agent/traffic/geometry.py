@@ -347,7 +347,7 @@ def parse_traffic_section(section: Any) -> TrafficConfig:
         for cls, weight in raw_pcu.items():
             pcu[_name(cls, "traffic.pcu key")] = _number(weight, f"traffic.pcu.{cls}", 0.1, 20)
     interval = d.get("interval_s", 60)
-    if interval not in INTERVALS_S or isinstance(interval, bool):
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval not in INTERVALS_S:
         raise ValueError(f"traffic.interval_s must be one of {list(INTERVALS_S)}, got "
                          f"{interval!r}"[:200])
     events = EventRules()
