@@ -509,6 +509,9 @@ class EdgeAgent:
             cfg.camera_id, cfg.state_dir, base_rate=cfg.sampler.base_rate,
             hourly_budget=cfg.sampler.hourly_budget)
         self.camera_config.load()
+        # Once before the first frame: a camera's geometry and rates are in force from its
+        # first frame, not only after the first heartbeat (a failure keeps the kept file's).
+        self._poll_camera_config()
         self.traffic = TrafficStage(cfg.camera_id) if cfg.traffic else None
         pipeline = FramePipeline(self.slot, capacity=cfg.capacity, sampler_config=cfg.sampler,
                                  sampling=self.camera_config.effective_sampling,
