@@ -55,7 +55,8 @@ def _production_model_set(tracker: Tracker, name: str, candidate_version: str, c
     kinds={"onnx", "pytorch", "html"},
     description=(
         "Candidate vs current production on held-out test frames for PyTorch, ONNX fp32 and "
-        "ONNX INT8: mAP, per-class AP, P/R/F1, count MAE, latency percentiles, robustness slices."
+        "ONNX INT8: mAP, per-class AP, P/R/F1, count MAE, latency percentiles, robustness slices, "
+        "and line-crossing counts on tracks in a synthetic scene (ONNX files, the agent's counter)."
     ),
 )
 def benchmark_report(
@@ -103,6 +104,8 @@ def benchmark_report(
         latency=LatencyConfig(
             warmup=benchmark.warmup, runs=benchmark.runs, batch_sizes=benchmark.batch_sizes, threads=benchmark.threads
         ),
+        counting=benchmark.counting_config(),
+        crop_dataset=dataset_dir,
     )
     gates = evaluate_all_gates(results, benchmark.gate_config())
     files = render_report(
@@ -118,6 +121,13 @@ def benchmark_report(
     )
     for path in (files.html, files.json, files.markdown):
         tracker.log_artifact(trained_model.run_id, path, "reports")
+    candidate_counting = results.counting("candidate", "onnx_int8")
+    if candidate_counting is not None and candidate_counting.rel_error is not None:
+        tracker.log_metrics(
+            trained_model.run_id,
+            {"bench/int8/count_rel_error": candidate_counting.rel_error,
+             "bench/int8/idf1": candidate_counting.idf1},
+        )
     candidate_all = results.get("candidate", "onnx_int8", "all")
     if candidate_all is not None:
         tracker.log_metrics(

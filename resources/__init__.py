@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 PROFILES = ("default", "demo", "test")
+# The demo's and the tests' counting scene: 10 s at 10 fps, 320x192 (100 small frames).
+TINY_COUNTING = {"counting_duration_s": 10.0, "counting_fps": 10.0, "counting_width": 320,
+                 "counting_height": 192}
 
 
 def build_resources(settings: Settings | None = None, profile: str | None = None) -> dict:
@@ -50,18 +53,19 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
 
     trainer = TrainerResource(model=settings.train_model)
     federation = FederationResource(rounds=5)
-    benchmark = BenchmarkResource()
+    road = settings.shared_dir / "videos" / "cctv_street.mp4"  # the counting scene's road
+    benchmark = BenchmarkResource(counting_background_video=str(road) if road.is_file() else None)
     max_frames = None
     if profile == "demo":
         trainer = TrainerResource(model=settings.train_model, imgsz=320, epochs=settings.demo_epochs)
         federation = FederationResource(rounds=2, imgsz=320)
-        benchmark = BenchmarkResource(warmup=10, runs=100)
+        benchmark = BenchmarkResource(warmup=10, runs=100, **TINY_COUNTING)
     elif profile == "test":
         trainer = TrainerResource(model=settings.train_model, imgsz=96, epochs=1, batch=4)
         federation = FederationResource(rounds=1, imgsz=64, batch=4)
         benchmark = BenchmarkResource(
             warmup=1, runs=3, batch_sizes=[1, 2], slices=["low_light", "blur"],
-            calibration_frames=4, p95_latency_budget_ms=60_000.0,
+            calibration_frames=4, p95_latency_budget_ms=60_000.0, **TINY_COUNTING,
         )
         max_frames = 6
 

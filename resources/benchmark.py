@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from roadloop.evaluation.gates import GateConfig
+from roadloop.evaluation.results import CountingConfig
 
 
 class BenchmarkResource(dg.ConfigurableResource):
@@ -17,6 +18,14 @@ class BenchmarkResource(dg.ConfigurableResource):
     per_source: bool = True
     threads: int | None = None
     calibration_frames: int = 100
+    # Counting on tracks (see roadloop.evaluation.counting_benchmark): one synthetic scene.
+    counting: bool = True
+    counting_duration_s: float = 60.0
+    counting_fps: float = 10.0
+    counting_width: int = 640
+    counting_height: int = 384
+    counting_seed: int = 0
+    counting_background_video: str | None = None  # a video of the road; None: a plain road
     # Gates (see roadloop.evaluation.gates.GateConfig).
     max_regression_map50_95: float = 0.01
     max_int8_drop_points: float = 1.5
@@ -27,4 +36,15 @@ class BenchmarkResource(dg.ConfigurableResource):
             max_regression_map50_95=self.max_regression_map50_95,
             max_int8_drop_points=self.max_int8_drop_points,
             p95_latency_budget_ms=self.p95_latency_budget_ms,
+        )
+
+    def counting_config(self) -> CountingConfig:
+        return CountingConfig(
+            enabled=self.counting,
+            duration_s=self.counting_duration_s,
+            fps=self.counting_fps,
+            width=self.counting_width,
+            height=self.counting_height,
+            seed=self.counting_seed,
+            background_video=self.counting_background_video,
         )

@@ -363,3 +363,55 @@ def test_benchmark_fails_fast_on_missing_model(models, tiny_dataset: Path, tmp_p
             {"candidate": cand}, {"all": tiny_dataset / "data.yaml"}, imgsz=IMGSZ, progress=False
         )
     assert "candidate ONNX INT8" in str(exc.value)
+
+
+def test_benchmark_counts_on_tracks(models, tiny_dataset: Path, tmp_path: Path) -> None:
+    """The benchmark's counting rows are what the agent's detector + counter give on the
+    recorded scene, scored by evaluate_counter directly."""
+    from edge_agent.inference import Detection, OnnxDetector
+    from edge_agent.traffic import parse_traffic_section
+    from edge_agent.traffic.counter import TrafficCounter
+    from roadloop.evaluation.benchmark import benchmark
+    from roadloop.evaluation.counting_accuracy import evaluate_counter
+    from roadloop.evaluation.results import CountingConfig, LatencyConfig, ModelSet
+    from roadloop.evaluation.traffic_scenes import (
+        CLASS_NAMES,
+        TrafficScene,
+        build_scene,
+        render_frames,
+    )
+
+    cfg = CountingConfig(duration_s=4.0, fps=5.0, width=320, height=192, seed=2)
+    res = benchmark(
+        {"candidate": ModelSet(version="c1", onnx_fp32=models["onnx"])},
+        {"all": tiny_dataset / "data.yaml"},
+        imgsz=IMGSZ, latency=LatencyConfig(enabled=False), progress=False,
+        counting=cfg, crop_dataset=tiny_dataset,
+    )
+    assert [(r.model, r.format) for r in res.counting_rows] == [("candidate", "onnx_fp32")]
+    assert res.counting_config == cfg
+    scene_cfg = TrafficScene.model_validate(res.counting_scene)
+    assert scene_cfg.crop_datasets == (tiny_dataset,) and scene_cfg.crop_split == "test"
+    assert (scene_cfg.seed, scene_cfg.width, scene_cfg.fps) == (2, 320, 5.0)
+
+    scene = build_scene(scene_cfg)
+    detector = OnnxDetector(models["onnx"])  # the agent's defaults: conf 0.25, model imgsz
+    atl = {"bike": "two_wheeler", "bus": "bus", "car": "car", "truck": "truck"}
+    dets = [
+        [Detection(CLASS_NAMES.index(atl[d.class_name]), d.confidence, d.x1, d.y1, d.x2, d.y2,
+                   atl[d.class_name]) for d in detector.detect(frame)]
+        for frame in render_frames(scene)
+    ]
+    counter = TrafficCounter(parse_traffic_section(scene.traffic_section()), list(CLASS_NAMES))
+    direct = evaluate_counter(counter, scene, dets)
+
+    row = res.counting("candidate", "onnx_fp32")
+    t, c, mot = direct.total, direct.crossings, direct.mot
+    assert t["truth"] > 0 and row.frames == 20
+    assert (row.truth, row.counted, row.error, row.rel_error) == (
+        t["truth"], t["counted"], t["error"], t["rel_error"])
+    assert (row.matched, row.missed, row.duplicates, row.ghosts, row.wrong_class) == (
+        c["matched"], c["missed"], c["duplicates"], c["ghosts"], c["wrong_class"])
+    assert (row.idsw, row.idf1, row.mota) == (mot["IDSW"], mot["IDF1"], mot["MOTA"])
+    assert row.lines == direct.lines and row.rows == direct.rows
+    assert row.detections_per_frame == pytest.approx(sum(map(len, dets)) / len(dets), abs=1e-3)

@@ -38,7 +38,7 @@ def _materialize(resources: dict, instance: dg.DagsterInstance) -> dg.ExecuteInP
 
 
 def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_path: Path) -> None:
-    from resources import BenchmarkResource, build_resources
+    from resources import TINY_COUNTING, BenchmarkResource, build_resources
     from roadloop.data.versioning import DvcStore
     from roadloop.models.tracking import Tracker
     from roadloop.settings import get_settings
@@ -120,6 +120,7 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     resources["benchmark"] = BenchmarkResource(
         warmup=1, runs=3, batch_sizes=[1], slices=["blur"], calibration_frames=4,
         p95_latency_budget_ms=0.001, max_int8_drop_points=100.0, max_regression_map50_95=1.0,
+        **TINY_COUNTING,
     )
     second = _materialize(resources, instance)
     checks2 = {e.check_name: e.passed for e in second.get_asset_check_evaluations()}

@@ -20,6 +20,8 @@ from roadloop.evaluation.report import render_report
 from roadloop.evaluation.results import (
     FORMATS,
     BenchmarkResults,
+    CountingConfig,
+    CountingRow,
     DetectionMetrics,
     LatencyConfig,
     LatencyRow,
@@ -203,6 +205,56 @@ def test_report_failure_leaves_old_files(tmp_path: Path, monkeypatch: pytest.Mon
         )
     assert {p: p.read_bytes() for p in before} == before
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def _counting_row(model: str, fmt: str, counted: int, idsw: int) -> CountingRow:
+    truth = 20
+    return CountingRow(
+        model=model, version="v2" if model == "candidate" else "v1", format=fmt, truth=truth,
+        counted=counted, error=counted - truth, rel_error=(counted - truth) / truth,
+        abs_error_sum=abs(counted - truth) + 2, matched=17, missed=3, duplicates=1,
+        ghosts=counted - 18, wrong_direction=0, wrong_class=1, mota=0.7, idf1=0.81, idsw=idsw,
+        frames=100, detections_per_frame=4.5,
+        lines=[{"line": "near", "truth": 12, "counted": counted - 8, "error": counted - 20,
+                "rel_error": None}, {"line": "far", "truth": 8, "counted": 8, "error": 0,
+                                     "rel_error": 0.0}],
+    )
+
+
+def test_report_counting_on_tracks(tmp_path: Path) -> None:
+    res = make_results(prod={"pytorch": 0.38, "onnx_fp32": 0.38, "onnx_int8": 0.37})
+    res.counting_config = CountingConfig(duration_s=10, width=320, height=192)
+    res.counting_scene = {"seed": 0, "width": 320, "height": 192, "fps": 10.0,
+                          "duration_s": 10.0, "lanes": ["down", "up", "closed"],
+                          "crop_datasets": ["/d"], "crop_split": "test"}
+    res.counting_rows = [_counting_row("production", "onnx_int8", 23, 4),
+                         _counting_row("candidate", "onnx_fp32", 19, 2),
+                         _counting_row("candidate", "onnx_int8", 21, 3)]
+    files = render_report(res, tmp_path, title="v2")
+    md = files.markdown.read_text()
+    section = md.split("**Counting on tracks**")[1]
+    assert "split `test`" in section and "320x192" in section
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and "Model" not in ln]
+    assert [tuple(c.strip() for c in r.split("|")[1:4]) for r in rows] == [
+        ("candidate", "v2", "ONNX fp32"), ("candidate", "v2", "ONNX INT8"),
+        ("production", "v1", "ONNX INT8")]  # report order, whatever the row order
+    cells = [c.strip() for c in rows[1].split("|")[1:-1]]
+    assert cells[3:] == ["20", "21", "+5.0 % (+1)", "3", "1", "3", "3", "0.810"]
+    html = files.html.read_text()
+    assert "<h2>Counting on tracks</h2>" in html and "near true / counted" in html
+    assert BenchmarkResults.model_validate_json(files.json.read_text()) == res
+
+    plain = render_report(make_results(), tmp_path / "plain", title="v2")
+    assert "Counting on tracks" not in plain.markdown.read_text()
+
+
+def test_results_json_without_counting_still_loads() -> None:
+    old = json.loads(make_results().model_dump_json())
+    for key in ("counting_rows", "counting_config", "counting_scene"):
+        old.pop(key)
+    res = BenchmarkResults.model_validate(old)
+    assert res.counting_rows == [] and res.counting_config is None
+    assert res.counting("candidate", "onnx_int8") is None
 
 
 # --------------------------------------------------------------------------- gates

@@ -97,3 +97,25 @@ def test_render_with_real_background_and_crops():
     frames = list(render_frames(build_scene(cfg)))
     assert len(frames) == 5 and frames[0].shape == (192, 320, 3)
     assert not np.array_equal(frames[0], frames[4])
+
+
+def test_crops_come_from_the_asked_split_of_a_taxonomy_named_dataset(tmp_path):
+    import cv2
+    import yaml
+
+    from roadloop.evaluation.traffic_scenes import load_crops
+
+    root = tmp_path / "curated"  # no taxonomy source of that name: names are taxonomy names
+    for split, ext, colour in (("train", ".jpg", (0, 0, 255)), ("test", ".png", (255, 0, 0))):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        img = np.zeros((100, 100, 3), np.uint8)
+        img[20:80, 20:80] = colour
+        cv2.imwrite(str(root / "images" / split / f"src__{split}{ext}"), img)
+        (root / "labels" / split / f"src__{split}.txt").write_text("0 0.5 0.5 0.6 0.6\n")
+    (root / "data.yaml").write_text(yaml.safe_dump({"names": {0: "car"}}))
+
+    test_only = load_crops((root,), 4, split="test")["car"]
+    assert len(test_only) == 1
+    assert test_only[0].image[10:-10, 10:-10].mean(axis=(0, 1)).round().tolist() == [255, 0, 0]
+    assert len(load_crops((root,), 4)["car"]) == 2

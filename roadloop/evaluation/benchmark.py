@@ -2,7 +2,8 @@
 
 ``benchmark`` runs accuracy (:mod:`roadloop.evaluation.accuracy`) and latency
 (:mod:`roadloop.evaluation.latency`) for the candidate and the production model in every
-format on the test sets of :mod:`roadloop.evaluation.testsets`, and returns a
+format on the test sets of :mod:`roadloop.evaluation.testsets`, optionally counting on tracks
+(:mod:`roadloop.evaluation.counting_benchmark`) with every ONNX file, and returns a
 JSON-serialisable :class:`~roadloop.evaluation.results.BenchmarkResults`.
 """
 
@@ -15,11 +16,13 @@ from tqdm import tqdm
 
 from roadloop.errors import MissingDataError
 from roadloop.evaluation.accuracy import evaluate_detector
+from roadloop.evaluation.counting_benchmark import COUNTED_FORMATS, count_models
 from roadloop.evaluation.inputs import check_model_file, check_onnx_imgsz, require_file
 from roadloop.evaluation.latency import measure_latency
 from roadloop.evaluation.results import (
     FORMAT_LABELS,
     BenchmarkResults,
+    CountingConfig,
     LatencyConfig,
     LatencyRow,
     MetricsRow,
@@ -39,6 +42,8 @@ def benchmark(
     device: str = "cpu",
     test_set_kinds: dict[str, str] | None = None,
     progress: bool = True,
+    counting: CountingConfig | None = None,
+    crop_dataset: Path | None = None,
 ) -> BenchmarkResults:
     """Evaluate every (model, format) on every test set and time every (model, format).
 
@@ -47,6 +52,9 @@ def benchmark(
     output); kinds default to ``all`` for ``"all"``, ``slice`` for :data:`SLICE_NAMES`, else
     ``source``. Every file is checked before any work starts, so a missing model fails fast
     with its path.
+
+    With ``counting`` enabled, every ONNX file also counts one synthetic scene whose vehicle
+    crops come from ``split`` of ``crop_dataset`` (the curated dataset; ``None``: plain boxes).
     """
     if not models:
         raise ValueError("benchmark needs at least one model")
@@ -63,6 +71,8 @@ def benchmark(
             check_onnx_imgsz(path, imgsz)
     for ts, yml in test_sets.items():
         require_file(Path(yml), f"data YAML of test set '{ts}'")
+    if counting is not None and counting.enabled and crop_dataset is not None:
+        require_file(Path(crop_dataset) / "data.yaml", "data YAML of the counting scene's crops")
 
     kinds = {t: (test_set_kinds or {}).get(t) or default_test_set_kind(t) for t in test_sets}
     results = BenchmarkResults(
@@ -76,7 +86,10 @@ def benchmark(
         latency_config=latency,
     )
     jobs = [(m, f, p) for m, ms in models.items() for f, p in ms.files().items()]
-    total = len(jobs) * len(test_sets) + (len(jobs) if latency.enabled else 0)
+    counted = [(m, models[m].version, f, p) for m, f, p in jobs if f in COUNTED_FORMATS]
+    counting_on = counting is not None and counting.enabled and bool(counted)
+    total = (len(jobs) * len(test_sets) + (len(jobs) if latency.enabled else 0)
+             + (len(counted) if counting_on else 0))
     with tqdm(total=total, desc="benchmark", disable=not progress) as bar:
         for m, fmt, path in jobs:
             version = models[m].version
@@ -104,4 +117,15 @@ def benchmark(
                         LatencyRow(model=m, version=version, format=fmt, stats=stats)
                     )
                 bar.update(1)
+        if counting_on:
+
+            def step(label: str) -> None:
+                bar.set_postfix_str(label)
+                bar.update(1)
+
+            scene, rows = count_models(counted, counting, crop_dataset=crop_dataset, split=split,
+                                       progress=step)
+            results.counting_config = counting
+            results.counting_scene = scene.model_dump(mode="json")
+            results.counting_rows = rows
     return results

@@ -15,6 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from roadloop.evaluation.counting_report import (
+    counting_line_rows,
+    counting_protocol_line,
+    counting_rows,
+)
 from roadloop.evaluation.results import FORMAT_LABELS, BenchmarkResults
 from roadloop.evaluation.testsets import ALL
 from roadloop.fsutil import write_text_atomic
@@ -245,6 +250,9 @@ def render_markdown(results: BenchmarkResults, *, title: str) -> str:
     parts = [f"### {title}", "", _protocol_line(results), "", _md_table(*key_table_rows(results))]
     if results.test_sets_of_kind("source"):
         parts += ["", "**Per source** (domain shift)", "", _md_table(*per_source_rows(results))]
+    if results.counting_rows:
+        parts += ["", "**Counting on tracks**", "", counting_protocol_line(results), "",
+                  _md_table(*counting_rows(results))]
     return "\n".join(parts) + "\n"
 
 
@@ -451,6 +459,13 @@ def render_html(
             "<h2>Latency (forward pass only)</h2>",
             _html_table(*latency_rows(results)),
             img(_plot_latency(results), "latency percentiles by batch"),
+        ]
+    if results.counting_rows:
+        sec += [
+            "<h2>Counting on tracks</h2>",
+            f"<p class='note'>{html.escape(counting_protocol_line(results))}</p>",
+            _html_table(*counting_rows(results)),
+            _html_table(*counting_line_rows(results)),
         ]
     others = [
         t

@@ -1,8 +1,9 @@
 """Benchmark results: the JSON-serialisable schema of what the benchmark measured.
 
-:class:`BenchmarkResults` holds one :class:`MetricsRow` per (model, format, test set) and one
-:class:`LatencyRow` per (model, format, batch size); :class:`ModelSet` names the files of one
-model version in its formats (:data:`FORMATS`). The report and the promotion gates read it.
+:class:`BenchmarkResults` holds one :class:`MetricsRow` per (model, format, test set), one
+:class:`LatencyRow` per (model, format, batch size) and one :class:`CountingRow` per (model, ONNX
+format); :class:`ModelSet` names the files of one model version in its formats
+(:data:`FORMATS`). The report and the promotion gates read it.
 """
 
 from __future__ import annotations
@@ -93,6 +94,53 @@ class LatencyConfig(BaseModel):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
 
 
+class CountingConfig(BaseModel):
+    """Counting on tracks: one seeded synthetic scene (``roadloop.evaluation.traffic_scenes``)
+    per benchmark, vehicle crops from the benchmark's split of the curated dataset, rendered
+    and run through every ONNX file with the edge agent's detector and traffic counter.
+    Tests and demos shrink it (e.g. 10 s at 10 fps, 320x192)."""
+
+    enabled: bool = True
+    duration_s: float = Field(default=60.0, gt=0, le=3600)
+    fps: float = Field(default=10.0, gt=0, le=60)
+    width: int = Field(default=640, ge=64, le=4096)
+    height: int = Field(default=384, ge=64, le=4096)
+    seed: int = 0
+    background_video: Path | None = None  # a real empty road (median frame); None: plain road
+    conf: float = Field(default=0.25, ge=0.0, le=1.0)  # the edge agent's default
+    # One frame at a time, like an agent: one ONNX Runtime thread is the cheapest (several
+    # threads spin against each other on a busy CPU); None: ONNX Runtime's default.
+    threads: int | None = Field(default=1, ge=1)
+
+
+class CountingRow(BaseModel):
+    """How one ONNX file counts the scene: a tracker + line counter on its detections, scored
+    against the scene's true line crossings (``counting_accuracy.evaluate_counter``)."""
+
+    model: str
+    version: str
+    format: str
+    truth: int  # true crossings in the scored window, all lines
+    counted: int
+    error: int  # counted - truth
+    rel_error: float | None  # error / truth (None without true crossings)
+    abs_error_sum: int  # sum of |error| over (line, direction, class) rows
+    matched: int
+    missed: int
+    duplicates: int
+    ghosts: int
+    wrong_direction: int
+    wrong_class: int
+    mota: float
+    idf1: float
+    idsw: int
+    frames: int
+    detections_per_frame: float
+    lines: list[dict] = Field(default_factory=list)  # per line: truth, counted, error, ...
+    rows: list[dict] = Field(default_factory=list)  # per line, direction and class
+    seconds: float = 0.0  # wall time of detection + counting, for the record
+
+
 class MetricsRow(BaseModel):
     model: str  # "candidate" | "production"
     version: str
@@ -121,6 +169,9 @@ class BenchmarkResults(BaseModel):
     latency_config: LatencyConfig
     rows: list[MetricsRow] = Field(default_factory=list)
     latency_rows: list[LatencyRow] = Field(default_factory=list)
+    counting_config: CountingConfig | None = None  # None: counting was not run
+    counting_scene: dict = Field(default_factory=dict)  # the TrafficScene as run, as JSON
+    counting_rows: list[CountingRow] = Field(default_factory=list)
 
     def get(self, model: str, format: str, test_set: str) -> DetectionMetrics | None:
         for r in self.rows:
@@ -147,6 +198,12 @@ class BenchmarkResults(BaseModel):
 
     def test_sets_of_kind(self, kind: str) -> list[str]:
         return [t for t in self.test_sets if self.test_set_kinds.get(t) == kind]
+
+    def counting(self, model: str, format: str) -> CountingRow | None:
+        for r in self.counting_rows:
+            if r.model == model and r.format == format:
+                return r
+        return None
 
     def batch_sizes(self) -> list[int]:
         return sorted({r.stats.batch for r in self.latency_rows})

@@ -87,6 +87,7 @@ class TrafficScene(BaseModel):
     vehicles: tuple[ScriptedVehicle, ...] | None = None  # replaces the random arrivals
     background_video: Path | None = None
     crop_datasets: tuple[Path, ...] = ()
+    crop_split: str | None = None  # e.g. "test": crops from that split only (None: all)
     crops_per_class: int = Field(default=12, ge=1)
     pixel_noise: float = Field(default=2.0, ge=0)
 
@@ -400,21 +401,23 @@ def _rect_core(h: int, w: int) -> np.ndarray:
 
 @lru_cache(maxsize=4)
 def load_crops(datasets: tuple[Path, ...], per_class: int, seed: int = 0,
-               min_px: int = 24) -> dict[str, list[Crop]]:
+               min_px: int = 24, split: str | None = None) -> dict[str, list[Crop]]:
     """Vehicle crops per taxonomy class from YOLO datasets (``data.yaml`` names mapped through
-    the taxonomy's source map, source = the folder's name): boxes at least ``min_px`` on a
-    side, clear of the image border and of other labelled boxes, so each shows one vehicle."""
+    the taxonomy's source map, source = the folder's name; a folder that is no known source,
+    e.g. a curated dataset, is read as already in taxonomy names): boxes at least ``min_px``
+    on a side, clear of the image border and of other labelled boxes, so each shows one
+    vehicle. ``split`` (``"test"``, ...) takes crops from ``labels/<split>`` only."""
     import yaml
 
-    from roadloop.data.datasets import load_taxonomy
+    from roadloop.data.datasets import IMAGE_SUFFIXES, load_taxonomy
 
     tax = load_taxonomy()
     rng = np.random.default_rng(seed)
     cands: dict[str, list[tuple[Path, np.ndarray]]] = {k: [] for k in VEHICLE_SIZE}
     for root in datasets:
         names = yaml.safe_load((root / "data.yaml").read_text())["names"]
-        mapping = tax.sources.get(root.name, {})
-        for lab in sorted((root / "labels").glob("*/*.txt")):
+        mapping = tax.sources.get(root.name) or {c: c for c in tax.classes}
+        for lab in sorted((root / "labels").glob(f"{split or '*'}/*.txt")):
             rows = np.loadtxt(lab, ndmin=2) if lab.stat().st_size else np.zeros((0, 5))
             if rows.shape[1] != 5:
                 continue
@@ -431,8 +434,8 @@ def load_crops(datasets: tuple[Path, ...], per_class: int, seed: int = 0,
                     & (np.abs(others[:, 2] - y) < (others[:, 4] + h) / 2)
                 ).any():
                     continue
-                image = root / "images" / lab.parent.name / (lab.stem + ".jpg")
-                if image.is_file():
+                image = _image_of(root / "images" / lab.parent.name, lab.stem, IMAGE_SUFFIXES)
+                if image is not None:
                     cands[cls].append((image, r[1:]))
     out: dict[str, list[Crop]] = {}
     for cls, items in cands.items():
@@ -456,6 +459,13 @@ def load_crops(datasets: tuple[Path, ...], per_class: int, seed: int = 0,
             crops.append(Crop(crop, _soft_mask(*crop.shape[:2])))
         out[cls] = crops
     return out
+
+
+def _image_of(folder: Path, stem: str, suffixes: set[str]) -> Path | None:
+    jpg = folder / f"{stem}.jpg"
+    if jpg.is_file():
+        return jpg
+    return next((p for s in sorted(suffixes) if (p := folder / f"{stem}{s}").is_file()), None)
 
 
 @lru_cache(maxsize=4)
@@ -490,8 +500,8 @@ def render_frames(scene: Scene) -> Iterator[np.ndarray]:
     c = scene.config
     bg = (video_background(c.background_video, c.width, c.height)
           if c.background_video else _plain_road(scene))
-    crops = load_crops(tuple(c.crop_datasets), c.crops_per_class, c.seed) if c.crop_datasets \
-        else {}
+    crops = load_crops(tuple(c.crop_datasets), c.crops_per_class, c.seed,
+                       split=c.crop_split) if c.crop_datasets else {}
     rng = np.random.default_rng(c.seed + 7)
     by_id = {v.vehicle_id: v for v in scene.vehicles}
     for truth in scene.truth_frames():
