@@ -23,7 +23,8 @@ camera_window_partitions = dg.MultiPartitionsDefinition(
     {"camera": camera_partitions, "window": drift_window_partitions}
 )
 
-# Traffic days: the daily operator report covers one UTC day of every camera.
+# Traffic days: the daily operator report covers one UTC day of every camera. Today is a
+# partition too (end_offset=1): the report of the day so far can be written (and rewritten).
 traffic_day_partitions = dg.DailyPartitionsDefinition(
-    start_date=_settings.traffic_start.isoformat(), timezone="UTC"
+    start_date=_settings.traffic_start.isoformat(), timezone="UTC", end_offset=1
 )

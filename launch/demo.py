@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from launch.demo_traffic import TrafficOutcome, configure_cameras, materialize_report, preview
 from launch.drift_turn import DriftTurnOutcome, prepare_streams, run_drift_turn, start_camera
 from launch.federated_turn import FederatedTurnOutcome, run_federated_turn
 from launch.localfleet import LocalFleet
@@ -42,6 +43,7 @@ class LoopOutcome:
     review_turns: list[dict] = field(default_factory=list)
     drift: DriftTurnOutcome | None = None
     federated: FederatedTurnOutcome | None = None
+    traffic: TrafficOutcome | None = None
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -72,6 +74,8 @@ class LoopOutcome:
             lines.append(
                 "  agents now serving: " + ", ".join(f"{c}={v}" for c, v in sorted(self.agent_models.items()))
             )
+        if self.traffic is not None:
+            lines += self.traffic.lines()
         if self.drift is not None:
             lines += self.drift.lines()
         if self.federated is not None:
@@ -162,7 +166,10 @@ def run_demo_loop(
     streams = prepare_streams(settings) if drift_turn and agent_model.exists() else None
     try:
         fleet.start_gateway()
-        fleet.write_admin_token()
+        token_file = fleet.write_admin_token()
+        # Before the agents start: each polls its configuration once before its first frame.
+        outcome.traffic = _configure_traffic(fleet, token_file)
+        streamed_from = datetime.now(UTC).date()
         with outcome.timed("edge_agents_stream"):
             outcome.agents = stream_videos_through_agents(fleet, frames_per_agent)
         outcome.success &= all(code == 0 for code in outcome.agents.values())
@@ -170,6 +177,12 @@ def run_demo_loop(
         if outcome.production and outcome.agents:
             with outcome.timed("rollout_to_agents"):
                 _roll_out_to_agents(defs, instance, fleet, outcome)
+        if outcome.agents and outcome.traffic.configured:
+            fleet.stop_agents()  # their last (partial) interval records go out as they stop
+            with outcome.timed("traffic_report"):
+                materialize_report(defs, instance, [streamed_from, datetime.now(UTC).date()],
+                                   outcome.traffic)
+            outcome.success &= outcome.traffic.success
         # After the rollout, so neither the benchmark's latency nor the rollout shares the CPU
         # with it: the camera joins, takes the fleet's model, and its day windows become its
         # drift reference.
@@ -197,6 +210,18 @@ def run_demo_loop(
         for turn in range(1, review_turns + 1):
             _review_turn(defs, instance, settings, outcome, turn, reviews_per_turn)
     return outcome
+
+
+def _configure_traffic(fleet: LocalFleet, token_file) -> TrafficOutcome:
+    """Each video camera's counting lines and zones (launch.demo_geometry), via the gateway."""
+    from resources import build_resources
+
+    videos, _ = _videos_and_model()
+    traffic = TrafficOutcome()
+    traffic.configured = configure_cameras(build_resources()["fleet"],
+                                           [(video.stem, video.name) for video in videos])
+    preview(traffic, fleet.url, token_file)
+    return traffic
 
 
 def _run_learning_loop(defs, instance, settings, outcome: LoopOutcome, frames_per_camera: int) -> None:

@@ -1,5 +1,7 @@
 """The code location loads, and its graph, checks, jobs, schedules and sensors are present."""
 
+from datetime import UTC, datetime
+
 import dagster as dg
 
 
@@ -59,6 +61,13 @@ def test_definitions_load_and_graph() -> None:
     assert isinstance(days, dg.TimeWindowPartitionsDefinition) and days.cron_schedule == "0 0 * * *"
     traffic = defs.resolve_schedule_def("traffic_counts_schedule")
     assert traffic.default_status == dg.DefaultScheduleStatus.STOPPED
+    # Today is a partition (the day so far); the schedule reports the day before at 01:00 UTC.
+    today = datetime.now(UTC).date()
+    assert days.has_partition_key(today.isoformat())
+    tick = traffic.evaluate_tick(dg.build_schedule_context(
+        repository_def=defs.get_repository_def(),
+        scheduled_execution_time=datetime(2026, 11, 27, 1, 0, tzinfo=UTC)))
+    assert [r.partition_key for r in tick.run_requests] == ["2026-11-26"]
 
 
 def test_every_job_comes_from_the_jobs_module_and_is_registered() -> None:

@@ -47,3 +47,58 @@ def test_summary_shows_the_federated_turn() -> None:
     assert "| 1 | atl_day, atl_night |" in text
     failed = FederatedTurnOutcome(success=False, error="trained_model did not materialize")
     assert "FAILED (trained_model did not materialize)" in "\n".join(failed.lines())
+
+
+def test_every_demo_video_has_a_valid_traffic_geometry() -> None:
+    import numpy as np
+
+    from edge_agent.traffic import parse_traffic_section
+    from launch.demo_geometry import DEMO_TRAFFIC
+
+    assert set(DEMO_TRAFFIC) == {"highway_overpass.mp4", "cctv_street.mp4", "window_street.mp4"}
+    configs = {name: parse_traffic_section(section) for name, section in DEMO_TRAFFIC.items()}
+    assert all(cfg.lines and cfg.zones for cfg in configs.values())
+    # The highway's homography: one 12 m dash period along a dashed line, 3.7 m across a lane.
+    h = configs["highway_overpass.mp4"].homography
+    (a, b, c) = h.to_world(np.asarray([[482, 470], [500, 408], [633, 470]]))
+    assert abs(np.hypot(*(b - a)) - 12.0) < 1.0 and abs(np.hypot(*(c - a)) - 3.7) < 0.4
+
+
+def test_demo_cameras_get_their_videos_traffic_section_and_keep_other_settings() -> None:
+    from launch.demo_geometry import traffic_section
+    from launch.demo_traffic import configure_cameras
+
+    class Fleet:
+        def __init__(self) -> None:
+            self.docs = {"highway_overpass": {"version": 2, "config": {"sampling": {"x": 1}}}}
+            self.puts: list[tuple] = []
+
+        def camera_config(self, camera_id: str) -> dict:
+            return self.docs.get(camera_id, {"version": 0, "config": {}})
+
+        def put_camera_config(self, camera_id, config, expected_version, reason) -> dict:
+            self.puts.append((camera_id, config, expected_version))
+            return {}
+
+    fleet = Fleet()
+    done = configure_cameras(fleet, [("highway_overpass", "highway_overpass.mp4"),
+                                     ("cctv_street", "cctv_street.mp4"), ("x", "other.mp4")])
+    assert done == ["highway_overpass", "cctv_street"]
+    (cam1, cfg1, v1), (cam2, cfg2, v2) = fleet.puts
+    assert (cam1, v1, cfg1["sampling"]) == ("highway_overpass", 2, {"x": 1})
+    assert cfg1["traffic"] == traffic_section("highway_overpass.mp4")
+    assert (cam2, v2, cfg2) == ("cctv_street", 0, {"traffic": traffic_section("cctv_street.mp4")})
+
+
+def test_summary_shows_the_traffic_report_and_the_preview() -> None:
+    from launch.demo_traffic import TrafficOutcome
+
+    outcome = LoopOutcome(success=True)
+    outcome.traffic = TrafficOutcome(
+        configured=["cctv_street"], days=["2026-11-27"], report="/h/report.md", records=6,
+        total_vehicles=41, line_totals={"cctv_street/boulevard/away": 41},
+        preview_url="http://gw/v1/cameras/cctv_street/preview.jpg", token_file="/h/admin-token")
+    text = outcome.summary()
+    assert "traffic_counts 2026-11-27: 6 interval records, 41 vehicles; report /h/report.md" in text
+    assert "cctv_street/boulevard/away=41" in text
+    assert "http://gw/v1/cameras/cctv_street/preview.jpg" in text and "/h/admin-token" in text
