@@ -170,12 +170,14 @@ def test_zone_entries_exits_dwell_occupancy_and_jam_events() -> None:
     assert kinds == ["jam", "jam_cleared"]  # standing in a jam is congestion, not an incident
 
 
-def test_a_vehicle_standing_alone_is_a_stopped_vehicle_event() -> None:
-    g = geometry(homography=TOP_DOWN, events={"stopped_min_s": 5})
+def test_a_vehicle_standing_alone_in_a_lane_is_a_stopped_vehicle_event() -> None:
+    lane = {"name": "lane", "polygon": [[200, 0], [400, 0], [400, 360], [200, 360]]}
+    g = geometry(homography=TOP_DOWN, zones=[lane], events={"stopped_min_s": 5})
     counter = TrafficCounter(parse_traffic_section(g), ["car"])
-    frames = [[car(300, 100 + 5 * min(i, 10))] for i in range(120)]  # stops after 1 s
+    # one car stops in the lane after 1 s; another stands beside the road (parked) all along
+    frames = [[car(300, 100 + 5 * min(i, 10)), car(550, 300)] for i in range(120)]
     events = [e for o in run(counter, frames) for e in o.events]
-    assert [e.kind for e in events] == ["stopped_vehicle"]
+    assert [(e.kind, e.zone) for e in events] == [("stopped_vehicle", "lane")]
     assert events[0].duration_s >= 5
 
 

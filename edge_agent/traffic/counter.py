@@ -19,9 +19,9 @@ How a crossing is decided (the failure modes counters meet in the field):
   track; dwell is the time between the two. Occupancy is the number of alive confirmed tracks
   inside; its density state per zone has the hysteresis of ``edge_agent.counting``.
 * Events: a zone in ``jam`` for ``jam_min_s`` (then ``jam_cleared`` with its duration), a
-  vehicle standing (below ``stopped_speed_kmh``) for ``stopped_min_s`` in no heavy or
-  jammed zone — a queue is congestion, not an incident —, and a crossing against a line's
-  ``allowed`` direction.
+  vehicle standing (below ``stopped_speed_kmh``) for ``stopped_min_s`` inside a zone that is
+  neither heavy nor jammed — outside every zone it is parked, in a congested zone it is
+  queueing: neither is an incident —, and a crossing against a line's ``allowed`` direction.
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ class TrafficCounter:
         congested = {z.zone for z in out.zones if z.state >= DensityState.HEAVY}
         for tid in visible:
             track = self._tracks.get(tid)
-            if track is None:
+            if track is None or not track.inside:  # only vehicles on the road's zones
                 continue
             recent = [s for s in track.history if s[0] >= now - STOP_WINDOW_S]
             per_s = _velocity(recent) if recent and now - recent[0][0] >= 0.9 * STOP_WINDOW_S \
@@ -297,7 +297,7 @@ class TrafficCounter:
                 track.stopped_since = recent[0][0]
             standing = now - track.stopped_since
             if standing >= rules.stopped_min_s and not track.stopped_reported \
-                    and not (set(track.inside) & congested):
+                    and not set(track.inside) <= congested:
                 track.stopped_reported = True
                 out.events.append(TrafficEvent(
                     "stopped_vehicle", now, f"{track.class_name} #{tid} standing for "

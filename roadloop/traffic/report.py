@@ -72,6 +72,11 @@ class DailyReport:
         }
 
 
+
+def _duration(seconds: float) -> str:
+    """Watched time: minutes under an hour (a short run is not "0.0 h")."""
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
 def day_window(day: date) -> tuple[datetime, datetime]:
     start = datetime.combine(day, time(), UTC)
     return start, start + timedelta(days=1)
@@ -300,7 +305,7 @@ def _markdown(day: date, cameras: Sequence[str], records: list[Record], bucket_s
         return "\n".join(out) + "\n"
     watched = coverage(records, 86400)
     out.append("Watched: " + ", ".join(
-        f"{cam} {watched.get((cam, start), 0.0) / 3600:.1f} h" for cam in cameras) + ".")
+        f"{cam} {_duration(watched.get((cam, start), 0.0))}" for cam in cameras) + ".")
     out += ["", "## Vehicles per line and class", "", volume_md, ""]
     if "volumes" in plots:
         out += [f"![volumes]({plots['volumes'].name})", ""]
@@ -331,7 +336,9 @@ def _markdown(day: date, cameras: Sequence[str], records: list[Record], bucket_s
         congested = _congestion_rows(congestion_timeline(records))
         out += ["### Congestion (warning or worse)", ""]
         out += [_table(["camera", "zone", "from", "to", "state", "minutes"], congested)
-                if congested else "None: every zone stayed normal.", ""]
+                if congested else ("None: no interval in which a zone spent most of its time at "
+                                   "warning or worse (brief spells show as the zones' worst "
+                                   "state above)."), ""]
         out += [f"![congestion]({plots['congestion'].name})", ""]
     evs = events(records)
     out += [f"## Events ({len(evs)})", ""]
