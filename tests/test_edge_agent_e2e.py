@@ -43,7 +43,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
 VIDEO = SHARED_DIR / "videos" / "cctv_street.mp4"
 MODEL = SHARED_DIR / "models" / "atl_v2_yolo11n_320.onnx"
-OUTAGE_S = float(os.environ.get("EDGE_E2E_OUTAGE_S", "10"))
+OUTAGE_S = float(os.environ.get("EDGE_E2E_OUTAGE_S", "5"))  # > 2 retries at 2 s max delay
 
 require_shared(VIDEO, MODEL)
 

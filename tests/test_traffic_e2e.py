@@ -9,7 +9,8 @@ shared highway video) on one camera with a counting line set through the gateway
 3. gateway back: a restarted agent sends what was left.
 
 Every vehicle the agents counted is in the gateway exactly once (the records' sum equals the
-agents' own totals, no record twice), and the aggregated query agrees.
+agents' own totals, no record twice), the aggregated query agrees, and so does the operator's
+report: ``traffic_counts`` materialized for the day through ``FleetResource`` (paging).
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
 from launch.localfleet import GatewayProcess, child_env
+from resources import FleetResource
 
 from .helpers import SHARED_DIR, require_shared
+from .test_traffic_asset import _materialize
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +56,8 @@ def _agent(gw_url: str, state: Path, frames: int, *extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_counts_reach_the_gateway_once_through_an_outage_and_a_restart(tmp_path: Path) -> None:
+def test_counts_reach_the_gateway_and_the_report_once_through_an_outage_and_a_restart(
+        roadloop_home: Path, tmp_path: Path) -> None:
     gw = GatewayProcess(tmp_path / "gw").start()
     state = tmp_path / "agent"
     try:
@@ -61,13 +66,13 @@ def test_counts_reach_the_gateway_once_through_an_outage_and_a_restart(tmp_path:
             "config": {"traffic": GEOMETRY}, "expected_version": 0, "reason": "e2e line"})
         assert put.status_code == 200, put.text
 
-        first = _agent(gw.url, state, 100, "--enroll-token", gw.enrollment_token())
-        assert first["traffic_crossings"] > 0  # vehicles cross that line within 3.3 s
+        first = _agent(gw.url, state, 60, "--enroll-token", gw.enrollment_token())
+        assert first["traffic_crossings"] > 0  # by hand: vehicles cross it at frames 20, 30, 44
         assert first["traffic_records_left"] == 0
         assert first["traffic_records_sent"] == first["traffic_records_queued"] >= 1
 
         gw.stop()
-        second = _agent(gw.url, state, 100, "--drain-timeout", "0.5")
+        second = _agent(gw.url, state, 60, "--drain-timeout", "0.5")
         assert second["traffic_crossings"] > 0
         assert second["traffic_records_left"] == second["traffic_records_queued"] >= 1
 
@@ -89,5 +94,17 @@ def test_counts_reach_the_gateway_once_through_an_outage_and_a_restart(tmp_path:
         volumes = httpx.get(f"{gw.url}/v1/traffic/counts", headers=admin,
                             params={"camera_id": CAMERA, "bucket_s": 3600}).json()
         assert sum(v["count"] for v in volumes) == counted
+
+        fleet = FleetResource(gateway_url=gw.url, admin_token=admin["Authorization"][7:])
+        day = min(r["interval_start"] for r in listed)[:10]
+        assert len(fleet.traffic_intervals(CAMERA, *_day(day), page=1)) == len(listed)
+        meta = _materialize(tmp_path, fleet, day=day)
+        assert meta["total_vehicles"] == counted
+        assert meta["records"] == len(listed)
     finally:
         gw.stop()
+
+
+def _day(day: str) -> tuple[datetime, datetime]:
+    start = datetime.fromisoformat(day).replace(tzinfo=UTC)
+    return start, start + timedelta(days=1)
