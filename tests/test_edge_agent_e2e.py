@@ -3,7 +3,7 @@
 * enroll → stream the shared video → sampled frames land in the gateway's frame store
   with reasons, detections and the model version → heartbeats are queryable; short-lived
   access tokens are refreshed on the way;
-* the gateway is down for a while (``EDGE_E2E_OUTAGE_S``, 10 s here instead of 60 s; the
+* the gateway is down for a while (``EDGE_E2E_OUTAGE_S``, 5 s here instead of 60 s; the
   same code path) → the outbox drains when it is back, every sampled frame stored once;
 * the agent is SIGKILLed between the gateway's 201 and its local ack → the restart re-sends,
   the 409 is absorbed, no duplicate rows and nothing lost;
