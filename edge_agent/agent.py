@@ -72,7 +72,7 @@ from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
 from edge_agent.sources import Frame, LatestFrameReader, open_source
 from edge_agent.traffic.counter import FrameTraffic
 from edge_agent.traffic.geometry import TrafficConfig
-from edge_agent.traffic.stage import REASON_TRAFFIC_EVENT, TrafficStage
+from edge_agent.traffic.stage import CHECKPOINT_FILE, REASON_TRAFFIC_EVENT, TrafficStage
 from edge_agent.updater import ModelUpdater
 
 logger = logging.getLogger(__name__)
@@ -512,13 +512,21 @@ class EdgeAgent:
         # Once before the first frame: a camera's geometry and rates are in force from its
         # first frame, not only after the first heartbeat (a failure keeps the kept file's).
         self._poll_camera_config()
-        self.traffic = TrafficStage(cfg.camera_id) if cfg.traffic else None
+        checkpoint = cfg.state_dir / CHECKPOINT_FILE
+        self.traffic = (TrafficStage(cfg.camera_id, checkpoint_path=checkpoint)
+                        if cfg.traffic else None)
         pipeline = FramePipeline(self.slot, capacity=cfg.capacity, sampler_config=cfg.sampler,
                                  sampling=self.camera_config.effective_sampling,
                                  traffic=self.traffic,
                                  geometry=self.camera_config.traffic_geometry)
         summary = AgentSummary(cfg.camera_id, device_id, model_version, stopped_by="end_of_source")
         self.summary = summary
+        left = TrafficStage.recover_checkpoint(checkpoint)
+        if left is not None:  # the last run crashed: keep its counts up to its checkpoint
+            logger.warning("queueing the traffic counts a crashed run left (%s, %s s watched)",
+                           left["record_id"], left.get("covered_s"))
+            self._queue_records([left])
+            checkpoint.unlink(missing_ok=True)
         logger.info(
             "camera %s: %s → %s with %s (sha256 %s…), state in %s",
             cfg.camera_id,
@@ -566,6 +574,7 @@ class EdgeAgent:
             summary.frames_dropped = reader.dropped
             if self.traffic is not None:  # the interval in progress, as a partial record
                 self._queue_records(self.traffic.close())
+                self.traffic.clear_checkpoint()
             self._drain()
             self._uploads_stop.set()
             self._wake_uploader.set()

@@ -270,3 +270,33 @@ def test_camera_config_channel_refuses_a_bad_geometry_and_keeps_the_last_good(tm
     assert "self-intersecting" in channel.error["reason"]
     restarted = CameraConfigChannel("cam", tmp_path, base_rate=0.1, hourly_budget=None)
     assert restarted.load() and restarted.traffic_geometry()[0].lines[0].name == "L"
+
+
+def test_a_crash_loses_at_most_the_counts_since_the_last_checkpoint(tmp_path) -> None:
+    checkpoint = tmp_path / "traffic_checkpoint.json"
+    geo = parse_traffic_section(geometry())
+    stage = TrafficStage("cam", checkpoint_path=checkpoint, checkpoint_s=1.0)
+    queued = []
+    # 40 s of video from 09:59:40: one car crosses at ~1 s, one at ~31 s (next minute)
+    for i in range(400):
+        frame = _Frame(_Image(), 1_764_237_580.0 + i / FPS, i / FPS)
+        dets = [car(300, 100 + 10 * (i % 300))] if i % 300 < 30 else []
+        traffic = stage.process(dets, frame, geo, 1, ["car"], "m")
+        closed = stage.commit(traffic, frame, None)
+        if closed:  # the minute's record; the file still holds its snapshot until queued
+            assert TrafficStage.recover_checkpoint(checkpoint)["record_id"] == \
+                closed[0]["record_id"]
+        queued += closed
+    # SIGKILL here: nothing closed the running minute. The restarted agent finds its checkpoint.
+    (first,) = queued
+    left = TrafficStage.recover_checkpoint(checkpoint)
+    assert left["record_id"] != first["record_id"]
+    assert left["interval_start"] > first["interval_start"]
+    assert sum(row["count"] for row in left["lines"]) == 1  # the second car, kept
+    assert 19.0 <= left["covered_s"] <= 20.0  # watched up to the last checkpoint (< 1 s ago)
+    with RecordOutbox(tmp_path / "outbox") as box:
+        assert box.put(first["record_id"], first) and box.put(left["record_id"], left)
+        assert not box.put(left["record_id"], left)  # a second recovery queues nothing
+    stage.close()
+    stage.clear_checkpoint()
+    assert TrafficStage.recover_checkpoint(checkpoint) is None

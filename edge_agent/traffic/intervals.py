@@ -113,6 +113,12 @@ class IntervalAccumulator:
                 cur.events.append(self._event(ev, stream_time_to_wall, frame_id))
         return closed
 
+    def snapshot(self) -> dict[str, Any] | None:
+        """The interval in progress as the record it would be if closed now (kept on disk
+        by the agent so a crash loses only what came after the snapshot)."""
+        cur = self._current
+        return self._record(cur) if cur is not None and cur.frames else None
+
     def close(self) -> list[dict[str, Any]]:
         """The interval in progress as a (partial) record; nothing when no frame came."""
         cur, self._current = self._current, None

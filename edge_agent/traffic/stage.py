@@ -6,6 +6,13 @@ operator sees what happened: ``REASON_TRAFFIC_EVENT``). A new geometry (a new co
 version, or a stream of another size) closes the running segment — its partial records are
 returned — and starts a fresh counter, so counts never mix two geometries.
 
+Crashes: the interval in progress lives in memory until it closes. Every ``checkpoint_s``
+the stage writes it, as the record it would be if closed then, to ``checkpoint_path``
+(atomically). After a crash the agent queues that file's record (``recover_checkpoint``):
+the crashed run's counts up to the checkpoint are kept, and since the record has the id the
+closed record would have had, a record already queued before the crash is not queued again.
+A crash loses at most ``checkpoint_s`` of counts, and never counts twice.
+
 Clock: the counter runs on the stream's clock (``Frame.stream_time``); records and events are
 stamped on the wall clock of that stream time (``origin + stream_time``, the origin taken at
 the first frame), so a video read faster than real time still yields one record per minute of
@@ -14,10 +21,13 @@ video, and a live camera's records follow its capture times.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
+from edge_agent.fsutil import write_text_atomic
 from edge_agent.traffic.counter import FrameTraffic, TrafficCounter
 from edge_agent.traffic.geometry import TrafficConfig
 from edge_agent.traffic.intervals import IntervalAccumulator
@@ -26,6 +36,7 @@ from edge_agent.traffic.tracking import TrackerSettings
 logger = logging.getLogger(__name__)
 
 REASON_TRAFFIC_EVENT = "traffic_event"
+CHECKPOINT_FILE = "traffic_checkpoint.json"
 
 
 class _Frame(Protocol):
@@ -37,9 +48,13 @@ class _Frame(Protocol):
 
 
 class TrafficStage:
-    def __init__(self, camera_id: str, *, tracker: TrackerSettings | None = None) -> None:
+    def __init__(self, camera_id: str, *, tracker: TrackerSettings | None = None,
+                 checkpoint_path: Path | None = None, checkpoint_s: float = 10.0) -> None:
         self.camera_id = camera_id
         self.tracker_settings = tracker
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_s = checkpoint_s
+        self._checkpointed_at: float | None = None
         self._key: tuple[int, int, int, int] | None = None  # config id, version, w, h
         self._counter: TrafficCounter | None = None
         self._intervals: IntervalAccumulator | None = None
@@ -93,7 +108,45 @@ class TrafficStage:
             records.extend(self._intervals.add(
                 traffic, wall, stream_time_to_wall=wall - frame.stream_time,
                 frame_id=frame_id if traffic.events else None))
+            if self.checkpoint_path is not None:
+                if records:  # the file keeps their snapshot until the agent has queued them
+                    self._checkpointed_at = None
+                elif self._checkpointed_at is None \
+                        or wall - self._checkpointed_at >= self.checkpoint_s:
+                    self._checkpoint(wall)
         return records
+
+    # ------------------------------------------------------------------ crash safety
+    def _checkpoint(self, wall: float) -> None:
+        snapshot = self._intervals.snapshot() if self._intervals is not None else None
+        self._checkpointed_at = wall
+        try:
+            if snapshot is None:
+                self.checkpoint_path.unlink(missing_ok=True)
+            else:
+                write_text_atomic(self.checkpoint_path, json.dumps(snapshot, allow_nan=False))
+        except OSError as exc:  # counting goes on; only crash safety is reduced
+            logger.error("traffic checkpoint %s not written: %s", self.checkpoint_path, exc)
+
+    def clear_checkpoint(self) -> None:
+        """After a clean stop, once the last records are queued."""
+        if self.checkpoint_path is not None:
+            self.checkpoint_path.unlink(missing_ok=True)
+
+    @staticmethod
+    def recover_checkpoint(path: Path) -> dict[str, Any] | None:
+        """The record a crashed run left in ``path`` (None when it stopped cleanly or the file
+        is unusable: logged)."""
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("record_id"), str):
+                raise ValueError("not an interval record")  # noqa: TRY004
+        except (OSError, ValueError) as exc:
+            logger.error("ignoring the traffic checkpoint %s: %s", path, exc)
+            return None
+        return record
 
     def close(self) -> list[dict[str, Any]]:
         """End of the stream: the running segment's last (partial) record(s)."""
