@@ -28,6 +28,7 @@ from fleet import (
     camera_config,
     heartbeats,
     intake,
+    privacy,
     rollouts,
     traffic,
     traffic_preview,
@@ -145,5 +146,6 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.include_router(traffic.router)
     app.include_router(traffic_queries.router)
     app.include_router(traffic_preview.router)
+    app.include_router(privacy.router)
     return app
 
