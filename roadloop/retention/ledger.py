@@ -116,4 +116,10 @@ class PrivacyLedger:
         return out
 
 
-__all__ = ["PrivacyLedger"]
+__all__ = ["PrivacyLedger", "without_erased"]
+
+
+def without_erased(frames: list, frame_keys: list[str], erased: set[str]) -> tuple[list, list]:
+    """The review export's (frames, frame keys) minus the erased frame keys (parallel lists)."""
+    pairs = [(f, k) for f, k in zip(frames, frame_keys, strict=True) if k not in erased]
+    return [f for f, _ in pairs], [k for _, k in pairs]
