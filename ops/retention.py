@@ -13,7 +13,12 @@ import dagster as dg
 from resources import FiftyOneResource, FleetResource, FrameStoreResource
 from roadloop.retention.erasure import erase, make_request, resume_pending
 from roadloop.retention.ledger import PrivacyLedger
-from roadloop.retention.policy import ExpiredFrame, expire_frames, expired_frames, policy_from_settings
+from roadloop.retention.policy import (
+    ExpiredFrame,
+    expire_frames,
+    expired_frames,
+    policy_from_settings,
+)
 from roadloop.settings import get_settings
 
 

@@ -175,8 +175,8 @@ def test_erasure_deletes_the_review_samples_in_range(
 
 # --------------------------------------------------------------------------- gateway
 
-from . import test_fleet_gateway as gateway_tests  # noqa: E402
-from .test_fleet_gateway import T0, Env, assert_clear_4xx, bearer, meta, post_frame  # noqa: E402
+from . import test_fleet_gateway as gateway_tests
+from .test_fleet_gateway import T0, Env, assert_clear_4xx, bearer, meta, post_frame
 
 make_env = gateway_tests.make_env
 env = gateway_tests.env
