@@ -4,13 +4,20 @@ and Alertmanager are in tests/test_monitoring_e2e.py."""
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
+from edge_agent.heartbeat import TelemetryWindow
+from edge_agent.metrics import MetricsServer
 from fleet.metrics import UNMATCHED, RouteTemplates, is_loopback, method_label, route_label
 
 from . import test_fleet_gateway as gateway_tests
@@ -121,3 +128,62 @@ def test_intake_heartbeats_and_refusals_show_up(env: Env, frame_jpeg: bytes) -> 
     assert found[("roadloop_devices", (("status", "active"),))] == 2.0
     assert found[("roadloop_rollouts", (("status", "rolled_back"),))] == 0.0
     assert found[("roadloop_fleet_metrics_up", ())] == 1.0
+
+
+def agent_metrics_text() -> str:
+    """The agent's endpoint, served for real, over a fake agent with every part built."""
+    t = TelemetryWindow("cam-a", "m1", ["car"])
+    for inference_ms in (8.0, 150.0, 2500.0):
+        t.record_frame(latency_ms=inference_ms + 5, inference_ms=inference_ms,
+                       class_counts={"car": 1}, confidences=[0.8], brightness=0.5,
+                       sharpness=50.0, occupancy=0.1, density_state="normal")
+    t.record_upload(True)
+    t.record_upload(False)
+    t.record_upload(False)
+    agent = SimpleNamespace(
+        config=SimpleNamespace(camera_id="cam-a"), telemetry=t,
+        outbox=SimpleNamespace(depth=lambda: 7, total_bytes=lambda: 7000),
+        records=SimpleNamespace(depth=lambda: 2), traffic=SimpleNamespace(crossings_total=11))
+    server = MetricsServer(agent, 0)
+    try:
+        return httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).text
+    finally:
+        server.close()
+
+
+def test_agent_endpoint_serves_its_totals_and_latency_histogram() -> None:
+    found = {}
+    for family in text_string_to_metric_families(agent_metrics_text()):
+        for s in family.samples:
+            assert s.labels.get("camera_id") == "cam-a", s  # the one label
+            found[(s.name, s.labels.get("le"))] = s.value
+    assert found[("roadloop_agent_frames_total", None)] == 3
+    assert found[("roadloop_agent_uploads_ok_total", None)] == 1
+    assert found[("roadloop_agent_uploads_failed_total", None)] == 2
+    assert found[("roadloop_agent_outbox_depth", None)] == 7
+    assert found[("roadloop_agent_record_outbox_depth", None)] == 2
+    assert found[("roadloop_agent_traffic_crossings_total", None)] == 11
+    bucket = "roadloop_agent_detector_latency_seconds_bucket"
+    assert found[(bucket, "0.01")] == 1  # 8 ms
+    assert found[(bucket, "0.12")] == 1  # 150 ms is over 120 ms
+    assert found[(bucket, "0.16")] == 2
+    assert found[(bucket, "1.0")] == 2 and found[(bucket, "+Inf")] == 3  # 2.5 s
+    assert found[("roadloop_agent_detector_latency_seconds_sum", None)] == pytest.approx(2.658)
+
+
+def test_rules_and_dashboard_name_only_exported_metrics(env: Env) -> None:
+    """Every ``roadloop_*`` series the alert rules and the Grafana dashboard query is one
+    the gateway or the agent exports (a renamed metric would silently never alert)."""
+    repo = Path(__file__).resolve().parents[1]
+    text = env.client.get("/metrics", headers=bearer(TOKEN)).text + agent_metrics_text()
+    exported = set()
+    for family in text_string_to_metric_families(text):
+        exported.add(family.name)
+        exported.update(family.name + s for s in ("_total", "_bucket", "_count", "_sum"))
+        exported.update(s.name for s in family.samples)
+    rules = (repo / "deploy" / "prometheus" / "rules.yml").read_text()
+    dashboard = json.loads((repo / "deploy" / "grafana" / "roadloop-fleet.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = set(re.findall(r"roadloop_[a-z0-9_]+", rules + "\n".join(exprs)))
+    assert len(used) > 15
+    assert used <= exported, sorted(used - exported)
