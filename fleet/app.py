@@ -148,7 +148,7 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
         def metrics(request: Request, gw: GatewayDep) -> Response:
             """Prometheus metrics (docs/monitoring.md): with a metrics token configured, send
             it as a bearer token; without one, loopback clients only."""
-            return metrics_response(request, gw)
+            return metrics_response(request, gw.metrics, gw.settings.metrics_token)
 
     app.include_router(auth.router)
     app.include_router(intake.router)

@@ -29,7 +29,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import HTTPException, Request, Response
 from prometheus_client import (
@@ -44,10 +44,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.routing import compile_path
 
-from fleet.db import Device, HeartbeatRow, RolloutRow, RolloutStatus
-
-if TYPE_CHECKING:
-    from fleet.runtime import Gateway
+from fleet.db import Database, Device, HeartbeatRow, RolloutRow, RolloutStatus
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +196,8 @@ class EventsCollector(Collector):
 class FleetCollector(Collector):
     """Fleet state from the database, read at each scrape (one indexed query per camera)."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     def collect(self) -> Iterator[Any]:
         try:
@@ -243,7 +240,7 @@ class FleetCollector(Collector):
             "1 on the verdict (pass, fail, insufficient) of the current stage's last health "
             "check, 0 on the others (absent before the first check).",
             labels=["rollout_id", "stage", "verdict"])
-        with self.gw.db.read() as session:
+        with self.db.read() as session:
             for status, n in session.execute(
                     select(Device.status, func.count()).group_by(Device.status)):
                 devices.add_metric([str(status)], n)
@@ -316,6 +313,6 @@ def check_access(request: Request, token: str | None) -> None:
                             "ROADLOOP_GATEWAY_METRICS_TOKEN to scrape from elsewhere")
 
 
-def metrics_response(request: Request, gw: Gateway) -> Response:
-    check_access(request, gw.settings.metrics_token)
-    return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+def metrics_response(request: Request, metrics: GatewayMetrics, token: str | None) -> Response:
+    check_access(request, token)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

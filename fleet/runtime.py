@@ -113,7 +113,7 @@ class Gateway:
         self.stats = Stats()
         self.metrics = GatewayMetrics()
         self.metrics.add_collector(EventsCollector(lambda: dict(self.stats.counters)))
-        self.metrics.add_collector(FleetCollector(self))
+        self.metrics.add_collector(FleetCollector(self.db))
         assert settings.models_dir is not None
         self.models = ModelStore(settings.models_dir)
         self.model_key = ModelPublicKey(settings.model_public_key_file)
