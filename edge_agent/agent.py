@@ -319,6 +319,8 @@ class AgentConfig:
     shadow_sample_rate: float = 0.2
     traffic: bool = True  # track and count when the camera's configuration has a geometry
     record_outbox_max: int = 50_000  # queued traffic records kept without the gateway
+    metrics_port: int | None = None  # Prometheus endpoint (edge_agent.metrics); None: off
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -479,9 +481,16 @@ class EdgeAgent:
             backoff=BackoffPolicy(cfg.retry_base_s, cfg.retry_max_s),
         )
         self.client = GatewayClient(cfg.gateway_url, cfg.state_dir, timeout_s=cfg.http_timeout_s)
+        metrics = None
+        if cfg.metrics_port is not None:
+            from edge_agent.metrics import MetricsServer  # prometheus_client only when asked
+
+            metrics = MetricsServer(self, cfg.metrics_port, cfg.metrics_host)
         try:
             return self._run()
         finally:
+            if metrics is not None:
+                metrics.close()
             self.client.close()
             self.outbox.close()
             self.records.close()
