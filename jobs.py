@@ -23,6 +23,7 @@ from assets.partitions import (
 from assets.rollout import model_rollout
 from assets.traffic import traffic_counts
 from ops.ingestion import replay_shared_cameras
+from ops.retention import enforce_retention, erase_camera_frames
 
 # --------------------------------------------------------------------------- ingestion
 
@@ -38,6 +39,20 @@ sampled_edge_frames_job = dg.define_asset_job(
     partitions_def=camera_partitions,
     description="Index one camera's kept frames (near-duplicates dropped); one run per partition.",
 )
+
+# --------------------------------------------------------------------------- privacy
+
+
+@dg.job(description="Delete what the retention policy says has expired; reports counts.")
+def retention_job() -> None:
+    enforce_retention()
+
+
+@dg.job(description="Erase one camera's frames in a time range everywhere (config: camera_id, "
+        "since, until, requested_by, reason).")
+def erasure_job() -> None:
+    erase_camera_frames()
+
 
 # --------------------------------------------------------------------------- learning loop
 
@@ -122,17 +137,21 @@ ALL_JOBS = [
     camera_drift_job,
     camera_accuracy_job,
     traffic_counts_job,
+    retention_job,
+    erasure_job,
 ]
 
 __all__ = [
     "ALL_JOBS",
     "camera_accuracy_job",
     "camera_drift_job",
+    "erasure_job",
     "federated_learning_loop_job",
     "learning_loop_job",
     "model_rollout_job",
     "nightly_benchmark_job",
     "replay_ingestion_job",
+    "retention_job",
     "review_import_job",
     "review_queue_job",
     "sampled_edge_frames_job",

@@ -1,11 +1,15 @@
 """``curated_dataset``: one YOLO dataset in the shared taxonomy, validated and versioned."""
 
 
+import json
+
 import dagster as dg
 
 from resources import ArtifactStoreResource, DvcResource, LabelledSourcesResource
 from roadloop.data.datasets import build_curated_dataset, load_taxonomy, write_data_yaml
 from roadloop.labeling.review_items import load_review_export
+from roadloop.retention.ledger import PrivacyLedger, without_erased
+from roadloop.settings import get_settings
 
 from . import groups
 from .active_learning import reviewed_labels
@@ -43,13 +47,20 @@ def curated_dataset(
         context.log.warning("SYNTHETIC fallback data: ../shared/datasets was not found")
     store = dvc.store()
     reviewed = load_review_export(artifacts.review_export_path())
+    # Erased frames (roadloop.retention.erasure) never enter a new version.
+    ledger = PrivacyLedger(get_settings().privacy_dir)
+    erased = ledger.excluded_frame_keys()
+    frames, keys = without_erased(reviewed.frames, reviewed.frame_keys, erased)
+    erased_skipped = len(reviewed.frames) - len(frames)
+    if erased_skipped:
+        context.log.info("%d reviewed frames left out: erased on request", erased_skipped)
     dataset = build_curated_dataset(
         sources,
         dvc.curated_dir,
         taxonomy,
         replay_fraction=labelled_sources.replay_fraction,
         max_frames_per_split=labelled_sources.max_frames_per_split,
-        extra_frames=reviewed.frames,
+        extra_frames=frames,
         exclude_images=reviewed.exclude_images,
     )
     context.log.info(
@@ -57,6 +68,10 @@ def curated_dataset(
         dataset.split_counts, dataset.quarantined, dvc.remote_url,
     )
     version = store.add_and_push(dvc.curated_dir)
+    # Which edge frames this version holds: an erasure reports them as not removable.
+    kept_images = _manifest_originals(dataset.path)
+    ledger.record_version_frames(version.md5,
+                                 [k for f, k in zip(frames, keys, strict=True) if str(f.image) in kept_images])
     data_yaml = write_data_yaml(dataset.path, dvc.curated_dir.parent / "curated.data.yaml")
 
     class_table = "| split | " + " | ".join(dataset.class_names) + " | images |\n"
@@ -78,7 +93,8 @@ def curated_dataset(
             "quarantined_rows": dataset.quarantined,
             "quarantine_reasons": dg.MetadataValue.json(dataset.quarantine_reasons),
             "skipped_replay_frames": dataset.skipped_replay,
-            "reviewed_frames": len(reviewed.frames),
+            "reviewed_frames": len(frames),
+            "erased_frames_excluded": erased_skipped,
             "excluded_seed_frames": dataset.held_out,
             "label_issues_awaiting_review": len(reviewed.held_out),
             "review_export": reviewed.content_hash or "none",
@@ -86,6 +102,13 @@ def curated_dataset(
             "path": dg.MetadataValue.path(str(dataset.path)),
         },
     )
+
+
+def _manifest_originals(dataset_dir) -> set[str]:
+    """The ``original`` path of every frame a curated dataset's manifest lists."""
+    path = dataset_dir / "manifest.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return {json.loads(line)["original"] for line in lines if line.strip()}
 
 
 @dg.asset_check(asset=curated_dataset, blocking=True, description="train, val and test all hold frames")

@@ -325,6 +325,8 @@ class AgentConfig:
     # (auto | haar | none). The method per camera comes from its configuration (privacy.mode).
     redaction_faces: str = "centerface"
     redaction_plates: str = "auto"
+    metrics_port: int | None = None  # Prometheus endpoint (edge_agent.metrics); None: off
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -493,9 +495,16 @@ class EdgeAgent:
             backoff=BackoffPolicy(cfg.retry_base_s, cfg.retry_max_s),
         )
         self.client = GatewayClient(cfg.gateway_url, cfg.state_dir, timeout_s=cfg.http_timeout_s)
+        metrics = None
+        if cfg.metrics_port is not None:
+            from edge_agent.metrics import MetricsServer  # prometheus_client only when asked
+
+            metrics = MetricsServer(self, cfg.metrics_port, cfg.metrics_host)
         try:
             return self._run()
         finally:
+            if metrics is not None:
+                metrics.close()
             self.client.close()
             self.outbox.close()
             self.records.close()

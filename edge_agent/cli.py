@@ -163,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="share of frames a shadow candidate runs on (0 < r <= 1)",
     )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (docs/monitoring.md; 0: any free port)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the metrics server binds (no authentication: loopback by default)",
+    )
 
     enroll = sub.add_parser("enroll", help="enroll the camera and save its identity, then exit")
     common(enroll)
@@ -281,6 +293,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_error_rate=args.max_error_rate,
         shadow_sample_rate=args.shadow_rate,
         traffic=args.traffic,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     agent = EdgeAgent(config)
     previous_handlers = _install_signal_handlers(agent)

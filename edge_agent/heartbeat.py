@@ -248,6 +248,12 @@ def _histogram_out(edges: tuple[float, ...], counts: list[int]) -> dict[str, lis
     return {"bin_edges": list(edges), "counts": [int(c) for c in counts]}
 
 
+# Upper bounds (ms) of the cumulative detector-latency histogram the agent exports
+# (edge_agent.metrics); they bracket the alert thresholds (120 ms warn, 200 ms critical).
+INFERENCE_BUCKETS_MS = (5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 160.0, 200.0, 300.0,
+                        500.0, 1000.0)
+
+
 class TelemetryWindow:
     """Accumulates per-frame statistics between heartbeats (thread-safe).
 
@@ -262,6 +268,12 @@ class TelemetryWindow:
         self._lock = threading.Lock()
         self.errors_total = 0
         self.dropped_total = 0
+        # Totals since start, for the agent's Prometheus endpoint (edge_agent.metrics).
+        self.frames_total = 0
+        self.uploads_ok_total = 0
+        self.upload_failures_total = 0
+        self.inference_buckets = [0] * (len(INFERENCE_BUCKETS_MS) + 1)  # last: +Inf
+        self.inference_sum_ms = 0.0
         self.last_upload_at: float | None = None
         self.density_state = "normal"
         self._reset(time.time())
@@ -302,6 +314,9 @@ class TelemetryWindow:
     ) -> None:
         with self._lock:
             self._frames += 1
+            self.frames_total += 1
+            self.inference_buckets[bisect.bisect_left(INFERENCE_BUCKETS_MS, inference_ms)] += 1
+            self.inference_sum_ms += inference_ms
             self._latency.append(latency_ms)
             self._inference.append(inference_ms)
             self._brightness.append(brightness)
@@ -328,6 +343,7 @@ class TelemetryWindow:
         """The detector failed on a frame: it counts in ``frames_processed`` and ``errors``."""
         with self._lock:
             self._frames += 1
+            self.frames_total += 1
             self._errors += 1
             self.errors_total += 1
 
@@ -352,9 +368,17 @@ class TelemetryWindow:
         with self._lock:
             if ok:
                 self._uploads_ok += 1
+                self.uploads_ok_total += 1
                 self.last_upload_at = time.time()
             else:
                 self._upload_failures += 1
+                self.upload_failures_total += 1
+
+    def window_fps(self, now: float | None = None) -> float:
+        """Frames/s since the current window began (the heartbeat's fps, so far)."""
+        with self._lock:
+            elapsed = (time.time() if now is None else now) - self._start
+            return self._frames / elapsed if elapsed > 0 else 0.0
 
     # ---- heartbeat
     def build(

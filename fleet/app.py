@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from fleet import (
@@ -28,12 +28,14 @@ from fleet import (
     camera_config,
     heartbeats,
     intake,
+    privacy,
     rollouts,
     traffic,
     traffic_preview,
     traffic_queries,
 )
 from fleet.config import GatewaySettings
+from fleet.metrics import MetricsMiddleware, RouteTemplates, metrics_response
 from fleet.ratelimit import BodyReadDeadline, BodySizeLimit, UnattributedLimit
 from fleet.runtime import Clock, Gateway, GatewayDep
 from fleet.schemas import ErrorOut, Health
@@ -110,6 +112,9 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.add_middleware(UnattributedLimit, per_address=gw.address_limiter,
                        overall=gw.unattributed_limiter, known=gw.known_tokens,
                        on_limited=lambda: gw.stats.count("unattributed_rate_limited"))
+    if settings.metrics_enabled:  # outermost: it sees the limits' refusals too
+        app.add_middleware(MetricsMiddleware, metrics=gw.metrics,
+                           templates=lambda: RouteTemplates.of_app(app))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -136,6 +141,16 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
             raise HTTPException(503, "database writer is not running")
         return Health(status="ok")
 
+    if settings.metrics_enabled:
+        @app.get("/metrics", tags=["health"], response_class=Response,
+                 responses={200: {"content": {"text/plain": {}},
+                                  "description": "Prometheus text format."},
+                            401: {"model": ErrorOut}, 403: {"model": ErrorOut}})
+        def metrics(request: Request, gw: GatewayDep) -> Response:
+            """Prometheus metrics (docs/monitoring.md): with a metrics token configured, send
+            it as a bearer token; without one, loopback clients only."""
+            return metrics_response(request, gw.metrics, gw.settings.metrics_token)
+
     app.include_router(auth.router)
     app.include_router(intake.router)
     app.include_router(heartbeats.router)
@@ -145,5 +160,6 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.include_router(traffic.router)
     app.include_router(traffic_queries.router)
     app.include_router(traffic_preview.router)
+    app.include_router(privacy.router)
     return app
 

@@ -193,6 +193,15 @@ class GatewaySettings(BaseSettings):
         "committer; storage is prepared once before they start.",
     )
 
+    # Prometheus (docs/monitoring.md; fleet/metrics.py).
+    metrics_enabled: bool = Field(
+        default=True, description="Serve GET /metrics and count requests for it.")
+    metrics_token: str | None = Field(
+        default=None, min_length=16,
+        description="Bearer secret a scraper must send to GET /metrics; unset: /metrics "
+        "answers loopback clients only.",
+    )
+
     # Model rollouts (docs/fleet-api.md "Model rollouts"; fleet/rollouts.py).
     model_public_key_file: Path | None = Field(
         default=None,

@@ -288,6 +288,7 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
             raise HTTPException(503, f"gateway could not record frame {meta.frame_id} ({exc}); "
                                 "retry later — the frame is not acknowledged") from exc
     stats.count("frames_stored")
+    gw.metrics.frame_stored(len(image))
     return FrameStored(frame_id=meta.frame_id, stored=True)
 
 

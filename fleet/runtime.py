@@ -21,6 +21,7 @@ from fleet.config import GatewaySettings
 from fleet.db import Database
 from fleet.denials import DenialLog
 from fleet.jpeg import DecodePool
+from fleet.metrics import EventsCollector, FleetCollector, GatewayMetrics
 from fleet.models_store import ModelStore
 from fleet.ratelimit import KnownTokens, TokenBucketLimiter
 from fleet.reconcile import reconcile_frame_store
@@ -110,6 +111,9 @@ class Gateway:
         self.committer = GroupCommitter(self.db, settings.commit_batch_max)
         self.denials = DenialLog(self.db, self.now, settings.denial_audit_window_s)
         self.stats = Stats()
+        self.metrics = GatewayMetrics()
+        self.metrics.add_collector(EventsCollector(lambda: dict(self.stats.counters)))
+        self.metrics.add_collector(FleetCollector(self.db))
         assert settings.models_dir is not None
         self.models = ModelStore(settings.models_dir)
         self.model_key = ModelPublicKey(settings.model_public_key_file)

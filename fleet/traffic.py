@@ -123,6 +123,7 @@ def post_traffic_interval(
         raise HTTPException(503, f"traffic record {body.record_id} not stored ({exc}); retry "
                             "later — it is not acknowledged") from exc
     gw.stats.count("traffic_records_stored")
+    gw.metrics.traffic_records.inc()
     return TrafficIntervalStored(record_id=body.record_id)
 
 

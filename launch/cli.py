@@ -33,6 +33,7 @@ class _LazyCommands(TyperGroup):
         # name: (module, attribute, help)
         "gateway": ("fleet.cli", "gateway_app", "Fleet gateway service."),
         "fleet": ("fleet.cli", "fleet_app", "Fleet administration: tokens and devices."),
+        "privacy": ("launch.privacy_cli", "privacy_app", "Retention and erasure of camera data."),
         "annotate": (
             "launch.annotate",
             "annotate",

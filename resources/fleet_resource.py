@@ -279,6 +279,35 @@ class FleetResource(dg.ConfigurableResource):
             params["cursor"] = cursor
 
 
+    # -- retention and erasure (docs/retention.md) -----------------------------------------
+    def cameras(self) -> set[str]:
+        """Every camera the gateway has a device for (any status, revoked included)."""
+        return {d["camera_id"] for d in self._request("GET", "/v1/devices")}  # type: ignore[index,union-attr]
+
+    def erase_frames(self, camera_id: str, since: datetime, until: datetime) -> int:
+        """Delete the gateway's frames (rows and files) of one camera in ``[since, until)``."""
+        body = {"camera_id": camera_id, "since": since.isoformat(), "until": until.isoformat()}
+        out = self._request("POST", "/v1/privacy/erase", json=body)
+        return int(out["frames_deleted"])  # type: ignore[call-overload]
+
+    def expire(self, frames: list[tuple[str, str]], heartbeats_before: datetime | None,
+               traffic_before: datetime | None, batch: int = 1000) -> dict[str, int]:
+        """Delete expired frames (in batches), heartbeats and traffic records on the gateway;
+        the counts summed over the calls."""
+        totals = {"frames_deleted": 0, "bytes_deleted": 0, "heartbeats_deleted": 0,
+                  "traffic_records_deleted": 0}
+        chunks = [frames[i:i + batch] for i in range(0, len(frames), batch)] or [[]]
+        for i, chunk in enumerate(chunks):
+            body: dict[str, Any] = {"frames": [{"camera_id": c, "frame_id": f} for c, f in chunk]}
+            if i == 0:
+                body["heartbeats_before"] = heartbeats_before.isoformat() if heartbeats_before else None
+                body["traffic_before"] = traffic_before.isoformat() if traffic_before else None
+            out = self._request("POST", "/v1/privacy/expire", json=body)
+            for k in totals:
+                totals[k] += int(out[k])  # type: ignore[call-overload]
+        return totals
+
+
 def _config_path(camera_id: str) -> str:
     return f"/v1/cameras/{quote(camera_id, safe='')}/config"
 

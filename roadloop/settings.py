@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     dvc_remote_url: str | None = None
     frame_store: Path | None = None
     artifacts_dir: Path | None = None
+    privacy_dir: Path | None = None  # erasure journals, exclusions, audit (roadloop.retention)
 
     # Service ports / URLs on loopback.
     dagster_port: int = 3000
@@ -89,6 +90,11 @@ class Settings(BaseSettings):
     # traffic_counts partitions (UTC).
     traffic_start: date = Field(default=date(2026, 11, 1), description="First traffic day (UTC).")
 
+    # Retention (roadloop.retention.policy; docs/retention.md): days each kind is kept.
+    retention_raw_frames_days: float = Field(default=30.0, gt=0)
+    retention_heartbeats_days: float = Field(default=30.0, gt=0)
+    retention_traffic_days: float = Field(default=90.0, gt=0)
+
     @field_validator("drift_window_minutes")
     @classmethod
     def _window_tiles_the_day(cls, v: int) -> int:
@@ -115,6 +121,8 @@ class Settings(BaseSettings):
             self.frame_store = h / "frames"
         if self.artifacts_dir is None:
             self.artifacts_dir = h / "artifacts"
+        if self.privacy_dir is None:
+            self.privacy_dir = h / "privacy"
         if self.gateway_url is None:
             self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
         return self

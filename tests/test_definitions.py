@@ -112,7 +112,12 @@ def test_every_job_comes_from_the_jobs_module_and_is_registered() -> None:
         "drift_sensor": {"review_queue", "learning_loop"},
         "camera_accuracy_sensor": {"camera_accuracy_job"},
         "traffic_counts_schedule": {"traffic_counts_job"},
+        "retention_schedule": {"retention_job"},
     }
+    # Retention runs daily once turned on; off by default (replayed demo frames are old).
+    retention = defs.resolve_schedule_def("retention_schedule")
+    assert retention.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert retention.cron_schedule == "0 2 * * *"
     # rollout_health_sensor launches nothing: it records observations of model_rollout.
     assert not defs.resolve_sensor_def("rollout_health_sensor").targets
 

@@ -192,14 +192,15 @@ def test_every_router_authenticates_first(make_gateway: Any) -> None:
         camera_config,
         heartbeats,
         intake,
+        privacy,
         rollouts,
         traffic,
         traffic_preview,
         traffic_queries,
     )
 
-    routers = (admin, camera_config, heartbeats, intake, rollouts, traffic, traffic_preview,
-               traffic_queries)
+    routers = (admin, camera_config, heartbeats, intake, privacy, rollouts, traffic,
+               traffic_preview, traffic_queries)
     for module in (auth, *routers):
         for route in module.router.routes:
             assert isinstance(route, AuthFirstRoute), (module.__name__, route)

@@ -72,6 +72,16 @@ def crossings(outs):
                      {"name": "L", "start": [0, 5], "end": [9, 5]}]), "used twice"),
     (geometry(lines=[{"name": "L", "start": [5, 5], "end": [5.5, 5]}]), "shorter than 2"),
     (geometry(interval_s=7), "interval_s"),
+    (geometry(interval_s=60.0), "interval_s"),
+    ({"frame_size": [1e12, 360]}, "frame_size"),
+    ({"frame_size": [640, float("nan")]}, "frame_size"),
+    (geometry(lines=[{"name": "L", "start": [0, 1e300], "end": [9, 9]}]), "must be between"),
+    (geometry(lines=[{"name": "L", "start": [[0, 1]], "end": [9, 9]}]), "list of 2"),
+    (geometry(zones=[{"name": "Z", "polygon": [[0, 0]] * 65}]), "list of 3-64"),
+    (geometry(zones=[{"name": "Z", "polygon": [[0, 0], [9, 0], [9, 9]], "capacity": -1}]),
+     "capacity"),
+    (geometry(events={"jam_min_s": 1e9}), "jam_min_s"),
+    (geometry(pcu={"car": True}), "pcu"),
     ({"frame_size": [640, 360], "lanes": []}, "unknown key"),
 ])
 def test_bad_geometry_is_refused_with_a_clear_error(section: dict, message: str) -> None:
@@ -300,3 +310,10 @@ def test_a_crash_loses_at_most_the_counts_since_the_last_checkpoint(tmp_path) ->
     stage.close()
     stage.clear_checkpoint()
     assert TrafficStage.recover_checkpoint(checkpoint) is None
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"record_id": 7}', ""])
+def test_an_unusable_checkpoint_is_ignored_not_queued(tmp_path, content: str) -> None:
+    path = tmp_path / "traffic_checkpoint.json"
+    path.write_text(content)
+    assert TrafficStage.recover_checkpoint(path) is None

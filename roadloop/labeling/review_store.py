@@ -261,6 +261,18 @@ class ReviewStore:
         ds = self.dataset()
         return set(ds.match_tags([TAG_REVIEWED, TAG_IMPORTED]).values("frame_key"))
 
+    def delete_frames(self, frame_keys: Iterable[str]) -> int:
+        """Delete every sample of these frame keys (erasure, retention); returns how many."""
+        keys = sorted(set(frame_keys))
+        if not keys:
+            return 0
+        F = self.fo().ViewField
+        ds = self.dataset()
+        ids = ds.match(F("frame_key").is_in(keys)).values("id")
+        if ids:
+            ds.delete_samples(ids)
+        return len(ids)
+
     def tag_reviewed(self, sample_ids: Sequence[str]) -> None:
         """What an annotator does in the App: tag samples ``reviewed``."""
         self.dataset().select(list(sample_ids)).tag_samples(TAG_REVIEWED)

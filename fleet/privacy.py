@@ -1,0 +1,158 @@
+"""Retention and erasure on the gateway (scope ``camera:admin``; docs/retention.md).
+
+The platform (``roadloop.retention``, run by Dagster or ``roadloop privacy erase``) decides
+what goes; these routes delete the gateway's own copies: ``frames`` rows and their files in
+the gateway's frame store, heartbeats and traffic interval records. Files go before rows,
+so a restart's reconcile (``fleet.reconcile``) never brings a deleted frame's row back.
+Every call is audited.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, Field, model_validator
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from fleet.auth import AdminPrincipal, audit, client_address
+from fleet.auth_first import AuthFirstRoute
+from fleet.bounds import Id, Timestamp
+from fleet.db import (
+    Device,
+    FrameRow,
+    HeartbeatRow,
+    TrafficEventRow,
+    TrafficIntervalRow,
+    TrafficLineCountRow,
+    TrafficZoneStatRow,
+)
+from fleet.runtime import Gateway, GatewayDep
+from fleet.schemas import ErrorOut
+
+router = APIRouter(tags=["privacy"], route_class=AuthFirstRoute)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut},
+    422: {"model": ErrorOut},
+}
+MAX_FRAMES = 1000
+
+
+class EraseRequest(BaseModel):
+    camera_id: Id
+    since: Timestamp
+    until: Timestamp
+
+    @model_validator(mode="after")
+    def _range(self) -> EraseRequest:
+        if self.until <= self.since:
+            raise ValueError("empty or inverted range: until must be after since")
+        return self
+
+
+class EraseOut(BaseModel):
+    camera_id: str
+    since: datetime
+    until: datetime
+    frames_deleted: int
+    bytes_deleted: int
+
+
+class FrameKey(BaseModel):
+    camera_id: Id
+    frame_id: Id
+
+
+class ExpireRequest(BaseModel):
+    frames: list[FrameKey] = Field(default_factory=list, max_length=MAX_FRAMES,
+                                   description="Frames the platform expired (its policy).")
+    heartbeats_before: Timestamp | None = None
+    traffic_before: Timestamp | None = None
+
+
+class ExpireOut(BaseModel):
+    frames_deleted: int
+    bytes_deleted: int
+    heartbeats_deleted: int
+    traffic_records_deleted: int
+
+
+def _drop_frames(gw: Gateway, session: Session, rows: list[FrameRow]) -> int:
+    """Delete the rows' files (sidecar, then image), then the rows; returns bytes freed."""
+    freed = 0
+    for row in rows:
+        image = gw.store.root / Path(row.path)
+        freed += row.size_bytes if image.exists() else 0
+        gw.store.remove_frame(image)
+    for row in rows:
+        session.delete(row)
+    return freed
+
+
+@router.post("/v1/privacy/erase", response_model=EraseOut, responses=_ERRORS)
+def erase_frames(body: EraseRequest, request: Request, principal: AdminPrincipal,
+                 gw: GatewayDep) -> EraseOut:
+    """Delete every frame of ``camera_id`` captured in ``[since, until)``: rows and files.
+    404 when the gateway never knew the camera (no device, no frame); nothing is deleted."""
+    now = gw.now()
+    with gw.db.write() as session:
+        known = session.scalar(select(Device.device_id).where(
+            Device.camera_id == body.camera_id).limit(1)) or session.scalar(
+            select(FrameRow.id).where(FrameRow.camera_id == body.camera_id).limit(1))
+        if known is None:
+            raise HTTPException(404, f"unknown camera {body.camera_id!r}: no device was ever "
+                                "enrolled for it and it has no frames (GET /v1/devices lists "
+                                "them); nothing deleted")
+        rows = list(session.scalars(select(FrameRow).where(
+            FrameRow.camera_id == body.camera_id, FrameRow.captured_at >= body.since,
+            FrameRow.captured_at < body.until)))
+        freed = _drop_frames(gw, session, rows)
+        audit(session, now, "frames_erased", actor=principal.actor,
+              token_id=principal.token_id, client=client_address(request),
+              detail={"camera_id": body.camera_id, "since": body.since.isoformat(),
+                      "until": body.until.isoformat(), "frames": len(rows)})
+        session.commit()
+    return EraseOut(camera_id=body.camera_id, since=body.since, until=body.until,
+                    frames_deleted=len(rows), bytes_deleted=freed)
+
+
+@router.post("/v1/privacy/expire", response_model=ExpireOut, responses=_ERRORS)
+def expire(body: ExpireRequest, request: Request, principal: AdminPrincipal,
+           gw: GatewayDep) -> ExpireOut:
+    """Delete what retention expired: the listed frames (rows and files), heartbeats sent
+    before ``heartbeats_before`` and traffic records starting before ``traffic_before``."""
+    now = gw.now()
+    with gw.db.write() as session:
+        rows: list[FrameRow] = []
+        by_camera: dict[str, list[str]] = {}
+        for key in body.frames:
+            by_camera.setdefault(key.camera_id, []).append(key.frame_id)
+        for camera, ids in by_camera.items():
+            rows += list(session.scalars(select(FrameRow).where(
+                FrameRow.camera_id == camera, FrameRow.frame_id.in_(ids))))
+        freed = _drop_frames(gw, session, rows)
+        heartbeats = traffic = 0
+        if body.heartbeats_before is not None:
+            heartbeats = session.execute(delete(HeartbeatRow).where(
+                HeartbeatRow.sent_at < body.heartbeats_before)).rowcount or 0
+        if body.traffic_before is not None:
+            old = select(TrafficIntervalRow.record_id).where(
+                TrafficIntervalRow.interval_start < body.traffic_before)
+            for child in (TrafficLineCountRow, TrafficZoneStatRow, TrafficEventRow):
+                session.execute(delete(child).where(child.record_id.in_(old)))
+            traffic = session.execute(delete(TrafficIntervalRow).where(
+                TrafficIntervalRow.interval_start < body.traffic_before)).rowcount or 0
+        out = ExpireOut(frames_deleted=len(rows), bytes_deleted=freed,
+                        heartbeats_deleted=heartbeats, traffic_records_deleted=traffic)
+        audit(session, now, "retention_applied", actor=principal.actor,
+              token_id=principal.token_id, client=client_address(request),
+              detail={**out.model_dump(),
+                      "heartbeats_before": body.heartbeats_before.isoformat()
+                      if body.heartbeats_before else None,
+                      "traffic_before": body.traffic_before.isoformat()
+                      if body.traffic_before else None})
+        session.commit()
+    return out

@@ -1,0 +1,113 @@
+"""Retention and erasure as Dagster ops; their jobs are in ``jobs``, the daily schedule in
+``schedules.retention`` (docs/retention.md).
+
+Local copies (frame store, FiftyOne review samples) are deleted here through
+``roadloop.retention``; the gateway's rows through its admin routes (``FleetResource``),
+never by touching its database.
+"""
+
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from resources import FiftyOneResource, FleetResource, FrameStoreResource
+from roadloop.retention.erasure import erase, make_request, resume_pending
+from roadloop.retention.ledger import PrivacyLedger
+from roadloop.retention.policy import (
+    ExpiredFrame,
+    expire_frames,
+    expired_frames,
+    policy_from_settings,
+)
+from roadloop.settings import get_settings
+
+
+def _ledger() -> PrivacyLedger:
+    return PrivacyLedger(get_settings().privacy_dir)
+
+
+@dg.op(description="Delete what the retention policy (ROADLOOP_RETENTION_*) says has expired.")
+def enforce_retention(
+    context: dg.OpExecutionContext,
+    frame_store: FrameStoreResource,
+    fiftyone: FiftyOneResource,
+    fleet: FleetResource,
+) -> dg.Output[dict]:
+    policy = policy_from_settings()
+    now = datetime.now(UTC)
+    cut = policy.cutoffs(now)
+    store = frame_store.store()
+    ledger = _ledger()
+    versioned = set(ledger.versioned_frame_keys())
+    candidates, _ = expired_frames(store, cut.frames_before, versioned)
+    review = fiftyone.store() if candidates else None
+    # Labelled frames are kept with their dataset version; reviewed ones will be in the next.
+    protected = versioned | (review.reviewed_frame_keys() if review is not None else set())
+    removed_samples = 0
+
+    def drop_samples(frames: list[ExpiredFrame]) -> None:
+        nonlocal removed_samples
+        if review is not None:
+            removed_samples = review.delete_frames(f.frame_key for f in frames)
+
+    expiry = expire_frames(store, cut.frames_before, protected, on_deleted=drop_samples)
+    gateway = fleet.expire([(f.camera_id, f.frame_id) for f in expiry.deleted],
+                           heartbeats_before=cut.heartbeats_before,
+                           traffic_before=cut.traffic_before)
+    report = {
+        "frames_deleted": len(expiry.deleted),
+        "frame_bytes_deleted": expiry.bytes_deleted,
+        "frames_kept_with_dataset_versions": expiry.kept_protected,
+        "review_samples_deleted": removed_samples,
+        "gateway_frame_rows_deleted": gateway["frames_deleted"],
+        "gateway_frame_bytes_deleted": gateway["bytes_deleted"],
+        "heartbeats_deleted": gateway["heartbeats_deleted"],
+        "traffic_records_deleted": gateway["traffic_records_deleted"],
+    }
+    context.log.info("retention: %s", report)
+    return dg.Output(report, metadata={
+        **report,
+        "frames_deleted_per_camera": dg.MetadataValue.json(expiry.per_camera),
+        "policy_days": dg.MetadataValue.json(policy.model_dump()),
+        "cutoffs": dg.MetadataValue.json({k: v.isoformat() for k, v in cut}),
+    })
+
+
+class ErasureConfig(dg.Config):
+    camera_id: str
+    since: str  # ISO 8601 with a time zone
+    until: str
+    requested_by: str
+    reason: str = ""
+
+
+@dg.op(description="Erase one camera's frames in [since, until) everywhere (audited).")
+def erase_camera_frames(
+    context: dg.OpExecutionContext,
+    config: ErasureConfig,
+    frame_store: FrameStoreResource,
+    fiftyone: FiftyOneResource,
+    fleet: FleetResource,
+) -> dg.Output[dict]:
+    request = make_request(config.camera_id, datetime.fromisoformat(config.since),
+                           datetime.fromisoformat(config.until), config.requested_by,
+                           config.reason)
+    store = frame_store.store()
+    ledger = _ledger()
+    review = fiftyone.store()
+    resumed = resume_pending(store=store, ledger=ledger, review=review, gateway=fleet)
+    result = erase(request, store=store, ledger=ledger,
+                   known_cameras=set(store.cameras()) | fleet.cameras(),
+                   review=review, gateway=fleet)
+    context.log.info("erasure %s: %d frames deleted (%d unfinished erasures resumed first)",
+                     result.request_id, result.frames_deleted, len(resumed))
+    out = result.model_dump(mode="json")
+    return dg.Output(out, metadata={
+        "request_id": result.request_id,
+        "frames_deleted": result.frames_deleted,
+        "bytes_deleted": result.bytes_deleted,
+        "review_samples_deleted": result.review_samples_deleted or 0,
+        "gateway_rows_deleted": result.gateway_rows_deleted or 0,
+        "not_removable": dg.MetadataValue.json(out["not_removable"]),
+        "resumed_erasures": len(resumed),
+    })

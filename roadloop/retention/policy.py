@@ -1,0 +1,147 @@
+"""Retention policy: how long each kind of data is kept, and which stored frames expire.
+
+Kinds (days, each configurable through ``ROADLOOP_RETENTION_*``):
+
+- ``raw_frames_days``: sampled frames in the frame store (and their gateway rows and review
+  queue samples). Frames that are labelled (reviewed in FiftyOne) or part of a curated
+  dataset version are *not* expired here: they are kept with their dataset version.
+- ``heartbeats_days``: the gateway's heartbeat rows (drift and rollout health read the
+  recent ones only).
+- ``traffic_days``: the gateway's per-interval traffic records; the daily report
+  (``traffic_counts``) aggregates them first, so after this many days only the daily
+  aggregates remain.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from roadloop.data.frames import FrameStore
+from roadloop.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+
+class RetentionPolicy(BaseModel):
+    """Days each kind of data is kept (a day is 24 h before the enforcement time)."""
+
+    raw_frames_days: float = Field(default=30.0, gt=0)
+    heartbeats_days: float = Field(default=30.0, gt=0)
+    traffic_days: float = Field(default=90.0, gt=0)
+
+    def cutoffs(self, now: datetime) -> RetentionCutoffs:
+        """Everything older than these instants (strictly before) expires at ``now``."""
+        if now.tzinfo is None or now.utcoffset() is None:
+            raise InvalidInputError("retention", f"now must be timezone-aware, got {now!r}")
+        now = now.astimezone(UTC)
+        return RetentionCutoffs(
+            frames_before=now - timedelta(days=self.raw_frames_days),
+            heartbeats_before=now - timedelta(days=self.heartbeats_days),
+            traffic_before=now - timedelta(days=self.traffic_days),
+        )
+
+
+class RetentionCutoffs(BaseModel):
+    frames_before: datetime
+    heartbeats_before: datetime
+    traffic_before: datetime
+
+
+class ExpiredFrame(BaseModel):
+    camera_id: str
+    frame_id: str
+    captured_at: datetime
+    image: Path
+    size_bytes: int
+
+    @property
+    def frame_key(self) -> str:
+        return f"{self.camera_id}/{self.frame_id}"
+
+
+class FrameExpiry(BaseModel):
+    """What ``expire_frames`` did: per camera counts, bytes freed, frames kept on purpose."""
+
+    deleted: list[ExpiredFrame] = Field(default_factory=list)
+    kept_protected: int = 0
+    per_camera: dict[str, int] = Field(default_factory=dict)
+
+    @property
+    def bytes_deleted(self) -> int:
+        return sum(f.size_bytes for f in self.deleted)
+
+
+def _frame_bytes(image: Path) -> int:
+    total = 0
+    for p in (image, image.with_suffix(".json")):
+        try:
+            total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def expired_frames(
+    store: FrameStore, before: datetime, protected: Collection[str] = ()
+) -> tuple[list[ExpiredFrame], int]:
+    """Frames captured strictly before ``before`` (every camera), minus ``protected`` frame
+    keys (``camera/frame``); returns them and how many protected ones were spared."""
+    out: list[ExpiredFrame] = []
+    spared = 0
+    for camera in store.cameras():
+        for record, image in store.iter_frames(camera, end=before):
+            key = f"{camera}/{record.frame_id}"
+            if key in protected:
+                spared += 1
+                continue
+            out.append(ExpiredFrame(camera_id=camera, frame_id=record.frame_id,
+                                    captured_at=record.captured_at, image=image,
+                                    size_bytes=_frame_bytes(image)))
+    return out, spared
+
+
+def expire_frames(
+    store: FrameStore,
+    before: datetime,
+    protected: Collection[str] = (),
+    *,
+    on_deleted: Callable[[list[ExpiredFrame]], None] | None = None,
+) -> FrameExpiry:
+    """Delete the expired frames from the store (sidecar first, then image: a frame stops
+    being complete before its pixels go). ``on_deleted`` gets the deleted frames (e.g. to
+    drop their review-queue samples and gateway rows)."""
+    frames, spared = expired_frames(store, before, protected)
+    per_camera: dict[str, int] = {}
+    for f in frames:
+        store.remove_frame(f.image)
+        per_camera[f.camera_id] = per_camera.get(f.camera_id, 0) + 1
+    logger.info("retention: %d frames before %s deleted, %d protected kept",
+                len(frames), before.isoformat(), spared)
+    if on_deleted is not None and frames:
+        on_deleted(frames)
+    return FrameExpiry(deleted=frames, kept_protected=spared, per_camera=per_camera)
+
+
+__all__ = [
+    "ExpiredFrame",
+    "FrameExpiry",
+    "RetentionCutoffs",
+    "RetentionPolicy",
+    "expire_frames",
+    "expired_frames",
+]
+
+
+def policy_from_settings(settings: object | None = None) -> RetentionPolicy:
+    """The policy ``ROADLOOP_RETENTION_*`` configure (``roadloop.settings``)."""
+    from roadloop.settings import get_settings
+
+    s = settings or get_settings()
+    return RetentionPolicy(raw_frames_days=s.retention_raw_frames_days,  # type: ignore[attr-defined]
+                           heartbeats_days=s.retention_heartbeats_days,  # type: ignore[attr-defined]
+                           traffic_days=s.retention_traffic_days)  # type: ignore[attr-defined]
