@@ -683,8 +683,10 @@ class EdgeAgent:
             self._wake_uploader.set()
 
     def _load_redactor(self) -> None:
-        """The redaction models; a failure is kept and stops sampling into the outbox."""
+        """The redaction models; a failure is kept, and until they load no sampled frame is
+        queued and no queued frame is uploaded (retried after each heartbeat)."""
         src = self._redactor_source
+        was_failing = self.redaction_error is not None
         try:
             if isinstance(src, Redactor):
                 self.redactor = src
@@ -696,15 +698,29 @@ class EdgeAgent:
             self.redaction_error = None
         except (RedactionUnavailable, OSError, ValueError) as exc:
             self.redactor, self.redaction_error = None, f"redaction unavailable: {exc}"
-            logger.error("%s; no frame is queued for upload until it loads", self.redaction_error)
+            if not was_failing:
+                logger.error("%s; no frame is queued or uploaded until it loads (retried "
+                             "after each heartbeat)", self.redaction_error)
+        if was_failing and self.redactor is not None:
+            logger.warning("redaction models loaded: frames are queued and uploaded again")
+            self._wake_uploader.set()
         if self.summary is not None:
             self.summary.redaction_error = self.redaction_error
+
+    def _privacy_mode(self) -> str:
+        return (self.camera_config.privacy_mode() if self.camera_config is not None
+                else "blur")
+
+    def frames_blocked(self) -> bool:
+        """True while a camera that must redact has no redactor: frames neither queued nor
+        uploaded (the queue holds frames redacted before; they wait). Traffic records
+        carry no pixels and still go."""
+        return self.redactor is None and self._privacy_mode() != "off"
 
     def _redact(self, result: FrameResult, summary: AgentSummary
                 ) -> tuple[np.ndarray, dict[str, Any]] | None:
         """The frame's pixels as they may leave (and the record), or None: withheld."""
-        mode = (self.camera_config.privacy_mode() if self.camera_config is not None
-                else "blur")
+        mode = self._privacy_mode()
         if mode != "off" and self.redactor is None:
             summary.frames_withheld += 1
             summary.redaction_error = self.redaction_error
@@ -772,7 +788,7 @@ class EdgeAgent:
             if pause is not None:
                 pause_until = time.time() + pause
                 continue
-            items = self.outbox.due(now, limit=16)
+            items = [] if self.frames_blocked() else self.outbox.due(now, limit=16)
             if not items:
                 next_due = min((t for t in (self.outbox.next_due_at(),
                                             self.records.next_due_at()) if t is not None),
@@ -841,7 +857,11 @@ class EdgeAgent:
         if self._force.is_set():
             return
         deadline = time.monotonic() + self.config.drain_timeout_s
-        depth = self.outbox.depth() + self.records.depth()
+
+        def pending() -> int:  # frames cannot go while redaction is unavailable
+            return (0 if self.frames_blocked() else self.outbox.depth()) + self.records.depth()
+
+        depth = pending()
         if depth:
             logger.info(
                 "draining %d queued frame(s) (up to %.0fs)", depth, self.config.drain_timeout_s
@@ -850,7 +870,7 @@ class EdgeAgent:
             self._wake_uploader.set()
             self._force.wait(0.1)
             self._status.maybe_print()
-            depth = self.outbox.depth() + self.records.depth()
+            depth = pending()
         if depth:
             logger.warning("%d frame(s) and %d traffic record(s) left in the outbox; they are "
                            "sent on the next start", self.outbox.depth(), self.records.depth())
@@ -863,6 +883,8 @@ class EdgeAgent:
             except Exception as exc:  # noqa: BLE001 - telemetry must never stop the agent
                 logger.error("heartbeat failed: %s", exc)
             self._poll_camera_config()
+            if self.frames_blocked():
+                self._load_redactor()
 
     def _poll_camera_config(self) -> None:
         """The camera's configuration, after each heartbeat (a 304 when unchanged)."""

