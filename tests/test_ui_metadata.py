@@ -90,7 +90,7 @@ def test_comparison_check_metadata() -> None:
 
 def test_queue_histogram_and_class_mix() -> None:
     md = histogram_markdown({"edges": [0.0, 0.5, 1.0], "counts": [2.0, 8.0]})
-    rows = [ln for ln in md.splitlines() if ln.startswith("| 0") or ln.startswith("| 1")]
+    rows = [ln for ln in md.splitlines() if ln.startswith(("| 0", "| 1"))]
     assert rows == ["| 0.00–0.50 | 2 | █████ |", "| 0.50–1.00 | 8 | " + "█" * 20 + " |"]
     table = class_mix_table({"car": 3.456, "bus": 0.5})
     assert [r.data for r in table.value.records] == [
