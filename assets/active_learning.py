@@ -44,6 +44,7 @@ from roadloop.settings import get_settings
 from . import groups
 from .ingestion import IndexedFrame, read_frame_index
 from .records import CuratedDatasetVersion
+from .ui_metadata import class_mix_table, histogram_markdown
 
 WEIGHTS_ARTIFACT = "weights/best.pt"
 
@@ -169,12 +170,16 @@ def _conditions(record: FrameRecord) -> list[str]:
     # Every materialized camera partition of sampled_edge_frames, as {camera: index path};
     # a camera whose partition was never materialized is skipped with a warning.
     ins={"sampled_edge_frames": dg.AssetIn(metadata={"allow_missing_partitions": True})},
+    # The loop's way back: the promoted model scores the next review batch. A lineage edge
+    # only (the weights come from MLflow's `production` alias, else `candidate`).
+    deps=["production_model"],
     group_name=groups.ACTIVE_LEARNING,
     kinds={"pytorch", "numpy"},
     description=(
         "Backbone embeddings (current model: MLflow production, else candidate) of every "
         "unreviewed frame in the cameras' frame indexes (sampled_edge_frames, near-duplicates "
-        "already dropped) and of the curated train frames; cached per model version."
+        "already dropped) and of the curated train frames; cached per model version. The "
+        "production_model edge is the loop: each promotion scores the next review queue."
     ),
 )
 def frame_embeddings(
@@ -369,8 +374,8 @@ def active_learning_queue(
             "candidates": queue.n_candidates,
             "excluded_noisy_frames": dg.MetadataValue.int(emb.skipped_noisy),
             "per_camera": dg.MetadataValue.json(queue.per_camera()),
-            "total_score_histogram": dg.MetadataValue.json(queue.histogram("total")),
-            "expected_class_mix": dg.MetadataValue.json(queue.expected_class_mix()),
+            "total_score_histogram": dg.MetadataValue.md(histogram_markdown(queue.histogram("total"))),
+            "expected_class_mix": class_mix_table(queue.expected_class_mix()),
             "queue": dg.MetadataValue.md(queue.to_markdown()),
             "fiftyone_view": pushed.view,
             "app_url": dg.MetadataValue.url(url),

@@ -15,10 +15,11 @@ from roadloop.evaluation.gates import (
     check_latency_budget,
     evaluate_all_gates,
 )
-from roadloop.evaluation.report import render_report
+from roadloop.evaluation.report import HTML_NAME, TrainingProfile, render_report
 from roadloop.evaluation.results import BenchmarkResults, LatencyConfig, ModelSet
 from roadloop.evaluation.testsets import make_robustness_slices, split_by_source
 from roadloop.models.tracking import PRODUCTION_ALIAS, Tracker
+from roadloop.settings import get_settings
 
 from . import groups
 from .records import (
@@ -28,6 +29,7 @@ from .records import (
     QuantizedModelVersion,
     TrainedModelVersion,
 )
+from .ui_metadata import benchmark_metadata, comparison_metadata, mlflow_artifact_url
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +50,18 @@ def _production_model_set(tracker: Tracker, name: str, candidate_version: str, c
                         prod.version, fmt, str(exc)[:200])
             files[fmt] = None
     return ModelSet(version=prod.version, **files)
+
+
+def _training_profile(tracker: Tracker, run_id: str) -> tuple[TrainingProfile | None, str | None]:
+    """How the candidate was trained (its run's params) and its MLflow experiment id."""
+    try:
+        run = tracker.client.get_run(run_id)
+    except MlflowException as exc:
+        _log.warning("cannot read training run %s (%s): the report omits its profile", run_id, exc)
+        return None, None
+    source = run.data.tags.get("roadloop.source", "central")
+    profile = TrainingProfile.from_params(get_settings().profile, dict(run.data.params), source)
+    return profile, run.info.experiment_id
 
 
 @dg.asset(
@@ -108,16 +122,14 @@ def benchmark_report(
         crop_dataset=dataset_dir,
     )
     gates = evaluate_all_gates(results, benchmark.gate_config())
+    training, experiment_id = _training_profile(tracker, trained_model.run_id)
     files = render_report(
         results,
         work / "report",
         title=f"roadloop benchmark — candidate v{version}",
-        context={
-            "dataset_md5": curated_dataset.version.md5,
-            "candidate": version,
-            "production": production.version if production else "none",
-            "gates": "; ".join(f"{g.name}: {'pass' if g.passed else 'FAIL'}" for g in gates),
-        },
+        context={"dataset_md5": curated_dataset.version.md5},
+        gates=gates,
+        training=training,
     )
     for path in (files.html, files.json, files.markdown):
         tracker.log_artifact(trained_model.run_id, path, "reports")
@@ -144,13 +156,18 @@ def benchmark_report(
             markdown=files.markdown,
             gates=gates,
         ),
-        metadata={
-            "candidate_version": version,
-            "production_version": production.version if production else "none",
-            "report": dg.MetadataValue.md(files.markdown.read_text()),
-            "html": dg.MetadataValue.path(str(files.html)),
-            "test_sets": dg.MetadataValue.json(sorted(test_sets)),
-        },
+        metadata=benchmark_metadata(
+            results,
+            gates,
+            markdown=files.markdown,
+            html=files.html,
+            html_url=(
+                mlflow_artifact_url(mlflow.ui_url, experiment_id, trained_model.run_id,
+                                    f"reports/{HTML_NAME}")
+                if experiment_id else None
+            ),
+            training=training,
+        ),
     )
 
 
@@ -168,7 +185,14 @@ def _results(report: BenchmarkReportFiles) -> BenchmarkResults:
 
 @dg.asset_check(asset=benchmark_report, blocking=True, description="candidate is not worse than production beyond tolerance")
 def candidate_not_worse_than_production(benchmark_report: BenchmarkReportFiles, benchmark: BenchmarkResource) -> dg.AssetCheckResult:
-    return _check_result(check_candidate_vs_production(_results(benchmark_report), benchmark.gate_config()))
+    cfg = benchmark.gate_config()
+    results = _results(benchmark_report)
+    outcome = check_candidate_vs_production(results, cfg)
+    return dg.AssetCheckResult(
+        passed=outcome.passed,
+        description=outcome.description,
+        metadata=comparison_metadata(outcome, results, cfg.comparison_format, cfg.primary_test_set),
+    )
 
 
 @dg.asset_check(asset=benchmark_report, blocking=True, description="INT8 mAP50-95 drop vs fp32 within budget")

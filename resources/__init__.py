@@ -44,6 +44,12 @@ TINY_COUNTING = {"counting_duration_s": 10.0, "counting_fps": 10.0, "counting_wi
                  "counting_height": 192}
 
 
+def _mlflow_ui_url(settings: Settings) -> str:
+    """A tracking server is its own UI; a sqlite store is served by `roadloop serve`."""
+    uri = str(settings.mlflow_tracking_uri)
+    return uri if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{settings.mlflow_port}"
+
+
 def build_resources(settings: Settings | None = None, profile: str | None = None) -> dict:
     settings = settings or get_settings()
     profile = profile or settings.profile
@@ -91,6 +97,7 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
             experiment=settings.mlflow_experiment,
             artifact_root=str(settings.mlflow_artifact_root),
             registered_model_name=settings.registered_model_name,
+            ui_url=_mlflow_ui_url(settings),
         ),
         "fleet": FleetResource(
             gateway_url=str(settings.gateway_url),

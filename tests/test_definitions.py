@@ -40,6 +40,9 @@ def test_definitions_load_and_graph() -> None:
     assert defs.resolve_sensor_def("reviews_finished_sensor") is not None
     assert {"frame_embeddings", "active_learning_queue", "reviewed_labels", "label_quality"} <= keys
     assert "reviewed_labels" in parents["curated_dataset"]
+    # The loop in the lineage view: a promotion feeds the next review queue's embeddings.
+    assert "production_model" in parents["frame_embeddings"]
+    assert parents["active_learning_queue"] == {"frame_embeddings"}
     assert defs.resolve_sensor_def("rollout_health_sensor") is not None
     assert parents["model_rollout"] >= {"production_model"}
     assert defs.resolve_job_def("replay_ingestion_job") is not None

@@ -85,6 +85,17 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     report = first.asset_value("benchmark_report")
     assert report.html.exists() and report.markdown.exists()
     assert "<img" in report.html.read_text()
+    # The UI's view of it: numbers the Plots tab can draw, the HTML in the MLflow UI.
+    meta = next(e.materialization for e in first.get_asset_materialization_events()
+                if e.asset_key.to_user_string() == "benchmark_report").metadata
+    assert isinstance(meta["map50_95"], dg.FloatMetadataValue)
+    assert isinstance(meta["test_sets"], dg.TableMetadataValue)
+    run_id = first.asset_value("trained_model").run_id
+    url = meta["html_report"].value
+    assert url.startswith(resources["mlflow"].ui_url) and run_id in url
+    assert url.endswith("/artifactPath/reports/benchmark_report.html")
+    logged = tracker.download(run_id, "reports/benchmark_report.html", tmp_path / "logged")
+    assert logged.read_text() == report.html.read_text()
     results = json.loads(report.results_json.read_text())
     assert results
     from roadloop.evaluation.results import BenchmarkResults
