@@ -44,6 +44,8 @@ class LoopOutcome:
     drift: DriftTurnOutcome | None = None
     federated: FederatedTurnOutcome | None = None
     traffic: TrafficOutcome | None = None
+    # The minimum-quality check's description when the loop promoted under a relaxed floor
+    quality_floor: str = ""
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -63,6 +65,9 @@ class LoopOutcome:
             "  checks: " + ", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in sorted(self.checks.items()))
         )
         lines.append(f"  MLflow aliases: candidate=v{self.candidate} production=v{self.production}")
+        if self.quality_floor:
+            lines.append("  NOTE: promoted under the relaxed demo quality floor, not a production "
+                         "bar (a short demo training run): " + self.quality_floor)
         if self.rollout:
             lines.append(
                 f"  rollout {self.rollout.get('rollout_id')}: status={self.rollout.get('status')} "
@@ -277,6 +282,10 @@ def _learning_loop_job(defs, instance, settings, outcome: LoopOutcome, gates_may
     outcome.checks = {}
     for evaluation in loop.get_asset_check_evaluations():
         outcome.checks[evaluation.check_name] = evaluation.passed
+        relaxed = evaluation.metadata.get("relaxed_floor")
+        if evaluation.check_name == "model_meets_quality_floor" and relaxed and relaxed.value:
+            outcome.quality_floor = evaluation.description or ""
+            log.warning("quality floor: %s", outcome.quality_floor)
     # Blocked by a gate = the report was made and a check failed; anything else is a failure.
     blocked_by_gate = (
         gates_may_block and "benchmark_report" in outcome.materialized
