@@ -336,6 +336,12 @@ def _roll_out_to_agents(defs, instance, fleet: LocalFleet, outcome: LoopOutcome,
         if state.get("status") in ("complete", "rolled_back", "cancelled"):
             break
         time.sleep(1.0)
+    if state.get("rollout"):
+        # Dagster's latest state of model_rollout is the gateway's final one (the sensor that
+        # records it under `dagster dev` finds it recorded and does not repeat it).
+        from sensors.rollout_health import rollout_observation
+
+        instance.report_runless_asset_event(rollout_observation(state))
     time.sleep(5)  # one more heartbeat from every agent
     outcome.rollout = {"rollout_id": rollout_id, **{k: state.get(k) for k in ("status", "stage", "percent")}}
     outcome.rollout["reasons"] = (state.get("health") or {}).get("reasons") or []
