@@ -34,7 +34,8 @@ _EPS = 1e-9  # a value exactly at the threshold passes
 
 
 class QualityFloor(BaseModel):
-    """The minimum quality any promoted model must reach (``docs/promotion.md``).
+    """The minimum quality any promoted model must reach (``docs/architecture.md``, "Promotion
+    gates").
 
     Defaults, from the shipped stand-in checkpoints measured on atl_v2's test split
     (``../shared/models/README.md`` and that file's per-class figures):
