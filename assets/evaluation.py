@@ -13,6 +13,7 @@ from roadloop.evaluation.gates import (
     check_candidate_vs_production,
     check_int8_drop,
     check_latency_budget,
+    check_minimum_quality,
     evaluate_all_gates,
 )
 from roadloop.evaluation.report import HTML_NAME, TrainingProfile, render_report
@@ -205,6 +206,49 @@ def p95_latency_within_budget(benchmark_report: BenchmarkReportFiles, benchmark:
     return _check_result(check_latency_budget(_results(benchmark_report), benchmark.gate_config()))
 
 
+def quality_floor_metadata(outcome: GateOutcome) -> dict[str, dg.MetadataValue]:
+    """The floor check's metadata: numbers as floats (the Plots view draws them), one table of
+    AP50 and labelled boxes per class, and whether the floor was a relaxed one."""
+    measured = outcome.measured
+    failed = str(measured.get("classes_below_floor", "")).split(", ")
+    thin = str(measured.get("classes_not_gated_low_support", "")).split(", ")
+    rows = ["| class | AP50 | labelled boxes | verdict |", "|---|---|---|---|"]
+    for key in sorted(k for k in measured if k.startswith("ap50/")):
+        cls = key.split("/", 1)[1]
+        support = measured.get(f"support/{cls}")
+        verdict = "below floor" if cls in failed else "not gated (support)" if cls in thin else "pass"
+        boxes = f"{support:.0f}" if isinstance(support, float) else str(support)
+        rows.append(f"| {cls} | {measured[key]:.3f} | {boxes} | {verdict} |")
+    md: dict[str, dg.MetadataValue] = {
+        k: dg.MetadataValue.float(v) if isinstance(v, float) else dg.MetadataValue.text(str(v))
+        for k, v in measured.items()
+        if not k.startswith(("ap50/", "support/"))
+    }
+    md["per_class"] = dg.MetadataValue.md("\n".join(rows))
+    md["relaxed_floor"] = dg.MetadataValue.bool(measured.get("floor", "standard") != "standard")
+    return md
+
+
+@dg.asset_check(
+    asset=benchmark_report,
+    blocking=True,
+    description=(
+        "The candidate reaches the minimum quality floor (overall mAP50, and AP50 per class with "
+        "enough labelled boxes), whether or not a production model exists."
+    ),
+)
+def model_meets_quality_floor(
+    context: dg.AssetCheckExecutionContext,
+    benchmark_report: BenchmarkReportFiles,
+    benchmark: BenchmarkResource,
+) -> dg.AssetCheckResult:
+    outcome = check_minimum_quality(_results(benchmark_report), benchmark.gate_config())
+    if outcome.measured.get("floor", "standard") != "standard":
+        context.log.warning(outcome.description)
+    return dg.AssetCheckResult(passed=outcome.passed, description=outcome.description,
+                               metadata=quality_floor_metadata(outcome))
+
+
 @dg.asset(
     group_name=groups.EVALUATION,
     kinds={"mlflow"},
@@ -219,6 +263,11 @@ def production_model(
     failed = [g.name for g in benchmark_report.gates if not g.passed]
     if failed:  # the blocking checks stop this asset first; this guards manual launches too
         raise dg.Failure(f"not promoting v{trained_model.model_version}: gates failed: {', '.join(failed)}")
+    floor = next((g for g in benchmark_report.gates if g.name == "minimum_quality"), None)
+    floor_note = floor.description if floor is not None else "not evaluated (an older report)"
+    if floor is not None and floor.measured.get("floor", "standard") != "standard":
+        context.log.warning(f"promoting v{trained_model.model_version} under a relaxed quality "
+                            f"floor: {floor.description}")
     tracker = mlflow.tracker()
     previous = tracker.version_by_alias(trained_model.registered_name, PRODUCTION_ALIAS)
     tracker.set_alias(trained_model.registered_name, PRODUCTION_ALIAS, trained_model.model_version)
@@ -230,5 +279,6 @@ def production_model(
             "production_version": trained_model.model_version,
             "previous_production": previous.version if previous else "none",
             "registered_model": trained_model.registered_name,
+            "quality_floor": floor_note,
         }
     )

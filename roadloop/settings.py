@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     # traffic_counts partitions (UTC).
     traffic_start: date = Field(default=date(2026, 11, 1), description="First traffic day (UTC).")
 
+    # Minimum quality of any promoted model (roadloop.evaluation.gates.QualityFloor, where the
+    # defaults are reasoned; docs/architecture.md, "Promotion gates"): overall mAP50, and AP50
+    # per class with at least min_class_support labelled boxes in the test set. The demo
+    # profile promotes under the relaxed demo_* floors and says so.
+    min_map50: float = Field(default=0.10, ge=0, le=1)
+    min_class_ap50: float = Field(default=0.01, ge=0, le=1)
+    min_class_support: int = Field(default=10, ge=1)
+    demo_min_map50: float = Field(default=0.02, ge=0, le=1)
+    demo_min_class_ap50: float = Field(default=0.0, ge=0, le=1)
+
     # Retention (roadloop.retention.policy; docs/retention.md): days each kind is kept.
     retention_raw_frames_days: float = Field(default=30.0, gt=0)
     retention_heartbeats_days: float = Field(default=30.0, gt=0)

@@ -28,11 +28,13 @@ def test_definitions_load_and_graph() -> None:
     assert "benchmark_report" in parents["production_model"]
 
     checks = {c.name: c for c in graph.asset_check_keys}
-    for name in ("candidate_not_worse_than_production", "int8_accuracy_drop", "p95_latency_within_budget"):
+    gates = ("candidate_not_worse_than_production", "int8_accuracy_drop",
+             "p95_latency_within_budget", "model_meets_quality_floor")
+    for name in gates:
         assert name in checks
         assert checks[name].asset_key == dg.AssetKey("benchmark_report")
     blocking = {key.name for key in graph.asset_check_keys if graph.get_check_spec(key).blocking}
-    assert {"candidate_not_worse_than_production", "int8_accuracy_drop", "p95_latency_within_budget"} <= blocking
+    assert set(gates) <= blocking
 
     assert defs.resolve_job_def("learning_loop") is not None
     assert defs.resolve_job_def("model_rollout_job") is not None

@@ -360,7 +360,9 @@ def test_latency_budget() -> None:
 
 def test_evaluate_all_gates() -> None:
     outs = evaluate_all_gates(make_results(), GateConfig())
-    assert [o.name for o in outs] == ["candidate_vs_production", "int8_drop", "latency_budget"]
+    assert [o.name for o in outs] == [
+        "candidate_vs_production", "int8_drop", "latency_budget", "minimum_quality"
+    ]
     assert all(o.passed for o in outs)
     for o in outs:
         assert all(isinstance(v, (float, int, str)) for v in o.measured.values())
