@@ -12,7 +12,8 @@ Three sources, every label set bounded:
   camera its last heartbeat (the gateway's receive time), fps, detector P50/P95 latency and
   outbox depth; devices by status; rollouts by status and the stage and health of the open
   ones. Per-camera series are bounded by the number of enrolled cameras, per-rollout series
-  by the number of active or paused rollouts; being read from the database, they are the
+  by the number of active or paused rollouts; drift series (``fleet.drift``) by the cameras
+  times a fixed set of metric names; being read from the database, they are the
   same from any worker and survive a restart.
 
 Access: with ``metrics_token`` set, ``/metrics`` needs ``Authorization: Bearer <token>``
@@ -44,7 +45,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.routing import compile_path
 
-from fleet.db import Database, Device, HeartbeatRow, RolloutRow, RolloutStatus
+from fleet.db import CameraDriftRow, Database, Device, HeartbeatRow, RolloutRow, RolloutStatus
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +241,18 @@ class FleetCollector(Collector):
             "1 on the verdict (pass, fail, insufficient) of the current stage's last health "
             "check, 0 on the others (absent before the first check).",
             labels=["rollout_id", "stage", "verdict"])
+        drift_score = GaugeMetricFamily(
+            "roadloop_camera_drift_score",
+            "Drift score of the camera's latest reported window, by metric (docs/drift.md).",
+            labels=["camera_id", "feature"])
+        drifted = GaugeMetricFamily(
+            "roadloop_camera_drifted",
+            "1 when the camera's latest reported window drifted (minor or significant).",
+            labels=["camera_id"])
+        drift_end = GaugeMetricFamily(
+            "roadloop_camera_drift_window_end_timestamp_seconds",
+            "End of the camera's latest reported drift window (Unix time).",
+            labels=["camera_id"])
         with self.db.read() as session:
             for status, n in session.execute(
                     select(Device.status, func.count()).group_by(Device.status)):
@@ -276,10 +289,17 @@ class FleetCollector(Collector):
                 if verdict in VERDICTS:
                     for v in VERDICTS:
                         healthy.add_metric([ro.rollout_id, name, v], float(v == verdict))
+            for report in session.scalars(select(CameraDriftRow)
+                                          .order_by(CameraDriftRow.camera_id)):
+                drifted.add_metric([report.camera_id], float(report.drifted))
+                drift_end.add_metric([report.camera_id], report.window_end.timestamp())
+                for feature, score in sorted(report.scores.items()):
+                    drift_score.add_metric([report.camera_id, feature], float(score))
         up = GaugeMetricFamily("roadloop_fleet_metrics_up",
                                "1 when the fleet state was read from the database.")
         up.add_metric([], 1)
-        yield from (last, fps, p95, p50, outbox, devices, rollouts, stage, percent, healthy, up)
+        yield from (last, fps, p95, p50, outbox, devices, rollouts, stage, percent, healthy,
+                    drift_score, drifted, drift_end, up)
 
 
 # --------------------------------------------------------------------------- access
