@@ -19,8 +19,13 @@ Three sources, every label set bounded:
 Access: with ``metrics_token`` set, ``/metrics`` needs ``Authorization: Bearer <token>``
 (a scrape-only secret: Prometheus never holds a token that can write); without one it
 answers loopback clients only (Prometheus on the gateway's host, or an SSH tunnel).
-With ``--workers N`` the request and intake counters are per worker process (a scrape sees
-the worker that answered it); the database-derived series are the same from each.
+With ``--workers N`` (``serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` to an emptied folder before
+the workers start), prometheus_client's multiprocess mode is on: each worker writes its
+counters and histograms to its own files there, and a scrape, whichever worker answers it,
+sums every worker's files (``MultiProcessCollector``), those of workers that exited included,
+so totals never go backwards. The gateway's event counters follow (a ``Counter`` fed by
+``Stats`` instead of ``EventsCollector``); the database-derived series are read at scrape time
+as always. One ``GatewayMetrics`` per process in that mode (two would write the same files).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -40,7 +46,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.routing import compile_path
@@ -55,6 +63,27 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OPEN_ROLLOUTS = (RolloutStatus.active.value, RolloutStatus.paused.value)
 VERDICTS = ("pass", "fail", "insufficient")  # fleet.rollout_policy.StageHealth.verdict
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_mode() -> bool:
+    """Whether this process's metric values live in ``PROMETHEUS_MULTIPROC_DIR`` files:
+    prometheus_client decides when it is first imported, from that variable."""
+    return bool(os.environ.get(MULTIPROC_ENV)) and (
+        prometheus_values.ValueClass is not prometheus_values.MutexValue)
+
+
+def prepare_multiprocess_dir(default: os.PathLike[str] | str) -> str:
+    """Before ``--workers N`` start: the folder in ``PROMETHEUS_MULTIPROC_DIR`` (``default``
+    when unset), created and emptied of an earlier run's files, named in the environment the
+    workers inherit. Returns the folder."""
+    folder = os.environ.get(MULTIPROC_ENV) or os.fspath(default)
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(folder, name))
+    os.environ[MULTIPROC_ENV] = folder
+    return folder
 
 
 def method_label(method: str) -> str:
@@ -99,6 +128,8 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = multiprocess_mode()
+        self._collectors: list[Collector] = []
         r = self.registry
         self.requests = Counter(
             "roadloop_gateway_requests", "HTTP requests answered, by route template and status.",
@@ -113,6 +144,9 @@ class GatewayMetrics:
             "roadloop_gateway_intake_bytes", "JPEG bytes of the frames stored.", registry=r)
         self.traffic_records = Counter(
             "roadloop_gateway_traffic_records", "Traffic interval records stored.", registry=r)
+        self.events = Counter(
+            "roadloop_gateway_events", "Gateway event counters since start (Stats).",
+            ["event"], registry=r) if self.multiprocess else None
         # (method, route, status) -> (counter child, histogram child): labels() costs a few
         # microseconds (a lock and a dict of tuples); this dict is bounded like the labels.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -131,11 +165,24 @@ class GatewayMetrics:
         self.frames.inc()
         self.frame_bytes.inc(size)
 
+    def count_event(self, name: str, n: int = 1) -> None:
+        """``Stats.count``'s listener in multiprocess mode (names are fixed in the code)."""
+        if self.events is not None:
+            self.events.labels(name).inc(n)
+
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
+        self._collectors.append(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        # Every worker's counters and histograms from the files, plus the scrape-time ones.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        for collector in self._collectors:
+            registry.register(collector)
+        return generate_latest(registry)
 
 
 class MetricsMiddleware:

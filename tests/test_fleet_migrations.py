@@ -33,8 +33,8 @@ from fleet.cli import main_app
 from fleet.db import (
     AuditEvent,
     Base,
-    CameraDriftRow,
     CameraConfigVersionRow,
+    CameraDriftRow,
     Database,
     Device,
     FrameRow,
