@@ -6,6 +6,7 @@ import dagster as dg
 
 from roadloop.evaluation.gates import GateConfig
 from roadloop.evaluation.results import CountingConfig
+from roadloop.settings import Settings
 
 
 class BenchmarkResource(dg.ConfigurableResource):
@@ -29,14 +30,34 @@ class BenchmarkResource(dg.ConfigurableResource):
     # Gates (see roadloop.evaluation.gates.GateConfig).
     max_regression_map50_95: float = 0.01
     max_int8_drop_points: float = 1.5
+    max_int8_drop_pct: float = 5.0
+    int8_class_max_drop_points: float = 3.0
+    int8_class_max_drop_pct: float = 20.0
+    int8_class_min_instances: int = 50
     p95_latency_budget_ms: float = 50.0
 
     def gate_config(self) -> GateConfig:
         return GateConfig(
             max_regression_map50_95=self.max_regression_map50_95,
             max_int8_drop_points=self.max_int8_drop_points,
+            max_int8_drop_pct=self.max_int8_drop_pct,
+            int8_class_max_drop_points=self.int8_class_max_drop_points,
+            int8_class_max_drop_pct=self.int8_class_max_drop_pct,
+            int8_class_min_instances=self.int8_class_min_instances,
             p95_latency_budget_ms=self.p95_latency_budget_ms,
         )
+
+
+def int8_gate_settings(settings: Settings) -> dict[str, float | int]:
+    """``BenchmarkResource`` keyword arguments for the INT8 gate from ``ROADLOOP_INT8_*``."""
+    gate = GateConfig.from_settings(settings)
+    return {
+        "max_int8_drop_points": gate.max_int8_drop_points,
+        "max_int8_drop_pct": gate.max_int8_drop_pct,
+        "int8_class_max_drop_points": gate.int8_class_max_drop_points,
+        "int8_class_max_drop_pct": gate.int8_class_max_drop_pct,
+        "int8_class_min_instances": gate.int8_class_min_instances,
+    }
 
     def counting_config(self) -> CountingConfig:
         return CountingConfig(
