@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import dagster as dg
 
-from roadloop.evaluation.gates import GateConfig
+from roadloop.evaluation.gates import (
+    INT8_CLASS_MAX_DROP_PCT,
+    INT8_CLASS_MAX_DROP_POINTS,
+    INT8_CLASS_MIN_INSTANCES,
+    INT8_MAX_DROP_PCT,
+    GateConfig,
+)
 from roadloop.evaluation.results import CountingConfig
 from roadloop.settings import Settings
 
@@ -30,10 +36,10 @@ class BenchmarkResource(dg.ConfigurableResource):
     # Gates (see roadloop.evaluation.gates.GateConfig).
     max_regression_map50_95: float = 0.01
     max_int8_drop_points: float = 1.5
-    max_int8_drop_pct: float = 5.0
-    int8_class_max_drop_points: float = 3.0
-    int8_class_max_drop_pct: float = 20.0
-    int8_class_min_instances: int = 50
+    max_int8_drop_pct: float = INT8_MAX_DROP_PCT
+    int8_class_max_drop_points: float = INT8_CLASS_MAX_DROP_POINTS
+    int8_class_max_drop_pct: float = INT8_CLASS_MAX_DROP_PCT
+    int8_class_min_instances: int = INT8_CLASS_MIN_INSTANCES
     p95_latency_budget_ms: float = 50.0
 
     def gate_config(self) -> GateConfig:

@@ -58,9 +58,9 @@ class Settings(BaseSettings):
     # benchmarks/results/int8_drop.md): mAP50-95 lost against fp32, in points (0.01) and per
     # cent, overall and per class with at least int8_class_min_instances ground-truth boxes.
     int8_max_drop_points: float = Field(default=1.5, ge=0)
-    int8_max_drop_pct: float = Field(default=5.0, ge=0)
+    int8_max_drop_pct: float = Field(default=15.0, ge=0)
     int8_class_max_drop_points: float = Field(default=3.0, ge=0)
-    int8_class_max_drop_pct: float = Field(default=20.0, ge=0)
+    int8_class_max_drop_pct: float = Field(default=25.0, ge=0)
     int8_class_min_instances: int = Field(default=50, ge=1)
 
     # Model registry.

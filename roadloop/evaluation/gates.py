@@ -32,11 +32,20 @@ PRODUCTION = "production"
 DEPLOYED_FORMAT = "onnx_int8"
 _EPS = 1e-9  # a value exactly at the threshold passes
 
-#: INT8 gate defaults, chosen from ``benchmarks/results/int8_drop.md`` (gpu checkpoint, atl_v2
-#: val and test, the platform's recipe; see that file and docs for the reasoning).
-INT8_MAX_DROP_PCT = 5.0
+#: INT8 gate defaults, from ``benchmarks/results/int8_drop.md`` (gpu checkpoint at 320 and 480 px,
+#: atl_v2 val 31 / test 19 frames; the platform's recipe on three calibration subsets = 12 sound
+#: quantizations). Their relative mAP50-95 drop spread from -5.0 % to +14.4 % (mean 2.4 %, sd
+#: 5.1 %): the mean over four classes, three of them with 13-22 boxes, is mostly noise, so a
+#: limit of "a few per cent" would have failed 3 of the 12 (the shipped recipe at 480 on test
+#: among them, 6.7 %). 15 % passes every sound one and still fails the issue's case (0.026 ->
+#: 0.012, 54 %) and the whole-graph collapse (100 %). The 1.5-point absolute limit binds first
+#: for models above 0.10. Per class, the one class with real support (car, 289 boxes) lost
+#: -0.8 % to +8.3 % (mean 3.1 %, sd 2.5 %); at 50 boxes that sd grows about 2.4x (1/sqrt(n)), so
+#: a class with >= 50 boxes may lose 25 % and 3 points; the rare classes swung -90 % to +30 %
+#: and are reported, not gated. With a larger primary test set, tighten via ROADLOOP_INT8_*.
+INT8_MAX_DROP_PCT = 15.0
 INT8_CLASS_MAX_DROP_POINTS = 3.0
-INT8_CLASS_MAX_DROP_PCT = 20.0
+INT8_CLASS_MAX_DROP_PCT = 25.0
 INT8_CLASS_MIN_INSTANCES = 50
 
 
