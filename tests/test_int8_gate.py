@@ -157,8 +157,9 @@ def quantized(tiny_eval: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     fp32 = SHARED_DIR / "models" / "atl_v2_yolo11n_gpu_320.onnx"
     train = list_images(SHARED_DIR / "datasets" / "atl_v2" / "images" / "train")
     files = {"fp32": fp32}
+    # The collapse does not depend on the calibration frames: 2 suffice for the broken one.
     for name, cfg in (("recipe", QuantConfig(num_calibration_frames=8)),
-                      ("whole_graph", QuantConfig(num_calibration_frames=8, exclude_node_patterns=[]))):
+                      ("whole_graph", QuantConfig(num_calibration_frames=2, exclude_node_patterns=[]))):
         files[name] = quantize_int8(fp32, work / f"{name}.onnx", train, imgsz=320, config=cfg).path
     return {k: evaluate_detector(p, tiny_eval, imgsz=320, split="val") for k, p in files.items()}
 
