@@ -73,7 +73,6 @@ class GateConfig(BaseModel):
     primary_test_set: str = "all"
     comparison_format: str = DEPLOYED_FORMAT
 
-
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> GateConfig:
         """The INT8 limits from ``ROADLOOP_INT8_*`` settings, anything else from ``overrides``."""
