@@ -53,6 +53,17 @@ class BenchmarkResource(dg.ConfigurableResource):
             p95_latency_budget_ms=self.p95_latency_budget_ms,
         )
 
+    def counting_config(self) -> CountingConfig:
+        return CountingConfig(
+            enabled=self.counting,
+            duration_s=self.counting_duration_s,
+            fps=self.counting_fps,
+            width=self.counting_width,
+            height=self.counting_height,
+            seed=self.counting_seed,
+            background_video=self.counting_background_video,
+        )
+
 
 def int8_gate_settings(settings: Settings) -> dict[str, float | int]:
     """``BenchmarkResource`` keyword arguments for the INT8 gate from ``ROADLOOP_INT8_*``."""
@@ -64,14 +75,3 @@ def int8_gate_settings(settings: Settings) -> dict[str, float | int]:
         "int8_class_max_drop_pct": gate.int8_class_max_drop_pct,
         "int8_class_min_instances": gate.int8_class_min_instances,
     }
-
-    def counting_config(self) -> CountingConfig:
-        return CountingConfig(
-            enabled=self.counting,
-            duration_s=self.counting_duration_s,
-            fps=self.counting_fps,
-            width=self.counting_width,
-            height=self.counting_height,
-            seed=self.counting_seed,
-            background_video=self.counting_background_video,
-        )

@@ -116,6 +116,7 @@ def test_gate_limits_come_from_settings(monkeypatch: pytest.MonkeyPatch) -> None
     cfg = BenchmarkResource(**int8_gate_settings(Settings())).gate_config()
     assert cfg.max_int8_drop_pct == 2.5 and cfg.int8_class_min_instances == 7
     assert cfg.max_int8_drop_points == GateConfig().max_int8_drop_points
+    assert BenchmarkResource().counting_config().enabled  # the resource's other methods intact
 
 
 # --------------------------------------------------------------------- real quantizations
