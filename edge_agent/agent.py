@@ -79,7 +79,10 @@ from edge_agent.updater import ModelUpdater
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "atl_v2_yolo11n_320.onnx"
+DEFAULT_MODEL_NAME = "atl_v2_yolo11n_gpu_320.onnx"
+# Searched in this order when no --model is given: the gpu checkpoint's 320 px export, then
+# the older CPU-trained one (kept for installations that have only that file).
+DEFAULT_MODEL_NAMES = (DEFAULT_MODEL_NAME, "atl_v2_yolo11n_320.onnx")
 MAX_SUMMARY_IDS = 10_000  # AgentSummary keeps the ids of the most recent sampled frames
 FAULT_KILL_ENV = "EDGE_AGENT_FAULT_KILL_AFTER_ACKS"
 DARK, BRIGHT, BLUR_RATIO, BLUR_WARMUP = 40.0, 220.0, 1 / 3, 10
@@ -94,18 +97,21 @@ def agent_version() -> str:
         return "0.1.0"
 
 
-def find_default_model(name: str = DEFAULT_MODEL_NAME) -> Path | None:
+def find_default_model(name: str | None = None) -> Path | None:
     """``shared/models/<name>`` searched relative to ``$ROADLOOP_SHARED_DIR``, the working
-    directory and this package (``../shared`` beside the repository)."""
-    candidates = []
+    directory and this package (``../shared`` beside the repository), in that order. Without
+    ``name``, the first folder holding any of :data:`DEFAULT_MODEL_NAMES` gives the first of
+    them it holds."""
+    folders = []
     if os.environ.get("ROADLOOP_SHARED_DIR"):
-        candidates.append(Path(os.environ["ROADLOOP_SHARED_DIR"]) / "models" / name)
+        folders.append(Path(os.environ["ROADLOOP_SHARED_DIR"]) / "models")
     here = Path(__file__).resolve().parent
     for base in (Path.cwd(), here.parent):
-        candidates += [base / ".." / "shared" / "models" / name, base / "shared" / "models" / name]
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
+        folders += [base / ".." / "shared" / "models", base / "shared" / "models"]
+    for folder in folders:
+        for n in (name,) if name else DEFAULT_MODEL_NAMES:
+            if (folder / n).is_file():
+                return (folder / n).resolve()
     return None
 
 

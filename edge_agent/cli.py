@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         type=Path,
         default=None,
-        help="ONNX model (default: ../shared/models/atl_v2_yolo11n_320.onnx, searched)",
+        help="ONNX model (default: ../shared/models/atl_v2_yolo11n_gpu_320.onnx, else "
+        "atl_v2_yolo11n_320.onnx, searched)",
     )
     run.add_argument("--max-frames", type=int, default=None)
     run.add_argument("--heartbeat-interval", type=_positive_float, default=30.0, metavar="S")
@@ -244,7 +245,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         what = (
             f"{model} not found"
             if model
-            else "no --model, and ../shared/models/atl_v2_yolo11n_320.onnx not found"
+            else "no --model, and neither ../shared/models/atl_v2_yolo11n_gpu_320.onnx nor "
+            "atl_v2_yolo11n_320.onnx found"
         )
         print(f"error: {what}; pass --model PATH", file=sys.stderr)
         return 2

@@ -100,7 +100,9 @@ class LoopOutcome:
         return "\n".join(lines)
 
 
-DEFAULT_AGENT_MODEL = "atl_v2_yolo11n_320.onnx"
+# The agents' model: the gpu checkpoint's 320 px export, else the older CPU-trained one.
+AGENT_MODELS = ("atl_v2_yolo11n_gpu_320.onnx", "atl_v2_yolo11n_320.onnx")
+DEFAULT_AGENT_MODEL = AGENT_MODELS[0]
 # A demo fleet is three agents: short holds, and few frames per stage, so the rollout finishes
 # in about a minute. Production keeps the gateway defaults (30 min holds, 20 frames).
 DEMO_GATEWAY_ENV = {
@@ -112,10 +114,10 @@ DEMO_GATEWAY_ENV = {
 def _videos_and_model() -> tuple[list, object]:
     settings = get_settings()
     videos = sorted(settings.videos_dir.glob("*.mp4")) if settings.videos_dir.is_dir() else []
-    model = settings.models_dir / DEFAULT_AGENT_MODEL
-    if not model.exists():
-        return [], model
-    return videos, model
+    found = [settings.models_dir / n for n in AGENT_MODELS if (settings.models_dir / n).exists()]
+    if not found:
+        return [], settings.models_dir / DEFAULT_AGENT_MODEL
+    return videos, found[0]
 
 
 def stream_videos_through_agents(fleet: LocalFleet, frames_per_agent: int) -> dict[str, int]:

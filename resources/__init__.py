@@ -14,7 +14,7 @@ import dagster as dg
 
 from roadloop.settings import Settings, get_settings
 
-from .benchmark import BenchmarkResource
+from .benchmark import BenchmarkResource, int8_gate_settings
 from .data_sources import LabelledSourcesResource
 from .dvc_store import DvcResource
 from .federation import FederationResource
@@ -66,8 +66,9 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
              "min_class_support": settings.min_class_support,
              "standard_min_map50": settings.min_map50,
              "standard_min_class_ap50": settings.min_class_ap50}
+    gate = int8_gate_settings(settings)
     benchmark = BenchmarkResource(counting_background_video=str(road) if road.is_file() else None,
-                                  **floor)
+                                  **floor, **gate)
     max_frames = None
     if profile == "demo":
         trainer = TrainerResource(model=settings.train_model, imgsz=320, epochs=settings.demo_epochs)
@@ -76,14 +77,20 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
             warmup=10, runs=100, **TINY_COUNTING,
             **{**floor, "min_map50": settings.demo_min_map50,
                "min_class_ap50": settings.demo_min_class_ap50, "relaxed_floor_reason": "demo"},
+            **gate,
         )
     elif profile == "test":
         trainer = TrainerResource(model=settings.train_model, imgsz=96, epochs=1, batch=4)
         federation = FederationResource(rounds=1, imgsz=64, batch=4)
+        # One epoch at 96 px scores mAP50-95 near 0, where a per cent of it is noise: the test
+        # profile checks the gate's wiring (absolute limit as configured, relative and per-class
+        # limits wide open); tests/test_int8_gate.py checks the limits themselves.
         benchmark = BenchmarkResource(
             warmup=1, runs=3, batch_sizes=[1, 2], slices=["low_light", "blur"],
             calibration_frames=4, p95_latency_budget_ms=60_000.0, **TINY_COUNTING,
             **{**floor, "min_map50": 0.0, "min_class_ap50": 0.0, "relaxed_floor_reason": "test"},
+            **{**gate, "max_int8_drop_pct": 100.0, "int8_class_max_drop_pct": 100.0,
+               "int8_class_max_drop_points": 100.0},
         )
         max_frames = 6
 

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import dagster as dg
 
-from roadloop.evaluation.gates import GateConfig, QualityFloor
+from roadloop.evaluation.gates import (
+    INT8_CLASS_MAX_DROP_PCT,
+    INT8_CLASS_MAX_DROP_POINTS,
+    INT8_CLASS_MIN_INSTANCES,
+    INT8_MAX_DROP_PCT,
+    GateConfig,
+    QualityFloor,
+)
 from roadloop.evaluation.results import CountingConfig
+from roadloop.settings import Settings
 
 
 class BenchmarkResource(dg.ConfigurableResource):
@@ -29,6 +37,10 @@ class BenchmarkResource(dg.ConfigurableResource):
     # Gates (see roadloop.evaluation.gates.GateConfig).
     max_regression_map50_95: float = 0.01
     max_int8_drop_points: float = 1.5
+    max_int8_drop_pct: float = INT8_MAX_DROP_PCT
+    int8_class_max_drop_points: float = INT8_CLASS_MAX_DROP_POINTS
+    int8_class_max_drop_pct: float = INT8_CLASS_MAX_DROP_PCT
+    int8_class_min_instances: int = INT8_CLASS_MIN_INSTANCES
     p95_latency_budget_ms: float = 50.0
     # Minimum quality (QualityFloor); build_resources fills them from the settings.
     min_map50: float = 0.10
@@ -48,6 +60,10 @@ class BenchmarkResource(dg.ConfigurableResource):
         return GateConfig(
             max_regression_map50_95=self.max_regression_map50_95,
             max_int8_drop_points=self.max_int8_drop_points,
+            max_int8_drop_pct=self.max_int8_drop_pct,
+            int8_class_max_drop_points=self.int8_class_max_drop_points,
+            int8_class_max_drop_pct=self.int8_class_max_drop_pct,
+            int8_class_min_instances=self.int8_class_min_instances,
             p95_latency_budget_ms=self.p95_latency_budget_ms,
             quality_floor=floor,
             relaxed_from=standard if self.relaxed_floor_reason else None,
@@ -64,3 +80,15 @@ class BenchmarkResource(dg.ConfigurableResource):
             seed=self.counting_seed,
             background_video=self.counting_background_video,
         )
+
+
+def int8_gate_settings(settings: Settings) -> dict[str, float | int]:
+    """``BenchmarkResource`` keyword arguments for the INT8 gate from ``ROADLOOP_INT8_*``."""
+    gate = GateConfig.from_settings(settings)
+    return {
+        "max_int8_drop_points": gate.max_int8_drop_points,
+        "max_int8_drop_pct": gate.max_int8_drop_pct,
+        "int8_class_max_drop_points": gate.int8_class_max_drop_points,
+        "int8_class_max_drop_pct": gate.int8_class_max_drop_pct,
+        "int8_class_min_instances": gate.int8_class_min_instances,
+    }

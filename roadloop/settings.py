@@ -54,6 +54,15 @@ class Settings(BaseSettings):
     train_model: str = "yolo11n.pt"
     demo_epochs: int = 5
 
+    # INT8 promotion gate (roadloop.evaluation.gates.GateConfig; why these values:
+    # benchmarks/results/int8_drop.md): mAP50-95 lost against fp32, in points (0.01) and per
+    # cent, overall and per class with at least int8_class_min_instances ground-truth boxes.
+    int8_max_drop_points: float = Field(default=1.5, ge=0)
+    int8_max_drop_pct: float = Field(default=15.0, ge=0)
+    int8_class_max_drop_points: float = Field(default=3.0, ge=0)
+    int8_class_max_drop_pct: float = Field(default=25.0, ge=0)
+    int8_class_min_instances: int = Field(default=50, ge=1)
+
     # Model registry.
     registered_model_name: str = "roadloop-detector"
     mlflow_experiment: str = "roadloop"

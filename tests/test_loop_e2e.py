@@ -52,7 +52,7 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     first = _materialize(resources, instance)
     evaluations = {e.check_name: e for e in first.get_asset_check_evaluations()}
     # Every check passes, the blocking gates too (no production model to compare with, a 60 s
-    # latency budget, the INT8 drop within the default 1.5 points): production_model runs.
+    # latency budget, the INT8 drop within the test profile's limits): production_model runs.
     failed = {n: e.description for n, e in evaluations.items() if not e.passed}
     assert not failed, failed
     assert first.success, [e.message for e in first.all_events if e.is_failure]
@@ -122,7 +122,12 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     assert measured["reference_map50_95"] == pytest.approx(reference.map50_95)
     assert measured["int8_map50_95"] == pytest.approx(int8.map50_95)
     assert measured["drop_points"] == pytest.approx((reference.map50_95 - int8.map50_95) * 100)
-    assert int8_check.passed == (measured["drop_points"] <= measured["max_drop_points"] + 1e-9)
+    assert measured["max_drop_pct"] == resources["benchmark"].max_int8_drop_pct
+    assert int8_check.passed == (
+        measured["drop_points"] <= measured["max_drop_points"] + 1e-9
+        and measured["relative_drop_pct"] <= measured["max_drop_pct"] + 1e-9
+        and measured["classes_failed"] == "none"
+    )
 
     prod = tracker.version_by_alias(name, "production")
     assert prod is not None and prod.version == "1"
@@ -131,13 +136,15 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     # production_model does not run, so the `production` alias does not move.
     resources["benchmark"] = BenchmarkResource(
         warmup=1, runs=3, batch_sizes=[1], slices=["blur"], calibration_frames=4,
-        p95_latency_budget_ms=0.001, max_int8_drop_points=100.0, max_regression_map50_95=1.0,
-        min_map50=0.0, min_class_ap50=0.0, **TINY_COUNTING,
+        p95_latency_budget_ms=0.001, max_int8_drop_points=100.0, max_int8_drop_pct=100.0,
+        int8_class_max_drop_points=100.0, int8_class_max_drop_pct=100.0,
+        max_regression_map50_95=1.0, min_map50=0.0, min_class_ap50=0.0,
+        **TINY_COUNTING,
     )
     second = _materialize(resources, instance)
     checks2 = {e.check_name: e.passed for e in second.get_asset_check_evaluations()}
-    # A 100-point INT8 limit, a 1.0 mAP tolerance and a zero floor cannot fail; the latency
-    # budget must.
+    # 100-point / 100 % INT8 limits, a 1.0 mAP tolerance and a zero floor cannot fail; the
+    # latency budget must.
     assert {n: checks2.get(n) for n in GATES} == {
         "candidate_not_worse_than_production": True,
         "int8_accuracy_drop": True,

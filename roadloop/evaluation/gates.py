@@ -8,8 +8,13 @@ Gates (all on ``GateConfig.primary_test_set``, mAP50-95 from Ultralytics val):
   by more than ``max_regression_map50_95`` (absolute). Compared in the deployed format
   (``comparison_format``, INT8 ONNX by default), falling back to the first format both
   models have. Passes when there is no production model yet.
-* ``int8_drop`` - the candidate's INT8 ONNX may lose at most ``max_int8_drop_points``
-  mAP50-95 points (1 point = 0.01) against its fp32 ONNX (PyTorch when fp32 is missing).
+* ``int8_drop`` - the candidate's INT8 ONNX against its fp32 ONNX (PyTorch when fp32 is
+  missing), on mAP50-95: it may lose at most ``max_int8_drop_points`` points (1 point = 0.01)
+  *and* at most ``max_int8_drop_pct`` per cent of the reference; and every class with at least
+  ``int8_class_min_instances`` ground-truth boxes may lose at most
+  ``int8_class_max_drop_points`` points and ``int8_class_max_drop_pct`` per cent of its AP50-95
+  (so one class cannot vanish behind a stable average). Classes with less support are
+  reported, not gated. Per-class AP is Ultralytics' (``DetectionMetrics.per_class_ap50_95``).
 * ``latency_budget`` - the candidate's INT8 ONNX P95 forward latency at batch 1 must be
   within ``p95_latency_budget_ms``.
 * ``minimum_quality`` - an absolute floor, applied to every candidate (the first one too,
@@ -23,6 +28,8 @@ Gates (all on ``GateConfig.primary_test_set``, mAP50-95 from Ultralytics val):
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 from roadloop.evaluation.results import FORMAT_LABELS, BenchmarkResults, DetectionMetrics
@@ -31,6 +38,22 @@ CANDIDATE = "candidate"
 PRODUCTION = "production"
 DEPLOYED_FORMAT = "onnx_int8"
 _EPS = 1e-9  # a value exactly at the threshold passes
+
+#: INT8 gate defaults, from ``benchmarks/results/int8_drop.md`` (gpu checkpoint at 320 and 480 px,
+#: atl_v2 val 31 / test 19 frames; the platform's recipe on three calibration subsets = 12 sound
+#: quantizations). Their relative mAP50-95 drop spread from -5.0 % to +14.4 % (mean 2.4 %, sd
+#: 5.1 %): the mean over four classes, three of them with 13-22 boxes, is mostly noise, so a
+#: limit of "a few per cent" would have failed 3 of the 12 (the shipped recipe at 480 on test
+#: among them, 6.7 %). 15 % passes every sound one and still fails the issue's case (0.026 ->
+#: 0.012, 54 %) and the whole-graph collapse (100 %). The 1.5-point absolute limit binds first
+#: for models above 0.10. Per class, the one class with real support (car, 289 boxes) lost
+#: -0.8 % to +8.3 % (mean 3.1 %, sd 2.5 %); at 50 boxes that sd grows about 2.4x (1/sqrt(n)), so
+#: a class with >= 50 boxes may lose 25 % and 3 points; the rare classes swung -90 % to +30 %
+#: and are reported, not gated. With a larger primary test set, tighten via ROADLOOP_INT8_*.
+INT8_MAX_DROP_PCT = 15.0
+INT8_CLASS_MAX_DROP_POINTS = 3.0
+INT8_CLASS_MAX_DROP_PCT = 25.0
+INT8_CLASS_MIN_INSTANCES = 50
 
 
 class QualityFloor(BaseModel):
@@ -68,10 +91,17 @@ class GateConfig(BaseModel):
     so 50 ms leaves room for a shared, busy edge box while still rejecting a model that is
     several times slower (e.g. a larger architecture or a broken quantization that falls
     back to float). Set it per deployment target.
+
+    The INT8 limits and why they are what they are: see :data:`INT8_MAX_DROP_PCT`.
+    ``ROADLOOP_INT8_*`` settings override them (:meth:`from_settings`).
     """
 
     max_regression_map50_95: float = Field(default=0.01, ge=0.0)
     max_int8_drop_points: float = Field(default=1.5, ge=0.0)
+    max_int8_drop_pct: float = Field(default=INT8_MAX_DROP_PCT, ge=0.0)
+    int8_class_max_drop_points: float = Field(default=INT8_CLASS_MAX_DROP_POINTS, ge=0.0)
+    int8_class_max_drop_pct: float = Field(default=INT8_CLASS_MAX_DROP_PCT, ge=0.0)
+    int8_class_min_instances: int = Field(default=INT8_CLASS_MIN_INSTANCES, ge=1)
     p95_latency_budget_ms: float = Field(default=50.0, gt=0.0)
     latency_batch: int = Field(default=1, ge=1)
     primary_test_set: str = "all"
@@ -80,6 +110,18 @@ class GateConfig(BaseModel):
     # Set when quality_floor is a relaxed stand-in (the demo's): the floor it relaxes, and why.
     relaxed_from: QualityFloor | None = None
     relaxed_reason: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> GateConfig:
+        """The INT8 limits from ``ROADLOOP_INT8_*`` settings, anything else from ``overrides``."""
+        values = {
+            "max_int8_drop_points": settings.int8_max_drop_points,
+            "max_int8_drop_pct": settings.int8_max_drop_pct,
+            "int8_class_max_drop_points": settings.int8_class_max_drop_points,
+            "int8_class_max_drop_pct": settings.int8_class_max_drop_pct,
+            "int8_class_min_instances": settings.int8_class_min_instances,
+        }
+        return cls(**{**values, **overrides})
 
 
 class GateOutcome(BaseModel):
@@ -223,10 +265,48 @@ def check_minimum_quality(results: BenchmarkResults, cfg: GateConfig) -> GateOut
     return GateOutcome(name=name, passed=passed, description=" ".join(parts), measured=measured)
 
 
+def _drop(ref: float, new: float) -> tuple[float, float]:
+    """(points lost, per cent of ``ref`` lost); a gain is a negative loss, and nothing to lose
+    (``ref`` <= 0) is 0 %."""
+    points = (ref - new) * 100.0
+    pct = (ref - new) / ref * 100.0 if ref > 0 else 0.0
+    return points, pct
+
+
+def int8_class_drops(
+    ref: DetectionMetrics, int8: DetectionMetrics, cfg: GateConfig
+) -> list[dict[str, Any]]:
+    """Per class (ground truth in the split): reference and INT8 AP50-95, support, drop in points
+    and per cent, whether it is gated (support >= ``int8_class_min_instances``; unknown support
+    is not gated) and whether it fails a limit. Classes the INT8 file has no AP for count as 0."""
+    rows = []
+    for c, ref_ap in ref.per_class_ap50_95.items():
+        new_ap = int8.per_class_ap50_95.get(c, 0.0)
+        n = ref.per_class_instances.get(c)
+        points, pct = _drop(ref_ap, new_ap)
+        gated = n is not None and n >= cfg.int8_class_min_instances
+        over = (
+            points > cfg.int8_class_max_drop_points + _EPS or pct > cfg.int8_class_max_drop_pct + _EPS
+        )
+        rows.append(
+            {"class": c, "instances": n, "reference_ap50_95": ref_ap, "int8_ap50_95": new_ap,
+             "drop_points": points, "drop_pct": pct, "gated": gated, "failed": gated and over}
+        )
+    return rows
+
+
 def check_int8_drop(results: BenchmarkResults, cfg: GateConfig) -> GateOutcome:
     name = "int8_drop"
     ts = cfg.primary_test_set
-    max_pts = cfg.max_int8_drop_points
+    max_pts, max_pct = cfg.max_int8_drop_points, cfg.max_int8_drop_pct
+    limits: dict[str, float | str] = {
+        "test_set": ts,
+        "max_drop_points": max_pts,
+        "max_drop_pct": max_pct,
+        "class_max_drop_points": cfg.int8_class_max_drop_points,
+        "class_max_drop_pct": cfg.int8_class_max_drop_pct,
+        "class_min_instances": float(cfg.int8_class_min_instances),
+    }
     int8 = results.get(CANDIDATE, "onnx_int8", ts)
     ref_fmt = next((f for f in ("onnx_fp32", "pytorch") if results.get(CANDIDATE, f, ts)), None)
     if int8 is None or ref_fmt is None:
@@ -235,37 +315,52 @@ def check_int8_drop(results: BenchmarkResults, cfg: GateConfig) -> GateOutcome:
             name=name,
             passed=False,
             description=f"Cannot judge quantization: the candidate's {missing} was not evaluated on '{ts}'.",
-            measured={"test_set": ts, "max_drop_points": max_pts},
+            measured=limits,
         )
     ref = results.get(CANDIDATE, ref_fmt, ts)
     assert ref is not None
-    drop_points = (ref.map50_95 - int8.map50_95) * 100.0
-    rel: float | str = (
-        (ref.map50_95 - int8.map50_95) / ref.map50_95 * 100.0 if ref.map50_95 > 0 else "n/a"
-    )
-    passed = drop_points <= max_pts + _EPS
-    rel_txt = f"{rel:.1f}%" if isinstance(rel, float) else "n/a"
+    drop_points, rel = _drop(ref.map50_95, int8.map50_95)
+    classes = int8_class_drops(ref, int8, cfg)
+    failures = []
+    if drop_points > max_pts + _EPS:
+        failures.append(f"drop {drop_points:.2f} points > {max_pts:.2f}")
+    if rel > max_pct + _EPS:
+        failures.append(f"drop {rel:.1f}% > {max_pct:.1f}%")
+    failed_classes = [r for r in classes if r["failed"]]
+    failures += [
+        f"class {r['class']} AP50-95 {r['reference_ap50_95']:.4f} -> {r['int8_ap50_95']:.4f} "
+        f"({r['drop_points']:.2f} points, {r['drop_pct']:.1f}%)"
+        for r in failed_classes
+    ]
+    passed = not failures
+    ungated = [r["class"] for r in classes if not r["gated"]]
     desc = (
         f"INT8 ONNX mAP50-95 {int8.map50_95:.4f} vs {FORMAT_LABELS[ref_fmt]} {ref.map50_95:.4f} "
-        f"('{ts}'): drop {drop_points:.2f} points ({rel_txt} relative), limit {max_pts:.2f} points: "
-        + ("within limit." if passed else "too large.")
+        f"('{ts}'): drop {drop_points:.2f} points ({rel:.1f}% relative), limits {max_pts:.2f} "
+        f"points and {max_pct:.1f}%; classes with >= {cfg.int8_class_min_instances} boxes at most "
+        f"{cfg.int8_class_max_drop_points:.2f} points and {cfg.int8_class_max_drop_pct:.1f}%: "
+        + ("within limits." if passed else "too large: " + "; ".join(failures) + ".")
+        + (f" Not gated (too few boxes): {', '.join(ungated)}." if ungated else "")
     )
-    return GateOutcome(
-        name=name,
-        passed=passed,
-        description=desc,
-        measured={
-            "test_set": ts,
-            "reference_format": ref_fmt,
-            "reference_map50_95": ref.map50_95,
-            "int8_map50_95": int8.map50_95,
-            "drop_points": drop_points,
-            "relative_drop_pct": rel,
-            "max_drop_points": max_pts,
-            "reference_map50": ref.map50,
-            "int8_map50": int8.map50,
-        },
-    )
+    measured: dict[str, float | str] = {
+        **limits,
+        "reference_format": ref_fmt,
+        "reference_map50_95": ref.map50_95,
+        "int8_map50_95": int8.map50_95,
+        "drop_points": drop_points,
+        "relative_drop_pct": rel,
+        "reference_map50": ref.map50,
+        "int8_map50": int8.map50,
+        "classes_failed": ", ".join(r["class"] for r in failed_classes) or "none",
+        "classes_not_gated": ", ".join(ungated) or "none",
+    }
+    for r in classes:
+        key = f"class_{r['class']}"
+        measured[f"{key}_reference_ap50_95"] = r["reference_ap50_95"]
+        measured[f"{key}_int8_ap50_95"] = r["int8_ap50_95"]
+        measured[f"{key}_drop_pct"] = r["drop_pct"]
+        measured[f"{key}_instances"] = "unknown" if r["instances"] is None else float(r["instances"])
+    return GateOutcome(name=name, passed=passed, description=desc, measured=measured)
 
 
 def check_latency_budget(results: BenchmarkResults, cfg: GateConfig) -> GateOutcome:
@@ -326,4 +421,5 @@ __all__ = [
     "check_latency_budget",
     "check_minimum_quality",
     "evaluate_all_gates",
+    "int8_class_drops",
 ]

@@ -54,6 +54,8 @@ class DetectionMetrics(BaseModel):
     count_mae: float
     n_images: int
     n_instances: int = 0
+    # Ground-truth boxes per class (Ultralytics' ``nt_per_class``): the support behind each AP.
+    # Empty in results written before it was recorded.
     per_class_instances: dict[str, int] = Field(default_factory=dict)
     absent_classes: list[str] = Field(default_factory=list)
     conf: float = 0.25

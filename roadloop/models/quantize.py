@@ -89,7 +89,9 @@ class QuantConfig(BaseModel):
     session speed (30.6 vs 73.9 ms median). Whole graph: mAP 0.000. All tail-only variants
     (32 frames, per-tensor, Percentile, Entropy) were within noise of it (1.8–2.2×, mAP50-95
     0.062–0.075); the whole head in float costs speed (1.5×); int8 activations are slower
-    than fp32 on this CPU (0.57×).
+    than fp32 on this CPU (0.57×). Re-measured on the gpu checkpoint
+    (``benchmarks/results/int8_drop.md``, atl_v2 val / test): 320 px mAP50-95 0.0825 → 0.0814
+    / 0.0501 → 0.0497; 480 px 0.1240 → 0.1189 / 0.0665 → 0.0621 (−1.3 / −0.9 / −4.1 / −6.7 %).
     """
 
     quant_format: Literal["QDQ", "QOperator"] = "QDQ"

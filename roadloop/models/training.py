@@ -68,11 +68,20 @@ def configure_ultralytics(config_dir: Path | None = None) -> None:
     _configured_dir = config_dir
 
 
+#: Shared checkpoints a training run falls back to when ``TrainConfig.model`` cannot be had,
+#: strongest first: the gpu checkpoint (152 more epochs at 307-717 px), then the older CPU
+#: ones (``../shared/models/README.md``); a model YAML (random init) last.
+DEFAULT_START_CHECKPOINTS = (
+    "atl_v2_yolo11n_gpu.pt",
+    "atl_v2_yolo11n_480.pt",
+    "atl_v2_yolo11n_320.pt",
+)
+
+
 def _default_fallbacks() -> list[str]:
     models = get_settings().models_dir
     return [
-        str(models / "atl_v2_yolo11n_480.pt"),
-        str(models / "atl_v2_yolo11n_320.pt"),
+        *(str(models / name) for name in DEFAULT_START_CHECKPOINTS),
         "yolo11n.yaml",
     ]
 
