@@ -41,6 +41,7 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     from resources import TINY_COUNTING, BenchmarkResource, build_resources
     from roadloop.data.versioning import DvcStore
     from roadloop.fsutil import sha256_file
+    from roadloop.models.mlflow_model import PENDING
     from roadloop.models.tracking import Tracker
     from roadloop.settings import get_settings
 
@@ -70,7 +71,8 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     version = tracker.client.get_model_version(name, "1")
     assert version.source.startswith("models:/") and version.tags["checks"] == "passed"
     assert version.tags["benchmark_report"].endswith(".html")
-    assert "pending" not in version.description and "int8_accuracy_drop" in version.description
+    assert PENDING not in version.description
+    assert "promotion checks all passed" in version.description
     params = tracker.client.get_run(candidate.run_id).data.params
     assert "model" not in params
     assert params["start_checkpoint_sha256"] == sha256_file(Path(params["start_checkpoint"]))
