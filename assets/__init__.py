@@ -13,6 +13,7 @@ from .evaluation import (
     benchmark_report,
     candidate_not_worse_than_production,
     int8_accuracy_drop,
+    model_meets_quality_floor,
     p95_latency_within_budget,
     production_model,
 )
@@ -34,6 +35,7 @@ ALL_CHECKS = [
     candidate_not_worse_than_production,
     int8_accuracy_drop,
     p95_latency_within_budget,
+    model_meets_quality_floor,
 ]
 
 __all__ = [

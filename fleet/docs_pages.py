@@ -49,6 +49,8 @@ TAGS: list[dict[str, str]] = [
      "and the queries operators run on them (AdminToken)."},
     {"name": "admin", "description": "Devices, enrollment tokens, the audit log and "
      "gateway statistics (AdminToken)."},
+    {"name": "drift", "description": "Per-camera drift verdicts reported by the platform, "
+     "exported on /metrics (AdminToken)."},
     {"name": "privacy", "description": "Erasure and expiry of stored frames (AdminToken)."},
 ]
 
