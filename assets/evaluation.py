@@ -19,6 +19,8 @@ from roadloop.evaluation.gates import (
 from roadloop.evaluation.report import HTML_NAME, TrainingProfile, render_report
 from roadloop.evaluation.results import BenchmarkResults, LatencyConfig, ModelSet
 from roadloop.evaluation.testsets import make_robustness_slices, split_by_source
+from roadloop.evaluation.tracked_metrics import benchmark_metrics
+from roadloop.models.mlflow_model import checks_description
 from roadloop.models.tracking import PRODUCTION_ALIAS, Tracker
 from roadloop.settings import get_settings
 
@@ -134,19 +136,9 @@ def benchmark_report(
     )
     for path in (files.html, files.json, files.markdown):
         tracker.log_artifact(trained_model.run_id, path, "reports")
-    candidate_counting = results.counting("candidate", "onnx_int8")
-    if candidate_counting is not None and candidate_counting.rel_error is not None:
-        tracker.log_metrics(
-            trained_model.run_id,
-            {"bench/int8/count_rel_error": candidate_counting.rel_error,
-             "bench/int8/idf1": candidate_counting.idf1},
-        )
-    candidate_all = results.get("candidate", "onnx_int8", "all")
-    if candidate_all is not None:
-        tracker.log_metrics(
-            trained_model.run_id,
-            {"bench/int8/map50": candidate_all.map50, "bench/int8/map50_95": candidate_all.map50_95},
-        )
+    # Accuracy, latency and counting of every format (PyTorch, ONNX fp32, INT8), not INT8 alone.
+    tracker.log_metrics(trained_model.run_id, benchmark_metrics(results))
+    _link_version(tracker, trained_model, files.html.name, gates, context.run.run_id)
 
     return dg.Output(
         BenchmarkReportFiles(
@@ -170,6 +162,22 @@ def benchmark_report(
             training=training,
         ),
     )
+
+
+def _link_version(tracker: Tracker, model: TrainedModelVersion, report_name: str,
+                  gates: list[GateOutcome], dagster_run_id: str) -> None:
+    """Tag the registry version with the report and the checks' outcome, and say them in its
+    description: the version page links to what decided its promotion."""
+    name, version = model.registered_name, model.model_version
+    report = tracker.artifact_uri(model.run_id, f"reports/{report_name}")
+    tracker.tag_version(name, version, {
+        "benchmark_report": report, "benchmark_dagster_run_id": dagster_run_id,
+        "checks": "passed" if all(g.passed for g in gates) else "failed",
+        **{f"check.{g.name}": "pass" if g.passed else "FAIL" for g in gates},
+    })
+    tracker.describe_version(name, version, checks_description(
+        tracker.version_description(name, version), report, dagster_run_id,
+        [(g.name, g.passed, g.description) for g in gates]))
 
 
 def _check_result(outcome: GateOutcome) -> dg.AssetCheckResult:

@@ -19,6 +19,7 @@ from resources import (
     MlflowResource,
     TrainerResource,
 )
+from roadloop.models.mlflow_model import candidate_description, start_checkpoint_params
 from roadloop.models.tracking import CANDIDATE_ALIAS, Tracker
 from roadloop.models.training import configure_ultralytics, read_data_yaml, train_detector
 from roadloop.settings import get_settings
@@ -59,7 +60,10 @@ def trained_model(
         f"train-{curated_dataset.version.md5[:8]}",
         tags={"roadloop.stage": "train", "roadloop.dataset_md5": curated_dataset.version.md5},
     )
-    tracker.log_params(run_id, {**cfg.model_dump(exclude={"extra"}), "dataset_md5": curated_dataset.version.md5})
+    # `model` is what was asked for; what training loaded is logged as start_checkpoint.
+    tracker.log_params(run_id, {**cfg.model_dump(exclude={"extra", "model"}),
+                                "model_requested": cfg.model,
+                                "dataset_md5": curated_dataset.version.md5})
     work = artifacts.path("training", run_id)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
@@ -73,9 +77,13 @@ def trained_model(
         tracker.end_run(run_id, status="FAILED")
         raise
     context.log.info(f"start weights: {result.start_weights.kind} ({result.start_weights.note})")
+    start = start_checkpoint_params(result.start_weights.path_or_name, result.start_weights.kind)
+    tracker.log_params(run_id, start)
     record = _register_candidate(
         tracker, mlflow, artifacts, run_id, result.best_weights,
-        tags={"dataset_md5": curated_dataset.version.md5, "imgsz": str(cfg.imgsz)},
+        tags={"dataset_md5": curated_dataset.version.md5, "imgsz": str(cfg.imgsz),
+              "dagster_run_id": context.run.run_id,
+              "start_checkpoint_sha256": start["start_checkpoint_sha256"]},
         imgsz=cfg.imgsz, class_names=result.class_names,
         dataset_md5=curated_dataset.version.md5, metrics=result.final_metrics,
     )
@@ -112,15 +120,18 @@ def _register_candidate(
     """Log final metrics and weights, register the version as ``candidate``, end the run.
 
     Every registered version keeps its weights at ``weights/best.pt``: the registry's
-    readers (active learning, drift, camera accuracy) fetch that path.
+    readers (active learning, drift, camera accuracy) fetch that path. The version itself is
+    the pyfunc model logged from them (signature, description; the benchmark adds the
+    report and the checks' outcome).
     """
     tracker.log_metrics(run_id, {f"final/{k}": v for k, v in metrics.items()})
     best = weights_file if weights_file.name == "best.pt" else weights_file.with_name("best.pt")
     if best != weights_file:
         shutil.copy2(weights_file, best)
     tracker.log_artifact(run_id, best, "weights")
-    version = tracker.register_version(
-        mlflow.registered_model_name, run_id, f"weights/{best.name}", tags=tags
+    version = tracker.register_checkpoint_model(
+        mlflow.registered_model_name, run_id, best, imgsz=imgsz, tags=tags,
+        description=candidate_description(run_id, tags, metrics),
     )
     tracker.set_alias(mlflow.registered_model_name, CANDIDATE_ALIAS, version.version)
     tracker.end_run(run_id)
@@ -166,7 +177,8 @@ def _federated(
     record = _register_candidate(
         tracker, mlflow, artifacts, run_id, result.weights,
         tags={"dataset_md5": curated_dataset.version.md5, "imgsz": str(cfg.imgsz),
-              "source": "federated", "strategy": cfg.strategy},
+              "source": "federated", "strategy": cfg.strategy,
+              "dagster_run_id": context.run.run_id},
         imgsz=cfg.imgsz, class_names=read_data_yaml(curated_dataset.data_yaml),
         dataset_md5=curated_dataset.version.md5, metrics=final,
     )

@@ -15,17 +15,20 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
 import anyio.to_thread
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import text
 
 from fleet import (
     admin,
     auth,
     camera_config,
+    docs_pages,
     drift,
     heartbeats,
     intake,
@@ -49,7 +52,17 @@ Edge agents enroll, then upload sampled frames and heartbeats, follow staged mod
 rollouts (signed manifests) and their camera's configuration; operators manage devices,
 rollouts and camera configurations.
 Contract: `docs/fleet-api.md`. Every error body is `{"detail": "<message>"}`.
+
+Each operation names the token it takes (Authorize holds one of each): **DeviceToken**, a
+device's access token from `POST /v1/enroll`; **AdminToken**, an operator's token from
+`roadloop fleet admin-token create`. Health, the landing page and enrollment take none.
 """
+# /metrics: the scrape secret when one is configured; otherwise loopback clients, no token.
+METRICS_TOKEN = HTTPBearer(
+    scheme_name="MetricsToken", auto_error=False,
+    description="ROADLOOP_GATEWAY_METRICS_TOKEN, when set; without it /metrics answers "
+    "loopback clients only, with no token.",
+)
 
 
 def _format_validation(exc: RequestValidationError) -> str:
@@ -87,6 +100,10 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
         version=API_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_tags=docs_pages.TAGS,
+        # Served by docs_pages from local assets: the default pages load them from a CDN.
+        docs_url=None,
+        redoc_url=None,
         # Every route: the body cap, the body deadline and the unattributed limits run before
         # it, and every answer that is not a success is an ErrorOut.
         responses={
@@ -130,7 +147,7 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
         )
 
     @app.get("/healthz", response_model=Health, tags=["health"],
-             responses={503: {"model": ErrorOut}})
+             responses={503: {"model": ErrorOut}}, openapi_extra=docs_pages.PUBLIC)
     def healthz(gw: GatewayDep) -> Health:
         """Liveness + database reachability."""
         try:
@@ -146,12 +163,18 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
         @app.get("/metrics", tags=["health"], response_class=Response,
                  responses={200: {"content": {"text/plain": {}},
                                   "description": "Prometheus text format."},
-                            401: {"model": ErrorOut}, 403: {"model": ErrorOut}})
-        def metrics(request: Request, gw: GatewayDep) -> Response:
+                            401: {"model": ErrorOut}, 403: {"model": ErrorOut}},
+                 # MetricsToken, or none (loopback): {} is OpenAPI's "no credential".
+                 openapi_extra={"security": [{}]})
+        def metrics(
+            request: Request, gw: GatewayDep,
+            _token: Annotated[HTTPAuthorizationCredentials | None, Depends(METRICS_TOKEN)],
+        ) -> Response:
             """Prometheus metrics (docs/monitoring.md): with a metrics token configured, send
             it as a bearer token; without one, loopback clients only."""
             return metrics_response(request, gw.metrics, gw.settings.metrics_token)
 
+    docs_pages.install(app, metrics=settings.metrics_enabled)
     app.include_router(auth.router)
     app.include_router(intake.router)
     app.include_router(heartbeats.router)

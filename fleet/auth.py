@@ -22,6 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fleet.auth_first import (
+    ADMIN_TOKEN,
+    DEVICE_TOKEN,
     AuthFirstRoute,
     bearer_token,
     credential_exchange,
@@ -325,7 +327,15 @@ def require_scope(
             enforce_rate_limit(gw, principal)
         return principal
 
-    return early_dependency(resolve, f"require_{scope.replace(':', '_')}")
+    # Which tokens can hold the scope: admin tokens camera:admin (which implies camera:read),
+    # device tokens camera:read / camera:write.
+    if scope == ADMIN_SCOPE:
+        schemes = (ADMIN_TOKEN,)
+    elif scope == "camera:read" and not (device_only or active_device):
+        schemes = (DEVICE_TOKEN, ADMIN_TOKEN)
+    else:
+        schemes = (DEVICE_TOKEN,)
+    return early_dependency(resolve, f"require_{scope.replace(':', '_')}", schemes)
 
 
 AdminPrincipal = Annotated[Principal, Depends(require_scope(ADMIN_SCOPE))]
@@ -357,7 +367,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/v1/enroll", status_code=201, response_model=EnrollResponse, responses=_ERRORS)
+# The credential is in the body: no bearer token (explicitly public in OpenAPI).
+@router.post("/v1/enroll", status_code=201, response_model=EnrollResponse, responses=_ERRORS,
+             openapi_extra={"security": []})
 @credential_exchange
 def enroll(
     body: EnrollRequest, request: Request, gw: GatewayDep
@@ -453,7 +465,8 @@ def enroll(
     raise HTTPException(status_code=code, detail=message)
 
 
-@router.post("/v1/token/refresh", response_model=TokenResponse, responses=_ERRORS)
+@router.post("/v1/token/refresh", response_model=TokenResponse, responses=_ERRORS,
+             openapi_extra={"security": []})
 @credential_exchange
 def refresh(
     body: RefreshRequest, request: Request, gw: GatewayDep

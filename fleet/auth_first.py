@@ -16,7 +16,8 @@ route (``@credential_exchange``: enroll, refresh) that answered with success.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import cached_property
 from typing import Annotated, Any, TypeVar
 
@@ -34,9 +35,19 @@ T = TypeVar("T")
 Resolver = Callable[[Request, Gateway], Any]
 _RESOLVED = "fleet.resolved"  # scope key: {dependency: its result} for this request
 
-bearer = HTTPBearer(
-    auto_error=False,
-    description="Access token from POST /v1/enroll or /v1/token/refresh, or an admin token.",
+# The gateway's two kinds of bearer token, as OpenAPI security schemes: each operation
+# lists the one(s) it accepts, and Swagger UI's Authorize button holds one of each.
+DEVICE_TOKEN = HTTPBearer(
+    scheme_name="DeviceToken", auto_error=False,
+    description="A device's access token (scopes camera:write and/or camera:read): the "
+    "access_token of POST /v1/enroll or POST /v1/token/refresh. Sent as "
+    "'Authorization: Bearer <token>'.",
+)
+ADMIN_TOKEN = HTTPBearer(
+    scheme_name="AdminToken", auto_error=False,
+    description="An operator's admin token (scope camera:admin, which implies camera:read): "
+    "`roadloop fleet admin-token create` on the gateway host. Sent as "
+    "'Authorization: Bearer <token>'.",
 )
 
 
@@ -67,18 +78,29 @@ async def _resolve(dependency: Callable[..., Any], request: Request) -> Any:
     return result
 
 
-def early_dependency(resolve: Resolver, name: str) -> Callable[..., Awaitable[Any]]:
+def early_dependency(
+    resolve: Resolver, name: str, schemes: Sequence[HTTPBearer] = (DEVICE_TOKEN, ADMIN_TOKEN),
+) -> Callable[..., Awaitable[Any]]:
     """A dependency ``AuthFirstRoute`` resolves before the body: ``resolve(request, gw)``
     returns the caller or raises (401/403/429). Used by another route class, it still
-    works — after the body, as FastAPI orders it."""
+    works — after the body, as FastAPI orders it.
 
-    async def dependency(
-        request: Request,
-        # Unused here (resolve reads the header itself); declares the bearer scheme in OpenAPI.
-        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> Any:
+    ``schemes``: the tokens it accepts, declared in OpenAPI as alternatives (an operation's
+    ``security`` lists one requirement per scheme); ``resolve`` reads the header itself."""
+    if not schemes:
+        raise ValueError("an early dependency accepts at least one security scheme")
+
+    async def dependency(request: Request, **_credentials: Any) -> Any:
         return await _resolve(dependency, request)
 
+    credential = HTTPAuthorizationCredentials | None
+    dependency.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          annotation=Request),
+        *(inspect.Parameter(f"_scheme_{i}", inspect.Parameter.KEYWORD_ONLY,
+                            annotation=Annotated[credential, Depends(scheme)])
+          for i, scheme in enumerate(schemes)),
+    ])
     dependency.resolve = resolve  # type: ignore[attr-defined]
     dependency.__name__ = dependency.__qualname__ = name
     return dependency

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
@@ -43,7 +45,14 @@ from fleet.auth import (
     has_scope,
     hash_token,
 )
-from fleet.auth_first import AuthFirstRoute, bearer_token, early_dependency, route_path
+from fleet.auth_first import (
+    ADMIN_TOKEN,
+    DEVICE_TOKEN,
+    AuthFirstRoute,
+    bearer_token,
+    early_dependency,
+    route_path,
+)
 from fleet.bodies import JsonRejected, loads, read_form
 from fleet.bounds import RolloutId
 from fleet.db import ModelManifestRow, RolloutRow, RolloutStatus
@@ -111,7 +120,9 @@ def require_device_or_admin(*, device_only: bool) -> Any:
             enforce_rate_limit(gw, principal)
         return principal
 
-    return early_dependency(resolve, "require_device" if device_only else "require_reader")
+    if device_only:
+        return early_dependency(resolve, "require_device", (DEVICE_TOKEN,))
+    return early_dependency(resolve, "require_reader", (DEVICE_TOKEN, ADMIN_TOKEN))
 
 
 DeviceReader = Annotated[Principal, Depends(require_device_or_admin(device_only=True))]
@@ -126,7 +137,13 @@ def _get_rollout(session: Session, rollout_id: str) -> RolloutRow:
 
 
 RolloutIdPath = Annotated[RolloutId, Path(description="GET /v1/rollouts lists them.")]
-router = APIRouter(tags=["rollouts"], route_class=AuthFirstRoute)
+# Operators publish models and steer rollouts; devices poll their manifest and download.
+OPERATOR_TAG = "rollouts (operator)"
+DEVICE_TAG = "device updates"
+router = APIRouter(route_class=AuthFirstRoute)
+operator = SimpleNamespace(get=partial(router.get, tags=[OPERATOR_TAG]),
+                           post=partial(router.post, tags=[OPERATOR_TAG]))
+device = SimpleNamespace(get=partial(router.get, tags=[DEVICE_TAG]))
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut},
     409: {"model": ErrorOut}, 422: {"model": ErrorOut},
@@ -142,9 +159,9 @@ _UPLOAD_DOC: dict[str, Any] = {
 }
 
 
-@router.post("/v1/models", status_code=201, response_model=ModelPublished,
-             responses={**_ERRORS, 413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
-             openapi_extra=_UPLOAD_DOC)
+@operator.post("/v1/models", status_code=201, response_model=ModelPublished,
+               responses={**_ERRORS, 413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+               openapi_extra=_UPLOAD_DOC)
 async def publish_model(
     request: Request, principal: AdminPrincipal, gw: GatewayDep, response: Response
 ) -> ModelPublished:
@@ -224,7 +241,7 @@ def _record_model(gw: Gateway, principal: Principal, manifest: dict[str, Any],
                           key_id=row.key_id, created=created)
 
 
-@router.post("/v1/rollouts", status_code=201, response_model=RolloutOut, responses=_ERRORS)
+@operator.post("/v1/rollouts", status_code=201, response_model=RolloutOut, responses=_ERRORS)
 def create_rollout(
     body: RolloutCreate, request: Request, principal: AdminPrincipal, gw: GatewayDep
 ) -> RolloutOut:
@@ -288,7 +305,7 @@ def create_rollout(
         return rollout_out(session, ro, now)
 
 
-@router.get("/v1/rollouts", response_model=list[RolloutOut], responses=_ERRORS)
+@operator.get("/v1/rollouts", response_model=list[RolloutOut], responses=_ERRORS)
 def list_rollouts(
     _: AdminPrincipal, gw: GatewayDep, status: RolloutStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -302,7 +319,7 @@ def list_rollouts(
         return [rollout_out(session, ro, now) for ro in session.scalars(q)]
 
 
-@router.get("/v1/rollouts/{rollout_id}", response_model=RolloutOut, responses=_ERRORS)
+@operator.get("/v1/rollouts/{rollout_id}", response_model=RolloutOut, responses=_ERRORS)
 def get_rollout(rollout_id: RolloutIdPath, _: AdminPrincipal, gw: GatewayDep) -> RolloutOut:
     """One rollout: stage, percent, cohort size, status, history, health per stage."""
     with gw.db.read() as session:
@@ -341,27 +358,27 @@ def _change(gw: Gateway, rollout_id: str, principal: Principal, request: Request
         return rollout_out(session, ro, now)
 
 
-@router.post("/v1/rollouts/{rollout_id}/pause", response_model=RolloutOut, responses=_ERRORS)
+@operator.post("/v1/rollouts/{rollout_id}/pause", response_model=RolloutOut, responses=_ERRORS)
 def pause_rollout(rollout_id: RolloutIdPath, request: Request, principal: AdminPrincipal,
                   gw: GatewayDep) -> RolloutOut:
     """Stop advancing (devices keep their current assignment)."""
     return _change(gw, rollout_id, principal, request, "paused")
 
 
-@router.post("/v1/rollouts/{rollout_id}/resume", response_model=RolloutOut, responses=_ERRORS)
+@operator.post("/v1/rollouts/{rollout_id}/resume", response_model=RolloutOut, responses=_ERRORS)
 def resume_rollout(rollout_id: RolloutIdPath, request: Request, principal: AdminPrincipal,
                    gw: GatewayDep) -> RolloutOut:
     return _change(gw, rollout_id, principal, request, "resumed")
 
 
-@router.post("/v1/rollouts/{rollout_id}/advance", response_model=RolloutOut, responses=_ERRORS)
+@operator.post("/v1/rollouts/{rollout_id}/advance", response_model=RolloutOut, responses=_ERRORS)
 def advance_rollout(rollout_id: RolloutIdPath, request: Request, principal: AdminPrincipal,
                     gw: GatewayDep) -> RolloutOut:
     """Go to the next stage now (skips the hold and the health rule)."""
     return _change(gw, rollout_id, principal, request, "advanced")
 
 
-@router.post("/v1/rollouts/{rollout_id}/rollback", response_model=RolloutOut, responses=_ERRORS)
+@operator.post("/v1/rollouts/{rollout_id}/rollback", response_model=RolloutOut, responses=_ERRORS)
 def rollback_rollout(rollout_id: RolloutIdPath, request: Request, principal: AdminPrincipal,
                      gw: GatewayDep, body: RollbackRequest | None = None) -> RolloutOut:
     """Roll the whole rollout back: every device returns to its previous model."""
@@ -382,7 +399,7 @@ def rollback_rollout(rollout_id: RolloutIdPath, request: Request, principal: Adm
         return rollout_out(session, ro, now)
 
 
-@router.post("/v1/rollouts/{rollout_id}/evaluate", response_model=EvaluateOut, responses=_ERRORS)
+@operator.post("/v1/rollouts/{rollout_id}/evaluate", response_model=EvaluateOut, responses=_ERRORS)
 def evaluate_rollout(rollout_id: RolloutIdPath, request: Request, principal: AdminPrincipal,
                      gw: GatewayDep) -> EvaluateOut:
     """Apply the automatic rule now: rollback on failing health, advance when the hold elapsed
@@ -425,7 +442,7 @@ def evaluate_rollout(rollout_id: RolloutIdPath, request: Request, principal: Adm
                        stage=out.stage, percent=out.percent, health=health, rollout=out)
 
 
-@router.get("/v1/manifest", response_model=ManifestOut,
+@device.get("/v1/manifest", response_model=ManifestOut,
             responses={**_ERRORS, 304: {"description": "unchanged (If-None-Match)"}})
 def get_manifest(request: Request, principal: DeviceReader, gw: GatewayDep) -> Response:
     """This device's assignment: which model to serve or shadow (ETag / If-None-Match)."""
@@ -454,7 +471,7 @@ def get_manifest(request: Request, principal: DeviceReader, gw: GatewayDep) -> R
                     headers={"ETag": etag, "Cache-Control": "no-cache"})
 
 
-@router.get("/v1/models/{sha256}", responses={**_ERRORS, 206: {"description": "partial"},
+@device.get("/v1/models/{sha256}", responses={**_ERRORS, 206: {"description": "partial"},
                                               416: {"description": "range not satisfiable"}})
 def download_model(sha256: str, principal: ModelReader, gw: GatewayDep) -> FileResponse:
     """A published model file (``Range`` requests answered with 206)."""

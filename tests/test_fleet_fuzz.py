@@ -48,7 +48,7 @@ EXAMPLES_REFUSED = 3
 CAMERA = "cam-fuzz"
 
 # Who may get a 2xx from which operation (random tokens in enroll/refresh bodies never work).
-PUBLIC = {("GET", "/healthz")}
+PUBLIC = {("GET", "/healthz"), ("GET", "/")}
 # the camera-scoped reads a device may make about its own camera
 OWN_CAMERA_READS = {("GET", "/v1/cameras/{camera_id}/heartbeats"),
                     ("GET", "/v1/cameras/{camera_id}/config"),

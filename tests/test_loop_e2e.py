@@ -41,6 +41,8 @@ def _materialize(resources: dict, instance: dg.DagsterInstance) -> dg.ExecuteInP
 def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_path: Path) -> None:
     from resources import TINY_COUNTING, BenchmarkResource, build_resources
     from roadloop.data.versioning import DvcStore
+    from roadloop.fsutil import sha256_file
+    from roadloop.models.mlflow_model import PENDING
     from roadloop.models.tracking import Tracker
     from roadloop.settings import get_settings
 
@@ -65,6 +67,18 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     name = settings.registered_model_name
     candidate = tracker.version_by_alias(name, "candidate")
     assert candidate is not None and candidate.version == "1"
+    # MLflow: a logged model linked to its report and checks; the real start checkpoint; the
+    # benchmark of every format on the run.
+    version = tracker.client.get_model_version(name, "1")
+    assert version.source.startswith("models:/") and version.tags["checks"] == "passed"
+    assert version.tags["benchmark_report"].endswith(".html")
+    assert PENDING not in version.description
+    assert "promotion checks all passed" in version.description
+    params = tracker.client.get_run(candidate.run_id).data.params
+    assert "model" not in params
+    assert params["start_checkpoint_sha256"] == sha256_file(Path(params["start_checkpoint"]))
+    assert {"bench/pytorch/map50", "bench/fp32/map50", "bench/int8/map50",
+            "bench/fp32/latency_b1_p95_ms"} <= set(tracker.run_metrics(candidate.run_id))
 
     # DVC: the version in the metadata restores byte-identically from the remote.
     curated = first.asset_value("curated_dataset")

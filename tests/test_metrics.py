@@ -87,7 +87,8 @@ def test_route_and_method_label_functions_are_bounded(env: Env) -> None:
     scope = {"type": "http", "method": "GET", "path": "/v1/cameras/cam-x/heartbeats",
              "root_path": ""}
     assert route_label(scope, routes) == "/v1/cameras/{camera_id}/heartbeats"
-    for path in ("/", "/v1", "/v1/cameras/a/b/c/d", "/" + "x" * 500):
+    assert route_label({**scope, "path": "/"}, routes) == "/"  # the landing page
+    for path in ("/v1", "/v1/cameras/a/b/c/d", "/" + "x" * 500):
         assert route_label({**scope, "path": path}, routes) == UNMATCHED
     assert route_label({**scope, "path": "/x"}) == UNMATCHED
     assert [method_label(m) for m in ("GET", "POST", "get", "PROPFIND", "")] == [

@@ -5,6 +5,7 @@ whether that was a smoke run), the context rows, and the promotion gates with th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -44,7 +45,11 @@ class TrainingProfile(BaseModel):
             source=source,
             epochs=num("epochs"),
             imgsz=num("imgsz"),
-            start_weights=params.get("model") or params.get("start"),
+            # The file training loaded (start_checkpoint, logged since the run names it), else
+            # what was asked for.
+            start_weights=(Path(params["start_checkpoint"]).name if params.get("start_checkpoint")
+                           else params.get("model_requested") or params.get("model")
+                           or params.get("start")),
             rounds=num("rounds"),
             local_epochs=num("local_epochs"),
         )

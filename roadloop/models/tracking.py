@@ -9,6 +9,8 @@ not the deprecated stages.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,11 @@ log = logging.getLogger(__name__)
 
 CANDIDATE_ALIAS = "candidate"
 PRODUCTION_ALIAS = "production"
+# MLflow 3's UI picks its layout from this experiment tag; unset, it may infer GenAI. The
+# value the UI names CUSTOM_MODEL_DEVELOPMENT is the classical ML (training runs) layout.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CLASSICAL_ML_KIND = "custom_model_development"
+MODEL_NAME_IN_RUN = "model"  # the logged model's name (MLflow 3: a LoggedModel of the run)
 
 
 class RegisteredVersion(BaseModel):
@@ -47,13 +54,18 @@ class Tracker:
     def _ensure_experiment(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag was set
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
+                                               CLASSICAL_ML_KIND)
             return exp.experiment_id
         location = None
         if self.artifact_root is not None:
             Path(self.artifact_root).mkdir(parents=True, exist_ok=True)
             location = Path(self.artifact_root).absolute().as_uri()
         try:
-            return self.client.create_experiment(self.experiment_name, artifact_location=location)
+            return self.client.create_experiment(
+                self.experiment_name, artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: CLASSICAL_ML_KIND})
         except MlflowException:  # created concurrently
             exp = self.client.get_experiment_by_name(self.experiment_name)
             assert exp is not None
@@ -98,15 +110,60 @@ class Tracker:
     def register_version(
         self, name: str, run_id: str, artifact_path: str, tags: dict[str, str] | None = None
     ) -> RegisteredVersion:
+        self._ensure_registered_model(name)
+        source = self.artifact_uri(run_id, artifact_path)
+        mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+        return _as_registered(mv)
+
+    def register_checkpoint_model(
+        self, name: str, run_id: str, weights: Path, *, imgsz: int,
+        tags: dict[str, str] | None = None, description: str | None = None,
+    ) -> RegisteredVersion:
+        """Log ``weights`` to the run as a pyfunc model with a signature
+        (``roadloop.models.mlflow_model``) and register it as a new version of ``name``."""
+        from roadloop.models import mlflow_model
+
+        self._ensure_registered_model(name)
+        with self._fluent():  # the client resolves models:/<id> through the global URI too
+            nested = mlflow.active_run() is not None
+            with mlflow.start_run(run_id=run_id, nested=nested):
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_NAME_IN_RUN, python_model=mlflow_model.YoloCheckpointModel(),
+                    artifacts={"weights": str(weights)}, model_config={"imgsz": imgsz},
+                    signature=mlflow_model.detector_signature(),
+                    pip_requirements=mlflow_model.pip_requirements(),
+                    tags={"imgsz": str(imgsz)},
+                )
+            mv = self.client.create_model_version(
+                name, source=f"models:/{info.model_id}", run_id=run_id, tags=tags or {},
+                description=description, model_id=info.model_id)
+        return _as_registered(mv)
+
+    @contextmanager
+    def _fluent(self) -> Iterator[None]:
+        """MLflow's fluent API (``log_model``) against this tracker's store, then back."""
+        tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(tracking)
+            mlflow.set_registry_uri(registry)
+
+    def _ensure_registered_model(self, name: str) -> None:
         try:
             self.client.get_registered_model(name)
         except MlflowException:
             self.client.create_registered_model(
                 name, description="roadloop traffic detector (Ultralytics YOLO)"
             )
-        source = self.artifact_uri(run_id, artifact_path)
-        mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
-        return _as_registered(mv)
+
+    def describe_version(self, name: str, version: str, description: str) -> None:
+        self.client.update_model_version(name, version, description=description)
+
+    def version_description(self, name: str, version: str) -> str:
+        return self.client.get_model_version(name, version).description or ""
 
     def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
