@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     train_model: str = "yolo11n.pt"
     demo_epochs: int = 5
 
+    # Input shapes every model is exported, quantized, gated and rolled out at
+    # (roadloop.models.shapes; docs/fleet-api.md "Rectangular models"): "square" (imgsz x imgsz),
+    # an aspect "W:H" (long side imgsz, short side rounded up to a multiple of 32: 16:9 at 320
+    # is 192x320) or an explicit "HxW". The gateway serves each camera the one fitting its frames.
+    export_shapes: list[str] = Field(default_factory=lambda: ["square", "16:9"], min_length=1)
+
     # Model registry.
     registered_model_name: str = "roadloop-detector"
     mlflow_experiment: str = "roadloop"
