@@ -124,3 +124,25 @@ def test_match_predictions_follows_ultralytics_rule() -> None:
     assert not correct[1].any()  # same truth, lower IoU: already taken
     assert correct[2, 0] and not correct[2, -1]  # IoU 0.6: hit at 0.5, miss at 0.95
     assert not correct[3].any()
+
+
+def test_int8_gate_runs_once_per_shape(monkeypatch, tmp_path: Path) -> None:
+    import roadloop.evaluation.shape_accuracy as sa
+    from roadloop.evaluation.gates import GateConfig
+    from roadloop.evaluation.results import DetectionMetrics
+
+    scores = {"sq.onnx": 0.30, "sq.int8.onnx": 0.295, "wide.onnx": 0.30, "wide.int8.onnx": 0.10}
+
+    def fake(path: Path, data_yaml: Path, *, split: str = "test") -> DetectionMetrics:
+        v = scores[Path(path).name]
+        return DetectionMetrics(map50=v, map50_95=v, precision=v, recall=v, f1=v,
+                                per_class_ap50={"car": v}, per_class_ap50_95={"car": v},
+                                per_class_count_mae={"car": 0.0}, count_mae=0.0, n_images=1)
+
+    monkeypatch.setattr(sa, "evaluate_onnx_at_shape", fake)
+    out = sa.gate_int8_per_shape(
+        {"320x320": (tmp_path / "sq.onnx", tmp_path / "sq.int8.onnx"),
+         "192x320": (tmp_path / "wide.onnx", tmp_path / "wide.int8.onnx")},
+        tmp_path / "data.yaml", GateConfig())
+    assert out["320x320"][0].name == "int8_drop@320x320" and out["320x320"][0].passed
+    assert out["192x320"][0].name == "int8_drop@192x320" and not out["192x320"][0].passed

@@ -23,7 +23,13 @@ from edge_agent.inference import OnnxDetector
 from roadloop.errors import InvalidInputError
 from roadloop.evaluation.gates import GateConfig, GateOutcome, check_int8_drop
 from roadloop.evaluation.inputs import label_path_for, read_class_names, split_images
-from roadloop.evaluation.results import BenchmarkResults, DetectionMetrics, MetricsRow, ModelSet
+from roadloop.evaluation.results import (
+    BenchmarkResults,
+    DetectionMetrics,
+    LatencyConfig,
+    MetricsRow,
+    ModelSet,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +165,8 @@ def gate_int8_per_shape(
         results = BenchmarkResults(
             created_at="", imgsz=max(int(v) for v in label.split("x")), split=split, conf=0.25,
             models={"candidate": ModelSet(version=version, onnx_fp32=fp32, onnx_int8=int8)},
-            test_sets=[ts], rows=rows,
+            test_sets=[ts], test_set_kinds={ts: "all"},
+            latency_config=LatencyConfig(enabled=False), rows=rows,
         )
         outcome = check_int8_drop(results, cfg)
         out[label] = (outcome.model_copy(update={"name": f"int8_drop@{label}"}), results)
