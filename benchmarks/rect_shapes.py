@@ -141,12 +141,12 @@ def run(pt: Path, out: Path, frames: int) -> dict:
 def markdown(r: dict) -> str:
     lines = [
         "# Square vs rectangular INT8 on the same 16:9 frames", "",
-        f"Checkpoint `{r['checkpoint']}`; accuracy on the centre 640×360 band of "
-        f"{r['eval_frames']} atl_v2 val+test frames (edge detector at the model's own shape); "
-        "speed of the edge detector (letterbox → network → NMS) on 16:9 video frames, one "
-        "ONNX Runtime thread. Command: `python -m benchmarks.rect_shapes`.", "",
-        "| shape | fp32 mAP50-95 | INT8 mAP50-95 | INT8 mAP50 | INT8 gate | INT8 median ms | "
-        "INT8 frames/s |", "|---|---|---|---|---|---|---|",
+        (f"Checkpoint `{r['checkpoint']}`; accuracy on the centre 640×360 band of "
+         f"{r['eval_frames']} atl_v2 val+test frames (edge detector at the model's own shape); "
+         "speed of the edge detector (letterbox → network → NMS) on 16:9 video frames, one "
+         "ONNX Runtime thread. Command: `python -m benchmarks.rect_shapes`."), "",
+        ("| shape | fp32 mAP50-95 | INT8 mAP50-95 | INT8 mAP50 | INT8 gate | INT8 median ms | "
+         "INT8 frames/s |"), "|---|---|---|---|---|---|---|",
     ]
     for label, s in r["shapes"].items():
         sp = s["int8_detector"]

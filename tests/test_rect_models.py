@@ -56,7 +56,7 @@ def _signed(tmp: Path, key, *, variants: bool = True, rid: str = "ro-rect"):
 def test_manifest_records_shapes_signed_and_old_manifests_still_parse(tmp_path: Path) -> None:
     key = load_or_create_signing_key(tmp_path / "keys")
     verifier = ManifestVerifier(tmp_path / "keys" / PUBLIC_KEY_FILE)
-    manifest, square, wide = _signed(tmp_path, key)
+    manifest, _square, wide = _signed(tmp_path, key)
     assert manifest["input_shape"] == [320, 320]
     assert manifest["variants"][0]["input_shape"] == [192, 320]
     m = verifier.verify(manifest)

@@ -138,7 +138,7 @@ def evaluate_onnx_at_shape(
         per_class_count_mae={names[c]: float(err[:, c].mean()) if len(err) else 0.0
                              for c in range(nc)},
         count_mae=float(np.mean(count_err)) if count_err else 0.0,
-        n_images=len(images), n_instances=int(len(tcls)),
+        n_images=len(images), n_instances=len(tcls),
         absent_classes=[names[c] for c in range(nc) if c not in present], conf=conf,
     )
 
