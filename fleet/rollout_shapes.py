@@ -3,7 +3,8 @@
 
 A manifest may carry the model at several input shapes (``variants``). On each manifest poll
 the gateway finds the camera's frame size — its configuration's ``traffic.frame_size``, else
-the size of the newest frame it uploaded — and names the shape that fits
+the ``frame_width``/``frame_height`` of its newest heartbeat (agents that send them), else the
+size of the newest frame it uploaded — and names the shape that fits
 (``roadloop.models.shapes.pick_input_shape``) in ``assignment.input_shape``. A camera whose
 frame size is unknown gets the manifest's own (square) file. Frame sizes are cached per
 manifest snapshot (``fleet.caches.ManifestCache``), so a poll costs at most one lookup a second.
@@ -17,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fleet.db import CameraConfigRow, FrameRow
+from fleet.db import CameraConfigRow, FrameRow, HeartbeatRow
 from roadloop.models.shapes import pick_input_shape
 
 
@@ -44,11 +45,25 @@ def _configured_size(document: Any) -> tuple[int, int] | None:
     return None
 
 
+def _heartbeat_size(payload: Any) -> tuple[int, int] | None:
+    if not isinstance(payload, Mapping):
+        return None
+    w, h = payload.get("frame_width"), payload.get("frame_height")
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (w, h)):
+        return int(w), int(h)
+    return None
+
+
 def camera_frame_size(session: Session, camera_id: str) -> tuple[int, int] | None:
     """(width, height) of a camera's frames, or None when the gateway does not know it."""
     doc = session.scalar(select(CameraConfigRow.document).where(
         CameraConfigRow.camera_id == camera_id))
     if (size := _configured_size(doc)) is not None:
+        return size
+    payload = session.scalar(
+        select(HeartbeatRow.payload).where(HeartbeatRow.camera_id == camera_id)
+        .order_by(HeartbeatRow.sent_at.desc()).limit(1))
+    if (size := _heartbeat_size(payload)) is not None:
         return size
     row = session.execute(
         select(FrameRow.width, FrameRow.height).where(FrameRow.camera_id == camera_id)

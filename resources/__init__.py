@@ -51,17 +51,21 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
         raise ValueError(f"unknown ROADLOOP_PROFILE {profile!r}; choose one of {PROFILES}")
     settings.ensure_dirs()
 
-    trainer = TrainerResource(model=settings.train_model)
+    shapes = list(settings.export_shapes)
+    trainer = TrainerResource(model=settings.train_model, export_shapes=shapes)
     federation = FederationResource(rounds=5)
     road = settings.shared_dir / "videos" / "cctv_street.mp4"  # the counting scene's road
     benchmark = BenchmarkResource(counting_background_video=str(road) if road.is_file() else None)
     max_frames = None
     if profile == "demo":
-        trainer = TrainerResource(model=settings.train_model, imgsz=320, epochs=settings.demo_epochs)
+        trainer = TrainerResource(model=settings.train_model, imgsz=320, epochs=settings.demo_epochs,
+                                  export_shapes=shapes)
         federation = FederationResource(rounds=2, imgsz=320)
         benchmark = BenchmarkResource(warmup=10, runs=100, **TINY_COUNTING)
     elif profile == "test":
-        trainer = TrainerResource(model=settings.train_model, imgsz=96, epochs=1, batch=4)
+        # imgsz 96: the square 96x96 and, with the default shapes, one 64x96 rectangle.
+        trainer = TrainerResource(model=settings.train_model, imgsz=96, epochs=1, batch=4,
+                                  export_shapes=shapes)
         federation = FederationResource(rounds=1, imgsz=64, batch=4)
         benchmark = BenchmarkResource(
             warmup=1, runs=3, batch_sizes=[1, 2], slices=["low_light", "blur"],

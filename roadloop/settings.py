@@ -11,9 +11,10 @@ from __future__ import annotations
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -58,7 +59,10 @@ class Settings(BaseSettings):
     # (roadloop.models.shapes; docs/fleet-api.md "Rectangular models"): "square" (imgsz x imgsz),
     # an aspect "W:H" (long side imgsz, short side rounded up to a multiple of 32: 16:9 at 320
     # is 192x320) or an explicit "HxW". The gateway serves each camera the one fitting its frames.
-    export_shapes: list[str] = Field(default_factory=lambda: ["square", "16:9"], min_length=1)
+    # From the environment: comma-separated (ROADLOOP_EXPORT_SHAPES=square: no rectangles).
+    export_shapes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["square", "16:9"], min_length=1
+    )
 
     # Model registry.
     registered_model_name: str = "roadloop-detector"
@@ -100,6 +104,27 @@ class Settings(BaseSettings):
     retention_raw_frames_days: float = Field(default=30.0, gt=0)
     retention_heartbeats_days: float = Field(default=30.0, gt=0)
     retention_traffic_days: float = Field(default=90.0, gt=0)
+
+    @field_validator("export_shapes", mode="before")
+    @classmethod
+    def _split_shapes(cls, v: object) -> object:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [p.strip() for p in text.split(",") if p.strip()]
+        return v
+
+    @field_validator("export_shapes")
+    @classmethod
+    def _valid_shapes(cls, v: list[str]) -> list[str]:
+        from roadloop.models.shapes import parse_shape
+
+        for spec in v:
+            parse_shape(spec, 320)  # the spelling; the size is checked at export
+        return v
 
     @field_validator("drift_window_minutes")
     @classmethod

@@ -79,13 +79,21 @@ def test_manifest_records_shapes_signed_and_old_manifests_still_parse(tmp_path: 
 
 
 def test_gateway_serves_the_wide_model_to_a_16_9_camera(env: Env) -> None:  # noqa: F811
-    devs = env.enroll(3)
+    devs = env.enroll(4)
     gw = env.client.app.state.gateway
     with gw.db.write() as s:
         for cam, size in (("cam-0", [1280, 720]), ("cam-1", [640, 480])):  # cam-2: unknown
             s.add(CameraConfigRow(camera_id=cam, version=1, document={"traffic": {
                 "frame_size": size}}, sha256="0" * 64, updated_at=datetime.now(UTC)))
         s.commit()
+    # cam-3 reports its frame size in heartbeats (the newest counts); cam-2's agent is older.
+    env.heartbeat(devs[3], frame_width=640, frame_height=480)
+    env.heartbeat(devs[3], frame_width=1920, frame_height=1080)
+    env.heartbeat(devs[2])
+    r = env.post("/v1/heartbeats", devs[3]["access_token"], json={
+        "schema_version": 2, "camera_id": "cam-3", "sent_at": env.clock.now.isoformat(),
+        "model_version": "old", "frame_width": 0, "frame_height": 1080})
+    assert r.status_code == 422 and "frame_width" in r.text
     manifest, square, wide = _signed(env.tmp, env.key)
     # The variant's file must come with the manifest (or be stored already).
     r = env.post("/v1/models", files={"file": (square.name, square.read_bytes())},
@@ -103,8 +111,9 @@ def test_gateway_serves_the_wide_model_to_a_16_9_camera(env: Env) -> None:  # no
         {"name": "all", "percent": 100, "mode": "serve"}]})
     assert r.status_code == 201, r.text
     bodies = [env.get("/v1/manifest", d["access_token"]).json() for d in devs]
-    assert [b["assignment"]["mode"] for b in bodies] == ["serve"] * 3
+    assert [b["assignment"]["mode"] for b in bodies] == ["serve"] * 4
     assert bodies[0]["assignment"]["input_shape"] == [192, 320]
+    assert bodies[3]["assignment"]["input_shape"] == [192, 320]  # from its heartbeat
     assert "input_shape" not in bodies[1]["assignment"]  # 4:3: the square file
     assert "input_shape" not in bodies[2]["assignment"]  # frame size unknown: square
     # What each agent then downloads: the signed variant, byte for byte.

@@ -13,7 +13,8 @@ Ultralytics' ``val`` of the same ONNX file (atl_v2 val, gpu checkpoint: mAP50 0.
 (bus/truck, bike), which val's curve counts.
 
 ``gate_int8_per_shape`` calls the promotion gate ``roadloop.evaluation.gates.check_int8_drop``
-once per exported shape (its fp32 vs its INT8 on the same frames).
+once per exported shape (its fp32 vs its INT8 on the same frames); ``benchmark_shapes`` adds
+each shape's forward latency and returns the benchmark report's per-shape rows.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from edge_agent.inference import MAX_NMS_CANDIDATES, LetterboxMeta, OnnxDetector
 from roadloop.errors import InvalidInputError
 from roadloop.evaluation.gates import GateConfig, GateOutcome, check_int8_drop
 from roadloop.evaluation.inputs import label_path_for, read_class_names, split_images
+from roadloop.evaluation.latency import measure_latency
 from roadloop.evaluation.results import (
     BenchmarkResults,
     DetectionMetrics,
     LatencyConfig,
+    LatencyStats,
     MetricsRow,
     ModelSet,
+    ShapeRow,
 )
 
 logger = logging.getLogger(__name__)
@@ -222,3 +226,39 @@ def gate_int8_per_shape(
         out[label] = (outcome.model_copy(update={"name": f"int8_drop@{label}"}), results)
         logger.info("%s: %s", label, outcome.description)
     return out
+
+
+def _latency(path: Path, hw: tuple[int, int], cfg: LatencyConfig, batch: int) -> LatencyStats | None:
+    stats = measure_latency(path, imgsz=hw, batch_sizes=(batch,), warmup=cfg.warmup,
+                            runs=cfg.runs, threads=cfg.threads, device=cfg.device)
+    return stats[0] if stats else None
+
+
+def benchmark_shapes(
+    models: Mapping[str, tuple[Path, Path]],
+    data_yaml: Path,
+    cfg: GateConfig,
+    *,
+    version: str = "candidate",
+    split: str = "test",
+    latency: LatencyConfig | None = None,
+) -> tuple[list[ShapeRow], list[GateOutcome]]:
+    """Per exported shape (``models``: label → (fp32, INT8) files): the INT8 gate
+    (``gate_int8_per_shape``) and, when ``latency`` is enabled, the forward latency of both
+    files at the gate's batch size. Returns the report rows and the gates' outcomes."""
+    gated = gate_int8_per_shape(models, data_yaml, cfg, version=version, split=split)
+    rows: list[ShapeRow] = []
+    for label, (outcome, res) in gated.items():
+        fp32_path, int8_path = models[label]
+        hw = (int(label.split("x")[0]), int(label.split("x")[1]))
+        timed = latency is not None and latency.enabled
+        fp32 = res.get("candidate", "onnx_fp32", cfg.primary_test_set)
+        int8 = res.get("candidate", "onnx_int8", cfg.primary_test_set)
+        assert fp32 is not None and int8 is not None
+        rows.append(ShapeRow(
+            shape=label, version=version, test_set=cfg.primary_test_set, fp32=fp32, int8=int8,
+            fp32_latency=_latency(fp32_path, hw, latency, cfg.latency_batch) if timed else None,
+            int8_latency=_latency(int8_path, hw, latency, cfg.latency_batch) if timed else None,
+            gate=outcome.name, gate_passed=outcome.passed, gate_description=outcome.description,
+        ))
+    return rows, [outcome for outcome, _ in gated.values()]
