@@ -72,6 +72,7 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
             calibration_frames=4, p95_latency_budget_ms=60_000.0, **TINY_COUNTING,
         )
         max_frames = 6
+    trainer.shapes(trainer.imgsz)  # a misspelt ROADLOOP_EXPORT_SHAPES fails here, not at export
 
     return {
         "io_manager": dg.FilesystemIOManager(base_dir=str(settings.dagster_home / "storage")),

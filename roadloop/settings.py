@@ -117,15 +117,6 @@ class Settings(BaseSettings):
             return [p.strip() for p in text.split(",") if p.strip()]
         return v
 
-    @field_validator("export_shapes")
-    @classmethod
-    def _valid_shapes(cls, v: list[str]) -> list[str]:
-        from roadloop.models.shapes import parse_shape
-
-        for spec in v:
-            parse_shape(spec, 320)  # the spelling; the size is checked at export
-        return v
-
     @field_validator("drift_window_minutes")
     @classmethod
     def _window_tiles_the_day(cls, v: int) -> int:
