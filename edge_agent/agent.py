@@ -35,6 +35,7 @@ forgets the frame — the "killed mid-upload" case the restart must absorb (409)
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import os
@@ -67,6 +68,7 @@ from edge_agent.manifest import ManifestVerifier, PublicKeyError, load_public_ke
 from edge_agent.model_slot import LoadedModel, ModelSlot
 from edge_agent.outbox import BackoffPolicy, Outbox
 from edge_agent.record_outbox import RecordOutbox
+from edge_agent.redaction import RedactionUnavailable, Redactor, load_redactor
 from edge_agent.rollback_guard import GuardLimits
 from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
 from edge_agent.sources import Frame, LatestFrameReader, open_source
@@ -319,6 +321,10 @@ class AgentConfig:
     shadow_sample_rate: float = 0.2
     traffic: bool = True  # track and count when the camera's configuration has a geometry
     record_outbox_max: int = 50_000  # queued traffic records kept without the gateway
+    # Privacy (edge_agent.redaction): face detector (centerface | none), plate detector
+    # (auto | haar | none). The method per camera comes from its configuration (privacy.mode).
+    redaction_faces: str = "centerface"
+    redaction_plates: str = "auto"
     metrics_port: int | None = None  # Prometheus endpoint (edge_agent.metrics); None: off
     metrics_host: str = "127.0.0.1"
 
@@ -345,6 +351,8 @@ class AgentSummary:
     traffic_records_queued: int = 0
     traffic_records_sent: int = 0  # acknowledged by the gateway (201, or 409: already stored)
     traffic_records_left: int = 0  # still queued at exit: sent on the next start
+    frames_withheld: int = 0  # sampled but not queued: redaction unavailable or failed
+    redaction_error: str | None = None
     final_model_version: str = ""  # sha256 of the model serving at the end
     update_status: str = "disabled"  # the updater's status at the end (disabled: no key)
     sampled_frame_ids: list[str] = field(default_factory=list)
@@ -362,9 +370,15 @@ class EdgeAgent:
         *,
         detector: OnnxDetector | None = None,
         status_stream: TextIO | None = None,
+        redactor: Redactor | Callable[[], Redactor] | None = None,
     ) -> None:
         self.config = config
         self._detector = detector
+        # A Redactor, or a factory for one (called at start; RedactionUnavailable stops
+        # sampling into the outbox). None: load_redactor with the config's detectors.
+        self._redactor_source = redactor
+        self.redactor: Redactor | None = None
+        self.redaction_error: str | None = None
         self._stop = threading.Event()
         self._force = threading.Event()
         self._uploads_stop = threading.Event()
@@ -518,6 +532,7 @@ class EdgeAgent:
             cfg.camera_id, cfg.state_dir, base_rate=cfg.sampler.base_rate,
             hourly_budget=cfg.sampler.hourly_budget)
         self.camera_config.load()
+        self._load_redactor()
         # Once before the first frame: a camera's geometry and rates are in force from its
         # first frame, not only after the first heartbeat (a failure keeps the kept file's).
         self._poll_camera_config()
@@ -530,6 +545,7 @@ class EdgeAgent:
                                  geometry=self.camera_config.traffic_geometry)
         summary = AgentSummary(cfg.camera_id, device_id, model_version, stopped_by="end_of_source")
         self.summary = summary
+        summary.redaction_error = self.redaction_error
         left = TrafficStage.recover_checkpoint(checkpoint)
         if left is not None:  # the last run crashed: keep its counts up to its checkpoint
             logger.warning("queueing the traffic counts a crashed run left (%s, %s s watched)",
@@ -637,8 +653,13 @@ class EdgeAgent:
         if not result.decision.sampled or result.frame_id is None:
             return
         frame_id = result.frame_id
+        # Privacy: the pixels are redacted in memory; only the redacted frame is encoded.
+        redacted = self._redact(result, summary)
+        if redacted is None:
+            return
+        image, redaction_record = redacted
         ok, buf = cv2.imencode(
-            ".jpg", frame.image, [int(cv2.IMWRITE_JPEG_QUALITY), self.config.jpeg_quality]
+            ".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), self.config.jpeg_quality]
         )
         if not ok:
             self.telemetry.record_error()
@@ -647,6 +668,7 @@ class EdgeAgent:
         meta = frame_metadata(
             result, frame_id=frame_id, camera_id=self.config.camera_id, model_version=model_version
         )
+        meta["redaction"] = redaction_record
         try:
             put = self.outbox.put(frame_id, buf.tobytes(), meta, result.decision.importance)
         except Exception as exc:  # noqa: BLE001 - a full disk must not stop the camera
@@ -660,6 +682,62 @@ class EdgeAgent:
         self.telemetry.record_sampled()
         if put.queued:
             self._wake_uploader.set()
+
+    def _load_redactor(self) -> None:
+        """The redaction models; a failure is kept, and until they load no sampled frame is
+        queued and no queued frame is uploaded (retried after each heartbeat)."""
+        src = self._redactor_source
+        was_failing = self.redaction_error is not None
+        try:
+            if isinstance(src, Redactor):
+                self.redactor = src
+            elif src is not None:
+                self.redactor = src()
+            else:
+                self.redactor = load_redactor(self.config.redaction_faces,
+                                              self.config.redaction_plates)
+            self.redaction_error = None
+        except (RedactionUnavailable, OSError, ValueError) as exc:
+            self.redactor, self.redaction_error = None, f"redaction unavailable: {exc}"
+            if not was_failing:
+                logger.error("%s; no frame is queued or uploaded until it loads (retried "
+                             "after each heartbeat)", self.redaction_error)
+        if was_failing and self.redactor is not None:
+            logger.warning("redaction models loaded: frames are queued and uploaded again")
+            self._wake_uploader.set()
+        if self.summary is not None:
+            self.summary.redaction_error = self.redaction_error
+
+    def _privacy_mode(self) -> str:
+        return (self.camera_config.privacy_mode() if self.camera_config is not None
+                else "blur")
+
+    def frames_blocked(self) -> bool:
+        """True while a camera that must redact has no redactor: frames neither queued nor
+        uploaded (the queue holds frames redacted before; they wait). Traffic records
+        carry no pixels and still go."""
+        return self.redactor is None and self._privacy_mode() != "off"
+
+    def _redact(self, result: FrameResult, summary: AgentSummary
+                ) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The frame's pixels as they may leave (and the record), or None: withheld."""
+        mode = self._privacy_mode()
+        if mode != "off" and self.redactor is None:
+            summary.frames_withheld += 1
+            summary.redaction_error = self.redaction_error
+            return None
+        try:
+            if self.redactor is None:  # mode off, no models: nothing to run
+                return result.frame.image, {"method": "off", "version": "", "counts": {},
+                                            "area_share": 0.0}
+            done = self.redactor.redact(result.frame.image, result.detections, mode)
+        except Exception as exc:  # noqa: BLE001 - never queue the unredacted frame
+            summary.frames_withheld += 1
+            self.telemetry.record_error()
+            logger.error("frame %s: redaction failed, frame withheld: %s",
+                         result.frame.source_ref, exc)
+            return None
+        return done.image, done.record
 
     def _queue_records(self, records: list[dict[str, Any]]) -> None:
         """Traffic interval records into the durable record outbox (before anything is sent)."""
@@ -711,7 +789,7 @@ class EdgeAgent:
             if pause is not None:
                 pause_until = time.time() + pause
                 continue
-            items = self.outbox.due(now, limit=16)
+            items = [] if self.frames_blocked() else self.outbox.due(now, limit=16)
             if not items:
                 next_due = min((t for t in (self.outbox.next_due_at(),
                                             self.records.next_due_at()) if t is not None),
@@ -780,7 +858,11 @@ class EdgeAgent:
         if self._force.is_set():
             return
         deadline = time.monotonic() + self.config.drain_timeout_s
-        depth = self.outbox.depth() + self.records.depth()
+
+        def pending() -> int:  # frames cannot go while redaction is unavailable
+            return (0 if self.frames_blocked() else self.outbox.depth()) + self.records.depth()
+
+        depth = pending()
         if depth:
             logger.info(
                 "draining %d queued frame(s) (up to %.0fs)", depth, self.config.drain_timeout_s
@@ -789,7 +871,7 @@ class EdgeAgent:
             self._wake_uploader.set()
             self._force.wait(0.1)
             self._status.maybe_print()
-            depth = self.outbox.depth() + self.records.depth()
+            depth = pending()
         if depth:
             logger.warning("%d frame(s) and %d traffic record(s) left in the outbox; they are "
                            "sent on the next start", self.outbox.depth(), self.records.depth())
@@ -802,6 +884,8 @@ class EdgeAgent:
             except Exception as exc:  # noqa: BLE001 - telemetry must never stop the agent
                 logger.error("heartbeat failed: %s", exc)
             self._poll_camera_config()
+            if self.frames_blocked():
+                self._load_redactor()
 
     def _poll_camera_config(self) -> None:
         """The camera's configuration, after each heartbeat (a 304 when unchanged)."""
@@ -834,7 +918,11 @@ class EdgeAgent:
                 camera_config=(self.camera_config.heartbeat_fields()
                                if self.camera_config is not None else None),
             )
-            self._pending_heartbeats.append(hb.to_json())
+            payload = hb.to_dict()
+            payload["redaction_error"] = self.redaction_error  # why nothing is uploaded
+            payload["frames_withheld"] = self.summary.frames_withheld if self.summary else 0
+            self._pending_heartbeats.append(json.dumps(payload, separators=(",", ":"),
+                                                       allow_nan=False))
             while self._pending_heartbeats:
                 outcome = self.client.post_heartbeat(self._pending_heartbeats[0])
                 if outcome.acknowledged:

@@ -21,6 +21,8 @@ here in plain Python. ``CameraConfigChannel``:
 * Boost: while the channel's clock (injectable) is before ``boost.until``, the base rate is
   multiplied by ``factor`` (capped at 1) and so is the hourly budget; afterwards the
   configured rates apply again by themselves, with no new document.
+* ``privacy.mode`` (``blur`` | ``mask`` | ``off``): how the agent redacts people, faces and
+  plates in sampled frames (``edge_agent.redaction``); absent: ``blur``.
 * Values the document leaves out keep the agent's own (its command line).
 * ``<state_dir>/camera_config.json`` holds the document in force (atomic write); it is loaded
   at start, so a restarted camera keeps its configuration before the gateway answers.
@@ -53,7 +55,10 @@ MAX_BOOST_FACTOR = 20.0
 MAX_HOURLY_BUDGET = 100_000.0
 MAX_BOOST_REASON = 200
 MAX_NOTES = 1000
-_SECTIONS = {"sampling", "notes", "traffic"}
+_SECTIONS = {"sampling", "notes", "traffic", "privacy"}
+_PRIVACY_KEYS = {"mode"}
+PRIVACY_MODES = ("blur", "mask", "off")  # edge_agent.redaction.MODES
+DEFAULT_PRIVACY_MODE = "blur"
 _SAMPLING_KEYS = {"base_rate", "hourly_budget", "boost"}
 _BOOST_KEYS = {"factor", "until", "reason"}
 
@@ -81,6 +86,7 @@ class AppliedConfig:
     boost: SamplingBoost | None = None
     notes: str | None = None
     traffic: TrafficConfig | None = None  # lines, zones, homography (edge_agent.traffic)
+    privacy_mode: str | None = None  # blur | mask | off (edge_agent.redaction); None: default
     document: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -153,6 +159,15 @@ def parse_config(answer: Mapping[str, Any], *, etag: str | None = None,
             notes = _text(notes, "notes", MAX_NOTES)
         traffic = (parse_traffic_section(doc["traffic"]) if doc.get("traffic") is not None
                    else None)
+        privacy_mode = None
+        privacy = doc.get("privacy")
+        if privacy is not None:
+            privacy = _object(privacy, "privacy")
+            skipped.extend(f"privacy.{k}" for k in sorted(privacy) if k not in _PRIVACY_KEYS)
+            mode = privacy.get("mode")
+            if mode is not None and mode not in PRIVACY_MODES:
+                raise ValueError(f"privacy.mode must be one of {PRIVACY_MODES}, got {mode!r}")
+            privacy_mode = mode
         base_rate = hourly_budget = boost = None
         sampling = doc.get("sampling")
         if sampling is not None:
@@ -177,7 +192,7 @@ def parse_config(answer: Mapping[str, Any], *, etag: str | None = None,
         raise InvalidCameraConfig(version, str(exc)) from None
     return AppliedConfig(version=version, sha256=sha, etag=etag, base_rate=base_rate,
                          hourly_budget=hourly_budget, boost=boost, notes=notes,
-                         traffic=traffic, document=dict(doc))
+                         traffic=traffic, privacy_mode=privacy_mode, document=dict(doc))
 
 
 # --------------------------------------------------------------------------- the channel
@@ -229,6 +244,10 @@ class CameraConfigChannel:
                 boost.until_iso,
             )
         return EffectiveSampling(base, budget, None)
+
+    def privacy_mode(self) -> str:
+        """The redaction method in force: the document's, else ``blur`` (on by default)."""
+        return self._applied.privacy_mode or DEFAULT_PRIVACY_MODE
 
     def traffic_geometry(self) -> tuple[TrafficConfig | None, int]:
         """The traffic geometry in force and its configuration version."""

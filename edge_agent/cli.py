@@ -175,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address the metrics server binds (no authentication: loopback by default)",
     )
+    run.add_argument(
+        "--redaction-faces", choices=("centerface", "none"), default="centerface",
+        help="face detector for redaction (docs/privacy.md); people come from the model",
+    )
+    run.add_argument(
+        "--redaction-plates", choices=("auto", "haar", "none"), default="auto",
+        help="licence-plate detector for redaction (auto: where this OpenCV has one)",
+    )
 
     enroll = sub.add_parser("enroll", help="enroll the camera and save its identity, then exit")
     common(enroll)
@@ -295,6 +303,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         traffic=args.traffic,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        redaction_faces=args.redaction_faces,
+        redaction_plates=args.redaction_plates,
     )
     agent = EdgeAgent(config)
     previous_handlers = _install_signal_handlers(agent)

@@ -26,6 +26,7 @@ from fleet import (
     admin,
     auth,
     camera_config,
+    drift,
     heartbeats,
     intake,
     privacy,
@@ -157,6 +158,7 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.include_router(admin.router)
     app.include_router(rollouts.router)
     app.include_router(camera_config.router)
+    app.include_router(drift.router)
     app.include_router(traffic.router)
     app.include_router(traffic_queries.router)
     app.include_router(traffic_preview.router)

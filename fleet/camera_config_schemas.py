@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -98,6 +98,16 @@ TrafficSection = Annotated[
 ]
 
 
+class PrivacyConfig(BaseModel):
+    """How the camera's agent redacts people, faces and licence plates before a frame is
+    queued (docs/privacy.md): blurred (default), masked, or not at all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["blur", "mask", "off"] = Field(
+        default="blur", description="blur (default), mask (solid fill) or off.")
+
+
 class CameraConfig(BaseModel):
     """One camera's configuration document (every section optional; a new concern is a new
     section beside ``sampling`` and ``traffic``)."""
@@ -106,6 +116,7 @@ class CameraConfig(BaseModel):
 
     sampling: SamplingConfig | None = None
     traffic: TrafficSection | None = None
+    privacy: PrivacyConfig | None = None
     notes: str | None = Field(default=None, max_length=1000)
 
     def canonical(self) -> dict[str, Any]:

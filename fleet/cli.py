@@ -126,6 +126,10 @@ def serve(
         "ROADLOOP_GATEWAY_WORKERS": str(settings.workers),
         "ROADLOOP_GATEWAY_RECONCILE_ON_START": "false",
     })
+    if settings.metrics_enabled:  # one /metrics over every worker (fleet.metrics)
+        from fleet.metrics import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir(settings.home / "fleet" / "prometheus-multiproc")
     # Each worker imports the bounded protocol and reads its bounds from this environment.
     uvicorn.run("fleet.app:create_app", factory=True, host=settings.host, port=settings.port,
                 log_level=log_level, access_log=access_log, workers=settings.workers,

@@ -11,7 +11,8 @@ a plain engine. Datetimes are stored as UTC and always come back timezone-aware.
 its history (``fleet.camera_config``). ``traffic_intervals`` holds each traffic interval record
 as posted (``fleet.traffic``); its rows are also split into ``traffic_line_counts``,
 ``traffic_zone_stats`` and ``traffic_events`` (written in the same transaction), so queries by
-camera, line, zone, class, kind and time are SQL over indexed columns.
+camera, line, zone, class, kind and time are SQL over indexed columns. ``camera_drift`` holds
+each camera's latest drift report (``fleet.drift``).
 
 The schema in a database is made and changed only by the Alembic revisions in
 ``fleet/migrations`` (never ``create_all``): a change to these models needs a revision, and
@@ -305,6 +306,23 @@ class CameraConfigVersionRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     created_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class CameraDriftRow(Base):
+    """A camera's latest drift report (``fleet.drift``): the verdict and scores of the newest
+    window the platform reported; read at each scrape of ``/metrics``."""
+
+    __tablename__ = "camera_drift"
+
+    camera_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    window_end: Mapped[datetime] = mapped_column(UTCDateTime())
+    verdict: Mapped[str] = mapped_column(String(32))
+    drifted: Mapped[bool] = mapped_column(Boolean)
+    scores: Mapped[dict[str, float]] = mapped_column(JSON)
+    model_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reported_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    reported_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class TrafficIntervalRow(Base):

@@ -233,6 +233,7 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
             width=meta.width,
             height=meta.height,
             quality=quality,
+            redaction=(meta.redaction.model_dump() if meta.redaction is not None else None),
         )
     except ValidationError as exc:
         raise HTTPException(422, validation_message(exc, "metadata is invalid")) from exc

@@ -12,14 +12,20 @@ Three sources, every label set bounded:
   camera its last heartbeat (the gateway's receive time), fps, detector P50/P95 latency and
   outbox depth; devices by status; rollouts by status and the stage and health of the open
   ones. Per-camera series are bounded by the number of enrolled cameras, per-rollout series
-  by the number of active or paused rollouts; being read from the database, they are the
+  by the number of active or paused rollouts; drift series (``fleet.drift``) by the cameras
+  times a fixed set of metric names; being read from the database, they are the
   same from any worker and survive a restart.
 
 Access: with ``metrics_token`` set, ``/metrics`` needs ``Authorization: Bearer <token>``
 (a scrape-only secret: Prometheus never holds a token that can write); without one it
 answers loopback clients only (Prometheus on the gateway's host, or an SSH tunnel).
-With ``--workers N`` the request and intake counters are per worker process (a scrape sees
-the worker that answered it); the database-derived series are the same from each.
+With ``--workers N`` (``serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` to an emptied folder before
+the workers start), prometheus_client's multiprocess mode is on: each worker writes its
+counters and histograms to its own files there, and a scrape, whichever worker answers it,
+sums every worker's files (``MultiProcessCollector``), those of workers that exited included,
+so totals never go backwards. The gateway's event counters follow (a ``Counter`` fed by
+``Stats`` instead of ``EventsCollector``); the database-derived series are read at scrape time
+as always. One ``GatewayMetrics`` per process in that mode (two would write the same files).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -39,12 +46,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.routing import compile_path
 
-from fleet.db import Database, Device, HeartbeatRow, RolloutRow, RolloutStatus
+from fleet.db import CameraDriftRow, Database, Device, HeartbeatRow, RolloutRow, RolloutStatus
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +63,27 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OPEN_ROLLOUTS = (RolloutStatus.active.value, RolloutStatus.paused.value)
 VERDICTS = ("pass", "fail", "insufficient")  # fleet.rollout_policy.StageHealth.verdict
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_mode() -> bool:
+    """Whether this process's metric values live in ``PROMETHEUS_MULTIPROC_DIR`` files:
+    prometheus_client decides when it is first imported, from that variable."""
+    return bool(os.environ.get(MULTIPROC_ENV)) and (
+        prometheus_values.ValueClass is not prometheus_values.MutexValue)
+
+
+def prepare_multiprocess_dir(default: os.PathLike[str] | str) -> str:
+    """Before ``--workers N`` start: the folder in ``PROMETHEUS_MULTIPROC_DIR`` (``default``
+    when unset), created and emptied of an earlier run's files, named in the environment the
+    workers inherit. Returns the folder."""
+    folder = os.environ.get(MULTIPROC_ENV) or os.fspath(default)
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(folder, name))
+    os.environ[MULTIPROC_ENV] = folder
+    return folder
 
 
 def method_label(method: str) -> str:
@@ -98,6 +128,8 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = multiprocess_mode()
+        self._collectors: list[Collector] = []
         r = self.registry
         self.requests = Counter(
             "roadloop_gateway_requests", "HTTP requests answered, by route template and status.",
@@ -112,6 +144,9 @@ class GatewayMetrics:
             "roadloop_gateway_intake_bytes", "JPEG bytes of the frames stored.", registry=r)
         self.traffic_records = Counter(
             "roadloop_gateway_traffic_records", "Traffic interval records stored.", registry=r)
+        self.events = Counter(
+            "roadloop_gateway_events", "Gateway event counters since start (Stats).",
+            ["event"], registry=r) if self.multiprocess else None
         # (method, route, status) -> (counter child, histogram child): labels() costs a few
         # microseconds (a lock and a dict of tuples); this dict is bounded like the labels.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -130,11 +165,24 @@ class GatewayMetrics:
         self.frames.inc()
         self.frame_bytes.inc(size)
 
+    def count_event(self, name: str, n: int = 1) -> None:
+        """``Stats.count``'s listener in multiprocess mode (names are fixed in the code)."""
+        if self.events is not None:
+            self.events.labels(name).inc(n)
+
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
+        self._collectors.append(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        # Every worker's counters and histograms from the files, plus the scrape-time ones.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        for collector in self._collectors:
+            registry.register(collector)
+        return generate_latest(registry)
 
 
 class MetricsMiddleware:
@@ -240,6 +288,18 @@ class FleetCollector(Collector):
             "1 on the verdict (pass, fail, insufficient) of the current stage's last health "
             "check, 0 on the others (absent before the first check).",
             labels=["rollout_id", "stage", "verdict"])
+        drift_score = GaugeMetricFamily(
+            "roadloop_camera_drift_score",
+            "Drift score of the camera's latest reported window, by metric (docs/drift.md).",
+            labels=["camera_id", "feature"])
+        drifted = GaugeMetricFamily(
+            "roadloop_camera_drifted",
+            "1 when the camera's latest reported window drifted (minor or significant).",
+            labels=["camera_id"])
+        drift_end = GaugeMetricFamily(
+            "roadloop_camera_drift_window_end_timestamp_seconds",
+            "End of the camera's latest reported drift window (Unix time).",
+            labels=["camera_id"])
         with self.db.read() as session:
             for status, n in session.execute(
                     select(Device.status, func.count()).group_by(Device.status)):
@@ -276,10 +336,17 @@ class FleetCollector(Collector):
                 if verdict in VERDICTS:
                     for v in VERDICTS:
                         healthy.add_metric([ro.rollout_id, name, v], float(v == verdict))
+            for report in session.scalars(select(CameraDriftRow)
+                                          .order_by(CameraDriftRow.camera_id)):
+                drifted.add_metric([report.camera_id], float(report.drifted))
+                drift_end.add_metric([report.camera_id], report.window_end.timestamp())
+                for feature, score in sorted(report.scores.items()):
+                    drift_score.add_metric([report.camera_id, feature], float(score))
         up = GaugeMetricFamily("roadloop_fleet_metrics_up",
                                "1 when the fleet state was read from the database.")
         up.add_metric([], 1)
-        yield from (last, fps, p95, p50, outbox, devices, rollouts, stage, percent, healthy, up)
+        yield from (last, fps, p95, p50, outbox, devices, rollouts, stage, percent, healthy,
+                    drift_score, drifted, drift_end, up)
 
 
 # --------------------------------------------------------------------------- access

@@ -43,10 +43,13 @@ class Stats:
         self._lock = threading.Lock()
         self.counters: dict[str, int] = defaultdict(int)
         self.spans: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0])
+        self.listener: Callable[[str, int], None] | None = None  # also told of every count
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.counters[name] += n
+        if self.listener is not None:
+            self.listener(name, n)
 
     @contextmanager
     def span(self, name: str) -> Iterator[None]:
@@ -112,7 +115,10 @@ class Gateway:
         self.denials = DenialLog(self.db, self.now, settings.denial_audit_window_s)
         self.stats = Stats()
         self.metrics = GatewayMetrics()
-        self.metrics.add_collector(EventsCollector(lambda: dict(self.stats.counters)))
+        if self.metrics.multiprocess:  # summed over the workers' files (fleet.metrics)
+            self.stats.listener = self.metrics.count_event
+        else:
+            self.metrics.add_collector(EventsCollector(lambda: dict(self.stats.counters)))
         self.metrics.add_collector(FleetCollector(self.db))
         assert settings.models_dir is not None
         self.models = ModelStore(settings.models_dir)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -144,6 +144,21 @@ class QualityIn(BaseModel):
                               description="64-bit difference hash, hex.")
 
 
+class RedactionIn(BaseModel):
+    """What the agent removed from the pixels before the frame left it
+    (``edge_agent.redaction``): regions per kind, the method and the redactor's version."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: Literal["blur", "mask", "off"]
+    version: str = Field(default="", max_length=300)
+    counts: dict[Annotated[str, Field(min_length=1, max_length=32)],
+                 Annotated[int, Field(ge=0, le=100_000)]] = Field(
+        default_factory=dict, max_length=8, description="Regions redacted per kind.")
+    area_share: float = Field(default=0.0, ge=0.0, le=1.0,
+                              description="Share of the image area redacted.")
+
+
 class DetectionIn(Detection):
     """``roadloop.data.frames.Detection`` as an upload may state it: bounded."""
 
@@ -176,6 +191,8 @@ class FrameMetadata(BaseModel):
     source_ref: str | None = Field(
         default=None, max_length=500, description="Origin of the pixels, for leakage checks."
     )
+    redaction: RedactionIn | None = Field(
+        default=None, description="What the agent redacted (people, faces, plates) and how.")
 
     @field_validator("reasons")
     @classmethod

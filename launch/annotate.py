@@ -1,8 +1,8 @@
 """``roadloop annotate``: open the review dataset in the FiftyOne App on localhost.
 
 Annotators correct ``ground_truth`` (pre-filled from the model's ``predictions``) in the
-saved view ``review_queue`` (or ``batch_<id>`` / ``label_issues``) and tag each finished
-sample ``reviewed``; the ``reviews_finished_sensor`` imports them.
+saved view ``to review`` (or ``reviewed``, ``label issues``, ``batch_<id>``) and tag each
+finished sample ``reviewed``; the ``reviews_finished_sensor`` imports them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def review_store() -> ReviewStore:
 def annotate(
     port: int = typer.Option(None, help="App port (default: settings.fiftyone_port, 5151)."),
     view: str = typer.Option(
-        VIEW_QUEUE, help="Saved view to open: review_queue, label_issues, batch_<id>."
+        VIEW_QUEUE, help="Saved view to open: 'to review', reviewed, 'label issues', batch_<id>."
     ),
     address: str = typer.Option("127.0.0.1", help="Interface to serve on (loopback by default)."),
     simulate: int = typer.Option(

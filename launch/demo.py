@@ -44,6 +44,8 @@ class LoopOutcome:
     drift: DriftTurnOutcome | None = None
     federated: FederatedTurnOutcome | None = None
     traffic: TrafficOutcome | None = None
+    # The minimum-quality check's description when the loop promoted under a relaxed floor
+    quality_floor: str = ""
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -63,6 +65,9 @@ class LoopOutcome:
             "  checks: " + ", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in sorted(self.checks.items()))
         )
         lines.append(f"  MLflow aliases: candidate=v{self.candidate} production=v{self.production}")
+        if self.quality_floor:
+            lines.append("  NOTE: promoted under the relaxed demo quality floor, not a production "
+                         "bar (a short demo training run): " + self.quality_floor)
         if self.rollout:
             lines.append(
                 f"  rollout {self.rollout.get('rollout_id')}: status={self.rollout.get('status')} "
@@ -277,6 +282,10 @@ def _learning_loop_job(defs, instance, settings, outcome: LoopOutcome, gates_may
     outcome.checks = {}
     for evaluation in loop.get_asset_check_evaluations():
         outcome.checks[evaluation.check_name] = evaluation.passed
+        relaxed = evaluation.metadata.get("relaxed_floor")
+        if evaluation.check_name == "model_meets_quality_floor" and relaxed and relaxed.value:
+            outcome.quality_floor = evaluation.description or ""
+            log.warning("quality floor: %s", outcome.quality_floor)
     # Blocked by a gate = the report was made and a check failed; anything else is a failure.
     blocked_by_gate = (
         gates_may_block and "benchmark_report" in outcome.materialized
@@ -327,6 +336,12 @@ def _roll_out_to_agents(defs, instance, fleet: LocalFleet, outcome: LoopOutcome,
         if state.get("status") in ("complete", "rolled_back", "cancelled"):
             break
         time.sleep(1.0)
+    if state.get("rollout"):
+        # Dagster's latest state of model_rollout is the gateway's final one (the sensor that
+        # records it under `dagster dev` finds it recorded and does not repeat it).
+        from sensors.rollout_health import rollout_observation
+
+        instance.report_runless_asset_event(rollout_observation(state))
     time.sleep(5)  # one more heartbeat from every agent
     outcome.rollout = {"rollout_id": rollout_id, **{k: state.get(k) for k in ("status", "stage", "percent")}}
     outcome.rollout["reasons"] = (state.get("health") or {}).get("reasons") or []

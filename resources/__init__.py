@@ -44,6 +44,12 @@ TINY_COUNTING = {"counting_duration_s": 10.0, "counting_fps": 10.0, "counting_wi
                  "counting_height": 192}
 
 
+def _mlflow_ui_url(settings: Settings) -> str:
+    """A tracking server is its own UI; a sqlite store is served by `roadloop serve`."""
+    uri = str(settings.mlflow_tracking_uri)
+    return uri if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{settings.mlflow_port}"
+
+
 def build_resources(settings: Settings | None = None, profile: str | None = None) -> dict:
     settings = settings or get_settings()
     profile = profile or settings.profile
@@ -55,13 +61,24 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
     trainer = TrainerResource(model=settings.train_model, export_shapes=shapes)
     federation = FederationResource(rounds=5)
     road = settings.shared_dir / "videos" / "cctv_street.mp4"  # the counting scene's road
-    benchmark = BenchmarkResource(counting_background_video=str(road) if road.is_file() else None)
+    # The quality floor every candidate must reach; the demo and test profiles relax it (a
+    # 5-epoch 320 px demo run, a 1-epoch 96 px test run) and the gate says so.
+    floor = {"min_map50": settings.min_map50, "min_class_ap50": settings.min_class_ap50,
+             "min_class_support": settings.min_class_support,
+             "standard_min_map50": settings.min_map50,
+             "standard_min_class_ap50": settings.min_class_ap50}
+    benchmark = BenchmarkResource(counting_background_video=str(road) if road.is_file() else None,
+                                  **floor)
     max_frames = None
     if profile == "demo":
         trainer = TrainerResource(model=settings.train_model, imgsz=320, epochs=settings.demo_epochs,
                                   export_shapes=shapes)
         federation = FederationResource(rounds=2, imgsz=320)
-        benchmark = BenchmarkResource(warmup=10, runs=100, **TINY_COUNTING)
+        benchmark = BenchmarkResource(
+            warmup=10, runs=100, **TINY_COUNTING,
+            **{**floor, "min_map50": settings.demo_min_map50,
+               "min_class_ap50": settings.demo_min_class_ap50, "relaxed_floor_reason": "demo"},
+        )
     elif profile == "test":
         # imgsz 96: the square 96x96 and, with the default shapes, one 64x96 rectangle.
         trainer = TrainerResource(model=settings.train_model, imgsz=96, epochs=1, batch=4,
@@ -70,6 +87,7 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
         benchmark = BenchmarkResource(
             warmup=1, runs=3, batch_sizes=[1, 2], slices=["low_light", "blur"],
             calibration_frames=4, p95_latency_budget_ms=60_000.0, **TINY_COUNTING,
+            **{**floor, "min_map50": 0.0, "min_class_ap50": 0.0, "relaxed_floor_reason": "test"},
         )
         max_frames = 6
     trainer.shapes(trainer.imgsz)  # a misspelt ROADLOOP_EXPORT_SHAPES fails here, not at export
@@ -96,6 +114,7 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
             experiment=settings.mlflow_experiment,
             artifact_root=str(settings.mlflow_artifact_root),
             registered_model_name=settings.registered_model_name,
+            ui_url=_mlflow_ui_url(settings),
         ),
         "fleet": FleetResource(
             gateway_url=str(settings.gateway_url),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from roadloop.evaluation.gates import GateConfig
+from roadloop.evaluation.gates import GateConfig, QualityFloor
 from roadloop.evaluation.results import CountingConfig
 
 
@@ -30,12 +30,28 @@ class BenchmarkResource(dg.ConfigurableResource):
     max_regression_map50_95: float = 0.01
     max_int8_drop_points: float = 1.5
     p95_latency_budget_ms: float = 50.0
+    # Minimum quality (QualityFloor); build_resources fills them from the settings.
+    min_map50: float = 0.10
+    min_class_ap50: float = 0.01
+    min_class_support: int = 10
+    # A relaxed floor (the demo's) names itself and the standard floor it stands in for.
+    relaxed_floor_reason: str | None = None
+    standard_min_map50: float = 0.10
+    standard_min_class_ap50: float = 0.01
 
     def gate_config(self) -> GateConfig:
+        floor = QualityFloor(min_map50=self.min_map50, min_class_ap50=self.min_class_ap50,
+                             min_class_support=self.min_class_support)
+        standard = QualityFloor(min_map50=self.standard_min_map50,
+                                min_class_ap50=self.standard_min_class_ap50,
+                                min_class_support=self.min_class_support)
         return GateConfig(
             max_regression_map50_95=self.max_regression_map50_95,
             max_int8_drop_points=self.max_int8_drop_points,
             p95_latency_budget_ms=self.p95_latency_budget_ms,
+            quality_floor=floor,
+            relaxed_from=standard if self.relaxed_floor_reason else None,
+            relaxed_reason=self.relaxed_floor_reason or "",
         )
 
     def counting_config(self) -> CountingConfig:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from roadloop.labeling.review_dataset import DEFAULT_DATASET, app_url
+from roadloop.labeling.review_dataset import DEFAULT_DATASET, VIEW_QUEUE, app_url
 from roadloop.labeling.review_store import ReviewStore
 from roadloop.settings import get_settings
 
@@ -34,5 +34,5 @@ class FiftyOneResource(dg.ConfigurableResource):
     def resolved_database_dir(self) -> Path:
         return Path(self.database_dir) if self.database_dir else get_settings().home / "fiftyone"
 
-    def app_url(self, view: str | None = "review_queue") -> str:
+    def app_url(self, view: str | None = VIEW_QUEUE) -> str:
         return app_url(self.dataset_name, self.app_port, view=view)

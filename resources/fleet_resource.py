@@ -258,6 +258,12 @@ class FleetResource(dg.ConfigurableResource):
                 return out
 
 
+    def report_drift(self, camera_id: str, report: dict[str, Any]) -> dict[str, Any]:
+        """``PUT /v1/cameras/{camera_id}/drift`` with a window's verdict
+        (``roadloop.monitoring.models.gateway_report``); the gateway exports it on /metrics."""
+        path = f"/v1/cameras/{quote(camera_id, safe='')}/drift"
+        return self._request("PUT", path, json=report)  # type: ignore[return-value]
+
     # -- traffic analytics (docs/traffic.md) ------------------------------------------------
     def traffic_intervals(self, camera_id: str | None, since: datetime, until: datetime,
                           page: int = 1000) -> list[dict[str, Any]]:

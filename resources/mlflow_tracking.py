@@ -16,6 +16,8 @@ class MlflowResource(dg.ConfigurableResource):
     experiment: str = "roadloop"
     artifact_root: str | None = None
     registered_model_name: str = "roadloop-detector"
+    # Where people open the MLflow UI (links in Dagster metadata); `roadloop serve` serves it here.
+    ui_url: str = "http://127.0.0.1:5000"
 
     def tracker(self) -> Tracker:
         root = Path(self.artifact_root) if self.artifact_root else None

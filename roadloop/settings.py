@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     # Class taxonomy shared by every source (see roadloop/config/taxonomy.yaml).
     taxonomy_file: Path = DEFAULT_TAXONOMY_FILE
 
+    # The FiftyOne review queue (docs/review.md has the measurements behind the defaults):
+    # ground_truth drafts keep boxes at or above review_draft_conf, one per object
+    # (class-agnostic NMS at review_draft_nms_iou; roadloop.labeling.drafts), and frames with
+    # more isolated impulse pixels than review_max_impulse_share (salt-and-pepper augmented
+    # dataset frames; roadloop.labeling.frame_noise) are not queued (1.0 queues every frame).
+    review_draft_conf: float = Field(default=0.40, ge=0.0, le=1.0)
+    review_draft_nms_iou: float = Field(default=0.5, gt=0.0, le=1.0)
+    review_max_impulse_share: float = Field(default=0.001, ge=0.0, le=1.0)
+
     # Near-duplicate sampled frames (roadloop.data.frames.DedupePolicy): dhash bits, how far back
     # a kept frame counts, and per-camera bit thresholds, e.g.
     # ROADLOOP_DEDUPE_PER_CAMERA_MAX_HAMMING='{"window_street": 0}'.
@@ -99,6 +108,16 @@ class Settings(BaseSettings):
     # Traffic analytics (roadloop.traffic; docs/traffic.md): the first day of the daily
     # traffic_counts partitions (UTC).
     traffic_start: date = Field(default=date(2026, 11, 1), description="First traffic day (UTC).")
+
+    # Minimum quality of any promoted model (roadloop.evaluation.gates.QualityFloor, where the
+    # defaults are reasoned; docs/architecture.md, "Promotion gates"): overall mAP50, and AP50
+    # per class with at least min_class_support labelled boxes in the test set. The demo
+    # profile promotes under the relaxed demo_* floors and says so.
+    min_map50: float = Field(default=0.10, ge=0, le=1)
+    min_class_ap50: float = Field(default=0.01, ge=0, le=1)
+    min_class_support: int = Field(default=10, ge=1)
+    demo_min_map50: float = Field(default=0.02, ge=0, le=1)
+    demo_min_class_ap50: float = Field(default=0.0, ge=0, le=1)
 
     # Retention (roadloop.retention.policy; docs/retention.md): days each kind is kept.
     retention_raw_frames_days: float = Field(default=30.0, gt=0)

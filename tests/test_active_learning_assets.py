@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 
 from resources.fiftyone_resource import FiftyOneResource
-from roadloop.labeling.review_dataset import TAG_IMPORTED, TAG_LABEL_ISSUE, TAG_REVIEWED, VIEW_QUEUE
+from roadloop.labeling.review_dataset import (
+    TAG_IMPORTED,
+    TAG_LABEL_ISSUE,
+    TAG_REVIEWED,
+    VIEW_LABEL_ISSUES,
+    VIEW_QUEUE,
+    VIEW_REVIEWED,
+)
 from roadloop.labeling.review_items import ReviewBox, ReviewItem
 from roadloop.labeling.review_store import pending_key
 
@@ -343,16 +350,20 @@ def world(shared_dir: Path, tmp_path: Path, fiftyone):
     ckpt = shared_dir / "models" / "atl_v2_yolo11n_320.pt"
     require_shared(ckpt)
 
-    # Frame store: replay frames of atl_v2 (the oracle can answer them from labels_ref).
+    # Frame store: replay frames of atl_v2 (the oracle can answer them from labels_ref); per
+    # camera two clean frames and one with the source's salt-and-pepper augmentation (r2, r5:
+    # checked by eye), which must not reach the review queue.
     atl = shared_dir / "datasets" / "atl_v2"
-    replay = [
-        p
-        for p in sorted((atl / "images" / "train").glob("*.jpg"))
-        if is_replay_frame("atl_v2", "train", p.stem, 0.3)
-    ]
+    images = atl / "images" / "train"
+    clean = ["1025", "10260021", "10260033", "10260070011"]
+    noisy = ["10218", "1022"]
+    replay = [images / f"{stem}_png.jpg" for stem in clean[:2] + noisy[:1] + clean[2:] + noisy[1:]]
+    for p in replay:
+        require_shared(p)
+        assert is_replay_frame("atl_v2", "train", p.stem, 0.3)
     store = FrameStore(tmp_path / "frames")
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    for i, img_path in enumerate(replay[:6]):
+    for i, img_path in enumerate(replay):
         data = img_path.read_bytes()
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         h, w = img.shape[:2]
@@ -474,11 +485,18 @@ def test_queue_review_import_round_trip(world, fiftyone) -> None:
         budget,
     )
     emb = result.output_for_node("frame_embeddings")
-    assert (
-        emb.model.alias == "candidate" and len(emb.candidates) == 6 and emb.candidate_table.dim > 0
-    )
+    assert emb.model.alias == "candidate" and emb.candidate_table.dim > 0
+    # The salt-and-pepper augmented frames are not candidates; the count is reported.
+    assert sorted(c.record.frame_id for c in emb.candidates) == ["r0", "r1", "r3", "r4"]
+    assert emb.skipped_noisy == 2
+    meta = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
+    assert meta["frame_embeddings"]["excluded_noisy_frames"].value == 2
+    assert meta["active_learning_queue"]["excluded_noisy_frames"].value == 2
     batch = result.output_for_node("active_learning_queue")
-    assert batch.queued == 4 and batch.added == 4
+    assert batch.queued == 4 and batch.added == 4 and batch.excluded_noisy == 2
     assert sum(batch.per_camera.values()) == 4 and set(batch.per_camera) == {"atl_day", "atl_night"}
     assert batch.app_url.endswith(
         f"/datasets/{fiftyone.dataset_name}?view={batch.view.replace('_', '-')}"
@@ -491,10 +509,30 @@ def test_queue_review_import_round_trip(world, fiftyone) -> None:
     scores = view.values("al_score")
     assert scores == sorted(scores, reverse=True)
     taxonomy = set(load_taxonomy().classes)
+    n_preds = n_drafts = 0
     for s in ds:
         assert s.labels_ref and s.source == "replay:atl_v2" and s.model_version == "1"
         assert {d.label for d in s.predictions.detections} <= taxonomy
-        assert len(s.ground_truth.detections) == len(s.predictions.detections)
+        # The draft is the confident part of the predictions, which stay complete.
+        confident = [d for d in s.predictions.detections if d.confidence >= store.draft_conf]
+        boxes = {tuple(d.bounding_box) for d in confident}
+        assert {tuple(d.bounding_box) for d in s.ground_truth.detections} <= boxes
+        assert len(s.ground_truth.detections) <= len(confident)
+        n_preds += len(s.predictions.detections)
+        n_drafts += len(s.ground_truth.detections)
+    assert 0 < n_drafts < n_preds  # two label sets that differ (and so render apart)
+
+    # What an annotator sees: instructions, named task views, distinct colours, folded fields.
+    assert "tag the sample `reviewed`" in ds.description
+    assert {VIEW_QUEUE, VIEW_REVIEWED, VIEW_LABEL_ISSUES} <= set(ds.list_saved_views())
+    assert "review_queue" not in ds.list_saved_views()
+    assert ds.get_saved_view_info(VIEW_QUEUE)["description"]
+    colors = {f["path"]: f["fieldColor"] for f in ds.app_config.color_scheme.fields}
+    assert colors["predictions"] != colors["ground_truth"]
+    groups = {g.name: g for g in ds.app_config.sidebar_groups}
+    assert groups["review"].expanded and not groups["details"].expanded
+    assert {"label_issue_score", "source_image", "suspect_boxes"} <= set(groups["details"].paths)
+    assert ds.app_config.active_fields.paths == ["ground_truth", "predictions"]
 
     # Two frames answered by the simulated annotator; one edited badly by "a person".
     reviewed = simulate_reviews(store, SimulatedAnnotator(), 2)
@@ -603,7 +641,7 @@ def test_label_quality_tags_flagged_frames_for_re_review(
 
     store = fiftyone.store()
     ds = store.dataset()
-    issues = ds.load_saved_view("label_issues")
+    issues = ds.load_saved_view(VIEW_LABEL_ISSUES)
     assert len(issues) == 1
     sample = issues.first()
     assert TAG_LABEL_ISSUE in sample.tags and TAG_REVIEWED not in sample.tags

@@ -33,10 +33,12 @@ LENGTH = timedelta(minutes=15)
 HISTORY = [WINDOW - (i + 1) * LENGTH for i in reversed(range(4))]  # reference windows
 
 PAYLOADS: dict[str, list[dict[str, Any]]] = {}
+REPORTS: dict[str, list[tuple[str, dict[str, Any]]]] = {}
 
 
 class HeartbeatFleet(FleetResource):
-    """The gateway's heartbeat listing, served from ``PAYLOADS[probe]``."""
+    """The gateway's heartbeat listing, served from ``PAYLOADS[probe]``; drift reports are
+    kept in ``REPORTS[probe]``."""
 
     gateway_url: str = "http://gateway.invalid"
     probe: str = "fleet"
@@ -45,6 +47,17 @@ class HeartbeatFleet(FleetResource):
                    page: int = 1000) -> list[dict[str, Any]]:
         mine = [p for p in PAYLOADS.get(self.probe, []) if p["camera_id"] == camera_id]
         return in_window(mine, start, end)
+
+    def report_drift(self, camera_id: str, report: dict[str, Any]) -> dict[str, Any]:
+        REPORTS.setdefault(self.probe, []).append((camera_id, report))
+        return {"current": True}
+
+
+class UnreachableFleet(HeartbeatFleet):
+    """Heartbeats as above; drift reports go to a loopback port nobody listens on."""
+
+    def report_drift(self, camera_id: str, report: dict[str, Any]) -> dict[str, Any]:
+        return FleetResource.report_drift(self, camera_id, report)
 
 
 def window_key(start: datetime) -> str:
@@ -173,6 +186,11 @@ def test_night_window_fails_the_drift_check_with_error(world: dict[str, Any]) ->
     assert meta["metric"] == "brightness" and meta["score"] >= 0.2
     assert meta["score/brightness"] == meta["score"]
     assert meta["threshold"] == pytest.approx(0.1) and meta["events"] >= 2
+    assert meta["gateway_reported"] is True
+    ((camera, sent),) = REPORTS[probe]
+    assert camera == CAM and sent["drifted"] is True and sent["verdict"] == "significant"
+    assert sent["window_start"] == WINDOW.isoformat()
+    assert sent["scores"]["brightness"] == meta["score/brightness"]
 
     drift = checks_of(result)[DRIFT_CHECK]
     assert drift.passed is False and drift.severity == dg.AssetCheckSeverity.ERROR
@@ -193,9 +211,18 @@ def test_night_window_fails_the_drift_check_with_error(world: dict[str, Any]) ->
 
 
 def test_silent_camera_is_an_operational_error(world: dict[str, Any]) -> None:
+    """...and with the gateway down for the drift report, the asset still materializes."""
+    from launch.localfleet import free_port
+
     PAYLOADS["silent"] = history(CAM)  # nothing in the window itself
-    result = materialize(world, HeartbeatFleet(probe="silent"))
+    fleet = UnreachableFleet(probe="silent", gateway_url=f"http://127.0.0.1:{free_port()}",
+                             admin_token="operator-token")
+    result = materialize(world, fleet)
     meta = metadata_of(result)
+    assert meta["gateway_reported"] is False
+    assert "unreachable" in meta["gateway_report_error"]
+    warned = warnings_of(result, world["instance"])
+    assert any("not reported to the gateway" in m for m in warned), warned
     assert meta["verdict"] == "not_enough_data" and meta["heartbeats"] == 0
     assert "no heartbeat" in meta["reason"]
     checks = checks_of(result)
@@ -235,7 +262,13 @@ def test_against_the_real_gateway(world: dict[str, Any], tmp_path: Path) -> None
         assert paged == fleet.heartbeats(camera, *span)
 
         result = materialize(world, fleet, camera=camera)
+        scraped = httpx.get(f"{gateway.url}/metrics", timeout=30)  # loopback: no token needed
+    assert scraped.status_code == 200, scraped.text
+    assert f'roadloop_camera_drifted{{camera_id="{camera}"}} 0.0' in scraped.text
+    assert f'roadloop_camera_drift_score{{camera_id="{camera}",feature="brightness"}}' in (
+        scraped.text)
     meta = metadata_of(result)
+    assert meta["gateway_reported"] is True
     assert meta["heartbeats"] == 4 and meta["verdict"] == "ok"
     assert meta["reference_status"].startswith("built reference") and meta["reference"][
         "windows"] == 4

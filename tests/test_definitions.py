@@ -28,11 +28,13 @@ def test_definitions_load_and_graph() -> None:
     assert "benchmark_report" in parents["production_model"]
 
     checks = {c.name: c for c in graph.asset_check_keys}
-    for name in ("candidate_not_worse_than_production", "int8_accuracy_drop", "p95_latency_within_budget"):
+    gates = ("candidate_not_worse_than_production", "int8_accuracy_drop",
+             "p95_latency_within_budget", "model_meets_quality_floor")
+    for name in gates:
         assert name in checks
         assert checks[name].asset_key == dg.AssetKey("benchmark_report")
     blocking = {key.name for key in graph.asset_check_keys if graph.get_check_spec(key).blocking}
-    assert {"candidate_not_worse_than_production", "int8_accuracy_drop", "p95_latency_within_budget"} <= blocking
+    assert set(gates) <= blocking
 
     assert defs.resolve_job_def("learning_loop") is not None
     assert defs.resolve_job_def("model_rollout_job") is not None
@@ -40,6 +42,9 @@ def test_definitions_load_and_graph() -> None:
     assert defs.resolve_sensor_def("reviews_finished_sensor") is not None
     assert {"frame_embeddings", "active_learning_queue", "reviewed_labels", "label_quality"} <= keys
     assert "reviewed_labels" in parents["curated_dataset"]
+    # The loop in the lineage view: a promotion feeds the next review queue's embeddings.
+    assert "production_model" in parents["frame_embeddings"]
+    assert parents["active_learning_queue"] == {"frame_embeddings"}
     assert defs.resolve_sensor_def("rollout_health_sensor") is not None
     assert parents["model_rollout"] >= {"production_model"}
     assert defs.resolve_job_def("replay_ingestion_job") is not None

@@ -32,6 +32,14 @@ def test_summary_says_the_gate_held() -> None:
     assert "rolled back by its health gate" in outcome.summary()
 
 
+def test_summary_says_a_relaxed_quality_floor_plainly() -> None:
+    outcome = LoopOutcome(success=True)
+    assert "relaxed demo quality floor" not in outcome.summary()
+    outcome.quality_floor = "RELAXED DEMO FLOOR (mAP50 >= 0.02, class AP50 >= 0), ..."
+    assert "NOTE: promoted under the relaxed demo quality floor" in outcome.summary()
+    assert "RELAXED DEMO FLOOR (mAP50 >= 0.02" in outcome.summary()
+
+
 def test_summary_shows_the_federated_turn() -> None:
     from launch.federated_turn import FederatedTurnOutcome
 

@@ -119,6 +119,10 @@ def test_evaluate_detector_pt_and_onnx(models, tiny_dataset: Path, fmt: str) -> 
     present = {ATL_NAMES[c] for c in _label_classes(tiny_dataset)}
     assert set(m.per_class_ap50) == present == set(m.per_class_ap50_95)
     assert set(m.absent_classes) == set(ATL_NAMES) - present  # absent: reported, not scored 0
+    # Support per class (what the quality floor needs to judge a class): the labelled boxes.
+    per_class = {name: sum(1 for r in rows if int(r.split()[0]) == c)
+                 for c, name in enumerate(ATL_NAMES)}
+    assert m.per_class_instances == per_class and sum(per_class.values()) == m.n_instances
     assert m.f1 == pytest.approx(2 * m.precision * m.recall / (m.precision + m.recall), abs=1e-9)
     # The trained model finds cars: the box count error is below the number of boxes.
     assert m.count_mae < m.n_instances / m.n_images

@@ -34,6 +34,7 @@ from fleet.db import (
     AuditEvent,
     Base,
     CameraConfigVersionRow,
+    CameraDriftRow,
     Database,
     Device,
     FrameRow,
@@ -415,6 +416,34 @@ def test_0004_adds_the_traffic_tables_to_a_0003_database(db_url: str, open_dbs: 
         command.downgrade(runner.alembic_config(conn), "0003")
     assert not TRAFFIC_TABLES & set(sa.inspect(db.engine).get_table_names())
     assert migrations.status(db).current == "0003"
+    assert_old_data_intact(db, UNIQUE_DEVICES)
+
+
+def test_0005_adds_the_drift_table_to_a_0004_database(db_url: str, open_dbs: Any) -> None:
+    """0005 adds ``camera_drift`` to a 0004 database with data and changes nothing else; a
+    downgrade to 0004 drops exactly that table."""
+    db = open_dbs(db_url)
+    assert migrations.upgrade(db, "0004").after == "0004"
+    fill_old_database(db, UNIQUE_DEVICES)
+    assert "camera_drift" not in sa.inspect(db.engine).get_table_names()
+    result = migrations.upgrade(db)
+    assert (result.before, result.after) == ("0004", migrations.head_revision())
+    assert "camera_drift" in sa.inspect(db.engine).get_table_names()
+    assert_old_data_intact(db, UNIQUE_DEVICES)
+    assert migrations.status(db).differences == []
+    now = datetime.now(UTC)
+    with db.write() as s:
+        s.add(CameraDriftRow(camera_id="cam-a", window_start=now - timedelta(minutes=15),
+                             window_end=now, verdict="minor", drifted=True,
+                             scores={"brightness": 0.12}, reported_at=now))
+        s.commit()
+    with db.read() as s:
+        row = s.get(CameraDriftRow, "cam-a")
+        assert row is not None and row.drifted is True and row.scores == {"brightness": 0.12}
+    with runner._locked(db) as conn:
+        command.downgrade(runner.alembic_config(conn), "0004")
+    assert "camera_drift" not in sa.inspect(db.engine).get_table_names()
+    assert migrations.status(db).current == "0004"
     assert_old_data_intact(db, UNIQUE_DEVICES)
 
 

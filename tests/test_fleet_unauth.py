@@ -190,6 +190,7 @@ def test_every_router_authenticates_first(make_gateway: Any) -> None:
         admin,
         auth,
         camera_config,
+        drift,
         heartbeats,
         intake,
         privacy,
@@ -199,7 +200,7 @@ def test_every_router_authenticates_first(make_gateway: Any) -> None:
         traffic_queries,
     )
 
-    routers = (admin, camera_config, heartbeats, intake, privacy, rollouts, traffic,
+    routers = (admin, camera_config, drift, heartbeats, intake, privacy, rollouts, traffic,
                traffic_preview, traffic_queries)
     for module in (auth, *routers):
         for route in module.router.routes:

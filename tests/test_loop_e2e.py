@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 GATES = ("candidate_not_worse_than_production", "int8_accuracy_drop", "int8_accuracy_drop_per_shape",
-         "p95_latency_within_budget")
+         "p95_latency_within_budget", "model_meets_quality_floor")
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -91,6 +91,17 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     report = first.asset_value("benchmark_report")
     assert report.html.exists() and report.markdown.exists()
     assert "<img" in report.html.read_text()
+    # The UI's view of it: numbers the Plots tab can draw, the HTML in the MLflow UI.
+    meta = next(e.materialization for e in first.get_asset_materialization_events()
+                if e.asset_key.to_user_string() == "benchmark_report").metadata
+    assert isinstance(meta["map50_95"], dg.FloatMetadataValue)
+    assert isinstance(meta["test_sets"], dg.TableMetadataValue)
+    run_id = first.asset_value("trained_model").run_id
+    url = meta["html_report"].value
+    assert url.startswith(resources["mlflow"].ui_url) and run_id in url
+    assert url.endswith("/artifactPath/reports/benchmark_report.html")
+    logged = tracker.download(run_id, "reports/benchmark_report.html", tmp_path / "logged")
+    assert logged.read_text() == report.html.read_text()
     results = json.loads(report.results_json.read_text())
     assert results
     from roadloop.evaluation.results import BenchmarkResults
@@ -137,19 +148,22 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     resources["benchmark"] = BenchmarkResource(
         warmup=1, runs=3, batch_sizes=[1], slices=["blur"], calibration_frames=4,
         p95_latency_budget_ms=0.001, max_int8_drop_points=100.0, max_regression_map50_95=1.0,
-        **TINY_COUNTING,
+        min_map50=0.0, min_class_ap50=0.0, **TINY_COUNTING,
     )
     second = _materialize(resources, instance)
     checks2 = {e.check_name: e.passed for e in second.get_asset_check_evaluations()}
-    # A 100-point INT8 limit and a 1.0 mAP tolerance cannot fail; the latency budget must.
+    # A 100-point INT8 limit, a 1.0 mAP tolerance and a zero floor cannot fail; the latency
+    # budget must.
     assert {n: checks2.get(n) for n in GATES} == {
         "candidate_not_worse_than_production": True,
         "int8_accuracy_drop": True,
         "int8_accuracy_drop_per_shape": True,
         "p95_latency_within_budget": False,
+        "model_meets_quality_floor": True,
     }
     assert second.asset_value("onnx_model").variants == {}
-    assert second.asset_value("benchmark_report").results_json.exists()
+    second_json = second.asset_value("benchmark_report").results_json.read_text()
+    assert BenchmarkResults.model_validate_json(second_json).shape_rows == []
     assert all(passed for n, passed in checks2.items() if n not in GATES), checks2
     assert "production_model" not in {
         e.asset_key.to_user_string() for e in second.get_asset_materialization_events()

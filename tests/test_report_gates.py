@@ -16,7 +16,8 @@ from roadloop.evaluation.gates import (
     check_latency_budget,
     evaluate_all_gates,
 )
-from roadloop.evaluation.report import render_report
+from roadloop.evaluation.report import TrainingProfile, render_report
+from roadloop.evaluation.report_context import context_rows
 from roadloop.evaluation.results import (
     FORMATS,
     BenchmarkResults,
@@ -136,11 +137,17 @@ def make_results(
 
 def test_report_files(tmp_path: Path) -> None:
     res = make_results(prod={"pytorch": 0.38, "onnx_fp32": 0.38, "onnx_int8": 0.37})
+    gates = evaluate_all_gates(res, GateConfig())
+    demo = TrainingProfile.from_params("demo", {"epochs": "5", "imgsz": "320", "model": "y.pt"})
     files = render_report(
         res,
         tmp_path / "report",
         title="Benchmark v2 vs v1",
-        context={"dataset": "curated@abc123", "note": "<b>escaped</b>"},
+        # "candidate"/"production" repeat what the results say: one row each, not two.
+        context={"dataset": "curated@abc123", "note": "<b>escaped</b>", "candidate": "v2",
+                 "production": "v1"},
+        gates=gates,
+        training=demo,
     )
     for p in (files.html, files.json, files.markdown):
         assert p.is_file() and p.parent == tmp_path / "report"
@@ -156,6 +163,26 @@ def test_report_files(tmp_path: Path) -> None:
     assert "http" not in html.replace("http-equiv", "")  # self-contained
     assert "curated@abc123" in html and "<b>escaped</b>" not in html
     assert "absent" in html  # bus has no ground truth
+    assert "`" not in html and "<code>test</code>" in html  # code spans, not literal backticks
+
+    cells = re.findall(r"<td>(.*?)</td>", html.split("<h2>Context</h2>")[1].split("<h2>")[0])
+    keys = cells[0::2]
+    assert len(keys) == len(set(keys)) and keys.count("candidate version") == 1
+    assert [v for k, v in zip(keys, cells[1::2]) if "production" in k] == ["v1"]
+
+    gate_html = html.split("<h2>Promotion gates")[1].split("<h2>")[0]
+    for g in gates:  # each gate with its measured values, not a bare "pass"
+        assert g.name in gate_html
+    assert "candidate_map50_95 0.395" in gate_html and "production_map50_95 0.37" in gate_html
+    assert "p95_ms 18" in gate_html and "budget_p95_ms 50" in gate_html
+
+    robust = html.split("<h2>Robustness slices")[1].split("<h2>")[0]
+    assert "mAP50-95" in robust.split("<table")[0]  # the metric is named before the table
+    assert "all clean mAP50-95 (n=20)" in robust and "fog mAP50-95 (n=20)" in robust
+    assert "(-0.080)" in robust  # fog on the candidate's PyTorch: 0.32 vs 0.40 clean
+
+    assert "Not a real training run" in html and "5 epochs at 320 px" in html
+    assert "Not a real training run" in files.markdown.read_text()
 
     md = files.markdown.read_text()
     key = md.split("**Per source**")[0]
@@ -180,11 +207,24 @@ def test_report_files(tmp_path: Path) -> None:
 def test_report_without_production_or_latency(tmp_path: Path) -> None:
     res = make_results()
     res.latency_rows = []
-    files = render_report(res, tmp_path, title="first model")
+    full = TrainingProfile.from_params("default", {"epochs": "300", "imgsz": "640"})
+    files = render_report(res, tmp_path, title="first model", training=full)
     md = files.markdown.read_text()
     assert "production" not in md.split("**Per source**")[0]
-    assert "none yet" in files.html.read_text()
+    html = files.html.read_text()
+    assert "none yet" in html
+    assert "Not a real training run" not in html and "300 epochs at 640 px" in html
     assert "| –" in md or "– |" in md  # latency columns left empty, not invented
+
+
+def test_training_profile_and_context_rows() -> None:
+    fed = TrainingProfile.from_params("test", {"rounds": "2", "local_epochs": "1", "imgsz": "64"},
+                                      source="federated")
+    assert fed.summary() == "federated, 2 rounds, 1 local epoch(s) per round at 64 px (profile test)"
+    assert "Test profile" in (fed.smoke_note() or "")
+    assert TrainingProfile.from_params("default", {}).smoke_note() is None
+    rows = context_rows(make_results(), {"candidate": "v2", "x": "1"}, fed)
+    assert [k for k, _ in rows] == ["candidate version", "production version", "training", "x"]
 
 
 def test_report_failure_leaves_old_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -320,7 +360,9 @@ def test_latency_budget() -> None:
 
 def test_evaluate_all_gates() -> None:
     outs = evaluate_all_gates(make_results(), GateConfig())
-    assert [o.name for o in outs] == ["candidate_vs_production", "int8_drop", "latency_budget"]
+    assert [o.name for o in outs] == [
+        "candidate_vs_production", "int8_drop", "latency_budget", "minimum_quality"
+    ]
     assert all(o.passed for o in outs)
     for o in outs:
         assert all(isinstance(v, (float, int, str)) for v in o.measured.values())

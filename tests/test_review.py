@@ -362,6 +362,28 @@ def test_items_from_active_learning_queue(store: ReviewStore, tmp_path: Path) ->
     assert labels == {"two_wheeler"}  # a source head's class name mapped onto the taxonomy
 
 
+def test_push_drafts_ground_truth_and_keeps_predictions_complete(
+    store: ReviewStore, tmp_path: Path
+) -> None:
+    item = _frames(tmp_path, 1)[0].model_copy(
+        update={
+            "predictions": [
+                ReviewBox(label="car", box=(0.1, 0.1, 0.4, 0.4), confidence=0.8),
+                ReviewBox(label="truck", box=(0.12, 0.1, 0.4, 0.4), confidence=0.7),  # same car
+                ReviewBox(label="bus", box=(0.6, 0.5, 0.3, 0.3), confidence=0.2),  # unsure
+            ]
+        }
+    )
+    store.push_queue([item], "d1")
+    sample = store.dataset().first()
+    assert [(d.label, d.confidence) for d in sample.predictions.detections] == [
+        ("car", pytest.approx(0.8)),
+        ("truck", pytest.approx(0.7)),
+        ("bus", pytest.approx(0.2)),
+    ]
+    assert [(d.label, d.confidence) for d in sample.ground_truth.detections] == [("car", None)]
+
+
 def test_pending_key_is_order_independent() -> None:
     assert pending_key(["b", "a"]) == pending_key(["a", "b"]) != pending_key(["a"])
 
@@ -374,7 +396,7 @@ def test_one_database_per_process(fiftyone_db: Path, tmp_path: Path) -> None:
 def test_app_url() -> None:
     assert (
         app_url("roadloop-review", 5151)
-        == "http://127.0.0.1:5151/datasets/roadloop-review?view=review-queue"
+        == "http://127.0.0.1:5151/datasets/roadloop-review?view=to-review"
     )
     assert (
         app_url("d", 6000, view="batch_20260101-1")
@@ -404,7 +426,7 @@ def test_annotate_command_prints_the_url(
     app.command()(cli.annotate)
     result = CliRunner().invoke(app, ["--port", "5199", "--no-wait"])
     assert result.exit_code == 0, result.output
-    assert f"http://127.0.0.1:5199/datasets/{store.dataset_name}?view=review-queue" in result.output
+    assert f"http://127.0.0.1:5199/datasets/{store.dataset_name}?view=to-review" in result.output
     assert launched["port"] == 5199 and launched["address"] == "127.0.0.1"
     assert launched["dataset"] == store.dataset_name and launched["remote"] is True
 

@@ -621,8 +621,17 @@ def test_model_rollout_asset_and_health_sensor(live_gateway: tuple[str, str, Pat
     assert again.skip_message == f"{rid}: hold at shadow"
 
     fleet.action(rid, "rollback", reason="test")
-    idle = rollout_health_sensor(dg.build_sensor_context(resources={"fleet": fleet}))
-    assert isinstance(idle, dg.SkipReason) and idle.skip_message == "no active rollout"
+    # The finished rollout is observed once with its final status, then the sensor idles.
+    done = rollout_health_sensor(dg.build_sensor_context(resources={"fleet": fleet},
+                                                        cursor=out.cursor))
+    assert isinstance(done, dg.SensorResult)
+    (final,) = done.asset_events
+    assert final.metadata["rollout_id"].value == rid
+    assert final.metadata["status"].value == "rolled_back"
+    idle = rollout_health_sensor(dg.build_sensor_context(resources={"fleet": fleet},
+                                                        cursor=done.cursor))
+    assert isinstance(idle, dg.SkipReason)
+    assert idle.skip_message == f"no active rollout ({rid}: rolled_back, recorded)"
     down = FleetResource(gateway_url="http://127.0.0.1:9", admin_token=admin, key_dir=str(keys))
     with pytest.raises(dg.Failure, match="unreachable"):
         model_rollout(context=dg.build_asset_context(), quantized_model=quant,

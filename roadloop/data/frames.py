@@ -175,6 +175,19 @@ class Detection(BaseModel):
         return v
 
 
+class FrameRedaction(BaseModel):
+    """What the edge agent removed from the pixels before the frame left it
+    (``edge_agent.redaction``): the method, the redactor's version, regions per kind and
+    the share of the image covered. Kept in the sidecar for privacy audits."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    method: str
+    version: str = ""
+    counts: dict[str, int] = Field(default_factory=dict)
+    area_share: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
 class FrameRecord(BaseModel):
     """The sidecar of one stored frame: where it came from and why it was kept."""
 
@@ -201,6 +214,8 @@ class FrameRecord(BaseModel):
     width: int = Field(gt=0)
     height: int = Field(gt=0)
     quality: FrameQuality | None = None
+    redaction: FrameRedaction | None = Field(
+        default=None, description="What the edge redacted (None: not stated by the source).")
     schema_version: int = SCHEMA_VERSION
 
     @field_validator("captured_at")

@@ -181,6 +181,7 @@ def evaluate_detector(
         count_mae=float(np.abs(pred.sum(1) - gt.sum(1)).mean()),
         n_images=len(images),
         n_instances=int(gt.sum()),
+        per_class_instances={data_names[c]: int(gt[:, c].sum()) for c in range(nc)},
         absent_classes=[data_names[c] for c in range(nc) if c not in present],
         conf=conf,
     )

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,15 @@ from roadloop.evaluation.counting_report import (
     counting_protocol_line,
     counting_rows,
 )
+from roadloop.evaluation.gates import GateOutcome
+from roadloop.evaluation.report_context import (
+    TrainingProfile,
+    context_rows,
+    gate_rows,
+)
 from roadloop.evaluation.results import FORMAT_LABELS, BenchmarkResults
 from roadloop.evaluation.shape_report import shape_protocol_line, shape_rows
-from roadloop.evaluation.testsets import ALL
+from roadloop.evaluation.testsets import ALL, SLICE_DESCRIPTIONS
 from roadloop.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -124,16 +131,31 @@ def per_source_rows(results: BenchmarkResults) -> tuple[list[str], list[list[str
     return header, rows
 
 
+def n_frames(results: BenchmarkResults, test_set: str) -> int | None:
+    """Frames in a test set, as the benchmark evaluated it (None if it has no metrics row)."""
+    return next((r.metrics.n_images for r in results.rows if r.test_set == test_set), None)
+
+
 def robustness_rows(results: BenchmarkResults) -> tuple[list[str], list[list[str]]]:
+    """mAP50-95 on the clean primary set and on each corrupted copy of it (change vs clean)."""
     base = primary_test_set(results)
     slices = results.test_sets_of_kind("slice")
-    header = ["Model", "Format", f"{base} (clean)"] + slices
+
+    def col(ts: str, label: str) -> str:
+        n = n_frames(results, ts)
+        return f"{label} mAP50-95 (n={n if n is not None else _DASH})"
+
+    header = ["Model", "Format", col(base, f"{base} clean")] + [col(s, s) for s in slices]
     rows = []
     for m, fmt in _pairs(results):
-        row = [m, FORMAT_LABELS.get(fmt, fmt)]
-        for ts in [base, *slices]:
+        clean = results.get(m, fmt, base)
+        row = [m, FORMAT_LABELS.get(fmt, fmt), _f(clean and clean.map50_95)]
+        for ts in slices:
             met = results.get(m, fmt, ts)
-            row.append(_f(met and met.map50_95))
+            cell = _f(met and met.map50_95)
+            if met is not None and clean is not None:
+                cell += f" ({met.map50_95 - clean.map50_95:+.3f})"
+            row.append(cell)
         rows.append(row)
     return header, rows
 
@@ -222,12 +244,21 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+_CODE_SPAN = re.compile(r"`([^`]+)`")
+
+
+def _prose(text: str) -> str:
+    """Escape ``text`` for HTML; markdown code spans (`x`) become ``<code>x</code>``."""
+    return _CODE_SPAN.sub(r"<code>\1</code>", html.escape(str(text))).replace("`", "")
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{_prose(h)}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+        "<tr>" + "".join(f"<td>{_prose(c)}</td>" for c in r) + "</tr>" for r in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    attr = f" class='{cls}'" if cls else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _protocol_line(results: BenchmarkResults) -> str:
@@ -246,9 +277,20 @@ def _protocol_line(results: BenchmarkResults) -> str:
     )
 
 
-def render_markdown(results: BenchmarkResults, *, title: str) -> str:
+def key_table_markdown(results: BenchmarkResults) -> str:
+    """The key table alone (model × format on the primary test set), as a markdown table."""
+    return _md_table(*key_table_rows(results)) + "\n"
+
+
+def render_markdown(
+    results: BenchmarkResults, *, title: str, training: TrainingProfile | None = None
+) -> str:
     """Key table (model × format) + per-source table; short enough for Dagster metadata."""
-    parts = [f"### {title}", "", _protocol_line(results), "", _md_table(*key_table_rows(results))]
+    parts = [f"### {title}", ""]
+    note = training.smoke_note() if training is not None else None
+    if note:
+        parts += [f"> **Not a real training run.** {note}", ""]
+    parts += [_protocol_line(results), "", _md_table(*key_table_rows(results))]
     if results.test_sets_of_kind("source"):
         parts += ["", "**Per source** (domain shift)", "", _md_table(*per_source_rows(results))]
     if results.counting_rows:
@@ -403,21 +445,32 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.85em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child,td:nth-child(2){text-align:left}
 img{max-width:100%;margin:.5em 0}.note{color:#555;font-size:.85em}
+.warn{background:#fff4e5;border-left:4px solid #e8a33d;padding:.6em 1em}
+code{background:#f3f3f3;padding:0 .2em}table.text td{text-align:left}
 """
 
 
 def render_html(
-    results: BenchmarkResults, *, title: str, context: dict[str, str] | None = None
+    results: BenchmarkResults,
+    *,
+    title: str,
+    context: dict[str, str] | None = None,
+    gates: Sequence[GateOutcome] | None = None,
+    training: TrainingProfile | None = None,
 ) -> str:
     ts = primary_test_set(results)
-    sec: list[str] = [
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p class='note'>{html.escape(_protocol_line(results))} Generated {results.created_at}.</p>",
+    sec: list[str] = [f"<h1>{_prose(title)}</h1>"]
+    note = training.smoke_note() if training is not None else None
+    if note:
+        sec.append(f"<p class='warn'><strong>Not a real training run.</strong> {_prose(note)}</p>")
+    sec += [
+        f"<p class='note'>{_prose(_protocol_line(results))} Generated {results.created_at}.</p>",
+        "<h2>Context</h2>",
+        _html_table(["", ""], context_rows(results, context, training)),
     ]
-    ctx = {**(context or {}), **{f"{m} version": ms.version for m, ms in results.models.items()}}
-    if "production" not in results.models:
-        ctx.setdefault("production", "none yet (first candidate)")
-    sec += ["<h2>Context</h2>", _html_table(["", ""], [[k, v] for k, v in ctx.items()])]
+    if gates:
+        verdict = "all pass" if all(g.passed for g in gates) else "promotion blocked"
+        sec += [f"<h2>Promotion gates ({verdict})</h2>", _html_table(*gate_rows(gates), cls="text")]
 
     def img(b64: str | None, alt: str) -> str:
         return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>" if b64 else ""
@@ -448,8 +501,14 @@ def render_html(
     ]
     slices = results.test_sets_of_kind("slice")
     if slices:
+        what = "; ".join(f"{s}: {SLICE_DESCRIPTIONS.get(s, 'synthetic corruption')}" for s in slices)
         sec += [
-            "<h2>Robustness slices (synthetic corruptions)</h2>",
+            "<h2>Robustness slices: mAP50-95 under synthetic corruptions</h2>",
+            (
+                "<p class='note'>Each slice is a corrupted copy of the frames of test set "
+                f"<code>{_prose(ts)}</code> (n = frames per column); cells are mAP50-95, in "
+                f"brackets the change against the clean frames. {_prose(what)}.</p>"
+            ),
             _html_table(*robustness_rows(results)),
             img(
                 _plot_test_sets(
@@ -505,6 +564,8 @@ def render_report(
     *,
     title: str,
     context: dict[str, str] | None = None,
+    gates: Sequence[GateOutcome] | None = None,
+    training: TrainingProfile | None = None,
 ) -> ReportFiles:
     """Write ``benchmark_report.html``, ``benchmark_results.json`` and ``benchmark_report.md``.
 
@@ -515,8 +576,8 @@ def render_report(
         raise ValueError("benchmark results are empty: nothing to report")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    html_text = render_html(results, title=title, context=context)
-    md_text = render_markdown(results, title=title)
+    html_text = render_html(results, title=title, context=context, gates=gates, training=training)
+    md_text = render_markdown(results, title=title, training=training)
     json_text = results.model_dump_json(indent=2)
     files = ReportFiles(
         html=out_dir / HTML_NAME, json=out_dir / JSON_NAME, markdown=out_dir / MARKDOWN_NAME
@@ -530,7 +591,12 @@ def render_report(
 
 __all__ = [
     "ReportFiles",
+    "TrainingProfile",
+    "context_rows",
+    "gate_rows",
+    "key_table_markdown",
     "key_table_rows",
+    "n_frames",
     "per_source_rows",
     "primary_test_set",
     "render_html",

@@ -37,6 +37,10 @@ class DetectionMetrics(BaseModel):
     ``count_mae`` is the mean over frames of ``|predicted boxes - labelled boxes|`` with all
     classes together (the per-frame traffic count); ``per_class_count_mae[c]`` is the same
     for class ``c`` alone. Predictions are taken at the evaluation's ``conf``.
+
+    ``per_class_instances[c]`` is the number of labelled boxes of class ``c`` in the split (the
+    support of its AP; the minimum-quality gate judges a class only with enough of them).
+    Empty in results written before it was recorded.
     """
 
     map50: float
@@ -50,6 +54,7 @@ class DetectionMetrics(BaseModel):
     count_mae: float
     n_images: int
     n_instances: int = 0
+    per_class_instances: dict[str, int] = Field(default_factory=dict)
     absent_classes: list[str] = Field(default_factory=list)
     conf: float = 0.25
 

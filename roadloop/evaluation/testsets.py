@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 #: Robustness slices ``make_robustness_slices`` knows.
 SLICE_NAMES: tuple[str, ...] = ("low_light", "fog", "blur", "noise")
+#: One line per slice for reports and the Dagster UI (parameters: the constants below).
+SLICE_DESCRIPTIONS: dict[str, str] = {
+    "low_light": "darkened (gamma 2, half brightness) with sensor noise",
+    "fog": "grey haze blended in, denser towards the top of the frame",
+    "blur": "motion blur plus a slight defocus",
+    "noise": "additive Gaussian sensor noise (sigma about 20/255)",
+}
 #: Frame file names in curated datasets are ``<source>__<original stem>``.
 SOURCE_SEPARATOR = "__"
 #: Name of the test set holding every frame of the split.

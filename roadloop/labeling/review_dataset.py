@@ -3,9 +3,10 @@
 One persistent FiftyOne dataset (default ``roadloop-review``) holds every frame that was
 ever sent for review. Per sample:
 
-- ``predictions``: the model's boxes (``fo.Detections``, relative ``[x, y, w, h]``), shown as
-  pre-annotations;
-- ``ground_truth``: what annotators correct in the App (initialised from ``predictions``);
+- ``predictions``: the model's boxes (``fo.Detections``, relative ``[x, y, w, h]``), read-only,
+  complete (every box the queue got, with confidences);
+- ``ground_truth``: what annotators correct in the App; starts as a draft of the predictions
+  (confident boxes only, one per object: ``drafts.draft_boxes``), so the two render apart;
 - ``al_score``, ``camera_id``, ``frame_id``, ``batch_id``, ``frame_key`` (``camera/frame``,
   unique), ``model_version``, ``split``, ``source_image`` (for seed frames pulled in by
   label-quality checks), ``review_error``, ``label_issue_score``.
@@ -19,8 +20,11 @@ Tags drive the workflow (the App's tag editor is the annotators' only control):
 - ``label_issue``: label-quality checks doubt its labels; held out of training until an
   annotator re-reviews it (tags it ``reviewed`` again).
 
-Saved views: ``review_queue`` (not yet reviewed, highest ``al_score`` first), one
-``batch_<id>`` per pushed batch, ``label_issues`` (for re-review, worst first).
+Saved views, named for the annotator's task (the App's view bar lists them by name):
+``to review`` (not yet reviewed, highest ``al_score`` first), ``reviewed`` (done, waiting for
+or past import), ``label issues`` (for re-review, worst first), one ``batch_<id>`` per pushed
+batch. The instructions are the dataset's ``description`` (shown under its name in the App);
+the sidebar puts the review fields first and folds away those most samples leave empty.
 
 ``ReviewStore`` (``review_store``) works on this dataset; this module only says what it
 looks like (``init_review_dataset`` on creation) and where the App shows it (``app_url``).
@@ -41,8 +45,37 @@ TAG_REVIEWED = "reviewed"
 TAG_IMPORTED = "imported"
 TAG_REVIEW_ERROR = "review_error"
 TAG_LABEL_ISSUE = "label_issue"
-VIEW_QUEUE = "review_queue"
-VIEW_LABEL_ISSUES = "label_issues"
+VIEW_QUEUE = "to review"
+VIEW_REVIEWED = "reviewed"
+VIEW_LABEL_ISSUES = "label issues"
+_LEGACY_VIEWS = ("review_queue", "label_issues")  # names before the views were renamed
+
+DESCRIPTION = (
+    "Traffic-camera frames to label. How to review: open the saved view 'to review' "
+    "(most informative first). Correct the teal `ground_truth` boxes (a draft of the model's "
+    "confident boxes: move, relabel, delete, add), then tag the sample `reviewed`. Orange "
+    "`predictions` are every box the model gave (read-only, for reference). Tagged samples are "
+    "imported into the next dataset version; a rejected edit comes back with a `review_error` "
+    "tag and the reason in `review_error`. 'label issues' lists labels to re-check."
+)
+PREDICTIONS_COLOR = "#ff9f1c"  # orange: the model
+GROUND_TRUTH_COLOR = "#2ec4b6"  # teal: the annotator's draft
+SUSPECT_COLOR = "#e71d36"  # red: boxes label-quality checks doubt
+REVIEW_PATHS = ("al_score", "camera_id", "frame_id", "batch_id", "review_error")
+# Set on few samples (label issues, seed frames, provenance): a folded sidebar group.
+DETAIL_PATHS = (
+    "label_issue_score",
+    "label_issue_types",
+    "suspect_boxes",
+    "annotated_by",
+    "model_version",
+    "split",
+    "source",
+    "source_ref",
+    "labels_ref",
+    "source_image",
+    "frame_key",
+)
 
 
 def init_review_dataset(fo, ds, taxonomy: Taxonomy) -> None:
@@ -71,69 +104,77 @@ def init_review_dataset(fo, ds, taxonomy: Taxonomy) -> None:
     ds.create_index("frame_key", unique=True)
     ds.default_classes = list(taxonomy.classes)
     ds.classes = {"ground_truth": list(taxonomy.classes)}
-    ds.info = {
-        "about": "roadloop active-learning review: correct `ground_truth`, then tag the "
-        "sample `reviewed`. `predictions` are the model's pre-annotations.",
-    }
-    configure_app(fo, ds)
-    ds.save()
+    ds.info = {"about": DESCRIPTION}
     save_common_views(fo, ds)
 
 
 def configure_app(fo, ds) -> None:
-    """Colours per field and a ``review`` sidebar group first, so annotators see the
-    pre-annotations (orange), their corrections (teal) and why a frame is queued."""
+    """What the App shows: the instructions as the dataset description, one colour per label
+    field (model orange, draft teal, doubted boxes red), the draft and the predictions on by
+    default, and a ``review`` sidebar group first with rarely-set fields folded away."""
+    ds.description = DESCRIPTION
     ds.app_config.color_scheme = fo.ColorScheme(
         color_by="field",
         fields=[
-            {"path": "predictions", "fieldColor": "#ff9f1c"},
-            {"path": "ground_truth", "fieldColor": "#2ec4b6"},
-            {"path": "suspect_boxes", "fieldColor": "#e71d36"},
+            {"path": "predictions", "fieldColor": PREDICTIONS_COLOR},
+            {"path": "ground_truth", "fieldColor": GROUND_TRUTH_COLOR},
+            {"path": "suspect_boxes", "fieldColor": SUSPECT_COLOR},
         ],
     )
-    review_paths = [
-        "al_score",
-        "batch_id",
-        "camera_id",
-        "frame_id",
-        "review_error",
-        "label_issue_score",
-        "label_issue_types",
-        "annotated_by",
-        "model_version",
-        "split",
-    ]
+    ds.app_config.active_fields = fo.ActiveFields(paths=["ground_truth", "predictions"])
     try:
         groups = fo.DatasetAppConfig.default_sidebar_groups(ds)
+        moved = set(REVIEW_PATHS) | set(DETAIL_PATHS)
         for g in groups:
-            g.paths = [p for p in g.paths if p not in review_paths]
+            g.paths = [p for p in g.paths if p not in moved]
         tags = [g for g in groups if g.name == "tags"]
-        rest = [g for g in groups if g.name != "tags"]
+        rest = [g for g in groups if g.name != "tags" and g.paths]
         ds.app_config.sidebar_groups = (
-            tags + [fo.SidebarGroupDocument(name="review", paths=review_paths)] + rest
+            tags
+            + [fo.SidebarGroupDocument(name="review", paths=list(REVIEW_PATHS), expanded=True)]
+            + rest
+            + [fo.SidebarGroupDocument(name="details", paths=list(DETAIL_PATHS), expanded=False)]
         )
     except Exception as exc:  # noqa: BLE001 - cosmetic only: never block the review dataset
         logger.warning("could not configure the FiftyOne sidebar: %s", exc)
 
 
 def save_common_views(fo, ds) -> None:
-    """Save (or refresh) the review queue and label-issue views."""
+    """Refresh the App set-up (``configure_app``) and save the task views by readable name:
+    ``to review``, ``reviewed``, ``label issues`` (older names are removed)."""
     F = fo.ViewField
-
+    configure_app(fo, ds)
+    ds.save()
+    for legacy in _LEGACY_VIEWS:
+        if ds.has_saved_view(legacy):
+            ds.delete_saved_view(legacy)
     queue = ds.match_tags([TAG_REVIEWED, TAG_IMPORTED], bool=False).sort_by(
         F("al_score"), reverse=True
     )
     ds.save_view(
         VIEW_QUEUE,
         queue,
-        description="Frames waiting for review, most informative first",
+        description="Your task: correct ground_truth, then tag each sample `reviewed`. "
+        "Most informative frames first; reviewed samples leave this view.",
+        color=GROUND_TRUTH_COLOR,
+        overwrite=True,
+    )
+    done = ds.match_tags(TAG_REVIEWED).sort_by("frame_key")
+    ds.save_view(
+        VIEW_REVIEWED,
+        done,
+        description="Samples tagged `reviewed`: imported into the next dataset version "
+        "(tag `imported` once they are). Remove the tag to send one back.",
+        color="#8d99ae",
         overwrite=True,
     )
     issues = ds.match_tags(TAG_LABEL_ISSUE).sort_by(F("label_issue_score"), reverse=True)
     ds.save_view(
         VIEW_LABEL_ISSUES,
         issues,
-        description="Labels in doubt: re-review, then tag `reviewed`",
+        description="Labels in doubt (red suspect_boxes, worst first): re-check ground_truth, "
+        "then tag `reviewed`",
+        color=SUSPECT_COLOR,
         overwrite=True,
     )
 
@@ -181,12 +222,14 @@ def app_url(
 
 __all__ = [
     "DEFAULT_DATASET",
+    "DESCRIPTION",
     "TAG_IMPORTED",
     "TAG_LABEL_ISSUE",
     "TAG_REVIEWED",
     "TAG_REVIEW_ERROR",
     "VIEW_LABEL_ISSUES",
     "VIEW_QUEUE",
+    "VIEW_REVIEWED",
     "app_url",
     "configure_app",
     "ensure_label_schemas",

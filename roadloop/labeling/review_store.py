@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from roadloop.data.datasets import Taxonomy, load_taxonomy
 from roadloop.errors import InvalidInputError, RoadloopError
+from roadloop.labeling.drafts import draft_boxes
 from roadloop.labeling.fiftyone_setup import FiftyOneUnavailable, configure_fiftyone
 from roadloop.labeling.review_dataset import (
     DEFAULT_DATASET,
@@ -98,11 +99,21 @@ class ReviewStore:
         database_dir: Path | str | None = None,
         database_uri: str | None = None,
         taxonomy: Taxonomy | None = None,
+        draft_conf: float | None = None,
+        draft_nms_iou: float | None = None,
     ) -> None:
+        from roadloop.settings import get_settings
+
         self.dataset_name = dataset_name
         self.database_dir = Path(database_dir) if database_dir else None
         self.database_uri = database_uri
         self.taxonomy = taxonomy or load_taxonomy()
+        settings = get_settings()
+        # The editable draft (ground_truth) of a pushed frame: see drafts.draft_boxes.
+        self.draft_conf = settings.review_draft_conf if draft_conf is None else draft_conf
+        self.draft_nms_iou = (
+            settings.review_draft_nms_iou if draft_nms_iou is None else draft_nms_iou
+        )
 
     def taxonomy_name(self, name: str) -> str:
         """``name`` as a taxonomy class: itself, or what a source's class map makes of it
@@ -146,7 +157,12 @@ class ReviewStore:
 
     # ---- queue
     def push_queue(self, items: Iterable[ReviewItem | Any], batch_id: str) -> PushResult:
-        """Add (or refresh) queue frames; annotators' work on reviewed samples is kept."""
+        """Add (or refresh) queue frames; annotators' work on reviewed samples is kept.
+
+        ``predictions`` get every box of the item; a new sample's ``ground_truth`` is their
+        draft (``drafts.draft_boxes`` at ``draft_conf`` / ``draft_nms_iou``): what an
+        annotator corrects rather than deletes. A refreshed sample keeps its ``ground_truth``.
+        """
         fo = self.fo()  # configure FiftyOne before anything imports it
         F = fo.ViewField
         ds = self.dataset()
@@ -189,9 +205,13 @@ class ReviewStore:
                         source_ref=e.source_ref,
                         labels_ref=e.labels_ref,
                         predictions=preds,
-                        # Pre-annotation: annotators correct the model's boxes.
                         ground_truth=_detections(
-                            fo, [b.model_copy(update={"confidence": None}) for b in e.predictions]
+                            fo,
+                            draft_boxes(
+                                e.predictions,
+                                min_confidence=self.draft_conf,
+                                nms_iou=self.draft_nms_iou,
+                            ),
                         ),
                     )
                 )

@@ -8,12 +8,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from roadloop.monitoring.features import WindowFeatures, window_features
+from roadloop.monitoring.features import FEATURE_KINDS, WindowFeatures, window_features
 
 Verdict = Literal["ok", "minor", "significant", "not_enough_data", "no_reference"]
 FeatureSet = Literal["heartbeats", "embeddings", "both"]
 SEVERITY = {"ok": 0, "minor": 1, "significant": 2}
 EMBEDDINGS = "embeddings"
+SCORE_NAMES: tuple[str, ...] = (*FEATURE_KINDS, EMBEDDINGS)
+"""Every drift metric a verdict can score: a fixed set (the gateway exports them as labels)."""
 
 
 class DriftConfig(BaseModel):
@@ -131,3 +133,13 @@ class DriftVerdict(BaseModel):
     @property
     def alarm(self) -> bool:
         return self.verdict in ("minor", "significant")
+
+
+def gateway_report(verdict: DriftVerdict) -> dict[str, Any]:
+    """The body of ``PUT /v1/cameras/{camera_id}/drift`` (``fleet.drift``) for a verdict: the
+    window, the verdict, whether it drifted and the finite scores of the metrics it judged."""
+    scores = {m.name: float(m.value) for m in verdict.metrics
+              if m.name in SCORE_NAMES and m.value is not None and np.isfinite(m.value)}
+    return {"window_start": verdict.window_start.isoformat(),
+            "window_end": verdict.window_end.isoformat(), "verdict": verdict.verdict,
+            "drifted": verdict.alarm, "scores": scores, "model_version": verdict.model_version}
