@@ -13,6 +13,7 @@ from .evaluation import (
     benchmark_report,
     candidate_not_worse_than_production,
     int8_accuracy_drop,
+    int8_accuracy_drop_per_shape,
     model_meets_quality_floor,
     p95_latency_within_budget,
     production_model,
@@ -34,6 +35,7 @@ ALL_CHECKS = [
     curated_dataset_quarantine_rate,
     candidate_not_worse_than_production,
     int8_accuracy_drop,
+    int8_accuracy_drop_per_shape,
     p95_latency_within_budget,
     model_meets_quality_floor,
 ]

@@ -18,8 +18,10 @@ from roadloop.evaluation.gates import (
 )
 from roadloop.evaluation.report import HTML_NAME, TrainingProfile, render_report
 from roadloop.evaluation.results import BenchmarkResults, LatencyConfig, ModelSet
-from roadloop.evaluation.testsets import make_robustness_slices, split_by_source
+from roadloop.evaluation.shape_accuracy import benchmark_shapes
+from roadloop.evaluation.testsets import ALL, make_robustness_slices, split_by_source
 from roadloop.evaluation.tracked_metrics import benchmark_metrics
+from roadloop.models.export import shape_label
 from roadloop.models.mlflow_model import checks_description
 from roadloop.models.tracking import PRODUCTION_ALIAS, Tracker
 from roadloop.settings import get_settings
@@ -36,6 +38,7 @@ from .ui_metadata import benchmark_metadata, comparison_metadata, mlflow_artifac
 
 _log = logging.getLogger(__name__)
 
+SHAPE_GATE_PREFIX = "int8_drop@"  # gate_int8_per_shape's outcome names
 PRODUCTION_ARTIFACTS = {"pytorch": "weights/best.pt", "onnx_fp32": "onnx/model.onnx", "onnx_int8": "onnx/model.int8.onnx"}
 
 
@@ -114,17 +117,25 @@ def benchmark_report(
     else:
         context.log.info("no production model yet: the report covers the candidate alone")
 
+    latency = LatencyConfig(
+        warmup=benchmark.warmup, runs=benchmark.runs, batch_sizes=benchmark.batch_sizes, threads=benchmark.threads
+    )
     results = run_benchmark(
         models,
         test_sets,
         imgsz=trained_model.imgsz,
-        latency=LatencyConfig(
-            warmup=benchmark.warmup, runs=benchmark.runs, batch_sizes=benchmark.batch_sizes, threads=benchmark.threads
-        ),
+        latency=latency,
         counting=benchmark.counting_config(),
         crop_dataset=dataset_dir,
     )
     gates = evaluate_all_gates(results, benchmark.gate_config())
+    shape_files = _shape_files(onnx_model, quantized_model)
+    if len(shape_files) > 1:  # square only: the rows above and int8_drop cover it
+        results.shape_rows, shape_gates = benchmark_shapes(
+            shape_files, test_sets[ALL], benchmark.gate_config(), version=version,
+            latency=latency,
+        )
+        gates += shape_gates
     training, experiment_id = _training_profile(tracker, trained_model.run_id)
     files = render_report(
         results,
@@ -180,6 +191,12 @@ def _link_version(tracker: Tracker, model: TrainedModelVersion, report_name: str
         [(g.name, g.passed, g.description) for g in gates]))
 
 
+def _shape_files(onnx: OnnxModelVersion, quantized: QuantizedModelVersion) -> dict[str, tuple[Path, Path]]:
+    """Shape label -> (fp32, INT8) file of every shape both assets exported, the primary first."""
+    int8 = {shape_label(onnx.info.input_hw): quantized.info, **quantized.variants}
+    return {label: (info.path, int8[label].path) for label, info in onnx.shapes().items() if label in int8}
+
+
 def _check_result(outcome: GateOutcome) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=outcome.passed,
@@ -207,6 +224,28 @@ def candidate_not_worse_than_production(benchmark_report: BenchmarkReportFiles, 
 @dg.asset_check(asset=benchmark_report, blocking=True, description="INT8 mAP50-95 drop vs fp32 within budget")
 def int8_accuracy_drop(benchmark_report: BenchmarkReportFiles, benchmark: BenchmarkResource) -> dg.AssetCheckResult:
     return _check_result(check_int8_drop(_results(benchmark_report), benchmark.gate_config()))
+
+
+@dg.asset_check(asset=benchmark_report, blocking=True, description="INT8 drop vs fp32 within budget at every exported input shape")
+def int8_accuracy_drop_per_shape(benchmark_report: BenchmarkReportFiles) -> dg.AssetCheckResult:
+    shape_gates = [g for g in benchmark_report.gates if g.name.startswith(SHAPE_GATE_PREFIX)]
+    if not shape_gates:
+        return dg.AssetCheckResult(
+            passed=True, description="One input shape only: int8_accuracy_drop judges it.",
+            metadata={"shapes": 1},
+        )
+    failed = [g.name.removeprefix(SHAPE_GATE_PREFIX) for g in shape_gates if not g.passed]
+    return dg.AssetCheckResult(
+        passed=not failed,
+        description=(f"INT8 gate failed at {', '.join(failed)}" if failed else
+                     f"INT8 gate passed at every shape ({len(shape_gates)})")
+        + ": " + " | ".join(f"{g.name}: {g.description}" for g in shape_gates),
+        metadata={
+            "shapes": len(shape_gates),
+            "failed": dg.MetadataValue.json(failed),
+            "per_shape": dg.MetadataValue.json({g.name: g.measured for g in shape_gates}),
+        },
+    )
 
 
 @dg.asset_check(asset=benchmark_report, blocking=True, description="P95 latency (INT8, batch 1) within budget")

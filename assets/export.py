@@ -3,8 +3,8 @@
 
 import dagster as dg
 
-from resources import ArtifactStoreResource, BenchmarkResource, MlflowResource
-from roadloop.models.export import export_onnx
+from resources import ArtifactStoreResource, BenchmarkResource, MlflowResource, TrainerResource
+from roadloop.models.export import export_onnx, shape_label
 from roadloop.models.quantize import (
     QuantConfig,
     list_images,
@@ -19,6 +19,16 @@ from .records import (
     QuantizedModelVersion,
     TrainedModelVersion,
 )
+
+
+def _variants_json(variants: dict) -> dict[str, dict[str, str]]:
+    return {label: {"path": str(v.path), "sha256": v.sha256} for label, v in variants.items()}
+
+
+def _log_variants(mlflow: MlflowResource, run_id: str, variants: dict) -> None:
+    tracker = mlflow.tracker()
+    for v in variants.values():
+        tracker.log_artifact(run_id, v.path, "onnx")
 
 
 def _log_onnx(
@@ -36,21 +46,37 @@ def _log_onnx(
 @dg.asset(
     group_name=groups.MODELS,
     kinds={"onnx", "mlflow"},
-    description="The candidate exported to ONNX fp32 (dynamic batch), logged to the same MLflow run.",
+    description=(
+        "The candidate exported to ONNX fp32 (dynamic batch) at every input shape of "
+        "`export_shapes` (the square one is the primary file; rectangles such as 192x320 for "
+        "16:9 cameras are its variants), logged to the same MLflow run."
+    ),
 )
 def onnx_model(
     context: dg.AssetExecutionContext,
     trained_model: TrainedModelVersion,
     mlflow: MlflowResource,
     artifacts: ArtifactStoreResource,
+    trainer: TrainerResource,
 ) -> dg.Output[OnnxModelVersion]:
-    out = artifacts.path("models", trained_model.model_version) / "model.onnx"
-    info = export_onnx(trained_model.weights, out, imgsz=trained_model.imgsz, dynamic_batch=True)
+    folder = artifacts.path("models", trained_model.model_version)
+    primary, *others = trainer.shapes(trained_model.imgsz)
+    info = export_onnx(trained_model.weights, folder / "model.onnx", imgsz=primary,
+                       dynamic_batch=True)
+    variants = {
+        shape_label(hw): export_onnx(trained_model.weights,
+                                     folder / f"model.{shape_label(hw)}.onnx", imgsz=hw,
+                                     dynamic_batch=True)
+        for hw in others
+    }
     onnx = OnnxModelVersion(
-        model_version=trained_model.model_version, run_id=trained_model.run_id, info=info
+        model_version=trained_model.model_version, run_id=trained_model.run_id, info=info,
+        variants=variants,
     )
     _log_onnx(mlflow, trained_model.registered_name, onnx, "onnx_fp32_sha256")
-    context.log.info(f"exported {info.path} ({info.size_bytes / 1e6:.1f} MB)")
+    _log_variants(mlflow, onnx.run_id, variants)
+    context.log.info(f"exported {info.path} ({info.size_bytes / 1e6:.1f} MB) and "
+                     f"{len(variants)} variant(s): {', '.join(variants) or 'none'}")
     return dg.Output(
         onnx,
         metadata={
@@ -58,6 +84,8 @@ def onnx_model(
             "sha256": info.sha256,
             "size_mb": info.size_bytes / 1e6,
             "input_shape": str(info.input_shape),
+            "input_shapes": dg.MetadataValue.json(list(onnx.shapes())),
+            "variants": dg.MetadataValue.json(_variants_json(variants)),
             "opset": info.opset,
             "path": dg.MetadataValue.path(str(info.path)),
         },
@@ -68,7 +96,8 @@ def onnx_model(
     group_name=groups.MODELS,
     kinds={"onnx", "mlflow"},
     description=(
-        "Static INT8 (ONNX Runtime, QDQ) of the fp32 export, calibrated on curated train frames; "
+        "Static INT8 (ONNX Runtime, QDQ) of the fp32 export at each of its input shapes, "
+        "calibrated on curated train frames; "
         "which nodes stay in float was chosen by measurement (benchmarks/results/quantization_sweep.md)."
     ),
 )
@@ -84,13 +113,22 @@ def quantized_model(
     # Calibrate on curated *train* frames only: never on the frames the report evaluates.
     train_images = list_images(curated_dataset.dataset.path / "images" / "train")
     images = pick_calibration_frames(train_images, config.num_calibration_frames)
-    out = artifacts.path("models", onnx_model.model_version) / "model.int8.onnx"
-    info = quantize_int8(onnx_model.info.path, out, images, imgsz=onnx_model.info.imgsz, config=config)
+    folder = artifacts.path("models", onnx_model.model_version)
+    info = quantize_int8(onnx_model.info.path, folder / "model.int8.onnx", images,
+                         imgsz=onnx_model.info.input_hw, config=config)
+    variants = {  # every shape calibrated on the same frames, letterboxed into its own input
+        label: quantize_int8(v.path, folder / f"model.{label}.int8.onnx", images,
+                             imgsz=v.input_hw, config=config)
+        for label, v in onnx_model.variants.items()
+    }
     quantized = QuantizedModelVersion(
-        model_version=onnx_model.model_version, run_id=onnx_model.run_id, info=info
+        model_version=onnx_model.model_version, run_id=onnx_model.run_id, info=info,
+        variants=variants,
     )
     _log_onnx(mlflow, mlflow.registered_model_name, quantized, "onnx_int8_sha256")
-    context.log.info(f"quantized {len(images)} calibration frames -> {info.path}")
+    _log_variants(mlflow, quantized.run_id, variants)
+    context.log.info(f"quantized {len(images)} calibration frames -> {info.path} "
+                     f"(+ {len(variants)} variant(s))")
     return dg.Output(
         quantized,
         metadata={
@@ -99,6 +137,7 @@ def quantized_model(
             "fp32_sha256": onnx_model.info.sha256,
             "calibration_frames": len(images),
             "nodes_kept_float": info.excluded_nodes,
+            "variants": dg.MetadataValue.json(_variants_json(variants)),
             "config": dg.MetadataValue.json(config.model_dump(mode="json")),
             "path": dg.MetadataValue.path(str(info.path)),
         },

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from roadloop.data.datasets import CuratedDataset
 from roadloop.data.versioning import DatasetVersion
 from roadloop.evaluation.gates import GateOutcome
-from roadloop.models.export import OnnxModelInfo
+from roadloop.models.export import OnnxModelInfo, shape_label
 from roadloop.models.quantize import QuantizedModelInfo
 
 
@@ -33,15 +33,36 @@ class TrainedModelVersion(BaseModel):
 
 
 class OnnxModelVersion(BaseModel):
+    """``info``: the primary (square) export; ``variants``: the same model at the other input
+    shapes of ``export_shapes``, keyed by shape label (``"192x320"``, ``shape_label``)."""
+
     model_version: str
     run_id: str
     info: OnnxModelInfo
+    variants: dict[str, OnnxModelInfo] = {}
+
+    def shapes(self) -> dict[str, OnnxModelInfo]:
+        """Every export by shape label, the primary first."""
+        return {shape_label(self.info.input_hw): self.info, **self.variants}
 
 
 class QuantizedModelVersion(BaseModel):
+    """``info``: the INT8 of the primary export; ``variants``: the INT8 of each other shape."""
+
     model_version: str
     run_id: str
     info: QuantizedModelInfo
+    variants: dict[str, QuantizedModelInfo] = {}
+
+    def variant_files(self) -> dict[tuple[int, int], Path]:
+        """``(h, w)`` → INT8 file of each non-primary shape (``FleetResource.publish``)."""
+        return {parse_label(label): v.path for label, v in self.variants.items()}
+
+
+def parse_label(label: str) -> tuple[int, int]:
+    """``"192x320"`` → ``(192, 320)``."""
+    h, w = label.split("x")
+    return int(h), int(w)
 
 
 class BenchmarkReportFiles(BaseModel):

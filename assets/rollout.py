@@ -17,7 +17,8 @@ from .records import QuantizedModelVersion, TrainedModelVersion
     deps=[production_model],
     description=(
         "Publishes the new production version to the fleet gateway as an Ed25519-signed manifest "
-        "(INT8 ONNX, SHA-256, size, input size, classes) and starts a staged rollout "
+        "(INT8 ONNX, SHA-256, size, input size, classes; the model at its other input shapes as "
+        "signed variants, each camera served the shape that fits its frames) and starts a staged rollout "
         "(shadow → canary 5 % → 10 → 25 → 50 → 100). The rollout-health sensor drives it."
     ),
 )
@@ -44,6 +45,8 @@ def model_rollout(
             input_size=trained_model.imgsz,
             class_names=trained_model.class_names,
             fmt="onnx-int8",
+            input_shape=(trained_model.imgsz, trained_model.imgsz),
+            variants=quantized_model.variant_files() or None,
         )
         rollout = fleet.create_rollout(published["manifest_sha256"])
     except FleetUnavailable as exc:
@@ -68,6 +71,9 @@ def model_rollout(
             "hold_seconds": float(rollout["hold_seconds"]),
             "manifest_sha256": published["manifest_sha256"],
             "model_sha256": manifest["sha256"],
+            "input_shapes": dg.MetadataValue.json(
+                [manifest.get("input_shape")] + [v["input_shape"] for v in manifest.get("variants", [])]
+            ),
             "key_id": published["key_id"],
             "gateway": dg.MetadataValue.url(fleet.gateway_url),
             "previous_model_version": rollout.get("previous_model_version") or "none",

@@ -654,6 +654,7 @@ class EdgeAgent:
             sharpness=result.sharpness,
             occupancy=result.occupancy,
             density_state=result.density.label,
+            frame_size=(frame.image.shape[1], frame.image.shape[0]),
         )
         if not result.decision.sampled or result.frame_id is None:
             return

@@ -63,6 +63,9 @@ upload_failures                   failed upload attempts in the window (retried 
 outbox_depth, outbox_bytes        frames (and their bytes) waiting in the outbox now.
 outbox_evicted_total              frames evicted from the full outbox since it was created.
 last_upload_at                    time of the last acknowledged upload (``null`` if none).
+frame_width, frame_height         pixel size of the newest frame the detector took (``null``
+                                  before the first one; added without a version change): the
+                                  gateway picks the model input shape that fits the camera.
 ================================  ===========================================================
 
 The three frame-level histograms (drift monitoring compares distributions, not just window
@@ -203,6 +206,9 @@ class Heartbeat:
     sampling_base_rate: float | None = None
     sampling_hourly_budget: float | None = None
     sampling_boost_until: str | None = None
+    # the camera's frame size (see the module docstring)
+    frame_width: int | None = None
+    frame_height: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,6 +282,7 @@ class TelemetryWindow:
         self.inference_sum_ms = 0.0
         self.last_upload_at: float | None = None
         self.density_state = "normal"
+        self.frame_size: tuple[int, int] | None = None  # (width, height) of the newest frame
         self._reset(time.time())
 
     def _reset(self, now: float) -> None:
@@ -311,8 +318,11 @@ class TelemetryWindow:
         sharpness: float,
         occupancy: float,
         density_state: str,
+        frame_size: tuple[int, int] | None = None,
     ) -> None:
         with self._lock:
+            if frame_size is not None:
+                self.frame_size = (int(frame_size[0]), int(frame_size[1]))
             self._frames += 1
             self.frames_total += 1
             self.inference_buckets[bisect.bisect_left(INFERENCE_BUCKETS_MS, inference_ms)] += 1
@@ -450,6 +460,8 @@ class TelemetryWindow:
                 device_id=device_id,
                 agent_version=agent_version,
                 sent_at=utc_iso(now) or "",
+                frame_width=self.frame_size[0] if self.frame_size else None,
+                frame_height=self.frame_size[1] if self.frame_size else None,
             )
             self._reset(now)
         for key, value in (rollout or {}).items():

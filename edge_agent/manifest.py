@@ -13,6 +13,13 @@ The format:
   ``file``, ``sha256`` (64 lowercase hex digits of the model file), ``size`` (bytes),
   ``input_size``, ``class_names``, ``format`` (``MANIFEST_FORMATS``), ``created_at``,
   ``key_id`` and ``signature``.
+* Optional (older manifests lack them; the signature covers them when present):
+  ``input_shape`` (``[h, w]`` of the model file above; ``input_size`` is its long side) and
+  ``variants`` — the same model exported at other input shapes, each
+  ``{"input_shape": [h, w], "file", "sha256", "size"}``. The gateway tells each device which
+  shape fits its camera (``assignment.input_shape``); the agent takes that variant from the
+  verified manifest (``ModelManifest.for_shape``). An agent that ignores both serves the top-level
+  file, as before.
 * Canonical bytes (what is signed, ``canonical_bytes``): every field except ``signature``,
   ``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` in UTF-8.
 * ``signature``: the base64 Ed25519 signature over the canonical bytes.
@@ -40,7 +47,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +228,47 @@ def verify_manifest(manifest: Any, public_key: str | bytes) -> None:
     verify_signature(manifest, pub)
 
 
+def _shape(value: Any) -> tuple[int, int] | None:
+    """``[h, w]`` of positive ints as a tuple, else None."""
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    return None
+
+
+@dataclass(frozen=True)
+class ModelVariant:
+    """One more input shape of the manifest's model: its own file."""
+
+    input_shape: tuple[int, int]
+    file: str
+    sha256: str
+    size: int
+
+
+def _parse_variants(raw: Any, bad: Callable[[str], ManifestError]) -> tuple[ModelVariant, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise bad("manifest variants is not a list")
+    out = []
+    for i, v in enumerate(raw):
+        if not isinstance(v, Mapping):
+            raise bad(f"manifest variants[{i}] is not an object")
+        hw, sha, size = _shape(v.get("input_shape")), v.get("sha256"), v.get("size")
+        if hw is None:
+            raise bad(f"manifest variants[{i}].input_shape {v.get('input_shape')!r} is not [h, w]")
+        if not isinstance(sha, str) or not _HEX64.match(sha):
+            raise bad(f"manifest variants[{i}].sha256 is not 64 lowercase hex digits")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise bad(f"manifest variants[{i}].size {size!r} is not a positive integer")
+        out.append(ModelVariant(hw, str(v.get("file") or ""), sha, size))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ModelManifest:
     """A verified manifest, its fields checked (see the module docstring for the fields)."""
@@ -235,11 +283,31 @@ class ModelManifest:
     file: str = ""
     format: str = ""
     created_at: str = ""
+    input_shape: tuple[int, int] | None = None  # [h, w]; None: square input_size (old format)
+    variants: tuple[ModelVariant, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def short(self) -> str:
         return f"model_version {self.model_version} (sha256 {self.sha256[:12]}…)"
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.input_shape or (self.input_size, self.input_size)
+
+    def for_shape(self, shape: Any) -> ModelManifest:
+        """This manifest with the file of the variant whose input is ``shape`` ([h, w]); itself
+        when ``shape`` is None, its own shape, or not among the signed variants."""
+        hw = _shape(shape)
+        if hw is None or hw == self.input_hw:
+            return self
+        for v in self.variants:
+            if v.input_shape == hw:
+                return replace(
+                    self, sha256=v.sha256, size=v.size, file=v.file, input_shape=hw,
+                    input_size=max(hw),
+                )
+        return self
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> ModelManifest:
@@ -262,6 +330,11 @@ class ModelManifest:
         version = m.get("model_version")
         if not isinstance(version, (str, int)) or isinstance(version, bool) or version == "":
             raise bad(f"manifest model_version {version!r} is missing")
+        shape = m.get("input_shape")
+        hw = _shape(shape)
+        if shape is not None and (hw is None or max(hw) != imgsz):
+            raise bad(f"manifest input_shape {shape!r} is not [h, w] with long side {imgsz}")
+        variants = _parse_variants(m.get("variants"), bad)
         rid = m.get("rollout_id")
         return cls(
             model_version=str(version),
@@ -274,6 +347,8 @@ class ModelManifest:
             file=str(m.get("file") or ""),
             format=str(m.get("format") or ""),
             created_at=str(m.get("created_at") or ""),
+            input_shape=hw,
+            variants=variants,
             raw=dict(m),
         )
 
@@ -304,6 +379,7 @@ __all__ = [
     "ManifestError",
     "ManifestVerifier",
     "ModelManifest",
+    "ModelVariant",
     "PublicKeyError",
     "canonical_bytes",
     "decode_public_key",

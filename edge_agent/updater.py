@@ -73,6 +73,12 @@ UPDATE_STATUSES = ("idle", "downloading", "shadow", "serving", "rolled_back", "r
 
 
 # --------------------------------------------------------------------------- the updater
+
+def _shape_hint(body: Mapping) -> Any:
+    """``assignment.input_shape`` of a manifest poll: the gateway's pick for this camera."""
+    assignment = body.get("assignment")
+    return assignment.get("input_shape") if isinstance(assignment, Mapping) else None
+
 class ModelUpdater:
     """Polls the gateway for model assignments and applies them to a ``ModelSlot``.
 
@@ -314,7 +320,8 @@ class ModelUpdater:
             if mode != "none":
                 logger.warning("unknown assignment mode %r: treated as 'none'", mode)
             return self._leave_rollout(
-                rid, body.get("previous_model_version"), body.get("baseline")
+                rid, body.get("previous_model_version"), body.get("baseline"),
+                _shape_hint(body),
             )
         if not isinstance(manifest, Mapping):
             raise UpdateRejected(
@@ -324,13 +331,15 @@ class ModelUpdater:
         if prior and prior.get("permanent"):
             logger.info("manifest rejected earlier (%s); ignoring it", prior.get("reason"))
             return "skipped"
-        m = self._verify(manifest)
+        # The gateway names the input shape that fits this camera; only a shape the signed
+        # manifest lists is taken (any other hint leaves the manifest's own file).
+        m = self._verify(manifest).for_shape(_shape_hint(body))
         rid = rid or m.rollout_id
         logger.info(
-            "manifest verified: %s, %d bytes, input %d, signed by key_id %s, mode %s",
+            "manifest verified: %s, %d bytes, input %dx%d, signed by key_id %s, mode %s",
             m.short,
             m.size,
-            m.input_size,
+            *m.input_hw,
             m.key_id,
             mode,
         )
@@ -408,6 +417,12 @@ class ModelUpdater:
             raise bad(
                 f"model {m.sha256[:12]} has input size {det.input_size}, the manifest says "
                 f"{m.input_size}"
+            )
+        det_hw = tuple(getattr(det, "input_hw", (det.input_size, det.input_size)))
+        if m.input_shape is not None and det_hw != m.input_shape:
+            raise bad(
+                f"model {m.sha256[:12]} has input {det_hw[0]}x{det_hw[1]}, the manifest says "
+                f"{m.input_shape[0]}x{m.input_shape[1]}"
             )
         if m.class_names and list(det.class_names) != list(m.class_names):
             raise bad(
@@ -524,16 +539,18 @@ class ModelUpdater:
                 self._previous, self.state.previous = None, None
             return prev
 
-    def _baseline_model(self, baseline: Any) -> LoadedModel | None:
+    def _baseline_model(self, baseline: Any, shape: Any = None) -> LoadedModel | None:
         """The fleet's known-good model (the gateway's ``baseline`` manifest), verified,
         downloaded and loaded like any update — for a device with no previous model."""
         if not isinstance(baseline, Mapping):
             return None
-        bm = self._verify(baseline)
+        bm = self._verify(baseline).for_shape(shape)
         logger.info("no previous model on this device: falling back to the baseline %s", bm.short)
         return self._obtain(bm, bm.rollout_id)
 
-    def _leave_rollout(self, rid: str | None, previous_version: Any, baseline: Any = None) -> str:
+    def _leave_rollout(
+        self, rid: str | None, previous_version: Any, baseline: Any = None, shape: Any = None
+    ) -> str:
         with self._lock:
             shadow_rollout = self._shadow_rollout
             if self.store.pending is not None:  # a download for the withdrawn rollout
@@ -550,7 +567,7 @@ class ModelUpdater:
                 return "none"
             prev = self._swap_back(keep_old=True)
         if prev is None:  # no previous model here: the fleet's baseline, fetched off the lock
-            fallback = self._baseline_model(baseline)  # may raise: retried / reported
+            fallback = self._baseline_model(baseline, shape)  # may raise: retried / reported
             with self._lock:
                 cur = self.slot.current
                 if fallback is not None and fallback.sha256 != cur.sha256:

@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from fleet.db import Database, ModelManifestRow, RolloutRow, RolloutStatus, Token
 from fleet.rollout_policy import Stage
+from fleet.rollout_shapes import camera_frame_size
 from roadloop.errors import InvalidInputError
 from roadloop.release.signing import load_public_key
 
@@ -126,6 +127,7 @@ class ManifestCache:
         self.snapshot: dict[str, Any] = {}
         self._seq = 0
         self._bodies: dict[tuple[Any, ...], tuple[bytes, str]] = {}
+        self._frame_sizes: dict[str, tuple[int, int] | None] = {}  # per camera, per snapshot
 
     def invalidate(self) -> None:
         with self.lock:
@@ -142,6 +144,7 @@ class ManifestCache:
             self._seq += 1
             snap["seq"] = self._seq
             self.snapshot = snap
+            self._frame_sizes = {}
             self._loaded = (gen, time.monotonic())
         return snap
 
@@ -166,9 +169,25 @@ class ManifestCache:
                 "previous_model_version": ro.previous_model_version, "baseline": baseline,
             }
 
-    def encoded(self, snap: dict[str, Any], mode: str, out: BaseModel) -> tuple[bytes, str]:
-        """JSON body + ETag of an answer; cached per snapshot and mode (few distinct bodies)."""
-        key = (snap.get("seq"), mode)
+    def frame_size(self, camera_id: str) -> tuple[int, int] | None:
+        """The camera's frame size (``fleet.rollout_shapes``), looked up once per snapshot."""
+        with self.lock:
+            if camera_id in self._frame_sizes:
+                return self._frame_sizes[camera_id]
+        with self.db.read() as session:
+            size = camera_frame_size(session, camera_id)
+        with self.lock:
+            if len(self._frame_sizes) > 100_000:
+                self._frame_sizes.clear()
+            self._frame_sizes[camera_id] = size
+        return size
+
+    def encoded(
+        self, snap: dict[str, Any], mode: str, out: BaseModel, shape: Any = None
+    ) -> tuple[bytes, str]:
+        """JSON body + ETag of an answer; cached per snapshot, mode and input shape (few
+        distinct bodies)."""
+        key = (snap.get("seq"), mode, tuple(shape) if shape else None)
         with self.lock:
             hit = self._bodies.get(key)
         if hit is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 
 from fleet.bounds import (
     MAX_STAGES,
@@ -100,6 +100,19 @@ class Assignment(BaseModel):
     stage: str | None = None
     percent: float | None = None
     status: str | None = None
+    input_shape: list[int] | None = Field(
+        default=None,
+        description="[h, w] of the manifest variant that fits this camera's frames (absent: "
+        "the manifest's own file).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_no_shape(self, handler: Any) -> dict[str, Any]:
+        """No ``input_shape`` key when there is none: the body stays what older agents saw."""
+        data = handler(self)
+        if data.get("input_shape") is None:
+            data.pop("input_shape", None)
+        return data
 
 
 class ManifestOut(BaseModel):

@@ -83,11 +83,18 @@ from fleet.rollout_schemas import (
     RolloutCreate,
     RolloutOut,
 )
+from fleet.rollout_shapes import manifest_shapes, shape_for_camera
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut
-from roadloop.release.signing import SignatureError, manifest_sha256, verify_manifest
+from roadloop.release.signing import (
+    SignatureError,
+    check_manifest_fields,
+    manifest_sha256,
+    verify_manifest,
+)
 
 logger = logging.getLogger(__name__)
+MAX_VARIANTS = 4  # other input shapes one manifest may carry
 
 
 def require_device_or_admin(*, device_only: bool) -> Any:
@@ -167,10 +174,12 @@ async def publish_model(
 ) -> ModelPublished:
     """Publish a model: its file and signed manifest (size, SHA-256, signature checked)."""
     public_key = gw.model_key.get()
-    form = await read_form(request, max_files=1, max_fields=2, max_part_size=256 * 1024)
+    form = await read_form(request, max_files=1 + MAX_VARIANTS, max_fields=2,
+                           max_part_size=256 * 1024)
     try:
         raw_manifest = form.get("manifest")
         upload = form.get("file")
+        variant_uploads = [u for u in form.getlist("variant") if isinstance(u, UploadFile)]
         if raw_manifest is None:
             raise HTTPException(422, "missing form field 'manifest' (signed manifest JSON)")
         text = (await raw_manifest.read()).decode("utf-8", "replace") \
@@ -183,6 +192,7 @@ async def publish_model(
             raise HTTPException(422, str(exc)) from exc
         try:
             verify_manifest(manifest, public_key)
+            check_manifest_fields(manifest)
         except SignatureError as exc:
             raise HTTPException(422, f"manifest rejected: {exc}") from exc
         sha, size = str(manifest["sha256"]), manifest["size"]
@@ -203,9 +213,44 @@ async def publish_model(
                 raise HTTPException(422, f"model file rejected: {exc}") from exc
         elif not path.is_file():
             raise HTTPException(422, f"missing form field 'file': no stored model {sha}")
+        await _store_variants(gw, manifest, variant_uploads)
     finally:
         await form.close()
     return await run_in_threadpool(_record_model, gw, principal, manifest, request, response)
+
+
+async def _store_variants(gw: Gateway, manifest: dict[str, Any], uploads: list[UploadFile]
+                          ) -> None:
+    """Store the files of the manifest's ``variants`` (other input shapes): each upload in a
+    ``variant`` part is matched by file name; a variant whose file is stored may be left out."""
+    variants = manifest.get("variants") or []
+    if not isinstance(variants, list) or len(variants) > MAX_VARIANTS:
+        raise HTTPException(422, f"manifest variants must be a list of at most {MAX_VARIANTS}")
+    by_name: dict[str, UploadFile] = {}
+    for u in uploads:
+        if not u.filename or u.filename in by_name:
+            raise HTTPException(422, "each 'variant' part needs its own file name")
+        by_name[u.filename] = u
+    for i, v in enumerate(variants):
+        sha, size = (v.get("sha256"), v.get("size")) if isinstance(v, dict) else (None, None)
+        if not isinstance(size, int) or not 0 < size <= gw.settings.max_model_bytes:
+            raise HTTPException(422, f"manifest variants[{i}].size must be a positive integer of "
+                                f"at most {gw.settings.max_model_bytes} bytes, got {size!r}")
+        try:
+            path = gw.models.path_for(str(sha))
+        except ValueError as exc:
+            raise HTTPException(422, f"manifest variants[{i}].sha256: {exc}") from exc
+        upload = by_name.pop(str(v.get("file") or ""), None)
+        if upload is not None:
+            try:
+                await run_in_threadpool(gw.models.ingest, upload.file, sha, size)
+            except ModelFileRejected as exc:
+                raise HTTPException(422, f"variant file {upload.filename} rejected: {exc}") from exc
+        elif not path.is_file():
+            raise HTTPException(422, f"manifest variants[{i}] ({v.get('file')}): no 'variant' "
+                                f"part of that name and no stored model {sha}")
+    if by_name:
+        raise HTTPException(422, f"'variant' part(s) {sorted(by_name)} not in the manifest")
 
 
 def _record_model(gw: Gateway, principal: Principal, manifest: dict[str, Any],
@@ -448,6 +493,7 @@ def get_manifest(request: Request, principal: DeviceReader, gw: GatewayDep) -> R
     """This device's assignment: which model to serve or shadow (ETag / If-None-Match)."""
     snap = gw.manifests.current()
     assert principal.device_id is not None
+    shape: list[int] | None = None
     if snap.get("rollout") is None:
         out = ManifestOut(assignment=Assignment(mode="none"))
     else:
@@ -455,13 +501,16 @@ def get_manifest(request: Request, principal: DeviceReader, gw: GatewayDep) -> R
         status = snap["status"]
         mode = assignment_mode(principal.device_id, stage, status, snap["threshold"])
         live = mode != "none"
+        shapes = manifest_shapes(snap["manifest"] if live else snap["baseline"])
+        if shapes and principal.camera_id:
+            shape = shape_for_camera(gw.manifests.frame_size(principal.camera_id), shapes)
         out = ManifestOut(
             assignment=Assignment(mode=mode, rollout_id=snap["rollout"], stage=stage.name,
                                   percent=100.0 if status == RolloutStatus.complete.value
-                                  else stage.percent, status=status),
+                                  else stage.percent, status=status, input_shape=shape),
             manifest=snap["manifest"] if live else None,
             previous_model_version=snap["previous_model_version"], baseline=snap["baseline"])
-    body, etag = gw.manifests.encoded(snap, out.assignment.mode, out)
+    body, etag = gw.manifests.encoded(snap, out.assignment.mode, out, shape)
     gw.stats.count("manifest_polls")
     match = request.headers.get("if-none-match")
     if match and etag in [t.strip() for t in match.split(",")]:

@@ -243,6 +243,9 @@ class HeartbeatIn(BaseModel):
     camera_id: FrameId
     sent_at: EventTime
     model_version: Name | None
+    # the camera's frame size (optional: older agents do not send it; fleet.rollout_shapes)
+    frame_width: Pixels | None = None
+    frame_height: Pixels | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -57,7 +57,8 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
         raise ValueError(f"unknown ROADLOOP_PROFILE {profile!r}; choose one of {PROFILES}")
     settings.ensure_dirs()
 
-    trainer = TrainerResource(model=settings.train_model)
+    shapes = list(settings.export_shapes)
+    trainer = TrainerResource(model=settings.train_model, export_shapes=shapes)
     federation = FederationResource(rounds=5)
     road = settings.shared_dir / "videos" / "cctv_street.mp4"  # the counting scene's road
     # The quality floor every candidate must reach; the demo and test profiles relax it (a
@@ -71,7 +72,8 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
                                   **floor, **gate)
     max_frames = None
     if profile == "demo":
-        trainer = TrainerResource(model=settings.train_model, imgsz=320, epochs=settings.demo_epochs)
+        trainer = TrainerResource(model=settings.train_model, imgsz=320, epochs=settings.demo_epochs,
+                                  export_shapes=shapes)
         federation = FederationResource(rounds=2, imgsz=320)
         benchmark = BenchmarkResource(
             warmup=10, runs=100, **TINY_COUNTING,
@@ -80,7 +82,9 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
             **gate,
         )
     elif profile == "test":
-        trainer = TrainerResource(model=settings.train_model, imgsz=96, epochs=1, batch=4)
+        # imgsz 96: the square 96x96 and, with the default shapes, one 64x96 rectangle.
+        trainer = TrainerResource(model=settings.train_model, imgsz=96, epochs=1, batch=4,
+                                  export_shapes=shapes)
         federation = FederationResource(rounds=1, imgsz=64, batch=4)
         # One epoch at 96 px scores mAP50-95 near 0, where a per cent of it is noise: the test
         # profile checks the gate's wiring (absolute limit as configured, relative and per-class
@@ -93,6 +97,7 @@ def build_resources(settings: Settings | None = None, profile: str | None = None
                "int8_class_max_drop_points": 100.0},
         )
         max_frames = 6
+    trainer.shapes(trainer.imgsz)  # a misspelt ROADLOOP_EXPORT_SHAPES fails here, not at export
 
     return {
         "io_manager": dg.FilesystemIOManager(base_dir=str(settings.dagster_home / "storage")),

@@ -8,6 +8,7 @@ else the file ``admin_token_file`` (default ``<home>/fleet/admin-token``; create
 ``roadloop fleet admin-token create > .roadloop/fleet/admin-token``).
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -111,20 +112,26 @@ class FleetResource(dg.ConfigurableResource):
         class_names: list[str],
         fmt: str = "onnx-int8",
         rollout_id: str | None = None,
+        input_shape: tuple[int, int] | None = None,
+        variants: dict[tuple[int, int], Path] | None = None,
     ) -> dict[str, Any]:
-        """Build + sign the manifest and upload file + manifest. Returns ``{manifest,
-        manifest_sha256, key_id, published}``."""
+        """Build + sign the manifest and upload file + manifest (+ the files of ``variants``,
+        the same model at other input shapes). Returns ``{manifest, manifest_sha256, key_id,
+        published}``."""
         key = load_or_create_signing_key(self.signing_key_dir())
         manifest = sign_manifest(
             build_manifest(model_version, Path(onnx_path), input_size, class_names, rollout_id,
-                           fmt),
+                           fmt, input_shape=input_shape, variants=variants),
             key,
         )
-        with open(onnx_path, "rb") as fh:
+        with contextlib.ExitStack() as stack:
+            files = [("file", (Path(onnx_path).name, stack.enter_context(open(onnx_path, "rb")),
+                               "application/octet-stream"))]
+            for path in (variants or {}).values():
+                files.append(("variant", (Path(path).name, stack.enter_context(open(path, "rb")),
+                                          "application/octet-stream")))
             published = self._request(
-                "POST", "/v1/models",
-                files={"file": (Path(onnx_path).name, fh, "application/octet-stream")},
-                data={"manifest": json.dumps(manifest)},
+                "POST", "/v1/models", files=files, data={"manifest": json.dumps(manifest)},
             )
         return {"manifest": manifest, "manifest_sha256": manifest_sha256(manifest),
                 "key_id": key_id(key), "published": published}

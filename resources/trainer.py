@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from roadloop.models.shapes import export_shapes
 from roadloop.models.training import TrainConfig
 
 
@@ -18,6 +19,13 @@ class TrainerResource(dg.ConfigurableResource):
     workers: int = 0
     seed: int = 0
     fraction: float = 1.0
+    # Input shapes the model is exported, quantized, gated and rolled out at (settings
+    # ``export_shapes``; roadloop.models.shapes): the square one first, the primary artifact.
+    export_shapes: list[str] = ["square", "16:9"]  # noqa: RUF012 (pydantic copies defaults)
+
+    def shapes(self, imgsz: int) -> list[tuple[int, int]]:
+        """``(h, w)`` of every export at ``imgsz``, the square first."""
+        return export_shapes(self.export_shapes, imgsz)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(

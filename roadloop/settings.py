@@ -11,9 +11,10 @@ from __future__ import annotations
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -62,6 +63,15 @@ class Settings(BaseSettings):
     int8_class_max_drop_points: float = Field(default=3.0, ge=0)
     int8_class_max_drop_pct: float = Field(default=25.0, ge=0)
     int8_class_min_instances: int = Field(default=50, ge=1)
+
+    # Input shapes every model is exported, quantized, gated and rolled out at
+    # (roadloop.models.shapes; docs/fleet-api.md "Rectangular models"): "square" (imgsz x imgsz),
+    # an aspect "W:H" (long side imgsz, short side rounded up to a multiple of 32: 16:9 at 320
+    # is 192x320) or an explicit "HxW". The gateway serves each camera the one fitting its frames.
+    # From the environment: comma-separated (ROADLOOP_EXPORT_SHAPES=square: no rectangles).
+    export_shapes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["square", "16:9"], min_length=1
+    )
 
     # Model registry.
     registered_model_name: str = "roadloop-detector"
@@ -122,6 +132,18 @@ class Settings(BaseSettings):
     retention_raw_frames_days: float = Field(default=30.0, gt=0)
     retention_heartbeats_days: float = Field(default=30.0, gt=0)
     retention_traffic_days: float = Field(default=90.0, gt=0)
+
+    @field_validator("export_shapes", mode="before")
+    @classmethod
+    def _split_shapes(cls, v: object) -> object:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [p.strip() for p in text.split(",") if p.strip()]
+        return v
 
     @field_validator("drift_window_minutes")
     @classmethod

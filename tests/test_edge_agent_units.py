@@ -498,6 +498,7 @@ def test_heartbeat_schema_is_versioned_and_documented() -> None:
         sharpness=70.0,
         occupancy=0.2,
         density_state="warning",
+        frame_size=(1280, 720),
     )
     tw.record_dropped(3)
     tw.record_error()  # not a frame (a rejected upload, say)
@@ -517,7 +518,11 @@ def test_heartbeat_schema_is_versioned_and_documented() -> None:
     ] == pytest.approx(10.0)
     assert data["density_state"] == "warning" and data["dropped_frames"] == 3
     assert (data["outbox_depth"], data["outbox_evicted_total"]) == (4, 1)
+    assert (data["frame_width"], data["frame_height"]) == (1280, 720)
     nxt = tw.build(outbox_depth=0, outbox_bytes=0, outbox_evicted_total=1)  # a fresh window
+    assert (nxt.frame_width, nxt.frame_height) == (1280, 720)  # the newest frame's, kept
+    assert TelemetryWindow("c", "m", ["car"]).build(
+        outbox_depth=0, outbox_bytes=0, outbox_evicted_total=0).frame_width is None
     assert nxt.frames_processed == 0 and nxt.latency_p50_ms is None and nxt.errors_total == 2
     assert nxt.errors == nxt.other_errors == 0
     json.loads(nxt.to_json())  # no NaN in an empty window

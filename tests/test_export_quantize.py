@@ -187,3 +187,18 @@ def test_failed_export_leaves_nothing(tmp_path):
     with pytest.raises(InvalidInputError, match="fake.pt"):
         export_onnx(fake, out_dir / "m.onnx", imgsz=64)
     assert not any(out_dir.iterdir())
+
+
+def test_rectangular_export_quantize_and_agent_on_16_9_frame(tiny_pt, frames, tmp_path):
+    from edge_agent.inference import OnnxDetector
+
+    info = export_onnx(tiny_pt, tmp_path / "wide.onnx", imgsz=(64, 96), dynamic_batch=True)
+    assert info.input_shape[1:] == [3, 64, 96] and info.input_hw == (64, 96)
+    assert info.imgsz == 96  # the long side, like the manifest's input_size
+    q = quantize_int8(info.path, tmp_path / "wide.int8.onnx", frames, imgsz=(64, 96),
+                      config=QuantConfig(num_calibration_frames=2))
+    det = OnnxDetector(q.path, conf_threshold=0.0)
+    assert det.input_hw == (64, 96)
+    frame = np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8)  # 16:9
+    for d in det.detect(frame):
+        assert 0 <= d.x1 <= d.x2 <= 160 and 0 <= d.y1 <= d.y2 <= 90

@@ -13,8 +13,8 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-GATES = ("candidate_not_worse_than_production", "int8_accuracy_drop", "p95_latency_within_budget",
-         "model_meets_quality_floor")
+GATES = ("candidate_not_worse_than_production", "int8_accuracy_drop", "int8_accuracy_drop_per_shape",
+         "p95_latency_within_budget", "model_meets_quality_floor")
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -39,7 +39,7 @@ def _materialize(resources: dict, instance: dg.DagsterInstance) -> dg.ExecuteInP
 
 
 def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_path: Path) -> None:
-    from resources import TINY_COUNTING, BenchmarkResource, build_resources
+    from resources import TINY_COUNTING, BenchmarkResource, TrainerResource, build_resources
     from roadloop.data.versioning import DvcStore
     from roadloop.fsutil import sha256_file
     from roadloop.models.mlflow_model import PENDING
@@ -87,14 +87,19 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     )
     assert _tree_digest(restored) == _tree_digest(curated.dataset.path)
 
-    # ONNX files load and run in onnxruntime.
+    # ONNX files load and run in onnxruntime, at every exported shape (the test profile: the
+    # square 96x96 and the 16:9 rectangle 64x96), fp32 and INT8.
     imgsz = first.asset_value("onnx_model").info.imgsz
+    shapes = {"96x96": (imgsz, imgsz), "64x96": (64, 96)}
+    assert list(first.asset_value("onnx_model").shapes()) == list(shapes)
+    assert list(first.asset_value("quantized_model").variants) == ["64x96"]
     for asset_key in ("onnx_model", "quantized_model"):
-        info = first.asset_value(asset_key).info
-        session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
-        inp = session.get_inputs()[0]
-        out = session.run(None, {inp.name: np.zeros((2, 3, imgsz, imgsz), np.float32)})
-        assert out[0].shape[:2] == (2, 4 + 5)  # batch, box + 5 taxonomy classes
+        value = first.asset_value(asset_key)
+        for label, info in {"96x96": value.info, **value.variants}.items():
+            session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+            inp = session.get_inputs()[0]
+            out = session.run(None, {inp.name: np.zeros((2, 3, *shapes[label]), np.float32)})
+            assert out[0].shape[:2] == (2, 4 + 5)  # batch, box + 5 taxonomy classes
 
     # The report exists with numbers in range.
     report = first.asset_value("benchmark_report")
@@ -143,11 +148,22 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
         and measured["classes_failed"] == "none"
     )
 
+    # Every shape has its report row and its own INT8 gate, which the per-shape check reads.
+    assert [r.shape for r in parsed.shape_rows] == list(shapes)
+    assert "Input shapes" in report.markdown.read_text()
+    shape_gates = {g.name: g.passed for g in report.gates if "@" in g.name}
+    assert shape_gates == {f"int8_drop@{k}": r.gate_passed
+                           for k, r in zip(shapes, parsed.shape_rows, strict=True)}
+    assert evaluations["int8_accuracy_drop_per_shape"].passed == all(shape_gates.values())
+
     prod = tracker.version_by_alias(name, "production")
     assert prod is not None and prod.version == "1"
 
     # 2nd turn with an impossible latency budget: the blocking check fails and
-    # production_model does not run, so the `production` alias does not move.
+    # production_model does not run, so the `production` alias does not move. Square only
+    # (ROADLOOP_EXPORT_SHAPES=square): no variants, and the per-shape check has nothing to add.
+    resources["trainer"] = TrainerResource(**{**resources["trainer"].model_dump(),
+                                              "export_shapes": ["square"]})
     resources["benchmark"] = BenchmarkResource(
         warmup=1, runs=3, batch_sizes=[1], slices=["blur"], calibration_frames=4,
         p95_latency_budget_ms=0.001, max_int8_drop_points=100.0, max_int8_drop_pct=100.0,
@@ -162,9 +178,13 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     assert {n: checks2.get(n) for n in GATES} == {
         "candidate_not_worse_than_production": True,
         "int8_accuracy_drop": True,
+        "int8_accuracy_drop_per_shape": True,
         "p95_latency_within_budget": False,
         "model_meets_quality_floor": True,
     }
+    assert second.asset_value("onnx_model").variants == {}
+    second_json = second.asset_value("benchmark_report").results_json.read_text()
+    assert BenchmarkResults.model_validate_json(second_json).shape_rows == []
     assert all(passed for n, passed in checks2.items() if n not in GATES), checks2
     assert "production_model" not in {
         e.asset_key.to_user_string() for e in second.get_asset_materialization_events()

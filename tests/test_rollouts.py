@@ -579,9 +579,17 @@ def test_model_rollout_asset_and_health_sensor(live_gateway: tuple[str, str, Pat
     trained = TrainedModelVersion(
         registered_name="roadloop-detector", model_version=mv.version, run_id=run_id,
         weights=tmp_path / "best.pt", imgsz=320, class_names=CLASSES, dataset_md5="x")
-    quant = QuantizedModelVersion(model_version=mv.version, run_id=run_id, info=QuantizedModelInfo(
-        path=onnx, sha256="0" * 64, size_bytes=5000, fp32_path=onnx, fp32_sha256="0" * 64,
-        excluded_nodes=0, quantized_nodes=0, calibration_frames=0, config=QuantConfig()))
+    wide = tmp_path / "model.192x320.int8.onnx"
+    wide.write_bytes(os.urandom(3000))
+
+    def info(path: Path) -> QuantizedModelInfo:
+        return QuantizedModelInfo(
+            path=path, sha256="0" * 64, size_bytes=path.stat().st_size, fp32_path=path,
+            fp32_sha256="0" * 64, excluded_nodes=0, quantized_nodes=0, calibration_frames=0,
+            config=QuantConfig())
+
+    quant = QuantizedModelVersion(model_version=mv.version, run_id=run_id, info=info(onnx),
+                                  variants={"192x320": info(wide)})
     fleet = FleetResource(gateway_url=url, admin_token=admin, key_dir=str(keys), hold_seconds=0)
 
     def run_asset() -> dg.MaterializeResult:
@@ -594,6 +602,8 @@ def test_model_rollout_asset_and_health_sensor(live_gateway: tuple[str, str, Pat
     result = run_asset()
     md = result.metadata
     assert md["stage"] == "shadow" and md["model_version"] == mv.version
+    # The square file is the manifest's own; the 16:9 INT8 is a signed variant beside it.
+    assert md["input_shapes"].value == [[320, 320], [192, 320]]
     assert md["key_id"] == key_id(load_public_key(keys / PUBLIC_KEY_FILE))
     rid = md["rollout_id"]
 

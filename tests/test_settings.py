@@ -53,3 +53,18 @@ def test_dedupe_policy_from_environment(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("ROADLOOP_DEDUPE_MAX_HAMMING", "99")
     with pytest.raises(ValueError, match="dedupe_max_hamming"):
         Settings(home=tmp_path)
+
+
+def test_export_shapes_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from resources import build_resources
+
+    monkeypatch.setenv("ROADLOOP_HOME", str(tmp_path))
+    monkeypatch.setenv("ROADLOOP_EXPORT_SHAPES", "square")  # rectangles off
+    assert build_resources(Settings(), profile="test")["trainer"].shapes(96) == [(96, 96)]
+    monkeypatch.setenv("ROADLOOP_EXPORT_SHAPES", "square, 16:9,224x416")
+    assert Settings().export_shapes == ["square", "16:9", "224x416"]
+    monkeypatch.setenv("ROADLOOP_EXPORT_SHAPES", '["16:9"]')
+    assert Settings().export_shapes == ["16:9"]
+    monkeypatch.setenv("ROADLOOP_EXPORT_SHAPES", "square,wide")
+    with pytest.raises(ValueError, match="wide"):
+        build_resources(Settings(), profile="test")

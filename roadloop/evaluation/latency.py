@@ -68,7 +68,8 @@ def _torch_runner(
 
 
 def _onnx_runner(
-    model_path: Path, imgsz: int, device: str, seed: int, threads: int | None
+    model_path: Path, imgsz: int | tuple[int, int], device: str, seed: int,
+    threads: int | None,
 ) -> Callable[[int], Callable[[], Any] | None]:
     import onnxruntime as ort
 
@@ -88,8 +89,8 @@ def _onnx_runner(
         raise InvalidInputError(model_path, f"ONNX Runtime cannot load the model ({exc})") from exc
     inp = sess.get_inputs()[0]
     dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-    hw = [d for d in inp.shape[2:4] if isinstance(d, int)]
-    if any(d != imgsz for d in hw):
+    want = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+    if any(isinstance(d, int) and d != w for d, w in zip(inp.shape[2:4], want, strict=True)):
         raise InvalidInputError(
             model_path, f"ONNX input is {inp.shape}, but imgsz={imgsz} was asked"
         )
@@ -103,7 +104,7 @@ def _onnx_runner(
                 batch,
             )
             return None
-        x = np.random.default_rng(seed).random((batch, 3, imgsz, imgsz)).astype(dtype)
+        x = np.random.default_rng(seed).random((batch, 3, *want)).astype(dtype)
         feed = {inp.name: x}
         return lambda: sess.run(None, feed)
 
@@ -113,7 +114,7 @@ def _onnx_runner(
 def measure_latency(
     model_path: Path,
     *,
-    imgsz: int,
+    imgsz: int | tuple[int, int],
     batch_sizes: Iterable[int] = (1, 4, 8),
     warmup: int = 10,
     runs: int = 100,
@@ -130,6 +131,7 @@ def measure_latency(
     ``intra_op_num_threads=threads`` (CUDA provider when ``device`` resolves to cuda).
     ``threads=None`` leaves each runtime's default. An ONNX file with a static batch
     dimension is measured only at that batch size (others are skipped with a warning).
+    ``imgsz`` is the side or, for an ONNX file with a rectangular input, its ``(h, w)``.
     """
     model_path = check_model_file(Path(model_path))
     if runs < 1 or warmup < 0:
@@ -146,6 +148,8 @@ def measure_latency(
         torch.set_num_threads(threads)
     try:
         if model_path.suffix.lower() == ".pt":
+            if not isinstance(imgsz, int):
+                raise ValueError(f"a PyTorch model is timed at a square imgsz, not {imgsz}")
             make = _torch_runner(model_path, imgsz, dev, seed)
         else:
             make = _onnx_runner(model_path, imgsz, dev, seed, threads)

@@ -28,6 +28,7 @@ from roadloop.evaluation.report_context import (
     gate_rows,
 )
 from roadloop.evaluation.results import FORMAT_LABELS, BenchmarkResults
+from roadloop.evaluation.shape_report import shape_protocol_line, shape_rows
 from roadloop.evaluation.testsets import ALL, SLICE_DESCRIPTIONS
 from roadloop.fsutil import write_text_atomic
 
@@ -295,6 +296,9 @@ def render_markdown(
     if results.counting_rows:
         parts += ["", "**Counting on tracks**", "", counting_protocol_line(results), "",
                   _md_table(*counting_rows(results))]
+    if results.shape_rows:
+        parts += ["", "**Input shapes**", "", shape_protocol_line(results), "",
+                  _md_table(*shape_rows(results))]
     return "\n".join(parts) + "\n"
 
 
@@ -525,6 +529,12 @@ def render_html(
             f"<p class='note'>{html.escape(counting_protocol_line(results))}</p>",
             _html_table(*counting_rows(results)),
             _html_table(*counting_line_rows(results)),
+        ]
+    if results.shape_rows:
+        sec += [
+            "<h2>Input shapes</h2>",
+            f"<p class='note'>{html.escape(shape_protocol_line(results))}</p>",
+            _html_table(*shape_rows(results)),
         ]
     others = [
         t

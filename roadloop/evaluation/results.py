@@ -163,6 +163,23 @@ class LatencyRow(BaseModel):
     stats: LatencyStats
 
 
+class ShapeRow(BaseModel):
+    """One exported input shape of the candidate (``roadloop.evaluation.shape_accuracy``):
+    fp32 and INT8 ONNX scored at that shape on the primary test set, their forward latency,
+    and the verdict of the INT8 gate for the shape."""
+
+    shape: str  # "192x320" (h x w)
+    version: str
+    test_set: str
+    fp32: DetectionMetrics
+    int8: DetectionMetrics
+    fp32_latency: LatencyStats | None = None
+    int8_latency: LatencyStats | None = None
+    gate: str = ""  # the gate's name, e.g. int8_drop@192x320
+    gate_passed: bool = True
+    gate_description: str = ""
+
+
 class BenchmarkResults(BaseModel):
     """Everything the benchmark measured; ``model_dump_json()`` is the report's JSON."""
 
@@ -179,6 +196,7 @@ class BenchmarkResults(BaseModel):
     counting_config: CountingConfig | None = None  # None: counting was not run
     counting_scene: dict = Field(default_factory=dict)  # the TrafficScene as run, as JSON
     counting_rows: list[CountingRow] = Field(default_factory=list)
+    shape_rows: list[ShapeRow] = Field(default_factory=list)  # one per exported shape
 
     def get(self, model: str, format: str, test_set: str) -> DetectionMetrics | None:
         for r in self.rows:

@@ -1,7 +1,8 @@
 """ONNX export of Ultralytics detectors, and checks that a file really is a usable ONNX model.
 
 Shape policy: the exported graph has a **dynamic batch** dimension (the benchmark runs
-batch 1/4/8) and **static spatial dimensions** (``imgsz`` × ``imgsz``). Ultralytics'
+batch 1/4/8) and **static spatial dimensions** (``imgsz`` × ``imgsz``, or ``(h, w)`` for a
+rectangular input such as 192×320 for 16:9 cameras; both multiples of the stride, 32). Ultralytics'
 ``dynamic=True`` makes height and width dynamic too, which leaves ``Shape/Range/Expand``
 anchor arithmetic in the graph; we pin height/width back to ``imgsz`` and fold that
 arithmetic away with onnxslim. The result has the same operator set as a static export
@@ -26,6 +27,20 @@ from roadloop.fsutil import sha256_file
 logger = logging.getLogger(__name__)
 
 BATCH_DIM = "batch"
+STRIDE = 32
+
+
+def input_hw(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``imgsz`` (a side, or ``(h, w)``) as ``(h, w)``; each a positive multiple of 32."""
+    hw = (int(imgsz), int(imgsz)) if isinstance(imgsz, int) else tuple(int(v) for v in imgsz)
+    if len(hw) != 2 or any(v <= 0 or v % STRIDE for v in hw):
+        raise ValueError(f"input shape must be (h, w), multiples of {STRIDE}; got {imgsz!r}")
+    return hw[0], hw[1]
+
+
+def shape_label(hw: tuple[int, int] | list[int]) -> str:
+    """``"192x320"``: how a shape names files and report rows."""
+    return f"{int(hw[0])}x{int(hw[1])}"
 
 
 class OnnxModelInfo(BaseModel):
@@ -37,13 +52,21 @@ class OnnxModelInfo(BaseModel):
     input_name: str
     input_shape: list[int | str]  # e.g. ["batch", 3, 320, 320]
     output_shape: list[int | str]  # e.g. ["batch", 4 + nc, anchors]
-    imgsz: int
+    imgsz: int  # the long side (the square size for a square model)
     class_names: list[str]
     opset: int
 
     @property
     def dynamic_batch(self) -> bool:
         return isinstance(self.input_shape[0], str)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(h, w) of the input; ``(imgsz, imgsz)`` when the spatial dims are dynamic."""
+        h, w = self.input_shape[2], self.input_shape[3]
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            return h, w
+        return self.imgsz, self.imgsz
 
 
 def _dims(value_info) -> list[int | str]:
@@ -125,7 +148,8 @@ def load_onnx_metadata(path: Path) -> OnnxModelInfo:
     in_shape, out_shape = _dims(inp), _dims(out)
     if len(in_shape) != 4:
         raise InvalidInputError(path, f"expected an NCHW image input, got shape {in_shape}")
-    imgsz = in_shape[2] if isinstance(in_shape[2], int) and in_shape[2] > 0 else None
+    spatial = [d for d in in_shape[2:4] if isinstance(d, int) and d > 0]
+    imgsz = max(spatial) if spatial else None
     if imgsz is None and meta.get("imgsz"):
         try:
             imgsz = int(ast.literal_eval(meta["imgsz"])[0])
@@ -149,15 +173,15 @@ def load_onnx_metadata(path: Path) -> OnnxModelInfo:
     )
 
 
-def _pin_spatial_dims(onnx_path: Path, imgsz: int) -> None:
+def _pin_spatial_dims(onnx_path: Path, hw: tuple[int, int]) -> None:
     """Turn an all-dynamic Ultralytics export into dynamic-batch, static-HW (see module doc)."""
     import onnx
     import onnxslim
     from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
 
     model = onnx.load(str(onnx_path))
-    for dim_name in ("height", "width"):
-        make_dim_param_fixed(model.graph, dim_name, imgsz)
+    for dim_name, size in zip(("height", "width"), hw, strict=True):
+        make_dim_param_fixed(model.graph, dim_name, size)
     slim = onnxslim.slim(model)
     meta = {p.key: p.value for p in model.metadata_props}
     if not slim.metadata_props:  # keep Ultralytics' metadata (names, stride, imgsz ...)
@@ -166,14 +190,16 @@ def _pin_spatial_dims(onnx_path: Path, imgsz: int) -> None:
     onnx.save(slim, str(onnx_path))
 
 
-def _check_runs(onnx_path: Path, imgsz: int, nc: int, batches: tuple[int, ...]) -> None:
+def _check_runs(
+    onnx_path: Path, hw: tuple[int, int], nc: int, batches: tuple[int, ...]
+) -> None:
     """Run the model on zeros; the output must be (batch, 4 + nc, anchors)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     for b in batches:
-        out = sess.run(None, {name: np.zeros((b, 3, imgsz, imgsz), np.float32)})[0]
+        out = sess.run(None, {name: np.zeros((b, 3, *hw), np.float32)})[0]
         if out.ndim != 3 or out.shape[0] != b or out.shape[1] != 4 + nc:
             raise RuntimeError(
                 f"exported {onnx_path} gave output shape {out.shape} for batch {b}, "
@@ -185,11 +211,14 @@ def export_onnx(
     weights: Path,
     out_path: Path,
     *,
-    imgsz: int,
+    imgsz: int | tuple[int, int],
     dynamic_batch: bool = True,
     opset: int | None = None,
 ) -> OnnxModelInfo:
     """Export an Ultralytics ``.pt`` detector to ``out_path`` (fp32, no NMS in the graph).
+
+    ``imgsz`` is the square side or ``(h, w)`` (multiples of 32), e.g. ``(192, 320)``: a
+    16:9 camera frame letterboxed into it wastes no pixels on padding.
 
     Ultralytics writes the ``.onnx`` next to its weights, so the checkpoint is staged into a
     temporary folder beside ``out_path`` (the source may be read-only), exported there,
@@ -197,6 +226,7 @@ def export_onnx(
     ``os.replace``. On any failure nothing is left at ``out_path``.
     """
     weights, out_path = Path(weights), Path(out_path)
+    hw = input_hw(imgsz)
     if not weights.is_file():
         raise MissingDataError(f"weights to export not found: {weights}", weights)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,13 +249,14 @@ def export_onnx(
             ) from exc
         nc = len(model.names)
         logger.info(
-            "exporting %s to ONNX (imgsz=%d, dynamic_batch=%s)", weights, imgsz, dynamic_batch
+            "exporting %s to ONNX (imgsz=%s, dynamic_batch=%s)", weights, shape_label(hw),
+            dynamic_batch,
         )
         kwargs = {"opset": opset} if opset is not None else {}
         exported = Path(
             model.export(
                 format="onnx",
-                imgsz=imgsz,
+                imgsz=hw[0] if hw[0] == hw[1] else list(hw),
                 dynamic=dynamic_batch,
                 batch=1,
                 simplify=True,
@@ -237,8 +268,8 @@ def export_onnx(
             )
         )
         if dynamic_batch:
-            _pin_spatial_dims(exported, imgsz)
-        _check_runs(exported, imgsz, nc, (1, 2) if dynamic_batch else (1,))
+            _pin_spatial_dims(exported, hw)
+        _check_runs(exported, hw, nc, (1, 2) if dynamic_batch else (1,))
         os.replace(exported, out_path)
     info = load_onnx_metadata(out_path)
     logger.info("exported %s (%s, %d bytes)", out_path, info.sha256[:12], info.size_bytes)

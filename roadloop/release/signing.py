@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from edge_agent.manifest import (
     MANIFEST_FORMATS,
     MANIFEST_VERSION,
     REQUIRED_FIELDS,
+    ModelManifest,
     PublicKeyError,
     canonical_bytes,
     decode_public_key,
@@ -107,6 +109,12 @@ def load_public_key(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- manifests
+def check_manifest_fields(manifest: Mapping[str, Any]) -> None:
+    """Raise ``SignatureError`` unless the fields an agent acts on are well formed (input
+    shape and variants included): what the gateway checks before it publishes."""
+    ModelManifest.parse(manifest)
+
+
 def new_rollout_id() -> str:
     return f"ro-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(4)}"
 
@@ -118,8 +126,15 @@ def build_manifest(
     class_names: list[str],
     rollout_id: str | None = None,
     fmt: str = "onnx-int8",
+    *,
+    input_shape: tuple[int, int] | None = None,
+    variants: Mapping[tuple[int, int], Path] | None = None,
 ) -> dict[str, Any]:
-    """An unsigned manifest for ``onnx_path`` (``sign_manifest`` adds key_id + signature)."""
+    """An unsigned manifest for ``onnx_path`` (``sign_manifest`` adds key_id + signature).
+
+    ``input_shape`` is ``onnx_path``'s ``(h, w)`` (long side ``input_size``); ``variants`` maps
+    other ``(h, w)`` shapes to their files of the same model, each recorded with its SHA-256
+    and size (``edge_agent.manifest``: the signature covers them)."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise InvalidInputError(onnx_path, "model file not found")
@@ -129,7 +144,25 @@ def build_manifest(
         raise ValueError(f"input_size must be > 0, got {input_size}")
     if not class_names or not all(isinstance(c, str) and c for c in class_names):
         raise ValueError("class_names must be a non-empty list of names")
+    extra: dict[str, Any] = {}
+    if input_shape is not None:
+        hw = [int(v) for v in input_shape]
+        if len(hw) != 2 or min(hw) <= 0 or max(hw) != int(input_size):
+            raise ValueError(f"input_shape {input_shape} must be (h, w) with long side {input_size}")
+        extra["input_shape"] = hw
+    if variants:
+        extra["variants"] = []
+        for shape, path in variants.items():
+            path = Path(path)
+            if not path.is_file():
+                raise InvalidInputError(path, "model file not found")
+            hw = [int(v) for v in shape]
+            if len(hw) != 2 or min(hw) <= 0 or hw == extra.get("input_shape"):
+                raise ValueError(f"variant shape {shape} must be a new (h, w)")
+            extra["variants"].append({"input_shape": hw, "file": path.name,
+                                      "sha256": sha256_file(path), "size": path.stat().st_size})
     return {
+        **extra,
         "manifest_version": MANIFEST_VERSION,
         "model_version": str(model_version),
         "rollout_id": rollout_id or new_rollout_id(),
@@ -160,6 +193,7 @@ __all__ = [
     "SignatureError",
     "build_manifest",
     "canonical_bytes",
+    "check_manifest_fields",
     "default_key_dir",
     "key_id",
     "load_or_create_signing_key",
