@@ -24,6 +24,7 @@ from assets.rollout import model_rollout
 from assets.traffic import traffic_counts
 from ops.ingestion import replay_shared_cameras
 from ops.retention import enforce_retention, erase_camera_frames
+from roadloop.run_placement import TRAINING_RUN_TAGS
 
 # --------------------------------------------------------------------------- ingestion
 
@@ -56,16 +57,19 @@ def erasure_job() -> None:
 
 # --------------------------------------------------------------------------- learning loop
 
+# Training runs ask for a GPU node on Kubernetes (roadloop.run_placement; ignored locally).
 learning_loop_job = dg.define_asset_job(
     "learning_loop",
     selection=dg.AssetSelection.assets(*LOOP_ASSETS),
     description="Curate → train → export → quantize → benchmark → (gated) promote.",
+    tags=TRAINING_RUN_TAGS,
 )
 
 federated_learning_loop_job = dg.define_asset_job(
     "federated_learning_loop",
     selection=dg.AssetSelection.assets(*LOOP_ASSETS) - dg.AssetSelection.assets(curated_dataset),
     config={"ops": {"trained_model": {"config": {"source": "federated"}}}},
+    tags=TRAINING_RUN_TAGS,
     description="Federate across camera sites (Flower) → export → quantize → benchmark → "
     "(gated) promote: the same gates as learning_loop; the curated dataset is the held-out set.",
 )
