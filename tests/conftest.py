@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -135,7 +135,7 @@ class S3Server:
 
     endpoint_url: str
 
-    env = {"AWS_ACCESS_KEY_ID": "roadloop-test", "AWS_SECRET_ACCESS_KEY": "roadloop-test",
+    env: ClassVar[dict[str, str]] = {"AWS_ACCESS_KEY_ID": "roadloop-test", "AWS_SECRET_ACCESS_KEY": "roadloop-test",
            "AWS_DEFAULT_REGION": "us-east-1"}
 
     def client(self) -> Any:
