@@ -104,7 +104,7 @@ def test_time_window_and_store_errors(store: S3FrameStore, s3_server: Any) -> No
 def test_settings_choose_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fleet.config import GatewaySettings
     from resources.storage import FrameStoreResource
-    from roadloop.settings import Settings
+    from roadloop.settings import Settings, get_settings
 
     assert isinstance(open_frame_store(tmp_path), FrameStore)  # the embedded default
     assert isinstance(FrameStoreResource(root=str(tmp_path)).store(), FrameStore)
@@ -113,7 +113,11 @@ def test_settings_choose_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("ROADLOOP_FRAME_STORE_URL", "s3://roadloop-frames/prod")
     monkeypatch.setenv("ROADLOOP_S3_ENDPOINT_URL", "http://minio:9000")
     assert Settings(home=tmp_path).frame_store_url == "s3://roadloop-frames/prod"
-    gw = GatewaySettings(home=tmp_path)
+    get_settings.cache_clear()  # the gateway reads the platform's settings
+    try:
+        gw = GatewaySettings(home=tmp_path)
+    finally:
+        get_settings.cache_clear()
     assert (gw.frame_store_url, gw.s3_endpoint_url) == ("s3://roadloop-frames/prod",
                                                          "http://minio:9000")
     monkeypatch.setenv("ROADLOOP_FRAME_STORE_URL", "s3://Bad_Bucket")
