@@ -45,6 +45,16 @@ class GatewaySettings(BaseSettings):
     frame_store: Path | None = Field(
         default=None, description="Frame store root; default: the platform's frame store."
     )
+    frame_store_url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix: frames in S3-compatible object storage, shared by "
+        "gateway replicas (frame_store is then a local image cache); default: the platform's "
+        "ROADLOOP_FRAME_STORE_URL; unset there too: the folder frame_store.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="Endpoint of a non-AWS object store; default: the "
+        "platform's ROADLOOP_S3_ENDPOINT_URL. Credentials: the standard AWS_* variables.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8700, ge=1, le=65535)
 
@@ -255,6 +265,10 @@ class GatewaySettings(BaseSettings):
             else:
                 self.frame_store = self.home / "frames"
         self.frame_store = Path(self.frame_store).expanduser().absolute()
+        if self.frame_store_url is None or self.s3_endpoint_url is None:
+            platform = platform or get_settings()
+            self.frame_store_url = self.frame_store_url or platform.frame_store_url
+            self.s3_endpoint_url = self.s3_endpoint_url or platform.s3_endpoint_url
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.home / 'fleet' / 'fleet.db'}"
         if self.model_public_key_file is None:

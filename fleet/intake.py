@@ -200,7 +200,7 @@ def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> No
     logger.error("sidecar of %s/%s does not read back as written; removing the frame",
                  record.camera_id, record.frame_id)
     gw.store.remove_frame(written.path)
-    if gw.settings.fsync_directories:
+    if gw.settings.fsync_directories and gw.store.is_local:
         fsync_dir(written.path.parent)
     raise HTTPException(
         422, f"frame {record.frame_id}: its record does not read back from the frame store as "
@@ -246,7 +246,8 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
             with stats.span("write_frame"):
                 written = gw.store.write_frame(
                     record, image, decoded_size=(info.width, info.height))
-            if gw.settings.fsync_directories and not written.already_existed:
+            if (gw.settings.fsync_directories and gw.store.is_local
+                    and not written.already_existed):
                 with stats.span("fsync_dir"):
                     fsync_dir(written.path.parent)
             with stats.span("read_back"):

@@ -25,7 +25,7 @@ from fleet.metrics import EventsCollector, FleetCollector, GatewayMetrics
 from fleet.models_store import ModelStore
 from fleet.ratelimit import KnownTokens, TokenBucketLimiter
 from fleet.reconcile import reconcile_frame_store
-from roadloop.data.frames import FrameStore
+from roadloop.data.object_frames import open_frame_store
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,11 @@ class Gateway:
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             max_overflow=settings.worker_threads,
         )
-        self.store = FrameStore(settings.frame_store)
+        # A folder, or S3-compatible object storage shared by all replicas (images read
+        # back through the local folder as a cache).
+        self.store = open_frame_store(settings.frame_store_url or settings.frame_store,
+                                      cache_dir=settings.frame_store,
+                                      endpoint_url=settings.s3_endpoint_url)
         # With several worker processes each holds its own buckets: give each its share, so a
         # device never exceeds the configured rate in total.
         share = max(1, settings.workers)
@@ -142,7 +146,7 @@ class Gateway:
         migrations.upgrade(self.db)
         assert self.settings.frame_store is not None
         self.settings.frame_store.mkdir(parents=True, exist_ok=True)
-        if self.settings.reconcile_on_start:
+        if self.settings.reconcile_on_start and self.store.is_local:
             report = reconcile_frame_store(self.db, self.store, self.now)
             logger.info("frame store reconciled: %s", report)
 
@@ -152,7 +156,8 @@ class Gateway:
         self.committer.start()
         self.denials.start()
         logger.info(
-            "fleet gateway ready: db=%s frames=%s", self.db.url, self.settings.frame_store
+            "fleet gateway ready: db=%s frames=%s", self.db.url,
+            self.settings.frame_store_url or self.settings.frame_store,
         )
 
     def stop(self) -> None:

@@ -118,9 +118,8 @@ def camera_preview(camera_id: CameraIdPath, principal: AdminPrincipal,
     if frame is None:
         raise HTTPException(404, f"camera {camera_id} has no stored frame yet: the preview "
                             "draws on the latest frame its agent uploaded")
-    path = gw.store.root / frame.path
     try:
-        with Image.open(path) as img:
+        with Image.open(gw.store.image_path(frame.path)) as img:
             image = img.convert("RGB")
     except OSError as exc:
         raise HTTPException(404, f"camera {camera_id}'s latest frame {frame.frame_id} is no "

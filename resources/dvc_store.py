@@ -12,9 +12,10 @@ from roadloop.data.versioning import DvcStore
 class DvcResource(dg.ConfigurableResource):
     repo_dir: str
     remote_url: str
+    s3_endpoint_url: str | None = None  # an s3:// remote on a non-AWS server (MinIO, Ceph)
 
     def store(self) -> DvcStore:
-        store = DvcStore(Path(self.repo_dir), self.remote_url)
+        store = DvcStore(Path(self.repo_dir), self.remote_url, self.s3_endpoint_url)
         store.ensure()
         return store
 

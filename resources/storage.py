@@ -17,19 +17,27 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from roadloop.data.frames import DedupePolicy, FrameStore
+from roadloop.data.frames import DedupePolicy, FrameStorage, FrameStore
+from roadloop.data.object_frames import open_frame_store
 
 
 class FrameStoreResource(dg.ConfigurableResource):
     """The frame store that replayed cameras and the fleet gateway write into, and the
     near-duplicate policy applied when its frames are read (see ``DedupePolicy``)."""
 
-    root: str
+    root: str  # the folder store, or the local image cache of an object store (``url``)
+    url: str | None = Field(
+        default=None, description="s3://bucket/prefix: frames in S3-compatible object storage "
+        "(roadloop.data.object_frames); unset: the folder at root.")
+    s3_endpoint_url: str | None = None
     dedupe_max_hamming: int = 4
     dedupe_max_age_s: float | None = 600.0
     dedupe_per_camera_max_hamming: dict[str, int] = Field(default_factory=dict)
 
-    def store(self) -> FrameStore:
+    def store(self) -> FrameStorage:
+        if self.url:
+            return open_frame_store(self.url, cache_dir=Path(self.root),
+                                    endpoint_url=self.s3_endpoint_url)
         return FrameStore(Path(self.root))
 
     def dedupe_policy(self) -> DedupePolicy:

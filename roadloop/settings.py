@@ -39,6 +39,18 @@ class Settings(BaseSettings):
     dvc_repo: Path | None = None
     dvc_remote_url: str | None = None
     frame_store: Path | None = None
+    # Object storage shared by gateway replicas and the platform (docs/storage.md): frames at
+    # s3://bucket/prefix (``frame_store`` is then the local image cache), MLflow artifacts at
+    # an s3:// URI; the endpoint of a non-AWS server (MinIO, Ceph); credentials from the
+    # standard AWS_* variables.
+    frame_store_url: str | None = Field(
+        default=None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description="s3://bucket/prefix: frames in S3-compatible object storage.",
+    )
+    s3_endpoint_url: str | None = None
+    mlflow_artifact_uri: str | None = Field(
+        default=None, description="e.g. s3://bucket/mlflow: overrides mlflow_artifact_root.",
+    )
     artifacts_dir: Path | None = None
     privacy_dir: Path | None = None  # erasure journals, exclusions, audit (roadloop.retention)
 

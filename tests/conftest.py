@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -125,3 +126,41 @@ def postgres_server() -> Iterator[PostgresServer]:
     finally:
         run([pg_ctl, "-D", str(data), "-m", "fast", "stop"])
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- S3 (moto)
+@dataclass(frozen=True)
+class S3Server:
+    """moto's S3-compatible server on loopback (any credentials are accepted)."""
+
+    endpoint_url: str
+
+    env: ClassVar[dict[str, str]] = {"AWS_ACCESS_KEY_ID": "roadloop-test", "AWS_SECRET_ACCESS_KEY": "roadloop-test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url,
+                            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+                            region_name=self.env["AWS_DEFAULT_REGION"])
+
+    def new_bucket(self, prefix: str) -> str:
+        """Create an empty bucket; returns its name."""
+        name = f"{prefix}-{time.monotonic_ns()}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """``moto[server]`` (a dev dependency) in a thread of this process, on a free port."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Server(f"http://{host}:{port}")
+    finally:
+        server.stop()

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import Annotated, NamedTuple, Protocol
 
 import cv2
 import numpy as np
@@ -252,14 +252,101 @@ class FsckReport(BaseModel):
         )
 
 
+def checked_sidecar(
+    record: FrameRecord,
+    jpeg_bytes: bytes,
+    decoded_size: tuple[int, int] | None,
+    *,
+    where: Path | str,
+) -> bytes:
+    """The sidecar bytes of a frame a store is about to write, after the checks every store
+    makes: the payload is a JPEG of the record's size and the sidecar reads back. Raises
+    ``InvalidInputError`` naming the frame."""
+    target = where
+    label = f"frame {record.camera_id}/{record.frame_id}"
+    if not isinstance(jpeg_bytes, (bytes, bytearray, memoryview)) or not bytes(
+        jpeg_bytes[:3]
+    ).startswith(_JPEG_MAGIC):
+        raise InvalidInputError(target, f"{label}: payload is not a JPEG")
+    if decoded_size is not None:
+        w, h = decoded_size
+    else:
+        image = cv2.imdecode(np.frombuffer(jpeg_bytes, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise InvalidInputError(target, f"{label}: JPEG does not decode")
+        h, w = image.shape[:2]
+    if (w, h) != (record.width, record.height):
+        raise InvalidInputError(
+            target,
+            f"{label}: JPEG is {w}x{h} but the record says {record.width}x{record.height}",
+        )
+    sidecar = record.model_dump_json(indent=2).encode()
+    try:  # never write a sidecar the readers below would skip
+        FrameRecord.model_validate_json(sidecar)
+    except ValidationError as exc:
+        raise InvalidInputError(
+            target, f"{label}: its record does not read back ({_first_error(exc)})"
+        ) from exc
+    return sidecar
+
+
+def parse_sidecar(
+    data: bytes, camera_id: str, frame_id: str, *, where: Path | str
+) -> FrameRecord | None:
+    """The record in a sidecar's bytes, as every reader sees it: ``None`` (and a warning)
+    when it does not parse or describes another frame than the one it is stored as."""
+    try:
+        record = FrameRecord.model_validate_json(data)
+    except (ValidationError, ValueError) as exc:
+        logger.warning("skipping corrupt frame sidecar %s: %s", where, str(exc)[:200])
+        return None
+    if record.camera_id != camera_id or record.frame_id != frame_id:
+        logger.warning(
+            "skipping sidecar %s: it describes %s/%s", where, record.camera_id, record.frame_id
+        )
+        return None
+    return record
+
+
+class FrameStorage(Protocol):
+    """What the platform and the gateway use of a frame store. Two implementations:
+    ``FrameStore`` (a local or mounted folder, the embedded default) and
+    ``roadloop.data.object_frames.S3FrameStore`` (S3-compatible object storage, shared by
+    gateway replicas). Images come back as local paths (the object store downloads them
+    into a local cache folder, ``root``); a frame's path relative to ``root`` is its
+    location in either store (``<camera_id>/<YYYY-MM-DD>/<frame_id>.jpg``)."""
+
+    root: Path
+    is_local: bool
+
+    def frame_path(self, record: FrameRecord) -> Path: ...
+    def find_frame(self, camera_id: str, frame_id: str) -> Path | None: ...
+    def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
+                    decoded_size: tuple[int, int] | None = None) -> FrameWrite: ...
+    def remove_frame(self, image_path: Path) -> None: ...
+    def image_path(self, relative: str) -> Path: ...
+    def cameras(self) -> list[str]: ...
+    def read_record(self, camera_id: str, frame_id: str) -> FrameRecord | None: ...
+    def iter_frames(self, camera_id: str, *, start: datetime | None = None,
+                    end: datetime | None = None) -> Iterator[tuple[FrameRecord, Path]]: ...
+    def count(self, camera_id: str) -> int: ...
+    def fsck(self, camera_id: str | None = None) -> FsckReport: ...
+
+
 # --------------------------------------------------------------------------- store
 
 
 class FrameStore:
     """Camera frames on a local (or mounted) file system; see the module docstring."""
 
+    is_local = True
+
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+
+    def image_path(self, relative: str) -> Path:
+        """The image at ``relative`` (a ``frames.path`` value) as a local file."""
+        return self.root / relative
 
     # ---- paths
     def _camera_dir(self, camera_id: str) -> Path:
@@ -307,31 +394,7 @@ class FrameStore:
             logger.debug("frame %s/%s already stored", record.camera_id, record.frame_id)
             return FrameWrite(existing, True)
 
-        label = f"frame {record.camera_id}/{record.frame_id}"
-        if not isinstance(jpeg_bytes, (bytes, bytearray, memoryview)) or not bytes(
-            jpeg_bytes[:3]
-        ).startswith(_JPEG_MAGIC):
-            raise InvalidInputError(target, f"{label}: payload is not a JPEG")
-        if decoded_size is not None:
-            w, h = decoded_size
-        else:
-            image = cv2.imdecode(np.frombuffer(jpeg_bytes, dtype=np.uint8), cv2.IMREAD_COLOR)
-            if image is None:
-                raise InvalidInputError(target, f"{label}: JPEG does not decode")
-            h, w = image.shape[:2]
-        if (w, h) != (record.width, record.height):
-            raise InvalidInputError(
-                target,
-                f"{label}: JPEG is {w}x{h} but the record says {record.width}x{record.height}",
-            )
-        sidecar = record.model_dump_json(indent=2).encode()
-        try:  # never write a sidecar the readers below would skip
-            FrameRecord.model_validate_json(sidecar)
-        except ValidationError as exc:
-            raise InvalidInputError(
-                target, f"{label}: its record does not read back ({_first_error(exc)})"
-            ) from exc
-
+        sidecar = checked_sidecar(record, jpeg_bytes, decoded_size, where=target)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(target, bytes(jpeg_bytes), durable=True)
         # Sidecar last: its presence marks the frame complete.
@@ -374,19 +437,11 @@ class FrameStore:
     def _load(self, sidecar: Path, camera_id: str) -> FrameRecord | None:
         """Parse one sidecar; ``None`` (and a warning) when it is unusable."""
         try:
-            record = FrameRecord.model_validate_json(sidecar.read_bytes())
-        except (OSError, ValidationError, ValueError) as exc:
+            data = sidecar.read_bytes()
+        except OSError as exc:
             logger.warning("skipping corrupt frame sidecar %s: %s", sidecar, str(exc)[:200])
             return None
-        if record.camera_id != camera_id or record.frame_id != sidecar.stem:
-            logger.warning(
-                "skipping sidecar %s: it describes %s/%s",
-                sidecar,
-                record.camera_id,
-                record.frame_id,
-            )
-            return None
-        return record
+        return parse_sidecar(data, camera_id, sidecar.stem, where=sidecar)
 
     def iter_frames(
         self,

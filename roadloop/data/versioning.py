@@ -62,9 +62,14 @@ def _normalise_md5(md5: str) -> str:
 class DvcStore:
     """A DVC repo without Git plus its default remote, driven through the ``dvc`` CLI."""
 
-    def __init__(self, repo_dir: Path, remote_url: str) -> None:
+    def __init__(self, repo_dir: Path, remote_url: str,
+                 s3_endpoint_url: str | None = None) -> None:
+        """``remote_url``: a folder or any DVC remote URL; an ``s3://`` remote on a non-AWS
+        server (MinIO, Ceph) gets ``s3_endpoint_url`` as its ``endpointurl`` (pushing to S3
+        needs the ``dvc-s3`` plugin; credentials from the standard AWS variables)."""
         self.repo_dir = Path(repo_dir).absolute()
         self.remote_url = str(remote_url)
+        self.s3_endpoint_url = s3_endpoint_url
 
     # ------------------------------------------------------------------ plumbing
 
@@ -100,6 +105,10 @@ class DvcStore:
             self._dvc("config", "core.analytics", "false")
         if f"remote = {REMOTE_NAME}" not in config or f"url = {self.remote_url}\n" not in config:
             self._dvc("remote", "add", "--default", "--force", REMOTE_NAME, self.remote_url)
+            config = (self.repo_dir / ".dvc" / "config").read_text(encoding="utf-8")
+        endpoint = self.s3_endpoint_url if self.remote_url.startswith("s3://") else None
+        if endpoint and f"endpointurl = {endpoint}\n" not in config:
+            self._dvc("remote", "modify", REMOTE_NAME, "endpointurl", endpoint)
         ignore = self.repo_dir / ".dvcignore"
         if not ignore.exists() or "managed by roadloop" not in ignore.read_text():
             ignore.write_text(_DVCIGNORE + (ignore.read_text() if ignore.exists() else ""))

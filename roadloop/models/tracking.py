@@ -44,7 +44,10 @@ class RegisteredVersion(BaseModel):
 class Tracker:
     """Thin wrapper over an MLflow tracking + registry store."""
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None):
+    def __init__(self, tracking_uri: str, experiment: str,
+                 artifact_root: Path | str | None = None):
+        """``artifact_root``: a local folder, or a URI such as ``s3://bucket/mlflow`` (MLflow
+        writes there with boto3; a non-AWS endpoint comes from ``MLFLOW_S3_ENDPOINT_URL``)."""
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment
         self.artifact_root = artifact_root
@@ -59,7 +62,9 @@ class Tracker:
                                                CLASSICAL_ML_KIND)
             return exp.experiment_id
         location = None
-        if self.artifact_root is not None:
+        if isinstance(self.artifact_root, str) and "://" in self.artifact_root:
+            location = self.artifact_root
+        elif self.artifact_root is not None:
             Path(self.artifact_root).mkdir(parents=True, exist_ok=True)
             location = Path(self.artifact_root).absolute().as_uri()
         try:
