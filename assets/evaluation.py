@@ -319,7 +319,7 @@ def production_model(
     previous = tracker.version_by_alias(trained_model.registered_name, PRODUCTION_ALIAS)
     tracker.set_alias(trained_model.registered_name, PRODUCTION_ALIAS, trained_model.model_version)
     context.log.info(
-        f"production: v{previous.version if previous else 'none'} -> v{trained_model.model_version}"
+        f"production: {f'v{previous.version}' if previous else 'none'} -> v{trained_model.model_version}"
     )
     return dg.MaterializeResult(
         metadata={
