@@ -88,6 +88,10 @@ def test_registered_version_is_a_model_with_signature_description_and_links(
     assert PENDING not in described and run_id in described
     assert "file:///r/report.html" in described and "FAILED" in described
     assert "- p95_latency: FAIL (p95 90 ms)" in described
+    # Gate names carry a shape (int8_drop@192x320): MLflow refuses '@' in a key.
+    tracker.tag_version(NAME, version.version, {"check.int8_drop@192x320": "pass"})
+    assert tracker.client.get_model_version(NAME, version.version).tags[
+        "check.int8_drop_192x320"] == "pass"
 
 
 def test_start_checkpoint_params_name_the_file_and_its_sha256(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ not the deprecated stages.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,11 @@ class RegisteredVersion(BaseModel):
     run_id: str
     source: str
     tags: dict[str, str] = {}
+
+
+def mlflow_key(text: str) -> str:
+    """``text`` as an MLflow tag/param/metric key: alphanumerics, ``_ - . : /`` and spaces."""
+    return re.sub(r"[^\w\-. :/]", "_", text)
 
 
 class Tracker:
@@ -171,8 +177,10 @@ class Tracker:
         return self.client.get_model_version(name, version).description or ""
 
     def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        """Set version tags; characters MLflow refuses in a key (``int8_drop@192x320``'s
+        ``@``) become ``_``."""
         for key, value in tags.items():
-            self.client.set_model_version_tag(name, version, key, value)
+            self.client.set_model_version_tag(name, version, mlflow_key(key), value)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
