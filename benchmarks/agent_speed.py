@@ -45,6 +45,7 @@ GPU_PT = "atl_v2_yolo11n_gpu.pt"
 GPU_320 = "atl_v2_yolo11n_gpu_320.onnx"
 RECT_HW = (192, 320)
 TARGET = 3.0
+OVERLAP_ENGINES = ("pytorch", "int8_rect", "int8_rect_nospin", "int8_square")
 MAX_MAP_LOSS = 0.015
 
 # name → (model key, session_config, parallel execution)
@@ -265,8 +266,7 @@ def run_threads(threads: int, frames: int, shared: Path, models: dict[str, str],
         serial = _serial(engines, videos, frames)
         ov = None
         if overlap:
-            keep = {k: engines[k] for k in ("pytorch", "int8_rect", "int8_rect_nospin", "int8_square")
-                    if k in engines}
+            keep = {k: engines[k] for k in OVERLAP_ENGINES if k in engines}
             ov = _overlap(keep, videos, frames)
     import torch
 
@@ -384,6 +384,43 @@ def run(*, frames: int, threads: list[int], shared: Path, out_dir: Path, work: P
     return report
 
 
+def _verdict(t: dict[str, Any], acc: dict[str, dict[str, float]]) -> list[str]:
+    """Best agent row against the target, and where its time goes."""
+    ratios = t["ratio_vs_pytorch"]
+    best = max((k for k in ratios if k.startswith("int8")), key=ratios.get)
+    key = VARIANTS[best][0]
+    ref = "fp32_square" if key == "int8_square" else "fp32_rect"
+    loss = (acc[ref]["map50_95"] - acc[key]["map50_95"]) * 100 if key in acc else None
+    st = t["serial"][best]["stages_ms_mean"]
+    parts = {
+        "decode": st.get("decode_ms", 0.0),
+        "letterbox": st.get("preprocess_ms", 0.0),
+        "network": st.get("inference_ms", 0.0),
+        "NMS": st.get("postprocess_ms", 0.0),
+        "count+track": st.get("count_ms", 0.0) + st.get("track_ms", 0.0),
+        "quality": st.get("quality_ms", 0.0),
+        "samplers": st.get("sample_ms", 0.0),
+    }
+    total = t["serial"][best]["ms_mean"]
+    pt = t["serial"]["pytorch"]["ms_mean"]
+    fixed = total - parts["network"]
+    out = [
+        f"Best agent row, serial: **{best} {ratios[best]:.2f}× PyTorch** "
+        f"(target {TARGET:.0f}×: {'met' if ratios[best] >= TARGET else 'missed'}; "
+        + (f"{loss:.2f} pt mAP50-95 below its fp32 export" if loss is not None else "")
+        + "). Where its "
+        f"{total:.1f} ms go: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+        + f" ms. At {TARGET:.0f}× PyTorch's {pt:.1f} ms the whole frame would have "
+        f"{pt / TARGET:.1f} ms; the work besides the network alone takes {fixed:.1f} ms.",
+    ]
+    if t.get("overlap_ratio_vs_pytorch"):
+        orr = t["overlap_ratio_vs_pytorch"]
+        ob = max(orr, key=orr.get)
+        out.append(f"Best overlapped: **{ob} {orr[ob]:.2f}×** PyTorch with the same reader "
+                   "thread.")
+    return out
+
+
 def markdown(r: dict[str, Any]) -> str:
     acc = r["accuracy_val"]
     fp32 = {"int8_square": "fp32_square"}
@@ -391,24 +428,24 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Edge agent vs PyTorch at the same thread budget",
         "",
-        f"{r['created_at']}: {r['machine']['cpu_count']} CPU cores ({r['machine']['platform']}),"
+        (f"{r['created_at']}: {r['machine']['cpu_count']} CPU cores ({r['machine']['platform']}),"
         f" onnxruntime {r['machine']['onnxruntime']}; checkpoint {r['setup']['checkpoint']},"
         f" imgsz 320, {r['setup']['frames_per_video']} frames from each shared video per engine,"
-        " every frame processed. Regenerate: `python -m benchmarks.agent_speed`.",
+        " every frame processed. Regenerate: `python -m benchmarks.agent_speed`."),
         "",
     ]
     for n, t in r["threads"].items():
         la = t["load_average_start_end"]
         lines += [
-            f"## {n} thread(s): torch.set_num_threads({t['torch_threads']}) + OMP/MKL={n}, "
-            f"ORT intra_op_num_threads={n}",
+            (f"## {n} thread(s): torch.set_num_threads({t['torch_threads']}) + OMP/MKL={n}, "
+            f"ORT intra_op_num_threads={n}"),
             "",
-            f"Load average (1/5/15 min) at start {[round(x, 2) for x in la[0]]}, end "
+            (f"Load average (1/5/15 min) at start {[round(x, 2) for x in la[0]]}, end "
             f"{[round(x, 2) for x in la[1]]}: other work shared these cores; engines "
-            "interleaved frame by frame, compare ratios.",
+            "interleaved frame by frame, compare ratios."),
             "",
-            "| engine | fps | ms/frame | p50 | p95 | network | × PyTorch | val mAP50-95 "
-            "| Δ vs fp32 |",
+            ("| engine | fps | ms/frame | p50 | p95 | network | × PyTorch | val mAP50-95 "
+            "| Δ vs fp32 |"),
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, e in t["serial"].items():
@@ -425,28 +462,28 @@ def markdown(r: dict[str, Any]) -> str:
                 + " |")
         if t.get("overlap"):
             ov, rr = t["overlap"], t["overlap_ratio_vs_pytorch"]
-            lines += ["", "Decode overlapped with inference (the agent's `LatestFrameReader` "
+            lines += ["", ("Decode overlapped with inference (the agent's `LatestFrameReader` "
                       "thread; PyTorch given the same reader thread), engines alternating in "
-                      "blocks of 25 frames:", "",
+                      "blocks of 25 frames:"), "",
                       "| engine | fps | × PyTorch (overlapped) | × PyTorch (serial) |",
                       "|---|---|---|---|"]
             for k, v in ov.items():
                 s = v["fps"] / t["serial"]["pytorch"]["fps"]
                 lines.append(f"| {k} | {v['fps']:.1f} | "
                              + (f"**{rr[k]:.2f}×**" if k in rr else "1") + f" | {s:.2f}× |")
-        lines.append("")
+        lines += ["", *_verdict(t, acc), ""]
     m = r["memory"]
     a = m["agent"]
     lines += [
         "## Memory (resident set size)",
         "",
-        f"Agent-only process (edge_agent + onnxruntime, no torch), {a['model']}: "
+        (f"Agent-only process (edge_agent + onnxruntime, no torch), {a['model']}: "
         f"{a['rss_mib_before_model']:.0f} MiB before loading, "
         f"**{a['rss_mib_one_model']:.0f} MiB** with the model serving, "
         f"**{a['rss_mib_after_swap_two_loaded']:.0f} MiB** after a swap to {a['second']} "
         f"with the previous one kept loaded (peak {a['peak_rss_mib']:.0f} MiB). "
         f"Ultralytics PyTorch process with the .pt loaded and predicting: "
-        f"{m['pytorch']['rss_mib_one_model']:.0f} MiB (peak {m['pytorch']['peak_rss_mib']:.0f}).",
+        f"{m['pytorch']['rss_mib_one_model']:.0f} MiB (peak {m['pytorch']['peak_rss_mib']:.0f})."),
         "",
         "## Accuracy (atl_v2 val, `evaluate_onnx_at_shape`)",
         "",
