@@ -337,17 +337,19 @@ def run_torch_memory(threads: int, shared: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- driver
-def _child(args: list[str], threads: int) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=str(REPO))
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, "-m", "benchmarks.agent_speed", "--child-out", f.name,
+def _child(args: list[str], threads: int, out: Path, reuse: bool) -> dict[str, Any]:
+    """One measurement in a fresh process (thread env set before torch loads); its result is
+    kept at ``out`` so ``--reuse`` can pick up after an interrupted run."""
+    if not (reuse and out.is_file()):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   PYTHONPATH=str(REPO))
+        subprocess.run([sys.executable, "-m", "benchmarks.agent_speed", "--child-out", str(out),
                         *args], env=env, check=True, cwd=REPO)
-        return json.loads(Path(f.name).read_text())
+    return json.loads(out.read_text())
 
 
 def run(*, frames: int, threads: list[int], shared: Path, out_dir: Path, work: Path,
-        variants: list[str]) -> dict[str, Any]:
+        variants: list[str], reuse: bool = False) -> dict[str, Any]:
     import onnxruntime as ort
 
     work.mkdir(parents=True, exist_ok=True)
@@ -356,15 +358,15 @@ def run(*, frames: int, threads: list[int], shared: Path, out_dir: Path, work: P
     common = ["--shared", str(shared), "--models-json", json.dumps(paths)]
     per_threads = {
         str(n): _child([*common, "--child", "speed", "--frames", str(frames), "--threads", str(n),
-                        "--variants", ",".join(variants)], n)
+                        "--variants", ",".join(variants)], n, work / f"speed-{n}.json", reuse)
         for n in threads
     }
     mem_threads = max(threads)
     memory = {
         "agent": _child([*common, "--child", "memory", "--threads", str(mem_threads)],
-                        mem_threads),
+                        mem_threads, work / "memory-agent.json", reuse),
         "pytorch": _child([*common, "--child", "torch_memory", "--threads", str(mem_threads)],
-                          mem_threads),
+                          mem_threads, work / "memory-pytorch.json", reuse),
     }
     acc = accuracy({k: v for k, v in paths.items()}, shared)
     report = {
@@ -506,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=("speed", "memory", "torch_memory"), default=None)
     p.add_argument("--child-out", type=Path, default=None)
     p.add_argument("--models-json", default=None)
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the per-child results already in --work (resume a run)")
     a = p.parse_args(argv)
     shared = a.shared
     if shared is None:
@@ -526,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         a.child_out.write_text(json.dumps(res))
         return 0
     report = run(frames=a.frames, threads=threads, shared=shared, out_dir=a.out, work=a.work,
-                 variants=variants)
+                 variants=variants, reuse=a.reuse)
     print(markdown(report))
     return 0
 
