@@ -495,21 +495,19 @@ def test_dynamic_batch_export_and_int8_qdq_model(ultralytics_yolo, tmp_path: Pat
 
 def test_agent_detectors_get_the_agent_session_config(overlap_model: Path, tmp_path: Path) -> None:
     """Every detector the agent builds (baseline and rollouts, ``make_detector``) carries
-    ``AgentConfig.session_config``: spinning off by default, an explicit config replaces it."""
+    ``AgentConfig``'s threads and session config; the default leaves ORT's own."""
     import dataclasses
 
-    from edge_agent.agent import AGENT_SESSION_CONFIG, AgentConfig, make_detector
+    from edge_agent.agent import AgentConfig, make_detector
 
     key = "session.intra_op.allow_spinning"
-    assert AGENT_SESSION_CONFIG == {key: "0"}
     cfg = AgentConfig(gateway_url="http://127.0.0.1:9", camera_id="cam-1", source="x",
                       model_path=overlap_model, state_dir=tmp_path, intra_op_threads=2)
     det = make_detector(cfg, overlap_model)
     opts = det.session.get_session_options()
-    assert opts.get_session_config_entry(key) == "0"
     assert opts.intra_op_num_threads == 2
-    assert len(det.detect(np.zeros((64, 64, 3), np.uint8))) == 2  # still detects
-    spinning = make_detector(dataclasses.replace(cfg, session_config={key: "1"}), overlap_model)
-    assert spinning.session.get_session_options().get_session_config_entry(key) == "1"
-    cfg.session_config[key] = "1"  # each config owns its dict: the module default is untouched
-    assert AGENT_SESSION_CONFIG[key] == "0"
+    with pytest.raises(RuntimeError):  # not set: ORT's default (spinning on)
+        opts.get_session_config_entry(key)
+    quiet = make_detector(dataclasses.replace(cfg, session_config={key: "0"}), overlap_model)
+    assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
+    assert len(quiet.detect(np.zeros((64, 64, 3), np.uint8))) == 2  # still detects
