@@ -7,6 +7,7 @@ when ``../shared`` is absent.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import shutil
 from pathlib import Path
@@ -511,3 +512,8 @@ def test_agent_detectors_get_the_agent_session_config(overlap_model: Path, tmp_p
     quiet = make_detector(dataclasses.replace(cfg, session_config={key: "0"}), overlap_model)
     assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
     assert len(quiet.detect(np.zeros((64, 64, 3), np.uint8))) == 2  # still detects
+    from edge_agent.cli import _config_entry
+
+    assert _config_entry(f"{key}=0") == (key, "0")
+    with pytest.raises(argparse.ArgumentTypeError):
+        _config_entry("no-equals-sign")
