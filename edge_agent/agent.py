@@ -86,6 +86,11 @@ DEFAULT_MODEL_NAMES = (DEFAULT_MODEL_NAME, "atl_v2_yolo11n_320.onnx")
 MAX_SUMMARY_IDS = 10_000  # AgentSummary keeps the ids of the most recent sampled frames
 FAULT_KILL_ENV = "EDGE_AGENT_FAULT_KILL_AFTER_ACKS"
 DARK, BRIGHT, BLUR_RATIO, BLUR_WARMUP = 40.0, 220.0, 1 / 3, 10
+# ORT's intra-op workers spin-wait for work by default. Measured with 2 threads on 2 shared
+# cores (benchmarks/results/agent_speed*.md): at load ~2.5 spinning is 8-13 % faster, at load
+# ~4 it is 40 % slower (the spinning workers fight the other processes and the agent's own
+# decode thread); yielding is the robust choice, and idle cores stay free. One thread: no pool.
+AGENT_SESSION_CONFIG: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
 
 
 def agent_version() -> str:
@@ -310,10 +315,8 @@ class AgentConfig:
     iou_threshold: float = 0.7
     intra_op_threads: int | None = None
     # ONNX Runtime session config entries of every model the agent loads (the baseline and
-    # each rollout's). Empty: ORT's defaults, measured fastest on 2 shared cores
-    # (benchmarks/results/agent_speed.md: spin-waiting off and parallel execution both
-    # slower), e.g. {"session.intra_op.allow_spinning": "0"} to yield the CPU when idle.
-    session_config: dict[str, str] = field(default_factory=dict)
+    # each rollout's); ``--ort-config KEY=VALUE`` replaces them.
+    session_config: dict[str, str] = field(default_factory=lambda: dict(AGENT_SESSION_CONFIG))
     capacity: float = 30.0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     outbox_max_bytes: int = 512 * 1024 * 1024

@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     run.add_argument(
         "--ort-config", type=_config_entry, action="append", default=[], metavar="KEY=VALUE",
-        help="ONNX Runtime session config entry for every model loaded (repeatable), e.g. "
-        "session.intra_op.allow_spinning=0 on a box shared with other work",
+        help="ONNX Runtime session config entries for every model loaded (repeatable; replace "
+        "the default session.intra_op.allow_spinning=0), e.g. ...allow_spinning=1 on a "
+        "dedicated box",
     )
     run.add_argument(
         "--capacity", type=_positive_float, default=30.0, help="objects in a full view"
@@ -301,7 +302,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         conf_threshold=args.conf,
         iou_threshold=args.iou,
         intra_op_threads=args.threads,
-        session_config=dict(args.ort_config),
+        **({"session_config": dict(args.ort_config)} if args.ort_config else {}),
         capacity=args.capacity,
         sampler=sampler,
         outbox_max_bytes=int(args.outbox_max_mb * 1024 * 1024),
