@@ -86,6 +86,11 @@ DEFAULT_MODEL_NAMES = (DEFAULT_MODEL_NAME, "atl_v2_yolo11n_320.onnx")
 MAX_SUMMARY_IDS = 10_000  # AgentSummary keeps the ids of the most recent sampled frames
 FAULT_KILL_ENV = "EDGE_AGENT_FAULT_KILL_AFTER_ACKS"
 DARK, BRIGHT, BLUR_RATIO, BLUR_WARMUP = 40.0, 220.0, 1 / 3, 10
+# ORT's intra-op workers spin-wait for work by default. Measured with 2 threads on 2 shared
+# cores (benchmarks/results/agent_speed*.md): at load ~2.5 spinning is 8-13 % faster, at load
+# ~4 it is 40 % slower (the spinning workers fight the other processes and the agent's own
+# decode thread); yielding is the robust choice, and idle cores stay free. One thread: no pool.
+AGENT_SESSION_CONFIG: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
 
 
 def agent_version() -> str:
@@ -309,6 +314,9 @@ class AgentConfig:
     conf_threshold: float = 0.25
     iou_threshold: float = 0.7
     intra_op_threads: int | None = None
+    # ONNX Runtime session config entries of every model the agent loads (the baseline and
+    # each rollout's); ``--ort-config KEY=VALUE`` replaces them.
+    session_config: dict[str, str] = field(default_factory=lambda: dict(AGENT_SESSION_CONFIG))
     capacity: float = 30.0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     outbox_max_bytes: int = 512 * 1024 * 1024
@@ -365,6 +373,18 @@ class AgentSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def make_detector(cfg: AgentConfig, path: Path) -> OnnxDetector:
+    """The agent's detector for ``path``: thresholds, threads and session options of ``cfg``
+    (the baseline model and every rollout's are built alike)."""
+    return OnnxDetector(
+        path,
+        conf_threshold=cfg.conf_threshold,
+        iou_threshold=cfg.iou_threshold,
+        intra_op_threads=cfg.intra_op_threads,
+        session_config=cfg.session_config,
+    )
 
 
 class EdgeAgent:
@@ -467,12 +487,7 @@ class EdgeAgent:
         )
 
         def factory(path: Path) -> OnnxDetector:
-            return OnnxDetector(
-                path,
-                conf_threshold=cfg.conf_threshold,
-                iou_threshold=cfg.iou_threshold,
-                intra_op_threads=cfg.intra_op_threads,
-            )
+            return make_detector(cfg, path)
 
         updater = ModelUpdater(
             self.client,
@@ -517,12 +532,7 @@ class EdgeAgent:
 
     def _run(self) -> AgentSummary:
         cfg = self.config
-        detector = self._detector or OnnxDetector(
-            cfg.model_path,
-            conf_threshold=cfg.conf_threshold,
-            iou_threshold=cfg.iou_threshold,
-            intra_op_threads=cfg.intra_op_threads,
-        )
+        detector = self._detector or make_detector(cfg, cfg.model_path)
         self.detector = detector
         if cfg.model_public_key:  # a bad explicit key is an input error: fail before anything
             load_public_key(cfg.model_public_key)

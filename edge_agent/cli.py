@@ -45,6 +45,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _config_entry(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roadloop-agent", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -87,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
     run.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
     run.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    run.add_argument(
+        "--ort-config", type=_config_entry, action="append", default=[], metavar="KEY=VALUE",
+        help="ONNX Runtime session config entries for every model loaded (repeatable; replace "
+        "the default session.intra_op.allow_spinning=0), e.g. ...allow_spinning=1 on a "
+        "dedicated box",
+    )
     run.add_argument(
         "--capacity", type=_positive_float, default=30.0, help="objects in a full view"
     )
@@ -289,6 +302,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         conf_threshold=args.conf,
         iou_threshold=args.iou,
         intra_op_threads=args.threads,
+        **({"session_config": dict(args.ort_config)} if args.ort_config else {}),
         capacity=args.capacity,
         sampler=sampler,
         outbox_max_bytes=int(args.outbox_max_mb * 1024 * 1024),

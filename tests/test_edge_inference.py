@@ -7,6 +7,7 @@ when ``../shared`` is absent.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import shutil
 from pathlib import Path
@@ -491,3 +492,28 @@ def test_dynamic_batch_export_and_int8_qdq_model(ultralytics_yolo, tmp_path: Pat
     assert len(out) == 3 and all(out)  # still finds cars in every frame
     assert all(isinstance(d, Detection) for ds in out for d in ds)
     assert all(d.model_sha256 == q.model_sha256 for ds in out for d in ds)
+
+
+def test_agent_detectors_get_the_agent_session_config(overlap_model: Path, tmp_path: Path) -> None:
+    """Every detector the agent builds (baseline and rollouts, ``make_detector``) carries
+    ``AgentConfig``'s threads and session config: spin-waiting off unless replaced."""
+    import dataclasses
+
+    from edge_agent.agent import AGENT_SESSION_CONFIG, AgentConfig, make_detector
+    from edge_agent.cli import _config_entry
+
+    key = "session.intra_op.allow_spinning"
+    cfg = AgentConfig(gateway_url="http://127.0.0.1:9", camera_id="cam-1", source="x",
+                      model_path=overlap_model, state_dir=tmp_path, intra_op_threads=2)
+    det = make_detector(cfg, overlap_model)
+    opts = det.session.get_session_options()
+    assert opts.intra_op_num_threads == 2
+    assert opts.get_session_config_entry(key) == "0"
+    assert len(det.detect(np.zeros((64, 64, 3), np.uint8))) == 2  # still detects
+    spin = make_detector(dataclasses.replace(cfg, session_config={key: "1"}), overlap_model)
+    assert spin.session.get_session_options().get_session_config_entry(key) == "1"
+    cfg.session_config[key] = "1"  # each config owns its dict
+    assert AGENT_SESSION_CONFIG[key] == "0"
+    assert _config_entry(f"{key}=1") == (key, "1")
+    with pytest.raises(argparse.ArgumentTypeError):
+        _config_entry("no-equals-sign")
