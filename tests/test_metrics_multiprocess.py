@@ -67,7 +67,11 @@ def test_a_scrape_sums_every_worker(tmp_path: Path) -> None:
 def test_serve_prepares_an_empty_folder_named_in_the_environment(
         tmp_path: Path, monkeypatch: object) -> None:
     mp = monkeypatch  # pytest.MonkeyPatch
-    mp.delenv(MULTIPROC_ENV, raising=False)  # type: ignore[attr-defined]
+    # setenv first, so that monkeypatch restores the variable's original absence at teardown:
+    # prepare_multiprocess_dir sets it in os.environ, and a leaked value would put every later
+    # gateway subprocess of this test process into one shared multiprocess folder.
+    mp.setenv(MULTIPROC_ENV, "unset-below")  # type: ignore[attr-defined]
+    mp.delenv(MULTIPROC_ENV)  # type: ignore[attr-defined]
     default = tmp_path / "fleet" / "prometheus-multiproc"
     assert prepare_multiprocess_dir(default) == str(default)
     assert os.environ[MULTIPROC_ENV] == str(default) and default.is_dir()
