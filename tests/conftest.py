@@ -29,6 +29,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(autouse=True)
+def _multiprocess_metrics_folder_does_not_leak() -> Iterator[None]:
+    """``gateway serve --workers N`` names a metrics folder in ``PROMETHEUS_MULTIPROC_DIR``;
+    leaked into this process, every later gateway subprocess would share it and sum each
+    other's counters."""
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    yield
+    assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") == before, (
+        "PROMETHEUS_MULTIPROC_DIR leaked from this test: restore it (monkeypatch)")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The read-only shared data (``tests.helpers.SHARED_DIR``); skips without its datasets."""

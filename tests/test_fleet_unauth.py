@@ -654,6 +654,9 @@ def test_serve_runs_uvicorn_with_the_bounds(tmp_path: Path, monkeypatch: pytest.
         # serve sets these for its workers: set-then-delete makes monkeypatch restore them
         monkeypatch.setenv(f"ROADLOOP_GATEWAY_{key}", "")
         monkeypatch.delenv(f"ROADLOOP_GATEWAY_{key}")
+    # serve --workers 2 names a multiprocess metrics folder for its workers (fleet.metrics)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     monkeypatch.setenv("ROADLOOP_GATEWAY_HEADER_TIMEOUT_S", "3.5")
     monkeypatch.setenv("ROADLOOP_GATEWAY_LIMIT_CONCURRENCY", "300")
     home = str(tmp_path / "h")
