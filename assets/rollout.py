@@ -62,9 +62,13 @@ def model_rollout(
         metadata={
             "rollout_id": rollout["rollout_id"],
             "model_version": version,
-            "status": rollout["status"],
-            "stage": rollout["stage"],
-            "percent": float(rollout["percent"]),
+            # The state when this run published it; the rollout moves on at the gateway and
+            # rollout_health_sensor records each later state (and the final one) as an
+            # observation of this asset (Events tab), so these keys say "at start".
+            "status_at_start": rollout["status"],
+            "stage_at_start": rollout["stage"],
+            "percent_at_start": float(rollout["percent"]),
+            "current_state": "see this asset's latest observation (rollout_health_sensor)",
             "cohort_size": int(rollout["cohort_size"]),
             "devices": int(rollout["devices"]),
             "stages": dg.MetadataValue.md(stages_markdown(rollout)),

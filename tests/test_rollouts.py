@@ -601,7 +601,8 @@ def test_model_rollout_asset_and_health_sensor(live_gateway: tuple[str, str, Pat
     tracker.set_alias("roadloop-detector", PRODUCTION_ALIAS, mv.version)
     result = run_asset()
     md = result.metadata
-    assert md["stage"] == "shadow" and md["model_version"] == mv.version
+    assert md["stage_at_start"] == "shadow" and md["model_version"] == mv.version
+    assert "stage" not in md and "status" not in md  # the current state is the observations'
     # The square file is the manifest's own; the 16:9 INT8 is a signed variant beside it.
     assert md["input_shapes"].value == [[320, 320], [192, 320]]
     assert md["key_id"] == key_id(load_public_key(keys / PUBLIC_KEY_FILE))
