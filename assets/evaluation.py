@@ -128,11 +128,12 @@ def benchmark_report(
         counting=benchmark.counting_config(),
         crop_dataset=dataset_dir,
     )
-    gates = evaluate_all_gates(results, benchmark.gate_config())
+    gate_config = benchmark.gate_config()
+    gates = evaluate_all_gates(results, gate_config)
     shape_files = _shape_files(onnx_model, quantized_model)
     if len(shape_files) > 1:  # square only: the rows above and int8_drop cover it
         results.shape_rows, shape_gates = benchmark_shapes(
-            shape_files, test_sets[ALL], benchmark.gate_config(), version=version,
+            shape_files, test_sets[ALL], gate_config, version=version,
             latency=latency,
         )
         gates += shape_gates
