@@ -38,8 +38,11 @@ def store(s3_server: Any, tmp_path: Path) -> S3FrameStore:
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> Any:
-    d = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """SQLite; PostgreSQL when the test is parametrized with ``db=postgresql``."""
+    on_pg = getattr(request, "param", "sqlite") == "postgresql"
+    d = Database(request.getfixturevalue("postgres_server").new_database("recon") if on_pg
+                 else f"sqlite:///{tmp_path / 'fleet.db'}")
     migrations.upgrade(d)
     with d.write() as session:
         session.add(Device(device_id="dev-1", camera_id="cam_a", scopes="camera:write",
@@ -113,6 +116,7 @@ def test_work_per_start_is_bounded_and_resumes(db: Database, store: S3FrameStore
     assert third.started_after == "" and third.recovered_rows == 0
 
 
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"], indirect=True)
 def test_a_row_another_replica_inserted_first_is_skipped(
     db: Database, store: S3FrameStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
