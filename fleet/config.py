@@ -194,6 +194,17 @@ class GatewaySettings(BaseSettings):
     )
     worker_threads: int = Field(default=64, ge=1, description="Threads for blocking work.")
     reconcile_on_start: bool = True
+    reconcile_orphan_grace_s: float = Field(
+        default=3600.0, ge=0, allow_inf_nan=False,
+        description="Object-store frame store: a JPEG without its record, or a record "
+        "without its row, is repaired at start-up only once older than this (younger ones "
+        "may be an upload in flight on another replica). Keep it well above body_timeout_s.",
+    )
+    reconcile_max_objects: int = Field(
+        default=200_000, ge=1,
+        description="Object-store frame store: keys listed per start-up reconcile; a larger "
+        "bucket is covered over several starts (the position is kept in the database).",
+    )
     workers: int = Field(
         default=1,
         ge=1,

@@ -5,7 +5,8 @@
 inside the write leaves a temp file or an image without a sidecar (never acknowledged).
 ``reconcile_frame_store`` gives the first kind its row (``recovered=True``) and deletes the
 second, so the store and the table agree even when the agent never comes back. It runs once
-before serving (``Gateway.prepare_storage``).
+before serving (``Gateway.prepare_storage``); an object-store frame store has its own
+(``fleet.reconcile_objects``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ class ReconcileReport(BaseModel):
     unreadable_sidecars: int = 0
 
 
+def camera_owners(db: Database) -> dict[str, str]:
+    """camera_id -> the device a recovered row is credited to (the live one, else the
+    latest enrolled)."""
+    with db.read() as session:
+        devices = session.execute(
+            select(Device.camera_id, Device.device_id, Device.revoked_at)
+            .order_by(Device.enrolled_at)
+        ).all()
+    owner: dict[str, str] = {}
+    for camera_id, device_id, revoked_at in devices:
+        if revoked_at is None or camera_id not in owner:
+            owner[camera_id] = device_id
+    return owner
+
+
 def reconcile_frame_store(
     db: Database, store: FrameStore, clock: Callable[[], datetime], *, full: bool = False
 ) -> ReconcileReport:
@@ -53,14 +69,7 @@ def reconcile_frame_store(
     started = datetime.now(UTC)  # wall clock: compared with file mtimes
     with db.read() as session:
         last = db.get_state(session, RECONCILE_STATE_KEY)
-        devices = session.execute(
-            select(Device.camera_id, Device.device_id, Device.revoked_at)
-            .order_by(Device.enrolled_at)
-        ).all()
-    owner: dict[str, str] = {}
-    for camera_id, device_id, revoked_at in devices:  # prefer the live (or latest) device
-        if revoked_at is None or camera_id not in owner:
-            owner[camera_id] = device_id
+    owner = camera_owners(db)
     since = None if (full or last is None) else datetime.fromisoformat(last) - RECONCILE_SLACK
     report = ReconcileReport(full_scan=since is None)
     new_rows: list[FrameRow] = []

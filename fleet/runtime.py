@@ -9,7 +9,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -25,7 +25,8 @@ from fleet.metrics import EventsCollector, FleetCollector, GatewayMetrics
 from fleet.models_store import ModelStore
 from fleet.ratelimit import KnownTokens, TokenBucketLimiter
 from fleet.reconcile import reconcile_frame_store
-from roadloop.data.object_frames import open_frame_store
+from fleet.reconcile_objects import reconcile_object_store
+from roadloop.data.object_frames import S3FrameStore, open_frame_store
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,15 @@ class Gateway:
         migrations.upgrade(self.db)
         assert self.settings.frame_store is not None
         self.settings.frame_store.mkdir(parents=True, exist_ok=True)
-        if self.settings.reconcile_on_start and self.store.is_local:
+        if not self.settings.reconcile_on_start:
+            return
+        if isinstance(self.store, S3FrameStore):
+            objects = reconcile_object_store(
+                self.db, self.store, self.now,
+                grace=timedelta(seconds=self.settings.reconcile_orphan_grace_s),
+                max_objects=self.settings.reconcile_max_objects)
+            logger.info("object frame store reconciled: %s", objects)
+        elif self.store.is_local:
             report = reconcile_frame_store(self.db, self.store, self.now)
             logger.info("frame store reconciled: %s", report)
 

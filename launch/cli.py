@@ -246,7 +246,8 @@ def dataset_restore(md5: str, target: Path) -> None:
     from roadloop.data.versioning import DvcStore
 
     settings = get_settings()
-    store = DvcStore(Path(str(settings.dvc_repo)), str(settings.dvc_remote_url))
+    store = DvcStore(Path(str(settings.dvc_repo)), str(settings.dvc_remote_url),
+                     settings.s3_endpoint_url)
     path = store.restore(md5, target)
     typer.echo(f"restored {md5} into {path}")
 

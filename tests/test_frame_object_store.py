@@ -1,10 +1,11 @@
 """The frame store on S3-compatible object storage (moto's server, started by the tests):
 same contract as the folder store, a record only once its JPEG is in, create-only records,
-the Dagster resource and the settings that choose it, MLflow artifacts and the DVC remote
-on the same storage."""
+the Dagster resource and the settings that choose it, MLflow artifacts and a DVC push and
+restore on the same storage."""
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -148,13 +149,54 @@ def test_mlflow_artifacts_go_to_the_object_store(
     assert keys == [f"{uri.removeprefix(f's3://{bucket}/')}/report.md"]
 
 
-def test_dvc_remote_on_the_object_store_is_configured(tmp_path: Path) -> None:
-    """Config level only: pushing to s3:// needs the dvc-s3 plugin (not installed here)."""
+def test_dvc_push_to_the_object_store_and_restore(
+    s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dataset version pushed to an s3:// DVC remote (dvc-s3) on moto, the local cache and
+    the folder deleted, then ``roadloop dataset restore`` brings it back byte for byte, with
+    the credentials DVC keeps in ``.dvc/config.local`` (none left in the environment)."""
+    pytest.importorskip("dvc_s3", reason="dvc-s3 not installed")
+    from launch.cli import dataset_restore
     from roadloop.data.versioning import DvcStore
+    from roadloop.settings import get_settings
 
-    store = DvcStore(tmp_path / "dvc", "s3://roadloop-dvc/datasets",
-                     s3_endpoint_url="http://minio:9000")
+    bucket = s3_server.new_bucket("dvc")
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("ROADLOOP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ROADLOOP_DVC_REMOTE_URL", f"s3://{bucket}/datasets")
+    monkeypatch.setenv("ROADLOOP_S3_ENDPOINT_URL", s3_server.endpoint_url)
+    get_settings.cache_clear()
+    settings = get_settings()
+    store = DvcStore(Path(str(settings.dvc_repo)), str(settings.dvc_remote_url),
+                     settings.s3_endpoint_url)
     store.ensure()
-    config = (tmp_path / "dvc" / ".dvc" / "config").read_text()
-    assert "url = s3://roadloop-dvc/datasets" in config
-    assert "endpointurl = http://minio:9000" in config
+    data = store.repo_dir / "data" / "curated"
+    files = {"images/train/a.jpg": encode_jpeg(synthetic_image(5)),
+             "labels/train/a.txt": b"0 0.5 0.5 0.2 0.2\n", "data.yaml": b"names: [car]\n"}
+    for rel, body in files.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(body)
+    version = store.add_and_push(data)
+
+    dvc_dir = store.repo_dir / ".dvc"
+    assert f"endpointurl = {s3_server.endpoint_url}" in (dvc_dir / "config").read_text()
+    assert "roadloop-test" not in (dvc_dir / "config").read_text()  # secrets stay local
+    assert "secret_access_key = roadloop-test" in (dvc_dir / "config.local").read_text()
+    pushed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="datasets/")
+    keys = [o["Key"] for o in pushed.get("Contents", [])]
+    assert len(keys) == len(files) + 1  # each file plus the version's .dir listing
+    assert f"datasets/files/md5/{version.md5[:2]}/{version.md5[2:]}.dir" in keys
+
+    shutil.rmtree(dvc_dir / "cache")
+    shutil.rmtree(data)
+    for k in s3_server.env:
+        monkeypatch.delenv(k)
+    try:
+        dataset_restore(version.md5, tmp_path / "restored")
+    finally:
+        get_settings.cache_clear()
+    back = tmp_path / "restored"
+    assert sorted(p.relative_to(back).as_posix() for p in back.rglob("*") if p.is_file()) \
+        == sorted(files)
+    assert all((back / rel).read_bytes() == body for rel, body in files.items())

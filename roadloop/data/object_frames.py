@@ -33,6 +33,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,32 @@ def _as_os_error(what: str) -> Iterator[None]:
         yield
     except (BotoCoreError, ClientError) as exc:
         raise OSError(errno.EIO, f"object store {what} failed: {exc}") from exc
+
+
+@dataclass
+class ListedFrame:
+    """One frame id's objects in a listing: its JPEG and record, each with its
+    ``LastModified`` (``None``: absent)."""
+
+    frame_id: str
+    image_size: int | None = None
+    image_modified: datetime | None = None
+    record_modified: datetime | None = None
+
+
+@dataclass
+class FolderListing:
+    """One ``<camera_id>/<day>/`` folder listed whole (``S3FrameStore.scan_folders``)."""
+
+    camera_id: str
+    day: str
+    frames: dict[str, ListedFrame] = field(default_factory=dict)
+    n_objects: int = 0
+    last_key: str = ""  # relative to the prefix: where the next scan starts after
+
+    def stem(self, frame_id: str) -> str:
+        return f"{self.camera_id}/{self.day}/{frame_id}"
+
 
 
 class S3FrameStore:
@@ -303,6 +330,75 @@ class S3FrameStore:
                 else:
                     report.corrupt_sidecars.append(path)
         return report
+
+    # ---- start-up reconcile (fleet.reconcile_objects; no database here)
+    def scan_folders(self, start_after: str = "", *,
+                     page_size: int = 1000) -> Iterator[FolderListing]:
+        """Every date folder after the key ``start_after`` (relative), in key order, each
+        listed whole (paged ``ListObjectsV2``, so a caller that stops early pays only for
+        the pages it read). Keys outside the ``<camera>/<day>/<frame_id>.{jpg,json}`` layout
+        are counted, not returned."""
+        base = self._key("")
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base,
+                                  "PaginationConfig": {"PageSize": page_size}}
+        if start_after:
+            kwargs["StartAfter"] = self._key(start_after)
+        current: FolderListing | None = None
+        with _as_os_error("listing for reconcile"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(base):]
+                    parts = rel.split("/")
+                    folder = (parts[0], parts[1]) if len(parts) == 3 else (rel, "")
+                    if current is None or (current.camera_id, current.day) != folder:
+                        if current is not None:
+                            yield current
+                        current = FolderListing(*folder)
+                    current.n_objects += 1
+                    current.last_key = rel
+                    stem, _, ext = parts[-1].rpartition(".")
+                    if (len(parts) != 3 or ext not in ("jpg", "json")
+                            or not _ID_RE.fullmatch(parts[0]) or not _DAY_RE.fullmatch(parts[1])
+                            or not _ID_RE.fullmatch(stem)):
+                        continue
+                    entry = current.frames.setdefault(stem, ListedFrame(stem))
+                    if ext == "jpg":
+                        entry.image_size = int(obj["Size"])
+                        entry.image_modified = obj["LastModified"]
+                    else:
+                        entry.record_modified = obj["LastModified"]
+        if current is not None:
+            yield current
+
+    def load_frame(self, stem: str) -> tuple[FrameRecord, bytes] | None:
+        """The record and JPEG bytes of the complete frame at ``stem``
+        (``<camera>/<day>/<frame_id>``); ``None`` when either is gone or the record is
+        unreadable (logged)."""
+        camera_id, _, frame_id = stem.split("/")
+        with _as_os_error(f"read of {stem}"):
+            data = self._get(self._key(f"{stem}.json"))
+            image = self._get(self._key(f"{stem}.jpg")) if data is not None else None
+        if data is None or image is None:
+            return None
+        record = parse_sidecar(data, camera_id, frame_id, where=f"{self.url}/{stem}.json")
+        return None if record is None else (record, image)
+
+    def delete_orphan_image(self, stem: str, *, older_than: datetime) -> bool:
+        """Delete the JPEG at ``stem`` if it is still there, still has no record and was
+        last written before ``older_than`` (checked again right before the delete: an upload
+        that started since the listing re-PUTs the JPEG, which makes it young again)."""
+        key = self._key(f"{stem}.jpg")
+        with _as_os_error(f"delete of {stem}"):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=key)
+            except Exception as exc:
+                if _missing(exc):
+                    return False
+                raise
+            if head["LastModified"] >= older_than or self._exists(self._key(f"{stem}.json")):
+                return False
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        return True
 
 
 def open_frame_store(location: str | Path, *, cache_dir: Path | str | None = None,

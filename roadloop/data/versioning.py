@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 REMOTE_NAME = "storage"
 VERSIONS_DIR = "versions"
 _SCRATCH_PREFIX = ".restore-"
+# dvc-s3 remote options and the AWS variables they are read from (``_configure_s3``).
+_S3_CREDENTIALS = (("access_key_id", "AWS_ACCESS_KEY_ID"),
+                   ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+                   ("session_token", "AWS_SESSION_TOKEN"))
 _DVCIGNORE = f"# managed by roadloop.data.versioning\n/{VERSIONS_DIR}/\n*.cache\n"
 
 
@@ -66,7 +70,7 @@ class DvcStore:
                  s3_endpoint_url: str | None = None) -> None:
         """``remote_url``: a folder or any DVC remote URL; an ``s3://`` remote on a non-AWS
         server (MinIO, Ceph) gets ``s3_endpoint_url`` as its ``endpointurl`` (pushing to S3
-        needs the ``dvc-s3`` plugin; credentials from the standard AWS variables)."""
+        goes through the ``dvc-s3`` plugin; credentials: see ``_configure_s3``)."""
         self.repo_dir = Path(repo_dir).absolute()
         self.remote_url = str(remote_url)
         self.s3_endpoint_url = s3_endpoint_url
@@ -106,13 +110,29 @@ class DvcStore:
         if f"remote = {REMOTE_NAME}" not in config or f"url = {self.remote_url}\n" not in config:
             self._dvc("remote", "add", "--default", "--force", REMOTE_NAME, self.remote_url)
             config = (self.repo_dir / ".dvc" / "config").read_text(encoding="utf-8")
-        endpoint = self.s3_endpoint_url if self.remote_url.startswith("s3://") else None
-        if endpoint and f"endpointurl = {endpoint}\n" not in config:
-            self._dvc("remote", "modify", REMOTE_NAME, "endpointurl", endpoint)
+        if self.remote_url.startswith("s3://"):
+            self._configure_s3(config)
         ignore = self.repo_dir / ".dvcignore"
         if not ignore.exists() or "managed by roadloop" not in ignore.read_text():
             ignore.write_text(_DVCIGNORE + (ignore.read_text() if ignore.exists() else ""))
         self.versions_dir.mkdir(exist_ok=True)
+
+    def _configure_s3(self, config: str) -> None:
+        """An ``s3://`` remote as the dvc-s3 docs configure one: ``endpointurl`` (a non-AWS
+        server) in ``.dvc/config``; the standard AWS credentials found in the environment in
+        ``.dvc/config.local`` (``dvc remote modify --local``: the file DVC keeps secrets in,
+        never shared), so a ``dvc`` run without them (a shell, a restore) still signs in.
+        Without those variables DVC falls back to the AWS config files or an IAM role."""
+        if self.s3_endpoint_url and f"endpointurl = {self.s3_endpoint_url}\n" not in config:
+            self._dvc("remote", "modify", REMOTE_NAME, "endpointurl", self.s3_endpoint_url)
+        local_file = self.repo_dir / ".dvc" / "config.local"
+        local = local_file.read_text(encoding="utf-8") if local_file.exists() else ""
+        for option, variable in _S3_CREDENTIALS:
+            value = os.environ.get(variable)
+            if value and f"{option} = {value}\n" not in local:
+                self._dvc("remote", "modify", "--local", REMOTE_NAME, option, value)
+        if local_file.exists():
+            local_file.chmod(0o600)
 
     # ------------------------------------------------------------------ versions
 
