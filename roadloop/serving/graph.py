@@ -81,7 +81,11 @@ class _Builder:
         return full
 
     def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, **attrs) -> str:
-        outs = [self.prefix + name] if n_out == 1 else [f"{self.prefix}{name}_{i}" for i in range(n_out)]
+        outs = (
+            [self.prefix + name]
+            if n_out == 1
+            else [f"{self.prefix}{name}_{i}" for i in range(n_out)]
+        )
         self.nodes.append(
             helper.make_node(op_type, inputs, outs, name=self.prefix + name + "_node", **attrs)
         )
@@ -112,7 +116,11 @@ def _preprocess_model(
         shape = b.op("Shape", [x], "shape")
         nc = b.op(
             "Slice",
-            [shape, b.const("zero", np.array([0], np.int64)), b.const("two", np.array([2], np.int64))],
+            [
+                shape,
+                b.const("zero", np.array([0], np.int64)),
+                b.const("two", np.array([2], np.int64)),
+            ],
             "nc",
         )
         sizes = b.op(
@@ -229,29 +237,46 @@ def _postprocess_model(
     offset = np.array([left, top, left, top], np.float32)
     scale = np.array([ratio[0], ratio[1], ratio[0], ratio[1]], np.float32)
     limit = np.array([w, h, w, h], np.float32)
-    mapped = b.op("Div", [b.op("Sub", [picked, b.const("pad", offset)], "unpad"), b.const("ratio", scale)], "mapped")
+    mapped = b.op(
+        "Div",
+        [b.op("Sub", [picked, b.const("pad", offset)], "unpad"), b.const("ratio", scale)],
+        "mapped",
+    )
     clipped = b.op(
         "Min",
-        [b.op("Max", [mapped, b.const("low", np.array(0.0, np.float32))], "clip_low"), b.const("high", limit)],
+        [
+            b.op("Max", [mapped, b.const("low", np.array(0.0, np.float32))], "clip_low"),
+            b.const("high", limit),
+        ],
         "clipped",
     )
     valid3 = b.op(
         "Unsqueeze",
-        [b.op("Cast", [valid], "valid_f", to=TensorProto.FLOAT), b.const("axis2b", np.array([2], np.int64))],
+        [
+            b.op("Cast", [valid], "valid_f", to=TensorProto.FLOAT),
+            b.const("axis2b", np.array([2], np.int64)),
+        ],
         "valid3",
     )
     b.nodes.append(helper.make_node("Mul", [clipped, valid3], ["boxes"], name=_POST + "boxes_out"))
-    b.nodes.append(helper.make_node("Identity", [top_scores], ["scores"], name=_POST + "scores_out"))
+    b.nodes.append(
+        helper.make_node("Identity", [top_scores], ["scores"], name=_POST + "scores_out")
+    )
     b.nodes.append(
         helper.make_node(
-            "Where", [valid, class_of, b.const("no_class", np.array(-1, np.int64))], ["classes"],
+            "Where",
+            [valid, class_of, b.const("no_class", np.array(-1, np.int64))],
+            ["classes"],
             name=_POST + "classes_out",
         )
     )
     b.nodes.append(
         helper.make_node(
             "ReduceSum",
-            [b.op("Cast", [valid], "valid_i", to=TensorProto.INT64), b.const("axis1", np.array([1], np.int64))],
+            [
+                b.op("Cast", [valid], "valid_i", to=TensorProto.INT64),
+                b.const("axis1", np.array([1], np.int64)),
+            ],
             ["count"],
             keepdims=0,
             name=_POST + "count_out",
@@ -308,7 +333,7 @@ def build_serving_graph(
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     info = load_onnx_metadata(detector_path)
     input_hw = info.input_hw
-    batch, out_c, anchors = info.output_shape
+    _, out_c, anchors = info.output_shape
     if not (isinstance(out_c, int) and isinstance(anchors, int)):
         raise InvalidInputError(
             detector_path, f"output shape {info.output_shape} must have static channels/anchors"
@@ -326,8 +351,14 @@ def build_serving_graph(
 
     pre = _preprocess_model((fh, fw), input_hw, batch_dim, detector)
     post, k = _postprocess_model(
-        (fh, fw), input_hw, batch_dim, nc, anchors,
-        conf=float(conf_threshold), iou=float(iou_threshold), max_det=int(max_detections),
+        (fh, fw),
+        input_hw,
+        batch_dim,
+        nc,
+        anchors,
+        conf=float(conf_threshold),
+        iou=float(iou_threshold),
+        max_det=int(max_detections),
         like=detector,
     )
     # Detector tensors get a prefix so that no name of ours can collide with an export's.
@@ -339,7 +370,10 @@ def build_serving_graph(
     merged = onnx.compose.merge_models(pre, detector, io_map=[(_PRE + "pixels", "det/" + det_in)])
     merged = onnx.compose.merge_models(merged, post, io_map=[("det/" + det_out, _POST + "raw")])
     merged.ir_version = detector.ir_version
-    meta = {p.key: p.value for p in onnx.load(str(detector_path), load_external_data=False).metadata_props}
+    meta = {
+        p.key: p.value
+        for p in onnx.load(str(detector_path), load_external_data=False).metadata_props
+    }
     meta.update(
         {
             "serving_graph": "1",
@@ -361,7 +395,13 @@ def build_serving_graph(
         onnx.save(merged, str(tmp))
     logger.info(
         "serving graph %s: %dx%d frames → %s %s, batch %s, K=%d",
-        out_path, fh, fw, detector_path.name, precision, batch_dim, k,
+        out_path,
+        fh,
+        fw,
+        detector_path.name,
+        precision,
+        batch_dim,
+        k,
     )
     return ServingGraphInfo(
         path=out_path,
