@@ -301,8 +301,11 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """The detector with fp16 weights and compute, fp32 input and output (ONNX Runtime's
     converter; its default block list keeps Resize and friends in fp32)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
+    converted.topological_sort()  # the converter appends its I/O casts last
+    return converted.model
 
 
 def build_serving_graph(
