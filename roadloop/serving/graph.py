@@ -24,22 +24,22 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from pydantic import BaseModel
 
 from edge_agent.inference import (
     DEFAULT_CONF_THRESHOLD,
     DEFAULT_IOU_THRESHOLD,
     _letterbox_params,
+    _parse_names,
 )
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import atomic_path, sha256_file
-from roadloop.models.export import load_onnx_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,10 @@ MIN_OPSET = 13  # Unsqueeze/ReduceSum take axes as inputs from 13 on
 _PRE, _POST = "serve_pre/", "serve_post/"
 
 
-class ServingGraphInfo(BaseModel):
-    """What a built serving graph expects and returns."""
+@dataclass(frozen=True, slots=True)
+class ServingGraphInfo:
+    """What a built serving graph expects and returns (a dataclass, not pydantic: a GPU
+    serving box needs only onnx, onnxruntime, numpy and OpenCV to build and run one)."""
 
     path: Path
     sha256: str
@@ -297,6 +299,14 @@ def _postprocess_model(
     return model, k
 
 
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    """A tensor's dims: ints where static, the symbol (or "?") where dynamic."""
+    return [
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+        for d in value_info.type.tensor_type.shape.dim
+    ]
+
+
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """The detector with fp16 weights and compute, fp32 input and output (ONNX Runtime's
     converter; its default block list keeps Resize and friends in fp32)."""
@@ -334,21 +344,31 @@ def build_serving_graph(
         raise ValueError("max_detections must be >= 1")
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-    info = load_onnx_metadata(detector_path)
-    input_hw = info.input_hw
-    _, out_c, anchors = info.output_shape
-    if not (isinstance(out_c, int) and isinstance(anchors, int)):
+    if not detector_path.is_file():
+        raise InvalidInputError(detector_path, "no such detector file")
+    try:
+        detector = onnx.load(str(detector_path))
+    except Exception as exc:  # protobuf raises several types for a bad file
+        raise InvalidInputError(detector_path, f"not an ONNX model ({exc})") from exc
+    in_shape, out_shape = _dims(detector.graph.input[0]), _dims(detector.graph.output[0])
+    if len(in_shape) != 4 or len(out_shape) != 3:
         raise InvalidInputError(
-            detector_path, f"output shape {info.output_shape} must have static channels/anchors"
+            detector_path, f"expected NCHW in, (B, 4 + nc, N) out; got {in_shape} → {out_shape}"
         )
-    if not isinstance(info.input_shape[2], int) or not isinstance(info.input_shape[3], int):
-        raise InvalidInputError(detector_path, "the detector's height/width must be static")
-    detector = onnx.load(str(detector_path))
+    batch_dim, _, ih, iw = in_shape
+    _, out_c, anchors = out_shape
+    if not all(isinstance(v, int) for v in (ih, iw, out_c, anchors)) or int(out_c) < 5:
+        raise InvalidInputError(
+            detector_path, f"height/width/channels/anchors must be static: {in_shape} → {out_shape}"
+        )
+    input_hw = (int(ih), int(iw))
     opset = next((o.version for o in detector.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         raise InvalidInputError(detector_path, f"opset {opset} < {MIN_OPSET}")
-    nc = out_c - 4
-    batch_dim: int | str = info.input_shape[0]
+    nc, anchors = int(out_c) - 4, int(anchors)
+    meta = {p.key: p.value for p in detector.metadata_props}
+    class_names = _parse_names(meta.get("names")) or [f"class{i}" for i in range(nc)]
+    source_sha256 = sha256_file(detector_path)
     if precision == "fp16":
         detector = to_fp16(detector)
 
@@ -373,10 +393,6 @@ def build_serving_graph(
     merged = onnx.compose.merge_models(pre, detector, io_map=[(_PRE + "pixels", "det/" + det_in)])
     merged = onnx.compose.merge_models(merged, post, io_map=[("det/" + det_out, _POST + "raw")])
     merged.ir_version = detector.ir_version
-    meta = {
-        p.key: p.value
-        for p in onnx.load(str(detector_path), load_external_data=False).metadata_props
-    }
     meta.update(
         {
             "serving_graph": "1",
@@ -386,7 +402,7 @@ def build_serving_graph(
             "serving_conf": repr(float(conf_threshold)),
             "serving_iou": repr(float(iou_threshold)),
             "serving_max_det": str(k),
-            "serving_source_sha256": info.sha256,
+            "serving_source_sha256": source_sha256,
         }
     )
     del merged.metadata_props[:]
@@ -409,12 +425,12 @@ def build_serving_graph(
     return ServingGraphInfo(
         path=out_path,
         sha256=sha256_file(out_path),
-        source_sha256=info.sha256,
+        source_sha256=source_sha256,
         frame_hw=(fh, fw),
         input_hw=input_hw,
         batch=batch_dim if isinstance(batch_dim, int) else None,
         precision=precision,
-        class_names=info.class_names,
+        class_names=class_names,
         conf_threshold=float(conf_threshold),
         iou_threshold=float(iou_threshold),
         max_detections=k,
