@@ -173,6 +173,24 @@ def test_fp16_graph_builds_but_is_refused_on_cpu(overlap_detector: Path, tmp_pat
             ServingSession(info.path)
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_cuda_listed_but_not_initialised_falls_back_on_auto_only(
+    overlap_detector: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime-gpu lists CUDA on a machine without a usable GPU; ONNX Runtime then runs on
+    CPU: ``auto`` says so and uses CPU, an explicit ``cuda`` is refused."""
+    import onnxruntime as ort
+
+    info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=(48, 80))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_EP, CPU_EP])
+    session = ServingSession(info.path)
+    assert session.choice.device == "cpu" and "did not initialise" in session.choice.reason
+    assert session.providers == [CPU_EP] and not session.io_binding
+    assert [len(d) for d in session.detect(np.zeros((2, 48, 80, 3), np.uint8))] == [3, 3]
+    with pytest.raises(ServingConfigError, match="did not initialise"):
+        ServingSession(info.path, device="cuda")
+
+
 def test_a_plain_detector_is_not_a_serving_graph(overlap_detector: Path) -> None:
     with pytest.raises(ServingConfigError, match="not a serving graph"):
         ServingSession(overlap_detector, device="cpu")

@@ -144,6 +144,20 @@ class ServingSession:
         self.session = ort.InferenceSession(
             str(self.graph_path), options, providers=self.choice.providers
         )
+        if self.choice.device == "cuda" and self.session.get_providers()[0] != CUDA_EP:
+            # onnxruntime-gpu lists CUDA even where no GPU or CUDA library is usable, and then
+            # quietly runs on CPU: say so, and refuse unless the caller left the choice to us.
+            why = (
+                f"{CUDA_EP} did not initialise (session providers "
+                f"{self.session.get_providers()}): no GPU, or CUDA 13 / cuDNN 9 not loadable"
+            )
+            if device == "cuda" or self.precision == "fp16":
+                raise ServingConfigError(why)
+            logger.warning("serving on CPU: %s", why)
+            self.choice = ProviderChoice("cpu", "fp32", [CPU_EP], why)
+            self.session = ort.InferenceSession(
+                str(self.graph_path), options, providers=self.choice.providers
+            )
         self.frame_hw: tuple[int, int] = tuple(json.loads(meta["serving_frame_hw"]))
         dim0 = self.session.get_inputs()[0].shape[0]
         self.batch: int | None = dim0 if isinstance(dim0, int) and dim0 > 0 else None
