@@ -8,6 +8,7 @@ exactly; the parity tests run the shared gpu checkpoint on real frames and skip 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -97,6 +98,8 @@ def test_serving_graph_equals_edge_detector_on_synthetic_outputs(
         assert [d.class_id for d in mine] == [d.class_id for d in theirs]
         assert np.allclose([d.xyxy for d in mine], [d.xyxy for d in theirs], atol=1e-3)
         assert np.allclose([d.confidence for d in mine], [d.confidence for d in theirs])
+    bound = ServingSession(info.path, device="cpu", intra_op_threads=1, io_binding=True)
+    assert bound.detect(frames) == got  # the IO-binding path the CUDA provider takes
     boxes, scores, classes, count = session.run(frames)
     assert boxes.shape == (3, 2 * 8, 4)  # K = min(max_det, classes * anchors)
     assert count.tolist() == [3, 3, 3]
@@ -202,8 +205,9 @@ def test_batcher_batches_across_cameras_and_flushes_on_deadline(
 ) -> None:
     info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=(48, 80))
     session = ServingSession(info.path, device="cpu", intra_op_threads=1)
+    other = ServingSession(info.path, device="cpu", intra_op_threads=1)
     frames = np.random.default_rng(1).integers(0, 255, (5, 48, 80, 3), dtype=np.uint8)
-    with FrameBatcher([session], max_batch=4, max_wait_s=0.01) as batcher:
+    with FrameBatcher([session, other], max_batch=4, max_wait_s=0.01) as batcher:
         futures = [batcher.submit(f"cam{i % 2}", f) for i, f in enumerate(frames)]
         results = [f.result(timeout=30) for f in futures]
         with pytest.raises(ValueError, match="frame must be uint8"):
@@ -244,3 +248,35 @@ def test_serving_graph_matches_edge_pipeline_batch4(tmp_path: Path) -> None:
     assert sum(map(len, got)) > 0
     for mine, theirs in zip(got, ref, strict=True):
         _assert_match(mine, theirs, edge.conf_threshold, px=1280 / 160)
+
+
+def test_gpu_serving_benchmark_runs_on_cpu_under_a_smoke_name(
+    overlap_detector: Path, tmp_path: Path
+) -> None:
+    from benchmarks import gpu_serving
+
+    video = tmp_path / "tiny.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (80, 48))
+    for i in range(6):
+        writer.write(np.full((48, 80, 3), 40 * i, np.uint8))
+    writer.release()
+    args = [
+        "--onnx", str(overlap_detector), "--video", str(video), "--device", "cpu",
+        "--precisions", "fp32,fp16", "--batches", "1,2", "--frames", "4", "--seconds", "0.05",
+        "--warmup", "0.01", "--cameras", "2", "--out", str(tmp_path / "results"),
+        "--engines", "network,serving_direct,serving_batched,edge_core",
+    ]  # fmt: skip
+    assert gpu_serving.main(args) == 0
+    report = json.loads((tmp_path / "results" / "gpu_serving_smoke_cpu.json").read_text())
+    assert not (tmp_path / "results" / "gpu_serving.json").exists()
+    assert report["device"] == "cpu" and report["settings"]["precisions"] == ["fp32"]
+    got = {(r["engine"], r["batch"]) for r in report["results"]}
+    assert got == {
+        (e, b)
+        for e in ("network", "serving_direct", "serving_batched", "edge_core")
+        for b in (1, 2)
+    }
+    assert all(r["frames_per_s"] > 0 for r in report["results"])
+    assert [s["batch"] for s in report["summary"]] == [1, 2]
+    assert all(s["end_to_end_over_network"] > 0 for s in report["summary"])
+    assert "| fp32 | 2 |" in (tmp_path / "results" / "gpu_serving_smoke_cpu.md").read_text()

@@ -118,7 +118,7 @@ class ServingSession:
         device: Device = "auto",
         device_id: int = 0,
         intra_op_threads: int | None = None,
-        io_binding: bool = True,
+        io_binding: bool | None = None,
     ) -> None:
         self.graph_path = Path(graph_path)
         import onnx  # the metadata first: an fp16 graph must not be loaded on CPU
@@ -165,7 +165,8 @@ class ServingSession:
 
         self.class_names: list[str] = _parse_names(meta.get("names")) or []
         self.model_sha256 = meta.get("serving_source_sha256", "")
-        self.io_binding = bool(io_binding) and self.choice.device == "cuda"
+        # IO binding pays on CUDA (frames bound in place, outputs copied once); None: there only.
+        self.io_binding = self.choice.device == "cuda" if io_binding is None else bool(io_binding)
         self._binding = self.session.io_binding() if self.io_binding else None
 
     @property
