@@ -147,14 +147,18 @@ def _batch(frames: list[np.ndarray], b: int, offset: int) -> list[np.ndarray]:
 
 
 # ---------------------------------------------------------------------------- engines
-def bench_network(path: Path, device: str, b: int, hw: tuple[int, int], a) -> list[float]:
+# Each engine's sessions are made once per precision and reused across batch sizes.
+def network_session(path: Path, device: str) -> ort.InferenceSession:
     choice = select_providers(device, "fp32")  # the fp16 file keeps fp32 I/O
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=choice.providers)
+    return ort.InferenceSession(str(path), opts, providers=choice.providers)
+
+
+def bench_network(sess: ort.InferenceSession, device: str, b: int, hw, a) -> list[float]:
     name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
     blob = np.random.default_rng(0).random((b, 3, *hw), dtype=np.float32)
-    if choice.device == "cuda":
+    if device == "cuda":
         io = sess.io_binding()
         io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(blob, "cuda", 0))
         io.bind_output(out, "cuda")
@@ -162,8 +166,7 @@ def bench_network(path: Path, device: str, b: int, hw: tuple[int, int], a) -> li
     return timed(lambda: sess.run([out], {name: blob}), seconds=a.seconds, warmup_s=a.warmup)
 
 
-def bench_serving_direct(graph: Path, device: str, b: int, frames, a) -> list[float]:
-    session = ServingSession(graph, device=device)
+def bench_serving_direct(session: ServingSession, b: int, frames, a) -> list[float]:
     staging = session.staging_buffer(b)
     k = [0]
 
@@ -176,11 +179,9 @@ def bench_serving_direct(graph: Path, device: str, b: int, frames, a) -> list[fl
     return timed(one, seconds=a.seconds, warmup_s=a.warmup)
 
 
-def bench_serving_batched(graph: Path, device: str, b: int, frames, a) -> dict[str, Any]:
-    n_sessions = a.sessions if device == "cuda" else 1
-    sessions = [ServingSession(graph, device=device) for _ in range(n_sessions)]
+def bench_serving_batched(sessions: list[ServingSession], b: int, frames, a) -> dict[str, Any]:
     cameras = max(2, min(a.cameras, 2 * b))
-    depth = max(2, (2 * b * n_sessions) // cameras + 1)  # frames in flight per camera
+    depth = max(2, (2 * b * len(sessions)) // cameras + 1)  # frames in flight per camera
     done: list[tuple[float, float]] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -226,20 +227,23 @@ def bench_serving_batched(graph: Path, device: str, b: int, frames, a) -> dict[s
         "latency_per": "frame",
         "iterations": len(lat),
         "cameras": cameras,
-        "sessions": n_sessions,
+        "sessions": len(sessions),
         "mean_batch": frames_run / max(batches, 1),
         "max_wait_ms": a.max_wait_ms,
     }
 
 
-def bench_edge_core(path: Path, device: str, b: int, frames, a) -> list[float]:
+def edge_detector(path: Path, device: str, max_batch: int):
     from edge_agent.inference import OnnxDetector
 
     choice = select_providers(device, "fp32")
     providers = [p if isinstance(p, str) else p[0] for p in choice.providers]
-    det = OnnxDetector(
-        path, conf_threshold=CONF, iou_threshold=IOU, providers=providers, max_batch_size=max(b, 1)
+    return OnnxDetector(
+        path, conf_threshold=CONF, iou_threshold=IOU, providers=providers, max_batch_size=max_batch
     )
+
+
+def bench_edge_core(det, b: int, frames, a) -> list[float]:
     k = [0]
 
     def one() -> None:
@@ -249,10 +253,7 @@ def bench_edge_core(path: Path, device: str, b: int, frames, a) -> list[float]:
     return timed(one, seconds=a.seconds, warmup_s=a.warmup)
 
 
-def bench_ultralytics(pt: Path, imgsz: int, device: str, precision: str, b: int, frames, a):
-    from ultralytics import YOLO
-
-    model = YOLO(str(pt), task="detect")
+def bench_ultralytics(model, imgsz: int, device: str, precision: str, b: int, frames, a):
     dev = 0 if device == "cuda" else "cpu"
     k = [0]
 
@@ -272,7 +273,45 @@ def bench_ultralytics(pt: Path, imgsz: int, device: str, precision: str, b: int,
 
 
 # ---------------------------------------------------------------------------- run
-def run(a: argparse.Namespace) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], precisions, batches) -> list[dict[str, Any]]:
+    out = []
+    for precision in precisions:
+        for b in batches:
+            got = {r["engine"]: r for r in rows if r["precision"] == precision and r["batch"] == b}
+            if not got:
+                continue
+            fps = {k: v["frames_per_s"] for k, v in got.items()}
+            net = fps.get("network")
+
+            def over(engine: str, base: float | None, fps=fps) -> float | None:
+                return fps[engine] / base if base and engine in fps else None
+
+            ratios = [r for r in (over("serving_batched", net), over("serving_direct", net)) if r]
+            best = max(ratios, default=None)
+            out.append(
+                {
+                    "precision": precision,
+                    "batch": b,
+                    "network_fps": net,
+                    "serving_direct_fps": fps.get("serving_direct"),
+                    "serving_batched_fps": fps.get("serving_batched"),
+                    "edge_core_fps": fps.get("edge_core"),
+                    "ultralytics_fps": fps.get("ultralytics"),
+                    "serving_direct_over_network": over("serving_direct", net),
+                    "serving_batched_over_network": over("serving_batched", net),
+                    "edge_core_over_network": over("edge_core", net),
+                    "best_serving_over_network": best,
+                    "meets_target": bool(best is not None and best >= TARGET_RATIO),
+                    "serving_batched_over_ultralytics": over(
+                        "serving_batched", fps.get("ultralytics")
+                    ),
+                }
+            )
+    return out
+
+
+def run(a: argparse.Namespace, on_update=None) -> dict[str, Any]:
+    """Every row; ``on_update(report)`` after each one, so a run cut short keeps its rows."""
     choice = select_providers(a.device, "fp32")
     device = choice.device
     precisions = [p for p in a.precisions.split(",") if p]
@@ -283,7 +322,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     frames = load_frames(a.video, a.frames)
     frame_hw = frames[0].shape[:2]
     frames = [f for f in frames if f.shape[:2] == frame_hw]
-    engines = set(a.engines.split(","))
+    engines = [e for e in ENGINES if e in set(a.engines.split(","))]
+    if a.pt is None and "ultralytics" in engines:
+        engines.remove("ultralytics")
     work = Path(tempfile.mkdtemp(prefix="gpu_serving_"))
     import onnx
 
@@ -293,19 +334,36 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     input_hw = (dims[2], dims[3])
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
-
-    def measure(engine: str, precision: str, b: int, detector: Path, graph: Path) -> dict:
-        if engine == "network":
-            lat = bench_network(detector, device, b, input_hw, a)
-        elif engine == "serving_direct":
-            lat = bench_serving_direct(graph, device, b, frames, a)
-        elif engine == "serving_batched":
-            return {"precision": precision, **bench_serving_batched(graph, device, b, frames, a)}
-        elif engine == "edge_core":
-            lat = bench_edge_core(detector, device, b, frames, a)
-        else:
-            lat = bench_ultralytics(a.pt, max(input_hw), device, precision, b, frames, a)
-        return _row(engine, precision, b, lat)
+    report: dict[str, Any] = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": device,
+        "provider_reason": choice.reason,
+        "machine": _machine(device),
+        "settings": {
+            "onnx": str(a.onnx),
+            "pt": str(a.pt) if a.pt else None,
+            "video": str(a.video),
+            "frames_in_memory": len(frames),
+            "frame_hw": list(frame_hw),
+            "input_hw": list(input_hw),
+            "precisions": precisions,
+            "batches": batches,
+            "engines": engines,
+            "seconds": a.seconds,
+            "warmup_s": a.warmup,
+            "conf": CONF,
+            "iou": IOU,
+            "cameras": a.cameras,
+            "sessions": a.sessions if device == "cuda" else 1,
+            "max_wait_ms": a.max_wait_ms,
+        },
+        "decode": decode_cost(frames, min(a.seconds, 1.0)),
+        "results": rows,
+        "summary": [],
+        "target_ratio": TARGET_RATIO,
+        "errors": errors,
+        "complete": False,
+    }
 
     for precision in precisions:
         detector = Path(a.onnx)
@@ -320,22 +378,55 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             iou_threshold=IOU,
             precision=precision,
         ).path
+        made: dict[str, Any] = {}
+
+        def get(kind: str, made=made, detector=detector, graph=graph):
+            if kind not in made:
+                if kind == "network":
+                    made[kind] = network_session(detector, device)
+                elif kind == "serving":
+                    n = a.sessions if device == "cuda" else 1
+                    made[kind] = [ServingSession(graph, device=device) for _ in range(n)]
+                elif kind == "edge_core":
+                    made[kind] = edge_detector(detector, device, max(batches))
+                else:
+                    from ultralytics import YOLO
+
+                    made[kind] = YOLO(str(a.pt), task="detect")
+            return made[kind]
+
         for b in batches:
             if static_batch is not None and b != static_batch:
                 errors.append(f"batch {b} skipped: the model's batch is fixed at {static_batch}")
                 continue
-            for engine in ENGINES:
-                if engine not in engines or (engine == "ultralytics" and a.pt is None):
-                    continue
+            for engine in engines:
                 label = f"{engine} {precision} b{b}"
                 t0 = time.perf_counter()
                 try:
-                    out = measure(engine, precision, b, detector, graph)
+                    if engine == "network":
+                        lat = bench_network(get("network"), device, b, input_hw, a)
+                    elif engine == "serving_direct":
+                        lat = bench_serving_direct(get("serving")[0], b, frames, a)
+                    elif engine == "serving_batched":
+                        out = bench_serving_batched(get("serving"), b, frames, a)
+                    elif engine == "edge_core":
+                        lat = bench_edge_core(get("edge_core"), b, frames, a)
+                    else:
+                        yolo = get("ultralytics")
+                        lat = bench_ultralytics(
+                            yolo, max(input_hw), device, precision, b, frames, a
+                        )
+                    if engine != "serving_batched":
+                        out = _row(engine, precision, b, lat)
+                    out["precision"] = precision
                 except Exception as exc:  # one engine failing must not lose the others' rows
                     logger.exception("%s failed", label)
                     errors.append(f"{label}: {type(exc).__name__}: {exc}")
                     continue
                 rows.append(out)
+                report["summary"] = summarize(rows, precisions, batches)
+                if on_update is not None:
+                    on_update(report)
                 logger.info(
                     "%s: %.1f frames/s, p95 %.2f ms (%.0f s)",
                     label,
@@ -343,59 +434,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     out["p95_ms"],
                     time.perf_counter() - t0,
                 )
-    summary = []
-    for precision in precisions:
-        for b in batches:
-            got = {r["engine"]: r for r in rows if r["precision"] == precision and r["batch"] == b}
-            net = got.get("network", {}).get("frames_per_s")
-            e2e = got.get("serving_batched", got.get("serving_direct", {})).get("frames_per_s")
-            best_e2e = max(
-                (got[k]["frames_per_s"] for k in ("serving_batched", "serving_direct") if k in got),
-                default=None,
-            )
-            ult = got.get("ultralytics", {}).get("frames_per_s")
-            summary.append(
-                {
-                    "precision": precision,
-                    "batch": b,
-                    "network_fps": net,
-                    "serving_batched_fps": e2e,
-                    "end_to_end_over_network": (best_e2e / net) if net and best_e2e else None,
-                    "meets_target": bool(net and best_e2e and best_e2e / net >= TARGET_RATIO),
-                    "over_ultralytics": (best_e2e / ult) if ult and best_e2e else None,
-                    "edge_core_over_network": (got["edge_core"]["frames_per_s"] / net)
-                    if net and "edge_core" in got
-                    else None,
-                }
-            )
-    return {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": device,
-        "provider_reason": choice.reason,
-        "machine": _machine(device),
-        "settings": {
-            "onnx": str(a.onnx),
-            "pt": str(a.pt) if a.pt else None,
-            "video": str(a.video),
-            "frames_in_memory": len(frames),
-            "frame_hw": list(frame_hw),
-            "input_hw": list(input_hw),
-            "precisions": precisions,
-            "batches": batches,
-            "seconds": a.seconds,
-            "warmup_s": a.warmup,
-            "conf": CONF,
-            "iou": IOU,
-            "cameras": a.cameras,
-            "sessions": a.sessions,
-            "max_wait_ms": a.max_wait_ms,
-        },
-        "decode": decode_cost(frames, min(a.seconds, 1.0)),
-        "results": rows,
-        "summary": summary,
-        "target_ratio": TARGET_RATIO,
-        "errors": errors,
-    }
+        made.clear()  # free this precision's sessions before the next
+    report["complete"] = True
+    return report
 
 
 def _machine(device: str) -> dict[str, Any]:
@@ -440,10 +481,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         ),
         "",
         (
-            "| precision | batch | network alone fps | serving (batched) fps | serving / network | "
-            "× Ultralytics | edge core / network | target ≥ 70 % |"
+            "| precision | batch | network alone fps | serving direct fps | serving batched fps | "
+            "best serving / network | edge core / network | Ultralytics fps | "
+            "batched × Ultralytics | ≥ 70 % |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v, spec=".0f"):
@@ -452,8 +494,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     for x in r["summary"]:
         lines.append(
             f"| {x['precision']} | {x['batch']} | {f(x['network_fps'])} | "
-            f"{f(x['serving_batched_fps'])} | {f(x['end_to_end_over_network'], '.0%')} | "
-            f"{f(x['over_ultralytics'], '.2f')} | {f(x['edge_core_over_network'], '.0%')} | "
+            f"{f(x['serving_direct_fps'])} | {f(x['serving_batched_fps'])} | "
+            f"{f(x['best_serving_over_network'], '.0%')} | "
+            f"{f(x['edge_core_over_network'], '.0%')} | {f(x['ultralytics_fps'])} | "
+            f"{f(x['serving_batched_over_ultralytics'], '.2f')} | "
             f"{'yes' if x['meets_target'] else 'no'} |"
         )
     lines += [
@@ -466,6 +510,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"| {x['engine']} | {x['precision']} | {x['batch']} | {x['frames_per_s']:.1f} | "
             f"{x['p50_ms']:.2f} | {x['p95_ms']:.2f} | {x['latency_per']} |"
         )
+    if not r.get("complete"):
+        lines += ["", "**Incomplete run**: the rows above are those measured before it stopped."]
     if r["errors"]:
         lines += ["", "Errors / skipped:", ""] + [f"- {e}" for e in r["errors"]]
     lines += [
@@ -518,18 +564,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def write_report(report: dict[str, Any], out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(report, indent=2)), (".md", render_markdown(report))):
+        tmp = out / f".{name}{suffix}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / f"{name}{suffix}")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     a = parse_args(argv)
-    report = run(a)
-    name = a.name or ("gpu_serving" if report["device"] == "cuda" else "gpu_serving_smoke_cpu")
-    a.out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(report, indent=2)), (".md", render_markdown(report))):
-        tmp = a.out / f".{name}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, a.out / f"{name}{suffix}")
+
+    def save(report: dict[str, Any]) -> None:
+        default = "gpu_serving" if report["device"] == "cuda" else "gpu_serving_smoke_cpu"
+        write_report(report, a.out, a.name or default)
+
+    report = run(a, on_update=save)
+    save(report)
     print(render_markdown(report))
-    return 0 if not report["errors"] or report["results"] else 1
+    return 0 if report["results"] else 1
 
 
 if __name__ == "__main__":
