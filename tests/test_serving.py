@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from edge_agent.inference import Detection, OnnxDetector
@@ -171,7 +172,7 @@ def test_fp16_graph_builds_but_is_refused_on_cpu(overlap_detector: Path, tmp_pat
     assert any(
         i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer
     )  # the detector's constants went to fp16
-    if CUDA_EP not in __import__("onnxruntime").get_available_providers():
+    if CUDA_EP not in ort.get_available_providers():
         with pytest.raises(ServingConfigError, match="fp16"):
             ServingSession(info.path)
 
@@ -182,8 +183,6 @@ def test_cuda_listed_but_not_initialised_falls_back_on_auto_only(
 ) -> None:
     """onnxruntime-gpu lists CUDA on a machine without a usable GPU; ONNX Runtime then runs on
     CPU: ``auto`` says so and uses CPU, an explicit ``cuda`` is refused."""
-    import onnxruntime as ort
-
     info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=(48, 80))
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_EP, CPU_EP])
     session = ServingSession(info.path)
