@@ -7,7 +7,7 @@
 #                                      already there, then benchmark; results into
 #                                      benchmarks/results/ and $OUT (if set)
 #
-# Budget: the benchmark itself is stopped after BENCH_TIMEOUT s (default 420); the whole script
+# Budget: the benchmark itself is stopped after BENCH_TIMEOUT s (default 360); the whole script
 # stays under 8 minutes. Extra arguments after "run" go to benchmarks.gpu_serving.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,10 +77,10 @@ EOF
 grep -E "placed on|Node\(s\) placed|All nodes placed" "$CACHE/placement.log" | head -20
 grep -A25 "placed on \[CPUExecutionProvider\]" "$CACHE/placement.log" | head -40
 
-timeout "${BENCH_TIMEOUT:-420}" "$PY" -m benchmarks.gpu_serving \
+timeout "${BENCH_TIMEOUT:-360}" "$PY" -m benchmarks.gpu_serving \
   --onnx "$STAGE/payload/detector_640.onnx" --pt "$STAGE/payload/model.pt" \
   --video "$STAGE/payload/frames.mp4" --device cuda --precisions fp32,fp16 --batches 1,8,32 \
-  --seconds "${BENCH_SECONDS:-2.5}" --warmup 1 "$@"
+  --seconds "${BENCH_SECONDS:-2}" --warmup 1 "$@"
 rc=$?
 if [ -n "${OUT:-}" ]; then
   cp -f benchmarks/results/gpu_serving.json benchmarks/results/gpu_serving.md "$OUT/" 2>/dev/null
