@@ -104,10 +104,6 @@ def _pinned_empty(shape: tuple[int, ...], dtype=np.uint8) -> tuple[np.ndarray, b
     return np.zeros(shape, dtype), False
 
 
-def _meta(session: ort.InferenceSession) -> dict[str, str]:
-    return dict(session.get_modelmeta().custom_metadata_map or {})
-
-
 class ServingSession:
     """One serving graph loaded on the chosen provider; ``run`` takes a uint8 NHWC batch."""
 
