@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The GPU serving figures, on a fresh GPU box with no network (docs/gpu.md has the sequence).
+#
+#   bash benchmarks/gpu_run.sh stage   keep the carried .gpu_bench/parts/* in $CACHE (the box
+#                                      must stay warm between calls: call again within 30 s)
+#   bash benchmarks/gpu_run.sh         stage, assemble + install onnxruntime-gpu unless CUDA is
+#                                      already there, then benchmark; results into
+#                                      benchmarks/results/ and $OUT (if set)
+#
+# Budget: the benchmark itself is stopped after BENCH_TIMEOUT s (default 360); the whole script
+# stays under 8 minutes. Extra arguments after "run" go to benchmarks.gpu_serving.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+CACHE=${CACHE:-/tmp/roadloop_gpu}
+STAGE=.gpu_bench
+PY=${PYTHON:-python3}
+mode=${1:-run}
+[ $# -gt 0 ] && shift
+mkdir -p "$CACHE/parts"
+
+for part in "$STAGE"/parts/ort.*; do
+  [ -f "$part" ] && cp -f "$part" "$CACHE/parts/" && echo "staged $(basename "$part")"
+done
+have=$(ls "$CACHE/parts" 2>/dev/null | wc -l | tr -d ' ')
+echo "parts in $CACHE/parts: $have"
+[ "$mode" = stage ] && exit 0
+
+export YOLO_OFFLINE=1 PYTHONUNBUFFERED=1
+SITE="$CACHE/site"
+if "$PY" -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' 2>/dev/null; then
+  echo "onnxruntime here already has CUDA"
+else
+  if [ ! -d "$SITE/onnxruntime" ]; then
+    want=$(cat "$STAGE/payload/ort.parts" 2>/dev/null || echo "?")
+    if [ "$have" != "$want" ]; then
+      echo "ERROR: onnxruntime-gpu needs $want parts, $have are staged (run 'stage' calls first)"
+      exit 3
+    fi
+    name=$(cat "$STAGE/payload/ort.name")
+    cat "$CACHE"/parts/ort.* >"$CACHE/$name"
+    (cd "$CACHE" && sha256sum -c "$OLDPWD/$STAGE/payload/ort.sha256") || exit 4
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+      "$CACHE/$name" "$STAGE"/payload/wheels/*.whl || exit 5
+  fi
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Ultralytics, where the box lacks it (carried in payload/wheels).
+"$PY" -c 'import ultralytics' 2>/dev/null || {
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+    "$STAGE"/payload/wheels/*.whl && export PYTHONPATH="$PYTHONPATH:$SITE"; }
+
+# CUDA/cuDNN from the nvidia-* wheels beside torch, for onnxruntime's CUDA provider.
+NV=$("$PY" -c 'import nvidia, os; print(":".join(sorted({r for p in nvidia.__path__ for r, _, f in os.walk(p) if any(".so" in x for x in f)})))' 2>/dev/null)
+[ -n "$NV" ] && export LD_LIBRARY_PATH="$NV${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$PY" - <<'EOF' || exit 6
+import onnxruntime as ort
+if hasattr(ort, "preload_dlls"):
+    ort.preload_dlls()
+print("onnxruntime", ort.__version__, ort.get_available_providers())
+assert "CUDAExecutionProvider" in ort.get_available_providers(), "no CUDA execution provider"
+EOF
+
+# Which nodes of the serving graph land off the GPU (verbose ORT log, placement lines only).
+"$PY" - "$STAGE/payload/detector_640.onnx" "$STAGE/payload/frames.mp4" 2>"$CACHE/placement.log" <<'EOF'
+import sys, cv2, numpy as np, onnxruntime as ort
+from pathlib import Path
+from roadloop.serving.graph import build_serving_graph
+ort.preload_dlls() if hasattr(ort, "preload_dlls") else None
+cap = cv2.VideoCapture(sys.argv[2]); ok, frame = cap.read()
+g = build_serving_graph(Path(sys.argv[1]), Path("/tmp/roadloop_gpu/serve_probe.onnx"), frame_hw=frame.shape[:2])
+o = ort.SessionOptions(); o.log_severity_level = 0
+s = ort.InferenceSession(str(g.path), o, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+print("probe run:", [a.shape for a in s.run(None, {"frames": np.stack([frame] * 2)})])
+EOF
+grep -E "placed on|Node\(s\) placed|All nodes placed" "$CACHE/placement.log" | head -20
+grep -A25 "placed on \[CPUExecutionProvider\]" "$CACHE/placement.log" | head -40
+
+timeout "${BENCH_TIMEOUT:-360}" "$PY" -m benchmarks.gpu_serving \
+  --onnx "$STAGE/payload/detector_640.onnx" --pt "$STAGE/payload/model.pt" \
+  --video "$STAGE/payload/frames.mp4" --device cuda --precisions fp32,fp16 --batches 1,8,32 \
+  --seconds "${BENCH_SECONDS:-2}" --warmup 1 "$@"
+rc=$?
+if [ -n "${OUT:-}" ]; then
+  cp -f benchmarks/results/gpu_serving.json benchmarks/results/gpu_serving.md "$OUT/" 2>/dev/null
+  cp -f "$CACHE/placement.log" "$OUT/" 2>/dev/null
+fi
+exit $rc

@@ -1,0 +1,282 @@
+"""The GPU serving path, on CPU: the serving graph (letterbox + detector + NMS in one ONNX
+model) against the edge agent's pipeline, provider selection, and the cross-camera batcher.
+
+Synthetic constant-output detectors cover NMS, the letterbox mapping and padding rows
+exactly; the parity tests run the shared gpu checkpoint on real frames and skip without
+``../shared``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edge_agent.inference import Detection, OnnxDetector
+from roadloop.serving.batched import (
+    CPU_EP,
+    CUDA_EP,
+    FrameBatcher,
+    ServingConfigError,
+    ServingSession,
+    select_providers,
+)
+from roadloop.serving.graph import build_serving_graph
+
+from .helpers import SHARED_DIR, needs_shared
+from .test_edge_inference import NAMES, _constant_output_model, _raw
+
+ONNX_GPU_320 = SHARED_DIR / "models" / "atl_v2_yolo11n_gpu_320.onnx"
+PT_GPU = SHARED_DIR / "models" / "atl_v2_yolo11n_gpu.pt"
+HIGHWAY = SHARED_DIR / "videos" / "highway_overpass.mp4"  # 1280x720
+
+
+def _video_frames(n: int) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(HIGHWAY))
+    frames = []
+    for i in range(n):
+        cap.set(cv2.CAP_PROP_POS_FRAMES, 20 + 60 * i)
+        ok, frame = cap.read()
+        assert ok
+        frames.append(frame)
+    cap.release()
+    return frames
+
+
+def _assert_match(mine: list[Detection], ref: list[Detection], conf: float, px: float) -> None:
+    """Every detection clear of the threshold on one side has a twin on the other: same
+    class, corners within one model pixel (``px`` frame pixels), confidence within 0.01.
+    Resize rounding differs slightly between ``cv2.resize`` on uint8 and ONNX ``Resize``."""
+    margin = 0.02
+    for a_list, b_list in ((mine, ref), (ref, mine)):
+        for a in a_list:
+            if a.confidence < conf + margin:
+                continue
+            twins = [
+                b
+                for b in b_list
+                if b.class_id == a.class_id
+                and np.allclose(a.xyxy, b.xyxy, atol=px)
+                and abs(a.confidence - b.confidence) <= 0.01
+            ]
+            assert len(twins) == 1, (a, b_list)
+
+
+# ---------------------------------------------------------------- synthetic, exact
+@pytest.fixture
+def overlap_detector(tmp_path: Path) -> Path:
+    rows = [
+        (32, 32, 20, 20, 0, 0.9),
+        (33, 32, 20, 20, 0, 0.8),  # IoU ~0.9 with the first, same class: suppressed
+        (32, 33, 20, 20, 1, 0.7),  # same place, other class: kept
+        (10, 10, 6, 6, 0, 0.1),  # below conf: dropped
+        (50, 20, 8, 8, 1, 0.6),  # alone: kept
+    ]
+    out = _raw(rows, nc=2)
+    out[4, 4] = 0.5  # anchor 4 also scores 0.5 as class 0: single label, counts as class 1 only
+    return _constant_output_model(
+        tmp_path / "overlap.onnx", out, input_shape=["batch", 3, 64, 64], names=NAMES
+    )
+
+
+@pytest.mark.parametrize("frame_hw", [(48, 80), (64, 64), (100, 30)])
+def test_serving_graph_equals_edge_detector_on_synthetic_outputs(
+    overlap_detector: Path, tmp_path: Path, frame_hw: tuple[int, int]
+) -> None:
+    info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=frame_hw)
+    assert info.batch is None and info.input_hw == (64, 64) and info.class_names == ["car", "truck"]
+    session = ServingSession(info.path, device="cpu", intra_op_threads=1)
+    assert session.providers == [CPU_EP] and session.frame_hw == frame_hw
+    frames = np.random.default_rng(0).integers(0, 255, (3, *frame_hw, 3), dtype=np.uint8)
+    ref = OnnxDetector(overlap_detector, intra_op_threads=1).detect_batch(list(frames))
+    got = session.detect(frames)
+    assert [[d.class_id for d in f] for f in got] == [[0, 1, 1]] * 3
+    for mine, theirs in zip(got, ref):
+        assert [d.class_id for d in mine] == [d.class_id for d in theirs]
+        assert np.allclose([d.xyxy for d in mine], [d.xyxy for d in theirs], atol=1e-3)
+        assert np.allclose([d.confidence for d in mine], [d.confidence for d in theirs])
+    bound = ServingSession(info.path, device="cpu", intra_op_threads=1, io_binding=True)
+    assert bound.detect(frames) == got  # the IO-binding path the CUDA provider takes
+    boxes, scores, classes, count = session.run(frames)
+    assert boxes.shape == (3, 2 * 8, 4)  # K = min(max_det, classes * anchors)
+    assert count.tolist() == [3, 3, 3]
+    assert (scores[:, 3:] == 0).all() and (classes[:, 3:] == -1).all() and (boxes[:, 3:] == 0).all()
+
+
+def test_max_detections_keeps_the_best(overlap_detector: Path, tmp_path: Path) -> None:
+    info = build_serving_graph(
+        overlap_detector, tmp_path / "serve.onnx", frame_hw=(64, 64), max_detections=2
+    )
+    session = ServingSession(info.path, device="cpu")
+    (dets,) = session.detect(np.zeros((1, 64, 64, 3), np.uint8))
+    assert [round(d.confidence, 2) for d in dets] == [0.9, 0.7]
+
+
+def test_static_batch_graph_pads_partial_batches(tmp_path: Path) -> None:
+    model = _constant_output_model(
+        tmp_path / "static2.onnx",
+        _raw([(32, 32, 20, 20, 0, 0.9)], nc=2),
+        input_shape=[2, 3, 64, 64],
+        names=NAMES,
+    )
+    info = build_serving_graph(model, tmp_path / "serve.onnx", frame_hw=(64, 64))
+    assert info.batch == 2
+    session = ServingSession(info.path, device="cpu")
+    got = session.detect(np.zeros((3, 64, 64, 3), np.uint8))
+    assert [len(d) for d in got] == [1, 1, 1]
+    with pytest.raises(ValueError, match="exactly 2"):
+        session.run(np.zeros((1, 64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        session.run(np.zeros((2, 32, 64, 3), np.uint8))
+
+
+# ---------------------------------------------------------------- providers
+def test_provider_selection_falls_back_to_cpu_and_says_why() -> None:
+    choice = select_providers("auto", "fp32", available=[CPU_EP])
+    assert choice.device == "cpu" and choice.providers == [CPU_EP]
+    assert CUDA_EP in choice.reason
+    cuda = select_providers("auto", "fp16", available=[CUDA_EP, CPU_EP], device_id=1)
+    assert cuda.device == "cuda" and cuda.precision == "fp16"
+    assert cuda.providers == [(CUDA_EP, {"device_id": 1}), CPU_EP]
+    assert select_providers("cpu", "fp32", available=[CUDA_EP, CPU_EP]).device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "match"),
+    [
+        ("auto", "fp16", "fp16 serving needs the CUDA"),
+        ("cpu", "fp16", "fp16 serving needs the CUDA"),
+        ("cuda", "fp32", "onnxruntime-gpu"),
+        ("auto", "int4", "precision"),
+        ("tpu", "fp32", "device"),
+    ],
+)
+def test_impossible_provider_requests_are_refused(device: str, precision: str, match: str) -> None:
+    with pytest.raises(ServingConfigError, match=match):
+        select_providers(device, precision, available=[CPU_EP])  # type: ignore[arg-type]
+
+
+def test_fp16_graph_builds_but_is_refused_on_cpu(overlap_detector: Path, tmp_path: Path) -> None:
+    import onnx
+
+    info = build_serving_graph(
+        overlap_detector, tmp_path / "serve16.onnx", frame_hw=(48, 80), precision="fp16"
+    )
+    model = onnx.load(str(info.path))
+    assert info.precision == "fp16"
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert any(
+        i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer
+    )  # the detector's constants went to fp16
+    if CUDA_EP not in ort.get_available_providers():
+        with pytest.raises(ServingConfigError, match="fp16"):
+            ServingSession(info.path)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_cuda_listed_but_not_initialised_falls_back_on_auto_only(
+    overlap_detector: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime-gpu lists CUDA on a machine without a usable GPU; ONNX Runtime then runs on
+    CPU: ``auto`` says so and uses CPU, an explicit ``cuda`` is refused."""
+    info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=(48, 80))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_EP, CPU_EP])
+    session = ServingSession(info.path)
+    assert session.choice.device == "cpu" and "did not initialise" in session.choice.reason
+    assert session.providers == [CPU_EP] and not session.io_binding
+    assert [len(d) for d in session.detect(np.zeros((2, 48, 80, 3), np.uint8))] == [3, 3]
+    with pytest.raises(ServingConfigError, match="did not initialise"):
+        ServingSession(info.path, device="cuda")
+
+
+def test_a_plain_detector_is_not_a_serving_graph(overlap_detector: Path) -> None:
+    with pytest.raises(ServingConfigError, match="not a serving graph"):
+        ServingSession(overlap_detector, device="cpu")
+
+
+# ---------------------------------------------------------------- batcher
+def test_batcher_batches_across_cameras_and_flushes_on_deadline(
+    overlap_detector: Path, tmp_path: Path
+) -> None:
+    info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=(48, 80))
+    session = ServingSession(info.path, device="cpu", intra_op_threads=1)
+    other = ServingSession(info.path, device="cpu", intra_op_threads=1)
+    frames = np.random.default_rng(1).integers(0, 255, (5, 48, 80, 3), dtype=np.uint8)
+    with FrameBatcher([session, other], max_batch=4, max_wait_s=0.01) as batcher:
+        futures = [batcher.submit(f"cam{i % 2}", f) for i, f in enumerate(frames)]
+        results = [f.result(timeout=30) for f in futures]
+        with pytest.raises(ValueError, match="frame must be uint8"):
+            batcher.submit("cam0", frames[0][:10])
+    assert results == session.detect(frames)
+    assert batcher.frames_run == 5 and batcher.batches_run >= 2  # 4 full + 1 on the deadline
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit("cam0", frames[0])
+
+
+# ---------------------------------------------------------------- real model, real frames
+@needs_shared(ONNX_GPU_320, HIGHWAY)
+def test_serving_graph_matches_edge_pipeline_batch1(tmp_path: Path) -> None:
+    frames = _video_frames(3)
+    info = build_serving_graph(ONNX_GPU_320, tmp_path / "serve.onnx", frame_hw=(720, 1280))
+    assert info.batch == 1
+    session = ServingSession(info.path, device="cpu", intra_op_threads=1)
+    edge = OnnxDetector(ONNX_GPU_320, intra_op_threads=1)
+    total = 0
+    for frame in frames:
+        (mine,) = session.detect(frame[None])
+        _assert_match(mine, edge.detect(frame), edge.conf_threshold, px=1280 / 320)
+        total += len(mine)
+    assert total > 0
+
+
+@needs_shared(PT_GPU, HIGHWAY)
+def test_serving_graph_matches_edge_pipeline_batch4(tmp_path: Path) -> None:
+    from roadloop.models.export import export_onnx
+
+    detector = export_onnx(PT_GPU, tmp_path / "dyn160.onnx", imgsz=160).path
+    frames = _video_frames(4)
+    info = build_serving_graph(detector, tmp_path / "serve.onnx", frame_hw=(720, 1280))
+    assert info.batch is None
+    session = ServingSession(info.path, device="cpu", intra_op_threads=1)
+    edge = OnnxDetector(detector, intra_op_threads=1)
+    got, ref = session.detect(np.stack(frames)), edge.detect_batch(frames)
+    assert sum(map(len, got)) > 0
+    for mine, theirs in zip(got, ref, strict=True):
+        _assert_match(mine, theirs, edge.conf_threshold, px=1280 / 160)
+
+
+def test_gpu_serving_benchmark_runs_on_cpu_under_a_smoke_name(
+    overlap_detector: Path, tmp_path: Path
+) -> None:
+    from benchmarks import gpu_serving
+
+    video = tmp_path / "tiny.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (80, 48))
+    for i in range(6):
+        writer.write(np.full((48, 80, 3), 40 * i, np.uint8))
+    writer.release()
+    args = [
+        "--onnx", str(overlap_detector), "--video", str(video), "--device", "cpu",
+        "--precisions", "fp32,fp16", "--batches", "1,2", "--frames", "4", "--seconds", "0.05",
+        "--warmup", "0.01", "--cameras", "2", "--out", str(tmp_path / "results"),
+        "--engines", "network,serving_direct,serving_batched,edge_core",
+    ]  # fmt: skip
+    assert gpu_serving.main(args) == 0
+    report = json.loads((tmp_path / "results" / "gpu_serving_smoke_cpu.json").read_text())
+    assert not (tmp_path / "results" / "gpu_serving.json").exists()
+    assert report["device"] == "cpu" and report["settings"]["precisions"] == ["fp32"]
+    got = {(r["engine"], r["batch"]) for r in report["results"]}
+    assert got == {
+        (e, b)
+        for e in ("network", "serving_direct", "serving_batched", "edge_core")
+        for b in (1, 2)
+    }
+    assert all(r["frames_per_s"] > 0 for r in report["results"])
+    assert [s["batch"] for s in report["summary"]] == [1, 2]
+    assert all(s["best_serving_over_network"] > 0 for s in report["summary"])
+    assert report["complete"]
+    assert "| fp32 | 2 |" in (tmp_path / "results" / "gpu_serving_smoke_cpu.md").read_text()
