@@ -120,7 +120,7 @@ async def read_upload(request: Request, settings: GatewaySettings) -> tuple[str,
         if exc.status_code != 400:  # e.g. the body limit's 413
             raise
         if "maximum size" in str(exc.detail):  # a text part over max_part_size
-            raise _metadata_too_large(limit) from exc
+            raise metadata_too_large(limit) from exc
         raise HTTPException(422, f"malformed multipart body: {exc.detail}") from exc
     try:
         image = form.get("image")
@@ -137,7 +137,7 @@ async def read_upload(request: Request, settings: GatewaySettings) -> tuple[str,
         if isinstance(metadata, UploadFile):
             data = await metadata.read(limit + 1)
             if len(data) > limit:
-                raise _metadata_too_large(limit)
+                raise metadata_too_large(limit)
             try:
                 metadata_text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -150,7 +150,7 @@ async def read_upload(request: Request, settings: GatewaySettings) -> tuple[str,
     return metadata_text, image_bytes
 
 
-def _metadata_too_large(limit: int) -> HTTPException:
+def metadata_too_large(limit: int) -> HTTPException:
     return HTTPException(
         413, f"metadata is larger than the {limit}-byte limit (max_metadata_bytes), "
         "as a text field or a file part; send 'image' as a file part"

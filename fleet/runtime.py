@@ -118,7 +118,7 @@ class Gateway:
         # frame_sync=group: one frame-store sync per group commit, before its transaction.
         self.committer = GroupCommitter(
             self.db, settings.commit_batch_max,
-            before_commit=self.store.sync if settings.frame_sync == "group" else None)
+            before_commit=self._sync_frames if settings.frame_sync == "group" else None)
         self.denials = DenialLog(self.db, self.now, settings.denial_audit_window_s)
         self.stats = Stats()
         self.metrics = GatewayMetrics()
@@ -135,6 +135,10 @@ class Gateway:
         self._key_locks = [threading.Lock() for _ in range(4096)]
         # JPEG decodes at once, on their own threads (fleet.jpeg): bounds an upload burst's memory.
         self.decoders = DecodePool(settings.max_concurrent_decodes or 1)
+
+    def _sync_frames(self) -> None:
+        with self.stats.span("frame_sync"):
+            self.store.sync()
 
     def now(self) -> datetime:
         return self.clock()
