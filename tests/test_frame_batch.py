@@ -297,3 +297,31 @@ def test_dc_decode_gives_a_dhash_near_the_native_one(frame_jpeg: bytes) -> None:
     native, reduced = decode_grey(frame_jpeg, info, 1), decode_grey(frame_jpeg, info, 2)
     assert reduced.shape == (60, 80)
     assert dhash_hamming(dhash_hex(native), dhash_hex(reduced)) <= 2
+
+
+def test_restart_removes_torn_frames_so_the_retry_stores_them(make_env: Any,
+                                                               frame_jpeg: bytes) -> None:
+    """A power cut before the group sync can leave renamed but empty files of frames that
+    were never acknowledged: start-up removes them instead of giving them a row."""
+    from roadloop.data.frames import FrameRecord
+
+    from .test_fleet_gateway import T0, H, W
+
+    env = make_env("home")
+    dev = env.enroll()
+    store = env.gw.store
+    for fid in ("f-empty-jpg", "f-empty-json"):
+        rec = FrameRecord(frame_id=fid, camera_id="cam-a", captured_at=T0,
+                          source=f"agent:{dev['device_id']}", width=W, height=H)
+        path = store.write_frame(rec, frame_jpeg, durable=False).path
+    (path.parent / "f-empty-jpg.jpg").write_bytes(b"")
+    (path.parent / "f-empty-json.json").write_bytes(b"")
+    env.client.__exit__(None, None, None)
+
+    env2 = make_env("home")  # restart: reconcile
+    assert env2.rows() == []
+    assert env2.gw.store.find_frame("cam-a", "f-empty-jpg") is None
+    assert env2.gw.store.find_frame("cam-a", "f-empty-json") is None
+    r = post_batch(env2, dev["access_token"], batch_body([
+        (meta("f-empty-jpg"), frame_jpeg), (meta("f-empty-json"), frame_jpeg)]))
+    assert r.json()["stored"] == 2
