@@ -298,11 +298,13 @@ def quality_scale(info: JpegInfo, sent: dict[str, float | str], max_decode_pixel
     truncated image data is refused exactly as at full scale; the dhash of a 640x360 frame's
     1/8 decode is the native one's within 0.6 bits on average (max 3 of 64;
     benchmarks/results/intake_parsing.md); a 160x120 frame at 1/8 (20x15) would differ by
-    5, hence the floor."""
+    5, hence the floor — which does not apply when the client sent its dhash too."""
     budget = 1 if "sharpness" not in sent else decode_scale(
         info.width, info.height, max_decode_pixels)
     if "sharpness" not in sent or not dc_only:
         return budget
+    if "dhash" in sent:  # nothing measured from the pixels but the mean: only a check
+        return 8
     min_w, min_h = DHASH_MIN_DECODE
     for scale in (8, 4, 2):
         if math.ceil(info.width / scale) >= min_w and math.ceil(info.height / scale) >= min_h:

@@ -292,6 +292,7 @@ def test_dc_decode_gives_a_dhash_near_the_native_one(frame_jpeg: bytes) -> None:
     assert quality_scale(info, sent, 1024 * 576, dc_only=True) == 2
     assert quality_scale(info, sent, 1024 * 576, dc_only=False) == 1
     assert quality_scale(info, {}, 1024 * 576, dc_only=True) == 1  # sharpness is native
+    assert quality_scale(info, {**sent, "dhash": "0" * 16}, 1024 * 576, dc_only=True) == 8
     big = dataclasses.replace(info, width=640, height=360)
     assert quality_scale(big, sent, 1024 * 576, dc_only=True) == 8
     native, reduced = decode_grey(frame_jpeg, info, 1), decode_grey(frame_jpeg, info, 2)
