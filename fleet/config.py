@@ -112,8 +112,8 @@ class GatewaySettings(BaseSettings):
         description="Scale of the one strict decode when the agent sent its sharpness "
         "(fleet/jpeg.py quality_scale). dc: the smallest scale that still gives 72x40 px for "
         "the dhash — 1/8, DC coefficients only, for 640x360 and up (every coefficient is "
-        "still entropy-decoded, so corrupt image data is refused as before; half the cost of "
-        "a native decode); reduced: the largest scale within quality_decode_max_pixels "
+        "still entropy-decoded, so corrupt image data is refused as before; 0.36 against 0.50 "
+        "ms of CPU for a 640x360 frame); reduced: the largest scale within quality_decode_max_pixels "
         "(640x360 decodes in full).",
     )
     max_concurrent_decodes: int | None = Field(
