@@ -111,10 +111,10 @@ class GatewaySettings(BaseSettings):
         default="dc",
         description="Scale of the one strict decode when the agent sent its sharpness "
         "(fleet/jpeg.py quality_scale). dc: the smallest scale that still gives 72x40 px for "
-        "the dhash — 1/8, DC coefficients only, for 640x360 and up (every coefficient is "
-        "still entropy-decoded, so corrupt image data is refused as before; 0.36 against 0.50 "
-        "ms of CPU for a 640x360 frame); reduced: the largest scale within quality_decode_max_pixels "
-        "(640x360 decodes in full).",
+        "the dhash (1/8 whenever the agent sent the dhash too) — 1/8, DC coefficients only, "
+        "for 640x360 and up; every coefficient is still entropy-decoded, so corrupt image "
+        "data is refused as before; 0.36 against 0.50 ms of CPU for a 640x360 frame. "
+        "reduced: the largest scale within quality_decode_max_pixels (640x360 in full).",
     )
     max_concurrent_decodes: int | None = Field(
         default=None, ge=1, le=256,
