@@ -23,9 +23,9 @@ A crash between 2 and 4 leaves a complete frame without a row. It is neither los
 duplicated: the agent got no 201, so it retries; ``write_frame`` sees the frame already
 there (a no-op) and the row is inserted then. Independently, start-up runs
 ``fleet.reconcile.reconcile_frame_store``, which gives such frames their row
-(``recovered=True``) and deletes temp files and images without a sidecar (never
-acknowledged) — so the frame store and the table agree even when the agent never comes back. The unique ``(camera_id, frame_id)``
-constraint makes every path idempotent; a replay of an acknowledged frame is a 409.
+(``recovered=True``) and deletes what was never acknowledged (temp files, images without a
+sidecar, torn files). The unique ``(camera_id, frame_id)`` constraint makes every path
+idempotent; a replay of an acknowledged frame is a 409.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
@@ -343,26 +343,33 @@ def store_frames(gw: Gateway, principal: Principal,
         if not pending:
             return outcomes
         now = gw.now()
-        digests = [hashlib.sha256(f.image).hexdigest() for _, f, _ in pending]
 
-        def insert(session: Session) -> list[bool]:
-            inserted = []
-            for (_, frame, rel), digest in zip(pending, digests, strict=True):
-                rec = frame.record
-                try:
-                    with session.begin_nested():
-                        session.add(FrameRow(
-                            camera_id=rec.camera_id, frame_id=rec.frame_id,
-                            device_id=principal.device_id, captured_at=rec.captured_at,
-                            received_at=now, path=rel, width=rec.width, height=rec.height,
-                            size_bytes=len(frame.image), sha256=digest,
-                            model_version=rec.model_version, importance=rec.importance,
-                            reasons=rec.reasons, n_detections=len(rec.detections),
-                        ))
-                        session.flush()
-                    inserted.append(True)
-                except IntegrityError:
-                    inserted.append(False)
+        rows = [{
+            "camera_id": f.record.camera_id, "frame_id": f.record.frame_id,
+            "device_id": principal.device_id, "captured_at": f.record.captured_at,
+            "received_at": now, "path": rel, "width": f.record.width, "height": f.record.height,
+            "size_bytes": len(f.image), "sha256": hashlib.sha256(f.image).hexdigest(),
+            "model_version": f.record.model_version, "importance": f.record.importance,
+            "reasons": f.record.reasons, "n_detections": len(f.record.detections),
+            "recovered": False,
+        } for _, f, rel in pending]
+
+        def insert_rows(session: Session) -> list[bool]:
+            """One multi-row INSERT (few statements, so the writer thread waits little for
+            the GIL); after a duplicate, row by row, each in its SAVEPOINT."""
+            try:
+                with session.begin_nested():
+                    session.execute(insert(FrameRow), rows)
+                inserted = [True] * len(rows)
+            except IntegrityError:
+                inserted = []
+                for row in rows:
+                    try:
+                        with session.begin_nested():
+                            session.execute(insert(FrameRow), [row])
+                        inserted.append(True)
+                    except IntegrityError:
+                        inserted.append(False)
             session.execute(
                 update(Device).where(Device.device_id == principal.device_id)
                 .values(last_seen_at=now)
@@ -371,7 +378,7 @@ def store_frames(gw: Gateway, principal: Principal,
 
         try:
             with stats.span("commit_wait"):
-                inserted = gw.committer.submit(insert)
+                inserted = gw.committer.submit(insert_rows)
         except (CommitFailed, TimeoutError) as exc:
             for i, frame, _ in pending:
                 outcomes[i] = HTTPException(
