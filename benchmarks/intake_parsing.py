@@ -10,7 +10,7 @@ levers of issue 14 pay, measured one by one.
   1/8 scale (``decode_grey``); how far the dhash and brightness of the 1/8 decode are from the
   native ones.
 * **read_back**: the sidecar read back from disk (``FrameStore.read_record``) vs the
-  in-memory check (``fleet.intake.reads_back``).
+  in-memory check (``fleet.frame_checks.reads_back``).
 * **durability**: 16 frames written with two fsyncs each + a folder fsync per frame
   (``frame_sync=per_file``) vs written without fsync + one ``FrameStore.sync()``
   (``frame_sync=group``) on the frame store's file system.
@@ -40,7 +40,7 @@ from starlette.requests import Request
 
 from benchmarks.gateway_intake import load_jpegs
 from fleet.config import GatewaySettings
-from fleet.intake import reads_back
+from fleet.frame_checks import reads_back
 from fleet.intake_batch import split_batch
 from fleet.jpeg import JpegLimits, check_jpeg, decode_grey
 from roadloop.data.frames import FrameRecord, FrameStore, dhash_hamming, dhash_hex

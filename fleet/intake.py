@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -52,36 +50,20 @@ from fleet.bodies import JsonRejected, loads, read_form
 from fleet.committer import CommitFailed
 from fleet.config import GatewaySettings
 from fleet.db import Device, FrameRow
-from fleet.jpeg import (
-    DecoderBusy,
-    JpegError,
-    JpegInfo,
-    JpegLimits,
-    check_jpeg,
-    measure_quality,
-)
+from fleet.frame_checks import CheckedFrame, check_frames, validation_message
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
-from roadloop.data.frames import FrameQuality, FrameRecord, FrameWrite
+from roadloop.data.frames import FrameRecord, FrameWrite
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import fsync_dir
 
-__all__ = ["CheckedFrame", "check_frame", "router", "store_frame", "store_frames"]
+__all__ = ["CheckedFrame", "check_frames", "router", "store_frame", "store_frames",
+           "validate_metadata"]
 
 logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- metadata
-def validation_message(exc: ValidationError, prefix: str) -> str:
-    """One line naming each bad field: ``metadata is invalid: frame_id: Field required``."""
-    parts = []
-    for err in exc.errors()[:8]:
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    more = f" (+{len(exc.errors()) - 8} more)" if len(exc.errors()) > 8 else ""
-    return f"{prefix}: " + "; ".join(parts) + more
-
-
 def parse_metadata(text: str) -> FrameMetadata:
     """Strict JSON (no NaN/Infinity anywhere: Python's json takes them by default and a
     sidecar cannot hold them), then the schema (which refuses non-finite values too)."""
@@ -157,114 +139,7 @@ def metadata_too_large(limit: int) -> HTTPException:
     )
 
 
-# --------------------------------------------------------------------------- the JPEG
-def jpeg_limits(settings: GatewaySettings) -> JpegLimits:
-    return JpegLimits(
-        max_side=settings.max_image_side,
-        max_pixels=settings.max_image_pixels,
-        max_scans=settings.max_jpeg_scans,
-        max_metadata_bytes=settings.max_jpeg_metadata_bytes,
-    )
-
-
-def checked_quality(gw: Gateway, meta: FrameMetadata, image: bytes) -> tuple[JpegInfo, FrameQuality]:
-    """Structure and limits from the header (no decode), then one strict, reduced decode in
-    one of ``max_concurrent_decodes`` slots (waited for at most ``decode_wait_s``; 503 with
-    ``Retry-After`` after that: the frame is not acknowledged); the quality the agent sent,
-    completed from that decode."""
-    settings = gw.settings
-    try:
-        with gw.stats.span("jpeg_check"):
-            info = check_jpeg(image, meta.width, meta.height, settings.max_image_side,
-                              jpeg_limits(settings))
-        sent = meta.quality.model_dump(exclude_none=True) if meta.quality is not None else {}
-        with gw.stats.span("decode"):
-            quality = gw.decoders.run(settings.decode_wait_s, measure_quality, image, info, sent,
-                                      settings.quality_decode_max_pixels,
-                                      settings.jpeg_decode == "dc")
-    except JpegError as exc:
-        gw.stats.count("frames_bad_jpeg")
-        raise HTTPException(422, f"frame {meta.frame_id}: {exc}") from exc
-    except DecoderBusy as exc:
-        gw.stats.count("decode_busy")
-        retry_after = max(1, math.ceil(settings.decode_wait_s))
-        raise HTTPException(
-            503, f"gateway is busy decoding other frames ({exc}); retry after {retry_after} s "
-            "— the frame is not acknowledged", headers={"Retry-After": str(retry_after)},
-        ) from exc
-    return info, quality
-
-
 # --------------------------------------------------------------------------- storing
-@dataclass(frozen=True)
-class CheckedFrame:
-    """One upload that passed every check that needs no storage: what ``store_frames``
-    writes."""
-
-    meta: FrameMetadata
-    record: FrameRecord
-    info: JpegInfo
-    image: bytes
-
-    @property
-    def key(self) -> str:
-        return f"{self.meta.camera_id}/{self.meta.frame_id}"
-
-
-def check_frame(gw: Gateway, principal: Principal, meta: FrameMetadata,
-                image: bytes) -> CheckedFrame:
-    """Camera, JPEG (``checked_quality``) and record checks of one frame; raises
-    ``HTTPException`` for a refusal. Nothing is stored yet."""
-    if meta.camera_id != principal.camera_id:
-        raise HTTPException(
-            403, f"metadata camera_id {meta.camera_id} is not this device's camera "
-            f"({principal.camera_id}); a device posts frames of its enrolled camera only"
-        )
-    info, quality = checked_quality(gw, meta, image)
-    try:
-        record = FrameRecord(
-            frame_id=meta.frame_id,
-            camera_id=meta.camera_id,
-            captured_at=meta.captured_at,
-            reasons=meta.reasons,
-            importance=meta.importance,
-            source=f"agent:{principal.device_id}",
-            source_ref=meta.source_ref,
-            model_version=meta.model_version,
-            detections=meta.detections,
-            width=meta.width,
-            height=meta.height,
-            quality=quality,
-            redaction=(meta.redaction.model_dump() if meta.redaction is not None else None),
-        )
-    except ValidationError as exc:
-        raise HTTPException(422, validation_message(exc, "metadata is invalid")) from exc
-    with gw.stats.span("read_back"):
-        if not reads_back(record):
-            gw.stats.count("frames_unreadable_refused")
-            raise HTTPException(
-                422, f"frame {record.frame_id}: its record does not read back from the frame "
-                "store as written; nothing was stored"
-            )
-    return CheckedFrame(meta, record, info, image)
-
-
-def reads_back(record: FrameRecord) -> bool:
-    """Whether ``record``'s sidecar, as the store writes it, parses back to the same data
-    (compared as data: the upload's bounded model types are subclasses).
-
-    This is the check that matters, done in memory before anything is written: a sidecar is
-    bytes the gateway serialises itself, so reading the file back from disk (what the
-    gateway did before, ``frame_read_back``) adds a ``stat`` + read + parse per frame and only
-    re-reads the page cache it just wrote; it cannot see whether the bytes reached the disk
-    (that is the sync's job). Measured in benchmarks/results/intake_parsing.md."""
-    try:
-        back = FrameRecord.model_validate_json(record.model_dump_json(indent=2))
-    except (ValidationError, ValueError):
-        return False
-    return back.model_dump(mode="json") == record.model_dump(mode="json")
-
-
 def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> None:
     """A frame already in the store must read back with the platform's reader (an older
     gateway may have written it); a new one is read back from the store only with
@@ -399,7 +274,10 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
     """Validate and durably store one upload; raise ``HTTPException`` for every refusal."""
     with gw.stats.span("parse_metadata"):
         meta = parse_metadata(metadata_text)
-    (refusal,) = store_frames(gw, principal, [check_frame(gw, principal, meta, image)])
+    (checked,) = check_frames(gw, principal, [(meta, image)])
+    if isinstance(checked, HTTPException):
+        raise checked
+    (refusal,) = store_frames(gw, principal, [checked])
     if refusal is not None:
         raise refusal
     return FrameStored(frame_id=meta.frame_id, stored=True)

@@ -33,14 +33,14 @@ from fleet.bounds import MAX_JSON_VALUES
 from fleet.config import GatewaySettings
 from fleet.intake import (
     CheckedFrame,
-    check_frame,
+    check_frames,
     metadata_too_large,
     store_frames,
     validate_metadata,
 )
 from fleet.ratelimit import BodyTooLarge, rate_limit_refusal
 from fleet.runtime import Gateway, GatewayDep
-from fleet.schemas import ErrorOut
+from fleet.schemas import ErrorOut, FrameMetadata
 
 __all__ = ["BATCH_CONTENT_TYPE", "BatchResult", "FrameResult", "router", "split_batch",
            "store_batch"]
@@ -117,10 +117,10 @@ def split_batch(body: bytes, settings: GatewaySettings) -> list[tuple[Any, bytes
     return out
 
 
-def _checked(gw: Gateway, principal: Principal, raw: Any, image: bytes,
-             first: bool) -> CheckedFrame:
-    """One manifest entry through the checks of ``POST /v1/frames``, in that route's order
-    (rate limit, body size, metadata size, metadata, camera, JPEG)."""
+def _metadata(gw: Gateway, principal: Principal, raw: Any, image: bytes,
+              first: bool) -> FrameMetadata:
+    """One manifest entry through the checks ``POST /v1/frames`` makes before the camera and
+    the JPEG, in that route's order: rate limit, body size, metadata size, metadata."""
     settings = gw.settings
     if not first:  # the route's early check charged the first frame
         refusal = rate_limit_refusal(gw, principal)
@@ -132,45 +132,49 @@ def _checked(gw: Gateway, principal: Principal, raw: Any, image: bytes,
     if len(text.encode("utf-8", "surrogatepass")) > settings.max_metadata_bytes:
         raise metadata_too_large(settings.max_metadata_bytes)
     with gw.stats.span("parse_metadata"):
-        meta = validate_metadata(raw)
-    return check_frame(gw, principal, meta, image)
+        return validate_metadata(raw)
 
 
 def store_batch(gw: Gateway, principal: Principal,
                 entries: list[tuple[Any, bytes]]) -> tuple[BatchResult, int | None]:
     """Check and store every frame; (the results, ``Retry-After`` seconds when every frame
     is to be retried later)."""
-    results: list[FrameResult | None] = [None] * len(entries)
     errors: list[HTTPException | None] = [None] * len(entries)
     ids: list[str | None] = []
-    checked: list[tuple[int, CheckedFrame]] = []
+    parsed: list[tuple[int, FrameMetadata, bytes]] = []
     for i, (raw, image) in enumerate(entries):
         fid = raw.get("frame_id") if isinstance(raw, dict) else None
         ids.append(fid if isinstance(fid, str) else None)
         try:
-            frame = _checked(gw, principal, raw, image, first=i == 0)
+            meta = _metadata(gw, principal, raw, image, first=i == 0)
         except HTTPException as exc:
             errors[i] = exc
             continue
-        ids[i] = frame.meta.frame_id
-        checked.append((i, frame))
-    if checked:
-        outcomes = store_frames(gw, principal, [f for _, f in checked])
-        for (i, _), outcome in zip(checked, outcomes, strict=True):
+        ids[i] = meta.frame_id
+        parsed.append((i, meta, image))
+    checked = check_frames(gw, principal, [(m, img) for _, m, img in parsed])
+    good: list[tuple[int, CheckedFrame]] = []
+    for (i, _, _), c in zip(parsed, checked, strict=True):
+        if isinstance(c, HTTPException):
+            errors[i] = c
+        else:
+            good.append((i, c))
+    if good:
+        outcomes = store_frames(gw, principal, [f for _, f in good])
+        for (i, _), outcome in zip(good, outcomes, strict=True):
             errors[i] = outcome
-    for i, exc in enumerate(errors):
-        results[i] = (FrameResult(frame_id=ids[i], status=201) if exc is None else
-                      FrameResult(frame_id=ids[i], status=exc.status_code, detail=str(exc.detail)))
-    done = [r for r in results if r is not None]
-    statuses = [r.status for r in done]
+    results = [FrameResult(frame_id=ids[i], status=201) if exc is None else
+               FrameResult(frame_id=ids[i], status=exc.status_code, detail=str(exc.detail))
+               for i, exc in enumerate(errors)]
+    statuses = [r.status for r in results]
     gw.stats.count("frame_batches")
     out = BatchResult(
-        results=done, stored=statuses.count(201), duplicates=statuses.count(409),
+        results=results, stored=statuses.count(201), duplicates=statuses.count(409),
         refused=sum(s in REFUSED for s in statuses),
         retry_later=sum(s in RETRY_LATER for s in statuses),
     )
     retry_after = None
-    if out.retry_later == len(done):
+    if out.retry_later == len(results):
         waits = [int((e.headers or {}).get("Retry-After", 1)) for e in errors if e is not None]
         retry_after = max([1, *waits])
     return out, retry_after
