@@ -227,9 +227,9 @@ class GatewaySettings(BaseSettings):
     principal_cache_s: float = Field(
         default=2.0, ge=0, le=60, allow_inf_nan=False,
         description="Seconds a device's authenticated principal is reused for frames and "
-        "heartbeats (0: a database read per request). A revocation, status change or token "
-        "revocation made on another replica (or the CLI) takes effect within this bound; "
-        "one made through this gateway's API takes effect at once.",
+        "heartbeats (0: a database read per request). A revocation or status change made "
+        "through the API takes effect at once in the process that served it; in other "
+        "replicas or worker processes, or after the CLI, within this bound.",
     )
     sqlite_synchronous: str = Field(default="FULL", pattern="^(FULL|NORMAL|EXTRA)$")
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
