@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,6 +72,20 @@ class GatewaySettings(BaseSettings):
         description="Largest `metadata` part of a frame upload, bytes (text field or file).",
     )
 
+    max_batch_frames: int = Field(
+        default=32, ge=1, le=1024,
+        description="Most frames in one POST /v1/frames/batch (docs/fleet-api.md).",
+    )
+    max_batch_bytes: int = Field(
+        default=8 * 1024 * 1024, gt=0,
+        description="Largest POST /v1/frames/batch body, bytes: a larger Content-Length gets "
+        "413 before the body is read, a chunked body is cut off with 413 at the limit.",
+    )
+    frame_batch_enabled: bool = Field(
+        default=True, description="Serve POST /v1/frames/batch (off: 404, agents fall back "
+        "to POST /v1/frames per frame).",
+    )
+
     # Cost of one frame upload (fleet/jpeg.py): checked from the JPEG header before decoding.
     max_image_pixels: int = Field(
         default=4096 * 2160, gt=0,
@@ -91,6 +106,15 @@ class GatewaySettings(BaseSettings):
         default=1024 * 576, ge=64 * 64,
         description="The gateway decodes an upload at 1/1, 1/2, 1/4 or 1/8 scale, the largest "
         "that gives at most this many pixels (1080p and 4K decode at 1/2 and 1/4).",
+    )
+    jpeg_decode: Literal["reduced", "dc"] = Field(
+        default="dc",
+        description="Scale of the one strict decode when the agent sent its sharpness "
+        "(fleet/jpeg.py quality_scale). dc: the smallest scale that still gives 72x40 px for "
+        "the dhash (1/8 whenever the agent sent the dhash too) — 1/8, DC coefficients only, "
+        "for 640x360 and up; every coefficient is still entropy-decoded, so corrupt image "
+        "data is refused as before; 0.36 against 0.50 ms of CPU for a 640x360 frame. "
+        "reduced: the largest scale within quality_decode_max_pixels (640x360 in full).",
     )
     max_concurrent_decodes: int | None = Field(
         default=None, ge=1, le=256,
@@ -186,6 +210,26 @@ class GatewaySettings(BaseSettings):
         default=True,
         description="fsync a frame's folder after its files are renamed in, so the 201 "
         "survives power loss, not only a process crash.",
+    )
+    frame_sync: Literal["group", "per_file"] = Field(
+        default="group",
+        description="How a frame's files are made durable before its 201. group: written "
+        "without fsync, then one sync of the frame store (syncfs(2) on Linux) by the group "
+        "committer before each database commit; per_file: each file fsynced before its rename "
+        "and its folder after (fsync_directories). Either way nothing is acknowledged before "
+        "its files and its row are durable.",
+    )
+    frame_read_back: bool = Field(
+        default=False,
+        description="Also read each new sidecar back from the frame store before its row is "
+        "written (the in-memory check that it reads back as written always runs).",
+    )
+    principal_cache_s: float = Field(
+        default=2.0, ge=0, le=60, allow_inf_nan=False,
+        description="Seconds a device's authenticated principal is reused for frames and "
+        "heartbeats (0: a database read per request). A revocation or status change made "
+        "through the API takes effect at once in the process that served it; in other "
+        "replicas or worker processes, or after the CLI, within this bound.",
     )
     sqlite_synchronous: str = Field(default="FULL", pattern="^(FULL|NORMAL|EXTRA)$")
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
 from fleet.db import Database, Device, FrameRow
+from fleet.jpeg import JpegError, inspect_jpeg
 from roadloop.data.frames import ID_PATTERN, FrameRecord, FrameStore
 from roadloop.fsutil import sha256_file
 
@@ -38,6 +39,7 @@ class ReconcileReport(BaseModel):
     removed_temp_files: int = 0
     removed_orphan_images: int = 0
     unreadable_sidecars: int = 0
+    removed_torn_frames: int = 0
 
 
 def camera_owners(db: Database) -> dict[str, str]:
@@ -89,7 +91,8 @@ def reconcile_frame_store(
         db.set_state(session, RECONCILE_STATE_KEY, started.isoformat())
         session.commit()
     report.recovered_rows = len(new_rows)
-    if new_rows or report.removed_temp_files or report.removed_orphan_images:
+    if (new_rows or report.removed_temp_files or report.removed_orphan_images
+            or report.removed_torn_frames):
         logger.warning("reconciled frame store after an unclean stop: %s", report)
     return report
 
@@ -133,11 +136,15 @@ def _reconcile_day(
         except (OSError, ValidationError, ValueError) as exc:
             logger.warning("reconcile: unreadable sidecar %s: %s", sidecars[stem], exc)
             report.unreadable_sidecars += 1
+            _remove_torn(store, images[stem], report)
             continue
         if rec.camera_id != camera_id or rec.frame_id != stem:
             report.unreadable_sidecars += 1
             continue
         image_path = images[stem]
+        if not _whole_jpeg(image_path, rec):
+            _remove_torn(store, image_path, report)
+            continue
         src_device = rec.source.split(":", 1)[1] if rec.source.startswith("agent:") else device_id
         rows.append(FrameRow(
             camera_id=camera_id, frame_id=stem, device_id=src_device,
@@ -149,3 +156,22 @@ def _reconcile_day(
             n_detections=len(rec.detections), recovered=True,
         ))
     return rows
+
+
+def _whole_jpeg(path: Path, rec: FrameRecord) -> bool:
+    """The image is a structurally complete JPEG of the record's size (header walk only)."""
+    try:
+        info = inspect_jpeg(path.read_bytes())
+    except (OSError, JpegError):
+        return False
+    return (info.width, info.height) == (rec.width, rec.height)
+
+
+def _remove_torn(store: FrameStore, image: Path, report: ReconcileReport) -> None:
+    """Delete a frame without a row whose files did not survive a power cut whole (with
+    ``frame_sync=group`` files are synced once per group commit, so a power cut can leave
+    a renamed but empty file). It has no row, so it was never acknowledged: the agent sends
+    it again, and readers would skip it anyway."""
+    logger.warning("reconcile: removing torn frame %s (never acknowledged)", image)
+    store.remove_frame(image)
+    report.removed_torn_frames += 1

@@ -531,11 +531,13 @@ class DecodedSizeStore(FrameStore):
 
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
                     image: np.ndarray | None = None,
-                    decoded_size: tuple[int, int] | None = None) -> FrameWrite:
+                    decoded_size: tuple[int, int] | None = None,
+                    durable: bool = True) -> FrameWrite:
         assert image is None and decoded_size is not None, \
             "the gateway hands over the size it verified, so the store does not decode again"
         self.sizes.append(decoded_size)
-        return super().write_frame(record, jpeg_bytes, decoded_size=decoded_size)
+        return super().write_frame(record, jpeg_bytes, decoded_size=decoded_size,
+                                   durable=durable)
 
 
 @pytest.mark.parametrize("sent", [False, True], ids=["gateway_quality", "agent_quality"])
@@ -549,7 +551,9 @@ def test_gateway_decodes_once_and_hands_the_size_to_the_store(
     m = meta("f-once", quality=AGENT_QUALITY) if sent else meta("f-once")
     r = post_frame(env.client, dev["access_token"], m, frame_jpeg)
     assert r.status_code == 201, r.text
-    assert calls == [(W, H)]  # one decode, at full size: a 160x120 frame needs no reduction
+    # One decode: at full size without the agent's quality (sharpness is native); with all
+    # of it only a strict check of the data, at 1/8 (jpeg_decode=dc).
+    assert calls == ([(W // 8, H // 8)] if sent else [(W, H)])
     assert store.sizes == [(W, H)]
     assert store.find_frame("cam-a", "f-once") is not None and len(env.rows()) == 1
 

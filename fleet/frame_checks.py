@@ -1,0 +1,184 @@
+"""The checks of one frame upload that need no storage (``fleet.intake`` runs them for
+``POST /v1/frames`` and ``fleet.intake_batch`` for each frame of a batch): the camera, the
+JPEG's header, one strict decode (``fleet.jpeg``), the record and that its sidecar reads
+back. Each refusal is the ``HTTPException`` ``POST /v1/frames`` answers for that frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import HTTPException
+from pydantic import ValidationError
+
+from fleet.auth import Principal
+from fleet.config import GatewaySettings
+from fleet.jpeg import (
+    DecoderBusy,
+    JpegError,
+    JpegInfo,
+    JpegLimits,
+    check_jpeg,
+    measure_quality,
+)
+from fleet.runtime import Gateway
+from fleet.schemas import FrameMetadata
+from roadloop.data.frames import FrameQuality, FrameRecord
+
+__all__ = ["CheckedFrame", "check_frames", "checked_qualities", "jpeg_limits", "reads_back",
+           "validation_message"]
+
+
+def validation_message(exc: ValidationError, prefix: str) -> str:
+    """One line naming each bad field: ``metadata is invalid: frame_id: Field required``."""
+    parts = []
+    for err in exc.errors()[:8]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    more = f" (+{len(exc.errors()) - 8} more)" if len(exc.errors()) > 8 else ""
+    return f"{prefix}: " + "; ".join(parts) + more
+
+
+def jpeg_limits(settings: GatewaySettings) -> JpegLimits:
+    return JpegLimits(
+        max_side=settings.max_image_side,
+        max_pixels=settings.max_image_pixels,
+        max_scans=settings.max_jpeg_scans,
+        max_metadata_bytes=settings.max_jpeg_metadata_bytes,
+    )
+
+
+def checked_qualities(
+    gw: Gateway, jobs: list[tuple[FrameMetadata, bytes]]
+) -> list[tuple[JpegInfo, FrameQuality] | HTTPException]:
+    """Per frame: structure and limits from the header (no decode), then one strict, reduced
+    decode — all of them in ONE of ``max_concurrent_decodes`` slots, one after the other (a
+    batch costs one hand-over to a decode thread, not one per frame), waited for at most
+    ``decode_wait_s`` (503 with ``Retry-After`` after that: not acknowledged); the quality the
+    agent sent, completed from that decode. A refusal is returned, not raised."""
+    settings = gw.settings
+    out: list[tuple[JpegInfo, FrameQuality] | HTTPException | None] = [None] * len(jobs)
+    todo: list[tuple[int, bytes, JpegInfo, dict[str, Any]]] = []
+    for i, (meta, image) in enumerate(jobs):
+        try:
+            with gw.stats.span("jpeg_check"):
+                info = check_jpeg(image, meta.width, meta.height, settings.max_image_side,
+                                  jpeg_limits(settings))
+        except JpegError as exc:
+            out[i] = _bad_jpeg(gw, meta, exc)
+            continue
+        sent = meta.quality.model_dump(exclude_none=True) if meta.quality is not None else {}
+        todo.append((i, image, info, sent))
+
+    def decode_all() -> list[FrameQuality | JpegError]:
+        results: list[FrameQuality | JpegError] = []
+        for _, image, info, sent in todo:
+            try:
+                results.append(measure_quality(image, info, sent,
+                                               settings.quality_decode_max_pixels,
+                                               settings.jpeg_decode == "dc"))
+            except JpegError as exc:
+                results.append(exc)
+        return results
+
+    try:
+        with gw.stats.span("decode"):
+            decoded = gw.decoders.run(settings.decode_wait_s, decode_all) if todo else []
+    except DecoderBusy as exc:
+        gw.stats.count("decode_busy", len(todo))
+        retry_after = max(1, math.ceil(settings.decode_wait_s))
+        decoded = [HTTPException(
+            503, f"gateway is busy decoding other frames ({exc}); retry after {retry_after} s "
+            "— the frame is not acknowledged", headers={"Retry-After": str(retry_after)},
+        )] * len(todo)
+    for (i, _, info, _), result in zip(todo, decoded, strict=True):
+        if isinstance(result, JpegError):
+            out[i] = _bad_jpeg(gw, jobs[i][0], result)
+        else:
+            out[i] = result if isinstance(result, HTTPException) else (info, result)
+    return [r for r in out if r is not None]
+
+
+def _bad_jpeg(gw: Gateway, meta: FrameMetadata, exc: JpegError) -> HTTPException:
+    gw.stats.count("frames_bad_jpeg")
+    return HTTPException(422, f"frame {meta.frame_id}: {exc}")
+
+
+@dataclass(frozen=True)
+class CheckedFrame:
+    """One upload that passed every check that needs no storage: what ``store_frames``
+    writes."""
+
+    meta: FrameMetadata
+    record: FrameRecord
+    info: JpegInfo
+    image: bytes
+
+    @property
+    def key(self) -> str:
+        return f"{self.meta.camera_id}/{self.meta.frame_id}"
+
+
+def check_frames(gw: Gateway, principal: Principal, frames: list[tuple[FrameMetadata, bytes]]
+                 ) -> list[CheckedFrame | HTTPException]:
+    """Camera, JPEG (``checked_qualities``) and record checks, per frame: what to store, or
+    the refusal ``POST /v1/frames`` gives that frame. Nothing is stored yet."""
+    out: list[CheckedFrame | HTTPException | None] = [None] * len(frames)
+    mine = []
+    for i, (meta, _) in enumerate(frames):
+        if meta.camera_id != principal.camera_id:
+            out[i] = HTTPException(
+                403, f"metadata camera_id {meta.camera_id} is not this device's camera "
+                f"({principal.camera_id}); a device posts frames of its enrolled camera only")
+        else:
+            mine.append(i)
+    for i, checked in zip(mine, checked_qualities(gw, [frames[i] for i in mine]), strict=True):
+        meta, image = frames[i]
+        try:
+            if isinstance(checked, HTTPException):
+                raise checked
+            out[i] = _record_checked(gw, principal, meta, image, *checked)
+        except HTTPException as exc:
+            out[i] = exc
+    return [r for r in out if r is not None]
+
+
+def _record_checked(gw: Gateway, principal: Principal, meta: FrameMetadata, image: bytes,
+                    info: JpegInfo, quality: FrameQuality) -> CheckedFrame:
+    try:
+        record = FrameRecord(
+            frame_id=meta.frame_id, camera_id=meta.camera_id, captured_at=meta.captured_at,
+            reasons=meta.reasons, importance=meta.importance,
+            source=f"agent:{principal.device_id}", source_ref=meta.source_ref,
+            model_version=meta.model_version, detections=meta.detections,
+            width=meta.width, height=meta.height, quality=quality,
+            redaction=(meta.redaction.model_dump() if meta.redaction is not None else None),
+        )
+    except ValidationError as exc:
+        raise HTTPException(422, validation_message(exc, "metadata is invalid")) from exc
+    with gw.stats.span("read_back"):
+        if not reads_back(record):
+            gw.stats.count("frames_unreadable_refused")
+            raise HTTPException(
+                422, f"frame {record.frame_id}: its record does not read back from the frame "
+                "store as written; nothing was stored"
+            )
+    return CheckedFrame(meta, record, info, image)
+
+
+def reads_back(record: FrameRecord) -> bool:
+    """Whether ``record``'s sidecar, as the store writes it, parses back to the same data
+    (compared as data: the upload's bounded model types are subclasses).
+
+    This is the check that matters, done in memory before anything is written: a sidecar is
+    bytes the gateway serialises itself, so reading the file back from disk (what the
+    gateway did before, ``frame_read_back``) adds a ``stat`` + read + parse per frame and only
+    re-reads the page cache it just wrote; it cannot see whether the bytes reached the disk
+    (that is the sync's job). Measured in benchmarks/results/intake_parsing.md."""
+    try:
+        back = FrameRecord.model_validate_json(record.model_dump_json(indent=2))
+    except (ValidationError, ValueError):
+        return False
+    return back.model_dump(mode="json") == record.model_dump(mode="json")
