@@ -1,0 +1,151 @@
+"""Markdown report of ``benchmarks.gateway_intake``: the variants, the levers table, the
+SIGKILL durability check, time per stage, and findings computed from the run's figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+STAGES = ["read_form", "read_body", "parse_batch", "parse_metadata", "precheck", "jpeg_check",
+          "decode", "quality", "write_frame", "fsync_dir", "frame_sync", "commit_wait"]
+
+
+def _fmt(x: Any, spec: str = "") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _load(r: dict[str, Any]) -> str:
+    la = r.get("load_average") or {}
+    if not la:
+        return "–"
+    return f"{la['before'][0]:.2f} → {la['after'][0]:.2f}"
+
+
+def _variant_row(r: dict[str, Any]) -> str:
+    lat, cpu = r["latency_ms"], r["cpu_ms_per_frame"]
+    return (f"| {r['variant']} | {r['batch']} | {r['frames_per_s']:.0f} | "
+            f"{r['requests_per_s']:.0f} | {_fmt(lat['p50'])} | {_fmt(lat['p99'])} | "
+            f"{cpu['server']:.2f} | {cpu['load_generator']:.2f} | "
+            f"{r['node_share']['load_generator']:.0%} | {r['acknowledged_distinct']} | "
+            f"{r['lost']} | {r['duplicate_rows']} | {_load(r)} |")
+
+
+def levers_table(results: list[dict[str, Any]]) -> list[str]:
+    """One row per lever on top of the previous one, with what it bought."""
+    lines = [("| lever added | frames/s | vs previous | requests/s | P50 ms | P99 ms | "
+             "server CPU ms/frame | loadgen CPU ms/frame | lost |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    prev: float | None = None
+    for r in results:
+        if r.get("lever") is None:
+            continue
+        if "skipped" in r:
+            lines.append(f"| {r['variant']}: {r['lever']} | skipped: {r['skipped']} "
+                         "| | | | | | | |")
+            continue
+        fps = r["frames_per_s"]
+        gain = "–" if not prev else f"{fps / prev:.2f}x"
+        lat, cpu = r["latency_ms"], r["cpu_ms_per_frame"]
+        lines.append(f"| {r['variant']}: {r['lever']} | {fps:.0f} | {gain} | "
+                     f"{r['requests_per_s']:.0f} | {_fmt(lat['p50'])} | {_fmt(lat['p99'])} | "
+                     f"{cpu['server']:.2f} | {cpu['load_generator']:.2f} | {r['lost']} |")
+        prev = fps
+    return lines
+
+
+def _stage_rows(stats: dict[str, Any]) -> list[str]:
+    spans = stats.get("spans_ms", {})
+    rows = []
+    for k in STAGES + sorted(set(spans) - set(STAGES)):
+        if k in spans:
+            s = spans[k]
+            rows.append(f"| `{k}` | {s['count']} | {s['mean_ms']:.2f} | {s['max_ms']:.1f} |")
+    return rows
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    m, j = doc["machine"], doc["jpegs"]
+    ran = [r for r in doc["results"] if "skipped" not in r]
+    lines = [
+        "# Fleet gateway intake benchmark",
+        "",
+        (f"{doc['created_at']} · {m['cpu']} · Python {m['python']} · {doc['agents']} agents × "
+         f"{doc['duration_s']:.0f} s per variant · JPEGs: {j['source']}, {j['width']} px wide, "
+         f"mean {j['mean_bytes'] / 1024:.0f} KB · `{doc.get('command', '')}`"),
+        "",
+        (f"**The load generator runs on the same {m['cores']} cores as the gateway** "
+         f"({doc['load_generator']['transport']}, {doc['load_generator']['event_loop']}); its "
+         "CPU per frame and its share of the node's CPU time are columns below. Machine load "
+         f"average (1/5/15 min) before → after the whole run: {m['load_average']['before']} → "
+         f"{m['load_average']['after']}; per variant the 1-min figure is in the last column."),
+        "",
+        (f"Target: ≥ {doc['target']['frames_per_s']:.0f} frames/s acknowledged with P99 < "
+         f"{doc['target']['p99_ms']:.0f} ms, 0 lost. A frame is acknowledged by 201 or 409 "
+         "(alone or inside a batch's results); its latency is its request's."),
+        "",
+        ("| variant | frames/request | frames/s | requests/s | P50 ms | P99 ms | "
+         "server CPU ms/frame | loadgen CPU ms/frame | loadgen share of node | acked | lost | "
+         "dup rows | load 1-min |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_variant_row(r) for r in ran]
+    skipped = [r for r in doc["results"] if "skipped" in r]
+    if skipped:
+        lines += [""] + [f"- skipped `{r['variant']}`: {r['skipped']}" for r in skipped]
+    if doc.get("levers"):
+        lines += ["", "## Levers, each on top of the previous", ""] + levers_table(doc["results"])
+    killed = [r for r in ran if "kill" in r]
+    if killed:
+        lines += ["", "## SIGKILL under load", "",
+                  ("Every gateway process SIGKILLed mid-run, restarted on the same home and "
+                   "port; the agents re-send what was not acknowledged. Lost = acknowledged "
+                   "(before or after the kill) but not a row plus a complete frame-store entry "
+                   "with the bytes sent."), "",
+                  ("| variant | SIGKILL at s | acked before kill | restart s | acked in all | "
+                   "rows | transport errors | frames re-sent | unacked at end | lost | "
+                   "dup rows |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in killed:
+            k = r["kill"]
+            lines.append(f"| {r['variant']} | {k['at_s']} | {k['acknowledged_before']} | "
+                         f"{k['restart_s']} | {r['acknowledged_distinct']} | {r['rows']} | "
+                         f"{r['transport_errors']} | {r['retried_frames']} | "
+                         f"{r['unacknowledged_at_end']} | {r['lost']} | "
+                         f"{r['duplicate_rows']} |")
+    for r in ran:
+        lines += ["", f"## Server time per stage — `{r['variant']}`", ""]
+        notes = []
+        if int((r.get("env") or {}).get("ROADLOOP_GATEWAY_WORKERS", "1")) > 1:
+            notes.append("`GET /v1/stats` answers from the one worker that took the request: "
+                         "its share of the calls")
+        if "kill" in r:
+            notes.append("since the restart only")
+        gc = r["server_stats"].get("group_commit", {})
+        notes.append(f"mean group commit {gc.get('mean_batch', '–')} rows")
+        lines += ["(" + "; ".join(notes) + ".)", "", "| stage | calls | mean ms | max ms |",
+                  "|---|---|---|---|"]
+        lines += _stage_rows(r["server_stats"])
+    if doc.get("findings"):
+        lines += ["", "## What the figures say", ""] + [f"- {f}" for f in doc["findings"]]
+    return "\n".join(lines) + "\n"
+
+
+def measured_findings(doc: dict[str, Any]) -> list[str]:
+    """Sentences computed from this run's figures (no hand-written numbers)."""
+    cores = doc["machine"]["cores"]
+    target = doc["target"]["frames_per_s"]
+    out: list[str] = []
+    for r in doc["results"]:
+        if "skipped" in r:
+            continue
+        srv, gen = r["cpu_ms_per_frame"]["server"], r["cpu_ms_per_frame"]["load_generator"]
+        share = r["node_share"]["server"] + r["node_share"]["load_generator"]
+        line = (f"`{r['variant']}`: {r['frames_per_s']:.0f} frames/s; gateway "
+                f"{srv:.2f} ms and load generator {gen:.2f} ms of CPU per acknowledged frame, "
+                f"together {share:.0%} of the {cores} cores' time")
+        if srv > 0:
+            line += (f"; at that cost the {cores} cores (load generator included) top out "
+                     f"near {1000 * cores / (srv + gen):.0f} frames/s")
+        meets = (r["frames_per_s"] >= target and (r["latency_ms"]["p99"] or 1e9)
+                 < doc["target"]["p99_ms"] and r["lost"] == 0)
+        out.append(line + (" — meets the target." if meets else "."))
+    return out
