@@ -52,6 +52,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,17 +121,43 @@ def gateway_fields() -> set[str]:
     return set(GatewaySettings.model_fields)
 
 
-def lever_variants() -> list[Variant]:
-    env, batch, out = dict(_BASE), 1, []
+def _skip(v: Variant, fields: set[str]) -> dict[str, Any] | None:
+    absent = [f for f in v.requires if f not in fields]
+    if not absent:
+        return None
+    return {"variant": v.name, "lever": v.lever,
+            "skipped": f"setting(s) {', '.join(absent)} not in this gateway"}
+
+
+def run_levers(run: Callable[[Variant, float | None], dict[str, Any]], fields: set[str],
+               kill_after: float | None = None,
+               fixed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The ladder: each lever on top of the last one that ran (a lever this gateway lacks is
+    skipped and adds nothing); with ``kill_after`` one more run of the last rung, SIGKILLed.
+    ``fixed`` settings apply to every rung."""
+    env, batch, last, results = {**_BASE, **(fixed or {})}, 1, None, []
     for name, lever, add, b, requires in LEVERS:
-        env.update(add)
-        batch = b if b is not None else batch
-        out.append(Variant(name, batch, dict(env), requires, lever))
-    return out
+        v = Variant(name, b if b is not None else batch, {**env, **add}, requires, lever)
+        r = _skip(v, fields) or run(v, None)
+        results.append(r)
+        if "skipped" not in r:
+            env, batch, last = v.env, v.batch, v
+    if kill_after is not None and last is not None:
+        results.append(run(Variant(f"{last.name} SIGKILL", last.batch, last.env), kill_after))
+    return results
 
 
 def _csv(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def fixed_env(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs as gateway environment variables (``ROADLOOP_GATEWAY_`` optional)."""
+    out = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        out[k if k.startswith(ENV) else ENV + k.upper()] = v
+    return out
 
 
 def grid_variants(batch: str, frame_sync: str | None, principal_cache: str | None,
@@ -143,10 +170,7 @@ def grid_variants(batch: str, frame_sync: str | None, principal_cache: str | Non
                                ("WORKERS", "w", workers)):
         if values:
             axes.append((key, short, _csv(values)))
-    base = {}
-    for kv in fixed:
-        k, _, v = kv.partition("=")
-        base[k if k.startswith(ENV) else ENV + k.upper()] = v
+    base = fixed_env(fixed)
     out = []
     for b in [int(x) for x in _csv(batch)]:
         for combo in itertools.product(*[vals for _, _, vals in axes]):
@@ -454,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--read-back", default=None, help="true,false")
     ap.add_argument("--workers", default=None, help="e.g. 1,2")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra gateway setting for every variant (ROADLOOP_GATEWAY_ optional)")
+                    help="gateway setting for every variant and lever rung (ROADLOOP_GATEWAY_ optional)")
     ap.add_argument("--kill-after", type=float, default=None,
                     help="SIGKILL the gateway this many seconds into each variant (with "
                     "--levers: one extra run at the last lever), restart it, check 0 lost")
@@ -473,34 +497,21 @@ def main(argv: list[str] | None = None) -> None:
     loop_impl = install_fast_loop()
 
     fields = gateway_fields()
-    if args.levers:
-        variants = lever_variants()
-        runs: list[tuple[Variant, float | None]] = [(v, None) for v in variants]
-    else:
-        variants = grid_variants(args.batch, args.frame_sync, args.principal_cache,
-                                 args.read_back, args.workers, args.set)
-        runs = [(v, args.kill_after) for v in variants]
     jpegs, source = load_jpegs(args.pool, args.width, args.jpeg_quality)
     load_before = _loadavg()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    results: list[dict[str, Any]] = []
-    last_run: Variant | None = None
+
+    def run(v: Variant, kill: float | None) -> dict[str, Any]:
+        return run_variant(v, args.agents, args.duration, jpegs, workdir, kill_after=kill,
+                           max_fps=args.max_fps)
+
     try:
-        for v, kill in runs:
-            absent = [f for f in v.requires if f not in fields]
-            if absent:
-                results.append({"variant": v.name, "lever": v.lever,
-                                "skipped": f"setting(s) {', '.join(absent)} not in this gateway"})
-                continue
-            r = run_variant(v, args.agents, args.duration, jpegs, workdir, kill_after=kill,
-                            max_fps=args.max_fps)
-            results.append(r)
-            if "skipped" not in r:
-                last_run = v
-        if args.levers and args.kill_after is not None and last_run is not None:
-            v = Variant(f"{last_run.name} SIGKILL", last_run.batch, last_run.env)
-            results.append(run_variant(v, args.agents, args.duration, jpegs, workdir,
-                                       kill_after=args.kill_after, max_fps=args.max_fps))
+        if args.levers:
+            results = run_levers(run, fields, args.kill_after, fixed_env(args.set))
+        else:
+            results = [_skip(v, fields) or run(v, args.kill_after) for v in grid_variants(
+                args.batch, args.frame_sync, args.principal_cache, args.read_back,
+                args.workers, args.set)]
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from benchmarks import intake_loadgen as lg
-from benchmarks.gateway_intake import LEVERS, grid_variants, lever_variants
+from benchmarks.gateway_intake import LEVERS, Variant, grid_variants, run_levers
 
 JPEGS = [lg.Jpeg(b"\xff\xd8" + bytes([i]) * (50 + i) + b"\xff\xd9", 64, 48, {}) for i in range(3)]
 
@@ -123,13 +123,26 @@ def test_agent_resends_unacknowledged_frames_until_acknowledged() -> None:
 
 
 def test_lever_ladder_is_cumulative_and_grid_is_a_product() -> None:
-    ladder = lever_variants()
-    assert [v.name for v in ladder] == [name for name, *_ in LEVERS]
-    assert ladder[0].batch == 1 and ladder[0].env["ROADLOOP_GATEWAY_PRINCIPAL_CACHE_S"] == "0"
-    last = ladder[-1]
-    assert last.batch == 16 and last.env["ROADLOOP_GATEWAY_WORKERS"] == "2"
-    assert last.env["ROADLOOP_GATEWAY_FRAME_SYNC"] == "group"
+    ran: list[tuple[Variant, float | None]] = []
+
+    def fake_run(v: Variant, kill: float | None) -> dict:
+        ran.append((v, kill))
+        if v.batch > 1:  # a gateway without the batch route
+            return {"variant": v.name, "skipped": "no batch route"}
+        return {"variant": v.name}
+
+    every = {f for *_, requires in LEVERS for f in requires}
+    results = run_levers(fake_run, every - {"frame_sync"}, kill_after=3.0)
+    assert [r["variant"] for r in results[:len(LEVERS)]] == [name for name, *_ in LEVERS]
+    assert "skipped" in results[2] and not any(v.name == "+group-sync" for v, _ in ran)
+    first, last = ran[0][0], ran[-2][0]
+    assert first.batch == 1 and first.env["ROADLOOP_GATEWAY_PRINCIPAL_CACHE_S"] == "0"
+    # skipped levers add nothing: the last rung is single uploads, per-file sync, 2 workers
+    assert last.name == "+2-workers" and last.batch == 1
+    assert last.env["ROADLOOP_GATEWAY_WORKERS"] == "2"
+    assert last.env["ROADLOOP_GATEWAY_FRAME_SYNC"] == "per_file"
     assert last.env["ROADLOOP_GATEWAY_PRINCIPAL_CACHE_S"] != "0"
+    assert ran[-1] == (Variant("+2-workers SIGKILL", 1, last.env), 3.0)
     grid = grid_variants("1,8", "group,per_file", None, None, "1,2", ["COMMIT_BATCH_MAX=1"])
     assert len(grid) == 8 and len({v.name for v in grid}) == 8
     assert all(v.env["ROADLOOP_GATEWAY_COMMIT_BATCH_MAX"] == "1" for v in grid)
