@@ -58,9 +58,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import cv2
 import httpx
-import numpy as np
 import psutil
 
 from benchmarks.intake_loadgen import (
@@ -69,12 +67,13 @@ from benchmarks.intake_loadgen import (
     AgentResult,
     Jpeg,
     install_fast_loop,
+    load_jpegs,
     run_agent,
     weighted_percentile,
 )
 from benchmarks.intake_report import measured_findings, to_markdown
 from launch.localfleet import GatewayProcess
-from roadloop.data.frames import FrameStore, compute_quality
+from roadloop.data.frames import FrameStore
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -182,41 +181,6 @@ def grid_variants(batch: str, frame_sync: str | None, principal_cache: str | Non
             parts += [kv for kv in fixed]
             out.append(Variant(" ".join(parts), b, env))
     return out
-
-
-# ---------------------------------------------------------------------------- inputs
-def load_jpegs(n: int, width: int, jpeg_quality: int) -> tuple[list[Jpeg], str]:
-    """``n`` frames spread over the shared videos (synthetic textures when absent)."""
-    from roadloop.settings import get_settings
-
-    videos = sorted(get_settings().videos_dir.glob("*.mp4"))
-    images: list[np.ndarray] = []
-    for video in videos:
-        cap = cv2.VideoCapture(str(video))
-        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or 300
-        per = max(1, n // len(videos) + 1)
-        for k in range(per):
-            cap.set(cv2.CAP_PROP_POS_FRAMES, int(k * total / per))
-            ok, frame = cap.read()
-            if ok and frame is not None:
-                images.append(frame)
-        cap.release()
-    source = f"shared videos ({', '.join(v.name for v in videos)})"
-    if not images:
-        rng = np.random.default_rng(0)
-        images = [cv2.resize(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), (640, 360),
-                             interpolation=cv2.INTER_CUBIC) for _ in range(n)]
-        source = "synthetic textures (shared videos not found)"
-    out = []
-    for img in images[:n]:
-        h, w = img.shape[:2]
-        if w != width:
-            img = cv2.resize(img, (width, round(h * width / w)), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
-        assert ok
-        q = compute_quality(img).model_dump()
-        out.append(Jpeg(buf.tobytes(), img.shape[1], img.shape[0], q))
-    return out, source
 
 
 # ---------------------------------------------------------------------------- server

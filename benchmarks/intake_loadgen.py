@@ -15,6 +15,9 @@ Two request shapes: ``POST /v1/frames`` (one multipart frame, what every agent s
 manifest length, JSON manifest ``{"frames": [{"metadata": ..., "image_bytes": n}, ...]}``,
 then the JPEGs concatenated; see the batch protocol in the gateway's docs).
 
+Inputs (``load_jpegs``): frames of the shared videos re-encoded as JPEGs, each with the
+edge-computed quality block the agent sends.
+
 Acknowledgement follows the agent's rules: 201 or 409 acknowledges a frame; 429/503/507, a
 5xx or a transport error means "retry later" (the same frames are re-sent, so a frame stored
 just before a crash comes back as a 409); any other 4xx rejects the frame for good.
@@ -32,6 +35,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import cv2
+import numpy as np
+
+from roadloop.data.frames import compute_quality
 
 BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
 RETRY_CODES = frozenset({429, 503, 507})
@@ -58,6 +66,41 @@ class PreparedRequest:
     @property
     def size(self) -> int:
         return sum(len(c) for c in self.chunks)
+
+
+# ---------------------------------------------------------------------------- inputs
+def load_jpegs(n: int, width: int, jpeg_quality: int) -> tuple[list[Jpeg], str]:
+    """``n`` frames spread over the shared videos (synthetic textures when absent)."""
+    from roadloop.settings import get_settings
+
+    videos = sorted(get_settings().videos_dir.glob("*.mp4"))
+    images: list[np.ndarray] = []
+    for video in videos:
+        cap = cv2.VideoCapture(str(video))
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or 300
+        per = max(1, n // len(videos) + 1)
+        for k in range(per):
+            cap.set(cv2.CAP_PROP_POS_FRAMES, int(k * total / per))
+            ok, frame = cap.read()
+            if ok and frame is not None:
+                images.append(frame)
+        cap.release()
+    source = f"shared videos ({', '.join(v.name for v in videos)})"
+    if not images:
+        rng = np.random.default_rng(0)
+        images = [cv2.resize(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), (640, 360),
+                             interpolation=cv2.INTER_CUBIC) for _ in range(n)]
+        source = "synthetic textures (shared videos not found)"
+    out = []
+    for img in images[:n]:
+        h, w = img.shape[:2]
+        if w != width:
+            img = cv2.resize(img, (width, round(h * width / w)), interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        assert ok
+        q = compute_quality(img).model_dump()
+        out.append(Jpeg(buf.tobytes(), img.shape[1], img.shape[0], q))
+    return out, source
 
 
 # ---------------------------------------------------------------------------- bodies
