@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-STAGES = ["read_form", "read_body", "parse_batch", "parse_metadata", "precheck", "jpeg_check",
+STAGES = ["read_form", "read_batch", "parse_batch", "parse_metadata", "precheck", "jpeg_check",
           "decode", "quality", "write_frame", "fsync_dir", "frame_sync", "commit_wait"]
 
 
@@ -25,7 +25,7 @@ def _variant_row(r: dict[str, Any]) -> str:
     return (f"| {r['variant']} | {r['batch']} | {r['frames_per_s']:.0f} | "
             f"{r['requests_per_s']:.0f} | {_fmt(lat['p50'])} | {_fmt(lat['p99'])} | "
             f"{cpu['server']:.2f} | {cpu['load_generator']:.2f} | "
-            f"{r['node_share']['load_generator']:.0%} | {r['acknowledged_distinct']} | "
+            f"{r['node_share']['load_generator']:.1%} | {r['acknowledged_distinct']} | "
             f"{r['lost']} | {r['duplicate_rows']} | {_load(r)} |")
 
 
