@@ -14,7 +14,7 @@ duplicate rows (must be 0).
 A variant is a combination of settings: ``--batch 1,8,16`` (1 = one multipart
 ``POST /v1/frames`` per frame, B > 1 = ``POST /v1/frames/batch`` with B frames), the
 gateway's ``--frame-sync group,per_file``, ``--principal-cache 0,2`` (seconds),
-``--read-back true,false``, ``--workers 1,2`` and any ``--set ROADLOOP_GATEWAY_X=V``; the
+``--read-back true,false``, ``--jpeg-decode reduced,dc``, ``--workers 1,2`` and any ``--set ROADLOOP_GATEWAY_X=V``; the
 grid is their product. ``--levers`` runs the lever ladder instead: one row per lever added on
 top of the previous one (``LEVERS``), rendered as the "levers" table. A lever whose setting
 this checkout's gateway does not have (or the batch route, when the gateway answers 404) is
@@ -96,7 +96,7 @@ class Variant:
 # Each lever adds (env, batch) on top of the previous row; ``requires`` names the gateway
 # settings it needs (absent in this checkout: the row is skipped, not faked).
 _BASE = {f"{ENV}FRAME_SYNC": "per_file", f"{ENV}PRINCIPAL_CACHE_S": "0",
-         f"{ENV}FRAME_READ_BACK": "true", f"{ENV}WORKERS": "1"}
+         f"{ENV}FRAME_READ_BACK": "true", f"{ENV}JPEG_DECODE": "reduced", f"{ENV}WORKERS": "1"}
 LEVERS: list[tuple[str, str, dict[str, str], int | None, tuple[str, ...]]] = [
     # (row name, lever, env added, batch (None: unchanged), settings required)
     ("baseline", ("single multipart uploads, per-file fsync, a DB read per upload to "
@@ -107,6 +107,8 @@ LEVERS: list[tuple[str, str, dict[str, str], int | None, tuple[str, ...]]] = [
      {f"{ENV}FRAME_SYNC": "group"}, None, ("frame_sync",)),
     ("+no-read-back", "no sidecar read-back from disk", {f"{ENV}FRAME_READ_BACK": "false"},
      None, ("frame_read_back",)),
+    ("+dc-decode", "one 1/8-scale (DC) decode per JPEG", {f"{ENV}JPEG_DECODE": "dc"}, None,
+     ("jpeg_decode",)),
     ("+batch-8", "8 frames per request (POST /v1/frames/batch)", {}, 8, ()),
     ("+batch-16", "16 frames per request", {}, 16, ()),
     ("+2-workers", "two gateway worker processes", {f"{ENV}WORKERS": "2"}, None, ("workers",)),
@@ -160,12 +162,14 @@ def fixed_env(pairs: list[str]) -> dict[str, str]:
 
 
 def grid_variants(batch: str, frame_sync: str | None, principal_cache: str | None,
-                  read_back: str | None, workers: str | None, fixed: list[str]) -> list[Variant]:
+                  read_back: str | None, workers: str | None, fixed: list[str],
+                  jpeg_decode: str | None = None) -> list[Variant]:
     """The product of the listed values; an axis left out keeps the gateway's default."""
     axes: list[tuple[str, str, list[str]]] = []
     for key, short, values in (("FRAME_SYNC", "sync", frame_sync),
                                ("PRINCIPAL_CACHE_S", "pc", principal_cache),
                                ("FRAME_READ_BACK", "readback", read_back),
+                               ("JPEG_DECODE", "decode", jpeg_decode),
                                ("WORKERS", "w", workers)):
         if values:
             axes.append((key, short, _csv(values)))
@@ -440,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--frame-sync", default=None, help="group,per_file")
     ap.add_argument("--principal-cache", default=None, help="seconds, e.g. 0,2")
     ap.add_argument("--read-back", default=None, help="true,false")
+    ap.add_argument("--jpeg-decode", default=None, help="reduced,dc")
     ap.add_argument("--workers", default=None, help="e.g. 1,2")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="gateway setting for every variant and lever rung (ROADLOOP_GATEWAY_ optional)")
@@ -475,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             results = [_skip(v, fields) or run(v, args.kill_after) for v in grid_variants(
                 args.batch, args.frame_sync, args.principal_cache, args.read_back,
-                args.workers, args.set)]
+                args.workers, args.set, args.jpeg_decode)]
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
