@@ -15,10 +15,10 @@ A variant is a combination of settings: ``--batch 1,8,16`` (1 = one multipart
 ``POST /v1/frames`` per frame, B > 1 = ``POST /v1/frames/batch`` with B frames), the
 gateway's ``--frame-sync group,per_file``, ``--principal-cache 0,2`` (seconds),
 ``--read-back true,false``, ``--jpeg-decode reduced,dc``, ``--workers 1,2`` and any
-``--set ROADLOOP_GATEWAY_X=V``; the grid is their product. ``--levers`` runs the lever ladder instead: one row per lever added on
-top of the previous one (``LEVERS``), rendered as the "levers" table. A lever whose setting
-this checkout's gateway does not have (or the batch route, when the gateway answers 404) is
-skipped and listed as such. ``--kill-after S`` SIGKILLs the gateway (every process) S seconds
+``--set ROADLOOP_GATEWAY_X=V``; the grid is their product. ``--levers`` runs the lever ladder
+instead: one row per lever added on top of the previous one (``LEVERS``), rendered as the
+"levers" table. A lever whose setting this checkout's gateway does not have (or the batch
+route, when the gateway answers 404) is skipped, listed as such, and adds nothing. ``--kill-after S`` SIGKILLs the gateway (every process) S seconds
 into each variant, restarts it on the same home and port, lets the agents re-send what was
 not acknowledged, and checks that every frame acknowledged before or after the kill is
 stored exactly once (with ``--levers`` it adds one such durability run at the last lever).
