@@ -148,4 +148,12 @@ def measured_findings(doc: dict[str, Any]) -> list[str]:
         meets = (r["frames_per_s"] >= target and (r["latency_ms"]["p99"] or 1e9)
                  < doc["target"]["p99_ms"] and r["lost"] == 0)
         out.append(line + (" — meets the target." if meets else "."))
+        if r.get("requests_built_in_window"):
+            out.append(f"`{r['variant']}`: the pre-built requests ran out and "
+                       f"{r['requests_built_in_window']} were built inside the timed window "
+                       "(their cost is in the load generator's CPU): raise `--max-fps`.")
+        if r.get("unacknowledged_at_end"):
+            out.append(f"`{r['variant']}`: {r['unacknowledged_at_end']} frames were still "
+                       "unacknowledged when the agents stopped re-sending (not lost: never "
+                       "acknowledged).")
     return out
