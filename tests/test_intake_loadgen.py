@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks import intake_loadgen as lg
 from benchmarks.gateway_intake import LEVERS, Variant, grid_variants, run_levers
+from benchmarks.intake_report import levers_table
 
 JPEGS = [lg.Jpeg(b"\xff\xd8" + bytes([i]) * (50 + i) + b"\xff\xd9", 64, 48, {}) for i in range(3)]
 
@@ -147,3 +148,18 @@ def test_lever_ladder_is_cumulative_and_grid_is_a_product() -> None:
     assert len(grid) == 8 and len({v.name for v in grid}) == 8
     assert all(v.env["ROADLOOP_GATEWAY_COMMIT_BATCH_MAX"] == "1" for v in grid)
     assert {v.batch for v in grid} == {1, 8}
+
+
+def test_levers_table_gives_each_rung_its_gain_over_the_previous_one() -> None:
+    def row(name: str, fps: float) -> dict:
+        return {"variant": name, "lever": name, "frames_per_s": fps, "requests_per_s": fps,
+                "latency_ms": {"p50": 1.0, "p99": 2.0}, "lost": 0,
+                "cpu_ms_per_frame": {"server": 1.0, "load_generator": 0.1}}
+
+    results = [row("base", 100.0), {"variant": "x", "lever": "x", "skipped": "absent"},
+               row("more", 250.0), {"variant": "grid row", "lever": None}]
+    lines = levers_table(results)
+    assert len(lines) == 2 + 3
+    assert "| base: base | 100 | – |" in lines[2]
+    assert "skipped: absent" in lines[3]
+    assert "| more: more | 250 | 2.50x |" in lines[4]
