@@ -23,7 +23,7 @@ into each variant, restarts it on the same home and port, lets the agents re-sen
 not acknowledged, and checks that every frame acknowledged before or after the kill is
 stored exactly once (with ``--levers`` it adds one such durability run at the last lever).
 
-The full measurement (the lead's quiet-machine run, one command):
+The full measurement, every table in one command (run it on a quiet machine):
 
     python -m benchmarks.gateway_intake --levers --agents 32 --duration 20 --kill-after 8
 

@@ -353,7 +353,10 @@ async def run_agent(plan: AgentPlan, res: AgentResult, host: str, port: int, sta
             dt_ms = (time.perf_counter() - t0) * 1000
             backoff = 0.02
             res.request_codes[status] = res.request_codes.get(status, 0) + 1
-            ack, again, rej, codes = classify(req, status, body)
+            try:
+                ack, again, rej, codes = classify(req, status, body)
+            except (ValueError, KeyError, TypeError):  # a 200 whose results do not parse
+                ack, again, rej, codes = [], [], list(req.frame_ids), [-1] * len(req.frame_ids)
             for c in codes:
                 res.codes[c] = res.codes.get(c, 0) + 1
             res.acked.extend(ack)
