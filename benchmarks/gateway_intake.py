@@ -27,6 +27,13 @@ The full measurement, every table in one command (run it on a quiet machine):
 
     python -m benchmarks.gateway_intake --levers --agents 32 --duration 20 --kill-after 8
 
+Closed loop gives the most the node takes (latency is then mostly queueing); the P99 at the
+target rate comes from paced agents (``--offered-fps``: each agent's requests fall due at
+fixed intervals, latency from the due time):
+
+    python -m benchmarks.gateway_intake --levers --agents 32 --duration 20 --offered-fps 1000 \
+        --name gateway_intake_paced1000
+
 Short development run:
 
     python -m benchmarks.gateway_intake --batch 1,16 --agents 16 --duration 5
@@ -271,15 +278,18 @@ def _start_measured(server: GatewayProcess) -> float:
 
 
 async def _drive(server: GatewayProcess, plans: list[AgentPlan], duration: float,
-                 drain_s: float, kill_after: float | None
+                 drain_s: float, kill_after: float | None, interval_s: float | None = None
                  ) -> tuple[list[AgentResult], float, KillReport | None, float]:
     """Run the agents; returns (results, timed window s, kill report, server CPU s before the
     kill: the killed processes' share, measured just before SIGKILL)."""
     host, port = "127.0.0.1", server.port
     start = time.perf_counter()
     results = [AgentResult(p.camera_id) for p in plans]
-    tasks = [asyncio.create_task(run_agent(p, r, host, port, start, duration, drain_s))
-             for p, r in zip(plans, results, strict=True)]
+    # Paced agents start spread over one interval, not all at once.
+    tasks = [asyncio.create_task(run_agent(
+        p, r, host, port, start, duration, drain_s, interval_s,
+        (interval_s or 0.0) * i / len(plans)))
+        for i, (p, r) in enumerate(zip(plans, results, strict=True))]
     kill: KillReport | None = None
     if kill_after is not None:
         await asyncio.sleep(max(0.0, start + kill_after - time.perf_counter()))
@@ -337,6 +347,7 @@ def _loadavg() -> list[float]:
 
 def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], workdir: Path,
                 *, kill_after: float | None = None, max_fps: float = 2500.0,
+                offered_fps: float | None = None,
                 drain_s: float = 30.0) -> dict[str, Any]:
     home = workdir / v.name.replace(" ", "_").replace("=", "-").replace("+", "plus-")
     shutil.rmtree(home, ignore_errors=True)
@@ -348,7 +359,9 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
         if v.batch > 1 and probe in (404, 405):
             return {"variant": v.name, "skipped": f"no batch route (empty batch -> {probe})"}
         host = urlsplit(server.url).netloc
-        per_agent = max_fps * (duration + (kill_after is not None) * 5) / agents
+        # Paced: each agent sends ``batch`` frames every interval (offered_fps in all).
+        interval = v.batch * agents / offered_fps if offered_fps else None
+        per_agent = (offered_fps or max_fps) * (duration + (kill_after is not None) * 5) / agents
         plans = []
         t_build = time.perf_counter()
         for i, (tok, cam) in enumerate(zip(tokens, cams, strict=True)):
@@ -365,7 +378,7 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
         t_wall = time.perf_counter()
         results, window, kill, cpu_killed = asyncio.run(
             _drive(server, plans, duration, drain_s if kill_after is not None else 5.0,
-                   kill_after))
+                   kill_after, interval))
         wall = time.perf_counter() - t_wall
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         assert server.process is not None
@@ -462,6 +475,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kill-after", type=float, default=None,
                     help="SIGKILL the gateway this many seconds into each variant (with "
                     "--levers: one extra run at the last lever), restart it, check 0 lost")
+    ap.add_argument("--offered-fps", type=float, default=None,
+                    help="pace the agents to this many frames/s in all (latency from each "
+                    "request's due time) instead of a closed loop")
     ap.add_argument("--max-fps", type=float, default=2500.0,
                     help="frames pre-built per agent = max-fps x duration / agents")
     ap.add_argument("--width", type=int, default=640)
@@ -483,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def run(v: Variant, kill: float | None) -> dict[str, Any]:
         return run_variant(v, args.agents, args.duration, jpegs, workdir, kill_after=kill,
-                           max_fps=args.max_fps)
+                           max_fps=args.max_fps, offered_fps=args.offered_fps)
 
     try:
         if args.levers:
@@ -508,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_generator": {"event_loop": loop_impl, "transport": "raw HTTP/1.1 keep-alive, "
                            "one connection per agent, bodies pre-built"},
         "agents": args.agents, "duration_s": args.duration, "levers": args.levers,
+        "offered_fps": args.offered_fps,
         "jpegs": {"source": source, "count": len(jpegs), "width": args.width,
                   "mean_bytes": round(statistics.fmean(len(j.data) for j in jpegs)),
                   "min_bytes": min(len(j.data) for j in jpegs),

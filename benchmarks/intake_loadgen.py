@@ -323,22 +323,41 @@ def classify(req: PreparedRequest, status: int,
 
 
 async def run_agent(plan: AgentPlan, res: AgentResult, host: str, port: int, start: float,
-                    duration: float, drain_s: float = 0.0) -> AgentResult:
+                    duration: float, drain_s: float = 0.0, interval_s: float | None = None,
+                    phase_s: float = 0.0) -> AgentResult:
     """Closed loop for ``duration`` s from ``start``; then, for up to ``drain_s`` s, re-send
     only what is still unacknowledged (what an agent's outbox would retry). ``res`` fills in
-    as it goes (a caller may read ``res.acked`` mid-run)."""
+    as it goes (a caller may read ``res.acked`` mid-run).
+
+    With ``interval_s`` the agent is paced instead: its k-th new request is due at
+    ``start + phase_s + k * interval_s`` (sent at once when it is already late), and a frame's
+    latency runs from that due time, so a slow answer delays every later request's latency
+    too (no coordinated omission)."""
     conn = HttpConnection(host, port)
     fresh = plan.requests()
     retry: deque[PreparedRequest] = deque()
     backoff = 0.02
     end = start + duration
+    k = 0
     try:
         while True:
             now = time.perf_counter()
             in_window = now < end
             if not in_window and (not retry or now >= end + drain_s):
                 break
-            req = retry.popleft() if retry else next(fresh)
+            due = None
+            if retry:
+                req = retry.popleft()
+            else:
+                if interval_s is not None:
+                    due = start + phase_s + k * interval_s
+                    k += 1
+                    if due >= end:
+                        await asyncio.sleep(max(0.0, end - now))
+                        continue
+                    if due > now:
+                        await asyncio.sleep(due - now)
+                req = next(fresh)
             t0 = time.perf_counter()
             try:
                 status, headers, body = await conn.send(req.chunks)
@@ -350,7 +369,7 @@ async def run_agent(plan: AgentPlan, res: AgentResult, host: str, port: int, sta
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.5)
                 continue
-            dt_ms = (time.perf_counter() - t0) * 1000
+            dt_ms = (time.perf_counter() - (t0 if due is None else min(t0, due))) * 1000
             backoff = 0.02
             res.request_codes[status] = res.request_codes.get(status, 0) + 1
             try:

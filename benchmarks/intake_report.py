@@ -78,6 +78,13 @@ def to_markdown(doc: dict[str, Any]) -> str:
          f"average (1/5/15 min) before → after the whole run: {m['load_average']['before']} → "
          f"{m['load_average']['after']}; per variant the 1-min figure is in the last column."),
         "",
+        ("**Closed loop**: each agent sends its next request when the previous one is "
+         "answered, so frames/s is the most the node takes and latency is mostly queueing "
+         "(Little's law: agents × frames per request in flight)." if not doc.get("offered_fps")
+         else f"**Paced**: {doc['offered_fps']:.0f} frames/s offered in all, each agent's "
+         "requests due at fixed intervals; a frame's latency runs from its request's due "
+         "time (a late send counts)."),
+        "",
         (f"Target: ≥ {doc['target']['frames_per_s']:.0f} frames/s acknowledged with P99 < "
          f"{doc['target']['p99_ms']:.0f} ms, 0 lost. A frame is acknowledged by 201 or 409 "
          "(alone or inside a batch's results); its latency is its request's."),
