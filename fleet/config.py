@@ -107,6 +107,15 @@ class GatewaySettings(BaseSettings):
         description="The gateway decodes an upload at 1/1, 1/2, 1/4 or 1/8 scale, the largest "
         "that gives at most this many pixels (1080p and 4K decode at 1/2 and 1/4).",
     )
+    jpeg_decode: Literal["reduced", "dc"] = Field(
+        default="dc",
+        description="Scale of the one strict decode when the agent sent its sharpness "
+        "(fleet/jpeg.py quality_scale). dc: the smallest scale that still gives 72x40 px for "
+        "the dhash — 1/8, DC coefficients only, for 640x360 and up (every coefficient is "
+        "still entropy-decoded, so corrupt image data is refused as before; half the cost of "
+        "a native decode); reduced: the largest scale within quality_decode_max_pixels "
+        "(640x360 decodes in full).",
+    )
     max_concurrent_decodes: int | None = Field(
         default=None, ge=1, le=256,
         description="JPEG decodes running at once (each holds up to a few tens of MB); "

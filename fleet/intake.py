@@ -180,7 +180,8 @@ def checked_quality(gw: Gateway, meta: FrameMetadata, image: bytes) -> tuple[Jpe
         sent = meta.quality.model_dump(exclude_none=True) if meta.quality is not None else {}
         with gw.stats.span("decode"):
             quality = gw.decoders.run(settings.decode_wait_s, measure_quality, image, info, sent,
-                                      settings.quality_decode_max_pixels)
+                                      settings.quality_decode_max_pixels,
+                                      settings.jpeg_decode == "dc")
     except JpegError as exc:
         gw.stats.count("frames_bad_jpeg")
         raise HTTPException(422, f"frame {meta.frame_id}: {exc}") from exc

@@ -285,8 +285,34 @@ def decode_grey(data: bytes, info: JpegInfo, scale: int) -> np.ndarray:
     return grey
 
 
+DHASH_MIN_DECODE = (72, 40)  # px: at least 8x5 decoded pixels behind each 9x8 dhash cell
+
+
+def quality_scale(info: JpegInfo, sent: dict[str, float | str], max_decode_pixels: int,
+                  dc_only: bool = False) -> int:
+    """The scale of an upload's one decode: native when the client sent no sharpness (it is
+    defined at native resolution); else the largest within ``max_decode_pixels``, or with
+    ``dc_only`` the smallest that still gives ``DHASH_MIN_DECODE`` pixels — 1/8 from 576x320
+    up (640x360 and every camera resolution), where libjpeg keeps only each block's DC
+    coefficient. It still entropy-decodes every coefficient of every block, so corrupt or
+    truncated image data is refused exactly as at full scale; the dhash of a 640x360 frame's
+    1/8 decode is the native one's within 0.6 bits on average (max 3 of 64;
+    benchmarks/results/intake_parsing.md); a 160x120 frame at 1/8 (20x15) would differ by
+    5, hence the floor."""
+    budget = 1 if "sharpness" not in sent else decode_scale(
+        info.width, info.height, max_decode_pixels)
+    if "sharpness" not in sent or not dc_only:
+        return budget
+    min_w, min_h = DHASH_MIN_DECODE
+    for scale in (8, 4, 2):
+        if math.ceil(info.width / scale) >= min_w and math.ceil(info.height / scale) >= min_h:
+            return max(scale, budget)
+    return budget
+
+
 def measure_quality(
-    data: bytes, info: JpegInfo, sent: dict[str, float | str], max_decode_pixels: int
+    data: bytes, info: JpegInfo, sent: dict[str, float | str], max_decode_pixels: int,
+    dc_only: bool = False,
 ) -> FrameQuality:
     """Decode once (``decode_grey``) and complete ``sent`` (the agent's values, kept as sent).
 
@@ -298,8 +324,7 @@ def measure_quality(
       decode (bounded by ``max_image_pixels`` and the decode slots), so the stored value
       means the same for every frame.
     """
-    scale = 1 if "sharpness" not in sent else decode_scale(
-        info.width, info.height, max_decode_pixels)
+    scale = quality_scale(info, sent, max_decode_pixels, dc_only)
     grey = decode_grey(data, info, scale)
     values: dict[str, float | str] = {}
     if "dhash" not in sent:

@@ -223,8 +223,9 @@ def test_tiny_jpeg_claiming_a_large_image_within_the_caps_is_refused(
         del m["quality"]
     r = env.post(m, bomb)
     assert_4xx(r, 422, "does not decode cleanly", "premature end")
-    # One decode, at 1/4 scale when the agent sent its sharpness (native when it did not).
-    assert decodes == ([(1024, 540)] if sent_sharpness else [(4096, 2160)])
+    # One decode, at 1/8 scale (jpeg_decode=dc) when the agent sent its sharpness (native
+    # when it did not): the strict entropy decode refuses it either way.
+    assert decodes == ([(512, 270)] if sent_sharpness else [(4096, 2160)])
     env.assert_nothing_stored()
 
 
@@ -328,8 +329,9 @@ def test_restart_markers_fill_bytes_and_grey_jpegs_are_fine(env: Env) -> None:
 
 # --------------------------------------------------------------------------- quality on a reduced decode
 def test_quality_is_measured_on_a_reduced_decode_and_keeps_its_meaning(
-    env: Env, decodes: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+    make_env: Any, decodes: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    env = make_env(jpeg_decode="reduced")  # the default, dc, decodes at 1/8 (test_frame_batch)
     image = cv2.resize(texture(480, 270, seed=5), (1920, 1080), interpolation=cv2.INTER_CUBIC)
     data = encode(image)
     monkeypatch.undo()  # the reference values below decode with cv2
@@ -480,10 +482,13 @@ def test_store_refuses_a_record_that_would_not_read_back(tmp_path: Path, good: b
 
 
 def test_a_sidecar_that_does_not_read_back_is_removed_and_refused(
-    env: Env, good: bytes, monkeypatch: pytest.MonkeyPatch
+    make_env: Any, good: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A reader stricter than the writer (e.g. a newer platform): the gateway reads the sidecar
-    back before the 201, and removes the frame instead of committing its row."""
+    """A reader stricter than the writer (e.g. a newer platform): with ``frame_read_back`` the
+    gateway reads the sidecar back before the 201, and removes the frame instead of committing
+    its row (without it, ``fleet.intake.reads_back`` checks the same in memory:
+    tests/test_frame_batch.py)."""
+    env = make_env(frame_read_back=True)
     store = env.gw.store
     real = store.read_record
     monkeypatch.setattr(store, "read_record", lambda cam, fid: None if fid == "f-skew" else

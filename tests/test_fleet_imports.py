@@ -89,13 +89,14 @@ def test_fleet_layers() -> None:
     """The edges that made the old circle stay gone: auth and the runtime state never import
     the routes, and nothing imports intake (the frame-upload route) but the app."""
     graph = import_graph(REPO / "fleet")
-    routes = {"fleet.intake", "fleet.rollouts", "fleet.heartbeats", "fleet.admin",
+    routes = {"fleet.intake", "fleet.intake_batch", "fleet.rollouts", "fleet.heartbeats", "fleet.admin",
               "fleet.camera_config"}
     for low in ("fleet.auth", "fleet.runtime", "fleet.caches", "fleet.ratelimit",
                 "fleet.reconcile", "fleet.rollout_policy", "fleet.rollout_db"):
         assert not graph[low] & routes, f"{low} imports {sorted(graph[low] & routes)}"
     importers = {m for m, deps in graph.items() if "fleet.intake" in deps}
-    assert importers == {"fleet.app"}, importers
+    assert importers == {"fleet.app", "fleet.intake_batch"}, importers  # the batch route
+    assert {m for m, deps in graph.items() if "fleet.intake_batch" in deps} == {"fleet.app"}
 
 
 def test_cycle_check_sees_imports_inside_functions(tmp_path: Path) -> None:

@@ -200,6 +200,7 @@ def test_every_router_authenticates_first(make_gateway: Any) -> None:
         drift,
         heartbeats,
         intake,
+        intake_batch,
         privacy,
         rollouts,
         traffic,
@@ -207,8 +208,8 @@ def test_every_router_authenticates_first(make_gateway: Any) -> None:
         traffic_queries,
     )
 
-    routers = (admin, camera_config, drift, heartbeats, intake, privacy, rollouts, traffic,
-               traffic_preview, traffic_queries)
+    routers = (admin, camera_config, drift, heartbeats, intake, intake_batch, privacy, rollouts,
+               traffic, traffic_preview, traffic_queries)
     for module in (auth, *routers):
         for route in module.router.routes:
             assert isinstance(route, AuthFirstRoute), (module.__name__, route)

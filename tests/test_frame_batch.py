@@ -5,6 +5,7 @@ cache for frame uploads. TestClient against a real SQLite file, as tests/test_fl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from typing import Any
@@ -241,3 +242,58 @@ def test_status_change_and_expiry_reach_cached_principals(make_env: Any,
     env.clock.advance(dev["expires_in"] + 1)  # the token's expiry is not cached away
     r = post_frame(env.client, tok, meta("f-3"), frame_jpeg)
     assert r.status_code == 401 and "expired" in r.json()["detail"]
+
+
+# --------------------------------------------------------------------------- JPEG decode
+@pytest.mark.parametrize("mode", ["dc", "reduced"])
+def test_corrupt_image_data_is_refused_at_either_decode_scale(
+    make_env: Any, frame_jpeg: bytes, mode: str
+) -> None:
+    env = make_env(jpeg_decode=mode)
+    tok = env.enroll()["access_token"]
+    sent = {"brightness": 100.0, "sharpness": 50.0}  # the agent's: the decode is only a check
+    r = post_batch(env, tok, batch_body([
+        (meta("f-bad", quality=sent), truncated(frame_jpeg)),
+        (meta("f-ok", quality=sent), frame_jpeg),
+    ]))
+    bad, ok = r.json()["results"]
+    assert bad["status"] == 422 and "premature end" in bad["detail"], bad
+    assert ok["status"] == 201
+    assert [row.frame_id for row in env.rows()] == ["f-ok"]
+    rec = env.gw.store.read_record("cam-a", "f-ok")
+    assert rec is not None and rec.quality is not None and rec.quality.dhash
+    assert (rec.quality.brightness, rec.quality.sharpness) == (100.0, 50.0)
+
+
+def test_a_record_that_does_not_read_back_is_refused_before_writing(
+    env: Env, frame_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``frame_read_back`` off (default): the in-memory check refuses it, nothing written."""
+    from fleet import intake
+
+    real = intake.reads_back
+    monkeypatch.setattr(intake, "reads_back", lambda rec: rec.frame_id != "f-skew" and real(rec))
+    tok = env.enroll()["access_token"]
+    r = post_batch(env, tok, batch_body([(meta("f-skew"), frame_jpeg),
+                                         (meta("f-fine"), frame_jpeg)]))
+    skew, fine = r.json()["results"]
+    assert skew["status"] == 422 and "does not read back" in skew["detail"]
+    assert fine["status"] == 201
+    assert env.gw.store.find_frame("cam-a", "f-skew") is None
+    assert [row.frame_id for row in env.rows()] == ["f-fine"]
+
+
+def test_dc_decode_gives_a_dhash_near_the_native_one(frame_jpeg: bytes) -> None:
+    from fleet.jpeg import decode_grey, inspect_jpeg, quality_scale
+    from roadloop.data.frames import dhash_hamming, dhash_hex
+
+    info = inspect_jpeg(frame_jpeg)  # 160x120: 1/8 would be 20x15, too coarse for the dhash
+    sent = {"brightness": 1.0, "sharpness": 1.0}
+    assert quality_scale(info, sent, 1024 * 576, dc_only=True) == 2
+    assert quality_scale(info, sent, 1024 * 576, dc_only=False) == 1
+    assert quality_scale(info, {}, 1024 * 576, dc_only=True) == 1  # sharpness is native
+    big = dataclasses.replace(info, width=640, height=360)
+    assert quality_scale(big, sent, 1024 * 576, dc_only=True) == 8
+    native, reduced = decode_grey(frame_jpeg, info, 1), decode_grey(frame_jpeg, info, 2)
+    assert reduced.shape == (60, 80)
+    assert dhash_hamming(dhash_hex(native), dhash_hex(reduced)) <= 2
