@@ -107,7 +107,7 @@ _BASE = {f"{ENV}FRAME_SYNC": "per_file", f"{ENV}PRINCIPAL_CACHE_S": "0",
 LEVERS: list[tuple[str, str, dict[str, str], int | None, tuple[str, ...]]] = [
     # (row name, lever, env added, batch (None: unchanged), settings required)
     ("baseline", ("single multipart uploads, per-file fsync, a DB read per upload to "
-     "authenticate, sidecar read back"), {}, 1, ()),
+     "authenticate, sidecar read back, reduced-scale decode"), {}, 1, ()),
     ("+principal-cache", "cached principals (2 s)", {f"{ENV}PRINCIPAL_CACHE_S": "2"}, None,
      ("principal_cache_s",)),
     ("+group-sync", "one sync of the frame store per group commit",
