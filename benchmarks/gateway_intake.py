@@ -76,9 +76,8 @@ from benchmarks.intake_loadgen import (
     install_fast_loop,
     load_jpegs,
     run_agent,
-    weighted_percentile,
 )
-from benchmarks.intake_report import measured_findings, to_markdown
+from benchmarks.intake_report import measured_findings, summarize, to_markdown
 from launch.localfleet import GatewayProcess
 from roadloop.data.frames import FrameStore
 
@@ -394,67 +393,6 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
         kill.restart_thread_cpu_s if kill else 0.0)
     return summarize(v, agents, window, wall, results, check, cpu_server, cpu_loadgen,
                      load_before, load_after, stats, kill, build_s)
-
-
-def summarize(v: Variant, agents: int, window: float, wall: float, results: list[AgentResult],
-              check: dict[str, Any], cpu_server: float, cpu_loadgen: float,
-              load_before: list[float], load_after: list[float], stats: dict[str, Any],
-              kill: KillReport | None, build_s: float) -> dict[str, Any]:
-    cores = os.cpu_count() or 1
-    acked_window = sum(r.acked_in_window for r in results)
-    acked_all = sum(len(r.acked) for r in results)
-    lat = [x for r in results for x in r.latencies]
-    req_lat = [(ms, 1) for ms, _ in lat]
-    codes: dict[str, int] = {}
-    req_codes: dict[str, int] = {}
-    for r in results:
-        for k, n in r.codes.items():
-            codes[str(k)] = codes.get(str(k), 0) + n
-        for k, n in r.request_codes.items():
-            req_codes[str(k)] = req_codes.get(str(k), 0) + n
-
-    def ms(x: float | None) -> float | None:
-        return None if x is None else round(x, 1)
-
-    out: dict[str, Any] = {
-        "variant": v.name, "lever": v.lever, "batch": v.batch, "env": v.env, "agents": agents,
-        "duration_s": round(window, 2), "wall_s": round(wall, 2),
-        "acknowledged": acked_window, "acknowledged_incl_drain": acked_all,
-        "frames_per_s": round(acked_window / window, 1),
-        "requests_per_s": round(sum(r.requests_in_window for r in results) / window, 1),
-        "latency_ms": {"p50": ms(weighted_percentile(lat, 50)),
-                       "p90": ms(weighted_percentile(lat, 90)),
-                       "p99": ms(weighted_percentile(lat, 99)),
-                       "max": ms(max((x for x, _ in lat), default=None)),
-                       "mean": ms(sum(x * n for x, n in lat) / max(1, sum(n for _, n in lat)))},
-        "request_latency_ms": {"p50": ms(weighted_percentile(req_lat, 50)),
-                               "p99": ms(weighted_percentile(req_lat, 99))},
-        "frame_status_codes": codes, "request_status_codes": req_codes,
-        "transport_errors": sum(r.transport_errors for r in results),
-        "retried_frames": sum(r.retried_frames for r in results),
-        "rejected": sum(len(r.rejected) for r in results),
-        "unacknowledged_at_end": sum(len(r.unacknowledged) for r in results),
-        "requests_built_in_window": sum(r.built_late for r in results),
-        **check,
-        "cpu_s": {"server": round(cpu_server, 2), "load_generator": round(cpu_loadgen, 2),
-                  "available": round(wall * cores, 2)},
-        "cpu_ms_per_frame": {
-            "server": round(1000 * cpu_server / max(1, acked_all), 3),
-            "load_generator": round(1000 * cpu_loadgen / max(1, acked_all), 3)},
-        "node_share": {"load_generator": round(cpu_loadgen / (wall * cores), 3),
-                       "server": round(cpu_server / (wall * cores), 3)},
-        "load_average": {"before": load_before, "after": load_after},
-        "prebuild_s": round(build_s, 2),
-        "server_stats": stats,
-    }
-    if kill is not None:
-        out["kill"] = {"at_s": kill.at_s, "acknowledged_before": kill.acked_before,
-                       "restart_s": kill.restart_s,
-                       "restart_cpu_s_not_counted": kill.restart_thread_cpu_s}
-    logger.info("%s: %.1f frames/s, %.1f requests/s, P50 %s ms, P99 %s ms, lost %d, dup %d",
-                v.name, out["frames_per_s"], out["requests_per_s"], out["latency_ms"]["p50"],
-                out["latency_ms"]["p99"], check["lost"], check["duplicate_rows"])
-    return out
 
 
 # ---------------------------------------------------------------------------- main
