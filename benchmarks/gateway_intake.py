@@ -1,140 +1,243 @@
-"""Fleet gateway intake benchmark: real server, real JPEGs, N concurrent simulated agents.
+"""Fleet gateway intake benchmark: real server, real JPEGs, N closed-loop simulated agents.
 
-Starts ``python -m fleet serve`` (uvicorn, one worker, loopback) on a fresh home, enrolls
-each simulated agent as its own device (its own camera), then every agent posts frames in a
-closed loop (next upload when the previous one is answered, as a real agent's uploader
-does) for a fixed time. Reported: frames/s acknowledged (201), latency P50/P99 of the
-acknowledged uploads, server-side time per stage (``GET /v1/stats``), CPU seconds of the
-server and of the load generator, and ``lost`` = acknowledged frames that are not both a
-``frames`` row and a complete frame-store entry afterwards (must be 0).
+Starts ``python -m fleet serve`` (loopback) on a fresh home per variant, enrolls each simulated
+agent as its own device (its own camera), builds every request body before the timed window
+(``benchmarks.intake_loadgen``: raw asyncio HTTP/1.1 keep-alive connections, one task per
+agent), then every agent uploads in a closed loop for a fixed time. Per variant it reports
+frames/s and requests/s acknowledged (201 or 409), P50/P99 latency of a frame's
+acknowledgement (its request's latency), CPU ms per acknowledged frame of the gateway and of
+the load generator, the load generator's share of the node, the load average before/after,
+the server's time per stage (``GET /v1/stats``) and ``lost`` = acknowledged frames that are
+not both a ``frames`` row and a complete frame-store entry afterwards (must be 0), and
+duplicate rows (must be 0).
 
-JPEGs are frames of the shared videos re-encoded at 640 px wide, quality 85 (~30-60 KB);
+A variant is a combination of settings: ``--batch 1,8,16`` (1 = one multipart
+``POST /v1/frames`` per frame, B > 1 = ``POST /v1/frames/batch`` with B frames), the
+gateway's ``--frame-sync group,per_file``, ``--principal-cache 0,2`` (seconds),
+``--read-back true,false``, ``--jpeg-decode reduced,dc``, ``--workers 1,2`` and any
+``--set ROADLOOP_GATEWAY_X=V``; the grid is their product. ``--levers`` runs the lever ladder
+instead: one row per lever added on top of the previous one (``LEVERS``), rendered as the
+"levers" table. A lever whose setting this checkout's gateway does not have (or the batch
+route, when the gateway answers 404) is skipped, listed as such, and adds nothing. ``--kill-after S`` SIGKILLs the gateway (every process) S seconds
+into each variant, restarts it on the same home and port, lets the agents re-send what was
+not acknowledged, and checks that every frame acknowledged before or after the kill is
+stored exactly once (with ``--levers`` it adds one such durability run at the last lever).
+
+The full measurement, every table in one command (run it on a quiet machine):
+
+    python -m benchmarks.gateway_intake --levers --agents 32 --duration 20 --kill-after 8
+
+Closed loop gives the most the node takes (latency is then mostly queueing); the P99 at the
+target rate comes from paced agents (``--offered-fps``: each agent's requests fall due at
+fixed intervals, latency from the due time):
+
+    python -m benchmarks.gateway_intake --levers --agents 32 --duration 20 --offered-fps 1000 \
+        --name gateway_intake_paced1000
+
+Short development run:
+
+    python -m benchmarks.gateway_intake --batch 1,16 --agents 16 --duration 5
+
+JPEGs are frames of the shared videos re-encoded at 640 px wide, quality 85 (~45 KB);
 each carries its edge-computed quality block, as the agent sends it.
-
-    python -m benchmarks.gateway_intake --agents 16 --duration 20 --out benchmarks/results
-
-Variants (``--variants``): ``group`` (default settings: group commit), ``per-frame`` (one
-commit per frame: ``ROADLOOP_GATEWAY_COMMIT_BATCH_MAX=1``), ``no-dir-fsync``.
-Writes ``<out>/gateway_intake.json`` and ``<out>/gateway_intake.md``.
+Writes ``<out>/<name>.json`` and ``<out>/<name>.md`` (``--name``, default ``gateway_intake``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
 import platform
 import resource
 import shutil
+import signal
 import sqlite3
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import cv2
 import httpx
-import numpy as np
 import psutil
 
+from benchmarks.intake_loadgen import (
+    BATCH_CONTENT_TYPE,
+    AgentPlan,
+    AgentResult,
+    Jpeg,
+    install_fast_loop,
+    load_jpegs,
+    run_agent,
+)
+from benchmarks.intake_report import measured_findings, summarize, to_markdown
 from launch.localfleet import GatewayProcess
-from roadloop.data.frames import FrameStore, compute_quality
+from roadloop.data.frames import FrameStore
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 TARGET_FPS = 1000.0
 TARGET_P99_MS = 200.0
-
-VARIANTS: dict[str, dict[str, str]] = {
-    "group": {},
-    "per-frame": {"ROADLOOP_GATEWAY_COMMIT_BATCH_MAX": "1"},
-    "no-dir-fsync": {"ROADLOOP_GATEWAY_FSYNC_DIRECTORIES": "false"},
-    "group-2-workers": {"ROADLOOP_GATEWAY_WORKERS": "2"},
-}
+ENV = "ROADLOOP_GATEWAY_"
 
 
-# ---------------------------------------------------------------------------- inputs
-@dataclass
-class Jpeg:
-    data: bytes
-    width: int
-    height: int
-    quality: dict[str, Any]
+@dataclass(frozen=True)
+class Variant:
+    """One benchmark run: frames per request and the gateway's environment."""
+
+    name: str
+    batch: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()  # GatewaySettings fields this variant's lever needs
+    lever: str | None = None  # what this row adds on top of the previous one (--levers)
 
 
-def load_jpegs(n: int, width: int, jpeg_quality: int) -> tuple[list[Jpeg], str]:
-    """``n`` frames spread over the shared videos (synthetic textures when absent)."""
-    from roadloop.settings import get_settings
+# Each lever adds (env, batch) on top of the previous row; ``requires`` names the gateway
+# settings it needs (absent in this checkout: the row is skipped, not faked).
+_BASE = {f"{ENV}FRAME_SYNC": "per_file", f"{ENV}PRINCIPAL_CACHE_S": "0",
+         f"{ENV}FRAME_READ_BACK": "true", f"{ENV}JPEG_DECODE": "reduced", f"{ENV}WORKERS": "1"}
+LEVERS: list[tuple[str, str, dict[str, str], int | None, tuple[str, ...]]] = [
+    # (row name, lever, env added, batch (None: unchanged), settings required)
+    ("baseline", ("single multipart uploads, per-file fsync, a DB read per upload to "
+     "authenticate, sidecar read back, reduced-scale decode"), {}, 1, ()),
+    ("+principal-cache", "cached principals (2 s)", {f"{ENV}PRINCIPAL_CACHE_S": "2"}, None,
+     ("principal_cache_s",)),
+    ("+group-sync", "one sync of the frame store per group commit",
+     {f"{ENV}FRAME_SYNC": "group"}, None, ("frame_sync",)),
+    ("+no-read-back", "no sidecar read-back from disk", {f"{ENV}FRAME_READ_BACK": "false"},
+     None, ("frame_read_back",)),
+    ("+dc-decode", "one 1/8-scale (DC) decode per JPEG", {f"{ENV}JPEG_DECODE": "dc"}, None,
+     ("jpeg_decode",)),
+    ("+batch-8", "8 frames per request (POST /v1/frames/batch)", {}, 8, ()),
+    ("+batch-16", "16 frames per request", {}, 16, ()),
+    ("+2-workers", "two gateway worker processes", {f"{ENV}WORKERS": "2"}, None, ("workers",)),
+]
 
-    videos = sorted(get_settings().videos_dir.glob("*.mp4"))
-    images: list[np.ndarray] = []
-    for video in videos:
-        cap = cv2.VideoCapture(str(video))
-        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or 300
-        per = max(1, n // len(videos) + 1)
-        for k in range(per):
-            cap.set(cv2.CAP_PROP_POS_FRAMES, int(k * total / per))
-            ok, frame = cap.read()
-            if ok and frame is not None:
-                images.append(frame)
-        cap.release()
-    source = f"shared videos ({', '.join(v.name for v in videos)})"
-    if not images:
-        rng = np.random.default_rng(0)
-        images = [cv2.resize(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), (640, 360),
-                             interpolation=cv2.INTER_CUBIC) for _ in range(n)]
-        source = "synthetic textures (shared videos not found)"
+
+def gateway_fields() -> set[str]:
+    """The settings this checkout's gateway has (a lever on a missing one is skipped)."""
+    from fleet.config import GatewaySettings
+
+    return set(GatewaySettings.model_fields)
+
+
+def _skip(v: Variant, fields: set[str]) -> dict[str, Any] | None:
+    absent = [f for f in v.requires if f not in fields]
+    if not absent:
+        return None
+    return {"variant": v.name, "lever": v.lever,
+            "skipped": f"setting(s) {', '.join(absent)} not in this gateway"}
+
+
+def run_levers(run: Callable[[Variant, float | None], dict[str, Any]], fields: set[str],
+               kill_after: float | None = None,
+               fixed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The ladder: each lever on top of the last one that ran (a lever this gateway lacks is
+    skipped and adds nothing); with ``kill_after`` one more run of the last rung, SIGKILLed.
+    ``fixed`` settings apply to every rung."""
+    env, batch, last, results = {**_BASE, **(fixed or {})}, 1, None, []
+    for name, lever, add, b, requires in LEVERS:
+        v = Variant(name, b if b is not None else batch, {**env, **add}, requires, lever)
+        r = _skip(v, fields) or run(v, None)
+        results.append(r)
+        if "skipped" not in r:
+            env, batch, last = v.env, v.batch, v
+    if kill_after is not None and last is not None:
+        results.append(run(Variant(f"{last.name} SIGKILL", last.batch, last.env), kill_after))
+    return results
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def fixed_env(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs as gateway environment variables (``ROADLOOP_GATEWAY_`` optional)."""
+    out = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        out[k if k.startswith(ENV) else ENV + k.upper()] = v
+    return out
+
+
+def grid_variants(batch: str, frame_sync: str | None, principal_cache: str | None,
+                  read_back: str | None, workers: str | None, fixed: list[str],
+                  jpeg_decode: str | None = None) -> list[Variant]:
+    """The product of the listed values; an axis left out keeps the gateway's default."""
+    axes: list[tuple[str, str, list[str]]] = []
+    for key, short, values in (("FRAME_SYNC", "sync", frame_sync),
+                               ("PRINCIPAL_CACHE_S", "pc", principal_cache),
+                               ("FRAME_READ_BACK", "readback", read_back),
+                               ("JPEG_DECODE", "decode", jpeg_decode),
+                               ("WORKERS", "w", workers)):
+        if values:
+            axes.append((key, short, _csv(values)))
+    base = fixed_env(fixed)
     out = []
-    for img in images[:n]:
-        h, w = img.shape[:2]
-        if w != width:
-            img = cv2.resize(img, (width, round(h * width / w)), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
-        assert ok
-        q = compute_quality(img).model_dump()
-        out.append(Jpeg(buf.tobytes(), img.shape[1], img.shape[0], q))
-    return out, source
+    for b in [int(x) for x in _csv(batch)]:
+        for combo in itertools.product(*[vals for _, _, vals in axes]):
+            env = dict(base)
+            parts = ["single" if b == 1 else f"batch-{b}"]
+            for (key, short, _), v in zip(axes, combo, strict=True):
+                env[ENV + key] = v
+                parts.append(f"{short}={v}")
+            parts += [kv for kv in fixed]
+            out.append(Variant(" ".join(parts), b, env))
+    return out
 
 
 # ---------------------------------------------------------------------------- server
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _cpu_seconds(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    total = t.user + t.system
-    for child in proc.children(recursive=True):
+    total = 0.0
+    for p in _tree(proc):
         try:
-            ct = child.cpu_times()
-            total += ct.user + ct.system
+            t = p.cpu_times()
+            total += t.user + t.system
         except psutil.NoSuchProcess:
             pass
     return total
 
 
-def _server(home: Path, extra_env: dict[str, str]) -> GatewayProcess:
+def _server(home: Path, extra_env: dict[str, str], port: int = 0) -> GatewayProcess:
     env = {
         # Throughput test: the per-device limiter (default 50/s) would be the limit.
-        "ROADLOOP_GATEWAY_RATE_LIMIT_PER_S": "1000000",
-        "ROADLOOP_GATEWAY_RATE_LIMIT_BURST": "1000000",
+        f"{ENV}RATE_LIMIT_PER_S": "1000000",
+        f"{ENV}RATE_LIMIT_BURST": "1000000",
         **extra_env,
     }
-    return GatewayProcess(home, env=env, log_path=home / "gateway.log",
+    return GatewayProcess(home, port=port, env=env, log_path=home / "gateway.log",
                           extra_args=["--log-level", "warning"])
 
 
+def sigkill_tree(server: GatewayProcess) -> None:
+    """SIGKILL the gateway and every worker it spawned (no graceful anything)."""
+    assert server.process is not None
+    procs = _tree(psutil.Process(server.process.pid))
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    server.process.wait(10)
+    server.process = None
+
+
 # ---------------------------------------------------------------------------- agents
-@dataclass
-class AgentResult:
-    camera_id: str
-    acked: list[str] = field(default_factory=list)
-    latencies_ms: list[float] = field(default_factory=list)
-    codes: dict[int, int] = field(default_factory=dict)
-    errors: int = 0
-
-
 async def _enroll(client: httpx.AsyncClient, admin: str, camera_id: str) -> str:
     h = {"Authorization": f"Bearer {admin}"}
     tok = (await client.post("/v1/enrollment-tokens", json={"camera_id": camera_id},
@@ -145,296 +248,237 @@ async def _enroll(client: httpx.AsyncClient, admin: str, camera_id: str) -> str:
     return r.json()["access_token"]
 
 
-async def _agent(base: str, token: str, camera_id: str, jpegs: list[Jpeg], start: float,
-                 duration: float, offset: int) -> AgentResult:
-    res = AgentResult(camera_id)
-    headers = {"Authorization": f"Bearer {token}"}
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as client:
-        seq = 0
-        while time.perf_counter() - start < duration:
-            jp = jpegs[(offset + seq) % len(jpegs)]
-            frame_id = f"{camera_id}-{seq:07d}"
-            meta = {
-                "frame_id": frame_id, "camera_id": camera_id,
-                "captured_at": datetime.now(UTC).isoformat(), "reasons": ["base_rate"],
-                "importance": 1.0, "model_version": "bench", "detections": [],
-                "width": jp.width, "height": jp.height, "quality": jp.quality,
-            }
-            t0 = time.perf_counter()
-            try:
-                r = await client.post(
-                    "/v1/frames", headers=headers,
-                    files={"image": ("f.jpg", jp.data, "image/jpeg")},
-                    data={"metadata": json.dumps(meta)},
-                )
-            except httpx.HTTPError:
-                res.errors += 1
-                seq += 1
-                continue
-            dt = (time.perf_counter() - t0) * 1000
-            res.codes[r.status_code] = res.codes.get(r.status_code, 0) + 1
-            if r.status_code == 201:
-                res.acked.append(frame_id)
-                res.latencies_ms.append(dt)
-            seq += 1
-    return res
-
-
-async def _drive(server: GatewayProcess, admin: str, agents: int, duration: float,
-                 jpegs: list[Jpeg]) -> tuple[list[AgentResult], float]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+async def _enroll_all(url: str, admin: str, agents: int) -> tuple[list[str], list[str], int]:
+    """(camera ids, access tokens, status of an empty batch: 404/405 = no batch route)."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
         cams = [f"bench-{i:03d}" for i in range(agents)]
         tokens = [await _enroll(c, admin, cam) for cam in cams]
+        probe = await c.post("/v1/frames/batch", content=b"",
+                             headers={"Authorization": f"Bearer {tokens[0]}",
+                                      "Content-Type": BATCH_CONTENT_TYPE})
+    return cams, tokens, probe.status_code
+
+
+@dataclass
+class KillReport:
+    at_s: float
+    acked_before: int
+    restart_s: float
+    server_cpu_before_s: float
+    restart_thread_cpu_s: float  # this process's CPU to restart it: not the load generator's
+
+
+def _start_measured(server: GatewayProcess) -> float:
+    """Restart the gateway; returns the CPU seconds this thread spent on it."""
+    ru0 = resource.getrusage(resource.RUSAGE_THREAD)
+    server.start(90)
+    ru1 = resource.getrusage(resource.RUSAGE_THREAD)
+    return (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+
+
+async def _drive(server: GatewayProcess, plans: list[AgentPlan], duration: float,
+                 drain_s: float, kill_after: float | None, interval_s: float | None = None
+                 ) -> tuple[list[AgentResult], float, KillReport | None, float]:
+    """Run the agents; returns (results, timed window s, kill report, server CPU s before the
+    kill: the killed processes' share, measured just before SIGKILL)."""
+    host, port = "127.0.0.1", server.port
     start = time.perf_counter()
-    results = await asyncio.gather(*[
-        _agent(server.url, tok, cam, jpegs, start, duration, i * 7)
-        for i, (tok, cam) in enumerate(zip(tokens, cams, strict=True))
-    ])
-    return list(results), time.perf_counter() - start
+    results = [AgentResult(p.camera_id) for p in plans]
+    # Paced agents start spread over one interval, not all at once.
+    tasks = [asyncio.create_task(run_agent(
+        p, r, host, port, start, duration, drain_s, interval_s,
+        (interval_s or 0.0) * i / len(plans)))
+        for i, (p, r) in enumerate(zip(plans, results, strict=True))]
+    kill: KillReport | None = None
+    if kill_after is not None:
+        await asyncio.sleep(max(0.0, start + kill_after - time.perf_counter()))
+        assert server.process is not None
+        cpu_before = _cpu_seconds(psutil.Process(server.process.pid))
+        at = time.perf_counter() - start
+        sigkill_tree(server)
+        acked_before = sum(len(r.acked) for r in results)
+        t0 = time.perf_counter()
+        restart_cpu = await asyncio.to_thread(_start_measured, server)
+        kill = KillReport(round(at, 2), acked_before, round(time.perf_counter() - t0, 2),
+                          round(cpu_before, 2), round(restart_cpu, 3))
+        logger.info("SIGKILL at %.1f s (%d frames acknowledged); restarted in %.1f s",
+                    at, acked_before, kill.restart_s)
+    await asyncio.gather(*tasks)
+    return results, duration, kill, kill.server_cpu_before_s if kill else 0.0
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return float(np.percentile(np.asarray(values), q))
-
-
-def run_variant(name: str, agents: int, duration: float, jpegs: list[Jpeg],
-                workdir: Path) -> dict[str, Any]:
-    home = workdir / name
-    shutil.rmtree(home, ignore_errors=True)
-    server = _server(home, VARIANTS[name])
-    admin = server.admin_token()
-    server.start(timeout_s=60)
-    assert server.process is not None
-    sproc = psutil.Process(server.process.pid)
-    cpu0_server = _cpu_seconds(sproc)
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    logger.info("variant %s: %d agents for %.0f s", name, agents, duration)
-    results, wall = asyncio.run(_drive(server, admin, agents, duration, jpegs))
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_server = _cpu_seconds(sproc) - cpu0_server
-    stats = httpx.get(f"{server.url}/v1/stats",
-                      headers={"Authorization": f"Bearer {admin}"}, timeout=10).json()
-    server.stop()
-
-    # Verify: every acknowledged frame is a row and a complete frame-store entry.
+# ---------------------------------------------------------------------------- verify
+def verify(home: Path, plans: list[AgentPlan], results: list[AgentResult],
+           compare_bytes: bool) -> dict[str, Any]:
+    """Every acknowledged frame is one ``frames`` row and a complete frame-store entry holding
+    the JPEG that was sent (its size; its bytes when ``compare_bytes``)."""
     db = sqlite3.connect(home / "fleet" / "fleet.db")
     rows = db.execute("SELECT camera_id, frame_id FROM frames").fetchall()
     db.close()
     row_set = set(rows)
     store = FrameStore(home / "frames")
-    stored_files = 0
-    missing = 0
-    for res in results:
-        on_disk = {r.frame_id for r, _ in store.iter_frames(res.camera_id)}
+    stored_files = missing = acked_total = 0
+    examples: list[str] = []
+    for plan, res in zip(plans, results, strict=True):
+        on_disk = {rec.frame_id: path for rec, path in store.iter_frames(res.camera_id)}
         stored_files += len(on_disk)
-        missing += sum(1 for f in res.acked if f not in on_disk or (res.camera_id, f) not in row_set)
-    acked = sum(len(r.acked) for r in results)
-    lat = [x for r in results for x in r.latencies_ms]
-    codes: dict[str, int] = {}
-    for r in results:
-        for k, v in r.codes.items():
-            codes[str(k)] = codes.get(str(k), 0) + v
-    sizes = [len(j.data) for j in jpegs]
-    out = {
-        "variant": name,
-        "env": VARIANTS[name],
-        "agents": agents,
-        "duration_s": round(wall, 2),
-        "acknowledged": acked,
-        "frames_per_s": round(acked / wall, 1),
-        "latency_ms": {"p50": _pct(lat, 50), "p90": _pct(lat, 90), "p99": _pct(lat, 99),
-                       "max": max(lat) if lat else None,
-                       "mean": statistics.fmean(lat) if lat else None},
-        "status_codes": codes,
-        "transport_errors": sum(r.errors for r in results),
-        "rows": len(rows),
-        "duplicate_rows": len(rows) - len(row_set),
-        "frame_store_frames": stored_files,
-        "lost": missing,
-        "cpu_s": {
-            "server": round(cpu_server, 2),
-            "load_generator": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 2),
-            "available": round(wall * (os.cpu_count() or 1), 2),
-        },
-        "jpeg_bytes_mean": round(statistics.fmean(sizes)),
-        "server_stats": stats,
-    }
-    for k in ("p50", "p90", "p99", "max", "mean"):
-        if out["latency_ms"][k] is not None:
-            out["latency_ms"][k] = round(out["latency_ms"][k], 1)
-    logger.info("%s: %.1f frames/s, P50 %s ms, P99 %s ms, lost %d", name, out["frames_per_s"],
-                out["latency_ms"]["p50"], out["latency_ms"]["p99"], missing)
-    return out
+        for fid in set(res.acked):
+            acked_total += 1
+            path = on_disk.get(fid)
+            ok = path is not None and (res.camera_id, fid) in row_set
+            if ok:
+                want = plan.jpeg_for(fid).data
+                ok = (path.read_bytes() == want) if compare_bytes else (
+                    path.stat().st_size == len(want))
+            if not ok:
+                missing += 1
+                if len(examples) < 5:
+                    examples.append(f"{res.camera_id}/{fid}")
+    return {"acknowledged_distinct": acked_total, "rows": len(rows),
+            "duplicate_rows": len(rows) - len(row_set), "frame_store_frames": stored_files,
+            "lost": missing, "lost_examples": examples}
 
 
-# ---------------------------------------------------------------------------- report
-def _stage_rows(stats: dict[str, Any]) -> list[str]:
-    spans = stats.get("spans_ms", {})
-    order = ["read_form", "parse_metadata", "precheck", "jpeg_check", "decode", "quality",
-             "write_frame", "fsync_dir", "commit_wait"]
-    rows = []
-    for k in order + sorted(set(spans) - set(order)):
-        if k in spans:
-            s = spans[k]
-            rows.append(f"| `{k}` | {s['count']} | {s['mean_ms']:.2f} | {s['max_ms']:.1f} |")
-    return rows
+# ---------------------------------------------------------------------------- one variant
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
-def to_markdown(doc: dict[str, Any]) -> str:
-    lines = [
-        "# Fleet gateway intake benchmark",
-        "",
-        (f"{doc['created_at']} · {doc['machine']['cpu']} · Python {doc['machine']['python']} · "
-         f"{doc['agents']} agents × {doc['duration_s']:.0f} s · JPEGs: {doc['jpegs']['source']}, "
-         f"{doc['jpegs']['width']} px wide, mean {doc['jpegs']['mean_bytes'] / 1024:.0f} KB."),
-        "",
-        (f"**The load generator (asyncio + httpx, {doc['agents']} agents) runs on the same "
-         f"{doc['machine']['cores']} cores as the gateway**, so both compete for CPU; the CPU "
-         "columns show the split."
-         + (f" Machine load average (1/5/15 min) before → after: "
-            f"{doc['machine']['load_average']['before']} → "
-            f"{doc['machine']['load_average']['after']} (other jobs shared the cores)."
-            if doc["machine"].get("load_average") else "")),
-        "",
-        (f"Target: ≥ {TARGET_FPS:.0f} frames/s acknowledged with P99 < {TARGET_P99_MS:.0f} ms, "
-         "0 lost."),
-        "",
-        ("| variant | frames/s | P50 ms | P99 ms | acked | rows | lost | dup rows | "
-         "server CPU s | loadgen CPU s | available CPU s | mean batch |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in doc["results"]:
-        gc = r["server_stats"].get("group_commit", {})
-        lines.append(
-            f"| {r['variant']} | {r['frames_per_s']:.0f} | {r['latency_ms']['p50']} | "
-            f"{r['latency_ms']['p99']} | {r['acknowledged']} | {r['rows']} | {r['lost']} | "
-            f"{r['duplicate_rows']} | {r['cpu_s']['server']} | {r['cpu_s']['load_generator']} | "
-            f"{r['cpu_s']['available']} | {gc.get('mean_batch', '-')} |"
-        )
-    for r in doc["results"]:
-        lines += ["", f"## Server time per stage — `{r['variant']}`", ""]
-        if int((r.get("env") or {}).get("ROADLOOP_GATEWAY_WORKERS", "1")) > 1:
-            lines += [("(`GET /v1/stats` answers from the one worker that took the request: "
-                      "its share of the calls.)"), ""]
-        lines += ["| stage | calls | mean ms | max ms |", "|---|---|---|---|"]
-        lines += _stage_rows(r["server_stats"])
-    if doc.get("findings"):
-        lines += ["", "## What limits it", ""] + [f"- {f}" for f in doc["findings"]]
-    return "\n".join(lines) + "\n"
+def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], workdir: Path,
+                *, kill_after: float | None = None, max_fps: float = 2500.0,
+                offered_fps: float | None = None,
+                drain_s: float = 30.0) -> dict[str, Any]:
+    home = workdir / v.name.replace(" ", "_").replace("=", "-").replace("+", "plus-")
+    shutil.rmtree(home, ignore_errors=True)
+    server = _server(home, v.env)
+    admin = server.admin_token()
+    server.start(timeout_s=90)
+    try:
+        cams, tokens, probe = asyncio.run(_enroll_all(server.url, admin, agents))
+        if v.batch > 1 and probe in (404, 405):
+            return {"variant": v.name, "skipped": f"no batch route (empty batch -> {probe})"}
+        host = urlsplit(server.url).netloc
+        # Paced: each agent sends ``batch`` frames every interval (offered_fps in all).
+        interval = v.batch * agents / offered_fps if offered_fps else None
+        per_agent = (offered_fps or max_fps) * (duration + (kill_after is not None) * 5) / agents
+        plans = []
+        t_build = time.perf_counter()
+        for i, (tok, cam) in enumerate(zip(tokens, cams, strict=True)):
+            plan = AgentPlan(host, tok, cam, jpegs, v.batch, offset=i * 7)
+            plan.prebuild(int(per_agent) + v.batch)
+            plans.append(plan)
+        build_s = time.perf_counter() - t_build
+        assert server.process is not None
+        cpu0_server = _cpu_seconds(psutil.Process(server.process.pid))
+        load_before = _loadavg()
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        logger.info("variant %s: %d agents x %d frames/request for %.0f s%s", v.name, agents,
+                    v.batch, duration, f", SIGKILL at {kill_after} s" if kill_after else "")
+        t_wall = time.perf_counter()
+        results, window, kill, cpu_killed = asyncio.run(
+            _drive(server, plans, duration, drain_s if kill_after is not None else 5.0,
+                   kill_after, interval))
+        wall = time.perf_counter() - t_wall
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        assert server.process is not None
+        cpu_server = _cpu_seconds(psutil.Process(server.process.pid)) + (
+            cpu_killed - cpu0_server if kill else -cpu0_server)
+        load_after = _loadavg()
+        stats = httpx.get(f"{server.url}/v1/stats",
+                          headers={"Authorization": f"Bearer {admin}"}, timeout=10).json()
+    finally:
+        server.stop()
+    check = verify(home, plans, results, compare_bytes=kill is not None)
+    cpu_loadgen = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime) - (
+        kill.restart_thread_cpu_s if kill else 0.0)
+    return summarize(v, agents, window, wall, results, check, cpu_server, cpu_loadgen,
+                     load_before, load_after, stats, kill, build_s)
 
 
-def measured_findings(results: list[dict[str, Any]], cores: int) -> list[str]:
-    """What limits intake, computed from this run's CPU accounting (no hand-written numbers)."""
-    out: list[str] = []
-    for r in results:
-        acked = max(1, r["acknowledged"])
-        server_ms = 1000 * r["cpu_s"]["server"] / acked
-        loadgen_ms = 1000 * r["cpu_s"]["load_generator"] / acked
-        used = r["cpu_s"]["server"] + r["cpu_s"]["load_generator"]
-        share = used / max(r["cpu_s"]["available"], 1e-9)
-        out.append(
-            f"`{r['variant']}`: {r['frames_per_s']:.0f} frames/s; the gateway spent "
-            f"{server_ms:.1f} ms of CPU per acknowledged frame and the load generator "
-            f"{loadgen_ms:.1f} ms; together they used {share:.0%} of the {cores} cores' time. "
-            f"At that cost the gateway alone on {cores} cores tops out near "
-            f"{1000 * cores / server_ms:.0f} frames/s, so the {TARGET_FPS:.0f} frames/s target needs "
-            f"about {TARGET_FPS * server_ms / (1000 * cores):.1f}x less CPU per frame or as many "
-            "more cores."
-        )
-        little = r["agents"] / (r["latency_ms"]["mean"] / 1000)
-        server_cores = r["cpu_s"]["server"] / r["duration_s"]
-        workers = int((r.get("env") or {}).get("ROADLOOP_GATEWAY_WORKERS", "1"))
-        if share < 0.9:
-            out.append(
-                f"`{r['variant']}`: the cores were not saturated ({share:.0%} used); "
-                f"{workers} gateway process{'es' if workers > 1 else ''} averaged "
-                f"{server_cores:.2f} cores. {r['agents']} closed-loop agents at "
-                f"{r['latency_ms']['mean']:.0f} ms mean latency give {little:.0f} frames/s "
-                "(Little's law): the limit is how long each upload waits on the storage path "
-                "(the per-stage table), not CPU."
-            )
-    by = {r["variant"]: r for r in results}
-    if "group" in by and "per-frame" in by:
-        g, p = by["group"], by["per-frame"]
-        out.append(
-            f"Group commit vs one commit per frame: {g['frames_per_s']:.0f} vs "
-            f"{p['frames_per_s']:.0f} frames/s, P99 {g['latency_ms']['p99']:.0f} vs "
-            f"{p['latency_ms']['p99']:.0f} ms; every upload is still answered only after the "
-            "commit that holds its row."
-        )
-    if "group" in by and "group-2-workers" in by:
-        one, two = by["group"], by["group-2-workers"]
-        out.append(
-            f"Two worker processes vs one: {two['frames_per_s']:.0f} vs {one['frames_per_s']:.0f} "
-            f"frames/s ({two['frames_per_s'] / max(one['frames_per_s'], 1e-9):.2f}x), P99 "
-            f"{two['latency_ms']['p99']:.0f} vs {one['latency_ms']['p99']:.0f} ms, on "
-            f"{cores} cores shared with the load generator."
-        )
-    out.append(
-        "Where the gateway's CPU goes is the per-stage table above (wall time per stage, "
-        "queueing included); see benchmarks/README.md for the profile of write_frame."
-    )
-    return out
-
-
+# ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--agents", type=int, default=16)
+    ap.add_argument("--agents", type=int, default=32)
     ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--levers", action="store_true",
+                    help="the lever ladder (LEVERS) instead of the --batch/... grid")
+    ap.add_argument("--batch", default="1", help="frames per request, comma-separated")
+    ap.add_argument("--frame-sync", default=None, help="group,per_file")
+    ap.add_argument("--principal-cache", default=None, help="seconds, e.g. 0,2")
+    ap.add_argument("--read-back", default=None, help="true,false")
+    ap.add_argument("--jpeg-decode", default=None, help="reduced,dc")
+    ap.add_argument("--workers", default=None, help="e.g. 1,2")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="gateway setting for every variant and lever rung (ROADLOOP_GATEWAY_ optional)")
+    ap.add_argument("--kill-after", type=float, default=None,
+                    help="SIGKILL the gateway this many seconds into each variant (with "
+                    "--levers: one extra run at the last lever), restart it, check 0 lost")
+    ap.add_argument("--offered-fps", type=float, default=None,
+                    help="pace the agents to this many frames/s in all (latency from each "
+                    "request's due time) instead of a closed loop")
+    ap.add_argument("--max-fps", type=float, default=2500.0,
+                    help="frames pre-built per agent = max-fps x duration / agents")
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--jpeg-quality", type=int, default=85)
     ap.add_argument("--pool", type=int, default=48, help="distinct JPEGs cycled by the agents")
-    ap.add_argument("--variants", default="group,per-frame,group-2-workers")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--name", default="gateway_intake", help="report file name (no suffix)")
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--findings", type=Path, default=None,
-                    help="text file of findings (one per line) to include in the report")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    loop_impl = install_fast_loop()
 
+    fields = gateway_fields()
     jpegs, source = load_jpegs(args.pool, args.width, args.jpeg_quality)
-    load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_before = _loadavg()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    results = []
+
+    def run(v: Variant, kill: float | None) -> dict[str, Any]:
+        return run_variant(v, args.agents, args.duration, jpegs, workdir, kill_after=kill,
+                           max_fps=args.max_fps, offered_fps=args.offered_fps)
+
     try:
-        for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-            if name not in VARIANTS:
-                raise SystemExit(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
-            results.append(run_variant(name, args.agents, args.duration, jpegs, workdir))
+        if args.levers:
+            results = run_levers(run, fields, args.kill_after, fixed_env(args.set))
+        else:
+            results = [_skip(v, fields) or run(v, args.kill_after) for v in grid_variants(
+                args.batch, args.frame_sync, args.principal_cache, args.read_back,
+                args.workers, args.set, args.jpeg_decode)]
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    cores = os.cpu_count() or 1
     doc = {
         "benchmark": "gateway_intake",
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": f"{platform.machine()}, {os.cpu_count()} logical cores",
-                    "cores": os.cpu_count(), "python": platform.python_version(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "command": "python -m benchmarks.gateway_intake "
+                   + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "machine": {"cpu": f"{platform.machine()}, {cores} logical cores", "cores": cores,
+                    "python": platform.python_version(),
                     "note": "load generator shares these cores with the gateway",
-                    "load_average": {"before": load_before,
-                                     "after": ", ".join(f"{x:.2f}" for x in os.getloadavg())}},
-        "agents": args.agents,
-        "duration_s": args.duration,
+                    "load_average": {"before": load_before, "after": _loadavg()}},
+        "load_generator": {"event_loop": loop_impl, "transport": "raw HTTP/1.1 keep-alive, "
+                           "one connection per agent, bodies pre-built"},
+        "agents": args.agents, "duration_s": args.duration, "levers": args.levers,
+        "offered_fps": args.offered_fps,
         "jpegs": {"source": source, "count": len(jpegs), "width": args.width,
                   "mean_bytes": round(statistics.fmean(len(j.data) for j in jpegs)),
                   "min_bytes": min(len(j.data) for j in jpegs),
                   "max_bytes": max(len(j.data) for j in jpegs)},
         "target": {"frames_per_s": TARGET_FPS, "p99_ms": TARGET_P99_MS, "lost": 0},
         "results": results,
-        "findings": (args.findings.read_text().strip().splitlines() if args.findings
-                     else measured_findings(results, os.cpu_count() or 1)),
     }
+    doc["findings"] = measured_findings(doc)
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / ".gateway_intake.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, args.out / "gateway_intake.json")
-    tmp = args.out / ".gateway_intake.md.tmp"
-    tmp.write_text(to_markdown(doc))
-    os.replace(tmp, args.out / "gateway_intake.md")
+    for suffix, text in (("json", json.dumps(doc, indent=2)), ("md", to_markdown(doc))):
+        tmp = args.out / f".{args.name}.{suffix}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, args.out / f"{args.name}.{suffix}")
     print(to_markdown(doc))
+    if any(r.get("lost") or r.get("duplicate_rows") for r in results):
+        raise SystemExit("acknowledged frames lost or duplicated: see the report")
 
 
 if __name__ == "__main__":
