@@ -243,31 +243,46 @@ def test_kill_hook_counts_frames_acknowledged_in_a_batch(make, monkeypatch) -> N
                        "f4": "queued"}  # the gateway stored all five; f2 was never acked here
 
 
-def test_agent_counters_are_per_frame_with_batches(tmp_path: Path) -> None:
-    codes = {"f0": 201, "f1": 409, "f2": 422, "f3": 201}
-    gw = FakeGateway(lambda frames: results([codes[m["frame_id"]] for m, _ in frames], frames))
-    DeviceIdentity("dev", "cam", URL, "acc", "ref", expires_at=4e9).save(tmp_path)
-    cfg = AgentConfig(gateway_url=URL, camera_id="cam", source="x",
-                      model_path=tmp_path / "m.onnx", state_dir=tmp_path)
+def _agent(state: Path, client: GatewayClient, camera: str = "cam"
+           ) -> tuple[EdgeAgent, AgentSummary]:
+    """An agent with only what its upload loop needs (a client, the outboxes, telemetry)."""
+    cfg = AgentConfig(gateway_url=client.gateway_url, camera_id=camera, source="x",
+                      model_path=state / "m.onnx", state_dir=state)
     agent = EdgeAgent(cfg, status_stream=open("/dev/null", "w"))  # noqa: SIM115
-    agent.client = GatewayClient(URL, tmp_path, transport=httpx.MockTransport(gw))
-    agent.outbox = Outbox(tmp_path / "outbox")
-    agent.records = RecordOutbox(tmp_path / "records")
-    agent.telemetry = TelemetryWindow("cam", "v", ["car"])
+    agent.client = client
+    agent.outbox = Outbox(state / "outbox")
+    agent.records = RecordOutbox(state / "records")
+    agent.telemetry = TelemetryWindow(camera, "v", ["car"])
     agent.redactor = object()  # type: ignore[assignment]  # frames may leave
-    agent.summary = summary = AgentSummary("cam", "dev", "v", stopped_by="test")
-    for fid in codes:
-        agent.outbox.put(fid, b"\xff\xd8x\xff\xd9", {"frame_id": fid}, 1.0)
+    agent.summary = summary = AgentSummary(camera, "dev", "v", stopped_by="test")
+    return agent, summary
+
+
+def _run_uploader(agent: EdgeAgent, done: Callable[[], bool]) -> None:
+    """The agent's uploader thread until ``done()`` (or 20 s), then stopped."""
     thread = threading.Thread(target=agent._upload_loop, daemon=True)
+    thread.start()
     try:
-        thread.start()
-        deadline = time.monotonic() + 10
-        while agent.outbox.depth() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 20
+        while not done() and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
         agent._uploads_stop.set()
         agent._wake_uploader.set()
         thread.join(5)
+
+
+def test_agent_counters_are_per_frame_with_batches(tmp_path: Path) -> None:
+    codes = {"f0": 201, "f1": 409, "f2": 422, "f3": 201}
+    gw = FakeGateway(lambda frames: results([codes[m["frame_id"]] for m, _ in frames], frames))
+    DeviceIdentity("dev", "cam", URL, "acc", "ref", expires_at=4e9).save(tmp_path)
+    agent, summary = _agent(tmp_path, GatewayClient(URL, tmp_path,
+                                                    transport=httpx.MockTransport(gw)))
+    for fid in codes:
+        agent.outbox.put(fid, b"\xff\xd8x\xff\xd9", {"frame_id": fid}, 1.0)
+    try:
+        _run_uploader(agent, lambda: agent.outbox.depth() == 0)
+    finally:
         agent.client.close()
         agent.outbox.close()
         agent.records.close()
