@@ -290,3 +290,15 @@ def test_agent_counters_are_per_frame_with_batches(tmp_path: Path) -> None:
     assert (summary.uploads_ok, summary.duplicates_absorbed, summary.rejected,
             summary.upload_failures) == (3, 1, 1, 0)
     assert agent.telemetry.uploads_ok_total == 3
+
+
+def test_cli_upload_batch_max_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_agent.cli import build_parser
+
+    base = ["run", "--gateway", URL, "--camera-id", "cam", "--source", "x.mp4"]
+    parser = build_parser()
+    assert parser.parse_args(base).upload_batch_max == AgentConfig.upload_batch_max == 16
+    assert parser.parse_args([*base, "--upload-batch-max", "1"]).upload_batch_max == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--upload-batch-max", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
