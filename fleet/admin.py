@@ -103,6 +103,7 @@ def set_device_status(
               token_id=principal.token_id, client=client_address(request),
               detail={"from": old, "to": body.status.value, "reason": body.reason})
         session.commit()
+        gw.auth_cache.forget_device(device_id)
         return device_out(device)
 
 
@@ -123,6 +124,8 @@ def revoke(
               detail={"tokens_revoked": n})
         session.commit()
         gw.limiter.forget(device_id)
+        gw.auth_cache.forget_device(device_id)  # refused at once here, elsewhere within the
+        # principal cache bound (principal_cache_s)
         return device_out(device)
 
 

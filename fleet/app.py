@@ -32,6 +32,7 @@ from fleet import (
     drift,
     heartbeats,
     intake,
+    intake_batch,
     privacy,
     rollouts,
     traffic,
@@ -120,6 +121,8 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
             return settings.max_model_bytes
         if path in ("/v1/enroll", "/v1/token/refresh"):  # parsed before any credential
             return settings.max_credential_json_bytes
+        if path == "/v1/frames/batch":
+            return settings.max_batch_bytes
         return settings.max_request_bytes if path == "/v1/frames" else settings.max_json_bytes
 
     # Added innermost first: UnattributedLimit sees a request before the other two.
@@ -177,6 +180,7 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     docs_pages.install(app, metrics=settings.metrics_enabled)
     app.include_router(auth.router)
     app.include_router(intake.router)
+    app.include_router(intake_batch.router)
     app.include_router(heartbeats.router)
     app.include_router(admin.router)
     app.include_router(rollouts.router)

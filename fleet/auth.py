@@ -82,6 +82,7 @@ class Principal:
     device_id: str | None = None
     camera_id: str | None = None
     device_status: str | None = None
+    expires_at: datetime | None = None  # the token's: a cached principal never outlives it
 
     @property
     def actor(self) -> str:
@@ -299,6 +300,7 @@ def authenticate(
         device_id=device.device_id if device else None,
         camera_id=device.camera_id if device else None,
         device_status=device.status if device else None,
+        expires_at=tok.expires_at,
     )
 
 
@@ -313,16 +315,30 @@ def require_scope(
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
+    variant = ("scope", scope, device_only, active_device)
+
     def resolve(request: Request, gw: Gateway) -> Principal:
-        principal = authenticate(
-            gw,
-            bearer_token(request),
-            scope,
-            device_only=device_only,
-            active_device=active_device,
-            client=client_address(request),
-            path=route_path(request),
-        )
+        token = bearer_token(request)
+        ttl = gw.settings.principal_cache_s if active_device else 0.0
+        principal = None
+        if token and ttl > 0:  # frames and heartbeats (fleet.caches.AuthCache)
+            token_hash = hash_token(token)
+            principal = gw.auth_cache.cached_principal(token_hash, variant, ttl)
+            if principal is not None and principal.expires_at is not None \
+                    and principal.expires_at <= gw.now():
+                principal = None  # expired: authenticate() says so
+        if principal is None:
+            principal = authenticate(
+                gw,
+                token,
+                scope,
+                device_only=device_only,
+                active_device=active_device,
+                client=client_address(request),
+                path=route_path(request),
+            )
+            if token and ttl > 0:
+                gw.auth_cache.remember_principal(token_hash, variant, principal)
         if rate_limited and principal.device_id is not None:
             enforce_rate_limit(gw, principal)
         return principal
@@ -534,6 +550,7 @@ def refresh(
     reason, message, ids = failure
     if family_revoked:
         gw.limiter.forget(ids["device_id"])
+        gw.auth_cache.forget_device(ids["device_id"])
     audit_denied(gw, "token_refresh", reason, client=client, **ids)
     raise HTTPException(status_code=401, detail=message,
                         headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})

@@ -104,9 +104,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def loads(raw: bytes | str, what: str = "body") -> Any:
+def loads(raw: bytes | str, what: str = "body", max_values: int = MAX_JSON_VALUES) -> Any:
     """Parse a JSON text within the bounds, or raise ``JsonRejected`` (a bad text raises
-    ``json.JSONDecodeError`` as ``json.loads`` does)."""
+    ``json.JSONDecodeError`` as ``json.loads`` does). ``max_values``: a larger bound for a
+    text that carries several bodies' worth (a frame batch's manifest)."""
     if isinstance(raw, bytes):
         try:
             text = raw.decode("utf-8-sig")
@@ -115,11 +116,11 @@ def loads(raw: bytes | str, what: str = "body") -> Any:
         data = raw
     else:
         text, data = raw, raw.encode("utf-8", "surrogatepass")
-    shape = json_shape(data, max_depth=MAX_JSON_DEPTH, max_values=MAX_JSON_VALUES)
+    shape = json_shape(data, max_depth=MAX_JSON_DEPTH, max_values=max_values)
     if shape.depth > MAX_JSON_DEPTH:
         raise JsonRejected(f"{what} is nested deeper than {MAX_JSON_DEPTH} arrays/objects")
-    if shape.values > MAX_JSON_VALUES:  # bounds what json.loads spends on one body
-        raise JsonRejected(f"{what} has more than {MAX_JSON_VALUES} values")
+    if shape.values > max_values:  # bounds what json.loads spends on one body
+        raise JsonRejected(f"{what} has more than {max_values} values")
     try:
         return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError:

@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -33,33 +34,49 @@ P = TypeVar("P")
 class AuthCache(Generic[P]):
     """Token scopes (they never change) and principals authenticated moments ago.
 
-    Only read-only routes (manifest polls, model downloads) use the principal cache: a
-    revocation or expiry reaches them within ``PRINCIPAL_TTL_S``.
+    Read-only routes (manifest polls, model downloads) reuse a principal for
+    ``PRINCIPAL_TTL_S``; frames and heartbeats for ``principal_cache_s`` (a setting, ``ttl``
+    of ``cached_principal``). A revocation, status change or expiry made elsewhere (another
+    replica, the CLI) reaches a cached principal within that bound; one made through this
+    gateway calls ``forget_device`` and takes effect at once. ``clock``: seconds, monotonic
+    (injected by tests).
     """
 
     PRINCIPAL_TTL_S = 2.0
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.monotonic) -> None:
         self.db = db
+        self.clock = clock
         self.lock = threading.Lock()
         self._scopes: OrderedDict[str, frozenset[str]] = OrderedDict()
-        self._principals: dict[tuple[str, bool], tuple[P, float]] = {}
+        self._principals: dict[tuple[str, Hashable], tuple[P, float]] = {}
 
-    def cached_principal(self, token_hash: str, device_only: bool) -> P | None:
-        """A principal authenticated less than ``PRINCIPAL_TTL_S`` ago, else None."""
+    def cached_principal(self, token_hash: str, variant: Hashable,
+                         ttl: float | None = None) -> P | None:
+        """A principal authenticated (for ``variant``: what the route asked of the token)
+        less than ``ttl`` (default ``PRINCIPAL_TTL_S``) seconds ago, else None."""
         with self.lock:
-            hit = self._principals.get((token_hash, device_only))
-        if hit is None or time.monotonic() - hit[1] > self.PRINCIPAL_TTL_S:
+            hit = self._principals.get((token_hash, variant))
+        limit = self.PRINCIPAL_TTL_S if ttl is None else ttl
+        if hit is None or self.clock() - hit[1] > limit:
             return None
         return hit[0]
 
-    def remember_principal(self, token_hash: str, device_only: bool, principal: P) -> None:
+    def remember_principal(self, token_hash: str, variant: Hashable, principal: P) -> None:
+        now = self.clock()
         with self.lock:
-            self._principals[(token_hash, device_only)] = (principal, time.monotonic())
+            self._principals[(token_hash, variant)] = (principal, now)
             if len(self._principals) > 50_000:
-                cutoff = time.monotonic() - self.PRINCIPAL_TTL_S
+                cutoff = now - 60.0  # longer than any TTL (principal_cache_s <= 60)
                 for k in [k for k, v in self._principals.items() if v[1] < cutoff]:
                     del self._principals[k]
+
+    def forget_device(self, device_id: str) -> None:
+        """Drop every cached principal of ``device_id`` (revoked, status changed)."""
+        with self.lock:
+            for k in [k for k, v in self._principals.items()
+                      if getattr(v[0], "device_id", None) == device_id]:
+                del self._principals[k]
 
     def token_scopes(self, token_hash: str) -> frozenset[str] | None:
         """Scopes of a token, cached; None when unknown."""

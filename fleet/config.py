@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +70,20 @@ class GatewaySettings(BaseSettings):
     max_metadata_bytes: int = Field(
         default=256 * 1024, gt=0,
         description="Largest `metadata` part of a frame upload, bytes (text field or file).",
+    )
+
+    max_batch_frames: int = Field(
+        default=32, ge=1, le=1024,
+        description="Most frames in one POST /v1/frames/batch (docs/fleet-api.md).",
+    )
+    max_batch_bytes: int = Field(
+        default=8 * 1024 * 1024, gt=0,
+        description="Largest POST /v1/frames/batch body, bytes: a larger Content-Length gets "
+        "413 before the body is read, a chunked body is cut off with 413 at the limit.",
+    )
+    frame_batch_enabled: bool = Field(
+        default=True, description="Serve POST /v1/frames/batch (off: 404, agents fall back "
+        "to POST /v1/frames per frame).",
     )
 
     # Cost of one frame upload (fleet/jpeg.py): checked from the JPEG header before decoding.
@@ -186,6 +201,26 @@ class GatewaySettings(BaseSettings):
         default=True,
         description="fsync a frame's folder after its files are renamed in, so the 201 "
         "survives power loss, not only a process crash.",
+    )
+    frame_sync: Literal["group", "per_file"] = Field(
+        default="group",
+        description="How a frame's files are made durable before its 201. group: written "
+        "without fsync, then one sync of the frame store (syncfs(2) on Linux) by the group "
+        "committer before each database commit; per_file: each file fsynced before its rename "
+        "and its folder after (fsync_directories). Either way nothing is acknowledged before "
+        "its files and its row are durable.",
+    )
+    frame_read_back: bool = Field(
+        default=False,
+        description="Also read each new sidecar back from the frame store before its row is "
+        "written (the in-memory check that it reads back as written always runs).",
+    )
+    principal_cache_s: float = Field(
+        default=2.0, ge=0, le=60, allow_inf_nan=False,
+        description="Seconds a device's authenticated principal is reused for frames and "
+        "heartbeats (0: a database read per request). A revocation, status change or token "
+        "revocation made on another replica (or the CLI) takes effect within this bound; "
+        "one made through this gateway's API takes effect at once.",
     )
     sqlite_synchronous: str = Field(default="FULL", pattern="^(FULL|NORMAL|EXTRA)$")
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)

@@ -1,20 +1,25 @@
 """Frame intake: validate an upload, store it durably, acknowledge it exactly once.
 
-Durability order for ``POST /v1/frames`` (201 only when all of it is done):
+Durability order for ``POST /v1/frames`` and each frame of ``POST /v1/frames/batch``
+(``fleet.intake_batch``; 201 only when all of it is done):
 
-1. the JPEG and its sidecar go into the frame store (``FrameStore.write_frame``: temp file,
-   fsync, rename; sidecar last) and the day folder is fsynced (the renames survive power
-   loss);
-2. the sidecar is read back with the platform's reader (``FrameStore.read_record``); a frame
-   that does not read back as written is removed and refused, so the table never lists a
-   frame the platform's readers skip;
-3. the ``frames`` row is inserted and committed (group commit, ``fleet.committer``).
+1. the record is checked to read back as written (``reads_back``, in memory: a frame whose
+   sidecar the platform's readers would skip is refused before anything is written);
+2. the JPEG and its sidecar go into the frame store (``write_frame``: temp file, rename;
+   sidecar last). ``frame_sync=per_file``: each file fsynced before its rename and the day
+   folder after; ``group`` (default): no fsync here;
+3. the ``frames`` row goes to the group committer (``fleet.committer``), a whole batch as one
+   item with a SAVEPOINT per row. With ``group`` the committer first syncs the frame store
+   once (``FrameStorage.sync``: ``syncfs(2)``; a no-op on object storage, whose PUTs are
+   durable when answered) — so every file of every frame in that commit is durable before
+   the commit, and a failed sync fails the commit (503, nothing acknowledged);
+4. the row is committed; then the answer.
 
 Before any of that the upload's cost is bounded (``fleet.jpeg``): metadata size and strict
 JSON, the JPEG's structure and claimed size from its header, then one strict reduced decode
 in one of ``max_concurrent_decodes`` slots.
 
-A crash between 1 and 3 leaves a complete frame without a row. It is neither lost nor
+A crash between 2 and 4 leaves a complete frame without a row. It is neither lost nor
 duplicated: the agent got no 201, so it retries; ``write_frame`` sees the frame already
 there (a no-op) and the row is inserted then. Independently, start-up runs
 ``fleet.reconcile.reconcile_frame_store``, which gives such frames their row
@@ -29,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -60,7 +66,7 @@ from roadloop.data.frames import FrameQuality, FrameRecord, FrameWrite
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import fsync_dir
 
-__all__ = ["router", "store_frame"]
+__all__ = ["CheckedFrame", "check_frame", "router", "store_frame", "store_frames"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +91,12 @@ def parse_metadata(text: str) -> FrameMetadata:
         raise HTTPException(422, f"metadata is not valid JSON: {exc}") from exc
     except JsonRejected as exc:
         raise HTTPException(422, str(exc)) from exc
+    return validate_metadata(raw)
+
+
+def validate_metadata(raw: Any) -> FrameMetadata:
+    """The schema check of ``parse_metadata``, for metadata already parsed (a batch's
+    manifest entry)."""
     if not isinstance(raw, dict):
         raise HTTPException(422, "metadata must be a JSON object")
     try:
@@ -108,7 +120,7 @@ async def read_upload(request: Request, settings: GatewaySettings) -> tuple[str,
         if exc.status_code != 400:  # e.g. the body limit's 413
             raise
         if "maximum size" in str(exc.detail):  # a text part over max_part_size
-            raise _metadata_too_large(limit) from exc
+            raise metadata_too_large(limit) from exc
         raise HTTPException(422, f"malformed multipart body: {exc.detail}") from exc
     try:
         image = form.get("image")
@@ -125,7 +137,7 @@ async def read_upload(request: Request, settings: GatewaySettings) -> tuple[str,
         if isinstance(metadata, UploadFile):
             data = await metadata.read(limit + 1)
             if len(data) > limit:
-                raise _metadata_too_large(limit)
+                raise metadata_too_large(limit)
             try:
                 metadata_text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -138,7 +150,7 @@ async def read_upload(request: Request, settings: GatewaySettings) -> tuple[str,
     return metadata_text, image_bytes
 
 
-def _metadata_too_large(limit: int) -> HTTPException:
+def metadata_too_large(limit: int) -> HTTPException:
     return HTTPException(
         413, f"metadata is larger than the {limit}-byte limit (max_metadata_bytes), "
         "as a text field or a file part; send 'image' as a file part"
@@ -183,36 +195,25 @@ def checked_quality(gw: Gateway, meta: FrameMetadata, image: bytes) -> tuple[Jpe
 
 
 # --------------------------------------------------------------------------- storing
-def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> None:
-    """Read the sidecar back with the platform's reader before anything is acknowledged;
-    a frame this request wrote that does not read back as written is removed (422)."""
-    back = gw.store.read_record(record.camera_id, record.frame_id)
-    if written.already_existed:
-        if back is None:
-            raise HTTPException(
-                422, f"frame {record.frame_id} is already in the frame store but its sidecar "
-                "does not read back (written by an older gateway?); send it as a new frame_id"
-            )
-        return
-    if back is not None and back.model_dump(mode="json") == record.model_dump(mode="json"):
-        return  # compared as data: the upload's bounded model types are subclasses
-    gw.stats.count("frames_unreadable_removed")
-    logger.error("sidecar of %s/%s does not read back as written; removing the frame",
-                 record.camera_id, record.frame_id)
-    gw.store.remove_frame(written.path)
-    if gw.settings.fsync_directories and gw.store.is_local:
-        fsync_dir(written.path.parent)
-    raise HTTPException(
-        422, f"frame {record.frame_id}: its record does not read back from the frame store as "
-        "written; nothing was stored"
-    )
+@dataclass(frozen=True)
+class CheckedFrame:
+    """One upload that passed every check that needs no storage: what ``store_frames``
+    writes."""
+
+    meta: FrameMetadata
+    record: FrameRecord
+    info: JpegInfo
+    image: bytes
+
+    @property
+    def key(self) -> str:
+        return f"{self.meta.camera_id}/{self.meta.frame_id}"
 
 
-def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: bytes) -> FrameStored:
-    """Validate and durably store one upload; raise ``HTTPException`` for every refusal."""
-    stats = gw.stats
-    with stats.span("parse_metadata"):
-        meta = parse_metadata(metadata_text)
+def check_frame(gw: Gateway, principal: Principal, meta: FrameMetadata,
+                image: bytes) -> CheckedFrame:
+    """Camera, JPEG (``checked_quality``) and record checks of one frame; raises
+    ``HTTPException`` for a refusal. Nothing is stored yet."""
     if meta.camera_id != principal.camera_id:
         raise HTTPException(
             403, f"metadata camera_id {meta.camera_id} is not this device's camera "
@@ -237,60 +238,162 @@ def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: by
         )
     except ValidationError as exc:
         raise HTTPException(422, validation_message(exc, "metadata is invalid")) from exc
-    key = f"{meta.camera_id}/{meta.frame_id}"
+    with gw.stats.span("read_back"):
+        if not reads_back(record):
+            gw.stats.count("frames_unreadable_refused")
+            raise HTTPException(
+                422, f"frame {record.frame_id}: its record does not read back from the frame "
+                "store as written; nothing was stored"
+            )
+    return CheckedFrame(meta, record, info, image)
+
+
+def reads_back(record: FrameRecord) -> bool:
+    """Whether ``record``'s sidecar, as the store writes it, parses back to the same data
+    (compared as data: the upload's bounded model types are subclasses).
+
+    This is the check that matters, done in memory before anything is written: a sidecar is
+    bytes the gateway serialises itself, so reading the file back from disk (what the
+    gateway did before, ``frame_read_back``) adds a ``stat`` + read + parse per frame and only
+    re-reads the page cache it just wrote; it cannot see whether the bytes reached the disk
+    (that is the sync's job). Measured in benchmarks/results/intake_parsing.md."""
+    try:
+        back = FrameRecord.model_validate_json(record.model_dump_json(indent=2))
+    except (ValidationError, ValueError):
+        return False
+    return back.model_dump(mode="json") == record.model_dump(mode="json")
+
+
+def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> None:
+    """A frame already in the store must read back with the platform's reader (an older
+    gateway may have written it); a new one is read back from the store only with
+    ``frame_read_back`` (``reads_back`` has already checked it in memory). A frame this
+    request wrote that does not read back as written is removed (422)."""
+    if not written.already_existed and not gw.settings.frame_read_back:
+        return
+    back = gw.store.read_record(record.camera_id, record.frame_id)
+    if written.already_existed:
+        if back is None:
+            raise HTTPException(
+                422, f"frame {record.frame_id} is already in the frame store but its sidecar "
+                "does not read back (written by an older gateway?); send it as a new frame_id"
+            )
+        return
+    if back is not None and back.model_dump(mode="json") == record.model_dump(mode="json"):
+        return
+    gw.stats.count("frames_unreadable_removed")
+    logger.error("sidecar of %s/%s does not read back as written; removing the frame",
+                 record.camera_id, record.frame_id)
+    gw.store.remove_frame(written.path)
+    if gw.settings.fsync_directories and gw.store.is_local:
+        fsync_dir(written.path.parent)
+    raise HTTPException(
+        422, f"frame {record.frame_id}: its record does not read back from the frame store as "
+        "written; nothing was stored"
+    )
+
+
+def write_checked(gw: Gateway, frame: CheckedFrame) -> FrameWrite:
+    """Write one frame's files (caller holds its key lock); ``HTTPException`` on failure.
+    ``frame_sync=per_file``: fsynced files and folder; ``group``: the committer syncs the
+    store once before the batch's commit (``fleet.runtime``)."""
+    stats, record, meta = gw.stats, frame.record, frame.meta
+    per_file = gw.settings.frame_sync == "per_file"
+    try:
+        with stats.span("write_frame"):
+            written = gw.store.write_frame(record, frame.image, durable=per_file,
+                                           decoded_size=(frame.info.width, frame.info.height))
+        if (per_file and gw.settings.fsync_directories and gw.store.is_local
+                and not written.already_existed):
+            with stats.span("fsync_dir"):
+                fsync_dir(written.path.parent)
+        ensure_readable(gw, record, written)
+    except InvalidInputError as exc:
+        raise HTTPException(422, f"frame {meta.frame_id}: {exc.reason}") from exc
+    except OSError as exc:
+        logger.exception("frame store write failed for %s", frame.key)
+        status = 507 if exc.errno == 28 else 503  # ENOSPC
+        raise HTTPException(status, f"gateway could not store frame {meta.frame_id} "
+                            f"({exc.strerror}); retry later") from exc
+    if written.already_existed:
+        stats.count("frames_file_already_there")
+    return written
+
+
+def store_frames(gw: Gateway, principal: Principal,
+                 frames: list[CheckedFrame]) -> list[HTTPException | None]:
+    """Write ``frames`` and commit their rows as ONE group-commit item (each row in its own
+    SAVEPOINT, so a duplicate is a 409 for that frame only); per frame, None when it is
+    stored and durable, else the refusal ``POST /v1/frames`` would give it alone."""
+    stats = gw.stats
+    outcomes: list[HTTPException | None] = [None] * len(frames)
     # No "already stored?" query first: a replay costs one stat in write_frame (a no-op
     # for a frame already there) and ends as an IntegrityError -> 409 on insert, so the
     # common path saves a database round trip.
-    with gw.key_lock(key):
-        try:
-            with stats.span("write_frame"):
-                written = gw.store.write_frame(
-                    record, image, decoded_size=(info.width, info.height))
-            if (gw.settings.fsync_directories and gw.store.is_local
-                    and not written.already_existed):
-                with stats.span("fsync_dir"):
-                    fsync_dir(written.path.parent)
-            with stats.span("read_back"):
-                ensure_readable(gw, record, written)
-        except InvalidInputError as exc:
-            raise HTTPException(422, f"frame {meta.frame_id}: {exc.reason}") from exc
-        except OSError as exc:
-            logger.exception("frame store write failed for %s", key)
-            status = 507 if exc.errno == 28 else 503  # ENOSPC
-            raise HTTPException(status, f"gateway could not store frame {meta.frame_id} "
-                                f"({exc.strerror}); retry later") from exc
-        if written.already_existed:
-            stats.count("frames_file_already_there")
-
+    with gw.key_locks([f.key for f in frames]):
+        pending: list[tuple[int, CheckedFrame, str]] = []
+        for i, frame in enumerate(frames):
+            try:
+                written = write_checked(gw, frame)
+            except HTTPException as exc:
+                outcomes[i] = exc
+                continue
+            pending.append((i, frame, written.path.relative_to(gw.store.root).as_posix()))
+        if not pending:
+            return outcomes
         now = gw.now()
-        rel = written.path.relative_to(gw.store.root).as_posix()
-        digest = hashlib.sha256(image).hexdigest()
+        digests = [hashlib.sha256(f.image).hexdigest() for _, f, _ in pending]
 
-        def insert(session: Session) -> None:
-            session.add(FrameRow(
-                camera_id=record.camera_id, frame_id=record.frame_id,
-                device_id=principal.device_id, captured_at=record.captured_at, received_at=now,
-                path=rel, width=record.width, height=record.height, size_bytes=len(image),
-                sha256=digest, model_version=record.model_version, importance=record.importance,
-                reasons=record.reasons, n_detections=len(record.detections),
-            ))
-            session.flush()
+        def insert(session: Session) -> list[bool]:
+            inserted = []
+            for (_, frame, rel), digest in zip(pending, digests, strict=True):
+                rec = frame.record
+                try:
+                    with session.begin_nested():
+                        session.add(FrameRow(
+                            camera_id=rec.camera_id, frame_id=rec.frame_id,
+                            device_id=principal.device_id, captured_at=rec.captured_at,
+                            received_at=now, path=rel, width=rec.width, height=rec.height,
+                            size_bytes=len(frame.image), sha256=digest,
+                            model_version=rec.model_version, importance=rec.importance,
+                            reasons=rec.reasons, n_detections=len(rec.detections),
+                        ))
+                        session.flush()
+                    inserted.append(True)
+                except IntegrityError:
+                    inserted.append(False)
             session.execute(
                 update(Device).where(Device.device_id == principal.device_id)
                 .values(last_seen_at=now)
             )
+            return inserted
 
         try:
             with stats.span("commit_wait"):
-                gw.committer.submit(insert)
-        except IntegrityError as exc:
-            stats.count("frames_duplicate")
-            raise HTTPException(409, f"frame {meta.frame_id} already stored") from exc
+                inserted = gw.committer.submit(insert)
         except (CommitFailed, TimeoutError) as exc:
-            raise HTTPException(503, f"gateway could not record frame {meta.frame_id} ({exc}); "
-                                "retry later — the frame is not acknowledged") from exc
-    stats.count("frames_stored")
-    gw.metrics.frame_stored(len(image))
+            for i, frame, _ in pending:
+                outcomes[i] = HTTPException(
+                    503, f"gateway could not record frame {frame.meta.frame_id} ({exc}); "
+                    "retry later — the frame is not acknowledged")
+            return outcomes
+    for (i, frame, _), ok in zip(pending, inserted, strict=True):
+        if ok:
+            stats.count("frames_stored")
+            gw.metrics.frame_stored(len(frame.image))
+        else:
+            stats.count("frames_duplicate")
+            outcomes[i] = HTTPException(409, f"frame {frame.meta.frame_id} already stored")
+    return outcomes
+
+
+def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: bytes) -> FrameStored:
+    """Validate and durably store one upload; raise ``HTTPException`` for every refusal."""
+    with gw.stats.span("parse_metadata"):
+        meta = parse_metadata(metadata_text)
+    (refusal,) = store_frames(gw, principal, [check_frame(gw, principal, meta, image)])
+    if refusal is not None:
+        raise refusal
     return FrameStored(frame_id=meta.frame_id, stored=True)
 
 

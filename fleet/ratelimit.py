@@ -128,19 +128,28 @@ class Caller(Protocol):
     def token_id(self) -> int: ...
 
 
-def enforce_rate_limit(gw: LimitedGateway, principal: Caller) -> None:
-    """Take one token of the caller's bucket (its device, else its token) or raise 429 with
-    ``Retry-After``. Frames, heartbeats, manifest polls and device downloads share it."""
+def rate_limit_refusal(gw: LimitedGateway, principal: Caller) -> HTTPException | None:
+    """Take one token of the caller's bucket (its device, else its token): None, else the
+    429 (with ``Retry-After``) to answer. A frame of a batch costs one token, like a request."""
     key = principal.device_id or f"token:{principal.token_id}"
     wait = gw.limiter.acquire(key)
-    if wait > 0:
-        gw.stats.count("rate_limited")
-        retry_after = max(1, int(wait + 0.999))
-        raise HTTPException(
-            429, f"rate limit exceeded for {key}: at most {gw.settings.rate_limit_per_s:g} "
-            f"requests/s (burst {gw.settings.rate_limit_burst}); retry after {retry_after} s",
-            headers={"Retry-After": str(retry_after)},
-        )
+    if wait <= 0:
+        return None
+    gw.stats.count("rate_limited")
+    retry_after = max(1, int(wait + 0.999))
+    return HTTPException(
+        429, f"rate limit exceeded for {key}: at most {gw.settings.rate_limit_per_s:g} "
+        f"requests/s (burst {gw.settings.rate_limit_burst}); retry after {retry_after} s",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def enforce_rate_limit(gw: LimitedGateway, principal: Caller) -> None:
+    """Take one token of the caller's bucket or raise 429 with ``Retry-After``. Frames,
+    heartbeats, manifest polls and device downloads share it."""
+    refusal = rate_limit_refusal(gw, principal)
+    if refusal is not None:
+        raise refusal
 
 
 class BodyTooLarge(HTTPException):

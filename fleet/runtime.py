@@ -115,7 +115,10 @@ class Gateway:
             max(1, settings.unattributed_rate_limit_burst // share),
         )
         self.known_tokens = KnownTokens(settings.known_tokens_size)
-        self.committer = GroupCommitter(self.db, settings.commit_batch_max)
+        # frame_sync=group: one frame-store sync per group commit, before its transaction.
+        self.committer = GroupCommitter(
+            self.db, settings.commit_batch_max,
+            before_commit=self._sync_frames if settings.frame_sync == "group" else None)
         self.denials = DenialLog(self.db, self.now, settings.denial_audit_window_s)
         self.stats = Stats()
         self.metrics = GatewayMetrics()
@@ -129,9 +132,13 @@ class Gateway:
         self.model_key = ModelPublicKey(settings.model_public_key_file)
         self.auth_cache: AuthCache[Any] = AuthCache(self.db)  # principals of fleet.auth
         self.manifests = ManifestCache(self.db)
-        self._key_locks = [threading.Lock() for _ in range(256)]
+        self._key_locks = [threading.Lock() for _ in range(4096)]
         # JPEG decodes at once, on their own threads (fleet.jpeg): bounds an upload burst's memory.
         self.decoders = DecodePool(settings.max_concurrent_decodes or 1)
+
+    def _sync_frames(self) -> None:
+        with self.stats.span("frame_sync"):
+            self.store.sync()
 
     def now(self) -> datetime:
         return self.clock()
@@ -139,6 +146,21 @@ class Gateway:
     def key_lock(self, key: str) -> threading.Lock:
         """Striped lock so two uploads of the same frame id never interleave their writes."""
         return self._key_locks[hash(key) % len(self._key_locks)]
+
+    @contextmanager
+    def key_locks(self, keys: list[str]) -> Iterator[None]:
+        """``key_lock`` of several keys at once (a batch), taken in stripe order so two
+        batches never wait on each other in a cycle."""
+        stripes = sorted({hash(k) % len(self._key_locks) for k in keys})
+        taken: list[threading.Lock] = []
+        try:
+            for i in stripes:
+                self._key_locks[i].acquire()
+                taken.append(self._key_locks[i])
+            yield
+        finally:
+            for lock in reversed(taken):
+                lock.release()
 
     def prepare_storage(self) -> None:
         """Upgrade the database schema to head and repair the frame store after a crash (once,

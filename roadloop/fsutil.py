@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -145,3 +146,41 @@ def swap_dir_into_place(tmp: Path, final: Path) -> None:
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+_LIBC: object | None = None
+
+
+def _syncfs_fn() -> object | None:
+    """libc's ``syncfs`` (Linux), else None."""
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return None
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        except OSError:
+            _LIBC = False
+    return getattr(_LIBC, "syncfs", None) if _LIBC else None
+
+
+def syncfs(path: Path) -> bool:
+    """Flush everything written to the file system holding ``path`` (data, inodes, renames)
+    with Linux's ``syncfs(2)``; False where the call is not available (the caller fsyncs
+    what it wrote instead). Raises ``OSError`` when the kernel reports a write-back error."""
+    fn = _syncfs_fn()
+    if fn is None:
+        return False
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fn(fd) != 0:  # type: ignore[operator]
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+    return True

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -45,7 +47,7 @@ from pydantic import (
 )
 
 from roadloop.errors import InvalidInputError
-from roadloop.fsutil import write_bytes_atomic
+from roadloop.fsutil import syncfs, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +324,9 @@ class FrameStorage(Protocol):
     def frame_path(self, record: FrameRecord) -> Path: ...
     def find_frame(self, camera_id: str, frame_id: str) -> Path | None: ...
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
-                    decoded_size: tuple[int, int] | None = None) -> FrameWrite: ...
+                    decoded_size: tuple[int, int] | None = None,
+                    durable: bool = True) -> FrameWrite: ...
+    def sync(self) -> None: ...
     def remove_frame(self, image_path: Path) -> None: ...
     def image_path(self, relative: str) -> Path: ...
     def cameras(self) -> list[str]: ...
@@ -343,6 +347,8 @@ class FrameStore:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self._unsynced: set[Path] = set()  # written with durable=False, not yet synced
+        self._unsynced_lock = threading.Lock()
 
     def image_path(self, relative: str) -> Path:
         """The image at ``relative`` (a ``frames.path`` value) as a local file."""
@@ -379,8 +385,13 @@ class FrameStore:
         jpeg_bytes: bytes,
         *,
         decoded_size: tuple[int, int] | None = None,
+        durable: bool = True,
     ) -> FrameWrite:
         """Store one frame atomically; a frame id already in the store is left untouched.
+
+        ``durable=True`` fsyncs each file before its rename (the caller fsyncs the folder);
+        ``durable=False`` only renames, and the frame is durable after the next ``sync()``
+        (one barrier for many frames: the gateway's group commit calls it once per batch).
 
         Raises ``InvalidInputError`` (naming the frame) when the bytes are not a decodable
         JPEG, its size differs from ``record.width`` x ``record.height``, or the sidecar would
@@ -396,10 +407,37 @@ class FrameStore:
 
         sidecar = checked_sidecar(record, jpeg_bytes, decoded_size, where=target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(target, bytes(jpeg_bytes), durable=True)
+        write_bytes_atomic(target, bytes(jpeg_bytes), durable=durable)
         # Sidecar last: its presence marks the frame complete.
-        write_bytes_atomic(target.with_suffix(".json"), sidecar, durable=True)
+        write_bytes_atomic(target.with_suffix(".json"), sidecar, durable=durable)
+        if not durable:
+            with self._unsynced_lock:
+                self._unsynced.update((target, target.with_suffix(".json"), target.parent,
+                                       target.parent.parent))
         return FrameWrite(target, False)
+
+    def sync(self) -> None:
+        """Make every frame written with ``durable=False`` so far durable: ``syncfs(2)`` of
+        the store's file system on Linux (one call, however many frames), else an fsync of
+        each file and folder written since the last sync. Raises ``OSError`` on failure
+        (then nothing written since the last successful sync may be acknowledged)."""
+        with self._unsynced_lock:
+            pending, self._unsynced = self._unsynced, set()
+        if not pending:
+            return
+        try:
+            if syncfs(self.root):
+                return
+            for path in sorted(pending, key=lambda p: (p.is_dir(), -len(p.parts))):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError:
+            with self._unsynced_lock:  # still not durable: the next sync tries again
+                self._unsynced.update(pending)
+            raise
 
     def remove_frame(self, image_path: Path) -> None:
         """Delete one frame: sidecar first (the frame stops being complete), then the image."""

@@ -160,8 +160,10 @@ class S3FrameStore:
 
     # ---- writing
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
-                    decoded_size: tuple[int, int] | None = None) -> FrameWrite:
-        """PUT the JPEG, then the record (create-only); returns once both succeeded."""
+                    decoded_size: tuple[int, int] | None = None,
+                    durable: bool = True) -> FrameWrite:
+        """PUT the JPEG, then the record (create-only); returns once both succeeded (a PUT
+        is durable when answered, so ``durable`` changes nothing)."""
         rel = self._relative(record)
         target = self.root / f"{rel}.jpg"
         sidecar_key = self._key(f"{rel}.json")
@@ -181,6 +183,9 @@ class S3FrameStore:
                     return FrameWrite(target, True)  # another writer created it first
                 raise
         return FrameWrite(target, False)
+
+    def sync(self) -> None:
+        """Nothing to do: every PUT was durable when the store answered it."""
 
     def remove_frame(self, image_path: Path) -> None:
         """Delete one frame: record first (the frame stops being complete), then the JPEG."""

@@ -1,0 +1,235 @@
+"""``POST /v1/frames/batch``: several frames in one request, one result per frame.
+
+The envelope (docs/fleet-api.md "Batched uploads") is a raw body, not multipart::
+
+    4 bytes   big-endian uint32 L: length of the manifest
+    L bytes   UTF-8 JSON {"frames": [{"metadata": {...FrameMetadata...}, "image_bytes": n}, ...]}
+    then      the JPEGs, concatenated in manifest order; the body ends after the last one
+
+An envelope that does not split into frames is a 422 for the whole request (nothing stored);
+once it splits, every frame goes through the per-frame path of ``POST /v1/frames``
+(``fleet.intake.check_frame`` and ``store_frames``) and gets the status and message that
+route would give it alone. The stored frames of one batch are one group-commit item (a
+SAVEPOINT per row), so a batch costs one commit wait, and with ``frame_sync=group`` one
+durability barrier, however many frames it carries. Splitting a raw body is a few slices;
+Starlette's multipart parser costs far more per frame (benchmarks/intake_parsing.py).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from fleet.auth import DevicePrincipal, Principal
+from fleet.auth_first import AuthFirstRoute
+from fleet.bodies import JsonRejected, loads
+from fleet.bounds import MAX_JSON_VALUES
+from fleet.config import GatewaySettings
+from fleet.intake import (
+    CheckedFrame,
+    check_frame,
+    metadata_too_large,
+    store_frames,
+    validate_metadata,
+)
+from fleet.ratelimit import BodyTooLarge, rate_limit_refusal
+from fleet.runtime import Gateway, GatewayDep
+from fleet.schemas import ErrorOut
+
+__all__ = ["BATCH_CONTENT_TYPE", "BatchResult", "FrameResult", "router", "split_batch",
+           "store_batch"]
+
+BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
+_PREFIX = struct.Struct(">I")
+RETRY_LATER = frozenset({429, 503, 507})
+REFUSED = frozenset({403, 413, 422})
+
+
+class FrameResult(BaseModel):
+    """What happened to one frame: the status ``POST /v1/frames`` would answer for it."""
+
+    frame_id: str | None
+    status: int
+    detail: str | None = None
+
+
+class BatchResult(BaseModel):
+    results: list[FrameResult]
+    stored: int
+    duplicates: int
+    refused: int
+    retry_later: int
+
+
+def _bad(why: str) -> HTTPException:
+    return HTTPException(422, f"frame batch envelope is invalid: {why}; nothing was stored "
+                         "(see docs/fleet-api.md, batched uploads)")
+
+
+def split_batch(body: bytes, settings: GatewaySettings) -> list[tuple[Any, bytes]]:
+    """(metadata object as parsed, JPEG bytes) per manifest entry, or a 422 for the whole
+    request when the envelope does not split into frames."""
+    if len(body) < _PREFIX.size:
+        raise _bad("the body is shorter than its 4-byte manifest length")
+    (length,) = _PREFIX.unpack_from(body)
+    max_frames = settings.max_batch_frames
+    max_manifest = max_frames * settings.max_metadata_bytes + 1024
+    if length > max_manifest:
+        raise _bad(f"the manifest length {length} is over the {max_manifest}-byte limit")
+    end = _PREFIX.size + length
+    if end > len(body):
+        raise _bad(f"the manifest length {length} runs past the end of the body")
+    try:
+        manifest = loads(body[_PREFIX.size:end], "manifest",
+                         max_values=MAX_JSON_VALUES * max_frames)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _bad(f"the manifest is not valid JSON ({exc})") from exc
+    except JsonRejected as exc:
+        raise _bad(str(exc)) from exc
+    frames = manifest.get("frames") if isinstance(manifest, dict) else None
+    if not isinstance(frames, list):
+        raise _bad('the manifest must be a JSON object {"frames": [...]}')
+    if not frames:
+        raise _bad("the manifest lists no frames")
+    if len(frames) > max_frames:
+        raise _bad(f"{len(frames)} frames, more than max_batch_frames ({max_frames})")
+    sizes = []
+    for i, entry in enumerate(frames):
+        size = entry.get("image_bytes") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or "metadata" not in entry or type(size) is not int \
+                or size < 0:
+            raise _bad(f"frames[{i}] must be an object with 'metadata' and a non-negative "
+                       "integer 'image_bytes'")
+        sizes.append(size)
+    if sum(sizes) != len(body) - end:
+        raise _bad(f"image_bytes add up to {sum(sizes)} but {len(body) - end} bytes follow "
+                   "the manifest")
+    out, pos = [], end
+    for entry, size in zip(frames, sizes, strict=True):
+        out.append((entry["metadata"], body[pos:pos + size]))
+        pos += size
+    return out
+
+
+def _checked(gw: Gateway, principal: Principal, raw: Any, image: bytes,
+             first: bool) -> CheckedFrame:
+    """One manifest entry through the checks of ``POST /v1/frames``, in that route's order
+    (rate limit, body size, metadata size, metadata, camera, JPEG)."""
+    settings = gw.settings
+    if not first:  # the route's early check charged the first frame
+        refusal = rate_limit_refusal(gw, principal)
+        if refusal is not None:
+            raise refusal
+    if len(image) > settings.max_request_bytes:
+        raise HTTPException(413, BodyTooLarge(settings.max_request_bytes).detail)
+    text = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+    if len(text.encode("utf-8", "surrogatepass")) > settings.max_metadata_bytes:
+        raise metadata_too_large(settings.max_metadata_bytes)
+    with gw.stats.span("parse_metadata"):
+        meta = validate_metadata(raw)
+    return check_frame(gw, principal, meta, image)
+
+
+def store_batch(gw: Gateway, principal: Principal,
+                entries: list[tuple[Any, bytes]]) -> tuple[BatchResult, int | None]:
+    """Check and store every frame; (the results, ``Retry-After`` seconds when every frame
+    is to be retried later)."""
+    results: list[FrameResult | None] = [None] * len(entries)
+    errors: list[HTTPException | None] = [None] * len(entries)
+    ids: list[str | None] = []
+    checked: list[tuple[int, CheckedFrame]] = []
+    for i, (raw, image) in enumerate(entries):
+        fid = raw.get("frame_id") if isinstance(raw, dict) else None
+        ids.append(fid if isinstance(fid, str) else None)
+        try:
+            frame = _checked(gw, principal, raw, image, first=i == 0)
+        except HTTPException as exc:
+            errors[i] = exc
+            continue
+        ids[i] = frame.meta.frame_id
+        checked.append((i, frame))
+    if checked:
+        outcomes = store_frames(gw, principal, [f for _, f in checked])
+        for (i, _), outcome in zip(checked, outcomes, strict=True):
+            errors[i] = outcome
+    for i, exc in enumerate(errors):
+        results[i] = (FrameResult(frame_id=ids[i], status=201) if exc is None else
+                      FrameResult(frame_id=ids[i], status=exc.status_code, detail=str(exc.detail)))
+    done = [r for r in results if r is not None]
+    statuses = [r.status for r in done]
+    gw.stats.count("frame_batches")
+    out = BatchResult(
+        results=done, stored=statuses.count(201), duplicates=statuses.count(409),
+        refused=sum(s in REFUSED for s in statuses),
+        retry_later=sum(s in RETRY_LATER for s in statuses),
+    )
+    retry_after = None
+    if out.retry_later == len(done):
+        waits = [int((e.headers or {}).get("Retry-After", 1)) for e in errors if e is not None]
+        retry_after = max([1, *waits])
+    return out, retry_after
+
+
+# --------------------------------------------------------------------------- route
+router = APIRouter(tags=["frames"], route_class=AuthFirstRoute)
+
+_BATCH_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            BATCH_CONTENT_TYPE: {
+                "schema": {
+                    "type": "string", "format": "binary",
+                    "description": "4-byte big-endian manifest length L, L bytes of JSON "
+                    '{"frames": [{"metadata": FrameMetadata, "image_bytes": n}, ...]}, then '
+                    "the JPEGs concatenated in manifest order.",
+                },
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/v1/frames/batch",
+    response_model=BatchResult,
+    responses={
+        401: {"model": ErrorOut}, 403: {"model": ErrorOut},
+        404: {"model": ErrorOut, "description": "Batches are switched off on this gateway."},
+        413: {"model": ErrorOut, "description": "Body over max_batch_bytes (not read)."},
+        415: {"model": ErrorOut}, 422: {"model": ErrorOut, "description": "Bad envelope."},
+        429: {"model": ErrorOut},
+    },
+    openapi_extra=_BATCH_DOC,
+)
+async def post_frame_batch(
+    request: Request,
+    principal: DevicePrincipal,
+    gw: GatewayDep,
+) -> JSONResponse:
+    """Upload up to ``max_batch_frames`` frames in one raw body; per-frame results in request
+    order, each with the status ``POST /v1/frames`` gives that frame alone (201 stored and
+    durable, 409 already stored, 403/413/422 refused, 429/503/507 retry later).
+
+    Authentication and the rate limit's first frame are checked before the body is read;
+    each further frame costs one token of the device's rate limit."""
+    if not gw.settings.frame_batch_enabled:
+        raise HTTPException(404, "frame batches are switched off on this gateway "
+                            "(ROADLOOP_GATEWAY_FRAME_BATCH_ENABLED): use POST /v1/frames")
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != BATCH_CONTENT_TYPE:
+        raise HTTPException(415, f"a frame batch is Content-Type {BATCH_CONTENT_TYPE}, "
+                            f"not {ctype or 'none'} (multipart goes to POST /v1/frames)")
+    with gw.stats.span("read_batch"):
+        body = await request.body()
+        entries = split_batch(body, gw.settings)
+    del body
+    result, retry_after = await run_in_threadpool(store_batch, gw, principal, entries)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(result.model_dump(mode="json"), headers=headers)

@@ -1,0 +1,243 @@
+# ruff: noqa: F811 - the fixtures of tests/test_fleet_gateway.py are imported by name
+"""POST /v1/frames/batch (fleet.intake_batch), the group durability barrier and the principal
+cache for frame uploads. TestClient against a real SQLite file, as tests/test_fleet_gateway.py
+(whose fixtures these tests reuse)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from fleet.auth import revoke_device
+from fleet.db import Device
+from fleet.intake_batch import BATCH_CONTENT_TYPE
+
+from .test_fleet_gateway import (  # noqa: F401 - fixtures
+    Env,
+    bearer,
+    env,
+    frame_jpeg,
+    make_env,
+    meta,
+    post_frame,
+)
+
+
+def batch_body(frames: list[tuple[Any, bytes]]) -> bytes:
+    manifest = json.dumps({"frames": [{"metadata": m, "image_bytes": len(img)}
+                                      for m, img in frames]}).encode()
+    return struct.pack(">I", len(manifest)) + manifest + b"".join(img for _, img in frames)
+
+
+def post_batch(env: Env, token: str, body: bytes,
+               ctype: str = BATCH_CONTENT_TYPE) -> httpx.Response:
+    return env.client.post("/v1/frames/batch", content=body,
+                           headers={**bearer(token), "Content-Type": ctype})
+
+
+def truncated(jpeg: bytes) -> bytes:
+    return jpeg[: len(jpeg) // 2] + b"\xff\xd9"
+
+
+def test_mixed_batch_gives_each_frame_the_single_routes_answer(env: Env,
+                                                               frame_jpeg: bytes) -> None:
+    dev = env.enroll("cam-a")
+    tok = dev["access_token"]
+    assert post_frame(env.client, tok, meta("f-dup"), frame_jpeg).status_code == 201
+    frames = [
+        (meta("f-1"), frame_jpeg),
+        (meta("f-dup"), frame_jpeg),
+        (meta("f-bad"), truncated(frame_jpeg)),
+        (meta("f-cam", camera_id="cam-b"), frame_jpeg),
+        ({"camera_id": "cam-a"}, frame_jpeg),  # no frame_id
+        (meta("f-2"), frame_jpeg),
+    ]
+    r = post_batch(env, tok, batch_body(frames))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    got = [(x["frame_id"], x["status"]) for x in out["results"]]
+    assert got == [("f-1", 201), ("f-dup", 409), ("f-bad", 422), ("f-cam", 403), (None, 422),
+                   ("f-2", 201)]
+    assert (out["stored"], out["duplicates"], out["refused"], out["retry_later"]) == (2, 1, 3, 0)
+    assert "retry-after" not in r.headers
+    # The same frames alone on POST /v1/frames: the same statuses and messages.
+    for (m, img), res in zip(frames[1:5], out["results"][1:5], strict=True):
+        alone = post_frame(env.client, tok, m, img)
+        assert (alone.status_code, alone.json()["detail"]) == (res["status"], res["detail"])
+    stored = {(row.frame_id, row.device_id) for row in env.rows()}
+    assert stored == {(f, dev["device_id"]) for f in ("f-dup", "f-1", "f-2")}
+    for fid in ("f-1", "f-2"):
+        path = env.gw.store.find_frame("cam-a", fid)
+        assert path is not None and path.read_bytes() == frame_jpeg
+    assert env.gw.store.find_frame("cam-a", "f-bad") is None
+
+    replay = post_batch(env, tok, batch_body([(meta("f-1"), frame_jpeg),
+                                              (meta("f-2"), frame_jpeg)]))
+    assert [x["status"] for x in replay.json()["results"]] == [409, 409]
+    assert len(env.rows()) == 3
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"\x00\x00", "shorter than"),
+    (struct.pack(">I", 99) + b"{}", "runs past"),
+    (struct.pack(">I", 5) + b"{nope", "not valid JSON"),
+    (struct.pack(">I", 2) + b"[]", "must be a JSON object"),
+    (struct.pack(">I", 13) + b'{"frames":[]}', "no frames"),
+    (batch_body([({"frame_id": "x"}, b"abc")])[:-1], "add up to"),
+    (batch_body([({"frame_id": f"x{i}"}, b"") for i in range(5)]), "more than max_batch"),
+], ids=["short", "past_end", "not_json", "not_object", "empty", "sizes", "too_many"])
+def test_bad_envelope_is_422_and_stores_nothing(make_env: Any, body: bytes, why: str) -> None:
+    env = make_env(max_batch_frames=4)
+    tok = env.enroll()["access_token"]
+    r = post_batch(env, tok, body)
+    assert r.status_code == 422 and why in r.json()["detail"], r.text
+    assert env.rows() == []
+
+
+def test_wrong_content_type_is_415_and_oversize_is_413_unread(make_env: Any,
+                                                               frame_jpeg: bytes) -> None:
+    env = make_env(max_batch_bytes=len(frame_jpeg) + 2000)
+    tok = env.enroll()["access_token"]
+    body = batch_body([(meta("f-1"), frame_jpeg)])
+    assert post_batch(env, tok, body, ctype="multipart/form-data").status_code == 415
+    big = batch_body([(meta("f-1"), frame_jpeg), (meta("f-2"), frame_jpeg)])
+    r = post_batch(env, tok, big)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert env.rows() == []
+    assert post_batch(env, tok, body).json()["stored"] == 1
+
+
+def test_rate_limit_counts_frames(make_env: Any, frame_jpeg: bytes) -> None:
+    env = make_env(rate_limit_per_s=0.001, rate_limit_burst=3)
+    tok = env.enroll()["access_token"]
+    r = post_batch(env, tok, batch_body([(meta(f"f-{i}"), frame_jpeg) for i in range(5)]))
+    assert [x["status"] for x in r.json()["results"]] == [201, 201, 201, 429, 429]
+    assert "rate limit exceeded" in r.json()["results"][3]["detail"]
+    assert len(env.rows()) == 3
+    assert post_batch(env, tok, batch_body([(meta("f-9"), frame_jpeg)])).status_code == 429
+
+
+def test_switched_off_batches_answer_404(make_env: Any, frame_jpeg: bytes) -> None:
+    env = make_env(frame_batch_enabled=False)
+    tok = env.enroll()["access_token"]
+    assert post_batch(env, tok, batch_body([(meta("f-1"), frame_jpeg)])).status_code == 404
+
+
+# --------------------------------------------------------------------------- durability
+def test_group_sync_once_per_commit_and_a_failed_sync_acknowledges_nothing(
+    env: Env, frame_jpeg: bytes, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert env.settings.frame_sync == "group"
+    tok = env.enroll()["access_token"]
+    calls: list[int] = []
+    real_sync = env.gw.store.sync
+    monkeypatch.setattr(env.gw.store, "sync", lambda: calls.append(1) or real_sync())
+    before = env.gw.committer.batches
+    r = post_batch(env, tok, batch_body([(meta(f"f-{i}"), frame_jpeg) for i in range(4)]))
+    assert r.json()["stored"] == 4
+    assert len(calls) == env.gw.committer.batches - before == 1
+
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(env.gw.store, "sync", broken)
+    r = post_batch(env, tok, batch_body([(meta("f-x"), frame_jpeg), (meta("f-y"), frame_jpeg)]))
+    assert [x["status"] for x in r.json()["results"]] == [503, 503]
+    assert "not acknowledged" in r.json()["results"][0]["detail"]
+    assert r.headers["retry-after"] == "1"
+    single = post_frame(env.client, tok, meta("f-z"), frame_jpeg)
+    assert single.status_code == 503
+    assert {row.frame_id for row in env.rows()} == {f"f-{i}" for i in range(4)}
+    monkeypatch.setattr(env.gw.store, "sync", real_sync)  # healed: the retry is stored
+    r = post_batch(env, tok, batch_body([(meta("f-x"), frame_jpeg)]))
+    assert r.json()["stored"] == 1
+
+
+def test_per_file_sync_needs_no_barrier(make_env: Any, frame_jpeg: bytes) -> None:
+    env = make_env(frame_sync="per_file", frame_read_back=True)
+    assert env.gw.committer.before_commit is None
+    tok = env.enroll()["access_token"]
+    assert post_frame(env.client, tok, meta("f-1"), frame_jpeg).status_code == 201
+    r = post_batch(env, tok, batch_body([(meta("f-2"), frame_jpeg)]))
+    assert r.json()["stored"] == 1 and len(env.rows()) == 2
+
+
+def test_frame_store_sync_falls_back_to_fsync(tmp_path: Any, frame_jpeg: bytes,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+
+    from roadloop.data import frames as frames_mod
+    from roadloop.data.frames import FrameRecord, FrameStore
+
+    store = FrameStore(tmp_path)
+    rec = FrameRecord(frame_id="f-1", camera_id="cam-a", captured_at=datetime.now(UTC),
+                      source="test", width=160, height=120)
+    store.write_frame(rec, frame_jpeg, decoded_size=(160, 120), durable=False)
+    synced: list[str] = []
+    monkeypatch.setattr(frames_mod, "syncfs", lambda path: False)
+    real_fsync = frames_mod.os.fsync
+    monkeypatch.setattr(frames_mod.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    store.sync()
+    assert len(synced) == 4  # image, sidecar, day folder, camera folder
+    store.sync()
+    assert len(synced) == 4  # nothing new written
+
+
+# --------------------------------------------------------------------------- principal cache
+class Seconds:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_revocation_reaches_cached_frame_principals(make_env: Any, frame_jpeg: bytes) -> None:
+    env = make_env(principal_cache_s=5.0)
+    clock = Seconds()
+    env.gw.auth_cache.clock = clock
+    a, b = env.enroll("cam-a"), env.enroll("cam-b")
+    assert post_frame(env.client, a["access_token"], meta("f-1"), frame_jpeg).status_code == 201
+    bm = meta("f-1", camera_id="cam-b")
+    assert post_frame(env.client, b["access_token"], bm, frame_jpeg).status_code == 201
+
+    # Revoked through this gateway: refused at once.
+    r = env.client.post(f"/v1/devices/{a['device_id']}/revoke", headers=bearer(env.admin))
+    assert r.status_code == 200
+    assert post_frame(env.client, a["access_token"], meta("f-2"), frame_jpeg).status_code == 401
+
+    # Revoked elsewhere (another replica, the CLI): refused once the bound has passed.
+    with env.gw.db.write() as session:
+        revoke_device(session, session.scalar(
+            select(Device).where(Device.device_id == b["device_id"])), env.clock())
+        session.commit()
+    bm2 = meta("f-2", camera_id="cam-b")
+    clock.t += 4.9
+    assert post_frame(env.client, b["access_token"], bm2, frame_jpeg).status_code == 201
+    clock.t += 0.2
+    r = post_frame(env.client, b["access_token"], meta("f-3", camera_id="cam-b"), frame_jpeg)
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+
+
+def test_status_change_and_expiry_reach_cached_principals(make_env: Any,
+                                                           frame_jpeg: bytes) -> None:
+    env = make_env(principal_cache_s=30.0)
+    env.gw.auth_cache.clock = Seconds()  # frozen: only invalidation or expiry can refuse
+    dev = env.enroll("cam-a")
+    tok = dev["access_token"]
+    assert post_frame(env.client, tok, meta("f-1"), frame_jpeg).status_code == 201
+    r = env.client.post(f"/v1/devices/{dev['device_id']}/status",
+                        json={"status": "inactive", "reason": "test"}, headers=bearer(env.admin))
+    assert r.status_code == 200, r.text
+    assert post_frame(env.client, tok, meta("f-2"), frame_jpeg).status_code == 403
+    r = env.client.post(f"/v1/devices/{dev['device_id']}/status",
+                        json={"status": "active", "reason": "test"}, headers=bearer(env.admin))
+    assert post_frame(env.client, tok, meta("f-2"), frame_jpeg).status_code == 201
+    env.clock.advance(dev["expires_in"] + 1)  # the token's expiry is not cached away
+    r = post_frame(env.client, tok, meta("f-3"), frame_jpeg)
+    assert r.status_code == 401 and "expired" in r.json()["detail"]
