@@ -31,6 +31,12 @@ from edge_agent.outbox import BackoffPolicy, Outbox
 from edge_agent.record_outbox import RecordOutbox
 from edge_agent.uploader import BATCH_ROUTE_RETRY_S, FrameUploader, UploadEvents
 
+from . import test_fleet_gateway as gateway_tests
+from .helpers import synthetic_jpeg
+from .test_fleet_gateway import H, W, meta, post_frame
+
+make_env = gateway_tests.make_env  # fixture: an in-process gateway
+
 URL = "http://gateway.test"
 
 
@@ -302,3 +308,36 @@ def test_cli_upload_batch_max_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--upload-batch-max", "0"])
     assert "must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- a real in-process gateway
+def test_agent_drains_a_full_outbox_through_batches_into_a_real_gateway(
+        tmp_path: Path, make_env: Any) -> None:
+    """The gateway of ``fleet.app`` (in process): 40 queued frames, two of them already
+    stored before (a crash between the gateway's 201 and the local ack), go as batches;
+    every frame is stored exactly once and the outbox forgets each one."""
+    env = make_env()
+    client = GatewayClient("http://testserver", tmp_path / "agent",
+                           transport=env.client._transport)
+    client.enroll(env.enrollment_token(), "cam-a", "0.1.0")
+    ids = [f"b{i:03d}" for i in range(40)]
+    jpegs = {fid: synthetic_jpeg(i, (W, H), cells=(12, 9), quality=85)
+             for i, fid in enumerate(ids)}
+    for fid in ids[:2]:  # stored before the agent's ack was written
+        assert post_frame(env.client, client.identity.access_token, meta(fid),
+                          jpegs[fid]).status_code == 201
+    agent, summary = _agent(tmp_path / "agent", client, camera="cam-a")
+    for fid in ids:
+        agent.outbox.put(fid, jpegs[fid], meta(fid), 1.0)
+    try:
+        _run_uploader(agent, lambda: agent.outbox.depth() == 0)
+        assert agent.outbox.journal() == {fid: "duplicate" if fid in ids[:2] else "acked"
+                                          for fid in ids}
+    finally:
+        client.close()
+        agent.outbox.close()
+        agent.records.close()
+    assert agent.frame_uploader.batches_sent == 3  # 16 + 16 + 8 frames, no single upload
+    stored = [row.frame_id for row in env.rows()]
+    assert sorted(stored) == ids  # each once
+    assert (summary.uploads_ok, summary.duplicates_absorbed, summary.upload_failures) == (40, 2, 0)
