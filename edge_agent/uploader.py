@@ -9,8 +9,9 @@ Version compatibility: a gateway without the batch route answers 404/405/415; th
 then sends frame by frame and tries the batch route again ``BATCH_ROUTE_RETRY_S`` (10 min)
 later, logging the switch once. Batch bodies stay under ``batch_max_bytes`` (1 MiB by default:
 an older gateway's body cap for routes it does not know, so it answers 404 rather than 413);
-a whole-request 413 from a gateway configured smaller halves that budget and sends the
-frames of that round one by one.
+a whole-request 413 from a gateway configured smaller halves that budget, another refusal
+(422: more frames than its ``max_batch_frames``) halves ``batch_max``, and the frames of that
+round go one by one.
 
 Fault injection (tests): with ``kill_after_acks`` = N the process SIGKILLs itself once the
 gateway acknowledged its N-th frame, before the outbox forgets that frame.
@@ -149,9 +150,11 @@ class FrameUploader:
             logger.warning("the gateway refused a %d-byte batch (413: %s): batches now stay "
                            "under %d bytes", batch.body_bytes, batch.detail[:200],
                            self.batch_max_bytes)
-        else:
+        else:  # e.g. 422: more frames than the gateway's max_batch_frames
+            self.batch_max = max(2, min(self.batch_max, len(chunk) // 2))
             logger.warning("the gateway refused a batch of %d frames (%s: %s): sending them one "
-                           "by one", len(chunk), batch.status_code, batch.detail[:200])
+                           "by one; batches now hold at most %d", len(chunk), batch.status_code,
+                           batch.detail[:200], self.batch_max)
         return None
 
     def _send_singly(self, chunk: list[tuple[OutboxItem, bytes]],

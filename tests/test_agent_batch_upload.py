@@ -216,6 +216,14 @@ def test_whole_request_413_sends_the_round_singly_and_shrinks_batches(make) -> N
     assert outbox.depth() == 0 and up.batch_max_bytes == uploader_module.MIN_BATCH_BYTES
 
 
+def test_whole_request_422_sends_the_round_singly_and_halves_batch_max(make) -> None:
+    gw = FakeGateway(lambda frames: httpx.Response(422, json={"detail": "more than 4 frames"}))
+    up, outbox = make(gw, 10, batch_max=8)
+    assert up.upload(outbox.due(float("inf"))) is None
+    assert [len(b) for b in gw.batches] == [8, 2] and len(gw.singles) == 10
+    assert outbox.depth() == 0 and up.batch_max == 2
+
+
 def test_401_on_a_batch_refreshes_the_token_and_resends(make) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/token/refresh":
