@@ -1,7 +1,9 @@
 """The edge agent runtime: source → detector → counts/density → samplers → outbox → gateway
 
 Threads: the frame reader (``LatestFrameReader``), the inference loop (the caller's thread,
-``EdgeAgent.run``), an uploader that drains the durable outbox into ``POST /v1/frames``,
+``EdgeAgent.run``), an uploader that drains the durable outbox into the gateway
+(``edge_agent.uploader``: ``POST /v1/frames/batch`` when several frames are due, up to
+``upload_batch_max``, else ``POST /v1/frames``),
 and a heartbeat sender (``POST /v1/heartbeats`` every ``heartbeat_interval_s``; heartbeats
 that fail are kept, at most 20, and resent first).
 
@@ -27,8 +29,8 @@ checked, kept in the state dir and put in force without a restart — the frame 
 the sampling rates in force before each frame. Heartbeats report the version in force.
 
 Fault injection for tests: ``EDGE_AGENT_FAULT_KILL_AFTER_ACKS=N`` makes the process
-SIGKILL itself after the gateway acknowledged its N-th upload and *before* the outbox
-forgets the frame — the "killed mid-upload" case the restart must absorb (409).
+SIGKILL itself after the gateway acknowledged its N-th frame (a batch acknowledges several)
+and *before* the outbox forgets that frame — the "killed mid-upload" case the restart must absorb (409).
 ``EDGE_AGENT_FAULT_MODEL_DELAY_MS`` slows chosen models down (see ``edge_agent.model_slot``).
 """
 
@@ -40,7 +42,6 @@ import logging
 import math
 import os
 import platform
-import signal
 import sys
 import threading
 import time
@@ -60,6 +61,7 @@ from edge_agent.client import (
     GatewayClient,
     GatewayError,
     GatewayUnavailable,
+    UploadOutcome,
 )
 from edge_agent.counting import DensityState, DensityTracker, count_per_class
 from edge_agent.heartbeat import TelemetryWindow
@@ -76,6 +78,7 @@ from edge_agent.traffic.counter import FrameTraffic
 from edge_agent.traffic.geometry import TrafficConfig
 from edge_agent.traffic.stage import CHECKPOINT_FILE, REASON_TRAFFIC_EVENT, TrafficStage
 from edge_agent.updater import ModelUpdater
+from edge_agent.uploader import DEFAULT_BATCH_MAX, FrameUploader, UploadEvents
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +325,8 @@ class AgentConfig:
     outbox_max_bytes: int = 512 * 1024 * 1024
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
+    # Frames per POST /v1/frames/batch when several are due (1: one POST /v1/frames each).
+    upload_batch_max: int = DEFAULT_BATCH_MAX
     drain_timeout_s: float = 10.0
     jpeg_quality: int = 90
     status_interval_s: float | None = None  # None: 1 s on a TTY, 10 s otherwise
@@ -792,8 +797,9 @@ class EdgeAgent:
         return None
 
     def _upload_loop(self) -> None:
-        backoff = self.outbox.backoff
-        consecutive = 0
+        self.frame_uploader = uploader = FrameUploader(
+            self.client, self.outbox, batch_max=self.config.upload_batch_max,
+            events=_AgentUploadEvents(self), kill_after_acks=self._kill_after)
         pause_until = 0.0
         while not self._uploads_stop.is_set():
             now = time.time()
@@ -805,7 +811,8 @@ class EdgeAgent:
             if pause is not None:
                 pause_until = time.time() + pause
                 continue
-            items = [] if self.frames_blocked() else self.outbox.due(now, limit=16)
+            limit = max(self.config.upload_batch_max, 16)
+            items = [] if self.frames_blocked() else self.outbox.due(now, limit=limit)
             if not items:
                 next_due = min((t for t in (self.outbox.next_due_at(),
                                             self.records.next_due_at()) if t is not None),
@@ -814,60 +821,9 @@ class EdgeAgent:
                 self._wake_uploader.wait(wait)
                 self._wake_uploader.clear()
                 continue
-            for item in items:
-                if self._uploads_stop.is_set():
-                    break
-                try:
-                    data = item.read_bytes()
-                except OSError as exc:
-                    self.outbox.reject(item.frame_id, f"spool file unreadable: {exc}")
-                    self.telemetry.record_error()
-                    continue
-                outcome = self.client.upload_frame(data, item.metadata)
-                summary = self.summary
-                if outcome.acknowledged:
-                    self._acks_this_process += 1
-                    if self._kill_after and self._acks_this_process >= self._kill_after:
-                        logger.warning(
-                            "fault injection: SIGKILL after %d acks", self._acks_this_process
-                        )
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    dup = outcome.kind == "duplicate"
-                    self.outbox.ack(item.frame_id, duplicate=dup)
-                    self.telemetry.record_upload(True)
-                    self._last_upload_at = time.time()
-                    consecutive = 0
-                    if summary is not None:
-                        summary.uploads_ok += 1
-                        summary.duplicates_absorbed += int(dup)
-                    if dup:
-                        logger.info(
-                            "frame %s was already stored (409): acknowledged", item.frame_id
-                        )
-                elif outcome.kind == "retry":
-                    self.outbox.fail(item.frame_id, outcome.detail, retry_after=outcome.retry_after)
-                    self.telemetry.record_upload(False)
-                    if summary is not None:
-                        summary.upload_failures += 1
-                    # The whole uploader backs off (a dead gateway fails every frame alike);
-                    # the frame itself is rescheduled by the outbox with its own attempt count.
-                    pause = max(backoff.delay(consecutive), outcome.retry_after or 0.0)
-                    consecutive += 1
-                    pause_until = time.time() + pause
-                    logger.warning(
-                        "upload of %s failed (%s %s); %d queued, retrying in %.1fs",
-                        item.frame_id,
-                        outcome.status_code or "network",
-                        outcome.detail[:200],
-                        self.outbox.depth(),
-                        pause_until - time.time(),
-                    )
-                    break
-                else:
-                    self.outbox.reject(item.frame_id, f"{outcome.status_code}: {outcome.detail}")
-                    self.telemetry.record_error()
-                    if summary is not None:
-                        summary.rejected += 1
+            pause = uploader.upload(items, stop=self._uploads_stop.is_set)
+            if pause is not None:
+                pause_until = time.time() + pause
 
     def _drain(self) -> None:
         """Give the uploader ``drain_timeout_s`` to empty the outbox (skipped when forced)."""
@@ -957,6 +913,34 @@ class EdgeAgent:
                         " and lost at exit" if final else "",
                     )
                     break
+
+
+class _AgentUploadEvents(UploadEvents):
+    """The uploader's per-frame events into the agent's summary and telemetry."""
+
+    def __init__(self, agent: EdgeAgent) -> None:
+        self.agent = agent
+
+    def acknowledged(self, frame_id: str, duplicate: bool) -> None:
+        a = self.agent
+        a.telemetry.record_upload(True)
+        a._last_upload_at = time.time()
+        if a.summary is not None:
+            a.summary.uploads_ok += 1
+            a.summary.duplicates_absorbed += int(duplicate)
+
+    def failed(self, frame_id: str, outcome: UploadOutcome) -> None:
+        self.agent.telemetry.record_upload(False)
+        if self.agent.summary is not None:
+            self.agent.summary.upload_failures += 1
+
+    def rejected(self, frame_id: str, reason: str) -> None:
+        self.agent.telemetry.record_error()
+        if self.agent.summary is not None:
+            self.agent.summary.rejected += 1
+
+    def unreadable(self, frame_id: str, error: str) -> None:
+        self.agent.telemetry.record_error()
 
 
 class _StatusLine:

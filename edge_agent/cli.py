@@ -45,6 +45,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def _config_entry(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -129,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--outbox-max-mb", type=_positive_float, default=512.0)
     run.add_argument("--retry-base", type=_positive_float, default=1.0, metavar="S")
     run.add_argument("--retry-max-delay", type=_positive_float, default=60.0, metavar="S")
+    run.add_argument(
+        "--upload-batch-max",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="frames per POST /v1/frames/batch when several are queued (1: one request per "
+        "frame); a gateway without batches gets one request per frame anyway",
+    )
     run.add_argument(
         "--drain-timeout",
         type=float,
@@ -308,6 +326,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         outbox_max_bytes=int(args.outbox_max_mb * 1024 * 1024),
         retry_base_s=args.retry_base,
         retry_max_s=max(args.retry_max_delay, args.retry_base),
+        upload_batch_max=args.upload_batch_max,
         drain_timeout_s=args.drain_timeout,
         status_interval_s=args.status_interval,
         model_public_key=args.model_public_key,

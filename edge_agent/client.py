@@ -16,6 +16,13 @@ Outcomes the caller acts on (``UploadOutcome.kind``):
 * ``retry`` — network error, timeout, 5xx, 429 (``retry_after`` from the header), 401 that
   a refresh could not fix, 403 (device not active): keep the frame, try later;
 * ``rejected`` — any other 4xx (bad metadata, too large…): retrying cannot help.
+
+Batches (``upload_frames``, ``POST /v1/frames/batch``, the raw envelope of
+``docs/fleet-api.md`` "Batched frame uploads"): one ``UploadOutcome`` per frame from the
+response's per-frame status (201/409 acknowledge, 403/413/422 reject, 429/503/507 retry), or a
+whole-request ``BatchOutcome.kind``: ``retry`` (network, 5xx, 429, 401 after a refresh, 403),
+``unsupported`` (404/405/415: a gateway without the route) or ``refused`` (any other 4xx:
+send the frames one by one instead).
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +46,12 @@ from edge_agent.fsutil import write_text_atomic
 logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.json"
+BATCH_ROUTE = "/v1/frames/batch"
+BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
+# Per-frame statuses inside a batch response (the codes POST /v1/frames gives one frame).
+_BATCH_ACK = {201: "stored", 409: "duplicate"}
+_BATCH_REJECT = frozenset({403, 413, 422})
+_BATCH_RETRY = frozenset({429, 503, 507})
 
 
 class GatewayError(RuntimeError):
@@ -118,6 +132,52 @@ class UploadOutcome:
     @property
     def acknowledged(self) -> bool:
         return self.kind in ("stored", "duplicate")
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one ``POST /v1/frames/batch`` came to.
+
+    ``kind``: ``results`` (the envelope was taken: ``results`` holds one outcome per frame, in
+    request order), ``retry`` (the whole request failed transiently: ``results`` holds the same
+    retry outcome for every frame), ``unsupported`` (404/405/415: the gateway has no batch
+    route) or ``refused`` (another whole-request 4xx, e.g. 413 over the gateway's batch size:
+    nothing was stored; send these frames one by one). ``results`` is empty for the last two.
+    """
+
+    kind: str
+    results: tuple[UploadOutcome, ...] = ()
+    status_code: int | None = None
+    detail: str = ""
+    retry_after: float | None = None
+    body_bytes: int = 0  # size of the request body sent
+
+
+def encode_frame_batch(items: Sequence[tuple[bytes, Mapping[str, Any]]]) -> bytes:
+    """The batch envelope: a 4-byte big-endian manifest length, the JSON manifest
+    ``{"frames": [{"metadata": ..., "image_bytes": n}, ...]}``, then the JPEGs in order."""
+    manifest = json.dumps(
+        {"frames": [{"metadata": dict(meta), "image_bytes": len(jpeg)} for jpeg, meta in items]},
+        separators=(",", ":"),
+    ).encode("utf-8")
+    return b"".join([struct.pack(">I", len(manifest)), manifest, *(jpeg for jpeg, _ in items)])
+
+
+def _frame_outcome(entry: Any, retry_after: float | None) -> UploadOutcome:
+    """One entry of a batch response's ``results`` as the single route's outcome."""
+    code = entry.get("status")
+    detail = str(entry.get("detail") or "")
+    if not isinstance(code, int) or isinstance(code, bool):
+        return UploadOutcome("retry", None, f"batch result without a status: {entry!r}"[:300])
+    if code in _BATCH_ACK:
+        return UploadOutcome(_BATCH_ACK[code], code, detail)
+    if code in _BATCH_REJECT:
+        return UploadOutcome("rejected", code, detail)
+    if code in _BATCH_RETRY or code in (401, 408, 425) or code >= 500:
+        return UploadOutcome("retry", code, detail, retry_after)
+    if 200 <= code < 300:
+        return UploadOutcome("stored", code, detail)
+    return UploadOutcome("rejected", code, detail)
 
 
 def _detail(resp: httpx.Response) -> str:
@@ -298,6 +358,51 @@ class GatewayClient:
             "metadata": (None, json.dumps(metadata), "application/json"),
         }
         return self._outcome(lambda: self._send("POST", "/v1/frames", files=files), expect=201)
+
+    def upload_frames(
+        self, items: Sequence[tuple[bytes, Mapping[str, Any]]]
+    ) -> BatchOutcome:
+        """``POST /v1/frames/batch`` with ``(jpeg, metadata)`` pairs; never raises on HTTP
+        errors (see ``BatchOutcome``). A 401 refreshes the token once, as ``upload_frame``."""
+        body = encode_frame_batch(items)
+        n = len(items)
+
+        def every(outcome: UploadOutcome) -> BatchOutcome:
+            return BatchOutcome("retry", (outcome,) * n, outcome.status_code, outcome.detail,
+                                outcome.retry_after, len(body))
+
+        headers = {"Content-Type": BATCH_CONTENT_TYPE}
+        try:
+            resp = self._send("POST", BATCH_ROUTE, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return every(UploadOutcome("retry", None, f"{type(exc).__name__}: {exc}"))
+        except GatewayUnavailable as exc:
+            return every(UploadOutcome("retry", None, str(exc)))
+        except AuthError as exc:
+            return every(UploadOutcome("retry", 401, str(exc)))
+        code = resp.status_code
+        if code in (404, 405, 415):
+            return BatchOutcome("unsupported", (), code, _detail(resp), None, len(body))
+        if code in (401, 403, 408, 425, 429) or code >= 500:
+            return every(UploadOutcome("retry", code, _detail(resp), _retry_after(resp)))
+        if code != 200:
+            return BatchOutcome("refused", (), code, _detail(resp), None, len(body))
+        try:
+            entries = resp.json()["results"]
+            if not isinstance(entries, list) or len(entries) != n:
+                raise ValueError(f"{n} frames sent, results: {str(entries)[:200]}")
+            for entry, (_, meta) in zip(entries, items, strict=True):
+                if not isinstance(entry, dict):
+                    raise TypeError(f"a result is not an object: {entry!r}")
+                fid = entry.get("frame_id")
+                if fid is not None and fid != meta.get("frame_id"):
+                    raise ValueError(f"result for {fid!r} where {meta.get('frame_id')!r} was sent")
+        except (ValueError, KeyError, TypeError) as exc:
+            # Frames may be stored: a resend is answered 409, which acknowledges them.
+            return every(UploadOutcome("retry", code, f"unreadable batch response: {exc}"[:300]))
+        retry_after = _retry_after(resp)
+        return BatchOutcome("results", tuple(_frame_outcome(e, retry_after) for e in entries),
+                            code, "", retry_after, len(body))
 
     def post_heartbeat(self, heartbeat_json: str) -> UploadOutcome:
         """``POST /v1/heartbeats`` with a ``Heartbeat.to_json()`` body."""

@@ -310,7 +310,8 @@ def test_agent_sigkill_mid_upload_restart_has_no_duplicates(
     acked_before = {f for f, s in before.items() if s == "acked"}
     assert len(acked_before) == 2  # the 3rd was stored by the gateway but never acked locally
     stored_before = set(gateway.frame_rows("cam-kill"))
-    assert len(stored_before) == 3 and acked_before < stored_before
+    # 3 frames, or more when the 3rd came in a batch: the gateway stored the whole batch
+    assert len(stored_before) >= 3 and acked_before < stored_before
 
     cmd = _agent_cmd(
         gateway.url,
