@@ -21,7 +21,6 @@ from roadloop.evaluation.before_after import (
 from roadloop.evaluation.inputs import read_class_names
 from roadloop.evaluation.report import JSON_NAME
 from roadloop.evaluation.results import BenchmarkResults
-from roadloop.models.tracking import Tracker
 from roadloop.models.training import TrainConfig, resolve_start_weights
 from roadloop.settings import Settings
 
@@ -32,10 +31,14 @@ def reports_dir(settings: Settings) -> Path:
     return settings.home / "reports"
 
 
-def _report(settings: Settings, tracker: Tracker, version: str) -> BenchmarkResults | None:
+def _report(settings: Settings, version: str) -> BenchmarkResults | None:
     local = Path(settings.artifacts_dir) / "benchmarks" / version / "report" / JSON_NAME
     if not local.is_file():
+        from roadloop.models.tracking import Tracker  # mlflow: imported only when needed
+
         try:
+            tracker = Tracker(str(settings.mlflow_tracking_uri), settings.mlflow_experiment,
+                              settings.mlflow_artifact_root)
             run_id = tracker.get_version(settings.registered_model_name, version).run_id
             local = tracker.download(run_id, f"reports/{JSON_NAME}",
                                      reports_dir(settings) / ".cache" / version)
@@ -50,10 +53,8 @@ def demo_before_after(
     candidate: str | None,
 ) -> tuple[BeforeAfterTable, Path, Path] | None:
     """Build and write the table; None when no version has a benchmark report."""
-    tracker = Tracker(str(settings.mlflow_tracking_uri), settings.mlflow_experiment,
-                      settings.mlflow_artifact_root)
     reports = {v: r for v in {production, candidate} - {None}
-               if (r := _report(settings, tracker, v)) is not None}
+               if (r := _report(settings, v)) is not None}
     ref_version = production if production in reports else candidate
     if ref_version not in reports:
         return None

@@ -124,3 +124,27 @@ def test_demo_summary_prints_the_table_and_where_it_is() -> None:
     summary = outcome.summary()
     assert "before/after the loop (/h/reports/demo_before_after.json):" in summary
     assert all(f"    {line}" in summary for line in render_text(table))
+
+
+def test_demo_table_without_test_set_files_or_start_weights_says_why(roadloop_home: Path) -> None:
+    from launch.demo_before_after import demo_before_after, reports_dir
+    from roadloop.evaluation.report import JSON_NAME as REPORT_JSON
+    from roadloop.models.training import TrainConfig
+    from roadloop.settings import get_settings
+
+    settings = get_settings()
+    report = Path(settings.artifacts_dir) / "benchmarks" / "2" / "report" / REPORT_JSON
+    report.parent.mkdir(parents=True)
+    report.write_text(_report("2", 0.10).model_dump_json())
+    scratch = TrainConfig(model="yolo11n.yaml", fallback_weights=[])
+    table, json_path, md_path = demo_before_after(settings, scratch, production="2", candidate="2")
+    assert [r.role for r in table.rows] == ["production"] * 3
+    assert table.notes == ["training starts from random init (yolo11n.yaml): no start row"]
+    assert json_path.parent == md_path.parent == reports_dir(settings)
+    # A start checkpoint, but the report's test-set files are gone: no start row, and why.
+    weights = roadloop_home / "start.pt"
+    weights.write_bytes(b"not read")
+    table, _, _ = demo_before_after(settings, TrainConfig(model=str(weights)), production="2",
+                                    candidate=None)
+    assert "start" not in {r.role for r in table.rows}
+    assert table.notes[0].startswith("start checkpoint not scored: test-set files of v2 missing")
