@@ -72,11 +72,15 @@ def demo_before_after(
                      f"({', '.join(missing)})")
     else:
         checkpoint = Path(resolved.path_or_name)
-        metrics, seconds = evaluate_start_checkpoint(
-            checkpoint, yamls, class_names=read_class_names(next(iter(yamls.values()))), imgsz=reference.imgsz,
-            split=reference.split, conf=reference.conf, work_dir=reports_dir(settings) / ".start",
+        scores = evaluate_start_checkpoint(
+            checkpoint, yamls, class_names=read_class_names(next(iter(yamls.values()))),
+            imgsz=reference.imgsz, split=reference.split, conf=reference.conf,
         )
-        start = (checkpoint.name, metrics)
+        start, seconds = (checkpoint.name, scores.metrics), scores.seconds
+        if scores.new_classes:
+            notes.append(f"{checkpoint.name} never had {', '.join(scores.new_classes)}: its class "
+                         "head is re-mapped onto the taxonomy as training does, so those score "
+                         "about 0 in the start rows")
     table = build_before_after(
         reference,
         production=(production, reports[production]) if production in reports else None,

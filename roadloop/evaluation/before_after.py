@@ -12,6 +12,7 @@ test-set files, so every row compares.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -134,6 +135,15 @@ def build_before_after(
     return table
 
 
+class StartScores(BaseModel):
+    """The start checkpoint scored on each test set (:func:`evaluate_start_checkpoint`)."""
+
+    metrics: dict[str, DetectionMetrics]
+    seconds: float
+    # Target classes the checkpoint never had (fresh rows after the re-map): they score ~0.
+    new_classes: list[str] = Field(default_factory=list)
+
+
 def evaluate_start_checkpoint(
     checkpoint: Path,
     test_sets: Mapping[str, Path],
@@ -142,13 +152,13 @@ def evaluate_start_checkpoint(
     imgsz: int,
     split: str,
     conf: float,
-    work_dir: Path,
-) -> tuple[dict[str, DetectionMetrics], float]:
-    """Score ``checkpoint`` on each test-set YAML the way the benchmark does; (metrics, seconds).
+) -> StartScores:
+    """Score ``checkpoint`` on each test-set YAML the way the benchmark does.
 
     A checkpoint with other classes (the shared ones have atl_v2's) gets its class head
     re-mapped onto ``class_names`` as training does before it starts
-    (``adapt_checkpoint_to_taxonomy``; classes it never had keep a seeded fresh init).
+    (``adapt_checkpoint_to_taxonomy``; classes it never had keep a seeded fresh init), in a
+    temporary folder.
     """
     import torch
 
@@ -160,24 +170,27 @@ def evaluate_start_checkpoint(
     )
 
     t0 = time.monotonic()
-    weights = Path(checkpoint)
-    names = _checkpoint_names(weights)
-    if names is not None and names != list(class_names):
-        work_dir.mkdir(parents=True, exist_ok=True)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            weights = adapt_checkpoint_to_taxonomy(
-                weights, list(class_names), load_source_class_map(names, list(class_names)),
-                work_dir / f"{weights.stem}_taxonomy.pt",
-            )
-    metrics = {
-        ts: evaluate_detector(weights, Path(yml), imgsz=imgsz, split=split, conf=conf)
-        for ts, yml in test_sets.items()
-    }
+    class_names = list(class_names)
+    names = _checkpoint_names(Path(checkpoint))
+    new_classes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="roadloop-start-") as tmp:
+        weights = Path(checkpoint)
+        if names is not None and names != class_names:
+            class_map = load_source_class_map(names, class_names)
+            new_classes = [c for c in class_names if c not in class_map.values()]
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                weights = adapt_checkpoint_to_taxonomy(
+                    weights, class_names, class_map, Path(tmp) / f"{weights.stem}_taxonomy.pt"
+                )
+        metrics = {
+            ts: evaluate_detector(weights, Path(yml), imgsz=imgsz, split=split, conf=conf)
+            for ts, yml in test_sets.items()
+        }
     seconds = time.monotonic() - t0
     logger.info("start checkpoint %s scored on %d test sets in %.1f s",
                 Path(checkpoint).name, len(metrics), seconds)
-    return metrics, seconds
+    return StartScores(metrics=metrics, seconds=seconds, new_classes=new_classes)
 
 
 _HEADERS = ("test set", "model", "images", "mAP50", "mAP50-95", "INT8 mAP50-95",
@@ -190,7 +203,7 @@ def _cells(table: BeforeAfterTable, row: BeforeAfterRow) -> list[str]:
         row.test_set, f"{row.role} {row.model}", str(row.n_images), f"{row.map50:.3f}",
         f"{row.map50_95:.3f}",
         f"{row.int8_map50_95:.3f}" if row.int8_map50_95 is not None else "n/a",
-        f"{delta:+.3f}" if delta is not None else "",
+        f"{round(delta, 3) + 0.0:+.3f}" if delta is not None else "",  # no "-0.000"
         row.figures_from,
     ]
 
