@@ -46,6 +46,9 @@ class LoopOutcome:
     traffic: TrafficOutcome | None = None
     # The minimum-quality check's description when the loop promoted under a relaxed floor
     quality_floor: str = ""
+    # The before/after table as printed (launch.demo_before_after) and where its files are
+    before_after: list[str] = field(default_factory=list)
+    before_after_files: list[str] = field(default_factory=list)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -94,6 +97,9 @@ class LoopOutcome:
                 + ", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in sorted(turn["checks"].items()))
                 + f"), {turn['seconds']:.0f} s"
             )
+        if self.before_after:
+            lines.append("  before/after the loop (" + ", ".join(self.before_after_files) + "):")
+            lines += [f"    {line}" for line in self.before_after]
         if self.timings:
             lines.append("  stage times (s): " + ", ".join(f"{k}={v:.0f}" for k, v in self.timings.items()))
         lines.append(f"  result: {'success' if self.success else 'FAILED'}")
@@ -216,7 +222,31 @@ def run_demo_loop(
             _push_review_queue(defs, instance, outcome)
         for turn in range(1, review_turns + 1):
             _review_turn(defs, instance, settings, outcome, turn, reviews_per_turn)
+    if outcome.production or outcome.candidate:
+        with outcome.timed("before_after_table"):
+            _before_after(defs, settings, outcome)
     return outcome
+
+
+def _before_after(defs, settings, outcome: LoopOutcome) -> None:
+    """The start checkpoint vs the promoted model (and the candidate) on the held-out test
+    sets; a table that cannot be built is said in the summary, not a failed loop."""
+    from launch.demo_before_after import demo_before_after
+    from roadloop.evaluation.before_after import render_text
+
+    try:
+        built = demo_before_after(settings, defs.resources["trainer"].train_config(),
+                                  production=outcome.production, candidate=outcome.candidate)
+    except Exception as exc:  # reported below; the loop itself ran
+        log.exception("before/after table failed")
+        outcome.before_after = [f"not built: {type(exc).__name__}: {str(exc)[:300]}"]
+        return
+    if built is None:
+        outcome.before_after = ["not built: no benchmark report for the candidate or production"]
+        return
+    table, json_path, md_path = built
+    outcome.before_after = render_text(table)
+    outcome.before_after_files = [str(json_path), str(md_path)]
 
 
 def _configure_traffic(fleet: LocalFleet, token_file) -> TrafficOutcome:

@@ -194,3 +194,34 @@ def test_learning_loop_end_to_end(roadloop_home: Path, shared_dir: Path, tmp_pat
     assert prod_after is not None and prod_after.version == prod.version
     # The candidate was compared against the production model from MLflow.
     assert second.asset_value("benchmark_report").production_version == prod.version
+
+    # The demo's before/after table from this home: the start checkpoint (scored once on the
+    # production report's test sets), production v1 and candidate v2 from their own reports.
+    from launch.demo_before_after import demo_before_after
+    from roadloop.evaluation.before_after import BeforeAfterTable, render_text
+    from roadloop.models.training import resolve_start_weights
+
+    train_config = resources["trainer"].train_config()
+    built = demo_before_after(settings, train_config, production=prod.version, candidate="2")
+    assert built is not None
+    table, json_path, md_path = built
+    assert BeforeAfterTable.model_validate_json(json_path.read_text()) == table
+    assert md_path.read_text().count("| all |") == 3
+    first_report = BenchmarkResults.model_validate_json(report.results_json.read_text())
+    assert table.test_sets[-1] == "all" and set(table.test_sets) == (
+        set(first_report.test_sets_of_kind("source")) | {"all"}
+    )
+    start_name = Path(resolve_start_weights(train_config).path_or_name).name
+    for ts in table.test_sets:
+        start, production = table.row("start", ts), table.row("production", ts)
+        assert start is not None and start.model == start_name
+        assert production is not None and table.row("candidate", ts) is not None
+        # Production's figures are its own report's; every row saw the same frames.
+        assert production.map50_95 == first_report.get("candidate", "pytorch", ts).map50_95
+        assert start.n_images == production.n_images
+        assert 0.0 <= start.map50_95 <= start.map50 <= 1.0
+    assert table.start_eval_seconds is not None and table.imgsz == imgsz
+    assert any(start_name in line for line in render_text(table))
+    # The shared checkpoints have atl_v2's classes: the taxonomy's person is new to them.
+    if start_name.startswith("atl_v2_"):
+        assert any("never had person" in note for note in table.notes), table.notes
