@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import statistics
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from roadloop.settings import PROJECT_ROOT, get_settings
 logger = logging.getLogger("label_qa")
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 NOISE_TYPES = ("wrong_class", "dropped_box", "shifted_box")
+DEFAULT_MODEL = "atl_v2_yolo11n_gpu.pt"
 MATCHING_ISSUE = {"wrong_class": "swap", "dropped_box": "overlooked", "shifted_box": "badloc"}
 
 
@@ -171,6 +173,18 @@ def score(report, truth: list[list[dict]], clean_flagged: set[str]) -> dict:
     return out
 
 
+def _cached_predictions(path: Path, compute):
+    """Predictions are the slow part (CPU inference); keep them per model, size and set."""
+    if path.is_file():
+        with path.open("rb") as fh:
+            return pickle.load(fh)
+    preds = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        pickle.dump(preds, fh)
+    return preds
+
+
 def _mean(vals):
     vals = [v for v in vals if v is not None]
     return statistics.fmean(vals) if vals else None
@@ -179,7 +193,11 @@ def _mean(vals):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--model", type=Path, default=get_settings().models_dir / "atl_v2_yolo11n_480.pt"
+        "--model",
+        type=Path,
+        default=get_settings().models_dir / DEFAULT_MODEL,
+        help=f"Ultralytics checkpoint (default {DEFAULT_MODEL}; the older "
+        "atl_v2_yolo11n_480.pt reproduces label_qa_480ckpt.md)",
     )
     ap.add_argument("--imgsz", type=int, default=480)
     ap.add_argument("--device", default="cpu")
@@ -207,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tax = load_taxonomy()
     names = list(tax.classes)
-    adapted = args.work / "model_taxonomy.pt"
+    adapted = args.work / f"{args.model.stem}_taxonomy.pt"
     if not adapted.is_file():
         adapt_checkpoint_to_taxonomy(
             args.model,
@@ -238,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             len(frames),
             sum(len(lab["labels"]) for lab in labels),
         )
-        preds = predict_for_cleanlab(
-            adapted, [f[0] for f in frames], len(names), imgsz=args.imgsz, device=args.device
+        preds = _cached_predictions(
+            args.work / f"preds_{args.model.stem}_{args.imgsz}_{source}.pkl",
+            lambda: predict_for_cleanlab(
+                adapted, [f[0] for f in frames], len(names), imgsz=args.imgsz, device=args.device
+            ),
         )
         present = sorted({int(c) for lab in labels for c in lab["labels"]})
         clean = find_label_issues(labels, preds, names)
