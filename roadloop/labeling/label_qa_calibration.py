@@ -10,7 +10,7 @@ defaults those two checks never fire. Two measured settings replace the defaults
   box of the same class (IoU ≥ 0.5) at least ``target_precision`` of the time.
 * :func:`quality_threshold_for_budget` — an image-level label-quality threshold with a
   false-alarm budget: on a set with its original labels, flag at most ``share`` of the
-  images (counting those cleanlab's per-box checks flag anyway).
+  images (counting any flagged by other means).
 
 Both are measured on one dataset and the result is reported on another
 (``benchmarks/results/label_qa.md``).
@@ -78,18 +78,22 @@ def confidence_at_precision(
 
 def quality_threshold_for_budget(
     clean_scores: Sequence[float],
-    flagged_anyway: Sequence[bool],
     share: float,
+    flagged_anyway: Sequence[bool] | None = None,
 ) -> float:
     """Image-quality threshold (flag when score < it) keeping flags to ``share`` of images.
 
     ``clean_scores`` are per-image label quality scores on a set with its original labels,
-    ``flagged_anyway`` marks the images flagged regardless (cleanlab's per-box checks). The
+    ``flagged_anyway`` marks images flagged regardless (by other checks), if any. The
     threshold is halfway between the last score that may be flagged and the next, so that
     at most ``floor(share · n)`` images are flagged in all; 0 when the budget is spent.
     """
     scores = np.asarray(clean_scores, dtype=np.float64)
-    anyway = np.asarray(flagged_anyway, dtype=bool)
+    anyway = (
+        np.zeros(scores.shape, bool)
+        if flagged_anyway is None
+        else np.asarray(flagged_anyway, dtype=bool)
+    )
     if scores.shape != anyway.shape:
         raise ValueError("clean_scores and flagged_anyway differ in length")
     if not 0.0 <= share <= 1.0:

@@ -19,9 +19,11 @@
   Two measured settings (``roadloop.labeling.label_qa_calibration``) adapt it to YOLO
   confidences: ``high_probability_threshold`` (cleanlab's 0.95, above which predicted boxes
   count as confident for ``overlooked`` / ``swap``; YOLO confidences never reach it) and
-  ``max_quality`` (an image is also flagged, as ``low_quality``, when its label quality
-  score is below it). Their defaults reproduce cleanlab; the asset passes the platform's
-  calibrated ``ROADLOOP_LABEL_QA_*`` settings.
+  ``max_quality``: when given, an image is flagged (``low_quality``) when its label quality
+  score is below it, as cleanlab's ``rank.issues_from_scores`` does, instead of by the
+  per-box checks (whose issues are still reported, as the reasons). The defaults reproduce
+  cleanlab's ``filter.find_label_issues``; the asset passes the platform's calibrated
+  ``ROADLOOP_LABEL_QA_*`` settings.
 * :func:`hold_out_flagged` — flagged frames stay out of training until re-reviewed.
 
 Coordinates are pixels, ``xyxy``, as cleanlab expects.
@@ -336,7 +338,7 @@ class ImageQuality(BaseModel):
     n_labels: int
     issues: list[BoxIssue] = Field(default_factory=list)
     low_quality: bool = Field(
-        default=False, description="Quality score below the report's max_quality."
+        default=False, description="Flagged because its quality score is below max_quality."
     )
 
     @property
@@ -356,7 +358,10 @@ class LabelQualityReport(BaseModel):
     high_probability_threshold: float = Field(
         default=0.95, description="Confidence above which predictions count as confident."
     )
-    max_quality: float = Field(default=0.0, description="Images scoring below it are flagged.")
+    max_quality: float | None = Field(
+        default=None,
+        description="Images scoring below it are flagged; None: cleanlab's per-box checks flag.",
+    )
 
     def flagged_images(self) -> list[str]:
         """Flagged images, worst quality first."""
@@ -367,7 +372,11 @@ class LabelQualityReport(BaseModel):
             (
                 f"{self.n_flagged} of {len(self.images)} images flagged by cleanlab "
                 f"(confident predictions ≥ {self.high_probability_threshold:.3f}; "
-                f"{self.n_low_quality} with label quality < {self.max_quality:.3f})."
+                + (
+                    "flagged by the per-box checks)."
+                    if self.max_quality is None
+                    else f"flagged when label quality < {self.max_quality:.3f})."
+                )
             ),
             "",
             "| issue type | suspect boxes | images |",
@@ -448,19 +457,20 @@ def find_label_issues(
     class_names: Sequence[str],
     *,
     high_probability_threshold: float | None = None,
-    max_quality: float = 0.0,
+    max_quality: float | None = None,
 ) -> LabelQualityReport:
     """Per-image quality scores, flags and typed box issues (see module docstring).
 
     ``high_probability_threshold`` (default: cleanlab's 0.95) is the confidence above which
-    predicted boxes count for the ``overlooked`` and ``swap`` checks and scores; images whose
-    label quality score is below ``max_quality`` are flagged as well (0: never).
+    predicted boxes count for the ``overlooked`` and ``swap`` checks and scores. With
+    ``max_quality`` an image is flagged when its label quality score is below it; without,
+    when any of its boxes fails a per-box check (cleanlab's ``find_label_issues``).
     """
     if high_probability_threshold is not None and not 0.0 < high_probability_threshold <= 1.0:
         raise ValueError(
             f"high_probability_threshold must be in (0, 1], got {high_probability_threshold}"
         )
-    if not 0.0 <= max_quality <= 1.0:
+    if max_quality is not None and not 0.0 <= max_quality <= 1.0:
         raise ValueError(f"max_quality must be in [0, 1], got {max_quality}")
     with _cleanlab_pools_in_threads():
         return _find_label_issues(
@@ -473,7 +483,7 @@ def _find_label_issues(
     predictions: Sequence[CleanlabPrediction],
     class_names: Sequence[str],
     high_probability_threshold: float | None,
-    max_quality: float,
+    max_quality: float | None,
 ) -> LabelQualityReport:
     from cleanlab.object_detection import filter as clf
     from cleanlab.object_detection import rank as clr
@@ -593,12 +603,12 @@ def _find_label_issues(
         if cleanlab_flags is not None:
             mismatch += box_flag != bool(cleanlab_flags[i])
             box_flag = bool(cleanlab_flags[i])
-        low = bool(scores[i] < max_quality)
+        low = max_quality is not None and bool(scores[i] < max_quality)
         images.append(
             ImageQuality(
                 image=labels[i]["image_name"],
                 quality_score=float(scores[i]),
-                flagged=box_flag or low,
+                flagged=box_flag if max_quality is None else low,
                 n_labels=len(labels[i]["labels"]),
                 issues=issues,
                 low_quality=low,
@@ -613,11 +623,10 @@ def _find_label_issues(
     n_flagged = sum(im.flagged for im in images)
     n_low = sum(im.low_quality for im in images)
     logger.info(
-        "label quality: %d/%d images flagged (%d below quality %.3f); suspect boxes %s",
+        "label quality: %d/%d images flagged (by %s); suspect boxes %s",
         n_flagged,
         n,
-        n_low,
-        max_quality,
+        "per-box checks" if max_quality is None else f"quality < {max_quality:.3f}",
         dict(issue_counts),
     )
     return LabelQualityReport(
