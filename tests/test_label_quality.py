@@ -254,3 +254,17 @@ def test_confidence_at_precision():
     assert confidence_at_precision(labels[:1], wrong) == pytest.approx(0.9)  # best it has
     with pytest.raises(ValueError):
         confidence_at_precision(labels[:1], [detections_to_cleanlab(box[:0], [], [], 2)])
+
+
+def test_label_qa_settings_from_environment(monkeypatch: pytest.MonkeyPatch):
+    from pydantic import ValidationError
+
+    from roadloop.settings import Settings
+
+    monkeypatch.setenv("ROADLOOP_LABEL_QA_FLAG_BY", "boxes")
+    monkeypatch.setenv("ROADLOOP_LABEL_QA_HIGH_PROBABILITY", "0.95")
+    s = Settings()
+    assert (s.label_qa_flag_by, s.label_qa_high_probability) == ("boxes", 0.95)
+    monkeypatch.setenv("ROADLOOP_LABEL_QA_FLAG_BY", "sometimes")
+    with pytest.raises(ValidationError):
+        Settings()
