@@ -59,7 +59,7 @@ ISSUE_TYPES: dict[str, str] = {
     "badloc": "bad localisation",
 }
 LOW_QUALITY = "low_quality"
-"""Issue type of an image flagged only because its label quality score is below ``max_quality``."""
+"""Issue type of an image flagged because its label quality score is below ``max_quality``."""
 OOS_CONF = 0.01
 """Confidence floor of out-of-sample predictions: cleanlab wants low-confidence boxes too."""
 
