@@ -109,6 +109,7 @@ class Settings(BaseSettings):
     # label_qa_flag_by="score" an image is flagged when its label quality score is below
     # label_qa_max_quality (which flags 10 % of those images with their original labels).
     # 0.95 and "boxes" are cleanlab's own behaviour (images flagged by its per-box checks).
+    # Measured values do not carry across datasets or models (docs/review.md): re-measure.
     label_qa_high_probability: float = Field(default=0.716, gt=0.0, le=1.0)
     label_qa_flag_by: Literal["score", "boxes"] = "score"
     label_qa_max_quality: float = Field(default=0.309, ge=0.0, le=1.0)
