@@ -514,7 +514,16 @@ def label_quality(
         work_dir=work / "folds",
         seed=config.seed,
     )
-    report = find_label_issues(oos.labels, oos.predictions, oos.class_names)
+    settings = get_settings()
+    report = find_label_issues(
+        oos.labels,
+        oos.predictions,
+        oos.class_names,
+        high_probability_threshold=settings.label_qa_high_probability,
+        max_quality=(
+            settings.label_qa_max_quality if settings.label_qa_flag_by == "score" else None
+        ),
+    )
     report_json = write_report(report, work / "label_quality.json")
     review_dir = artifacts.review_export_path()
     items = _issue_items(report, dataset_dir, review_dir if review_dir.is_dir() else None)
@@ -537,6 +546,8 @@ def label_quality(
             "flagged": report.n_flagged,
             "issue_counts": dg.MetadataValue.json(report.issue_counts),
             "flagged_by_type": dg.MetadataValue.json(report.flagged_by_type),
+            "flagged_by": settings.label_qa_flag_by,
+            "high_probability_threshold": report.high_probability_threshold,
             "report": dg.MetadataValue.md(report.to_markdown()),
             "k_folds": config.k_folds,
             "dataset_md5": curated_dataset.version.md5,

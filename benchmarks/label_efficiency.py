@@ -2,8 +2,10 @@
 
 Setup (all real data, all in the roadloop taxonomy):
 
-* **Start model** — ``../shared/models/atl_v2_yolo11n_480.pt`` (trained on atl_v2 only),
-  class head re-mapped onto the taxonomy with ``adapt_checkpoint_to_taxonomy``.
+* **Start model** — ``../shared/models/atl_v2_yolo11n_gpu.pt`` (trained on atl_v2 only;
+  ``--start-model ../shared/models/atl_v2_yolo11n_480.pt`` is the one behind the recorded
+  ``label_efficiency{,_gpu,_gpu_5seeds}.md``), class head re-mapped onto the taxonomy with
+  ``adapt_checkpoint_to_taxonomy``.
 * **Pool** — ``manaus_v4`` train (every train frame; a domain the start model never saw),
   curated with ``build_curated_dataset`` (``replay_fraction=0``). **Test** — ``manaus_v4``
   test. Ultralytics needs a val split while training: the first ``--val-frames`` frames of
@@ -104,7 +106,7 @@ def prepare(work: Path, start_model: Path) -> tuple[Path, Path, list[str]]:
     if not (curated / "summary.json").is_file():
         src = SourceSpec(name="manaus_v4", root=get_settings().datasets_dir / "manaus_v4")
         build_curated_dataset([src], curated, tax, replay_fraction=0.0, progress=False)
-    adapted = work / "start_adapted.pt"
+    adapted = work / f"start_adapted_{Path(start_model).stem}.pt"  # one per start model
     if not adapted.is_file():
         src_names = _checkpoint_names(start_model) or []
         adapt_checkpoint_to_taxonomy(
@@ -520,7 +522,7 @@ def write_report(record: dict, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--start-model", type=Path, default=get_settings().models_dir / "atl_v2_yolo11n_480.pt"
+        "--start-model", type=Path, default=get_settings().models_dir / "atl_v2_yolo11n_gpu.pt"
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--imgsz", type=int, default=320)

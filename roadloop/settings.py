@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -100,6 +100,19 @@ class Settings(BaseSettings):
     review_draft_conf: float = Field(default=0.40, ge=0.0, le=1.0)
     review_draft_nms_iou: float = Field(default=0.5, gt=0.0, le=1.0)
     review_max_impulse_share: float = Field(default=0.001, ge=0.0, le=1.0)
+
+    # Label QA (roadloop.labeling.label_quality, the label_quality asset). cleanlab assumes
+    # calibrated probabilities: its overlooked/swap checks see only predictions above 0.95,
+    # which YOLO confidences never reach. Measured on atl_v2 val+test with the gpu checkpoint
+    # (benchmarks/results/label_qa.md, roadloop.labeling.label_qa_calibration):
+    # label_qa_high_probability is the confidence at which predictions are 95 % precise; with
+    # label_qa_flag_by="score" an image is flagged when its label quality score is below
+    # label_qa_max_quality (which flags 10 % of those images with their original labels).
+    # 0.95 and "boxes" are cleanlab's own behaviour (images flagged by its per-box checks).
+    # Measured values do not carry across datasets or models (docs/review.md): re-measure.
+    label_qa_high_probability: float = Field(default=0.716, gt=0.0, le=1.0)
+    label_qa_flag_by: Literal["score", "boxes"] = "score"
+    label_qa_max_quality: float = Field(default=0.309, ge=0.0, le=1.0)
 
     # Near-duplicate sampled frames (roadloop.data.frames.DedupePolicy): dhash bits, how far back
     # a kept frame counts, and per-camera bit thresholds, e.g.

@@ -592,7 +592,8 @@ def test_label_quality_tags_flagged_frames_for_re_review(
     assert len(frames) >= 2
     seen = {}
 
-    def fake_find(labels, predictions, class_names):
+    def fake_find(labels, predictions, class_names, **kw):
+        seen["find"] = kw
         imgs = [
             ImageQuality(
                 image=str(frames[0][0]),
@@ -637,6 +638,14 @@ def test_label_quality_tags_flagged_frames_for_re_review(
     out = result.output_for_node("label_quality")
     assert (out.n_flagged, out.tagged_in_fiftyone, out.added_to_fiftyone) == (1, 1, 1)
     assert seen["k_folds"] == 2 and seen["split"] == "train"
+    # The calibrated label-QA settings reach cleanlab (docs: benchmarks/results/label_qa.md).
+    from roadloop.settings import get_settings
+
+    settings = get_settings()
+    assert seen["find"] == {
+        "high_probability_threshold": settings.label_qa_high_probability,
+        "max_quality": settings.label_qa_max_quality,
+    }
     assert out.report_json.is_file()
 
     store = fiftyone.store()

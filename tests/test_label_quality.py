@@ -176,3 +176,95 @@ def test_out_of_sample_predictions_with_real_training(tmp_path: Path):
     assert (tmp_path / "kf" / "fold_0" / "run" / "train" / "weights").is_dir()
     assert not list((ds.path / "labels").glob("*.cache"))  # caches stay in the fold folders
     find_label_issues(oos.labels, oos.predictions, oos.class_names)  # runs on real output
+
+
+def _yolo_like_set(n: int = 6):
+    """A wrong-class label (img3) under predictions as sure as a YOLO model gets (0.8)."""
+    labels, preds = _clean_set(n)
+    labels[3]["labels"] = np.array([0, 0, 2])
+    preds = [detections_to_cleanlab(BOXES, CLASSES, np.full(3, 0.8), len(NAMES))] * n
+    return labels, preds
+
+
+def test_calibrated_confidence_lets_the_swap_check_fire():
+    labels, preds = _yolo_like_set()
+    # cleanlab's 0.95: no prediction counts as confident, the wrong class goes unseen.
+    default = find_label_issues(labels, preds, NAMES)
+    assert default.n_flagged == 0 and default.high_probability_threshold == 0.95
+    calibrated = find_label_issues(labels, preds, NAMES, high_probability_threshold=0.7)
+    assert [i.flagged for i in calibrated.images] == [i == 3 for i in range(6)]
+    assert calibrated.images[3].issue_types == ["swap"]
+    assert calibrated.images[3].quality_score < default.images[3].quality_score
+
+
+def test_platform_quality_threshold_flags_low_score_images_only():
+    from roadloop.settings import Settings
+
+    s = Settings()
+    assert s.label_qa_flag_by == "score" and 0 < s.label_qa_max_quality < 1
+    labels, preds = _yolo_like_set()
+    report = find_label_issues(
+        labels,
+        preds,
+        NAMES,
+        high_probability_threshold=s.label_qa_high_probability,
+        max_quality=s.label_qa_max_quality,
+    )
+    scores = [i.quality_score for i in report.images]
+    assert scores[3] < s.label_qa_max_quality < min(scores[:3] + scores[4:])
+    assert [i.flagged for i in report.images] == [i == 3 for i in range(6)]
+    assert report.images[3].low_quality and "low_quality" in report.images[3].issue_types
+    assert report.n_low_quality == 1 and report.max_quality == s.label_qa_max_quality
+    # A threshold below every score flags nothing, whatever the per-box checks say.
+    none = find_label_issues(labels, preds, NAMES, high_probability_threshold=0.7, max_quality=0)
+    assert none.n_flagged == 0 and none.images[3].issue_types == ["swap"]
+    with pytest.raises(ValueError):
+        find_label_issues(labels, preds, NAMES, max_quality=1.5)
+
+
+def test_quality_threshold_for_budget():
+    from roadloop.labeling.label_qa_calibration import quality_threshold_for_budget
+
+    scores = [0.9, 0.1, 0.8, 0.3, 0.95, 0.7, 0.6, 0.85, 0.2, 0.99]
+    t = quality_threshold_for_budget(scores, 0.2)  # 2 of 10 may be flagged
+    assert 0.2 < t < 0.3 and sum(x < t for x in scores) == 2
+    assert quality_threshold_for_budget(scores, 0.0) == 0.0
+    assert sum(x < quality_threshold_for_budget(scores, 1.0) for x in scores) == 10
+    # Images flagged by other checks spend the budget first.
+    anyway = [False, True, False, False, False, False, False, False, False, False]
+    t = quality_threshold_for_budget(scores, 0.2, anyway)
+    assert 0.2 < t < 0.3 and sum(x < t for x, a in zip(scores, anyway) if not a) == 1
+
+
+def test_confidence_at_precision():
+    from roadloop.labeling.label_qa_calibration import confidence_at_precision
+
+    box = np.array([[10.0, 10, 50, 50]])
+    far = np.array([[100.0, 100, 140, 140]])
+    labels = [{"bboxes": box, "labels": np.array([0])} for _ in range(4)]
+    # One prediction per image: correct at 0.9, 0.8 and 0.6, a false positive at 0.7.
+    preds = [
+        detections_to_cleanlab(b, np.array([0]), np.array([c]), 2)
+        for b, c in ((box, 0.9), (box, 0.8), (far, 0.7), (box, 0.6))
+    ]
+    assert confidence_at_precision(labels, preds, target_precision=0.95) == pytest.approx(0.8)
+    assert confidence_at_precision(labels, preds, target_precision=0.75) == pytest.approx(0.6)
+    # A right box with the wrong class does not count.
+    wrong = [detections_to_cleanlab(box, np.array([1]), np.array([0.9]), 2)]
+    assert confidence_at_precision(labels[:1], wrong) == pytest.approx(0.9)  # best it has
+    with pytest.raises(ValueError):
+        confidence_at_precision(labels[:1], [detections_to_cleanlab(box[:0], [], [], 2)])
+
+
+def test_label_qa_settings_from_environment(monkeypatch: pytest.MonkeyPatch):
+    from pydantic import ValidationError
+
+    from roadloop.settings import Settings
+
+    monkeypatch.setenv("ROADLOOP_LABEL_QA_FLAG_BY", "boxes")
+    monkeypatch.setenv("ROADLOOP_LABEL_QA_HIGH_PROBABILITY", "0.95")
+    s = Settings()
+    assert (s.label_qa_flag_by, s.label_qa_high_probability) == ("boxes", 0.95)
+    monkeypatch.setenv("ROADLOOP_LABEL_QA_FLAG_BY", "sometimes")
+    with pytest.raises(ValidationError):
+        Settings()

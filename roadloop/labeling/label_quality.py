@@ -16,6 +16,14 @@
   thresholds are those ``filter.find_label_issues`` applies internally (per-class AP times
   a factor), re-used from ``cleanlab.object_detection.filter`` so that the union of the
   per-type flags is exactly cleanlab's image flag (checked at run time).
+  Two measured settings (``roadloop.labeling.label_qa_calibration``) adapt it to YOLO
+  confidences: ``high_probability_threshold`` (cleanlab's 0.95, above which predicted boxes
+  count as confident for ``overlooked`` / ``swap``; YOLO confidences never reach it) and
+  ``max_quality``: when given, an image is flagged (``low_quality``) when its label quality
+  score is below it, as cleanlab's ``rank.issues_from_scores`` does, instead of by the
+  per-box checks (whose issues are still reported, as the reasons). The defaults reproduce
+  cleanlab's ``filter.find_label_issues``; the asset passes the platform's calibrated
+  ``ROADLOOP_LABEL_QA_*`` settings.
 * :func:`hold_out_flagged` — flagged frames stay out of training until re-reviewed.
 
 Coordinates are pixels, ``xyxy``, as cleanlab expects.
@@ -50,6 +58,8 @@ ISSUE_TYPES: dict[str, str] = {
     "swap": "wrong class",
     "badloc": "bad localisation",
 }
+LOW_QUALITY = "low_quality"
+"""Issue type of an image flagged because its label quality score is below ``max_quality``."""
 OOS_CONF = 0.01
 """Confidence floor of out-of-sample predictions: cleanlab wants low-confidence boxes too."""
 
@@ -327,10 +337,15 @@ class ImageQuality(BaseModel):
     flagged: bool
     n_labels: int
     issues: list[BoxIssue] = Field(default_factory=list)
+    low_quality: bool = Field(
+        default=False, description="Flagged because its quality score is below max_quality."
+    )
 
     @property
     def issue_types(self) -> list[str]:
-        return sorted({i.type for i in self.issues})
+        return sorted(
+            {i.type for i in self.issues} | ({LOW_QUALITY} if self.low_quality else set())
+        )
 
 
 class LabelQualityReport(BaseModel):
@@ -339,6 +354,14 @@ class LabelQualityReport(BaseModel):
     n_flagged: int
     issue_counts: dict[str, int] = Field(description="Suspect boxes per issue type.")
     flagged_by_type: dict[str, int] = Field(description="Flagged images per issue type.")
+    n_low_quality: int = Field(default=0, description="Images with quality below max_quality.")
+    high_probability_threshold: float = Field(
+        default=0.95, description="Confidence above which predictions count as confident."
+    )
+    max_quality: float | None = Field(
+        default=None,
+        description="Images scoring below it are flagged; None: cleanlab's per-box checks flag.",
+    )
 
     def flagged_images(self) -> list[str]:
         """Flagged images, worst quality first."""
@@ -346,7 +369,15 @@ class LabelQualityReport(BaseModel):
 
     def to_markdown(self, top: int = 20) -> str:
         lines = [
-            f"{self.n_flagged} of {len(self.images)} images flagged by cleanlab.",
+            (
+                f"{self.n_flagged} of {len(self.images)} images flagged by cleanlab "
+                f"(confident predictions ≥ {self.high_probability_threshold:.3f}; "
+                + (
+                    "flagged by the per-box checks)."
+                    if self.max_quality is None
+                    else f"flagged when label quality < {self.max_quality:.3f})."
+                )
+            ),
             "",
             "| issue type | suspect boxes | images |",
             "|---|---|---|",
@@ -359,10 +390,11 @@ class LabelQualityReport(BaseModel):
         worst = [i for i in sorted(self.images, key=lambda i: i.quality_score) if i.flagged][:top]
         for i in worst:
             kinds = Counter(x.type for x in i.issues)
+            kinds_text = [f"{ISSUE_TYPES[k]} ×{n}" for k, n in sorted(kinds.items())]
+            if i.low_quality:
+                kinds_text.append("low label quality")
             lines.append(
-                f"| {Path(i.image).name} | {i.quality_score:.3f} | "
-                + ", ".join(f"{ISSUE_TYPES[k]} ×{n}" for k, n in sorted(kinds.items()))
-                + " |"
+                f"| {Path(i.image).name} | {i.quality_score:.3f} | " + ", ".join(kinds_text) + " |"
             )
         return "\n".join(lines) + "\n"
 
@@ -423,16 +455,35 @@ def find_label_issues(
     labels: Sequence[CleanlabLabel],
     predictions: Sequence[CleanlabPrediction],
     class_names: Sequence[str],
+    *,
+    high_probability_threshold: float | None = None,
+    max_quality: float | None = None,
 ) -> LabelQualityReport:
-    """Per-image quality scores, flags and typed box issues (see module docstring)."""
+    """Per-image quality scores, flags and typed box issues (see module docstring).
+
+    ``high_probability_threshold`` (default: cleanlab's 0.95) is the confidence above which
+    predicted boxes count for the ``overlooked`` and ``swap`` checks and scores. With
+    ``max_quality`` an image is flagged when its label quality score is below it; without,
+    when any of its boxes fails a per-box check (cleanlab's ``find_label_issues``).
+    """
+    if high_probability_threshold is not None and not 0.0 < high_probability_threshold <= 1.0:
+        raise ValueError(
+            f"high_probability_threshold must be in (0, 1], got {high_probability_threshold}"
+        )
+    if max_quality is not None and not 0.0 <= max_quality <= 1.0:
+        raise ValueError(f"max_quality must be in [0, 1], got {max_quality}")
     with _cleanlab_pools_in_threads():
-        return _find_label_issues(labels, predictions, class_names)
+        return _find_label_issues(
+            labels, predictions, class_names, high_probability_threshold, max_quality
+        )
 
 
 def _find_label_issues(
     labels: Sequence[CleanlabLabel],
     predictions: Sequence[CleanlabPrediction],
     class_names: Sequence[str],
+    high_probability_threshold: float | None,
+    max_quality: float | None,
 ) -> LabelQualityReport:
     from cleanlab.object_detection import filter as clf
     from cleanlab.object_detection import rank as clr
@@ -449,6 +500,12 @@ def _find_label_issues(
     nc = len(class_names)
     _validate(labels, predictions, nc)
     n = len(labels)
+    default_hp = high_probability_threshold in (None, clf.HIGH_PROBABILITY_THRESHOLD)
+    hp = (
+        clf.HIGH_PROBABILITY_THRESHOLD
+        if high_probability_threshold is None
+        else high_probability_threshold
+    )
     if n == 0:
         return LabelQualityReport(
             class_names=list(class_names),
@@ -456,10 +513,19 @@ def _find_label_issues(
             n_flagged=0,
             issue_counts={t: 0 for t in ISSUE_TYPES},
             flagged_by_type={t: 0 for t in ISSUE_TYPES},
+            high_probability_threshold=hp,
+            max_quality=max_quality,
         )
 
-    scores = clr.get_label_quality_scores(labels, predictions, verbose=False)
-    flagged = np.asarray(clf.find_label_issues(labels, predictions), dtype=bool)
+    if default_hp:
+        scores = clr.get_label_quality_scores(labels, predictions, verbose=False)
+        cleanlab_flags = np.asarray(clf.find_label_issues(labels, predictions), dtype=bool)
+    else:
+        # get_label_quality_scores fixes the threshold at 0.95; this is what it calls.
+        scores = clr._get_subtype_label_quality_scores(
+            labels, predictions, high_probability_threshold=hp
+        )
+        cleanlab_flags = None  # the union of the typed flags below
 
     # Per type, as filter.find_label_issues decides internally (cleanlab 2.9).
     aux = clf._get_valid_inputs_for_compute_scores(clf.ALPHA, labels, predictions)
@@ -470,18 +536,14 @@ def _find_label_issues(
     typed = {
         "overlooked": clf._find_label_issues_per_box(
             clr.compute_overlooked_box_scores(
-                alpha=clf.ALPHA,
-                high_probability_threshold=clf.HIGH_PROBABILITY_THRESHOLD,
-                auxiliary_inputs=aux,
+                alpha=clf.ALPHA, high_probability_threshold=hp, auxiliary_inputs=aux
             ),
             pred_thr,
             clf.OVERLOOKED_THRESHOLD_FACTOR,
         ),
         "swap": clf._find_label_issues_per_box(
             clr.compute_swap_box_scores(
-                alpha=clf.ALPHA,
-                high_probability_threshold=clf.HIGH_PROBABILITY_THRESHOLD,
-                auxiliary_inputs=aux,
+                alpha=clf.ALPHA, high_probability_threshold=hp, auxiliary_inputs=aux
             ),
             lab_thr,
             clf.SWAP_THRESHOLD_FACTOR,
@@ -498,8 +560,12 @@ def _find_label_issues(
     }
     # Box scores again for the report (the per-box flag call above mutates NaN → 1).
     box_scores = {
-        "overlooked": clr.compute_overlooked_box_scores(labels=labels, predictions=predictions),
-        "swap": clr.compute_swap_box_scores(labels=labels, predictions=predictions),
+        "overlooked": clr.compute_overlooked_box_scores(
+            labels=labels, predictions=predictions, high_probability_threshold=hp
+        ),
+        "swap": clr.compute_swap_box_scores(
+            labels=labels, predictions=predictions, high_probability_threshold=hp
+        ),
         "badloc": clr.compute_badloc_box_scores(labels=labels, predictions=predictions),
     }
 
@@ -533,15 +599,19 @@ def _find_label_issues(
         for t in kinds:
             flagged_by_type[t] += 1
         issue_counts.update(x.type for x in issues)
-        if bool(kinds) != bool(flagged[i]):
-            mismatch += 1
+        box_flag = bool(kinds)
+        if cleanlab_flags is not None:
+            mismatch += box_flag != bool(cleanlab_flags[i])
+            box_flag = bool(cleanlab_flags[i])
+        low = max_quality is not None and bool(scores[i] < max_quality)
         images.append(
             ImageQuality(
                 image=labels[i]["image_name"],
                 quality_score=float(scores[i]),
-                flagged=bool(flagged[i]),
+                flagged=box_flag if max_quality is None else low,
                 n_labels=len(labels[i]["labels"]),
                 issues=issues,
+                low_quality=low,
             )
         )
     if mismatch:
@@ -550,18 +620,24 @@ def _find_label_issues(
             "(cleanlab internals changed?); the image flags are cleanlab's",
             mismatch,
         )
+    n_flagged = sum(im.flagged for im in images)
+    n_low = sum(im.low_quality for im in images)
     logger.info(
-        "label quality: %d/%d images flagged; suspect boxes %s",
-        int(flagged.sum()),
+        "label quality: %d/%d images flagged (by %s); suspect boxes %s",
+        n_flagged,
         n,
+        "per-box checks" if max_quality is None else f"quality < {max_quality:.3f}",
         dict(issue_counts),
     )
     return LabelQualityReport(
         class_names=list(class_names),
         images=images,
-        n_flagged=int(flagged.sum()),
+        n_flagged=n_flagged,
         issue_counts=dict(issue_counts),
         flagged_by_type=dict(flagged_by_type),
+        n_low_quality=n_low,
+        high_probability_threshold=hp,
+        max_quality=max_quality,
     )
 
 
@@ -593,6 +669,7 @@ def write_report(report: LabelQualityReport, path: Path) -> Path:
 
 __all__ = [
     "ISSUE_TYPES",
+    "LOW_QUALITY",
     "BoxIssue",
     "ImageQuality",
     "LabelQualityReport",
