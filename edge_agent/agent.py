@@ -78,7 +78,7 @@ from edge_agent.traffic.counter import FrameTraffic
 from edge_agent.traffic.geometry import TrafficConfig
 from edge_agent.traffic.stage import CHECKPOINT_FILE, REASON_TRAFFIC_EVENT, TrafficStage
 from edge_agent.updater import ModelUpdater
-from edge_agent.uploader import DEFAULT_BATCH_MAX, FrameUploader, UploadEvents
+from edge_agent.uploader import DEFAULT_BATCH_MAX, FrameUploader, UploadEvents, linger_wait
 
 logger = logging.getLogger(__name__)
 
@@ -327,6 +327,9 @@ class AgentConfig:
     retry_max_s: float = 60.0
     # Frames per POST /v1/frames/batch when several are due (1: one POST /v1/frames each).
     upload_batch_max: int = DEFAULT_BATCH_MAX
+    # Hold fresh frames up to this long so that several go in one request (0: at once);
+    # a sampled frame is for training, so a minute's delay costs nothing (docs/capacity.md).
+    upload_linger_s: float = 0.0
     drain_timeout_s: float = 10.0
     jpeg_quality: int = 90
     status_interval_s: float | None = None  # None: 1 s on a TTY, 10 s otherwise
@@ -415,6 +418,7 @@ class EdgeAgent:
         self._uploads_stop = threading.Event()
         self._hb_stop = threading.Event()
         self._wake_uploader = threading.Event()
+        self._draining = threading.Event()  # the run is ending: no linger, send what is due
         self._status_stream = status_stream if status_stream is not None else sys.stderr
         self._is_tty = bool(getattr(self._status_stream, "isatty", lambda: False)())
         self._pending_heartbeats: collections.deque[str] = collections.deque(maxlen=20)
@@ -821,12 +825,19 @@ class EdgeAgent:
                 self._wake_uploader.wait(wait)
                 self._wake_uploader.clear()
                 continue
+            hold = 0.0 if self._draining.is_set() else linger_wait(
+                items, self.config.upload_batch_max, self.config.upload_linger_s, now)
+            if hold > 0:  # more frames may join this batch; the drain at exit sends at once
+                self._wake_uploader.wait(min(hold, 0.5))
+                self._wake_uploader.clear()
+                continue
             pause = uploader.upload(items, stop=self._uploads_stop.is_set)
             if pause is not None:
                 pause_until = time.time() + pause
 
     def _drain(self) -> None:
         """Give the uploader ``drain_timeout_s`` to empty the outbox (skipped when forced)."""
+        self._draining.set()
         if self._force.is_set():
             return
         deadline = time.monotonic() + self.config.drain_timeout_s

@@ -45,6 +45,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -146,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="frames per POST /v1/frames/batch when several are queued (1: one request per "
         "frame); a gateway without batches gets one request per frame anyway",
+    )
+    run.add_argument(
+        "--upload-linger",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="hold fresh frames up to S seconds so that several share one request (0: send "
+        "at once); large fleets: 60 (docs/capacity.md)",
     )
     run.add_argument(
         "--drain-timeout",
@@ -327,6 +342,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         retry_base_s=args.retry_base,
         retry_max_s=max(args.retry_max_delay, args.retry_base),
         upload_batch_max=args.upload_batch_max,
+        upload_linger_s=args.upload_linger,
         drain_timeout_s=args.drain_timeout,
         status_interval_s=args.status_interval,
         model_public_key=args.model_public_key,

@@ -38,6 +38,22 @@ MIN_BATCH_BYTES = 64 * 1024  # a 413 never shrinks the budget below this
 _ENTRY_OVERHEAD = 64  # manifest bytes per frame besides its metadata JSON
 
 
+def linger_wait(items: Sequence[OutboxItem], batch_max: int, linger_s: float, now: float) -> float:
+    """Seconds to hold ``items`` back so that more frames join their batch; 0: send now.
+
+    A camera sampling 0.1 frame/s almost never has two frames due at once, so without a
+    linger every frame is its own request (the gateway's costliest path). Held: fresh frames
+    (never tried) while fewer than ``batch_max`` are due and the oldest waited less than
+    ``linger_s``. A retry, a full batch or ``linger_s`` = 0 goes at once.
+    """
+    if linger_s <= 0 or not items or len(items) >= batch_max:
+        return 0.0
+    if any(item.attempts > 0 for item in items):
+        return 0.0
+    oldest = min(item.created_at for item in items)
+    return max(0.0, oldest + linger_s - now)
+
+
 class UploadEvents:
     """Per-frame notifications for the agent's counters and telemetry (no-ops here)."""
 

@@ -27,9 +27,9 @@ from edge_agent.client import (
     encode_frame_batch,
 )
 from edge_agent.heartbeat import TelemetryWindow
-from edge_agent.outbox import BackoffPolicy, Outbox
+from edge_agent.outbox import BackoffPolicy, Outbox, OutboxItem
 from edge_agent.record_outbox import RecordOutbox
-from edge_agent.uploader import BATCH_ROUTE_RETRY_S, FrameUploader, UploadEvents
+from edge_agent.uploader import BATCH_ROUTE_RETRY_S, FrameUploader, UploadEvents, linger_wait
 
 from . import test_fleet_gateway as gateway_tests
 from .helpers import synthetic_jpeg
@@ -316,6 +316,76 @@ def test_cli_upload_batch_max_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--upload-batch-max", "0"])
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def _due(created_at: float, attempts: int = 0) -> OutboxItem:
+    return OutboxItem(frame_id=f"f{created_at}", path=Path("x.jpg"), metadata={},
+                      importance=0.5, size=10, created_at=created_at, attempts=attempts,
+                      next_attempt_at=created_at, last_error=None)
+
+
+def test_linger_holds_fresh_frames_until_the_oldest_waited_or_the_batch_is_full() -> None:
+    now = 1000.0
+    fresh = [_due(now - 5.0), _due(now - 1.0)]
+    assert linger_wait(fresh, batch_max=16, linger_s=60.0, now=now) == pytest.approx(55.0)
+    assert linger_wait([_due(now - 61.0), *fresh], 16, 60.0, now) == 0.0  # the oldest waited
+    assert linger_wait(fresh, batch_max=2, linger_s=60.0, now=now) == 0.0  # batch full
+    assert linger_wait(fresh, batch_max=16, linger_s=0.0, now=now) == 0.0  # linger off
+    assert linger_wait([_due(now - 1.0, attempts=1)], 16, 60.0, now) == 0.0  # a retry goes
+    assert linger_wait([], 16, 60.0, now) == 0.0
+
+
+def test_agent_linger_holds_frames_sends_a_full_batch_and_everything_when_draining(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an hour's linger: 4 due frames (= batch_max) go at once; 2 more are held (the
+    loop decided to wait, and nothing was sent) until the run drains, then go together."""
+    import edge_agent.agent as agent_module
+
+    holds: list[float] = []
+
+    def recording_linger_wait(*args: Any) -> float:
+        holds.append(uploader_module.linger_wait(*args))
+        return holds[-1]
+
+    monkeypatch.setattr(agent_module, "linger_wait", recording_linger_wait)
+    gw = FakeGateway(lambda frames: results([201] * len(frames), frames))
+    DeviceIdentity("dev", "cam", URL, "acc", "ref", expires_at=4e9).save(tmp_path)
+    agent, _ = _agent(tmp_path, GatewayClient(URL, tmp_path, transport=httpx.MockTransport(gw)))
+    agent.config.upload_linger_s = 3600.0
+    agent.config.upload_batch_max = 4
+    jpeg = b"\xff\xd8x\xff\xd9"
+    try:
+        for fid in ("a0", "a1", "a2", "a3"):
+            agent.outbox.put(fid, jpeg, {"frame_id": fid}, 1.0)
+        _run_uploader(agent, lambda: agent.outbox.depth() == 0)
+        assert gw.batches == [["a0", "a1", "a2", "a3"]]
+        for fid in ("b0", "b1"):
+            agent.outbox.put(fid, jpeg, {"frame_id": fid}, 1.0)
+        holds.clear()
+        agent._uploads_stop.clear()
+        _run_uploader(agent, lambda: any(h > 3000 for h in holds))
+        assert any(h > 3000 for h in holds) and agent.outbox.depth() == 2
+        assert gw.batches == [["a0", "a1", "a2", "a3"]]  # held, not sent
+        agent._uploads_stop.clear()
+        agent._draining.set()
+        _run_uploader(agent, lambda: agent.outbox.depth() == 0)
+    finally:
+        agent.client.close()
+        agent.outbox.close()
+        agent.records.close()
+    assert gw.batches == [["a0", "a1", "a2", "a3"], ["b0", "b1"]] and gw.singles == []
+
+
+def test_cli_upload_linger_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_agent.cli import build_parser
+
+    base = ["run", "--gateway", URL, "--camera-id", "cam", "--source", "x.mp4"]
+    parser = build_parser()
+    assert parser.parse_args(base).upload_linger == AgentConfig.upload_linger_s == 0.0
+    assert parser.parse_args([*base, "--upload-linger", "60"]).upload_linger == 60.0
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--upload-linger", "-1"])
+    assert "must be >= 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- a real in-process gateway
