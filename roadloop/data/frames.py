@@ -370,11 +370,16 @@ class FrameStore:
         """Image path of a complete frame (sidecar + image present), in any date folder."""
         cam = self._camera_dir(camera_id)
         validate_id("frame_id", frame_id, where=cam)
-        if not cam.is_dir():
+        # One stat per date folder (os.scandir, not Path.glob: on the gateway's write path,
+        # once per upload, glob's pattern machinery cost ~10 % of the CPU of a stored frame).
+        try:
+            days = sorted(e.name for e in os.scandir(cam)
+                          if e.is_dir() and not e.name.startswith("."))
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        for sidecar in sorted(cam.glob(f"*/{frame_id}.json")):
-            image = sidecar.with_suffix(".jpg")
-            if image.is_file():
+        for day in days:
+            image = cam / day / f"{frame_id}.jpg"
+            if os.path.isfile(image.with_suffix(".json")) and os.path.isfile(image):
                 return image
         return None
 
