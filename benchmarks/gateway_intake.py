@@ -308,13 +308,30 @@ async def _drive(server: GatewayProcess, plans: list[AgentPlan], duration: float
 
 
 # ---------------------------------------------------------------------------- verify
+def _frame_rows(home: Path, database_url: str | None) -> list[tuple[str, str]]:
+    """``(camera_id, frame_id)`` of every ``frames`` row: the home's SQLite file, or the
+    database of ``--set DATABASE_URL=...`` (it must start empty for this run)."""
+    if not database_url:
+        db = sqlite3.connect(home / "fleet" / "fleet.db")
+        try:
+            return [tuple(r) for r in db.execute("SELECT camera_id, frame_id FROM frames")]
+        finally:
+            db.close()
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text("SELECT camera_id, frame_id FROM frames"))]
+    finally:
+        engine.dispose()
+
+
 def verify(home: Path, plans: list[AgentPlan], results: list[AgentResult],
-           compare_bytes: bool) -> dict[str, Any]:
+           compare_bytes: bool, database_url: str | None = None) -> dict[str, Any]:
     """Every acknowledged frame is one ``frames`` row and a complete frame-store entry holding
     the JPEG that was sent (its size; its bytes when ``compare_bytes``)."""
-    db = sqlite3.connect(home / "fleet" / "fleet.db")
-    rows = db.execute("SELECT camera_id, frame_id FROM frames").fetchall()
-    db.close()
+    rows = _frame_rows(home, database_url)
     row_set = set(rows)
     store = FrameStore(home / "frames")
     stored_files = missing = acked_total = 0
@@ -388,7 +405,8 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
                           headers={"Authorization": f"Bearer {admin}"}, timeout=10).json()
     finally:
         server.stop()
-    check = verify(home, plans, results, compare_bytes=kill is not None)
+    check = verify(home, plans, results, compare_bytes=kill is not None,
+                   database_url=v.env.get(f"{ENV}DATABASE_URL"))
     cpu_loadgen = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime) - (
         kill.restart_thread_cpu_s if kill else 0.0)
     return summarize(v, agents, window, wall, results, check, cpu_server, cpu_loadgen,
