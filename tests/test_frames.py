@@ -21,6 +21,7 @@ from roadloop.data.frames import (
     compute_quality,
     dedupe_near_duplicates,
     dhash_hamming,
+    in_window,
     safe_id,
     summarize_partition,
     validate_id,
@@ -52,6 +53,14 @@ def record(
         height=h,
         quality=compute_quality(image),
     )
+
+
+def test_in_window_includes_start_and_excludes_end() -> None:
+    rec = record("f1", at=T0)
+    assert in_window(rec, None, None)
+    assert in_window(rec, T0, T0 + timedelta(seconds=1))
+    assert not in_window(rec, T0 + timedelta(seconds=1), None)
+    assert not in_window(rec, None, T0)
 
 
 def test_layout_and_roundtrip(tmp_path: Path) -> None:

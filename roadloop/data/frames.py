@@ -340,6 +340,12 @@ class FrameStorage(Protocol):
 # --------------------------------------------------------------------------- store
 
 
+def in_window(record: FrameRecord, start: datetime | None, end: datetime | None) -> bool:
+    """``start <= record.captured_at < end`` (a missing bound does not limit)."""
+    return ((start is None or record.captured_at >= start)
+            and (end is None or record.captured_at < end))
+
+
 class FrameStore:
     """Camera frames on a local (or mounted) file system; see the module docstring."""
 
@@ -506,11 +512,8 @@ class FrameStore:
             record = self._load(sidecar, camera_id)
             if record is None:
                 continue
-            if start is not None and record.captured_at < start:
-                continue
-            if end is not None and record.captured_at >= end:
-                continue
-            items.append((record, image))
+            if in_window(record, start, end):
+                items.append((record, image))
         items.sort(key=lambda it: (it[0].captured_at, it[0].frame_id))
         yield from items
 

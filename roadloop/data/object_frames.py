@@ -47,6 +47,7 @@ from roadloop.data.frames import (
     FrameWrite,
     FsckReport,
     checked_sidecar,
+    in_window,
     parse_sidecar,
     validate_id,
 )
@@ -293,13 +294,8 @@ class S3FrameStore:
             data = self._get(self._key(f"{stem}.json"))
             record = None if data is None else parse_sidecar(
                 data, camera_id, stem.rsplit("/", 1)[-1], where=f"{self.url}/{stem}.json")
-            if record is None:
-                continue
-            if start is not None and record.captured_at < start:
-                continue
-            if end is not None and record.captured_at >= end:
-                continue
-            items.append(record)
+            if record is not None and in_window(record, start, end):
+                items.append(record)
         items.sort(key=lambda r: (r.captured_at, r.frame_id))
         return items
 
