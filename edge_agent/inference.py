@@ -65,6 +65,27 @@ class Detection:
         return asdict(self)
 
 
+def detections_from_arrays(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, names: Sequence[str],
+    model_sha256: str,
+) -> list[Detection]:
+    """``Detection``s from (N, 4) frame-pixel corners, (N,) scores and (N,) class ids; a class
+    id outside ``names`` is named by its number."""
+    return [
+        Detection(
+            class_id=int(c),
+            confidence=float(s),
+            x1=float(b[0]),
+            y1=float(b[1]),
+            x2=float(b[2]),
+            y2=float(b[3]),
+            class_name=names[int(c)] if 0 <= int(c) < len(names) else str(int(c)),
+            model_sha256=model_sha256,
+        )
+        for b, s, c in zip(boxes.tolist(), scores.tolist(), classes.tolist())
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class LetterboxMeta:
     """How one frame was letterboxed: enough to map boxes back onto it."""
@@ -471,21 +492,8 @@ class OnnxDetector:
         boxes[:, [1, 3]] /= meta.ratio[1]
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
-        names = self.class_names
-        sha = self.model_sha256
-        return [
-            Detection(
-                class_id=int(c),
-                confidence=float(s),
-                x1=float(b[0]),
-                y1=float(b[1]),
-                x2=float(b[2]),
-                y2=float(b[3]),
-                class_name=names[int(c)] if 0 <= int(c) < len(names) else str(int(c)),
-                model_sha256=sha,
-            )
-            for b, s, c in zip(boxes.tolist(), scores.tolist(), classes.tolist())
-        ]
+        return detections_from_arrays(boxes, scores, classes, self.class_names,
+                                      self.model_sha256)
 
     # ------------------------------------------------------------------ public entry points
     def detect(self, frame_bgr: np.ndarray) -> list[Detection]:

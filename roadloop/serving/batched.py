@@ -32,7 +32,7 @@ from typing import Literal, Self
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.inference import Detection
+from edge_agent.inference import Detection, detections_from_arrays
 from roadloop.errors import RoadloopError
 from roadloop.serving.graph import FRAMES_INPUT, OUTPUTS
 
@@ -207,28 +207,11 @@ class ServingSession:
         """The first ``n`` images' outputs as :class:`edge_agent.inference.Detection` lists."""
         boxes, scores, classes, count = outputs
         n = len(count) if n is None else n
-        names, sha = self.class_names, self.model_sha256
-        result = []
-        for i in range(n):
-            k = int(count[i])
-            result.append(
-                [
-                    Detection(
-                        class_id=int(c),
-                        confidence=float(s),
-                        x1=float(b[0]),
-                        y1=float(b[1]),
-                        x2=float(b[2]),
-                        y2=float(b[3]),
-                        class_name=names[int(c)] if 0 <= int(c) < len(names) else str(int(c)),
-                        model_sha256=sha,
-                    )
-                    for b, s, c in zip(
-                        boxes[i, :k].tolist(), scores[i, :k].tolist(), classes[i, :k].tolist()
-                    )
-                ]
-            )
-        return result
+        return [
+            detections_from_arrays(boxes[i, :k], scores[i, :k], classes[i, :k],
+                                   self.class_names, self.model_sha256)
+            for i, k in enumerate(int(c) for c in count[:n])
+        ]
 
     def detect(self, frames: Sequence[np.ndarray] | np.ndarray) -> list[list[Detection]]:
         """Detections per frame, batching at this graph's batch size (if static)."""
