@@ -306,18 +306,6 @@ def test_agent_counters_are_per_frame_with_batches(tmp_path: Path) -> None:
     assert agent.telemetry.uploads_ok_total == 3
 
 
-def test_cli_upload_batch_max_flag(capsys: pytest.CaptureFixture[str]) -> None:
-    from edge_agent.cli import build_parser
-
-    base = ["run", "--gateway", URL, "--camera-id", "cam", "--source", "x.mp4"]
-    parser = build_parser()
-    assert parser.parse_args(base).upload_batch_max == AgentConfig.upload_batch_max == 16
-    assert parser.parse_args([*base, "--upload-batch-max", "1"]).upload_batch_max == 1
-    with pytest.raises(SystemExit):
-        parser.parse_args([*base, "--upload-batch-max", "0"])
-    assert "must be >= 1" in capsys.readouterr().err
-
-
 def _due(created_at: float, attempts: int = 0) -> OutboxItem:
     return OutboxItem(frame_id=f"f{created_at}", path=Path("x.jpg"), metadata={},
                       importance=0.5, size=10, created_at=created_at, attempts=attempts,
@@ -376,16 +364,24 @@ def test_agent_linger_holds_frames_sends_a_full_batch_and_everything_when_draini
     assert gw.batches == [["a0", "a1", "a2", "a3"], ["b0", "b1"]] and gw.singles == []
 
 
-def test_cli_upload_linger_flag(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("flag", "attr", "config_field", "default", "good", "bad", "message"), [
+    ("--upload-batch-max", "upload_batch_max", "upload_batch_max", 16, ("1", 1), "0",
+     "must be >= 1"),
+    ("--upload-linger", "upload_linger", "upload_linger_s", 0.0, ("60", 60.0), "-1",
+     "must be >= 0"),
+])
+def test_cli_upload_flags(capsys: pytest.CaptureFixture[str], flag: str, attr: str,
+                          config_field: str, default: float, good: tuple[str, float],
+                          bad: str, message: str) -> None:
     from edge_agent.cli import build_parser
 
     base = ["run", "--gateway", URL, "--camera-id", "cam", "--source", "x.mp4"]
     parser = build_parser()
-    assert parser.parse_args(base).upload_linger == AgentConfig.upload_linger_s == 0.0
-    assert parser.parse_args([*base, "--upload-linger", "60"]).upload_linger == 60.0
+    assert getattr(parser.parse_args(base), attr) == getattr(AgentConfig, config_field) == default
+    assert getattr(parser.parse_args([*base, flag, good[0]]), attr) == good[1]
     with pytest.raises(SystemExit):
-        parser.parse_args([*base, "--upload-linger", "-1"])
-    assert "must be >= 0" in capsys.readouterr().err
+        parser.parse_args([*base, flag, bad])
+    assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- a real in-process gateway
