@@ -43,7 +43,6 @@ class GroupCommitter:
         self.db = db
         self.max_batch = max_batch
         self.before_commit = before_commit
-        self.syncs = 0
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._name = name
@@ -100,7 +99,6 @@ class GroupCommitter:
         try:
             if self.before_commit is not None:
                 self.before_commit()  # before the write lock: a slow sync does not hold it
-                self.syncs += 1
             with self.db.write() as session:
                 for fn, future in batch:
                     try:

@@ -8,7 +8,7 @@ The envelope (docs/fleet-api.md "Batched uploads") is a raw body, not multipart:
 
 An envelope that does not split into frames is a 422 for the whole request (nothing stored);
 once it splits, every frame goes through the per-frame path of ``POST /v1/frames``
-(``fleet.intake.check_frame`` and ``store_frames``) and gets the status and message that
+(``fleet.frame_checks.check_frames`` and ``fleet.intake.store_frames``) and gets the status and message that
 route would give it alone. The stored frames of one batch are one group-commit item (a
 SAVEPOINT per row), so a batch costs one commit wait, and with ``frame_sync=group`` one
 durability barrier, however many frames it carries. Splitting a raw body is a few slices;

@@ -144,14 +144,11 @@ class Gateway:
     def now(self) -> datetime:
         return self.clock()
 
-    def key_lock(self, key: str) -> threading.Lock:
-        """Striped lock so two uploads of the same frame id never interleave their writes."""
-        return self._key_locks[hash(key) % len(self._key_locks)]
-
     @contextmanager
     def key_locks(self, keys: list[str]) -> Iterator[None]:
-        """``key_lock`` of several keys at once (a batch), taken in stripe order so two
-        batches never wait on each other in a cycle."""
+        """Striped locks of frame keys (one upload's or a batch's), so two uploads of the same
+        frame id never interleave their writes; taken in stripe order so two batches never
+        wait on each other in a cycle."""
         stripes = sorted({hash(k) % len(self._key_locks) for k in keys})
         taken: list[threading.Lock] = []
         try:

@@ -26,7 +26,8 @@ def temp_sibling(path: Path, suffix: str = "") -> Path:
 
 
 def fsync_dir(path: Path) -> None:
-    """fsync a folder, so the renames into it survive a power cut."""
+    """fsync a folder, so the renames into it survive a power cut (a file's path works too:
+    its data and size are flushed)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -47,7 +47,7 @@ from pydantic import (
 )
 
 from roadloop.errors import InvalidInputError
-from roadloop.fsutil import syncfs, write_bytes_atomic
+from roadloop.fsutil import fsync_dir, syncfs, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -440,11 +440,7 @@ class FrameStore:
             if syncfs(self.root):
                 return
             for path in sorted(pending, key=lambda p: (p.is_dir(), -len(p.parts))):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_dir(path)  # an fsync of the path: files and folders alike
         except OSError:
             with self._unsynced_lock:  # still not durable: the next sync tries again
                 self._unsynced.update(pending)
