@@ -35,6 +35,11 @@ def batch_body(frames: list[tuple[Any, bytes]]) -> bytes:
     return struct.pack(">I", len(manifest)) + manifest + b"".join(img for _, img in frames)
 
 
+def _prefixed(manifest: bytes) -> bytes:
+    """A raw envelope with ``manifest`` as given (no image follows)."""
+    return struct.pack(">I", len(manifest)) + manifest
+
+
 def post_batch(env: Env, token: str, body: bytes,
                ctype: str = BATCH_CONTENT_TYPE) -> httpx.Response:
     return env.client.post("/v1/frames/batch", content=body,
@@ -91,7 +96,17 @@ def test_mixed_batch_gives_each_frame_the_single_routes_answer(env: Env,
     (struct.pack(">I", 13) + b'{"frames":[]}', "no frames"),
     (batch_body([({"frame_id": "x"}, b"abc")])[:-1], "add up to"),
     (batch_body([({"frame_id": f"x{i}"}, b"") for i in range(5)]), "more than max_batch"),
-], ids=["short", "past_end", "not_json", "not_object", "empty", "sizes", "too_many"])
+    (struct.pack(">I", 0xFFFFFFFF) + b"{}", "over the"),
+    (_prefixed(b'{"frames":' + b"[" * 40 + b"]" * 40 + b"}"), "nested deeper"),
+    (_prefixed(b'{"frames":[1e999]}'), "finite numbers only"),
+    (_prefixed(b'{"frames":["x"]}'), "must be an object"),
+    (_prefixed(b'{"frames":[{"image_bytes":0}]}'), "must be an object"),
+    (_prefixed(b'{"frames":[{"metadata":{},"image_bytes":-1}]}'), "non-negative"),
+    (_prefixed(b'{"frames":[{"metadata":{},"image_bytes":true}]}'), "non-negative"),
+    (_prefixed(b'{"frames":[{"metadata":{},"image_bytes":1.0}]}'), "non-negative"),
+], ids=["short", "past_end", "not_json", "not_object", "empty", "sizes", "too_many",
+        "manifest_length_absurd", "deep_nesting", "not_finite", "entry_not_object",
+        "no_metadata", "negative_size", "bool_size", "float_size"])
 def test_bad_envelope_is_422_and_stores_nothing(make_env: Any, body: bytes, why: str) -> None:
     env = make_env(max_batch_frames=4)
     tok = env.enroll()["access_token"]
@@ -111,6 +126,21 @@ def test_wrong_content_type_is_415_and_oversize_is_413_unread(make_env: Any,
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     assert env.rows() == []
     assert post_batch(env, tok, body).json()["stored"] == 1
+
+
+def test_oversized_frame_metadata_or_image_is_413_for_that_frame_only(
+        make_env: Any, frame_jpeg: bytes) -> None:
+    env = make_env(max_metadata_bytes=4096, max_request_bytes=len(frame_jpeg) + 10_000)
+    tok = env.enroll()["access_token"]
+    huge_meta = {**meta("f-meta"), "source_ref": "x" * 5000}
+    frames = [(meta("f-1"), frame_jpeg), (huge_meta, frame_jpeg),
+              (meta("f-img"), frame_jpeg + b"\0" * 20_000)]
+    r = post_batch(env, tok, batch_body(frames))
+    assert r.status_code == 200, r.text
+    got = [(x["frame_id"], x["status"]) for x in r.json()["results"]]
+    assert [status for _, status in got] == [201, 413, 413], r.text
+    assert "metadata is larger" in r.json()["results"][1]["detail"]
+    assert [row.frame_id for row in env.rows()] == ["f-1"]
 
 
 def test_rate_limit_counts_frames(make_env: Any, frame_jpeg: bytes) -> None:
