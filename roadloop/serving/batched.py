@@ -32,7 +32,7 @@ from typing import Literal, Self
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.inference import Detection, detections_from_arrays
+from edge_agent.inference import Detection, _parse_names, detections_from_arrays
 from roadloop.errors import RoadloopError
 from roadloop.serving.graph import FRAMES_INPUT, OUTPUTS
 
@@ -157,8 +157,6 @@ class ServingSession:
         self.frame_hw: tuple[int, int] = tuple(json.loads(meta["serving_frame_hw"]))
         dim0 = self.session.get_inputs()[0].shape[0]
         self.batch: int | None = dim0 if isinstance(dim0, int) and dim0 > 0 else None
-        from edge_agent.inference import _parse_names
-
         self.class_names: list[str] = _parse_names(meta.get("names")) or []
         self.model_sha256 = meta.get("serving_source_sha256", "")
         # IO binding pays on CUDA (frames bound in place, outputs copied once); None: there only.
@@ -229,16 +227,14 @@ class ServingSession:
 
 
 class _Batch:
-    __slots__ = ("buf", "cameras", "filled", "futures", "opened", "reserved", "sealed")
+    __slots__ = ("buf", "filled", "futures", "opened", "reserved")
 
     def __init__(self, buf: np.ndarray) -> None:
         self.buf = buf
         self.reserved = 0
         self.filled = 0
         self.futures: list[Future] = []
-        self.cameras: list[str] = []
         self.opened = time.perf_counter()
-        self.sealed = False
 
 
 class FrameBatcher:
@@ -306,7 +302,6 @@ class FrameBatcher:
             slot = batch.reserved
             batch.reserved += 1
             batch.futures.append(fut)
-            batch.cameras.append(camera_id)
             if batch.reserved == self.max_batch:
                 self._seal(batch)
         np.copyto(batch.buf[slot], frame)  # outside the lock: producers copy in parallel
@@ -316,7 +311,6 @@ class FrameBatcher:
         return fut
 
     def _seal(self, batch: _Batch) -> None:
-        batch.sealed = True
         self._ready.append(batch)
         if self._open is batch:
             self._open = None
