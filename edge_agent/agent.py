@@ -423,7 +423,6 @@ class EdgeAgent:
         self._is_tty = bool(getattr(self._status_stream, "isatty", lambda: False)())
         self._pending_heartbeats: collections.deque[str] = collections.deque(maxlen=20)
         self._hb_lock = threading.Lock()
-        self._acks_this_process = 0
         self._kill_after = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
         self._last_upload_at: float | None = None
         self.summary: AgentSummary | None = None
