@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.uploader import MAX_UPLOAD_LINGER_S
 
 logger = logging.getLogger("edge_agent")
 
@@ -45,10 +46,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def _linger_seconds(text: str) -> float:
     value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not 0 <= value <= MAX_UPLOAD_LINGER_S:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(
+            f"must be >= 0 and at most {MAX_UPLOAD_LINGER_S:.0f} s, got {text}")
     return value
 
 
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--upload-linger",
-        type=_non_negative_float,
+        type=_linger_seconds,
         default=0.0,
         metavar="S",
         help="hold fresh frames up to S seconds so that several share one request (0: send "

@@ -31,6 +31,7 @@ from edge_agent.outbox import Outbox, OutboxItem
 
 logger = logging.getLogger(__name__)
 
+MAX_UPLOAD_LINGER_S = 3600.0  # holding sampled frames longer than an hour helps nobody
 BATCH_ROUTE_RETRY_S = 600.0  # after a 404/405/415, frame by frame for this long
 DEFAULT_BATCH_MAX = 16
 DEFAULT_BATCH_MAX_BYTES = 1024 * 1024

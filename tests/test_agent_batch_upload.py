@@ -369,6 +369,12 @@ def test_agent_linger_holds_frames_sends_a_full_batch_and_everything_when_draini
      "must be >= 1"),
     ("--upload-linger", "upload_linger", "upload_linger_s", 0.0, ("60", 60.0), "-1",
      "must be >= 0"),
+    ("--upload-linger", "upload_linger", "upload_linger_s", 0.0, ("3600", 3600.0), "inf",
+     "at most 3600 s"),
+    ("--upload-linger", "upload_linger", "upload_linger_s", 0.0, ("0", 0.0), "nan",
+     "must be >= 0"),
+    ("--upload-linger", "upload_linger", "upload_linger_s", 0.0, ("0", 0.0), "1e9",
+     "at most 3600 s"),
 ])
 def test_cli_upload_flags(capsys: pytest.CaptureFixture[str], flag: str, attr: str,
                           config_field: str, default: float, good: tuple[str, float],
