@@ -236,7 +236,11 @@ class S3FrameStore:
 
     def _record(self, camera_id: str, day: str, frame_id: str) -> FrameRecord | None:
         rel = f"{camera_id}/{day}/{frame_id}"
-        data = self._get(self._key(f"{rel}.json"))
+        return self._complete(camera_id, frame_id, rel, self._get(self._key(f"{rel}.json")))
+
+    def _complete(self, camera_id: str, frame_id: str, rel: str,
+                  data: bytes | None) -> FrameRecord | None:
+        """The record in ``data`` (the GET of ``rel``.json) when its JPEG exists too."""
         if data is None or not self._exists(self._key(f"{rel}.jpg")):
             return None
         return parse_sidecar(data, camera_id, frame_id, where=f"{self.url}/{rel}.json")
@@ -247,8 +251,10 @@ class S3FrameStore:
         validate_id("frame_id", frame_id, where=self.url)
         with _as_os_error(f"read of {camera_id}/{frame_id}"):
             for day in reversed(self._days(camera_id)):
-                if self._exists(self._key(f"{camera_id}/{day}/{frame_id}.json")):
-                    return self._record(camera_id, day, frame_id)
+                rel = f"{camera_id}/{day}/{frame_id}"
+                data = self._get(self._key(f"{rel}.json"))  # a GET, not a HEAD then a GET
+                if data is not None:
+                    return self._complete(camera_id, frame_id, rel, data)
         return None
 
     def find_frame(self, camera_id: str, frame_id: str) -> Path | None:
