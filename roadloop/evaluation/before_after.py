@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from roadloop.evaluation.results import BenchmarkResults, DetectionMetrics
 from roadloop.evaluation.testsets import ALL
-from roadloop.fsutil import atomic_path
+from roadloop.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +240,5 @@ def write_before_after(table: BeforeAfterTable, out_dir: Path) -> tuple[Path, Pa
     json_path, md_path = out_dir / JSON_NAME, out_dir / MARKDOWN_NAME
     for path, text in ((json_path, table.model_dump_json(indent=2)),
                        (md_path, render_markdown(table))):
-        with atomic_path(path, parents=True) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+        write_text_atomic(path, text, parents=True)
     return json_path, md_path
