@@ -323,10 +323,7 @@ def require_scope(
         principal = None
         if token and ttl > 0:  # frames and heartbeats (fleet.caches.AuthCache)
             token_hash = hash_token(token)
-            principal = gw.auth_cache.cached_principal(token_hash, variant, ttl)
-            if principal is not None and principal.expires_at is not None \
-                    and principal.expires_at <= gw.now():
-                principal = None  # expired: authenticate() says so
+            principal = gw.auth_cache.cached_principal(token_hash, variant, gw.now(), ttl)
         if principal is None:
             principal = authenticate(
                 gw,

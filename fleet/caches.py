@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -51,14 +52,19 @@ class AuthCache(Generic[P]):
         self._scopes: OrderedDict[str, frozenset[str]] = OrderedDict()
         self._principals: dict[tuple[str, Hashable], tuple[P, float]] = {}
 
-    def cached_principal(self, token_hash: str, variant: Hashable,
+    def cached_principal(self, token_hash: str, variant: Hashable, now: datetime,
                          ttl: float | None = None) -> P | None:
         """A principal authenticated (for ``variant``: what the route asked of the token)
-        less than ``ttl`` (default ``PRINCIPAL_TTL_S``) seconds ago, else None."""
+        less than ``ttl`` (default ``PRINCIPAL_TTL_S``) seconds ago, else None; None as well
+        once its token's ``expires_at`` is not after ``now`` (the caller then authenticates,
+        which says why)."""
         with self.lock:
             hit = self._principals.get((token_hash, variant))
         limit = self.PRINCIPAL_TTL_S if ttl is None else ttl
         if hit is None or self.clock() - hit[1] > limit:
+            return None
+        expires_at = getattr(hit[0], "expires_at", None)
+        if expires_at is not None and expires_at <= now:
             return None
         return hit[0]
 

@@ -107,7 +107,7 @@ def require_device_or_admin(*, device_only: bool) -> Any:
         cache = gw.auth_cache
         token_hash = hash_token(token) if token else ""
         if token:
-            cached = cache.cached_principal(token_hash, device_only)
+            cached = cache.cached_principal(token_hash, device_only, gw.now())
             if cached is not None:
                 return cached
         scope = "camera:read"

@@ -269,8 +269,11 @@ def test_status_change_and_expiry_reach_cached_principals(make_env: Any,
     r = env.client.post(f"/v1/devices/{dev['device_id']}/status",
                         json={"status": "active", "reason": "test"}, headers=bearer(env.admin))
     assert post_frame(env.client, tok, meta("f-2"), frame_jpeg).status_code == 201
+    assert env.client.get("/v1/manifest", headers=bearer(tok)).status_code != 401  # cached
     env.clock.advance(dev["expires_in"] + 1)  # the token's expiry is not cached away
     r = post_frame(env.client, tok, meta("f-3"), frame_jpeg)
+    assert r.status_code == 401 and "expired" in r.json()["detail"]
+    r = env.client.get("/v1/manifest", headers=bearer(tok))  # nor on the read routes' cache
     assert r.status_code == 401 and "expired" in r.json()["detail"]
 
 
