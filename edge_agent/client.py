@@ -33,7 +33,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,23 @@ def _frame_outcome(entry: Any, retry_after: float | None) -> UploadOutcome:
     if 200 <= code < 300:
         return UploadOutcome("stored", code, detail)
     return UploadOutcome("rejected", code, detail)
+
+
+def _retry_later(code: int) -> bool:
+    """A whole request's status that means "not now, try again" (not "never")."""
+    return code in (401, 403, 408, 425, 429) or code >= 500
+
+
+def _response_or_retry(call: Callable[[], httpx.Response]) -> httpx.Response | UploadOutcome:
+    """``call()``'s response, or the retry outcome of a request that never got one."""
+    try:
+        return call()
+    except httpx.HTTPError as exc:
+        return UploadOutcome("retry", None, f"{type(exc).__name__}: {exc}")
+    except GatewayUnavailable as exc:
+        return UploadOutcome("retry", None, str(exc))
+    except AuthError as exc:
+        return UploadOutcome("retry", 401, str(exc))
 
 
 def _detail(resp: httpx.Response) -> str:
@@ -372,18 +389,14 @@ class GatewayClient:
                                 outcome.retry_after, len(body))
 
         headers = {"Content-Type": BATCH_CONTENT_TYPE}
-        try:
-            resp = self._send("POST", BATCH_ROUTE, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            return every(UploadOutcome("retry", None, f"{type(exc).__name__}: {exc}"))
-        except GatewayUnavailable as exc:
-            return every(UploadOutcome("retry", None, str(exc)))
-        except AuthError as exc:
-            return every(UploadOutcome("retry", 401, str(exc)))
+        resp = _response_or_retry(
+            lambda: self._send("POST", BATCH_ROUTE, content=body, headers=headers))
+        if isinstance(resp, UploadOutcome):
+            return every(resp)
         code = resp.status_code
         if code in (404, 405, 415):
             return BatchOutcome("unsupported", (), code, _detail(resp), None, len(body))
-        if code in (401, 403, 408, 425, 429) or code >= 500:
+        if _retry_later(code):
             return every(UploadOutcome("retry", code, _detail(resp), _retry_after(resp)))
         if code != 200:
             return BatchOutcome("refused", (), code, _detail(resp), None, len(body))
@@ -427,20 +440,15 @@ class GatewayClient:
         return resp
 
     def _outcome(self, call, *, expect: int) -> UploadOutcome:
-        try:
-            resp = call()
-        except httpx.HTTPError as exc:
-            return UploadOutcome("retry", None, f"{type(exc).__name__}: {exc}")
-        except GatewayUnavailable as exc:
-            return UploadOutcome("retry", None, str(exc))
-        except AuthError as exc:
-            return UploadOutcome("retry", 401, str(exc))
+        resp = _response_or_retry(call)
+        if isinstance(resp, UploadOutcome):
+            return resp
         code = resp.status_code
         if code in (expect, 200, 201, 202):
             return UploadOutcome("stored", code)
         if code == 409:
             return UploadOutcome("duplicate", code, _detail(resp))
-        if code in (401, 403, 408, 425, 429) or code >= 500:
+        if _retry_later(code):
             return UploadOutcome("retry", code, _detail(resp), _retry_after(resp))
         return UploadOutcome("rejected", code, _detail(resp))
 
