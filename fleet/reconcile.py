@@ -11,11 +11,13 @@ before serving (``Gateway.prepare_storage``); an object-store frame store has it
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
@@ -23,7 +25,6 @@ from sqlalchemy import select
 from fleet.db import Database, Device, FrameRow
 from fleet.jpeg import JpegError, inspect_jpeg
 from roadloop.data.frames import ID_PATTERN, FrameRecord, FrameStore
-from roadloop.fsutil import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +121,7 @@ def _reconcile_day(
             image.unlink(missing_ok=True)
             report.removed_orphan_images += 1
     complete = sorted(s for s in sidecars if s in images)
-    known: set[str] = set()
-    with db.read() as session:
-        for i in range(0, len(complete), 500):
-            chunk = complete[i : i + 500]
-            known.update(session.scalars(select(FrameRow.frame_id).where(
-                FrameRow.camera_id == camera_id, FrameRow.frame_id.in_(chunk))))
+    known = known_frame_ids(db, camera_id, complete)
     rows = []
     now = clock()
     for stem in complete:
@@ -142,27 +138,49 @@ def _reconcile_day(
             report.unreadable_sidecars += 1
             continue
         image_path = images[stem]
-        if not _whole_jpeg(image_path, rec):
+        try:
+            image = image_path.read_bytes()
+        except OSError:
+            image = b""
+        if not _whole_jpeg(image, rec):
             _remove_torn(store, image_path, report)
             continue
-        src_device = rec.source.split(":", 1)[1] if rec.source.startswith("agent:") else device_id
-        rows.append(FrameRow(
-            camera_id=camera_id, frame_id=stem, device_id=src_device,
-            captured_at=rec.captured_at, received_at=now,
-            path=image_path.relative_to(store.root).as_posix(), width=rec.width,
-            height=rec.height, size_bytes=image_path.stat().st_size,
-            sha256=sha256_file(image_path), model_version=rec.model_version,
-            importance=rec.importance, reasons=rec.reasons,
-            n_detections=len(rec.detections), recovered=True,
-        ))
+        rows.append(FrameRow(**recovered_row(
+            rec, device_id, image_path.relative_to(store.root).as_posix(), image, now)))
     return rows
 
 
-def _whole_jpeg(path: Path, rec: FrameRecord) -> bool:
+def known_frame_ids(db: Database, camera_id: str, frame_ids: list[str]) -> set[str]:
+    """Which of ``frame_ids`` already have a ``frames`` row (queried 500 ids at a time)."""
+    known: set[str] = set()
+    with db.read() as session:
+        for i in range(0, len(frame_ids), 500):
+            known.update(session.scalars(select(FrameRow.frame_id).where(
+                FrameRow.camera_id == camera_id, FrameRow.frame_id.in_(frame_ids[i:i + 500]))))
+    return known
+
+
+def recovered_row(rec: FrameRecord, owner_device_id: str, path: str, image: bytes,
+                  now: datetime) -> dict[str, Any]:
+    """The ``frames`` row of a complete frame found without one (``recovered=True``): its
+    device is the one named by the record's ``agent:`` source, else the camera's owner."""
+    source = rec.source
+    device = source.split(":", 1)[1] if source.startswith("agent:") else owner_device_id
+    return {
+        "camera_id": rec.camera_id, "frame_id": rec.frame_id, "device_id": device,
+        "captured_at": rec.captured_at, "received_at": now, "path": path,
+        "width": rec.width, "height": rec.height, "size_bytes": len(image),
+        "sha256": hashlib.sha256(image).hexdigest(), "model_version": rec.model_version,
+        "importance": rec.importance, "reasons": rec.reasons,
+        "n_detections": len(rec.detections), "recovered": True,
+    }
+
+
+def _whole_jpeg(image: bytes, rec: FrameRecord) -> bool:
     """The image is a structurally complete JPEG of the record's size (header walk only)."""
     try:
-        info = inspect_jpeg(path.read_bytes())
-    except (OSError, JpegError):
+        info = inspect_jpeg(image)
+    except JpegError:
         return False
     return (info.width, info.height) == (rec.width, rec.height)
 

@@ -22,18 +22,16 @@ Unlike a gateway's own folder, the bucket is shared by every replica, so:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from fleet.db import Database, FrameRow
-from fleet.reconcile import camera_owners
+from fleet.reconcile import camera_owners, known_frame_ids, recovered_row
 from roadloop.data.object_frames import FolderListing, S3FrameStore
 
 logger = logging.getLogger(__name__)
@@ -117,9 +115,7 @@ def _reconcile_folder(
                 complete.append(frame_id)
     if not complete:
         return
-    with db.read() as session:
-        known = set(session.scalars(select(FrameRow.frame_id).where(
-            FrameRow.camera_id == folder.camera_id, FrameRow.frame_id.in_(complete))))
+    known = known_frame_ids(db, folder.camera_id, complete)
     rows: list[dict[str, Any]] = []
     for frame_id in complete:
         if frame_id in known:
@@ -132,15 +128,7 @@ def _reconcile_folder(
             report.unreadable_records += 1
             continue
         rec, image = loaded
-        src = rec.source.split(":", 1)[1] if rec.source.startswith("agent:") else device_id
-        rows.append({
-            "camera_id": folder.camera_id, "frame_id": frame_id, "device_id": src,
-            "captured_at": rec.captured_at, "received_at": clock(),
-            "path": f"{folder.stem(frame_id)}.jpg", "width": rec.width, "height": rec.height,
-            "size_bytes": len(image), "sha256": hashlib.sha256(image).hexdigest(),
-            "model_version": rec.model_version, "importance": rec.importance,
-            "reasons": rec.reasons, "n_detections": len(rec.detections), "recovered": True,
-        })
+        rows.append(recovered_row(rec, device_id, f"{folder.stem(frame_id)}.jpg", image, clock()))
     _insert(db, rows, report)
 
 
