@@ -517,3 +517,17 @@ def test_agent_detectors_get_the_agent_session_config(overlap_model: Path, tmp_p
     assert _config_entry(f"{key}=1") == (key, "1")
     with pytest.raises(argparse.ArgumentTypeError):
         _config_entry("no-equals-sign")
+
+
+def test_box_iou_matrix_agrees_with_one_to_many_and_is_zero_for_empty_unions() -> None:
+    from edge_agent.boxes import box_iou_matrix, box_iou_one_to_many
+
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 100, (12, 2))
+    a = np.concatenate([corners, corners + rng.uniform(1, 50, (12, 2))], axis=1)
+    b = a[::-1].copy()
+    matrix = box_iou_matrix(a, b)
+    for i in range(len(a)):
+        np.testing.assert_allclose(matrix[i], box_iou_one_to_many(a[i], b))
+    point = np.array([[5.0, 5.0, 5.0, 5.0]])
+    assert box_iou_matrix(point, point).tolist() == [[0.0]]

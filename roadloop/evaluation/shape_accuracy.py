@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_agent.boxes import nms
+from edge_agent.boxes import box_iou_matrix, nms
 from edge_agent.inference import MAX_NMS_CANDIDATES, LetterboxMeta, OnnxDetector
 from roadloop.errors import InvalidInputError
 from roadloop.evaluation.gates import GateConfig, GateOutcome, check_int8_drop
@@ -104,15 +104,6 @@ def _labels(image: Path, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     return cls, np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(2)
-    area_a = (a[:, 2:] - a[:, :2]).prod(1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter + 1e-9)
-
-
 def match_predictions(
     pred_cls: np.ndarray, pred_xyxy: np.ndarray, true_cls: np.ndarray, true_xyxy: np.ndarray
 ) -> np.ndarray:
@@ -121,7 +112,7 @@ def match_predictions(
     correct = np.zeros((len(pred_cls), len(IOU_THRESHOLDS)), dtype=bool)
     if not len(pred_cls) or not len(true_cls):
         return correct
-    iou = _iou(true_xyxy, pred_xyxy) * (true_cls[:, None] == pred_cls[None, :])
+    iou = box_iou_matrix(true_xyxy, pred_xyxy) * (true_cls[:, None] == pred_cls[None, :])
     for j, t in enumerate(IOU_THRESHOLDS):
         gt_i, pr_i = np.nonzero(iou >= t)
         if not len(gt_i):

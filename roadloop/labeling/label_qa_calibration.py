@@ -24,17 +24,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+from edge_agent.boxes import box_iou_matrix
 
 
 def confidence_at_precision(
@@ -62,7 +52,7 @@ def confidence_at_precision(
             if not len(arr):
                 continue
             gt = boxes[classes == k]
-            best = _iou_matrix(arr[:, :4], gt).max(axis=1) if len(gt) else np.zeros(len(arr))
+            best = box_iou_matrix(arr[:, :4], gt).max(axis=1) if len(gt) else np.zeros(len(arr))
             confs.append(arr[:, 4])
             hits.append(best >= iou)
     if not confs:
