@@ -163,26 +163,18 @@ def evaluate_start_checkpoint(
     import torch
 
     from roadloop.evaluation.accuracy import evaluate_detector
-    from roadloop.models.training import (
-        _checkpoint_names,
-        adapt_checkpoint_to_taxonomy,
-        load_source_class_map,
-    )
+    from roadloop.models.training import adapt_start_to_taxonomy
 
     t0 = time.monotonic()
     class_names = list(class_names)
-    names = _checkpoint_names(Path(checkpoint))
-    new_classes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="roadloop-start-") as tmp:
-        weights = Path(checkpoint)
-        if names is not None and names != class_names:
-            class_map = load_source_class_map(names, class_names)
-            new_classes = [c for c in class_names if c not in class_map.values()]
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                weights = adapt_checkpoint_to_taxonomy(
-                    weights, class_names, class_map, Path(tmp) / f"{weights.stem}_taxonomy.pt"
-                )
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            weights, _, class_map = adapt_start_to_taxonomy(
+                Path(checkpoint), class_names,
+                Path(tmp) / f"{Path(checkpoint).stem}_taxonomy.pt")
+        new_classes = ([c for c in class_names if c not in class_map.values()]
+                       if class_map is not None else [])
         metrics = {
             ts: evaluate_detector(weights, Path(yml), imgsz=imgsz, split=split, conf=conf)
             for ts, yml in test_sets.items()

@@ -343,6 +343,21 @@ def _checkpoint_names(path: Path) -> list[str] | None:
     return [names[i] for i in sorted(names)] if isinstance(names, dict) else None
 
 
+def adapt_start_to_taxonomy(
+    checkpoint: Path, class_names: list[str], out: Path
+) -> tuple[Path, list[str] | None, dict[str, str] | None]:
+    """A start checkpoint ready for ``class_names``: ``(weights, its own class names, the
+    class map)``. When its names already are ``class_names`` (or it has none) the checkpoint
+    itself comes back with no map; otherwise its class head is re-mapped into ``out``
+    (``adapt_checkpoint_to_taxonomy``)."""
+    names = _checkpoint_names(Path(checkpoint))
+    if names is None or names == class_names:
+        return Path(checkpoint), names, None
+    class_map = load_source_class_map(names, class_names)
+    return adapt_checkpoint_to_taxonomy(Path(checkpoint), class_names, class_map, out), names, \
+        class_map
+
+
 def _floats(d: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in d.items():
@@ -378,12 +393,9 @@ def train_detector(
     start = resolve_start_weights(cfg)
     start_path = start.path_or_name
     if start.kind != "scratch":
-        src_names = _checkpoint_names(Path(start_path))
-        if src_names is not None and src_names != class_names:
-            class_map = load_source_class_map(src_names, class_names)
-            adapted = adapt_checkpoint_to_taxonomy(
-                Path(start_path), class_names, class_map, out_dir / "start_weights_adapted.pt"
-            )
+        adapted, src_names, class_map = adapt_start_to_taxonomy(
+            Path(start_path), class_names, out_dir / "start_weights_adapted.pt")
+        if class_map is not None:
             start = ResolvedWeights(
                 path_or_name=str(adapted),
                 kind=start.kind,
