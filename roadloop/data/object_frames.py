@@ -83,7 +83,6 @@ class ListedFrame:
     ``LastModified`` (``None``: absent)."""
 
     frame_id: str
-    image_size: int | None = None
     image_modified: datetime | None = None
     record_modified: datetime | None = None
 
@@ -370,7 +369,6 @@ class S3FrameStore:
                         continue
                     entry = current.frames.setdefault(stem, ListedFrame(stem))
                     if ext == "jpg":
-                        entry.image_size = int(obj["Size"])
                         entry.image_modified = obj["LastModified"]
                     else:
                         entry.record_modified = obj["LastModified"]
