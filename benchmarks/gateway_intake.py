@@ -78,6 +78,7 @@ from benchmarks.intake_loadgen import (
     run_agent,
 )
 from benchmarks.intake_report import measured_findings, summarize, to_markdown
+from benchmarks.quiet import wait_for_quiet
 from launch.localfleet import GatewayProcess
 from roadloop.data.frames import FrameStore
 
@@ -102,7 +103,8 @@ class Variant:
 # Each lever adds (env, batch) on top of the previous row; ``requires`` names the gateway
 # settings it needs (absent in this checkout: the row is skipped, not faked).
 _BASE = {f"{ENV}FRAME_SYNC": "per_file", f"{ENV}PRINCIPAL_CACHE_S": "0",
-         f"{ENV}FRAME_READ_BACK": "true", f"{ENV}JPEG_DECODE": "reduced", f"{ENV}WORKERS": "1"}
+         f"{ENV}FRAME_READ_BACK": "true", f"{ENV}JPEG_DECODE": "reduced", f"{ENV}WORKERS": "1",
+         f"{ENV}WORKER_SOCKETS": "shared"}
 LEVERS: list[tuple[str, str, dict[str, str], int | None, tuple[str, ...]]] = [
     # (row name, lever, env added, batch (None: unchanged), settings required)
     ("baseline", ("single multipart uploads, per-file fsync, a DB read per upload to "
@@ -117,7 +119,12 @@ LEVERS: list[tuple[str, str, dict[str, str], int | None, tuple[str, ...]]] = [
      ("jpeg_decode",)),
     ("+batch-8", "8 frames per request (POST /v1/frames/batch)", {}, 8, ()),
     ("+batch-16", "16 frames per request", {}, 16, ()),
-    ("+2-workers", "two gateway worker processes", {f"{ENV}WORKERS": "2"}, None, ("workers",)),
+    ("+2-workers", "two gateway worker processes (one shared socket)", {f"{ENV}WORKERS": "2"},
+     None, ("workers",)),
+    ("+own-sockets", "each worker its own SO_REUSEPORT socket",
+     {f"{ENV}WORKER_SOCKETS": "reuse_port"}, None, ("worker_sockets",)),
+    ("+4-workers", "four worker processes on the two cores", {f"{ENV}WORKERS": "4"}, None,
+     ("workers",)),
 ]
 
 
@@ -364,9 +371,10 @@ def _loadavg() -> list[float]:
 def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], workdir: Path,
                 *, kill_after: float | None = None, max_fps: float = 2500.0,
                 offered_fps: float | None = None,
-                drain_s: float = 30.0) -> dict[str, Any]:
+                drain_s: float = 30.0, quiet: bool = True) -> dict[str, Any]:
     home = workdir / v.name.replace(" ", "_").replace("=", "-").replace("+", "plus-")
     shutil.rmtree(home, ignore_errors=True)
+    before = wait_for_quiet() if quiet else None
     server = _server(home, v.env)
     admin = server.admin_token()
     server.start(timeout_s=90)
@@ -409,8 +417,11 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
                    database_url=v.env.get(f"{ENV}DATABASE_URL"))
     cpu_loadgen = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime) - (
         kill.restart_thread_cpu_s if kill else 0.0)
-    return summarize(v, agents, window, wall, results, check, cpu_server, cpu_loadgen,
-                     load_before, load_after, stats, kill, build_s)
+    out = summarize(v, agents, window, wall, results, check, cpu_server, cpu_loadgen,
+                    load_before, load_after, stats, kill, build_s)
+    out["machine_before"] = before
+    shutil.rmtree(home, ignore_errors=True)  # its write-back settles in the next quiet wait
+    return out
 
 
 # ---------------------------------------------------------------------------- main

@@ -294,6 +294,7 @@ class AgentResult:
     requests_in_window: int = 0
     # (request latency ms, frames that request acknowledged) for requests sent in the window
     latencies: list[tuple[float, int]] = field(default_factory=list)
+    latency_at: list[float] = field(default_factory=list)  # each one's send (due) time, s
     codes: dict[int, int] = field(default_factory=dict)  # per frame (batch: per result)
     request_codes: dict[int, int] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
@@ -385,6 +386,7 @@ async def run_agent(plan: AgentPlan, res: AgentResult, host: str, port: int, sta
                 res.acked_in_window += len(ack)
                 if ack:
                     res.latencies.append((dt_ms, len(ack)))
+                    res.latency_at.append((t0 if due is None else min(t0, due)) - start)
             if again:
                 res.retried_frames += len(again)
                 retry.append(req if len(again) == len(req.frame_ids)

@@ -5,6 +5,7 @@ the run's figures."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,18 @@ logger = logging.getLogger("benchmarks.gateway_intake")
 
 STAGES = ["read_form", "read_batch", "parse_batch", "parse_metadata", "precheck", "jpeg_check",
           "decode", "quality", "write_frame", "fsync_dir", "frame_sync", "commit_wait"]
+
+
+def p99_by_slice(results: list[AgentResult], window: float, slice_s: float
+                 ) -> list[float | None]:
+    """P99 frame latency of the requests sent in each ``slice_s`` of the window: whether a
+    tail is start-up, a stall or the steady state."""
+    slices: list[list[tuple[float, int]]] = [[] for _ in range(max(1, math.ceil(window
+                                                                               / slice_s)))]
+    for r in results:
+        for (ms, n), at in zip(r.latencies, r.latency_at, strict=True):
+            slices[min(len(slices) - 1, max(0, int(at // slice_s)))].append((ms, n))
+    return [None if (p := weighted_percentile(s, 99)) is None else round(p, 1) for s in slices]
 
 
 def summarize(v: Variant, agents: int, window: float, wall: float, results: list[AgentResult],
@@ -50,6 +63,7 @@ def summarize(v: Variant, agents: int, window: float, wall: float, results: list
                        "p99": ms(weighted_percentile(lat, 99)),
                        "max": ms(max((x for x, _ in lat), default=None)),
                        "mean": ms(sum(x * n for x, n in lat) / max(1, sum(n for _, n in lat)))},
+        "p99_ms_by_5s": p99_by_slice(results, window, 5.0),
         "request_latency_ms": {"p50": ms(weighted_percentile(req_lat, 50)),
                                "p99": ms(weighted_percentile(req_lat, 99))},
         "frame_status_codes": codes, "request_status_codes": req_codes,
@@ -199,6 +213,16 @@ def to_markdown(doc: dict[str, Any]) -> str:
             notes.append("since the restart only")
         gc = r["server_stats"].get("group_commit", {})
         notes.append(f"mean group commit {gc.get('mean_batch', '–')} rows")
+        before = r.get("machine_before")
+        if before:
+            notes.append(f"started after {before['waited_s']} s of waiting for a quiet machine: "
+                         f"I/O pressure {before['io_pressure_avg10']} %, CPU pressure "
+                         f"{before['cpu_pressure_avg10']} % (10 s averages)"
+                         + ("" if before["quiet"] else ", NOT quiet (timed out)"))
+        by_slice = r.get("p99_ms_by_5s")
+        if by_slice:
+            notes.append("P99 ms of the requests sent in each 5 s of the window: "
+                         + ", ".join("–" if p is None else f"{p:.0f}" for p in by_slice))
         lines += ["(" + "; ".join(notes) + ".)", "", "| stage | calls | mean ms | max ms |",
                   "|---|---|---|---|"]
         lines += _stage_rows(r["server_stats"])

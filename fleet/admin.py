@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -199,5 +200,6 @@ def stats(
         "mean_batch": round(gw.committer.items / gw.committer.batches, 2)
         if gw.committer.batches else 0.0,
     }
+    snap["worker_pid"] = os.getpid()  # with --workers N: which process answered
     snap["as_of"] = datetime.now().astimezone().isoformat()
     return snap

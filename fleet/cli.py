@@ -131,9 +131,13 @@ def serve(
 
         prepare_multiprocess_dir(settings.home / "fleet" / "prometheus-multiproc")
     # Each worker imports the bounded protocol and reads its bounds from this environment.
-    uvicorn.run("fleet.app:create_app", factory=True, host=settings.host, port=settings.port,
-                log_level=log_level, access_log=access_log, workers=settings.workers,
-                **uvicorn_options(settings, importable=True))
+    from fleet.workers import run_workers
+
+    run_workers(uvicorn.Config("fleet.app:create_app", factory=True, host=settings.host,
+                               port=settings.port, log_level=log_level, access_log=access_log,
+                               workers=settings.workers,
+                               **uvicorn_options(settings, importable=True)),
+                settings.worker_sockets)
 
 
 @token_app.callback()

@@ -99,7 +99,7 @@ class GroupCommitter:
         try:
             if self.before_commit is not None:
                 self.before_commit()  # before the write lock: a slow sync does not hold it
-            with self.db.write() as session:
+            with self.db.writer_turn(), self.db.write() as session:
                 for fn, future in batch:
                     try:
                         with session.begin_nested():

@@ -257,6 +257,13 @@ class GatewaySettings(BaseSettings):
         "Each worker enforces 1/workers of the per-device rate limit and keeps its own group "
         "committer; storage is prepared once before they start.",
     )
+    worker_sockets: Literal["reuse_port", "shared"] = Field(
+        default="reuse_port",
+        description="With workers > 1: 'reuse_port' gives each worker its own SO_REUSEPORT "
+        "listening socket, so the kernel spreads connections over the workers; 'shared' is "
+        "uvicorn's one socket for all, where long-lived agent connections can all end up on "
+        "one worker (fleet/workers.py).",
+    )
 
     # Prometheus (docs/monitoring.md; fleet/metrics.py).
     metrics_enabled: bool = Field(

@@ -38,8 +38,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from sqlalchemy import insert, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,7 +48,7 @@ from fleet.auth_first import AuthFirstRoute
 from fleet.bodies import JsonRejected, loads, read_form
 from fleet.committer import CommitFailed
 from fleet.config import GatewaySettings
-from fleet.db import Device, FrameRow
+from fleet.db import Device, insert_new_frames
 from fleet.frame_checks import CheckedFrame, check_frames, validation_message
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
@@ -206,7 +205,7 @@ def store_frames(gw: Gateway, principal: Principal,
     # No "already stored?" query first: a replay costs one stat in write_frame (a no-op
     # for a frame already there) and ends as an IntegrityError -> 409 on insert, so the
     # common path saves a database round trip.
-    with gw.key_locks([f.key for f in frames]):
+    with gw.frame_locks.hold([f.key for f in frames]):
         pending: list[tuple[int, CheckedFrame, str]] = []
         for i, frame in enumerate(frames):
             try:
@@ -230,25 +229,18 @@ def store_frames(gw: Gateway, principal: Principal,
         } for _, f, rel in pending]
 
         def insert_rows(session: Session) -> list[bool]:
-            """One multi-row INSERT (few statements, so the writer thread waits little for
-            the GIL); after a duplicate, row by row, each in its SAVEPOINT."""
-            try:
-                with session.begin_nested():
-                    session.execute(insert(FrameRow), rows)
-                inserted = [True] * len(rows)
-            except IntegrityError:
-                inserted = []
-                for row in rows:
-                    try:
-                        with session.begin_nested():
-                            session.execute(insert(FrameRow), [row])
-                        inserted.append(True)
-                    except IntegrityError:
-                        inserted.append(False)
+            """One INSERT that skips frames already stored; a frame id twice in one batch
+            counts as stored once (its second copy is a 409)."""
+            new = insert_new_frames(session, rows)
             session.execute(
                 update(Device).where(Device.device_id == principal.device_id)
                 .values(last_seen_at=now)
             )
+            inserted = []
+            for row in rows:
+                key = (row["camera_id"], row["frame_id"])
+                inserted.append(key in new)
+                new.discard(key)
             return inserted
 
         try:

@@ -21,6 +21,7 @@ from fleet.config import GatewaySettings
 from fleet.db import Database
 from fleet.denials import DenialLog
 from fleet.jpeg import DecodePool
+from fleet.key_locks import KeyLocks
 from fleet.metrics import EventsCollector, FleetCollector, GatewayMetrics
 from fleet.models_store import ModelStore
 from fleet.ratelimit import KnownTokens, TokenBucketLimiter
@@ -133,7 +134,7 @@ class Gateway:
         self.model_key = ModelPublicKey(settings.model_public_key_file)
         self.auth_cache: AuthCache[Any] = AuthCache(self.db)  # principals of fleet.auth
         self.manifests = ManifestCache(self.db)
-        self._key_locks = [threading.Lock() for _ in range(4096)]
+        self.frame_locks = KeyLocks()
         # JPEG decodes at once, on their own threads (fleet.jpeg): bounds an upload burst's memory.
         self.decoders = DecodePool(settings.max_concurrent_decodes or 1)
 
@@ -143,22 +144,6 @@ class Gateway:
 
     def now(self) -> datetime:
         return self.clock()
-
-    @contextmanager
-    def key_locks(self, keys: list[str]) -> Iterator[None]:
-        """Striped locks of frame keys (one upload's or a batch's), so two uploads of the same
-        frame id never interleave their writes; taken in stripe order so two batches never
-        wait on each other in a cycle."""
-        stripes = sorted({hash(k) % len(self._key_locks) for k in keys})
-        taken: list[threading.Lock] = []
-        try:
-            for i in stripes:
-                self._key_locks[i].acquire()
-                taken.append(self._key_locks[i])
-            yield
-        finally:
-            for lock in reversed(taken):
-                lock.release()
 
     def prepare_storage(self) -> None:
         """Upgrade the database schema to head and repair the frame store after a crash (once,

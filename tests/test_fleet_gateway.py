@@ -7,6 +7,7 @@ starts ``python -m fleet serve`` as a real process, SIGKILLs it mid-burst and re
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -857,6 +858,26 @@ def test_two_worker_processes_share_one_store(tmp_path: Path, frame_jpeg: bytes)
         ids = [f"w-{i}" for i in range(10)]
         run_concurrently(send, [(ids[i % 2::2],) for i in range(6)])
         assert codes.count(201) == 10 and codes.count(409) == 20, codes
+        # Each worker listens on its own SO_REUSEPORT socket: the kernel spreads connections
+        # by address hash (16 all on one of 2 workers: p = 2**-15), where with one shared
+        # socket a burst of connections (agents after a restart) could all land on one.
+        pids: set[int] = set()
+        clients = [httpx.Client(base_url=gateway.url, timeout=30) for _ in range(16)]
+        try:
+            run_concurrently(lambda c: pids.add(c.get(
+                "/v1/stats", headers=bearer(admin)).json()["worker_pid"]),
+                [(c,) for c in clients])
+        finally:
+            for c in clients:
+                c.close()
+        workers = {p.pid for p in server.children(recursive=True)}
+        assert len(pids) == 2 and pids <= workers, (pids, workers)
+        # ... and the two listeners are two sockets (one shared socket is one inode)
+        port = int(gateway.url.rsplit(":", 1)[1])
+        listeners = {os.readlink(f"/proc/{pid}/fd/{c.fd}")
+                     for pid in pids for c in psutil.Process(pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert len(listeners) == 2, listeners
     finally:
         gateway.stop()
     db = sqlite3.connect(tmp_path / "home" / "fleet" / "fleet.db")

@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+import fleet.workers
 from fleet.app import create_app
 from fleet.auth import create_admin_token
 from fleet.auth_first import AuthFirstRoute
@@ -651,6 +652,10 @@ def test_serve_runs_uvicorn_with_the_bounds(tmp_path: Path, monkeypatch: pytest.
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    # several workers: each its own SO_REUSEPORT socket under uvicorn's supervisor
+    monkeypatch.setattr(fleet.workers, "run_workers", lambda config, sockets: calls.append(
+        {"http": config.http, "workers": config.workers, "sockets": sockets,
+         "limit_concurrency": config.limit_concurrency}))
     for key in ("HOME", "DATABASE_URL", "HOST", "PORT", "WORKERS", "RECONCILE_ON_START"):
         # serve sets these for its workers: set-then-delete makes monkeypatch restore them
         monkeypatch.setenv(f"ROADLOOP_GATEWAY_{key}", "")
@@ -669,3 +674,4 @@ def test_serve_runs_uvicorn_with_the_bounds(tmp_path: Path, monkeypatch: pytest.
     assert one["http"].bounds == ServerBounds(16 * 1024, 3.5, 15.0)
     assert one["limit_concurrency"] == 300 and one["timeout_keep_alive"] == 5.0
     assert two["http"] == "fleet.server:BoundedHttpToolsProtocol" and two["workers"] == 2
+    assert two["sockets"] == "reuse_port" and two["limit_concurrency"] == 300

@@ -360,3 +360,15 @@ def test_restart_removes_torn_frames_so_the_retry_stores_them(make_env: Any,
     r = post_batch(env2, dev["access_token"], batch_body([
         (meta("f-empty-jpg"), frame_jpeg), (meta("f-empty-json"), frame_jpeg)]))
     assert r.json()["stored"] == 2
+
+
+def test_a_frame_twice_in_one_batch_is_stored_once(env: Env, frame_jpeg: bytes) -> None:
+    """One INSERT ... ON CONFLICT DO NOTHING for the whole batch: the first copy is stored
+    (201), the second is a duplicate (409), as if sent one after the other."""
+    tok = env.enroll("cam-a")["access_token"]
+    r = post_batch(env, tok, batch_body([(meta("f-x"), frame_jpeg), (meta("f-y"), frame_jpeg),
+                                         (meta("f-x"), frame_jpeg)]))
+    assert r.status_code == 200, r.text
+    assert [(x["frame_id"], x["status"]) for x in r.json()["results"]] == [
+        ("f-x", 201), ("f-y", 201), ("f-x", 409)]
+    assert sorted(row.frame_id for row in env.rows()) == ["f-x", "f-y"]

@@ -139,11 +139,13 @@ def test_lever_ladder_is_cumulative_and_grid_is_a_product() -> None:
     first, last = ran[0][0], ran[-2][0]
     assert first.batch == 1 and first.env["ROADLOOP_GATEWAY_PRINCIPAL_CACHE_S"] == "0"
     # skipped levers add nothing: the last rung is single uploads, per-file sync, 2 workers
-    assert last.name == "+2-workers" and last.batch == 1
-    assert last.env["ROADLOOP_GATEWAY_WORKERS"] == "2"
+    assert last.name == "+4-workers" and last.batch == 1
+    assert last.env["ROADLOOP_GATEWAY_WORKERS"] == "4"
+    assert last.env["ROADLOOP_GATEWAY_WORKER_SOCKETS"] == "reuse_port"
+    assert ran[-4][0].env["ROADLOOP_GATEWAY_WORKER_SOCKETS"] == "shared"
     assert last.env["ROADLOOP_GATEWAY_FRAME_SYNC"] == "per_file"
     assert last.env["ROADLOOP_GATEWAY_PRINCIPAL_CACHE_S"] != "0"
-    assert ran[-1] == (Variant("+2-workers SIGKILL", 1, last.env), 3.0)
+    assert ran[-1] == (Variant("+4-workers SIGKILL", 1, last.env), 3.0)
     grid = grid_variants("1,8", "group,per_file", None, None, "1,2", ["COMMIT_BATCH_MAX=1"])
     assert len(grid) == 8 and len({v.name for v in grid}) == 8
     assert all(v.env["ROADLOOP_GATEWAY_COMMIT_BATCH_MAX"] == "1" for v in grid)
