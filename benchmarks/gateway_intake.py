@@ -76,6 +76,7 @@ from benchmarks.intake_loadgen import (
     install_fast_loop,
     load_jpegs,
     run_agent,
+    weighted_percentile,
 )
 from benchmarks.intake_report import measured_findings, summarize, to_markdown
 from benchmarks.quiet import wait_for_quiet
@@ -371,7 +372,8 @@ def _loadavg() -> list[float]:
 def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], workdir: Path,
                 *, kill_after: float | None = None, max_fps: float = 2500.0,
                 offered_fps: float | None = None,
-                drain_s: float = 30.0, quiet: bool = True) -> dict[str, Any]:
+                drain_s: float = 30.0, quiet: bool = True,
+                warmup_s: float = 0.0) -> dict[str, Any]:
     home = workdir / v.name.replace(" ", "_").replace("=", "-").replace("+", "plus-")
     shutil.rmtree(home, ignore_errors=True)
     before = wait_for_quiet() if quiet else None
@@ -385,7 +387,8 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
         host = urlsplit(server.url).netloc
         # Paced: each agent sends ``batch`` frames every interval (offered_fps in all).
         interval = v.batch * agents / offered_fps if offered_fps else None
-        per_agent = (offered_fps or max_fps) * (duration + (kill_after is not None) * 5) / agents
+        per_agent = (offered_fps or max_fps) * (duration + warmup_s
+                                                + (kill_after is not None) * 5) / agents
         plans = []
         t_build = time.perf_counter()
         for i, (tok, cam) in enumerate(zip(tokens, cams, strict=True)):
@@ -393,6 +396,15 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
             plan.prebuild(int(per_agent) + v.batch)
             plans.append(plan)
         build_s = time.perf_counter() - t_build
+        warm: dict[str, Any] | None = None
+        warm_results: list[AgentResult] = []
+        if warmup_s > 0:  # same agents, same rate, before the timed window; reported apart
+            warm_results, *_ = asyncio.run(_drive(server, plans, warmup_s, 0.0, None, interval))
+            lat = [x for r in warm_results for x in r.latencies]
+            warm = {"duration_s": warmup_s,
+                    "acknowledged": sum(r.acked_in_window for r in warm_results),
+                    "p50_ms": weighted_percentile(lat, 50),
+                    "p99_ms": weighted_percentile(lat, 99)}
         assert server.process is not None
         cpu0_server = _cpu_seconds(psutil.Process(server.process.pid))
         load_before = _loadavg()
@@ -413,13 +425,16 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
                           headers={"Authorization": f"Bearer {admin}"}, timeout=10).json()
     finally:
         server.stop()
-    check = verify(home, plans, results, compare_bytes=kill is not None,
+    every = [AgentResult(r.camera_id, acked=w.acked + r.acked)
+             for w, r in zip(warm_results, results, strict=True)] if warm_results else results
+    check = verify(home, plans, every, compare_bytes=kill is not None,
                    database_url=v.env.get(f"{ENV}DATABASE_URL"))
     cpu_loadgen = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime) - (
         kill.restart_thread_cpu_s if kill else 0.0)
     out = summarize(v, agents, window, wall, results, check, cpu_server, cpu_loadgen,
                     load_before, load_after, stats, kill, build_s)
     out["machine_before"] = before
+    out["warmup"] = warm
     shutil.rmtree(home, ignore_errors=True)  # its write-back settles in the next quiet wait
     return out
 
@@ -445,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--offered-fps", type=float, default=None,
                     help="pace the agents to this many frames/s in all (latency from each "
                     "request's due time) instead of a closed loop")
+    ap.add_argument("--warmup", type=float, default=0.0,
+                    help="seconds the agents run (paced or not) before the timed window, on "
+                    "the same gateway: reported apart (their frames are checked for loss too)")
     ap.add_argument("--max-fps", type=float, default=2500.0,
                     help="frames pre-built per agent = max-fps x duration / agents")
     ap.add_argument("--width", type=int, default=640)
@@ -466,7 +484,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def run(v: Variant, kill: float | None) -> dict[str, Any]:
         return run_variant(v, args.agents, args.duration, jpegs, workdir, kill_after=kill,
-                           max_fps=args.max_fps, offered_fps=args.offered_fps)
+                           max_fps=args.max_fps, offered_fps=args.offered_fps,
+                           warmup_s=args.warmup)
 
     try:
         if args.levers:

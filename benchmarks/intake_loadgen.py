@@ -210,8 +210,10 @@ class AgentPlan:
                                                self._frames(self.batch), self.batch > 1, now))
 
     def requests(self) -> Iterator[PreparedRequest]:
-        yield from self.prebuilt
-        self.prebuilt = []
+        """Pre-built requests first (a later call goes on where an earlier one stopped: a
+        warm-up and the timed window send different frames), then built on the fly."""
+        while self.prebuilt:
+            yield self.prebuilt.pop(0)
         while True:
             self.built_late += 1
             yield self.request_for(self._frames(self.batch))

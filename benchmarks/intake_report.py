@@ -219,6 +219,13 @@ def to_markdown(doc: dict[str, Any]) -> str:
                          f"I/O pressure {before['io_pressure_avg10']} %, CPU pressure "
                          f"{before['cpu_pressure_avg10']} % (10 s averages)"
                          + ("" if before["quiet"] else ", NOT quiet (timed out)"))
+        warm = r.get("warmup")
+        if warm:
+            p50, p99 = (("–" if x is None else f"{x:.0f}") for x in (warm["p50_ms"],
+                                                                       warm["p99_ms"]))
+            notes.append(f"after {warm['duration_s']:.0f} s of warm-up at the same load "
+                         f"({warm['acknowledged']} frames acknowledged, P50 {p50} ms, P99 "
+                         f"{p99} ms; not in the row above)")
         by_slice = r.get("p99_ms_by_5s")
         if by_slice:
             notes.append("P99 ms of the requests sent in each 5 s of the window: "

@@ -701,3 +701,20 @@ def test_frame_metadata_carries_the_agents_own_quality() -> None:
     result.sharpness = float("nan")  # a broken measurement is left to the gateway
     assert "quality" not in frame_metadata(result, frame_id="f-2", camera_id="cam-1",
                                            model_version="v1")
+
+
+@pytest.mark.parametrize("shape", [(48, 64, 3), (720, 1280, 3), (33, 17)])
+def test_frame_quality_is_the_float64_definition(shape: tuple[int, ...]) -> None:
+    """The int16 Laplacian is exact for uint8 pixels (|value| <= 1020), so brightness and
+    sharpness equal the float64 computation to rounding, also at the saturated extremes."""
+    from edge_agent.agent import frame_quality
+
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    image[:8, :8] = 255  # a block of the largest Laplacian magnitudes
+    image[8:16:2, :8] = 0
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    lap = cv2.Laplacian(grey, cv2.CV_64F)
+    brightness, sharpness = frame_quality(image)
+    assert brightness == pytest.approx(float(grey.mean()), rel=1e-9)
+    assert sharpness == pytest.approx(float(lap.var()), rel=1e-9)
