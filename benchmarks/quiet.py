@@ -31,7 +31,7 @@ def pressure(resource: str) -> float | None:
     return float(fields["avg10"])
 
 
-def wait_for_quiet(max_io: float = 2.0, max_cpu: float = 5.0, timeout_s: float = 240.0,
+def wait_for_quiet(max_io: float = 0.5, max_cpu: float = 5.0, timeout_s: float = 240.0,
                    ) -> dict[str, object]:
     """``sync``, then wait (at most ``timeout_s``) until I/O and CPU pressure over the last
     10 s are at most ``max_io`` / ``max_cpu`` percent. Returns what it saw, for the report:

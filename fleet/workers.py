@@ -21,6 +21,12 @@ the first one's group. It then holds a ``SO_REUSEPORT`` socket bound (never list
 kernel only gives connections to listening sockets) for as long as it runs, so the port stays
 this gateway's while a dead worker is being replaced.
 
+The workers start listening together: each builds its app, then waits (at most
+``START_WAIT_S``) until every worker has built its own. A worker that listened first would
+keep every agent that connects meanwhile — after a restart, all of them at once, since their
+outboxes are full — for as long as those connections live: an imbalance nothing corrects.
+A worker restarted later finds the others loaded and listens at once.
+
 A worker that dies takes the connections waiting in its own accept queue with it (they are
 reset; an agent re-sends what was not acknowledged), where a shared queue would have passed
 them to the other workers.
@@ -30,8 +36,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
+import os
 import socket
-from typing import Literal
+from typing import Any, Literal
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
@@ -39,6 +47,7 @@ from uvicorn.supervisors import Multiprocess
 logger = logging.getLogger(__name__)
 
 WorkerSockets = Literal["reuse_port", "shared"]
+START_WAIT_S = 60.0  # how long a starting worker waits for the others before it listens
 
 
 def reuse_port_supported() -> bool:
@@ -80,9 +89,21 @@ def claim_port(host: str, port: int) -> tuple[socket.socket, int]:
     return reuse_port_socket(host, port), port
 
 
-def _serve_on_own_socket(config: uvicorn.Config, host: str, port: int,
-                         sockets: list[socket.socket] | None = None) -> None:
-    """A worker's body: its own ``SO_REUSEPORT`` listener, then uvicorn's server on it."""
+def _serve_on_own_socket(config: uvicorn.Config, host: str, port: int, loaded: Any,
+                         all_loaded: Any, sockets: list[socket.socket] | None = None) -> None:
+    """A worker's body: build the app, wait for the other workers to have built theirs (at
+    most ``START_WAIT_S``; a worker restarted later finds them loaded), then listen on its
+    own ``SO_REUSEPORT`` socket. Listening before the others would let every agent that
+    connects in the meantime stay on the first workers for as long as its connection lives
+    — after a restart, all of them at once."""
+    config.load()
+    with loaded.get_lock():
+        loaded.value += 1
+        if loaded.value >= config.workers:
+            all_loaded.set()
+    if not all_loaded.wait(START_WAIT_S):
+        logger.warning("worker %d listens before all %d workers have loaded", os.getpid(),
+                       config.workers)
     sock = reuse_port_socket(host, port)
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -99,7 +120,9 @@ def run_workers(config: uvicorn.Config, sockets: WorkerSockets) -> None:
     try:
         logger.info("fleet gateway: %d workers, each listening on %s:%d (SO_REUSEPORT)",
                     config.workers, config.host, port)
-        target = functools.partial(_serve_on_own_socket, config, config.host, port)
+        spawn = multiprocessing.get_context("spawn")  # uvicorn's workers are spawned
+        target = functools.partial(_serve_on_own_socket, config, config.host, port,
+                                   spawn.Value("i", 0), spawn.Event())
         Multiprocess(config, target=target, sockets=[]).run()
     finally:
         held.close()

@@ -878,6 +878,18 @@ def test_two_worker_processes_share_one_store(tmp_path: Path, frame_jpeg: bytes)
                      for pid in pids for c in psutil.Process(pid).net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
         assert len(listeners) == 2, listeners
+        # A worker that dies is replaced, and the new one listens at once (the start-up wait
+        # for the other workers is over): the gateway serves from two workers again.
+        victim = next(iter(pids))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            with httpx.Client(base_url=gateway.url, timeout=30) as c:
+                pid = c.get("/v1/stats", headers=bearer(admin)).json()["worker_pid"]
+            if pid not in pids:
+                break
+            assert time.monotonic() < deadline, "no replacement worker answered"
+            time.sleep(0.2)
     finally:
         gateway.stop()
     db = sqlite3.connect(tmp_path / "home" / "fleet" / "fleet.db")
