@@ -450,9 +450,8 @@ class Database:
         on ``<db>.writer-turn``, shared by every process of the gateway), so the next writer
         starts the moment the last one commits. Without it, writers from several worker
         processes meet in SQLite's busy handler, which sleeps 1, 2, 5, ... up to 100 ms
-        between retries whatever the holder does (measured: group commits of two workers
-        waited 160 ms on average, benchmarks/results/gateway_intake_sockets.md). Other
-        databases: nothing to wait for here."""
+        between retries whatever the holder does (benchmarks/results/
+        gateway_intake_profile.md). Other databases: nothing to wait for here."""
         if self._turn_path is None:
             yield
             return

@@ -5,9 +5,9 @@ An upload holds its keys from the file write until its row is committed (``fleet
 so a lock is held for a whole group commit — tens of milliseconds under load. The gateway
 used to stripe keys over 4096 locks; at 32 agents × 16-frame batches about 500 keys are held
 at a time, so a new batch shared a stripe with one in flight 6 times in 10 and waited for
-that batch's commit (measured: handler threads spent a fifth of their time there,
-benchmarks/results/gateway_intake_profile.md). Here a lock exists per key while someone
-holds or waits for it, and is dropped after.
+that batch's commit (measured: handler threads were waiting on a stripe in 13–14 % of their
+samples, benchmarks/results/gateway_intake_profile.md). Here a lock exists per key while
+someone holds or waits for it, and is dropped after.
 """
 
 from __future__ import annotations

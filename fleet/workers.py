@@ -3,9 +3,10 @@
 uvicorn's ``--workers N`` binds one socket in the parent and hands it to every worker; each
 worker then accepts from the same queue, and a connection stays with whichever worker
 accepted it. Agents keep their connection open (keep-alive) for hours, so the split is made
-once and never corrected, and it is not even: measured with 32 agents on two workers
-(benchmarks/results/gateway_intake_sockets.md), **all 32 connections landed on one worker**,
-which ran at its one-core GIL limit while the other idled.
+once and never corrected, and it is not even: with the intake benchmark's 32 agents on two
+workers, ``ss -tnp`` showed **all 32 connections on one worker** (2026-11-27), which ran at its
+one-core GIL limit while the other idled (the levers table of
+benchmarks/results/gateway_intake.md has the rung that fixes it).
 
 With ``worker_sockets="reuse_port"`` (the default where the platform has ``SO_REUSEPORT``)
 every worker binds its own socket to the same address with ``SO_REUSEPORT``; the kernel then
