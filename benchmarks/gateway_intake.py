@@ -372,11 +372,10 @@ def _loadavg() -> list[float]:
 def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], workdir: Path,
                 *, kill_after: float | None = None, max_fps: float = 2500.0,
                 offered_fps: float | None = None,
-                drain_s: float = 30.0, quiet: bool = True,
-                warmup_s: float = 0.0) -> dict[str, Any]:
+                drain_s: float = 30.0, warmup_s: float = 0.0) -> dict[str, Any]:
     home = workdir / v.name.replace(" ", "_").replace("=", "-").replace("+", "plus-")
     shutil.rmtree(home, ignore_errors=True)
-    before = wait_for_quiet() if quiet else None
+    before = wait_for_quiet()
     server = _server(home, v.env)
     admin = server.admin_token()
     server.start(timeout_s=90)

@@ -203,8 +203,8 @@ def store_frames(gw: Gateway, principal: Principal,
     stats = gw.stats
     outcomes: list[HTTPException | None] = [None] * len(frames)
     # No "already stored?" query first: a replay costs one stat in write_frame (a no-op
-    # for a frame already there) and ends as an IntegrityError -> 409 on insert, so the
-    # common path saves a database round trip.
+    # for a frame already there) and is skipped by the insert (ON CONFLICT DO NOTHING) ->
+    # 409, so the common path saves a database round trip.
     with gw.frame_locks.hold([f.key for f in frames]):
         pending: list[tuple[int, CheckedFrame, str]] = []
         for i, frame in enumerate(frames):

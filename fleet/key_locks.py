@@ -42,7 +42,7 @@ class KeyLocks:
     def hold(self, keys: list[str]) -> Iterator[None]:
         """Hold every key of ``keys`` (taken in sorted order, so two callers holding
         overlapping sets never wait on each other in a cycle)."""
-        taken: list[str] = []
+        taken: list[tuple[str, threading.Lock]] = []
         try:
             for key in sorted(set(keys)):
                 lock = self._join(key)
@@ -51,11 +51,11 @@ class KeyLocks:
                 except BaseException:
                     self._leave(key)
                     raise
-                taken.append(key)
+                taken.append((key, lock))
             yield
         finally:
-            for key in reversed(taken):
-                self._locks[key][0].release()
+            for key, lock in reversed(taken):
+                lock.release()
                 self._leave(key)
 
     def __len__(self) -> int:

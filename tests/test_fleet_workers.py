@@ -52,3 +52,13 @@ def test_workers_listen_together_and_other_servers_stay_out() -> None:
         for sock in listeners:
             sock.close()
         held.close()
+
+
+@pytest.mark.parametrize("bad", ["bogus", "", "REUSE_PORT", 1])
+def test_worker_sockets_setting_is_checked(bad: object) -> None:
+    from pydantic import ValidationError
+
+    from fleet.config import GatewaySettings
+
+    with pytest.raises(ValidationError, match="worker_sockets"):
+        GatewaySettings(worker_sockets=bad)
