@@ -4,8 +4,9 @@ Storage-bound benchmarks (the gateway's intake syncs the file system once per gr
 commit) inherit whatever write-back an earlier run left behind: deleting the last run's
 ~20,000 frames keeps the disk busy for tens of seconds (ext4 mounted with ``discard`` trims
 every freed extent), and a ``syncfs`` issued then waits for all of it. Measured on this
-machine while writing this (those two runs' reports were not kept): the same variant ran at 1.50 ms of CPU and P99 463 ms right after a quiet spell,
-and at 1.80 ms and P99 7.2 s when started 12 s after the previous run's clean-up.
+machine while writing this (those two runs' reports were not kept): the same variant ran at
+1.50 ms of CPU and P99 463 ms right after a quiet spell, and at 1.80 ms and P99 7.2 s when
+started 12 s after the previous run's clean-up.
 
 Linux's pressure-stall information (``/proc/pressure/{io,cpu}``: the share of the last 10 s
 in which some task waited for the resource) says when the machine is quiet again; the load
