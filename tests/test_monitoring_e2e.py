@@ -205,8 +205,16 @@ def test_prometheus_scrapes_and_a_silent_camera_reaches_the_webhook(
             api = f"http://127.0.0.1:{prom_port}/api/v1"
 
             def query(expr: str) -> list[dict[str, Any]]:
-                body = httpx.get(f"{api}/query", params={"query": expr}, timeout=2).json()
+                r = httpx.get(f"{api}/query", params={"query": expr}, timeout=2)
+                if r.status_code != 200:  # 503 "Service Unavailable" until the TSDB is up
+                    return []
+                body = r.json()
                 return body["data"]["result"] if body.get("status") == "success" else []
+
+            # Prometheus answers 503 on its API until it has opened its storage.
+            wait_for("Prometheus ready",
+                     lambda: httpx.get(f"http://127.0.0.1:{prom_port}/-/ready",
+                                       timeout=2).status_code == 200, 20, prometheus)
 
             fps = wait_for("the gateway's cam-m fps in Prometheus",
                            lambda: query('roadloop_camera_fps{camera_id="cam-m"}'), 20,
