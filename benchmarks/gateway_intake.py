@@ -53,7 +53,6 @@ import logging
 import os
 import platform
 import resource
-import shutil
 import signal
 import sqlite3
 import statistics
@@ -79,7 +78,7 @@ from benchmarks.intake_loadgen import (
     weighted_percentile,
 )
 from benchmarks.intake_report import measured_findings, summarize, to_markdown
-from benchmarks.quiet import wait_for_quiet
+from benchmarks.quiet import remove_tree, wait_for_quiet
 from launch.localfleet import GatewayProcess
 from roadloop.data.frames import FrameStore
 
@@ -374,7 +373,8 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
                 offered_fps: float | None = None,
                 drain_s: float = 30.0, warmup_s: float = 0.0) -> dict[str, Any]:
     home = workdir / v.name.replace(" ", "_").replace("=", "-").replace("+", "plus-")
-    shutil.rmtree(home, ignore_errors=True)
+    if home.exists():
+        remove_tree(home)
     before = wait_for_quiet()
     server = _server(home, v.env)
     admin = server.admin_token()
@@ -434,7 +434,8 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
                     load_before, load_after, stats, kill, build_s)
     out["machine_before"] = before
     out["warmup"] = warm
-    shutil.rmtree(home, ignore_errors=True)  # its write-back settles in the next quiet wait
+    # The home stays until the whole run ends (``main``): deleting it here would slow the
+    # next variant's file creation for a minute (``benchmarks.quiet``).
     return out
 
 
@@ -495,7 +496,10 @@ def main(argv: list[str] | None = None) -> None:
                 args.workers, args.set, args.jpeg_decode)]
     finally:
         if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+            remove_tree(workdir)
+        else:
+            for home in (p for p in workdir.iterdir() if (p / "fleet").is_dir()):
+                remove_tree(home)
     cores = os.cpu_count() or 1
     doc = {
         "benchmark": "gateway_intake",

@@ -212,12 +212,15 @@ def to_markdown(doc: dict[str, Any]) -> str:
         if "kill" in r:
             notes.append("since the restart only")
         gc = r["server_stats"].get("group_commit", {})
-        notes.append(f"mean group commit {gc.get('mean_batch', '–')} rows")
+        notes.append(f"mean group commit {gc.get('mean_batch', '–')} requests")
         before = r.get("machine_before")
         if before:
+            since = before.get("since_removal_s")  # absent in reports from before it was kept
             notes.append(f"started after {before['waited_s']} s of waiting for a quiet machine: "
                          f"I/O pressure {before['io_pressure_avg10']} %, CPU pressure "
                          f"{before['cpu_pressure_avg10']} % (10 s averages)"
+                         + ("" if since is None else
+                            f", {since:.0f} s after the last benchmark files were deleted")
                          + ("" if before["quiet"] else ", NOT quiet (timed out)"))
         warm = r.get("warmup")
         if warm:

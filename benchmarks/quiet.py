@@ -1,25 +1,56 @@
 """Wait for a quiet machine before a timed run, and say how quiet it was.
 
-Storage-bound benchmarks (the gateway's intake syncs the file system once per group
-commit) inherit whatever write-back an earlier run left behind: deleting the last run's
-~20,000 frames keeps the disk busy for tens of seconds (ext4 mounted with ``discard`` trims
-every freed extent), and a ``syncfs`` issued then waits for all of it. Measured on this
-machine while writing this (those two runs' reports were not kept): the same variant ran at
-1.50 ms of CPU and P99 463 ms right after a quiet spell, and at 1.80 ms and P99 7.2 s when
-started 12 s after the previous run's clean-up.
+Storage-bound benchmarks (the gateway's intake creates two files per frame and syncs the
+file system once per group commit) inherit what an earlier run left behind, in two ways:
 
-Linux's pressure-stall information (``/proc/pressure/{io,cpu}``: the share of the last 10 s
-in which some task waited for the resource) says when the machine is quiet again; the load
-average lags by a minute and counts tasks in disk sleep the same as runnable ones.
+* **Write-back.** Deleting the last run's ~20,000 frames keeps the disk busy for tens of
+  seconds (ext4 mounted with ``discard`` trims every freed extent), and a ``syncfs`` issued
+  then waits for all of it. Linux's pressure-stall information (``/proc/pressure/{io,cpu}``:
+  the share of the last 10 s in which some task waited for the resource) says when the
+  machine is quiet again; the load average lags by a minute and counts tasks in disk sleep
+  the same as runnable ones.
+* **ext4's inode allocator.** A new file does not take an inode freed less than 60 s ago
+  (5 min while that inode's table block is still dirty): ``find_inode_bit`` walks past
+  each one, calling ``recently_deleted`` per inode, for every file it creates. Right after
+  a run's frames are deleted, the next run's new files land in the same block groups (ext4
+  puts new folders where most inodes are free) and every ``open(O_CREAT)`` pays that walk.
+  Measured here (``perf record -a``, 2026-11-27): ext4's new-inode path took 13-35 % of
+  both cores' samples from 35 to 50 s after such a deletion and nothing after 60 s; the
+  intake at 1000 frames/s ran at P99 3-6 s in the 4 of 4 runs started 26-36 s after the
+  previous run's deletion, and at P99 134-229 ms in runs started more than 60 s after it.
+  PSI does not show it (the walk is CPU time in the creating process), so the wait also
+  lets ``MIN_SINCE_REMOVAL_S`` pass since the last ``remove_tree`` of any benchmark run
+  on this machine (a marker file in the temp folder keeps the time across runs).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 PRESSURE = Path("/proc/pressure")
+# ext4's RECENTCY_MIN (fs/ext4/ialloc.c) is 60 s; sync first, so the tables are clean.
+MIN_SINCE_REMOVAL_S = 65.0
+REMOVAL_MARKER = Path(tempfile.gettempdir()) / "roadloop-bench-last-removal"
+
+
+def remove_tree(path: Path, marker: Path = REMOVAL_MARKER) -> None:
+    """Delete a run's files and note when (``marker``), for ``wait_for_quiet``."""
+    shutil.rmtree(path, ignore_errors=True)
+    tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+    tmp.write_text(f"{time.time():.3f}\n")
+    os.replace(tmp, marker)
+
+
+def seconds_since_removal(marker: Path = REMOVAL_MARKER) -> float | None:
+    """Wall-clock seconds since the last ``remove_tree`` (None: no record, or unreadable)."""
+    try:
+        return time.time() - float(marker.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def pressure(resource: str) -> float | None:
@@ -33,18 +64,24 @@ def pressure(resource: str) -> float | None:
 
 
 def wait_for_quiet(max_io: float = 0.5, max_cpu: float = 5.0, timeout_s: float = 240.0,
-                   ) -> dict[str, object]:
+                   min_since_removal_s: float = MIN_SINCE_REMOVAL_S,
+                   marker: Path = REMOVAL_MARKER) -> dict[str, object]:
     """``sync``, then wait (at most ``timeout_s``) until I/O and CPU pressure over the last
-    10 s are at most ``max_io`` / ``max_cpu`` percent. Returns what it saw, for the report:
-    the pressures at the end, the seconds waited and whether it timed out."""
+    10 s are at most ``max_io`` / ``max_cpu`` percent and ``min_since_removal_s`` have
+    passed since the last ``remove_tree``. Returns what it saw, for the report: the
+    pressures at the end, the seconds since that removal, the seconds waited and whether
+    it timed out."""
     t0 = time.monotonic()
     os.sync()
     while True:
         io, cpu = pressure("io"), pressure("cpu")
-        quiet = (io is None or io <= max_io) and (cpu is None or cpu <= max_cpu)
+        since = seconds_since_removal(marker)
+        quiet = ((io is None or io <= max_io) and (cpu is None or cpu <= max_cpu)
+                 and (since is None or since >= min_since_removal_s))
         waited = time.monotonic() - t0
         if quiet or waited >= timeout_s:
             return {"io_pressure_avg10": io, "cpu_pressure_avg10": cpu,
+                    "since_removal_s": None if since is None else round(since, 1),
                     "waited_s": round(waited, 1), "quiet": quiet,
                     "load_average": [round(x, 2) for x in os.getloadavg()]}
         time.sleep(1.0)

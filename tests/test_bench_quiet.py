@@ -1,0 +1,42 @@
+"""benchmarks.quiet: a benchmark run's deletion is remembered, and the next wait honours it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from benchmarks.quiet import remove_tree, seconds_since_removal, wait_for_quiet
+
+
+def test_remove_tree_deletes_and_records_when(tmp_path: Path) -> None:
+    tree = tmp_path / "home" / "fleet"
+    tree.mkdir(parents=True)
+    (tree / "frame.jpg").write_bytes(b"x")
+    marker = tmp_path / "marker"
+    assert seconds_since_removal(marker) is None
+    before = time.time()
+    remove_tree(tmp_path / "home", marker)
+    assert not (tmp_path / "home").exists()
+    since = seconds_since_removal(marker)
+    assert since is not None and 0 <= since <= time.time() - before + 1
+    assert [p.name for p in tmp_path.iterdir()] == ["marker"]  # no temp file left
+
+
+def test_a_recent_removal_keeps_the_machine_not_quiet(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    remove_tree(tmp_path / "absent", marker)  # a missing tree still counts as a removal
+    seen = wait_for_quiet(max_io=100.0, max_cpu=100.0, timeout_s=0.0,
+                          min_since_removal_s=3600.0, marker=marker)
+    assert seen["quiet"] is False and seen["since_removal_s"] is not None
+    marker.write_text(f"{time.time() - 7200:.3f}\n")  # two hours ago
+    seen = wait_for_quiet(max_io=100.0, max_cpu=100.0, timeout_s=0.0,
+                          min_since_removal_s=3600.0, marker=marker)
+    assert seen["quiet"] is True and seen["since_removal_s"] >= 7200
+
+
+def test_an_unreadable_marker_does_not_block(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    marker.write_text("not a time\n")
+    assert seconds_since_removal(marker) is None
+    seen = wait_for_quiet(max_io=100.0, max_cpu=100.0, timeout_s=0.0, marker=marker)
+    assert seen["quiet"] is True and seen["since_removal_s"] is None
