@@ -213,10 +213,6 @@ def to_markdown(doc: dict[str, Any]) -> str:
             notes.append("since the restart only")
         gc = r["server_stats"].get("group_commit", {})
         notes.append(f"mean group commit {gc.get('mean_batch', '–')} requests")
-        fs = r["server_stats"].get("frame_sync")
-        if fs:
-            notes.append(f"frame-store syncs: {fs['flushes']} flushed, {fs['shared']} covered by "
-                         "another worker's flush")
         before = r.get("machine_before")
         if before:
             since = before.get("since_removal_s")  # absent in reports from before it was kept

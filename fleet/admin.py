@@ -200,9 +200,6 @@ def stats(
         "mean_batch": round(gw.committer.items / gw.committer.batches, 2)
         if gw.committer.batches else 0.0,
     }
-    sync_counts = getattr(gw.store, "sync_counts", None)  # local store: shared syncfs
-    if sync_counts is not None:
-        snap["frame_sync"] = sync_counts
     snap["worker_pid"] = os.getpid()  # with --workers N: which process answered
     snap["as_of"] = datetime.now().astimezone().isoformat()
     return snap

@@ -10,11 +10,9 @@ Durability order for ``POST /v1/frames`` and each frame of ``POST /v1/frames/bat
    folder after; ``group`` (default): no fsync here;
 3. the ``frames`` row goes to the group committer (``fleet.committer``), a whole batch as one
    item with a SAVEPOINT per row. With ``group`` the committer first syncs the frame store
-   once (``FrameStorage.sync``: ``syncfs(2)``, which one worker skips when another worker's
-   flush that started after its call has finished, ``roadloop.shared_syncfs``; a no-op on
-   object storage, whose PUTs are durable when answered) — so every file of every frame in
-   that commit is durable before the commit, and a failed sync fails the commit (503,
-   nothing acknowledged);
+   once (``FrameStorage.sync``: ``syncfs(2)``; a no-op on object storage, whose PUTs are
+   durable when answered) — so every file of every frame in that commit is durable before
+   the commit, and a failed sync fails the commit (503, nothing acknowledged);
 4. the row is committed; then the answer.
 
 Before any of that the upload's cost is bounded (``fleet.jpeg``): metadata size and strict

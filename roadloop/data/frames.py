@@ -48,7 +48,6 @@ from pydantic import (
 
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import fsync_dir, syncfs, write_bytes_atomic
-from roadloop.shared_syncfs import SharedSyncfs
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ _ID_RE = re.compile(ID_PATTERN)
 FrameId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 
 SCHEMA_VERSION = 1
-SYNC_TURN_FILE = ".sync-turn"  # in the store's root; not a camera id (ID_PATTERN)
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -357,9 +355,6 @@ class FrameStore:
         self.root = Path(root)
         self._unsynced: set[Path] = set()  # written with durable=False, not yet synced
         self._unsynced_lock = threading.Lock()
-        # syncfs shared with the other processes writing here (the gateway's workers).
-        self._syncfs = SharedSyncfs(self.root, self.root / SYNC_TURN_FILE,
-                                    lambda root: syncfs(root))  # looked up per call
 
     def image_path(self, relative: str) -> Path:
         """The image at ``relative`` (a ``frames.path`` value) as a local file."""
@@ -434,17 +429,15 @@ class FrameStore:
 
     def sync(self) -> None:
         """Make every frame written with ``durable=False`` so far durable: ``syncfs(2)`` of
-        the store's file system on Linux (one call, however many frames; skipped when another
-        process's call that started after this one began has already done it —
-        ``roadloop.shared_syncfs``), else an fsync of each file and folder written since the
-        last sync. Raises ``OSError`` on failure (then nothing written since the last
-        successful sync may be acknowledged)."""
+        the store's file system on Linux (one call, however many frames), else an fsync of
+        each file and folder written since the last sync. Raises ``OSError`` on failure
+        (then nothing written since the last successful sync may be acknowledged)."""
         with self._unsynced_lock:
             pending, self._unsynced = self._unsynced, set()
         if not pending:
             return
         try:
-            if self._syncfs.sync():
+            if syncfs(self.root):
                 return
             for path in sorted(pending, key=lambda p: (p.is_dir(), -len(p.parts))):
                 fsync_dir(path)  # an fsync of the path: files and folders alike
@@ -452,11 +445,6 @@ class FrameStore:
             with self._unsynced_lock:  # still not durable: the next sync tries again
                 self._unsynced.update(pending)
             raise
-
-    @property
-    def sync_counts(self) -> dict[str, int]:
-        """This process's ``syncfs`` calls, and its syncs another call had already covered."""
-        return {"flushes": self._syncfs.flushes, "shared": self._syncfs.shared}
 
     def remove_frame(self, image_path: Path) -> None:
         """Delete one frame: sidecar first (the frame stops being complete), then the image."""
