@@ -14,10 +14,11 @@ file system once per group commit) inherit what an earlier run left behind, in t
   each one, calling ``recently_deleted`` per inode, for every file it creates. Right after
   a run's frames are deleted, the next run's new files land in the same block groups (ext4
   puts new folders where most inodes are free) and every ``open(O_CREAT)`` pays that walk.
-  Measured here (``perf record -a``, 2026-11-27): ext4's new-inode path took 13-35 % of
-  both cores' samples from 35 to 50 s after such a deletion and nothing after 60 s; the
-  intake at 1000 frames/s ran at P99 3-6 s in the 4 of 4 runs started 26-36 s after the
-  previous run's deletion, and at P99 134-229 ms in runs started more than 60 s after it.
+  Measured here (``perf record -a``, 2026-11-27): ext4's new-inode path took 7-35 % of
+  both cores' samples in the 5 s slices from about 40 to 55 s after such a deletion and
+  none after about 60 s; the intake at 1000 frames/s ran at P99 3-6 s in the 4 of 4 runs
+  whose quiet wait ended 26-36 s after the previous run's deletion, and at P99 66-866 ms
+  in the runs started more than 65 s after one (benchmarks/results/gateway_intake_paced*).
   PSI does not show it (the walk is CPU time in the creating process), so the wait also
   lets ``MIN_SINCE_REMOVAL_S`` pass since the last ``remove_tree`` of any benchmark run
   on this machine (a marker file in the temp folder keeps the time across runs).
