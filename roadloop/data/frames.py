@@ -46,6 +46,7 @@ from pydantic import (
     field_validator,
 )
 
+from edge_agent.quality import laplacian_variance  # one definition with the agent's
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import fsync_dir, syncfs, write_bytes_atomic
 
@@ -123,16 +124,6 @@ def dhash_hex(grey: np.ndarray) -> str:
     for bit in bits:
         value = (value << 1) | int(bit)
     return f"{value:016x}"
-
-
-def laplacian_variance(grey: np.ndarray) -> float:
-    """Sharpness: variance of the Laplacian (cv2's 3x3 kernel) of a uint8 grey image.
-
-    Computed in int16 — exact, the kernel's output lies within ±1020 — so it takes 2 bytes a
-    pixel where a float64 Laplacian and its variance take 16.
-    """
-    _, std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_16S))
-    return float(std[0, 0]) ** 2
 
 
 def compute_quality(image_bgr: np.ndarray) -> FrameQuality:
