@@ -26,6 +26,7 @@ file system once per group commit) inherit what an earlier run left behind, in t
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -47,11 +48,14 @@ def remove_tree(path: Path, marker: Path = REMOVAL_MARKER) -> None:
 
 
 def seconds_since_removal(marker: Path = REMOVAL_MARKER) -> float | None:
-    """Wall-clock seconds since the last ``remove_tree`` (None: no record, or unreadable)."""
+    """Wall-clock seconds since the last ``remove_tree`` (None: no record, or unreadable —
+    including a time that is not finite, which would otherwise hold every wait to its
+    timeout)."""
     try:
-        return time.time() - float(marker.read_text().strip())
+        removed = float(marker.read_text().strip())
     except (OSError, ValueError):
         return None
+    return time.time() - removed if math.isfinite(removed) else None
 
 
 def pressure(resource: str) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from benchmarks.quiet import remove_tree, seconds_since_removal, wait_for_quiet
 
 
@@ -34,9 +36,10 @@ def test_a_recent_removal_keeps_the_machine_not_quiet(tmp_path: Path) -> None:
     assert seen["quiet"] is True and seen["since_removal_s"] >= 7200
 
 
-def test_an_unreadable_marker_does_not_block(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["not a time\n", "nan\n", "inf\n", "-inf", "", "1e999"])
+def test_an_unreadable_marker_does_not_block(tmp_path: Path, text: str) -> None:
     marker = tmp_path / "marker"
-    marker.write_text("not a time\n")
+    marker.write_text(text)
     assert seconds_since_removal(marker) is None
     seen = wait_for_quiet(max_io=100.0, max_cpu=100.0, timeout_s=0.0, marker=marker)
     assert seen["quiet"] is True and seen["since_removal_s"] is None
