@@ -23,6 +23,7 @@ from roadloop.serving.batched import (
     FrameBatcher,
     ServingConfigError,
     ServingSession,
+    batch_buckets,
     select_providers,
 )
 from roadloop.serving.graph import build_serving_graph
@@ -102,7 +103,7 @@ def test_serving_graph_equals_edge_detector_on_synthetic_outputs(
     bound = ServingSession(info.path, device="cpu", intra_op_threads=1, io_binding=True)
     assert bound.detect(frames) == got  # the IO-binding path the CUDA provider takes
     boxes, scores, classes, count = session.run(frames)
-    assert boxes.shape == (3, 2 * 8, 4)  # K = min(max_det, classes * anchors)
+    assert boxes.shape == (3, 8, 4)  # K = min(max_det, anchors): one class per anchor
     assert count.tolist() == [3, 3, 3]
     assert (scores[:, 3:] == 0).all() and (classes[:, 3:] == -1).all() and (boxes[:, 3:] == 0).all()
 
@@ -114,6 +115,35 @@ def test_max_detections_keeps_the_best(overlap_detector: Path, tmp_path: Path) -
     session = ServingSession(info.path, device="cpu")
     (dets,) = session.detect(np.zeros((1, 64, 64, 3), np.uint8))
     assert [round(d.confidence, 2) for d in dets] == [0.9, 0.7]
+
+
+@pytest.mark.parametrize("batch", [1, 5, 8, 16, 24])
+def test_nms_folding_keeps_images_and_classes_apart(
+    overlap_detector: Path, tmp_path: Path, batch: int
+) -> None:
+    """NMS runs once per chunk of 8 images (else per image) on offset boxes: every image of a
+    batch holds the same boxes, so one image's box leaking into another's group would
+    suppress it there. Each image must come out as it does alone."""
+    info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=(48, 80))
+    session = ServingSession(info.path, device="cpu", intra_op_threads=1)
+    frames = np.random.default_rng(batch).integers(0, 255, (batch, 48, 80, 3), dtype=np.uint8)
+    (alone,) = session.detect(frames[:1])
+    assert [d.class_id for d in alone] == [0, 1, 1]
+    assert session.detect(frames) == [alone] * batch
+
+
+def test_only_the_best_candidates_enter_nms(overlap_detector: Path, tmp_path: Path) -> None:
+    info = build_serving_graph(
+        overlap_detector, tmp_path / "serve.onnx", frame_hw=(64, 64), max_candidates=2
+    )
+    session = ServingSession(info.path, device="cpu")
+    (dets,) = session.detect(np.zeros((1, 64, 64, 3), np.uint8))
+    # The two best anchors (0.9 and 0.8, class 0) overlap: only the 0.9 one is left.
+    assert [(d.class_id, round(d.confidence, 2)) for d in dets] == [(0, 0.9)]
+    with pytest.raises(ValueError, match="max_candidates"):
+        build_serving_graph(
+            overlap_detector, tmp_path / "x.onnx", frame_hw=(64, 64), max_candidates=0
+        )
 
 
 def test_static_batch_graph_pads_partial_batches(tmp_path: Path) -> None:
@@ -217,6 +247,29 @@ def test_batcher_batches_across_cameras_and_flushes_on_deadline(
         batcher.submit("cam0", frames[0])
 
 
+def test_partial_batches_run_padded_to_warmed_up_sizes(
+    overlap_detector: Path, tmp_path: Path
+) -> None:
+    assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=(48, 80))
+    session = ServingSession(info.path, device="cpu", intra_op_threads=1)
+    frames = np.random.default_rng(2).integers(0, 255, (3, 48, 80, 3), dtype=np.uint8)
+    expected = session.detect(frames)
+    shapes: list[int] = []
+    run = session.run
+    session.run = lambda batch: (shapes.append(len(batch)), run(batch))[1]  # type: ignore[method-assign]
+    # A long deadline: the three frames run when close() flushes them, one batch of 3 → 4.
+    with FrameBatcher([session], max_batch=8, max_wait_s=60, warm_up=True) as batcher:
+        assert shapes == [1, 2, 4, 8]  # every size once, before any camera's frame
+        futures = [batcher.submit("cam0", f) for f in frames]
+    assert [f.result(timeout=30) for f in futures] == expected
+    assert shapes[4:] == [4] and batcher.batch_sizes_run == {4: 1}
+    with FrameBatcher([session], max_batch=8) as cold:  # CPU: no warm-up unless asked
+        pass
+    assert len(shapes) == 5 and cold.batches_run == 0
+
+
 # ---------------------------------------------------------------- real model, real frames
 @needs_shared(ONNX_GPU_320, HIGHWAY)
 def test_serving_graph_matches_edge_pipeline_batch1(tmp_path: Path) -> None:
@@ -234,11 +287,11 @@ def test_serving_graph_matches_edge_pipeline_batch1(tmp_path: Path) -> None:
 
 
 @needs_shared(PT_GPU, HIGHWAY)
-def test_serving_graph_matches_edge_pipeline_batch4(tmp_path: Path) -> None:
+def test_serving_graph_matches_edge_pipeline_batches_8_and_4(tmp_path: Path) -> None:
     from roadloop.models.export import export_onnx
 
     detector = export_onnx(PT_GPU, tmp_path / "dyn160.onnx", imgsz=160).path
-    frames = _video_frames(4)
+    frames = _video_frames(4) * 2  # 8: one folded NMS chunk, then 4: one NMS row per image
     info = build_serving_graph(detector, tmp_path / "serve.onnx", frame_hw=(720, 1280))
     assert info.batch is None
     session = ServingSession(info.path, device="cpu", intra_op_threads=1)
@@ -247,6 +300,7 @@ def test_serving_graph_matches_edge_pipeline_batch4(tmp_path: Path) -> None:
     assert sum(map(len, got)) > 0
     for mine, theirs in zip(got, ref, strict=True):
         _assert_match(mine, theirs, edge.conf_threshold, px=1280 / 160)
+    assert session.detect(np.stack(frames[:4])) == got[:4]
 
 
 def test_gpu_serving_benchmark_runs_on_cpu_under_a_smoke_name(

@@ -12,7 +12,12 @@ per-camera detections.
   its frame straight into a slot of the next batch's staging buffer (the one copy a batch
   needs anyway, done in parallel by the producers); a runner thread per session runs a
   batch when it is full or when its oldest frame has waited ``max_wait_s``. Two sessions
-  (each with its own CUDA stream) let one batch's copy overlap another's compute.
+  (each with its own CUDA stream) let one batch's copy overlap another's compute. A partial
+  batch runs at the next size of :func:`batch_buckets` (powers of two up to ``max_batch``),
+  and on CUDA each size runs once before the first camera's frame: cuDNN picks convolution
+  algorithms per input shape, which takes seconds, so a batch of a size not seen before
+  would stall every camera in it (on an H100, the first benchmark run's batched fp16 row at
+  32 completed no frame in its 3 s window).
 """
 
 from __future__ import annotations
@@ -102,6 +107,16 @@ def _pinned_empty(shape: tuple[int, ...], dtype=np.uint8) -> tuple[np.ndarray, b
         buf = (ctypes.c_uint8 * nbytes).from_address(ptr.value)
         return np.frombuffer(buf, dtype=dtype).reshape(shape), True
     return np.zeros(shape, dtype), False
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes a dynamic-batch graph runs at: powers of two below ``max_batch``, and
+    ``max_batch``. A partial batch is padded up to the next one (at most twice the work, in
+    exchange for a handful of shapes that can all be warmed up ahead)."""
+    if max_batch < 1:
+        raise ValueError("max_batch must be >= 1")
+    sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
+    return [*sizes, max_batch]
 
 
 class ServingSession:
@@ -199,6 +214,16 @@ class ServingSession:
         self.session.run_with_iobinding(io)
         return tuple(io.copy_outputs_to_cpu())  # type: ignore[return-value]
 
+    def warm_up(self, batch_sizes: Sequence[int]) -> list[int]:
+        """Run each batch size once (dark frames), so that shape-dependent set-up on the device
+        (cuDNN's algorithm search) happens before any camera waits on it."""
+        sizes = [self.batch] if self.batch is not None else sorted(set(batch_sizes))
+        buf = self.staging_buffer(max(sizes))
+        buf[...] = 0
+        for n in sizes:
+            self.run(buf[:n])
+        return sizes
+
     def detections(
         self, outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], n: int | None = None
     ) -> list[list[Detection]]:
@@ -206,8 +231,9 @@ class ServingSession:
         boxes, scores, classes, count = outputs
         n = len(count) if n is None else n
         return [
-            detections_from_arrays(boxes[i, :k], scores[i, :k], classes[i, :k],
-                                   self.class_names, self.model_sha256)
+            detections_from_arrays(
+                boxes[i, :k], scores[i, :k], classes[i, :k], self.class_names, self.model_sha256
+            )
             for i, k in enumerate(int(c) for c in count[:n])
         ]
 
@@ -241,8 +267,10 @@ class FrameBatcher:
     """Frames from many cameras → batches of up to ``max_batch`` → detections per frame.
 
     ``submit`` returns a ``Future`` of that frame's ``list[Detection]``. A batch runs when it
-    holds ``max_batch`` frames or its first frame has waited ``max_wait_s``. ``sessions``
-    are :class:`ServingSession` objects on the same graph, one runner thread each.
+    holds ``max_batch`` frames or its first frame has waited ``max_wait_s``, padded up to the
+    next of :func:`batch_buckets`. ``sessions`` are :class:`ServingSession` objects on the
+    same graph, one runner thread each. ``warm_up`` runs every bucket size on every session
+    first (default: where a session runs on CUDA).
     """
 
     def __init__(
@@ -251,6 +279,7 @@ class FrameBatcher:
         *,
         max_batch: int = 32,
         max_wait_s: float = 0.005,
+        warm_up: bool | None = None,
     ) -> None:
         if not sessions:
             raise ValueError("FrameBatcher needs at least one ServingSession")
@@ -263,6 +292,22 @@ class FrameBatcher:
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_s)
         self.frame_hw = first.frame_hw
+        self.buckets = (
+            [self.max_batch] if first.batch is not None else batch_buckets(self.max_batch)
+        )
+        if warm_up is None:
+            warm_up = any(s.choice.device == "cuda" for s in self.sessions)
+        if warm_up:
+            t0 = time.perf_counter()
+            for s in self.sessions:
+                s.warm_up(self.buckets)
+            logger.info(
+                "warmed up batch sizes %s on %d session(s) in %.1f s",
+                self.buckets,
+                len(self.sessions),
+                time.perf_counter() - t0,
+            )
+        self.batch_sizes_run: dict[int, int] = {}  # size run → batches
         # One staging buffer per runner, plus one filling and one spare.
         self._free: deque[np.ndarray] = deque(
             first.staging_buffer(self.max_batch) for _ in range(len(self.sessions) + 2)
@@ -336,8 +381,9 @@ class FrameBatcher:
     def _runner(self, session: ServingSession) -> None:
         while (batch := self._next_batch()) is not None:
             n = batch.reserved
+            size = next(b for b in self.buckets if b >= n)  # slots past n: stale, ignored
             try:
-                frames = batch.buf if session.batch is not None else batch.buf[:n]
+                frames = batch.buf[:size]
                 results = session.detections(session.run(frames), n)
             except Exception as exc:  # noqa: BLE001 - every waiting camera gets the error
                 for fut in batch.futures:
@@ -348,6 +394,7 @@ class FrameBatcher:
             with self._cond:
                 self.batches_run += 1
                 self.frames_run += n
+                self.batch_sizes_run[size] = self.batch_sizes_run.get(size, 0) + 1
                 self._free.append(batch.buf)
                 self._cond.notify_all()
 

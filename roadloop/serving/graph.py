@@ -9,8 +9,10 @@ provider that runs the network (CUDA for a GPU box):
 → Cast → NCHW → BGR→RGB → Resize (bilinear, half-pixel, as ``cv2.resize``) → Round → Pad
 (grey 114, centred) → ÷255 → **the detector** (Ultralytics export, not NMS-fused, optionally
 converted to fp16 with fp32 I/O) → decode cx,cy,w,h → best class per anchor (as
-Ultralytics' single-label NMS) → ``NonMaxSuppression`` (per class) → top ``max_det`` per
-image → boxes mapped back through the letterbox into frame pixels.
+Ultralytics' single-label NMS) → each image's best ``max_candidates`` anchors →
+``NonMaxSuppression`` per (image, class), folded into few calls by coordinate offsets (see
+``_postprocess_model``) → top ``max_det`` per image → boxes mapped back through the
+letterbox into frame pixels.
 
 Outputs, fixed size so they can be pre-bound: ``boxes`` float ``[B, K, 4]`` (x1, y1, x2, y2
 in frame pixels), ``scores`` float ``[B, K]`` (descending), ``classes`` int64 ``[B, K]`` and
@@ -49,6 +51,9 @@ OUTPUTS = ("boxes", "scores", "classes", "count")
 PAD_VALUE = 114.0
 MIN_OPSET = 13  # Unsqueeze/ReduceSum take axes as inputs from 13 on
 _PRE, _POST = "serve_pre/", "serve_post/"
+_NMS_CHUNK = 8  # images per NonMaxSuppression batch row (when the batch divides)
+_GROUP_COLUMNS = 16  # (image, class) groups per row of the offset grid
+MAX_CANDIDATES = 4096  # anchors per image that enter NMS, best first
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,25 +170,53 @@ def _postprocess_model(
     conf: float,
     iou: float,
     max_det: int,
+    max_candidates: int,
     like: onnx.ModelProto,
 ) -> tuple[onnx.ModelProto, int]:
-    """Raw ``[B, 4 + nc, N]`` → fixed-size, letterbox-undone detections per image."""
+    """Raw ``[B, 4 + nc, N]`` → fixed-size, letterbox-undone detections per image.
+
+    ONNX ``NonMaxSuppression`` runs per (batch row, class), and ONNX Runtime's CUDA kernel
+    waits for the device twice per pair: at batch 32 with 4 classes that is 128 round trips
+    per batch. So the graph folds them together, the way batched NMS is usually done (as
+    torchvision's ``batched_nms`` or Ultralytics' class offsets): every candidate box is moved
+    by an offset unique to its (image, class) group, so that boxes of different groups can
+    never overlap and one NMS call over all of them equals one call per group. Groups are
+    laid out on a grid ``_GROUP_COLUMNS`` wide of squares ``4 × input size`` apart, boxes first
+    clipped to ``[-size, 2 × size]`` so none can reach a neighbour (such boxes are absurd
+    anyway; the output is clipped to the frame). The NMS batch dimension holds chunks of
+    ``_NMS_CHUNK`` images when the batch is a multiple of it, else one image each, and only
+    each image's best ``max_candidates`` anchors enter NMS: the kernel's suppression mask
+    grows with the square of the boxes it sees, so both keep it bounded (≤ 8 × 4096 boxes).
+    """
     h, w = frame_hw
     (new_w, new_h), (top, _, left, _) = _letterbox_params(frame_hw, input_hw)
-    k = min(max_det, num_classes * anchors)
+    cand = min(max_candidates, anchors)
+    k = min(max_det, cand)
+    size = float(max(input_hw))
     b = _Builder(_POST)
     raw = _POST + "raw"
+
+    def const_i(name: str, *values: int) -> str:
+        return b.const(name, np.array(values, np.int64))
 
     def channels(lo: int, hi: int, name: str) -> str:
         return b.op(
             "Slice",
-            [
-                raw,
-                b.const(name + "_lo", np.array([lo], np.int64)),
-                b.const(name + "_hi", np.array([hi], np.int64)),
-                b.const(name + "_axis", np.array([1], np.int64)),
-            ],
+            [raw, const_i(name + "_lo", lo), const_i(name + "_hi", hi), const_i(name + "_axis", 1)],
             name,
+        )
+
+    def gather_rows(data: str, index: str, name: str) -> str:
+        """``data[b, index[b, j], :]`` for ``[B, n, 4]`` data and ``[B, m]`` indices."""
+        index3 = b.op("Unsqueeze", [index, const_i(name + "_ax", 2)], name + "_i3")
+        to = b.op(
+            "Concat",
+            [b.op("Shape", [index], name + "_shape"), const_i(name + "_4", 4)],
+            name + "_to",
+            axis=0,
+        )
+        return b.op(
+            "GatherElements", [data, b.op("Expand", [index3, to], name + "_ix")], name, axis=1
         )
 
     xy, wh, cls = channels(0, 2, "xy"), channels(2, 4, "wh"), channels(4, 4 + num_classes, "cls")
@@ -193,46 +226,153 @@ def _postprocess_model(
     xyxy = b.op("Concat", [x1y1, x2y2], "xyxy_c", axis=1)
     boxes = b.op("Transpose", [xyxy], "boxes_n4", perm=[0, 2, 1])  # [B, N, 4]
     # Single label, as Ultralytics: each anchor competes only in its best class.
-    best = b.op("ArgMax", [cls], "best_class", axis=1, keepdims=1)  # [B, 1, N]
-    class_ids = b.const("class_ids", np.arange(num_classes, dtype=np.int64).reshape(1, -1, 1))
-    is_best = b.op("Equal", [class_ids, best], "is_best")
-    single = b.op("Where", [is_best, cls, b.const("zero_f", np.array(0.0, np.float32))], "single")
+    best3 = b.op("ArgMax", [cls], "best_class", axis=1, keepdims=1)  # [B, 1, N]
+    best_score3 = b.op("GatherElements", [cls, best3], "best_score", axis=1)  # [B, 1, N]
+    anchors_shape = const_i("bn_shape", -1, anchors)
+    best = b.op("Reshape", [best3, anchors_shape], "best2")  # [B, N]
+    best_score = b.op("Reshape", [best_score3, anchors_shape], "best_score2")  # [B, N]
+    if cand < anchors:  # each image's best candidates only
+        cand_score = b.op("TopK", [best_score, const_i("cand_k", cand)], "cand", n_out=2, axis=1)
+        cand_anchor = _POST + "cand_1"
+        cand_class = b.op("GatherElements", [best, cand_anchor], "cand_class", axis=1)
+        cand_boxes = gather_rows(boxes, cand_anchor, "cand_boxes")
+    else:
+        cand_score, cand_class, cand_boxes = best_score, best, boxes
+        cand_anchor = None
+    # Group of each candidate: (its image's place in its NMS chunk, its class).
+    n_img = b.op(
+        "Slice",
+        [b.op("Shape", [cand_score], "cand_shape"), const_i("z", 0), const_i("o", 1)],
+        "n_img",
+    )  # [1]: B
+    divisible = b.op(
+        "Equal",
+        [b.op("Mod", [n_img, const_i("chunk_c", _NMS_CHUNK)], "rem"), const_i("zero_i", 0)],
+        "divisible",
+    )
+    chunk = b.op(
+        "Where", [divisible, const_i("chunk_v", _NMS_CHUNK), const_i("one_i", 1)], "chunk"
+    )  # [1]
+    img = b.op(
+        "Range",
+        [
+            b.const("zero_s", np.array(0, np.int64)),
+            b.op("Squeeze", [n_img, const_i("sq_ax", 0)], "n_img_s"),
+            b.const("one_s", np.array(1, np.int64)),
+        ],
+        "img",
+    )  # [B]
+    slot = b.op("Reshape", [b.op("Mod", [img, chunk], "slot1"), const_i("col", -1, 1)], "slot")
+    group = b.op(
+        "Add", [b.op("Mul", [slot, const_i("nc", num_classes)], "slot_nc"), cand_class], "group"
+    )  # [B, cand]
+    span = b.const("span", np.array(4.0 * size, np.float32))
+    gx = b.op(
+        "Mul",
+        [
+            b.op(
+                "Cast",
+                [b.op("Mod", [group, const_i("gcols", _GROUP_COLUMNS)], "gc")],
+                "gcf",
+                to=TensorProto.FLOAT,
+            ),
+            span,
+        ],
+        "gx",
+    )
+    gy = b.op(
+        "Mul",
+        [
+            b.op(
+                "Cast",
+                [b.op("Div", [group, const_i("gcols2", _GROUP_COLUMNS)], "gr")],
+                "grf",
+                to=TensorProto.FLOAT,
+            ),
+            span,
+        ],
+        "gy",
+    )
+    gx3 = b.op("Unsqueeze", [gx, const_i("gx_ax", 2)], "gx3")
+    gy3 = b.op("Unsqueeze", [gy, const_i("gy_ax", 2)], "gy3")
+    offsets = b.op("Concat", [gx3, gy3, gx3, gy3], "offsets", axis=2)  # [B, cand, 4]
+    clipped_in = b.op(
+        "Clip",
+        [
+            cand_boxes,
+            b.const("clip_lo", np.array(-size, np.float32)),
+            b.const("clip_hi", np.array(2.0 * size, np.float32)),
+        ],
+        "nms_clip",
+    )
+    shifted = b.op("Add", [clipped_in, offsets], "shifted")
+    n_chunks = b.op("Div", [n_img, chunk], "n_chunks")
+    nms_boxes = b.op(
+        "Reshape",
+        [
+            shifted,
+            b.op(
+                "Concat",
+                [n_chunks, const_i("m1a", -1), const_i("four_a", 4)],
+                "nms_boxes_shape",
+                axis=0,
+            ),
+        ],
+        "nms_boxes",
+    )
+    nms_scores = b.op(
+        "Reshape",
+        [
+            cand_score,
+            b.op(
+                "Concat",
+                [n_chunks, const_i("one_b", 1), const_i("m1b", -1)],
+                "nms_scores_shape",
+                axis=0,
+            ),
+        ],
+        "nms_scores",
+    )
     selected = b.op(
         "NonMaxSuppression",
         [
-            boxes,
-            single,
-            b.const("max_per_class", np.array([max_det], np.int64)),
+            nms_boxes,
+            nms_scores,
+            const_i("max_out", _NMS_CHUNK * cand),
             b.const("iou", np.array([iou], np.float32)),
             b.const("conf", np.array([conf], np.float32)),
         ],
         "selected",
-    )  # [K', 3]: (image, class, anchor)
-    kept = b.op("GatherND", [single, selected], "kept_scores")
+    )  # [M, 3]: (chunk, 0, position in chunk)
+    chunk_of = b.op(
+        "Gather", [selected, b.const("col0", np.array(0, np.int64))], "chunk_of", axis=1
+    )
+    pos = b.op("Gather", [selected, b.const("col2", np.array(2, np.int64))], "pos", axis=1)
+    per_chunk = b.op("Mul", [chunk, const_i("cand_n", cand)], "per_chunk")
+    flat = b.op("Add", [b.op("Mul", [chunk_of, per_chunk], "chunk_start"), pos], "flat_pos")
+    flat_idx = b.op("Unsqueeze", [flat, const_i("flat_ax", 1)], "flat_idx")  # [M, 1]
+    flat_scores = b.op("Reshape", [cand_score, const_i("all", -1)], "flat_scores")
+    kept = b.op("GatherND", [flat_scores, flat_idx], "kept_scores")
     zeros = b.op(
         "ConstantOfShape",
-        [b.op("Shape", [single], "single_shape")],
+        [b.op("Shape", [flat_scores], "flat_shape")],
         "zeros",
         value=numpy_helper.from_array(np.array([0.0], np.float32)),
     )
-    dense = b.op("ScatterND", [zeros, selected, kept], "dense")
-    flat = b.op("Reshape", [dense, b.const("flat_shape", np.array([0, -1], np.int64))], "flat")
-    top_scores = b.op(
-        "TopK", [flat, b.const("k", np.array([k], np.int64))], "topk", n_out=2, axis=1
-    )  # values, sorted descending; indices are the second output
-    top_index = _POST + "topk_1"
-    n_const = b.const("anchors", np.array(anchors, np.int64))
-    class_of = b.op("Div", [top_index, n_const], "class_of")
-    anchor_of = b.op("Mod", [top_index, n_const], "anchor_of")
-    anchor3 = b.op("Unsqueeze", [anchor_of, b.const("axis2", np.array([2], np.int64))], "anchor3")
-    expand_to = b.op(
-        "Concat",
-        [b.op("Shape", [anchor_of], "anchor_shape"), b.const("four", np.array([4], np.int64))],
-        "expand_to",
-        axis=0,
+    dense = b.op(
+        "Reshape",
+        [b.op("ScatterND", [zeros, flat_idx, kept], "dense1"), const_i("bc_shape", -1, cand)],
+        "dense",
+    )  # [B, cand]
+    top_scores = b.op("TopK", [dense, const_i("k", k)], "topk", n_out=2, axis=1)
+    top_pos = _POST + "topk_1"  # sorted descending; padding rows score 0
+    anchor_of = (
+        top_pos
+        if cand_anchor is None
+        else b.op("GatherElements", [cand_anchor, top_pos], "anchor_of", axis=1)
     )
-    index = b.op("Expand", [anchor3, expand_to], "box_index")
-    picked = b.op("GatherElements", [boxes, index], "picked", axis=1)  # [B, K, 4]
+    class_of = b.op("GatherElements", [best, anchor_of], "class_of", axis=1)
+    picked = gather_rows(boxes, anchor_of, "picked")  # [B, K, 4]
     valid = b.op("Greater", [top_scores, b.const("zero_g", np.array(0.0, np.float32))], "valid")
     # Undo the letterbox exactly as OnnxDetector._to_detections does: -pad, /ratio, clip.
     ratio = (new_w / w, new_h / h)
@@ -327,6 +467,7 @@ def build_serving_graph(
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     max_detections: int = 300,
     precision: Precision = "fp32",
+    max_candidates: int = MAX_CANDIDATES,
 ) -> ServingGraphInfo:
     """Compose preprocess → ``detector_path`` → NMS into ``out_path`` for ``frame_hw`` frames.
 
@@ -340,8 +481,8 @@ def build_serving_graph(
         raise ValueError(f"frame_hw must be positive, got {frame_hw}")
     if not 0.0 <= conf_threshold < 1.0 or not 0.0 <= iou_threshold <= 1.0:
         raise ValueError("conf_threshold must be in [0, 1) and iou_threshold in [0, 1]")
-    if max_detections < 1:
-        raise ValueError("max_detections must be >= 1")
+    if max_detections < 1 or max_candidates < 1:
+        raise ValueError("max_detections and max_candidates must be >= 1")
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     if not detector_path.is_file():
@@ -382,6 +523,7 @@ def build_serving_graph(
         conf=float(conf_threshold),
         iou=float(iou_threshold),
         max_det=int(max_detections),
+        max_candidates=int(max_candidates),
         like=detector,
     )
     # Detector tensors get a prefix so that no name of ours can collide with an export's.
@@ -402,6 +544,7 @@ def build_serving_graph(
             "serving_conf": repr(float(conf_threshold)),
             "serving_iou": repr(float(iou_threshold)),
             "serving_max_det": str(k),
+            "serving_max_candidates": str(min(int(max_candidates), anchors)),
             "serving_source_sha256": source_sha256,
         }
     )
