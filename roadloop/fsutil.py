@@ -88,7 +88,7 @@ def write_bytes_atomic(
                 os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if durable:
                 os.fsync(fd)
         finally:
@@ -178,17 +178,102 @@ def _syncfs_fn() -> object | None:
 def syncfs(path: Path) -> bool:
     """Flush everything written to the file system holding ``path`` (data, inodes, renames)
     with Linux's ``syncfs(2)``; False where the call is not available (the caller fsyncs
-    what it wrote instead). Raises ``OSError`` when the kernel reports a write-back error."""
+    what it wrote instead). Raises ``OSError`` when the kernel reports a write-back error.
+
+    This opens ``path`` afresh, and ``syncfs(2)`` reports only write-back errors since the
+    descriptor it is given was opened: one that happened before (the kernel's own write-back
+    of data written earlier) goes unreported. What must not lose acknowledged data follows
+    the file system with a :class:`SyncFsHandle` opened before its writes instead."""
     fn = _syncfs_fn()
     if fn is None:
         return False
-    import ctypes
-
     fd = os.open(path, os.O_RDONLY)
     try:
-        if fn(fd) != 0:  # type: ignore[operator]
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
+        _call_syncfs(fn, fd, path)
     finally:
         os.close(fd)
     return True
+
+
+def _call_syncfs(fn: object, fd: int, path: Path) -> None:
+    import ctypes
+
+    if fn(fd) != 0:  # type: ignore[operator]
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+
+
+class SyncFsHandle:
+    """One descriptor on a file system, kept open so that ``sync`` reports every write-back
+    error since ``arm`` first ran in this process.
+
+    Linux keeps a write-back error sequence per file system and ``syncfs(2)`` checks it
+    against what the descriptor last saw: opened before the writes it must vouch for, a
+    descriptor reports an error from the kernel's background write-back of those files too,
+    once. Call ``arm`` before writing, ``sync`` to flush and check. A forked child (a second
+    gateway worker) opens its own descriptor at its first ``arm``: the parent's would share
+    one error cursor between processes, and the first to sync would swallow the error for
+    the other. Thread-safe; the descriptor closes when the handle is collected or ``close``d.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        import threading
+
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        self._finalizer: object | None = None
+
+    @property
+    def available(self) -> bool:
+        return _syncfs_fn() is not None
+
+    def arm(self) -> None:
+        """Open the descriptor (once per process) if it is not open; ``path`` must exist."""
+        if self._fd is not None and self._pid == os.getpid():
+            return
+        if _syncfs_fn() is None:
+            return
+        import weakref
+
+        with self._lock:
+            pid = os.getpid()
+            if self._fd is not None and self._pid == pid:
+                return
+            if self._fd is not None:  # inherited across a fork: close this process's copy
+                if self._finalizer is not None:
+                    self._finalizer.detach()  # type: ignore[attr-defined]
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+            fd = os.open(self.path, os.O_RDONLY)
+            self._fd, self._pid = fd, pid
+            self._finalizer = weakref.finalize(self, _close_quietly, fd, pid)
+
+    def sync(self) -> bool:
+        """``syncfs(2)`` through the armed descriptor (arming it first if need be); False
+        where the call is not available. Raises ``OSError`` on a write-back error."""
+        fn = _syncfs_fn()
+        if fn is None:
+            return False
+        self.arm()
+        assert self._fd is not None
+        _call_syncfs(fn, self._fd, self.path)
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            fin, self._finalizer, self._fd, self._pid = self._finalizer, None, None, None
+        if fin is not None:
+            fin()  # type: ignore[operator]
+
+
+def _close_quietly(fd: int, pid: int) -> None:
+    if os.getpid() != pid:  # a forked child's copy: the parent closes its own
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -210,7 +210,7 @@ def test_frame_store_sync_falls_back_to_fsync(tmp_path: Any, frame_jpeg: bytes,
                       source="test", width=160, height=120)
     store.write_frame(rec, frame_jpeg, decoded_size=(160, 120), durable=False)
     synced: list[str] = []
-    monkeypatch.setattr(frames_mod, "syncfs", lambda path: False)
+    monkeypatch.setattr(store._syncfs, "sync", lambda: False)
     real_fsync = frames_mod.os.fsync
     monkeypatch.setattr(frames_mod.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     store.sync()

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from roadloop import fsutil
 from roadloop.fsutil import (
+    SyncFsHandle,
     atomic_path,
     create_exclusive,
     sha256_file,
@@ -70,3 +72,134 @@ def test_sha256_file_matches_hashlib_across_chunks(tmp_path: Path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(data)
     assert sha256_file(path, chunk_size=1024) == hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- syncfs handle
+class FakeSyncfs:
+    """libc's syncfs as the kernel would answer: the descriptors it was given, an errno."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.fail_with: int | None = None
+
+    def __call__(self, fd: int) -> int:
+        import ctypes
+
+        self.fds.append(fd)
+        if self.fail_with is not None:
+            ctypes.set_errno(self.fail_with)
+            return -1
+        return 0
+
+
+@pytest.fixture
+def fake_syncfs(monkeypatch: pytest.MonkeyPatch) -> FakeSyncfs:
+    fake = FakeSyncfs()
+    monkeypatch.setattr(fsutil, "_syncfs_fn", lambda: fake)
+    return fake
+
+
+def test_syncfs_handle_keeps_one_descriptor_and_reports_errors(
+    tmp_path: Path, fake_syncfs: FakeSyncfs
+) -> None:
+    import errno
+
+    handle = SyncFsHandle(tmp_path)
+    handle.arm()
+    fd = handle._fd
+    assert fd is not None
+    assert handle.sync() and handle.sync()
+    assert fake_syncfs.fds == [fd, fd]  # the descriptor opened before the writes, each time
+    fake_syncfs.fail_with = errno.EIO
+    with pytest.raises(OSError) as err:
+        handle.sync()
+    assert err.value.errno == errno.EIO and str(tmp_path) in str(err.value)
+    handle.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+
+
+def test_syncfs_handle_opens_its_own_descriptor_after_a_fork(
+    tmp_path: Path, fake_syncfs: FakeSyncfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = SyncFsHandle(tmp_path)
+    handle.arm()
+    real_pid = os.getpid()
+    monkeypatch.setattr(fsutil.os, "getpid", lambda: real_pid + 1)  # as in a forked worker
+    opened: list[int] = []
+    real_open = fsutil.os.open
+    monkeypatch.setattr(fsutil.os, "open", lambda *a: opened.append(1) or real_open(*a))
+    handle.sync()
+    handle.sync()
+    assert opened == [1]  # one new descriptor for the new process, then kept
+    assert handle._pid == real_pid + 1 and fake_syncfs.fds == [handle._fd] * 2
+    fd = handle._fd
+    monkeypatch.undo()
+    assert fd is not None
+    os.close(fd)  # the finalizer leaves a descriptor of "another process" alone
+
+
+def test_syncfs_handle_closes_when_collected(tmp_path: Path, fake_syncfs: FakeSyncfs) -> None:
+    import gc
+
+    handle = SyncFsHandle(tmp_path)
+    handle.arm()
+    fd = handle._fd
+    assert fd is not None
+    os.fstat(fd)
+    del handle
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_syncfs_handle_without_syncfs_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fsutil, "_syncfs_fn", lambda: None)
+    handle = SyncFsHandle(tmp_path)
+    handle.arm()
+    assert handle._fd is None and handle.sync() is False
+
+
+def test_frame_store_arms_before_its_first_unsynced_write(
+    tmp_path: Path, fake_syncfs: FakeSyncfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The descriptor must predate the writes: syncfs(2) reports only write-back errors
+    since the descriptor it gets was opened."""
+    import errno
+    from datetime import UTC, datetime
+
+    import cv2
+    import numpy as np
+
+    from roadloop.data import frames as frames_mod
+    from roadloop.data.frames import FrameRecord, FrameStore
+
+    store = FrameStore(tmp_path / "store")
+    armed_at_write: list[bool] = []
+    real_write = frames_mod.write_bytes_atomic
+
+    def spy(path: Path, data: bytes, **kw: object) -> None:
+        armed_at_write.append(store._syncfs._fd is not None)
+        real_write(path, data, **kw)
+
+    monkeypatch.setattr(frames_mod, "write_bytes_atomic", spy)
+    ok, jpeg = cv2.imencode(".jpg", np.full((120, 160, 3), 90, np.uint8))
+    assert ok
+    rec = FrameRecord(
+        frame_id="f-1",
+        camera_id="cam-a",
+        captured_at=datetime.now(UTC),
+        source="test",
+        width=160,
+        height=120,
+    )
+    store.write_frame(rec, jpeg.tobytes(), decoded_size=(160, 120), durable=False)
+    assert armed_at_write == [True, True]  # image and sidecar
+    fake_syncfs.fail_with = errno.EIO
+    with pytest.raises(OSError):
+        store.sync()  # a write-back error: nothing since the last good sync may be acked
+    fake_syncfs.fail_with = None
+    store.sync()  # the frames stayed pending and are flushed again
+    assert fake_syncfs.fds == [store._syncfs._fd] * 2

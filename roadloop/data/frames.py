@@ -48,7 +48,7 @@ from pydantic import (
 
 from edge_agent.quality import laplacian_variance  # one definition with the agent's
 from roadloop.errors import InvalidInputError
-from roadloop.fsutil import fsync_dir, syncfs, write_bytes_atomic
+from roadloop.fsutil import SyncFsHandle, fsync_dir, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +346,9 @@ class FrameStore:
         self.root = Path(root)
         self._unsynced: set[Path] = set()  # written with durable=False, not yet synced
         self._unsynced_lock = threading.Lock()
+        # Opened before the first non-durable write, so that sync() hears of a write-back
+        # error on any of those files, also one from the kernel's own background flush.
+        self._syncfs = SyncFsHandle(self.root)
 
     def image_path(self, relative: str) -> Path:
         """The image at ``relative`` (a ``frames.path`` value) as a local file."""
@@ -409,6 +412,8 @@ class FrameStore:
 
         sidecar = checked_sidecar(record, jpeg_bytes, decoded_size, where=target)
         target.parent.mkdir(parents=True, exist_ok=True)
+        if not durable:
+            self._syncfs.arm()
         write_bytes_atomic(target, bytes(jpeg_bytes), durable=durable)
         # Sidecar last: its presence marks the frame complete.
         write_bytes_atomic(target.with_suffix(".json"), sidecar, durable=durable)
@@ -428,7 +433,7 @@ class FrameStore:
         if not pending:
             return
         try:
-            if syncfs(self.root):
+            if self._syncfs.sync():
                 return
             for path in sorted(pending, key=lambda p: (p.is_dir(), -len(p.parts))):
                 fsync_dir(path)  # an fsync of the path: files and folders alike
