@@ -78,6 +78,7 @@ from benchmarks.intake_loadgen import (
     weighted_percentile,
 )
 from benchmarks.intake_report import measured_findings, summarize, to_markdown
+from benchmarks.node_sampler import NodeSampler
 from benchmarks.quiet import remove_tree, wait_for_quiet
 from launch.localfleet import GatewayProcess
 from roadloop.data.frames import FrameStore
@@ -410,11 +411,12 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         logger.info("variant %s: %d agents x %d frames/request for %.0f s%s", v.name, agents,
                     v.batch, duration, f", SIGKILL at {kill_after} s" if kill_after else "")
-        t_wall = time.perf_counter()
-        results, window, kill, cpu_killed = asyncio.run(
-            _drive(server, plans, duration, drain_s if kill_after is not None else 5.0,
-                   kill_after, interval))
-        wall = time.perf_counter() - t_wall
+        with NodeSampler() as node:
+            t_wall = time.perf_counter()
+            results, window, kill, cpu_killed = asyncio.run(
+                _drive(server, plans, duration, drain_s if kill_after is not None else 5.0,
+                       kill_after, interval))
+            wall = time.perf_counter() - t_wall
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         assert server.process is not None
         cpu_server = _cpu_seconds(psutil.Process(server.process.pid)) + (
@@ -434,6 +436,7 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
                     load_before, load_after, stats, kill, build_s)
     out["machine_before"] = before
     out["warmup"] = warm
+    out["node_by_5s"] = node.slices(t_wall, window, 5.0)
     # The home stays until the whole run ends (``main``): deleting it here would slow the
     # next variant's file creation for a minute (``benchmarks.quiet``).
     return out

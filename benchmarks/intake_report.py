@@ -233,6 +233,15 @@ def to_markdown(doc: dict[str, Any]) -> str:
         if by_slice:
             notes.append("P99 ms of the requests sent in each 5 s of the window: "
                          + ", ".join("–" if p is None else f"{p:.0f}" for p in by_slice))
+        node = r.get("node_by_5s")
+        if node:
+            def cell(x: dict[str, Any]) -> str:
+                if x["busy_pct"] is None:
+                    return "–"
+                return (f"{x['busy_pct']:.0f}/{x['iowait_pct']:.0f}/{x['steal_pct']:.0f} % "
+                        f"{x['dirty_mb']:.0f}/{x['writeback_mb']:.0f} MB")
+            notes.append("the node in the same slices, CPU busy/iowait/steal of all cores and "
+                         "most dirty/write-back memory: " + "; ".join(cell(x) for x in node))
         lines += ["(" + "; ".join(notes) + ".)", "", "| stage | calls | mean ms | max ms |",
                   "|---|---|---|---|"]
         lines += _stage_rows(r["server_stats"])
