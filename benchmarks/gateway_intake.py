@@ -209,6 +209,17 @@ def _tree(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def _rss_mb(proc: psutil.Process) -> float:
+    """Resident memory of the gateway and its workers, MB."""
+    total = 0
+    for p in _tree(proc):
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return round(total / 2**20, 1)
+
+
 def _cpu_seconds(proc: psutil.Process) -> float:
     total = 0.0
     for p in _tree(proc):
@@ -407,6 +418,7 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
                     "p99_ms": weighted_percentile(lat, 99)}
         assert server.process is not None
         cpu0_server = _cpu_seconds(psutil.Process(server.process.pid))
+        rss_before = _rss_mb(psutil.Process(server.process.pid))
         load_before = _loadavg()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         logger.info("variant %s: %d agents x %d frames/request for %.0f s%s", v.name, agents,
@@ -422,6 +434,7 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
         cpu_server = _cpu_seconds(psutil.Process(server.process.pid)) + (
             cpu_killed - cpu0_server if kill else -cpu0_server)
         load_after = _loadavg()
+        rss_after = _rss_mb(psutil.Process(server.process.pid))
         stats = httpx.get(f"{server.url}/v1/stats",
                           headers={"Authorization": f"Bearer {admin}"}, timeout=10).json()
     finally:
@@ -437,6 +450,7 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
     out["machine_before"] = before
     out["warmup"] = warm
     out["node_by_5s"] = node.slices(t_wall, window, 5.0)
+    out["server_rss_mb"] = {"before": rss_before, "after": rss_after}
     # The home stays until the whole run ends (``main``): deleting it here would slow the
     # next variant's file creation for a minute (``benchmarks.quiet``).
     return out
