@@ -259,9 +259,13 @@ def test_partial_batches_run_padded_to_warmed_up_sizes(
     shapes: list[int] = []
     run = session.run
     session.run = lambda batch: (shapes.append(len(batch)), run(batch))[1]  # type: ignore[method-assign]
+    buffers: list[int] = []
+    staging = session.staging_buffer
+    session.staging_buffer = lambda n: (buffers.append(n), staging(n))[1]  # type: ignore[method-assign]
     # A long deadline: the three frames run when close() flushes them, one batch of 3 → 4.
     with FrameBatcher([session], max_batch=8, max_wait_s=60, warm_up=True) as batcher:
         assert shapes == [1, 2, 4, 8]  # every size once, before any camera's frame
+        assert buffers == [8, 8, 8]  # the batcher's own buffers (pinned on CUDA), none extra
         futures = [batcher.submit("cam0", f) for f in frames]
     assert [f.result(timeout=30) for f in futures] == expected
     assert shapes[4:] == [4] and batcher.batch_sizes_run == {4: 1}

@@ -214,11 +214,14 @@ class ServingSession:
         self.session.run_with_iobinding(io)
         return tuple(io.copy_outputs_to_cpu())  # type: ignore[return-value]
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> list[int]:
+    def warm_up(self, batch_sizes: Sequence[int], buf: np.ndarray | None = None) -> list[int]:
         """Run each batch size once (dark frames), so that shape-dependent set-up on the device
-        (cuDNN's algorithm search) happens before any camera waits on it."""
+        (cuDNN's algorithm search) happens before any camera waits on it. ``buf``: a staging
+        buffer of at least the largest size to use (page-locked memory is never freed, so a
+        batcher lends one of its own rather than have a new one allocated here)."""
         sizes = [self.batch] if self.batch is not None else sorted(set(batch_sizes))
-        buf = self.staging_buffer(max(sizes))
+        if buf is None or len(buf) < max(sizes):
+            buf = self.staging_buffer(max(sizes))
         buf[...] = 0
         for n in sizes:
             self.run(buf[:n])
@@ -295,23 +298,23 @@ class FrameBatcher:
         self.buckets = (
             [self.max_batch] if first.batch is not None else batch_buckets(self.max_batch)
         )
+        self.batch_sizes_run: dict[int, int] = {}  # size run → batches
+        # One staging buffer per runner, plus one filling and one spare.
+        self._free: deque[np.ndarray] = deque(
+            first.staging_buffer(self.max_batch) for _ in range(len(self.sessions) + 2)
+        )
         if warm_up is None:
             warm_up = any(s.choice.device == "cuda" for s in self.sessions)
         if warm_up:
             t0 = time.perf_counter()
             for s in self.sessions:
-                s.warm_up(self.buckets)
+                s.warm_up(self.buckets, self._free[0])
             logger.info(
                 "warmed up batch sizes %s on %d session(s) in %.1f s",
                 self.buckets,
                 len(self.sessions),
                 time.perf_counter() - t0,
             )
-        self.batch_sizes_run: dict[int, int] = {}  # size run → batches
-        # One staging buffer per runner, plus one filling and one spare.
-        self._free: deque[np.ndarray] = deque(
-            first.staging_buffer(self.max_batch) for _ in range(len(self.sessions) + 2)
-        )
         self._cond = threading.Condition()
         self._open: _Batch | None = None
         self._ready: deque[_Batch] = deque()
