@@ -267,34 +267,15 @@ def _postprocess_model(
         "Add", [b.op("Mul", [slot, const_i("nc", num_classes)], "slot_nc"), cand_class], "group"
     )  # [B, cand]
     span = b.const("span", np.array(4.0 * size, np.float32))
-    gx = b.op(
-        "Mul",
-        [
-            b.op(
-                "Cast",
-                [b.op("Mod", [group, const_i("gcols", _GROUP_COLUMNS)], "gc")],
-                "gcf",
-                to=TensorProto.FLOAT,
-            ),
-            span,
-        ],
-        "gx",
-    )
-    gy = b.op(
-        "Mul",
-        [
-            b.op(
-                "Cast",
-                [b.op("Div", [group, const_i("gcols2", _GROUP_COLUMNS)], "gr")],
-                "grf",
-                to=TensorProto.FLOAT,
-            ),
-            span,
-        ],
-        "gy",
-    )
-    gx3 = b.op("Unsqueeze", [gx, const_i("gx_ax", 2)], "gx3")
-    gy3 = b.op("Unsqueeze", [gy, const_i("gy_ax", 2)], "gy3")
+
+    def grid(op: str, name: str) -> str:
+        """The group's grid column (``Mod``) or row (``Div``) × span, as ``[B, cand, 1]``."""
+        cell = b.op(op, [group, const_i(name + "_cols", _GROUP_COLUMNS)], name + "_cell")
+        cell_f = b.op("Cast", [cell], name + "_cell_f", to=TensorProto.FLOAT)
+        scaled = b.op("Mul", [cell_f, span], name)
+        return b.op("Unsqueeze", [scaled, const_i(name + "_ax", 2)], name + "3")
+
+    gx3, gy3 = grid("Mod", "gx"), grid("Div", "gy")
     offsets = b.op("Concat", [gx3, gy3, gx3, gy3], "offsets", axis=2)  # [B, cand, 4]
     clipped_in = b.op(
         "Clip",
