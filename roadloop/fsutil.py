@@ -8,11 +8,14 @@ it imports nothing of the platform.)
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
 import sys
+import threading
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,7 +168,6 @@ def _syncfs_fn() -> object | None:
     if not sys.platform.startswith("linux"):
         return None
     if _LIBC is None:
-        import ctypes
         import ctypes.util
 
         try:
@@ -173,34 +175,6 @@ def _syncfs_fn() -> object | None:
         except OSError:
             _LIBC = False
     return getattr(_LIBC, "syncfs", None) if _LIBC else None
-
-
-def syncfs(path: Path) -> bool:
-    """Flush everything written to the file system holding ``path`` (data, inodes, renames)
-    with Linux's ``syncfs(2)``; False where the call is not available (the caller fsyncs
-    what it wrote instead). Raises ``OSError`` when the kernel reports a write-back error.
-
-    This opens ``path`` afresh, and ``syncfs(2)`` reports only write-back errors since the
-    descriptor it is given was opened: one that happened before (the kernel's own write-back
-    of data written earlier) goes unreported. What must not lose acknowledged data follows
-    the file system with a :class:`SyncFsHandle` opened before its writes instead."""
-    fn = _syncfs_fn()
-    if fn is None:
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _call_syncfs(fn, fd, path)
-    finally:
-        os.close(fd)
-    return True
-
-
-def _call_syncfs(fn: object, fd: int, path: Path) -> None:
-    import ctypes
-
-    if fn(fd) != 0:  # type: ignore[operator]
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
 
 
 class SyncFsHandle:
@@ -217,17 +191,11 @@ class SyncFsHandle:
     """
 
     def __init__(self, path: Path | str) -> None:
-        import threading
-
         self.path = Path(path)
         self._fd: int | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
         self._finalizer: object | None = None
-
-    @property
-    def available(self) -> bool:
-        return _syncfs_fn() is not None
 
     def arm(self) -> None:
         """Open the descriptor (once per process) if it is not open; ``path`` must exist."""
@@ -235,8 +203,6 @@ class SyncFsHandle:
             return
         if _syncfs_fn() is None:
             return
-        import weakref
-
         with self._lock:
             pid = os.getpid()
             if self._fd is not None and self._pid == pid:
@@ -260,7 +226,9 @@ class SyncFsHandle:
             return False
         self.arm()
         assert self._fd is not None
-        _call_syncfs(fn, self._fd, self.path)
+        if fn(self._fd) != 0:  # type: ignore[operator]
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(self.path))
         return True
 
     def close(self) -> None:
