@@ -54,7 +54,7 @@ from roadloop.serving.batched import (
     ServingSession,
     select_providers,
 )
-from roadloop.serving.graph import build_serving_graph, to_fp16
+from roadloop.serving.graph import FRAMES_INPUT, build_serving_graph, to_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -162,29 +162,28 @@ def network_session(path: Path, device: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=choice.providers)
 
 
-def bench_network(sess: ort.InferenceSession, device: str, b: int, hw, a) -> list[float]:
-    name, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-    blob = np.random.default_rng(0).random((b, 3, *hw), dtype=np.float32)
+def _time_session(
+    sess: ort.InferenceSession, device: str, name: str, array: np.ndarray, a
+) -> list[float]:
+    """Run ``sess`` on ``array`` repeatedly; on CUDA input and outputs stay on the device."""
     if device == "cuda":
         io = sess.io_binding()
-        io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(blob, "cuda", 0))
-        io.bind_output(out, "cuda")
+        io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        for out in sess.get_outputs():
+            io.bind_output(out.name, "cuda")
         return timed(lambda: sess.run_with_iobinding(io), seconds=a.seconds, warmup_s=a.warmup)
-    return timed(lambda: sess.run([out], {name: blob}), seconds=a.seconds, warmup_s=a.warmup)
+    return timed(lambda: sess.run(None, {name: array}), seconds=a.seconds, warmup_s=a.warmup)
+
+
+def bench_network(sess: ort.InferenceSession, device: str, b: int, hw, a) -> list[float]:
+    blob = np.random.default_rng(0).random((b, 3, *hw), dtype=np.float32)
+    return _time_session(sess, device, sess.get_inputs()[0].name, blob, a)
 
 
 def bench_serving_graph(session: ServingSession, device: str, b: int, frames, a) -> list[float]:
     """The serving graph alone, frames already on the device: its own cost (letterbox, network,
     NMS), without the host copy, the transfers or the ``Detection`` objects."""
-    batch = np.stack(_batch(frames, b, 0))
-    sess = session.session
-    if device == "cuda":
-        io = sess.io_binding()
-        io.bind_ortvalue_input("frames", ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0))
-        for out in sess.get_outputs():
-            io.bind_output(out.name, "cuda")
-        return timed(lambda: sess.run_with_iobinding(io), seconds=a.seconds, warmup_s=a.warmup)
-    return timed(lambda: sess.run(None, {"frames": batch}), seconds=a.seconds, warmup_s=a.warmup)
+    return _time_session(session.session, device, FRAMES_INPUT, np.stack(_batch(frames, b, 0)), a)
 
 
 def bench_serving_direct(session: ServingSession, b: int, frames, a) -> list[float]:
