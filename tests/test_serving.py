@@ -252,6 +252,9 @@ def test_partial_batches_run_padded_to_warmed_up_sizes(
 ) -> None:
     assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8]
     assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    for absurd in (0, -3):
+        with pytest.raises(ValueError, match="max_batch"):
+            batch_buckets(absurd)
     info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=(48, 80))
     session = ServingSession(info.path, device="cpu", intra_op_threads=1)
     frames = np.random.default_rng(2).integers(0, 255, (3, 48, 80, 3), dtype=np.uint8)
