@@ -43,7 +43,9 @@ def remove_tree(path: Path, marker: Path = REMOVAL_MARKER) -> None:
     """Delete a run's files and note when (``marker``), for ``wait_for_quiet``."""
     shutil.rmtree(path, ignore_errors=True)
     tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
-    tmp.write_text(f"{time.time():.3f}\n")
+    # Full precision: rounded to the millisecond, the stored time could lie up to 0.5 ms in
+    # the future and a reading right after would be negative.
+    tmp.write_text(f"{time.time()!r}\n")
     os.replace(tmp, marker)
 
 
