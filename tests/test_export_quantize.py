@@ -74,6 +74,11 @@ def test_export_round_trip_dynamic_batch(tiny_onnx):
         assert out.shape == (b, 4 + 3, anchors)
     assert load_onnx_metadata(info.path) == info
     assert [p.name for p in info.path.parent.iterdir()] == ["tiny.onnx"]  # no temp leftovers
+    import onnx
+
+    softmax = {n.name: n for n in onnx.load(str(info.path)).graph.node if n.op_type == "Softmax"}
+    dfl = softmax["/model.23/dfl/Softmax"]  # graph_rewrites: the bins on the last axis
+    assert dfl.attribute[0].i == -1
 
 
 def test_export_matches_pytorch(tiny_pt, tiny_onnx, frames):

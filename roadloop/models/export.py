@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from roadloop.errors import InvalidInputError, MissingDataError
 from roadloop.fsutil import sha256_file
+from roadloop.models.graph_rewrites import rewrite_onnx_file
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ def export_onnx(
         )
         if dynamic_batch:
             _pin_spatial_dims(exported, hw)
+        rewrite_onnx_file(exported, exported)  # exact, cheaper DFL softmax (graph_rewrites)
         _check_runs(exported, hw, nc, (1, 2) if dynamic_batch else (1,))
         os.replace(exported, out_path)
     info = load_onnx_metadata(out_path)

@@ -26,6 +26,7 @@ from edge_agent.inference import letterbox as edge_letterbox
 from roadloop.errors import EmptyDatasetError, InvalidInputError
 from roadloop.fsutil import sha256_file
 from roadloop.models.export import validate_onnx_model
+from roadloop.models.graph_rewrites import rewrite_onnx_file
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,11 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.stem}-quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         q = Path(tmp) / "int8.onnx"
-        _pre_process(fp32_path, pre)
+        # The float graph's DFL softmax moved to the last axis first: the same outputs,
+        # 0.5 ms less a frame (graph_rewrites); a no-op on graphs exported since.
+        staged = Path(tmp) / "fp32.onnx"
+        rewrite_onnx_file(fp32_path, staged)
+        _pre_process(staged, pre)
         excluded = matching_nodes(pre, config.exclude_node_patterns)
         logger.info(
             "quantizing %s: %d calibration frames, %d nodes kept in float, %s",
