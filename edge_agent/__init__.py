@@ -27,7 +27,7 @@ _EXPORTS = {
     "AgentConfig": "edge_agent.agent",
     "AgentSummary": "edge_agent.agent",
     "EdgeAgent": "edge_agent.agent",
-    "FramePipeline": "edge_agent.agent",
+    "FramePipeline": "edge_agent.pipeline",
     "DeviceIdentity": "edge_agent.client",
     "GatewayClient": "edge_agent.client",
     "DensityState": "edge_agent.counting",
@@ -98,7 +98,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from edge_agent.agent import AgentConfig, AgentSummary, EdgeAgent, FramePipeline
+    from edge_agent.agent import AgentConfig, AgentSummary, EdgeAgent
     from edge_agent.boxes import nms
     from edge_agent.client import DeviceIdentity, GatewayClient
     from edge_agent.counting import DensityState, DensityTracker, count_per_class
@@ -113,5 +113,6 @@ if TYPE_CHECKING:
         letterbox,
     )
     from edge_agent.outbox import BackoffPolicy, Outbox
+    from edge_agent.pipeline import FramePipeline
     from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
     from edge_agent.sources import Frame, LatestFrameReader, open_source

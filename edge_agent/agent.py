@@ -45,7 +45,6 @@ import platform
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +53,7 @@ from typing import Any, TextIO
 import cv2
 import numpy as np
 
-from edge_agent.camera_config import CameraConfigChannel, EffectiveSampling
+from edge_agent.camera_config import CameraConfigChannel
 from edge_agent.client import (
     AuthError,
     EnrollmentError,
@@ -63,21 +62,25 @@ from edge_agent.client import (
     GatewayUnavailable,
     UploadOutcome,
 )
-from edge_agent.counting import DensityState, DensityTracker, count_per_class
+from edge_agent.frame_workers import FrameWorkers, Measured
 from edge_agent.heartbeat import TelemetryWindow
-from edge_agent.inference import Detection, OnnxDetector
+from edge_agent.inference import OnnxDetector
 from edge_agent.manifest import ManifestVerifier, PublicKeyError, load_public_key
-from edge_agent.model_slot import LoadedModel, ModelSlot
+from edge_agent.model_slot import ModelSlot
 from edge_agent.outbox import BackoffPolicy, Outbox
-from edge_agent.quality import laplacian_variance
+from edge_agent.pipeline import (
+    DetectFailed,
+    FrameMeasurement,
+    FramePipeline,
+    FrameResult,
+    frame_quality,
+)
 from edge_agent.record_outbox import RecordOutbox
 from edge_agent.redaction import RedactionUnavailable, Redactor, load_redactor
 from edge_agent.rollback_guard import GuardLimits
-from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
+from edge_agent.samplers import SamplerConfig
 from edge_agent.sources import Frame, LatestFrameReader, open_source
-from edge_agent.traffic.counter import FrameTraffic
-from edge_agent.traffic.geometry import TrafficConfig
-from edge_agent.traffic.stage import CHECKPOINT_FILE, REASON_TRAFFIC_EVENT, TrafficStage
+from edge_agent.traffic.stage import CHECKPOINT_FILE, TrafficStage
 from edge_agent.updater import ModelUpdater
 from edge_agent.uploader import DEFAULT_BATCH_MAX, FrameUploader, UploadEvents, linger_wait
 
@@ -89,7 +92,6 @@ DEFAULT_MODEL_NAME = "atl_v2_yolo11n_gpu_320.onnx"
 DEFAULT_MODEL_NAMES = (DEFAULT_MODEL_NAME, "atl_v2_yolo11n_320.onnx")
 MAX_SUMMARY_IDS = 10_000  # AgentSummary keeps the ids of the most recent sampled frames
 FAULT_KILL_ENV = "EDGE_AGENT_FAULT_KILL_AFTER_ACKS"
-DARK, BRIGHT, BLUR_RATIO, BLUR_WARMUP = 40.0, 220.0, 1 / 3, 10
 # ORT's intra-op workers spin-wait for work by default. Measured with 2 threads on 2 shared
 # cores (benchmarks/results/agent_speed*.md): at load ~2.5 spinning is 8-13 % faster, at load
 # ~4 it is 40 % slower (the spinning workers fight the other processes and the agent's own
@@ -122,152 +124,6 @@ def find_default_model(name: str | None = None) -> Path | None:
             if (folder / n).is_file():
                 return (folder / n).resolve()
     return None
-
-
-# --------------------------------------------------------------------------- per-frame pipeline
-@dataclass
-class FrameResult:
-    """Everything the agent computed for one frame."""
-
-    frame: Frame
-    detections: list[Detection]
-    class_counts: dict[str, int]
-    density: DensityState
-    density_changed: bool
-    occupancy: float
-    brightness: float
-    sharpness: float
-    edge_case: bool
-    decision: SampleDecision
-    timings_ms: dict[str, float]
-    model: LoadedModel | None = None  # the model that served this frame
-    frame_id: str | None = None  # set when the frame is sampled for upload
-    traffic: FrameTraffic | None = None  # tracks, crossings, zones, events (with a geometry)
-    traffic_records: list[dict[str, Any]] = field(default_factory=list)  # intervals closed
-
-
-def frame_quality(image: np.ndarray) -> tuple[float, float]:
-    """(mean grey level, variance of the Laplacian) at native resolution
-    (``edge_agent.quality.laplacian_variance``, the gateway's definition too)."""
-    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    mean, _ = cv2.meanStdDev(grey)
-    return float(mean[0, 0]), laplacian_variance(grey)
-
-
-class FramePipeline:
-    """detect → count → density → quality → sample, with a per-stage time breakdown."""
-
-    def __init__(
-        self,
-        detector: OnnxDetector | ModelSlot,
-        *,
-        capacity: float = 30.0,
-        sampler_config: SamplerConfig | None = None,
-        sampling: Callable[[], EffectiveSampling] | None = None,
-        traffic: TrafficStage | None = None,
-        geometry: Callable[[], tuple[TrafficConfig | None, int]] | None = None,
-    ) -> None:
-        self.slot = detector if isinstance(detector, ModelSlot) else ModelSlot(detector)
-        # Tracking and counting (edge_agent.traffic) when the camera has a traffic geometry.
-        self.traffic = traffic
-        self._geometry = geometry
-        self.last_model: LoadedModel | None = None
-        self.density = DensityTracker(capacity)
-        self.sampler = FrameSampler(sampler_config)
-        # The rates in force (the camera's configuration): read once per frame, applied to
-        # the sampler here, on the frame loop's thread.
-        self._sampling = sampling
-        self._rates: EffectiveSampling | None = None
-        self._sharp_mean: float | None = None
-        self._frames = 0
-
-    @property
-    def detector(self) -> OnnxDetector:
-        """The model serving now (it may change between frames)."""
-        return self.slot.detector
-
-    def _is_edge_case(self, brightness: float, sharpness: float, density_changed: bool) -> bool:
-        blurred = (
-            self._frames > BLUR_WARMUP
-            and self._sharp_mean is not None
-            and sharpness < BLUR_RATIO * self._sharp_mean
-        )
-        self._sharp_mean = (
-            sharpness if self._sharp_mean is None else 0.95 * self._sharp_mean + 0.05 * sharpness
-        )
-        density_changed = density_changed and self._frames > 1  # the first frame sets the state
-        return density_changed or brightness < DARK or brightness > BRIGHT or blurred
-
-    def _sync_rates(self, now: float) -> None:
-        if self._sampling is None:
-            return
-        rates = self._sampling()
-        if rates != self._rates:
-            self._rates = rates  # tried once: a refusal is logged, not repeated every frame
-            try:
-                self.sampler.set_rates(rates.base_rate, rates.hourly_budget, now=now)
-            except ValueError as exc:  # the frame is fine; keep sampling at the old rates
-                logger.error("sampling rates %s not applied: %s", rates, exc)
-
-    def process(self, frame: Frame) -> FrameResult:
-        self._frames += 1
-        model = self.slot.current  # taken once: a swap lands between frames, never inside one
-        self.last_model = model
-        detector = model.detector
-        t0 = time.perf_counter()
-        dets = detector.detect(frame.image)
-        if model.delay_s:  # fault injection (EDGE_AGENT_FAULT_MODEL_DELAY_MS)
-            time.sleep(model.delay_s)
-        st = detector.last_timings
-        t1 = time.perf_counter()
-        counts = count_per_class(dets, detector.class_names)
-        state, changed = self.density.update(len(dets))
-        t2 = time.perf_counter()
-        traffic = None
-        if self.traffic is not None and self._geometry is not None:
-            geometry, version = self._geometry()
-            traffic = self.traffic.process(dets, frame, geometry, version,
-                                           detector.class_names, model.sha256)
-        t_track = time.perf_counter()
-        brightness, sharpness = frame_quality(frame.image)
-        edge = self._is_edge_case(brightness, sharpness, changed)
-        t3 = time.perf_counter()
-        self._sync_rates(frame.captured_at)
-        decision = self.sampler.decide(dets, now=frame.captured_at, edge_case=edge)
-        if traffic is not None and traffic.events:  # the operator sees what happened
-            decision = SampleDecision(
-                True, (*decision.reasons, REASON_TRAFFIC_EVENT),
-                self.sampler.config.max_importance, over_budget=not decision.sampled)
-        frame_id = uuid.uuid4().hex if decision.sampled else None
-        records = self.traffic.commit(traffic, frame, frame_id) if self.traffic else []
-        t4 = time.perf_counter()
-        timings = {
-            "preprocess_ms": st.preprocess_ms if st else 0.0,
-            "inference_ms": st.inference_ms if st else (t1 - t0) * 1e3,
-            "postprocess_ms": st.postprocess_ms if st else 0.0,
-            "detect_ms": (t1 - t0) * 1e3,
-            "count_ms": (t2 - t1) * 1e3,
-            "track_ms": (t_track - t2) * 1e3,
-            "quality_ms": (t3 - t_track) * 1e3,
-            "sample_ms": (t4 - t3) * 1e3,
-        }
-        return FrameResult(
-            frame,
-            dets,
-            counts,
-            state,
-            changed,
-            self.density.occupancy,
-            brightness,
-            sharpness,
-            edge,
-            decision,
-            timings,
-            model,
-            frame_id,
-            traffic,
-            records,
-        )
 
 
 def frame_metadata(
@@ -319,6 +175,10 @@ class AgentConfig:
     conf_threshold: float = 0.25
     iou_threshold: float = 0.7
     intra_op_threads: int | None = None
+    # Frames measured at once (network, NMS, quality), each on its own thread with ONNX
+    # Runtime on one intra-op thread unless ``intra_op_threads`` says otherwise; counting
+    # and sampling stay in frame order (edge_agent.frame_workers). 1: all on the frame loop.
+    inference_workers: int = 1
     # ONNX Runtime session config entries of every model the agent loads (the baseline and
     # each rollout's); ``--ort-config KEY=VALUE`` replaces them.
     session_config: dict[str, str] = field(default_factory=lambda: dict(AGENT_SESSION_CONFIG))
@@ -392,7 +252,8 @@ def make_detector(cfg: AgentConfig, path: Path) -> OnnxDetector:
         path,
         conf_threshold=cfg.conf_threshold,
         iou_threshold=cfg.iou_threshold,
-        intra_op_threads=cfg.intra_op_threads,
+        intra_op_threads=(cfg.intra_op_threads if cfg.intra_op_threads is not None
+                          else 1 if cfg.inference_workers > 1 else None),
         session_config=cfg.session_config,
     )
 
@@ -596,28 +457,10 @@ class EdgeAgent:
         if self.updater is not None:
             self.updater.start(cfg.update_interval_s)
         self._status = _StatusLine(self, cfg.status_interval_s or (1.0 if self._is_tty else 10.0))
-        seen_dropped = 0
         try:
-            while not self._stop.is_set():
-                frame = reader.get(timeout=0.25)
-                dropped = reader.dropped
-                if dropped > seen_dropped:
-                    self.telemetry.record_dropped(dropped - seen_dropped)
-                    seen_dropped = dropped
-                self._status.maybe_print()
-                if frame is None:
-                    if reader.exhausted:
-                        if reader.error is not None:
-                            summary.stopped_by = "source_error"
-                            self.telemetry.record_error()
-                        break
-                    continue
-                self._process(pipeline, frame, summary)
-                if cfg.max_frames is not None and summary.frames_processed >= cfg.max_frames:
-                    summary.stopped_by = "max_frames"
-                    break
-            else:
-                summary.stopped_by = "signal"
+            stopped_by = self._frame_loop(reader, pipeline, summary)
+            if stopped_by is not None:
+                summary.stopped_by = stopped_by
         finally:
             reader.stop()
             if self.updater is not None:
@@ -650,15 +493,88 @@ class EdgeAgent:
         )
         return summary
 
+    def _frame_loop(self, reader: LatestFrameReader, pipeline: FramePipeline,
+                    summary: AgentSummary) -> str | None:
+        """Frames until a stop, the end of the source or ``max_frames``; returns why it
+        stopped (None: the source ended cleanly).
+
+        With ``inference_workers`` > 1 the loop keeps that many frames in flight on
+        ``FrameWorkers`` and finishes them oldest first; it never waits for the reader while
+        a measured frame is ready, and a stop still finishes the frames already measured.
+        """
+        cfg = self.config
+        pool = (FrameWorkers(pipeline.measure, cfg.inference_workers)
+                if cfg.inference_workers > 1 else None)
+        seen_dropped = 0
+        try:
+            while not self._stop.is_set():
+                in_flight = len(pool) if pool is not None else 0
+                if pool is not None and (pool.full or pool.oldest_done()):
+                    self._finish(pipeline, pool.pop(), summary)
+                    continue
+                if cfg.max_frames is not None \
+                        and summary.frames_processed + in_flight >= cfg.max_frames:
+                    if in_flight:  # enough frames taken: finish those in flight
+                        self._finish(pipeline, pool.pop(), summary)
+                        continue
+                    return "max_frames"
+                frame = reader.get(timeout=0.0 if in_flight else 0.25)
+                dropped = reader.dropped
+                if dropped > seen_dropped:
+                    self.telemetry.record_dropped(dropped - seen_dropped)
+                    seen_dropped = dropped
+                self._status.maybe_print()
+                if frame is None:
+                    if in_flight:  # nothing new yet: finish the oldest meanwhile
+                        self._finish(pipeline, pool.pop(), summary)
+                        continue
+                    if reader.exhausted:
+                        if reader.error is not None:
+                            self.telemetry.record_error()
+                            return "source_error"
+                        return None
+                    continue
+                if pool is None:
+                    self._process(pipeline, frame, summary)
+                else:
+                    pool.submit(frame)
+            return "signal"
+        finally:
+            if pool is not None:
+                while len(pool):  # measured frames are counted, not lost
+                    self._finish(pipeline, pool.pop(), summary)
+                pool.close()
+
+    def _frame_failed(self, pipeline: FramePipeline, frame: Frame, exc: BaseException) -> None:
+        self.telemetry.record_frame_error()
+        if self.updater is not None:
+            model = exc.model if isinstance(exc, DetectFailed) else pipeline.last_model
+            self.updater.observe_error(model)
+        logger.error("frame %s: detector failed: %s", frame.source_ref, exc)
+
+    def _finish(self, pipeline: FramePipeline, measured: Measured[FrameMeasurement],
+                summary: AgentSummary) -> None:
+        if measured.error is not None:
+            self._frame_failed(pipeline, measured.frame, measured.error)
+            return
+        try:
+            result = pipeline.finish(measured.frame, measured.measurement)
+        except Exception as exc:  # noqa: BLE001 - a bad frame must not stop the camera
+            self._frame_failed(pipeline, measured.frame, exc)
+            return
+        self._handle_result(result, summary)
+
     def _process(self, pipeline: FramePipeline, frame: Frame, summary: AgentSummary) -> None:
         try:
             result = pipeline.process(frame)
         except Exception as exc:  # noqa: BLE001 - a bad frame must not stop the camera
-            self.telemetry.record_frame_error()
-            if self.updater is not None:
-                self.updater.observe_error(pipeline.last_model)
-            logger.error("frame %s: detector failed: %s", frame.source_ref, exc)
+            self._frame_failed(pipeline, frame, exc)
             return
+        self._handle_result(result, summary)
+
+    def _handle_result(self, result: FrameResult, summary: AgentSummary) -> None:
+        """Telemetry, the updater's observations and (when sampled) the redacted upload."""
+        frame = result.frame
         summary.frames_processed += 1
         self._queue_records(result.traffic_records)
         t = result.timings_ms

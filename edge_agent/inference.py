@@ -500,12 +500,24 @@ class OnnxDetector:
         """Detections on one BGR frame (as ``cv2.imread``/``VideoCapture.read`` return it)."""
         return self.detect_batch([frame_bgr])[0]
 
+    def detect_timed(self, frame_bgr: np.ndarray) -> tuple[list[Detection], StageTimings]:
+        """``detect`` with this call's stage times returned instead of kept in
+        ``last_timings``: safe to call from several threads at once (ONNX Runtime runs
+        concurrent ``run`` calls on one session)."""
+        results, timings = self._detect_batch_timed([frame_bgr])
+        return results[0], timings
+
     def detect_batch(self, frames: Sequence[np.ndarray]) -> list[list[Detection]]:
         """Detections per frame; uses the batch dimension when the model's is dynamic (or > 1)."""
+        results, self.last_timings = self._detect_batch_timed(frames)
+        return results
+
+    def _detect_batch_timed(
+        self, frames: Sequence[np.ndarray]
+    ) -> tuple[list[list[Detection]], StageTimings]:
         frames = list(frames)
         if not frames:
-            self.last_timings = StageTimings(0.0, 0.0, 0.0, 0)
-            return []
+            return [], StageTimings(0.0, 0.0, 0.0, 0)
         chunk = self.max_batch_size if self.batch_size is None else self.batch_size
         t_pre = t_inf = t_post = 0.0
         results: list[list[Detection]] = []
@@ -526,8 +538,7 @@ class OnnxDetector:
             t_pre += t1 - t0
             t_inf += t2 - t1
             t_post += t3 - t2
-        self.last_timings = StageTimings(t_pre * 1e3, t_inf * 1e3, t_post * 1e3, len(frames))
-        return results
+        return results, StageTimings(t_pre * 1e3, t_inf * 1e3, t_post * 1e3, len(frames))
 
     def __repr__(self) -> str:
         return (

@@ -207,11 +207,14 @@ def test_enroll_stream_sample_store_and_heartbeat(gateway: Gateway, tmp_path: Pa
     assert any(b["class_counts"].get("car", 0) > 0 for b in beats)
     assert all(len(b["confidence_histogram"]["counts"]) == 10 for b in beats)
 
-    # a restart reuses the saved identity: no enrollment token needed
-    cmd = _agent_cmd(gateway.url, "cam-e2e", state, "--max-frames", "3", "--no-realtime")
+    # a restart reuses the saved identity: no enrollment token needed; this run measures
+    # two frames at a time (--workers 2) and still counts every frame once
+    cmd = _agent_cmd(gateway.url, "cam-e2e", state, "--max-frames", "12", "--no-realtime",
+                     "--workers", "2")
     rc, again, log = _run_agent(cmd)
     assert rc == 0, log[-2000:]
     assert again["device_id"] == summary["device_id"]
+    assert again["stopped_by"] == "max_frames" and again["frames_processed"] == 12
 
 
 # ---------------------------------------------------------------- fault (a): gateway outage
