@@ -1,7 +1,8 @@
 """The edge agent runtime: source → detector → counts/density → samplers → outbox → gateway
 
 Threads: the frame reader (``LatestFrameReader``), the inference loop (the caller's thread,
-``EdgeAgent.run``), an uploader that drains the durable outbox into the gateway
+``EdgeAgent.run``; with ``inference_workers`` > 1 it hands each frame's network, NMS and
+quality to that many ``FrameWorkers`` threads and finishes the frames in order), an uploader that drains the durable outbox into the gateway
 (``edge_agent.uploader``: ``POST /v1/frames/batch`` when several frames are due, up to
 ``upload_batch_max``, else ``POST /v1/frames``),
 and a heartbeat sender (``POST /v1/heartbeats`` every ``heartbeat_interval_s``; heartbeats

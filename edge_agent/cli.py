@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=_positive_int, default=1, metavar="N",
         help="frames measured at once (network, NMS, quality), each on its own thread with "
         "ONNX Runtime on one intra-op thread unless --threads is given; counting and "
-        "sampling stay in frame order. 2 on a 2-core box: 1.2x the frames/s of 1 with 2 "
+        "sampling stay in frame order. 2 on a 2-core box: 1.2-1.3x the frames/s of 1 with 2 "
         "intra-op threads (benchmarks/results/agent_speed.md)",
     )
     run.add_argument(
