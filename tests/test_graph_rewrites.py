@@ -70,12 +70,12 @@ def test_other_graphs_are_left_alone(change: dict) -> None:
     assert model.SerializeToString() == before
 
 
-def test_shared_export_rewritten_and_quantized_alike(tmp_path: Path) -> None:
-    """The checkpoint's own export (old layout) gives the same detections rewritten, and
-    ``quantize_int8`` applies the rewrite to what it quantizes."""
+def test_the_shared_export_gives_the_same_outputs_rewritten(tmp_path: Path) -> None:
+    """The checkpoint's own export (old layout) gives the same outputs rewritten on real
+    frames (``quantize_int8`` applying it: tests/test_int8_gate.py)."""
     src = SHARED_DIR / "models" / "atl_v2_yolo11n_gpu_320.onnx"
     require_shared(src, SHARED_DIR / "datasets" / "atl_v2")
-    from roadloop.models.quantize import QuantConfig, list_images, preprocess, quantize_int8
+    from roadloop.models.quantize import list_images, preprocess
 
     frames = list_images(SHARED_DIR / "datasets" / "atl_v2" / "images" / "val")[:2]
     dst = tmp_path / "rewritten.onnx"
@@ -85,9 +85,3 @@ def test_shared_export_rewritten_and_quantized_alike(tmp_path: Path) -> None:
         x = preprocess(f, 320)
         before, after = (s.run(None, {"images": x})[0] for s in sessions)
         np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-3)  # boxes in pixels
-
-    train = list_images(SHARED_DIR / "datasets" / "atl_v2" / "images" / "train")
-    q = quantize_int8(src, tmp_path / "q.onnx", train, imgsz=320,
-                      config=QuantConfig(num_calibration_frames=1))
-    softmaxes = [n for n in onnx.load(str(q.path)).graph.node if n.op_type == "Softmax"]
-    assert softmaxes and all(helper.get_attribute_value(n.attribute[0]) == -1 for n in softmaxes)

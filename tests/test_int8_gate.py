@@ -146,10 +146,9 @@ def tiny_eval(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_eval: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, DetectionMetrics]:
-    """fp32, the platform's recipe and ORT's defaults over the whole graph, each scored once
-    by the platform's evaluator (Ultralytics val) on the tiny set, at 320 px."""
-    from roadloop.evaluation.accuracy import evaluate_detector
+def quantized_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared fp32 export, quantized with the platform's recipe and with ORT's defaults
+    over the whole graph."""
     from roadloop.models.quantize import QuantConfig, list_images, quantize_int8
     from roadloop.models.training import configure_ultralytics
 
@@ -162,7 +161,33 @@ def quantized(tiny_eval: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     for name, cfg in (("recipe", QuantConfig(num_calibration_frames=8)),
                       ("whole_graph", QuantConfig(num_calibration_frames=2, exclude_node_patterns=[]))):
         files[name] = quantize_int8(fp32, work / f"{name}.onnx", train, imgsz=320, config=cfg).path
-    return {k: evaluate_detector(p, tiny_eval, imgsz=320, split="val") for k, p in files.items()}
+    return files
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_eval: Path, quantized_files: dict[str, Path]) -> dict[str, DetectionMetrics]:
+    """Each of ``quantized_files`` scored once by the platform's evaluator (Ultralytics val)
+    on the tiny set, at 320 px."""
+    from roadloop.evaluation.accuracy import evaluate_detector
+
+    return {k: evaluate_detector(p, tiny_eval, imgsz=320, split="val")
+            for k, p in quantized_files.items()}
+
+
+def test_quantizing_an_old_export_moves_its_dfl_softmax_last(
+        quantized_files: dict[str, Path]) -> None:
+    """The shared export predates ``graph_rewrites``; what ``quantize_int8`` makes of it has
+    the DFL softmax over the last axis (roadloop.models.graph_rewrites)."""
+    import onnx
+    from onnx import helper
+
+    def softmax_axes(path: Path) -> list[int]:
+        return [helper.get_attribute_value(n.attribute[0])
+                for n in onnx.load(str(path)).graph.node if n.op_type == "Softmax"]
+
+    assert 1 in softmax_axes(quantized_files["fp32"])  # the old layout, as exported
+    assert softmax_axes(quantized_files["recipe"]) and 1 not in softmax_axes(
+        quantized_files["recipe"])
 
 
 # Per-class limits on the tiny set: cars (about 100 boxes) are gated, the rest too rare.
