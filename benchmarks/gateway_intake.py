@@ -60,6 +60,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -380,10 +381,22 @@ def _loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def seed_day_folders(frames_root: Path, cameras: list[str], days: int) -> None:
+    """The date folders a long-running gateway's store holds under retention (30 days of raw
+    frames by default): ``days`` folders before today per camera. Empty, because what they
+    cost an upload is the per-folder lookup of "is this frame id stored already?"
+    (``FrameStore.find_frame``), not the frames inside."""
+    today = datetime.now(UTC).date()
+    for cam in cameras:
+        for d in range(1, days + 1):
+            (frames_root / cam / (today - timedelta(days=d)).isoformat()).mkdir(parents=True)
+
+
 def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], workdir: Path,
                 *, kill_after: float | None = None, max_fps: float = 2500.0,
                 offered_fps: float | None = None,
-                drain_s: float = 30.0, warmup_s: float = 0.0) -> dict[str, Any]:
+                drain_s: float = 30.0, warmup_s: float = 0.0,
+                seed_days: int = 0) -> dict[str, Any]:
     home = workdir / v.name.replace(" ", "_").replace("=", "-").replace("+", "plus-")
     if home.exists():
         remove_tree(home)
@@ -395,6 +408,8 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
         cams, tokens, probe = asyncio.run(_enroll_all(server.url, admin, agents))
         if v.batch > 1 and probe in (404, 405):
             return {"variant": v.name, "skipped": f"no batch route (empty batch -> {probe})"}
+        if seed_days:
+            seed_day_folders(home / "frames", cams, seed_days)
         host = urlsplit(server.url).netloc
         # Paced: each agent sends ``batch`` frames every interval (offered_fps in all).
         interval = v.batch * agents / offered_fps if offered_fps else None
@@ -480,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=float, default=0.0,
                     help="seconds the agents run (paced or not) before the timed window, on "
                     "the same gateway: reported apart (their frames are checked for loss too)")
+    ap.add_argument("--seed-days", type=int, default=0, metavar="N",
+                    help="give each camera N earlier date folders before the agents start, "
+                    "as a store under retention holds (30: the default for raw frames)")
     ap.add_argument("--max-fps", type=float, default=2500.0,
                     help="frames pre-built per agent = max-fps x duration / agents")
     ap.add_argument("--width", type=int, default=640)
@@ -502,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     def run(v: Variant, kill: float | None) -> dict[str, Any]:
         return run_variant(v, args.agents, args.duration, jpegs, workdir, kill_after=kill,
                            max_fps=args.max_fps, offered_fps=args.offered_fps,
-                           warmup_s=args.warmup)
+                           warmup_s=args.warmup, seed_days=args.seed_days)
 
     try:
         if args.levers:
@@ -530,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_generator": {"event_loop": loop_impl, "transport": "raw HTTP/1.1 keep-alive, "
                            "one connection per agent, bodies pre-built"},
         "agents": args.agents, "duration_s": args.duration, "levers": args.levers,
-        "offered_fps": args.offered_fps,
+        "offered_fps": args.offered_fps, "seed_days": args.seed_days,
         "jpegs": {"source": source, "count": len(jpegs), "width": args.width,
                   "mean_bytes": round(statistics.fmean(len(j.data) for j in jpegs)),
                   "min_bytes": min(len(j.data) for j in jpegs),

@@ -170,6 +170,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
          "requests due at fixed intervals; a frame's latency runs from its request's due "
          "time (a late send counts)."),
         "",
+        *([(f"**Store under retention**: each camera held {doc['seed_days']} earlier date "
+            "folders before the agents started (`--seed-days`), as a long-running gateway's "
+            "store does; every upload looks for its frame id in each of them."), ""]
+          if doc.get("seed_days") else []),
         (f"Target: ≥ {doc['target']['frames_per_s']:.0f} frames/s acknowledged with P99 < "
          f"{doc['target']['p99_ms']:.0f} ms, 0 lost. A frame is acknowledged by 201 or 409 "
          "(alone or inside a batch's results); its latency is its request's."),
