@@ -11,6 +11,10 @@ levers of issue 14 pay, measured one by one.
   native ones.
 * **read_back**: the sidecar read back from disk (``FrameStore.read_record``) vs the
   in-memory check (``fleet.frame_checks.reads_back``).
+* **lookup**: ``FrameStore.find_frame`` of a new frame (the gateway's ``write_frame`` asks
+  once per upload whether the id is already stored, in any date folder) in a camera folder
+  holding 1, 7 and 30 date folders of 50 frames each (30: the default retention of raw
+  frames, so a long-running gateway's steady state).
 * **durability**: 16 frames written with two fsyncs each + a folder fsync per frame
   (``frame_sync=per_file``) vs written without fsync + one ``FrameStore.sync()``
   (``frame_sync=group``) on the frame store's file system.
@@ -193,6 +197,25 @@ def storage_costs(jpegs: list[Any], root: Path, rounds: int) -> dict[str, Any]:
     }
 
 
+def lookup_costs(root: Path, repeat: int, days: tuple[int, ...] = (1, 7, 30)) -> dict[str, Any]:
+    """CPU ms of ``find_frame`` for an id that is not stored, by date folders present."""
+    out = {}
+    for n in days:
+        store = FrameStore(root / f"days{n}")
+        cam = store.root / "cam-lookup"
+        for d in range(n):
+            folder = cam / f"2026-10-{d + 1:02d}"
+            folder.mkdir(parents=True)
+            for j in range(50):
+                (folder / f"f{j:04d}.jpg").write_bytes(b"\xff\xd8")
+                (folder / f"f{j:04d}.json").write_bytes(b"{}")
+        missing = uuid.uuid4().hex
+        assert store.find_frame("cam-lookup", missing) is None
+        out[str(n)] = _best_of(lambda s=store, m=missing: s.find_frame("cam-lookup", m),
+                               repeat, 200) * 1e3
+    return {"find_frame_new_frame_ms_by_day_folders": out}
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     e, j, s = doc["envelope"], doc["jpeg"], doc["storage"]
     lines = [
@@ -228,6 +251,11 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"{s['read_back_disk_ms_per_frame']:.3f} |"),
         (f"| sidecar read-back check in memory (`reads_back`) | "
         f"{s['read_back_memory_ms_per_frame']:.3f} |"), "",
+        "## Lookup: is this frame id already stored? (`find_frame`, once per upload)", "",
+        "| date folders in the camera's folder | ms per upload |", "|---|---|",
+        *(f"| {n} | {v:.4f} |" for n, v in
+          doc["lookup"]["find_frame_new_frame_ms_by_day_folders"].items()),
+        "",
     ]
     return "\n".join(lines)
 
@@ -253,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             "envelope": envelope(frames, settings, args.repeat),
             "jpeg": jpeg_costs(jpegs, args.repeat),
             "storage": storage_costs(jpegs, Path(tmp) / "frames", args.rounds),
+            "lookup": lookup_costs(Path(tmp) / "lookup", args.repeat),
         }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "intake_parsing.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -226,6 +226,33 @@ def test_idempotent_writes(tmp_path: Path) -> None:
     assert not store.write_frame(record("f1", camera_id="cam_b", image=img), encode_jpeg(img))[1]
 
 
+def test_find_frame_looks_in_every_date_folder_and_only_at_complete_frames(
+        tmp_path: Path) -> None:
+    store = FrameStore(tmp_path)
+    assert store.find_frame("cam_a", "f1") is None  # no camera folder yet
+    img = synthetic_image(3)
+    days = [T0 - timedelta(days=d) for d in range(30)]  # a store under 30-day retention
+    for i, at in enumerate(days):
+        store.write_frame(record(f"other{i}", image=img, at=at), encode_jpeg(img))
+    oldest = store.write_frame(record("f1", image=img, at=days[-1]), encode_jpeg(img)).path
+    assert store.find_frame("cam_a", "f1") == oldest
+    # Written again with today's time, the frame is found where it is, not written twice.
+    again = store.write_frame(record("f1", image=img, at=T0), encode_jpeg(img))
+    assert again.already_existed and again.path == oldest
+    # An image whose sidecar is missing (torn write) is not a stored frame; neither is a
+    # file where a date folder would be, nor a hidden folder.
+    torn = store.write_frame(record("f2", image=img, at=days[5]), encode_jpeg(img)).path
+    torn.with_suffix(".json").unlink()
+    assert store.find_frame("cam_a", "f2") is None
+    (tmp_path / "cam_a" / "2026-01-01").write_bytes(b"not a folder")
+    hidden = tmp_path / "cam_a" / ".staging"
+    hidden.mkdir()
+    (hidden / "f3.json").write_bytes(b"{}")
+    (hidden / "f3.jpg").write_bytes(b"\xff\xd8")
+    assert store.find_frame("cam_a", "f3") is None
+    assert store.find_frame("cam_a", "f1") == oldest
+
+
 def test_corrupt_sidecar_is_skipped_and_reported(tmp_path: Path, caplog) -> None:
     store = FrameStore(tmp_path)
     img = synthetic_image(8)

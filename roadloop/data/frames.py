@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -337,6 +338,14 @@ def in_window(record: FrameRecord, start: datetime | None, end: datetime | None)
             and (end is None or record.captured_at < end))
 
 
+def _regular_file_at(dir_fd: int, relative: str) -> bool:
+    """``os.path.isfile`` of ``relative`` under the open folder ``dir_fd``."""
+    try:
+        return stat.S_ISREG(os.stat(relative, dir_fd=dir_fd).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 class FrameStore:
     """Camera frames on a local (or mounted) file system; see the module docstring."""
 
@@ -370,17 +379,27 @@ class FrameStore:
         """Image path of a complete frame (sidecar + image present), in any date folder."""
         cam = self._camera_dir(camera_id)
         validate_id("frame_id", frame_id, where=cam)
-        # One stat per date folder (os.scandir, not Path.glob: on the gateway's write path,
-        # once per upload, glob's pattern machinery cost ~10 % of the CPU of a stored frame).
+        # The gateway calls this once per upload, and a new frame is looked for in every date
+        # folder: under the default 30-day retention, 30 of them. Built with pathlib (a Path
+        # and a full path walk per folder) that took ~270 µs an upload at 30 folders against
+        # 15 µs at one; here the camera folder is opened once and each folder's sidecar is a
+        # stat relative to it (~50 µs at 30; scandir, not Path.glob, whose pattern machinery
+        # once cost ~10 % of a stored frame's CPU).
+        sidecar_name = f"{frame_id}.json"
         try:
-            days = sorted(e.name for e in os.scandir(cam)
-                          if e.is_dir() and not e.name.startswith("."))
+            fd = os.open(cam, os.O_RDONLY | os.O_DIRECTORY)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        for day in days:
-            image = cam / day / f"{frame_id}.jpg"
-            if os.path.isfile(image.with_suffix(".json")) and os.path.isfile(image):
-                return image
+        try:
+            with os.scandir(fd) as entries:
+                days = sorted(e.name for e in entries
+                              if not e.name.startswith(".") and e.is_dir())
+            for day in days:
+                if (_regular_file_at(fd, f"{day}/{sidecar_name}")
+                        and _regular_file_at(fd, f"{day}/{frame_id}.jpg")):
+                    return cam / day / f"{frame_id}.jpg"
+        finally:
+            os.close(fd)
         return None
 
     # ---- writing
