@@ -2,11 +2,11 @@
 
 Threads: the frame reader (``LatestFrameReader``), the inference loop (the caller's thread,
 ``EdgeAgent.run``; with ``inference_workers`` > 1 it hands each frame's network, NMS and
-quality to that many ``FrameWorkers`` threads and finishes the frames in order), an uploader that drains the durable outbox into the gateway
-(``edge_agent.uploader``: ``POST /v1/frames/batch`` when several frames are due, up to
-``upload_batch_max``, else ``POST /v1/frames``),
-and a heartbeat sender (``POST /v1/heartbeats`` every ``heartbeat_interval_s``; heartbeats
-that fail are kept, at most 20, and resent first).
+quality to that many ``FrameWorkers`` threads and finishes the frames in order), an
+uploader that drains the durable outbox into the gateway (``edge_agent.uploader``:
+``POST /v1/frames/batch`` when several frames are due, up to ``upload_batch_max``, else
+``POST /v1/frames``), and a heartbeat sender (``POST /v1/heartbeats`` every
+``heartbeat_interval_s``; heartbeats that fail are kept, at most 20, and resent first).
 
 Edge cases (the ``edge_case`` sampler): a frame whose density state differs from the last
 frame's, or whose image is unusually dark (mean grey < 40), bright (> 220) or blurred
