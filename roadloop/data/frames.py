@@ -381,10 +381,10 @@ class FrameStore:
         validate_id("frame_id", frame_id, where=cam)
         # The gateway calls this once per upload, and a new frame is looked for in every date
         # folder: under the default 30-day retention, 30 of them. Built with pathlib (a Path
-        # and a full path walk per folder) that took ~270 µs an upload at 30 folders against
-        # 15 µs at one; here the camera folder is opened once and each folder's sidecar is a
-        # stat relative to it (~50 µs at 30; scandir, not Path.glob, whose pattern machinery
-        # once cost ~10 % of a stored frame's CPU).
+        # and a full path walk per folder) that took 234 µs an upload at 30 folders against
+        # 15 µs at one; with the camera folder opened once and each sidecar a stat relative
+        # to it, 58 and 10 µs (benchmarks/results/find-frame-lookup/). scandir, not
+        # Path.glob, whose pattern machinery once cost ~10 % of a stored frame's CPU.
         sidecar_name = f"{frame_id}.json"
         try:
             fd = os.open(cam, os.O_RDONLY | os.O_DIRECTORY)
