@@ -3,8 +3,8 @@
 The Ultralytics Detect head decodes each box side from a 16-bin distribution (DFL):
 ``Reshape(b, 4, 16, A) → Transpose(0, 2, 1, 3) → Softmax(axis=1) → Conv 1×1 (weights 0…15)``.
 ONNX Runtime's CPU ``Softmax`` over an axis that is not the last one transposes its input
-and output around the kernel: on YOLO11n at 192×320 that single node took 0.56–0.68 ms of a
-5–8 ms frame (8–9 % of the network, profiled at one thread, fp32 and INT8 alike). Putting the
+and output around the kernel: on YOLO11n at 192×320 that single node took 0.56–0.68 ms a
+frame, 7–9 % of the network's kernel time (profiled at one thread, fp32 and INT8). Putting the
 bins last (``Transpose(0, 1, 3, 2) → Softmax(axis=-1) → MatMul`` with the same 16 weights as a
 column) computes the same sums in the same order, so the outputs are identical (max abs
 difference 0.0 on the gpu checkpoint), and the node costs 0.08–0.09 ms.
