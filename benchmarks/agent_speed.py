@@ -252,6 +252,36 @@ def _block_of(step: Callable) -> Callable:
     return run_block
 
 
+def _in_order_blocks(pool, finish: Callable[[Any, Any, int], None]) -> Callable:
+    """A block runner keeping ``pool.workers`` frames in flight on ``pool``
+    (``edge_agent.frame_workers.FrameWorkers``) and handing each to ``finish(frame,
+    measurement, i)`` in frame order (``i``: its place in the block), as the agent's loop
+    does with ``--workers``."""
+
+    def finish_oldest(i: int) -> None:
+        m = pool.pop()
+        if m.error is not None:
+            raise m.error
+        finish(m.frame, m.measurement, i)
+
+    def run_block(reader, n: int) -> int:
+        done = 0
+        for _ in range(n):
+            f = reader.get()
+            if f is None:
+                break
+            if pool.full:
+                finish_oldest(done)
+                done += 1
+            pool.submit(f)
+        while len(pool):
+            finish_oldest(done)
+            done += 1
+        return done
+
+    return run_block
+
+
 def _agent_workers_engine(path: str, workers: int, config: dict[str, str]) -> Callable:
     """The agent's frame loop with ``--workers N``: ``FramePipeline.measure`` on N threads
     (ORT one intra-op thread each, one shared session), ``finish`` in frame order."""
@@ -268,42 +298,21 @@ def _agent_workers_engine(path: str, workers: int, config: dict[str, str]) -> Ca
     pipe = FramePipeline(det, capacity=30.0, sampler_config=SamplerConfig(hourly_budget=None),
                          traffic=TrafficStage("bench"),
                          geometry=lambda: (bench_geometry(*size[0]), 1))
-    pool = FrameWorkers(pipe.measure, workers)
+    def finish(frame, measurement, _: int) -> None:
+        size[0] = (frame.image.shape[1], frame.image.shape[0])
+        pipe.finish(frame, measurement)
 
-    def finish_oldest() -> None:
-        m = pool.pop()
-        if m.error is not None:
-            raise m.error
-        size[0] = (m.frame.image.shape[1], m.frame.image.shape[0])
-        pipe.finish(m.frame, m.measurement)
-
-    def run_block(reader, n: int) -> int:
-        done = 0
-        for _ in range(n):
-            f = reader.get()
-            if f is None:
-                break
-            if pool.full:
-                finish_oldest()
-                done += 1
-            pool.submit(f)
-        while len(pool):
-            finish_oldest()
-            done += 1
-        return done
-
-    return run_block
+    return _in_order_blocks(FrameWorkers(pipe.measure, workers), finish)
 
 
 def _torch_workers_engine(workers: int, shared: Path, cfg_dir: Path) -> Callable:
     """PyTorch given the agent's scheme: ``workers`` Ultralytics models, each predicting on
     its own thread with one torch thread, the post stages in frame order."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import numpy as np
     import torch
 
     from benchmarks.agent_pipeline import CONF, IMGSZ, IOU, _PostStages
+    from edge_agent.frame_workers import FrameWorkers
     from edge_agent.inference import Detection
 
     os.environ["YOLO_CONFIG_DIR"] = str(cfg_dir)
@@ -336,26 +345,10 @@ def _torch_workers_engine(workers: int, shared: Path, cfg_dir: Path) -> Callable
                 for xy, s, c in zip(b.xyxy.numpy().tolist(), b.conf.numpy().tolist(),
                                     b.cls.numpy().tolist())]
 
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="torch-worker")
+    def finish(frame, dets, i: int) -> None:
+        post(frame.image, dets, float(i))
 
-    def run_block(reader, n: int) -> int:
-        pending: list = []
-        done = 0
-        for i in range(n):
-            f = reader.get()
-            if f is None:
-                break
-            if len(pending) >= workers:
-                image, fut, j = pending.pop(0)
-                post(image, fut.result(), float(j))
-                done += 1
-            pending.append((f.image, pool.submit(predict, f.image), i))
-        for image, fut, j in pending:
-            post(image, fut.result(), float(j))
-            done += 1
-        return done
-
-    return run_block
+    return _in_order_blocks(FrameWorkers(lambda frame: predict(frame.image), workers), finish)
 
 
 def _overlap(runners: dict[str, Callable], videos: list[Path], frames: int,
