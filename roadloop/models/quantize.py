@@ -26,7 +26,7 @@ from edge_agent.inference import letterbox as edge_letterbox
 from roadloop.errors import EmptyDatasetError, InvalidInputError
 from roadloop.fsutil import sha256_file
 from roadloop.models.export import validate_onnx_model
-from roadloop.models.graph_rewrites import rewrite_onnx_file
+from roadloop.models.graph_rewrites import dfl_softmax_last_axis
 
 logger = logging.getLogger(__name__)
 
@@ -216,9 +216,12 @@ def quantize_int8(
         q = Path(tmp) / "int8.onnx"
         # The float graph's DFL softmax moved to the last axis first: the same outputs,
         # 0.5 ms less a frame (graph_rewrites); a no-op on graphs exported since.
-        staged = Path(tmp) / "fp32.onnx"
-        rewrite_onnx_file(fp32_path, staged)
-        _pre_process(staged, pre)
+        source = fp32_path
+        if dfl_softmax_last_axis(fp32):  # the model loaded above, rewritten in place
+            onnx.checker.check_model(fp32)
+            source = Path(tmp) / "fp32.onnx"
+            onnx.save(fp32, str(source))
+        _pre_process(source, pre)
         excluded = matching_nodes(pre, config.exclude_node_patterns)
         logger.info(
             "quantizing %s: %d calibration frames, %d nodes kept in float, %s",
