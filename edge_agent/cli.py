@@ -64,6 +64,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _worker_count(text: str) -> int:
+    from edge_agent.frame_workers import MAX_WORKERS
+
+    value = _positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORKERS}, got {text}")
+    return value
+
+
 def _config_entry(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -114,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
     run.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     run.add_argument(
-        "--workers", type=_positive_int, default=1, metavar="N",
+        "--workers", type=_worker_count, default=1, metavar="N",
         help="frames measured at once (network, NMS, quality), each on its own thread with "
         "ONNX Runtime on one intra-op thread unless --threads is given; counting and "
         "sampling stay in frame order. 2 on a 2-core box: 1.2-1.3x the frames/s of 1 with 2 "

@@ -22,6 +22,9 @@ from typing import Generic, TypeVar
 from edge_agent.sources import Frame
 
 M = TypeVar("M")
+# Each frame in flight holds its decoded image (2.7 MB at 1280x720); more workers than cores
+# only queue, so a number far past any box's core count is a mistake, not a setting.
+MAX_WORKERS = 64
 
 
 @dataclass
@@ -37,8 +40,8 @@ class FrameWorkers(Generic[M]):
     """Runs ``measure`` on up to ``workers`` frames at once; hands them back oldest first."""
 
     def __init__(self, measure: Callable[[Frame], M], workers: int) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be at least 1 and at most {MAX_WORKERS}, got {workers}")
         self.workers = workers
         self._measure = measure
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="frame-worker")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge_agent.agent import AgentConfig, AgentSummary, EdgeAgent
-from edge_agent.frame_workers import FrameWorkers
+from edge_agent.frame_workers import MAX_WORKERS, FrameWorkers
 from edge_agent.heartbeat import TelemetryWindow
 from edge_agent.inference import Detection, OnnxDetector
 from edge_agent.model_slot import LoadedModel, ModelSlot
@@ -73,9 +73,28 @@ def test_an_error_travels_with_its_frame() -> None:
     assert got[0].error is None and got[2].measurement == 2
 
 
-def test_workers_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="at least 1"):
-        FrameWorkers(lambda f: f, 0)
+@pytest.mark.parametrize("workers", [0, -3, MAX_WORKERS + 1, 10**9])
+def test_a_worker_count_out_of_range_is_refused(workers: int) -> None:
+    with pytest.raises(ValueError, match=f"at least 1 and at most {MAX_WORKERS}"):
+        FrameWorkers(lambda f: f, workers)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("0", "must be >= 1"), ("-2", "must be >= 1"), ("two", "expected an integer"),
+    ("1e3", "expected an integer"), (str(MAX_WORKERS + 1), f"at most {MAX_WORKERS}"),
+    ("99999999999999999999", f"at most {MAX_WORKERS}"),
+])
+def test_the_cli_refuses_an_absurd_worker_count(capsys: pytest.CaptureFixture[str], value: str,
+                                                message: str) -> None:
+    from edge_agent.cli import build_parser
+
+    base = ["run", "--gateway", "http://127.0.0.1:9", "--camera-id", "cam", "--source", "x.mp4"]
+    parser = build_parser()
+    assert parser.parse_args(base).workers == 1 == AgentConfig.inference_workers
+    assert parser.parse_args([*base, "--workers", str(MAX_WORKERS)]).workers == MAX_WORKERS
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--workers", value])
+    assert message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- same results as one thread
