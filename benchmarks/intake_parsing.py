@@ -11,10 +11,11 @@ levers of issue 14 pay, measured one by one.
   native ones.
 * **read_back**: the sidecar read back from disk (``FrameStore.read_record``) vs the
   in-memory check (``fleet.frame_checks.reads_back``).
-* **lookup**: ``FrameStore.find_frame`` of a new frame (the gateway's ``write_frame`` asks
-  once per upload whether the id is already stored, in any date folder) in a camera folder
-  holding 1, 7 and 30 date folders of 50 frames each (30: the default retention of raw
-  frames, so a long-running gateway's steady state).
+* **lookup**: whether a new frame's id is already stored (the gateway asks once per upload)
+  in a camera folder holding 1, 7 and 30 date folders of 50 frames each (30: the default
+  retention of raw frames, so a long-running gateway's steady state): in any date folder
+  (``FrameStore.find_frame``, the gateway's check until 2026-11-28) and in the record's own
+  folder only (``write_frame(look_in_other_days=False)``, the gateway's check since).
 * **durability**: 16 frames written with two fsyncs each + a folder fsync per frame
   (``frame_sync=per_file``) vs written without fsync + one ``FrameStore.sync()``
   (``frame_sync=group``) on the frame store's file system.
@@ -198,8 +199,10 @@ def storage_costs(jpegs: list[Any], root: Path, rounds: int) -> dict[str, Any]:
 
 
 def lookup_costs(root: Path, repeat: int, days: tuple[int, ...] = (1, 7, 30)) -> dict[str, Any]:
-    """CPU ms of ``find_frame`` for an id that is not stored, by date folders present."""
-    out = {}
+    """CPU ms of the "already stored?" check for an id that is not stored, by date folders
+    present: in every date folder (``find_frame``; the gateway's ``write_frame`` until
+    2026-11-28) and in the record's own folder only (``look_in_other_days=False``)."""
+    out, own = {}, {}
     for n in days:
         store = FrameStore(root / f"days{n}")
         cam = store.root / "cam-lookup"
@@ -213,11 +216,15 @@ def lookup_costs(root: Path, repeat: int, days: tuple[int, ...] = (1, 7, 30)) ->
         assert store.find_frame("cam-lookup", missing) is None
         out[str(n)] = _best_of(lambda s=store, m=missing: s.find_frame("cam-lookup", m),
                                repeat, 200) * 1e3
-    return {"find_frame_new_frame_ms_by_day_folders": out}
+        target = cam / f"2026-10-{n:02d}" / f"{missing}.jpg"  # today's folder: it exists
+        own[str(n)] = _best_of(lambda s=store, t=target: s.is_complete(t), repeat, 200) * 1e3
+    return {"find_frame_new_frame_ms_by_day_folders": out,
+            "own_folder_new_frame_ms_by_day_folders": own}
 
 
 def to_markdown(doc: dict[str, Any]) -> str:
     e, j, s = doc["envelope"], doc["jpeg"], doc["storage"]
+    own = doc["lookup"].get("own_folder_new_frame_ms_by_day_folders", {})
     lines = [
         "# Gateway intake: per-frame cost of each step (in-process)", "",
         (f"{doc['at']} · {doc['machine']} · {doc['jpegs']} · `python -m benchmarks.intake_parsing`."
@@ -251,9 +258,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"{s['read_back_disk_ms_per_frame']:.3f} |"),
         (f"| sidecar read-back check in memory (`reads_back`) | "
         f"{s['read_back_memory_ms_per_frame']:.3f} |"), "",
-        "## Lookup: is this frame id already stored? (`find_frame`, once per upload)", "",
-        "| date folders in the camera's folder | ms per upload |", "|---|---|",
-        *(f"| {n} | {v:.4f} |" for n, v in
+        "## Lookup: is this frame id already stored? (once per upload)", "",
+        ("| date folders in the camera's folder | in every folder (`find_frame`), ms | "
+         "in the record's own folder (the gateway's check), ms |"), "|---|---|---|",
+        *(f"| {n} | {v:.4f} | {own.get(n, float('nan')):.4f} |" for n, v in
           doc["lookup"]["find_frame_new_frame_ms_by_day_folders"].items()),
         "",
     ]

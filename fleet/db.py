@@ -46,6 +46,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    select,
     text,
 )
 from sqlalchemy.engine import Engine
@@ -500,6 +501,23 @@ def insert_new_frames(session: Session, rows: list[dict[str, Any]]) -> set[tuple
             .on_conflict_do_nothing(index_elements=["camera_id", "frame_id"])
             .returning(table.c.camera_id, table.c.frame_id))
     return {(c, f) for c, f in session.execute(stmt, rows)}
+
+
+def stored_frame_paths(session: Session,
+                       keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """``(camera_id, frame_id) -> path`` of the ``frames`` rows among ``keys`` (queried
+    per camera, 500 ids at a time)."""
+    by_camera: dict[str, list[str]] = {}
+    for camera_id, frame_id in keys:
+        by_camera.setdefault(camera_id, []).append(frame_id)
+    out: dict[tuple[str, str], str] = {}
+    for camera_id, frame_ids in by_camera.items():
+        for i in range(0, len(frame_ids), 500):
+            out.update(((camera_id, f), p) for f, p in session.execute(
+                select(FrameRow.frame_id, FrameRow.path).where(
+                    FrameRow.camera_id == camera_id,
+                    FrameRow.frame_id.in_(frame_ids[i:i + 500]))))
+    return out
 
 
 def sqlite_path(url: str) -> Path | None:

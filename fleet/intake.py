@@ -48,7 +48,7 @@ from fleet.auth_first import AuthFirstRoute
 from fleet.bodies import JsonRejected, loads, read_form
 from fleet.committer import CommitFailed
 from fleet.config import GatewaySettings
-from fleet.db import Device, insert_new_frames
+from fleet.db import Device, insert_new_frames, stored_frame_paths
 from fleet.frame_checks import CheckedFrame, check_frames, validation_message
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
@@ -177,7 +177,8 @@ def write_checked(gw: Gateway, frame: CheckedFrame) -> FrameWrite:
     try:
         with stats.span("write_frame"):
             written = gw.store.write_frame(record, frame.image, durable=per_file,
-                                           decoded_size=(frame.info.width, frame.info.height))
+                                           decoded_size=(frame.info.width, frame.info.height),
+                                           look_in_other_days=False)
         if (per_file and gw.settings.fsync_directories and gw.store.is_local
                 and not written.already_existed):
             with stats.span("fsync_dir"):
@@ -206,14 +207,15 @@ def store_frames(gw: Gateway, principal: Principal,
     # for a frame already there) and is skipped by the insert (ON CONFLICT DO NOTHING) ->
     # 409, so the common path saves a database round trip.
     with gw.frame_locks.hold([f.key for f in frames]):
-        pending: list[tuple[int, CheckedFrame, str]] = []
+        pending: list[tuple[int, CheckedFrame, FrameWrite, str]] = []
         for i, frame in enumerate(frames):
             try:
                 written = write_checked(gw, frame)
             except HTTPException as exc:
                 outcomes[i] = exc
                 continue
-            pending.append((i, frame, written.path.relative_to(gw.store.root).as_posix()))
+            pending.append((i, frame, written,
+                            written.path.relative_to(gw.store.root).as_posix()))
         if not pending:
             return outcomes
         now = gw.now()
@@ -226,11 +228,12 @@ def store_frames(gw: Gateway, principal: Principal,
             "model_version": f.record.model_version, "importance": f.record.importance,
             "reasons": f.record.reasons, "n_detections": len(f.record.detections),
             "recovered": False,
-        } for _, f, rel in pending]
+        } for _, f, _, rel in pending]
 
-        def insert_rows(session: Session) -> list[bool]:
+        def insert_rows(session: Session) -> tuple[list[bool], dict[tuple[str, str], str]]:
             """One INSERT that skips frames already stored; a frame id twice in one batch
-            counts as stored once (its second copy is a 409)."""
+            counts as stored once (its second copy is a 409). Also the stored path of each
+            refused frame whose files this request wrote (see ``_drop_unstored_copies``)."""
             new = insert_new_frames(session, rows)
             session.execute(
                 update(Device).where(Device.device_id == principal.device_id)
@@ -241,18 +244,22 @@ def store_frames(gw: Gateway, principal: Principal,
                 key = (row["camera_id"], row["frame_id"])
                 inserted.append(key in new)
                 new.discard(key)
-            return inserted
+            wrote_refused = [(f.record.camera_id, f.record.frame_id)
+                             for (_, f, w, _), ok in zip(pending, inserted, strict=True)
+                             if not ok and not w.already_existed]
+            return inserted, stored_frame_paths(session, wrote_refused)
 
         try:
             with stats.span("commit_wait"):
-                inserted = gw.committer.submit(insert_rows)
+                inserted, stored_paths = gw.committer.submit(insert_rows)
         except (CommitFailed, TimeoutError) as exc:
-            for i, frame, _ in pending:
+            for i, frame, _, _ in pending:
                 outcomes[i] = HTTPException(
                     503, f"gateway could not record frame {frame.meta.frame_id} ({exc}); "
                     "retry later — the frame is not acknowledged")
             return outcomes
-    for (i, frame, _), ok in zip(pending, inserted, strict=True):
+        _drop_unstored_copies(gw, pending, inserted, stored_paths)
+    for (i, frame, _, _), ok in zip(pending, inserted, strict=True):
         if ok:
             stats.count("frames_stored")
             gw.metrics.frame_stored(len(frame.image))
@@ -260,6 +267,36 @@ def store_frames(gw: Gateway, principal: Principal,
             stats.count("frames_duplicate")
             outcomes[i] = HTTPException(409, f"frame {frame.meta.frame_id} already stored")
     return outcomes
+
+
+def _drop_unstored_copies(gw: Gateway, pending: list[tuple[int, CheckedFrame, FrameWrite, str]],
+                          inserted: list[bool], stored_paths: dict[tuple[str, str], str]) -> None:
+    """Remove the files this request wrote for a frame whose id is stored elsewhere.
+
+    A frame id is unique per camera, and the store's existence check in ``write_frame``
+    looks where the *record* puts it (the record's own date folder: the object store's
+    only check, and the folder store's with ``look_in_other_days=False``, which spares an
+    upload one stat per date folder of its camera). So a replay of a stored frame id with another ``captured_at`` (a buggy or
+    hostile agent) writes a second, complete copy under another day before its insert is
+    refused (409); left there, every reader of the store would see the frame twice, once
+    with a record the database never accepted. Runs under the frames' key locks, after
+    the commit. A copy this fails to remove (or that a crash leaves) is removed by the
+    start-up reconcile (``fleet.reconcile``: a complete frame whose row names another path).
+    """
+    for (_, frame, written, rel), ok in zip(pending, inserted, strict=True):
+        stored = stored_paths.get((frame.record.camera_id, frame.record.frame_id))
+        if ok or stored is None or stored == rel:
+            continue
+        try:
+            gw.store.remove_frame(written.path)
+        except OSError:
+            logger.exception("could not remove %s, a copy of frame %s/%s stored at %s; the "
+                             "start-up reconcile removes it", rel, frame.record.camera_id,
+                             frame.record.frame_id, stored)
+            continue
+        gw.stats.count("frames_duplicate_copy_removed")
+        logger.warning("frame %s/%s is stored at %s: removed the copy a replay wrote at %s",
+                       frame.record.camera_id, frame.record.frame_id, stored, rel)
 
 
 def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: bytes) -> FrameStored:

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
-from fleet.db import Database, Device, FrameRow
+from fleet.db import Database, Device, FrameRow, stored_frame_paths
 from fleet.jpeg import JpegError, inspect_jpeg
 from roadloop.data.frames import ID_PATTERN, FrameRecord, FrameStore
 
@@ -41,6 +41,7 @@ class ReconcileReport(BaseModel):
     removed_orphan_images: int = 0
     unreadable_sidecars: int = 0
     removed_torn_frames: int = 0
+    removed_unstored_copies: int = 0  # copies of a frame whose row names another path
 
 
 def camera_owners(db: Database) -> dict[str, str]:
@@ -93,7 +94,7 @@ def reconcile_frame_store(
         session.commit()
     report.recovered_rows = len(new_rows)
     if (new_rows or report.removed_temp_files or report.removed_orphan_images
-            or report.removed_torn_frames):
+            or report.removed_torn_frames or report.removed_unstored_copies):
         logger.warning("reconciled frame store after an unclean stop: %s", report)
     return report
 
@@ -121,10 +122,16 @@ def _reconcile_day(
             image.unlink(missing_ok=True)
             report.removed_orphan_images += 1
     complete = sorted(s for s in sidecars if s in images)
-    known = known_frame_ids(db, camera_id, complete)
+    known = known_frame_paths(db, camera_id, complete)
     rows = []
     now = clock()
     for stem in complete:
+        if is_unstored_copy(known, stem, images[stem].relative_to(store.root).as_posix()):
+            logger.warning("reconcile: removing %s, a copy of frame %s/%s stored at %s",
+                           images[stem], camera_id, stem, known[stem])
+            store.remove_frame(images[stem])
+            report.removed_unstored_copies += 1
+            continue
         if stem in known:
             continue
         try:
@@ -150,14 +157,20 @@ def _reconcile_day(
     return rows
 
 
-def known_frame_ids(db: Database, camera_id: str, frame_ids: list[str]) -> set[str]:
-    """Which of ``frame_ids`` already have a ``frames`` row (queried 500 ids at a time)."""
-    known: set[str] = set()
+def known_frame_paths(db: Database, camera_id: str, frame_ids: list[str]) -> dict[str, str]:
+    """``frame_id -> path`` of those of ``frame_ids`` that already have a ``frames`` row."""
     with db.read() as session:
-        for i in range(0, len(frame_ids), 500):
-            known.update(session.scalars(select(FrameRow.frame_id).where(
-                FrameRow.camera_id == camera_id, FrameRow.frame_id.in_(frame_ids[i:i + 500]))))
-    return known
+        stored = stored_frame_paths(session, [(camera_id, f) for f in frame_ids])
+    return {frame_id: path for (_, frame_id), path in stored.items()}
+
+
+def is_unstored_copy(known: dict[str, str], frame_id: str, path: str) -> bool:
+    """The complete frame at ``path`` is a copy of a frame whose row names another path:
+    a replay of a stored frame id under another capture day, written before its insert was
+    refused, that a crash kept the gateway from removing (``fleet.intake``). It was never
+    acknowledged, and readers would see the frame twice."""
+    stored = known.get(frame_id)
+    return stored is not None and stored != path
 
 
 def recovered_row(rec: FrameRecord, owner_device_id: str, path: str, image: bytes,

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 
 from fleet.db import Database, FrameRow
-from fleet.reconcile import camera_owners, known_frame_ids, recovered_row
+from fleet.reconcile import camera_owners, is_unstored_copy, known_frame_paths, recovered_row
 from roadloop.data.object_frames import FolderListing, S3FrameStore
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class ObjectReconcileReport(BaseModel):
     recovered_rows: int = 0
     rows_inserted_elsewhere: int = 0  # another replica recovered them first
     removed_orphan_images: int = 0
+    removed_unstored_copies: int = 0  # copies of a frame whose row names another path
     young_objects_left: int = 0  # within the grace period: maybe an upload in flight
     unreadable_records: int = 0
     unowned_frames: int = 0  # camera never enrolled here: no device to credit a row to
@@ -90,7 +91,7 @@ def reconcile_object_store(
             session.commit()
     except IntegrityError:  # another replica created the state row at the same moment
         logger.info("reconcile cursor written by another replica; keeping theirs")
-    if report.recovered_rows or report.removed_orphan_images:
+    if report.recovered_rows or report.removed_orphan_images or report.removed_unstored_copies:
         logger.warning("reconciled object frame store after an unclean stop: %s", report)
     return report
 
@@ -115,9 +116,16 @@ def _reconcile_folder(
                 complete.append(frame_id)
     if not complete:
         return
-    known = known_frame_ids(db, folder.camera_id, complete)
+    known = known_frame_paths(db, folder.camera_id, complete)
     rows: list[dict[str, Any]] = []
     for frame_id in complete:
+        image_rel = f"{folder.stem(frame_id)}.jpg"
+        if is_unstored_copy(known, frame_id, image_rel):
+            logger.warning("reconcile: removing %s/%s, a copy of frame %s/%s stored at %s",
+                           store.url, image_rel, folder.camera_id, frame_id, known[frame_id])
+            store.remove_frame(store.root / image_rel)
+            report.removed_unstored_copies += 1
+            continue
         if frame_id in known:
             continue
         if device_id is None:

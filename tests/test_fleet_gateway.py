@@ -533,12 +533,12 @@ class DecodedSizeStore(FrameStore):
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
                     image: np.ndarray | None = None,
                     decoded_size: tuple[int, int] | None = None,
-                    durable: bool = True) -> FrameWrite:
+                    durable: bool = True, look_in_other_days: bool = True) -> FrameWrite:
         assert image is None and decoded_size is not None, \
             "the gateway hands over the size it verified, so the store does not decode again"
         self.sizes.append(decoded_size)
         return super().write_frame(record, jpeg_bytes, decoded_size=decoded_size,
-                                   durable=durable)
+                                   durable=durable, look_in_other_days=look_in_other_days)
 
 
 @pytest.mark.parametrize("sent", [False, True], ids=["gateway_quality", "agent_quality"])

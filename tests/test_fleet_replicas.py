@@ -4,6 +4,7 @@ and replays and one-device-per-camera hold across them."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,11 @@ def test_two_replicas_share_postgres_and_the_object_store(
             assert post_frame(ca, access, meta("f-1", "cam-r"), frame_jpeg).status_code == 201
             assert_clear_4xx(post_frame(cb, access, meta("f-1", "cam-r"), frame_jpeg),
                              409, "already stored")
+            # Replayed under another capture day, it is refused and B removes the copy its
+            # write made (every reader would see the frame twice: the frames below).
+            next_day = (gateway_tests.T0 + timedelta(days=1)).isoformat()
+            assert_clear_4xx(post_frame(cb, access, meta("f-1", "cam-r", captured_at=next_day),
+                                        frame_jpeg), 409, "already stored")
             # Any replica takes any agent: B stores the next frame of A's device.
             assert post_frame(cb, access, meta("f-2", "cam-r"), frame_jpeg).status_code == 201
             # A second device for the same camera is refused on B as it would be on A.

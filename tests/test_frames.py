@@ -253,6 +253,25 @@ def test_find_frame_looks_in_every_date_folder_and_only_at_complete_frames(
     assert store.find_frame("cam_a", "f1") == oldest
 
 
+def test_write_frame_can_look_in_the_records_own_date_folder_only(tmp_path: Path) -> None:
+    """``look_in_other_days=False`` (the gateway, whose database decides on frame ids): a
+    retry of the same record is a no-op, a torn frame is written again, and the same id
+    under another day is written there (the caller removes it after its 409)."""
+    store = FrameStore(tmp_path)
+    img = synthetic_image(4)
+    data = encode_jpeg(img)
+    first = store.write_frame(record("f1", image=img), data, look_in_other_days=False)
+    again = store.write_frame(record("f1", image=img), data, look_in_other_days=False)
+    assert not first.already_existed and again == (first.path, True)
+    other_day = store.write_frame(record("f1", image=img, at=T0 + timedelta(days=1)), data,
+                                  look_in_other_days=False)
+    assert not other_day.already_existed and other_day.path != first.path
+    assert other_day.path.with_suffix(".json").is_file()
+    first.path.with_suffix(".json").unlink()  # torn: the image without its sidecar
+    healed = store.write_frame(record("f1", image=img), data, look_in_other_days=False)
+    assert healed == (first.path, False) and first.path.with_suffix(".json").is_file()
+
+
 def test_corrupt_sidecar_is_skipped_and_reported(tmp_path: Path, caplog) -> None:
     store = FrameStore(tmp_path)
     img = synthetic_image(8)

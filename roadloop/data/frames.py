@@ -317,7 +317,7 @@ class FrameStorage(Protocol):
     def find_frame(self, camera_id: str, frame_id: str) -> Path | None: ...
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
                     decoded_size: tuple[int, int] | None = None,
-                    durable: bool = True) -> FrameWrite: ...
+                    durable: bool = True, look_in_other_days: bool = True) -> FrameWrite: ...
     def sync(self) -> None: ...
     def remove_frame(self, image_path: Path) -> None: ...
     def image_path(self, relative: str) -> Path: ...
@@ -402,6 +402,11 @@ class FrameStore:
             os.close(fd)
         return None
 
+    @staticmethod
+    def is_complete(image_path: Path) -> bool:
+        """A complete frame is at ``image_path``: its sidecar and its image are files."""
+        return image_path.with_suffix(".json").is_file() and image_path.is_file()
+
     # ---- writing
     def write_frame(
         self,
@@ -410,8 +415,16 @@ class FrameStore:
         *,
         decoded_size: tuple[int, int] | None = None,
         durable: bool = True,
+        look_in_other_days: bool = True,
     ) -> FrameWrite:
         """Store one frame atomically; a frame id already in the store is left untouched.
+
+        ``look_in_other_days=False`` looks for the frame id in the record's own date folder
+        only (two stats, instead of ``find_frame``'s one per date folder of the camera: 30
+        under the default retention). For a caller with its own authority on frame ids: the
+        gateway's database refuses an id stored under another day (409) and the gateway then
+        removes the copy this wrote (``fleet.intake``), as it does on the object store, whose
+        ``write_frame`` always looks in the record's own folder only.
 
         ``durable=True`` fsyncs each file before its rename (the caller fsyncs the folder);
         ``durable=False`` only renames, and the frame is durable after the next ``sync()``
@@ -424,7 +437,10 @@ class FrameStore:
         are then not decoded again.
         """
         target = self.frame_path(record)
-        existing = self.find_frame(record.camera_id, record.frame_id)
+        if look_in_other_days:
+            existing = self.find_frame(record.camera_id, record.frame_id)
+        else:
+            existing = target if self.is_complete(target) else None
         if existing is not None:
             logger.debug("frame %s/%s already stored", record.camera_id, record.frame_id)
             return FrameWrite(existing, True)

@@ -16,7 +16,8 @@ Same layout as the folder store (``roadloop.data.frames``), as object keys under
   ``(camera_id, frame_id)`` then answers 409 to one of them).
 * Unlike the folder store, ``write_frame`` looks for an existing frame in the record's own
   date folder only (one request, not one per day of the camera); the gateway's database
-  refuses a frame id reused on another day.
+  refuses a frame id reused on another day, and the gateway removes the copy that replay
+  wrote (``fleet.intake``).
 * Images are read through a local cache folder (``root``): ``iter_frames`` and
   ``find_frame`` download a frame's JPEG there once and hand out the local path, so the
   readers written for the folder store work unchanged.
@@ -188,9 +189,11 @@ class S3FrameStore:
     # ---- writing
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
                     decoded_size: tuple[int, int] | None = None,
-                    durable: bool = True) -> FrameWrite:
+                    durable: bool = True, look_in_other_days: bool = True) -> FrameWrite:
         """PUT the JPEG, then the record (create-only); returns once both succeeded (a PUT
-        is durable when answered, so ``durable`` changes nothing)."""
+        is durable when answered, so ``durable`` changes nothing). A frame id is looked for
+        in the record's own date folder only, whatever ``look_in_other_days`` says (see the
+        module docstring)."""
         rel = self._relative(record)
         target = self.root / f"{rel}.jpg"
         sidecar_key = self._key(f"{rel}.json")
