@@ -146,7 +146,8 @@ def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> No
     request wrote that does not read back as written is removed (422)."""
     if not written.already_existed and not gw.settings.frame_read_back:
         return
-    back = gw.store.read_record(record.camera_id, record.frame_id)
+    back = gw.store.read_record(record.camera_id, record.frame_id,
+                                captured_at=record.captured_at)
     if written.already_existed:
         if back is None:
             raise HTTPException(

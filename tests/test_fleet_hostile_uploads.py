@@ -491,8 +491,8 @@ def test_a_sidecar_that_does_not_read_back_is_removed_and_refused(
     env = make_env(frame_read_back=True)
     store = env.gw.store
     real = store.read_record
-    monkeypatch.setattr(store, "read_record", lambda cam, fid: None if fid == "f-skew" else
-                        real(cam, fid))
+    monkeypatch.setattr(store, "read_record", lambda cam, fid, **kw: None if fid == "f-skew"
+                        else real(cam, fid, **kw))
     r = env.post(meta("f-skew"), good)
     assert_4xx(r, 422, "does not read back", "nothing was stored")
     env.assert_nothing_stored()

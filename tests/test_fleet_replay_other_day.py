@@ -34,16 +34,23 @@ NEXT_DAY = (T0 + timedelta(days=1)).isoformat()
 
 
 @pytest.fixture(params=["folder", "s3"])
-def store_env(request: pytest.FixtureRequest, make_env: Any,
-              monkeypatch: pytest.MonkeyPatch) -> Env:
-    """A gateway on the local folder store, or on an S3 bucket of moto's server."""
-    if request.param == "folder":
-        return make_env("home")
-    s3 = request.getfixturevalue("s3_server")
-    for k, v in s3.env.items():
-        monkeypatch.setenv(k, v)
-    return make_env("home", frame_store_url=f"s3://{s3.new_bucket('replay')}/frames",
-                    s3_endpoint_url=s3.endpoint_url)
+def make_store_env(request: pytest.FixtureRequest, make_env: Any,
+                   monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Gateways on the local folder store, or on an S3 bucket of moto's server."""
+    def _make(**settings: Any) -> Env:
+        if request.param == "folder":
+            return make_env("home", **settings)
+        s3 = request.getfixturevalue("s3_server")
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        return make_env("home", frame_store_url=f"s3://{s3.new_bucket('replay')}/frames",
+                        s3_endpoint_url=s3.endpoint_url, **settings)
+    return _make
+
+
+@pytest.fixture()
+def store_env(make_store_env: Any) -> Env:
+    return make_store_env()
 
 
 def _frames(env: Env) -> list[tuple[str, str]]:
@@ -130,3 +137,27 @@ def test_a_failed_removal_still_answers_409(
                      409, "f-1 already stored")
     assert env.gw.stats.snapshot()["counters"].get("frames_duplicate_copy_removed", 0) == 0
     assert len(env.rows()) == 1
+
+
+def test_an_upload_never_walks_the_cameras_date_folders(
+    make_store_env: Any, frame_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A camera has as many date folders as capture days its agent has claimed: thousands
+    within the accepted range (2000-01-01 to tomorrow). What an upload costs must not grow
+    with them: a new frame, its replay (409), a replay under another day and the read-back
+    (``frame_read_back``) look in the record's own date folder only."""
+    env = make_store_env(frame_read_back=True)
+    tok = env.enroll()["access_token"]
+    assert post_frame(env.client, tok, meta("f-0", captured_at="2001-01-01T00:00:00+00:00"),
+                      frame_jpeg).status_code == 201
+
+    def walks(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the gateway walked the camera's date folders")
+
+    monkeypatch.setattr(env.gw.store, "find_frame", walks)
+    if not env.gw.store.is_local:
+        monkeypatch.setattr(env.gw.store, "_days", walks)
+    assert post_frame(env.client, tok, meta("f-1"), frame_jpeg).status_code == 201
+    assert_clear_4xx(post_frame(env.client, tok, meta("f-1"), frame_jpeg), 409, "already")
+    assert_clear_4xx(post_frame(env.client, tok, meta("f-0"), frame_jpeg), 409, "already")
+    assert len(env.rows()) == 2

@@ -46,6 +46,8 @@ def test_roundtrip_uses_the_folder_layout_as_keys(store: S3FrameStore) -> None:
     (back, image), = list(store.iter_frames("cam_a"))
     assert back == rec and image.read_bytes() == jpeg  # downloaded into the cache
     assert store.read_record("cam_a", "f1") == rec
+    assert store.read_record("cam_a", "f1", captured_at=rec.captured_at) == rec
+    assert store.read_record("cam_a", "f1", captured_at=T0 + timedelta(days=1)) is None
     assert store.find_frame("cam_a", "f1") == image
     assert store.write_frame(rec, jpeg).already_existed  # a replay is a no-op
     assert store.fsck().frames_ok == 1 and store.fsck().clean

@@ -267,6 +267,10 @@ def test_write_frame_can_look_in_the_records_own_date_folder_only(tmp_path: Path
                                   look_in_other_days=False)
     assert not other_day.already_existed and other_day.path != first.path
     assert other_day.path.with_suffix(".json").is_file()
+    # Read back from one date folder, as the gateway does.
+    assert store.read_record("cam_a", "f1", captured_at=T0) == record("f1", image=img)
+    assert store.read_record("cam_a", "f1", captured_at=T0 + timedelta(days=1)) is not None
+    assert store.read_record("cam_a", "f1", captured_at=T0 - timedelta(days=3)) is None
     first.path.with_suffix(".json").unlink()  # torn: the image without its sidecar
     healed = store.write_frame(record("f1", image=img), data, look_in_other_days=False)
     assert healed == (first.path, False) and first.path.with_suffix(".json").is_file()

@@ -322,7 +322,8 @@ class FrameStorage(Protocol):
     def remove_frame(self, image_path: Path) -> None: ...
     def image_path(self, relative: str) -> Path: ...
     def cameras(self) -> list[str]: ...
-    def read_record(self, camera_id: str, frame_id: str) -> FrameRecord | None: ...
+    def read_record(self, camera_id: str, frame_id: str, *,
+                    captured_at: datetime | None = None) -> FrameRecord | None: ...
     def iter_frames(self, camera_id: str, *, start: datetime | None = None,
                     end: datetime | None = None) -> Iterator[tuple[FrameRecord, Path]]: ...
     def count(self, camera_id: str) -> int: ...
@@ -370,10 +371,13 @@ class FrameStore:
 
     def frame_path(self, record: FrameRecord) -> Path:
         """Where ``record``'s image goes (its sidecar is the same path with ``.json``)."""
-        cam = self._camera_dir(record.camera_id)
-        validate_id("frame_id", record.frame_id, where=cam)
-        day = record.captured_at.astimezone(UTC).strftime("%Y-%m-%d")
-        return cam / day / f"{record.frame_id}.jpg"
+        return self._path_of(record.camera_id, record.frame_id, record.captured_at)
+
+    def _path_of(self, camera_id: str, frame_id: str, captured_at: datetime) -> Path:
+        cam = self._camera_dir(camera_id)
+        validate_id("frame_id", frame_id, where=cam)
+        day = captured_at.astimezone(UTC).strftime("%Y-%m-%d")
+        return cam / day / f"{frame_id}.jpg"
 
     def find_frame(self, camera_id: str, frame_id: str) -> Path | None:
         """Image path of a complete frame (sidecar + image present), in any date folder."""
@@ -502,10 +506,19 @@ class FrameStore:
                 if _ID_RE.fullmatch(sidecar.stem):
                     yield sidecar
 
-    def read_record(self, camera_id: str, frame_id: str) -> FrameRecord | None:
+    def read_record(self, camera_id: str, frame_id: str, *,
+                    captured_at: datetime | None = None) -> FrameRecord | None:
         """The record of one complete frame as every reader here sees it (``iter_frames``,
-        ``fsck``); ``None`` when the frame is absent or its sidecar does not read back."""
-        image = self.find_frame(camera_id, frame_id)
+        ``fsck``); ``None`` when the frame is absent or its sidecar does not read back.
+        With ``captured_at``, only that time's date folder is looked in (the gateway's
+        read-back of a frame it wrote or found there: a cost that does not grow with the
+        date folders an agent's capture times have made)."""
+        if captured_at is None:
+            image = self.find_frame(camera_id, frame_id)
+        else:
+            image = self._path_of(camera_id, frame_id, captured_at)
+            if not self.is_complete(image):
+                return None
         if image is None:
             return None
         return self._load(image.with_suffix(".json"), camera_id)

@@ -247,11 +247,17 @@ class S3FrameStore:
             return None
         return parse_sidecar(data, camera_id, frame_id, where=f"{self.url}/{rel}.json")
 
-    def read_record(self, camera_id: str, frame_id: str) -> FrameRecord | None:
+    def read_record(self, camera_id: str, frame_id: str, *,
+                    captured_at: datetime | None = None) -> FrameRecord | None:
         """The record of one complete frame (newest date folder first: a fresh upload is
-        found with one listing and one GET); ``None`` when absent or unreadable."""
+        found with one listing and one GET; with ``captured_at``, that time's date folder
+        only: no listing); ``None`` when absent or unreadable."""
         validate_id("frame_id", frame_id, where=self.url)
         with _as_os_error(f"read of {camera_id}/{frame_id}"):
+            if captured_at is not None:
+                validate_id("camera_id", camera_id, where=self.url)
+                day = captured_at.astimezone(UTC).strftime("%Y-%m-%d")
+                return self._record(camera_id, day, frame_id)
             for day in reversed(self._days(camera_id)):
                 rel = f"{camera_id}/{day}/{frame_id}"
                 data = self._get(self._key(f"{rel}.json"))  # a GET, not a HEAD then a GET
