@@ -6,6 +6,9 @@
 #   bash benchmarks/gpu_run.sh         stage, assemble + install onnxruntime-gpu unless CUDA is
 #                                      already there, then benchmark; results into
 #                                      benchmarks/results/ and $OUT (if set)
+#   bash benchmarks/gpu_run.sh split   the same set-up, then where the serving graph's time goes
+#                                      and its candidate changes (benchmarks.gpu_graph_split)
+#                                      instead of the serving benchmark
 #
 # Budget: the benchmark itself is stopped after BENCH_TIMEOUT s (default 360); the whole script
 # stays under 8 minutes. Extra arguments after "run" go to benchmarks.gpu_serving.
@@ -76,6 +79,21 @@ print("probe run:", [a.shape for a in s.run(None, {"frames": np.stack([frame] * 
 EOF
 grep -E "placed on|Node\(s\) placed|All nodes placed" "$CACHE/placement.log" | head -20
 grep -A25 "placed on \[CPUExecutionProvider\]" "$CACHE/placement.log" | head -40
+
+if [ "$mode" = split ]; then
+  # Sessions log verbosely (ROADLOOP_SPLIT_VERBOSE): which node of each row ran off the GPU.
+  ROADLOOP_SPLIT_VERBOSE=1 timeout "${BENCH_TIMEOUT:-360}" "$PY" -m benchmarks.gpu_graph_split \
+    --onnx "$STAGE/payload/detector_640.onnx" --video "$STAGE/payload/frames.mp4" \
+    --device cuda --precisions fp32,fp16 --batches 8,32 --seconds "${BENCH_SECONDS:-2}" "$@" \
+    2>"$CACHE/split.log"
+  rc=$?
+  grep -E "placed on|All nodes placed|^row " "$CACHE/split.log" >"$CACHE/split_placement.log"
+  grep -A12 "placed on \[CPUExecutionProvider\]" "$CACHE/split.log" | head -60
+  tail -5 "$CACHE/split.log"
+  [ -n "${OUT:-}" ] && cp -f benchmarks/results/gpu_graph_split.json \
+    benchmarks/results/gpu_graph_split.md "$CACHE/split_placement.log" "$OUT/" 2>/dev/null
+  exit $rc
+fi
 
 timeout "${BENCH_TIMEOUT:-360}" "$PY" -m benchmarks.gpu_serving \
   --onnx "$STAGE/payload/detector_640.onnx" --pt "$STAGE/payload/model.pt" \

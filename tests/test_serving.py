@@ -341,3 +341,27 @@ def test_gpu_serving_benchmark_runs_on_cpu_under_a_smoke_name(
     assert all(s["best_serving_over_network"] > 0 for s in report["summary"])
     assert report["complete"]
     assert "| fp32 | 2 |" in (tmp_path / "results" / "gpu_serving_smoke_cpu.md").read_text()
+
+
+@needs_shared(HIGHWAY)
+def test_graph_split_diagnostic_runs_on_cpu(overlap_detector: Path, tmp_path: Path) -> None:
+    """``benchmarks.gpu_graph_split`` (run on a GPU box by ``gpu_run.sh split``): every row
+    measured, and the candidates' checks against what ships on record."""
+    from benchmarks import gpu_graph_split
+
+    assert gpu_graph_split.main([
+        "--onnx", str(overlap_detector), "--video", str(HIGHWAY), "--device", "cpu",
+        "--precisions", "fp32", "--batches", "2", "--seconds", "0.01",
+        "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
+    doc = json.loads((tmp_path / "out" / "gpu_graph_split_cpu.json").read_text())
+    assert [r["row"] for r in doc["rows"]] == [
+        "network", "pre", "post", "serving", "pre_resize_u8", "post_cand_1024", "post_chunk_1",
+        "serving_cand_1024"]
+    assert all(r["frames_per_s"] > 0 and r["batches"] >= 5 for r in doc["rows"])
+    checks = doc["checks"]
+    assert checks["pre_resize_u8 fp32 b2"]["max_levels"] <= 1.0 + 1e-3  # rounding only
+    for name in ("post_cand_1024", "post_chunk_1"):  # this detector has 3 boxes an image
+        assert checks[f"{name} fp32 b2"] == {
+            "counts_equal": True, "detections": 6, "candidate_detections": 6,
+            "classes_equal": True, "max_box_diff_px": 0.0, "max_score_diff": 0.0}
+    assert "| fp32 | 2 | `serving` |" in (tmp_path / "out" / "gpu_graph_split_cpu.md").read_text()

@@ -1,0 +1,311 @@
+"""Where the serving graph's time goes on the GPU, and two candidate changes measured beside it.
+
+Issue 15's GPU goal is end to end ≥ 70 % of the network alone at batch 32; the serving graph
+alone (frames already on the device) reached 71–72 % there, so the graph itself must get
+cheaper (docs/gpu.md). This says which part costs what, each part a model of its own on the
+device (inputs bound on the device, outputs left there, best of the timed runs' throughput):
+
+| row | what |
+|---|---|
+| `network` | the detector alone (converted to fp16 as the serving graph does, for fp16) |
+| `pre` | the serving graph's preprocessing alone: uint8 BGR frames → letterboxed float RGB |
+| `post` | its postprocessing alone, fed the detector's real output for the same frames |
+| `serving` | the whole serving graph |
+| `pre_resize_u8` | candidate: the uint8 frames reordered and resized first, float conversion on the small image |
+| `post_cand_1024`, `serving_cand_1024` | candidate: 1024 anchors per image into NMS instead of 4096 |
+| `post_chunk_1` | candidate: one image per NMS batch row instead of 8 (32 rows at batch 32) |
+
+Each candidate is also checked against what ships: the preprocessing's largest difference
+in grey levels, and the postprocessing's detections (counts, classes, boxes, scores).
+
+    python -m benchmarks.gpu_graph_split --onnx detector_640.onnx --video frames.mp4 \\
+        --device cuda --precisions fp32,fp16 --batches 8,32 --out benchmarks/results
+
+``--device cpu`` runs the same on ONNX Runtime's CPU provider (a check of the script, not a
+figure to quote). Writes ``gpu_graph_split.{json,md}`` under ``--out`` (``_cpu`` in the
+names on CPU) after every row, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from edge_agent.inference import _letterbox_params
+from roadloop.serving import graph as serving_graph
+
+FRAME_ROWS = ("network", "pre", "post", "serving")
+
+
+def read_frames(video: Path, n: int) -> np.ndarray:
+    cap = cv2.VideoCapture(str(video))
+    frames = []
+    while len(frames) < n:
+        ok, frame = cap.read()
+        if not ok:
+            cap.release()
+            cap = cv2.VideoCapture(str(video))
+            ok, frame = cap.read()
+            if not ok:
+                raise SystemExit(f"cannot read frames from {video}")
+        frames.append(frame)
+    cap.release()
+    return np.stack(frames)
+
+
+def resize_first_preprocess(frame_hw: tuple[int, int], input_hw: tuple[int, int],
+                            like: onnx.ModelProto) -> onnx.ModelProto:
+    """The candidate preprocessing: NCHW and Resize on the uint8 frames, then RGB order,
+    Cast, Pad and ÷255 on the small image (ONNX ``Resize`` rounds a uint8 result as its
+    kernel does: the difference to what ships is reported)."""
+    (new_w, new_h), (top, bottom, left, right) = _letterbox_params(frame_hw, input_hw)
+    b = serving_graph._Builder("cand_pre/")
+    x = b.op("Transpose", [serving_graph.FRAMES_INPUT], "nchw", perm=[0, 3, 1, 2])
+    if (new_h, new_w) != tuple(frame_hw):
+        nc = b.op("Slice", [b.op("Shape", [x], "shape"), b.const("zero", np.array([0], np.int64)),
+                            b.const("two", np.array([2], np.int64))], "nc")
+        sizes = b.op("Concat", [nc, b.const("new_hw", np.array([new_h, new_w], np.int64))],
+                     "sizes", axis=0)
+        x = b.op("Resize", [x, "", "", sizes], "resized", mode="linear",
+                 coordinate_transformation_mode="half_pixel")
+    x = b.op("Gather", [x, b.const("rgb_order", np.array([2, 1, 0], np.int64))], "rgb", axis=1)
+    x = b.op("Cast", [x], "float", to=TensorProto.FLOAT)
+    if top or bottom or left or right:
+        pads = np.array([0, 0, top, left, 0, 0, bottom, right], np.int64)
+        x = b.op("Pad", [x, b.const("pads", pads),
+                         b.const("pad_value", np.array(serving_graph.PAD_VALUE, np.float32))],
+                 "padded", mode="constant")
+    b.op("Div", [x, b.const("scale", np.array(255.0, np.float32))], "pixels")
+    h, w = frame_hw
+    return serving_graph._model(
+        b, [helper.make_tensor_value_info(serving_graph.FRAMES_INPUT, TensorProto.UINT8,
+                                          ["B", h, w, 3])],
+        [helper.make_tensor_value_info("cand_pre/pixels", TensorProto.FLOAT,
+                                       ["B", 3, *input_hw])], like, "candidate_preprocess")
+
+
+def post_model(frame_hw: tuple[int, int], input_hw: tuple[int, int], nc: int, anchors: int,
+               like: onnx.ModelProto, *, max_candidates: int = serving_graph.MAX_CANDIDATES,
+               chunk: int | None = None) -> onnx.ModelProto:
+    saved = serving_graph._NMS_CHUNK
+    if chunk is not None:
+        serving_graph._NMS_CHUNK = chunk
+    try:
+        model, _ = serving_graph._postprocess_model(
+            frame_hw, input_hw, "B", nc, anchors, conf=serving_graph.DEFAULT_CONF_THRESHOLD,
+            iou=serving_graph.DEFAULT_IOU_THRESHOLD, max_det=300, max_candidates=max_candidates,
+            like=like)
+    finally:
+        serving_graph._NMS_CHUNK = saved
+    return model
+
+
+class Runner:
+    """One model in one session, inputs bound on the device, outputs left there."""
+
+    def __init__(self, name: str, model: onnx.ModelProto | Path, device: str) -> None:
+        opts = ort.SessionOptions()
+        # gpu_run.sh split: verbose session logs, so that the placement of every node is on
+        # record (which, if any, ran off the GPU), each row's lines after its name.
+        verbose = os.environ.get("ROADLOOP_SPLIT_VERBOSE") == "1"
+        opts.log_severity_level = 0 if verbose else 3
+        if verbose:
+            print(f"row {name}", file=sys.stderr, flush=True)
+        providers = (["CUDAExecutionProvider"] if device == "cuda"
+                     else ["CPUExecutionProvider"])
+        source = str(model) if isinstance(model, Path) else model.SerializeToString()
+        self.session = ort.InferenceSession(source, opts, providers=providers)
+        self.device = device
+        self.input = self.session.get_inputs()[0].name
+
+    def outputs(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input: x})
+
+    def time(self, x: np.ndarray, seconds: float) -> dict[str, float]:
+        io = self.session.io_binding()
+        io.bind_ortvalue_input(self.input, ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(x), self.device, 0))
+        for out in self.session.get_outputs():
+            io.bind_output(out.name, self.device)
+        for _ in range(5):
+            self.session.run_with_iobinding(io)
+        lat: list[float] = []
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop or len(lat) < 5:
+            t0 = time.perf_counter()
+            self.session.run_with_iobinding(io)
+            lat.append(time.perf_counter() - t0)
+        a = np.asarray(lat)
+        return {"batches": len(a), "ms_p50": float(np.median(a) * 1e3),
+                "ms_p95": float(np.percentile(a, 95) * 1e3),
+                "frames_per_s": float(len(x) * len(a) / a.sum())}
+
+
+def same_detections(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, Any]:
+    boxes_a, scores_a, classes_a, count_a = a
+    boxes_b, scores_b, classes_b, count_b = b
+    same_count = bool((count_a == count_b).all())
+    out: dict[str, Any] = {"counts_equal": same_count,
+                           "detections": int(count_a.sum()), "candidate_detections":
+                           int(count_b.sum())}
+    if same_count:
+        out.update(classes_equal=bool((classes_a == classes_b).all()),
+                   max_box_diff_px=float(np.abs(boxes_a - boxes_b).max()),
+                   max_score_diff=float(np.abs(scores_a - scores_b).max()))
+    return out
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        f"# Serving graph split ({doc['device']})", "",
+        (f"{doc['at']} · {doc['card']} · onnxruntime {doc['onnxruntime']} · frames "
+        f"{doc['frame_hw'][1]}×{doc['frame_hw'][0]} from `{doc['video']}` · model input "
+        f"{doc['input_hw'][1]}×{doc['input_hw'][0]} · {doc['seconds']} s timed per row · "
+        f"`{doc['command']}`"), "",
+        ("Each row is a model of its own, inputs bound on the device and outputs left there. "
+        "`pre + network + post` against `serving` says what composing them costs or saves."),
+        "",
+        "| precision | batch | row | frames/s | ms per batch (P50) | P95 | share of `serving` |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        whole = next((x["ms_p50"] for x in doc["rows"] if x["precision"] == r["precision"]
+                      and x["batch"] == r["batch"] and x["row"] == "serving"), None)
+        share = f"{100 * r['ms_p50'] / whole:.0f} %" if whole else ""
+        lines.append(f"| {r['precision']} | {r['batch']} | `{r['row']}` | "
+                     f"{r['frames_per_s']:,.0f} | {r['ms_p50']:.2f} | {r['ms_p95']:.2f} | "
+                     f"{share} |")
+    lines += ["", "## Candidates against what ships", ""]
+    for key, value in doc["checks"].items():
+        lines.append(f"- `{key}`: {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    detector = onnx.load(str(args.onnx))
+    in_dims = [d.dim_value or d.dim_param for d in detector.graph.input[0].type.tensor_type
+               .shape.dim]
+    out_dims = [d.dim_value or d.dim_param for d in detector.graph.output[0].type.tensor_type
+                .shape.dim]
+    input_hw, nc, anchors = (int(in_dims[2]), int(in_dims[3])), int(out_dims[1]) - 4, \
+        int(out_dims[2])
+    frames = read_frames(args.video, max(args.batches))
+    frame_hw = (int(frames.shape[1]), int(frames.shape[2]))
+    suffix = "" if args.device == "cuda" else "_cpu"
+    card = "CPU"
+    if args.device == "cuda":
+        try:
+            import subprocess
+
+            card = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                  capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            card = "GPU (nvidia-smi not found)"
+    doc: dict[str, Any] = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"), "device": args.device,
+        "card": card or "unknown", "onnxruntime": ort.__version__,
+        "python": platform.python_version(), "video": args.video.name,
+        "frame_hw": list(frame_hw), "input_hw": list(input_hw), "seconds": args.seconds,
+        "command": args.command, "rows": [], "checks": {},
+    }
+    out_json = args.out / f"gpu_graph_split{suffix}.json"
+    out_md = args.out / f"gpu_graph_split{suffix}.md"
+
+    def save() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(doc, indent=1))
+        out_md.write_text(markdown(doc))
+
+    pre = serving_graph._preprocess_model(frame_hw, input_hw, "B", detector)
+    candidates_pre = resize_first_preprocess(frame_hw, input_hw, detector)
+    for precision in args.precisions:
+        net_model = serving_graph.to_fp16(detector) if precision == "fp16" else detector
+        serving_path = args.work / f"serving_{precision}.onnx"
+        serving_graph.build_serving_graph(args.onnx, serving_path, frame_hw=frame_hw,
+                                          precision=precision)
+        cand_path = args.work / f"serving_{precision}_cand1024.onnx"
+        serving_graph.build_serving_graph(args.onnx, cand_path, frame_hw=frame_hw,
+                                          precision=precision, max_candidates=1024)
+        runners: dict[str, Runner] = {
+            "network": Runner("network", net_model, args.device),
+            "pre": Runner("pre", pre, args.device),
+            "post": Runner("post", post_model(frame_hw, input_hw, nc, anchors, detector),
+                           args.device),
+            "serving": Runner("serving", serving_path, args.device),
+            "pre_resize_u8": Runner("pre_resize_u8", candidates_pre, args.device),
+            "post_cand_1024": Runner("post_cand_1024", post_model(
+                frame_hw, input_hw, nc, anchors, detector, max_candidates=1024), args.device),
+            "post_chunk_1": Runner("post_chunk_1", post_model(
+                frame_hw, input_hw, nc, anchors, detector, chunk=1), args.device),
+            "serving_cand_1024": Runner("serving_cand_1024", cand_path, args.device),
+        }
+        for batch in args.batches:
+            x = np.ascontiguousarray(frames[:batch])
+            pixels = runners["pre"].outputs(x)[0]
+            raw = runners["network"].outputs(pixels)[0].astype(np.float32)
+            inputs: dict[str, Callable[[], np.ndarray]] = {
+                "network": lambda p=pixels: p, "pre": lambda x=x: x, "post": lambda r=raw: r,
+                "serving": lambda x=x: x, "pre_resize_u8": lambda x=x: x,
+                "post_cand_1024": lambda r=raw: r, "post_chunk_1": lambda r=raw: r,
+                "serving_cand_1024": lambda x=x: x,
+            }
+            if batch == max(args.batches):
+                shipped = runners["post"].outputs(raw)
+                cand_pixels = runners["pre_resize_u8"].outputs(x)[0]
+                levels = np.abs(cand_pixels - pixels) * 255.0
+                doc["checks"][f"pre_resize_u8 {precision} b{batch}"] = {
+                    "max_levels": float(levels.max()), "mean_levels": float(levels.mean()),
+                    "mean_signed_levels": float(((cand_pixels - pixels) * 255.0).mean())}
+                for name in ("post_cand_1024", "post_chunk_1"):
+                    doc["checks"][f"{name} {precision} b{batch}"] = same_detections(
+                        shipped, runners[name].outputs(raw))
+                save()
+            for name, runner in runners.items():
+                row = {"precision": precision, "batch": batch, "row": name,
+                       **runner.time(inputs[name](), args.seconds)}
+                doc["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                save()
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--onnx", type=Path, required=True, help="dynamic-batch detector export")
+    ap.add_argument("--video", type=Path, required=True)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--precisions", default="fp32,fp16")
+    ap.add_argument("--batches", default="8,32")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/roadloop_graph_split"))
+    args = ap.parse_args(argv)
+    args.precisions = [p for p in args.precisions.split(",") if p]
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    if args.device == "cpu" and "fp16" in args.precisions:
+        ap.error("fp16 runs on cuda only (ONNX Runtime's CPU has few fp16 kernels)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.command = "python -m benchmarks.gpu_graph_split " + " ".join(argv)
+    if hasattr(ort, "preload_dlls") and args.device == "cuda":
+        ort.preload_dlls()
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
