@@ -11,7 +11,7 @@ device (inputs bound on the device, outputs left there, best of the timed runs' 
 | `pre` | the serving graph's preprocessing alone: uint8 BGR frames → letterboxed float RGB |
 | `post` | its postprocessing alone, fed the detector's real output for the same frames |
 | `serving` | the whole serving graph |
-| `pre_resize_u8` | candidate: the uint8 frames reordered and resized first, float conversion on the small image |
+| `pre_resize_u8` | candidate: the uint8 frames reordered and resized first, float conversion on the small image (``build_serving_graph(resize_first=True)``) |
 | `post_cand_1024`, `serving_cand_1024` | candidate: 1024 anchors per image into NMS instead of 4096 |
 | `post_chunk_1` | candidate: one image per NMS batch row instead of 8 (32 rows at batch 32) |
 
@@ -43,12 +43,8 @@ import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
 
-from edge_agent.inference import _letterbox_params
 from roadloop.serving import graph as serving_graph
-
-FRAME_ROWS = ("network", "pre", "post", "serving")
 
 
 def read_frames(video: Path, n: int) -> np.ndarray:
@@ -65,37 +61,6 @@ def read_frames(video: Path, n: int) -> np.ndarray:
         frames.append(frame)
     cap.release()
     return np.stack(frames)
-
-
-def resize_first_preprocess(frame_hw: tuple[int, int], input_hw: tuple[int, int],
-                            like: onnx.ModelProto) -> onnx.ModelProto:
-    """The candidate preprocessing: NCHW and Resize on the uint8 frames, then RGB order,
-    Cast, Pad and ÷255 on the small image (ONNX ``Resize`` rounds a uint8 result as its
-    kernel does: the difference to what ships is reported)."""
-    (new_w, new_h), (top, bottom, left, right) = _letterbox_params(frame_hw, input_hw)
-    b = serving_graph._Builder("cand_pre/")
-    x = b.op("Transpose", [serving_graph.FRAMES_INPUT], "nchw", perm=[0, 3, 1, 2])
-    if (new_h, new_w) != tuple(frame_hw):
-        nc = b.op("Slice", [b.op("Shape", [x], "shape"), b.const("zero", np.array([0], np.int64)),
-                            b.const("two", np.array([2], np.int64))], "nc")
-        sizes = b.op("Concat", [nc, b.const("new_hw", np.array([new_h, new_w], np.int64))],
-                     "sizes", axis=0)
-        x = b.op("Resize", [x, "", "", sizes], "resized", mode="linear",
-                 coordinate_transformation_mode="half_pixel")
-    x = b.op("Gather", [x, b.const("rgb_order", np.array([2, 1, 0], np.int64))], "rgb", axis=1)
-    x = b.op("Cast", [x], "float", to=TensorProto.FLOAT)
-    if top or bottom or left or right:
-        pads = np.array([0, 0, top, left, 0, 0, bottom, right], np.int64)
-        x = b.op("Pad", [x, b.const("pads", pads),
-                         b.const("pad_value", np.array(serving_graph.PAD_VALUE, np.float32))],
-                 "padded", mode="constant")
-    b.op("Div", [x, b.const("scale", np.array(255.0, np.float32))], "pixels")
-    h, w = frame_hw
-    return serving_graph._model(
-        b, [helper.make_tensor_value_info(serving_graph.FRAMES_INPUT, TensorProto.UINT8,
-                                          ["B", h, w, 3])],
-        [helper.make_tensor_value_info("cand_pre/pixels", TensorProto.FLOAT,
-                                       ["B", 3, *input_hw])], like, "candidate_preprocess")
 
 
 def post_model(frame_hw: tuple[int, int], input_hw: tuple[int, int], nc: int, anchors: int,
@@ -231,7 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out_md.write_text(markdown(doc))
 
     pre = serving_graph._preprocess_model(frame_hw, input_hw, "B", detector)
-    candidates_pre = resize_first_preprocess(frame_hw, input_hw, detector)
+    candidates_pre = serving_graph._preprocess_model(frame_hw, input_hw, "B", detector,
+                                                     resize_first=True)
     for precision in args.precisions:
         net_model = serving_graph.to_fp16(detector) if precision == "fp16" else detector
         serving_path = args.work / f"serving_{precision}.onnx"

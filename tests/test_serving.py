@@ -279,9 +279,11 @@ def test_partial_batches_run_padded_to_warmed_up_sizes(
 
 # ---------------------------------------------------------------- real model, real frames
 @needs_shared(ONNX_GPU_320, HIGHWAY)
-def test_serving_graph_matches_edge_pipeline_batch1(tmp_path: Path) -> None:
+@pytest.mark.parametrize("resize_first", [False, True], ids=["float_resize", "uint8_resize"])
+def test_serving_graph_matches_edge_pipeline_batch1(tmp_path: Path, resize_first: bool) -> None:
     frames = _video_frames(3)
-    info = build_serving_graph(ONNX_GPU_320, tmp_path / "serve.onnx", frame_hw=(720, 1280))
+    info = build_serving_graph(ONNX_GPU_320, tmp_path / "serve.onnx", frame_hw=(720, 1280),
+                               resize_first=resize_first)
     assert info.batch == 1
     session = ServingSession(info.path, device="cpu", intra_op_threads=1)
     edge = OnnxDetector(ONNX_GPU_320, intra_op_threads=1)
@@ -301,6 +303,13 @@ def test_serving_graph_matches_edge_pipeline_batches_8_and_4(tmp_path: Path) -> 
     frames = _video_frames(4) * 2  # 8: one folded NMS chunk, then 4: one NMS row per image
     info = build_serving_graph(detector, tmp_path / "serve.onnx", frame_hw=(720, 1280))
     assert info.batch is None
+    # Resized as uint8 first, the same detections on the same batch.
+    first = build_serving_graph(detector, tmp_path / "serve_u8.onnx", frame_hw=(720, 1280),
+                                resize_first=True)
+    u8 = ServingSession(first.path, device="cpu", intra_op_threads=1).detect(np.stack(frames))
+    for mine, theirs in zip(u8, OnnxDetector(detector, intra_op_threads=1).detect_batch(frames),
+                            strict=True):
+        _assert_match(mine, theirs, first.conf_threshold, px=1280 / 160)
     session = ServingSession(info.path, device="cpu", intra_op_threads=1)
     edge = OnnxDetector(detector, intra_op_threads=1)
     got, ref = session.detect(np.stack(frames)), edge.detect_batch(frames)

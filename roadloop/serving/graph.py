@@ -111,14 +111,27 @@ def _preprocess_model(
     input_hw: tuple[int, int],
     batch: int | str,
     like: onnx.ModelProto,
+    *,
+    resize_first: bool = False,
 ) -> onnx.ModelProto:
-    """uint8 BGR NHWC frames → the detector's float NCHW RGB input, letterboxed."""
+    """uint8 BGR NHWC frames → the detector's float NCHW RGB input, letterboxed.
+
+    ``resize_first=False``: Cast to float → NCHW → RGB → Resize → Round, so the resize works
+    on float pixels as ``cv2.resize`` rounds its uint8 result. ``True``: NCHW and Resize on
+    the uint8 frames (ONNX Runtime has uint8 ``Resize`` kernels on CPU and CUDA), then RGB and
+    Cast on the resized image only: a quarter or less of the pixels go through the float
+    steps, and pixels may differ from ``cv2.resize``'s by one grey level (its own rounding).
+    """
     h, w = frame_hw
     (new_w, new_h), (top, bottom, left, right) = _letterbox_params(frame_hw, input_hw)
     b = _Builder(_PRE)
-    x = b.op("Cast", [FRAMES_INPUT], "float", to=TensorProto.FLOAT)
-    x = b.op("Transpose", [x], "nchw", perm=[0, 3, 1, 2])
-    x = b.op("Gather", [x, b.const("rgb_order", np.array([2, 1, 0], np.int64))], "rgb", axis=1)
+    rgb_order = b.const("rgb_order", np.array([2, 1, 0], np.int64))
+    if resize_first:
+        x = b.op("Transpose", [FRAMES_INPUT], "nchw", perm=[0, 3, 1, 2])
+    else:
+        x = b.op("Cast", [FRAMES_INPUT], "float", to=TensorProto.FLOAT)
+        x = b.op("Transpose", [x], "nchw", perm=[0, 3, 1, 2])
+        x = b.op("Gather", [x, rgb_order], "rgb", axis=1)
     if (new_h, new_w) != (h, w):
         shape = b.op("Shape", [x], "shape")
         nc = b.op(
@@ -140,7 +153,11 @@ def _preprocess_model(
             mode="linear",
             coordinate_transformation_mode="half_pixel",
         )
-        x = b.op("Round", [x], "rounded")  # cv2.resize on uint8 rounds to whole levels
+        if not resize_first:
+            x = b.op("Round", [x], "rounded")  # cv2.resize on uint8 rounds to whole levels
+    if resize_first:
+        x = b.op("Gather", [x, rgb_order], "rgb", axis=1)
+        x = b.op("Cast", [x], "float", to=TensorProto.FLOAT)
     if top or bottom or left or right:
         pads = np.array([0, 0, top, left, 0, 0, bottom, right], np.int64)
         x = b.op(
@@ -449,12 +466,14 @@ def build_serving_graph(
     max_detections: int = 300,
     precision: Precision = "fp32",
     max_candidates: int = MAX_CANDIDATES,
+    resize_first: bool = False,
 ) -> ServingGraphInfo:
     """Compose preprocess → ``detector_path`` → NMS into ``out_path`` for ``frame_hw`` frames.
 
     The detector is an Ultralytics ONNX export without NMS (``roadloop.models.export``): static
     height/width, static or dynamic batch; the serving graph takes the same batch. One graph
     serves one camera resolution: cameras of another size need a graph of their own.
+    ``resize_first`` resizes the uint8 frames before any float step (``_preprocess_model``).
     """
     detector_path, out_path = Path(detector_path), Path(out_path)
     fh, fw = (int(v) for v in frame_hw)
@@ -494,7 +513,7 @@ def build_serving_graph(
     if precision == "fp16":
         detector = to_fp16(detector)
 
-    pre = _preprocess_model((fh, fw), input_hw, batch_dim, detector)
+    pre = _preprocess_model((fh, fw), input_hw, batch_dim, detector, resize_first=resize_first)
     post, k = _postprocess_model(
         (fh, fw),
         input_hw,
@@ -526,6 +545,7 @@ def build_serving_graph(
             "serving_iou": repr(float(iou_threshold)),
             "serving_max_det": str(k),
             "serving_max_candidates": str(min(int(max_candidates), anchors)),
+            "serving_resize": "uint8_first" if resize_first else "float",
             "serving_source_sha256": source_sha256,
         }
     )
