@@ -32,6 +32,16 @@ def p99_by_slice(results: list[AgentResult], window: float, slice_s: float
     return [None if (p := weighted_percentile(s, 99)) is None else round(p, 1) for s in slices]
 
 
+def slowest_requests(results: list[AgentResult], n: int = 10) -> list[dict[str, float]]:
+    """The ``n`` slowest requests: when in the window each was due (s), its latency and
+    frames — whether a tail is a few requests at the start or spread over the window."""
+    rows = [(ms, at, frames) for r in results
+            for (ms, frames), at in zip(r.latencies, r.latency_at, strict=True)]
+    rows.sort(reverse=True)
+    return [{"at_s": round(at, 2), "ms": round(ms, 1), "frames": frames}
+            for ms, at, frames in rows[:n]]
+
+
 def summarize(v: Variant, agents: int, window: float, wall: float, results: list[AgentResult],
               check: dict[str, Any], cpu_server: float, cpu_loadgen: float,
               load_before: list[float], load_after: list[float], stats: dict[str, Any],
@@ -64,6 +74,7 @@ def summarize(v: Variant, agents: int, window: float, wall: float, results: list
                        "max": ms(max((x for x, _ in lat), default=None)),
                        "mean": ms(sum(x * n for x, n in lat) / max(1, sum(n for _, n in lat)))},
         "p99_ms_by_5s": p99_by_slice(results, window, 5.0),
+        "slowest_requests": slowest_requests(results),
         "request_latency_ms": {"p50": ms(weighted_percentile(req_lat, 50)),
                                "p99": ms(weighted_percentile(req_lat, 99))},
         "frame_status_codes": codes, "request_status_codes": req_codes,
@@ -237,6 +248,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
         if by_slice:
             notes.append("P99 ms of the requests sent in each 5 s of the window: "
                          + ", ".join("–" if p is None else f"{p:.0f}" for p in by_slice))
+        slowest = r.get("slowest_requests")
+        if slowest:
+            notes.append("the slowest requests, due at s into the window: ms, "
+                         + ", ".join(f"{x['at_s']:.1f}: {x['ms']:.0f}" for x in slowest))
         node = r.get("node_by_5s")
         if node:
             def cell(x: dict[str, Any]) -> str:

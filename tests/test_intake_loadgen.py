@@ -165,3 +165,15 @@ def test_levers_table_gives_each_rung_its_gain_over_the_previous_one() -> None:
     assert "| base: base | 100 | – |" in lines[2]
     assert "skipped: absent" in lines[3]
     assert "| more: more | 250 | 2.50x |" in lines[4]
+
+
+def test_the_report_names_the_slowest_requests_and_when_they_were_due() -> None:
+    from benchmarks.intake_report import p99_by_slice, slowest_requests
+
+    a, b = lg.AgentResult("cam-1"), lg.AgentResult("cam-2")
+    a.latencies, a.latency_at = [(20.0, 16), (250.0, 16), (30.0, 8)], [0.5, 7.6, 12.0]
+    b.latencies, b.latency_at = [(180.0, 16), (25.0, 16)], [7.65, 19.0]
+    assert slowest_requests([a, b], n=3) == [
+        {"at_s": 7.6, "ms": 250.0, "frames": 16}, {"at_s": 7.65, "ms": 180.0, "frames": 16},
+        {"at_s": 12.0, "ms": 30.0, "frames": 8}]
+    assert p99_by_slice([a, b], 20.0, 5.0)[1] >= 180.0  # both in the 5-10 s slice
