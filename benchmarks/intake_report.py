@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("benchmarks.gateway_intake")
 
 STAGES = ["read_form", "read_batch", "parse_batch", "parse_metadata", "precheck", "jpeg_check",
-          "decode", "quality", "write_frame", "fsync_dir", "frame_sync", "commit_wait"]
+          "decode", "quality", "write_frame", "fsync_dir", "frame_sync", "commit_wait",
+          "gc_gen0", "gc_gen1", "gc_gen2"]
 
 
 def p99_by_slice(results: list[AgentResult], window: float, slice_s: float

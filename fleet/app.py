@@ -42,7 +42,7 @@ from fleet import (
 from fleet.config import GatewaySettings
 from fleet.metrics import MetricsMiddleware, RouteTemplates, metrics_response
 from fleet.ratelimit import BodyReadDeadline, BodySizeLimit, UnattributedLimit
-from fleet.runtime import Clock, Gateway, GatewayDep
+from fleet.runtime import Clock, Gateway, GatewayDep, freeze_startup_objects
 from fleet.schemas import ErrorOut, Health
 
 logger = logging.getLogger(__name__)
@@ -81,8 +81,11 @@ def _format_validation(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None = None) -> FastAPI:
-    """Build the gateway. ``clock`` (aware UTC ``datetime`` factory) lets tests move time."""
+def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None = None,
+               freeze_gc: bool = False) -> FastAPI:
+    """Build the gateway. ``clock`` (aware UTC ``datetime`` factory) lets tests move time.
+    ``freeze_gc``: freeze the start-up objects once started (``freeze_startup_objects``); for
+    a process that serves this one app (``fleet serve``), not for one that builds many."""
     settings = settings or GatewaySettings()
     gw = Gateway(settings, clock)
 
@@ -91,6 +94,11 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = max(limiter.total_tokens, settings.worker_threads)
         await anyio.to_thread.run_sync(gw.start)
+        if freeze_gc:
+            gw.stats.gc.stop()  # this one collection is start-up, not a stall of any upload
+            frozen = freeze_startup_objects()
+            gw.stats.gc.start()
+            logger.info("%d start-up objects frozen out of the garbage collector", frozen)
         try:
             yield
         finally:
@@ -192,3 +200,9 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.include_router(privacy.router)
     return app
 
+
+def create_served_app() -> FastAPI:
+    """``fleet serve``'s worker factory: the settings from the environment, and the start-up
+    objects frozen when ``gc_freeze_on_start`` says so."""
+    settings = GatewaySettings()
+    return create_app(settings, freeze_gc=settings.gc_freeze_on_start)

@@ -107,7 +107,8 @@ def serve(
                f"{settings.workers} worker{'s' if settings.workers > 1 else ''})")
     raise_open_files_limit(settings.limit_concurrency + 256)
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+        uvicorn.run(create_app(settings, freeze_gc=settings.gc_freeze_on_start),
+                    host=settings.host, port=settings.port,
                     log_level=log_level, access_log=access_log, workers=1,
                     **uvicorn_options(settings))
         return
@@ -133,7 +134,7 @@ def serve(
     # Each worker imports the bounded protocol and reads its bounds from this environment.
     from fleet.workers import run_workers
 
-    run_workers(uvicorn.Config("fleet.app:create_app", factory=True, host=settings.host,
+    run_workers(uvicorn.Config("fleet.app:create_served_app", factory=True, host=settings.host,
                                port=settings.port, log_level=log_level, access_log=access_log,
                                workers=settings.workers,
                                **uvicorn_options(settings, importable=True)),

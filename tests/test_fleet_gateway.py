@@ -709,6 +709,56 @@ def test_health_openapi_and_docs(env: Env) -> None:
     assert "counters" in stats and "group_commit" in stats
 
 
+def test_stats_time_the_garbage_collectors_pauses_while_the_gateway_runs(
+    make_env: Any
+) -> None:
+    import gc
+
+    env = make_env()
+    watcher = env.gw.stats.gc._on_gc
+    assert watcher in gc.callbacks
+    gc.collect()  # a full collection, as the collector's own thresholds would start one
+    spans = env.client.get("/v1/stats", headers=bearer(env.admin)).json()["spans_ms"]
+    assert spans["gc_gen2"]["count"] >= 1 and spans["gc_gen2"]["max_ms"] >= 0.0
+    env.client.__exit__(None, None, None)  # the gateway stops: the callback goes
+    assert watcher not in gc.callbacks
+
+
+def test_a_served_gateway_freezes_its_start_up_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fleet serve`` (one process or its workers' factory) freezes what start-up made, so
+    full collections no longer walk it; ``gc_freeze_on_start=false`` keeps the collector as
+    it was; a test process, which builds many apps, does not freeze by default."""
+    import gc
+
+    import fleet.app as fleet_app
+
+    asked: list[bool] = []
+    real = fleet_app.create_app
+
+    def spy(settings: Any = None, **kw: Any) -> Any:
+        asked.append(kw.get("freeze_gc", False))
+        return real(settings, **kw)
+
+    monkeypatch.setattr(fleet_app, "create_app", spy)
+    monkeypatch.setenv("ROADLOOP_GATEWAY_HOME", str(tmp_path / "served"))
+    fleet_app.create_served_app()
+    monkeypatch.setenv("ROADLOOP_GATEWAY_GC_FREEZE_ON_START", "false")
+    fleet_app.create_served_app()
+    assert asked == [True, False]
+
+    before = gc.get_freeze_count()
+    try:
+        app = real(GatewaySettings(home=tmp_path / "frozen"), freeze_gc=True)
+        with TestClient(app) as client:
+            # modules, routes, ORM and schema machinery: all of this process, here
+            assert gc.get_freeze_count() > before + 10_000
+            assert client.get("/healthz").status_code == 200
+    finally:
+        gc.unfreeze()  # this test process goes on building apps
+
+
 def test_jpeg_header_parsing(frame_jpeg: bytes) -> None:
     assert jpeg_dimensions(frame_jpeg) == (W, H)
     check_jpeg(frame_jpeg, W, H, 4096)
