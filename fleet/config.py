@@ -241,7 +241,7 @@ class GatewaySettings(BaseSettings):
         default=True,
         description="fleet serve: after start-up, move every object then alive out of the "
         "cyclic garbage collector's reach (gc.freeze): a full collection of a worker's "
-        "~140,000 start-up objects held the GIL for 40-65 ms, stalling every upload in "
+        "~140,000 start-up objects held the GIL for 40-79 ms, stalling every upload in "
         "flight on it.",
     )
     reconcile_on_start: bool = True

@@ -277,12 +277,13 @@ def _drop_unstored_copies(gw: Gateway, pending: list[tuple[int, CheckedFrame, Fr
     A frame id is unique per camera, and the store's existence check in ``write_frame``
     looks where the *record* puts it (the record's own date folder: the object store's
     only check, and the folder store's with ``look_in_other_days=False``, which spares an
-    upload one stat per date folder of its camera). So a replay of a stored frame id with another ``captured_at`` (a buggy or
-    hostile agent) writes a second, complete copy under another day before its insert is
-    refused (409); left there, every reader of the store would see the frame twice, once
-    with a record the database never accepted. Runs under the frames' key locks, after
-    the commit. A copy this fails to remove (or that a crash leaves) is removed by the
-    start-up reconcile (``fleet.reconcile``: a complete frame whose row names another path).
+    upload one stat per date folder of its camera). So a replay of a stored frame id with
+    another ``captured_at`` (a buggy or hostile agent) writes a second, complete copy under
+    another day before its insert is refused (409); left there, every reader of the store
+    would see the frame twice, once with a record the database never accepted. Runs under
+    the frames' key locks, after the commit. A copy this fails to remove (or that a crash
+    leaves) is removed by the start-up reconcile (``fleet.reconcile``: a complete frame
+    whose row names another path).
     """
     for (_, frame, written, rel), ok in zip(pending, inserted, strict=True):
         stored = stored_paths.get((frame.record.camera_id, frame.record.frame_id))

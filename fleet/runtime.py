@@ -80,8 +80,9 @@ def freeze_startup_objects() -> int:
     """Collect once, then move every object still alive into the collector's permanent
     generation (``gc.freeze``); returns how many. A served worker holds ~140,000 tracked
     objects after start-up (modules, FastAPI routes, SQLAlchemy and pydantic machinery) that
-    live as long as it does, and each full collection walked them all: 40-65 ms with the GIL
-    held (``gc_gen2`` in ``GET /v1/stats``), a stall of every upload in flight on the worker.
+    live as long as it does, and each full collection walked them all with the GIL held:
+    40-45 ms alone, 67-79 ms under load (``gc_gen2`` in ``GET /v1/stats``;
+    benchmarks/results/gc-freeze-kept/), a stall of every upload in flight on the worker.
     Objects made later are collected as before."""
     gc.collect()
     gc.freeze()
