@@ -31,36 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from benchmarks.gpu_serving import _machine, _row, load_frames, timed
 from roadloop.serving import graph as serving_graph
-
-
-def read_frames(video: Path, n: int) -> np.ndarray:
-    cap = cv2.VideoCapture(str(video))
-    frames = []
-    while len(frames) < n:
-        ok, frame = cap.read()
-        if not ok:
-            cap.release()
-            cap = cv2.VideoCapture(str(video))
-            ok, frame = cap.read()
-            if not ok:
-                raise SystemExit(f"cannot read frames from {video}")
-        frames.append(frame)
-    cap.release()
-    return np.stack(frames)
 
 
 def post_model(frame_hw: tuple[int, int], input_hw: tuple[int, int], nc: int, anchors: int,
@@ -100,7 +82,8 @@ class Runner:
     def outputs(self, x: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {self.input: x})
 
-    def time(self, x: np.ndarray, seconds: float) -> dict[str, float]:
+    def time(self, x: np.ndarray, seconds: float) -> list[float]:
+        """Durations of runs on ``x`` bound on the device (five untimed runs first)."""
         io = self.session.io_binding()
         io.bind_ortvalue_input(self.input, ort.OrtValue.ortvalue_from_numpy(
             np.ascontiguousarray(x), self.device, 0))
@@ -108,16 +91,8 @@ class Runner:
             io.bind_output(out.name, self.device)
         for _ in range(5):
             self.session.run_with_iobinding(io)
-        lat: list[float] = []
-        stop = time.perf_counter() + seconds
-        while time.perf_counter() < stop or len(lat) < 5:
-            t0 = time.perf_counter()
-            self.session.run_with_iobinding(io)
-            lat.append(time.perf_counter() - t0)
-        a = np.asarray(lat)
-        return {"batches": len(a), "ms_p50": float(np.median(a) * 1e3),
-                "ms_p95": float(np.percentile(a, 95) * 1e3),
-                "frames_per_s": float(len(x) * len(a) / a.sum())}
+        return timed(lambda: self.session.run_with_iobinding(io), seconds=seconds,
+                     warmup_s=0.0, min_iters=5)
 
 
 def same_detections(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, Any]:
@@ -137,7 +112,8 @@ def same_detections(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, Any]:
 def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"# Serving graph split ({doc['device']})", "",
-        (f"{doc['at']} · {doc['card']} · onnxruntime {doc['onnxruntime']} · frames "
+        (f"{doc['at']} · {doc['machine'].get('gpu', 'CPU')} · onnxruntime "
+        f"{doc['machine']['onnxruntime']} · frames "
         f"{doc['frame_hw'][1]}×{doc['frame_hw'][0]} from `{doc['video']}` · model input "
         f"{doc['input_hw'][1]}×{doc['input_hw'][0]} · {doc['seconds']} s timed per row · "
         f"`{doc['command']}`"), "",
@@ -148,11 +124,11 @@ def markdown(doc: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
-        whole = next((x["ms_p50"] for x in doc["rows"] if x["precision"] == r["precision"]
-                      and x["batch"] == r["batch"] and x["row"] == "serving"), None)
-        share = f"{100 * r['ms_p50'] / whole:.0f} %" if whole else ""
-        lines.append(f"| {r['precision']} | {r['batch']} | `{r['row']}` | "
-                     f"{r['frames_per_s']:,.0f} | {r['ms_p50']:.2f} | {r['ms_p95']:.2f} | "
+        whole = next((x["p50_ms"] for x in doc["rows"] if x["precision"] == r["precision"]
+                      and x["batch"] == r["batch"] and x["engine"] == "serving"), None)
+        share = f"{100 * r['p50_ms'] / whole:.0f} %" if whole else ""
+        lines.append(f"| {r['precision']} | {r['batch']} | `{r['engine']}` | "
+                     f"{r['frames_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
                      f"{share} |")
     lines += ["", "## Candidates against what ships", ""]
     for key, value in doc["checks"].items():
@@ -162,28 +138,16 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     detector = onnx.load(str(args.onnx))
-    in_dims = [d.dim_value or d.dim_param for d in detector.graph.input[0].type.tensor_type
-               .shape.dim]
-    out_dims = [d.dim_value or d.dim_param for d in detector.graph.output[0].type.tensor_type
-                .shape.dim]
+    in_dims = serving_graph._dims(detector.graph.input[0])
+    out_dims = serving_graph._dims(detector.graph.output[0])
     input_hw, nc, anchors = (int(in_dims[2]), int(in_dims[3])), int(out_dims[1]) - 4, \
         int(out_dims[2])
-    frames = read_frames(args.video, max(args.batches))
+    frames = np.stack(load_frames(args.video, max(args.batches)))
     frame_hw = (int(frames.shape[1]), int(frames.shape[2]))
     suffix = "" if args.device == "cuda" else "_cpu"
-    card = "CPU"
-    if args.device == "cuda":
-        try:
-            import subprocess
-
-            card = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                  capture_output=True, text=True, check=False).stdout.strip()
-        except OSError:
-            card = "GPU (nvidia-smi not found)"
     doc: dict[str, Any] = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"), "device": args.device,
-        "card": card or "unknown", "onnxruntime": ort.__version__,
-        "python": platform.python_version(), "video": args.video.name,
+        "machine": _machine(args.device), "video": args.video.name,
         "frame_hw": list(frame_hw), "input_hw": list(input_hw), "seconds": args.seconds,
         "command": args.command, "rows": [], "checks": {},
     }
@@ -241,8 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         shipped, runners[name].outputs(raw))
                 save()
             for name, runner in runners.items():
-                row = {"precision": precision, "batch": batch, "row": name,
-                       **runner.time(inputs[name](), args.seconds)}
+                row = _row(name, precision, batch, runner.time(inputs[name](), args.seconds))
                 doc["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 save()

@@ -363,10 +363,10 @@ def test_graph_split_diagnostic_runs_on_cpu(overlap_detector: Path, tmp_path: Pa
         "--precisions", "fp32", "--batches", "2", "--seconds", "0.01",
         "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
     doc = json.loads((tmp_path / "out" / "gpu_graph_split_cpu.json").read_text())
-    assert [r["row"] for r in doc["rows"]] == [
+    assert [r["engine"] for r in doc["rows"]] == [
         "network", "pre", "post", "serving", "pre_resize_u8", "post_cand_1024", "post_chunk_1",
         "serving_cand_1024"]
-    assert all(r["frames_per_s"] > 0 and r["batches"] >= 5 for r in doc["rows"])
+    assert all(r["frames_per_s"] > 0 and r["iterations"] >= 5 for r in doc["rows"])
     checks = doc["checks"]
     assert checks["pre_resize_u8 fp32 b2"]["max_levels"] <= 1.0 + 1e-3  # rounding only
     for name in ("post_cand_1024", "post_chunk_1"):  # this detector has 3 boxes an image
