@@ -339,6 +339,12 @@ def in_window(record: FrameRecord, start: datetime | None, end: datetime | None)
             and (end is None or record.captured_at < end))
 
 
+def date_folder(captured_at: datetime) -> str:
+    """The date folder a frame captured at ``captured_at`` is stored under (UTC day), in
+    either store."""
+    return captured_at.astimezone(UTC).strftime("%Y-%m-%d")
+
+
 def _regular_file_at(dir_fd: int, relative: str) -> bool:
     """``os.path.isfile`` of ``relative`` under the open folder ``dir_fd``."""
     try:
@@ -376,8 +382,7 @@ class FrameStore:
     def _path_of(self, camera_id: str, frame_id: str, captured_at: datetime) -> Path:
         cam = self._camera_dir(camera_id)
         validate_id("frame_id", frame_id, where=cam)
-        day = captured_at.astimezone(UTC).strftime("%Y-%m-%d")
-        return cam / day / f"{frame_id}.jpg"
+        return cam / date_folder(captured_at) / f"{frame_id}.jpg"
 
     def find_frame(self, camera_id: str, frame_id: str) -> Path | None:
         """Image path of a complete frame (sidecar + image present), in any date folder."""

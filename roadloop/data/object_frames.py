@@ -48,6 +48,7 @@ from roadloop.data.frames import (
     FrameWrite,
     FsckReport,
     checked_sidecar,
+    date_folder,
     in_window,
     parse_sidecar,
     validate_id,
@@ -130,8 +131,7 @@ class S3FrameStore:
     def _relative(self, record: FrameRecord) -> str:
         validate_id("camera_id", record.camera_id, where=self.url)
         validate_id("frame_id", record.frame_id, where=self.url)
-        day = record.captured_at.astimezone(UTC).strftime("%Y-%m-%d")
-        return f"{record.camera_id}/{day}/{record.frame_id}"
+        return f"{record.camera_id}/{date_folder(record.captured_at)}/{record.frame_id}"
 
     def frame_path(self, record: FrameRecord) -> Path:
         """The local cache path of ``record``'s image (relative to ``root``: its key)."""
@@ -256,8 +256,7 @@ class S3FrameStore:
         with _as_os_error(f"read of {camera_id}/{frame_id}"):
             if captured_at is not None:
                 validate_id("camera_id", camera_id, where=self.url)
-                day = captured_at.astimezone(UTC).strftime("%Y-%m-%d")
-                return self._record(camera_id, day, frame_id)
+                return self._record(camera_id, date_folder(captured_at), frame_id)
             for day in reversed(self._days(camera_id)):
                 rel = f"{camera_id}/{day}/{frame_id}"
                 data = self._get(self._key(f"{rel}.json"))  # a GET, not a HEAD then a GET
