@@ -12,6 +12,7 @@ it reads the body (``fleet.auth_first``).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,7 +43,7 @@ from fleet import (
 from fleet.config import GatewaySettings
 from fleet.metrics import MetricsMiddleware, RouteTemplates, metrics_response
 from fleet.ratelimit import BodyReadDeadline, BodySizeLimit, UnattributedLimit
-from fleet.runtime import Clock, Gateway, GatewayDep, freeze_startup_objects
+from fleet.runtime import Clock, Gateway, GatewayDep
 from fleet.schemas import ErrorOut, Health
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,8 @@ def _format_validation(exc: RequestValidationError) -> str:
 def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None = None,
                freeze_gc: bool = False) -> FastAPI:
     """Build the gateway. ``clock`` (aware UTC ``datetime`` factory) lets tests move time.
-    ``freeze_gc``: freeze the start-up objects once started (``freeze_startup_objects``); for
-    a process that serves this one app (``fleet serve``), not for one that builds many."""
+    ``freeze_gc``: freeze the start-up objects once started (``Gateway.start``); for a
+    process that serves this one app (``fleet serve``), not for one that builds many."""
     settings = settings or GatewaySettings()
     gw = Gateway(settings, clock)
 
@@ -93,12 +94,7 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = max(limiter.total_tokens, settings.worker_threads)
-        await anyio.to_thread.run_sync(gw.start)
-        if freeze_gc:
-            gw.stats.gc.stop()  # this one collection is start-up, not a stall of any upload
-            frozen = freeze_startup_objects()
-            gw.stats.gc.start()
-            logger.info("%d start-up objects frozen out of the garbage collector", frozen)
+        await anyio.to_thread.run_sync(functools.partial(gw.start, freeze_gc=freeze_gc))
         try:
             yield
         finally:

@@ -111,14 +111,12 @@ class Stats:
         try:
             yield
         finally:
-            self.add_span(name, time.perf_counter() - t0)
-
-    def add_span(self, name: str, seconds: float) -> None:
-        with self._lock:
-            s = self.spans[name]
-            s[0] += seconds
-            s[1] += 1
-            s[2] = max(s[2], seconds)
+            dt = time.perf_counter() - t0
+            with self._lock:
+                s = self.spans[name]
+                s[0] += dt
+                s[1] += 1
+                s[2] = max(s[2], dt)
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
@@ -219,11 +217,16 @@ class Gateway:
             report = reconcile_frame_store(self.db, self.store, self.now)
             logger.info("frame store reconciled: %s", report)
 
-    def start(self) -> None:
-        """Prepare storage, start the writer thread."""
+    def start(self, *, freeze_gc: bool = False) -> None:
+        """Prepare storage, start the writer thread; with ``freeze_gc`` (a process serving this
+        one gateway) freeze what start-up made (``freeze_startup_objects``) before the
+        collector's pauses are timed, so that one collection is not counted as a stall."""
         self.prepare_storage()
         self.committer.start()
         self.denials.start()
+        if freeze_gc:
+            frozen = freeze_startup_objects()
+            logger.info("%d start-up objects frozen out of the garbage collector", frozen)
         self.stats.gc.start()
         logger.info(
             "fleet gateway ready: db=%s frames=%s", self.db.url,
