@@ -11,12 +11,16 @@ device (inputs bound on the device, outputs left there, best of the timed runs' 
 | `pre` | the serving graph's preprocessing alone: uint8 BGR frames → letterboxed float RGB |
 | `post` | its postprocessing alone, fed the detector's real output for the same frames |
 | `serving` | the whole serving graph |
-| `pre_resize_u8` | candidate: the uint8 frames reordered and resized first, float conversion on the small image (``build_serving_graph(resize_first=True)``) |
+| `pre_resize_u8` | the uint8 frames reordered and resized first, float conversion on the small image (``resize="uint8_first"``; its check shows ONNX Runtime's CUDA kernel gets uint8 wrong) |
+| `pre_separable`, `serving_separable` | candidate: width then height resized on the NHWC float frames, NCHW and RGB on the resized image (``resize="separable"``) |
+| `pre_upto_<step>`, `pre_separable_upto_<step>` | the preprocessing cut after each of its steps (first precision, largest batch): the increments say which step costs what |
 | `post_cand_1024`, `serving_cand_1024` | candidate: 1024 anchors per image into NMS instead of 4096 |
 | `post_chunk_1` | candidate: one image per NMS batch row instead of 8 (32 rows at batch 32) |
 
 Each candidate is also checked against what ships: the preprocessing's largest difference
-in grey levels, and the postprocessing's detections (counts, classes, boxes, scores).
+in grey levels, and the postprocessing's detections (counts, classes, boxes, scores). The cut
+preprocessing models time each step on the device as it runs in the graph; ONNX Runtime's own
+profiler would time only the kernel launches of the CUDA provider, not the kernels.
 
     python -m benchmarks.gpu_graph_split --onnx detector_640.onnx --video frames.mp4 \\
         --device cuda --precisions fp32,fp16 --batches 8,32 --out benchmarks/results
@@ -42,23 +46,39 @@ import onnx
 import onnxruntime as ort
 
 from benchmarks.gpu_serving import _machine, _row, load_frames, timed
+from edge_agent.inference import DEFAULT_CONF_THRESHOLD, DEFAULT_IOU_THRESHOLD
 from roadloop.serving import graph as serving_graph
+from roadloop.serving import letterbox, nms
+from roadloop.serving.onnx_builder import dims
 
 
 def post_model(frame_hw: tuple[int, int], input_hw: tuple[int, int], nc: int, anchors: int,
-               like: onnx.ModelProto, *, max_candidates: int = serving_graph.MAX_CANDIDATES,
-               chunk: int | None = None) -> onnx.ModelProto:
-    saved = serving_graph._NMS_CHUNK
-    if chunk is not None:
-        serving_graph._NMS_CHUNK = chunk
-    try:
-        model, _ = serving_graph._postprocess_model(
-            frame_hw, input_hw, "B", nc, anchors, conf=serving_graph.DEFAULT_CONF_THRESHOLD,
-            iou=serving_graph.DEFAULT_IOU_THRESHOLD, max_det=300, max_candidates=max_candidates,
-            like=like)
-    finally:
-        serving_graph._NMS_CHUNK = saved
+               like: onnx.ModelProto, *, max_candidates: int = nms.MAX_CANDIDATES,
+               chunk: int = nms.NMS_CHUNK) -> onnx.ModelProto:
+    model, _ = nms.postprocess_model(
+        frame_hw, input_hw, "B", nc, anchors, conf=DEFAULT_CONF_THRESHOLD,
+        iou=DEFAULT_IOU_THRESHOLD, max_det=300, max_candidates=max_candidates, like=like,
+        nms_chunk=chunk)
     return model
+
+
+def pre_steps(pre: onnx.ModelProto) -> list[tuple[str, onnx.ModelProto]]:
+    """The preprocessing cut after each step of its data path (shape arithmetic left out),
+    each cut a model whose output is that step's tensor, in graph order."""
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(pre).graph.value_info}
+    typed.update({v.name: v for v in pre.graph.output})
+    cuts = []
+    for i, node in enumerate(pre.graph.node):
+        if node.op_type in ("Shape", "Slice", "Concat"):
+            continue
+        out = node.output[0]
+        graph = onnx.helper.make_graph(
+            list(pre.graph.node[: i + 1]), f"pre_upto_{i}", list(pre.graph.input), [typed[out]],
+            initializer=list(pre.graph.initializer))
+        model = onnx.helper.make_model(graph, opset_imports=list(pre.opset_import))
+        model.ir_version = pre.ir_version
+        cuts.append((out.removeprefix(letterbox.PRE_PREFIX), model))
+    return cuts
 
 
 class Runner:
@@ -138,8 +158,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     detector = onnx.load(str(args.onnx))
-    in_dims = serving_graph._dims(detector.graph.input[0])
-    out_dims = serving_graph._dims(detector.graph.output[0])
+    in_dims = dims(detector.graph.input[0])
+    out_dims = dims(detector.graph.output[0])
     input_hw, nc, anchors = (int(in_dims[2]), int(in_dims[3])), int(out_dims[1]) - 4, \
         int(out_dims[2])
     frames = np.stack(load_frames(args.video, max(args.batches)))
@@ -159,9 +179,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out_json.write_text(json.dumps(doc, indent=1))
         out_md.write_text(markdown(doc))
 
-    pre = serving_graph._preprocess_model(frame_hw, input_hw, "B", detector)
-    candidates_pre = serving_graph._preprocess_model(frame_hw, input_hw, "B", detector,
-                                                     resize_first=True)
+    pre = letterbox.preprocess_model(frame_hw, input_hw, "B", detector)
+    u8_pre = letterbox.preprocess_model(frame_hw, input_hw, "B", detector,
+                                             resize="uint8_first")
+    separable_pre = letterbox.preprocess_model(frame_hw, input_hw, "B", detector,
+                                                    resize="separable")
     for precision in args.precisions:
         net_model = serving_graph.to_fp16(detector) if precision == "fp16" else detector
         serving_path = args.work / f"serving_{precision}.onnx"
@@ -170,42 +192,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cand_path = args.work / f"serving_{precision}_cand1024.onnx"
         serving_graph.build_serving_graph(args.onnx, cand_path, frame_hw=frame_hw,
                                           precision=precision, max_candidates=1024)
+        separable_path = args.work / f"serving_{precision}_separable.onnx"
+        serving_graph.build_serving_graph(args.onnx, separable_path, frame_hw=frame_hw,
+                                          precision=precision, resize="separable")
         runners: dict[str, Runner] = {
             "network": Runner("network", net_model, args.device),
             "pre": Runner("pre", pre, args.device),
             "post": Runner("post", post_model(frame_hw, input_hw, nc, anchors, detector),
                            args.device),
             "serving": Runner("serving", serving_path, args.device),
-            "pre_resize_u8": Runner("pre_resize_u8", candidates_pre, args.device),
+            "pre_resize_u8": Runner("pre_resize_u8", u8_pre, args.device),
+            "pre_separable": Runner("pre_separable", separable_pre, args.device),
             "post_cand_1024": Runner("post_cand_1024", post_model(
                 frame_hw, input_hw, nc, anchors, detector, max_candidates=1024), args.device),
             "post_chunk_1": Runner("post_chunk_1", post_model(
                 frame_hw, input_hw, nc, anchors, detector, chunk=1), args.device),
             "serving_cand_1024": Runner("serving_cand_1024", cand_path, args.device),
+            "serving_separable": Runner("serving_separable", separable_path, args.device),
         }
+        if precision == args.precisions[0]:  # the preprocessing is fp32 in both precisions
+            for prefix, model in (("pre", pre), ("pre_separable", separable_pre)):
+                for step, cut in pre_steps(model):
+                    runners[f"{prefix}_upto_{step}"] = Runner(f"{prefix}_upto_{step}", cut,
+                                                              args.device)
         for batch in args.batches:
             x = np.ascontiguousarray(frames[:batch])
             pixels = runners["pre"].outputs(x)[0]
             raw = runners["network"].outputs(pixels)[0].astype(np.float32)
             inputs: dict[str, Callable[[], np.ndarray]] = {
-                "network": lambda p=pixels: p, "pre": lambda x=x: x, "post": lambda r=raw: r,
-                "serving": lambda x=x: x, "pre_resize_u8": lambda x=x: x,
+                "network": lambda p=pixels: p, "post": lambda r=raw: r,
                 "post_cand_1024": lambda r=raw: r, "post_chunk_1": lambda r=raw: r,
-                "serving_cand_1024": lambda x=x: x,
-            }
+            }  # every other row takes the uint8 frames
             if batch == max(args.batches):
                 shipped = runners["post"].outputs(raw)
-                cand_pixels = runners["pre_resize_u8"].outputs(x)[0]
-                levels = np.abs(cand_pixels - pixels) * 255.0
-                doc["checks"][f"pre_resize_u8 {precision} b{batch}"] = {
-                    "max_levels": float(levels.max()), "mean_levels": float(levels.mean()),
-                    "mean_signed_levels": float(((cand_pixels - pixels) * 255.0).mean())}
+                for name in ("pre_resize_u8", "pre_separable"):
+                    cand_pixels = runners[name].outputs(x)[0]
+                    levels = np.abs(cand_pixels - pixels) * 255.0
+                    doc["checks"][f"{name} {precision} b{batch}"] = {
+                        "max_levels": float(levels.max()), "mean_levels": float(levels.mean()),
+                        "mean_signed_levels": float(((cand_pixels - pixels) * 255.0).mean())}
                 for name in ("post_cand_1024", "post_chunk_1"):
                     doc["checks"][f"{name} {precision} b{batch}"] = same_detections(
                         shipped, runners[name].outputs(raw))
                 save()
             for name, runner in runners.items():
-                row = _row(name, precision, batch, runner.time(inputs[name](), args.seconds))
+                if "_upto_" in name and batch != max(args.batches):
+                    continue
+                row = _row(name, precision, batch,
+                           runner.time(inputs.get(name, lambda x=x: x)(), args.seconds))
                 doc["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 save()

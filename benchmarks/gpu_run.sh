@@ -9,6 +9,10 @@
 #   bash benchmarks/gpu_run.sh split   the same set-up, then where the serving graph's time goes
 #                                      and its candidate changes (benchmarks.gpu_graph_split)
 #                                      instead of the serving benchmark
+#   bash benchmarks/gpu_run.sh all     the same set-up, then three runs side by side: the serving
+#                                      benchmark with the graph's separable resize and as it
+#                                      ships (network, graph, direct and batched rows; batches of
+#                                      8 and 32), then the split; each run has its own time limit
 #
 # Budget: the benchmark itself is stopped after BENCH_TIMEOUT s (default 360); the whole script
 # stays under 8 minutes. Extra arguments after "run" go to benchmarks.gpu_serving.
@@ -42,8 +46,15 @@ else
     name=$(cat "$STAGE/payload/ort.name")
     cat "$CACHE"/parts/ort.* >"$CACHE/$name"
     (cd "$CACHE" && sha256sum -c "$OLDPWD/$STAGE/payload/ort.sha256") || exit 4
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-      "$CACHE/$name" "$STAGE"/payload/wheels/*.whl || exit 5
+    mkdir -p "$SITE"
+    case "$name" in
+      *.tar.xz) "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+                  "$CACHE/$name" "$SITE" || exit 5
+                "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                  --target "$SITE" "$STAGE"/payload/wheels/*.whl || exit 5 ;;
+      *) "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+           "$CACHE/$name" "$STAGE"/payload/wheels/*.whl || exit 5 ;;
+    esac
   fi
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -80,19 +91,43 @@ EOF
 grep -E "placed on|Node\(s\) placed|All nodes placed" "$CACHE/placement.log" | head -20
 grep -A25 "placed on \[CPUExecutionProvider\]" "$CACHE/placement.log" | head -40
 
-if [ "$mode" = split ]; then
+run_split() {
   # Sessions log verbosely (ROADLOOP_SPLIT_VERBOSE): which node of each row ran off the GPU.
-  ROADLOOP_SPLIT_VERBOSE=1 timeout "${BENCH_TIMEOUT:-360}" "$PY" -m benchmarks.gpu_graph_split \
+  ROADLOOP_SPLIT_VERBOSE=1 timeout "$1" "$PY" -m benchmarks.gpu_graph_split \
     --onnx "$STAGE/payload/detector_640.onnx" --video "$STAGE/payload/frames.mp4" \
-    --device cuda --precisions fp32,fp16 --batches 8,32 --seconds "${BENCH_SECONDS:-2}" "$@" \
+    --device cuda --precisions fp32,fp16 --batches 8,32 --seconds "${BENCH_SECONDS:-2}" \
     2>"$CACHE/split.log"
-  rc=$?
+  local rc=$?
   grep -E "placed on|All nodes placed|^row " "$CACHE/split.log" >"$CACHE/split_placement.log"
   grep -A12 "placed on \[CPUExecutionProvider\]" "$CACHE/split.log" | head -60
   tail -5 "$CACHE/split.log"
   [ -n "${OUT:-}" ] && cp -f benchmarks/results/gpu_graph_split.json \
     benchmarks/results/gpu_graph_split.md "$CACHE/split_placement.log" "$OUT/" 2>/dev/null
-  exit $rc
+  return $rc
+}
+
+if [ "$mode" = split ]; then
+  run_split "${BENCH_TIMEOUT:-360}"
+  exit $?
+fi
+
+if [ "$mode" = all ]; then
+  # One call for issue 15's open question: does a cheaper resize take the batched path past
+  # 70 % of the network at 32, and where does the graph's time go.
+  rows="network,serving_graph,serving_direct,serving_batched"
+  for resize in separable float; do
+    name=gpu_serving_$resize
+    timeout "${SERVING_TIMEOUT:-150}" "$PY" -m benchmarks.gpu_serving \
+      --onnx "$STAGE/payload/detector_640.onnx" --video "$STAGE/payload/frames.mp4" \
+      --device cuda --precisions fp32,fp16 --batches 8,32 --engines "$rows" \
+      --seconds "${BENCH_SECONDS:-2}" --warmup 1 --name "$name" --resize "$resize" 2>&1 \
+      | grep -vE "^\|" | tail -12
+    [ -n "${OUT:-}" ] && cp -f "benchmarks/results/$name.json" "benchmarks/results/$name.md" \
+      "$OUT/" 2>/dev/null
+  done
+  [ -n "${OUT:-}" ] && cp -f "$CACHE/placement.log" "$OUT/" 2>/dev/null
+  run_split "${SPLIT_TIMEOUT:-150}"
+  exit $?
 fi
 
 timeout "${BENCH_TIMEOUT:-360}" "$PY" -m benchmarks.gpu_serving \

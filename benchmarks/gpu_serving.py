@@ -54,7 +54,7 @@ from roadloop.serving.batched import (
     ServingSession,
     select_providers,
 )
-from roadloop.serving.graph import FRAMES_INPUT, build_serving_graph, to_fp16
+from roadloop.serving.graph import FRAMES_INPUT, RESIZE_MODES, build_serving_graph, to_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -379,6 +379,7 @@ def run(a: argparse.Namespace, on_update=None) -> dict[str, Any]:
             "cameras": a.cameras,
             "sessions": a.sessions if device == "cuda" else 1,
             "max_wait_ms": a.max_wait_ms,
+            "resize": a.resize,
         },
         "decode": decode_cost(frames, min(a.seconds, 1.0)),
         "results": rows,
@@ -400,6 +401,7 @@ def run(a: argparse.Namespace, on_update=None) -> dict[str, Any]:
             conf_threshold=CONF,
             iou_threshold=IOU,
             precision=precision,
+            resize=a.resize,
         ).path
         made: dict[str, Any] = {}
 
@@ -496,6 +498,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"({s['frames_in_memory']} decoded into memory before timing) · model input "
             f"{s['input_hw'][0]}×{s['input_hw'][1]} · conf {s['conf']} · iou {s['iou']} · "
             f"{s['seconds']} s per row after {s['warmup_s']} s warm-up"
+            + (f" · serving graph built with `resize=\"{s['resize']}\"`"
+               if s.get("resize", "float") != "float" else "")
         ),
         "",
         (
@@ -585,6 +589,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--smoke",
         action="store_true",
         help="tiny CPU run: shared 320 model, batch 1, fp32, short rows",
+    )
+    p.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        default="float",
+        help="how the serving graph scales the frames down (roadloop.serving.letterbox)",
     )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--name", help="output file stem (default by device)")

@@ -223,6 +223,32 @@ def test_cuda_listed_but_not_initialised_falls_back_on_auto_only(
         ServingSession(info.path, device="cuda")
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_uint8_resize_graph_is_refused_on_cuda(
+    overlap_detector: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime's CUDA bilinear Resize truncates its weights on uint8 (nearly black frames
+    on an H200): a ``resize="uint8_first"`` graph runs on CPU only. The session here reports CUDA as a
+    GPU box's would; the float-resize graph is accepted there."""
+
+    class ReportsCuda(ort.InferenceSession):
+        def get_providers(self) -> list[str]:
+            return [CUDA_EP, CPU_EP]
+
+    uint8_first = build_serving_graph(
+        overlap_detector, tmp_path / "u8.onnx", frame_hw=(48, 80), resize="uint8_first"
+    )
+    shipped = build_serving_graph(overlap_detector, tmp_path / "f32.onnx", frame_hw=(48, 80))
+    assert ServingSession(uint8_first.path, device="cpu").choice.device == "cpu"
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_EP, CPU_EP])
+    monkeypatch.setattr(ort, "InferenceSession", ReportsCuda)
+    with pytest.raises(ServingConfigError, match="uint8_first"):
+        ServingSession(uint8_first.path, device="cuda")
+    with pytest.raises(ServingConfigError, match="uint8_first"):
+        ServingSession(uint8_first.path)  # auto picks CUDA here
+    assert ServingSession(shipped.path, device="cuda").choice.device == "cuda"
+
+
 def test_a_plain_detector_is_not_a_serving_graph(overlap_detector: Path) -> None:
     with pytest.raises(ServingConfigError, match="not a serving graph"):
         ServingSession(overlap_detector, device="cpu")
@@ -277,13 +303,43 @@ def test_partial_batches_run_padded_to_warmed_up_sizes(
     assert len(shapes) == 5 and cold.batches_run == 0
 
 
+@pytest.mark.parametrize(
+    ("frame_hw", "input_hw"),
+    [((720, 1280), (320, 320)), ((48, 80), (96, 128)), ((481, 653), (320, 256))],
+    ids=["down", "up", "odd"],
+)
+def test_resize_modes_give_the_same_pixels(
+    overlap_detector: Path, frame_hw: tuple[int, int], input_hw: tuple[int, int]
+) -> None:
+    """The separable resize (width, then height, on NHWC) equals the float path's bilinear up
+    to float rounding (one grey level where a value lands on .5); the uint8 resize differs
+    by its own rounding, also at most one level."""
+    import onnx
+
+    from roadloop.serving.letterbox import RESIZE_MODES, preprocess_model
+
+    like = onnx.load(str(overlap_detector))
+    frames = np.random.default_rng(5).integers(0, 256, (2, *frame_hw, 3), dtype=np.uint8)
+    pixels = {}
+    for mode in RESIZE_MODES:
+        model = preprocess_model(frame_hw, input_hw, "B", like, resize=mode)
+        session = ort.InferenceSession(model.SerializeToString(), providers=[CPU_EP])
+        (pixels[mode],) = session.run(None, {"frames": frames})
+        assert pixels[mode].shape == (2, 3, *input_hw)
+    levels = np.abs(pixels["separable"] - pixels["float"]) * 255
+    assert levels.max() <= 1 + 1e-3 and (levels > 0.5).mean() < 0.01
+    assert np.abs(pixels["uint8_first"] - pixels["float"]).max() * 255 <= 1 + 1e-3
+    with pytest.raises(ValueError, match="resize must be one of"):
+        preprocess_model(frame_hw, input_hw, "B", like, resize="nearest")  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- real model, real frames
 @needs_shared(ONNX_GPU_320, HIGHWAY)
-@pytest.mark.parametrize("resize_first", [False, True], ids=["float_resize", "uint8_resize"])
-def test_serving_graph_matches_edge_pipeline_batch1(tmp_path: Path, resize_first: bool) -> None:
+@pytest.mark.parametrize("resize", ["float", "uint8_first", "separable"])
+def test_serving_graph_matches_edge_pipeline_batch1(tmp_path: Path, resize: str) -> None:
     frames = _video_frames(3)
     info = build_serving_graph(ONNX_GPU_320, tmp_path / "serve.onnx", frame_hw=(720, 1280),
-                               resize_first=resize_first)
+                               resize=resize)
     assert info.batch == 1
     session = ServingSession(info.path, device="cpu", intra_op_threads=1)
     edge = OnnxDetector(ONNX_GPU_320, intra_op_threads=1)
@@ -303,13 +359,15 @@ def test_serving_graph_matches_edge_pipeline_batches_8_and_4(tmp_path: Path) -> 
     frames = _video_frames(4) * 2  # 8: one folded NMS chunk, then 4: one NMS row per image
     info = build_serving_graph(detector, tmp_path / "serve.onnx", frame_hw=(720, 1280))
     assert info.batch is None
-    # Resized as uint8 first, the same detections on the same batch.
-    first = build_serving_graph(detector, tmp_path / "serve_u8.onnx", frame_hw=(720, 1280),
-                                resize_first=True)
-    u8 = ServingSession(first.path, device="cpu", intra_op_threads=1).detect(np.stack(frames))
-    for mine, theirs in zip(u8, OnnxDetector(detector, intra_op_threads=1).detect_batch(frames),
-                            strict=True):
-        _assert_match(mine, theirs, first.conf_threshold, px=1280 / 160)
+    # Resized as uint8 first or axis by axis, the same detections on the same batch.
+    for mode in ("uint8_first", "separable"):
+        other = build_serving_graph(detector, tmp_path / f"serve_{mode}.onnx",
+                                    frame_hw=(720, 1280), resize=mode)
+        theirs_all = OnnxDetector(detector, intra_op_threads=1).detect_batch(frames)
+        mine_all = ServingSession(other.path, device="cpu", intra_op_threads=1).detect(
+            np.stack(frames))
+        for mine, theirs in zip(mine_all, theirs_all, strict=True):
+            _assert_match(mine, theirs, other.conf_threshold, px=1280 / 160)
     session = ServingSession(info.path, device="cpu", intra_op_threads=1)
     edge = OnnxDetector(detector, intra_op_threads=1)
     got, ref = session.detect(np.stack(frames)), edge.detect_batch(frames)
@@ -363,12 +421,17 @@ def test_graph_split_diagnostic_runs_on_cpu(overlap_detector: Path, tmp_path: Pa
         "--precisions", "fp32", "--batches", "2", "--seconds", "0.01",
         "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
     doc = json.loads((tmp_path / "out" / "gpu_graph_split_cpu.json").read_text())
+    steps = ["float", "nchw", "rgb", "resized", "rounded", "padded", "pixels"]
+    separable_steps = ["float", "resized_w", "rows", "resized_h", "rounded", "nhwc", "nchw",
+                       "rgb", "padded", "pixels"]
     assert [r["engine"] for r in doc["rows"]] == [
-        "network", "pre", "post", "serving", "pre_resize_u8", "post_cand_1024", "post_chunk_1",
-        "serving_cand_1024"]
+        "network", "pre", "post", "serving", "pre_resize_u8", "pre_separable", "post_cand_1024",
+        "post_chunk_1", "serving_cand_1024", "serving_separable",
+        *(f"pre_upto_{s}" for s in steps), *(f"pre_separable_upto_{s}" for s in separable_steps)]
     assert all(r["frames_per_s"] > 0 and r["iterations"] >= 5 for r in doc["rows"])
     checks = doc["checks"]
-    assert checks["pre_resize_u8 fp32 b2"]["max_levels"] <= 1.0 + 1e-3  # rounding only
+    for name in ("pre_resize_u8", "pre_separable"):
+        assert checks[f"{name} fp32 b2"]["max_levels"] <= 1.0 + 1e-3  # rounding only
     for name in ("post_cand_1024", "post_chunk_1"):  # this detector has 3 boxes an image
         assert checks[f"{name} fp32 b2"] == {
             "counts_equal": True, "detections": 6, "candidate_detections": 6,

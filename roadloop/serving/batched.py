@@ -169,6 +169,15 @@ class ServingSession:
             self.session = ort.InferenceSession(
                 str(self.graph_path), options, providers=self.choice.providers
             )
+        if self.choice.device == "cuda" and meta.get("serving_resize") == "uint8_first":
+            # Measured on an H200 (onnxruntime-gpu 1.31.1): the CUDA kernel of a bilinear
+            # Resize casts each interpolation weight to the tensor's type before multiplying,
+            # so on uint8 every weight below 1 becomes 0 and the frames come out nearly black.
+            raise ServingConfigError(
+                f"{self.graph_path} resizes uint8 frames (resize='uint8_first'), which ONNX "
+                "Runtime's CUDA Resize gets wrong (its uint8 bilinear weights truncate to 0): "
+                "build the graph for a GPU with resize='float' or 'separable'"
+            )
         self.frame_hw: tuple[int, int] = tuple(json.loads(meta["serving_frame_hw"]))
         dim0 = self.session.get_inputs()[0].shape[0]
         self.batch: int | None = dim0 if isinstance(dim0, int) and dim0 > 0 else None

@@ -25,9 +25,9 @@ cap = cv2.VideoCapture(str(Path(__file__).parents[3] / ".." / "shared" / "videos
 frames = [cap.read()[1] for _ in range(B)]
 batch = np.stack(frames)
 engines = {}
-for name, first in (("serving_float_resize", False), ("serving_uint8_resize", True)):
+for name, resize in (("serving_float_resize", "float"), ("serving_uint8_resize", "uint8_first")):
     info = build_serving_graph(detector, Path(f"/tmp/ab_{name}.onnx"), frame_hw=(720, 1280),
-                               resize_first=first)
+                               resize=resize)
     session = ServingSession(info.path, device="cpu", intra_op_threads=threads)
     engines[name] = lambda s=session: s.detect(batch)
 edge = OnnxDetector(detector, intra_op_threads=threads)
