@@ -16,6 +16,8 @@ device (inputs bound on the device, outputs left there, best of the timed runs' 
 | `pre_upto_<step>`, `pre_separable_upto_<step>` | the preprocessing cut after each of its steps (first precision, largest batch): the increments say which step costs what |
 | `post_cand_1024`, `serving_cand_1024` | candidate: 1024 anchors per image into NMS instead of 4096 |
 | `post_chunk_1` | candidate: one image per NMS batch row instead of 8 (32 rows at batch 32) |
+| `post_chunk_16`, `post_chunk_32_cand_1024` | candidates: fewer NMS calls (each waits for the device): 16 images per row; 32 with 1024 anchors an image, so a row's suppression mask stays near the shipped one's size |
+| `post_upto_<step>` | the postprocessing cut after its main steps (decode, candidates, offsets, NMS, dense scores, final TopK; first precision, largest batch) |
 
 Each candidate is also checked against what ships: the preprocessing's largest difference
 in grey levels, and the postprocessing's detections (counts, classes, boxes, scores). The cut
@@ -62,22 +64,38 @@ def post_model(frame_hw: tuple[int, int], input_hw: tuple[int, int], nc: int, an
     return model
 
 
-def pre_steps(pre: onnx.ModelProto) -> list[tuple[str, onnx.ModelProto]]:
-    """The preprocessing cut after each step of its data path (shape arithmetic left out),
-    each cut a model whose output is that step's tensor, in graph order."""
-    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(pre).graph.value_info}
-    typed.update({v.name: v for v in pre.graph.output})
+PRE_SHAPE_OPS = ("Shape", "Slice", "Concat")
+# Where the postprocessing is cut: decoded boxes and best class, the candidates (when the
+# model has more anchors than enter NMS), the offset boxes, NMS, the dense scores, the final
+# TopK; each name is a node output without the prefix, skipped where the graph has none.
+POST_CUTS = ("best_score2", "cand_1", "shifted", "selected", "dense", "topk_0")
+
+
+def _pre_step(node: onnx.NodeProto) -> bool:
+    return node.op_type not in PRE_SHAPE_OPS
+
+
+def _post_step(node: onnx.NodeProto) -> bool:
+    return node.output[0].removeprefix(nms.POST_PREFIX) in POST_CUTS
+
+
+def cut_steps(model: onnx.ModelProto, prefix: str,
+              keep: Callable[[onnx.NodeProto], bool]) -> list[tuple[str, onnx.ModelProto]]:
+    """``model`` cut after each node ``keep`` picks: a model of the nodes up to it whose output
+    is that node's first output, named without ``prefix``, in graph order."""
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    typed.update({v.name: v for v in model.graph.output})
     cuts = []
-    for i, node in enumerate(pre.graph.node):
-        if node.op_type in ("Shape", "Slice", "Concat"):
+    for i, node in enumerate(model.graph.node):
+        if not keep(node) or node.output[0] not in typed:
             continue
         out = node.output[0]
         graph = onnx.helper.make_graph(
-            list(pre.graph.node[: i + 1]), f"pre_upto_{i}", list(pre.graph.input), [typed[out]],
-            initializer=list(pre.graph.initializer))
-        model = onnx.helper.make_model(graph, opset_imports=list(pre.opset_import))
-        model.ir_version = pre.ir_version
-        cuts.append((out.removeprefix(letterbox.PRE_PREFIX), model))
+            list(model.graph.node[: i + 1]), f"cut_{i}", list(model.graph.input), [typed[out]],
+            initializer=list(model.graph.initializer))
+        cut = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+        cut.ir_version = model.ir_version
+        cuts.append((out.removeprefix(prefix), cut))
     return cuts
 
 
@@ -207,22 +225,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 frame_hw, input_hw, nc, anchors, detector, max_candidates=1024), args.device),
             "post_chunk_1": Runner("post_chunk_1", post_model(
                 frame_hw, input_hw, nc, anchors, detector, chunk=1), args.device),
+            "post_chunk_16": Runner("post_chunk_16", post_model(
+                frame_hw, input_hw, nc, anchors, detector, chunk=16), args.device),
+            "post_chunk_32_cand_1024": Runner("post_chunk_32_cand_1024", post_model(
+                frame_hw, input_hw, nc, anchors, detector, chunk=32, max_candidates=1024),
+                args.device),
             "serving_cand_1024": Runner("serving_cand_1024", cand_path, args.device),
             "serving_separable": Runner("serving_separable", separable_path, args.device),
         }
-        if precision == args.precisions[0]:  # the preprocessing is fp32 in both precisions
-            for prefix, model in (("pre", pre), ("pre_separable", separable_pre)):
-                for step, cut in pre_steps(model):
-                    runners[f"{prefix}_upto_{step}"] = Runner(f"{prefix}_upto_{step}", cut,
-                                                              args.device)
+        if precision == args.precisions[0]:  # pre and post are fp32 in both precisions
+            cuts = [("pre", pre, letterbox.PRE_PREFIX, _pre_step),
+                    ("pre_separable", separable_pre, letterbox.PRE_PREFIX, _pre_step),
+                    ("post", post_model(frame_hw, input_hw, nc, anchors, detector),
+                     nms.POST_PREFIX, _post_step)]
+            for row, model, prefix, keep in cuts:
+                for step, cut in cut_steps(model, prefix, keep):
+                    name = f"{row}_upto_{step}"
+                    runners[name] = Runner(name, cut, args.device)
         for batch in args.batches:
             x = np.ascontiguousarray(frames[:batch])
             pixels = runners["pre"].outputs(x)[0]
             raw = runners["network"].outputs(pixels)[0].astype(np.float32)
-            inputs: dict[str, Callable[[], np.ndarray]] = {
-                "network": lambda p=pixels: p, "post": lambda r=raw: r,
-                "post_cand_1024": lambda r=raw: r, "post_chunk_1": lambda r=raw: r,
-            }  # every other row takes the uint8 frames
+            # The network takes the letterboxed pixels, every post row the network's raw
+            # output, every other row the uint8 frames.
+            inputs: dict[str, Callable[[], np.ndarray]] = {"network": lambda p=pixels: p}
+            inputs.update({name: lambda r=raw: r for name in runners if name.startswith("post")})
             if batch == max(args.batches):
                 shipped = runners["post"].outputs(raw)
                 for name in ("pre_resize_u8", "pre_separable"):
@@ -231,7 +258,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     doc["checks"][f"{name} {precision} b{batch}"] = {
                         "max_levels": float(levels.max()), "mean_levels": float(levels.mean()),
                         "mean_signed_levels": float(((cand_pixels - pixels) * 255.0).mean())}
-                for name in ("post_cand_1024", "post_chunk_1"):
+                for name in ("post_cand_1024", "post_chunk_1", "post_chunk_16",
+                             "post_chunk_32_cand_1024"):
                     doc["checks"][f"{name} {precision} b{batch}"] = same_detections(
                         shipped, runners[name].outputs(raw))
                 save()

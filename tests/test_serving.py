@@ -421,18 +421,21 @@ def test_graph_split_diagnostic_runs_on_cpu(overlap_detector: Path, tmp_path: Pa
         "--precisions", "fp32", "--batches", "2", "--seconds", "0.01",
         "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
     doc = json.loads((tmp_path / "out" / "gpu_graph_split_cpu.json").read_text())
-    steps = ["float", "nchw", "rgb", "resized", "rounded", "padded", "pixels"]
+    steps = ["float", "nchw", "rgb", "resized", "rounded", "scaled", "pixels"]
     separable_steps = ["float", "resized_w", "rows", "resized_h", "rounded", "nhwc", "nchw",
-                       "rgb", "padded", "pixels"]
+                       "rgb", "scaled", "pixels"]
+    post_steps = ["best_score2", "shifted", "selected", "dense", "topk_0"]  # 3 anchors: no TopK
     assert [r["engine"] for r in doc["rows"]] == [
         "network", "pre", "post", "serving", "pre_resize_u8", "pre_separable", "post_cand_1024",
-        "post_chunk_1", "serving_cand_1024", "serving_separable",
-        *(f"pre_upto_{s}" for s in steps), *(f"pre_separable_upto_{s}" for s in separable_steps)]
+        "post_chunk_1", "post_chunk_16", "post_chunk_32_cand_1024", "serving_cand_1024",
+        "serving_separable", *(f"pre_upto_{s}" for s in steps),
+        *(f"pre_separable_upto_{s}" for s in separable_steps),
+        *(f"post_upto_{s}" for s in post_steps)]
     assert all(r["frames_per_s"] > 0 and r["iterations"] >= 5 for r in doc["rows"])
     checks = doc["checks"]
     for name in ("pre_resize_u8", "pre_separable"):
         assert checks[f"{name} fp32 b2"]["max_levels"] <= 1.0 + 1e-3  # rounding only
-    for name in ("post_cand_1024", "post_chunk_1"):  # this detector has 3 boxes an image
+    for name in ("post_cand_1024", "post_chunk_1", "post_chunk_16", "post_chunk_32_cand_1024"):
         assert checks[f"{name} fp32 b2"] == {
             "counts_equal": True, "detections": 6, "candidate_detections": 6,
             "classes_equal": True, "max_box_diff_px": 0.0, "max_score_diff": 0.0}

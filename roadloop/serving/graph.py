@@ -6,8 +6,8 @@ with ``onnx.compose``, three graphs into one, so that the whole path runs on the
 provider that runs the network (CUDA for a GPU box):
 
 ``frames`` uint8 ``[B, H, W, 3]`` BGR at one fixed camera resolution (what OpenCV decodes)
-→ Cast → NCHW → BGR→RGB → Resize (bilinear, half-pixel, as ``cv2.resize``) → Round → Pad
-(grey 114, centred) → ÷255 → **the detector** (Ultralytics export, not NMS-fused, optionally
+→ Cast → NCHW → BGR→RGB → Resize (bilinear, half-pixel, as ``cv2.resize``) → Round → ÷255
+→ Pad (grey 114/255, centred) → **the detector** (Ultralytics export, not NMS-fused, optionally
 converted to fp16 with fp32 I/O) → decode cx,cy,w,h → best class per anchor (as
 Ultralytics' single-label NMS) → each image's best ``max_candidates`` anchors →
 ``NonMaxSuppression`` per (image, class), folded into few calls by coordinate offsets (see

@@ -97,15 +97,20 @@ def preprocess_model(
         if resize == "uint8_first":
             x = b.op("Gather", [x, rgb_order], "rgb", axis=1)
             x = b.op("Cast", [x], "float", to=TensorProto.FLOAT)
-    if top or bottom or left or right:
+    # ÷255 before the padding, on the resized image only: the pad value is divided instead
+    # (float32 division is correctly rounded, so every pixel is the same as padding first).
+    scale = np.float32(255.0)
+    padded = bool(top or bottom or left or right)
+    x = b.op("Div", [x, b.const("scale", np.array(scale))], "scaled" if padded else "pixels")
+    if padded:
         pads = np.array([0, 0, top, left, 0, 0, bottom, right], np.int64)
-        x = b.op(
+        b.op(
             "Pad",
-            [x, b.const("pads", pads), b.const("pad_value", np.array(PAD_VALUE, np.float32))],
-            "padded",
+            [x, b.const("pads", pads),
+             b.const("pad_value", np.array(np.float32(PAD_VALUE) / scale, np.float32))],
+            "pixels",
             mode="constant",
         )
-    b.op("Div", [x, b.const("scale", np.array(255.0, np.float32))], "pixels")
     ih, iw = input_hw
     return model_like(
         b,
