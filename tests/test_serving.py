@@ -144,6 +144,11 @@ def test_only_the_best_candidates_enter_nms(overlap_detector: Path, tmp_path: Pa
         build_serving_graph(
             overlap_detector, tmp_path / "x.onnx", frame_hw=(64, 64), max_candidates=0
         )
+    with pytest.raises(ValueError, match="resize must be one of"):
+        build_serving_graph(
+            overlap_detector, tmp_path / "x.onnx", frame_hw=(64, 64), resize="nearest"  # type: ignore[arg-type]
+        )
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_static_batch_graph_pads_partial_batches(tmp_path: Path) -> None:
