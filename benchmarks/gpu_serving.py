@@ -54,7 +54,14 @@ from roadloop.serving.batched import (
     ServingSession,
     select_providers,
 )
-from roadloop.serving.graph import FRAMES_INPUT, RESIZE_MODES, build_serving_graph, to_fp16
+from roadloop.serving.graph import (
+    FRAMES_INPUT,
+    MAX_CANDIDATES,
+    RESIZE_MODES,
+    build_serving_graph,
+    to_fp16,
+)
+from roadloop.serving.nms import NMS_CHUNK
 
 logger = logging.getLogger(__name__)
 
@@ -380,6 +387,8 @@ def run(a: argparse.Namespace, on_update=None) -> dict[str, Any]:
             "sessions": a.sessions if device == "cuda" else 1,
             "max_wait_ms": a.max_wait_ms,
             "resize": a.resize,
+            "max_candidates": a.max_candidates,
+            "nms_chunk": a.nms_chunk,
         },
         "decode": decode_cost(frames, min(a.seconds, 1.0)),
         "results": rows,
@@ -402,6 +411,8 @@ def run(a: argparse.Namespace, on_update=None) -> dict[str, Any]:
             iou_threshold=IOU,
             precision=precision,
             resize=a.resize,
+            max_candidates=a.max_candidates,
+            nms_chunk=a.nms_chunk,
         ).path
         made: dict[str, Any] = {}
 
@@ -486,6 +497,14 @@ def _machine(device: str) -> dict[str, Any]:
     return info
 
 
+def _graph_options(settings: dict[str, Any]) -> str:
+    """The serving graph's options where they are not the defaults, for the report's header."""
+    defaults = {"resize": "float", "max_candidates": MAX_CANDIDATES, "nms_chunk": NMS_CHUNK}
+    changed = [f"{k}={settings[k]!r}" for k, v in defaults.items()
+               if k in settings and settings[k] != v]
+    return f" · serving graph built with {', '.join(changed)}" if changed else ""
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     s = r["settings"]
     m = r["machine"]
@@ -498,8 +517,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"({s['frames_in_memory']} decoded into memory before timing) · model input "
             f"{s['input_hw'][0]}×{s['input_hw'][1]} · conf {s['conf']} · iou {s['iou']} · "
             f"{s['seconds']} s per row after {s['warmup_s']} s warm-up"
-            + (f" · serving graph built with `resize=\"{s['resize']}\"`"
-               if s.get("resize", "float") != "float" else "")
+            + _graph_options(s)
         ),
         "",
         (
@@ -596,6 +614,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="float",
         help="how the serving graph scales the frames down (roadloop.serving.letterbox)",
     )
+    p.add_argument("--max-candidates", type=int, default=MAX_CANDIDATES,
+                   help="anchors per image that enter NMS")
+    p.add_argument("--nms-chunk", type=int, default=NMS_CHUNK,
+                   help="images per NonMaxSuppression row (when the batch is a multiple)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--name", help="output file stem (default by device)")
     a = p.parse_args(argv)

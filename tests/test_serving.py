@@ -117,14 +117,16 @@ def test_max_detections_keeps_the_best(overlap_detector: Path, tmp_path: Path) -
     assert [round(d.confidence, 2) for d in dets] == [0.9, 0.7]
 
 
-@pytest.mark.parametrize("batch", [1, 5, 8, 16, 24])
+@pytest.mark.parametrize(("batch", "nms_chunk"),
+                         [(1, 8), (5, 8), (8, 8), (16, 8), (24, 8), (32, 16), (32, 32)])
 def test_nms_folding_keeps_images_and_classes_apart(
-    overlap_detector: Path, tmp_path: Path, batch: int
+    overlap_detector: Path, tmp_path: Path, batch: int, nms_chunk: int
 ) -> None:
-    """NMS runs once per chunk of 8 images (else per image) on offset boxes: every image of a
-    batch holds the same boxes, so one image's box leaking into another's group would
-    suppress it there. Each image must come out as it does alone."""
-    info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=(48, 80))
+    """NMS runs once per chunk of ``nms_chunk`` images (else per image) on offset boxes:
+    every image of a batch holds the same boxes, so one image's box leaking into another's
+    group would suppress it there. Each image must come out as it does alone."""
+    info = build_serving_graph(overlap_detector, tmp_path / "serve.onnx", frame_hw=(48, 80),
+                               nms_chunk=nms_chunk)
     session = ServingSession(info.path, device="cpu", intra_op_threads=1)
     frames = np.random.default_rng(batch).integers(0, 255, (batch, 48, 80, 3), dtype=np.uint8)
     (alone,) = session.detect(frames[:1])
@@ -148,6 +150,8 @@ def test_only_the_best_candidates_enter_nms(overlap_detector: Path, tmp_path: Pa
         build_serving_graph(
             overlap_detector, tmp_path / "x.onnx", frame_hw=(64, 64), resize="nearest"  # type: ignore[arg-type]
         )
+    with pytest.raises(ValueError, match="nms_chunk"):
+        build_serving_graph(overlap_detector, tmp_path / "x.onnx", frame_hw=(64, 64), nms_chunk=0)
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -397,6 +401,7 @@ def test_gpu_serving_benchmark_runs_on_cpu_under_a_smoke_name(
         "--precisions", "fp32,fp16", "--batches", "1,2", "--frames", "4", "--seconds", "0.05",
         "--warmup", "0.01", "--cameras", "2", "--out", str(tmp_path / "results"),
         "--engines", "network,serving_direct,serving_batched,edge_core",
+        "--resize", "separable", "--nms-chunk", "2",
     ]  # fmt: skip
     assert gpu_serving.main(args) == 0
     report = json.loads((tmp_path / "results" / "gpu_serving_smoke_cpu.json").read_text())
@@ -412,7 +417,10 @@ def test_gpu_serving_benchmark_runs_on_cpu_under_a_smoke_name(
     assert [s["batch"] for s in report["summary"]] == [1, 2]
     assert all(s["best_serving_over_network"] > 0 for s in report["summary"])
     assert report["complete"]
-    assert "| fp32 | 2 |" in (tmp_path / "results" / "gpu_serving_smoke_cpu.md").read_text()
+    markdown = (tmp_path / "results" / "gpu_serving_smoke_cpu.md").read_text()
+    assert "| fp32 | 2 |" in markdown
+    assert (report["settings"]["resize"], report["settings"]["nms_chunk"]) == ("separable", 2)
+    assert "serving graph built with resize='separable', nms_chunk=2" in markdown
 
 
 @needs_shared(HIGHWAY)

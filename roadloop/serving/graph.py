@@ -50,7 +50,7 @@ from roadloop.serving.letterbox import (
     ResizeMode,
     preprocess_model,
 )
-from roadloop.serving.nms import MAX_CANDIDATES, POST_PREFIX, postprocess_model
+from roadloop.serving.nms import MAX_CANDIDATES, NMS_CHUNK, POST_PREFIX, postprocess_model
 from roadloop.serving.onnx_builder import dims
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def build_serving_graph(
     precision: Precision = "fp32",
     max_candidates: int = MAX_CANDIDATES,
     resize: ResizeMode = "float",
+    nms_chunk: int = NMS_CHUNK,
 ) -> ServingGraphInfo:
     """Compose preprocess → ``detector_path`` → NMS into ``out_path`` for ``frame_hw`` frames.
 
@@ -120,7 +121,8 @@ def build_serving_graph(
     serves one camera resolution: cameras of another size need a graph of their own.
     ``resize`` chooses how the frames are scaled down (``_preprocess_model``): ``"float"``
     (the default), ``"uint8_first"`` (faster on CPU; wrong on ONNX Runtime's CUDA provider,
-    where ``ServingSession`` refuses it) or ``"separable"``.
+    where ``ServingSession`` refuses it) or ``"separable"``. ``nms_chunk`` images share one
+    NonMaxSuppression row when the batch is a multiple of it (``roadloop.serving.nms``).
     """
     detector_path, out_path = Path(detector_path), Path(out_path)
     fh, fw = (int(v) for v in frame_hw)
@@ -128,8 +130,8 @@ def build_serving_graph(
         raise ValueError(f"frame_hw must be positive, got {frame_hw}")
     if not 0.0 <= conf_threshold < 1.0 or not 0.0 <= iou_threshold <= 1.0:
         raise ValueError("conf_threshold must be in [0, 1) and iou_threshold in [0, 1]")
-    if max_detections < 1 or max_candidates < 1:
-        raise ValueError("max_detections and max_candidates must be >= 1")
+    if max_detections < 1 or max_candidates < 1 or nms_chunk < 1:
+        raise ValueError("max_detections, max_candidates and nms_chunk must be >= 1")
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     if resize not in RESIZE_MODES:
@@ -174,6 +176,7 @@ def build_serving_graph(
         max_det=int(max_detections),
         max_candidates=int(max_candidates),
         like=detector,
+        nms_chunk=int(nms_chunk),
     )
     # Detector tensors get a prefix so that no name of ours can collide with an export's.
     det_in = detector.graph.input[0].name
@@ -194,6 +197,7 @@ def build_serving_graph(
             "serving_iou": repr(float(iou_threshold)),
             "serving_max_det": str(k),
             "serving_max_candidates": str(min(int(max_candidates), anchors)),
+            "serving_nms_chunk": str(int(nms_chunk)),
             "serving_resize": resize,
             "serving_source_sha256": source_sha256,
         }
