@@ -24,8 +24,15 @@ from pathlib import Path
 def temp_sibling(path: Path, suffix: str = "") -> Path:
     """A unique ``.<name>.tmp-<random><suffix>`` in ``path``'s folder (same file system, so the
     rename is atomic; the frame store's consistency check recognises the ``.tmp-`` mark)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}{suffix}")
+    return Path(_temp_name(os.fspath(path), suffix))
+
+
+def _temp_name(path: str, suffix: str = "") -> str:
+    """``temp_sibling`` on a ``str`` path: what ``write_bytes_atomic`` uses, since the gateway
+    writes two files per frame through it and building ``Path`` objects and a UUID there cost
+    more than the system calls (measured: 8 µs of Python a file)."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.tmp-{os.urandom(6).hex()}{suffix}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -76,10 +83,10 @@ def write_bytes_atomic(
     ``durable=True`` fsyncs the data before the rename; ``mode`` sets the permissions from the
     first byte on (a key or token is never readable by others, not even briefly).
     """
-    path = Path(path)
+    path = os.fspath(path)
     if parents:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = _temp_name(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
         # os.write on the descriptor, not a buffered file object: the gateway writes two
@@ -98,7 +105,10 @@ def write_bytes_atomic(
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
 
 
