@@ -68,7 +68,7 @@ PRE_SHAPE_OPS = ("Shape", "Slice", "Concat")
 # Where the postprocessing is cut: decoded boxes and best class, the candidates (when the
 # model has more anchors than enter NMS), the offset boxes, NMS, the dense scores, the final
 # TopK; each name is a node output without the prefix, skipped where the graph has none.
-POST_CUTS = ("best_score2", "cand_1", "shifted", "selected", "dense", "topk_0")
+POST_CUTS = ("best_score2", "cand_0", "shifted", "selected", "dense", "topk_0")
 
 
 def _pre_step(node: onnx.NodeProto) -> bool:

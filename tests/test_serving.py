@@ -453,3 +453,19 @@ def test_graph_split_diagnostic_runs_on_cpu(overlap_detector: Path, tmp_path: Pa
             "counts_equal": True, "detections": 6, "candidate_detections": 6,
             "classes_equal": True, "max_box_diff_px": 0.0, "max_score_diff": 0.0}
     assert "| fp32 | 2 | `serving` |" in (tmp_path / "out" / "gpu_graph_split_cpu.md").read_text()
+
+
+def test_graph_split_cuts_the_postprocessing_at_every_named_step(overlap_detector: Path) -> None:
+    """With more anchors than enter NMS (a 640-px export has 8400) every cut point exists,
+    the candidates' TopK included; each cut is a model whose output is that step's tensor."""
+    import onnx
+
+    from benchmarks.gpu_graph_split import POST_CUTS, _post_step, cut_steps, post_model
+    from roadloop.serving import nms
+
+    post = post_model((720, 1280), (640, 640), 4, 8400, onnx.load(str(overlap_detector)))
+    cuts = cut_steps(post, nms.POST_PREFIX, _post_step)
+    assert [step for step, _ in cuts] == list(POST_CUTS)
+    for step, cut in cuts:
+        onnx.checker.check_model(cut)
+        assert cut.graph.output[0].name == nms.POST_PREFIX + step
