@@ -7,8 +7,9 @@ provider that runs the network (CUDA for a GPU box):
 
 ``frames`` uint8 ``[B, H, W, 3]`` BGR at one fixed camera resolution (what OpenCV decodes)
 → Cast → NCHW → BGR→RGB → Resize (bilinear, half-pixel, as ``cv2.resize``) → Round → ÷255
-→ Pad (grey 114/255, centred) → **the detector** (Ultralytics export, not NMS-fused, optionally
-converted to fp16 with fp32 I/O) → decode cx,cy,w,h → best class per anchor (as
+→ Pad (grey 114/255, centred) (the default ``resize``; ``letterbox`` has the others) →
+**the detector** (Ultralytics export, not NMS-fused, optionally converted to fp16 with fp32
+I/O) → decode cx,cy,w,h → best class per anchor (as
 Ultralytics' single-label NMS) → each image's best ``max_candidates`` anchors →
 ``NonMaxSuppression`` per (image, class), folded into few calls by coordinate offsets (see
 ``roadloop.serving.nms``) → top ``max_det`` per image → boxes mapped back through the
