@@ -9,11 +9,12 @@
 #   bash benchmarks/gpu_run.sh split   the same set-up, then where the serving graph's time goes
 #                                      and its candidate changes (benchmarks.gpu_graph_split)
 #                                      instead of the serving benchmark
-#   bash benchmarks/gpu_run.sh all     the same set-up, then three runs side by side: the serving
-#                                      benchmark with the graph's separable resize and as it
-#                                      ships (network, graph, direct and batched rows at batch 32,
-#                                      where the goal is not met), then the split; each run has
-#                                      its own time limit (SERVING_TIMEOUT, SPLIT_TIMEOUT)
+#   bash benchmarks/gpu_run.sh all     the same set-up, then: the serving benchmark as it ships
+#                                      (network, graph, direct and batched rows at batch 32, where
+#                                      the goal is not met), the split, and the serving benchmark
+#                                      again with the options benchmarks.gpu_pick finds paying in
+#                                      the split (none: skipped); each run has its own time limit
+#                                      (SERVING_TIMEOUT, SPLIT_TIMEOUT)
 #
 # Budget: the benchmark itself is stopped after BENCH_TIMEOUT s (default 360); the whole script
 # stays under 8 minutes. Extra arguments after "run" go to benchmarks.gpu_serving.
@@ -113,22 +114,29 @@ if [ "$mode" = split ]; then
 fi
 
 if [ "$mode" = all ]; then
-  # One call for issue 15's open question: does a cheaper resize take the batched path past
-  # 70 % of the network at 32, and where does the graph's time go.
-  rows="network,serving_graph,serving_direct,serving_batched"
-  for resize in separable float; do
-    name=gpu_serving_$resize
+  # One call for issue 15's open question: the serving path as it ships at batch 32, where the
+  # graph's time goes and which candidate pays (split), then the serving path end to end with
+  # what benchmarks.gpu_pick picked from the split, if anything paid.
+  serve() {  # serve NAME [gpu_serving options...]
+    local name=$1; shift
     timeout "${SERVING_TIMEOUT:-150}" "$PY" -m benchmarks.gpu_serving \
       --onnx "$STAGE/payload/detector_640.onnx" --video "$STAGE/payload/frames.mp4" \
-      --device cuda --precisions fp32,fp16 --batches 32 --engines "$rows" \
-      --seconds "${BENCH_SECONDS:-2}" --warmup 1 --name "$name" --resize "$resize" 2>&1 \
+      --device cuda --precisions fp32,fp16 --batches 32 \
+      --engines network,serving_graph,serving_direct,serving_batched \
+      --seconds "${BENCH_SECONDS:-2}" --warmup 1 --name "$name" "$@" 2>&1 \
       | grep -vE "^\|" | tail -12
     [ -n "${OUT:-}" ] && cp -f "benchmarks/results/$name.json" "benchmarks/results/$name.md" \
       "$OUT/" 2>/dev/null
-  done
-  [ -n "${OUT:-}" ] && cp -f "$CACHE/placement.log" "$OUT/" 2>/dev/null
+  }
+  serve gpu_serving_shipped
   run_split "${SPLIT_TIMEOUT:-200}" 32  # about 50 rows, 3 s each with the sessions' set-up
-  exit $?
+  picked=$("$PY" -m benchmarks.gpu_pick benchmarks/results/gpu_graph_split.json \
+    --why "$CACHE/pick.json")
+  [ -n "${OUT:-}" ] && cp -f "$CACHE/pick.json" "$OUT/" 2>/dev/null
+  echo "picked from the split: ${picked:-nothing pays}"
+  # shellcheck disable=SC2086  # the picked options are separate words
+  [ -n "$picked" ] && serve gpu_serving_picked $picked
+  exit 0
 fi
 
 timeout "${BENCH_TIMEOUT:-360}" "$PY" -m benchmarks.gpu_serving \

@@ -469,3 +469,40 @@ def test_graph_split_cuts_the_postprocessing_at_every_named_step(overlap_detecto
     for step, cut in cuts:
         onnx.checker.check_model(cut)
         assert cut.graph.output[0].name == nms.POST_PREFIX + step
+
+
+def test_gpu_pick_takes_only_candidates_that_pass_and_pay_in_every_precision(
+    tmp_path: Path,
+) -> None:
+    """``benchmarks.gpu_pick`` turns a split report into gpu_serving options: a candidate must
+    pass its check and be ≥ 3 % faster than what ships in each precision; pre and post are
+    picked apart; the H200 split of 2026-11-28 picks nothing."""
+    from benchmarks import gpu_pick
+
+    def rows(times: dict[str, tuple[float, float]]) -> list[dict]:
+        return [{"engine": e, "precision": p, "batch": 32, "p50_ms": t[i]}
+                for e, t in times.items() for i, p in enumerate(("fp16", "fp32"))]
+
+    same = {"counts_equal": True, "classes_equal": True, "max_box_diff_px": 0.0}
+    split = {
+        "rows": rows({"pre": (2.0, 2.0), "pre_separable": (1.5, 1.6),
+                      "post": (1.4, 1.4), "post_cand_1024": (1.0, 1.0),
+                      "post_chunk_16": (1.30, 1.32), "post_chunk_32_cand_1024": (1.37, 1.1)}),
+        "checks": {
+            **{f"pre_separable {p} b32": {"max_levels": 1.0} for p in ("fp16", "fp32")},
+            "post_cand_1024 fp16 b32": {**same, "max_box_diff_px": 477.0},  # fails in fp16
+            "post_cand_1024 fp32 b32": same,
+            **{f"post_chunk_16 {p} b32": same for p in ("fp16", "fp32")},
+            **{f"post_chunk_32_cand_1024 {p} b32": same for p in ("fp16", "fp32")},
+        },
+    }
+    args, why = gpu_pick.pick(split)
+    assert args == ["--resize", "separable", "--nms-chunk", "16"]
+    assert (why["pre"], why["post"]) == ("pre_separable", "post_chunk_16")
+    assert not why["candidates"]["post_chunk_32_cand_1024"]["pays"]  # 2 % in fp16 only
+    split["checks"]["pre_separable fp32 b32"] = {"max_levels": 255.0}  # wrong pixels
+    assert gpu_pick.pick(split)[0] == ["--nms-chunk", "16"]
+    measured = (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu_h200_split"
+                / "gpu_graph_split.json")
+    assert gpu_pick.main([str(measured), "--why", str(tmp_path / "why.json")]) == 0
+    assert json.loads((tmp_path / "why.json").read_text())["args"] == []
