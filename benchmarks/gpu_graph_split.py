@@ -198,10 +198,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out_md.write_text(markdown(doc))
 
     pre = letterbox.preprocess_model(frame_hw, input_hw, "B", detector)
-    u8_pre = letterbox.preprocess_model(frame_hw, input_hw, "B", detector,
-                                             resize="uint8_first")
+    u8_pre = letterbox.preprocess_model(frame_hw, input_hw, "B", detector, resize="uint8_first")
     separable_pre = letterbox.preprocess_model(frame_hw, input_hw, "B", detector,
-                                                    resize="separable")
+                                               resize="separable")
+    post = post_model(frame_hw, input_hw, nc, anchors, detector)  # fp32 in both precisions
     for precision in args.precisions:
         net_model = serving_graph.to_fp16(detector) if precision == "fp16" else detector
         serving_path = args.work / f"serving_{precision}.onnx"
@@ -216,8 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runners: dict[str, Runner] = {
             "network": Runner("network", net_model, args.device),
             "pre": Runner("pre", pre, args.device),
-            "post": Runner("post", post_model(frame_hw, input_hw, nc, anchors, detector),
-                           args.device),
+            "post": Runner("post", post, args.device),
             "serving": Runner("serving", serving_path, args.device),
             "pre_resize_u8": Runner("pre_resize_u8", u8_pre, args.device),
             "pre_separable": Runner("pre_separable", separable_pre, args.device),
@@ -236,8 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if precision == args.precisions[0]:  # pre and post are fp32 in both precisions
             cuts = [("pre", pre, letterbox.PRE_PREFIX, _pre_step),
                     ("pre_separable", separable_pre, letterbox.PRE_PREFIX, _pre_step),
-                    ("post", post_model(frame_hw, input_hw, nc, anchors, detector),
-                     nms.POST_PREFIX, _post_step)]
+                    ("post", post, nms.POST_PREFIX, _post_step)]
             for row, model, prefix, keep in cuts:
                 for step, cut in cut_steps(model, prefix, keep):
                     name = f"{row}_upto_{step}"
