@@ -42,7 +42,12 @@ from fleet import (
 )
 from fleet.config import GatewaySettings
 from fleet.metrics import MetricsMiddleware, RouteTemplates, metrics_response
-from fleet.ratelimit import BodyReadDeadline, BodySizeLimit, UnattributedLimit
+from fleet.ratelimit import (
+    BodyReadDeadline,
+    BodySizeLimit,
+    UnattributedLimit,
+    body_limit_setting,
+)
 from fleet.runtime import Clock, Gateway, GatewayDep
 from fleet.schemas import ErrorOut, Health
 
@@ -121,13 +126,7 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     app.state.gateway = gw
 
     def body_limit(path: str) -> int:
-        if path == "/v1/models":
-            return settings.max_model_bytes
-        if path in ("/v1/enroll", "/v1/token/refresh"):  # parsed before any credential
-            return settings.max_credential_json_bytes
-        if path == "/v1/frames/batch":
-            return settings.max_batch_bytes
-        return settings.max_request_bytes if path == "/v1/frames" else settings.max_json_bytes
+        return int(getattr(settings, body_limit_setting(path)))
 
     # Added innermost first: UnattributedLimit sees a request before the other two.
     app.add_middleware(BodyReadDeadline, idle_s=settings.body_idle_timeout_s,

@@ -274,13 +274,18 @@ def authenticate(
         raise deny(401, "device_revoked",
                    f"device {device.device_id} was revoked: enroll again with a new "
                    "enrollment token", **ids)
+    admin = tok.kind == TokenKind.admin.value  # no refresh token: an operator mints anew
     if tok.revoked_at is not None:
-        raise deny(401, "token_revoked", "access token was revoked: refresh it or enroll again",
-                   **ids)
+        raise deny(401, "token_revoked",
+                   "admin token was revoked: create a new one with `roadloop fleet admin-token "
+                   "create`" if admin else "access token was revoked: refresh it or enroll "
+                   "again", **ids)
     if tok.expires_at <= now:
         raise deny(401, "token_expired",
-                   f"access token expired at {tok.expires_at.isoformat()}: get a new one with "
-                   "POST /v1/token/refresh", **ids)
+                   f"{'admin' if admin else 'access'} token expired at "
+                   f"{tok.expires_at.isoformat()}: "
+                   + ("create a new one with `roadloop fleet admin-token create`" if admin
+                      else "get a new one with POST /v1/token/refresh"), **ids)
     scopes = frozenset(tok.scope_list)
     if not has_scope(scopes, scope):
         raise deny(403, "missing_scope",

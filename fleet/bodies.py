@@ -28,8 +28,9 @@ from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
 from python_multipart.exceptions import FormParserError
 from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fleet.bounds import MAX_JSON_DEPTH, MAX_JSON_VALUES, gateway_now
+from fleet.bounds import MAX_JSON_DEPTH, MAX_JSON_VALUES, gateway_now, unstorable_string
 
 _CHUNK = 1 << 15
 _QUOTE, _BACKSLASH, _COMMA = 0x22, 0x5C, 0x2C
@@ -104,10 +105,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def loads(raw: bytes | str, what: str = "body", max_values: int = MAX_JSON_VALUES) -> Any:
+def loads(raw: bytes | str, what: str = "body", max_values: int = MAX_JSON_VALUES, *,
+          check_strings: bool = True) -> Any:
     """Parse a JSON text within the bounds, or raise ``JsonRejected`` (a bad text raises
     ``json.JSONDecodeError`` as ``json.loads`` does). ``max_values``: a larger bound for a
-    text that carries several bodies' worth (a frame batch's manifest)."""
+    text that carries several bodies' worth (a frame batch's manifest), whose caller checks
+    the strings of each body itself (``check_strings=False``; ``fleet.bounds.text_problem``)."""
     if isinstance(raw, bytes):
         try:
             text = raw.decode("utf-8-sig")
@@ -122,7 +125,7 @@ def loads(raw: bytes | str, what: str = "body", max_values: int = MAX_JSON_VALUE
     if shape.values > max_values:  # bounds what json.loads spends on one body
         raise JsonRejected(f"{what} has more than {max_values} values")
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError:
         raise
     except JsonRejected as exc:
@@ -132,6 +135,14 @@ def loads(raw: bytes | str, what: str = "body", max_values: int = MAX_JSON_VALUE
                            "(integers must fit 64 bits)") from None
     except RecursionError:  # not reached: nesting is bounded above
         raise JsonRejected(f"{what} is nested too deeply") from None
+    # NUL and lone surrogates reach a string only through a \u escape (a raw control
+    # character is a JSON error, and UTF-8 cannot encode a surrogate) or, in text handed
+    # over already decoded, as themselves: other bodies need no walk.
+    if check_strings and ("\\u" in text or (data is not raw and not text.isascii())):
+        problem = unstorable_string(value)
+        if problem is not None:
+            raise JsonRejected(f"{what}: {problem}")
+    return value
 
 
 class BoundedJSONRequest(Request):
@@ -164,10 +175,26 @@ class BoundedJSONRoute(APIRoute):
         return bounded
 
 
-async def read_form(request: Request, **limits: Any) -> FormData:
-    """``request.form(**limits)``, with a malformed multipart body answered 422."""
+async def read_form(request: Request, *,
+                    part_too_large: Callable[[], HTTPException] | None = None,
+                    **limits: Any) -> FormData:
+    """``request.form(**limits)``, with a malformed multipart body answered 422 and a text
+    part over ``max_part_size`` 413 (``part_too_large()`` when given: the route's message).
+
+    Both the multipart parser's own errors and Starlette's 400s (no boundary, too many
+    files or fields, a part over the size limit) are mapped: the API's documented answer to
+    a body it cannot read is a 422, in the JSON error shape."""
     try:
         return await request.form(**limits)
     except FormParserError as exc:
         raise HTTPException(422, f"request body is not valid multipart/form-data ({exc}): send "
                             "the parts as multipart/form-data") from exc
+    except StarletteHTTPException as exc:
+        if exc.status_code != 400:  # e.g. the body limit's 413
+            raise
+        if "maximum size" in str(exc.detail):  # a text part over max_part_size
+            if part_too_large is not None:
+                raise part_too_large() from exc
+            raise HTTPException(413, f"a text part of the form is over its "
+                                f"{limits.get('max_part_size')}-byte limit") from exc
+        raise HTTPException(422, f"malformed multipart body: {exc.detail}") from exc

@@ -13,6 +13,9 @@ so that what the gateway does with an accepted value cannot fail.
 * Durations that become ``timedelta``s added to "now" (token lifetimes, stage holds) are capped
   far below the overflow: ``now + MAX_TOKEN_TTL_S`` stays before year 9999 for any clock before
   year 9998, and ``timedelta(seconds=MAX_HOLD_S)`` is nowhere near its 999999999-day limit.
+* Strings hold no NUL and no lone surrogate (``text_problem``: PostgreSQL cannot store the
+  first, UTF-8 cannot encode the second); request bodies are checked as they are parsed
+  (``fleet.bodies.loads``), typed strings and free-form JSON again at validation.
 * Strings and lists have a maximum length; free-form JSON (device ``hardware``, the heartbeat
   payload) a maximum depth, node count and string length (``check_json_value``). Request
   bodies are refused for nesting before they are parsed (``fleet.bodies``).
@@ -112,13 +115,35 @@ Coord = Annotated[float, Field(ge=-MAX_COORD, le=MAX_COORD, allow_inf_nan=False)
 SchemaVersion = Annotated[int, Field(ge=1, le=1000)]
 
 # --------------------------------------------------------------------------- strings
-Id = Annotated[str, Field(min_length=1, max_length=64)]  # device, camera, frame ids
-RolloutId = Annotated[str, Field(min_length=1, max_length=100)]
-Name = Annotated[str, Field(max_length=200)]  # model versions, labels
-ClassName = Annotated[str, Field(min_length=1, max_length=100)]
-Scope = Annotated[str, Field(min_length=1, max_length=32)]
-Reason = Annotated[str, Field(min_length=1, max_length=1000)]
-Action = Annotated[str, Field(min_length=1, max_length=64)]
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored, or None. PostgreSQL refuses NUL in a text value (and
+    ``\\u0000`` in JSONB), and a lone surrogate (``\\ud800``, legal as a JSON escape) has no
+    UTF-8 encoding: once stored, every answer that includes it fails to serialize."""
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000)"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone UTF-16 surrogate (a \\ud800-\\udfff escape not in a pair)"
+    return None
+
+
+def _plain_text(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+PlainText = AfterValidator(_plain_text)
+Id = Annotated[str, Field(min_length=1, max_length=64), PlainText]  # device, camera, frame ids
+RolloutId = Annotated[str, Field(min_length=1, max_length=100), PlainText]
+Name = Annotated[str, Field(max_length=200), PlainText]  # model versions, labels
+ClassName = Annotated[str, Field(min_length=1, max_length=100), PlainText]
+Scope = Annotated[str, Field(min_length=1, max_length=32), PlainText]
+Reason = Annotated[str, Field(min_length=1, max_length=1000), PlainText]
+Action = Annotated[str, Field(min_length=1, max_length=64), PlainText]
 
 
 # --------------------------------------------------------------------------- free-form JSON
@@ -157,6 +182,9 @@ def check_json_value(value: Any) -> Any:
             if len(v) > MAX_JSON_STRING:
                 raise ValueError(f"string at {_where(path)} is longer than {MAX_JSON_STRING} "
                                  "characters")
+            problem = text_problem(v)
+            if problem is not None:
+                raise ValueError(f"string at {_where(path)} {problem}")
         elif isinstance(v, (dict, list, tuple)):
             nodes += len(v)
             if nodes > MAX_JSON_NODES:
@@ -168,6 +196,9 @@ def check_json_value(value: Any) -> Any:
                     if not isinstance(k, str) or len(k) > MAX_JSON_KEY:
                         raise ValueError(f"object key at {_where(path)} is not a string of at "
                                          f"most {MAX_JSON_KEY} characters")
+                    problem = text_problem(k)
+                    if problem is not None:
+                        raise ValueError(f"object key at {_where(path)} {problem}")
                     stack.append((item, depth + 1, (path, k)))
             else:
                 stack.extend((item, depth + 1, (path, i)) for i, item in enumerate(v))
@@ -176,6 +207,27 @@ def check_json_value(value: Any) -> Any:
             kind = type(v).__name__
             raise ValueError(f"value at {_where(path)} is not JSON ({kind})")  # noqa: TRY004
     return value
+
+
+def unstorable_string(value: Any) -> str | None:
+    """The first string or object key in the parsed JSON ``value`` that ``text_problem``
+    refuses, as a message naming where it is; None when there is none. Iterative."""
+    stack: list[tuple[Any, _Path]] = [(value, None)]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            problem = text_problem(v)
+            if problem is not None:
+                return f"the string at {_where(path)} {problem}"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                problem = text_problem(k) if isinstance(k, str) else None
+                if problem is not None:
+                    return f"an object key at {_where(path)} {problem}"
+                stack.append((item, (path, k)))
+        elif isinstance(v, list):
+            stack.extend((item, (path, i)) for i, item in enumerate(v))
+    return None
 
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_value)]

@@ -12,8 +12,9 @@ something a device could have done, or one device could skew what the platform c
 * ``0 <= window_s <= HEARTBEAT_MAX_WINDOW_S``;
 * latency percentiles are finite, ``>= 0``, no longer than the longest window, and ordered
   ``p50 <= p95 <= p99`` (top-level ``latency_p*_ms`` and the nested ``latency_ms`` alike);
-* the ``shadow`` block (a candidate model's window) obeys the same rules, and its
-  ``agreement_f1`` lies in [0, 1];
+* the ``shadow`` block (a candidate model's window) obeys the same rules, its
+  ``agreement_f1`` lies in [0, 1] and its ``model_version`` is a string (or null), as are
+  ``rollout_id`` and ``update_status``: rollout health matches on them;
 * the per-frame histograms drift monitoring reads (``FRAME_HISTOGRAMS``), when present, are
   ``{bin_edges: increasing finite numbers, counts: one integer >= 0 per bin}`` whose counts
   sum to at most ``frames_processed`` (one value per frame; absent means 0).
@@ -170,6 +171,9 @@ def heartbeat_problems(payload: dict[str, Any]) -> list[str]:
         c.problems.append("latency_ms must be an object {p50, p95, p99}")
     for key in FRAME_HISTOGRAMS:
         _histogram(c, payload, key, (frames or 0) if frames_known else None)
+    for key in ("rollout_id", "update_status"):  # what rollout health matches on
+        if not isinstance(payload.get(key), (str, type(None))):
+            c.problems.append(f"{key} must be a string or null")
     shadow = payload.get("shadow")
     if isinstance(shadow, dict):
         s_frames = c.count(shadow, "frames", "shadow.", limit, why)
@@ -184,6 +188,9 @@ def heartbeat_problems(payload: dict[str, Any]) -> list[str]:
         c.number(shadow, "latency_p95_ms", "shadow.", 0.0, MAX_LATENCY_MS)
         c.number(shadow, "serving_latency_p95_ms", "shadow.", 0.0, MAX_LATENCY_MS)
         c.number(shadow, "agreement_f1", "shadow.", 0.0, 1.0)
+        if not isinstance(shadow.get("model_version"), (str, type(None))):
+            c.problems.append("shadow.model_version must be a string or null (the candidate "
+                              "model's version)")
     elif shadow is not None:
         c.problems.append("shadow must be an object or null")
     return c.problems

@@ -41,7 +41,6 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet.auth import DevicePrincipal, Principal
 from fleet.auth_first import AuthFirstRoute
@@ -95,14 +94,8 @@ async def read_upload(request: Request, settings: GatewaySettings) -> tuple[str,
     ``image`` must be a file part (a text field is re-encoded by the form parser).
     """
     limit = settings.max_metadata_bytes
-    try:
-        form = await read_form(request, max_files=2, max_fields=4, max_part_size=limit)
-    except StarletteHTTPException as exc:
-        if exc.status_code != 400:  # e.g. the body limit's 413
-            raise
-        if "maximum size" in str(exc.detail):  # a text part over max_part_size
-            raise metadata_too_large(limit) from exc
-        raise HTTPException(422, f"malformed multipart body: {exc.detail}") from exc
+    form = await read_form(request, max_files=2, max_fields=4, max_part_size=limit,
+                           part_too_large=lambda: metadata_too_large(limit))
     try:
         image = form.get("image")
         metadata = form.get("metadata")
@@ -259,6 +252,13 @@ def store_frames(gw: Gateway, principal: Principal,
                     503, f"gateway could not record frame {frame.meta.frame_id} ({exc}); "
                     "retry later — the frame is not acknowledged")
             return outcomes
+        except Exception:
+            # Not a database that is down (that is CommitFailed, and a retry finds the files
+            # in place): the rows themselves were refused, and would be again. Files left
+            # without a row would be turned into rows by the start-up reconcile, so remove
+            # what this request wrote; the error itself is the 500 it is.
+            _drop_files_written(gw, pending)
+            raise
         _drop_unstored_copies(gw, pending, inserted, stored_paths)
     for (i, frame, _, _), ok in zip(pending, inserted, strict=True):
         if ok:
@@ -268,6 +268,19 @@ def store_frames(gw: Gateway, principal: Principal,
             stats.count("frames_duplicate")
             outcomes[i] = HTTPException(409, f"frame {frame.meta.frame_id} already stored")
     return outcomes
+
+
+def _drop_files_written(gw: Gateway,
+                        pending: list[tuple[int, CheckedFrame, FrameWrite, str]]) -> None:
+    """Remove the frames this request wrote (not those it found already stored)."""
+    for _, frame, written, rel in pending:
+        if written.already_existed:
+            continue
+        try:
+            gw.store.remove_frame(written.path)
+        except OSError:
+            logger.exception("could not remove %s, written for frame %s/%s whose row was "
+                             "refused", rel, frame.record.camera_id, frame.record.frame_id)
 
 
 def _drop_unstored_copies(gw: Gateway, pending: list[tuple[int, CheckedFrame, FrameWrite, str]],

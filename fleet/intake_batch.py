@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from fleet.auth import DevicePrincipal, Principal
 from fleet.auth_first import AuthFirstRoute
 from fleet.bodies import JsonRejected, loads
-from fleet.bounds import MAX_JSON_VALUES
+from fleet.bounds import MAX_JSON_VALUES, unstorable_string
 from fleet.config import GatewaySettings
 from fleet.intake import (
     CheckedFrame,
@@ -87,7 +87,7 @@ def split_batch(body: bytes, settings: GatewaySettings) -> list[tuple[Any, bytes
         raise _bad(f"the manifest length {length} runs past the end of the body")
     try:
         manifest = loads(body[_PREFIX.size:end], "manifest",
-                         max_values=MAX_JSON_VALUES * max_frames)
+                         max_values=MAX_JSON_VALUES * max_frames, check_strings=False)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _bad(f"the manifest is not valid JSON ({exc})") from exc
     except JsonRejected as exc:
@@ -129,7 +129,16 @@ def _metadata(gw: Gateway, principal: Principal, raw: Any, image: bytes,
     if len(image) > settings.max_request_bytes:
         raise HTTPException(413, BodyTooLarge(settings.max_request_bytes).detail)
     text = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
-    if len(text.encode("utf-8", "surrogatepass")) > settings.max_metadata_bytes:
+    try:
+        size = len(text.encode("utf-8"))
+        suspect = "\\u0000" in text  # json.dumps escapes NUL even with ensure_ascii=False
+    except UnicodeEncodeError:  # a lone surrogate
+        size, suspect = len(text.encode("utf-8", "surrogatepass")), True
+    if suspect:  # this frame alone: the manifest was parsed without the string check
+        problem = unstorable_string(raw)
+        if problem is not None:
+            raise HTTPException(422, f"metadata: {problem}")
+    if size > settings.max_metadata_bytes:
         raise metadata_too_large(settings.max_metadata_bytes)
     with gw.stats.span("parse_metadata"):
         return validate_metadata(raw)
@@ -232,7 +241,9 @@ async def post_frame_batch(
                             f"not {ctype or 'none'} (multipart goes to POST /v1/frames)")
     with gw.stats.span("read_batch"):
         body = await request.body()
-        entries = split_batch(body, gw.settings)
+    # Off the event loop: a manifest may hold up to max_batch_frames bodies' worth of JSON
+    # values (~0.1 s of parsing at the limit), and the loop serves every other request.
+    entries = await run_in_threadpool(split_batch, body, gw.settings)
     del body
     result, retry_after = await run_in_threadpool(store_batch, gw, principal, entries)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None

@@ -3,6 +3,7 @@
 A file enters only after its bytes hash to the manifest's SHA-256 and match its size; it is
 written to a temp file in the same folder, fsynced and renamed (``roadloop.fsutil.atomic_path``),
 so a crash or a bad upload never leaves a partial model where agents download from.
+``ModelFileResponse`` serves one, whole or by byte ranges.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import logging
 import re
 from pathlib import Path
 from typing import BinaryIO
+
+from fastapi.responses import FileResponse
+from starlette.types import Receive, Scope, Send
 
 from roadloop.fsutil import atomic_path, fsync_dir
 
@@ -67,3 +71,34 @@ class ModelStore:
         fsync_dir(self.root)
         logger.info("stored model %s (%d bytes)", final.name, n)
         return final
+
+
+_BYTE_RANGE = re.compile(r"\s*(?:(\d+)-(\d*)|-(\d+))\s*")
+
+
+def valid_byte_ranges(value: str) -> bool:
+    """``value`` is a ``Range`` header this route serves: ``bytes=`` and one or more
+    ``first-last``, ``first-`` or ``-suffix`` specs, with ``last >= first`` (RFC 9110 14.1.2:
+    otherwise the spec is invalid)."""
+    unit, sep, specs = value.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return False
+    for spec in specs.split(","):
+        m = _BYTE_RANGE.fullmatch(spec)
+        if m is None or (m[2] and int(m[2]) < int(m[1])):
+            return False
+    return True
+
+
+class ModelFileResponse(FileResponse):
+    """A model file whose ``Range`` header, when invalid (another unit, ``bytes=9-0``,
+    ``bytes=abc``), is ignored and the whole file served, as RFC 9110 14.2 allows; Starlette
+    would answer a plain-text 400 that no client here expects. A valid range past the end
+    of the file is still a 416."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope.get("headers") or []
+        if any(k == b"range" and not valid_byte_ranges(v.decode("latin-1"))
+               for k, v in headers):
+            scope = {**scope, "headers": [(k, v) for k, v in headers if k != b"range"]}
+        await super().__call__(scope, receive, send)

@@ -152,15 +152,39 @@ def enforce_rate_limit(gw: LimitedGateway, principal: Caller) -> None:
         raise refusal
 
 
+def body_limit_setting(path: str) -> str:
+    """The ``GatewaySettings`` field that caps a request body on ``path``."""
+    if path == "/v1/frames":
+        return "max_request_bytes"
+    if path == "/v1/frames/batch":
+        return "max_batch_bytes"
+    if path == "/v1/models":
+        return "max_model_bytes"
+    if path in ("/v1/enroll", "/v1/token/refresh"):  # parsed before any credential
+        return "max_credential_json_bytes"
+    return "max_json_bytes"
+
+
+_TOO_LARGE_ADVICE = {
+    "max_request_bytes": "send a smaller image",
+    "max_batch_bytes": "send fewer frames per batch",
+    "max_model_bytes": "the model file is larger than this gateway accepts",
+    "max_credential_json_bytes": "send only the documented fields",
+    "max_json_bytes": "send a smaller JSON body",
+}
+
+
 class BodyTooLarge(HTTPException):
     """Raised from inside ``receive`` when a streamed body passes the cap (FastAPI re-raises
-    HTTPExceptions from body parsing, so the client gets a 413, not a 400/500)."""
+    HTTPExceptions from body parsing, so the client gets a 413, not a 400/500). The message
+    names the cap that applies (``setting``, a ``GatewaySettings`` field)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, setting: str = "max_request_bytes") -> None:
+        advice = _TOO_LARGE_ADVICE.get(setting, "send a smaller body")
         super().__init__(
             status_code=413,
-            detail=f"request body is larger than the {limit}-byte limit; send a smaller image "
-            "(or raise ROADLOOP_GATEWAY_MAX_REQUEST_BYTES on the gateway)",
+            detail=f"request body is larger than the {limit}-byte limit; {advice} (or raise "
+            f"ROADLOOP_GATEWAY_{setting.upper()} on the gateway)",
         )
 
 
@@ -176,7 +200,8 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope.get("path", ""))
+        path = scope.get("path", "")
+        limit, setting = self.limit_for(path), body_limit_setting(path)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -185,7 +210,8 @@ class BodySizeLimit:
                     await _send_json(send, 400, "Content-Length is not an integer")
                     return
                 if declared > limit:
-                    await _send_json(send, 413, BodyTooLarge(limit).detail, close=True)
+                    await _send_json(send, 413, BodyTooLarge(limit, setting).detail,
+                                     close=True)
                     return
         received = 0
 
@@ -195,7 +221,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, setting)
             return message
 
         await self.app(scope, limited_receive, send)

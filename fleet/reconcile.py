@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
+from fleet.bounds import text_problem
 from fleet.db import Database, Device, FrameRow, stored_frame_paths
 from fleet.jpeg import JpegError, inspect_jpeg
 from roadloop.data.frames import ID_PATTERN, FrameRecord, FrameStore
@@ -144,6 +145,16 @@ def _reconcile_day(
         if rec.camera_id != camera_id or rec.frame_id != stem:
             report.unreadable_sidecars += 1
             continue
+        unstorable = _unstorable(rec)
+        if unstorable is not None:
+            # Written by a gateway that let such a string through, whose insert then
+            # failed: never acknowledged, and a row for it would fail again (PostgreSQL),
+            # at every start.
+            logger.warning("reconcile: sidecar %s cannot become a row (%s)", sidecars[stem],
+                           unstorable)
+            report.unreadable_sidecars += 1
+            _remove_torn(store, images[stem], report)
+            continue
         image_path = images[stem]
         try:
             image = image_path.read_bytes()
@@ -187,6 +198,17 @@ def recovered_row(rec: FrameRecord, owner_device_id: str, path: str, image: byte
         "importance": rec.importance, "reasons": rec.reasons,
         "n_detections": len(rec.detections), "recovered": True,
     }
+
+
+def _unstorable(rec: FrameRecord) -> str | None:
+    """Why the record's strings cannot go into a ``frames`` row, or None."""
+    texts = {"source": rec.source, "model_version": rec.model_version or ""}
+    texts.update({f"reasons[{i}]": r for i, r in enumerate(rec.reasons)})
+    for field, text in texts.items():
+        problem = text_problem(text)
+        if problem is not None:
+            return f"{field} {problem}"
+    return None
 
 
 def _whole_jpeg(image: bytes, rec: FrameRecord) -> bool:

@@ -256,19 +256,25 @@ class _DeviceHealth:
         return sum(v * w for v, w in self.f1) / total if total > 0 else None
 
 
+def _text(value: Any) -> str | None:
+    """``value`` when it is a string: a stored payload is JSON as the agent sent it (rows from
+    before the plausibility checks included), and a list is not hashable."""
+    return value if isinstance(value, str) else None
+
+
 def _sample(p: dict[str, Any], stage: Stage, rollout_id: str, model_ids: set[str]) -> tuple[float, float, float | None, float | None] | None:
     """``(frames, errors, P95 latency, shadow F1)`` of a heartbeat about the new model."""
     if stage.mode == "shadow":
         sh = p.get("shadow")
         if not isinstance(sh, dict):
             return None
-        if sh.get("model_version") not in model_ids and p.get("rollout_id") != rollout_id:
+        if _text(sh.get("model_version")) not in model_ids and p.get("rollout_id") != rollout_id:
             return None
         return (_num(sh.get("frames")) or 0.0, _num(sh.get("errors")) or 0.0,
                 _num(sh.get("latency_p95_ms")), _num(sh.get("agreement_f1")))
     if p.get("update_status") in FAILED_UPDATE_STATUSES:
         return None
-    on_new = (p.get("model_version") in model_ids
+    on_new = (_text(p.get("model_version")) in model_ids
               or (p.get("rollout_id") == rollout_id
                   and p.get("update_status") in (None, "serving")))
     if not on_new:

@@ -31,7 +31,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
@@ -56,7 +55,7 @@ from fleet.auth_first import (
 from fleet.bodies import JsonRejected, loads, read_form
 from fleet.bounds import RolloutId
 from fleet.db import ModelManifestRow, RolloutRow, RolloutStatus
-from fleet.models_store import ModelFileRejected
+from fleet.models_store import ModelFileRejected, ModelFileResponse
 from fleet.ratelimit import enforce_rate_limit
 from fleet.rollout_db import (
     advance,
@@ -522,14 +521,15 @@ def get_manifest(request: Request, principal: DeviceReader, gw: GatewayDep) -> R
 
 @device.get("/v1/models/{sha256}", responses={**_ERRORS, 206: {"description": "partial"},
                                               416: {"description": "range not satisfiable"}})
-def download_model(sha256: str, principal: ModelReader, gw: GatewayDep) -> FileResponse:
+def download_model(sha256: str, principal: ModelReader, gw: GatewayDep) -> ModelFileResponse:
     """A published model file (``Range`` requests answered with 206)."""
     store = gw.models
     if not store.has(sha256):
         raise HTTPException(404, f"no model {sha256} on this gateway")
     gw.stats.count("model_downloads")
-    response = FileResponse(store.path_for(sha256), media_type="application/octet-stream",
-                            headers={"ETag": f'"{sha256}"', "Cache-Control": "no-cache"})
+    response = ModelFileResponse(store.path_for(sha256),
+                                 media_type="application/octet-stream",
+                                 headers={"ETag": f'"{sha256}"', "Cache-Control": "no-cache"})
     response.chunk_size = 1 << 20  # 1 MiB reads: fewer thread hops per download
     return response
 

@@ -9,6 +9,7 @@ numbers finite and ≥ 0, speeds ≤ 400 km/h, ``covered_s ≤ interval_s``, unk
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -38,6 +39,7 @@ MAX_CLASSES = 32
 GeometryName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_. -]{1,64}$")]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 RecordId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+_RECORD_SUFFIX = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}")  # after "<camera_id>."
 Speed = Annotated[float, Field(ge=0.0, le=MAX_SPEED_KMH, allow_inf_nan=False)]
 Seconds = Annotated[float, Field(ge=0.0, le=MAX_SECONDS, allow_inf_nan=False)]
 Pcu = Annotated[float, Field(ge=0.0, le=MAX_PCU, allow_inf_nan=False)]
@@ -129,9 +131,13 @@ class TrafficIntervalIn(_Strict):
         if self.covered_s > self.interval_s:
             raise ValueError(f"covered_s {self.covered_s} is longer than interval_s "
                              f"{self.interval_s}")
-        if not self.record_id.startswith(f"{self.camera_id}."):
-            raise ValueError(f"record_id {self.record_id!r} must start with the camera_id "
-                             f"'{self.camera_id}.'")
+        # Camera ids may hold dots: "cam-a" must not take "cam-a.b.<s>.<ms>", the id space
+        # of camera "cam-a.b", so what follows the camera id is exactly two integers.
+        prefix = f"{self.camera_id}."
+        if not (self.record_id.startswith(prefix)
+                and _RECORD_SUFFIX.fullmatch(self.record_id[len(prefix):])):
+            raise ValueError(f"record_id {self.record_id!r} must be '{self.camera_id}."
+                             "<interval start, unix s>.<agent run, ms>'")
         start = self.interval_start
         if start.microsecond or int(start.timestamp()) % self.interval_s:
             raise ValueError(f"interval_start {start.isoformat()} is not aligned to "

@@ -520,6 +520,21 @@ def test_manifest_etag_304_and_range_download(env: Env) -> None:
     assert part.status_code == 206 and part.content == data[4000:]
     assert part.headers["content-range"] == f"bytes 4000-9999/{len(data)}"
     assert env.client.get(url, headers={**bearer(tok), "Range": "bytes=20000-"}).status_code == 416
+    # An invalid Range (RFC 9110: last before first, not bytes, not numbers) is ignored: the
+    # whole file, not Starlette's plain-text 400.
+    for bad in ("bytes=9-0", "bytes=abc", "lines=0-5", "bytes=", "bytes=1-2,x"):
+        r = env.client.get(url, headers={**bearer(tok), "Range": bad})
+        assert r.status_code == 200 and r.content == data, (bad, r.status_code, r.text[:80])
+    two = env.client.get(url, headers={**bearer(tok), "Range": "bytes=0-1, -2"})
+    assert two.status_code == 206
+    # A broken multipart body to POST /v1/models is the API's 422, not Starlette's 400; a
+    # manifest part over its 256 KiB cap is a 413.
+    r = env.client.post("/v1/models", content=b"--X\r\n",
+                        headers={**bearer(env.admin), "Content-Type": "multipart/form-data"})
+    assert r.status_code == 422 and "multipart" in r.json()["detail"], r.text
+    r = env.post("/v1/models", data={"manifest": "x" * (256 * 1024 + 1)},
+                 files={"file": ("m.onnx", b"x")})
+    assert r.status_code == 413 and "limit" in r.json()["detail"], r.text
     assert env.get("/v1/models/" + "0" * 64, tok).status_code == 404
     assert env.client.get(url).status_code == 401
 
