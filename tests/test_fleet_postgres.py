@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from roadloop.data.frames import FrameRecord, FrameStore
 
 from . import test_fleet_gateway as gateway_tests
 from .test_fleet_gateway import (
@@ -112,3 +115,31 @@ def test_bare_postgresql_url_uses_the_installed_driver(postgres_server: Any) -> 
 def test_database_url_is_used_not_sqlite(pg_env: Any) -> None:
     home = Path(pg_env.settings.home)
     assert not (home / "fleet" / "fleet.db").exists()
+
+
+def test_nul_is_a_422_and_a_nul_orphan_does_not_stop_a_restart(
+        postgres_server: Any, make_env: Any, frame_jpeg: bytes) -> None:
+    """PostgreSQL cannot store NUL in text: such a value was a 500 that left the frame's
+    files without a row, and the start-up reconcile then failed to insert it at every start."""
+    url = postgres_server.new_database("fleet")
+    env = make_env("pg-home", database_url=url)
+    dev = env.enroll()
+    text = json.dumps(meta("f-nul")).replace('"model_version": "sha256:abc"',
+                                                           '"model_version": "m\\u0000"')
+    assert "\\u0000" in text
+    assert_clear_4xx(post_frame(env.client, dev["access_token"], text, frame_jpeg), 422, "NUL")
+    hb = _hb("cam-a", T0)
+    hb["model_version"] = "m\x00"
+    r = env.client.post("/v1/heartbeats", json=hb, headers=bearer(dev["access_token"]))
+    assert_clear_4xx(r, 422, "NUL")
+    # a frame an older gateway left behind (files written, insert refused)
+    store = FrameStore(env.settings.frame_store)
+    orphan = FrameRecord(frame_id="f-orphan", camera_id="cam-a", captured_at=T0,
+                         source=f"agent:{dev['device_id']}", width=meta("x")["width"],
+                         height=meta("x")["height"], model_version="m\x00")
+    path = store.write_frame(orphan, frame_jpeg).path
+    env.client.__exit__(None, None, None)
+    env2 = make_env("pg-home", database_url=url)  # restart on the same database
+    assert env2.rows() == [] and not path.exists()
+    ok = post_frame(env2.client, dev["access_token"], meta("f-ok"), frame_jpeg)
+    assert ok.status_code == 201, ok.text
