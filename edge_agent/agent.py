@@ -173,6 +173,9 @@ class AgentConfig:
     heartbeat_interval_s: float = 30.0
     realtime: bool = True
     loop: bool = False
+    # The clock of a folder of images (they carry no timestamps): tracking, speeds and every
+    # time rule read it, so it must be the rate the images were taken at.
+    image_fps: float = 5.0
     conf_threshold: float = 0.25
     iou_threshold: float = 0.7
     intra_op_threads: int | None = None
@@ -237,6 +240,7 @@ class AgentSummary:
     traffic_records_sent: int = 0  # acknowledged by the gateway (201, or 409: already stored)
     traffic_records_left: int = 0  # still queued at exit: sent on the next start
     frames_withheld: int = 0  # sampled but not queued: redaction unavailable or failed
+    source_read_errors: int = 0  # unreadable images, a file that ended short of its length
     redaction_error: str | None = None
     final_model_version: str = ""  # sha256 of the model serving at the end
     update_status: str = "disabled"  # the updater's status at the end (disabled: no key)
@@ -408,7 +412,8 @@ class EdgeAgent:
         self.detector = detector
         if cfg.model_public_key:  # a bad explicit key is an input error: fail before anything
             load_public_key(cfg.model_public_key)
-        source = open_source(cfg.source, realtime=cfg.realtime, loop=cfg.loop)
+        source = open_source(cfg.source, realtime=cfg.realtime, loop=cfg.loop,
+                             image_fps=cfg.image_fps)
         self._enroll(self.client)
         device_id = self.client.identity.device_id if self.client.identity else ""
         self.slot = ModelSlot(detector)
@@ -467,6 +472,10 @@ class EdgeAgent:
             if self.updater is not None:
                 self.updater.stop(cfg.http_timeout_s + 5)
             summary.frames_dropped = reader.dropped
+            summary.source_read_errors = source.stats.read_errors
+            if (summary.stopped_by == "end_of_source" and summary.frames_processed == 0
+                    and source.stats.read_errors):  # nothing in it could be read
+                summary.stopped_by = "source_error"
             if self.traffic is not None:  # the interval in progress, as a partial record
                 self._queue_records(self.traffic.close())
                 self.traffic.clear_checkpoint()
@@ -822,6 +831,8 @@ class EdgeAgent:
             payload = hb.to_dict()
             payload["redaction_error"] = self.redaction_error  # why nothing is uploaded
             payload["frames_withheld"] = self.summary.frames_withheld if self.summary else 0
+            # the geometry in force does not fit the stream: counting is off (traffic.stage)
+            payload["traffic_error"] = self.traffic.error if self.traffic is not None else None
             self._pending_heartbeats.append(json.dumps(payload, separators=(",", ":"),
                                                        allow_nan=False))
             while self._pending_heartbeats:

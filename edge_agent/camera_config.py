@@ -105,7 +105,10 @@ class EffectiveSampling:
 def _number(value: Any, where: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where} must be a number, got {value!r}"[:200])  # noqa: TRY004
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an integer beyond any float: out of range like infinity
+        v = math.inf
     if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
         low = f"> {lo:g}" if lo_open else f">= {lo:g}"
         raise ValueError(f"{where} must be {low} and <= {hi:g}, got {value!r}")

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pace files at their fps and drop stale frames (default) or read as fast as possible",
     )
     run.add_argument("--loop", action="store_true", help="replay a file source forever")
+    run.add_argument("--image-fps", type=float, default=5.0,
+                     help="the rate a folder of images was taken at (frames/s): its clock for "
+                     "tracking and speeds")
     run.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
     run.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
     run.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -350,6 +353,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         heartbeat_interval_s=args.heartbeat_interval,
         realtime=args.realtime,
         loop=args.loop,
+        image_fps=args.image_fps,
         conf_threshold=args.conf,
         iou_threshold=args.iou,
         intra_op_threads=args.threads,
@@ -389,6 +393,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for sig, prev in previous_handlers.items():
             signal.signal(sig, prev)
     print(json.dumps(summary.to_dict()), flush=True)
+    if summary.stopped_by == "source_error":  # a supervisor should see it, and restart
+        print("error: the frame source failed or gave no readable frame "
+              f"({summary.source_read_errors} read errors; the log names them)", file=sys.stderr)
+        return 1
     return 0
 
 

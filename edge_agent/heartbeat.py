@@ -66,6 +66,11 @@ last_upload_at                    time of the last acknowledged upload (``null``
 frame_width, frame_height         pixel size of the newest frame the detector took (``null``
                                   before the first one; added without a version change): the
                                   gateway picks the model input shape that fits the camera.
+traffic_error                     ``{version, reason}`` while the traffic geometry in force
+                                  was drawn for a view of another shape than the stream
+                                  (``edge_agent.traffic.stage.geometry_misfit``): counting is
+                                  off; ``null`` otherwise (added by the agent loop, no
+                                  version change).
 ================================  ===========================================================
 
 The three frame-level histograms (drift monitoring compares distributions, not just window

@@ -18,6 +18,7 @@ File sources can be paced at the video's fps (``realtime=True``) or read as fast
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,12 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
+# A video file's header fps is believed within these bounds (a broken time scale gives
+# 0.0025); outside them the file is timed at DEFAULT_FILE_FPS until its timestamps take over.
+MIN_FILE_FPS, MAX_FILE_FPS, DEFAULT_FILE_FPS = 1.0, 1000.0, 25.0
+# A pass through a file that yields fewer than this share of its header's frame count is
+# reported as cut short or damaged (counts are estimates in some containers: not exact).
+SHORT_FILE_SHARE = 0.9
 
 
 class SourceError(RuntimeError):
@@ -116,7 +123,13 @@ class VideoFileSource(FrameSource):
             self.frame_count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         finally:
             cap.release()
-        self.fps = float(fps) if fps and 0 < fps < 1000 else 25.0
+        if fps and MIN_FILE_FPS <= fps < MAX_FILE_FPS:
+            self.fps = float(fps)
+        else:  # absent, or a header no camera writes (a broken time scale, say)
+            logger.warning("%s: its header says %s frames/s; timing it at %g frames/s until "
+                           "its frame timestamps say otherwise", self.path.name,
+                           f"{fps:.4g}" if fps else "nothing", DEFAULT_FILE_FPS)
+            self.fps = DEFAULT_FILE_FPS
         self.realtime = realtime
         self.loop = loop
 
@@ -124,13 +137,19 @@ class VideoFileSource(FrameSource):
         return f"video {self.path.name} ({self.fps:.1f} fps, {self.frame_count} frames)"
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        """The file's frames, each with its media time: the container's own timestamp
+        (``CAP_PROP_POS_MSEC``) relative to the first frame, so a variable-frame-rate file
+        times its motion right; ``index / fps`` steps where a timestamp does not advance."""
         pacer = _Pacer(self.fps if self.realtime else None)
         index = 0
+        offset = 0.0  # media time at which this pass through the file starts (loop)
+        last: float | None = None
         while not stop.is_set():
             cap = cv2.VideoCapture(str(self.path))
             if not cap.isOpened():
                 raise SourceError(f"{self.path}: OpenCV cannot open it as a video")
             pos = 0
+            first_ms: float | None = None
             try:
                 while not stop.is_set():
                     pacer.wait(index, stop)
@@ -138,14 +157,33 @@ class VideoFileSource(FrameSource):
                     if not ok or image is None:
                         break
                     self.stats.frames_read += 1
-                    yield Frame(image, index, time.time(), f"video:{self.path.name}#{pos}",
-                                index / self.fps)
+                    ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+                    if first_ms is None and math.isfinite(ms):
+                        first_ms = ms
+                    t = (offset + (ms - first_ms) / 1000.0
+                         if first_ms is not None and math.isfinite(ms) else math.nan)
+                    if last is not None and not t > last:  # none, or not after the last
+                        t = last + 1.0 / self.fps
+                    elif last is None and not math.isfinite(t):
+                        t = offset
+                    last = t
+                    yield Frame(image, index, time.time(), f"video:{self.path.name}#{pos}", t)
                     index += 1
                     pos += 1
             finally:
                 cap.release()
+            self._check_whole(pos)
             if not self.loop or pos == 0:
                 return
+            offset = (last or 0.0) + 1.0 / self.fps
+
+    def _check_whole(self, frames: int) -> None:
+        """Say so when a pass ended well before the frame count the header gave: a file cut
+        short or damaged inside ends like a whole one otherwise."""
+        if self.frame_count > 0 and frames < SHORT_FILE_SHARE * self.frame_count:
+            self.stats.read_errors += 1
+            logger.warning("%s ended after %d of the %d frames its header lists: the file is "
+                           "cut short or damaged", self.path.name, frames, self.frame_count)
 
 
 class ImageFolderSource(FrameSource):
@@ -248,6 +286,9 @@ def open_source(
     spec: str, *, realtime: bool = True, loop: bool = False, image_fps: float = 5.0
 ) -> FrameSource:
     """A source from a CLI spec: a stream URL, a folder of images or a video file."""
+    if not spec.strip():
+        raise SourceError("the source is empty: give a video file, a folder of images or a "
+                          "stream URL")
     if spec.lower().startswith(STREAM_SCHEMES):
         return StreamSource(spec)
     path = Path(spec).expanduser()

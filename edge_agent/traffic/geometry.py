@@ -130,7 +130,10 @@ class TrafficConfig:
 def _number(value: Any, where: str, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where} must be a number, got {value!r}"[:200])  # noqa: TRY004
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an integer beyond any float: out of range like infinity
+        v = math.inf
     if not math.isfinite(v) or not lo <= v <= hi:
         raise ValueError(f"{where} must be between {lo:g} and {hi:g}, got {value!r}"[:200])
     return v
@@ -302,7 +305,18 @@ def _parse_zone(raw: Any, where: str, size: tuple[int, int]) -> Zone:
     name = _name(d.get("name"), f"{where}.name")
     pts = _list(d.get("polygon"), f"{where}.polygon", 3, MAX_POLYGON_POINTS)
     polygon = tuple(_point(p, f"{where}.polygon[{i}]", size) for i, p in enumerate(pts))
+    seen: dict[Point, int] = {}
+    for i, p in enumerate(polygon):  # checked first: a repeat also makes two edges "cross"
+        if p in seen:
+            closing = " (the polygon closes itself: do not repeat the first point)" \
+                if (seen[p], i) == (0, len(polygon) - 1) else ""
+            raise ValueError(f"{where} {name!r} polygon repeats a corner: points {seen[p]} and "
+                             f"{i} are both {list(p)}{closing}")
+        seen[p] = i
     crossing = polygon_self_intersection(polygon)
+    if crossing is not None and polygon_area(polygon) < 16.0 and _spread(polygon) < 1e-3:
+        raise ValueError(f"{where} {name!r} polygon has its points on one line: it encloses "
+                         "nothing")
     if crossing is not None:
         raise ValueError(f"{where} {name!r} polygon is self-intersecting (edges {crossing[0]} "
                          f"and {crossing[1]} cross)")

@@ -47,6 +47,30 @@ class _Frame(Protocol):
     image: Any
 
 
+# How far a stream's aspect ratio may differ from the geometry's frame_size before the
+# geometry is taken for another view. Same-view sizes differ by rounding and codec padding
+# (1920x1080 vs 1920x1088: 0.7 %; 640x360 vs 640x352: 2.3 %); a crop or a rotation is far
+# beyond (16:9 vs 4:3: 25 %).
+MAX_ASPECT_MISMATCH = 0.05
+
+
+def geometry_misfit(geometry: TrafficConfig, config_version: int, width: int,
+                    height: int) -> dict[str, Any] | None:
+    """``{version, reason}`` when ``geometry`` was drawn for a view of another shape than a
+    ``width x height`` stream, else None. Coordinates scale per axis (``scaled_to``), which
+    is right for the same view at another resolution and wrong for anything else: lines
+    land on other lanes and a stretched homography gives wrong speeds (a 1280x720 geometry
+    on a 1280x320 crop measured 166 km/h for ~90 km/h traffic), so counting is better off."""
+    w0, h0 = geometry.frame_size
+    ratio = (width / height) / (w0 / h0)
+    if abs(ratio - 1.0) <= MAX_ASPECT_MISMATCH:
+        return None
+    return {"version": config_version,
+            "reason": f"the traffic geometry was drawn on {w0}x{h0} frames (aspect "
+                      f"{w0 / h0:.2f}) but the stream is {width}x{height} ({width / height:.2f}): "
+                      "another view; counting is off until a geometry for this view is applied"}
+
+
 class TrafficStage:
     def __init__(self, camera_id: str, *, tracker: TrackerSettings | None = None,
                  checkpoint_path: Path | None = None, checkpoint_s: float = 10.0) -> None:
@@ -62,6 +86,9 @@ class TrafficStage:
         self._pending: list[dict[str, Any]] = []
         self.crossings_total = 0
         self.events_total = 0
+        # {version, reason} while the geometry in force does not fit the stream (heartbeats
+        # carry it as ``traffic_error``); None when it fits or there is none.
+        self.error: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -81,7 +108,11 @@ class TrafficStage:
         if key != self._key:
             self._pending.extend(self._close_segment())
             self._key = key
-            if geometry is not None:
+            self.error = None if geometry is None else geometry_misfit(geometry, config_version,
+                                                                       w, h)
+            if self.error is not None:
+                logger.error("traffic counting off: %s", self.error["reason"])
+            elif geometry is not None:
                 scaled = geometry.scaled_to(w, h)
                 self._counter = TrafficCounter(scaled, class_names, tracker=self.tracker_settings)
                 self._intervals = IntervalAccumulator(
@@ -93,7 +124,7 @@ class TrafficStage:
                             "(configuration version %d)", len(scaled.lines), len(scaled.zones),
                             ", speeds" if scaled.homography is not None else "",
                             scaled.interval_s, config_version)
-        if self._counter is None:
+        if self._counter is None or self.error is not None:
             return None
         return self._counter.update(detections, frame.stream_time)
 
