@@ -9,8 +9,9 @@ file system once per group commit) inherit what an earlier run left behind, in t
   the share of the last 10 s in which some task waited for the resource) says when the
   machine is quiet again; the load average lags by a minute and counts tasks in disk sleep
   the same as runnable ones.
-* **ext4's inode allocator.** A new file does not take an inode freed less than 60 s ago
-  (5 min while that inode's table block is still dirty): ``find_inode_bit`` walks past
+* **ext4's inode allocator** (without a journal, as this host's root file system is: with
+  one the check below is skipped). A new file does not take an inode freed less than 60 s
+  ago (5 min while that inode's table block is still dirty): ``find_inode_bit`` walks past
   each one, calling ``recently_deleted`` per inode, for every file it creates. Right after
   a run's frames are deleted, the next run's new files land in the same block groups (ext4
   puts new folders where most inodes are free) and every ``open(O_CREAT)`` pays that walk.

@@ -29,6 +29,7 @@ from fleet.ratelimit import KnownTokens, TokenBucketLimiter
 from fleet.reconcile import reconcile_frame_store
 from fleet.reconcile_objects import reconcile_object_store
 from roadloop.data.object_frames import S3FrameStore, open_frame_store
+from roadloop.fsutil import ext4_without_journal
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,13 @@ class Gateway:
         migrations.upgrade(self.db)
         assert self.settings.frame_store is not None
         self.settings.frame_store.mkdir(parents=True, exist_ok=True)
+        if self.store.is_local and ext4_without_journal(self.settings.frame_store):
+            logger.warning(
+                "the frame store %s is on ext4 without a journal: for a few minutes after a "
+                "mass deletion (retention) every new frame file walks past the freed inodes "
+                "(milliseconds a file), and after a power cut the file system needs a full "
+                "e2fsck; put the frame store on a journaled file system (docs/capacity.md)",
+                self.settings.frame_store)
         if not self.settings.reconcile_on_start:
             return
         if isinstance(self.store, S3FrameStore):

@@ -14,6 +14,7 @@ from roadloop.fsutil import (
     SyncFsHandle,
     atomic_path,
     create_exclusive,
+    ext4_without_journal,
     sha256_file,
     write_bytes_atomic,
     write_text_atomic,
@@ -203,3 +204,33 @@ def test_frame_store_arms_before_its_first_unsynced_write(
     fake_syncfs.fail_with = None
     store.sync()  # the frames stayed pending and are flushed again
     assert fake_syncfs.fds == [store._syncfs._fd] * 2
+
+
+def _fake_host(tmp_path: Path, target: Path, fstype: str, journal_task: str | None) -> tuple[Path, Path]:
+    """/proc/self/mountinfo and /sys entries describing ``target``'s device."""
+    st = os.stat(target)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    proc, sysfs = tmp_path / "proc", tmp_path / "sys"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "mountinfo").write_text(
+        f"22 1 0:99 / /other rw - tmpfs tmpfs rw\n"
+        f"23 1 {dev} / / rw,relatime shared:1 - {fstype} /dev/vdz rw,discard\n")
+    (sysfs / "devices" / "vdz").mkdir(parents=True)
+    (sysfs / "dev" / "block").mkdir(parents=True)
+    (sysfs / "dev" / "block" / dev).symlink_to(Path("..") / ".." / "devices" / "vdz")
+    if journal_task is not None:
+        (sysfs / "fs" / "ext4" / "vdz").mkdir(parents=True)
+        (sysfs / "fs" / "ext4" / "vdz" / "journal_task").write_text(journal_task + "\n")
+    return proc, sysfs
+
+
+@pytest.mark.parametrize(("fstype", "journal_task", "expected"), [
+    ("ext4", "<none>", True), ("ext4", "1234", False), ("xfs", None, False),
+    ("ext4", None, None)])
+def test_ext4_without_journal(tmp_path: Path, fstype: str, journal_task: str | None,
+                              expected: bool | None) -> None:
+    target = tmp_path / "frames"
+    target.mkdir()
+    proc, sysfs = _fake_host(tmp_path / "host", target, fstype, journal_task)
+    assert ext4_without_journal(target, proc=proc, sysfs=sysfs) is expected
+    assert ext4_without_journal(tmp_path / "missing", proc=proc, sysfs=sysfs) is None
