@@ -203,3 +203,31 @@ def test_an_expired_admin_token_says_how_to_get_a_new_one(env: Env) -> None:
     r = env.client.get("/v1/devices", headers=auth(token))
     assert_4xx(r, 401, "admin token expired", "roadloop fleet admin-token create")
     assert "refresh" not in r.json()["detail"]
+
+
+def test_a_large_manifest_pays_for_its_size_before_it_is_parsed(
+        make_env: Any, good: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token buys at most one metadata's worth of parsing: a 1-frame batch whose
+    manifest is 3 metadata limits long costs 3 tokens, refused as a whole (429) when the
+    device's bucket holds fewer; an agent's small manifest costs one token a frame."""
+    env = make_env(max_metadata_bytes=4000, rate_limit_burst=4, rate_limit_per_s=0.001)
+    parsed: list[int] = []
+    real = intake_batch.split_batch
+    monkeypatch.setattr(intake_batch, "split_batch",
+                        lambda body, settings: parsed.append(len(body)) or real(body, settings))
+
+    def batch(metas: list[dict[str, Any]]) -> Any:
+        manifest = json.dumps({"frames": [{"metadata": m, "image_bytes": len(good)}
+                                          for m in metas]})
+        body = struct.pack(">I", len(manifest)) + manifest.encode() + good * len(metas)
+        return env.client.post("/v1/frames/batch", content=body,
+                               headers={**auth(env.token), "Content-Type": BATCH_CONTENT_TYPE})
+
+    padded = meta("big") | {"padding": ["y" * 4000] * 2}
+    assert 8000 < len(json.dumps({"frames": [{"metadata": padded, "image_bytes": 1}]})) <= 12000
+    assert batch([meta("small")]).status_code == 200  # 1 token: 3 left
+    r = batch([padded])  # 3 tokens: 1 for the request, 2 for its manifest -> none left
+    assert r.status_code == 200 and r.json()["results"][0]["status"] == 413  # metadata too large
+    r = batch([meta("after")])
+    assert_4xx(r, 429, "rate limit")
+    assert len(parsed) == 2  # the refused request was not parsed
