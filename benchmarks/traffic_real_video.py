@@ -65,6 +65,21 @@ def read_frames(video: Path) -> tuple[list[np.ndarray], float]:
     return frames, float(fps)
 
 
+def line_axis(truth: dict[str, Any]) -> int:
+    """0 for a hand-count line along a pixel row (vehicles cross it moving up or down; their
+    extents are ``x``), 1 along a pixel column (moving left or right; extents ``y``)."""
+    (x0, y0), (x1, y1) = truth["line"]["start"], truth["line"]["end"]
+    if y0 == y1:
+        return 0
+    if x0 == x1:
+        return 1
+    raise ValueError("a hand-count line runs along a pixel row or a pixel column")
+
+
+def extent(t: dict[str, Any], axis: int) -> list[float]:
+    return t["x" if axis == 0 else "y"]
+
+
 def count(detections: list[list], truth: dict[str, Any], fps: float, step: int,
           class_names: list[str]) -> list[dict[str, Any]]:
     w, h = truth["frame_size"]
@@ -78,31 +93,35 @@ def count(detections: list[list], truth: dict[str, Any], fps: float, step: int,
         anchors = {t.track_id: t.anchor for t in out.confirmed}
         for c in out.crossings:
             found.append({"frame": index, "track_id": c.track_id, "direction": c.direction,
-                          "class_name": c.class_name, "x": round(anchors[c.track_id][0], 1)})
+                          "class_name": c.class_name, "x": round(anchors[c.track_id][0], 1),
+                          "y": round(anchors[c.track_id][1], 1)})
     return found
 
 
-def _fits(f: dict[str, Any], t: dict[str, Any], fps: float, step: int) -> bool:
+def _fits(f: dict[str, Any], t: dict[str, Any], fps: float, step: int, axis: int) -> bool:
     last = t.get("until", t["frame"]) + round(LATE_S * fps) + step
+    lo, hi = extent(t, axis)
+    where = f["x" if axis == 0 else "y"]
     return t["frame"] - round(EARLY_S * fps) <= f["frame"] <= last and \
-        t["x"][0] - X_MARGIN <= f["x"] <= t["x"][1] + X_MARGIN
+        lo - X_MARGIN <= where <= hi + X_MARGIN
 
 
 def match(found: list[dict[str, Any]], truth: list[dict[str, Any]],
-          ambiguous: list[dict[str, Any]], fps: float, step: int) -> dict[str, Any]:
+          ambiguous: list[dict[str, Any]], fps: float, step: int,
+          axis: int = 0) -> dict[str, Any]:
     """Greedy one-to-one matching in time order (each hand-counted vehicle once); a counted
     crossing that matches no vehicle but an ambiguous case is neither right nor wrong."""
     free = list(range(len(truth)))
     free_ambiguous = list(range(len(ambiguous)))
     matched, extra, uncertain = [], [], []
     for f in sorted(found, key=lambda c: c["frame"]):
-        candidates = [i for i in free if _fits(f, truth[i], fps, step)]
+        candidates = [i for i in free if _fits(f, truth[i], fps, step, axis)]
         if candidates:
             best = min(candidates, key=lambda i: abs(f["frame"] - truth[i]["frame"]))
             free.remove(best)
             matched.append((truth[best], f))
             continue
-        either = [i for i in free_ambiguous if _fits(f, ambiguous[i], fps, step)]
+        either = [i for i in free_ambiguous if _fits(f, ambiguous[i], fps, step, axis)]
         if either:
             free_ambiguous.remove(either[0])
             uncertain.append(f)
@@ -114,23 +133,29 @@ def match(found: list[dict[str, Any]], truth: list[dict[str, Any]],
 
 def slit_image(frames: list[np.ndarray], truth: dict[str, Any],
                found: list[dict[str, Any]]) -> np.ndarray:
-    (x0, y), (x1, _) = truth["line"]["start"], truth["line"]["end"]
-    rows = np.stack([f[int(y), int(x0):int(x1)] for f in frames])
+    axis = line_axis(truth)
+    (x0, y0), (x1, y1) = truth["line"]["start"], truth["line"]["end"]
+    if axis == 0:  # one image row per frame: the line's pixels, left to right
+        rows = np.stack([f[int(y0), int(x0):int(x1)] for f in frames])
+    else:  # the line's column, top to bottom, laid out as a row
+        rows = np.stack([f[int(y0):int(y1), int(x0)] for f in frames])
+        x0 = y0  # positions along the line start at the line's first pixel
+    key = "x" if axis == 0 else "y"
     scale = 2
     img = cv2.resize(rows, (rows.shape[1], rows.shape[0] * scale),
                      interpolation=cv2.INTER_NEAREST)
     for t in truth["crossings"]:
-        cv2.rectangle(img, (int(t["x"][0] - x0), t["frame"] * scale),
-                      (int(t["x"][1] - x0), t["frame"] * scale + 3), (0, 255, 255), -1)
+        cv2.rectangle(img, (int(t[key][0] - x0), t["frame"] * scale),
+                      (int(t[key][1] - x0), t["frame"] * scale + 3), (0, 255, 255), -1)
         if "until" in t:  # the rear leaves the row: where a vehicle driving away is counted
-            cv2.rectangle(img, (int(t["x"][0] - x0), t["until"] * scale),
-                          (int(t["x"][1] - x0), t["until"] * scale + 2), (0, 200, 0), -1)
+            cv2.rectangle(img, (int(t[key][0] - x0), t["until"] * scale),
+                          (int(t[key][1] - x0), t["until"] * scale + 2), (0, 200, 0), -1)
     for t in truth.get("ambiguous", []):
-        cv2.rectangle(img, (int(t["x"][0] - x0), t["frame"] * scale),
-                      (int(t["x"][1] - x0), t.get("until", t["frame"]) * scale + 3),
+        cv2.rectangle(img, (int(t[key][0] - x0), t["frame"] * scale),
+                      (int(t[key][1] - x0), t.get("until", t["frame"]) * scale + 3),
                       (255, 0, 255), 1)
     for f in found:
-        cv2.circle(img, (int(f["x"] - x0), f["frame"] * scale), 6, (0, 0, 255), 2)
+        cv2.circle(img, (int(f[key] - x0), f["frame"] * scale), 6, (0, 0, 255), 2)
     for k in range(0, len(frames), 30):
         cv2.putText(img, str(k), (2, k * scale + 12), 0, 0.45, (0, 0, 255), 1)
     return img
@@ -162,7 +187,8 @@ def run_one(handcount: Path, models: list[str], out: Path) -> None:
             t1 = time.perf_counter()
             found = count(detections, truth, fps, step, det.class_names)
             count_s = time.perf_counter() - t1
-            m = match(found, truth["crossings"], truth.get("ambiguous", []), fps, step)
+            m = match(found, truth["crossings"], truth.get("ambiguous", []), fps, step,
+                      line_axis(truth))
             if not best_found and step == 1:
                 best_found = found
             rows.append({
@@ -199,7 +225,8 @@ def run_one(handcount: Path, models: list[str], out: Path) -> None:
              f"(`{report['handcount']}`: method there). Detector: `OnnxDetector` conf 0.25, "
              "one thread; counter: `TrafficCounter` defaults. Time-space image with the "
              "hand count (yellow: a vehicle's front on the row, green: its rear leaving it, "
-             "magenta: cases a person cannot call) and the counter's crossings (red circles, first "
+             "magenta: cases a person cannot call; time runs down, the line's pixels across) and "
+             "the counter's crossings (red circles, first "
              f"model at full rate): `{stem}_slit.png`. Load average "
              f"{load['load_avg_start'][0]} → {load['load_avg_end'][0]}.")
     header = ("| model | fps | hand count | counted | matched | missed | extra | "
