@@ -241,6 +241,13 @@ class EventsCollector(Collector):
         yield family
 
 
+# Heartbeat fields an agent sets while something keeps it from doing its job (edge_agent's
+# heartbeat module): the configuration it refused (the previous one stays in force), the
+# traffic geometry that does not fit its stream (counting off), redaction unavailable
+# (sampled frames withheld).
+CAMERA_PROBLEMS = ("config_error", "traffic_error", "redaction_error")
+
+
 class FleetCollector(Collector):
     """Fleet state from the database, read at each scrape (one indexed query per camera)."""
 
@@ -273,6 +280,12 @@ class FleetCollector(Collector):
         outbox = GaugeMetricFamily(
             "roadloop_camera_outbox_depth", "Frames queued on the agent (latest heartbeat).",
             labels=["camera_id"])
+        problem = GaugeMetricFamily(
+            "roadloop_camera_problem",
+            "1 per problem the camera's latest heartbeat reports (CAMERA_PROBLEMS: a camera "
+            "configuration it refused, a traffic geometry that does not fit its stream, "
+            "redaction unavailable so nothing is uploaded); absent when there is none.",
+            labels=["camera_id", "kind"])
         devices = GaugeMetricFamily("roadloop_devices", "Enrolled devices by status.",
                                     labels=["status"])
         rollouts = GaugeMetricFamily("roadloop_rollouts", "Rollouts by status.",
@@ -320,6 +333,10 @@ class FleetCollector(Collector):
                     p50.add_metric([camera_id], row.latency_p50_ms / 1000.0)
                 if row.outbox_depth is not None:
                     outbox.add_metric([camera_id], row.outbox_depth)
+                payload = row.payload if isinstance(row.payload, dict) else {}
+                for kind in CAMERA_PROBLEMS:
+                    if payload.get(kind):  # {version, reason} or a message; null when none
+                        problem.add_metric([camera_id, kind], 1.0)
             counts = dict(session.execute(
                 select(RolloutRow.status, func.count()).group_by(RolloutRow.status)).all())
             for status in RolloutStatus:
@@ -345,8 +362,8 @@ class FleetCollector(Collector):
         up = GaugeMetricFamily("roadloop_fleet_metrics_up",
                                "1 when the fleet state was read from the database.")
         up.add_metric([], 1)
-        yield from (last, fps, p95, p50, outbox, devices, rollouts, stage, percent, healthy,
-                    drift_score, drifted, drift_end, up)
+        yield from (last, fps, p95, p50, outbox, problem, devices, rollouts, stage, percent,
+                    healthy, drift_score, drifted, drift_end, up)
 
 
 # --------------------------------------------------------------------------- access

@@ -107,9 +107,14 @@ def test_intake_heartbeats_and_refusals_show_up(env: Env, frame_jpeg: bytes) -> 
     r = env.client.post("/v1/heartbeats", headers=bearer(dev["access_token"]), json={
         "schema_version": 1, "camera_id": "cam-a", "sent_at": sent.isoformat(),
         "model_version": "m1", "fps": 9.5, "latency_p50_ms": 40.0, "latency_p95_ms": 130.0,
-        "outbox_depth": 4})
+        "outbox_depth": 4, "config_error": None, "redaction_error": None,
+        "traffic_error": {"version": 3, "reason": "the traffic geometry was drawn on 1280x720 "
+                          "frames (aspect 1.78) but the stream is 720x1280 (0.56)"}})
     assert r.status_code == 202, r.text
     found = samples(env)
+    # one series per problem the latest heartbeat reports; none for a null field
+    assert series(found, "roadloop_camera_problem") == {
+        (("camera_id", "cam-a"), ("kind", "traffic_error")): 1.0}
     assert found[("roadloop_gateway_intake_frames_total", ())] == 2.0
     assert found[("roadloop_gateway_intake_bytes_total", ())] == 2.0 * len(frame_jpeg)
     reqs = series(found, "roadloop_gateway_requests_total")

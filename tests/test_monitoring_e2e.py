@@ -49,7 +49,7 @@ def run(*cmd: str, cwd: Path = DEPLOY) -> str:
 
 
 def test_promtool_and_amtool_accept_the_deploy_files() -> None:
-    assert "SUCCESS: 11 rules found" in run("promtool", "check", "rules", "rules.yml")
+    assert "SUCCESS: 12 rules found" in run("promtool", "check", "rules", "rules.yml")
     run("promtool", "check", "config", "prometheus.yml")
     run("amtool", "check-config", "alertmanager.yml")
     # The thresholds themselves: synthetic series -> expected alerts (rules_test.yml).
