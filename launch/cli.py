@@ -24,6 +24,30 @@ from typer.core import TyperGroup
 
 from roadloop.settings import PROJECT_ROOT, Settings, get_settings
 
+# Settings classes and the prefix of the environment variables that set their fields.
+_ENV_PREFIXES = {"Settings": "ROADLOOP_", "GatewaySettings": "ROADLOOP_GATEWAY_"}
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message for an exception that is the user's input, not a bug (None)."""
+    from pydantic import ValidationError
+
+    from roadloop.errors import RoadloopError
+
+    if isinstance(exc, ValidationError):
+        prefix = _ENV_PREFIXES.get(exc.title)
+        parts = []
+        for err in exc.errors()[:3]:
+            field = ".".join(str(p) for p in err.get("loc", ()))
+            where = f"{field} ({prefix}{field.upper()})" if prefix and field else field
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return f"invalid {exc.title}: " + "; ".join(parts)
+    if isinstance(exc, (RoadloopError, OSError, ValueError, OverflowError)):
+        return str(exc) or type(exc).__name__
+    if type(exc).__module__.split(".")[0] in ("sqlalchemy", "pydantic_settings"):
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
+
 
 class _LazyCommands(TyperGroup):
     """Sub-commands whose modules load only when that command runs (or help lists them):
@@ -40,6 +64,21 @@ class _LazyCommands(TyperGroup):
             "Open the FiftyOne App on the review queue (prints its URL).",
         ),
     }
+
+    def invoke(self, ctx: click.Context) -> object:
+        """Run the command; a user's mistake (bad settings, a bad path, a refused input) is
+        one ``error:`` line and exit code 2, not a traceback (``ROADLOOP_DEBUG=1``: the
+        traceback)."""
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            message = user_error(exc)
+            if message is None or os.environ.get("ROADLOOP_DEBUG"):
+                raise
+            click.echo(f"error: {message}", err=True)
+            raise click.exceptions.Exit(2) from exc
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -241,24 +280,59 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
 
 
 @dataset_app.command("restore")
-def dataset_restore(md5: str, target: Path) -> None:
+def dataset_restore(
+    md5: str, target: Path,
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace TARGET whole if it exists (atomically)."),
+) -> None:
     """Restore a curated dataset version (its DVC md5, shown in the asset metadata)."""
     from roadloop.data.versioning import DvcStore
 
     settings = get_settings()
     store = DvcStore(Path(str(settings.dvc_repo)), str(settings.dvc_remote_url),
                      settings.s3_endpoint_url)
-    path = store.restore(md5, target)
+    path = store.restore(md5, target, overwrite=overwrite)
     typer.echo(f"restored {md5} into {path}")
+
+
+# A settings home that was used holds several of these (``Settings.ensure_dirs`` makes the
+# first four): ``clean`` deletes a folder only when it holds at least two, so a mistyped
+# ROADLOOP_HOME cannot take a project or a user's folder with it.
+HOME_MARKERS = frozenset({"dagster", "mlflow", "frames", "artifacts", "dvc"})
+
+
+def home_problem(home: Path) -> str | None:
+    """Why ``clean`` must not delete ``home``, or None."""
+    if not home.exists():
+        return None
+    if not home.is_dir() or home.is_symlink():
+        return f"{home} is not a folder"
+    cwd = Path.cwd().resolve()
+    resolved = home.resolve()
+    if resolved in (Path(resolved.anchor), Path.home().resolve()) or cwd.is_relative_to(resolved):
+        return f"{home} is the file system root, your home folder, or holds the current folder"
+    markers = sorted(m for m in HOME_MARKERS if (home / m).is_dir())
+    if len(markers) < 2:
+        return (f"{home} does not look like a roadloop home (a used one holds at least two of "
+                f"{', '.join(sorted(HOME_MARKERS))}; it holds {', '.join(markers) or 'none'})")
+    return None
 
 
 @app.command()
 def clean(yes: bool = typer.Option(False, "--yes", help="Do not ask.")) -> None:
     """Delete the local state folder (settings home)."""
     home = get_settings().home
+    problem = home_problem(home)
+    if problem is not None:
+        typer.echo(f"error: not deleting: {problem}; delete it by hand if you mean it",
+                   err=True)
+        raise typer.Exit(2)
+    if not home.exists():
+        typer.echo(f"nothing to remove: {home} does not exist")
+        return
     if not yes:
         typer.confirm(f"delete {home}?", abort=True)
-    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(home)
     typer.echo(f"removed {home}")
 
 

@@ -158,6 +158,15 @@ class Settings(BaseSettings):
     retention_heartbeats_days: float = Field(default=30.0, gt=0)
     retention_traffic_days: float = Field(default=90.0, gt=0)
 
+    @field_validator("home", "shared_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: object) -> object:
+        # Path("") is the current directory: ROADLOOP_HOME= would make every command (clean
+        # included) work in whatever folder it was started from.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: unset it for the default, or give a folder")
+        return value
+
     @field_validator("export_shapes", mode="before")
     @classmethod
     def _split_shapes(cls, v: object) -> object:

@@ -201,7 +201,7 @@ class DvcStore:
         target_dir = Path(target_dir).absolute()
         if target_dir.exists() and not overwrite:
             raise InvalidInputError(
-                target_dir, "restore target already exists (pass overwrite=True)"
+                target_dir, "restore target already exists (pass overwrite=True; roadloop dataset restore --overwrite)"
             )
         self.ensure()
         scratch = self.repo_dir / f"{_SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}"
