@@ -103,6 +103,38 @@ def test_erasure_removes_the_range_reports_versioned_frames_and_excludes_them(
     assert events[-1]["actor"] == "dpo@city" and events[-1]["frames_deleted"] == 2
 
 
+def _unreadable(store: FrameStore, camera: str, days_ago: int) -> list[Path]:
+    """Three frames no reader sees, in the day folder of ``days_ago``: a sidecar that does
+    not parse, one that describes another frame, an image without a sidecar."""
+    day = store.root / camera / (NOW - timedelta(days=days_ago)).strftime("%Y-%m-%d")
+    day.mkdir(parents=True, exist_ok=True)
+    (day / "bad1.jpg").write_bytes(JPEG)
+    (day / "bad1.json").write_text("{not json")
+    (day / "bad2.jpg").write_bytes(JPEG)
+    (day / "bad2.json").write_text(
+        FrameRecord(frame_id="zz", camera_id=camera, captured_at=NOW, source="test", width=32,
+                    height=24).model_dump_json())
+    (day / "orphan9.jpg").write_bytes(JPEG)
+    return sorted(day.glob("bad*")) + [day / "orphan9.jpg"]
+
+
+def test_erasure_and_retention_take_unreadable_frames_too(store: FrameStore,
+                                                          tmp_path: Path) -> None:
+    """They are not frames to any reader (iter_frames skips them), so erasure and retention
+    once reported success and left the camera's pixels on disk."""
+    in_range = _unreadable(store, "cam-a", 20)  # inside the erasure's day range
+    outside = _unreadable(store, "cam-a", 2)  # after it
+    expired = _unreadable(store, "cam-b", 50)  # a whole day past retention
+    young = _unreadable(store, "cam-b", 3)
+    result = _erase(store, PrivacyLedger(tmp_path / "privacy"))
+    assert result.frames_deleted == 2 + 3
+    assert not any(p.exists() for p in in_range) and all(p.exists() for p in outside)
+    cut = RetentionPolicy(raw_frames_days=30).cutoffs(NOW)
+    report = expire_frames(store, cut.frames_before)
+    assert not any(p.exists() for p in expired) and all(p.exists() for p in young)
+    assert {f.frame_id for f in report.deleted} >= {"bad1", "bad2", "orphan9"}
+
+
 def test_a_crash_halfway_then_a_rerun_finishes(
     store: FrameStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,6 +34,7 @@ from roadloop.data.frames import FrameId, FrameStore
 from roadloop.errors import RoadloopError
 from roadloop.fsutil import write_text_atomic
 from roadloop.retention.ledger import PrivacyLedger
+from roadloop.retention.leftovers import leftover_frames
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,17 @@ def _plan(request: ErasureRequest, store: FrameStore,
         out.append(PlannedFrame(
             frame_id=record.frame_id, captured_at=record.captured_at, image=image,
             size_bytes=size, versions=versioned.get(f"{request.camera_id}/{record.frame_id}", []),
+        ))
+    # Unreadable frames of the range's days (an image without a sidecar, a sidecar that does
+    # not parse): their time cannot be read, so a day the range touches is enough.
+    for left in leftover_frames(store, request.camera_id, start=request.since,
+                                end=request.until):
+        logger.warning("erasure %s: taking unreadable frame %s (day %s)", request.request_id,
+                       left.image, left.day_start.date())
+        out.append(PlannedFrame(
+            frame_id=left.frame_id, captured_at=left.day_start, image=left.image,
+            size_bytes=left.size_bytes,
+            versions=versioned.get(f"{request.camera_id}/{left.frame_id}", []),
         ))
     return out
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from roadloop.data.frames import FrameStore
 from roadloop.errors import InvalidInputError
+from roadloop.retention.leftovers import leftover_frames
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,17 @@ def expired_frames(
             out.append(ExpiredFrame(camera_id=camera, frame_id=record.frame_id,
                                     captured_at=record.captured_at, image=image,
                                     size_bytes=_frame_bytes(image)))
+        # Unreadable frames (no sidecar, a sidecar that does not parse) have no capture time:
+        # they expire with the whole of their day folder.
+        for left in leftover_frames(store, camera, end=before, whole_days=True):
+            if f"{camera}/{left.frame_id}" in protected:
+                spared += 1
+                continue
+            logger.warning("expiring unreadable frame %s (day %s)", left.image,
+                           left.day_start.date())
+            out.append(ExpiredFrame(camera_id=camera, frame_id=left.frame_id,
+                                    captured_at=left.day_start, image=left.image,
+                                    size_bytes=left.size_bytes))
     return out, spared
 
 
