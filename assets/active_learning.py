@@ -20,6 +20,7 @@ from resources import ArtifactStoreResource, MlflowResource, TrainerResource
 from resources.fiftyone_resource import FiftyOneResource
 from roadloop.data.frames import FrameRecord
 from roadloop.data.replay import NIGHT_MAX_BRIGHTNESS
+from roadloop.errors import InvalidInputError
 from roadloop.labeling.active_learning import SCORING_CONF, ALWeights, build_queue, predict_frames
 from roadloop.labeling.embeddings import EmbeddingTable, compute_embeddings
 from roadloop.labeling.frame_noise import image_impulse_share
@@ -232,6 +233,7 @@ def frame_embeddings(
     candidates: list[CandidateFrame] = []
     skipped = gone = 0
     noisy: dict[str, int] = {}
+    unreadable: list[str] = []
     for frame in frames:
         record = frame.record
         if f"{record.camera_id}/{record.frame_id}" in done:
@@ -240,7 +242,14 @@ def frame_embeddings(
         if not frame.image.is_file():  # removed from the store since the partition ran
             gone += 1
             continue
-        if max_noise < 1.0 and image_impulse_share(frame.image) > max_noise:
+        try:  # decodes the image: one that does not is skipped here, not fatal to all
+            share = image_impulse_share(frame.image)
+        except InvalidInputError as exc:
+            unreadable.append(f"{record.camera_id}/{record.frame_id}")
+            context.log.warning(f"frame {record.camera_id}/{record.frame_id} is not a "
+                                f"candidate: {exc}")
+            continue
+        if share > max_noise:
             noisy[record.camera_id] = noisy.get(record.camera_id, 0) + 1
             continue
         candidates.append(
@@ -249,6 +258,9 @@ def frame_embeddings(
 
     if gone:
         context.log.warning(f"{gone} indexed frames are no longer in the frame store: skipped")
+    if unreadable:
+        context.log.warning(f"{len(unreadable)} indexed frames do not decode: skipped "
+                            f"({', '.join(unreadable[:10])})")
     n_noisy = sum(noisy.values())
     if n_noisy:
         context.log.info(

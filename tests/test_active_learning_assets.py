@@ -264,6 +264,8 @@ def test_frame_embeddings_reads_the_ingested_frame_indexes(
     index = tmp_path / "artifacts" / "sampled_edge_frames" / "cam_a.jsonl"
     assert [f.record.frame_id for f in read_frame_index(index)] == ["f0", "f2"]
     _write_frame(store, "cam_a", "f3", 3, _textured(4))  # arrives after the partition ran
+    _write_frame(store, "cam_a", "f4", 4, _textured(5))
+    broken = store.find_frame("cam_a", "f4")
 
     # No model or backbone here: the current model and its embeddings are stand-ins.
     model = al.CurrentModel(
@@ -305,6 +307,13 @@ def test_frame_embeddings_reads_the_ingested_frame_indexes(
             raise_on_error=False,
         )
 
+    # An indexed frame whose image no longer decodes is skipped with a warning naming it,
+    # not the end of every camera's candidates.
+    with index.open("a") as fh:
+        fh.write(index.read_text().splitlines()[-1].replace('"f2"', '"f4"').replace(
+            str(store.find_frame("cam_a", "f2")), str(broken)) + "\n")
+    broken.write_bytes(b"")
+    assert [f.record.frame_id for f in read_frame_index(index)] == ["f0", "f2", "f4"]
     result = run()
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     emb = result.output_for_node("frame_embeddings")
@@ -320,6 +329,7 @@ def test_frame_embeddings_reads_the_ingested_frame_indexes(
         e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING
     ]
     assert any("camera cam_b" in w and "never materialized" in w for w in warnings), warnings
+    assert any("do not decode" in w and "cam_a/f4" in w for w in warnings), warnings
 
     # The partition's index is gone (artifacts wiped): a clear error, not a silent rescan.
     index.unlink()
