@@ -203,7 +203,12 @@ def _embedding_result(window: WindowData, reference: Reference, cfg: DriftConfig
         # The classifier's own noise at this window size: the reference's windows scored
         # against the rest set the floor only from a handful of draws, so random subsets of
         # the reference of this window's size add more (the larger of the two counts).
-        null = embedding_null_scores(ref, len(cur), cfg.embedding_null_draws)
+        # A window larger than half the reference cannot be drawn from it with a rest to
+        # score against: the null then uses subsets of half the reference (smaller subsets
+        # score noisier, so the floor errs high), never no null at all (it once fell back to
+        # the leave-one-out floor alone, and stable boosted windows alarmed 7 times in 60).
+        null = embedding_null_scores(ref, min(len(cur), len(ref) // 2),
+                                     cfg.embedding_null_draws)
         floor = max(reference.noise_floor.get(EMBEDDINGS) or 0.0, max(null, default=0.0))
         minor, sig = _thresholds(floor, cfg)
         m.threshold, m.threshold_significant, m.noise_floor = minor, sig, round(floor, 6)

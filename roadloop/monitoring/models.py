@@ -139,7 +139,8 @@ def gateway_report(verdict: DriftVerdict) -> dict[str, Any]:
     """The body of ``PUT /v1/cameras/{camera_id}/drift`` (``fleet.drift``) for a verdict: the
     window, the verdict, whether it drifted and the finite scores of the metrics it judged."""
     scores = {m.name: float(m.value) for m in verdict.metrics
-              if m.name in SCORE_NAMES and m.value is not None and np.isfinite(m.value)}
+              if m.name in SCORE_NAMES and m.value is not None and np.isfinite(m.value)
+              and m.verdict in ("ok", "minor", "significant")}
     return {"window_start": verdict.window_start.isoformat(),
             "window_end": verdict.window_end.isoformat(), "verdict": verdict.verdict,
             "drifted": verdict.alarm, "scores": scores, "model_version": verdict.model_version}

@@ -205,6 +205,14 @@ class CameraDriftMonitor:
         if not window.heartbeats:  # silent: no model version to find its reference by
             verdict.verdict = "not_enough_data"
             verdict.reason = "no heartbeat in the window (camera silent?)"
+            # Not enough data is never an alarm (docs/drift.md): what a metric measured on
+            # the sampled frames alone stays readable, but it is no verdict, no event and
+            # no score sent to the gateway.
+            verdict.score = verdict.metric = verdict.threshold = None
+            for m in verdict.metrics:
+                if m.verdict in ("minor", "significant", "ok"):
+                    m.verdict = "not_enough_data"
+                    m.reason = (m.reason + "; " if m.reason else "") + "no heartbeat in the window"
         elif reference is None:
             verdict.reason = status
         ops = operational_checks(window.heartbeats,
