@@ -55,17 +55,17 @@ class Settings(BaseSettings):
     privacy_dir: Path | None = None  # erasure journals, exclusions, audit (roadloop.retention)
 
     # Service ports / URLs on loopback.
-    dagster_port: int = 3000
-    mlflow_port: int = 5000
-    fiftyone_port: int = 5151
-    gateway_port: int = 8700
+    dagster_port: int = Field(default=3000, ge=1, le=65535)
+    mlflow_port: int = Field(default=5000, ge=1, le=65535)
+    fiftyone_port: int = Field(default=5151, ge=1, le=65535)
+    gateway_port: int = Field(default=8700, ge=1, le=65535)
     gateway_url: str | None = None
 
     # Which resource values Definitions gets: default | demo | test (see resources/__init__.py).
     profile: str = "default"
     # Start weights: the real pretrained name; falls back to ../shared/models, then the YAML.
     train_model: str = "yolo11n.pt"
-    demo_epochs: int = 5
+    demo_epochs: int = Field(default=5, ge=1)
 
     # INT8 promotion gate (roadloop.evaluation.gates.GateConfig; why these values:
     # benchmarks/results/int8_drop.md): mAP50-95 lost against fp32, in points (0.01) and per
@@ -154,9 +154,9 @@ class Settings(BaseSettings):
     demo_min_class_ap50: float = Field(default=0.0, ge=0, le=1)
 
     # Retention (roadloop.retention.policy; docs/retention.md): days each kind is kept.
-    retention_raw_frames_days: float = Field(default=30.0, gt=0)
-    retention_heartbeats_days: float = Field(default=30.0, gt=0)
-    retention_traffic_days: float = Field(default=90.0, gt=0)
+    retention_raw_frames_days: float = Field(default=30.0, gt=0, le=36500, allow_inf_nan=False)
+    retention_heartbeats_days: float = Field(default=30.0, gt=0, le=36500, allow_inf_nan=False)
+    retention_traffic_days: float = Field(default=90.0, gt=0, le=36500, allow_inf_nan=False)
 
     @field_validator("home", "shared_dir", mode="before")
     @classmethod
@@ -185,6 +185,14 @@ class Settings(BaseSettings):
         from roadloop.monitoring.windows import check_window_minutes
 
         return check_window_minutes(v)
+
+    @model_validator(mode="after")
+    def _drift_lines_in_order(self) -> Settings:
+        if self.drift_minor >= self.drift_significant:
+            raise ValueError(f"drift_minor ({self.drift_minor:g}, ROADLOOP_DRIFT_MINOR) must be "
+                             f"below drift_significant ({self.drift_significant:g}, "
+                             "ROADLOOP_DRIFT_SIGNIFICANT)")
+        return self
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

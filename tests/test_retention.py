@@ -135,6 +135,26 @@ def test_erasure_and_retention_take_unreadable_frames_too(store: FrameStore,
     assert {f.frame_id for f in report.deleted} >= {"bad1", "bad2", "orphan9"}
 
 
+def test_a_planted_symlink_or_empty_image_is_no_frame(store: FrameStore, tmp_path: Path) -> None:
+    """The store writes no symlinks: one planted in it would hand a file from anywhere to
+    every reader. Readers skip it, fsck names it, an erasure removes the link (never its
+    target)."""
+    secret = tmp_path / "outside_secret.jpg"
+    secret.write_bytes(JPEG)
+    linked = _put(store, "cam-a", "linked", NOW - timedelta(days=20))
+    linked.unlink()
+    linked.symlink_to(secret)
+    empty = _put(store, "cam-a", "empty", NOW - timedelta(days=20))
+    empty.write_bytes(b"")
+    assert {r.frame_id for r, _ in store.iter_frames("cam-a")} == {
+        "cam-a-d1", "cam-a-d10", "cam-a-d40", "cam-a-d45"}
+    assert sorted(p.stem for p in store.fsck("cam-a").bad_images) == ["empty", "linked"]
+    result = _erase(store, PrivacyLedger(tmp_path / "privacy"))
+    assert result.frames_deleted == 2 + 2
+    assert not linked.is_symlink() and not empty.exists() and secret.is_file()
+    assert store.fsck().clean
+
+
 def test_a_crash_halfway_then_a_rerun_finishes(
     store: FrameStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

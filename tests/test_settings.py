@@ -68,3 +68,22 @@ def test_export_shapes_from_environment(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("ROADLOOP_EXPORT_SHAPES", "square,wide")
     with pytest.raises(ValueError, match="wide"):
         build_resources(Settings(), profile="test")
+
+
+@pytest.mark.parametrize(("env", "name"), [
+    ({"ROADLOOP_RETENTION_RAW_FRAMES_DAYS": "inf"}, "retention_raw_frames_days"),
+    ({"ROADLOOP_RETENTION_TRAFFIC_DAYS": "1e6"}, "retention_traffic_days"),
+    ({"ROADLOOP_DAGSTER_PORT": "99999"}, "dagster_port"),
+    ({"ROADLOOP_DEMO_EPOCHS": "-3"}, "demo_epochs"),
+    ({"ROADLOOP_DRIFT_MINOR": "0.5", "ROADLOOP_DRIFT_SIGNIFICANT": "0.2"}, "ROADLOOP_DRIFT_MINOR"),
+    ({"ROADLOOP_HOME": ""}, "home"),
+])
+def test_values_that_fail_later_are_refused_at_settings_time(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], name: str) -> None:
+    """Found by an audit: an infinite retention crashed the retention job, an empty home was
+    the current folder (``roadloop clean`` deleted it), a minor drift line above the
+    significant one was accepted."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=name):
+        Settings()

@@ -234,6 +234,8 @@ class FsckReport(BaseModel):
     orphan_images: list[Path] = Field(default_factory=list)
     corrupt_sidecars: list[Path] = Field(default_factory=list)
     sidecars_without_image: list[Path] = Field(default_factory=list)
+    # sidecars whose image is a symbolic link or an empty file (``_image_problem``)
+    bad_images: list[Path] = Field(default_factory=list)
     temp_files: list[Path] = Field(default_factory=list)
 
     @property
@@ -242,6 +244,7 @@ class FsckReport(BaseModel):
             self.orphan_images
             or self.corrupt_sidecars
             or self.sidecars_without_image
+            or self.bad_images
             or self.temp_files
         )
 
@@ -343,6 +346,23 @@ def date_folder(captured_at: datetime) -> str:
     """The date folder a frame captured at ``captured_at`` is stored under (UTC day), in
     either store."""
     return captured_at.astimezone(UTC).strftime("%Y-%m-%d")
+
+
+def _image_problem(image: Path) -> str | None:
+    """Why ``image`` is no frame's pixels (lstat only: no read), or None. A symlink is
+    refused as well as a missing or empty file: the store writes none, and one planted in
+    it would hand a file from anywhere to every reader (training, review, uploads)."""
+    try:
+        st = os.lstat(image)
+    except OSError:
+        return "is missing"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link (the store writes none)"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_size == 0:
+        return "is empty"
+    return None
 
 
 def _regular_file_at(dir_fd: int, relative: str) -> bool:
@@ -551,8 +571,9 @@ class FrameStore:
         items: list[tuple[FrameRecord, Path]] = []
         for sidecar in self._sidecars(camera_id):
             image = sidecar.with_suffix(".jpg")
-            if not image.is_file():
-                logger.warning("skipping frame sidecar %s: its image is missing", sidecar)
+            problem = _image_problem(image)
+            if problem is not None:
+                logger.warning("skipping frame sidecar %s: its image %s", sidecar, problem)
                 continue
             record = self._load(sidecar, camera_id)
             if record is None:
@@ -582,8 +603,11 @@ class FrameStore:
                     if path.suffix == ".jpg" and not path.with_suffix(".json").is_file():
                         report.orphan_images.append(path)
                     elif path.suffix == ".json":
-                        if not path.with_suffix(".jpg").is_file():
+                        image = path.with_suffix(".jpg")
+                        if not image.is_file() and not image.is_symlink():
                             report.sidecars_without_image.append(path)
+                        elif _image_problem(image) is not None:
+                            report.bad_images.append(path)
                         elif self._load(path, cam) is None:
                             report.corrupt_sidecars.append(path)
                         else:

@@ -1,5 +1,6 @@
 """Frame files that no reader sees as a frame: an image without its sidecar, a sidecar that
-does not parse or describes another frame, a sidecar without its image.
+does not parse or describes another frame, a sidecar without its image, an image that is a
+symbolic link or empty.
 
 ``FrameStore.iter_frames`` skips them (with a warning), so retention and erasure, which work
 from it, used to leave them on disk, and an erasure reported itself complete while a
@@ -41,7 +42,8 @@ def leftover_frames(store: FrameStore, camera_id: str, *, start: datetime | None
     """The camera's unreadable frames whose day folder overlaps ``[start, end)`` (with
     ``whole_days``: lies entirely inside it)."""
     report = store.fsck(camera_id)
-    paths = [*report.orphan_images, *report.sidecars_without_image, *report.corrupt_sidecars]
+    paths = [*report.orphan_images, *report.sidecars_without_image, *report.corrupt_sidecars,
+             *report.bad_images]
     out: dict[Path, Leftover] = {}
     for path in paths:
         day = _day_start(path.parent.name)
@@ -55,8 +57,8 @@ def leftover_frames(store: FrameStore, camera_id: str, *, start: datetime | None
         if not inside:
             continue
         image = path.with_suffix(".jpg")
-        size = sum(p.stat().st_size for p in (image, image.with_suffix(".json"))
-                   if p.is_file())
+        size = sum(p.lstat().st_size for p in (image, image.with_suffix(".json"))
+                   if p.is_file() or p.is_symlink())  # a link's own size, not its target's
         out[image] = Leftover(camera_id=camera_id, frame_id=path.stem, day_start=day,
                               image=image, size_bytes=size)
     return sorted(out.values(), key=lambda x: (x.day_start, x.frame_id))
