@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     gateway_port: int = Field(default=8700, ge=1, le=65535)
     gateway_url: str | None = None
 
-    # Which resource values Definitions gets: default | demo | test (see resources/__init__.py).
-    profile: str = "default"
+    # Which resource values Definitions gets (resources/__init__.py): refused when the
+    # settings load if it is none of these (a demo with a bad profile wrote its folders first).
+    profile: Literal["default", "demo", "test"] = "default"
     # Start weights: the real pretrained name; falls back to ../shared/models, then the YAML.
     train_model: str = "yolo11n.pt"
     demo_epochs: int = Field(default=5, ge=1)

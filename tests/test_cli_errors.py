@@ -4,6 +4,7 @@ roadloop home (``ROADLOOP_HOME=`` once made it delete the current folder)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,14 @@ from roadloop.settings import get_settings
 @pytest.fixture()
 def run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.chdir(tmp_path)
+    # ``demo`` writes these into os.environ itself (for its child processes): recorded here
+    # so that they are put back after the test.
+    for key in ("ROADLOOP_PROFILE", "ROADLOOP_HOME", "ROADLOOP_SHARED_DIR", "DAGSTER_HOME"):
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:  # setenv records "unset" (delenv of an unset name records nothing)
+            monkeypatch.setenv(key, "")
+            monkeypatch.delenv(key)
 
     def _run(*args: str, **env: str):
         for key, value in env.items():
@@ -69,3 +78,10 @@ def test_a_mistake_is_one_error_line(run, args: list[str], env: dict[str, str],
     assert "Traceback" not in r.output and r.output.count("\n") <= 2, r.output
     for word in words:
         assert word in r.output
+
+
+def test_a_demo_with_an_unknown_profile_writes_nothing(run, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    r = run("demo", "--profile", "bogus", "--no-serve", ROADLOOP_HOME=str(home))
+    assert r.exit_code == 2 and "ROADLOOP_PROFILE" in r.output, r.output
+    assert not home.exists()
