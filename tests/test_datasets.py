@@ -438,3 +438,20 @@ def test_full_shared_build_accounts_for_every_frame(tmp_path):
     assert res.split_counts["val"] == 31 + 80 and res.split_counts["test"] == 19 + 50
     shas = [r["sha256"] for r in manifest(tmp_path / "out")]
     assert len(shas) == len(set(shas))
+
+
+def test_a_bom_keeps_row_one_and_a_nan_row_says_so(tmp_path):
+    """Found by an audit: a label file written with a UTF-8 BOM lost its first (valid) row as
+    "non-numeric", and a NaN coordinate was reported as a non-integer class id."""
+    src = make_source(tmp_path / "cam", CAM_NAMES, {
+        "train": [("bom", synthetic_jpeg(1), "0 0.5 0.5 0.2 0.2\n1 0.3 0.3 0.1 0.1"),
+                  ("nan", synthetic_jpeg(2), "0 nan 0.5 0.1 0.1\n0 0.5 0.5 0.2 0.2")],
+        "val": [("v", synthetic_jpeg(5), "0 0.5 0.5 0.1 0.1")]})
+    bom = src / "labels/train/bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())
+    out = tmp_path / "out"
+    build_curated_dataset([SourceSpec(name="cam", root=src)], out, CAM_TAX,
+                          replay_fraction=0.0, progress=False)
+    assert len((out / "labels/train/cam__bom.txt").read_text().splitlines()) == 2
+    rows = {Path(q["file"]).stem: q for q in quarantine(out) if q["line"] is not None}
+    assert set(rows) == {"nan"} and "finite number" in rows["nan"]["detail"]

@@ -305,7 +305,7 @@ def _parse_labels(
     if label is None or not Path(label).exists():
         return rows, bad, False
     try:
-        text = Path(label).read_text(encoding="utf-8")
+        text = Path(label).read_text(encoding="utf-8-sig")  # a BOM is no part of row 1
     except (OSError, UnicodeDecodeError) as exc:
         bad.append(
             QuarantineRecord(
@@ -342,7 +342,10 @@ def _parse_labels(
         except ValueError:
             reject(lineno, R_MALFORMED_ROW, f"non-numeric field: {line!r}")
             continue
-        if not all(math.isfinite(v) for v in values) or values[0] != int(values[0]):
+        if not all(math.isfinite(v) for v in values):
+            reject(lineno, R_MALFORMED_ROW, f"every field must be a finite number: {line!r}")
+            continue
+        if values[0] != int(values[0]):
             reject(lineno, R_MALFORMED_ROW, f"class id must be an integer: {line!r}")
             continue
         cls, x, y, w, h = int(values[0]), *values[1:]
