@@ -68,6 +68,18 @@ def sampled_edge_frames(
         ),
     )
 
+    # What the store holds that is no frame (FrameStore.iter_frames skipped it with a Python
+    # warning only): named here, in the run's log and metadata, so an operator sees it.
+    report = store.fsck(camera_id)
+    unreadable = sorted([*report.orphan_images, *report.corrupt_sidecars,
+                         *report.sidecars_without_image, *report.bad_images])
+    if unreadable:
+        context.log.warning(
+            f"camera {camera_id}: {len(unreadable)} entries of the frame store are no frame "
+            "(an image without its sidecar, a sidecar that does not read back or names another "
+            "frame, an empty or linked image) and were left out: "
+            + ", ".join(str(p) for p in unreadable[:10]) + (" …" if len(unreadable) > 10 else ""))
+
     reasons = summary.per_reason
     return dg.Output(
         index_path,
@@ -77,6 +89,7 @@ def sampled_edge_frames(
             # what the frame store held: the new-camera sensor's first tick compares with it
             "store_frames": len(frames),
             "duplicates_dropped": len(dropped),
+            "store_unreadable": len(unreadable),
             "dedupe_policy": dg.MetadataValue.json(policy.model_dump()),
             "frames_by_reason": dg.MetadataValue.json(reasons),
             "frames_by_reason_table": dg.MetadataValue.md(

@@ -672,3 +672,36 @@ def test_label_quality_tags_flagged_frames_for_re_review(
     assert sample.suspect_boxes.detections[0].label == "wrong class: car"
     export = store.export_reviewed(world["tmp"] / "export")
     assert export.exclude_images == [original]  # held out of the next curated version
+
+
+def test_sampled_edge_frames_names_what_is_no_frame(tmp_path: Path) -> None:
+    """An unreadable sidecar, an image without one, an empty image: left out of the index
+    (as before) and now named in the run's log and counted in the metadata."""
+    import logging
+
+    from assets.ingestion import sampled_edge_frames
+    from assets.partitions import camera_partitions
+    from resources import ArtifactStoreResource, FrameStoreResource
+    from roadloop.data.frames import FrameStore
+
+    store = FrameStore(tmp_path / "frames")
+    _write_frame(store, "cam_a", "f0", 0, _textured(0))
+    _write_frame(store, "cam_a", "f1", 1, _textured(1))
+    _write_frame(store, "cam_a", "f2", 2, _textured(2))
+    store.find_frame("cam_a", "f1").with_suffix(".json").write_text("{not json")
+    store.find_frame("cam_a", "f2").write_bytes(b"")
+    day = store.find_frame("cam_a", "f0").parent
+    (day / "orphan.jpg").write_bytes(b"x")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(camera_partitions.name, ["cam_a"])
+    result = dg.materialize(
+        [sampled_edge_frames], partition_key="cam_a", instance=instance,
+        resources={"frame_store": FrameStoreResource(root=str(tmp_path / "frames")),
+                   "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts"))})
+    assert result.success
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["frames"].value == 1 and meta["store_unreadable"].value == 3
+    warnings = [e.user_message for e in instance.all_logs(result.run_id)
+                if e.level == logging.WARNING]
+    assert any("3 entries" in w and "orphan.jpg" in w and "f1.json" in w and "f2.json" in w
+               for w in warnings), warnings
