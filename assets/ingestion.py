@@ -13,7 +13,12 @@ import dagster as dg
 from pydantic import BaseModel
 
 from resources import ArtifactStoreResource, FrameStoreResource
-from roadloop.data.frames import FrameRecord, dedupe_near_duplicates, summarize_partition
+from roadloop.data.frames import (
+    FrameRecord,
+    dedupe_near_duplicates,
+    jpeg_ends_problem,
+    summarize_partition,
+)
 from roadloop.fsutil import write_text_atomic
 
 from . import groups
@@ -50,7 +55,15 @@ def sampled_edge_frames(
 ) -> dg.Output[Path]:
     camera_id = context.partition_key
     store = frame_store.store()
-    frames = list(store.iter_frames(camera_id))
+    listed = list(store.iter_frames(camera_id))
+    # Whole JPEGs only, by their ends (a local store: an object store checks on upload).
+    frames, broken = [], []
+    for record, image in listed:
+        problem = jpeg_ends_problem(image) if store.is_local else None
+        if problem is None:
+            frames.append((record, image))
+        else:
+            broken.append(f"{image} {problem}")
     images = {record.frame_id: image for record, image in frames}
     policy = frame_store.dedupe_policy()
     kept, dropped = dedupe_near_duplicates([record for record, _ in frames], policy=policy)
@@ -71,14 +84,15 @@ def sampled_edge_frames(
     # What the store holds that is no frame (FrameStore.iter_frames skipped it with a Python
     # warning only): named here, in the run's log and metadata, so an operator sees it.
     report = store.fsck(camera_id)
-    unreadable = sorted([*report.orphan_images, *report.corrupt_sidecars,
-                         *report.sidecars_without_image, *report.bad_images])
+    unreadable = [*sorted(str(p) for p in [*report.orphan_images, *report.corrupt_sidecars,
+                                           *report.sidecars_without_image, *report.bad_images]),
+                  *broken]
     if unreadable:
         context.log.warning(
             f"camera {camera_id}: {len(unreadable)} entries of the frame store are no frame "
             "(an image without its sidecar, a sidecar that does not read back or names another "
-            "frame, an empty or linked image) and were left out: "
-            + ", ".join(str(p) for p in unreadable[:10]) + (" …" if len(unreadable) > 10 else ""))
+            "frame, an empty, linked, cut or non-JPEG image) and were left out: "
+            + ", ".join(unreadable[:10]) + (" …" if len(unreadable) > 10 else ""))
 
     reasons = summary.per_reason
     return dg.Output(
@@ -87,7 +101,7 @@ def sampled_edge_frames(
             "camera_id": camera_id,
             "frames": len(kept),
             # what the frame store held: the new-camera sensor's first tick compares with it
-            "store_frames": len(frames),
+            "store_frames": len(listed),
             "duplicates_dropped": len(dropped),
             "store_unreadable": len(unreadable),
             "dedupe_policy": dg.MetadataValue.json(policy.model_dump()),

@@ -690,6 +690,12 @@ def test_sampled_edge_frames_names_what_is_no_frame(tmp_path: Path) -> None:
     _write_frame(store, "cam_a", "f2", 2, _textured(2))
     store.find_frame("cam_a", "f1").with_suffix(".json").write_text("{not json")
     store.find_frame("cam_a", "f2").write_bytes(b"")
+    _write_frame(store, "cam_a", "f3", 3, _textured(3))
+    cut = store.find_frame("cam_a", "f3")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # no end-of-image marker
+    _write_frame(store, "cam_a", "f4", 4, _textured(4))
+    png = store.find_frame("cam_a", "f4")
+    png.write_bytes(cv2.imencode(".png", _textured(4))[1].tobytes())  # renamed .jpg
     day = store.find_frame("cam_a", "f0").parent
     (day / "orphan.jpg").write_bytes(b"x")
     instance = dg.DagsterInstance.ephemeral()
@@ -700,8 +706,9 @@ def test_sampled_edge_frames_names_what_is_no_frame(tmp_path: Path) -> None:
                    "artifacts": ArtifactStoreResource(root=str(tmp_path / "artifacts"))})
     assert result.success
     meta = result.get_asset_materialization_events()[0].materialization.metadata
-    assert meta["frames"].value == 1 and meta["store_unreadable"].value == 3
+    assert meta["frames"].value == 1 and meta["store_unreadable"].value == 5
     warnings = [e.user_message for e in instance.all_logs(result.run_id)
                 if e.level == logging.WARNING]
-    assert any("3 entries" in w and "orphan.jpg" in w and "f1.json" in w and "f2.json" in w
+    assert any("5 entries" in w and "orphan.jpg" in w and "f1.json" in w and "f2.json" in w
+               and "f3.jpg is cut short" in w and "f4.jpg is not a JPEG" in w
                for w in warnings), warnings

@@ -365,6 +365,24 @@ def _image_problem(image: Path) -> str | None:
     return None
 
 
+def jpeg_ends_problem(image: Path) -> str | None:
+    """Why ``image`` is not a whole JPEG by its ends (no decode), or None: another format
+    renamed ``.jpg`` (no start-of-image marker) or a file cut short (no end-of-image marker
+    in its last KB: some cameras pad after it, so it need not be the very last bytes)."""
+    try:
+        with open(image, "rb") as fh:
+            head = fh.read(3)
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 1024))
+            tail = fh.read(1024)
+    except OSError as exc:
+        return f"does not read ({exc.strerror})"
+    if head != _JPEG_MAGIC:
+        return "is not a JPEG"
+    if b"\xff\xd9" not in tail:
+        return "is cut short (no JPEG end-of-image marker)"
+    return None
+
+
 def _regular_file_at(dir_fd: int, relative: str) -> bool:
     """``os.path.isfile`` of ``relative`` under the open folder ``dir_fd``."""
     try:
