@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
-from fleet.bounds import text_problem
+from fleet.bounds import unstorable_string
 from fleet.db import Database, Device, FrameRow, stored_frame_paths
 from fleet.jpeg import JpegError, inspect_jpeg
 from roadloop.data.frames import ID_PATTERN, FrameRecord, FrameStore
@@ -201,14 +201,8 @@ def recovered_row(rec: FrameRecord, owner_device_id: str, path: str, image: byte
 
 
 def _unstorable(rec: FrameRecord) -> str | None:
-    """Why the record's strings cannot go into a ``frames`` row, or None."""
-    texts = {"source": rec.source, "model_version": rec.model_version or ""}
-    texts.update({f"reasons[{i}]": r for i, r in enumerate(rec.reasons)})
-    for field, text in texts.items():
-        problem = text_problem(text)
-        if problem is not None:
-            return f"{field} {problem}"
-    return None
+    """Why the record's strings that go into a ``frames`` row cannot, or None."""
+    return unstorable_string(rec.model_dump(include={"source", "model_version", "reasons"}))
 
 
 def _whole_jpeg(image: bytes, rec: FrameRecord) -> bool:
