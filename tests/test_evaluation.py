@@ -230,6 +230,26 @@ def test_split_by_source(models, tiny_dataset: Path, tmp_path: Path) -> None:
     ]
 
 
+def test_one_model_on_several_test_sets_scores_each_as_alone(
+    models, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The benchmark loads a model once for all its test sets; the figures stay each set's."""
+    from roadloop.evaluation.accuracy import evaluate_detector, evaluate_detector_on_sets
+    from roadloop.evaluation.testsets import split_by_source
+
+    sets = split_by_source(tiny_dataset, "test", tmp_path / "sources")
+    together = evaluate_detector_on_sets(models["onnx"], sets, imgsz=IMGSZ)
+    assert list(together) == list(sets)
+    assert {k: m.n_images for k, m in together.items()} == {"all": 6, "atl_v2": 4, "manaus_v4": 2}
+    for name, yml in sets.items():
+        alone = evaluate_detector(models["onnx"], yml, imgsz=IMGSZ)
+        assert together[name] == alone, name
+    # Every YAML is checked before any set is scored: a missing one fails first, named.
+    with pytest.raises(MissingDataError, match="gone.yaml"):
+        evaluate_detector_on_sets(models["onnx"], {**sets, "gone": tmp_path / "gone.yaml"},
+                                  imgsz=IMGSZ)
+
+
 def test_split_by_source_errors(tmp_path: Path) -> None:
     from roadloop.errors import EmptyDatasetError
     from roadloop.evaluation.testsets import split_by_source

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,21 +97,62 @@ def evaluate_detector(
     Ultralytics would otherwise use rectangular letterboxes for ``.pt`` and for any ONNX
     whose batch is dynamic - which a static-spatial export cannot run.
     """
+    metrics = evaluate_detector_on_sets(
+        model_path, {"data": data_yaml}, imgsz=imgsz, split=split, conf=conf, device=device
+    )
+    return metrics["data"]
+
+
+def evaluate_detector_on_sets(
+    model_path: Path,
+    data_yamls: Mapping[str, Path],
+    *,
+    imgsz: int,
+    split: str = "test",
+    conf: float = 0.25,
+    device: str = "cpu",
+) -> dict[str, DetectionMetrics]:
+    """:func:`evaluate_detector` of one model file on several test sets, keyed as given.
+
+    The model is loaded once: its predictor (an ONNX Runtime session for an ``.onnx`` file)
+    serves every set's ``predict``. Ultralytics' ``val`` still builds its own backend per set.
+    Every YAML is checked before any set is scored.
+    """
     model_path = check_model_file(Path(model_path))
-    data_yaml = require_file(Path(data_yaml), "data YAML")
+    yamls = {name: require_file(Path(y), "data YAML") for name, y in data_yamls.items()}
     check_onnx_imgsz(model_path, imgsz)
-    data_names = read_class_names(data_yaml)
-    images = split_images(data_yaml, split)
-    nc = len(data_names)
+    names_of = {name: read_class_names(y) for name, y in yamls.items()}
+    images_of = {name: split_images(y, split) for name, y in yamls.items()}
 
     from ultralytics import YOLO
 
     try:
         model = YOLO(str(model_path), task="detect")
+        model_names = _model_names(model)  # an ONNX file's session is made here
     except Exception as exc:
         raise InvalidInputError(model_path, f"Ultralytics cannot load the model ({exc})") from exc
-    _check_names(model_path, _model_names(model), data_names, data_yaml)
+    for name, y in yamls.items():
+        _check_names(model_path, model_names, names_of[name], y)
+    return {
+        name: _score(model, model_path, y, names_of[name], images_of[name],
+                     imgsz=imgsz, split=split, conf=conf, device=device)
+        for name, y in yamls.items()
+    }
 
+
+def _score(
+    model: Any,
+    model_path: Path,
+    data_yaml: Path,
+    data_names: list[str],
+    images: list[Path],
+    *,
+    imgsz: int,
+    split: str,
+    conf: float,
+    device: str,
+) -> DetectionMetrics:
+    nc = len(data_names)
     logger.info(
         "evaluating %s on %s [%s] (%d frames, imgsz %d)",
         model_path.name,

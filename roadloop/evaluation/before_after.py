@@ -162,7 +162,7 @@ def evaluate_start_checkpoint(
     """
     import torch
 
-    from roadloop.evaluation.accuracy import evaluate_detector
+    from roadloop.evaluation.accuracy import evaluate_detector_on_sets
     from roadloop.models.training import adapt_start_to_taxonomy
 
     t0 = time.monotonic()
@@ -175,10 +175,10 @@ def evaluate_start_checkpoint(
                 Path(tmp) / f"{Path(checkpoint).stem}_taxonomy.pt")
         new_classes = ([c for c in class_names if c not in class_map.values()]
                        if class_map is not None else [])
-        metrics = {
-            ts: evaluate_detector(weights, Path(yml), imgsz=imgsz, split=split, conf=conf)
-            for ts, yml in test_sets.items()
-        }
+        metrics = evaluate_detector_on_sets(
+            weights, {ts: Path(yml) for ts, yml in test_sets.items()},
+            imgsz=imgsz, split=split, conf=conf,
+        )
     seconds = time.monotonic() - t0
     logger.info("start checkpoint %s scored on %d test sets in %.1f s",
                 Path(checkpoint).name, len(metrics), seconds)

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from roadloop.errors import MissingDataError
-from roadloop.evaluation.accuracy import evaluate_detector
+from roadloop.evaluation.accuracy import evaluate_detector_on_sets
 from roadloop.evaluation.counting_benchmark import COUNTED_FORMATS, count_models
 from roadloop.evaluation.inputs import check_model_file, check_onnx_imgsz, require_file
 from roadloop.evaluation.latency import measure_latency
@@ -93,15 +93,16 @@ def benchmark(
     with tqdm(total=total, desc="benchmark", disable=not progress) as bar:
         for m, fmt, path in jobs:
             version = models[m].version
-            for ts, yml in test_sets.items():
-                bar.set_postfix_str(f"{m} {fmt} {ts}")
-                metrics = evaluate_detector(
-                    path, Path(yml), imgsz=imgsz, split=split, conf=conf, device=device
-                )
+            bar.set_postfix_str(f"{m} {fmt} on {len(test_sets)} test sets")
+            scored = evaluate_detector_on_sets(
+                path, {ts: Path(yml) for ts, yml in test_sets.items()},
+                imgsz=imgsz, split=split, conf=conf, device=device,
+            )
+            for ts, metrics in scored.items():
                 results.rows.append(
                     MetricsRow(model=m, version=version, format=fmt, test_set=ts, metrics=metrics)
                 )
-                bar.update(1)
+            bar.update(len(test_sets))
             if latency.enabled:
                 bar.set_postfix_str(f"{m} {fmt} latency")
                 for stats in measure_latency(
