@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, Self
+from typing import IO, TYPE_CHECKING, Literal, Self
 
 import psutil
 from pydantic import BaseModel
@@ -42,6 +42,9 @@ from roadloop.federation.flower_config import (
 )
 from roadloop.federation.models import SiteSpec
 from roadloop.federation.pki import NodeKeys, TlsFiles, write_node_keys, write_tls_files
+
+if TYPE_CHECKING:
+    from flwr.supercore.control import ControlHttpClient
 
 RunStatus = Literal["completed", "failed", "stopped"]
 
@@ -163,6 +166,7 @@ class LocalFederation:
         self._superlink: _Process | None = None
         self._nodes: dict[str, _Node] = {}
         self._extra_processes: list[_Process] = []
+        self._control: ControlHttpClient | None = None  # made at the first status poll
 
     # -- public API ---------------------------------------------------------------------
 
@@ -293,6 +297,9 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Stop every process this federation started (SuperNodes first), always."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         for process in self._processes():
             try:
                 _stop_tree(process.popen, _STOP_GRACE_S)
@@ -459,11 +466,46 @@ class LocalFederation:
                 )
 
     def _run_row(self, run_id: int) -> dict:
-        rows = _json_from(self._flwr(["ls", "--run-id", str(run_id), "--format", "json"]))
-        for row in rows["runs"]:
-            if int(row["run-id"]) == run_id:
-                return dict(row)
-        raise DeploymentError(f"flwr ls does not know run {run_id}: {rows}")
+        """The run's row as ``flwr ls --run-id`` reports it: run-id, status, status-details.
+
+        Asked of the SuperLink's Control API in this process, through Flower's own client:
+        the poll runs every second for the whole run, and each ``flwr ls`` is a fresh
+        interpreter (about 1.5 s of CPU) competing with the sites' training for the cores.
+        """
+        from flwr.common.serde import run_from_proto
+        from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=E0611
+
+        try:
+            reply = self._control_client().ListRuns(ListRunsRequest(run_id=run_id))
+        except Exception as exc:  # an HTTP or protocol error from the Control API
+            raise DeploymentError(f"the Control API cannot list run {run_id}: {exc}") from exc
+        if run_id not in reply.run_dict:
+            raise DeploymentError(f"the Control API does not know run {run_id}")
+        run = run_from_proto(reply.run_dict[run_id])
+        status = run.status.status
+        if run.status.sub_status:
+            status = f"{status}:{run.status.sub_status}"
+        return {"run-id": run.run_id, "status": status, "status-details": run.status.details}
+
+    def _control_client(self) -> ControlHttpClient:
+        """One Control API client for this SuperLink, as the ``flwr`` CLI builds it
+        (client and runtime-version headers), without account login: none is configured."""
+        if self._control is None:
+            from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+            from flwr.supercore.control import ControlHttpClient
+            from flwr.supercore.interceptors.http.runtime_version import (
+                RuntimeVersionHttpInterceptor,
+            )
+
+            self._control = ControlHttpClient.from_server_address(
+                server_address=self.address,
+                insecure=self.tls_files is None,
+                root_certificates=(self.tls_files.ca_cert.read_bytes()
+                                   if self.tls_files is not None else None),
+                interceptors=[CliClientHttpInterceptor(),
+                              RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+            )
+        return self._control
 
     def _flwr(self, args: list[str], check: bool = True) -> str:
         """Run the ``flwr`` CLI against this SuperLink; its stdout."""
