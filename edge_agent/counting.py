@@ -3,7 +3,8 @@
 Occupancy is ``detections / capacity`` where ``capacity`` is how many objects the camera's
 view holds when it is full (configured per camera). The state has hysteresis so it does not
 flicker around a threshold: a level is **entered** when occupancy reaches its enter
-threshold (``>=``) and **left** when occupancy falls to its leave threshold (``<=``):
+threshold (``>=``) and **left** when occupancy falls to its leave threshold (``<=``) *and*
+the count is at least two vehicles below the level's enter count:
 
 =========  =====  =====
 level      enter  leave
@@ -13,11 +14,20 @@ heavy      0.6    0.5
 jam        0.8    0.7
 =========  =====  =====
 
+Why the second condition: occupancy moves in whole vehicles, and at small capacities the
+enter and leave thresholds fall on neighbouring counts (capacity 10: jam at 8, leave at 7),
+so one vehicle arriving and leaving flipped the state on every frame (jam, heavy, jam, …
+and a ``jam_cleared`` event on every dip). Requiring a gap of two counts leaves at least one
+count (one vehicle) between entering and leaving, in which the state holds. Where the
+thresholds are further apart (capacity 20: jam at 16, leave at 14) nothing changes. A level
+entered by a single vehicle is left when the view is empty (no count is below zero).
+
 Several levels can be crossed on one frame (normal → jam on a sudden 0.9).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -85,15 +95,24 @@ class DensityTracker:
         self.state = DensityState.NORMAL
         self.occupancy = 0.0
 
+    def level_counts(self) -> list[tuple[int, int]]:
+        """Per level (warning, heavy, jam): ``(enter_n, leave_n)``, the fewest vehicles that
+        enter it and the most at which it is left (see the module docstring)."""
+        out = []
+        for enter, leave in zip(self.thresholds.enter, self.thresholds.leave):
+            enter_n = math.ceil(enter * self.capacity - _EPS)  # fewest n with n/cap >= enter
+            leave_n = math.floor(leave * self.capacity + _EPS)  # most n with n/cap <= leave
+            out.append((enter_n, max(min(leave_n, enter_n - 2), 0)))
+        return out
+
     def update(self, n_detections: int) -> tuple[DensityState, bool]:
         """Feed one frame's detection count; returns ``(state, changed)``."""
-        occ = n_detections / self.capacity
-        self.occupancy = occ
-        enter, leave = self.thresholds.enter, self.thresholds.leave
+        self.occupancy = n_detections / self.capacity
+        levels = self.level_counts()
         state = int(self.state)
-        while state < DensityState.JAM and occ >= enter[state] - _EPS:  # enter[state] = next up
+        while state < DensityState.JAM and n_detections >= levels[state][0]:  # next level up
             state += 1
-        while state > DensityState.NORMAL and occ <= leave[state - 1] + _EPS:
+        while state > DensityState.NORMAL and n_detections <= levels[state - 1][1]:
             state -= 1
         new = DensityState(state)
         changed = new != self.state

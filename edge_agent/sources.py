@@ -55,12 +55,26 @@ class Frame:
     source_ref: str  # e.g. "video:cctv_street.mp4#123", "image:/x/y.jpg", "stream:rtsp://…"
     # Seconds on the source's own clock (a file's frame index / fps), so motion measured
     # between frames (tracking, speeds) is right even when a file is read faster than real
-    # time; None for a live stream, whose clock is ``captured_at``.
+    # time; None for a live stream, whose clock is ``monotonic_time``.
     media_time: float | None = None
+    # A live stream's media clock: ``time.monotonic()`` when the frame was read. The wall
+    # clock (``captured_at``) can step back or forward (an NTP correction); the tracker
+    # drops every update timed before its last one, and speeds over a step are nonsense.
+    monotonic_time: float | None = None
 
     @property
     def stream_time(self) -> float:
-        return self.captured_at if self.media_time is None else self.media_time
+        """The clock motion is measured on: the file's media time, a live frame's monotonic
+        read time, else (a frame built without either) its capture time."""
+        if self.media_time is not None:
+            return self.media_time
+        return self.captured_at if self.monotonic_time is None else self.monotonic_time
+
+    @property
+    def is_live(self) -> bool:
+        """A live frame's records follow its wall clock (``captured_at``); a file's follow
+        its media time (one record per minute of video, however fast it is read)."""
+        return self.media_time is None
 
     @property
     def captured_at_iso(self) -> str:
@@ -263,7 +277,8 @@ class StreamSource(FrameSource):
                         break
                     failures = 0
                     self.stats.frames_read += 1
-                    yield Frame(image, index, time.time(), f"stream:{self._redacted()}")
+                    yield Frame(image, index, time.time(), f"stream:{self._redacted()}",
+                                monotonic_time=time.monotonic())
                     index += 1
             finally:
                 cap.release()

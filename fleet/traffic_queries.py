@@ -6,12 +6,14 @@ row tables of ``fleet.traffic``; the aggregation — buckets, sums of the record
 interval from several agent runs, speed median / 85th percentile over the pooled speeds,
 zone statistics — is ``roadloop.traffic.rollups``, the same code the daily report runs, so
 the two never disagree. A query that would read more than ``MAX_ROWS`` rows is a 422 asking
-for a narrower range.
+for a narrower range; so is a ``bucket_s`` that does not hold whole records of the range
+(``rollups.check_intervals``: 60 s buckets over an agent's 900 s records would put each
+record's vehicles in one minute and read them as that minute's flow).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -58,6 +60,14 @@ def _fetch(gw: Gateway, q: Select[Any]) -> list[Any]:
         raise HTTPException(422, f"the query matches more than {MAX_ROWS} stored rows: narrow "
                             "it (since/until, camera_id)")
     return rows
+
+
+def _rollup(compute: Callable[[], list[Any]]) -> list[Any]:
+    """A rollup's rows; its ``ValueError`` (a bucket that splits records) is a 422."""
+    try:
+        return compute()
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 def _window(q: Select[Any], column: Any, camera: Any, camera_id: str | None,
@@ -112,7 +122,8 @@ def traffic_counts(
     records = as_records(_fetch(gw, q), "lines", lambda r: {
         "line": r.line, "direction": r.direction, "class_name": r.class_name,
         "count": r.count, "pcu": r.pcu, "speeds_kmh": r.speeds_kmh})
-    return [LineVolumeOut(**v.to_dict()) for v in rollups.line_volumes(records, bucket_s)]
+    volumes = _rollup(lambda: rollups.line_volumes(records, bucket_s))
+    return [LineVolumeOut(**v.to_dict()) for v in volumes]
 
 
 @router.get("/v1/traffic/zones", response_model=list[ZoneBucketOut], responses=READ_ERRORS)
@@ -132,7 +143,8 @@ def traffic_zones(
     if zone is not None:
         q = q.where(t.zone == zone)
     records = as_records(_fetch(gw, q), "zones", lambda r: r.stats)
-    return [ZoneBucketOut(**z.to_dict()) for z in rollups.zone_stats(records, bucket_s)]
+    zones = _rollup(lambda: rollups.zone_stats(records, bucket_s))
+    return [ZoneBucketOut(**z.to_dict()) for z in zones]
 
 
 @router.get("/v1/traffic/events", response_model=list[TrafficEventOut], responses=READ_ERRORS)

@@ -11,6 +11,13 @@ How a crossing is decided (the failure modes counters meet in the field):
   the line *segment* (passing beside the line's end is not a crossing); each track counts on a
   line at most once. Unconfirmed tracks (ID -1) never count; a confirmed track's side starts
   where it is first seen, so a vehicle first seen beyond a line never counts on it.
+* A vehicle that stops *on* a line (inside the band) and is hidden for longer than the
+  tracker's ``lost_s`` comes back under a new ID, born in the band, with no firm side: it
+  would never count. A track born inside a line's band therefore takes over the last firm
+  side of a track lost on that line within ``REID_WINDOW_S`` whose last counting point was
+  within its own box size of the new one (the nearest, each lost track at most once) — only
+  from a lost track that had not counted on that line, so a vehicle that already crossed
+  never counts again through its successor.
 * Speed at a crossing (with a homography): the least-squares slope of the track's ground
   position over the last ``SPEED_WINDOW_S`` seconds, from at least three observations over
   ``MIN_SPEED_SPAN_S``; otherwise none (a count without a speed, never a made-up one).
@@ -26,6 +33,7 @@ How a crossing is decided (the failure modes counters meet in the field):
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +52,11 @@ MIN_SPEED_SPAN_S = 0.4
 STOP_WINDOW_S = 2.0
 HISTORY_S = 3.0
 ASSUMED_VEHICLE_HEIGHT_M = 1.5  # only for "standing" without a homography (pixels → m/s)
+# How long a track lost while standing on a line may hand its side to a successor: a vehicle
+# stopped on the line is hidden by traffic passing in front of it for about as long as that
+# traffic takes to pass — an 18 m articulated bus at 7 km/h, 9 s; ten covers it. Longer is
+# not needed and would let a later vehicle, stopping near the same spot, take its side.
+REID_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,7 @@ class _Track:
     last_seen: float
     anchor: tuple[float, float]
     height: float
+    size: float  # the box's larger side (px): how far a re-detection of it may lie
     history: deque[tuple[float, float, float]] = field(default_factory=deque)  # t, gx, gy
     sides: dict[str, int] = field(default_factory=dict)
     side_points: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -121,6 +135,17 @@ class _Track:
     inside: dict[str, float] = field(default_factory=dict)  # zone -> entry time
     stopped_since: float | None = None
     stopped_reported: bool = False
+
+
+@dataclass
+class _Lost:
+    """A track the tracker gave up on, with the lines it stood on a firm side of and had not
+    counted on yet (what a successor born on the line may take over)."""
+
+    last_seen: float
+    anchor: tuple[float, float]
+    size: float
+    sides: dict[str, tuple[int, tuple[float, float]]]  # line -> (side, where it was firm)
 
 
 def _signed_distance(line: CountingLine, p: tuple[float, float]) -> float:
@@ -169,20 +194,43 @@ class TrafficCounter:
         self._density = {z.name: DensityTracker(z.capacity) for z in config.zones}
         self._jam_since: dict[str, float] = {}
         self._jam_reported: set[str] = set()
+        self._lost: list[_Lost] = []
+        self._now: float | None = None  # the counter's clock at the last frame
+        self._gap = 1.0 / self.tracker.settings.frame_rate  # the last frame gap seen
+        self._shift = 0.0  # added to stream times after the stream's clock went back
 
     # ------------------------------------------------------------------ per frame
     def update(self, detections: Sequence, stream_time: float) -> FrameTraffic:
+        stream_time = self._clock(stream_time)
         boxes = self.tracker.update(detections, stream_time)
         out = FrameTraffic(boxes)
+        self._lost = [x for x in self._lost if stream_time - x.last_seen <= REID_WINDOW_S]
         for box in boxes:
             if box.track_id >= 0:
                 self._observe(box, stream_time, out)
         alive = self.tracker.alive_ids()
         for tid in [t for t in self._tracks if t not in alive]:
-            self._finish(self._tracks.pop(tid), out)
+            track = self._tracks.pop(tid)
+            self._remember(track)
+            self._finish(track, out)
         self._zone_states(stream_time, out)
         self._standing(stream_time, {b.track_id for b in boxes if b.track_id >= 0}, out)
         return out
+
+    def _clock(self, stream_time: float) -> float:
+        """The stream's time, kept from going back. Sources give a clock that never does
+        (media time, monotonic time); should one step back anyway, the tracker would skip
+        every frame timed before its last (no IDs, no counts until the clock caught up), so
+        the step is taken as one more frame gap and the clock runs on from there."""
+        t = stream_time + self._shift
+        if self._now is not None:
+            if t < self._now:
+                self._shift += self._now + self._gap - t
+                t = self._now + self._gap
+            elif t > self._now:
+                self._gap = t - self._now
+        self._now = t
+        return t
 
     def close(self) -> FrameTraffic:
         """Every live track leaves its zones (the stream ends)."""
@@ -197,7 +245,9 @@ class TrafficCounter:
         track = self._tracks.get(box.track_id)
         first = track is None
         if track is None:
-            track = _Track(box.track_id, box.class_name, now, now, box.anchor, box.height)
+            x1, y1, x2, y2 = box.xyxy
+            track = _Track(box.track_id, box.class_name, now, now, box.anchor, box.height,
+                           max(x2 - x1, y2 - y1))
             self._tracks[box.track_id] = track
         track.class_name, track.last_seen = box.class_name, now
         track.anchor, track.height = box.anchor, box.height
@@ -207,6 +257,8 @@ class TrafficCounter:
         while track.history and track.history[0][0] < now - HISTORY_S:
             track.history.popleft()
         band = max(MIN_BAND_PX, BAND_FRACTION * box.height)
+        if first:
+            self._inherit(track, band)
         for line in self.config.lines:
             self._line(track, line, band, now, out)
         for zone in self.config.zones:
@@ -249,6 +301,26 @@ class TrafficCounter:
                 "wrong_way", now, f"{track.class_name} #{track.track_id} crossed {line.name} "
                 f"{label}, against its allowed direction", line=line.name,
                 track_id=track.track_id, class_name=track.class_name))
+
+    def _remember(self, track: _Track) -> None:
+        """Keep a lost track's firm, uncounted sides for a successor (see the docstring)."""
+        sides = {name: (side, track.side_points[name]) for name, side in track.sides.items()
+                 if name not in track.counted}
+        if sides:
+            self._lost.append(_Lost(track.last_seen, track.anchor, track.size, sides))
+
+    def _inherit(self, track: _Track, band: float) -> None:
+        """A new track born inside a line's band takes the side of the nearest recently lost
+        track near enough to be the same vehicle (each lost side is handed on once)."""
+        for line in self.config.lines:
+            if abs(_signed_distance(line, track.anchor)) > band:
+                continue  # born on a firm side: its own side is the truth
+            near = [(math.dist(x.anchor, track.anchor), i) for i, x in enumerate(self._lost)
+                    if line.name in x.sides and math.dist(x.anchor, track.anchor) <= x.size]
+            if near:
+                lost = self._lost[min(near)[1]]
+                side, point = lost.sides.pop(line.name)
+                track.sides[line.name], track.side_points[line.name] = side, point
 
     def _finish(self, track: _Track, out: FrameTraffic) -> None:
         for zone, entered in track.inside.items():

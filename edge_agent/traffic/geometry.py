@@ -12,6 +12,7 @@ maps them onto the stream's actual size (the homography follows).
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -245,19 +246,36 @@ def _collinear_triple(points: Sequence[Point], rel_tol: float = 1e-3) -> tuple[i
     return None
 
 
+def _general_quad(points: Sequence[Point]) -> tuple[int, ...] | None:
+    """Indices of four points no three of which lie on one line, or None. A homography has
+    eight unknowns: it is determined only by four such points, whatever else is given —
+    six points with five on one line leave it free off that line (errors of metres)."""
+    for quad in itertools.combinations(range(len(points)), 4):
+        if _collinear_triple([points[i] for i in quad]) is None:
+            return quad
+    return None
+
+
 def fit_homography(image_points: Sequence[Point], world_points: Sequence[Point],
                    where: str = "traffic.homography") -> Homography:
     """Least-squares homography with the checks that make it usable for speeds: 4+ points,
-    no three image (or world) points on one line when only four are given, a well-spread
-    set otherwise, a finite invertible matrix, every calibration point in front of the camera
-    (no horizon between them) and a re-projection error under 5 % of the world extent."""
+    among them four with no three on one line (in the image and in the world: the fewest
+    that determine it), a well-spread set, a finite invertible matrix, every calibration
+    point in front of the camera (no horizon between them) and a re-projection error under
+    5 % of the world extent."""
     if len(image_points) != len(world_points):
         raise ValueError(f"{where}: {len(image_points)} image points but "
                          f"{len(world_points)} world points")
     for label, pts in (("image_points", image_points), ("world_points", world_points)):
-        triple = _collinear_triple(pts) if len(pts) == 4 else None
-        if triple is not None:
-            raise ValueError(f"{where} is degenerate: {label} {list(triple)} lie on one line")
+        if len(pts) == 4:
+            triple = _collinear_triple(pts)
+            if triple is not None:
+                raise ValueError(f"{where} is degenerate: {label} {list(triple)} lie on one "
+                                 "line")
+        elif len(pts) > 4 and _general_quad(pts) is None:
+            raise ValueError(f"{where} is degenerate: no four of the {label} are free of three "
+                             "on one line (all but one lie on one line, or points repeat), so "
+                             "they do not determine the mapping: add points off that line")
         if _spread(pts) < 0.02:
             raise ValueError(f"{where} is degenerate: the {label} (nearly) lie on one line")
     img = np.asarray(image_points, dtype=np.float64)

@@ -8,6 +8,18 @@ interval: ``covered_s``). Its ``record_id`` is ``camera.interval_start.segment_m
 minute yields a second record for that minute, over the seconds the first did not cover, and
 the gateway sums them; the same record sent twice (a retry, a restart before its
 acknowledgement) has the same id and is stored once. Nothing is counted twice.
+
+The wall clock can step back (an NTP correction on a live camera). A frame whose interval
+starts before the running one would reopen a minute whose record is already closed, under
+the same id: the gateway would refuse the second record as a duplicate and its counts would
+be lost. Such a frame closes the running interval and starts a new segment (a new
+``segment_ms``), so the minute gets a second record with its own id, and the two sum.
+
+``covered_s`` is watched time: the sum of the gaps between consecutive frames, each capped
+at ``MAX_FRAME_GAP_S`` (a stalled source is not watching), measured on the stream's clock
+(monotonic for a live camera, so a clock step is neither watched nor lost time). The
+occupancy mean and the seconds per density state are weighted by the same gaps, so they
+are means over the watched time.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from edge_agent.counting import DensityState
-from edge_agent.traffic.counter import FrameTraffic, TrafficEvent
+from edge_agent.traffic.counter import FrameTraffic, TrafficEvent, ZoneState
 
 MAX_FRAME_GAP_S = 5.0  # a longer gap (a stalled source) is not watched time
 MAX_EVENTS = 200
@@ -29,10 +41,9 @@ def _iso(t: float) -> str:
 
 
 class _Interval:
-    def __init__(self, start: int, covered_from: float) -> None:
+    def __init__(self, start: int) -> None:
         self.start = start
-        self.covered_from = covered_from
-        self.covered_to = covered_from
+        self.covered = 0.0  # watched seconds: the sum of the capped frame gaps
         self.frames = 0
         self.lines: dict[tuple[str, str, str], list[Any]] = {}  # -> [count, pcu, speeds]
         self.entries: dict[str, Counter[str]] = defaultdict(Counter)
@@ -44,6 +55,14 @@ class _Interval:
         self.state_s: dict[str, dict[str, float]] = {}
         self.state: dict[str, str] = {}
         self.events: list[dict[str, Any]] = []
+
+    def watch(self, zones: list[ZoneState], dt: float) -> None:
+        """``dt`` more seconds watched, in the zone states the frame ending them shows."""
+        self.covered += dt
+        for z in zones:
+            self.occupancy_s[z.zone] += z.occupancy * dt
+            states = self.state_s.setdefault(z.zone, {s.label: 0.0 for s in DensityState})
+            states[z.state.label] += dt
 
 
 class IntervalAccumulator:
@@ -57,8 +76,10 @@ class IntervalAccumulator:
         self.segment_ms = int(segment_started_at * 1000)
         self.config_version = config_version
         self.model_version = model_version
+        self._segments = {self.segment_ms}
         self._current: _Interval | None = None
         self._last_wall: float | None = None
+        self._last_stream: float | None = None
         self._event_seq = 0
 
     def _start_of(self, wall_time: float) -> int:
@@ -68,28 +89,44 @@ class IntervalAccumulator:
     def last_wall_time(self) -> float | None:
         return self._last_wall
 
+    def _new_segment(self, wall_time: float) -> None:
+        """A new segment id from ``wall_time``, never one this accumulator used before."""
+        ms = int(wall_time * 1000)
+        while ms in self._segments:
+            ms += 1
+        self._segments.add(ms)
+        self.segment_ms = ms
+
     def add(self, frame: FrameTraffic, wall_time: float, stream_time_to_wall: float = 0.0,
             frame_id: str | None = None, *, is_frame: bool = True) -> list[dict[str, Any]]:
         """Fold one frame in. ``stream_time_to_wall`` converts the counter's stream times
-        (event times) to wall time; ``frame_id`` is the frame sampled for upload, if any;
-        ``is_frame=False`` folds what the counter reported without a frame (its close)."""
+        (event times) to wall time (``wall_time - stream_time_to_wall`` is the frame's stream
+        time, which times the gaps); ``frame_id`` is the frame sampled for upload, if any;
+        ``is_frame=False`` folds what the counter reported without a frame (its close: no
+        time passes)."""
         closed: list[dict[str, Any]] = []
+        stream = wall_time - stream_time_to_wall
+        dt = 0.0
+        if is_frame and self._last_stream is not None:
+            dt = min(max(stream - self._last_stream, 0.0), MAX_FRAME_GAP_S)
         start = self._start_of(wall_time)
         cur = self._current
         if cur is not None and start != cur.start:
-            if start > cur.start:
-                cur.covered_to = float(cur.start + self.interval_s)
-            closed.append(self._record(cur))
+            if start > cur.start:  # the gap's part up to the boundary was the old interval's
+                head = min(dt, max(cur.start + self.interval_s - (self._last_wall or 0.0), 0.0))
+                cur.watch(frame.zones, head)
+                dt -= head
+                closed.append(self._record(cur))
+            else:  # the wall clock went back: that interval's record may be closed already
+                closed.append(self._record(cur))
+                self._new_segment(wall_time)
             cur = None
         if cur is None:
-            cur = self._current = _Interval(start, max(float(start), wall_time)
-                                            if self._last_wall is None else float(start))
-        dt = 0.0
-        if self._last_wall is not None:
-            dt = min(max(wall_time - self._last_wall, 0.0), MAX_FRAME_GAP_S)
-        self._last_wall = wall_time
+            cur = self._current = _Interval(start)
+        if is_frame:
+            self._last_wall, self._last_stream = wall_time, stream
         cur.frames += int(is_frame)
-        cur.covered_to = max(cur.covered_to, wall_time)
+        cur.watch(frame.zones, dt)
         for c in frame.crossings:
             row = cur.lines.setdefault((c.line, c.direction, c.class_name), [0, 0.0, []])
             row[0] += 1
@@ -103,10 +140,7 @@ class IntervalAccumulator:
             cur.exits[x.zone] += 1
             cur.dwell[x.zone].append(round(max(x.dwell_s, 0.0), 2))
         for z in frame.zones:
-            cur.occupancy_s[z.zone] += z.occupancy * dt
             cur.occupancy_max[z.zone] = max(cur.occupancy_max[z.zone], z.occupancy)
-            states = cur.state_s.setdefault(z.zone, {s.label: 0.0 for s in DensityState})
-            states[z.state.label] += dt
             cur.state[z.zone] = z.state.label
         for ev in frame.events:
             if len(cur.events) < MAX_EVENTS:
@@ -140,7 +174,7 @@ class IntervalAccumulator:
         }
 
     def _record(self, cur: _Interval) -> dict[str, Any]:
-        covered = min(max(cur.covered_to - cur.covered_from, 0.0), float(self.interval_s))
+        covered = min(cur.covered, float(self.interval_s))
         zones = []
         for name in self.zones:
             if name not in cur.state_s and not cur.entries.get(name) and not cur.exits[name]:

@@ -13,10 +13,13 @@ the crashed run's counts up to the checkpoint are kept, and since the record has
 closed record would have had, a record already queued before the crash is not queued again.
 A crash loses at most ``checkpoint_s`` of counts, and never counts twice.
 
-Clock: the counter runs on the stream's clock (``Frame.stream_time``); records and events are
-stamped on the wall clock of that stream time (``origin + stream_time``, the origin taken at
-the first frame), so a video read faster than real time still yields one record per minute of
-video, and a live camera's records follow its capture times.
+Clock: the counter runs on the stream's clock (``Frame.stream_time``: a file's media time, a
+live camera's monotonic read time), which never steps back, so tracking and speeds survive
+a wall-clock correction. Records and events are stamped on the wall clock: a live frame's
+``captured_at`` (an NTP step back starts a new segment of records: ``intervals``), a file's
+``origin + stream_time`` (the origin taken at the first frame), so a video read faster than
+real time still yields one record per minute of video. Checkpoints are timed on the stream
+clock, so a step back does not hold them off.
 """
 
 from __future__ import annotations
@@ -95,6 +98,10 @@ class TrafficStage:
         return self._counter is not None
 
     def wall_time(self, frame: _Frame) -> float:
+        """The wall time the frame's counts belong to (see the module docstring). A frame
+        that does not say it is live (``is_live``) is timed as media."""
+        if getattr(frame, "is_live", False):
+            return frame.captured_at
         if self._origin is None:
             self._origin = frame.captured_at - frame.stream_time
         return self._origin + frame.stream_time
@@ -140,17 +147,18 @@ class TrafficStage:
                 traffic, wall, stream_time_to_wall=wall - frame.stream_time,
                 frame_id=frame_id if traffic.events else None))
             if self.checkpoint_path is not None:
+                now = frame.stream_time
                 if records:  # the file keeps their snapshot until the agent has queued them
                     self._checkpointed_at = None
                 elif self._checkpointed_at is None \
-                        or wall - self._checkpointed_at >= self.checkpoint_s:
-                    self._checkpoint(wall)
+                        or now - self._checkpointed_at >= self.checkpoint_s:
+                    self._checkpoint(now)
         return records
 
     # ------------------------------------------------------------------ crash safety
-    def _checkpoint(self, wall: float) -> None:
+    def _checkpoint(self, now: float) -> None:
         snapshot = self._intervals.snapshot() if self._intervals is not None else None
-        self._checkpointed_at = wall
+        self._checkpointed_at = now
         try:
             if snapshot is None:
                 self.checkpoint_path.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from roadloop.traffic.rollups import (
     congestion_timeline,
     coverage,
     events,
+    fitting_bucket,
     in_window,
     line_volumes,
     zone_stats,
@@ -147,10 +148,11 @@ def _pooled_speeds(records: list[Record]) -> dict[LineKey, list[float]]:
 
 def _hourly_flow(records: list[Record]) -> dict[LineKey, list[tuple[datetime, float]]]:
     """PCU per watched hour, per line and direction, for every hour its camera watched."""
-    watched = coverage(records, 3600)
+    hour = fitting_bucket(records, 3600)  # 3600 for every interval an agent sends
+    watched = coverage(records, hour)
     pcu: dict[tuple[LineKey, datetime], float] = defaultdict(float)
     keys: set[LineKey] = set()
-    for v in line_volumes(records, 3600):
+    for v in line_volumes(records, hour):
         key = (v.camera_id, v.line, v.direction)
         keys.add(key)
         pcu[(key, v.bucket_start)] += v.pcu
@@ -371,6 +373,9 @@ def write_daily_report(
     if cameras is not None:
         chosen = [r for r in chosen if r["camera_id"] in set(cameras)]
     names = sorted(set(cameras) if cameras is not None else {r["camera_id"] for r in chosen})
+    # Buckets hold whole records (rollups.check_intervals): wider than asked only for a
+    # record longer than the bucket, which the agents' intervals never are at 900 s.
+    bucket_s = fitting_bucket(chosen, bucket_s)
     volumes = line_volumes(chosen, bucket_s)
     volume_md, totals, vehicles, pcu = volume_table(volumes)
     evs = events(chosen)

@@ -6,11 +6,17 @@ ignored). Several records of one camera and interval (one per agent run) SUM; a 
 twice (same ``record_id``) counts once.
 
 Buckets are aligned to UTC multiples of ``bucket_s`` (which must be a multiple of 60 that
-divides a day); a record falls in the bucket that holds its ``interval_start``.
+divides a day); a record falls in the bucket that holds its ``interval_start``. A bucket must
+hold whole records: a record's counts are not spread over its interval, so a 60 s bucket
+over 900 s records would put all of a record's vehicles in one minute and read its 900 s of
+traffic as one minute's flow (15 times the truth). Every record's ``interval_s`` must divide
+``bucket_s``; otherwise the rollup refuses (``ValueError``, a 422 at the gateway) rather than
+answer something that looks finer than the data is (``check_intervals``).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -43,6 +49,31 @@ def check_bucket(bucket_s: int) -> int:
             f"bucket_s must be a positive multiple of 60 that divides 86400, got {bucket_s}"
         )
     return bucket_s
+
+
+def check_intervals(records: Iterable[Record], bucket_s: int) -> None:
+    """Refuse (``ValueError``) a ``bucket_s`` that does not hold whole records: one that is
+    shorter than, or not a multiple of, some record's ``interval_s`` (module docstring)."""
+    for record in records:
+        interval = record.get("interval_s")
+        if interval and bucket_s % int(interval):
+            raise ValueError(
+                f"bucket_s {bucket_s} does not hold whole records: camera "
+                f"{record.get('camera_id')} sent {int(interval)} s intervals (record "
+                f"{record.get('record_id')}), whose counts cannot be split into shorter "
+                f"buckets; ask for a bucket_s that is a multiple of {int(interval)}")
+
+
+def fitting_bucket(records: Iterable[Record], bucket_s: int) -> int:
+    """The smallest multiple of ``bucket_s`` that holds whole records of every interval in
+    ``records`` (``bucket_s`` itself for the agents' 60, 300 and 900 s intervals and a
+    bucket of 900 s or more): for a report that must be drawn whatever was sent."""
+    out = check_bucket(bucket_s)
+    for record in records:
+        interval = record.get("interval_s")
+        if interval:
+            out = math.lcm(out, int(interval))
+    return check_bucket(out)
 
 
 def parse_time(value: str | datetime) -> datetime:
@@ -123,10 +154,12 @@ def line_volumes(
     Ordered by bucket, camera, line, direction, class.
     """
     bucket_s = check_bucket(bucket_s)
+    records = list(_unique(records))
+    check_intervals((r for r in records if camera_id in (None, r["camera_id"])), bucket_s)
     counts: dict[tuple, int] = defaultdict(int)
     pcus: dict[tuple, float] = defaultdict(float)
     speeds: dict[tuple, list[float]] = defaultdict(list)
-    for record in _unique(records):
+    for record in records:
         cam = record["camera_id"]
         if camera_id is not None and cam != camera_id:
             continue
@@ -165,8 +198,10 @@ def coverage(
     """Seconds each camera watched in each bucket: the sum of its records' ``covered_s``,
     capped at ``bucket_s`` (two runs overlapping in a minute do not watch it twice)."""
     bucket_s = check_bucket(bucket_s)
+    records = list(_unique(records))
+    check_intervals((r for r in records if camera_id in (None, r["camera_id"])), bucket_s)
     covered: dict[tuple[str, datetime], float] = defaultdict(float)
-    for record in _unique(records):
+    for record in records:
         cam = record["camera_id"]
         if camera_id is not None and cam != camera_id:
             continue
@@ -236,6 +271,7 @@ def zone_stats(
     density state and the worst state. Ordered by bucket, camera, zone."""
     bucket_s = check_bucket(bucket_s)
     records = list(_unique(records))
+    check_intervals((r for r in records if camera_id in (None, r["camera_id"])), bucket_s)
     covered = coverage(records, bucket_s, camera_id=camera_id)
     acc: dict[tuple[datetime, str, str], _ZoneAcc] = {}
     for record in records:
