@@ -1,16 +1,23 @@
 """Strategies by configuration, behind a wrapper that selects sites and screens their updates.
 
-``build_strategy`` returns Flower's own aggregator (FedAvg, FedProx, FedTrimmedAvg,
-FedMedian, Krum, MultiKrum, Bulyan) wrapped in :class:`SiteScreening`, and that in Flower's
-``DifferentialPrivacyClientSideFixedClipping`` when DP is on. The wrapper:
+``build_strategy`` returns :class:`SiteScreening` around Flower's
+``DifferentialPrivacyClientSideFixedClipping`` when DP is on, around Flower's own aggregator
+(FedAvg, FedProx, FedTrimmedAvg, FedMedian, Krum, MultiKrum, Bulyan) in either case.
+Screening is the outer layer so that the DP wrapper, which abandons a round at the first
+error reply, only ever sees sound replies. The wrapper:
 
 - chooses which sites train this round (``roadloop.federation.selection``) and lets the
   inner strategy sample only among their nodes;
-- screens every reply (``roadloop.federation.updates``): an error reply, an undecodable or
-  misshapen array, NaN, an absurd norm or a bad example count is refused and logged, and the
-  inner strategy aggregates the others, each rebuilt as one ArrayRecord + one MetricRecord
-  holding only the example count (one odd reply cannot make Flower's consistency check
-  abandon the round);
+- screens every reply (``roadloop.federation.updates``): an error reply or a sampled site
+  that never replied is a failure; an undecodable or misshapen array, a wrong dtype, NaN, an
+  absurd norm (absolute, against the global model's norm, against the round's median) or a
+  bad example count is refused; both are logged with their reason;
+- skips the round (recording why) when fewer updates pass than ``min_train_sites`` or than
+  the aggregator's own limits (``aggregation_shortfall``), instead of letting a robust
+  aggregator quietly average too few updates;
+- hands the inner strategy the others, each rebuilt as one ArrayRecord + one MetricRecord
+  holding only the example count, capped against the round's others (``capped_weights``; one
+  odd reply cannot make Flower's consistency check abandon the round);
 - records what happened per round (:class:`roadloop.federation.models.RoundRecord`).
 """
 
@@ -44,9 +51,20 @@ from federated.records import (
     payload_bytes,
     to_array_record,
 )
-from roadloop.federation.models import FederationConfig, RejectedUpdate, RoundRecord
+from roadloop.federation.models import (
+    CappedWeight,
+    FederationConfig,
+    RejectedUpdate,
+    RoundRecord,
+    aggregation_shortfall,
+)
 from roadloop.federation.selection import SelectionPolicy, SiteRecord, select_sites
-from roadloop.federation.updates import CandidateUpdate, screen_updates
+from roadloop.federation.updates import (
+    CandidateUpdate,
+    capped_weights,
+    model_norm,
+    screen_updates,
+)
 
 # A child of Flower's logger, so lines land in the run's log (`flwr log`).
 logger = logging.getLogger("flwr").getChild("roadloop")
@@ -104,11 +122,14 @@ class SiteScreening(Strategy):
         self.sites = sites  # node id -> the site's record (from its query reply)
         self.rounds: dict[int, RoundRecord] = {}
         self._reference: dict[int, dict[str, np.ndarray]] = {}
+        self._sampled: dict[int, set[int]] = {}
         self._started: dict[int, float] = {}
-        # Set by build_strategy when DP wraps this layer: its noise is calibrated to the
+        # The DP wrapper, when it is the inner strategy: its noise is calibrated to the
         # number of sites actually averaged, and every site weighs the same (the mean's
         # sensitivity to one site is then clip / sites).
-        self.dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None
+        self.dp_wrapper = (
+            inner if isinstance(inner, DifferentialPrivacyClientSideFixedClipping) else None
+        )
         # The packed model's layout (set by the ServerApp): names the layer a refusal is about.
         self.layout: Layout | None = None
         self.max_norm = cfg.max_update_norm
@@ -123,8 +144,12 @@ class SiteScreening(Strategy):
         return rec.site if rec else f"node-{node_id}"
 
     def summary(self) -> None:
-        logger.info("site screening: max update norm %.4g, ratio %.4g", self.max_norm,
-                    self.cfg.max_norm_ratio)
+        logger.info(
+            "site screening: max update norm %.4g, %.4gx the model's norm, %.4gx the round's "
+            "median; weights capped at %.4gx the low median count", self.max_norm,
+            self.cfg.max_update_to_model_ratio, self.cfg.max_norm_ratio,
+            self.cfg.max_examples_ratio,
+        )
         self.inner.summary()
 
     def configure_train(
@@ -157,10 +182,20 @@ class SiteScreening(Strategy):
                 failures=[f"only {len(chosen)} eligible sites"],
             )
             return []
-        self._reference[server_round] = from_array_record(arrays)
+        reference = from_array_record(arrays)
+        self._reference[server_round] = reference
+        if self.dp_wrapper is not None:
+            bound = self.cfg.max_update_to_model_ratio * model_norm(reference)
+            if 0 < bound < self.cfg.dp_clipping_norm:
+                logger.warning(
+                    "round %d: dp_clipping_norm %.4g is above max_update_to_model_ratio x the "
+                    "model's norm (%.4g): updates clipped near the clip will be refused",
+                    server_round, self.cfg.dp_clipping_norm, bound,
+                )
         messages = list(self.inner.configure_train(
             server_round, arrays, config, _SelectedGrid(grid, chosen)
         ))
+        self._sampled[server_round] = {m.metadata.dst_node_id for m in messages}
         self.rounds[server_round] = RoundRecord(
             round=server_round,
             sites_sampled=sorted(self.site_of(m.metadata.dst_node_id) for m in messages),
@@ -206,11 +241,14 @@ class SiteScreening(Strategy):
             server_round, RoundRecord(round=server_round, sites_sampled=[], sites_aggregated=[])
         )
         reference = self._reference.pop(server_round, None)
+        sampled = self._sampled.pop(server_round, set())
+        replied: set[int] = set()
         candidates: list[CandidateUpdate] = []
         messages: dict[str, Message] = {}
         site_metrics: dict[str, dict[str, float]] = {}
         for msg in replies:
             site = self.site_of(msg.metadata.src_node_id)
+            replied.add(msg.metadata.src_node_id)
             if msg.has_error():
                 record.failures.append(f"{site}: {msg.error.reason}")
                 logger.warning("round %d: %s failed: %s", server_round, site, msg.error.reason)
@@ -225,31 +263,21 @@ class SiteScreening(Strategy):
             candidates.append(candidate)
             messages[site] = msg
             site_metrics[site] = extra
-        if reference is None or not candidates:
+        for node in sorted(sampled - replied):  # timed out or disconnected: Flower drops them
+            site = self.site_of(node)
+            record.failures.append(f"{site}: no reply (timed out or disconnected)")
+            logger.warning("round %d: %s sent no reply", server_round, site)
+        if reference is None:  # not configured by this wrapper: nothing to screen against
             self._finish(record, server_round)
             return None, None
         screened = screen_updates(
-            candidates, reference, max_norm=self.max_norm, max_norm_ratio=self.cfg.max_norm_ratio
+            candidates, reference, max_norm=self.max_norm, max_norm_ratio=self.cfg.max_norm_ratio,
+            max_model_ratio=self.cfg.max_update_to_model_ratio,
         )
         by_site = {c.key: c for c in candidates}
         for site, reason in screened.rejected.items():
             if site in messages:
                 self._reject(record, site, messages[site], self._where(reason, by_site[site]))
-        accepted: list[Message] = []
-        for site in screened.accepted:
-            msg = messages[site]
-            arrays = next(iter(msg.content.array_records.values()))
-            if self.dp_wrapper is not None and screened.norms[site] > self.cfg.dp_clipping_norm:
-                arrays = _reclip(by_site[site].arrays, reference, self.cfg.dp_clipping_norm,
-                                 screened.norms[site])
-            weight = next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES]
-            if self.dp_wrapper is not None:
-                weight = 1
-            msg.content = RecordDict(
-                {"arrays": arrays, "metrics": MetricRecord({NUM_EXAMPLES: int(weight)})}
-            )
-            accepted.append(msg)
-        record.sites_aggregated = sorted(screened.accepted)
         for site in screened.accepted:
             for key, value in site_metrics[site].items():
                 record.train_metrics[f"{site}/{key}"] = value
@@ -258,14 +286,54 @@ class SiteScreening(Strategy):
                     site_metrics[site][k] for k in LOSS_PARTS
                 )
             record.train_metrics[f"{site}/update-norm"] = screened.norms[site]
-        if not accepted:
+        shortfall = aggregation_shortfall(self.cfg, len(screened.accepted))
+        if shortfall:
+            record.failures.append(f"round skipped: {shortfall}")
+            logger.warning("round %d skipped: %s", server_round, shortfall)
             self._finish(record, server_round)
             return None, None
+        accepted: list[Message] = []
+        for site, weight in self._weights(record, screened.accepted, by_site).items():
+            msg = messages[site]
+            arrays = next(iter(msg.content.array_records.values()))
+            if self.dp_wrapper is not None and screened.norms[site] > self.cfg.dp_clipping_norm:
+                arrays = _reclip(by_site[site].arrays, reference, self.cfg.dp_clipping_norm,
+                                 screened.norms[site])
+            msg.content = RecordDict(
+                {"arrays": arrays, "metrics": MetricRecord({NUM_EXAMPLES: weight})}
+            )
+            accepted.append(msg)
         if self.dp_wrapper is not None:
             self.dp_wrapper.num_sampled_clients = len(accepted)
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        if arrays is None:  # e.g. an aggregator that declined: nothing was aggregated
+            record.failures.append(f"round skipped: the {self.cfg.strategy} aggregator "
+                                   "returned no model")
+            logger.warning("round %d: %s returned no model", server_round, self.cfg.strategy)
+        else:
+            record.sites_aggregated = sorted(screened.accepted)
         self._finish(record, server_round)
         return arrays, metrics
+
+    def _weights(
+        self, record: RoundRecord, sites: list[str], by_site: dict[str, CandidateUpdate]
+    ) -> dict[str, int]:
+        """Each accepted site's aggregation weight: 1 under DP, else its capped count."""
+        if self.dp_wrapper is not None:
+            return dict.fromkeys(sites, 1)
+        claimed = {site: int(by_site[site].num_examples) for site in sites}
+        weights = capped_weights(claimed, self.cfg.max_examples_ratio)
+        for site in sites:
+            if weights[site] < claimed[site]:
+                record.capped_weights.append(
+                    CappedWeight(site=site, claimed=claimed[site], used=weights[site])
+                )
+                logger.warning(
+                    "round %d: %s claims %d examples, weighted as %d (%gx the round's low "
+                    "median)", record.round, site, claimed[site], weights[site],
+                    self.cfg.max_examples_ratio,
+                )
+        return weights
 
     def _where(self, reason: str, candidate: CandidateUpdate) -> str:
         """Name the first non-finite layer of a packed update refused for NaN/Inf."""
@@ -331,9 +399,9 @@ def _inner(cfg: FederationConfig) -> Strategy:
         case "krum":
             return Krum(**common, num_malicious_nodes=cfg.num_malicious)
         case "multikrum":
-            keep = cfg.multikrum_keep or max(1, cfg.min_train_sites - cfg.num_malicious)
             return MultiKrum(
-                **common, num_malicious_nodes=cfg.num_malicious, num_nodes_to_select=keep
+                **common, num_malicious_nodes=cfg.num_malicious,
+                num_nodes_to_select=cfg.multikrum_selected(),
             )
         case "bulyan":
             return Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
@@ -343,16 +411,18 @@ def _inner(cfg: FederationConfig) -> Strategy:
 def build_strategy(
     cfg: FederationConfig, sites: dict[int, SiteRecord]
 ) -> tuple[Strategy, SiteScreening]:
-    """The strategy to start, and the screening layer whose round records it fills."""
-    screening = SiteScreening(_inner(cfg), cfg, sites)
-    if not cfg.dp:
-        return screening, screening
-    sampled = max(cfg.min_train_sites, round(cfg.fraction_train * len(sites)))
-    dp = DifferentialPrivacyClientSideFixedClipping(
-        screening,
-        noise_multiplier=cfg.dp_noise_multiplier,
-        clipping_norm=cfg.dp_clipping_norm,
-        num_sampled_clients=min(sampled, len(sites)),
-    )
-    screening.dp_wrapper = dp
-    return dp, screening
+    """The strategy to start, and the screening layer whose round records it fills.
+
+    Both are the same object: screening is outermost (see the module doc).
+    """
+    inner = _inner(cfg)
+    if cfg.dp:
+        sampled = max(cfg.min_train_sites, round(cfg.fraction_train * len(sites)))
+        inner = DifferentialPrivacyClientSideFixedClipping(
+            inner,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            clipping_norm=cfg.dp_clipping_norm,
+            num_sampled_clients=max(1, min(sampled, len(sites))),
+        )
+    screening = SiteScreening(inner, cfg, sites)
+    return screening, screening

@@ -229,8 +229,9 @@ def test_robust_aggregators_resist_a_sign_flipping_site_that_screening_lets_thro
 
 def test_dp_wrapper_weights_sites_equally_and_noises_the_mean(task_identity):
     sites = {i: SiteRecord(site=f"s{i}", frames=30) for i in range(1, 4)}
+    # All three are asked (fraction 1.0); two sound updates are enough to aggregate.
     cfg = FederationConfig(dp=True, dp_clipping_norm=1.0, dp_noise_multiplier=1e-6,
-                           min_train_sites=3, min_available_sites=3)
+                           min_train_sites=2, min_available_sites=3)
     strategy, screening = build_strategy(cfg, sites)
     sent = to_array_record(REF)
     messages = list(strategy.configure_train(1, sent, ConfigRecord({}), _Grid(sites)))
@@ -241,7 +242,7 @@ def test_dp_wrapper_weights_sites_equally_and_noises_the_mean(task_identity):
 
     def reply(m):
         site = screening.site_of(m.metadata.dst_node_id)
-        return _reply(m, {k: v + steps[site] for k, v in REF.items()},
+        return _reply(m, {k: (v + steps[site]).astype(v.dtype) for k, v in REF.items()},
                       {"num-examples": 10 if site == "s1" else 25})
 
     arrays, _ = strategy.aggregate_train(1, [reply(m) for m in messages])

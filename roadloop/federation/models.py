@@ -13,9 +13,13 @@ ROBUST_STRATEGIES: frozenset[str] = frozenset({"trimmed_mean", "median", "krum",
 
 
 class FederationConfig(BaseModel):
-    """How one federation runs. Flattened into Flower's run config (``to_run_config``)."""
+    """How one federation runs. Flattened into Flower's run config (``to_run_config``).
 
-    model_config = ConfigDict(extra="forbid")
+    No value may be infinite or NaN: an infinite clip or noise multiplier makes the global
+    model infinite, and an infinite cap or timeout silently switches its check off.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     strategy: StrategyName = "fedavg"
     rounds: int = Field(3, ge=1, le=1000)
@@ -45,11 +49,18 @@ class FederationConfig(BaseModel):
     imgsz: int = Field(320, ge=32, le=1280)
     batch: int = Field(8, ge=1, le=256)
     lr0: float = Field(0.002, gt=0.0, le=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
     # Screening: an update whose L2 norm exceeds this is refused outright (absurd), and with
     # three or more replies so is one above ``max_norm_ratio`` x the round's median norm.
     max_update_norm: float = Field(1e4, gt=0.0)
     max_norm_ratio: float = Field(10.0, gt=1.0)
+    # ... and one longer than this fraction of the global model's own norm, whatever the
+    # number of replies: replacing the model (all zeros: 1.0, rescaling it by s: |1 - s|)
+    # is refused; an honest epoch on YOLO11n moved it by 0.7-1.7 % of its norm (measured).
+    max_update_to_model_ratio: float = Field(0.5, gt=0.0)
+    # FedAvg's weight per site is its example count, cut to this x the round's low median
+    # count: a site claiming a billion frames weighs at most this many "typical" sites.
+    max_examples_ratio: float = Field(4.0, ge=1.0)
     round_timeout_s: float = Field(3600.0, gt=0.0)
 
     @model_validator(mode="after")
@@ -58,13 +69,18 @@ class FederationConfig(BaseModel):
             raise ValueError("min_available_sites must be >= min_train_sites")
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise ValueError("fedprox needs proximal_mu > 0")
-        if self.strategy == "bulyan" and self.min_train_sites < 4 * self.num_malicious + 3:
-            raise ValueError("Bulyan needs at least 4*num_malicious + 3 sites per round")
-        if self.strategy in {"krum", "multikrum"} and self.min_train_sites < 2 * self.num_malicious + 3:
-            raise ValueError("Krum needs at least 2*num_malicious + 3 sites per round")
         if self.dp and self.strategy in ROBUST_STRATEGIES:
             raise ValueError("DP noise is added to the mean: use it with fedavg or fedprox")
+        # The smallest round the config allows must meet the aggregator's own limits; every
+        # round checks the same again against the updates that passed screening.
+        shortfall = aggregation_shortfall(self, self.min_train_sites)
+        if shortfall:
+            raise ValueError(f"with min_train_sites {self.min_train_sites}: {shortfall}")
         return self
+
+    def multikrum_selected(self) -> int:
+        """How many updates Multi-Krum averages (``multikrum_keep``; 0: sites - malicious)."""
+        return self.multikrum_keep or max(1, self.min_train_sites - self.num_malicious)
 
     def to_run_config(self) -> dict[str, str | int | float | bool]:
         """Flower run config: flat, kebab-case, no None (Flower's config values are scalars)."""
@@ -86,10 +102,38 @@ class FederationConfig(BaseModel):
         return cls(**values)
 
 
+def aggregation_shortfall(cfg: FederationConfig, updates: int) -> str | None:
+    """Why ``updates`` updates are too few for ``cfg``'s aggregator to do its job, or None.
+
+    Below these limits the robust aggregators quietly degrade (a trimmed mean that trims
+    nothing, a Multi-Krum that keeps everyone: plain means) or skip the round, so the config
+    refuses them for ``min_train_sites`` and each round refuses them after screening.
+    """
+    f = cfg.num_malicious
+    if updates < cfg.min_train_sites:
+        return f"{updates} sound updates, fewer than min_train_sites {cfg.min_train_sites}"
+    match cfg.strategy:
+        case "trimmed_mean" if int(cfg.trim_beta * updates) < 1:  # Flower's own cut
+            return (
+                f"a trimmed mean with trim_beta {cfg.trim_beta:g} trims nothing from "
+                f"{updates} updates (needs trim_beta x sites >= 1)"
+            )
+        case "krum" | "multikrum" if updates < 2 * f + 3:
+            return f"Krum needs at least 2*num_malicious + 3 = {2 * f + 3} sites, got {updates}"
+        case "multikrum" if cfg.multikrum_selected() > updates - f:
+            return (
+                f"Multi-Krum keeping {cfg.multikrum_selected()} of {updates} updates keeps a "
+                f"malicious one (needs multikrum_keep <= sites - num_malicious = {updates - f})"
+            )
+        case "bulyan" if updates < 4 * f + 3:
+            return f"Bulyan needs at least 4*num_malicious + 3 = {4 * f + 3} sites, got {updates}"
+    return None
+
+
 class SiteSpec(BaseModel):
     """A camera site's locally labelled frames, as the site's training node sees them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     data_yaml: Path
@@ -104,6 +148,14 @@ class RejectedUpdate(BaseModel):
     reason: str
 
 
+class CappedWeight(BaseModel):
+    """A site whose claimed example count was cut before it weighted the average."""
+
+    site: str
+    claimed: int
+    used: int
+
+
 class RoundRecord(BaseModel):
     """What happened in one round, as the ServerApp logged it."""
 
@@ -112,6 +164,7 @@ class RoundRecord(BaseModel):
     sites_aggregated: list[str]
     rejected: list[RejectedUpdate] = Field(default_factory=list)
     failures: list[str] = Field(default_factory=list)
+    capped_weights: list[CappedWeight] = Field(default_factory=list)
     train_metrics: dict[str, float] = Field(default_factory=dict)
     eval_metrics: dict[str, float] = Field(default_factory=dict)
     bytes_to_site: int = 0  # per site, the global model sent

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class SiteRecord(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     site: str
     frames: int = Field(ge=0)  # locally labelled training frames
     quality: float = Field(1.0, ge=0.0, le=1.0)  # fraction of labels that passed QA

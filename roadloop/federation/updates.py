@@ -1,10 +1,11 @@
 """Screening of site updates before they reach an aggregator.
 
-A site's reply is checked on its own (same keys, shapes and float dtypes as the model sent,
-every value finite, a believable example count, an update norm below an absolute cap) and
-then against the round (with three or more replies, an update whose norm is more than
-``max_norm_ratio`` times the round's median is refused). Refused updates are named with a
-reason and the round goes on with the others. This is hygiene, not robustness: a poisoned
+A site's reply is checked on its own (same keys, shapes and dtypes as the model sent,
+every value finite, a believable example count, an update norm below an absolute cap and
+below a fraction of the global model's own norm) and then against the round (with three or
+more replies, an update whose norm is more than ``max_norm_ratio`` times the round's median
+is refused). Refused updates are named with a reason and the round goes on with the others.
+The example counts of the accepted updates weigh FedAvg only after ``capped_weights``. This is hygiene, not robustness: a poisoned
 update shaped like an honest one passes here, and the Byzantine-robust aggregators
 (trimmed mean, median, Krum, Bulyan) are what bound its effect.
 """
@@ -12,6 +13,7 @@ update shaped like an honest one passes here, and the Byzantine-robust aggregato
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,13 +57,29 @@ def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
     return math.sqrt(total)
 
 
+def model_norm(reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the whole model (float64 accumulation)."""
+    total = 0.0
+    for value in reference.values():
+        flat = np.asarray(value, dtype=np.float64).ravel()
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
 def check_update(
     candidate: CandidateUpdate,
     reference: Mapping[str, np.ndarray],
     *,
     max_norm: float,
+    max_model_ratio: float = math.inf,
+    reference_norm: float | None = None,
 ) -> tuple[str | None, float | None]:
-    """``(reason, norm)``: reason is None when the update may be aggregated."""
+    """``(reason, norm)``: reason is None when the update may be aggregated.
+
+    ``max_model_ratio`` bounds the update against ``reference_norm`` (the global model's
+    norm, computed when not given), which needs no other reply to compare with. A model of
+    norm 0 gives no scale: only the absolute cap applies to it.
+    """
     reason = _count(candidate.num_examples, candidate.max_examples)
     if reason:
         return reason, None
@@ -79,8 +97,10 @@ def check_update(
         value = arrays[key]
         if not isinstance(value, np.ndarray):
             return f"{key}: {type(value).__name__}, not an array", None
-        if value.dtype.kind != "f":
-            return f"{key}: dtype {value.dtype}, expected floating point", None
+        # Exactly the model's dtype: a float64 reply would turn the aggregate float64, a
+        # float16 one would round every site's share.
+        if value.dtype != np.asarray(ref).dtype:
+            return f"{key}: dtype {value.dtype}, expected {np.asarray(ref).dtype}", None
         if value.shape != np.shape(ref):
             return f"{key}: shape {value.shape}, expected {np.shape(ref)}", None
         if not np.isfinite(value).all():
@@ -90,6 +110,14 @@ def check_update(
         return "update norm overflows", None
     if norm > max_norm:
         return f"update norm {norm:.4g} exceeds the cap {max_norm:.4g}", norm
+    if math.isfinite(max_model_ratio):
+        if reference_norm is None:
+            reference_norm = model_norm(reference)
+        if reference_norm > 0 and norm > max_model_ratio * reference_norm:
+            return (
+                f"update norm {norm:.4g} is more than {max_model_ratio:g}x the global "
+                f"model's norm {reference_norm:.4g}"
+            ), norm
     return None, norm
 
 
@@ -99,15 +127,20 @@ def screen_updates(
     *,
     max_norm: float,
     max_norm_ratio: float,
+    max_model_ratio: float = math.inf,
 ) -> ScreeningResult:
     """Check each update, then refuse norms far above the round's median (3+ replies)."""
     result = ScreeningResult()
     passing: list[str] = []
+    reference_norm = model_norm(reference) if math.isfinite(max_model_ratio) else None
     for candidate in candidates:
         if candidate.key in result.norms or candidate.key in result.rejected:
             result.rejected[candidate.key] = "a second reply from the same sender"
             continue
-        reason, norm = check_update(candidate, reference, max_norm=max_norm)
+        reason, norm = check_update(
+            candidate, reference, max_norm=max_norm, max_model_ratio=max_model_ratio,
+            reference_norm=reference_norm,
+        )
         if norm is not None:
             result.norms[candidate.key] = norm
         if reason:
@@ -126,3 +159,20 @@ def screen_updates(
                     passing.remove(key)
     result.accepted = passing
     return result
+
+
+def capped_weights(counts: Mapping[str, int], max_ratio: float) -> dict[str, int]:
+    """Each site's example count as its FedAvg weight, cut to ``max_ratio`` x the low median.
+
+    A site's count is its own claim (bounded only by the frames it declared, also its own
+    claim), so one site claiming 10**9 frames would otherwise be the average. While at least
+    half the round's sites are honest, the low median of its counts is at most an honest
+    site's count (a lie can only lower it, and with it the cap). With two
+    sites it is the smaller count: the cap then limits the larger one to ``max_ratio``x the
+    other's weight (its share at most ``max_ratio / (1 + max_ratio)``) but cannot remove its
+    influence; no weighting can tell two sites' honest counts from a lie.
+    """
+    if not counts:
+        return {}
+    cap = max(1, int(max_ratio * statistics.median_low(counts.values())))
+    return {key: min(int(count), cap) for key, count in counts.items()}
