@@ -6,14 +6,21 @@ download (``ModelStore.download``, after the manifest was verified) goes to
 ``Range``. Then the size, then the SHA-256 are checked against the signed manifest, and only
 then does the file become ``<sha256>.onnx`` (fsync + rename). A size or SHA-256 mismatch is an
 ``UpdateRejected`` that may be retried (a corrupt transfer) — ``HASH_MISMATCH_ATTEMPTS`` tries;
-a stopped transfer is a ``DownloadIncomplete``. The serving model that a rollout replaces is
+a stopped transfer is a ``DownloadIncomplete``. A model directory that cannot be written (a
+full disk, ``ENOSPC``/``EFBIG``, a read-only mount; also found before the transfer when the
+free space is short of the bytes still to come) is an ``UpdateRejected`` that is not final
+and not counted against the model: the partial file is removed (it only takes space), and
+the next poll tries again. The serving model that a rollout replaces is
 copied into the store (``adopt``; the ``--model`` baseline too), so it survives as *previous*;
 ``prune`` deletes every model file but the ones still needed.
 
 ``UpdaterState`` is ``<state>/updater.json`` (atomic writes): ``serving`` and ``previous``
-(sha256, path, model_version, rollout_id, since), ``shadow``, ``rejected`` {key: reason,
-status, count, permanent, at}, ``status``/``reason``/``rollout_id``. A rejected or rolled-back
-SHA-256 (or ``manifest:<digest>``) is remembered there and not retried; at most
+(sha256, path, model_version, rollout_id, since; ``serving`` of a rollout model also
+``baseline_p95``, the previous model's latency P95 its rollback guard compares against),
+``shadow``, ``rejected`` {key: reason, status, count, permanent, at},
+``status``/``reason``/``rollout_id``. A rejected or rolled-back SHA-256 (or
+``manifest:<digest>``, or ``manifest:<digest>:<sha256>`` for a file that disagrees with its
+manifest) is remembered there and not retried; at most
 ``MAX_REJECTED`` entries are kept, newest last. The ETag is kept in memory only, so a
 restarted agent re-reads the manifest once and re-applies it idempotently (nothing is
 downloaded twice).
@@ -22,10 +29,12 @@ downloaded twice).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -143,7 +152,23 @@ class ModelStore:
     ) -> Path:
         """The verified file of ``m`` (size and SHA-256 as signed), downloaded or resumed as
         needed. ``on_transfer`` is called before bytes are fetched. Raises ``UpdateRejected``
-        (size or SHA-256 mismatch: retryable) or ``DownloadIncomplete`` (resumed next time)."""
+        (size or SHA-256 mismatch: retryable; the model directory not writable or full:
+        retryable, not counted against the model) or ``DownloadIncomplete`` (resumed next
+        time)."""
+        try:
+            return self._download(m, on_transfer)
+        except OSError as exc:  # the local disk, never the network (httpx wraps its errors)
+            self.pending = None
+            try:
+                (self.dir / f".partial-{m.sha256}").unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise UpdateRejected(
+                f"model dir {self.dir} not writable / disk full: {exc}",
+                permanent=False,
+            ) from exc
+
+    def _download(self, m: ModelManifest, on_transfer: Callable[[], None] | None) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.path_for(m.sha256)
         if final.is_file():
@@ -158,6 +183,12 @@ class ModelStore:
             partial.unlink()
             have = 0
         if have < m.size:
+            free = shutil.disk_usage(self.dir).free
+            if free < m.size - have:  # do not fetch what cannot be stored
+                raise OSError(
+                    errno.ENOSPC,
+                    f"{free} bytes free, {m.size - have} more needed for {m.short}",
+                )
             if on_transfer is not None:
                 on_transfer()
             logger.info(

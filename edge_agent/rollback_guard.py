@@ -2,7 +2,9 @@
 when to take it back; ``GuardLimits`` are its limits.
 
 After a swap the updater arms the guard for the new model (with the previous model's recent
-detect latency P95 as the baseline, if it was measured). The frame loop feeds it every frame's
+detect latency P95 as the baseline, if it was measured; the updater keeps that baseline in
+``updater.json`` and re-arms the guard with it when a restarted agent restores the new model,
+so a restart does not switch the relative budget off). The frame loop feeds it every frame's
 latency and every detector failure (``record``); each heartbeat closes a window
 (``end_window``). A window is *bad* when the new model's detect latency P95 exceeds
 ``latency_budget_ms`` (when unset: ``relative_latency`` × the previous model's recent P95, if it

@@ -20,24 +20,39 @@ One poll (``ModelUpdater.poll_once``, on the updater thread — never on the fra
    manifest, run one smoke inference.
 5. ``mode: serve`` → ``ModelSlot.swap``: the swap lands between two frames; the old model
    becomes *previous* (kept loaded and on disk, the baseline ``--model`` is copied into the
-   store for that) and the ``RollbackGuard`` is armed. ``mode: shadow`` → ``ShadowRunner``
-   beside the serving model. ``mode: none`` (or a rolled-back rollout) → back to the previous
-   model if the serving one came from that rollout (the fleet's signed baseline when this
-   device has none).
+   store for that) and the ``RollbackGuard`` is armed (with the old model's latency P95 as its
+   baseline, kept in ``updater.json`` so a restarted agent re-arms it the same way).
+   ``mode: shadow`` → ``ShadowRunner`` beside the serving model. ``mode: none`` (or a
+   rolled-back rollout) → back to the previous model if the serving one came from that
+   rollout (the fleet's known-good model instead when this device has no previous model, or
+   when its previous model is itself from a rollout the fleet no longer stands behind).
+6. After the assignment is applied: a serving model from a rollout that is neither the
+   assignment's nor the fleet's baseline's (a rollout that was cancelled by a newer one, say)
+   is replaced by the fleet's known-good model (``_leave_stale``): the gateway's ``baseline``
+   manifest, or — ``baseline: null`` — the model the agent was started with. Only when the
+   gateway's answer has a ``baseline`` key and names a rollout (older gateways: as before).
 
 Heartbeat fields (``heartbeat_fields``): ``update_status`` is one of
 
 * ``idle`` — no rollout work; ``downloading``; ``shadow``; ``serving`` (a rollout's model);
+* ``retrying`` — a refusal that is not final yet: a size or SHA-256 mismatch with tries left
+  (it may be a corrupt transfer), or the model directory is not writable / the disk is full;
+  ``update_reason`` says which and that the next poll tries again. Not a failure: the
+  gateway does not count it against the rollout;
 * ``rejected`` — the manifest or the file failed verification (signature, key, size,
-  SHA-256): the artifact is not trusted, the model itself was never judged;
+  SHA-256) for good: the artifact is not trusted, the model itself was never judged;
 * ``rolled_back`` — a verified model could not serve (does not load, wrong input size or
   classes, smoke inference failed), or it served and broke the latency/error limits for
   ``bad_windows`` consecutive heartbeat windows, or a persisted model failed at start-up.
 
 ``update_reason`` says why, ``rollout_id`` which rollout it concerns. In every case the old
-model keeps serving. A rejected or rolled-back SHA-256 is remembered in
-``<state>/updater.json`` (``UpdaterState``) and not retried (a SHA-256 mismatch gets
-``HASH_MISMATCH_ATTEMPTS`` tries first: it may be a corrupt transfer).
+model keeps serving. A refusal is remembered in ``<state>/updater.json`` (``UpdaterState``)
+and not retried (a SHA-256 mismatch gets ``HASH_MISMATCH_ATTEMPTS`` tries first: it may be a
+corrupt transfer): a defect of the file (SHA-256, size, does not load, smoke inference) under
+the file's SHA-256, a mismatch between the file and what its manifest says (input size or
+shape, class names) under the manifest (``manifest:<digest>:<sha256>``), so the same file
+under a corrected manifest is tried. A remembered refusal is reported again, against the
+rollout that offered it now, so the gateway hears about every rollout the device refuses.
 """
 
 from __future__ import annotations
@@ -69,7 +84,10 @@ from edge_agent.shadow import ShadowRunner
 
 logger = logging.getLogger(__name__)
 
-UPDATE_STATUSES = ("idle", "downloading", "shadow", "serving", "rolled_back", "rejected")
+UPDATE_STATUSES = (
+    "idle", "downloading", "retrying", "shadow", "serving", "rolled_back", "rejected",
+)
+FAILED_STATUSES = ("rolled_back", "rejected")
 
 
 # --------------------------------------------------------------------------- the updater
@@ -78,6 +96,49 @@ def _shape_hint(body: Mapping) -> Any:
     """``assignment.input_shape`` of a manifest poll: the gateway's pick for this camera."""
     assignment = body.get("assignment")
     return assignment.get("input_shape") if isinstance(assignment, Mapping) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _pair_key(m: ModelManifest) -> str:
+    """What a refusal of a file *under this manifest* is remembered as (the file's input
+    size or classes disagree with what the manifest says): the same file under a corrected
+    manifest is another key."""
+    return f"manifest:{manifest_digest(m.raw)}:{m.sha256}"
+
+
+def _positive(value: Any) -> float | None:
+    """``value`` as a positive finite float (a persisted latency baseline), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    v = float(value)
+    return v if v > 0 and v != float("inf") else None
+
+
+def _is_baseline(rollout_id: str | None, sha256: str, baseline: Any) -> bool:
+    """Whether a model (its rollout id and SHA-256) is the fleet's ``baseline`` manifest's."""
+    if not isinstance(baseline, Mapping):
+        return False
+    if rollout_id is not None and rollout_id == baseline.get("rollout_id"):
+        return True
+    variants = baseline.get("variants")
+    shas = {baseline.get("sha256")} | {
+        v.get("sha256") for v in (variants if isinstance(variants, list) else [])
+        if isinstance(v, Mapping)
+    }
+    return sha256 in shas
+
+
+def _stale(rollout_id: str | None, sha256: str, rid: str | None, baseline: Any) -> bool:
+    """A model from a rollout that is neither the assignment's (``rid``) nor the baseline's:
+    the fleet no longer stands behind it (cancelled by a newer rollout, or left behind while
+    the device was offline). A model from no rollout (``--model``) is never stale."""
+    if rollout_id is None or rollout_id == rid:
+        return False
+    return not _is_baseline(rollout_id, sha256, baseline)
+
 
 class ModelUpdater:
     """Polls the gateway for model assignments and applies them to a ``ModelSlot``.
@@ -115,6 +176,10 @@ class ModelUpdater:
         self._poll_lock = threading.Lock()  # one poll at a time
         self.etag: str | None = None
         self.state = UpdaterState.load(self.state_path)
+        # The model the agent was started with (--model): the fleet's known-good model while
+        # no rollout has completed (the gateway's ``baseline: null``). A record, not the loaded
+        # model: it is reloaded in the rare case it is needed.
+        self._started_with: dict[str, Any] = slot.current.record()
         self._previous: LoadedModel | None = None  # the previous model, kept loaded
         self._shadow: ShadowRunner | None = None
         self._shadow_model: LoadedModel | None = None
@@ -161,7 +226,7 @@ class ModelUpdater:
                         )
                     )
                     if want.get("rollout_id") is not None:
-                        self.guard.arm(base.sha256)
+                        self.guard.arm(base.sha256, _positive(want.get("baseline_p95")))
                 else:
                     st.serving = base.record()
                 self._save()
@@ -189,7 +254,8 @@ class ModelUpdater:
                 return
             self.slot.swap(model)
             if model.rollout_id is not None:
-                self.guard.arm(model.sha256)
+                # the latency baseline measured before the swap, not lost with the process
+                self.guard.arm(model.sha256, _positive(want.get("baseline_p95")))
             logger.info(
                 "serving %s (model_version %s, rollout %s) from %s, as the last run did "
                 "(previous: %s)",
@@ -271,8 +337,10 @@ class ModelUpdater:
 
     # ------------------------------------------------------------------ one poll
     def poll_once(self) -> str:
-        """One manifest poll and whatever it asks for; returns the decision
-        (``unchanged|unavailable|none|serving|shadow|rejected|rolled_back|skipped|downloading``)."""
+        """One manifest poll and whatever it asks for; returns the decision (``unchanged|
+        unavailable|none|serving|shadow|rejected|rolled_back|skipped|downloading|retrying``).
+        The ETag is kept only once the answer is fully applied, so anything to try again
+        (a download to resume, a refusal with tries left, a full disk) is tried next poll."""
         with self._poll_lock:
             try:
                 poll = self.client.get_manifest(self.etag)
@@ -308,10 +376,17 @@ class ModelUpdater:
                 logger.warning("model download incomplete: %s; the next poll resumes it", exc)
                 return "downloading"
             except UpdateRejected as exc:
-                permanent = self._reject(exc)
-                if not permanent:
-                    return exc.status  # the ETag stays unsettled: the next poll tries again
+                if not self._reject(exc):
+                    return "retrying"  # the ETag stays unsettled: the next poll tries again
                 decision = exc.status
+            try:
+                self._leave_stale(rid, body)
+            except DownloadIncomplete as exc:
+                logger.warning("baseline download incomplete: %s; the next poll resumes it", exc)
+                return decision
+            except UpdateRejected as exc:
+                if not self._reject(exc):
+                    return decision
             self.etag = poll.etag
             return decision
 
@@ -321,7 +396,7 @@ class ModelUpdater:
                 logger.warning("unknown assignment mode %r: treated as 'none'", mode)
             return self._leave_rollout(
                 rid, body.get("previous_model_version"), body.get("baseline"),
-                _shape_hint(body),
+                _shape_hint(body), baseline_known="baseline" in body,
             )
         if not isinstance(manifest, Mapping):
             raise UpdateRejected(
@@ -330,7 +405,7 @@ class ModelUpdater:
         prior = self.state.rejected.get(f"manifest:{manifest_digest(manifest)}")
         if prior and prior.get("permanent"):
             logger.info("manifest rejected earlier (%s); ignoring it", prior.get("reason"))
-            return "skipped"
+            return self._skip(prior, rid or _text(manifest.get("rollout_id")))
         # The gateway names the input shape that fits this camera; only a shape the signed
         # manifest lists is taken (any other hint leaves the manifest's own file).
         m = self._verify(manifest).for_shape(_shape_hint(body))
@@ -343,15 +418,16 @@ class ModelUpdater:
             m.key_id,
             mode,
         )
-        prior = self.state.rejected.get(m.sha256)
-        if prior and prior.get("permanent"):
-            logger.info(
-                "%s was %s earlier (%s); not retrying it",
-                m.short,
-                prior.get("status", "rejected"),
-                prior.get("reason"),
-            )
-            return "skipped"
+        for key in (m.sha256, _pair_key(m)):
+            prior = self.state.rejected.get(key)
+            if prior and prior.get("permanent"):
+                logger.info(
+                    "%s was %s earlier (%s); not retrying it",
+                    m.short,
+                    prior.get("status", "rejected"),
+                    prior.get("reason"),
+                )
+                return self._skip(prior, rid)
         cur = self.slot.current
         if mode == "serve" and cur.sha256 == m.sha256:
             with self._lock:
@@ -371,6 +447,18 @@ class ModelUpdater:
             return "serving"
         self._start_shadow(candidate, m, rid)
         return "shadow"
+
+    def _skip(self, prior: Mapping[str, Any], rid: str | None) -> str:
+        """A refusal remembered from an earlier poll, offered again (by this rollout or a
+        new one): report it against ``rid`` so that rollout's health hears of it rather
+        than waiting for a device that stays silent."""
+        status = str(prior.get("status") or "rejected")
+        status = status if status in FAILED_STATUSES else "rejected"
+        reason = str(prior.get("reason") or "refused earlier")
+        st = self.state
+        if (st.status, st.reason, st.rollout_id) != (status, reason, rid):
+            self._set_status(status, reason, rid)
+        return "skipped"
 
     def _verify(self, manifest: Any) -> ModelManifest:
         """``verifier.verify``; a refused manifest is remembered under ``manifest:<digest>``."""
@@ -403,8 +491,11 @@ class ModelUpdater:
     def _load_candidate(self, path: Path, m: ModelManifest, rid: str | None) -> LoadedModel:
         """Load off the hot path and check the model against its manifest."""
 
-        def bad(reason: str) -> UpdateRejected:
-            return UpdateRejected(reason, status="rolled_back", key=m.sha256, rollout_id=rid)
+        def bad(reason: str, *, manifest_says: bool = False) -> UpdateRejected:
+            """A refusal keyed on the file (its own defect) or, ``manifest_says``, on the
+            manifest and file together: the file may be fine under a corrected manifest."""
+            key = _pair_key(m) if manifest_says else m.sha256
+            return UpdateRejected(reason, status="rolled_back", key=key, rollout_id=rid)
 
         t0 = time.perf_counter()
         try:
@@ -416,18 +507,21 @@ class ModelUpdater:
         if det.input_size != m.input_size:
             raise bad(
                 f"model {m.sha256[:12]} has input size {det.input_size}, the manifest says "
-                f"{m.input_size}"
+                f"{m.input_size}",
+                manifest_says=True,
             )
         det_hw = tuple(getattr(det, "input_hw", (det.input_size, det.input_size)))
         if m.input_shape is not None and det_hw != m.input_shape:
             raise bad(
                 f"model {m.sha256[:12]} has input {det_hw[0]}x{det_hw[1]}, the manifest says "
-                f"{m.input_shape[0]}x{m.input_shape[1]}"
+                f"{m.input_shape[0]}x{m.input_shape[1]}",
+                manifest_says=True,
             )
         if m.class_names and list(det.class_names) != list(m.class_names):
             raise bad(
                 f"model {m.sha256[:12]} has classes {list(det.class_names)}, the manifest says "
-                f"{list(m.class_names)}"
+                f"{list(m.class_names)}",
+                manifest_says=True,
             )
         try:
             det.detect(np.full((m.input_size, m.input_size, 3), 114, dtype=np.uint8))
@@ -468,7 +562,10 @@ class ModelUpdater:
             else:
                 self._stop_shadow("a rollout model is serving")
             self.guard.arm(candidate.sha256, baseline)
-            self.state.serving, self.state.previous = candidate.record(), old.record()
+            # the guard's latency baseline travels with the serving record: a restarted
+            # agent re-arms the guard with it (restore), and any later swap drops it
+            self.state.serving = {**candidate.record(), "baseline_p95": baseline}
+            self.state.previous = old.record()
             self.state.rejected.pop(candidate.sha256, None)
             budget = self.guard.budget_ms()
             logger.info(
@@ -541,15 +638,102 @@ class ModelUpdater:
 
     def _baseline_model(self, baseline: Any, shape: Any = None) -> LoadedModel | None:
         """The fleet's known-good model (the gateway's ``baseline`` manifest), verified,
-        downloaded and loaded like any update — for a device with no previous model."""
+        downloaded and loaded like any update (reused when loaded or on disk already)."""
         if not isinstance(baseline, Mapping):
             return None
         bm = self._verify(baseline).for_shape(shape)
-        logger.info("no previous model on this device: falling back to the baseline %s", bm.short)
+        logger.info("falling back to the fleet's baseline %s", bm.short)
         return self._obtain(bm, bm.rollout_id)
 
+    def _known_good(
+        self, baseline: Any, shape: Any, baseline_known: bool
+    ) -> LoadedModel | None:
+        """The model the fleet stands behind: the gateway's ``baseline`` manifest; with
+        ``baseline: null`` (no rollout completed before the current one) the model this agent
+        was started with; None when the gateway says nothing (an older gateway) or the model
+        cannot be had. May raise like a download (``UpdateRejected``, ``DownloadIncomplete``)."""
+        if isinstance(baseline, Mapping):
+            return self._baseline_model(baseline, shape)
+        if not baseline_known:
+            return None
+        rec = self._started_with
+        for have in (self._previous, self.slot.current):
+            if have is not None and have.sha256 == rec.get("sha256"):
+                return dataclasses.replace(have, model_version=None, rollout_id=None)
+        try:
+            return self._load_recorded({**rec, "model_version": None, "rollout_id": None})
+        except Exception as exc:  # noqa: BLE001 - logged; the serving model stays
+            logger.error("the model this agent was started with cannot be loaded: %s", exc)
+            return None
+
+    def _serve_fallback(self, target: LoadedModel) -> LoadedModel:
+        """Serve ``target`` (a known-good model) now, guard disarmed; the model it replaces
+        becomes previous. Returns the replaced model."""
+        with self._lock:
+            cur = self.slot.current
+            if target.sha256 == cur.sha256:  # the same file: only its label changes
+                self.slot.swap(
+                    dataclasses.replace(
+                        cur, model_version=target.model_version, rollout_id=target.rollout_id
+                    )
+                )
+                self.guard.disarm()
+                self.state.serving = self.slot.current.record()
+                return cur
+            old = self.slot.swap(target)
+            self.guard.disarm()
+            self._previous = old
+            self.state.serving, self.state.previous = target.record(), old.record()
+            return old
+
+    def _leave_stale(self, rid: str | None, body: Mapping) -> None:
+        """Back to the fleet's known-good model when the serving one comes from a rollout
+        that is neither the assignment's (``rid``) nor the baseline's — e.g. a canary of a
+        rollout a newer one cancelled: the gateway no longer assigns it to anyone, and
+        without this it would serve until some later rollout reached this device.
+
+        Only with a gateway that names a rollout and says what the baseline is (the
+        ``baseline`` key, ``null`` meaning: the model the agent was started with)."""
+        if rid is None or "baseline" not in body:
+            return
+        baseline = body.get("baseline")
+        cur = self.slot.current
+        if not _stale(cur.rollout_id, cur.sha256, rid, baseline):
+            return
+        target = self._known_good(baseline, _shape_hint(body), True)
+        if target is None:
+            logger.error(
+                "model %s of rollout %s is no longer assigned, but no known-good model is "
+                "available; keeping it",
+                cur.sha256[:12],
+                cur.rollout_id,
+            )
+            return
+        self._serve_fallback(target)
+        reason = (
+            f"model {cur.sha256[:12]} of rollout {cur.rollout_id} is neither this device's "
+            f"assignment ({rid}) nor the fleet's baseline: back to {target.sha256[:12]} "
+            f"({'model_version ' + str(target.model_version) if target.model_version else '--model'})"
+        )
+        logger.warning("swapped back: %s", reason)
+        with self._lock:
+            st = self.state
+            # the status concerns the stale rollout (or nothing): say why the model changed;
+            # a status about another rollout (shadow, a refusal) is that rollout's and stays
+            if st.rollout_id == cur.rollout_id or st.status in ("idle", "serving"):
+                self._set_status("idle", reason, cur.rollout_id)
+            else:
+                self._save()
+            self._prune()
+
     def _leave_rollout(
-        self, rid: str | None, previous_version: Any, baseline: Any = None, shape: Any = None
+        self,
+        rid: str | None,
+        previous_version: Any,
+        baseline: Any = None,
+        shape: Any = None,
+        *,
+        baseline_known: bool = False,
     ) -> str:
         with self._lock:
             shadow_rollout = self._shadow_rollout
@@ -560,22 +744,34 @@ class ModelUpdater:
                 self._stop_shadow(f"assignment for rollout {rid}: mode none")
             cur = self.slot.current
             if rid is None or cur.rollout_id != rid:  # not serving that rollout's model
-                if self.state.status in ("downloading", "shadow") or (
+                if self.state.status in ("downloading", "retrying", "shadow") or (
                     shadow_rollout is not None and shadow_rollout == rid
                 ):
                     self._set_status("idle", None, rid)
-                return "none"
-            prev = self._swap_back(keep_old=True)
-        if prev is None:  # no previous model here: the fleet's baseline, fetched off the lock
-            fallback = self._baseline_model(baseline, shape)  # may raise: retried / reported
-            with self._lock:
-                cur = self.slot.current
-                if fallback is not None and fallback.sha256 != cur.sha256:
-                    old = self.slot.swap(fallback)
-                    self.guard.disarm()
-                    self._previous = old
-                    self.state.serving, self.state.previous = fallback.record(), old.record()
-                    prev = fallback
+                return "none"  # (a model of another, stale rollout: _leave_stale)
+            prev_rec = (
+                self._previous.record() if self._previous is not None else self.state.previous
+            )
+            stale_prev = bool(baseline_known and prev_rec and _stale(
+                prev_rec.get("rollout_id"), str(prev_rec.get("sha256")), rid, baseline
+            ))
+            if stale_prev:  # the previous model is itself from a rollout the fleet left behind
+                logger.info(
+                    "previous model %s (rollout %s) is not the fleet's baseline; not going "
+                    "back to it",
+                    str(prev_rec.get("sha256"))[:12],
+                    prev_rec.get("rollout_id"),
+                )
+                prev = None
+            else:
+                prev = self._swap_back(keep_old=True)
+        if prev is None:  # the fleet's known-good model instead, fetched off the lock
+            fallback = self._known_good(baseline, shape, baseline_known)  # may raise: retried
+            if fallback is not None and fallback.sha256 != cur.sha256:
+                self._serve_fallback(fallback)
+                prev = fallback
+            elif fallback is None and stale_prev:  # better than the withdrawn model
+                prev = self._swap_back(keep_old=True)
         if prev is None:
             logger.error(
                 "rollout %s withdrawn but no previous model is available; keeping %s",
@@ -615,6 +811,9 @@ class ModelUpdater:
             logger.error("rolled back: %s", full)
             self._set_status("rolled_back", full, bad.rollout_id)
             self._prune()
+            # The previous model may be one the fleet left behind meanwhile: the next poll
+            # reads the whole answer again (no If-None-Match) and checks (_leave_stale).
+            self.etag = None
 
     def _remember(
         self, key: str, reason: str, *, permanent: bool, status: str = "rejected"
@@ -623,21 +822,34 @@ class ModelUpdater:
             return self.state.remember(key, reason, permanent=permanent, status=status)
 
     def _reject(self, exc: UpdateRejected) -> bool:
-        """Record a refusal; True when it is final (no retry)."""
-        entry = (
-            self._remember(exc.key, exc.reason, permanent=exc.permanent, status=exc.status)
-            if exc.key
-            else {"permanent": True, "count": 1}
-        )
+        """Record a refusal; True when it is final (no retry).
+
+        Only a final refusal is reported as ``rejected``/``rolled_back`` (the gateway counts
+        those against the rollout); one with tries left (a corrupt transfer, a full disk) is
+        ``retrying``, so a device that recovers on the next poll never failed the rollout."""
+        if exc.key:
+            entry = self._remember(
+                exc.key, exc.reason, permanent=exc.permanent, status=exc.status
+            )
+        else:  # nothing to count tries under: final unless the cause is not the update's
+            entry = {"permanent": exc.permanent, "count": 1}
         permanent = bool(entry["permanent"])
+        if permanent:
+            status, reason, tries = exc.status, exc.reason, ""
+        elif exc.key:
+            tries = f"attempt {entry['count']} of {HASH_MISMATCH_ATTEMPTS}"
+            status, reason = "retrying", f"{exc.reason} ({tries}; retried on the next poll)"
+        else:
+            tries = "retried on the next poll"
+            status, reason = "retrying", f"{exc.reason} ({tries})"
         logger.error(
             "%s: %s (the current model %s keeps serving%s)",
-            "rejected" if exc.status == "rejected" else "rolled back",
+            {"rejected": "rejected", "rolled_back": "rolled back"}.get(status, status),
             exc.reason,
             self.slot.sha256[:12],
-            "" if permanent else f"; attempt {entry['count']} of {HASH_MISMATCH_ATTEMPTS}",
+            f"; {tries}" if tries else "",
         )
-        self._set_status(exc.status, exc.reason, exc.rollout_id)
+        self._set_status(status, reason, exc.rollout_id)
         with self._lock:
             if permanent or exc.status != "rejected":
                 self.store.pending = None

@@ -138,7 +138,13 @@ class ModelPublicKey:
 
 class ManifestCache:
     """What ``GET /v1/manifest`` needs: the latest rollout that is not cancelled (reloaded on
-    ``invalidate`` or after ``TTL_S``) and the JSON bodies + ETags built from it."""
+    ``invalidate`` or after ``TTL_S``) and the JSON bodies + ETags built from it.
+
+    ``baseline`` is the manifest of the newest *other* rollout that is complete now (not
+    rolled back since): the model the fleet stands behind outside the current rollout. An
+    agent serving a model of any other rollout (one a newer rollout cancelled, one rolled back
+    after it completed) returns to it; ``null`` means no rollout completed, so the model each
+    agent was started with is the known-good one."""
 
     TTL_S = 1.0
 
@@ -180,8 +186,12 @@ class ManifestCache:
                 return {"rollout": None}
             manifest = session.get(ModelManifestRow, ro.manifest_sha256)
             baseline = None
-            if ro.previous_manifest_sha256:
-                prev = session.get(ModelManifestRow, ro.previous_manifest_sha256)
+            done = session.scalar(
+                select(RolloutRow).where(RolloutRow.status == RolloutStatus.complete.value,
+                                         RolloutRow.rollout_id != ro.rollout_id)
+                .order_by(RolloutRow.finished_at.desc()).limit(1))
+            if done is not None:
+                prev = session.get(ModelManifestRow, done.manifest_sha256)
                 baseline = prev.manifest if prev else None
             stage = Stage(**ro.stages[ro.stage_index])
             return {

@@ -108,7 +108,13 @@ def roll_back(ro: RolloutRow, now: datetime, reason: str, how: str, actor: str) 
 
 def compute_health(session: Session, ro: RolloutRow, now: datetime) -> StageHealth:
     """``stage_health`` of the current stage from the heartbeat rows since it began, with
-    their receive times (the gateway's clock: what bursts are measured against)."""
+    their receive times (the gateway's clock: what bursts are measured against).
+
+    Failure reports: each cohort device's *latest* heartbeat about this rollout since it was
+    created, when that says ``rolled_back``/``rejected``. A device is judged by where it
+    stands: one that refused and later serves the model (an older agent reported a corrupt
+    transfer it then retried as ``rejected``) is healthy; one that refused for good keeps
+    saying so in every heartbeat."""
     stage = Stage(**ro.stages[ro.stage_index])
     manifest = session.get(ModelManifestRow, ro.manifest_sha256)
     model_ids = {ro.model_version, manifest.file_sha256 if manifest else ""}
@@ -117,21 +123,17 @@ def compute_health(session: Session, ro: RolloutRow, now: datetime) -> StageHeal
         select(HeartbeatRow.device_id, HeartbeatRow.payload, HeartbeatRow.received_at)
         .where(HeartbeatRow.received_at > ro.stage_started_at)
         .order_by(HeartbeatRow.received_at, HeartbeatRow.id)).all()
-    failures = [
-        (d, p) for d, p in session.execute(
+    latest: dict[str, dict[str, Any]] = {}
+    for d, p in session.execute(
             select(HeartbeatRow.device_id, HeartbeatRow.payload)
-            .where(HeartbeatRow.received_at >= ro.created_at)).all()
-        if p.get("rollout_id") == ro.rollout_id
-        and p.get("update_status") in FAILED_UPDATE_STATUSES
-    ]
-    seen: set[str] = set()
-    unique_failures = []
-    for d, p in failures:  # one reason per device is enough
-        if d not in seen:
-            seen.add(d)
-            unique_failures.append((d, p))
+            .where(HeartbeatRow.received_at >= ro.created_at)
+            .order_by(HeartbeatRow.received_at, HeartbeatRow.id)).all():
+        if d in cohort and isinstance(p, dict) and p.get("rollout_id") == ro.rollout_id:
+            latest[d] = p  # received later: replaces what the device said before
+    failures = [(d, p) for d, p in latest.items()
+                if p.get("update_status") in FAILED_UPDATE_STATUSES]
     return stage_health(
         rollout_id=ro.rollout_id, model_ids=model_ids, stage=stage, since=ro.stage_started_at,
         now=now, cohort=cohort, heartbeats=[(d, p, at) for d, p, at in rows],
-        failure_reports=unique_failures, budgets=Budgets(**ro.budgets),
+        failure_reports=failures, budgets=Budgets(**ro.budgets),
     )

@@ -11,9 +11,12 @@ it to the rows, ``fleet.rollouts`` serves it.
 * Stages (default ``shadow 5 % → canary 5 → 10 → 25 → 50 → 100``) never decrease and end
   serving 100 %.
 * Health (``stage_health``) is judged per device: each cohort device's heartbeats give its
-  own error rate, P95 latency and shadow agreement; a device fails on any budget or by
-  reporting ``rolled_back``/``rejected``; the stage fails when more devices fail than the
-  cohort tolerates (``tolerated_failing_devices``: none below 10 devices, then 10 %).
+  own error rate, P95 latency and shadow agreement; a device fails on any budget or when its
+  latest report about the rollout is ``rolled_back``/``rejected`` (a final refusal; a
+  ``retrying`` one is not, and neither is a refusal the device got over); the stage fails when
+  more devices fail than the cohort tolerates (``tolerated_failing_devices``: none below 10
+  devices, then 10 %). Only cohort devices count, for reports as for heartbeats: a device
+  that was never assigned the rollout cannot fail it.
   Heartbeats count in gateway time (a burst does not outweigh a device's history) and only
   when plausible (``fleet.heartbeat_plausibility``).
 * The rule (``decide``): roll back on failing health, advance when the hold elapsed and
@@ -41,6 +44,7 @@ LIVE = (RolloutStatus.active.value, RolloutStatus.paused.value)
 # A device's first heartbeat on a new model covers a window that began on the old one: it counts
 # towards failures at once, but only later heartbeats (with frames) vouch for the new model.
 HEARTBEATS_TO_VOUCH = 2
+# Final refusals only: an agent reports a refusal it will try again as ``retrying``.
 FAILED_UPDATE_STATUSES = ("rolled_back", "rejected")
 # Health is judged per device; a cohort absorbs floor(10 %) failing devices (see
 # ``tolerated_failing_devices``).
@@ -307,8 +311,10 @@ def stage_health(
 
     Only heartbeats about the new model count: in a serve stage those whose ``rollout_id``
     is this rollout's (or whose ``model_version`` is the new model's version or SHA-256); in
-    the shadow stage the ``shadow`` block. ``failure_reports`` are this rollout's heartbeats
-    with ``update_status`` ``rolled_back``/``rejected`` (from any device, any stage).
+    the shadow stage the ``shadow`` block. ``failure_reports`` are each device's latest
+    report about this rollout (any stage; ``fleet.rollout_db.compute_health``): one counts
+    when it is ``rolled_back``/``rejected`` and comes from a cohort device — a device outside
+    the cohort was never sent the manifest, so its report is not evidence about the model.
 
     Each cohort device is judged on its own heartbeats (``_DeviceHealth``: frame-weighted
     error rate, P95 and shadow F1; bursts and frames beyond the gateway clock do not count);
@@ -337,6 +343,8 @@ def stage_health(
 
     failing: dict[str, list[str]] = {}
     for device_id, p in failure_reports:
+        if device_id not in cohort or p.get("update_status") not in FAILED_UPDATE_STATUSES:
+            continue
         failing.setdefault(device_id, []).append(
             f"device {device_id} reported {p.get('update_status')}: "
             f"{p.get('update_reason') or 'no reason given'}")

@@ -121,6 +121,9 @@ class ManifestOut(BaseModel):
     previous_model_version: str | None = None
     baseline: dict[str, Any] | None = Field(
         default=None,
-        description="Manifest of the last completed rollout before this one (the fleet's "
-        "known-good model), for devices that have no previous model.",
+        description="Manifest of the newest other rollout that is complete (not rolled back "
+        "since): the fleet's known-good model. A device serving a model of any rollout that is "
+        "neither this assignment's nor this one returns to it (also when it has no previous "
+        "model); null: no rollout completed, the model each agent was started with is the "
+        "known-good one.",
     )

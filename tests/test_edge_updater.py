@@ -44,7 +44,7 @@ from edge_agent.manifest import (
     load_public_key,
 )
 from edge_agent.model_slot import FAULT_DELAY_ENV, LoadedModel, ModelSlot
-from edge_agent.model_store import UpdaterState
+from edge_agent.model_store import HASH_MISMATCH_ATTEMPTS, UpdaterState
 from edge_agent.rollback_guard import GuardLimits
 from edge_agent.shadow import ShadowRunner, f1_score, match_boxes
 from edge_agent.sources import Frame
@@ -469,6 +469,11 @@ def test_refused_update_keeps_old_model_and_reports_why(
         expect_status, expect_reason = "rolled_back", "classes"
     rig.gw.assign("serve", m, "ro-1")
 
+    if case in ("hash_mismatch", "truncated_file"):  # maybe a corrupt transfer: tried again,
+        for _ in range(HASH_MISMATCH_ATTEMPTS - 1):  # reported as not final meanwhile
+            assert rig.updater.poll_once() == "retrying"
+            fields = rig.updater.heartbeat_fields()
+            assert fields["update_status"] == "retrying" and "retried" in fields["update_reason"]
     assert rig.updater.poll_once() == expect_status
     assert rig.slot.sha256 == rig.base_sha  # the old model keeps serving
     assert rig.slot.detector.detect(image)

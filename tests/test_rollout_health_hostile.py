@@ -28,7 +28,7 @@ from fleet.rollout_policy import (
 )
 
 # ``env`` is tests/test_rollouts.py's gateway fixture, shared (hence F811 on its parameters).
-from tests.test_rollouts import T0, Env, env, serving  # noqa: F401
+from tests.test_rollouts import T0, Env, env, serving, shadowing  # noqa: F401
 
 BUDGETS = Budgets(max_error_rate=0.01, p95_latency_budget_ms=250, min_shadow_f1=0.5,
                   min_reporting_fraction=0.8, min_frames=10, min_cohort_devices=1)
@@ -390,3 +390,57 @@ def test_an_honest_agents_heartbeats_pass_the_checks_even_when_everything_fails(
     h = health([("d", {**beat, "model_version": "7", "rollout_id": "ro-1",
                        "update_status": "serving"}, T0 + timedelta(seconds=30))], {"d"})
     assert h.verdict == "fail" and h.error_rate == 1.0
+
+
+# =========================================================================== failure reports
+def test_only_cohort_devices_final_refusals_count() -> None:
+    devices = {"d0", "d1"}
+    beats = [b for d in sorted(devices) for b in windows(d, 2, 30, 30)]
+    outsider = [("zz", {"update_status": "rejected", "update_reason": "made up"})]
+    assert health(beats, devices, failure_reports=outsider).verdict == "pass"
+    retrying = [("d0", {"update_status": "retrying", "update_reason": "sha256 mismatch "
+                        "(attempt 1 of 3; retried on the next poll)"})]
+    assert health(beats, devices, failure_reports=retrying).verdict == "pass"
+
+
+def test_a_device_outside_the_cohort_cannot_roll_a_rollout_back(env: Env) -> None:
+    env.enroll(20)
+    ro = env.rollout("9", hold=60)
+    rid = ro["rollout_id"]
+    cohort = env.cohort(ro)
+    ids = {d["device_id"] for d in cohort}
+    outsider = next(d for d in env.devices if d["device_id"] not in ids)
+    env.heartbeat(outsider, rollout_id=rid, update_status="rejected", update_reason="made up",
+                  frames_processed=10, errors=0)
+    for d in cohort:  # the real cohort is healthy
+        for _ in range(3):
+            env.clock.advance(30)
+            env.heartbeat(d, **shadowing(rid, "9"))
+    env.clock.advance(61)
+    out = env.evaluate(rid)
+    assert out["decision"] == "advance", out["health"]
+    assert out["health"]["devices_failing"] == 0
+
+
+@pytest.mark.parametrize(("then", "decision"), [
+    ("serving", "advance"),  # an older agent's retried corrupt transfer: it recovered
+    ("retrying", "hold"),  # a newer agent's retry: not a failure, not on the new model yet
+    ("rejected", "rollback"),  # refused for good: its latest report says so
+])
+def test_a_device_is_judged_by_its_latest_report(env: Env, then: str, decision: str) -> None:
+    rid, (dev, *_) = canary(env, devices=4, cohort=1)
+    env.clock.advance(1)
+    env.heartbeat(dev, model_version="old", rollout_id=rid, update_status="rejected",
+                  update_reason="sha256 mismatch: the downloaded file hashes to 03fc…",
+                  window_s=30.0, frames_processed=300)
+    for _ in range(3):
+        env.clock.advance(30)
+        if then == "serving":
+            env.heartbeat(dev, **serving(rid, "7", window_s=30.0, frames_processed=300))
+        else:
+            env.heartbeat(dev, model_version="old", rollout_id=rid, update_status=then,
+                          update_reason="sha256 mismatch (attempt 2 of 3)", window_s=30.0,
+                          frames_processed=300)
+    env.clock.advance(61)
+    out = env.evaluate(rid)
+    assert out["decision"] == decision, out["health"]

@@ -654,3 +654,31 @@ def test_model_rollout_asset_and_health_sensor(live_gateway: tuple[str, str, Pat
                       trained_model=trained, fleet=down, mlflow=mlflow)
     skip = rollout_health_sensor(dg.build_sensor_context(resources={"fleet": down}))
     assert isinstance(skip, dg.SkipReason) and "unreachable" in str(skip.skip_message)
+
+
+# =========================================================================== the fleet's baseline
+def test_manifest_names_the_baseline_a_superseded_canary_returns_to(env: Env) -> None:
+    """A device left serving a cancelled rollout's canary learns from every answer what the
+    fleet stands behind: ``baseline`` (the newest other complete rollout; ``null`` while none
+    completed, i.e. the model each agent was started with)."""
+    (dev,) = env.enroll(1)
+    a = env.rollout("8", hold=0)["rollout_id"]
+    env.post(f"/v1/rollouts/{a}/advance")  # canary: the only device serves A
+    assert env.get("/v1/manifest", dev["access_token"]).json()["assignment"]["mode"] == "serve"
+    env.rollout("9", hold=0)  # cancels A
+    body = env.get("/v1/manifest", dev["access_token"]).json()
+    assert env.get(f"/v1/rollouts/{a}").json()["status"] == "cancelled"
+    assert body["assignment"]["rollout_id"] != a
+    assert "baseline" in body and body["baseline"] is None  # no rollout ever completed
+
+    done = env.rollout("10", hold=0)["rollout_id"]
+    for _ in range(6):
+        env.post(f"/v1/rollouts/{done}/advance")
+    assert env.get(f"/v1/rollouts/{done}").json()["status"] == "complete"
+    live = env.rollout("11", hold=0)["rollout_id"]
+    body = env.get("/v1/manifest", dev["access_token"]).json()
+    assert body["assignment"]["rollout_id"] == live
+    assert body["baseline"]["rollout_id"] == done and body["baseline"]["model_version"] == "10"
+    # the completed rollout is rolled back while another is live: no longer the baseline
+    assert env.post(f"/v1/rollouts/{done}/rollback").json()["status"] == "rolled_back"
+    assert env.get("/v1/manifest", dev["access_token"]).json()["baseline"] is None
