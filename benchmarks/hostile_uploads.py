@@ -60,6 +60,7 @@ import cv2
 import httpx
 import numpy as np
 
+from benchmarks.intake_loadgen import AGENT_REDACTION
 from launch.localfleet import GatewayProcess
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ def _metadata(frame_id: str, up: Upload) -> str:
         "frame_id": frame_id, "camera_id": CAMERA, "captured_at": T0.isoformat(),
         "reasons": ["base_rate"], "importance": 1.0, "model_version": "bench",
         "detections": [], "width": up.width, "height": up.height,
+        "redaction": AGENT_REDACTION,
     }
     if up.quality is not None:
         m["quality"] = up.quality

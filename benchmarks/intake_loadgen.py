@@ -104,11 +104,18 @@ def load_jpegs(n: int, width: int, jpeg_quality: int) -> tuple[list[Jpeg], str]:
 
 
 # ---------------------------------------------------------------------------- bodies
+# What an agent's redaction states (edge_agent.redaction): a camera whose configuration
+# redacts (the default) refuses a frame that states none.
+AGENT_REDACTION = {"method": "blur", "version": "roadloop-redaction/1 centerface:bench",
+                   "counts": {"face": 0}, "area_share": 0.0}
+
+
 def frame_metadata(camera_id: str, frame_id: str, jpeg: Jpeg, captured_at: str) -> dict[str, Any]:
     return {
         "frame_id": frame_id, "camera_id": camera_id, "captured_at": captured_at,
         "reasons": ["base_rate"], "importance": 1.0, "model_version": "bench",
         "detections": [], "width": jpeg.width, "height": jpeg.height, "quality": jpeg.quality,
+        "redaction": AGENT_REDACTION,
     }
 
 

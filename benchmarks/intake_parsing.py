@@ -44,6 +44,7 @@ from typing import Any
 from starlette.requests import Request
 
 from benchmarks.gateway_intake import load_jpegs
+from benchmarks.intake_loadgen import AGENT_REDACTION
 from fleet.config import GatewaySettings
 from fleet.frame_checks import reads_back
 from fleet.intake_batch import split_batch
@@ -72,7 +73,8 @@ def _metadata(i: int, w: int, h: int) -> dict[str, Any]:
             "captured_at": datetime(2026, 5, 4, tzinfo=UTC).isoformat(),
             "reasons": ["low_confidence"], "importance": 1.0, "model_version": "sha256:abc",
             "detections": [{"class_id": 0, "class_name": "car", "confidence": 0.4,
-                            "xyxy": [1, 2, 30, 40]}], "width": w, "height": h}
+                            "xyxy": [1, 2, 30, 40]}], "width": w, "height": h,
+            "redaction": AGENT_REDACTION}
 
 
 def _raw_body(frames: list[tuple[dict[str, Any], bytes]]) -> bytes:

@@ -52,13 +52,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 
-from benchmarks.gateway_intake import Jpeg, _cpu_seconds, _enroll, _pct, load_jpegs
+from benchmarks.gateway_intake import Jpeg, _cpu_seconds, _enroll, load_jpegs
+from benchmarks.intake_loadgen import AGENT_REDACTION
 from fleet.config import GatewaySettings
 from launch.localfleet import GatewayProcess
 
 logger = logging.getLogger(__name__)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(values), q)) if values else None
 REPO = Path(__file__).resolve().parents[1]
 TARGET_P99_MS = 200.0
 LIMITS = ("address_rate_limit_per_s", "address_rate_limit_burst", "unattributed_rate_limit_per_s",
@@ -87,7 +93,8 @@ async def _paced_agent(base: str, token: str, camera_id: str, jpegs: list[Jpeg],
             meta = {"frame_id": f"{camera_id}-{tag}-{seq:07d}", "camera_id": camera_id,
                     "captured_at": datetime.now(UTC).isoformat(), "reasons": ["base_rate"],
                     "importance": 1.0, "model_version": "bench", "detections": [],
-                    "width": jp.width, "height": jp.height, "quality": jp.quality}
+                    "width": jp.width, "height": jp.height, "quality": jp.quality,
+                    "redaction": AGENT_REDACTION}
             sent = time.perf_counter()
             try:
                 r = await client.post("/v1/frames", headers=headers,
