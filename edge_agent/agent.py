@@ -281,6 +281,7 @@ class EdgeAgent:
         self._redactor_source = redactor
         self.redactor: Redactor | None = None
         self.redaction_error: str | None = None
+        self._logged_gaps: list[str] | None = None  # redaction gaps last logged
         self._stop = threading.Event()
         self._force = threading.Event()
         self._uploads_stop = threading.Event()
@@ -429,6 +430,7 @@ class EdgeAgent:
         # Once before the first frame: a camera's geometry and rates are in force from its
         # first frame, not only after the first heartbeat (a failure keeps the kept file's).
         self._poll_camera_config()
+        self.redaction_gaps()  # logs what sampled frames will show unredacted, if anything
         checkpoint = cfg.state_dir / CHECKPOINT_FILE
         self.traffic = (TrafficStage(cfg.camera_id, checkpoint_path=checkpoint)
                         if cfg.traffic else None)
@@ -649,11 +651,17 @@ class EdgeAgent:
                 self.redactor = load_redactor(self.config.redaction_faces,
                                               self.config.redaction_plates)
             self.redaction_error = None
-        except (RedactionUnavailable, OSError, ValueError) as exc:
-            self.redactor, self.redaction_error = None, f"redaction unavailable: {exc}"
+        except Exception as exc:  # any failure fails closed and never escapes
+            # RedactionUnavailable, OSError and ValueError are the expected ones; anything else
+            # a factory raises (an ImportError, a broken model file) is reported alike, since
+            # it would otherwise end the heartbeat thread that retries it.
+            expected = isinstance(exc, (RedactionUnavailable, OSError, ValueError))
+            why = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+            self.redactor, self.redaction_error = None, f"redaction unavailable: {why}"
             if not was_failing:
                 logger.error("%s; no frame is queued or uploaded until it loads (retried "
-                             "after each heartbeat)", self.redaction_error)
+                             "after each heartbeat)", self.redaction_error,
+                             exc_info=None if expected else exc)
         if was_failing and self.redactor is not None:
             logger.warning("redaction models loaded: frames are queued and uploaded again")
             self._wake_uploader.set()
@@ -663,6 +671,34 @@ class EdgeAgent:
     def _privacy_mode(self) -> str:
         return (self.camera_config.privacy_mode() if self.camera_config is not None
                 else "blur")
+
+    def _serving_class_names(self) -> list[str] | None:
+        """The serving model's class names (None when it cannot be told): what redaction
+        can see of people depends on them, and a rollout may swap the model."""
+        slot = getattr(self, "slot", None)
+        names = getattr(getattr(slot, "detector", None), "class_names", None)
+        return list(names) if names is not None else None
+
+    def redaction_gaps(self) -> list[str] | None:
+        """The kinds sampled frames are uploaded with unredacted (``Redactor.gaps`` for the
+        serving model); [] with privacy mode off (nothing is meant to be redacted); None while
+        no redactor is loaded (``redaction_error``) or the serving model is unknown. A change
+        is logged as a WARNING, so a rollout that swaps in a model without a person class
+        leaves a trace in the log as well as in the heartbeats."""
+        names = self._serving_class_names()
+        if self._privacy_mode() == "off":
+            gaps: list[str] | None = []
+        elif self.redactor is None or names is None:
+            gaps = None
+        else:
+            gaps = self.redactor.gaps(names)
+        if gaps and gaps != self._logged_gaps:
+            logger.warning("redaction cannot remove %s (serving model classes %s): sampled "
+                           "frames are uploaded with them unredacted (docs/privacy.md)",
+                           ", ".join(gaps), names)
+        if gaps is not None:
+            self._logged_gaps = gaps
+        return gaps
 
     def frames_blocked(self) -> bool:
         """True while a camera that must redact has no redactor: frames neither queued nor
@@ -682,7 +718,12 @@ class EdgeAgent:
             if self.redactor is None:  # mode off, no models: nothing to run
                 return result.frame.image, {"method": "off", "version": "", "counts": {},
                                             "area_share": 0.0}
-            done = self.redactor.redact(result.frame.image, result.detections, mode)
+            model = result.model.detector if result.model is not None else None
+            names = getattr(model, "class_names", None)  # the model that served this frame
+            if names is None:
+                names = self._serving_class_names()
+            done = self.redactor.redact(result.frame.image, result.detections, mode,
+                                        class_names=names)
         except Exception as exc:  # noqa: BLE001 - never queue the unredacted frame
             summary.frames_withheld += 1
             self.telemetry.record_error()
@@ -795,7 +836,12 @@ class EdgeAgent:
                 logger.error("heartbeat failed: %s", exc)
             self._poll_camera_config()
             if self.frames_blocked():
-                self._load_redactor()
+                try:  # _load_redactor catches everything; this loop must outlive any bug
+                    self._load_redactor()
+                except Exception as exc:  # noqa: BLE001 - heartbeats must keep going
+                    self.redactor = None
+                    self.redaction_error = f"redaction unavailable: {type(exc).__name__}: {exc}"
+                    logger.error("%s", self.redaction_error)
 
     def _poll_camera_config(self) -> None:
         """The camera's configuration, after each heartbeat (a 304 when unchanged)."""
@@ -830,6 +876,11 @@ class EdgeAgent:
             )
             payload = hb.to_dict()
             payload["redaction_error"] = self.redaction_error  # why nothing is uploaded
+            try:  # what uploaded frames show unredacted (e.g. plates on OpenCV 5)
+                payload["redaction_gaps"] = self.redaction_gaps()
+            except Exception as exc:  # noqa: BLE001 - telemetry must never stop the agent
+                logger.error("redaction coverage unavailable: %s", exc)
+                payload["redaction_gaps"] = None
             payload["frames_withheld"] = self.summary.frames_withheld if self.summary else 0
             # the geometry in force does not fit the stream: counting is off (traffic.stage)
             payload["traffic_error"] = self.traffic.error if self.traffic is not None else None

@@ -22,7 +22,9 @@ here in plain Python. ``CameraConfigChannel``:
   multiplied by ``factor`` (capped at 1) and so is the hourly budget; afterwards the
   configured rates apply again by themselves, with no new document.
 * ``privacy.mode`` (``blur`` | ``mask`` | ``off``): how the agent redacts people, faces and
-  plates in sampled frames (``edge_agent.redaction``); absent: ``blur``.
+  plates in sampled frames (``edge_agent.redaction``); absent: ``blur``. A change is logged
+  as a WARNING (``old → new``: redaction switched off remotely leaves a trace at the edge)
+  and heartbeats carry the mode in force (``privacy_mode``).
 * Values the document leaves out keep the agent's own (its command line).
 * ``<state_dir>/camera_config.json`` holds the document in force (atomic write); it is loaded
   at start, so a restarted camera keeps its configuration before the gateway answers.
@@ -258,7 +260,8 @@ class CameraConfigChannel:
         return cfg.traffic, cfg.version
 
     def heartbeat_fields(self, now: float | None = None) -> dict[str, Any]:
-        """``config_version``, ``config_error`` and the sampling in force (``Heartbeat``)."""
+        """``config_version``, ``config_error``, the sampling and the privacy mode in force
+        (``Heartbeat``)."""
         eff = self.effective_sampling(now)
         return {
             "config_version": self._applied.version,
@@ -266,7 +269,18 @@ class CameraConfigChannel:
             "sampling_base_rate": eff.base_rate,
             "sampling_hourly_budget": eff.hourly_budget,
             "sampling_boost_until": eff.boost_until,
+            "privacy_mode": self.privacy_mode(),
         }
+
+    def _log_privacy_change(self, old: AppliedConfig, new: AppliedConfig, how: str) -> None:
+        """A WARNING whenever the redaction mode changes: switching redaction off (or on) is
+        done remotely, and the edge must keep a trace of it."""
+        before = old.privacy_mode or DEFAULT_PRIVACY_MODE
+        after = new.privacy_mode or DEFAULT_PRIVACY_MODE
+        if before != after:
+            logger.warning("camera %s: privacy mode %s → %s (configuration version %d, %s)%s",
+                           self.camera_id, before, after, new.version, how,
+                           ": sampled frames are uploaded UNREDACTED" if after == "off" else "")
 
     # ---- changes
     def apply(self, answer: Mapping[str, Any], etag: str | None = None) -> bool:
@@ -293,6 +307,7 @@ class CameraConfigChannel:
                     logger.warning("camera configuration: %r is unknown to this agent; "
                                    "ignored", key)
             old, self._applied, self._error = self._applied, new, None
+            self._log_privacy_change(old, new, "from the gateway")
             if (new.version, new.sha256, new.etag) != (old.version, old.sha256, old.etag):
                 self._save(new)
             if (new.version, new.sha256) != (old.version, old.sha256):
@@ -341,8 +356,9 @@ class CameraConfigChannel:
             logger.error("ignoring the kept camera configuration %s: %s", self.path, exc)
             return False
         with self._lock:
-            self._applied = new
+            old, self._applied = self._applied, new
         logger.info("camera configuration version %d restored from %s", new.version, self.path)
+        self._log_privacy_change(old, new, f"restored from {self.path}")
         return True
 
 

@@ -71,6 +71,14 @@ traffic_error                     ``{version, reason}`` while the traffic geomet
                                   (``edge_agent.traffic.stage.geometry_misfit``): counting is
                                   off; ``null`` otherwise (added by the agent loop, no
                                   version change).
+redaction_gaps                    kinds of ``edge_agent.redaction.REDACTION_KINDS`` (``person``,
+                                  ``face``, ``plate``) the camera's redaction cannot remove:
+                                  sampled frames are uploaded with them unredacted (e.g.
+                                  ``["person", "plate"]``: a serving model without a person
+                                  class, no plate detector on OpenCV 5); ``[]`` when all are
+                                  covered or the privacy mode is ``off``; ``null`` while no
+                                  redactor is loaded (``redaction_error`` says why). Added by
+                                  the agent loop, no version change.
 ================================  ===========================================================
 
 The three frame-level histograms (drift monitoring compares distributions, not just window
@@ -85,10 +93,12 @@ Optional rollout fields (schema 1 and 2: absent or ``null`` on agents without mo
 model serving at the end of the window — a rollout's manifest carries the same ``sha256``.
 
 ================================  ===========================================================
-update_status                     ``idle | downloading | shadow | serving | rolled_back |
-                                  rejected``: the updater's state.
-update_reason                     why it is ``rejected`` / ``rolled_back`` (or why it went
-                                  back to the previous model), else ``null``.
+update_status                     ``idle | downloading | retrying | shadow | serving |
+                                  rolled_back | rejected``: the updater's state
+                                  (``retrying``: a refusal tried again on the next poll;
+                                  ``rejected``/``rolled_back`` are final).
+update_reason                     why it is ``retrying`` / ``rejected`` / ``rolled_back`` (or
+                                  why it went back to the previous model), else ``null``.
 rollout_id                        the rollout ``update_status`` refers to.
 serving_model_version             the manifest's ``model_version`` label of the serving model
                                   (``null`` for the model the agent was started with).
@@ -117,6 +127,8 @@ sampling_base_rate                the base rate in force now (the document's, el
 sampling_hourly_budget            the hourly budget in force now (likewise; ``null``: none).
 sampling_boost_until              end of the boost in force (ISO 8601 UTC), ``null`` when no
                                   boost is in force (none set, or it ended).
+privacy_mode                      the redaction method in force: ``blur`` (the default),
+                                  ``mask`` or ``off`` (``null`` from agents before it).
 ================================  ===========================================================
 """
 
@@ -138,7 +150,7 @@ _ROLLOUT_FIELDS = frozenset(
     {"update_status", "update_reason", "rollout_id", "serving_model_version", "shadow"}
 )
 _CONFIG_FIELDS = frozenset({"config_version", "config_error", "sampling_base_rate",
-                            "sampling_hourly_budget", "sampling_boost_until"})
+                            "sampling_hourly_budget", "sampling_boost_until", "privacy_mode"})
 CONFIDENCE_BIN_EDGES: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
 # Per-frame distributions (see the module docstring): mean grey level, log10(1 + variance of
 # the Laplacian), boxes per frame (finer where most frames are, coarser in the crowded tail).
@@ -211,6 +223,7 @@ class Heartbeat:
     sampling_base_rate: float | None = None
     sampling_hourly_budget: float | None = None
     sampling_boost_until: str | None = None
+    privacy_mode: str | None = None  # blur | mask | off (edge_agent.camera_config)
     # the camera's frame size (see the module docstring)
     frame_width: int | None = None
     frame_height: int | None = None

@@ -22,6 +22,12 @@ frame's metadata (``redaction``).
 A redaction model that cannot be loaded raises ``RedactionUnavailable``; the agent then
 stops sampling frames into the outbox (it never queues an unredacted frame) and reports why
 in its heartbeats and log.
+
+Coverage is stated, not assumed: ``Redactor.gaps(class_names)`` names the kinds
+(``REDACTION_KINDS``) this redactor cannot remove with a serving model of those classes — a
+model without a person class redacts nobody's body, and OpenCV 5 has no plate detector. The
+agent reports them in its heartbeats (``redaction_gaps``) and the record's ``version`` names
+only the sources that ran (``person:detector`` only when the model has a person class).
 """
 
 from __future__ import annotations
@@ -41,12 +47,18 @@ logger = logging.getLogger(__name__)
 
 REDACTION_VERSION = "1"
 MODES = ("blur", "mask", "off")
+# What a sampled frame may show that redaction is meant to remove (``Redactor.gaps``).
+REDACTION_KINDS = ("person", "face", "plate")
 DEFAULT_MODE = "blur"
 # The serving detector's class names whose boxes are people or carry one (a rider).
 PERSON_CLASSES = frozenset({
     "person", "people", "pedestrian", "rider", "two_wheeler", "bike", "biker", "cyclist",
     "bicycle", "motorcycle", "motorbike",
 })
+# Of those, the classes that are a person's own box: a model with only two-wheeler classes
+# (the shared atl_v2: bike, bus, car, truck) redacts riders on their bikes but no pedestrian,
+# so its people are a redaction gap ("person") and its record claims no person detector.
+PEOPLE_CLASSES = frozenset({"person", "people", "pedestrian", "rider", "biker", "cyclist"})
 PLATE_CASCADE = "haarcascade_russian_plate_number.xml"
 FACE_CASCADE = "haarcascade_frontalface_default.xml"
 MASK_COLOUR = (0, 0, 0)
@@ -195,38 +207,87 @@ class Redactor:
     """Finds the regions to remove in one frame and removes them (blur or mask)."""
 
     def __init__(self, faces: RegionDetector | None, plates: RegionDetector | None,
-                 person_classes: Iterable[str] = PERSON_CLASSES) -> None:
+                 person_classes: Iterable[str] = PERSON_CLASSES,
+                 people_classes: Iterable[str] = PEOPLE_CLASSES) -> None:
         self.faces, self.plates = faces, plates
         self.person_classes = frozenset(c.lower() for c in person_classes)
+        self.people_classes = frozenset(c.lower() for c in people_classes)
 
-    @property
-    def version(self) -> str:
-        parts = [f"roadloop-redaction/{REDACTION_VERSION}", "person:detector"]
+    def finds_people(self, class_names: Iterable[str] | None) -> bool:
+        """Whether a serving model with these class names gives a person's own box
+        (``PEOPLE_CLASSES``); ``None`` (the caller does not say which model) is taken as
+        yes, as before."""
+        if class_names is None:
+            return True
+        return any(str(c).lower() in self.people_classes for c in class_names)
+
+    def finds_riders(self, class_names: Iterable[str] | None) -> bool:
+        """Whether the serving model has any class whose boxes are redacted
+        (``PERSON_CLASSES``: people, or two-wheelers that carry a rider)."""
+        if class_names is None:
+            return True
+        return any(str(c).lower() in self.person_classes for c in class_names)
+
+    def covers(self, class_names: Iterable[str] | None) -> tuple[str, ...]:
+        """The kinds (``REDACTION_KINDS``) removed with a serving model of ``class_names``."""
+        found = {"person"} if self.finds_people(class_names) else set()
+        found |= {d.kind for d in (self.faces, self.plates) if d is not None}
+        return tuple(k for k in REDACTION_KINDS if k in found)
+
+    def gaps(self, class_names: Iterable[str]) -> list[str]:
+        """The kinds this redactor cannot remove with a serving model of ``class_names``
+        (e.g. ``["person", "plate"]`` with the shared atl_v2 model on OpenCV 5): frames are
+        uploaded with those kinds unredacted, so the agent reports them."""
+        covered = set(self.covers(list(class_names)))
+        return [k for k in REDACTION_KINDS if k not in covered]
+
+    def version_for(self, class_names: Iterable[str] | None) -> str:
+        """The record's ``version``: the sources that ran — ``person:detector`` only when the
+        serving model has a person class, never a claim about people it cannot see
+        (``rider:detector`` when it has only two-wheelers: their riders are redacted)."""
+        parts = [f"roadloop-redaction/{REDACTION_VERSION}"]
+        if self.finds_people(class_names):
+            parts.append("person:detector")
+        elif self.finds_riders(class_names):
+            parts.append("rider:detector")
         parts += [d.name for d in (self.faces, self.plates) if d is not None]
         return " ".join(parts)
 
-    def regions(self, image: np.ndarray, detections: Iterable[Any]
+    @property
+    def version(self) -> str:
+        """``version_for`` a model not named (person boxes assumed, as before)."""
+        return self.version_for(None)
+
+    def regions(self, image: np.ndarray, detections: Iterable[Any],
+                class_names: Iterable[str] | None = None
                 ) -> dict[str, list[tuple[float, float, float, float]]]:
         """Boxes per kind: ``person`` from the detector's detections (anything with
-        ``class_name`` and ``xyxy``), ``face`` and ``plate`` from the region detectors."""
-        found: dict[str, list[tuple[float, float, float, float]]] = {
-            "person": [tuple(map(float, d.xyxy)) for d in detections
-                       if str(d.class_name).lower() in self.person_classes]}
+        ``class_name`` and ``xyxy``; people and riders' two-wheelers; absent when the serving
+        model, ``class_names``, has neither), ``face`` and ``plate`` from the region
+        detectors."""
+        found: dict[str, list[tuple[float, float, float, float]]] = {}
+        if self.finds_riders(class_names):
+            found["person"] = [tuple(map(float, d.xyxy)) for d in detections
+                               if str(d.class_name).lower() in self.person_classes]
         for det in (self.faces, self.plates):
             if det is not None:
                 found[det.kind] = det.detect(image)
         return found
 
-    def redact(self, image: np.ndarray, detections: Iterable[Any], mode: str
-               ) -> RedactionResult:
+    def redact(self, image: np.ndarray, detections: Iterable[Any], mode: str,
+               class_names: Iterable[str] | None = None) -> RedactionResult:
+        """``image`` with every region found blurred or masked (``mode``), and its record.
+        ``class_names``: the serving model's classes (what the record may claim)."""
         if mode not in MODES:
             raise ValueError(f"redaction mode must be one of {MODES}, not {mode!r}")
+        names = list(class_names) if class_names is not None else None
+        version = self.version_for(names)
         if mode == "off":
-            return RedactionResult(image, {"method": "off", "version": self.version,
+            return RedactionResult(image, {"method": "off", "version": version,
                                            "counts": {}, "area_share": 0.0})
-        boxes = self.regions(image, detections)
+        boxes = self.regions(image, detections, names)
         out, share = apply_regions(image, [b for v in boxes.values() for b in v], mode)
-        record = {"method": mode, "version": self.version,
+        record = {"method": mode, "version": version,
                   "counts": {k: len(v) for k, v in boxes.items()},
                   "area_share": round(share, 6)}
         return RedactionResult(out, record, boxes)
@@ -235,9 +296,10 @@ class Redactor:
 def load_redactor(face_backend: str = "centerface", plates: str = "auto") -> Redactor:
     """The default redactor; ``RedactionUnavailable`` when a model cannot be loaded.
 
-    ``plates``: ``"haar"`` (required), ``"auto"`` (the Haar plate cascade where this OpenCV
-    still has ``CascadeClassifier``, else none: logged, and absent from the record's
-    ``version``) or ``"none"``."""
+    ``plates``: ``"haar"`` (required: fails closed, no frame is queued without it),
+    ``"auto"`` (the Haar plate cascade where this OpenCV still has ``CascadeClassifier``, else
+    none: logged, absent from the record's ``version`` and reported by the agent as the gap
+    ``plate``) or ``"none"``."""
     if face_backend == "centerface":
         faces: RegionDetector | None = CenterFaceDetector()
     elif face_backend == "haar":
@@ -253,7 +315,9 @@ def load_redactor(face_backend: str = "centerface", plates: str = "auto") -> Red
         try:
             plate_det = HaarDetector("plate", PLATE_CASCADE)
         except RedactionUnavailable as exc:
-            logger.warning("no licence-plate detector: %s", exc)
+            logger.warning("no licence-plate detector (%s): licence plates are NOT redacted "
+                           "in uploaded frames; heartbeats report the gap 'plate' "
+                           "(--redaction-plates haar refuses to queue frames without one)", exc)
     elif plates != "none":
         raise RedactionUnavailable(f"unknown plate detector {plates!r}")
     return Redactor(faces, plate_det)

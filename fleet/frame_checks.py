@@ -1,7 +1,8 @@
 """The checks of one frame upload that need no storage (``fleet.intake`` runs them for
-``POST /v1/frames`` and ``fleet.intake_batch`` for each frame of a batch): the camera, the
-JPEG's header, one strict decode (``fleet.jpeg``), the record and that its sidecar reads
-back. Each refusal is the ``HTTPException`` ``POST /v1/frames`` answers for that frame.
+``POST /v1/frames`` and ``fleet.intake_batch`` for each frame of a batch): the camera, its
+privacy mode (``unredacted_refusals``), the JPEG's header, one strict decode
+(``fleet.jpeg``), the record and that its sidecar reads back. Each refusal is the
+``HTTPException`` ``POST /v1/frames`` answers for that frame.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Any
 
 from fastapi import HTTPException
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from fleet.auth import Principal
 from fleet.config import GatewaySettings
+from fleet.db import CameraConfigRow
 from fleet.jpeg import (
     DecoderBusy,
     JpegError,
@@ -27,8 +30,12 @@ from fleet.runtime import Gateway
 from fleet.schemas import FrameMetadata
 from roadloop.data.frames import FrameQuality, FrameRecord
 
-__all__ = ["CheckedFrame", "check_frames", "checked_qualities", "jpeg_limits", "reads_back",
-           "validation_message"]
+__all__ = ["CheckedFrame", "camera_privacy_mode", "check_frames", "checked_qualities",
+           "jpeg_limits", "reads_back", "unredacted_refusals", "validation_message"]
+
+# A camera whose configuration has no ``privacy`` section redacts (edge_agent.camera_config,
+# fleet.camera_config_schemas.PrivacyConfig): blur.
+DEFAULT_PRIVACY_MODE = "blur"
 
 
 def validation_message(exc: ValidationError, prefix: str) -> str:
@@ -121,10 +128,56 @@ class CheckedFrame:
         return f"{self.meta.camera_id}/{self.meta.frame_id}"
 
 
+def camera_privacy_mode(gw: Gateway, camera_id: str) -> str:
+    """The redaction mode the camera's current configuration asks for: its
+    ``privacy.mode``, else ``blur`` (no section, or no configuration at all: the agent's
+    default)."""
+    with gw.db.read() as session:
+        row = session.get(CameraConfigRow, camera_id)
+        document = row.document if row is not None else {}
+    privacy = document.get("privacy") if isinstance(document, dict) else None
+    mode = privacy.get("mode") if isinstance(privacy, dict) else None
+    return mode if isinstance(mode, str) and mode else DEFAULT_PRIVACY_MODE
+
+
+def unredacted_refusals(gw: Gateway, frames: list[tuple[FrameMetadata, bytes]]
+                        ) -> dict[int, HTTPException]:
+    """The frames (by index) that state no redaction (``redaction`` null, or method
+    ``off``) of a camera whose configuration requires it (privacy mode other than ``off``):
+    each a 422, so unredacted pixels are never stored for such a camera. A frame redacted
+    with the other method (blur for mask) is redacted all the same and passes. The camera's
+    configuration is read only when a frame states no redaction (agents redact: no query)."""
+    out: dict[int, HTTPException] = {}
+    modes: dict[str, str] = {}
+    for i, (meta, _) in enumerate(frames):
+        stated = meta.redaction.method if meta.redaction is not None else None
+        if stated not in (None, "off"):
+            continue
+        if meta.camera_id not in modes:
+            try:
+                modes[meta.camera_id] = camera_privacy_mode(gw, meta.camera_id)
+            except SQLAlchemyError as exc:  # not acknowledged: the agent retries it
+                out[i] = HTTPException(
+                    503, f"frame {meta.frame_id}: the camera's privacy configuration could not "
+                    f"be read ({type(exc).__name__}); retry later — the frame is not "
+                    "acknowledged")
+                continue
+        mode = modes[meta.camera_id]
+        if mode == "off":
+            continue
+        gw.stats.count("frames_unredacted_refused")
+        out[i] = HTTPException(
+            422, f"frame {meta.frame_id}: camera {meta.camera_id} requires redaction "
+            f"(privacy.mode {mode}); this frame states "
+            f"{'none' if stated is None else 'method off'} — nothing was stored (docs/privacy.md)")
+    return out
+
+
 def check_frames(gw: Gateway, principal: Principal, frames: list[tuple[FrameMetadata, bytes]]
                  ) -> list[CheckedFrame | HTTPException]:
-    """Camera, JPEG (``checked_qualities``) and record checks, per frame: what to store, or
-    the refusal ``POST /v1/frames`` gives that frame. Nothing is stored yet."""
+    """Camera, privacy (``unredacted_refusals``), JPEG (``checked_qualities``) and record
+    checks, per frame: what to store, or the refusal ``POST /v1/frames`` gives that frame.
+    Nothing is stored yet."""
     out: list[CheckedFrame | HTTPException | None] = [None] * len(frames)
     mine = []
     for i, (meta, _) in enumerate(frames):
@@ -134,6 +187,11 @@ def check_frames(gw: Gateway, principal: Principal, frames: list[tuple[FrameMeta
                 f"({principal.camera_id}); a device posts frames of its enrolled camera only")
         else:
             mine.append(i)
+    # before the decode: an unredacted frame of such a camera costs no JPEG work
+    refused = unredacted_refusals(gw, [frames[i] for i in mine])
+    for j, exc in refused.items():
+        out[mine[j]] = exc
+    mine = [i for j, i in enumerate(mine) if j not in refused]
     for i, checked in zip(mine, checked_qualities(gw, [frames[i] for i in mine]), strict=True):
         meta, image = frames[i]
         try:

@@ -244,8 +244,11 @@ class EventsCollector(Collector):
 # Heartbeat fields an agent sets while something keeps it from doing its job (edge_agent's
 # heartbeat module): the configuration it refused (the previous one stays in force), the
 # traffic geometry that does not fit its stream (counting off), redaction unavailable
-# (sampled frames withheld).
-CAMERA_PROBLEMS = ("config_error", "traffic_error", "redaction_error")
+# (sampled frames withheld), kinds its redaction cannot remove (frames uploaded with them
+# unredacted: ``redaction_gaps``, e.g. ["plate"]).
+CAMERA_PROBLEMS = ("config_error", "traffic_error", "redaction_error", "redaction_gap")
+# A problem kind whose heartbeat field is named otherwise (default: the kind itself).
+PROBLEM_FIELDS = {"redaction_gap": "redaction_gaps"}
 
 
 class FleetCollector(Collector):
@@ -284,7 +287,8 @@ class FleetCollector(Collector):
             "roadloop_camera_problem",
             "1 per problem the camera's latest heartbeat reports (CAMERA_PROBLEMS: a camera "
             "configuration it refused, a traffic geometry that does not fit its stream, "
-            "redaction unavailable so nothing is uploaded); absent when there is none.",
+            "redaction unavailable so nothing is uploaded, kinds its redaction cannot remove "
+            "so frames show them unredacted); absent when there is none.",
             labels=["camera_id", "kind"])
         devices = GaugeMetricFamily("roadloop_devices", "Enrolled devices by status.",
                                     labels=["status"])
@@ -335,7 +339,8 @@ class FleetCollector(Collector):
                     outbox.add_metric([camera_id], row.outbox_depth)
                 payload = row.payload if isinstance(row.payload, dict) else {}
                 for kind in CAMERA_PROBLEMS:
-                    if payload.get(kind):  # {version, reason} or a message; null when none
+                    # {version, reason}, a message or a non-empty list; null/[] when none
+                    if payload.get(PROBLEM_FIELDS.get(kind, kind)):
                         problem.add_metric([camera_id, kind], 1.0)
             counts = dict(session.execute(
                 select(RolloutRow.status, func.count()).group_by(RolloutRow.status)).all())

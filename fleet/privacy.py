@@ -4,6 +4,8 @@ The platform (``roadloop.retention``, run by Dagster or ``roadloop privacy erase
 what goes; these routes delete the gateway's own copies: ``frames`` rows and their files in
 the gateway's frame store, heartbeats and traffic interval records. Files go before rows,
 so a restart's reconcile (``fleet.reconcile``) never brings a deleted frame's row back.
+An erasure also walks the camera's files in the store: a frame written just before a crash
+has files but no row yet, and the reconcile would otherwise give it one after the erasure.
 Every call is audited.
 """
 
@@ -57,8 +59,11 @@ class EraseOut(BaseModel):
     camera_id: str
     since: datetime
     until: datetime
-    frames_deleted: int
+    frames_deleted: int = Field(description="Frames removed: rows, and files without a row.")
     bytes_deleted: int
+    files_without_row: int = Field(
+        default=0, description="Of frames_deleted, frames found in the store with no row "
+        "(written just before a crash; a restart's reconcile would have recorded them).")
 
 
 class FrameKey(BaseModel):
@@ -92,31 +97,58 @@ def _drop_frames(gw: Gateway, session: Session, rows: list[FrameRow]) -> int:
     return freed
 
 
+def _drop_stored_files(gw: Gateway, camera_id: str, since: datetime,
+                      until: datetime) -> dict[str, int]:
+    """Delete every complete frame of ``camera_id`` captured in ``[since, until)`` that the
+    frame store holds (folder or object store: ``FrameStorage.iter_frames``), row or no row;
+    returns ``{frame_id: bytes freed}``. Each frame is deleted under its upload key lock, so
+    an upload of that frame in flight either commits its row first (then the erasure deletes
+    the row) or writes its files after (then its row keeps them). No database lock is held
+    here: an upload holds its key lock while it waits for the database."""
+    freed: dict[str, int] = {}
+    for record, image in list(gw.store.iter_frames(camera_id, start=since, end=until)):
+        with gw.frame_locks.hold([f"{camera_id}/{record.frame_id}"]):
+            try:  # the image's bytes, as a row's size_bytes counts them
+                size = image.stat().st_size
+            except OSError:
+                size = 0
+            gw.store.remove_frame(image)
+        freed[record.frame_id] = freed.get(record.frame_id, 0) + size
+    return freed
+
+
 @router.post("/v1/privacy/erase", response_model=EraseOut, responses=_ERRORS)
 def erase_frames(body: EraseRequest, request: Request, principal: AdminPrincipal,
                  gw: GatewayDep) -> EraseOut:
-    """Delete every frame of ``camera_id`` captured in ``[since, until)``: rows and files.
-    404 when the gateway never knew the camera (no device, no frame); nothing is deleted."""
+    """Delete every frame of ``camera_id`` captured in ``[since, until)``: the files the
+    frame store holds (also those of a frame whose row a crash never committed), then the
+    rows. 404 when the gateway never knew the camera (no device, no frame); nothing is
+    deleted."""
     now = gw.now()
-    with gw.db.write() as session:
+    with gw.db.read() as session:
         known = session.scalar(select(Device.device_id).where(
             Device.camera_id == body.camera_id).limit(1)) or session.scalar(
             select(FrameRow.id).where(FrameRow.camera_id == body.camera_id).limit(1))
-        if known is None:
-            raise HTTPException(404, f"unknown camera {body.camera_id!r}: no device was ever "
-                                "enrolled for it and it has no frames (GET /v1/devices lists "
-                                "them); nothing deleted")
+    if known is None:
+        raise HTTPException(404, f"unknown camera {body.camera_id!r}: no device was ever "
+                            "enrolled for it and it has no frames (GET /v1/devices lists "
+                            "them); nothing deleted")
+    files = _drop_stored_files(gw, body.camera_id, body.since, body.until)
+    with gw.db.write() as session:
         rows = list(session.scalars(select(FrameRow).where(
             FrameRow.camera_id == body.camera_id, FrameRow.captured_at >= body.since,
             FrameRow.captured_at < body.until)))
-        freed = _drop_frames(gw, session, rows)
+        freed = _drop_frames(gw, session, rows) + sum(files.values())
+        without_row = len(set(files) - {r.frame_id for r in rows})
         audit(session, now, "frames_erased", actor=principal.actor,
               token_id=principal.token_id, client=client_address(request),
               detail={"camera_id": body.camera_id, "since": body.since.isoformat(),
-                      "until": body.until.isoformat(), "frames": len(rows)})
+                      "until": body.until.isoformat(), "frames": len(rows) + without_row,
+                      "files_without_row": without_row})
         session.commit()
     return EraseOut(camera_id=body.camera_id, since=body.since, until=body.until,
-                    frames_deleted=len(rows), bytes_deleted=freed)
+                    frames_deleted=len(rows) + without_row, bytes_deleted=freed,
+                    files_without_row=without_row)
 
 
 @router.post("/v1/privacy/expire", response_model=ExpireOut, responses=_ERRORS)

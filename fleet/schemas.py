@@ -246,6 +246,14 @@ class HeartbeatIn(BaseModel):
     # the camera's frame size (optional: older agents do not send it; fleet.rollout_shapes)
     frame_width: Pixels | None = None
     frame_height: Pixels | None = None
+    # privacy (optional: older agents do not send them; docs/privacy.md). Free strings, not
+    # a closed list: a newer agent's mode or kind must not get its heartbeat refused.
+    privacy_mode: str | None = Field(default=None, min_length=1, max_length=32,
+                                     description="Redaction method in force: blur|mask|off.")
+    redaction_gaps: list[Annotated[str, Field(min_length=1, max_length=32)]] | None = Field(
+        default=None, max_length=8,
+        description="Kinds the camera's redaction cannot remove (person, face, plate): "
+        "uploaded frames show them unredacted (fleet.metrics: camera problem redaction_gap).")
 
     @model_validator(mode="before")
     @classmethod

@@ -22,7 +22,7 @@ from edge_agent.samplers import SampleDecision
 from edge_agent.sources import Frame
 
 from . import test_fleet_gateway as gateway_tests
-from .test_fleet_gateway import meta, post_frame
+from .test_fleet_gateway import bearer, meta, post_frame
 
 make_env, jpeg = gateway_tests.make_env, gateway_tests.frame_jpeg  # fixtures
 
@@ -205,7 +205,13 @@ def test_gateway_keeps_the_redaction_record_in_the_frame_sidecar(
               "counts": {"person": 2, "face": 1}, "area_share": 0.05}
     r = post_frame(env.client, dev["access_token"], meta("f-red", redaction=record), frame_jpeg)
     assert r.status_code == 201, r.text
-    r = post_frame(env.client, dev["access_token"], meta("f-none"), frame_jpeg)
+    # A frame stating no redaction is stored only from a camera configured not to redact.
+    r = post_frame(env.client, dev["access_token"], meta("f-none", redaction=None), frame_jpeg)
+    assert r.status_code == 422 and "requires redaction" in r.text, r.text
+    r = env.client.put("/v1/cameras/cam-a/config", headers=bearer(env.admin), json={
+        "config": {"privacy": {"mode": "off"}}, "expected_version": None, "reason": "test"})
+    assert r.status_code == 200, r.text
+    r = post_frame(env.client, dev["access_token"], meta("f-none", redaction=None), frame_jpeg)
     assert r.status_code == 201, r.text
     store = FrameStore(env.settings.frame_store)
     stored = store.read_record("cam-a", "f-red")

@@ -83,6 +83,8 @@ def meta(frame_id: str, camera_id: str = "cam-a", **over: Any) -> dict[str, Any]
         ],
         "width": W,
         "height": H,
+        # What a redacting agent states: cameras redact unless configured "off".
+        "redaction": {"method": "blur", "version": "test", "counts": {}, "area_share": 0.0},
     }
     m.update(over)
     return m

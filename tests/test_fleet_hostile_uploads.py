@@ -100,6 +100,8 @@ def meta(frame_id: str, *, width: int = W, height: int = H, **over: Any) -> dict
         "detections": [{"class_id": 0, "class_name": "car", "confidence": 0.5,
                         "xyxy": [1.0, 2.0, 30.0, 40.0]}],
         "width": width, "height": height, "quality": dict(AGENT_QUALITY),
+        # What a redacting agent states: cameras redact unless configured "off".
+        "redaction": {"method": "blur", "version": "test", "counts": {}, "area_share": 0.0},
     }
     m.update(over)
     return m

@@ -9,7 +9,9 @@ Order of work (``erase``), each step idempotent so a re-run after a crash finish
 3. add the planned frame keys to the exclusion list (so even a half-done erasure keeps
    them out of every future dataset version);
 4. delete each frame from the frame store (sidecar, then image), then the review samples
-   (``ReviewSink``), then the gateway's rows (``GatewaySink``);
+   (``ReviewSink``), then the gateway's rows (``GatewaySink``), then the copies derived from
+   the frames (``roadloop.retention.derived``: their vectors in every embedding cache, by
+   the image hashes the plan recorded, and their lines in the camera's frame index);
 5. mark the journal done and audit ``erasure_completed`` with what was and was not removed.
 
 A crash anywhere leaves the journal "planned": ``erase`` with the same request (or
@@ -33,6 +35,12 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from roadloop.data.frames import FrameId, FrameStore
 from roadloop.errors import RoadloopError
 from roadloop.fsutil import write_text_atomic
+from roadloop.retention.derived import (
+    DerivedScrub,
+    default_artifacts_dir,
+    image_sha256,
+    scrub_derived,
+)
 from roadloop.retention.ledger import PrivacyLedger
 from roadloop.retention.leftovers import leftover_frames
 
@@ -104,6 +112,9 @@ class PlannedFrame(BaseModel):
     image: Path
     size_bytes: int
     versions: list[str] = Field(default_factory=list)  # dataset versions holding it
+    # the image's SHA-256 (the embedding cache's key), taken before anything is deleted;
+    # None in a journal written before it was recorded, or for an unreadable image
+    sha256: str | None = None
 
 
 class ErasureJournal(BaseModel):
@@ -134,6 +145,7 @@ class ErasureResult(BaseModel):
     excluded: int
     not_removable: list[NotRemovable]
     resumed: bool
+    derived: DerivedScrub | None = None  # embeddings and frame index lines removed
 
 
 def journal_path(ledger: PrivacyLedger, request_id: str) -> Path:
@@ -154,6 +166,7 @@ def _plan(request: ErasureRequest, store: FrameStore,
         out.append(PlannedFrame(
             frame_id=record.frame_id, captured_at=record.captured_at, image=image,
             size_bytes=size, versions=versioned.get(f"{request.camera_id}/{record.frame_id}", []),
+            sha256=image_sha256(image),
         ))
     # Unreadable frames of the range's days (an image without a sidecar, a sidecar that does
     # not parse): their time cannot be read, so a day the range touches is enough.
@@ -165,6 +178,7 @@ def _plan(request: ErasureRequest, store: FrameStore,
             frame_id=left.frame_id, captured_at=left.day_start, image=left.image,
             size_bytes=left.size_bytes,
             versions=versioned.get(f"{request.camera_id}/{left.frame_id}", []),
+            sha256=image_sha256(left.image),
         ))
     return out
 
@@ -177,11 +191,13 @@ def erase(
     known_cameras: Iterable[str],
     review: ReviewSink | None = None,
     gateway: GatewaySink | None = None,
+    artifacts_dir: Path | None = None,
 ) -> ErasureResult:
     """Carry out (or finish) ``request``; see the module docstring for the order of work.
 
     ``known_cameras``: cameras this deployment has (frame store, gateway); another camera
-    is an ``ErasureRequestError`` and nothing is deleted.
+    is an ``ErasureRequestError`` and nothing is deleted. ``artifacts_dir``: where the
+    embedding caches and frame indexes are (default: the settings' artifacts folder).
     """
     known = set(known_cameras)
     if request.camera_id not in known:
@@ -205,21 +221,30 @@ def erase(
                      since=request.since.isoformat(), until=request.until.isoformat(),
                      reason=request.reason, frames=len(journal.frames))
     return _execute(journal, store=store, ledger=ledger, review=review, gateway=gateway,
-                    resumed=resumed)
+                    resumed=resumed, artifacts_dir=artifacts_dir)
 
 
 def _execute(journal: ErasureJournal, *, store: FrameStore, ledger: PrivacyLedger,
              review: ReviewSink | None, gateway: GatewaySink | None,
-             resumed: bool) -> ErasureResult:
+             resumed: bool, artifacts_dir: Path | None = None) -> ErasureResult:
     req = journal.request
     keys = [f"{req.camera_id}/{f.frame_id}" for f in journal.frames]
     excluded = ledger.add_exclusions(keys, journal.request_id)
+    unhashed = [f for f in journal.frames if f.sha256 is None]
+    for frame in unhashed:  # a journal from before hashes were planned: hash what is left
+        frame.sha256 = image_sha256(frame.image)
+    if any(f.sha256 for f in unhashed):
+        _save(ledger, journal)  # before the images go: a crash after still has the hashes
     for frame in journal.frames:
         store.remove_frame(frame.image)  # idempotent: missing files are fine
     review_deleted = review.delete_frames(keys) if review is not None and keys else (
         0 if review is not None else None)
     gateway_deleted = (gateway.erase_frames(req.camera_id, req.since, req.until)
                        if gateway is not None else None)
+    derived = scrub_derived(
+        artifacts_dir if artifacts_dir is not None else default_artifacts_dir(),
+        [(req.camera_id, f.frame_id) for f in journal.frames],
+        [f.sha256 for f in journal.frames])
     not_removable = [NotRemovable(frame_key=f"{req.camera_id}/{f.frame_id}", versions=f.versions)
                      for f in journal.frames if f.versions]
     journal.status = "done"
@@ -230,13 +255,16 @@ def _execute(journal: ErasureJournal, *, store: FrameStore, ledger: PrivacyLedge
         until=req.until, frames_deleted=len(journal.frames),
         bytes_deleted=sum(f.size_bytes for f in journal.frames),
         review_samples_deleted=review_deleted, gateway_rows_deleted=gateway_deleted,
-        excluded=excluded, not_removable=not_removable, resumed=resumed,
+        excluded=excluded, not_removable=not_removable, resumed=resumed, derived=derived,
     )
     ledger.audit("erasure_completed", actor=req.requested_by, request_id=journal.request_id,
                  camera_id=req.camera_id, since=req.since.isoformat(),
                  until=req.until.isoformat(), frames_deleted=result.frames_deleted,
                  bytes_deleted=result.bytes_deleted,
                  review_samples_deleted=review_deleted, gateway_rows_deleted=gateway_deleted,
+                 embeddings_removed=derived.embeddings_removed,
+                 embedding_caches_deleted=len(derived.caches_deleted),
+                 frame_index_lines_removed=derived.index_lines_removed,
                  not_removable=[n.model_dump() for n in not_removable], resumed=resumed)
     logger.info("erasure %s: %d frames deleted, %d not removable from versions",
                 journal.request_id, result.frames_deleted, len(not_removable))
@@ -257,9 +285,11 @@ def pending_journals(ledger: PrivacyLedger) -> list[ErasureJournal]:
 
 def resume_pending(*, store: FrameStore, ledger: PrivacyLedger,
                    review: ReviewSink | None = None,
-                   gateway: GatewaySink | None = None) -> list[ErasureResult]:
+                   gateway: GatewaySink | None = None,
+                   artifacts_dir: Path | None = None) -> list[ErasureResult]:
     """Finish every unfinished erasure from its journal."""
-    return [_execute(j, store=store, ledger=ledger, review=review, gateway=gateway, resumed=True)
+    return [_execute(j, store=store, ledger=ledger, review=review, gateway=gateway, resumed=True,
+                     artifacts_dir=artifacts_dir)
             for j in pending_journals(ledger)]
 
 

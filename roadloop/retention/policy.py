@@ -23,6 +23,13 @@ from pydantic import BaseModel, Field
 
 from roadloop.data.frames import FrameStore
 from roadloop.errors import InvalidInputError
+from roadloop.retention.derived import (
+    DerivedScrub,
+    default_artifacts_dir,
+    has_embedding_caches,
+    image_sha256,
+    scrub_derived,
+)
 from roadloop.retention.leftovers import leftover_frames
 
 logger = logging.getLogger(__name__)
@@ -71,6 +78,7 @@ class FrameExpiry(BaseModel):
     deleted: list[ExpiredFrame] = Field(default_factory=list)
     kept_protected: int = 0
     per_camera: dict[str, int] = Field(default_factory=dict)
+    derived: DerivedScrub | None = None  # embeddings and frame index lines removed
 
     @property
     def bytes_deleted(self) -> int:
@@ -123,20 +131,31 @@ def expire_frames(
     protected: Collection[str] = (),
     *,
     on_deleted: Callable[[list[ExpiredFrame]], None] | None = None,
+    artifacts_dir: Path | None = None,
 ) -> FrameExpiry:
     """Delete the expired frames from the store (sidecar first, then image: a frame stops
-    being complete before its pixels go). ``on_deleted`` gets the deleted frames (e.g. to
-    drop their review-queue samples and gateway rows)."""
+    being complete before its pixels go), then what was derived from them: their vectors in
+    the embedding caches and their lines in the frame indexes under ``artifacts_dir``
+    (default: the settings' artifacts folder; ``roadloop.retention.derived``). ``on_deleted``
+    gets the deleted frames (e.g. to drop their review-queue samples and gateway rows)."""
     frames, spared = expired_frames(store, before, protected)
+    artifacts = artifacts_dir if artifacts_dir is not None else (
+        default_artifacts_dir() if frames else None)
+    hashing = bool(frames) and has_embedding_caches(artifacts)  # else no image is read
+    hashes: list[str | None] = []
     per_camera: dict[str, int] = {}
     for f in frames:
+        hashes.append(image_sha256(f.image) if hashing else None)  # before the image goes
         store.remove_frame(f.image)
         per_camera[f.camera_id] = per_camera.get(f.camera_id, 0) + 1
     logger.info("retention: %d frames before %s deleted, %d protected kept",
                 len(frames), before.isoformat(), spared)
+    derived = (scrub_derived(artifacts, [(f.camera_id, f.frame_id) for f in frames], hashes)
+               if frames else None)
     if on_deleted is not None and frames:
         on_deleted(frames)
-    return FrameExpiry(deleted=frames, kept_protected=spared, per_camera=per_camera)
+    return FrameExpiry(deleted=frames, kept_protected=spared, per_camera=per_camera,
+                       derived=derived)
 
 
 __all__ = [
