@@ -45,7 +45,7 @@ serve: install
 	$(VENV)/bin/roadloop serve
 
 test: install
-	$(PY) -m pytest -q -ra -n 2 --dist loadfile
+	$(PY) -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder
 
 # Speed and fleet benchmarks (minutes); results under benchmarks/results/.
 bench: install

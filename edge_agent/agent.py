@@ -176,6 +176,10 @@ class AgentConfig:
     # The clock of a folder of images (they carry no timestamps): tracking, speeds and every
     # time rule read it, so it must be the rate the images were taken at.
     image_fps: float = 5.0
+    # At most this many frames measured a second, by the source's clock (``--max-fps``): the
+    # rest are skipped before inference (``frames_skipped``). None: every frame the loop
+    # keeps up with (a slow loop still drops stale frames: ``frames_dropped``).
+    max_fps: float | None = None
     conf_threshold: float = 0.25
     iou_threshold: float = 0.7
     intra_op_threads: int | None = None
@@ -225,6 +229,7 @@ class AgentSummary:
     stopped_by: str  # max_frames | end_of_source | signal | source_error
     frames_processed: int = 0
     frames_dropped: int = 0
+    frames_skipped: int = 0  # over --max-fps, skipped before inference
     frames_sampled: int = 0
     uploads_ok: int = 0
     duplicates_absorbed: int = 0
@@ -518,6 +523,11 @@ class EdgeAgent:
         pool = (FrameWorkers(pipeline.measure, cfg.inference_workers)
                 if cfg.inference_workers > 1 else None)
         seen_dropped = 0
+        # A tenth of the period as slack: a 25 fps source capped at 5 keeps every 5th frame,
+        # not every 6th, when frame times jitter around 0.2 s. A clock that goes back (a
+        # looped file restarting) takes the frame and starts over.
+        min_gap = 0.9 / cfg.max_fps if cfg.max_fps else 0.0
+        last_taken: float | None = None
         try:
             while not self._stop.is_set():
                 in_flight = len(pool) if pool is not None else 0
@@ -546,6 +556,12 @@ class EdgeAgent:
                             return "source_error"
                         return None
                     continue
+                if min_gap > 0:
+                    t = frame.stream_time
+                    if last_taken is not None and last_taken <= t < last_taken + min_gap:
+                        summary.frames_skipped += 1
+                        continue
+                    last_taken = t
                 if pool is None:
                     self._process(pipeline, frame, summary)
                 else:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.sources import MAX_FILE_FPS
 from edge_agent.uploader import MAX_UPLOAD_LINGER_S
 
 logger = logging.getLogger("edge_agent")
@@ -43,6 +44,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _max_fps(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= MAX_FILE_FPS:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be > 0 and at most {MAX_FILE_FPS:.0f}, got {text}")
     return value
 
 
@@ -122,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-fps", type=float, default=5.0,
                      help="the rate a folder of images was taken at (frames/s): its clock for "
                      "tracking and speeds")
+    run.add_argument(
+        "--max-fps", type=_max_fps, default=None, metavar="FPS",
+        help="measure at most this many frames a second, by the source's clock (the others "
+        "are skipped before inference: a CPU budget for the camera; counting tracks well "
+        "down to about 8 fps, docs/traffic.md); default: every frame the loop keeps up with")
     run.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
     run.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
     run.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -354,6 +367,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         realtime=args.realtime,
         loop=args.loop,
         image_fps=args.image_fps,
+        max_fps=args.max_fps,
         conf_threshold=args.conf,
         iou_threshold=args.iou,
         intra_op_threads=args.threads,

@@ -440,5 +440,7 @@ def read_journal(root: Path | str) -> dict[str, str]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         return dict(conn.execute("SELECT frame_id, status FROM journal").fetchall())
+    except sqlite3.OperationalError as exc:  # no journal (yet: an agent is creating it)
+        raise OutboxError(f"{db}: no outbox journal ({exc})") from exc
     finally:
         conn.close()

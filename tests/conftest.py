@@ -41,6 +41,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """With ``ROADLOOP_TEST_CPU_LOG=<file>``, append each test's CPU seconds (this process and
+    the subprocesses it waited for: gateways, agents, Flower) as a JSON line: on 2 cores the
+    suite's wall time is its CPU time over two, so this is what to cut to keep it short."""
+    log = os.environ.get("ROADLOOP_TEST_CPU_LOG")
+    before, started = (_cpu_seconds(), time.monotonic()) if log else (0.0, 0.0)
+    yield
+    if log:
+        import json
+
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"test": item.nodeid, "cpu_s": round(_cpu_seconds() - before, 3),
+                                "wall_s": round(time.monotonic() - started, 3)}) + "\n")
+
+
 @pytest.fixture(autouse=True)
 def _multiprocess_metrics_folder_does_not_leak() -> Iterator[None]:
     """``gateway serve --workers N`` names a metrics folder in ``PROMETHEUS_MULTIPROC_DIR``;

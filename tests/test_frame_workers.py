@@ -188,10 +188,11 @@ class _IndexDetector:
 
 
 def _agent(tmp_path: Path, workers: int, max_frames: int | None,
-           detector: _IndexDetector) -> tuple[EdgeAgent, FramePipeline, list[int]]:
+           detector: _IndexDetector, max_fps: float | None = None,
+           ) -> tuple[EdgeAgent, FramePipeline, list[int]]:
     cfg = AgentConfig(gateway_url="http://127.0.0.1:9", camera_id="cam-1", source="x",
                       model_path=tmp_path / "m.onnx", state_dir=tmp_path,
-                      max_frames=max_frames, inference_workers=workers)
+                      max_frames=max_frames, inference_workers=workers, max_fps=max_fps)
     agent = EdgeAgent(cfg, status_stream=open("/dev/null", "w"))  # noqa: SIM115
     agent.telemetry = TelemetryWindow("cam-1", "v", ["car"])
     agent._status = SimpleNamespace(maybe_print=lambda: None)
@@ -233,6 +234,31 @@ def test_a_failed_frame_is_an_error_and_the_loop_goes_on(tmp_path: Path, workers
     stopped, summary = _loop(agent, pipeline, 20)
     assert stopped == "max_frames" and finished == [0, 1, 2, 4, 5, 6]
     assert summary.frames_processed == 6 and agent.telemetry.errors_total == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_max_fps_measures_every_nth_frame_by_the_source_clock(tmp_path: Path,
+                                                               workers: int) -> None:
+    """A 25 fps source capped at 5 fps: every 5th frame is measured, the rest skipped before
+    the detector sees them."""
+    det = _IndexDetector()
+    agent, pipeline, finished = _agent(tmp_path, workers, None, det, max_fps=5.0)
+    stopped, summary = _loop(agent, pipeline, 30)
+    assert stopped is None and finished == [0, 5, 10, 15, 20, 25]
+    assert sorted(det.calls) == finished and summary.frames_skipped == 24
+
+
+def test_the_cli_refuses_an_absurd_max_fps(capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_agent.cli import build_parser
+
+    base = ["run", "--gateway", "http://127.0.0.1:9", "--camera-id", "cam", "--source", "x.mp4"]
+    parser = build_parser()
+    assert parser.parse_args(base).max_fps is None
+    assert parser.parse_args([*base, "--max-fps", "7.5"]).max_fps == 7.5
+    for value in ("0", "-1", "nan", "inf", "1e9"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--max-fps", value])
+        assert "--max-fps" in capsys.readouterr().err
 
 
 def test_the_end_of_the_source_finishes_every_frame(tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ class Fleet:
         cmd = [sys.executable, "-m", "edge_agent", "run", "--gateway", self.url,
                "--camera-id", f"cam-{i}", "--enroll-token", token,
                "--state-dir", str(self.root / f"agent-{i}"), "--source", str(VIDEO),
-               "--model", str(MODEL), "--loop", "--realtime", "--threads", "1",
+               "--model", str(MODEL), "--loop", "--realtime", "--max-fps", "8", "--threads", "1",
                "--heartbeat-interval", "1", "--update-interval", "0.5",
                "--base-rate", "0", "--no-condition-samplers", "--hourly-budget", "1",
                "--latency-budget-ms", str(P95_BUDGET_MS), "--rollback-after", "2",
