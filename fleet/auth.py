@@ -220,6 +220,22 @@ def create_admin_token(
     return token, row
 
 
+def revoke_admin_token(session: Session, token_id: int, now: datetime, *,
+                       actor: str = "cli", reason: str | None = None) -> Token | None:
+    """Revoke the admin token ``token_id`` (caller commits); None when there is no admin token
+    of that id. Audited ``admin_token_revoked`` when it changes anything; revoking a revoked
+    token again changes nothing. Admin routes look the token up on every request (no cached
+    principal), so the next request with it gets 401 "admin token was revoked"."""
+    tok = session.scalar(select(Token).where(Token.id == token_id,
+                                             Token.kind == TokenKind.admin.value))
+    if tok is None or tok.revoked_at is not None:
+        return tok
+    tok.revoked_at = now
+    audit(session, now, "admin_token_revoked", actor=actor, token_id=tok.id,
+          detail={"label": tok.label, "reason": reason})
+    return tok
+
+
 def revoke_device(session: Session, device: Device, now: datetime) -> int:
     """Mark the device revoked and inactive and revoke every token it holds; returns count."""
     device.revoked_at = device.revoked_at or now

@@ -69,19 +69,31 @@ def _timestamp(value: datetime) -> datetime:
     return value
 
 
-def _event_time(value: datetime) -> datetime:
-    if value < EARLIEST:
-        raise ValueError(f"{value.isoformat()} is before {EARLIEST.date().isoformat()}: "
-                         "check the device clock")
+def clock_now() -> datetime:
+    """"Now" for the time bounds: the later of the wall clock and the gateway's clock during
+    this request (``gateway_now``; tests move it)."""
     now = datetime.now(UTC)
     reference = gateway_now.get()
     if reference is not None and reference > now:
         now = reference
-    if value > now + CLOCK_SKEW:
-        raise ValueError(f"{value.isoformat()} is more than {CLOCK_SKEW.days} day ahead of the "
-                         f"gateway's clock ({now.isoformat(timespec='seconds')}): check the "
-                         "device clock")
-    return value
+    return now
+
+
+def _not_ahead(hint: str) -> Any:
+    def check(value: datetime) -> datetime:
+        if value < EARLIEST:
+            raise ValueError(f"{value.isoformat()} is before {EARLIEST.date().isoformat()}: "
+                             f"{hint}")
+        now = clock_now()
+        if value > now + CLOCK_SKEW:
+            raise ValueError(f"{value.isoformat()} is more than {CLOCK_SKEW.days} day ahead of "
+                             f"the gateway's clock ({now.isoformat(timespec='seconds')}): {hint}")
+        return value
+
+    return check
+
+
+_event_time = _not_ahead("check the device clock")
 
 
 Timestamp = Annotated[
@@ -92,6 +104,13 @@ Timestamp = Annotated[
 EventTime = Annotated[
     AwareDatetime,
     AfterValidator(_event_time),
+    Field(description="ISO 8601 with a time zone, from 2000-01-01 to one day after now."),
+]
+# The same bound for a time the platform reports (a drift window): nothing it says happened
+# lies more than a day past the gateway's clock.
+ReportedTime = Annotated[
+    AwareDatetime,
+    AfterValidator(_not_ahead("check the reporting host's clock")),
     Field(description="ISO 8601 with a time zone, from 2000-01-01 to one day after now."),
 ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -39,8 +40,10 @@ class AuthCache(Generic[P]):
     ``PRINCIPAL_TTL_S``; frames and heartbeats for ``principal_cache_s`` (a setting, ``ttl``
     of ``cached_principal``). A revocation, status change or expiry made elsewhere (another
     replica, the CLI) reaches a cached principal within that bound; one made through this
-    gateway calls ``forget_device`` and takes effect at once. ``clock``: seconds, monotonic
-    (injected by tests).
+    gateway calls ``forget_device`` and takes effect at once. Only devices' principals are
+    cached: an admin token is looked up on every request, so ``fleet admin-token revoke``
+    (run in another process) takes effect at once. ``clock``: seconds, monotonic (injected
+    by tests).
     """
 
     PRINCIPAL_TTL_S = 2.0
@@ -157,10 +160,13 @@ class ManifestCache:
         self._seq = 0
         self._bodies: dict[tuple[Any, ...], tuple[bytes, str]] = {}
         self._frame_sizes: dict[str, tuple[int, int] | None] = {}  # per camera, per snapshot
+        self._published: frozenset[str] = frozenset()  # file SHA-256s stored manifests name
+        self._published_at = -math.inf  # monotonic time of the last read of the manifests
 
     def invalidate(self) -> None:
         with self.lock:
             self.generation += 1
+            self._published_at = -math.inf  # a manifest published here is found at once
 
     def current(self) -> dict[str, Any]:
         with self.lock:
@@ -201,6 +207,32 @@ class ManifestCache:
                 "manifest": manifest.manifest if manifest else None,
                 "previous_model_version": ro.previous_model_version, "baseline": baseline,
             }
+
+    def published(self, sha256: str, *, fresh: bool = False) -> bool:
+        """Whether a stored manifest names the file ``sha256`` (its own file or a variant's):
+        the only files ``GET /v1/models/{sha256}`` serves. Manifests are never deleted, so a
+        hit is cached for good; a miss re-reads the manifests (a handful of rows), at most
+        once per ``TTL_S`` (a device asking for made-up hashes costs no more), so a manifest
+        another replica published is found within that. ``fresh``: always re-read on a miss
+        (before a file is deleted)."""
+        if sha256 in self._published:
+            return True
+        with self.lock:
+            if not fresh and time.monotonic() - self._published_at < self.TTL_S:
+                return False
+            self._published_at = time.monotonic()
+        with self.db.read() as session:
+            rows = session.execute(
+                select(ModelManifestRow.file_sha256, ModelManifestRow.manifest)).all()
+        shas = {file_sha for file_sha, _ in rows}
+        for _, manifest in rows:
+            variants = manifest.get("variants") if isinstance(manifest, dict) else None
+            for v in variants if isinstance(variants, list) else ():
+                if isinstance(v, dict) and isinstance(v.get("sha256"), str):
+                    shas.add(v["sha256"])
+        with self.lock:
+            self._published = frozenset(shas)
+        return sha256 in shas
 
     def frame_size(self, camera_id: str) -> tuple[int, int] | None:
         """The camera's frame size (``fleet.rollout_shapes``), looked up once per snapshot."""

@@ -11,7 +11,8 @@ never breaks an older agent.
 the agent itself runs: the gateway and the agent must agree on what a valid geometry is, so
 they share one validator (its ``ValueError`` is a 422 naming the field) and the document is
 stored as given. The gateway refuses unknown keys (``extra="forbid"``): a typo
-is a 422, never a setting silently dropped.
+is a 422, never a setting silently dropped. Numbers are JSON numbers (``strict``): ``true`` or
+``"0.5"`` is a 422, never coerced (``base_rate: true`` would read as 1.0, every frame).
 
 Canonical form (what is stored, hashed and handed to agents): ``model_dump(mode="json",
 exclude_none=True)`` — only the settings given, times in UTC — serialised like a manifest
@@ -58,7 +59,7 @@ class SamplingBoost(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    factor: float = Field(ge=1.0, le=20.0)
+    factor: float = Field(ge=1.0, le=20.0, strict=True)
     until: BoostEnd
     reason: str = Field(min_length=1, max_length=200)
 
@@ -70,9 +71,9 @@ class SamplingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base_rate: Fraction | None = Field(
-        default=None, description="Share of all frames sampled at random, 0-1.")
+        default=None, strict=True, description="Share of all frames sampled at random, 0-1.")
     hourly_budget: float | None = Field(
-        default=None, gt=0.0, le=MAX_HOURLY_BUDGET,
+        default=None, gt=0.0, le=MAX_HOURLY_BUDGET, strict=True,
         description="Frames per hour the camera may upload (token bucket).")
     boost: SamplingBoost | None = None
 
@@ -146,7 +147,7 @@ class CameraConfigPut(BaseModel):
 
     config: CameraConfig
     expected_version: int | None = Field(
-        ge=0, le=INT32_MAX,
+        ge=0, le=INT32_MAX, strict=True,
         description="The version this change is based on (0: the camera has none yet); a "
         "stale one is a 409. null writes whatever the current version is.")
     reason: Reason

@@ -2,8 +2,8 @@
 
 ``gateway_app`` (mounted as ``roadloop gateway``): ``serve``, ``db upgrade|current|check|revision``
 (the database schema, ``fleet.migrations``).
-``fleet_app`` (mounted as ``roadloop fleet``): ``token create``, ``admin-token create``,
-``devices list|status|revoke``. The fleet commands work on the gateway's database directly
+``fleet_app`` (mounted as ``roadloop fleet``): ``token create``, ``admin-token
+create|list|revoke``, ``devices list|status|revoke``. The fleet commands work on the gateway's database directly
 (run them on the gateway host); secrets are printed once and stored only hashed.
 ``python -m fleet`` offers all of them in one app (``main_app``).
 """
@@ -20,10 +20,16 @@ import typer
 from sqlalchemy import select
 
 from fleet import migrations
-from fleet.auth import audit, create_admin_token, create_enrollment_token, revoke_device
+from fleet.auth import (
+    audit,
+    create_admin_token,
+    create_enrollment_token,
+    revoke_admin_token,
+    revoke_device,
+)
 from fleet.bounds import MAX_TOKEN_TTL_S
 from fleet.config import GatewaySettings
-from fleet.db import Database, Device, DeviceStatus
+from fleet.db import Database, Device, DeviceStatus, Token, TokenKind
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +219,75 @@ def admin_token_create(
     finally:
         db.dispose()
     typer.echo(token)
-    typer.echo(f"# admin token (camera:admin); expires {row.expires_at.isoformat()}", err=True)
+    typer.echo(f"# admin token {row.id} (camera:admin); expires {row.expires_at.isoformat()}; "
+               f"revoke with `admin-token revoke {row.id}`", err=True)
+
+
+def _admin_token_state(tok: Token, now: datetime) -> str:
+    if tok.revoked_at is not None:
+        return "revoked"
+    return "expired" if tok.expires_at <= now else "active"
+
+
+@admin_token_app.command("list")
+def admin_token_list(
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
+    home: Path | None = HOME_OPT,
+    database_url: str | None = DB_OPT,
+) -> None:
+    """List admin tokens (id, label, created, expires, state; never the secret)."""
+    db = _database(_settings(home, database_url))
+    now = datetime.now(UTC)
+    try:
+        with db.read() as session:
+            rows = [{"token_id": t.id, "label": t.label,
+                     "created_at": t.created_at.isoformat(timespec="seconds"),
+                     "expires_at": t.expires_at.isoformat(timespec="seconds"),
+                     "revoked_at": t.revoked_at.isoformat(timespec="seconds")
+                     if t.revoked_at else None,
+                     "state": _admin_token_state(t, now)}
+                    for t in session.scalars(select(Token).where(
+                        Token.kind == TokenKind.admin.value).order_by(Token.id))]
+    finally:
+        db.dispose()
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r))
+        return
+    if not rows:
+        typer.echo("no admin tokens")
+        return
+    typer.echo(f"{'id':>6} {'state':<8} {'created_at':<26} {'expires_at':<26} label")
+    for r in rows:
+        typer.echo(f"{r['token_id']:>6} {r['state']:<8} {r['created_at']:<26} "
+                   f"{r['expires_at']:<26} {r['label'] or '-'}")
+
+
+@admin_token_app.command("revoke")
+def admin_token_revoke(
+    token_id: int = typer.Argument(..., help="The token's id (see: admin-token list)."),
+    reason: str | None = typer.Option(None, help="Why (kept in the audit log)."),
+    home: Path | None = HOME_OPT,
+    database_url: str | None = DB_OPT,
+) -> None:
+    """Revoke an admin token: its next request gets 401 (audited admin_token_revoked)."""
+    db = _database(_settings(home, database_url))
+    try:
+        with db.write() as session:
+            before = session.scalar(select(Token.revoked_at).where(
+                Token.id == token_id, Token.kind == TokenKind.admin.value))
+            tok = revoke_admin_token(session, token_id, datetime.now(UTC), actor="cli",
+                                     reason=reason)
+            if tok is None:
+                typer.echo(f"no admin token {token_id} (see: admin-token list)", err=True)
+                raise typer.Exit(1)
+            session.commit()
+            assert tok.revoked_at is not None
+            typer.echo(json.dumps({"token_id": tok.id, "label": tok.label,
+                                   "revoked_at": tok.revoked_at.isoformat(),
+                                   "already_revoked": before is not None}))
+    finally:
+        db.dispose()
 
 
 @devices_app.callback()

@@ -7,11 +7,16 @@ the report of the newest window. A report of an older window than the stored one
 is accepted and changes nothing (``current: false``), so windows materialized out of order
 never move the exported state backwards. Scores are named from a fixed set
 (``roadloop.monitoring.models.SCORE_NAMES``), which bounds the metric's labels.
+
+A window lies at most ``CLOCK_SKEW`` (1 day) past the gateway's clock: a report of a window
+ending in 2099 would otherwise stay "newest" for good and every real verdict after it would
+be ``current: false``. A stored row beyond that bound (written before it existed) is replaced
+by the next report. Scores and ``drifted`` are JSON numbers and a JSON boolean (``strict``).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path
@@ -20,7 +25,7 @@ from sqlalchemy import select
 
 from fleet.auth import AdminPrincipal
 from fleet.auth_first import AuthFirstRoute
-from fleet.bounds import Id, Name, Timestamp
+from fleet.bounds import CLOCK_SKEW, Id, Name, ReportedTime
 from fleet.db import CameraDriftRow, Device
 from fleet.runtime import GatewayDep
 from fleet.schemas import ErrorOut
@@ -37,7 +42,7 @@ DriftVerdictName = Literal["ok", "minor", "significant", "not_enough_data", "no_
 ScoreName = Literal[SCORE_NAMES]  # type: ignore[valid-type]
 # Every score is a distance or share difference in [-1, 1] (unit Wasserstein, Jensen-Shannon,
 # share increase, 2·AUC − 1).
-Score = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
+Score = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False, strict=True)]
 CameraIdPath = Annotated[FrameId, Path(description="The camera's id (as enrolled).")]
 
 
@@ -46,10 +51,11 @@ class DriftReportIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    window_start: Timestamp
-    window_end: Timestamp
+    window_start: ReportedTime
+    window_end: ReportedTime
     verdict: DriftVerdictName
-    drifted: bool = Field(description="True exactly when the verdict is minor or significant.")
+    drifted: bool = Field(strict=True,
+                          description="True exactly when the verdict is minor or significant.")
     scores: dict[ScoreName, Score] = Field(
         default_factory=dict, max_length=len(SCORE_NAMES),
         description=f"Scores by metric; names from {', '.join(SCORE_NAMES)}. A metric the "
@@ -98,7 +104,9 @@ def report_drift(camera_id: CameraIdPath, body: DriftReportIn, principal: AdminP
             raise HTTPException(404, f"unknown camera {camera_id!r}: no device was ever "
                                 "enrolled for it (GET /v1/devices lists them)")
         row = session.get(CameraDriftRow, camera_id)
-        if row is not None and row.window_end > body.window_end:
+        # A stored window past the bound (kept from before it) does not outrank real ones.
+        ceiling = max(now, datetime.now(UTC)) + CLOCK_SKEW
+        if row is not None and body.window_end < row.window_end <= ceiling:
             return _out(row, current=False)
         if row is None:
             row = CameraDriftRow(camera_id=camera_id)

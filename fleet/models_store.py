@@ -2,8 +2,11 @@
 
 A file enters only after its bytes hash to the manifest's SHA-256 and match its size; it is
 written to a temp file in the same folder, fsynced and renamed (``roadloop.fsutil.atomic_path``),
-so a crash or a bad upload never leaves a partial model where agents download from.
-``ModelFileResponse`` serves one, whole or by byte ranges.
+so a crash or a bad upload never leaves a partial model where agents download from. A publish
+refused after a file entered (a variant's check, a rollout-id clash) removes the files it
+stored (``discard``), and ``GET /v1/models/{sha256}`` serves only files a stored manifest
+names (``fleet.caches.ManifestCache.published``), so a file no manifest vouches for is never
+handed out. ``ModelFileResponse`` serves one, whole or by byte ranges.
 """
 
 from __future__ import annotations
@@ -71,6 +74,19 @@ class ModelStore:
         fsync_dir(self.root)
         logger.info("stored model %s (%d bytes)", final.name, n)
         return final
+
+    def discard(self, sha256: str) -> None:
+        """Remove a stored file (a refused publish's); nothing when there is none."""
+        try:
+            path = self.path_for(sha256)
+        except ValueError:
+            return
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("could not remove model %s of a refused publish: %s", path.name, exc)
+            return
+        logger.info("removed model %s (its publish was refused)", path.name)
 
 
 _BYTE_RANGE = re.compile(r"\s*(?:(\d+)-(\d*)|-(\d+))\s*")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
@@ -44,6 +44,8 @@ MAX_FRAMES = 1000
 
 
 class EraseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo is a 422, not a no-op
+
     camera_id: Id
     since: Timestamp
     until: Timestamp
@@ -67,11 +69,15 @@ class EraseOut(BaseModel):
 
 
 class FrameKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo is a 422, not a no-op
+
     camera_id: Id
     frame_id: Id
 
 
 class ExpireRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo is a 422, not a no-op
+
     frames: list[FrameKey] = Field(default_factory=list, max_length=MAX_FRAMES,
                                    description="Frames the platform expired (its policy).")
     heartbeats_before: Timestamp | None = None

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.config import HEARTBEAT_MAX_FPS, GatewaySettings
 from fleet.db import RolloutStatus
@@ -80,8 +80,13 @@ def stage_threshold(
 
 
 class Stage(BaseModel):
+    """One stage of a rollout; also the body operators send in ``POST /v1/rollouts``
+    ``stages``: unknown keys are refused and ``percent`` must be a JSON number."""
+
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(default="", max_length=40)
-    percent: float = Field(gt=0, le=100)
+    percent: float = Field(gt=0, le=100, strict=True, allow_inf_nan=False)
     mode: Literal["serve", "shadow"] = "serve"
 
 
@@ -96,7 +101,9 @@ DEFAULT_STAGES: tuple[Stage, ...] = (
 
 
 def normalise_stages(stages: list[Stage] | None) -> list[Stage]:
-    """Validated stages: percents never decrease, the last is 100, names unique."""
+    """Validated stages: percents never decrease, no shadow stage after a serving one (a
+    device that served the model would go back to shadowing it), the last serves 100, names
+    unique."""
     out = [s.model_copy() for s in (stages or list(DEFAULT_STAGES))]
     if not out:
         raise ValueError("a rollout needs at least one stage")
@@ -104,6 +111,13 @@ def normalise_stages(stages: list[Stage] | None) -> list[Stage]:
         if i and s.percent < out[i - 1].percent:
             raise ValueError(f"stage percents must not decrease ({out[i - 1].percent} -> "
                              f"{s.percent}): cohorts only grow")
+        serving = next((p for p in out[:i] if p.mode == "serve"), None)
+        if s.mode == "shadow" and serving is not None:
+            label = f"stages[{i}]" + (f" ({s.name!r})" if s.name else "")
+            raise ValueError(f"{label} shadows at {s.percent:g} % after stage "
+                             f"{serving.name!r} served the model: "
+                             "devices that serve it would go back to shadowing it; put every "
+                             "shadow stage before the first serving one")
         if not s.name:
             s.name = "shadow" if s.mode == "shadow" else f"{s.percent:g}%"
     if out[-1].percent != 100 or out[-1].mode != "serve":

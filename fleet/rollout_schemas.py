@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from fleet.bounds import (
     MAX_STAGES,
@@ -24,16 +24,23 @@ from fleet.bounds import (
 )
 from fleet.rollout_policy import Budgets, Decision, Mode, Stage, StageHealth
 
+# Operator bodies refuse unknown keys (a typo such as ``hold`` or ``max_error_rat`` would
+# otherwise start a rollout on the defaults) and take numbers as JSON numbers only
+# (``strict``: ``true`` or ``"0.5"`` is a 422, never coerced to 1 or 0.5).
+OPERATOR_BODY = ConfigDict(extra="forbid")
+
 
 class BudgetsIn(BaseModel):
     """Per-rollout overrides of the gateway's default ``Budgets`` (absent = default)."""
 
-    max_error_rate: Fraction | None = None
-    p95_latency_budget_ms: Ms | None = None
-    min_shadow_f1: Fraction | None = None
-    min_reporting_fraction: PositiveFraction | None = None
-    min_frames: PositiveCount | None = None
-    min_cohort_devices: DeviceCount | None = None
+    model_config = OPERATOR_BODY
+
+    max_error_rate: Fraction | None = Field(default=None, strict=True)
+    p95_latency_budget_ms: Ms | None = Field(default=None, strict=True)
+    min_shadow_f1: Fraction | None = Field(default=None, strict=True)
+    min_reporting_fraction: PositiveFraction | None = Field(default=None, strict=True)
+    min_frames: PositiveCount | None = Field(default=None, strict=True)
+    min_cohort_devices: DeviceCount | None = Field(default=None, strict=True)
 
 
 class ModelPublished(BaseModel):
@@ -47,14 +54,18 @@ class ModelPublished(BaseModel):
 
 
 class RolloutCreate(BaseModel):
+    model_config = OPERATOR_BODY
+
     manifest_sha256: str | None = Field(default=None, min_length=64, max_length=64)
     model_version: Name | None = None
     stages: list[Stage] | None = Field(default=None, min_length=1, max_length=MAX_STAGES)
-    hold_seconds: HoldSeconds | None = None
+    hold_seconds: HoldSeconds | None = Field(default=None, strict=True)
     budgets: BudgetsIn | None = None
 
 
 class RollbackRequest(BaseModel):
+    model_config = OPERATOR_BODY
+
     reason: Reason = "manual rollback"
 
 

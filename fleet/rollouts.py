@@ -29,6 +29,7 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
@@ -116,7 +117,9 @@ def require_device_or_admin(*, device_only: bool) -> Any:
                 scope = "camera:write"
         principal = authenticate(gw, token, scope, device_only=device_only,
                                  client=client_address(request), path=route_path(request))
-        if token:
+        # Devices only: an operator's download is rare, and a revoked admin token (the CLI
+        # revokes from another process) must be refused at once, never from this cache.
+        if token and principal.device_id is not None:
             cache.remember_principal(token_hash, device_only, principal)
         return principal
 
@@ -205,23 +208,67 @@ async def publish_model(
             path = gw.models.path_for(sha)
         except ValueError as exc:
             raise HTTPException(422, f"manifest sha256: {exc}") from exc
-        if isinstance(upload, UploadFile):
-            try:
-                await run_in_threadpool(gw.models.ingest, upload.file, sha, size)
-            except ModelFileRejected as exc:
-                raise HTTPException(422, f"model file rejected: {exc}") from exc
-        elif not path.is_file():
-            raise HTTPException(422, f"missing form field 'file': no stored model {sha}")
-        await _store_variants(gw, manifest, variant_uploads)
+        # A clash is refused before any byte is stored (and again, under the write lock, when
+        # the manifest is recorded: another publish may take the id in between).
+        await run_in_threadpool(_check_rollout_id, gw, manifest)
+        stored: list[str] = []  # files this request added: removed again if it is refused
+        try:
+            if isinstance(upload, UploadFile):
+                try:
+                    await _ingest(gw, upload, sha, size, stored)
+                except ModelFileRejected as exc:
+                    raise HTTPException(422, f"model file rejected: {exc}") from exc
+            elif not path.is_file():
+                raise HTTPException(422, f"missing form field 'file': no stored model {sha}")
+            await _store_variants(gw, manifest, variant_uploads, stored)
+            return await run_in_threadpool(_record_model, gw, principal, manifest, request,
+                                           response)
+        except BaseException:
+            if stored:
+                with anyio.CancelScope(shield=True):  # also when the client went away
+                    await run_in_threadpool(_discard_unpublished, gw, stored)
+            raise
     finally:
         await form.close()
-    return await run_in_threadpool(_record_model, gw, principal, manifest, request, response)
 
 
-async def _store_variants(gw: Gateway, manifest: dict[str, Any], uploads: list[UploadFile]
-                          ) -> None:
+def _check_rollout_id(gw: Gateway, manifest: dict[str, Any]) -> None:
+    """409 when another stored manifest has this manifest's ``rollout_id``."""
+    msha = manifest_sha256(manifest)
+    with gw.db.read() as session:
+        clash = session.scalar(select(ModelManifestRow.manifest_sha256).where(
+            ModelManifestRow.rollout_id == str(manifest["rollout_id"]),
+            ModelManifestRow.manifest_sha256 != msha).limit(1))
+    if clash is not None:
+        raise HTTPException(409, f"rollout id {manifest['rollout_id']} already belongs to "
+                            f"manifest {clash}: sign a new manifest")
+
+
+async def _ingest(gw: Gateway, upload: UploadFile, sha: str, size: int,
+                  stored: list[str]) -> None:
+    """Store one uploaded file; its SHA-256 goes to ``stored`` when it was not there before."""
+    existed = gw.models.has(sha)
+    await run_in_threadpool(gw.models.ingest, upload.file, sha, size)
+    if not existed and sha not in stored:
+        stored.append(sha)
+
+
+def _discard_unpublished(gw: Gateway, shas: list[str]) -> None:
+    """Remove the files a refused publish stored, unless a stored manifest names them (one
+    published meanwhile): no manifest vouches for them, so no device may fetch them."""
+    try:
+        for sha in shas:
+            if not gw.manifests.published(sha, fresh=True):
+                gw.models.discard(sha)
+    except Exception:  # the refusal itself is the answer; downloads check manifests anyway
+        logger.exception("could not clean up the files of a refused publish: %s", shas)
+
+
+async def _store_variants(gw: Gateway, manifest: dict[str, Any], uploads: list[UploadFile],
+                          stored: list[str]) -> None:
     """Store the files of the manifest's ``variants`` (other input shapes): each upload in a
-    ``variant`` part is matched by file name; a variant whose file is stored may be left out."""
+    ``variant`` part is matched by file name; a variant whose file is stored may be left out.
+    Files stored here are added to ``stored``."""
     variants = manifest.get("variants") or []
     if not isinstance(variants, list) or len(variants) > MAX_VARIANTS:
         raise HTTPException(422, f"manifest variants must be a list of at most {MAX_VARIANTS}")
@@ -242,7 +289,7 @@ async def _store_variants(gw: Gateway, manifest: dict[str, Any], uploads: list[U
         upload = by_name.pop(str(v.get("file") or ""), None)
         if upload is not None:
             try:
-                await run_in_threadpool(gw.models.ingest, upload.file, sha, size)
+                await _ingest(gw, upload, str(sha), size, stored)
             except ModelFileRejected as exc:
                 raise HTTPException(422, f"variant file {upload.filename} rejected: {exc}") from exc
         elif not path.is_file():
@@ -278,7 +325,9 @@ def _record_model(gw: Gateway, principal: Principal, manifest: dict[str, Any],
                           "model_version": row.model_version, "rollout_id": row.rollout_id,
                           "key_id": row.key_id})
             session.commit()
-    if not created:
+    if created:
+        gw.manifests.invalidate()  # its files are downloadable at once
+    else:
         response.status_code = 200
     return ModelPublished(manifest_sha256=msha, sha256=row.file_sha256, size=row.size,
                           model_version=row.model_version, rollout_id=row.rollout_id,
@@ -522,9 +571,10 @@ def get_manifest(request: Request, principal: DeviceReader, gw: GatewayDep) -> R
 @device.get("/v1/models/{sha256}", responses={**_ERRORS, 206: {"description": "partial"},
                                               416: {"description": "range not satisfiable"}})
 def download_model(sha256: str, principal: ModelReader, gw: GatewayDep) -> ModelFileResponse:
-    """A published model file (``Range`` requests answered with 206)."""
+    """A published model file (``Range`` requests answered with 206): one a stored manifest
+    names (its file or a variant's); any other file is a 404, even if it is on disk."""
     store = gw.models
-    if not store.has(sha256):
+    if not store.has(sha256) or not gw.manifests.published(sha256):
         raise HTTPException(404, f"no model {sha256} on this gateway")
     gw.stats.count("model_downloads")
     response = ModelFileResponse(store.path_for(sha256),

@@ -73,18 +73,23 @@ class TokenResponse(BaseModel):
 
 
 class EnrollmentTokenCreate(BaseModel):
-    """Admin: mint a one-time enrollment token (same as ``roadloop fleet token create``)."""
+    """Admin: mint a one-time enrollment token (same as ``roadloop fleet token create``).
+    Unknown keys are a 422 (a typo must not mint a token with defaults); ``ttl_s`` and
+    ``require_verification`` must be a JSON number and a JSON boolean."""
+
+    model_config = ConfigDict(extra="forbid")
 
     scopes: list[Scope] = Field(
         default_factory=lambda: ["camera:write"], min_length=1, max_length=MAX_SCOPES,
         description="At least one; absent means camera:write.",
     )
-    ttl_s: TokenTtl | None = Field(default=None, description="Default: the gateway setting.")
+    ttl_s: TokenTtl | None = Field(default=None, strict=True,
+                                   description="Default: the gateway setting.")
     camera_id: FrameId | None = Field(
         default=None, description="Bind the token to this camera; other cameras get 403."
     )
     require_verification: bool = Field(
-        default=False, description="Devices start pending_verification until an admin acts."
+        default=False, strict=True, description="Devices start pending_verification until an admin acts."
     )
     label: Name | None = None
 
@@ -113,6 +118,8 @@ class DeviceOut(BaseModel):
 
 
 class DeviceStatusUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     status: DeviceStatus
     reason: str | None = Field(default=None, max_length=500)
 
