@@ -4,9 +4,12 @@
 first (the frames each ``sampled_edge_frames`` partition kept); ``reviewed_labels`` brings
 their corrected labels back as an export in the folder ``ArtifactStoreResource`` names
 (``curated_dataset`` reads it there); ``label_quality`` flags curated frames whose labels look
-wrong and sends them to re-review in FiftyOne. The current model is MLflow's ``production``
-version, else the ``candidate``. Frames with salt-and-pepper noise (augmented dataset frames,
-``roadloop.labeling.frame_noise``) are not candidates: they say nothing about the cameras.
+wrong, sends them to re-review in FiftyOne and rewrites the export at once, so the next
+``curated_dataset`` holds them out. The review store is always bound to that export
+(``_review_store``): a lost review dataset is an error, not a new empty one. The current
+model is MLflow's ``production`` version, else the ``candidate``. Frames with
+salt-and-pepper noise (augmented dataset frames, ``roadloop.labeling.frame_noise``) are not
+candidates: they say nothing about the cameras.
 """
 
 import json
@@ -38,8 +41,9 @@ from roadloop.labeling.review_items import (
     boxes_from_yolo,
     items_from_queue,
 )
+from roadloop.labeling.review_store import ReviewStore
 from roadloop.models.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
-from roadloop.models.training import configure_ultralytics
+from roadloop.models.training import configure_ultralytics, resolve_start_weights
 from roadloop.settings import get_settings
 
 from . import groups
@@ -103,6 +107,8 @@ class LabelQualityResult(BaseModel):
     tagged_in_fiftyone: int
     added_to_fiftyone: int
     issue_counts: dict[str, int]
+    start_weights: str = ""  # what every K-fold model started from (see docs/review.md)
+    review_export_hash: str = ""  # the export rewritten with the flagged frames held out
 
 
 # --------------------------------------------------------------------------- configs
@@ -127,6 +133,10 @@ class EmbeddingConfig(dg.Config):
     # Frames with more isolated impulse pixels than this share (salt-and-pepper augmented
     # dataset frames) are not candidates; None: settings.review_max_impulse_share.
     max_impulse_share: float | None = None
+    # The review dataset is gone while the review export holds frames: true starts a new,
+    # empty one on purpose (exported labels stay in training, their frames are not queued
+    # again). Leave false to be told instead (ReviewDatasetMissingError).
+    start_new_review_dataset: bool = False
 
 
 class LabelQualityConfig(dg.Config):
@@ -156,6 +166,12 @@ def current_model(tracker: Tracker, name: str, cache: Path) -> CurrentModel:
         f"no `{PRODUCTION_ALIAS}` or `{CANDIDATE_ALIAS}` version of registered model {name!r} "
         "in MLflow: train a model first (materialize trained_model)"
     )
+
+
+def _review_store(fiftyone: FiftyOneResource, artifacts: ArtifactStoreResource) -> ReviewStore:
+    """The review store bound to the export ``curated_dataset`` reads: a lost review dataset
+    is reported, not silently re-created empty (every reviewed frame would be queued again)."""
+    return fiftyone.store().guarded_by(artifacts.review_export_path())
 
 
 def _conditions(record: FrameRecord) -> list[str]:
@@ -224,7 +240,10 @@ def frame_embeddings(
     )
     context.log.info(f"scoring with {model.registered_name} v{model.version} ({model.alias})")
 
-    done = fiftyone.store().reviewed_frame_keys()  # reviewed or imported: not candidates again
+    store = _review_store(fiftyone, artifacts)
+    if config.start_new_review_dataset:
+        store.start_new_dataset()
+    done = store.reviewed_frame_keys()  # reviewed, imported or exported: not candidates again
     max_noise = (
         get_settings().review_max_impulse_share
         if config.max_impulse_share is None
@@ -358,7 +377,7 @@ def active_learning_queue(
     )
     records = {(c.record.camera_id, c.record.frame_id): c.record for c in emb.candidates}
     batch_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{context.run_id[:6]}"
-    store = fiftyone.store()
+    store = _review_store(fiftyone, artifacts)
     pushed = store.push_queue(items_from_queue(queue, records), batch_id)
     out = artifacts.path("active_learning", batch_id)
     (out / "queue.json").write_text(queue.model_dump_json(indent=2), encoding="utf-8")
@@ -409,10 +428,8 @@ def reviewed_labels(
     fiftyone: FiftyOneResource,
     artifacts: ArtifactStoreResource,
 ) -> dg.Output[ReviewExport]:
-    store = fiftyone.store()
-    export = store.export_reviewed(artifacts.review_export_path())
-    for r in export.rejected:
-        context.log.warning(f"review rejected, back in the queue: {r.error}")
+    store = _review_store(fiftyone, artifacts)
+    export = _export(context, store, artifacts)
     # Cumulative export: frames stay in every later export, so a failed curation loses nothing.
     store.mark_imported(export.new_sample_ids)
     rejected_md = "| frame | error |\n|---|---|\n" + "".join(
@@ -427,11 +444,27 @@ def reviewed_labels(
             "rejected_edits": dg.MetadataValue.md(rejected_md if export.rejected else "none"),
             "held_out_label_issues": len(export.held_out),
             "excluded_seed_images": len(export.exclude_images),
+            "carried_over_frames": len(export.carried_over),
             "class_counts": dg.MetadataValue.json(export.class_counts),
             "content_hash": export.content_hash,
             "path": dg.MetadataValue.path(str(export.path)),
         },
     )
+
+
+def _export(
+    context: dg.AssetExecutionContext, store: ReviewStore, artifacts: ArtifactStoreResource
+) -> ReviewExport:
+    """Rewrite the review export (the one ``curated_dataset`` reads) and log what it says."""
+    export = store.export_reviewed(artifacts.review_export_path())
+    for r in export.rejected:
+        context.log.warning(f"review rejected, back in the queue: {r.error}")
+    if export.vanished:
+        context.log.warning(
+            f"{len(export.vanished)} imported frames are no longer in the review dataset; "
+            f"their exported labels are kept: {', '.join(export.vanished[:20])}"
+        )
+    return export
 
 
 def _issue_items(
@@ -502,9 +535,10 @@ def _xyxy_to_rel(
     group_name=groups.ACTIVE_LEARNING,
     kinds={"cleanlab", "fiftyone"},
     description=(
-        "cleanlab on K-fold out-of-sample predictions over the curated train split: flagged "
-        "frames get a `label_issue` tag and score in FiftyOne (saved view `label issues`) and "
-        "are held out of training until re-reviewed."
+        "cleanlab on K-fold predictions over the curated train split (out of sample only if "
+        "the start weights never saw it: metadata start_weights): flagged frames get a "
+        "`label_issue` tag and score in FiftyOne (saved view `label issues`) and the review "
+        "export is rewritten, so the next curated_dataset holds them out until re-reviewed."
     ),
 )
 def label_quality(
@@ -518,10 +552,21 @@ def label_quality(
     configure_ultralytics(get_settings().home / "ultralytics")
     dataset_dir = Path(curated_dataset.dataset.path)
     work = artifacts.path("label_quality", curated_dataset.version.md5[:12])
+    train_cfg = trainer.train_config()
+    # Every fold model starts from these weights; if they were trained on this split (the
+    # shipped atl_v2 checkpoints were), the folds are not truly out of sample: docs/review.md.
+    start = resolve_start_weights(train_cfg)
+    context.log.info(f"K-fold models start from {start.path_or_name} ({start.kind})")
+    if start.kind == "checkpoint":
+        context.log.warning(
+            f"K-fold models start from the checkpoint {start.path_or_name}: if it was trained on "
+            "these frames (the shipped atl_v2 checkpoints were), the folds are not out of "
+            "sample and label errors it learned look right (docs/review.md)"
+        )
     oos = out_of_sample_predictions(
         dataset_dir,
         k_folds=config.k_folds,
-        train_cfg=trainer.train_config(),
+        train_cfg=train_cfg,
         split=config.split,
         work_dir=work / "folds",
         seed=config.seed,
@@ -539,7 +584,13 @@ def label_quality(
     report_json = write_report(report, work / "label_quality.json")
     review_dir = artifacts.review_export_path()
     items = _issue_items(report, dataset_dir, review_dir if review_dir.is_dir() else None)
-    tagged = fiftyone.store().tag_label_issues(items)
+    store = _review_store(fiftyone, artifacts)
+    tagged = store.tag_label_issues(items)
+    # Flagged review frames lost `reviewed`, flagged seed frames are now excluded: rewrite the
+    # export so the next curated_dataset holds them out without waiting for a review import.
+    # Pending reviews are exported too but not tagged `imported`: the reviews sensor still
+    # launches review_import for them.
+    export = _export(context, store, artifacts)
     context.log.info(
         f"{report.n_flagged}/{len(report.images)} frames flagged; re-review in "
         f"{fiftyone.app_url(view=VIEW_LABEL_ISSUES)}"
@@ -552,6 +603,8 @@ def label_quality(
             tagged_in_fiftyone=tagged.tagged,
             added_to_fiftyone=tagged.added,
             issue_counts=report.issue_counts,
+            start_weights=start.path_or_name,
+            review_export_hash=export.content_hash,
         ),
         metadata={
             "frames": len(report.images),
@@ -562,6 +615,11 @@ def label_quality(
             "high_probability_threshold": report.high_probability_threshold,
             "report": dg.MetadataValue.md(report.to_markdown()),
             "k_folds": config.k_folds,
+            "start_weights": start.path_or_name,
+            "start_weights_kind": start.kind,
+            "held_out_label_issues": len(export.held_out),
+            "excluded_seed_images": len(export.exclude_images),
+            "review_export": export.content_hash,
             "dataset_md5": curated_dataset.version.md5,
             "fiftyone_view": dg.MetadataValue.url(fiftyone.app_url(view=VIEW_LABEL_ISSUES)),
             "json": dg.MetadataValue.path(str(report_json)),

@@ -60,9 +60,13 @@ def _push_frames(store, tmp_path: Path, n: int) -> list[str]:
     return [sid for sid, _ in store.queue_items()]
 
 
-def _evaluate(sensor, instance, fiftyone: FiftyOneResource, cursor: str | None):
+def _evaluate(sensor, instance, fiftyone: FiftyOneResource, cursor: str | None, root: Path):
+    from resources import ArtifactStoreResource
+
     ctx = dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"fiftyone": fiftyone}
+        instance=instance,
+        cursor=cursor,
+        resources={"fiftyone": fiftyone, "artifacts": ArtifactStoreResource(root=str(root))},
     )
     return sensor(ctx)
 
@@ -75,24 +79,25 @@ def test_reviews_sensor_fires_only_on_new_reviews_and_is_idempotent(
     instance = dg.DagsterInstance.ephemeral()
     store = fiftyone.store()
     ids = _push_frames(store, tmp_path, 3)
+    root = tmp_path / "artifacts"
 
-    quiet = _evaluate(reviews_finished_sensor, instance, fiftyone, None)
+    quiet = _evaluate(reviews_finished_sensor, instance, fiftyone, None, root)
     assert isinstance(quiet, dg.SkipReason) and "no reviewed samples" in quiet.skip_message
 
     store.tag_reviewed(ids[:2])
-    fired = _evaluate(reviews_finished_sensor, instance, fiftyone, None)
+    fired = _evaluate(reviews_finished_sensor, instance, fiftyone, None, root)
     assert isinstance(fired, dg.SensorResult)
     key = pending_key(ids[:2])
     assert [r.run_key for r in fired.run_requests] == [f"reviews-{key}"]
     assert fired.cursor == key
 
     # Same reviews, next tick: nothing new is launched.
-    again = _evaluate(reviews_finished_sensor, instance, fiftyone, fired.cursor)
+    again = _evaluate(reviews_finished_sensor, instance, fiftyone, fired.cursor, root)
     assert isinstance(again, dg.SkipReason) and "already launched" in again.skip_message
 
     # A new review changes the pending set: one new run, with a new run key.
     store.tag_reviewed(ids[2:])
-    more = _evaluate(reviews_finished_sensor, instance, fiftyone, fired.cursor)
+    more = _evaluate(reviews_finished_sensor, instance, fiftyone, fired.cursor, root)
     assert isinstance(more, dg.SensorResult)
     assert (
         more.run_requests[0].run_key
@@ -103,7 +108,7 @@ def test_reviews_sensor_fires_only_on_new_reviews_and_is_idempotent(
     # Once imported, nothing is pending: the sensor is quiet again.
     export = store.export_reviewed(tmp_path / "export")
     store.mark_imported(export.new_sample_ids)
-    done = _evaluate(reviews_finished_sensor, instance, fiftyone, more.cursor)
+    done = _evaluate(reviews_finished_sensor, instance, fiftyone, more.cursor, root)
     assert isinstance(done, dg.SkipReason) and "no reviewed samples" in done.skip_message
 
 

@@ -12,13 +12,16 @@ these records into FiftyOne samples and back.
 - The validated export: ``write_review_export`` writes every valid reviewed frame as a
   YOLO folder (taxonomy ids) with ``manifest.jsonl``, ``rejected.jsonl`` and the
   ``ReviewExport`` record (``export.json``); ``load_review_export`` reads it back for
-  ``curated_dataset``.
+  ``curated_dataset``. The export is cumulative: frames of the previous export whose review
+  sample is gone are carried into the next one (``carried``, ``read_export_manifest``), so
+  labels once imported leave training only on purpose (see ``ReviewStore.export_reviewed``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 import uuid
@@ -33,6 +36,8 @@ from pydantic import BaseModel, Field
 from roadloop.data.datasets import LabelledFrame, Taxonomy, check_frame
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import swap_dir_into_place
+
+logger = logging.getLogger(__name__)
 
 REVIEWED_SOURCE = "reviewed"  # LabelledFrame.source of exported frames
 EXPORT_RECORD = "export.json"  # the ReviewExport, inside the export folder
@@ -94,6 +99,12 @@ class ReviewExport(BaseModel):
     exclude_images: list[Path] = Field(default_factory=list)
     class_counts: dict[str, int] = Field(default_factory=dict)
     content_hash: str = ""
+    # Frame keys kept from the previous export although their review sample is no longer in
+    # the review dataset (deleted in the App, dataset replaced): imported labels stay.
+    carried_over: list[str] = Field(default_factory=list)
+    # Of carried_over: gone since the previous export (this export's news; not recorded).
+    vanished: list[str] = Field(default_factory=list, exclude=True)
+    dataset: str = ""  # the FiftyOne review dataset it was exported from
 
 
 class LabelIssueItem(BaseModel):
@@ -271,6 +282,8 @@ def write_review_export(
     *,
     held_out: Iterable[str] = (),
     exclude_images: Iterable[Path] = (),
+    carried: Iterable[Mapping[str, Any]] = (),
+    dataset: str = "",
 ) -> ReviewExport:
     """Write the valid ``samples`` as a YOLO folder at ``out_dir`` (atomically) and return it.
 
@@ -278,6 +291,9 @@ def write_review_export(
     rules reject makes a sample invalid: it is left out and listed in ``rejected``.
     ``held_out`` (frame keys with an open label issue) and ``exclude_images`` (seed images
     to keep out of training) are recorded in the export and its ``content_hash``.
+    ``carried``: manifest rows of the export now at ``out_dir`` (``read_export_manifest``)
+    to keep as they are (already validated when first exported); a row whose files are gone
+    is dropped with a warning.
     """
     classes = list(taxonomy.classes)
     out_dir = Path(out_dir).absolute()
@@ -287,7 +303,7 @@ def write_review_export(
     (tmp / "labels").mkdir(parents=True)
     export = ReviewExport(path=out_dir)
     rejected: dict[str, ReviewRejection] = {}
-    manifest: list[dict] = []
+    entries: list[tuple[str, LabelledFrame, dict]] = []  # (frame key, frame, manifest row)
     counts: Counter = Counter()
     try:
         for sample in samples:
@@ -326,27 +342,36 @@ def write_review_export(
                 source=REVIEWED_SOURCE,
                 split=frame.split,
             )
-            export.frames.append(final)
-            export.frame_keys.append(sample.frame_key)
             if sample.pending:
                 export.new_sample_ids.append(sample.sample_id)
             for det in sample.ground_truth.detections if sample.ground_truth else []:
                 counts[det.label] += 1
-            manifest.append(
-                {
-                    "frame_key": sample.frame_key,
-                    "sample_id": sample.sample_id,
-                    "image": f"images/{img_out.name}",
-                    "label": f"labels/{lbl_out.name}",
-                    "split": frame.split,
-                    "camera_id": sample.camera_id,
-                    "original": sample.filepath,
-                    "source_image": sample.source_image,
-                    "batch_id": sample.batch_id,
-                    "n_boxes": len(rows),
-                    "sha256": checked.sha256 if checked else None,
-                }
-            )
+            row = {
+                "frame_key": sample.frame_key,
+                "sample_id": sample.sample_id,
+                "image": f"images/{img_out.name}",
+                "label": f"labels/{lbl_out.name}",
+                "split": frame.split,
+                "camera_id": sample.camera_id,
+                "original": sample.filepath,
+                "source_image": sample.source_image,
+                "batch_id": sample.batch_id,
+                "n_boxes": len(rows),
+                "sha256": checked.sha256 if checked else None,
+            }
+            entries.append((sample.frame_key, final, row))
+        exported = {key for key, _, _ in entries}
+        for row in carried:
+            kept = _carry_row(row, out_dir, tmp, classes, counts)
+            if kept is not None and kept[0] not in exported:
+                entries.append(kept)
+                export.carried_over.append(kept[0])
+        entries.sort(key=lambda e: e[0])
+        export.frames = [f for _, f, _ in entries]
+        export.frame_keys = [k for k, _, _ in entries]
+        manifest = [m for _, _, m in entries]
+        export.carried_over.sort()
+        export.dataset = dataset
         export.held_out = sorted(held_out)
         export.exclude_images = sorted({Path(p) for p in exclude_images})
         export.class_counts = dict(sorted(counts.items()))
@@ -373,6 +398,57 @@ def write_review_export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return export
+
+
+def _carry_row(
+    row: Mapping[str, Any], out_dir: Path, tmp: Path, classes: Sequence[str], counts: Counter
+) -> tuple[str, LabelledFrame, dict] | None:
+    """Copy one frame of the previous export (at ``out_dir``) into the new one (``tmp``)."""
+    key = str(row["frame_key"])
+    image, label = out_dir / str(row["image"]), out_dir / str(row["label"])
+    if not image.is_file() or not label.is_file():
+        logger.warning("review export: cannot carry %s over, its files are gone (%s)", key, image)
+        return None
+    shutil.copyfile(image, tmp / str(row["image"]))
+    shutil.copyfile(label, tmp / str(row["label"]))
+    for line in label.read_text(encoding="utf-8").splitlines():
+        parts = line.split()
+        if parts and parts[0].isdigit() and int(parts[0]) < len(classes):
+            counts[classes[int(parts[0])]] += 1
+    frame = LabelledFrame(
+        image=out_dir / str(row["image"]),
+        label=out_dir / str(row["label"]),
+        source=REVIEWED_SOURCE,
+        split=str(row.get("split") or "train"),
+    )
+    return key, frame, {**row, "carried_over": True}
+
+
+def read_export_manifest(path: Path) -> list[dict[str, Any]]:
+    """The manifest rows of the export at ``path`` (one per frame); [] when there is no
+    export yet. An export record that exists but does not parse is an error: carrying
+    nothing over would silently drop every imported label."""
+    path = Path(path)
+    record = path / EXPORT_RECORD
+    if not record.is_file():
+        return []
+    try:
+        ReviewExport.model_validate_json(record.read_text(encoding="utf-8"))
+        lines = (path / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(record, f"previous review export unreadable: {exc}") from exc
+
+
+def read_export_record(path: Path) -> ReviewExport | None:
+    """The export record at ``path`` without checking its images; None when there is none."""
+    record = Path(path) / EXPORT_RECORD
+    if not record.is_file():
+        return None
+    try:
+        return ReviewExport.model_validate_json(record.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InvalidInputError(record, f"not a review export record: {exc}") from exc
 
 
 def _rejection(sample: ReviewedSample, error: str) -> ReviewRejection:
@@ -415,6 +491,8 @@ __all__ = [
     "boxes_from_yolo",
     "items_from_queue",
     "load_review_export",
+    "read_export_manifest",
+    "read_export_record",
     "validate_boxes",
     "write_review_export",
 ]

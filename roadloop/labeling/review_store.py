@@ -6,6 +6,11 @@ pre-annotations, lists what waits for review and for import, exports the reviewe
 (validated; the export format is ``review_items``'s) and tags them ``imported``, and flags
 frames whose labels label-quality checks doubt.
 
+The export is the durable record of what was imported, FiftyOne the working copy: a store
+bound to the export (``guarded_by``) refuses to create a missing review dataset while the
+export holds frames (``ReviewDatasetMissingError``), and each export starts from the previous
+one, so a sample deleted in FiftyOne keeps its imported labels (see ``export_reviewed``).
+
 FiftyOne is imported through ``fiftyone_setup.configure_fiftyone`` (database location
 first). For demos and benchmarks, ``oracle.simulate_reviews`` drives the store the way a
 person in the App does.
@@ -45,10 +50,17 @@ from roadloop.labeling.review_items import (
     ReviewItem,
     _safe_name,
     items_from_queue,
+    read_export_manifest,
+    read_export_record,
     write_review_export,
 )
 
 logger = logging.getLogger(__name__)
+
+
+class ReviewDatasetMissingError(RoadloopError):
+    """The review dataset is gone while the review export holds imported frames: creating an
+    empty one would send every reviewed frame back to the queue, so it is not done silently."""
 
 
 class PushResult(BaseModel):
@@ -101,10 +113,16 @@ class ReviewStore:
         taxonomy: Taxonomy | None = None,
         draft_conf: float | None = None,
         draft_nms_iou: float | None = None,
+        export_dir: Path | str | None = None,
+        allow_new_dataset: bool = False,
     ) -> None:
         from roadloop.settings import get_settings
 
         self.dataset_name = dataset_name
+        # The review export this dataset feeds (see guarded_by); allow_new_dataset: create a
+        # missing dataset even though that export holds frames (start_new_dataset).
+        self.export_dir = Path(export_dir) if export_dir else None
+        self.allow_new_dataset = allow_new_dataset
         self.database_dir = Path(database_dir) if database_dir else None
         self.database_uri = database_uri
         self.taxonomy = taxonomy or load_taxonomy()
@@ -129,20 +147,66 @@ class ReviewStore:
     def fo(self):
         return configure_fiftyone(self.database_dir, self.database_uri)
 
+    def guarded_by(self, export_dir: Path | str) -> ReviewStore:
+        """Bind the store to the review export it feeds (returns the store): a missing review
+        dataset is then not created while that export holds frames, and frames in the export
+        count as reviewed (``reviewed_frame_keys``)."""
+        self.export_dir = Path(export_dir)
+        return self
+
+    def start_new_dataset(self):
+        """Create the review dataset on purpose although the bound export holds imported
+        frames (the old dataset is lost): those frames stay in the export and in training,
+        and are not queued again."""
+        if self.fo().dataset_exists(self.dataset_name):
+            return self.dataset()  # nothing lost: nothing to start
+        self.allow_new_dataset = True
+        ds = self.dataset()
+        logger.warning("review dataset %r: started a new one on request", self.dataset_name)
+        return ds
+
+    def _where(self) -> str:
+        return str(self.database_uri or self.database_dir or "FiftyOne's default database")
+
+    def _refuse_new_dataset(self, export_dir: Path | None) -> None:
+        """Raise ``ReviewDatasetMissingError`` when the export at ``export_dir`` holds frames."""
+        if self.allow_new_dataset or export_dir is None:
+            return
+        record = read_export_record(export_dir)
+        if record is None or not record.frame_keys:
+            return
+        raise ReviewDatasetMissingError(
+            f"FiftyOne review dataset {self.dataset_name!r} does not exist in {self._where()}, "
+            f"but the review export {export_dir} holds {len(record.frame_keys)} imported frames "
+            f"(from dataset {record.dataset or 'unrecorded'!r}). It is not created empty: every "
+            "reviewed frame would be queued again. Restore it: rename the dataset back "
+            f"(fo.load_dataset(<its name>).name = {self.dataset_name!r}), set the fiftyone "
+            "resource's dataset_name to its name, or restore FiftyOne's database. To start a "
+            "new review dataset on purpose (the exported labels stay in training), materialize "
+            "frame_embeddings with config start_new_review_dataset: true "
+            "(ReviewStore.start_new_dataset)."
+        )
+
     def dataset(self):
-        """The review dataset (created, persistent, with its fields, on first use)."""
+        """The review dataset (created, persistent, with its fields, on first use; not when
+        the bound export holds frames: ``ReviewDatasetMissingError``)."""
+        return self._open(self.export_dir)
+
+    def _open(self, export_dir: Path | None):
         fo = self.fo()
         try:
             if fo.dataset_exists(self.dataset_name):
                 ds = fo.load_dataset(self.dataset_name)
                 ds.reload()  # tags may have changed in the App (another process)
                 return ds
+            self._refuse_new_dataset(export_dir)
             ds = fo.Dataset(self.dataset_name, persistent=True)
         except Exception as exc:
             if isinstance(exc, RoadloopError):
                 raise
-            where = self.database_uri or self.database_dir or "FiftyOne's default database"
-            raise FiftyOneUnavailable(f"could not open FiftyOne dataset at {where}: {exc}") from exc
+            raise FiftyOneUnavailable(
+                f"could not open FiftyOne dataset at {self._where()}: {exc}"
+            ) from exc
         init_review_dataset(fo, ds, self.taxonomy)
         return ds
 
@@ -277,16 +341,22 @@ class ReviewStore:
         return sorted(view.values("id"))
 
     def reviewed_frame_keys(self) -> set[str]:
-        """Frame keys already reviewed or imported (not candidates for a new batch)."""
+        """Frame keys already reviewed or imported (not candidates for a new batch), and
+        those in the bound export (their sample may be gone from the dataset)."""
         ds = self.dataset()
-        return set(ds.match_tags([TAG_REVIEWED, TAG_IMPORTED]).values("frame_key"))
+        keys = set(ds.match_tags([TAG_REVIEWED, TAG_IMPORTED]).values("frame_key"))
+        record = read_export_record(self.export_dir) if self.export_dir else None
+        return keys | set(record.frame_keys if record else [])
 
     def delete_frames(self, frame_keys: Iterable[str]) -> int:
         """Delete every sample of these frame keys (erasure, retention); returns how many."""
         keys = sorted(set(frame_keys))
         if not keys:
             return 0
-        F = self.fo().ViewField
+        fo = self.fo()
+        F = fo.ViewField
+        if not fo.dataset_exists(self.dataset_name):  # nothing to delete: do not create it
+            return 0
         ds = self.dataset()
         ids = ds.match(F("frame_key").is_in(keys)).values("id")
         if ids:
@@ -307,7 +377,9 @@ class ReviewStore:
             sample["annotated_by"] = annotated_by
         sample.save()
 
-    def export_reviewed(self, out_dir: Path) -> ReviewExport:
+    def export_reviewed(
+        self, out_dir: Path, erased: Iterable[str] | None = None
+    ) -> ReviewExport:
         """Write every reviewed sample's labels as a YOLO folder (atomically) and return it.
 
         Samples pending import are validated first: a box outside the image, a class not in
@@ -315,17 +387,48 @@ class ReviewStore:
         (``review_items.write_review_export``). Invalid samples are not exported: they get
         the message in ``review_error``, lose the ``reviewed`` tag (back in the queue) and
         get the ``review_error`` tag. Open label issues are held out.
+
+        The export starts from the previous one at ``out_dir``: a frame whose sample is still
+        in the dataset follows it (re-exported while ``reviewed``; held out when flagged or
+        sent back), a frame whose sample is gone keeps its exported labels (``carried_over``,
+        a warning names it) unless it was erased (``erased``: frame keys; default: the privacy
+        ledger's exclusions). Seed images once excluded stay excluded.
         """
-        ds = self.dataset()
+        out_dir = Path(out_dir)
+        ds = self._open(self.export_dir or out_dir)
+        previous = read_export_record(out_dir)
+        rows = read_export_manifest(out_dir)
+        erased_keys = set(self._erased_keys() if erased is None else erased)
+        live = set(ds.values("frame_key"))
+        gone = [r for r in rows if r["frame_key"] not in live]
+        carried = [r for r in gone if r["frame_key"] not in erased_keys]
+        dropped = sorted(r["frame_key"] for r in gone if r["frame_key"] in erased_keys)
+        if dropped:
+            logger.info("review export: %d erased frames removed: %s", len(dropped), dropped)
         reviewed = ds.match_tags(TAG_REVIEWED).sort_by("frame_key")
         open_issues = ds.match_tags(TAG_LABEL_ISSUE).match_tags(TAG_REVIEWED, bool=False)
+        exclude = {Path(p) for p in ds.exists("source_image").values("source_image") if p}
+        exclude |= set(previous.exclude_images if previous else [])
         export = write_review_export(
             (self._reviewed(s) for s in reviewed),
             out_dir,
             self.taxonomy,
             held_out=open_issues.values("frame_key"),
-            exclude_images=[p for p in ds.exists("source_image").values("source_image") if p],
+            exclude_images=exclude,
+            carried=carried,
+            dataset=self.dataset_name,
         )
+        before = set(previous.carried_over if previous else [])
+        export.vanished = [k for k in export.carried_over if k not in before]
+        if export.vanished:
+            logger.warning(
+                "%d imported frames are no longer in review dataset %r; their exported labels "
+                "are kept (an erasure removes them; a label-quality flag sends them back to "
+                "review): %s",
+                len(export.vanished),
+                self.dataset_name,
+                ", ".join(export.vanished[:20]) + (" ..." if len(export.vanished) > 20 else ""),
+            )
         # Only now (the export is in place) touch FiftyOne: rejected samples go back to the queue.
         errors = {r.sample_id: r.error for r in sorted(export.rejected, key=lambda r: r.frame_key)}
         if errors:
@@ -350,6 +453,14 @@ class ReviewStore:
             export.path,
         )
         return export
+
+    @staticmethod
+    def _erased_keys() -> set[str]:
+        """Frame keys erased on request (the privacy ledger): never carried over."""
+        from roadloop.retention.ledger import PrivacyLedger
+        from roadloop.settings import get_settings
+
+        return PrivacyLedger(get_settings().privacy_dir).excluded_frame_keys()
 
     @staticmethod
     def _reviewed(sample) -> ReviewedSample:
@@ -468,6 +579,7 @@ class ReviewStore:
 __all__ = [
     "LabelIssueResult",
     "PushResult",
+    "ReviewDatasetMissingError",
     "ReviewStore",
     "pending_key",
 ]
