@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from pathlib import Path
 
 import typer
 
@@ -21,9 +22,13 @@ logger = logging.getLogger(__name__)
 
 
 def review_store() -> ReviewStore:
-    """The review store the Dagster resource uses by default (``<home>/fiftyone``)."""
+    """The review store the Dagster resource uses by default (``<home>/fiftyone``), bound to
+    the review export the assets use (``<artifacts>/reviewed_labels/export``): a missing
+    review dataset is an error while that export holds imported frames, never a new empty
+    dataset that would queue every reviewed frame again (``ReviewStore.guarded_by``)."""
     settings = get_settings()
-    return ReviewStore(database_dir=settings.home / "fiftyone")
+    export = Path(settings.artifacts_dir) / "reviewed_labels" / "export"
+    return ReviewStore(database_dir=settings.home / "fiftyone").guarded_by(export)
 
 
 def annotate(

@@ -454,3 +454,14 @@ def test_fresh_process_after_mlflow_uses_the_configured_database(tmp_path: Path)
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"OK 1 {db}" in out.stdout
+
+
+def test_the_annotate_cli_store_is_bound_to_the_assets_review_export() -> None:
+    """``roadloop annotate`` uses the store the assets use, bound to the same export, so a lost
+    review dataset is an error there too, never a new empty one (``ReviewStore.guarded_by``)."""
+    from launch import annotate as cli
+    from resources import build_resources
+    from roadloop.settings import get_settings
+
+    expected = build_resources(get_settings(), profile="test")["artifacts"].review_export_path()
+    assert cli.review_store().export_dir == expected
