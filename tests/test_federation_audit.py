@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from pydantic import ValidationError
 
 from federated.records import from_array_record, to_array_record
@@ -23,20 +22,9 @@ from roadloop.federation.updates import (
 ZERO = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+from .test_federation_screening import _Grid, task_identity  # noqa: F401 (a fixture)
 
-
-class _Grid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _sites(n: int, frames: int = 30) -> dict[int, SiteRecord]:

@@ -33,20 +33,8 @@ from roadloop.release.signing import (
     sign_manifest,
 )
 
-T0 = datetime(2026, 11, 25, 20, 0, 0, tzinfo=UTC)
-CLASSES = ["car", "truck", "bus", "two_wheeler", "person"]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from .test_fleet_gateway import bearer
+from .test_rollouts import CLASSES, T0, Clock
 
 
 @dataclass
