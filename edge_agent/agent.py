@@ -47,13 +47,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import cv2
 import numpy as np
 
+from edge_agent.agent_config import (
+    AGENT_SESSION_CONFIG,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_NAMES,
+    AgentConfig,
+    AgentSummary,
+    agent_version,
+    find_default_model,
+    make_detector,
+)
+from edge_agent.agent_status import AgentUploadEvents, StatusLine
 from edge_agent.camera_config import CameraConfigChannel
 from edge_agent.client import (
     AuthError,
@@ -61,7 +71,6 @@ from edge_agent.client import (
     GatewayClient,
     GatewayError,
     GatewayUnavailable,
-    UploadOutcome,
 )
 from edge_agent.frame_workers import FrameWorkers, Measured
 from edge_agent.heartbeat import TelemetryWindow
@@ -79,52 +88,15 @@ from edge_agent.pipeline import (
 from edge_agent.record_outbox import RecordOutbox
 from edge_agent.redaction import RedactionUnavailable, Redactor, load_redactor
 from edge_agent.rollback_guard import GuardLimits
-from edge_agent.samplers import SamplerConfig
 from edge_agent.sources import Frame, LatestFrameReader, open_source
 from edge_agent.traffic.stage import CHECKPOINT_FILE, TrafficStage
 from edge_agent.updater import ModelUpdater
-from edge_agent.uploader import DEFAULT_BATCH_MAX, FrameUploader, UploadEvents, linger_wait
+from edge_agent.uploader import FrameUploader, linger_wait
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "atl_v2_yolo11n_gpu_320.onnx"
-# Searched in this order when no --model is given: the gpu checkpoint's 320 px export, then
-# the older CPU-trained one (kept for installations that have only that file).
-DEFAULT_MODEL_NAMES = (DEFAULT_MODEL_NAME, "atl_v2_yolo11n_320.onnx")
 MAX_SUMMARY_IDS = 10_000  # AgentSummary keeps the ids of the most recent sampled frames
 FAULT_KILL_ENV = "EDGE_AGENT_FAULT_KILL_AFTER_ACKS"
-# ORT's intra-op workers spin-wait for work by default. Measured with 2 threads on 2 shared
-# cores (benchmarks/results/agent_speed*.md): at load ~2.5 spinning is 8-13 % faster, at load
-# ~4 it is 40 % slower (the spinning workers fight the other processes and the agent's own
-# decode thread); yielding is the robust choice, and idle cores stay free. One thread: no pool.
-AGENT_SESSION_CONFIG: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
-
-
-def agent_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("roadloop")
-    except PackageNotFoundError:
-        return "0.1.0"
-
-
-def find_default_model(name: str | None = None) -> Path | None:
-    """``shared/models/<name>`` searched relative to ``$ROADLOOP_SHARED_DIR``, the working
-    directory and this package (``../shared`` beside the repository), in that order. Without
-    ``name``, the first folder holding any of :data:`DEFAULT_MODEL_NAMES` gives the first of
-    them it holds."""
-    folders = []
-    if os.environ.get("ROADLOOP_SHARED_DIR"):
-        folders.append(Path(os.environ["ROADLOOP_SHARED_DIR"]) / "models")
-    here = Path(__file__).resolve().parent
-    for base in (Path.cwd(), here.parent):
-        folders += [base / ".." / "shared" / "models", base / "shared" / "models"]
-    for folder in folders:
-        for n in (name,) if name else DEFAULT_MODEL_NAMES:
-            if (folder / n).is_file():
-                return (folder / n).resolve()
-    return None
 
 
 def frame_metadata(
@@ -161,113 +133,6 @@ def frame_metadata(
 
 
 # --------------------------------------------------------------------------- the agent
-@dataclass
-class AgentConfig:
-    gateway_url: str
-    camera_id: str
-    source: str
-    model_path: Path
-    state_dir: Path
-    enroll_token: str | None = None
-    max_frames: int | None = None
-    heartbeat_interval_s: float = 30.0
-    realtime: bool = True
-    loop: bool = False
-    # The clock of a folder of images (they carry no timestamps): tracking, speeds and every
-    # time rule read it, so it must be the rate the images were taken at.
-    image_fps: float = 5.0
-    # At most this many frames measured a second, by the source's clock (``--max-fps``): the
-    # rest are skipped before inference (``frames_skipped``). None: every frame the loop
-    # keeps up with (a slow loop still drops stale frames: ``frames_dropped``).
-    max_fps: float | None = None
-    conf_threshold: float = 0.25
-    iou_threshold: float = 0.7
-    intra_op_threads: int | None = None
-    # Frames measured at once (network, NMS, quality), each on its own thread with ONNX
-    # Runtime on one intra-op thread unless ``intra_op_threads`` says otherwise; counting
-    # and sampling stay in frame order (edge_agent.frame_workers). 1: all on the frame loop.
-    inference_workers: int = 1
-    # ONNX Runtime session config entries of every model the agent loads (the baseline and
-    # each rollout's); ``--ort-config KEY=VALUE`` replaces them.
-    session_config: dict[str, str] = field(default_factory=lambda: dict(AGENT_SESSION_CONFIG))
-    capacity: float = 30.0
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    outbox_max_bytes: int = 512 * 1024 * 1024
-    retry_base_s: float = 1.0
-    retry_max_s: float = 60.0
-    # Frames per POST /v1/frames/batch when several are due (1: one POST /v1/frames each).
-    upload_batch_max: int = DEFAULT_BATCH_MAX
-    # Hold fresh frames up to this long so that several go in one request (0: at once);
-    # a sampled frame is for training, so a minute's delay costs nothing (docs/capacity.md).
-    upload_linger_s: float = 0.0
-    drain_timeout_s: float = 10.0
-    jpeg_quality: int = 90
-    status_interval_s: float | None = None  # None: 1 s on a TTY, 10 s otherwise
-    http_timeout_s: float = 10.0
-    # model updates: key (base64, file or PEM; None: the one pinned at enrollment)
-    model_public_key: str | None = None
-    update_interval_s: float = 60.0  # 0 disables updates
-    latency_budget_ms: float | None = None  # None: 3x the previous model's P95
-    rollback_after: int = 3  # consecutive bad heartbeat windows
-    max_error_rate: float = 0.01
-    shadow_sample_rate: float = 0.2
-    traffic: bool = True  # track and count when the camera's configuration has a geometry
-    record_outbox_max: int = 50_000  # queued traffic records kept without the gateway
-    # Privacy (edge_agent.redaction): face detector (centerface | none), plate detector
-    # (auto | haar | none). The method per camera comes from its configuration (privacy.mode).
-    redaction_faces: str = "centerface"
-    redaction_plates: str = "auto"
-    metrics_port: int | None = None  # Prometheus endpoint (edge_agent.metrics); None: off
-    metrics_host: str = "127.0.0.1"
-
-
-@dataclass
-class AgentSummary:
-    camera_id: str
-    device_id: str
-    model_version: str
-    stopped_by: str  # max_frames | end_of_source | signal | source_error
-    frames_processed: int = 0
-    frames_dropped: int = 0
-    frames_skipped: int = 0  # over --max-fps, skipped before inference
-    frames_sampled: int = 0
-    uploads_ok: int = 0
-    duplicates_absorbed: int = 0
-    upload_failures: int = 0
-    rejected: int = 0
-    errors: int = 0
-    outbox_depth: int = 0
-    outbox_evicted_total: int = 0
-    heartbeats_sent: int = 0
-    traffic_crossings: int = 0  # vehicles counted on lines
-    traffic_events: int = 0
-    traffic_records_queued: int = 0
-    traffic_records_sent: int = 0  # acknowledged by the gateway (201, or 409: already stored)
-    traffic_records_left: int = 0  # still queued at exit: sent on the next start
-    frames_withheld: int = 0  # sampled but not queued: redaction unavailable or failed
-    source_read_errors: int = 0  # unreadable images, a file that ended short of its length
-    redaction_error: str | None = None
-    final_model_version: str = ""  # sha256 of the model serving at the end
-    update_status: str = "disabled"  # the updater's status at the end (disabled: no key)
-    sampled_frame_ids: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def make_detector(cfg: AgentConfig, path: Path) -> OnnxDetector:
-    """The agent's detector for ``path``: thresholds, threads and session options of ``cfg``
-    (the baseline model and every rollout's are built alike)."""
-    return OnnxDetector(
-        path,
-        conf_threshold=cfg.conf_threshold,
-        iou_threshold=cfg.iou_threshold,
-        intra_op_threads=(cfg.intra_op_threads if cfg.intra_op_threads is not None
-                          else 1 if cfg.inference_workers > 1 else None),
-        session_config=cfg.session_config,
-    )
-
-
 class EdgeAgent:
     """One camera's agent; ``run()`` blocks until the source ends, ``max_frames`` or a stop."""
 
@@ -469,7 +334,7 @@ class EdgeAgent:
         heartbeats.start()
         if self.updater is not None:
             self.updater.start(cfg.update_interval_s)
-        self._status = _StatusLine(self, cfg.status_interval_s or (1.0 if self._is_tty else 10.0))
+        self._status = StatusLine(self, cfg.status_interval_s or (1.0 if self._is_tty else 10.0))
         try:
             stopped_by = self._frame_loop(reader, pipeline, summary)
             if stopped_by is not None:
@@ -787,7 +652,7 @@ class EdgeAgent:
     def _upload_loop(self) -> None:
         self.frame_uploader = uploader = FrameUploader(
             self.client, self.outbox, batch_max=self.config.upload_batch_max,
-            events=_AgentUploadEvents(self), kill_after_acks=self._kill_after)
+            events=AgentUploadEvents(self), kill_after_acks=self._kill_after)
         pause_until = 0.0
         while not self._uploads_stop.is_set():
             now = time.time()
@@ -922,77 +787,10 @@ class EdgeAgent:
                     break
 
 
-class _AgentUploadEvents(UploadEvents):
-    """The uploader's per-frame events into the agent's summary and telemetry."""
-
-    def __init__(self, agent: EdgeAgent) -> None:
-        self.agent = agent
-
-    def acknowledged(self, frame_id: str, duplicate: bool) -> None:
-        a = self.agent
-        a.telemetry.record_upload(True)
-        a._last_upload_at = time.time()
-        if a.summary is not None:
-            a.summary.uploads_ok += 1
-            a.summary.duplicates_absorbed += int(duplicate)
-
-    def failed(self, frame_id: str, outcome: UploadOutcome) -> None:
-        self.agent.telemetry.record_upload(False)
-        if self.agent.summary is not None:
-            self.agent.summary.upload_failures += 1
-
-    def rejected(self, frame_id: str, reason: str) -> None:
-        self.agent.telemetry.record_error()
-        if self.agent.summary is not None:
-            self.agent.summary.rejected += 1
-
-    def unreadable(self, frame_id: str, error: str) -> None:
-        self.agent.telemetry.record_error()
-
-
-class _StatusLine:
-    """frames/s, queue depth and last upload on stderr: \\r-refreshed on a TTY, else logged."""
-
-    def __init__(self, agent: EdgeAgent, interval_s: float) -> None:
-        self.agent = agent
-        self.interval = interval_s
-        self._last = time.monotonic()
-        self._last_frames = 0
-        self._printed = False
-
-    def line(self) -> str:
-        a, s = self.agent, self.agent.summary
-        now = time.monotonic()
-        frames = s.frames_processed if s else 0
-        fps = (frames - self._last_frames) / max(now - self._last, 1e-6)
-        self._last, self._last_frames = now, frames
-        last = a._last_upload_at
-        last_txt = "never" if last is None else f"{time.time() - last:.0f}s ago"
-        return (
-            f"[{a.config.camera_id}] {fps:5.1f} fps | frames {frames} | dropped "
-            f"{a.telemetry.dropped_total} | sampled "
-            f"{s.frames_sampled if s else 0} | outbox {a.outbox.depth()} | uploaded "
-            f"{s.uploads_ok if s else 0} (last {last_txt}) | {a.telemetry.density_state}"
-        )
-
-    def maybe_print(self) -> None:
-        if time.monotonic() - self._last < self.interval:
-            return
-        text = self.line()
-        if self.agent._is_tty:
-            self.agent._status_stream.write("\r\x1b[2K" + text)
-            self.agent._status_stream.flush()
-            self._printed = True
-        else:
-            logger.info("%s", text)
-
-    def finish(self) -> None:
-        if self._printed:
-            self.agent._status_stream.write("\n")
-            self.agent._status_stream.flush()
-
-
 __all__ = [
+    "AGENT_SESSION_CONFIG",
+    "DEFAULT_MODEL_NAME",
+    "DEFAULT_MODEL_NAMES",
     "AgentConfig",
     "AgentSummary",
     "AuthError",
@@ -1005,4 +803,5 @@ __all__ = [
     "find_default_model",
     "frame_metadata",
     "frame_quality",
+    "make_detector",
 ]
