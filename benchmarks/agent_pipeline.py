@@ -14,7 +14,15 @@ once and handed to every engine in rotating order (so background load on a share
 hits them alike), its decode time counted for each. Per-stage times are means per frame;
 fps = frames / summed per-frame wall time.
 
-    python -m benchmarks.agent_pipeline --frames 60 --out benchmarks/results
+Every engine gets the same CPU budget, ``--threads N`` (default 1): each ONNX Runtime
+session ``intra_op_num_threads=N`` (inter-op 1), torch ``torch.set_num_threads(N)`` — set
+after Ultralytics' first ``predict``, which resets torch to ``cpu_count - 1`` threads on CPU,
+and held before every frame (as ``benchmarks.agent_speed`` does). Both files record the
+budget and the load average at start and end. Above one thread, prefer
+``benchmarks.agent_speed``: frame-by-frame interleaving lets one engine's idle, spinning
+thread pool take cores from the next (benchmarks/README.md).
+
+    python -m benchmarks.agent_pipeline --frames 60 --threads 1 --out benchmarks/results
 
 Writes ``<out>/agent_pipeline.json`` and ``<out>/agent_pipeline.md``.
 """
@@ -155,12 +163,13 @@ class _PostStages:
         }, decision.sampled
 
 
-def _onnx_engine(path: Path, threads: int | None) -> tuple[Callable, list[str]]:
+def _onnx_engine(path: Path, threads: int) -> tuple[Callable, list[str]]:
     det = OnnxDetector(
         path,
         conf_threshold=CONF,
         iou_threshold=IOU,
         intra_op_threads=threads,
+        inter_op_threads=1,
         providers=["CPUExecutionProvider"],
     )
     size: list[tuple[int, int]] = [(0, 0)]
@@ -192,7 +201,7 @@ def _onnx_engine(path: Path, threads: int | None) -> tuple[Callable, list[str]]:
     return step, det.class_names
 
 
-def _ultralytics_engine(pt: Path, config_dir: Path) -> tuple[Callable, list[str]]:
+def _ultralytics_engine(pt: Path, config_dir: Path, threads: int) -> tuple[Callable, list[str]]:
     os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
     try:
         from roadloop.models.training import configure_ultralytics
@@ -200,13 +209,20 @@ def _ultralytics_engine(pt: Path, config_dir: Path) -> tuple[Callable, list[str]
         configure_ultralytics(config_dir)
     except ImportError:  # pragma: no cover - training module absent
         pass
+    import torch
     from ultralytics import YOLO
 
     model = YOLO(str(pt))
     names = [model.names[i] for i in sorted(model.names)]
     post = _PostStages(names)
+    # Ultralytics' select_device (first predict) resets torch to cpu_count - 1 threads: set
+    # the budget after it (as benchmarks.agent_speed does); run() checks that it held.
+    model.predict(np.zeros((720, 1280, 3), np.uint8), imgsz=IMGSZ, device="cpu", verbose=False)
+    torch.set_num_threads(threads)
 
     def step(image: np.ndarray, i: int) -> tuple[dict, int, bool]:
+        if torch.get_num_threads() != threads:  # global in torch: hold the budget
+            torch.set_num_threads(threads)
         t0 = time.perf_counter()
         res = model.predict(image, imgsz=IMGSZ, conf=CONF, iou=IOU, device="cpu", verbose=False)[0]
         boxes = res.boxes
@@ -276,15 +292,18 @@ def run(
     frames_per_video: int,
     out_dir: Path,
     shared: Path,
-    threads: int | None,
+    threads: int = 1,
     warmup: int = 5,
 ) -> dict[str, Any]:
+    """``threads``: the CPU budget of every engine (ORT intra-op threads, torch threads)."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1 (the same budget for every engine), got {threads}")
     models = shared / "models"
     fp32, pt = models / "atl_v2_yolo11n_320.onnx", models / "atl_v2_yolo11n_320.pt"
     videos = sorted((shared / "videos").glob("*.mp4"))
     if not (fp32.is_file() and pt.is_file() and videos):
         raise SystemExit(f"shared models/videos missing under {shared}")
-    load_start = round(os.getloadavg()[0], 2)  # other processes share these cores
+    load_start = os.getloadavg()  # other processes share these cores
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         tmp_dir = Path(tmp)
         int8, int8_note = _make_int8(
@@ -301,14 +320,8 @@ def run(
             step, _ = _onnx_engine(rect, threads)
             engines["onnx_int8_rect"] = (
                 step, EngineRun("onnx_int8_rect", rect.name, file_sha256(rect)))
-        step, _ = _ultralytics_engine(pt, tmp_dir / "ultralytics")
+        step, _ = _ultralytics_engine(pt, tmp_dir / "ultralytics", threads)
         engines["ultralytics"] = (step, EngineRun("ultralytics", pt.name, file_sha256(pt)))
-        try:
-            import torch
-
-            torch_threads = torch.get_num_threads()
-        except ImportError:  # pragma: no cover
-            torch_threads = None
 
         # warm-up on the first video's first frame (not timed)
         cap = cv2.VideoCapture(str(videos[0]))
@@ -340,6 +353,12 @@ def run(
                     k += 1
                     bar.update(1)
                 cap.release()
+        import torch
+
+        torch_threads = torch.get_num_threads()
+        if torch_threads != threads:  # Ultralytics reset the budget behind the step's back
+            raise RuntimeError(f"torch ran with {torch_threads} threads, not {threads}")
+    load_end = os.getloadavg()
 
     results = {name: rec.summary() for name, (_, rec) in engines.items()}
     fps = {k: v["fps"] for k, v in results.items()}
@@ -357,9 +376,12 @@ def run(
             "cpu_count": os.cpu_count(),
             "onnxruntime": ort.__version__,
             "opencv": cv2.__version__,
-            "ort_intra_op_threads": threads or "default (all cores)",
+            "threads": threads,
+            "ort_intra_op_threads": threads,
+            "ort_inter_op_threads": 1,
             "torch_threads": torch_threads,
-            "load_average_1m_start_end": [load_start, round(os.getloadavg()[0], 2)],
+            "load_average_1m_start_end": [round(load_start[0], 2), round(load_end[0], 2)],
+            "load_average_start_end": [list(load_start), list(load_end)],
         },
         "setup": {
             "imgsz": IMGSZ,
@@ -392,8 +414,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         (
             f"{r['created_at']} — {r['machine']['cpu_count']} CPU cores ({r['machine']['platform']}), "
-            f"onnxruntime {r['machine']['onnxruntime']}, ORT threads "
-            f"{r['machine']['ort_intra_op_threads']}, torch threads {r['machine']['torch_threads']}."
+            f"onnxruntime {r['machine']['onnxruntime']}. {_budget(r['machine'])}"
         ),
         "",
         (
@@ -405,9 +426,9 @@ def _markdown(r: dict[str, Any]) -> str:
         f"INT8 model: {r['setup']['int8']}.",
         *([f"onnx_int8_rect: {r['setup']['int8_rect']}."] if r["setup"].get("int8_rect") else []),
         (
-            "1-minute load average at start/end: "
-            f"{r['machine']['load_average_1m_start_end']} (other work shares these cores: "
-            "compare ratios, not absolute times)."
+            "Load average (1/5/15 min) at start "
+            f"{_loads(r['machine'], 0)}, at end {_loads(r['machine'], 1)} (other work shares "
+            "these cores: compare ratios, not absolute times)."
         ),
         "",
         "| engine | fps | ms/frame mean | p50 | p95 | "
@@ -471,6 +492,24 @@ def _markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget(machine: dict[str, Any]) -> str:
+    """The engines' CPU budget; reports from before ``--threads`` gave ORT all cores."""
+    if "threads" not in machine:
+        return (f"ORT threads {machine['ort_intra_op_threads']}, torch threads "
+                f"{machine['torch_threads']} (before --threads: not the same budget).")
+    return (f"Same CPU budget for every engine (--threads {machine['threads']}): ORT intra-op "
+            f"threads {machine['ort_intra_op_threads']} (inter-op "
+            f"{machine['ort_inter_op_threads']}), torch threads {machine['torch_threads']}.")
+
+
+def _loads(machine: dict[str, Any], i: int) -> str:
+    """The start (0) or end (1) load average as written; older reports kept the 1-min only."""
+    full = machine.get("load_average_start_end")
+    if full:
+        return " / ".join(f"{v:.2f}" for v in full[i])
+    return f"{machine['load_average_1m_start_end'][i]:.2f} (1 min only)"
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -482,8 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=60, help="frames per video per engine")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--shared", type=Path, default=None, help="default: settings.shared_dir")
-    parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU budget of every engine: ORT intra-op threads (inter-op 1) and torch threads",
+    )
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1 (every engine gets the same budget)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     shared = args.shared
     if shared is None:

@@ -30,6 +30,11 @@ profiler would time only the kernel launches of the CUDA provider, not the kerne
 ``--device cpu`` runs the same on ONNX Runtime's CPU provider (a check of the script, not a
 figure to quote). Writes ``gpu_graph_split.{json,md}`` under ``--out`` (``_cpu`` in the
 names on CPU) after every row, so a run cut short keeps what it measured.
+
+Every row is an ONNX Runtime session with the same host CPU budget, ``--threads N`` (default
+``benchmarks.gpu_serving.DEFAULT_THREADS``, as the serving benchmark): ``intra_op_num_threads=N``,
+inter-op 1; no torch engine runs here. Both files record the budget and the load average at
+the start and at the latest row.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from benchmarks.gpu_serving import _machine, _row, load_frames, timed
+from benchmarks.gpu_serving import DEFAULT_THREADS, _machine, _row, load_frames, timed
 from edge_agent.inference import DEFAULT_CONF_THRESHOLD, DEFAULT_IOU_THRESHOLD
 from roadloop.serving import graph as serving_graph
 from roadloop.serving import letterbox, nms
@@ -102,8 +107,11 @@ def cut_steps(model: onnx.ModelProto, prefix: str,
 class Runner:
     """One model in one session, inputs bound on the device, outputs left there."""
 
-    def __init__(self, name: str, model: onnx.ModelProto | Path, device: str) -> None:
+    def __init__(self, name: str, model: onnx.ModelProto | Path, device: str,
+                 threads: int = DEFAULT_THREADS) -> None:
         opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # the same host budget for every row
+        opts.inter_op_num_threads = 1
         # gpu_run.sh split: verbose session logs, so that the placement of every node is on
         # record (which, if any, ran off the GPU), each row's lines after its name.
         verbose = os.environ.get("ROADLOOP_SPLIT_VERBOSE") == "1"
@@ -155,6 +163,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc['frame_hw'][1]}×{doc['frame_hw'][0]} from `{doc['video']}` · model input "
         f"{doc['input_hw'][1]}×{doc['input_hw'][0]} · {doc['seconds']} s timed per row · "
         f"`{doc['command']}`"), "",
+        *_budget(doc),
         ("Each row is a model of its own, inputs bound on the device and outputs left there. "
         "`pre + network + post` against `serving` says what composing them costs or saves."),
         "",
@@ -174,12 +183,26 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget(doc: dict[str, Any]) -> list[str]:
+    """The rows' host CPU budget and the load average, where the report has them."""
+    lines = []
+    if doc.get("threads") is not None:
+        lines.append(f"Host CPU threads of every row: ONNX Runtime intra-op {doc['threads']} "
+                     f"(inter-op 1); {doc['machine'].get('cpu_count')} CPUs.")
+    if doc.get("load_average_start_end"):
+        start, end = (" / ".join(f"{v:.2f}" for v in x) for x in doc["load_average_start_end"])
+        lines.append(f"Load average (1/5/15 min) at start {start}, at end {end}.")
+    return [" ".join(lines), ""] if lines else []
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     detector = onnx.load(str(args.onnx))
     in_dims = dims(detector.graph.input[0])
     out_dims = dims(detector.graph.output[0])
     input_hw, nc, anchors = (int(in_dims[2]), int(in_dims[3])), int(out_dims[1]) - 4, \
         int(out_dims[2])
+    load_start = list(os.getloadavg())
+    threads = getattr(args, "threads", DEFAULT_THREADS)
     frames = np.stack(load_frames(args.video, max(args.batches)))
     frame_hw = (int(frames.shape[1]), int(frames.shape[2]))
     suffix = "" if args.device == "cuda" else "_cpu"
@@ -187,12 +210,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "at": datetime.now(UTC).isoformat(timespec="seconds"), "device": args.device,
         "machine": _machine(args.device), "video": args.video.name,
         "frame_hw": list(frame_hw), "input_hw": list(input_hw), "seconds": args.seconds,
-        "command": args.command, "rows": [], "checks": {},
+        "command": args.command, "threads": threads, "ort_intra_op_threads": threads,
+        "ort_inter_op_threads": 1,
+        # [start, latest]: the end is updated at every save, so a run cut short has one too
+        "load_average_start_end": [load_start, load_start], "rows": [], "checks": {},
     }
     out_json = args.out / f"gpu_graph_split{suffix}.json"
     out_md = args.out / f"gpu_graph_split{suffix}.md"
 
     def save() -> None:
+        doc["load_average_start_end"][1] = list(os.getloadavg())
         args.out.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(doc, indent=1))
         out_md.write_text(markdown(doc))
@@ -214,23 +241,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         serving_graph.build_serving_graph(args.onnx, separable_path, frame_hw=frame_hw,
                                           precision=precision, resize="separable")
         runners: dict[str, Runner] = {
-            "network": Runner("network", net_model, args.device),
-            "pre": Runner("pre", pre, args.device),
-            "post": Runner("post", post, args.device),
-            "serving": Runner("serving", serving_path, args.device),
-            "pre_resize_u8": Runner("pre_resize_u8", u8_pre, args.device),
-            "pre_separable": Runner("pre_separable", separable_pre, args.device),
+            "network": Runner("network", net_model, args.device, threads),
+            "pre": Runner("pre", pre, args.device, threads),
+            "post": Runner("post", post, args.device, threads),
+            "serving": Runner("serving", serving_path, args.device, threads),
+            "pre_resize_u8": Runner("pre_resize_u8", u8_pre, args.device, threads),
+            "pre_separable": Runner("pre_separable", separable_pre, args.device, threads),
             "post_cand_1024": Runner("post_cand_1024", post_model(
-                frame_hw, input_hw, nc, anchors, detector, max_candidates=1024), args.device),
+                frame_hw, input_hw, nc, anchors, detector, max_candidates=1024), args.device,
+                threads),
             "post_chunk_1": Runner("post_chunk_1", post_model(
-                frame_hw, input_hw, nc, anchors, detector, chunk=1), args.device),
+                frame_hw, input_hw, nc, anchors, detector, chunk=1), args.device, threads),
             "post_chunk_16": Runner("post_chunk_16", post_model(
-                frame_hw, input_hw, nc, anchors, detector, chunk=16), args.device),
+                frame_hw, input_hw, nc, anchors, detector, chunk=16), args.device, threads),
             "post_chunk_32_cand_1024": Runner("post_chunk_32_cand_1024", post_model(
                 frame_hw, input_hw, nc, anchors, detector, chunk=32, max_candidates=1024),
-                args.device),
-            "serving_cand_1024": Runner("serving_cand_1024", cand_path, args.device),
-            "serving_separable": Runner("serving_separable", separable_path, args.device),
+                args.device, threads),
+            "serving_cand_1024": Runner("serving_cand_1024", cand_path, args.device, threads),
+            "serving_separable": Runner("serving_separable", separable_path, args.device, threads),
         }
         if precision == args.precisions[0]:  # pre and post are fp32 in both precisions
             cuts = [("pre", pre, letterbox.PRE_PREFIX, _pre_step),
@@ -239,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for row, model, prefix, keep in cuts:
                 for step, cut in cut_steps(model, prefix, keep):
                     name = f"{row}_upto_{step}"
-                    runners[name] = Runner(name, cut, args.device)
+                    runners[name] = Runner(name, cut, args.device, threads)
         for batch in args.batches:
             x = np.ascontiguousarray(frames[:batch])
             pixels = runners["pre"].outputs(x)[0]
@@ -281,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precisions", default="fp32,fp16")
     ap.add_argument("--batches", default="8,32")
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                    help="ONNX Runtime intra-op threads of every row (default %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/roadloop_graph_split"))
     args = ap.parse_args(argv)
@@ -288,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     args.batches = [int(b) for b in args.batches.split(",") if b]
     if args.device == "cpu" and "fp16" in args.precisions:
         ap.error("fp16 runs on cuda only (ONNX Runtime's CPU has few fp16 kernels)")
+    if args.threads < 1:
+        ap.error("--threads must be >= 1 (every row gets the same budget)")
     args.work.mkdir(parents=True, exist_ok=True)
     args.command = "python -m benchmarks.gpu_graph_split " + " ".join(argv)
     if hasattr(ort, "preload_dlls") and args.device == "cuda":

@@ -22,6 +22,13 @@ every engine alike and reported on its own (``decode`` in the JSON: ``cv2.imdeco
 same frames as JPEG, one thread). Frames/s counts frames (batch × batches); P95 is per
 batch for the synchronous engines and per frame for ``serving_batched``.
 
+The host side gets the same CPU budget in every engine, ``--threads N`` (default
+``DEFAULT_THREADS``): every ONNX Runtime session ``intra_op_num_threads=N`` (inter-op 1 for
+the network and edge-core sessions; the serving sessions run sequentially, so no inter-op
+pool), torch ``torch.set_num_threads(N)`` for Ultralytics (set after its first ``predict``,
+whose device selection resets torch's threads on CPU, and held before every call). Both files
+record the budget and the load average at the start and the end.
+
     python -m benchmarks.gpu_serving --onnx M.onnx --pt M.pt --video V.mp4   # on a GPU box
     python -m benchmarks.gpu_serving --smoke                                # CPU smoke test
 
@@ -69,6 +76,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CONF, IOU = 0.25, 0.7
 TARGET_RATIO = 0.70  # end to end / network alone
+# Host CPU threads of every engine: what Ultralytics itself gives torch on CPU (cpu_count - 1,
+# at most 8), given to ONNX Runtime too, so no engine has more of the CPU than another.
+DEFAULT_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))
 ENGINES = (
     "network",
     "serving_graph",
@@ -162,10 +172,12 @@ def _batch(frames: list[np.ndarray], b: int, offset: int) -> list[np.ndarray]:
 
 # ---------------------------------------------------------------------------- engines
 # Each engine's sessions are made once per precision and reused across batch sizes.
-def network_session(path: Path, device: str) -> ort.InferenceSession:
+def network_session(path: Path, device: str, threads: int) -> ort.InferenceSession:
     choice = select_providers(device, "fp32")  # the fp16 file keeps fp32 I/O
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), opts, providers=choice.providers)
 
 
@@ -261,13 +273,14 @@ def bench_serving_batched(sessions: list[ServingSession], b: int, frames, a) -> 
     }
 
 
-def edge_detector(path: Path, device: str, max_batch: int):
+def edge_detector(path: Path, device: str, max_batch: int, threads: int):
     from edge_agent.inference import OnnxDetector
 
     choice = select_providers(device, "fp32")
     providers = [p if isinstance(p, str) else p[0] for p in choice.providers]
     return OnnxDetector(
-        path, conf_threshold=CONF, iou_threshold=IOU, providers=providers, max_batch_size=max_batch
+        path, conf_threshold=CONF, iou_threshold=IOU, providers=providers, max_batch_size=max_batch,
+        intra_op_threads=threads, inter_op_threads=1,
     )
 
 
@@ -281,11 +294,26 @@ def bench_edge_core(det, b: int, frames, a) -> list[float]:
     return timed(one, seconds=a.seconds, warmup_s=a.warmup)
 
 
+def pin_torch_threads(threads: int) -> int:
+    """Give torch ``threads`` CPU threads (Ultralytics' host side); the count it then has."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def bench_ultralytics(model, imgsz: int, device: str, precision: str, b: int, frames, a):
     dev = 0 if device == "cuda" else "cpu"
     k = [0]
+    # The first predict sets up the predictor, whose select_device resets torch's threads on
+    # CPU: one untimed call first, then the budget, held before every call (torch's is global).
+    model.predict(_batch(frames, b, 0), imgsz=imgsz, conf=CONF, iou=IOU, quantize=precision,
+                  device=dev, verbose=False)
+    pin_torch_threads(a.threads)
 
     def one() -> None:
+        pin_torch_threads(a.threads)
         model.predict(
             _batch(frames, b, k[0]),
             imgsz=imgsz,
@@ -356,6 +384,7 @@ def run(a: argparse.Namespace, on_update=None) -> dict[str, Any]:
     if a.pt is None and "ultralytics" in engines:
         engines.remove("ultralytics")
     work = Path(tempfile.mkdtemp(prefix="gpu_serving_"))
+    load_start = list(os.getloadavg())
     import onnx
 
     det_model = onnx.load(str(a.onnx))
@@ -389,7 +418,13 @@ def run(a: argparse.Namespace, on_update=None) -> dict[str, Any]:
             "resize": a.resize,
             "max_candidates": a.max_candidates,
             "nms_chunk": a.nms_chunk,
+            "threads": a.threads,
+            "ort_intra_op_threads": a.threads,
+            "ort_inter_op_threads": 1,
+            "torch_threads": a.threads if "ultralytics" in engines else None,
         },
+        # [start, latest]: the end is updated after every row, so a run cut short has one too
+        "load_average_start_end": [load_start, load_start],
         "decode": decode_cost(frames, min(a.seconds, 1.0)),
         "results": rows,
         "summary": [],
@@ -419,12 +454,13 @@ def run(a: argparse.Namespace, on_update=None) -> dict[str, Any]:
         def get(kind: str, made=made, detector=detector, graph=graph):
             if kind not in made:
                 if kind == "network":
-                    made[kind] = network_session(detector, device)
+                    made[kind] = network_session(detector, device, a.threads)
                 elif kind == "serving":
                     n = a.sessions if device == "cuda" else 1
-                    made[kind] = [ServingSession(graph, device=device) for _ in range(n)]
+                    made[kind] = [ServingSession(graph, device=device, intra_op_threads=a.threads)
+                                  for _ in range(n)]
                 elif kind == "edge_core":
-                    made[kind] = edge_detector(detector, device, max(batches))
+                    made[kind] = edge_detector(detector, device, max(batches), a.threads)
                 else:
                     from ultralytics import YOLO
 
@@ -457,12 +493,15 @@ def run(a: argparse.Namespace, on_update=None) -> dict[str, Any]:
                     if engine != "serving_batched":
                         out = _row(engine, precision, b, lat)
                     out["precision"] = precision
+                    if engine == "ultralytics":  # what torch had after the row (the budget)
+                        out["torch_threads"] = pin_torch_threads(a.threads)
                 except Exception as exc:  # one engine failing must not lose the others' rows
                     logger.exception("%s failed", label)
                     errors.append(f"{label}: {type(exc).__name__}: {exc}")
                     continue
                 rows.append(out)
                 report["summary"] = summarize(rows, precisions, batches)
+                report["load_average_start_end"][1] = list(os.getloadavg())
                 if on_update is not None:
                     on_update(report)
                 logger.info(
@@ -473,6 +512,7 @@ def run(a: argparse.Namespace, on_update=None) -> dict[str, Any]:
                     time.perf_counter() - t0,
                 )
         made.clear()  # free this precision's sessions before the next
+    report["load_average_start_end"][1] = list(os.getloadavg())
     report["complete"] = True
     return report
 
@@ -505,6 +545,22 @@ def _graph_options(settings: dict[str, Any]) -> str:
     return f" · serving graph built with {', '.join(changed)}" if changed else ""
 
 
+def _budget_line(r: dict[str, Any]) -> list[str]:
+    """The host CPU budget and the load average, where the report has them (older ones not)."""
+    s = r["settings"]
+    lines = []
+    if s.get("threads") is not None:
+        torch_part = (f", torch (Ultralytics' host side) {s['torch_threads']}"
+                      if s.get("torch_threads") is not None else "")
+        lines.append(f"Host CPU threads, the same for every engine: ONNX Runtime intra-op "
+                     f"{s['ort_intra_op_threads']} (inter-op {s['ort_inter_op_threads']})"
+                     f"{torch_part}; {r['machine'].get('cpu_count')} CPUs.")
+    if r.get("load_average_start_end"):
+        start, end = (" / ".join(f"{v:.2f}" for v in x) for x in r["load_average_start_end"])
+        lines.append(f"Load average (1/5/15 min) at start {start}, at end {end}.")
+    return ["", " ".join(lines)] if lines else []
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     s = r["settings"]
     m = r["machine"]
@@ -519,6 +575,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"{s['seconds']} s per row after {s['warmup_s']} s warm-up"
             + _graph_options(s)
         ),
+        *_budget_line(r),
         "",
         (
             "End to end = decoded BGR frames in host memory → detections per frame in Python. "
@@ -603,6 +660,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cameras", type=int, default=32, help="camera threads feeding the batcher")
     p.add_argument("--sessions", type=int, default=2, help="serving sessions (CUDA streams)")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="host CPU threads of every engine: ONNX Runtime intra-op (inter-op 1) "
+                        "and torch for Ultralytics (default %(default)s)")
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -628,6 +688,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.pt = a.pt or SHARED / "models" / "atl_v2_yolo11n_gpu.pt"
     if a.onnx is None:
         p.error("--onnx is required (or --smoke)")
+    if a.threads < 1:
+        p.error("--threads must be >= 1 (every engine gets the same budget)")
     return a
 
 

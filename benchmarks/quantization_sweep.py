@@ -9,7 +9,8 @@ then for each measures:
   process with the fp32 model (so the ratios survive a busy shared CPU).
 
 Writes ``benchmarks/results/quantization_sweep.{json,md}`` and names the pick: the fastest
-config within 0.015 mAP50-95 of fp32.
+config within 0.015 mAP50-95 of fp32. Both record the load average at the start and the end
+of the run; every session has ONNX Runtime's default threads (fp32 and INT8 alike).
 
     .venv/bin/python benchmarks/quantization_sweep.py [--only tail,head] [--runs 50]
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import tempfile
@@ -209,6 +211,8 @@ def to_markdown(report: dict) -> str:
             f"per-round fp32/int8 ratio ({report['cpu']}, shared with other jobs)."
         ),
         "",
+        _load_line(report),
+        "",
         f"fp32: mAP50 **{fp['mAP50']:.3f}**, mAP50-95 **{fp['mAP50-95']:.3f}**.",
         "",
         (
@@ -249,6 +253,16 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_line(report: dict) -> str:
+    """The load average (1/5/15 min) at the start and end of the run, as recorded."""
+    start, end = report.get("load_average_start_end") or (None, None)
+
+    def fmt(v: list[float] | None) -> str:
+        return " / ".join(f"{x:.2f}" for x in v) if v else "not recorded"
+
+    return f"Load average (1/5/15 min) at start {fmt(start)}, at end {fmt(end)}."
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -267,6 +281,7 @@ def main() -> None:
     if not dataset.is_dir() or not model.is_file():
         raise SystemExit(f"needs {dataset} and {model} (../shared)")
     names = [n for n in args.only.split(",") if n] or list(CONFIGS)
+    load_start = list(os.getloadavg())  # the CPU is shared: the report says how busy it was
 
     with tempfile.TemporaryDirectory(prefix="quant-sweep-") as tmp:
         tmp = Path(tmp)
@@ -287,7 +302,9 @@ def main() -> None:
             "runs": args.runs,
             "onnxruntime": __import__("onnxruntime").__version__,
             "cpu": f"{platform.processor() or platform.machine()}, "
-            f"{__import__('os').cpu_count()} logical cores",
+            f"{os.cpu_count()} logical cores",
+            "ort_intra_op_threads": "default (every session alike)",
+            "load_average_start_end": [load_start, None],  # the end once the run is done
             "fp32": {"mAP50": fp_map50, "mAP50-95": fp_map},
             "results": [],
         }
@@ -319,6 +336,7 @@ def main() -> None:
         for row in report["results"]:
             row.update(lat[row["name"]])
         report["chosen"] = pick(report["results"], fp_map)
+        report["load_average_start_end"][1] = list(os.getloadavg())
         out_json.write_text(json.dumps(report, indent=2))
         (args.out_dir / "quantization_sweep.md").write_text(to_markdown(report))
         print(to_markdown(report))

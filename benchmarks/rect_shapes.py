@@ -13,13 +13,15 @@ alternating frame by frame.
 
     python -m benchmarks.rect_shapes --out benchmarks/results
 
-Writes ``<out>/rect_shapes.json`` and ``<out>/rect_shapes.md``.
+Writes ``<out>/rect_shapes.json`` and ``<out>/rect_shapes.md``, each with the load average
+at the start and the end of the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -40,6 +42,7 @@ from roadloop.models.training import configure_ultralytics
 from roadloop.settings import get_settings
 
 SHAPES = ((320, 320), (192, 320))
+THREADS = 1  # ONNX Runtime intra-op (and inter-op) threads of both detectors
 
 
 def crop_16_9(images: list[Path], out: Path) -> None:
@@ -67,7 +70,8 @@ def crop_16_9(images: list[Path], out: Path) -> None:
 
 
 def time_detectors(models: dict[str, Path], video: Path, frames: int) -> dict[str, dict]:
-    dets = {k: OnnxDetector(p, intra_op_threads=1, inter_op_threads=1) for k, p in models.items()}
+    dets = {k: OnnxDetector(p, intra_op_threads=THREADS, inter_op_threads=THREADS)
+            for k, p in models.items()}
     cap = cv2.VideoCapture(str(video))
     times: dict[str, list[float]] = {k: [] for k in models}
     n = 0
@@ -93,6 +97,7 @@ def time_detectors(models: dict[str, Path], video: Path, frames: int) -> dict[st
 def run(pt: Path, out: Path, frames: int) -> dict:
     shared = get_settings().shared_dir
     ds = shared / "datasets" / "atl_v2"
+    load_start = os.getloadavg()  # the CPU may be shared: the report says how busy it was
     with tempfile.TemporaryDirectory(prefix="rect-shapes-") as tmp_s:
         tmp = Path(tmp_s)
         configure_ultralytics(tmp / "ultralytics")
@@ -117,9 +122,13 @@ def run(pt: Path, out: Path, frames: int) -> dict:
         gated = gate_int8_per_shape(pairs, data_yaml, GateConfig(), split="test")
         videos = sorted((shared / "videos").glob("*.mp4"))
         speed = time_detectors({k: v[1] for k, v in pairs.items()}, videos[0], frames)
+    load_end = os.getloadavg()
     report = {
         "checkpoint": pt.name,
         "eval_frames": len(ev),
+        "cpu_count": os.cpu_count(),
+        "ort_threads": {"intra_op": THREADS, "inter_op": THREADS},
+        "load_average_start_end": [list(load_start), list(load_end)],
         "shapes": {
             label: {
                 "fp32_map50_95": res.rows[0].metrics.map50_95,
@@ -157,6 +166,10 @@ def markdown(r: dict) -> str:
                      f"{s['int8_map50']:.4f} | {'pass' if s['gate_passed'] else 'FAIL'} | "
                      f"{sp['median_ms']:.1f} | {sp['fps']:.1f} |")
     lines += ["", *[f"- {s['gate']}: {s['gate_description']}" for s in r["shapes"].values()], ""]
+    if r.get("load_average_start_end"):
+        start, end = (" / ".join(f"{v:.2f}" for v in x) for x in r["load_average_start_end"])
+        lines += [(f"Load average (1/5/15 min) at start {start}, at end {end} "
+                   f"({r.get('cpu_count', '?')} CPUs)."), ""]
     return "\n".join(lines)
 
 

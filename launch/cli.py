@@ -196,7 +196,10 @@ def demo(
 
 @app.command()
 def serve() -> None:
-    """Start the Dagster UI (with its daemon) and the MLflow UI on the local storage."""
+    """Start the Dagster UI (with its daemon), MLflow UI, fleet gateway and FiftyOne App.
+
+    All on the local storage; Ctrl-C (or SIGTERM) stops them all; logs under <home>/logs.
+    """
     settings = get_settings()
     env = _export_env(settings)
     settings.ensure_dirs()

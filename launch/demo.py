@@ -3,22 +3,29 @@
 An entry point: it starts a local fleet (``launch.localfleet``), then materializes the code
 location's jobs in-process. ``launch.cli`` imports it only when ``demo`` runs, so other
 commands do not load Dagster.
+
+Every run, finished or stopped part-way, leaves its stage times (with the load average at
+start and end, the flags it ran with, the CPU count and the date) in
+``demo_timings.{json,md}`` beside the before/after report (``launch.demo_before_after``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from launch.demo_traffic import TrafficOutcome, configure_cameras, materialize_report, preview
 from launch.drift_turn import DriftTurnOutcome, prepare_streams, run_drift_turn, start_camera
 from launch.federated_turn import FederatedTurnOutcome, run_federated_turn
 from launch.localfleet import LocalFleet
-from roadloop.fsutil import sha256_file
+from roadloop.fsutil import sha256_file, write_text_atomic
 from roadloop.models.tracking import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Tracker
 from roadloop.settings import get_settings
 
@@ -40,6 +47,8 @@ class LoopOutcome:
     review_queue: int = 0
     # wall seconds per demo stage, in order (a stage that failed still has its time)
     timings: dict[str, float] = field(default_factory=dict)
+    failed_stage: str | None = None  # the stage an exception left, if one did
+    timings_files: list[str] = field(default_factory=list)  # demo_timings.{json,md}
     review_turns: list[dict] = field(default_factory=list)
     drift: DriftTurnOutcome | None = None
     federated: FederatedTurnOutcome | None = None
@@ -55,6 +64,9 @@ class LoopOutcome:
         t0 = time.monotonic()
         try:
             yield
+        except BaseException:
+            self.failed_stage = stage
+            raise
         finally:
             self.timings[stage] = round(time.monotonic() - t0, 1)
             log.info("stage %s took %.1f s", stage, self.timings[stage])
@@ -101,7 +113,8 @@ class LoopOutcome:
             lines.append("  before/after the loop (" + ", ".join(self.before_after_files) + "):")
             lines += [f"    {line}" for line in self.before_after]
         if self.timings:
-            lines.append("  stage times (s): " + ", ".join(f"{k}={v:.0f}" for k, v in self.timings.items()))
+            lines.append("  stage times (s): " + ", ".join(f"{k}={v:.0f}" for k, v in self.timings.items())
+                         + (f" ({', '.join(self.timings_files)})" if self.timings_files else ""))
         lines.append(f"  result: {'success' if self.success else 'FAILED'}")
         return "\n".join(lines)
 
@@ -146,6 +159,87 @@ def stream_videos_through_agents(fleet: LocalFleet, frames_per_agent: int) -> di
     return fleet.wait_agents(timeout_s=900, agents=started)
 
 
+TIMINGS_NAME = "demo_timings"
+
+
+def demo_timings_record(
+    timings: dict[str, float],
+    *,
+    flags: dict,
+    started_at: datetime,
+    finished_at: datetime,
+    wall_s: float,
+    load_start: tuple[float, ...] | list[float],
+    load_end: tuple[float, ...] | list[float],
+    success: bool,
+    error: str | None = None,
+    failed_stage: str | None = None,
+) -> dict:
+    """What ``demo_timings.json`` holds: the stages that ran, in order, and under what."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on every platform
+        usable = None
+    return {
+        "date": started_at.date().isoformat(),
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "finished_at": finished_at.isoformat(timespec="seconds"),
+        "complete": error is None,  # False: stopped part-way; the stages below are what ran
+        "success": bool(success and error is None),
+        "error": error,
+        "failed_stage": failed_stage,
+        "flags": dict(flags),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "load_average_start": [round(v, 2) for v in load_start],
+        "load_average_end": [round(v, 2) for v in load_end],
+        "stages_s": dict(timings),
+        "stages_total_s": round(sum(timings.values()), 1),
+        "wall_s": round(wall_s, 1),
+    }
+
+
+def demo_timings_markdown(record: dict) -> str:
+    def loads(v: list[float]) -> str:
+        return " / ".join(f"{x:.2f}" for x in v)
+
+    if record["complete"]:
+        result = "success" if record["success"] else "FAILED (ran to the end)"
+    else:
+        result = f"stopped part-way: {record['error']}"
+        if record.get("failed_stage"):
+            result += f" (in stage `{record['failed_stage']}`)"
+    flags = ", ".join(f"{k}={v}" for k, v in record["flags"].items())
+    lines = [
+        "# Demo stage timings",
+        "",
+        (f"{record['started_at']} → {record['finished_at']} · {record['cpu_count']} CPUs"
+         + (f" ({record['cpus_usable']} usable)" if record.get("cpus_usable") else "")
+         + f" · result: {result}"),
+        "",
+        f"Flags: {flags}.",
+        "",
+        (f"Load average (1/5/15 min) at start {loads(record['load_average_start'])}, "
+         f"at end {loads(record['load_average_end'])}."),
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *(f"| {stage} | {s:.1f} |" for stage, s in record["stages_s"].items()),
+        f"| sum of the stages | {record['stages_total_s']:.1f} |",
+        f"| whole run (wall, set-up included) | {record['wall_s']:.1f} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_demo_timings(folder: Path, record: dict) -> tuple[Path, Path]:
+    """``folder/demo_timings.json`` and ``.md``, each written atomically."""
+    json_path, md_path = folder / f"{TIMINGS_NAME}.json", folder / f"{TIMINGS_NAME}.md"
+    write_text_atomic(json_path, json.dumps(record, indent=2) + "\n", parents=True)
+    write_text_atomic(md_path, demo_timings_markdown(record), parents=True)
+    return json_path, md_path
+
+
 def run_demo_loop(
     frames_per_camera: int = 40,
     frames_per_agent: int = 150,
@@ -160,14 +254,68 @@ def run_demo_loop(
     FiftyOne. Each of ``review_turns`` closes the loop once more: the simulated annotator
     reviews ``reviews_per_turn`` queued frames, ``review_import`` cuts a new dataset version
     and the learning loop trains, gates and (when the checks pass) promotes again.
+
+    The stage times go to ``demo_timings.{json,md}`` however the run ends (an exception too:
+    then with the stages that ran).
     """
+    outcome = LoopOutcome(success=True)
+    flags = {
+        "drift_turn": drift_turn,
+        "federated_turn": federated_turn,
+        "review_turns": review_turns,
+        "reviews_per_turn": reviews_per_turn,
+        "frames_per_camera": frames_per_camera,
+        "frames_per_agent": frames_per_agent,
+        "profile": get_settings().profile,
+    }
+    started_at, t0, load_start = datetime.now(UTC), time.monotonic(), os.getloadavg()
+    error: str | None = None
+    try:
+        _demo_loop(outcome, frames_per_camera, frames_per_agent, review_turns, reviews_per_turn,
+                   drift_turn, federated_turn)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        raise
+    finally:
+        _save_timings(outcome, flags, started_at, time.monotonic() - t0, load_start, error)
+    return outcome
+
+
+def _save_timings(outcome: LoopOutcome, flags: dict, started_at: datetime, wall_s: float,
+                  load_start: tuple[float, ...], error: str | None) -> None:
+    """The stage times beside the before/after report; never the reason a run fails."""
+    try:
+        from launch.demo_before_after import reports_dir
+
+        record = demo_timings_record(
+            outcome.timings, flags=flags, started_at=started_at, finished_at=datetime.now(UTC),
+            wall_s=wall_s, load_start=load_start, load_end=os.getloadavg(),
+            success=outcome.success, error=error, failed_stage=outcome.failed_stage,
+        )
+        paths = write_demo_timings(reports_dir(get_settings()), record)
+    except Exception:  # a run's own error (if any) must stay the one raised
+        log.exception("demo stage timings not written")
+        return
+    outcome.timings_files = [str(p) for p in paths]
+    log.info("demo stage timings: %s", ", ".join(outcome.timings_files))
+
+
+def _demo_loop(
+    outcome: LoopOutcome,
+    frames_per_camera: int,
+    frames_per_agent: int,
+    review_turns: int,
+    reviews_per_turn: int,
+    drift_turn: bool,
+    federated_turn: bool,
+) -> None:
+    """The demo's stages, in order, recorded on ``outcome`` (see ``run_demo_loop``)."""
     import dagster as dg
 
     from definitions import defs
 
     settings = get_settings()
     instance = dg.DagsterInstance.get()
-    outcome = LoopOutcome(success=True)
 
     from roadloop.release.signing import load_or_create_signing_key
 
@@ -225,7 +373,6 @@ def run_demo_loop(
     if outcome.production or outcome.candidate:
         with outcome.timed("before_after_table"):
             _before_after(defs, settings, outcome)
-    return outcome
 
 
 def _before_after(defs, settings, outcome: LoopOutcome) -> None:
