@@ -150,7 +150,7 @@ def settings() -> None:
 
 @app.command()
 def demo(
-    serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the Dagster and MLflow UIs afterwards."),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="Afterwards start the UIs and services of `roadloop serve` (Dagster with its daemon, MLflow, the gateway, the FiftyOne App)."),
     profile: str = typer.Option("demo", help="Resource profile: demo | test | default."),
     frames_per_camera: int = typer.Option(40, help="Frames replayed per labelled-dataset camera."),
     frames_per_agent: int = typer.Option(150, help="Video frames each demo edge agent processes."),
