@@ -89,8 +89,19 @@ def benchmark_report(
     mlflow: MlflowResource,
     artifacts: ArtifactStoreResource,
 ) -> dg.Output[BenchmarkReportFiles]:
-    tracker = mlflow.tracker()
     version = trained_model.model_version
+    # nightly_benchmark_job materializes this asset alone: the ONNX/INT8 inputs are whatever
+    # onnx_model/quantized_model materialized last, which may be another version's files.
+    stale = {name: v for name, v in (("onnx_model", onnx_model.model_version),
+                                     ("quantized_model", quantized_model.model_version))
+             if v != version}
+    if stale:
+        raise dg.Failure(
+            f"cannot benchmark v{version}: "
+            + ", ".join(f"{name} is v{v}" for name, v in stale.items())
+            + f", not v{version} (materialize them for v{version} first)"
+        )
+    tracker = mlflow.tracker()
     work = artifacts.path("benchmarks", version)
     dataset_dir = curated_dataset.dataset.path
 
@@ -308,17 +319,34 @@ def production_model(
     trained_model: TrainedModelVersion,
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
+    version = trained_model.model_version
+    if benchmark_report.candidate_version != version:
+        # e.g. the latest report judged vN and a later trained_model (vM) failed before its own
+        # report: that verdict says nothing about vM.
+        raise dg.Failure(
+            f"not promoting v{version}: the latest benchmark report judged "
+            f"v{benchmark_report.candidate_version}, not v{version}"
+        )
     failed = [g.name for g in benchmark_report.gates if not g.passed]
     if failed:  # the blocking checks stop this asset first; this guards manual launches too
-        raise dg.Failure(f"not promoting v{trained_model.model_version}: gates failed: {', '.join(failed)}")
+        raise dg.Failure(f"not promoting v{version}: gates failed: {', '.join(failed)}")
+    tracker = mlflow.tracker()
+    try:  # benchmark_report tags the version with its verdict (_link_version)
+        checks = tracker.get_version(trained_model.registered_name, version).tags.get("checks")
+    except MlflowException as exc:
+        raise dg.Failure(f"not promoting v{version}: cannot read it from the registry ({exc})") from exc
+    if checks != "passed":
+        raise dg.Failure(
+            f"not promoting v{version}: its registry tag checks is {checks or 'unset'}, not "
+            "passed (benchmark_report did not pass it)"
+        )
     floor = next((g for g in benchmark_report.gates if g.name == "minimum_quality"), None)
     floor_note = floor.description if floor is not None else "not evaluated (an older report)"
     if floor is not None and floor.measured.get("floor", "standard") != "standard":
         context.log.warning(f"promoting v{trained_model.model_version} under a relaxed quality "
                             f"floor: {floor.description}")
-    tracker = mlflow.tracker()
     previous = tracker.version_by_alias(trained_model.registered_name, PRODUCTION_ALIAS)
-    tracker.set_alias(trained_model.registered_name, PRODUCTION_ALIAS, trained_model.model_version)
+    tracker.set_alias(trained_model.registered_name, PRODUCTION_ALIAS, version)
     context.log.info(
         f"production: {f'v{previous.version}' if previous else 'none'} -> v{trained_model.model_version}"
     )

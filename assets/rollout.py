@@ -1,14 +1,18 @@
 """``model_rollout``: the promoted model's INT8 ONNX, signed and rolled out to the fleet."""
 
+from typing import Any
+
 import dagster as dg
 
 from resources import MlflowResource
 from resources.fleet_resource import FleetError, FleetResource, FleetUnavailable, stages_markdown
+from roadloop.fsutil import sha256_file
+from roadloop.models.quantize import QuantizedModelInfo
 from roadloop.models.tracking import PRODUCTION_ALIAS
 
 from . import groups
 from .evaluation import production_model
-from .records import QuantizedModelVersion, TrainedModelVersion
+from .records import QuantizedModelVersion, TrainedModelVersion, parse_label
 
 
 @dg.asset(
@@ -38,6 +42,20 @@ def model_rollout(
         )
     if quantized_model.model_version != version:
         raise dg.Failure(f"INT8 model is v{quantized_model.model_version}, expected v{version}")
+    # The bytes signed must be the ones quantized, gated and benchmarked: quantized_model
+    # recorded each file's SHA-256 when it wrote it.
+    recorded = {(trained_model.imgsz, trained_model.imgsz): quantized_model.info,
+                **{parse_label(label): info for label, info in quantized_model.variants.items()}}
+    for info in recorded.values():
+        try:
+            actual = sha256_file(info.path)
+        except OSError as exc:
+            raise dg.Failure(f"cannot roll out v{version}: cannot read {info.path} ({exc})") from exc
+        if actual != info.sha256:
+            raise dg.Failure(
+                f"cannot roll out v{version}: {info.path} has SHA-256 {actual}, not the "
+                f"{info.sha256} quantized_model recorded (the file changed since it was gated)"
+            )
     try:
         published = fleet.publish(
             model_version=version,
@@ -48,6 +66,7 @@ def model_rollout(
             input_shape=(trained_model.imgsz, trained_model.imgsz),
             variants=quantized_model.variant_files() or None,
         )
+        _check_signed_hashes(version, published["manifest"], recorded)
         rollout = fleet.create_rollout(published["manifest_sha256"])
     except FleetUnavailable as exc:
         raise dg.Failure(f"cannot roll out v{version}: {exc}") from exc
@@ -83,3 +102,21 @@ def model_rollout(
             "previous_model_version": rollout.get("previous_model_version") or "none",
         }
     )
+
+
+def _check_signed_hashes(version: str, manifest: dict[str, Any],
+                         recorded: dict[tuple[int, int], QuantizedModelInfo]) -> None:
+    """Refuse, before a rollout starts, unless the signed manifest names exactly the SHA-256
+    quantized_model recorded for each shape: a file may change between the check above and
+    its hashing into the manifest (the gateway checks the uploaded bytes against the manifest)."""
+    signed = {tuple(manifest.get("input_shape") or ()): manifest.get("sha256")}
+    signed |= {tuple(v["input_shape"]): v.get("sha256") for v in manifest.get("variants", [])}
+    expected = {shape: info.sha256 for shape, info in recorded.items()}
+    if signed != expected:
+        wrong = sorted("x".join(map(str, shape)) or "?" for shape in set(signed) | set(expected)
+                       if signed.get(shape) != expected.get(shape))
+        raise dg.Failure(
+            f"cannot roll out v{version}: the signed manifest's SHA-256 at {', '.join(wrong)} is "
+            "not the one quantized_model recorded (a file changed while it was published); "
+            "no rollout was started"
+        )

@@ -579,6 +579,7 @@ def test_model_rollout_asset_and_health_sensor(live_gateway: tuple[str, str, Pat
     from assets.rollout import model_rollout
     from resources import MlflowResource
     from resources.fleet_resource import FleetResource
+    from roadloop.fsutil import sha256_file
     from roadloop.models.quantize import QuantConfig, QuantizedModelInfo
     from roadloop.models.tracking import PRODUCTION_ALIAS
     from sensors.rollout_health import rollout_health_sensor
@@ -597,9 +598,9 @@ def test_model_rollout_asset_and_health_sensor(live_gateway: tuple[str, str, Pat
     wide = tmp_path / "model.192x320.int8.onnx"
     wide.write_bytes(os.urandom(3000))
 
-    def info(path: Path) -> QuantizedModelInfo:
+    def info(path: Path) -> QuantizedModelInfo:  # the hash model_rollout checks the file against
         return QuantizedModelInfo(
-            path=path, sha256="0" * 64, size_bytes=path.stat().st_size, fp32_path=path,
+            path=path, sha256=sha256_file(path), size_bytes=path.stat().st_size, fp32_path=path,
             fp32_sha256="0" * 64, excluded_nodes=0, quantized_nodes=0, calibration_frames=0,
             config=QuantConfig())
 

@@ -24,10 +24,14 @@ Gates (all on ``GateConfig.primary_test_set``, mAP50-95 from Ultralytics val):
   back like the comparison). Classes with fewer boxes are reported, not gated. A relaxed
   floor (the demo's) says so in its description and metadata, with the verdict the standard
   floor would have given.
+
+A figure that is not a finite number (NaN, which a comparison never fails on, or infinity) in
+a row a gate reads fails that gate: it cannot judge it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -131,6 +135,23 @@ class GateOutcome(BaseModel):
     measured: dict[str, float | str] = Field(default_factory=dict)
 
 
+def _non_finite(m: DetectionMetrics, label: str) -> list[str]:
+    """The figures of ``m`` the gates read (mAP, recall, per-class AP) that are not finite
+    numbers, as ``"<label> <figure> <value>"``; empty when all are."""
+    figures: dict[str, float] = {"mAP50": m.map50, "mAP50-95": m.map50_95, "recall": m.recall}
+    figures |= {f"{cls} AP50": v for cls, v in m.per_class_ap50.items()}
+    figures |= {f"{cls} AP50-95": v for cls, v in m.per_class_ap50_95.items()}
+    return [f"{label} {k} {v}" for k, v in figures.items() if not math.isfinite(v)]
+
+
+def _cannot_judge(name: str, what: str, bad: list[str], measured: dict[str, float | str]) -> GateOutcome:
+    return GateOutcome(
+        name=name, passed=False,
+        description=f"Cannot judge {what}: figures that are not finite numbers: {', '.join(bad)}.",
+        measured={**measured, "non_finite": ", ".join(bad)},
+    )
+
+
 def _has_model(results: BenchmarkResults, model: str) -> bool:
     return model in results.models or any(r.model == model for r in results.rows)
 
@@ -162,6 +183,9 @@ def check_candidate_vs_production(results: BenchmarkResults, cfg: GateConfig) ->
         )
     cand, prod = results.get(CANDIDATE, fmt, ts), results.get(PRODUCTION, fmt, ts)
     assert cand is not None and prod is not None
+    if bad := _non_finite(cand, "candidate") + _non_finite(prod, "production"):
+        return _cannot_judge(name, "the comparison", bad,
+                             {"format": fmt, "test_set": ts, "tolerance_map50_95": tol})
     delta = cand.map50_95 - prod.map50_95
     passed = delta >= -tol - _EPS
     label = FORMAT_LABELS.get(fmt, fmt)
@@ -198,7 +222,7 @@ def _judge_floor(m: DetectionMetrics, floor: QualityFloor) -> tuple[bool, list[s
         support = m.per_class_instances.get(cls)
         if support is None or support < floor.min_class_support:
             thin.append(cls)
-        elif ap50 < floor.min_class_ap50 - _EPS:
+        elif not ap50 >= floor.min_class_ap50 - _EPS:  # NaN fails
             failed.append(cls)
     return m.map50 >= floor.min_map50 - _EPS and not failed, failed, thin
 
@@ -224,6 +248,8 @@ def check_minimum_quality(results: BenchmarkResults, cfg: GateConfig) -> GateOut
         )
     m = results.get(CANDIDATE, fmt, ts)
     assert m is not None
+    if bad := _non_finite(m, "candidate"):
+        return _cannot_judge(name, "quality", bad, {**measured, "format": fmt})
     passed, failed, thin = _judge_floor(m, floor)
     measured.update({"format": fmt, "candidate_map50": m.map50,
                      "candidate_map50_95": m.map50_95, "candidate_recall": m.recall})
@@ -267,7 +293,9 @@ def check_minimum_quality(results: BenchmarkResults, cfg: GateConfig) -> GateOut
 
 def _drop(ref: float, new: float) -> tuple[float, float]:
     """(points lost, per cent of ``ref`` lost); a gain is a negative loss, and nothing to lose
-    (``ref`` <= 0) is 0 %."""
+    (``ref`` <= 0) is 0 %. A figure that is not finite gives NaN for both."""
+    if not (math.isfinite(ref) and math.isfinite(new)):
+        return math.nan, math.nan
     points = (ref - new) * 100.0
     pct = (ref - new) / ref * 100.0 if ref > 0 else 0.0
     return points, pct
@@ -278,15 +306,16 @@ def int8_class_drops(
 ) -> list[dict[str, Any]]:
     """Per class (ground truth in the split): reference and INT8 AP50-95, support, drop in points
     and per cent, whether it is gated (support >= ``int8_class_min_instances``; unknown support
-    is not gated) and whether it fails a limit. Classes the INT8 file has no AP for count as 0."""
+    is not gated) and whether it fails a limit. Classes the INT8 file has no AP for count as 0;
+    a drop that is not a finite number (a NaN AP) fails a gated class."""
     rows = []
     for c, ref_ap in ref.per_class_ap50_95.items():
         new_ap = int8.per_class_ap50_95.get(c, 0.0)
         n = ref.per_class_instances.get(c)
         points, pct = _drop(ref_ap, new_ap)
         gated = n is not None and n >= cfg.int8_class_min_instances
-        over = (
-            points > cfg.int8_class_max_drop_points + _EPS or pct > cfg.int8_class_max_drop_pct + _EPS
+        over = not (  # NaN fails
+            points <= cfg.int8_class_max_drop_points + _EPS and pct <= cfg.int8_class_max_drop_pct + _EPS
         )
         rows.append(
             {"class": c, "instances": n, "reference_ap50_95": ref_ap, "int8_ap50_95": new_ap,
@@ -319,6 +348,8 @@ def check_int8_drop(results: BenchmarkResults, cfg: GateConfig) -> GateOutcome:
         )
     ref = results.get(CANDIDATE, ref_fmt, ts)
     assert ref is not None
+    if bad := _non_finite(ref, FORMAT_LABELS[ref_fmt]) + _non_finite(int8, "INT8 ONNX"):
+        return _cannot_judge(name, "quantization", bad, {**limits, "reference_format": ref_fmt})
     drop_points, rel = _drop(ref.map50_95, int8.map50_95)
     classes = int8_class_drops(ref, int8, cfg)
     failures = []
@@ -374,6 +405,12 @@ def check_latency_budget(results: BenchmarkResults, cfg: GateConfig) -> GateOutc
             passed=False,
             description=f"Cannot judge latency: no INT8 ONNX latency at batch {b} for the candidate.",
             measured={"batch": float(b), "budget_p95_ms": budget},
+        )
+    if not math.isfinite(lat.p95_ms):
+        return GateOutcome(
+            name=name, passed=False,
+            description=f"Cannot judge latency: the INT8 ONNX P95 at batch {b} is {lat.p95_ms}.",
+            measured={"batch": float(b), "budget_p95_ms": budget, "non_finite": f"p95_ms {lat.p95_ms}"},
         )
     passed = lat.p95_ms <= budget + _EPS
     desc = f"INT8 ONNX P95 latency at batch {b}: {lat.p95_ms:.1f} ms, budget {budget:.1f} ms: " + (

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 #: Model formats a :class:`ModelSet` may hold, in report order.
 FORMATS: tuple[str, ...] = ("pytorch", "onnx_fp32", "onnx_int8")
@@ -41,7 +41,12 @@ class DetectionMetrics(BaseModel):
     ``per_class_instances[c]`` is the number of labelled boxes of class ``c`` in the split (the
     support of its AP; the minimum-quality gate judges a class only with enough of them).
     Empty in results written before it was recorded.
+
+    Every figure is a finite number: a NaN (or infinity) is refused here, since the gates
+    cannot judge it and JSON would carry it as ``null``, which does not load back.
     """
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     map50: float
     map50_95: float

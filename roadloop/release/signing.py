@@ -129,12 +129,19 @@ def build_manifest(
     *,
     input_shape: tuple[int, int] | None = None,
     variants: Mapping[tuple[int, int], Path] | None = None,
+    expected_sha256: str | None = None,
+    expected_variant_sha256: Mapping[tuple[int, int], str] | None = None,
 ) -> dict[str, Any]:
     """An unsigned manifest for ``onnx_path`` (``sign_manifest`` adds key_id + signature).
 
     ``input_shape`` is ``onnx_path``'s ``(h, w)`` (long side ``input_size``); ``variants`` maps
     other ``(h, w)`` shapes to their files of the same model, each recorded with its SHA-256
-    and size (``edge_agent.manifest``: the signature covers them)."""
+    and size (``edge_agent.manifest``: the signature covers them).
+
+    ``expected_sha256`` (and ``expected_variant_sha256``, then one per variant shape): the
+    SHA-256 the file had when it was made and evaluated; a file whose hash differs is refused
+    (``InvalidInputError``). The hash compared is the one written into the manifest, so
+    nothing can change the file between the check and the hashing."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise InvalidInputError(onnx_path, "model file not found")
@@ -159,21 +166,35 @@ def build_manifest(
             hw = [int(v) for v in shape]
             if len(hw) != 2 or min(hw) <= 0 or hw == extra.get("input_shape"):
                 raise ValueError(f"variant shape {shape} must be a new (h, w)")
+            want = None
+            if expected_variant_sha256 is not None:
+                if shape not in expected_variant_sha256:
+                    raise ValueError(f"variant shape {shape} has no expected SHA-256")
+                want = expected_variant_sha256[shape]
             extra["variants"].append({"input_shape": hw, "file": path.name,
-                                      "sha256": sha256_file(path), "size": path.stat().st_size})
+                                      "sha256": _hash_checked(path, want),
+                                      "size": path.stat().st_size})
     return {
         **extra,
         "manifest_version": MANIFEST_VERSION,
         "model_version": str(model_version),
         "rollout_id": rollout_id or new_rollout_id(),
         "file": onnx_path.name,
-        "sha256": sha256_file(onnx_path),
+        "sha256": _hash_checked(onnx_path, expected_sha256),
         "size": onnx_path.stat().st_size,
         "input_size": int(input_size),
         "class_names": list(class_names),
         "format": fmt,
         "created_at": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
     }
+
+
+def _hash_checked(path: Path, expected: str | None) -> str:
+    digest = sha256_file(path)
+    if expected is not None and digest != expected.lower():
+        raise InvalidInputError(path, f"SHA-256 {digest} is not the expected {expected}: the "
+                                      "file changed since it was made")
+    return digest
 
 
 def sign_manifest(manifest: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
