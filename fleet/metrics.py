@@ -8,13 +8,16 @@ Three sources, every label set bounded:
   status code; a latency histogram by method and route. Never a raw path, id or token.
 * intake counters bumped where the work is done (frames and bytes stored, traffic records),
   and the gateway's own event counters (``Gateway.stats``, names fixed in the code).
-* fleet state read from the database at scrape time (``FleetCollector``): per enrolled
-  camera its last heartbeat (the gateway's receive time), fps, detector P50/P95 latency and
-  outbox depth; devices by status; rollouts by status and the stage and health of the open
-  ones. Per-camera series are bounded by the number of enrolled cameras, per-rollout series
-  by the number of active or paused rollouts; drift series (``fleet.drift``) by the cameras
-  times a fixed set of metric names; being read from the database, they are the
-  same from any worker and survive a restart.
+* fleet state read from the database at scrape time (``FleetCollector``): per live camera
+  (one with an active, not revoked device: a camera in maintenance or retired has no
+  per-camera series, so it does not alert) when the gateway last heard from it
+  (``Device.last_seen_at``, the gateway's clock; kept when retention deletes heartbeats) and
+  the fps, detector P50/P95 latency, outbox depth and problems of its latest heartbeat (latest
+  as the gateway received them: ``latest_heartbeat``); devices by status; rollouts by status
+  and the stage and health of the open ones. Per-camera series are bounded by the number of
+  enrolled cameras, per-rollout series by the number of active or paused rollouts; drift
+  series (``fleet.drift``) by the cameras times a fixed set of metric names; being read from
+  the database, they are the same from any worker and survive a restart.
 
 Access: with ``metrics_token`` set, ``/metrics`` needs ``Authorization: Bearer <token>``
 (a scrape-only secret: Prometheus never holds a token that can write); without one it
@@ -36,6 +39,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
@@ -51,9 +55,18 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from starlette.routing import compile_path
 
-from fleet.db import CameraDriftRow, Database, Device, HeartbeatRow, RolloutRow, RolloutStatus
+from fleet.db import (
+    CameraDriftRow,
+    Database,
+    Device,
+    DeviceStatus,
+    HeartbeatRow,
+    RolloutRow,
+    RolloutStatus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -251,8 +264,45 @@ CAMERA_PROBLEMS = ("config_error", "traffic_error", "redaction_error", "redactio
 PROBLEM_FIELDS = {"redaction_gap": "redaction_gaps"}
 
 
+# How far (by the agent's clock) before the camera's newest plausible heartbeat
+# ``latest_heartbeat`` looks for the one the gateway received last.
+LATEST_BAND = timedelta(hours=1)
+
+
+def latest_heartbeat(session: Session, camera_id: str,
+                     last_seen: datetime | None = None) -> HeartbeatRow | None:
+    """The camera's heartbeat the gateway received last (``received_at``, then ``id``), or None.
+
+    Not the greatest ``sent_at``: that is the agent's clock, and one heartbeat sent up to a day
+    ahead (accepted: ``fleet.bounds.CLOCK_SKEW``) would stay "the latest" until that day came,
+    freezing the camera's gauges. Only the ``sent_at`` index exists, so the search is bounded
+    by it: among the heartbeats sent at or after ``LATEST_BAND`` before the newest one whose
+    ``sent_at`` is not after ``last_seen`` (when the gateway last heard from the camera; read
+    from ``Device.last_seen_at`` when not given) -- the recent ones and any dated ahead, an
+    hour of heartbeats as a rule, whatever the agent's clock offset. What it can miss: a
+    heartbeat dated over ``LATEST_BAND`` before one received earlier, i.e. the camera's agent
+    clock went back by more than that (set back while running, or a re-enrolled device's
+    clock behind the old one's): its gauges stay those of the last heartbeat before the jump
+    until the new heartbeats are dated past it. ``last_seen`` (the silence series) is right
+    all along."""
+    of_camera = HeartbeatRow.camera_id == camera_id
+    if last_seen is None:
+        last_seen = session.scalar(
+            select(func.max(Device.last_seen_at)).where(Device.camera_id == camera_id))
+    q = select(HeartbeatRow).where(of_camera)
+    if last_seen is not None:
+        anchor = session.scalar(
+            select(HeartbeatRow.sent_at).where(of_camera, HeartbeatRow.sent_at <= last_seen)
+            .order_by(HeartbeatRow.sent_at.desc()).limit(1))
+        # No heartbeat sent by then: all are dated ahead of it, all are in the band.
+        q = q.where(HeartbeatRow.sent_at >= (anchor or last_seen) - LATEST_BAND)
+    return session.scalars(
+        q.order_by(HeartbeatRow.received_at.desc(), HeartbeatRow.id.desc()).limit(1)).first()
+
+
 class FleetCollector(Collector):
-    """Fleet state from the database, read at each scrape (one indexed query per camera)."""
+    """Fleet state from the database, read at each scrape (two indexed queries per live
+    camera, ``latest_heartbeat``)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -270,7 +320,8 @@ class FleetCollector(Collector):
     def _collect(self) -> Iterator[Any]:
         last = GaugeMetricFamily(
             "roadloop_camera_last_heartbeat_timestamp_seconds",
-            "When the gateway received the camera's latest heartbeat (Unix time).",
+            "When the gateway last heard from the camera (a heartbeat, frame or traffic "
+            "record; the gateway's clock, Unix time); live cameras only.",
             labels=["camera_id"])
         fps = GaugeMetricFamily("roadloop_camera_fps", "Frames/s in the latest heartbeat.",
                                 labels=["camera_id"])
@@ -321,14 +372,21 @@ class FleetCollector(Collector):
             for status, n in session.execute(
                     select(Device.status, func.count()).group_by(Device.status)):
                 devices.add_metric([str(status)], n)
-            cameras = sorted(set(session.scalars(select(Device.camera_id).distinct())))
-            for camera_id in cameras:
-                row = session.scalars(
-                    select(HeartbeatRow).where(HeartbeatRow.camera_id == camera_id)
-                    .order_by(HeartbeatRow.sent_at.desc()).limit(1)).first()
-                if row is None:
+            live: set[str] = set()  # cameras with an active, not revoked device
+            heard: dict[str, datetime] = {}  # camera -> when any of its devices was last heard
+            for camera_id, status, revoked_at, seen in session.execute(select(
+                    Device.camera_id, Device.status, Device.revoked_at, Device.last_seen_at)):
+                if status == DeviceStatus.active.value and revoked_at is None:
+                    live.add(camera_id)
+                if seen is not None and (camera_id not in heard or seen > heard[camera_id]):
+                    heard[camera_id] = seen
+            for camera_id in sorted(live):
+                if camera_id not in heard:  # never heard from: no series (nothing to compare)
                     continue
-                last.add_metric([camera_id], row.received_at.timestamp())
+                last.add_metric([camera_id], heard[camera_id].timestamp())
+                row = latest_heartbeat(session, camera_id, heard[camera_id])
+                if row is None:  # none yet, or retention deleted them
+                    continue
                 if row.fps is not None:
                     fps.add_metric([camera_id], row.fps)
                 if row.latency_p95_ms is not None:
@@ -360,6 +418,8 @@ class FleetCollector(Collector):
                         healthy.add_metric([ro.rollout_id, name, v], float(v == verdict))
             for report in session.scalars(select(CameraDriftRow)
                                           .order_by(CameraDriftRow.camera_id)):
+                if report.camera_id not in live:  # in maintenance or retired: no alert
+                    continue
                 drifted.add_metric([report.camera_id], float(report.drifted))
                 drift_end.add_metric([report.camera_id], report.window_end.timestamp())
                 for feature, score in sorted(report.scores.items()):

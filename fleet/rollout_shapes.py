@@ -3,11 +3,12 @@
 
 A manifest may carry the model at several input shapes (``variants``). On each manifest poll
 the gateway finds the camera's frame size — its configuration's ``traffic.frame_size``, else
-the ``frame_width``/``frame_height`` of its newest heartbeat (agents that send them), else the
-size of the newest frame it uploaded — and names the shape that fits
-(``roadloop.models.shapes.pick_input_shape``) in ``assignment.input_shape``. A camera whose
-frame size is unknown gets the manifest's own (square) file. Frame sizes are cached per
-manifest snapshot (``fleet.caches.ManifestCache``), so a poll costs at most one lookup a second.
+the ``frame_width``/``frame_height`` of the heartbeat it received last (agents that send
+them; ``fleet.metrics.latest_heartbeat``), else the size of the newest frame it uploaded —
+and names the shape that fits (``roadloop.models.shapes.pick_input_shape``) in
+``assignment.input_shape``. A camera whose frame size is unknown gets the manifest's own
+(square) file. Frame sizes are cached per manifest snapshot (``fleet.caches.ManifestCache``),
+so a poll costs at most one lookup a second.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fleet.db import CameraConfigRow, FrameRow, HeartbeatRow
+from fleet.db import CameraConfigRow, FrameRow
+from fleet.metrics import latest_heartbeat
 from roadloop.models.shapes import pick_input_shape
 
 
@@ -60,10 +62,8 @@ def camera_frame_size(session: Session, camera_id: str) -> tuple[int, int] | Non
         CameraConfigRow.camera_id == camera_id))
     if (size := _configured_size(doc)) is not None:
         return size
-    payload = session.scalar(
-        select(HeartbeatRow.payload).where(HeartbeatRow.camera_id == camera_id)
-        .order_by(HeartbeatRow.sent_at.desc()).limit(1))
-    if (size := _heartbeat_size(payload)) is not None:
+    newest = latest_heartbeat(session, camera_id)  # as received: not by the agent's clock
+    if (size := _heartbeat_size(newest.payload if newest else None)) is not None:
         return size
     row = session.execute(
         select(FrameRow.width, FrameRow.height).where(FrameRow.camera_id == camera_id)

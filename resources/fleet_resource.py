@@ -81,7 +81,13 @@ class FleetResource(dg.ConfigurableResource):
             "(roadloop fleet admin-token create)"
         )
 
-    def _request(self, method: str, path: str, **kw: Any) -> dict[str, Any] | list[Any]:
+    def _request(self, method: str, path: str, *,
+                 expect: type | tuple[type, ...] = (dict, list),
+                 **kw: Any) -> dict[str, Any] | list[Any]:
+        """The gateway's JSON answer, a ``dict`` or ``list`` (``expect`` narrows it). Anything
+        else (a body that is not JSON, such as a proxy's HTML page answered 200, or another
+        JSON type) is a ``FleetError`` like an error status: callers take their "gateway
+        unavailable" path instead of failing on the shape."""
         url = self.gateway_url.rstrip("/") + path
         headers = {"Authorization": f"Bearer {self._token()}"}
         try:
@@ -98,7 +104,19 @@ class FleetResource(dg.ConfigurableResource):
                 detail = r.text
             kind = FleetConflict if r.status_code == 409 else FleetError
             raise kind(f"{method} {path} -> {r.status_code}: {detail}")
-        return r.json()
+        try:
+            body = r.json()
+        except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+            raise FleetError(
+                f"{method} {path} -> {r.status_code} is not JSON "
+                f"({r.headers.get('content-type', 'no content type')}): {r.text[:200]!r}"
+            ) from exc
+        if not isinstance(body, expect):
+            names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple)
+                                                     else (expect,)))
+            raise FleetError(f"{method} {path} -> {r.status_code}: expected a JSON "
+                             f"{names}, got {type(body).__name__}: {str(body)[:200]!r}")
+        return body
 
     def signing_key_dir(self) -> Path:
         return Path(self.key_dir) if self.key_dir else get_settings().home / "keys"
@@ -132,6 +150,7 @@ class FleetResource(dg.ConfigurableResource):
                                           "application/octet-stream")))
             published = self._request(
                 "POST", "/v1/models", files=files, data={"manifest": json.dumps(manifest)},
+                expect=dict,
             )
         return {"manifest": manifest, "manifest_sha256": manifest_sha256(manifest),
                 "key_id": key_id(key), "published": published}
@@ -154,22 +173,23 @@ class FleetResource(dg.ConfigurableResource):
             merged.setdefault("p95_latency_budget_ms", self.p95_latency_budget_ms)
         if merged:
             body["budgets"] = merged
-        return self._request("POST", "/v1/rollouts", json=body)  # type: ignore[return-value]
+        return self._request("POST", "/v1/rollouts", json=body, expect=dict)  # type: ignore[return-value]
 
     def evaluate(self, rollout_id: str) -> dict[str, Any]:
-        return self._request("POST", f"/v1/rollouts/{rollout_id}/evaluate")  # type: ignore[return-value]
+        return self._request("POST", f"/v1/rollouts/{rollout_id}/evaluate", expect=dict)  # type: ignore[return-value]
 
     def status(self, rollout_id: str | None = None) -> dict[str, Any] | None:
         """One rollout, or the newest one when ``rollout_id`` is None (None when there is none)."""
         if rollout_id:
-            return self._request("GET", f"/v1/rollouts/{rollout_id}")  # type: ignore[return-value]
-        rows = self._request("GET", "/v1/rollouts", params={"limit": 1})
+            return self._request("GET", f"/v1/rollouts/{rollout_id}", expect=dict)  # type: ignore[return-value]
+        rows = self._request("GET", "/v1/rollouts", params={"limit": 1}, expect=list)
         return rows[0] if rows else None  # type: ignore[index]
 
     def active_rollout(self) -> dict[str, Any] | None:
         """The live (active or paused) rollout, if any."""
         for status in ("active", "paused"):
-            rows = self._request("GET", "/v1/rollouts", params={"status": status, "limit": 1})
+            rows = self._request("GET", "/v1/rollouts", params={"status": status, "limit": 1},
+                                 expect=list)
             if rows:
                 return rows[0]  # type: ignore[index]
         return None
@@ -179,13 +199,13 @@ class FleetResource(dg.ConfigurableResource):
         if verb not in ("pause", "resume", "advance", "rollback"):
             raise ValueError(f"unknown rollout action {verb!r}")
         kw: dict[str, Any] = {"json": {"reason": reason}} if verb == "rollback" and reason else {}
-        return self._request("POST", f"/v1/rollouts/{rollout_id}/{verb}", **kw)  # type: ignore[return-value]
+        return self._request("POST", f"/v1/rollouts/{rollout_id}/{verb}", expect=dict, **kw)  # type: ignore[return-value]
 
     # -- camera configuration (docs/fleet-api.md, "Camera configuration") -------------------
     def camera_config(self, camera_id: str) -> dict[str, Any]:
         """``{camera_id, version, sha256, config, updated_at, updated_by}``; version 0 and
         ``config: {}`` when the camera has none."""
-        return self._request("GET", _config_path(camera_id))  # type: ignore[return-value]
+        return self._request("GET", _config_path(camera_id), expect=dict)  # type: ignore[return-value]
 
     def put_camera_config(
         self, camera_id: str, config: dict[str, Any], expected_version: int | None, reason: str
@@ -193,7 +213,7 @@ class FleetResource(dg.ConfigurableResource):
         """Replace the camera's document; ``expected_version`` is the version it is based on
         (0: none yet; None: overwrite). ``FleetConflict`` when that version is stale."""
         body = {"config": config, "expected_version": expected_version, "reason": reason}
-        return self._request("PUT", _config_path(camera_id), json=body)  # type: ignore[return-value]
+        return self._request("PUT", _config_path(camera_id), json=body, expect=dict)  # type: ignore[return-value]
 
     def boost_sampling(
         self, camera_id: str, factor: float, until: datetime, reason: str
@@ -217,18 +237,33 @@ class FleetResource(dg.ConfigurableResource):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _devices(self, **params: Any) -> list[tuple[str, datetime | None]]:
+        """``GET /v1/devices`` as ``(camera_id, last_seen_at)`` pairs; a row without a camera
+        id or with a ``last_seen_at`` that is not a time is a ``FleetError``."""
+        rows = self._request("GET", "/v1/devices", params=params or None, expect=list)
+        out: list[tuple[str, datetime | None]] = []
+        for i, d in enumerate(rows):
+            camera = d.get("camera_id") if isinstance(d, dict) else None
+            raw = d.get("last_seen_at") if isinstance(d, dict) else None
+            if not isinstance(camera, str) or not camera:
+                raise FleetError(f"GET /v1/devices: row {i} has no camera_id: {str(d)[:200]!r}")
+            try:
+                ts = datetime.fromisoformat(raw) if raw is not None else None
+            except (TypeError, ValueError) as exc:
+                raise FleetError(f"GET /v1/devices: row {i} ({camera}) has last_seen_at "
+                                 f"{raw!r}, not a time") from exc
+            if ts is not None and ts.tzinfo is None:
+                ts = ts.replace(tzinfo=UTC)
+            out.append((camera, ts))
+        return out
+
     def live_cameras(self) -> dict[str, datetime | None]:
         """Cameras with at least one active device (enrolled, not revoked, not in maintenance)
         and when one of them was last heard from (None: never)."""
-        devices = self._request("GET", "/v1/devices", params={"status": "active"})
         seen: dict[str, datetime | None] = {}
-        for d in devices:  # type: ignore[union-attr]
-            raw = d.get("last_seen_at")
-            ts = datetime.fromisoformat(raw) if raw else None
-            if ts is not None and ts.tzinfo is None:
-                ts = ts.replace(tzinfo=UTC)
-            prev = seen.get(d["camera_id"])
-            seen[d["camera_id"]] = max((t for t in (prev, ts) if t is not None), default=None)
+        for camera, ts in self._devices(status="active"):
+            prev = seen.get(camera)
+            seen[camera] = max((t for t in (prev, ts) if t is not None), default=None)
         return dict(sorted(seen.items()))
 
     def heartbeats(self, camera_id: str, start: datetime, end: datetime,
@@ -242,7 +277,7 @@ class FleetResource(dg.ConfigurableResource):
         out: list[dict[str, Any]] = []
         while True:
             rows = self._request("GET", f"/v1/cameras/{camera_id}/heartbeats",
-                                 params={"since": since.isoformat(), "limit": page})
+                                 params={"since": since.isoformat(), "limit": page}, expect=list)
             fresh = [r for r in rows if r["id"] not in seen]  # type: ignore[index]
             for r in fresh:
                 seen.add(r["id"])
@@ -262,7 +297,7 @@ class FleetResource(dg.ConfigurableResource):
         """``PUT /v1/cameras/{camera_id}/drift`` with a window's verdict
         (``roadloop.monitoring.models.gateway_report``); the gateway exports it on /metrics."""
         path = f"/v1/cameras/{quote(camera_id, safe='')}/drift"
-        return self._request("PUT", path, json=report)  # type: ignore[return-value]
+        return self._request("PUT", path, json=report, expect=dict)  # type: ignore[return-value]
 
     # -- traffic analytics (docs/traffic.md) ------------------------------------------------
     def traffic_intervals(self, camera_id: str | None, since: datetime, until: datetime,
@@ -281,7 +316,7 @@ class FleetResource(dg.ConfigurableResource):
         out: list[dict[str, Any]] = []
         cursors: set[str] = set()
         while True:
-            body = self._request("GET", "/v1/traffic/intervals", params=params)
+            body = self._request("GET", "/v1/traffic/intervals", params=params, expect=dict)
             out.extend(body["items"])  # type: ignore[call-overload]
             cursor = body.get("next_cursor")  # type: ignore[union-attr]
             if not cursor:
@@ -295,12 +330,12 @@ class FleetResource(dg.ConfigurableResource):
     # -- retention and erasure (docs/retention.md) -----------------------------------------
     def cameras(self) -> set[str]:
         """Every camera the gateway has a device for (any status, revoked included)."""
-        return {d["camera_id"] for d in self._request("GET", "/v1/devices")}  # type: ignore[index,union-attr]
+        return {camera for camera, _ in self._devices()}
 
     def erase_frames(self, camera_id: str, since: datetime, until: datetime) -> int:
         """Delete the gateway's frames (rows and files) of one camera in ``[since, until)``."""
         body = {"camera_id": camera_id, "since": since.isoformat(), "until": until.isoformat()}
-        out = self._request("POST", "/v1/privacy/erase", json=body)
+        out = self._request("POST", "/v1/privacy/erase", json=body, expect=dict)
         return int(out["frames_deleted"])  # type: ignore[call-overload]
 
     def expire(self, frames: list[tuple[str, str]], heartbeats_before: datetime | None,
@@ -315,7 +350,7 @@ class FleetResource(dg.ConfigurableResource):
             if i == 0:
                 body["heartbeats_before"] = heartbeats_before.isoformat() if heartbeats_before else None
                 body["traffic_before"] = traffic_before.isoformat() if traffic_before else None
-            out = self._request("POST", "/v1/privacy/expire", json=body)
+            out = self._request("POST", "/v1/privacy/expire", json=body, expect=dict)
             for k in totals:
                 totals[k] += int(out[k])  # type: ignore[call-overload]
         return totals

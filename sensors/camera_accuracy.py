@@ -35,7 +35,13 @@ from roadloop.monitoring.accuracy import reviewed_cameras
     "frames.",
 )
 def camera_accuracy_sensor(context: dg.SensorEvaluationContext, artifacts: ArtifactStoreResource):
-    after = int(context.cursor) if context.cursor else None
+    after = None  # a cursor that is not a storage id: start over (run keys dedupe)
+    if context.cursor:
+        try:
+            after = int(context.cursor)
+        except ValueError:
+            context.log.warning(f"camera_accuracy_sensor: cursor {context.cursor[:100]!r} is not "
+                                "a storage id; reading the review imports from the start")
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=reviewed_labels.key, after_storage_id=after),
         limit=50, ascending=True,

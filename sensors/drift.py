@@ -45,6 +45,27 @@ MAX_WINDOWS_PER_TICK = 8
 TAG = "roadloop/drift_"
 
 
+def window_cursor(context: dg.SensorEvaluationContext, now: datetime) -> datetime | None:
+    """``drift_window_sensor``'s cursor: the start of the last window it asked for (a time
+    without a zone is taken as UTC). One that does not read as a time, or lies ahead of
+    ``now`` (no window would ever close after it), is logged and dropped: the sensor starts
+    over from its first-tick backfill, and run keys keep the windows already asked for from
+    running twice."""
+    if not context.cursor:
+        return None
+    try:
+        after = datetime.fromisoformat(context.cursor)
+    except ValueError:
+        after = None
+    if after is not None and after.tzinfo is None:
+        after = after.replace(tzinfo=UTC)
+    if after is None or after > now:
+        context.log.warning(f"drift_window_sensor: cursor {context.cursor[:100]!r} is not a past "
+                            "window start; starting over from the last closed windows")
+        return None
+    return after
+
+
 def closed_windows(now: datetime, after: datetime | None, minutes: int, grace: timedelta,
                    backfill: int = 2) -> list[datetime]:
     """Starts of windows closed by ``now`` (end + grace passed), after ``after`` (exclusive);
@@ -69,7 +90,7 @@ def closed_windows(now: datetime, after: datetime | None, minutes: int, grace: t
 def drift_window_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
     settings = get_settings()
     now = datetime.now(UTC)
-    after = datetime.fromisoformat(context.cursor) if context.cursor else None
+    after = window_cursor(context, now)
     windows = closed_windows(now, after, settings.drift_window_minutes,
                              timedelta(seconds=settings.drift_grace_s))
     if not windows:
@@ -96,6 +117,67 @@ def drift_window_sensor(context: dg.SensorEvaluationContext, fleet: FleetResourc
         dynamic_partitions_requests=[camera_partitions.build_add_request(new)] if new else [],
         cursor=windows[-1].isoformat(),
     )
+
+
+def _time(value: Any) -> datetime | None:
+    """An aware datetime from a cursor's ISO string (naive: UTC); None when it is not one."""
+    try:
+        t = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+
+
+def _storage_id(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def drift_state(context: dg.SensorEvaluationContext) -> dict[str, Any]:
+    """``drift_sensor``'s cursor, checked piece by piece. What does not read is logged and
+    replaced by a safe default instead of failing every tick: a bad boost or cooldown time is
+    forgotten (the next drifting window boosts again; the response may come early), a bad
+    owed entry is dropped, and a bad position (``after``, ``accuracy_after``) restarts after
+    the newest materialization there is -- not from the start, which would act again on every
+    old verdict."""
+    raw = context.cursor
+    try:
+        state = json.loads(raw) if raw else {}
+    except ValueError:
+        state = None
+    problems: list[str] = []
+    if not isinstance(state, dict):  # nothing of it is usable, the position included
+        problems.append("not a JSON object")
+        state = {"after": "lost", "accuracy_after": "lost"}
+    for key in ("boosted", "fired"):
+        times = state.get(key, {})
+        if not isinstance(times, dict):
+            problems.append(key)
+            times = {}
+        good = {c: t for c, t in times.items() if _time(t) is not None}
+        if len(good) != len(times):
+            problems.append(key)
+        state[key] = {c: _time(t).isoformat() for c, t in good.items()}  # type: ignore[union-attr]
+    owed = state.get("owed", {})
+    if not isinstance(owed, dict):
+        problems.append("owed")
+        owed = {}
+    good_owed = {c: o for c, o in owed.items() if isinstance(o, dict)
+                 and isinstance(o.get("tags"), dict)
+                 and isinstance(o.get("requested_at"), (int, float))
+                 and not isinstance(o.get("requested_at"), bool)}
+    if len(good_owed) != len(owed):
+        problems.append("owed")
+    state["owed"] = good_owed
+    for key, asset in (("after", camera_drift), ("accuracy_after", camera_accuracy)):
+        if not _storage_id(state.get(key)):
+            problems.append(key)
+            latest = context.instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=asset.key), limit=1).records
+            state[key] = latest[0].storage_id if latest else None
+    if problems:
+        context.log.warning(f"drift_sensor: cursor {raw[:100]!r} unreadable "  # type: ignore[index]
+                            f"({', '.join(dict.fromkeys(problems))}); those parts start over")
+    return state
 
 
 def _meta(record: Any) -> dict[str, Any]:
@@ -126,7 +208,7 @@ def drift_tags(m: dict[str, Any]) -> dict[str, str]:
 def drift_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
     settings = get_settings()
     now = datetime.now(UTC)
-    state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
+    state = drift_state(context)
     after = state.get("after")
     accuracy_after = state.get("accuracy_after")  # camera_accuracy has its own storage ids
     boosted: dict[str, str] = state.get("boosted", {})

@@ -6,6 +6,13 @@ right after ``roadloop demo`` built the partitions in-process) is seeded from th
 when its partition was already materialized from the same number of stored frames
 (``store_frames`` in the materialization's metadata; a materialization without it counts as
 current), it is not requested again. Only new cameras and cameras with new frames run.
+A cursor that does not read (not a JSON object of counts) is logged and treated as none.
+
+Run keys are ``camera:count:materialization`` (``refresh_key``): the frame count and the
+storage id of the partition's latest materialization, the one the run refreshes. Dagster
+drops a run key a sensor used before, and retention deleting old frames brings a count back
+to an earlier value: ``camera:count`` alone would repeat and that refresh would be dropped.
+The same state (a tick evaluated again) still gives the same key.
 """
 
 
@@ -36,6 +43,37 @@ def materialized_frame_counts(instance: dg.DagsterInstance, cameras: list[str],
     return out
 
 
+def refresh_key(instance: dg.DagsterInstance, camera: str, count: int) -> str:
+    """``camera:count:storage id`` of the partition's latest ``sampled_edge_frames``
+    materialization (0: none yet). Each refresh that ran moves the storage id on, so a count
+    seen before (frames deleted by retention) gives a new key."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=sampled_edge_frames.key, asset_partitions=[camera]),
+        limit=1,
+    ).records
+    return f"{camera}:{count}:{records[0].storage_id if records else 0}"
+
+
+def read_cursor(context: dg.SensorEvaluationContext) -> dict[str, int]:
+    """``{camera: count}`` of the last tick; an unreadable cursor, or entries in it that are
+    not counts, are logged and dropped (those cameras are seeded from the instance again)."""
+    if not context.cursor:
+        return {}
+    try:
+        raw = json.loads(context.cursor)
+    except ValueError:
+        raw = None
+    if not isinstance(raw, dict):
+        context.log.warning(f"new_camera_sensor: cursor {context.cursor[:100]!r} is not a JSON "
+                            "object of frame counts; starting over as on a first tick")
+        return {}
+    seen = {c: n for c, n in raw.items() if isinstance(n, int) and not isinstance(n, bool)}
+    if len(seen) != len(raw):
+        context.log.warning(f"new_camera_sensor: cursor entries that are not counts dropped: "
+                            f"{sorted(set(raw) - set(seen))[:10]}")
+    return seen
+
+
 @dg.sensor(
     job=sampled_edge_frames_job,
     minimum_interval_seconds=60,
@@ -48,7 +86,7 @@ def materialized_frame_counts(instance: dg.DagsterInstance, cameras: list[str],
 )
 def new_camera_sensor(context: dg.SensorEvaluationContext, frame_store: FrameStoreResource) -> dg.SensorResult:
     store = frame_store.store()
-    seen: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
+    seen = read_cursor(context)
     counts = {camera: store.count(camera) for camera in store.cameras()}
     unseen = sorted(c for c in counts if c not in seen)
     if unseen:  # a first tick, or cameras the cursor has not met: what does the instance hold?
@@ -62,7 +100,9 @@ def new_camera_sensor(context: dg.SensorEvaluationContext, frame_store: FrameSto
     changed = sorted(c for c, n in counts.items() if n > 0 and n != seen.get(c))
     return dg.SensorResult(
         dynamic_partitions_requests=[camera_partitions.build_add_request(new_cameras)] if new_cameras else [],
-        # run_key = camera + frame count: the same state never launches twice.
-        run_requests=[dg.RunRequest(partition_key=c, run_key=f"{c}:{counts[c]}") for c in changed],
+        # The same state never launches twice; an earlier count after a refresh ran does.
+        run_requests=[dg.RunRequest(partition_key=c,
+                                    run_key=refresh_key(context.instance, c, counts[c]))
+                      for c in changed],
         cursor=json.dumps(counts, sort_keys=True),
     )

@@ -66,7 +66,10 @@ def test_first_tick_skips_materialized_partitions(tmp_path: Path) -> None:
     _write_frame(store, "cam_a", "cam_a_2", 120, _textured(3))
     later = _tick(instance, tmp_path / "frames", cursor=again.cursor)
     assert _requested(later) == ["cam_a"]
-    assert [r.run_key for r in later.run_requests or []] == ["cam_a:3"]
+    # camera:count:storage id of the materialization it refreshes (sensors/new_camera.py)
+    built_a = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=["cam_a"]), limit=1).records
+    assert [r.run_key for r in later.run_requests or []] == [f"cam_a:3:{built_a[0].storage_id}"]
 
 
 def test_first_tick_on_an_empty_instance_requests_every_camera(tmp_path: Path) -> None:
