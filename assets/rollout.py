@@ -1,13 +1,11 @@
 """``model_rollout``: the promoted model's INT8 ONNX, signed and rolled out to the fleet."""
 
-from typing import Any
-
 import dagster as dg
 
 from resources import MlflowResource
 from resources.fleet_resource import FleetError, FleetResource, FleetUnavailable, stages_markdown
+from roadloop.errors import InvalidInputError
 from roadloop.fsutil import sha256_file
-from roadloop.models.quantize import QuantizedModelInfo
 from roadloop.models.tracking import PRODUCTION_ALIAS
 
 from . import groups
@@ -44,7 +42,8 @@ def model_rollout(
         raise dg.Failure(f"INT8 model is v{quantized_model.model_version}, expected v{version}")
     # The bytes signed must be the ones quantized, gated and benchmarked: quantized_model
     # recorded each file's SHA-256 when it wrote it.
-    recorded = {(trained_model.imgsz, trained_model.imgsz): quantized_model.info,
+    square = (trained_model.imgsz, trained_model.imgsz)
+    recorded = {square: quantized_model.info,
                 **{parse_label(label): info for label, info in quantized_model.variants.items()}}
     for info in recorded.values():
         try:
@@ -65,9 +64,15 @@ def model_rollout(
             fmt="onnx-int8",
             input_shape=(trained_model.imgsz, trained_model.imgsz),
             variants=quantized_model.variant_files() or None,
+            # hashed once, into the manifest, and refused there if a file changed since the
+            # check above: what is signed is what was gated
+            expected_sha256=quantized_model.info.sha256,
+            expected_variant_sha256={shape: info.sha256 for shape, info in recorded.items()
+                                     if shape != square} or None,
         )
-        _check_signed_hashes(version, published["manifest"], recorded)
         rollout = fleet.create_rollout(published["manifest_sha256"])
+    except InvalidInputError as exc:
+        raise dg.Failure(f"cannot roll out v{version}: {exc}; nothing was published") from exc
     except FleetUnavailable as exc:
         raise dg.Failure(f"cannot roll out v{version}: {exc}") from exc
     except FleetError as exc:
@@ -103,20 +108,3 @@ def model_rollout(
         }
     )
 
-
-def _check_signed_hashes(version: str, manifest: dict[str, Any],
-                         recorded: dict[tuple[int, int], QuantizedModelInfo]) -> None:
-    """Refuse, before a rollout starts, unless the signed manifest names exactly the SHA-256
-    quantized_model recorded for each shape: a file may change between the check above and
-    its hashing into the manifest (the gateway checks the uploaded bytes against the manifest)."""
-    signed = {tuple(manifest.get("input_shape") or ()): manifest.get("sha256")}
-    signed |= {tuple(v["input_shape"]): v.get("sha256") for v in manifest.get("variants", [])}
-    expected = {shape: info.sha256 for shape, info in recorded.items()}
-    if signed != expected:
-        wrong = sorted("x".join(map(str, shape)) or "?" for shape in set(signed) | set(expected)
-                       if signed.get(shape) != expected.get(shape))
-        raise dg.Failure(
-            f"cannot roll out v{version}: the signed manifest's SHA-256 at {', '.join(wrong)} is "
-            "not the one quantized_model recorded (a file changed while it was published); "
-            "no rollout was started"
-        )

@@ -132,14 +132,20 @@ class FleetResource(dg.ConfigurableResource):
         rollout_id: str | None = None,
         input_shape: tuple[int, int] | None = None,
         variants: dict[tuple[int, int], Path] | None = None,
+        expected_sha256: str | None = None,
+        expected_variant_sha256: dict[tuple[int, int], str] | None = None,
     ) -> dict[str, Any]:
         """Build + sign the manifest and upload file + manifest (+ the files of ``variants``,
         the same model at other input shapes). Returns ``{manifest, manifest_sha256, key_id,
-        published}``."""
+        published}``. With ``expected_sha256`` (and one per variant shape): a file whose bytes
+        are not those any more is refused before anything is signed or uploaded
+        (``roadloop.release.signing.build_manifest``)."""
         key = load_or_create_signing_key(self.signing_key_dir())
         manifest = sign_manifest(
             build_manifest(model_version, Path(onnx_path), input_size, class_names, rollout_id,
-                           fmt, input_shape=input_shape, variants=variants),
+                           fmt, input_shape=input_shape, variants=variants,
+                           expected_sha256=expected_sha256,
+                           expected_variant_sha256=expected_variant_sha256),
             key,
         )
         with contextlib.ExitStack() as stack:
