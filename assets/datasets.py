@@ -31,7 +31,7 @@ seed_datasets = dg.AssetSpec(
     group_name=groups.DATASETS,
     kinds={"dvc", "yolo"},
     description=(
-        "Labelled frames mapped onto one class taxonomy, validated (bad rows quarantined), "
+        "Labelled frames mapped onto one class taxonomy, validated (a frame with bad label rows quarantined whole), "
         "split without leakage and versioned with DVC."
     ),
 )
@@ -64,8 +64,8 @@ def curated_dataset(
         exclude_images=reviewed.exclude_images,
     )
     context.log.info(
-        "curated %s images (%d rows quarantined); pushing to DVC remote %s",
-        dataset.split_counts, dataset.quarantined, dvc.remote_url,
+        "curated %s images (%d frames quarantined, %d orphan label files); pushing to DVC remote %s",
+        dataset.split_counts, dataset.frames_quarantined, dataset.orphan_labels, dvc.remote_url,
     )
     version = store.add_and_push(dvc.curated_dir)
     # Which edge frames this version holds: an erasure reports them as not removable.
@@ -90,7 +90,9 @@ def curated_dataset(
             "split_counts": dg.MetadataValue.json(dataset.split_counts),
             "class_counts": dg.MetadataValue.md(class_table),
             "source_counts": dg.MetadataValue.json(dataset.source_counts),
-            "quarantined_rows": dataset.quarantined,
+            "quarantine_records": dataset.quarantined,
+            "frames_quarantined": dataset.frames_quarantined,
+            "orphan_label_files": dataset.orphan_labels,
             "quarantine_reasons": dg.MetadataValue.json(dataset.quarantine_reasons),
             "skipped_replay_frames": dataset.skipped_replay,
             "reviewed_frames": len(frames),
@@ -121,13 +123,15 @@ def curated_dataset_splits_present(curated_dataset: CuratedDatasetVersion) -> dg
     )
 
 
-@dg.asset_check(asset=curated_dataset, description="share of label rows quarantined stays small")
+@dg.asset_check(asset=curated_dataset, description="share of frames quarantined stays small")
 def curated_dataset_quarantine_rate(curated_dataset: CuratedDatasetVersion) -> dg.AssetCheckResult:
+    # Frames, not label rows: a frame with any rejected row goes whole (roadloop.data.label_checks).
     ds = curated_dataset.dataset
-    boxes = sum(sum(c.values()) for c in ds.class_counts.values())
-    rate = ds.quarantined / max(1, boxes + ds.quarantined)
+    kept = sum(ds.split_counts.values())
+    rate = ds.frames_quarantined / max(1, kept + ds.frames_quarantined)
     return dg.AssetCheckResult(
         passed=rate <= 0.05,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"quarantined": ds.quarantined, "kept_boxes": boxes, "rate": rate, "threshold": 0.05},
+        metadata={"frames_quarantined": ds.frames_quarantined, "frames_kept": kept,
+                  "orphan_label_files": ds.orphan_labels, "rate": rate, "threshold": 0.05},
     )

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from federated.records import Layout, pack, weights_of
 from federated.strategy import build_strategy
+from roadloop.federation.flower_config import InvalidConfigError
 from roadloop.federation.models import FederationConfig, FederationResult
 from roadloop.federation.privacy import SitePrivacyLedger
 from roadloop.federation.selection import (
@@ -129,6 +130,8 @@ def main(grid: Grid, context: Context) -> None:
             f"{len(sites)} sites described themselves, fewer than min_available_sites "
             f"{cfg.min_available_sites}"
         )
+    if cfg.dp and (problem := cfg.dp_delta_problem(len(sites))):  # N is known only now
+        raise InvalidConfigError(f"federation run config: {problem}")
     model = load_detection_model(initial, class_names)
     initial_arrays = state_arrays(model)
     layout = Layout.of(initial_arrays)

@@ -113,7 +113,7 @@ def test_missing_taxonomy_file(tmp_path):
 # ----------------------------------------------------------------------------- validation
 
 
-def test_bad_frames_and_rows_are_quarantined_and_good_rows_kept(tmp_path):
+def test_bad_frames_and_rows_are_quarantined_and_a_frame_with_a_bad_row_goes_whole(tmp_path):
     good = synthetic_jpeg(1)
     lines = [
         "0 0.5 0.5 0.2 0.2",  # 1 ok car
@@ -126,15 +126,18 @@ def test_bad_frames_and_rows_are_quarantined_and_good_rows_kept(tmp_path):
         "2 0.5 0.5 0.2 0.2",  # 8 tram: not in taxonomy
         "",  # blank lines are ignored
         "1.5 0.5 0.5 0.2 0.2",  # 10 fractional class id
-        "0 1.0000001 0.5 0.2 0.2",  # 11 float noise at the edge: kept, clipped
+        "0 0.9000001 0.5 0.2 0.2",  # 11 float noise at the edge: valid
     ]
     rows = "\n".join(lines)
+    # A frame whose rows are all valid, one past the edge by float noise: kept, clipped.
+    clean = "0 0.5 0.5 0.2 0.2\n1 0.3 0.3 0.1 0.1\n0 0.9000001 0.5 0.2 0.2\n"
     src = make_source(
         tmp_path / "cam",
         CAM_NAMES,
         {
             "train": [
                 ("mixed", good, rows),
+                ("good", synthetic_jpeg(6), clean),
                 (
                     "corrupt",
                     b"\xff\xd8\xff\xe0" + b"garbage" * 50 + b"\xff\xd9",
@@ -159,19 +162,24 @@ def test_bad_frames_and_rows_are_quarantined_and_good_rows_kept(tmp_path):
         "class not in taxonomy": 1,
         "coordinates out of range": 1,
         "corrupt image": 2,
+        "frame with rejected label rows": 1,
         "malformed row": 3,
         "non-positive box size": 1,
         "truncated image": 1,
         "unknown class id": 1,
         "unreadable label file": 1,
     }
-    assert res.quarantined == 11
-    assert res.split_counts == {"train": 2, "val": 1, "test": 0}  # mixed + background
+    assert res.quarantined == 12
+    assert res.frames_quarantined == 5  # mixed, corrupt, truncated, empty, badlabels
+    assert res.split_counts == {"train": 2, "val": 1, "test": 0}  # good + background
     assert res.class_counts["train"] == {"car": 2, "truck": 1}
-    assert (out / "labels/train/cam__mixed.txt").read_text().splitlines() == [
+    # The frame with rejected rows goes whole: its rejected objects are not taught as background.
+    assert not (out / "labels/train/cam__mixed.txt").exists()
+    assert not (out / "images/train/cam__mixed.jpg").exists()
+    assert (out / "labels/train/cam__good.txt").read_text().splitlines() == [
         "0 0.500000 0.500000 0.200000 0.200000",
         "1 0.300000 0.300000 0.100000 0.100000",
-        "0 1.000000 0.500000 0.200000 0.200000",
+        "0 0.900000 0.500000 0.200000 0.200000",
     ]
     assert (out / "labels/train/cam__background.txt").read_text() == ""
     rows_q = {q["line"]: q for q in quarantine(out) if q["file"].endswith("mixed.txt")}
@@ -179,14 +187,16 @@ def test_bad_frames_and_rows_are_quarantined_and_good_rows_kept(tmp_path):
     assert rows_q[4]["reason"] == "unknown class id" and "7" in rows_q[4]["detail"]
     frames_q = {Path(q["file"]).stem: q["reason"] for q in quarantine(out) if q["line"] is None}
     assert frames_q == {
+        "mixed": "frame with rejected label rows",
         "corrupt": "corrupt image",
         "truncated": "truncated image",
         "empty": "corrupt image",
         "badlabels": "unreadable label file",
     }
     m = {r["file"]: r for r in manifest(out)}
-    assert m["images/train/cam__mixed.jpg"]["n_boxes"] == 3
-    assert m["images/train/cam__mixed.jpg"]["n_rows_quarantined"] == 7
+    assert "images/train/cam__mixed.jpg" not in m
+    assert m["images/train/cam__good.jpg"]["n_boxes"] == 3
+    assert m["images/train/cam__good.jpg"]["n_rows_quarantined"] == 0
     assert not (out / "images/train/cam__corrupt.jpg").exists()
     md = (out / "quarantine.md").read_text()
     assert "truncated image" in md and "mixed.txt" in md
@@ -320,12 +330,17 @@ def test_extra_frames_use_taxonomy_ids_and_skip_replay_filter(tmp_path):
     img = tmp_path / "ext" / f"{stem}.jpg"
     img.write_bytes(synthetic_jpeg(9))
     lbl = tmp_path / "ext" / f"{stem}.txt"
-    lbl.write_text("4 0.5 0.5 0.1 0.3\n9 0.5 0.5 0.1 0.1\n")
+    lbl.write_text("4 0.5 0.5 0.1 0.3\n")
     bad = tmp_path / "ext" / "bad.jpg"
     bad.write_bytes(b"junk")
+    # Taxonomy id 9 does not exist: the row is rejected and its frame goes whole.
+    (tmp_path / "ext" / "odd.jpg").write_bytes(synthetic_jpeg(10))
+    (tmp_path / "ext" / "odd.txt").write_text("4 0.5 0.5 0.1 0.3\n9 0.5 0.5 0.1 0.1\n")
     extra = [
         LabelledFrame(image=img, label=lbl, source="cam7", split="train"),
         LabelledFrame(image=bad, label=None, source="cam7", split="train"),
+        LabelledFrame(image=tmp_path / "ext" / "odd.jpg", label=tmp_path / "ext" / "odd.txt",
+                      source="cam7", split="train"),
     ]
     res = build_curated_dataset(
         [spec], tmp_path / "out", tax, 0.5, extra_frames=extra, progress=False
@@ -335,7 +350,9 @@ def test_extra_frames_use_taxonomy_ids_and_skip_replay_filter(tmp_path):
         out / f"labels/train/cam7__{stem}.txt"
     ).read_text() == "4 0.500000 0.500000 0.100000 0.300000\n"
     assert res.source_counts["cam7"]["train"] == 1
-    assert res.quarantine_reasons == {"unknown class id": 1, "corrupt image": 1}
+    assert res.quarantine_reasons == {
+        "unknown class id": 1, "frame with rejected label rows": 1, "corrupt image": 1,
+    }
 
 
 # ----------------------------------------------------------------------------- output
@@ -434,7 +451,8 @@ def test_full_shared_build_accounts_for_every_frame(tmp_path):
     assert [s.name for s in specs] == ["atl_v2", "manaus_v4"]
     res = build_curated_dataset(specs, tmp_path / "out", load_taxonomy(), 0.3, progress=False)
     total = sum(len(s.frames()) for s in specs)
-    assert sum(res.split_counts.values()) + res.skipped_replay + res.quarantined == total
+    assert sum(res.split_counts.values()) + res.skipped_replay + res.frames_quarantined == total
+    assert res.quarantined == res.frames_quarantined  # no bad row or orphan in the shared data
     assert res.split_counts["val"] == 31 + 80 and res.split_counts["test"] == 19 + 50
     shas = [r["sha256"] for r in manifest(tmp_path / "out")]
     assert len(shas) == len(set(shas))

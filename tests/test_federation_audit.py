@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from federated.records import from_array_record, to_array_record
 from federated.strategy import SiteScreening, build_strategy
+from roadloop.federation.flower_config import InvalidConfigError
 from roadloop.federation.models import FederationConfig, aggregation_shortfall
 from roadloop.federation.selection import SiteRecord
 from roadloop.federation.updates import (
@@ -257,7 +258,9 @@ def test_an_update_in_another_float_dtype_is_refused(dtype):
 def test_config_refuses_infinite_nan_and_negative_seed_values(kwargs):
     with pytest.raises(ValidationError):
         FederationConfig(**kwargs)
-    with pytest.raises(ValidationError):
+    # From Flower's run config the same values are an InvalidConfigError naming the key.
+    key = next(k for k in kwargs if k not in ("dp", "strategy")).replace("_", "-")
+    with pytest.raises(InvalidConfigError, match=f"'{key}'"):
         FederationConfig.from_run_config({k.replace("_", "-"): v for k, v in kwargs.items()})
 
 

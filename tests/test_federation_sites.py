@@ -239,13 +239,17 @@ def test_bad_label_rows_are_reported_not_fatal(tmp_path: Path) -> None:
     plan = build_site_datasets(src, tmp_path / "sites", manaus_sites=2, min_frames=5)
     assert {s.name for s in plan.sites} == {"atl_day", "atl_night", "manaus_frame", "manaus_mix1"}
     day = plan.site("atl_day")
-    assert day.frames == 12 + 1  # 12 + the bad-label frame; the copy of a test frame is gone
+    # The bad-label frame goes whole (its rejected objects would be learnt as background),
+    # and the copy of a test frame is gone: 12 left.
+    assert day.frames == 12
     assert day.quality == pytest.approx(14 / 15, abs=1e-3)  # train + val frames, 1 with bad rows
     assert plan.site("atl_night").quality == 1.0
     reasons = plan.info["quarantine"]["atl_day"]
-    assert reasons == {"duplicate across splits": 1, "malformed row": 1, "unknown class id": 1}
-    kept = (_site_root(day.data_yaml) / "labels" / "train" / "atl_v2__50_png.txt").read_text()
-    assert [line.split()[0] for line in kept.splitlines()] == ["0", "3"]  # car, two_wheeler
+    assert reasons == {"duplicate across splits": 1, "frame with rejected label rows": 1,
+                       "malformed row": 1, "unknown class id": 1}
+    site_root = _site_root(day.data_yaml)
+    assert not (site_root / "labels" / "train" / "atl_v2__50_png.txt").exists()
+    assert not list((site_root / "images" / "train").glob("atl_v2__50_png.*"))
     records = [
         json.loads(r) for r in (tmp_path / "sites" / "quarantine.jsonl").read_text().splitlines()
     ]
@@ -253,14 +257,18 @@ def test_bad_label_rows_are_reported_not_fatal(tmp_path: Path) -> None:
         (2, "unknown class id"),
         (3, "malformed row"),
     }
+    assert [r["reason"] for r in records if r["file"].endswith("50_png.jpg")] == [
+        "frame with rejected label rows"
+    ]
     assert plan.info["counts"]["test"]["test"] == 2 + 2 + 3 * 2  # atl, frame, three cameras
 
 
 def test_sites_below_min_frames_are_left_out_and_named(tmp_path: Path) -> None:
     src = _fake_sources(tmp_path / "datasets")
     plan = build_site_datasets(src, tmp_path / "sites", manaus_sites=2, min_frames=13)
-    assert {s.name for s in plan.sites} == {"atl_day", "manaus_frame", "manaus_mix1"}
-    assert set(plan.info["dropped_sites"]) == {"atl_night"}
+    # atl_day and atl_night have 12 train frames each (atl_day's bad-label frame goes whole).
+    assert {s.name for s in plan.sites} == {"manaus_frame", "manaus_mix1"}
+    assert set(plan.info["dropped_sites"]) == {"atl_day", "atl_night"}
     with pytest.raises(EmptyDatasetError):
         build_site_datasets(src, tmp_path / "none", manaus_sites=2, min_frames=1000)
 

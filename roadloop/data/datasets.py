@@ -9,17 +9,20 @@ frame and label row, rewrites the labels into taxonomy ids and writes one datase
       images/{train,val,test}/<source>__<stem>.<ext>
       labels/{train,val,test}/<source>__<stem>.txt
       manifest.jsonl       one row per kept frame
-      quarantine.jsonl     one row per rejected frame or label row
+      quarantine.jsonl     one row per rejected frame, label row or orphan label file
       quarantine.md        the same, for people
       summary.json         the CuratedDataset counts (without the absolute path)
 
-Quarantine policy:
+Quarantine policy (the frame and row checks live in ``roadloop.data.label_checks``):
 - the image does not decode, is truncated, or cannot be read → the whole frame goes;
 - the label file cannot be read as text → the whole frame goes (its objects are unknown);
-- a bad label row (not 5 numeric fields, coordinates outside [0, 1], w or h <= 0, class
-  id unknown to the source, class not in the taxonomy) → only that row goes, the frame and
-  its other rows are kept;
+- a bad label row (not 5 numeric fields, w or h <= 0, a box past the image edge by more
+  than rounding, class id unknown to the source, class not in the taxonomy) → the row is
+  recorded and the whole frame goes with its other rows (they would teach the rejected
+  objects as background); a box past the edge by rounding only is clipped to the image;
 - a missing label file means a background frame (no objects), as in Ultralytics;
+- a label file with no image of its name (an "orphan") trains nothing: it is recorded and
+  counted (``orphan_labels``) so a mismatched export is seen, not silently dropped;
 - the same image bytes (sha256) in two splits → kept in the highest-priority split
   (test > val > train), the other copy quarantined ("duplicate across splits"); a second
   copy within one split is quarantined as "duplicate within split".
@@ -31,20 +34,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field
 from tqdm import tqdm
 
+from roadloop.data.label_checks import (
+    R_REJECTED_ROWS,
+    CheckedFrame,
+    LabelledFrame,
+    QuarantineRecord,
+    Taxonomy,
+    check_frame,
+    load_taxonomy,
+)
 from roadloop.data.splits import is_replay_frame
 from roadloop.errors import EmptyDatasetError, InvalidInputError, MissingDataError
 from roadloop.fsutil import swap_dir_into_place, write_text_atomic
@@ -57,100 +67,13 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_PRIORITY: tuple[str, ...] = ("test", "val", "train")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SHARED_SOURCES: tuple[str, ...] = ("atl_v2", "manaus_v4")
-_COORD_EPS = 1e-6  # float noise tolerated at the [0, 1] boundary (values are then clipped)
-
-# Quarantine reasons (the keys of CuratedDataset.quarantine_reasons).
-R_CORRUPT_IMAGE = "corrupt image"
-R_TRUNCATED_IMAGE = "truncated image"
-R_UNREADABLE_IMAGE = "unreadable image"
-R_UNREADABLE_LABELS = "unreadable label file"
-R_MALFORMED_ROW = "malformed row"
-R_OUT_OF_RANGE = "coordinates out of range"
-R_BAD_SIZE = "non-positive box size"
-R_UNKNOWN_CLASS_ID = "unknown class id"
-R_UNMAPPED_CLASS = "class not in taxonomy"
 R_DUP_ACROSS = "duplicate across splits"
 R_DUP_WITHIN = "duplicate within split"
-
-
-# --------------------------------------------------------------------------- taxonomy
-
-
-class Taxonomy(BaseModel):
-    """The platform's classes (ids = list order) and each source's map onto them."""
-
-    model_config = ConfigDict(frozen=True)
-
-    classes: list[str]
-    sources: dict[str, dict[str, str]] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _check(self) -> Taxonomy:
-        if not self.classes:
-            raise ValueError("'classes' is empty")
-        dup = [c for c, n in Counter(self.classes).items() if n > 1]
-        if dup:
-            raise ValueError(f"'classes' lists {dup} more than once")
-        known = set(self.classes)
-        for source, mapping in self.sources.items():
-            unknown = {k: v for k, v in mapping.items() if v not in known}
-            if unknown:
-                raise ValueError(
-                    f"source '{source}' maps onto unknown target class(es) {unknown}; "
-                    f"targets must be one of {self.classes}"
-                )
-        return self
-
-    def target_id(self, source: str, source_class_name: str) -> int | None:
-        """Taxonomy id for a source's class name, or None when the source or class is unmapped."""
-        target = self.sources.get(source, {}).get(source_class_name)
-        return None if target is None else self.classes.index(target)
-
-    @property
-    def names(self) -> dict[int, str]:
-        return dict(enumerate(self.classes))
-
-
-def load_taxonomy(path: Path | None = None) -> Taxonomy:
-    """Read the taxonomy YAML (default ``get_settings().taxonomy_file``)."""
-    path = Path(path) if path is not None else Path(get_settings().taxonomy_file)
-    if not path.is_file():
-        raise MissingDataError(f"taxonomy file not found: {path}", path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(path, f"not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise InvalidInputError(path, "expected a mapping with keys 'classes' and 'sources'")
-    missing = [k for k in ("classes", "sources") if k not in raw]
-    if missing:
-        raise InvalidInputError(path, f"missing key(s) {missing}")
-    try:
-        return Taxonomy(classes=raw["classes"], sources=raw["sources"] or {})
-    except ValidationError as exc:
-        msgs = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'taxonomy'}: {e['msg']}" for e in exc.errors()
-        )
-        raise InvalidInputError(path, f"invalid taxonomy: {msgs}") from exc
+R_ORPHAN_LABEL = "label file without image"
+ORPHAN_EXAMPLES = 5  # orphan label files named in CuratedDataset (all are in quarantine.jsonl)
 
 
 # --------------------------------------------------------------------------- sources
-
-
-class LabelledFrame(BaseModel):
-    """One labelled image from anywhere (a source folder, or annotators via ``extra_frames``).
-
-    ``class_names`` says how to read the label file's class ids: ``None`` (the default, how
-    reviewed frames from annotators arrive) means the ids are already taxonomy ids; a dict
-    means source ids, mapped through ``taxonomy.sources[source]``.
-    ``label`` may be None or point at a missing file: the frame is background.
-    """
-
-    image: Path
-    label: Path | None = None
-    source: str
-    split: str
-    class_names: dict[int, str] | None = None
 
 
 class SourceSpec(BaseModel):
@@ -224,6 +147,40 @@ class SourceSpec(BaseModel):
                     )
         return out
 
+    def orphan_labels(self) -> list[QuarantineRecord]:
+        """A record for every label file (``<stem>.txt``) that no image of its split matches.
+
+        ``frames`` starts from the images, so such a file would otherwise go unseen: a
+        renamed or missing image, or labels exported for the wrong folder. LabelImg's
+        ``classes.txt`` (a class list, not labels) is no orphan.
+        """
+        out: list[QuarantineRecord] = []
+        seen: set[Path] = set()
+        for split in SPLITS:
+            img_dir = self.split_image_dir(split)
+            lbl_dir = _label_dir_for(img_dir)
+            if lbl_dir in seen or not lbl_dir.is_dir():  # two splits may share one folder
+                continue
+            seen.add(lbl_dir)
+            stems = (
+                {p.stem for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+                if img_dir.is_dir()
+                else set()
+            )
+            for lbl in sorted(lbl_dir.glob("*.txt")):
+                if lbl.stem in stems or not lbl.is_file() or lbl.name == "classes.txt":
+                    continue
+                out.append(
+                    QuarantineRecord(
+                        file=str(lbl),
+                        reason=R_ORPHAN_LABEL,
+                        detail=f"no image named {lbl.stem}.* in {img_dir}",
+                        source=self.name,
+                        split=split,
+                    )
+                )
+        return out
+
 
 def _label_dir_for(img_dir: Path) -> Path:
     """Ultralytics convention: the last ``images`` path component becomes ``labels``."""
@@ -257,157 +214,6 @@ def default_sources(settings: Settings | None = None) -> list[SourceSpec]:
     return specs
 
 
-# --------------------------------------------------------------------------- validation
-
-
-class QuarantineRecord(BaseModel):
-    """One rejected frame (``line`` None) or label row (``line`` 1-based)."""
-
-    file: str
-    line: int | None = None
-    reason: str
-    detail: str = ""
-    source: str
-    split: str
-
-
-@dataclass
-class CheckedFrame:
-    frame: LabelledFrame
-    sha256: str
-    rows: list[tuple[int, float, float, float, float]]
-    order: int
-    quarantine: list[QuarantineRecord] = field(default_factory=list)
-
-
-def _check_image(data: bytes) -> tuple[str, str] | None:
-    """(reason, detail) when the image bytes are unusable, else None."""
-    if not data:
-        return R_CORRUPT_IMAGE, "empty file"
-    # libjpeg decodes a truncated JPEG with a warning and grey fill, so look for the
-    # end-of-image marker ourselves (trailing zero padding tolerated).
-    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return R_TRUNCATED_IMAGE, "JPEG has no end-of-image marker (file cut short)"
-    # A reduced decode is enough to prove the file decodes and is much cheaper.
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_4)
-    if img is None or img.size == 0:
-        return R_CORRUPT_IMAGE, "OpenCV could not decode the image"
-    return None
-
-
-def _parse_labels(
-    frame: LabelledFrame, taxonomy: Taxonomy
-) -> tuple[list[tuple[int, float, float, float, float]], list[QuarantineRecord], bool]:
-    """Rows in taxonomy ids, per-row quarantine records, and whether the file was unreadable."""
-    rows: list[tuple[int, float, float, float, float]] = []
-    bad: list[QuarantineRecord] = []
-    label = frame.label
-    if label is None or not Path(label).exists():
-        return rows, bad, False
-    try:
-        text = Path(label).read_text(encoding="utf-8-sig")  # a BOM is no part of row 1
-    except (OSError, UnicodeDecodeError) as exc:
-        bad.append(
-            QuarantineRecord(
-                file=str(label),
-                reason=R_UNREADABLE_LABELS,
-                detail=str(exc),
-                source=frame.source,
-                split=frame.split,
-            )
-        )
-        return rows, bad, True
-
-    def reject(lineno: int, reason: str, detail: str) -> None:
-        bad.append(
-            QuarantineRecord(
-                file=str(label),
-                line=lineno,
-                reason=reason,
-                detail=detail,
-                source=frame.source,
-                split=frame.split,
-            )
-        )
-
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 5:
-            reject(lineno, R_MALFORMED_ROW, f"expected 5 fields, got {len(parts)}: {line!r}")
-            continue
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            reject(lineno, R_MALFORMED_ROW, f"non-numeric field: {line!r}")
-            continue
-        if not all(math.isfinite(v) for v in values):
-            reject(lineno, R_MALFORMED_ROW, f"every field must be a finite number: {line!r}")
-            continue
-        if values[0] != int(values[0]):
-            reject(lineno, R_MALFORMED_ROW, f"class id must be an integer: {line!r}")
-            continue
-        cls, x, y, w, h = int(values[0]), *values[1:]
-        if any(v < -_COORD_EPS or v > 1 + _COORD_EPS for v in (x, y, w, h)):
-            reject(lineno, R_OUT_OF_RANGE, f"x, y, w, h must lie in [0, 1]: {line!r}")
-            continue
-        if w <= 0 or h <= 0:
-            reject(lineno, R_BAD_SIZE, f"w and h must be > 0: {line!r}")
-            continue
-        if frame.class_names is None:
-            if not 0 <= cls < len(taxonomy.classes):
-                reject(lineno, R_UNKNOWN_CLASS_ID, f"taxonomy has no class id {cls}")
-                continue
-            target = cls
-        else:
-            name = frame.class_names.get(cls)
-            if name is None:
-                reject(lineno, R_UNKNOWN_CLASS_ID, f"source '{frame.source}' has no class id {cls}")
-                continue
-            tid = taxonomy.target_id(frame.source, name)
-            if tid is None:
-                reject(
-                    lineno,
-                    R_UNMAPPED_CLASS,
-                    f"class '{name}' of source '{frame.source}' is not mapped in the taxonomy",
-                )
-                continue
-            target = tid
-        # Clip values that were outside [0, 1] by at most the epsilon.
-        x, y, w, h = (min(1.0, max(0.0, v)) for v in (x, y, w, h))
-        rows.append((target, x, y, w, h))
-    return rows, bad, False
-
-
-def check_frame(
-    frame: LabelledFrame, taxonomy: Taxonomy, order: int
-) -> tuple[CheckedFrame | None, list[QuarantineRecord]]:
-    """Check one frame: (the frame with its rows in taxonomy ids, or None when the whole frame
-    goes; frame-level quarantine records). Row-level records ride on ``CheckedFrame.quarantine``."""
-    def frame_record(reason: str, detail: str) -> QuarantineRecord:
-        return QuarantineRecord(
-            file=str(frame.image),
-            reason=reason,
-            detail=detail,
-            source=frame.source,
-            split=frame.split,
-        )
-
-    try:
-        data = Path(frame.image).read_bytes()
-    except OSError as exc:
-        return None, [frame_record(R_UNREADABLE_IMAGE, str(exc))]
-    problem = _check_image(data)
-    if problem is not None:
-        return None, [frame_record(*problem)]
-    rows, bad, unreadable = _parse_labels(frame, taxonomy)
-    if unreadable:
-        return None, bad
-    sha = hashlib.sha256(data).hexdigest()
-    return CheckedFrame(frame, sha, rows, order, bad), []
-
-
 # --------------------------------------------------------------------------- build
 
 
@@ -419,10 +225,17 @@ class CuratedDataset(BaseModel):
     split_counts: dict[str, int]
     class_counts: dict[str, dict[str, int]]
     source_counts: dict[str, dict[str, int]]
-    quarantined: int
+    quarantined: int  # records in quarantine.jsonl (frames, label rows, orphan label files)
     quarantine_reasons: dict[str, int]
     skipped_replay: int
     held_out: int = 0  # source frames kept out by ``exclude_images`` (label issues under review)
+    # Candidate frames left out whole (bad image, bad label file or row, duplicate): with the
+    # kept, replayed and held-out frames they account for every source and extra frame
+    # (less those a ``max_frames_per_split`` cap never looked at).
+    frames_quarantined: int = 0
+    # Label files no image matches (each one a quarantine record), and the first few of them.
+    orphan_labels: int = 0
+    orphan_label_examples: list[str] = Field(default_factory=list)
 
     @property
     def data_yaml(self) -> Path:
@@ -472,6 +285,16 @@ def _quarantine_md(records: list[QuarantineRecord], reasons: Counter) -> str:
     if not records:
         return "\n".join(lines + ["Nothing was quarantined.", ""])
     lines += [f"{len(records)} record(s) quarantined. Inputs were not modified.", ""]
+    whole = reasons.get(R_REJECTED_ROWS, 0)
+    if whole:
+        note = (
+            f"{whole} frame(s) with rejected label rows were left out whole, their valid rows "
+            "with them (kept, the rejected objects would be learnt as background)."
+        )
+        lines += [note, ""]
+    orphans = reasons.get(R_ORPHAN_LABEL, 0)
+    if orphans:
+        lines += [f"{orphans} label file(s) match no image and trained nothing.", ""]
     lines += ["| reason | count |", "|---|---|"]
     lines += [f"| {r} | {n} |" for r, n in sorted(reasons.items())]
     lines += ["", "| source | split | file | line | reason | detail |", "|---|---|---|---|---|---|"]
@@ -511,6 +334,7 @@ def build_curated_dataset(
     skipped_replay = 0
     excluded = {Path(p).absolute() for p in exclude_images}
     held_out = 0
+    orphans: list[QuarantineRecord] = []
     for spec in sources:
         if spec.name not in taxonomy.sources:
             raise InvalidInputError(
@@ -518,6 +342,7 @@ def build_curated_dataset(
                 f"source '{spec.name}' has no class map in the taxonomy "
                 f"(known: {sorted(taxonomy.sources)})",
             )
+        orphans.extend(spec.orphan_labels())
         taken: Counter = Counter()
         for fr in spec.frames():
             if Path(fr.image).absolute() in excluded:
@@ -541,13 +366,18 @@ def build_curated_dataset(
         skipped_replay,
     )
 
-    quarantine: list[QuarantineRecord] = []
+    if orphans:
+        logger.warning(
+            "%d label file(s) match no image (quarantined), e.g. %s",
+            len(orphans),
+            [r.file for r in orphans[:ORPHAN_EXAMPLES]],
+        )
+    quarantine: list[QuarantineRecord] = list(orphans)
     checked: list[CheckedFrame] = []
     for i, fr in enumerate(tqdm(candidates, desc="validating frames", disable=not progress)):
-        ok, bad = check_frame(fr, taxonomy, i)
+        ok, bad = check_frame(fr, taxonomy, i)  # a frame with a rejected row comes back None
         quarantine.extend(bad)
         if ok is not None:
-            quarantine.extend(ok.quarantine)
             checked.append(ok)
 
     # Leakage: one copy per image content, in the highest-priority split.
@@ -587,7 +417,10 @@ def build_curated_dataset(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:12]}"
     try:
-        result = _write_dataset(tmp, kept, quarantine, reasons, taxonomy, skipped_replay, held_out)
+        result = _write_dataset(
+            tmp, kept, quarantine, reasons, taxonomy, skipped_replay, held_out,
+            frames_quarantined=len(candidates) - len(kept), orphans=orphans,
+        )
         swap_dir_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -607,6 +440,9 @@ def _write_dataset(
     taxonomy: Taxonomy,
     skipped_replay: int,
     held_out: int = 0,
+    *,
+    frames_quarantined: int = 0,
+    orphans: Sequence[QuarantineRecord] = (),
 ) -> CuratedDataset:
     for s in SPLITS:
         (root / "images" / s).mkdir(parents=True, exist_ok=True)
@@ -645,6 +481,8 @@ def _write_dataset(
                 "original_label": str(fr.label) if fr.label is not None else None,
                 "sha256": cf.sha256,
                 "n_boxes": len(cf.rows),
+                # Always 0 now (a frame with a rejected row is not kept); the key stays so
+                # manifests of older versions and this one read alike.
                 "n_rows_quarantined": len(cf.quarantine),
             }
         )
@@ -673,6 +511,9 @@ def _write_dataset(
         quarantine_reasons=dict(sorted(reasons.items())),
         skipped_replay=skipped_replay,
         held_out=held_out,
+        frames_quarantined=frames_quarantined,
+        orphan_labels=len(orphans),
+        orphan_label_examples=[r.file for r in orphans[:ORPHAN_EXAMPLES]],
     )
     (root / "summary.json").write_text(
         result.model_dump_json(exclude={"path"}, indent=2) + "\n", encoding="utf-8"

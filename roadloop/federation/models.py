@@ -5,11 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from roadloop.federation.flower_config import InvalidConfigError
 
 StrategyName = Literal["fedavg", "fedprox", "trimmed_mean", "median", "krum", "multikrum", "bulyan"]
 NormLayers = Literal["shared", "local"]
 ROBUST_STRATEGIES: frozenset[str] = frozenset({"trimmed_mean", "median", "krum", "multikrum", "bulyan"})
+
+# dp_delta is the probability that the (epsilon, delta) guarantee fails outright: a mechanism
+# that publishes each protected unit's data in the clear with probability delta is
+# (0, delta)-DP. Here the unit is a site (site-level DP, roadloop.federation.privacy), so with
+# N sites delta x N is the expected number of sites one federation exposes, and the usual
+# requirement is delta well below 1/N. "Well below" is taken as delta x N <= DP_MAX_EXPOSED
+# = 0.01: 99 % sure that no site is exposed. N is known at training time (the sites that
+# described themselves: ``dp_delta_problem(len(sites))``); at config load it is at least
+# ``min_available_sites``, and never below one site, so no delta above 0.01 means anything.
+DP_MAX_EXPOSED = 0.01
 
 
 class FederationConfig(BaseModel):
@@ -19,7 +31,10 @@ class FederationConfig(BaseModel):
     model infinite, and an infinite cap or timeout silently switches its check off.
     """
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: Flower hands the run config over as TOML values, and a string is never taken
+    # for a number or a bool ("yes" is no boolean, "3" no integer); an int may stand for a
+    # float (TOML writes 1 for 1.0).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     strategy: StrategyName = "fedavg"
     rounds: int = Field(3, ge=1, le=1000)
@@ -42,7 +57,7 @@ class FederationConfig(BaseModel):
     dp: bool = False
     dp_noise_multiplier: float = Field(1.1, gt=0.0)
     dp_clipping_norm: float = Field(1.0, gt=0.0)
-    dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    dp_delta: float = Field(1e-5, gt=0.0, le=DP_MAX_EXPOSED)  # see DP_MAX_EXPOSED
     # "local" keeps every normalisation layer's parameters and statistics on the site (FedBN).
     norm_layers: NormLayers = "shared"
     # Local training (Ultralytics) on each site.
@@ -71,12 +86,28 @@ class FederationConfig(BaseModel):
             raise ValueError("fedprox needs proximal_mu > 0")
         if self.dp and self.strategy in ROBUST_STRATEGIES:
             raise ValueError("DP noise is added to the mean: use it with fedavg or fedprox")
+        if self.dp:  # the smallest federation this config runs has min_available_sites sites
+            problem = self.dp_delta_problem(self.min_available_sites)
+            if problem:
+                raise ValueError(f"with min_available_sites {self.min_available_sites}: {problem}")
         # The smallest round the config allows must meet the aggregator's own limits; every
         # round checks the same again against the updates that passed screening.
         shortfall = aggregation_shortfall(self, self.min_train_sites)
         if shortfall:
             raise ValueError(f"with min_train_sites {self.min_train_sites}: {shortfall}")
         return self
+
+    def dp_delta_problem(self, sites: int) -> str | None:
+        """Why ``dp_delta`` means nothing for a federation of ``sites`` sites, or None
+        (``DP_MAX_EXPOSED``: delta x sites must stay <= 0.01)."""
+        n = max(1, sites)
+        if self.dp_delta * n > DP_MAX_EXPOSED:
+            return (
+                f"dp_delta {self.dp_delta:g} x {n} site(s) = {self.dp_delta * n:.3g} sites "
+                "expected to lose their guarantee outright per federation; delta must be well "
+                f"below 1/sites (at most {DP_MAX_EXPOSED:g}/{n} = {DP_MAX_EXPOSED / n:.3g})"
+            )
+        return None
 
     def multikrum_selected(self) -> int:
         """How many updates Multi-Krum averages (``multikrum_keep``; 0: sites - malicious)."""
@@ -93,13 +124,47 @@ class FederationConfig(BaseModel):
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> FederationConfig:
+        """The config from Flower's run config (kebab-case keys, TOML-typed values); other
+        keys are the app's own and ignored. A value of the wrong type or out of range raises
+        InvalidConfigError naming its key as the run config spells it."""
         fields = set(cls.model_fields)
-        values = {}
+        values: dict = {}
+        spelt: dict[str, str] = {}
         for key, value in run_config.items():
             name = str(key).replace("-", "_")
             if name in fields:
                 values[name] = value
-        return cls(**values)
+                spelt[name] = str(key)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                name = str(err["loc"][0]) if err["loc"] else ""
+                msg = str(err["msg"]).removeprefix("Value error, ") + _TYPE_HINTS.get(
+                    err["type"], _FIELD_HINTS.get(name, "")
+                )
+                if name in spelt:
+                    value = values[name]
+                    problems.append(f"'{spelt[name]}' = {value!r} ({type(value).__name__}): {msg}")
+                elif name:  # a default: cannot be wrong, but say so rather than hide it
+                    problems.append(f"'{name.replace('_', '-')}': {msg}")
+                else:  # the model's own consistency checks
+                    problems.append(msg)
+            raise InvalidConfigError("federation run config: " + "; ".join(problems)) from exc
+
+
+_TYPE_HINTS = {
+    "bool_type": " (a TOML boolean: true or false, unquoted)",
+    "int_type": " (a TOML integer, unquoted)",
+    "float_type": " (a TOML number, unquoted)",
+}
+_FIELD_HINTS = {
+    "dp_delta": (
+        " (delta is the chance the DP guarantee fails outright, and must stay well below "
+        "1/sites: delta x sites <= 0.01)"
+    ),
+}
 
 
 def aggregation_shortfall(cfg: FederationConfig, updates: int) -> str | None:

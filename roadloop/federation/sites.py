@@ -2,7 +2,8 @@
 
 A site is one camera/source domain. Every frame is checked and its labels mapped into the
 platform taxonomy by the curated builder's own functions (``check_frame``): unreadable
-frames go, bad or unmapped label rows go, the rest of the frame stays.
+frames go, and so does a frame with any bad or unmapped label row, whole (its other rows
+would teach the rejected objects as background).
 
 - ``atl_v2`` is cut by mean grey level (decoded at 1/4 scale): ``atl_night`` below
   ``NIGHT_BELOW`` (60), ``atl_day`` from ``DAY_AT_LEAST`` (110). The source's frames were
