@@ -11,6 +11,13 @@ answers. Nothing is acknowledged before it is durable.
 gateway passes the frame store's ``sync`` there, so the files of every frame in the batch
 are durable before its row is committed, with one barrier per batch instead of fsyncs per
 frame. If it raises, the whole batch fails (``CommitFailed``: nothing acknowledged).
+
+An error of one ``fn`` that says the data was refused (``IntegrityError``, ``DataError``...)
+goes back to that caller alone. One that says the database cannot be reached or cannot run
+statements now (``fleet.db.database_unavailable``: connection refused or lost, server
+restarting, lock timeout, deadlock, ``database is locked``) fails the whole batch as
+``CommitFailed`` instead: the callers answer 503 and keep what they wrote, as for a failed
+commit; a retry finds it in place.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
-from fleet.db import Database
+from fleet.db import Database, database_unavailable
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,7 +75,8 @@ class GroupCommitter:
         """Run ``fn`` inside the next batch transaction; return its result once committed.
 
         Exceptions raised by ``fn`` (e.g. ``IntegrityError``) come back to the caller; a
-        failed commit raises ``CommitFailed``.
+        failed commit, or a database that is unavailable (``database_unavailable``), raises
+        ``CommitFailed``.
         """
         if not self.running:
             raise CommitFailed("the gateway's database writer is not running")
@@ -105,14 +113,19 @@ class GroupCommitter:
                         with session.begin_nested():
                             result = fn(session)
                         outcomes.append((future, result, None))
-                    except Exception as exc:  # noqa: BLE001 - handed back to that one caller
+                    except Exception as exc:  # handed back to that one caller (but see below)
+                        if database_unavailable(exc):
+                            raise  # not this caller's data: the batch cannot commit now
                         outcomes.append((future, None, exc))
                 session.commit()
         except Exception as exc:
             logger.exception("group commit of %d writes failed", len(batch))
+            # The driver's message names the database server: for the log, not for clients.
+            why = ("the gateway's database is unavailable" if database_unavailable(exc)
+                   else f"commit failed: {exc}")
             for _fn, future in batch:
                 if not future.done():
-                    future.set_exception(CommitFailed(f"commit failed: {exc}"))
+                    future.set_exception(CommitFailed(why))
             return
         self.batches += 1
         self.items += len(batch)

@@ -8,7 +8,10 @@ a plain engine. Datetimes are stored as UTC and always come back timezone-aware.
 ``model_manifests`` / ``rollouts`` hold published models and staged rollouts
 (``fleet.rollouts``); cohort membership is computed from device ids, not stored.
 ``camera_configs`` / ``camera_config_versions`` hold each camera's configuration document and
-its history (``fleet.camera_config``). ``traffic_intervals`` holds each traffic interval record
+its history (``fleet.camera_config``). ``frame_erasures`` records every erasure of a camera's
+frames (``fleet.privacy``): the group committer's insert and the start-up reconciles refuse
+a frame one covers (``erased_frames``), so a late upload cannot bring an erased frame back.
+``traffic_intervals`` holds each traffic interval record
 as posted (``fleet.traffic``); its rows are also split into ``traffic_line_counts``,
 ``traffic_zone_stats`` and ``traffic_events`` (written in the same transaction), so queries by
 camera, line, zone, class, kind and time are SQL over indexed columns. ``camera_drift`` holds
@@ -22,10 +25,11 @@ tests/test_fleet_migrations.py fails until the migrated schema matches them agai
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -50,6 +54,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -178,6 +184,29 @@ class FrameRow(Base):
     reasons: Mapped[list[str]] = mapped_column(JSON, default=list)
     n_detections: Mapped[int] = mapped_column(Integer, default=0)
     recovered: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class FrameErasureRow(Base):
+    """One erasure of a camera's frames (``POST /v1/privacy/erase``), kept for good.
+
+    Written (and committed) before the erasure lists and deletes anything. A frame of
+    ``camera_id`` captured in ``[since, covers_until)`` is refused by every insert of a
+    ``frames`` row after it (``erased_frames``): an upload in flight during the erasure, a
+    late upload of an erased frame, a start-up reconcile. ``until`` is the range asked for;
+    ``covers_until`` is ``until`` cut at one day (``fleet.bounds.CLOCK_SKEW``, the furthest
+    ahead of its clock the gateway accepts a capture time) after the erasure, so a range
+    reaching into the future does not refuse the camera's frames for good."""
+
+    __tablename__ = "frame_erasures"
+    __table_args__ = (Index("ix_frame_erasures_camera_since", "camera_id", "since"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    camera_id: Mapped[str] = mapped_column(String(64))
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    until: Mapped[datetime] = mapped_column(UTCDateTime())
+    covers_until: Mapped[datetime] = mapped_column(UTCDateTime())
+    erased_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    erased_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class HeartbeatRow(Base):
@@ -517,6 +546,65 @@ def stored_frame_paths(session: Session,
                 select(FrameRow.frame_id, FrameRow.path).where(
                     FrameRow.camera_id == camera_id,
                     FrameRow.frame_id.in_(frame_ids[i:i + 500]))))
+    return out
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """The database could not run a statement now — connection refused or lost, server
+    shutting down, a lock or statement timeout, a deadlock, SQLite's ``database is locked``,
+    no pool connection free — as opposed to refusing the data (``IntegrityError``,
+    ``DataError``). Nothing about the request is wrong: answer 503, keep what was written,
+    let the client retry. PostgreSQL's "program limit exceeded" (SQLSTATE class 54, an
+    ``OperationalError`` in psycopg2) is the statement itself, not the server: excluded."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if isinstance(exc, OperationalError):
+        code = getattr(exc.orig, "pgcode", None)
+        return not (isinstance(code, str) and code.startswith("54"))
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def camera_lock_key(camera_id: str) -> int:
+    """The PostgreSQL advisory lock key of one camera's frames (a signed 64-bit hash)."""
+    digest = hashlib.blake2b(f"roadloop.frames:{camera_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def lock_camera_frames(session: Session, camera_ids: Iterable[str], *,
+                       exclusive: bool) -> None:
+    """PostgreSQL: take the transaction-level advisory lock of each camera's frames (in key
+    order), exclusive for an erasure writing its ``frame_erasures`` row, shared for a
+    transaction inserting ``frames`` rows. An erasure so waits for the inserts in flight,
+    and every insert after it sees its row. Every gateway process and replica takes the
+    same locks. SQLite: nothing to take — write transactions begin with ``BEGIN IMMEDIATE``
+    (``Database.write``), so they already run one at a time and see every earlier commit."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    take = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    for key in sorted({camera_lock_key(c) for c in camera_ids}):
+        session.execute(text(f"SELECT {take}(:key)"), {"key": key})
+
+
+def erased_frames(session: Session, frames: Iterable[tuple[str, str, datetime]],
+                  ) -> dict[tuple[str, str], datetime]:
+    """Of ``frames`` (``(camera_id, frame_id, captured_at)``), those an erasure covers
+    (``frame_erasures``): ``(camera_id, frame_id) -> erased_at``. Takes the cameras' shared
+    locks first (``lock_camera_frames``), so call it in the transaction that inserts the
+    rows, before inserting them. One indexed query for all the cameras."""
+    by_camera: dict[str, list[tuple[str, datetime]]] = {}
+    for camera_id, frame_id, captured_at in frames:
+        by_camera.setdefault(camera_id, []).append((frame_id, captured_at))
+    if not by_camera:
+        return {}
+    lock_camera_frames(session, by_camera, exclusive=False)
+    erasures = session.execute(select(
+        FrameErasureRow.camera_id, FrameErasureRow.since, FrameErasureRow.covers_until,
+        FrameErasureRow.erased_at).where(FrameErasureRow.camera_id.in_(sorted(by_camera)))).all()
+    out: dict[tuple[str, str], datetime] = {}
+    for camera_id, since, covers_until, erased_at in erasures:
+        for frame_id, captured_at in by_camera[camera_id]:
+            if since <= captured_at < covers_until:
+                out.setdefault((camera_id, frame_id), erased_at)
     return out
 
 

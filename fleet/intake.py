@@ -15,6 +15,14 @@ Durability order for ``POST /v1/frames`` and each frame of ``POST /v1/frames/bat
    the commit, and a failed sync fails the commit (503, nothing acknowledged);
 4. the row is committed; then the answer.
 
+A frame of a camera and capture time an erasure covers (``POST /v1/privacy/erase``: its
+``frame_erasures`` row) is refused in step 3, in the transaction that would insert its row
+(``fleet.db.erased_frames``: on PostgreSQL under the camera's shared advisory lock, which the
+erasure takes exclusively while it writes that row), with 410 Gone — final, the agent drops
+it — and the files it has in the store are removed: an upload in flight while another
+process or replica erased the range never answers 201 for a frame whose files the erasure
+deleted, and a late upload of an erased frame does not bring it back.
+
 Before any of that the upload's cost is bounded (``fleet.jpeg``): metadata size and strict
 JSON, the JPEG's structure and claimed size from its header, then one strict reduced decode
 in one of ``max_concurrent_decodes`` slots.
@@ -47,7 +55,13 @@ from fleet.auth_first import AuthFirstRoute
 from fleet.bodies import JsonRejected, loads, read_form
 from fleet.committer import CommitFailed
 from fleet.config import GatewaySettings
-from fleet.db import Device, insert_new_frames, stored_frame_paths
+from fleet.db import (
+    Device,
+    database_unavailable,
+    erased_frames,
+    insert_new_frames,
+    stored_frame_paths,
+)
 from fleet.frame_checks import CheckedFrame, check_frames, validation_message
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
@@ -224,50 +238,98 @@ def store_frames(gw: Gateway, principal: Principal,
             "recovered": False,
         } for _, f, _, rel in pending]
 
-        def insert_rows(session: Session) -> tuple[list[bool], dict[tuple[str, str], str]]:
-            """One INSERT that skips frames already stored; a frame id twice in one batch
-            counts as stored once (its second copy is a 409). Also the stored path of each
-            refused frame whose files this request wrote (see ``_drop_unstored_copies``)."""
-            new = insert_new_frames(session, rows)
+        def insert_rows(session: Session) -> tuple[list[str], dict[tuple[str, str], str]]:
+            """Per row ``stored``, ``duplicate`` or ``erased``: one INSERT that skips frames
+            already stored (a frame id twice in one batch counts as stored once: its second
+            copy is a 409) and frames an erasure covers, looked up first in this transaction
+            (``erased_frames``). Also the stored path of each duplicate whose files this
+            request wrote (see ``_drop_unstored_copies``). The device row is touched first:
+            the erasure lock (PostgreSQL) is then taken just before the lookup."""
             session.execute(
                 update(Device).where(Device.device_id == principal.device_id)
                 .values(last_seen_at=now)
             )
-            inserted = []
+            erased = erased_frames(
+                session, [(r["camera_id"], r["frame_id"], r["captured_at"]) for r in rows])
+            new = insert_new_frames(
+                session, [r for r in rows if (r["camera_id"], r["frame_id"]) not in erased])
+            outcome = []
             for row in rows:
                 key = (row["camera_id"], row["frame_id"])
-                inserted.append(key in new)
+                outcome.append("erased" if key in erased else
+                               "stored" if key in new else "duplicate")
                 new.discard(key)
             wrote_refused = [(f.record.camera_id, f.record.frame_id)
-                             for (_, f, w, _), ok in zip(pending, inserted, strict=True)
-                             if not ok and not w.already_existed]
-            return inserted, stored_frame_paths(session, wrote_refused)
+                             for (_, f, w, _), done in zip(pending, outcome, strict=True)
+                             if done == "duplicate" and not w.already_existed]
+            return outcome, stored_frame_paths(session, wrote_refused)
 
         try:
             with stats.span("commit_wait"):
-                inserted, stored_paths = gw.committer.submit(insert_rows)
+                done, stored_paths = gw.committer.submit(insert_rows)
         except (CommitFailed, TimeoutError) as exc:
-            for i, frame, _, _ in pending:
-                outcomes[i] = HTTPException(
-                    503, f"gateway could not record frame {frame.meta.frame_id} ({exc}); "
-                    "retry later — the frame is not acknowledged")
-            return outcomes
-        except Exception:
-            # Not a database that is down (that is CommitFailed, and a retry finds the files
-            # in place): the rows themselves were refused, and would be again. Files left
-            # without a row would be turned into rows by the start-up reconcile, so remove
-            # what this request wrote; the error itself is the 500 it is.
+            return _retry_later(outcomes, pending, exc)
+        except Exception as exc:
+            if database_unavailable(exc):  # the committer says CommitFailed; to be sure
+                logger.exception("recording frames failed: the database is unavailable")
+                return _retry_later(outcomes, pending, "the gateway's database is unavailable")
+            # Not a database that is down (a retry finds the files in place): the rows
+            # themselves were refused, and would be again. Files left without a row would be
+            # turned into rows by the start-up reconcile, so remove what this request
+            # wrote; the error itself is the 500 it is.
             _drop_files_written(gw, pending)
             raise
-        _drop_unstored_copies(gw, pending, inserted, stored_paths)
-    for (i, frame, _, _), ok in zip(pending, inserted, strict=True):
-        if ok:
+        _drop_unstored_copies(gw, pending, [d != "duplicate" for d in done], stored_paths)
+        _drop_erased(gw, pending, done)
+    for (i, frame, _, _), result in zip(pending, done, strict=True):
+        if result == "stored":
             stats.count("frames_stored")
             gw.metrics.frame_stored(len(frame.image))
+        elif result == "erased":
+            stats.count("frames_erased_refused")
+            outcomes[i] = HTTPException(
+                410, f"frame {frame.meta.frame_id} of camera {frame.record.camera_id} was "
+                f"captured at {frame.record.captured_at.isoformat()}, in a range of the "
+                "camera's frames that was erased (POST /v1/privacy/erase): not stored, and "
+                "never will be — do not send it again")
         else:
             stats.count("frames_duplicate")
             outcomes[i] = HTTPException(409, f"frame {frame.meta.frame_id} already stored")
     return outcomes
+
+
+# Retry-After of a frame that could not be recorded: the least wait; an agent backs off
+# further on its own (edge_agent.uploader: the larger of its backoff and this).
+RECORD_RETRY_AFTER_S = 1
+
+
+def _retry_later(outcomes: list[HTTPException | None],
+                 pending: list[tuple[int, CheckedFrame, FrameWrite, str]],
+                 why: object) -> list[HTTPException | None]:
+    """503 with ``Retry-After`` for every pending frame; their files stay (a retry finds them
+    in place, and the start-up reconcile gives a frame the agent never retries its row)."""
+    for i, frame, _, _ in pending:
+        outcomes[i] = HTTPException(
+            503, f"gateway could not record frame {frame.meta.frame_id} ({why}); retry later "
+            "— the frame is not acknowledged",
+            headers={"Retry-After": str(RECORD_RETRY_AFTER_S)})
+    return outcomes
+
+
+def _drop_erased(gw: Gateway, pending: list[tuple[int, CheckedFrame, FrameWrite, str]],
+                 done: list[str]) -> None:
+    """Remove the files of each frame an erasure covers, whether this request wrote them or
+    found them (an earlier attempt's): they are erased data, and left in the store the
+    start-up reconcile would look at them again. Runs under the frames' key locks."""
+    for (_, frame, written, rel), result in zip(pending, done, strict=True):
+        if result != "erased":
+            continue
+        try:
+            gw.store.remove_frame(written.path)
+        except OSError:
+            logger.exception("could not remove %s, written for frame %s/%s that an erasure "
+                             "covers; the next erasure or start-up reconcile removes it", rel,
+                             frame.record.camera_id, frame.record.frame_id)
 
 
 def _drop_files_written(gw: Gateway,
@@ -358,8 +420,10 @@ _MULTIPART_DOC: dict[str, Any] = {
     responses={
         401: {"model": ErrorOut}, 403: {"model": ErrorOut},
         409: {"model": ErrorOut, "description": "Already stored: treat as acknowledged."},
+        410: {"model": ErrorOut, "description": "Captured in an erased range of its camera "
+              "(POST /v1/privacy/erase): not stored, never will be; do not retry."},
         413: {"model": ErrorOut}, 422: {"model": ErrorOut}, 429: {"model": ErrorOut},
-        503: {"model": ErrorOut, "description": "Not stored; retry later."},
+        503: {"model": ErrorOut, "description": "Not stored; retry later (Retry-After)."},
     },
     openapi_extra=_MULTIPART_DOC,
 )

@@ -49,7 +49,7 @@ __all__ = ["BATCH_CONTENT_TYPE", "BatchResult", "FrameResult", "router", "split_
 BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
 _PREFIX = struct.Struct(">I")
 RETRY_LATER = frozenset({429, 503, 507})
-REFUSED = frozenset({403, 413, 422})
+REFUSED = frozenset({403, 410, 413, 422})  # 410: an erased range (fleet.intake)
 
 
 class FrameResult(BaseModel):
@@ -247,7 +247,8 @@ async def post_frame_batch(
 ) -> JSONResponse:
     """Upload up to ``max_batch_frames`` frames in one raw body; per-frame results in request
     order, each with the status ``POST /v1/frames`` gives that frame alone (201 stored and
-    durable, 409 already stored, 403/413/422 refused, 429/503/507 retry later).
+    durable, 409 already stored, 403/413/422 refused, 410 captured in an erased range,
+    429/503/507 retry later).
 
     Authentication and the rate limit's first frame are checked before the body is read;
     each further frame costs one token of the device's rate limit."""

@@ -7,11 +7,20 @@ so a restart's reconcile (``fleet.reconcile``) never brings a deleted frame's ro
 An erasure also walks the camera's files in the store: a frame written just before a crash
 has files but no row yet, and the reconcile would otherwise give it one after the erasure.
 Every call is audited.
+
+An erasure first commits its ``frame_erasures`` row (``FrameErasureRow``), on PostgreSQL
+under the camera's exclusive advisory lock (``fleet.db.lock_camera_frames``), and only then
+lists and deletes. Every ``frames`` insert takes that lock shared and looks for such rows in
+its own transaction (``fleet.db.erased_frames``; on SQLite write transactions run one at a
+time), so whichever gateway process or replica an upload runs in: a row committed before
+the erasure's is deleted by it, and an insert after it refuses the frame (410, its files
+removed). The start-up reconciles insert their rows the same way. The erased range stays
+erased: a late upload of one of its frames is refused too (``docs/retention.md``).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +31,17 @@ from sqlalchemy.orm import Session
 
 from fleet.auth import AdminPrincipal, audit, client_address
 from fleet.auth_first import AuthFirstRoute
-from fleet.bounds import Id, Timestamp
+from fleet.bounds import CLOCK_SKEW, Id, Timestamp
 from fleet.db import (
     Device,
+    FrameErasureRow,
     FrameRow,
     HeartbeatRow,
     TrafficEventRow,
     TrafficIntervalRow,
     TrafficLineCountRow,
     TrafficZoneStatRow,
+    lock_camera_frames,
 )
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut
@@ -107,20 +118,37 @@ def _drop_stored_files(gw: Gateway, camera_id: str, since: datetime,
                       until: datetime) -> dict[str, int]:
     """Delete every complete frame of ``camera_id`` captured in ``[since, until)`` that the
     frame store holds (folder or object store: ``FrameStorage.iter_frames``), row or no row;
-    returns ``{frame_id: bytes freed}``. Each frame is deleted under its upload key lock, so
-    an upload of that frame in flight either commits its row first (then the erasure deletes
-    the row) or writes its files after (then its row keeps them). No database lock is held
-    here: an upload holds its key lock while it waits for the database."""
+    returns ``{frame_id: bytes freed}``. Called after the erasure's ``frame_erasures`` row
+    is committed: an upload of one of these frames in flight then either committed its row
+    before (the erasure deletes the row next) or has its insert refused (it removes its own
+    files too), in this process or any other."""
     freed: dict[str, int] = {}
     for record, image in list(gw.store.iter_frames(camera_id, start=since, end=until)):
-        with gw.frame_locks.hold([f"{camera_id}/{record.frame_id}"]):
-            try:  # the image's bytes, as a row's size_bytes counts them
-                size = image.stat().st_size
-            except OSError:
-                size = 0
-            gw.store.remove_frame(image)
+        try:  # the image's bytes, as a row's size_bytes counts them
+            size = image.stat().st_size
+        except OSError:
+            size = 0
+        gw.store.remove_frame(image)
         freed[record.frame_id] = freed.get(record.frame_id, 0) + size
     return freed
+
+
+def _record_erasure(gw: Gateway, body: EraseRequest, now: datetime, actor: str | None,
+                    ) -> datetime:
+    """Commit the erasure's ``frame_erasures`` row, on PostgreSQL under the camera's
+    exclusive lock (it waits for the ``frames`` inserts in flight); returns the end of the
+    capture times it covers: ``until``, cut at ``CLOCK_SKEW`` past the later of the
+    gateway's clock and the wall clock — no upload can carry a later capture time before
+    then (``fleet.bounds.EventTime``), and a range reaching into the future must not refuse
+    the camera's new frames for good."""
+    covers_until = min(body.until, max(now, datetime.now(UTC)) + CLOCK_SKEW)
+    with gw.db.write() as session:
+        lock_camera_frames(session, [body.camera_id], exclusive=True)
+        session.add(FrameErasureRow(camera_id=body.camera_id, since=body.since,
+                                    until=body.until, covers_until=covers_until,
+                                    erased_at=now, erased_by=actor))
+        session.commit()
+    return covers_until
 
 
 @router.post("/v1/privacy/erase", response_model=EraseOut, responses=_ERRORS)
@@ -128,8 +156,9 @@ def erase_frames(body: EraseRequest, request: Request, principal: AdminPrincipal
                  gw: GatewayDep) -> EraseOut:
     """Delete every frame of ``camera_id`` captured in ``[since, until)``: the files the
     frame store holds (also those of a frame whose row a crash never committed), then the
-    rows. 404 when the gateway never knew the camera (no device, no frame); nothing is
-    deleted."""
+    rows. The range stays erased: a frame of it uploaded later, or in flight meanwhile on
+    any gateway, is refused (410). 404 when the gateway never knew the camera (no device,
+    no frame); nothing is deleted."""
     now = gw.now()
     with gw.db.read() as session:
         known = session.scalar(select(Device.device_id).where(
@@ -139,18 +168,22 @@ def erase_frames(body: EraseRequest, request: Request, principal: AdminPrincipal
         raise HTTPException(404, f"unknown camera {body.camera_id!r}: no device was ever "
                             "enrolled for it and it has no frames (GET /v1/devices lists "
                             "them); nothing deleted")
-    files = _drop_stored_files(gw, body.camera_id, body.since, body.until)
+    # What is deleted is what the erasure record covers: a frame the erasure deletes can
+    # never be acknowledged afterwards. Later capture times cannot be stored yet.
+    end = _record_erasure(gw, body, now, principal.actor)
+    files = _drop_stored_files(gw, body.camera_id, body.since, end)
     with gw.db.write() as session:
         rows = list(session.scalars(select(FrameRow).where(
             FrameRow.camera_id == body.camera_id, FrameRow.captured_at >= body.since,
-            FrameRow.captured_at < body.until)))
+            FrameRow.captured_at < end)))
         freed = _drop_frames(gw, session, rows) + sum(files.values())
         without_row = len(set(files) - {r.frame_id for r in rows})
         audit(session, now, "frames_erased", actor=principal.actor,
               token_id=principal.token_id, client=client_address(request),
               detail={"camera_id": body.camera_id, "since": body.since.isoformat(),
                       "until": body.until.isoformat(), "frames": len(rows) + without_row,
-                      "files_without_row": without_row})
+                      "files_without_row": without_row,
+                      "refuses_captured_before": end.isoformat()})
         session.commit()
     return EraseOut(camera_id=body.camera_id, since=body.since, until=body.until,
                     frames_deleted=len(rows) + without_row, bytes_deleted=freed,

@@ -6,7 +6,10 @@ inside the write leaves a temp file or an image without a sidecar (never acknowl
 ``reconcile_frame_store`` gives the first kind its row (``recovered=True``) and deletes the
 second, so the store and the table agree even when the agent never comes back. It runs once
 before serving (``Gateway.prepare_storage``); an object-store frame store has its own
-(``fleet.reconcile_objects``).
+(``fleet.reconcile_objects``). A frame without a row that an erasure covers
+(``frame_erasures``; e.g. written by an upload after the erasure walked the store, whose
+refusal a crash cut short) is deleted, never given a row: the rows are inserted in a
+transaction that checks that (``fleet.db.erased_frames``), as intake's are.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
 from fleet.bounds import unstorable_string
-from fleet.db import Database, Device, FrameRow, stored_frame_paths
+from fleet.db import Database, Device, FrameRow, erased_frames, stored_frame_paths
 from fleet.jpeg import JpegError, inspect_jpeg
 from roadloop.data.frames import ID_PATTERN, FrameRecord, FrameStore
 
@@ -43,6 +46,7 @@ class ReconcileReport(BaseModel):
     unreadable_sidecars: int = 0
     removed_torn_frames: int = 0
     removed_unstored_copies: int = 0  # copies of a frame whose row names another path
+    removed_erased_frames: int = 0  # frames without a row that an erasure covers
 
 
 def camera_owners(db: Database) -> dict[str, str]:
@@ -90,12 +94,18 @@ def reconcile_frame_store(
             report.scanned_dirs += 1
             new_rows.extend(_reconcile_day(db, store, clock, camera_id, device_id, day, report))
     with db.write() as session:
-        session.add_all(new_rows)
+        erased = erased_frames(session, [(r.camera_id, r.frame_id, r.captured_at)
+                                         for r in new_rows])
+        kept = [r for r in new_rows if (r.camera_id, r.frame_id) not in erased]
+        session.add_all(kept)
         db.set_state(session, RECONCILE_STATE_KEY, started.isoformat())
         session.commit()
-    report.recovered_rows = len(new_rows)
-    if (new_rows or report.removed_temp_files or report.removed_orphan_images
-            or report.removed_torn_frames or report.removed_unstored_copies):
+    report.recovered_rows = len(kept)
+    remove_erased(store, [r.path for r in new_rows if (r.camera_id, r.frame_id) in erased],
+                  report)
+    if (kept or report.removed_temp_files or report.removed_orphan_images
+            or report.removed_torn_frames or report.removed_unstored_copies
+            or report.removed_erased_frames):
         logger.warning("reconciled frame store after an unclean stop: %s", report)
     return report
 
@@ -198,6 +208,17 @@ def recovered_row(rec: FrameRecord, owner_device_id: str, path: str, image: byte
         "importance": rec.importance, "reasons": rec.reasons,
         "n_detections": len(rec.detections), "recovered": True,
     }
+
+
+def remove_erased(store: Any, paths: list[str], report: Any) -> None:
+    """Delete the frames at ``paths`` (image paths relative to the store's root): complete
+    frames without a row that an erasure covers. Never acknowledged after the erasure, and
+    erased data whatever their story; counted in ``report.removed_erased_frames``."""
+    for path in paths:
+        logger.warning("reconcile: removing %s, a frame without a row in a range of its "
+                       "camera that was erased", path)
+        store.remove_frame(store.root / path)
+        report.removed_erased_frames += 1
 
 
 def _unstorable(rec: FrameRecord) -> str | None:

@@ -14,6 +14,9 @@ Unlike a gateway's own folder, the bucket is shared by every replica, so:
   the record's absence again right before deleting (``S3FrameStore.delete_orphan_image``).
 * **Two replicas may run it at once.** Deletes of a missing key are no-ops; a row the
   other replica inserted first hits the unique ``(camera_id, frame_id)`` and is skipped.
+* **An erased frame gets no row.** A complete frame without a row that an erasure covers
+  (``frame_erasures``) is deleted instead: rows are inserted in a transaction that checks
+  that under the cameras' shared locks (``fleet.db.erased_frames``), as intake's are.
 * **Work per start is bounded.** The store is walked in key order, one date folder at a
   time, until ``max_objects`` keys were listed; the last key read is kept in
   ``gateway_state`` and the next start continues after it (from the top once the end is
@@ -30,8 +33,14 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 
-from fleet.db import Database, FrameRow
-from fleet.reconcile import camera_owners, is_unstored_copy, known_frame_paths, recovered_row
+from fleet.db import Database, FrameRow, erased_frames
+from fleet.reconcile import (
+    camera_owners,
+    is_unstored_copy,
+    known_frame_paths,
+    recovered_row,
+    remove_erased,
+)
 from roadloop.data.object_frames import FolderListing, S3FrameStore
 
 logger = logging.getLogger(__name__)
@@ -49,6 +58,7 @@ class ObjectReconcileReport(BaseModel):
     rows_inserted_elsewhere: int = 0  # another replica recovered them first
     removed_orphan_images: int = 0
     removed_unstored_copies: int = 0  # copies of a frame whose row names another path
+    removed_erased_frames: int = 0  # frames without a row that an erasure covers
     young_objects_left: int = 0  # within the grace period: maybe an upload in flight
     unreadable_records: int = 0
     unowned_frames: int = 0  # camera never enrolled here: no device to credit a row to
@@ -91,7 +101,8 @@ def reconcile_object_store(
             session.commit()
     except IntegrityError:  # another replica created the state row at the same moment
         logger.info("reconcile cursor written by another replica; keeping theirs")
-    if report.recovered_rows or report.removed_orphan_images or report.removed_unstored_copies:
+    if (report.recovered_rows or report.removed_orphan_images or report.removed_unstored_copies
+            or report.removed_erased_frames):
         logger.warning("reconciled object frame store after an unclean stop: %s", report)
     return report
 
@@ -137,26 +148,38 @@ def _reconcile_folder(
             continue
         rec, image = loaded
         rows.append(recovered_row(rec, device_id, f"{folder.stem(frame_id)}.jpg", image, clock()))
-    _insert(db, rows, report)
+    _insert(db, store, rows, report)
 
 
-def _insert(db: Database, rows: list[dict[str, Any]], report: ObjectReconcileReport) -> None:
-    """All rows in one commit; when another replica got some in first, one by one."""
+def _insert(db: Database, store: S3FrameStore, rows: list[dict[str, Any]],
+            report: ObjectReconcileReport) -> None:
+    """All rows in one commit; when another replica got some in first, one by one. Rows an
+    erasure covers are not inserted: their frames are deleted."""
     if not rows:
         return
     try:
-        with db.write() as session:
-            session.add_all([FrameRow(**r) for r in rows])
-            session.commit()
-        report.recovered_rows += len(rows)
-        return
+        inserted, erased = _insert_rows(db, rows)
     except IntegrityError:
-        pass
-    for r in rows:
-        try:
-            with db.write() as session:
-                session.add(FrameRow(**r))
-                session.commit()
-            report.recovered_rows += 1
-        except IntegrityError:
-            report.rows_inserted_elsewhere += 1
+        inserted, erased = 0, []
+        for r in rows:
+            try:
+                one, gone = _insert_rows(db, [r])
+            except IntegrityError:
+                report.rows_inserted_elsewhere += 1
+                continue
+            inserted += one
+            erased += gone
+    report.recovered_rows += inserted
+    remove_erased(store, erased, report)
+
+
+def _insert_rows(db: Database, rows: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """Insert ``rows`` but those an erasure covers, in one transaction; (rows inserted,
+    paths of the covered ones)."""
+    with db.write() as session:
+        erased = erased_frames(session, [(r["camera_id"], r["frame_id"], r["captured_at"])
+                                         for r in rows])
+        kept = [r for r in rows if (r["camera_id"], r["frame_id"]) not in erased]
+        session.add_all([FrameRow(**r) for r in kept])
+        session.commit()
+    return len(kept), [r["path"] for r in rows if (r["camera_id"], r["frame_id"]) in erased]
