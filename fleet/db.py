@@ -215,6 +215,7 @@ class HeartbeatRow(Base):
     __tablename__ = "heartbeats"
     __table_args__ = (
         Index("ix_heartbeats_camera_sent", "camera_id", "sent_at"),
+        Index("ix_heartbeats_camera_received", "camera_id", "received_at"),  # latest_heartbeat
         UniqueConstraint("device_id", "sent_at", name="uq_heartbeats_device_sent"),
     )
 

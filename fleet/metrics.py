@@ -39,7 +39,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
@@ -264,45 +264,20 @@ CAMERA_PROBLEMS = ("config_error", "traffic_error", "redaction_error", "redactio
 PROBLEM_FIELDS = {"redaction_gap": "redaction_gaps"}
 
 
-# How far (by the agent's clock) before the camera's newest plausible heartbeat
-# ``latest_heartbeat`` looks for the one the gateway received last.
-LATEST_BAND = timedelta(hours=1)
-
-
-def latest_heartbeat(session: Session, camera_id: str,
-                     last_seen: datetime | None = None) -> HeartbeatRow | None:
+def latest_heartbeat(session: Session, camera_id: str) -> HeartbeatRow | None:
     """The camera's heartbeat the gateway received last (``received_at``, then ``id``), or None.
 
     Not the greatest ``sent_at``: that is the agent's clock, and one heartbeat sent up to a day
     ahead (accepted: ``fleet.bounds.CLOCK_SKEW``) would stay "the latest" until that day came,
-    freezing the camera's gauges. Only the ``sent_at`` index exists, so the search is bounded
-    by it: among the heartbeats sent at or after ``LATEST_BAND`` before the newest one whose
-    ``sent_at`` is not after ``last_seen`` (when the gateway last heard from the camera; read
-    from ``Device.last_seen_at`` when not given) -- the recent ones and any dated ahead, an
-    hour of heartbeats as a rule, whatever the agent's clock offset. What it can miss: a
-    heartbeat dated over ``LATEST_BAND`` before one received earlier, i.e. the camera's agent
-    clock went back by more than that (set back while running, or a re-enrolled device's
-    clock behind the old one's): its gauges stay those of the last heartbeat before the jump
-    until the new heartbeats are dated past it. ``last_seen`` (the silence series) is right
-    all along."""
-    of_camera = HeartbeatRow.camera_id == camera_id
-    if last_seen is None:
-        last_seen = session.scalar(
-            select(func.max(Device.last_seen_at)).where(Device.camera_id == camera_id))
-    q = select(HeartbeatRow).where(of_camera)
-    if last_seen is not None:
-        anchor = session.scalar(
-            select(HeartbeatRow.sent_at).where(of_camera, HeartbeatRow.sent_at <= last_seen)
-            .order_by(HeartbeatRow.sent_at.desc()).limit(1))
-        # No heartbeat sent by then: all are dated ahead of it, all are in the band.
-        q = q.where(HeartbeatRow.sent_at >= (anchor or last_seen) - LATEST_BAND)
+    freezing the camera's gauges. One lookup of ``ix_heartbeats_camera_received``."""
     return session.scalars(
-        q.order_by(HeartbeatRow.received_at.desc(), HeartbeatRow.id.desc()).limit(1)).first()
+        select(HeartbeatRow).where(HeartbeatRow.camera_id == camera_id)
+        .order_by(HeartbeatRow.received_at.desc(), HeartbeatRow.id.desc()).limit(1)).first()
 
 
 class FleetCollector(Collector):
-    """Fleet state from the database, read at each scrape (two indexed queries per live
-    camera, ``latest_heartbeat``)."""
+    """Fleet state from the database, read at each scrape (one indexed query per live camera,
+    ``latest_heartbeat``)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -384,7 +359,7 @@ class FleetCollector(Collector):
                 if camera_id not in heard:  # never heard from: no series (nothing to compare)
                     continue
                 last.add_metric([camera_id], heard[camera_id].timestamp())
-                row = latest_heartbeat(session, camera_id, heard[camera_id])
+                row = latest_heartbeat(session, camera_id)
                 if row is None:  # none yet, or retention deleted them
                     continue
                 if row.fps is not None:

@@ -84,7 +84,7 @@ def test_a_heartbeat_dated_ahead_does_not_freeze_the_gauges(env: Env) -> None:
 
 
 def test_an_agent_clock_hours_behind_still_gives_the_latest_heartbeat(env: Env) -> None:
-    """The search window follows the agent's clock: a slow clock is not "no heartbeat"."""
+    """An agent clock hours slow: the gauges still follow the heartbeat received last."""
     dev = env.enroll("cam-a")
     for i in range(4):
         env.clock.advance(30)
