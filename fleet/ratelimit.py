@@ -270,14 +270,28 @@ def _bearer_digest(scope: dict) -> bytes | None:
     return None
 
 
+# The Kubernetes probes (deploy/k8s/fleet-gateway.yaml): readiness and start-up GET /healthz,
+# liveness GET /. Both are cheap: / answers a page built at start-up (about what its 429
+# would cost), /healthz one ``SELECT 1`` on a pooled read connection and a flag (~1.5 ms of
+# CPU on SQLite, below a refused token's ~2 ms). So they skip the gateway-wide unattributed
+# bucket: a flood from many addresses that empties it must not make the kubelet see failed
+# probes and restart every replica. Each address still has its own probe bucket.
+PROBE_ROUTES: frozenset[tuple[str, str]] = frozenset({("GET", "/healthz"), ("GET", "/")})
+
+
 class UnattributedLimit:
     """Token buckets over the requests no credential vouched for, checked before anything
     else (body, token, route): one per client address and one for the whole gateway.
 
     Charged when the answer is done and ``AUTHENTICATED`` is unset: refused tokens,
-    unauthenticated routes, 404s, health checks. An empty bucket answers 429 with
-    ``Retry-After`` and costs nothing more (a request with a body gets ``Connection:
-    close`` rather than the gateway draining a body it will not read). A request bearing a
+    unauthenticated routes, 404s. The probe routes (``PROBE_ROUTES``: ``GET /healthz``,
+    ``GET /``) are neither checked against nor charged to those two buckets: they take a
+    token of their own per-address bucket (``probes``; by default as large as the
+    per-address one), so neither a flood from many addresses nor one sharing the kubelet's
+    address (a node's SNAT) fails the kubelet's probes, while one address still cannot call
+    them without limit. An empty bucket answers 429 with ``Retry-After`` and costs nothing
+    more (a request with a body gets ``Connection: close`` rather than the gateway draining
+    a body it will not read). A request bearing a
     token that authenticated recently (``KnownTokens``) skips the check, so devices keep
     posting while a flood drains the buckets — even one behind the flood's address. The
     per-address bucket keeps one address from taking the whole budget; the global one
@@ -287,16 +301,46 @@ class UnattributedLimit:
     """
 
     def __init__(self, app: Any, per_address: TokenBucketLimiter, overall: TokenBucketLimiter,
-                 known: KnownTokens, on_limited: Callable[[], None] | None = None) -> None:
+                 known: KnownTokens, on_limited: Callable[[], None] | None = None,
+                 probes: TokenBucketLimiter | None = None) -> None:
         self.app = app
         self.per_address = per_address
         self.overall = overall
         self.known = known
         self.on_limited = on_limited
+        self.probes = probes if probes is not None else TokenBucketLimiter(
+            per_address.rate, int(per_address.burst), clock=per_address._clock,
+            max_keys=per_address.max_keys)
+
+    @staticmethod
+    def is_probe(scope: dict) -> bool:
+        """A probe route (``PROBE_ROUTES``): exempt from the shared buckets."""
+        return (scope.get("method", ""), scope.get("path", "")) in PROBE_ROUTES
+
+    async def _probe(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """A probe takes a token of its address's probe bucket, or gets 429; the shared
+        buckets are neither checked nor charged."""
+        client = scope.get("client")
+        key = str(client[0]) if client else "-"
+        wait = self.probes.acquire(key)
+        if wait > 0:
+            if self.on_limited is not None:
+                self.on_limited()
+            retry_after = max(1, int(wait + 0.999))
+            await _send_json(
+                send, 429, f"too many health checks from {key}: at most "
+                f"{self.probes.rate:g}/s per address; retry after {retry_after} s",
+                close=_declares_body(scope),
+                headers=[(b"retry-after", str(retry_after).encode())])
+            return
+        await self.app(scope, receive, send)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self.is_probe(scope):
+            await self._probe(scope, receive, send)
             return
         client = scope.get("client")
         key = str(client[0]) if client else "-"

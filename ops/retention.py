@@ -4,6 +4,11 @@
 Local copies (frame store, FiftyOne review samples) are deleted here through
 ``roadloop.retention``; the gateway's rows through its admin routes (``FleetResource``),
 never by touching its database.
+
+Retention journals the frames it expires in the privacy ledger (``expiry_pending.json``)
+before deleting any, and clears them only once the gateway confirms deleting their rows: a
+run that fails or is cut off between its local deletion and the gateway's raises, and every
+later run sends those frames again (``gateway_frames_pending_from_earlier_runs``).
 """
 
 from datetime import UTC, datetime
@@ -38,27 +43,55 @@ def enforce_retention(
     cut = policy.cutoffs(now)
     store = frame_store.store()
     ledger = _ledger()
+    # Frames an earlier run deleted (or journalled) whose gateway rows it never saw deleted:
+    # that run failed or was cut off. They are sent again below, until the gateway confirms.
+    pending = ledger.pending_expired_frames()
     versioned = set(ledger.versioned_frame_keys())
     candidates, _ = expired_frames(store, cut.frames_before, versioned)
-    review = fiftyone.store() if candidates else None
+    review = fiftyone.store() if candidates or pending else None
     # Labelled frames are kept with their dataset version; reviewed ones will be in the next.
     protected = versioned | (review.reviewed_frame_keys() if review is not None else set())
+    kept = [p for p in pending if f"{p[0]}/{p[1]}" in protected]
+    if kept:  # protected since it was journalled: retention keeps it, gateway row included
+        ledger.confirm_expired(kept)
+        pending = [p for p in pending if p not in set(kept)]
     removed_samples = 0
+    if pending:
+        context.log.warning(
+            "retention: %d frames expired by an earlier run still have gateway rows (that "
+            "run failed before the gateway confirmed); sending them again", len(pending))
+        if review is not None:  # that run may have stopped before their samples went too
+            removed_samples += review.delete_frames([f"{c}/{f}" for c, f in pending])
+
+    def journal(frames: list[ExpiredFrame]) -> None:
+        # Before the first file goes: a run cut off after deleting still leaves the keys.
+        ledger.add_pending_expired((f.camera_id, f.frame_id) for f in frames)
 
     def drop_samples(frames: list[ExpiredFrame]) -> None:
         nonlocal removed_samples
         if review is not None:
-            removed_samples = review.delete_frames(f.frame_key for f in frames)
+            removed_samples += review.delete_frames(f.frame_key for f in frames)
 
-    expiry = expire_frames(store, cut.frames_before, protected, on_deleted=drop_samples)
-    gateway = fleet.expire([(f.camera_id, f.frame_id) for f in expiry.deleted],
-                           heartbeats_before=cut.heartbeats_before,
-                           traffic_before=cut.traffic_before)
+    expiry = expire_frames(store, cut.frames_before, protected, on_planned=journal,
+                           on_deleted=drop_samples)
+    to_gateway = sorted(set(pending) | {(f.camera_id, f.frame_id) for f in expiry.deleted})
+    try:
+        gateway = fleet.expire(to_gateway, heartbeats_before=cut.heartbeats_before,
+                               traffic_before=cut.traffic_before)
+    except Exception:
+        context.log.error(
+            "retention: the gateway did not confirm deleting %d expired frames (%d deleted "
+            "locally by this run); they stay journalled in %s and the next run sends them "
+            "again", len(to_gateway), len(expiry.deleted), ledger.expiry_pending_path)
+        raise
+    still_pending = ledger.confirm_expired(to_gateway)
     report = {
         "frames_deleted": len(expiry.deleted),
         "frame_bytes_deleted": expiry.bytes_deleted,
         "frames_kept_with_dataset_versions": expiry.kept_protected,
         "review_samples_deleted": removed_samples,
+        "gateway_frames_pending_from_earlier_runs": len(pending),
+        "gateway_frames_still_pending": still_pending,
         "gateway_frame_rows_deleted": gateway["frames_deleted"],
         "gateway_frame_bytes_deleted": gateway["bytes_deleted"],
         "heartbeats_deleted": gateway["heartbeats_deleted"],

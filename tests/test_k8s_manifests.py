@@ -147,7 +147,8 @@ def test_roadloop_variables_name_real_settings() -> None:
     names |= {e["name"] for c in _containers() for e in c.get("env", [])}
     roadloop = {n for n in names if n.startswith("ROADLOOP_")}
     assert "ROADLOOP_GATEWAY_DATABASE_URL" in roadloop
-    unknown = roadloop - gateway - platform
+    # ROADLOOP_IMAGE is no setting: the Dagster instance file reads it (job_image).
+    unknown = roadloop - gateway - platform - _env_refs(yaml.safe_load(DAGSTER_YAML.read_text()))
     assert not unknown, f"not a setting: {sorted(unknown)}"
 
 
@@ -161,6 +162,88 @@ def test_every_secret_the_manifests_read_is_documented() -> None:
         assert re.search(rf"`{re.escape(name)}`[^\n]*`{re.escape(key)}`", readme), (name, key)
     # No Secret values in the repository: they are created as the README says.
     assert not [d for d in _resources() if d["kind"] == "Secret"]
+
+
+def _env_refs(node: Any) -> set[str]:
+    """Names a Dagster instance file reads from the environment (``{env: NAME}`` values)."""
+    if isinstance(node, dict):
+        if set(node) == {"env"} and isinstance(node["env"], str):
+            return {node["env"]}
+        return set().union(set(), *(_env_refs(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(set(), *(_env_refs(v) for v in node))
+    return set()
+
+
+def _secret_keys(name: str) -> set[str]:
+    """The keys README.md's Secrets table lists for Secret ``name`` (it is created from it)."""
+    rows = [line for line in (K8S_DIR / "README.md").read_text().splitlines()
+            if line.startswith(f"| `{name}` |")]
+    assert len(rows) == 1, f"Secret {name}: {len(rows)} rows in the README's table"
+    return set(re.findall(r"`([A-Z][A-Z0-9_]*)`", rows[0].split("|")[2]))
+
+
+def _pod_env(config_maps: list[str], secrets: list[str], env: list[Any] = ()) -> set[str]:
+    """Variable names a pod gets from these ConfigMaps (their data), Secrets (their
+    documented keys) and explicit variables."""
+    names = {e["name"] if isinstance(e, dict) else str(e).split("=", 1)[0] for e in env}
+    for name in config_maps:
+        names |= set(_one("ConfigMap", name)["data"])
+    for name in secrets:
+        names |= _secret_keys(name)
+    return names
+
+
+def test_every_variable_the_code_requires_reaches_the_dagster_pods() -> None:
+    """The code location (sensors) and the run pods, as the chart and as dagster.yaml
+    configure them, get every variable the code reads without a default: the gateway admin
+    token (``FleetResource``) and what the instance file reads (``{env: ...}``)."""
+    from resources.fleet_resource import ADMIN_TOKEN_ENV
+
+    values = _values()
+    (location,) = values["dagster-user-deployments"]["deployments"]
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    instance = yaml.safe_load(DAGSTER_YAML.read_text())["run_launcher"]["config"]
+    pods = {
+        "code location (chart)": _pod_env(
+            [c["name"] for c in location.get("envConfigMaps", [])],
+            [c["name"] for c in location.get("envSecrets", [])],
+            location.get("env") or []),
+        "run pod (chart launcher)": _pod_env(
+            [c["name"] for c in launcher.get("envConfigMaps", [])],
+            [c["name"] for c in launcher.get("envSecrets", [])], launcher.get("envVars") or []),
+        "run pod (dagster.yaml)": _pod_env(instance.get("env_config_maps", []),
+                                           instance.get("env_secrets", []),
+                                           instance.get("env_vars", [])),
+    }
+    required = {pod: {ADMIN_TOKEN_ENV} for pod in pods}
+    # A run pod loads the instance file the launcher mounts: each {env: X} must resolve.
+    required["run pod (dagster.yaml)"] |= _env_refs(yaml.safe_load(DAGSTER_YAML.read_text()))
+    assert "ROADLOOP_IMAGE" in required["run pod (dagster.yaml)"]
+    missing = {pod: sorted(required[pod] - pods[pod]) for pod in pods if required[pod] - pods[pod]}
+    assert not missing, f"required but never supplied: {missing}"
+
+
+def test_the_run_image_is_the_kustomization_image() -> None:
+    (image,) = _kustomization()["images"]
+    env = _one("ConfigMap", "roadloop-env")["data"]
+    assert env["ROADLOOP_IMAGE"] == f"{image['newName']}:{image['newTag']}"
+
+
+_NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+            "eight": 8}
+
+
+def test_the_gateway_worker_count_is_stated_alike_everywhere() -> None:
+    workers = int(_one("ConfigMap", "fleet-gateway-env")["data"]["ROADLOOP_GATEWAY_WORKERS"])
+    word = next(w for w, n in _NUMBERS.items() if n == workers)
+    for path in (K8S_DIR / "fleet-gateway.yaml", K8S_DIR / "README.md"):
+        for m in re.finditer(rf"\b(\d+|{'|'.join(_NUMBERS)})\s+workers\b", path.read_text(),
+                             re.IGNORECASE):
+            said = m.group(1).lower()
+            assert _NUMBERS.get(said, int(said) if said.isdigit() else -1) == workers, (
+                path.name, m.group(0))
+    assert f"the deployment's {word} workers" in (REPO / "docs" / "capacity.md").read_text()
 
 
 # --------------------------------------------------------------------------- Dagster chart

@@ -4,6 +4,9 @@
     excluded_frames.jsonl    frame keys (``camera/frame``) erased: never in a future version
     journal/<request>.json   an erasure's plan, written before anything is deleted
     versions/<md5>.json      the edge frame keys a curated dataset version holds
+    expiry_pending.json      frames retention expired (or is about to) whose gateway rows
+                             and review samples are not yet confirmed gone: written before a
+                             file is deleted, emptied once the gateway confirms
 
 Appends are one ``write`` of one line on a file opened with ``O_APPEND``; readers skip a
 torn last line (a crash mid-append), so a re-run that appends again loses nothing.
@@ -19,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from roadloop.errors import RoadloopError
 from roadloop.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,10 @@ class PrivacyLedger:
     def versions_dir(self) -> Path:
         return self.root / "versions"
 
+    @property
+    def expiry_pending_path(self) -> Path:
+        return self.root / "expiry_pending.json"
+
     # ---- audit
     def audit(self, action: str, *, actor: str, **detail: Any) -> None:
         _append_line(self.audit_path, {"at": datetime.now(UTC).isoformat(), "action": action,
@@ -91,6 +99,50 @@ class PrivacyLedger:
         for key in new:
             _append_line(self.exclusions_path, {"frame_key": key, "request_id": request_id})
         return len(new)
+
+    # ---- retention: expired frames the gateway has not confirmed deleting
+    def pending_expired_frames(self) -> list[tuple[str, str]]:
+        """``(camera_id, frame_id)`` of frames retention expired (or was about to) whose
+        gateway rows are not confirmed deleted: a run that failed or was cut off after it
+        journalled them. Sorted; empty when there are none."""
+        path = self.expiry_pending_path
+        if not path.is_file():
+            return []
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            pairs = {(str(f["camera_id"]), str(f["frame_id"])) for f in doc["frames"]}
+        except (ValueError, KeyError, TypeError) as exc:
+            # Written atomically, so never torn: anything else is damage. Refuse rather than
+            # forget frames whose gateway copies would then be kept for ever.
+            raise RoadloopError(
+                f"{path} is unreadable ({type(exc).__name__}: {exc}): it lists frames whose "
+                "gateway rows retention still has to delete; repair or remove it") from exc
+        return sorted(pairs)
+
+    def _write_pending(self, pairs: set[tuple[str, str]]) -> None:
+        frames = [{"camera_id": c, "frame_id": f} for c, f in sorted(pairs)]
+        write_text_atomic(self.expiry_pending_path, json.dumps({"frames": frames}),
+                          parents=True, durable=True)
+
+    def add_pending_expired(self, frames: Iterable[tuple[str, str]]) -> int:
+        """Journal ``(camera_id, frame_id)`` pairs as expired-but-unconfirmed (durably, before
+        any of them is deleted); returns how many were new."""
+        known = set(self.pending_expired_frames())
+        new = {(str(c), str(f)) for c, f in frames} - known
+        if new:
+            self._write_pending(known | new)
+        return len(new)
+
+    def confirm_expired(self, frames: Iterable[tuple[str, str]]) -> int:
+        """Drop pairs the gateway confirmed deleting; returns how many stay pending."""
+        known = set(self.pending_expired_frames())
+        left = known - {(str(c), str(f)) for c, f in frames}
+        if left != known:
+            if left:
+                self._write_pending(left)
+            else:
+                self.expiry_pending_path.unlink(missing_ok=True)
+        return len(left)
 
     # ---- dataset versions
     def record_version_frames(self, md5: str, frame_keys: Iterable[str]) -> Path:

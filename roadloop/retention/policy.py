@@ -130,15 +130,21 @@ def expire_frames(
     before: datetime,
     protected: Collection[str] = (),
     *,
+    on_planned: Callable[[list[ExpiredFrame]], None] | None = None,
     on_deleted: Callable[[list[ExpiredFrame]], None] | None = None,
     artifacts_dir: Path | None = None,
 ) -> FrameExpiry:
     """Delete the expired frames from the store (sidecar first, then image: a frame stops
     being complete before its pixels go), then what was derived from them: their vectors in
     the embedding caches and their lines in the frame indexes under ``artifacts_dir``
-    (default: the settings' artifacts folder; ``roadloop.retention.derived``). ``on_deleted``
-    gets the deleted frames (e.g. to drop their review-queue samples and gateway rows)."""
+    (default: the settings' artifacts folder; ``roadloop.retention.derived``).
+    ``on_planned`` gets the frames about to go before the first is deleted (e.g. to journal
+    them, so a run cut off halfway still knows whose gateway rows to delete; if it raises,
+    nothing is deleted); ``on_deleted`` gets the deleted frames (e.g. to drop their
+    review-queue samples and gateway rows)."""
     frames, spared = expired_frames(store, before, protected)
+    if on_planned is not None and frames:
+        on_planned(frames)
     artifacts = artifacts_dir if artifacts_dir is not None else (
         default_artifacts_dir() if frames else None)
     hashing = bool(frames) and has_embedding_caches(artifacts)  # else no image is read
