@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet.bounds import MAX_DEVICES, MAX_HOLD_S, MAX_LATENCY_MS, MAX_TOKEN_TTL_S
@@ -28,6 +28,9 @@ HEARTBEAT_MAX_FPS = 1000.0
 # Agents report every 30 s by default; a window longer than an hour is not a health sample.
 # Also bounds latencies: a per-frame latency longer than the longest window is not a measurement.
 HEARTBEAT_MAX_WINDOW_S = 3600.0
+
+
+_URL_FIELDS = frozenset({"database_url", "frame_store_url"})
 
 
 class GatewaySettings(BaseSettings):
@@ -55,6 +58,26 @@ class GatewaySettings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         default=None, description="Endpoint of a non-AWS object store; default: the "
         "platform's ROADLOOP_S3_ENDPOINT_URL. Credentials: the standard AWS_* variables.",
+    )
+    # The object store client (roadloop.data.object_frames.S3Timeouts, same defaults and their
+    # reasoning): a stalled store fails one request within s3_max_attempts * (connect + read)
+    # + < 1 s of backoff (7 s; 5 s when it accepts connections and never answers), so the
+    # upload gets its 503 well before the agent's 10 s HTTP timeout (AgentConfig.http_timeout_s)
+    # gives up on it; botocore's own defaults (60 s + 60 s, up to 5 attempts) held it minutes.
+    s3_connect_timeout_s: float = Field(
+        default=1.0, gt=0, le=60, description="Object store: seconds to open a connection.")
+    s3_read_timeout_s: float = Field(
+        default=2.0, gt=0, le=60,
+        description="Object store: seconds to wait for (each part of) an answer.")
+    s3_max_attempts: int = Field(
+        default=2, ge=1, le=10,
+        description="Object store: attempts per request, the first included (standard retry "
+        "mode: a timeout or 5xx is tried again once by default).")
+    frame_cache_ttl_s: float = Field(
+        default=3600.0, gt=0, le=30 * 86400,
+        description="With an object store: a cached image unused this long is deleted from "
+        "frame_store (swept every min(300 s, this)); bounds how long pixels erased through "
+        "another replica stay on this one's disk (docs/storage.md).",
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8700, ge=1, le=65535)
@@ -132,9 +155,11 @@ class GatewaySettings(BaseSettings):
 
     # Unattributed traffic (docs/fleet-api.md "Hostile traffic"), checked before
     # authentication: only requests no credential vouches for cost a token (refused,
-    # unauthenticated, 404s, health checks); an authenticated request is free here (its
-    # device's bucket prices it), and one bearing a recently authenticated token is not even
-    # checked, so a site of any size behind one NAT — even one shared with a flood — posts on.
+    # unauthenticated, 404s; the Kubernetes probes GET /healthz and GET / have a per-address
+    # bucket of their own, fleet.ratelimit.PROBE_ROUTES); an authenticated request is free
+    # here (its device's bucket prices it), and one bearing a recently authenticated token is
+    # not even checked, so a site of any size behind one NAT — even one shared with a flood —
+    # posts on.
     address_rate_limit_per_s: float = Field(
         default=20.0, gt=0,
         description="Unattributed requests per second one client address may make.",
@@ -320,6 +345,24 @@ class GatewaySettings(BaseSettings):
         default=20, ge=1, le=2**31 - 1,
         description="Frames on the new model a stage needs before it advances."
     )
+
+    @field_validator("home", "frame_store", "models_dir", "model_public_key_file",
+                     "database_url", "frame_store_url", mode="before")
+    @classmethod
+    def _not_empty(cls, value: object, info: ValidationInfo) -> object:
+        # Path("") is the current directory and "" no URL: ROADLOOP_GATEWAY_HOME= would put
+        # the database in whatever folder the gateway was started from, and an empty URL
+        # silently fell back to the platform's. Unset (not empty) asks for the default.
+        if isinstance(value, str) and not value.strip():
+            kind = "a URL" if info.field_name in _URL_FIELDS else "a path"
+            raise ValueError(f"is empty: unset it for the default, or give {kind}")
+        return value
+
+    @field_validator("s3_endpoint_url", mode="before")
+    @classmethod
+    def _aws_when_empty(cls, value: object) -> object:
+        # Empty is how a manifest says "AWS S3 itself" (deploy/k8s): no endpoint URL.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _derive(self) -> GatewaySettings:

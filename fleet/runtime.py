@@ -28,7 +28,7 @@ from fleet.models_store import ModelStore
 from fleet.ratelimit import KnownTokens, TokenBucketLimiter
 from fleet.reconcile import reconcile_frame_store
 from fleet.reconcile_objects import reconcile_object_store
-from roadloop.data.object_frames import S3FrameStore, open_frame_store
+from roadloop.data.object_frames import S3FrameStore, S3Timeouts, open_frame_store
 from roadloop.fsutil import ext4_without_journal
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,43 @@ class Stats:
         }
 
 
+class CacheSweeper:
+    """Sweeps an object store's local image cache (``S3FrameStore.sweep_cache``) on a timer,
+    so images unused for ``frame_cache_ttl_s`` (an erased frame's among them: no replica
+    asks for it again) leave this replica's disk even when nothing here reads frames. The
+    sweep itself runs at most once per ``sweep_interval_s`` per cache folder, whichever of
+    the node's worker processes (or a read) gets to it first."""
+
+    def __init__(self, store: S3FrameStore) -> None:
+        self.store = store
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None or self.store.sweep_interval_s is None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="image-cache-sweep",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self.store.sweep_interval_s is not None
+        while True:
+            try:
+                self.store.sweep_cache()
+            except Exception:  # a failed sweep is retried: it never ends the timer
+                logger.exception("image cache sweep of %s failed", self.store.root)
+            if self._stop.wait(self.store.sweep_interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+
 class Gateway:
     """Everything a request handler needs; one per app."""
 
@@ -151,10 +188,17 @@ class Gateway:
             max_overflow=settings.worker_threads,
         )
         # A folder, or S3-compatible object storage shared by all replicas (images read
-        # back through the local folder as a cache).
+        # back through the local folder as a cache, swept of images unused for
+        # frame_cache_ttl_s; the client with short timeouts: docs/storage.md).
         self.store = open_frame_store(settings.frame_store_url or settings.frame_store,
                                       cache_dir=settings.frame_store,
-                                      endpoint_url=settings.s3_endpoint_url)
+                                      endpoint_url=settings.s3_endpoint_url,
+                                      timeouts=S3Timeouts(settings.s3_connect_timeout_s,
+                                                          settings.s3_read_timeout_s,
+                                                          settings.s3_max_attempts),
+                                      cache_ttl_s=settings.frame_cache_ttl_s)
+        self.cache_sweeper = (CacheSweeper(self.store) if isinstance(self.store, S3FrameStore)
+                              else None)
         # With several worker processes each holds its own buckets: give each its share, so a
         # device never exceeds the configured rate in total.
         share = max(1, settings.workers)
@@ -232,6 +276,8 @@ class Gateway:
         self.prepare_storage()
         self.committer.start()
         self.denials.start()
+        if self.cache_sweeper is not None:
+            self.cache_sweeper.start()
         if freeze_gc:
             frozen = freeze_startup_objects()
             logger.info("%d start-up objects frozen out of the garbage collector", frozen)
@@ -243,6 +289,8 @@ class Gateway:
 
     def stop(self) -> None:
         self.stats.gc.stop()
+        if self.cache_sweeper is not None:
+            self.cache_sweeper.stop()
         self.denials.stop()  # writes the refusals counted since the last window
         self.committer.stop()
         self.decoders.close()

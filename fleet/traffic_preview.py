@@ -105,7 +105,8 @@ def draw_geometry(image: Image.Image, config: TrafficConfig,
     responses={200: {"content": {"image/jpeg": {}}, "description": "The annotated frame."},
                401: {"model": ErrorOut}, 403: {"model": ErrorOut},
                404: {"model": ErrorOut, "description": "No frame stored for the camera yet."},
-               422: {"model": ErrorOut}},
+               422: {"model": ErrorOut},
+               503: {"model": ErrorOut, "description": "The frame store did not answer."}},
 )
 def camera_preview(camera_id: CameraIdPath, principal: AdminPrincipal,
                    gw: GatewayDep) -> Response:
@@ -118,12 +119,22 @@ def camera_preview(camera_id: CameraIdPath, principal: AdminPrincipal,
     if frame is None:
         raise HTTPException(404, f"camera {camera_id} has no stored frame yet: the preview "
                             "draws on the latest frame its agent uploaded")
+    gone = (f"camera {camera_id}'s latest frame {frame.frame_id} is no longer readable in "
+            "the frame store")
     try:
-        with Image.open(gw.store.image_path(frame.path)) as img:
+        # The row's hash: a cached copy of an object store's image is used only when it is
+        # these bytes (else the store is asked: an erased or replaced frame is not served).
+        path = gw.store.image_path(frame.path, sha256=frame.sha256)
+    except FileNotFoundError as exc:
+        raise HTTPException(404, f"{gone} ({exc})") from exc
+    except OSError as exc:  # the object store did not answer: not the frame's fault
+        raise HTTPException(503, f"frame store unavailable for camera {camera_id}'s latest "
+                            f"frame ({exc}); retry later") from exc
+    try:
+        with Image.open(path) as img:
             image = img.convert("RGB")
     except OSError as exc:
-        raise HTTPException(404, f"camera {camera_id}'s latest frame {frame.frame_id} is no "
-                            f"longer readable in the frame store ({exc})") from exc
+        raise HTTPException(404, f"{gone} ({exc})") from exc
     section = (config_row.document if config_row is not None else {}).get("traffic")
     if section is not None:
         config = parse_traffic_section(section).scaled_to(*image.size)

@@ -8,17 +8,55 @@ Paths left unset are derived from ``home`` so moving ``home`` moves them all.
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
 DEFAULT_TAXONOMY_FILE = PACKAGE_DIR / "config" / "taxonomy.yaml"
+
+# What an explicitly empty path or URL setting is told (Settings._not_empty).
+_EMPTY_PATH = "unset it for the default, or give a path"
+_EMPTY_ADVICE = {
+    **{f: "unset it for the default, or give a URL" for f in (
+        "mlflow_tracking_uri", "dvc_remote_url", "frame_store_url", "mlflow_artifact_uri",
+        "gateway_url")},
+}
+
+# The export-shape grammar of roadloop.models.shapes.parse_shape, checked here so a misspelt
+# ROADLOOP_EXPORT_SHAPES stops the settings load (roadloop.models imports this module, so
+# parse_shape cannot be imported here; tests/test_curation_leftovers.py keeps the two in step).
+_SHAPE_ASPECT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
+_SHAPE_EXPLICIT = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+_SHAPE_STRIDE = 32  # roadloop.models.export.STRIDE
+
+
+def _shape_spec_problem(spec: str) -> str | None:
+    """Why ``spec`` is no export shape (``"square"``, ``"W:H"``, ``"HxW"``), or None."""
+    text = spec.strip().lower()
+    if text == "square":
+        return None
+    if m := _SHAPE_ASPECT.match(text):
+        if float(m.group(1)) <= 0 or float(m.group(2)) <= 0:
+            return f"aspect {spec!r} must be positive"
+        return None
+    if m := _SHAPE_EXPLICIT.match(text):
+        h, w = int(m.group(1)), int(m.group(2))
+        if h <= 0 or w <= 0 or h % _SHAPE_STRIDE or w % _SHAPE_STRIDE:
+            return (
+                f"shape {spec!r}: height and width must be positive multiples of {_SHAPE_STRIDE}"
+            )
+        return None
+    return (
+        f"input shape {spec!r} is not 'square', an aspect 'W:H' (e.g. 16:9) or 'HxW' "
+        "(e.g. 192x320)"
+    )
 
 
 class Settings(BaseSettings):
@@ -120,7 +158,8 @@ class Settings(BaseSettings):
     # ROADLOOP_DEDUPE_PER_CAMERA_MAX_HAMMING='{"window_street": 0}'.
     dedupe_max_hamming: int = Field(default=4, ge=0, le=64)
     dedupe_max_age_s: float | None = Field(default=600.0, gt=0)
-    dedupe_per_camera_max_hamming: dict[str, int] = Field(default_factory=dict)
+    dedupe_per_camera_max_hamming: dict[str, Annotated[int, Field(ge=0, le=64)]] = Field(
+        default_factory=dict)
 
     # Share of each labelled source's *train* split replayed as camera traffic instead of
     # entering the seed training set (val/test splits are never replayed).
@@ -159,14 +198,24 @@ class Settings(BaseSettings):
     retention_heartbeats_days: float = Field(default=30.0, gt=0, le=36500, allow_inf_nan=False)
     retention_traffic_days: float = Field(default=90.0, gt=0, le=36500, allow_inf_nan=False)
 
-    @field_validator("home", "shared_dir", mode="before")
+    @field_validator("home", "shared_dir", "dagster_home", "mlflow_artifact_root", "dvc_repo",
+                     "frame_store", "artifacts_dir", "privacy_dir", "taxonomy_file",
+                     "mlflow_tracking_uri", "dvc_remote_url", "frame_store_url",
+                     "mlflow_artifact_uri", "gateway_url", mode="before")
     @classmethod
-    def _not_empty(cls, value: object) -> object:
-        # Path("") is the current directory: ROADLOOP_HOME= would make every command (clean
-        # included) work in whatever folder it was started from.
+    def _not_empty(cls, value: object, info: ValidationInfo) -> object:
+        # Path("") is the current directory and "" no URL at all: ROADLOOP_HOME= would make
+        # every command (clean included) work in whatever folder it was started from. Unset
+        # (not empty) is how a variable asks for the default.
         if isinstance(value, str) and not value.strip():
-            raise ValueError("is empty: unset it for the default, or give a folder")
+            raise ValueError(f"is empty: {_EMPTY_ADVICE.get(str(info.field_name), _EMPTY_PATH)}")
         return value
+
+    @field_validator("s3_endpoint_url", mode="before")
+    @classmethod
+    def _aws_when_empty(cls, value: object) -> object:
+        # Empty is how a manifest says "AWS S3 itself" (deploy/k8s/configmap.yaml): no endpoint.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("export_shapes", mode="before")
     @classmethod
@@ -178,6 +227,14 @@ class Settings(BaseSettings):
 
                 return json.loads(text)
             return [p.strip() for p in text.split(",") if p.strip()]
+        return v
+
+    @field_validator("export_shapes")
+    @classmethod
+    def _shapes_parse(cls, v: list[str]) -> list[str]:
+        problems = [p for p in map(_shape_spec_problem, v) if p]
+        if problems:
+            raise ValueError(f"{'; '.join(problems)} (ROADLOOP_EXPORT_SHAPES, comma-separated)")
         return v
 
     @field_validator("drift_window_minutes")

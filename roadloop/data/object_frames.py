@@ -18,9 +18,28 @@ Same layout as the folder store (``roadloop.data.frames``), as object keys under
   date folder only (one request, not one per day of the camera); the gateway's database
   refuses a frame id reused on another day, and the gateway removes the copy that replay
   wrote (``fleet.intake``).
-* Images are read through a local cache folder (``root``): ``iter_frames`` and
-  ``find_frame`` download a frame's JPEG there once and hand out the local path, so the
-  readers written for the folder store work unchanged.
+* Images are read through a local cache folder (``root``): ``iter_frames``,
+  ``find_frame`` and ``image_path`` download a frame's JPEG there and hand out the local
+  path (``root/<camera_id>/<YYYY-MM-DD>/<frame_id>.jpg``), so the readers written for the
+  folder store work unchanged. **A cached copy is used only when it is the object in the
+  store now**: with the image's SHA-256 from the caller (a gateway ``frames`` row) when the
+  cached bytes hash to it, else after a conditional GET (``If-None-Match`` with the cached
+  bytes' MD5, the ETag of a single-PUT object) answered 304. An object that is gone (erased
+  on another replica, expired) is never served from the cache: its cached copy is deleted
+  when asked for, and one replaced under the same key (stored again after an expiry) is
+  downloaded again. An erasure on another replica cannot reach this folder, so with
+  ``cache_ttl_s`` the cache is also bounded in time: ``sweep_cache`` deletes images unused
+  (neither downloaded nor served) for ``cache_ttl_s``, at most once per ``sweep_interval_s``
+  (``min(5 min, cache_ttl_s)``) per cache folder; reads call it, and the gateway runs it on
+  a timer too (``fleet.runtime``; ``ROADLOOP_GATEWAY_FRAME_CACHE_TTL_S``, default one hour).
+  Erased pixels thus leave another gateway replica's disk at most ``cache_ttl_s +
+  sweep_interval_s`` after that replica last read them. Without ``cache_ttl_s`` (the
+  platform's store: Dagster's frame index names images in this folder) nothing is swept.
+* The S3 client has short timeouts and one retry (``S3Timeouts``), not botocore's 60 s
+  connect, 60 s read and up to 5 legacy attempts: a stalled store fails a request (``OSError``,
+  the gateway's 503) within ``max_attempts * (connect_s + read_s)`` plus < 1 s of backoff at
+  worst (7 s by default, 5 s for a store that accepts connections and never answers), well
+  before an agent's 10 s HTTP timeout gives up on the upload.
 
 Credentials and region come from the standard AWS variables (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``...); the endpoint of a non-AWS server
@@ -30,8 +49,11 @@ Credentials and region come from the standard AWS variables (``AWS_ACCESS_KEY_ID
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
+import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,10 +83,64 @@ _ID_RE = re.compile(ID_PATTERN)
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
+# The S3 client's timeouts (docs/storage.md "Timeouts"). An agent gives up on an upload after
+# 10 s (``edge_agent.agent_config.AgentConfig.http_timeout_s``); an upload is up to five
+# requests in a row (HEAD record, PUT image, PUT record, and the read-back GET + HEAD), and a
+# stalled store stalls the first of them, which then fails the upload. One stalled request
+# costs at most ``max_attempts * (connect_s + read_s)`` plus the jittered backoff before the
+# retry (< 1 s): a store that accepts connections and never answers costs 2 * 2 s + < 1 s,
+# one that does not accept them 2 * 1 s + < 1 s, one that refuses them about the backoff, and
+# even a connect that takes all of its second before a stall stays under 2 * 3 s + 1 s = 7 s,
+# so the gateway answers 503 ("retry later") with 3 s or more to spare before the agent gives
+# up (the upload's body and the rest of the request). 1 s to connect is 100 times an
+# in-cluster or same-region connect (a lost SYN is retransmitted after 1 s: that attempt
+# fails, the retry connects); 2 s for the first byte of an answer is 10 times an S3 PUT or
+# GET of a frame in its slow tail, and one slow answer is retried.
+DEFAULT_CONNECT_TIMEOUT_S = 1.0
+DEFAULT_READ_TIMEOUT_S = 2.0
+DEFAULT_MAX_ATTEMPTS = 2  # the first try and one retry (botocore's total_max_attempts)
+
+# The image cache (see the module docstring): with a TTL, swept at most every 5 min (a walk
+# of the folder; one stat of SWEEP_MARKER when it is not due).
+CACHE_SWEEP_INTERVAL_S = 300.0
+SWEEP_MARKER = ".cache-sweep"  # in the cache folder: its mtime is the last sweep's start
+_TEMP_RE = re.compile(r"^\..+\.jpg\.tmp-[0-9a-f]+$")  # roadloop.fsutil.write_bytes_atomic's
+_UNCHANGED = object()  # a conditional GET answered 304
+
+
+@dataclass(frozen=True)
+class S3Timeouts:
+    """The S3 client's connect and read timeouts (seconds) and its attempts per request
+    (standard retry mode: the first try included)."""
+
+    connect_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    read_s: float = DEFAULT_READ_TIMEOUT_S
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+    def __post_init__(self) -> None:
+        if not (self.connect_s > 0 and self.read_s > 0 and self.max_attempts >= 1):
+            raise ValueError(f"S3 timeouts must be positive and attempts >= 1: {self}")
+
+    def client_config(self) -> Any:
+        """The ``botocore.config.Config`` of these timeouts."""
+        from botocore.config import Config
+
+        # total_max_attempts, not max_attempts: botocore's client-config max_attempts counts
+        # the retries only (2 would be 3 attempts).
+        return Config(connect_timeout=self.connect_s, read_timeout=self.read_s,
+                      retries={"total_max_attempts": self.max_attempts, "mode": "standard"})
+
+
+def _error_code(exc: Exception) -> str:
+    """The error code of a botocore ``ClientError`` ("" for anything else: a timeout or a
+    connection error has no answer, its ``response`` is None)."""
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
 def _missing(exc: Exception) -> bool:
     """True when a botocore ``ClientError`` says the object is not there."""
-    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-    return code in ("404", "NoSuchKey", "NotFound")
+    return _error_code(exc) in ("404", "NoSuchKey", "NotFound")
 
 
 @contextmanager
@@ -110,15 +186,24 @@ class S3FrameStore:
     is_local = False
 
     def __init__(self, bucket: str, prefix: str = "", *, cache_dir: Path | str,
-                 client: Any = None, endpoint_url: str | None = None) -> None:
+                 client: Any = None, endpoint_url: str | None = None,
+                 timeouts: S3Timeouts | None = None,
+                 cache_ttl_s: float | None = None) -> None:
         if client is None:
             import boto3  # only deployments with an object store need it
 
-            client = boto3.client("s3", endpoint_url=endpoint_url or None)
+            client = boto3.client("s3", endpoint_url=endpoint_url or None,
+                                  config=(timeouts or S3Timeouts()).client_config())
+        if cache_ttl_s is not None and not cache_ttl_s > 0:
+            raise ValueError(f"cache_ttl_s must be positive (or None: no sweep), not "
+                             f"{cache_ttl_s}")
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.root = Path(cache_dir)
+        self.cache_ttl_s = None if cache_ttl_s is None else float(cache_ttl_s)
+        self.sweep_interval_s = (None if self.cache_ttl_s is None
+                                 else min(CACHE_SWEEP_INTERVAL_S, self.cache_ttl_s))
 
     @property
     def url(self) -> str:
@@ -170,21 +255,103 @@ class S3FrameStore:
                     days.append(day)
         return sorted(days)
 
-    def _download(self, relative: str) -> Path:
-        """The image at ``relative`` in the local cache (downloaded once)."""
+    def _get_unless(self, key: str, cached: bytes) -> Any:
+        """The object at ``key``: ``_UNCHANGED`` when it is ``cached`` (a conditional GET on
+        the ETag a single PUT gets, the MD5 of its bytes: 304, no body), ``None`` when absent.
+        A store whose ETags are no MD5 (SSE-KMS) answers 200 every time: the cache then saves
+        nothing, but never serves a stale copy."""
+        etag = f'"{hashlib.md5(cached, usedforsecurity=False).hexdigest()}"'
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key,
+                                          IfNoneMatch=etag)["Body"].read()
+        except Exception as exc:
+            if _error_code(exc) in ("304", "NotModified"):
+                return _UNCHANGED
+            if _missing(exc):
+                return None
+            raise
+
+    def _download(self, relative: str, sha256: str | None = None) -> Path:
+        """The image at ``relative`` as a local file: the cached copy when it is the object in
+        the store now (its SHA-256 is ``sha256``, or the store says it is unchanged), else
+        the object downloaded into the cache. ``FileNotFoundError`` (and the cached copy
+        deleted) when the object is gone."""
+        self._sweep_quietly()
         local = self.root / relative
-        if not local.is_file():
-            local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            cached: bytes | None = local.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            cached = None
+        if (cached is not None and sha256 is not None
+                and hashlib.sha256(cached).hexdigest() == sha256.lower() and _touch(local)):
+            return local
+        key = self._key(relative)
+        with _as_os_error(f"read of {relative}"):
+            data = (self._get_unless(key, cached) if cached is not None and sha256 is None
+                    else self._get(key))
+        if data is _UNCHANGED and _touch(local):
+            return local
+        if data is _UNCHANGED:  # swept between the read and the touch: fetch it whole
             with _as_os_error(f"read of {relative}"):
-                data = self._get(self._key(relative))
-            if data is None:
-                raise FileNotFoundError(f"{self.url}/{relative} is not in the object store")
-            write_bytes_atomic(local, data, durable=False)
+                data = self._get(key)
+        if data is None:
+            local.unlink(missing_ok=True)  # erased or expired in the store: not kept here
+            raise FileNotFoundError(f"{self.url}/{relative} is not in the object store")
+        assert isinstance(data, bytes)
+        for attempt in (1, 2):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                write_bytes_atomic(local, data, durable=False)
+                break
+            except FileNotFoundError:  # a sweep removed the (empty, idle) folder just now
+                if attempt == 2:
+                    raise
         return local
 
-    def image_path(self, relative: str) -> Path:
-        """The image at ``relative`` (a ``frames.path`` value) as a local file."""
-        return self._download(relative)
+    def image_path(self, relative: str, *, sha256: str | None = None) -> Path:
+        """The image at ``relative`` (a ``frames.path`` value) as a local file; ``sha256``
+        (the row's) lets a cached copy with those bytes be used without asking the store."""
+        return self._download(relative, sha256)
+
+    # ---- the image cache
+    def sweep_cache(self, *, force: bool = False) -> int:
+        """Delete the cached images (and interrupted downloads) unused for longer than
+        ``cache_ttl_s``, and folders left empty as long; returns the files deleted. Runs at
+        most once per ``sweep_interval_s`` per cache folder, whichever process asks (the
+        ``SWEEP_MARKER`` file's mtime), unless ``force``. Only the cache's own files are
+        touched: ``<camera_id>/<YYYY-MM-DD>/<frame_id>.jpg`` with no ``.json`` beside it (a
+        folder store's frame has one), never a symbolic link's target. Nothing without
+        ``cache_ttl_s``."""
+        if self.cache_ttl_s is None or self.sweep_interval_s is None:
+            return 0
+        now = time.time()
+        marker = self.root / SWEEP_MARKER
+        if not force:
+            try:
+                if 0 <= now - marker.stat().st_mtime < self.sweep_interval_s:
+                    return 0
+            except FileNotFoundError:
+                pass
+        if not self.root.is_dir():
+            return 0
+        marker.touch()
+        cutoff = now - self.cache_ttl_s
+        removed = 0
+        for camera in _subfolders(self.root, _ID_RE):
+            for day in _subfolders(camera, _DAY_RE):
+                removed += _sweep_day(day, cutoff)
+                _remove_if_idle(day, cutoff)
+            _remove_if_idle(camera, cutoff)
+        if removed:
+            logger.info("image cache %s: %d images unused for %.0f s deleted", self.root,
+                        removed, self.cache_ttl_s)
+        return removed
+
+    def _sweep_quietly(self) -> None:
+        try:
+            self.sweep_cache()
+        except OSError as exc:  # a read must not fail because the sweep did
+            logger.warning("image cache sweep of %s failed: %s", self.root, exc)
 
     # ---- writing
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
@@ -208,8 +375,8 @@ class S3FrameStore:
                 self.client.put_object(Bucket=self.bucket, Key=sidecar_key, Body=sidecar,
                                        ContentType="application/json", IfNoneMatch="*")
             except Exception as exc:
-                code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                if _error_code(exc) in ("PreconditionFailed", "412",
+                                        "ConditionalRequestConflict"):
                     return FrameWrite(target, True)  # another writer created it first
                 raise
         return FrameWrite(target, False)
@@ -265,11 +432,15 @@ class S3FrameStore:
         return None
 
     def find_frame(self, camera_id: str, frame_id: str) -> Path | None:
-        """Local path of a complete frame's image (downloaded), in any date folder."""
+        """Local path of a complete frame's image (downloaded, or the cached copy the store
+        says is current), in any date folder."""
         record = self.read_record(camera_id, frame_id)
         if record is None:
             return None
-        return self._download(f"{self._relative(record)}.jpg")
+        try:
+            return self._download(f"{self._relative(record)}.jpg")
+        except FileNotFoundError:  # deleted since its record was read
+            return None
 
     def _listing(self, camera_id: str, start: datetime | None = None,
                  end: datetime | None = None) -> tuple[dict[str, int], set[str]]:
@@ -315,9 +486,16 @@ class S3FrameStore:
     def iter_frames(self, camera_id: str, *, start: datetime | None = None,
                     end: datetime | None = None) -> Iterator[tuple[FrameRecord, Path]]:
         """Complete frames of one camera in ``captured_at`` order, optionally
-        ``start <= t < end``; each image is downloaded into the cache as it is reached."""
+        ``start <= t < end``; each image is downloaded into the cache as it is reached (a
+        cached copy is checked against the store first), one deleted meanwhile skipped."""
         for record in self._records(camera_id, start, end):
-            yield record, self._download(f"{self._relative(record)}.jpg")
+            try:
+                image = self._download(f"{self._relative(record)}.jpg")
+            except FileNotFoundError:
+                logger.warning("skipping frame %s/%s: deleted while listed", camera_id,
+                               record.frame_id)
+                continue
+            yield record, image
 
     def count(self, camera_id: str) -> int:
         """Number of complete, readable frames of one camera (no image is downloaded)."""
@@ -414,10 +592,72 @@ class S3FrameStore:
         return True
 
 
+def _touch(path: Path) -> bool:
+    """Mark a cached image used now (its mtime: what ``sweep_cache`` ages); False when it is
+    gone meanwhile."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # a read-only cache: still a valid copy
+        pass
+    return True
+
+
+def _subfolders(folder: Path, name_re: re.Pattern[str]) -> list[Path]:
+    try:
+        with os.scandir(folder) as it:
+            return [Path(e.path) for e in it
+                    if name_re.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _sweep_day(day: Path, cutoff: float) -> int:
+    """Delete the cache's files in one date folder last used before ``cutoff``."""
+    removed = 0
+    try:
+        with os.scandir(day) as it:
+            entries = list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    names = {e.name for e in entries}
+    for entry in entries:
+        name = entry.name
+        if name.endswith(".jpg") and _ID_RE.fullmatch(name[:-4]):
+            if f"{name[:-4]}.json" in names:
+                continue  # a folder store's frame (record beside it): not the cache's
+        elif not _TEMP_RE.fullmatch(name):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("image cache: could not delete %s: %s", entry.path, exc)
+    return removed
+
+
+def _remove_if_idle(folder: Path, cutoff: float) -> None:
+    """Remove ``folder`` when empty and unchanged since ``cutoff`` (a download into it since
+    then changed its mtime; ``_download`` re-creates one removed under it)."""
+    try:
+        if folder.stat(follow_symlinks=False).st_mtime < cutoff:
+            folder.rmdir()
+    except OSError:  # not empty, gone, or not ours to remove
+        pass
+
+
 def open_frame_store(location: str | Path, *, cache_dir: Path | str | None = None,
-                     endpoint_url: str | None = None, client: Any = None) -> FrameStorage:
+                     endpoint_url: str | None = None, client: Any = None,
+                     timeouts: S3Timeouts | None = None,
+                     cache_ttl_s: float | None = None) -> FrameStorage:
     """The frame store at ``location``: ``s3://bucket[/prefix]`` gives an ``S3FrameStore``
-    (images cached under ``cache_dir``), anything else a folder ``FrameStore``."""
+    (images cached under ``cache_dir``, deleted once unused for ``cache_ttl_s`` when given;
+    its client with ``timeouts``, default ``S3Timeouts()``), anything else a folder
+    ``FrameStore``."""
     text = str(location)
     if not text.startswith("s3://"):
         return FrameStore(Path(text).expanduser())
@@ -427,4 +667,4 @@ def open_frame_store(location: str | Path, *, cache_dir: Path | str | None = Non
     if cache_dir is None:
         raise ValueError("an object-store frame store needs a local cache_dir for images")
     return S3FrameStore(parsed.netloc, parsed.path, cache_dir=cache_dir, client=client,
-                        endpoint_url=endpoint_url)
+                        endpoint_url=endpoint_url, timeouts=timeouts, cache_ttl_s=cache_ttl_s)
