@@ -176,6 +176,10 @@ def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> No
     )
 
 
+# write_checked's answers when the store itself failed (not the frame): 503 down, 507 full.
+STORE_FAILED = (503, 507)
+
+
 def write_checked(gw: Gateway, frame: CheckedFrame) -> FrameWrite:
     """Write one frame's files (caller holds its key lock); ``HTTPException`` on failure.
     ``frame_sync=per_file``: fsynced files and folder; ``group``: the committer syncs the
@@ -216,11 +220,23 @@ def store_frames(gw: Gateway, principal: Principal,
     # 409, so the common path saves a database round trip.
     with gw.frame_locks.hold([f.key for f in frames]):
         pending: list[tuple[int, CheckedFrame, FrameWrite, str]] = []
+        store_failed: HTTPException | None = None
         for i, frame in enumerate(frames):
+            if store_failed is not None:
+                # The store failed on an earlier frame of this request (down, stalled: an
+                # object store's attempts take seconds; full): the rest would wait for it the
+                # same way, one after another, past the agent's timeout. They get its answer.
+                outcomes[i] = HTTPException(
+                    store_failed.status_code, f"gateway could not store frame "
+                    f"{frame.meta.frame_id}: the frame store failed on an earlier frame of this "
+                    "request; retry later")
+                continue
             try:
                 written = write_checked(gw, frame)
             except HTTPException as exc:
                 outcomes[i] = exc
+                if exc.status_code in STORE_FAILED:
+                    store_failed = exc
                 continue
             pending.append((i, frame, written,
                             written.path.relative_to(gw.store.root).as_posix()))

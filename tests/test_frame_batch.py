@@ -372,3 +372,25 @@ def test_a_frame_twice_in_one_batch_is_stored_once(env: Env, frame_jpeg: bytes) 
     assert [(x["frame_id"], x["status"]) for x in r.json()["results"]] == [
         ("f-x", 201), ("f-y", 201), ("f-x", 409)]
     assert sorted(row.frame_id for row in env.rows()) == ["f-x", "f-y"]
+
+
+def test_a_failing_store_is_tried_once_per_batch(env: Env, frame_jpeg: bytes,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that fails (down, or an object store stalled for seconds an attempt) answers
+    the rest of the batch without being tried again, one frame after another, past the
+    agent's timeout; a bad frame before it does not stop the good ones."""
+    tok = env.enroll()["access_token"]
+    calls: list[str] = []
+
+    def failing(record: Any, *a: Any, **k: Any) -> Any:
+        calls.append(record.frame_id)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(env.gw.store, "write_frame", failing)
+    frames = [(meta("f-bad"), truncated(frame_jpeg))] + [
+        (meta(f"f-{i}"), frame_jpeg) for i in range(4)]
+    r = post_batch(env, tok, batch_body(frames))
+    assert [x["status"] for x in r.json()["results"]] == [422, 503, 503, 503, 503]
+    assert calls == ["f-0"]
+    assert "failed on an earlier frame" in r.json()["results"][2]["detail"]
+    assert env.rows() == []
