@@ -324,16 +324,19 @@ class UnattributedLimit:
         key = str(client[0]) if client else "-"
         wait = self.probes.acquire(key)
         if wait > 0:
-            if self.on_limited is not None:
-                self.on_limited()
-            retry_after = max(1, int(wait + 0.999))
-            await _send_json(
-                send, 429, f"too many health checks from {key}: at most "
-                f"{self.probes.rate:g}/s per address; retry after {retry_after} s",
-                close=_declares_body(scope),
-                headers=[(b"retry-after", str(retry_after).encode())])
+            await self._refuse(scope, send, wait, f"too many health checks from {key}: at "
+                               f"most {self.probes.rate:g}/s per address")
             return
         await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: dict, send: Callable, wait: float, why: str) -> None:
+        """429 with ``Retry-After`` (a request with a body also gets ``Connection: close``)."""
+        if self.on_limited is not None:
+            self.on_limited()
+        retry_after = max(1, int(wait + 0.999))
+        await _send_json(send, 429, f"{why}; retry after {retry_after} s",
+                         close=_declares_body(scope),
+                         headers=[(b"retry-after", str(retry_after).encode())])
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -352,14 +355,8 @@ class UnattributedLimit:
                 wait = self.overall.wait_time("*")
                 what = f"in total: at most {self.overall.rate:g}/s for the gateway"
             if wait > 0:
-                if self.on_limited is not None:
-                    self.on_limited()
-                retry_after = max(1, int(wait + 0.999))
-                await _send_json(
-                    send, 429, f"too many unauthenticated or refused requests {what}; "
-                    f"retry after {retry_after} s", close=_declares_body(scope),
-                    headers=[(b"retry-after", str(retry_after).encode())],
-                )
+                await self._refuse(scope, send, wait,
+                                   f"too many unauthenticated or refused requests {what}")
                 return
         try:
             await self.app(scope, receive, send)
