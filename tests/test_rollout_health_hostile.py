@@ -428,13 +428,17 @@ def test_a_device_outside_the_cohort_cannot_roll_a_rollout_back(env: Env) -> Non
     ("rejected", "rollback"),  # refused for good: its latest report says so
 ])
 def test_a_device_is_judged_by_its_latest_report(env: Env, then: str, decision: str) -> None:
-    rid, (dev, *_) = canary(env, devices=4, cohort=1)
+    # Cohorts are drawn by device-id hash: at 25 % of 4 devices it may hold more than one.
+    # The others serve the new model healthily, so the verdict is ``dev``'s alone.
+    rid, (dev, *others) = canary(env, devices=4, cohort=1)
     env.clock.advance(1)
     env.heartbeat(dev, model_version="old", rollout_id=rid, update_status="rejected",
                   update_reason="sha256 mismatch: the downloaded file hashes to 03fc…",
                   window_s=30.0, frames_processed=300)
     for _ in range(3):
         env.clock.advance(30)
+        for other in others:
+            env.heartbeat(other, **serving(rid, "7", window_s=30.0, frames_processed=300))
         if then == "serving":
             env.heartbeat(dev, **serving(rid, "7", window_s=30.0, frames_processed=300))
         else:
