@@ -272,8 +272,8 @@ def _bearer_digest(scope: dict) -> bytes | None:
 
 # The Kubernetes probes (deploy/k8s/fleet-gateway.yaml): readiness and start-up GET /healthz,
 # liveness GET /. Both are cheap: / answers a page built at start-up (about what its 429
-# would cost), /healthz one ``SELECT 1`` on a pooled read connection and a flag (~1.5 ms of
-# CPU on SQLite, below a refused token's ~2 ms). So they skip the gateway-wide unattributed
+# would cost), /healthz at most one ``SELECT 1`` a second per worker (~1.5 ms of CPU on
+# SQLite, below a refused token's ~2 ms; fleet.app.DatabaseProbe). So they skip the gateway-wide unattributed
 # bucket: a flood from many addresses that empties it must not make the kubelet see failed
 # probes and restart every replica. Each address still has its own probe bucket.
 PROBE_ROUTES: frozenset[tuple[str, str]] = frozenset({("GET", "/healthz"), ("GET", "/")})

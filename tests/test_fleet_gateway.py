@@ -968,3 +968,25 @@ def test_tokens_never_start_with_a_dash() -> None:
     from fleet.auth import new_token
 
     assert not any(new_token().startswith("-") for _ in range(2000))
+
+
+def test_healthz_checks_the_database_once_a_second_and_names_no_server(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probes' route is public and frequent: one SELECT 1 answers a second of them, and a
+    database that is down is a bare 503 (the driver's message, naming the server, is logged)."""
+    probe = env.client.app.state.database_probe
+    probe.forget()
+    reads: list[int] = []
+    real_read = env.gw.db.read
+    monkeypatch.setattr(env.gw.db, "read", lambda: reads.append(1) or real_read())
+    for _ in range(5):
+        assert env.client.get("/healthz").status_code == 200
+    assert len(reads) == 1
+
+    def down() -> Any:
+        raise OSError("could not connect to server at db.internal:5432")
+
+    monkeypatch.setattr(env.gw.db, "read", down)
+    probe.forget()  # as when the second is over
+    r = env.client.get("/healthz")
+    assert r.status_code == 503 and r.json()["detail"] == "database unreachable"

@@ -659,7 +659,8 @@ class DedupePolicy(BaseModel):
     max_hamming: int = Field(default=4, ge=0, le=64)
     max_age_s: float | None = Field(default=600.0, gt=0)
     same_detections: bool = True
-    per_camera_max_hamming: dict[str, int] = Field(default_factory=dict)
+    per_camera_max_hamming: dict[str, Annotated[int, Field(ge=0, le=64)]] = Field(
+        default_factory=dict)  # a dhash has 64 bits, as max_hamming
 
     def threshold(self, camera_id: str) -> int:
         return self.per_camera_max_hamming.get(camera_id, self.max_hamming)
