@@ -8,7 +8,6 @@ Paths left unset are derived from ``home`` so moving ``home`` moves them all.
 
 from __future__ import annotations
 
-import re
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from roadloop.models.shape_specs import read_shape_spec
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -28,36 +29,6 @@ _EMPTY_ADVICE = {
         "mlflow_tracking_uri", "dvc_remote_url", "frame_store_url", "mlflow_artifact_uri",
         "gateway_url")},
 }
-
-# The export-shape grammar of roadloop.models.shapes.parse_shape, checked here so a misspelt
-# ROADLOOP_EXPORT_SHAPES stops the settings load (roadloop.models imports this module, so
-# parse_shape cannot be imported here; tests/test_curation_leftovers.py keeps the two in step).
-_SHAPE_ASPECT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
-_SHAPE_EXPLICIT = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
-_SHAPE_STRIDE = 32  # roadloop.models.export.STRIDE
-
-
-def _shape_spec_problem(spec: str) -> str | None:
-    """Why ``spec`` is no export shape (``"square"``, ``"W:H"``, ``"HxW"``), or None."""
-    text = spec.strip().lower()
-    if text == "square":
-        return None
-    if m := _SHAPE_ASPECT.match(text):
-        if float(m.group(1)) <= 0 or float(m.group(2)) <= 0:
-            return f"aspect {spec!r} must be positive"
-        return None
-    if m := _SHAPE_EXPLICIT.match(text):
-        h, w = int(m.group(1)), int(m.group(2))
-        if h <= 0 or w <= 0 or h % _SHAPE_STRIDE or w % _SHAPE_STRIDE:
-            return (
-                f"shape {spec!r}: height and width must be positive multiples of {_SHAPE_STRIDE}"
-            )
-        return None
-    return (
-        f"input shape {spec!r} is not 'square', an aspect 'W:H' (e.g. 16:9) or 'HxW' "
-        "(e.g. 192x320)"
-    )
-
 
 class Settings(BaseSettings):
     """Paths, service URLs and defaults. Override any field with ``ROADLOOP_<FIELD>``."""
@@ -232,7 +203,13 @@ class Settings(BaseSettings):
     @field_validator("export_shapes")
     @classmethod
     def _shapes_parse(cls, v: list[str]) -> list[str]:
-        problems = [p for p in map(_shape_spec_problem, v) if p]
+        # The grammar only (a leaf module): what a spec becomes is roadloop.models.shapes'.
+        problems = []
+        for spec in v:
+            try:
+                read_shape_spec(spec)
+            except ValueError as exc:
+                problems.append(str(exc))
         if problems:
             raise ValueError(f"{'; '.join(problems)} (ROADLOOP_EXPORT_SHAPES, comma-separated)")
         return v

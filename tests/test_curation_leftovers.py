@@ -219,8 +219,8 @@ def test_a_bad_export_shape_stops_the_settings_load(tmp_path, monkeypatch, value
     "190x320", "0:9", "9:0", "0x32", "foo", "16/9", "x320", "-32x32", "",
 ])
 def test_settings_and_parse_shape_agree_on_every_spec(tmp_path, spec):
-    """Settings cannot import roadloop.models.shapes (a cycle), so it checks the same grammar
-    itself; this keeps the two in step."""
+    """The settings check the grammar alone (roadloop.models.shape_specs) without the export
+    code; whatever they accept parse_shape turns into a shape, and the reverse."""
     from roadloop.models.shapes import parse_shape
 
     try:

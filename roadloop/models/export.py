@@ -24,11 +24,11 @@ from pydantic import BaseModel
 from roadloop.errors import InvalidInputError, MissingDataError
 from roadloop.fsutil import sha256_file
 from roadloop.models.graph_rewrites import rewrite_onnx_file
+from roadloop.models.shape_specs import STRIDE
 
 logger = logging.getLogger(__name__)
 
 BATCH_DIM = "batch"
-STRIDE = 32
 
 
 def input_hw(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:

@@ -15,13 +15,11 @@ it to 192×256); an unknown frame size gets the default (first) shape.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 from roadloop.models.export import STRIDE, input_hw
+from roadloop.models.shape_specs import read_shape_spec
 
-_ASPECT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
-_EXPLICIT = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 _SCALE_TOLERANCE = 0.01
 
 
@@ -30,20 +28,17 @@ def _round_up(v: float) -> int:
 
 
 def parse_shape(spec: str, imgsz: int) -> tuple[int, int]:
-    """One shape spec at ``imgsz``: ``"square"``, ``"W:H"`` (long side ``imgsz``) or ``"HxW"``."""
-    text = spec.strip().lower()
-    if text == "square":
+    """One shape spec at ``imgsz``: ``"square"``, ``"W:H"`` (long side ``imgsz``) or ``"HxW"``
+    (the grammar: ``roadloop.models.shape_specs``)."""
+    kind, values = read_shape_spec(spec)
+    if kind == "square":
         return input_hw(imgsz)
-    if m := _ASPECT.match(text):
-        aw, ah = float(m.group(1)), float(m.group(2))
-        if aw <= 0 or ah <= 0:
-            raise ValueError(f"aspect {spec!r} must be positive")
+    if kind == "aspect":
+        aw, ah = values
         if aw >= ah:
             return input_hw((_round_up(imgsz * ah / aw), imgsz))
         return input_hw((imgsz, _round_up(imgsz * aw / ah)))
-    if m := _EXPLICIT.match(text):
-        return input_hw((int(m.group(1)), int(m.group(2))))
-    raise ValueError(f"input shape {spec!r}: use 'square', an aspect 'W:H' or 'HxW'")
+    return input_hw(values)
 
 
 def export_shapes(specs: Sequence[str], imgsz: int) -> list[tuple[int, int]]:
