@@ -503,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--jpeg-quality", type=int, default=85)
     ap.add_argument("--pool", type=int, default=48, help="distinct JPEGs cycled by the agents")
+    ap.add_argument("--synthetic-jpegs", action="store_true",
+                    help="synthetic textures instead of the shared videos' frames (smaller and "
+                    "cheaper to decode: not comparable with runs on the videos)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--name", default="gateway_intake", help="report file name (no suffix)")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -513,7 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     loop_impl = install_fast_loop()
 
     fields = gateway_fields()
-    jpegs, source = load_jpegs(args.pool, args.width, args.jpeg_quality)
+    jpegs, source = load_jpegs(args.pool, args.width, args.jpeg_quality,
+                               synthetic=args.synthetic_jpegs)
     load_before = _loadavg()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gateway-bench-"))
 

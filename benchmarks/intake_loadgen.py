@@ -69,28 +69,41 @@ class PreparedRequest:
 
 
 # ---------------------------------------------------------------------------- inputs
-def load_jpegs(n: int, width: int, jpeg_quality: int) -> tuple[list[Jpeg], str]:
-    """``n`` frames spread over the shared videos (synthetic textures when absent)."""
+def load_jpegs(n: int, width: int, jpeg_quality: int, *,
+               synthetic: bool = False) -> tuple[list[Jpeg], str]:
+    """``n`` frames spread over the shared videos; with ``synthetic``, smooth random textures
+    instead. No shared videos without ``synthetic`` is an error, not a quiet switch: the
+    textures encode to ~38 KB where the videos' frames average ~46 KB, and decoding them
+    costs the gateway less, so a run from a checkout that cannot see ``../shared`` (a git
+    worktree elsewhere, say) would otherwise measure other inputs than the runs it is set
+    beside (it did: ``benchmarks/results/intake-1128-s13/README.md``)."""
     from roadloop.settings import get_settings
 
-    videos = sorted(get_settings().videos_dir.glob("*.mp4"))
     images: list[np.ndarray] = []
-    for video in videos:
-        cap = cv2.VideoCapture(str(video))
-        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or 300
-        per = max(1, n // len(videos) + 1)
-        for k in range(per):
-            cap.set(cv2.CAP_PROP_POS_FRAMES, int(k * total / per))
-            ok, frame = cap.read()
-            if ok and frame is not None:
-                images.append(frame)
-        cap.release()
-    source = f"shared videos ({', '.join(v.name for v in videos)})"
-    if not images:
+    if synthetic:
         rng = np.random.default_rng(0)
         images = [cv2.resize(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), (640, 360),
                              interpolation=cv2.INTER_CUBIC) for _ in range(n)]
-        source = "synthetic textures (shared videos not found)"
+        source = "synthetic textures (--synthetic-jpegs)"
+    else:
+        videos_dir = get_settings().videos_dir
+        videos = sorted(videos_dir.glob("*.mp4"))
+        for video in videos:
+            cap = cv2.VideoCapture(str(video))
+            total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or 300
+            per = max(1, n // len(videos) + 1)
+            for k in range(per):
+                cap.set(cv2.CAP_PROP_POS_FRAMES, int(k * total / per))
+                ok, frame = cap.read()
+                if ok and frame is not None:
+                    images.append(frame)
+            cap.release()
+        if not images:
+            raise SystemExit(
+                f"no readable *.mp4 under {videos_dir}: point ROADLOOP_SHARED_DIR at the shared "
+                "data folder, or pass --synthetic-jpegs to measure with synthetic textures "
+                "(not comparable with runs on the videos' frames)")
+        source = f"shared videos ({', '.join(v.name for v in videos)}) in {videos_dir}"
     out = []
     for img in images[:n]:
         h, w = img.shape[:2]

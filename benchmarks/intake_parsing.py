@@ -274,12 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--pool", type=int, default=48)
+    ap.add_argument("--synthetic-jpegs", action="store_true",
+                    help="synthetic textures instead of the shared videos' frames")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--store", type=Path, default=None,
                     help="folder on the file system to measure (default: a temp folder)")
     args = ap.parse_args(argv)
-    jpegs, source = load_jpegs(args.pool, 640, 85)
+    jpegs, source = load_jpegs(args.pool, 640, 85, synthetic=args.synthetic_jpegs)
     frames = [(_metadata(i, j.width, j.height), j.data) for i, j in enumerate(jpegs[:BATCH])]
     with tempfile.TemporaryDirectory(dir=args.store) as tmp:
         settings = GatewaySettings(home=Path(tmp) / "home")

@@ -177,3 +177,19 @@ def test_the_report_names_the_slowest_requests_and_when_they_were_due() -> None:
         {"at_s": 7.6, "ms": 250.0, "frames": 16}, {"at_s": 7.65, "ms": 180.0, "frames": 16},
         {"at_s": 12.0, "ms": 30.0, "frames": 8}]
     assert p99_by_slice([a, b], 20.0, 5.0)[1] >= 180.0  # both in the 5-10 s slice
+
+
+def test_without_the_shared_videos_the_benchmark_stops_instead_of_measuring_other_jpegs(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from roadloop.settings import get_settings
+
+    monkeypatch.setenv("ROADLOOP_SHARED_DIR", str(tmp_path / "nowhere"))
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit, match="--synthetic-jpegs"):
+            lg.load_jpegs(4, 320, 85)
+        jpegs, source = lg.load_jpegs(4, 320, 85, synthetic=True)
+    finally:
+        get_settings.cache_clear()
+    assert len(jpegs) == 4 and "synthetic" in source
+    assert all(j.data[:2] == b"\xff\xd8" and j.width == 320 for j in jpegs)
