@@ -1,19 +1,39 @@
-"""``roadloop privacy``: erasure on request (docs/retention.md)."""
+"""``roadloop privacy``: erasure on request (docs/retention.md).
+
+The frame store is the one the platform's Dagster resource opens (``open_frame_store`` on
+``ROADLOOP_FRAME_STORE_URL``, else the folder ``ROADLOOP_FRAME_STORE``): on an object-store
+deployment the bucket, not the local image cache. The gateway is called through
+``roadloop.fleet_admin`` (what ``resources.FleetResource`` calls too): importing the Dagster
+resources would load Dagster and MLflow (seconds), which an erasure from the command line
+does not need.
+"""
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any
 
 import typer
 
-from roadloop.data.frames import FrameStore
+from roadloop.data.frames import FrameStorage
+from roadloop.data.object_frames import open_frame_store
 from roadloop.errors import RoadloopError
+from roadloop.fleet_admin import FleetAdmin
 from roadloop.retention.erasure import erase, make_request, resume_pending
 from roadloop.retention.ledger import PrivacyLedger
 from roadloop.settings import get_settings
 
 privacy_app = typer.Typer(help="Retention and erasure of camera data.", no_args_is_help=True)
+
+
+def platform_frame_store(settings: Any = None) -> FrameStorage:
+    """The frame store the settings configure, opened as ``FrameStoreResource.store`` opens
+    it (``open_frame_store``): ``ROADLOOP_FRAME_STORE_URL`` with ``ROADLOOP_FRAME_STORE`` as its
+    image cache, else the folder ``ROADLOOP_FRAME_STORE``."""
+    s = settings or get_settings()
+    return open_frame_store(s.frame_store_url or s.frame_store, cache_dir=s.frame_store,
+                            endpoint_url=s.s3_endpoint_url)
 
 
 def _when(value: str, name: str) -> datetime:
@@ -39,24 +59,23 @@ def erase_command(
     try:
         request = make_request(camera, _when(since, "--since"), _when(until, "--until"),
                                requested_by, reason)
-        store = FrameStore(settings.frame_store)
+        store = platform_frame_store(settings)
         ledger = PrivacyLedger(settings.privacy_dir)
         known = set(store.cameras())
         fleet = None
         if gateway:
-            from resources.fleet_resource import FleetResource
-
-            fleet = FleetResource(gateway_url=str(settings.gateway_url))
+            fleet = FleetAdmin(gateway_url=str(settings.gateway_url))
             known |= fleet.cameras()
         sink = None
         if review:
-            from roadloop.labeling.review_store import ReviewStore
+            from launch.annotate import review_store  # bound to the review export, as in
+            # Dagster: a missing review dataset is an error, never a new empty one
 
-            sink = ReviewStore(database_dir=settings.home / "fiftyone")
+            sink = review_store()
         resumed = resume_pending(store=store, ledger=ledger, review=sink, gateway=fleet)
         result = erase(request, store=store, ledger=ledger, known_cameras=known,
                        review=sink, gateway=fleet)
-    except (RoadloopError, RuntimeError) as exc:
+    except (RoadloopError, RuntimeError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     out = result.model_dump(mode="json")

@@ -8,7 +8,9 @@ never by touching its database.
 Retention journals the frames it expires in the privacy ledger (``expiry_pending.json``)
 before deleting any, and clears them only once the gateway confirms deleting their rows: a
 run that fails or is cut off between its local deletion and the gateway's raises, and every
-later run sends those frames again (``gateway_frames_pending_from_earlier_runs``).
+later run sends those frames again (``gateway_frames_pending_from_earlier_runs``). One
+protected since is kept only while the store still holds it; if that run had deleted its
+files, its gateway row goes too (``gateway_frames_protected_but_gone``).
 """
 
 from datetime import UTC, datetime
@@ -16,6 +18,8 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from resources import FiftyOneResource, FleetResource, FrameStoreResource
+from roadloop.data.frames import FrameStorage
+from roadloop.errors import InvalidInputError
 from roadloop.retention.erasure import erase, make_request, resume_pending
 from roadloop.retention.ledger import PrivacyLedger
 from roadloop.retention.policy import (
@@ -29,6 +33,14 @@ from roadloop.settings import get_settings
 
 def _ledger() -> PrivacyLedger:
     return PrivacyLedger(get_settings().privacy_dir)
+
+
+def _still_stored(store: FrameStorage, camera_id: str, frame_id: str) -> bool:
+    """Whether the store still holds the frame whole (its record and image)."""
+    try:
+        return store.read_record(camera_id, frame_id) is not None
+    except InvalidInputError:  # not a frame id: no frame of the store can have it
+        return False
 
 
 @dg.op(description="Delete what the retention policy (ROADLOOP_RETENTION_*) says has expired.")
@@ -47,14 +59,29 @@ def enforce_retention(
     # that run failed or was cut off. They are sent again below, until the gateway confirms.
     pending = ledger.pending_expired_frames()
     versioned = set(ledger.versioned_frame_keys())
-    candidates, _ = expired_frames(store, cut.frames_before, versioned)
+    # One listing of the store (no image read): the review store is opened only when
+    # something expires, and the frames it reviewed are then spared from this same list.
+    candidates, spared = expired_frames(store, cut.frames_before, versioned)
     review = fiftyone.store() if candidates or pending else None
     # Labelled frames are kept with their dataset version; reviewed ones will be in the next.
-    protected = versioned | (review.reviewed_frame_keys() if review is not None else set())
-    kept = [p for p in pending if f"{p[0]}/{p[1]}" in protected]
-    if kept:  # protected since it was journalled: retention keeps it, gateway row included
+    reviewed = review.reviewed_frame_keys() if review is not None else set()
+    protected = versioned | reviewed
+    chosen = [f for f in candidates if f.frame_key not in reviewed]
+    spared += len(candidates) - len(chosen)
+    # Protected since an earlier run journalled it: kept, gateway row included, when its
+    # frame is still in the store. When that run had already deleted its files, it cannot be
+    # kept: its gateway row (which would serve a preview and metadata of a frame whose bytes
+    # are gone) is sent for deletion with the others.
+    kept = [p for p in pending if f"{p[0]}/{p[1]}" in protected and _still_stored(store, *p)]
+    protected_but_gone = sum(1 for p in pending if f"{p[0]}/{p[1]}" in protected) - len(kept)
+    if kept:
         ledger.confirm_expired(kept)
         pending = [p for p in pending if p not in set(kept)]
+    if protected_but_gone:
+        context.log.warning(
+            "retention: %d frames protected since an earlier run journalled them had their "
+            "files deleted by that run; their gateway rows are deleted too",
+            protected_but_gone)
     removed_samples = 0
     if pending:
         context.log.warning(
@@ -73,7 +100,7 @@ def enforce_retention(
             removed_samples += review.delete_frames(f.frame_key for f in frames)
 
     expiry = expire_frames(store, cut.frames_before, protected, on_planned=journal,
-                           on_deleted=drop_samples)
+                           on_deleted=drop_samples, chosen=(chosen, spared))
     to_gateway = sorted(set(pending) | {(f.camera_id, f.frame_id) for f in expiry.deleted})
     try:
         gateway = fleet.expire(to_gateway, heartbeats_before=cut.heartbeats_before,
@@ -91,6 +118,7 @@ def enforce_retention(
         "frames_kept_with_dataset_versions": expiry.kept_protected,
         "review_samples_deleted": removed_samples,
         "gateway_frames_pending_from_earlier_runs": len(pending),
+        "gateway_frames_protected_but_gone": protected_but_gone,
         "gateway_frames_still_pending": still_pending,
         "gateway_frame_rows_deleted": gateway["frames_deleted"],
         "gateway_frame_bytes_deleted": gateway["bytes_deleted"],

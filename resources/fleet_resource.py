@@ -11,16 +11,21 @@ else the file ``admin_token_file`` (default ``<home>/fleet/admin-token``; create
 import contextlib
 import copy
 import json
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import dagster as dg
-import httpx
 from pydantic import Field
 
+from roadloop.fleet_admin import (
+    ADMIN_TOKEN_ENV,
+    FleetAdmin,
+    FleetConflict,
+    FleetError,
+    FleetUnavailable,  # noqa: F401  (re-exported: assets and sensors import it from here)
+)
 from roadloop.monitoring.windows import heartbeat_time
 from roadloop.release.signing import (
     build_manifest,
@@ -30,20 +35,6 @@ from roadloop.release.signing import (
     sign_manifest,
 )
 from roadloop.settings import get_settings
-
-ADMIN_TOKEN_ENV = "ROADLOOP_FLEET_ADMIN_TOKEN"
-
-
-class FleetError(RuntimeError):
-    """The gateway answered with an error; the message carries its ``detail``."""
-
-
-class FleetUnavailable(FleetError):
-    """The gateway could not be reached at all."""
-
-
-class FleetConflict(FleetError):
-    """409: the change was based on something that changed meanwhile (a stale version)."""
 
 
 class FleetResource(dg.ConfigurableResource):
@@ -67,56 +58,20 @@ class FleetResource(dg.ConfigurableResource):
     )
     timeout_s: float = 60.0
 
-    # -- plumbing ---------------------------------------------------------------------------
+    # -- plumbing (roadloop.fleet_admin: the same calls without Dagster) -----------------
+    def admin(self) -> FleetAdmin:
+        return FleetAdmin(gateway_url=self.gateway_url, token=self.admin_token,
+                          token_file=Path(self.admin_token_file) if self.admin_token_file
+                          else None, timeout_s=self.timeout_s)
+
     def _token(self) -> str:
-        if self.admin_token:
-            return self.admin_token
-        if os.environ.get(ADMIN_TOKEN_ENV):
-            return os.environ[ADMIN_TOKEN_ENV]
-        path = Path(self.admin_token_file or get_settings().home / "fleet" / "admin-token")
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().strip().splitlines()[0]
-        raise FleetError(
-            f"no fleet admin token: set {ADMIN_TOKEN_ENV} or write one to {path} "
-            "(roadloop fleet admin-token create)"
-        )
+        return self.admin().admin_token()
 
     def _request(self, method: str, path: str, *,
                  expect: type | tuple[type, ...] = (dict, list),
                  **kw: Any) -> dict[str, Any] | list[Any]:
-        """The gateway's JSON answer, a ``dict`` or ``list`` (``expect`` narrows it). Anything
-        else (a body that is not JSON, such as a proxy's HTML page answered 200, or another
-        JSON type) is a ``FleetError`` like an error status: callers take their "gateway
-        unavailable" path instead of failing on the shape."""
-        url = self.gateway_url.rstrip("/") + path
-        headers = {"Authorization": f"Bearer {self._token()}"}
-        try:
-            r = httpx.request(method, url, headers=headers, timeout=self.timeout_s, **kw)
-        except httpx.TransportError as exc:
-            raise FleetUnavailable(
-                f"fleet gateway unreachable at {self.gateway_url} ({type(exc).__name__}: {exc}); "
-                "start it with `roadloop gateway serve` or point ROADLOOP_GATEWAY_URL at it"
-            ) from exc
-        if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except (ValueError, AttributeError):
-                detail = r.text
-            kind = FleetConflict if r.status_code == 409 else FleetError
-            raise kind(f"{method} {path} -> {r.status_code}: {detail}")
-        try:
-            body = r.json()
-        except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
-            raise FleetError(
-                f"{method} {path} -> {r.status_code} is not JSON "
-                f"({r.headers.get('content-type', 'no content type')}): {r.text[:200]!r}"
-            ) from exc
-        if not isinstance(body, expect):
-            names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple)
-                                                     else (expect,)))
-            raise FleetError(f"{method} {path} -> {r.status_code}: expected a JSON "
-                             f"{names}, got {type(body).__name__}: {str(body)[:200]!r}")
-        return body
+        """``FleetAdmin.request``: the gateway's JSON answer or a ``FleetError``."""
+        return self.admin().request(method, path, expect=expect, **kw)
 
     def signing_key_dir(self) -> Path:
         return Path(self.key_dir) if self.key_dir else get_settings().home / "keys"
@@ -244,24 +199,7 @@ class FleetResource(dg.ConfigurableResource):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _devices(self, **params: Any) -> list[tuple[str, datetime | None]]:
-        """``GET /v1/devices`` as ``(camera_id, last_seen_at)`` pairs; a row without a camera
-        id or with a ``last_seen_at`` that is not a time is a ``FleetError``."""
-        rows = self._request("GET", "/v1/devices", params=params or None, expect=list)
-        out: list[tuple[str, datetime | None]] = []
-        for i, d in enumerate(rows):
-            camera = d.get("camera_id") if isinstance(d, dict) else None
-            raw = d.get("last_seen_at") if isinstance(d, dict) else None
-            if not isinstance(camera, str) or not camera:
-                raise FleetError(f"GET /v1/devices: row {i} has no camera_id: {str(d)[:200]!r}")
-            try:
-                ts = datetime.fromisoformat(raw) if raw is not None else None
-            except (TypeError, ValueError) as exc:
-                raise FleetError(f"GET /v1/devices: row {i} ({camera}) has last_seen_at "
-                                 f"{raw!r}, not a time") from exc
-            if ts is not None and ts.tzinfo is None:
-                ts = ts.replace(tzinfo=UTC)
-            out.append((camera, ts))
-        return out
+        return self.admin().devices(**params)
 
     def live_cameras(self) -> dict[str, datetime | None]:
         """Cameras with at least one active device (enrolled, not revoked, not in maintenance)
@@ -336,13 +274,11 @@ class FleetResource(dg.ConfigurableResource):
     # -- retention and erasure (docs/retention.md) -----------------------------------------
     def cameras(self) -> set[str]:
         """Every camera the gateway has a device for (any status, revoked included)."""
-        return {camera for camera, _ in self._devices()}
+        return self.admin().cameras()
 
     def erase_frames(self, camera_id: str, since: datetime, until: datetime) -> int:
         """Delete the gateway's frames (rows and files) of one camera in ``[since, until)``."""
-        body = {"camera_id": camera_id, "since": since.isoformat(), "until": until.isoformat()}
-        out = self._request("POST", "/v1/privacy/erase", json=body, expect=dict)
-        return int(out["frames_deleted"])  # type: ignore[call-overload]
+        return self.admin().erase_frames(camera_id, since, until)
 
     def expire(self, frames: list[tuple[str, str]], heartbeats_before: datetime | None,
                traffic_before: datetime | None, batch: int = 1000) -> dict[str, int]:

@@ -10,14 +10,12 @@ name and renamed into place, so a crash never leaves a frame that readers pick u
 Each top-level folder is one camera, i.e. one dynamic partition of ``sampled_edge_frames``.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from roadloop.data.frames import DedupePolicy, FrameStorage, FrameStore
+from roadloop.data.frames import DedupePolicy, FrameStorage
 from roadloop.data.object_frames import open_frame_store
 
 
@@ -35,10 +33,10 @@ class FrameStoreResource(dg.ConfigurableResource):
     dedupe_per_camera_max_hamming: dict[str, int] = Field(default_factory=dict)
 
     def store(self) -> FrameStorage:
-        if self.url:
-            return open_frame_store(self.url, cache_dir=Path(self.root),
-                                    endpoint_url=self.s3_endpoint_url)
-        return FrameStore(Path(self.root))
+        """The store ``url`` names (its images cached under ``root``), else the folder at
+        ``root``: ``open_frame_store``, as ``roadloop privacy`` opens it from the settings."""
+        return open_frame_store(self.url or self.root, cache_dir=Path(self.root),
+                                endpoint_url=self.s3_endpoint_url)
 
     def dedupe_policy(self) -> DedupePolicy:
         return DedupePolicy(

@@ -217,6 +217,7 @@ def fleet(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[Any]]:
     callables: each runs just before one PUT reaches the gateway (a writer racing the
     resource's read-modify-write)."""
     from resources import fleet_resource
+    from roadloop import fleet_admin
 
     base = "http://gateway.test"
     racers: list[Any] = []
@@ -227,7 +228,7 @@ def fleet(env: Env, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[Any]]:
             racers.pop(0)()
         return env.client.request(method, url.removeprefix(base), **kw)
 
-    monkeypatch.setattr(fleet_resource.httpx, "request", request)
+    monkeypatch.setattr(fleet_admin.httpx, "request", request)
     return fleet_resource.FleetResource(gateway_url=base, admin_token=env.admin), racers
 
 

@@ -118,11 +118,11 @@ def _fake_gateway(records: list[dict[str, Any]], calls: list[dict[str, Any]]) ->
 
 
 def test_traffic_intervals_follows_the_cursor(monkeypatch: pytest.MonkeyPatch) -> None:
-    from resources import fleet_resource
+    from roadloop import fleet_admin
 
     records = synthetic_records(minutes=7) + synthetic_records(minutes=3, camera="cam-2")
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(fleet_resource.httpx, "request", _fake_gateway(records, calls))
+    monkeypatch.setattr(fleet_admin.httpx, "request", _fake_gateway(records, calls))
     fleet = FleetResource(gateway_url="http://gw.test", admin_token="admin-token")
     since = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC)
     until = since + timedelta(days=1)
@@ -144,13 +144,13 @@ def test_traffic_intervals_follows_the_cursor(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_traffic_intervals_refuses_a_cursor_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    from resources import fleet_resource
+    from roadloop import fleet_admin
 
     def request(method: str, url: str, **kw: Any) -> httpx.Response:
         return httpx.Response(200, json={"items": [], "next_cursor": "same"},
                               request=httpx.Request(method, url))
 
-    monkeypatch.setattr(fleet_resource.httpx, "request", request)
+    monkeypatch.setattr(fleet_admin.httpx, "request", request)
     fleet = FleetResource(gateway_url="http://gw.test", admin_token="t")
     since = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC)
     with pytest.raises(FleetError, match="twice"):

@@ -32,7 +32,7 @@ import stat
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, NamedTuple, Protocol
 
@@ -249,6 +249,33 @@ class FsckReport(BaseModel):
         )
 
 
+class StoredFrame(NamedTuple):
+    """One frame as a store lists it (``FrameStorage.stored_frames``), its image unread."""
+
+    camera_id: str
+    frame_id: str  # the file stem
+    day: str  # its date folder (``date_folder``)
+    # The image: the file in a folder store; the cache path (``root/<key>``, which may not
+    # exist) on the object store. ``remove_frame`` takes it in either store.
+    image: Path
+    size_bytes: int  # what the store holds for it: image + record (a symbolic link's own size)
+    # None: no reader sees it as a frame (what ``fsck`` reports: an image without its
+    # record, a record without its image, one that does not parse or names another frame, an
+    # image that is a symbolic link or empty)
+    record: FrameRecord | None
+
+
+def day_overlaps(day: str, start: datetime | None, end: datetime | None) -> bool:
+    """Whether the UTC date folder ``day`` (``YYYY-MM-DD``) overlaps ``[start, end)`` (a
+    missing bound does not limit; a folder name that is no date: True, its records tell)."""
+    try:
+        first = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        return True
+    return ((start is None or first + timedelta(days=1) > start)
+            and (end is None or first < end))
+
+
 def checked_sidecar(
     record: FrameRecord,
     jpeg_bytes: bytes,
@@ -331,6 +358,8 @@ class FrameStorage(Protocol):
                     end: datetime | None = None) -> Iterator[tuple[FrameRecord, Path]]: ...
     def count(self, camera_id: str) -> int: ...
     def fsck(self, camera_id: str | None = None) -> FsckReport: ...
+    def stored_frames(self, camera_id: str, *, start: datetime | None = None,
+                      end: datetime | None = None) -> list[StoredFrame]: ...
 
 
 # --------------------------------------------------------------------------- store
@@ -605,6 +634,36 @@ class FrameStore:
     def count(self, camera_id: str) -> int:
         """Number of complete, readable frames of one camera."""
         return sum(1 for _ in self.iter_frames(camera_id))
+
+    def stored_frames(self, camera_id: str, *, start: datetime | None = None,
+                      end: datetime | None = None) -> list[StoredFrame]:
+        """Every frame of one camera in the date folders that overlap ``[start, end)``, with
+        its record (None: unreadable, as ``fsck`` reports it) and the bytes it takes, in
+        (date folder, frame id) order; no image is read (an ``lstat`` each). What deleting
+        needs: the caller picks the readable frames by ``captured_at`` (``in_window``)."""
+        cam = self._camera_dir(camera_id)
+        if not cam.is_dir():
+            return []
+        out: list[StoredFrame] = []
+        for day in sorted(p for p in cam.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not day_overlaps(day.name, start, end):
+                continue
+            stems = sorted({p.stem for p in day.iterdir()
+                            if p.suffix in (".jpg", ".json") and not p.name.startswith(".")})
+            for stem in stems:
+                image, sidecar = day / f"{stem}.jpg", day / f"{stem}.json"
+                record = (self._load(sidecar, camera_id)
+                          if _ID_RE.fullmatch(stem) and sidecar.is_file()
+                          and _image_problem(image) is None else None)
+                size = 0
+                for path in (image, sidecar):
+                    try:
+                        st = os.lstat(path)
+                    except OSError:
+                        continue
+                    size += 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+                out.append(StoredFrame(camera_id, stem, day.name, image, size, record))
+        return out
 
     def fsck(self, camera_id: str | None = None) -> FsckReport:
         """Report incomplete or unreadable entries (changes nothing)."""

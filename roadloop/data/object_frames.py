@@ -69,8 +69,10 @@ from roadloop.data.frames import (
     FrameStore,
     FrameWrite,
     FsckReport,
+    StoredFrame,
     checked_sidecar,
     date_folder,
+    day_overlaps,
     in_window,
     parse_sidecar,
     validate_id,
@@ -396,11 +398,12 @@ class S3FrameStore:
     def cameras(self) -> list[str]:
         """Camera ids with at least one object in the store (sorted)."""
         names = []
-        for page in self._list("", "/"):
-            for cp in page.get("CommonPrefixes", []):
-                name = cp["Prefix"].rstrip("/").rsplit("/", 1)[-1]
-                if _ID_RE.fullmatch(name):
-                    names.append(name)
+        with _as_os_error("listing of cameras"):
+            for page in self._list("", "/"):
+                for cp in page.get("CommonPrefixes", []):
+                    name = cp["Prefix"].rstrip("/").rsplit("/", 1)[-1]
+                    if _ID_RE.fullmatch(name):
+                        names.append(name)
         return sorted(names)
 
     def _record(self, camera_id: str, day: str, frame_id: str) -> FrameRecord | None:
@@ -443,13 +446,13 @@ class S3FrameStore:
             return None
 
     def _listing(self, camera_id: str, start: datetime | None = None,
-                 end: datetime | None = None) -> tuple[dict[str, int], set[str]]:
-        """(image relative path -> size, record relative paths) of one camera, date folders
-        outside ``[start, end)`` skipped."""
+                 end: datetime | None = None) -> tuple[dict[str, int], dict[str, int]]:
+        """(image stem -> size, record stem -> size) of one camera (stems relative to the
+        prefix, ``<camera>/<day>/<frame_id>``), date folders outside ``[start, end)`` skipped."""
         first = start.astimezone(UTC).date() if start is not None else date.min
         last = end.astimezone(UTC).date() if end is not None else date.max
         images: dict[str, int] = {}
-        records: set[str] = set()
+        records: dict[str, int] = {}
         base = len(self._key(""))
         for day in self._days(camera_id):
             if not first <= date.fromisoformat(day) <= last:
@@ -463,7 +466,7 @@ class S3FrameStore:
                     if ext == "jpg":
                         images[stem] = int(obj["Size"])
                     elif ext == "json":
-                        records.add(stem)
+                        records[stem] = int(obj["Size"])
         return images, records
 
     def _records(self, camera_id: str, start: datetime | None,
@@ -500,6 +503,30 @@ class S3FrameStore:
     def count(self, camera_id: str) -> int:
         """Number of complete, readable frames of one camera (no image is downloaded)."""
         return len(self._records(camera_id, None, None))
+
+    def stored_frames(self, camera_id: str, *, start: datetime | None = None,
+                      end: datetime | None = None) -> list[StoredFrame]:
+        """Every frame of one camera in the date folders that overlap ``[start, end)``, with
+        its record (None: unreadable, as ``fsck`` reports it) and the bytes it takes (the
+        listing's sizes of its JPEG and record), in (date folder, frame id) order. **No image
+        is downloaded**: one listing per date folder and a GET of each record whose JPEG
+        exists; ``image`` is the cache path, which ``remove_frame`` takes. The caller picks
+        the readable frames by ``captured_at`` (``in_window``)."""
+        out: list[StoredFrame] = []
+        with _as_os_error(f"listing of {camera_id}"):
+            images, records = self._listing(camera_id, start, end)
+            for stem in sorted(images.keys() | records.keys()):
+                _, day, frame_id = stem.split("/")
+                if not day_overlaps(day, start, end):
+                    continue
+                record = None
+                if stem in images and stem in records:
+                    data = self._get(self._key(f"{stem}.json"))
+                    record = None if data is None else parse_sidecar(
+                        data, camera_id, frame_id, where=f"{self.url}/{stem}.json")
+                out.append(StoredFrame(camera_id, frame_id, day, self.root / f"{stem}.jpg",
+                                       images.get(stem, 0) + records.get(stem, 0), record))
+        return out
 
     def fsck(self, camera_id: str | None = None) -> FsckReport:
         """Report incomplete or unreadable frames (changes nothing); paths are cache paths

@@ -4,8 +4,10 @@ Order of work (``erase``), each step idempotent so a re-run after a crash finish
 
 1. validate the request (known camera, timezone-aware, non-empty range) — nothing is
    touched before this passes;
-2. plan: list the frames in range and write the plan as a journal
-   (``journal/<request_id>.json``, atomically) and audit ``erasure_planned``;
+2. plan: list the frames in range (the store's listing, ``stored_frames``: sizes as stored,
+   unreadable frames too) with each image's hash (on the object store the range's images
+   are downloaded into the local cache for it; step 4 deletes those copies), write the plan
+   as a journal (``journal/<request_id>.json``, atomically) and audit ``erasure_planned``;
 3. add the planned frame keys to the exclusion list (so even a half-done erasure keeps
    them out of every future dataset version);
 4. delete each frame from the frame store (sidecar, then image), then the review samples
@@ -32,7 +34,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from roadloop.data.frames import FrameId, FrameStore
+from roadloop.data.frames import FrameId, FrameStorage, in_window
 from roadloop.errors import RoadloopError
 from roadloop.fsutil import write_text_atomic
 from roadloop.retention.derived import (
@@ -42,7 +44,7 @@ from roadloop.retention.derived import (
     scrub_derived,
 )
 from roadloop.retention.ledger import PrivacyLedger
-from roadloop.retention.leftovers import leftover_frames
+from roadloop.retention.leftovers import select_leftovers
 
 logger = logging.getLogger(__name__)
 
@@ -157,28 +159,47 @@ def _save(ledger: PrivacyLedger, journal: ErasureJournal) -> None:
                       journal.model_dump_json(indent=1), parents=True, durable=True)
 
 
-def _plan(request: ErasureRequest, store: FrameStore,
+def _image_hash(store: FrameStorage, image: Path) -> str | None:
+    """The SHA-256 of a frame's image as the store holds it now (the embedding cache's key):
+    the folder store's file; on the object store the object, downloaded into the local cache
+    (or the cached copy the store says is current) — the erasure's ``remove_frame`` deletes
+    that copy with the frame. None when the image is gone or is no regular file."""
+    try:
+        relative = image.relative_to(store.root).as_posix()
+    except ValueError:  # not under this store's root (a journal from another setup)
+        return image_sha256(image)
+    try:
+        return image_sha256(store.image_path(relative))
+    except FileNotFoundError:  # an object gone from the store (a record without its image)
+        return None
+
+
+def _plan(request: ErasureRequest, store: FrameStorage,
           versioned: dict[str, list[str]]) -> list[PlannedFrame]:
+    # The store's listing: sizes as stored (image + record), in either store.
+    listed = store.stored_frames(request.camera_id, start=request.since, end=request.until)
+    readable = sorted(((f.record, f) for f in listed
+                       if f.record is not None
+                       and in_window(f.record, request.since, request.until)),
+                      key=lambda rf: (rf[0].captured_at, rf[1].frame_id))
     out = []
-    for record, image in store.iter_frames(request.camera_id, start=request.since,
-                                           end=request.until):
-        size = sum(p.stat().st_size for p in (image, image.with_suffix(".json")) if p.exists())
+    for record, f in readable:
         out.append(PlannedFrame(
-            frame_id=record.frame_id, captured_at=record.captured_at, image=image,
-            size_bytes=size, versions=versioned.get(f"{request.camera_id}/{record.frame_id}", []),
-            sha256=image_sha256(image),
+            frame_id=f.frame_id, captured_at=record.captured_at, image=f.image,
+            size_bytes=f.size_bytes,
+            versions=versioned.get(f"{request.camera_id}/{f.frame_id}", []),
+            sha256=_image_hash(store, f.image),
         ))
     # Unreadable frames of the range's days (an image without a sidecar, a sidecar that does
     # not parse): their time cannot be read, so a day the range touches is enough.
-    for left in leftover_frames(store, request.camera_id, start=request.since,
-                                end=request.until):
+    for left in select_leftovers(listed, start=request.since, end=request.until):
         logger.warning("erasure %s: taking unreadable frame %s (day %s)", request.request_id,
                        left.image, left.day_start.date())
         out.append(PlannedFrame(
             frame_id=left.frame_id, captured_at=left.day_start, image=left.image,
             size_bytes=left.size_bytes,
             versions=versioned.get(f"{request.camera_id}/{left.frame_id}", []),
-            sha256=image_sha256(left.image),
+            sha256=_image_hash(store, left.image),
         ))
     return out
 
@@ -186,7 +207,7 @@ def _plan(request: ErasureRequest, store: FrameStore,
 def erase(
     request: ErasureRequest,
     *,
-    store: FrameStore,
+    store: FrameStorage,
     ledger: PrivacyLedger,
     known_cameras: Iterable[str],
     review: ReviewSink | None = None,
@@ -224,7 +245,7 @@ def erase(
                     resumed=resumed, artifacts_dir=artifacts_dir)
 
 
-def _execute(journal: ErasureJournal, *, store: FrameStore, ledger: PrivacyLedger,
+def _execute(journal: ErasureJournal, *, store: FrameStorage, ledger: PrivacyLedger,
              review: ReviewSink | None, gateway: GatewaySink | None,
              resumed: bool, artifacts_dir: Path | None = None) -> ErasureResult:
     req = journal.request
@@ -232,7 +253,7 @@ def _execute(journal: ErasureJournal, *, store: FrameStore, ledger: PrivacyLedge
     excluded = ledger.add_exclusions(keys, journal.request_id)
     unhashed = [f for f in journal.frames if f.sha256 is None]
     for frame in unhashed:  # a journal from before hashes were planned: hash what is left
-        frame.sha256 = image_sha256(frame.image)
+        frame.sha256 = _image_hash(store, frame.image)
     if any(f.sha256 for f in unhashed):
         _save(ledger, journal)  # before the images go: a crash after still has the hashes
     for frame in journal.frames:
@@ -283,7 +304,7 @@ def pending_journals(ledger: PrivacyLedger) -> list[ErasureJournal]:
     return out
 
 
-def resume_pending(*, store: FrameStore, ledger: PrivacyLedger,
+def resume_pending(*, store: FrameStorage, ledger: PrivacyLedger,
                    review: ReviewSink | None = None,
                    gateway: GatewaySink | None = None,
                    artifacts_dir: Path | None = None) -> list[ErasureResult]:

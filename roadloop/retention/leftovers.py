@@ -2,22 +2,25 @@
 does not parse or describes another frame, a sidecar without its image, an image that is a
 symbolic link or empty.
 
-``FrameStore.iter_frames`` skips them (with a warning), so retention and erasure, which work
-from it, used to leave them on disk, and an erasure reported itself complete while a
-camera's pixels stayed. Their capture time cannot be read, but their day folder is the UTC
-day they were stored under (``roadloop.data.frames.date_folder``): retention takes them
-once that whole day has expired, and an erasure takes them when their day overlaps its
-range (a privacy request errs toward deleting).
+``iter_frames`` skips them (with a warning), so retention and erasure, which once worked
+from it, left them in the store, and an erasure reported itself complete while a camera's
+pixels stayed. Their capture time cannot be read, but their day folder is the UTC day they
+were stored under (``roadloop.data.frames.date_folder``): retention takes them once that
+whole day has expired, and an erasure takes them when their day overlaps its range (a
+privacy request errs toward deleting). They come from the store's listing
+(``FrameStorage.stored_frames``, record None), in the folder store and the object store
+alike, with the bytes the store holds for them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from roadloop.data.frames import FrameStore
+from roadloop.data.frames import FrameStorage, StoredFrame
 
 
 class Leftover(BaseModel):
@@ -37,16 +40,15 @@ def _day_start(name: str) -> datetime | None:
         return None
 
 
-def leftover_frames(store: FrameStore, camera_id: str, *, start: datetime | None = None,
-                    end: datetime | None = None, whole_days: bool = False) -> list[Leftover]:
-    """The camera's unreadable frames whose day folder overlaps ``[start, end)`` (with
-    ``whole_days``: lies entirely inside it)."""
-    report = store.fsck(camera_id)
-    paths = [*report.orphan_images, *report.sidecars_without_image, *report.corrupt_sidecars,
-             *report.bad_images]
+def select_leftovers(frames: Iterable[StoredFrame], *, start: datetime | None = None,
+                     end: datetime | None = None, whole_days: bool = False) -> list[Leftover]:
+    """The unreadable ones of ``frames`` (a ``stored_frames`` listing) whose day folder
+    overlaps ``[start, end)`` (with ``whole_days``: lies entirely inside it)."""
     out: dict[Path, Leftover] = {}
-    for path in paths:
-        day = _day_start(path.parent.name)
+    for frame in frames:
+        if frame.record is not None:
+            continue
+        day = _day_start(frame.day)
         if day is None:
             continue
         day_end = day + timedelta(days=1)
@@ -56,9 +58,15 @@ def leftover_frames(store: FrameStore, camera_id: str, *, start: datetime | None
             inside = (start is None or day_end > start) and (end is None or day < end)
         if not inside:
             continue
-        image = path.with_suffix(".jpg")
-        size = sum(p.lstat().st_size for p in (image, image.with_suffix(".json"))
-                   if p.is_file() or p.is_symlink())  # a link's own size, not its target's
-        out[image] = Leftover(camera_id=camera_id, frame_id=path.stem, day_start=day,
-                              image=image, size_bytes=size)
+        out[frame.image] = Leftover(camera_id=frame.camera_id, frame_id=frame.frame_id,
+                                    day_start=day, image=frame.image,
+                                    size_bytes=frame.size_bytes)
     return sorted(out.values(), key=lambda x: (x.day_start, x.frame_id))
+
+
+def leftover_frames(store: FrameStorage, camera_id: str, *, start: datetime | None = None,
+                    end: datetime | None = None, whole_days: bool = False) -> list[Leftover]:
+    """The camera's unreadable frames whose day folder overlaps ``[start, end)`` (with
+    ``whole_days``: lies entirely inside it)."""
+    return select_leftovers(store.stored_frames(camera_id, start=start, end=end),
+                            start=start, end=end, whole_days=whole_days)

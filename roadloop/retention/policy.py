@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from roadloop.data.frames import FrameStore
+from roadloop.data.frames import FrameStorage, in_window
 from roadloop.errors import InvalidInputError
 from roadloop.retention.derived import (
     DerivedScrub,
@@ -30,7 +30,7 @@ from roadloop.retention.derived import (
     image_sha256,
     scrub_derived,
 )
-from roadloop.retention.leftovers import leftover_frames
+from roadloop.retention.leftovers import select_leftovers
 
 logger = logging.getLogger(__name__)
 
@@ -85,35 +85,30 @@ class FrameExpiry(BaseModel):
         return sum(f.size_bytes for f in self.deleted)
 
 
-def _frame_bytes(image: Path) -> int:
-    total = 0
-    for p in (image, image.with_suffix(".json")):
-        try:
-            total += p.stat().st_size
-        except OSError:
-            pass
-    return total
-
-
 def expired_frames(
-    store: FrameStore, before: datetime, protected: Collection[str] = ()
+    store: FrameStorage, before: datetime, protected: Collection[str] = ()
 ) -> tuple[list[ExpiredFrame], int]:
     """Frames captured strictly before ``before`` (every camera), minus ``protected`` frame
-    keys (``camera/frame``); returns them and how many protected ones were spared."""
+    keys (``camera/frame``); returns them and how many protected ones were spared. From the
+    store's listing (``stored_frames``): no image is read, and on the object store none is
+    downloaded; sizes are what the store holds (image + record)."""
     out: list[ExpiredFrame] = []
     spared = 0
     for camera in store.cameras():
-        for record, image in store.iter_frames(camera, end=before):
-            key = f"{camera}/{record.frame_id}"
-            if key in protected:
+        listed = store.stored_frames(camera, end=before)
+        readable = sorted(((f.record, f) for f in listed
+                           if f.record is not None and in_window(f.record, None, before)),
+                          key=lambda rf: (rf[0].captured_at, rf[1].frame_id))
+        for record, f in readable:
+            if f"{camera}/{f.frame_id}" in protected:
                 spared += 1
                 continue
-            out.append(ExpiredFrame(camera_id=camera, frame_id=record.frame_id,
-                                    captured_at=record.captured_at, image=image,
-                                    size_bytes=_frame_bytes(image)))
+            out.append(ExpiredFrame(camera_id=camera, frame_id=f.frame_id,
+                                    captured_at=record.captured_at, image=f.image,
+                                    size_bytes=f.size_bytes))
         # Unreadable frames (no sidecar, a sidecar that does not parse) have no capture time:
         # they expire with the whole of their day folder.
-        for left in leftover_frames(store, camera, end=before, whole_days=True):
+        for left in select_leftovers(listed, end=before, whole_days=True):
             if f"{camera}/{left.frame_id}" in protected:
                 spared += 1
                 continue
@@ -126,13 +121,14 @@ def expired_frames(
 
 
 def expire_frames(
-    store: FrameStore,
+    store: FrameStorage,
     before: datetime,
     protected: Collection[str] = (),
     *,
     on_planned: Callable[[list[ExpiredFrame]], None] | None = None,
     on_deleted: Callable[[list[ExpiredFrame]], None] | None = None,
     artifacts_dir: Path | None = None,
+    chosen: tuple[list[ExpiredFrame], int] | None = None,
 ) -> FrameExpiry:
     """Delete the expired frames from the store (sidecar first, then image: a frame stops
     being complete before its pixels go), then what was derived from them: their vectors in
@@ -141,8 +137,15 @@ def expire_frames(
     ``on_planned`` gets the frames about to go before the first is deleted (e.g. to journal
     them, so a run cut off halfway still knows whose gateway rows to delete; if it raises,
     nothing is deleted); ``on_deleted`` gets the deleted frames (e.g. to drop their
-    review-queue samples and gateway rows)."""
-    frames, spared = expired_frames(store, before, protected)
+    review-queue samples and gateway rows). ``chosen``: the frames to delete and the
+    protected ones spared, as ``expired_frames`` listed them (a caller that listed them
+    already; ``protected`` is then not looked at again).
+
+    No image is downloaded. The embedding caches are keyed by image hashes, taken from the
+    local copies only: the folder store's files, or the object store's cached copies, which
+    are the files the platform's embedding assets read (its cache has no TTL; a frame never
+    downloaded there was never embedded by it)."""
+    frames, spared = chosen if chosen is not None else expired_frames(store, before, protected)
     if on_planned is not None and frames:
         on_planned(frames)
     artifacts = artifacts_dir if artifacts_dir is not None else (
@@ -151,7 +154,8 @@ def expire_frames(
     hashes: list[str | None] = []
     per_camera: dict[str, int] = {}
     for f in frames:
-        hashes.append(image_sha256(f.image) if hashing else None)  # before the image goes
+        # before the image goes; a local read only (an object store's cached copy, if any)
+        hashes.append(image_sha256(f.image) if hashing else None)
         store.remove_frame(f.image)
         per_camera[f.camera_id] = per_camera.get(f.camera_id, 0) + 1
     logger.info("retention: %d frames before %s deleted, %d protected kept",
