@@ -149,6 +149,32 @@ def test_a_car_first_seen_beyond_the_line_does_not_count() -> None:
     assert crossings(run(counter, [[car(300, 250 + 10 * i)] for i in range(10)])) == []
 
 
+def test_a_fast_car_that_crosses_before_its_track_is_confirmed_counts() -> None:
+    # 25 px a frame (a car near the camera at 10 fps): its first three boxes — the frames the
+    # tracker needs to confirm it — already take it from 175 to 225, across y=200.
+    counter = TrafficCounter(parse_traffic_section(geometry()), ["car"])
+    outs = run(counter, [[car(300, 175 + 25 * i)] for i in range(6)])
+    assert [(c.line, c.direction) for c in crossings(outs)] == [("L", "in")]
+    assert crossings(outs)[0].stream_time == pytest.approx(0.2)  # counted at confirmation
+
+
+def test_a_second_partial_box_on_a_counted_car_does_not_count_it_again() -> None:
+    # A weak detector's second box on the same car (its lower part), first seen before the
+    # line and confirmed beyond it, while the car's own track counted the crossing.
+    counter = TrafficCounter(parse_traffic_section(geometry()), ["car"])
+    frames = []
+    for i in range(12):
+        y = 150 + 10 * i
+        dets = [car(300, y)]
+        if 4 <= i <= 9:  # the partial box's bottom 188 … 238, confirmed at 208 (i = 6), the
+            # frame in which the car's own track counts (210): checked after it, not before
+            dets.insert(0, Det(0, "car", 0.8, (282, y - 25, 318, y - 2)))  # listed first
+        frames.append(dets)
+    outs = run(counter, frames)
+    assert len({t.track_id for o in outs for t in o.confirmed}) == 2  # two tracks, …
+    assert len(crossings(outs)) == 1  # … one vehicle counted once
+
+
 def test_class_is_voted_over_the_track_and_wrong_way_is_an_event() -> None:
     g = geometry(lines=[{"name": "L", "start": [0, 200], "end": [640, 200], "allowed": "out"}])
     counter = TrafficCounter(parse_traffic_section(g), ["car", "van"])

@@ -9,8 +9,13 @@ How a crossing is decided (the failure modes counters meet in the field):
   stops on it, does not toggle the side and is not counted again and again.
 * A crossing counts when the side flips and the path between the two firm positions meets
   the line *segment* (passing beside the line's end is not a crossing); each track counts on a
-  line at most once. Unconfirmed tracks (ID -1) never count; a confirmed track's side starts
-  where it is first seen, so a vehicle first seen beyond a line never counts on it.
+  line at most once. Unconfirmed tracks (ID -1) never count. A track is confirmed only after
+  ``min_hits`` consecutive matched frames, and a fast vehicle may cross the line in those
+  frames (at 10 fps a car at 60 km/h near the camera moves most of its length a frame): a
+  newly confirmed track's side therefore starts where its *unconfirmed* boxes of the frames
+  just before were (``_prehistory``: each the best-overlapping box of the frame before,
+  similar in size, as the tracker matched them), else where it is first seen — so a vehicle
+  first seen beyond a line never counts on it.
 * A vehicle that stops *on* a line (inside the band) and is hidden for longer than the
   tracker's ``lost_s`` comes back under a new ID, born in the band, with no firm side: it
   would never count. A track born inside a line's band therefore takes over the last firm
@@ -57,6 +62,10 @@ ASSUMED_VEHICLE_HEIGHT_M = 1.5  # only for "standing" without a homography (pixe
 # traffic takes to pass — an 18 m articulated bus at 7 km/h, 9 s; ten covers it. Longer is
 # not needed and would let a later vehicle, stopping near the same spot, take its side.
 REID_WINDOW_S = 10.0
+# A crossing found through a new track's unconfirmed past is dropped when another track that
+# counted on the same line this recently overlaps it this much (see ``_counted_twin``).
+TWIN_WINDOW_S = 1.0
+TWIN_MIN_IOU = 0.3
 
 
 @dataclass(frozen=True)
@@ -129,9 +138,12 @@ class _Track:
     height: float
     size: float  # the box's larger side (px): how far a re-detection of it may lie
     history: deque[tuple[float, float, float]] = field(default_factory=deque)  # t, gx, gy
+    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     sides: dict[str, int] = field(default_factory=dict)
     side_points: dict[str, tuple[float, float]] = field(default_factory=dict)
+    past_sides: set[str] = field(default_factory=set)  # lines whose side is from _prehistory
     counted: set[str] = field(default_factory=set)
+    counted_at: dict[str, float] = field(default_factory=dict)
     inside: dict[str, float] = field(default_factory=dict)  # zone -> entry time
     stopped_since: float | None = None
     stopped_reported: bool = False
@@ -166,6 +178,16 @@ def _meets_segment(line: CountingLine, a: tuple[float, float], b: tuple[float, f
     return 0.0 <= u <= 1.0
 
 
+def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def _velocity(samples: list[tuple[float, float, float]]) -> float | None:
     """Speed (units/s) of a least-squares straight-line fit, or None when too little data."""
     if len(samples) < 3:
@@ -195,6 +217,10 @@ class TrafficCounter:
         self._jam_since: dict[str, float] = {}
         self._jam_reported: set[str] = set()
         self._lost: list[_Lost] = []
+        # The unconfirmed boxes of the last frames (one entry per frame, empty lists too, so
+        # that the entries stay consecutive): where a track was before it got its ID.
+        self._unconfirmed: deque[list[TrackedBox]] = deque(
+            maxlen=max(0, self.tracker.settings.min_hits - 1))
         self._now: float | None = None  # the counter's clock at the last frame
         self._gap = 1.0 / self.tracker.settings.frame_rate  # the last frame gap seen
         self._shift = 0.0  # added to stream times after the stream's clock went back
@@ -205,9 +231,13 @@ class TrafficCounter:
         boxes = self.tracker.update(detections, stream_time)
         out = FrameTraffic(boxes)
         self._lost = [x for x in self._lost if stream_time - x.last_seen <= REID_WINDOW_S]
-        for box in boxes:
-            if box.track_id >= 0:
-                self._observe(box, stream_time, out)
+        # Known tracks first: a new track's crossing from its unconfirmed past is checked
+        # against what they counted in this very frame (``_counted_twin``).
+        for box in sorted((b for b in boxes if b.track_id >= 0),
+                          key=lambda b: b.track_id not in self._tracks):
+            self._observe(box, stream_time, out)
+        if self._unconfirmed.maxlen:
+            self._unconfirmed.append([b for b in boxes if b.track_id < 0])
         alive = self.tracker.alive_ids()
         for tid in [t for t in self._tracks if t not in alive]:
             track = self._tracks.pop(tid)
@@ -250,7 +280,7 @@ class TrafficCounter:
                            max(x2 - x1, y2 - y1))
             self._tracks[box.track_id] = track
         track.class_name, track.last_seen = box.class_name, now
-        track.anchor, track.height = box.anchor, box.height
+        track.anchor, track.height, track.box = box.anchor, box.height, box.xyxy
         ground = (self.config.homography.to_world(np.asarray([box.anchor]))[0]
                   if self.config.homography is not None else box.anchor)
         track.history.append((now, float(ground[0]), float(ground[1])))
@@ -258,6 +288,7 @@ class TrafficCounter:
             track.history.popleft()
         band = max(MIN_BAND_PX, BAND_FRACTION * box.height)
         if first:
+            self._start_sides(track, self._prehistory(box))
             self._inherit(track, band)
         for line in self.config.lines:
             self._line(track, line, band, now, out)
@@ -280,12 +311,17 @@ class TrafficCounter:
             return
         previous = track.sides.get(line.name)
         before = track.side_points.get(line.name)
+        from_past = line.name in track.past_sides
+        track.past_sides.discard(line.name)
         track.sides[line.name], track.side_points[line.name] = side, track.anchor
         if previous is None or previous == side or line.name in track.counted:
             return
         if before is None or not _meets_segment(line, before, track.anchor):
             return
+        if from_past and self._counted_twin(track, line.name, now):
+            return
         track.counted.add(line.name)
+        track.counted_at[line.name] = now
         key = "in" if side > 0 else "out"
         label = line.in_label if key == "in" else line.out_label
         speed = None
@@ -302,6 +338,51 @@ class TrafficCounter:
                 f"{label}, against its allowed direction", line=line.name,
                 track_id=track.track_id, class_name=track.class_name))
 
+    def _prehistory(self, box: TrackedBox) -> list[TrackedBox]:
+        """The unconfirmed boxes that were ``box``'s track before it was confirmed, oldest
+        first: walking back one frame at a time, the box overlapping the later one most (IoU
+        at least the tracker's ``min_iou``, height within a factor of 1.5). Stops at the first
+        frame with none (the track's first frame, or a box the walk cannot tell)."""
+        chain: list[TrackedBox] = []
+        later = box
+        for frame in reversed(self._unconfirmed):
+            best, best_iou = None, self.tracker.settings.min_iou
+            for cand in frame:
+                ratio = cand.height / later.height if later.height > 0 else 0.0
+                if not 1 / 1.5 <= ratio <= 1.5:
+                    continue
+                iou = _iou(cand.xyxy, later.xyxy)
+                if iou >= best_iou:
+                    best, best_iou = cand, iou
+            if best is None:
+                break
+            frame.remove(best)  # one track's past, not two
+            chain.append(best)
+            later = best
+        return chain[::-1]
+
+    def _counted_twin(self, track: _Track, line: str, now: float) -> bool:
+        """Whether another track that counted on ``line`` within ``TWIN_WINDOW_S`` overlaps
+        ``track`` now (IoU ≥ ``TWIN_MIN_IOU``): the same vehicle detected twice (a weak
+        detector's second, partial box), whose second track's unconfirmed past would count
+        it again."""
+        return any(other is not track and now - other.counted_at.get(line, -math.inf)
+                   <= TWIN_WINDOW_S and _iou(other.box, track.box) >= TWIN_MIN_IOU
+                   for other in self._tracks.values())
+
+    def _start_sides(self, track: _Track, before: list[TrackedBox]) -> None:
+        """A new track's side of each line, from its earliest unconfirmed box that stood on a
+        firm side (``_line`` then counts the crossing if the track is now on the other)."""
+        for line in self.config.lines:
+            for past in before:
+                band = max(MIN_BAND_PX, BAND_FRACTION * past.height)
+                d = _signed_distance(line, past.anchor)
+                if abs(d) > band:
+                    track.sides[line.name] = 1 if d > 0 else -1
+                    track.side_points[line.name] = past.anchor
+                    track.past_sides.add(line.name)
+                    break
+
     def _remember(self, track: _Track) -> None:
         """Keep a lost track's firm, uncounted sides for a successor (see the docstring)."""
         sides = {name: (side, track.side_points[name]) for name, side in track.sides.items()
@@ -313,6 +394,8 @@ class TrafficCounter:
         """A new track born inside a line's band takes the side of the nearest recently lost
         track near enough to be the same vehicle (each lost side is handed on once)."""
         for line in self.config.lines:
+            if line.name in track.sides:
+                continue  # its own unconfirmed boxes stood on a firm side: that is the truth
             if abs(_signed_distance(line, track.anchor)) > band:
                 continue  # born on a firm side: its own side is the truth
             near = [(math.dist(x.anchor, track.anchor), i) for i, x in enumerate(self._lost)
