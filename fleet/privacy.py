@@ -20,6 +20,7 @@ erased: a late upload of one of its frames is refused too (``docs/retention.md``
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,10 @@ from fleet.db import (
 )
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut
+from roadloop.data.frames import StoredFrame, in_window
+from roadloop.retention.leftovers import select_leftovers
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["privacy"], route_class=AuthFirstRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut},
@@ -102,35 +106,64 @@ class ExpireOut(BaseModel):
     traffic_records_deleted: int
 
 
+def _held_bytes(gw: Gateway, rows: list[FrameRow]) -> dict[str, int]:
+    """``{row.path: bytes}`` of the rows whose frame the store holds: image + record as
+    stored, from one size listing of each ``<camera>/<day>/`` folder the rows name
+    (``FrameStorage.day_sizes``: no record or image is read, and on the object store none is
+    downloaded). The gateway's own paths are cache paths on the object store: a copy there
+    says nothing about the bucket. A row whose files are gone (the platform's retention
+    deleted them from a shared store first) is not in it: this call freed nothing of it."""
+    folders = {(row.camera_id, Path(row.path).parent.name) for row in rows}
+    held: dict[str, int] = {}
+    for camera, day in sorted(folders):
+        for frame_id, size in gw.store.day_sizes(camera, day).items():
+            held[f"{camera}/{day}/{frame_id}.jpg"] = size
+    return held
+
+
+def _relative(gw: Gateway, frame: StoredFrame) -> str:
+    """A listed frame's image path relative to the store: what ``FrameRow.path`` holds."""
+    return frame.image.relative_to(gw.store.root).as_posix()
+
+
 def _drop_frames(gw: Gateway, session: Session, rows: list[FrameRow]) -> int:
-    """Delete the rows' files (sidecar, then image), then the rows; returns bytes freed."""
+    """Delete the rows' files (sidecar, then image), then the rows; returns the bytes the
+    store held for them (``_held_bytes``)."""
+    held = _held_bytes(gw, rows)
     freed = 0
     for row in rows:
-        image = gw.store.root / Path(row.path)
-        freed += row.size_bytes if image.exists() else 0
-        gw.store.remove_frame(image)
+        freed += held.get(Path(row.path).as_posix(), 0)
+        gw.store.remove_frame(gw.store.root / Path(row.path))
     for row in rows:
         session.delete(row)
     return freed
 
 
 def _drop_stored_files(gw: Gateway, camera_id: str, since: datetime,
-                      until: datetime) -> dict[str, int]:
-    """Delete every complete frame of ``camera_id`` captured in ``[since, until)`` that the
-    frame store holds (folder or object store: ``FrameStorage.iter_frames``), row or no row;
-    returns ``{frame_id: bytes freed}``. Called after the erasure's ``frame_erasures`` row
-    is committed: an upload of one of these frames in flight then either committed its row
+                       until: datetime) -> dict[str, StoredFrame]:
+    """Delete every frame of ``camera_id`` in ``[since, until)`` that the frame store holds,
+    row or no row, from its listing (``FrameStorage.stored_frames``: no image is read, and
+    on the object store none is downloaded; sizes are image + record as stored): the
+    readable frames captured in the range, and the unreadable ones (an image without its
+    record, a record without its image, a record that does not parse) whose UTC day folder
+    overlaps it, as the platform's erasure takes them (``roadloop.retention.leftovers``: a
+    privacy request errs toward deleting). Returns what it deleted, by image path relative
+    to the store (``FrameRow.path``). Called after the erasure's ``frame_erasures`` row is
+    committed: an upload of one of these frames in flight then either committed its row
     before (the erasure deletes the row next) or has its insert refused (it removes its own
     files too), in this process or any other."""
-    freed: dict[str, int] = {}
-    for record, image in list(gw.store.iter_frames(camera_id, start=since, end=until)):
-        try:  # the image's bytes, as a row's size_bytes counts them
-            size = image.stat().st_size
-        except OSError:
-            size = 0
-        gw.store.remove_frame(image)
-        freed[record.frame_id] = freed.get(record.frame_id, 0) + size
-    return freed
+    listed = gw.store.stored_frames(camera_id, start=since, end=until)
+    chosen = [f for f in listed if f.record is not None and in_window(f.record, since, until)]
+    leftovers = {left.image for left in select_leftovers(listed, start=since, end=until)}
+    chosen += [f for f in listed if f.image in leftovers]
+    deleted: dict[str, StoredFrame] = {}
+    for f in chosen:
+        if f.record is None:
+            logger.warning("erasure of %s: deleting unreadable frame %s (day %s)", camera_id,
+                           f.image, f.day)
+        gw.store.remove_frame(f.image)  # the object store's cached copy goes too
+        deleted[_relative(gw, f)] = f
+    return deleted
 
 
 def _record_erasure(gw: Gateway, body: EraseRequest, now: datetime, actor: str | None,
@@ -176,13 +209,18 @@ def erase_frames(body: EraseRequest, request: Request, principal: AdminPrincipal
         rows = list(session.scalars(select(FrameRow).where(
             FrameRow.camera_id == body.camera_id, FrameRow.captured_at >= body.since,
             FrameRow.captured_at < end)))
-        freed = _drop_frames(gw, session, rows) + sum(files.values())
-        without_row = len(set(files) - {r.frame_id for r in rows})
+        for row in rows:  # files the listing did not show (gone already): a no-op delete,
+            if Path(row.path).as_posix() not in files:  # and the gateway's cached copy
+                gw.store.remove_frame(gw.store.root / Path(row.path))
+            session.delete(row)
+        freed = sum(f.size_bytes for f in files.values())
+        without_row = len({f.frame_id for f in files.values()} - {r.frame_id for r in rows})
         audit(session, now, "frames_erased", actor=principal.actor,
               token_id=principal.token_id, client=client_address(request),
               detail={"camera_id": body.camera_id, "since": body.since.isoformat(),
                       "until": body.until.isoformat(), "frames": len(rows) + without_row,
                       "files_without_row": without_row,
+                      "unreadable_files": sum(f.record is None for f in files.values()),
                       "refuses_captured_before": end.isoformat()})
         session.commit()
     return EraseOut(camera_id=body.camera_id, since=body.since, until=body.until,

@@ -8,8 +8,6 @@ never by branches inside assets. Profiles:
 - ``test``: tiny subsets, tiny image sizes, 1 epoch — for the test suite.
 """
 
-from __future__ import annotations
-
 import dagster as dg
 
 from roadloop.settings import Settings, get_settings

@@ -360,6 +360,7 @@ class FrameStorage(Protocol):
     def fsck(self, camera_id: str | None = None) -> FsckReport: ...
     def stored_frames(self, camera_id: str, *, start: datetime | None = None,
                       end: datetime | None = None) -> list[StoredFrame]: ...
+    def day_sizes(self, camera_id: str, day: str) -> dict[str, int]: ...
 
 
 # --------------------------------------------------------------------------- store
@@ -664,6 +665,27 @@ class FrameStore:
                     size += 0 if stat.S_ISDIR(st.st_mode) else st.st_size
                 out.append(StoredFrame(camera_id, stem, day.name, image, size, record))
         return out
+
+    def day_sizes(self, camera_id: str, day: str) -> dict[str, int]:
+        """``{frame_id: bytes}`` (image + record, a symbolic link's own size) of the files in
+        one date folder of one camera: sizes only, no record read (an ``lstat`` each)."""
+        folder = self._camera_dir(camera_id) / day
+        sizes: dict[str, int] = {}
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return sizes
+        for entry in entries:
+            stem, dot, ext = entry.name.rpartition(".")
+            if not dot or ext not in ("jpg", "json") or entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                sizes[stem] = sizes.get(stem, 0) + st.st_size
+        return sizes
 
     def fsck(self, camera_id: str | None = None) -> FsckReport:
         """Report incomplete or unreadable entries (changes nothing)."""

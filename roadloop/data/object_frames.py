@@ -248,13 +248,19 @@ class S3FrameStore:
         yield from self.client.get_paginator("list_objects_v2").paginate(**kwargs)
 
     def _days(self, camera_id: str) -> list[str]:
+        """The camera's date folders (sorted); a folder whose name is no date (``misc``, or
+        ``2026-13-45``, which has the shape of one) is skipped: ``write_frame`` never makes
+        one (``date_folder``), so nothing in it is a frame of this store."""
         validate_id("camera_id", camera_id, where=self.url)
         days = []
         for page in self._list(f"{camera_id}/", "/"):
             for cp in page.get("CommonPrefixes", []):
                 day = cp["Prefix"].rstrip("/").rsplit("/", 1)[-1]
-                if _DAY_RE.fullmatch(day):
+                if _is_day(day):
                     days.append(day)
+                else:
+                    logger.debug("skipping %s/%s/%s/: not a date folder", self.url,
+                                 camera_id, day)
         return sorted(days)
 
     def _get_unless(self, key: str, cached: bytes) -> Any:
@@ -504,6 +510,21 @@ class S3FrameStore:
         """Number of complete, readable frames of one camera (no image is downloaded)."""
         return len(self._records(camera_id, None, None))
 
+    def day_sizes(self, camera_id: str, day: str) -> dict[str, int]:
+        """``{frame_id: bytes}`` (image + record, the listing's sizes) of one date folder of
+        one camera: one listing, no record or image read."""
+        if not _is_day(day):
+            return {}
+        first = datetime.combine(date.fromisoformat(day), datetime.min.time(), tzinfo=UTC)
+        sizes: dict[str, int] = {}
+        with _as_os_error(f"listing of {camera_id}/{day}"):
+            images, records = self._listing(camera_id, first, first)
+        for stem, size in (*images.items(), *records.items()):
+            _, folder, frame_id = stem.split("/")
+            if folder == day:
+                sizes[frame_id] = sizes.get(frame_id, 0) + size
+        return sizes
+
     def stored_frames(self, camera_id: str, *, start: datetime | None = None,
                       end: datetime | None = None) -> list[StoredFrame]:
         """Every frame of one camera in the date folders that overlap ``[start, end)``, with
@@ -617,6 +638,17 @@ class S3FrameStore:
                 return False
             self.client.delete_object(Bucket=self.bucket, Key=key)
         return True
+
+
+def _is_day(name: str) -> bool:
+    """Whether ``name`` is a date folder's (``YYYY-MM-DD``, a real date)."""
+    if not _DAY_RE.fullmatch(name):
+        return False
+    try:
+        date.fromisoformat(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _touch(path: Path) -> bool:
