@@ -430,9 +430,9 @@ def _ingest(defs, instance, settings, outcome: LoopOutcome, frames_per_camera: i
     )
     outcome.run_ids.append(replay.run_id)
 
-    from roadloop.data.frames import FrameStore
+    from roadloop.data.object_frames import platform_frame_store
 
-    store = FrameStore(settings.frame_store)
+    store = platform_frame_store(settings)  # where the replay wrote: folder or object store
     cameras = store.cameras()
     new = [c for c in cameras if not instance.has_dynamic_partition("cameras", c)]
     if new:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
 
 import typer
 
-from roadloop.data.frames import FrameStorage
-from roadloop.data.object_frames import open_frame_store
+from roadloop.data.object_frames import platform_frame_store
 from roadloop.errors import RoadloopError
 from roadloop.fleet_admin import FleetAdmin
 from roadloop.retention.erasure import erase, make_request, resume_pending
@@ -25,15 +23,6 @@ from roadloop.retention.ledger import PrivacyLedger
 from roadloop.settings import get_settings
 
 privacy_app = typer.Typer(help="Retention and erasure of camera data.", no_args_is_help=True)
-
-
-def platform_frame_store(settings: Any = None) -> FrameStorage:
-    """The frame store the settings configure, opened as ``FrameStoreResource.store`` opens
-    it (``open_frame_store``): ``ROADLOOP_FRAME_STORE_URL`` with ``ROADLOOP_FRAME_STORE`` as its
-    image cache, else the folder ``ROADLOOP_FRAME_STORE``."""
-    s = settings or get_settings()
-    return open_frame_store(s.frame_store_url or s.frame_store, cache_dir=s.frame_store,
-                            endpoint_url=s.s3_endpoint_url)
 
 
 def _when(value: str, name: str) -> datetime:

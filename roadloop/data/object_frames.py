@@ -727,3 +727,16 @@ def open_frame_store(location: str | Path, *, cache_dir: Path | str | None = Non
         raise ValueError("an object-store frame store needs a local cache_dir for images")
     return S3FrameStore(parsed.netloc, parsed.path, cache_dir=cache_dir, client=client,
                         endpoint_url=endpoint_url, timeouts=timeouts, cache_ttl_s=cache_ttl_s)
+
+
+def platform_frame_store(settings: Any = None) -> FrameStorage:
+    """The platform's frame store as the settings configure it, opened as the Dagster
+    resource (``FrameStoreResource.store``) opens it: ``ROADLOOP_FRAME_STORE_URL`` with
+    ``ROADLOOP_FRAME_STORE`` as its image cache, else the folder ``ROADLOOP_FRAME_STORE``."""
+    if settings is None:
+        from roadloop.settings import get_settings
+
+        settings = get_settings()
+    return open_frame_store(settings.frame_store_url or settings.frame_store,
+                            cache_dir=settings.frame_store,
+                            endpoint_url=settings.s3_endpoint_url)
