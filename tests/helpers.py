@@ -10,7 +10,7 @@ module before it sets the test home).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -87,3 +87,18 @@ def synthetic_jpeg(
 ) -> bytes:
     """:func:`synthetic_image` encoded as JPEG."""
     return encode_jpeg(synthetic_image(seed, size, pattern=pattern, cells=cells), quality)
+
+
+class CountingS3Client:
+    """An S3 client that logs the key of every GET into ``gets`` (to show what a store
+    downloaded) and passes every call on."""
+
+    def __init__(self, client: Any, gets: list[str]) -> None:
+        self._client, self._gets = client, gets
+
+    def get_object(self, **kw: Any) -> Any:
+        self._gets.append(kw["Key"])
+        return self._client.get_object(**kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)

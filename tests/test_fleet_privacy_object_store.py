@@ -26,6 +26,7 @@ from roadloop.data.frames import FrameRecord
 from roadloop.data.object_frames import S3FrameStore, open_frame_store
 
 from . import test_fleet_gateway as gateway_tests
+from .helpers import CountingS3Client as _CountingClient
 from .helpers import synthetic_jpeg
 from .test_fleet_gateway import T0, Env, H, W, bearer, meta, post_frame
 
@@ -34,20 +35,6 @@ frame_jpeg = gateway_tests.frame_jpeg
 DAY = f"{T0:%Y-%m-%d}"
 WINDOW = {"since": (T0 - timedelta(hours=1)).isoformat(),
           "until": (T0 + timedelta(hours=1)).isoformat()}
-
-
-class _CountingClient:
-    """The S3 client, logging the key of every GET (images must not be downloaded)."""
-
-    def __init__(self, client: Any, gets: list[str]) -> None:
-        self._client, self._gets = client, gets
-
-    def get_object(self, **kw: Any) -> Any:
-        self._gets.append(kw["Key"])
-        return self._client.get_object(**kw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
 
 
 class _Store:

@@ -30,6 +30,7 @@ import pytest
 from roadloop.data.frames import FrameRecord, FrameStore
 from roadloop.data.object_frames import open_frame_store
 
+from .helpers import CountingS3Client as _CountingClient
 from .helpers import synthetic_jpeg
 from .test_retention_resume import _Gateway, _Review
 
@@ -78,20 +79,6 @@ class _Bucket:
 
     def frame_ids(self) -> set[str]:
         return {Path(k).stem for k in self.sizes()}
-
-
-class _CountingClient:
-    """The S3 client, logging the key of every GET (images must not be downloaded)."""
-
-    def __init__(self, client: Any, gets: list[str]) -> None:
-        self._client, self._gets = client, gets
-
-    def get_object(self, **kw: Any) -> Any:
-        self._gets.append(kw["Key"])
-        return self._client.get_object(**kw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
 
 
 def _cache_table(artifacts: Path, shas: list[str]) -> Path:
