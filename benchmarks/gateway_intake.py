@@ -73,6 +73,7 @@ from benchmarks.intake_loadgen import (
     AgentPlan,
     AgentResult,
     Jpeg,
+    host_decode_ms,
     install_fast_loop,
     load_jpegs,
     run_agent,
@@ -519,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     jpegs, source = load_jpegs(args.pool, args.width, args.jpeg_quality,
                                synthetic=args.synthetic_jpegs)
     load_before = _loadavg()
+    decode_before = host_decode_ms(jpegs)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gateway-bench-"))
 
     def run(v: Variant, kill: float | None) -> dict[str, Any]:
@@ -548,7 +550,11 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"cpu": f"{platform.machine()}, {cores} logical cores", "cores": cores,
                     "python": platform.python_version(),
                     "note": "load generator shares these cores with the gateway",
-                    "load_average": {"before": load_before, "after": _loadavg()}},
+                    "load_average": {"before": load_before, "after": _loadavg()},
+                    "host_decode_ms_per_frame": {
+                        "before": decode_before, "after": host_decode_ms(jpegs),
+                        "note": "one thread's strict 1/8 grey decode of the pool, best of 5: "
+                                "this host's speed at the time, in the gateway's own work"}},
         "load_generator": {"event_loop": loop_impl, "transport": "raw HTTP/1.1 keep-alive, "
                            "one connection per agent, bodies pre-built"},
         "agents": args.agents, "duration_s": args.duration, "levers": args.levers,

@@ -116,6 +116,23 @@ def load_jpegs(n: int, width: int, jpeg_quality: int, *,
     return out, source
 
 
+def host_decode_ms(jpegs: list[Jpeg], rounds: int = 5) -> float:
+    """How fast this host is right now, in the gateway's own terms: one thread's strict
+    1/8-scale grey decode of ``jpegs`` (what the gateway does to every upload), ms a frame,
+    best of ``rounds``. This host's speed drifts by hours (``docs/capacity.md``); a run's
+    figure beside its P99 says which kind of hour it ran in."""
+    import simplejpeg
+
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for j in jpegs:
+            simplejpeg.decode_jpeg(j.data, colorspace="GRAY", min_height=max(1, j.height // 8),
+                                   min_width=max(1, j.width // 8), strict=True)
+        best = min(best, (time.perf_counter() - t0) / max(1, len(jpegs)))
+    return round(best * 1000, 3)
+
+
 # ---------------------------------------------------------------------------- bodies
 # What an agent's redaction states (edge_agent.redaction): a camera whose configuration
 # redacts (the default) refuses a frame that states none.

@@ -159,6 +159,14 @@ def _stage_rows(stats: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _host_speed(machine: dict[str, Any]) -> str:
+    d = machine.get("host_decode_ms_per_frame")
+    if not d:
+        return ""
+    return (f" · host speed: a strict 1/8 decode of one of them took {d['before']:.3f} ms "
+            f"before the runs, {d['after']:.3f} ms after")
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     m, j = doc["machine"], doc["jpegs"]
     ran = [r for r in doc["results"] if "skipped" not in r]
@@ -167,7 +175,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "",
         (f"{doc['created_at']} · {m['cpu']} · Python {m['python']} · {doc['agents']} agents × "
          f"{doc['duration_s']:.0f} s per variant · JPEGs: {j['source']}, {j['width']} px wide, "
-         f"mean {j['mean_bytes'] / 1024:.0f} KB · `{doc.get('command', '')}`"),
+         f"mean {j['mean_bytes'] / 1024:.0f} KB{_host_speed(m)} · `{doc.get('command', '')}`"),
         "",
         (f"**The load generator runs on the same {m['cores']} cores as the gateway** "
          f"({doc['load_generator']['transport']}, {doc['load_generator']['event_loop']}); its "

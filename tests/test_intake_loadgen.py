@@ -193,3 +193,21 @@ def test_without_the_shared_videos_the_benchmark_stops_instead_of_measuring_othe
         get_settings.cache_clear()
     assert len(jpegs) == 4 and "synthetic" in source
     assert all(j.data[:2] == b"\xff\xd8" and j.width == 320 for j in jpegs)
+
+
+def test_the_host_speed_probe_decodes_the_pool_strictly_and_the_report_shows_it() -> None:
+    import cv2
+    import numpy as np
+
+    from benchmarks.intake_report import _host_speed
+
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", img)
+    assert ok
+    good = lg.Jpeg(buf.tobytes(), 96, 64, {})
+    assert lg.host_decode_ms([good], rounds=2) > 0
+    with pytest.raises(ValueError):  # strict, as the gateway decodes: a cut JPEG is an error
+        lg.host_decode_ms([lg.Jpeg(buf.tobytes()[:-200] + b"\xff\xd9", 96, 64, {})], rounds=1)
+    line = _host_speed({"host_decode_ms_per_frame": {"before": 0.4, "after": 0.41}})
+    assert "0.400 ms before" in line and "0.410 ms after" in line
+    assert _host_speed({}) == ""
