@@ -102,3 +102,25 @@ class CountingS3Client:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
+
+
+def bucket_sizes(client: Any, bucket: str, prefix: str = "") -> dict[str, int]:
+    """Every object of ``bucket``: its key (``prefix`` taken off where it has it) -> size."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            out[obj["Key"].removeprefix(prefix)] = int(obj["Size"])
+    return out
+
+
+class StoredSizes:
+    """What a test's view of a store gives from its ``sizes()`` (key -> bytes)."""
+
+    def sizes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def bytes_of(self, *frame_ids: str) -> int:
+        return sum(n for k, n in self.sizes().items() if Path(k).stem in frame_ids)
+
+    def frame_ids(self) -> set[str]:
+        return {Path(k).stem for k in self.sizes()}

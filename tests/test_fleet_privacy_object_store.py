@@ -27,7 +27,7 @@ from roadloop.data.object_frames import S3FrameStore, open_frame_store
 
 from . import test_fleet_gateway as gateway_tests
 from .helpers import CountingS3Client as _CountingClient
-from .helpers import synthetic_jpeg
+from .helpers import StoredSizes, bucket_sizes, synthetic_jpeg
 from .test_fleet_gateway import T0, Env, H, W, bearer, meta, post_frame
 
 make_env = gateway_tests.make_env  # fixture: an in-process gateway
@@ -37,7 +37,7 @@ WINDOW = {"since": (T0 - timedelta(hours=1)).isoformat(),
           "until": (T0 + timedelta(hours=1)).isoformat()}
 
 
-class _Store:
+class _Store(StoredSizes):
     """What the gateway's frame store holds, seen without it: the bucket through the raw
     client, or the folder on disk."""
 
@@ -50,17 +50,7 @@ class _Store:
             root = self.env.gw.store.root
             return {p.relative_to(root).as_posix(): p.stat().st_size
                     for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
-        out = {}
-        for page in self.raw.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
-            for obj in page.get("Contents", []):
-                out[obj["Key"].removeprefix("frames/")] = int(obj["Size"])
-        return out
-
-    def bytes_of(self, *frame_ids: str) -> int:
-        return sum(n for k, n in self.sizes().items() if Path(k).stem in frame_ids)
-
-    def frame_ids(self) -> set[str]:
-        return {Path(k).stem for k in self.sizes()}
+        return bucket_sizes(self.raw, self.bucket, "frames/")
 
     def put_raw(self, key: str, body: bytes) -> None:
         """A file or object no store writer made whole (a crash's image without its record)."""

@@ -31,7 +31,7 @@ from roadloop.data.frames import FrameRecord, FrameStore
 from roadloop.data.object_frames import open_frame_store
 
 from .helpers import CountingS3Client as _CountingClient
-from .helpers import synthetic_jpeg
+from .helpers import StoredSizes, bucket_sizes, synthetic_jpeg
 from .test_retention_resume import _Gateway, _Review
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def _record(camera: str, frame_id: str, at: datetime) -> FrameRecord:
                        width=W, height=H)
 
 
-class _Bucket:
+class _Bucket(StoredSizes):
     """One bucket on moto's server, seen by a writer (the gateway) and through the raw
     client (what the bucket holds, sizes included)."""
 
@@ -68,17 +68,7 @@ class _Bucket:
 
     def sizes(self) -> dict[str, int]:
         """Object key (under the prefix) -> size."""
-        out = {}
-        for page in self.raw.get_paginator("list_objects_v2").paginate(Bucket=self.name):
-            for obj in page.get("Contents", []):
-                out[obj["Key"].removeprefix("frames/")] = int(obj["Size"])
-        return out
-
-    def bytes_of(self, *frame_ids: str) -> int:
-        return sum(n for k, n in self.sizes().items() if Path(k).stem in frame_ids)
-
-    def frame_ids(self) -> set[str]:
-        return {Path(k).stem for k in self.sizes()}
+        return bucket_sizes(self.raw, self.name, "frames/")
 
 
 def _cache_table(artifacts: Path, shas: list[str]) -> Path:
@@ -266,11 +256,7 @@ def _op_resources(deployment: dict[str, Any], gateway: _Gateway, review: _Review
     class Fleet(FleetResource):
         def expire(self, frames: list[tuple[str, str]], heartbeats_before: Any,
                    traffic_before: Any, batch: int = 1000) -> dict[str, int]:
-            gateway.calls.append(sorted(frames))
-            hit = gateway.rows & set(frames)
-            gateway.rows -= hit
-            return {"frames_deleted": len(hit), "bytes_deleted": 0, "heartbeats_deleted": 0,
-                    "traffic_records_deleted": 0}
+            return gateway.expire(frames)
 
         def cameras(self) -> set[str]:
             return set(cameras)

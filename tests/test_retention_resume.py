@@ -106,6 +106,18 @@ class _Gateway:
         self.up = True
         self.calls: list[list[tuple[str, str]]] = []
 
+    def expire(self, frames: list[tuple[str, str]]) -> dict[str, int]:
+        """``POST /v1/privacy/expire`` as the fake answers it: the rows it holds go."""
+        if not self.up:
+            from resources.fleet_resource import FleetUnavailable
+
+            raise FleetUnavailable("fleet gateway unreachable (test)")
+        self.calls.append(sorted(frames))
+        hit = self.rows & set(frames)
+        self.rows -= hit
+        return {"frames_deleted": len(hit), "bytes_deleted": 0, "heartbeats_deleted": 0,
+                "traffic_records_deleted": 0}
+
 
 @pytest.fixture()
 def op_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
@@ -125,13 +137,7 @@ def op_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     class Fleet(FleetResource):
         def expire(self, frames: list[tuple[str, str]], heartbeats_before: Any,
                    traffic_before: Any, batch: int = 1000) -> dict[str, int]:
-            if not gateway.up:
-                raise FleetUnavailable("fleet gateway unreachable (test)")
-            gateway.calls.append(sorted(frames))
-            hit = gateway.rows & set(frames)
-            gateway.rows -= hit
-            return {"frames_deleted": len(hit), "bytes_deleted": 0, "heartbeats_deleted": 0,
-                    "traffic_records_deleted": 0}
+            return gateway.expire(frames)
 
     store = FrameStore(tmp_path / "frames")
     now = datetime.now(UTC)
