@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 # Up to this many candidates, NMS uses one pairwise IoU matrix (n² memory); beyond, a loop.
 MATRIX_NMS_MAX_BOXES = 1024
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two xyxy boxes (0 when either is empty)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 def box_iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:

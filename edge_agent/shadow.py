@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edge_agent.boxes import box_iou
+
 logger = logging.getLogger(__name__)
 
 MATCH_IOU = 0.5
@@ -39,17 +41,6 @@ class _Box(Protocol):
 
     @property
     def xyxy(self) -> tuple[float, float, float, float]: ...
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two xyxy boxes (0 when either is empty)."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def _label(d: _Box) -> str | int:

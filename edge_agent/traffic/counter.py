@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from edge_agent.boxes import box_iou
 from edge_agent.counting import DensityState, DensityTracker
 from edge_agent.traffic.geometry import CountingLine, TrafficConfig
 from edge_agent.traffic.tracking import TrackedBox, TrackerSettings, VehicleTracker
@@ -176,16 +177,6 @@ def _meets_segment(line: CountingLine, a: tuple[float, float], b: tuple[float, f
     (sx, sy), (ex, ey) = line.start, line.end
     u = ((px - sx) * (ex - sx) + (py - sy) * (ey - sy)) / (line.length ** 2)
     return 0.0 <= u <= 1.0
-
-
-def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _velocity(samples: list[tuple[float, float, float]]) -> float | None:
@@ -351,7 +342,7 @@ class TrafficCounter:
                 ratio = cand.height / later.height if later.height > 0 else 0.0
                 if not 1 / 1.5 <= ratio <= 1.5:
                     continue
-                iou = _iou(cand.xyxy, later.xyxy)
+                iou = box_iou(cand.xyxy, later.xyxy)
                 if iou >= best_iou:
                     best, best_iou = cand, iou
             if best is None:
@@ -367,7 +358,7 @@ class TrafficCounter:
         detector's second, partial box), whose second track's unconfirmed past would count
         it again."""
         return any(other is not track and now - other.counted_at.get(line, -math.inf)
-                   <= TWIN_WINDOW_S and _iou(other.box, track.box) >= TWIN_MIN_IOU
+                   <= TWIN_WINDOW_S and box_iou(other.box, track.box) >= TWIN_MIN_IOU
                    for other in self._tracks.values())
 
     def _start_sides(self, track: _Track, before: list[TrackedBox]) -> None:
