@@ -265,12 +265,19 @@ class StoredFrame(NamedTuple):
     record: FrameRecord | None
 
 
+def day_start(day: str) -> datetime | None:
+    """UTC midnight of the date folder ``day`` (``YYYY-MM-DD``); None when it names no date."""
+    try:
+        return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
 def day_overlaps(day: str, start: datetime | None, end: datetime | None) -> bool:
     """Whether the UTC date folder ``day`` (``YYYY-MM-DD``) overlaps ``[start, end)`` (a
     missing bound does not limit; a folder name that is no date: True, its records tell)."""
-    try:
-        first = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
-    except ValueError:
+    first = day_start(day)
+    if first is None:
         return True
     return ((start is None or first + timedelta(days=1) > start)
             and (end is None or first < end))

@@ -73,6 +73,7 @@ from roadloop.data.frames import (
     checked_sidecar,
     date_folder,
     day_overlaps,
+    day_start,
     in_window,
     parse_sidecar,
     validate_id,
@@ -642,13 +643,7 @@ class S3FrameStore:
 
 def _is_day(name: str) -> bool:
     """Whether ``name`` is a date folder's (``YYYY-MM-DD``, a real date)."""
-    if not _DAY_RE.fullmatch(name):
-        return False
-    try:
-        date.fromisoformat(name)
-    except ValueError:
-        return False
-    return True
+    return bool(_DAY_RE.fullmatch(name)) and day_start(name) is not None
 
 
 def _touch(path: Path) -> bool:

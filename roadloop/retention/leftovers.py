@@ -15,12 +15,12 @@ alike, with the bytes the store holds for them.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from roadloop.data.frames import FrameStorage, StoredFrame
+from roadloop.data.frames import FrameStorage, StoredFrame, day_start
 
 
 class Leftover(BaseModel):
@@ -33,13 +33,6 @@ class Leftover(BaseModel):
     size_bytes: int
 
 
-def _day_start(name: str) -> datetime | None:
-    try:
-        return datetime.strptime(name, "%Y-%m-%d").replace(tzinfo=UTC)
-    except ValueError:
-        return None
-
-
 def select_leftovers(frames: Iterable[StoredFrame], *, start: datetime | None = None,
                      end: datetime | None = None, whole_days: bool = False) -> list[Leftover]:
     """The unreadable ones of ``frames`` (a ``stored_frames`` listing) whose day folder
@@ -48,7 +41,7 @@ def select_leftovers(frames: Iterable[StoredFrame], *, start: datetime | None = 
     for frame in frames:
         if frame.record is not None:
             continue
-        day = _day_start(frame.day)
+        day = day_start(frame.day)
         if day is None:
             continue
         day_end = day + timedelta(days=1)
