@@ -76,6 +76,16 @@ def _multiprocess_metrics_folder_does_not_leak() -> Iterator[None]:
         "PROMETHEUS_MULTIPROC_DIR leaked from this test: restore it (monkeypatch)")
 
 
+@pytest.fixture()
+def leftovers_settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unreadable frames count as leftovers as soon as they are written (``IN_FLIGHT_GRACE``
+    0): for tests whose image without its record stands for what a crash left, not for an
+    upload in flight (an object store's LastModified cannot be set back)."""
+    from datetime import timedelta
+
+    monkeypatch.setattr("roadloop.retention.leftovers.IN_FLIGHT_GRACE", timedelta(0))
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The read-only shared data (``tests.helpers.SHARED_DIR``); skips without its datasets."""

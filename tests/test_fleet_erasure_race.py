@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import select, text
 
 import fleet.intake
+import roadloop.data.frames
 from edge_agent.client import _frame_outcome, _retry_later
 from fleet import migrations
 from fleet.bounds import CLOCK_SKEW
@@ -104,6 +105,40 @@ def test_erasure_while_an_upload_on_another_replica_waits_to_commit(
     assert "erased" in answer[0].json()["detail"]
     assert rows_of(a, "x-1") == []
     assert a.gw.store.find_frame("cam-a", "x-1") is None
+
+
+def test_erasure_spares_the_image_of_a_later_frame_whose_record_is_being_written(
+        make_env: Any, tmp_path: Path, frame_jpeg: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """B has written the image of a frame captured the same day as the erased range, but
+    hours after it, and not yet its record: the folder lists an image without its record, as
+    a crash leaves one. A took it as a leftover of the range's day and deleted it; B then
+    wrote the record, committed the row and answered 201 for a frame without pixels."""
+    a, b = replicas(make_env, tmp_path, None)
+    dev = a.enroll("cam-a")
+    image_written, go = threading.Event(), threading.Event()
+    real_write = roadloop.data.frames.write_bytes_atomic
+
+    def record_later(path: Path, data: bytes, **kwargs: Any) -> None:
+        if path.name == "late-1.json":
+            image_written.set()
+            assert go.wait(60)
+        real_write(path, data, **kwargs)
+
+    monkeypatch.setattr(roadloop.data.frames, "write_bytes_atomic", record_later)
+    later = meta("late-1", captured_at=(T0 + timedelta(hours=5)).isoformat())  # same day
+    t, answer = in_thread(lambda: post_frame(b.client, dev["access_token"], later, frame_jpeg))
+    try:
+        assert image_written.wait(60)
+        r = erase(a)
+        assert r.status_code == 200, r.text
+        assert r.json()["frames_deleted"] == 0
+    finally:
+        go.set()
+        t.join(60)
+    assert answer[0].status_code == 201, answer[0].text
+    assert [r.frame_id for r in a.rows()] == ["late-1"]
+    assert a.gw.store.find_frame("cam-a", "late-1") is not None  # image and record
 
 
 def test_erasure_waits_for_an_insert_in_flight_on_postgres(

@@ -130,6 +130,7 @@ def test_expire_reports_the_bytes_the_store_held(
 
 
 # --------------------------------------------------------------------------- erase
+@pytest.mark.usefixtures("leftovers_settled")
 def test_erase_on_s3_downloads_nothing_and_takes_the_leftovers_of_the_range(
         make_env: Any, frame_jpeg: bytes, request: pytest.FixtureRequest,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,6 +171,7 @@ def test_erase_on_s3_downloads_nothing_and_takes_the_leftovers_of_the_range(
     assert (out["frames_deleted"], out["files_without_row"]) == (5, 3)
 
 
+@pytest.mark.usefixtures("leftovers_settled")
 def test_erase_on_the_folder_store_keeps_its_counts(
         make_env: Any, frame_jpeg: bytes, request: pytest.FixtureRequest,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,6 +129,7 @@ def test_stored_frames_lists_frames_and_leftovers_with_sizes_without_reading_ima
             (store.root / key).write_bytes(body)
         else:
             bucket.put_raw(key, body)
+    written_from = datetime.now(UTC).replace(microsecond=0)  # S3 keeps whole seconds
     for fid, at in (("a1", day1), ("a2", day1 + timedelta(hours=1)), ("b1", day2)):
         store.write_frame(_record("cam-a", fid, at), jpeg)
     raw("cam-a/2026-03-01/orphan.jpg", jpeg)  # an image without its record
@@ -147,6 +148,9 @@ def test_stored_frames_lists_frames_and_leftovers_with_sizes_without_reading_ima
                      "orphan": len(jpeg), "junk": len(b"{not json"),
                      "bad": len(jpeg) + len(b"{not json")}
     assert all(f.image == store.root / "cam-a" / f.day / f"{f.frame_id}.jpg" for f in listed)
+    # When each was last written, by the store's clock (what tells an upload in flight).
+    assert all(f.modified is not None and written_from <= f.modified <= datetime.now(UTC)
+               for f in listed), [f.modified for f in listed]
     # A date folder outside [start, end) is not listed; without bounds, all are.
     assert {f.frame_id for f in store.stored_frames("cam-a", start=day2)} == {"b1"}
     assert len(store.stored_frames("cam-a")) == 6
@@ -179,6 +183,7 @@ def _fake_gateway(monkeypatch: pytest.MonkeyPatch, cameras: list[str]) -> list[d
     return erased
 
 
+@pytest.mark.usefixtures("leftovers_settled")
 def test_privacy_cli_erases_from_the_bucket_and_scrubs_embeddings(
         deployment: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """It used to open the local image cache as a folder store: no records there, so it
@@ -290,6 +295,7 @@ def _retention(resources: dict[str, Any]) -> dict[str, Any]:
     return enforce_retention(dg.build_op_context(resources=resources)).value
 
 
+@pytest.mark.usefixtures("leftovers_settled")
 def test_retention_op_on_s3_downloads_nothing_and_reports_the_bucket_bytes(
         deployment: dict[str, Any], ledger: Any) -> None:
     """It walked ``iter_frames``, which downloads every expired image into the cache just to
@@ -335,6 +341,7 @@ def test_retention_op_on_s3_downloads_nothing_and_reports_the_bucket_bytes(
     assert ledger.pending_expired_frames() == []
 
 
+@pytest.mark.usefixtures("leftovers_settled")
 def test_erasure_op_on_s3_hashes_the_range_scrubs_and_leaves_no_copy(
         deployment: dict[str, Any], ledger: Any) -> None:
     """Its sizes were local ``stat`` s of cache files (the records never there, a leftover's

@@ -263,6 +263,10 @@ class StoredFrame(NamedTuple):
     # record, a record without its image, one that does not parse or names another frame, an
     # image that is a symbolic link or empty)
     record: FrameRecord | None
+    # The latest write of its image or record, by the store's clock (file mtime, the object's
+    # LastModified); None where the store did not say. What tells an upload in flight (its
+    # image written, its record not yet) from a leftover (``roadloop.retention.leftovers``).
+    modified: datetime | None = None
 
 
 def day_start(day: str) -> datetime | None:
@@ -663,14 +667,17 @@ class FrameStore:
                 record = (self._load(sidecar, camera_id)
                           if _ID_RE.fullmatch(stem) and sidecar.is_file()
                           and _image_problem(image) is None else None)
-                size = 0
+                size, mtime = 0, None
                 for path in (image, sidecar):
                     try:
                         st = os.lstat(path)
                     except OSError:
                         continue
                     size += 0 if stat.S_ISDIR(st.st_mode) else st.st_size
-                out.append(StoredFrame(camera_id, stem, day.name, image, size, record))
+                    mtime = st.st_mtime if mtime is None else max(mtime, st.st_mtime)
+                modified = None if mtime is None else datetime.fromtimestamp(mtime, UTC)
+                out.append(StoredFrame(camera_id, stem, day.name, image, size, record,
+                                       modified))
         return out
 
     def day_sizes(self, camera_id: str, day: str) -> dict[str, int]:

@@ -456,10 +456,18 @@ class S3FrameStore:
                  end: datetime | None = None) -> tuple[dict[str, int], dict[str, int]]:
         """(image stem -> size, record stem -> size) of one camera (stems relative to the
         prefix, ``<camera>/<day>/<frame_id>``), date folders outside ``[start, end)`` skipped."""
+        images, records, _ = self._listing_with_times(camera_id, start, end)
+        return images, records
+
+    def _listing_with_times(
+        self, camera_id: str, start: datetime | None = None, end: datetime | None = None,
+    ) -> tuple[dict[str, int], dict[str, int], dict[str, datetime]]:
+        """``_listing`` and, per stem, the later LastModified of its image and record."""
         first = start.astimezone(UTC).date() if start is not None else date.min
         last = end.astimezone(UTC).date() if end is not None else date.max
         images: dict[str, int] = {}
         records: dict[str, int] = {}
+        modified: dict[str, datetime] = {}
         base = len(self._key(""))
         for day in self._days(camera_id):
             if not first <= date.fromisoformat(day) <= last:
@@ -474,7 +482,12 @@ class S3FrameStore:
                         images[stem] = int(obj["Size"])
                     elif ext == "json":
                         records[stem] = int(obj["Size"])
-        return images, records
+                    else:
+                        continue
+                    when = obj["LastModified"]
+                    if stem not in modified or when > modified[stem]:
+                        modified[stem] = when
+        return images, records, modified
 
     def _records(self, camera_id: str, start: datetime | None,
                  end: datetime | None) -> list[FrameRecord]:
@@ -536,7 +549,7 @@ class S3FrameStore:
         the readable frames by ``captured_at`` (``in_window``)."""
         out: list[StoredFrame] = []
         with _as_os_error(f"listing of {camera_id}"):
-            images, records = self._listing(camera_id, start, end)
+            images, records, modified = self._listing_with_times(camera_id, start, end)
             for stem in sorted(images.keys() | records.keys()):
                 _, day, frame_id = stem.split("/")
                 if not day_overlaps(day, start, end):
@@ -547,7 +560,8 @@ class S3FrameStore:
                     record = None if data is None else parse_sidecar(
                         data, camera_id, frame_id, where=f"{self.url}/{stem}.json")
                 out.append(StoredFrame(camera_id, frame_id, day, self.root / f"{stem}.jpg",
-                                       images.get(stem, 0) + records.get(stem, 0), record))
+                                       images.get(stem, 0) + records.get(stem, 0), record,
+                                       modified.get(stem)))
         return out
 
     def fsck(self, camera_id: str | None = None) -> FsckReport:

@@ -10,17 +10,34 @@ whole day has expired, and an erasure takes them when their day overlaps its ran
 privacy request errs toward deleting). They come from the store's listing
 (``FrameStorage.stored_frames``, record None), in the folder store and the object store
 alike, with the bytes the store holds for them.
+
+One kind is not a leftover yet: an upload writes a frame's image, then its record (two files,
+or two PUTs on an object store), so between the two the frame lists as an image without its
+record. Taken then, the image of a frame captured *outside* the range (same day folder) would
+be deleted and the upload would answer 201 for a frame without pixels. So an unreadable frame
+written less than ``IN_FLIGHT_GRACE`` ago is left for a later run; one in the range is not kept
+by this: its upload's insert sees the erasure and removes its files itself (``fleet.intake``),
+and a gateway that died mid-upload repairs it at start-up (``fleet.reconcile``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from roadloop.data.frames import FrameStorage, StoredFrame, day_start
+
+logger = logging.getLogger(__name__)
+
+# How long one frame's two writes can be apart: each is one request to the store, and the
+# gateway bounds a request to a stalled object store at ~7 s (roadloop.data.object_frames,
+# S3Timeouts); a local file takes microseconds. Ten minutes is ~80 times that, and short
+# enough that the next retention or erasure run takes a real leftover.
+IN_FLIGHT_GRACE = timedelta(minutes=10)
 
 
 class Leftover(BaseModel):
@@ -34,10 +51,15 @@ class Leftover(BaseModel):
 
 
 def select_leftovers(frames: Iterable[StoredFrame], *, start: datetime | None = None,
-                     end: datetime | None = None, whole_days: bool = False) -> list[Leftover]:
+                     end: datetime | None = None, whole_days: bool = False,
+                     settled_before: datetime | None = None) -> list[Leftover]:
     """The unreadable ones of ``frames`` (a ``stored_frames`` listing) whose day folder
-    overlaps ``[start, end)`` (with ``whole_days``: lies entirely inside it)."""
+    overlaps ``[start, end)`` (with ``whole_days``: lies entirely inside it), written before
+    ``settled_before`` (default: ``IN_FLIGHT_GRACE`` ago by the wall clock, which the stores'
+    modification times follow; a frame whose time the store did not give counts as settled)."""
+    settled = settled_before or datetime.now(UTC) - IN_FLIGHT_GRACE
     out: dict[Path, Leftover] = {}
+    young = 0
     for frame in frames:
         if frame.record is not None:
             continue
@@ -51,9 +73,15 @@ def select_leftovers(frames: Iterable[StoredFrame], *, start: datetime | None = 
             inside = (start is None or day_end > start) and (end is None or day < end)
         if not inside:
             continue
+        if frame.modified is not None and frame.modified >= settled:
+            young += 1
+            continue
         out[frame.image] = Leftover(camera_id=frame.camera_id, frame_id=frame.frame_id,
                                     day_start=day, image=frame.image,
                                     size_bytes=frame.size_bytes)
+    if young:
+        logger.info("%d unreadable frame(s) written since %s left in place: uploads may be in "
+                    "flight (a later run takes them)", young, settled.isoformat())
     return sorted(out.values(), key=lambda x: (x.day_start, x.frame_id))
 
 
