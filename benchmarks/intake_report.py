@@ -243,6 +243,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
             notes.append(f"started after {before['waited_s']} s of waiting for a quiet machine: "
                          f"I/O pressure {before['io_pressure_avg10']} %, CPU pressure "
                          f"{before['cpu_pressure_avg10']} % (10 s averages)"
+                         + ("" if before.get("cpu_pressure_avg60") is None else
+                            f", {before['cpu_pressure_avg60']} % over the last minute")
                          + ("" if since is None else
                             f", {since:.0f} s after the last benchmark files were deleted")
                          + ("" if before["quiet"] else ", NOT quiet (timed out)"))
