@@ -587,11 +587,13 @@ def lock_camera_frames(session: Session, camera_ids: Iterable[str], *,
 
 
 def erased_frames(session: Session, frames: Iterable[tuple[str, str, datetime]],
-                  ) -> dict[tuple[str, str], datetime]:
+                  ) -> dict[tuple[str, str, datetime], datetime]:
     """Of ``frames`` (``(camera_id, frame_id, captured_at)``), those an erasure covers
-    (``frame_erasures``): ``(camera_id, frame_id) -> erased_at``. Takes the cameras' shared
-    locks first (``lock_camera_frames``), so call it in the transaction that inserts the
-    rows, before inserting them. One indexed query for all the cameras."""
+    (``frame_erasures``): ``(camera_id, frame_id, captured_at) -> erased_at`` — keyed by the
+    capture time too, since two uploads of one frame id may claim different times and only
+    the one inside the range is covered. Takes the cameras' shared locks first
+    (``lock_camera_frames``), so call it in the transaction that inserts the rows, before
+    inserting them. One indexed query for all the cameras."""
     by_camera: dict[str, list[tuple[str, datetime]]] = {}
     for camera_id, frame_id, captured_at in frames:
         by_camera.setdefault(camera_id, []).append((frame_id, captured_at))
@@ -601,11 +603,11 @@ def erased_frames(session: Session, frames: Iterable[tuple[str, str, datetime]],
     erasures = session.execute(select(
         FrameErasureRow.camera_id, FrameErasureRow.since, FrameErasureRow.covers_until,
         FrameErasureRow.erased_at).where(FrameErasureRow.camera_id.in_(sorted(by_camera)))).all()
-    out: dict[tuple[str, str], datetime] = {}
+    out: dict[tuple[str, str, datetime], datetime] = {}
     for camera_id, since, covers_until, erased_at in erasures:
         for frame_id, captured_at in by_camera[camera_id]:
             if since <= captured_at < covers_until:
-                out.setdefault((camera_id, frame_id), erased_at)
+                out.setdefault((camera_id, frame_id, captured_at), erased_at)
     return out
 
 

@@ -256,25 +256,33 @@ def store_frames(gw: Gateway, principal: Principal,
 
         def insert_rows(session: Session) -> tuple[list[str], dict[tuple[str, str], str]]:
             """Per row ``stored``, ``duplicate`` or ``erased``: one INSERT that skips frames
-            already stored (a frame id twice in one batch counts as stored once: its second
-            copy is a 409) and frames an erasure covers, looked up first in this transaction
-            (``erased_frames``). Also the stored path of each duplicate whose files this
-            request wrote (see ``_drop_unstored_copies``). The device row is touched first:
-            the erasure lock (PostgreSQL) is then taken just before the lookup."""
+            already stored and frames an erasure covers, looked up first in this transaction
+            (``erased_frames``). Only the first copy of a frame id in the request can be
+            stored or erased; a later one is a 409, as it is once the id is stored. A frame id
+            already stored is a 409 whatever capture time the upload claims: an erasure
+            covering that claimed time does not make it ``erased``, whose files would be
+            removed — those of the stored frame. Also the stored path of each duplicate whose
+            files this request wrote (see ``_drop_unstored_copies``). The device row is
+            touched first: the erasure lock (PostgreSQL) is then taken just before the
+            lookup."""
             session.execute(
                 update(Device).where(Device.device_id == principal.device_id)
                 .values(last_seen_at=now)
             )
-            erased = erased_frames(
+            keys = [(r["camera_id"], r["frame_id"]) for r in rows]
+            first = {key: i for i, key in reversed(list(enumerate(keys)))}
+            covered = erased_frames(
                 session, [(r["camera_id"], r["frame_id"], r["captured_at"]) for r in rows])
-            new = insert_new_frames(
-                session, [r for r in rows if (r["camera_id"], r["frame_id"]) not in erased])
-            outcome = []
-            for row in rows:
-                key = (row["camera_id"], row["frame_id"])
-                outcome.append("erased" if key in erased else
-                               "stored" if key in new else "duplicate")
-                new.discard(key)
+            stored_before = stored_frame_paths(
+                session, sorted({(c, f) for c, f, _ in covered})) if covered else {}
+            erased = {i for i, (row, key) in enumerate(zip(rows, keys, strict=True))
+                      if first[key] == i and key not in stored_before
+                      and (*key, row["captured_at"]) in covered}
+            new = insert_new_frames(session, [r for i, r in enumerate(rows)
+                                              if first[keys[i]] == i and i not in erased])
+            outcome = ["erased" if i in erased
+                       else "stored" if first[key] == i and key in new
+                       else "duplicate" for i, key in enumerate(keys)]
             wrote_refused = [(f.record.camera_id, f.record.frame_id)
                              for (_, f, w, _), done in zip(pending, outcome, strict=True)
                              if done == "duplicate" and not w.already_existed]
@@ -375,21 +383,26 @@ def _drop_unstored_copies(gw: Gateway, pending: list[tuple[int, CheckedFrame, Fr
     the frames' key locks, after the commit. A copy this fails to remove (or that a crash
     leaves) is removed by the start-up reconcile (``fleet.reconcile``: a complete frame
     whose row names another path).
+
+    A later copy of a frame id in one request whose first copy an erasure covered (410) is
+    a 409 with no row at all: the files it wrote go too, or the start-up reconcile would
+    give them the row its answer refused.
     """
     for (_, frame, written, rel), ok in zip(pending, inserted, strict=True):
         stored = stored_paths.get((frame.record.camera_id, frame.record.frame_id))
-        if ok or stored is None or stored == rel:
+        if ok or written.already_existed or stored == rel:
             continue
         try:
             gw.store.remove_frame(written.path)
         except OSError:
-            logger.exception("could not remove %s, a copy of frame %s/%s stored at %s; the "
+            logger.exception("could not remove %s, a copy of frame %s/%s (stored at %s); the "
                              "start-up reconcile removes it", rel, frame.record.camera_id,
-                             frame.record.frame_id, stored)
+                             frame.record.frame_id, stored or "nowhere")
             continue
         gw.stats.count("frames_duplicate_copy_removed")
         logger.warning("frame %s/%s is stored at %s: removed the copy a replay wrote at %s",
-                       frame.record.camera_id, frame.record.frame_id, stored, rel)
+                       frame.record.camera_id, frame.record.frame_id, stored or "nowhere",
+                       rel)
 
 
 def store_frame(gw: Gateway, principal: Principal, metadata_text: str, image: bytes) -> FrameStored:

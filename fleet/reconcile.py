@@ -96,13 +96,13 @@ def reconcile_frame_store(
     with db.write() as session:
         erased = erased_frames(session, [(r.camera_id, r.frame_id, r.captured_at)
                                          for r in new_rows])
-        kept = [r for r in new_rows if (r.camera_id, r.frame_id) not in erased]
+        kept = [r for r in new_rows if (r.camera_id, r.frame_id, r.captured_at) not in erased]
         session.add_all(kept)
         db.set_state(session, RECONCILE_STATE_KEY, started.isoformat())
         session.commit()
     report.recovered_rows = len(kept)
-    remove_erased(store, [r.path for r in new_rows if (r.camera_id, r.frame_id) in erased],
-                  report)
+    remove_erased(store, [r.path for r in new_rows
+                          if (r.camera_id, r.frame_id, r.captured_at) in erased], report)
     if (kept or report.removed_temp_files or report.removed_orphan_images
             or report.removed_torn_frames or report.removed_unstored_copies
             or report.removed_erased_frames):

@@ -177,9 +177,9 @@ def _insert_rows(db: Database, rows: list[dict[str, Any]]) -> tuple[int, list[st
     """Insert ``rows`` but those an erasure covers, in one transaction; (rows inserted,
     paths of the covered ones)."""
     with db.write() as session:
-        erased = erased_frames(session, [(r["camera_id"], r["frame_id"], r["captured_at"])
-                                         for r in rows])
-        kept = [r for r in rows if (r["camera_id"], r["frame_id"]) not in erased]
+        keys = [(r["camera_id"], r["frame_id"], r["captured_at"]) for r in rows]
+        erased = erased_frames(session, keys)
+        kept = [r for r, key in zip(rows, keys, strict=True) if key not in erased]
         session.add_all([FrameRow(**r) for r in kept])
         session.commit()
-    return len(kept), [r["path"] for r in rows if (r["camera_id"], r["frame_id"]) in erased]
+    return len(kept), [r["path"] for r, key in zip(rows, keys, strict=True) if key in erased]

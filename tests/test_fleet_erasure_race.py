@@ -212,6 +212,64 @@ def test_an_erased_range_stays_erased(env: Env, frame_jpeg: bytes) -> None:
     assert not _retry_later(410)
 
 
+def _stored_ids(env: Env) -> set[str]:
+    """Frame ids with files in the folder store (any day, complete or not)."""
+    return {p.stem for p in env.gw.store.root.glob("cam-a/*/*") if p.suffix in (".jpg", ".json")}
+
+
+def test_a_stored_frame_replayed_with_an_erased_time_keeps_its_files(env: Env,
+                                                                     frame_jpeg: bytes) -> None:
+    """A stored frame, outside the erased range; the device sends its id again claiming a
+    capture time inside the range, the same day. The upload got 410 and the gateway deleted
+    the files at that path — the stored frame's — while its row stayed: an acknowledged frame
+    without pixels, which no reconcile repairs. It is a frame id already stored: 409."""
+    tok = env.enroll("cam-a")["access_token"]
+    assert post_frame(env.client, tok, meta("f-keep"), frame_jpeg).status_code == 201
+    path = env.gw.store.find_frame("cam-a", "f-keep")
+    assert path is not None
+    later = {"since": (T0 + timedelta(hours=2)).isoformat(),
+             "until": (T0 + timedelta(hours=3)).isoformat()}
+    assert erase(env, **later).json()["frames_deleted"] == 0
+    inside = (T0 + timedelta(hours=2, minutes=30)).isoformat()
+    r = post_frame(env.client, tok, meta("f-keep", captured_at=inside), frame_jpeg)
+    assert r.status_code == 409, r.text
+    inside_next_day = {"since": (T0 + timedelta(days=1)).isoformat(),
+                       "until": (T0 + timedelta(days=1, hours=1)).isoformat()}
+    assert erase(env, **inside_next_day).json()["frames_deleted"] == 0
+    other_day = (T0 + timedelta(days=1, minutes=30)).isoformat()  # its copy is written, then
+    r = post_frame(env.client, tok, meta("f-keep", captured_at=other_day), frame_jpeg)
+    assert r.status_code == 409, r.text  # removed again
+    assert [(x.frame_id, x.path) for x in env.rows()] == [
+        ("f-keep", path.relative_to(env.gw.store.root).as_posix())]
+    assert env.gw.store.find_frame("cam-a", "f-keep") == path
+    assert env.gw.store.fsck().clean and _stored_ids(env) == {"f-keep"}
+
+
+def test_in_a_batch_only_the_first_copy_of_a_frame_id_is_stored_or_erased(
+        env: Env, frame_jpeg: bytes) -> None:
+    """Two copies of one frame id in a batch, one claiming a time in an erased range. The
+    erasure lookup was by frame id only, so both copies were refused for good (410) and the
+    one outside the range, 201 when sent alone, was lost."""
+    tok = env.enroll("cam-a")["access_token"]
+    r = erase(env, since=(T0 + timedelta(hours=2)).isoformat(),
+              until=(T0 + timedelta(hours=3)).isoformat())
+    assert r.status_code == 200, r.text
+    outside = meta("f-x")
+    inside = meta("f-x", captured_at=(T0 + timedelta(hours=2, minutes=30)).isoformat())
+    out = post_batch(env, tok, batch_body([(outside, frame_jpeg), (inside, frame_jpeg)])).json()
+    assert [x["status"] for x in out["results"]] == [201, 409]
+    assert [x.frame_id for x in env.rows()] == ["f-x"]
+    assert env.gw.store.find_frame("cam-a", "f-x") is not None
+    # The other order: the first copy is erased (410); the second, on another day outside
+    # the range, is a 409 like any later copy, and leaves no files for a reconcile to revive.
+    inside_y = meta("f-y", captured_at=(T0 + timedelta(hours=2, minutes=30)).isoformat())
+    next_day = meta("f-y", captured_at=(T0 + timedelta(days=1)).isoformat())
+    out = post_batch(env, tok, batch_body([(inside_y, frame_jpeg), (next_day, frame_jpeg)]))
+    assert [x["status"] for x in out.json()["results"]] == [410, 409]
+    assert [x.frame_id for x in env.rows()] == ["f-x"]
+    assert env.gw.store.fsck().clean and _stored_ids(env) == {"f-x"}
+
+
 def test_a_retry_finding_the_files_of_an_erased_frame_removes_them(
         env: Env, frame_jpeg: bytes) -> None:
     """Files an upload wrote after the erasure listed the store, left by a crash before its
