@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import text
+from starlette.requests import ClientDisconnect
 
 from fleet import (
     admin,
@@ -42,7 +43,7 @@ from fleet import (
     traffic_queries,
 )
 from fleet.config import GatewaySettings
-from fleet.metrics import MetricsMiddleware, RouteTemplates, metrics_response
+from fleet.metrics import CLIENT_CLOSED, MetricsMiddleware, RouteTemplates, metrics_response
 from fleet.ratelimit import (
     BodyReadDeadline,
     BodySizeLimit,
@@ -169,6 +170,15 @@ def create_app(settings: GatewaySettings | None = None, *, clock: Clock | None =
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": _format_validation(exc)})
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # The client closed the connection mid-body (an agent's timeout, a dropped link):
+        # nothing was stored and nobody reads this answer; the metrics count it as 499.
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        logger.info("client disconnected before its body arrived: %s %s", request.method,
+                    route)
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -29,8 +29,10 @@ from fastapi.routing import APIRoute
 from python_multipart.exceptions import FormParserError
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from fleet.bounds import MAX_JSON_DEPTH, MAX_JSON_VALUES, gateway_now, unstorable_string
+from fleet.metrics import CLIENT_CLOSED
 
 _CHUNK = 1 << 15
 _QUOTE, _BACKSLASH, _COMMA = 0x22, 0x5C, 0x2C
@@ -145,8 +147,24 @@ def loads(raw: bytes | str, what: str = "body", max_values: int = MAX_JSON_VALUE
     return value
 
 
+class ClientGone(ClientDisconnect, HTTPException):
+    """The client disconnected while FastAPI read a JSON body. FastAPI answers any exception
+    there 400 ("There was an error parsing the body") but re-raises an ``HTTPException``: as
+    one, the disconnect reaches the app's ``ClientDisconnect`` handler (first in the MRO)
+    like a disconnect on any other route."""
+
+    def __init__(self) -> None:
+        HTTPException.__init__(self, CLIENT_CLOSED, "the client disconnected mid-body")
+
+
 class BoundedJSONRequest(Request):
     """A request whose ``json()`` is ``loads`` (refusals become a 422 with the message)."""
+
+    async def body(self) -> bytes:
+        try:
+            return await super().body()
+        except ClientDisconnect as exc:
+            raise ClientGone() from exc
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from typing import Any
 
@@ -42,6 +43,7 @@ from fleet.intake import (
 from fleet.ratelimit import BodyTooLarge, rate_limit_refusal
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata
+from roadloop.data.frames import ID_PATTERN
 
 __all__ = ["BATCH_CONTENT_TYPE", "BatchResult", "FrameResult", "router", "split_batch",
            "store_batch"]
@@ -50,6 +52,7 @@ BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
 _PREFIX = struct.Struct(">I")
 RETRY_LATER = frozenset({429, 503, 507})
 REFUSED = frozenset({403, 410, 413, 422})  # 410: an erased range (fleet.intake)
+_FRAME_ID = re.compile(ID_PATTERN)
 
 
 class FrameResult(BaseModel):
@@ -163,6 +166,21 @@ def _metadata(gw: Gateway, principal: Principal, raw: Any, image: bytes,
         return validate_metadata(raw)
 
 
+def _echoed_id(raw: Any) -> str | None:
+    """The ``frame_id`` to echo for a manifest entry refused before its metadata validated:
+    the one it gives when that is a valid frame id, else None (the entry's position says
+    which frame it is, and its ``detail`` names the problem).
+
+    Not a shortened or escaped rendering of an invalid id: the raw value is the client's
+    bytes, unbounded (a 200 KB id came back whole) and possibly not encodable (a lone
+    surrogate made the whole answer a 500 after the other frames were stored), and a
+    rendering that differs from what was sent fails the agent's check that each result's
+    ``frame_id`` is null or the one it sent (``edge_agent.client``), which would have it
+    resend the whole batch."""
+    fid = raw.get("frame_id") if isinstance(raw, dict) else None
+    return fid if isinstance(fid, str) and _FRAME_ID.fullmatch(fid) else None
+
+
 def store_batch(gw: Gateway, principal: Principal,
                 entries: list[tuple[Any, bytes]]) -> tuple[BatchResult, int | None]:
     """Check and store every frame; (the results, ``Retry-After`` seconds when every frame
@@ -171,8 +189,7 @@ def store_batch(gw: Gateway, principal: Principal,
     ids: list[str | None] = []
     parsed: list[tuple[int, FrameMetadata, bytes]] = []
     for i, (raw, image) in enumerate(entries):
-        fid = raw.get("frame_id") if isinstance(raw, dict) else None
-        ids.append(fid if isinstance(fid, str) else None)
+        ids.append(_echoed_id(raw))
         try:
             meta = _metadata(gw, principal, raw, image, first=i == 0)
         except HTTPException as exc:

@@ -5,7 +5,9 @@ Three sources, every label set bounded:
 * requests, counted by a pure ASGI middleware (``MetricsMiddleware``, outermost, so it also
   sees the limits' 413/429): method (known verbs, else ``OTHER``), route *template*
   (``/v1/cameras/{camera_id}/heartbeats``; a path no route matches is ``<unmatched>``) and
-  status code; a latency histogram by method and route. Never a raw path, id or token.
+  status code; a latency histogram by method and route. Never a raw path, id or token. A
+  client that went away before its body arrived is status ``499`` (``CLIENT_CLOSED``,
+  nginx's "client closed request"): its own doing, not a 5xx the error-rate alerts count.
 * intake counters bumped where the work is done (frames and bytes stored, traffic records),
   and the gateway's own event counters (``Gateway.stats``, names fixed in the code).
 * fleet state read from the database at scrape time (``FleetCollector``): per live camera
@@ -77,6 +79,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 OPEN_ROLLOUTS = (RolloutStatus.active.value, RolloutStatus.paused.value)
 VERDICTS = ("pass", "fail", "insufficient")  # fleet.rollout_policy.StageHealth.verdict
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The status label of a request whose client disconnected before it was answered (nginx's
+# 499): nothing was sent, and a dropped link is not a server error.
+CLIENT_CLOSED = 499
 
 
 def multiprocess_mode() -> bool:
