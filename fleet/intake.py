@@ -66,6 +66,7 @@ from fleet.frame_checks import CheckedFrame, check_frames, validation_message
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
 from roadloop.data.frames import FrameRecord, FrameWrite
+from roadloop.data.object_frames import FrameWriteInProgress
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import fsync_dir
 
@@ -198,6 +199,11 @@ def write_checked(gw: Gateway, frame: CheckedFrame) -> FrameWrite:
         ensure_readable(gw, record, written)
     except InvalidInputError as exc:
         raise HTTPException(422, f"frame {meta.frame_id}: {exc.reason}") from exc
+    except FrameWriteInProgress as exc:  # this frame only: the store works (store_frames)
+        logger.warning("frame %s: %s", frame.key, exc.strerror)
+        raise HTTPException(503, f"gateway could not store frame {meta.frame_id} "
+                            f"({exc.strerror}); retry later",
+                            headers={"Retry-After": str(RECORD_RETRY_AFTER_S)}) from exc
     except OSError as exc:
         logger.exception("frame store write failed for %s", frame.key)
         status = 507 if exc.errno == 28 else 503  # ENOSPC
@@ -235,7 +241,8 @@ def store_frames(gw: Gateway, principal: Principal,
                 written = write_checked(gw, frame)
             except HTTPException as exc:
                 outcomes[i] = exc
-                if exc.status_code in STORE_FAILED:
+                if (exc.status_code in STORE_FAILED
+                        and not isinstance(exc.__cause__, FrameWriteInProgress)):
                     store_failed = exc
                 continue
             pending.append((i, frame, written,

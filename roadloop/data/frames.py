@@ -249,6 +249,15 @@ class FsckReport(BaseModel):
         )
 
 
+# How long the two writes of one frame (its image, then its record) can be apart: each is one
+# request to the store, and the gateway bounds a request to a stalled object store at ~7 s
+# (roadloop.data.object_frames, S3Timeouts); a local file takes microseconds. An image without
+# its record written less than this ago may be an upload in flight, not a leftover
+# (roadloop.retention.leftovers, S3FrameStore._put_image). Ten minutes is ~80 times the
+# bound, and short enough that the next retention or erasure run takes a real leftover.
+IN_FLIGHT_GRACE = timedelta(minutes=10)
+
+
 class StoredFrame(NamedTuple):
     """One frame as a store lists it (``FrameStorage.stored_frames``), its image unread."""
 

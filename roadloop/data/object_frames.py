@@ -11,9 +11,16 @@ Same layout as the folder store (``roadloop.data.frames``), as object keys under
   records whose JPEG exists: a crash between the two PUTs leaves an invisible JPEG
   (``fsck`` reports it as an orphan image), never a half-visible frame. ``write_frame``
   returns only after both PUTs succeeded, so the gateway acknowledges nothing earlier.
-* The record is PUT with ``If-None-Match: *``: of two replicas writing the same frame
-  at once exactly one creates it, the other sees ``already_existed`` (the database's unique
-  ``(camera_id, frame_id)`` then answers 409 to one of them).
+* Both PUTs are create-only (``If-None-Match: *``): of two replicas writing the same frame
+  at once exactly one creates the record, the other sees ``already_existed`` (the database's
+  unique ``(camera_id, frame_id)`` then answers 409 to one of them), and **a frame's JPEG and
+  record come from the same upload**: a JPEG already there is kept when it holds the same
+  bytes (a retry after a crash between the PUTs, or the same upload in flight elsewhere),
+  left as it is when its record is in, and replaced only as a crash leftover, without a
+  record and older than ``roadloop.data.frames.IN_FLIGHT_GRACE``; younger, it is
+  another upload between its two PUTs and the write fails with ``FrameWriteInProgress`` (an
+  ``OSError``: 503, retry later). That costs requests only when the JPEG PUT is refused
+  (``S3FrameStore._put_image``); the common path is still one PUT per object.
 * Unlike the folder store, ``write_frame`` looks for an existing frame in the record's own
   date folder only (one request, not one per day of the camera); the gateway's database
   refuses a frame id reused on another day, and the gateway removes the copy that replay
@@ -57,11 +64,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from roadloop.data import frames as data_frames  # IN_FLIGHT_GRACE, read at each use
 from roadloop.data.frames import (
     ID_PATTERN,
     FrameRecord,
@@ -88,8 +97,9 @@ _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 # The S3 client's timeouts (docs/storage.md "Timeouts"). An agent gives up on an upload after
 # 10 s (``edge_agent.agent_config.AgentConfig.http_timeout_s``); an upload is up to five
-# requests in a row (HEAD record, PUT image, PUT record, and the read-back GET + HEAD), and a
-# stalled store stalls the first of them, which then fails the upload. One stalled request
+# requests in a row (HEAD record, PUT image, PUT record, and the read-back GET + HEAD; a few
+# more when a JPEG is already there: ``S3FrameStore._put_image``), and a stalled store stalls
+# the first of them, which then fails the upload. One stalled request
 # costs at most ``max_attempts * (connect_s + read_s)`` plus the jittered backoff before the
 # retry (< 1 s): a store that accepts connections and never answers costs 2 * 2 s + < 1 s,
 # one that does not accept them 2 * 1 s + < 1 s, one that refuses them about the backoff, and
@@ -109,6 +119,9 @@ CACHE_SWEEP_INTERVAL_S = 300.0
 SWEEP_MARKER = ".cache-sweep"  # in the cache folder: its mtime is the last sweep's start
 _TEMP_RE = re.compile(r"^\..+\.jpg\.tmp-[0-9a-f]+$")  # roadloop.fsutil.write_bytes_atomic's
 _UNCHANGED = object()  # a conditional GET answered 304
+# Create-or-resolve rounds of one JPEG PUT (``_put_image``): the first PUT, and a retry
+# when the JPEG found was deleted or replaced meanwhile.
+_IMAGE_PUT_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,35 @@ def _error_code(exc: Exception) -> str:
 def _missing(exc: Exception) -> bool:
     """True when a botocore ``ClientError`` says the object is not there."""
     return _error_code(exc) in ("404", "NoSuchKey", "NotFound")
+
+
+def _conflict(exc: Exception) -> bool:
+    """True when a botocore ``ClientError`` says a conditional PUT's condition failed (412),
+    or that a conflicting conditional write was in progress (S3's 409)."""
+    return _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict")
+
+
+class FrameWriteInProgress(OSError):
+    """Another upload is writing this frame with other pixels right now (its JPEG is in the
+    store, its record not yet): nothing was written. An ``OSError`` (``EBUSY``), so the
+    gateway answers 503, retry later; the retry finds the frame complete (409) or, once the
+    JPEG is older than ``IN_FLIGHT_GRACE`` and still has no record, replaces it."""
+
+    def __init__(self, rel: str, age: timedelta | None) -> None:
+        what = ("its JPEG kept changing" if age is None else
+                f"its JPEG, {age.total_seconds():.0f} s old, has other pixels and no record yet")
+        super().__init__(errno.EBUSY, f"frame {rel} is being written by another upload ({what})")
+
+
+@dataclass(frozen=True)
+class _Found:
+    """An object ``_put_image`` found: its ETag (bare and as the store quotes it), its age by
+    the store's clock, and its bytes when they were read."""
+
+    etag: str
+    quoted_etag: str
+    age: timedelta
+    body: bytes | None
 
 
 @contextmanager
@@ -366,10 +408,13 @@ class S3FrameStore:
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
                     decoded_size: tuple[int, int] | None = None,
                     durable: bool = True, look_in_other_days: bool = True) -> FrameWrite:
-        """PUT the JPEG, then the record (create-only); returns once both succeeded (a PUT
-        is durable when answered, so ``durable`` changes nothing). A frame id is looked for
-        in the record's own date folder only, whatever ``look_in_other_days`` says (see the
-        module docstring)."""
+        """PUT the JPEG, then the record, both create-only; returns once both succeeded (a
+        PUT is durable when answered, so ``durable`` changes nothing). A JPEG already there
+        is never overwritten by another upload's pixels: see ``_put_image``. A frame id is
+        looked for in the record's own date folder only, whatever ``look_in_other_days``
+        says (see the module docstring). ``FrameWriteInProgress`` (an ``OSError``: the
+        gateway's 503, retry later) when another upload with other pixels is writing the
+        same frame right now."""
         rel = self._relative(record)
         target = self.root / f"{rel}.jpg"
         sidecar_key = self._key(f"{rel}.json")
@@ -378,17 +423,95 @@ class S3FrameStore:
                 return FrameWrite(target, True)
             sidecar = checked_sidecar(record, jpeg_bytes, decoded_size,
                                       where=f"{self.url}/{rel}")
-            self.client.put_object(Bucket=self.bucket, Key=self._key(f"{rel}.jpg"),
-                                   Body=bytes(jpeg_bytes), ContentType="image/jpeg")
+            if not self._put_image(rel, bytes(jpeg_bytes), sidecar_key):
+                return FrameWrite(target, True)  # complete meanwhile, with the other pixels
             try:
                 self.client.put_object(Bucket=self.bucket, Key=sidecar_key, Body=sidecar,
                                        ContentType="application/json", IfNoneMatch="*")
             except Exception as exc:
-                if _error_code(exc) in ("PreconditionFailed", "412",
-                                        "ConditionalRequestConflict"):
+                if _conflict(exc):
                     return FrameWrite(target, True)  # another writer created it first
                 raise
         return FrameWrite(target, False)
+
+    def _put_image(self, rel: str, body: bytes, sidecar_key: str) -> bool:
+        """Make the JPEG at ``rel`` hold ``body``, so that the record PUT after it describes
+        the pixels in the store; False when the frame turned out complete (its record is in)
+        with other pixels, which stay.
+
+        The PUT is create-only (``If-None-Match: *``): one request when the key is free, the
+        common case. When a JPEG is already there (412):
+
+        * the same bytes (its ETag is our MD5, or, on a store whose ETags are no MD5 such as
+          SSE-KMS, a GET of it equals ``body``): a retry after a crash between the two PUTs,
+          or this very upload in flight on another replica; it is kept, and re-PUT over
+          itself when older than ``IN_FLIGHT_GRACE`` (``If-Match`` its ETag), so that the
+          start-up reconcile and retention, which take only old JPEGs without a record,
+          leave it alone while the record follows;
+        * other bytes and the record is in: the frame is complete, False;
+        * other bytes, no record, written less than ``IN_FLIGHT_GRACE`` ago: another upload
+          is between its two PUTs; ``FrameWriteInProgress`` (retry later), nothing written;
+        * other bytes, no record, older: a crash leftover, replaced (``If-Match`` its ETag:
+          a replica that replaced it first makes this PUT fail, and the loop looks again).
+
+        The age is the store's own: the answer's ``Date`` minus the JPEG's ``LastModified``
+        (the gateway's clock when the store sends no ``Date``)."""
+        key = self._key(f"{rel}.jpg")
+        md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        condition: dict[str, str] = {"IfNoneMatch": "*"}
+        for _ in range(_IMAGE_PUT_ROUNDS):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                       ContentType="image/jpeg", **condition)
+                return True
+            except Exception as exc:
+                # 412: there is one (create) or it changed (If-Match); 404: If-Match on a JPEG
+                # deleted meanwhile (an orphan delete); either way, look again.
+                if not (_conflict(exc) or ("IfMatch" in condition and _missing(exc))):
+                    raise
+            found = self._stat(key)
+            if found is not None and found.etag != md5:
+                if self._exists(sidecar_key):
+                    return False
+                found = self._stat(key, body=True)  # no MD5 ETag (SSE-KMS)? compare bytes
+            if found is None:  # deleted since: create it
+                condition = {"IfNoneMatch": "*"}
+                continue
+            same = found.etag == md5 or found.body == body
+            if found.age < data_frames.IN_FLIGHT_GRACE:
+                if same:
+                    return True
+                raise FrameWriteInProgress(rel, found.age)
+            if not same:
+                logger.warning("replacing %s/%s.jpg: a JPEG without its record, %.0f s old, "
+                               "with other pixels (a crashed upload's)", self.url, rel,
+                               found.age.total_seconds())
+            condition = {"IfMatch": found.quoted_etag}
+        raise FrameWriteInProgress(rel, None)
+
+    def _stat(self, key: str, *, body: bool = False) -> _Found | None:
+        """The object at ``key`` (a HEAD, or with ``body`` a GET), None when absent."""
+        try:
+            if body:
+                answer = self.client.get_object(Bucket=self.bucket, Key=key)
+                data: bytes | None = answer["Body"].read()
+            else:
+                answer = self.client.head_object(Bucket=self.bucket, Key=key)
+                data = None
+        except Exception as exc:
+            if _missing(exc):
+                return None
+            raise
+        now = None
+        try:
+            date_header = answer["ResponseMetadata"]["HTTPHeaders"].get("date")
+            now = parsedate_to_datetime(date_header) if date_header else None
+        except (KeyError, TypeError, ValueError):
+            pass
+        if now is None or now.tzinfo is None:
+            now = datetime.now(UTC)
+        quoted = str(answer.get("ETag", ""))
+        return _Found(quoted.strip('"'), quoted, now - answer["LastModified"], data)
 
     def sync(self) -> None:
         """Nothing to do: every PUT was durable when the store answered it."""

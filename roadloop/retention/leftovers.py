@@ -15,7 +15,7 @@ One kind is not a leftover yet: an upload writes a frame's image, then its recor
 or two PUTs on an object store), so between the two the frame lists as an image without its
 record. Taken then, the image of a frame captured *outside* the range (same day folder) would
 be deleted and the upload would answer 201 for a frame without pixels. So an unreadable frame
-written less than ``IN_FLIGHT_GRACE`` ago is left for a later run; one in the range is not kept
+written less than ``roadloop.data.frames.IN_FLIGHT_GRACE`` ago is left for a later run; one in the range is not kept
 by this: its upload's insert sees the erasure and removes its files itself (``fleet.intake``),
 and a gateway that died mid-upload repairs it at start-up (``fleet.reconcile``).
 """
@@ -29,15 +29,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from roadloop.data import frames as data_frames  # IN_FLIGHT_GRACE, read at each call
 from roadloop.data.frames import FrameStorage, StoredFrame, day_start
 
 logger = logging.getLogger(__name__)
-
-# How long one frame's two writes can be apart: each is one request to the store, and the
-# gateway bounds a request to a stalled object store at ~7 s (roadloop.data.object_frames,
-# S3Timeouts); a local file takes microseconds. Ten minutes is ~80 times that, and short
-# enough that the next retention or erasure run takes a real leftover.
-IN_FLIGHT_GRACE = timedelta(minutes=10)
 
 
 class Leftover(BaseModel):
@@ -57,7 +52,7 @@ def select_leftovers(frames: Iterable[StoredFrame], *, start: datetime | None = 
     overlaps ``[start, end)`` (with ``whole_days``: lies entirely inside it), written before
     ``settled_before`` (default: ``IN_FLIGHT_GRACE`` ago by the wall clock, which the stores'
     modification times follow; a frame whose time the store did not give counts as settled)."""
-    settled = settled_before or datetime.now(UTC) - IN_FLIGHT_GRACE
+    settled = settled_before or datetime.now(UTC) - data_frames.IN_FLIGHT_GRACE
     out: dict[Path, Leftover] = {}
     young = 0
     for frame in frames:
