@@ -149,9 +149,13 @@ def metadata_too_large(limit: int) -> HTTPException:
 # --------------------------------------------------------------------------- storing
 def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> None:
     """A frame already in the store must read back with the platform's reader (an older
-    gateway may have written it); a new one is read back from the store only with
-    ``frame_read_back`` (``reads_back`` has already checked it in memory). A frame this
-    request wrote that does not read back as written is removed (422)."""
+    gateway may have written it) and be this upload's: another record under its id is a
+    409 here, before any row is inserted — the row is built from this upload, and had it
+    won the insert (the store's frame an upload in flight on another worker or replica, or
+    a crash's) it would describe pixels the store does not hold. A new frame is read back
+    from the store only with ``frame_read_back`` (``reads_back`` has already checked it in
+    memory). A frame this request wrote that does not read back as written is removed
+    (422)."""
     if not written.already_existed and not gw.settings.frame_read_back:
         return
     back = gw.store.read_record(record.camera_id, record.frame_id,
@@ -162,6 +166,10 @@ def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> No
                 422, f"frame {record.frame_id} is already in the frame store but its sidecar "
                 "does not read back (written by an older gateway?); send it as a new frame_id"
             )
+        if back.model_dump(mode="json") != record.model_dump(mode="json"):
+            gw.stats.count("frames_other_content_refused")
+            raise HTTPException(409, f"frame {record.frame_id} already stored (with other "
+                                "content: this upload was not stored)")
         return
     if back is not None and back.model_dump(mode="json") == record.model_dump(mode="json"):
         return

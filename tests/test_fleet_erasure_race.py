@@ -271,14 +271,22 @@ def test_in_a_batch_only_the_first_copy_of_a_frame_id_is_stored_or_erased(
 
 
 def test_a_retry_finding_the_files_of_an_erased_frame_removes_them(
-        env: Env, frame_jpeg: bytes) -> None:
-    """Files an upload wrote after the erasure listed the store, left by a crash before its
-    refusal: the retry finds them in place and removes them with its 410."""
+        env: Env, frame_jpeg: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files an upload wrote after the erasure listed the store, left in place when its
+    commit failed (a 503: the retry is to find them): the retry finds them and removes them
+    with its 410."""
     dev = env.enroll("cam-a")
     assert erase(env).status_code == 200
-    rec = FrameRecord(frame_id="f-1", camera_id="cam-a", captured_at=T0, width=W, height=H,
-                      source=f"agent:{dev['device_id']}")
-    env.gw.store.write_frame(rec, frame_jpeg)
+    real_submit = env.gw.committer.submit
+
+    def fail_once(fn: Any, timeout: float = 60.0) -> Any:
+        monkeypatch.setattr(env.gw.committer, "submit", real_submit)
+        raise fleet.intake.CommitFailed("the database went away")
+
+    monkeypatch.setattr(env.gw.committer, "submit", fail_once)
+    r = post_frame(env.client, dev["access_token"], meta("f-1"), frame_jpeg)
+    assert r.status_code == 503, r.text
+    assert env.gw.store.find_frame("cam-a", "f-1") is not None  # left for the retry
     r = post_frame(env.client, dev["access_token"], meta("f-1"), frame_jpeg)
     assert r.status_code == 410, r.text
     assert env.gw.store.find_frame("cam-a", "f-1") is None and env.rows() == []

@@ -19,9 +19,12 @@ import pytest
 from fleet.reconcile import reconcile_frame_store
 from roadloop.data.frames import FrameRecord
 
+from .helpers import synthetic_jpeg
 from .test_fleet_gateway import (  # noqa: F401 - fixtures
     T0,
     Env,
+    H,
+    W,
     assert_clear_4xx,
     frame_jpeg,
     make_env,
@@ -81,6 +84,30 @@ def test_a_replay_under_another_day_is_a_409_and_leaves_no_copy(
     assert [(row.frame_id, row.path) for row in sorted(env.rows(), key=lambda r: r.frame_id)] == [
         (f, f"cam-a/{day}/{f}.jpg") for f in ("f-1", "f-2", "f-3")]
     assert env.gw.store.fsck().clean
+
+
+def test_an_upload_finding_another_uploads_frame_under_its_id_inserts_no_row(
+    store_env: Env, frame_jpeg: bytes
+) -> None:
+    """The store holds a complete frame f-1 with no row yet (another worker's or replica's
+    upload between its files and its commit, or a crash's), and a second upload of f-1 with
+    other content arrives. It found the files (``already_existed``), then inserted a row
+    built from its own bytes: a 201 for a row whose size and SHA-256 describe pixels the
+    store does not hold. It is a 409 now, with no row; the store's frame keeps its own."""
+    env = store_env
+    tok = env.enroll()["access_token"]
+    theirs = FrameRecord(frame_id="f-1", camera_id="cam-a", captured_at=T0, width=W, height=H,
+                         source="agent:other-upload")
+    env.gw.store.write_frame(theirs, synthetic_jpeg(5, (W, H)))
+    r = post_frame(env.client, tok, meta("f-1"), frame_jpeg)
+    assert_clear_4xx(r, 409, "f-1 already stored (with other content")
+    assert env.rows() == []
+    stored = env.gw.store.read_record("cam-a", "f-1")
+    assert stored is not None and stored.source == "agent:other-upload"
+    # The same upload once more (a retry of the frame it stored) is still its plain 409.
+    assert post_frame(env.client, tok, meta("f-2"), frame_jpeg).status_code == 201
+    assert_clear_4xx(post_frame(env.client, tok, meta("f-2"), frame_jpeg), 409,
+                     "f-2 already stored")
 
 
 def test_a_copy_the_replay_could_not_remove_waits_for_the_reconcile(
