@@ -161,7 +161,8 @@ def heartbeat_problems(payload: dict[str, Any]) -> list[str]:
     for key in ("outbox_depth", "errors_total", "dropped_frames_total"):
         c.count(payload, key, "", MAX_COUNT)
     fps_cap = (limit / window) if window else HEARTBEAT_MAX_FPS
-    c.number(payload, "fps", "", 0.0, fps_cap)
+    for key in ("fps", "frames_per_s"):  # either fills the fps column (HEARTBEAT_COLUMNS)
+        c.number(payload, key, "", 0.0, fps_cap)
     c.latencies(payload, {p: f"latency_{p}_ms" for p in PERCENTILES}, "")
     c.number(payload, "inference_p50_ms", "", 0.0, MAX_LATENCY_MS)
     nested = payload.get("latency_ms")

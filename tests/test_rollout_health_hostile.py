@@ -179,6 +179,8 @@ def test_shadow_agreement_is_judged_per_device() -> None:
     ({"window_s": -1}, "window_s"),
     ({"window_s": 86_400}, "window_s"),
     ({"fps": 1e6, "window_s": 30}, "fps"),
+    ({"frames_per_s": -5.0}, "frames_per_s"),  # the other name of the fps column
+    ({"frames_per_s": 1e14}, "frames_per_s"),
     ({"latency_p95_ms": -3.0}, "latency_p95_ms"),
     ({"latency_p50_ms": 50.0, "latency_p95_ms": 40.0}, "latency_p50_ms"),
     ({"latency_p95_ms": 50.0, "latency_p99_ms": 40.0}, "latency_p95_ms"),
@@ -310,6 +312,7 @@ IMPLAUSIBLE = [
     ({"latency_ms": {"p50": 90.0, "p95": 10.0}}, "latency_ms.p50"),
     ({"latency_p95_ms": -1.0}, "latency_p95_ms"),
     ({"shadow": {"frames": 5, "errors": 9}}, "shadow.errors"),
+    ({"frames_per_s": -5.0}, "frames_per_s"),  # was stored in the fps column and exported
 ]
 
 
