@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from fleet.auth import AdminPrincipal, DevicePrincipal
 from fleet.auth_first import AuthFirstRoute
-from fleet.bounds import EARLIEST, LATEST, Timestamp
+from fleet.bounds import EARLIEST, LATEST, Timestamp, text_problem
 from fleet.committer import CommitFailed
 from fleet.db import (
     Device,
@@ -134,6 +134,9 @@ def encode_cursor(start: datetime, record_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """``(interval_start, record_id)`` of a cursor ``encode_cursor`` made; else a 422. A record
+    id with a NUL is refused here: PostgreSQL refuses it as a parameter (a 500, where SQLite
+    answered an empty page)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         start, record_id = raw.split("|", 1)
@@ -143,6 +146,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise HTTPException(422, "cursor is not one this gateway gave out: pass next_cursor "
                             "of the previous page unchanged") from None
+    problem = text_problem(record_id)
+    if problem is not None:
+        raise HTTPException(422, f"cursor is not one this gateway gave out: its record id "
+                            f"{problem}; pass next_cursor of the previous page unchanged")
     return at, record_id
 
 

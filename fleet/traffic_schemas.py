@@ -5,6 +5,9 @@ An interval record is one camera's counts for one interval (``docs/fleet-api.md`
 anything is stored: row counts (lines ≤ 64 × 2 directions × 32 classes, zones ≤ 64, events ≤
 200, speeds and dwell times ≤ 1000 per row), strings ≤ 64 characters (``detail`` ≤ 500),
 numbers finite and ≥ 0, speeds ≤ 400 km/h, ``covered_s ≤ interval_s``, unknown keys refused.
+Ids are the posting camera's own, in exactly the form the agent writes them
+(``edge_agent.traffic.intervals``): ``record_id`` is ``<camera_id>.<interval_start, unix
+s>.<agent run, ms>``, ``event_id`` is ``<camera_id>.ev.<agent run, ms>.<sequence>``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from fleet.bounds import INT32_MAX, Count, EventTime, Name
+from fleet.bounds import INT32_MAX, Count, EventTime, Name, PlainText
 from roadloop.data.frames import FrameId
 
 MAX_LINE_ROWS = 64 * 2 * 32
@@ -37,9 +40,13 @@ MAX_CLASSES = 32
 
 # Line and zone names as the camera's configuration allows them (spec §1).
 GeometryName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_. -]{1,64}$")]
-Label = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+# PlainText: also a query filter, and PostgreSQL refuses a NUL in a parameter (a 500).
+Label = Annotated[str, StringConstraints(min_length=1, max_length=64), PlainText]
 RecordId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
-_RECORD_SUFFIX = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}")  # after "<camera_id>."
+# What follows "<camera_id>." in a record id and "<camera_id>.ev." in an event id: two
+# integers as the agent writes them (no leading zero: "….01" would be a second id for "….1").
+_INTEGER = r"(?:0|[1-9][0-9]{0,19})"
+_ID_SUFFIX = re.compile(rf"({_INTEGER})\.({_INTEGER})")
 Speed = Annotated[float, Field(ge=0.0, le=MAX_SPEED_KMH, allow_inf_nan=False)]
 Seconds = Annotated[float, Field(ge=0.0, le=MAX_SECONDS, allow_inf_nan=False)]
 Pcu = Annotated[float, Field(ge=0.0, le=MAX_PCU, allow_inf_nan=False)]
@@ -131,17 +138,35 @@ class TrafficIntervalIn(_Strict):
         if self.covered_s > self.interval_s:
             raise ValueError(f"covered_s {self.covered_s} is longer than interval_s "
                              f"{self.interval_s}")
-        # Camera ids may hold dots: "cam-a" must not take "cam-a.b.<s>.<ms>", the id space
-        # of camera "cam-a.b", so what follows the camera id is exactly two integers.
-        prefix = f"{self.camera_id}."
-        if not (self.record_id.startswith(prefix)
-                and _RECORD_SUFFIX.fullmatch(self.record_id[len(prefix):])):
-            raise ValueError(f"record_id {self.record_id!r} must be '{self.camera_id}."
-                             "<interval start, unix s>.<agent run, ms>'")
         start = self.interval_start
         if start.microsecond or int(start.timestamp()) % self.interval_s:
             raise ValueError(f"interval_start {start.isoformat()} is not aligned to "
                              f"interval_s {self.interval_s} (unix time divisible by it)")
+        # Camera ids may hold dots: "cam-a" must not take "cam-a.b.<s>.<ms>", the id space
+        # of camera "cam-a.b", so what follows the camera id is exactly two integers.
+        prefix = f"{self.camera_id}."
+        suffix = (_ID_SUFFIX.fullmatch(self.record_id[len(prefix):])
+                  if self.record_id.startswith(prefix) else None)
+        if suffix is None:
+            raise ValueError(f"record_id {self.record_id!r} must be '{self.camera_id}."
+                             "<interval start, unix s>.<agent run, ms>'")
+        # The interval in the id is what makes a resend of the interval the same id (409):
+        # under any other number the same counts would be stored, and summed, again.
+        unix_s = str(int(start.timestamp()))
+        if suffix[1] != unix_s:
+            raise ValueError(f"record_id {self.record_id!r} names interval start {suffix[1]}, "
+                             f"not this record's interval_start {start.isoformat()} (unix "
+                             f"{unix_s}): it must be '{self.camera_id}.{unix_s}.<agent run, "
+                             "ms>'")
+        # Event ids are listed once per camera and event_id: another camera's id space is
+        # refused like its record ids.
+        prefix = f"{self.camera_id}.ev."
+        for i, event in enumerate(self.events):
+            if not (event.event_id.startswith(prefix)
+                    and _ID_SUFFIX.fullmatch(event.event_id[len(prefix):])):
+                raise ValueError(f"events[{i}].event_id {event.event_id!r} must be "
+                                 f"'{self.camera_id}.ev.<agent run, ms>.<sequence>': an id "
+                                 "of this record's camera")
         keys = [(r.line, r.direction, r.class_name) for r in self.lines]
         if len(set(keys)) != len(keys):
             raise ValueError("lines: one row per (line, direction, class_name); a key repeats")

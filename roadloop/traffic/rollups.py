@@ -428,8 +428,11 @@ def events(
     zone: str | None = None,
     line: str | None = None,
 ) -> list[TrafficEvent]:
-    """The records' events, each once (by ``event_id``), ordered by time."""
-    seen: set[str] = set()
+    """The records' events, each once (by camera and ``event_id``), ordered by time.
+
+    Per camera: an event id is an agent's, unique only within its camera, so one camera's
+    record cannot hide another camera's event by reusing its id."""
+    seen: set[tuple[str, str]] = set()
     out = []
     for record in _unique(records):
         cam = record["camera_id"]
@@ -442,9 +445,10 @@ def events(
                 continue
             if line is not None and ev.get("line") != line:
                 continue
-            if ev["event_id"] in seen:
+            key = (cam, ev["event_id"])
+            if key in seen:
                 continue
-            seen.add(ev["event_id"])
+            seen.add(key)
             duration = ev.get("duration_s")
             out.append(
                 TrafficEvent(
