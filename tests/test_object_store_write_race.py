@@ -271,15 +271,15 @@ def test_the_common_path_is_one_put_per_object(s3_server: Any, bucket: str,
 
 
 # --------------------------------------------------------------------------- the gateway
-def test_the_gateway_answers_503_while_another_upload_is_in_flight(
-        s3_server: Any, make_env: Any, frame_jpeg: bytes,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through ``POST /v1/frames``: a young JPEG with other pixels and no record is another
-    replica's upload in flight: 503 (retry later), nothing stored; once it is a leftover
-    (older than the grace), the retry replaces it."""
+def _gateway_with_a_jpeg_in_flight(s3_server: Any, make_env: Any,
+                                   monkeypatch: pytest.MonkeyPatch, name: str,
+                                   ) -> tuple[Any, str, Any, str, str, bytes]:
+    """A gateway on a fresh bucket where f-1 of cam-a has a young JPEG with other pixels and
+    no record (another upload between its two PUTs): (env, device token, raw client, bucket,
+    the JPEG's key, its bytes)."""
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
-    bucket = s3_server.new_bucket("gw-race")
+    bucket = s3_server.new_bucket(name)
     env = make_env("home", frame_store_url=f"s3://{bucket}/frames",
                    s3_endpoint_url=s3_server.endpoint_url)
     token = env.enroll("cam-a")["access_token"]
@@ -287,6 +287,17 @@ def test_the_gateway_answers_503_while_another_upload_is_in_flight(
     other = encode_jpeg(synthetic_image(7, (gateway_tests.W, gateway_tests.H)))
     raw = s3_server.client()
     raw.put_object(Bucket=bucket, Key=key, Body=other)
+    return env, token, raw, bucket, key, other
+
+
+def test_the_gateway_answers_503_while_another_upload_is_in_flight(
+        s3_server: Any, make_env: Any, frame_jpeg: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through ``POST /v1/frames``: a young JPEG with other pixels and no record is another
+    replica's upload in flight: 503 (retry later), nothing stored; once it is a leftover
+    (older than the grace), the retry replaces it."""
+    env, token, raw, bucket, key, other = _gateway_with_a_jpeg_in_flight(
+        s3_server, make_env, monkeypatch, "gw-race")
 
     r = post_frame(env.client, token, meta("f-1"), frame_jpeg)
     assert r.status_code == 503 and "retry later" in r.json()["detail"], r.text
@@ -306,16 +317,8 @@ def test_a_frame_in_flight_elsewhere_does_not_sink_the_rest_of_its_batch(
     it in the batch are written (a failed store would give them its 503 untried)."""
     from .test_frame_batch import batch_body, post_batch
 
-    for k, v in s3_server.env.items():
-        monkeypatch.setenv(k, v)
-    bucket = s3_server.new_bucket("gw-race-batch")
-    env = make_env("home", frame_store_url=f"s3://{bucket}/frames",
-                   s3_endpoint_url=s3_server.endpoint_url)
-    token = env.enroll("cam-a")["access_token"]
-    key = f"frames/cam-a/{gateway_tests.T0:%Y-%m-%d}/f-1.jpg"
-    other = encode_jpeg(synthetic_image(7, (gateway_tests.W, gateway_tests.H)))
-    s3_server.client().put_object(Bucket=bucket, Key=key, Body=other)
-
+    env, token, *_ = _gateway_with_a_jpeg_in_flight(s3_server, make_env, monkeypatch,
+                                                     "gw-race-batch")
     r = post_batch(env, token, batch_body([(meta("f-1"), frame_jpeg), (meta("f-2"), frame_jpeg)]))
     assert r.status_code == 200, r.text
     assert [x["status"] for x in r.json()["results"]] == [503, 201]
