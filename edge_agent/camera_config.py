@@ -25,6 +25,14 @@ here in plain Python. ``CameraConfigChannel``:
   plates in sampled frames (``edge_agent.redaction``); absent: ``blur``. A change is logged
   as a WARNING (``old → new``: redaction switched off remotely leaves a trace at the edge)
   and heartbeats carry the mode in force (``privacy_mode``).
+* ``boost.until`` lies in [2000-01-01, 2100-01-01) UTC, the gateway's own bound
+  (``fleet.bounds.Timestamp``); a later time (``9999-12-31T23:59:59-14:00`` is year 10000 in
+  UTC, which ``datetime`` cannot hold) is a bad document like any other. The gateway's
+  "at most 30 days after its clock" is not repeated: it is judged on the gateway's clock, and
+  a kept boost must still load after a long outage (an expired boost simply ends).
+* A document that cannot be kept as JSON (a NaN or infinity anywhere, even in a section this
+  agent ignores: the client's ``resp.json()`` accepts them, ``_save`` does not) is refused
+  like a bad value, so what is in force is always what a restart brings back.
 * Values the document leaves out keep the agent's own (its command line).
 * ``<state_dir>/camera_config.json`` holds the document in force (atomic write); it is loaded
   at start, so a restarted camera keeps its configuration before the gateway answers.
@@ -63,6 +71,10 @@ PRIVACY_MODES = ("blur", "mask", "off")  # edge_agent.redaction.MODES
 DEFAULT_PRIVACY_MODE = "blur"
 _SAMPLING_KEYS = {"base_rate", "hourly_budget", "boost"}
 _BOOST_KEYS = {"factor", "until", "reason"}
+# ``boost.until`` bounds: the gateway's (``fleet.bounds.EARLIEST``/``LATEST``), far inside
+# what ``datetime`` can convert to UTC and back.
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(2100, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -133,7 +145,19 @@ def _aware_time(value: Any, where: str) -> float:
         raise ValueError(f"{where} is not an ISO 8601 time: {value!r}"[:200]) from None
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"{where} must carry a time zone (e.g. 'Z'), got {value!r}")
+    # Aware comparisons subtract offsets without building a datetime: they cannot overflow.
+    if not EARLIEST_TIME <= at < LATEST_TIME:
+        raise ValueError(f"{where} must be from {EARLIEST_TIME.date().isoformat()} to before "
+                         f"{LATEST_TIME.date().isoformat()} UTC, got {value!r}"[:200])
     return at.timestamp()
+
+
+def _storable(doc: Mapping[str, Any]) -> None:
+    """The document can be kept as strict JSON (``_save``), ignored sections included."""
+    try:
+        json.dumps(doc, allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ValueError(f"config cannot be kept as JSON: {exc}"[:200]) from None
 
 
 def _object(value: Any, where: str) -> Mapping[str, Any]:
@@ -193,6 +217,7 @@ def parse_config(answer: Mapping[str, Any], *, etag: str | None = None,
                     reason=_text(b.get("reason"), "sampling.boost.reason", MAX_BOOST_REASON,
                                  min_len=1),
                 )
+        _storable(doc)  # last: a bad value in a known section is named by its own check
     except ValueError as exc:
         raise InvalidCameraConfig(version, str(exc)) from None
     return AppliedConfig(version=version, sha256=sha, etag=etag, base_rate=base_rate,
@@ -336,7 +361,8 @@ class CameraConfigChannel:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.path, json.dumps(data, indent=2, allow_nan=False),
                               sync_dir=True)
-        except OSError as exc:  # the config still applies; a restart falls back to the gateway
+        except (OSError, ValueError, TypeError) as exc:  # the config still applies; a restart
+            # falls back to the gateway (parse_config already refused what JSON cannot keep)
             logger.error("cannot keep the camera configuration in %s: %s", self.path, exc)
 
     def load(self) -> bool:
