@@ -38,6 +38,7 @@ and *before* the outbox forgets that frame — the "killed mid-upload" case the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -77,7 +78,7 @@ from edge_agent.heartbeat import TelemetryWindow
 from edge_agent.inference import OnnxDetector
 from edge_agent.manifest import ManifestVerifier, PublicKeyError, load_public_key
 from edge_agent.model_slot import ModelSlot
-from edge_agent.outbox import BackoffPolicy, Outbox
+from edge_agent.outbox import BackoffPolicy, Outbox, bounded_retry_after
 from edge_agent.pipeline import (
     DetectFailed,
     FrameMeasurement,
@@ -357,7 +358,11 @@ class EdgeAgent:
             uploader.join(cfg.http_timeout_s + 5)
             self._hb_stop.set()
             heartbeats.join(cfg.http_timeout_s + 5)
-            self._send_heartbeat(final=True)
+            try:  # the last word to the fleet; a failure here must not make run() raise
+                self._send_heartbeat(final=True)
+            except Exception as exc:  # noqa: BLE001 - the agent is stopping anyway
+                self.telemetry.record_error()
+                logger.error("final heartbeat failed: %s: %s", type(exc).__name__, exc)
             self._status.finish()
         summary.outbox_depth = self.outbox.depth()
         summary.traffic_records_left = self.records.depth()
@@ -643,46 +648,65 @@ class EdgeAgent:
                 logger.warning("traffic record %s not delivered (%s %s); %d queued",
                                item.record_id, outcome.status_code or "network",
                                outcome.detail[:200], self.records.depth())
-                return max(self.records.backoff.delay(item.attempts), outcome.retry_after or 0)
+                return max(self.records.backoff.delay(item.attempts),
+                           bounded_retry_after(outcome.retry_after) or 0.0)
             else:
                 self.records.reject(item.record_id, f"{outcome.status_code}: {outcome.detail}")
                 self.telemetry.record_error()
         return None
 
     def _upload_loop(self) -> None:
+        """The uploader thread: rounds of ``_upload_round`` until stopped. It must outlive any
+        answer and any bug (as the heartbeat loop does): a round that raises is logged and
+        retried after the outbox's backoff, growing while rounds keep failing."""
         self.frame_uploader = uploader = FrameUploader(
             self.client, self.outbox, batch_max=self.config.upload_batch_max,
             events=AgentUploadEvents(self), kill_after_acks=self._kill_after)
         pause_until = 0.0
+        failures = 0  # rounds in a row that raised
         while not self._uploads_stop.is_set():
             now = time.time()
             if now < pause_until:
                 self._wake_uploader.wait(min(pause_until - now, 0.5))
                 self._wake_uploader.clear()
                 continue
-            pause = self._send_records()
+            try:
+                pause = self._upload_round(uploader, now)
+                failures = 0
+            except Exception as exc:  # the uploader thread must never die
+                pause = self.outbox.backoff.ceiling(failures)
+                failures += 1
+                with contextlib.suppress(Exception):
+                    self.telemetry.record_error()
+                logger.error("upload round failed (%s: %s); retrying in %.1fs",
+                             type(exc).__name__, str(exc)[:300], pause, exc_info=failures == 1)
             if pause is not None:
+                pause = bounded_retry_after(pause)  # never inf, never years
                 pause_until = time.time() + pause
-                continue
-            limit = max(self.config.upload_batch_max, 16)
-            items = [] if self.frames_blocked() else self.outbox.due(now, limit=limit)
-            if not items:
-                next_due = min((t for t in (self.outbox.next_due_at(),
-                                            self.records.next_due_at()) if t is not None),
-                               default=None)
-                wait = 0.5 if next_due is None else min(max(next_due - now, 0.01), 0.5)
-                self._wake_uploader.wait(wait)
-                self._wake_uploader.clear()
-                continue
-            hold = 0.0 if self._draining.is_set() else linger_wait(
-                items, self.config.upload_batch_max, self.config.upload_linger_s, now)
-            if hold > 0:  # more frames may join this batch; the drain at exit sends at once
-                self._wake_uploader.wait(min(hold, 0.5))
-                self._wake_uploader.clear()
-                continue
-            pause = uploader.upload(items, stop=self._uploads_stop.is_set)
-            if pause is not None:
-                pause_until = time.time() + pause
+
+    def _upload_round(self, uploader: FrameUploader, now: float) -> float | None:
+        """One pass of the uploader: due traffic records, then due frames. Returns the pause
+        to take before the next pass (a transient failure), or None (it waited itself)."""
+        pause = self._send_records()
+        if pause is not None:
+            return pause
+        limit = max(self.config.upload_batch_max, 16)
+        items = [] if self.frames_blocked() else self.outbox.due(now, limit=limit)
+        if not items:
+            next_due = min((t for t in (self.outbox.next_due_at(),
+                                        self.records.next_due_at()) if t is not None),
+                           default=None)
+            wait = 0.5 if next_due is None else min(max(next_due - now, 0.01), 0.5)
+            self._wake_uploader.wait(wait)
+            self._wake_uploader.clear()
+            return None
+        hold = 0.0 if self._draining.is_set() else linger_wait(
+            items, self.config.upload_batch_max, self.config.upload_linger_s, now)
+        if hold > 0:  # more frames may join this batch; the drain at exit sends at once
+            self._wake_uploader.wait(min(hold, 0.5))
+            self._wake_uploader.clear()
+            return None
+        return uploader.upload(items, stop=self._uploads_stop.is_set)
 
     def _drain(self) -> None:
         """Give the uploader ``drain_timeout_s`` to empty the outbox (skipped when forced)."""

@@ -12,17 +12,28 @@ rotate, so the new pair is persisted before it is used.
 
 Outcomes the caller acts on (``UploadOutcome.kind``):
 
-* ``stored`` — 201; ``duplicate`` — 409 (already stored: also an acknowledgement);
-* ``retry`` — network error, timeout, 5xx, 429 (``retry_after`` from the header), 401 that
-  a refresh could not fix, 403 (device not active): keep the frame, try later;
+* ``stored`` — the route's success status (201; 202 for heartbeats) and nothing else;
+  ``duplicate`` — 409 (already stored: also an acknowledgement);
+* ``retry`` — network error, timeout, 5xx, 429 (``retry_after`` from the header, delta-seconds
+  or an HTTP-date, at most ``MAX_RETRY_AFTER_S``), 401 that a refresh could not fix, 403
+  (device not active), an answer that cannot be read (a token refresh answered with garbage,
+  a body the JSON parser gives up on), and any status outside the contract (1xx, 3xx — a
+  redirect is not followed —, another 2xx such as a proxy's 200 page): keep the frame, try
+  later;
 * ``rejected`` — any other 4xx (bad metadata, too large…): retrying cannot help.
 
 Batches (``upload_frames``, ``POST /v1/frames/batch``, the raw envelope of
 ``docs/fleet-api.md`` "Batched frame uploads"): one ``UploadOutcome`` per frame from the
-response's per-frame status (201/409 acknowledge, 403/413/422 reject, 429/503/507 retry), or a
-whole-request ``BatchOutcome.kind``: ``retry`` (network, 5xx, 429, 401 after a refresh, 403),
-``unsupported`` (404/405/415: a gateway without the route) or ``refused`` (any other 4xx:
-send the frames one by one instead).
+response's per-frame status (201/409 acknowledge, 403/410/413/422 and other 4xx reject,
+429/503/507 and anything outside the contract — 0, negative, 1xx, 2xx other than 201, 3xx —
+retry), or a whole-request ``BatchOutcome.kind``: ``retry`` (network, 5xx, 429, 401 after a
+refresh, 403, an unreadable 200, a status other than 200 outside 4xx), ``unsupported``
+(404/405/415: a gateway without the route) or ``refused`` (any other 4xx: send the frames
+one by one instead).
+
+No call here raises on what the gateway answers: ``upload_frame``, ``upload_frames``,
+``post_heartbeat`` and ``post_traffic_interval`` turn every unreadable or unexpected answer
+into ``retry``, so that no frame is dropped without the gateway's acknowledgement or refusal.
 """
 
 from __future__ import annotations
@@ -30,11 +41,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -42,6 +56,7 @@ from urllib.parse import quote
 import httpx
 
 from edge_agent.fsutil import write_text_atomic
+from edge_agent.outbox import MAX_RETRY_AFTER_S, bounded_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +65,7 @@ BATCH_ROUTE = "/v1/frames/batch"
 BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
 # Per-frame statuses inside a batch response (the codes POST /v1/frames gives one frame).
 _BATCH_ACK = {201: "stored", 409: "duplicate"}
-_BATCH_REJECT = frozenset({403, 413, 422})
+_BATCH_REJECT = frozenset({403, 410, 413, 422})
 _BATCH_RETRY = frozenset({429, 503, 507})
 
 
@@ -163,26 +178,43 @@ def encode_frame_batch(items: Sequence[tuple[bytes, Mapping[str, Any]]]) -> byte
     return b"".join([struct.pack(">I", len(manifest)), manifest, *(jpeg for jpeg, _ in items)])
 
 
+# What a body that cannot be parsed raises: json gives up on deep nesting (``[[[[…``) with
+# RecursionError, which is not a ValueError.
+_UNREADABLE = (ValueError, KeyError, TypeError, RecursionError)
+
+
 def _frame_outcome(entry: Any, retry_after: float | None) -> UploadOutcome:
     """One entry of a batch response's ``results`` as the single route's outcome."""
     code = entry.get("status")
-    detail = str(entry.get("detail") or "")
+    detail = str(entry.get("detail") or "")[:300]
     if not isinstance(code, int) or isinstance(code, bool):
         return UploadOutcome("retry", None, f"batch result without a status: {entry!r}"[:300])
     if code in _BATCH_ACK:
         return UploadOutcome(_BATCH_ACK[code], code, detail)
     if code in _BATCH_REJECT:
         return UploadOutcome("rejected", code, detail)
-    if code in _BATCH_RETRY or code in (401, 408, 425) or code >= 500:
+    if code in _BATCH_RETRY or _retry_later(code):
         return UploadOutcome("retry", code, detail, retry_after)
-    if 200 <= code < 300:
-        return UploadOutcome("stored", code, detail)
-    return UploadOutcome("rejected", code, detail)
+    if 400 <= code < 500:  # what POST /v1/frames would refuse the frame with alone
+        return UploadOutcome("rejected", code, detail)
+    # 0, negative, 1xx, 2xx other than 201, 3xx: not the contract's; keep the frame.
+    return UploadOutcome("retry", code, f"status {code} outside the contract: {detail}"[:300],
+                         retry_after)
 
 
 def _retry_later(code: int) -> bool:
     """A whole request's status that means "not now, try again" (not "never")."""
     return code in (401, 403, 408, 425, 429) or code >= 500
+
+
+def _unexpected(resp: httpx.Response) -> str:
+    """The detail of an answer outside the contract (a redirect names where it points)."""
+    code = resp.status_code
+    if 300 <= code < 400:
+        where = resp.headers.get("Location", "?")[:200]
+        return (f"redirect {code} to {where!r} is not followed: check --gateway-url "
+                f"(scheme, host, path prefix)")
+    return f"unexpected status {code}: {_detail(resp)}"[:300]
 
 
 def _response_or_retry(call: Callable[[], httpx.Response]) -> httpx.Response | UploadOutcome:
@@ -195,26 +227,83 @@ def _response_or_retry(call: Callable[[], httpx.Response]) -> httpx.Response | U
         return UploadOutcome("retry", None, str(exc))
     except AuthError as exc:
         return UploadOutcome("retry", 401, str(exc))
+    except _UNREADABLE as exc:  # an answer the client could not read: never drop a frame on it
+        return UploadOutcome("retry", None, f"unreadable answer: {type(exc).__name__}: {exc}"
+                             [:300])
 
 
 def _detail(resp: httpx.Response) -> str:
+    """A short message for an error answer: its JSON ``detail`` if any, else its text."""
     try:
         body = resp.json()
         if isinstance(body, dict) and "detail" in body:
-            return str(body["detail"])
-    except ValueError:
+            return str(body["detail"])[:300]
+    except _UNREADABLE:
         pass
-    return resp.text[:300]
+    try:
+        return resp.text[:300]
+    except (ValueError, LookupError):  # an unknown charset in Content-Type
+        return repr(resp.content[:300])
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` value (RFC 9110 §10.2.3: delta-seconds or an HTTP-date) as seconds
+    from ``now``, within ``[0, MAX_RETRY_AFTER_S]``; None when absent or unreadable. A delay
+    too large to represent (``1e400`` → inf) or past the bound is taken as the bound."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = None
+    if seconds is not None:
+        if math.isnan(seconds):
+            return None
+        return bounded_retry_after(seconds)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:  # "-0000": a UTC time
+        when = when.replace(tzinfo=UTC)
+    try:
+        target = when.timestamp()
+    except (OverflowError, ValueError, OSError):
+        return MAX_RETRY_AFTER_S
+    return bounded_retry_after(target - (time.time() if now is None else now))
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if value is None:
-        return None
+    return parse_retry_after(resp.headers.get("Retry-After"))
+
+
+def _token_pair(resp: httpx.Response) -> tuple[str, str, float]:
+    """``(access_token, refresh_token, expires_in)`` of a 200 from ``/v1/token/refresh``;
+    ``GatewayUnavailable`` (try again later, the identity unchanged) when it is not that."""
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
+        data = resp.json()
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        access, refresh = data["access_token"], data["refresh_token"]
+        for name, token in (("access_token", access), ("refresh_token", refresh)):
+            if not isinstance(token, str) or not token:
+                raise TypeError(f"{name} is not a non-empty string")
+        expires_in = data.get("expires_in", 3600)
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+            raise TypeError(f"expires_in is not a number: {expires_in!r}"[:100])
+        expires_in = float(expires_in)
+        if not math.isfinite(expires_in) or expires_in <= 0:
+            raise ValueError(f"expires_in out of range: {expires_in!r}")
+    except _UNREADABLE as exc:
+        raise GatewayUnavailable(
+            f"token refresh: unreadable answer ({type(exc).__name__}: {exc}; body "
+            f"{resp.content[:100]!r}); the identity is kept, trying again later") from exc
+    return access, refresh, expires_in
 
 
 class GatewayClient:
@@ -330,13 +419,15 @@ class GatewayClient:
                     f"token refresh refused ({resp.status_code}: {_detail(resp)}); the device was "
                     f"probably revoked — enroll again with a new token and a fresh state dir"
                 )
-            data = resp.json()
-            ident.access_token = data["access_token"]
-            ident.refresh_token = data["refresh_token"]
-            ident.expires_at = time.time() + float(data.get("expires_in", 3600))
-            ident.ttl_s = float(data.get("expires_in", 3600))
+            # Read and check the whole answer before touching the identity: a half-applied
+            # pair (in memory, not saved) would leave identity.json with a rotated-away token.
+            access, refresh_token, expires_in = _token_pair(resp)
+            ident.access_token = access
+            ident.refresh_token = refresh_token
+            ident.expires_at = time.time() + expires_in
+            ident.ttl_s = expires_in
             ident.save(self.state_dir)
-            logger.info("access token refreshed (expires in %ss)", data.get("expires_in"))
+            logger.info("access token refreshed (expires in %ss)", expires_in)
 
     def _require_identity(self) -> DeviceIdentity:
         if self.identity is None:
@@ -398,24 +489,28 @@ class GatewayClient:
             return BatchOutcome("unsupported", (), code, _detail(resp), None, len(body))
         if _retry_later(code):
             return every(UploadOutcome("retry", code, _detail(resp), _retry_after(resp)))
-        if code != 200:
+        if 400 <= code < 500:
             return BatchOutcome("refused", (), code, _detail(resp), None, len(body))
+        if code != 200:  # 1xx, 3xx (a redirect is not followed), another 2xx: keep the frames
+            return every(UploadOutcome("retry", code, _unexpected(resp), _retry_after(resp)))
+        retry_after = _retry_after(resp)
         try:
             entries = resp.json()["results"]
             if not isinstance(entries, list) or len(entries) != n:
                 raise ValueError(f"{n} frames sent, results: {str(entries)[:200]}")
             for entry, (_, meta) in zip(entries, items, strict=True):
                 if not isinstance(entry, dict):
-                    raise TypeError(f"a result is not an object: {entry!r}")
+                    raise TypeError(f"a result is not an object: {str(entry)[:200]}")
                 fid = entry.get("frame_id")
                 if fid is not None and fid != meta.get("frame_id"):
-                    raise ValueError(f"result for {fid!r} where {meta.get('frame_id')!r} was sent")
-        except (ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"result for {str(fid)[:100]!r} where "
+                                     f"{meta.get('frame_id')!r} was sent")
+            outcomes = tuple(_frame_outcome(e, retry_after) for e in entries)
+        except _UNREADABLE as exc:
             # Frames may be stored: a resend is answered 409, which acknowledges them.
-            return every(UploadOutcome("retry", code, f"unreadable batch response: {exc}"[:300]))
-        retry_after = _retry_after(resp)
-        return BatchOutcome("results", tuple(_frame_outcome(e, retry_after) for e in entries),
-                            code, "", retry_after, len(body))
+            return every(UploadOutcome("retry", code, f"unreadable batch response: "
+                                       f"{type(exc).__name__}: {exc}"[:300]))
+        return BatchOutcome("results", outcomes, code, "", retry_after, len(body))
 
     def post_heartbeat(self, heartbeat_json: str) -> UploadOutcome:
         """``POST /v1/heartbeats`` with a ``Heartbeat.to_json()`` body."""
@@ -444,13 +539,17 @@ class GatewayClient:
         if isinstance(resp, UploadOutcome):
             return resp
         code = resp.status_code
-        if code in (expect, 200, 201, 202):
+        if code == expect:  # the route's documented success status, nothing else
             return UploadOutcome("stored", code)
         if code == 409:
             return UploadOutcome("duplicate", code, _detail(resp))
         if _retry_later(code):
             return UploadOutcome("retry", code, _detail(resp), _retry_after(resp))
-        return UploadOutcome("rejected", code, _detail(resp))
+        if 400 <= code < 500:
+            return UploadOutcome("rejected", code, _detail(resp))
+        # 1xx, 3xx (a redirect is not followed), another 2xx (a proxy's or captive portal's
+        # page): not the gateway's acknowledgement; keep the frame or record and try later.
+        return UploadOutcome("retry", code, _unexpected(resp), _retry_after(resp))
 
     # ------------------------------------------------------------------ model rollouts
     def get_manifest(self, etag: str | None = None) -> ManifestPoll:

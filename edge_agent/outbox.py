@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import sqlite3
@@ -43,6 +44,23 @@ from typing import Any, Self
 from edge_agent.fsutil import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
+
+# The longest a server's ``Retry-After`` may hold a frame back (and pause the uploader): an
+# hour, as long as ``uploader.MAX_UPLOAD_LINGER_S`` may hold a fresh one. A larger, non-finite
+# or far-future value (a misconfigured proxy) is taken as this; a server asking for longer
+# than the agent's own backoff cap (``retry_max_s``) is still honoured up to it.
+MAX_RETRY_AFTER_S = 3600.0
+
+
+def bounded_retry_after(value: float | None) -> float | None:
+    """A server-requested delay within ``[0, MAX_RETRY_AFTER_S]`` (nan/inf -> the maximum)."""
+    if value is None:
+        return None
+    value = float(value)
+    if not math.isfinite(value):
+        return MAX_RETRY_AFTER_S
+    return min(max(value, 0.0), MAX_RETRY_AFTER_S)
+
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
@@ -372,8 +390,9 @@ class Outbox:
             if row is None:
                 return 0.0
             delay = self.backoff.delay(int(row[0]), self._rng)
+            retry_after = bounded_retry_after(retry_after)
             if retry_after is not None:
-                delay = max(delay, float(retry_after))
+                delay = max(delay, retry_after)
             with self._tx():
                 self._db.execute(
                     "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from edge_agent.outbox import BackoffPolicy
+from edge_agent.outbox import BackoffPolicy, bounded_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class RecordOutbox:
                                    (record_id,)).fetchone()
             if row is None:
                 return
-            delay = max(self.backoff.delay(row[0]), retry_after or 0.0)
+            delay = max(self.backoff.delay(row[0]), bounded_retry_after(retry_after) or 0.0)
             self._db.execute("UPDATE records SET attempts = attempts + 1, next_attempt_at = ?, "
                              "last_error = ? WHERE record_id = ?",
                              (now + delay, detail[:500], record_id))

@@ -3,7 +3,10 @@ due, ``POST /v1/frames`` for a lone frame (``docs/fleet-api.md`` "Batched frame 
 
 Every frame is settled on its own, whichever route carried it: acknowledged (201, or 409 =
 already stored) → ``Outbox.ack``; refused for good → ``Outbox.reject``; a transient failure
-→ ``Outbox.fail`` (backoff, at least the server's ``Retry-After``), and the uploader pauses.
+→ ``Outbox.fail`` (backoff, at least the server's ``Retry-After`` up to
+``outbox.MAX_RETRY_AFTER_S``, an hour), and the uploader pauses. Only the gateway's 201/409
+acknowledge a frame and only its refusals (4xx) drop one: an answer outside the contract
+(a redirect, a proxy's 200 page, a per-frame status such as 0 or 302) is a transient failure.
 
 Version compatibility: a gateway without the batch route answers 404/405/415; the uploader
 then sends frame by frame and tries the batch route again ``BATCH_ROUTE_RETRY_S`` (10 min)
@@ -27,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from edge_agent.client import BatchOutcome, GatewayClient, UploadOutcome
-from edge_agent.outbox import Outbox, OutboxItem
+from edge_agent.outbox import Outbox, OutboxItem, bounded_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +214,9 @@ class FrameUploader:
             return None
         # The whole uploader backs off (a dead gateway fails every frame alike); each frame
         # is rescheduled by the outbox with its own attempt count.
-        retry_after = max((o.retry_after or 0.0 for _, o in retry), default=0.0)
+        # Retry-After is bounded (outbox.MAX_RETRY_AFTER_S): never a pause of years or inf.
+        retry_after = max((bounded_retry_after(o.retry_after) or 0.0 for _, o in retry),
+                          default=0.0)
         pause = max(self.outbox.backoff.delay(self._consecutive), retry_after)
         self._consecutive += 1
         frame_id, first = retry[0]
