@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +27,8 @@ from edge_agent.errors import InvalidCameraConfig
 from edge_agent.model_slot import LoadedModel, ModelSlot
 from edge_agent.samplers import SamplerConfig
 from edge_agent.sources import Frame
+
+from .test_edge_camera_config import _NoBoxes
 
 T0 = 1_780_000_000.0  # agent clock, unix seconds (2026-05-28)
 GOOD_UNTIL = "2026-05-28T20:28:20+00:00"  # T0 + 100 s
@@ -50,16 +52,6 @@ def channel(tmp_path: Path) -> CameraConfigChannel:
 
 def kept_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / CONFIG_FILE
-
-
-class _NoBoxes:
-    class_names: ClassVar[list[str]] = ["car"]
-    last_timings = None
-    model_sha256 = "0" * 64
-    model_path = Path("none.onnx")
-
-    def detect(self, image: np.ndarray) -> list[Any]:
-        return []
 
 
 def _process_frames(ch: CameraConfigChannel, n: int = 3) -> None:
