@@ -31,6 +31,12 @@ refresh, 403, an unreadable 200, a status other than 200 outside 4xx), ``unsuppo
 (404/405/415: a gateway without the route) or ``refused`` (any other 4xx: send the frames
 one by one instead).
 
+Every answer is read streamed, at most ``MAX_RESPONSE_BYTES`` of it (decoded) and within the
+request's deadline (``DEADLINE_TIMEOUTS`` × ``timeout_s`` from the request's start, at least
+``timeout_s`` after the headers arrive; httpx's own ``timeout_s`` bounds each connect, write and
+read): an answer over either is an unreadable answer (``GatewayUnavailable``, so ``retry``).
+Model downloads (``stream_model``) are the exception: the caller reads and bounds them.
+
 No call here raises on what the gateway answers: ``upload_frame``, ``upload_frames``,
 ``post_heartbeat`` and ``post_traffic_interval`` turn every unreadable or unexpected answer
 into ``retry``, so that no frame is dropped without the gateway's acknowledgement or refusal.
@@ -67,6 +73,24 @@ BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
 _BATCH_ACK = {201: "stored", 409: "duplicate"}
 _BATCH_REJECT = frozenset({403, 410, 413, 422})
 _BATCH_RETRY = frozenset({429, 503, 507})
+
+# The most bytes of one answer the client reads (after Content-Encoding is undone, so a gzip
+# bomb is bounded too). Real answers are a few KiB: the largest, a batch's ``results``, is one
+# ``{"frame_id", "status", "detail"}`` entry per frame — a frame id (ID_PATTERN, < 200 chars) and
+# a one-line error detail, well under 4 KiB an entry — for at most the gateway's
+# ``max_batch_frames`` (32 by default, 1024 at most; the agent sends 64 at most): 1024 × 4 KiB
+# = 4 MiB. A camera's configuration was itself accepted under the gateway's ``max_json_bytes``
+# (1 MiB), and a signed manifest is ~1 KiB. So 4 MiB is above any real answer, and reading it
+# is harmless on the device; anything longer is not the gateway's answer.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+# The deadline of one request, in multiples of ``timeout_s`` from its start: connecting, sending
+# and the first byte of the answer each take under ``timeout_s`` from a healthy gateway, and
+# the answer's body (a few KiB) arrives with its headers, so a healthy request ends well inside
+# ``timeout_s``; two leave room for a slow link without letting a byte-at-a-time answer (each
+# read inside ``timeout_s``) hold the calling thread. Past it, the answer is dropped (retry).
+# A request whose upload alone took longer (a large batch on a slow uplink) still gets
+# ``timeout_s`` after its headers to read the answer, so such a batch is not retried forever.
+DEADLINE_TIMEOUTS = 2.0
 
 
 class GatewayError(RuntimeError):
@@ -232,6 +256,33 @@ def _response_or_retry(call: Callable[[], httpx.Response]) -> httpx.Response | U
                              [:300])
 
 
+class AnswerTooLarge(GatewayUnavailable):
+    """An answer longer than the cap: not the gateway's (or a broken one's); try again later."""
+
+
+class AnswerTooSlow(GatewayUnavailable):
+    """An answer still arriving at the request's deadline; try again later."""
+
+
+def read_capped(resp: httpx.Response, limit: int = MAX_RESPONSE_BYTES,
+                deadline: float | None = None) -> bytes:
+    """The body of the streamed ``resp`` (decoded), read until ``limit`` bytes or the
+    ``time.monotonic()`` ``deadline``; ``AnswerTooLarge`` / ``AnswerTooSlow`` past either
+    (the rest is not read). Each read is bounded by the client's own timeout, so the deadline is
+    overshot by at most one read. The caller closes ``resp``."""
+    chunks: list[bytes] = []
+    got = 0
+    for chunk in resp.iter_bytes():
+        got += len(chunk)
+        if got > limit:
+            raise AnswerTooLarge(f"answer {resp.status_code} longer than {limit} bytes: not read")
+        chunks.append(chunk)
+        if deadline is not None and time.monotonic() > deadline:
+            raise AnswerTooSlow(f"answer {resp.status_code} still arriving at the request's "
+                                f"deadline ({got} bytes read): dropped")
+    return b"".join(chunks)
+
+
 def _detail(resp: httpx.Response) -> str:
     """A short message for an error answer: its JSON ``detail`` if any, else its text."""
     try:
@@ -321,6 +372,7 @@ class GatewayClient:
         self.gateway_url = gateway_url.rstrip("/")
         self.state_dir = Path(state_dir)
         self.refresh_margin_s = refresh_margin_s
+        self.timeout_s = timeout_s
         self._http = httpx.Client(base_url=self.gateway_url, timeout=timeout_s, transport=transport)
         self._lock = threading.RLock()
         self.identity = DeviceIdentity.load(self.state_dir)
@@ -345,7 +397,7 @@ class GatewayClient:
             "hardware": hardware or {},
         }
         try:
-            resp = self._http.post("/v1/enroll", json=body)
+            resp = self._request("POST", "/v1/enroll", json=body)
         except httpx.HTTPError as exc:
             raise GatewayUnavailable(f"cannot reach {self.gateway_url} to enroll: {exc}") from exc
         if resp.status_code >= 500:
@@ -405,8 +457,8 @@ class GatewayClient:
         with self._lock:
             ident = self._require_identity()
             try:
-                resp = self._http.post(
-                    "/v1/token/refresh", json={"refresh_token": ident.refresh_token}
+                resp = self._request(
+                    "POST", "/v1/token/refresh", json={"refresh_token": ident.refresh_token}
                 )
             except httpx.HTTPError as exc:
                 raise GatewayUnavailable(
@@ -442,18 +494,38 @@ class GatewayClient:
                 self.refresh()
             return {"Authorization": f"Bearer {ident.access_token}"}
 
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request, its answer read streamed (``read_capped``: at most
+        ``MAX_RESPONSE_BYTES``, within the deadline); a loaded response. Raises
+        ``httpx.HTTPError`` (network, httpx's timeouts) or ``GatewayUnavailable`` (an answer over
+        the cap or the deadline)."""
+        start = time.monotonic()
+        req = self._http.build_request(method, url, **kwargs)
+        resp = self._http.send(req, stream=True)
+        try:
+            deadline = max(start + DEADLINE_TIMEOUTS * self.timeout_s,
+                           time.monotonic() + self.timeout_s)
+            body = read_capped(resp, MAX_RESPONSE_BYTES, deadline)
+        finally:
+            resp.close()
+        # The body is decoded already: the loaded copy must not decode it again.
+        headers = [(k, v) for k, v in resp.headers.multi_items()
+                   if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        return httpx.Response(resp.status_code, headers=headers, content=body, request=req,
+                              extensions=resp.extensions)
+
     def _send(
         self, method: str, url: str, *, headers: dict[str, str] | None = None, **kwargs: Any
     ) -> httpx.Response:
         """An authorised request; on 401 refresh once and retry."""
         extra = headers or {}
         token_used = self._require_identity().access_token
-        resp = self._http.request(method, url, headers={**self._auth_headers(), **extra}, **kwargs)
+        resp = self._request(method, url, headers={**self._auth_headers(), **extra}, **kwargs)
         if resp.status_code == 401:
             with self._lock:
                 if self._require_identity().access_token == token_used:
                     self.refresh()  # nobody else refreshed meanwhile
-            resp = self._http.request(
+            resp = self._request(
                 method, url, headers={**self._auth_headers(), **extra}, **kwargs
             )
         return resp
@@ -525,13 +597,13 @@ class GatewayClient:
     def _send_json(self, url: str, body: str) -> httpx.Response:
         token_used = self._require_identity().access_token
         headers = {**self._auth_headers(), "Content-Type": "application/json"}
-        resp = self._http.post(url, content=body.encode("utf-8"), headers=headers)
+        resp = self._request("POST", url, content=body.encode("utf-8"), headers=headers)
         if resp.status_code == 401:
             with self._lock:
                 if self._require_identity().access_token == token_used:
                     self.refresh()
             headers = {**self._auth_headers(), "Content-Type": "application/json"}
-            resp = self._http.post(url, content=body.encode("utf-8"), headers=headers)
+            resp = self._request("POST", url, content=body.encode("utf-8"), headers=headers)
         return resp
 
     def _outcome(self, call, *, expect: int) -> UploadOutcome:
@@ -574,6 +646,8 @@ class GatewayClient:
             resp = self._send("GET", url, headers=headers)
         except httpx.HTTPError as exc:
             raise GatewayUnavailable(f"{what}: cannot reach {self.gateway_url}: {exc}") from exc
+        except (AnswerTooLarge, AnswerTooSlow) as exc:
+            raise GatewayUnavailable(f"{what}: {exc}") from exc
         code = resp.status_code
         if code == 304:
             return ManifestPoll(304, etag)
@@ -626,8 +700,8 @@ class GatewayClient:
 
     def healthz(self) -> bool:
         try:
-            return self._http.get("/healthz").status_code == 200
-        except httpx.HTTPError:
+            return self._request("GET", "/healthz").status_code == 200
+        except (httpx.HTTPError, GatewayUnavailable):
             return False
 
     def close(self) -> None:

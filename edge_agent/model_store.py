@@ -44,7 +44,7 @@ from typing import Any
 
 import httpx
 
-from edge_agent.client import GatewayClient, GatewayError
+from edge_agent.client import GatewayClient, GatewayError, read_capped
 from edge_agent.errors import DownloadIncomplete, UpdateRejected
 from edge_agent.fsutil import copy_file_atomic, file_sha256, fsync_dir, write_text_atomic
 from edge_agent.manifest import ModelManifest
@@ -56,6 +56,8 @@ STATE_FILE = "updater.json"
 MODELS_DIR = "models"
 HASH_MISMATCH_ATTEMPTS = 3
 MAX_REJECTED = 200
+# The most bytes of a download's error answer read (a JSON ``detail``: a few hundred bytes).
+ERROR_BODY_BYTES = 64 * 1024
 
 
 def _now_iso() -> str:
@@ -240,11 +242,12 @@ class ModelStore:
                 elif code == 200:
                     mode, have = "wb", 0
                 else:
-                    resp.read()
+                    # An error answer is a few hundred bytes: read no more than the cap.
+                    body = read_capped(resp, ERROR_BODY_BYTES)
                     try:
-                        detail = str(resp.json().get("detail"))
-                    except (ValueError, AttributeError):
-                        detail = resp.text[:200]
+                        detail = str(json.loads(body).get("detail"))
+                    except (ValueError, AttributeError, RecursionError):
+                        detail = body[:200].decode("utf-8", "replace")
                     if code == 416:  # the gateway's file is not longer than what we have
                         partial.unlink(missing_ok=True)
                         raise UpdateRejected(
