@@ -648,8 +648,7 @@ class EdgeAgent:
                 logger.warning("traffic record %s not delivered (%s %s); %d queued",
                                item.record_id, outcome.status_code or "network",
                                outcome.detail[:200], self.records.depth())
-                return max(self.records.backoff.delay(item.attempts),
-                           bounded_retry_after(outcome.retry_after) or 0.0)
+                return max(self.records.backoff.delay(item.attempts), outcome.retry_after or 0)
             else:
                 self.records.reject(item.record_id, f"{outcome.status_code}: {outcome.detail}")
                 self.telemetry.record_error()

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from edge_agent.client import BatchOutcome, GatewayClient, UploadOutcome
-from edge_agent.outbox import Outbox, OutboxItem, bounded_retry_after
+from edge_agent.outbox import Outbox, OutboxItem
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +214,8 @@ class FrameUploader:
             return None
         # The whole uploader backs off (a dead gateway fails every frame alike); each frame
         # is rescheduled by the outbox with its own attempt count.
-        # Retry-After is bounded (outbox.MAX_RETRY_AFTER_S): never a pause of years or inf.
-        retry_after = max((bounded_retry_after(o.retry_after) or 0.0 for _, o in retry),
-                          default=0.0)
+        # Retry-After comes bounded (client.parse_retry_after: outbox.MAX_RETRY_AFTER_S).
+        retry_after = max((o.retry_after or 0.0 for _, o in retry), default=0.0)
         pause = max(self.outbox.backoff.delay(self._consecutive), retry_after)
         self._consecutive += 1
         frame_id, first = retry[0]
