@@ -457,7 +457,7 @@ class S3FrameStore:
         The age is the store's own: the answer's ``Date`` minus the JPEG's ``LastModified``
         (the gateway's clock when the store sends no ``Date``)."""
         key = self._key(f"{rel}.jpg")
-        md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        md5 = ""  # of ``body``, hashed only once a PUT was refused (not on the common path)
         condition: dict[str, str] = {"IfNoneMatch": "*"}
         for _ in range(_IMAGE_PUT_ROUNDS):
             try:
@@ -469,6 +469,7 @@ class S3FrameStore:
                 # deleted meanwhile (an orphan delete); either way, look again.
                 if not (_conflict(exc) or ("IfMatch" in condition and _missing(exc))):
                     raise
+            md5 = md5 or hashlib.md5(body, usedforsecurity=False).hexdigest()
             found = self._stat(key)
             if found is not None and found.etag != md5:
                 if self._exists(sidecar_key):
