@@ -28,7 +28,7 @@ from sqlalchemy import select
 from fleet.bounds import unstorable_string
 from fleet.db import Database, Device, FrameRow, erased_frames, stored_frame_paths
 from fleet.jpeg import JpegError, inspect_jpeg
-from roadloop.data.frames import ID_PATTERN, FrameRecord, FrameStore
+from roadloop.data.frames import ID_PATTERN, FrameRecord, FrameStore, is_date_folder
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ def reconcile_frame_store(
         if not cam_dir.is_dir():
             continue
         for day in sorted(cam_dir.iterdir()):
-            if not day.is_dir() or day.name.startswith("."):
+            # Only the folders write_frame makes: an image an operator keeps in, say,
+            # <camera>/backup/ is no leftover of an upload, and is not deleted.
+            if not is_date_folder(day.name) or not day.is_dir():
                 continue
             if since is not None and datetime.fromtimestamp(day.stat().st_mtime, UTC) < since:
                 continue

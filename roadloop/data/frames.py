@@ -32,7 +32,7 @@ import stat
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, NamedTuple, Protocol
 
@@ -286,6 +286,23 @@ def day_start(day: str) -> datetime | None:
         return None
 
 
+_DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+
+def is_date_folder(name: str) -> bool:
+    """Whether ``name`` is a date folder's (``YYYY-MM-DD``, a real date): the only folders
+    ``write_frame`` makes under a camera (``date_folder``). Every reader of both stores skips
+    the others (``misc``, ``backup``, ``2026-13-45``): nothing in them is a frame of the
+    store, and a frame read from there would not be found again by its capture time."""
+    if not _DAY_RE.fullmatch(name):
+        return False
+    try:
+        date.fromisoformat(name)  # C, not strptime: find_frame asks once per date folder
+    except ValueError:
+        return False
+    return True
+
+
 def day_overlaps(day: str, start: datetime | None, end: datetime | None) -> bool:
     """Whether the UTC date folder ``day`` (``YYYY-MM-DD``) overlaps ``[start, end)`` (a
     missing bound does not limit; a folder name that is no date: True, its records tell)."""
@@ -433,6 +450,17 @@ def jpeg_ends_problem(image: Path) -> str | None:
     return None
 
 
+def _date_folders(camera_dir: Path) -> list[Path]:
+    """The camera folder's date folders, sorted (``is_date_folder``); others are skipped."""
+    days = []
+    for p in camera_dir.iterdir():
+        if is_date_folder(p.name) and p.is_dir():
+            days.append(p)
+        elif not p.name.startswith("."):
+            logger.debug("skipping %s: not a date folder", p)
+    return sorted(days)
+
+
 def _regular_file_at(dir_fd: int, relative: str) -> bool:
     """``os.path.isfile`` of ``relative`` under the open folder ``dir_fd``."""
     try:
@@ -490,8 +518,7 @@ class FrameStore:
             return None
         try:
             with os.scandir(fd) as entries:
-                days = sorted(e.name for e in entries
-                              if not e.name.startswith(".") and e.is_dir())
+                days = sorted(e.name for e in entries if is_date_folder(e.name) and e.is_dir())
             for day in days:
                 if (_regular_file_at(fd, f"{day}/{sidecar_name}")
                         and _regular_file_at(fd, f"{day}/{frame_id}.jpg")):
@@ -593,9 +620,7 @@ class FrameStore:
         cam = self._camera_dir(camera_id)
         if not cam.is_dir():
             return
-        for day in sorted(cam.iterdir()):
-            if not day.is_dir() or day.name.startswith("."):
-                continue
+        for day in _date_folders(cam):
             for sidecar in sorted(day.glob("*.json")):
                 if _ID_RE.fullmatch(sidecar.stem):
                     yield sidecar
@@ -666,7 +691,7 @@ class FrameStore:
         if not cam.is_dir():
             return []
         out: list[StoredFrame] = []
-        for day in sorted(p for p in cam.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for day in _date_folders(cam):
             if not day_overlaps(day.name, start, end):
                 continue
             stems = sorted({p.stem for p in day.iterdir()
@@ -693,6 +718,8 @@ class FrameStore:
         """``{frame_id: bytes}`` (image + record, a symbolic link's own size) of the files in
         one date folder of one camera: sizes only, no record read (an ``lstat`` each)."""
         folder = self._camera_dir(camera_id) / day
+        if not is_date_folder(day):
+            return {}
         sizes: dict[str, int] = {}
         try:
             entries = list(os.scandir(folder))
@@ -717,7 +744,7 @@ class FrameStore:
             cam_dir = self._camera_dir(cam)
             if not cam_dir.is_dir():
                 continue
-            for day in sorted(p for p in cam_dir.iterdir() if p.is_dir()):
+            for day in _date_folders(cam_dir):
                 for path in sorted(day.iterdir()):
                     if path.name.startswith("."):
                         if ".tmp-" in path.name:

@@ -61,7 +61,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -82,8 +82,8 @@ from roadloop.data.frames import (
     checked_sidecar,
     date_folder,
     day_overlaps,
-    day_start,
     in_window,
+    is_date_folder,
     parse_sidecar,
     validate_id,
 )
@@ -92,7 +92,6 @@ from roadloop.fsutil import write_bytes_atomic
 logger = logging.getLogger(__name__)
 
 _ID_RE = re.compile(ID_PATTERN)
-_DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 # The S3 client's timeouts (docs/storage.md "Timeouts"). An agent gives up on an upload after
@@ -299,7 +298,7 @@ class S3FrameStore:
         for page in self._list(f"{camera_id}/", "/"):
             for cp in page.get("CommonPrefixes", []):
                 day = cp["Prefix"].rstrip("/").rsplit("/", 1)[-1]
-                if _is_day(day):
+                if is_date_folder(day):
                     days.append(day)
                 else:
                     logger.debug("skipping %s/%s/%s/: not a date folder", self.url,
@@ -388,8 +387,8 @@ class S3FrameStore:
         marker.touch()
         cutoff = now - self.cache_ttl_s
         removed = 0
-        for camera in _subfolders(self.root, _ID_RE):
-            for day in _subfolders(camera, _DAY_RE):
+        for camera in _subfolders(self.root, _ID_RE.fullmatch):
+            for day in _subfolders(camera, is_date_folder):
                 removed += _sweep_day(day, cutoff)
                 _remove_if_idle(day, cutoff)
             _remove_if_idle(camera, cutoff)
@@ -651,7 +650,7 @@ class S3FrameStore:
     def day_sizes(self, camera_id: str, day: str) -> dict[str, int]:
         """``{frame_id: bytes}`` (image + record, the listing's sizes) of one date folder of
         one camera: one listing, no record or image read."""
-        if not _is_day(day):
+        if not is_date_folder(day):
             return {}
         first = datetime.combine(date.fromisoformat(day), datetime.min.time(), tzinfo=UTC)
         sizes: dict[str, int] = {}
@@ -737,7 +736,7 @@ class S3FrameStore:
                     current.last_key = rel
                     stem, _, ext = parts[-1].rpartition(".")
                     if (len(parts) != 3 or ext not in ("jpg", "json")
-                            or not _ID_RE.fullmatch(parts[0]) or not _DAY_RE.fullmatch(parts[1])
+                            or not _ID_RE.fullmatch(parts[0]) or not is_date_folder(parts[1])
                             or not _ID_RE.fullmatch(stem)):
                         continue
                     entry = current.frames.setdefault(stem, ListedFrame(stem))
@@ -779,11 +778,6 @@ class S3FrameStore:
         return True
 
 
-def _is_day(name: str) -> bool:
-    """Whether ``name`` is a date folder's (``YYYY-MM-DD``, a real date)."""
-    return bool(_DAY_RE.fullmatch(name)) and day_start(name) is not None
-
-
 def _touch(path: Path) -> bool:
     """Mark a cached image used now (its mtime: what ``sweep_cache`` ages); False when it is
     gone meanwhile."""
@@ -796,11 +790,11 @@ def _touch(path: Path) -> bool:
     return True
 
 
-def _subfolders(folder: Path, name_re: re.Pattern[str]) -> list[Path]:
+def _subfolders(folder: Path, named: Callable[[str], object]) -> list[Path]:
     try:
         with os.scandir(folder) as it:
             return [Path(e.path) for e in it
-                    if name_re.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+                    if named(e.name) and e.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
         return []
 
