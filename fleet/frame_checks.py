@@ -7,6 +7,7 @@ privacy mode (``unredacted_refusals``), the JPEG's header, one strict decode
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -213,6 +214,8 @@ def _record_checked(gw: Gateway, principal: Principal, meta: FrameMetadata, imag
             model_version=meta.model_version, detections=meta.detections,
             width=meta.width, height=meta.height, quality=quality,
             redaction=(meta.redaction.model_dump() if meta.redaction is not None else None),
+            # hashed once, for the frame's row and its record (roadloop.data.frames.checked_sidecar)
+            image_sha256=hashlib.sha256(image).hexdigest(),
         )
     except ValidationError as exc:
         raise HTTPException(422, validation_message(exc, "metadata is invalid")) from exc

@@ -38,7 +38,6 @@ idempotent; a replay of an acknowledged frame is a 409.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any
@@ -166,12 +165,12 @@ def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> No
                 422, f"frame {record.frame_id} is already in the frame store but its sidecar "
                 "does not read back (written by an older gateway?); send it as a new frame_id"
             )
-        if back.model_dump(mode="json") != record.model_dump(mode="json"):
+        if not same_upload(back, record):
             gw.stats.count("frames_other_content_refused")
             raise HTTPException(409, f"frame {record.frame_id} already stored (with other "
                                 "content: this upload was not stored)")
         return
-    if back is not None and back.model_dump(mode="json") == record.model_dump(mode="json"):
+    if back is not None and same_upload(back, record):
         return
     gw.stats.count("frames_unreadable_removed")
     logger.error("sidecar of %s/%s does not read back as written; removing the frame",
@@ -183,6 +182,15 @@ def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> No
         422, f"frame {record.frame_id}: its record does not read back from the frame store as "
         "written; nothing was stored"
     )
+
+
+def same_upload(stored: FrameRecord, record: FrameRecord) -> bool:
+    """Whether the stored record is ``record`` (as data). A record written before records
+    stated their image's hash (``image_sha256`` None) is compared without it."""
+    a, b = stored.model_dump(mode="json"), record.model_dump(mode="json")
+    if a["image_sha256"] is None:
+        b["image_sha256"] = None
+    return a == b
 
 
 # write_checked's answers when the store itself failed (not the frame): 503 down, 507 full.
@@ -263,7 +271,7 @@ def store_frames(gw: Gateway, principal: Principal,
             "camera_id": f.record.camera_id, "frame_id": f.record.frame_id,
             "device_id": principal.device_id, "captured_at": f.record.captured_at,
             "received_at": now, "path": rel, "width": f.record.width, "height": f.record.height,
-            "size_bytes": len(f.image), "sha256": hashlib.sha256(f.image).hexdigest(),
+            "size_bytes": len(f.image), "sha256": f.record.image_sha256,
             "model_version": f.record.model_version, "importance": f.record.importance,
             "reasons": f.record.reasons, "n_detections": len(f.record.detections),
             "recovered": False,

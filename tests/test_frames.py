@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,11 @@ from roadloop.errors import InvalidInputError
 from .helpers import encode_jpeg, synthetic_image
 
 T0 = datetime(2026, 3, 1, 23, 59, 50, tzinfo=UTC)
+
+
+def as_stored(rec: FrameRecord, jpeg: bytes) -> FrameRecord:
+    """``rec`` as a store reads it back: its sidecar states the image's SHA-256."""
+    return rec.model_copy(update={"image_sha256": hashlib.sha256(jpeg).hexdigest()})
 
 
 def record(
@@ -75,6 +81,7 @@ def test_layout_and_roundtrip(tmp_path: Path) -> None:
         }
     )
     path, existed = store.write_frame(rec, encode_jpeg(img))
+    rec = as_stored(rec, encode_jpeg(img))  # the sidecar states the image's hash
     assert not existed
     assert path == tmp_path / "cam_a" / "2026-03-01" / "f1.jpg"
     sidecar = path.with_suffix(".json")
@@ -268,7 +275,8 @@ def test_write_frame_can_look_in_the_records_own_date_folder_only(tmp_path: Path
     assert not other_day.already_existed and other_day.path != first.path
     assert other_day.path.with_suffix(".json").is_file()
     # Read back from one date folder, as the gateway does.
-    assert store.read_record("cam_a", "f1", captured_at=T0) == record("f1", image=img)
+    assert store.read_record("cam_a", "f1", captured_at=T0) == as_stored(record("f1", image=img),
+                                                                         data)
     assert store.read_record("cam_a", "f1", captured_at=T0 + timedelta(days=1)) is not None
     assert store.read_record("cam_a", "f1", captured_at=T0 - timedelta(days=3)) is None
     first.path.with_suffix(".json").unlink()  # torn: the image without its sidecar

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +247,81 @@ def test_gateway_replicas_preview_what_the_store_holds(
     assert b.gw.cache_sweeper._thread.is_alive()  # the gateway's own timer
     _age(cached, b.settings.frame_cache_ttl_s + 1)
     assert b.gw.store.sweep_cache(force=True) == 1 and not cached.exists()
+
+
+def _image_gets(store: S3FrameStore) -> list[tuple[str, bool]]:
+    """Hook ``store``'s GETs: (key, conditional) of each image GET, appended as they go."""
+    calls: list[tuple[str, bool]] = []
+    real = store.client.get_object
+
+    def get_object(**kw: Any) -> Any:
+        if kw["Key"].endswith(".jpg"):
+            calls.append((kw["Key"], "IfNoneMatch" in kw))
+        return real(**kw)
+
+    store.client.get_object = get_object  # type: ignore[method-assign]
+    return calls
+
+
+def test_the_record_states_the_image_hash_so_cached_frames_cost_no_request(
+        replicas: tuple[S3FrameStore, S3FrameStore], jpegs: tuple[bytes, bytes]) -> None:
+    """``iter_frames`` and ``find_frame`` read each frame's record anyway; it states the
+    image's SHA-256, so a cached copy with those bytes is used without asking the store (it
+    used to be a conditional GET per cached frame, per read). A copy that is not the
+    store's is still never served."""
+    a, b = replicas
+    old, new = jpegs
+    a.write_frame(record("f1", image=synthetic_image(1)), old)
+    a.write_frame(record("f2", image=synthetic_image(1), at=record("f1").captured_at
+                         + timedelta(minutes=1)), old)
+    assert b.read_record("cam_a", "f1").image_sha256 == _sha(old)  # type: ignore[union-attr]
+    assert [p.read_bytes() for _, p in b.iter_frames("cam_a")] == [old, old]  # downloaded
+    gets = _image_gets(b)
+    assert [p.read_bytes() for _, p in b.iter_frames("cam_a")] == [old, old]
+    assert b.find_frame("cam_a", "f1") is not None
+    assert gets == []
+    (b.root / REL).write_bytes(new)  # a cached copy that is not the store's object
+    assert [p.read_bytes() for _, p in b.iter_frames("cam_a")] == [old, old]
+    assert gets == [("fleet/" + REL, False)]  # downloaded whole, not served
+
+
+def test_a_record_without_the_hash_still_asks_the_store(
+        replicas: tuple[S3FrameStore, S3FrameStore], jpegs: tuple[bytes, bytes]) -> None:
+    """A sidecar written before records stated the hash: the cached copy is checked with a
+    conditional GET, as before."""
+    a, b = replicas
+    old, _ = jpegs
+    rec = record("f1", image=synthetic_image(1))
+    a.client.put_object(Bucket=a.bucket, Key="fleet/" + REL, Body=old)
+    a.client.put_object(Bucket=a.bucket, Key="fleet/" + REL.replace(".jpg", ".json"),
+                        Body=rec.model_dump_json(indent=2).encode())
+    assert b.read_record("cam_a", "f1") == rec and rec.image_sha256 is None
+    assert [p.read_bytes() for _, p in b.iter_frames("cam_a")] == [old]
+    gets = _image_gets(b)
+    assert [p.read_bytes() for _, p in b.iter_frames("cam_a")] == [old]
+    assert gets == [("fleet/" + REL, True)]  # a 304
+
+
+def test_the_gateway_hashes_an_upload_once_for_its_row_and_its_record(
+        s3_server: Any, tmp_path: Path, make_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row's SHA-256 and the record's are the uploaded bytes'. A replay of a frame whose
+    record an older gateway wrote (no hash) is the plain duplicate it always was, not a
+    frame "with other content"."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    env = make_env("h", frame_store_url=f"s3://{s3_server.new_bucket('gw')}/frames",
+                   s3_endpoint_url=s3_server.endpoint_url)
+    tok = env.enroll("cam-c")["access_token"]
+    jpeg = synthetic_jpeg(1, (W, H), cells=(12, 9), quality=85)
+    assert post_frame(env.client, tok, meta("c-1", "cam-c"), jpeg).status_code == 201
+    [row] = env.rows()
+    stored = env.gw.store.read_record("cam-c", "c-1")
+    assert stored is not None and row.sha256 == stored.image_sha256 == _sha(jpeg)
+
+    older = stored.model_copy(update={"image_sha256": None})  # as an older gateway wrote it
+    key = f"frames/{row.path[:-len('.jpg')]}.json"
+    env.gw.store.client.put_object(Bucket=env.gw.store.bucket, Key=key,
+                                   Body=older.model_dump_json(indent=2).encode())
+    again = post_frame(env.client, tok, meta("c-1", "cam-c"), jpeg)
+    assert again.status_code == 409 and "other content" not in again.text
+    assert env.gw.stats.counters["frames_other_content_refused"] == 0

@@ -32,6 +32,7 @@ from roadloop.data.object_frames import open_frame_store
 
 from .helpers import CountingS3Client as _CountingClient
 from .helpers import StoredSizes, bucket_sizes, synthetic_jpeg
+from .test_frames import as_stored
 from .test_retention_resume import _Gateway, _Review
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +143,8 @@ def test_stored_frames_lists_frames_and_leftovers_with_sizes_without_reading_ima
     assert [(f.frame_id, f.day, f.record is not None) for f in listed] == [
         ("a1", "2026-03-01", True), ("a2", "2026-03-01", True), ("bad", "2026-03-01", False),
         ("junk", "2026-03-01", False), ("orphan", "2026-03-01", False)]
-    record_size = len(_record("cam-a", "a1", day1).model_dump_json(indent=2).encode())
+    record_size = len(as_stored(_record("cam-a", "a1", day1), jpeg)
+                      .model_dump_json(indent=2).encode())
     sizes = {f.frame_id: f.size_bytes for f in listed}
     assert sizes == {"a1": len(jpeg) + record_size, "a2": len(jpeg) + record_size,
                      "orphan": len(jpeg), "junk": len(b"{not json"),

@@ -210,6 +210,12 @@ class FrameRecord(BaseModel):
     quality: FrameQuality | None = None
     redaction: FrameRedaction | None = Field(
         default=None, description="What the edge redacted (None: not stated by the source).")
+    image_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the image's bytes, stated by the store that wrote them "
+        "(``checked_sidecar``; None in sidecars written before stores stated it). An object "
+        "store's reader checks its cached copy of the image against it instead of asking "
+        "the store.")
     schema_version: int = SCHEMA_VERSION
 
     @field_validator("captured_at")
@@ -322,7 +328,12 @@ def checked_sidecar(
 ) -> bytes:
     """The sidecar bytes of a frame a store is about to write, after the checks every store
     makes: the payload is a JPEG of the record's size and the sidecar reads back. Raises
-    ``InvalidInputError`` naming the frame."""
+    ``InvalidInputError`` naming the frame.
+
+    The sidecar states the image's SHA-256 (``FrameRecord.image_sha256``): computed here,
+    unless the record states it already — the gateway hashes each upload once, for its row
+    and its record, and vouches for the value (a wrong one would only make an object store's
+    readers download the image instead of using their cached copy)."""
     target = where
     label = f"frame {record.camera_id}/{record.frame_id}"
     if not isinstance(jpeg_bytes, (bytes, bytearray, memoryview)) or not bytes(
@@ -341,6 +352,9 @@ def checked_sidecar(
             target,
             f"{label}: JPEG is {w}x{h} but the record says {record.width}x{record.height}",
         )
+    if record.image_sha256 is None:
+        record = record.model_copy(
+            update={"image_sha256": hashlib.sha256(jpeg_bytes).hexdigest()})
     sidecar = record.model_dump_json(indent=2).encode()
     try:  # never write a sidecar the readers below would skip
         FrameRecord.model_validate_json(sidecar)

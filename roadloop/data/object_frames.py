@@ -29,8 +29,11 @@ Same layout as the folder store (``roadloop.data.frames``), as object keys under
   ``find_frame`` and ``image_path`` download a frame's JPEG there and hand out the local
   path (``root/<camera_id>/<YYYY-MM-DD>/<frame_id>.jpg``), so the readers written for the
   folder store work unchanged. **A cached copy is used only when it is the object in the
-  store now**: with the image's SHA-256 from the caller (a gateway ``frames`` row) when the
-  cached bytes hash to it, else after a conditional GET (``If-None-Match`` with the cached
+  store now**: with the image's SHA-256 — from the caller (a gateway ``frames`` row), or
+  from the frame's record, which states it (``FrameRecord.image_sha256``; ``iter_frames``
+  and ``find_frame`` read the record anyway) — when the cached bytes hash to it, so a
+  cached frame costs no request; else (a record written before records stated it) after a
+  conditional GET (``If-None-Match`` with the cached
   bytes' MD5, the ETag of a single-PUT object) answered 304. An object that is gone (erased
   on another replica, expired) is never served from the cache: its cached copy is deleted
   when asked for, and one replaced under the same key (stored again after an expiry) is
@@ -565,13 +568,14 @@ class S3FrameStore:
         return None
 
     def find_frame(self, camera_id: str, frame_id: str) -> Path | None:
-        """Local path of a complete frame's image (downloaded, or the cached copy the store
-        says is current), in any date folder."""
+        """Local path of a complete frame's image (downloaded, or the cached copy when it is
+        the object in the store: its record's hash, else a conditional GET), in any date
+        folder."""
         record = self.read_record(camera_id, frame_id)
         if record is None:
             return None
         try:
-            return self._download(f"{self._relative(record)}.jpg")
+            return self._download(f"{self._relative(record)}.jpg", record.image_sha256)
         except FileNotFoundError:  # deleted since its record was read
             return None
 
@@ -633,10 +637,11 @@ class S3FrameStore:
                     end: datetime | None = None) -> Iterator[tuple[FrameRecord, Path]]:
         """Complete frames of one camera in ``captured_at`` order, optionally
         ``start <= t < end``; each image is downloaded into the cache as it is reached (a
-        cached copy is checked against the store first), one deleted meanwhile skipped."""
+        cached copy is used when it hashes to its record's ``image_sha256``, else checked
+        with the store), one deleted meanwhile skipped."""
         for record in self._records(camera_id, start, end):
             try:
-                image = self._download(f"{self._relative(record)}.jpg")
+                image = self._download(f"{self._relative(record)}.jpg", record.image_sha256)
             except FileNotFoundError:
                 logger.warning("skipping frame %s/%s: deleted while listed", camera_id,
                                record.frame_id)
