@@ -33,9 +33,13 @@ one by one instead).
 
 Every answer is read streamed, at most ``MAX_RESPONSE_BYTES`` of it (decoded) and within the
 request's deadline (``DEADLINE_TIMEOUTS`` × ``timeout_s`` from the request's start, at least
-``timeout_s`` after the headers arrive; httpx's own ``timeout_s`` bounds each connect, write and
-read): an answer over either is an unreadable answer (``GatewayUnavailable``, so ``retry``).
-Model downloads (``stream_model``) are the exception: the caller reads and bounds them.
+``timeout_s`` after the last byte sent and after the headers arrive; httpx's own ``timeout_s``
+bounds each connect, write and read): an answer over either is an unreadable answer
+(``GatewayUnavailable``, so ``retry``). The deadline covers the whole answer, status line and
+headers included: the client's transport cuts every network read to the time left
+(``request_budget``, ``_DeadlineStream``), so a gateway trickling its headers a byte at a time
+cannot hold the calling thread past it. Model downloads (``stream_model``) are the exception:
+their headers meet that deadline, their body is the caller's to read and bound.
 
 No call here raises on what the gateway answers: ``upload_frame``, ``upload_frames``,
 ``post_heartbeat`` and ``post_traffic_interval`` turn every unreadable or unexpected answer
@@ -45,6 +49,7 @@ into ``retry``, so that no frame is dropped without the gateway's acknowledgemen
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -59,6 +64,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpcore
 import httpx
 
 from edge_agent.fsutil import write_text_atomic
@@ -283,6 +289,124 @@ def read_capped(resp: httpx.Response, limit: int = MAX_RESPONSE_BYTES,
     return b"".join(chunks)
 
 
+class _Budget:
+    """The deadline (``time.monotonic()``) the network reads of one request must meet; each
+    write that completes moves it to at least ``grace`` seconds later (a large upload on a
+    slow uplink still gets ``timeout_s`` for its answer)."""
+
+    __slots__ = ("deadline", "grace")
+
+    def __init__(self, deadline: float, grace: float) -> None:
+        self.deadline, self.grace = deadline, grace
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
+    "edge_agent_request_budget", default=None)
+
+
+@contextlib.contextmanager
+def request_budget(deadline: float, grace: float = 0.0) -> Iterator[_Budget]:
+    """Bound every network read (connect, the status line and headers, the body) that this
+    thread makes through a ``GatewayClient``'s own transport by ``deadline`` (see
+    ``_DeadlineStream``); past it a read raises ``AnswerTooSlow``. The budget may be moved
+    (``budget.deadline = …``) while it is in force."""
+    budget = _Budget(deadline, grace)
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def _left(timeout: float | None) -> tuple[float | None, bool]:
+    """``timeout`` cut to the time left in this thread's budget; and whether the budget is
+    what bounds it. ``AnswerTooSlow`` when none is left."""
+    budget = _BUDGET.get()
+    if budget is None:
+        return timeout, False
+    left = budget.deadline - time.monotonic()
+    if left <= 0:
+        raise AnswerTooSlow("answer still arriving at the request's deadline: dropped")
+    if timeout is not None and timeout <= left:
+        return timeout, False
+    return left, True
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose reads meet the request's budget (``request_budget``): httpx's own
+    timeout bounds each read only, so an answer — headers included — trickled a byte at a
+    time would otherwise hold the calling thread for as long as the peer likes."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        bound, by_budget = _left(timeout)
+        try:
+            return self._inner.read(max_bytes, bound)
+        except httpcore.ReadTimeout:
+            if by_budget:
+                raise AnswerTooSlow(
+                    "answer still arriving at the request's deadline: dropped") from None
+            raise
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.deadline = max(budget.deadline, time.monotonic() + budget.grace)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        bound, _ = _left(timeout)
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, bound))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's network backend with ``_DeadlineStream`` connections."""
+
+    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: Any = None) -> httpcore.NetworkStream:
+        bound, _ = _left(timeout)
+        return _DeadlineStream(self._inner.connect_tcp(
+            host, port, bound, local_address=local_address, socket_options=socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Any = None) -> httpcore.NetworkStream:
+        bound, _ = _left(timeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(
+            path, bound, socket_options=socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def _deadline_transport() -> httpx.HTTPTransport:
+    """httpx's default transport, its connections bounded by the request's budget. httpx has
+    no public hook for the network backend: the pool's is wrapped when it is where httpcore
+    1.x keeps it (checked), else the transport stays as it is (each read bounded by
+    ``timeout_s`` only, and ``read_capped``'s deadline for the body) and a warning says so."""
+    transport = httpx.HTTPTransport()
+    pool = getattr(transport, "_pool", None)
+    inner = getattr(pool, "_network_backend", None)
+    if isinstance(inner, httpcore.NetworkBackend):
+        pool._network_backend = _DeadlineBackend(inner)  # type: ignore[union-attr]
+    else:  # pragma: no cover - another httpcore
+        logger.warning("httpcore without a network backend to wrap: a trickled answer's "
+                       "headers are bounded per read only")
+    return transport
+
+
 def _detail(resp: httpx.Response) -> str:
     """A short message for an error answer: its JSON ``detail`` if any, else its text."""
     try:
@@ -333,28 +457,90 @@ def _retry_after(resp: httpx.Response) -> float | None:
     return parse_retry_after(resp.headers.get("Retry-After"))
 
 
+# The longest access-token lifetime a gateway issues (the platform's ``MAX_TOKEN_TTL_S``,
+# 366 days; the agent imports nothing of the platform): a longer ``expires_in`` is not the
+# gateway's answer (and one past a float, ``1e400`` or a 400-digit integer, cannot be used).
+MAX_TOKEN_TTL_S = 366 * 86400
+
+
+def _field(data: Mapping[str, Any], name: str) -> Any:
+    if name not in data:
+        raise ValueError(f"no {name} field")
+    return data[name]
+
+
+def _token_fields(data: Any) -> tuple[str, str, float]:
+    """``(access_token, refresh_token, expires_in)`` of a decoded token answer (enrollment's
+    201, a refresh's 200); ``_UNREADABLE`` naming the first field that is not right."""
+    if not isinstance(data, dict):
+        raise TypeError(f"a JSON {type(data).__name__}, not an object")
+    access, refresh = _field(data, "access_token"), _field(data, "refresh_token")
+    for name, token in (("access_token", access), ("refresh_token", refresh)):
+        if not isinstance(token, str) or not token:
+            raise TypeError(f"{name} is not a non-empty string")
+        if not token.isascii() or not token.isprintable():  # it travels in a header
+            raise ValueError(f"{name} is not printable ASCII")
+    expires_in = data.get("expires_in", 3600)
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+        raise TypeError(f"expires_in is not a number: {expires_in!r}"[:100])
+    try:
+        seconds = float(expires_in)
+    except OverflowError:  # an integer past any float
+        seconds = math.inf
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_TOKEN_TTL_S:
+        raise ValueError(f"expires_in out of range (0, {MAX_TOKEN_TTL_S}]: "
+                         f"{str(expires_in)[:40]}")
+    return access, refresh, seconds
+
+
+def _unreadable_answer(what: str, resp: httpx.Response, exc: BaseException,
+                       then: str) -> GatewayUnavailable:
+    return GatewayUnavailable(
+        f"{what}: unreadable answer {resp.status_code} ({type(exc).__name__}: {exc}; body "
+        f"{resp.content[:100]!r}); {then}")
+
+
 def _token_pair(resp: httpx.Response) -> tuple[str, str, float]:
     """``(access_token, refresh_token, expires_in)`` of a 200 from ``/v1/token/refresh``;
     ``GatewayUnavailable`` (try again later, the identity unchanged) when it is not that."""
     try:
-        data = resp.json()
-        if not isinstance(data, dict):
-            raise TypeError(f"a JSON {type(data).__name__}, not an object")
-        access, refresh = data["access_token"], data["refresh_token"]
-        for name, token in (("access_token", access), ("refresh_token", refresh)):
-            if not isinstance(token, str) or not token:
-                raise TypeError(f"{name} is not a non-empty string")
-        expires_in = data.get("expires_in", 3600)
-        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
-            raise TypeError(f"expires_in is not a number: {expires_in!r}"[:100])
-        expires_in = float(expires_in)
-        if not math.isfinite(expires_in) or expires_in <= 0:
-            raise ValueError(f"expires_in out of range: {expires_in!r}")
+        return _token_fields(resp.json())
     except _UNREADABLE as exc:
-        raise GatewayUnavailable(
-            f"token refresh: unreadable answer ({type(exc).__name__}: {exc}; body "
-            f"{resp.content[:100]!r}); the identity is kept, trying again later") from exc
-    return access, refresh, expires_in
+        raise _unreadable_answer("token refresh", resp, exc,
+                                 "the identity is kept, trying again later") from exc
+
+
+def _enrollment_answer(resp: httpx.Response) -> dict[str, Any]:
+    """The checked fields of a 201 from ``/v1/enroll`` (``DeviceIdentity``'s keyword
+    arguments from the gateway: tokens as a refresh's, ``device_id`` a non-empty string,
+    ``scopes`` a list of strings, the two keys strings or absent); ``GatewayUnavailable`` when
+    it is not that. A broken answer is the gateway's (or a proxy's) fault, not a refusal of
+    this device: the agent tries again later (the token may be spent by then, and the gateway
+    then refuses it plainly — ``EnrollmentError``)."""
+    try:
+        data = resp.json()
+        access, refresh, expires_in = _token_fields(data)
+        device_id = _field(data, "device_id")
+        if not isinstance(device_id, str) or not device_id:
+            raise TypeError("device_id is not a non-empty string")
+        scopes = data.get("scopes") or []
+        if not isinstance(scopes, list) or not all(isinstance(x, str) for x in scopes):
+            raise TypeError("scopes is not a list of strings")
+        keys = {k: data.get(k) for k in ("gateway_public_key", "model_public_key")}
+        for name, key in keys.items():
+            if key is not None and not isinstance(key, str):
+                raise TypeError(f"{name} is not a string")
+        for text in (device_id, *keys.values()):
+            if text is not None:
+                text.encode("utf-8")  # a lone surrogate cannot be saved (UnicodeEncodeError)
+    except _UNREADABLE as exc:
+        raise _unreadable_answer(
+            "enrollment", resp, exc,
+            "nothing was saved; trying again later (if the gateway then says the enrollment "
+            "token is used, create a new one)") from exc
+    return {"device_id": device_id, "access_token": access, "refresh_token": refresh,
+            "expires_at": time.time() + expires_in, "ttl_s": expires_in, "scopes": list(scopes),
+            **keys}
 
 
 class GatewayClient:
@@ -373,7 +559,8 @@ class GatewayClient:
         self.state_dir = Path(state_dir)
         self.refresh_margin_s = refresh_margin_s
         self.timeout_s = timeout_s
-        self._http = httpx.Client(base_url=self.gateway_url, timeout=timeout_s, transport=transport)
+        self._http = httpx.Client(base_url=self.gateway_url, timeout=timeout_s,
+                                  transport=transport or _deadline_transport())
         self._lock = threading.RLock()
         self.identity = DeviceIdentity.load(self.state_dir)
 
@@ -400,6 +587,8 @@ class GatewayClient:
             resp = self._request("POST", "/v1/enroll", json=body)
         except httpx.HTTPError as exc:
             raise GatewayUnavailable(f"cannot reach {self.gateway_url} to enroll: {exc}") from exc
+        except GatewayUnavailable as exc:  # an answer over the size cap or the deadline
+            raise GatewayUnavailable(f"enrollment: {exc}; nothing was saved") from exc
         if resp.status_code >= 500:
             raise GatewayUnavailable(
                 f"enrollment: gateway answered {resp.status_code}: {_detail(resp)}"
@@ -408,19 +597,9 @@ class GatewayClient:
             raise EnrollmentError(
                 f"enrollment refused by {self.gateway_url} ({resp.status_code}): {_detail(resp)}"
             )
-        data = resp.json()
-        identity = DeviceIdentity(
-            device_id=str(data["device_id"]),
-            camera_id=camera_id,
-            gateway_url=self.gateway_url,
-            access_token=data["access_token"],
-            refresh_token=data["refresh_token"],
-            expires_at=time.time() + float(data.get("expires_in", 3600)),
-            scopes=list(data.get("scopes") or []),
-            gateway_public_key=data.get("gateway_public_key"),
-            ttl_s=float(data.get("expires_in", 3600)),
-            model_public_key=data.get("model_public_key"),
-        )
+        # Check the whole answer before building (and saving) the identity.
+        identity = DeviceIdentity(camera_id=camera_id, gateway_url=self.gateway_url,
+                                  **_enrollment_answer(resp))
         with self._lock:
             identity.save(self.state_dir)
             self.identity = identity
@@ -501,13 +680,18 @@ class GatewayClient:
         the cap or the deadline)."""
         start = time.monotonic()
         req = self._http.build_request(method, url, **kwargs)
-        resp = self._http.send(req, stream=True)
-        try:
-            deadline = max(start + DEADLINE_TIMEOUTS * self.timeout_s,
-                           time.monotonic() + self.timeout_s)
-            body = read_capped(resp, MAX_RESPONSE_BYTES, deadline)
-        finally:
-            resp.close()
+        # Connecting, sending and the status line with the headers meet the deadline too
+        # (``_DeadlineStream``), a slow upload moving it to ``timeout_s`` after its last write.
+        with request_budget(start + DEADLINE_TIMEOUTS * self.timeout_s,
+                            self.timeout_s) as budget:
+            resp = self._http.send(req, stream=True)
+            try:
+                deadline = max(start + DEADLINE_TIMEOUTS * self.timeout_s,
+                               time.monotonic() + self.timeout_s)
+                budget.deadline = deadline
+                body = read_capped(resp, MAX_RESPONSE_BYTES, deadline)
+            finally:
+                resp.close()
         # The body is decoded already: the loaded copy must not decode it again.
         headers = [(k, v) for k, v in resp.headers.multi_items()
                    if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
@@ -678,7 +862,11 @@ class GatewayClient:
             if offset > 0:
                 headers["Range"] = f"bytes={offset}-"
             req = self._http.build_request("GET", f"/v1/models/{sha256}", headers=headers)
-            return self._http.send(req, stream=True)
+            # the status line and headers within the deadline of any request; the body is
+            # the caller's to bound (``ModelStore``: a deadline from the size)
+            with request_budget(time.monotonic() + DEADLINE_TIMEOUTS * self.timeout_s,
+                                self.timeout_s):
+                return self._http.send(req, stream=True)
 
         token_used = self._require_identity().access_token
         try:

@@ -88,11 +88,21 @@ class ManifestError(EdgeAgentError, ValueError):
         self.rollout_id = rollout_id
 
 
+def _unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (JSON's ``"\\ud800"`` decodes to a lone surrogate,
+    which no UTF-8 file, log line or signature can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _refusal(manifest: Mapping[str, Any]) -> Callable[[str], ManifestError]:
     """A ``ManifestError`` factory that names ``manifest``."""
     digest = manifest_digest(manifest)
     rid = manifest.get("rollout_id")
-    rid = rid if isinstance(rid, str) else None
+    rid = rid if isinstance(rid, str) and _unicode(rid) else None
 
     def bad(reason: str) -> ManifestError:
         return ManifestError(reason, digest=digest, rollout_id=rid)
@@ -101,10 +111,10 @@ def _refusal(manifest: Mapping[str, Any]) -> Callable[[str], ManifestError]:
 
 
 # --------------------------------------------------------------------------- canonical form
-def _canonical_json(obj: Mapping[str, Any]) -> bytes:
+def _canonical_json(obj: Mapping[str, Any], errors: str = "strict") -> bytes:
     return json.dumps(
         dict(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    ).encode("utf-8")
+    ).encode("utf-8", errors)
 
 
 def canonical_bytes(manifest: Mapping[str, Any]) -> bytes:
@@ -119,9 +129,15 @@ def manifest_sha256(manifest: Mapping[str, Any]) -> str:
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """A short id of one signed manifest (canonical bytes + signature), 16 hex digits."""
-    sig = str(manifest.get("signature", "")).encode("utf-8")
-    return hashlib.sha256(canonical_bytes(manifest) + b"|" + sig).hexdigest()[:16]
+    """A short id of one signed manifest (canonical bytes + signature), 16 hex digits.
+
+    Defined for any decoded JSON object, also one holding a lone surrogate (which has no
+    canonical bytes: its surrogates are taken as such), so such a refusal is remembered too;
+    for every other manifest the bytes are the canonical ones."""
+    body = _canonical_json(
+        {k: v for k, v in manifest.items() if k != "signature"}, "surrogatepass")
+    sig = str(manifest.get("signature", "")).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(body + b"|" + sig).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- public keys
@@ -190,6 +206,14 @@ def verify_signature(manifest: Mapping[str, Any], public_key: Ed25519PublicKey) 
     """Raise ``ManifestError`` unless ``manifest`` carries ``public_key``'s key id and a
     signature by that key over its canonical bytes."""
     bad = _refusal(manifest)
+    try:  # first, so that no text of such a manifest reaches a reason, a log or a state file
+        signed = canonical_bytes(manifest)
+        str(manifest.get("signature", "")).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(
+            "manifest holds text that is not valid Unicode (a lone surrogate such as "
+            "\\ud800): it has no canonical UTF-8 form, so no signature can cover it"
+        ) from None
     trusted = key_id(public_key)
     sig = manifest.get("signature")
     kid = manifest.get("key_id")
@@ -204,7 +228,7 @@ def verify_signature(manifest: Mapping[str, Any], public_key: Ed25519PublicKey) 
     except (binascii.Error, ValueError):
         raise bad("manifest signature is not base64") from None
     try:
-        public_key.verify(signature, canonical_bytes(manifest))
+        public_key.verify(signature, signed)
     except InvalidSignature:
         raise bad(
             f"bad manifest signature: it does not verify against the trusted key {trusted} "

@@ -44,7 +44,13 @@ from typing import Any
 
 import httpx
 
-from edge_agent.client import GatewayClient, GatewayError, read_capped
+from edge_agent.client import (
+    AnswerTooSlow,
+    GatewayClient,
+    GatewayError,
+    read_capped,
+    request_budget,
+)
 from edge_agent.errors import DownloadIncomplete, UpdateRejected
 from edge_agent.fsutil import copy_file_atomic, file_sha256, fsync_dir, write_text_atomic
 from edge_agent.manifest import ModelManifest
@@ -58,6 +64,19 @@ HASH_MISMATCH_ATTEMPTS = 3
 MAX_REJECTED = 200
 # The most bytes of a download's error answer read (a JSON ``detail``: a few hundred bytes).
 ERROR_BODY_BYTES = 64 * 1024
+# One download attempt's deadline: its bytes at ``MIN_DOWNLOAD_RATE`` (32 KiB/s: a slow
+# cellular uplink shared with frame uploads still does several times that), and never less
+# than ``MIN_DOWNLOAD_S`` (5 minutes: connection set-up, a busy gateway, a small model on a bad
+# link). A 10 MB model gets ~5 min, a 100 MB one ~52 min. Past it the attempt is given up and
+# the next poll resumes from the bytes received: a gateway trickling the body a byte per read
+# timeout cannot hold the updater thread for days.
+MIN_DOWNLOAD_RATE = 32 * 1024
+MIN_DOWNLOAD_S = 300.0
+
+
+def download_deadline_s(nbytes: int) -> float:
+    """Seconds one attempt may take to fetch ``nbytes`` (see ``MIN_DOWNLOAD_RATE``)."""
+    return max(MIN_DOWNLOAD_S, nbytes / MIN_DOWNLOAD_RATE)
 
 
 def _now_iso() -> str:
@@ -227,8 +246,13 @@ class ModelStore:
 
     def _transfer(self, m: ModelManifest, partial: Path, have: int) -> None:
         """Append (206) or rewrite (200) ``partial`` from byte ``have``, never past ``m.size``."""
+        budget_s = download_deadline_s(m.size - have)
+        deadline = time.monotonic() + budget_s
         try:
-            with self.client.stream_model(m.sha256, offset=have) as resp:
+            with self.client.stream_model(m.sha256, offset=have) as resp, \
+                    request_budget(deadline):
+                if time.monotonic() > deadline:
+                    raise AnswerTooSlow("the answer's headers came after the deadline")
                 code = resp.status_code
                 if code == 206:
                     start = _content_range_start(resp.headers.get("Content-Range"))
@@ -259,11 +283,15 @@ class ModelStore:
                     raise DownloadIncomplete(f"model download answered {code}: {detail}")
                 written = have
                 with open(partial, mode) as fh:
-                    for chunk in resp.iter_bytes(1 << 16):
+                    # as the bytes arrive (no re-chunking): what a cut-off attempt received
+                    # is in the file, for the next one to resume from
+                    for chunk in resp.iter_bytes():
                         if written + len(chunk) > m.size:
                             break
                         fh.write(chunk)
                         written += len(chunk)
+                        if time.monotonic() > deadline:  # a transport without the budget
+                            raise AnswerTooSlow(f"{written} of {m.size} bytes at the deadline")
                     else:
                         fh.flush()
                         os.fsync(fh.fileno())
@@ -274,6 +302,15 @@ class ModelStore:
                     key=m.sha256,
                     permanent=False,
                 )
+        except AnswerTooSlow as exc:
+            # The bytes received are kept, as after a lost connection: the next poll resumes
+            # from them (Range), so a link slower than the floor still gets there in steps.
+            got = partial.stat().st_size if partial.exists() else 0
+            raise DownloadIncomplete(
+                f"model download of {m.short} too slow: not done within {budget_s:.0f} s "
+                f"({got} of {m.size} bytes; at least {MIN_DOWNLOAD_RATE // 1024} KiB/s or "
+                f"{MIN_DOWNLOAD_S:.0f} s expected; {exc}); the next poll resumes from there"
+            ) from exc
         except httpx.HTTPError as exc:
             got = partial.stat().st_size if partial.exists() else 0
             raise DownloadIncomplete(
