@@ -30,7 +30,10 @@ changes the base rate and the hourly budget between two frames; the bucket keeps
 fraction (a full bucket stays full, an empty one empty, a debt becomes a proportional debt),
 so the new budget governs from the change on, as if it had always been the budget.
 
-Times are seconds (the frame's capture time), passed in, so tests need no clock.
+Times are seconds (the frame's capture time), passed in, so tests need no clock. When that
+clock steps back (an NTP correction of a clock hours fast), the bucket and the hour of taken
+frames are re-based on the new clock: the step refills nothing and costs nothing, and
+sampling goes on at the budget's rate (not held off until the clock passes its old reading).
 """
 
 from __future__ import annotations
@@ -118,10 +121,12 @@ class TokenBucket:
         self._t = now
 
     def refill(self, now: float) -> float:
+        """The level at ``now``. A clock that steps back re-bases the bucket's time: the step
+        refills nothing, and the refill goes on from ``now`` (waiting for the clock to pass
+        the last time seen would stop sampling for as long as the step)."""
         if self._t is not None and now > self._t:
             self.tokens = min(self.capacity, self.tokens + (now - self._t) * self.rate)
-        if self._t is None or now > self._t:
-            self._t = now
+        self._t = now
         return self.tokens
 
 
@@ -136,6 +141,7 @@ class FrameSampler:
         self.overdraft = max(1.0, self.config.overdraft_fraction * budget) if budget else 0.0
         self._taken: deque[tuple[float, float]] = deque()  # (time, importance), last hour
         self._taken_sum = 0.0
+        self._now: float | None = None  # the latest time ``decide`` was given
         self.frames_seen = 0
         self.frames_sampled = 0
         self.refused_by_budget = 0
@@ -196,6 +202,12 @@ class FrameSampler:
     ) -> SampleDecision:
         """Sample this frame or not; ``now`` is its capture time in seconds."""
         self.frames_seen += 1
+        if self._now is not None and now < self._now:  # the clock stepped back: the hour's
+            step = self._now - now  # taken frames keep their age on the new clock
+            self._taken = deque((t - step, v) for t, v in self._taken)
+        self._now = now
+        if self.bucket is not None:  # every frame: a step back is measured from the last one
+            self.bucket.refill(now)
         draw = self._rng.random()  # always one draw per frame: reproducible with the seed
         reasons = self.reasons_for(detections, edge_case=edge_case, draw=draw)
         if not reasons:

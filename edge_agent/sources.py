@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,15 @@ MIN_FILE_FPS, MAX_FILE_FPS, DEFAULT_FILE_FPS = 1.0, 1000.0, 25.0
 # A pass through a file that yields fewer than this share of its header's frame count is
 # reported as cut short or damaged (counts are estimates in some containers: not exact).
 SHORT_FILE_SHARE = 0.9
+# A step between two frames' timestamps is believed up to the larger of MAX_PTS_STEP_S and
+# PTS_STEP_PERIODS times the file's typical step (the median of its last PTS_STEP_HISTORY
+# steps; 1/fps before any). 10 s is ten times the tracker's ``lost_s`` and twice the longest
+# gap an interval counts as watched (``MAX_FRAME_GAP_S``), so no real frame spacing of a
+# camera file comes near it, while the factor keeps a time-lapse (a frame every 30 s) on its
+# own timestamps. A longer step -- a corrupted timestamp, or a recording paused for hours --
+# advances media time by the bound only: one bad PTS cannot shift the rest of the file, and
+# a real pause still reads as a pause (tracks end; speeds are not measured across it).
+MAX_PTS_STEP_S, PTS_STEP_PERIODS, PTS_STEP_HISTORY = 10.0, 10.0, 15
 
 
 class SourceError(RuntimeError):
@@ -146,6 +156,10 @@ class VideoFileSource(FrameSource):
             self.fps = DEFAULT_FILE_FPS
         self.realtime = realtime
         self.loop = loop
+        self._jumps = 0  # timestamps far ahead of the frame before (see MAX_PTS_STEP_S)
+        # The frame period a header below MIN_FILE_FPS states (a time-lapse's 30 s) is not
+        # paced at, but bounds the first step until the file's own steps do.
+        self._header_period = 1.0 / fps if fps and 0 < fps < MIN_FILE_FPS else 0.0
 
     def describe(self) -> str:
         return f"video {self.path.name} ({self.fps:.1f} fps, {self.frame_count} frames)"
@@ -153,7 +167,8 @@ class VideoFileSource(FrameSource):
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         """The file's frames, each with its media time: the container's own timestamp
         (``CAP_PROP_POS_MSEC``) relative to the first frame, so a variable-frame-rate file
-        times its motion right; ``index / fps`` steps where a timestamp does not advance."""
+        times its motion right; ``1 / fps`` steps where a timestamp does not advance, and a
+        step beyond the bound (``MAX_PTS_STEP_S``) advances by the bound only."""
         pacer = _Pacer(self.fps if self.realtime else None)
         index = 0
         offset = 0.0  # media time at which this pass through the file starts (loop)
@@ -163,7 +178,8 @@ class VideoFileSource(FrameSource):
             if not cap.isOpened():
                 raise SourceError(f"{self.path}: OpenCV cannot open it as a video")
             pos = 0
-            first_ms: float | None = None
+            shift: float | None = None  # media time = timestamp + shift (re-based: below)
+            steps: deque[float] = deque(maxlen=PTS_STEP_HISTORY)
             try:
                 while not stop.is_set():
                     pacer.wait(index, stop)
@@ -172,14 +188,13 @@ class VideoFileSource(FrameSource):
                         break
                     self.stats.frames_read += 1
                     ms = cap.get(cv2.CAP_PROP_POS_MSEC)
-                    if first_ms is None and math.isfinite(ms):
-                        first_ms = ms
-                    t = (offset + (ms - first_ms) / 1000.0
-                         if first_ms is not None and math.isfinite(ms) else math.nan)
-                    if last is not None and not t > last:  # none, or not after the last
-                        t = last + 1.0 / self.fps
-                    elif last is None and not math.isfinite(t):
-                        t = offset
+                    stamp = ms / 1000.0 if math.isfinite(ms) else None
+                    if shift is None or stamp is None:  # no timestamp (yet): index / fps
+                        t = offset if last is None else last + 1.0 / self.fps
+                        if stamp is not None:
+                            shift = t - stamp
+                    else:
+                        t, shift = self._media_time(stamp, shift, last, steps, pos)
                     last = t
                     yield Frame(image, index, time.time(), f"video:{self.path.name}#{pos}", t)
                     index += 1
@@ -190,6 +205,35 @@ class VideoFileSource(FrameSource):
             if not self.loop or pos == 0:
                 return
             offset = (last or 0.0) + 1.0 / self.fps
+
+    def _media_time(self, stamp: float, shift: float, last: float, steps: deque[float],
+                    pos: int) -> tuple[float, float]:
+        """``(media time, shift)`` of a frame stamped ``stamp`` after one timed ``last``:
+        its own timestamp while it is after the last by at most the bound
+        (``MAX_PTS_STEP_S``); ``bound`` later, re-based, when it is further ahead; ``1/fps``
+        later when it is not after the last (re-based only when it is more than the bound
+        back, so a timestamp that stalls a few frames is caught up with)."""
+        t = stamp + shift
+        step = t - last
+        bound = max(MAX_PTS_STEP_S, PTS_STEP_PERIODS * (
+            sorted(steps)[len(steps) // 2] if steps
+            else max(1.0 / self.fps, self._header_period)))
+        if step > 0:
+            steps.append(step)
+        if 0 < step <= bound:
+            return t, shift
+        if step > bound:
+            self._jumps += 1
+            self.stats.read_errors += 1
+            if self._jumps <= 3:  # a file of broken stamps must not flood the log
+                logger.warning("%s: frame %d is stamped %.6g s after the one before, beyond "
+                               "the %.3g s believed (a damaged timestamp, or a pause in the "
+                               "recording): timed %.3g s after it", self.path.name, pos, step,
+                               bound, bound)
+            t = last + bound
+            return t, t - stamp
+        t = last + 1.0 / self.fps
+        return t, (t - stamp if step < -bound else shift)
 
     def _check_whole(self, frames: int) -> None:
         """Say so when a pass ended well before the frame count the header gave: a file cut
@@ -223,9 +267,15 @@ class ImageFolderSource(FrameSource):
         return f"image folder {self.folder} ({len(self.paths)} images)"
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        """The images in name order (again and again with ``loop``). An unreadable file is
+        counted every time and logged the first time it fails (again only after it has been
+        read). A pass that yields no image at all ends the source with a ``SourceError``
+        (the agent stops with ``source_error``): looping over nothing would spin the reader."""
         pacer = _Pacer(self.fps if self.realtime else None)
         index = 0
+        failing: set[Path] = set()  # unreadable files already logged
         while not stop.is_set():
+            yielded = 0
             for path in self.paths:
                 if stop.is_set():
                     return
@@ -233,11 +283,18 @@ class ImageFolderSource(FrameSource):
                 image = cv2.imread(str(path), cv2.IMREAD_COLOR)
                 if image is None:
                     self.stats.read_errors += 1
-                    logger.warning("%s: not a readable image, skipped", path)
+                    if path not in failing:
+                        failing.add(path)
+                        logger.warning("%s: not a readable image, skipped", path)
                     continue
+                failing.discard(path)
                 self.stats.frames_read += 1
+                yielded += 1
                 yield Frame(image, index, time.time(), f"image:{path}", index / self.fps)
                 index += 1
+            if not yielded and not stop.is_set():
+                raise SourceError(f"{self.folder}: none of its {len(self.paths)} images could "
+                                  "be read")
             if not self.loop:
                 return
 

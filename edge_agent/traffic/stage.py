@@ -18,8 +18,13 @@ live camera's monotonic read time), which never steps back, so tracking and spee
 a wall-clock correction. Records and events are stamped on the wall clock: a live frame's
 ``captured_at`` (an NTP step back starts a new segment of records: ``intervals``), a file's
 ``origin + stream_time`` (the origin taken at the first frame), so a video read faster than
-real time still yields one record per minute of video. Checkpoints are timed on the stream
-clock, so a step back does not hold them off.
+real time still yields one record per minute of video. A file's stamps run ahead of the
+clock then; the gateway refuses records more than a day ahead, so once a frame would be
+stamped more than ``MAX_MEDIA_AHEAD_S`` (10 h) past its read time the origin is re-based to
+that read time: a step back, so a new segment whose records sum with the earlier ones of the
+same minutes (every vehicle counted once, none refused; the minutes of video past 10 h fold
+onto wall minutes already stamped). Checkpoints are timed on the stream clock, so a step
+back does not hold them off.
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ class _Frame(Protocol):
 # (1920x1080 vs 1920x1088: 0.7 %; 640x360 vs 640x352: 2.3 %); a crop or a rotation is far
 # beyond (16:9 vs 4:3: 25 %).
 MAX_ASPECT_MISMATCH = 0.05
+# How far ahead of the agent's clock a file's records may be stamped (``wall_time``). The
+# gateway refuses a time more than a day ahead of its clock (``CLOCK_SKEW`` in
+# fleet/bounds.py), a bound sized for a device clock up to 14 h fast; 24 h - 14 h = 10 h
+# keeps a file's records accepted even from such a device, and a file read at 10x real
+# time re-bases only every ~1.1 h of reading.
+MAX_MEDIA_AHEAD_S = 10 * 3600.0
 
 
 def geometry_misfit(geometry: TrafficConfig, config_version: int, width: int,
@@ -99,12 +110,21 @@ class TrafficStage:
 
     def wall_time(self, frame: _Frame) -> float:
         """The wall time the frame's counts belong to (see the module docstring). A frame
-        that does not say it is live (``is_live``) is timed as media."""
+        that does not say it is live (``is_live``) is timed as media: ``origin +
+        stream_time``, but never more than ``MAX_MEDIA_AHEAD_S`` past its read time; a
+        frame that would be is stamped at its read time (the origin re-based), which the
+        intervals take for a clock step back: a new segment."""
         if getattr(frame, "is_live", False):
             return frame.captured_at
         if self._origin is None:
             self._origin = frame.captured_at - frame.stream_time
-        return self._origin + frame.stream_time
+        wall = self._origin + frame.stream_time
+        if wall > frame.captured_at + MAX_MEDIA_AHEAD_S:
+            self._origin = frame.captured_at - frame.stream_time
+            logger.info("traffic records of this file reached %.0f h ahead of the clock: "
+                        "re-based to now (a new segment)", MAX_MEDIA_AHEAD_S / 3600)
+            wall = frame.captured_at
+        return wall
 
     def process(self, detections: Sequence, frame: _Frame, geometry: TrafficConfig | None,
                 config_version: int, class_names: Sequence[str], model_version: str
