@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from roadloop.traffic.rollups import (
     fitting_bucket,
     in_window,
     line_volumes,
+    unique_records,
     zone_stats,
 )
 
@@ -146,8 +147,25 @@ def _pooled_speeds(records: list[Record]) -> dict[LineKey, list[float]]:
     return {k: s for k, s in sorted(out.items()) if s}
 
 
-def _hourly_flow(records: list[Record]) -> dict[LineKey, list[tuple[datetime, float]]]:
-    """PCU per watched hour, per line and direction, for every hour its camera watched."""
+# An hour its camera watched for less than this is not a candidate for the peak hour: a
+# spell of seconds (an agent stopping at 11:00:20) scaled to an hour is no hour's flow.
+PEAK_MIN_WATCHED_S = 1800.0
+
+
+class HourFlow(NamedTuple):
+    """One watched hour of one line and direction: its PCU and the seconds watched."""
+
+    hour: datetime
+    pcu: float
+    watched_s: float
+
+    @property
+    def per_h(self) -> float:
+        return self.pcu * 3600.0 / self.watched_s
+
+
+def _hourly_flow(records: list[Record]) -> dict[LineKey, list[HourFlow]]:
+    """PCU and watched seconds per line and direction, for every hour its camera watched."""
     hour = fitting_bucket(records, 3600)  # 3600 for every interval an agent sends
     watched = coverage(records, hour)
     pcu: dict[tuple[LineKey, datetime], float] = defaultdict(float)
@@ -156,11 +174,23 @@ def _hourly_flow(records: list[Record]) -> dict[LineKey, list[tuple[datetime, fl
         key = (v.camera_id, v.line, v.direction)
         keys.add(key)
         pcu[(key, v.bucket_start)] += v.pcu
-    out: dict[LineKey, list[tuple[datetime, float]]] = {}
+    out: dict[LineKey, list[HourFlow]] = {}
     for key in sorted(keys):
         hours = sorted(h for (cam, h), s in watched.items() if cam == key[0] and s > 0)
-        out[key] = [(h, pcu.get((key, h), 0.0) * 3600.0 / watched[(key[0], h)]) for h in hours]
+        out[key] = [HourFlow(h, pcu.get((key, h), 0.0), watched[(key[0], h)]) for h in hours]
     return out
+
+
+def _flow_row(key: LineKey, hours: list[HourFlow]) -> list[str]:
+    """A line's row of the PCU-flow table: PCU per watched hour over the day (its PCU over
+    the hours watched, not a mean of hourly rates: an hour watched for 20 s weighs 20 s), and
+    the peak among the hours watched for at least ``PEAK_MIN_WATCHED_S``."""
+    watched = sum(h.watched_s for h in hours)
+    mean = f"{sum(h.pcu for h in hours) * 3600.0 / watched:.1f}" if watched > 0 else _DASH
+    full = [h for h in hours if h.watched_s >= PEAK_MIN_WATCHED_S]
+    peak = max(full, key=lambda h: h.per_h) if full else None
+    return [_label(key), mean, f"{peak.per_h:.1f}" if peak else _DASH,
+            peak.hour.strftime("%H:%M") if peak else _DASH]
 
 
 def _zone_table(zones: list[ZoneBucket]) -> str:
@@ -239,16 +269,15 @@ def _plot_volumes(volumes: list[LineVolume], start: datetime, path: Path, bucket
     fig.savefig(path, format="png")
 
 
-def _plot_flow(flow: dict[LineKey, list[tuple[datetime, float]]], start: datetime,
-               path: Path) -> None:
+def _plot_flow(flow: dict[LineKey, list[HourFlow]], start: datetime, path: Path) -> None:
     import matplotlib.dates as mdates
 
     fig = _figure(1, height=3.2)
     ax = fig.subplots()
     for key, points in flow.items():
         if points:
-            hours = [h + timedelta(minutes=30) for h, _ in points]
-            ax.plot(mdates.date2num(hours), [p for _, p in points], marker="o", ms=3,
+            hours = [p.hour + timedelta(minutes=30) for p in points]
+            ax.plot(mdates.date2num(hours), [p.per_h for p in points], marker="o", ms=3,
                     label=_label(key))
     ax.set_title("PCU flow per hour (per watched hour)", fontsize=9)
     ax.set_ylabel("PCU / h")
@@ -316,13 +345,10 @@ def _markdown(day: date, cameras: Sequence[str], records: list[Record], bucket_s
     flow = _hourly_flow(records)
     if flow:
         out += ["## PCU flow per hour", ""]
-        rows = []
-        for key, points in flow.items():
-            peak = max(points, key=lambda p: p[1]) if points else None
-            rows.append([_label(key), f"{np.mean([p for _, p in points]):.1f}" if points
-                         else _DASH, f"{peak[1]:.1f}" if peak else _DASH,
-                         peak[0].strftime("%H:%M") if peak else _DASH])
+        rows = [_flow_row(key, hours) for key, hours in flow.items()]
         out += [_table(["line", "mean PCU/h", "peak PCU/h", "peak hour (UTC)"], rows), ""]
+        out += [(f"Mean: PCU per watched hour over the day. Peak: among hours watched for "
+                 f"at least {PEAK_MIN_WATCHED_S / 60:.0f} minutes."), ""]
         if "flow" in plots:
             out += [f"![PCU flow]({plots['flow'].name})", ""]
     speeds = _pooled_speeds(records)
@@ -369,7 +395,7 @@ def write_daily_report(
     the cameras reported, default: those in the records.
     """
     start, end = day_window(day)
-    chosen = list(in_window(records, start, end))
+    chosen = list(unique_records(in_window(records, start, end)))  # a resend counts once
     if cameras is not None:
         chosen = [r for r in chosen if r["camera_id"] in set(cameras)]
     names = sorted(set(cameras) if cameras is not None else {r["camera_id"] for r in chosen})

@@ -94,7 +94,8 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
 
 
-def _unique(records: Iterable[Record]) -> Iterator[Record]:
+def unique_records(records: Iterable[Record]) -> Iterator[Record]:
+    """``records`` with each ``record_id`` once (the first): a resend counts once."""
     seen: set[str] = set()
     for record in records:
         record_id = record.get("record_id")
@@ -154,7 +155,7 @@ def line_volumes(
     Ordered by bucket, camera, line, direction, class.
     """
     bucket_s = check_bucket(bucket_s)
-    records = list(_unique(records))
+    records = list(unique_records(records))
     check_intervals((r for r in records if camera_id in (None, r["camera_id"])), bucket_s)
     counts: dict[tuple, int] = defaultdict(int)
     pcus: dict[tuple, float] = defaultdict(float)
@@ -198,7 +199,7 @@ def coverage(
     """Seconds each camera watched in each bucket: the sum of its records' ``covered_s``,
     capped at ``bucket_s`` (two runs overlapping in a minute do not watch it twice)."""
     bucket_s = check_bucket(bucket_s)
-    records = list(_unique(records))
+    records = list(unique_records(records))
     check_intervals((r for r in records if camera_id in (None, r["camera_id"])), bucket_s)
     covered: dict[tuple[str, datetime], float] = defaultdict(float)
     for record in records:
@@ -218,7 +219,11 @@ class ZoneBucket:
     """One zone of one camera during one bucket.
 
     ``occupancy_mean`` is weighted by each record's ``covered_s`` (None when nothing was
-    watched); ``pcu_flow_per_h`` is ``pcu_in`` per watched hour of the camera in the bucket.
+    watched); ``covered_s`` is the time the zone was watched in the bucket (the ``covered_s``
+    of the records that carry it: an agent reports every zone it watches in each record,
+    capped at the bucket), and ``pcu_flow_per_h`` is ``pcu_in`` per hour of it — so a zone
+    added or renamed by a configuration change mid-bucket is not diluted by the time before
+    it existed, and filtering by zone does not change it.
     ``worst_state`` is the most congested state the zone spent time in (or ended an interval in).
     """
 
@@ -270,9 +275,8 @@ def zone_stats(
     occupancy (mean weighted by covered_s, max), PCU in and PCU flow per hour, seconds in each
     density state and the worst state. Ordered by bucket, camera, zone."""
     bucket_s = check_bucket(bucket_s)
-    records = list(_unique(records))
+    records = list(unique_records(records))
     check_intervals((r for r in records if camera_id in (None, r["camera_id"])), bucket_s)
-    covered = coverage(records, bucket_s, camera_id=camera_id)
     acc: dict[tuple[datetime, str, str], _ZoneAcc] = {}
     for record in records:
         cam = record["camera_id"]
@@ -300,7 +304,7 @@ def zone_stats(
             a.worst = max(a.worst, _state_rank(row.get("state")))
     out = []
     for (start, cam, name), a in sorted(acc.items()):
-        watched = covered.get((cam, start), 0.0)
+        watched = min(a.occ_weight, float(bucket_s))  # the covered_s of its records
         out.append(
             ZoneBucket(
                 camera_id=cam,
@@ -360,11 +364,13 @@ def congestion_timeline(
     Each interval gets the state the zone spent most seconds in (the summed ``state_s`` of
     its records; a tie goes to the more congested state; the end-of-interval ``state`` when
     no seconds were reported). Adjacent intervals of one state merge; a gap (no record)
-    ends a segment. Ordered by camera and zone.
+    ends a segment. An interval ends at its nominal length or at the zone's next interval,
+    whichever comes first (a segment's last, partial interval is followed by the next
+    segment's first, possibly of another length). Ordered by camera and zone.
     """
     per_interval: dict[tuple[str, str], dict[datetime, tuple[float, dict[str, float], int]]]
     per_interval = defaultdict(dict)
-    for record in _unique(records):
+    for record in unique_records(records):
         cam = record["camera_id"]
         if camera_id is not None and cam != camera_id:
             continue
@@ -383,13 +389,16 @@ def congestion_timeline(
     out = []
     for (cam, name), slots in sorted(per_interval.items()):
         segments: list[CongestionSegment] = []
-        for start in sorted(slots):
+        starts = sorted(slots)
+        for i, start in enumerate(starts):
             length, seconds, end_rank = slots[start]
             if any(seconds.values()):
                 state = max(STATES, key=lambda s: (seconds[s], _RANK[s]))
             else:
                 state = STATES[end_rank]
             end = datetime.fromtimestamp(start.timestamp() + length, tz=UTC)
+            if i + 1 < len(starts):
+                end = min(end, starts[i + 1])
             last = segments[-1] if segments else None
             if last is not None and last.state == state and last.end == start:
                 segments[-1] = CongestionSegment(last.start, end, state)
@@ -434,7 +443,7 @@ def events(
     record cannot hide another camera's event by reusing its id."""
     seen: set[tuple[str, str]] = set()
     out = []
-    for record in _unique(records):
+    for record in unique_records(records):
         cam = record["camera_id"]
         if camera_id is not None and cam != camera_id:
             continue
