@@ -13,9 +13,11 @@ an unplugged camera costs one run, not one per window forever.
   on the gateway (``drift_boost_factor`` × for ``drift_boost_minutes``); a boost with more than
   half its time left is not renewed, so a persistent drift writes one config, not one per window.
 - **significant** (≥ 0.2): also queue the camera's frames for review (``review_queue`` run
-  limited to that camera) and mark a ``learning_loop`` run as owed; it starts once the
-  reviews requested after the drift are imported (``curated_dataset`` materialized again):
-  retraining before the drifted frames are labelled would learn nothing new. At most one
+  limited to that camera) and mark a ``learning_loop`` run as owed; it starts once a review
+  import after the request has finished (a ``reviewed_labels`` materialization, written only
+  by ``review_import``, that newly imported frames, and whose run has ended): retraining
+  before the drifted frames are labelled would learn nothing new. Another run re-cutting
+  ``curated_dataset`` (a ``learning_loop`` for another camera) does not count. At most one
   such response per camera per ``drift_cooldown_minutes``.
 
 It reads ``camera_accuracy`` materializations the same way: the serving model's measured
@@ -24,6 +26,11 @@ mAP50 on a camera's reviewed frames against its benchmark (metric
 significant one queues the camera's frames and owes a ``learning_loop``, sharing the cooldown.
 
 Every run it starts carries tags naming the camera, window, metric, score and reference.
+
+Cursors are checked when read (``window_cursor``, ``drift_state``): what does not read, lies
+ahead of the clock, or (window cursor) is not a window start of the current
+``drift_window_minutes`` is logged and repaired, and expired boosts and cooldowns are
+dropped, so the state holds only what still changes a decision.
 """
 
 import json
@@ -32,8 +39,8 @@ from typing import Any
 
 import dagster as dg
 
+from assets.active_learning import reviewed_labels
 from assets.camera_accuracy import camera_accuracy
-from assets.datasets import curated_dataset
 from assets.drift import camera_drift
 from assets.partitions import camera_partitions
 from jobs import camera_drift_job, learning_loop_job, review_queue_job
@@ -43,14 +50,22 @@ from roadloop.settings import get_settings
 
 MAX_WINDOWS_PER_TICK = 8
 TAG = "roadloop/drift_"
+# How far ahead of the clock a cursor time may lie (clocks of two hosts, a tick's own delay)
+# before it is taken as written by a clock that ran ahead, and forgotten.
+CLOCK_TOLERANCE = timedelta(minutes=5)
 
 
-def window_cursor(context: dg.SensorEvaluationContext, now: datetime) -> datetime | None:
+def window_cursor(context: dg.SensorEvaluationContext, now: datetime,
+                  minutes: int | None = None) -> datetime | None:
     """``drift_window_sensor``'s cursor: the start of the last window it asked for (a time
     without a zone is taken as UTC). One that does not read as a time, or lies ahead of
     ``now`` (no window would ever close after it), is logged and dropped: the sensor starts
     over from its first-tick backfill, and run keys keep the windows already asked for from
-    running twice."""
+    running twice. One that is not a window start of ``minutes`` (written before
+    ``ROADLOOP_DRIFT_WINDOW_MINUTES`` changed) is logged and snapped down to the window of
+    that length holding it: counting on from it would name windows that are no partitions
+    (every tick would fail); the window after the snapped one, which may overlap the last
+    window scored under the old length, is scored, none is skipped."""
     if not context.cursor:
         return None
     try:
@@ -63,6 +78,11 @@ def window_cursor(context: dg.SensorEvaluationContext, now: datetime) -> datetim
         context.log.warning(f"drift_window_sensor: cursor {context.cursor[:100]!r} is not a past "
                             "window start; starting over from the last closed windows")
         return None
+    if minutes is not None and (snapped := window_start(after, minutes)) != after:
+        context.log.warning(f"drift_window_sensor: cursor {context.cursor[:100]!r} is not the "
+                            f"start of a {minutes}-minute window (the window length changed?); "
+                            f"going on from the window starting {snapped.isoformat()}")
+        return snapped
     return after
 
 
@@ -90,7 +110,7 @@ def closed_windows(now: datetime, after: datetime | None, minutes: int, grace: t
 def drift_window_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
     settings = get_settings()
     now = datetime.now(UTC)
-    after = window_cursor(context, now)
+    after = window_cursor(context, now, settings.drift_window_minutes)
     windows = closed_windows(now, after, settings.drift_window_minutes,
                              timedelta(seconds=settings.drift_grace_s))
     if not windows:
@@ -132,13 +152,28 @@ def _storage_id(value: Any) -> bool:
     return value is None or (isinstance(value, int) and not isinstance(value, bool))
 
 
-def drift_state(context: dg.SensorEvaluationContext) -> dict[str, Any]:
+def drift_state(context: dg.SensorEvaluationContext,
+                now: datetime | None = None) -> dict[str, Any]:
     """``drift_sensor``'s cursor, checked piece by piece. What does not read is logged and
     replaced by a safe default instead of failing every tick: a bad boost or cooldown time is
     forgotten (the next drifting window boosts again; the response may come early), a bad
     owed entry is dropped, and a bad position (``after``, ``accuracy_after``) restarts after
     the newest materialization there is -- not from the start, which would act again on every
-    old verdict."""
+    old verdict.
+
+    Times are checked against ``now`` (default: the clock) too. One further ahead than it can
+    be (a cooldown start after ``now``, a boost end after ``now`` + the boost length, beyond
+    ``CLOCK_TOLERANCE``: written while the clock ran ahead) is unreadable in the same way:
+    kept, it would silence the camera's response until the clock caught up. Entries that no
+    longer change a decision (a boost that has ended, a cooldown that has passed) are
+    dropped without a warning, so the cursor does not grow with every camera that ever
+    drifted."""
+    settings = get_settings()
+    now = now or datetime.now(UTC)
+    limits = {"boosted": now + timedelta(minutes=settings.drift_boost_minutes),
+              "fired": now}
+    expired = {"boosted": now,  # the boost is over
+               "fired": now - timedelta(minutes=settings.drift_cooldown_minutes)}
     raw = context.cursor
     try:
         state = json.loads(raw) if raw else {}
@@ -153,10 +188,15 @@ def drift_state(context: dg.SensorEvaluationContext) -> dict[str, Any]:
         if not isinstance(times, dict):
             problems.append(key)
             times = {}
-        good = {c: t for c, t in times.items() if _time(t) is not None}
+        read = {c: _time(t) for c, t in times.items()}
+        good = {c: t for c, t in read.items() if t is not None}
         if len(good) != len(times):
             problems.append(key)
-        state[key] = {c: _time(t).isoformat() for c, t in good.items()}  # type: ignore[union-attr]
+        ahead = sorted(c for c, t in good.items() if t > limits[key] + CLOCK_TOLERANCE)
+        if ahead:
+            problems.append(f"{key} ahead of the clock for {', '.join(ahead)}")
+        state[key] = {c: t.isoformat() for c, t in good.items()
+                      if c not in ahead and t > expired[key]}
     owed = state.get("owed", {})
     if not isinstance(owed, dict):
         problems.append("owed")
@@ -198,6 +238,32 @@ def drift_tags(m: dict[str, Any]) -> dict[str, str]:
     } | ({f"{TAG}review_export": str(m["review_export_hash"])} if "review_export_hash" in m else {})
 
 
+def last_review_import(context: dg.SensorEvaluationContext, since: float) -> float:
+    """When the newest finished review import after ``since`` (a timestamp) was recorded;
+    0.0 when there is none.
+
+    A review import is a ``reviewed_labels`` materialization: only ``review_import`` writes
+    it, so a ``curated_dataset`` cut by any other run (a ``learning_loop`` for another
+    camera, one launched by hand) is not taken for one. It counts once it newly imported
+    frames (an import whose every review was rejected brought nothing to learn from) and its
+    run has ended (its ``curated_dataset`` step may still be pushing to DVC, as in
+    ``camera_accuracy_sensor``). Which cameras' frames it imported is not asked: its
+    materialization does not record them, see docs/drift.md."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=reviewed_labels.key, after_timestamp=since),
+        limit=50, ascending=False,
+    ).records
+    for record in records:  # newest first
+        newly = _meta(record).get("newly_imported")
+        if isinstance(newly, (int, float)) and not isinstance(newly, bool) and newly <= 0:
+            continue
+        run = context.instance.get_run_by_id(record.run_id) if record.run_id else None
+        if run is not None and not run.is_finished:
+            continue
+        return record.timestamp
+    return 0.0
+
+
 @dg.sensor(
     jobs=[review_queue_job, learning_loop_job],
     minimum_interval_seconds=30,
@@ -208,7 +274,7 @@ def drift_tags(m: dict[str, Any]) -> dict[str, str]:
 def drift_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
     settings = get_settings()
     now = datetime.now(UTC)
-    state = drift_state(context)
+    state = drift_state(context, now)
     after = state.get("after")
     accuracy_after = state.get("accuracy_after")  # camera_accuracy has its own storage ids
     boosted: dict[str, str] = state.get("boosted", {})
@@ -267,8 +333,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
         notes.append(f"{camera}: significant drift ({m.get('metric')} "
                      f"{float(m.get('score') or 0):.3f}); review queue requested")
     if owed:
-        latest = context.instance.get_latest_materialization_event(curated_dataset.key)
-        imported_at = latest.timestamp if latest is not None else 0.0
+        imported_at = last_review_import(context, min(o["requested_at"] for o in owed.values()))
         ready = {c: o for c, o in owed.items() if imported_at > o["requested_at"]}
         if ready:
             first = min(ready.values(), key=lambda o: o["requested_at"])

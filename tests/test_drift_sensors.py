@@ -363,8 +363,8 @@ def test_significant_drift_queues_that_cameras_frames_then_cools_down(
 def test_learning_loop_waits_for_the_reviews_imported_after_the_drift(
         instance: dg.DagsterInstance, clock: Clock, probe: str) -> None:
     tick = Ticker(instance, StubFleet(probe=probe))
-    # a curated dataset cut before the drift does not hold its frames' reviews
-    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="curated_dataset"))
+    # a review import before the drift does not hold its frames' reviews
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="reviewed_labels"))
     clock.now = datetime.now(UTC)
     report_drift(instance, "cam-a", W[0], "significant", 0.5, metric="embeddings",
                  reference_id="refA")
@@ -374,8 +374,8 @@ def test_learning_loop_waits_for_the_reviews_imported_after_the_drift(
     assert isinstance(waiting, dg.SkipReason)
     assert "owed learning_loop for ['cam-a']" in waiting.skip_message
 
-    # the reviews are imported (curated_dataset cut again): the loop starts, once
-    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="curated_dataset"))
+    # the reviews are imported (reviewed_labels materialized): the loop starts, once
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="reviewed_labels"))
     (loop,) = tick()
     assert loop.job_name == "learning_loop"
     assert loop.run_key.startswith("drift-loop|cam-a|")

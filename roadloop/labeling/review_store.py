@@ -102,6 +102,17 @@ def pending_key(sample_ids: Iterable[str]) -> str:
     return hashlib.sha1("\n".join(sorted(sample_ids)).encode()).hexdigest()[:16]
 
 
+def review_mark(modified: dict[str, Any]) -> str:
+    """A stable key for the state of a set of pending samples: their ids and when each was
+    last modified (``ReviewStore.pending_reviews_modified``). Unlike ``pending_key`` it
+    changes when a sample of the same set is edited or tagged again (a review rejected on
+    import, fixed and finished again), and only then."""
+    text = "\n".join(
+        f"{sid}@{'' if t is None else t.isoformat()}" for sid, t in sorted(modified.items())
+    )
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 class ReviewStore:
     """The persistent FiftyOne review dataset (see ``review_dataset``) and its workflow."""
 
@@ -339,6 +350,14 @@ class ReviewStore:
         ds = self.dataset()
         view = ds.match_tags(TAG_REVIEWED).match_tags(TAG_IMPORTED, bool=False)
         return sorted(view.values("id"))
+
+    def pending_reviews_modified(self) -> dict[str, Any]:
+        """The pending samples (as ``pending_reviews``) with when each was last modified
+        (FiftyOne's ``last_modified_at``, a naive UTC datetime; None where unset)."""
+        ds = self.dataset()
+        view = ds.match_tags(TAG_REVIEWED).match_tags(TAG_IMPORTED, bool=False)
+        ids, times = view.values(["id", "last_modified_at"])
+        return dict(sorted(zip(ids, times, strict=True)))
 
     def reviewed_frame_keys(self) -> set[str]:
         """Frame keys already reviewed or imported (not candidates for a new batch), and
