@@ -20,6 +20,7 @@ from roadloop.data.frames import (
     summarize_partition,
 )
 from roadloop.fsutil import write_text_atomic
+from roadloop.markdown import md_cell
 
 from . import groups
 from .partitions import camera_partitions
@@ -108,7 +109,7 @@ def sampled_edge_frames(
             "frames_by_reason": dg.MetadataValue.json(reasons),
             "frames_by_reason_table": dg.MetadataValue.md(
                 "| reason | frames |\n|---|---|\n"
-                + "\n".join(f"| {r} | {n} |" for r, n in sorted(reasons.items()))
+                + "\n".join(f"| {md_cell(r)} | {n} |" for r, n in sorted(reasons.items()))
             ),
             "summary": dg.MetadataValue.json(json.loads(summary.model_dump_json())),
             "index": dg.MetadataValue.path(str(index_path)),

@@ -41,6 +41,9 @@ def _metadata(report: Any, cameras: list[str]) -> dict[str, Any]:
         "volumes": dg.MetadataValue.md(report.volume_table_md if report.records
                                        else "No traffic records for this day."),
         "plots": len(report.plots),
+        # cameras whose records fit no bucket of the report (intervals the agents never
+        # send): left out with the reason, the other cameras reported
+        "left_out": dg.MetadataValue.json(report.left_out),
     }
     for label, vehicles in report.line_totals.items():
         metadata[f"vehicles/{label}"] = vehicles  # one series per line in the asset's plots
@@ -83,6 +86,8 @@ def traffic_counts(
     except ValueError as exc:  # a bucket that does not tile the day
         raise dg.Failure(f"traffic report of {day}: {exc}", allow_retries=False) from exc
     cameras = wanted or sorted({r["camera_id"] for r in records})
+    for cam, why in sorted(report.left_out.items()):
+        context.log.warning(f"traffic {day}: camera {cam} left out of the report: {why}")
     context.log.info(
         f"traffic {day}: {report.records} records of {len(cameras)} camera(s), "
         f"{report.total_vehicles} vehicles, {report.events_count} events -> {report.markdown}"

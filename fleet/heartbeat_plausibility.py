@@ -17,7 +17,9 @@ something a device could have done, or one device could skew what the platform c
   ``rollout_id`` and ``update_status``: rollout health matches on them;
 * the per-frame histograms drift monitoring reads (``FRAME_HISTOGRAMS``), when present, are
   ``{bin_edges: increasing finite numbers, counts: one integer >= 0 per bin}`` whose counts
-  sum to at most ``frames_processed`` (one value per frame; absent means 0).
+  sum to at most ``frames_processed`` (one value per frame; absent means 0), and whose edges
+  lie in the quantity's physical range (``roadloop.monitoring.features.EDGE_RANGES``:
+  brightness 0..256, sharpness 0..10, detections 0..1000), the one drift monitoring reads by.
 
 ``heartbeat_problems`` returns one message per violation, each naming its field: the route
 refuses such a heartbeat with 422 (``fleet.schemas.HeartbeatIn``), and rollout health skips
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleet.config import HEARTBEAT_MAX_FPS, HEARTBEAT_MAX_WINDOW_S
+from roadloop.monitoring.features import edges_problem
 
 # The indexed count columns are 32-bit integers (PostgreSQL INTEGER).
 MAX_COUNT = 2**31 - 1
@@ -116,6 +119,10 @@ def _histogram(c: _Checker, payload: dict[str, Any], key: str, frames: int | Non
     if not all(_is_number(e) and math.isfinite(e) for e in edges) or any(
             a >= b for a, b in itertools.pairwise(edges)):
         c.problems.append(f"{key}.bin_edges must be finite numbers in increasing order")
+        return
+    problem = edges_problem(key, edges)
+    if problem is not None:
+        c.problems.append(f"{key}.bin_edges: {problem}")
         return
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
         c.problems.append(f"{key}.counts must be integer counts >= 0")

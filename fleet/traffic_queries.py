@@ -8,7 +8,11 @@ zone statistics — is ``roadloop.traffic.rollups``, the same code the daily rep
 the two never disagree. A query that would read more than ``MAX_ROWS`` rows is a 422 asking
 for a narrower range; so is a ``bucket_s`` that does not hold whole records of the range
 (``rollups.check_intervals``: 60 s buckets over an agent's 900 s records would put each
-record's vehicles in one minute and read them as that minute's flow).
+record's vehicles in one minute and read them as that minute's flow). Without ``camera_id``,
+the cameras whose records do not fit the bucket are left out of the answer and named in the
+``X-Traffic-Left-Out`` header (``camera: N s intervals``), so one camera's records (60 s
+buckets over its 900 s intervals, or a length an older gateway took) do not make the query a
+422 for every camera; it is a 422 when no camera's records fit, or for a camera asked by name.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import AfterValidator
 from sqlalchemy import Select
 
@@ -39,6 +43,8 @@ from fleet.traffic_schemas import (
 from roadloop.traffic import rollups
 
 MAX_ROWS = 200_000
+LEFT_OUT_HEADER = "X-Traffic-Left-Out"
+_LEFT_OUT_NAMED = 20  # cameras named in the header; the rest counted
 
 
 def _bucket(value: int) -> int:
@@ -68,6 +74,24 @@ def _rollup(compute: Callable[[], list[Any]]) -> list[Any]:
         return compute()
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
+
+
+def _fitting(records: list[dict[str, Any]], bucket_s: int, camera_id: str | None,
+             response: Response) -> list[dict[str, Any]]:
+    """``records`` less those of the cameras whose records ``bucket_s`` cannot hold whole,
+    named in the ``X-Traffic-Left-Out`` header; unchanged for a camera asked by name, or when
+    no camera's records fit (then the rollup's 422 says which bucket to ask for)."""
+    if camera_id is not None:
+        return records
+    unfit = rollups.unfitting_cameras(records, bucket_s)
+    kept = [r for r in records if r["camera_id"] not in unfit]
+    if not unfit or not kept:
+        return records
+    named = [f"{cam}: {unfit[cam]} s intervals" for cam in sorted(unfit)[:_LEFT_OUT_NAMED]]
+    if len(unfit) > _LEFT_OUT_NAMED:
+        named.append(f"{len(unfit) - _LEFT_OUT_NAMED} more")
+    response.headers[LEFT_OUT_HEADER] = "; ".join(named)
+    return kept
 
 
 def _window(q: Select[Any], column: Any, camera: Any, camera_id: str | None,
@@ -101,6 +125,7 @@ def as_records(rows: Iterable[Any], key: str, item: Any) -> list[dict[str, Any]]
 def traffic_counts(
     principal: AdminPrincipal,
     gw: GatewayDep,
+    response: Response,
     camera_id: CameraQuery = None,
     line: Annotated[GeometryName | None, Query()] = None,
     direction: Annotated[Label | None, Query()] = None,
@@ -122,6 +147,7 @@ def traffic_counts(
     records = as_records(_fetch(gw, q), "lines", lambda r: {
         "line": r.line, "direction": r.direction, "class_name": r.class_name,
         "count": r.count, "pcu": r.pcu, "speeds_kmh": r.speeds_kmh})
+    records = _fitting(records, bucket_s, camera_id, response)
     volumes = _rollup(lambda: rollups.line_volumes(records, bucket_s))
     return [LineVolumeOut(**v.to_dict()) for v in volumes]
 
@@ -130,6 +156,7 @@ def traffic_counts(
 def traffic_zones(
     principal: AdminPrincipal,
     gw: GatewayDep,
+    response: Response,
     camera_id: CameraQuery = None,
     zone: Annotated[GeometryName | None, Query()] = None,
     since: SinceQuery = None,
@@ -142,7 +169,8 @@ def traffic_zones(
     q = _window(t.__table__.select(), t.interval_start, t.camera_id, camera_id, since, until)
     if zone is not None:
         q = q.where(t.zone == zone)
-    records = as_records(_fetch(gw, q), "zones", lambda r: r.stats)
+    records = _fitting(as_records(_fetch(gw, q), "zones", lambda r: r.stats), bucket_s,
+                       camera_id, response)
     zones = _rollup(lambda: rollups.zone_stats(records, bucket_s))
     return [ZoneBucketOut(**z.to_dict()) for z in zones]
 

@@ -5,6 +5,9 @@ An interval record is one camera's counts for one interval (``docs/fleet-api.md`
 anything is stored: row counts (lines ≤ 64 × 2 directions × 32 classes, zones ≤ 64, events ≤
 200, speeds and dwell times ≤ 1000 per row), strings ≤ 64 characters (``detail`` ≤ 500),
 numbers finite and ≥ 0, speeds ≤ 400 km/h, ``covered_s ≤ interval_s``, unknown keys refused.
+``interval_s`` is one the agent can produce (``edge_agent.traffic.geometry.INTERVALS_S``: 60,
+300 or 900 s, the rule of the camera configuration's ``traffic.interval_s``): any other length
+(7 s) fits no bucket of whole records that tiles a day, and the rollups could not place it.
 Ids are the posting camera's own, in exactly the form the agent writes them
 (``edge_agent.traffic.intervals``): ``record_id`` is ``<camera_id>.<interval_start, unix
 s>.<agent run, ms>``, ``event_id`` is ``<camera_id>.ev.<agent run, ms>.<sequence>``.
@@ -25,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from edge_agent.traffic.geometry import INTERVALS_S
 from fleet.bounds import INT32_MAX, Count, EventTime, Name, PlainText
 from roadloop.data.frames import FrameId
 
@@ -54,6 +58,18 @@ ZoneState = Literal["normal", "warning", "heavy", "jam"]
 EventKind = Literal["jam", "jam_cleared", "stopped_vehicle", "wrong_way"]
 BUCKETS_S = (60, 900, 3600)
 UtcEventTime = Annotated[EventTime, AfterValidator(lambda v: v.astimezone(UTC))]
+
+
+def _agent_interval(value: int) -> int:
+    if value not in INTERVALS_S:
+        raise ValueError(f"interval_s must be one of {list(INTERVALS_S)} (the agent's "
+                         f"traffic.interval_s, edge_agent.traffic.geometry), got {value}")
+    return value
+
+
+IntervalSeconds = Annotated[int, Field(ge=1, le=MAX_INTERVAL_S,
+                                       json_schema_extra={"enum": list(INTERVALS_S)}),
+                            AfterValidator(_agent_interval)]
 
 
 class _Strict(BaseModel):
@@ -124,7 +140,7 @@ class TrafficIntervalIn(_Strict):
                                 "start, unix ms>': unique per camera, interval and agent run.")
     camera_id: FrameId
     interval_start: UtcEventTime
-    interval_s: Annotated[int, Field(ge=1, le=MAX_INTERVAL_S)]
+    interval_s: IntervalSeconds
     covered_s: Annotated[float, Field(ge=0.0, le=MAX_INTERVAL_S, allow_inf_nan=False)]
     frames: Count
     config_version: Annotated[int, Field(ge=0, le=INT32_MAX)]

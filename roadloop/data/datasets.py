@@ -58,6 +58,7 @@ from roadloop.data.label_checks import (
 from roadloop.data.splits import is_replay_frame
 from roadloop.errors import EmptyDatasetError, InvalidInputError, MissingDataError
 from roadloop.fsutil import swap_dir_into_place, write_text_atomic
+from roadloop.markdown import md_cell
 from roadloop.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -299,7 +300,7 @@ def _quarantine_md(records: list[QuarantineRecord], reasons: Counter) -> str:
     lines += [f"| {r} | {n} |" for r, n in sorted(reasons.items())]
     lines += ["", "| source | split | file | line | reason | detail |", "|---|---|---|---|---|---|"]
     for r in records:
-        detail = r.detail.replace("|", "\\|").replace("\n", " ")
+        detail = md_cell(r.detail)
         lines.append(
             f"| {r.source} | {r.split} | `{r.file}` | {r.line or ''} | {r.reason} | {detail} |"
         )

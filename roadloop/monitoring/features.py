@@ -23,7 +23,8 @@ means the same for every feature and does not depend on how noisy a camera's ref
 Heartbeats are checked field by field: a malformed or absurd histogram (wrong length,
 negative or non-integer counts, edges that differ from the window's others, more frames
 than the heartbeat processed, or a per-frame histogram in a heartbeat whose
-``frames_processed`` is missing or absurd, so that bound cannot be checked) is left out of
+``frames_processed`` is missing or absurd, so that bound cannot be checked, edges outside the
+feature's physical range ``EDGE_RANGES`` or that give no finite [0, 1] scale) is left out of
 that feature with a reason, never guessed.
 """
 
@@ -45,6 +46,31 @@ LOW_CONFIDENCE_BELOW = 0.5
 _MAX_COUNT = 10**9  # per bin per heartbeat: far beyond any real window
 MAX_BOXES_PER_FRAME = 300
 """The agent keeps at most 300 boxes a frame (its NMS ``max_det``): more is not a real count."""
+
+EDGE_RANGES: dict[str, tuple[float, float]] = {
+    # mean grey level of an 8-bit frame, 0..255; the agent's last edge is 256 (the right edge
+    # of its last bin, edge_agent.heartbeat.BRIGHTNESS_BIN_EDGES)
+    "brightness_histogram": (0.0, 256.0),
+    # log10(1 + variance of the Laplacian) of an 8-bit grey frame: under 7 whatever the
+    # kernel (the agent's edges span 0..5)
+    "sharpness_histogram": (0.0, 10.0),
+    # boxes per frame: a count, so >= 0; the agent's edges end at 100 and keep 300 a frame
+    "detections_histogram": (0.0, 1000.0),
+    "confidence_histogram": (0.0, 1.0),  # a box's confidence
+}
+"""The physical range of each heartbeat histogram's bin edges: the drift monitor leaves out a
+histogram with an edge outside it (a ``log1p`` of -1, midpoints of 1e308 edges: no scale),
+and the gateway refuses it (``fleet.heartbeat_plausibility``, the per-frame histograms)."""
+
+
+def edges_problem(field: str, edges: list[float]) -> str | None:
+    """Why finite, increasing ``edges`` of heartbeat histogram ``field`` are outside its
+    physical range (``EDGE_RANGES``), or None."""
+    lo, hi = EDGE_RANGES[field]
+    if edges[0] < lo or edges[-1] > hi:
+        return (f"edges must lie within [{lo:g}, {hi:g}] (got {edges[0]:g} .. "
+                f"{edges[-1]:g})")
+    return None
 
 
 @dataclass(frozen=True)
@@ -153,7 +179,9 @@ def finite_number(v: Any) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def _histogram(raw: Any, frames: int | None, unit: str) -> tuple[Histogram | None, str | None]:
+def _histogram(raw: Any, frames: int | None,
+               feature: HistogramFeature) -> tuple[Histogram | None, str | None]:
+    unit = feature.unit
     if raw is None:
         return None, "absent"
     if not isinstance(raw, Mapping):
@@ -169,6 +197,13 @@ def _histogram(raw: Any, frames: int | None, unit: str) -> tuple[Histogram | Non
     ea = np.asarray(e, dtype=np.float64)
     if not np.all(np.diff(ea) > 0):
         return None, "edges not increasing"
+    problem = edges_problem(feature.field, ea.tolist())
+    if problem is not None:
+        return None, problem
+    with np.errstate(all="ignore"):
+        scale = feature.unit_values(ea)
+    if not (np.all(np.isfinite(scale)) and np.all((scale >= -1e-9) & (scale <= 1.0 + 1e-9))):
+        return None, "edges give no finite [0, 1] scale"
     if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= _MAX_COUNT
                for c in counts):
         return None, "counts must be non-negative integers"
@@ -197,7 +232,7 @@ def window_features(heartbeats: Iterable[Mapping[str, Any]]) -> WindowFeatures:
         else:
             out.frames += frames
         for feat in NUMERIC_FEATURES:
-            hist, why = _histogram(hb.get(feat.field), frames, feat.unit)
+            hist, why = _histogram(hb.get(feat.field), frames, feat)
             if hist is None:
                 if why != "absent":
                     out.skipped.append(f"#{i}: {feat.field}: {why}")

@@ -8,6 +8,7 @@ global state. A day without records gives a report that says so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import defaultdict
@@ -20,18 +21,21 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from roadloop.fsutil import swap_dir_into_place, temp_sibling
+from roadloop.markdown import md_cell
 from roadloop.traffic.rollups import (
     STATES,
     LineVolume,
     Record,
     ZoneBucket,
     ZoneTimeline,
+    check_bucket,
     congestion_timeline,
     coverage,
     events,
     fitting_bucket,
     in_window,
     line_volumes,
+    unfitting_cameras,
     unique_records,
     zone_stats,
 )
@@ -48,6 +52,14 @@ _DASH = "–"
 
 LineKey = tuple[str, str, str]  # camera, line, direction
 
+# A plot's cost grows with what it draws (one subplot per line and direction): it draws the
+# lines with the most vehicles, the classes with the most vehicles (the rest as "other") and
+# the most congested zones, and the report names what it left out. The tables stay complete.
+MAX_PLOTTED_LINES = 12
+MAX_PLOTTED_CLASSES = 9
+MAX_PLOTTED_ZONES = 24
+OTHER_CLASSES = "other"
+
 
 @dataclass(frozen=True)
 class DailyReport:
@@ -63,6 +75,9 @@ class DailyReport:
     events_count: int
     volume_table_md: str
     plots: tuple[Path, ...] = field(default_factory=tuple)
+    # camera -> why its records are in no figure of the report (intervals that do not fit)
+    left_out: dict[str, str] = field(default_factory=dict)
+    not_plotted: tuple[str, ...] = field(default_factory=tuple)  # lines and zones, by label
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,7 +85,8 @@ class DailyReport:
             "day": self.day.isoformat(), "records": self.records,
             "total_vehicles": self.total_vehicles, "total_pcu": self.total_pcu,
             "line_totals": self.line_totals, "events_count": self.events_count,
-            "plots": [p.name for p in self.plots],
+            "plots": [p.name for p in self.plots], "left_out": self.left_out,
+            "not_plotted": list(self.not_plotted),
         }
 
 
@@ -93,9 +109,35 @@ def _f(value: float | None, digits: int = 1) -> str:
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    """A markdown table; every cell escaped (``md_cell``): labels and details are the agents'."""
+    lines = ["| " + " | ".join(md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _names(labels: Iterable[str]) -> str:
+    """Labels for a sentence of the report (escaped like a cell: one line, no table)."""
+    return ", ".join(md_cell(label) for label in labels)
+
+
+def _plotted_lines(volumes: list[LineVolume]) -> tuple[list[LineKey], list[LineKey]]:
+    """(the lines the plots draw: the ``MAX_PLOTTED_LINES`` with the most vehicles, in key
+    order; the others, most vehicles first)."""
+    vehicles: dict[LineKey, int] = defaultdict(int)
+    for v in volumes:
+        vehicles[(v.camera_id, v.line, v.direction)] += v.count
+    ranked = sorted(vehicles, key=lambda k: (-vehicles[k], k))
+    return sorted(ranked[:MAX_PLOTTED_LINES]), ranked[MAX_PLOTTED_LINES:]
+
+
+def _plotted_zones(timelines: list[ZoneTimeline]) -> tuple[list[ZoneTimeline], list[str]]:
+    """(the ``MAX_PLOTTED_ZONES`` zones longest at warning or worse, in camera/zone order;
+    the others' labels)."""
+    def congested(t: ZoneTimeline) -> float:
+        return sum((s.end - s.start).total_seconds() for s in t.segments if s.state != "normal")
+    ranked = sorted(timelines, key=lambda t: (-congested(t), t.camera_id, t.zone))
+    kept = sorted(ranked[:MAX_PLOTTED_ZONES], key=lambda t: (t.camera_id, t.zone))
+    return kept, [f"{t.camera_id}/{t.zone}" for t in ranked[MAX_PLOTTED_ZONES:]]
 
 
 # --------------------------------------------------------------------------- tables
@@ -245,7 +287,19 @@ def _plot_volumes(volumes: list[LineVolume], start: datetime, path: Path, bucket
     import matplotlib.dates as mdates
 
     keys = sorted({(v.camera_id, v.line, v.direction) for v in volumes})
-    classes = sorted({v.class_name for v in volumes})
+    per_class: dict[str, int] = defaultdict(int)
+    for v in volumes:
+        per_class[v.class_name] += v.count
+    classes = sorted(per_class)
+    if len(classes) > MAX_PLOTTED_CLASSES + 1:  # the rest drawn as one class
+        ranked = sorted(per_class, key=lambda c: (-per_class[c], c))
+        kept = sorted(ranked[:MAX_PLOTTED_CLASSES])
+        other = f"{OTHER_CLASSES} ({len(ranked) - len(kept)} classes)"
+        while other in per_class:  # an agent's class of that name stays its own
+            other += "'"
+        volumes = [v if v.class_name in kept else dataclasses.replace(v, class_name=other)
+                   for v in volumes]
+        classes = [*kept, other]
     colours = {c: f"C{i % 10}" for i, c in enumerate(classes)}
     fig = _figure(len(keys))
     axes = np.atleast_1d(fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0])
@@ -256,7 +310,10 @@ def _plot_volumes(volumes: list[LineVolume], start: datetime, path: Path, bucket
         xs = mdates.date2num(x)
         bottom = np.zeros(len(x))
         for cls in classes:
-            by_start = {v.bucket_start: v.count for v in rows if v.class_name == cls}
+            by_start: dict[datetime, int] = defaultdict(int)
+            for v in rows:
+                if v.class_name == cls:
+                    by_start[v.bucket_start] += v.count
             heights = np.array([by_start.get(t, 0) for t in x], dtype=float)
             if heights.any():
                 ax.bar(xs, heights, width=width, bottom=bottom, align="edge",
@@ -326,17 +383,33 @@ def _plot_congestion(timelines: list[ZoneTimeline], start: datetime, path: Path)
 
 
 def _markdown(day: date, cameras: Sequence[str], records: list[Record], bucket_s: int,
-              volume_md: str, volumes: list[LineVolume], plots: dict[str, Path]) -> str:
+              volume_md: str, volumes: list[LineVolume], plots: dict[str, Path],
+              left_out: dict[str, str], not_plotted: list[LineKey],
+              zones_not_plotted: list[str]) -> str:
     start, _ = day_window(day)
     out = [f"# Traffic report {day.isoformat()} (UTC)", ""]
     out.append(f"Cameras: {', '.join(cameras) if cameras else _DASH}.")
+    if records:
+        watched = coverage(records, 86400)
+        out.append("Watched: " + ", ".join(
+            f"{cam} {_duration(watched.get((cam, start), 0.0))}" for cam in cameras) + ".")
+    for cam, why in sorted(left_out.items()):
+        out += ["", f"**Warning: camera {cam} is left out of this report**: {md_cell(why)}."]
+    if not_plotted:
+        out += ["", (f"The line plots draw the {MAX_PLOTTED_LINES} lines/directions with the "
+                     f"most vehicles; {len(not_plotted)} more are in the tables only (not "
+                     f"plotted): {_names(_label(k) for k in not_plotted)}.")]
+    if zones_not_plotted:
+        out += ["", (f"The congestion plot draws the {MAX_PLOTTED_ZONES} zones longest at "
+                     f"warning or worse; {len(zones_not_plotted)} more are in the tables only "
+                     f"(not plotted): {_names(zones_not_plotted)}.")]
+    if not records and left_out:
+        out += ["", "**No traffic records this report can count for this day** (see above)."]
+        return "\n".join(out) + "\n"
     if not records:
         out += ["", ("**No traffic records for this day.** The cameras sent no interval "
                 "records for it (not running, no `traffic` section, or not yet uploaded).")]
         return "\n".join(out) + "\n"
-    watched = coverage(records, 86400)
-    out.append("Watched: " + ", ".join(
-        f"{cam} {_duration(watched.get((cam, start), 0.0))}" for cam in cameras) + ".")
     out += ["", "## Vehicles per line and class", "", volume_md, ""]
     if "volumes" in plots:
         out += [f"![volumes]({plots['volumes'].name})", ""]
@@ -357,7 +430,8 @@ def _markdown(day: date, cameras: Sequence[str], records: list[Record], bucket_s
         rows = [[_label(k), len(s), *(f"{q:.1f}" for q in np.percentile(s, [50, 85]))]
                 for k, s in speeds.items()]
         out += [_table(["line", "vehicles with a speed", "median km/h", "p85 km/h"], rows), ""]
-        out += [f"![speeds]({plots['speeds'].name})", ""]
+        if "speeds" in plots:
+            out += [f"![speeds]({plots['speeds'].name})", ""]
     zones = zone_stats(records, 86400)
     if zones:
         out += ["## Zones", "", _zone_table(zones), ""]
@@ -367,14 +441,15 @@ def _markdown(day: date, cameras: Sequence[str], records: list[Record], bucket_s
                 if congested else ("None: no interval in which a zone spent most of its time at "
                                    "warning or worse (brief spells show as the zones' worst "
                                    "state above)."), ""]
-        out += [f"![congestion]({plots['congestion'].name})", ""]
+        if "congestion" in plots:
+            out += [f"![congestion]({plots['congestion'].name})", ""]
     evs = events(records)
     out += [f"## Events ({len(evs)})", ""]
     if evs:
         out.append(_table(
             ["time (UTC)", "camera", "kind", "zone/line", "duration s", "frame", "detail"],
             [[e.at.strftime("%H:%M:%S"), e.camera_id, e.kind, e.zone or e.line or _DASH,
-              _f(e.duration_s), e.frame_id or _DASH, (e.detail or "").replace("|", "/")]
+              _f(e.duration_s), e.frame_id or _DASH, e.detail or ""]
              for e in evs]))
     else:
         out.append("None.")
@@ -400,7 +475,16 @@ def write_daily_report(
         chosen = [r for r in chosen if r["camera_id"] in set(cameras)]
     names = sorted(set(cameras) if cameras is not None else {r["camera_id"] for r in chosen})
     # Buckets hold whole records (rollups.check_intervals): wider than asked only for a
-    # record longer than the bucket, which the agents' intervals never are at 900 s.
+    # record longer than the bucket, which the agents' intervals never are at 900 s. A
+    # camera whose intervals fit no bucket that tiles a day (records an older gateway took)
+    # is left out with a warning: it must not stop the report of every other camera.
+    unfit = unfitting_cameras(chosen, check_bucket(bucket_s), widen=True)
+    left_out = {cam: (f"its {interval} s intervals fit no bucket of whole records that tiles "
+                      f"a day with the report's {bucket_s} s buckets (the agents send 60, "
+                      "300 or 900 s); none of its records is counted here")
+                for cam, interval in unfit.items()}
+    chosen = [r for r in chosen if r["camera_id"] not in unfit]
+    names = [n for n in names if n not in unfit]
     bucket_s = fitting_bucket(chosen, bucket_s)
     volumes = line_volumes(chosen, bucket_s)
     volume_md, totals, vehicles, pcu = volume_table(volumes)
@@ -411,27 +495,32 @@ def write_daily_report(
     tmp.mkdir()
     try:
         plots: dict[str, Path] = {}
+        plotted, not_plotted = _plotted_lines(volumes)
+        drawn = set(plotted)
         if volumes:
             plots["volumes"] = tmp / VOLUMES_PNG
-            _plot_volumes(volumes, start, plots["volumes"], bucket_s)
+            _plot_volumes([v for v in volumes if (v.camera_id, v.line, v.direction) in drawn],
+                          start, plots["volumes"], bucket_s)
             flow = _hourly_flow(chosen)
             plots["flow"] = tmp / PCU_FLOW_PNG
-            _plot_flow(flow, start, plots["flow"])
-        speeds = _pooled_speeds(chosen)
+            _plot_flow({k: f for k, f in flow.items() if k in drawn}, start, plots["flow"])
+        speeds = {k: s for k, s in _pooled_speeds(chosen).items() if k in drawn}
         if speeds:
             plots["speeds"] = tmp / SPEEDS_PNG
             _plot_speeds(speeds, plots["speeds"])
-        timelines = congestion_timeline(chosen)
+        timelines, zones_not_plotted = _plotted_zones(congestion_timeline(chosen))
         if timelines:
             plots["congestion"] = tmp / CONGESTION_PNG
             _plot_congestion(timelines, start, plots["congestion"])
-        text = _markdown(day, names, chosen, bucket_s, volume_md, volumes, plots)
+        text = _markdown(day, names, chosen, bucket_s, volume_md, volumes, plots, left_out,
+                         not_plotted, zones_not_plotted)
         (tmp / MARKDOWN_NAME).write_text(text, encoding="utf-8")
         report = DailyReport(
             folder=folder, markdown=folder / MARKDOWN_NAME, day=day, records=len(chosen),
             total_vehicles=vehicles, total_pcu=round(pcu, 6), line_totals=totals,
             events_count=len(evs), volume_table_md=volume_md,
-            plots=tuple(folder / p.name for p in plots.values()),
+            plots=tuple(folder / p.name for p in plots.values()), left_out=left_out,
+            not_plotted=(*(_label(k) for k in not_plotted), *zones_not_plotted),
         )
         summary = {**report.to_dict(), "cameras": names,
                    "generated_at": datetime.now(UTC).isoformat()}

@@ -76,6 +76,32 @@ def fitting_bucket(records: Iterable[Record], bucket_s: int) -> int:
     return check_bucket(out)
 
 
+def unfitting_cameras(records: Iterable[Record], bucket_s: int, *, widen: bool = False
+                      ) -> dict[str, int]:
+    """The cameras whose records do not fit ``bucket_s``, each with the first ``interval_s``
+    that does not: one camera's records must not stop the answer for every camera.
+
+    ``widen=False``: the interval must divide ``bucket_s`` (``check_intervals``, the gateway's
+    queries); ``widen=True``: the camera's intervals and ``bucket_s`` must have a least
+    common multiple that tiles a day (``fitting_bucket``, the daily report)."""
+    bucket_s = check_bucket(bucket_s)
+    widened: dict[str, int] = {}
+    out: dict[str, int] = {}
+    for record in records:
+        cam = record["camera_id"]
+        interval = record.get("interval_s")
+        if not interval or cam in out:
+            continue
+        interval = int(interval)
+        if widen:
+            widened[cam] = math.lcm(widened.get(cam, bucket_s), interval)
+            if DAY_S % widened[cam]:
+                out[cam] = interval
+        elif bucket_s % interval:
+            out[cam] = interval
+    return out
+
+
 def parse_time(value: str | datetime) -> datetime:
     """An aware UTC datetime from an ISO-8601 string or a datetime (naive means UTC)."""
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
