@@ -661,16 +661,18 @@ class EdgeAgent:
         self.frame_uploader = uploader = FrameUploader(
             self.client, self.outbox, batch_max=self.config.upload_batch_max,
             events=AgentUploadEvents(self), kill_after_acks=self._kill_after)
-        pause_until = 0.0
+        # The pause is kept on the monotonic clock: a wall clock stepped back during it (NTP
+        # after a boot with a wrong RTC) must not hold every upload for the step's length.
+        pause_until = 0.0  # time.monotonic()
         failures = 0  # rounds in a row that raised
         while not self._uploads_stop.is_set():
-            now = time.time()
-            if now < pause_until:
-                self._wake_uploader.wait(min(pause_until - now, 0.5))
+            left = pause_until - time.monotonic()
+            if left > 0:
+                self._wake_uploader.wait(min(left, 0.5))
                 self._wake_uploader.clear()
                 continue
             try:
-                pause = self._upload_round(uploader, now)
+                pause = self._upload_round(uploader, time.time())
                 failures = 0
             except Exception as exc:  # the uploader thread must never die
                 pause = self.outbox.backoff.ceiling(failures)
@@ -681,7 +683,7 @@ class EdgeAgent:
                              type(exc).__name__, str(exc)[:300], pause, exc_info=failures == 1)
             if pause is not None:
                 pause = bounded_retry_after(pause)  # never inf, never years
-                pause_until = time.time() + pause
+                pause_until = time.monotonic() + pause
 
     def _upload_round(self, uploader: FrameUploader, now: float) -> float | None:
         """One pass of the uploader: due traffic records, then due frames. Returns the pause
@@ -767,10 +769,15 @@ class EdgeAgent:
                     rollout = self.updater.heartbeat_fields()  # may roll back a bad model
                 except Exception as exc:  # noqa: BLE001 - telemetry must never stop the agent
                     logger.error("rollout status unavailable: %s", exc)
+            records = getattr(self, "records", None)
             hb = self.telemetry.build(
                 outbox_depth=self.outbox.depth(),
                 outbox_bytes=self.outbox.total_bytes(),
                 outbox_evicted_total=self.outbox.evicted_total,
+                # traffic records dropped from the full record outbox: holes in the counts
+                record_outbox_depth=records.depth() if records is not None else None,
+                record_outbox_evicted_total=(records.counter("evicted")
+                                             if records is not None else None),
                 device_id=ident.device_id if ident else "",
                 agent_version=agent_version(),
                 model_version=self.slot.sha256,

@@ -8,7 +8,9 @@ The device identity (device id, access and refresh tokens, their expiry) is pers
 so a restarted agent keeps its identity and the one-time enrollment token is needed once.
 The access token is refreshed shortly before it expires (``refresh_margin_s``, at most a tenth
 of its lifetime) and again on a 401; refresh tokens
-rotate, so the new pair is persisted before it is used.
+rotate, so the new pair is saved (with a directory fsync) as soon as it arrives; a save that
+fails (disk full) is logged and retried before each authorised request, the pair kept in
+memory meanwhile (the gateway has already rotated the old one away).
 
 Outcomes the caller acts on (``UploadOutcome.kind``):
 
@@ -135,7 +137,9 @@ class DeviceIdentity:
     def save(self, state_dir: Path) -> Path:
         state_dir.mkdir(parents=True, exist_ok=True)
         target = state_dir / IDENTITY_FILE
-        write_text_atomic(target, json.dumps(asdict(self), indent=2), mode=0o600)
+        # sync_dir: the rename itself survives a power cut (a rotated refresh token that came
+        # back as the previous one after a reboot would be reuse: the gateway revokes the device)
+        write_text_atomic(target, json.dumps(asdict(self), indent=2), mode=0o600, sync_dir=True)
         return target
 
     @classmethod
@@ -563,6 +567,10 @@ class GatewayClient:
                                   transport=transport or _deadline_transport())
         self._lock = threading.RLock()
         self.identity = DeviceIdentity.load(self.state_dir)
+        # The in-memory identity differs from identity.json (a save after a token refresh
+        # failed, e.g. the disk was full): saved again before each authorised request.
+        self._identity_dirty = False
+        self.identity_save_error: str | None = None  # the last failed save, None once saved
 
     # ------------------------------------------------------------------ enrollment
     @property
@@ -632,7 +640,8 @@ class GatewayClient:
 
     # ------------------------------------------------------------------ tokens
     def refresh(self) -> None:
-        """Rotate the token pair (persisted before use). Raises ``AuthError`` when refused."""
+        """Rotate the token pair (saved at once; a failed save is retried before each authorised
+        request, see ``_save_identity_if_dirty``). Raises ``AuthError`` when refused."""
         with self._lock:
             ident = self._require_identity()
             try:
@@ -653,12 +662,44 @@ class GatewayClient:
             # Read and check the whole answer before touching the identity: a half-applied
             # pair (in memory, not saved) would leave identity.json with a rotated-away token.
             access, refresh_token, expires_in = _token_pair(resp)
+            # The gateway has rotated the pair: the old refresh token is dead from here on, so
+            # the new one is kept in memory even when it cannot be saved (disk full), and the
+            # save is retried before each authorised request (``_save_identity_if_dirty``).
             ident.access_token = access
             ident.refresh_token = refresh_token
             ident.expires_at = time.time() + expires_in
             ident.ttl_s = expires_in
-            ident.save(self.state_dir)
+            self._identity_dirty = True
             logger.info("access token refreshed (expires in %ss)", expires_in)
+            self._save_identity_if_dirty()
+
+    def _save_identity_if_dirty(self) -> bool:
+        """Save the identity if a save is owed; ``True`` when identity.json is current.
+
+        A failed save is logged (an error the first time and whenever the error changes; kept
+        in ``identity_save_error``) and not raised: the in-memory pair is the only one the
+        gateway still accepts, so the agent keeps working with it and tries again."""
+        with self._lock:
+            if not self._identity_dirty or self.identity is None:
+                return True
+            try:
+                self.identity.save(self.state_dir)
+            except OSError as exc:
+                msg = f"{type(exc).__name__}: {exc}"
+                if msg != self.identity_save_error:
+                    logger.error(
+                        "cannot save the rotated token pair to %s (%s): a restart now would "
+                        "present a rotated-away refresh token and the gateway would revoke "
+                        "this device; retrying before each request — free disk space",
+                        self.state_dir / IDENTITY_FILE, msg)
+                self.identity_save_error = msg
+                return False
+            if self.identity_save_error is not None:
+                logger.warning("rotated token pair saved to %s after an earlier failure (%s)",
+                               self.state_dir / IDENTITY_FILE, self.identity_save_error)
+            self._identity_dirty = False
+            self.identity_save_error = None
+            return True
 
     def _require_identity(self) -> DeviceIdentity:
         if self.identity is None:
@@ -668,6 +709,7 @@ class GatewayClient:
     def _auth_headers(self) -> dict[str, str]:
         with self._lock:
             ident = self._require_identity()
+            self._save_identity_if_dirty()
             margin = min(self.refresh_margin_s, 0.1 * ident.ttl_s)
             if ident.expires_at - time.time() < margin:
                 self.refresh()

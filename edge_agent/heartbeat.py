@@ -62,6 +62,10 @@ uploads_ok                        frames the gateway acknowledged (201 or 409) i
 upload_failures                   failed upload attempts in the window (retried later).
 outbox_depth, outbox_bytes        frames (and their bytes) waiting in the outbox now.
 outbox_evicted_total              frames evicted from the full outbox since it was created.
+record_outbox_depth               traffic interval records waiting in the record outbox now
+                                  (``null`` without one; added without a version change).
+record_outbox_evicted_total       traffic records dropped (oldest first) from the full record
+                                  outbox since it was created: counts lost for good.
 last_upload_at                    time of the last acknowledged upload (``null`` if none).
 frame_width, frame_height         pixel size of the newest frame the detector took (``null``
                                   before the first one; added without a version change): the
@@ -227,6 +231,9 @@ class Heartbeat:
     # the camera's frame size (see the module docstring)
     frame_width: int | None = None
     frame_height: int | None = None
+    # the traffic record outbox (see the module docstring)
+    record_outbox_depth: int | None = None
+    record_outbox_evicted_total: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -415,6 +422,8 @@ class TelemetryWindow:
         outbox_depth: int,
         outbox_bytes: int,
         outbox_evicted_total: int,
+        record_outbox_depth: int | None = None,
+        record_outbox_evicted_total: int | None = None,
         device_id: str = "",
         agent_version: str = "",
         now: float | None = None,
@@ -480,6 +489,10 @@ class TelemetryWindow:
                 sent_at=utc_iso(now) or "",
                 frame_width=self.frame_size[0] if self.frame_size else None,
                 frame_height=self.frame_size[1] if self.frame_size else None,
+                record_outbox_depth=(None if record_outbox_depth is None
+                                     else int(record_outbox_depth)),
+                record_outbox_evicted_total=(None if record_outbox_evicted_total is None
+                                             else int(record_outbox_evicted_total)),
             )
             self._reset(now)
         for key, value in (rollout or {}).items():

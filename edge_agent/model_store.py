@@ -12,7 +12,9 @@ free space is short of the bytes still to come) is an ``UpdateRejected`` that is
 and not counted against the model: the partial file is removed (it only takes space), and
 the next poll tries again. The serving model that a rollout replaces is
 copied into the store (``adopt``; the ``--model`` baseline too), so it survives as *previous*;
-``prune`` deletes every model file but the ones still needed.
+``prune`` deletes every model file but the ones still needed, and the temporary files of
+copies cut off by a crash (all of them when the store is created, at start-up; older than
+``TMP_LEFTOVER_AGE_S`` later, so a copy in progress in another thread is never removed).
 
 ``UpdaterState`` is ``<state>/updater.json`` (atomic writes): ``serving`` and ``previous``
 (sha256, path, model_version, rollout_id, since; ``serving`` of a rollout model also
@@ -72,6 +74,17 @@ ERROR_BODY_BYTES = 64 * 1024
 # timeout cannot hold the updater thread for days.
 MIN_DOWNLOAD_RATE = 32 * 1024
 MIN_DOWNLOAD_S = 300.0
+# A ``.<name>.tmp-<hex>`` (``fsutil.temp_sibling``) in the models folder untouched this long is
+# the leftover of a copy cut off by a crash or a power cut (``adopt``): ``prune`` removes it.
+# A live copy writes the file continuously and renames it a moment after its last write
+# (fsync), so 15 minutes never catch one in progress; at start-up (``ModelStore.__init__``,
+# before the updater runs anything that writes) every such file is a leftover, whatever its age.
+TMP_LEFTOVER_AGE_S = 900.0
+
+
+def _is_temp_leftover(name: str) -> bool:
+    """A temporary sibling of an atomic write (``.<name>.tmp-<hex>``)."""
+    return name.startswith(".") and ".tmp-" in name
 
 
 def download_deadline_s(nbytes: int) -> float:
@@ -122,7 +135,9 @@ class UpdaterState:
     def save(self, path: Path) -> None:
         self.updated_at = _now_iso()
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
+        # sync_dir: the rename survives a power cut (a rollback or a rejection is not forgotten)
+        write_text_atomic(path, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True),
+                          sync_dir=True)
 
     def remember(
         self, key: str, reason: str, *, permanent: bool, status: str = "rejected"
@@ -164,6 +179,34 @@ class ModelStore:
         self.dir = Path(models_dir)
         self.client = client
         self.pending: str | None = None
+        # Created once, by the updater's constructor, before any thread writes here: every
+        # temporary file is the leftover of an interrupted write of an earlier run.
+        self._remove_temp_leftovers(older_than_s=None)
+
+    def _remove_temp_leftovers(self, older_than_s: float | None) -> None:
+        """Delete the ``.*.tmp-*`` files of atomic writes cut off by a crash (all of them, or
+        those unmodified for ``older_than_s``: a copy in progress is left alone)."""
+        try:
+            entries = list(self.dir.iterdir()) if self.dir.is_dir() else []
+        except OSError as exc:
+            logger.warning("cannot list %s: %s", self.dir, exc)
+            return
+        now = time.time()
+        for f in entries:
+            if not _is_temp_leftover(f.name):
+                continue
+            try:
+                if older_than_s is not None:
+                    age = now - f.stat().st_mtime
+                    # a file from the future (the clock stepped back) is not a fresh one either
+                    if 0 <= age < older_than_s:
+                        continue
+                f.unlink()
+                logger.info("removed %s, left by an interrupted write", f)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                logger.warning("cannot remove %s: %s", f, exc)
 
     def path_for(self, sha256: str) -> Path:
         return self.dir / f"{sha256}.onnx"
@@ -340,12 +383,13 @@ class ModelStore:
 
     def prune(self, keep: Iterable[str]) -> None:
         """Delete every model file (and partial download) but those of ``keep`` and
-        ``pending``."""
+        ``pending``, and the leftovers of interrupted copies (``TMP_LEFTOVER_AGE_S``)."""
         keep = set(keep)
         if self.pending:
             keep.add(self.pending)
         if not self.dir.is_dir():
             return
+        self._remove_temp_leftovers(older_than_s=TMP_LEFTOVER_AGE_S)
         for f in self.dir.iterdir():
             name = f.name
             if name.endswith(".onnx") and not name.startswith("."):
@@ -367,6 +411,7 @@ __all__ = [
     "MAX_REJECTED",
     "MODELS_DIR",
     "STATE_FILE",
+    "TMP_LEFTOVER_AGE_S",
     "ModelStore",
     "UpdaterState",
 ]

@@ -24,7 +24,13 @@ first among equals) are evicted — possibly the new one — and counted (``evic
 
 Retries: ``fail`` schedules the next attempt with exponential backoff and full jitter:
 ``delay = uniform(0, min(max_s, base_s * 2**attempt))`` (attempt 0 after the first failure),
-at least the server's ``Retry-After`` when it sent one.
+at least the server's ``Retry-After`` when it sent one. The next attempt time is wall-clock
+time: one further ahead than any delay the agent sets (``retry_horizon_s``) was set while the
+clock was fast, and is taken as due now (``due``, ``next_due_at``).
+
+The journal keeps at most ``journal_max_rows`` finished frames: pruned when the outbox is
+opened and again every ``journal_max_rows // 10`` finishes (at most 1000), so a long run's
+journal overshoots the bound by a tenth at most.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ logger = logging.getLogger(__name__)
 # or far-future value (a misconfigured proxy) is taken as this; a server asking for longer
 # than the agent's own backoff cap (``retry_max_s``) is still honoured up to it.
 MAX_RETRY_AFTER_S = 3600.0
+
+
+def retry_horizon_s(backoff: BackoffPolicy) -> float:
+    """The longest delay the agent ever puts on a queued item: its backoff cap or the longest
+    ``Retry-After`` honoured. An item scheduled further ahead than this from now was failed
+    while the wall clock was fast (stepped back since): it is due now, not in a year."""
+    return max(backoff.max_s, MAX_RETRY_AFTER_S)
 
 
 def bounded_retry_after(value: float | None) -> float | None:
@@ -165,6 +178,9 @@ class Outbox:
         self.backoff = backoff or BackoffPolicy()
         self._rng = random.Random(seed)
         self.journal_max_rows = journal_max_rows
+        # finishes (ack, reject, evict) between two journal prunes: a tenth of the bound
+        self._prune_every = max(1, min(1000, journal_max_rows // 10))
+        self._finished_since_prune = 0
         self._lock = threading.RLock()
         try:
             self.spool.mkdir(parents=True, exist_ok=True)
@@ -247,6 +263,19 @@ class Outbox:
                 " ORDER BY finished_at DESC LIMIT -1 OFFSET ?)",
                 (self.journal_max_rows,),
             )
+            self._finished_since_prune = 0
+
+    def _finished(self, n: int = 1) -> None:
+        """``n`` frames left the outbox: prune the journal every ``_prune_every`` of them (a
+        failed prune is logged: the frames' own changes are committed already)."""
+        with self._lock:
+            self._finished_since_prune += n
+            if self._finished_since_prune < self._prune_every:
+                return
+            try:
+                self._prune_journal()
+            except sqlite3.Error as exc:
+                logger.warning("outbox %s: cannot prune the journal (%s); later", self.root, exc)
 
     # ------------------------------------------------------------------ producer side
     def put(
@@ -276,28 +305,36 @@ class Outbox:
                 write_bytes_atomic(target, data, sync_dir=True)
             except OSError as exc:
                 raise OutboxError(f"{target}: cannot write the spooled frame ({exc})") from exc
-            with self._tx():
-                self._db.execute(
-                    "INSERT INTO outbox(frame_id, file, metadata, importance, size, created_at,"
-                    " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        frame_id,
-                        target.name,
-                        json.dumps(metadata),
-                        float(importance),
-                        len(data),
-                        now,
-                        0.0,
-                    ),
-                )
-                self._db.execute(
-                    "INSERT INTO journal(frame_id, status, importance, queued_at)"
-                    " VALUES (?, 'queued', ?, ?)",
-                    (frame_id, float(importance), now),
-                )
-                self._bump("queued")
+            try:
+                self._insert(frame_id, target, data, metadata, importance, now)
+            except sqlite3.Error as exc:
+                # The transaction was rolled back: no row references the file (a full disk,
+                # SQLITE_FULL). Do not leave it in spool/, uncounted, until the next restart.
+                try:
+                    target.unlink(missing_ok=True)
+                except OSError as unlink_exc:
+                    logger.warning("cannot remove %s: %s", target, unlink_exc)
+                raise OutboxError(
+                    f"{self.db_path}: cannot queue frame {frame_id} ({exc})") from exc
             evicted = self._enforce_bound(now)
         return PutResult(queued=frame_id not in evicted, evicted=evicted)
+
+    def _insert(self, frame_id: str, target: Path, data: bytes, metadata: dict[str, Any],
+                importance: float, now: float) -> None:
+        """The frame's row, its journal entry and the counter, in one transaction."""
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO outbox(frame_id, file, metadata, importance, size, created_at,"
+                " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (frame_id, target.name, json.dumps(metadata), float(importance), len(data),
+                 now, 0.0),
+            )
+            self._db.execute(
+                "INSERT INTO journal(frame_id, status, importance, queued_at)"
+                " VALUES (?, 'queued', ?, ?)",
+                (frame_id, float(importance), now),
+            )
+            self._bump("queued")
 
     def _enforce_bound(self, now: float) -> list[str]:
         evicted: list[str] = []
@@ -318,6 +355,7 @@ class Outbox:
             evicted.append(fid)
             total -= size
         if evicted:
+            self._finished(len(evicted))
             logger.warning(
                 "outbox over %d bytes: evicted %d lowest-importance frame(s)",
                 self.max_bytes,
@@ -327,14 +365,16 @@ class Outbox:
 
     # ------------------------------------------------------------------ consumer side
     def due(self, now: float | None = None, limit: int = 16) -> list[OutboxItem]:
-        """Frames whose next attempt is due, most important first (then oldest)."""
+        """Frames whose next attempt is due, most important first (then oldest); a next
+        attempt beyond ``retry_horizon_s`` from ``now`` is due (set while the clock was fast)."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
                 "SELECT frame_id, file, metadata, importance, size, created_at, attempts,"
-                " next_attempt_at, last_error FROM outbox WHERE next_attempt_at <= ?"
+                " next_attempt_at, last_error FROM outbox"
+                " WHERE next_attempt_at <= ? OR next_attempt_at > ?"
                 " ORDER BY importance DESC, created_at ASC, rowid ASC LIMIT ?",
-                (now, limit),
+                (now, now + retry_horizon_s(self.backoff), limit),
             ).fetchall()
         return [
             OutboxItem(
@@ -343,9 +383,14 @@ class Outbox:
             for r in rows
         ]
 
-    def next_due_at(self) -> float | None:
+    def next_due_at(self, now: float | None = None) -> float | None:
+        """When the next frame is due (``now`` for one beyond ``retry_horizon_s``, see
+        ``due``); None when the outbox is empty."""
+        now = time.time() if now is None else now
         with self._lock:
-            row = self._db.execute("SELECT MIN(next_attempt_at) FROM outbox").fetchone()
+            row = self._db.execute(
+                "SELECT MIN(CASE WHEN next_attempt_at > ? THEN ? ELSE next_attempt_at END)"
+                " FROM outbox", (now + retry_horizon_s(self.backoff), now)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
     def _finish(self, frame_id: str, status: str, counter: str, now: float | None) -> None:
@@ -362,6 +407,7 @@ class Outbox:
                 self._bump(counter)
             if row is not None:
                 (self.spool / row[0]).unlink(missing_ok=True)
+            self._finished()
 
     def ack(self, frame_id: str, *, duplicate: bool = False, now: float | None = None) -> None:
         """The gateway stored the frame (201) or already had it (409): forget it."""
@@ -438,7 +484,12 @@ class Outbox:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection.
+
+    The rollback happens only while a transaction is active: SQLite ends one itself on some
+    errors (``SQLITE_FULL``), and a ``ROLLBACK`` then would fail ("cannot rollback - no
+    transaction is active") and hide the real error. A failed ``COMMIT`` is rolled back too,
+    so the connection never stays inside a transaction every later ``BEGIN`` refuses."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -448,7 +499,25 @@ class _Transaction:
         return self.db
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+            except BaseException:
+                rollback_if_active(self.db)
+                raise
+        else:
+            rollback_if_active(self.db)
+
+
+def rollback_if_active(db: sqlite3.Connection) -> None:
+    """``ROLLBACK`` if ``db`` is inside a transaction; a failing one is logged, not raised
+    (the caller is already raising the error that matters)."""
+    if not db.in_transaction:
+        return
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        logger.warning("rollback failed: %s", exc)
 
 
 def read_journal(root: Path | str) -> dict[str, str]:

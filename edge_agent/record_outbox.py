@@ -14,6 +14,11 @@ a hole for every one lost. So they get their own queue in ``<state>/outbox/recor
   server's ``Retry-After``); a 4xx refusal is journalled ``rejected`` and logged.
 * Bounded: past ``max_records`` queued the oldest are dropped, journalled ``evicted`` and
   counted (at 60 s intervals the default holds about a month without the gateway).
+* A next attempt further ahead than any delay the agent sets (``retry_horizon_s``) was set
+  while the wall clock was fast: it is due now.
+* The journal forgets finished records after ``JOURNAL_KEEP_S``: pruned when the queue is
+  opened, and in a long run every ``JOURNAL_PRUNE_EVERY`` finishes or once the clock moved
+  ``JOURNAL_PRUNE_INTERVAL_S`` since the last prune.
 """
 
 from __future__ import annotations
@@ -27,12 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from edge_agent.outbox import BackoffPolicy, bounded_retry_after
+from edge_agent.outbox import (
+    BackoffPolicy,
+    bounded_retry_after,
+    retry_horizon_s,
+    rollback_if_active,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_RECORDS = 50_000
 JOURNAL_KEEP_S = 14 * 86400
+JOURNAL_PRUNE_EVERY = 1000  # finishes (ack, duplicate, reject) between two journal prunes
+JOURNAL_PRUNE_INTERVAL_S = 3600.0  # ... or this much time, whichever comes first
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -75,9 +87,32 @@ class RecordOutbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._finished_since_prune = 0
+        self._pruned_at = time.time()
         with self._lock:
-            self._db.execute("DELETE FROM journal WHERE finished_at IS NOT NULL AND "
-                             "finished_at < ?", (time.time() - JOURNAL_KEEP_S,))
+            self._prune_journal(self._pruned_at)
+
+    def _prune_journal(self, now: float) -> None:
+        """Forget records finished ``JOURNAL_KEEP_S`` or more before ``now`` (lock held)."""
+        self._db.execute("DELETE FROM journal WHERE finished_at IS NOT NULL AND "
+                         "finished_at <= ?", (now - JOURNAL_KEEP_S,))
+        self._finished_since_prune = 0
+        self._pruned_at = now
+
+    def _maybe_prune_journal(self, now: float) -> None:
+        """After a finish (lock held): prune every ``JOURNAL_PRUNE_EVERY`` finishes, or once
+        ``now`` is ``JOURNAL_PRUNE_INTERVAL_S`` away from the last prune (either way: a clock
+        stepped back prunes too). A failed prune is logged; the finish is committed already."""
+        self._finished_since_prune += 1
+        if (self._finished_since_prune < JOURNAL_PRUNE_EVERY
+                and abs(now - self._pruned_at) < JOURNAL_PRUNE_INTERVAL_S):
+            return
+        try:
+            self._prune_journal(now)
+        except sqlite3.Error as exc:
+            rollback_if_active(self._db)
+            logger.warning("record outbox %s: cannot prune the journal (%s); later",
+                           self.root, exc)
 
     def _bump(self, name: str, n: int = 1) -> None:
         self._db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
@@ -118,32 +153,47 @@ class RecordOutbox:
                                  self.max_records, len(old))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # only while a transaction is active: SQLite ends one itself on a full disk,
+                # and a ROLLBACK then would hide the real error
+                rollback_if_active(self._db)
                 raise
         return True
 
     def due(self, now: float | None = None, limit: int = 16) -> list[QueuedRecord]:
+        """Records whose next attempt is due, oldest first; a next attempt beyond
+        ``retry_horizon_s`` from ``now`` is due (it was set while the clock was fast)."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
-                "SELECT record_id, kind, body, attempts FROM records WHERE next_attempt_at <= ?"
-                " ORDER BY created_at LIMIT ?", (now, limit)).fetchall()
+                "SELECT record_id, kind, body, attempts FROM records"
+                " WHERE next_attempt_at <= ? OR next_attempt_at > ?"
+                " ORDER BY created_at LIMIT ?",
+                (now, now + retry_horizon_s(self.backoff), limit)).fetchall()
         return [QueuedRecord(*r) for r in rows]
 
-    def next_due_at(self) -> float | None:
+    def next_due_at(self, now: float | None = None) -> float | None:
+        """When the next record is due (``now`` for one beyond ``retry_horizon_s``)."""
+        now = time.time() if now is None else now
         with self._lock:
-            row = self._db.execute("SELECT MIN(next_attempt_at) FROM records").fetchone()
+            row = self._db.execute(
+                "SELECT MIN(CASE WHEN next_attempt_at > ? THEN ? ELSE next_attempt_at END)"
+                " FROM records", (now + retry_horizon_s(self.backoff), now)).fetchone()
         return None if row[0] is None else float(row[0])
 
     def _finish(self, record_id: str, status: str, now: float | None) -> None:
         now = time.time() if now is None else now
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM records WHERE record_id = ?", (record_id,))
-            self._db.execute("UPDATE journal SET status = ?, finished_at = ? WHERE record_id = ?",
-                             (status, now, record_id))
-            self._bump(status)
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("DELETE FROM records WHERE record_id = ?", (record_id,))
+                self._db.execute("UPDATE journal SET status = ?, finished_at = ? "
+                                 "WHERE record_id = ?", (status, now, record_id))
+                self._bump(status)
+                self._db.execute("COMMIT")
+            except BaseException:
+                rollback_if_active(self._db)  # never left inside a transaction
+                raise
+            self._maybe_prune_journal(now)
 
     def ack(self, record_id: str, *, duplicate: bool = False, now: float | None = None) -> None:
         self._finish(record_id, "duplicate" if duplicate else "acked", now)

@@ -253,6 +253,12 @@ class HeartbeatIn(BaseModel):
     # the camera's frame size (optional: older agents do not send it; fleet.rollout_shapes)
     frame_width: Pixels | None = None
     frame_height: Pixels | None = None
+    # the traffic record outbox (optional: older agents do not send them; docs/traffic.md)
+    record_outbox_depth: int | None = Field(
+        default=None, ge=0, description="Traffic interval records queued on the agent.")
+    record_outbox_evicted_total: int | None = Field(
+        default=None, ge=0, description="Traffic records dropped from the agent's full record "
+        "outbox since it was created (counts lost for good).")
     # privacy (optional: older agents do not send them; docs/privacy.md). Free strings, not
     # a closed list: a newer agent's mode or kind must not get its heartbeat refused.
     privacy_mode: str | None = Field(default=None, min_length=1, max_length=32,
