@@ -131,6 +131,12 @@ def _is_baseline(rollout_id: str | None, sha256: str, baseline: Any) -> bool:
     return sha256 in shas
 
 
+def _same_rollout(rec: Mapping[str, Any] | None, rid: str | None) -> bool:
+    """Whether a model record comes from rollout ``rid``: another input shape of that
+    rollout's model (``variants``) is no model to go back to when the rollout is left."""
+    return bool(rec) and rid is not None and rec.get("rollout_id") == rid  # type: ignore[union-attr]
+
+
 def _stale(rollout_id: str | None, sha256: str, rid: str | None, baseline: Any) -> bool:
     """A model from a rollout that is neither the assignment's (``rid``) nor the baseline's:
     the fleet no longer stands behind it (cancelled by a newer rollout, or left behind while
@@ -241,7 +247,8 @@ class ModelUpdater:
                 self._remember(str(want.get("sha256")), reason, permanent=True)
                 fallback = base
                 prev = st.previous
-                if prev and prev.get("sha256") != base.sha256:
+                if (prev and prev.get("sha256") != base.sha256
+                        and not _same_rollout(prev, _text(want.get("rollout_id")))):
                     try:
                         fallback = self._load_recorded(prev)
                         self.slot.swap(fallback)
@@ -510,11 +517,13 @@ class ModelUpdater:
                 f"{m.input_size}",
                 manifest_says=True,
             )
+        # Always the HxW: a manifest without input_shape declares the square
+        # input_size x input_size model (``ModelManifest.input_hw``), not "any shape".
         det_hw = tuple(getattr(det, "input_hw", (det.input_size, det.input_size)))
-        if m.input_shape is not None and det_hw != m.input_shape:
+        if det_hw != tuple(m.input_hw):
             raise bad(
                 f"model {m.sha256[:12]} has input {det_hw[0]}x{det_hw[1]}, the manifest says "
-                f"{m.input_shape[0]}x{m.input_shape[1]}",
+                f"{m.input_hw[0]}x{m.input_hw[1]}",
                 manifest_says=True,
             )
         if m.class_names and list(det.class_names) != list(m.class_names):
@@ -553,9 +562,22 @@ class ModelUpdater:
             old = self.slot.current
             if old.sha256 == stored.sha256:
                 old = stored
-            baseline = self.guard.recent_p95(old.sha256)
+            if rid is not None and old.rollout_id == rid:
+                # Another input shape of the same rollout's model (the camera's frame size
+                # changed): the model to go back to stays the one served before the rollout,
+                # and the guard keeps judging against that model's latency.
+                previous = self._previous
+                previous_rec = previous.record() if previous is not None else self.state.previous
+                if _same_rollout(previous_rec, rid):  # (an updater.json of an older agent)
+                    previous, previous_rec = None, None
+                baseline = _positive((self.state.serving or {}).get("baseline_p95"))
+                if baseline is None and self.guard.armed_sha == old.sha256:
+                    baseline = self.guard.baseline_p95
+            else:
+                previous, previous_rec = old, old.record()
+                baseline = self.guard.recent_p95(old.sha256)
             self.slot.swap(candidate)
-            self._previous = old
+            self._previous = previous
             self.store.pending = None
             if self._shadow_model is not None and self._shadow_model.sha256 == candidate.sha256:
                 self._stop_shadow("promoted to serving")
@@ -565,15 +587,16 @@ class ModelUpdater:
             # the guard's latency baseline travels with the serving record: a restarted
             # agent re-arms the guard with it (restore), and any later swap drops it
             self.state.serving = {**candidate.record(), "baseline_p95": baseline}
-            self.state.previous = old.record()
+            self.state.previous = previous_rec
             self.state.rejected.pop(candidate.sha256, None)
             budget = self.guard.budget_ms()
             logger.info(
-                "swapped: now serving %s (rollout %s); previous %s kept on disk and loaded; "
+                "swapped: now serving %s (rollout %s) in place of %s; previous %s kept on disk; "
                 "rollback guard armed (latency budget %s, max error rate %.1f%%, %d windows)",
                 m.short,
                 rid,
                 old.sha256[:12],
+                str((previous_rec or {}).get("sha256", "none"))[:12],
                 "off: no baseline measured" if budget is None else f"{budget:.1f} ms",
                 100 * self.guard.limits.max_error_rate,
                 self.guard.limits.bad_windows,
@@ -615,10 +638,20 @@ class ModelUpdater:
             shadow.stop()
             logger.info("shadow stopped (%s) after %d frames", why, shadow.frames_total)
 
-    def _swap_back(self, *, keep_old: bool) -> LoadedModel | None:
-        """Serve the previous model again; None when there is none to go back to."""
+    def _swap_back(self, *, keep_old: bool, leaving: str | None = None) -> LoadedModel | None:
+        """Serve the previous model again; None when there is none to go back to — or when
+        it comes from ``leaving``, the rollout being left (another input shape of its model:
+        going there would keep serving the model taken back)."""
         with self._lock:
             prev = self._previous
+            rec = prev.record() if prev is not None else self.state.previous
+            if _same_rollout(rec, leaving):
+                logger.info(
+                    "previous model %s is another file of rollout %s; not going back to it",
+                    str((rec or {}).get("sha256"))[:12],
+                    leaving,
+                )
+                return None
             if prev is None and self.state.previous:
                 try:
                     prev = self._load_recorded(self.state.previous)
@@ -755,7 +788,9 @@ class ModelUpdater:
             stale_prev = bool(baseline_known and prev_rec and _stale(
                 prev_rec.get("rollout_id"), str(prev_rec.get("sha256")), rid, baseline
             ))
-            if stale_prev:  # the previous model is itself from a rollout the fleet left behind
+            if _same_rollout(prev_rec, rid):  # another shape of the withdrawn model
+                prev = self._swap_back(keep_old=True, leaving=rid)  # None: says why
+            elif stale_prev:  # the previous model is itself from a rollout the fleet left behind
                 logger.info(
                     "previous model %s (rollout %s) is not the fleet's baseline; not going "
                     "back to it",
@@ -764,14 +799,14 @@ class ModelUpdater:
                 )
                 prev = None
             else:
-                prev = self._swap_back(keep_old=True)
+                prev = self._swap_back(keep_old=True, leaving=rid)
         if prev is None:  # the fleet's known-good model instead, fetched off the lock
             fallback = self._known_good(baseline, shape, baseline_known)  # may raise: retried
             if fallback is not None and fallback.sha256 != cur.sha256:
                 self._serve_fallback(fallback)
                 prev = fallback
             elif fallback is None and stale_prev:  # better than the withdrawn model
-                prev = self._swap_back(keep_old=True)
+                prev = self._swap_back(keep_old=True, leaving=rid)
         if prev is None:
             logger.error(
                 "rollout %s withdrawn but no previous model is available; keeping %s",
@@ -794,7 +829,9 @@ class ModelUpdater:
             bad = self.slot.current
             if bad.sha256 != self.guard.armed_sha:
                 return
-            prev = self._swap_back(keep_old=False)
+            prev = self._swap_back(keep_old=False, leaving=bad.rollout_id)
+            if prev is None and bad.rollout_id is not None:
+                prev = self._back_to_started_with(bad)
             if prev is None:
                 logger.error(
                     "model %s breaks its limits (%s) but no previous model is available",
@@ -814,6 +851,21 @@ class ModelUpdater:
             # The previous model may be one the fleet left behind meanwhile: the next poll
             # reads the whole answer again (no If-None-Match) and checks (_leave_stale).
             self.etag = None
+
+    def _back_to_started_with(self, bad: LoadedModel) -> LoadedModel | None:
+        """The guard took ``bad`` back and there is no previous model outside its rollout
+        (another input shape of the same model is no way back): serve the model this agent
+        was started with (on disk already: nothing is downloaded on the heartbeat thread;
+        the next poll's answer then decides, ``_leave_stale``). None when it is ``bad``'s
+        file or cannot be loaded."""
+        target = self._known_good(None, None, True)
+        if target is None or target.sha256 == bad.sha256:
+            return None
+        self.slot.swap(target)
+        self.guard.disarm()
+        self.state.serving = target.record()
+        self._previous, self.state.previous = None, None
+        return target
 
     def _remember(
         self, key: str, reason: str, *, permanent: bool, status: str = "rejected"

@@ -3,12 +3,13 @@
 
 A manifest may carry the model at several input shapes (``variants``). On each manifest poll
 the gateway finds the camera's frame size — its configuration's ``traffic.frame_size``, else
-the ``frame_width``/``frame_height`` of the heartbeat it received last (agents that send
-them; ``fleet.metrics.latest_heartbeat``), else the size of the newest frame it uploaded —
-and names the shape that fits (``roadloop.models.shapes.pick_input_shape``) in
-``assignment.input_shape``. A camera whose frame size is unknown gets the manifest's own
-(square) file. Frame sizes are cached per manifest snapshot (``fleet.caches.ManifestCache``),
-so a poll costs at most one lookup a second.
+the ``frame_width``/``frame_height`` of the newest heartbeat that has them among the last
+``HEARTBEAT_SIZE_WINDOW`` it received (agents that send them; a heartbeat without a size —
+an agent that has not read a frame yet since it started — does not make the gateway forget
+the size), else the size of the newest frame it uploaded — and names the shape that fits
+(``roadloop.models.shapes.pick_input_shape``) in ``assignment.input_shape``. A camera whose
+frame size is unknown gets the manifest's own (square) file. Frame sizes are cached per
+manifest snapshot (``fleet.caches.ManifestCache``), so a poll costs at most one lookup a second.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fleet.db import CameraConfigRow, FrameRow
-from fleet.metrics import latest_heartbeat
+from fleet.db import CameraConfigRow, FrameRow, HeartbeatRow
 from roadloop.models.shapes import pick_input_shape
+
+# How many of a camera's newest heartbeats are searched for a frame size: 20 is 10 minutes at
+# the agent's default 30 s interval (a restarted agent sends sizeless heartbeats only until its
+# first frame). Bounded on purpose: the heartbeats table is large, and an unbounded "newest
+# with a size" would walk all of an older agent's heartbeats (which never carry one) on every
+# lookup. One range scan of ``ix_heartbeats_camera_received`` (no new index), reading only the
+# two JSON fields of at most this many rows.
+HEARTBEAT_SIZE_WINDOW = 20
 
 
 def manifest_shapes(manifest: Mapping[str, Any] | None) -> list[tuple[int, int]]:
@@ -56,14 +64,28 @@ def _heartbeat_size(payload: Any) -> tuple[int, int] | None:
     return None
 
 
+def _recent_heartbeat_size(session: Session, camera_id: str) -> tuple[int, int] | None:
+    """The frame size of the newest of the camera's last ``HEARTBEAT_SIZE_WINDOW`` heartbeats
+    that carries one, newest as received (``fleet.metrics.latest_heartbeat``'s order: not by
+    the agent's clock); None when none of them does."""
+    rows = session.execute(
+        select(HeartbeatRow.payload["frame_width"], HeartbeatRow.payload["frame_height"])
+        .where(HeartbeatRow.camera_id == camera_id)
+        .order_by(HeartbeatRow.received_at.desc(), HeartbeatRow.id.desc())
+        .limit(HEARTBEAT_SIZE_WINDOW)).all()
+    for w, h in rows:
+        if (size := _heartbeat_size({"frame_width": w, "frame_height": h})) is not None:
+            return size
+    return None
+
+
 def camera_frame_size(session: Session, camera_id: str) -> tuple[int, int] | None:
     """(width, height) of a camera's frames, or None when the gateway does not know it."""
     doc = session.scalar(select(CameraConfigRow.document).where(
         CameraConfigRow.camera_id == camera_id))
     if (size := _configured_size(doc)) is not None:
         return size
-    newest = latest_heartbeat(session, camera_id)  # as received: not by the agent's clock
-    if (size := _heartbeat_size(newest.payload if newest else None)) is not None:
+    if (size := _recent_heartbeat_size(session, camera_id)) is not None:
         return size
     row = session.execute(
         select(FrameRow.width, FrameRow.height).where(FrameRow.camera_id == camera_id)

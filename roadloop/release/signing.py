@@ -111,8 +111,24 @@ def load_public_key(path: Path) -> str:
 # --------------------------------------------------------------------------- manifests
 def check_manifest_fields(manifest: Mapping[str, Any]) -> None:
     """Raise ``SignatureError`` unless the fields an agent acts on are well formed (input
-    shape and variants included): what the gateway checks before it publishes."""
-    ModelManifest.parse(manifest)
+    shape and variants included): what the gateway checks before it publishes.
+
+    The manifest's own file must be square (``input_shape`` absent or ``[n, n]``): it is what
+    a camera of unknown frame size gets and what every older agent serves (they ignore
+    ``input_shape``/``variants``). A rectangle goes in ``variants``. (The agent's parser
+    still accepts such a manifest: what older gateways published stays servable.)"""
+    m = ModelManifest.parse(manifest)
+    if m.input_shape is not None and m.input_shape[0] != m.input_shape[1]:
+        raise SignatureError(_not_square(m.input_shape))
+
+
+def _not_square(shape: Any) -> str:
+    h, w = (int(v) for v in shape)
+    return (
+        f"manifest input_shape [{h}, {w}] is not square: the manifest's own file is the "
+        "square fallback (cameras of unknown frame size, older agents); publish the square "
+        f"file as the main one and {h}x{w} as a variant"
+    )
 
 
 def new_rollout_id() -> str:
@@ -156,6 +172,8 @@ def build_manifest(
         hw = [int(v) for v in input_shape]
         if len(hw) != 2 or min(hw) <= 0 or max(hw) != int(input_size):
             raise ValueError(f"input_shape {input_shape} must be (h, w) with long side {input_size}")
+        if hw[0] != hw[1]:
+            raise ValueError(_not_square(hw))
         extra["input_shape"] = hw
     if variants:
         extra["variants"] = []
