@@ -25,6 +25,8 @@ from edge_agent.sources import (
 from edge_agent.traffic import parse_traffic_section
 from edge_agent.traffic.stage import TrafficStage
 
+from .test_traffic_counter import Det
+
 # The documented rules (docs/traffic.md): a step between two timestamps is believed up to
 # 10 s (or 10 typical steps); a file's records are stamped at most 10 h ahead of the clock.
 MAX_PTS_STEP_S = 10.0
@@ -130,18 +132,6 @@ def test_a_time_lapse_keeps_its_own_timestamps(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- 3. wall time
-@dataclass(frozen=True)
-class Det:
-    class_id: int
-    class_name: str
-    confidence: float
-    box: tuple[float, float, float, float]
-
-    @property
-    def xyxy(self) -> tuple[float, float, float, float]:
-        return self.box
-
-
 @dataclass
 class FileFrame:
     image: Any
