@@ -7,7 +7,8 @@ anything is stored: row counts (lines ≤ 64 × 2 directions × 32 classes, zone
 numbers finite and ≥ 0, speeds ≤ 400 km/h, ``covered_s ≤ interval_s``, unknown keys refused.
 ``interval_s`` is one the agent can produce (``edge_agent.traffic.geometry.INTERVALS_S``: 60,
 300 or 900 s, the rule of the camera configuration's ``traffic.interval_s``): any other length
-(7 s) fits no bucket of whole records that tiles a day, and the rollups could not place it.
+is refused — the agent never sends one, and some (7 s) fit no bucket of whole records that
+tiles a day, so the rollups could not place them.
 Ids are the posting camera's own, in exactly the form the agent writes them
 (``edge_agent.traffic.intervals``): ``record_id`` is ``<camera_id>.<interval_start, unix
 s>.<agent run, ms>``, ``event_id`` is ``<camera_id>.ev.<agent run, ms>.<sequence>``.

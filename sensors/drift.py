@@ -64,8 +64,9 @@ def window_cursor(context: dg.SensorEvaluationContext, now: datetime,
     running twice. One that is not a window start of ``minutes`` (written before
     ``ROADLOOP_DRIFT_WINDOW_MINUTES`` changed) is logged and snapped down to the window of
     that length holding it: counting on from it would name windows that are no partitions
-    (every tick would fail); the window after the snapped one, which may overlap the last
-    window scored under the old length, is scored, none is skipped."""
+    (every tick would fail); the window after the snapped one is scored next (it may overlap
+    the last one scored under a longer old length; after a change to a longer length, less
+    than one new window between the two goes unscored)."""
     if not context.cursor:
         return None
     try:
