@@ -74,6 +74,7 @@ from edge_agent.client import (
     GatewayUnavailable,
 )
 from edge_agent.frame_workers import FrameWorkers, Measured
+from edge_agent.fsutil import StateDirLock
 from edge_agent.heartbeat import TelemetryWindow
 from edge_agent.inference import OnnxDetector
 from edge_agent.manifest import ManifestVerifier, PublicKeyError, load_public_key
@@ -253,6 +254,14 @@ class EdgeAgent:
     def run(self) -> AgentSummary:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        # Before any state is opened: a second agent on this state dir fails here, at once
+        # (StateDirLocked), instead of reconciling away our spooled frames and rotating our
+        # tokens. Held until run() returns; the kernel drops it if the process dies.
+        with StateDirLock(cfg.state_dir):
+            return self._run_locked()
+
+    def _run_locked(self) -> AgentSummary:
+        cfg = self.config
         self.outbox = Outbox(
             cfg.state_dir / "outbox",
             max_bytes=cfg.outbox_max_bytes,

@@ -11,8 +11,8 @@ every ``--update-interval`` seconds (0: off) and verifies it with ``--model-publ
 ``--latency-budget-ms`` / ``--rollback-after N`` set when a new model rolls itself back.
 SIGTERM/SIGINT stop reading, flush what can be flushed (``--drain-timeout``) and exit 0;
 a second signal exits at once (queued frames stay in the outbox for the next start).
-Exit codes: 0 done/stopped, 1 runtime failure (enrollment refused, source failed), 2 bad
-arguments or input files.
+Exit codes: 0 done/stopped, 1 runtime failure (enrollment refused, source failed, another
+agent holds the state dir's ``agent.lock``), 2 bad arguments or input files.
 """
 
 from __future__ import annotations
@@ -297,12 +297,16 @@ def _install_signal_handlers(agent) -> dict[int, Any]:
 def _cmd_enroll(args: argparse.Namespace) -> int:
     from edge_agent.agent import agent_version
     from edge_agent.client import GatewayClient
+    from edge_agent.fsutil import StateDirLock
 
-    client = GatewayClient(args.gateway, _state_dir(args))
-    try:
-        ident = client.ensure_enrolled(args.camera_id, args.enroll_token, agent_version())
-    finally:
-        client.close()
+    # The same lock as `run`: enrolling into a state dir a running agent uses would rewrite
+    # the identity under it (StateDirLocked, exit 1, names the holder's pid).
+    with StateDirLock(_state_dir(args)):
+        client = GatewayClient(args.gateway, _state_dir(args))
+        try:
+            ident = client.ensure_enrolled(args.camera_id, args.enroll_token, agent_version())
+        finally:
+            client.close()
     print(
         json.dumps(
             {
@@ -423,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     from edge_agent.client import EnrollmentError, GatewayError, GatewayUnavailable
+    from edge_agent.fsutil import StateDirLocked
     from edge_agent.outbox import OutboxError
     from edge_agent.sources import SourceError
 
@@ -430,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "enroll":
             return _cmd_enroll(args)
         return _cmd_run(args)
+    except StateDirLocked as exc:  # a runtime conflict, not a bad argument: a supervisor retries
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (SourceError, OutboxError, EdgeAgentError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ it imports nothing of the platform.)
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import shutil
@@ -152,20 +153,70 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def lock_path_for(path: Path) -> Path:
+    """The sibling lock file ``sibling_lock`` takes for ``path``: ``<parent>/.<name>.lock``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+@contextmanager
+def sibling_lock(path: Path) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``<parent>/.<name>.lock`` (waiting for it) while the
+    block runs: serialises read-modify-writes and swaps of ``path`` between threads and
+    processes on this host. ``path``'s folder must exist.
+
+    The lock file is removed on the way out, while still locked, so none is left beside
+    ``path``; a waiter that then gets the lock on the removed file sees that the name no
+    longer points at what it locked and starts again on the new one. Not reentrant: a
+    thread that holds it and asks again waits for ever.
+    """
+    lock = lock_path_for(path)
+    while True:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(lock)
+                current = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)  # locked a file its last holder removed: take the new one
+    try:
+        yield lock
+    finally:
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def swap_dir_into_place(tmp: Path, final: Path) -> None:
     """Rename the finished folder ``tmp`` to ``final``; an older ``final`` is renamed aside,
-    restored if the rename fails, and deleted once the new one is in place."""
-    aside: Path | None = None
-    if final.exists() or final.is_symlink():
-        aside = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:12]}"
-        os.replace(final, aside)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, final)
-        raise
-    if aside is not None:
+    restored if the rename fails, and deleted once the new one is in place.
+
+    Two swaps into one ``final`` (two runs of one asset) take turns on ``final``'s sibling
+    lock (``sibling_lock``): the later one wins, neither fails, and no ``.old-*`` folder is
+    left behind."""
+    with sibling_lock(final):
+        aside: Path | None = None
+        if final.exists() or final.is_symlink():
+            aside = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:12]}"
+            os.replace(final, aside)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if aside is not None:
+                os.replace(aside, final)
+            raise
+    if aside is not None:  # outside the lock: nobody else uses this unique name
         shutil.rmtree(aside, ignore_errors=True)
 
 

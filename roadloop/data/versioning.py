@@ -77,8 +77,12 @@ class DvcStore:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _dvc(self, *args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "dvc", *args]
+    def _dvc(self, *args: str, wait_for_lock: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run ``dvc *args`` in the repo. ``wait_for_lock`` (the commands that take DVC's repo
+        lock: add, push, pull) passes DVC's global ``--wait-for-lock``: a second run queues
+        behind another run's long ``dvc push`` instead of failing after DVC's 3 s retry."""
+        wait = ["--wait-for-lock"] if wait_for_lock else []
+        cmd = [sys.executable, "-m", "dvc", *wait, *args]
         env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
         logger.debug("running %s in %s", " ".join(cmd[2:]), self.repo_dir)
         proc = subprocess.run(
@@ -149,7 +153,7 @@ class DvcStore:
         if not data_dir.is_dir():
             raise MissingDataError(f"dataset folder not found: {data_dir}", data_dir)
         logger.info("dvc add %s", rel)
-        self._dvc("add", str(rel))
+        self._dvc("add", str(rel), wait_for_lock=True)
         dvc_file = data_dir.with_name(data_dir.name + ".dvc")
         version = self._read_dvc_file(dvc_file)
         logger.info(
@@ -159,7 +163,7 @@ class DvcStore:
             version.nfiles,
             self.remote_url,
         )
-        self._dvc("push", str(dvc_file.relative_to(self.repo_dir)))
+        self._dvc("push", str(dvc_file.relative_to(self.repo_dir)), wait_for_lock=True)
         kept = self.versions_dir / f"{version.md5}.dvc"
         with atomic_path(kept) as tmp:
             shutil.copyfile(dvc_file, tmp)
@@ -218,7 +222,8 @@ class DvcStore:
             (scratch / f"{out_name}.dvc").write_text(yaml.safe_dump(doc, sort_keys=False))
             logger.info("restoring dataset version %s from %s", md5, self.remote_url)
             try:
-                self._dvc("pull", str((scratch / f"{out_name}.dvc").relative_to(self.repo_dir)))
+                self._dvc("pull", str((scratch / f"{out_name}.dvc").relative_to(self.repo_dir)),
+                          wait_for_lock=True)
             except DvcError as exc:
                 if recorded or f"{md5}.dir" not in str(exc):
                     raise

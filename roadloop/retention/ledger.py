@@ -6,7 +6,9 @@
     versions/<md5>.json      the edge frame keys a curated dataset version holds
     expiry_pending.json      frames retention expired (or is about to) whose gateway rows
                              and review samples are not yet confirmed gone: written before a
-                             file is deleted, emptied once the gateway confirms
+                             file is deleted, emptied once the gateway confirms; each
+                             read-modify-write holds ``.expiry_pending.json.lock`` (flock), so
+                             two retention runs at once lose none of each other's entries
 
 Appends are one ``write`` of one line on a file opened with ``O_APPEND``; readers skip a
 torn last line (a crash mid-append), so a re-run that appends again loses nothing.
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from roadloop.errors import RoadloopError
-from roadloop.fsutil import write_text_atomic
+from roadloop.fsutil import sibling_lock, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -127,21 +129,30 @@ class PrivacyLedger:
     def add_pending_expired(self, frames: Iterable[tuple[str, str]]) -> int:
         """Journal ``(camera_id, frame_id)`` pairs as expired-but-unconfirmed (durably, before
         any of them is deleted); returns how many were new."""
-        known = set(self.pending_expired_frames())
-        new = {(str(c), str(f)) for c, f in frames} - known
-        if new:
-            self._write_pending(known | new)
+        wanted = {(str(c), str(f)) for c, f in frames}
+        if not wanted:
+            return 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        with sibling_lock(self.expiry_pending_path):  # another run's update in between is kept
+            known = set(self.pending_expired_frames())
+            new = wanted - known
+            if new:
+                self._write_pending(known | new)
         return len(new)
 
     def confirm_expired(self, frames: Iterable[tuple[str, str]]) -> int:
         """Drop pairs the gateway confirmed deleting; returns how many stay pending."""
-        known = set(self.pending_expired_frames())
-        left = known - {(str(c), str(f)) for c, f in frames}
-        if left != known:
-            if left:
-                self._write_pending(left)
-            else:
-                self.expiry_pending_path.unlink(missing_ok=True)
+        done = {(str(c), str(f)) for c, f in frames}
+        if not self.root.is_dir():  # nothing was ever journalled
+            return 0
+        with sibling_lock(self.expiry_pending_path):  # another run's update in between is kept
+            known = set(self.pending_expired_frames())
+            left = known - done
+            if left != known:
+                if left:
+                    self._write_pending(left)
+                else:
+                    self.expiry_pending_path.unlink(missing_ok=True)
         return len(left)
 
     # ---- dataset versions
