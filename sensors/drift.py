@@ -165,7 +165,8 @@ def drift_state(context: dg.SensorEvaluationContext,
     Times are checked against ``now`` (default: the clock) too. One further ahead than it can
     be (a cooldown start after ``now``, a boost end after ``now`` + the boost length, beyond
     ``CLOCK_TOLERANCE``: written while the clock ran ahead) is unreadable in the same way:
-    kept, it would silence the camera's response until the clock caught up. Entries that no
+    kept, it would silence the camera's response until the clock caught up; an owed run
+    requested in the future is kept, as requested now. Entries that no
     longer change a decision (a boost that has ended, a cooldown that has passed) are
     dropped without a warning, so the cursor does not grow with every camera that ever
     drifted."""
@@ -208,7 +209,14 @@ def drift_state(context: dg.SensorEvaluationContext,
                  and not isinstance(o.get("requested_at"), bool)}
     if len(good_owed) != len(owed):
         problems.append("owed")
-    state["owed"] = good_owed
+    # A request time ahead of the clock (written while it ran ahead) would hold the loop
+    # until the clock passed it: no import could come after it. The debt stays, from now.
+    latest_ok = (now + CLOCK_TOLERANCE).timestamp()
+    ahead_owed = sorted(c for c, o in good_owed.items() if o["requested_at"] > latest_ok)
+    if ahead_owed:
+        problems.append(f"owed ahead of the clock for {', '.join(ahead_owed)}")
+    state["owed"] = {c: (o | {"requested_at": now.timestamp()}) if c in ahead_owed else o
+                     for c, o in good_owed.items()}
     for key, asset in (("after", camera_drift), ("accuracy_after", camera_accuracy)):
         if not _storage_id(state.get(key)):
             problems.append(key)

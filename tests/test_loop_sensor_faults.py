@@ -180,6 +180,24 @@ def test_boost_and_cooldown_times_ahead_of_the_clock_are_forgotten(
     assert "ahead of the clock for cam-a" in caplog.text
 
 
+def test_an_owed_loop_requested_ahead_of_the_clock_waits_for_an_import_from_now(
+        instance: dg.DagsterInstance, clock: Clock, probe: str) -> None:
+    """The debt was recorded while the clock ran 30 days ahead: an import from now on
+    releases it (it waited for the clock to pass the 30 days)."""
+    tick = Ticker(instance, StubFleet(probe=probe))
+    report_drift(instance, "cam-a", W[0], "significant", 0.5)
+    assert [r.job_name for r in tick()] == ["review_queue"]
+    state = tick.state
+    state["owed"]["cam-a"]["requested_at"] = (clock.now + timedelta(days=30)).timestamp()
+    tick.cursor = json.dumps(state)
+    assert tick() == []  # no import yet: still owed
+    instance.report_runless_asset_event(  # stamped by the instance after the sensor's now
+        dg.AssetMaterialization("reviewed_labels", metadata={"newly_imported": 3}))
+    (loop,) = tick()
+    assert loop.job_name == "learning_loop" and loop.run_key.startswith("drift-loop|cam-a|")
+    assert tick.state["owed"] == {}
+
+
 # --------------------------------------------------------------------------- 5. pruning
 
 
