@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,37 @@ class _PausingOs:
             assert self.resume.wait(WAIT)
 
 
+def _a_then_b(a: tuple[str, Callable[[], Any]], b: tuple[str, Callable[[], Any]],
+              a_paused: threading.Event, b_at_lock: threading.Event,
+              resume: threading.Event) -> dict[str, BaseException]:
+    """Run ``a`` in a thread until it pauses (``a_paused``), then ``b``; let ``a`` go on once
+    ``b`` waits for the lock (``b_at_lock``) or, without one, has finished. The errors each
+    raised, by thread name."""
+    errors: dict[str, BaseException] = {}
+    b_done = threading.Event()
+
+    def call(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001
+            errors[name] = exc
+        finally:
+            if name == b[0]:
+                b_done.set()
+
+    ta = threading.Thread(target=call, args=a, name=a[0])
+    tb = threading.Thread(target=call, args=b, name=b[0])
+    ta.start()
+    assert a_paused.wait(WAIT)
+    tb.start()
+    assert _wait_any(b_at_lock, b_done)
+    resume.set()
+    ta.join(WAIT)
+    tb.join(WAIT)
+    assert not ta.is_alive() and not tb.is_alive()
+    return errors
+
+
 def _race_swaps(monkeypatch, swap_a, swap_b) -> dict[str, BaseException]:
     """A pauses between moving the old folder aside and renaming its own in; B starts then,
     and A resumes once B waits for the lock (or, without one, has finished its swap)."""
@@ -285,29 +317,8 @@ def _race_swaps(monkeypatch, swap_a, swap_b) -> dict[str, BaseException]:
     spy = _FlockSpy("swap-B")
     monkeypatch.setattr(fsutil, "os", _PausingOs(a_aside, resume))
     monkeypatch.setattr(fsutil, "fcntl", spy, raising=False)
-    errors: dict[str, BaseException] = {}
-    b_done = threading.Event()
-
-    def call(name, fn):
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001
-            errors[name] = exc
-        finally:
-            if name == "swap-B":
-                b_done.set()
-
-    ta = threading.Thread(target=call, args=("swap-A", swap_a), name="swap-A")
-    tb = threading.Thread(target=call, args=("swap-B", swap_b), name="swap-B")
-    ta.start()
-    assert a_aside.wait(WAIT)
-    tb.start()
-    assert _wait_any(spy.at_lock["swap-B"], b_done)
-    resume.set()
-    ta.join(WAIT)
-    tb.join(WAIT)
-    assert not ta.is_alive() and not tb.is_alive()
-    return errors
+    return _a_then_b(("swap-A", swap_a), ("swap-B", swap_b), a_aside, spy.at_lock["swap-B"],
+                     resume)
 
 
 def _folder(path: Path, text: str) -> Path:
@@ -444,11 +455,10 @@ def _race_ledger(tmp_path, monkeypatch, first, second) -> list[tuple[str, str]]:
     """A runs ``first`` and pauses right before its write; B runs ``second`` then, and A
     resumes once B waits for the lock (or, without one, has written its own update)."""
     ledger_a, ledger_b = PrivacyLedger(tmp_path / "privacy"), PrivacyLedger(tmp_path / "privacy")
-    a_read, resume, b_done = threading.Event(), threading.Event(), threading.Event()
+    a_read, resume = threading.Event(), threading.Event()
     spy = _FlockSpy("run-B")
     monkeypatch.setattr(fsutil, "fcntl", spy, raising=False)
     orig_write = ledger_a._write_pending
-    errors: list[BaseException] = []
 
     def paused_write(pairs):
         a_read.set()
@@ -456,25 +466,8 @@ def _race_ledger(tmp_path, monkeypatch, first, second) -> list[tuple[str, str]]:
         orig_write(pairs)
 
     ledger_a._write_pending = paused_write  # type: ignore[method-assign]
-
-    def call(fn, ledger, done=None):
-        try:
-            fn(ledger)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-        finally:
-            if done is not None:
-                done.set()
-
-    ta = threading.Thread(target=call, args=(first, ledger_a), name="run-A")
-    tb = threading.Thread(target=call, args=(second, ledger_b, b_done), name="run-B")
-    ta.start()
-    assert a_read.wait(WAIT)
-    tb.start()
-    assert _wait_any(spy.at_lock["run-B"], b_done)
-    resume.set()
-    ta.join(WAIT)
-    tb.join(WAIT)
+    errors = _a_then_b(("run-A", lambda: first(ledger_a)), ("run-B", lambda: second(ledger_b)),
+                       a_read, spy.at_lock["run-B"], resume)
     assert not errors, errors
     return PrivacyLedger(tmp_path / "privacy").pending_expired_frames()
 
