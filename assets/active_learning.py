@@ -440,6 +440,8 @@ def reviewed_labels(
         metadata={
             "frames": len(export.frames),
             "newly_imported": len(export.new_sample_ids),
+            # Read by drift_sensor: an owed learning_loop waits for its own camera's reviews.
+            "newly_imported_per_camera": dg.MetadataValue.json(export.new_per_camera),
             "rejected": len(export.rejected),
             "rejected_edits": dg.MetadataValue.md(rejected_md if export.rejected else "none"),
             "held_out_label_issues": len(export.held_out),

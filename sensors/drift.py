@@ -14,11 +14,12 @@ an unplugged camera costs one run, not one per window forever.
   half its time left is not renewed, so a persistent drift writes one config, not one per window.
 - **significant** (≥ 0.2): also queue the camera's frames for review (``review_queue`` run
   limited to that camera) and mark a ``learning_loop`` run as owed; it starts once a review
-  import after the request has finished (a ``reviewed_labels`` materialization, written only
-  by ``review_import``, that newly imported frames, and whose run has ended): retraining
-  before the drifted frames are labelled would learn nothing new. Another run re-cutting
-  ``curated_dataset`` (a ``learning_loop`` for another camera) does not count. At most one
-  such response per camera per ``drift_cooldown_minutes``.
+  import of the camera's frames after the request has finished (a ``reviewed_labels``
+  materialization, written only by ``review_import``, that newly imported frames of that
+  camera, and whose run has ended): retraining before the drifted frames are labelled would
+  learn nothing new. Another run re-cutting ``curated_dataset`` (a ``learning_loop`` for
+  another camera) does not count; after ``drift_cooldown_minutes`` without its own reviews,
+  any later import does. At most one such response per camera per ``drift_cooldown_minutes``.
 
 It reads ``camera_accuracy`` materializations the same way: the serving model's measured
 mAP50 on a camera's reviewed frames against its benchmark (metric
@@ -247,30 +248,53 @@ def drift_tags(m: dict[str, Any]) -> dict[str, str]:
     } | ({f"{TAG}review_export": str(m["review_export_hash"])} if "review_export_hash" in m else {})
 
 
-def last_review_import(context: dg.SensorEvaluationContext, since: float) -> float:
-    """When the newest finished review import after ``since`` (a timestamp) was recorded;
-    0.0 when there is none.
+def review_imports(context: dg.SensorEvaluationContext,
+                   since: float) -> list[tuple[float, dict[str, int] | None]]:
+    """The finished review imports recorded after ``since`` (a timestamp), newest first: each
+    one's time and how many frames it newly imported per camera (``None`` for an import
+    recorded before ``reviewed_labels`` kept that: it counts for every camera).
 
     A review import is a ``reviewed_labels`` materialization: only ``review_import`` writes
     it, so a ``curated_dataset`` cut by any other run (a ``learning_loop`` for another
     camera, one launched by hand) is not taken for one. It counts once it newly imported
     frames (an import whose every review was rejected brought nothing to learn from) and its
     run has ended (its ``curated_dataset`` step may still be pushing to DVC, as in
-    ``camera_accuracy_sensor``). Which cameras' frames it imported is not asked: its
-    materialization does not record them, see docs/drift.md."""
+    ``camera_accuracy_sensor``)."""
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=reviewed_labels.key, after_timestamp=since),
         limit=50, ascending=False,
     ).records
+    imports: list[tuple[float, dict[str, int] | None]] = []
     for record in records:  # newest first
-        newly = _meta(record).get("newly_imported")
+        m = _meta(record)
+        newly = m.get("newly_imported")
         if isinstance(newly, (int, float)) and not isinstance(newly, bool) and newly <= 0:
             continue
         run = context.instance.get_run_by_id(record.run_id) if record.run_id else None
         if run is not None and not run.is_finished:
             continue
-        return record.timestamp
-    return 0.0
+        per_camera = m.get("newly_imported_per_camera")
+        imports.append((record.timestamp, {str(c): n for c, n in per_camera.items()
+                                           if isinstance(n, int) and n > 0}
+                        if isinstance(per_camera, dict) else None))
+    return imports
+
+
+def owed_release(camera: str, requested_at: float, now: float, patience_s: float,
+                 imports: list[tuple[float, dict[str, int] | None]]) -> tuple[float, bool]:
+    """When camera's owed ``learning_loop`` may start: (the releasing import's time, whether
+    it held the camera's own reviews); (0.0, False) while it waits.
+
+    It waits for an import of the camera's own frames. Its review batch may never be
+    reviewed (skipped, deleted from FiftyOne), so after ``patience_s`` any later import
+    releases it, as the drift cooldown would let the camera owe a new loop by then anyway."""
+    after = [(t, pc) for t, pc in imports if t > requested_at]
+    own = [t for t, pc in after if pc is None or pc.get(camera, 0) > 0]
+    if own:
+        return max(own), True
+    if after and now - requested_at >= patience_s:
+        return max(t for t, _ in after), False
+    return 0.0, False
 
 
 @dg.sensor(
@@ -342,8 +366,19 @@ def drift_sensor(context: dg.SensorEvaluationContext, fleet: FleetResource):
         notes.append(f"{camera}: significant drift ({m.get('metric')} "
                      f"{float(m.get('score') or 0):.3f}); review queue requested")
     if owed:
-        imported_at = last_review_import(context, min(o["requested_at"] for o in owed.values()))
-        ready = {c: o for c, o in owed.items() if imported_at > o["requested_at"]}
+        imports = review_imports(context, min(o["requested_at"] for o in owed.values()))
+        ready: dict[str, dict[str, Any]] = {}
+        imported_at = 0.0
+        for camera, o in sorted(owed.items()):
+            at, own = owed_release(camera, o["requested_at"], now.timestamp(),
+                                   cooldown.total_seconds(), imports)
+            if at:
+                ready[camera] = o
+                imported_at = max(imported_at, at)
+                if not own:
+                    notes.append(f"{camera}: no import of its own reviews within "
+                                 f"{settings.drift_cooldown_minutes} min of the request; "
+                                 "the owed learning_loop starts on the reviews there are")
         if ready:
             first = min(ready.values(), key=lambda o: o["requested_at"])
             tags = dict(first["tags"])

@@ -62,13 +62,17 @@ def _ctx(instance: dg.DagsterInstance, cursor: str) -> SimpleNamespace:
 
 
 def _report_in_run(instance: dg.DagsterInstance, status: dg.DagsterRunStatus,
-                   newly_imported: int) -> dg.DagsterRun:
-    """A review_import run (in ``status``) that materialized reviewed_labels."""
+                   newly_imported: int, per_camera: dict[str, int] | None = None) -> dg.DagsterRun:
+    """A review_import run (in ``status``) that materialized reviewed_labels (with its
+    per-camera counts when given; older imports recorded none)."""
     from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
     from dagster._core.test_utils import create_run_for_test
 
     run = create_run_for_test(instance, job_name="review_import", status=status)
-    mat = dg.AssetMaterialization("reviewed_labels", metadata={"newly_imported": newly_imported})
+    metadata: dict = {"newly_imported": newly_imported}
+    if per_camera is not None:
+        metadata["newly_imported_per_camera"] = dg.MetadataValue.json(per_camera)
+    mat = dg.AssetMaterialization("reviewed_labels", metadata=metadata)
     instance.report_dagster_event(
         DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION.value, job_name="review_import",
                      event_specific_data=StepMaterializationData(mat)),
@@ -117,6 +121,38 @@ def test_a_review_import_before_the_drift_does_not_release_its_loop(
     report_drift(instance, "cam-a", W[0], "significant", 0.5)
     assert [r.job_name for r in tick()] == ["review_queue"]
     assert tick() == [] and set(tick.state["owed"]) == {"cam-a"}
+
+
+def test_an_import_of_other_cameras_reviews_does_not_release_the_loop(
+        instance: dg.DagsterInstance, clock: Clock, probe: str) -> None:
+    tick = Ticker(instance, StubFleet(probe=probe))
+    report_drift(instance, "cam-a", W[0], "significant", 0.5)
+    report_drift(instance, "cam-b", W[0], "significant", 0.5)
+    assert sorted(r.job_name for r in tick()) == ["review_queue", "review_queue"]
+    _report_in_run(instance, dg.DagsterRunStatus.SUCCESS, 4, {"cam-c": 4})
+    assert tick() == [] and set(tick.state["owed"]) == {"cam-a", "cam-b"}
+    # cam-b's reviews arrive: its loop starts; cam-a still waits for its own
+    _report_in_run(instance, dg.DagsterRunStatus.SUCCESS, 2, {"cam-b": 1, "cam-c": 1})
+    (loop,) = tick()
+    assert loop.job_name == "learning_loop" and loop.tags["roadloop/drift_cameras"] == "cam-b"
+    assert set(tick.state["owed"]) == {"cam-a"}
+    _report_in_run(instance, dg.DagsterRunStatus.SUCCESS, 3, {"cam-a": 3})
+    (loop,) = tick()
+    assert loop.tags["roadloop/drift_cameras"] == "cam-a" and tick.state["owed"] == {}
+
+
+def test_an_owed_loop_whose_reviews_never_come_starts_after_the_cooldown(
+        instance: dg.DagsterInstance, clock: Clock, probe: str) -> None:
+    tick = Ticker(instance, StubFleet(probe=probe))
+    report_drift(instance, "cam-a", W[0], "significant", 0.5)
+    assert [r.job_name for r in tick()] == ["review_queue"]
+    _report_in_run(instance, dg.DagsterRunStatus.SUCCESS, 4, {"cam-c": 4})
+    clock.advance(minutes=get_settings().drift_cooldown_minutes - 1)
+    assert tick() == [] and set(tick.state["owed"]) == {"cam-a"}
+    clock.advance(minutes=1)  # its batch was never reviewed: the reviews there are will do
+    (loop,) = tick()
+    assert loop.job_name == "learning_loop" and loop.tags["roadloop/drift_cameras"] == "cam-a"
+    assert tick.state["owed"] == {}
 
 
 # --------------------------------------------------------------------------- 3. window length

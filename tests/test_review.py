@@ -110,6 +110,7 @@ def test_round_trip_queue_review_import(store: ReviewStore, tmp_path: Path) -> N
     out = tmp_path / "export"
     export = store.export_reviewed(out)
     assert sorted(export.new_sample_ids) == sorted([first_id, second_id])
+    assert export.new_per_camera == {"cam_a": 1, "cam_b": 1}  # what drift_sensor waits for
     assert export.rejected == []
     assert sorted(export.frame_keys) == ["cam_a/f002", "cam_b/f003"]
     frame = export.frames[export.frame_keys.index("cam_b/f003")]
@@ -129,6 +130,7 @@ def test_round_trip_queue_review_import(store: ReviewStore, tmp_path: Path) -> N
     # The export is cumulative: imported frames stay in later exports (nothing is lost).
     again = store.export_reviewed(out)
     assert sorted(again.frame_keys) == ["cam_a/f002", "cam_b/f003"] and again.new_sample_ids == []
+    assert again.new_per_camera == {}
     assert again.content_hash == export.content_hash
     # curated_dataset reads the last export back from disk (empty before the first one).
     assert load_review_export(out) == again

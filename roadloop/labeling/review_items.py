@@ -92,6 +92,8 @@ class ReviewExport(BaseModel):
     frames: list[LabelledFrame] = Field(default_factory=list)
     frame_keys: list[str] = Field(default_factory=list)
     new_sample_ids: list[str] = Field(default_factory=list)  # pending before this export
+    # Of new_sample_ids: how many per camera ("" for a sample without one, e.g. a seed frame).
+    new_per_camera: dict[str, int] = Field(default_factory=dict)
     rejected: list[ReviewRejection] = Field(default_factory=list)
     held_out: list[str] = Field(default_factory=list)  # frame keys with an open label issue
     # Seed images (original source paths) that must not enter training as-is: their labels
@@ -344,6 +346,8 @@ def write_review_export(
             )
             if sample.pending:
                 export.new_sample_ids.append(sample.sample_id)
+                camera = sample.camera_id or ""
+                export.new_per_camera[camera] = export.new_per_camera.get(camera, 0) + 1
             for det in sample.ground_truth.detections if sample.ground_truth else []:
                 counts[det.label] += 1
             row = {
