@@ -51,8 +51,11 @@ and not retried (a SHA-256 mismatch gets ``HASH_MISMATCH_ATTEMPTS`` tries first:
 corrupt transfer): a defect of the file (SHA-256, size, does not load, smoke inference) under
 the file's SHA-256, a mismatch between the file and what its manifest says (input size or
 shape, class names) under the manifest (``manifest:<digest>:<sha256>``), so the same file
-under a corrected manifest is tried. A remembered refusal is reported again, against the
-rollout that offered it now, so the gateway hears about every rollout the device refuses.
+under a corrected manifest is tried. A guard rollback refuses the file and its whole
+manifest (``manifest:<digest>``, kept in the serving record): the rollout's other input shapes
+are the same model, so none of them is served until the gateway offers another manifest. A
+remembered refusal is reported again, against the rollout that offered it now, so the gateway
+hears about every rollout the device refuses.
 """
 
 from __future__ import annotations
@@ -411,7 +414,12 @@ class ModelUpdater:
             )
         prior = self.state.rejected.get(f"manifest:{manifest_digest(manifest)}")
         if prior and prior.get("permanent"):
-            logger.info("manifest rejected earlier (%s); ignoring it", prior.get("reason"))
+            logger.info(
+                "manifest of rollout %s %s earlier (%s); ignoring it",
+                _text(manifest.get("rollout_id")),
+                {"rolled_back": "rolled back"}.get(str(prior.get("status")), "rejected"),
+                prior.get("reason"),
+            )
             return self._skip(prior, rid or _text(manifest.get("rollout_id")))
         # The gateway names the input shape that fits this camera; only a shape the signed
         # manifest lists is taken (any other hint leaves the manifest's own file).
@@ -586,7 +594,13 @@ class ModelUpdater:
             self.guard.arm(candidate.sha256, baseline)
             # the guard's latency baseline travels with the serving record: a restarted
             # agent re-arms the guard with it (restore), and any later swap drops it
-            self.state.serving = {**candidate.record(), "baseline_p95": baseline}
+            # and so does the manifest's digest: a guard rollback refuses that manifest (every
+            # file of the rollout's model), also after a restart (_self_rollback)
+            self.state.serving = {
+                **candidate.record(),
+                "baseline_p95": baseline,
+                "manifest": manifest_digest(m.raw),
+            }
             self.state.previous = previous_rec
             self.state.rejected.pop(candidate.sha256, None)
             budget = self.guard.budget_ms()
@@ -829,6 +843,8 @@ class ModelUpdater:
             bad = self.slot.current
             if bad.sha256 != self.guard.armed_sha:
                 return
+            rec = self.state.serving or {}
+            digest = _text(rec.get("manifest")) if rec.get("sha256") == bad.sha256 else None
             prev = self._swap_back(keep_old=False, leaving=bad.rollout_id)
             if prev is None and bad.rollout_id is not None:
                 prev = self._back_to_started_with(bad)
@@ -844,6 +860,15 @@ class ModelUpdater:
                 f"model {bad.sha256[:12]} (model_version {bad.model_version}) rolled back to "
                 f"{prev.sha256[:12]}: {reason}"
             )
+            if digest:
+                # The model, not only this file: the rollout's other input shapes are the same
+                # model version (a frame-size change must not bring it back). Refused until
+                # the gateway offers another manifest (a new version or a new rollout).
+                full += (
+                    f"; every file of rollout {bad.rollout_id} (model_version "
+                    f"{bad.model_version}) is refused until the gateway offers another manifest"
+                )
+                self._remember(f"manifest:{digest}", full, permanent=True, status="rolled_back")
             self._remember(bad.sha256, full, permanent=True, status="rolled_back")
             logger.error("rolled back: %s", full)
             self._set_status("rolled_back", full, bad.rollout_id)

@@ -194,9 +194,9 @@ async def publish_model(
             raise HTTPException(422, str(exc)) from exc
         try:
             verify_manifest(manifest, public_key)
-            check_manifest_fields(manifest)
         except SignatureError as exc:
             raise HTTPException(422, f"manifest rejected: {exc}") from exc
+        _check_fields(manifest)
         sha, size = str(manifest["sha256"]), manifest["size"]
         if not isinstance(size, int) or not 0 < size <= gw.settings.max_model_bytes:
             raise HTTPException(422, f"manifest size must be a positive integer of at most "
@@ -230,6 +230,20 @@ async def publish_model(
             raise
     finally:
         await form.close()
+
+
+def _check_fields(manifest: Any) -> None:
+    """422 unless the fields an agent acts on are well formed and the manifest's own file is
+    square (``check_manifest_fields``): at publish, and again at ``POST /v1/rollouts`` for a
+    manifest stored before a rule was added (or written straight into the store)."""
+    try:
+        if not isinstance(manifest, dict):
+            raise SignatureError(f"manifest is not a JSON object ({type(manifest).__name__})")
+        if "key_id" not in manifest:
+            raise SignatureError("manifest lacks field(s): key_id")
+        check_manifest_fields(manifest)
+    except SignatureError as exc:
+        raise HTTPException(422, f"manifest rejected: {exc}") from exc
 
 
 def _check_rollout_id(gw: Gateway, manifest: dict[str, Any]) -> None:
@@ -360,6 +374,7 @@ def create_rollout(
             raise HTTPException(422, "give manifest_sha256 or model_version")
         if manifest is None:
             raise HTTPException(404, f"no published {what}: POST /v1/models first")
+        _check_fields(manifest.manifest)  # stored before a publish rule, or not published
         if session.get(RolloutRow, manifest.rollout_id) is not None:
             raise HTTPException(409, f"rollout {manifest.rollout_id} already exists: a manifest "
                                 "is rolled out once; publish a new one (new rollout id)")
