@@ -34,6 +34,20 @@ How a crossing is decided (the failure modes counters meet in the field):
   vehicle standing (below ``stopped_speed_kmh``) for ``stopped_min_s`` inside a zone that is
   neither heavy nor jammed — outside every zone it is parked, in a congested zone it is
   queueing: neither is an incident —, and a crossing against a line's ``allowed`` direction.
+* A new geometry (lines, zones or homography edited, or a stream of another size) needs a
+  counter in the new coordinates, but what is in progress is handed on (``hand_over``): the
+  new counter starts with the old one's live tracks, scaled (``_carried``), and a track of its
+  own tracker that appears where one of them was (within its box size) adopts it (``_adopt``):
+  its firm, uncounted sides of the lines whose name and (normalised) geometry are unchanged,
+  the lines it already counted on (by name, whatever their geometry: never counted twice),
+  its entry times into the zones whose name, polygon and capacity are unchanged (no second
+  entry, dwell measured from the first), its standing state and its ground-track history.
+  Until adopted a carried vehicle still occupies its zones; one not adopted within the old
+  tracker's ``lost_s`` plus the new tracker's confirmation frames leaves them then (its exits)
+  and its uncounted sides become a lost track's (``_lost``), as if the old tracker had lost
+  it. Zones that keep their shape keep their density state, jam timer and "jam reported"
+  flag; a zone that vanishes or changes gets its vehicles' exits and, if its jam was
+  reported, a ``jam_cleared`` from the old counter. ``close`` clears a reported jam too.
 """
 
 from __future__ import annotations
@@ -150,6 +164,17 @@ class _Track:
     stopped_reported: bool = False
 
 
+_SAME = 1e-6  # normalised coordinates (fractions of the frame) closer than this are equal
+
+
+def _same_points(a: Sequence[tuple[float, float]], size_a: tuple[int, int],
+                 b: Sequence[tuple[float, float]], size_b: tuple[int, int]) -> bool:
+    """Whether two point lists are the same place in the view, each in its frame's pixels."""
+    return len(a) == len(b) and all(
+        abs(p[0] / size_a[0] - q[0] / size_b[0]) <= _SAME
+        and abs(p[1] / size_a[1] - q[1] / size_b[1]) <= _SAME for p, q in zip(a, b))
+
+
 @dataclass
 class _Lost:
     """A track the tracker gave up on, with the lines it stood on a firm side of and had not
@@ -208,6 +233,9 @@ class TrafficCounter:
         self._jam_since: dict[str, float] = {}
         self._jam_reported: set[str] = set()
         self._lost: list[_Lost] = []
+        # Live tracks of the counter this one took over from (``hand_over``), in this
+        # geometry's pixels, until a track of this counter's tracker adopts them.
+        self._carried: list[_Track] = []
         # The unconfirmed boxes of the last frames (one entry per frame, empty lists too, so
         # that the entries stay consecutive): where a track was before it got its ID.
         self._unconfirmed: deque[list[TrackedBox]] = deque(
@@ -234,6 +262,8 @@ class TrafficCounter:
             track = self._tracks.pop(tid)
             self._remember(track)
             self._finish(track, out)
+        if self._carried:
+            self._expire_carried(stream_time, out)
         self._zone_states(stream_time, out)
         self._standing(stream_time, {b.track_id for b in boxes if b.track_id >= 0}, out)
         return out
@@ -254,12 +284,139 @@ class TrafficCounter:
         return t
 
     def close(self) -> FrameTraffic:
-        """Every live track leaves its zones (the stream ends)."""
+        """Every live track leaves its zones and a reported jam is cleared (the stream ends,
+        or counting stops: nothing is watched any more)."""
         out = FrameTraffic([])
-        for track in self._tracks.values():
+        for track in [*self._tracks.values(), *self._carried]:
             self._finish(track, out)
         self._tracks.clear()
+        self._carried.clear()
+        now = self._now if self._now is not None else 0.0
+        for zone in sorted(self._jam_since):
+            self._clear_jam(zone, now, out, "is no longer watched")
         return out
+
+    # ------------------------------------------------------------------ mid-run changes
+    def retune(self, config: TrafficConfig, class_names: Sequence[str], *,
+               new_model: bool) -> None:
+        """Go on counting under ``config``, whose lines, zones, homography and frame size are
+        this counter's (``same_counting``): only PCU weights, event rules or the interval
+        change. A new detector (``new_model``) restarts the tracks' class votes, so classes
+        come from its vocabulary only; tracks, sides and zone states go on."""
+        self.config = config
+        self.tracker.set_classes(class_names, forget_votes=new_model)
+
+    def same_counting(self, config: TrafficConfig) -> bool:
+        """Whether counting under ``config`` is counting under this counter's geometry."""
+        old = self.config
+        return (old.frame_size, old.lines, old.zones, old.homography) == (
+            config.frame_size, config.lines, config.zones, config.homography)
+
+    def hand_over(self, config: TrafficConfig, class_names: Sequence[str], *,
+                  tracker: TrackerSettings | None = None
+                  ) -> tuple[TrafficCounter, FrameTraffic]:
+        """A counter for a new geometry that goes on with what is in progress here (see the
+        module docstring), and what ends with this one: exits from the zones that vanish or
+        change shape, a ``jam_cleared`` for such a zone's reported jam."""
+        new = TrafficCounter(config, class_names, tracker=tracker)
+        out = FrameTraffic([])
+        (w0, h0), (w1, h1) = self.config.frame_size, config.frame_size
+        sx, sy = w1 / w0, h1 / h0
+
+        def s(p: tuple[float, float]) -> tuple[float, float]:
+            return (p[0] * sx, p[1] * sy)
+
+        old_lines = {ln.name: ln for ln in self.config.lines}
+        lines = {ln.name for ln in config.lines if ln.name in old_lines and _same_points(
+            (old_lines[ln.name].start, old_lines[ln.name].end), (w0, h0),
+            (ln.start, ln.end), (w1, h1))}
+        old_zones = {z.name: z for z in self.config.zones}
+        zones = {z.name for z in config.zones if z.name in old_zones
+                 and old_zones[z.name].capacity == z.capacity
+                 and _same_points(old_zones[z.name].polygon, (w0, h0), z.polygon, (w1, h1))}
+        h_old, h_new = self.config.homography, config.homography
+        # A track's history is ground positions: pixels without a homography (scaled), the
+        # same metres under the same homography, else unusable (speeds start afresh).
+        keep_history, scale_history = True, h_old is None and h_new is None
+        if not scale_history:
+            keep_history = h_old is not None and h_new is not None \
+                and h_old.world_points == h_new.world_points \
+                and _same_points(h_old.image_points, (w0, h0), h_new.image_points, (w1, h1))
+        fx, fy = (sx, sy) if scale_history else (1.0, 1.0)
+
+        def moved(t: _Track) -> _Track:
+            x1, y1, x2, y2 = t.box
+            box = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+            sides = {n: v for n, v in t.sides.items() if n in lines and n not in t.counted}
+            return _Track(
+                t.track_id, t.class_name, t.first_seen, t.last_seen, s(t.anchor),
+                box[3] - box[1], max(box[2] - box[0], box[3] - box[1]),
+                deque((q[0], q[1] * fx, q[2] * fy) for q in t.history) if keep_history
+                else deque(), box,
+                sides, {n: s(t.side_points[n]) for n in sides}, set(), set(t.counted),
+                dict(t.counted_at), {z: e for z, e in t.inside.items() if z in zones},
+                t.stopped_since, t.stopped_reported)
+
+        for t in [*self._tracks.values(), *self._carried]:
+            for zone, entered in t.inside.items():
+                if zone not in zones:
+                    out.exits.append(ZoneExit(zone, t.track_id, t.last_seen - entered))
+            new._carried.append(moved(t))
+        for x in self._lost:
+            sides = {n: (side, s(p)) for n, (side, p) in x.sides.items() if n in lines}
+            if sides:
+                new._lost.append(_Lost(x.last_seen, s(x.anchor), x.size * max(sx, sy), sides))
+        for frame in self._unconfirmed:
+            new._unconfirmed.append([TrackedBox(b.track_id, b.class_name, b.confidence, (
+                b.xyxy[0] * sx, b.xyxy[1] * sy, b.xyxy[2] * sx, b.xyxy[3] * sy))
+                for b in frame])
+        now = self._now if self._now is not None else 0.0
+        for zone in sorted(self._jam_since):
+            if zone in zones:
+                new._jam_since[zone] = self._jam_since[zone]
+                if zone in self._jam_reported:
+                    new._jam_reported.add(zone)
+            else:
+                self._clear_jam(zone, now, out, "was changed in the configuration")
+        for zone in zones:
+            new._density[zone] = self._density[zone]
+        new._now, new._gap, new._shift = self._now, self._gap, self._shift  # one clock
+        self._tracks.clear()
+        self._carried.clear()
+        return new, out
+
+    def _adopt(self, track: _Track, before: list[TrackedBox]) -> None:
+        """A new track where a carried one was (within its box size; the nearest) takes over
+        its state; carried sides outrank the new track's unconfirmed past (they are older)."""
+        points = [track.anchor] + [b.anchor for b in before[:1]]
+        near = [(d, i) for i, c in enumerate(self._carried)
+                if (d := min(math.dist(p, c.anchor) for p in points)) <= c.size]
+        if not near:
+            return
+        c = self._carried.pop(min(near)[1])
+        track.first_seen = c.first_seen
+        track.history = deque([*c.history, *track.history])
+        track.counted |= c.counted
+        track.counted_at.update(c.counted_at)
+        for line, side in c.sides.items():
+            track.sides[line], track.side_points[line] = side, c.side_points[line]
+            track.past_sides.discard(line)
+        track.inside.update(c.inside)
+        track.stopped_since, track.stopped_reported = c.stopped_since, c.stopped_reported
+
+    def _expire_carried(self, now: float, out: FrameTraffic) -> None:
+        """Carried vehicles no track adopted in time: lost (their exits; their sides left to
+        a successor born on the line, as for any lost track)."""
+        s = self.tracker.settings
+        grace = s.lost_s + (s.min_hits + 2) * self._gap
+        keep = []
+        for c in self._carried:
+            if now - c.last_seen <= grace:
+                keep.append(c)
+            else:
+                self._remember(c)
+                self._finish(c, out)
+        self._carried = keep
 
     # ------------------------------------------------------------------ tracks
     def _observe(self, box: TrackedBox, now: float, out: FrameTraffic) -> None:
@@ -279,7 +436,10 @@ class TrafficCounter:
             track.history.popleft()
         band = max(MIN_BAND_PX, BAND_FRACTION * box.height)
         if first:
-            self._start_sides(track, self._prehistory(box))
+            before = self._prehistory(box)
+            self._start_sides(track, before)
+            if self._carried:
+                self._adopt(track, before)
             self._inherit(track, band)
         for line in self.config.lines:
             self._line(track, line, band, now, out)
@@ -405,7 +565,8 @@ class TrafficCounter:
     def _zone_states(self, now: float, out: FrameTraffic) -> None:
         rules = self.config.events
         for zone in self.config.zones:
-            occupancy = sum(zone.name in t.inside for t in self._tracks.values())
+            occupancy = sum(zone.name in t.inside for t in self._tracks.values()) \
+                + sum(zone.name in c.inside for c in self._carried)
             state, _ = self._density[zone.name].update(occupancy)
             out.zones.append(ZoneState(zone.name, occupancy, state))
             if state == DensityState.JAM:
@@ -416,13 +577,16 @@ class TrafficCounter:
                         "jam", now, f"zone {zone.name} jammed for {now - since:.0f} s",
                         zone=zone.name, duration_s=round(now - since, 1)))
             elif zone.name in self._jam_since:
-                since = self._jam_since.pop(zone.name)
-                if zone.name in self._jam_reported:
-                    self._jam_reported.discard(zone.name)
-                    out.events.append(TrafficEvent(
-                        "jam_cleared", now, f"zone {zone.name} flows again after "
-                        f"{now - since:.0f} s of jam", zone=zone.name,
-                        duration_s=round(now - since, 1)))
+                self._clear_jam(zone.name, now, out, "flows again")
+
+    def _clear_jam(self, zone: str, now: float, out: FrameTraffic, why: str) -> None:
+        """End the zone's jam timer; a ``jam_cleared`` if its jam was reported."""
+        since = self._jam_since.pop(zone, now)
+        if zone in self._jam_reported:
+            self._jam_reported.discard(zone)
+            out.events.append(TrafficEvent(
+                "jam_cleared", now, f"zone {zone} {why} after {now - since:.0f} s of jam",
+                zone=zone, duration_s=round(now - since, 1)))
 
     def _standing(self, now: float, visible: set[int], out: FrameTraffic) -> None:
         rules = self.config.events

@@ -2,9 +2,21 @@
 
 ``process`` runs on the frame loop after the detector; ``commit`` folds the frame in once the
 agent knows whether the frame was sampled (an event's frame is forced into the upload so the
-operator sees what happened: ``REASON_TRAFFIC_EVENT``). A new geometry (a new configuration
-version, or a stream of another size) closes the running segment — its partial records are
-returned — and starts a fresh counter, so counts never mix two geometries.
+operator sees what happened: ``REASON_TRAFFIC_EVENT``).
+
+Mid-run changes: the counting state (the ``TrafficCounter``: tracks, lines' sides, zones'
+entry times, jam and standing timers) is kept apart from the *segment* (the
+``IntervalAccumulator`` whose records carry ``config_version``, ``model_version`` and the
+``segment_ms`` of their ``record_id``). Any change of configuration version, model version
+or stream size closes the running segment — its partial records are returned — and starts a
+new one, so every record says which configuration and which detector its counts come from
+and no record mixes two. The counter goes on across the change when its geometry (lines,
+zones, homography at the stream's size) is the same by value (``retune``: new PCU weights,
+event rules, interval or detector vocabulary); otherwise a counter for the new geometry takes
+over what is in progress (``TrafficCounter.hand_over``): a vehicle standing on a line still
+counts once when it drives off, one standing in a zone keeps its entry, a reported jam or
+standing vehicle is not reported again. A geometry that goes away or does not fit the stream
+stops counting (``close``: live tracks leave their zones, a reported jam is cleared).
 
 Crashes: the interval in progress lives in memory until it closes. Every ``checkpoint_s``
 the stage writes it, as the record it would be if closed then, to ``checkpoint_path``
@@ -93,7 +105,8 @@ class TrafficStage:
         self.checkpoint_path = checkpoint_path
         self.checkpoint_s = checkpoint_s
         self._checkpointed_at: float | None = None
-        self._key: tuple[int, int, int, int] | None = None  # config id, version, w, h
+        self._geometry: TrafficConfig | None = None  # the geometry in force, as given
+        self._key: tuple[int, str, int, int] | None = None  # config, model version; w, h
         self._counter: TrafficCounter | None = None
         self._intervals: IntervalAccumulator | None = None
         self._origin: float | None = None
@@ -131,29 +144,53 @@ class TrafficStage:
                 ) -> FrameTraffic | None:
         """Track and count this frame; None when the camera has no traffic geometry."""
         h, w = frame.image.shape[:2]
-        key = None if geometry is None else (id(geometry), config_version, w, h)
-        if key != self._key:
-            self._pending.extend(self._close_segment())
-            self._key = key
-            self.error = None if geometry is None else geometry_misfit(geometry, config_version,
-                                                                       w, h)
-            if self.error is not None:
-                logger.error("traffic counting off: %s", self.error["reason"])
-            elif geometry is not None:
-                scaled = geometry.scaled_to(w, h)
-                self._counter = TrafficCounter(scaled, class_names, tracker=self.tracker_settings)
-                self._intervals = IntervalAccumulator(
-                    self.camera_id, interval_s=scaled.interval_s,
-                    zones=[z.name for z in scaled.zones],
-                    segment_started_at=self.wall_time(frame), config_version=config_version,
-                    model_version=model_version)
-                logger.info("traffic counting on: %d line(s), %d zone(s)%s, %ds intervals "
-                            "(configuration version %d)", len(scaled.lines), len(scaled.zones),
-                            ", speeds" if scaled.homography is not None else "",
-                            scaled.interval_s, config_version)
+        key = (config_version, model_version, w, h)
+        if geometry is not self._geometry or key != self._key:
+            self._reconfigure(geometry, key, class_names, frame)
         if self._counter is None or self.error is not None:
             return None
         return self._counter.update(detections, frame.stream_time)
+
+    def _reconfigure(self, geometry: TrafficConfig | None, key: tuple[int, str, int, int],
+                     class_names: Sequence[str], frame: _Frame) -> None:
+        """A new geometry object, configuration version, model or stream size (see the
+        module docstring)."""
+        same = geometry is self._geometry or (
+            geometry is not None and self._geometry is not None and geometry == self._geometry)
+        changed = not same or key != self._key
+        self._geometry = geometry
+        if not changed:  # the same section parsed again: nothing changes
+            return
+        version, model_version, w, h = key
+        new_model = self._key is not None and key[1] != self._key[1]
+        self._key = key
+        self.error = None if geometry is None else geometry_misfit(geometry, version, w, h)
+        if geometry is None or self.error is not None:
+            self._pending.extend(self._close_segment())
+            if self.error is not None:
+                logger.error("traffic counting off: %s", self.error["reason"])
+            return
+        scaled = geometry.scaled_to(w, h)
+        old, ended = self._counter, None
+        if old is None:
+            counter = TrafficCounter(scaled, class_names, tracker=self.tracker_settings)
+        elif old.same_counting(scaled):
+            counter = old
+            counter.retune(scaled, class_names, new_model=new_model)
+        else:
+            counter, ended = old.hand_over(scaled, class_names, tracker=self.tracker_settings)
+        self._pending.extend(self._close_records(ended))
+        self._counter = counter
+        self._intervals = IntervalAccumulator(
+            self.camera_id, interval_s=scaled.interval_s, zones=[z.name for z in scaled.zones],
+            segment_started_at=self.wall_time(frame), config_version=version,
+            model_version=model_version)
+        logger.info("traffic counting %s: %d line(s), %d zone(s)%s, %ds intervals "
+                    "(configuration version %d, model %s)",
+                    "on" if old is None else "goes on" if counter is old else "moves on",
+                    len(scaled.lines), len(scaled.zones),
+                    ", speeds" if scaled.homography is not None else "", scaled.interval_s,
+                    version, model_version)
 
     def commit(self, traffic: FrameTraffic | None, frame: _Frame,
                frame_id: str | None) -> list[dict[str, Any]]:
@@ -210,19 +247,25 @@ class TrafficStage:
     def close(self) -> list[dict[str, Any]]:
         """End of the stream: the running segment's last (partial) record(s)."""
         records, self._pending = self._pending + self._close_segment(), []
-        self._key = None
+        self._key = self._geometry = None
         return records
 
     def _close_segment(self) -> list[dict[str, Any]]:
-        if self._counter is None or self._intervals is None:
-            self._counter = self._intervals = None
+        """Counting stops: the counter closes (live tracks leave their zones, a reported jam
+        is cleared) and the segment's last records are returned."""
+        last = self._counter.close() if self._counter is not None else None
+        self._counter = None
+        return self._close_records(last)
+
+    def _close_records(self, last: FrameTraffic | None) -> list[dict[str, Any]]:
+        """The running segment's last records, with ``last`` (what ended with it) folded in."""
+        intervals, self._intervals = self._intervals, None
+        if intervals is None:
             return []
-        last = self._counter.close()  # live tracks leave their zones
-        if self._intervals.last_wall_time is not None:
-            self._intervals.add(last, self._intervals.last_wall_time, is_frame=False)
-        records = self._intervals.close()
-        self._counter = self._intervals = None
-        return records
+        if last is not None and intervals.last_wall_time is not None:
+            self.events_total += len(last.events)
+            intervals.add(last, intervals.last_wall_time, is_frame=False)
+        return intervals.close()
 
 
 __all__ = ["REASON_TRAFFIC_EVENT", "TrafficStage"]

@@ -91,6 +91,14 @@ class VehicleTracker:
         )
         self._votes: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
+    def set_classes(self, class_names: Sequence[str], *, forget_votes: bool) -> None:
+        """Another detector's vocabulary (a model swap): its class ids name its classes, and
+        with ``forget_votes`` the live tracks' classes are voted afresh from its boxes only,
+        so no track carries the old model's class names into the new one's counts."""
+        self.class_names = list(class_names)
+        if forget_votes:
+            self._votes.clear()
+
     def _name(self, det: _Detection) -> str:
         if det.class_name:
             return det.class_name
