@@ -194,7 +194,9 @@ class EdgeAgent:
                 client.ensure_enrolled(cfg.camera_id, cfg.enroll_token, agent_version(), hardware)
                 return
             except GatewayUnavailable as exc:
-                delay = backoff.delay(attempt)
+                # the gateway's Retry-After (a flood's 429; bounded by parse_retry_after) when
+                # it asks for longer than our own backoff
+                delay = max(backoff.delay(attempt), exc.retry_after or 0.0)
                 attempt += 1
                 logger.warning("%s; retrying in %.1fs", exc, delay)
                 if self._stop.wait(delay):

@@ -10,7 +10,12 @@ The access token is refreshed shortly before it expires (``refresh_margin_s``, a
 of its lifetime) and again on a 401; refresh tokens
 rotate, so the new pair is saved (with a directory fsync) as soon as it arrives; a save that
 fails (disk full) is logged and retried before each authorised request, the pair kept in
-memory meanwhile (the gateway has already rotated the old one away).
+memory meanwhile (the gateway has already rotated the old one away). An early refresh that
+fails transiently (the route busy: 429, 5xx) does not hold a request whose access token is
+still valid. ``/v1/enroll`` and ``/v1/token/refresh`` answered 408/425/429 or 5xx (or, for a
+refresh, anything but 200 and the other 4xx) raise ``GatewayUnavailable`` with the answer's
+``retry_after``: busy is not a refusal (``EnrollmentError``) nor a revoked device
+(``AuthError``). No message quotes a credential answer's bytes (``_body_shape``).
 
 Outcomes the caller acts on (``UploadOutcome.kind``):
 
@@ -40,8 +45,12 @@ bounds each connect, write and read): an answer over either is an unreadable ans
 (``GatewayUnavailable``, so ``retry``). The deadline covers the whole answer, status line and
 headers included: the client's transport cuts every network read to the time left
 (``request_budget``, ``_DeadlineStream``), so a gateway trickling its headers a byte at a time
-cannot hold the calling thread past it. Model downloads (``stream_model``) are the exception:
-their headers meet that deadline, their body is the caller's to read and bound.
+cannot hold the calling thread past it. That holds for every ``httpx.HTTPTransport`` the
+client sends through: its default one, one passed in, and those of the proxies the
+environment names (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``: honoured); another kind of
+transport (a test's ``MockTransport``) meets the deadline between body chunks only. Model
+downloads (``stream_model``) are the exception: their headers meet that deadline, their body
+is the caller's to read and bound.
 
 No call here raises on what the gateway answers: ``upload_frame``, ``upload_frames``,
 ``post_heartbeat`` and ``post_traffic_interval`` turn every unreadable or unexpected answer
@@ -114,7 +123,12 @@ class AuthError(GatewayError):
 
 
 class GatewayUnavailable(GatewayError):
-    """The gateway could not be reached or answered 5xx; try again later."""
+    """The gateway could not be reached or answered 5xx (or 408/425/429: not now); try again
+    later, not before ``retry_after`` seconds when the gateway said so (``Retry-After``)."""
+
+    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -149,12 +163,41 @@ class DeviceIdentity:
             return None
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
             known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-            return cls(**known)
-        except (OSError, ValueError, TypeError) as exc:
+            ident = cls(**known)
+            ident._check()
+            return ident
+        except (OSError, ValueError, TypeError, RecursionError, OverflowError) as exc:
             raise GatewayError(
                 f"{path}: unreadable device identity ({exc}); move it away and enroll again"
             ) from exc
+
+    def _check(self) -> None:
+        """``TypeError``/``ValueError`` naming the first field of a loaded identity that is not
+        what ``save`` writes (a hand-edited or damaged file): used as it is, it would fail every
+        request later as an "unreadable answer" (an ``expires_at`` string) or send a broken
+        ``Authorization`` header (a ``null`` token)."""
+        for name in ("device_id", "camera_id", "gateway_url", "access_token", "refresh_token"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"{name} is not a non-empty string")
+        for name in ("access_token", "refresh_token"):
+            if not getattr(self, name).isascii() or not getattr(self, name).isprintable():
+                raise ValueError(f"{name} is not printable ASCII")
+        for name in ("expires_at", "enrolled_at", "ttl_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value):
+                raise TypeError(f"{name} is not a finite number")
+        if not self.ttl_s > 0:
+            raise ValueError("ttl_s is not positive")
+        if not isinstance(self.scopes, list) or not all(isinstance(x, str) for x in self.scopes):
+            raise TypeError("scopes is not a list of strings")
+        for name in ("gateway_public_key", "model_public_key"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} is not a string")
 
 
 @dataclass(frozen=True)
@@ -238,7 +281,15 @@ def _frame_outcome(entry: Any, retry_after: float | None) -> UploadOutcome:
 
 def _retry_later(code: int) -> bool:
     """A whole request's status that means "not now, try again" (not "never")."""
-    return code in (401, 403, 408, 425, 429) or code >= 500
+    return code in (401, 403) or _not_now(code)
+
+
+def _not_now(code: int) -> bool:
+    """A status that says nothing about the request or the credential it carried: the server
+    is busy (429 with ``Retry-After``, 5xx) or timed the request out (408, 425). On
+    ``/v1/enroll`` and ``/v1/token/refresh`` (whose 429 is the gateway's unattributed-request
+    limit under a flood) it is "try again later", never a refusal of the token."""
+    return code in (408, 425, 429) or code >= 500
 
 
 def _unexpected(resp: httpx.Response) -> str:
@@ -257,8 +308,8 @@ def _response_or_retry(call: Callable[[], httpx.Response]) -> httpx.Response | U
         return call()
     except httpx.HTTPError as exc:
         return UploadOutcome("retry", None, f"{type(exc).__name__}: {exc}")
-    except GatewayUnavailable as exc:
-        return UploadOutcome("retry", None, str(exc))
+    except GatewayUnavailable as exc:  # e.g. a token refresh answered 429: its Retry-After
+        return UploadOutcome("retry", None, str(exc), exc.retry_after)
     except AuthError as exc:
         return UploadOutcome("retry", 401, str(exc))
     except _UNREADABLE as exc:  # an answer the client could not read: never drop a frame on it
@@ -395,20 +446,43 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def _deadline_transport() -> httpx.HTTPTransport:
-    """httpx's default transport, its connections bounded by the request's budget. httpx has
-    no public hook for the network backend: the pool's is wrapped when it is where httpcore
-    1.x keeps it (checked), else the transport stays as it is (each read bounded by
-    ``timeout_s`` only, and ``read_capped``'s deadline for the body) and a warning says so."""
-    transport = httpx.HTTPTransport()
+def _bound_transport(transport: httpx.BaseTransport | None) -> httpx.BaseTransport | None:
+    """``transport`` with its connections bounded by the request's budget, when it is an
+    ``httpx.HTTPTransport`` (direct, or through an HTTP or SOCKS proxy: its pool is httpcore's
+    ``ConnectionPool``, ``HTTPProxy`` or ``SOCKSProxy``, each with a network backend). httpx
+    has no public hook for the backend: the pool's is wrapped where httpcore 1.x keeps it
+    (checked), else the transport stays as it is (each read bounded by ``timeout_s`` only, and
+    ``read_capped``'s deadline for the body) and a warning says so. Another kind of transport
+    (a test's ``MockTransport``) is returned as it is: its answer's body meets
+    ``read_capped``'s deadline, one chunk at a time."""
+    if not isinstance(transport, httpx.HTTPTransport):
+        return transport
     pool = getattr(transport, "_pool", None)
     inner = getattr(pool, "_network_backend", None)
+    if isinstance(inner, _DeadlineBackend):
+        return transport
     if isinstance(inner, httpcore.NetworkBackend):
         pool._network_backend = _DeadlineBackend(inner)  # type: ignore[union-attr]
     else:  # pragma: no cover - another httpcore
         logger.warning("httpcore without a network backend to wrap: a trickled answer's "
                        "headers are bounded per read only")
     return transport
+
+
+class _BoundedClient(httpx.Client):
+    """``httpx.Client`` whose every ``HTTPTransport`` — the one passed in, the default one,
+    and those of the proxies the environment names (``HTTP(S)_PROXY``, ``ALL_PROXY``, minus
+    ``NO_PROXY``) — meets the request's budget (``_bound_transport``). Passing a transport of
+    our own to ``httpx.Client`` instead would switch the environment's proxies off (httpx
+    honours them only when no transport is given): an agent behind a site proxy could not
+    reach the gateway at all."""
+
+    def _init_transport(self, *args: Any, **kwargs: Any) -> httpx.BaseTransport:
+        return _bound_transport(super()._init_transport(*args, **kwargs))  # type: ignore[return-value]
+
+    def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> httpx.BaseTransport:
+        return _bound_transport(  # type: ignore[return-value]
+            super()._init_proxy_transport(*args, **kwargs))
 
 
 def _detail(resp: httpx.Response) -> str:
@@ -497,11 +571,28 @@ def _token_fields(data: Any) -> tuple[str, str, float]:
     return access, refresh, seconds
 
 
+def _body_shape(resp: httpx.Response) -> str:
+    """What an answer that carries credentials looked like, none of its values: its size, its
+    Content-Type and, for a JSON object, its keys. A token pair the agent cannot use (an
+    ``expires_in`` out of range…) is still live on the gateway: its bytes must not reach a log
+    or an outcome's detail."""
+    shape = f"{len(resp.content)} bytes of {resp.headers.get('Content-Type', 'no type')[:60]!r}"
+    try:
+        data = json.loads(resp.content)
+    except _UNREADABLE:
+        return shape
+    if isinstance(data, dict):
+        keys = ", ".join(repr(str(k)[:40]) for k in list(data)[:12])
+        return f"{shape}: a JSON object with keys [{keys}]"
+    return f"{shape}: a JSON {type(data).__name__}"
+
+
 def _unreadable_answer(what: str, resp: httpx.Response, exc: BaseException,
                        then: str) -> GatewayUnavailable:
+    """``exc`` names the field that is wrong, never its value (``_token_fields``)."""
     return GatewayUnavailable(
-        f"{what}: unreadable answer {resp.status_code} ({type(exc).__name__}: {exc}; body "
-        f"{resp.content[:100]!r}); {then}")
+        f"{what}: unreadable answer {resp.status_code} ({type(exc).__name__}: {exc}; "
+        f"{_body_shape(resp)}); {then}")
 
 
 def _token_pair(resp: httpx.Response) -> tuple[str, str, float]:
@@ -563,8 +654,10 @@ class GatewayClient:
         self.state_dir = Path(state_dir)
         self.refresh_margin_s = refresh_margin_s
         self.timeout_s = timeout_s
-        self._http = httpx.Client(base_url=self.gateway_url, timeout=timeout_s,
-                                  transport=transport or _deadline_transport())
+        # ``transport`` None: httpx's default, through the environment's proxies if it names
+        # any; either way bounded by each request's deadline (``_BoundedClient``).
+        self._http = _BoundedClient(base_url=self.gateway_url, timeout=timeout_s,
+                                    transport=transport)
         self._lock = threading.RLock()
         self.identity = DeviceIdentity.load(self.state_dir)
         # The in-memory identity differs from identity.json (a save after a token refresh
@@ -597,10 +690,10 @@ class GatewayClient:
             raise GatewayUnavailable(f"cannot reach {self.gateway_url} to enroll: {exc}") from exc
         except GatewayUnavailable as exc:  # an answer over the size cap or the deadline
             raise GatewayUnavailable(f"enrollment: {exc}; nothing was saved") from exc
-        if resp.status_code >= 500:
+        if _not_now(resp.status_code):  # busy (a 429 under a flood), not a refusal
             raise GatewayUnavailable(
-                f"enrollment: gateway answered {resp.status_code}: {_detail(resp)}"
-            )
+                f"enrollment: gateway answered {resp.status_code}: {_detail(resp)}; nothing "
+                f"was saved, trying again later", retry_after=_retry_after(resp))
         if resp.status_code != 201:
             raise EnrollmentError(
                 f"enrollment refused by {self.gateway_url} ({resp.status_code}): {_detail(resp)}"
@@ -652,9 +745,15 @@ class GatewayClient:
                 raise GatewayUnavailable(
                     f"token refresh: cannot reach {self.gateway_url}: {exc}"
                 ) from exc
-            if resp.status_code >= 500:
-                raise GatewayUnavailable(f"token refresh: gateway answered {resp.status_code}")
-            if resp.status_code != 200:
+            code = resp.status_code
+            if code != 200 and not 400 <= code < 500 or _not_now(code):
+                # Busy (a 429 under a flood, with Retry-After), a 5xx, or not the gateway's
+                # answer (a redirect, a proxy's page): the pair is kept, nothing says it died.
+                raise GatewayUnavailable(
+                    f"token refresh: gateway answered {code}: "
+                    f"{_unexpected(resp) if code < 400 else _detail(resp)}; the identity is "
+                    f"kept, trying again later", retry_after=_retry_after(resp))
+            if code != 200:
                 raise AuthError(
                     f"token refresh refused ({resp.status_code}: {_detail(resp)}); the device was "
                     f"probably revoked — enroll again with a new token and a fresh state dir"
@@ -712,7 +811,17 @@ class GatewayClient:
             self._save_identity_if_dirty()
             margin = min(self.refresh_margin_s, 0.1 * ident.ttl_s)
             if ident.expires_at - time.time() < margin:
-                self.refresh()
+                try:
+                    self.refresh()
+                except GatewayUnavailable as exc:
+                    # Refreshing early is a courtesy: while the token is still valid the
+                    # request goes with it (a busy refresh route must not stop uploads that
+                    # the gateway would take); the next request tries the refresh again.
+                    if ident.expires_at - time.time() <= 0:
+                        raise
+                    logger.warning("early token refresh failed (%s); the access token is valid "
+                                   "for %.0f s more, using it", str(exc)[:200],
+                                   ident.expires_at - time.time())
             return {"Authorization": f"Bearer {ident.access_token}"}
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -877,16 +986,18 @@ class GatewayClient:
         code = resp.status_code
         if code == 304:
             return ManifestPoll(304, etag)
-        if code >= 500 or code == 429:
-            raise GatewayUnavailable(f"{what}: gateway answered {code}: {_detail(resp)}")
+        if _not_now(code):
+            raise GatewayUnavailable(f"{what}: gateway answered {code}: {_detail(resp)}",
+                                     retry_after=_retry_after(resp))
         if code == 403:
             raise GatewayError(f"{what} refused (403: {_detail(resp)}); {forbidden_hint}")
         if code != 200:
             raise GatewayError(f"{what}: gateway answered {code}: {_detail(resp)}")
         try:
             body = resp.json()
-        except ValueError as exc:
-            raise GatewayError(f"{what}: the answer is not JSON: {resp.text[:200]!r}") from exc
+        except _UNREADABLE as exc:  # RecursionError too (``[[[[…``): not the caller's to catch
+            raise GatewayError(f"{what}: the answer is not JSON ({type(exc).__name__}): "
+                               f"{resp.content[:200]!r}") from exc
         if not isinstance(body, dict):
             raise GatewayError(f"{what}: expected a JSON object, got {type(body).__name__}")
         return ManifestPoll(200, resp.headers.get("ETag"), body)
