@@ -27,6 +27,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(_SESSION_HOME / "ultralytics"))
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # Everything the tests start listens on loopback, and the agent honours the environment's
+    # proxies (as httpx does): a CI runner's proxy must not carry requests meant for 127.0.0.1.
+    if any(os.environ.get(k) for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                                       "http_proxy", "https_proxy", "all_proxy")):
+        for key in ("NO_PROXY", "no_proxy"):
+            os.environ[key] = ",".join(filter(None, (os.environ.get(key),
+                                                     "127.0.0.1,localhost,::1")))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
