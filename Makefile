@@ -51,7 +51,7 @@ test: install
 bench: install
 	$(PY) -m benchmarks.inference
 	$(PY) -m benchmarks.agent_pipeline
-	$(PY) -m benchmarks.gateway_intake
+	$(PY) -m benchmarks.gateway_intake --levers --agents 32 --duration 20 --kill-after 8  # the run README.md and docs/capacity.md quote (benchmarks/README.md)
 	$(PY) -m benchmarks.rollout_propagation
 	ROADLOOP_ROLLBACK_TIMELINE=benchmarks/results/rollback_timeline.json \
 		$(PY) -m pytest -q tests/test_rollout_e2e.py  # the timeline test needs the rollouts before it

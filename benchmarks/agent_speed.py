@@ -45,6 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from roadloop.fsutil import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 GPU_PT = "atl_v2_yolo11n_gpu.pt"
 GPU_320 = "atl_v2_yolo11n_gpu_320.onnx"
@@ -526,8 +528,8 @@ def run(*, frames: int, threads: list[int], shared: Path, out_dir: Path, work: P
         "target": {"ratio": TARGET, "max_map50_95_loss": MAX_MAP_LOSS},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "agent_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "agent_speed.md").write_text(markdown(report))
+    write_text_atomic(out_dir / "agent_speed.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / "agent_speed.md", markdown(report))
     return report
 
 

@@ -38,6 +38,7 @@ from roadloop.federation.private_training import (
     prepare_variant,
     train_private,
 )
+from roadloop.fsutil import write_text_atomic
 from roadloop.settings import PROJECT_ROOT, get_settings
 
 EVAL_IMGSZ = 320  # the checkpoint's training size
@@ -136,7 +137,7 @@ def write_markdown(record: dict, path: Path) -> None:
         if "error" not in r:
             losses = ", ".join(f"{e['mean_loss']:.3f}" for e in r["train"]["epochs"])
             lines.append(f"- {r['variant']}: {losses}")
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -190,7 +191,7 @@ def main() -> None:
         print(variant, f"{record['variants'][-1]['wall_s']:.0f} s", flush=True)
     record["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(args.out_dir / f"{args.name}.json", json.dumps(record, indent=2) + "\n")
     write_markdown(record, args.out_dir / f"{args.name}.md")
     print((args.out_dir / f"{args.name}.md").read_text())
 

@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from roadloop.fsutil import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,8 +387,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "summary": summary,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "drift_detection.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "drift_detection.md").write_text(to_markdown(result))
+    write_text_atomic(args.out / "drift_detection.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(args.out / "drift_detection.md", to_markdown(result))
     return result
 
 

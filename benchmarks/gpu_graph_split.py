@@ -54,6 +54,7 @@ import onnxruntime as ort
 
 from benchmarks.gpu_serving import DEFAULT_THREADS, _machine, _row, load_frames, timed
 from edge_agent.inference import DEFAULT_CONF_THRESHOLD, DEFAULT_IOU_THRESHOLD
+from roadloop.fsutil import write_text_atomic
 from roadloop.serving import graph as serving_graph
 from roadloop.serving import letterbox, nms
 from roadloop.serving.onnx_builder import dims
@@ -221,8 +222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def save() -> None:
         doc["load_average_start_end"][1] = list(os.getloadavg())
         args.out.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(doc, indent=1))
-        out_md.write_text(markdown(doc))
+        write_text_atomic(out_json, json.dumps(doc, indent=1))
+        write_text_atomic(out_md, markdown(doc))
 
     pre = letterbox.preprocess_model(frame_hw, input_hw, "B", detector)
     u8_pre = letterbox.preprocess_model(frame_hw, input_hw, "B", detector, resize="uint8_first")

@@ -62,6 +62,7 @@ import numpy as np
 
 from benchmarks.intake_loadgen import AGENT_REDACTION
 from launch.localfleet import GatewayProcess
+from roadloop.fsutil import write_text_atomic
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -448,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         "conclusion": ("; ".join(parts) + ".") if parts else "No variant ran.",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "hostile_uploads.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "hostile_uploads.md").write_text(_markdown(report))
+    write_text_atomic(args.out / "hostile_uploads.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.out / "hostile_uploads.md", _markdown(report))
     print(_markdown(report))
     return 0 if all(v.error is None for v in variants) else 1
 

@@ -456,7 +456,9 @@ def _verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
     speed_ok = int8["speedup_vs_pytorch"] >= TARGET_SPEEDUP
     loss = -(int8.get("delta_map50_95_pts") or 0.0) if int8.get("map50_95") is not None else None
     acc_ok = None if loss is None else loss <= TARGET_MAX_MAP_LOSS_PTS
-    met = speed_ok and bool(acc_ok)
+    # Without mAP (--no-map) accuracy is not judged: the target is missed if the speed half
+    # misses, otherwise not judged (None), never "missed" for a half that was not measured.
+    met = False if not speed_ok else acc_ok
     st = int8["stages_ms"]
     total = sum(st.values()) or 1.0
     share = {k: round(100 * v / total, 1) for k, v in st.items()}
@@ -467,9 +469,13 @@ def _verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
         int8_speedup=int8["speedup_vs_pytorch"],
         int8_map50_95_loss_pts=loss,
         int8_stage_share_pct=share,
-        verdict=("met" if met else "missed")
-        + f" ({int8['speedup_vs_pytorch']:.2f}× fps, "
-        + (f"{loss:.2f} pt mAP50-95 loss)" if loss is not None else "mAP not measured)"),
+        verdict=(
+            f"not judged (mAP not measured): {int8['speedup_vs_pytorch']:.2f}× fps"
+            if met is None else
+            ("met" if met else "missed")
+            + f" ({int8['speedup_vs_pytorch']:.2f}× fps, "
+            + (f"{loss:.2f} pt mAP50-95 loss)" if loss is not None else "mAP not measured)")
+        ),
     )
     if int8.get("speedup_vs_pytorch_square") is not None:
         target["int8_speedup_vs_pytorch_square_input"] = int8["speedup_vs_pytorch_square"]
@@ -485,17 +491,19 @@ def _verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
         rloss = -(rect.get("delta_map50_95_pts") or 0.0) if rect.get("map50_95") is not None else None
         target["int8_rect_speedup"] = rect["speedup_vs_pytorch"]
         target["int8_rect_map50_95_loss_pts"] = rloss
-        rect_met = rect["speedup_vs_pytorch"] >= TARGET_SPEEDUP and (
-            rloss is not None and rloss <= TARGET_MAX_MAP_LOSS_PTS)
+        rect_met = (False if rect["speedup_vs_pytorch"] < TARGET_SPEEDUP
+                    else None if rloss is None else rloss <= TARGET_MAX_MAP_LOSS_PTS)
         target["int8_rect_met"] = rect_met
+        rect_word = "not judged (mAP not measured)" if rect_met is None else (
+            "met" if rect_met else "missed")
         notes.append(
             f"With a rectangular input ({rect['label'].rsplit(', ', 1)[-1]}: the shape "
             "Ultralytics' predict itself uses for these 16:9 frames, no padding rows) the INT8 "
             f"edge path is {rect['speedup_vs_pytorch']:.2f}× PyTorch"
             + (f" at {rloss:.2f} pt mAP50-95 loss" if rloss is not None else " (mAP not measured)")
-            + f": target {'met' if rect_met else 'missed'} that way."
+            + f": target {rect_word} that way."
         )
-    if not met:
+    if met is False:
         notes.append(
             "Where the INT8 edge path's time goes (share of its per-frame stages): "
             + ", ".join(f"{k.removesuffix('_ms')} {v}%" for k, v in share.items())

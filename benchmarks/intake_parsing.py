@@ -1,7 +1,7 @@
 """Per-frame costs of the gateway's intake steps, in-process (no server, no network): which
 levers of issue 14 pay, measured one by one.
 
-* **envelope**: a batch of 16 frames of ~45 KB split from the raw
+* **envelope**: a batch of 16 frames of ~46 KB (45 KiB) split from the raw
   ``application/vnd.roadloop.frame-batch`` body (``fleet.intake_batch.split_batch``) vs the
   same 16 frames as one multipart body and as 16 single-frame multipart bodies, each parsed by
   Starlette's form parser (what ``POST /v1/frames`` does), fed in 64 KiB chunks as uvicorn
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import struct
@@ -50,7 +51,7 @@ from fleet.frame_checks import reads_back
 from fleet.intake_batch import split_batch
 from fleet.jpeg import JpegLimits, check_jpeg, decode_grey
 from roadloop.data.frames import FrameRecord, FrameStore, dhash_hamming, dhash_hex
-from roadloop.fsutil import fsync_dir
+from roadloop.fsutil import fsync_dir, write_text_atomic
 
 BATCH = 16
 CHUNK = 64 * 1024
@@ -224,12 +225,26 @@ def lookup_costs(root: Path, repeat: int, days: tuple[int, ...] = (1, 7, 30)) ->
             "own_folder_new_frame_ms_by_day_folders": own}
 
 
+def _load_average() -> list[float]:
+    """The 1, 5 and 15 min load average: how busy the shared cores were."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _load_text(doc: dict[str, Any]) -> str:
+    start_end = doc.get("load_average_start_end")
+    if not start_end:  # a report from before the load average was recorded
+        return "load average not recorded"
+    start, end = ("/".join(f"{x:.2f}" for x in la) for la in start_end)
+    return f"load average (1/5/15 min) {start} at start, {end} at end"
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     e, j, s = doc["envelope"], doc["jpeg"], doc["storage"]
     own = doc["lookup"].get("own_folder_new_frame_ms_by_day_folders", {})
     lines = [
         "# Gateway intake: per-frame cost of each step (in-process)", "",
-        (f"{doc['at']} · {doc['machine']} · {doc['jpegs']} · `python -m benchmarks.intake_parsing`."
+        (f"{doc['at']} · {doc['machine']} · {doc['jpegs']} · {_load_text(doc)} · "
+        "`python -m benchmarks.intake_parsing`."
         " CPU ms of this process, least of several runs (the machine's 2 cores were shared with"
         " other jobs); the storage rows are wall time (median of rounds: fsync waits for the"
         " disk, not the CPU)."), "",
@@ -281,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--store", type=Path, default=None,
                     help="folder on the file system to measure (default: a temp folder)")
     args = ap.parse_args(argv)
+    load_start = _load_average()  # the cores are shared: the report says how busy they were
     jpegs, source = load_jpegs(args.pool, 640, 85, synthetic=args.synthetic_jpegs)
     frames = [(_metadata(i, j.width, j.height), j.data) for i, j in enumerate(jpegs[:BATCH])]
     with tempfile.TemporaryDirectory(dir=args.store) as tmp:
@@ -289,15 +305,16 @@ def main(argv: list[str] | None = None) -> None:
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {platform.python_version()}",
             "jpegs": f"{len(jpegs)} frames of {source}, 640 px, mean "
-                     f"{statistics.fmean(len(j.data) for j in jpegs) / 1024:.0f} KB",
+                     f"{statistics.fmean(len(j.data) for j in jpegs) / 1024:.0f} KiB",
             "envelope": envelope(frames, settings, args.repeat),
             "jpeg": jpeg_costs(jpegs, args.repeat),
             "storage": storage_costs(jpegs, Path(tmp) / "frames", args.rounds),
             "lookup": lookup_costs(Path(tmp) / "lookup", args.repeat),
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "intake_parsing.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / "intake_parsing.md").write_text(to_markdown(doc))
+    doc["load_average_start_end"] = [load_start, _load_average()]
+    write_text_atomic(args.out / "intake_parsing.json", json.dumps(doc, indent=2) + "\n",
+                      parents=True)
+    write_text_atomic(args.out / "intake_parsing.md", to_markdown(doc), parents=True)
     print(to_markdown(doc))
 
 

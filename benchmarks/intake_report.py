@@ -175,7 +175,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "",
         (f"{doc['created_at']} · {m['cpu']} · Python {m['python']} · {doc['agents']} agents × "
          f"{doc['duration_s']:.0f} s per variant · JPEGs: {j['source']}, {j['width']} px wide, "
-         f"mean {j['mean_bytes'] / 1024:.0f} KB{_host_speed(m)} · `{doc.get('command', '')}`"),
+         f"mean {j['mean_bytes'] / 1024:.0f} KiB ({j['mean_bytes']} B){_host_speed(m)} · "
+         f"`{doc.get('command', '')}`"),
         "",
         (f"**The load generator runs on the same {m['cores']} cores as the gateway** "
          f"({doc['load_generator']['transport']}, {doc['load_generator']['event_loop']}); its "

@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from roadloop.fsutil import write_text_atomic
 from roadloop.models.quantize import (
     DETECT_TAIL_PATTERN,
     QuantConfig,
@@ -331,14 +332,14 @@ def main() -> None:
             }
             logger.info("%s: %s", name, {k: v for k, v in row.items() if k != "config"})
             report["results"].append(row)
-            out_json.write_text(json.dumps(report, indent=2))  # partial results survive a cut
+            write_text_atomic(out_json, json.dumps(report, indent=2))  # partial results survive a cut
         lat = round_robin_latency({"fp32": model, **quantized}, x, args.runs)
         for row in report["results"]:
             row.update(lat[row["name"]])
         report["chosen"] = pick(report["results"], fp_map)
         report["load_average_start_end"][1] = list(os.getloadavg())
-        out_json.write_text(json.dumps(report, indent=2))
-        (args.out_dir / "quantization_sweep.md").write_text(to_markdown(report))
+        write_text_atomic(out_json, json.dumps(report, indent=2))
+        write_text_atomic(args.out_dir / "quantization_sweep.md", to_markdown(report))
         print(to_markdown(report))
 
 

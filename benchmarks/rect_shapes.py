@@ -36,6 +36,7 @@ from edge_agent.inference import OnnxDetector
 from roadloop.evaluation.gates import GateConfig
 from roadloop.evaluation.inputs import label_path_for
 from roadloop.evaluation.shape_accuracy import gate_int8_per_shape
+from roadloop.fsutil import write_text_atomic
 from roadloop.models.export import export_onnx, shape_label
 from roadloop.models.quantize import list_images, pick_calibration_frames, quantize_int8
 from roadloop.models.training import configure_ultralytics
@@ -143,8 +144,8 @@ def run(pt: Path, out: Path, frames: int) -> dict:
         },
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rect_shapes.json").write_text(json.dumps(report, indent=2))
-    (out / "rect_shapes.md").write_text(markdown(report))
+    write_text_atomic(out / "rect_shapes.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "rect_shapes.md", markdown(report))
     return report
 
 

@@ -41,6 +41,7 @@ from edge_agent.redaction import (
     Redactor,
     apply_regions,
 )
+from roadloop.fsutil import write_text_atomic
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 PEOPLE = {"manaus_v4": {"people", "biker", "cyclist"}, "atl_v2": {"bike"}}
@@ -110,7 +111,7 @@ def run(split: str, out: Path, threads: int, detectors: list[Path] | None = None
               "opencv": cv2.__version__, "load_average_1m_at_end": round(os.getloadavg()[0], 2),
               "results": stats}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "redaction.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "redaction.json", json.dumps(result, indent=2) + "\n")
     rows = [("| detector / dataset / face detector | people+riders | coverage | by detector "
              "boxes only | face redacted | faces found | false-redaction area | ms/frame mean "
              "(p95) |"),
@@ -125,7 +126,8 @@ def run(split: str, out: Path, threads: int, detectors: list[Path] | None = None
                     f"{s['false_redaction_area_share_mean']:.2%} | {s['redaction_ms_mean']} "
                     f"({s['redaction_ms_p95']}) |")
     cands = "\n".join(f"- `{k}`: {v}" for k, v in result["person_candidates"].items())
-    (out / "redaction.md").write_text(
+    write_text_atomic(
+        out / "redaction.md",
         f"# Redaction ({split} split, {threads} thread(s), detectors "
         f"{', '.join(result['detectors'])}, OpenCV {cv2.__version__}, load average "
         f"{result['load_average_1m_at_end']} on {os.cpu_count()} cores)\n\n"
