@@ -20,10 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edge_agent.errors import EdgeAgentError
 from edge_agent.sources import MAX_FILE_FPS
@@ -32,19 +36,99 @@ from edge_agent.uploader import MAX_UPLOAD_LINGER_S
 logger = logging.getLogger("edge_agent")
 
 
+# Upper bound of the agent's intervals and timeouts: longer than a day is a typo (and a
+# wait of 1e300 s overflows the thread primitives the agent sleeps on).
+MAX_INTERVAL_S = 86400.0
+# The outbox's size cap: 1 TiB is more disk than an edge box has (and inf overflowed int()).
+MAX_OUTBOX_MB = 1024.0 * 1024.0
+# Intra-op threads of ONNX Runtime: more than any edge box has cores.
+MAX_THREADS = 256
+# The gateway's camera_id rule (roadloop.data.frames.ID_PATTERN, which this package may not
+# import; the outbox's frame ids follow it too): the id names the default state dir
+# (.roadloop-agent/<camera-id>), so "../x", "/abs" or "" must never reach a path.
+_CAMERA_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _float_in(lo: float | None, hi: float | None, *, above: bool = False,
+              unit: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite float in [lo, hi] (``above``: lo itself excluded)."""
+    rule = " and ".join(
+        ([f"> {lo:g}" if above else f">= {lo:g}"] if lo is not None else [])
+        + ([f"at most {hi:g}{unit}"] if hi is not None else []))
+
+    def parse(text: str) -> float:
+        value = _finite(text)
+        if (lo is not None and (value <= lo if above else value < lo)) or (
+                hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+        if value < lo or (hi is not None and value > hi):
+            rule = f">= {lo}" + (f" and at most {hi}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def _band(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.25,0.5), got {text!r}") from exc
+    if not 0.0 <= lo <= hi <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI <= 1, got {text!r}")
     return lo, hi
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+_positive_float = _float_in(0.0, None, above=True)
+_interval = _float_in(0.0, MAX_INTERVAL_S, above=True, unit=" s")
+_fraction = _float_in(0.0, 1.0)
+
+
+def _camera_id(text: str) -> str:
+    if not _CAMERA_ID_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid camera id {text!r}: must match [A-Za-z0-9_.-]{{1,64}} and not start "
+            "with '.' (the gateway's rule)")
+    return text
+
+
+def _gateway_url(text: str) -> str:
+    """An http(s) URL with a host (a malformed one was a traceback, and "notaurl" made the
+    agent retry its enrollment forever)."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a URL: {text!r} ({exc})") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"expected an http(s) URL with a host, e.g. http://127.0.0.1:8700, got {text!r}")
+    return text
 
 
 def _max_fps(text: str) -> float:
@@ -62,14 +146,7 @@ def _linger_seconds(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+_positive_int = _int_in(1)
 
 
 def _worker_count(text: str) -> int:
@@ -95,9 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--gateway", required=True, help="gateway base URL, e.g. http://127.0.0.1:8700"
+            "--gateway", required=True, type=_gateway_url,
+            help="gateway base URL, e.g. http://127.0.0.1:8700",
         )
-        p.add_argument("--camera-id", required=True)
+        p.add_argument(
+            "--camera-id", required=True, type=_camera_id,
+            help="the camera's id: [A-Za-z0-9_.-]{1,64}, not starting with '.'",
+        )
         p.add_argument(
             "--enroll-token", default=None, help="one-time token (needed on first start)"
         )
@@ -118,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX model (default: ../shared/models/atl_v2_yolo11n_gpu_320.onnx, else "
         "atl_v2_yolo11n_320.onnx, searched)",
     )
-    run.add_argument("--max-frames", type=int, default=None)
-    run.add_argument("--heartbeat-interval", type=_positive_float, default=30.0, metavar="S")
+    run.add_argument("--max-frames", type=_positive_int, default=None, metavar="N")
+    run.add_argument("--heartbeat-interval", type=_interval, default=30.0, metavar="S")
     run.add_argument(
         "--realtime",
         action=argparse.BooleanOptionalAction,
@@ -127,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pace files at their fps and drop stale frames (default) or read as fast as possible",
     )
     run.add_argument("--loop", action="store_true", help="replay a file source forever")
-    run.add_argument("--image-fps", type=float, default=5.0,
+    run.add_argument("--image-fps", type=_positive_float, default=5.0,
                      help="the rate a folder of images was taken at (frames/s): its clock for "
                      "tracking and speeds")
     run.add_argument(
@@ -135,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure at most this many frames a second, by the source's clock (the others "
         "are skipped before inference: a CPU budget for the camera; counting tracks well "
         "down to about 8 fps, docs/traffic.md); default: every frame the loop keeps up with")
-    run.add_argument("--conf", type=float, default=0.25, help="detector confidence threshold")
-    run.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
-    run.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    run.add_argument("--conf", type=_fraction, default=0.25, help="detector confidence threshold")
+    run.add_argument("--iou", type=_fraction, default=0.7, help="NMS IoU threshold")
+    run.add_argument("--threads", type=_int_in(1, MAX_THREADS), default=None,
+                     help="ONNX Runtime intra-op threads")
     run.add_argument(
         "--workers", type=_worker_count, default=1, metavar="N",
         help="frames measured at once (network, NMS, quality), each on its own thread with "
@@ -160,13 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="track and count vehicles when the camera's configuration has a traffic geometry",
     )
-    run.add_argument("--base-rate", type=float, default=0.01, help="random share sampled")
+    run.add_argument("--base-rate", type=_fraction, default=0.01, help="random share sampled")
     run.add_argument("--low-conf-band", type=_band, default=(0.25, 0.5), metavar="LO,HI")
     run.add_argument("--rare-classes", default="", help="comma-separated class names")
-    run.add_argument("--crowded-threshold", type=int, default=20)
+    run.add_argument("--crowded-threshold", type=_int_in(0), default=20)
     run.add_argument(
         "--hourly-budget",
-        type=float,
+        type=_float_in(0.0, None),
         default=360.0,
         help="frames per hour per camera (0 = unlimited)",
     )
@@ -177,9 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the base-rate sampler (low-confidence/rare/crowded/edge-case off)",
     )
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--outbox-max-mb", type=_positive_float, default=512.0)
-    run.add_argument("--retry-base", type=_positive_float, default=1.0, metavar="S")
-    run.add_argument("--retry-max-delay", type=_positive_float, default=60.0, metavar="S")
+    run.add_argument("--outbox-max-mb", type=_float_in(0.0, MAX_OUTBOX_MB, above=True),
+                     default=512.0, metavar="MB")
+    run.add_argument("--retry-base", type=_interval, default=1.0, metavar="S")
+    run.add_argument("--retry-max-delay", type=_interval, default=60.0, metavar="S")
     run.add_argument(
         "--upload-batch-max",
         type=_positive_int,
@@ -198,12 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--drain-timeout",
-        type=float,
+        type=_float_in(0.0, MAX_INTERVAL_S, unit=" s"),
         default=10.0,
         metavar="S",
         help="at exit, wait this long for the outbox to empty",
     )
-    run.add_argument("--status-interval", type=_positive_float, default=None, metavar="S")
+    run.add_argument("--status-interval", type=_interval, default=None, metavar="S")
     run.add_argument(
         "--model-public-key",
         default=None,
@@ -213,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--update-interval",
-        type=float,
+        type=_float_in(0.0, MAX_INTERVAL_S, unit=" s"),
         default=60.0,
         metavar="S",
         help="poll the model manifest every S seconds (0 = no model updates)",
@@ -234,19 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--max-error-rate",
-        type=float,
+        type=_fraction,
         default=0.01,
         help="detector failures per frame above which a heartbeat window is bad",
     )
     run.add_argument(
         "--shadow-rate",
-        type=float,
+        type=_float_in(0.0, 1.0, above=True),
         default=0.2,
         help="share of frames a shadow candidate runs on (0 < r <= 1)",
     )
     run.add_argument(
         "--metrics-port",
-        type=int,
+        type=_int_in(0, 65535),
         default=None,
         metavar="PORT",
         help="serve Prometheus metrics on this port (docs/monitoring.md; 0: any free port)",
@@ -272,6 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _state_dir(args: argparse.Namespace) -> Path:
     return args.state_dir or Path(".roadloop-agent") / args.camera_id
+
+
+def _state_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be the state dir (it, or a folder above it, is a file), or None;
+    checked before anything is created there."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                what = "is not a folder" if candidate == path else f"is under {candidate}, a file"
+                return f"state dir {path} {what}"
+            return None
+    return None
 
 
 def _install_signal_handlers(agent) -> dict[int, Any]:
@@ -419,7 +514,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a refused argument (2; argparse said why)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    problem = _state_dir_problem(_state_dir(args))
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

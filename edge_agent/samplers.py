@@ -39,6 +39,7 @@ sampling goes on at the budget's rate (not held off until the clock passes its o
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -83,6 +84,19 @@ class SamplerConfig:
     edge_cases: bool = True  # honour the caller's edge-case flag
 
     def __post_init__(self) -> None:
+        # nan passes every ``x <= 0`` test and an infinite budget makes the token bucket's
+        # refill inf - inf (nan): no number here may be either.
+        numbers = [("base_rate", self.base_rate), ("max_importance", self.max_importance),
+                   ("overdraft_fraction", self.overdraft_fraction),
+                   *(("low_confidence_band", v) for v in self.low_confidence_band),
+                   *((f"multipliers[{k!r}]", v) for k, v in self.multipliers.items())]
+        if self.hourly_budget is not None:
+            numbers.append(("hourly_budget", self.hourly_budget))
+        for name, value in numbers:
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.overdraft_fraction < 0 or any(v < 0 for v in self.multipliers.values()):
+            raise ValueError("overdraft_fraction and multipliers must be >= 0")
         if not 0.0 <= self.base_rate <= 1.0:
             raise ValueError(f"base_rate must be in [0, 1], got {self.base_rate}")
         lo, hi = self.low_confidence_band

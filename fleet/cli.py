@@ -10,11 +10,13 @@ create|list|revoke``, ``devices list|status|revoke``. The fleet commands work on
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import typer
 from sqlalchemy import select
@@ -29,7 +31,8 @@ from fleet.auth import (
 )
 from fleet.bounds import MAX_TOKEN_TTL_S
 from fleet.config import GatewaySettings
-from fleet.db import Database, Device, DeviceStatus, Token, TokenKind
+from fleet.db import Database, Device, DeviceStatus, Token, TokenKind, sqlite_path
+from roadloop.cli_errors import UserErrorGroup
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +62,33 @@ def _settings(home: Path | None, database_url: str | None = None, **extra: objec
     return GatewaySettings(**kw)  # type: ignore[arg-type]
 
 
-def _database(settings: GatewaySettings, *, upgrade: bool = True) -> Database:
-    """The gateway's database, its schema upgraded to head first (as the gateway does)."""
+def _database(settings: GatewaySettings, *, upgrade: bool = True,
+              new: Literal["create", "announce", "refuse"] = "create") -> Database:
+    """The gateway's database, its schema upgraded to head first (as the gateway does).
+
+    A SQLite file that is not there yet is created (``new="create"``: ``serve``, ``db
+    upgrade``); created and said so on stderr (``"announce"``: the token commands, which an
+    operator may well run before the gateway's first start, so a mistyped ``--home`` shows);
+    or refused with exit code 2 (``"refuse"``: the commands that only read or change what is
+    there, which on a new, empty database could only answer "nothing here")."""
     assert settings.database_url is not None
+    path = sqlite_path(str(settings.database_url)) if settings.is_sqlite else None
+    missing = path is not None and not path.exists()
+    above = next((p for p in path.parents if p.exists()), None) if missing and path else None
+    if above is not None and not above.is_dir():  # --home is a file: say that, not "missing"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(above))
+    if missing and new == "refuse":
+        typer.echo(f"error: no gateway database at {path} (check --home, --database-url, "
+                   "ROADLOOP_GATEWAY_DATABASE_URL); not creating an empty database here: the "
+                   "gateway creates it when it starts, `db upgrade` too", err=True)
+        raise typer.Exit(2)
     db = Database(settings.database_url, synchronous=settings.sqlite_synchronous,
                   busy_timeout_ms=settings.sqlite_busy_timeout_ms)
     if upgrade:
         _upgrade(db)
+    if missing and new == "announce":
+        typer.echo(f"# no gateway database was at {path}: created a new one (check --home if "
+                   "the gateway already runs elsewhere: it will not know this token)", err=True)
     return db
 
 
@@ -175,7 +198,7 @@ def token_create(
             validate_id("camera_id", camera_id)
         except Exception as exc:
             raise typer.BadParameter(str(exc), param_hint="--camera-id") from exc
-    db = _database(settings)
+    db = _database(settings, new="announce")
     try:
         with db.write() as session:
             try:
@@ -209,7 +232,7 @@ def admin_token_create(
 ) -> None:
     """Print a new camera:admin access token."""
     settings = _settings(home, database_url)
-    db = _database(settings)
+    db = _database(settings, new="announce")
     try:
         with db.write() as session:
             token, row = create_admin_token(session, datetime.now(UTC),
@@ -236,7 +259,7 @@ def admin_token_list(
     database_url: str | None = DB_OPT,
 ) -> None:
     """List admin tokens (id, label, created, expires, state; never the secret)."""
-    db = _database(_settings(home, database_url))
+    db = _database(_settings(home, database_url), new="refuse")
     now = datetime.now(UTC)
     try:
         with db.read() as session:
@@ -271,7 +294,7 @@ def admin_token_revoke(
     database_url: str | None = DB_OPT,
 ) -> None:
     """Revoke an admin token: its next request gets 401 (audited admin_token_revoked)."""
-    db = _database(_settings(home, database_url))
+    db = _database(_settings(home, database_url), new="refuse")
     try:
         with db.write() as session:
             before = session.scalar(select(Token.revoked_at).where(
@@ -304,7 +327,7 @@ def devices_list(
     """List devices."""
     from fleet.admin import device_out
 
-    db = _database(_settings(home, database_url))
+    db = _database(_settings(home, database_url), new="refuse")
     try:
         with db.read() as session:
             devices = [device_out(d) for d in session.scalars(
@@ -327,7 +350,7 @@ def devices_list(
 
 def _change_device(device_id: str, home: Path | None, database_url: str | None,
                    status: DeviceStatus | None, revoke: bool) -> None:
-    db = _database(_settings(home, database_url))
+    db = _database(_settings(home, database_url), new="refuse")
     try:
         with db.write() as session:
             device = session.get(Device, device_id)
@@ -394,7 +417,7 @@ def db_upgrade(
 
 
 def _status(home: Path | None, database_url: str | None) -> migrations.SchemaStatus:
-    db = _database(_settings(home, database_url), upgrade=False)
+    db = _database(_settings(home, database_url), upgrade=False, new="refuse")
     try:
         return migrations.status(db)
     finally:
@@ -439,8 +462,10 @@ def db_revision(
     typer.echo(f"wrote {path}: review it, then run tests/test_fleet_migrations.py")
 
 
-# `python -m fleet ...`: serve + the admin commands in one app.
-main_app = typer.Typer(help="roadloop fleet gateway.", no_args_is_help=True)
+# `python -m fleet ...`: serve + the admin commands in one app; a user's mistake (bad
+# ROADLOOP_GATEWAY_* settings, a bad database URL, a --home that is a file) is one `error:`
+# line and exit code 2, as under `roadloop gateway|fleet` (roadloop.cli_errors).
+main_app = typer.Typer(cls=UserErrorGroup, help="roadloop fleet gateway.", no_args_is_help=True)
 main_app.command("serve")(serve)
 main_app.add_typer(token_app, name="token")
 main_app.add_typer(admin_token_app, name="admin-token")

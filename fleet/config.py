@@ -347,14 +347,17 @@ class GatewaySettings(BaseSettings):
     )
 
     @field_validator("home", "frame_store", "models_dir", "model_public_key_file",
-                     "database_url", "frame_store_url", mode="before")
+                     "database_url", "frame_store_url", "host", mode="before")
     @classmethod
     def _not_empty(cls, value: object, info: ValidationInfo) -> object:
         # Path("") is the current directory and "" no URL: ROADLOOP_GATEWAY_HOME= would put
         # the database in whatever folder the gateway was started from, and an empty URL
-        # silently fell back to the platform's. Unset (not empty) asks for the default.
+        # silently fell back to the platform's; an empty host binds every interface (ask for
+        # that with 0.0.0.0). Unset (not empty) asks for the default.
         if isinstance(value, str) and not value.strip():
-            kind = "a URL" if info.field_name in _URL_FIELDS else "a path"
+            kind = ("a URL" if info.field_name in _URL_FIELDS
+                    else "an address (0.0.0.0: every interface)" if info.field_name == "host"
+                    else "a path")
             raise ValueError(f"is empty: unset it for the default, or give {kind}")
         return value
 

@@ -20,38 +20,15 @@ from typing import ClassVar
 
 import click
 import typer
-from typer.core import TyperGroup
 
+from roadloop.cli_errors import UserErrorGroup
 from roadloop.settings import PROJECT_ROOT, Settings, get_settings
 
-# Settings classes and the prefix of the environment variables that set their fields.
-_ENV_PREFIXES = {"Settings": "ROADLOOP_", "GatewaySettings": "ROADLOOP_GATEWAY_"}
 
-
-def user_error(exc: BaseException) -> str | None:
-    """The one-line message for an exception that is the user's input, not a bug (None)."""
-    from pydantic import ValidationError
-
-    from roadloop.errors import RoadloopError
-
-    if isinstance(exc, ValidationError):
-        prefix = _ENV_PREFIXES.get(exc.title)
-        parts = []
-        for err in exc.errors()[:3]:
-            field = ".".join(str(p) for p in err.get("loc", ()))
-            where = f"{field} ({prefix}{field.upper()})" if prefix and field else field
-            parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        return f"invalid {exc.title}: " + "; ".join(parts)
-    if isinstance(exc, (RoadloopError, OSError, ValueError, OverflowError)):
-        return str(exc) or type(exc).__name__
-    if type(exc).__module__.split(".")[0] in ("sqlalchemy", "pydantic_settings"):
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return None
-
-
-class _LazyCommands(TyperGroup):
+class _LazyCommands(UserErrorGroup):
     """Sub-commands whose modules load only when that command runs (or help lists them):
-    ``roadloop settings`` must not import FastAPI, SQLAlchemy or FiftyOne."""
+    ``roadloop settings`` must not import FastAPI, SQLAlchemy or FiftyOne. A user's mistake
+    in any command is one ``error:`` line and exit code 2 (``roadloop.cli_errors``)."""
 
     lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
         # name: (module, attribute, help)
@@ -64,21 +41,6 @@ class _LazyCommands(TyperGroup):
             "Open the FiftyOne App on the review queue (prints its URL).",
         ),
     }
-
-    def invoke(self, ctx: click.Context) -> object:
-        """Run the command; a user's mistake (bad settings, a bad path, a refused input) is
-        one ``error:`` line and exit code 2, not a traceback (``ROADLOOP_DEBUG=1``: the
-        traceback)."""
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except Exception as exc:
-            message = user_error(exc)
-            if message is None or os.environ.get("ROADLOOP_DEBUG"):
-                raise
-            click.echo(f"error: {message}", err=True)
-            raise click.exceptions.Exit(2) from exc
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -152,12 +114,16 @@ def settings() -> None:
 def demo(
     serve: bool = typer.Option(True, "--serve/--no-serve", help="Afterwards start the UIs and services of `roadloop serve` (Dagster with its daemon, MLflow, the gateway, the FiftyOne App)."),
     profile: str = typer.Option("demo", help="Resource profile: demo | test | default."),
-    frames_per_camera: int = typer.Option(40, help="Frames replayed per labelled-dataset camera."),
-    frames_per_agent: int = typer.Option(150, help="Video frames each demo edge agent processes."),
+    frames_per_camera: int = typer.Option(
+        40, min=1, help="Frames replayed per labelled-dataset camera."),
+    frames_per_agent: int = typer.Option(
+        150, min=1, help="Video frames each demo edge agent processes."),
     review_turns: int = typer.Option(
-        0, help="Turns that close the loop after the first: simulated reviews → import → retrain."
+        0, min=0,
+        help="Turns that close the loop after the first: simulated reviews → import → retrain.",
     ),
-    reviews_per_turn: int = typer.Option(20, help="Frames the simulated annotator reviews per turn."),
+    reviews_per_turn: int = typer.Option(
+        20, min=1, help="Frames the simulated annotator reviews per turn."),
     drift_turn: bool = typer.Option(
         True, "--drift-turn/--no-drift-turn",
         help="A camera shifts from day to night and the drift sensors turn the loop by themselves.",

@@ -128,7 +128,9 @@ class Settings(BaseSettings):
     # a kept frame counts, and per-camera bit thresholds, e.g.
     # ROADLOOP_DEDUPE_PER_CAMERA_MAX_HAMMING='{"window_street": 0}'.
     dedupe_max_hamming: int = Field(default=4, ge=0, le=64)
-    dedupe_max_age_s: float | None = Field(default=600.0, gt=0)
+    dedupe_max_age_s: float | None = Field(
+        default=600.0, gt=0, allow_inf_nan=False,
+        description="Seconds back a kept frame still counts (finite; None: any time).")
     dedupe_per_camera_max_hamming: dict[str, Annotated[int, Field(ge=0, le=64)]] = Field(
         default_factory=dict)
 
@@ -146,9 +148,20 @@ class Settings(BaseSettings):
     drift_significant: float = Field(default=0.2, gt=0, le=1)
     drift_reference_windows: int = Field(default=4, ge=2, le=96)
     drift_boost_factor: float = Field(default=4.0, ge=1, le=20)
-    drift_boost_minutes: float = Field(default=120.0, gt=0)
-    drift_cooldown_minutes: float = Field(default=360.0, ge=0)
-    drift_grace_s: float = Field(default=90.0, ge=0, description="Wait after a window closes.")
+    # The three durations become timedeltas added to "now" on every drift sensor tick: finite
+    # and bounded, since inf or 1e12 s raised OverflowError there on each tick.
+    drift_boost_minutes: float = Field(
+        default=120.0, gt=0, le=30 * 1440, allow_inf_nan=False,
+        description="How long a drifting camera samples more. At most 43200 (30 days): the "
+        "gateway refuses a longer boost (fleet.camera_config_schemas.MAX_BOOST_S).")
+    drift_cooldown_minutes: float = Field(
+        default=360.0, ge=0, le=366 * 1440, allow_inf_nan=False,
+        description="At most one drift response per camera this often. At most 527040 "
+        "(366 days): a longer cooldown is a camera that never gets a response.")
+    drift_grace_s: float = Field(
+        default=90.0, ge=0, le=86400, allow_inf_nan=False,
+        description="Wait after a window closes. At most 86400 (a day, the longest window): "
+        "a longer wait only holds every drift score back.")
 
     # Traffic analytics (roadloop.traffic; docs/traffic.md): the first day of the daily
     # traffic_counts partitions (UTC).
