@@ -389,7 +389,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "# Agents' latency under a flood of unauthenticated requests",
         "",
         (f"{doc['created_at']} · {m['cpu']} · Python {m['python']} · {doc['agents']} agents × "
-         f"{doc['rate']:g} frames/s (JPEGs {doc['jpeg_mean_kb']} KB) · {doc['flooders']} "
+         f"{doc['rate']:g} frames/s (JPEGs {doc['jpeg_mean_kb']} KiB) · {doc['flooders']} "
          f"flood clients · {doc['rounds']} rounds of {doc['duration_s']:g} s per condition, "
          "interleaved · one gateway worker, default settings."),
         "",
