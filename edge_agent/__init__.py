@@ -28,7 +28,7 @@ _EXPORTS = {
     "AgentSummary": "edge_agent.agent",
     "EdgeAgent": "edge_agent.agent",
     "FramePipeline": "edge_agent.pipeline",
-    "DeviceIdentity": "edge_agent.client",
+    "DeviceIdentity": "edge_agent.identity",
     "GatewayClient": "edge_agent.client",
     "DensityState": "edge_agent.counting",
     "DensityTracker": "edge_agent.counting",
@@ -100,11 +100,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from edge_agent.agent import AgentConfig, AgentSummary, EdgeAgent
     from edge_agent.boxes import nms
-    from edge_agent.client import DeviceIdentity, GatewayClient
+    from edge_agent.client import GatewayClient
     from edge_agent.counting import DensityState, DensityTracker, count_per_class
     from edge_agent.errors import EdgeAgentError, InvalidModelError
     from edge_agent.fsutil import file_sha256
     from edge_agent.heartbeat import HEARTBEAT_SCHEMA_VERSION, Heartbeat
+    from edge_agent.identity import DeviceIdentity
     from edge_agent.inference import (
         Detection,
         LetterboxMeta,

@@ -66,13 +66,8 @@ from edge_agent.agent_config import (
 )
 from edge_agent.agent_status import AgentUploadEvents, StatusLine
 from edge_agent.camera_config import CameraConfigChannel
-from edge_agent.client import (
-    AuthError,
-    EnrollmentError,
-    GatewayClient,
-    GatewayError,
-    GatewayUnavailable,
-)
+from edge_agent.client import GatewayClient
+from edge_agent.errors import AuthError, EnrollmentError, GatewayError, GatewayUnavailable
 from edge_agent.frame_workers import FrameWorkers, Measured
 from edge_agent.fsutil import StateDirLock
 from edge_agent.heartbeat import TelemetryWindow

@@ -416,7 +416,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.agent import AgentConfig, EdgeAgent, find_default_model
-    from edge_agent.client import GatewayUnavailable
+    from edge_agent.errors import GatewayUnavailable
     from edge_agent.samplers import SamplerConfig
 
     model = args.model or find_default_model()
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
-    from edge_agent.client import EnrollmentError, GatewayError, GatewayUnavailable
+    from edge_agent.errors import EnrollmentError, GatewayError, GatewayUnavailable
     from edge_agent.fsutil import StateDirLocked
     from edge_agent.outbox import OutboxError
     from edge_agent.sources import SourceError

@@ -3,19 +3,17 @@ the two model-rollout reads (``get_manifest`` with ``If-None-Match``, ``stream_m
 ``Range``) the updater (``edge_agent.updater``) uses, and the camera's configuration
 (``get_camera_config`` with ``If-None-Match``, for ``edge_agent.camera_config``).
 
-The device identity (device id, access and refresh tokens, their expiry) is persisted in
-``<state_dir>/identity.json`` with mode 0600, written atomically (temp file + ``os.replace``),
-so a restarted agent keeps its identity and the one-time enrollment token is needed once.
-The access token is refreshed shortly before it expires (``refresh_margin_s``, at most a tenth
-of its lifetime) and again on a 401; refresh tokens
-rotate, so the new pair is saved (with a directory fsync) as soon as it arrives; a save that
-fails (disk full) is logged and retried before each authorised request, the pair kept in
-memory meanwhile (the gateway has already rotated the old one away). An early refresh that
-fails transiently (the route busy: 429, 5xx) does not hold a request whose access token is
-still valid. ``/v1/enroll`` and ``/v1/token/refresh`` answered 408/425/429 or 5xx (or, for a
-refresh, anything but 200 and the other 4xx) raise ``GatewayUnavailable`` with the answer's
-``retry_after``: busy is not a refusal (``EnrollmentError``) nor a revoked device
-(``AuthError``). No message quotes a credential answer's bytes (``_body_shape``).
+The device identity (``edge_agent.identity``) is persisted in the state dir, so a restarted
+agent keeps it and the one-time enrollment token is needed once. The access token is refreshed
+shortly before it expires (``refresh_margin_s``, at most a tenth of its lifetime) and again on a
+401; refresh tokens rotate, so the new pair is saved (with a directory fsync) as soon as it
+arrives; a save that fails (disk full) is logged and retried before each authorised request, the
+pair kept in memory meanwhile (the gateway has already rotated the old one away). An early
+refresh that fails transiently (the route busy: 429, 5xx) does not hold a request whose access
+token is still valid. ``/v1/enroll`` and ``/v1/token/refresh`` answered 408/425/429 or 5xx (or,
+for a refresh, anything but 200 and the other 4xx) raise ``GatewayUnavailable`` with the
+answer's ``retry_after``: busy is not a refusal (``EnrollmentError``) nor a revoked device
+(``AuthError``). No message quotes a credential answer's bytes (``edge_agent.gateway_answers``).
 
 Outcomes the caller acts on (``UploadOutcome.kind``):
 
@@ -38,19 +36,11 @@ refresh, 403, an unreadable 200, a status other than 200 outside 4xx), ``unsuppo
 (404/405/415: a gateway without the route) or ``refused`` (any other 4xx: send the frames
 one by one instead).
 
-Every answer is read streamed, at most ``MAX_RESPONSE_BYTES`` of it (decoded) and within the
-request's deadline (``DEADLINE_TIMEOUTS`` × ``timeout_s`` from the request's start, at least
-``timeout_s`` after the last byte sent and after the headers arrive; httpx's own ``timeout_s``
-bounds each connect, write and read): an answer over either is an unreadable answer
-(``GatewayUnavailable``, so ``retry``). The deadline covers the whole answer, status line and
-headers included: the client's transport cuts every network read to the time left
-(``request_budget``, ``_DeadlineStream``), so a gateway trickling its headers a byte at a time
-cannot hold the calling thread past it. That holds for every ``httpx.HTTPTransport`` the
-client sends through: its default one, one passed in, and those of the proxies the
-environment names (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``: honoured); another kind of
-transport (a test's ``MockTransport``) meets the deadline between body chunks only. Model
-downloads (``stream_model``) are the exception: their headers meet that deadline, their body
-is the caller's to read and bound.
+Every answer is read streamed, capped in size and within the request's deadline
+(``edge_agent.http_deadline``: ``MAX_RESPONSE_BYTES``, ``DEADLINE_TIMEOUTS``, the proxies the
+environment names honoured): an answer over either is an unreadable answer
+(``GatewayUnavailable``, so ``retry``). Model downloads (``stream_model``) are the exception:
+their headers meet that deadline, their body is the caller's to read and bound.
 
 No call here raises on what the gateway answers: ``upload_frame``, ``upload_frames``,
 ``post_heartbeat`` and ``post_traffic_interval`` turn every unreadable or unexpected answer
@@ -60,144 +50,54 @@ into ``retry``, so that no frame is dropped without the gateway's acknowledgemen
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import logging
-import math
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC
-from email.utils import parsedate_to_datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpcore
 import httpx
 
-from edge_agent.fsutil import write_text_atomic
-from edge_agent.outbox import MAX_RETRY_AFTER_S, bounded_retry_after
+from edge_agent.errors import (
+    AuthError,
+    EnrollmentError,
+    GatewayError,
+    GatewayUnavailable,
+)
+from edge_agent.gateway_answers import (
+    _UNREADABLE,
+    _detail,
+    _enrollment_answer,
+    _not_now,
+    _retry_after,
+    _retry_later,
+    _token_pair,
+    _unexpected,
+)
+from edge_agent.http_deadline import (
+    DEADLINE_TIMEOUTS,
+    MAX_RESPONSE_BYTES,
+    AnswerTooLarge,
+    AnswerTooSlow,
+    _BoundedClient,
+    read_capped,
+    request_budget,
+)
+from edge_agent.identity import IDENTITY_FILE, DeviceIdentity
 
 logger = logging.getLogger(__name__)
 
-IDENTITY_FILE = "identity.json"
 BATCH_ROUTE = "/v1/frames/batch"
 BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
 # Per-frame statuses inside a batch response (the codes POST /v1/frames gives one frame).
 _BATCH_ACK = {201: "stored", 409: "duplicate"}
 _BATCH_REJECT = frozenset({403, 410, 413, 422})
 _BATCH_RETRY = frozenset({429, 503, 507})
-
-# The most bytes of one answer the client reads (after Content-Encoding is undone, so a gzip
-# bomb is bounded too). Real answers are a few KiB: the largest, a batch's ``results``, is one
-# ``{"frame_id", "status", "detail"}`` entry per frame — a frame id (ID_PATTERN, < 200 chars) and
-# a one-line error detail, well under 4 KiB an entry — for at most the gateway's
-# ``max_batch_frames`` (32 by default, 1024 at most; the agent sends 64 at most): 1024 × 4 KiB
-# = 4 MiB. A camera's configuration was itself accepted under the gateway's ``max_json_bytes``
-# (1 MiB), and a signed manifest is ~1 KiB. So 4 MiB is above any real answer, and reading it
-# is harmless on the device; anything longer is not the gateway's answer.
-MAX_RESPONSE_BYTES = 4 * 1024 * 1024
-# The deadline of one request, in multiples of ``timeout_s`` from its start: connecting, sending
-# and the first byte of the answer each take under ``timeout_s`` from a healthy gateway, and
-# the answer's body (a few KiB) arrives with its headers, so a healthy request ends well inside
-# ``timeout_s``; two leave room for a slow link without letting a byte-at-a-time answer (each
-# read inside ``timeout_s``) hold the calling thread. Past it, the answer is dropped (retry).
-# A request whose upload alone took longer (a large batch on a slow uplink) still gets
-# ``timeout_s`` after its headers to read the answer, so such a batch is not retried forever.
-DEADLINE_TIMEOUTS = 2.0
-
-
-class GatewayError(RuntimeError):
-    """A gateway call failed in a way the caller must hear about (message says what to do)."""
-
-
-class EnrollmentError(GatewayError):
-    """Enrollment was refused (bad, used or expired token; wrong camera)."""
-
-
-class AuthError(GatewayError):
-    """The device cannot authenticate any more (refresh token revoked or expired)."""
-
-
-class GatewayUnavailable(GatewayError):
-    """The gateway could not be reached or answered 5xx (or 408/425/429: not now); try again
-    later, not before ``retry_after`` seconds when the gateway said so (``Retry-After``)."""
-
-    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass
-class DeviceIdentity:
-    """What enrollment returned, persisted in the state dir (0600)."""
-
-    device_id: str
-    camera_id: str
-    gateway_url: str
-    access_token: str
-    refresh_token: str
-    expires_at: float  # unix time the access token expires
-    scopes: list[str] = field(default_factory=list)
-    enrolled_at: float = field(default_factory=time.time)
-    gateway_public_key: str | None = None
-    ttl_s: float = 3600.0  # lifetime of the access token as issued
-    # Ed25519 key that signs model manifests (base64 raw), pinned at enrollment.
-    model_public_key: str | None = None
-
-    def save(self, state_dir: Path) -> Path:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        target = state_dir / IDENTITY_FILE
-        # sync_dir: the rename itself survives a power cut (a rotated refresh token that came
-        # back as the previous one after a reboot would be reuse: the gateway revokes the device)
-        write_text_atomic(target, json.dumps(asdict(self), indent=2), mode=0o600, sync_dir=True)
-        return target
-
-    @classmethod
-    def load(cls, state_dir: Path) -> DeviceIdentity | None:
-        path = state_dir / IDENTITY_FILE
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict):
-                raise TypeError(f"a JSON {type(data).__name__}, not an object")
-            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-            ident = cls(**known)
-            ident._check()
-            return ident
-        except (OSError, ValueError, TypeError, RecursionError, OverflowError) as exc:
-            raise GatewayError(
-                f"{path}: unreadable device identity ({exc}); move it away and enroll again"
-            ) from exc
-
-    def _check(self) -> None:
-        """``TypeError``/``ValueError`` naming the first field of a loaded identity that is not
-        what ``save`` writes (a hand-edited or damaged file): used as it is, it would fail every
-        request later as an "unreadable answer" (an ``expires_at`` string) or send a broken
-        ``Authorization`` header (a ``null`` token)."""
-        for name in ("device_id", "camera_id", "gateway_url", "access_token", "refresh_token"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise TypeError(f"{name} is not a non-empty string")
-        for name in ("access_token", "refresh_token"):
-            if not getattr(self, name).isascii() or not getattr(self, name).isprintable():
-                raise ValueError(f"{name} is not printable ASCII")
-        for name in ("expires_at", "enrolled_at", "ttl_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not math.isfinite(value):
-                raise TypeError(f"{name} is not a finite number")
-        if not self.ttl_s > 0:
-            raise ValueError("ttl_s is not positive")
-        if not isinstance(self.scopes, list) or not all(isinstance(x, str) for x in self.scopes):
-            raise TypeError("scopes is not a list of strings")
-        for name in ("gateway_public_key", "model_public_key"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise TypeError(f"{name} is not a string")
 
 
 @dataclass(frozen=True)
@@ -255,11 +155,6 @@ def encode_frame_batch(items: Sequence[tuple[bytes, Mapping[str, Any]]]) -> byte
     return b"".join([struct.pack(">I", len(manifest)), manifest, *(jpeg for jpeg, _ in items)])
 
 
-# What a body that cannot be parsed raises: json gives up on deep nesting (``[[[[…``) with
-# RecursionError, which is not a ValueError.
-_UNREADABLE = (ValueError, KeyError, TypeError, RecursionError)
-
-
 def _frame_outcome(entry: Any, retry_after: float | None) -> UploadOutcome:
     """One entry of a batch response's ``results`` as the single route's outcome."""
     code = entry.get("status")
@@ -279,29 +174,6 @@ def _frame_outcome(entry: Any, retry_after: float | None) -> UploadOutcome:
                          retry_after)
 
 
-def _retry_later(code: int) -> bool:
-    """A whole request's status that means "not now, try again" (not "never")."""
-    return code in (401, 403) or _not_now(code)
-
-
-def _not_now(code: int) -> bool:
-    """A status that says nothing about the request or the credential it carried: the server
-    is busy (429 with ``Retry-After``, 5xx) or timed the request out (408, 425). On
-    ``/v1/enroll`` and ``/v1/token/refresh`` (whose 429 is the gateway's unattributed-request
-    limit under a flood) it is "try again later", never a refusal of the token."""
-    return code in (408, 425, 429) or code >= 500
-
-
-def _unexpected(resp: httpx.Response) -> str:
-    """The detail of an answer outside the contract (a redirect names where it points)."""
-    code = resp.status_code
-    if 300 <= code < 400:
-        where = resp.headers.get("Location", "?")[:200]
-        return (f"redirect {code} to {where!r} is not followed: check --gateway-url "
-                f"(scheme, host, path prefix)")
-    return f"unexpected status {code}: {_detail(resp)}"[:300]
-
-
 def _response_or_retry(call: Callable[[], httpx.Response]) -> httpx.Response | UploadOutcome:
     """``call()``'s response, or the retry outcome of a request that never got one."""
     try:
@@ -315,327 +187,6 @@ def _response_or_retry(call: Callable[[], httpx.Response]) -> httpx.Response | U
     except _UNREADABLE as exc:  # an answer the client could not read: never drop a frame on it
         return UploadOutcome("retry", None, f"unreadable answer: {type(exc).__name__}: {exc}"
                              [:300])
-
-
-class AnswerTooLarge(GatewayUnavailable):
-    """An answer longer than the cap: not the gateway's (or a broken one's); try again later."""
-
-
-class AnswerTooSlow(GatewayUnavailable):
-    """An answer still arriving at the request's deadline; try again later."""
-
-
-def read_capped(resp: httpx.Response, limit: int = MAX_RESPONSE_BYTES,
-                deadline: float | None = None) -> bytes:
-    """The body of the streamed ``resp`` (decoded), read until ``limit`` bytes or the
-    ``time.monotonic()`` ``deadline``; ``AnswerTooLarge`` / ``AnswerTooSlow`` past either
-    (the rest is not read). Each read is bounded by the client's own timeout, so the deadline is
-    overshot by at most one read. The caller closes ``resp``."""
-    chunks: list[bytes] = []
-    got = 0
-    for chunk in resp.iter_bytes():
-        got += len(chunk)
-        if got > limit:
-            raise AnswerTooLarge(f"answer {resp.status_code} longer than {limit} bytes: not read")
-        chunks.append(chunk)
-        if deadline is not None and time.monotonic() > deadline:
-            raise AnswerTooSlow(f"answer {resp.status_code} still arriving at the request's "
-                                f"deadline ({got} bytes read): dropped")
-    return b"".join(chunks)
-
-
-class _Budget:
-    """The deadline (``time.monotonic()``) the network reads of one request must meet; each
-    write that completes moves it to at least ``grace`` seconds later (a large upload on a
-    slow uplink still gets ``timeout_s`` for its answer)."""
-
-    __slots__ = ("deadline", "grace")
-
-    def __init__(self, deadline: float, grace: float) -> None:
-        self.deadline, self.grace = deadline, grace
-
-
-_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
-    "edge_agent_request_budget", default=None)
-
-
-@contextlib.contextmanager
-def request_budget(deadline: float, grace: float = 0.0) -> Iterator[_Budget]:
-    """Bound every network read (connect, the status line and headers, the body) that this
-    thread makes through a ``GatewayClient``'s own transport by ``deadline`` (see
-    ``_DeadlineStream``); past it a read raises ``AnswerTooSlow``. The budget may be moved
-    (``budget.deadline = …``) while it is in force."""
-    budget = _Budget(deadline, grace)
-    token = _BUDGET.set(budget)
-    try:
-        yield budget
-    finally:
-        _BUDGET.reset(token)
-
-
-def _left(timeout: float | None) -> tuple[float | None, bool]:
-    """``timeout`` cut to the time left in this thread's budget; and whether the budget is
-    what bounds it. ``AnswerTooSlow`` when none is left."""
-    budget = _BUDGET.get()
-    if budget is None:
-        return timeout, False
-    left = budget.deadline - time.monotonic()
-    if left <= 0:
-        raise AnswerTooSlow("answer still arriving at the request's deadline: dropped")
-    if timeout is not None and timeout <= left:
-        return timeout, False
-    return left, True
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    """A connection whose reads meet the request's budget (``request_budget``): httpx's own
-    timeout bounds each read only, so an answer — headers included — trickled a byte at a
-    time would otherwise hold the calling thread for as long as the peer likes."""
-
-    def __init__(self, inner: httpcore.NetworkStream) -> None:
-        self._inner = inner
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        bound, by_budget = _left(timeout)
-        try:
-            return self._inner.read(max_bytes, bound)
-        except httpcore.ReadTimeout:
-            if by_budget:
-                raise AnswerTooSlow(
-                    "answer still arriving at the request's deadline: dropped") from None
-            raise
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, timeout)
-        budget = _BUDGET.get()
-        if budget is not None:
-            budget.deadline = max(budget.deadline, time.monotonic() + budget.grace)
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
-        bound, _ = _left(timeout)
-        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, bound))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _DeadlineBackend(httpcore.NetworkBackend):
-    """httpcore's network backend with ``_DeadlineStream`` connections."""
-
-    def __init__(self, inner: httpcore.NetworkBackend) -> None:
-        self._inner = inner
-
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                    local_address: str | None = None,
-                    socket_options: Any = None) -> httpcore.NetworkStream:
-        bound, _ = _left(timeout)
-        return _DeadlineStream(self._inner.connect_tcp(
-            host, port, bound, local_address=local_address, socket_options=socket_options))
-
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Any = None) -> httpcore.NetworkStream:
-        bound, _ = _left(timeout)
-        return _DeadlineStream(self._inner.connect_unix_socket(
-            path, bound, socket_options=socket_options))
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
-
-
-def _bound_transport(transport: httpx.BaseTransport | None) -> httpx.BaseTransport | None:
-    """``transport`` with its connections bounded by the request's budget, when it is an
-    ``httpx.HTTPTransport`` (direct, or through an HTTP or SOCKS proxy: its pool is httpcore's
-    ``ConnectionPool``, ``HTTPProxy`` or ``SOCKSProxy``, each with a network backend). httpx
-    has no public hook for the backend: the pool's is wrapped where httpcore 1.x keeps it
-    (checked), else the transport stays as it is (each read bounded by ``timeout_s`` only, and
-    ``read_capped``'s deadline for the body) and a warning says so. Another kind of transport
-    (a test's ``MockTransport``) is returned as it is: its answer's body meets
-    ``read_capped``'s deadline, one chunk at a time."""
-    if not isinstance(transport, httpx.HTTPTransport):
-        return transport
-    pool = getattr(transport, "_pool", None)
-    inner = getattr(pool, "_network_backend", None)
-    if isinstance(inner, _DeadlineBackend):
-        return transport
-    if isinstance(inner, httpcore.NetworkBackend):
-        pool._network_backend = _DeadlineBackend(inner)  # type: ignore[union-attr]
-    else:  # pragma: no cover - another httpcore
-        logger.warning("httpcore without a network backend to wrap: a trickled answer's "
-                       "headers are bounded per read only")
-    return transport
-
-
-class _BoundedClient(httpx.Client):
-    """``httpx.Client`` whose every ``HTTPTransport`` — the one passed in, the default one,
-    and those of the proxies the environment names (``HTTP(S)_PROXY``, ``ALL_PROXY``, minus
-    ``NO_PROXY``) — meets the request's budget (``_bound_transport``). Passing a transport of
-    our own to ``httpx.Client`` instead would switch the environment's proxies off (httpx
-    honours them only when no transport is given): an agent behind a site proxy could not
-    reach the gateway at all."""
-
-    def _init_transport(self, *args: Any, **kwargs: Any) -> httpx.BaseTransport:
-        return _bound_transport(super()._init_transport(*args, **kwargs))  # type: ignore[return-value]
-
-    def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> httpx.BaseTransport:
-        return _bound_transport(  # type: ignore[return-value]
-            super()._init_proxy_transport(*args, **kwargs))
-
-
-def _detail(resp: httpx.Response) -> str:
-    """A short message for an error answer: its JSON ``detail`` if any, else its text."""
-    try:
-        body = resp.json()
-        if isinstance(body, dict) and "detail" in body:
-            return str(body["detail"])[:300]
-    except _UNREADABLE:
-        pass
-    try:
-        return resp.text[:300]
-    except (ValueError, LookupError):  # an unknown charset in Content-Type
-        return repr(resp.content[:300])
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """A ``Retry-After`` value (RFC 9110 §10.2.3: delta-seconds or an HTTP-date) as seconds
-    from ``now``, within ``[0, MAX_RETRY_AFTER_S]``; None when absent or unreadable. A delay
-    too large to represent (``1e400`` → inf) or past the bound is taken as the bound."""
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = None
-    if seconds is not None:
-        if math.isnan(seconds):
-            return None
-        return bounded_retry_after(seconds)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:  # "-0000": a UTC time
-        when = when.replace(tzinfo=UTC)
-    try:
-        target = when.timestamp()
-    except (OverflowError, ValueError, OSError):
-        return MAX_RETRY_AFTER_S
-    return bounded_retry_after(target - (time.time() if now is None else now))
-
-
-def _retry_after(resp: httpx.Response) -> float | None:
-    return parse_retry_after(resp.headers.get("Retry-After"))
-
-
-# The longest access-token lifetime a gateway issues (the platform's ``MAX_TOKEN_TTL_S``,
-# 366 days; the agent imports nothing of the platform): a longer ``expires_in`` is not the
-# gateway's answer (and one past a float, ``1e400`` or a 400-digit integer, cannot be used).
-MAX_TOKEN_TTL_S = 366 * 86400
-
-
-def _field(data: Mapping[str, Any], name: str) -> Any:
-    if name not in data:
-        raise ValueError(f"no {name} field")
-    return data[name]
-
-
-def _token_fields(data: Any) -> tuple[str, str, float]:
-    """``(access_token, refresh_token, expires_in)`` of a decoded token answer (enrollment's
-    201, a refresh's 200); ``_UNREADABLE`` naming the first field that is not right."""
-    if not isinstance(data, dict):
-        raise TypeError(f"a JSON {type(data).__name__}, not an object")
-    access, refresh = _field(data, "access_token"), _field(data, "refresh_token")
-    for name, token in (("access_token", access), ("refresh_token", refresh)):
-        if not isinstance(token, str) or not token:
-            raise TypeError(f"{name} is not a non-empty string")
-        if not token.isascii() or not token.isprintable():  # it travels in a header
-            raise ValueError(f"{name} is not printable ASCII")
-    expires_in = data.get("expires_in", 3600)
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
-        raise TypeError(f"expires_in is not a number: {expires_in!r}"[:100])
-    try:
-        seconds = float(expires_in)
-    except OverflowError:  # an integer past any float
-        seconds = math.inf
-    if not math.isfinite(seconds) or not 0 < seconds <= MAX_TOKEN_TTL_S:
-        raise ValueError(f"expires_in out of range (0, {MAX_TOKEN_TTL_S}]: "
-                         f"{str(expires_in)[:40]}")
-    return access, refresh, seconds
-
-
-def _body_shape(resp: httpx.Response) -> str:
-    """What an answer that carries credentials looked like, none of its values: its size, its
-    Content-Type and, for a JSON object, its keys. A token pair the agent cannot use (an
-    ``expires_in`` out of range…) is still live on the gateway: its bytes must not reach a log
-    or an outcome's detail."""
-    shape = f"{len(resp.content)} bytes of {resp.headers.get('Content-Type', 'no type')[:60]!r}"
-    try:
-        data = json.loads(resp.content)
-    except _UNREADABLE:
-        return shape
-    if isinstance(data, dict):
-        keys = ", ".join(repr(str(k)[:40]) for k in list(data)[:12])
-        return f"{shape}: a JSON object with keys [{keys}]"
-    return f"{shape}: a JSON {type(data).__name__}"
-
-
-def _unreadable_answer(what: str, resp: httpx.Response, exc: BaseException,
-                       then: str) -> GatewayUnavailable:
-    """``exc`` names the field that is wrong, never its value (``_token_fields``)."""
-    return GatewayUnavailable(
-        f"{what}: unreadable answer {resp.status_code} ({type(exc).__name__}: {exc}; "
-        f"{_body_shape(resp)}); {then}")
-
-
-def _token_pair(resp: httpx.Response) -> tuple[str, str, float]:
-    """``(access_token, refresh_token, expires_in)`` of a 200 from ``/v1/token/refresh``;
-    ``GatewayUnavailable`` (try again later, the identity unchanged) when it is not that."""
-    try:
-        return _token_fields(resp.json())
-    except _UNREADABLE as exc:
-        raise _unreadable_answer("token refresh", resp, exc,
-                                 "the identity is kept, trying again later") from exc
-
-
-def _enrollment_answer(resp: httpx.Response) -> dict[str, Any]:
-    """The checked fields of a 201 from ``/v1/enroll`` (``DeviceIdentity``'s keyword
-    arguments from the gateway: tokens as a refresh's, ``device_id`` a non-empty string,
-    ``scopes`` a list of strings, the two keys strings or absent); ``GatewayUnavailable`` when
-    it is not that. A broken answer is the gateway's (or a proxy's) fault, not a refusal of
-    this device: the agent tries again later (the token may be spent by then, and the gateway
-    then refuses it plainly — ``EnrollmentError``)."""
-    try:
-        data = resp.json()
-        access, refresh, expires_in = _token_fields(data)
-        device_id = _field(data, "device_id")
-        if not isinstance(device_id, str) or not device_id:
-            raise TypeError("device_id is not a non-empty string")
-        scopes = data.get("scopes") or []
-        if not isinstance(scopes, list) or not all(isinstance(x, str) for x in scopes):
-            raise TypeError("scopes is not a list of strings")
-        keys = {k: data.get(k) for k in ("gateway_public_key", "model_public_key")}
-        for name, key in keys.items():
-            if key is not None and not isinstance(key, str):
-                raise TypeError(f"{name} is not a string")
-        for text in (device_id, *keys.values()):
-            if text is not None:
-                text.encode("utf-8")  # a lone surrogate cannot be saved (UnicodeEncodeError)
-    except _UNREADABLE as exc:
-        raise _unreadable_answer(
-            "enrollment", resp, exc,
-            "nothing was saved; trying again later (if the gateway then says the enrollment "
-            "token is used, create a new one)") from exc
-    return {"device_id": device_id, "access_token": access, "refresh_token": refresh,
-            "expires_at": time.time() + expires_in, "ttl_s": expires_in, "scopes": list(scopes),
-            **keys}
 
 
 class GatewayClient:

@@ -53,3 +53,27 @@ class InvalidCameraConfig(EdgeAgentError, ValueError):
         self.version = version
         self.reason = reason
         super().__init__(f"camera configuration version {version}: {reason}")
+
+
+# What a gateway call raises (``edge_agent.client``): ``RuntimeError``s, not ``EdgeAgentError``s.
+
+
+class GatewayError(RuntimeError):
+    """A gateway call failed in a way the caller must hear about (message says what to do)."""
+
+
+class EnrollmentError(GatewayError):
+    """Enrollment was refused (bad, used or expired token; wrong camera)."""
+
+
+class AuthError(GatewayError):
+    """The device cannot authenticate any more (refresh token revoked or expired)."""
+
+
+class GatewayUnavailable(GatewayError):
+    """The gateway could not be reached or answered 5xx (or 408/425/429: not now); try again
+    later, not before ``retry_after`` seconds when the gateway said so (``Retry-After``)."""
+
+    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

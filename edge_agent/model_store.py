@@ -46,15 +46,10 @@ from typing import Any
 
 import httpx
 
-from edge_agent.client import (
-    AnswerTooSlow,
-    GatewayClient,
-    GatewayError,
-    read_capped,
-    request_budget,
-)
-from edge_agent.errors import DownloadIncomplete, UpdateRejected
+from edge_agent.client import GatewayClient
+from edge_agent.errors import DownloadIncomplete, GatewayError, UpdateRejected
 from edge_agent.fsutil import copy_file_atomic, file_sha256, fsync_dir, write_text_atomic
+from edge_agent.http_deadline import AnswerTooSlow, read_capped, request_budget
 from edge_agent.manifest import ModelManifest
 from edge_agent.model_slot import LoadedModel
 

@@ -70,8 +70,13 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.client import GatewayClient, GatewayError
-from edge_agent.errors import DownloadIncomplete, InvalidModelError, UpdateRejected
+from edge_agent.client import GatewayClient
+from edge_agent.errors import (
+    DownloadIncomplete,
+    GatewayError,
+    InvalidModelError,
+    UpdateRejected,
+)
 from edge_agent.inference import OnnxDetector
 from edge_agent.manifest import ManifestError, ManifestVerifier, ModelManifest, manifest_digest
 from edge_agent.model_slot import LoadedModel, ModelSlot

@@ -214,7 +214,7 @@ class FrameUploader:
             return None
         # The whole uploader backs off (a dead gateway fails every frame alike); each frame
         # is rescheduled by the outbox with its own attempt count.
-        # Retry-After comes bounded (client.parse_retry_after: outbox.MAX_RETRY_AFTER_S).
+        # Retry-After comes bounded (gateway_answers.parse_retry_after: outbox.MAX_RETRY_AFTER_S).
         retry_after = max((o.retry_after or 0.0 for _, o in retry), default=0.0)
         pause = max(self.outbox.backoff.delay(self._consecutive), retry_after)
         self._consecutive += 1

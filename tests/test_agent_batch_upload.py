@@ -21,12 +21,12 @@ from edge_agent import uploader as uploader_module
 from edge_agent.agent import AgentConfig, AgentSummary, EdgeAgent
 from edge_agent.client import (
     BATCH_CONTENT_TYPE,
-    DeviceIdentity,
     GatewayClient,
     UploadOutcome,
     encode_frame_batch,
 )
 from edge_agent.heartbeat import TelemetryWindow
+from edge_agent.identity import DeviceIdentity
 from edge_agent.outbox import BackoffPolicy, Outbox, OutboxItem
 from edge_agent.record_outbox import RecordOutbox
 from edge_agent.uploader import BATCH_ROUTE_RETRY_S, FrameUploader, UploadEvents, linger_wait

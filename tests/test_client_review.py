@@ -24,15 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_agent.client import (
-    IDENTITY_FILE,
-    AuthError,
-    DeviceIdentity,
-    EnrollmentError,
-    GatewayClient,
-    GatewayError,
-    GatewayUnavailable,
-)
+from edge_agent.client import GatewayClient
+from edge_agent.errors import AuthError, EnrollmentError, GatewayError, GatewayUnavailable
+from edge_agent.identity import IDENTITY_FILE, DeviceIdentity
 
 URL = "http://gateway.test"
 JPEG = b"\xff\xd8x\xff\xd9"

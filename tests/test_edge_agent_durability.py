@@ -20,11 +20,12 @@ import httpx
 import pytest
 
 import edge_agent.agent as agent_mod
-import edge_agent.client as client_mod
+import edge_agent.identity as identity_mod
 from edge_agent import fsutil
 from edge_agent.agent import EdgeAgent
-from edge_agent.client import DeviceIdentity, GatewayClient, UploadOutcome
+from edge_agent.client import GatewayClient, UploadOutcome
 from edge_agent.heartbeat import TelemetryWindow
+from edge_agent.identity import DeviceIdentity
 from edge_agent.model_store import ModelStore, UpdaterState
 from edge_agent.outbox import MAX_RETRY_AFTER_S, BackoffPolicy, Outbox, OutboxError
 from edge_agent.record_outbox import JOURNAL_KEEP_S, RecordOutbox
@@ -61,12 +62,12 @@ def test_rotated_pair_whose_save_failed_is_saved_before_the_next_request(tmp_pat
                    refresh_token="r0", expires_at=time.time() - 10).save(tmp_path)
     gw = RotatingGateway()
     c = GatewayClient("http://gw", tmp_path, transport=httpx.MockTransport(gw))
-    real = client_mod.write_text_atomic
+    real = identity_mod.write_text_atomic
 
     def enospc(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(client_mod, "write_text_atomic", enospc)
+    monkeypatch.setattr(identity_mod, "write_text_atomic", enospc)
     with caplog.at_level("ERROR", logger="edge_agent.client"):
         # the refresh succeeds at the gateway; the save fails: reported, not raised, and the
         # request goes on with the new (only valid) pair
@@ -77,7 +78,7 @@ def test_rotated_pair_whose_save_failed_is_saved_before_the_next_request(tmp_pat
     assert sum("cannot save the rotated token pair" in r.message for r in caplog.records) == 1
     assert DeviceIdentity.load(tmp_path).refresh_token == "r0"  # stale on disk, for now
 
-    monkeypatch.setattr(client_mod, "write_text_atomic", real)  # room again
+    monkeypatch.setattr(identity_mod, "write_text_atomic", real)  # room again
     assert c.post_heartbeat("{}").acknowledged
     assert c.identity_save_error is None
     c.close()

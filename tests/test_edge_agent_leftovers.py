@@ -16,14 +16,10 @@ import httpx
 import pytest
 
 from edge_agent import model_store
-from edge_agent.client import (
-    IDENTITY_FILE,
-    MAX_RESPONSE_BYTES,
-    DeviceIdentity,
-    GatewayClient,
-    GatewayUnavailable,
-)
-from edge_agent.errors import DownloadIncomplete
+from edge_agent.client import GatewayClient
+from edge_agent.errors import DownloadIncomplete, GatewayUnavailable
+from edge_agent.http_deadline import MAX_RESPONSE_BYTES
+from edge_agent.identity import IDENTITY_FILE, DeviceIdentity
 from edge_agent.manifest import ModelManifest
 from edge_agent.model_store import ModelStore
 

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.client import DeviceIdentity, GatewayClient
+from edge_agent.client import GatewayClient
 from edge_agent.counting import DensityState, DensityThresholds, DensityTracker, count_per_class
 from edge_agent.fsutil import (
     copy_file_atomic,
@@ -44,6 +44,7 @@ from edge_agent.heartbeat import (
     confidence_histogram,
     histogram_bin,
 )
+from edge_agent.identity import DeviceIdentity
 from edge_agent.outbox import BackoffPolicy, Outbox, read_journal
 from edge_agent.samplers import FrameSampler, SamplerConfig
 from edge_agent.sources import (
@@ -636,6 +637,9 @@ def _run_in_fresh_interpreter(code: str) -> None:
         "edge_agent.heartbeat",
         "edge_agent.inference",
         "edge_agent.client",
+        "edge_agent.http_deadline",
+        "edge_agent.identity",
+        "edge_agent.gateway_answers",
         "edge_agent.updater",
         "edge_agent.model_slot",
         "edge_agent.model_store",

@@ -18,9 +18,10 @@ import pytest
 
 from edge_agent.agent import FramePipeline
 from edge_agent.camera_config import CONFIG_FILE, CameraConfigChannel, parse_config
-from edge_agent.client import DeviceIdentity, GatewayClient, GatewayError
-from edge_agent.errors import InvalidCameraConfig
+from edge_agent.client import GatewayClient
+from edge_agent.errors import GatewayError, InvalidCameraConfig
 from edge_agent.heartbeat import TelemetryWindow
+from edge_agent.identity import DeviceIdentity
 from edge_agent.model_slot import LoadedModel, ModelSlot
 from edge_agent.samplers import FrameSampler, SamplerConfig
 from edge_agent.sources import Frame

@@ -14,17 +14,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_agent import client as client_module
-from edge_agent.client import DeviceIdentity, GatewayClient, GatewayUnavailable
-from edge_agent.errors import DownloadIncomplete
+from edge_agent import http_deadline
+from edge_agent.client import GatewayClient
+from edge_agent.errors import DownloadIncomplete, GatewayUnavailable
+from edge_agent.identity import DeviceIdentity
 from edge_agent.manifest import ModelManifest
 from edge_agent.model_store import ModelStore
 
 URL = "http://gateway.test"
 CHUNK = 1 << 20
 TOTAL = 48 * CHUNK  # far past the cap; never read whole
-# What a test lets the client read of an endless answer: its cap (client.MAX_RESPONSE_BYTES,
-# 4 MiB) plus a chunk, with room; fixed here so the tests say the same on a client without one.
+# What a test lets the client read of an endless answer: its cap
+# (http_deadline.MAX_RESPONSE_BYTES, 4 MiB) plus a chunk, with room; fixed here so the tests
+# say the same on a client without one.
 READ_BOUND = 8 * CHUNK
 ERROR_READ_BOUND = 2 * CHUNK  # a model download's error answer (model_store.ERROR_BODY_BYTES)
 
@@ -32,7 +34,7 @@ ERROR_READ_BOUND = 2 * CHUNK  # a model download's error answer (model_store.ERR
 def test_the_caps_are_within_the_tests_bounds() -> None:
     from edge_agent import model_store
 
-    assert 64 * 1024 <= client_module.MAX_RESPONSE_BYTES <= READ_BOUND - CHUNK
+    assert 64 * 1024 <= http_deadline.MAX_RESPONSE_BYTES <= READ_BOUND - CHUNK
     assert model_store.ERROR_BODY_BYTES <= ERROR_READ_BOUND - CHUNK
 
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-import edge_agent.client as client_module
+import edge_agent.gateway_answers as answers_module
 import edge_agent.outbox as outbox_module
 from edge_agent.agent import AgentConfig, AgentSummary, EdgeAgent
-from edge_agent.client import DeviceIdentity, GatewayClient
+from edge_agent.client import GatewayClient
 from edge_agent.heartbeat import TelemetryWindow
+from edge_agent.identity import DeviceIdentity
 from edge_agent.outbox import BackoffPolicy, Outbox
 from edge_agent.record_outbox import RecordOutbox
 
@@ -284,7 +285,7 @@ def test_http_date_retry_after_is_honoured(make) -> None:
 
 def test_parse_retry_after() -> None:
     assert outbox_module.MAX_RETRY_AFTER_S == MAX_RETRY_AFTER_S
-    parse_retry_after = client_module.parse_retry_after
+    parse_retry_after = answers_module.parse_retry_after
     now = 1_000_000_000.0
     assert parse_retry_after(None) is None
     assert parse_retry_after("7", now) == 7.0

@@ -31,9 +31,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.agent import AgentConfig, EdgeAgent, FramePipeline
-from edge_agent.client import DeviceIdentity, GatewayClient
+from edge_agent.client import GatewayClient
 from edge_agent.fsutil import file_sha256
 from edge_agent.heartbeat import TelemetryWindow
+from edge_agent.identity import DeviceIdentity
 from edge_agent.inference import Detection, OnnxDetector
 from edge_agent.manifest import (
     ManifestError,

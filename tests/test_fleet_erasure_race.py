@@ -19,7 +19,8 @@ from sqlalchemy import select, text
 
 import fleet.intake
 import roadloop.data.frames
-from edge_agent.client import _frame_outcome, _retry_later
+from edge_agent.client import _frame_outcome
+from edge_agent.gateway_answers import _retry_later
 from fleet import migrations
 from fleet.bounds import CLOCK_SKEW
 from fleet.db import Database
