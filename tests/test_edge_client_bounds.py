@@ -154,14 +154,12 @@ def test_a_slow_answer_past_the_deadline_is_dropped(tmp_path: Path) -> None:
         return httpx.Response(200, stream=stream)
 
     client = _client(tmp_path, gw, timeout_s=0.1)
-    t0 = time.monotonic()
     try:
         with pytest.raises(GatewayUnavailable, match="deadline"):
             client.get_camera_config()
     finally:
         client.close()
-    assert time.monotonic() - t0 < 1.5
-    assert stream.sent < stream.total
+    assert stream.sent < stream.total  # given up mid-body, however slow the machine
 
 
 def test_a_slow_upload_still_gets_its_answer_read(tmp_path: Path) -> None:

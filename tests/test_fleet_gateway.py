@@ -888,10 +888,25 @@ def test_two_worker_processes_share_one_store(tmp_path: Path, frame_jpeg: bytes)
     gateway.start()
     try:
         server = psutil.Process(gateway.process.pid)
-        deadline = time.monotonic() + 60
-        while len(server.children(recursive=True)) < 2 and time.monotonic() < deadline:
+        port = gateway.port
+
+        def listening() -> set[int]:
+            """The worker processes with their own socket listening on the port (each binds
+            one; until both have, the kernel hands every connection to the first)."""
+            pids = set()
+            for child in server.children(recursive=True):
+                try:
+                    if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                           for c in child.net_connections(kind="tcp")):
+                        pids.add(child.pid)
+                except psutil.Error:  # a process that ended meanwhile
+                    continue
+            return pids
+
+        deadline = time.monotonic() + 120  # a hang guard: the loop waits for a state
+        while len(listening()) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert len([p for p in server.children(recursive=True) if "python" in p.name()]) >= 2
+        assert len(listening()) == 2, "each of the two workers should listen on the port"
         with httpx.Client(base_url=gateway.url, timeout=30) as client:
             tok = client.post("/v1/enrollment-tokens", json={}, headers=bearer(admin)).json()
             dev = client.post("/v1/enroll", json={"enrollment_token": tok["enrollment_token"],
@@ -925,7 +940,7 @@ def test_two_worker_processes_share_one_store(tmp_path: Path, frame_jpeg: bytes)
         workers = {p.pid for p in server.children(recursive=True)}
         assert len(pids) == 2 and pids <= workers, (pids, workers)
         # ... and the two listeners are two sockets (one shared socket is one inode)
-        port = int(gateway.url.rsplit(":", 1)[1])
+        port = gateway.port
         listeners = {os.readlink(f"/proc/{pid}/fd/{c.fd}")
                      for pid in pids for c in psutil.Process(pid).net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
