@@ -451,9 +451,11 @@ class EdgeAgent:
 
     def _frame_failed(self, pipeline: FramePipeline, frame: Frame, exc: BaseException) -> None:
         self.telemetry.record_frame_error()
+        if not isinstance(exc, DetectFailed):  # the frame or a later stage, not the model:
+            logger.error("frame %s: processing failed: %s", frame.source_ref, exc)
+            return  # not charged to the serving model (its rollback guard)
         if self.updater is not None:
-            model = exc.model if isinstance(exc, DetectFailed) else pipeline.last_model
-            self.updater.observe_error(model)
+            self.updater.observe_error(exc.model)
         logger.error("frame %s: detector failed: %s", frame.source_ref, exc)
 
     def _finish(self, pipeline: FramePipeline, measured: Measured[FrameMeasurement],

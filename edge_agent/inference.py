@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -36,6 +37,14 @@ MAX_NMS_CANDIDATES = 30000
 # Ultralytics' predict default IoU threshold (cfg/default.yaml ``iou: 0.7``).
 DEFAULT_IOU_THRESHOLD = 0.7
 DEFAULT_CONF_THRESHOLD = 0.25
+# The largest input side a dynamic-size model may be run at (its ``imgsz`` metadata or the
+# ``imgsz`` argument). 4096 px holds a 4K frame (3840 px) at native resolution, past any size
+# Ultralytics exports (1280 for its P6 models); the float32 input blob alone is then 201 MB
+# and the activations several GB, while a stray 100000 would ask for ~120 GB per frame.
+MAX_INPUT_SIDE = 4096
+DEFAULT_STRIDE = 32
+# How often (seconds) one detector logs the output rows it dropped as invalid.
+INVALID_ROWS_LOG_INTERVAL_S = 300.0
 
 _ONNX_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -103,6 +112,9 @@ class StageTimings:
     inference_ms: float
     postprocess_ms: float
     batch_size: int
+    # Output rows of this call dropped as invalid (a non-finite box or score, no width or
+    # height): the agent fails such a frame instead of trusting (and redacting by) the rest.
+    invalid_rows: int = 0
 
     @property
     def total_ms(self) -> float:
@@ -206,17 +218,36 @@ def _parse_names(value: str | None) -> list[str] | None:
     return None
 
 
-def _parse_imgsz(value: str | None) -> tuple[int, int] | None:
+def _parse_imgsz(value: str | None) -> Any:
+    """The metadata's ``imgsz`` as written: an int, a 2-sequence, or whatever else it holds
+    (``_checked_size`` refuses what is not a usable size); ``None`` when absent or not a
+    literal."""
     imgsz = _literal(value)
-    if isinstance(imgsz, int):
-        return (imgsz, imgsz)
-    if (
-        isinstance(imgsz, (list, tuple))
-        and len(imgsz) == 2
-        and all(isinstance(v, int) for v in imgsz)
-    ):
-        return (int(imgsz[0]), int(imgsz[1]))
-    return None
+    if isinstance(imgsz, (list, tuple)) and len(imgsz) == 2:
+        return tuple(imgsz)
+    return imgsz
+
+
+def _is_side(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _checked_size(path: Path, size: Any, stride: int, source: str) -> tuple[int, int]:
+    """``size`` (an int or (height, width)) as a usable input size for a dynamic-size model,
+    else ``InvalidModelError`` naming the file: each side a positive int (not a bool), a
+    multiple of the model's stride (the network downsamples by it; anything else fails every
+    frame or is silently cropped) and at most ``MAX_INPUT_SIDE``."""
+    hw = (size, size) if _is_side(size) else size
+    if not (isinstance(hw, tuple) and len(hw) == 2 and all(_is_side(v) for v in hw)):
+        raise InvalidModelError(path, f"{source} {size!r} is not an int or [height, width] of ints")
+    for v in hw:
+        if not 0 < v <= MAX_INPUT_SIDE or v % stride:
+            raise InvalidModelError(
+                path,
+                f"{source} {size!r}: each side must be a positive multiple of the stride "
+                f"({stride}) and at most {MAX_INPUT_SIDE} px",
+            )
+    return (int(hw[0]), int(hw[1]))
 
 
 def _static_dim(dim: Any) -> int | None:
@@ -245,9 +276,12 @@ class OnnxDetector:
 
     Input size and class names come from the metadata Ultralytics writes into the file
     (``imgsz``, ``names``); ``class_names`` overrides the names, ``imgsz`` supplies the size
-    of a model whose height/width are dynamic. The IoU default is Ultralytics' predict
-    default (0.7), so out of the box it returns what ``predict`` does. ``session_config``
-    passes ONNX Runtime session config entries through.
+    of a model whose height/width are dynamic (that size, from either, must be positive
+    multiples of the stride and at most ``MAX_INPUT_SIDE``, else ``InvalidModelError`` at
+    load). The IoU default is Ultralytics' predict default (0.7), so out of the box it
+    returns what ``predict`` does. ``session_config`` passes ONNX Runtime session config
+    entries through. Output rows with a non-finite box or score, or no width/height, are
+    dropped (``invalid_rows_dropped``); scores are bounded to [0, 1].
     """
 
     def __init__(
@@ -277,6 +311,11 @@ class OnnxDetector:
         self.max_detections = int(max_detections)
         self.max_batch_size = int(max_batch_size)
         self.last_timings: StageTimings | None = None
+        # Output rows dropped as invalid (``_dropped_invalid``), and when that was last logged.
+        self.invalid_rows_dropped = 0
+        self._invalid_logged_at: float | None = None
+        self._invalid_lock = threading.Lock()
+        self._this_call = threading.local()  # .invalid: rows dropped by this thread's call
 
         if not self.model_path.is_file():
             raise InvalidModelError(self.model_path, "no such model file")
@@ -327,16 +366,26 @@ class OnnxDetector:
                 self.model_path, f"input has {channels} channels; expected 3 (RGB)"
             )
         self.batch_size = _static_dim(inp.shape[0])  # None: dynamic batch
+        stride = _literal(meta.get("stride"))
+        # A stride that is not a positive int (absent, 0, a bool) is YOLO's 32.
+        self.stride = (stride if _is_side(stride) and 0 < stride <= MAX_INPUT_SIDE
+                       else DEFAULT_STRIDE)
         h, w = _static_dim(inp.shape[2]), _static_dim(inp.shape[3])
         if h is None or w is None:
-            size = (imgsz, imgsz) if imgsz else _parse_imgsz(meta.get("imgsz"))
-            if size is None:
-                raise InvalidModelError(
-                    self.model_path,
-                    "input height/width are dynamic and the metadata has no 'imgsz'; pass imgsz=",
-                )
-            h, w = size
-        if imgsz is not None and imgsz != max(h, w):
+            if imgsz is not None:
+                h, w = _checked_size(self.model_path, imgsz, self.stride, "imgsz=")
+            else:
+                written = meta.get("imgsz")
+                if written is None:
+                    raise InvalidModelError(
+                        self.model_path,
+                        "input height/width are dynamic and the metadata has no 'imgsz'; "
+                        "pass imgsz=",
+                    )
+                size = _parse_imgsz(written)
+                h, w = _checked_size(self.model_path, written if size is None else size,
+                                     self.stride, "metadata imgsz")
+        elif imgsz is not None and imgsz != max(h, w):
             raise InvalidModelError(
                 self.model_path, f"imgsz={imgsz} but the model's input is fixed at {h}x{w}"
             )
@@ -344,8 +393,6 @@ class OnnxDetector:
         # uses) spends no compute on padding; ``input_size`` is its long side, as ``imgsz``.
         self.input_hw: tuple[int, int] = (int(h), int(w))
         self.input_size = int(max(h, w))
-        stride = _literal(meta.get("stride"))
-        self.stride = int(stride) if isinstance(stride, int) else 32
 
         outputs = self.session.get_outputs()
         if not outputs:
@@ -452,17 +499,50 @@ class OnnxDetector:
             results.append(self._to_detections(boxes, scores, classes, meta))
         return results
 
+    def _dropped_invalid(self, count: int) -> None:
+        """Count output rows dropped as invalid (a non-finite box or score, or a box with no
+        width or height); logged when first seen and then at most every
+        ``INVALID_ROWS_LOG_INTERVAL_S`` per detector, never once per frame."""
+        if not count:
+            return
+        self._this_call.invalid = getattr(self._this_call, "invalid", 0) + count
+        with self._invalid_lock:
+            self.invalid_rows_dropped += count
+            now = time.monotonic()
+            due = (self._invalid_logged_at is None
+                   or now - self._invalid_logged_at >= INVALID_ROWS_LOG_INTERVAL_S)
+            if due:
+                self._invalid_logged_at = now
+            total = self.invalid_rows_dropped
+        if due:
+            logger.warning(
+                "model %s (sha256 %s…) output rows with a non-finite box or score, or no "
+                "width/height: dropped, %d so far (logged at most every %.0f s)",
+                self.model_path.name, self.model_sha256[:12], total,
+                INVALID_ROWS_LOG_INTERVAL_S,
+            )
+
     def _decode_dense(self, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(4 + nc, N) → NMS-ed xyxy boxes in letterbox pixels, scores, class ids."""
+        """(4 + nc, N) → NMS-ed xyxy boxes in letterbox pixels, scores in [0, 1], class ids.
+
+        A row with a non-finite box or class score, or a width/height <= 0, is dropped (and
+        counted): NaN boxes and reversed corners must not reach counting or redaction."""
         nc = pred.shape[0] - 4
         class_scores = pred[4 : 4 + nc]
-        best = class_scores.max(axis=0)
-        keep = best > self.conf_threshold
+        best = class_scores.max(axis=0)  # NaN when any of the row's scores is NaN
+        keep = best > self.conf_threshold  # +inf passes here, NaN and -inf do not
+        bad = int(np.count_nonzero(~np.isfinite(best) & ~keep))
         if not keep.any():
+            self._dropped_invalid(bad)
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
         cand = pred[:, keep]
         scores = best[keep]
-        classes = class_scores[:, keep].argmax(axis=0)
+        valid = np.isfinite(cand).all(axis=0) & (cand[2] > 0) & (cand[3] > 0)
+        if not valid.all():
+            bad += int(np.count_nonzero(~valid))
+            cand, scores = cand[:, valid], scores[valid]
+        self._dropped_invalid(bad)
+        classes = cand[4 : 4 + nc].argmax(axis=0)
         xy, half_wh = cand[0:2].T, cand[2:4].T / 2
         boxes = np.concatenate((xy - half_wh, xy + half_wh), axis=1)
         if len(scores) > MAX_NMS_CANDIDATES:
@@ -471,13 +551,19 @@ class OnnxDetector:
         kept = nms(
             boxes, scores, self.iou_threshold, class_ids=classes, max_det=self.max_detections
         )
-        return boxes[kept], scores[kept], classes[kept]
+        return boxes[kept], np.clip(scores[kept], 0.0, 1.0), classes[kept]
 
     def _decode_end2end(self, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(N, 6) rows of x1, y1, x2, y2, score, class from an NMS-fused export."""
+        """(N, 6) rows of x1, y1, x2, y2, score, class from an NMS-fused export; rows with a
+        non-finite value or x2 <= x1 / y2 <= y1 are dropped (and counted), scores in [0, 1]."""
         keep = pred[:, 4] > self.conf_threshold
-        rows = pred[keep][: self.max_detections]
-        return rows[:, :4].copy(), rows[:, 4], rows[:, 5].astype(np.int64)
+        rows = pred[keep]
+        valid = np.isfinite(rows).all(axis=1) & (rows[:, 2] > rows[:, 0]) & (rows[:, 3] > rows[:, 1])
+        bad = int(np.count_nonzero(~valid))
+        bad += int(np.count_nonzero(~np.isfinite(pred[:, 4]) & ~keep))  # NaN, -inf scores
+        self._dropped_invalid(bad)
+        rows = rows[valid][: self.max_detections]
+        return rows[:, :4].copy(), np.clip(rows[:, 4], 0.0, 1.0), rows[:, 5].astype(np.int64)
 
     def _to_detections(
         self, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, meta: LetterboxMeta
@@ -518,6 +604,7 @@ class OnnxDetector:
         frames = list(frames)
         if not frames:
             return [], StageTimings(0.0, 0.0, 0.0, 0)
+        self._this_call.invalid = 0
         chunk = self.max_batch_size if self.batch_size is None else self.batch_size
         t_pre = t_inf = t_post = 0.0
         results: list[list[Detection]] = []
@@ -538,7 +625,8 @@ class OnnxDetector:
             t_pre += t1 - t0
             t_inf += t2 - t1
             t_post += t3 - t2
-        return results, StageTimings(t_pre * 1e3, t_inf * 1e3, t_post * 1e3, len(frames))
+        return results, StageTimings(t_pre * 1e3, t_inf * 1e3, t_post * 1e3, len(frames),
+                                     self._this_call.invalid)
 
     def __repr__(self) -> str:
         return (

@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_agent.camera_config import EffectiveSampling
 from edge_agent.counting import DensityState, DensityTracker, count_per_class
-from edge_agent.inference import Detection, OnnxDetector, StageTimings
+from edge_agent.inference import Detection, OnnxDetector, StageTimings, _as_bgr
 from edge_agent.model_slot import LoadedModel, ModelSlot
 from edge_agent.quality import laplacian_variance
 from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
@@ -71,6 +71,11 @@ class FrameMeasurement:
     brightness: float
     sharpness: float
     quality_ms: float
+    frame: Frame | None = None  # the frame as measured (``as_bgr_frame``); ``finish`` uses it
+
+
+class InvalidModelOutput(RuntimeError):
+    """The detector's output for a frame held invalid rows (``StageTimings.invalid_rows``)."""
 
 
 class DetectFailed(Exception):
@@ -83,10 +88,25 @@ class DetectFailed(Exception):
 
 def frame_quality(image: np.ndarray) -> tuple[float, float]:
     """(mean grey level, variance of the Laplacian) at native resolution
-    (``edge_agent.quality.laplacian_variance``, the gateway's definition too)."""
-    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    (``edge_agent.quality.laplacian_variance``, the gateway's definition too). BGR, grey
+    (HxW or HxWx1) or BGRA."""
+    if image.ndim == 2:
+        grey = image
+    elif image.shape[2] == 1:
+        grey = image[..., 0]
+    else:
+        grey = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY if image.shape[2] == 4
+                            else cv2.COLOR_BGR2GRAY)
     mean, _ = cv2.meanStdDev(grey)
     return float(mean[0, 0]), laplacian_variance(grey)
+
+
+def as_bgr_frame(frame: Frame) -> Frame:
+    """``frame`` with its image as 3-channel BGR uint8 (``inference._as_bgr``: grey and BGRA
+    converted, anything else a ``ValueError``/``TypeError``); the same object when it already
+    is. The pipeline's entry: detection, quality, redaction and upload see this one format."""
+    image = _as_bgr(frame.image)
+    return frame if image is frame.image else replace(frame, image=image)
 
 
 def _detect(detector: Any, image: np.ndarray) -> tuple[list[Detection], StageTimings | None]:
@@ -153,12 +173,21 @@ class FramePipeline:
 
     def measure(self, frame: Frame) -> FrameMeasurement:
         """The frame's detections and quality; touches no per-camera state, so any thread
-        may call it. Raises ``DetectFailed`` (naming the model) when detection fails."""
+        may call it. Raises ``DetectFailed`` (naming the model) when detection fails; a
+        frame that is not an image (``as_bgr_frame``) raises before any model runs."""
+        frame = as_bgr_frame(frame)
         model = self.slot.current  # taken once: a swap lands between frames, never inside one
         self.last_model = model
         t0 = time.perf_counter()
         try:
             dets, stages = _detect(model.detector, frame.image)
+            if stages is not None and stages.invalid_rows:
+                # A non-finite or empty box among its outputs: the model is broken on this
+                # frame, and what it kept cannot be trusted to find every person to redact.
+                # The frame fails (not counted, not uploaded) and is charged to the model.
+                raise InvalidModelOutput(
+                    f"{stages.invalid_rows} output row(s) with a non-finite box or score, or "
+                    "no width or height")
         except Exception as exc:
             raise DetectFailed(model, exc) from exc
         if model.delay_s:  # fault injection (EDGE_AGENT_FAULT_MODEL_DELAY_MS)
@@ -167,10 +196,12 @@ class FramePipeline:
         brightness, sharpness = frame_quality(frame.image)
         t2 = time.perf_counter()
         return FrameMeasurement(model, dets, stages, (t1 - t0) * 1e3, brightness, sharpness,
-                                (t2 - t1) * 1e3)
+                                (t2 - t1) * 1e3, frame)
 
     def finish(self, frame: Frame, m: FrameMeasurement) -> FrameResult:
-        """Counting, tracking and sampling of a measured frame; frames in capture order."""
+        """Counting, tracking and sampling of a measured frame; frames in capture order.
+        The result carries the frame as measured (3-channel BGR)."""
+        frame = m.frame if m.frame is not None else as_bgr_frame(frame)
         self._frames += 1
         dets, model = m.detections, m.model
         t1 = time.perf_counter()

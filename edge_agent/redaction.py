@@ -171,35 +171,62 @@ class RedactionResult:
     boxes: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)
 
 
+def _ordered(box: Sequence[float]) -> tuple[float, float, float, float]:
+    """``box``'s corners as (left, top, right, bottom), whichever way round they came;
+    ``ValueError`` for a non-finite corner: a box that cannot be placed fails the redaction
+    (the frame is withheld), it is never skipped."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(np.isfinite((x1, y1, x2, y2))):
+        raise ValueError(f"cannot redact a box with a non-finite corner: {tuple(box)}")
+    return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
+
+
 def _grow(box: Sequence[float], w: int, h: int, pad: float) -> tuple[int, int, int, int]:
-    x1, y1, x2, y2 = box
+    x1, y1, x2, y2 = _ordered(box)
     dx, dy = (x2 - x1) * pad, (y2 - y1) * pad
     return (max(0, int(np.floor(x1 - dx))), max(0, int(np.floor(y1 - dy))),
             min(w, int(np.ceil(x2 + dx))), min(h, int(np.ceil(y2 + dy))))
 
 
+def in_frame(boxes: Iterable[Sequence[float]], w: int, h: int, pad: float = PAD
+             ) -> list[tuple[float, float, float, float]]:
+    """The boxes (corners ordered) that cover any pixel of a ``w`` x ``h`` frame once grown
+    by ``pad``: what ``apply_regions`` redacts, so what a record may count. A box wholly
+    outside the frame (or of no area) covers nothing there; a non-finite one raises."""
+    kept = []
+    for box in boxes:
+        x1, y1, x2, y2 = _grow(box, w, h, pad)
+        if x2 > x1 and y2 > y1:
+            kept.append(_ordered(box))
+    return kept
+
+
 def apply_regions(image: np.ndarray, boxes: Iterable[Sequence[float]], mode: str,
                   pad: float = PAD) -> tuple[np.ndarray, float]:
-    """A copy of ``image`` with every box blurred or masked; and the share of area covered."""
+    """A copy of ``image`` with every box blurred or masked; and the share of area covered.
+    Corners may come either way round; a non-finite box raises ``ValueError``. Any channel
+    count (the agent passes BGR: ``FramePipeline`` normalises frames)."""
     if mode not in ("blur", "mask"):
         raise ValueError(f"redaction mode must be blur or mask, not {mode!r}")
     out = image.copy()
     h, w = image.shape[:2]
     covered = np.zeros((h, w), dtype=bool)
+    fill = MASK_COLOUR if out.ndim == 3 and out.shape[2] == 3 else 0
     for box in boxes:
         x1, y1, x2, y2 = _grow(box, w, h, pad)
-        if x2 <= x1 or y2 <= y1:
+        if x2 <= x1 or y2 <= y1:  # wholly outside the frame: nothing of it to cover
             continue
         covered[y1:y2, x1:x2] = True
+        roi_view = out[y1:y2, x1:x2]
         if mode == "mask":
-            out[y1:y2, x1:x2] = MASK_COLOUR
+            roi_view[...] = fill
         else:  # a blur as wide as the box's short side: nothing readable survives
             k = max(3, (min(x2 - x1, y2 - y1) // 2) | 1)
-            roi = cv2.resize(out[y1:y2, x1:x2], None, fx=0.25, fy=0.25,
-                             interpolation=cv2.INTER_AREA) if k > 24 else out[y1:y2, x1:x2]
+            roi = cv2.resize(roi_view, None, fx=0.25, fy=0.25,
+                             interpolation=cv2.INTER_AREA) if k > 24 else roi_view
             small = cv2.GaussianBlur(roi, (0, 0), sigmaX=max(1.0, k / (8 if k > 24 else 2)))
-            out[y1:y2, x1:x2] = cv2.resize(small, (x2 - x1, y2 - y1),
-                                           interpolation=cv2.INTER_LINEAR)
+            blurred = cv2.resize(small, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
+            roi_view[...] = blurred.reshape(roi_view.shape)  # OpenCV drops a 1-channel axis
     return out, float(covered.mean()) if h and w else 0.0
 
 
@@ -285,7 +312,10 @@ class Redactor:
         if mode == "off":
             return RedactionResult(image, {"method": "off", "version": version,
                                            "counts": {}, "area_share": 0.0})
-        boxes = self.regions(image, detections, names)
+        h, w = image.shape[:2]
+        # Only boxes that cover part of the frame are applied and counted; a non-finite box
+        # raises here (the frame is withheld), never skipped.
+        boxes = {k: in_frame(v, w, h) for k, v in self.regions(image, detections, names).items()}
         out, share = apply_regions(image, [b for v in boxes.values() for b in v], mode)
         record = {"method": mode, "version": version,
                   "counts": {k: len(v) for k, v in boxes.items()},
