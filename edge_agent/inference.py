@@ -112,8 +112,8 @@ class StageTimings:
     inference_ms: float
     postprocess_ms: float
     batch_size: int
-    # Output rows of this call dropped as invalid (a non-finite box or score, no width or
-    # height): the agent fails such a frame instead of trusting (and redacting by) the rest.
+    # Output rows of this call dropped as invalid (a non-finite box or score, a negative width
+    # or height): the agent fails such a frame instead of trusting (and redacting by) the rest.
     invalid_rows: int = 0
 
     @property
@@ -280,8 +280,9 @@ class OnnxDetector:
     multiples of the stride and at most ``MAX_INPUT_SIDE``, else ``InvalidModelError`` at
     load). The IoU default is Ultralytics' predict default (0.7), so out of the box it
     returns what ``predict`` does. ``session_config`` passes ONNX Runtime session config
-    entries through. Output rows with a non-finite box or score, or no width/height, are
-    dropped (``invalid_rows_dropped``); scores are bounded to [0, 1].
+    entries through. Output rows with a non-finite box or score, or a negative width/height,
+    are dropped as invalid (``invalid_rows_dropped``), zero-size ones silently; scores are
+    bounded to [0, 1].
     """
 
     def __init__(
@@ -500,8 +501,8 @@ class OnnxDetector:
         return results
 
     def _dropped_invalid(self, count: int) -> None:
-        """Count output rows dropped as invalid (a non-finite box or score, or a box with no
-        width or height); logged when first seen and then at most every
+        """Count output rows dropped as invalid (a non-finite box or score, or a box with a
+        negative width or height); logged when first seen and then at most every
         ``INVALID_ROWS_LOG_INTERVAL_S`` per detector, never once per frame."""
         if not count:
             return
@@ -516,8 +517,8 @@ class OnnxDetector:
             total = self.invalid_rows_dropped
         if due:
             logger.warning(
-                "model %s (sha256 %s…) output rows with a non-finite box or score, or no "
-                "width/height: dropped, %d so far (logged at most every %.0f s)",
+                "model %s (sha256 %s…) output rows with a non-finite box or score, or a "
+                "negative width/height: dropped, %d so far (logged at most every %.0f s)",
                 self.model_path.name, self.model_sha256[:12], total,
                 INVALID_ROWS_LOG_INTERVAL_S,
             )
@@ -525,8 +526,9 @@ class OnnxDetector:
     def _decode_dense(self, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(4 + nc, N) → NMS-ed xyxy boxes in letterbox pixels, scores in [0, 1], class ids.
 
-        A row with a non-finite box or class score, or a width/height <= 0, is dropped (and
-        counted): NaN boxes and reversed corners must not reach counting or redaction."""
+        A row with a non-finite box or class score, or a width/height < 0, is dropped and
+        counted as invalid (NaN boxes and reversed corners must not reach counting or
+        redaction); a zero-size row is dropped too, not counted."""
         nc = pred.shape[0] - 4
         class_scores = pred[4 : 4 + nc]
         best = class_scores.max(axis=0)  # NaN when any of the row's scores is NaN
@@ -537,9 +539,13 @@ class OnnxDetector:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
         cand = pred[:, keep]
         scores = best[keep]
-        valid = np.isfinite(cand).all(axis=0) & (cand[2] > 0) & (cand[3] > 0)
+        finite = np.isfinite(cand).all(axis=0)
+        # A negative size is garbage; a zero one can be a quantized model's honest answer for
+        # a tiny object (DFL distances that all rounded to 0): dropped, not counted as invalid.
+        sized = finite & (cand[2] >= 0) & (cand[3] >= 0)
+        valid = sized & (cand[2] > 0) & (cand[3] > 0)
         if not valid.all():
-            bad += int(np.count_nonzero(~valid))
+            bad += int(np.count_nonzero(~sized))
             cand, scores = cand[:, valid], scores[valid]
         self._dropped_invalid(bad)
         classes = cand[4 : 4 + nc].argmax(axis=0)
@@ -555,11 +561,14 @@ class OnnxDetector:
 
     def _decode_end2end(self, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(N, 6) rows of x1, y1, x2, y2, score, class from an NMS-fused export; rows with a
-        non-finite value or x2 <= x1 / y2 <= y1 are dropped (and counted), scores in [0, 1]."""
+        non-finite value or x2 < x1 / y2 < y1 are dropped and counted as invalid, zero-size
+        ones dropped; scores in [0, 1]."""
         keep = pred[:, 4] > self.conf_threshold
         rows = pred[keep]
-        valid = np.isfinite(rows).all(axis=1) & (rows[:, 2] > rows[:, 0]) & (rows[:, 3] > rows[:, 1])
-        bad = int(np.count_nonzero(~valid))
+        sized = np.isfinite(rows).all(axis=1) & (rows[:, 2] >= rows[:, 0]) \
+            & (rows[:, 3] >= rows[:, 1])
+        valid = sized & (rows[:, 2] > rows[:, 0]) & (rows[:, 3] > rows[:, 1])
+        bad = int(np.count_nonzero(~sized))  # a zero-size row is dropped, not invalid
         bad += int(np.count_nonzero(~np.isfinite(pred[:, 4]) & ~keep))  # NaN, -inf scores
         self._dropped_invalid(bad)
         rows = rows[valid][: self.max_detections]

@@ -187,7 +187,7 @@ class FramePipeline:
                 # The frame fails (not counted, not uploaded) and is charged to the model.
                 raise InvalidModelOutput(
                     f"{stages.invalid_rows} output row(s) with a non-finite box or score, or "
-                    "no width or height")
+                    "a negative width or height")
         except Exception as exc:
             raise DetectFailed(model, exc) from exc
         if model.delay_s:  # fault injection (EDGE_AGENT_FAULT_MODEL_DELAY_MS)

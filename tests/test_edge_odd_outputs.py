@@ -110,7 +110,7 @@ def test_dense_output_drops_non_finite_and_empty_rows_and_bounds_scores(tmp_path
     found = sorted(found, key=lambda d: d.class_name)
     assert [d.class_name for d in found] == ["bike", "car"]
     assert [d.confidence for d in found] == pytest.approx([1.0, 0.6])
-    assert det.invalid_rows_dropped == 5
+    assert det.invalid_rows_dropped == 4  # the zero-size row is dropped, not invalid
 
 
 def test_end2end_output_drops_non_finite_and_reversed_rows(tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ def test_end2end_output_drops_non_finite_and_reversed_rows(tmp_path: Path) -> No
     assert det.end2end
     [d] = det.detect(np.zeros((64, 64, 3), np.uint8))
     assert (d.class_name, d.confidence, d.xyxy) == ("bike", 1.0, (10.0, 10.0, 30.0, 30.0))
-    assert det.invalid_rows_dropped == 5
+    assert det.invalid_rows_dropped == 4  # the zero-size row is dropped, not invalid
 
 
 def test_invalid_rows_are_logged_once_per_interval_not_per_frame(
