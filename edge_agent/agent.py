@@ -450,10 +450,13 @@ class EdgeAgent:
                 pool.close()
 
     def _frame_failed(self, pipeline: FramePipeline, frame: Frame, exc: BaseException) -> None:
-        self.telemetry.record_frame_error()
         if not isinstance(exc, DetectFailed):  # the frame or a later stage, not the model:
+            # not charged to the serving model: neither its rollback guard nor the heartbeat's
+            # ``errors`` (the model's error rate the gateway's rollout health reads)
+            self.telemetry.record_error()
             logger.error("frame %s: processing failed: %s", frame.source_ref, exc)
-            return  # not charged to the serving model (its rollback guard)
+            return
+        self.telemetry.record_frame_error()
         if self.updater is not None:
             self.updater.observe_error(exc.model)
         logger.error("frame %s: detector failed: %s", frame.source_ref, exc)

@@ -29,7 +29,8 @@ inference_p50_ms                  the ONNX run alone, median, ms (``null`` when 
 errors                            frames the detector failed on in the window
                                   (``<= frames_processed``).
 other_errors                      other failures in the window: an unreadable source, JPEG
-                                  encoding or outbox failures, rejected uploads or heartbeats.
+                                  encoding or outbox failures, rejected uploads or heartbeats,
+                                  a frame that failed outside the detector.
 errors_total                      ``errors + other_errors`` since the agent started.
 dropped_frames                    frames the reader replaced before inference took them (the
                                   detector fell behind a live or realtime source).

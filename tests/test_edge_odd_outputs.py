@@ -267,3 +267,16 @@ def test_a_frame_with_invalid_output_rows_fails_and_is_charged_to_the_model(
     assert _queued(agent) == [] and summary.frames_processed == 0
     assert len(charged) == 1 and charged[0].detector.model_path == model
     assert [d.class_name for d in OnnxDetector(model).detect(_bgr())] == ["car"]
+
+
+def test_a_frame_failing_outside_the_detector_is_not_in_the_models_error_rate(
+        tmp_path: Path) -> None:
+    """The heartbeat's ``errors`` is the serving model's error rate (the gateway's rollout
+    health reads it): a frame the pipeline cannot take is an ``other_errors`` failure."""
+    agent, summary, _ = _agent(tmp_path)
+    pipe = FramePipeline(OnnxDetector(_model(tmp_path, [(32, 32, 24, 24, 0, 0.9)])),
+                         sampler_config=SamplerConfig(base_rate=1.0))
+    agent._process(pipe, Frame(np.zeros((64, 64, 3), np.float32), 0, 1.7e9, "image:bad"),
+                   summary)
+    beat = agent.telemetry.build(outbox_depth=0, outbox_bytes=0, outbox_evicted_total=0)
+    assert (beat.errors, beat.other_errors) == (0, 1)
