@@ -92,6 +92,8 @@ from edge_agent.identity import IDENTITY_FILE, DeviceIdentity
 
 logger = logging.getLogger(__name__)
 
+# URL patterns sent directly, never through the environment's proxies (``GatewayClient``).
+LOOPBACK_MOUNTS = ("all://127.0.0.1", "all://localhost", "all://[::1]")
 BATCH_ROUTE = "/v1/frames/batch"
 BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
 # Per-frame statuses inside a batch response (the codes POST /v1/frames gives one frame).
@@ -206,9 +208,11 @@ class GatewayClient:
         self.refresh_margin_s = refresh_margin_s
         self.timeout_s = timeout_s
         # ``transport`` None: httpx's default, through the environment's proxies if it names
-        # any; either way bounded by each request's deadline (``_BoundedClient``).
+        # any; either way bounded by each request's deadline (``_BoundedClient``). Loopback
+        # never goes through a proxy (the proxy's 127.0.0.1 is the proxy itself): a gateway
+        # on this host is reached directly, whatever NO_PROXY says.
         self._http = _BoundedClient(base_url=self.gateway_url, timeout=timeout_s,
-                                    transport=transport)
+                                    transport=transport, mounts=dict.fromkeys(LOOPBACK_MOUNTS))
         self._lock = threading.RLock()
         self.identity = DeviceIdentity.load(self.state_dir)
         # The in-memory identity differs from identity.json (a save after a token refresh

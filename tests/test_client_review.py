@@ -96,6 +96,10 @@ def _closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+# A gateway only the proxy can reach (the name does not resolve here; loopback would go direct).
+BEHIND_PROXY = "http://gateway.roadloop.invalid:8700"
+
+
 @pytest.fixture()
 def env_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Server]]:
     for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
@@ -125,7 +129,7 @@ def test_the_environments_http_proxy_is_honoured(tmp_path: Path, env_proxy) -> N
     """A site that reaches the gateway through a proxy (``HTTP_PROXY``): the client must send
     through it, as httpx does by default (the deadline transport switched that off)."""
     proxy = env_proxy(CREATED)
-    gateway = _closed_port_url()  # only the proxy can reach it
+    gateway = BEHIND_PROXY
     client = _real_client(tmp_path, gateway, timeout_s=2.0)
     try:
         out = client.upload_frame(JPEG, {"frame_id": "f0"})
@@ -135,12 +139,31 @@ def test_the_environments_http_proxy_is_honoured(tmp_path: Path, env_proxy) -> N
     assert proxy.request_lines == [f"POST {gateway}/v1/frames HTTP/1.1"]
 
 
+def test_a_gateway_on_loopback_is_reached_directly_with_a_proxy_set(
+        tmp_path: Path, env_proxy) -> None:
+    """A proxy cannot reach this host's 127.0.0.1 (its own loopback is itself): the local
+    fleet harness and a gateway beside the agent are reached directly, NO_PROXY or not."""
+    proxy = env_proxy(CREATED)
+    gateway = Server(CREATED)
+    try:
+        for url in (gateway.url, gateway.url.replace("127.0.0.1", "localhost")):
+            client = _real_client(tmp_path, url, timeout_s=2.0)
+            try:
+                out = client.upload_frame(JPEG, {"frame_id": "f0"})
+            finally:
+                client.close()
+            assert out.kind == "stored", out.detail
+    finally:
+        gateway.close()
+    assert proxy.request_lines == [] and len(gateway.request_lines) == 2
+
+
 def test_headers_trickled_through_the_proxy_meet_the_request_deadline(
         tmp_path: Path, env_proxy) -> None:
     """Each byte inside the 0.5 s read timeout; the request's deadline (2 × timeout_s = 1 s)
     must end it, not the ~16 s the head would take (the server hangs up after 4 s)."""
     proxy = env_proxy(CREATED, interval_s=0.2, max_s=4.0)
-    client = _real_client(tmp_path, _closed_port_url(), timeout_s=0.5)
+    client = _real_client(tmp_path, BEHIND_PROXY, timeout_s=0.5)
     try:
         t0 = time.monotonic()
         out = client.upload_frame(JPEG, {"frame_id": "f0"})
