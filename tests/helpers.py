@@ -9,6 +9,9 @@ module before it sets the test home).
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,3 +127,49 @@ class StoredSizes:
 
     def frame_ids(self) -> set[str]:
         return {Path(k).stem for k in self.sizes()}
+
+
+class AnsweringServer:
+    """A TCP server on loopback answering each connection with ``answer`` one byte every
+    ``interval_s`` (all at once when 0), for at most ``max_s`` seconds; keeps the first line
+    of each request it got."""
+
+    def __init__(self, answer: bytes, *, interval_s: float = 0.0, max_s: float = 5.0) -> None:
+        self.answer, self.interval_s, self.max_s = answer, interval_s, max_s
+        self.request_lines: list[str] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        end = time.monotonic() + self.max_s
+        with conn:
+            try:
+                self.request_lines.append(conn.recv(65536).split(b"\r\n", 1)[0].decode())
+                if not self.interval_s:
+                    conn.sendall(self.answer)
+                    time.sleep(0.2)
+                    return
+                for byte in self.answer:
+                    if self.stop.is_set() or time.monotonic() > end:
+                        return
+                    conn.sendall(bytes([byte]))
+                    time.sleep(self.interval_s)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()

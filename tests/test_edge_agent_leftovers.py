@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ from edge_agent.identity import IDENTITY_FILE, DeviceIdentity
 from edge_agent.manifest import ModelManifest
 from edge_agent.model_store import ModelStore
 
+from .helpers import AnsweringServer
 from .test_edge_updater import (  # noqa: F401 - fixtures
     Rig,
     _publish,
@@ -133,50 +132,12 @@ def test_manifest_with_a_lone_surrogate_is_refused_and_reported(
 
 
 # ---------------------------------------------------------------- 3 and 4: trickles
-class Trickle:
-    """A TCP server that answers every connection with ``head`` then ``body``, one byte every
-    ``interval_s``, for at most ``max_s`` seconds (then it hangs up)."""
-
-    def __init__(self, head: bytes, body: bytes = b"", *, interval_s: float, max_s: float):
-        self.head, self.body, self.interval_s, self.max_s = head, body, interval_s, max_s
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
-        end = time.monotonic() + self.max_s
-        with conn:
-            conn.recv(65536)
-            try:
-                for i, byte in enumerate(self.head + self.body):
-                    if self.stop.is_set() or time.monotonic() > end:
-                        return
-                    conn.sendall(bytes([byte]))
-                    time.sleep(self.interval_s)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
 
 
 @pytest.fixture()
-def trickle_headers() -> Iterator[Trickle]:
-    server = Trickle(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 2\r\n\r\n{}", interval_s=0.3, max_s=30)
+def trickle_headers() -> Iterator[AnsweringServer]:
+    server = AnsweringServer(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 2\r\n\r\n{}", interval_s=0.3, max_s=30)
     yield server
     server.close()
 
@@ -188,7 +149,7 @@ def _client(tmp_path: Path, url: str, timeout_s: float) -> GatewayClient:
 
 
 def test_headers_trickled_a_byte_at_a_time_meet_the_request_deadline(
-        tmp_path: Path, trickle_headers: Trickle) -> None:
+        tmp_path: Path, trickle_headers: AnsweringServer) -> None:
     """Each byte comes well inside the 1 s read timeout; the request's 2 s deadline (2 x
     timeout_s) must still end it: the whole head would take ~24 s."""
     client = _client(tmp_path, trickle_headers.url, timeout_s=1.0)
@@ -215,7 +176,7 @@ def test_trickled_model_download_meets_its_deadline_and_keeps_what_it_got(
     data = bytes(range(256)) * 40
     sha = hashlib.sha256(data).hexdigest()
     head = (f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n").encode()
-    server = Trickle(head, data, interval_s=0.02, max_s=8)
+    server = AnsweringServer(head + data, interval_s=0.02, max_s=8)
     client = _client(tmp_path, server.url, timeout_s=1.0)
     store = ModelStore(tmp_path / "models", client)
     m = ModelManifest(model_version="1", sha256=sha, size=len(data), input_size=320,
