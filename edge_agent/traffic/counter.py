@@ -37,13 +37,23 @@ How a crossing is decided (the failure modes counters meet in the field):
 * A new geometry (lines, zones or homography edited, or a stream of another size) needs a
   counter in the new coordinates, but what is in progress is handed on (``hand_over``): the
   new counter starts with the old one's live tracks, scaled (``_carried``), and a track of its
-  own tracker that appears where one of them was (within its box size) adopts it (``_adopt``):
+  own tracker adopts one of them (``_adopt``) only if it was first seen in the new counter's
+  first ``ADOPT_FRAMES`` frames (a vehicle in view at the change is detected at once; one
+  first seen later is another vehicle) and both its first box and its box now lie within
+  half that vehicle's box size of where the vehicle's own recent motion (``trail``) puts it
+  at those times (not where it was at the change: in a moving queue that is where the car
+  behind is by then; and an oncoming car does not move as the one that left), nearest pairs
+  first over all of the frame's new tracks (each vehicle adopted once). The adopter takes
   its firm, uncounted sides of the lines whose name and (normalised) geometry are unchanged,
   the lines it already counted on (by name, whatever their geometry: never counted twice),
   its entry times into the zones whose name, polygon and capacity are unchanged (no second
   entry, dwell measured from the first), its standing state and its ground-track history.
-  Until adopted a carried vehicle still occupies its zones; one not adopted within the old
-  tracker's ``lost_s`` plus the new tracker's confirmation frames leaves them then (its exits)
+  Such tracks of the first frames (adopters or not) enter and leave zones from their
+  unconfirmed boxes on, at those boxes' times, so the new tracker's confirmation frames do
+  not delay an entry. Carried vehicles keep their last sighting across further changes (each
+  prediction runs from it). Until adopted a carried vehicle still occupies its zones; one not
+  adopted within the old tracker's ``lost_s`` plus the new tracker's confirmation frames
+  (counted from its last sighting) leaves them then (its exits)
   and its uncounted sides become a lost track's (``_lost``), as if the old tracker had lost
   it. Zones that keep their shape keep their density state, jam timer and "jam reported"
   flag; a zone that vanishes or changes gets its vehicles' exits and, if its jam was
@@ -81,6 +91,16 @@ REID_WINDOW_S = 10.0
 # counted on the same line this recently overlaps it this much (see ``_counted_twin``).
 TWIN_WINDOW_S = 1.0
 TWIN_MIN_IOU = 0.3
+# Hand-over (``_adopt``): a new track takes a carried vehicle's state only if it was first
+# seen in the first ``ADOPT_FRAMES`` frames of the new counter (a vehicle in view at the
+# change is detected at once; one missed in the first frame may come in the second; later it
+# is another vehicle), and only if its first and its current box both lie within
+# ``ADOPT_TOLERANCE`` of the carried vehicle's box size from where that vehicle's own motion
+# (its last ``TRAIL_S`` of positions) puts it at those times. Half a box is less than the
+# spacing of bumper-to-bumper vehicles, so the vehicle behind is never taken for the one ahead.
+ADOPT_FRAMES = 2
+ADOPT_TOLERANCE = 0.5
+TRAIL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -162,6 +182,22 @@ class _Track:
     inside: dict[str, float] = field(default_factory=dict)  # zone -> entry time
     stopped_since: float | None = None
     stopped_reported: bool = False
+    # t, x, y of its counting point in pixels over the last ``TRAIL_S``: its image motion,
+    # which predicts where a carried vehicle is when a new tracker first sees it
+    trail: deque[tuple[float, float, float]] = field(default_factory=deque)
+
+    def motion(self) -> tuple[float, float]:
+        """Image velocity (px/s) of the counting point: a least-squares fit of the trail;
+        (0, 0) from fewer than two positions."""
+        if len(self.trail) < 2:
+            return (0.0, 0.0)
+        arr = np.asarray(self.trail, dtype=np.float64)
+        tc = arr[:, 0] - arr[:, 0].mean()
+        den = float(tc @ tc)
+        if den <= 0.0:
+            return (0.0, 0.0)
+        vx, vy = tc @ (arr[:, 1:] - arr[:, 1:].mean(axis=0)) / den
+        return (float(vx), float(vy))
 
 
 _SAME = 1e-6  # normalised coordinates (fractions of the frame) closer than this are equal
@@ -240,6 +276,10 @@ class TrafficCounter:
         # that the entries stay consecutive): where a track was before it got its ID.
         self._unconfirmed: deque[list[TrackedBox]] = deque(
             maxlen=max(0, self.tracker.settings.min_hits - 1))
+        # The times of the last frames (this one last): when each of those boxes was seen.
+        self._times: deque[float] = deque(maxlen=max(1, self.tracker.settings.min_hits))
+        self._frames = 0  # frames this counter has counted (``ADOPT_FRAMES``)
+        self._handed = False  # whether it took over from another counter (``hand_over``)
         self._now: float | None = None  # the counter's clock at the last frame
         self._gap = 1.0 / self.tracker.settings.frame_rate  # the last frame gap seen
         self._shift = 0.0  # added to stream times after the stream's clock went back
@@ -249,12 +289,25 @@ class TrafficCounter:
         stream_time = self._clock(stream_time)
         boxes = self.tracker.update(detections, stream_time)
         out = FrameTraffic(boxes)
+        self._frames += 1
+        self._times.append(stream_time)
         self._lost = [x for x in self._lost if stream_time - x.last_seen <= REID_WINDOW_S]
+        # The tracks confirmed in this frame, with their unconfirmed past; all of them at once
+        # take over carried vehicles (``_adopt``) before any of them counts.
+        new = {b.track_id: self._start(b, stream_time) for b in boxes
+               if b.track_id >= 0 and b.track_id not in self._tracks}
+        if new and self._carried:
+            self._adopt(new, stream_time)
+        replayed = {tid for tid, (_, past) in new.items()
+                    if self._handed and past and self._frames - len(past) <= ADOPT_FRAMES}
+        for tid in replayed:
+            self._replay_zones(*new[tid], out)
         # Known tracks first: a new track's crossing from its unconfirmed past is checked
         # against what they counted in this very frame (``_counted_twin``).
         for box in sorted((b for b in boxes if b.track_id >= 0),
-                          key=lambda b: b.track_id not in self._tracks):
-            self._observe(box, stream_time, out)
+                          key=lambda b: b.track_id in new):
+            self._observe(box, stream_time, out, first=box.track_id in new,
+                          replayed=box.track_id in replayed)
         if self._unconfirmed.maxlen:
             self._unconfirmed.append([b for b in boxes if b.track_id < 0])
         alive = self.tracker.alive_ids()
@@ -319,6 +372,7 @@ class TrafficCounter:
         module docstring), and what ends with this one: exits from the zones that vanish or
         change shape, a ``jam_cleared`` for such a zone's reported jam."""
         new = TrafficCounter(config, class_names, tracker=tracker)
+        new._handed = True
         out = FrameTraffic([])
         (w0, h0), (w1, h1) = self.config.frame_size, config.frame_size
         sx, sy = w1 / w0, h1 / h0
@@ -355,7 +409,8 @@ class TrafficCounter:
                 else deque(), box,
                 sides, {n: s(t.side_points[n]) for n in sides}, set(), set(t.counted),
                 dict(t.counted_at), {z: e for z, e in t.inside.items() if z in zones},
-                t.stopped_since, t.stopped_reported)
+                t.stopped_since, t.stopped_reported,
+                deque((q[0], q[1] * sx, q[2] * sy) for q in t.trail))
 
         for t in [*self._tracks.values(), *self._carried]:
             for zone, entered in t.inside.items():
@@ -366,6 +421,7 @@ class TrafficCounter:
             sides = {n: (side, s(p)) for n, (side, p) in x.sides.items() if n in lines}
             if sides:
                 new._lost.append(_Lost(x.last_seen, s(x.anchor), x.size * max(sx, sy), sides))
+        new._times.extend(self._times)
         for frame in self._unconfirmed:
             new._unconfirmed.append([TrackedBox(b.track_id, b.class_name, b.confidence, (
                 b.xyxy[0] * sx, b.xyxy[1] * sy, b.xyxy[2] * sx, b.xyxy[3] * sy))
@@ -385,24 +441,70 @@ class TrafficCounter:
         self._carried.clear()
         return new, out
 
-    def _adopt(self, track: _Track, before: list[TrackedBox]) -> None:
-        """A new track where a carried one was (within its box size; the nearest) takes over
-        its state; carried sides outrank the new track's unconfirmed past (they are older)."""
-        points = [track.anchor] + [b.anchor for b in before[:1]]
-        near = [(d, i) for i, c in enumerate(self._carried)
-                if (d := min(math.dist(p, c.anchor) for p in points)) <= c.size]
-        if not near:
+    def _adopt(self, new: dict[int, tuple[_Track, list[tuple[float, TrackedBox]]]],
+               now: float) -> None:
+        """Tracks confirmed in this frame take over carried vehicles (see ``ADOPT_FRAMES``).
+        A track is a candidate only if its first box (the earliest of its unconfirmed past,
+        else this one) came in the counter's first ``ADOPT_FRAMES`` frames. Its distance to
+        a carried vehicle is the larger of two: its first box's counting point from where
+        the vehicle's motion predicts it at that box's time, and its counting point now from
+        the prediction for now — so it must be where that vehicle is and move as it moves
+        (an oncoming vehicle, or one entering the view, is not it). Pairs within
+        ``ADOPT_TOLERANCE`` of the carried vehicle's size are taken nearest first over all
+        tracks and vehicles (each at most once). Carried sides outrank the new track's
+        unconfirmed past (they are older)."""
+        tracks, firsts, when = [], [], []
+        for track, past in new.values():
+            if self._frames - len(past) > ADOPT_FRAMES:
+                continue  # first seen after the change's first frames: another vehicle
+            t0, box0 = past[0] if past else (now, None)
+            tracks.append(track)
+            firsts.append(box0.anchor if box0 is not None else track.anchor)
+            when.append(t0)
+        if not tracks:
             return
-        c = self._carried.pop(min(near)[1])
-        track.first_seen = c.first_seen
-        track.history = deque([*c.history, *track.history])
-        track.counted |= c.counted
-        track.counted_at.update(c.counted_at)
-        for line, side in c.sides.items():
-            track.sides[line], track.side_points[line] = side, c.side_points[line]
-            track.past_sides.discard(line)
-        track.inside.update(c.inside)
-        track.stopped_since, track.stopped_reported = c.stopped_since, c.stopped_reported
+        carried = self._carried
+        pos = np.asarray([c.anchor for c in carried], dtype=np.float64)  # M x 2
+        vel = np.asarray([c.motion() for c in carried], dtype=np.float64)
+        seen = np.asarray([c.last_seen for c in carried], dtype=np.float64)
+        tol = ADOPT_TOLERANCE * np.asarray([c.size for c in carried], dtype=np.float64)
+
+        def gap(points: list[tuple[float, float]], at: np.ndarray) -> np.ndarray:
+            """N x M distances of the tracks' points from the vehicles' predictions."""
+            predicted = pos[None] + vel[None] * (at[:, None, None] - seen[None, :, None])
+            return np.hypot(*(np.asarray(points, dtype=np.float64)[:, None] - predicted)
+                            .transpose(2, 0, 1))
+
+        cost = np.maximum(gap(firsts, np.asarray(when)),
+                          gap([t.anchor for t in tracks], np.full(len(tracks), now)))
+        taken_t, taken_c = set(), set()
+        for i, j in sorted(zip(*np.nonzero(cost <= tol[None])), key=lambda ij: cost[ij]):
+            if i in taken_t or j in taken_c:
+                continue
+            taken_t.add(i)
+            taken_c.add(j)
+            track, c = tracks[i], carried[j]
+            track.first_seen = c.first_seen
+            track.history = deque([*c.history, *track.history])
+            track.trail = deque([*c.trail, *track.trail])
+            track.counted |= c.counted
+            track.counted_at.update(c.counted_at)
+            for line, side in c.sides.items():
+                track.sides[line], track.side_points[line] = side, c.side_points[line]
+                track.past_sides.discard(line)
+            track.inside.update(c.inside)
+            track.stopped_since, track.stopped_reported = c.stopped_since, c.stopped_reported
+        self._carried = [c for j, c in enumerate(carried) if j not in taken_c]
+
+    def _replay_zones(self, track: _Track, past: list[tuple[float, TrackedBox]],
+                      out: FrameTraffic) -> None:
+        """A track a counter that took over (``hand_over``) first saw in its first frames:
+        most likely a vehicle the old counter was tracking, which the new tracker took
+        ``min_hits`` frames to confirm. Its zones go through its unconfirmed boxes of those
+        frames, at their times, so the restart delays no entry (dwell as if no change)."""
+        for k, (t, b) in enumerate(past):
+            band = max(MIN_BAND_PX, BAND_FRACTION * b.height)
+            self._zones_at(track, b.anchor, band, t, out, first=k == 0)
 
     def _expire_carried(self, now: float, out: FrameTraffic) -> None:
         """Carried vehicles no track adopted in time: lost (their exits; their sides left to
@@ -419,14 +521,27 @@ class TrafficCounter:
         self._carried = keep
 
     # ------------------------------------------------------------------ tracks
-    def _observe(self, box: TrackedBox, now: float, out: FrameTraffic) -> None:
-        track = self._tracks.get(box.track_id)
-        first = track is None
-        if track is None:
-            x1, y1, x2, y2 = box.xyxy
-            track = _Track(box.track_id, box.class_name, now, now, box.anchor, box.height,
-                           max(x2 - x1, y2 - y1))
-            self._tracks[box.track_id] = track
+    def _start(self, box: TrackedBox, now: float
+               ) -> tuple[_Track, list[tuple[float, TrackedBox]]]:
+        """A track confirmed in this frame, its side of each line from its unconfirmed past
+        (``_prehistory``) and its trail from it; returned with that past, oldest first, each
+        box with its frame's time."""
+        x1, y1, x2, y2 = box.xyxy
+        track = _Track(box.track_id, box.class_name, now, now, box.anchor, box.height,
+                       max(x2 - x1, y2 - y1))
+        self._tracks[box.track_id] = track
+        before = self._prehistory(box)
+        times = list(self._times)[:-1]  # the frames before this one, oldest first
+        past = list(zip(times[max(0, len(times) - len(before)):], before))
+        track.trail.extend((t, b.anchor[0], b.anchor[1]) for t, b in past)
+        self._start_sides(track, before)
+        return track, past
+
+    def _observe(self, box: TrackedBox, now: float, out: FrameTraffic, *,
+                 first: bool, replayed: bool = False) -> None:
+        """``first``: confirmed in this frame; ``replayed``: its zones already went through
+        its unconfirmed boxes (``_replay_zones``), so it is not first seen here."""
+        track = self._tracks[box.track_id]
         track.class_name, track.last_seen = box.class_name, now
         track.anchor, track.height, track.box = box.anchor, box.height, box.xyxy
         ground = (self.config.homography.to_world(np.asarray([box.anchor]))[0]
@@ -434,17 +549,21 @@ class TrafficCounter:
         track.history.append((now, float(ground[0]), float(ground[1])))
         while track.history and track.history[0][0] < now - HISTORY_S:
             track.history.popleft()
+        track.trail.append((now, box.anchor[0], box.anchor[1]))
+        while track.trail and track.trail[0][0] < now - TRAIL_S:
+            track.trail.popleft()
         band = max(MIN_BAND_PX, BAND_FRACTION * box.height)
         if first:
-            before = self._prehistory(box)
-            self._start_sides(track, before)
-            if self._carried:
-                self._adopt(track, before)
             self._inherit(track, band)
         for line in self.config.lines:
             self._line(track, line, band, now, out)
+        self._zones_at(track, box.anchor, band, now, out, first=first and not replayed)
+
+    def _zones_at(self, track: _Track, point: tuple[float, float], band: float, now: float,
+                  out: FrameTraffic, *, first: bool) -> None:
+        """The track's zone entries and exits with its counting point at ``point``."""
         for zone in self.config.zones:
-            dist = cv2.pointPolygonTest(self._contours[zone.name], box.anchor, True)
+            dist = cv2.pointPolygonTest(self._contours[zone.name], point, True)
             if zone.name not in track.inside:
                 if dist >= band or (first and dist >= 0):
                     track.inside[zone.name] = now

@@ -19,7 +19,9 @@ be lost. Such a frame closes the running interval and starts a new segment (a ne
 at ``MAX_FRAME_GAP_S`` (a stalled source is not watching), measured on the stream's clock
 (monotonic for a live camera, so a clock step is neither watched nor lost time). The
 occupancy mean and the seconds per density state are weighted by the same gaps, so they
-are means over the watched time.
+are means over the watched time. A segment that follows another on the same stream (a
+mid-run change: ``last_stream_time``) counts the gap from the other's last frame to its own
+first, so a change loses no watched time; the first segment's first frame adds none.
 """
 
 from __future__ import annotations
@@ -69,7 +71,12 @@ class IntervalAccumulator:
     """``add(frame, wall_time, frame_id)`` → the records closed by this frame."""
 
     def __init__(self, camera_id: str, *, interval_s: int, zones: list[str],
-                 segment_started_at: float, config_version: int, model_version: str) -> None:
+                 segment_started_at: float, config_version: int, model_version: str,
+                 last_stream_time: float | None = None) -> None:
+        """``last_stream_time``: the stream time of the previous segment's last frame when
+        this segment goes on watching the same stream (a mid-run change), so the gap from
+        that frame to this segment's first is watched time, counted here; None: the first
+        frame adds none."""
         self.camera_id = camera_id
         self.interval_s = int(interval_s)
         self.zones = list(zones)
@@ -79,7 +86,7 @@ class IntervalAccumulator:
         self._segments = {self.segment_ms}
         self._current: _Interval | None = None
         self._last_wall: float | None = None
-        self._last_stream: float | None = None
+        self._last_stream: float | None = last_stream_time
         self._event_seq = 0
 
     def _start_of(self, wall_time: float) -> int:
@@ -88,6 +95,11 @@ class IntervalAccumulator:
     @property
     def last_wall_time(self) -> float | None:
         return self._last_wall
+
+    @property
+    def last_stream_time(self) -> float | None:
+        """The stream time of the last frame folded in (or the one given at the start)."""
+        return self._last_stream
 
     def _new_segment(self, wall_time: float) -> None:
         """A new segment id from ``wall_time``, never one this accumulator used before."""

@@ -10,9 +10,11 @@ entry times, jam and standing timers) is kept apart from the *segment* (the
 ``segment_ms`` of their ``record_id``). Any change of configuration version, model version
 or stream size closes the running segment — its partial records are returned — and starts a
 new one, so every record says which configuration and which detector its counts come from
-and no record mixes two. The counter goes on across the change when its geometry (lines,
-zones, homography at the stream's size) is the same by value (``retune``: new PCU weights,
-event rules, interval or detector vocabulary); otherwise a counter for the new geometry takes
+and no record mixes two; the new segment counts the gap from the old one's last frame as
+watched time (``covered_s``), so changes lose none. The counter goes on across the change
+when its geometry (lines, zones, homography at the stream's size) is the same by value
+(``retune``: new PCU weights, event rules, interval or detector vocabulary); otherwise a
+counter for the new geometry takes
 over what is in progress (``TrafficCounter.hand_over``): a vehicle standing on a line still
 counts once when it drives off, one standing in a zone keeps its entry, a reported jam or
 standing vehicle is not reported again. A geometry that goes away or does not fit the stream
@@ -179,12 +181,15 @@ class TrafficStage:
             counter.retune(scaled, class_names, new_model=new_model)
         else:
             counter, ended = old.hand_over(scaled, class_names, tracker=self.tracker_settings)
+        # The segment ends here but watching goes on: the new one counts the gap from the
+        # old one's last frame (none when counting was off: no accumulator then).
+        last_stream = self._intervals.last_stream_time if self._intervals is not None else None
         self._pending.extend(self._close_records(ended))
         self._counter = counter
         self._intervals = IntervalAccumulator(
             self.camera_id, interval_s=scaled.interval_s, zones=[z.name for z in scaled.zones],
             segment_started_at=self.wall_time(frame), config_version=version,
-            model_version=model_version)
+            model_version=model_version, last_stream_time=last_stream)
         logger.info("traffic counting %s: %d line(s), %d zone(s)%s, %ds intervals "
                     "(configuration version %d, model %s)",
                     "on" if old is None else "goes on" if counter is old else "moves on",
