@@ -36,7 +36,10 @@ _URL_FIELDS = frozenset({"database_url", "frame_store_url"})
 class GatewaySettings(BaseSettings):
     """Fleet gateway configuration. Override any field with ``ROADLOOP_GATEWAY_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="ROADLOOP_GATEWAY_", extra="ignore")
+    # No setting is a number that inf or nan could mean: a timeout or rate of inf was taken,
+    # then overflowed (or waited forever) where it was used.
+    model_config = SettingsConfigDict(env_prefix="ROADLOOP_GATEWAY_", extra="ignore",
+                                      allow_inf_nan=False)
 
     home: Path | None = Field(
         default=None, description="State root; default: the platform home (ROADLOOP_HOME)."
@@ -359,6 +362,15 @@ class GatewaySettings(BaseSettings):
                     else "an address (0.0.0.0: every interface)" if info.field_name == "host"
                     else "a path")
             raise ValueError(f"is empty: unset it for the default, or give {kind}")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _a_real_secret(cls, value: str | None) -> str | None:
+        # 16 spaces passed min_length: a scraper's "Bearer" header cannot even carry it.
+        if value is not None and (value != value.strip() or len(value.strip()) < 16
+                                  or any(c.isspace() for c in value)):
+            raise ValueError("must be at least 16 characters without spaces")
         return value
 
     @field_validator("s3_endpoint_url", mode="before")

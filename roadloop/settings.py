@@ -33,7 +33,9 @@ _EMPTY_ADVICE = {
 class Settings(BaseSettings):
     """Paths, service URLs and defaults. Override any field with ``ROADLOOP_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="ROADLOOP_", extra="ignore")
+    # No setting is a number that inf or nan could mean (see GatewaySettings).
+    model_config = SettingsConfigDict(env_prefix="ROADLOOP_", extra="ignore",
+                                      allow_inf_nan=False)
 
     home: Path = Field(default=Path(".roadloop"), description="Root of all local state.")
     shared_dir: Path = Field(
@@ -193,6 +195,14 @@ class Settings(BaseSettings):
         # (not empty) is how a variable asks for the default.
         if isinstance(value, str) and not value.strip():
             raise ValueError(f"is empty: {_EMPTY_ADVICE.get(str(info.field_name), _EMPTY_PATH)}")
+        return value
+
+    @field_validator("train_model", "registered_model_name", "mlflow_experiment", mode="before")
+    @classmethod
+    def _a_name(cls, value: object, info: ValidationInfo) -> object:
+        # An empty name reached Ultralytics / MLflow as "" and failed deep inside a run.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: unset it for the default, or give a name")
         return value
 
     @field_validator("s3_endpoint_url", mode="before")

@@ -259,3 +259,30 @@ def test_token_create_on_a_new_database_says_so(tmp_path: Path, monkeypatch,
     assert again.exit_code == 0 and "created a new one" not in again.stderr
     listed = runner.invoke(fleet_app, ["devices", "list", "--home", str(home)])
     assert listed.exit_code == 0 and "no devices enrolled" in listed.stdout
+
+
+# --------------------------------------------------------------------------- settings left over
+@pytest.mark.parametrize(("env", "value"), [
+    ("ROADLOOP_GATEWAY_HEADER_TIMEOUT_S", "inf"),
+    ("ROADLOOP_GATEWAY_RATE_LIMIT_PER_S", "inf"),
+    ("ROADLOOP_GATEWAY_S3_READ_TIMEOUT_S", "nan"),
+    ("ROADLOOP_GATEWAY_METRICS_TOKEN", " " * 16),
+    ("ROADLOOP_GATEWAY_METRICS_TOKEN", "sixteen chars ok"),
+])
+def test_gateway_settings_refuse_inf_and_a_blank_metrics_token(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: str, value: str) -> None:
+    monkeypatch.setenv("ROADLOOP_GATEWAY_HOME", str(tmp_path))
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError, match=env.removeprefix("ROADLOOP_GATEWAY_").lower()):
+        GatewaySettings()
+
+
+@pytest.mark.parametrize(("env", "value"), [
+    ("ROADLOOP_TRAIN_MODEL", " "), ("ROADLOOP_REGISTERED_MODEL_NAME", ""),
+    ("ROADLOOP_MLFLOW_EXPERIMENT", ""), ("ROADLOOP_INT8_MAX_DROP_PCT", "inf"),
+])
+def test_platform_settings_refuse_empty_names_and_inf(
+        monkeypatch: pytest.MonkeyPatch, env: str, value: str) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError, match=env.removeprefix("ROADLOOP_").lower()):
+        Settings()
