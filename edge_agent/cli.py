@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.frame_workers import MAX_WORKERS
 from edge_agent.sources import MAX_FILE_FPS
 from edge_agent.uploader import MAX_UPLOAD_LINGER_S
 
@@ -49,26 +50,19 @@ MAX_THREADS = 256
 _CAMERA_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _float_in(lo: float | None, hi: float | None, *, above: bool = False,
+def _float_in(lo: float, hi: float | None, *, above: bool = False,
               unit: str = "") -> Callable[[str], float]:
-    """An argparse type: a finite float in [lo, hi] (``above``: lo itself excluded)."""
-    rule = " and ".join(
-        ([f"> {lo:g}" if above else f">= {lo:g}"] if lo is not None else [])
-        + ([f"at most {hi:g}{unit}"] if hi is not None else []))
+    """An argparse type: a finite float in [lo, hi] (``above``: lo itself excluded); nan and
+    inf are refused with the same rule."""
+    rule = (f"> {lo:g}" if above else f">= {lo:g}") + (
+        f" and at most {hi:g}{unit}" if hi is not None else " and finite")
 
     def parse(text: str) -> float:
-        value = _finite(text)
-        if (lo is not None and (value <= lo if above else value < lo)) or (
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+        if not math.isfinite(value) or (value <= lo if above else value < lo) or (
                 hi is not None and value > hi):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
@@ -131,31 +125,10 @@ def _gateway_url(text: str) -> str:
     return text
 
 
-def _max_fps(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= MAX_FILE_FPS:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"must be > 0 and at most {MAX_FILE_FPS:.0f}, got {text}")
-    return value
-
-
-def _linger_seconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= MAX_UPLOAD_LINGER_S:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(
-            f"must be >= 0 and at most {MAX_UPLOAD_LINGER_S:.0f} s, got {text}")
-    return value
-
-
+_max_fps = _float_in(0.0, MAX_FILE_FPS, above=True)
+_linger_seconds = _float_in(0.0, MAX_UPLOAD_LINGER_S, unit=" s")
 _positive_int = _int_in(1)
-
-
-def _worker_count(text: str) -> int:
-    from edge_agent.frame_workers import MAX_WORKERS
-
-    value = _positive_int(text)
-    if value > MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORKERS}, got {text}")
-    return value
+_worker_count = _int_in(1, MAX_WORKERS)
 
 
 def _config_entry(text: str) -> tuple[str, str]:
@@ -310,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--rollback-after",
-        type=int,
+        type=_positive_int,
         default=3,
         metavar="N",
         help="consecutive bad heartbeat windows before a new model rolls itself back",
@@ -428,12 +401,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "atl_v2_yolo11n_320.onnx found"
         )
         print(f"error: {what}; pass --model PATH", file=sys.stderr)
-        return 2
-    if args.update_interval < 0 or args.rollback_after < 1 or not 0 < args.shadow_rate <= 1:
-        print(
-            "error: --update-interval must be >= 0, --rollback-after >= 1, --shadow-rate in (0, 1]",
-            file=sys.stderr,
-        )
         return 2
     if args.model_public_key:
         from edge_agent.manifest import load_public_key
