@@ -253,7 +253,7 @@ class GatewaySettings(BaseSettings):
         "written (the in-memory check that it reads back as written always runs).",
     )
     principal_cache_s: float = Field(
-        default=2.0, ge=0, le=60, allow_inf_nan=False,
+        default=2.0, ge=0, le=60,
         description="Seconds a device's authenticated principal is reused for frames and "
         "heartbeats (0: a database read per request). A revocation or status change made "
         "through the API takes effect at once in the process that served it; in other "
@@ -274,7 +274,7 @@ class GatewaySettings(BaseSettings):
     )
     reconcile_on_start: bool = True
     reconcile_orphan_grace_s: float = Field(
-        default=3600.0, ge=0, allow_inf_nan=False,
+        default=3600.0, ge=0,
         description="Object-store frame store: a JPEG without its record, or a record "
         "without its row, is repaired at start-up only once older than this (younger ones "
         "may be an upload in flight on another replica). Keep it well above body_timeout_s.",
@@ -323,7 +323,7 @@ class GatewaySettings(BaseSettings):
         default=512 * 1024 * 1024, gt=0, description="Largest model upload (whole body), bytes."
     )
     rollout_hold_seconds: float = Field(
-        default=1800.0, ge=0, le=MAX_HOLD_S, allow_inf_nan=False,
+        default=1800.0, ge=0, le=MAX_HOLD_S,
         description="Default time a stage must stay healthy to advance."
     )
     rollout_max_error_rate: float = Field(

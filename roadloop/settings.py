@@ -28,6 +28,9 @@ _EMPTY_ADVICE = {
     **{f: "unset it for the default, or give a URL" for f in (
         "mlflow_tracking_uri", "dvc_remote_url", "frame_store_url", "mlflow_artifact_uri",
         "gateway_url")},
+    # An empty name reached Ultralytics / MLflow as "" and failed deep inside a run.
+    **dict.fromkeys(("train_model", "registered_model_name", "mlflow_experiment"),
+                    "unset it for the default, or give a name"),
 }
 
 class Settings(BaseSettings):
@@ -131,7 +134,7 @@ class Settings(BaseSettings):
     # ROADLOOP_DEDUPE_PER_CAMERA_MAX_HAMMING='{"window_street": 0}'.
     dedupe_max_hamming: int = Field(default=4, ge=0, le=64)
     dedupe_max_age_s: float | None = Field(
-        default=600.0, gt=0, allow_inf_nan=False,
+        default=600.0, gt=0,
         description="Seconds back a kept frame still counts (finite; None: any time).")
     dedupe_per_camera_max_hamming: dict[str, Annotated[int, Field(ge=0, le=64)]] = Field(
         default_factory=dict)
@@ -153,15 +156,15 @@ class Settings(BaseSettings):
     # The three durations become timedeltas added to "now" on every drift sensor tick: finite
     # and bounded, since inf or 1e12 s raised OverflowError there on each tick.
     drift_boost_minutes: float = Field(
-        default=120.0, gt=0, le=30 * 1440, allow_inf_nan=False,
+        default=120.0, gt=0, le=30 * 1440,
         description="How long a drifting camera samples more. At most 43200 (30 days): the "
         "gateway refuses a longer boost (fleet.camera_config_schemas.MAX_BOOST_S).")
     drift_cooldown_minutes: float = Field(
-        default=360.0, ge=0, le=366 * 1440, allow_inf_nan=False,
+        default=360.0, ge=0, le=366 * 1440,
         description="At most one drift response per camera this often. At most 527040 "
         "(366 days): a longer cooldown is a camera that never gets a response.")
     drift_grace_s: float = Field(
-        default=90.0, ge=0, le=86400, allow_inf_nan=False,
+        default=90.0, ge=0, le=86400,
         description="Wait after a window closes. At most 86400 (a day, the longest window): "
         "a longer wait only holds every drift score back.")
 
@@ -180,14 +183,15 @@ class Settings(BaseSettings):
     demo_min_class_ap50: float = Field(default=0.0, ge=0, le=1)
 
     # Retention (roadloop.retention.policy; docs/retention.md): days each kind is kept.
-    retention_raw_frames_days: float = Field(default=30.0, gt=0, le=36500, allow_inf_nan=False)
-    retention_heartbeats_days: float = Field(default=30.0, gt=0, le=36500, allow_inf_nan=False)
-    retention_traffic_days: float = Field(default=90.0, gt=0, le=36500, allow_inf_nan=False)
+    retention_raw_frames_days: float = Field(default=30.0, gt=0, le=36500)
+    retention_heartbeats_days: float = Field(default=30.0, gt=0, le=36500)
+    retention_traffic_days: float = Field(default=90.0, gt=0, le=36500)
 
     @field_validator("home", "shared_dir", "dagster_home", "mlflow_artifact_root", "dvc_repo",
                      "frame_store", "artifacts_dir", "privacy_dir", "taxonomy_file",
                      "mlflow_tracking_uri", "dvc_remote_url", "frame_store_url",
-                     "mlflow_artifact_uri", "gateway_url", mode="before")
+                     "mlflow_artifact_uri", "gateway_url", "train_model", "registered_model_name",
+                     "mlflow_experiment", mode="before")
     @classmethod
     def _not_empty(cls, value: object, info: ValidationInfo) -> object:
         # Path("") is the current directory and "" no URL at all: ROADLOOP_HOME= would make
@@ -195,14 +199,6 @@ class Settings(BaseSettings):
         # (not empty) is how a variable asks for the default.
         if isinstance(value, str) and not value.strip():
             raise ValueError(f"is empty: {_EMPTY_ADVICE.get(str(info.field_name), _EMPTY_PATH)}")
-        return value
-
-    @field_validator("train_model", "registered_model_name", "mlflow_experiment", mode="before")
-    @classmethod
-    def _a_name(cls, value: object, info: ValidationInfo) -> object:
-        # An empty name reached Ultralytics / MLflow as "" and failed deep inside a run.
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("is empty: unset it for the default, or give a name")
         return value
 
     @field_validator("s3_endpoint_url", mode="before")
