@@ -15,6 +15,8 @@ from edge_agent.sources import Frame
 from edge_agent.traffic import parse_traffic_section
 from edge_agent.traffic.stage import TrafficStage
 
+from .test_traffic_counter import Det
+
 FPS = 10.0
 T0 = 1_764_237_600.0  # 10:00:00 UTC, a minute boundary
 SMALL = np.zeros((360, 640, 3), np.uint8)
@@ -22,18 +24,6 @@ BIG = np.zeros((720, 1280, 3), np.uint8)
 LINE = {"name": "L", "start": [0, 200], "end": [640, 200]}
 ZONE = {"name": "Z", "polygon": [[0, 250], [640, 250], [640, 360], [0, 360]], "capacity": 10}
 EV = {"jam_min_s": 10, "stopped_min_s": 5}
-
-
-@dataclass(frozen=True)
-class Det:
-    class_id: int
-    class_name: str
-    confidence: float
-    box: tuple
-
-    @property
-    def xyxy(self) -> tuple:
-        return self.box
 
 
 def car(x: float, yb: float, cls: str = "car", h: float = 40, scale: float = 1.0) -> Det:
