@@ -19,7 +19,8 @@ an unplugged camera costs one run, not one per window forever.
   camera, and whose run has ended): retraining before the drifted frames are labelled would
   learn nothing new. Another run re-cutting ``curated_dataset`` (a ``learning_loop`` for
   another camera) does not count; once ``drift_cooldown_minutes`` have passed without its
-  own reviews, any import finished since the request does. At most one such response per camera per ``drift_cooldown_minutes``.
+  own reviews, any import finished since the request does. At most one such response per
+  camera per ``drift_cooldown_minutes``.
 
 It reads ``camera_accuracy`` materializations the same way: the serving model's measured
 mAP50 on a camera's reviewed frames against its benchmark (metric
