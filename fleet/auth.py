@@ -338,6 +338,18 @@ def require_scope(
 
     variant = ("scope", scope, device_only, active_device)
 
+    def resolve_from_memory(request: Request, gw: Gateway) -> Principal | None:
+        """Frames and heartbeats of a principal cached less than ``principal_cache_s`` ago:
+        the principal (its rate limit taken), without the thread pool; else None."""
+        token = bearer_token(request)
+        ttl = gw.settings.principal_cache_s if active_device else 0.0
+        if not token or ttl <= 0:
+            return None
+        principal = gw.auth_cache.cached_principal(hash_token(token), variant, gw.now(), ttl)
+        if principal is not None and rate_limited and principal.device_id is not None:
+            enforce_rate_limit(gw, principal)
+        return principal
+
     def resolve(request: Request, gw: Gateway) -> Principal:
         token = bearer_token(request)
         ttl = gw.settings.principal_cache_s if active_device else 0.0
@@ -369,7 +381,8 @@ def require_scope(
         schemes = (DEVICE_TOKEN, ADMIN_TOKEN)
     else:
         schemes = (DEVICE_TOKEN,)
-    return early_dependency(resolve, f"require_{scope.replace(':', '_')}", schemes)
+    return early_dependency(resolve, f"require_{scope.replace(':', '_')}", schemes,
+                            resolve_from_memory=resolve_from_memory if active_device else None)
 
 
 AdminPrincipal = Annotated[Principal, Depends(require_scope(ADMIN_SCOPE))]

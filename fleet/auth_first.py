@@ -5,7 +5,8 @@ route's dependencies, so a bearer-token dependency alone lets an unauthenticated
 make the gateway parse whatever it sends — and a malformed body gets a 422 where the
 client deserved a 401. ``AuthFirstRoute`` (every router of the gateway uses it) first
 resolves each dependency made by ``early_dependency`` — in the thread pool, since it
-queries the database — and only then hands the request to FastAPI, which parses the body
+queries the database, unless a principal cached in memory answers it on the event loop
+(frames and heartbeats) — and only then hands the request to FastAPI, which parses the body
 and runs the dependencies; those return the result already resolved. Bodies stay declared
 as parameters, so the OpenAPI document describes them as before.
 
@@ -71,8 +72,12 @@ async def _resolve(dependency: Callable[..., Any], request: Request) -> Any:
     done: dict[Any, Any] = request.scope.setdefault(_RESOLVED, {})
     if dependency in done:
         return done[dependency]
-    resolve: Resolver = dependency.resolve  # type: ignore[attr-defined]
-    result = await run_in_threadpool(resolve, request, get_gateway(request))
+    gw = get_gateway(request)
+    from_memory: Resolver | None = getattr(dependency, "resolve_from_memory", None)
+    result = from_memory(request, gw) if from_memory is not None else None
+    if result is None:
+        resolve: Resolver = dependency.resolve  # type: ignore[attr-defined]
+        result = await run_in_threadpool(resolve, request, gw)
     done[dependency] = result
     request.scope[AUTHENTICATED] = True
     return result
@@ -80,10 +85,14 @@ async def _resolve(dependency: Callable[..., Any], request: Request) -> Any:
 
 def early_dependency(
     resolve: Resolver, name: str, schemes: Sequence[HTTPBearer] = (DEVICE_TOKEN, ADMIN_TOKEN),
+    resolve_from_memory: Resolver | None = None,
 ) -> Callable[..., Awaitable[Any]]:
     """A dependency ``AuthFirstRoute`` resolves before the body: ``resolve(request, gw)``
-    returns the caller or raises (401/403/429). Used by another route class, it still
-    works — after the body, as FastAPI orders it.
+    returns the caller or raises (401/403/429), in the thread pool since it may query the
+    database. ``resolve_from_memory`` (optional) is tried first, on the event loop: it
+    answers from memory only (a cached principal), or returns None to send the request to
+    ``resolve``; it must raise what ``resolve`` would for the same request. Used by another
+    route class, the dependency still works — after the body, as FastAPI orders it.
 
     ``schemes``: the tokens it accepts, declared in OpenAPI as alternatives (an operation's
     ``security`` lists one requirement per scheme); ``resolve`` reads the header itself."""
@@ -102,6 +111,7 @@ def early_dependency(
           for i, scheme in enumerate(schemes)),
     ])
     dependency.resolve = resolve  # type: ignore[attr-defined]
+    dependency.resolve_from_memory = resolve_from_memory  # type: ignore[attr-defined]
     dependency.__name__ = dependency.__qualname__ = name
     return dependency
 

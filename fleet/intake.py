@@ -45,7 +45,6 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
@@ -55,11 +54,11 @@ from fleet.bodies import JsonRejected, loads, read_form
 from fleet.committer import CommitFailed
 from fleet.config import GatewaySettings
 from fleet.db import (
-    Device,
     database_unavailable,
     erased_frames,
     insert_new_frames,
     stored_frame_paths,
+    touch_device,
 )
 from fleet.frame_checks import CheckedFrame, check_frames, validation_message
 from fleet.runtime import Gateway, GatewayDep
@@ -288,10 +287,7 @@ def store_frames(gw: Gateway, principal: Principal,
             files this request wrote (see ``_drop_unstored_copies``). The device row is
             touched first: the erasure lock (PostgreSQL) is then taken just before the
             lookup."""
-            session.execute(
-                update(Device).where(Device.device_id == principal.device_id)
-                .values(last_seen_at=now)
-            )
+            touch_device(session, principal.device_id, now)
             keys = [(r["camera_id"], r["frame_id"]) for r in rows]
             first = {key: i for i, key in reversed(list(enumerate(keys)))}
             covered = erased_frames(

@@ -225,6 +225,14 @@ def store_batch(gw: Gateway, principal: Principal,
     return out, retry_after
 
 
+def _split_and_store(gw: Gateway, principal: Principal,
+                     handed_over: list[bytes]) -> tuple[BatchResult, int | None]:
+    """``split_batch`` then ``store_batch``, on one worker thread; ``handed_over`` holds the
+    request body, which is taken out of it (no reference left once it is split)."""
+    entries = split_batch(handed_over.pop(), gw.settings)
+    return store_batch(gw, principal, entries)
+
+
 # --------------------------------------------------------------------------- route
 router = APIRouter(tags=["frames"], route_class=AuthFirstRoute)
 
@@ -281,8 +289,10 @@ async def post_frame_batch(
     charge_manifest(gw, principal, body)
     # Off the event loop: a manifest may hold up to max_batch_frames bodies' worth of JSON
     # values (~0.1 s of parsing at the limit), and the loop serves every other request.
-    entries = await run_in_threadpool(split_batch, body, gw.settings)
+    # One hand-off to the thread pool for the split and the storing; the body is handed over
+    # in a list the thread empties, so it is freed once split (its frames are copies).
+    handed_over = [body]
     del body
-    result, retry_after = await run_in_threadpool(store_batch, gw, principal, entries)
+    result, retry_after = await run_in_threadpool(_split_and_store, gw, principal, handed_over)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse(result.model_dump(mode="json"), headers=headers)

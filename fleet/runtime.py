@@ -298,8 +298,15 @@ class Gateway:
 
 
 def get_gateway(request: Request) -> Gateway:
-    """FastAPI dependency: the app's ``Gateway``."""
+    """The app's ``Gateway``."""
     return request.app.state.gateway
 
 
-GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+async def gateway_dependency(request: Request) -> Gateway:
+    """FastAPI dependency: the app's ``Gateway``. ``async`` because FastAPI runs a plain
+    ``def`` dependency in its thread pool: a hand-off to a worker thread and back for every
+    request, to read one attribute."""
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway_dependency)]

@@ -10,6 +10,7 @@ import json
 import struct
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from sqlalchemy import select
@@ -394,3 +395,31 @@ def test_a_failing_store_is_tried_once_per_batch(env: Env, frame_jpeg: bytes,
     assert calls == ["f-0"]
     assert "failed on an earlier frame" in r.json()["results"][2]["detail"]
     assert env.rows() == []
+
+
+def test_a_cached_device_batch_is_one_thread_pool_hand_off(
+    make_env: Any, frame_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a device's principal is cached, a batch reaches the thread pool once (split and
+    store), not also for the gateway dependency or the principal: each hand-off is two
+    thread wake-ups and a GIL exchange per request. And the device row still records when
+    it was last seen (a Core UPDATE now)."""
+    env = make_env(principal_cache_s=30.0)
+    dev = env.enroll("cam-a")
+    tok = dev["access_token"]
+    assert post_batch(env, tok, batch_body([(meta("f-0"), frame_jpeg)])).json()["stored"] == 1
+    env.clock.advance(7)
+    handed_off: list[str] = []
+    real_run_sync = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        handed_off.append(getattr(func, "func", func).__name__)
+        return await real_run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    r = post_batch(env, tok, batch_body([(meta("f-1"), frame_jpeg), (meta("f-2"), frame_jpeg)]))
+    assert r.status_code == 200 and r.json()["stored"] == 2, r.text
+    assert handed_off == ["_split_and_store"]
+    with env.gw.db.read() as session:
+        device = session.get(Device, dev["device_id"])
+        assert device is not None and device.last_seen_at == env.clock()
