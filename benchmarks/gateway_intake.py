@@ -401,7 +401,7 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
     home = workdir / v.name.replace(" ", "_").replace("=", "-").replace("+", "plus-")
     if home.exists():
         remove_tree(home)
-    before = wait_for_quiet()
+    before = wait_for_quiet(probe_dir=workdir)
     server = _server(home, v.env)
     admin = server.admin_token()
     server.start(timeout_s=90)
@@ -468,7 +468,7 @@ def run_variant(v: Variant, agents: int, duration: float, jpegs: list[Jpeg], wor
     out["node_by_5s"] = node.slices(t_wall, window, 5.0)
     out["server_rss_mb"] = {"before": rss_before, "after": rss_after}
     # The home stays until the whole run ends (``main``): deleting it here would slow the
-    # next variant's file creation for a minute (``benchmarks.quiet``).
+    # next variant's file creation for six minutes (``benchmarks.quiet``).
     return out
 
 
@@ -539,7 +539,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.workdir is None:
             remove_tree(workdir)
         else:
-            for home in (p for p in workdir.iterdir() if (p / "fleet").is_dir()):
+            for home in (p for p in workdir.iterdir() if (p / "fleet").is_dir()
+                         or p.name.startswith(".create-probe-")):
                 remove_tree(home)
     cores = os.cpu_count() or 1
     doc = {

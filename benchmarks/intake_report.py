@@ -248,6 +248,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
                             f", {before['cpu_pressure_avg60']} % over the last minute")
                          + ("" if since is None else
                             f", {since:.0f} s after the last benchmark files were deleted")
+                         + ("" if before.get("file_create_ms") is None else
+                            f", a new file cost {before['file_create_ms']} ms of CPU")
                          + ("" if before["quiet"] else ", NOT quiet (timed out)"))
         warm = r.get("warmup")
         if warm:

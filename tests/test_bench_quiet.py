@@ -66,3 +66,19 @@ def test_a_busy_last_minute_keeps_the_machine_not_quiet(tmp_path: Path,
     cpu(0.5, 1.0)
     seen = wait_for_quiet(timeout_s=0.0, min_since_removal_s=0.0, marker=tmp_path / "m")
     assert seen["quiet"] is True and seen["cpu_pressure_avg10"] == 0.5
+
+
+def test_a_costly_file_creation_keeps_the_machine_not_quiet(tmp_path: Path) -> None:
+    """Recently freed inodes make every new file walk past them (ext4 without a journal):
+    the wait measures a file's creation where the run will write, and its probe files stay
+    there (deleting them would add freed inodes of its own)."""
+    quiet_otherwise = {"max_io": 100.0, "max_cpu": 100.0, "max_cpu_avg60": 100.0,
+                       "timeout_s": 0.0, "min_since_removal_s": 0.0, "marker": tmp_path / "m"}
+    work = tmp_path / "work"
+    seen = wait_for_quiet(probe_dir=work, max_create_ms=-1.0, **quiet_otherwise)
+    assert seen["quiet"] is False and isinstance(seen["file_create_ms"], float)
+    seen = wait_for_quiet(probe_dir=work, max_create_ms=1e6, **quiet_otherwise)
+    assert seen["quiet"] is True and seen["file_create_ms"] >= 0
+    probes = [p for p in work.iterdir() if p.name.startswith(".create-probe-")]
+    assert len(probes) == 2 and all(len(list(p.iterdir())) == 64 for p in probes)
+    assert wait_for_quiet(**quiet_otherwise)["file_create_ms"] is None  # no probe asked
