@@ -351,24 +351,21 @@ def require_scope(
         return principal
 
     def resolve(request: Request, gw: Gateway) -> Principal:
+        """From the database, in the thread pool, once ``resolve_from_memory`` found no
+        cached principal (``fleet.auth_first._resolve`` tries it first); the principal is
+        then cached for frames and heartbeats."""
         token = bearer_token(request)
-        ttl = gw.settings.principal_cache_s if active_device else 0.0
-        principal = None
-        if token and ttl > 0:  # frames and heartbeats (fleet.caches.AuthCache)
-            token_hash = hash_token(token)
-            principal = gw.auth_cache.cached_principal(token_hash, variant, gw.now(), ttl)
-        if principal is None:
-            principal = authenticate(
-                gw,
-                token,
-                scope,
-                device_only=device_only,
-                active_device=active_device,
-                client=client_address(request),
-                path=route_path(request),
-            )
-            if token and ttl > 0:
-                gw.auth_cache.remember_principal(token_hash, variant, principal)
+        principal = authenticate(
+            gw,
+            token,
+            scope,
+            device_only=device_only,
+            active_device=active_device,
+            client=client_address(request),
+            path=route_path(request),
+        )
+        if token and active_device and gw.settings.principal_cache_s > 0:
+            gw.auth_cache.remember_principal(hash_token(token), variant, principal)
         if rate_limited and principal.device_id is not None:
             enforce_rate_limit(gw, principal)
         return principal

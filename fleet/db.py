@@ -55,6 +55,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -528,27 +530,19 @@ _TOUCH_DEVICE = (update(_DEVICES).where(_DEVICES.c.device_id == bindparam("b_dev
 _ERASURES_OF_CAMERAS = select(
     _ERASURES.c.camera_id, _ERASURES.c.since, _ERASURES.c.covers_until, _ERASURES.c.erased_at,
 ).where(_ERASURES.c.camera_id.in_(bindparam("b_camera_ids", expanding=True)))
-_INSERT_NEW_FRAMES: dict[str, Any] = {}  # dialect name -> INSERT ... ON CONFLICT DO NOTHING
+# INSERT ... ON CONFLICT DO NOTHING RETURNING, per dialect (SQLite's for any other)
+_INSERT_NEW_FRAMES = {
+    name: (dialect_insert(_FRAMES)
+           .on_conflict_do_nothing(index_elements=["camera_id", "frame_id"])
+           .returning(_FRAMES.c.camera_id, _FRAMES.c.frame_id))
+    for name, dialect_insert in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
+}
 
 
 def touch_device(session: Session, device_id: str, now: datetime) -> None:
     """Set the device's ``last_seen_at`` (a Core UPDATE: no ORM object is loaded or kept in
     sync)."""
     session.connection().execute(_TOUCH_DEVICE, {"b_device_id": device_id, "b_seen_at": now})
-
-
-def _insert_new_frames_statement(dialect: str) -> Any:
-    stmt = _INSERT_NEW_FRAMES.get(dialect)
-    if stmt is None:
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        stmt = (dialect_insert(_FRAMES)
-                .on_conflict_do_nothing(index_elements=["camera_id", "frame_id"])
-                .returning(_FRAMES.c.camera_id, _FRAMES.c.frame_id))
-        _INSERT_NEW_FRAMES[dialect] = stmt
-    return stmt
 
 
 def insert_new_frames(session: Session, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
@@ -560,7 +554,7 @@ def insert_new_frames(session: Session, rows: list[dict[str, Any]]) -> set[tuple
     if not rows:
         return set()
     connection = session.connection()
-    stmt = _insert_new_frames_statement(connection.dialect.name)
+    stmt = _INSERT_NEW_FRAMES.get(connection.dialect.name, _INSERT_NEW_FRAMES["sqlite"])
     return {(c, f) for c, f in connection.execute(stmt, rows)}
 
 
