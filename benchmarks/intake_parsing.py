@@ -10,7 +10,7 @@ levers of issue 14 pay, measured one by one.
   1/8 scale (``decode_grey``); how far the dhash and brightness of the 1/8 decode are from the
   native ones.
 * **read_back**: the sidecar read back from disk (``FrameStore.read_record``) vs the
-  in-memory check (``fleet.frame_checks.reads_back``).
+  in-memory check (``roadloop.data.frames.frame_sidecar``).
 * **lookup**: whether a new frame's id is already stored (the gateway asks once per upload)
   in a camera folder holding 1, 7 and 30 date folders of 50 frames each (30: the default
   retention of raw frames, so a long-running gateway's steady state): in any date folder
@@ -47,10 +47,9 @@ from starlette.requests import Request
 from benchmarks.gateway_intake import load_jpegs
 from benchmarks.intake_loadgen import AGENT_REDACTION
 from fleet.config import GatewaySettings
-from fleet.frame_checks import reads_back
 from fleet.intake_batch import split_batch
 from fleet.jpeg import JpegLimits, check_jpeg, decode_grey
-from roadloop.data.frames import FrameRecord, FrameStore, dhash_hamming, dhash_hex
+from roadloop.data.frames import FrameRecord, FrameStore, dhash_hamming, dhash_hex, frame_sidecar
 from roadloop.fsutil import fsync_dir, write_text_atomic
 
 BATCH = 16
@@ -191,7 +190,7 @@ def storage_costs(jpegs: list[Any], root: Path, rounds: int) -> dict[str, Any]:
     recs = _records(sample, "p0")
     disk = _best_of(lambda: [store.read_record(rec.camera_id, rec.frame_id) for rec, _ in recs],
                     9, 3) / len(recs)
-    memory = _best_of(lambda: [reads_back(rec) for rec, _ in recs], 9, 3) / len(recs)
+    memory = _best_of(lambda: [frame_sidecar(rec) for rec, _ in recs], 9, 3) / len(recs)
     return {
         "per_file_ms_per_frame": statistics.median(per_file) * 1e3,
         "group_ms_per_frame": statistics.median(group) * 1e3,
@@ -273,7 +272,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"{s['group_ms_per_frame']:.3f} |"),
         (f"| sidecar read back from disk (`frame_read_back`) | "
         f"{s['read_back_disk_ms_per_frame']:.3f} |"),
-        (f"| sidecar read-back check in memory (`reads_back`) | "
+        (f"| sidecar made and checked in memory (`frame_sidecar`) | "
         f"{s['read_back_memory_ms_per_frame']:.3f} |"), "",
         "## Lookup: is this frame id already stored? (once per upload)", "",
         ("| date folders in the camera's folder | in every folder (`find_frame`), ms | "

@@ -29,10 +29,10 @@ from fleet.jpeg import (
 )
 from fleet.runtime import Gateway
 from fleet.schemas import FrameMetadata
-from roadloop.data.frames import FrameQuality, FrameRecord
+from roadloop.data.frames import FrameQuality, FrameRecord, frame_sidecar
 
 __all__ = ["CheckedFrame", "camera_privacy_mode", "check_frames", "checked_qualities",
-           "jpeg_limits", "reads_back", "unredacted_refusals", "validation_message"]
+           "jpeg_limits", "unredacted_refusals", "validation_message"]
 
 # A camera whose configuration has no ``privacy`` section redacts (edge_agent.camera_config,
 # fleet.camera_config_schemas.PrivacyConfig): blur.
@@ -123,6 +123,7 @@ class CheckedFrame:
     record: FrameRecord
     info: JpegInfo
     image: bytes
+    sidecar: bytes  # the record's sidecar, checked to read back (frame_sidecar)
 
     @property
     def key(self) -> str:
@@ -219,27 +220,18 @@ def _record_checked(gw: Gateway, principal: Principal, meta: FrameMetadata, imag
         )
     except ValidationError as exc:
         raise HTTPException(422, validation_message(exc, "metadata is invalid")) from exc
+    # The check that matters, done in memory before anything is written: a sidecar is bytes
+    # the gateway serialises itself, so reading the file back from disk (what the gateway did
+    # before, ``frame_read_back``) adds a stat + read + parse per frame and only re-reads the
+    # page cache it just wrote; it cannot see whether the bytes reached the disk (that is the
+    # sync's job). The bytes made here are the ones written (``write_frame(sidecar=...)``).
+    # Measured in benchmarks/results/intake_parsing.md.
     with gw.stats.span("read_back"):
-        if not reads_back(record):
-            gw.stats.count("frames_unreadable_refused")
-            raise HTTPException(
-                422, f"frame {record.frame_id}: its record does not read back from the frame "
-                "store as written; nothing was stored"
-            )
-    return CheckedFrame(meta, record, info, image)
-
-
-def reads_back(record: FrameRecord) -> bool:
-    """Whether ``record``'s sidecar, as the store writes it, parses back to the same data
-    (compared as data: the upload's bounded model types are subclasses).
-
-    This is the check that matters, done in memory before anything is written: a sidecar is
-    bytes the gateway serialises itself, so reading the file back from disk (what the
-    gateway did before, ``frame_read_back``) adds a ``stat`` + read + parse per frame and only
-    re-reads the page cache it just wrote; it cannot see whether the bytes reached the disk
-    (that is the sync's job). Measured in benchmarks/results/intake_parsing.md."""
-    try:
-        back = FrameRecord.model_validate_json(record.model_dump_json(indent=2))
-    except (ValidationError, ValueError):
-        return False
-    return back.model_dump(mode="json") == record.model_dump(mode="json")
+        sidecar = frame_sidecar(record)
+    if sidecar is None:
+        gw.stats.count("frames_unreadable_refused")
+        raise HTTPException(
+            422, f"frame {record.frame_id}: its record does not read back from the frame "
+            "store as written; nothing was stored"
+        )
+    return CheckedFrame(meta, record, info, image, sidecar)

@@ -3,7 +3,7 @@
 Durability order for ``POST /v1/frames`` and each frame of ``POST /v1/frames/batch``
 (``fleet.intake_batch``; 201 only when all of it is done):
 
-1. the record is checked to read back as written (``reads_back``, in memory: a frame whose
+1. the record is checked to read back as written (``frame_sidecar``, in memory: a frame whose
    sidecar the platform's readers would skip is refused before anything is written);
 2. the JPEG and its sidecar go into the frame store (``write_frame``: temp file, rename;
    sidecar last). ``frame_sync=per_file``: each file fsynced before its rename and the day
@@ -151,7 +151,7 @@ def ensure_readable(gw: Gateway, record: FrameRecord, written: FrameWrite) -> No
     409 here, before any row is inserted — the row is built from this upload, and had it
     won the insert (the store's frame an upload in flight on another worker or replica, or
     a crash's) it would describe pixels the store does not hold. A new frame is read back
-    from the store only with ``frame_read_back`` (``reads_back`` has already checked it in
+    from the store only with ``frame_read_back`` (``frame_sidecar`` has already checked it in
     memory). A frame this request wrote that does not read back as written is removed
     (422)."""
     if not written.already_existed and not gw.settings.frame_read_back:
@@ -206,7 +206,7 @@ def write_checked(gw: Gateway, frame: CheckedFrame) -> FrameWrite:
         with stats.span("write_frame"):
             written = gw.store.write_frame(record, frame.image, durable=per_file,
                                            decoded_size=(frame.info.width, frame.info.height),
-                                           look_in_other_days=False)
+                                           look_in_other_days=False, sidecar=frame.sidecar)
         if (per_file and gw.settings.fsync_directories and gw.store.is_local
                 and not written.already_existed):
             with stats.span("fsync_dir"):

@@ -83,17 +83,24 @@ def write_bytes_atomic(
 
     ``durable=True`` fsyncs the data before the rename; ``mode`` sets the permissions from the
     first byte on (a key or token is never readable by others, not even briefly).
+    ``parents=True`` creates missing folders (only when the first open says one is missing:
+    the gateway writes two files per frame here into folders that almost always exist).
     """
     path = os.fspath(path)
-    if parents:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = _temp_name(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    create_mode = 0o666 if mode is None else mode
     try:
         # os.write on the descriptor, not a buffered file object: the gateway writes two
         # files per frame through here, and the wrapper's set-up and extra flush showed up
         # in its profile.
-        fd = os.open(tmp, flags, 0o666 if mode is None else mode)
+        try:
+            fd = os.open(tmp, flags, create_mode)
+        except FileNotFoundError:
+            if not parents:
+                raise
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            fd = os.open(tmp, flags, create_mode)
         try:
             if mode is not None:
                 os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask

@@ -120,8 +120,8 @@ def test_erasure_spares_the_image_of_a_later_frame_whose_record_is_being_written
     image_written, go = threading.Event(), threading.Event()
     real_write = roadloop.data.frames.write_bytes_atomic
 
-    def record_later(path: Path, data: bytes, **kwargs: Any) -> None:
-        if path.name == "late-1.json":
+    def record_later(path: Path | str, data: bytes, **kwargs: Any) -> None:
+        if Path(path).name == "late-1.json":
             image_written.set()
             assert go.wait(60)
         real_write(path, data, **kwargs)

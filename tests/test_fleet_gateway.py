@@ -535,12 +535,16 @@ class DecodedSizeStore(FrameStore):
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
                     image: np.ndarray | None = None,
                     decoded_size: tuple[int, int] | None = None,
-                    durable: bool = True, look_in_other_days: bool = True) -> FrameWrite:
+                    durable: bool = True, look_in_other_days: bool = True,
+                    sidecar: bytes | None = None) -> FrameWrite:
         assert image is None and decoded_size is not None, \
             "the gateway hands over the size it verified, so the store does not decode again"
+        assert sidecar is not None, \
+            "the gateway hands over the sidecar it checked, so the store does not make it again"
         self.sizes.append(decoded_size)
         return super().write_frame(record, jpeg_bytes, decoded_size=decoded_size,
-                                   durable=durable, look_in_other_days=look_in_other_days)
+                                   durable=durable, look_in_other_days=look_in_other_days,
+                                   sidecar=sidecar)
 
 
 @pytest.mark.parametrize("sent", [False, True], ids=["gateway_quality", "agent_quality"])

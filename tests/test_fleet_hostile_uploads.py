@@ -488,7 +488,7 @@ def test_a_sidecar_that_does_not_read_back_is_removed_and_refused(
 ) -> None:
     """A reader stricter than the writer (e.g. a newer platform): with ``frame_read_back`` the
     gateway reads the sidecar back before the 201, and removes the frame instead of committing
-    its row (without it, ``fleet.frame_checks.reads_back`` checks the same in memory:
+    its row (without it, ``roadloop.data.frames.frame_sidecar`` checks the same in memory:
     tests/test_frame_batch.py)."""
     env = make_env(frame_read_back=True)
     store = env.gw.store

@@ -305,9 +305,9 @@ def test_a_record_that_does_not_read_back_is_refused_before_writing(
     """``frame_read_back`` off (default): the in-memory check refuses it, nothing written."""
     from fleet import frame_checks
 
-    real = frame_checks.reads_back
-    monkeypatch.setattr(frame_checks, "reads_back",
-                        lambda rec: rec.frame_id != "f-skew" and real(rec))
+    real = frame_checks.frame_sidecar
+    monkeypatch.setattr(frame_checks, "frame_sidecar",
+                        lambda rec: None if rec.frame_id == "f-skew" else real(rec))
     tok = env.enroll()["access_token"]
     r = post_batch(env, tok, batch_body([(meta("f-skew"), frame_jpeg),
                                          (meta("f-fine"), frame_jpeg)]))

@@ -19,10 +19,14 @@ from roadloop.data.frames import (
     FrameQuality,
     FrameRecord,
     FrameStore,
+    checked_sidecar,
     compute_quality,
+    date_folder,
     dedupe_near_duplicates,
     dhash_hamming,
+    frame_sidecar,
     in_window,
+    is_date_folder,
     safe_id,
     summarize_partition,
     validate_id,
@@ -282,6 +286,41 @@ def test_write_frame_can_look_in_the_records_own_date_folder_only(tmp_path: Path
     first.path.with_suffix(".json").unlink()  # torn: the image without its sidecar
     healed = store.write_frame(record("f1", image=img), data, look_in_other_days=False)
     assert healed == (first.path, False) and first.path.with_suffix(".json").is_file()
+
+
+def test_a_sidecar_made_by_the_caller_is_written_as_given(tmp_path: Path) -> None:
+    """The gateway makes each sidecar once (``frame_sidecar``, checked to read back) and hands
+    the bytes to ``write_frame``: those bytes are the file, the payload is still checked, and
+    a record without its image's hash cannot come with caller-made bytes."""
+    store = FrameStore(tmp_path)
+    img = synthetic_image(5)
+    data = encode_jpeg(img)
+    rec = as_stored(record("f1", image=img), data)
+    made = frame_sidecar(rec)
+    assert made is not None and FrameRecord.model_validate_json(made) == rec
+    written = store.write_frame(rec, data, sidecar=made, look_in_other_days=False)
+    assert written.path.with_suffix(".json").read_bytes() == made
+    assert store.read_record("cam_a", "f1") == rec
+    with pytest.raises(InvalidInputError, match="payload is not a JPEG"):
+        store.write_frame(record("f2", image=img), b"not a jpeg", sidecar=made)
+    with pytest.raises(ValueError, match="hash"):
+        checked_sidecar(record("f3", image=img), data, None, where="x", sidecar=made)
+    assert store.find_frame("cam_a", "f2") is None and store.find_frame("cam_a", "f3") is None
+
+
+def test_frame_sidecar_is_none_when_the_record_would_not_read_back() -> None:
+    good = record("f1")
+    assert frame_sidecar(good) == good.model_dump_json(indent=2).encode()
+    # built without validation, as a bug could: its id fails the readers' own check
+    bad = FrameRecord.model_construct(**{**dict(good), "frame_id": "../f1"})
+    assert frame_sidecar(bad) is None
+
+
+def test_date_folder_is_the_utc_day_in_the_form_the_readers_take() -> None:
+    assert date_folder(datetime(2026, 3, 2, 1, 0, tzinfo=timezone(timedelta(hours=2)))) \
+        == "2026-03-01"
+    assert date_folder(datetime(999, 1, 2, tzinfo=UTC)) == "0999-01-02"  # strftime: "999-"
+    assert is_date_folder(date_folder(datetime(999, 1, 2, tzinfo=UTC)))
 
 
 def test_corrupt_sidecar_is_skipped_and_reported(tmp_path: Path, caplog) -> None:

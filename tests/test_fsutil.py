@@ -38,6 +38,19 @@ def test_write_replaces_whole_file_and_sets_exact_mode(tmp_path: Path) -> None:
     assert _leftovers(target.parent) == []
 
 
+def test_write_makes_missing_folders_only_when_asked(tmp_path: Path) -> None:
+    """``parents=True`` creates the folders the first open finds missing (the gateway writes
+    into folders that exist, so the common case costs no ``makedirs``); without it a
+    missing folder is an error and nothing is left behind."""
+    deep = tmp_path / "a" / "b" / "c.bin"
+    with pytest.raises(FileNotFoundError):
+        write_bytes_atomic(deep, b"x")
+    assert list(tmp_path.iterdir()) == []
+    write_bytes_atomic(deep, b"x", parents=True)
+    write_bytes_atomic(deep, b"y", parents=True)  # the folders exist now
+    assert deep.read_bytes() == b"y" and _leftovers(deep.parent) == []
+
+
 def test_failed_writer_leaves_target_untouched_and_no_temp(tmp_path: Path) -> None:
     target = tmp_path / "model.bin"
     target.write_bytes(b"good")

@@ -409,14 +409,15 @@ class S3FrameStore:
     # ---- writing
     def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
                     decoded_size: tuple[int, int] | None = None,
-                    durable: bool = True, look_in_other_days: bool = True) -> FrameWrite:
+                    durable: bool = True, look_in_other_days: bool = True,
+                    sidecar: bytes | None = None) -> FrameWrite:
         """PUT the JPEG, then the record, both create-only; returns once both succeeded (a
         PUT is durable when answered, so ``durable`` changes nothing). A JPEG already there
         is never overwritten by another upload's pixels: see ``_put_image``. A frame id is
         looked for in the record's own date folder only, whatever ``look_in_other_days``
         says (see the module docstring). ``FrameWriteInProgress`` (an ``OSError``: the
         gateway's 503, retry later) when another upload with other pixels is writing the
-        same frame right now."""
+        same frame right now. ``sidecar``: as for ``FrameStore.write_frame``."""
         rel = self._relative(record)
         target = self.root / f"{rel}.jpg"
         sidecar_key = self._key(f"{rel}.json")
@@ -424,7 +425,7 @@ class S3FrameStore:
             if self._exists(sidecar_key):
                 return FrameWrite(target, True)
             sidecar = checked_sidecar(record, jpeg_bytes, decoded_size,
-                                      where=f"{self.url}/{rel}")
+                                      where=f"{self.url}/{rel}", sidecar=sidecar)
             if not self._put_image(rel, bytes(jpeg_bytes), sidecar_key):
                 return FrameWrite(target, True)  # complete meanwhile, with the other pixels
             try:
