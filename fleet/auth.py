@@ -338,11 +338,15 @@ def require_scope(
 
     variant = ("scope", scope, device_only, active_device)
 
+    def cache_ttl(gw: Gateway) -> float:
+        """How long a principal stays cached: frames and heartbeats only."""
+        return gw.settings.principal_cache_s if active_device else 0.0
+
     def resolve_from_memory(request: Request, gw: Gateway) -> Principal | None:
         """Frames and heartbeats of a principal cached less than ``principal_cache_s`` ago:
         the principal (its rate limit taken), without the thread pool; else None."""
         token = bearer_token(request)
-        ttl = gw.settings.principal_cache_s if active_device else 0.0
+        ttl = cache_ttl(gw)
         if not token or ttl <= 0:
             return None
         principal = gw.auth_cache.cached_principal(hash_token(token), variant, gw.now(), ttl)
@@ -364,7 +368,7 @@ def require_scope(
             client=client_address(request),
             path=route_path(request),
         )
-        if token and active_device and gw.settings.principal_cache_s > 0:
+        if token and cache_ttl(gw) > 0:
             gw.auth_cache.remember_principal(hash_token(token), variant, principal)
         if rate_limited and principal.device_id is not None:
             enforce_rate_limit(gw, principal)

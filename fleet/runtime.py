@@ -306,7 +306,7 @@ async def gateway_dependency(request: Request) -> Gateway:
     """FastAPI dependency: the app's ``Gateway``. ``async`` because FastAPI runs a plain
     ``def`` dependency in its thread pool: a hand-off to a worker thread and back for every
     request, to read one attribute."""
-    return request.app.state.gateway
+    return get_gateway(request)
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway_dependency)]

@@ -535,17 +535,15 @@ class FrameStore:
         return self._path_of(record.camera_id, record.frame_id, record.captured_at)
 
     def _path_of(self, camera_id: str, frame_id: str, captured_at: datetime) -> Path:
-        cam = self._camera_dir(camera_id)
-        validate_id("frame_id", frame_id, where=cam)
-        return cam / date_folder(captured_at) / f"{frame_id}.jpg"
+        return Path(self._image_at(camera_id, frame_id, captured_at))
 
-    def _day_folder(self, record: FrameRecord) -> str:
-        """``frame_path(record)``'s folder as a ``str`` (ids validated): ``write_frame`` runs
-        once per upload, and building ``Path`` objects there cost more than its system calls
-        (the gateway's profile at load)."""
-        validate_id("camera_id", record.camera_id, where=self.root)
-        validate_id("frame_id", record.frame_id, where=self.root)
-        return os.path.join(self.root, record.camera_id, date_folder(record.captured_at))
+    def _image_at(self, camera_id: str, frame_id: str, captured_at: datetime) -> str:
+        """The image's path as a ``str`` (ids validated): ``write_frame`` runs once per
+        upload, and building ``Path`` objects there cost more than its system calls (the
+        gateway's profile at load)."""
+        validate_id("camera_id", camera_id, where=self.root)
+        validate_id("frame_id", frame_id, where=self.root)
+        return os.path.join(self.root, camera_id, date_folder(captured_at), f"{frame_id}.jpg")
 
     def find_frame(self, camera_id: str, frame_id: str) -> Path | None:
         """Image path of a complete frame (sidecar + image present), in any date folder."""
@@ -574,9 +572,10 @@ class FrameStore:
         return None
 
     @staticmethod
-    def is_complete(image_path: Path) -> bool:
+    def is_complete(image_path: Path | str) -> bool:
         """A complete frame is at ``image_path``: its sidecar and its image are files."""
-        return image_path.with_suffix(".json").is_file() and image_path.is_file()
+        sidecar = f"{os.path.splitext(image_path)[0]}.json"
+        return os.path.isfile(sidecar) and os.path.isfile(image_path)
 
     # ---- writing
     def write_frame(
@@ -610,14 +609,13 @@ class FrameStore:
         made them and checked that they read back (``frame_sidecar``; the gateway does, before
         it writes anything); otherwise they are made and checked here.
         """
-        folder = self._day_folder(record)
-        image = os.path.join(folder, f"{record.frame_id}.jpg")
-        sidecar_path = os.path.join(folder, f"{record.frame_id}.json")
+        image = self._image_at(record.camera_id, record.frame_id, record.captured_at)
+        folder = os.path.dirname(image)
+        sidecar_path = f"{os.path.splitext(image)[0]}.json"
         if look_in_other_days:
             existing = self.find_frame(record.camera_id, record.frame_id)
         else:
-            existing = (Path(image) if os.path.isfile(sidecar_path) and os.path.isfile(image)
-                        else None)
+            existing = Path(image) if self.is_complete(image) else None
         if existing is not None:
             logger.debug("frame %s/%s already stored", record.camera_id, record.frame_id)
             return FrameWrite(existing, True)
