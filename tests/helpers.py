@@ -130,12 +130,14 @@ class StoredSizes:
 
 
 class AnsweringServer:
-    """A TCP server on loopback answering each connection with ``answer`` one byte every
-    ``interval_s`` (all at once when 0), for at most ``max_s`` seconds; keeps the first line
-    of each request it got."""
+    """A TCP server on loopback answering each connection with ``prefix`` at once, then
+    ``answer`` one byte every ``interval_s`` (all at once when 0), for at most ``max_s``
+    seconds; keeps the first line of each request it got."""
 
-    def __init__(self, answer: bytes, *, interval_s: float = 0.0, max_s: float = 5.0) -> None:
+    def __init__(self, answer: bytes, *, interval_s: float = 0.0, max_s: float = 5.0,
+                 prefix: bytes = b"") -> None:
         self.answer, self.interval_s, self.max_s = answer, interval_s, max_s
+        self.prefix = prefix
         self.request_lines: list[str] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.stop = threading.Event()
@@ -158,6 +160,8 @@ class AnsweringServer:
         with conn:
             try:
                 self.request_lines.append(conn.recv(65536).split(b"\r\n", 1)[0].decode())
+                if self.prefix:
+                    conn.sendall(self.prefix)
                 if not self.interval_s:
                     conn.sendall(self.answer)
                     time.sleep(0.2)
