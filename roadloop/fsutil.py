@@ -9,6 +9,7 @@ it imports nothing of the platform.)
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import hashlib
 import os
@@ -71,6 +72,17 @@ def atomic_path(
         tmp.unlink(missing_ok=True)
 
 
+# Linux: a file can be created without a name (``O_TMPFILE``) and linked in once written,
+# which costs the kernel one directory entry instead of a temporary one, its rename and its
+# removal, and never leaves a temporary file behind. None where it cannot be used (not Linux,
+# or no /proc to name the file by).
+_O_TMPFILE: int | None = (getattr(os, "O_TMPFILE", None)
+                          if sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd")
+                          else None)
+# The errors of an O_TMPFILE open on a kernel or file system without it (open(2))
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
+
+
 def write_bytes_atomic(
     path: Path,
     data: bytes,
@@ -81,36 +93,97 @@ def write_bytes_atomic(
 ) -> None:
     """Write ``data`` to ``path`` atomically.
 
-    ``durable=True`` fsyncs the data before the rename; ``mode`` sets the permissions from the
-    first byte on (a key or token is never readable by others, not even briefly).
-    ``parents=True`` creates missing folders (only when the first open says one is missing:
-    the gateway writes two files per frame here into folders that almost always exist).
+    ``durable=True`` fsyncs the data before the file gets its name; ``mode`` sets the
+    permissions from the first byte on (a key or token is never readable by others, not even
+    briefly). ``parents=True`` creates missing folders (only when the first open says one is
+    missing: the gateway writes two files per frame here into folders that almost always
+    exist).
+
+    On Linux the data goes into an unnamed file in ``path``'s folder, linked in as ``path``
+    when complete (or, when ``path`` exists, linked under a temporary name and renamed over
+    it); elsewhere into a temporary sibling renamed over ``path``. Measured on the gateway's
+    frame writes (benchmarks/results/intake-1129-s19/): ~25 µs of kernel time less a frame.
     """
     path = os.fspath(path)
+    create_mode = 0o666 if mode is None else mode
+    folder = os.path.dirname(path) or "."
+    fd = _open_unnamed(folder, create_mode, parents)
+    if fd is not None:
+        try:
+            _fill(fd, data, mode, durable)
+            _link_into_place(fd, path)
+        finally:
+            os.close(fd)
+        return
     tmp = _temp_name(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    create_mode = 0o666 if mode is None else mode
     try:
-        # os.write on the descriptor, not a buffered file object: the gateway writes two
-        # files per frame through here, and the wrapper's set-up and extra flush showed up
-        # in its profile.
         try:
             fd = os.open(tmp, flags, create_mode)
         except FileNotFoundError:
             if not parents:
                 raise
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             fd = os.open(tmp, flags, create_mode)
         try:
-            if mode is not None:
-                os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
+            _fill(fd, data, mode, durable)
         finally:
             os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _open_unnamed(folder: str, create_mode: int, parents: bool) -> int | None:
+    """A descriptor on a new unnamed file in ``folder`` (``O_TMPFILE``), or None where the
+    platform, kernel or file system has none."""
+    if _O_TMPFILE is None:
+        return None
+    try:
+        return os.open(folder, os.O_WRONLY | _O_TMPFILE, create_mode)
+    except FileNotFoundError:
+        if not parents:
+            raise
+        os.makedirs(folder, exist_ok=True)
+        return _open_unnamed(folder, create_mode, parents=False)
+    except OSError as exc:
+        if exc.errno in _NO_TMPFILE:
+            return None
+        raise
+
+
+def _fill(fd: int, data: bytes, mode: int | None, durable: bool) -> None:
+    # os.write on the descriptor, not a buffered file object: the gateway writes two files
+    # per frame through here, and the wrapper's set-up and extra flush showed up in its
+    # profile.
+    if mode is not None:
+        os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    if durable:
+        os.fsync(fd)
+
+
+def _link_into_place(fd: int, path: str) -> None:
+    """Give the unnamed file ``fd`` the name ``path``, replacing a file already there.
+
+    ``linkat(2)`` of ``/proc/self/fd/<fd>`` with ``AT_SYMLINK_FOLLOW``, the unprivileged way
+    ``open(2)`` documents. Python's ``os.link`` calls ``linkat`` only when given a directory
+    descriptor; the source path is absolute, so the kernel ignores the one passed (``fd``)."""
+    source = f"/proc/self/fd/{fd}"
+    try:
+        os.link(source, path, src_dir_fd=fd, follow_symlinks=True)
+        return
+    except FileExistsError:
+        pass
+    tmp = _temp_name(path)
+    os.link(source, tmp, src_dir_fd=fd, follow_symlinks=True)
+    try:
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -151,19 +151,26 @@ def test_crash_before_sidecar_leaves_no_frame(tmp_path: Path, monkeypatch) -> No
     store = FrameStore(tmp_path)
     img = synthetic_image(4)
     rec = record("f1", image=img)
-    real_replace = os.replace
-    calls = {"n": 0}
+    real_replace, real_link = os.replace, os.link
 
+    # The sidecar's file never gets its name: the step that gives it one (a rename of a
+    # temporary file, or on Linux a link of an unnamed one) fails.
     def failing_replace(src, dst):
-        calls["n"] += 1
         if str(dst).endswith(".json"):
             raise OSError("disk full")
         return real_replace(src, dst)
 
+    def failing_link(src, dst, **kwargs):
+        if str(dst).endswith(".json"):
+            raise OSError("disk full")
+        return real_link(src, dst, **kwargs)
+
     monkeypatch.setattr(os, "replace", failing_replace)
+    monkeypatch.setattr(os, "link", failing_link)
     with pytest.raises(OSError):
         store.write_frame(rec, encode_jpeg(img))
     monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(os, "link", real_link)
     assert store.count("cam_a") == 0
     report = store.fsck()
     assert len(report.orphan_images) == 1 and report.temp_files == []

@@ -25,7 +25,19 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
 
 
-def test_write_replaces_whole_file_and_sets_exact_mode(tmp_path: Path) -> None:
+@pytest.fixture(params=["unnamed", "renamed"])
+def write_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways ``write_bytes_atomic`` writes: Linux's unnamed file linked into place, and
+    the temporary sibling renamed over the target (elsewhere, or a file system without
+    ``O_TMPFILE``)."""
+    if request.param == "unnamed" and fsutil._O_TMPFILE is None:
+        pytest.skip("no O_TMPFILE here")
+    if request.param == "renamed":
+        monkeypatch.setattr(fsutil, "_O_TMPFILE", None)
+    return str(request.param)
+
+
+def test_write_replaces_whole_file_and_sets_exact_mode(tmp_path: Path, write_way: str) -> None:
     target = tmp_path / "sub" / "a.txt"
     write_text_atomic(target, "old", parents=True)
     old_umask = os.umask(0o077)
@@ -38,7 +50,7 @@ def test_write_replaces_whole_file_and_sets_exact_mode(tmp_path: Path) -> None:
     assert _leftovers(target.parent) == []
 
 
-def test_write_makes_missing_folders_only_when_asked(tmp_path: Path) -> None:
+def test_write_makes_missing_folders_only_when_asked(tmp_path: Path, write_way: str) -> None:
     """``parents=True`` creates the folders the first open finds missing (the gateway writes
     into folders that exist, so the common case costs no ``makedirs``); without it a
     missing folder is an error and nothing is left behind."""
@@ -49,6 +61,48 @@ def test_write_makes_missing_folders_only_when_asked(tmp_path: Path) -> None:
     write_bytes_atomic(deep, b"x", parents=True)
     write_bytes_atomic(deep, b"y", parents=True)  # the folders exist now
     assert deep.read_bytes() == b"y" and _leftovers(deep.parent) == []
+
+
+def test_a_write_that_fails_to_name_its_file_leaves_the_old_one_and_nothing_else(
+        tmp_path: Path, write_way: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last step (the link of the unnamed file, or the rename of the temporary one)
+    fails: the error comes back, the target keeps its old bytes (or stays absent), and the
+    folder holds nothing more."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    old, new = tmp_path / "old.bin", tmp_path / "new.bin"
+    old.write_bytes(b"good")
+    monkeypatch.setattr(os, "replace", refuse)
+    monkeypatch.setattr(os, "link", refuse)
+    for target in (old, new):
+        with pytest.raises(OSError, match="No space"):
+            write_bytes_atomic(target, b"half", durable=True)
+    assert old.read_bytes() == b"good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.bin"]
+
+
+def test_a_file_system_without_unnamed_files_gets_the_renamed_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``O_TMPFILE`` open refused as unsupported (an old kernel, a file system without
+    it) is not an error: the temporary sibling is written and renamed instead."""
+    if fsutil._O_TMPFILE is None:
+        pytest.skip("no O_TMPFILE here")
+    real_open, tried = os.open, []
+
+    def no_tmpfile(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & fsutil._O_TMPFILE == fsutil._O_TMPFILE:
+            tried.append(path)
+            raise OSError(95, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    renamed: list[object] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(b), real_replace(a, b)))
+    write_bytes_atomic(tmp_path / "a.bin", b"data")
+    assert tried and renamed == [str(tmp_path / "a.bin")]
+    assert (tmp_path / "a.bin").read_bytes() == b"data" and _leftovers(tmp_path) == []
 
 
 def test_failed_writer_leaves_target_untouched_and_no_temp(tmp_path: Path) -> None:
