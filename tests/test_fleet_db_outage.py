@@ -115,3 +115,66 @@ def test_postgres_unreachable_answers_503_and_keeps_the_files(
         admin.close()
     assert post_frame(env.client, tok, meta("f-1"), frame_jpeg).status_code == 201
     assert sorted(r.frame_id for r in env.rows()) == ["f-0", "f-1"]
+
+
+def test_a_refused_write_leaves_none_of_its_statements_committed_alone_or_in_a_batch(
+        tmp_path: Path) -> None:
+    """A batch of one runs without a SAVEPOINT: a caller whose ``fn`` wrote and then raised
+    must still find nothing of it committed, as inside a batch, where its neighbours' writes
+    are committed."""
+    import threading
+
+    from sqlalchemy import text
+
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    committer = GroupCommitter(db)
+    committer.start()
+
+    def write_then(key: str, fail: bool) -> Any:
+        def fn(session: Session) -> str:
+            session.execute(text("INSERT INTO t (k) VALUES (:k)"), {"k": key})
+            if fail:
+                raise IntegrityError("INSERT", {}, Exception(f"{key} refused"))
+            return key
+        return fn
+
+    try:
+        committer.submit(lambda s: s.execute(text("CREATE TABLE t (k TEXT PRIMARY KEY)")))
+        with pytest.raises(IntegrityError, match="alone refused"):
+            committer.submit(write_then("alone", fail=True))
+
+        # Two writes in ONE batch: both queued while the committer runs a blocking write.
+        release, running = threading.Event(), threading.Event()
+
+        def blocker(session: Session) -> None:
+            running.set()
+            assert release.wait(30)
+
+        results: dict[str, Any] = {}
+
+        def submit(name: str, fn: Any) -> None:
+            try:
+                results[name] = committer.submit(fn)
+            except IntegrityError as exc:
+                results[name] = exc
+
+        threads = [threading.Thread(target=submit, args=("blocker", blocker))]
+        threads[0].start()
+        assert running.wait(30)
+        for name, fail in (("batched-bad", True), ("batched-good", False)):
+            threads.append(threading.Thread(target=submit, args=(name, write_then(name, fail))))
+            threads[-1].start()
+        while committer._queue.qsize() < 2:  # both queued behind the blocker
+            threading.Event().wait(0.01)
+        release.set()
+        for t in threads:
+            t.join(30)
+        assert isinstance(results["batched-bad"], IntegrityError)
+        assert results["batched-good"] == "batched-good"
+        assert committer.items - committer.batches >= 1  # the two shared one batch
+        with db.read() as session:
+            keys = {k for (k,) in session.execute(text("SELECT k FROM t"))}
+        assert keys == {"batched-good"}
+    finally:
+        committer.stop()
+        db.dispose()
