@@ -8,8 +8,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -90,6 +89,24 @@ def freeze_startup_objects() -> int:
     return gc.get_freeze_count()
 
 
+class _Span:
+    """One timed block of ``Stats.span``. A class, not a ``@contextmanager`` generator: a
+    stored frame opens about eight spans, and the generator's set-up and teardown cost ~3 µs
+    each (the gateway's profile at load)."""
+
+    __slots__ = ("_name", "_stats", "_t0")
+
+    def __init__(self, stats: Stats, name: str) -> None:
+        self._stats = stats
+        self._name = name
+
+    def __enter__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stats.add_span(self._name, time.perf_counter() - self._t0)
+
+
 class Stats:
     """Counters and timing spans (sum, count, max) — cheap enough to leave on."""
 
@@ -106,18 +123,17 @@ class Stats:
         if self.listener is not None:
             self.listener(name, n)
 
-    @contextmanager
-    def span(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            dt = time.perf_counter() - t0
-            with self._lock:
-                s = self.spans[name]
-                s[0] += dt
-                s[1] += 1
-                s[2] = max(s[2], dt)
+    def span(self, name: str) -> _Span:
+        """``with stats.span(name):`` times the block (raised or not) into ``spans[name]``."""
+        return _Span(self, name)
+
+    def add_span(self, name: str, dt: float) -> None:
+        """Record one timed block of ``dt`` seconds."""
+        with self._lock:
+            s = self.spans[name]
+            s[0] += dt
+            s[1] += 1
+            s[2] = max(s[2], dt)
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
