@@ -5,8 +5,9 @@ Durability order for ``POST /v1/frames`` and each frame of ``POST /v1/frames/bat
 
 1. the record is checked to read back as written (``frame_sidecar``, in memory: a frame whose
    sidecar the platform's readers would skip is refused before anything is written);
-2. the JPEG and its sidecar go into the frame store (``write_frame``: temp file, rename;
-   sidecar last). ``frame_sync=per_file``: each file fsynced before its rename and the day
+2. the JPEG and its sidecar go into the frame store (``write_frame``: each file written whole,
+   then named — on Linux an unnamed file linked into place, else a temp file renamed; sidecar
+   last). ``frame_sync=per_file``: each file fsynced before it is named and the day
    folder after; ``group`` (default): no fsync here;
 3. the ``frames`` row goes to the group committer (``fleet.committer``), a whole batch as one
    item, its rows in one ``INSERT ... ON CONFLICT DO NOTHING`` (a duplicate is a 409 for

@@ -9,8 +9,10 @@ On-disk layout (the contract with the fleet gateway, which writes the same thing
 * ``camera_id`` and ``frame_id`` match ``[A-Za-z0-9_.-]{1,64}`` and do not start with a dot
   (so ``.``/``..`` and hidden names are impossible); a frame is identified by the pair
   ``(camera_id, frame_id)``, unique across all date folders of that camera.
-* Write order: the image is written first, the sidecar last, each to a dot-prefixed
-  temporary file in the same folder (``.<name>.tmp-<random>``) followed by ``os.replace``.
+* Write order: the image is written first, the sidecar last, each atomically
+  (``roadloop.fsutil.write_bytes_atomic``: on Linux an unnamed file in the same folder
+  linked into place once written, elsewhere a dot-prefixed temporary file
+  ``.<name>.tmp-<random>`` followed by ``os.replace``).
   **A sidecar's presence means the frame is complete.** Readers only look at
   ``<frame_id>.json`` files whose ``<frame_id>.jpg`` exists; temporary files left behind
   by a crash and images without a sidecar are ignored (``FrameStore.fsck`` reports them).
