@@ -4,8 +4,8 @@ A frame may only be acknowledged once its row is committed, and with ``synchrono
 every SQLite commit is an fsync (about 5 ms on the reference disk): committing per request
 caps the gateway near 200 frames/s however many threads it has. Here one thread drains the
 queue of pending writes, runs each in its own SAVEPOINT (so one duplicate does not sink its
-neighbours; a batch of one runs without) and commits them together; every caller waits for *that* commit before it
-answers. Nothing is acknowledged before it is durable.
+neighbours; a batch of one needs none) and commits them together; every caller waits for
+*that* commit before it answers. Nothing is acknowledged before it is durable.
 
 ``before_commit`` (optional) runs on the writer thread before each batch's transaction: the
 gateway passes the frame store's ``sync`` there, so the files of every frame in the batch

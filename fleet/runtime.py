@@ -91,8 +91,8 @@ def freeze_startup_objects() -> int:
 
 class _Span:
     """One timed block of ``Stats.span``. A class, not a ``@contextmanager`` generator: a
-    stored frame opens about eight spans, and the generator's set-up and teardown cost ~3 µs
-    each (the gateway's profile at load)."""
+    stored frame opens about eight spans, and the generator's set-up and teardown cost about
+    1 µs more each (``timeit``: 2.2 against 1.2 µs a span)."""
 
     __slots__ = ("_name", "_stats", "_t0")
 
