@@ -81,7 +81,7 @@ from benchmarks.intake_loadgen import (
 )
 from benchmarks.intake_report import measured_findings, summarize, to_markdown
 from benchmarks.node_sampler import NodeSampler
-from benchmarks.quiet import remove_tree, wait_for_quiet
+from benchmarks.quiet import remove_tree, set_aside, wait_for_quiet
 from launch.localfleet import GatewayProcess
 from roadloop.data.frames import FrameStore
 
@@ -510,6 +510,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--name", default="gateway_intake", help="report file name (no suffix)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--keep-files", type=Path, default=None, metavar="DIR",
+                    help="move each run's files into DIR (same file system) instead of "
+                    "deleting them: a deletion slows file creation here for ~6 minutes, "
+                    "which the next run waits out (benchmarks.quiet); delete DIR afterwards")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("httpx", "alembic"):
@@ -536,12 +540,20 @@ def main(argv: list[str] | None = None) -> None:
                 args.batch, args.frame_sync, args.principal_cache, args.read_back,
                 args.workers, args.set, args.jpeg_decode)]
     finally:
+        keep_in = args.keep_files
+
+        def dispose(path: Path) -> None:
+            if keep_in is None:
+                remove_tree(path)
+            else:
+                set_aside(path, keep_in)
+
         if args.workdir is None:
-            remove_tree(workdir)
+            dispose(workdir)
         else:
-            for home in (p for p in workdir.iterdir() if (p / "fleet").is_dir()
-                         or p.name.startswith(".create-probe-")):
-                remove_tree(home)
+            for home in [p for p in workdir.iterdir() if (p / "fleet").is_dir()
+                         or p.name.startswith(".create-probe-")]:
+                dispose(home)
     cores = os.cpu_count() or 1
     doc = {
         "benchmark": "gateway_intake",

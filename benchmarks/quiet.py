@@ -77,6 +77,21 @@ def remove_tree(path: Path, marker: Path = REMOVAL_MARKER) -> None:
     os.replace(tmp, marker)
 
 
+def set_aside(path: Path, into: Path) -> Path | None:
+    """Move a run's files into ``into`` instead of deleting them; where they went (None:
+    ``path`` is absent). A rename frees no inode, so the next run's file creation is not
+    slowed and ``wait_for_quiet`` has nothing to wait for: side-by-side runs can follow each
+    other in a minute or two instead of ``MIN_SINCE_REMOVAL_S``. ``into`` must be on the same
+    file system (``OSError`` otherwise). Delete it when the comparison is done: that
+    deletion starts the slow period."""
+    if not path.exists():
+        return None
+    into.mkdir(parents=True, exist_ok=True)
+    target = into / f"{path.name}-{time.time_ns()}"
+    os.rename(path, target)
+    return target
+
+
 def seconds_since_removal(marker: Path = REMOVAL_MARKER) -> float | None:
     """Wall-clock seconds since the last ``remove_tree`` (None: no record, or unreadable —
     including a time that is not finite, which would otherwise hold every wait to its

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.quiet import remove_tree, seconds_since_removal, wait_for_quiet
+from benchmarks import quiet
+from benchmarks.quiet import remove_tree, seconds_since_removal, set_aside, wait_for_quiet
 
 
 def test_remove_tree_deletes_and_records_when(tmp_path: Path) -> None:
@@ -22,6 +23,24 @@ def test_remove_tree_deletes_and_records_when(tmp_path: Path) -> None:
     since = seconds_since_removal(marker)
     assert since is not None and 0 <= since <= time.time() - before + 1
     assert [p.name for p in tmp_path.iterdir()] == ["marker"]  # no temp file left
+
+
+def test_set_aside_moves_a_run_whole_and_records_no_removal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--keep-files``: the run's files are renamed into the given folder, intact, and no
+    removal is recorded (nothing was freed, so the next run need not wait)."""
+    marker = tmp_path / "marker"
+    monkeypatch.setattr(quiet, "REMOVAL_MARKER", marker)
+    tree = tmp_path / "work" / "home" / "fleet"
+    tree.mkdir(parents=True)
+    (tree / "frame.jpg").write_bytes(b"x")
+    kept = tmp_path / "kept"
+    moved = set_aside(tmp_path / "work" / "home", kept)
+    assert moved is not None and moved.parent == kept and moved.name.startswith("home-")
+    assert (moved / "fleet" / "frame.jpg").read_bytes() == b"x"
+    assert not (tmp_path / "work" / "home").exists()
+    assert set_aside(tmp_path / "work" / "home", kept) is None  # nothing left to move
+    assert seconds_since_removal(marker) is None and not marker.exists()
 
 
 def test_a_recent_removal_keeps_the_machine_not_quiet(tmp_path: Path) -> None:
