@@ -117,7 +117,7 @@ def write_bytes_atomic(
         return
     tmp = _temp_name(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    try:
+    with _removed_on_error(tmp):
         try:
             fd = os.open(tmp, flags, create_mode)
         except FileNotFoundError:
@@ -130,12 +130,6 @@ def write_bytes_atomic(
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _open_unnamed(folder: str, create_mode: int, parents: bool) -> int | None:
@@ -183,8 +177,16 @@ def _link_into_place(fd: int, path: str) -> None:
         pass
     tmp = _temp_name(path)
     os.link(source, tmp, src_dir_fd=fd, follow_symlinks=True)
-    try:
+    with _removed_on_error(tmp):
         os.replace(tmp, path)
+
+
+@contextmanager
+def _removed_on_error(tmp: str) -> Iterator[None]:
+    """Remove the temporary file ``tmp`` (when it exists) if the block raises, then re-raise:
+    a failed write leaves no half-written file behind."""
+    try:
+        yield
     except BaseException:
         try:
             os.unlink(tmp)
