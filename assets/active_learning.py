@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from resources import ArtifactStoreResource, MlflowResource, TrainerResource
 from resources.fiftyone_resource import FiftyOneResource
-from roadloop.data.frames import FrameRecord
+from roadloop.data.frame_records import FrameRecord
 from roadloop.data.replay import NIGHT_MAX_BRIGHTNESS
 from roadloop.errors import InvalidInputError
 from roadloop.labeling.active_learning import SCORING_CONF, ALWeights, build_queue, predict_frames

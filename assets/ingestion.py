@@ -13,12 +13,9 @@ import dagster as dg
 from pydantic import BaseModel
 
 from resources import ArtifactStoreResource, FrameStoreResource
-from roadloop.data.frames import (
-    FrameRecord,
-    dedupe_near_duplicates,
-    jpeg_ends_problem,
-    summarize_partition,
-)
+from roadloop.data.curation import dedupe_near_duplicates, summarize_partition
+from roadloop.data.frame_records import FrameRecord
+from roadloop.data.frames import jpeg_ends_problem
 from roadloop.fsutil import write_text_atomic
 from roadloop.markdown import md_cell
 

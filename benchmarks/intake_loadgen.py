@@ -39,7 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from roadloop.data.frames import compute_quality
+from roadloop.data.frame_quality import compute_quality
 
 BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
 RETRY_CODES = frozenset({429, 503, 507})

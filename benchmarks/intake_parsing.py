@@ -10,7 +10,7 @@ levers of issue 14 pay, measured one by one.
   1/8 scale (``decode_grey``); how far the dhash and brightness of the 1/8 decode are from the
   native ones.
 * **read_back**: the sidecar read back from disk (``FrameStore.read_record``) vs the
-  in-memory check (``roadloop.data.frames.frame_sidecar``).
+  in-memory check (``roadloop.data.frame_records.frame_sidecar``).
 * **lookup**: whether a new frame's id is already stored (the gateway asks once per upload)
   in a camera folder holding 1, 7 and 30 date folders of 50 frames each (30: the default
   retention of raw frames, so a long-running gateway's steady state): in any date folder
@@ -49,7 +49,9 @@ from benchmarks.intake_loadgen import AGENT_REDACTION
 from fleet.config import GatewaySettings
 from fleet.intake_batch import split_batch
 from fleet.jpeg import JpegLimits, check_jpeg, decode_grey
-from roadloop.data.frames import FrameRecord, FrameStore, dhash_hamming, dhash_hex, frame_sidecar
+from roadloop.data.frame_quality import dhash_hamming, dhash_hex
+from roadloop.data.frame_records import FrameRecord, frame_sidecar
+from roadloop.data.frames import FrameStore
 from roadloop.fsutil import fsync_dir, write_text_atomic
 
 BATCH = 16

@@ -44,7 +44,7 @@ MAX_INTERVAL_S = 86400.0
 MAX_OUTBOX_MB = 1024.0 * 1024.0
 # Intra-op threads of ONNX Runtime: more than any edge box has cores.
 MAX_THREADS = 256
-# The gateway's camera_id rule (roadloop.data.frames.ID_PATTERN, which this package may not
+# The gateway's camera_id rule (roadloop.data.frame_records.ID_PATTERN, which this package may not
 # import; the outbox's frame ids follow it too): the id names the default state dir
 # (.roadloop-agent/<camera-id>), so "../x", "/abs" or "" must never reach a path.
 _CAMERA_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")

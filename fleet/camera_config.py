@@ -36,7 +36,7 @@ from fleet.db import CameraConfigRow, CameraConfigVersionRow
 from fleet.rollouts import require_device_or_admin
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut
-from roadloop.data.frames import FrameId
+from roadloop.data.frame_records import FrameId
 
 EMPTY_SHA256 = document_sha256({})
 # A camera's agent holds camera:write (maybe camera:read): either reads its own camera's

@@ -192,7 +192,7 @@ def token_create(
     settings = _settings(home, database_url)
     flat = [s for item in scopes for s in item.replace(",", " ").split()]
     if camera_id is not None:
-        from roadloop.data.frames import validate_id
+        from roadloop.data.frame_records import validate_id
 
         try:
             validate_id("camera_id", camera_id)

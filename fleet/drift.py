@@ -29,7 +29,7 @@ from fleet.bounds import CLOCK_SKEW, Id, Name, ReportedTime
 from fleet.db import CameraDriftRow, Device
 from fleet.runtime import GatewayDep
 from fleet.schemas import ErrorOut
-from roadloop.data.frames import FrameId
+from roadloop.data.frame_records import FrameId
 from roadloop.monitoring.models import SCORE_NAMES
 
 router = APIRouter(tags=["drift"], route_class=AuthFirstRoute)

@@ -29,7 +29,8 @@ from fleet.jpeg import (
 )
 from fleet.runtime import Gateway
 from fleet.schemas import FrameMetadata
-from roadloop.data.frames import FrameQuality, FrameRecord, frame_sidecar
+from roadloop.data.frame_quality import FrameQuality
+from roadloop.data.frame_records import FrameRecord, frame_sidecar
 
 __all__ = ["CheckedFrame", "camera_privacy_mode", "check_frames", "checked_qualities",
            "jpeg_limits", "unredacted_refusals", "validation_message"]
@@ -215,7 +216,7 @@ def _record_checked(gw: Gateway, principal: Principal, meta: FrameMetadata, imag
             model_version=meta.model_version, detections=meta.detections,
             width=meta.width, height=meta.height, quality=quality,
             redaction=(meta.redaction.model_dump() if meta.redaction is not None else None),
-            # hashed once, for the frame's row and its record (roadloop.data.frames.checked_sidecar)
+            # hashed once, for the frame's row and its record (roadloop.data.frame_records.checked_sidecar)
             image_sha256=hashlib.sha256(image).hexdigest(),
         )
     except ValidationError as exc:

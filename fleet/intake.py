@@ -67,7 +67,7 @@ from fleet.db import (
 from fleet.frame_checks import CheckedFrame, check_frames, validation_message
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata, FrameStored
-from roadloop.data.frames import FrameRecord, FrameWrite
+from roadloop.data.frame_records import FrameRecord, FrameWrite
 from roadloop.data.object_frames import FrameWriteInProgress
 from roadloop.errors import InvalidInputError
 from roadloop.fsutil import fsync_dir

@@ -43,7 +43,7 @@ from fleet.intake import (
 from fleet.ratelimit import BodyTooLarge, rate_limit_refusal
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata
-from roadloop.data.frames import ID_PATTERN
+from roadloop.data.frame_records import ID_PATTERN
 
 __all__ = ["BATCH_CONTENT_TYPE", "BatchResult", "FrameResult", "router", "split_batch",
            "store_batch"]

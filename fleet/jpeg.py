@@ -40,7 +40,7 @@ from typing import TypeVar
 import numpy as np
 import simplejpeg
 
-from roadloop.data.frames import FrameQuality, dhash_hex, laplacian_variance
+from roadloop.data.frame_quality import FrameQuality, dhash_hex, laplacian_variance
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _SUPPORTED_SOF = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive"}

@@ -46,7 +46,7 @@ from fleet.db import (
 )
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut
-from roadloop.data.frames import StoredFrame, in_window
+from roadloop.data.frame_records import StoredFrame, in_window
 from roadloop.retention.leftovers import select_leftovers
 
 logger = logging.getLogger(__name__)

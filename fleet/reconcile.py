@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,13 +27,13 @@ from sqlalchemy import select
 from fleet.bounds import unstorable_string
 from fleet.db import Database, Device, FrameRow, erased_frames, stored_frame_paths
 from fleet.jpeg import JpegError, inspect_jpeg
-from roadloop.data.frames import ID_PATTERN, FrameRecord, FrameStore, is_date_folder
+from roadloop.data.frame_records import ID_RE, FrameRecord, is_date_folder
+from roadloop.data.frames import FrameStore
 
 logger = logging.getLogger(__name__)
 
 RECONCILE_STATE_KEY = "frames_reconciled_at"
 RECONCILE_SLACK = timedelta(minutes=5)
-_ID_RE = re.compile(ID_PATTERN)
 
 
 class ReconcileReport(BaseModel):
@@ -124,7 +123,7 @@ def _reconcile_day(
                 p.unlink(missing_ok=True)
                 report.removed_temp_files += 1
             continue
-        if not _ID_RE.fullmatch(p.stem):
+        if not ID_RE.fullmatch(p.stem):
             continue
         if p.suffix == ".json":
             sidecars[p.stem] = p

@@ -26,7 +26,7 @@ from fleet.bounds import (
 )
 from fleet.db import DeviceStatus
 from fleet.heartbeat_plausibility import heartbeat_problems
-from roadloop.data.frames import Detection, FrameId
+from roadloop.data.frame_records import Detection, FrameId
 
 MAX_DETECTIONS = 2000
 MAX_REASONS = 32
@@ -138,7 +138,7 @@ class AuditEventOut(BaseModel):
 
 # --------------------------------------------------------------------------- frames
 class QualityIn(BaseModel):
-    """Edge-computed ``roadloop.data.frames.FrameQuality`` values of an upload; the gateway keeps
+    """Edge-computed ``roadloop.data.frame_quality.FrameQuality`` values of an upload; the gateway keeps
     what the agent sent and computes only what is missing."""
 
     model_config = ConfigDict(allow_inf_nan=False)
@@ -167,7 +167,7 @@ class RedactionIn(BaseModel):
 
 
 class DetectionIn(Detection):
-    """``roadloop.data.frames.Detection`` as an upload may state it: bounded."""
+    """``roadloop.data.frame_records.Detection`` as an upload may state it: bounded."""
 
     class_id: ClassId
     class_name: ClassName

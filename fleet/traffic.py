@@ -44,7 +44,7 @@ from fleet.traffic_schemas import (
     TrafficIntervalPage,
     TrafficIntervalStored,
 )
-from roadloop.data.frames import FrameId
+from roadloop.data.frame_records import FrameId
 
 router = APIRouter(tags=["traffic"], route_class=AuthFirstRoute)
 READ_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -31,7 +31,7 @@ from pydantic import (
 
 from edge_agent.traffic.geometry import INTERVALS_S
 from fleet.bounds import INT32_MAX, Count, EventTime, Name, PlainText
-from roadloop.data.frames import FrameId
+from roadloop.data.frame_records import FrameId
 
 MAX_LINE_ROWS = 64 * 2 * 32
 MAX_ZONES = 64

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from resources import FiftyOneResource, FleetResource, FrameStoreResource
-from roadloop.data.frames import FrameStorage
+from roadloop.data.frame_records import FrameStorage
 from roadloop.errors import InvalidInputError
 from roadloop.retention.erasure import erase, make_request, resume_pending
 from roadloop.retention.ledger import PrivacyLedger

@@ -15,7 +15,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from roadloop.data.frames import DedupePolicy, FrameStorage
+from roadloop.data.curation import DedupePolicy
+from roadloop.data.frame_records import FrameStorage
 from roadloop.data.object_frames import open_frame_store
 
 

@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     label_qa_flag_by: Literal["score", "boxes"] = "score"
     label_qa_max_quality: float = Field(default=0.309, ge=0.0, le=1.0)
 
-    # Near-duplicate sampled frames (roadloop.data.frames.DedupePolicy): dhash bits, how far back
+    # Near-duplicate sampled frames (roadloop.data.curation.DedupePolicy): dhash bits, how far back
     # a kept frame counts, and per-camera bit thresholds, e.g.
     # ROADLOOP_DEDUPE_PER_CAMERA_MAX_HAMMING='{"window_street": 0}'.
     dedupe_max_hamming: int = Field(default=4, ge=0, le=64)

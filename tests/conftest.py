@@ -90,7 +90,7 @@ def leftovers_settled(monkeypatch: pytest.MonkeyPatch) -> None:
     upload in flight (an object store's LastModified cannot be set back)."""
     from datetime import timedelta
 
-    monkeypatch.setattr("roadloop.data.frames.IN_FLIGHT_GRACE", timedelta(0))
+    monkeypatch.setattr("roadloop.data.frame_records.IN_FLIGHT_GRACE", timedelta(0))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from roadloop.data.frames import Detection, FrameRecord
+from roadloop.data.frame_records import Detection, FrameRecord
 from roadloop.labeling.active_learning import (
     ALWeights,
     FramePrediction,

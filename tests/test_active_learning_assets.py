@@ -215,7 +215,8 @@ def _textured(seed: int) -> np.ndarray:
 
 
 def _write_frame(store, camera: str, frame_id: str, seconds: int, img: np.ndarray) -> None:
-    from roadloop.data.frames import FrameRecord, compute_quality
+    from roadloop.data.frame_quality import compute_quality
+    from roadloop.data.frame_records import FrameRecord
 
     ok, jpg = cv2.imencode(".jpg", img)
     assert ok
@@ -356,7 +357,9 @@ def world(shared_dir: Path, tmp_path: Path, fiftyone):
     from assets.records import CuratedDatasetVersion
     from resources import ArtifactStoreResource, FrameStoreResource, MlflowResource, TrainerResource
     from roadloop.data.datasets import build_curated_dataset, default_sources, load_taxonomy
-    from roadloop.data.frames import FrameRecord, FrameStore, compute_quality
+    from roadloop.data.frame_quality import compute_quality
+    from roadloop.data.frame_records import FrameRecord
+    from roadloop.data.frames import FrameStore
     from roadloop.data.splits import is_replay_frame
     from roadloop.data.versioning import DatasetVersion
     from roadloop.models.tracking import CANDIDATE_ALIAS, Tracker

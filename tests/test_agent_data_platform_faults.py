@@ -313,7 +313,9 @@ def test_agent_reasons_do_not_break_the_frames_by_reason_table(tmp_path: Path) -
     from assets.ingestion import sampled_edge_frames
     from fleet.schemas import FrameMetadata
     from resources import ArtifactStoreResource, FrameStoreResource
-    from roadloop.data.frames import FrameRecord, FrameStore, compute_quality
+    from roadloop.data.frame_quality import compute_quality
+    from roadloop.data.frame_records import FrameRecord
+    from roadloop.data.frames import FrameStore
 
     store = FrameStore(tmp_path / "frames")
     img = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)

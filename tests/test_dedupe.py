@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from roadloop.data.frames import DedupePolicy, Detection, dedupe_near_duplicates
+from roadloop.data.curation import DedupePolicy, dedupe_near_duplicates
+from roadloop.data.frame_records import Detection
 
 from .helpers import SHARED_DIR, needs_shared, synthetic_image
 from .test_frames import T0, record

@@ -41,7 +41,9 @@ def test_postgres_storage_materializes_a_partitioned_asset(
 
     from assets.ingestion import sampled_edge_frames
     from resources import ArtifactStoreResource, FrameStoreResource
-    from roadloop.data.frames import FrameRecord, FrameStore, compute_quality
+    from roadloop.data.frame_quality import compute_quality
+    from roadloop.data.frame_records import FrameRecord
+    from roadloop.data.frames import FrameStore
 
     url = urlparse(postgres_server.new_database("dagster"))
     for key, value in {"DAGSTER_PG_HOST": url.hostname, "DAGSTER_PG_PORT": str(url.port),

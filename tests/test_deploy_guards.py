@@ -233,7 +233,7 @@ def test_package_data_takes_every_data_file_of_the_packages() -> None:
 
 @pytest.mark.parametrize("bits", [-1, 65])
 def test_a_dedupe_policy_built_directly_bounds_per_camera_thresholds(bits: int) -> None:
-    from roadloop.data.frames import DedupePolicy
+    from roadloop.data.curation import DedupePolicy
 
     assert DedupePolicy(per_camera_max_hamming={"cam": 64}).threshold("cam") == 64
     with pytest.raises(ValidationError):

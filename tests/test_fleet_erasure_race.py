@@ -26,7 +26,7 @@ from fleet.bounds import CLOCK_SKEW
 from fleet.db import Database
 from fleet.reconcile import reconcile_frame_store
 from fleet.reconcile_objects import reconcile_object_store
-from roadloop.data.frames import FrameRecord
+from roadloop.data.frame_records import FrameRecord
 
 from . import test_fleet_gateway as gateway_tests
 from .test_fleet_gateway import T0, Env, H, W, _admin_token, bearer, meta, post_frame

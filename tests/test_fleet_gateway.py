@@ -34,7 +34,9 @@ from fleet.db import FrameRow, Token
 from fleet.jpeg import JpegError, check_jpeg, jpeg_dimensions
 from fleet.runtime import Gateway
 from launch.localfleet import GatewayProcess
-from roadloop.data.frames import FrameRecord, FrameStore, FrameWrite, compute_quality
+from roadloop.data.frame_quality import compute_quality
+from roadloop.data.frame_records import FrameRecord, FrameWrite
+from roadloop.data.frames import FrameStore
 
 from .helpers import SHARED_DIR, encode_jpeg, synthetic_jpeg
 

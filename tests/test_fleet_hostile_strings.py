@@ -22,7 +22,8 @@ from fleet.heartbeat_plausibility import heartbeat_problems
 from fleet.intake_batch import BATCH_CONTENT_TYPE
 from fleet.reconcile import reconcile_frame_store
 from fleet.rollout_policy import Stage, _sample
-from roadloop.data.frames import FrameRecord, FrameStore
+from roadloop.data.frame_records import FrameRecord
+from roadloop.data.frames import FrameStore
 from tests import test_fleet_hostile_uploads as uploads
 from tests.test_fleet_hostile_uploads import T0, Env, assert_4xx, meta
 

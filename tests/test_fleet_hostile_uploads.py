@@ -33,7 +33,9 @@ from fleet.config import GatewaySettings
 from fleet.db import FrameRow
 from fleet.jpeg import JpegError, decode_scale, inspect_jpeg
 from fleet.runtime import Gateway
-from roadloop.data.frames import FrameRecord, FrameStore, compute_quality
+from roadloop.data.frame_quality import compute_quality
+from roadloop.data.frame_records import FrameRecord
+from roadloop.data.frames import FrameStore
 from roadloop.errors import InvalidInputError
 
 T0 = datetime(2026, 5, 4, 12, 0, 0, tzinfo=UTC)
@@ -488,7 +490,7 @@ def test_a_sidecar_that_does_not_read_back_is_removed_and_refused(
 ) -> None:
     """A reader stricter than the writer (e.g. a newer platform): with ``frame_read_back`` the
     gateway reads the sidecar back before the 201, and removes the frame instead of committing
-    its row (without it, ``roadloop.data.frames.frame_sidecar`` checks the same in memory:
+    its row (without it, ``roadloop.data.frame_records.frame_sidecar`` checks the same in memory:
     tests/test_frame_batch.py)."""
     env = make_env(frame_read_back=True)
     store = env.gw.store

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from roadloop.data.frames import FrameRecord, FrameStore
+from roadloop.data.frame_records import FrameRecord
+from roadloop.data.frames import FrameStore
 
 from . import test_fleet_gateway as gateway_tests
 from .test_fleet_gateway import (

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from roadloop.data.frames import FrameRecord
+from roadloop.data.frame_records import FrameRecord
 from roadloop.data.object_frames import S3FrameStore, open_frame_store
 
 from . import test_fleet_gateway as gateway_tests

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from fleet.reconcile import reconcile_frame_store
-from roadloop.data.frames import FrameRecord
+from roadloop.data.frame_records import FrameRecord
 
 from .helpers import synthetic_jpeg
 from .test_fleet_gateway import (  # noqa: F401 - fixtures

@@ -204,7 +204,8 @@ def test_frame_store_sync_falls_back_to_fsync(tmp_path: Any, frame_jpeg: bytes,
     from datetime import UTC, datetime
 
     from roadloop.data import frames as frames_mod
-    from roadloop.data.frames import FrameRecord, FrameStore
+    from roadloop.data.frame_records import FrameRecord
+    from roadloop.data.frames import FrameStore
 
     store = FrameStore(tmp_path)
     rec = FrameRecord(frame_id="f-1", camera_id="cam-a", captured_at=datetime.now(UTC),
@@ -320,7 +321,7 @@ def test_a_record_that_does_not_read_back_is_refused_before_writing(
 
 def test_dc_decode_gives_a_dhash_near_the_native_one(frame_jpeg: bytes) -> None:
     from fleet.jpeg import decode_grey, inspect_jpeg, quality_scale
-    from roadloop.data.frames import dhash_hamming, dhash_hex
+    from roadloop.data.frame_quality import dhash_hamming, dhash_hex
 
     info = inspect_jpeg(frame_jpeg)  # 160x120: 1/8 would be 20x15, too coarse for the dhash
     sent = {"brightness": 1.0, "sharpness": 1.0}
@@ -339,7 +340,7 @@ def test_restart_removes_torn_frames_so_the_retry_stores_them(make_env: Any,
                                                                frame_jpeg: bytes) -> None:
     """A power cut before the group sync can leave renamed but empty files of frames that
     were never acknowledged: start-up removes them instead of giving them a row."""
-    from roadloop.data.frames import FrameRecord
+    from roadloop.data.frame_records import FrameRecord
 
     from .test_fleet_gateway import T0, H, W
 

@@ -1,5 +1,5 @@
 # ruff: noqa: F811 - the fixtures of tests/test_fleet_gateway.py are imported by name
-"""Only date folders hold frames (``roadloop.data.frames.is_date_folder``).
+"""Only date folders hold frames (``roadloop.data.frame_records.is_date_folder``).
 
 ``write_frame`` makes ``<camera>/<YYYY-MM-DD>/`` folders only. The object store already
 skipped any other folder; the folder store read them as frames, so an operator's copy in
@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from fleet.reconcile import reconcile_frame_store
-from roadloop.data.frames import FrameRecord, FrameStore, is_date_folder
+from roadloop.data.frame_records import FrameRecord, is_date_folder
+from roadloop.data.frames import FrameStore
 from roadloop.retention.policy import expire_frames
 
 from .helpers import synthetic_jpeg

@@ -14,23 +14,20 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from roadloop.data.frames import (
+from roadloop.data.curation import dedupe_near_duplicates, summarize_partition
+from roadloop.data.frame_quality import FrameQuality, compute_quality, dhash_hamming
+from roadloop.data.frame_records import (
     Detection,
-    FrameQuality,
     FrameRecord,
-    FrameStore,
     checked_sidecar,
-    compute_quality,
     date_folder,
-    dedupe_near_duplicates,
-    dhash_hamming,
     frame_sidecar,
     in_window,
     is_date_folder,
     safe_id,
-    summarize_partition,
     validate_id,
 )
+from roadloop.data.frames import FrameStore
 from roadloop.errors import InvalidInputError
 
 from .helpers import encode_jpeg, synthetic_image
@@ -341,7 +338,7 @@ def test_corrupt_sidecar_is_skipped_and_reported(tmp_path: Path, caplog) -> None
     bad = json.loads(p3.with_suffix(".json").read_text())
     bad["frame_id"] = "someone_else"  # valid JSON, wrong frame
     p3.with_suffix(".json").write_text(json.dumps(bad))
-    with caplog.at_level(logging.WARNING, logger="roadloop.data.frames"):
+    with caplog.at_level(logging.WARNING, logger="roadloop.data.frame_records"):
         frames = list(store.iter_frames("cam_a"))
     assert [r.frame_id for r, _ in frames] == ["f2"]
     assert "f1.json" in caplog.text

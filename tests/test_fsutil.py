@@ -242,7 +242,8 @@ def test_frame_store_arms_before_its_first_unsynced_write(
     import numpy as np
 
     from roadloop.data import frames as frames_mod
-    from roadloop.data.frames import FrameRecord, FrameStore
+    from roadloop.data.frame_records import FrameRecord
+    from roadloop.data.frames import FrameStore
 
     store = FrameStore(tmp_path / "store")
     armed_at_write: list[bool] = []

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from roadloop.data.frames import FrameRecord
+from roadloop.data.frame_records import FrameRecord
 from roadloop.data.object_frames import FrameWriteInProgress, S3FrameStore
 
 from . import test_fleet_gateway as gateway_tests
@@ -103,7 +103,7 @@ def _is_put(key: str, **condition: str) -> Any:
 def settled(monkeypatch: pytest.MonkeyPatch) -> None:
     """A JPEG without its record counts as a crash leftover at once (``IN_FLIGHT_GRACE``
     0): moto's ``LastModified`` cannot be set back."""
-    monkeypatch.setattr("roadloop.data.frames.IN_FLIGHT_GRACE", timedelta(0))
+    monkeypatch.setattr("roadloop.data.frame_records.IN_FLIGHT_GRACE", timedelta(0))
 
 
 # --------------------------------------------------------------------------- the races
@@ -304,7 +304,7 @@ def test_the_gateway_answers_503_while_another_upload_is_in_flight(
     assert raw.get_object(Bucket=bucket, Key=key)["Body"].read() == other
     assert env.rows() == []
 
-    monkeypatch.setattr("roadloop.data.frames.IN_FLIGHT_GRACE", timedelta(0))
+    monkeypatch.setattr("roadloop.data.frame_records.IN_FLIGHT_GRACE", timedelta(0))
     r = post_frame(env.client, token, meta("f-1"), frame_jpeg)
     assert r.status_code == 201, r.text
     assert raw.get_object(Bucket=bucket, Key=key)["Body"].read() == frame_jpeg

@@ -32,7 +32,8 @@ from edge_agent.heartbeat import TelemetryWindow
 from edge_agent.outbox import Outbox
 from edge_agent.redaction import RedactionUnavailable, Redactor
 from edge_agent.uploader import FrameUploader
-from roadloop.data.frames import FrameRecord, FrameStore
+from roadloop.data.frame_records import FrameRecord
+from roadloop.data.frames import FrameStore
 from roadloop.fsutil import sha256_file
 
 from . import test_fleet_gateway as gateway_tests

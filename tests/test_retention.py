@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from roadloop.data.frames import FrameRecord, FrameStore
+from roadloop.data.frame_records import FrameRecord
+from roadloop.data.frames import FrameStore
 from roadloop.retention.erasure import (
     ErasureRequestError,
     erase,
@@ -143,7 +144,7 @@ def test_an_unreadable_frame_written_just_now_is_left_for_a_later_run(store: Fra
     ``IN_FLIGHT_GRACE`` it is a leftover and goes."""
     import os
 
-    from roadloop.data.frames import IN_FLIGHT_GRACE
+    from roadloop.data.frame_records import IN_FLIGHT_GRACE
 
     in_range = _unreadable(store, "cam-a", 20)
     expired = _unreadable(store, "cam-b", 50)

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from roadloop.data.frames import FrameRecord, FrameStore
+from roadloop.data.frame_records import FrameRecord
+from roadloop.data.frames import FrameStore
 from roadloop.data.object_frames import open_frame_store
 
 from .helpers import CountingS3Client as _CountingClient

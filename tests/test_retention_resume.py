@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from roadloop.data.frames import FrameRecord, FrameStore
+from roadloop.data.frame_records import FrameRecord
+from roadloop.data.frames import FrameStore
 from roadloop.errors import RoadloopError
 from roadloop.retention.ledger import PrivacyLedger
 from roadloop.retention.policy import expire_frames

@@ -334,7 +334,7 @@ def test_simulated_annotator_reviews_through_fiftyone(store: ReviewStore, tmp_pa
 
 
 def test_items_from_active_learning_queue(store: ReviewStore, tmp_path: Path) -> None:
-    from roadloop.data.frames import Detection
+    from roadloop.data.frame_records import Detection
     from roadloop.labeling.active_learning import FramePrediction, build_queue
 
     items = _frames(tmp_path, 3, w=100, h=50)

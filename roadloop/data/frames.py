@@ -26,433 +26,32 @@ On-disk layout (the contract with the fleet gateway, which writes the same thing
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 import stat
 import threading
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from datetime import UTC, date, datetime, timedelta
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NamedTuple, Protocol
 
-import cv2
-import numpy as np
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationError,
-    field_validator,
+from roadloop.data.frame_records import (
+    ID_RE,
+    JPEG_MAGIC,
+    FrameRecord,
+    FrameWrite,
+    FsckReport,
+    StoredFrame,
+    checked_sidecar,
+    date_folder,
+    day_overlaps,
+    in_window,
+    is_date_folder,
+    parse_sidecar,
+    validate_id,
 )
-
-from edge_agent.quality import laplacian_variance  # one definition with the agent's
-from roadloop.errors import InvalidInputError
 from roadloop.fsutil import SyncFsHandle, fsync_dir, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
-
-ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$"
-_ID_RE = re.compile(ID_PATTERN)
-FrameId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-
-SCHEMA_VERSION = 1
-_JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def validate_id(kind: str, value: str, *, where: Path | str = ".") -> str:
-    """Return ``value`` if it is a safe camera/frame id, else raise ``InvalidInputError``."""
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        raise InvalidInputError(
-            where,
-            f"invalid {kind} {value!r}: must match [A-Za-z0-9_.-]{{1,64}} and not start with '.'",
-        )
-    return value
-
-
-def safe_id(text: str, max_len: int = 64) -> str:
-    """Map arbitrary text onto a valid id (disallowed characters become ``_``)."""
-    out = re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip(".") or "_"
-    if len(out) > max_len:
-        digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
-        out = f"{out[: max_len - 11]}-{digest}"
-    return out
-
-
-# --------------------------------------------------------------------------- quality
-
-
-class FrameQuality(BaseModel):
-    """Cheap per-frame image statistics, computed on the edge or at ingest.
-
-    ``brightness`` and ``sharpness`` are measured on the grey frame at its native resolution
-    (an agent measures them before JPEG encoding); ``dhash`` is defined on a 9x8 thumbnail, so
-    the scale it was computed from hardly matters (a 1/2 or 1/4 scaled decode gives the same
-    hash within a bit).
-    """
-
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    brightness: float = Field(ge=0.0, le=255.0, description="Mean luma (grey level), 0-255.")
-    sharpness: float = Field(ge=0.0, description="Variance of the Laplacian of the grey image.")
-    dhash: str = Field(pattern=r"^[0-9a-f]{16}$", description="64-bit difference hash, hex.")
-
-
-def _to_grey(image: np.ndarray) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.size == 0:
-        raise ValueError("image must be a non-empty numpy array")
-    if image.ndim == 2:
-        grey = image
-    elif image.ndim == 3 and image.shape[2] == 3:
-        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        grey = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
-    elif image.ndim == 3 and image.shape[2] == 1:
-        grey = image[:, :, 0]
-    else:
-        raise ValueError(f"unsupported image shape {image.shape}")
-    if grey.dtype != np.uint8:
-        grey = np.clip(grey, 0, 255).astype(np.uint8)
-    return grey
-
-
-def dhash_hex(grey: np.ndarray) -> str:
-    """Difference hash: 9x8 thumbnail, one bit per horizontally adjacent pixel pair."""
-    small = cv2.resize(grey, (9, 8), interpolation=cv2.INTER_AREA).astype(np.int16)
-    bits = (small[:, 1:] > small[:, :-1]).flatten()
-    value = 0
-    for bit in bits:
-        value = (value << 1) | int(bit)
-    return f"{value:016x}"
-
-
-def compute_quality(image_bgr: np.ndarray) -> FrameQuality:
-    """Brightness, sharpness and dhash of a BGR (or grey) uint8 image.
-
-    Sharpness is measured at the image's native resolution, so compare it between frames
-    of the same camera rather than across cameras.
-    """
-    grey = _to_grey(image_bgr)
-    brightness = float(grey.mean())
-    sharpness = laplacian_variance(grey)
-    return FrameQuality(brightness=brightness, sharpness=sharpness, dhash=dhash_hex(grey))
-
-
-def dhash_hamming(a: str, b: str) -> int:
-    """Number of differing bits between two 16-hex-digit dhashes."""
-    for h in (a, b):
-        if len(h) != 16:
-            raise ValueError(f"dhash must be 16 hex digits, got {h!r}")
-    return (int(a, 16) ^ int(b, 16)).bit_count()
-
-
-# --------------------------------------------------------------------------- records
-
-
-class Detection(BaseModel):
-    """One box predicted on the edge (pixel coordinates of the stored frame)."""
-
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    class_id: int = Field(ge=0)
-    class_name: str
-    confidence: float = Field(ge=0.0, le=1.0)
-    xyxy: tuple[float, float, float, float]
-
-    @field_validator("xyxy")
-    @classmethod
-    def _ordered(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        x1, y1, x2, y2 = v
-        if x2 < x1 or y2 < y1:
-            raise ValueError(f"xyxy must have x2>=x1 and y2>=y1, got {v}")
-        return v
-
-
-class FrameRedaction(BaseModel):
-    """What the edge agent removed from the pixels before the frame left it
-    (``edge_agent.redaction``): the method, the redactor's version, regions per kind and
-    the share of the image covered. Kept in the sidecar for privacy audits."""
-
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    method: str
-    version: str = ""
-    counts: dict[str, int] = Field(default_factory=dict)
-    area_share: float = Field(default=0.0, ge=0.0, le=1.0)
-
-
-class FrameRecord(BaseModel):
-    """The sidecar of one stored frame: where it came from and why it was kept."""
-
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    frame_id: FrameId
-    camera_id: FrameId
-    captured_at: datetime = Field(description="Capture time, timezone-aware, stored in UTC.")
-    reasons: list[str] = Field(
-        default_factory=list,
-        description='Why the frame was sampled: "base_rate", "low_confidence", "rare_class", '
-        '"crowded", "replay", ...',
-    )
-    importance: float = Field(default=1.0, ge=0.0)
-    source: str = Field(description='e.g. "replay:atl_v2", "video:cctv_street", "agent".')
-    source_ref: str | None = Field(
-        default=None, description="Origin of the pixels (provenance, leakage checks)."
-    )
-    labels_ref: str | None = Field(
-        default=None, description="Ground-truth YOLO label file, when the frame has one."
-    )
-    model_version: str | None = None
-    detections: list[Detection] = Field(default_factory=list)
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
-    quality: FrameQuality | None = None
-    redaction: FrameRedaction | None = Field(
-        default=None, description="What the edge redacted (None: not stated by the source).")
-    image_sha256: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{64}$",
-        description="SHA-256 of the image's bytes, stated by the store that wrote them "
-        "(``checked_sidecar``; None in sidecars written before stores stated it). An object "
-        "store's reader checks its cached copy of the image against it instead of asking "
-        "the store.")
-    schema_version: int = SCHEMA_VERSION
-
-    @field_validator("captured_at")
-    @classmethod
-    def _utc(cls, v: datetime) -> datetime:
-        if v.tzinfo is None or v.utcoffset() is None:
-            raise ValueError("captured_at must be timezone-aware")
-        return v.astimezone(UTC)
-
-
-class FrameWrite(NamedTuple):
-    """Result of ``FrameStore.write_frame``: the image path and whether it was already there."""
-
-    path: Path
-    already_existed: bool
-
-
-class FsckReport(BaseModel):
-    """What ``FrameStore.fsck`` found. Readers skip everything except ``frames_ok``."""
-
-    frames_ok: int = 0
-    orphan_images: list[Path] = Field(default_factory=list)
-    corrupt_sidecars: list[Path] = Field(default_factory=list)
-    sidecars_without_image: list[Path] = Field(default_factory=list)
-    # sidecars whose image is a symbolic link or an empty file (``_image_problem``)
-    bad_images: list[Path] = Field(default_factory=list)
-    temp_files: list[Path] = Field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        return not (
-            self.orphan_images
-            or self.corrupt_sidecars
-            or self.sidecars_without_image
-            or self.bad_images
-            or self.temp_files
-        )
-
-
-# How long the two writes of one frame (its image, then its record) can be apart: each is one
-# request to the store, and the gateway bounds a request to a stalled object store at ~7 s
-# (roadloop.data.object_frames, S3Timeouts); a local file takes microseconds. An image without
-# its record written less than this ago may be an upload in flight, not a leftover
-# (roadloop.retention.leftovers, S3FrameStore._put_image). Ten minutes is ~80 times the
-# bound, and short enough that the next retention or erasure run takes a real leftover.
-IN_FLIGHT_GRACE = timedelta(minutes=10)
-
-
-class StoredFrame(NamedTuple):
-    """One frame as a store lists it (``FrameStorage.stored_frames``), its image unread."""
-
-    camera_id: str
-    frame_id: str  # the file stem
-    day: str  # its date folder (``date_folder``)
-    # The image: the file in a folder store; the cache path (``root/<key>``, which may not
-    # exist) on the object store. ``remove_frame`` takes it in either store.
-    image: Path
-    size_bytes: int  # what the store holds for it: image + record (a symbolic link's own size)
-    # None: no reader sees it as a frame (what ``fsck`` reports: an image without its
-    # record, a record without its image, one that does not parse or names another frame, an
-    # image that is a symbolic link or empty)
-    record: FrameRecord | None
-    # The latest write of its image or record, by the store's clock (file mtime, the object's
-    # LastModified); None where the store did not say. What tells an upload in flight (its
-    # image written, its record not yet) from a leftover (``roadloop.retention.leftovers``).
-    modified: datetime | None = None
-
-
-def day_start(day: str) -> datetime | None:
-    """UTC midnight of the date folder ``day`` (``YYYY-MM-DD``); None when it names no date."""
-    try:
-        return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
-    except ValueError:
-        return None
-
-
-_DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
-
-
-def is_date_folder(name: str) -> bool:
-    """Whether ``name`` is a date folder's (``YYYY-MM-DD``, a real date): the only folders
-    ``write_frame`` makes under a camera (``date_folder``). Every reader of both stores skips
-    the others (``misc``, ``backup``, ``2026-13-45``): nothing in them is a frame of the
-    store, and a frame read from there would not be found again by its capture time."""
-    if not _DAY_RE.fullmatch(name):
-        return False
-    try:
-        date.fromisoformat(name)  # C, not strptime: find_frame asks once per date folder
-    except ValueError:
-        return False
-    return True
-
-
-def day_overlaps(day: str, start: datetime | None, end: datetime | None) -> bool:
-    """Whether the UTC date folder ``day`` (``YYYY-MM-DD``) overlaps ``[start, end)`` (a
-    missing bound does not limit; a folder name that is no date: True, its records tell)."""
-    first = day_start(day)
-    if first is None:
-        return True
-    return ((start is None or first + timedelta(days=1) > start)
-            and (end is None or first < end))
-
-
-def checked_sidecar(
-    record: FrameRecord,
-    jpeg_bytes: bytes,
-    decoded_size: tuple[int, int] | None,
-    *,
-    where: Path | str,
-    sidecar: bytes | None = None,
-) -> bytes:
-    """The sidecar bytes of a frame a store is about to write, after the checks every store
-    makes: the payload is a JPEG of the record's size and the sidecar reads back. Raises
-    ``InvalidInputError`` naming the frame. ``sidecar``: bytes the caller made with
-    ``frame_sidecar`` (checked to read back already), returned after the payload checks; the
-    record must then state its image's hash.
-
-    The sidecar states the image's SHA-256 (``FrameRecord.image_sha256``): computed here,
-    unless the record states it already — the gateway hashes each upload once, for its row
-    and its record, and vouches for the value (a wrong one would only make an object store's
-    readers download the image instead of using their cached copy)."""
-    target = where
-    label = f"frame {record.camera_id}/{record.frame_id}"
-    if not isinstance(jpeg_bytes, (bytes, bytearray, memoryview)) or not bytes(
-        jpeg_bytes[:3]
-    ).startswith(_JPEG_MAGIC):
-        raise InvalidInputError(target, f"{label}: payload is not a JPEG")
-    if decoded_size is not None:
-        w, h = decoded_size
-    else:
-        image = cv2.imdecode(np.frombuffer(jpeg_bytes, dtype=np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            raise InvalidInputError(target, f"{label}: JPEG does not decode")
-        h, w = image.shape[:2]
-    if (w, h) != (record.width, record.height):
-        raise InvalidInputError(
-            target,
-            f"{label}: JPEG is {w}x{h} but the record says {record.width}x{record.height}",
-        )
-    if sidecar is not None:
-        if record.image_sha256 is None:
-            raise ValueError(f"{label}: a sidecar made by the caller must state the image's "
-                             "hash (frame_sidecar of a record with image_sha256)")
-        return sidecar
-    if record.image_sha256 is None:
-        record = record.model_copy(
-            update={"image_sha256": hashlib.sha256(jpeg_bytes).hexdigest()})
-    sidecar = record.model_dump_json(indent=2).encode()
-    try:  # never write a sidecar the readers below would skip
-        FrameRecord.model_validate_json(sidecar)
-    except ValidationError as exc:
-        raise InvalidInputError(
-            target, f"{label}: its record does not read back ({_first_error(exc)})"
-        ) from exc
-    return sidecar
-
-
-def frame_sidecar(record: FrameRecord) -> bytes | None:
-    """The sidecar bytes the stores write for ``record``, or None when they would not read
-    back as the same data. Compared as JSON: a record built from an upload's bounded model
-    types (subclasses) reads back as the plain ones, and equal JSON is equal data. The
-    gateway makes a frame's sidecar here once, before it writes anything, and hands the
-    bytes to ``write_frame``."""
-    sidecar = record.model_dump_json(indent=2).encode()
-    try:
-        back = FrameRecord.model_validate_json(sidecar)
-    except (ValidationError, ValueError):
-        return None
-    return sidecar if back.model_dump_json(indent=2).encode() == sidecar else None
-
-
-def parse_sidecar(
-    data: bytes, camera_id: str, frame_id: str, *, where: Path | str
-) -> FrameRecord | None:
-    """The record in a sidecar's bytes, as every reader sees it: ``None`` (and a warning)
-    when it does not parse or describes another frame than the one it is stored as."""
-    try:
-        record = FrameRecord.model_validate_json(data)
-    except (ValidationError, ValueError) as exc:
-        logger.warning("skipping corrupt frame sidecar %s: %s", where, str(exc)[:200])
-        return None
-    if record.camera_id != camera_id or record.frame_id != frame_id:
-        logger.warning(
-            "skipping sidecar %s: it describes %s/%s", where, record.camera_id, record.frame_id
-        )
-        return None
-    return record
-
-
-class FrameStorage(Protocol):
-    """What the platform and the gateway use of a frame store. Two implementations:
-    ``FrameStore`` (a local or mounted folder, the embedded default) and
-    ``roadloop.data.object_frames.S3FrameStore`` (S3-compatible object storage, shared by
-    gateway replicas). Images come back as local paths (the object store downloads them
-    into a local cache folder, ``root``); a frame's path relative to ``root`` is its
-    location in either store (``<camera_id>/<YYYY-MM-DD>/<frame_id>.jpg``)."""
-
-    root: Path
-    is_local: bool
-
-    def frame_path(self, record: FrameRecord) -> Path: ...
-    def find_frame(self, camera_id: str, frame_id: str) -> Path | None: ...
-    def write_frame(self, record: FrameRecord, jpeg_bytes: bytes, *,
-                    decoded_size: tuple[int, int] | None = None,
-                    durable: bool = True, look_in_other_days: bool = True,
-                    sidecar: bytes | None = None) -> FrameWrite: ...
-    def sync(self) -> None: ...
-    def remove_frame(self, image_path: Path) -> None: ...
-    def image_path(self, relative: str, *, sha256: str | None = None) -> Path: ...
-    def cameras(self) -> list[str]: ...
-    def read_record(self, camera_id: str, frame_id: str, *,
-                    captured_at: datetime | None = None) -> FrameRecord | None: ...
-    def iter_frames(self, camera_id: str, *, start: datetime | None = None,
-                    end: datetime | None = None) -> Iterator[tuple[FrameRecord, Path]]: ...
-    def count(self, camera_id: str) -> int: ...
-    def fsck(self, camera_id: str | None = None) -> FsckReport: ...
-    def stored_frames(self, camera_id: str, *, start: datetime | None = None,
-                      end: datetime | None = None) -> list[StoredFrame]: ...
-    def day_sizes(self, camera_id: str, day: str) -> dict[str, int]: ...
-
-
-# --------------------------------------------------------------------------- store
-
-
-def in_window(record: FrameRecord, start: datetime | None, end: datetime | None) -> bool:
-    """``start <= record.captured_at < end`` (a missing bound does not limit)."""
-    return ((start is None or record.captured_at >= start)
-            and (end is None or record.captured_at < end))
-
-
-def date_folder(captured_at: datetime) -> str:
-    """The date folder a frame captured at ``captured_at`` is stored under (UTC day), in
-    either store: ``YYYY-MM-DD`` (``date.isoformat``, which pads the year to 4 digits as
-    ``is_date_folder`` expects; it costs a twentieth of ``strftime``'s 10 µs)."""
-    return captured_at.astimezone(UTC).date().isoformat()
 
 
 def _image_problem(image: Path) -> str | None:
@@ -483,7 +82,7 @@ def jpeg_ends_problem(image: Path) -> str | None:
             tail = fh.read(1024)
     except OSError as exc:
         return f"does not read ({exc.strerror})"
-    if head != _JPEG_MAGIC:
+    if head != JPEG_MAGIC:
         return "is not a JPEG"
     if b"\xff\xd9" not in tail:
         return "is cut short (no JPEG end-of-image marker)"
@@ -668,7 +267,7 @@ class FrameStore:
         if not self.root.is_dir():
             return []
         return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and _ID_RE.fullmatch(p.name)
+            p.name for p in self.root.iterdir() if p.is_dir() and ID_RE.fullmatch(p.name)
         )
 
     def _sidecars(self, camera_id: str) -> Iterator[Path]:
@@ -677,7 +276,7 @@ class FrameStore:
             return
         for day in _date_folders(cam):
             for sidecar in sorted(day.glob("*.json")):
-                if _ID_RE.fullmatch(sidecar.stem):
+                if ID_RE.fullmatch(sidecar.stem):
                     yield sidecar
 
     def read_record(self, camera_id: str, frame_id: str, *,
@@ -754,7 +353,7 @@ class FrameStore:
             for stem in stems:
                 image, sidecar = day / f"{stem}.jpg", day / f"{stem}.json"
                 record = (self._load(sidecar, camera_id)
-                          if _ID_RE.fullmatch(stem) and sidecar.is_file()
+                          if ID_RE.fullmatch(stem) and sidecar.is_file()
                           and _image_problem(image) is None else None)
                 size, mtime = 0, None
                 for path in (image, sidecar):
@@ -818,138 +417,3 @@ class FrameStore:
                         else:
                             report.frames_ok += 1
         return report
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
-    return f"{loc}: {err.get('msg', 'invalid')}"
-
-
-# --------------------------------------------------------------------------- curation
-
-
-class DedupePolicy(BaseModel):
-    """When a sampled frame counts as a near-duplicate of one already kept.
-
-    A traffic camera's view hardly changes: a whole-frame dhash of a static street stays
-    within a few bits while different vehicles pass (``window_street``: 20 of 24 frames
-    sampled every 2 s lie within 4 bits of its first). So a frame is a near-duplicate only
-    when all hold: its dhash is within ``max_hamming`` bits of a kept frame of the same
-    camera, that frame was captured at most ``max_age_s`` earlier (``None``: any time), and
-    both saw the same objects (equal per-class detection counts; frames without detections,
-    e.g. replays, compare equal). ``per_camera_max_hamming`` overrides the bit threshold
-    per camera (0 keeps all but exact copies).
-    """
-
-    max_hamming: int = Field(default=4, ge=0, le=64)
-    max_age_s: float | None = Field(default=600.0, gt=0)
-    same_detections: bool = True
-    per_camera_max_hamming: dict[str, Annotated[int, Field(ge=0, le=64)]] = Field(
-        default_factory=dict)  # a dhash has 64 bits, as max_hamming
-
-    def threshold(self, camera_id: str) -> int:
-        return self.per_camera_max_hamming.get(camera_id, self.max_hamming)
-
-
-def _detection_signature(rec: FrameRecord) -> tuple[tuple[str, int], ...]:
-    return tuple(sorted(Counter(d.class_name for d in rec.detections).items()))
-
-
-def dedupe_near_duplicates(
-    records: Sequence[FrameRecord],
-    max_hamming: int = 4,
-    window: int | None = None,
-    policy: DedupePolicy | None = None,
-) -> tuple[list[FrameRecord], list[FrameRecord]]:
-    """Split ``records`` into (kept, dropped): near-duplicates of an earlier kept frame drop.
-
-    Per camera, in ``captured_at`` order, a frame is dropped when it is a near-duplicate
-    (see :class:`DedupePolicy`; without one, dhash within ``max_hamming`` bits of any kept
-    frame, detections ignored) of one of the last ``window`` kept frames (all of them when
-    ``window`` is None). Frames without a quality record are always kept. Both lists come
-    back in time order.
-    """
-    if policy is None:
-        policy = DedupePolicy(max_hamming=max_hamming, max_age_s=None, same_detections=False)
-    ordered = sorted(records, key=lambda r: (r.captured_at, r.camera_id, r.frame_id))
-    kept_by_camera: dict[str, list[tuple[int, datetime, tuple]]] = {}
-    kept: list[FrameRecord] = []
-    dropped: list[FrameRecord] = []
-    for rec in ordered:
-        if rec.quality is None:
-            kept.append(rec)
-            continue
-        h = int(rec.quality.dhash, 16)
-        sig = _detection_signature(rec) if policy.same_detections else ()
-        bits = policy.threshold(rec.camera_id)
-        recent = kept_by_camera.setdefault(rec.camera_id, [])
-        pool = recent if window is None else recent[-window:]
-        duplicate = any(
-            (h ^ other_hash).bit_count() <= bits
-            and (policy.max_age_s is None
-                 or (rec.captured_at - other_at).total_seconds() <= policy.max_age_s)
-            and other_sig == sig
-            for other_hash, other_at, other_sig in pool
-        )
-        if duplicate:
-            dropped.append(rec)
-        else:
-            kept.append(rec)
-            recent.append((h, rec.captured_at, sig))
-    return kept, dropped
-
-
-class PartitionSummary(BaseModel):
-    """What one camera partition of sampled frames holds (for asset metadata)."""
-
-    frames: int
-    cameras: list[str]
-    per_reason: dict[str, int]
-    duplicates_dropped: int
-    mean_brightness: float | None
-    mean_sharpness: float | None
-    first_captured_at: datetime | None
-    last_captured_at: datetime | None
-
-    def to_markdown(self) -> str:
-        rows = [
-            "| metric | value |",
-            "|---|---|",
-            f"| frames | {self.frames} |",
-            f"| duplicates dropped | {self.duplicates_dropped} |",
-            f"| cameras | {', '.join(self.cameras) or '-'} |",
-        ]
-        for reason, n in sorted(self.per_reason.items()):
-            rows.append(f"| reason `{reason}` | {n} |")
-        if self.mean_brightness is not None:
-            rows.append(f"| mean brightness | {self.mean_brightness:.1f} |")
-        if self.mean_sharpness is not None:
-            rows.append(f"| mean sharpness | {self.mean_sharpness:.1f} |")
-        if self.first_captured_at is not None:
-            rows.append(f"| first | {self.first_captured_at.isoformat()} |")
-            rows.append(
-                f"| last | {self.last_captured_at.isoformat() if self.last_captured_at else '-'} |"
-            )
-        return "\n".join(rows)
-
-
-def summarize_partition(
-    kept: Sequence[FrameRecord], dropped: Sequence[FrameRecord]
-) -> PartitionSummary:
-    """Counts and means over the kept frames; ``dropped`` only counts as duplicates."""
-    reasons: Counter[str] = Counter()
-    for rec in kept:
-        reasons.update(set(rec.reasons))
-    qualities = [r.quality for r in kept if r.quality is not None]
-    times = [r.captured_at for r in kept]
-    return PartitionSummary(
-        frames=len(kept),
-        cameras=sorted({r.camera_id for r in kept}),
-        per_reason=dict(sorted(reasons.items())),
-        duplicates_dropped=len(dropped),
-        mean_brightness=float(np.mean([q.brightness for q in qualities])) if qualities else None,
-        mean_sharpness=float(np.mean([q.sharpness for q in qualities])) if qualities else None,
-        first_captured_at=min(times) if times else None,
-        last_captured_at=max(times) if times else None,
-    )

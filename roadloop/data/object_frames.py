@@ -17,7 +17,7 @@ Same layout as the folder store (``roadloop.data.frames``), as object keys under
   record come from the same upload**: a JPEG already there is kept when it holds the same
   bytes (a retry after a crash between the PUTs, or the same upload in flight elsewhere),
   left as it is when its record is in, and replaced only as a crash leftover, without a
-  record and older than ``roadloop.data.frames.IN_FLIGHT_GRACE``; younger, it is
+  record and older than ``roadloop.data.frame_records.IN_FLIGHT_GRACE``; younger, it is
   another upload between its two PUTs and the write fails with ``FrameWriteInProgress`` (an
   ``OSError``: 503, retry later). That costs requests only when the JPEG PUT is refused
   (``S3FrameStore._put_image``); the common path is still one PUT per object.
@@ -73,12 +73,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from roadloop.data import frames as data_frames  # IN_FLIGHT_GRACE, read at each use
-from roadloop.data.frames import (
-    ID_PATTERN,
+from roadloop.data import frame_records  # IN_FLIGHT_GRACE, read at each use
+from roadloop.data.frame_records import (
+    ID_RE,
     FrameRecord,
     FrameStorage,
-    FrameStore,
     FrameWrite,
     FsckReport,
     StoredFrame,
@@ -90,11 +89,11 @@ from roadloop.data.frames import (
     parse_sidecar,
     validate_id,
 )
+from roadloop.data.frames import FrameStore
 from roadloop.fsutil import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
-_ID_RE = re.compile(ID_PATTERN)
 
 
 # The S3 client's timeouts (docs/storage.md "Timeouts"). An agent gives up on an upload after
@@ -390,7 +389,7 @@ class S3FrameStore:
         marker.touch()
         cutoff = now - self.cache_ttl_s
         removed = 0
-        for camera in _subfolders(self.root, _ID_RE.fullmatch):
+        for camera in _subfolders(self.root, ID_RE.fullmatch):
             for day in _subfolders(camera, is_date_folder):
                 removed += _sweep_day(day, cutoff)
                 _remove_if_idle(day, cutoff)
@@ -482,7 +481,7 @@ class S3FrameStore:
                 condition = {"IfNoneMatch": "*"}
                 continue
             same = found.etag == md5 or found.body == body
-            if found.age < data_frames.IN_FLIGHT_GRACE:
+            if found.age < frame_records.IN_FLIGHT_GRACE:
                 if same:
                     return True
                 raise FrameWriteInProgress(rel, found.age)
@@ -536,7 +535,7 @@ class S3FrameStore:
             for page in self._list("", "/"):
                 for cp in page.get("CommonPrefixes", []):
                     name = cp["Prefix"].rstrip("/").rsplit("/", 1)[-1]
-                    if _ID_RE.fullmatch(name):
+                    if ID_RE.fullmatch(name):
                         names.append(name)
         return sorted(names)
 
@@ -604,7 +603,7 @@ class S3FrameStore:
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][base:]
                     stem, _, ext = rel.rpartition(".")
-                    if not _ID_RE.fullmatch(stem.rsplit("/", 1)[-1]):
+                    if not ID_RE.fullmatch(stem.rsplit("/", 1)[-1]):
                         continue
                     if ext == "jpg":
                         images[stem] = int(obj["Size"])
@@ -742,8 +741,8 @@ class S3FrameStore:
                     current.last_key = rel
                     stem, _, ext = parts[-1].rpartition(".")
                     if (len(parts) != 3 or ext not in ("jpg", "json")
-                            or not _ID_RE.fullmatch(parts[0]) or not is_date_folder(parts[1])
-                            or not _ID_RE.fullmatch(stem)):
+                            or not ID_RE.fullmatch(parts[0]) or not is_date_folder(parts[1])
+                            or not ID_RE.fullmatch(stem)):
                         continue
                     entry = current.frames.setdefault(stem, ListedFrame(stem))
                     if ext == "jpg":
@@ -816,7 +815,7 @@ def _sweep_day(day: Path, cutoff: float) -> int:
     names = {e.name for e in entries}
     for entry in entries:
         name = entry.name
-        if name.endswith(".jpg") and _ID_RE.fullmatch(name[:-4]):
+        if name.endswith(".jpg") and ID_RE.fullmatch(name[:-4]):
             if f"{name[:-4]}.json" in names:
                 continue  # a folder store's frame (record beside it): not the cache's
         elif not _TEMP_RE.fullmatch(name):

@@ -33,7 +33,9 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 
-from roadloop.data.frames import FrameRecord, FrameStore, compute_quality, safe_id, validate_id
+from roadloop.data.frame_quality import compute_quality
+from roadloop.data.frame_records import FrameRecord, safe_id, validate_id
+from roadloop.data.frames import FrameStore
 from roadloop.data.splits import REPLAYABLE_SPLIT, is_replay_frame
 from roadloop.errors import InvalidInputError, MissingDataError
 from roadloop.settings import Settings

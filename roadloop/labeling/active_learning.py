@@ -46,7 +46,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from roadloop.data.frames import Detection
+from roadloop.data.frame_records import Detection
 
 logger = logging.getLogger(__name__)
 

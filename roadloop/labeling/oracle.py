@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from roadloop.data.datasets import LabelledFrame, Taxonomy, load_taxonomy
-from roadloop.data.frames import FrameRecord
+from roadloop.data.frame_records import FrameRecord
 from roadloop.errors import InvalidInputError, MissingDataError, RoadloopError
 from roadloop.fsutil import write_text_atomic
 from roadloop.labeling.review_items import ReviewBox, ReviewItem

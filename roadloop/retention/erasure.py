@@ -34,7 +34,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from roadloop.data.frames import FrameId, FrameStorage, in_window
+from roadloop.data.frame_records import FrameId, FrameStorage, in_window
 from roadloop.errors import RoadloopError
 from roadloop.fsutil import write_text_atomic
 from roadloop.retention.derived import (

@@ -5,7 +5,7 @@ symbolic link or empty.
 ``iter_frames`` skips them (with a warning), so retention and erasure, which once worked
 from it, left them in the store, and an erasure reported itself complete while a camera's
 pixels stayed. Their capture time cannot be read, but their day folder is the UTC day they
-were stored under (``roadloop.data.frames.date_folder``): retention takes them once that
+were stored under (``roadloop.data.frame_records.date_folder``): retention takes them once that
 whole day has expired, and an erasure takes them when their day overlaps its range (a
 privacy request errs toward deleting). They come from the store's listing
 (``FrameStorage.stored_frames``, record None), in the folder store and the object store
@@ -15,7 +15,7 @@ One kind is not a leftover yet: an upload writes a frame's image, then its recor
 or two PUTs on an object store), so between the two the frame lists as an image without its
 record. Taken then, the image of a frame captured *outside* the range (same day folder) would
 be deleted and the upload would answer 201 for a frame without pixels. So an unreadable frame
-written less than ``roadloop.data.frames.IN_FLIGHT_GRACE`` ago is left for a later run; one in the range is not kept
+written less than ``roadloop.data.frame_records.IN_FLIGHT_GRACE`` ago is left for a later run; one in the range is not kept
 by this: its upload's insert sees the erasure and removes its files itself (``fleet.intake``),
 and a gateway that died mid-upload repairs it at start-up (``fleet.reconcile``).
 """
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from roadloop.data import frames as data_frames  # IN_FLIGHT_GRACE, read at each call
-from roadloop.data.frames import FrameStorage, StoredFrame, day_start
+from roadloop.data import frame_records  # IN_FLIGHT_GRACE, read at each call
+from roadloop.data.frame_records import FrameStorage, StoredFrame, day_start
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def select_leftovers(frames: Iterable[StoredFrame], *, start: datetime | None = 
     overlaps ``[start, end)`` (with ``whole_days``: lies entirely inside it), written before
     ``settled_before`` (default: ``IN_FLIGHT_GRACE`` ago by the wall clock, which the stores'
     modification times follow; a frame whose time the store did not give counts as settled)."""
-    settled = settled_before or datetime.now(UTC) - data_frames.IN_FLIGHT_GRACE
+    settled = settled_before or datetime.now(UTC) - frame_records.IN_FLIGHT_GRACE
     out: dict[Path, Leftover] = {}
     young = 0
     for frame in frames:

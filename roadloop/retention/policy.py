@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from roadloop.data.frames import FrameStorage, in_window
+from roadloop.data.frame_records import FrameStorage, in_window
 from roadloop.errors import InvalidInputError
 from roadloop.retention.derived import (
     DerivedScrub,
