@@ -14,7 +14,7 @@ import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from fleet.db import FrameRow
 from fleet.jpeg import JpegError, decode_scale, inspect_jpeg
 from fleet.runtime import Gateway
 from roadloop.data.frame_quality import compute_quality
-from roadloop.data.frame_records import FrameRecord
+from roadloop.data.frame_records import FrameRecord, frame_sidecar
 from roadloop.data.frames import FrameStore
 from roadloop.errors import InvalidInputError
 
@@ -483,6 +483,26 @@ def test_store_refuses_a_record_that_would_not_read_back(tmp_path: Path, good: b
     with pytest.raises(InvalidInputError, match="does not read back"):
         store.write_frame(record, good, decoded_size=(W, H))
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_store_refuses_a_record_that_reads_back_as_other_data(
+    tmp_path: Path, good: bytes
+) -> None:
+    """The library path (no sidecar handed in) checks what the gateway's ``frame_sidecar``
+    checks: the sidecar reads back as the same data, not only that it parses. Built without
+    validation, this record's capture time is not in UTC, which every reader's would be."""
+    store = FrameStore(tmp_path)
+    record = FrameRecord.model_construct(
+        frame_id="f-1", camera_id="cam-a", captured_at=T0.astimezone(timezone(timedelta(hours=2))),
+        reasons=[], importance=1.0, source="test", source_ref=None, labels_ref=None,
+        model_version=None, detections=[], width=W, height=H, quality=None, schema_version=1,
+    )
+    assert frame_sidecar(record) is None
+    with pytest.raises(InvalidInputError, match="does not read back.*other data"):
+        store.write_frame(record, good, decoded_size=(W, H))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    fixed = FrameRecord.model_validate(record.model_dump())  # validated: in UTC
+    assert store.write_frame(fixed, good, decoded_size=(W, H)).already_existed is False
 
 
 def test_a_sidecar_that_does_not_read_back_is_removed_and_refused(

@@ -276,13 +276,9 @@ def checked_sidecar(
     if record.image_sha256 is None:
         record = record.model_copy(
             update={"image_sha256": hashlib.sha256(jpeg_bytes).hexdigest()})
-    sidecar = record.model_dump_json(indent=2).encode()
-    try:  # never write a sidecar the readers below would skip
-        FrameRecord.model_validate_json(sidecar)
-    except ValidationError as exc:
-        raise InvalidInputError(
-            target, f"{label}: its record does not read back ({_first_error(exc)})"
-        ) from exc
+    sidecar, problem = _sidecar_and_problem(record)
+    if problem is not None:  # never write a sidecar the readers would skip or read otherwise
+        raise InvalidInputError(target, f"{label}: its record does not read back ({problem})")
     return sidecar
 
 
@@ -292,12 +288,22 @@ def frame_sidecar(record: FrameRecord) -> bytes | None:
     types (subclasses) reads back as the plain ones, and equal JSON is equal data. The
     gateway makes a frame's sidecar here once, before it writes anything, and hands the
     bytes to ``write_frame``."""
+    sidecar, problem = _sidecar_and_problem(record)
+    return sidecar if problem is None else None
+
+
+def _sidecar_and_problem(record: FrameRecord) -> tuple[bytes, str | None]:
+    """``record``'s sidecar bytes and, when they do not read back as the same data, why."""
     sidecar = record.model_dump_json(indent=2).encode()
     try:
         back = FrameRecord.model_validate_json(sidecar)
-    except (ValidationError, ValueError):
-        return None
-    return sidecar if back.model_dump_json(indent=2).encode() == sidecar else None
+    except ValidationError as exc:
+        return sidecar, _first_error(exc)
+    except ValueError as exc:
+        return sidecar, str(exc)
+    if back.model_dump_json(indent=2).encode() != sidecar:
+        return sidecar, "it reads back as other data"
+    return sidecar, None
 
 
 def parse_sidecar(
