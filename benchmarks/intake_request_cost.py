@@ -13,6 +13,12 @@ both sides alike:
 * **store_batch**: ``fleet.intake_batch.store_batch`` (metadata, JPEG checks and decode,
   files, group commit) for requests of 1 and of 16 frames; the fixed cost of a request and
   the cost of each further frame follow from the two.
+* **threads at once**: requests of 16 frames stored by 1, 2 or 3 threads of one process at
+  once, as a gateway worker's thread pool runs them when its agents' requests overlap: what
+  sharing the interpreter's lock costs a frame (every file operation and the decode release
+  it, and a waiting thread takes it over); and what one hand-over to another thread and back
+  costs (``DecodePool.run`` of a function that does nothing), the unit behind the batch
+  path's one hand-over to the decode slot per request instead of one per frame.
 
     python -m benchmarks.intake_request_cost --out benchmarks/results
 
@@ -27,6 +33,7 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -82,14 +89,16 @@ def transaction_now(session: Session, device_id: str, rows: list[dict[str, Any]]
 class Bench:
     """A gateway (its lifespan running), one enrolled device, fresh frame ids."""
 
-    def __init__(self, gw: Gateway, principal: Principal, jpegs: list[Any]) -> None:
-        self.gw, self.principal, self.jpegs = gw, principal, jpegs
+    def __init__(self, gw: Gateway, principal: Principal, jpegs: list[Any],
+                 prefix: str = "f") -> None:
+        self.gw, self.principal, self.jpegs, self.prefix = gw, principal, jpegs, prefix
         self.n = 0
         self.base = datetime.now(UTC) - timedelta(minutes=10)
 
     def _next(self) -> tuple[str, datetime, Any]:
         i, self.n = self.n, self.n + 1
-        return f"f{i:08d}", self.base + timedelta(milliseconds=i), self.jpegs[i % len(self.jpegs)]
+        return (f"{self.prefix}{i:08d}", self.base + timedelta(milliseconds=i),
+                self.jpegs[i % len(self.jpegs)])
 
     def entries(self, k: int) -> list[tuple[dict[str, Any], bytes]]:
         out = []
@@ -127,6 +136,51 @@ class Bench:
         return (time.process_time() - t0) / requests * 1000
 
 
+def threads_at_once_ms(benches: list[Bench], requests: int) -> float:
+    """CPU ms a frame when ``len(benches)`` threads each store ``requests`` requests of 16
+    frames at the same time (each thread its own frame ids)."""
+    threads = [threading.Thread(target=b.store_batch_ms, args=(16, requests)) for b in benches]
+    t0 = time.process_time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return (time.process_time() - t0) * 1000 / (16 * requests * len(benches))
+
+
+def hand_over_us(gw: Gateway, n: int = 2000) -> float:
+    """CPU µs of one hand-over to a decode thread and back, the function doing nothing."""
+    t0 = time.process_time()
+    for _ in range(n):
+        gw.decoders.run(5.0, int)
+    return (time.process_time() - t0) * 1e6 / n
+
+
+THREADS = (1, 2, 3)
+
+
+def measure_threads(benches: list[Bench], rounds: int, requests: int = 48) -> dict[str, Any]:
+    """``threads_at_once_ms`` for 1, 2 and 3 threads (``requests`` in all each time), order
+    reversed every other round; the hand-over cost, alternated with them."""
+    per: dict[int, list[float]] = {k: [] for k in THREADS}
+    hops: list[float] = []
+    for r in range(rounds):
+        for k in THREADS if r % 2 == 0 else THREADS[::-1]:
+            per[k].append(threads_at_once_ms(benches[:k], requests // k))
+        hops.append(hand_over_us(benches[0].gw))
+    return {
+        "threads_ms_per_frame": {str(k): {"median": round(statistics.median(v), 3),
+                                          "rounds": [round(x, 3) for x in v]}
+                                 for k, v in per.items()},
+        "threads_extra_ms_per_frame": {
+            str(k): round(statistics.median([b - a for a, b in zip(per[1], per[k],
+                                                                    strict=True)]), 3)
+            for k in THREADS[1:]},
+        "hand_over_us": {"median": round(statistics.median(hops), 1),
+                         "rounds": [round(x, 1) for x in hops]},
+    }
+
+
 def measure(bench: Bench, rounds: int) -> dict[str, Any]:
     tx: dict[str, list[float]] = {"before": [], "now": []}
     req: dict[int, list[float]] = {1: [], 16: []}
@@ -154,6 +208,7 @@ def measure(bench: Bench, rounds: int) -> dict[str, Any]:
 
 def to_markdown(doc: dict[str, Any]) -> str:
     tx, req = doc["transaction_ms"], doc["store_batch_ms_per_request"]
+    extra = doc["threads_extra_ms_per_frame"]
     la = " and ".join("/".join(f"{x:.2f}" for x in v) for v in doc["load_average_start_end"])
     header = (f"{doc['at']} · {doc['machine']} · {doc['jpegs']} · {doc['rounds']} rounds, "
               f"alternated · load average (1/5/15 min) at start and end: {la} · "
@@ -175,6 +230,17 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "| frames a request | CPU ms a request | ms a frame |", "|---|---|---|",
         *(f"| {k} | {v['median']} | {v['median'] / int(k):.3f} |" for k, v in req.items()),
         "", summary, "",
+        "## Requests of 16 frames stored by threads of one process at once", "",
+        ("Each thread its own frames; the same number of requests in all. What a gateway "
+         "worker pays when its agents' requests overlap: the threads take turns on the "
+         "interpreter's lock, handed over at every file operation and decode."), "",
+        "| threads at once | CPU ms a frame | more than 1 thread (paired median) | rounds |",
+        "|---|---|---|---|",
+        *(f"| {k} | {v['median']} | {extra.get(k, '–')} | {', '.join(map(str, v['rounds']))} |"
+          for k, v in doc["threads_ms_per_frame"].items()),
+        "", (f"One hand-over to a decode thread and back (`DecodePool.run` of a function that "
+             f"does nothing): **{doc['hand_over_us']['median']} µs** of CPU (rounds: "
+             f"{', '.join(map(str, doc['hand_over_us']['rounds']))})."), "",
     ])
 
 
@@ -210,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                 "jpegs": f"{len(jpegs)} frames of {source}, 640 px",
                 "rounds": args.rounds,
                 **measure(Bench(gw, principal, jpegs), args.rounds),
+                **measure_threads([Bench(gw, principal, jpegs, prefix=f"t{k}-")
+                                   for k in range(max(THREADS))], args.rounds),
             }
     doc["load_average_start_end"] = [load_start, [round(x, 2) for x in os.getloadavg()]]
     write_text_atomic(args.out / "intake_request_cost.json", json.dumps(doc, indent=2) + "\n",
