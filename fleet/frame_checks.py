@@ -216,7 +216,8 @@ def _record_checked(gw: Gateway, principal: Principal, meta: FrameMetadata, imag
             model_version=meta.model_version, detections=meta.detections,
             width=meta.width, height=meta.height, quality=quality,
             redaction=(meta.redaction.model_dump() if meta.redaction is not None else None),
-            # hashed once, for the frame's row and its record (roadloop.data.frame_records.checked_sidecar)
+            # hashed once, for the frame's row and its record
+            # (roadloop.data.frame_records.checked_sidecar)
             image_sha256=hashlib.sha256(image).hexdigest(),
         )
     except ValidationError as exc:

@@ -138,8 +138,8 @@ class AuditEventOut(BaseModel):
 
 # --------------------------------------------------------------------------- frames
 class QualityIn(BaseModel):
-    """Edge-computed ``roadloop.data.frame_quality.FrameQuality`` values of an upload; the gateway keeps
-    what the agent sent and computes only what is missing."""
+    """Edge-computed ``roadloop.data.frame_quality.FrameQuality`` values of an upload; the
+    gateway keeps what the agent sent and computes only what is missing."""
 
     model_config = ConfigDict(allow_inf_nan=False)
 

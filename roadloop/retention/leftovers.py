@@ -15,9 +15,10 @@ One kind is not a leftover yet: an upload writes a frame's image, then its recor
 or two PUTs on an object store), so between the two the frame lists as an image without its
 record. Taken then, the image of a frame captured *outside* the range (same day folder) would
 be deleted and the upload would answer 201 for a frame without pixels. So an unreadable frame
-written less than ``roadloop.data.frame_records.IN_FLIGHT_GRACE`` ago is left for a later run; one in the range is not kept
-by this: its upload's insert sees the erasure and removes its files itself (``fleet.intake``),
-and a gateway that died mid-upload repairs it at start-up (``fleet.reconcile``).
+written less than ``roadloop.data.frame_records.IN_FLIGHT_GRACE`` ago is left for a later run;
+one in the range is not kept by this: its upload's insert sees the erasure and removes its
+files itself (``fleet.intake``), and a gateway that died mid-upload repairs it at start-up
+(``fleet.reconcile``).
 """
 
 from __future__ import annotations
