@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.intake_loadgen import load_jpegs
+from benchmarks.intake_loadgen import JPEG_QUALITY, describe_jpegs, load_jpegs
 from benchmarks.quiet import MAX_CREATE_MS, remove_tree, wait_for_quiet
 from roadloop.fsutil import (
     SyncFsHandle,
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.requests < 1:
         ap.error("--rounds and --requests must be at least 1")
-    jpegs, source = load_jpegs(args.pool, 640, 85, synthetic=args.synthetic_jpegs)
+    jpegs, source = load_jpegs(args.pool, 640, JPEG_QUALITY, synthetic=args.synthetic_jpegs)
     parent = args.where or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="frame-files-", dir=parent))
@@ -178,8 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} logical cores, "
                        f"Python {platform.python_version()}",
-            "jpegs": f"{len(jpegs)} frames of {source}, 640 px, mean "
-                     f"{round(statistics.mean(len(j.data) for j in jpegs))} B",
+            "jpegs": describe_jpegs(jpegs, source, JPEG_QUALITY),
             "file_system": _file_system(work),
             "rounds": args.rounds, "requests_per_round": args.requests,
             "quiet": quiet,

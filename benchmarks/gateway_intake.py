@@ -70,6 +70,7 @@ import psutil
 
 from benchmarks.intake_loadgen import (
     BATCH_CONTENT_TYPE,
+    JPEG_QUALITY,
     AgentPlan,
     AgentResult,
     Jpeg,
@@ -502,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-fps", type=float, default=2500.0,
                     help="frames pre-built per agent = max-fps x duration / agents")
     ap.add_argument("--width", type=int, default=640)
-    ap.add_argument("--jpeg-quality", type=int, default=85)
+    ap.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY)
     ap.add_argument("--pool", type=int, default=48, help="distinct JPEGs cycled by the agents")
     ap.add_argument("--synthetic-jpegs", action="store_true",
                     help="synthetic textures instead of the shared videos' frames (smaller and "

@@ -69,6 +69,21 @@ class PreparedRequest:
 
 
 # ---------------------------------------------------------------------------- inputs
+# What the intake benchmarks encode the shared videos' frames at: 46.1 KB a 640 px frame. The
+# in-process benchmarks use it too, so that their per-frame costs sit beside the server's (at
+# 80, 39.6 KB, a frame is cheaper to hash, decode and write).
+JPEG_QUALITY = 85
+
+
+def describe_jpegs(jpegs: list[Jpeg], source: str, jpeg_quality: int) -> str:
+    """How a report names its JPEG pool: count, source, width, quality and mean size (the
+    figures that make two benchmarks' per-frame costs comparable)."""
+    mean = round(sum(len(j.data) for j in jpegs) / max(1, len(jpegs)))
+    width = jpegs[0].width if jpegs else 0
+    return (f"{len(jpegs)} frames of {source}, {width} px, JPEG quality {jpeg_quality}, "
+            f"mean {mean} B")
+
+
 def load_jpegs(n: int, width: int, jpeg_quality: int, *,
                synthetic: bool = False) -> tuple[list[Jpeg], str]:
     """``n`` frames spread over the shared videos; with ``synthetic``, smooth random textures

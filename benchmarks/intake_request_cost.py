@@ -45,7 +45,12 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from benchmarks.intake_loadgen import frame_metadata, load_jpegs
+from benchmarks.intake_loadgen import (
+    JPEG_QUALITY,
+    describe_jpegs,
+    frame_metadata,
+    load_jpegs,
+)
 from fleet.app import create_app
 from fleet.auth import Principal, authenticate, create_enrollment_token
 from fleet.config import GatewaySettings
@@ -253,9 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="synthetic textures instead of the shared videos' frames")
     args = ap.parse_args(argv)
     load_start = [round(x, 2) for x in os.getloadavg()]
-    # Quality 85, as gateway_intake sends them (46.1 KB on the shared videos; 80 gave 39.6 KB,
-    # cheaper to hash, decode and write than the server runs these figures sit beside).
-    jpegs, source = load_jpegs(args.pool, 640, 85, synthetic=args.synthetic_jpegs)
+    jpegs, source = load_jpegs(args.pool, 640, JPEG_QUALITY, synthetic=args.synthetic_jpegs)
     with tempfile.TemporaryDirectory() as tmp:
         # the device's rate limit out of the way: measure the work, not the limit
         app = create_app(GatewaySettings(home=Path(tmp) / "home", rate_limit_per_s=1e6,
@@ -275,8 +278,7 @@ def main(argv: list[str] | None = None) -> None:
                 "at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": f"{platform.machine()}, {os.cpu_count()} logical cores, "
                            f"Python {platform.python_version()}",
-                "jpegs": f"{len(jpegs)} frames of {source}, 640 px, JPEG quality 85, mean "
-                         f"{round(statistics.mean(len(j.data) for j in jpegs))} B",
+                "jpegs": describe_jpegs(jpegs, source, JPEG_QUALITY),
                 "rounds": args.rounds,
                 **measure(Bench(gw, principal, jpegs), args.rounds),
                 **measure_threads([Bench(gw, principal, jpegs, prefix=f"t{k}-")

@@ -211,3 +211,11 @@ def test_the_host_speed_probe_decodes_the_pool_strictly_and_the_report_shows_it(
     line = _host_speed({"host_decode_ms_per_frame": {"before": 0.4, "after": 0.41}})
     assert "0.400 ms before" in line and "0.410 ms after" in line
     assert _host_speed({}) == ""
+
+
+def test_describe_jpegs_names_what_makes_runs_comparable() -> None:
+    """Count, source, width, quality and mean size: two benchmarks' per-frame costs compare
+    only on the same JPEGs (one used quality 80, 39.6 KB, beside the server's 85, 46.1 KB)."""
+    pool = [lg.Jpeg(data=b"x" * n, width=640, height=360, quality={}) for n in (100, 300)]
+    assert lg.describe_jpegs(pool, "test frames", 85) == (
+        "2 frames of test frames, 640 px, JPEG quality 85, mean 200 B")
