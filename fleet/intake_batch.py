@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from typing import Any
 
@@ -43,7 +42,7 @@ from fleet.intake import (
 from fleet.ratelimit import BodyTooLarge, rate_limit_refusal
 from fleet.runtime import Gateway, GatewayDep
 from fleet.schemas import ErrorOut, FrameMetadata
-from roadloop.data.frame_records import ID_PATTERN
+from roadloop.data.frame_records import ID_RE
 
 __all__ = ["BATCH_CONTENT_TYPE", "BatchResult", "FrameResult", "router", "split_batch",
            "store_batch"]
@@ -52,7 +51,6 @@ BATCH_CONTENT_TYPE = "application/vnd.roadloop.frame-batch"
 _PREFIX = struct.Struct(">I")
 RETRY_LATER = frozenset({429, 503, 507})
 REFUSED = frozenset({403, 410, 413, 422})  # 410: an erased range (fleet.intake)
-_FRAME_ID = re.compile(ID_PATTERN)
 
 
 class FrameResult(BaseModel):
@@ -178,7 +176,7 @@ def _echoed_id(raw: Any) -> str | None:
     ``frame_id`` is null or the one it sent (``edge_agent.client``), which would have it
     resend the whole batch."""
     fid = raw.get("frame_id") if isinstance(raw, dict) else None
-    return fid if isinstance(fid, str) and _FRAME_ID.fullmatch(fid) else None
+    return fid if isinstance(fid, str) and ID_RE.fullmatch(fid) else None
 
 
 def store_batch(gw: Gateway, principal: Principal,
