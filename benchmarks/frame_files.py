@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.requests < 1:
         ap.error("--rounds and --requests must be at least 1")
+    if not args.max_create_ms > 0:  # also NaN: no file would ever be cheap enough
+        ap.error("--max-create-ms must be a positive number of milliseconds")
     jpegs, source = load_jpegs(args.pool, 640, JPEG_QUALITY, synthetic=args.synthetic_jpegs)
     parent = args.where or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks import frame_files
 
 
@@ -44,3 +46,16 @@ def test_each_way_writes_its_files_and_the_report_has_both(tmp_path: Path) -> No
     })
     assert "| two files a frame" in md and "| one segment file a request" in md
     assert "saves **" in md
+
+
+@pytest.mark.parametrize("args", [["--rounds", "0"], ["--requests", "-3"],
+                                  ["--max-create-ms", "0"], ["--max-create-ms", "-1"],
+                                  ["--max-create-ms", "nan"]])
+def test_absurd_arguments_are_refused_before_anything_runs(
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        frame_files.main(["--out", str(tmp_path / "out"), "--where", str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    assert "must be" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no work folder, no report
