@@ -11,8 +11,9 @@ both sides alike:
   device touched through the ORM's ``update(Device)``) against ``fleet.db``'s now (built
   once, Core, on the session's connection).
 * **store_batch**: ``fleet.intake_batch.store_batch`` (metadata, JPEG checks and decode,
-  files, group commit) for requests of 1 and of 16 frames; the fixed cost of a request and
-  the cost of each further frame follow from the two.
+  files, group commit) for requests of 1, 16 and 32 frames; the fixed cost of a request and
+  the cost of each further frame follow from the first two, and a frame's cost in requests of
+  32 (the agent's default batch) against 16 is paired round by round.
 * **threads at once**: requests of 16 frames stored by 1, 2 or 3 threads of one process at
   once, as a gateway worker's thread pool runs them when its agents' requests overlap: what
   sharing the interpreter's lock costs a frame (every file operation and the decode release
@@ -188,7 +189,7 @@ def measure_threads(benches: list[Bench], rounds: int, requests: int = 48) -> di
 
 def measure(bench: Bench, rounds: int) -> dict[str, Any]:
     tx: dict[str, list[float]] = {"before": [], "now": []}
-    req: dict[int, list[float]] = {1: [], 16: []}
+    req: dict[int, list[float]] = {1: [], 16: [], 32: []}
     for fn in (transaction_before, transaction_now):  # warm both paths (statement caches)
         bench.transaction_ms(fn, 20)
     bench.store_batch_ms(1, 10), bench.store_batch_ms(16, 3)
@@ -196,10 +197,13 @@ def measure(bench: Bench, rounds: int) -> dict[str, Any]:
         order = [("before", transaction_before), ("now", transaction_now)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
             tx[name].append(bench.transaction_ms(fn, 150))
-        for frames, requests in ((1, 120), (16, 10)):
+        sizes = [(1, 120), (16, 10), (32, 5)]  # the same 160 frames in both batch sizes
+        for frames, requests in sizes if r % 2 == 0 else [sizes[0], *sizes[:0:-1]]:
             req[frames].append(bench.store_batch_ms(frames, requests))
     med = {k: statistics.median(v) for k, v in req.items()}
     per_frame = (med[16] - med[1]) / 15
+    # a frame's cost in requests of 32 against 16, round by round (same host moment)
+    ratios = [(b / 32) / (a / 16) for a, b in zip(req[16], req[32], strict=True)]
     return {
         "transaction_ms": {k: {"median": round(statistics.median(v), 3),
                                "rounds": [round(x, 3) for x in v]} for k, v in tx.items()},
@@ -208,6 +212,9 @@ def measure(bench: Bench, rounds: int) -> dict[str, Any]:
                                        for k, v in req.items()},
         "fixed_ms_per_request": round(med[1] - per_frame, 3),
         "ms_per_further_frame": round(per_frame, 3),
+        "frame_in_32_vs_16": {"median_ratio": round(statistics.median(ratios), 3),
+                              "rounds_cheaper": sum(x < 1 for x in ratios),
+                              "rounds": [round(x, 3) for x in ratios]},
     }
 
 
@@ -227,6 +234,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
                f"frame: **{doc['ms_per_further_frame']} ms** (from the two medians). Not "
                "included: HTTP parsing, the middleware stack and the event loop "
                "(`gateway_intake` measures the whole server).")
+    vs = doc["frame_in_32_vs_16"]
+    batch32 = (f"A frame in requests of 32 against 16, paired round by round: "
+               f"**{vs['median_ratio']}×** the CPU (median), cheaper in {vs['rounds_cheaper']} "
+               f"of {len(vs['rounds'])} rounds ({', '.join(map(str, vs['rounds']))}).")
     return "\n".join([
         "# Gateway intake: what a request costs beyond its frames (in-process)", "", header, "",
         "## One request's database transaction (one frame, SQLite, as the committer runs it)",
@@ -234,7 +245,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "## `store_batch` per request (checks, decode, files, group commit)", "",
         "| frames a request | CPU ms a request | ms a frame |", "|---|---|---|",
         *(f"| {k} | {v['median']} | {v['median'] / int(k):.3f} |" for k, v in req.items()),
-        "", summary, "",
+        "", summary, "", batch32, "",
         "## Requests of 16 frames stored by threads of one process at once", "",
         ("Each thread its own frames; the same number of requests in all. What a gateway "
          "worker pays when its agents' requests overlap: the threads take turns on the "
