@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from edge_agent.errors import EdgeAgentError
 from edge_agent.frame_workers import MAX_WORKERS
 from edge_agent.sources import MAX_FILE_FPS
-from edge_agent.uploader import MAX_UPLOAD_LINGER_S
+from edge_agent.uploader import DEFAULT_BATCH_MAX, MAX_UPLOAD_LINGER_S
 
 logger = logging.getLogger("edge_agent")
 
@@ -239,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--upload-batch-max",
         type=_positive_int,
-        default=16,
+        default=DEFAULT_BATCH_MAX,
         metavar="N",
-        help="frames per POST /v1/frames/batch when several are queued (1: one request per "
+        help=f"frames per POST /v1/frames/batch when several are queued (default "
+        f"{DEFAULT_BATCH_MAX}, the gateway's default max_batch_frames; 1: one request per "
         "frame); a gateway without batches gets one request per frame anyway",
     )
     run.add_argument(

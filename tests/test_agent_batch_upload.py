@@ -224,6 +224,50 @@ def test_whole_request_422_sends_the_round_singly_and_halves_batch_max(make) -> 
     assert outbox.depth() == 0 and up.batch_max == 2
 
 
+def test_older_gateway_costs_one_refused_batch_then_frames_go_singly(make) -> None:
+    """A gateway without the batch route caps the body of a route it does not know at 1 MiB
+    (413 before routing, so no 404): the first default batch of camera-sized frames is over
+    it, the halved budget is under it, and the next batch gets the 404 that switches the
+    uploader to one frame a request. No frame is lost or refused."""
+    old_cap = 1024 * 1024
+    bodies: list[int] = []
+
+    class OlderGateway(FakeGateway):
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/frames/batch":
+                bodies.append(len(request.content))
+                if len(request.content) > old_cap:
+                    return httpx.Response(413, json={"detail": "request body too large"})
+                return httpx.Response(404, json={"detail": "Not Found"})
+            return super().__call__(request)
+
+    gw = OlderGateway(lambda frames: pytest.fail("no batch reaches the batch route"))
+    up, outbox = make(gw, 0)
+    jpeg = b"\xff\xd8" + bytes(46_000) + b"\xff\xd9"  # a 640-px camera's frame, by size
+    for rnd in range(2):
+        for i in range(uploader_module.DEFAULT_BATCH_MAX):
+            outbox.put(f"r{rnd}-{i}", jpeg, {"frame_id": f"r{rnd}-{i}"}, 1.0)
+        due = outbox.due(float("inf"), limit=uploader_module.DEFAULT_BATCH_MAX)
+        assert up.upload(due) is None
+    assert len(bodies) == 2 and bodies[0] > old_cap >= bodies[1]
+    assert up.batch_max_bytes < old_cap and not up.batch_route_usable
+    assert len(gw.singles) == 2 * uploader_module.DEFAULT_BATCH_MAX and outbox.depth() == 0
+    assert set(outbox.journal().values()) == {"acked"}
+
+
+def test_default_batch_fits_the_default_gateway_and_is_not_cut_by_its_byte_budget() -> None:
+    """The agent's defaults against the gateway's: a default batch is never a 422 or 413 from
+    a default gateway, and 640-px frames (the shared videos' JPEGs average 46 KB) fill it to
+    ``DEFAULT_BATCH_MAX`` rather than stopping at the byte budget."""
+    from fleet.config import GatewaySettings
+
+    gateway = GatewaySettings()
+    assert uploader_module.DEFAULT_BATCH_MAX == gateway.max_batch_frames
+    assert uploader_module.DEFAULT_BATCH_MAX_BYTES <= gateway.max_batch_bytes
+    per_frame = 46_098 + 1024 + uploader_module._ENTRY_OVERHEAD  # JPEG, metadata, manifest
+    assert uploader_module.DEFAULT_BATCH_MAX * per_frame <= uploader_module.DEFAULT_BATCH_MAX_BYTES
+
+
 def test_401_on_a_batch_refreshes_the_token_and_resends(make) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/token/refresh":
@@ -365,7 +409,7 @@ def test_agent_linger_holds_frames_sends_a_full_batch_and_everything_when_draini
 
 
 @pytest.mark.parametrize(("flag", "attr", "config_field", "default", "good", "bad", "message"), [
-    ("--upload-batch-max", "upload_batch_max", "upload_batch_max", 16, ("1", 1), "0",
+    ("--upload-batch-max", "upload_batch_max", "upload_batch_max", 32, ("1", 1), "0",
      "must be >= 1"),
     ("--upload-linger", "upload_linger", "upload_linger_s", 0.0, ("60", 60.0), "-1",
      "must be >= 0"),
@@ -417,7 +461,7 @@ def test_agent_drains_a_full_outbox_through_batches_into_a_real_gateway(
         client.close()
         agent.outbox.close()
         agent.records.close()
-    assert agent.frame_uploader.batches_sent == 3  # 16 + 16 + 8 frames, no single upload
+    assert agent.frame_uploader.batches_sent == 2  # 32 + 8 frames, no single upload
     stored = [row.frame_id for row in env.rows()]
     assert sorted(stored) == ids  # each once
     assert (summary.uploads_ok, summary.duplicates_absorbed, summary.upload_failures) == (40, 2, 0)
