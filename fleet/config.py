@@ -62,7 +62,7 @@ class GatewaySettings(BaseSettings):
         default=None, description="Endpoint of a non-AWS object store; default: the "
         "platform's ROADLOOP_S3_ENDPOINT_URL. Credentials: the standard AWS_* variables.",
     )
-    # The object store client (roadloop.data.object_frames.S3Timeouts, same defaults and their
+    # The object store client (roadloop.data.s3_client.S3Timeouts, same defaults and their
     # reasoning): a stalled store fails one request within s3_max_attempts * (connect + read)
     # + < 1 s of backoff (7 s; 5 s when it accepts connections and never answers), so the
     # upload gets its 503 well before the agent's 10 s HTTP timeout (AgentConfig.http_timeout_s)

@@ -27,7 +27,8 @@ from fleet.models_store import ModelStore
 from fleet.ratelimit import KnownTokens, TokenBucketLimiter
 from fleet.reconcile import reconcile_frame_store
 from fleet.reconcile_objects import reconcile_object_store
-from roadloop.data.object_frames import S3FrameStore, S3Timeouts, open_frame_store
+from roadloop.data.object_frames import S3FrameStore, open_frame_store
+from roadloop.data.s3_client import S3Timeouts
 from roadloop.fsutil import ext4_without_journal
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from roadloop.data import object_frames
+from roadloop.data import image_cache
 from roadloop.data.object_frames import S3FrameStore, open_frame_store
 
 from . import test_fleet_gateway as gateway_tests
@@ -39,7 +39,7 @@ def _age(path: Path, seconds: float) -> None:
 
 def _sweep_due(store: S3FrameStore) -> None:
     """Make the next (unforced) sweep of ``store``'s cache due."""
-    marker = store.root / object_frames.SWEEP_MARKER
+    marker = store.root / image_cache.SWEEP_MARKER
     marker.touch()
     _age(marker, store.sweep_interval_s + 1)
 

@@ -1,4 +1,4 @@
-"""The object store's client timeouts (``roadloop.data.object_frames.S3Timeouts``, the
+"""The object store's client timeouts (``roadloop.data.s3_client.S3Timeouts``, the
 gateway's ``s3_*`` settings): a store that accepts connections and never answers fails a
 request after ``max_attempts`` tries of ``read_s`` each (an ``OSError``: the gateway's 503),
 instead of botocore's 60 s reads tried up to 5 times. The stalled store is a socket that
@@ -19,7 +19,7 @@ import pytest
 
 from edge_agent.agent_config import AgentConfig
 from fleet.config import GatewaySettings
-from roadloop.data import object_frames
+from roadloop.data import s3_client
 from roadloop.data.object_frames import S3FrameStore, open_frame_store
 
 from . import test_fleet_gateway as gateway_tests
@@ -94,20 +94,20 @@ def test_the_defaults_answer_before_the_agent_gives_up(tmp_path: Path,
     assert isinstance(store, S3FrameStore)
     assert _config(store) == (1.0, 2.0, {"total_max_attempts": 2, "mode": "standard"})
     settings = GatewaySettings(home=tmp_path)
-    t = object_frames.S3Timeouts()
+    t = s3_client.S3Timeouts()
     assert (settings.s3_connect_timeout_s, settings.s3_read_timeout_s,
             settings.s3_max_attempts) == (t.connect_s, t.read_s, t.max_attempts)
     agent_timeout = {f.name: f.default for f in dataclasses.fields(AgentConfig)}["http_timeout_s"]
     assert t.max_attempts * (t.connect_s + t.read_s) + 1.0 <= agent_timeout - 2.0
     with pytest.raises(ValueError):
-        object_frames.S3Timeouts(read_s=0)
+        s3_client.S3Timeouts(read_s=0)
 
 
 def test_a_stalled_store_fails_each_request_after_its_attempts(
         tmp_path: Path, stalled: StalledStore) -> None:
     store = open_frame_store("s3://frames-bucket/p", cache_dir=tmp_path,
                              endpoint_url=stalled.url,
-                             timeouts=object_frames.S3Timeouts(connect_s=0.5, read_s=0.2,
+                             timeouts=s3_client.S3Timeouts(connect_s=0.5, read_s=0.2,
                                                                max_attempts=2))
     assert isinstance(store, S3FrameStore)
     img = synthetic_image(1)

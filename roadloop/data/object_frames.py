@@ -61,11 +61,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import os
-import re
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -90,80 +86,22 @@ from roadloop.data.frame_records import (
     validate_id,
 )
 from roadloop.data.frames import FrameStore
+from roadloop.data.image_cache import CACHE_SWEEP_INTERVAL_S, sweep_folder, touch_cached
+from roadloop.data.s3_client import (
+    S3Timeouts,
+    as_os_error,
+    error_code,
+    is_conflict,
+    is_missing,
+)
 from roadloop.fsutil import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
-
-
-# The S3 client's timeouts (docs/storage.md "Timeouts"). An agent gives up on an upload after
-# 10 s (``edge_agent.agent_config.AgentConfig.http_timeout_s``); an upload is up to five
-# requests in a row (HEAD record, PUT image, PUT record, and the read-back GET + HEAD; a few
-# more when a JPEG is already there: ``S3FrameStore._put_image``), and a stalled store stalls
-# the first of them, which then fails the upload. One stalled request
-# costs at most ``max_attempts * (connect_s + read_s)`` plus the jittered backoff before the
-# retry (< 1 s): a store that accepts connections and never answers costs 2 * 2 s + < 1 s,
-# one that does not accept them 2 * 1 s + < 1 s, one that refuses them about the backoff, and
-# even a connect that takes all of its second before a stall stays under 2 * 3 s + 1 s = 7 s,
-# so the gateway answers 503 ("retry later") with 3 s or more to spare before the agent gives
-# up (the upload's body and the rest of the request). 1 s to connect is 100 times an
-# in-cluster or same-region connect (a lost SYN is retransmitted after 1 s: that attempt
-# fails, the retry connects); 2 s for the first byte of an answer is 10 times an S3 PUT or
-# GET of a frame in its slow tail, and one slow answer is retried.
-DEFAULT_CONNECT_TIMEOUT_S = 1.0
-DEFAULT_READ_TIMEOUT_S = 2.0
-DEFAULT_MAX_ATTEMPTS = 2  # the first try and one retry (botocore's total_max_attempts)
-
-# The image cache (see the module docstring): with a TTL, swept at most every 5 min (a walk
-# of the folder; one stat of SWEEP_MARKER when it is not due).
-CACHE_SWEEP_INTERVAL_S = 300.0
-SWEEP_MARKER = ".cache-sweep"  # in the cache folder: its mtime is the last sweep's start
-_TEMP_RE = re.compile(r"^\..+\.jpg\.tmp-[0-9a-f]+$")  # roadloop.fsutil.write_bytes_atomic's
 _UNCHANGED = object()  # a conditional GET answered 304
 # Create-or-resolve rounds of one JPEG PUT (``_put_image``): the first PUT, and a retry
 # when the JPEG found was deleted or replaced meanwhile.
 _IMAGE_PUT_ROUNDS = 3
-
-
-@dataclass(frozen=True)
-class S3Timeouts:
-    """The S3 client's connect and read timeouts (seconds) and its attempts per request
-    (standard retry mode: the first try included)."""
-
-    connect_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    read_s: float = DEFAULT_READ_TIMEOUT_S
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-
-    def __post_init__(self) -> None:
-        if not (self.connect_s > 0 and self.read_s > 0 and self.max_attempts >= 1):
-            raise ValueError(f"S3 timeouts must be positive and attempts >= 1: {self}")
-
-    def client_config(self) -> Any:
-        """The ``botocore.config.Config`` of these timeouts."""
-        from botocore.config import Config
-
-        # total_max_attempts, not max_attempts: botocore's client-config max_attempts counts
-        # the retries only (2 would be 3 attempts).
-        return Config(connect_timeout=self.connect_s, read_timeout=self.read_s,
-                      retries={"total_max_attempts": self.max_attempts, "mode": "standard"})
-
-
-def _error_code(exc: Exception) -> str:
-    """The error code of a botocore ``ClientError`` ("" for anything else: a timeout or a
-    connection error has no answer, its ``response`` is None)."""
-    response = getattr(exc, "response", None)
-    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
-
-
-def _missing(exc: Exception) -> bool:
-    """True when a botocore ``ClientError`` says the object is not there."""
-    return _error_code(exc) in ("404", "NoSuchKey", "NotFound")
-
-
-def _conflict(exc: Exception) -> bool:
-    """True when a botocore ``ClientError`` says a conditional PUT's condition failed (412),
-    or that a conflicting conditional write was in progress (S3's 409)."""
-    return _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict")
 
 
 class FrameWriteInProgress(OSError):
@@ -187,18 +125,6 @@ class _Found:
     quoted_etag: str
     age: timedelta
     body: bytes | None
-
-
-@contextmanager
-def _as_os_error(what: str) -> Iterator[None]:
-    """Object-store failures (network, 5xx, denied) as ``OSError``, as a disk's would be:
-    the gateway answers 503 ("retry later") for both."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        yield
-    except (BotoCoreError, ClientError) as exc:
-        raise OSError(errno.EIO, f"object store {what} failed: {exc}") from exc
 
 
 @dataclass
@@ -272,7 +198,7 @@ class S3FrameStore:
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:  # botocore.exceptions.ClientError
-            if _missing(exc):
+            if is_missing(exc):
                 return False
             raise
         return True
@@ -281,7 +207,7 @@ class S3FrameStore:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except Exception as exc:
-            if _missing(exc):
+            if is_missing(exc):
                 return None
             raise
 
@@ -317,9 +243,9 @@ class S3FrameStore:
             return self.client.get_object(Bucket=self.bucket, Key=key,
                                           IfNoneMatch=etag)["Body"].read()
         except Exception as exc:
-            if _error_code(exc) in ("304", "NotModified"):
+            if error_code(exc) in ("304", "NotModified"):
                 return _UNCHANGED
-            if _missing(exc):
+            if is_missing(exc):
                 return None
             raise
 
@@ -335,16 +261,16 @@ class S3FrameStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             cached = None
         if (cached is not None and sha256 is not None
-                and hashlib.sha256(cached).hexdigest() == sha256.lower() and _touch(local)):
+                and hashlib.sha256(cached).hexdigest() == sha256.lower() and touch_cached(local)):
             return local
         key = self._key(relative)
-        with _as_os_error(f"read of {relative}"):
+        with as_os_error(f"read of {relative}"):
             data = (self._get_unless(key, cached) if cached is not None and sha256 is None
                     else self._get(key))
-        if data is _UNCHANGED and _touch(local):
+        if data is _UNCHANGED and touch_cached(local):
             return local
         if data is _UNCHANGED:  # swept between the read and the touch: fetch it whole
-            with _as_os_error(f"read of {relative}"):
+            with as_os_error(f"read of {relative}"):
                 data = self._get(key)
         if data is None:
             local.unlink(missing_ok=True)  # erased or expired in the store: not kept here
@@ -367,37 +293,12 @@ class S3FrameStore:
 
     # ---- the image cache
     def sweep_cache(self, *, force: bool = False) -> int:
-        """Delete the cached images (and interrupted downloads) unused for longer than
-        ``cache_ttl_s``, and folders left empty as long; returns the files deleted. Runs at
-        most once per ``sweep_interval_s`` per cache folder, whichever process asks (the
-        ``SWEEP_MARKER`` file's mtime), unless ``force``. Only the cache's own files are
-        touched: ``<camera_id>/<YYYY-MM-DD>/<frame_id>.jpg`` with no ``.json`` beside it (a
-        folder store's frame has one), never a symbolic link's target. Nothing without
-        ``cache_ttl_s``."""
+        """Delete the cached images unused for longer than ``cache_ttl_s`` (at most once per
+        ``sweep_interval_s`` per cache folder, unless ``force``; ``image_cache.sweep_folder``);
+        returns the files deleted. Nothing without ``cache_ttl_s``."""
         if self.cache_ttl_s is None or self.sweep_interval_s is None:
             return 0
-        now = time.time()
-        marker = self.root / SWEEP_MARKER
-        if not force:
-            try:
-                if 0 <= now - marker.stat().st_mtime < self.sweep_interval_s:
-                    return 0
-            except FileNotFoundError:
-                pass
-        if not self.root.is_dir():
-            return 0
-        marker.touch()
-        cutoff = now - self.cache_ttl_s
-        removed = 0
-        for camera in _subfolders(self.root, ID_RE.fullmatch):
-            for day in _subfolders(camera, is_date_folder):
-                removed += _sweep_day(day, cutoff)
-                _remove_if_idle(day, cutoff)
-            _remove_if_idle(camera, cutoff)
-        if removed:
-            logger.info("image cache %s: %d images unused for %.0f s deleted", self.root,
-                        removed, self.cache_ttl_s)
-        return removed
+        return sweep_folder(self.root, self.cache_ttl_s, self.sweep_interval_s, force=force)
 
     def _sweep_quietly(self) -> None:
         try:
@@ -420,7 +321,7 @@ class S3FrameStore:
         rel = self._relative(record)
         target = self.root / f"{rel}.jpg"
         sidecar_key = self._key(f"{rel}.json")
-        with _as_os_error(f"write of {rel}"):
+        with as_os_error(f"write of {rel}"):
             if self._exists(sidecar_key):
                 return FrameWrite(target, True)
             sidecar = checked_sidecar(record, jpeg_bytes, decoded_size,
@@ -431,7 +332,7 @@ class S3FrameStore:
                 self.client.put_object(Bucket=self.bucket, Key=sidecar_key, Body=sidecar,
                                        ContentType="application/json", IfNoneMatch="*")
             except Exception as exc:
-                if _conflict(exc):
+                if is_conflict(exc):
                     return FrameWrite(target, True)  # another writer created it first
                 raise
         return FrameWrite(target, False)
@@ -469,7 +370,7 @@ class S3FrameStore:
             except Exception as exc:
                 # 412: there is one (create) or it changed (If-Match); 404: If-Match on a JPEG
                 # deleted meanwhile (an orphan delete); either way, look again.
-                if not (_conflict(exc) or ("IfMatch" in condition and _missing(exc))):
+                if not (is_conflict(exc) or ("IfMatch" in condition and is_missing(exc))):
                     raise
             md5 = md5 or hashlib.md5(body, usedforsecurity=False).hexdigest()
             found = self._stat(key)
@@ -502,7 +403,7 @@ class S3FrameStore:
                 answer = self.client.head_object(Bucket=self.bucket, Key=key)
                 data = None
         except Exception as exc:
-            if _missing(exc):
+            if is_missing(exc):
                 return None
             raise
         now = None
@@ -522,7 +423,7 @@ class S3FrameStore:
     def remove_frame(self, image_path: Path) -> None:
         """Delete one frame: record first (the frame stops being complete), then the JPEG."""
         rel = Path(image_path).relative_to(self.root).with_suffix("").as_posix()
-        with _as_os_error(f"delete of {rel}"):
+        with as_os_error(f"delete of {rel}"):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{rel}.json"))
             self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{rel}.jpg"))
         Path(image_path).unlink(missing_ok=True)
@@ -531,7 +432,7 @@ class S3FrameStore:
     def cameras(self) -> list[str]:
         """Camera ids with at least one object in the store (sorted)."""
         names = []
-        with _as_os_error("listing of cameras"):
+        with as_os_error("listing of cameras"):
             for page in self._list("", "/"):
                 for cp in page.get("CommonPrefixes", []):
                     name = cp["Prefix"].rstrip("/").rsplit("/", 1)[-1]
@@ -556,7 +457,7 @@ class S3FrameStore:
         found with one listing and one GET; with ``captured_at``, that time's date folder
         only: no listing); ``None`` when absent or unreadable."""
         validate_id("frame_id", frame_id, where=self.url)
-        with _as_os_error(f"read of {camera_id}/{frame_id}"):
+        with as_os_error(f"read of {camera_id}/{frame_id}"):
             if captured_at is not None:
                 validate_id("camera_id", camera_id, where=self.url)
                 return self._record(camera_id, date_folder(captured_at), frame_id)
@@ -659,7 +560,7 @@ class S3FrameStore:
             return {}
         first = datetime.combine(date.fromisoformat(day), datetime.min.time(), tzinfo=UTC)
         sizes: dict[str, int] = {}
-        with _as_os_error(f"listing of {camera_id}/{day}"):
+        with as_os_error(f"listing of {camera_id}/{day}"):
             images, records = self._listing(camera_id, first, first)
         for stem, size in (*images.items(), *records.items()):
             _, folder, frame_id = stem.split("/")
@@ -676,7 +577,7 @@ class S3FrameStore:
         exists; ``image`` is the cache path, which ``remove_frame`` takes. The caller picks
         the readable frames by ``captured_at`` (``in_window``)."""
         out: list[StoredFrame] = []
-        with _as_os_error(f"listing of {camera_id}"):
+        with as_os_error(f"listing of {camera_id}"):
             images, records, modified = self._listing_with_times(camera_id, start, end)
             for stem in sorted(images.keys() | records.keys()):
                 _, day, frame_id = stem.split("/")
@@ -727,7 +628,7 @@ class S3FrameStore:
         if start_after:
             kwargs["StartAfter"] = self._key(start_after)
         current: FolderListing | None = None
-        with _as_os_error("listing for reconcile"):
+        with as_os_error("listing for reconcile"):
             for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(base):]
@@ -757,7 +658,7 @@ class S3FrameStore:
         (``<camera>/<day>/<frame_id>``); ``None`` when either is gone or the record is
         unreadable (logged)."""
         camera_id, _, frame_id = stem.split("/")
-        with _as_os_error(f"read of {stem}"):
+        with as_os_error(f"read of {stem}"):
             data = self._get(self._key(f"{stem}.json"))
             image = self._get(self._key(f"{stem}.jpg")) if data is not None else None
         if data is None or image is None:
@@ -770,75 +671,17 @@ class S3FrameStore:
         last written before ``older_than`` (checked again right before the delete: an upload
         that started since the listing re-PUTs the JPEG, which makes it young again)."""
         key = self._key(f"{stem}.jpg")
-        with _as_os_error(f"delete of {stem}"):
+        with as_os_error(f"delete of {stem}"):
             try:
                 head = self.client.head_object(Bucket=self.bucket, Key=key)
             except Exception as exc:
-                if _missing(exc):
+                if is_missing(exc):
                     return False
                 raise
             if head["LastModified"] >= older_than or self._exists(self._key(f"{stem}.json")):
                 return False
             self.client.delete_object(Bucket=self.bucket, Key=key)
         return True
-
-
-def _touch(path: Path) -> bool:
-    """Mark a cached image used now (its mtime: what ``sweep_cache`` ages); False when it is
-    gone meanwhile."""
-    try:
-        os.utime(path)
-    except FileNotFoundError:
-        return False
-    except OSError:  # a read-only cache: still a valid copy
-        pass
-    return True
-
-
-def _subfolders(folder: Path, named: Callable[[str], object]) -> list[Path]:
-    try:
-        with os.scandir(folder) as it:
-            return [Path(e.path) for e in it
-                    if named(e.name) and e.is_dir(follow_symlinks=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _sweep_day(day: Path, cutoff: float) -> int:
-    """Delete the cache's files in one date folder last used before ``cutoff``."""
-    removed = 0
-    try:
-        with os.scandir(day) as it:
-            entries = list(it)
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-    names = {e.name for e in entries}
-    for entry in entries:
-        name = entry.name
-        if name.endswith(".jpg") and ID_RE.fullmatch(name[:-4]):
-            if f"{name[:-4]}.json" in names:
-                continue  # a folder store's frame (record beside it): not the cache's
-        elif not _TEMP_RE.fullmatch(name):
-            continue
-        try:
-            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                os.unlink(entry.path)
-                removed += 1
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.warning("image cache: could not delete %s: %s", entry.path, exc)
-    return removed
-
-
-def _remove_if_idle(folder: Path, cutoff: float) -> None:
-    """Remove ``folder`` when empty and unchanged since ``cutoff`` (a download into it since
-    then changed its mtime; ``_download`` re-creates one removed under it)."""
-    try:
-        if folder.stat(follow_symlinks=False).st_mtime < cutoff:
-            folder.rmdir()
-    except OSError:  # not empty, gone, or not ours to remove
-        pass
 
 
 def open_frame_store(location: str | Path, *, cache_dir: Path | str | None = None,
