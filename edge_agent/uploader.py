@@ -39,7 +39,7 @@ MAX_UPLOAD_LINGER_S = 3600.0  # holding sampled frames longer than an hour helps
 BATCH_ROUTE_RETRY_S = 600.0  # after a 404/405/415, frame by frame for this long
 # A request costs the gateway 2-3 ms of CPU besides its frames' (the group commit, the HTTP
 # exchange, the thread hand-offs), so a frame in a request of 32 -- the gateway's default
-# ``max_batch_frames`` -- cost it 12 % less than in one of 16 (benchmarks/results/
+# ``max_batch_frames`` -- cost it 10 % less than in one of 16 (benchmarks/results/
 # intake-1129-s21/). 32 frames of a 640-px camera (~46 KB each) fit the byte budget; a 1080p
 # camera's (~150 KB) go ~13 to a request, and a batch on a slow uplink still gets
 # ``timeout_s`` after its last byte.
