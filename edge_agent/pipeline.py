@@ -30,7 +30,7 @@ from edge_agent.model_slot import LoadedModel, ModelSlot
 from edge_agent.quality import laplacian_variance
 from edge_agent.samplers import FrameSampler, SampleDecision, SamplerConfig
 from edge_agent.sources import Frame
-from edge_agent.traffic.counter import FrameTraffic
+from edge_agent.traffic.events import FrameTraffic
 from edge_agent.traffic.geometry import TrafficConfig
 from edge_agent.traffic.stage import REASON_TRAFFIC_EVENT, TrafficStage
 

@@ -17,7 +17,8 @@ import pytest
 from edge_agent.counting import DensityState, DensityTracker
 from edge_agent.sources import Frame, StreamSource, VideoFileSource
 from edge_agent.traffic import parse_traffic_section
-from edge_agent.traffic.counter import Crossing, FrameTraffic, TrafficCounter, ZoneState
+from edge_agent.traffic.counter import TrafficCounter
+from edge_agent.traffic.events import Crossing, FrameTraffic, ZoneState
 from edge_agent.traffic.geometry import fit_homography
 from edge_agent.traffic.intervals import IntervalAccumulator
 from edge_agent.traffic.stage import TrafficStage

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from edge_agent.traffic.counter import Crossing, FrameTraffic, TrafficEvent
+from edge_agent.traffic.events import Crossing, FrameTraffic, TrafficEvent
 from edge_agent.traffic.intervals import IntervalAccumulator
 from fleet.traffic import record_rows
 from fleet.traffic_schemas import TrafficIntervalIn

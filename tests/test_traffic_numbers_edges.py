@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from edge_agent.counting import DensityState
-from edge_agent.traffic.counter import FrameTraffic, ZoneState
+from edge_agent.traffic.events import FrameTraffic, ZoneState
 from edge_agent.traffic.intervals import IntervalAccumulator
 from roadloop.traffic import congestion_timeline, zone_stats
 from roadloop.traffic.report import _congestion_rows, write_daily_report

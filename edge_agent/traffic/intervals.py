@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from edge_agent.counting import DensityState
-from edge_agent.traffic.counter import FrameTraffic, TrafficEvent, ZoneState
+from edge_agent.traffic.events import FrameTraffic, TrafficEvent, ZoneState
 
 MAX_FRAME_GAP_S = 5.0  # a longer gap (a stalled source) is not watched time
 MAX_EVENTS = 200

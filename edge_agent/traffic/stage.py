@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_agent.fsutil import write_text_atomic
-from edge_agent.traffic.counter import FrameTraffic, TrafficCounter
+from edge_agent.traffic.counter import TrafficCounter
+from edge_agent.traffic.events import FrameTraffic
 from edge_agent.traffic.geometry import TrafficConfig
 from edge_agent.traffic.intervals import IntervalAccumulator
 from edge_agent.traffic.tracking import TrackerSettings
