@@ -289,7 +289,8 @@ class GatewaySettings(BaseSettings):
         ge=1,
         le=64,
         description="uvicorn worker processes (one per core lifts the one-process GIL limit). "
-        "Each worker enforces 1/workers of the per-device rate limit and keeps its own group "
+        "Each worker enforces 1/workers of the per-device rate limit (its burst never below one "
+        "batch of max_batch_frames, up to rate_limit_burst) and keeps its own group "
         "committer; storage is prepared once before they start.",
     )
     worker_sockets: Literal["reuse_port", "shared"] = Field(

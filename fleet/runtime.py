@@ -217,11 +217,15 @@ class Gateway:
         self.cache_sweeper = (CacheSweeper(self.store) if isinstance(self.store, S3FrameStore)
                               else None)
         # With several worker processes each holds its own buckets: give each its share, so a
-        # device never exceeds the configured rate in total.
+        # device never exceeds the configured rate in total. A device's bucket in a worker
+        # still holds one whole batch (``max_batch_frames``, up to the configured burst): a
+        # device keeps its one connection on one worker, and agents send full batches when
+        # they drain a backlog, so a quarter of the default burst (25 of 100, four workers)
+        # would refuse the last 7 frames of every full batch of 32 from a rested device.
         share = max(1, settings.workers)
-        self.limiter = TokenBucketLimiter(
-            settings.rate_limit_per_s / share, max(1, settings.rate_limit_burst // share)
-        )
+        device_burst = max(settings.rate_limit_burst // share,
+                           min(settings.rate_limit_burst, settings.max_batch_frames))
+        self.limiter = TokenBucketLimiter(settings.rate_limit_per_s / share, max(1, device_burst))
         # Unattributed requests per address and overall (fleet.ratelimit.UnattributedLimit).
         self.address_limiter = TokenBucketLimiter(
             settings.address_rate_limit_per_s / share,

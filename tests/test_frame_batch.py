@@ -154,6 +154,22 @@ def test_rate_limit_counts_frames(make_env: Any, frame_jpeg: bytes) -> None:
     assert post_batch(env, tok, batch_body([(meta("f-9"), frame_jpeg)])).status_code == 429
 
 
+def test_each_worker_takes_a_whole_batch_from_a_rested_device(make_env: Any,
+                                                              frame_jpeg: bytes) -> None:
+    """With four workers each holds a quarter of a device's rate, but its bucket still holds
+    one full batch (``max_batch_frames``): a quarter of the default burst is 25, and an agent
+    draining its backlog sends 32 frames a request, so 7 of every full batch would be 429."""
+    env = make_env(workers=4)
+    batch = env.settings.max_batch_frames
+    assert env.settings.rate_limit_burst // 4 < batch  # the case this is about
+    assert env.gw.limiter.rate == env.settings.rate_limit_per_s / 4  # the rate still divided
+    tok = env.enroll()["access_token"]
+    r = post_batch(env, tok, batch_body([(meta(f"f-{i}"), frame_jpeg) for i in range(batch)]))
+    assert [x["status"] for x in r.json()["results"]] == [201] * batch, r.text
+    tight = make_env("tight", workers=4, rate_limit_burst=3)  # never more than configured
+    assert tight.gw.limiter.burst == 3
+
+
 def test_switched_off_batches_answer_404(make_env: Any, frame_jpeg: bytes) -> None:
     env = make_env(frame_batch_enabled=False)
     tok = env.enroll()["access_token"]
