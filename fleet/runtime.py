@@ -221,7 +221,9 @@ class Gateway:
         # still holds one whole batch (``max_batch_frames``, up to the configured burst): a
         # device keeps its one connection on one worker, and agents send full batches when
         # they drain a backlog, so a quarter of the default burst (25 of 100, four workers)
-        # would refuse the last 7 frames of every full batch of 32 from a rested device.
+        # would refuse the last 7 frames of every full batch of 32 from a rested device. A
+        # device spreading connections over every worker may then burst to workers x one
+        # batch (128 with the defaults, not 100); its rate stays the configured one.
         share = max(1, settings.workers)
         device_burst = max(settings.rate_limit_burst // share,
                            min(settings.rate_limit_burst, settings.max_batch_frames))
