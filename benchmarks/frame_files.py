@@ -8,7 +8,8 @@ linked into place, as the store does), then one ``syncfs`` through a ``SyncFsHan
 the group committer does before each commit. Two CPU figures, per frame:
 
 * **process**: this process's CPU (user + kernel), what a gateway worker would spend;
-* **node**: every core's busy time (``/proc/stat``), which adds the kernel's write-back
+* **node**: every core's busy time (``/proc/stat`` as ``node_sampler`` counts it: not
+  idle, iowait or steal), which adds the kernel's write-back
   threads — and whatever else ran on this shared host meanwhile, hence the rounds
   alternated and the paired medians.
 
@@ -34,10 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.intake_loadgen import JPEG_QUALITY, describe_jpegs, load_jpegs
+from benchmarks.node_sampler import busy_s, read_sample
 from benchmarks.quiet import MAX_CREATE_MS, remove_tree, wait_for_quiet
 from roadloop.fsutil import (
     SyncFsHandle,
     ext4_without_journal,
+    mount_of,
     write_bytes_atomic,
     write_text_atomic,
 )
@@ -65,10 +68,12 @@ WAYS: dict[str, Write] = {"files": as_files, "segment": as_segment}
 
 
 def node_busy_s() -> float:
-    """Seconds every core of this machine has been busy since boot (not idle, not iowait)."""
-    with open("/proc/stat") as fh:
-        ticks = [int(x) for x in fh.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    """Seconds every core of this machine has been busy since boot, as ``node_sampler``
+    counts it for the server benchmark's slices."""
+    sample = read_sample()
+    if sample is None:
+        raise RuntimeError("/proc/stat is unreadable: no node CPU figure on this system")
+    return busy_s(sample)
 
 
 def one_round(write: Write, folder: Path, sync: SyncFsHandle, jpegs: list[bytes],
@@ -196,20 +201,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _file_system(path: Path) -> str:
-    """``<type> on <mount point>`` of the mount holding ``path`` (``/proc/mounts``)."""
-    best = ("?", "?")
-    try:
-        with open("/proc/mounts") as fh:
-            mounts = [line.split()[:3] for line in fh]
-    except OSError:
+    """``<type> on <mount point>`` of the mount holding ``path`` (``fsutil.mount_of``)."""
+    found = mount_of(path)
+    if found is None:
         return "unknown"
-    resolved = str(path.resolve())
-    for _, mount, fstype in mounts:
-        inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best[0]):
-            best = (mount, fstype)
+    _, mount, fstype = found
     journal = {True: ", no journal", False: "", None: ""}[ext4_without_journal(path)]
-    return f"{best[1]} on {best[0]}{journal}"
+    return f"{fstype} on {mount}{journal}"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +49,12 @@ def read_sample(stat: Path = PROC_STAT, meminfo: Path = PROC_MEMINFO) -> Sample 
         return None
     ticks = tuple(int(v) for v in first[1:9])
     return Sample(time.perf_counter(), ticks, mem.get("Dirty", 0), mem.get("Writeback", 0))
+
+
+def busy_s(sample: Sample) -> float:
+    """Seconds every core had been busy (user, nice, system, irq, softirq) since boot at
+    ``sample``: what the slices' busy share counts, not idle, iowait or steal."""
+    return sum(sample.ticks[i] for i in _BUSY) / os.sysconf("SC_CLK_TCK")
 
 
 def summarize_slices(

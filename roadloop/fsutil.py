@@ -390,6 +390,23 @@ def _close_quietly(fd: int, pid: int) -> None:
         pass
 
 
+def mount_of(path: Path | str, *, proc: Path = Path("/proc")) -> tuple[str, str, str] | None:
+    """``(device, mount point, file system type)`` of the mount holding ``path``, from
+    ``/proc/self/mountinfo`` (the first mount of ``path``'s device, ``major:minor``); None
+    when it cannot be told (another OS, no such entry)."""
+    try:
+        st = os.stat(path)
+        dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        with open(proc / "self" / "mountinfo", encoding="utf-8") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 4 and fields[2] == dev and "-" in fields:
+                    return dev, fields[4], fields[fields.index("-") + 1]
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def ext4_without_journal(path: Path | str, *, proc: Path = Path("/proc"),
                          sysfs: Path = Path("/sys")) -> bool | None:
     """Whether ``path`` lies on an ext4 file system mounted without a journal (Linux); None
@@ -402,20 +419,13 @@ def ext4_without_journal(path: Path | str, *, proc: Path = Path("/proc"),
     a mass deletion costs milliseconds apiece; and after a power cut its metadata needs a
     full ``e2fsck``. ``/sys/fs/ext4/<dev>/journal_task`` reads ``<none>`` there.
     """
+    found = mount_of(path, proc=proc)
+    if found is None:
+        return None
+    dev, _, fstype = found
+    if fstype != "ext4":
+        return False
     try:
-        st = os.stat(path)
-        dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-        fstype = None
-        with open(proc / "self" / "mountinfo", encoding="utf-8") as fh:
-            for line in fh:
-                fields = line.split()
-                if len(fields) > 2 and fields[2] == dev and "-" in fields:
-                    fstype = fields[fields.index("-") + 1]
-                    break
-        if fstype is None:
-            return None
-        if fstype != "ext4":
-            return False
         name = os.path.basename(os.path.realpath(sysfs / "dev" / "block" / dev))
         task = (sysfs / "fs" / "ext4" / name / "journal_task").read_text().strip()
     except (OSError, ValueError, IndexError):

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.node_sampler import NodeSampler, Sample, read_sample, summarize_slices
+from benchmarks.node_sampler import (
+    NodeSampler,
+    Sample,
+    busy_s,
+    read_sample,
+    summarize_slices,
+)
 
 
 def _s(
@@ -63,3 +70,12 @@ def test_sampler_reads_this_machine() -> None:
     assert len(node.samples) >= 2  # the first read and the one at exit
     (first,) = node.slices(node.samples[0].at, 60.0, slice_s=60.0)
     assert first["busy_pct"] is None or 0.0 <= first["busy_pct"] <= 100.0
+
+
+def test_busy_seconds_count_what_the_slices_count() -> None:
+    """user, nice, system, irq and softirq; not idle, iowait or steal (``frame_files``'s node
+    figure uses it)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    sample = Sample(0.0, (1 * tick, 2 * tick, 3 * tick, 100 * tick, 50 * tick, 4 * tick,
+                          5 * tick, 60 * tick), 0, 0)
+    assert busy_s(sample) == pytest.approx(15.0)

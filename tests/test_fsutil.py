@@ -15,6 +15,7 @@ from roadloop.fsutil import (
     atomic_path,
     create_exclusive,
     ext4_without_journal,
+    mount_of,
     sha256_file,
     write_bytes_atomic,
     write_text_atomic,
@@ -302,3 +303,7 @@ def test_ext4_without_journal(tmp_path: Path, fstype: str, journal_task: str | N
     proc, sysfs = _fake_host(tmp_path / "host", target, fstype, journal_task)
     assert ext4_without_journal(target, proc=proc, sysfs=sysfs) is expected
     assert ext4_without_journal(tmp_path / "missing", proc=proc, sysfs=sysfs) is None
+    st = os.stat(target)  # the mount is found by device, not by a path prefix
+    assert mount_of(target, proc=proc) == (f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",
+                                           "/", fstype)
+    assert mount_of(tmp_path / "missing", proc=proc) is None
